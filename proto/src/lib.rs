@@ -1,0 +1,41 @@
+//! Wire types for ztid.
+//!
+//! - [`workload`]: the standard SPIFFE Workload API (no protobuf package, as in the spec).
+//! - [`node`]: ztid's node API between `ztid-agent` and `ztid-server`.
+//! - [`admin`]: ztid's admin API on the server's admin Unix socket.
+//! - [`uds_authority`]: a connection adapter that lets grpc-core clients (py-spiffe,
+//!   java-spiffe, grpcurl), which send the socket path as `:authority`, talk to tonic.
+#![forbid(unsafe_code)]
+#![allow(clippy::large_enum_variant)]
+
+/// The SPIFFE Workload API.
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
+/// ztid's own protobuf packages, nested as their package names so that
+/// cross-package references in the generated code resolve.
+pub mod ztid {
+    /// Package `ztid.node`.
+    pub mod node {
+        /// Package `ztid.node.v1`.
+        pub mod v1 {
+            tonic::include_proto!("ztid.node.v1");
+        }
+    }
+    /// Package `ztid.admin`.
+    pub mod admin {
+        /// Package `ztid.admin.v1`.
+        pub mod v1 {
+            tonic::include_proto!("ztid.admin.v1");
+        }
+    }
+}
+
+pub use ztid::admin::v1 as admin;
+pub use ztid::node::v1 as node;
+
+pub mod uds_authority;
+
+/// The metadata key every Workload API request must carry with the value `true`.
+pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";
