@@ -1,7 +1,11 @@
 //! Compiles the .proto files with protox (pure Rust), so building needs no `protoc` on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/workload.proto", "proto/node.proto", "proto/admin.proto"];
+    let files = [
+        "proto/workload.proto",
+        "proto/node.proto",
+        "proto/admin.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

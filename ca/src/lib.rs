@@ -1,1 +1,24 @@
+//! `ztid-ca`: the server side of ztid.
+//!
+//! - [`authority`]: the X.509 CA and the JWT key, their private keys in `ztid-hsm`.
+//! - [`csr_policy`]: what a CSR may ask for.
+//! - [`entries`]: registration entry validation.
+//! - [`datastore`]: persistent state behind one trait (sled today).
+//! - [`core`]: every server operation, independent of gRPC.
+//! - [`node_api`] / [`admin_api`]: the gRPC services; [`server`] runs them.
+//! - [`config`] and [`cli`]: how operators drive it.
 #![forbid(unsafe_code)]
+
+pub mod admin_api;
+pub mod authority;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod csr_policy;
+pub mod datastore;
+pub mod entries;
+mod error;
+pub mod node_api;
+pub mod server;
+
+pub use error::{Error, Result};

@@ -143,7 +143,14 @@ mod tests {
         for good in ["x509-ca-1", "jwt.abc_DEF"] {
             assert!(validate_key_id(good).is_ok(), "{good}");
         }
-        for bad in ["", "../etc/passwd", "a/b", ".hidden", "sp ace", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            "a/b",
+            ".hidden",
+            "sp ace",
+            &"a".repeat(129),
+        ] {
             assert!(
                 matches!(validate_key_id(bad), Err(Error::InvalidKeyId(_))),
                 "{bad}"

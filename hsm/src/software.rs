@@ -67,8 +67,8 @@ impl SoftwareKeyManager {
             id: key_id.to_string(),
             reason: e.to_string(),
         };
-        let der_signer =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng).map_err(corrupt)?;
+        let der_signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng)
+            .map_err(corrupt)?;
         let fixed_signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
             .map_err(corrupt)?;
         let raw = der_signer.public_key().as_ref().to_vec();
@@ -86,7 +86,12 @@ impl SoftwareKeyManager {
 
     fn load(&self, key_id: &str) -> Result<Arc<LoadedKey>> {
         validate_key_id(key_id)?;
-        if let Some(k) = self.cache.read().map_err(|_| Error::Crypto("lock poisoned"))?.get(key_id) {
+        if let Some(k) = self
+            .cache
+            .read()
+            .map_err(|_| Error::Crypto("lock poisoned"))?
+            .get(key_id)
+        {
             return Ok(k.clone());
         }
         let path = self.path_of(key_id);
@@ -159,7 +164,11 @@ impl KeyManager for SoftwareKeyManager {
         let mut ids = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
-            if let Some(id) = entry.file_name().to_str().and_then(|n| n.strip_suffix(SUFFIX)) {
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(SUFFIX))
+            {
                 ids.push(id.to_string());
             }
         }
@@ -209,7 +218,11 @@ mod tests {
         let file = dir.path().join("keys").join("ca-1.p256.pk8");
         let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "key file must be owner-only");
-        let dir_mode = fs::metadata(dir.path().join("keys")).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(dir.path().join("keys"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
 
         let msg = b"tbs certificate";

@@ -35,6 +35,7 @@ pub mod ztid {
 pub use ztid::admin::v1 as admin;
 pub use ztid::node::v1 as node;
 
+pub mod transport;
 pub mod uds_authority;
 
 /// The metadata key every Workload API request must carry with the value `true`.

@@ -1,0 +1,141 @@
+//! X509-SVID checks shared by the CA and the agent: the SPIFFE ID a certificate
+//! carries, and path validation of a chain against a trust domain's authorities.
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use spiffe::SpiffeId;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::Error;
+
+/// The SPIFFE ID of an X509-SVID leaf: exactly one URI SAN, a valid `spiffe://` ID
+/// with a non-root path, and CA=false.
+pub fn spiffe_id_of_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::InvalidSvid(
+            "trailing bytes after certificate".into(),
+        ));
+    }
+    let mut uris = Vec::new();
+    let mut is_ca = false;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    if let GeneralName::URI(u) = name {
+                        uris.push(*u);
+                    }
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+            _ => {}
+        }
+    }
+    if is_ca {
+        return Err(Error::InvalidSvid("leaf is a CA certificate".into()));
+    }
+    let [uri] = uris[..] else {
+        return Err(Error::InvalidSvid(format!(
+            "expected exactly one URI SAN, found {}",
+            uris.len()
+        )));
+    };
+    let id = SpiffeId::new(uri).map_err(|e| Error::InvalidSpiffeId(format!("{uri}: {e}")))?;
+    if id.path().is_empty() {
+        return Err(Error::InvalidSvid("leaf SPIFFE ID has no path".into()));
+    }
+    Ok(id)
+}
+
+/// Which EKU a chain must allow.
+#[derive(Debug, Clone, Copy)]
+pub enum Usage {
+    /// TLS client (agents calling the node API).
+    Client,
+    /// TLS server (the server's node API endpoint).
+    Server,
+}
+
+/// Validates `chain` (leaf first) against `roots` at `now` (RFC 5280 path validation
+/// by rustls-webpki) and returns the leaf's SPIFFE ID.
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    roots: &[CertificateDer<'static>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<SpiffeId, Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| Error::InvalidSvid("empty certificate chain".into()))?;
+    let anchors: Vec<_> = roots
+        .iter()
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+        .collect();
+    if anchors.is_empty() {
+        return Err(Error::InvalidSvid("no usable trust anchors".into()));
+    }
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| Error::InvalidSvid(format!("leaf does not parse: {e}")))?;
+    let usage = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| Error::InvalidSvid(format!("chain does not validate: {e}")))?;
+    spiffe_id_of_leaf(leaf)
+}
+
+/// The serial number of a certificate, as lowercase hex without leading zero bytes.
+pub fn serial_hex(der: &[u8]) -> Result<String, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
+    Ok(hex::encode(cert.raw_serial()))
+}
+
+/// `notAfter` of a certificate in Unix seconds.
+pub fn not_after(der: &[u8]) -> Result<i64, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Concatenates DER certificates (the Workload API's `bytes` chain encoding).
+pub fn concat_der<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in certs {
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// PEM-encodes DER certificates.
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
+    certs
+        .into_iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect()
+}
+
+/// Parses every `CERTIFICATE` block of a PEM file.
+pub fn certs_from_pem(text: &str) -> Result<Vec<Vec<u8>>, Error> {
+    let blocks = pem::parse_many(text).map_err(|e| Error::Config(format!("bad PEM: {e}")))?;
+    let certs: Vec<_> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.into_contents())
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::Config("no CERTIFICATE block in PEM".into()));
+    }
+    Ok(certs)
+}

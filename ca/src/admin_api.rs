@@ -1,0 +1,228 @@
+//! The admin API on the server's Unix socket. The socket is owner-only (0600) and,
+//! behind that, every call is checked against the kernel's SO_PEERCRED: only the
+//! configured uids (default: the server's own) get in. Deny by default.
+
+use std::sync::Arc;
+
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use ztid_proto::admin::{self as pb, admin_server::Admin};
+use ztid_proto::node as npb;
+
+use crate::core::CaCore;
+use crate::datastore::{AgentRecord, EntryFilter};
+use crate::entries::to_proto;
+
+/// Admits only the listed uids.
+#[derive(Clone)]
+pub struct AdminGate {
+    allowed_uids: Arc<Vec<u32>>,
+}
+
+impl AdminGate {
+    /// A gate for `allowed_uids`.
+    pub fn new(allowed_uids: Vec<u32>) -> Self {
+        Self {
+            allowed_uids: Arc::new(allowed_uids),
+        }
+    }
+
+    /// The tonic interceptor.
+    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred);
+        match cred {
+            Some(c) if self.allowed_uids.contains(&c.uid()) => Ok(req),
+            Some(c) => {
+                tracing::warn!(event = "admin_refused", uid = c.uid(), pid = ?c.pid(), "admin call from a uid that is not allowed");
+                Err(Status::permission_denied(format!(
+                    "uid {} may not use the admin API",
+                    c.uid()
+                )))
+            }
+            None => Err(Status::permission_denied(
+                "admin caller has no peer credentials",
+            )),
+        }
+    }
+}
+
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| format!("uid:{} pid:{}", c.uid(), c.pid().unwrap_or(0)))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
+    pb::Agent {
+        spiffe_id: a.spiffe_id.clone(),
+        attestation_method: a.method.clone(),
+        selectors: a.selectors.iter().map(Into::into).collect(),
+        serial: a.serial.clone(),
+        expires_at: a.expires_at,
+        banned: a.banned,
+        attested_at: a.attested_at,
+        aliases: a.aliases.clone(),
+    }
+}
+
+/// The admin service.
+pub struct AdminApi {
+    core: Arc<CaCore>,
+}
+
+impl AdminApi {
+    /// A service over `core`.
+    pub fn new(core: Arc<CaCore>) -> Self {
+        Self { core }
+    }
+}
+
+macro_rules! audit {
+    ($req:expr, $what:expr) => {
+        tracing::info!(event = "admin_call", caller = %caller(&$req), call = $what, "admin call")
+    };
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        audit!(request, "CreateJoinToken");
+        let r = request.get_ref();
+        let alias = (!r.alias_spiffe_id.is_empty()).then(|| r.alias_spiffe_id.clone());
+        let (token, expires_at) = self.core.create_join_token(r.ttl_seconds, alias)?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            expires_at,
+        }))
+    }
+
+    async fn create_entry(
+        &self,
+        request: Request<npb::Entry>,
+    ) -> Result<Response<npb::Entry>, Status> {
+        audit!(request, "CreateEntry");
+        let e = self.core.create_entry(request.get_ref())?;
+        Ok(Response::new(to_proto(&e)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        audit!(request, "ListEntries");
+        let r = request.get_ref();
+        let filter = EntryFilter {
+            spiffe_id: (!r.spiffe_id.is_empty()).then(|| r.spiffe_id.clone()),
+            parent_id: (!r.parent_id.is_empty()).then(|| r.parent_id.clone()),
+        };
+        let entries = self
+            .core
+            .store
+            .list_entries(&filter)
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::EntryId>,
+    ) -> Result<Response<npb::Entry>, Status> {
+        audit!(request, "GetEntry");
+        let id = &request.get_ref().id;
+        let e = self
+            .core
+            .store
+            .get_entry(id)
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::not_found(format!("entry {id} does not exist")))?;
+        Ok(Response::new(to_proto(&e)))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<pb::EntryId>,
+    ) -> Result<Response<npb::Entry>, Status> {
+        audit!(request, "DeleteEntry");
+        let e = self.core.delete_entry(&request.get_ref().id)?;
+        Ok(Response::new(to_proto(&e)))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        audit!(request, "ListAgents");
+        let agents = self.core.store.list_agents().map_err(Status::from)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::AgentId>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        audit!(request, "GetAgent");
+        let id = &request.get_ref().id;
+        let a = self
+            .core
+            .store
+            .get_agent(id)
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::not_found(format!("agent {id} does not exist")))?;
+        Ok(Response::new(agent_to_proto(&a)))
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<pb::AgentId>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        audit!(request, "EvictAgent");
+        let a = self.core.evict_agent(&request.get_ref().id)?;
+        Ok(Response::new(agent_to_proto(&a)))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::AgentId>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        audit!(request, "BanAgent");
+        let a = self.core.ban_agent(&request.get_ref().id)?;
+        Ok(Response::new(agent_to_proto(&a)))
+    }
+
+    async fn get_bundle(
+        &self,
+        request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        audit!(request, "GetBundle");
+        let b = self.core.bundle();
+        let spiffe_json = b
+            .to_spiffe_json()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::GetBundleResponse {
+            bundle: Some(b.as_ref().into()),
+            spiffe_json,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            status: "SERVING".into(),
+            trust_domain: self.core.trust_domain.to_string(),
+        }))
+    }
+}

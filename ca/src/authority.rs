@@ -1,0 +1,305 @@
+//! The trust domain's signing authorities: an X.509 CA and a JWT key, each whose
+//! private key stays in the key manager. Authorities only build and sign; who may
+//! get what is decided by the node API before it calls them.
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    PKCS_ECDSA_P256_SHA256,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::{json, Map, Value};
+use time::OffsetDateTime;
+use ztid_hsm::{KeyAlgorithm, KeyManager, SignatureFormat};
+
+use crate::datastore::{AuthorityRecord, AuthorityState};
+use crate::{Error, Result};
+
+/// A key in the key manager, usable by rcgen as an issuer key.
+pub struct ManagedKey {
+    km: Arc<dyn KeyManager>,
+    key_id: String,
+    public_raw: Vec<u8>,
+}
+
+impl ManagedKey {
+    /// Looks up `key_id` in `km`.
+    pub fn load(km: Arc<dyn KeyManager>, key_id: &str) -> Result<Self> {
+        let public = km.public_key(key_id)?;
+        Ok(Self {
+            km,
+            key_id: key_id.to_string(),
+            public_raw: public.raw,
+        })
+    }
+}
+
+impl PublicKeyData for ManagedKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public_raw
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for ManagedKey {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        self.km
+            .sign(&self.key_id, msg, SignatureFormat::Der)
+            .map_err(|_| rcgen::Error::RingUnspecified)
+    }
+}
+
+/// 16 random bytes, high bit cleared so the DER INTEGER stays positive: 127 bits of
+/// entropy, well over the 64 the CA/B baseline asks for.
+pub fn random_serial() -> Result<Vec<u8>> {
+    let mut b = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| Error::Certificate("no randomness".into()))?;
+    b[0] &= 0x7f;
+    if b[0] == 0 {
+        b[0] = 1; // keep the full length so serials never collide by truncation
+    }
+    Ok(b.to_vec())
+}
+
+/// Random hex id of `n` bytes.
+pub fn random_hex(n: usize) -> Result<String> {
+    let mut b = vec![0u8; n];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| Error::Certificate("no randomness".into()))?;
+    Ok(hex::encode(b))
+}
+
+fn to_time(unix: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp(unix).map_err(|e| Error::Certificate(e.to_string()))
+}
+
+/// What a leaf certificate must say; everything else is fixed by policy.
+#[derive(Debug, Clone)]
+pub struct LeafTemplate {
+    /// The one URI SAN.
+    pub spiffe_id: String,
+    /// Extra DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Requested lifetime in seconds (capped at the CA's own expiry).
+    pub ttl_seconds: i64,
+}
+
+/// A signed leaf.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// Leaf first, then intermediates up to (not including) the root.
+    pub chain: Vec<Vec<u8>>,
+    /// Hex serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// An X.509 signing authority.
+pub struct X509Authority {
+    record: AuthorityRecord,
+    issuer: Issuer<'static, ManagedKey>,
+}
+
+impl X509Authority {
+    /// Creates a new self-signed root CA for `trust_domain`, its key in `km`.
+    pub fn create(
+        km: Arc<dyn KeyManager>,
+        trust_domain: &str,
+        ttl_seconds: i64,
+        now: i64,
+    ) -> Result<Self> {
+        let serial = random_serial()?;
+        let serial_hex = hex::encode(&serial);
+        let key_id = format!("x509-ca-{}", &serial_hex[..16]);
+        km.generate(&key_id, KeyAlgorithm::EcdsaP256)?;
+        let key = ManagedKey::load(km, &key_id)?;
+
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ztid");
+        dn.push(
+            DnType::CommonName,
+            format!("ztid {trust_domain} X.509 authority"),
+        );
+        // A unique subject per CA: Go verifiers break on many CAs sharing one subject.
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial_hex.clone());
+        params.distinguished_name = dn;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{trust_domain}")
+                .try_into()
+                .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+        )];
+        params.not_before = to_time(now - 60)?;
+        params.not_after = to_time(now + ttl_seconds)?;
+        let cert = params.self_signed(&key)?;
+        let record = AuthorityRecord {
+            id: serial_hex,
+            key_id,
+            cert_der: cert.der().to_vec(),
+            public_key: key.subject_public_key_info(),
+            not_after: now + ttl_seconds,
+            state: AuthorityState::Active,
+        };
+        let issuer = Issuer::new(params, key);
+        Ok(Self { record, issuer })
+    }
+
+    /// Loads an authority from its record.
+    pub fn load(km: Arc<dyn KeyManager>, record: AuthorityRecord) -> Result<Self> {
+        let key = ManagedKey::load(km, &record.key_id)?;
+        if key.subject_public_key_info() != record.public_key {
+            return Err(Error::Config(format!(
+                "key {} does not match authority {}",
+                record.key_id, record.id
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_der(&record.cert_der.clone().into(), key)?;
+        Ok(Self { record, issuer })
+    }
+
+    /// The stored record.
+    pub fn record(&self) -> &AuthorityRecord {
+        &self.record
+    }
+
+    /// The CA certificate (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        &self.record.cert_der
+    }
+
+    /// Signs a leaf X509-SVID for `public_key` as `template` says, at `now`.
+    pub fn sign_leaf(
+        &self,
+        public_key: &impl PublicKeyData,
+        template: &LeafTemplate,
+        now: i64,
+    ) -> Result<SignedLeaf> {
+        if now >= self.record.not_after {
+            return Err(Error::FailedPrecondition(
+                "the X.509 authority has expired".into(),
+            ));
+        }
+        let serial = random_serial()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ztid");
+        params.distinguished_name = dn;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let mut sans = vec![SanType::URI(
+            template
+                .spiffe_id
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+        )];
+        for dns in &template.dns_names {
+            sans.push(SanType::DnsName(
+                dns.clone()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+            ));
+        }
+        params.subject_alt_names = sans;
+        // Backdate a little for clock skew between nodes.
+        params.not_before = to_time(now - 10)?;
+        let not_after = (now + template.ttl_seconds).min(self.record.not_after);
+        params.not_after = to_time(not_after)?;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok(SignedLeaf {
+            chain: vec![cert.der().to_vec()],
+            serial: hex::encode(&serial),
+            not_after,
+        })
+    }
+}
+
+/// A JWT signing authority.
+pub struct JwtAuthority {
+    record: AuthorityRecord,
+    km: Arc<dyn KeyManager>,
+}
+
+impl JwtAuthority {
+    /// Creates a new JWT key with a random `kid`.
+    pub fn create(km: Arc<dyn KeyManager>, ttl_seconds: i64, now: i64) -> Result<Self> {
+        let kid = random_hex(16)?;
+        let key_id = format!("jwt-{kid}");
+        let public = km.generate(&key_id, KeyAlgorithm::EcdsaP256)?;
+        Ok(Self {
+            record: AuthorityRecord {
+                id: kid,
+                key_id,
+                cert_der: Vec::new(),
+                public_key: public.spki_der,
+                not_after: now + ttl_seconds,
+                state: AuthorityState::Active,
+            },
+            km,
+        })
+    }
+
+    /// Loads a JWT authority from its record.
+    pub fn load(km: Arc<dyn KeyManager>, record: AuthorityRecord) -> Result<Self> {
+        let public = km.public_key(&record.key_id)?;
+        if public.spki_der != record.public_key {
+            return Err(Error::Config(format!(
+                "key {} does not match JWT authority {}",
+                record.key_id, record.id
+            )));
+        }
+        Ok(Self { record, km })
+    }
+
+    /// The stored record.
+    pub fn record(&self) -> &AuthorityRecord {
+        &self.record
+    }
+
+    /// Mints a JWT-SVID; returns the token and its `exp`.
+    pub fn mint(
+        &self,
+        spiffe_id: &str,
+        audience: &[String],
+        ttl_seconds: i64,
+        now: i64,
+    ) -> Result<(String, i64)> {
+        if now >= self.record.not_after {
+            return Err(Error::FailedPrecondition(
+                "the JWT authority has expired".into(),
+            ));
+        }
+        let exp = (now + ttl_seconds).min(self.record.not_after);
+        let mut claims = Map::new();
+        claims.insert("sub".into(), json!(spiffe_id));
+        claims.insert("aud".into(), Value::from(audience.to_vec()));
+        claims.insert("exp".into(), json!(exp));
+        claims.insert("iat".into(), json!(now));
+        let token = ztid_agent_attestor::jwt::encode_es256(&self.record.id, &claims, |msg| {
+            self.km
+                .sign(&self.record.key_id, msg, SignatureFormat::Fixed)
+        })?;
+        Ok((token, exp))
+    }
+}

@@ -1,0 +1,538 @@
+//! The `ztid-server` command line: `run`, and the operator verbs that talk to a
+//! running server over its admin socket.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use ztid_agent_attestor::svid::certs_to_pem;
+use ztid_proto::admin::{self as pb, admin_client::AdminClient};
+use ztid_proto::node as npb;
+
+use crate::config::ServerConfig;
+
+/// Output format of every verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// ztid-server: the ztid workload identity authority.
+#[derive(Debug, Parser)]
+#[command(name = "ztid-server", version, about)]
+pub struct Cli {
+    /// Admin socket of the running server (admin verbs).
+    #[arg(long, global = true, env = "ZTID_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCmd),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Trust bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Exit 0 if the server answers on its admin socket.
+    Healthcheck,
+}
+
+/// Flags of `run`; each overrides the config file key of the same name.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Trust domain name, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Data directory (datastore and key files).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Node API listen address.
+    #[arg(long)]
+    pub bind: Option<std::net::SocketAddr>,
+    /// Key manager backend.
+    #[arg(long)]
+    pub key_manager: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// `token` verbs.
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a single-use join token; prints the token alone.
+    Generate {
+        /// Lifetime in seconds (default from config, 600).
+        #[arg(long, default_value_t = 0)]
+        ttl: i64,
+        /// Node alias the redeeming agent becomes a child of.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+}
+
+/// `entry` verbs.
+#[derive(Debug, Subcommand)]
+pub enum EntryCmd {
+    /// Create an entry; prints its id.
+    Create {
+        /// SPIFFE ID (per-instance entries: the prefix of every instance's ID).
+        #[arg(long)]
+        spiffe_id: String,
+        /// Agent or node alias ID (optional with --node).
+        #[arg(long, default_value = "")]
+        parent_id: String,
+        /// TYPE:KEY:VALUE, repeatable.
+        #[arg(long = "selector", required = true)]
+        selectors: Vec<String>,
+        /// X509-SVID TTL in seconds.
+        #[arg(long, default_value_t = 0)]
+        x509_ttl: i64,
+        /// JWT-SVID TTL in seconds.
+        #[arg(long, default_value_t = 0)]
+        jwt_ttl: i64,
+        /// One SVID per node for all matching processes.
+        #[arg(long)]
+        shared: bool,
+        /// DNS SAN, repeatable.
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Federated trust domain, repeatable.
+        #[arg(long = "federates-with")]
+        federates_with: Vec<String>,
+        /// A node alias.
+        #[arg(long)]
+        node: bool,
+        /// Hint passed to workloads.
+        #[arg(long, default_value = "")]
+        hint: String,
+    },
+    /// List entries.
+    List {
+        /// Only this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+    },
+    /// Show one entry.
+    Show {
+        /// Entry id.
+        entry_id: String,
+    },
+    /// Delete one entry.
+    Delete {
+        /// Entry id.
+        entry_id: String,
+    },
+}
+
+/// `agent` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// List agents.
+    List,
+    /// Show one agent.
+    Show {
+        /// Agent SPIFFE ID.
+        agent_id: String,
+    },
+    /// Evict: the agent's next call fails; it must attest again.
+    Evict {
+        /// Agent SPIFFE ID.
+        agent_id: String,
+    },
+    /// Ban: the agent's next call fails and it can never attest again.
+    Ban {
+        /// Agent SPIFFE ID.
+        agent_id: String,
+    },
+}
+
+/// Bundle formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    /// PEM X.509 authorities.
+    Pem,
+    /// SPIFFE bundle JSON.
+    Spiffe,
+}
+
+/// `bundle` verbs.
+#[derive(Debug, Subcommand)]
+pub enum BundleCmd {
+    /// Show this trust domain's bundle.
+    Show {
+        /// Format.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+/// Builds the effective config for `run`.
+pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Result<ServerConfig> {
+    let mut c = match &args.config {
+        Some(p) => ServerConfig::from_file(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = &args.trust_domain {
+        c.trust_domain = v.clone();
+    }
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = args.bind {
+        c.bind = v;
+    }
+    if let Some(v) = &args.key_manager {
+        c.key_manager = v.clone();
+    }
+    if let Some(v) = &args.log_format {
+        c.log_format = v.clone();
+    }
+    if admin_socket.is_some() {
+        c.admin_socket = admin_socket;
+    }
+    Ok(c)
+}
+
+fn entry_json(e: &npb::Entry) -> Value {
+    json!({
+        "id": e.id, "spiffe_id": e.spiffe_id, "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "x509_ttl": e.x509_ttl_seconds, "jwt_ttl": e.jwt_ttl_seconds, "shared": e.shared,
+        "dns_names": e.dns_names, "federates_with": e.federates_with, "node": e.node,
+        "hint": e.hint, "revision": e.revision, "created_at": e.created_at,
+    })
+}
+
+fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "spiffe_id": a.spiffe_id, "attestation_method": a.attestation_method,
+        "selectors": a.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+        "serial": a.serial, "expires_at": a.expires_at, "banned": a.banned,
+        "attested_at": a.attested_at, "aliases": a.aliases,
+    })
+}
+
+fn print_entry(e: &npb::Entry, out: Output) {
+    match out {
+        Output::Json => println!("{}", entry_json(e)),
+        Output::Text => {
+            println!("Entry ID      : {}", e.id);
+            println!(
+                "SPIFFE ID     : {}{}",
+                e.spiffe_id,
+                if e.shared || e.node {
+                    ""
+                } else {
+                    "/<instance>"
+                }
+            );
+            println!("Parent ID     : {}", e.parent_id);
+            for s in &e.selectors {
+                println!("Selector      : {}:{}", s.r#type, s.value);
+            }
+            println!(
+                "X509-SVID TTL : {}",
+                if e.x509_ttl_seconds == 0 {
+                    "default".to_string()
+                } else {
+                    e.x509_ttl_seconds.to_string()
+                }
+            );
+            println!(
+                "JWT-SVID TTL  : {}",
+                if e.jwt_ttl_seconds == 0 {
+                    "default".to_string()
+                } else {
+                    e.jwt_ttl_seconds.to_string()
+                }
+            );
+            println!(
+                "Kind          : {}",
+                if e.node {
+                    "node alias"
+                } else if e.shared {
+                    "shared"
+                } else {
+                    "per-instance"
+                }
+            );
+            for d in &e.dns_names {
+                println!("DNS name      : {d}");
+            }
+            for f in &e.federates_with {
+                println!("Federates with: {f}");
+            }
+            println!("Revision      : {}", e.revision);
+            println!();
+        }
+    }
+}
+
+fn print_agent(a: &pb::Agent, out: Output) {
+    match out {
+        Output::Json => println!("{}", agent_json(a)),
+        Output::Text => {
+            println!("Agent ID      : {}", a.spiffe_id);
+            println!("Attestation   : {}", a.attestation_method);
+            for s in &a.selectors {
+                println!("Selector      : {}:{}", s.r#type, s.value);
+            }
+            for al in &a.aliases {
+                println!("Alias         : {al}");
+            }
+            println!("SVID serial   : {}", a.serial);
+            println!("SVID expires  : {}", a.expires_at);
+            println!("Banned        : {}", a.banned);
+            println!();
+        }
+    }
+}
+
+/// Runs an admin verb against the server.
+pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
+    let path = cli
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| ServerConfig::default().admin_socket_path());
+    let channel = ztid_proto::transport::unix_channel(&path)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the server's admin socket {}: {e}",
+                path.display()
+            )
+        })?;
+    let mut client = AdminClient::new(channel);
+    let out = cli.output;
+    let status = |s: tonic::Status| s.message().to_string();
+    match &cli.command {
+        Command::Run(_) => unreachable!("run is not an admin verb"),
+        Command::Healthcheck => {
+            let h = client
+                .health(pb::HealthRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"status": h.status, "trust_domain": h.trust_domain})
+                ),
+                Output::Text => println!(
+                    "Server is healthy ({}, trust domain {})",
+                    h.status, h.trust_domain
+                ),
+            }
+        }
+        Command::Token(TokenCmd::Generate { ttl, spiffe_id }) => {
+            let r = client
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl_seconds: *ttl,
+                    alias_spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => {
+                    println!("{}", json!({"token": r.token, "expires_at": r.expires_at}))
+                }
+                Output::Text => println!("{}", r.token),
+            }
+        }
+        Command::Entry(cmd) => match cmd {
+            EntryCmd::Create {
+                spiffe_id,
+                parent_id,
+                selectors,
+                x509_ttl,
+                jwt_ttl,
+                shared,
+                dns_names,
+                federates_with,
+                node,
+                hint,
+            } => {
+                let mut sels = Vec::new();
+                for s in selectors {
+                    let (t, v) = s
+                        .split_once(':')
+                        .ok_or_else(|| format!("selector {s:?} is not TYPE:VALUE"))?;
+                    sels.push(npb::Selector {
+                        r#type: t.into(),
+                        value: v.into(),
+                    });
+                }
+                let e = client
+                    .create_entry(npb::Entry {
+                        spiffe_id: spiffe_id.clone(),
+                        parent_id: parent_id.clone(),
+                        selectors: sels,
+                        x509_ttl_seconds: *x509_ttl,
+                        jwt_ttl_seconds: *jwt_ttl,
+                        shared: *shared,
+                        dns_names: dns_names.clone(),
+                        federates_with: federates_with.clone(),
+                        node: *node,
+                        hint: hint.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!("{}", entry_json(&e)),
+                    Output::Text => println!("{}", e.id),
+                }
+            }
+            EntryCmd::List {
+                spiffe_id,
+                parent_id,
+            } => {
+                let r = client
+                    .list_entries(pb::ListEntriesRequest {
+                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                        parent_id: parent_id.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!(
+                        "{}",
+                        Value::from(r.entries.iter().map(entry_json).collect::<Vec<_>>())
+                    ),
+                    Output::Text => {
+                        println!("Found {} entries", r.entries.len());
+                        for e in &r.entries {
+                            print_entry(e, out);
+                        }
+                    }
+                }
+            }
+            EntryCmd::Show { entry_id } => {
+                let e = client
+                    .get_entry(pb::EntryId {
+                        id: entry_id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                print_entry(&e, out);
+            }
+            EntryCmd::Delete { entry_id } => {
+                let e = client
+                    .delete_entry(pb::EntryId {
+                        id: entry_id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!("{}", entry_json(&e)),
+                    Output::Text => println!("Deleted entry {}", e.id),
+                }
+            }
+        },
+        Command::Agent(cmd) => match cmd {
+            AgentCmd::List => {
+                let r = client
+                    .list_agents(pb::ListAgentsRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!(
+                        "{}",
+                        Value::from(r.agents.iter().map(agent_json).collect::<Vec<_>>())
+                    ),
+                    Output::Text => {
+                        println!("Found {} agents", r.agents.len());
+                        for a in &r.agents {
+                            print_agent(a, out);
+                        }
+                    }
+                }
+            }
+            AgentCmd::Show { agent_id } => {
+                let a = client
+                    .get_agent(pb::AgentId {
+                        id: agent_id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                print_agent(&a, out);
+            }
+            AgentCmd::Evict { agent_id } => {
+                let a = client
+                    .evict_agent(pb::AgentId {
+                        id: agent_id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!("{}", agent_json(&a)),
+                    Output::Text => println!("Evicted agent {}", a.spiffe_id),
+                }
+            }
+            AgentCmd::Ban { agent_id } => {
+                let a = client
+                    .ban_agent(pb::AgentId {
+                        id: agent_id.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match out {
+                    Output::Json => println!("{}", agent_json(&a)),
+                    Output::Text => println!("Banned agent {}", a.spiffe_id),
+                }
+            }
+        },
+        Command::Bundle(BundleCmd::Show { format }) => {
+            let r = client
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let b = r.bundle.unwrap_or_default();
+            let pem = certs_to_pem(b.x509_authorities.iter().map(Vec::as_slice));
+            match (out, format) {
+                (Output::Json, BundleFormat::Pem) => println!(
+                    "{}",
+                    json!({"trust_domain": b.trust_domain, "sequence": b.sequence, "pem": pem})
+                ),
+                (_, BundleFormat::Spiffe) => println!("{}", r.spiffe_json),
+                (Output::Text, BundleFormat::Pem) => print!("{pem}"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Server configuration: a TOML file, overridden by command-line flags. Every key
+//! has a default, so `--trust-domain` and `--data-dir` alone make a working server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use spiffe::TrustDomain;
+
+use crate::{Error, Result};
+
+/// Settings of `ztid-server run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The trust domain this server is the authority of.
+    pub trust_domain: String,
+    /// Where the datastore and key files live.
+    pub data_dir: PathBuf,
+    /// Node API listen address (TLS).
+    pub bind: SocketAddr,
+    /// Admin socket path; default `DATA_DIR/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Uids admitted on the admin socket; default: the server's own uid.
+    pub admin_uids: Vec<u32>,
+    /// Lifetime of the X.509 CA certificate, seconds.
+    pub ca_ttl_seconds: i64,
+    /// Lifetime of the JWT signing key, seconds.
+    pub jwt_key_ttl_seconds: i64,
+    /// Default X509-SVID lifetime, seconds.
+    pub x509_svid_ttl_seconds: i64,
+    /// Default JWT-SVID lifetime, seconds.
+    pub jwt_svid_ttl_seconds: i64,
+    /// Agent SVID lifetime, seconds.
+    pub agent_svid_ttl_seconds: i64,
+    /// Default join token lifetime, seconds.
+    pub join_token_ttl_seconds: i64,
+    /// `spiffe_refresh_hint` of the bundle, seconds.
+    pub bundle_refresh_hint_seconds: i64,
+    /// Key manager backend: `software` (PKCS#11 and TPM arrive with the HSM work).
+    pub key_manager: String,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: String::new(),
+            data_dir: PathBuf::from("/var/lib/ztid/server"),
+            bind: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_socket: None,
+            admin_uids: Vec::new(),
+            ca_ttl_seconds: 30 * 24 * 3600,
+            jwt_key_ttl_seconds: 30 * 24 * 3600,
+            x509_svid_ttl_seconds: 3600,
+            jwt_svid_ttl_seconds: 300,
+            agent_svid_ttl_seconds: 3600,
+            join_token_ttl_seconds: 600,
+            bundle_refresh_hint_seconds: 300,
+            key_manager: "software".into(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The admin socket path in effect.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// Checks the settings and returns the parsed trust domain.
+    pub fn validate(&self) -> Result<TrustDomain> {
+        if self.trust_domain.is_empty() {
+            return Err(Error::Config(
+                "trust_domain is required (--trust-domain)".into(),
+            ));
+        }
+        if self.trust_domain.contains("://") {
+            return Err(Error::Config(format!(
+                "trust_domain must be a name like example.org, not {:?}",
+                self.trust_domain
+            )));
+        }
+        let td = TrustDomain::new(&self.trust_domain)
+            .map_err(|e| Error::Config(format!("trust_domain {:?}: {e}", self.trust_domain)))?;
+        for (name, v) in [
+            ("ca_ttl_seconds", self.ca_ttl_seconds),
+            ("jwt_key_ttl_seconds", self.jwt_key_ttl_seconds),
+            ("x509_svid_ttl_seconds", self.x509_svid_ttl_seconds),
+            ("jwt_svid_ttl_seconds", self.jwt_svid_ttl_seconds),
+            ("agent_svid_ttl_seconds", self.agent_svid_ttl_seconds),
+            ("join_token_ttl_seconds", self.join_token_ttl_seconds),
+            (
+                "bundle_refresh_hint_seconds",
+                self.bundle_refresh_hint_seconds,
+            ),
+        ] {
+            if v <= 0 {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
+        }
+        if self.x509_svid_ttl_seconds > self.ca_ttl_seconds
+            || self.agent_svid_ttl_seconds > self.ca_ttl_seconds
+        {
+            return Err(Error::Config(
+                "SVID lifetimes must not exceed ca_ttl_seconds".into(),
+            ));
+        }
+        if self.key_manager != "software" {
+            return Err(Error::Config(format!(
+                "key_manager {:?} is not available in this build (software only)",
+                self.key_manager
+            )));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(Error::Config("log_format must be text or json".into()));
+        }
+        Ok(td)
+    }
+}

@@ -1,0 +1,662 @@
+//! The server's state and every operation the node and admin APIs expose, free of
+//! gRPC types where it can be, so each rule lives in one place.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rcgen::{KeyPair, PublicKeyData};
+use rustls::sign::CertifiedKey;
+use spiffe::TrustDomain;
+use ztid_agent_attestor::bundle::TrustBundle;
+use ztid_agent_attestor::jwt::JwtKey;
+use ztid_agent_attestor::node_attestation::join_token::{
+    self, JoinTokenGrant, JoinTokenStore, JoinTokenVerifier,
+};
+use ztid_agent_attestor::node_attestation::{AttestationContext, AttestedNode, NodeVerifier};
+use ztid_agent_attestor::selector::satisfies;
+use ztid_agent_attestor::tls::{shared_roots, SharedRoots};
+use ztid_agent_attestor::unix_seconds;
+use ztid_hsm::{KeyManager, SoftwareKeyManager};
+
+use crate::authority::{random_hex, JwtAuthority, LeafTemplate, SignedLeaf, X509Authority};
+use crate::config::ServerConfig;
+use crate::csr_policy::{check_csr, check_identity, IdentityRule};
+use crate::datastore::{AgentRecord, CaState, DataStore, EntryRecord, JoinTokenRecord, SledStore};
+use crate::entries::{server_id, validate_new_entry};
+use crate::{Error, Result};
+
+/// Now, in Unix seconds.
+pub fn now() -> i64 {
+    unix_seconds(SystemTime::now())
+}
+
+/// Join-token redemption backed by the datastore.
+struct StoreTokens(Arc<dyn DataStore>);
+
+impl JoinTokenStore for StoreTokens {
+    fn take_join_token(
+        &self,
+        hash: &[u8; 32],
+    ) -> std::result::Result<Option<JoinTokenGrant>, ztid_agent_attestor::Error> {
+        let rec = self
+            .0
+            .take_join_token(hash)
+            .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+        // Redeeming must survive a crash: a token that was used must stay used.
+        self.0
+            .flush()
+            .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+        Ok(rec.map(|r| JoinTokenGrant {
+            hash: *hash,
+            id: r.id,
+            expires_at: r.expires_at,
+            alias: r.alias,
+        }))
+    }
+}
+
+/// An agent that presented a current SVID.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedAgent {
+    /// Its record.
+    pub record: AgentRecord,
+}
+
+impl AuthenticatedAgent {
+    /// The parents whose entries this agent may mint: itself and its aliases.
+    pub fn parents(&self) -> BTreeSet<&str> {
+        let mut p: BTreeSet<&str> = self.record.aliases.iter().map(String::as_str).collect();
+        p.insert(&self.record.spiffe_id);
+        p
+    }
+}
+
+/// The server core.
+pub struct CaCore {
+    /// The configuration in effect.
+    pub config: ServerConfig,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Persistent state.
+    pub store: Arc<dyn DataStore>,
+    /// Where the authorities' keys live.
+    pub key_manager: Arc<dyn KeyManager>,
+    x509: ArcSwap<X509Authority>,
+    jwt: ArcSwap<JwtAuthority>,
+    bundle: ArcSwap<TrustBundle>,
+    roots: SharedRoots,
+    verifiers: Vec<Box<dyn NodeVerifier>>,
+    server_svid: ArcSwap<CertifiedKey>,
+    server_svid_expiry: std::sync::atomic::AtomicI64,
+}
+
+impl CaCore {
+    /// Opens the data directory, creating the CA on first start.
+    pub fn open(config: ServerConfig) -> Result<Arc<Self>> {
+        let trust_domain = config.validate()?;
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        }
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
+        let key_manager: Arc<dyn KeyManager> =
+            Arc::new(SoftwareKeyManager::open(dir.join("keys"))?);
+        let t = now();
+        let state = match store.load_ca_state()? {
+            Some(s) => s,
+            None => {
+                let x509 = X509Authority::create(
+                    key_manager.clone(),
+                    trust_domain.as_str(),
+                    config.ca_ttl_seconds,
+                    t,
+                )?;
+                let jwt = JwtAuthority::create(key_manager.clone(), config.jwt_key_ttl_seconds, t)?;
+                let s = CaState {
+                    x509: vec![x509.record().clone()],
+                    jwt: vec![jwt.record().clone()],
+                    bundle_sequence: 1,
+                };
+                store.store_ca_state(&s)?;
+                tracing::info!(trust_domain = %trust_domain, x509_authority = %x509.record().id, jwt_authority = %jwt.record().id, "created the trust domain's authorities");
+                s
+            }
+        };
+        let active_x509 = state
+            .x509
+            .iter()
+            .rev()
+            .find(|a| a.state == crate::datastore::AuthorityState::Active)
+            .ok_or_else(|| Error::Config("no active X.509 authority in the datastore".into()))?;
+        let active_jwt = state
+            .jwt
+            .iter()
+            .rev()
+            .find(|a| a.state == crate::datastore::AuthorityState::Active)
+            .ok_or_else(|| Error::Config("no active JWT authority in the datastore".into()))?;
+        let x509 = X509Authority::load(key_manager.clone(), active_x509.clone())?;
+        let jwt = JwtAuthority::load(key_manager.clone(), active_jwt.clone())?;
+        let bundle =
+            Self::bundle_from_state(&trust_domain, &state, config.bundle_refresh_hint_seconds, t);
+        let roots = shared_roots(bundle.x509_authorities.clone());
+        let verifiers: Vec<Box<dyn NodeVerifier>> =
+            vec![Box::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
+        let (svid, expiry) = Self::issue_server_svid(&x509, &trust_domain, &config, t)?;
+        Ok(Arc::new(Self {
+            config,
+            trust_domain,
+            store,
+            key_manager,
+            x509: ArcSwap::from_pointee(x509),
+            jwt: ArcSwap::from_pointee(jwt),
+            bundle: ArcSwap::from_pointee(bundle),
+            roots,
+            verifiers,
+            server_svid: ArcSwap::from_pointee(svid),
+            server_svid_expiry: expiry.into(),
+        }))
+    }
+
+    fn bundle_from_state(
+        td: &TrustDomain,
+        state: &CaState,
+        refresh_hint: i64,
+        now: i64,
+    ) -> TrustBundle {
+        TrustBundle {
+            trust_domain: td.to_string(),
+            x509_authorities: state
+                .x509
+                .iter()
+                .filter(|a| a.not_after > now)
+                .map(|a| a.cert_der.clone())
+                .collect(),
+            jwt_authorities: state
+                .jwt
+                .iter()
+                .filter(|a| a.not_after > now)
+                .map(|a| JwtKey {
+                    kid: a.id.clone(),
+                    spki: a.public_key.clone(),
+                })
+                .collect(),
+            sequence: state.bundle_sequence,
+            refresh_hint_seconds: refresh_hint,
+        }
+    }
+
+    fn issue_server_svid(
+        x509: &X509Authority,
+        td: &TrustDomain,
+        config: &ServerConfig,
+        now: i64,
+    ) -> Result<(CertifiedKey, i64)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let leaf = x509.sign_leaf(
+            &key,
+            &LeafTemplate {
+                spiffe_id: server_id(td),
+                dns_names: vec![],
+                ttl_seconds: config.agent_svid_ttl_seconds,
+            },
+            now,
+        )?;
+        let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let signer = rustls::crypto::ring::sign::any_ecdsa_type(&der)
+            .map_err(|e| Error::Certificate(format!("server key: {e}")))?;
+        let chain = leaf
+            .chain
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
+        Ok((CertifiedKey::new(chain, signer), leaf.not_after))
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// The X.509 authorities as shared roots for TLS verification.
+    pub fn roots(&self) -> SharedRoots {
+        self.roots.clone()
+    }
+
+    /// The server's current TLS identity.
+    pub fn server_svid(&self) -> Arc<CertifiedKey> {
+        self.server_svid.load_full()
+    }
+
+    /// Renews the server's own SVID when half its lifetime has passed.
+    pub fn maybe_renew_server_svid(&self) -> Result<()> {
+        let t = now();
+        let expiry = self
+            .server_svid_expiry
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if t < expiry - self.config.agent_svid_ttl_seconds / 2 {
+            return Ok(());
+        }
+        let (svid, expiry) =
+            Self::issue_server_svid(&self.x509.load(), &self.trust_domain, &self.config, t)?;
+        self.server_svid.store(Arc::new(svid));
+        self.server_svid_expiry
+            .store(expiry, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("renewed the server's own SVID");
+        Ok(())
+    }
+
+    /// Checks the peer certificate of a node API call and returns the agent.
+    /// The TLS layer has already validated the chain against the bundle.
+    pub fn authenticate_agent(&self, leaf_der: Option<&[u8]>) -> Result<AuthenticatedAgent> {
+        let leaf = leaf_der
+            .ok_or_else(|| Error::Unauthenticated("node API call without an agent SVID".into()))?;
+        let id = ztid_agent_attestor::svid::spiffe_id_of_leaf(leaf)
+            .map_err(|e| Error::Unauthenticated(format!("peer certificate: {e}")))?
+            .to_string();
+        let serial = ztid_agent_attestor::svid::serial_hex(leaf)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        let record = self.store.get_agent(&id)?.ok_or_else(|| {
+            Error::Unauthenticated(format!("agent {id} is not attested (evicted or unknown)"))
+        })?;
+        if record.banned {
+            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+        }
+        let t = now();
+        let current = serial == record.serial;
+        let previous = record.previous_serial.as_deref() == Some(serial.as_str())
+            && t < record.previous_expires_at;
+        if !current && !previous {
+            return Err(Error::Unauthenticated(format!(
+                "agent {id} presented an SVID that is no longer current"
+            )));
+        }
+        Ok(AuthenticatedAgent { record })
+    }
+
+    /// The verifier for a method.
+    pub fn verifier(&self, method: &str) -> Result<&dyn NodeVerifier> {
+        self.verifiers
+            .iter()
+            .find(|v| v.method() == method)
+            .map(|v| v.as_ref())
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown attestation method {method:?}")))
+    }
+
+    /// Context for a verifier, binding the attempt to the agent's CSR key.
+    pub fn attestation_context<'a>(&self, agent_public_key: &'a [u8]) -> AttestationContext<'a> {
+        AttestationContext {
+            agent_public_key,
+            now: SystemTime::now(),
+        }
+    }
+
+    /// The public key (DER SubjectPublicKeyInfo) of a CSR whose signature verifies, so
+    /// attestation methods can bind evidence to it; the identity it asks for is
+    /// checked once attestation has decided what the agent is.
+    pub fn csr_public_key(csr: &[u8]) -> Result<Vec<u8>> {
+        let parsed = rcgen::CertificateSigningRequestParams::from_der(
+            &rustls_pki_types::CertificateSigningRequestDer::from(csr),
+        )
+        .map_err(|e| Error::InvalidArgument(format!("malformed agent CSR: {e}")))?;
+        Ok(parsed.public_key.subject_public_key_info())
+    }
+
+    /// Completes an attestation: checks bans, computes aliases, signs the agent SVID
+    /// and stores the agent.
+    pub fn complete_attestation(
+        &self,
+        node: &AttestedNode,
+        csr: &[u8],
+    ) -> Result<(AgentRecord, SignedLeaf)> {
+        if !crate::csr_policy::is_instance_segment(&node.node_id) {
+            return Err(Error::InvalidArgument(format!(
+                "attestor returned an unusable node id {:?}",
+                node.node_id
+            )));
+        }
+        let agent_id = format!(
+            "spiffe://{}/ztid/agent/{}/{}",
+            self.trust_domain, node.method, node.node_id
+        );
+        if let Some(existing) = self.store.get_agent(&agent_id)? {
+            if existing.banned {
+                return Err(Error::PermissionDenied(format!(
+                    "agent {agent_id} is banned"
+                )));
+            }
+        }
+        let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
+        let t = now();
+        let leaf = self.x509.load().sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: agent_id.clone(),
+                dns_names: vec![],
+                ttl_seconds: self.config.agent_svid_ttl_seconds,
+            },
+            t,
+        )?;
+        let mut record = AgentRecord {
+            spiffe_id: agent_id,
+            method: node.method.to_string(),
+            selectors: node.selectors.clone(),
+            granted_aliases: node.aliases.clone(),
+            aliases: Vec::new(),
+            serial: leaf.serial.clone(),
+            previous_serial: None,
+            previous_expires_at: 0,
+            expires_at: leaf.not_after,
+            banned: false,
+            attested_at: t,
+            evidence_digest: hex::encode(node.evidence_digest),
+        };
+        record.aliases = self.aliases_of(&record)?;
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        tracing::info!(
+            event = "node_attested",
+            agent = %record.spiffe_id,
+            method = %record.method,
+            evidence_sha256 = %record.evidence_digest,
+            serial = %leaf.serial,
+            aliases = ?record.aliases,
+            "node attestation passed; agent SVID issued"
+        );
+        Ok((record, leaf))
+    }
+
+    /// Node aliases an agent belongs to: those its evidence granted, plus every node
+    /// entry whose selectors its attestation proved.
+    pub fn aliases_of(&self, agent: &AgentRecord) -> Result<Vec<String>> {
+        let mut aliases: BTreeSet<String> = agent.granted_aliases.iter().cloned().collect();
+        for n in self.store.node_entries()? {
+            if satisfies(&agent.selectors, &n.selectors) {
+                aliases.insert(n.spiffe_id);
+            }
+        }
+        Ok(aliases.into_iter().collect())
+    }
+
+    /// Renews an agent's SVID for a new CSR.
+    pub fn renew_agent(&self, agent: &AuthenticatedAgent, csr: &[u8]) -> Result<SignedLeaf> {
+        let id = &agent.record.spiffe_id;
+        let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(id), &[])?;
+        let leaf = self.x509.load().sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: id.clone(),
+                dns_names: vec![],
+                ttl_seconds: self.config.agent_svid_ttl_seconds,
+            },
+            now(),
+        )?;
+        let mut record = agent.record.clone();
+        record.previous_serial = Some(std::mem::take(&mut record.serial));
+        record.previous_expires_at = record.expires_at;
+        record.serial = leaf.serial.clone();
+        record.expires_at = leaf.not_after;
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        tracing::info!(event = "agent_renewed", agent = %id, serial = %leaf.serial, "agent SVID renewed");
+        Ok(leaf)
+    }
+
+    /// Loads an entry the agent is entitled to mint for.
+    fn entitled_entry(&self, agent: &AuthenticatedAgent, entry_id: &str) -> Result<EntryRecord> {
+        let entry = self
+            .store
+            .get_entry(entry_id)?
+            .ok_or_else(|| Error::NotFound(format!("entry {entry_id} does not exist")))?;
+        if entry.node || !agent.parents().contains(entry.parent_id.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "agent {} is not entitled to entry {entry_id}",
+                agent.record.spiffe_id
+            )));
+        }
+        Ok(entry)
+    }
+
+    /// Signs one workload CSR for an entry.
+    pub fn sign_workload_svid(
+        &self,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+        csr: &[u8],
+    ) -> Result<(String, SignedLeaf)> {
+        let entry = self.entitled_entry(agent, entry_id)?;
+        let rule = if entry.shared {
+            IdentityRule::Exact(&entry.spiffe_id)
+        } else {
+            IdentityRule::Instance(&entry.spiffe_id)
+        };
+        let checked = check_csr(csr, &rule, &entry.dns_names)?;
+        let ttl = if entry.x509_ttl > 0 {
+            entry.x509_ttl
+        } else {
+            self.config.x509_svid_ttl_seconds
+        };
+        let authority = self.x509.load();
+        let leaf = authority.sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: checked.spiffe_id.clone(),
+                dns_names: entry.dns_names.clone(),
+                ttl_seconds: ttl,
+            },
+            now(),
+        )?;
+        tracing::info!(
+            event = "x509_svid_issued",
+            spiffe_id = %checked.spiffe_id,
+            entry = %entry.id,
+            agent = %agent.record.spiffe_id,
+            serial = %leaf.serial,
+            ttl,
+            authority = %authority.record().id,
+            "X509-SVID issued"
+        );
+        Ok((checked.spiffe_id, leaf))
+    }
+
+    /// Mints a JWT-SVID for an entry's identity.
+    pub fn mint_jwt_svid(
+        &self,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+        spiffe_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64)> {
+        let entry = self.entitled_entry(agent, entry_id)?;
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty() || a.len() > 512) {
+            return Err(Error::InvalidArgument("audience must be specified".into()));
+        }
+        let rule = if entry.shared {
+            IdentityRule::Exact(&entry.spiffe_id)
+        } else {
+            IdentityRule::Instance(&entry.spiffe_id)
+        };
+        check_identity(&rule, spiffe_id)?;
+        let ttl = if entry.jwt_ttl > 0 {
+            entry.jwt_ttl
+        } else {
+            self.config.jwt_svid_ttl_seconds
+        };
+        let jwt = self.jwt.load();
+        let (token, exp) = jwt.mint(spiffe_id, audience, ttl, now())?;
+        tracing::info!(
+            event = "jwt_svid_issued",
+            spiffe_id,
+            entry = %entry.id,
+            agent = %agent.record.spiffe_id,
+            audience = ?audience,
+            ttl,
+            authority = %jwt.record().id,
+            "JWT-SVID issued"
+        );
+        Ok((token, exp))
+    }
+
+    /// Creates a join token; returns the token and its expiry. Only its hash is stored.
+    pub fn create_join_token(
+        &self,
+        ttl_seconds: i64,
+        alias: Option<String>,
+    ) -> Result<(String, i64)> {
+        let ttl = if ttl_seconds == 0 {
+            self.config.join_token_ttl_seconds
+        } else {
+            ttl_seconds
+        };
+        if ttl < 0 || ttl > 30 * 24 * 3600 {
+            return Err(Error::InvalidArgument(
+                "token TTL must be between 1 second and 30 days".into(),
+            ));
+        }
+        if let Some(a) = &alias {
+            let id = spiffe::SpiffeId::new(a)
+                .map_err(|e| Error::InvalidArgument(format!("alias {a:?}: {e}")))?;
+            if *id.trust_domain() != self.trust_domain
+                || id.path().is_empty()
+                || id.path().starts_with(crate::entries::RESERVED_PREFIX)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "alias {a} must be a non-reserved ID in {}",
+                    self.trust_domain
+                )));
+            }
+        }
+        let token = random_hex(32)?;
+        let id = random_hex(8)?;
+        let expires_at = now() + ttl;
+        self.store.put_join_token(
+            &join_token::token_hash(&token),
+            &JoinTokenRecord {
+                id: id.clone(),
+                expires_at,
+                alias: alias.clone(),
+            },
+        )?;
+        self.store.flush()?;
+        tracing::info!(event = "join_token_created", token_id = %id, expires_at, alias = ?alias, "join token created");
+        Ok((token, expires_at))
+    }
+
+    /// Validates and stores a new entry.
+    pub fn create_entry(&self, req: &ztid_proto::node::Entry) -> Result<EntryRecord> {
+        let record = validate_new_entry(
+            &self.trust_domain,
+            req,
+            self.store.as_ref(),
+            self.config.ca_ttl_seconds,
+            now(),
+        )?;
+        let record = self.store.create_entry(record)?;
+        self.store.flush()?;
+        tracing::info!(event = "entry_created", entry = %record.id, spiffe_id = %record.spiffe_id, parent = %record.parent_id, "registration entry created");
+        Ok(record)
+    }
+
+    /// Deletes an entry.
+    pub fn delete_entry(&self, id: &str) -> Result<EntryRecord> {
+        let e = self
+            .store
+            .delete_entry(id)?
+            .ok_or_else(|| Error::NotFound(format!("entry {id} does not exist")))?;
+        self.store.flush()?;
+        tracing::info!(event = "entry_deleted", entry = %id, spiffe_id = %e.spiffe_id, "registration entry deleted");
+        Ok(e)
+    }
+
+    /// Evicts an agent: its next call fails; it must attest again.
+    pub fn evict_agent(&self, id: &str) -> Result<AgentRecord> {
+        let a = self
+            .store
+            .delete_agent(id)?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+        self.store.flush()?;
+        tracing::warn!(event = "agent_evicted", agent = %id, "agent evicted");
+        Ok(a)
+    }
+
+    /// Bans an agent: its next call fails and it cannot attest again.
+    pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
+        let mut a = self
+            .store
+            .get_agent(id)?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+        a.banned = true;
+        self.store.put_agent(&a)?;
+        self.store.flush()?;
+        tracing::warn!(event = "agent_banned", agent = %id, "agent banned");
+        Ok(a)
+    }
+
+    /// Entries an agent should hold: all of them (`full`) on first sync or when its
+    /// aliases changed, else only what changed after `since`.
+    pub fn sync_entries(&self, agent: &AuthenticatedAgent, since: u64) -> Result<SyncResult> {
+        let revision = self.store.current_revision()?;
+        let aliases = self.aliases_of(&agent.record)?;
+        let mut agent = agent.clone();
+        let aliases_changed = aliases != agent.record.aliases;
+        if aliases_changed {
+            agent.record.aliases = aliases;
+            self.store.put_agent(&agent.record)?;
+        }
+        let parents = agent.parents();
+        let mut result = SyncResult {
+            full: since == 0 || aliases_changed,
+            upserted: Vec::new(),
+            deleted: Vec::new(),
+            revision,
+        };
+        if result.full {
+            for p in &parents {
+                let filter = crate::datastore::EntryFilter {
+                    parent_id: Some(p.to_string()),
+                    spiffe_id: None,
+                };
+                result.upserted.extend(
+                    self.store
+                        .list_entries(&filter)?
+                        .into_iter()
+                        .filter(|e| !e.node),
+                );
+            }
+            return Ok(result);
+        }
+        let mut latest = std::collections::BTreeMap::new();
+        for change in self.store.entry_changes_since(since)? {
+            if change.revision > revision {
+                break;
+            }
+            if !change.node && parents.contains(change.parent_id.as_str()) {
+                latest.insert(change.entry_id.clone(), change.deleted);
+            }
+        }
+        for (id, deleted) in latest {
+            match (deleted, self.store.get_entry(&id)?) {
+                (false, Some(e)) => result.upserted.push(e),
+                _ => result.deleted.push(id),
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// What an agent's entry sync returns.
+#[derive(Debug, Clone)]
+pub struct SyncResult {
+    /// Replace rather than merge.
+    pub full: bool,
+    /// New or changed entries.
+    pub upserted: Vec<EntryRecord>,
+    /// Ids of removed entries.
+    pub deleted: Vec<String>,
+    /// The revision the agent holds after applying this.
+    pub revision: u64,
+}

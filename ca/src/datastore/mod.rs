@@ -1,0 +1,207 @@
+//! Persistent state behind one narrow trait: registration entries, attested agents,
+//! join tokens and the CA's authorities. Sled (embedded) implements it today; the
+//! trait is small enough for a PostgreSQL backend to follow for several servers.
+//!
+//! Every lookup the hot path makes (entry by id, agent by SPIFFE ID, token by hash,
+//! entries by parent) is a keyed read, so minting costs the same with 100 entries
+//! or 1,000,000.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use serde::{Deserialize, Serialize};
+use ztid_agent_attestor::Selector;
+
+use crate::Result;
+
+/// A registration entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    /// Random id (32 hex characters).
+    pub id: String,
+    /// The SPIFFE ID; for per-instance entries, the prefix of every instance's ID.
+    pub spiffe_id: String,
+    /// The agent or node alias whose workloads this entry is for.
+    pub parent_id: String,
+    /// What a caller must have to match.
+    pub selectors: Vec<Selector>,
+    /// X509-SVID lifetime in seconds; 0 means the server default.
+    pub x509_ttl: i64,
+    /// JWT-SVID lifetime in seconds; 0 means the server default.
+    pub jwt_ttl: i64,
+    /// One SVID for every matching process on a node, instead of one per instance.
+    pub shared: bool,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Trust domains whose bundles this entry's workloads receive.
+    pub federates_with: Vec<String>,
+    /// A node alias rather than a workload entry.
+    pub node: bool,
+    /// Operator-chosen hint passed through the Workload API.
+    #[serde(default)]
+    pub hint: String,
+    /// Datastore revision of the last change.
+    pub revision: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One change in the entry log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryChange {
+    /// The revision of the change.
+    pub revision: u64,
+    /// The entry changed.
+    pub entry_id: String,
+    /// Its parent, so that agents can filter without reading the entry.
+    pub parent_id: String,
+    /// Whether the entry is a node alias.
+    pub node: bool,
+    /// True for a deletion.
+    pub deleted: bool,
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// `spiffe://TD/ztid/agent/<method>/<node id>`.
+    pub spiffe_id: String,
+    /// The attestation method.
+    pub method: String,
+    /// Selectors proved at attestation.
+    pub selectors: Vec<Selector>,
+    /// Aliases granted by the evidence itself (a join token's alias).
+    pub granted_aliases: Vec<String>,
+    /// Node aliases the agent belongs to (granted plus matching node entries).
+    pub aliases: Vec<String>,
+    /// Serial (hex) of the agent's current SVID.
+    pub serial: String,
+    /// Serial of the SVID it replaced at the last renewal, still accepted until it expires,
+    /// so calls already in flight on an old connection do not fail.
+    pub previous_serial: Option<String>,
+    /// `notAfter` of the previous SVID.
+    pub previous_expires_at: i64,
+    /// `notAfter` of the current SVID.
+    pub expires_at: i64,
+    /// Banned agents cannot attest again.
+    pub banned: bool,
+    /// Unix seconds of the last attestation.
+    pub attested_at: i64,
+    /// Hex SHA-256 of the last evidence.
+    pub evidence_digest: String,
+}
+
+/// A join token, by hash only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Random id, used as the node id of the agent that redeems it.
+    pub id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Node alias the redeeming agent becomes a child of.
+    pub alias: Option<String>,
+}
+
+/// The lifecycle state of an authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorityState {
+    /// Created, published in the bundle, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// Replaced; still in the bundle while SVIDs it signed live.
+    Old,
+}
+
+/// An X.509 or JWT authority.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityRecord {
+    /// Authority id (for X.509, the hex serial of its certificate; for JWT, the kid).
+    pub id: String,
+    /// The key manager's id of its private key.
+    pub key_id: String,
+    /// The CA certificate (X.509 authorities only).
+    #[serde(default, with = "hex_bytes")]
+    pub cert_der: Vec<u8>,
+    /// DER SubjectPublicKeyInfo of its key.
+    #[serde(with = "hex_bytes")]
+    pub public_key: Vec<u8>,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Lifecycle state.
+    pub state: AuthorityState,
+}
+
+/// The CA's persistent state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CaState {
+    /// X.509 authorities, newest last.
+    pub x509: Vec<AuthorityRecord>,
+    /// JWT authorities, newest last.
+    pub jwt: Vec<AuthorityRecord>,
+    /// `spiffe_sequence` of the bundle.
+    pub bundle_sequence: u64,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Filters for listing entries; each set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Exact parent ID.
+    pub parent_id: Option<String>,
+}
+
+/// The server's persistent state.
+pub trait DataStore: Send + Sync + 'static {
+    /// Stores a new entry, assigning its revision; fails if one with the same
+    /// SPIFFE ID, parent and selectors exists.
+    fn create_entry(&self, entry: EntryRecord) -> Result<EntryRecord>;
+    /// An entry by id.
+    fn get_entry(&self, id: &str) -> Result<Option<EntryRecord>>;
+    /// Deletes an entry, returning it.
+    fn delete_entry(&self, id: &str) -> Result<Option<EntryRecord>>;
+    /// Entries matching a filter (indexed when a field is set).
+    fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<EntryRecord>>;
+    /// Node alias entries.
+    fn node_entries(&self) -> Result<Vec<EntryRecord>>;
+    /// Entry changes after `revision`, oldest first.
+    fn entry_changes_since(&self, revision: u64) -> Result<Vec<EntryChange>>;
+    /// The newest entry revision (0 when none).
+    fn current_revision(&self) -> Result<u64>;
+
+    /// Creates or replaces an agent.
+    fn put_agent(&self, agent: &AgentRecord) -> Result<()>;
+    /// An agent by SPIFFE ID.
+    fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>>;
+    /// Every agent.
+    fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Removes an agent, returning it.
+    fn delete_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>>;
+
+    /// Stores a join token under its hash.
+    fn put_join_token(&self, hash: &[u8; 32], token: &JoinTokenRecord) -> Result<()>;
+    /// Removes and returns the token with this hash, atomically.
+    fn take_join_token(&self, hash: &[u8; 32]) -> Result<Option<JoinTokenRecord>>;
+
+    /// The CA state, if the CA was initialised.
+    fn load_ca_state(&self) -> Result<Option<CaState>>;
+    /// Replaces the CA state.
+    fn store_ca_state(&self, state: &CaState) -> Result<()>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<()>;
+}

@@ -1,0 +1,403 @@
+//! The embedded datastore: sled 0.34 trees with secondary indexes, updated together
+//! in one transaction so an index never points at a missing entry.
+
+use std::path::Path;
+
+use ring::digest;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::{Transactional, Tree};
+
+use super::{
+    AgentRecord, CaState, DataStore, EntryChange, EntryFilter, EntryRecord, JoinTokenRecord,
+};
+use crate::{Error, Result};
+
+/// Sled-backed [`DataStore`].
+pub struct SledStore {
+    db: sled::Db,
+    entries: Tree,
+    by_parent: Tree,
+    by_spiffe_id: Tree,
+    by_identity: Tree,
+    node_entries: Tree,
+    entry_log: Tree,
+    agents: Tree,
+    tokens: Tree,
+    meta: Tree,
+}
+
+const CA_STATE_KEY: &[u8] = b"ca_state";
+
+fn index_key(a: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + 1 + id.len());
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn prefix(a: &str) -> Vec<u8> {
+    let mut k = a.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Identity of an entry for duplicate detection: same SPIFFE ID, parent, selectors and kind.
+fn identity_key(e: &EntryRecord) -> Vec<u8> {
+    let mut sels: Vec<String> = e.selectors.iter().map(|s| s.to_string()).collect();
+    sels.sort();
+    let text = format!(
+        "{}\n{}\n{}\n{}",
+        e.spiffe_id,
+        e.parent_id,
+        e.node,
+        sels.join("\n")
+    );
+    digest::digest(&digest::SHA256, text.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn log_change(
+    log: &TransactionalTree,
+    change: &EntryChange,
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    let bytes = serde_json::to_vec(change).map_err(|e| abort(e.into()))?;
+    log.insert(&change.revision.to_be_bytes(), bytes)?;
+    Ok(())
+}
+
+impl SledStore {
+    /// Opens (creating) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| Error::Store(format!("cannot open {}: {e}", dir.display())))?;
+        Ok(Self {
+            entries: db.open_tree("entries")?,
+            by_parent: db.open_tree("entries_by_parent")?,
+            by_spiffe_id: db.open_tree("entries_by_spiffe_id")?,
+            by_identity: db.open_tree("entries_by_identity")?,
+            node_entries: db.open_tree("node_entries")?,
+            entry_log: db.open_tree("entry_log")?,
+            agents: db.open_tree("agents")?,
+            tokens: db.open_tree("join_tokens")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    fn next_revision(&self) -> Result<u64> {
+        // generate_id is monotonic across restarts; +1 keeps 0 meaning "nothing yet".
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    fn entries_by_index(&self, tree: &Tree, key: &str) -> Result<Vec<EntryRecord>> {
+        let mut out = Vec::new();
+        for kv in tree.scan_prefix(prefix(key)) {
+            let (k, _) = kv?;
+            let id = &k[key.len() + 1..];
+            if let Some(v) = self.entries.get(id)? {
+                out.push(serde_json::from_slice(&v)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl DataStore for SledStore {
+    fn create_entry(&self, mut entry: EntryRecord) -> Result<EntryRecord> {
+        entry.revision = self.next_revision()?;
+        let value = serde_json::to_vec(&entry)?;
+        let ident = identity_key(&entry);
+        (
+            &self.entries,
+            &self.by_parent,
+            &self.by_spiffe_id,
+            &self.by_identity,
+            &self.node_entries,
+            &self.entry_log,
+        )
+            .transaction(|(entries, by_parent, by_spiffe, by_ident, nodes, log)| {
+                if let Some(existing) = by_ident.get(&ident)? {
+                    return Err(abort(Error::AlreadyExists(format!(
+                        "an entry with the same SPIFFE ID, parent and selectors exists: {}",
+                        String::from_utf8_lossy(&existing)
+                    ))));
+                }
+                entries.insert(entry.id.as_bytes(), value.clone())?;
+                by_parent.insert(index_key(&entry.parent_id, &entry.id), &[])?;
+                by_spiffe.insert(index_key(&entry.spiffe_id, &entry.id), &[])?;
+                by_ident.insert(ident.clone(), entry.id.as_bytes())?;
+                if entry.node {
+                    nodes.insert(entry.id.as_bytes(), &[])?;
+                }
+                log_change(
+                    log,
+                    &EntryChange {
+                        revision: entry.revision,
+                        entry_id: entry.id.clone(),
+                        parent_id: entry.parent_id.clone(),
+                        node: entry.node,
+                        deleted: false,
+                    },
+                )?;
+                Ok(())
+            })?;
+        Ok(entry)
+    }
+
+    fn get_entry(&self, id: &str) -> Result<Option<EntryRecord>> {
+        match self.entries.get(id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn delete_entry(&self, id: &str) -> Result<Option<EntryRecord>> {
+        let revision = self.next_revision()?;
+        let removed = (
+            &self.entries,
+            &self.by_parent,
+            &self.by_spiffe_id,
+            &self.by_identity,
+            &self.node_entries,
+            &self.entry_log,
+        )
+            .transaction(|(entries, by_parent, by_spiffe, by_ident, nodes, log)| {
+                let Some(v) = entries.remove(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let entry: EntryRecord = serde_json::from_slice(&v).map_err(|e| abort(e.into()))?;
+                by_parent.remove(index_key(&entry.parent_id, &entry.id))?;
+                by_spiffe.remove(index_key(&entry.spiffe_id, &entry.id))?;
+                by_ident.remove(identity_key(&entry))?;
+                nodes.remove(entry.id.as_bytes())?;
+                log_change(
+                    log,
+                    &EntryChange {
+                        revision,
+                        entry_id: entry.id.clone(),
+                        parent_id: entry.parent_id.clone(),
+                        node: entry.node,
+                        deleted: true,
+                    },
+                )?;
+                Ok(Some(entry))
+            })?;
+        Ok(removed)
+    }
+
+    fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<EntryRecord>> {
+        let mut out = match (&filter.parent_id, &filter.spiffe_id) {
+            (Some(p), _) => self.entries_by_index(&self.by_parent, p)?,
+            (None, Some(s)) => self.entries_by_index(&self.by_spiffe_id, s)?,
+            (None, None) => self
+                .entries
+                .iter()
+                .values()
+                .map(|v| Ok(serde_json::from_slice(&v?)?))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if let Some(s) = &filter.spiffe_id {
+            out.retain(|e| &e.spiffe_id == s);
+        }
+        out.sort_by(|a, b| (&a.spiffe_id, a.revision).cmp(&(&b.spiffe_id, b.revision)));
+        Ok(out)
+    }
+
+    fn node_entries(&self) -> Result<Vec<EntryRecord>> {
+        let mut out = Vec::new();
+        for k in self.node_entries.iter().keys() {
+            if let Some(v) = self.entries.get(k?)? {
+                out.push(serde_json::from_slice(&v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn entry_changes_since(&self, revision: u64) -> Result<Vec<EntryChange>> {
+        let start = revision.saturating_add(1).to_be_bytes();
+        self.entry_log
+            .range(start..)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn current_revision(&self) -> Result<u64> {
+        match self.entry_log.last()? {
+            Some((k, _)) => {
+                let bytes: [u8; 8] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Store("corrupt entry log key".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
+        self.agents
+            .insert(agent.spiffe_id.as_bytes(), serde_json::to_vec(agent)?)?;
+        Ok(())
+    }
+
+    fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
+        match self.agents.get(spiffe_id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        self.agents
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn delete_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
+        match self.agents.remove(spiffe_id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_join_token(&self, hash: &[u8; 32], token: &JoinTokenRecord) -> Result<()> {
+        self.tokens.insert(hash, serde_json::to_vec(token)?)?;
+        Ok(())
+    }
+
+    fn take_join_token(&self, hash: &[u8; 32]) -> Result<Option<JoinTokenRecord>> {
+        match self.tokens.remove(hash)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn load_ca_state(&self) -> Result<Option<CaState>> {
+        match self.meta.get(CA_STATE_KEY)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn store_ca_state(&self, state: &CaState) -> Result<()> {
+        self.meta.insert(CA_STATE_KEY, serde_json::to_vec(state)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztid_agent_attestor::Selector;
+
+    fn entry(id: &str, spiffe: &str, parent: &str, sel: &str) -> EntryRecord {
+        EntryRecord {
+            id: id.into(),
+            spiffe_id: spiffe.into(),
+            parent_id: parent.into(),
+            selectors: vec![Selector::parse(sel).unwrap()],
+            x509_ttl: 0,
+            jwt_ttl: 0,
+            shared: false,
+            dns_names: vec![],
+            federates_with: vec![],
+            node: false,
+            hint: String::new(),
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn entries_indexes_log_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            assert_eq!(s.current_revision().unwrap(), 0);
+            let a = s
+                .create_entry(entry("a", "spiffe://td/w1", "spiffe://td/p1", "unix:uid:1"))
+                .unwrap();
+            let b = s
+                .create_entry(entry("b", "spiffe://td/w2", "spiffe://td/p2", "unix:uid:1"))
+                .unwrap();
+            assert!(b.revision > a.revision);
+            let dup = s.create_entry(entry("c", "spiffe://td/w1", "spiffe://td/p1", "unix:uid:1"));
+            assert!(matches!(dup, Err(Error::AlreadyExists(_))));
+            assert!(
+                s.get_entry("c").unwrap().is_none(),
+                "a refused create changes nothing"
+            );
+
+            let by_parent = s
+                .list_entries(&EntryFilter {
+                    parent_id: Some("spiffe://td/p1".into()),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(
+                by_parent.iter().map(|e| &e.id[..]).collect::<Vec<_>>(),
+                ["a"]
+            );
+            let by_id = s
+                .list_entries(&EntryFilter {
+                    spiffe_id: Some("spiffe://td/w2".into()),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(by_id.len(), 1);
+
+            let changes = s.entry_changes_since(a.revision).unwrap();
+            assert_eq!(changes.len(), 1);
+            assert_eq!(changes[0].entry_id, "b");
+            assert!(s.delete_entry("a").unwrap().is_some());
+            assert!(s.delete_entry("a").unwrap().is_none());
+            let changes = s.entry_changes_since(b.revision).unwrap();
+            assert!(changes[0].deleted && changes[0].entry_id == "a");
+            // The same identity can be created again after deletion.
+            s.create_entry(entry("d", "spiffe://td/w1", "spiffe://td/p1", "unix:uid:1"))
+                .unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert!(s.get_entry("b").unwrap().is_some());
+        assert!(s.get_entry("d").unwrap().is_some());
+        assert_eq!(s.list_entries(&EntryFilter::default()).unwrap().len(), 2);
+        assert!(s.current_revision().unwrap() >= 4);
+    }
+
+    #[test]
+    fn tokens_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let h = [7u8; 32];
+        s.put_join_token(
+            &h,
+            &JoinTokenRecord {
+                id: "x".into(),
+                expires_at: 5,
+                alias: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.take_join_token(&h).unwrap().unwrap().id, "x");
+        assert!(s.take_join_token(&h).unwrap().is_none());
+    }
+}
