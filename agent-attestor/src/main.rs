@@ -1,1 +1,51 @@
-fn main() {}
+//! `ztid-agent`.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use ztid_agent_attestor::agent::cli::{client_verb, run_config, Cli, Command};
+
+fn init_logging(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("ZTID_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Run(args) => {
+                let config = run_config(args).map_err(|e| e.to_string())?;
+                init_logging(&config.log_format);
+                ztid_agent_attestor::agent::run(config)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            _ => client_verb(&cli).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

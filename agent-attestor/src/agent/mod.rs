@@ -1,1 +1,556 @@
-//! The node agent.
+//! The node agent: attests its node, keeps its own SVID and the entries it serves
+//! fresh, and serves the SPIFFE Workload API to local processes.
+
+pub mod cli;
+pub mod config;
+pub mod node_client;
+pub mod workload_api;
+pub mod workloads;
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prost::Message;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+use ztid_proto::node::{self as pb, node_client::NodeClient};
+use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+use crate::bundle::TrustBundle;
+use crate::node_attestation::join_token::JoinTokenAttestor;
+use crate::node_attestation::NodeAttestor;
+use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
+use crate::{unix_seconds, Error};
+use config::AgentConfig;
+use node_client::AgentSvid;
+use workloads::Workloads;
+
+const SVID_FILE: &str = "agent_svid.pem";
+const KEY_FILE: &str = "agent_key.pk8";
+const BUNDLE_FILE: &str = "bundle.pb";
+
+fn now() -> i64 {
+    unix_seconds(std::time::SystemTime::now())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, bytes)
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(Error::io(format!("syncing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming {}", path.display())))
+}
+
+/// Saves the agent's SVID, key and bundle so a restart does not need a new attestation.
+fn persist(dir: &Path, svid: &AgentSvid, bundle: &TrustBundle) -> Result<(), Error> {
+    write_private(&dir.join(KEY_FILE), &svid.key)?;
+    write_private(
+        &dir.join(SVID_FILE),
+        crate::svid::certs_to_pem(svid.chain.iter().map(Vec::as_slice)).as_bytes(),
+    )?;
+    write_private(
+        &dir.join(BUNDLE_FILE),
+        &pb::Bundle::from(bundle).encode_to_vec(),
+    )
+}
+
+/// Loads a persisted SVID if one is there and still valid.
+fn load_persisted(dir: &Path) -> Option<(AgentSvid, TrustBundle)> {
+    let key = Zeroizing::new(std::fs::read(dir.join(KEY_FILE)).ok()?);
+    let chain =
+        crate::svid::certs_from_pem(&std::fs::read_to_string(dir.join(SVID_FILE)).ok()?).ok()?;
+    let bundle = pb::Bundle::decode(std::fs::read(dir.join(BUNDLE_FILE)).ok()?.as_slice()).ok()?;
+    let leaf = chain.first()?;
+    let spiffe_id = crate::svid::spiffe_id_of_leaf(leaf).ok()?.to_string();
+    let not_after = crate::svid::not_after(leaf).ok()?;
+    if not_after <= now() + 30 {
+        return None;
+    }
+    Some((
+        AgentSvid {
+            chain,
+            key,
+            spiffe_id,
+            not_after,
+        },
+        TrustBundle::from(&bundle),
+    ))
+}
+
+fn forget_persisted(dir: &Path) {
+    for f in [KEY_FILE, SVID_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+/// A new agent key and a CSR without SANs (the server fills in the agent's ID).
+fn agent_key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+}
+
+fn status_err(s: tonic::Status) -> Error {
+    Error::Server(format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// Runs node attestation over the `Attest` stream.
+async fn attest(
+    client: &mut NodeClient<Channel>,
+    attestor: &mut dyn NodeAttestor,
+) -> Result<(AgentSvid, TrustBundle), Error> {
+    let (key, csr) = agent_key_and_csr()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AttestRequest {
+        step: Some(pb::attest_request::Step::Init(pb::AttestInit {
+            method: attestor.method().to_string(),
+            payload: attestor.initial_evidence()?,
+            csr,
+        })),
+    })
+    .await
+    .map_err(|_| Error::Protocol("attestation stream closed".into()))?;
+    let mut inbound = client
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    while let Some(msg) = inbound.next().await {
+        match msg.map_err(status_err)?.step {
+            Some(pb::attest_response::Step::Challenge(c)) => {
+                let answer = attestor.answer(&c)?;
+                tx.send(pb::AttestRequest {
+                    step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
+                })
+                .await
+                .map_err(|_| Error::Protocol("attestation stream closed".into()))?;
+            }
+            Some(pb::attest_response::Step::Result(r)) => {
+                let bundle =
+                    r.bundle.as_ref().map(TrustBundle::from).ok_or_else(|| {
+                        Error::Protocol("attestation result without a bundle".into())
+                    })?;
+                let leaf = r
+                    .svid_chain
+                    .first()
+                    .ok_or_else(|| Error::Protocol("attestation result without an SVID".into()))?;
+                // The SVID must chain to the bundle we were given and carry the ID we were told.
+                let chain: Vec<_> = r
+                    .svid_chain
+                    .iter()
+                    .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+                    .collect();
+                let roots: Vec<_> = bundle
+                    .x509_authorities
+                    .iter()
+                    .cloned()
+                    .map(rustls_pki_types::CertificateDer::from)
+                    .collect();
+                let id = crate::svid::verify_chain(
+                    &chain,
+                    &roots,
+                    rustls_pki_types::UnixTime::now(),
+                    crate::svid::Usage::Client,
+                )?;
+                if id.to_string() != r.spiffe_id {
+                    return Err(Error::Protocol(
+                        "attestation result SVID does not match its SPIFFE ID".into(),
+                    ));
+                }
+                let not_after = crate::svid::not_after(leaf)?;
+                return Ok((
+                    AgentSvid {
+                        chain: r.svid_chain,
+                        key,
+                        spiffe_id: r.spiffe_id,
+                        not_after,
+                    },
+                    bundle,
+                ));
+            }
+            None => return Err(Error::Protocol("empty attestation message".into())),
+        }
+    }
+    Err(Error::Protocol(
+        "server closed the attestation stream without a result".into(),
+    ))
+}
+
+/// Trust domain named by the URI SAN of a CA certificate (`spiffe://TD`).
+fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .map(|td| td.trim_end_matches('/').to_string()),
+        _ => None,
+    })
+}
+
+struct Runtime {
+    config: AgentConfig,
+    server_id: String,
+    roots: SharedRoots,
+    node: Arc<ArcSwap<NodeClient<Channel>>>,
+    svid: ArcSwap<AgentSvid>,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    workloads: Arc<Workloads>,
+}
+
+impl Runtime {
+    fn connect(&self, svid: &AgentSvid) -> Result<NodeClient<Channel>, Error> {
+        let verifier = Arc::new(ServerSvidVerifier::new(
+            self.roots.clone(),
+            self.server_id.clone(),
+        ));
+        let server = self
+            .config
+            .server
+            .ok_or_else(|| Error::Config("no server".into()))?;
+        node_client::connect(server, verifier, Some(svid.certified_key()?))
+    }
+
+    fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
+        self.roots.store(Arc::new(
+            bundle
+                .x509_authorities
+                .iter()
+                .cloned()
+                .map(rustls_pki_types::CertificateDer::from)
+                .collect(),
+        ));
+        persist(&self.config.data_dir, &self.svid.load(), &bundle)?;
+        tracing::info!(
+            sequence = bundle.sequence,
+            authorities = bundle.x509_authorities.len(),
+            "trust bundle updated"
+        );
+        self.bundle.send_replace(Arc::new(bundle));
+        Ok(())
+    }
+
+    /// One sync with the server: entries and bundle.
+    async fn sync(&self) -> Result<bool, tonic::Status> {
+        let (since, seq) = {
+            let e = self
+                .workloads
+                .entries
+                .read()
+                .map_err(|_| tonic::Status::internal("lock"))?;
+            (e.revision, self.bundle.borrow().sequence)
+        };
+        let mut client = NodeClient::clone(&self.node.load());
+        let resp = client
+            .sync_entries(pb::SyncEntriesRequest {
+                since_revision: since,
+                bundle_sequence: seq,
+            })
+            .await?
+            .into_inner();
+        let mut changed = self
+            .workloads
+            .entries
+            .write()
+            .map_err(|_| tonic::Status::internal("lock"))?
+            .apply(&resp);
+        if let Some(b) = &resp.bundle {
+            let b = TrustBundle::from(b);
+            if b.sequence > seq {
+                if let Err(e) = self.set_bundle(b) {
+                    tracing::error!(error = %e, "could not store the new bundle");
+                }
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn renew_agent_svid(&self) -> Result<(), Error> {
+        let (key, csr) = agent_key_and_csr()?;
+        let mut client = NodeClient::clone(&self.node.load());
+        let resp = client
+            .renew_agent(pb::RenewAgentRequest { csr })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let leaf = resp
+            .svid_chain
+            .first()
+            .ok_or_else(|| Error::Protocol("renewal without an SVID".into()))?;
+        let svid = AgentSvid {
+            not_after: crate::svid::not_after(leaf)?,
+            spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
+            chain: resp.svid_chain,
+            key,
+        };
+        persist(&self.config.data_dir, &svid, &self.bundle.borrow())?;
+        let client = self.connect(&svid)?;
+        tracing::info!(agent = %svid.spiffe_id, not_after = svid.not_after, "agent SVID renewed");
+        self.svid.store(Arc::new(svid));
+        self.node.store(Arc::new(client));
+        Ok(())
+    }
+
+    async fn rotate_workloads(&self) {
+        let t = now();
+        for inst in self.workloads.live_instances() {
+            if Workloads::due(&inst, t) {
+                if let Err(e) = self.workloads.reconcile(&inst).await {
+                    tracing::warn!(pid = inst.process.pid, error = %e, "workload SVID renewal failed");
+                }
+            }
+        }
+    }
+
+    async fn reconcile_all(&self) {
+        for inst in self.workloads.live_instances() {
+            if let Err(e) = self.workloads.reconcile(&inst).await {
+                tracing::warn!(pid = inst.process.pid, error = %e, "workload SVID update failed");
+            }
+        }
+    }
+}
+
+fn is_auth_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
+fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(Error::io(format!("binding {}", path.display())))?;
+    // Any local process may connect; who it is decides what it gets.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    Ok(l)
+}
+
+/// Runs the agent until SIGINT/SIGTERM, or until the server no longer recognises it.
+pub async fn run(config: AgentConfig) -> Result<(), Error> {
+    config.validate()?;
+    let server = config
+        .server
+        .ok_or_else(|| Error::Config("no server".into()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+        Error::io(format!("restricting {}", config.data_dir.display())),
+    )?;
+
+    let configured_roots = match &config.trust_bundle {
+        Some(p) => Some(crate::svid::certs_from_pem(
+            &std::fs::read_to_string(p)
+                .map_err(Error::io(format!("reading trust bundle {}", p.display())))?,
+        )?),
+        None => None,
+    };
+
+    let (svid, bundle) = match load_persisted(&config.data_dir) {
+        Some(x) => {
+            tracing::info!(agent = %x.0.spiffe_id, "resuming with the persisted agent SVID");
+            x
+        }
+        None => {
+            let mut attestor: Box<dyn NodeAttestor> = match config.attestor.as_str() {
+                "join-token" => Box::new(JoinTokenAttestor::new(
+                    config
+                        .join_token
+                        .clone()
+                        .ok_or_else(|| Error::Config("--join-token is required".into()))?,
+                )),
+                other => return Err(Error::Config(format!("attestor {other} is not available"))),
+            };
+            let verifier: Arc<ServerSvidVerifier> = match &configured_roots {
+                Some(roots) => {
+                    let td = config
+                        .trust_domain
+                        .clone()
+                        .or_else(|| roots.iter().find_map(|r| trust_domain_of_ca(r)))
+                        .ok_or_else(|| Error::Config("cannot tell the trust domain from the trust bundle; set --trust-domain".into()))?;
+                    Arc::new(ServerSvidVerifier::new(
+                        shared_roots(roots.clone()),
+                        format!("spiffe://{td}/ztid/server"),
+                    ))
+                }
+                None => {
+                    tracing::warn!(
+                        "insecure bootstrap: the server is not verified for this first attestation"
+                    );
+                    Arc::new(ServerSvidVerifier::insecure_bootstrap())
+                }
+            };
+            let mut client = node_client::connect(server, verifier, None)?;
+            let (svid, bundle) = attest(&mut client, attestor.as_mut()).await?;
+            if let Some(td) = &config.trust_domain {
+                if &bundle.trust_domain != td {
+                    return Err(Error::Config(format!(
+                        "server is for trust domain {}, expected {td}",
+                        bundle.trust_domain
+                    )));
+                }
+            }
+            persist(&config.data_dir, &svid, &bundle)?;
+            tracing::info!(agent = %svid.spiffe_id, "node attested");
+            (svid, bundle)
+        }
+    };
+
+    let server_id = format!("spiffe://{}/ztid/server", bundle.trust_domain);
+    let roots = shared_roots(bundle.x509_authorities.clone());
+    let verifier = Arc::new(ServerSvidVerifier::new(roots.clone(), server_id.clone()));
+    let node = Arc::new(ArcSwap::from_pointee(node_client::connect(
+        server,
+        verifier,
+        Some(svid.certified_key()?),
+    )?));
+    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+    let workloads = Arc::new(Workloads::new(node.clone()));
+    let rt = Arc::new(Runtime {
+        config: config.clone(),
+        server_id,
+        roots,
+        node,
+        svid: ArcSwap::from_pointee(svid),
+        bundle: bundle_tx,
+        workloads: workloads.clone(),
+    });
+
+    if let Err(s) = rt.sync().await {
+        if is_auth_failure(&s) {
+            forget_persisted(&config.data_dir);
+        }
+        return Err(Error::Server(format!(
+            "initial sync failed: {}",
+            s.message()
+        )));
+    }
+
+    let listener = bind_workload_socket(&config.socket)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|r| r.map(ztid_proto::uds_authority::wrap_unix));
+    let api = SpiffeWorkloadApiServer::with_interceptor(
+        workload_api::WorkloadApi::new(workloads.clone(), bundle_rx),
+        workload_api::require_security_header,
+    );
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+
+    // Sync loop: entries and bundle; an agent the server no longer knows stops.
+    let sync_rt = rt.clone();
+    let sync_stop = stop_tx.clone();
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(sync_rt.config.sync_interval_seconds));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match sync_rt.sync().await {
+                Ok(true) => sync_rt.reconcile_all().await,
+                Ok(false) => {}
+                Err(s) if is_auth_failure(&s) => {
+                    tracing::error!(reason = %s.message(), "the server no longer recognises this agent (evicted or banned); stopping");
+                    forget_persisted(&sync_rt.config.data_dir);
+                    let _ = sync_stop.send(true);
+                    return;
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "sync with the server failed; will retry")
+                }
+            }
+        }
+    });
+
+    // Rotation loop: workload SVIDs at half-life, exited instances forgotten, own SVID renewed.
+    let rot_rt = rt.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let svid = rot_rt.svid.load();
+            if now() >= svid.not_after - agent_ttl_half(&svid) {
+                if let Err(e) = rot_rt.renew_agent_svid().await {
+                    tracing::warn!(error = %e, "agent SVID renewal failed; will retry");
+                }
+            }
+            rot_rt.rotate_workloads().await;
+        }
+    });
+
+    tracing::info!(socket = %config.socket.display(), server = %server, "ztid-agent ready");
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()
+        .await;
+    let serve = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = stop_rx.wait_for(|s| *s) => {}
+            }
+        });
+    serve
+        .await
+        .map_err(|e| Error::Config(format!("workload API: {e}")))?;
+    let _ = std::fs::remove_file(&config.socket);
+    if *stop_tx.borrow() {
+        return Err(Error::Server("agent is no longer attested".into()));
+    }
+    tracing::info!("ztid-agent stopped");
+    Ok(())
+}
+
+/// Half of the agent SVID's lifetime, from its certificate.
+fn agent_ttl_half(svid: &AgentSvid) -> i64 {
+    use x509_parser::prelude::*;
+    svid.chain
+        .first()
+        .and_then(|c| X509Certificate::from_der(c).ok())
+        .map(|(_, c)| {
+            (c.validity().not_after.timestamp() - c.validity().not_before.timestamp()) / 2
+        })
+        .unwrap_or(0)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

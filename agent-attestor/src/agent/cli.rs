@@ -1,0 +1,392 @@
+//! The `ztid-agent` command line: `run`, the `api` verbs (a small Workload API
+//! client), and `healthcheck`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::transport::Channel;
+use ztid_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+
+use super::config::{AgentConfig, DEFAULT_SOCKET};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// ztid-agent: attests this node and serves the SPIFFE Workload API.
+#[derive(Debug, Parser)]
+#[command(name = "ztid-agent", version, about)]
+pub struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Talk to a running agent's Workload API.
+    #[command(subcommand)]
+    Api(ApiCmd),
+    /// Exit 0 if the agent serves its Workload API socket.
+    Healthcheck {
+        /// Workload API socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+/// Flags of `run`; each overrides the config key of the same name.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Server node API address, HOST:PORT.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// PEM file with the trust domain's X.509 authorities.
+    #[arg(long)]
+    pub trust_bundle: Option<PathBuf>,
+    /// Do not verify the server for the first attestation.
+    #[arg(long)]
+    pub insecure_bootstrap: bool,
+    /// Trust domain to expect.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Attestation method: join-token, tpm, sev-snp, tdx.
+    #[arg(long)]
+    pub attestor: Option<String>,
+    /// Join token.
+    #[arg(long, env = "ZTID_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// TPM TCTI.
+    #[arg(long)]
+    pub tpm_tcti: Option<String>,
+    /// Workload API socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Sync interval in seconds.
+    #[arg(long)]
+    pub sync_interval: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// `api` verbs.
+#[derive(Debug, Subcommand)]
+pub enum ApiCmd {
+    /// Fetch SVIDs.
+    #[command(subcommand)]
+    Fetch(FetchCmd),
+    /// Validate.
+    #[command(subcommand)]
+    Validate(ValidateCmd),
+}
+
+/// `api fetch` verbs.
+#[derive(Debug, Subcommand)]
+pub enum FetchCmd {
+    /// Fetch this process's X509-SVIDs.
+    X509 {
+        /// Workload API socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Fetch this process's JWT-SVIDs.
+    Jwt {
+        /// Audience, repeatable.
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Workload API socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+/// `api validate` verbs.
+#[derive(Debug, Subcommand)]
+pub enum ValidateCmd {
+    /// Validate a JWT-SVID.
+    Jwt {
+        /// Audience.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        #[arg(long)]
+        token: String,
+        /// Workload API socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+/// Builds the effective config for `run`.
+pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
+    let mut c = match &a.config {
+        Some(p) => AgentConfig::from_file(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(s) = &a.server {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(s.as_str())
+            .map_err(|e| crate::Error::Config(format!("--server {s}: {e}")))?
+            .next()
+            .ok_or_else(|| crate::Error::Config(format!("--server {s}: no address")))?;
+        c.server = Some(addr);
+    }
+    if let Some(v) = &a.trust_bundle {
+        c.trust_bundle = Some(v.clone());
+    }
+    c.insecure_bootstrap |= a.insecure_bootstrap;
+    if let Some(v) = &a.trust_domain {
+        c.trust_domain = Some(v.clone());
+    }
+    if let Some(v) = &a.attestor {
+        c.attestor = v.clone();
+    }
+    if let Some(v) = &a.join_token {
+        c.join_token = Some(v.clone());
+    }
+    if let Some(v) = &a.tpm_tcti {
+        c.tpm_tcti = v.clone();
+    }
+    if let Some(v) = &a.socket {
+        c.socket = v.clone();
+    }
+    if let Some(v) = &a.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = a.sync_interval {
+        c.sync_interval_seconds = v;
+    }
+    if let Some(v) = &a.log_format {
+        c.log_format = v.clone();
+    }
+    Ok(c)
+}
+
+/// The socket an `api` verb talks to: the flag, else `SPIFFE_ENDPOINT_SOCKET`, else the default.
+pub fn socket_path(flag: &Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(p) = flag {
+        return Ok(p.clone());
+    }
+    if let Ok(addr) = std::env::var("SPIFFE_ENDPOINT_SOCKET") {
+        return ztid_proto::transport::parse_unix_endpoint(&addr).ok_or_else(|| {
+            format!("SPIFFE_ENDPOINT_SOCKET {addr:?} is not a unix:///path address")
+        });
+    }
+    Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+async fn client(socket: &Option<PathBuf>) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
+    let path = socket_path(socket)?;
+    let channel = ztid_proto::transport::unix_channel(&path)
+        .await
+        .map_err(|e| format!("cannot reach the Workload API at {}: {e}", path.display()))?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        ztid_proto::WORKLOAD_API_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
+}
+
+fn split_der_chain(mut der: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use x509_parser::prelude::*;
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = X509Certificate::from_der(der)
+            .map_err(|e| format!("bad certificate in response: {e}"))?;
+        out.push(der[..der.len() - rest.len()].to_vec());
+        der = rest;
+    }
+    Ok(out)
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Runs an `api` or `healthcheck` verb.
+pub async fn client_verb(cli: &Cli) -> Result<(), String> {
+    let out = cli.output;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    match &cli.command {
+        Command::Run(_) => unreachable!("run is not a client verb"),
+        Command::Healthcheck { socket } => {
+            let path = socket_path(socket)?;
+            let channel = ztid_proto::transport::unix_channel(&path)
+                .await
+                .map_err(|e| format!("cannot reach the Workload API at {}: {e}", path.display()))?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let serving =
+                r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            if !serving {
+                return Err("agent is not serving".into());
+            }
+            match out {
+                Output::Json => println!("{}", json!({"status": "SERVING"})),
+                Output::Text => println!("Agent is healthy."),
+            }
+        }
+        Command::Api(ApiCmd::Fetch(FetchCmd::X509 { socket, write })) => {
+            let started = std::time::Instant::now();
+            let mut c = client(socket).await?;
+            let mut stream = c
+                .fetch_x509svid(with_header(pb::X509svidRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let resp = stream
+                .message()
+                .await
+                .map_err(status)?
+                .ok_or("the agent closed the stream without an answer")?;
+            let elapsed = started.elapsed();
+            let mut listed = Vec::new();
+            for (i, s) in resp.svids.iter().enumerate() {
+                let chain = split_der_chain(&s.x509_svid)?;
+                let bundle = split_der_chain(&s.bundle)?;
+                let leaf = chain.first().ok_or("empty SVID chain")?;
+                let not_after = crate::svid::not_after(leaf).map_err(|e| e.to_string())?;
+                if let Some(dir) = write {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    let pem_chain = crate::svid::certs_to_pem(chain.iter().map(Vec::as_slice));
+                    write_file(
+                        &dir.join(format!("svid.{i}.pem")),
+                        pem_chain.as_bytes(),
+                        0o644,
+                    )?;
+                    let key_pem =
+                        pem::encode(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
+                    write_file(
+                        &dir.join(format!("svid.{i}.key")),
+                        key_pem.as_bytes(),
+                        0o600,
+                    )?;
+                    let pem_bundle = crate::svid::certs_to_pem(bundle.iter().map(Vec::as_slice));
+                    write_file(
+                        &dir.join(format!("bundle.{i}.pem")),
+                        pem_bundle.as_bytes(),
+                        0o644,
+                    )?;
+                }
+                listed.push(
+                    json!({"spiffe_id": s.spiffe_id, "expires_at": not_after, "hint": s.hint,
+                    "chain_length": chain.len(), "bundle_authorities": bundle.len()}),
+                );
+            }
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"svids": listed, "federated_bundles": resp.federated_bundles.keys().collect::<Vec<_>>()})
+                ),
+                Output::Text => {
+                    println!("Received {} svid after {:?}", resp.svids.len(), elapsed);
+                    for l in &listed {
+                        println!();
+                        println!(
+                            "SPIFFE ID         : {}",
+                            l["spiffe_id"].as_str().unwrap_or_default()
+                        );
+                        println!("SVID valid until  : {}", l["expires_at"]);
+                        println!("Chain length      : {}", l["chain_length"]);
+                        println!("Bundle authorities: {}", l["bundle_authorities"]);
+                    }
+                    if let Some(dir) = write {
+                        println!();
+                        println!("Written to {}", dir.display());
+                    }
+                }
+            }
+        }
+        Command::Api(ApiCmd::Fetch(FetchCmd::Jwt {
+            audience,
+            spiffe_id,
+            socket,
+        })) => {
+            let mut c = client(socket).await?;
+            let resp = c
+                .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                    audience: audience.clone(),
+                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"svids": resp.svids.iter().map(|s| json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint})).collect::<Vec<_>>()})
+                ),
+                Output::Text => {
+                    for s in &resp.svids {
+                        println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+                    }
+                }
+            }
+        }
+        Command::Api(ApiCmd::Validate(ValidateCmd::Jwt {
+            audience,
+            token,
+            socket,
+        })) => {
+            let mut c = client(socket).await?;
+            let resp = c
+                .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+                    audience: audience.clone(),
+                    svid: token.clone(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => println!("{}", json!({"spiffe_id": resp.spiffe_id, "valid": true})),
+                Output::Text => println!("SVID is valid.\nSPIFFE ID : {}", resp.spiffe_id),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Agent configuration: a TOML file overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/run/ztid/agent/api.sock";
+
+/// Settings of `ztid-agent run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The server's node API address.
+    pub server: Option<SocketAddr>,
+    /// PEM file with the trust domain's X.509 authorities, to verify the server.
+    pub trust_bundle: Option<PathBuf>,
+    /// Skip server verification for the first attestation only (SPIRE's insecure bootstrap).
+    pub insecure_bootstrap: bool,
+    /// The trust domain; default: taken from the trust bundle or the attestation result.
+    pub trust_domain: Option<String>,
+    /// Attestation method.
+    pub attestor: String,
+    /// Join token (join-token method).
+    pub join_token: Option<String>,
+    /// TPM TCTI (tpm method).
+    pub tpm_tcti: String,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Where the agent keeps its own SVID and the bundle (owner-only).
+    pub data_dir: PathBuf,
+    /// How often to sync entries and the bundle with the server, seconds.
+    pub sync_interval_seconds: u64,
+    /// Log format: text or json.
+    pub log_format: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            server: None,
+            trust_bundle: None,
+            insecure_bootstrap: false,
+            trust_domain: None,
+            attestor: "join-token".into(),
+            join_token: None,
+            tpm_tcti: "device:/dev/tpmrm0".into(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            data_dir: PathBuf::from("/var/lib/ztid/agent"),
+            sync_interval_seconds: 5,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.server.is_none() {
+            return Err(Error::Config("--server HOST:PORT is required".into()));
+        }
+        if self.trust_bundle.is_none() && !self.insecure_bootstrap {
+            return Err(Error::Config(
+                "either --trust-bundle FILE or --insecure-bootstrap is required".into(),
+            ));
+        }
+        match self.attestor.as_str() {
+            "join-token" => {}
+            "tpm" | "sev-snp" | "tdx" => {
+                return Err(Error::Config(format!(
+                    "attestor {:?} is not available in this build yet",
+                    self.attestor
+                )))
+            }
+            other => return Err(Error::Config(format!("unknown attestor {other:?}"))),
+        }
+        if self.sync_interval_seconds == 0 {
+            return Err(Error::Config(
+                "sync_interval_seconds must be positive".into(),
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(Error::Config("log_format must be text or json".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,381 @@
+//! The SPIFFE Workload API, served on the agent's Unix socket.
+//!
+//! Callers are identified out of band (SO_PEERCRED and /proc), never by anything
+//! they send. Every request must carry `workload.spiffe.io: true`. Streams send the
+//! full state at once and again on every rotation or bundle change.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost_types::{value::Kind, ListValue, Struct, Value as PValue};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use ztid_proto::node as npb;
+use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
+
+use super::workloads::{IdentitySet, Instance, Workloads};
+use crate::bundle::TrustBundle;
+use crate::{unix_seconds, Error};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Refuses any request without `workload.spiffe.io: true`, as the spec requires.
+pub fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get(ztid_proto::WORKLOAD_API_HEADER) {
+        Some(v) if v.as_bytes() == b"true" => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    workloads: Arc<Workloads>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+}
+
+impl WorkloadApi {
+    /// A service over the agent's workloads and bundle.
+    pub fn new(workloads: Arc<Workloads>, bundle: watch::Receiver<Arc<TrustBundle>>) -> Self {
+        Self { workloads, bundle }
+    }
+
+    /// Attests the caller and makes sure it holds current SVIDs.
+    async fn entitled_instance<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
+        let inst = self.attest(req)?;
+        let entitled = !self
+            .workloads
+            .entries
+            .read()
+            .map_err(|_| Status::internal("lock"))?
+            .matching(&inst.selectors)
+            .is_empty();
+        if !entitled {
+            tracing::info!(event = "workload_refused", pid = inst.process.pid, selectors = ?inst.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        if let Err(e) = self.workloads.reconcile(&inst).await {
+            tracing::warn!(pid = inst.process.pid, error = %e, "could not obtain SVIDs for workload");
+            return Err(Status::unavailable(format!(
+                "could not obtain an SVID: {e}"
+            )));
+        }
+        if inst.state.borrow().svids.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        Ok(inst)
+    }
+
+    fn attest<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| {
+                Status::unavailable("workload attestation failed: no peer credentials")
+            })?;
+        let pid = cred
+            .pid()
+            .ok_or_else(|| Status::unavailable("workload attestation failed: no peer pid"))?;
+        self.workloads
+            .instance_for(pid, cred.uid(), cred.gid())
+            .map_err(|e| {
+                tracing::warn!(pid, error = %e, "workload attestation failed");
+                Status::unavailable(format!("workload attestation failed: {e}"))
+            })
+    }
+}
+
+fn x509_response(set: &IdentitySet, bundle: &TrustBundle) -> pb::X509svidResponse {
+    let bundle_der = bundle.x509_der();
+    pb::X509svidResponse {
+        svids: set
+            .svids
+            .iter()
+            .map(|s| pb::X509svid {
+                spiffe_id: s.spiffe_id.clone(),
+                x509_svid: crate::svid::concat_der(s.chain.iter().map(Vec::as_slice)),
+                x509_svid_key: s.key.to_vec(),
+                bundle: bundle_der.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+fn json_to_proto(v: &Value) -> PValue {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(json_to_proto).collect(),
+        }),
+        Value::Object(o) => Kind::StructValue(Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_proto(v)))
+                .collect(),
+        }),
+    };
+    PValue { kind: Some(kind) }
+}
+
+/// Streams `make(state)` now and on every change of either watch, until the client leaves
+/// or `make` returns an error.
+fn watch_stream<T: Send + 'static>(
+    mut state: Option<watch::Receiver<Arc<IdentitySet>>>,
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    make: impl Fn(Option<&IdentitySet>, &TrustBundle) -> Result<T, Status> + Send + 'static,
+) -> ResponseStream<T> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let msg = {
+                let s = state.as_mut().map(|s| s.borrow_and_update().clone());
+                let b = bundle.borrow_and_update().clone();
+                make(s.as_deref(), &b)
+            };
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+            let changed = match state.as_mut() {
+                Some(s) => tokio::select! {
+                    r = s.changed() => r.is_ok(),
+                    r = bundle.changed() => r.is_ok(),
+                    _ = tx.closed() => false,
+                },
+                None => tokio::select! {
+                    r = bundle.changed() => r.is_ok(),
+                    _ = tx.closed() => false,
+                },
+            };
+            if !changed {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let inst = self.entitled_instance(&request).await?;
+        let stream = watch_stream(
+            Some(inst.state.subscribe()),
+            self.bundle.clone(),
+            |set, bundle| {
+                match set {
+                    Some(set) if !set.svids.is_empty() => Ok(x509_response(set, bundle)),
+                    // The process lost its last entry (or exited): tell the client.
+                    _ => Err(Status::permission_denied("no identity issued")),
+                }
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.entitled_instance(&request).await?;
+        let stream = watch_stream(None, self.bundle.clone(), |_, bundle| {
+            Ok(pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(bundle.trust_domain_id(), bundle.x509_der())]),
+            })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        if request.get_ref().audience.iter().all(|a| a.is_empty()) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let inst = self.entitled_instance(&request).await?;
+        let req = request.into_inner();
+        let mut audience: Vec<String> =
+            req.audience.into_iter().filter(|a| !a.is_empty()).collect();
+        audience.sort();
+        audience.dedup();
+        let entries: Vec<npb::Entry> = self
+            .workloads
+            .entries
+            .read()
+            .map_err(|_| Status::internal("lock"))?
+            .matching(&inst.selectors);
+        let mut wanted: Vec<(npb::Entry, String)> = entries
+            .into_iter()
+            .map(|e| {
+                let id = Workloads::identity_for(&inst, &e);
+                (e, id)
+            })
+            .collect();
+        if !req.spiffe_id.is_empty() {
+            wanted.retain(|(_, id)| *id == req.spiffe_id);
+            if wanted.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {}",
+                    req.spiffe_id
+                )));
+            }
+        }
+        let now = unix_seconds(std::time::SystemTime::now());
+        let mut out = Vec::new();
+        let mut to_mint = Vec::new();
+        {
+            let cache = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?;
+            for (e, id) in &wanted {
+                match cache.get(&(id.clone(), audience.clone())) {
+                    // Reuse a token until half its lifetime has passed.
+                    Some((token, exp, iat)) if now < iat + (exp - iat) / 2 => {
+                        out.push(pb::Jwtsvid {
+                            spiffe_id: id.clone(),
+                            svid: token.clone(),
+                            hint: e.hint.clone(),
+                        })
+                    }
+                    _ => to_mint.push((e.clone(), id.clone())),
+                }
+            }
+        }
+        if !to_mint.is_empty() {
+            let mut client = self.workloads.node_client();
+            let resp = client
+                .mint_jwt_svids(npb::MintJwtSvidsRequest {
+                    requests: to_mint
+                        .iter()
+                        .map(|(e, id)| npb::JwtRequest {
+                            entry_id: e.id.clone(),
+                            spiffe_id: id.clone(),
+                            audience: audience.clone(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(|s| {
+                    Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))
+                })?
+                .into_inner();
+            let mut cache = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?;
+            for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
+                match r.result {
+                    Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+                        cache.insert(
+                            (id.clone(), audience.clone()),
+                            (s.token.clone(), s.expires_at, now),
+                        );
+                        out.push(pb::Jwtsvid {
+                            spiffe_id: id,
+                            svid: s.token,
+                            hint: e.hint.clone(),
+                        });
+                    }
+                    Some(npb::jwt_result::Result::Error(err)) => {
+                        return Err(Status::unavailable(format!(
+                            "could not obtain a JWT-SVID: {err}"
+                        )))
+                    }
+                    _ => return Err(Status::unavailable("could not obtain a JWT-SVID")),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        Ok(Response::new(pb::JwtsvidResponse { svids: out }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.entitled_instance(&request).await?;
+        let stream = watch_stream(None, self.bundle.clone(), |_, bundle| {
+            let jwks = bundle
+                .jwks_json()
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::JwtBundlesResponse {
+                bundles: HashMap::from([(bundle.trust_domain_id(), jwks.into_bytes())]),
+            })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let req = request.get_ref();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // Validation is open to every local process, but only to a real one.
+        self.attest(&request)?;
+        let bundle = self.bundle.borrow().clone();
+        let now = unix_seconds(std::time::SystemTime::now());
+        let validated = crate::jwt::validate(&req.svid, &req.audience, now, |td| {
+            (td.as_str() == bundle.trust_domain).then(|| bundle.jwt_authorities.clone())
+        })
+        .map_err(|e: Error| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(Struct {
+                fields: validated
+                    .claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_to_proto(v)))
+                    .collect(),
+            }),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}

@@ -1,0 +1,384 @@
+//! What the agent holds for workloads: the entries it may serve, the process
+//! instances it has seen, and their SVIDs.
+//!
+//! Every process instance (pid + start time) that matches a per-instance entry gets
+//! its own key pair, generated here, and its own SPIFFE ID: the entry's ID plus a
+//! random segment that is never reused. Keys live only in memory (zeroized on drop).
+//! When the process exits, its instance and keys are forgotten. `--shared` entries
+//! get one SVID per node, held here and handed to every matching process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+use ztid_proto::node::{self as pb, node_client::NodeClient};
+
+use crate::selector::satisfies;
+use crate::workload_attestation::{attest_unix, is_alive, process_start_time, ProcessInstance};
+use crate::{unix_seconds, Error, Selector};
+
+/// One X509-SVID held for a workload.
+pub struct HeldSvid {
+    /// The entry it was minted for.
+    pub entry_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key, zeroized when dropped.
+    pub key: Zeroizing<Vec<u8>>,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// When to replace it: half its lifetime.
+    pub renew_at: i64,
+    /// The entry's hint.
+    pub hint: String,
+}
+
+/// What one instance is entitled to right now (empty: nothing).
+#[derive(Default)]
+pub struct IdentitySet {
+    /// X509-SVIDs, ordered by SPIFFE ID.
+    pub svids: Vec<Arc<HeldSvid>>,
+}
+
+/// A process instance the agent has attested.
+pub struct Instance {
+    /// pid + start time.
+    pub process: ProcessInstance,
+    /// Executable path at attestation, re-checked on every call (an exec changes it).
+    pub exe: Option<std::path::PathBuf>,
+    /// The random segment that ends its per-instance SPIFFE IDs.
+    pub segment: String,
+    /// Its selectors.
+    pub selectors: Vec<Selector>,
+    /// Its per-instance SVIDs by entry id.
+    svids: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+    /// The current identity set, watched by its open streams.
+    pub state: watch::Sender<Arc<IdentitySet>>,
+    /// Cached JWT-SVIDs by (SPIFFE ID, audience).
+    pub jwt_cache: Mutex<HashMap<(String, Vec<String>), (String, i64, i64)>>,
+}
+
+/// The entries this agent may serve, from the server's sync.
+#[derive(Default)]
+pub struct EntryCache {
+    /// Entries by id.
+    pub entries: BTreeMap<String, pb::Entry>,
+    /// Parsed selectors by entry id.
+    pub selectors: HashMap<String, Vec<Selector>>,
+    /// The revision synced to.
+    pub revision: u64,
+}
+
+impl EntryCache {
+    /// Applies a sync answer; returns true if anything changed.
+    pub fn apply(&mut self, sync: &pb::SyncEntriesResponse) -> bool {
+        let before = self.revision;
+        let mut changed = false;
+        if sync.full {
+            changed = !self.entries.is_empty() || !sync.upserted.is_empty();
+            self.entries.clear();
+            self.selectors.clear();
+        }
+        for e in &sync.upserted {
+            let sels: Result<Vec<_>, _> = e.selectors.iter().map(Selector::try_from).collect();
+            match sels {
+                Ok(s) => {
+                    self.selectors.insert(e.id.clone(), s);
+                    self.entries.insert(e.id.clone(), e.clone());
+                    changed = true;
+                }
+                Err(err) => {
+                    tracing::warn!(entry = %e.id, error = %err, "ignoring entry with unusable selectors")
+                }
+            }
+        }
+        for id in &sync.deleted {
+            changed |= self.entries.remove(id).is_some();
+            self.selectors.remove(id);
+        }
+        self.revision = sync.revision.max(if sync.full { 0 } else { before });
+        changed
+    }
+
+    /// Entries whose selectors a caller has.
+    pub fn matching(&self, selectors: &[Selector]) -> Vec<pb::Entry> {
+        self.entries
+            .values()
+            .filter(|e| {
+                self.selectors
+                    .get(&e.id)
+                    .is_some_and(|need| satisfies(selectors, need))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// A fresh key pair and a CSR for `spiffe_id`.
+fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Config(format!("key generation: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(spiffe_id.to_string().try_into().map_err(
+            |e: rcgen::Error| Error::InvalidSpiffeId(e.to_string()),
+        )?)];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| Error::Config(format!("CSR: {e}")))?;
+    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+}
+
+/// Random hex of 16 bytes: the instance segment.
+fn random_segment() -> Result<String, Error> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| Error::Config("no randomness".into()))?;
+    Ok(hex::encode(b))
+}
+
+/// The workload side of the agent.
+pub struct Workloads {
+    node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+    /// Entries from the server.
+    pub entries: RwLock<EntryCache>,
+    instances: Mutex<HashMap<ProcessInstance, Arc<Instance>>>,
+    shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+}
+
+impl Workloads {
+    /// Workloads minting through `node`.
+    pub fn new(node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>) -> Self {
+        Self {
+            node,
+            entries: RwLock::new(EntryCache::default()),
+            instances: Mutex::new(HashMap::new()),
+            shared: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for the node API over the current agent SVID.
+    pub fn node_client(&self) -> NodeClient<Channel> {
+        NodeClient::clone(&self.node.load())
+    }
+
+    /// Number of live instances held.
+    pub fn instance_count(&self) -> usize {
+        self.instances.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The instance behind a caller, attesting it on first sight. A pid whose start
+    /// time or executable changed is a different instance.
+    pub fn instance_for(&self, pid: i32, uid: u32, gid: u32) -> Result<Arc<Instance>, Error> {
+        let start_time = process_start_time(pid)?;
+        let key = ProcessInstance { pid, start_time };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if let Some(inst) = self
+            .instances
+            .lock()
+            .map_err(|_| Error::Config("lock".into()))?
+            .get(&key)
+        {
+            if inst.exe == exe {
+                return Ok(inst.clone());
+            }
+        }
+        let attested = attest_unix(pid, uid, gid)?;
+        if attested.instance != key {
+            return Err(Error::WorkloadAttestation(format!(
+                "process {pid} was replaced during attestation"
+            )));
+        }
+        let inst = Arc::new(Instance {
+            process: key,
+            exe,
+            segment: random_segment()?,
+            selectors: attested.selectors,
+            svids: tokio::sync::Mutex::new(HashMap::new()),
+            state: watch::Sender::new(Arc::new(IdentitySet::default())),
+            jwt_cache: Mutex::new(HashMap::new()),
+        });
+        self.instances
+            .lock()
+            .map_err(|_| Error::Config("lock".into()))?
+            .insert(key, inst.clone());
+        tracing::info!(pid, instance = %inst.segment, "attested new workload instance");
+        Ok(inst)
+    }
+
+    /// The SPIFFE ID an instance gets for an entry.
+    pub fn identity_for(inst: &Instance, entry: &pb::Entry) -> String {
+        if entry.shared {
+            entry.spiffe_id.clone()
+        } else {
+            format!("{}/{}", entry.spiffe_id, inst.segment)
+        }
+    }
+
+    async fn sign(
+        &self,
+        jobs: Vec<(pb::Entry, String, Zeroizing<Vec<u8>>, Vec<u8>)>,
+    ) -> Result<Vec<Result<HeldSvid, String>>, Error> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = NodeClient::clone(&self.node.load());
+        let req = pb::SignX509SvidsRequest {
+            requests: jobs
+                .iter()
+                .map(|(e, _, _, csr)| pb::SvidRequest {
+                    entry_id: e.id.clone(),
+                    csr: csr.clone(),
+                })
+                .collect(),
+        };
+        let resp = client
+            .sign_x509_svids(req)
+            .await
+            .map_err(|s| Error::Server(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        if resp.results.len() != jobs.len() {
+            return Err(Error::Protocol(
+                "server answered a different number of CSRs".into(),
+            ));
+        }
+        let now = unix_seconds(std::time::SystemTime::now());
+        Ok(jobs
+            .into_iter()
+            .zip(resp.results)
+            .map(|((entry, spiffe_id, key, _), r)| match r.result {
+                Some(pb::svid_result::Result::Svid(s))
+                    if s.spiffe_id == spiffe_id && !s.cert_chain.is_empty() =>
+                {
+                    Ok(HeldSvid {
+                        entry_id: entry.id.clone(),
+                        spiffe_id,
+                        chain: s.cert_chain,
+                        key,
+                        not_after: s.expires_at,
+                        renew_at: now + (s.expires_at - now) / 2,
+                        hint: entry.hint.clone(),
+                    })
+                }
+                Some(pb::svid_result::Result::Svid(_)) => {
+                    Err("server returned an SVID for another identity".into())
+                }
+                Some(pb::svid_result::Result::Error(e)) => Err(e),
+                None => Err("empty result".into()),
+            })
+            .collect())
+    }
+
+    async fn shared_svid(&self, entry: &pb::Entry, now: i64) -> Result<Arc<HeldSvid>, Error> {
+        let mut shared = self.shared.lock().await;
+        if let Some(h) = shared.get(&entry.id) {
+            if h.renew_at > now {
+                return Ok(h.clone());
+            }
+        }
+        let (key, csr) = key_and_csr(&entry.spiffe_id)?;
+        let mut out = self
+            .sign(vec![(entry.clone(), entry.spiffe_id.clone(), key, csr)])
+            .await?;
+        let held = Arc::new(
+            out.pop()
+                .ok_or_else(|| Error::Protocol("no result".into()))?
+                .map_err(Error::Server)?,
+        );
+        shared.insert(entry.id.clone(), held.clone());
+        Ok(held)
+    }
+
+    /// Brings an instance's SVIDs in line with its entries: mints what is missing or
+    /// due for renewal (one batch), drops what it is no longer entitled to, and
+    /// publishes the new set to its streams if it changed.
+    pub async fn reconcile(&self, inst: &Instance) -> Result<(), Error> {
+        let now = unix_seconds(std::time::SystemTime::now());
+        let wanted = self
+            .entries
+            .read()
+            .map_err(|_| Error::Config("lock".into()))?
+            .matching(&inst.selectors);
+        let mut held = inst.svids.lock().await;
+        held.retain(|id, _| wanted.iter().any(|e| &e.id == id && !e.shared));
+        let mut jobs = Vec::new();
+        let mut shared_svids = Vec::new();
+        for e in &wanted {
+            if e.shared {
+                match self.shared_svid(e, now).await {
+                    Ok(s) => shared_svids.push(s),
+                    Err(err) => {
+                        tracing::warn!(entry = %e.id, error = %err, "could not mint shared SVID")
+                    }
+                }
+                continue;
+            }
+            if held.get(&e.id).is_some_and(|h| h.renew_at > now) {
+                continue;
+            }
+            let id = Self::identity_for(inst, e);
+            let (key, csr) = key_and_csr(&id)?;
+            jobs.push((e.clone(), id, key, csr));
+        }
+        let mut first_error = None;
+        for r in self.sign(jobs).await? {
+            match r {
+                Ok(svid) => {
+                    tracing::info!(spiffe_id = %svid.spiffe_id, pid = inst.process.pid, not_after = svid.not_after, "workload SVID minted");
+                    held.insert(svid.entry_id.clone(), Arc::new(svid));
+                }
+                Err(e) => {
+                    tracing::warn!(pid = inst.process.pid, error = %e, "server refused a workload CSR");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let mut svids: Vec<Arc<HeldSvid>> = held.values().cloned().chain(shared_svids).collect();
+        svids.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        let changed = {
+            let cur = inst.state.borrow();
+            cur.svids.len() != svids.len()
+                || cur
+                    .svids
+                    .iter()
+                    .zip(&svids)
+                    .any(|(a, b)| !Arc::ptr_eq(a, b))
+        };
+        if changed {
+            inst.state.send_replace(Arc::new(IdentitySet { svids }));
+        }
+        match first_error {
+            Some(e) if inst.state.borrow().svids.is_empty() => Err(Error::Server(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every live instance; forgets (and drops the keys of) exited ones.
+    pub fn live_instances(&self) -> Vec<Arc<Instance>> {
+        let Ok(mut map) = self.instances.lock() else {
+            return Vec::new();
+        };
+        map.retain(|k, inst| {
+            let alive = is_alive(k);
+            if !alive {
+                tracing::info!(pid = k.pid, instance = %inst.segment, "workload instance exited; forgetting its identity");
+                inst.state.send_replace(Arc::new(IdentitySet::default()));
+            }
+            alive
+        });
+        map.values().cloned().collect()
+    }
+
+    /// True when one of the instance's SVIDs is due for renewal.
+    pub fn due(inst: &Instance, now: i64) -> bool {
+        inst.state.borrow().svids.iter().any(|s| s.renew_at <= now)
+    }
+}
