@@ -213,7 +213,7 @@ fn malformed_entries_are_refused_and_change_nothing() {
         (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "join-token:used"], "cannot be used in a workload entry"),
         (&["--spiffe-id", "spiffe://example.org/ztid/agent/fake", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"], "reserved"),
         (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", "spiffe://example.org/nobody", "--selector", "unix:uid:1"], "neither an agent ID"),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1", "--x509-ttl", "-5"], "x509 TTL"),
+        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1", "--x509-ttl=-5"], "x509 TTL"),
     ];
     for (args, reason) in cases {
         let mut all = vec!["entry", "create"];
