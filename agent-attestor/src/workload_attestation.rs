@@ -97,8 +97,39 @@ pub fn attest_unix(pid: i32, uid: u32, gid: u32) -> Result<AttestedWorkload, Err
     })
 }
 
+/// File identity for the hash cache: device, inode, size, and change time (which no
+/// caller can set back), so a replaced or modified executable is hashed again.
+type FileKey = (u64, u64, u64, i64, i64);
+
+fn hash_cache() -> &'static std::sync::Mutex<std::collections::HashMap<FileKey, String>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<FileKey, String>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// SHA-256 of an executable, cached by file identity: hashing a large binary for
+/// every new process would dominate the cost of a first fetch.
 fn sha256_file(path: &str) -> Result<String, std::io::Error> {
+    use std::os::unix::fs::MetadataExt;
     let mut f = fs::File::open(path)?;
+    let m = f.metadata()?;
+    let key = (m.dev(), m.ino(), m.size(), m.ctime(), m.ctime_nsec());
+    if let Some(h) = hash_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(h);
+    }
+    let hash = sha256_reader(&mut f)?;
+    // Keep the cache bounded: executables on a node are few; a flood of distinct
+    // files only costs re-hashing.
+    if let Ok(mut c) = hash_cache().lock() {
+        if c.len() >= 4096 {
+            c.clear();
+        }
+        c.insert(key, hash.clone());
+    }
+    Ok(hash)
+}
+
+fn sha256_reader(f: &mut fs::File) -> Result<String, std::io::Error> {
     let mut ctx = digest::Context::new(&digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {

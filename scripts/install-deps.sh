@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what ztid's demo and tests need on a Debian machine that has only the
+# Rust toolchain: system packages (idempotent, one retry) and a Python venv with
+# unmodified py-spiffe, the independent client the tests use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt_install() { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
+  # An apt install can fail once mid-way (mirror hiccup, lock); try once more.
+  apt_install || { echo "apt-get failed; retrying once"; sleep 5; apt_install; }
+fi
+
+# py-spiffe in a project-local venv (never the system Python).
+PY_SPIFFE=spiffe==0.3.2
+if ! .venv/bin/python -c 'import spiffe' 2>/dev/null; then
+  python3 -m venv .venv
+  pip_install() { .venv/bin/pip install -q --disable-pip-version-check "$PY_SPIFFE"; }
+  pip_install || { echo "pip failed; retrying once"; sleep 5; pip_install; }
+fi
+echo "dependencies ready"
