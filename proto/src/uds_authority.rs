@@ -25,7 +25,7 @@
 //! of decoded header list. Violations, HPACK errors and truncated input surface as an
 //! [`io::Error`] from `poll_read`, which closes the connection (without a GOAWAY).
 //!
-//! ```rust,ignore
+//! ```text
 //! // Serving tonic on a Unix socket with the adapter:
 //! let incoming = UnixListenerStream::new(listener).map(|r| r.map(wrap_unix));
 //! Server::builder().add_service(svc).serve_with_incoming(incoming).await?;
