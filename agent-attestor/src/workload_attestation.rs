@@ -102,8 +102,9 @@ pub fn attest_unix(pid: i32, uid: u32, gid: u32) -> Result<AttestedWorkload, Err
 type FileKey = (u64, u64, u64, i64, i64);
 
 fn hash_cache() -> &'static std::sync::Mutex<std::collections::HashMap<FileKey, String>> {
-    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<FileKey, String>>> =
-        std::sync::OnceLock::new();
+    static CACHE: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<FileKey, String>>,
+    > = std::sync::OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 

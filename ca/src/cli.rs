@@ -53,6 +53,9 @@ pub enum Command {
     Bundle(BundleCmd),
     /// Exit 0 if the server answers on its admin socket.
     Healthcheck,
+    /// Offline evidence checks (no server needed).
+    #[command(subcommand)]
+    Evidence(EvidenceCmd),
 }
 
 /// Flags of `run`; each overrides the config file key of the same name.
@@ -76,6 +79,45 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Directory of manufacturer CA certificates EK certificates must chain to (enables tpm).
+    #[arg(long)]
+    pub tpm_ek_ca: Option<PathBuf>,
+    /// Offline SEV-SNP collateral: VCEK/VLEK certificates, CRLs (enables sev-snp).
+    #[arg(long)]
+    pub sev_snp_collateral: Option<PathBuf>,
+    /// Offline TDX collateral: `collateral.json` in dcap-qvl's QuoteCollateralV3 form (enables tdx).
+    #[arg(long)]
+    pub tdx_collateral: Option<PathBuf>,
+}
+
+/// Flags of `evidence verify`.
+#[derive(Debug, Args)]
+pub struct EvidenceVerifyArgs {
+    /// Evidence kind.
+    #[arg(long, value_parser = ["tpm", "sev-snp", "tdx"])]
+    pub kind: String,
+    /// The evidence file (raw SNP report, raw TDX quote, TPM evidence).
+    #[arg(long)]
+    pub evidence: PathBuf,
+    /// Collateral directory.
+    #[arg(long)]
+    pub collateral: Option<PathBuf>,
+    /// Expected report_data, hex.
+    #[arg(long)]
+    pub report_data: Option<String>,
+    /// Verification time, RFC 3339 (default: now).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Server config whose `[attestors.*]` policy applies.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// `evidence` verbs.
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCmd {
+    /// Verify captured evidence offline and print the verified claims.
+    Verify(EvidenceVerifyArgs),
 }
 
 /// `token` verbs.
@@ -215,6 +257,19 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     if admin_socket.is_some() {
         c.admin_socket = admin_socket;
     }
+    let set = |t: &mut Option<toml::Table>, key: &str, v: &Option<PathBuf>| {
+        if let Some(p) = v {
+            t.get_or_insert_with(Default::default)
+                .insert(key.into(), toml::Value::String(p.display().to_string()));
+        }
+    };
+    set(&mut c.attestors.tpm, "ek_ca_dir", &args.tpm_ek_ca);
+    set(
+        &mut c.attestors.sev_snp,
+        "collateral_dir",
+        &args.sev_snp_collateral,
+    );
+    set(&mut c.attestors.tdx, "collateral_dir", &args.tdx_collateral);
     Ok(c)
 }
 
@@ -331,7 +386,7 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
     let out = cli.output;
     let status = |s: tonic::Status| s.message().to_string();
     match &cli.command {
-        Command::Run(_) => unreachable!("run is not an admin verb"),
+        Command::Run(_) | Command::Evidence(_) => unreachable!("not an admin verb"),
         Command::Healthcheck => {
             let h = client
                 .health(pb::HealthRequest {})

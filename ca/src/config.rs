@@ -41,6 +41,20 @@ pub struct ServerConfig {
     pub key_manager: String,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// Node attestation methods beyond join tokens; a method is enabled by its table.
+    pub attestors: AttestorsConfig,
+}
+
+/// `[attestors.*]` tables: each method reads its own keys (see README).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestorsConfig {
+    /// `[attestors.tpm]`.
+    pub tpm: Option<toml::Table>,
+    /// `[attestors.sev_snp]`.
+    pub sev_snp: Option<toml::Table>,
+    /// `[attestors.tdx]`.
+    pub tdx: Option<toml::Table>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +74,7 @@ impl Default for ServerConfig {
             bundle_refresh_hint_seconds: 300,
             key_manager: "software".into(),
             log_format: "text".into(),
+            attestors: AttestorsConfig::default(),
         }
     }
 }

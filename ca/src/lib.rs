@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_api;
+pub mod attestors;
 pub mod authority;
 pub mod cli;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod csr_policy;
 pub mod datastore;
 pub mod entries;
 mod error;
+pub mod evidence;
 pub mod node_api;
 pub mod server;
 

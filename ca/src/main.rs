@@ -38,6 +38,9 @@ fn main() -> std::process::ExitCode {
                 let core = ztid_ca::core::CaCore::open(config).map_err(|e| e.to_string())?;
                 ztid_ca::server::run(core).await.map_err(|e| e.to_string())
             }
+            Command::Evidence(ztid_ca::cli::EvidenceCmd::Verify(args)) => {
+                ztid_ca::evidence::verify(args, cli.output)
+            }
             _ => admin_verb(&cli).await,
         }
     });

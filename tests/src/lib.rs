@@ -17,7 +17,10 @@ pub fn bin_dir() -> PathBuf {
     }
     // Test executables live in target/<profile>/deps.
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a ztid binary; fails loudly if it was not built.
@@ -38,7 +41,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -84,7 +90,10 @@ impl Proc {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         while self.exited().is_none() && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
@@ -171,7 +180,10 @@ impl Server {
     }
 
     fn launch(&mut self) {
-        let log = self.dir.path().join(format!("server-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = self.dir.path().join(format!(
+            "server-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
         let mut cmd = Command::new(bin("ztid-server"));
         cmd.arg("run")
             .arg("--trust-domain")
@@ -294,20 +306,30 @@ impl Agent {
                 if let Some(st) = proc.exited() {
                     break Err(format!("ztid-agent exited ({st}):\n{}", proc.log_text()));
                 }
-                if socket.exists() && agent_cli(&["healthcheck", "--socket", &socket.display().to_string()]).ok {
+                if socket.exists()
+                    && agent_cli(&["healthcheck", "--socket", &socket.display().to_string()]).ok
+                {
                     break Ok(());
                 }
                 if start.elapsed() > READY_TIMEOUT {
-                    break Err(format!("ztid-agent not ready after {READY_TIMEOUT:?}:\n{}", proc.log_text()));
+                    break Err(format!(
+                        "ztid-agent not ready after {READY_TIMEOUT:?}:\n{}",
+                        proc.log_text()
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(25));
             }
         };
         ready?;
-        let pem = std::fs::read_to_string(dir.path().join("data/agent_svid.pem")).map_err(|e| e.to_string())?;
+        let pem = std::fs::read_to_string(dir.path().join("data/agent_svid.pem"))
+            .map_err(|e| e.to_string())?;
         let der = pem::parse(pem).map_err(|e| e.to_string())?.into_contents();
         let spiffe_id = spiffe_id_of(&der);
-        Ok(Self { proc, dir, spiffe_id })
+        Ok(Self {
+            proc,
+            dir,
+            spiffe_id,
+        })
     }
 
     /// Runs `ztid-agent ARGS --socket <this agent>`.
@@ -322,14 +344,21 @@ impl Agent {
 
 /// Runs `ztid-agent ARGS`.
 pub fn agent_cli(args: &[&str]) -> CliResult {
-    Command::new(bin("ztid-agent")).args(args).output().expect("run ztid-agent").into()
+    Command::new(bin("ztid-agent"))
+        .args(args)
+        .output()
+        .expect("run ztid-agent")
+        .into()
 }
 
 /// The single URI SAN of a certificate.
 pub fn spiffe_id_of(der: &[u8]) -> String {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).expect("certificate parses");
-    let san = cert.subject_alternative_name().expect("SAN ok").expect("SAN present");
+    let san = cert
+        .subject_alternative_name()
+        .expect("SAN ok")
+        .expect("SAN present");
     san.value
         .general_names
         .iter()
@@ -344,7 +373,14 @@ pub fn spiffe_id_of(der: &[u8]) -> String {
 pub fn entry_for_my_uid(server: &Server, agent: &Agent, spiffe_id: &str, extra: &[&str]) -> String {
     let uid = format!("unix:uid:{}", nix_uid());
     let mut args = vec![
-        "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", &agent.spiffe_id, "--selector", &uid,
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        &uid,
     ];
     args.extend_from_slice(extra);
     server.cli_ok(&args)

@@ -21,19 +21,25 @@ fn roots_of(server: &Server) -> Vec<Vec<u8>> {
 }
 
 fn verifier(server: &Server) -> Arc<ServerSvidVerifier> {
-    Arc::new(ServerSvidVerifier::new(shared_roots(roots_of(server)), format!("spiffe://{TD}/ztid/server")))
+    Arc::new(ServerSvidVerifier::new(
+        shared_roots(roots_of(server)),
+        format!("spiffe://{TD}/ztid/server"),
+    ))
 }
 
 /// The agent's own SVID from its data directory.
 fn agent_svid(agent: &Agent) -> AgentSvid {
-    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(agent.data_dir().join("agent_svid.pem")).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect();
+    let chain: Vec<Vec<u8>> =
+        pem::parse_many(std::fs::read(agent.data_dir().join("agent_svid.pem")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
     AgentSvid {
         chain,
-        key: zeroize::Zeroizing::new(std::fs::read(agent.data_dir().join("agent_key.pk8")).unwrap()),
+        key: zeroize::Zeroizing::new(
+            std::fs::read(agent.data_dir().join("agent_key.pk8")).unwrap(),
+        ),
         spiffe_id: agent.spiffe_id.clone(),
         not_after: 0,
     }
@@ -51,21 +57,42 @@ async fn missing_security_header_is_invalid_argument() {
     let server = Server::start(TD);
     let agent = Agent::start(&server);
     entry_for_my_uid(&server, &agent, "spiffe://example.org/w", &[]);
-    let channel = ztid_proto::transport::unix_channel(agent.socket()).await.unwrap();
+    let channel = ztid_proto::transport::unix_channel(agent.socket())
+        .await
+        .unwrap();
     let mut raw = SpiffeWorkloadApiClient::new(channel);
-    let err = raw.fetch_x509svid(wpb::X509svidRequest {}).await.expect_err("refused without the header");
+    let err = raw
+        .fetch_x509svid(wpb::X509svidRequest {})
+        .await
+        .expect_err("refused without the header");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(err.message(), "security header missing from request");
-    let err = raw.fetch_jwtsvid(wpb::JwtsvidRequest { audience: vec!["a".into()], spiffe_id: String::new() }).await.unwrap_err();
+    let err = raw
+        .fetch_jwtsvid(wpb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     // A wrong value is as bad as none.
     let mut req = tonic::Request::new(wpb::X509svidRequest {});
-    req.metadata_mut().insert("workload.spiffe.io", "false".parse().unwrap());
-    assert_eq!(raw.fetch_x509svid(req).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "false".parse().unwrap());
+    assert_eq!(
+        raw.fetch_x509svid(req).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
     // The WIT profile is not offered, as the spec requires it to say.
-    let mut req = tonic::Request::new(wpb::WitsvidRequest { spiffe_id: String::new() });
-    req.metadata_mut().insert("workload.spiffe.io", "true".parse().unwrap());
-    assert_eq!(raw.fetch_witsvid(req).await.unwrap_err().code(), tonic::Code::Unimplemented);
+    let mut req = tonic::Request::new(wpb::WitsvidRequest {
+        spiffe_id: String::new(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(
+        raw.fetch_witsvid(req).await.unwrap_err().code(),
+        tonic::Code::Unimplemented
+    );
 }
 
 #[test]
@@ -75,24 +102,50 @@ fn caller_without_entry_is_permission_denied() {
     // No entry at all for this uid.
     let r = agent.cli(&["api", "fetch", "x509"]);
     assert!(!r.ok);
-    assert!(r.stderr.contains("PermissionDenied") && r.stderr.contains("no identity issued"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("PermissionDenied") && r.stderr.contains("no identity issued"),
+        "{}",
+        r.stderr
+    );
     // An entry for another uid does not help this one.
-    server.cli_ok(&["entry", "create", "--spiffe-id", "spiffe://example.org/other", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:4242"]);
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/other",
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        "unix:uid:4242",
+    ]);
     // Proving an absence needs time to pass: one sync interval (1 s) plus margin.
     std::thread::sleep(Duration::from_millis(1500));
     let r = agent.cli(&["api", "fetch", "jwt", "--audience", "x"]);
-    assert!(!r.ok && r.stderr.contains("no identity issued"), "{}", r.stderr);
+    assert!(
+        !r.ok && r.stderr.contains("no identity issued"),
+        "{}",
+        r.stderr
+    );
     // A process of another uid (when we may switch to one) is refused too.
     if nix_uid() == 0 {
         use std::os::unix::process::CommandExt;
         let out = std::process::Command::new(bin("ztid-agent"))
-            .args(["api", "fetch", "x509", "--socket", agent.socket().to_str().unwrap()])
+            .args([
+                "api",
+                "fetch",
+                "x509",
+                "--socket",
+                agent.socket().to_str().unwrap(),
+            ])
             .uid(65534)
             .gid(65534)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains("no identity issued"), "{stderr}");
+        assert!(
+            !out.status.success() && stderr.contains("no identity issued"),
+            "{stderr}"
+        );
     }
     let log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap();
     assert!(log.contains("workload_refused"), "refusals are logged");
@@ -105,21 +158,44 @@ fn expired_and_reused_join_tokens_are_refused() {
     let v: serde_json::Value = serde_json::from_str(&short).unwrap();
     let expires_at = v["expires_at"].as_i64().unwrap();
     wait_for("the token to expire", Duration::from_secs(5), || {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
         (now >= expires_at).then_some(())
     });
-    let err = Agent::start_with_token(&server, v["token"].as_str().unwrap()).err().expect("expired token refused");
+    let err = Agent::start_with_token(&server, v["token"].as_str().unwrap())
+        .err()
+        .expect("expired token refused");
     assert!(err.contains("join token has expired"), "{err}");
 
     let token = server.token();
     let _first = Agent::start_with_token(&server, &token).expect("first use attests");
-    let err = Agent::start_with_token(&server, &token).err().expect("second use refused");
-    assert!(err.contains("join token is unknown or was already used"), "{err}");
-    let err = Agent::start_with_token(&server, "not-a-token").err().expect("unknown token refused");
-    assert!(err.contains("join token is unknown or was already used"), "{err}");
-    assert!(!server.log_text().contains(&token), "tokens never reach the log");
-    let agents: serde_json::Value = serde_json::from_str(&server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
-    assert_eq!(agents.as_array().unwrap().len(), 1, "refused attempts create no agent");
+    let err = Agent::start_with_token(&server, &token)
+        .err()
+        .expect("second use refused");
+    assert!(
+        err.contains("join token is unknown or was already used"),
+        "{err}"
+    );
+    let err = Agent::start_with_token(&server, "not-a-token")
+        .err()
+        .expect("unknown token refused");
+    assert!(
+        err.contains("join token is unknown or was already used"),
+        "{err}"
+    );
+    assert!(
+        !server.log_text().contains(&token),
+        "tokens never reach the log"
+    );
+    let agents: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(
+        agents.as_array().unwrap().len(),
+        1,
+        "refused attempts create no agent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,15 +207,30 @@ async fn node_api_refuses_foreign_csrs_and_callers_without_svid() {
 
     // No client certificate: only Attest is reachable.
     let mut anon = connect(addr, verifier(&server), None).unwrap();
-    let err = anon.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
+    let err = anon
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert_eq!(err.message(), "node API call without an agent SVID");
 
     let svid = agent_svid(&agent);
     let mut client = connect(addr, verifier(&server), Some(svid.certified_key().unwrap())).unwrap();
-    let sign = |csr: Vec<u8>| pb::SignX509SvidsRequest { requests: vec![pb::SvidRequest { entry_id: entry.clone(), csr }] };
-    let ok = client.sign_x509_svids(sign(csr_for("spiffe://example.org/w"))).await.unwrap().into_inner();
-    assert!(matches!(ok.results[0].result, Some(pb::svid_result::Result::Svid(_))), "the entitled identity is signed");
+    let sign = |csr: Vec<u8>| pb::SignX509SvidsRequest {
+        requests: vec![pb::SvidRequest {
+            entry_id: entry.clone(),
+            csr,
+        }],
+    };
+    let ok = client
+        .sign_x509_svids(sign(csr_for("spiffe://example.org/w")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(ok.results[0].result, Some(pb::svid_result::Result::Svid(_))),
+        "the entitled identity is signed"
+    );
     for (csr, reason) in [
         (csr_for("spiffe://example.org/admin"), "CSR asks for spiffe://example.org/admin, but the caller is entitled only to spiffe://example.org/w"),
         (csr_for(&format!("{}/x", agent.spiffe_id)), "entitled only to spiffe://example.org/w"),
@@ -152,18 +243,36 @@ async fn node_api_refuses_foreign_csrs_and_callers_without_svid() {
         }
     }
     let r = client
-        .sign_x509_svids(pb::SignX509SvidsRequest { requests: vec![pb::SvidRequest { entry_id: "nope".into(), csr: csr_for("spiffe://example.org/w") }] })
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::SvidRequest {
+                entry_id: "nope".into(),
+                csr: csr_for("spiffe://example.org/w"),
+            }],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(&r.results[0].result, Some(pb::svid_result::Result::Error(e)) if e.contains("entry nope does not exist")));
+    assert!(
+        matches!(&r.results[0].result, Some(pb::svid_result::Result::Error(e)) if e.contains("entry nope does not exist"))
+    );
     let r = client
-        .mint_jwt_svids(pb::MintJwtSvidsRequest { requests: vec![pb::JwtRequest { entry_id: entry.clone(), spiffe_id: "spiffe://example.org/root".into(), audience: vec!["a".into()] }] })
+        .mint_jwt_svids(pb::MintJwtSvidsRequest {
+            requests: vec![pb::JwtRequest {
+                entry_id: entry.clone(),
+                spiffe_id: "spiffe://example.org/root".into(),
+                audience: vec!["a".into()],
+            }],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(&r.results[0].result, Some(pb::jwt_result::Result::Error(e)) if e.contains("entitled only")));
-    assert!(server.log_text().contains("x509_svid_refused"), "refusals are logged");
+    assert!(
+        matches!(&r.results[0].result, Some(pb::jwt_result::Result::Error(e)) if e.contains("entitled only"))
+    );
+    assert!(
+        server.log_text().contains("x509_svid_refused"),
+        "refusals are logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,25 +285,56 @@ async fn evicted_and_banned_agents_are_refused_on_their_next_call() {
     let svid_b = agent_svid(&banned);
 
     server.cli_ok(&["agent", "evict", &evicted.spiffe_id]);
-    let mut c = connect(addr, verifier(&server), Some(svid_e.certified_key().unwrap())).unwrap();
+    let mut c = connect(
+        addr,
+        verifier(&server),
+        Some(svid_e.certified_key().unwrap()),
+    )
+    .unwrap();
     let err = c.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert!(err.message().contains("is not attested (evicted or unknown)"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("is not attested (evicted or unknown)"),
+        "{}",
+        err.message()
+    );
 
     server.cli_ok(&["agent", "ban", &banned.spiffe_id]);
-    let mut c = connect(addr, verifier(&server), Some(svid_b.certified_key().unwrap())).unwrap();
-    let err = c.sync_entries(pb::SyncEntriesRequest::default()).await.unwrap_err();
+    let mut c = connect(
+        addr,
+        verifier(&server),
+        Some(svid_b.certified_key().unwrap()),
+    )
+    .unwrap();
+    let err = c
+        .sync_entries(pb::SyncEntriesRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().contains("is banned"), "{}", err.message());
 
     // Both agents notice on their next sync and stop serving.
     let mut evicted = evicted;
-    let status = wait_for("the evicted agent to stop", READY_TIMEOUT, || evicted.proc.exited());
+    let status = wait_for("the evicted agent to stop", READY_TIMEOUT, || {
+        evicted.proc.exited()
+    });
     assert!(!status.success());
-    assert!(evicted.proc.log_text().contains("no longer recognises this agent"));
-    assert!(!evicted.data_dir().join("agent_key.pk8").exists(), "an evicted agent forgets its credentials");
+    assert!(evicted
+        .proc
+        .log_text()
+        .contains("no longer recognises this agent"));
+    assert!(
+        !evicted.data_dir().join("agent_key.pk8").exists(),
+        "an evicted agent forgets its credentials"
+    );
     let mut banned = banned;
-    assert!(!wait_for("the banned agent to stop", READY_TIMEOUT, || banned.proc.exited()).success());
+    assert!(
+        !wait_for("the banned agent to stop", READY_TIMEOUT, || banned
+            .proc
+            .exited())
+        .success()
+    );
     let shown = server.cli_ok(&["agent", "show", &banned.spiffe_id, "--output", "json"]);
     assert!(shown.contains("\"banned\":true"));
 }
@@ -205,31 +345,148 @@ fn malformed_entries_are_refused_and_change_nothing() {
     let agent = Agent::start(&server);
     let before = server.cli_ok(&["entry", "list", "--output", "json"]);
     let cases: &[(&[&str], &str)] = &[
-        (&["--spiffe-id", "http://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"], "not a valid SPIFFE ID"),
-        (&["--spiffe-id", "spiffe://example.org/a/../b", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"], "not a valid SPIFFE ID"),
-        (&["--spiffe-id", "spiffe://other.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"], "not in trust domain example.org"),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "k8s:ns:default"], "unknown selector type \"k8s\""),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:abc"], "bad value"),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "join-token:used"], "cannot be used in a workload entry"),
-        (&["--spiffe-id", "spiffe://example.org/ztid/agent/fake", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"], "reserved"),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", "spiffe://example.org/nobody", "--selector", "unix:uid:1"], "neither an agent ID"),
-        (&["--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1", "--x509-ttl=-5"], "x509 TTL"),
+        (
+            &[
+                "--spiffe-id",
+                "http://example.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "not a valid SPIFFE ID",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/a/../b",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "not a valid SPIFFE ID",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://other.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "not in trust domain example.org",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "k8s:ns:default",
+            ],
+            "unknown selector type \"k8s\"",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:abc",
+            ],
+            "bad value",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "join-token:used",
+            ],
+            "cannot be used in a workload entry",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/ztid/agent/fake",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "reserved",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                "spiffe://example.org/nobody",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "neither an agent ID",
+        ),
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--parent-id",
+                &agent.spiffe_id,
+                "--selector",
+                "unix:uid:1",
+                "--x509-ttl=-5",
+            ],
+            "x509 TTL",
+        ),
     ];
     for (args, reason) in cases {
         let mut all = vec!["entry", "create"];
         all.extend_from_slice(args);
         let r = server.cli(&all);
         assert!(!r.ok, "{args:?} must be refused");
-        assert!(r.stderr.contains(reason), "{args:?}: expected {reason:?}, got {}", r.stderr);
-        assert_eq!(r.stderr.trim().lines().count(), 1, "one clear line on stderr");
+        assert!(
+            r.stderr.contains(reason),
+            "{args:?}: expected {reason:?}, got {}",
+            r.stderr
+        );
+        assert_eq!(
+            r.stderr.trim().lines().count(),
+            1,
+            "one clear line on stderr"
+        );
     }
-    let dup = ["entry", "create", "--spiffe-id", "spiffe://example.org/x", "--parent-id", &agent.spiffe_id, "--selector", "unix:uid:1"];
+    let dup = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/x",
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        "unix:uid:1",
+    ];
     server.cli_ok(&dup);
     let r = server.cli(&dup);
-    assert!(!r.ok && r.stderr.contains("same SPIFFE ID, parent and selectors"), "{}", r.stderr);
-    let after: serde_json::Value = serde_json::from_str(&server.cli_ok(&["entry", "list", "--output", "json"])).unwrap();
+    assert!(
+        !r.ok && r.stderr.contains("same SPIFFE ID, parent and selectors"),
+        "{}",
+        r.stderr
+    );
+    let after: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["entry", "list", "--output", "json"])).unwrap();
     assert_eq!(before, "[]");
-    assert_eq!(after.as_array().unwrap().len(), 1, "only the one valid entry was stored");
+    assert_eq!(
+        after.as_array().unwrap().len(),
+        1,
+        "only the one valid entry was stored"
+    );
     let r = server.cli(&["entry", "show", "0000"]);
     assert!(!r.ok && r.stderr.contains("entry 0000 does not exist"));
 }

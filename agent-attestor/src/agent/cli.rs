@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// TPM TCTI.
     #[arg(long)]
     pub tpm_tcti: Option<String>,
+    /// Root of the configfs-tsm report tree (sev-snp, tdx).
+    #[arg(long)]
+    pub tsm_root: Option<PathBuf>,
     /// Workload API socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -169,6 +172,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = &a.tpm_tcti {
         c.tpm_tcti = v.clone();
+    }
+    if let Some(v) = &a.tsm_root {
+        c.tsm_root = v.clone();
     }
     if let Some(v) = &a.socket {
         c.socket = v.clone();

@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// TPM TCTI (tpm method).
     pub tpm_tcti: String,
+    /// Root of the configfs-tsm report tree (sev-snp and tdx methods).
+    pub tsm_root: PathBuf,
     /// Workload API socket.
     pub socket: PathBuf,
     /// Where the agent keeps its own SVID and the bundle (owner-only).
@@ -48,6 +50,7 @@ impl Default for AgentConfig {
             attestor: "join-token".into(),
             join_token: None,
             tpm_tcti: "device:/dev/tpmrm0".into(),
+            tsm_root: PathBuf::from("/sys/kernel/config/tsm/report"),
             socket: PathBuf::from(DEFAULT_SOCKET),
             data_dir: PathBuf::from("/var/lib/ztid/agent"),
             sync_interval_seconds: 5,

@@ -1,6 +1,7 @@
 //! The node agent: attests its node, keeps its own SVID and the entries it serves
 //! fresh, and serves the SPIFFE Workload API to local processes.
 
+pub mod attestors;
 pub mod cli;
 pub mod config;
 pub mod node_client;
@@ -23,7 +24,6 @@ use ztid_proto::node::{self as pb, node_client::NodeClient};
 use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 use crate::bundle::TrustBundle;
-use crate::node_attestation::join_token::JoinTokenAttestor;
 use crate::node_attestation::NodeAttestor;
 use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
 use crate::{unix_seconds, Error};
@@ -382,15 +382,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             x
         }
         None => {
-            let mut attestor: Box<dyn NodeAttestor> = match config.attestor.as_str() {
-                "join-token" => Box::new(JoinTokenAttestor::new(
-                    config
-                        .join_token
-                        .clone()
-                        .ok_or_else(|| Error::Config("--join-token is required".into()))?,
-                )),
-                other => return Err(Error::Config(format!("attestor {other} is not available"))),
-            };
+            let mut attestor = attestors::build(&config)?;
             let verifier: Arc<ServerSvidVerifier> = match &configured_roots {
                 Some(roots) => {
                     let td = config

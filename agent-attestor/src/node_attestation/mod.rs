@@ -11,6 +11,9 @@
 //! take as many round trips as it needs (TPM credential activation takes two).
 
 pub mod join_token;
+pub mod sev_snp;
+pub mod tdx;
+pub mod tpm;
 
 use std::time::SystemTime;
 
