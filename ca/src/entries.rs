@@ -7,7 +7,7 @@ use ztid_proto::node as pb;
 
 use crate::authority::random_hex;
 use crate::csr_policy::MAX_INSTANCE_SEGMENT;
-use crate::datastore::{DataStore, EntryRecord};
+use crate::datastore::EntryRecord;
 use crate::{Error, Result};
 
 /// Path prefix reserved for ztid's own identities (agents, the server); no entry may claim it.
@@ -52,7 +52,6 @@ fn valid_dns_name(n: &str) -> bool {
 pub fn validate_new_entry(
     td: &TrustDomain,
     req: &pb::Entry,
-    store: &dyn DataStore,
     max_ttl: i64,
     now: i64,
 ) -> Result<EntryRecord> {
@@ -80,16 +79,18 @@ pub fn validate_new_entry(
         }
         server
     } else {
-        parse_id(td, "parent_id", &req.parent_id)?;
-        let is_alias = store
-            .node_entries()?
-            .iter()
-            .any(|n| n.spiffe_id == req.parent_id);
-        if !is_agent_id(td, &req.parent_id) && !is_alias {
+        let parent = parse_id(td, "parent_id", &req.parent_id)?;
+        // A parent is an agent or a node alias. Aliases may be named before any agent
+        // joins them (a join token's --spiffe-id), so any non-reserved ID is accepted;
+        // under the reserved prefix only agent IDs are.
+        if parent.path().starts_with(RESERVED_PREFIX) && !is_agent_id(td, &req.parent_id) {
             return Err(Error::InvalidArgument(format!(
-                "parent_id {} is neither an agent ID (spiffe://{td}/ztid/agent/...) nor a node alias",
+                "parent_id {} is reserved and not an agent ID (spiffe://{td}/ztid/agent/...)",
                 req.parent_id
             )));
+        }
+        if parent.path().is_empty() {
+            return Err(Error::InvalidArgument("parent_id must have a path".into()));
         }
         req.parent_id.clone()
     };

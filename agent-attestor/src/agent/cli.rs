@@ -151,11 +151,7 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
         None => AgentConfig::default(),
     };
     if let Some(s) = &a.server {
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(s.as_str())
-            .map_err(|e| crate::Error::Config(format!("--server {s}: {e}")))?
-            .next()
-            .ok_or_else(|| crate::Error::Config(format!("--server {s}: no address")))?;
-        c.server = Some(addr);
+        c.server = Some(s.clone());
     }
     if let Some(v) = &a.trust_bundle {
         c.trust_bundle = Some(v.clone());

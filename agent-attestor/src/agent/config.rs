@@ -14,8 +14,8 @@ pub const DEFAULT_SOCKET: &str = "/run/ztid/agent/api.sock";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// The server's node API address.
-    pub server: Option<SocketAddr>,
+    /// The server's node API address, `HOST:PORT` (a name is resolved at start).
+    pub server: Option<String>,
     /// PEM file with the trust domain's X.509 authorities, to verify the server.
     pub trust_bundle: Option<PathBuf>,
     /// Skip server verification for the first attestation only (SPIRE's insecure bootstrap).
@@ -65,6 +65,18 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path)
             .map_err(Error::io(format!("reading {}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The server address, resolved.
+    pub fn server_addr(&self) -> Result<SocketAddr, Error> {
+        let s = self
+            .server
+            .as_deref()
+            .ok_or_else(|| Error::Config("--server HOST:PORT is required".into()))?;
+        std::net::ToSocketAddrs::to_socket_addrs(s)
+            .map_err(|e| Error::Config(format!("server {s}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Config(format!("server {s}: no address")))
     }
 
     /// Checks the settings.

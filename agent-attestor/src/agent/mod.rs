@@ -210,6 +210,7 @@ fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
 
 struct Runtime {
     config: AgentConfig,
+    server: std::net::SocketAddr,
     server_id: String,
     roots: SharedRoots,
     node: Arc<ArcSwap<NodeClient<Channel>>>,
@@ -224,11 +225,7 @@ impl Runtime {
             self.roots.clone(),
             self.server_id.clone(),
         ));
-        let server = self
-            .config
-            .server
-            .ok_or_else(|| Error::Config("no server".into()))?;
-        node_client::connect(server, verifier, Some(svid.certified_key()?))
+        node_client::connect(self.server, verifier, Some(svid.certified_key()?))
     }
 
     fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
@@ -359,9 +356,7 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
 /// Runs the agent until SIGINT/SIGTERM, or until the server no longer recognises it.
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
-    let server = config
-        .server
-        .ok_or_else(|| Error::Config("no server".into()))?;
+    let server = config.server_addr()?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
@@ -430,6 +425,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let workloads = Arc::new(Workloads::new(node.clone()));
     let rt = Arc::new(Runtime {
         config: config.clone(),
+        server,
         server_id,
         roots,
         node,
