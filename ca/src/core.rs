@@ -548,13 +548,8 @@ impl CaCore {
 
     /// Validates and stores a new entry.
     pub fn create_entry(&self, req: &ztid_proto::node::Entry) -> Result<EntryRecord> {
-        let record = validate_new_entry(
-            &self.trust_domain,
-            req,
-            self.store.as_ref(),
-            self.config.ca_ttl_seconds,
-            now(),
-        )?;
+        let record =
+            validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
         let record = self.store.create_entry(record)?;
         self.store.flush()?;
         tracing::info!(event = "entry_created", entry = %record.id, spiffe_id = %record.spiffe_id, parent = %record.parent_id, "registration entry created");
