@@ -427,11 +427,11 @@ fn malformed_entries_are_refused_and_change_nothing() {
                 "--spiffe-id",
                 "spiffe://example.org/x",
                 "--parent-id",
-                "spiffe://example.org/nobody",
+                "spiffe://example.org/ztid/server",
                 "--selector",
                 "unix:uid:1",
             ],
-            "neither an agent ID",
+            "is reserved and not an agent ID",
         ),
         (
             &[
