@@ -79,6 +79,15 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// PKCS#11 module path (with --key-manager pkcs11).
+    #[arg(long)]
+    pub pkcs11_module: Option<PathBuf>,
+    /// PKCS#11 token label.
+    #[arg(long)]
+    pub pkcs11_token: Option<String>,
+    /// File with the PKCS#11 user PIN (else ZTID_PKCS11_PIN).
+    #[arg(long)]
+    pub pkcs11_pin_file: Option<PathBuf>,
     /// Directory of manufacturer CA certificates EK certificates must chain to (enables tpm).
     #[arg(long)]
     pub tpm_ek_ca: Option<PathBuf>,
@@ -253,6 +262,19 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     }
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();
+    }
+    if args.pkcs11_module.is_some() || args.pkcs11_token.is_some() || args.pkcs11_pin_file.is_some()
+    {
+        let p = c.pkcs11.get_or_insert_with(Default::default);
+        if let Some(m) = &args.pkcs11_module {
+            p.module = m.clone();
+        }
+        if let Some(t) = &args.pkcs11_token {
+            p.token_label = t.clone();
+        }
+        if let Some(f) = &args.pkcs11_pin_file {
+            p.pin_file = Some(f.clone());
+        }
     }
     if admin_socket.is_some() {
         c.admin_socket = admin_socket;

@@ -37,12 +37,27 @@ pub struct ServerConfig {
     pub join_token_ttl_seconds: i64,
     /// `spiffe_refresh_hint` of the bundle, seconds.
     pub bundle_refresh_hint_seconds: i64,
-    /// Key manager backend: `software` (PKCS#11 and TPM arrive with the HSM work).
+    /// Key manager backend: `software`, `pkcs11` or `tpm`.
     pub key_manager: String,
+    /// PKCS#11 settings (`key_manager = "pkcs11"`).
+    pub pkcs11: Option<Pkcs11Config>,
     /// Log format: `text` or `json`.
     pub log_format: String,
     /// Node attestation methods beyond join tokens; a method is enabled by its table.
     pub attestors: AttestorsConfig,
+}
+
+/// `[pkcs11]`: where the CA's keys live when `key_manager = "pkcs11"`. The PIN is
+/// never in this file: it is read from `pin_file` or the `ZTID_PKCS11_PIN` environment variable.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// Label of the token holding the keys.
+    pub token_label: String,
+    /// File holding the user PIN (owner-only).
+    pub pin_file: Option<PathBuf>,
 }
 
 /// `[attestors.*]` tables: each method reads its own keys (see README).
@@ -73,6 +88,7 @@ impl Default for ServerConfig {
             join_token_ttl_seconds: 600,
             bundle_refresh_hint_seconds: 300,
             key_manager: "software".into(),
+            pkcs11: None,
             log_format: "text".into(),
             attestors: AttestorsConfig::default(),
         }
@@ -132,11 +148,15 @@ impl ServerConfig {
                 "SVID lifetimes must not exceed ca_ttl_seconds".into(),
             ));
         }
-        if self.key_manager != "software" {
-            return Err(Error::Config(format!(
-                "key_manager {:?} is not available in this build (software only)",
-                self.key_manager
-            )));
+        match self.key_manager.as_str() {
+            "software" | "tpm" => {}
+            "pkcs11" if self.pkcs11.is_some() => {}
+            "pkcs11" => {
+                return Err(Error::Config(
+                    "key_manager pkcs11 needs --pkcs11-module and --pkcs11-token ([pkcs11] module, token_label)".into(),
+                ))
+            }
+            other => return Err(Error::Config(format!("unknown key_manager {other:?}"))),
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::Config("log_format must be text or json".into()));

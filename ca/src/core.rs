@@ -104,8 +104,7 @@ impl CaCore {
                 .map_err(Error::io(format!("restricting {}", dir.display())))?;
         }
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
-        let key_manager: Arc<dyn KeyManager> =
-            Arc::new(SoftwareKeyManager::open(dir.join("keys"))?);
+        let key_manager = crate::keys::key_manager(&config)?;
         let t = now();
         let state = match store.load_ca_state()? {
             Some(s) => s,

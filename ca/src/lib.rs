@@ -20,6 +20,7 @@ pub mod datastore;
 pub mod entries;
 mod error;
 pub mod evidence;
+pub mod keys;
 pub mod node_api;
 pub mod server;
 
