@@ -18,7 +18,7 @@ use ztid_agent_attestor::node_attestation::{AttestationContext, AttestedNode, No
 use ztid_agent_attestor::selector::satisfies;
 use ztid_agent_attestor::tls::{shared_roots, SharedRoots};
 use ztid_agent_attestor::unix_seconds;
-use ztid_hsm::{KeyManager, SoftwareKeyManager};
+use ztid_hsm::KeyManager;
 
 use crate::authority::{random_hex, JwtAuthority, LeafTemplate, SignedLeaf, X509Authority};
 use crate::config::ServerConfig;
