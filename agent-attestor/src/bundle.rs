@@ -22,6 +22,9 @@ pub struct TrustBundle {
     pub sequence: u64,
     /// `spiffe_refresh_hint` in seconds.
     pub refresh_hint_seconds: i64,
+    /// Ids of tainted authorities (X.509: hex serial; JWT: kid), still trusted but to be
+    /// replaced. Not part of the SPIFFE bundle JSON.
+    pub tainted: Vec<String>,
 }
 
 /// JWK members `kty`, `crv`, `x`, `y` of an EC public key given as SPKI.
@@ -106,6 +109,7 @@ impl From<&ztid_proto::node::Bundle> for TrustBundle {
                 .collect(),
             sequence: b.sequence,
             refresh_hint_seconds: b.refresh_hint_seconds,
+            tainted: b.tainted_authorities.clone(),
         }
     }
 }
@@ -126,6 +130,7 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
                 .collect(),
             sequence: b.sequence,
             refresh_hint_seconds: b.refresh_hint_seconds,
+            tainted_authorities: b.tainted.clone(),
         }
     }
 }

@@ -40,6 +40,16 @@ pub fn encode_es256<E>(
     Ok(out)
 }
 
+/// The `kid` in a token's header, without validating anything (for bookkeeping only).
+pub fn kid_of(token: &str) -> Option<String> {
+    let header = token.split('.').next()?;
+    decode_json(header, "header")
+        .ok()?
+        .get("kid")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// A JWT-SVID that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidatedJwt {

@@ -139,3 +139,29 @@ pub fn certs_from_pem(text: &str) -> Result<Vec<Vec<u8>>, Error> {
     }
     Ok(certs)
 }
+
+/// The authority (hex serial of the CA certificate among `roots`) whose key signed
+/// `leaf`, matched by the leaf's authority key identifier.
+pub fn issuing_authority(leaf: &[u8], roots: &[Vec<u8>]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let aki = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })?;
+    roots.iter().find_map(|r| {
+        let (_, ca) = X509Certificate::from_der(r).ok()?;
+        let ski = ca
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                _ => None,
+            })?;
+        (ski == aki).then(|| hex::encode(ca.raw_serial()))
+    })
+}

@@ -9,7 +9,9 @@ use tonic::{Request, Response, Status};
 use ztid_proto::admin::{self as pb, admin_server::Admin};
 use ztid_proto::node as npb;
 
+use crate::authorities::Kind;
 use crate::core::CaCore;
+use crate::datastore::AuthorityRecord;
 use crate::datastore::{AgentRecord, EntryFilter};
 use crate::entries::to_proto;
 
@@ -67,6 +69,26 @@ fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
         banned: a.banned,
         attested_at: a.attested_at,
         aliases: a.aliases.clone(),
+    }
+}
+
+fn authority_to_proto(kind: Kind, a: &AuthorityRecord, backend: &str) -> pb::Authority {
+    pb::Authority {
+        kind: kind.as_str().into(),
+        id: a.id.clone(),
+        state: match a.state {
+            crate::datastore::AuthorityState::Prepared => "prepared",
+            crate::datastore::AuthorityState::Active => "active",
+            crate::datastore::AuthorityState::Old => "old",
+        }
+        .into(),
+        tainted: a.tainted,
+        not_before: a.not_before,
+        not_after: a.not_after,
+        key_id: a.key_id.clone(),
+        key_backend: backend.into(),
+        public_key_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &a.public_key)),
+        tainted_at: a.tainted_at,
     }
 }
 
@@ -224,5 +246,81 @@ impl Admin for AdminApi {
             status: "SERVING".into(),
             trust_domain: self.core.trust_domain.to_string(),
         }))
+    }
+
+    async fn list_authorities(
+        &self,
+        request: Request<pb::AuthorityKind>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        audit!(request, "ListAuthorities");
+        let kind = Kind::parse(&request.get_ref().kind)?;
+        let backend = self.core.authorities.key_backend();
+        let list = self.core.list_authorities(kind)?;
+        Ok(Response::new(pb::Authorities {
+            authorities: list
+                .iter()
+                .map(|a| authority_to_proto(kind, a, backend))
+                .collect(),
+        }))
+    }
+
+    async fn prepare_authority(
+        &self,
+        request: Request<pb::AuthorityKind>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        audit!(request, "PrepareAuthority");
+        let kind = Kind::parse(&request.get_ref().kind)?;
+        let a = self.core.prepare_authority(kind, &caller(&request))?;
+        Ok(Response::new(authority_to_proto(
+            kind,
+            &a,
+            self.core.authorities.key_backend(),
+        )))
+    }
+
+    async fn activate_authority(
+        &self,
+        request: Request<pb::AuthorityKind>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        audit!(request, "ActivateAuthority");
+        let kind = Kind::parse(&request.get_ref().kind)?;
+        let a = self.core.activate_authority(kind, &caller(&request))?;
+        Ok(Response::new(authority_to_proto(
+            kind,
+            &a,
+            self.core.authorities.key_backend(),
+        )))
+    }
+
+    async fn taint_authority(
+        &self,
+        request: Request<pb::AuthorityRef>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        audit!(request, "TaintAuthority");
+        let kind = Kind::parse(&request.get_ref().kind)?;
+        let a = self
+            .core
+            .taint_authority(kind, &request.get_ref().id, &caller(&request))?;
+        Ok(Response::new(authority_to_proto(
+            kind,
+            &a,
+            self.core.authorities.key_backend(),
+        )))
+    }
+
+    async fn revoke_authority(
+        &self,
+        request: Request<pb::AuthorityRef>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        audit!(request, "RevokeAuthority");
+        let kind = Kind::parse(&request.get_ref().kind)?;
+        let a = self
+            .core
+            .revoke_authority(kind, &request.get_ref().id, &caller(&request))?;
+        Ok(Response::new(authority_to_proto(
+            kind,
+            &a,
+            self.core.authorities.key_backend(),
+        )))
     }
 }

@@ -115,6 +115,7 @@ impl X509Authority {
         trust_domain: &str,
         ttl_seconds: i64,
         now: i64,
+        state: AuthorityState,
     ) -> Result<Self> {
         let serial = random_serial()?;
         let serial_hex = hex::encode(&serial);
@@ -153,7 +154,10 @@ impl X509Authority {
             cert_der: cert.der().to_vec(),
             public_key: key.subject_public_key_info(),
             not_after: now + ttl_seconds,
-            state: AuthorityState::Active,
+            state,
+            not_before: now - 60,
+            tainted: false,
+            tainted_at: 0,
         };
         let issuer = Issuer::new(params, key);
         Ok(Self { record, issuer })
@@ -243,7 +247,12 @@ pub struct JwtAuthority {
 
 impl JwtAuthority {
     /// Creates a new JWT key with a random `kid`.
-    pub fn create(km: Arc<dyn KeyManager>, ttl_seconds: i64, now: i64) -> Result<Self> {
+    pub fn create(
+        km: Arc<dyn KeyManager>,
+        ttl_seconds: i64,
+        now: i64,
+        state: AuthorityState,
+    ) -> Result<Self> {
         let kid = random_hex(16)?;
         let key_id = format!("jwt-{kid}");
         let public = km.generate(&key_id, KeyAlgorithm::EcdsaP256)?;
@@ -254,7 +263,10 @@ impl JwtAuthority {
                 cert_der: Vec::new(),
                 public_key: public.spki_der,
                 not_after: now + ttl_seconds,
-                state: AuthorityState::Active,
+                state,
+                not_before: now,
+                tainted: false,
+                tainted_at: 0,
             },
             km,
         })

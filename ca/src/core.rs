@@ -10,20 +10,22 @@ use rcgen::{KeyPair, PublicKeyData};
 use rustls::sign::CertifiedKey;
 use spiffe::TrustDomain;
 use ztid_agent_attestor::bundle::TrustBundle;
-use ztid_agent_attestor::jwt::JwtKey;
 use ztid_agent_attestor::node_attestation::join_token::{
     self, JoinTokenGrant, JoinTokenStore, JoinTokenVerifier,
 };
 use ztid_agent_attestor::node_attestation::{AttestationContext, AttestedNode, NodeVerifier};
 use ztid_agent_attestor::selector::satisfies;
-use ztid_agent_attestor::tls::{shared_roots, SharedRoots};
+use ztid_agent_attestor::tls::SharedRoots;
 use ztid_agent_attestor::unix_seconds;
 use ztid_hsm::KeyManager;
 
-use crate::authority::{random_hex, JwtAuthority, LeafTemplate, SignedLeaf, X509Authority};
+use crate::authorities::{AuthoritySet, Kind, Lifetimes};
+use crate::authority::{random_hex, LeafTemplate, SignedLeaf, X509Authority};
 use crate::config::ServerConfig;
 use crate::csr_policy::{check_csr, check_identity, IdentityRule};
-use crate::datastore::{AgentRecord, CaState, DataStore, EntryRecord, JoinTokenRecord, SledStore};
+use crate::datastore::{
+    AgentRecord, AuthorityRecord, DataStore, EntryRecord, JoinTokenRecord, SledStore,
+};
 use crate::entries::{server_id, validate_new_entry};
 use crate::{Error, Result};
 
@@ -83,10 +85,8 @@ pub struct CaCore {
     pub store: Arc<dyn DataStore>,
     /// Where the authorities' keys live.
     pub key_manager: Arc<dyn KeyManager>,
-    x509: ArcSwap<X509Authority>,
-    jwt: ArcSwap<JwtAuthority>,
-    bundle: ArcSwap<TrustBundle>,
-    roots: SharedRoots,
+    /// The X.509 and JWT authorities and the bundle.
+    pub authorities: AuthoritySet,
     verifiers: Vec<Box<dyn NodeVerifier>>,
     server_svid: ArcSwap<CertifiedKey>,
     server_svid_expiry: std::sync::atomic::AtomicI64,
@@ -106,87 +106,31 @@ impl CaCore {
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
         let key_manager = crate::keys::key_manager(&config)?;
         let t = now();
-        let state = match store.load_ca_state()? {
-            Some(s) => s,
-            None => {
-                let x509 = X509Authority::create(
-                    key_manager.clone(),
-                    trust_domain.as_str(),
-                    config.ca_ttl_seconds,
-                    t,
-                )?;
-                let jwt = JwtAuthority::create(key_manager.clone(), config.jwt_key_ttl_seconds, t)?;
-                let s = CaState {
-                    x509: vec![x509.record().clone()],
-                    jwt: vec![jwt.record().clone()],
-                    bundle_sequence: 1,
-                };
-                store.store_ca_state(&s)?;
-                tracing::info!(trust_domain = %trust_domain, x509_authority = %x509.record().id, jwt_authority = %jwt.record().id, "created the trust domain's authorities");
-                s
-            }
-        };
-        let active_x509 = state
-            .x509
-            .iter()
-            .rev()
-            .find(|a| a.state == crate::datastore::AuthorityState::Active)
-            .ok_or_else(|| Error::Config("no active X.509 authority in the datastore".into()))?;
-        let active_jwt = state
-            .jwt
-            .iter()
-            .rev()
-            .find(|a| a.state == crate::datastore::AuthorityState::Active)
-            .ok_or_else(|| Error::Config("no active JWT authority in the datastore".into()))?;
-        let x509 = X509Authority::load(key_manager.clone(), active_x509.clone())?;
-        let jwt = JwtAuthority::load(key_manager.clone(), active_jwt.clone())?;
-        let bundle =
-            Self::bundle_from_state(&trust_domain, &state, config.bundle_refresh_hint_seconds, t);
-        let roots = shared_roots(bundle.x509_authorities.clone());
+        let authorities = AuthoritySet::open(
+            trust_domain.clone(),
+            key_manager.clone(),
+            store.clone(),
+            Lifetimes {
+                x509: config.ca_ttl_seconds,
+                jwt: config.jwt_key_ttl_seconds,
+                refresh_hint: config.bundle_refresh_hint_seconds,
+            },
+            t,
+        )?;
         let verifiers: Vec<Box<dyn NodeVerifier>> =
             vec![Box::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
-        let (svid, expiry) = Self::issue_server_svid(&x509, &trust_domain, &config, t)?;
+        let (svid, expiry) =
+            Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         Ok(Arc::new(Self {
             config,
             trust_domain,
             store,
             key_manager,
-            x509: ArcSwap::from_pointee(x509),
-            jwt: ArcSwap::from_pointee(jwt),
-            bundle: ArcSwap::from_pointee(bundle),
-            roots,
+            authorities,
             verifiers,
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
         }))
-    }
-
-    fn bundle_from_state(
-        td: &TrustDomain,
-        state: &CaState,
-        refresh_hint: i64,
-        now: i64,
-    ) -> TrustBundle {
-        TrustBundle {
-            trust_domain: td.to_string(),
-            x509_authorities: state
-                .x509
-                .iter()
-                .filter(|a| a.not_after > now)
-                .map(|a| a.cert_der.clone())
-                .collect(),
-            jwt_authorities: state
-                .jwt
-                .iter()
-                .filter(|a| a.not_after > now)
-                .map(|a| JwtKey {
-                    kid: a.id.clone(),
-                    spki: a.public_key.clone(),
-                })
-                .collect(),
-            sequence: state.bundle_sequence,
-            refresh_hint_seconds: refresh_hint,
-        }
     }
 
     fn issue_server_svid(
@@ -218,12 +162,12 @@ impl CaCore {
 
     /// The current bundle.
     pub fn bundle(&self) -> Arc<TrustBundle> {
-        self.bundle.load_full()
+        self.authorities.bundle()
     }
 
     /// The X.509 authorities as shared roots for TLS verification.
     pub fn roots(&self) -> SharedRoots {
-        self.roots.clone()
+        self.authorities.roots()
     }
 
     /// The server's current TLS identity.
@@ -240,8 +184,12 @@ impl CaCore {
         if t < expiry - self.config.agent_svid_ttl_seconds / 2 {
             return Ok(());
         }
-        let (svid, expiry) =
-            Self::issue_server_svid(&self.x509.load(), &self.trust_domain, &self.config, t)?;
+        let (svid, expiry) = Self::issue_server_svid(
+            &self.authorities.x509(),
+            &self.trust_domain,
+            &self.config,
+            t,
+        )?;
         self.server_svid.store(Arc::new(svid));
         self.server_svid_expiry
             .store(expiry, std::sync::atomic::Ordering::Relaxed);
@@ -331,7 +279,7 @@ impl CaCore {
         }
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
         let t = now();
-        let leaf = self.x509.load().sign_leaf(
+        let leaf = self.authorities.x509().sign_leaf(
             &checked.public_key,
             &LeafTemplate {
                 spiffe_id: agent_id.clone(),
@@ -353,6 +301,8 @@ impl CaCore {
             banned: false,
             attested_at: t,
             evidence_digest: hex::encode(node.evidence_digest),
+            authorities_in_use: Vec::new(),
+            last_sync_at: t,
         };
         record.aliases = self.aliases_of(&record)?;
         self.store.put_agent(&record)?;
@@ -385,7 +335,7 @@ impl CaCore {
     pub fn renew_agent(&self, agent: &AuthenticatedAgent, csr: &[u8]) -> Result<SignedLeaf> {
         let id = &agent.record.spiffe_id;
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(id), &[])?;
-        let leaf = self.x509.load().sign_leaf(
+        let leaf = self.authorities.x509().sign_leaf(
             &checked.public_key,
             &LeafTemplate {
                 spiffe_id: id.clone(),
@@ -439,7 +389,7 @@ impl CaCore {
         } else {
             self.config.x509_svid_ttl_seconds
         };
-        let authority = self.x509.load();
+        let authority = self.authorities.x509();
         let leaf = authority.sign_leaf(
             &checked.public_key,
             &LeafTemplate {
@@ -485,7 +435,7 @@ impl CaCore {
         } else {
             self.config.jwt_svid_ttl_seconds
         };
-        let jwt = self.jwt.load();
+        let jwt = self.authorities.jwt();
         let (token, exp) = jwt.mint(spiffe_id, audience, ttl, now())?;
         tracing::info!(
             event = "jwt_svid_issued",
@@ -592,15 +542,21 @@ impl CaCore {
 
     /// Entries an agent should hold: all of them (`full`) on first sync or when its
     /// aliases changed, else only what changed after `since`.
-    pub fn sync_entries(&self, agent: &AuthenticatedAgent, since: u64) -> Result<SyncResult> {
+    pub fn sync_entries(
+        &self,
+        agent: &AuthenticatedAgent,
+        since: u64,
+        authorities_in_use: Vec<String>,
+    ) -> Result<SyncResult> {
         let revision = self.store.current_revision()?;
         let aliases = self.aliases_of(&agent.record)?;
         let mut agent = agent.clone();
         let aliases_changed = aliases != agent.record.aliases;
-        if aliases_changed {
-            agent.record.aliases = aliases;
-            self.store.put_agent(&agent.record)?;
-        }
+        agent.record.aliases = aliases;
+        agent.record.authorities_in_use = authorities_in_use;
+        agent.record.last_sync_at = now();
+        // Not flushed: a lost sync record only delays a revoke until the next sync.
+        self.store.put_agent(&agent.record)?;
         let parents = agent.parents();
         let mut result = SyncResult {
             full: since == 0 || aliases_changed,
@@ -653,4 +609,105 @@ pub struct SyncResult {
     pub deleted: Vec<String>,
     /// The revision the agent holds after applying this.
     pub revision: u64,
+}
+
+impl CaCore {
+    /// Every authority of a kind.
+    pub fn list_authorities(&self, kind: Kind) -> Result<Vec<AuthorityRecord>> {
+        self.authorities.list(kind)
+    }
+
+    fn log_authority_change(&self, caller: &str, kind: Kind, action: &str, r: &AuthorityRecord) {
+        tracing::warn!(
+            event = "authority_changed",
+            caller,
+            kind = kind.as_str(),
+            action,
+            authority = %r.id,
+            state = ?r.state,
+            tainted = r.tainted,
+            not_after = r.not_after,
+            bundle_sequence = self.bundle().sequence,
+            "authority {action}"
+        );
+    }
+
+    /// Prepares a new authority of `kind`.
+    pub fn prepare_authority(&self, kind: Kind, caller: &str) -> Result<AuthorityRecord> {
+        let r = self.authorities.prepare(kind, now())?;
+        self.log_authority_change(caller, kind, "prepared", &r);
+        Ok(r)
+    }
+
+    /// Activates the prepared authority of `kind`; the server's own SVID moves to it at once.
+    pub fn activate_authority(&self, kind: Kind, caller: &str) -> Result<AuthorityRecord> {
+        let r = self.authorities.activate(kind, now())?;
+        self.log_authority_change(caller, kind, "activated", &r);
+        if kind == Kind::X509 {
+            self.force_renew_server_svid()?;
+        }
+        Ok(r)
+    }
+
+    /// Taints an old authority of `kind`.
+    pub fn taint_authority(&self, kind: Kind, id: &str, caller: &str) -> Result<AuthorityRecord> {
+        let r = self.authorities.taint(kind, id, now())?;
+        self.log_authority_change(caller, kind, "tainted", &r);
+        if kind == Kind::X509 {
+            self.force_renew_server_svid()?;
+        }
+        Ok(r)
+    }
+
+    /// Revokes a tainted authority once no agent depends on it.
+    pub fn revoke_authority(&self, kind: Kind, id: &str, caller: &str) -> Result<AuthorityRecord> {
+        let agents = self.store.list_agents()?;
+        let t = now();
+        let r = self.authorities.revoke(kind, id, t, |a| {
+            agents
+                .iter()
+                .filter(|g| !g.banned && g.expires_at > t)
+                .find_map(|g| {
+                    if g.last_sync_at < a.tainted_at {
+                        Some(format!(
+                            "agent {} has not synced since the taint",
+                            g.spiffe_id
+                        ))
+                    } else if g.authorities_in_use.iter().any(|u| u == &a.id) {
+                        Some(format!(
+                            "agent {} still holds credentials it signed",
+                            g.spiffe_id
+                        ))
+                    } else {
+                        None
+                    }
+                })
+        })?;
+        self.log_authority_change(caller, kind, "revoked", &r);
+        Ok(r)
+    }
+
+    fn force_renew_server_svid(&self) -> Result<()> {
+        let (svid, expiry) = Self::issue_server_svid(
+            &self.authorities.x509(),
+            &self.trust_domain,
+            &self.config,
+            now(),
+        )?;
+        self.server_svid.store(Arc::new(svid));
+        self.server_svid_expiry
+            .store(expiry, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Periodic work: automatic rotation, pruning of expired authorities, server SVID renewal.
+    pub fn housekeeping(&self) -> Result<()> {
+        for c in self.authorities.tick(now())? {
+            tracing::warn!(event = "authority_changed", caller = "automatic rotation", kind = c.kind.as_str(), action = c.action, authority = %c.id, "authority {}", c.action);
+            if c.kind == Kind::X509 && c.action == "activated" {
+                self.force_renew_server_svid()?;
+            }
+        }
+        self.maybe_renew_server_svid()
+    }
 }

@@ -208,7 +208,9 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let agent = self.agent(&request)?;
         let req = request.get_ref();
-        let sync = self.core.sync_entries(&agent, req.since_revision)?;
+        let sync =
+            self.core
+                .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;
         let bundle = self.core.bundle();
         Ok(Response::new(pb::SyncEntriesResponse {
             full: sync.full,

@@ -120,8 +120,8 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            if let Err(e) = housekeeping_core.maybe_renew_server_svid() {
-                tracing::error!(error = %e, "renewing the server SVID failed");
+            if let Err(e) = housekeeping_core.housekeeping() {
+                tracing::error!(error = %e, "housekeeping (authority rotation, server SVID) failed");
             }
         }
     });

@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod pkcs11;
 mod software;
 
+pub use pkcs11::Pkcs11KeyManager;
 pub use software::SoftwareKeyManager;
 
 /// The one error type of this crate.
@@ -43,6 +45,40 @@ pub enum Error {
         path: String,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("PKCS#11 module {path}: {reason}")]
+    Pkcs11Module {
+        /// The module path as configured.
+        path: String,
+        /// Why it could not be used.
+        reason: String,
+    },
+    /// No token with that label is present in the module's slots.
+    #[error("no token labelled {label:?} in PKCS#11 module {module} (tokens present: {present})")]
+    TokenNotFound {
+        /// The label asked for.
+        label: String,
+        /// The module searched.
+        module: String,
+        /// The labels of the tokens that are present, for the operator.
+        present: String,
+    },
+    /// Logging in to the token failed; the message names the PIN problem, never the PIN.
+    #[error("PKCS#11 login to token {token:?} failed: {reason}")]
+    Login {
+        /// The token label.
+        token: String,
+        /// What was wrong (e.g. "the PIN is incorrect").
+        reason: &'static str,
+    },
+    /// A PKCS#11 call failed.
+    #[error("PKCS#11 {operation} failed: {reason}")]
+    Pkcs11 {
+        /// What was being done.
+        operation: &'static str,
+        /// The module's answer.
+        reason: String,
     },
 }
 
@@ -134,9 +170,124 @@ pub fn p256_point_from_spki(spki: &[u8]) -> Result<&[u8]> {
     }
 }
 
+/// Converts a fixed-width `r || s` ECDSA signature (as PKCS#11's `CKM_ECDSA` and JWS
+/// carry it) to an ASN.1 DER `Ecdsa-Sig-Value` (`SEQUENCE { INTEGER r, INTEGER s }`),
+/// as X.509 carries it. Each integer is minimal: leading zero bytes are dropped and a
+/// zero byte is prepended when the high bit is set, so it stays positive.
+pub fn fixed_to_der(sig: &[u8]) -> Result<Vec<u8>> {
+    // Up to P-521 (2 x 66 bytes); r and s have the same width.
+    if sig.is_empty() || sig.len() % 2 != 0 || sig.len() > 132 {
+        return Err(Error::Crypto(
+            "fixed-width ECDSA signature has a bad length",
+        ));
+    }
+    let (r, s) = sig.split_at(sig.len() / 2);
+    let mut body = Vec::with_capacity(sig.len() + 6);
+    for int in [r, s] {
+        let first = int.iter().position(|b| *b != 0);
+        let Some(first) = first else {
+            return Err(Error::Crypto("ECDSA signature component is zero"));
+        };
+        let int = &int[first..];
+        let pad = int[0] & 0x80 != 0;
+        body.push(0x02);
+        push_der_len(&mut body, int.len() + usize::from(pad));
+        if pad {
+            body.push(0x00);
+        }
+        body.extend_from_slice(int);
+    }
+    let mut der = Vec::with_capacity(body.len() + 3);
+    der.push(0x30);
+    push_der_len(&mut der, body.len());
+    der.extend_from_slice(&body);
+    Ok(der)
+}
+
+/// DER definite length, for lengths below 256 (all that ECDSA signatures need).
+fn push_der_len(out: &mut Vec<u8>, len: usize) {
+    debug_assert!(len < 256);
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        out.push(0x81);
+        out.push(len as u8);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_to_der_encodes_minimal_positive_integers() {
+        // Plain: no high bit, no leading zero.
+        let mut sig = vec![0x11u8; 32];
+        sig.extend([0x22u8; 32]);
+        let der = fixed_to_der(&sig).unwrap();
+        assert_eq!(der.len(), 2 + 2 * 34);
+        assert_eq!(&der[..4], &[0x30, 68, 0x02, 32]);
+        assert_eq!(&der[4..36], &[0x11; 32]);
+        assert_eq!(&der[36..38], &[0x02, 32]);
+
+        // High bit set on r: a 0x00 is prepended; leading zeros on s are dropped.
+        let mut sig = vec![0x80u8; 32];
+        let mut s = vec![0u8; 3];
+        s.extend([0x7fu8; 29]);
+        sig.extend(&s);
+        let der = fixed_to_der(&sig).unwrap();
+        assert_eq!(&der[..5], &[0x30, 2 + 33 + 2 + 29, 0x02, 33, 0x00]);
+        assert_eq!(&der[5..37], &[0x80; 32]);
+        assert_eq!(&der[37..39], &[0x02, 29]);
+        assert_eq!(&der[39..], &[0x7f; 29]);
+
+        // Leading zeros followed by a high-bit byte: strip, then pad once.
+        let mut sig = vec![0u8, 0u8, 0x90];
+        sig.extend([1u8; 29]);
+        sig.extend([0u8; 31]);
+        sig.push(0x05);
+        let der = fixed_to_der(&sig).unwrap();
+        assert_eq!(&der[..5], &[0x30, 2 + 31 + 2 + 1, 0x02, 31, 0x00]);
+        assert_eq!(der[5], 0x90);
+        assert_eq!(&der[der.len() - 3..], &[0x02, 1, 0x05]);
+
+        // Long-form length (P-521 sized, both halves high-bit): 2 x (2 + 67) = 138 > 127.
+        let der = fixed_to_der(&[0xffu8; 132]).unwrap();
+        assert_eq!(&der[..3], &[0x30, 0x81, 138]);
+
+        for bad in [&[][..], &[1u8; 63][..], &[0u8; 64][..], &[1u8; 134][..]] {
+            assert!(fixed_to_der(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fixed_to_der_matches_ring_signatures() {
+        use ring::rand::SystemRandom;
+        use ring::signature::{
+            EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+            ECDSA_P256_SHA256_FIXED_SIGNING,
+        };
+        let rng = SystemRandom::new();
+        let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng).unwrap();
+        let verifier = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref());
+        // Enough signatures that high-bit and short components both occur.
+        let (mut padded, mut short) = (0, 0);
+        for i in 0..400u32 {
+            let msg = i.to_be_bytes();
+            let fixed = key.sign(&rng, &msg).unwrap();
+            let fixed = fixed.as_ref();
+            padded += usize::from(fixed[0] & 0x80 != 0);
+            short += usize::from(fixed[0] == 0 || fixed[32] == 0);
+            let der = fixed_to_der(fixed).unwrap();
+            verifier
+                .verify(&msg, &der)
+                .expect("DER from fixed verifies");
+        }
+        assert!(padded > 100, "high-bit r seen {padded} times");
+        let _ = short;
+    }
 
     #[test]
     fn key_ids_are_checked() {

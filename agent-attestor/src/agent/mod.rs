@@ -257,11 +257,24 @@ impl Runtime {
                 .map_err(|_| tonic::Status::internal("lock"))?;
             (e.revision, self.bundle.borrow().sequence)
         };
+        let mut authorities_in_use = self.workloads.authorities_in_use(now()).await;
+        {
+            let svid = self.svid.load();
+            let b = self.bundle.borrow();
+            if let Some(a) = svid
+                .chain
+                .first()
+                .and_then(|l| crate::svid::issuing_authority(l, &b.x509_authorities))
+            {
+                authorities_in_use.push(a);
+            }
+        }
         let mut client = NodeClient::clone(&self.node.load());
         let resp = client
             .sync_entries(pb::SyncEntriesRequest {
                 since_revision: since,
                 bundle_sequence: seq,
+                authorities_in_use,
             })
             .await?
             .into_inner();
@@ -312,7 +325,7 @@ impl Runtime {
     async fn rotate_workloads(&self) {
         let t = now();
         for inst in self.workloads.live_instances() {
-            if Workloads::due(&inst, t) {
+            if self.workloads.due(&inst, t) {
                 if let Err(e) = self.workloads.reconcile(&inst).await {
                     tracing::warn!(pid = inst.process.pid, error = %e, "workload SVID renewal failed");
                 }
@@ -422,7 +435,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         Some(svid.certified_key()?),
     )?));
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let workloads = Arc::new(Workloads::new(node.clone()));
+    let workloads = Arc::new(Workloads::new(node.clone(), bundle_rx.clone()));
     let rt = Arc::new(Runtime {
         config: config.clone(),
         server,
@@ -463,7 +476,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         loop {
             tick.tick().await;
             match sync_rt.sync().await {
-                Ok(true) => sync_rt.reconcile_all().await,
+                Ok(true) => {
+                    sync_rt.workloads.forget_tainted_jwts();
+                    sync_rt.reconcile_all().await
+                }
                 Ok(false) => {}
                 Err(s) if is_auth_failure(&s) => {
                     tracing::error!(reason = %s.message(), "the server no longer recognises this agent (evicted or banned); stopping");
@@ -485,7 +501,14 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         loop {
             tick.tick().await;
             let svid = rot_rt.svid.load();
-            if now() >= svid.not_after - agent_ttl_half(&svid) {
+            let tainted = {
+                let b = rot_rt.bundle.borrow();
+                svid.chain
+                    .first()
+                    .and_then(|l| crate::svid::issuing_authority(l, &b.x509_authorities))
+                    .is_some_and(|a| b.tainted.contains(&a))
+            };
+            if tainted || now() >= svid.not_after - agent_ttl_half(&svid) {
                 if let Err(e) = rot_rt.renew_agent_svid().await {
                     tracing::warn!(error = %e, "agent SVID renewal failed; will retry");
                 }

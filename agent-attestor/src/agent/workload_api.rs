@@ -255,10 +255,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             for (e, id) in &wanted {
                 match cache.get(&(id.clone(), audience.clone())) {
                     // Reuse a token until half its lifetime has passed.
-                    Some((token, exp, iat)) if now < iat + (exp - iat) / 2 => {
+                    Some(j) if now < j.issued_at + (j.expires_at - j.issued_at) / 2 => {
                         out.push(pb::Jwtsvid {
                             spiffe_id: id.clone(),
-                            svid: token.clone(),
+                            svid: j.token.clone(),
                             hint: e.hint.clone(),
                         })
                     }
@@ -291,9 +291,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
             for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
                 match r.result {
                     Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+                        let kid = crate::jwt::kid_of(&s.token);
+                        self.workloads.note_jwt(kid.as_deref(), s.expires_at);
                         cache.insert(
                             (id.clone(), audience.clone()),
-                            (s.token.clone(), s.expires_at, now),
+                            super::workloads::CachedJwt {
+                                token: s.token.clone(),
+                                expires_at: s.expires_at,
+                                issued_at: now,
+                                kid,
+                            },
                         );
                         out.push(pb::Jwtsvid {
                             spiffe_id: id,

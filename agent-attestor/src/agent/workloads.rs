@@ -36,6 +36,21 @@ pub struct HeldSvid {
     pub renew_at: i64,
     /// The entry's hint.
     pub hint: String,
+    /// The authority that signed it (hex serial of its CA certificate), if known.
+    pub authority: Option<String>,
+}
+
+/// A JWT-SVID handed out and kept for reuse until half its lifetime.
+#[derive(Clone)]
+pub struct CachedJwt {
+    /// The token.
+    pub token: String,
+    /// Its `exp`.
+    pub expires_at: i64,
+    /// When it was minted.
+    pub issued_at: i64,
+    /// The key that signed it.
+    pub kid: Option<String>,
 }
 
 /// What one instance is entitled to right now (empty: nothing).
@@ -60,7 +75,7 @@ pub struct Instance {
     /// The current identity set, watched by its open streams.
     pub state: watch::Sender<Arc<IdentitySet>>,
     /// Cached JWT-SVIDs by (SPIFFE ID, audience).
-    pub jwt_cache: Mutex<HashMap<(String, Vec<String>), (String, i64, i64)>>,
+    pub jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
 }
 
 /// The entries this agent may serve, from the server's sync.
@@ -148,6 +163,10 @@ fn random_segment() -> Result<String, Error> {
 /// The workload side of the agent.
 pub struct Workloads {
     node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+    bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
+    /// Latest `exp` of the JWT-SVIDs handed out, by signing key, so the server
+    /// can tell when a tainted JWT key no longer vouches for anything live.
+    jwt_issued: Mutex<HashMap<String, i64>>,
     /// Entries from the server.
     pub entries: RwLock<EntryCache>,
     instances: Mutex<HashMap<ProcessInstance, Arc<Instance>>>,
@@ -156,9 +175,14 @@ pub struct Workloads {
 
 impl Workloads {
     /// Workloads minting through `node`.
-    pub fn new(node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>) -> Self {
+    pub fn new(
+        node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+        bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
+    ) -> Self {
         Self {
             node,
+            bundle,
+            jwt_issued: Mutex::new(HashMap::new()),
             entries: RwLock::new(EntryCache::default()),
             instances: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
@@ -251,6 +275,7 @@ impl Workloads {
             ));
         }
         let now = unix_seconds(std::time::SystemTime::now());
+        let roots = self.bundle.borrow().x509_authorities.clone();
         Ok(jobs
             .into_iter()
             .zip(resp.results)
@@ -261,6 +286,10 @@ impl Workloads {
                     Ok(HeldSvid {
                         entry_id: entry.id.clone(),
                         spiffe_id,
+                        authority: s
+                            .cert_chain
+                            .first()
+                            .and_then(|leaf| crate::svid::issuing_authority(leaf, &roots)),
                         chain: s.cert_chain,
                         key,
                         not_after: s.expires_at,
@@ -280,7 +309,7 @@ impl Workloads {
     async fn shared_svid(&self, entry: &pb::Entry, now: i64) -> Result<Arc<HeldSvid>, Error> {
         let mut shared = self.shared.lock().await;
         if let Some(h) = shared.get(&entry.id) {
-            if h.renew_at > now {
+            if !self.needs_renewal(h, now) {
                 return Ok(h.clone());
             }
         }
@@ -321,7 +350,7 @@ impl Workloads {
                 }
                 continue;
             }
-            if held.get(&e.id).is_some_and(|h| h.renew_at > now) {
+            if held.get(&e.id).is_some_and(|h| !self.needs_renewal(h, now)) {
                 continue;
             }
             let id = Self::identity_for(inst, e);
@@ -361,6 +390,57 @@ impl Workloads {
         }
     }
 
+    /// Due at half-life, or at once when its authority is tainted.
+    pub fn needs_renewal(&self, h: &HeldSvid, now: i64) -> bool {
+        h.renew_at <= now
+            || h.authority
+                .as_ref()
+                .is_some_and(|a| self.bundle.borrow().tainted.contains(a))
+    }
+
+    /// Records a JWT-SVID handed out.
+    pub fn note_jwt(&self, kid: Option<&str>, expires_at: i64) {
+        if let (Some(kid), Ok(mut m)) = (kid, self.jwt_issued.lock()) {
+            let e = m.entry(kid.to_string()).or_insert(0);
+            *e = (*e).max(expires_at);
+        }
+    }
+
+    /// Drops cached JWT-SVIDs signed by a tainted key, so the next fetch mints anew.
+    pub fn forget_tainted_jwts(&self) {
+        let tainted = self.bundle.borrow().tainted.clone();
+        if tainted.is_empty() {
+            return;
+        }
+        for inst in self.live_instances() {
+            if let Ok(mut c) = inst.jwt_cache.lock() {
+                c.retain(|_, j| !j.kid.as_ref().is_some_and(|k| tainted.contains(k)));
+            }
+        }
+    }
+
+    /// Authorities that signed something still live that this agent holds or handed out.
+    pub async fn authorities_in_use(&self, now: i64) -> Vec<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for inst in self.live_instances() {
+            for s in inst.state.borrow().svids.iter() {
+                if s.not_after > now {
+                    out.extend(s.authority.clone());
+                }
+            }
+        }
+        for s in self.shared.lock().await.values() {
+            if s.not_after > now {
+                out.extend(s.authority.clone());
+            }
+        }
+        if let Ok(mut m) = self.jwt_issued.lock() {
+            m.retain(|_, exp| *exp > now);
+            out.extend(m.keys().cloned());
+        }
+        out.into_iter().collect()
+    }
+
     /// Every live instance; forgets (and drops the keys of) exited ones.
     pub fn live_instances(&self) -> Vec<Arc<Instance>> {
         let Ok(mut map) = self.instances.lock() else {
@@ -378,7 +458,11 @@ impl Workloads {
     }
 
     /// True when one of the instance's SVIDs is due for renewal.
-    pub fn due(inst: &Instance, now: i64) -> bool {
-        inst.state.borrow().svids.iter().any(|s| s.renew_at <= now)
+    pub fn due(&self, inst: &Instance, now: i64) -> bool {
+        inst.state
+            .borrow()
+            .svids
+            .iter()
+            .any(|s| self.needs_renewal(s, now))
     }
 }

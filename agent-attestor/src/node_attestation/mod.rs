@@ -14,6 +14,7 @@ pub mod join_token;
 pub mod sev_snp;
 pub mod tdx;
 pub mod tpm;
+pub mod tsm;
 
 use std::time::SystemTime;
 

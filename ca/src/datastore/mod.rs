@@ -90,6 +90,12 @@ pub struct AgentRecord {
     pub attested_at: i64,
     /// Hex SHA-256 of the last evidence.
     pub evidence_digest: String,
+    /// Authorities the agent reported as still in use at its last sync.
+    #[serde(default)]
+    pub authorities_in_use: Vec<String>,
+    /// Unix seconds of its last sync.
+    #[serde(default)]
+    pub last_sync_at: i64,
 }
 
 /// A join token, by hash only.
@@ -132,6 +138,15 @@ pub struct AuthorityRecord {
     pub not_after: i64,
     /// Lifecycle state.
     pub state: AuthorityState,
+    /// Unix seconds.
+    #[serde(default)]
+    pub not_before: i64,
+    /// Tainted authorities stay in the bundle, but every SVID they signed is replaced.
+    #[serde(default)]
+    pub tainted: bool,
+    /// Unix seconds of the taint (0 if not tainted).
+    #[serde(default)]
+    pub tainted_at: i64,
 }
 
 /// The CA's persistent state.

@@ -659,6 +659,7 @@ fn timed_sync(
         .block_on(c.sync_entries(pb::SyncEntriesRequest {
             since_revision: since,
             bundle_sequence: u64::MAX,
+            ..Default::default()
         }))
         .expect("SyncEntries")
         .into_inner();

@@ -63,7 +63,7 @@ pub fn kdfa(
         counter += 1;
     }
     out.truncate(bytes);
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         out[0] &= (1u8 << (bits % 8)) - 1;
     }
     Ok(out)
@@ -78,11 +78,8 @@ fn oaep_encrypt(ek: &Public, hash: u16, seed: &[u8]) -> Result<Vec<u8>, Error> {
             "credential activation needs an RSA EK".into(),
         ));
     };
-    let key = RsaPublicKey::new(
-        BigUint::from_bytes_be(modulus),
-        BigUint::from(*exponent),
-    )
-    .map_err(|e| Error::Refused(format!("EK public key is unusable: {e}")))?;
+    let key = RsaPublicKey::new(BigUint::from_bytes_be(modulus), BigUint::from(*exponent))
+        .map_err(|e| Error::Refused(format!("EK public key is unusable: {e}")))?;
     let mut rng = rand_core::OsRng;
     let ct = match hash {
         alg::SHA256 => key.encrypt(
@@ -133,7 +130,9 @@ pub fn make_credential_with_seed(
     let hash = ek.name_alg;
     let dlen = digest_len(hash).unwrap_or(0);
     if seed.len() != dlen {
-        return Err(Error::Refused("credential seed size differs from the EK nameAlg".into()));
+        return Err(Error::Refused(
+            "credential seed size differs from the EK nameAlg".into(),
+        ));
     }
     if secret.is_empty() || secret.len() > dlen {
         return Err(Error::Refused(
@@ -170,7 +169,11 @@ pub fn make_credential_with_seed(
 
 /// MakeCredential: `secret` for whichever TPM holds `ek`, released only to the object
 /// named `object_name` (the AK's name).
-pub fn make_credential(ek: &Public, object_name: &[u8], secret: &[u8]) -> Result<Credential, Error> {
+pub fn make_credential(
+    ek: &Public,
+    object_name: &[u8],
+    secret: &[u8],
+) -> Result<Credential, Error> {
     let dlen = digest_len(ek.name_alg).ok_or_else(|| {
         Error::Refused(format!(
             "EK nameAlg 0x{:04x} is not supported for credential activation",
@@ -191,12 +194,18 @@ mod tests {
     fn kdfa_lengths_and_determinism() {
         let a = kdfa(alg::SHA256, b"seed", "STORAGE", b"name", &[], 128).unwrap();
         assert_eq!(a.len(), 16);
-        assert_eq!(a, kdfa(alg::SHA256, b"seed", "STORAGE", b"name", &[], 128).unwrap());
+        assert_eq!(
+            a,
+            kdfa(alg::SHA256, b"seed", "STORAGE", b"name", &[], 128).unwrap()
+        );
         let b = kdfa(alg::SHA256, b"seed", "INTEGRITY", &[], &[], 256).unwrap();
         assert_eq!(b.len(), 32);
         let c = kdfa(alg::SHA256, b"seed", "X", &[], &[], 520).unwrap();
         assert_eq!(c.len(), 65);
         // The first block depends on the requested length (it is part of the input).
-        assert_ne!(c[..32], kdfa(alg::SHA256, b"seed", "X", &[], &[], 256).unwrap()[..]);
+        assert_ne!(
+            c[..32],
+            kdfa(alg::SHA256, b"seed", "X", &[], &[], 256).unwrap()[..]
+        );
     }
 }

@@ -1,28 +1,638 @@
-//! `tpm` node attestation: scaffolding only, so the server, agent and CLI can be
-//! wired; every entry point refuses until the method is implemented.
+//! `tpm` node attestation: TPM 2.0 with an EK certificate, credential activation and a
+//! PCR quote. The CA needs no TPM: everything on its side is software.
+//!
+//! # What a node proves
+//! 1. **A genuine TPM**: its EK certificate chains to a manufacturer CA the operator
+//!    trusts (`ek_ca_dir`), and certifies exactly the EK public key the node sent
+//!    (see [`ekcert`] for the checks).
+//! 2. **The AK lives in that TPM**: the CA runs `MakeCredential` in software
+//!    ([`credential`]) for the EK, bound to the AK's name; only the TPM holding the EK's
+//!    private key recovers the secret, and only for a loaded object with that name
+//!    (`TPM2_ActivateCredential`). The AK must also be a restricted signing key that never
+//!    left the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, sign, not
+//!    decrypt).
+//! 3. **Its boot state, now**: a quote by that same AK over the configured sha256 PCRs and
+//!    a fresh CA nonce ([`quote`]), checked against the operator's PCR policy.
+//!
+//! # Protocol (one challenge round, JSON messages, binary fields in base64)
+//! - initial evidence, node → CA ([`InitialEvidence`]): EK certificate (DER), EK and AK
+//!   `TPMT_PUBLIC`. The CA computes the AK name itself.
+//! - challenge, CA → node ([`Challenge`]): the credential (`TPM2B_ID_OBJECT` and
+//!   `TPM2B_ENCRYPTED_SECRET` bodies) protecting a random 32-byte secret, a random
+//!   32-byte nonce, and the PCR indices to quote.
+//! - answer, node → CA ([`Answer`]): the activated secret, the quote (`TPMS_ATTEST` and
+//!   `TPMT_SIGNATURE` exactly as the TPM produced them) over the nonce, and the PCR values.
+//!
+//! The CA's session keeps the AK public key that the credential was bound to, the secret
+//! and the nonce; the answer's secret must match (constant-time) and its quote must verify
+//! with that AK, so the key that passed activation is the key that signed the quote. A
+//! session answers once (resuming consumes it) and only within 60 s of the challenge
+//! (by the context's clock); secret and nonce are fresh per attempt, so a replayed
+//! activation or quote from an earlier attempt is refused.
+//!
+//! # Identity and selectors
+//! node id = hex SHA-256 of the EK's DER SubjectPublicKeyInfo, so the agent is
+//! `spiffe://TD/ztid/agent/tpm/<hex>`. Selectors: `tpm:ek-hash:<hex>`,
+//! `tpm:pcr:<n>:<hex>` for each quoted PCR, `tpm:manufacturer:<tcg-at-tpmManufacturer>`
+//! (e.g. `id:00001014`) and `tpm:ek-issuer:<issuer DN>` from the EK certificate.
+//!
+//! # Configuration (`[attestors.tpm]`)
+//! ```toml
+//! [attestors.tpm]
+//! ek_ca_dir = "/etc/ztid/tpm-ca"      # required: manufacturer CA certificates (PEM/DER)
+//! allowed_ek_hashes = ["<hex>", ...]  # optional: only these EKs (node ids) may attest
+//! pcrs = [0, 1, 2, 3, 4, 5, 6, 7]     # sha256 PCRs to quote (default 0-7)
+//!
+//! # PCR policies. A policy named by an EK hash applies to that node; any other name
+//! # (a node alias, e.g. "web") needs `ek_hashes`, where "*" means every node. A node must
+//! # meet every policy that applies to it; each PCR lists one value or several allowed ones.
+//! [attestors.tpm.pcr_policy.web]
+//! ek_hashes = ["<hex>", "<hex>"]
+//! pcrs = { 0 = "<hex>", 7 = ["<hex>", "<hex>"] }
+//! [attestors.tpm.pcr_policy.<ek hash hex>]
+//! pcrs = { 4 = "<hex>" }
+//! ```
+//! Every PCR a policy names must be in `pcrs`. The directory is read at start-up.
+//!
+//! # Offline evidence (`ztid-server evidence verify --kind tpm`)
+//! [`capture_evidence`] writes an [`EvidenceFile`] (JSON: EK certificate, EK and AK
+//! public, nonce, quote, signature, PCR values); [`verify_offline`] checks everything the
+//! online path checks except credential activation: the EK certificate (against
+//! `--collateral DIR`, else the config's `ek_ca_dir`), the AK attributes, the quote and the
+//! PCR policy, and the nonce against `--report-data` when given. Offline verification
+//! **cannot prove the AK is resident in the EK's TPM**: that needs the CA's fresh secret
+//! round trip; a transcript of an activation does not help, since whoever captured the file
+//! could have made that credential for any AK. The claims say so (`ak_residency`).
+//!
+//! # Limits
+//! RSA EKs only (RSA-2048, the common case, and RSA 3072/4096 with the high-range
+//! template's SHA-384/AES-256); the agent reads the RSA-2048 EK certificate at
+//! NV 0x01c00002. The quote's `qualifiedSigner` is not checked (it depends on the
+//! hierarchy above the EK); the AK is identified by its public key instead. The quote is
+//! not bound to the agent's CSR key: the node-side trait does not see that key.
 
-use std::path::Path;
-use std::time::SystemTime;
+pub mod credential;
+pub mod device;
+pub mod ekcert;
+pub mod quote;
+pub mod wire;
 
-use super::{AttestationContext, NodeAttestor, NodeVerifier, VerifierStep};
-use crate::Error;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::{
+    AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
+};
+use crate::{unix_seconds, Error, Selector};
+use device::{AkBlob, Tpm};
+use ekcert::{EkCaStore, EkInfo};
+use wire::{attr, Public, PublicKey};
 
 /// The method name on the wire.
 pub const METHOD: &str = "tpm";
+/// How long a challenge may be answered.
+pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// PCRs quoted when the config does not say.
+pub const DEFAULT_PCRS: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+/// Largest message accepted from a node.
+const MAX_MESSAGE: usize = 16 * 1024;
+/// Format tag of [`EvidenceFile`].
+pub const EVIDENCE_FORMAT: &str = "ztid-tpm-evidence/1";
 
-fn not_built() -> Error {
-    Error::Config(format!(
-        "the {METHOD} attestor is not available in this build"
-    ))
+fn refused(s: impl Into<String>) -> Error {
+    Error::Refused(s.into())
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod hexmap {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &BTreeMap<u8, Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), hex::encode(v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u8, Vec<u8>>, D::Error> {
+        let m = BTreeMap::<String, String>::deserialize(d)?;
+        m.into_iter()
+            .map(|(k, v)| {
+                let i: u8 = k.parse().map_err(serde::de::Error::custom)?;
+                let v = hex::decode(v).map_err(serde::de::Error::custom)?;
+                Ok((i, v))
+            })
+            .collect()
+    }
+}
+
+/// Node → CA, first message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitialEvidence {
+    /// EK certificate, DER.
+    #[serde(with = "b64")]
+    pub ek_cert: Vec<u8>,
+    /// EK `TPMT_PUBLIC`.
+    #[serde(with = "b64")]
+    pub ek_pub: Vec<u8>,
+    /// AK `TPMT_PUBLIC`.
+    #[serde(with = "b64")]
+    pub ak_pub: Vec<u8>,
+}
+
+/// CA → node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// `TPM2B_ID_OBJECT` body.
+    #[serde(with = "b64")]
+    pub credential_blob: Vec<u8>,
+    /// `TPM2B_ENCRYPTED_SECRET` body.
+    #[serde(with = "b64")]
+    pub encrypted_secret: Vec<u8>,
+    /// Quote nonce (`qualifyingData`).
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    /// sha256 PCRs to quote.
+    pub pcrs: Vec<u8>,
+}
+
+/// Node → CA, the answer to the challenge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    /// The secret ActivateCredential released.
+    #[serde(with = "b64")]
+    pub secret: Vec<u8>,
+    /// `TPMS_ATTEST` as the TPM signed it.
+    #[serde(with = "b64")]
+    pub quote: Vec<u8>,
+    /// `TPMT_SIGNATURE`.
+    #[serde(with = "b64")]
+    pub signature: Vec<u8>,
+    /// sha256 PCR values, by index.
+    #[serde(with = "hexmap")]
+    pub pcrs: BTreeMap<u8, Vec<u8>>,
+}
+
+/// Captured evidence for offline verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceFile {
+    /// [`EVIDENCE_FORMAT`].
+    pub format: String,
+    /// EK certificate, DER.
+    #[serde(with = "b64")]
+    pub ek_cert: Vec<u8>,
+    /// EK `TPMT_PUBLIC`.
+    #[serde(with = "b64")]
+    pub ek_pub: Vec<u8>,
+    /// AK `TPMT_PUBLIC`.
+    #[serde(with = "b64")]
+    pub ak_pub: Vec<u8>,
+    /// The nonce quoted, hex.
+    pub nonce: String,
+    /// `TPMS_ATTEST`.
+    #[serde(with = "b64")]
+    pub quote: Vec<u8>,
+    /// `TPMT_SIGNATURE`.
+    #[serde(with = "b64")]
+    pub signature: Vec<u8>,
+    /// sha256 PCR values, by index.
+    #[serde(with = "hexmap")]
+    pub pcrs: BTreeMap<u8, Vec<u8>>,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, Error> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(refused(format!(
+            "{what} is larger than {MAX_MESSAGE} bytes"
+        )));
+    }
+    serde_json::from_slice(bytes).map_err(|e| refused(format!("malformed {what}: {e}")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(v).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Policy
+
+/// Expected PCR values for some nodes.
+#[derive(Debug, Clone)]
+pub struct PcrPolicy {
+    /// Its name (an EK hash or an alias).
+    pub name: String,
+    /// Node ids it applies to; `None` = every node.
+    pub nodes: Option<BTreeSet<String>>,
+    /// Allowed values per PCR.
+    pub expected: BTreeMap<u8, Vec<Vec<u8>>>,
+}
+
+/// The CA-side settings of the method.
+#[derive(Debug, Clone)]
+pub struct TpmPolicy {
+    /// Trusted manufacturer CAs.
+    pub ek_cas: EkCaStore,
+    /// If set, only these node ids.
+    pub allowed_ek_hashes: Option<BTreeSet<String>>,
+    /// PCRs to quote.
+    pub pcrs: BTreeSet<u8>,
+    /// PCR policies.
+    pub pcr_policies: Vec<PcrPolicy>,
+}
+
+fn is_ek_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn pcr_value(v: &toml::Value, what: &str) -> Result<Vec<u8>, Error> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| Error::Config(format!("{what}: expected a hex string")))?;
+    let b = hex::decode(s.trim()).map_err(|e| Error::Config(format!("{what}: {e}")))?;
+    if b.len() != 32 {
+        return Err(Error::Config(format!(
+            "{what}: a sha256 PCR value is 32 bytes (64 hex digits)"
+        )));
+    }
+    Ok(b)
+}
+
+impl TpmPolicy {
+    /// Reads `[attestors.tpm]`; `ek_ca_override` replaces `ek_ca_dir`.
+    pub fn from_table(config: &toml::Table, ek_ca_override: Option<&Path>) -> Result<Self, Error> {
+        const T: &str = "[attestors.tpm]";
+        for k in config.keys() {
+            if !matches!(
+                k.as_str(),
+                "ek_ca_dir" | "allowed_ek_hashes" | "pcrs" | "pcr_policy"
+            ) {
+                return Err(Error::Config(format!(
+                    "unknown key {k:?} in {T} (known: ek_ca_dir, allowed_ek_hashes, pcrs, pcr_policy)"
+                )));
+            }
+        }
+        let dir: PathBuf = match ek_ca_override {
+            Some(d) => d.to_path_buf(),
+            None => config
+                .get("ek_ca_dir")
+                .map(|v| {
+                    v.as_str()
+                        .map(PathBuf::from)
+                        .ok_or_else(|| Error::Config(format!("{T} ek_ca_dir must be a string")))
+                })
+                .transpose()?
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "{T} needs ek_ca_dir (the directory of TPM manufacturer CA certificates; flag --tpm-ek-ca)"
+                    ))
+                })?,
+        };
+        let ek_cas = EkCaStore::load_dir(&dir)?;
+        let allowed_ek_hashes = match config.get("allowed_ek_hashes") {
+            None => None,
+            Some(v) => {
+                let arr = v.as_array().ok_or_else(|| {
+                    Error::Config(format!("{T} allowed_ek_hashes must be an array of strings"))
+                })?;
+                let mut set = BTreeSet::new();
+                for h in arr {
+                    let h = h.as_str().filter(|h| is_ek_hash(h)).ok_or_else(|| {
+                        Error::Config(format!(
+                            "{T} allowed_ek_hashes: each entry is 64 hex digits (SHA-256 of the EK public key)"
+                        ))
+                    })?;
+                    set.insert(h.to_ascii_lowercase());
+                }
+                Some(set)
+            }
+        };
+        let pcrs: BTreeSet<u8> = match config.get("pcrs") {
+            None => DEFAULT_PCRS.into_iter().collect(),
+            Some(v) => {
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| Error::Config(format!("{T} pcrs must be an array")))?;
+                let mut set = BTreeSet::new();
+                for p in arr {
+                    let p = p
+                        .as_integer()
+                        .filter(|p| (0..24).contains(p))
+                        .ok_or_else(|| Error::Config(format!("{T} pcrs: indices are 0-23")))?;
+                    set.insert(p as u8);
+                }
+                if set.is_empty() {
+                    return Err(Error::Config(format!("{T} pcrs must not be empty")));
+                }
+                set
+            }
+        };
+        let mut pcr_policies = Vec::new();
+        if let Some(v) = config.get("pcr_policy") {
+            let t = v
+                .as_table()
+                .ok_or_else(|| Error::Config(format!("{T} pcr_policy must be a table")))?;
+            for (name, p) in t {
+                let what = format!("{T} pcr_policy.{name}");
+                let p = p
+                    .as_table()
+                    .ok_or_else(|| Error::Config(format!("{what} must be a table")))?;
+                for k in p.keys() {
+                    if !matches!(k.as_str(), "ek_hashes" | "pcrs") {
+                        return Err(Error::Config(format!(
+                            "unknown key {k:?} in {what} (known: ek_hashes, pcrs)"
+                        )));
+                    }
+                }
+                let nodes = match p.get("ek_hashes") {
+                    None if is_ek_hash(name) => Some([name.to_ascii_lowercase()].into()),
+                    None => {
+                        return Err(Error::Config(format!(
+                            "{what} needs ek_hashes (or name the policy by an EK hash)"
+                        )))
+                    }
+                    Some(v) => {
+                        let arr = v.as_array().ok_or_else(|| {
+                            Error::Config(format!("{what}.ek_hashes must be an array"))
+                        })?;
+                        let mut set = BTreeSet::new();
+                        let mut all = false;
+                        for h in arr {
+                            match h.as_str() {
+                                Some("*") => all = true,
+                                Some(h) if is_ek_hash(h) => {
+                                    set.insert(h.to_ascii_lowercase());
+                                }
+                                _ => {
+                                    return Err(Error::Config(format!(
+                                        "{what}.ek_hashes: each entry is \"*\" or 64 hex digits"
+                                    )))
+                                }
+                            }
+                        }
+                        (!all).then_some(set)
+                    }
+                };
+                let pt = p
+                    .get("pcrs")
+                    .and_then(|v| v.as_table())
+                    .ok_or_else(|| Error::Config(format!("{what} needs a pcrs table")))?;
+                let mut expected = BTreeMap::new();
+                for (idx, vals) in pt {
+                    let i: u8 = idx.parse().ok().filter(|i| *i < 24).ok_or_else(|| {
+                        Error::Config(format!("{what}.pcrs: {idx:?} is not a PCR index 0-23"))
+                    })?;
+                    if !pcrs.contains(&i) {
+                        return Err(Error::Config(format!(
+                            "{what} names PCR {i}, which is not in {T} pcrs (it would never be quoted)"
+                        )));
+                    }
+                    let w = format!("{what}.pcrs.{i}");
+                    let list = match vals {
+                        toml::Value::Array(a) => a
+                            .iter()
+                            .map(|v| pcr_value(v, &w))
+                            .collect::<Result<Vec<_>, _>>()?,
+                        v => vec![pcr_value(v, &w)?],
+                    };
+                    if list.is_empty() {
+                        return Err(Error::Config(format!("{w} allows no value")));
+                    }
+                    expected.insert(i, list);
+                }
+                pcr_policies.push(PcrPolicy {
+                    name: name.clone(),
+                    nodes,
+                    expected,
+                });
+            }
+        }
+        Ok(Self {
+            ek_cas,
+            allowed_ek_hashes,
+            pcrs,
+            pcr_policies,
+        })
+    }
+
+    /// Checks the PCR policies that apply to `node_id`; returns their names, or a refusal
+    /// naming every PCR that failed.
+    pub fn check_pcrs(
+        &self,
+        node_id: &str,
+        values: &BTreeMap<u8, Vec<u8>>,
+    ) -> Result<Vec<String>, Error> {
+        let mut applied = Vec::new();
+        let mut failures = Vec::new();
+        for p in &self.pcr_policies {
+            if let Some(nodes) = &p.nodes {
+                if !nodes.contains(node_id) {
+                    continue;
+                }
+            }
+            applied.push(p.name.clone());
+            for (i, allowed) in &p.expected {
+                match values.get(i) {
+                    None => failures.push(format!("PCR {i} was not quoted (policy {})", p.name)),
+                    Some(v) if allowed.iter().any(|a| a == v) => {}
+                    Some(v) => failures.push(format!(
+                        "PCR {i} is {} but policy {} allows {}",
+                        hex::encode(v),
+                        p.name,
+                        allowed
+                            .iter()
+                            .map(hex::encode)
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    )),
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(applied)
+        } else {
+            Err(refused(format!(
+                "PCR policy not met: {}",
+                failures.join("; ")
+            )))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CA side
+
+/// An EK and AK that passed the static checks.
+#[derive(Debug, Clone)]
+pub struct CheckedKeys {
+    /// The EK.
+    pub ek: Public,
+    /// What its certificate says.
+    pub ek_info: EkInfo,
+    /// hex SHA-256 of the EK's DER SubjectPublicKeyInfo.
+    pub node_id: String,
+    /// The AK.
+    pub ak: Public,
+    /// The AK's TPM name.
+    pub ak_name: Vec<u8>,
+}
+
+/// The node id of an EK `TPMT_PUBLIC`: hex SHA-256 of its DER SubjectPublicKeyInfo.
+pub fn ek_hash(ek_pub: &[u8]) -> Result<String, Error> {
+    let ek = Public::parse(ek_pub)?;
+    Ok(hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &ek.spki_der()?,
+    )))
+}
+
+/// EK certificate, EK and AK checks (everything before the challenge).
+pub fn check_keys(
+    policy: &TpmPolicy,
+    ek_cert: &[u8],
+    ek_pub: &[u8],
+    ak_pub: &[u8],
+    now: SystemTime,
+) -> Result<CheckedKeys, Error> {
+    let ek = Public::parse(ek_pub).map_err(|e| refused(format!("EK public: {}", reason(&e))))?;
+    let spki = ek.spki_der()?;
+    let node_id = hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki));
+    if let Some(allowed) = &policy.allowed_ek_hashes {
+        if !allowed.contains(&node_id) {
+            return Err(refused(format!("EK {node_id} is not in allowed_ek_hashes")));
+        }
+    }
+    if !matches!(ek.key, PublicKey::Rsa { .. }) {
+        return Err(refused("only RSA EKs are supported (the EK sent is ECC)"));
+    }
+    let ek_attrs = attr::FIXED_TPM
+        | attr::FIXED_PARENT
+        | attr::SENSITIVE_DATA_ORIGIN
+        | attr::RESTRICTED
+        | attr::DECRYPT;
+    if !ek.has(ek_attrs) || ek.has(attr::SIGN_ENCRYPT) {
+        return Err(refused(
+            "EK is not a restricted decryption key (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, decrypt, not sign)",
+        ));
+    }
+    let ek_info = policy.ek_cas.verify(ek_cert, &ek, unix_seconds(now))?;
+    let ak = Public::parse(ak_pub).map_err(|e| refused(format!("AK public: {}", reason(&e))))?;
+    for (bit, name) in [
+        (attr::FIXED_TPM, "fixedTPM"),
+        (attr::FIXED_PARENT, "fixedParent"),
+        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+        (attr::RESTRICTED, "restricted"),
+        (attr::SIGN_ENCRYPT, "sign"),
+    ] {
+        if !ak.has(bit) {
+            return Err(refused(format!("AK is not {name}")));
+        }
+    }
+    if ak.has(attr::DECRYPT) {
+        return Err(refused("AK is a decryption key (decrypt is set)"));
+    }
+    if !matches!(
+        ak.name_alg,
+        wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
+    ) {
+        return Err(refused(format!(
+            "AK nameAlg 0x{:04x} is not SHA-256/384/512",
+            ak.name_alg
+        )));
+    }
+    match &ak.key {
+        PublicKey::Rsa { key_bits, .. } if *key_bits >= 2048 => {}
+        PublicKey::Ecc { curve, .. }
+            if matches!(*curve, wire::curve::NIST_P256 | wire::curve::NIST_P384) => {}
+        _ => return Err(refused("AK is not RSA-2048+ or ECC P-256/P-384")),
+    }
+    let ak_name = ak.name()?;
+    Ok(CheckedKeys {
+        ek,
+        ek_info,
+        node_id,
+        ak,
+        ak_name,
+    })
+}
+
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Refused(r) => r.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The selectors a passed attestation proves.
+pub fn selectors_for(
+    keys: &CheckedKeys,
+    pcrs: &BTreeMap<u8, Vec<u8>>,
+) -> Result<Vec<Selector>, Error> {
+    let mut out = vec![Selector::new(METHOD, &format!("ek-hash:{}", keys.node_id))?];
+    for (i, v) in pcrs {
+        out.push(Selector::new(
+            METHOD,
+            &format!("pcr:{i}:{}", hex::encode(v)),
+        )?);
+    }
+    if let Some(m) = &keys.ek_info.manufacturer {
+        if let Ok(s) = Selector::new(METHOD, &format!("manufacturer:{m}")) {
+            out.push(s);
+        }
+    }
+    if let Ok(s) = Selector::new(METHOD, &format!("ek-issuer:{}", keys.ek_info.issuer)) {
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn random(n: usize) -> Result<Vec<u8>, Error> {
+    let mut v = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut v)
+        .map_err(|_| Error::Config("no system randomness".into()))?;
+    Ok(v)
 }
 
 /// CA side.
-pub struct TpmVerifier;
+pub struct TpmVerifier {
+    policy: std::sync::Arc<TpmPolicy>,
+}
 
 impl TpmVerifier {
     /// Builds the verifier from its TOML table (`[attestors.tpm]` in the server config).
-    pub fn from_config(_config: &toml::Table) -> Result<Self, Error> {
-        Err(not_built())
+    pub fn from_config(config: &toml::Table) -> Result<Self, Error> {
+        Ok(Self::new(TpmPolicy::from_table(config, None)?))
+    }
+
+    /// A verifier for `policy`.
+    pub fn new(policy: TpmPolicy) -> Self {
+        Self {
+            policy: std::sync::Arc::new(policy),
+        }
     }
 }
 
@@ -30,45 +640,271 @@ impl NodeVerifier for TpmVerifier {
     fn method(&self) -> &'static str {
         METHOD
     }
-    fn start(
-        &self,
-        _evidence: &[u8],
-        _ctx: &AttestationContext<'_>,
-    ) -> Result<VerifierStep, Error> {
-        Err(not_built())
+
+    fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+        let ev: InitialEvidence = parse_json(evidence, "TPM initial evidence")?;
+        let keys = check_keys(&self.policy, &ev.ek_cert, &ev.ek_pub, &ev.ak_pub, ctx.now)?;
+        let secret = Zeroizing::new(random(32)?);
+        let nonce = random(32)?;
+        let cred = credential::make_credential(&keys.ek, &keys.ak_name, &secret)?;
+        let challenge = to_json(&Challenge {
+            credential_blob: cred.blob,
+            encrypted_secret: cred.encrypted_secret,
+            nonce: nonce.clone(),
+            pcrs: self.policy.pcrs.iter().copied().collect(),
+        })?;
+        let mut transcript = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [evidence, &challenge] {
+            transcript.update(&(part.len() as u64).to_be_bytes());
+            transcript.update(part);
+        }
+        Ok(VerifierStep::Challenge(
+            challenge,
+            Box::new(TpmSession {
+                policy: self.policy.clone(),
+                keys,
+                secret,
+                nonce,
+                issued_at: ctx.now,
+                transcript,
+            }),
+        ))
     }
 }
 
-/// Agent side.
-pub struct TpmAttestor;
+/// The CA's state between the challenge and the answer.
+struct TpmSession {
+    policy: std::sync::Arc<TpmPolicy>,
+    keys: CheckedKeys,
+    secret: Zeroizing<Vec<u8>>,
+    nonce: Vec<u8>,
+    issued_at: SystemTime,
+    transcript: ring::digest::Context,
+}
+
+impl VerificationSession for TpmSession {
+    fn resume(
+        self: Box<Self>,
+        answer: &[u8],
+        ctx: &AttestationContext<'_>,
+    ) -> Result<VerifierStep, Error> {
+        let s = *self;
+        match ctx.now.duration_since(s.issued_at) {
+            Ok(d) if d > CHALLENGE_TTL => {
+                return Err(refused(format!(
+                    "TPM challenge expired (answered after {} s, limit {} s)",
+                    d.as_secs(),
+                    CHALLENGE_TTL.as_secs()
+                )))
+            }
+            _ => {}
+        }
+        let a: Answer = parse_json(answer, "TPM challenge answer")?;
+        if a.secret.len() != s.secret.len() || !bool::from(a.secret.as_slice().ct_eq(&s.secret)) {
+            return Err(refused(
+                "credential activation failed: the secret returned is not the one sealed to the EK for this AK \
+                 (the AK is not in the TPM that holds the EK, or the answer is from another attempt)",
+            ));
+        }
+        let q = quote::verify_quote(
+            &s.keys.ak,
+            &a.quote,
+            &a.signature,
+            &s.nonce,
+            &s.policy.pcrs,
+            &a.pcrs,
+        )?;
+        s.policy.check_pcrs(&s.keys.node_id, &q.pcrs)?;
+        let mut transcript = s.transcript;
+        transcript.update(&(answer.len() as u64).to_be_bytes());
+        transcript.update(answer);
+        let mut evidence_digest = [0u8; 32];
+        evidence_digest.copy_from_slice(transcript.finish().as_ref());
+        Ok(VerifierStep::Attested(AttestedNode {
+            method: METHOD,
+            node_id: s.keys.node_id.clone(),
+            selectors: selectors_for(&s.keys, &q.pcrs)?,
+            aliases: Vec::new(),
+            evidence_digest,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Node side
+
+/// Agent side: the TPM is opened for each step and closed after it, so the agent holds
+/// no TPM connection (nor any loaded object) between steps.
+pub struct TpmAttestor {
+    tcti: String,
+    ak: Option<AkBlob>,
+}
 
 impl TpmAttestor {
-    /// Builds the attestor from the agent's config.
-    pub fn new(_config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
-        Err(not_built())
+    /// Builds the attestor from the agent's config (`tpm_tcti`).
+    pub fn new(config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
+        Ok(Self::with_tcti(&config.tpm_tcti))
     }
+
+    /// An attestor for the TPM at `tcti`.
+    pub fn with_tcti(tcti: &str) -> Self {
+        Self {
+            tcti: tcti.to_string(),
+            ak: None,
+        }
+    }
+}
+
+/// Checks a challenge's PCR list.
+fn challenge_pcrs(pcrs: &[u8]) -> Result<BTreeSet<u8>, Error> {
+    let set: BTreeSet<u8> = pcrs.iter().copied().collect();
+    if set.is_empty() || set.iter().any(|&p| p >= 24) {
+        return Err(Error::Protocol(
+            "TPM challenge names no PCR or a PCR outside 0-23".into(),
+        ));
+    }
+    Ok(set)
 }
 
 impl NodeAttestor for TpmAttestor {
     fn method(&self) -> &'static str {
         METHOD
     }
+
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
-        Err(not_built())
+        let mut tpm = Tpm::open(&self.tcti)?;
+        let ek_cert = tpm.ek_cert()?;
+        let ek_pub = tpm.ek_public()?;
+        let ak = tpm.create_ak()?;
+        let ak_pub = ak.public_bytes()?;
+        self.ak = Some(ak);
+        to_json(&InitialEvidence {
+            ek_cert,
+            ek_pub,
+            ak_pub,
+        })
     }
-    fn answer(&mut self, _challenge: &[u8]) -> Result<Vec<u8>, Error> {
-        Err(not_built())
+
+    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+        let c: Challenge = serde_json::from_slice(challenge)
+            .map_err(|e| Error::Protocol(format!("malformed TPM challenge: {e}")))?;
+        let pcrs = challenge_pcrs(&c.pcrs)?;
+        let ak = self
+            .ak
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("TPM challenge before the initial evidence".into()))?;
+        let mut tpm = Tpm::open(&self.tcti)?;
+        let secret =
+            Zeroizing::new(tpm.activate_credential(ak, &c.credential_blob, &c.encrypted_secret)?);
+        let (quote, signature, values) = tpm.quote(ak, &c.nonce, &pcrs)?;
+        to_json(&Answer {
+            secret: secret.to_vec(),
+            quote,
+            signature,
+            pcrs: values,
+        })
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Offline evidence
+
+/// Captures offline evidence from the TPM at `tcti`: a new AK's quote over `nonce` of the
+/// default PCRs (0-7).
+pub fn capture_evidence(tcti: &str, nonce: &[u8]) -> Result<Vec<u8>, Error> {
+    capture_evidence_with(tcti, nonce, &DEFAULT_PCRS.into_iter().collect())
+}
+
+/// [`capture_evidence`] for chosen sha256 PCRs.
+pub fn capture_evidence_with(
+    tcti: &str,
+    nonce: &[u8],
+    pcrs: &BTreeSet<u8>,
+) -> Result<Vec<u8>, Error> {
+    let mut tpm = Tpm::open(tcti)?;
+    let ek_cert = tpm.ek_cert()?;
+    let ek_pub = tpm.ek_public()?;
+    let ak = tpm.create_ak()?;
+    let (quote, signature, values) = tpm.quote(&ak, nonce, pcrs)?;
+    let file = EvidenceFile {
+        format: EVIDENCE_FORMAT.into(),
+        ek_cert,
+        ek_pub,
+        ak_pub: ak.public_bytes()?,
+        nonce: hex::encode(nonce),
+        quote,
+        signature,
+        pcrs: values,
+    };
+    serde_json::to_vec_pretty(&file).map_err(|e| Error::Protocol(e.to_string()))
+}
+
 /// Verifies captured evidence offline (`ztid-server evidence verify`): the claims as JSON,
-/// or the first failed check.
+/// or the first failed check. `collateral` is a directory of EK CA certificates (default:
+/// the config's `ek_ca_dir`); `report_data` is the nonce the quote must carry.
 pub fn verify_offline(
-    _evidence: &[u8],
-    _collateral: Option<&Path>,
-    _report_data: Option<&[u8]>,
-    _at: SystemTime,
-    _config: &toml::Table,
+    evidence: &[u8],
+    collateral: Option<&Path>,
+    report_data: Option<&[u8]>,
+    at: SystemTime,
+    config: &toml::Table,
 ) -> Result<serde_json::Value, Error> {
-    Err(not_built())
+    let policy = TpmPolicy::from_table(config, collateral)?;
+    let ev: EvidenceFile = serde_json::from_slice(evidence)
+        .map_err(|e| refused(format!("malformed TPM evidence file: {e}")))?;
+    if ev.format != EVIDENCE_FORMAT {
+        return Err(refused(format!(
+            "TPM evidence format is {:?}, expected {EVIDENCE_FORMAT:?}",
+            ev.format
+        )));
+    }
+    let nonce = hex::decode(&ev.nonce).map_err(|e| refused(format!("evidence nonce: {e}")))?;
+    if let Some(rd) = report_data {
+        if rd != nonce.as_slice() {
+            return Err(refused(
+                "evidence nonce differs from the expected --report-data",
+            ));
+        }
+    }
+    let keys = check_keys(&policy, &ev.ek_cert, &ev.ek_pub, &ev.ak_pub, at)?;
+    let selection: BTreeSet<u8> = ev.pcrs.keys().copied().collect();
+    let q = quote::verify_quote(
+        &keys.ak,
+        &ev.quote,
+        &ev.signature,
+        &nonce,
+        &selection,
+        &ev.pcrs,
+    )?;
+    let policies = policy.check_pcrs(&keys.node_id, &q.pcrs)?;
+    let selectors: Vec<String> = selectors_for(&keys, &q.pcrs)?
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    Ok(serde_json::json!({
+        "method": METHOD,
+        "node_id": keys.node_id,
+        "agent_path": format!("/ztid/agent/{METHOD}/{}", keys.node_id),
+        "ek_issuer": keys.ek_info.issuer,
+        "ek_ca_chain": keys.ek_info.chain,
+        "manufacturer": keys.ek_info.manufacturer,
+        "model": keys.ek_info.model,
+        "tpm_version": keys.ek_info.version,
+        "ak_name": hex::encode(&keys.ak_name),
+        "nonce": ev.nonce,
+        "nonce_checked": report_data.is_some(),
+        "pcrs": q.pcrs.iter().map(|(k, v)| (k.to_string(), hex::encode(v))).collect::<BTreeMap<_, _>>(),
+        "pcr_policies_met": policies,
+        "clock_ms": q.attest.clock.clock,
+        "reset_count": q.attest.clock.reset_count,
+        "restart_count": q.attest.clock.restart_count,
+        "firmware_version": format!("{:016x}", q.attest.firmware_version),
+        "selectors": selectors,
+        "ak_residency": "not proven offline: credential activation needs the CA's live challenge",
+    }))
+}
+
+/// Base64 (standard) of `b`, for tools and tests that build messages by hand.
+pub fn b64_encode(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

@@ -1,0 +1,602 @@
+//! The lifecycle of the trust domain's authorities, X.509 and JWT alike:
+//! prepared → active → old, with taint and revoke.
+//!
+//! - A *prepared* authority is in the bundle but signs nothing yet, so every
+//!   relying party learns it before the first SVID it signs appears.
+//! - *Activation* makes it the signer; the previous active one becomes *old* and
+//!   stays in the bundle while SVIDs it signed may live.
+//! - *Taint* marks an old authority as compromised or retiring: agents replace every
+//!   SVID it signed (theirs included) at their next sync.
+//! - *Revoke* removes a tainted authority from the bundle and destroys its key, but
+//!   only once no agent reports anything live that depends on it.
+//!
+//! Rotation is automatic too: prepare when less than min(TTL/2, 30 days) of the
+//! active authority's life is left, activate at min(TTL/6, 7 days). Every change is
+//! persisted before it takes effect, so a restart resumes at the same step, and
+//! every change of the bundle's contents increments `spiffe_sequence`.
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use spiffe::TrustDomain;
+use ztid_agent_attestor::bundle::TrustBundle;
+use ztid_agent_attestor::jwt::JwtKey;
+use ztid_agent_attestor::tls::{shared_roots, SharedRoots};
+use ztid_hsm::KeyManager;
+
+use crate::authority::{JwtAuthority, X509Authority};
+use crate::datastore::{AuthorityRecord, AuthorityState, CaState, DataStore};
+use crate::{Error, Result};
+
+/// Which family of authorities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// X.509 CAs.
+    X509,
+    /// JWT signing keys.
+    Jwt,
+}
+
+impl Kind {
+    /// Parses `x509` or `jwt`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "x509" => Ok(Kind::X509),
+            "jwt" => Ok(Kind::Jwt),
+            other => Err(Error::InvalidArgument(format!(
+                "authority kind must be x509 or jwt, not {other:?}"
+            ))),
+        }
+    }
+
+    /// `x509` or `jwt`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::X509 => "x509",
+            Kind::Jwt => "jwt",
+        }
+    }
+}
+
+/// Lifetimes the set creates authorities with.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// X.509 CA lifetime, seconds.
+    pub x509: i64,
+    /// JWT key lifetime, seconds.
+    pub jwt: i64,
+    /// `spiffe_refresh_hint`, seconds.
+    pub refresh_hint: i64,
+}
+
+/// What changed, for the caller to log and act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The kind.
+    pub kind: Kind,
+    /// What happened (`prepared`, `activated`, `tainted`, `revoked`, `expired`).
+    pub action: &'static str,
+    /// The authority id.
+    pub id: String,
+}
+
+/// The authorities and the bundle built from them.
+pub struct AuthoritySet {
+    trust_domain: TrustDomain,
+    key_manager: Arc<dyn KeyManager>,
+    store: Arc<dyn DataStore>,
+    lifetimes: Lifetimes,
+    state: Mutex<CaState>,
+    x509: ArcSwap<X509Authority>,
+    jwt: ArcSwap<JwtAuthority>,
+    bundle: ArcSwap<TrustBundle>,
+    roots: SharedRoots,
+}
+
+fn records(state: &mut CaState, kind: Kind) -> &mut Vec<AuthorityRecord> {
+    match kind {
+        Kind::X509 => &mut state.x509,
+        Kind::Jwt => &mut state.jwt,
+    }
+}
+
+fn active_of(list: &[AuthorityRecord], kind: Kind) -> Result<&AuthorityRecord> {
+    list.iter()
+        .rev()
+        .find(|a| a.state == AuthorityState::Active)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "no active {} authority in the datastore",
+                kind.as_str()
+            ))
+        })
+}
+
+fn bundle_of(td: &TrustDomain, state: &CaState, refresh_hint: i64, now: i64) -> TrustBundle {
+    let live = |a: &&AuthorityRecord| a.not_after > now;
+    TrustBundle {
+        trust_domain: td.to_string(),
+        x509_authorities: state
+            .x509
+            .iter()
+            .filter(live)
+            .map(|a| a.cert_der.clone())
+            .collect(),
+        jwt_authorities: state
+            .jwt
+            .iter()
+            .filter(live)
+            .map(|a| JwtKey {
+                kid: a.id.clone(),
+                spki: a.public_key.clone(),
+            })
+            .collect(),
+        sequence: state.bundle_sequence,
+        refresh_hint_seconds: refresh_hint,
+        tainted: state
+            .x509
+            .iter()
+            .chain(&state.jwt)
+            .filter(|a| a.tainted && live(a))
+            .map(|a| a.id.clone())
+            .collect(),
+    }
+}
+
+impl AuthoritySet {
+    /// Loads the authorities, creating the first X.509 CA and JWT key on first start.
+    pub fn open(
+        trust_domain: TrustDomain,
+        key_manager: Arc<dyn KeyManager>,
+        store: Arc<dyn DataStore>,
+        lifetimes: Lifetimes,
+        now: i64,
+    ) -> Result<Self> {
+        let state = match store.load_ca_state()? {
+            Some(s) => s,
+            None => {
+                let x509 = X509Authority::create(
+                    key_manager.clone(),
+                    trust_domain.as_str(),
+                    lifetimes.x509,
+                    now,
+                    AuthorityState::Active,
+                )?;
+                let jwt = JwtAuthority::create(
+                    key_manager.clone(),
+                    lifetimes.jwt,
+                    now,
+                    AuthorityState::Active,
+                )?;
+                let s = CaState {
+                    x509: vec![x509.record().clone()],
+                    jwt: vec![jwt.record().clone()],
+                    bundle_sequence: 1,
+                };
+                store.store_ca_state(&s)?;
+                tracing::info!(event = "authority_created", trust_domain = %trust_domain, x509_authority = %x509.record().id, jwt_authority = %jwt.record().id, key_backend = key_manager.backend_name(), "created the trust domain's first authorities");
+                s
+            }
+        };
+        let x509 = X509Authority::load(
+            key_manager.clone(),
+            active_of(&state.x509, Kind::X509)?.clone(),
+        )?;
+        let jwt = JwtAuthority::load(
+            key_manager.clone(),
+            active_of(&state.jwt, Kind::Jwt)?.clone(),
+        )?;
+        let bundle = bundle_of(&trust_domain, &state, lifetimes.refresh_hint, now);
+        let roots = shared_roots(bundle.x509_authorities.clone());
+        Ok(Self {
+            trust_domain,
+            key_manager,
+            store,
+            lifetimes,
+            state: Mutex::new(state),
+            x509: ArcSwap::from_pointee(x509),
+            jwt: ArcSwap::from_pointee(jwt),
+            bundle: ArcSwap::from_pointee(bundle),
+            roots,
+        })
+    }
+
+    /// The active X.509 authority.
+    pub fn x509(&self) -> Arc<X509Authority> {
+        self.x509.load_full()
+    }
+
+    /// The active JWT authority.
+    pub fn jwt(&self) -> Arc<JwtAuthority> {
+        self.jwt.load_full()
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// The bundle's X.509 authorities, for TLS verification.
+    pub fn roots(&self) -> SharedRoots {
+        self.roots.clone()
+    }
+
+    /// The key manager's backend name.
+    pub fn key_backend(&self) -> &'static str {
+        self.key_manager.backend_name()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, CaState>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::Store("authority state lock poisoned".into()))
+    }
+
+    /// Every authority of a kind, oldest first.
+    pub fn list(&self, kind: Kind) -> Result<Vec<AuthorityRecord>> {
+        let mut guard = self.lock()?;
+        Ok(records(&mut guard, kind).clone())
+    }
+
+    /// Persists `next`, then makes it current: a crash between the two leaves the
+    /// persisted state, which is what a restart loads.
+    fn commit(&self, guard: &mut CaState, mut next: CaState, now: i64) -> Result<()> {
+        let before = bundle_of(&self.trust_domain, guard, self.lifetimes.refresh_hint, now);
+        let after = bundle_of(&self.trust_domain, &next, self.lifetimes.refresh_hint, now);
+        if (
+            &before.x509_authorities,
+            &before.jwt_authorities,
+            &before.tainted,
+        ) != (
+            &after.x509_authorities,
+            &after.jwt_authorities,
+            &after.tainted,
+        ) {
+            next.bundle_sequence = guard.bundle_sequence + 1;
+        }
+        self.store.store_ca_state(&next)?;
+        let x509 = active_of(&next.x509, Kind::X509)?;
+        if x509.id != self.x509.load().record().id {
+            self.x509.store(Arc::new(X509Authority::load(
+                self.key_manager.clone(),
+                x509.clone(),
+            )?));
+        }
+        let jwt = active_of(&next.jwt, Kind::Jwt)?;
+        if jwt.id != self.jwt.load().record().id {
+            self.jwt.store(Arc::new(JwtAuthority::load(
+                self.key_manager.clone(),
+                jwt.clone(),
+            )?));
+        }
+        let bundle = bundle_of(&self.trust_domain, &next, self.lifetimes.refresh_hint, now);
+        self.roots.store(Arc::new(
+            bundle
+                .x509_authorities
+                .iter()
+                .cloned()
+                .map(Into::into)
+                .collect(),
+        ));
+        self.bundle.store(Arc::new(bundle));
+        *guard = next;
+        Ok(())
+    }
+
+    fn create(&self, kind: Kind, now: i64) -> Result<AuthorityRecord> {
+        Ok(match kind {
+            Kind::X509 => X509Authority::create(
+                self.key_manager.clone(),
+                self.trust_domain.as_str(),
+                self.lifetimes.x509,
+                now,
+                AuthorityState::Prepared,
+            )?
+            .record()
+            .clone(),
+            Kind::Jwt => JwtAuthority::create(
+                self.key_manager.clone(),
+                self.lifetimes.jwt,
+                now,
+                AuthorityState::Prepared,
+            )?
+            .record()
+            .clone(),
+        })
+    }
+
+    /// Creates a prepared authority and publishes it in the bundle.
+    pub fn prepare(&self, kind: Kind, now: i64) -> Result<AuthorityRecord> {
+        let mut guard = self.lock()?;
+        if let Some(p) = records(&mut guard, kind)
+            .iter()
+            .find(|a| a.state == AuthorityState::Prepared)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "{} authority {} is prepared already; activate it first",
+                kind.as_str(),
+                p.id
+            )));
+        }
+        let record = self.create(kind, now)?;
+        let mut next = guard.clone();
+        records(&mut next, kind).push(record.clone());
+        self.commit(&mut guard, next, now)?;
+        Ok(record)
+    }
+
+    /// Makes the prepared authority the signer; the active one becomes old.
+    pub fn activate(&self, kind: Kind, now: i64) -> Result<AuthorityRecord> {
+        let mut guard = self.lock()?;
+        let mut next = guard.clone();
+        let list = records(&mut next, kind);
+        let Some(i) = list
+            .iter()
+            .position(|a| a.state == AuthorityState::Prepared)
+        else {
+            return Err(Error::FailedPrecondition(format!(
+                "no prepared {} authority: run prepare first",
+                kind.as_str()
+            )));
+        };
+        for a in list.iter_mut() {
+            if a.state == AuthorityState::Active {
+                a.state = AuthorityState::Old;
+            }
+        }
+        list[i].state = AuthorityState::Active;
+        let record = list[i].clone();
+        self.commit(&mut guard, next, now)?;
+        Ok(record)
+    }
+
+    /// Taints an old authority: every SVID it signed is to be replaced.
+    pub fn taint(&self, kind: Kind, id: &str, now: i64) -> Result<AuthorityRecord> {
+        let mut guard = self.lock()?;
+        let mut next = guard.clone();
+        let a = records(&mut next, kind)
+            .iter_mut()
+            .find(|a| a.id == id)
+            .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
+        match (a.state, a.tainted) {
+            (_, true) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} authority {id} is tainted already",
+                    kind.as_str()
+                )))
+            }
+            (AuthorityState::Active, _) => return Err(Error::FailedPrecondition(format!(
+                "{} authority {id} is active: prepare and activate a successor before tainting it",
+                kind.as_str()
+            ))),
+            (AuthorityState::Prepared, _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} authority {id} is only prepared; nothing to taint",
+                    kind.as_str()
+                )))
+            }
+            (AuthorityState::Old, false) => {}
+        }
+        a.tainted = true;
+        a.tainted_at = now;
+        let record = a.clone();
+        self.commit(&mut guard, next, now)?;
+        Ok(record)
+    }
+
+    /// Revokes a tainted authority: out of the bundle, key destroyed. `still_used`
+    /// names a holder that still depends on it (an agent that reported it in use, or
+    /// has not synced since the taint); while there is one, nothing changes.
+    pub fn revoke(
+        &self,
+        kind: Kind,
+        id: &str,
+        now: i64,
+        still_used: impl Fn(&AuthorityRecord) -> Option<String>,
+    ) -> Result<AuthorityRecord> {
+        let mut guard = self.lock()?;
+        let mut next = guard.clone();
+        let list = records(&mut next, kind);
+        let i = list
+            .iter()
+            .position(|a| a.id == id)
+            .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
+        let record = list[i].clone();
+        if !record.tainted {
+            return Err(Error::FailedPrecondition(format!(
+                "{} authority {id} is not tainted: taint it first",
+                kind.as_str()
+            )));
+        }
+        if let Some(holder) = still_used(&record) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} authority {id} is still in use: {holder}",
+                kind.as_str()
+            )));
+        }
+        list.remove(i);
+        self.commit(&mut guard, next, now)?;
+        if let Err(e) = self.key_manager.destroy(&record.key_id) {
+            tracing::warn!(key_id = %record.key_id, error = %e, "could not destroy the revoked authority's key");
+        }
+        Ok(record)
+    }
+
+    /// Automatic rotation and pruning; returns what changed.
+    pub fn tick(&self, now: i64) -> Result<Vec<Change>> {
+        let mut changes = Vec::new();
+        for kind in [Kind::X509, Kind::Jwt] {
+            let (active, prepared) = {
+                let mut g = self.lock()?;
+                let list = records(&mut g, kind);
+                (
+                    active_of(list, kind)?.clone(),
+                    list.iter().any(|a| a.state == AuthorityState::Prepared),
+                )
+            };
+            let lifetime = (active.not_after - active.not_before).max(1);
+            let left = active.not_after - now;
+            if !prepared && left < (lifetime / 2).min(30 * 86400) {
+                let r = self.prepare(kind, now)?;
+                changes.push(Change {
+                    kind,
+                    action: "prepared",
+                    id: r.id,
+                });
+            } else if prepared && left < (lifetime / 6).min(7 * 86400) {
+                let r = self.activate(kind, now)?;
+                changes.push(Change {
+                    kind,
+                    action: "activated",
+                    id: r.id,
+                });
+            }
+            // Old authorities past their end can vouch for nothing: drop them.
+            let mut guard = self.lock()?;
+            let expired: Vec<AuthorityRecord> = records(&mut guard, kind)
+                .iter()
+                .filter(|a| a.state == AuthorityState::Old && a.not_after <= now)
+                .cloned()
+                .collect();
+            if !expired.is_empty() {
+                let mut next = guard.clone();
+                records(&mut next, kind).retain(|a| !expired.iter().any(|e| e.id == a.id));
+                self.commit(&mut guard, next, now)?;
+                for e in expired {
+                    let _ = self.key_manager.destroy(&e.key_id);
+                    changes.push(Change {
+                        kind,
+                        action: "expired",
+                        id: e.id,
+                    });
+                }
+            }
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::SledStore;
+    use ztid_hsm::SoftwareKeyManager;
+
+    fn set(dir: &std::path::Path, now: i64) -> AuthoritySet {
+        let km: Arc<dyn KeyManager> = Arc::new(SoftwareKeyManager::open(dir.join("keys")).unwrap());
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("db")).unwrap());
+        AuthoritySet::open(
+            TrustDomain::new("example.org").unwrap(),
+            km,
+            store,
+            Lifetimes {
+                x509: 600,
+                jwt: 600,
+                refresh_hint: 60,
+            },
+            now,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lifecycle_with_refusals_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first;
+        let prepared;
+        {
+            let s = set(dir.path(), 1000);
+            first = s.x509().record().id.clone();
+            let seq0 = s.bundle().sequence;
+            // Nothing to activate yet; the active one cannot be tainted or revoked.
+            assert!(s
+                .activate(Kind::X509, 1000)
+                .unwrap_err()
+                .to_string()
+                .contains("run prepare first"));
+            assert!(s
+                .taint(Kind::X509, &first, 1000)
+                .unwrap_err()
+                .to_string()
+                .contains("is active"));
+            assert!(s
+                .revoke(Kind::X509, &first, 1000, |_| None)
+                .unwrap_err()
+                .to_string()
+                .contains("not tainted"));
+            assert_eq!(s.bundle().sequence, seq0, "refusals change nothing");
+
+            prepared = s.prepare(Kind::X509, 1001).unwrap().id;
+            assert!(s
+                .prepare(Kind::X509, 1001)
+                .unwrap_err()
+                .to_string()
+                .contains("prepared already"));
+            let b = s.bundle();
+            assert_eq!(
+                b.x509_authorities.len(),
+                2,
+                "a prepared authority is published at once"
+            );
+            assert_eq!(b.sequence, seq0 + 1);
+            assert_eq!(s.x509().record().id, first, "but does not sign yet");
+        }
+        // Restart between prepare and activate: resumes with the prepared one.
+        let s = set(dir.path(), 1002);
+        assert_eq!(s.x509().record().id, first);
+        assert_eq!(s.activate(Kind::X509, 1003).unwrap().id, prepared);
+        assert_eq!(s.x509().record().id, prepared);
+        let seq = s.bundle().sequence;
+        s.taint(Kind::X509, &first, 1004).unwrap();
+        assert_eq!(s.bundle().tainted, vec![first.clone()]);
+        assert_eq!(s.bundle().sequence, seq + 1);
+        drop(s);
+        // Restart between taint and revoke.
+        let s = set(dir.path(), 1005);
+        assert_eq!(s.bundle().tainted, vec![first.clone()]);
+        let err = s
+            .revoke(Kind::X509, &first, 1006, |_| {
+                Some("agent A holds SVIDs signed by it".into())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("still in use: agent A"));
+        assert_eq!(s.bundle().x509_authorities.len(), 2);
+        s.revoke(Kind::X509, &first, 1007, |_| None).unwrap();
+        let b = s.bundle();
+        assert_eq!(b.x509_authorities.len(), 1);
+        assert!(b.tainted.is_empty());
+        assert!(s.list(Kind::X509).unwrap().iter().all(|a| a.id != first));
+    }
+
+    #[test]
+    fn automatic_rotation_follows_the_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = set(dir.path(), 0);
+        let first = s.jwt().record().id.clone();
+        assert!(s.tick(100).unwrap().is_empty(), "plenty of life left");
+        // TTL 600: prepare when < 300 left (t > 300), activate when < 100 left (t > 500).
+        let c = s.tick(301).unwrap();
+        assert!(c
+            .iter()
+            .any(|c| c.kind == Kind::Jwt && c.action == "prepared"));
+        assert!(c
+            .iter()
+            .any(|c| c.kind == Kind::X509 && c.action == "prepared"));
+        assert_eq!(s.jwt().record().id, first);
+        let c = s.tick(501).unwrap();
+        assert!(c
+            .iter()
+            .any(|c| c.kind == Kind::Jwt && c.action == "activated"));
+        assert_ne!(s.jwt().record().id, first);
+        assert_eq!(
+            s.bundle().jwt_authorities.len(),
+            2,
+            "the old key still vouches for live tokens"
+        );
+        let c = s.tick(601).unwrap();
+        assert!(c
+            .iter()
+            .any(|c| c.kind == Kind::Jwt && c.action == "expired" && c.id == first));
+        assert_eq!(s.bundle().jwt_authorities.len(), 1);
+    }
+}
