@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip
   # TPM attestation: swtpm (+ swtpm_setup/swtpm_localca, which need gnutls-bin's certtool)
   # for the tests, tpm2-tools for the cross-checks, libtss2 + pkg-config to build tss-esapi.
-  swtpm swtpm-tools gnutls-bin tpm2-tools libtss2-dev pkg-config)
+  swtpm swtpm-tools gnutls-bin tpm2-tools libtss2-dev pkg-config
+  # PKCS#11 key manager: SoftHSM2 (a real PKCS#11 module) for the tests, OpenSC's
+  # pkcs11-tool as an independent reader of the token.
+  softhsm2 opensc)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

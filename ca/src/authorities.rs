@@ -365,10 +365,12 @@ impl AuthoritySet {
                     kind.as_str()
                 )))
             }
-            (AuthorityState::Active, _) => return Err(Error::FailedPrecondition(format!(
+            (AuthorityState::Active, _) => {
+                return Err(Error::FailedPrecondition(format!(
                 "{} authority {id} is active: prepare and activate a successor before tainting it",
                 kind.as_str()
-            ))),
+            )))
+            }
             (AuthorityState::Prepared, _) => {
                 return Err(Error::FailedPrecondition(format!(
                     "{} authority {id} is only prepared; nothing to taint",

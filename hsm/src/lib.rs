@@ -176,7 +176,7 @@ pub fn p256_point_from_spki(spki: &[u8]) -> Result<&[u8]> {
 /// zero byte is prepended when the high bit is set, so it stays positive.
 pub fn fixed_to_der(sig: &[u8]) -> Result<Vec<u8>> {
     // Up to P-521 (2 x 66 bytes); r and s have the same width.
-    if sig.is_empty() || sig.len() % 2 != 0 || sig.len() > 132 {
+    if sig.is_empty() || !sig.len().is_multiple_of(2) || sig.len() > 132 {
         return Err(Error::Crypto(
             "fixed-width ECDSA signature has a bad length",
         ));

@@ -49,7 +49,8 @@ fn context(module: &Path) -> Result<Pkcs11> {
         path: module.display().to_string(),
         reason,
     };
-    let canonical = std::fs::canonicalize(module).map_err(|e| module_err(e.to_string()))?;
+    let canonical =
+        std::fs::canonicalize(module).map_err(|e| module_err(format!("cannot open: {e}")))?;
     let mut map = CONTEXTS
         .get_or_init(Default::default)
         .lock()

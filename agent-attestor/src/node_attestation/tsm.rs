@@ -169,6 +169,32 @@ pub fn pad_report_data(rd: &[u8]) -> Result<[u8; 64], Error> {
     Ok(out)
 }
 
+/// RFC 3339 rendering of Unix seconds, for refusal reasons.
+pub(crate) fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Evidence files may hold hex (as some tools write reports); anything else is binary.
+pub(crate) fn maybe_hex(b: &[u8]) -> Vec<u8> {
+    let t: Vec<u8> = b
+        .iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    if !t.is_empty() && t.len() % 2 == 0 && t.iter().all(|c| c.is_ascii_hexdigit()) {
+        if let Ok(d) = hex::decode(&t) {
+            return d;
+        }
+    }
+    b.to_vec()
+}
+
 /// One report from configfs-tsm.
 #[derive(Debug, Clone)]
 pub struct TsmReport {

@@ -262,16 +262,7 @@ fn der_string(v: &[u8]) -> String {
     }
 }
 
-/// RFC 3339 rendering of Unix seconds, for refusal reasons.
-pub(crate) fn rfc3339(t: i64) -> String {
-    ::time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| {
-            d.format(&::time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
-}
+pub(crate) use crate::node_attestation::tsm::rfc3339;
 
 /// An AMD CRL (issued by an ARK).
 #[derive(Clone)]

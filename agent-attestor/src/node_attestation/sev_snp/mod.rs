@@ -445,21 +445,6 @@ impl NodeAttestor for SnpAttestor {
     }
 }
 
-/// Evidence files may hold hex (as some tools write reports); anything else is binary.
-pub(crate) fn maybe_hex(b: &[u8]) -> Vec<u8> {
-    let t: Vec<u8> = b
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    if !t.is_empty() && t.len() % 2 == 0 && t.iter().all(|c| c.is_ascii_hexdigit()) {
-        if let Ok(d) = hex::decode(&t) {
-            return d;
-        }
-    }
-    b.to_vec()
-}
-
 /// A certificate given as evidence, if it is one.
 fn as_certificate(e: &[u8]) -> Option<Result<AmdCert, Error>> {
     if e.starts_with(b"-----BEGIN CERTIFICATE") {
@@ -501,7 +486,7 @@ pub fn verify_offline(
         policy: cfg.policy,
         collateral_dir: cfg.collateral_dir,
     };
-    let evidence = maybe_hex(evidence);
+    let evidence = tsm::maybe_hex(evidence);
     let at = crate::unix_seconds(at);
     if let Some(cert) = as_certificate(&evidence) {
         if report_data.is_some() {

@@ -2,8 +2,11 @@
 //! TCB byte layouts, and the report signature.
 //!
 //! The signature is checked over the report's raw bytes 0x000..0x2A0 as received. (The
-//! `sev` crate's own check re-encodes the parsed report first, which zeroes reserved
-//! bytes, so a flipped reserved byte would go unnoticed.)
+//! `sev` crate's own check re-encodes the parsed report first; its parser refuses
+//! non-zero reserved bytes between fields, but the re-encoding zeroes the reserved bytes
+//! inside the TCB fields, so a flipped byte there would go unnoticed.) The TCB fields
+//! are decoded from the raw bytes too, with the layout of the VEK's product, since a
+//! version 2 report does not say which processor made it.
 
 use ring::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
 use sev::firmware::guest::AttestationReport;

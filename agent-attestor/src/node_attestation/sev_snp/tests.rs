@@ -57,7 +57,7 @@ fn vek_extensions_parse() {
 fn debug_policy_is_refused_on_an_authentic_report() {
     // Flipping policy bit 19 breaks the signature, so the policy check is exercised on a
     // parsed report directly.
-    let mut raw = maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let mut raw = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
     let rep = report::Report::parse(&raw).unwrap();
     let tcb = rep.reported_tcb(false);
     verify::check_policy(&rep, "Milan", tcb, &Policy::default()).unwrap();
@@ -69,7 +69,7 @@ fn debug_policy_is_refused_on_an_authentic_report() {
 
 #[test]
 fn policy_checks_each_name_their_rule() {
-    let raw = maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let raw = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
     let rep = report::Report::parse(&raw).unwrap();
     let tcb = rep.reported_tcb(false);
     let check = |p: Policy| refusal(verify::check_policy(&rep, "Milan", tcb, &p));

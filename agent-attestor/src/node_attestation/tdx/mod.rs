@@ -1,28 +1,512 @@
-//! `tdx` node attestation: scaffolding only, so the server, agent and CLI can be
-//! wired; every entry point refuses until the method is implemented.
+//! `tdx` node attestation: an Intel TDX trust domain proves its measurements (MRTD,
+//! RTMR0-3, MRCONFIGID) and its platform TCB with a DCAP quote.
+//!
+//! # Protocol
+//!
+//! As for `sev-snp` (see [`super::tsm`]): empty initial evidence, a challenge of nonce and
+//! agent CSR key, and a quote from configfs-tsm whose report_data is
+//! `SHA-512(nonce ‖ SPKI)`. The CA then checks, in this order:
+//!
+//! 1. the quote header: version 4 or 5, TEE type TDX (an SGX quote is refused as not TDX);
+//! 2. through [`dcap_qvl`] (pure Rust, offline, with the clock as a parameter): the PCK
+//!    chain to the pinned Intel SGX Root CA, the root and PCK CRLs, the TCB info and QE
+//!    identity signatures, issuers and validity windows, the QE report signature and its
+//!    binding of the attestation key, the quote signature, the platform, QE and TDX
+//!    module TCB levels, and the TD attributes (no debug, no migration, SEPT_VE_DISABLE);
+//! 3. the merged TCB status against `accepted_tcb_status`, and no advisory from
+//!    `denied_advisories`;
+//! 4. the TD is not a debug TD (TD_ATTRIBUTES bit 0), checked here as well;
+//! 5. all 64 bytes of report_data;
+//! 6. the MRTD, RTMR and MRCONFIGID allow-lists.
+//!
+//! # Collateral
+//!
+//! Intel's collateral for the quote's platform (FMSPC), in dcap-qvl's `QuoteCollateralV3`
+//! JSON: `DIR/collateral-<fmspc>.json` when present (one file per platform model in a
+//! mixed fleet), else `DIR/collateral.json`. It is read at every verification, so a
+//! refreshed file (TCB info and QE identity are valid for about 30 days) takes effect
+//! without a restart. Nothing is fetched from Intel PCS.
+//!
+//! # Configuration (`[attestors.tdx]`)
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `collateral_dir` | the collateral directory (`--tdx-collateral`) | required |
+//! | `accepted_tcb_status` | TCB statuses accepted (`UpToDate`, `SWHardeningNeeded`, `ConfigurationNeeded`, `ConfigurationAndSWHardeningNeeded`, `OutOfDate`, `OutOfDateConfigurationNeeded`, `TDRelaunchAdvised`, `TDRelaunchAdvisedConfigurationNeeded`; `Revoked` never is) | `["UpToDate"]` |
+//! | `denied_advisories` | Intel advisory IDs (`INTEL-SA-00615`) refused whatever the status | none |
+//! | `mrtd` | allow-list of MRTD values (96 hex digits) | any |
+//! | `rtmr0` .. `rtmr3` | allow-lists of each RTMR (96 hex digits) | any |
+//! | `mrconfigid` | allow-list of MRCONFIGID values (96 hex digits) | any |
+//!
+//! # Node ID and selectors
+//!
+//! A TD 1.5 "ex" report carries TD_ID, which the TDX module regenerates at every TD
+//! launch (and keeps across TD-preserving updates and migration): the node ID is then the
+//! hex of the first 16 bytes of `SHA-256("ztid/tdx/node-id/v1/td-id" ‖ TD_ID)`, one per
+//! VM launch. Older reports (TD 1.0 and 1.5) have no per-launch value at all: the node ID
+//! is then the same digest (domain `.../v1/config`) over the platform's PPID, MRTD,
+//! RTMR0-2 (firmware, kernel and command line: fixed after boot; RTMR3 is left out since
+//! the running system extends it), MRCONFIGID, MROWNER and MROWNERCONFIG. Identical TDs
+//! on one host then share an identity; to tell their launches apart, the orchestrator
+//! gives each launch its own MRCONFIGID (or MROWNER), which the host sets at TD creation.
+//! Selectors: `tdx:mrtd:<hex>`, `tdx:rtmr0:<hex>` .. `tdx:rtmr3:<hex>`,
+//! `tdx:mrconfigid:<hex>`, from the verified quote only.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{AttestationContext, NodeAttestor, NodeVerifier, VerifierStep};
-use crate::Error;
+use dcap_qvl::quote::{Quote, Report, TDReport10};
+use dcap_qvl::QuoteCollateralV3;
+use ring::digest;
+
+use super::tsm::{self, Pending, TsmClient};
+use super::{AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep};
+use crate::{Error, Selector};
 
 /// The method name on the wire.
 pub const METHOD: &str = "tdx";
+/// The configfs-tsm provider of TDX guests.
+pub const TSM_PROVIDER: &str = "tdx_guest";
 
-fn not_built() -> Error {
-    Error::Config(format!(
-        "the {METHOD} attestor is not available in this build"
-    ))
+const TEE_TYPE_SGX: u32 = 0x00;
+const TEE_TYPE_TDX: u32 = 0x81;
+/// Largest quote accepted (real ones are about 5 KiB).
+const MAX_QUOTE: usize = 64 * 1024;
+
+const TCB_STATUSES: &[&str] = &[
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "TDRelaunchAdvised",
+    "TDRelaunchAdvisedConfigurationNeeded",
+];
+
+const KEYS: &[&str] = &[
+    "collateral_dir",
+    "accepted_tcb_status",
+    "denied_advisories",
+    "mrtd",
+    "rtmr0",
+    "rtmr1",
+    "rtmr2",
+    "rtmr3",
+    "mrconfigid",
+];
+
+/// The operator's policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Policy {
+    accepted_tcb_status: Vec<String>,
+    denied_advisories: Vec<String>,
+    mrtd: Vec<Vec<u8>>,
+    rtmr: [Vec<Vec<u8>>; 4],
+    mrconfigid: Vec<Vec<u8>>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            accepted_tcb_status: vec!["UpToDate".into()],
+            denied_advisories: Vec::new(),
+            mrtd: Vec::new(),
+            rtmr: Default::default(),
+            mrconfigid: Vec::new(),
+        }
+    }
+}
+
+struct Config {
+    policy: Policy,
+    collateral_dir: Option<PathBuf>,
+}
+
+fn cfg_err(m: impl std::fmt::Display) -> Error {
+    Error::Config(format!("[attestors.tdx]: {m}"))
+}
+
+fn str_list(t: &toml::Table, key: &str) -> Result<Option<Vec<String>>, Error> {
+    let Some(v) = t.get(key) else {
+        return Ok(None);
+    };
+    let bad = || cfg_err(format!("{key} must be an array of strings"));
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|x| x.as_str().map(str::to_string).ok_or_else(bad))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn hex_list(t: &toml::Table, key: &str) -> Result<Vec<Vec<u8>>, Error> {
+    str_list(t, key)?
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let b = hex::decode(s.trim())
+                .map_err(|e| cfg_err(format!("{key}: {s:?} is not hex: {e}")))?;
+            if b.len() != 48 {
+                return Err(cfg_err(format!("{key}: {s:?} is {} bytes, must be 48", b.len())));
+            }
+            Ok(b)
+        })
+        .collect()
+}
+
+fn parse_config(t: &toml::Table) -> Result<Config, Error> {
+    if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(cfg_err(format!("unknown key {k:?} (known: {})", KEYS.join(", "))));
+    }
+    let mut policy = Policy::default();
+    if let Some(s) = str_list(t, "accepted_tcb_status")? {
+        if let Some(bad) = s.iter().find(|x| !TCB_STATUSES.contains(&x.as_str())) {
+            return Err(cfg_err(format!(
+                "accepted_tcb_status: {bad:?} is not one of {}",
+                TCB_STATUSES.join(", ")
+            )));
+        }
+        policy.accepted_tcb_status = s;
+    }
+    policy.denied_advisories = str_list(t, "denied_advisories")?.unwrap_or_default();
+    policy.mrtd = hex_list(t, "mrtd")?;
+    for (i, r) in policy.rtmr.iter_mut().enumerate() {
+        *r = hex_list(t, &format!("rtmr{i}"))?;
+    }
+    policy.mrconfigid = hex_list(t, "mrconfigid")?;
+    let collateral_dir = t
+        .get("collateral_dir")
+        .map(|v| {
+            v.as_str()
+                .map(PathBuf::from)
+                .ok_or_else(|| cfg_err("collateral_dir must be a path"))
+        })
+        .transpose()?;
+    Ok(Config {
+        policy,
+        collateral_dir,
+    })
+}
+
+/// Checks the header: a TDX quote, version 4 or 5.
+fn check_header(quote: &[u8]) -> Result<(), Error> {
+    if quote.len() < 48 {
+        return Err(Error::Refused(format!(
+            "TDX quote is {} bytes, shorter than its 48-byte header",
+            quote.len()
+        )));
+    }
+    if quote.len() > MAX_QUOTE {
+        return Err(Error::Refused(format!(
+            "TDX quote is {} bytes, more than {MAX_QUOTE}",
+            quote.len()
+        )));
+    }
+    let version = u16::from_le_bytes([quote[0], quote[1]]);
+    let tee = u32::from_le_bytes(quote[4..8].try_into().expect("4 bytes"));
+    match tee {
+        TEE_TYPE_TDX => {}
+        TEE_TYPE_SGX => {
+            return Err(Error::Refused(format!(
+                "the quote is an SGX enclave quote (version {version}, TEE type 0), not a TDX quote"
+            )))
+        }
+        other => {
+            return Err(Error::Refused(format!(
+                "the quote's TEE type {other:#x} is not TDX (0x81)"
+            )))
+        }
+    }
+    if version != 4 && version != 5 {
+        return Err(Error::Refused(format!(
+            "TDX quote version {version} is not supported (4 and 5 are)"
+        )));
+    }
+    Ok(())
+}
+
+/// The collateral for `quote` from `dir`: `collateral-<fmspc>.json`, else `collateral.json`.
+fn load_collateral(dir: &Path, quote: &[u8]) -> Result<QuoteCollateralV3, Error> {
+    let by_fmspc = Quote::parse(quote)
+        .ok()
+        .and_then(|q| dcap_qvl::intel::quote_fmspc(&q).ok())
+        .map(|f| dir.join(format!("collateral-{}.json", hex::encode(f))))
+        .filter(|p| p.is_file());
+    let path = by_fmspc.unwrap_or_else(|| dir.join("collateral.json"));
+    let text = std::fs::read(&path).map_err(Error::io(format!(
+        "reading TDX collateral {}",
+        path.display()
+    )))?;
+    serde_json::from_slice(&text).map_err(|e| {
+        Error::Config(format!(
+            "TDX collateral {} is not QuoteCollateralV3 JSON: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Checks that every dated collateral item is current at `at`, so an operator learns
+/// which one to refresh (dcap-qvl checks the same windows again, and the certificates).
+fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Dated {
+        issue_date: String,
+        next_update: String,
+    }
+    let parse_time = |what: &str, s: &str| {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .map(|t| t.unix_timestamp())
+            .map_err(|e| refuse(format!("TDX collateral {what} has a bad date {s:?}: {e}")))
+    };
+    let mut items: Vec<(&str, i64, Option<i64>)> = Vec::new();
+    for (what, json) in [("TCB info", &c.tcb_info), ("QE identity", &c.qe_identity)] {
+        let d: Dated = serde_json::from_str(json)
+            .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
+        items.push((what, parse_time(what, &d.issue_date)?, Some(parse_time(what, &d.next_update)?)));
+    }
+    for (what, der) in [("root CA CRL", &c.root_ca_crl), ("PCK CRL", &c.pck_crl)] {
+        use x509_parser::prelude::FromDer;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+            .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
+        items.push((what, crl.last_update().timestamp(), crl.next_update().map(|t| t.timestamp())));
+    }
+    for (what, issued, next) in items {
+        if at < issued {
+            return Err(refuse(format!(
+                "TDX collateral {what} is not yet valid at {} (issued {})",
+                tsm::rfc3339(at),
+                tsm::rfc3339(issued)
+            )));
+        }
+        if let Some(next) = next.filter(|n| at > *n) {
+            return Err(refuse(format!(
+                "TDX collateral {what} expired at {} (checked at {}): refresh the collateral",
+                tsm::rfc3339(next),
+                tsm::rfc3339(at)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A quote that passed every check.
+struct Verified {
+    claims: serde_json::Value,
+    node_id: String,
+    td: TDReport10,
+}
+
+fn refuse(m: impl Into<String>) -> Error {
+    Error::Refused(m.into())
+}
+
+/// TD_ATTRIBUTES.DEBUG (bit 0).
+fn check_not_debug(td: &TDReport10) -> Result<(), Error> {
+    if td.td_attributes[0] & 0x01 != 0 {
+        return Err(refuse(format!(
+            "the TD is a debug TD (TD_ATTRIBUTES {} has DEBUG set): the host can read and change its memory",
+            hex::encode(td.td_attributes)
+        )));
+    }
+    Ok(())
+}
+
+/// The TCB status and advisories against the policy.
+fn check_tcb(status: &str, advisories: &[String], policy: &Policy) -> Result<(), Error> {
+    if !policy.accepted_tcb_status.iter().any(|s| s == status) {
+        return Err(refuse(format!(
+            "TCB status {status} is not accepted (accepted_tcb_status = {:?}; advisories: {})",
+            policy.accepted_tcb_status,
+            if advisories.is_empty() { "none".to_string() } else { advisories.join(", ") }
+        )));
+    }
+    if let Some(a) = advisories.iter().find(|a| policy.denied_advisories.contains(a)) {
+        return Err(refuse(format!(
+            "the platform is affected by advisory {a}, which denied_advisories refuses"
+        )));
+    }
+    Ok(())
+}
+
+/// The measurement allow-lists.
+fn check_measurements(td: &TDReport10, policy: &Policy) -> Result<(), Error> {
+    let check = |name: &str, list: &[Vec<u8>], v: &[u8; 48]| {
+        if !list.is_empty() && !list.iter().any(|x| x[..] == v[..]) {
+            return Err(refuse(format!(
+                "{name} {} is not in the {name} allow-list",
+                hex::encode(v)
+            )));
+        }
+        Ok(())
+    };
+    check("MRTD", &policy.mrtd, &td.mr_td)?;
+    let rtmrs = [&td.rt_mr0, &td.rt_mr1, &td.rt_mr2, &td.rt_mr3];
+    for (i, r) in rtmrs.iter().enumerate() {
+        check(&format!("RTMR{i}"), &policy.rtmr[i], r)?;
+    }
+    check("MRCONFIGID", &policy.mrconfigid, &td.mr_config_id)?;
+    Ok(())
+}
+
+fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
+    let mut c = digest::Context::new(&digest::SHA256);
+    match report.as_td15_ex() {
+        Some(ex) => {
+            c.update(b"ztid/tdx/node-id/v1/td-id");
+            c.update(&ex.td_id);
+        }
+        None => {
+            c.update(b"ztid/tdx/node-id/v1/config");
+            c.update(&(ppid.len() as u32).to_be_bytes());
+            c.update(ppid);
+            for f in [
+                &td.mr_td,
+                &td.rt_mr0,
+                &td.rt_mr1,
+                &td.rt_mr2,
+                &td.mr_config_id,
+                &td.mr_owner,
+                &td.mr_owner_config,
+            ] {
+                c.update(f);
+            }
+        }
+    }
+    hex::encode(&c.finish().as_ref()[..16])
+}
+
+fn verify(
+    quote: &[u8],
+    collateral: &QuoteCollateralV3,
+    at: i64,
+    expected_report_data: Option<&[u8; 64]>,
+    policy: &Policy,
+) -> Result<Verified, Error> {
+    check_header(quote)?;
+    check_collateral_dates(collateral, at)?;
+    let now = u64::try_from(at).unwrap_or(0);
+    let verified = dcap_qvl::verify::QuoteVerifier::new_prod()
+        .with_config::<dcap_qvl::configs::RingConfig>()
+        .verify(quote, collateral, now)
+        .map_err(|e| refuse(format!("TDX quote verification failed: {e:#}")))?;
+    let report = &verified.report;
+    let td = *report
+        .as_td10()
+        .ok_or_else(|| refuse("the verified quote carries no TD report"))?;
+    check_tcb(&verified.status, &verified.advisory_ids, policy)?;
+    check_not_debug(&td)?;
+    if let Some(expected) = expected_report_data {
+        tsm::check_report_data(&td.report_data, expected)?;
+    }
+    check_measurements(&td, policy)?;
+    let node_id = node_id(report, &td, &verified.ppid);
+    let body = match report {
+        Report::TD10(_) => "TD1.0",
+        Report::TD15(_) => "TD1.5",
+        Report::TD15Ex(_) => "TD1.5-ex",
+        Report::SgxEnclave(_) => "SGX",
+    };
+    let mut claims = serde_json::json!({
+        "quote_version": u16::from_le_bytes([quote[0], quote[1]]),
+        "td_report": body,
+        "mrtd": hex::encode(td.mr_td),
+        "rtmr0": hex::encode(td.rt_mr0),
+        "rtmr1": hex::encode(td.rt_mr1),
+        "rtmr2": hex::encode(td.rt_mr2),
+        "rtmr3": hex::encode(td.rt_mr3),
+        "mrconfigid": hex::encode(td.mr_config_id),
+        "mrowner": hex::encode(td.mr_owner),
+        "mrownerconfig": hex::encode(td.mr_owner_config),
+        "mrseam": hex::encode(td.mr_seam),
+        "report_data": hex::encode(td.report_data),
+        "td_attributes": hex::encode(td.td_attributes),
+        "xfam": hex::encode(td.xfam),
+        "tcb": {
+            "status": verified.status,
+            "advisory_ids": verified.advisory_ids,
+            "tee_tcb_svn": hex::encode(td.tee_tcb_svn),
+            "platform_status": verified.platform_status.status.to_string(),
+            "qe_status": verified.qe_status.status.to_string(),
+        },
+        "tcb_status": verified.status,
+        "ppid": hex::encode(&verified.ppid),
+        "node_id": node_id,
+    });
+    if let Some(ex) = report.as_td15_ex() {
+        claims["td_id"] = hex::encode(ex.td_id).into();
+    }
+    Ok(Verified {
+        claims,
+        node_id,
+        td,
+    })
+}
+
+struct Inner {
+    policy: Policy,
+    collateral_dir: PathBuf,
 }
 
 /// CA side.
-pub struct TdxVerifier;
+pub struct TdxVerifier {
+    inner: Arc<Inner>,
+}
 
 impl TdxVerifier {
     /// Builds the verifier from its TOML table (`[attestors.tdx]` in the server config).
-    pub fn from_config(_config: &toml::Table) -> Result<Self, Error> {
-        Err(not_built())
+    pub fn from_config(config: &toml::Table) -> Result<Self, Error> {
+        let cfg = parse_config(config)?;
+        let dir = cfg.collateral_dir.ok_or_else(|| {
+            cfg_err("collateral_dir is required (--tdx-collateral DIR with collateral.json)")
+        })?;
+        if !dir.is_dir() {
+            return Err(cfg_err(format!("collateral_dir {} is not a directory", dir.display())));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                policy: cfg.policy,
+                collateral_dir: dir,
+            }),
+        })
+    }
+
+    /// Verifies one answer against the expected report_data at `now` (the checks of a
+    /// session's `resume`, without the challenge bookkeeping).
+    pub fn verify_evidence(
+        &self,
+        quote: &[u8],
+        expected_report_data: &[u8; 64],
+        now: SystemTime,
+    ) -> Result<AttestedNode, Error> {
+        check_header(quote)?;
+        let collateral = load_collateral(&self.inner.collateral_dir, quote)?;
+        let v = verify(
+            quote,
+            &collateral,
+            crate::unix_seconds(now),
+            Some(expected_report_data),
+            &self.inner.policy,
+        )?;
+        let mut selectors = vec![Selector::new(METHOD, &format!("mrtd:{}", hex::encode(v.td.mr_td)))?];
+        for (i, r) in [&v.td.rt_mr0, &v.td.rt_mr1, &v.td.rt_mr2, &v.td.rt_mr3].iter().enumerate() {
+            selectors.push(Selector::new(METHOD, &format!("rtmr{i}:{}", hex::encode(r)))?);
+        }
+        selectors.push(Selector::new(
+            METHOD,
+            &format!("mrconfigid:{}", hex::encode(v.td.mr_config_id)),
+        )?);
+        let mut digest_out = [0u8; 32];
+        digest_out.copy_from_slice(digest::digest(&digest::SHA256, quote).as_ref());
+        Ok(AttestedNode {
+            method: METHOD,
+            node_id: v.node_id,
+            selectors,
+            aliases: Vec::new(),
+            evidence_digest: digest_out,
+        })
     }
 }
 
@@ -30,22 +514,60 @@ impl NodeVerifier for TdxVerifier {
     fn method(&self) -> &'static str {
         METHOD
     }
-    fn start(
-        &self,
-        _evidence: &[u8],
-        _ctx: &AttestationContext<'_>,
-    ) -> Result<VerifierStep, Error> {
-        Err(not_built())
+
+    fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+        if !evidence.is_empty() {
+            return Err(Error::Protocol(
+                "tdx attestation starts with empty evidence; the quote answers the CA's challenge".into(),
+            ));
+        }
+        let (pending, challenge) = Pending::issue(ctx)?;
+        Ok(VerifierStep::Challenge(
+            challenge,
+            Box::new(TdxSession {
+                verifier: TdxVerifier {
+                    inner: self.inner.clone(),
+                },
+                pending,
+            }),
+        ))
     }
 }
 
-/// Agent side.
-pub struct TdxAttestor;
+struct TdxSession {
+    verifier: TdxVerifier,
+    pending: Pending,
+}
+
+impl VerificationSession for TdxSession {
+    fn resume(self: Box<Self>, answer: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+        let expected = self.pending.expected_report_data(ctx)?;
+        self.verifier
+            .verify_evidence(answer, &expected, ctx.now)
+            .map(VerifierStep::Attested)
+    }
+}
+
+/// Agent side: quotes from configfs-tsm.
+pub struct TdxAttestor {
+    client: TsmClient,
+}
 
 impl TdxAttestor {
-    /// Builds the attestor from the agent's config.
-    pub fn new(_config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
-        Err(not_built())
+    /// Builds the attestor from the agent's config (`tsm_root`).
+    pub fn new(config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
+        Self::with_client(TsmClient::new(config.tsm_root.clone(), TSM_PROVIDER))
+    }
+
+    /// An attestor reading quotes through `client`.
+    pub fn with_client(client: TsmClient) -> Result<Self, Error> {
+        if !client.root().is_dir() {
+            return Err(Error::Config(format!(
+                "tdx: configfs-tsm report directory {} does not exist (is this a TDX guest with configfs mounted?)",
+                client.root().display()
+            )));
+        }
+        Ok(Self { client })
     }
 }
 
@@ -54,21 +576,38 @@ impl NodeAttestor for TdxAttestor {
         METHOD
     }
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
-        Err(not_built())
+        Ok(Vec::new())
     }
-    fn answer(&mut self, _challenge: &[u8]) -> Result<Vec<u8>, Error> {
-        Err(not_built())
+    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+        let rd = tsm::report_data_for_challenge(challenge)?;
+        let rep = self.client.report(&rd)?;
+        check_header(&rep.outblob).map_err(|e| Error::Protocol(format!("configfs-tsm: {e}")))?;
+        Ok(rep.outblob)
     }
 }
 
 /// Verifies captured evidence offline (`ztid-server evidence verify`): the claims as JSON,
-/// or the first failed check.
+/// or the first failed check. `evidence` is a quote (binary or hex); the collateral comes
+/// from `collateral` (or the config's `collateral_dir`); `report_data`, when given, must
+/// equal report_data (shorter values are zero-padded).
 pub fn verify_offline(
-    _evidence: &[u8],
-    _collateral: Option<&Path>,
-    _report_data: Option<&[u8]>,
-    _at: SystemTime,
-    _config: &toml::Table,
+    evidence: &[u8],
+    collateral: Option<&Path>,
+    report_data: Option<&[u8]>,
+    at: SystemTime,
+    config: &toml::Table,
 ) -> Result<serde_json::Value, Error> {
-    Err(not_built())
+    let cfg = parse_config(config)?;
+    let quote = tsm::maybe_hex(evidence);
+    let dir = collateral
+        .map(Path::to_path_buf)
+        .or(cfg.collateral_dir)
+        .ok_or_else(|| Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into()))?;
+    check_header(&quote)?;
+    let c = load_collateral(&dir, &quote)?;
+    let expected = report_data.map(tsm::pad_report_data).transpose()?;
+    verify(&quote, &c, crate::unix_seconds(at), expected.as_ref(), &cfg.policy).map(|v| v.claims)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,259 @@
+//! TPM node attestation end to end: the real `ztid-server` (verifier from
+//! `--tpm-ek-ca` / `[attestors.tpm]`) and `ztid-agent --attestor tpm` on a swtpm, then a
+//! workload fetching its SVID through that agent; PCR policy refusals; the offline
+//! `evidence verify --kind tpm` CLI.
+#![forbid(unsafe_code)]
+
+#[path = "../tpm/swtpm.rs"]
+mod swtpm;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use swtpm::{LocalCa, Swtpm};
+use ztid_agent_attestor::node_attestation::tpm;
+use ztid_tests::{
+    agent_cli, bin, entry_for_my_uid, spiffe_id_of, wait_for, Agent, Proc, Server, READY_TIMEOUT,
+};
+
+const TD: &str = "tpm.example.org";
+
+/// Starts `ztid-agent --attestor tpm`; `Err(log)` if it exits before serving.
+fn start_tpm_agent(server: &Server, tcti: &str, extra: &[&str]) -> Result<Agent, String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = server.bundle_file();
+    let socket = dir.path().join("api.sock");
+    let log = dir.path().join("agent.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let child = Command::new(bin("ztid-agent"))
+        .arg("run")
+        .arg("--server")
+        .arg(server.addr())
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--attestor")
+        .arg("tpm")
+        .arg("--tpm-tcti")
+        .arg(tcti)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--sync-interval")
+        .arg("1")
+        .args(extra)
+        .env("TSS2_LOG", "all+none")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("dup"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn ztid-agent");
+    let mut proc = Proc { child, log };
+    let start = Instant::now();
+    loop {
+        if let Some(st) = proc.exited() {
+            return Err(format!("ztid-agent exited ({st}):\n{}", proc.log_text()));
+        }
+        if socket.exists()
+            && agent_cli(&["healthcheck", "--socket", &socket.display().to_string()]).ok
+        {
+            break;
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            return Err(format!(
+                "ztid-agent not ready after {READY_TIMEOUT:?}:\n{}",
+                proc.log_text()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let pem = std::fs::read_to_string(dir.path().join("data/agent_svid.pem"))
+        .map_err(|e| e.to_string())?;
+    let der = pem::parse(pem).map_err(|e| e.to_string())?.into_contents();
+    Ok(Agent {
+        spiffe_id: spiffe_id_of(&der),
+        proc,
+        dir,
+    })
+}
+
+/// The node id the CA will give this TPM: SHA-256 of the EK certificate's public key.
+fn ek_hash_of(tpm: &Swtpm) -> String {
+    let mut t = tpm::device::Tpm::open(&tpm.tcti()).expect("open TPM");
+    tpm::ek_hash(&t.ek_public().expect("EK")).expect("hash")
+}
+
+fn provision(dir: &Path) -> (LocalCa, Swtpm) {
+    let ca = LocalCa::new(dir, "ca");
+    let tpm = Swtpm::provision(&ca, &dir.join("tpm"));
+    (ca, tpm)
+}
+
+#[test]
+fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, swtpm) = provision(dir.path());
+    let hash = ek_hash_of(&swtpm);
+    let server = Server::start_with(
+        TD,
+        &["--tpm-ek-ca", &ca.trust_dir().display().to_string()],
+    );
+    let t = Instant::now();
+    let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("TPM enrolment, agent start to Workload API ready: {:?}", t.elapsed());
+    assert_eq!(agent.spiffe_id, format!("spiffe://{TD}/ztid/agent/tpm/{hash}"));
+
+    // The server recorded the method and the selectors the evidence proved.
+    let shown: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+        "agent",
+        "show",
+        &agent.spiffe_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown["attestation_method"], "tpm", "{shown}");
+    let sels: Vec<String> = shown["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        format!("tpm:ek-hash:{hash}"),
+        "tpm:manufacturer:id:00001014".to_string(),
+        "tpm:ek-issuer:CN=swtpm-localca".to_string(),
+        format!("tpm:pcr:7:{}", "0".repeat(64)),
+    ] {
+        assert!(sels.contains(&want), "{want} missing from {sels:?}");
+    }
+
+    // A workload entry under the TPM agent; the workload fetches its SVID via the agent.
+    let workload = format!("spiffe://{TD}/tpm-workload");
+    entry_for_my_uid(&server, &agent, &workload, &[]);
+    let out = wait_for("the workload SVID through the TPM agent", READY_TIMEOUT, || {
+        let r = agent.cli(&["api", "fetch", "x509", "--output", "json"]);
+        (r.ok && r.stdout.contains(&workload)).then_some(r.stdout)
+    });
+    assert!(out.contains(&workload), "{out}");
+    // The agent holds no TPM connection and left nothing loaded.
+    assert_eq!(swtpm.leftovers(), "");
+}
+
+#[test]
+fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, swtpm) = provision(dir.path());
+    let hash = ek_hash_of(&swtpm);
+    let zero = "0".repeat(64);
+    // PCR 7 must stay at its enrolment value.
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[attestors.tpm]\nek_ca_dir = {:?}\npcrs = [0, 1, 2, 3, 4, 5, 6, 7]\n\
+             [attestors.tpm.pcr_policy.{hash}]\npcrs = {{ 7 = \"{zero}\" }}\n",
+            ca.trust_dir().display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
+    let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(agent.spiffe_id, format!("spiffe://{TD}/ztid/agent/tpm/{hash}"));
+    drop(agent);
+
+    // After enrolment the boot state changes: the next attestation is refused, and both
+    // sides say which PCR failed.
+    swtpm.pcr_extend(7, &"42".repeat(32));
+    let err = match start_tpm_agent(&server, &swtpm.tcti(), &[]) {
+        Err(e) => e,
+        Ok(_) => panic!("attestation with a changed PCR 7 passed"),
+    };
+    assert!(
+        err.contains(&format!("PCR policy not met: PCR 7 is ")) && err.contains(&format!("but policy {hash} allows {zero}")),
+        "{err}"
+    );
+    assert!(
+        server.log_text().contains("PCR policy not met: PCR 7 is"),
+        "the server logs the refusal with the PCR"
+    );
+
+    // An EK that is not on the allow-list, on a server that otherwise trusts its CA.
+    let config2 = dir.path().join("server2.toml");
+    std::fs::write(
+        &config2,
+        format!(
+            "[attestors.tpm]\nek_ca_dir = {:?}\nallowed_ek_hashes = [\"{}\"]\n",
+            ca.trust_dir().display().to_string(),
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let server2 = Server::start_with(TD, &["--config", &config2.display().to_string()]);
+    let err = match start_tpm_agent(&server2, &swtpm.tcti(), &[]) {
+        Err(e) => e,
+        Ok(_) => panic!("an EK off the allow-list attested"),
+    };
+    assert!(err.contains(&format!("EK {hash} is not in allowed_ek_hashes")), "{err}");
+
+    // A TPM from another manufacturer CA.
+    let other_ca = LocalCa::new(dir.path(), "other-ca");
+    let other = Swtpm::provision(&other_ca, &dir.path().join("other-tpm"));
+    let err = match start_tpm_agent(&server, &other.tcti(), &[]) {
+        Err(e) => e,
+        Ok(_) => panic!("an EK from an untrusted CA attested"),
+    };
+    assert!(
+        err.contains("EK certificate signature does not verify with the key of CA CN=swtpm-localca"),
+        "{err}"
+    );
+    let agents: serde_json::Value =
+        serde_json::from_str(&server2.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(agents.as_array().unwrap().len(), 0, "refusals create no agent");
+}
+
+#[test]
+fn tpm_evidence_verify_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, swtpm) = provision(dir.path());
+    let nonce = [7u8; 32];
+    let evidence = tpm::capture_evidence(&swtpm.tcti(), &nonce).expect("capture");
+    let file = dir.path().join("evidence.json");
+    std::fs::write(&file, &evidence).unwrap();
+    let trust = ca.trust_dir().display().to_string();
+    let run = |args: &[&str]| {
+        let o = Command::new(bin("ztid-server"))
+            .args(["evidence", "verify", "--kind", "tpm", "--evidence"])
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("ztid-server");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&[
+        "--collateral",
+        &trust,
+        "--report-data",
+        &hex::encode(nonce),
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{out}{err}");
+    let claims: serde_json::Value = serde_json::from_str(out.trim()).expect("json claims");
+    assert_eq!(claims["node_id"], ek_hash_of(&swtpm));
+    assert_eq!(claims["nonce_checked"], true);
+    let (ok, out, err) = run(&["--collateral", &trust, "--report-data", "00"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("evidence nonce differs from the expected --report-data"), "{err}");
+    // The CA directory can come from the config instead.
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, format!("[attestors.tpm]\nek_ca_dir = {trust:?}\n")).unwrap();
+    let (ok, out, err) = run(&["--config", &config.display().to_string()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("not proven offline"), "{out}");
+}
