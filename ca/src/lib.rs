@@ -11,6 +11,7 @@
 
 pub mod admin_api;
 pub mod attestors;
+pub mod audit;
 pub mod authorities;
 pub mod authority;
 pub mod cli;
