@@ -19,13 +19,15 @@ use crate::entries::to_proto;
 #[derive(Clone)]
 pub struct AdminGate {
     allowed_uids: Arc<Vec<u32>>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl AdminGate {
     /// A gate for `allowed_uids`.
-    pub fn new(allowed_uids: Vec<u32>) -> Self {
+    pub fn new(allowed_uids: Vec<u32>, audit: Option<Arc<crate::audit::AuditLog>>) -> Self {
         Self {
             allowed_uids: Arc::new(allowed_uids),
+            audit,
         }
     }
 
@@ -39,6 +41,9 @@ impl AdminGate {
             Some(c) if self.allowed_uids.contains(&c.uid()) => Ok(req),
             Some(c) => {
                 tracing::warn!(event = "admin_refused", uid = c.uid(), pid = ?c.pid(), "admin call from a uid that is not allowed");
+                if let Some(a) = &self.audit {
+                    let _ = a.append(serde_json::json!({"type": "admin_refused", "caller": format!("uid:{} pid:{}", c.uid(), c.pid().unwrap_or(0)), "reason": "uid not allowed"}));
+                }
                 Err(Status::permission_denied(format!(
                     "uid {} may not use the admin API",
                     c.uid()
@@ -105,9 +110,11 @@ impl AdminApi {
 }
 
 macro_rules! audit {
-    ($req:expr, $what:expr) => {
-        tracing::info!(event = "admin_call", caller = %caller(&$req), call = $what, "admin call")
-    };
+    ($self:ident, $req:expr, $what:expr) => {{
+        let who = caller(&$req);
+        tracing::info!(event = "admin_call", caller = %who, call = $what, "admin call");
+        $self.core.record(serde_json::json!({"type": "admin_call", "caller": who, "call": $what}))?;
+    }};
 }
 
 #[tonic::async_trait]
@@ -116,10 +123,11 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        audit!(request, "CreateJoinToken");
+        audit!(self, request, "CreateJoinToken");
         let r = request.get_ref();
         let alias = (!r.alias_spiffe_id.is_empty()).then(|| r.alias_spiffe_id.clone());
         let (token, expires_at) = self.core.create_join_token(r.ttl_seconds, alias)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token,
             expires_at,
@@ -130,8 +138,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<npb::Entry>,
     ) -> Result<Response<npb::Entry>, Status> {
-        audit!(request, "CreateEntry");
+        audit!(self, request, "CreateEntry");
         let e = self.core.create_entry(request.get_ref())?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(to_proto(&e)))
     }
 
@@ -139,7 +148,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
-        audit!(request, "ListEntries");
+        audit!(self, request, "ListEntries");
         let r = request.get_ref();
         let filter = EntryFilter {
             spiffe_id: (!r.spiffe_id.is_empty()).then(|| r.spiffe_id.clone()),
@@ -150,6 +159,7 @@ impl Admin for AdminApi {
             .store
             .list_entries(&filter)
             .map_err(Status::from)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries.iter().map(to_proto).collect(),
         }))
@@ -159,7 +169,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::EntryId>,
     ) -> Result<Response<npb::Entry>, Status> {
-        audit!(request, "GetEntry");
+        audit!(self, request, "GetEntry");
         let id = &request.get_ref().id;
         let e = self
             .core
@@ -167,6 +177,7 @@ impl Admin for AdminApi {
             .get_entry(id)
             .map_err(Status::from)?
             .ok_or_else(|| Status::not_found(format!("entry {id} does not exist")))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(to_proto(&e)))
     }
 
@@ -174,8 +185,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::EntryId>,
     ) -> Result<Response<npb::Entry>, Status> {
-        audit!(request, "DeleteEntry");
+        audit!(self, request, "DeleteEntry");
         let e = self.core.delete_entry(&request.get_ref().id)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(to_proto(&e)))
     }
 
@@ -183,8 +195,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        audit!(request, "ListAgents");
+        audit!(self, request, "ListAgents");
         let agents = self.core.store.list_agents().map_err(Status::from)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.iter().map(agent_to_proto).collect(),
         }))
@@ -194,7 +207,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
-        audit!(request, "GetAgent");
+        audit!(self, request, "GetAgent");
         let id = &request.get_ref().id;
         let a = self
             .core
@@ -202,6 +215,7 @@ impl Admin for AdminApi {
             .get_agent(id)
             .map_err(Status::from)?
             .ok_or_else(|| Status::not_found(format!("agent {id} does not exist")))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
     }
 
@@ -209,8 +223,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
-        audit!(request, "EvictAgent");
+        audit!(self, request, "EvictAgent");
         let a = self.core.evict_agent(&request.get_ref().id)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
     }
 
@@ -218,8 +233,9 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
-        audit!(request, "BanAgent");
+        audit!(self, request, "BanAgent");
         let a = self.core.ban_agent(&request.get_ref().id)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
     }
 
@@ -227,11 +243,12 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::GetBundleResponse>, Status> {
-        audit!(request, "GetBundle");
+        audit!(self, request, "GetBundle");
         let b = self.core.bundle();
         let spiffe_json = b
             .to_spiffe_json()
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::GetBundleResponse {
             bundle: Some(b.as_ref().into()),
             spiffe_json,
@@ -242,6 +259,7 @@ impl Admin for AdminApi {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::HealthResponse {
             status: "SERVING".into(),
             trust_domain: self.core.trust_domain.to_string(),
@@ -252,10 +270,11 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authorities>, Status> {
-        audit!(request, "ListAuthorities");
+        audit!(self, request, "ListAuthorities");
         let kind = Kind::parse(&request.get_ref().kind)?;
         let backend = self.core.authorities.key_backend();
         let list = self.core.list_authorities(kind)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::Authorities {
             authorities: list
                 .iter()
@@ -268,9 +287,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authority>, Status> {
-        audit!(request, "PrepareAuthority");
+        audit!(self, request, "PrepareAuthority");
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self.core.prepare_authority(kind, &caller(&request))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(authority_to_proto(
             kind,
             &a,
@@ -282,9 +302,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authority>, Status> {
-        audit!(request, "ActivateAuthority");
+        audit!(self, request, "ActivateAuthority");
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self.core.activate_authority(kind, &caller(&request))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(authority_to_proto(
             kind,
             &a,
@@ -296,11 +317,12 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AuthorityRef>,
     ) -> Result<Response<pb::Authority>, Status> {
-        audit!(request, "TaintAuthority");
+        audit!(self, request, "TaintAuthority");
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self
             .core
             .taint_authority(kind, &request.get_ref().id, &caller(&request))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(authority_to_proto(
             kind,
             &a,
@@ -312,11 +334,12 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::AuthorityRef>,
     ) -> Result<Response<pb::Authority>, Status> {
-        audit!(request, "RevokeAuthority");
+        audit!(self, request, "RevokeAuthority");
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self
             .core
             .revoke_authority(kind, &request.get_ref().id, &caller(&request))?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(authority_to_proto(
             kind,
             &a,

@@ -91,18 +91,33 @@ fn recover(path: &Path) -> Result<(u64, String)> {
     };
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).map_err(io(path))?;
-    let complete = bytes.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+    let complete = bytes
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
     if complete < bytes.len() {
-        tracing::warn!(event = "audit_torn_tail", bytes = bytes.len() - complete, "cutting a torn, never-acknowledged last audit record");
+        tracing::warn!(
+            event = "audit_torn_tail",
+            bytes = bytes.len() - complete,
+            "cutting a torn, never-acknowledged last audit record"
+        );
         f.set_len(complete as u64).map_err(io(path))?;
         f.sync_data().map_err(io(path))?;
     }
     let body = &bytes[..complete];
-    let Some(last) = body[..body.len().saturating_sub(1)].split(|b| *b == b'\n').next_back().filter(|l| !l.is_empty()) else {
+    let Some(last) = body[..body.len().saturating_sub(1)]
+        .split(|b| *b == b'\n')
+        .next_back()
+        .filter(|l| !l.is_empty())
+    else {
         return Ok((1, String::new()));
     };
-    let v: Value = serde_json::from_slice(last).map_err(|e| Error::Store(format!("audit log last record unreadable: {e}")))?;
-    let seq = v["seq"].as_u64().ok_or_else(|| Error::Store("audit log last record has no seq".into()))?;
+    let v: Value = serde_json::from_slice(last)
+        .map_err(|e| Error::Store(format!("audit log last record unreadable: {e}")))?;
+    let seq = v["seq"]
+        .as_u64()
+        .ok_or_else(|| Error::Store("audit log last record has no seq".into()))?;
     Ok((seq + 1, sha256_hex(last)))
 }
 
@@ -123,7 +138,11 @@ impl AuditLog {
         key_manager.public_key(&key_id)?;
         let path = dir.join(LOG_FILE);
         let (next_seq, prev) = recover(&path)?;
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
         let (durable, _) = watch::channel(next_seq - 1);
         let shared = Arc::new(Shared {
             chain: Mutex::new(Chain {
@@ -138,7 +157,12 @@ impl AuditLog {
             durable,
             failed: Mutex::new(None),
         });
-        let log = Arc::new(Self { dir: dir.to_path_buf(), shared, key_manager, key_id });
+        let log = Arc::new(Self {
+            dir: dir.to_path_buf(),
+            shared,
+            key_manager,
+            key_id,
+        });
         let writer = log.clone();
         std::thread::Builder::new()
             .name("ztid-audit".into())
@@ -152,9 +176,15 @@ impl AuditLog {
         if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
             return Err(Error::Store(format!("audit log unavailable: {e}")));
         }
-        let mut c = self.shared.chain.lock().map_err(|_| Error::Store("audit lock poisoned".into()))?;
+        let mut c = self
+            .shared
+            .chain
+            .lock()
+            .map_err(|_| Error::Store("audit lock poisoned".into()))?;
         let seq = self.push(&mut c, json!({"event": event}))?;
-        if c.since_checkpoint >= CHECKPOINT_RECORDS || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+        if c.since_checkpoint >= CHECKPOINT_RECORDS
+            || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+        {
             self.push_checkpoint(&mut c)?;
         }
         drop(c);
@@ -165,9 +195,16 @@ impl AuditLog {
     fn push(&self, c: &mut Chain, mut body: Value) -> Result<u64> {
         let seq = c.next_seq;
         // seq, time and prev first, then the body's fields; the hash covers the exact bytes.
-        let obj = body.as_object_mut().ok_or_else(|| Error::Store("audit body".into()))?;
+        let obj = body
+            .as_object_mut()
+            .ok_or_else(|| Error::Store("audit body".into()))?;
         let rest = serde_json::to_string(obj).map_err(|e| Error::Store(e.to_string()))?;
-        let line = format!("{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}\n", now_ms(), c.prev, &rest[1..]);
+        let line = format!(
+            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}\n",
+            now_ms(),
+            c.prev,
+            &rest[1..]
+        );
         c.prev = sha256_hex(&line.as_bytes()[..line.len() - 1]);
         c.pending.extend_from_slice(line.as_bytes());
         c.pending_last = seq;
@@ -177,12 +214,18 @@ impl AuditLog {
     }
 
     fn sign(&self, msg: &[u8]) -> Result<String> {
-        Ok(B64.encode(self.key_manager.sign(&self.key_id, msg, SignatureFormat::Der)?))
+        Ok(B64.encode(
+            self.key_manager
+                .sign(&self.key_id, msg, SignatureFormat::Der)?,
+        ))
     }
 
     fn push_checkpoint(&self, c: &mut Chain) -> Result<()> {
         let sig = self.sign(&signed_message("checkpoint", c.next_seq, &c.prev))?;
-        self.push(c, json!({"checkpoint": {"key_id": self.key_id, "sig": sig}}))?;
+        self.push(
+            c,
+            json!({"checkpoint": {"key_id": self.key_id, "sig": sig}}),
+        )?;
         c.since_checkpoint = 0;
         c.last_checkpoint = Instant::now();
         Ok(())
@@ -191,19 +234,28 @@ impl AuditLog {
     fn run_writer(self: Arc<Self>, mut file: File) {
         loop {
             let (batch, last, head_hash) = {
-                let Ok(mut c) = self.shared.chain.lock() else { return };
+                let Ok(mut c) = self.shared.chain.lock() else {
+                    return;
+                };
                 while c.pending.is_empty() {
                     c = match self.shared.wake.wait_timeout(c, CHECKPOINT_EVERY) {
                         Ok((g, _)) => g,
                         Err(_) => return,
                     };
-                    if c.pending.is_empty() && c.since_checkpoint > 0 && c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                    if c.pending.is_empty()
+                        && c.since_checkpoint > 0
+                        && c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+                    {
                         if let Err(e) = self.push_checkpoint(&mut c) {
                             tracing::error!(error = %e, "audit checkpoint failed");
                         }
                     }
                 }
-                (std::mem::take(&mut c.pending), c.pending_last, c.prev.clone())
+                (
+                    std::mem::take(&mut c.pending),
+                    c.pending_last,
+                    c.prev.clone(),
+                )
             };
             let result = file.write_all(&batch).and_then(|_| file.sync_data());
             if let Err(e) = result {
@@ -229,6 +281,15 @@ impl AuditLog {
         std::fs::rename(&tmp, self.dir.join(HEAD_FILE)).map_err(io(&tmp))
     }
 
+    /// The sequence number of the last record appended.
+    pub fn last_seq(&self) -> u64 {
+        self.shared
+            .chain
+            .lock()
+            .map(|c| c.next_seq - 1)
+            .unwrap_or(0)
+    }
+
     /// Resolves once every record up to `seq` is on disk.
     pub async fn durable(&self, seq: u64) -> Result<()> {
         let mut rx = self.shared.durable.subscribe();
@@ -239,7 +300,10 @@ impl AuditLog {
             if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
                 return Err(Error::Store(format!("audit log unavailable: {e}")));
             }
-            if tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.is_ok_and(|r| r.is_err()) {
+            if tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
                 return Err(Error::Store("audit writer stopped".into()));
             }
         }
@@ -261,21 +325,34 @@ pub struct VerifyReport {
 
 /// Walks the whole log in `dir`: every hash link, every checkpoint signature, the
 /// signed head. `Err` names the first bad record.
-pub fn verify(dir: &Path, key_manager: &dyn KeyManager) -> std::result::Result<VerifyReport, String> {
+pub fn verify(
+    dir: &Path,
+    key_manager: &dyn KeyManager,
+) -> std::result::Result<VerifyReport, String> {
     use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
-    let key_id = std::fs::read_to_string(dir.join(KEY_ID_FILE)).map_err(|e| format!("no audit key id in {}: {e}", dir.display()))?;
+    let key_id = std::fs::read_to_string(dir.join(KEY_ID_FILE))
+        .map_err(|e| format!("no audit key id in {}: {e}", dir.display()))?;
     let key_id = key_id.trim();
-    let public = key_manager.public_key(key_id).map_err(|e| format!("audit key {key_id}: {e}"))?;
+    let public = key_manager
+        .public_key(key_id)
+        .map_err(|e| format!("audit key {key_id}: {e}"))?;
     let check_sig = |msg: &[u8], sig_b64: &str| -> bool {
-        B64.decode(sig_b64)
-            .ok()
-            .is_some_and(|sig| UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &public.raw).verify(msg, &sig).is_ok())
+        B64.decode(sig_b64).ok().is_some_and(|sig| {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &public.raw)
+                .verify(msg, &sig)
+                .is_ok()
+        })
     };
-    let head: Value = serde_json::from_slice(&std::fs::read(dir.join(HEAD_FILE)).map_err(|e| format!("no signed head: {e}"))?)
-        .map_err(|e| format!("signed head unreadable: {e}"))?;
+    let head: Value = serde_json::from_slice(
+        &std::fs::read(dir.join(HEAD_FILE)).map_err(|e| format!("no signed head: {e}"))?,
+    )
+    .map_err(|e| format!("signed head unreadable: {e}"))?;
     let head_seq = head["seq"].as_u64().ok_or("signed head has no seq")?;
     let head_hash = head["hash"].as_str().ok_or("signed head has no hash")?;
-    if !check_sig(&signed_message("head", head_seq, head_hash), head["sig"].as_str().unwrap_or_default()) {
+    if !check_sig(
+        &signed_message("head", head_seq, head_hash),
+        head["sig"].as_str().unwrap_or_default(),
+    ) {
         return Err("signed head: signature does not verify".into());
     }
     let f = File::open(dir.join(LOG_FILE)).map_err(|e| format!("audit log: {e}"))?;
@@ -287,7 +364,9 @@ pub fn verify(dir: &Path, key_manager: &dyn KeyManager) -> std::result::Result<V
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(|e| format!("audit log: {e}"))?;
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("audit log: {e}"))?;
         if n == 0 {
             break;
         }
@@ -296,16 +375,24 @@ pub fn verify(dir: &Path, key_manager: &dyn KeyManager) -> std::result::Result<V
             return Err(format!("{at}: truncated (no line end)"));
         }
         let body = &line[..line.len() - 1];
-        let v: Value = serde_json::from_slice(body).map_err(|e| format!("{at}: not valid JSON ({e})"))?;
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| format!("{at}: not valid JSON ({e})"))?;
         let seq = v["seq"].as_u64().ok_or_else(|| format!("{at}: no seq"))?;
         if seq != expected {
-            return Err(format!("{at}: sequence number is {seq} (a record was deleted, inserted or moved)"));
+            return Err(format!(
+                "{at}: sequence number is {seq} (a record was deleted, inserted or moved)"
+            ));
         }
         if v["prev"].as_str() != Some(prev.as_str()) {
-            return Err(format!("{at}: does not chain to the record before it (changed, deleted or reordered)"));
+            return Err(format!(
+                "{at}: does not chain to the record before it (changed, deleted or reordered)"
+            ));
         }
         if let Some(cp) = v.get("checkpoint") {
-            if !check_sig(&signed_message("checkpoint", seq, &prev), cp["sig"].as_str().unwrap_or_default()) {
+            if !check_sig(
+                &signed_message("checkpoint", seq, &prev),
+                cp["sig"].as_str().unwrap_or_default(),
+            ) {
                 return Err(format!("{at}: checkpoint signature does not verify"));
             }
             checkpoints += 1;
@@ -325,7 +412,12 @@ pub fn verify(dir: &Path, key_manager: &dyn KeyManager) -> std::result::Result<V
             expected - 1
         ));
     }
-    Ok(VerifyReport { records: expected - 1, checkpoints, head_seq, unanchored_tail: expected - 1 - head_seq })
+    Ok(VerifyReport {
+        records: expected - 1,
+        checkpoints,
+        head_seq,
+        unanchored_tail: expected - 1 - head_seq,
+    })
 }
 
 /// The log file inside an audit directory.
@@ -340,11 +432,16 @@ mod tests {
 
     fn write(dir: &Path, n: usize) -> Arc<dyn KeyManager> {
         let km: Arc<dyn KeyManager> = Arc::new(SoftwareKeyManager::open(dir.join("keys")).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let log = AuditLog::open(&dir.join("audit"), km.clone()).unwrap();
         let mut last = 0;
         for i in 0..n {
-            last = log.append(json!({"type": "x509_svid_issued", "serial": format!("{i:04}")})).unwrap();
+            last = log
+                .append(json!({"type": "x509_svid_issued", "serial": format!("{i:04}")}))
+                .unwrap();
             if i == n / 2 {
                 let mut c = log.shared.chain.lock().unwrap();
                 log.push_checkpoint(&mut c).unwrap();
@@ -355,11 +452,19 @@ mod tests {
     }
 
     fn lines(dir: &Path) -> Vec<String> {
-        std::fs::read_to_string(log_path(&dir.join("audit"))).unwrap().lines().map(str::to_string).collect()
+        std::fs::read_to_string(log_path(&dir.join("audit")))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     fn put(dir: &Path, lines: &[String]) {
-        std::fs::write(log_path(&dir.join("audit")), lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            log_path(&dir.join("audit")),
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -367,7 +472,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let km = write(dir.path(), 10);
         let r = verify(&dir.path().join("audit"), km.as_ref()).unwrap();
-        assert_eq!((r.records, r.checkpoints, r.head_seq, r.unanchored_tail), (11, 1, 11, 0));
+        assert_eq!(
+            (r.records, r.checkpoints, r.head_seq, r.unanchored_tail),
+            (11, 1, 11, 0)
+        );
         // Reopen and append: the chain continues.
         let km2 = write(dir.path(), 3);
         let r = verify(&dir.path().join("audit"), km2.as_ref()).unwrap();
@@ -387,7 +495,10 @@ mod tests {
         // One byte changed in record 4.
         let mut l = orig.clone();
         l[3] = l[3].replace("0003", "0903");
-        assert_eq!(check(&l), "record 5: does not chain to the record before it (changed, deleted or reordered)");
+        assert_eq!(
+            check(&l),
+            "record 5: does not chain to the record before it (changed, deleted or reordered)"
+        );
         // Record 4 deleted.
         let mut l = orig.clone();
         l.remove(3);
@@ -406,7 +517,10 @@ mod tests {
         v["checkpoint"]["sig"] = json!(B64.encode([1u8; 70]));
         l[i] = v.to_string();
         let e = check(&l);
-        assert!(e.contains("checkpoint signature does not verify") || e.contains("does not chain"), "{e}");
+        assert!(
+            e.contains("checkpoint signature does not verify") || e.contains("does not chain"),
+            "{e}"
+        );
         put(dir.path(), &orig);
         assert!(verify(&audit, km.as_ref()).is_ok());
     }

@@ -56,6 +56,9 @@ pub enum Command {
     /// X.509 and JWT authorities: show, prepare, activate, taint, revoke.
     #[command(subcommand)]
     Authority(AuthorityCmd),
+    /// The tamper-evident audit log (offline; no server needed).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Offline evidence checks (no server needed).
     #[command(subcommand)]
     Evidence(EvidenceCmd),
@@ -123,6 +126,60 @@ pub struct EvidenceVerifyArgs {
     /// Server config whose `[attestors.*]` policy applies.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+/// `audit` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Walk the hash chain, checkpoint signatures and signed head; name the first bad record.
+    Verify {
+        /// The server's data directory (default from --config, else /var/lib/ztid/server).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Server config (for the key manager holding the audit key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Runs `audit verify`.
+pub fn audit_verify(
+    data_dir: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+    out: Output,
+) -> Result<(), String> {
+    let mut c = match config {
+        Some(p) => ServerConfig::from_file(p).map_err(|e| e.to_string())?,
+        None => ServerConfig::default(),
+    };
+    if let Some(d) = data_dir {
+        c.data_dir = d.clone();
+    }
+    let km = crate::keys::key_manager(&c).map_err(|e| e.to_string())?;
+    let dir = c.data_dir.join("audit");
+    let r = crate::audit::verify(&dir, km.as_ref())
+        .map_err(|e| format!("audit log {}: {e}", dir.display()))?;
+    match out {
+        Output::Json => println!(
+            "{}",
+            json!({"ok": true, "records": r.records, "checkpoints": r.checkpoints, "head_seq": r.head_seq, "unanchored_tail": r.unanchored_tail})
+        ),
+        Output::Text => println!(
+            "audit log OK: {} records, {} signed checkpoints, signed head at record {}{}",
+            r.records,
+            r.checkpoints,
+            r.head_seq,
+            if r.unanchored_tail > 0 {
+                format!(
+                    " ({} later records not yet under the head)",
+                    r.unanchored_tail
+                )
+            } else {
+                String::new()
+            }
+        ),
+    }
+    Ok(())
 }
 
 /// `evidence` verbs.
@@ -471,7 +528,9 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
     let out = cli.output;
     let status = |s: tonic::Status| s.message().to_string();
     match &cli.command {
-        Command::Run(_) | Command::Evidence(_) => unreachable!("not an admin verb"),
+        Command::Run(_) | Command::Evidence(_) | Command::Audit(_) => {
+            unreachable!("not an admin verb")
+        }
         Command::Healthcheck => {
             let h = client
                 .health(pb::HealthRequest {})

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub pkcs11: Option<Pkcs11Config>,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// Keep the tamper-evident audit log (`DATA_DIR/audit`). On by default; turning it
+    /// off is for benchmarks.
+    pub audit_enabled: bool,
     /// Node attestation methods beyond join tokens; a method is enabled by its table.
     pub attestors: AttestorsConfig,
 }
@@ -91,6 +94,7 @@ impl Default for ServerConfig {
             pkcs11: None,
             log_format: "text".into(),
             attestors: AttestorsConfig::default(),
+            audit_enabled: true,
         }
     }
 }

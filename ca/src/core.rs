@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use rcgen::{KeyPair, PublicKeyData};
 use rustls::sign::CertifiedKey;
+use serde_json::{json, Value};
 use spiffe::TrustDomain;
 use ztid_agent_attestor::bundle::TrustBundle;
 use ztid_agent_attestor::node_attestation::join_token::{
@@ -19,6 +20,7 @@ use ztid_agent_attestor::tls::SharedRoots;
 use ztid_agent_attestor::unix_seconds;
 use ztid_hsm::KeyManager;
 
+use crate::audit::AuditLog;
 use crate::authorities::{AuthoritySet, Kind, Lifetimes};
 use crate::authority::{random_hex, LeafTemplate, SignedLeaf, X509Authority};
 use crate::config::ServerConfig;
@@ -87,6 +89,8 @@ pub struct CaCore {
     pub key_manager: Arc<dyn KeyManager>,
     /// The X.509 and JWT authorities and the bundle.
     pub authorities: AuthoritySet,
+    /// The tamper-evident audit log (absent only when disabled in config).
+    pub audit: Option<Arc<AuditLog>>,
     verifiers: Vec<Box<dyn NodeVerifier>>,
     server_svid: ArcSwap<CertifiedKey>,
     server_svid_expiry: std::sync::atomic::AtomicI64,
@@ -117,8 +121,15 @@ impl CaCore {
             },
             t,
         )?;
-        let verifiers: Vec<Box<dyn NodeVerifier>> =
+        let audit = if config.audit_enabled {
+            Some(AuditLog::open(&dir.join("audit"), key_manager.clone())?)
+        } else {
+            tracing::warn!("the audit log is disabled by configuration");
+            None
+        };
+        let mut verifiers: Vec<Box<dyn NodeVerifier>> =
             vec![Box::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
+        verifiers.extend(crate::attestors::configured_verifiers(&config)?);
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         Ok(Arc::new(Self {
@@ -127,6 +138,7 @@ impl CaCore {
             store,
             key_manager,
             authorities,
+            audit,
             verifiers,
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
@@ -307,6 +319,10 @@ impl CaCore {
         record.aliases = self.aliases_of(&record)?;
         self.store.put_agent(&record)?;
         self.store.flush()?;
+        self.record(json!({"type": "node_attested", "agent": record.spiffe_id, "method": record.method,
+            "node_id": node.node_id, "evidence_sha256": record.evidence_digest, "serial": leaf.serial,
+            "not_after": leaf.not_after, "selectors": record.selectors, "aliases": record.aliases,
+            "authority": self.authorities.x509().record().id}))?;
         tracing::info!(
             event = "node_attested",
             agent = %record.spiffe_id,
@@ -351,6 +367,8 @@ impl CaCore {
         record.expires_at = leaf.not_after;
         self.store.put_agent(&record)?;
         self.store.flush()?;
+        self.record(json!({"type": "agent_svid_issued", "agent": id, "serial": leaf.serial, "not_after": leaf.not_after,
+            "authority": self.authorities.x509().record().id}))?;
         tracing::info!(event = "agent_renewed", agent = %id, serial = %leaf.serial, "agent SVID renewed");
         Ok(leaf)
     }
@@ -399,6 +417,9 @@ impl CaCore {
             },
             now(),
         )?;
+        self.record(json!({"type": "x509_svid_issued", "spiffe_id": checked.spiffe_id, "entry": entry.id,
+            "agent": agent.record.spiffe_id, "serial": leaf.serial, "ttl": ttl, "not_after": leaf.not_after,
+            "authority": authority.record().id}))?;
         tracing::info!(
             event = "x509_svid_issued",
             spiffe_id = %checked.spiffe_id,
@@ -437,6 +458,11 @@ impl CaCore {
         };
         let jwt = self.authorities.jwt();
         let (token, exp) = jwt.mint(spiffe_id, audience, ttl, now())?;
+        self.record(
+            json!({"type": "jwt_svid_issued", "spiffe_id": spiffe_id, "entry": entry.id,
+            "agent": agent.record.spiffe_id, "audience": audience, "ttl": ttl, "exp": exp,
+            "authority": jwt.record().id}),
+        )?;
         tracing::info!(
             event = "jwt_svid_issued",
             spiffe_id,
@@ -491,6 +517,7 @@ impl CaCore {
             },
         )?;
         self.store.flush()?;
+        self.record(json!({"type": "join_token_created", "token_id": id, "expires_at": expires_at, "alias": alias}))?;
         tracing::info!(event = "join_token_created", token_id = %id, expires_at, alias = ?alias, "join token created");
         Ok((token, expires_at))
     }
@@ -501,6 +528,8 @@ impl CaCore {
             validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
         let record = self.store.create_entry(record)?;
         self.store.flush()?;
+        self.record(json!({"type": "entry_created", "entry": record.id, "spiffe_id": record.spiffe_id,
+            "parent_id": record.parent_id, "selectors": record.selectors, "revision": record.revision}))?;
         tracing::info!(event = "entry_created", entry = %record.id, spiffe_id = %record.spiffe_id, parent = %record.parent_id, "registration entry created");
         Ok(record)
     }
@@ -512,6 +541,7 @@ impl CaCore {
             .delete_entry(id)?
             .ok_or_else(|| Error::NotFound(format!("entry {id} does not exist")))?;
         self.store.flush()?;
+        self.record(json!({"type": "entry_deleted", "entry": id, "spiffe_id": e.spiffe_id}))?;
         tracing::info!(event = "entry_deleted", entry = %id, spiffe_id = %e.spiffe_id, "registration entry deleted");
         Ok(e)
     }
@@ -523,6 +553,7 @@ impl CaCore {
             .delete_agent(id)?
             .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
         self.store.flush()?;
+        self.record(json!({"type": "agent_evicted", "agent": id}))?;
         tracing::warn!(event = "agent_evicted", agent = %id, "agent evicted");
         Ok(a)
     }
@@ -536,6 +567,7 @@ impl CaCore {
         a.banned = true;
         self.store.put_agent(&a)?;
         self.store.flush()?;
+        self.record(json!({"type": "agent_banned", "agent": id}))?;
         tracing::warn!(event = "agent_banned", agent = %id, "agent banned");
         Ok(a)
     }
@@ -618,6 +650,13 @@ impl CaCore {
     }
 
     fn log_authority_change(&self, caller: &str, kind: Kind, action: &str, r: &AuthorityRecord) {
+        if let Err(e) = self.record(
+            json!({"type": "authority_changed", "caller": caller, "kind": kind.as_str(),
+            "action": action, "authority": r.id, "tainted": r.tainted, "not_after": r.not_after,
+            "bundle_sequence": self.bundle().sequence}),
+        ) {
+            tracing::error!(error = %e, "could not audit an authority change");
+        }
         tracing::warn!(
             event = "authority_changed",
             caller,
@@ -703,11 +742,29 @@ impl CaCore {
     /// Periodic work: automatic rotation, pruning of expired authorities, server SVID renewal.
     pub fn housekeeping(&self) -> Result<()> {
         for c in self.authorities.tick(now())? {
+            self.record(json!({"type": "authority_changed", "caller": "automatic rotation", "kind": c.kind.as_str(),
+                "action": c.action, "authority": c.id}))?;
             tracing::warn!(event = "authority_changed", caller = "automatic rotation", kind = c.kind.as_str(), action = c.action, authority = %c.id, "authority {}", c.action);
             if c.kind == Kind::X509 && c.action == "activated" {
                 self.force_renew_server_svid()?;
             }
         }
         self.maybe_renew_server_svid()
+    }
+
+    /// Appends a security event to the audit log.
+    pub fn record(&self, event: Value) -> Result<()> {
+        if let Some(a) = &self.audit {
+            a.append(event)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every event recorded so far is durable: call before answering.
+    pub async fn audit_barrier(&self) -> Result<()> {
+        match &self.audit {
+            Some(a) => a.durable(a.last_seq()).await,
+            None => Ok(()),
+        }
     }
 }

@@ -34,6 +34,10 @@ impl NodeApi {
         let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
         self.core.authenticate_agent(leaf).map_err(|e| {
             tracing::warn!(event = "node_api_refused", reason = %e, "node API call refused");
+            let _ = self.core.record(
+                serde_json::json!({"type": "node_api_refused", "reason": e.to_string(),
+                "peer_serial": leaf.and_then(|l| ztid_agent_attestor::svid::serial_hex(l).ok())}),
+            );
             Status::from(e)
         })
     }
@@ -67,6 +71,7 @@ async fn run_attestation(
     let method = init.method.clone();
     let refuse = |e: Error| {
         tracing::warn!(event = "node_attestation_refused", method = %method, reason = %e, "node attestation refused");
+        let _ = core.record(serde_json::json!({"type": "node_attestation_refused", "method": method, "reason": e.to_string()}));
         Status::from(e)
     };
     let agent_key = CaCore::csr_public_key(&init.csr).map_err(refuse)?;
@@ -135,6 +140,7 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let agent = self.agent(&request)?;
         let leaf = self.core.renew_agent(&agent, &request.get_ref().csr)?;
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::RenewAgentResponse {
             svid_chain: leaf.chain,
         }))
@@ -162,12 +168,15 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "x509_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "CSR refused");
+                        let _ = self.core.record(serde_json::json!({"type": "x509_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::svid_result::Result::Error(e.to_string())
                     }
                 };
                 pb::SvidResult { result: Some(result) }
             })
             .collect();
+        // No SVID leaves before its audit record is durable (one sync for the batch).
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::SignX509SvidsResponse { results }))
     }
 
@@ -193,12 +202,14 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "jwt_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "JWT-SVID refused");
+                        let _ = self.core.record(serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::jwt_result::Result::Error(e.to_string())
                     }
                 };
                 pb::JwtResult { result: Some(result) }
             })
             .collect();
+        self.core.audit_barrier().await?;
         Ok(Response::new(pb::MintJwtSvidsResponse { results }))
     }
 

@@ -80,7 +80,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     if allowed.is_empty() {
         allowed.push(nix::unistd::getuid().as_raw());
     }
-    let gate = AdminGate::new(allowed.clone());
+    let gate = AdminGate::new(allowed.clone(), core.audit.clone());
 
     // Accept loop: each TLS handshake runs in its own task, so one slow or hostile
     // client cannot hold up the others.
