@@ -107,8 +107,9 @@ impl CaCore {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(Error::io(format!("restricting {}", dir.display())))?;
         }
-        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
+        // The key manager first: a wrong PIN or a missing token must leave nothing behind.
         let key_manager = crate::keys::key_manager(&config)?;
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
         let t = now();
         let authorities = AuthoritySet::open(
             trust_domain.clone(),

@@ -50,6 +50,7 @@ struct Opts {
     entries: u64,
     instances: usize,
     secs: f64,
+    wait_quiet: f64,
     doc: Option<PathBuf>,
 }
 
@@ -61,6 +62,7 @@ impl Opts {
             entries: 1_000_000,
             instances: 1000,
             secs: 5.0,
+            wait_quiet: 300.0,
             doc: Some(root.join("docs/performance.md")),
         };
         let mut args = std::env::args().skip(1);
@@ -75,15 +77,17 @@ impl Opts {
                     o.entries = 20_000;
                     o.instances = 100;
                     o.secs = 1.5;
+                    o.wait_quiet = 10.0;
                     o.doc = None;
                 }
                 "--entries" => o.entries = val("--entries").parse().expect("--entries N"),
                 "--instances" => o.instances = val("--instances").parse().expect("--instances N"),
                 "--secs" => o.secs = val("--secs").parse().expect("--secs S"),
+                "--wait-quiet" => o.wait_quiet = val("--wait-quiet").parse().expect("--wait-quiet S"),
                 "--no-doc" => o.doc = None,
                 "--out" => o.doc = Some(PathBuf::from(val("--out"))),
                 "-h" | "--help" => {
-                    println!("usage: ztid-bench [--quick] [--entries N] [--instances N] [--secs S] [--no-doc] [--out PATH]");
+                    println!("usage: ztid-bench [--quick] [--entries N] [--instances N] [--secs S] [--wait-quiet S] [--no-doc] [--out PATH]");
                     std::process::exit(0);
                 }
                 other => panic!("unknown option {other:?} (try --help)"),
@@ -191,25 +195,98 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// CPU seconds of the server, the agent and this process over a window.
+/// Busy CPU seconds of the whole machine (all cores), from `/proc/stat`.
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    busy as f64 / clk_tck()
+}
+
+/// CPU seconds of this process plus its reaped children (the worker processes).
+fn self_and_children_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = (11..=14).filter_map(|i| f.get(i).and_then(|x| x.parse::<u64>().ok())).sum();
+    ticks as f64 / clk_tck()
+}
+
+/// CPU seconds of the server, the agent and this process over a window, and how much
+/// CPU the rest of the machine (anything not started by this benchmark) used meanwhile.
 struct CpuWindow {
     pids: [String; 3],
     start: [f64; 3],
+    ours0: f64,
+    machine0: f64,
+    t0: Instant,
 }
 
 impl CpuWindow {
     fn start(server: u32, agent: u32) -> Self {
         let pids = [server.to_string(), agent.to_string(), "self".to_string()];
         let start = [cpu_secs(&pids[0]), cpu_secs(&pids[1]), cpu_secs(&pids[2])];
-        Self { pids, start }
+        Self {
+            ours0: start[0] + start[1] + self_and_children_secs(),
+            start,
+            pids,
+            machine0: machine_busy_secs(),
+            t0: Instant::now(),
+        }
     }
-    /// (server, agent, bench) CPU seconds since `start`.
+    /// (server, agent, bench) CPU seconds since `start`; records foreign load.
     fn stop(&self) -> [f64; 3] {
         let mut out = [0.0; 3];
         for i in 0..3 {
             out[i] = cpu_secs(&self.pids[i]) - self.start[i];
         }
+        let ours = cpu_secs(&self.pids[0]) + cpu_secs(&self.pids[1]) + self_and_children_secs() - self.ours0;
+        let foreign = (machine_busy_secs() - self.machine0 - ours).max(0.0);
+        let share = foreign / (self.t0.elapsed().as_secs_f64() * cores() as f64);
+        note_foreign(share);
         out
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+static FOREIGN: std::sync::Mutex<(f64, u32)> = std::sync::Mutex::new((0.0, 0));
+
+/// Remembers the largest share of the machine used by other processes in a window.
+fn note_foreign(share: f64) {
+    let mut f = FOREIGN.lock().unwrap();
+    f.0 = f.0.max(share);
+    f.1 += 1;
+    if share > 0.05 {
+        log(format!(
+            "  WARNING: other processes used {:.0}% of the machine during this measurement",
+            share * 100.0
+        ));
+    }
+}
+
+/// Waits (at most `max`) until other processes use under 5% of the machine for 2 s.
+fn wait_machine_quiet(max: Duration) -> (f64, Duration) {
+    let start = Instant::now();
+    loop {
+        let m0 = machine_busy_secs();
+        let o0 = self_and_children_secs();
+        std::thread::sleep(Duration::from_secs(2));
+        let share = (machine_busy_secs() - m0 - (self_and_children_secs() - o0)).max(0.0) / (2.0 * cores() as f64);
+        if share < 0.05 || start.elapsed() >= max {
+            return (share, start.elapsed());
+        }
+        log(format!("machine busy ({:.0}% used by other processes); waiting for it to quiet down", share * 100.0));
     }
 }
 
@@ -985,10 +1062,21 @@ fn main() {
         .build()
         .expect("runtime");
 
+    // ---- a quiet machine first: other processes' CPU would be measured as ours
+    let quiet_start = wait_machine_quiet(Duration::from_secs_f64(opts.wait_quiet));
+    if quiet_start.0 >= 0.05 {
+        log(format!(
+            "WARNING: starting anyway, other processes use {:.0}% of the machine; figures will be low",
+            quiet_start.0 * 100.0
+        ));
+    }
+
     // ---- raw crypto
     log("raw rcgen/ring CSR verify + sign");
-    let raw_csrs = csr_pool(1000, &format!("{BENCH_ID}"));
+    let raw_csrs = csr_pool(1000, BENCH_ID);
+    let raw_window = CpuWindow::start(0, 0);
     let raw = raw_crypto(&opts, &raw_csrs);
+    raw_window.stop();
     log(format!(
         "  raw: {:.0}/s on 1 thread ({:.1} µs: verify {:.1} + sign {:.1}), {:.0}/s on 2 threads",
         raw.rate1, raw.us_total, raw.us_verify, raw.us_sign, raw.rate2
@@ -1255,6 +1343,8 @@ fn main() {
         rss_server_1k,
         rss_server_big,
         total,
+        quiet_start,
+        foreign_max: FOREIGN.lock().unwrap().0,
     };
     let summary = r.summary_table();
     println!("{summary}");
@@ -1297,6 +1387,8 @@ struct Report {
     rss_server_1k: u64,
     rss_server_big: u64,
     total: Duration,
+    quiet_start: (f64, Duration),
+    foreign_max: f64,
 }
 
 fn met(ok: bool) -> &'static str {
@@ -1464,8 +1556,14 @@ impl Report {
              agent every mint and new instance at INFO; at INFO to a file the log, not the CA, would be \
              measured). Each measurement is a fixed window of {:.0} s after a warm-up; latencies are \
              percentiles of the sorted per-call sample (std::time::Instant). The bench client, the \
-             server, the agent and the worker processes all share the machine's {nproc} cores.\n",
-            self.log_level, o.secs
+             server, the agent and the worker processes all share the machine's {nproc} cores. \
+             The run waited {:.0} s for the machine to be quiet; the most CPU that other processes used \
+             in any measurement window was {:.1}% of the machine (from `/proc/stat` minus the CPU of the \
+             benchmark, the server, the agent and the workers).\n",
+            self.log_level,
+            o.secs,
+            self.quiet_start.1.as_secs_f64(),
+            self.foreign_max * 100.0
         );
         let _ = writeln!(d, "## Machine\n");
         let _ = writeln!(d, "| | |\n|---|---|");

@@ -908,3 +908,101 @@ pub fn verify_offline(
 pub fn b64_encode(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Test TPM CA");
+        std::fs::write(d.path().join("ca.pem"), p.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(d.path().join("notes.txt"), "ignored").unwrap();
+        d
+    }
+
+    fn table(dir: &Path, extra: &str) -> toml::Table {
+        toml::from_str(&format!("ek_ca_dir = {:?}\n{extra}", dir.display().to_string())).unwrap()
+    }
+
+    fn config_err(dir: &Path, extra: &str) -> String {
+        match TpmPolicy::from_table(&table(dir, extra), None) {
+            Err(Error::Config(s)) => s,
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("config accepted: {extra}"),
+        }
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let d = ca_dir();
+        let p = TpmPolicy::from_table(&table(d.path(), ""), None).unwrap();
+        assert_eq!(p.ek_cas.len(), 1);
+        assert_eq!(p.pcrs, DEFAULT_PCRS.into_iter().collect());
+        assert!(p.allowed_ek_hashes.is_none());
+        let h = "ab".repeat(32);
+        let z = "00".repeat(32);
+        assert!(config_err(d.path(), "pcr = [1]").contains("unknown key \"pcr\""));
+        assert!(config_err(d.path(), "pcrs = [24]").contains("indices are 0-23"));
+        assert!(config_err(d.path(), "pcrs = []").contains("must not be empty"));
+        assert!(config_err(d.path(), "allowed_ek_hashes = [\"xyz\"]").contains("64 hex digits"));
+        assert!(config_err(d.path(), &format!("[pcr_policy.web]\npcrs = {{ 7 = \"{z}\" }}"))
+            .contains("pcr_policy.web needs ek_hashes"));
+        assert!(config_err(d.path(), &format!("[pcr_policy.{h}]\npcrs = {{ 9 = \"{z}\" }}"))
+            .contains("names PCR 9, which is not in [attestors.tpm] pcrs"));
+        assert!(config_err(d.path(), &format!("[pcr_policy.{h}]\npcrs = {{ 7 = \"00\" }}"))
+            .contains("32 bytes"));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(config_err(empty.path(), "").contains("holds no certificate"));
+        assert!(matches!(
+            TpmPolicy::from_table(&toml::Table::new(), None),
+            Err(Error::Config(s)) if s.contains("needs ek_ca_dir")
+        ));
+        // The override (evidence verify --collateral) replaces the configured directory.
+        assert!(TpmPolicy::from_table(&table(empty.path(), ""), Some(d.path())).is_ok());
+    }
+
+    #[test]
+    fn pcr_policies_apply_by_node_and_name_every_failure() {
+        let d = ca_dir();
+        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let (z, o) = ("00".repeat(32), "11".repeat(32));
+        let p = TpmPolicy::from_table(
+            &table(
+                d.path(),
+                &format!(
+                    "[pcr_policy.{a}]\npcrs = {{ 7 = \"{z}\" }}\n\
+                     [pcr_policy.fleet]\nek_hashes = [\"*\"]\npcrs = {{ 0 = [\"{o}\", \"{z}\"], 1 = \"{z}\" }}\n"
+                ),
+            ),
+            None,
+        )
+        .unwrap();
+        let vals = |v0: &str, v1: &str, v7: &str| -> BTreeMap<u8, Vec<u8>> {
+            [(0u8, v0), (1, v1), (7, v7)]
+                .into_iter()
+                .map(|(i, h)| (i, hex::decode(h).unwrap()))
+                .collect()
+        };
+        assert_eq!(
+            p.check_pcrs(&a, &vals(&o, &z, &z)).unwrap(),
+            vec![a.clone(), "fleet".to_string()]
+        );
+        // Node b is only under the fleet policy.
+        assert_eq!(p.check_pcrs(&b, &vals(&z, &z, &o)).unwrap(), vec!["fleet".to_string()]);
+        match p.check_pcrs(&a, &vals(&z, &o, &o)) {
+            Err(Error::Refused(r)) => assert_eq!(
+                r,
+                format!(
+                    "PCR policy not met: PCR 7 is {o} but policy {a} allows {z}; \
+                     PCR 1 is {o} but policy fleet allows {z}"
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}

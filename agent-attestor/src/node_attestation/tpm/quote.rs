@@ -216,3 +216,164 @@ fn describe_banks(banks: &[PcrBank]) -> String {
         .collect::<Vec<_>>()
         .join("+")
 }
+
+#[cfg(test)]
+mod tests {
+    //! Quotes signed by a software key standing in for an AK, so the checks that a real
+    //! TPM never trips (magic, type, trailing bytes, selection) run on validly signed bytes.
+    use super::*;
+    use ring::rand::SystemRandom;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    struct SoftAk {
+        key: EcdsaKeyPair,
+        public: wire::Public,
+    }
+
+    fn soft_ak() -> SoftAk {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+                .unwrap();
+        let point = key.public_key().as_ref().to_vec();
+        let mut t = Vec::new();
+        t.extend(alg::ECC.to_be_bytes());
+        t.extend(alg::SHA256.to_be_bytes());
+        let attrs = wire::attr::FIXED_TPM
+            | wire::attr::FIXED_PARENT
+            | wire::attr::SENSITIVE_DATA_ORIGIN
+            | wire::attr::USER_WITH_AUTH
+            | wire::attr::RESTRICTED
+            | wire::attr::SIGN_ENCRYPT;
+        t.extend(attrs.to_be_bytes());
+        t.extend(0u16.to_be_bytes()); // authPolicy
+        t.extend(alg::NULL.to_be_bytes()); // symmetric
+        t.extend(alg::ECDSA.to_be_bytes());
+        t.extend(alg::SHA256.to_be_bytes());
+        t.extend(curve::NIST_P256.to_be_bytes());
+        t.extend(alg::NULL.to_be_bytes()); // kdf
+        for c in [&point[1..33], &point[33..65]] {
+            t.extend(32u16.to_be_bytes());
+            t.extend_from_slice(c);
+        }
+        SoftAk {
+            key,
+            public: wire::Public::parse(&t).unwrap(),
+        }
+    }
+
+    impl SoftAk {
+        fn sign(&self, msg: &[u8], hash: u16) -> Vec<u8> {
+            let sig = self.key.sign(&SystemRandom::new(), msg).unwrap();
+            let sig = sig.as_ref();
+            let mut out = alg::ECDSA.to_be_bytes().to_vec();
+            out.extend(hash.to_be_bytes());
+            for c in [&sig[..32], &sig[32..]] {
+                out.extend(32u16.to_be_bytes());
+                out.extend_from_slice(c);
+            }
+            out
+        }
+    }
+
+    fn values() -> BTreeMap<u8, Vec<u8>> {
+        (0..8u8).map(|i| (i, vec![i; 32])).collect()
+    }
+
+    fn attest(magic: u32, typ: u16, nonce: &[u8], bank: u16, trailing: &[u8]) -> Vec<u8> {
+        let mut a = magic.to_be_bytes().to_vec();
+        a.extend(typ.to_be_bytes());
+        a.extend(0u16.to_be_bytes()); // qualifiedSigner
+        a.extend((nonce.len() as u16).to_be_bytes());
+        a.extend_from_slice(nonce);
+        a.extend(1234u64.to_be_bytes()); // clock
+        a.extend(1u32.to_be_bytes()); // resetCount
+        a.extend(0u32.to_be_bytes()); // restartCount
+        a.push(1); // safe
+        a.extend(0x2019_1023u64.to_be_bytes()); // firmwareVersion
+        let sel: BTreeSet<u8> = (0..8).collect();
+        a.extend(wire::marshal_pcr_selection(bank, &sel));
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        values().values().for_each(|v| h.update(v));
+        a.extend(32u16.to_be_bytes());
+        a.extend_from_slice(h.finish().as_ref());
+        a.extend_from_slice(trailing);
+        a
+    }
+
+    fn check(ak: &SoftAk, a: &[u8], sig_hash: u16) -> Result<VerifiedQuote, Error> {
+        let sel: BTreeSet<u8> = (0..8).collect();
+        verify_quote(&ak.public, a, &ak.sign(a, sig_hash), b"nonce", &sel, &values())
+    }
+
+    fn refusal(r: Result<VerifiedQuote, Error>) -> String {
+        match r {
+            Err(Error::Refused(s)) => s,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_quote_passes() {
+        let ak = soft_ak();
+        let q = check(&ak, &attest(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]), alg::SHA256)
+            .unwrap();
+        assert_eq!(q.attest.clock.reset_count, 1);
+        assert_eq!(q.attest.firmware_version, 0x2019_1023);
+    }
+
+    #[test]
+    fn validly_signed_but_malformed_quotes_are_refused() {
+        let ak = soft_ak();
+        let q = |m, t, n: &[u8], b, tr: &[u8]| refusal(check(&ak, &attest(m, t, n, b, tr), alg::SHA256));
+        assert_eq!(
+            q(0xff54_4348, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]),
+            "TPMS_ATTEST magic is 0xff544348, not TPM_GENERATED_VALUE (0xff544347)"
+        );
+        assert_eq!(
+            q(wire::TPM_GENERATED, 0x8014, b"nonce", alg::SHA256, &[]),
+            "TPMS_ATTEST type is 0x8014, not a quote or certify"
+        );
+        assert_eq!(
+            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[0]),
+            "malformed TPMS_ATTEST (1 trailing bytes)"
+        );
+        assert_eq!(
+            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"other", alg::SHA256, &[]),
+            "quote extraData does not match this attempt's nonce (stale or replayed quote)"
+        );
+        assert_eq!(
+            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA1, &[]),
+            "quote PCR selection sha1:0,1,2,3,4,5,6,7 is not the requested sha256:0,1,2,3,4,5,6,7"
+        );
+        // A certify structure (parses, right magic) is not a quote.
+        let mut c = wire::TPM_GENERATED.to_be_bytes().to_vec();
+        c.extend(wire::ST_ATTEST_CERTIFY.to_be_bytes());
+        c.extend([0, 0, 0, 5]);
+        c.extend(b"nonce");
+        c.extend([0u8; 25]);
+        c.extend([0, 2, 0xaa, 0xbb, 0, 0]);
+        assert_eq!(
+            refusal(check(&ak, &c, alg::SHA256)),
+            "TPMS_ATTEST is not a quote (type is not TPM_ST_ATTEST_QUOTE)"
+        );
+        // A signature claiming another hash than the AK's scheme.
+        let a = attest(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]);
+        assert!(refusal(check(&ak, &a, alg::SHA384))
+            .starts_with("quote signature check failed: signature scheme 0x0018/0x000c is not the key's scheme"));
+        // Garbage never panics the parsers.
+        let mut x: u32 = 12345;
+        for len in 0..300 {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            let _ = wire::Attest::parse(&buf);
+            let _ = wire::Public::parse(&buf);
+            let _ = wire::Signature::parse(&buf);
+        }
+    }
+}
