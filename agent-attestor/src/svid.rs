@@ -122,7 +122,7 @@ pub fn concat_der<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> String {
     certs
         .into_iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .map(|c| pem_lf(&pem::Pem::new("CERTIFICATE", c.to_vec())))
         .collect()
 }
 
@@ -138,6 +138,17 @@ pub fn certs_from_pem(text: &str) -> Result<Vec<Vec<u8>>, Error> {
         return Err(Error::Config("no CERTIFICATE block in PEM".into()));
     }
     Ok(certs)
+}
+
+/// The authority that signed an SVID, as its id (hex serial of its CA certificate):
+/// the first intermediate when the chain carries one (ztid under an upstream root),
+/// else the bundle root matched by the leaf's authority key identifier.
+pub fn issuing_authority_of_chain(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Option<String> {
+    match chain {
+        [_, intermediate, ..] => serial_hex(intermediate).ok(),
+        [leaf] => issuing_authority(leaf, roots),
+        [] => None,
+    }
 }
 
 /// The authority (hex serial of the CA certificate among `roots`) whose key signed
@@ -164,4 +175,12 @@ pub fn issuing_authority(leaf: &[u8], roots: &[Vec<u8>]) -> Option<String> {
             })?;
         (ski == aki).then(|| hex::encode(ca.raw_serial()))
     })
+}
+
+/// PEM with Unix line endings (the `pem` crate defaults to CRLF).
+pub fn pem_lf(p: &pem::Pem) -> String {
+    pem::encode_config(
+        p,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }

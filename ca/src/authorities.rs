@@ -86,6 +86,7 @@ pub struct AuthoritySet {
     key_manager: Arc<dyn KeyManager>,
     store: Arc<dyn DataStore>,
     lifetimes: Lifetimes,
+    upstream: Option<Arc<crate::upstream::Upstream>>,
     state: Mutex<CaState>,
     x509: ArcSwap<X509Authority>,
     jwt: ArcSwap<JwtAuthority>,
@@ -112,16 +113,26 @@ fn active_of(list: &[AuthorityRecord], kind: Kind) -> Result<&AuthorityRecord> {
         })
 }
 
-fn bundle_of(td: &TrustDomain, state: &CaState, refresh_hint: i64, now: i64) -> TrustBundle {
+/// The bundle: the live authorities (or, under an upstream authority, its roots).
+fn bundle_of(
+    td: &TrustDomain,
+    state: &CaState,
+    refresh_hint: i64,
+    now: i64,
+    upstream_roots: Option<&[Vec<u8>]>,
+) -> TrustBundle {
     let live = |a: &&AuthorityRecord| a.not_after > now;
     TrustBundle {
         trust_domain: td.to_string(),
-        x509_authorities: state
-            .x509
-            .iter()
-            .filter(live)
-            .map(|a| a.cert_der.clone())
-            .collect(),
+        x509_authorities: match upstream_roots {
+            Some(roots) => roots.to_vec(),
+            None => state
+                .x509
+                .iter()
+                .filter(live)
+                .map(|a| a.cert_der.clone())
+                .collect(),
+        },
         jwt_authorities: state
             .jwt
             .iter()
@@ -150,6 +161,7 @@ impl AuthoritySet {
         key_manager: Arc<dyn KeyManager>,
         store: Arc<dyn DataStore>,
         lifetimes: Lifetimes,
+        upstream: Option<Arc<crate::upstream::Upstream>>,
         now: i64,
     ) -> Result<Self> {
         let state = match store.load_ca_state()? {
@@ -161,6 +173,7 @@ impl AuthoritySet {
                     lifetimes.x509,
                     now,
                     AuthorityState::Active,
+                    upstream.as_deref(),
                 )?;
                 let jwt = JwtAuthority::create(
                     key_manager.clone(),
@@ -186,19 +199,30 @@ impl AuthoritySet {
             key_manager.clone(),
             active_of(&state.jwt, Kind::Jwt)?.clone(),
         )?;
-        let bundle = bundle_of(&trust_domain, &state, lifetimes.refresh_hint, now);
+        let bundle = bundle_of(
+            &trust_domain,
+            &state,
+            lifetimes.refresh_hint,
+            now,
+            upstream.as_ref().map(|u| u.roots.as_slice()),
+        );
         let roots = shared_roots(bundle.x509_authorities.clone());
         Ok(Self {
             trust_domain,
             key_manager,
             store,
             lifetimes,
+            upstream,
             state: Mutex::new(state),
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
             bundle: ArcSwap::from_pointee(bundle),
             roots,
         })
+    }
+
+    fn upstream_roots(&self) -> Option<&[Vec<u8>]> {
+        self.upstream.as_ref().map(|u| u.roots.as_slice())
     }
 
     /// The active X.509 authority.
@@ -241,8 +265,20 @@ impl AuthoritySet {
     /// Persists `next`, then makes it current: a crash between the two leaves the
     /// persisted state, which is what a restart loads.
     fn commit(&self, guard: &mut CaState, mut next: CaState, now: i64) -> Result<()> {
-        let before = bundle_of(&self.trust_domain, guard, self.lifetimes.refresh_hint, now);
-        let after = bundle_of(&self.trust_domain, &next, self.lifetimes.refresh_hint, now);
+        let before = bundle_of(
+            &self.trust_domain,
+            guard,
+            self.lifetimes.refresh_hint,
+            now,
+            self.upstream_roots(),
+        );
+        let after = bundle_of(
+            &self.trust_domain,
+            &next,
+            self.lifetimes.refresh_hint,
+            now,
+            self.upstream_roots(),
+        );
         if (
             &before.x509_authorities,
             &before.jwt_authorities,
@@ -269,7 +305,13 @@ impl AuthoritySet {
                 jwt.clone(),
             )?));
         }
-        let bundle = bundle_of(&self.trust_domain, &next, self.lifetimes.refresh_hint, now);
+        let bundle = bundle_of(
+            &self.trust_domain,
+            &next,
+            self.lifetimes.refresh_hint,
+            now,
+            self.upstream_roots(),
+        );
         self.roots.store(Arc::new(
             bundle
                 .x509_authorities
@@ -291,6 +333,7 @@ impl AuthoritySet {
                 self.lifetimes.x509,
                 now,
                 AuthorityState::Prepared,
+                self.upstream.as_deref(),
             )?
             .record()
             .clone(),
@@ -496,6 +539,7 @@ mod tests {
                 jwt: 600,
                 refresh_hint: 60,
             },
+            None,
             now,
         )
         .unwrap()

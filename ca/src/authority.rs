@@ -106,16 +106,21 @@ pub struct SignedLeaf {
 pub struct X509Authority {
     record: AuthorityRecord,
     issuer: Issuer<'static, ManagedKey>,
+    /// What follows a leaf in the chain: nothing for a self-signed root; this
+    /// intermediate and the upstream chain under an upstream authority.
+    chain_tail: Vec<Vec<u8>>,
 }
 
 impl X509Authority {
-    /// Creates a new self-signed root CA for `trust_domain`, its key in `km`.
+    /// Creates a new CA for `trust_domain`, its key in `km`: a self-signed root, or an
+    /// intermediate signed by `upstream`.
     pub fn create(
         km: Arc<dyn KeyManager>,
         trust_domain: &str,
         ttl_seconds: i64,
         now: i64,
         state: AuthorityState,
+        upstream: Option<&crate::upstream::Upstream>,
     ) -> Result<Self> {
         let serial = random_serial()?;
         let serial_hex = hex::encode(&serial);
@@ -145,22 +150,61 @@ impl X509Authority {
                 .try_into()
                 .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
         )];
+        let not_after = match upstream {
+            Some(u) => (now + ttl_seconds).min(u.not_after),
+            None => now + ttl_seconds,
+        };
+        if not_after <= now {
+            return Err(Error::FailedPrecondition(
+                "the upstream CA has expired".into(),
+            ));
+        }
         params.not_before = to_time(now - 60)?;
-        params.not_after = to_time(now + ttl_seconds)?;
-        let cert = params.self_signed(&key)?;
+        params.not_after = to_time(not_after)?;
+        let (cert, upstream_chain) = match upstream {
+            Some(u) => {
+                // An intermediate signs only leaves.
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.use_authority_key_identifier_extension = true;
+                (params.signed_by(&key, &u.issuer)?, u.chain.clone())
+            }
+            None => (params.self_signed(&key)?, Vec::new()),
+        };
         let record = AuthorityRecord {
             id: serial_hex,
             key_id,
             cert_der: cert.der().to_vec(),
             public_key: key.subject_public_key_info(),
-            not_after: now + ttl_seconds,
+            not_after,
             state,
             not_before: now - 60,
             tainted: false,
             tainted_at: 0,
+            upstream_chain,
         };
+        let chain_tail = Self::chain_tail_of(&record);
         let issuer = Issuer::new(params, key);
-        Ok(Self { record, issuer })
+        Ok(Self {
+            record,
+            issuer,
+            chain_tail,
+        })
+    }
+
+    /// A self-signed root sends nothing after the leaf; an intermediate sends itself
+    /// and the upstream chain.
+    fn chain_tail_of(record: &AuthorityRecord) -> Vec<Vec<u8>> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let self_signed = X509Certificate::from_der(&record.cert_der)
+            .map(|(_, c)| c.subject() == c.issuer())
+            .unwrap_or(true);
+        if self_signed {
+            Vec::new()
+        } else {
+            std::iter::once(record.cert_der.clone())
+                .chain(record.upstream_chain.iter().cloned())
+                .collect()
+        }
     }
 
     /// Loads an authority from its record.
@@ -173,7 +217,12 @@ impl X509Authority {
             )));
         }
         let issuer = Issuer::from_ca_cert_der(&record.cert_der.clone().into(), key)?;
-        Ok(Self { record, issuer })
+        let chain_tail = Self::chain_tail_of(&record);
+        Ok(Self {
+            record,
+            issuer,
+            chain_tail,
+        })
     }
 
     /// The stored record.
@@ -231,8 +280,11 @@ impl X509Authority {
         let not_after = (now + template.ttl_seconds).min(self.record.not_after);
         params.not_after = to_time(not_after)?;
         let cert = params.signed_by(public_key, &self.issuer)?;
+        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        chain.push(cert.der().to_vec());
+        chain.extend(self.chain_tail.iter().cloned());
         Ok(SignedLeaf {
-            chain: vec![cert.der().to_vec()],
+            chain,
             serial: hex::encode(&serial),
             not_after,
         })
@@ -267,6 +319,7 @@ impl JwtAuthority {
                 not_before: now,
                 tainted: false,
                 tainted_at: 0,
+                upstream_chain: Vec::new(),
             },
             km,
         })

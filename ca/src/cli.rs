@@ -85,6 +85,9 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve /metrics, /live and /ready on ADDR:PORT (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// PKCS#11 module path (with --key-manager pkcs11).
     #[arg(long)]
     pub pkcs11_module: Option<PathBuf>,
@@ -382,6 +385,9 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     }
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();
+    }
+    if let Some(v) = args.metrics {
+        c.metrics = Some(v);
     }
     if args.pkcs11_module.is_some() || args.pkcs11_token.is_some() || args.pkcs11_pin_file.is_some()
     {

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub pkcs11: Option<Pkcs11Config>,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
+    pub metrics: Option<SocketAddr>,
+    /// Upstream authority; absent: ztid's X.509 authorities are self-signed roots.
+    pub upstream: Option<UpstreamConfig>,
     /// Keep the tamper-evident audit log (`DATA_DIR/audit`). On by default; turning it
     /// off is for benchmarks.
     pub audit_enabled: bool,
@@ -61,6 +65,20 @@ pub struct Pkcs11Config {
     pub token_label: String,
     /// File holding the user PIN (owner-only).
     pub pin_file: Option<PathBuf>,
+}
+
+/// `[upstream]`: run as an intermediate under an existing root.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// PEM: the upstream CA certificate first, then any certificates up to the root.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 key of the upstream CA (owner-only file)...
+    pub key_file: Option<PathBuf>,
+    /// ...or the id of the upstream key in the configured key manager (e.g. a PKCS#11 label).
+    pub key_id: Option<String>,
+    /// PEM roots for the bundle; default: the self-signed certificates in `cert`.
+    pub bundle: Option<PathBuf>,
 }
 
 /// `[attestors.*]` tables: each method reads its own keys (see README).
@@ -93,8 +111,10 @@ impl Default for ServerConfig {
             key_manager: "software".into(),
             pkcs11: None,
             log_format: "text".into(),
+            metrics: None,
             attestors: AttestorsConfig::default(),
             audit_enabled: true,
+            upstream: None,
         }
     }
 }

@@ -111,6 +111,10 @@ impl CaCore {
         let key_manager = crate::keys::key_manager(&config)?;
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
         let t = now();
+        let upstream = match &config.upstream {
+            Some(u) => Some(Arc::new(crate::upstream::Upstream::load(u, &key_manager)?)),
+            None => None,
+        };
         let authorities = AuthoritySet::open(
             trust_domain.clone(),
             key_manager.clone(),
@@ -120,6 +124,7 @@ impl CaCore {
                 jwt: config.jwt_key_ttl_seconds,
                 refresh_hint: config.bundle_refresh_hint_seconds,
             },
+            upstream,
             t,
         )?;
         let audit = if config.audit_enabled {
@@ -324,6 +329,7 @@ impl CaCore {
             "node_id": node.node_id, "evidence_sha256": record.evidence_digest, "serial": leaf.serial,
             "not_after": leaf.not_after, "selectors": record.selectors, "aliases": record.aliases,
             "authority": self.authorities.x509().record().id}))?;
+        crate::metrics::agent_svid_issued();
         tracing::info!(
             event = "node_attested",
             agent = %record.spiffe_id,
@@ -370,6 +376,7 @@ impl CaCore {
         self.store.flush()?;
         self.record(json!({"type": "agent_svid_issued", "agent": id, "serial": leaf.serial, "not_after": leaf.not_after,
             "authority": self.authorities.x509().record().id}))?;
+        crate::metrics::agent_svid_issued();
         tracing::info!(event = "agent_renewed", agent = %id, serial = %leaf.serial, "agent SVID renewed");
         Ok(leaf)
     }
@@ -421,6 +428,7 @@ impl CaCore {
         self.record(json!({"type": "x509_svid_issued", "spiffe_id": checked.spiffe_id, "entry": entry.id,
             "agent": agent.record.spiffe_id, "serial": leaf.serial, "ttl": ttl, "not_after": leaf.not_after,
             "authority": authority.record().id}))?;
+        crate::metrics::svid_issued("x509", &agent.record.spiffe_id);
         tracing::info!(
             event = "x509_svid_issued",
             spiffe_id = %checked.spiffe_id,
@@ -464,6 +472,7 @@ impl CaCore {
             "agent": agent.record.spiffe_id, "audience": audience, "ttl": ttl, "exp": exp,
             "authority": jwt.record().id}),
         )?;
+        crate::metrics::svid_issued("jwt", &agent.record.spiffe_id);
         tracing::info!(
             event = "jwt_svid_issued",
             spiffe_id,
@@ -528,6 +537,7 @@ impl CaCore {
         let record =
             validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
         let record = self.store.create_entry(record)?;
+        crate::metrics::entries_changed(1);
         self.store.flush()?;
         self.record(json!({"type": "entry_created", "entry": record.id, "spiffe_id": record.spiffe_id,
             "parent_id": record.parent_id, "selectors": record.selectors, "revision": record.revision}))?;
@@ -541,6 +551,7 @@ impl CaCore {
             .store
             .delete_entry(id)?
             .ok_or_else(|| Error::NotFound(format!("entry {id} does not exist")))?;
+        crate::metrics::entries_changed(-1);
         self.store.flush()?;
         self.record(json!({"type": "entry_deleted", "entry": id, "spiffe_id": e.spiffe_id}))?;
         tracing::info!(event = "entry_deleted", entry = %id, spiffe_id = %e.spiffe_id, "registration entry deleted");
@@ -757,6 +768,7 @@ impl CaCore {
     pub fn record(&self, event: Value) -> Result<()> {
         if let Some(a) = &self.audit {
             a.append(event)?;
+            crate::metrics::audit_appended();
         }
         Ok(())
     }

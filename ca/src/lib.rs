@@ -23,7 +23,9 @@ pub mod entries;
 mod error;
 pub mod evidence;
 pub mod keys;
+pub mod metrics;
 pub mod node_api;
 pub mod server;
+pub mod upstream;
 
 pub use error::{Error, Result};

@@ -34,6 +34,7 @@ impl NodeApi {
         let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
         self.core.authenticate_agent(leaf).map_err(|e| {
             tracing::warn!(event = "node_api_refused", reason = %e, "node API call refused");
+            crate::metrics::node_api_refused(&e);
             let _ = self.core.record(
                 serde_json::json!({"type": "node_api_refused", "reason": e.to_string(),
                 "peer_serial": leaf.and_then(|l| ztid_agent_attestor::svid::serial_hex(l).ok())}),
@@ -71,6 +72,7 @@ async fn run_attestation(
     let method = init.method.clone();
     let refuse = |e: Error| {
         tracing::warn!(event = "node_attestation_refused", method = %method, reason = %e, "node attestation refused");
+        crate::metrics::attestation_refused(&method, &e);
         let _ = core.record(serde_json::json!({"type": "node_attestation_refused", "method": method, "reason": e.to_string()}));
         Status::from(e)
     };
@@ -105,6 +107,7 @@ async fn run_attestation(
     let (record, leaf) = core
         .complete_attestation(&node, &init.csr)
         .map_err(refuse)?;
+    crate::metrics::attestation_passed(&record.method);
     let bundle = core.bundle();
     Ok(pb::AttestResponse {
         step: Some(pb::attest_response::Step::Result(pb::AttestResult {
@@ -168,6 +171,7 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "x509_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "CSR refused");
+                        crate::metrics::node_api_refused(&e);
                         let _ = self.core.record(serde_json::json!({"type": "x509_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::svid_result::Result::Error(e.to_string())
                     }
@@ -202,6 +206,7 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "jwt_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "JWT-SVID refused");
+                        crate::metrics::node_api_refused(&e);
                         let _ = self.core.record(serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::jwt_result::Result::Error(e.to_string())
                     }

@@ -81,6 +81,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         allowed.push(nix::unistd::getuid().as_raw());
     }
     let gate = AdminGate::new(allowed.clone(), core.audit.clone());
+    crate::metrics::spawn(&core).await?;
 
     // Accept loop: each TLS handshake runs in its own task, so one slow or hostile
     // client cannot hold up the others.
@@ -127,6 +128,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     });
 
     let node = tonic::transport::Server::builder()
+        .layer(crate::metrics::node_api_layer())
         .add_service(NodeServer::new(NodeApi::new(core.clone())))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
     let admin = tonic::transport::Server::builder()
@@ -142,7 +144,9 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         admin_uids = ?allowed,
         "ztid-server ready"
     );
+    crate::metrics::set_serving(true);
     let (a, b) = tokio::join!(node, admin);
+    crate::metrics::set_serving(false);
     core.store.flush()?;
     let _ = std::fs::remove_file(&admin_path);
     a.map_err(|e| Error::Config(format!("node API: {e}")))?;

@@ -290,6 +290,8 @@ impl Agent {
             .arg(server.addr())
             .arg("--trust-bundle")
             .arg(&bundle)
+            .arg("--trust-domain")
+            .arg(&server.trust_domain)
             .arg("--join-token")
             .arg(token)
             .arg("--socket")

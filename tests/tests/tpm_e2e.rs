@@ -95,14 +95,17 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, swtpm) = provision(dir.path());
     let hash = ek_hash_of(&swtpm);
-    let server = Server::start_with(
-        TD,
-        &["--tpm-ek-ca", &ca.trust_dir().display().to_string()],
-    );
+    let server = Server::start_with(TD, &["--tpm-ek-ca", &ca.trust_dir().display().to_string()]);
     let t = Instant::now();
     let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("TPM enrolment, agent start to Workload API ready: {:?}", t.elapsed());
-    assert_eq!(agent.spiffe_id, format!("spiffe://{TD}/ztid/agent/tpm/{hash}"));
+    eprintln!(
+        "TPM enrolment, agent start to Workload API ready: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        agent.spiffe_id,
+        format!("spiffe://{TD}/ztid/agent/tpm/{hash}")
+    );
 
     // The server recorded the method and the selectors the evidence proved.
     let shown: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
@@ -132,10 +135,14 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // A workload entry under the TPM agent; the workload fetches its SVID via the agent.
     let workload = format!("spiffe://{TD}/tpm-workload");
     entry_for_my_uid(&server, &agent, &workload, &[]);
-    let out = wait_for("the workload SVID through the TPM agent", READY_TIMEOUT, || {
-        let r = agent.cli(&["api", "fetch", "x509", "--output", "json"]);
-        (r.ok && r.stdout.contains(&workload)).then_some(r.stdout)
-    });
+    let out = wait_for(
+        "the workload SVID through the TPM agent",
+        READY_TIMEOUT,
+        || {
+            let r = agent.cli(&["api", "fetch", "x509", "--output", "json"]);
+            (r.ok && r.stdout.contains(&workload)).then_some(r.stdout)
+        },
+    );
     assert!(out.contains(&workload), "{out}");
     // The agent holds no TPM connection and left nothing loaded.
     assert_eq!(swtpm.leftovers(), "");
@@ -160,7 +167,10 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
     .unwrap();
     let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
     let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(agent.spiffe_id, format!("spiffe://{TD}/ztid/agent/tpm/{hash}"));
+    assert_eq!(
+        agent.spiffe_id,
+        format!("spiffe://{TD}/ztid/agent/tpm/{hash}")
+    );
     drop(agent);
 
     // After enrolment the boot state changes: the next attestation is refused, and both
@@ -171,7 +181,8 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         Ok(_) => panic!("attestation with a changed PCR 7 passed"),
     };
     assert!(
-        err.contains(&format!("PCR policy not met: PCR 7 is ")) && err.contains(&format!("but policy {hash} allows {zero}")),
+        err.contains("PCR policy not met: PCR 7 is ")
+            && err.contains(&format!("but policy {hash} allows {zero}")),
         "{err}"
     );
     assert!(
@@ -195,7 +206,10 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         Err(e) => e,
         Ok(_) => panic!("an EK off the allow-list attested"),
     };
-    assert!(err.contains(&format!("EK {hash} is not in allowed_ek_hashes")), "{err}");
+    assert!(
+        err.contains(&format!("EK {hash} is not in allowed_ek_hashes")),
+        "{err}"
+    );
 
     // A TPM from another manufacturer CA.
     let other_ca = LocalCa::new(dir.path(), "other-ca");
@@ -205,12 +219,18 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         Ok(_) => panic!("an EK from an untrusted CA attested"),
     };
     assert!(
-        err.contains("EK certificate signature does not verify with the key of CA CN=swtpm-localca"),
+        err.contains(
+            "EK certificate signature does not verify with the key of CA CN=swtpm-localca"
+        ),
         "{err}"
     );
     let agents: serde_json::Value =
         serde_json::from_str(&server2.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
-    assert_eq!(agents.as_array().unwrap().len(), 0, "refusals create no agent");
+    assert_eq!(
+        agents.as_array().unwrap().len(),
+        0,
+        "refusals create no agent"
+    );
 }
 
 #[test]
@@ -249,7 +269,10 @@ fn tpm_evidence_verify_cli() {
     assert_eq!(claims["nonce_checked"], true);
     let (ok, out, err) = run(&["--collateral", &trust, "--report-data", "00"]);
     assert!(!ok, "{out}");
-    assert!(err.contains("evidence nonce differs from the expected --report-data"), "{err}");
+    assert!(
+        err.contains("evidence nonce differs from the expected --report-data"),
+        "{err}"
+    );
     // The CA directory can come from the config instead.
     let config = dir.path().join("server.toml");
     std::fs::write(&config, format!("[attestors.tpm]\nek_ca_dir = {trust:?}\n")).unwrap();

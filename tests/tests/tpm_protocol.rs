@@ -6,8 +6,7 @@
 #[path = "../tpm/swtpm.rs"]
 mod swtpm;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use swtpm::{LocalCa, Swtpm};
@@ -167,9 +166,16 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "Some Other TPM Vendor CA");
-    std::fs::write(unrelated.join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
-    let table: toml::Table =
-        toml::from_str(&format!("ek_ca_dir = {:?}", unrelated.display().to_string())).unwrap();
+    std::fs::write(
+        unrelated.join("ca.pem"),
+        params.self_signed(&key).unwrap().pem(),
+    )
+    .unwrap();
+    let table: toml::Table = toml::from_str(&format!(
+        "ek_ca_dir = {:?}",
+        unrelated.display().to_string()
+    ))
+    .unwrap();
     let v3 = TpmVerifier::from_config(&table).unwrap();
     assert_eq!(
         refusal(v3.start(&ev, &ctx())),
@@ -272,11 +278,9 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
     let ev = a.initial_evidence().unwrap();
-    let (c, _) = challenge(v.start(&ev, &ctx()).unwrap());
-    // One answer, replayed into fresh sessions with the same secret/nonce is impossible, so
-    // each tamper gets its own attempt.
-    let _ = c;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Answer)>)> = vec![
+    // Each tamper gets an attempt of its own (a session answers once).
+    type Tamper = Box<dyn Fn(&mut Answer)>;
+    let cases: Vec<(&str, Tamper)> = vec![
         (
             "quote signature check failed: signature does not verify",
             Box::new(|ans: &mut Answer| {
@@ -398,7 +402,10 @@ fn tpm_allow_list_and_pcr_policy() {
         .selectors
         .iter()
         .any(|s| s.to_string() == format!("tpm:pcr:16:{zero}")));
-    assert!(!node.selectors.iter().any(|s| s.to_string().starts_with("tpm:pcr:1:")));
+    assert!(!node
+        .selectors
+        .iter()
+        .any(|s| s.to_string().starts_with("tpm:pcr:1:")));
 
     let ext = "01".repeat(32);
     f.tpm.pcr_extend(7, &ext);
@@ -421,8 +428,14 @@ fn tpm_allow_list_and_pcr_policy() {
     ))
     .unwrap();
     let err = TpmVerifier::from_config(&bad).err().unwrap().to_string();
-    assert!(err.contains("names PCR 7, which is not in [attestors.tpm] pcrs"), "{err}");
-    let err = TpmVerifier::from_config(&toml::Table::new()).err().unwrap().to_string();
+    assert!(
+        err.contains("names PCR 7, which is not in [attestors.tpm] pcrs"),
+        "{err}"
+    );
+    let err = TpmVerifier::from_config(&toml::Table::new())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("needs ek_ca_dir"), "{err}");
 }
 
@@ -455,21 +468,43 @@ fn tpm_ztid_quote_verifies_with_tpm2_checkquote() {
     std::fs::write(work.join("ak.pem"), pem_spki(&ak.spki_der().unwrap())).unwrap();
     std::fs::write(work.join("quote.msg"), &ev.quote).unwrap();
     std::fs::write(work.join("quote.sig"), &ev.signature).unwrap();
-    f.tpm
-        .tpm2_ok(&work, "tpm2_pcrread", &["sha256:0,1,2,3,4,5,6", "-o", "pcrs.bin"]);
+    f.tpm.tpm2_ok(
+        &work,
+        "tpm2_pcrread",
+        &["sha256:0,1,2,3,4,5,6", "-o", "pcrs.bin"],
+    );
     let check = |nonce_hex: &str| {
         f.tpm.tpm2(
             &work,
             "tpm2_checkquote",
             &[
-                "-u", "ak.pem", "-m", "quote.msg", "-s", "quote.sig", "-f", "pcrs.bin", "-l",
-                "sha256:0,1,2,3,4,5,6", "-g", "sha256", "-q", nonce_hex,
+                "-u",
+                "ak.pem",
+                "-m",
+                "quote.msg",
+                "-s",
+                "quote.sig",
+                "-f",
+                "pcrs.bin",
+                "-l",
+                "sha256:0,1,2,3,4,5,6",
+                "-g",
+                "sha256",
+                "-q",
+                nonce_hex,
             ],
         )
     };
     let ok = check(&ev.nonce);
-    assert!(ok.status.success(), "tpm2_checkquote: {}", String::from_utf8_lossy(&ok.stderr));
-    assert!(!check("00").status.success(), "tpm2_checkquote accepted a wrong nonce");
+    assert!(
+        ok.status.success(),
+        "tpm2_checkquote: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        !check("00").status.success(),
+        "tpm2_checkquote accepted a wrong nonce"
+    );
 }
 
 #[test]
@@ -479,11 +514,13 @@ fn tpm_tpm2_quote_verifies_with_ztid() {
     std::fs::create_dir_all(&work).unwrap();
     f.tpm.pcr_extend(3, &"cc".repeat(32));
     let t = |tool: &str, args: &[&str]| f.tpm.tpm2_ok(&work, tool, args);
-    t("tpm2_createek", &["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"]);
+    t(
+        "tpm2_createek",
+        &["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
+    );
     // tpm2-tools leaves its objects loaded (no resource manager): clear them after each.
     t("tpm2_flushcontext", &["-t"]);
     t("tpm2_nvread", &["0x01c00002", "-o", "ek.der"]);
-    let v = TpmVerifier::new(policy(&f.ca, ""));
     let pol = policy(&f.ca, "");
     let nonce = "feedface00112233445566778899aabb";
     for (alg, scheme) in [("ecc", "ecdsa"), ("rsa", "rsassa")] {
@@ -491,12 +528,28 @@ fn tpm_tpm2_quote_verifies_with_ztid() {
         let akctx = format!("ak-{alg}.ctx");
         t(
             "tpm2_createak",
-            &["-C", "ek.ctx", "-c", &akctx, "-G", alg, "-g", "sha256", "-s", scheme, "-u", &akpub, "-n", "ak.name"],
+            &[
+                "-C", "ek.ctx", "-c", &akctx, "-G", alg, "-g", "sha256", "-s", scheme, "-u",
+                &akpub, "-n", "ak.name",
+            ],
         );
         t("tpm2_flushcontext", &["-t"]);
         t(
             "tpm2_quote",
-            &["-c", &akctx, "-l", "sha256:0,1,2,3,4,5,6,7", "-q", nonce, "-m", "q.msg", "-s", "q.sig", "-g", "sha256"],
+            &[
+                "-c",
+                &akctx,
+                "-l",
+                "sha256:0,1,2,3,4,5,6,7",
+                "-q",
+                nonce,
+                "-m",
+                "q.msg",
+                "-s",
+                "q.sig",
+                "-g",
+                "sha256",
+            ],
         );
         t("tpm2_flushcontext", &["-t"]);
         let read = |n: &str| std::fs::read(work.join(n)).unwrap();
@@ -520,15 +573,23 @@ fn tpm_tpm2_quote_verifies_with_ztid() {
         assert_eq!(q.pcrs[&3], {
             let mut b = vec![0u8; 32];
             b.extend(hex::decode("cc".repeat(32)).unwrap());
-            ring::digest::digest(&ring::digest::SHA256, &b).as_ref().to_vec()
+            ring::digest::digest(&ring::digest::SHA256, &b)
+                .as_ref()
+                .to_vec()
         });
         // And the wrong nonce is refused.
         assert_eq!(
-            refusal(quote::verify_quote(&keys.ak, &read("q.msg"), &read("q.sig"), &[0u8; 16], &pcrs, &values)),
+            refusal(quote::verify_quote(
+                &keys.ak,
+                &read("q.msg"),
+                &read("q.sig"),
+                &[0u8; 16],
+                &pcrs,
+                &values
+            )),
             "quote extraData does not match this attempt's nonce (stale or replayed quote)"
         );
     }
-    let _ = v;
 }
 
 /// tpm2-tools' credential file: magic, version, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET.
@@ -563,10 +624,16 @@ fn tpm_make_credential_interoperates_with_tpm2_tools() {
     let read = |n: &str| std::fs::read(work.join(n)).unwrap();
 
     // 1. ztid's software MakeCredential → tpm2_activatecredential.
-    t("tpm2_createek", &["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"]);
+    t(
+        "tpm2_createek",
+        &["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
+    );
     t(
         "tpm2_createak",
-        &["-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s", "ecdsa", "-u", "ak.pub", "-n", "ak.name"],
+        &[
+            "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s", "ecdsa", "-u",
+            "ak.pub", "-n", "ak.name",
+        ],
     );
     let ek = wire::Public::parse(&tpmt(&read("ek.pub"))).unwrap();
     let ak = wire::Public::parse(&tpmt(&read("ak.pub"))).unwrap();
@@ -575,25 +642,61 @@ fn tpm_make_credential_interoperates_with_tpm2_tools() {
     let cred = credential::make_credential(&ek, &ak.name().unwrap(), &secret).unwrap();
     std::fs::write(work.join("ztid.cred"), tools_cred_file(&cred)).unwrap();
     t("tpm2_flushcontext", &["-t"]);
-    t("tpm2_startauthsession", &["--policy-session", "-S", "session.ctx"]);
+    t(
+        "tpm2_startauthsession",
+        &["--policy-session", "-S", "session.ctx"],
+    );
     t("tpm2_policysecret", &["-S", "session.ctx", "-c", "e"]);
     t(
         "tpm2_activatecredential",
-        &["-c", "ak.ctx", "-C", "ek.ctx", "-i", "ztid.cred", "-o", "out.bin", "-P", "session:session.ctx"],
+        &[
+            "-c",
+            "ak.ctx",
+            "-C",
+            "ek.ctx",
+            "-i",
+            "ztid.cred",
+            "-o",
+            "out.bin",
+            "-P",
+            "session:session.ctx",
+        ],
     );
     t("tpm2_flushcontext", &["session.ctx"]);
     t("tpm2_flushcontext", &["-t"]);
-    assert_eq!(read("out.bin"), secret, "tpm2_activatecredential recovered another secret");
+    assert_eq!(
+        read("out.bin"),
+        secret,
+        "tpm2_activatecredential recovered another secret"
+    );
 
     // 2. tpm2_makecredential (software, -T none) → ztid's ActivateCredential.
     let mut tpm = Tpm::open(&f.tpm.tcti()).unwrap();
     let our_ak = tpm.create_ak().unwrap();
     drop(tpm);
-    let our_name = wire::Public::parse(&our_ak.public_bytes().unwrap()).unwrap().name().unwrap();
-    std::fs::write(work.join("secret2.bin"), b"a secret from tpm2_makecredential").unwrap();
+    let our_name = wire::Public::parse(&our_ak.public_bytes().unwrap())
+        .unwrap()
+        .name()
+        .unwrap();
+    std::fs::write(
+        work.join("secret2.bin"),
+        b"a secret from tpm2_makecredential",
+    )
+    .unwrap();
     let o = std::process::Command::new("tpm2_makecredential")
         .current_dir(&work)
-        .args(["-T", "none", "-e", "ek.pub", "-s", "secret2.bin", "-n", &hex::encode(&our_name), "-o", "tools.cred"])
+        .args([
+            "-T",
+            "none",
+            "-e",
+            "ek.pub",
+            "-s",
+            "secret2.bin",
+            "-n",
+            &hex::encode(&our_name),
+            "-o",
+            "tools.cred",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -629,27 +732,46 @@ fn tpm_offline_evidence_round_trip() {
     assert_eq!(claims["node_id"], tpm::ek_hash(&ev.ek_pub).unwrap());
     assert_eq!(claims["nonce_checked"], true);
     assert_eq!(claims["manufacturer"], "id:00001014");
-    assert!(claims["ak_residency"].as_str().unwrap().starts_with("not proven offline"));
+    assert!(claims["ak_residency"]
+        .as_str()
+        .unwrap()
+        .starts_with("not proven offline"));
     // Without --report-data the nonce is reported but not checked.
     let claims = tpm::verify_offline(&file, Some(&trust), None, SystemTime::now(), &empty).unwrap();
     assert_eq!(claims["nonce_checked"], false);
     // Wrong expected nonce, tampered quote, expired EK certificate time, other CA.
     assert_eq!(
-        refusal(tpm::verify_offline(&file, Some(&trust), Some(b"other"), SystemTime::now(), &empty)),
+        refusal(tpm::verify_offline(
+            &file,
+            Some(&trust),
+            Some(b"other"),
+            SystemTime::now(),
+            &empty
+        )),
         "evidence nonce differs from the expected --report-data"
     );
     let mut t: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
     let i = t.quote.len() - 1;
     t.quote[i] ^= 1;
     assert_eq!(
-        refusal(tpm::verify_offline(&serde_json::to_vec(&t).unwrap(), Some(&trust), None, SystemTime::now(), &empty)),
+        refusal(tpm::verify_offline(
+            &serde_json::to_vec(&t).unwrap(),
+            Some(&trust),
+            None,
+            SystemTime::now(),
+            &empty
+        )),
         "quote signature check failed: signature does not verify"
     );
     let before_ca = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-    assert!(refusal(tpm::verify_offline(&file, Some(&trust), None, before_ca, &empty))
-        .starts_with("EK certificate is not valid yet"));
-    let _ = Path::new("");
-    let _: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
+    assert!(refusal(tpm::verify_offline(
+        &file,
+        Some(&trust),
+        None,
+        before_ca,
+        &empty
+    ))
+    .starts_with("EK certificate is not valid yet"));
 }
 
 /// CA-side throughput and node-side enrolment time on swtpm. Not a pass/fail test:
@@ -681,7 +803,14 @@ fn tpm_bench() {
     let n = 2000;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        tpm::check_keys(&pol, &ev_parsed.ek_cert, &ev_parsed.ek_pub, &ev_parsed.ak_pub, SystemTime::now()).unwrap();
+        tpm::check_keys(
+            &pol,
+            &ev_parsed.ek_cert,
+            &ev_parsed.ek_pub,
+            &ev_parsed.ak_pub,
+            SystemTime::now(),
+        )
+        .unwrap();
     }
     let keys_s = t.elapsed().as_secs_f64() / n as f64;
     let t = std::time::Instant::now();

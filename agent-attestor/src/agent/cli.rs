@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve /metrics, /live and /ready on ADDR:PORT (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `api` verbs.
@@ -183,6 +186,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = &a.log_format {
         c.log_format = v.clone();
+    }
+    if let Some(v) = a.metrics {
+        c.metrics = Some(v);
     }
     Ok(c)
 }
@@ -302,7 +308,7 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                         0o644,
                     )?;
                     let key_pem =
-                        pem::encode(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
+                        crate::svid::pem_lf(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
                     write_file(
                         &dir.join(format!("svid.{i}.key")),
                         key_pem.as_bytes(),

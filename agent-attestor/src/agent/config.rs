@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub sync_interval_seconds: u64,
     /// Log format: text or json.
     pub log_format: String,
+    /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -55,6 +57,7 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/ztid/agent"),
             sync_interval_seconds: 5,
             log_format: "text".into(),
+            metrics: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod attestors;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod node_client;
 pub mod workload_api;
 pub mod workloads;
@@ -261,11 +262,7 @@ impl Runtime {
         {
             let svid = self.svid.load();
             let b = self.bundle.borrow();
-            if let Some(a) = svid
-                .chain
-                .first()
-                .and_then(|l| crate::svid::issuing_authority(l, &b.x509_authorities))
-            {
+            if let Some(a) = crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities) {
                 authorities_in_use.push(a);
             }
         }
@@ -369,6 +366,7 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
 /// Runs the agent until SIGINT/SIGTERM, or until the server no longer recognises it.
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
+    metrics::listen_if(config.metrics).await?;
     let server = config.server_addr()?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
@@ -475,7 +473,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         tick.tick().await;
         loop {
             tick.tick().await;
-            match sync_rt.sync().await {
+            match metrics::observe_sync(sync_rt.sync()).await {
                 Ok(true) => {
                     sync_rt.workloads.forget_tainted_jwts();
                     sync_rt.reconcile_all().await
@@ -503,9 +501,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             let svid = rot_rt.svid.load();
             let tainted = {
                 let b = rot_rt.bundle.borrow();
-                svid.chain
-                    .first()
-                    .and_then(|l| crate::svid::issuing_authority(l, &b.x509_authorities))
+                crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
                     .is_some_and(|a| b.tainted.contains(&a))
             };
             if tainted || now() >= svid.not_after - agent_ttl_half(&svid) {
@@ -522,7 +518,9 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()
         .await;
+    metrics::attach(rt.clone());
     let serve = tonic::transport::Server::builder()
+        .layer(metrics::workload_api_layer())
         .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, async move {

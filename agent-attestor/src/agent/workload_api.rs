@@ -284,6 +284,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))
                 })?
                 .into_inner();
+            super::metrics::svids_minted("jwt", resp.results.iter().filter(|r| matches!(r.result, Some(npb::jwt_result::Result::Svid(_)))).count());
             let mut cache = inst
                 .jwt_cache
                 .lock()

@@ -269,6 +269,7 @@ impl Workloads {
             .await
             .map_err(|s| Error::Server(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
+        super::metrics::svids_minted("x509", resp.results.iter().filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_)))).count());
         if resp.results.len() != jobs.len() {
             return Err(Error::Protocol(
                 "server answered a different number of CSRs".into(),
@@ -286,10 +287,7 @@ impl Workloads {
                     Ok(HeldSvid {
                         entry_id: entry.id.clone(),
                         spiffe_id,
-                        authority: s
-                            .cert_chain
-                            .first()
-                            .and_then(|leaf| crate::svid::issuing_authority(leaf, &roots)),
+                        authority: crate::svid::issuing_authority_of_chain(&s.cert_chain, &roots),
                         chain: s.cert_chain,
                         key,
                         not_after: s.expires_at,

@@ -147,6 +147,23 @@ pub struct AuthorityRecord {
     /// Unix seconds of the taint (0 if not tainted).
     #[serde(default)]
     pub tainted_at: i64,
+    /// Certificates between this intermediate and the upstream root (X.509 under an
+    /// upstream authority only), DER.
+    #[serde(default, with = "hex_list")]
+    pub upstream_chain: Vec<Vec<u8>>,
+}
+
+mod hex_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(hex::encode))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| hex::decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 /// The CA's persistent state.

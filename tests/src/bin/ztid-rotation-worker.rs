@@ -19,10 +19,7 @@ struct Held {
 }
 
 fn authority_of(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> String {
-    chain
-        .first()
-        .and_then(|l| ztid_agent_attestor::svid::issuing_authority(l, roots))
-        .unwrap_or_default()
+    ztid_agent_attestor::svid::issuing_authority_of_chain(chain, roots).unwrap_or_default()
 }
 
 fn validate(h: &Held) -> Result<(), String> {

@@ -926,7 +926,11 @@ mod tests {
     }
 
     fn table(dir: &Path, extra: &str) -> toml::Table {
-        toml::from_str(&format!("ek_ca_dir = {:?}\n{extra}", dir.display().to_string())).unwrap()
+        toml::from_str(&format!(
+            "ek_ca_dir = {:?}\n{extra}",
+            dir.display().to_string()
+        ))
+        .unwrap()
     }
 
     fn config_err(dir: &Path, extra: &str) -> String {
@@ -950,12 +954,21 @@ mod tests {
         assert!(config_err(d.path(), "pcrs = [24]").contains("indices are 0-23"));
         assert!(config_err(d.path(), "pcrs = []").contains("must not be empty"));
         assert!(config_err(d.path(), "allowed_ek_hashes = [\"xyz\"]").contains("64 hex digits"));
-        assert!(config_err(d.path(), &format!("[pcr_policy.web]\npcrs = {{ 7 = \"{z}\" }}"))
-            .contains("pcr_policy.web needs ek_hashes"));
-        assert!(config_err(d.path(), &format!("[pcr_policy.{h}]\npcrs = {{ 9 = \"{z}\" }}"))
-            .contains("names PCR 9, which is not in [attestors.tpm] pcrs"));
-        assert!(config_err(d.path(), &format!("[pcr_policy.{h}]\npcrs = {{ 7 = \"00\" }}"))
-            .contains("32 bytes"));
+        assert!(config_err(
+            d.path(),
+            &format!("[pcr_policy.web]\npcrs = {{ 7 = \"{z}\" }}")
+        )
+        .contains("pcr_policy.web needs ek_hashes"));
+        assert!(config_err(
+            d.path(),
+            &format!("[pcr_policy.{h}]\npcrs = {{ 9 = \"{z}\" }}")
+        )
+        .contains("names PCR 9, which is not in [attestors.tpm] pcrs"));
+        assert!(config_err(
+            d.path(),
+            &format!("[pcr_policy.{h}]\npcrs = {{ 7 = \"00\" }}")
+        )
+        .contains("32 bytes"));
         let empty = tempfile::tempdir().unwrap();
         assert!(config_err(empty.path(), "").contains("holds no certificate"));
         assert!(matches!(
@@ -993,7 +1006,10 @@ mod tests {
             vec![a.clone(), "fleet".to_string()]
         );
         // Node b is only under the fleet policy.
-        assert_eq!(p.check_pcrs(&b, &vals(&z, &z, &o)).unwrap(), vec!["fleet".to_string()]);
+        assert_eq!(
+            p.check_pcrs(&b, &vals(&z, &z, &o)).unwrap(),
+            vec!["fleet".to_string()]
+        );
         match p.check_pcrs(&a, &vals(&z, &o, &o)) {
             Err(Error::Refused(r)) => assert_eq!(
                 r,

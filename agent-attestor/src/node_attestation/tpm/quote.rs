@@ -233,9 +233,8 @@ mod tests {
     fn soft_ak() -> SoftAk {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let key =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                .unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
         let point = key.public_key().as_ref().to_vec();
         let mut t = Vec::new();
         t.extend(alg::ECC.to_be_bytes());
@@ -304,7 +303,14 @@ mod tests {
 
     fn check(ak: &SoftAk, a: &[u8], sig_hash: u16) -> Result<VerifiedQuote, Error> {
         let sel: BTreeSet<u8> = (0..8).collect();
-        verify_quote(&ak.public, a, &ak.sign(a, sig_hash), b"nonce", &sel, &values())
+        verify_quote(
+            &ak.public,
+            a,
+            &ak.sign(a, sig_hash),
+            b"nonce",
+            &sel,
+            &values(),
+        )
     }
 
     fn refusal(r: Result<VerifiedQuote, Error>) -> String {
@@ -317,8 +323,18 @@ mod tests {
     #[test]
     fn a_good_quote_passes() {
         let ak = soft_ak();
-        let q = check(&ak, &attest(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]), alg::SHA256)
-            .unwrap();
+        let q = check(
+            &ak,
+            &attest(
+                wire::TPM_GENERATED,
+                wire::ST_ATTEST_QUOTE,
+                b"nonce",
+                alg::SHA256,
+                &[],
+            ),
+            alg::SHA256,
+        )
+        .unwrap();
         assert_eq!(q.attest.clock.reset_count, 1);
         assert_eq!(q.attest.firmware_version, 0x2019_1023);
     }
@@ -326,9 +342,17 @@ mod tests {
     #[test]
     fn validly_signed_but_malformed_quotes_are_refused() {
         let ak = soft_ak();
-        let q = |m, t, n: &[u8], b, tr: &[u8]| refusal(check(&ak, &attest(m, t, n, b, tr), alg::SHA256));
+        let q = |m, t, n: &[u8], b, tr: &[u8]| {
+            refusal(check(&ak, &attest(m, t, n, b, tr), alg::SHA256))
+        };
         assert_eq!(
-            q(0xff54_4348, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]),
+            q(
+                0xff54_4348,
+                wire::ST_ATTEST_QUOTE,
+                b"nonce",
+                alg::SHA256,
+                &[]
+            ),
             "TPMS_ATTEST magic is 0xff544348, not TPM_GENERATED_VALUE (0xff544347)"
         );
         assert_eq!(
@@ -336,15 +360,33 @@ mod tests {
             "TPMS_ATTEST type is 0x8014, not a quote or certify"
         );
         assert_eq!(
-            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[0]),
+            q(
+                wire::TPM_GENERATED,
+                wire::ST_ATTEST_QUOTE,
+                b"nonce",
+                alg::SHA256,
+                &[0]
+            ),
             "malformed TPMS_ATTEST (1 trailing bytes)"
         );
         assert_eq!(
-            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"other", alg::SHA256, &[]),
+            q(
+                wire::TPM_GENERATED,
+                wire::ST_ATTEST_QUOTE,
+                b"other",
+                alg::SHA256,
+                &[]
+            ),
             "quote extraData does not match this attempt's nonce (stale or replayed quote)"
         );
         assert_eq!(
-            q(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA1, &[]),
+            q(
+                wire::TPM_GENERATED,
+                wire::ST_ATTEST_QUOTE,
+                b"nonce",
+                alg::SHA1,
+                &[]
+            ),
             "quote PCR selection sha1:0,1,2,3,4,5,6,7 is not the requested sha256:0,1,2,3,4,5,6,7"
         );
         // A certify structure (parses, right magic) is not a quote.
@@ -359,9 +401,16 @@ mod tests {
             "TPMS_ATTEST is not a quote (type is not TPM_ST_ATTEST_QUOTE)"
         );
         // A signature claiming another hash than the AK's scheme.
-        let a = attest(wire::TPM_GENERATED, wire::ST_ATTEST_QUOTE, b"nonce", alg::SHA256, &[]);
-        assert!(refusal(check(&ak, &a, alg::SHA384))
-            .starts_with("quote signature check failed: signature scheme 0x0018/0x000c is not the key's scheme"));
+        let a = attest(
+            wire::TPM_GENERATED,
+            wire::ST_ATTEST_QUOTE,
+            b"nonce",
+            alg::SHA256,
+            &[],
+        );
+        assert!(refusal(check(&ak, &a, alg::SHA384)).starts_with(
+            "quote signature check failed: signature scheme 0x0018/0x000c is not the key's scheme"
+        ));
         // Garbage never panics the parsers.
         let mut x: u32 = 12345;
         for len in 0..300 {
