@@ -41,12 +41,25 @@ fn tls_error(e: crate::Error) -> rustls::Error {
 #[derive(Debug)]
 pub struct AgentCertVerifier {
     roots: SharedRoots,
+    mandatory: bool,
 }
 
 impl AgentCertVerifier {
-    /// Verifies client chains against `roots`.
+    /// Verifies client chains against `roots`; a client may also present none (the
+    /// node API, where `Attest` comes before any SVID and every other RPC checks).
     pub fn new(roots: SharedRoots) -> Self {
-        Self { roots }
+        Self {
+            roots,
+            mandatory: false,
+        }
+    }
+
+    /// Like [`AgentCertVerifier::new`], but a handshake without a certificate fails.
+    pub fn mandatory(roots: SharedRoots) -> Self {
+        Self {
+            roots,
+            mandatory: true,
+        }
     }
 }
 
@@ -55,8 +68,7 @@ impl ClientCertVerifier for AgentCertVerifier {
         true
     }
     fn client_auth_mandatory(&self) -> bool {
-        // Attest is called before the agent has an SVID; the RPC layer enforces the rest.
-        false
+        self.mandatory
     }
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use ztid_proto::admin::{self as pb, admin_server::Admin};
 use ztid_proto::node as npb;
@@ -15,52 +14,10 @@ use crate::datastore::AuthorityRecord;
 use crate::datastore::{AgentRecord, EntryFilter};
 use crate::entries::to_proto;
 
-/// Admits only the listed uids.
-#[derive(Clone)]
-pub struct AdminGate {
-    allowed_uids: Arc<Vec<u32>>,
-    audit: Option<Arc<crate::audit::AuditLog>>,
-}
-
-impl AdminGate {
-    /// A gate for `allowed_uids`.
-    pub fn new(allowed_uids: Vec<u32>, audit: Option<Arc<crate::audit::AuditLog>>) -> Self {
-        Self {
-            allowed_uids: Arc::new(allowed_uids),
-            audit,
-        }
-    }
-
-    /// The tonic interceptor.
-    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred);
-        match cred {
-            Some(c) if self.allowed_uids.contains(&c.uid()) => Ok(req),
-            Some(c) => {
-                tracing::warn!(event = "admin_refused", uid = c.uid(), pid = ?c.pid(), "admin call from a uid that is not allowed");
-                if let Some(a) = &self.audit {
-                    let _ = a.append(serde_json::json!({"type": "admin_refused", "caller": format!("uid:{} pid:{}", c.uid(), c.pid().unwrap_or(0)), "reason": "uid not allowed"}));
-                }
-                Err(Status::permission_denied(format!(
-                    "uid {} may not use the admin API",
-                    c.uid()
-                )))
-            }
-            None => Err(Status::permission_denied(
-                "admin caller has no peer credentials",
-            )),
-        }
-    }
-}
-
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .map(|c| format!("uid:{} pid:{}", c.uid(), c.pid().unwrap_or(0)))
+        .get::<crate::admin_authz::AdminCaller>()
+        .map(|c| c.0.clone())
         .unwrap_or_else(|| "unknown".into())
 }
 

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub log_format: String,
     /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
     pub metrics: Option<SocketAddr>,
+    /// The remote admin API over mutual TLS; absent (the default): off.
+    pub remote_admin: Option<RemoteAdminConfig>,
     /// Upstream authority; absent: ztid's X.509 authorities are self-signed roots.
     pub upstream: Option<UpstreamConfig>,
     /// Keep the tamper-evident audit log (`DATA_DIR/audit`). On by default; turning it
@@ -65,6 +67,18 @@ pub struct Pkcs11Config {
     pub token_label: String,
     /// File holding the user PIN (owner-only).
     pub pin_file: Option<PathBuf>,
+}
+
+/// `[remote_admin]`: where the remote admin API listens and which SPIFFE IDs hold
+/// which roles (`viewer`, `operator`, `authority-admin`). IDs not listed get nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteAdminConfig {
+    /// Listen address (mutual TLS with X509-SVIDs of this trust domain).
+    pub bind: SocketAddr,
+    /// SPIFFE ID → roles.
+    #[serde(default)]
+    pub roles: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// `[upstream]`: run as an intermediate under an existing root.
@@ -115,6 +129,7 @@ impl Default for ServerConfig {
             attestors: AttestorsConfig::default(),
             audit_enabled: true,
             upstream: None,
+            remote_admin: None,
         }
     }
 }
@@ -125,6 +140,31 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path)
             .map_err(Error::io(format!("reading {}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The remote admin roles, checked.
+    pub fn remote_admin_roles(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Vec<crate::admin_authz::Role>>> {
+        let mut out = std::collections::HashMap::new();
+        if let Some(r) = &self.remote_admin {
+            for (id, roles) in &r.roles {
+                spiffe::SpiffeId::new(id)
+                    .map_err(|e| Error::Config(format!("remote_admin role for {id:?}: {e}")))?;
+                let parsed = roles
+                    .iter()
+                    .map(|name| {
+                        crate::admin_authz::Role::parse(name).ok_or_else(|| {
+                            Error::Config(format!(
+                                "unknown admin role {name:?} (viewer, operator, authority-admin)"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                out.insert(id.clone(), parsed);
+            }
+        }
+        Ok(out)
     }
 
     /// The admin socket path in effect.

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_api;
+pub mod admin_authz;
 pub mod attestors;
 pub mod audit;
 pub mod authorities;

@@ -72,6 +72,7 @@ struct ServerMetrics {
     audit_verify_failures: IntCounter,
     audit_verify_last_success: IntGauge,
     audit_verify_seconds: Gauge,
+    audit_verify_records: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -223,6 +224,14 @@ static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
             Gauge::new(
                 "ztid_audit_verify_seconds",
                 "Duration of the last audit self-check, seconds.",
+            )
+            .expect("valid"),
+        ),
+        audit_verify_records: register(
+            &r,
+            IntGauge::new(
+                "ztid_audit_verify_records",
+                "Records the last passing audit self-check walked.",
             )
             .expect("valid"),
         ),
@@ -712,9 +721,9 @@ fn refresh_entries() {
 /// Runs `audit verify` on the live log now and then. A torn last line being written
 /// while it reads is not a failure: it is retried.
 fn spawn_audit_self_check(core: &Arc<CaCore>) {
-    if core.audit.is_none() {
+    let Some(audit) = core.audit.clone() else {
         return;
-    }
+    };
     let dir = core.config.data_dir.join("audit");
     let km = core.key_manager.clone();
     tokio::spawn(async move {
@@ -722,6 +731,13 @@ fn spawn_audit_self_check(core: &Arc<CaCore>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if audit.last_seq() == 0 {
+                // A new, empty log: nothing is signed yet, so there is nothing to walk.
+                METRICS.audit_verify_ok.set(1);
+                METRICS.audit_verify_records.set(0);
+                METRICS.audit_verify_last_success.set(now());
+                continue;
+            }
             let (dir, km) = (dir.clone(), km.clone());
             let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || {
@@ -733,8 +749,13 @@ fn spawn_audit_self_check(core: &Arc<CaCore>) {
                     last = crate::audit::verify(&dir, km.as_ref());
                     match &last {
                         Ok(_) => break,
-                        // A line still being appended: read again.
-                        Err(e) if e.contains("truncated (no line end)") => continue,
+                        // A line still being appended, or a head not yet written: read again.
+                        Err(e)
+                            if e.contains("truncated (no line end)")
+                                || e.contains("no signed head") =>
+                        {
+                            continue
+                        }
                         Err(_) => break,
                     }
                 }
@@ -749,6 +770,7 @@ fn spawn_audit_self_check(core: &Arc<CaCore>) {
                 Ok(r) => {
                     METRICS.audit_verify_ok.set(1);
                     METRICS.audit_verify_last_success.set(now());
+                    METRICS.audit_verify_records.set(r.records as i64);
                     tracing::info!(
                         event = "audit_verified",
                         records = r.records,

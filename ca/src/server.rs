@@ -13,7 +13,8 @@ use ztid_agent_attestor::tls::AgentCertVerifier;
 use ztid_proto::admin::admin_server::AdminServer;
 use ztid_proto::node::node_server::NodeServer;
 
-use crate::admin_api::{AdminApi, AdminGate};
+use crate::admin_api::AdminApi;
+use crate::admin_authz::{AdminAuthzLayer, AdminPolicy};
 use crate::core::CaCore;
 use crate::node_api::NodeApi;
 use crate::{Error, Result};
@@ -38,12 +39,19 @@ impl ResolvesServerCert for CurrentSvid {
     }
 }
 
-fn tls_config(core: &Arc<CaCore>) -> Arc<rustls::ServerConfig> {
+/// TLS for the node API (client certificate optional: `Attest` comes first) or the
+/// remote admin API (client certificate required).
+fn tls_config(core: &Arc<CaCore>, client_cert_required: bool) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = if client_cert_required {
+        AgentCertVerifier::mandatory(core.roots())
+    } else {
+        AgentCertVerifier::new(core.roots())
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
-        .with_client_cert_verifier(Arc::new(AgentCertVerifier::new(core.roots())))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentSvid(core.clone())));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
@@ -66,6 +74,46 @@ fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Accepts TLS connections: each handshake runs in its own task, so one slow or
+/// hostile client cannot hold up the others.
+fn tls_incoming(
+    tcp: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    what: &'static str,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match tcp.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = conn_tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(event = "tls_refused", listener = what, %peer, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => {
+                        tracing::warn!(event = "tls_refused", listener = what, %peer, "TLS handshake timed out")
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(conn_rx)
+}
+
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(core: Arc<CaCore>) -> Result<()> {
     let tcp = TcpListener::bind(core.config.bind)
@@ -80,42 +128,14 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     if allowed.is_empty() {
         allowed.push(nix::unistd::getuid().as_raw());
     }
-    let gate = AdminGate::new(allowed.clone(), core.audit.clone());
+    let policy = Arc::new(AdminPolicy::new(
+        allowed.clone(),
+        core.config.remote_admin_roles()?,
+        core.audit.clone(),
+    ));
     crate::metrics::spawn(&core).await?;
 
-    // Accept loop: each TLS handshake runs in its own task, so one slow or hostile
-    // client cannot hold up the others.
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(&core));
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "node API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = conn_tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(event = "tls_refused", %peer, error = %e, "node API TLS handshake failed")
-                    }
-                    Err(_) => {
-                        tracing::warn!(event = "tls_refused", %peer, "node API TLS handshake timed out")
-                    }
-                }
-            });
-        }
-    });
-
+    let node_incoming = tls_incoming(tcp, tls_config(&core, false), "node API");
     let housekeeping_core = core.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -130,13 +150,31 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     let node = tonic::transport::Server::builder()
         .layer(crate::metrics::node_api_layer())
         .add_service(NodeServer::new(NodeApi::new(core.clone())))
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
+        .serve_with_incoming_shutdown(node_incoming, shutdown_signal());
     let admin = tonic::transport::Server::builder()
-        .add_service(AdminServer::with_interceptor(
-            AdminApi::new(core.clone()),
-            move |r| gate.check(r),
-        ))
+        .layer(AdminAuthzLayer(policy.clone()))
+        .add_service(AdminServer::new(AdminApi::new(core.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
+    // The remote admin API: mutual TLS, callers admitted by SPIFFE ID and role only.
+    if let Some(remote) = &core.config.remote_admin {
+        let tcp = TcpListener::bind(remote.bind)
+            .await
+            .map_err(Error::io(format!(
+                "binding remote admin API on {}",
+                remote.bind
+            )))?;
+        let incoming = tls_incoming(tcp, tls_config(&core, true), "remote admin API");
+        let server = tonic::transport::Server::builder()
+            .layer(AdminAuthzLayer(policy.clone()))
+            .add_service(AdminServer::new(AdminApi::new(core.clone())))
+            .serve_with_incoming_shutdown(incoming, shutdown_signal());
+        tracing::info!(remote_admin = %remote.bind, "remote admin API (mTLS) serving");
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "remote admin API stopped");
+            }
+        });
+    }
     tracing::info!(
         trust_domain = %core.trust_domain,
         node_api = %core.config.bind,

@@ -282,6 +282,21 @@ impl Agent {
 
     /// Spawns an agent with `token`; `Err(log)` if it exits before serving.
     pub fn start_with_token(server: &Server, token: &str) -> Result<Self, String> {
+        Self::start_with_token_args(server, token, &[])
+    }
+
+    /// Starts an agent with a fresh join token and extra `run` arguments.
+    pub fn start_with_args(server: &Server, extra: &[&str]) -> Self {
+        let token = server.token();
+        Self::start_with_token_args(server, &token, extra).expect("agent starts")
+    }
+
+    /// Like [`Agent::start_with_token`], with extra `run` arguments.
+    pub fn start_with_token_args(
+        server: &Server,
+        token: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = server.bundle_file();
         let mut cmd = Command::new(bin("ztid-agent"));
@@ -299,7 +314,8 @@ impl Agent {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--sync-interval")
-            .arg("1");
+            .arg("1")
+            .args(extra);
         let mut proc = Proc::spawn(&mut cmd, dir.path().join("agent.log"));
         let socket = dir.path().join("api.sock");
         let ready = {

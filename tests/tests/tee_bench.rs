@@ -121,7 +121,9 @@ fn tee_verification_rates() {
         .unwrap();
         let verifier = tdx::TdxVerifier::from_config(&cfg).unwrap();
         let now = at(when);
-        verifier.verify_evidence(&q, &parsed, now).expect("verifies");
+        verifier
+            .verify_evidence(&q, &parsed, now)
+            .expect("verifies");
         rate(&format!("TDX {dir}"), secs, || {
             verifier.verify_evidence(&q, &parsed, now).unwrap();
         });
@@ -132,6 +134,10 @@ fn tee_verification_rates() {
 fn dcap_report_data(q: &[u8]) -> [u8; 64] {
     // v4: the body follows the 48-byte header; v5: after a 2-byte type and 4-byte size.
     // Every TD body starts with the TD 1.0 layout, whose report_data is at 520..584.
-    let body = if u16::from_le_bytes([q[0], q[1]]) == 4 { 48 } else { 54 };
+    let body = if u16::from_le_bytes([q[0], q[1]]) == 4 {
+        48
+    } else {
+        54
+    };
     q[body + 520..body + 584].try_into().unwrap()
 }

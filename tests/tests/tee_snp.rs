@@ -165,7 +165,10 @@ fn check_claims(v: &Vector, claims: &Value) {
             assert_eq!(got, &want, "{}: claim {k}", v.dir);
             continue;
         }
-        let got = got.as_str().map(str::to_string).unwrap_or_else(|| got.to_string());
+        let got = got
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| got.to_string());
         assert_eq!(&got, want, "{}: claim {k}", v.dir);
     }
 }
@@ -200,13 +203,17 @@ fn report_data_must_match_all_64_bytes() {
     let mut bad = good.clone();
     bad[63] ^= 1;
     let m = refusal(lib_verify(v, v.inside, Some(&bad)));
-    assert!(m.starts_with("report_data does not match the expected binding"), "{m}");
+    assert!(
+        m.starts_with("report_data does not match the expected binding"),
+        "{m}"
+    );
     // Only the first half given: zero-padded, so the second half must be zero: it is not.
     let m = refusal(lib_verify(v, v.inside, Some(&good[..32])));
     assert!(m.starts_with("report_data does not match"), "{m}");
     // milan-trustee-vcek binds a 32-byte hash followed by zeros.
     let v = &VECTORS[1];
-    let rd = hex::decode("ec6c52d7533cc2c4f45be7849cf112ab82b2009fe7bd43e71ed08c14400ad7e2").unwrap();
+    let rd =
+        hex::decode("ec6c52d7533cc2c4f45be7849cf112ab82b2009fe7bd43e71ed08c14400ad7e2").unwrap();
     lib_verify(v, v.inside, Some(&rd)).unwrap();
 }
 
@@ -223,10 +230,21 @@ fn flipped_bytes_in_the_signed_part_are_refused() {
     // virtee flips byte 21 bit 7; 0x90 is in the measurement; 0x183 is a reserved byte
     // inside reported_tcb (the sev crate's own check re-encodes the report and would
     // not notice it); 0x1E8 is the firmware build number.
-    for (off, bit) in [(21usize, 0x80u8), (0x90, 0x01), (0x183, 0x01), (0x1E8, 0x40)] {
+    for (off, bit) in [
+        (21usize, 0x80u8),
+        (0x90, 0x01),
+        (0x183, 0x01),
+        (0x1E8, 0x40),
+    ] {
         let mut r = report.clone();
         r[off] ^= bit;
-        let m = refusal(sev_snp::verify_offline(&r, Some(&dir), None, at(v.inside), &table("")));
+        let m = refusal(sev_snp::verify_offline(
+            &r,
+            Some(&dir),
+            None,
+            at(v.inside),
+            &table(""),
+        ));
         assert_eq!(
             m, "report signature does not verify under the VCEK public key",
             "flip at {off:#x}"
@@ -235,8 +253,17 @@ fn flipped_bytes_in_the_signed_part_are_refused() {
     // A reserved byte outside the TCB fields: refused before any signature check.
     let mut r = report.clone();
     r[0x1F8] ^= 1;
-    let m = refusal(sev_snp::verify_offline(&r, Some(&dir), None, at(v.inside), &table("")));
-    assert_eq!(m, "malformed SEV-SNP report: Skipped bytes were expected to be zeroed.");
+    let m = refusal(sev_snp::verify_offline(
+        &r,
+        Some(&dir),
+        None,
+        at(v.inside),
+        &table(""),
+    ));
+    assert_eq!(
+        m,
+        "malformed SEV-SNP report: Skipped bytes were expected to be zeroed."
+    );
 }
 
 #[test]
@@ -348,7 +375,10 @@ fn measurement_outside_the_allow_list_is_refused() {
         at("2026-06-01T00:00:00Z"),
         &table("[min_tcb.turin]\nfmc = 2"),
     ));
-    assert_eq!(m, "reported TCB fmc 1 is below the minimum 2 for Turin (min_tcb)");
+    assert_eq!(
+        m,
+        "reported TCB fmc 1 is below the minimum 2 for Turin (min_tcb)"
+    );
 }
 
 #[test]
@@ -363,7 +393,11 @@ fn missing_vek_is_refused() {
     ));
     assert_eq!(m, "the report is signed by a VCEK, but neither the evidence nor the collateral holds a VCEK certificate");
     // A VCEK of another chip: the report signature fails.
-    std::fs::write(tmp.path().join("vcek.der"), read("milan-trustee-vcek/vcek.der")).unwrap();
+    std::fs::write(
+        tmp.path().join("vcek.der"),
+        read("milan-trustee-vcek/vcek.der"),
+    )
+    .unwrap();
     let m = refusal(sev_snp::verify_offline(
         &read("milan-virtee-sev/report_milan.hex"),
         Some(tmp.path()),
@@ -371,7 +405,10 @@ fn missing_vek_is_refused() {
         at("2025-06-01T00:00:00Z"),
         &table(""),
     ));
-    assert_eq!(m, "report signature does not verify under the VCEK public key");
+    assert_eq!(
+        m,
+        "report signature does not verify under the VCEK public key"
+    );
 }
 
 #[test]
@@ -380,7 +417,8 @@ fn certificate_table_in_the_evidence_replaces_the_collateral_dir() {
     let mut ev = read("genoa-trustee-azure/report.bin");
     let vcek = pem::parse(read("genoa-trustee-azure/vcek.pem")).unwrap();
     ev.extend(sev_snp::encode_cert_table(&[("vcek", vcek.contents())]));
-    let c = sev_snp::verify_offline(&ev, None, None, at("2026-01-01T00:00:00Z"), &table("")).unwrap();
+    let c =
+        sev_snp::verify_offline(&ev, None, None, at("2026-01-01T00:00:00Z"), &table("")).unwrap();
     assert_eq!(c["product"], "Genoa");
 }
 
@@ -388,7 +426,10 @@ fn certificate_table_in_the_evidence_replaces_the_collateral_dir() {
 
 fn cli(args: &[&str]) -> (bool, String, String) {
     let bin = ztid_tests::bin("ztid-server");
-    let o = Command::new(bin).args(args).output().expect("run ztid-server");
+    let o = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("run ztid-server");
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -436,7 +477,10 @@ fn cli_gives_every_vectors_outcome() {
         check_claims(v, &claims);
         let (ok, _, err) = cli_verify(v, v.outside, config.as_deref());
         assert!(!ok, "{} must fail at {}", v.dir, v.outside);
-        assert_eq!(err.trim(), format!("error: attestation refused: {}", v.outside_reason));
+        assert_eq!(
+            err.trim(),
+            format!("error: attestation refused: {}", v.outside_reason)
+        );
     }
     // The VMPL 1 report without the permissive config.
     let (ok, _, err) = cli_verify(&VECTORS[2], VECTORS[2].inside, None);
@@ -450,8 +494,17 @@ fn cli_gives_every_vectors_outcome() {
     let ev = dir.join("report.bin").display().to_string();
     let d = dir.display().to_string();
     let base = [
-        "evidence", "verify", "--kind", "sev-snp", "--evidence", &ev, "--collateral", &d, "--at",
-        "2025-06-01T00:00:00Z", "--report-data",
+        "evidence",
+        "verify",
+        "--kind",
+        "sev-snp",
+        "--evidence",
+        &ev,
+        "--collateral",
+        &d,
+        "--at",
+        "2025-06-01T00:00:00Z",
+        "--report-data",
     ];
     let mut good = base.to_vec();
     good.push("ec6c52d7533cc2c4f45be7849cf112ab82b2009fe7bd43e71ed08c14400ad7e2");
@@ -462,5 +515,8 @@ fn cli_gives_every_vectors_outcome() {
     bad.push("ec6c52d7533cc2c4f45be7849cf112ab82b2009fe7bd43e71ed08c14400ad7e3");
     let (ok, _, err) = cli(&bad);
     assert!(!ok);
-    assert!(err.contains("report_data does not match the expected binding"), "{err}");
+    assert!(
+        err.contains("report_data does not match the expected binding"),
+        "{err}"
+    );
 }

@@ -68,12 +68,20 @@ impl TestChain {
             ("ark.key", "rsa_keygen_bits:2048"),
             ("ask.key", "rsa_keygen_bits:2048"),
         ] {
-            ossl(d, &["genpkey", "-algorithm", "RSA", "-pkeyopt", alg, "-out", k]);
+            ossl(
+                d,
+                &["genpkey", "-algorithm", "RSA", "-pkeyopt", alg, "-out", k],
+            );
         }
         ossl(
             d,
             &[
-                "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out",
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
                 "vcek.key",
             ],
         );
@@ -97,31 +105,92 @@ impl TestChain {
         )
         .unwrap();
         let mut a = vec![
-            "req", "-x509", "-new", "-key", "ark.key", "-subj", "/O=ztid test/CN=ARK-Milan",
-            "-days", "3650", "-sha384", "-set_serial", "1", "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign", "-out", "roots/ark.pem",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ark.key",
+            "-subj",
+            "/O=ztid test/CN=ARK-Milan",
+            "-days",
+            "3650",
+            "-sha384",
+            "-set_serial",
+            "1",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "roots/ark.pem",
         ];
         a.extend_from_slice(PSS);
         ossl(d, &a);
         ossl(
             d,
-            &["req", "-new", "-key", "ask.key", "-subj", "/O=ztid test/CN=SEV-Milan", "-out", "ask.csr"],
+            &[
+                "req",
+                "-new",
+                "-key",
+                "ask.key",
+                "-subj",
+                "/O=ztid test/CN=SEV-Milan",
+                "-out",
+                "ask.csr",
+            ],
         );
         let mut a = vec![
-            "x509", "-req", "-in", "ask.csr", "-CA", "roots/ark.pem", "-CAkey", "ark.key",
-            "-set_serial", "2", "-days", "3650", "-sha384", "-extfile", "ca.ext", "-out",
+            "x509",
+            "-req",
+            "-in",
+            "ask.csr",
+            "-CA",
+            "roots/ark.pem",
+            "-CAkey",
+            "ark.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "3650",
+            "-sha384",
+            "-extfile",
+            "ca.ext",
+            "-out",
             "roots/ask.pem",
         ];
         a.extend_from_slice(PSS);
         ossl(d, &a);
         ossl(
             d,
-            &["req", "-new", "-key", "vcek.key", "-subj", "/O=ztid test/CN=SEV-VCEK", "-out", "vcek.csr"],
+            &[
+                "req",
+                "-new",
+                "-key",
+                "vcek.key",
+                "-subj",
+                "/O=ztid test/CN=SEV-VCEK",
+                "-out",
+                "vcek.csr",
+            ],
         );
         let mut a = vec![
-            "x509", "-req", "-in", "vcek.csr", "-CA", "roots/ask.pem", "-CAkey", "ask.key",
-            "-set_serial", "0", "-days", "3650", "-sha384", "-extfile", "vcek.ext", "-outform",
-            "der", "-out", "vcek.der",
+            "x509",
+            "-req",
+            "-in",
+            "vcek.csr",
+            "-CA",
+            "roots/ask.pem",
+            "-CAkey",
+            "ask.key",
+            "-set_serial",
+            "0",
+            "-days",
+            "3650",
+            "-sha384",
+            "-extfile",
+            "vcek.ext",
+            "-outform",
+            "der",
+            "-out",
+            "vcek.der",
         ];
         a.extend_from_slice(PSS);
         ossl(d, &a);
@@ -222,13 +291,31 @@ impl TestChain {
         if revoke_ask {
             ossl(
                 d,
-                &["ca", "-config", &cnf, "-revoke", "roots/ask.pem", "-keyfile", "ark.key", "-cert", "roots/ark.pem"],
+                &[
+                    "ca",
+                    "-config",
+                    &cnf,
+                    "-revoke",
+                    "roots/ask.pem",
+                    "-keyfile",
+                    "ark.key",
+                    "-cert",
+                    "roots/ark.pem",
+                ],
             );
         }
         let out = out_dir.join("amd.crl").display().to_string();
         let mut a = vec![
-            "ca", "-config", &cnf, "-gencrl", "-keyfile", "ark.key", "-cert", "roots/ark.pem",
-            "-out", &out,
+            "ca",
+            "-config",
+            &cnf,
+            "-gencrl",
+            "-keyfile",
+            "ark.key",
+            "-cert",
+            "roots/ark.pem",
+            "-out",
+            &out,
         ];
         a.extend_from_slice(PSS);
         ossl(d, &a);
@@ -252,7 +339,12 @@ fn now() -> SystemTime {
     SystemTime::now()
 }
 
-fn offline(chain: &TestChain, ev: &[u8], extra: &str, collateral: Option<&Path>) -> Result<Value, Error> {
+fn offline(
+    chain: &TestChain,
+    ev: &[u8],
+    extra: &str,
+    collateral: Option<&Path>,
+) -> Result<Value, Error> {
     sev_snp::verify_offline(ev, collateral, None, now(), &chain.config(extra))
 }
 
@@ -267,7 +359,13 @@ fn synthetic_report_verifies_only_under_the_test_roots() {
     assert_eq!(claims["chip_id"], hex::encode(c.chip_id));
     assert_eq!(claims["crl_checked"], false);
     // Without test_roots_dir nothing trusts it.
-    let m = refusal(sev_snp::verify_offline(&ev, None, None, now(), &toml::Table::new()));
+    let m = refusal(sev_snp::verify_offline(
+        &ev,
+        None,
+        None,
+        now(),
+        &toml::Table::new(),
+    ));
     assert_eq!(
         m,
         "no pinned AMD signing key named \"SEV-Milan\" (the ASK issuer); the VCEK does not chain to a pinned ARK"
@@ -319,7 +417,10 @@ fn checks_behind_the_signature_name_their_rule() {
     // Policy keys on a signed report.
     let ev = c.evidence(&[7; 64], |_| {});
     let m = refusal(offline(&c, &ev, "[min_tcb.milan]\nsnp = 9", None));
-    assert_eq!(m, "reported TCB snp 8 is below the minimum 9 for Milan (min_tcb)");
+    assert_eq!(
+        m,
+        "reported TCB snp 8 is below the minimum 9 for Milan (min_tcb)"
+    );
     let m = refusal(offline(&c, &ev, "min_guest_svn = 2", None));
     assert_eq!(m, "guest SVN 1 is below min_guest_svn 2");
     offline(
@@ -345,7 +446,13 @@ fn amd_crls_are_checked() {
     assert_eq!(claims["crl_checked"], true);
     // The same CRL two days later has expired.
     let later = now() + Duration::from_secs(2 * 86400);
-    let m = refusal(sev_snp::verify_offline(&ev, Some(crl_dir.path()), None, later, &c.config("")));
+    let m = refusal(sev_snp::verify_offline(
+        &ev,
+        Some(crl_dir.path()),
+        None,
+        later,
+        &c.config(""),
+    ));
     assert!(m.starts_with("CRL amd.crl expired at "), "{m}");
     // A CRL revoking the ASK.
     let crl_dir = tempfile::tempdir().unwrap();
@@ -354,7 +461,9 @@ fn amd_crls_are_checked() {
     assert_eq!(m, "ASK SEV-Milan (serial 02) is revoked by CRL amd.crl");
     // A CRL whose signature was tampered with.
     let p = crl_dir.path().join("amd.crl");
-    let der = pem::parse(std::fs::read(&p).unwrap()).unwrap().into_contents();
+    let der = pem::parse(std::fs::read(&p).unwrap())
+        .unwrap()
+        .into_contents();
     let mut bad = der.clone();
     let n = bad.len();
     bad[n - 5] ^= 1;
@@ -423,7 +532,8 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let tsm = tempfile::tempdir().unwrap();
     let _fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
     let verifier = sev_snp::SnpVerifier::from_config(&chain.config("")).unwrap();
-    let mut attestor = sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest")).unwrap();
+    let mut attestor =
+        sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest")).unwrap();
     let key = spki();
     let ctx = AttestationContext {
         agent_public_key: &key,
@@ -447,14 +557,21 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         format!("sev-snp:chip-id:{}", hex::encode(chain.chip_id)),
     ];
     for w in want {
-        assert!(node.selectors.contains(&Selector::parse(&w).unwrap()), "{w} in {:?}", node.selectors);
+        assert!(
+            node.selectors.contains(&Selector::parse(&w).unwrap()),
+            "{w} in {:?}",
+            node.selectors
+        );
     }
     // The same answer replayed into a new session (a new nonce) is refused.
     let VerifierStep::Challenge(_, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
     let m = refusal(session.resume(&answer, &ctx));
-    assert!(m.starts_with("report_data does not match the expected binding"), "{m}");
+    assert!(
+        m.starts_with("report_data does not match the expected binding"),
+        "{m}"
+    );
     // An answer for another agent key is refused.
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
@@ -484,18 +601,26 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         panic!("expected a challenge");
     };
     let mut rd = [0u8; 64];
-    rd.copy_from_slice(&ring::digest::digest(&ring::digest::SHA512, &challenge[..32]).as_ref()[..64]);
+    rd.copy_from_slice(
+        &ring::digest::digest(&ring::digest::SHA512, &challenge[..32]).as_ref()[..64],
+    );
     let forged = chain.evidence(&rd, |_| {});
     assert!(refusal(session.resume(&forged, &ctx)).starts_with("report_data does not match"));
     // Each attestation of one launch gets the same node ID; another launch another.
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let rd = ztid_agent_attestor::node_attestation::tsm::report_data_for_challenge(&challenge).unwrap();
-    let VerifierStep::Attested(other_launch) = session.resume(&chain.evidence(&rd, |_| {}), &ctx).unwrap() else {
+    let rd =
+        ztid_agent_attestor::node_attestation::tsm::report_data_for_challenge(&challenge).unwrap();
+    let VerifierStep::Attested(other_launch) =
+        session.resume(&chain.evidence(&rd, |_| {}), &ctx).unwrap()
+    else {
         panic!("expected the node to be attested");
     };
-    assert_ne!(other_launch.node_id, node.node_id, "a new REPORT_ID is a new launch");
+    assert_ne!(
+        other_launch.node_id, node.node_id,
+        "a new REPORT_ID is a new launch"
+    );
 }
 
 // ---- the whole system ----
@@ -551,7 +676,8 @@ impl AgentProc {
             if Path::new(&self.socket()).exists()
                 && agent_cli(&["healthcheck", "--socket", &self.socket()]).ok
             {
-                let pem = std::fs::read_to_string(self.dir.path().join("data/agent_svid.pem")).unwrap();
+                let pem =
+                    std::fs::read_to_string(self.dir.path().join("data/agent_svid.pem")).unwrap();
                 return Ok(spiffe_id_of(pem::parse(pem).unwrap().contents()));
             }
             if start.elapsed() > READY_TIMEOUT {
@@ -615,7 +741,9 @@ fn replay_attestation(server: &Server, evidence: &[u8]) -> String {
                 })) => {
                     assert!(c.len() > 32, "a nonce and the CSR key");
                     tx.send(pb::AttestRequest {
-                        step: Some(pb::attest_request::Step::ChallengeResponse(evidence.to_vec())),
+                        step: Some(pb::attest_request::Step::ChallengeResponse(
+                            evidence.to_vec(),
+                        )),
                     })
                     .await
                     .unwrap();
@@ -647,7 +775,9 @@ fn end_to_end_agent_attests_with_sev_snp_and_a_workload_gets_its_svid() {
     let tsm = tempfile::tempdir().unwrap();
     let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
     let mut agent = AgentProc::spawn(&server, tsm.path());
-    let agent_id = agent.ready().unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
+    let agent_id = agent
+        .ready()
+        .unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
     assert!(
         agent_id.starts_with("spiffe://example.org/ztid/agent/sev-snp/"),
         "{agent_id}"
@@ -659,29 +789,52 @@ fn end_to_end_agent_attests_with_sev_snp_and_a_workload_gets_its_svid() {
     assert_eq!(served.len(), 1);
 
     // The CA recorded the selectors the report proved.
-    let shown: Value = serde_json::from_str(&server.cli_ok(&["--output", "json", "agent", "show", &agent_id])).unwrap();
+    let shown: Value =
+        serde_json::from_str(&server.cli_ok(&["--output", "json", "agent", "show", &agent_id]))
+            .unwrap();
     let sels: Vec<String> = shown["selectors"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap().to_string())
         .collect();
-    assert!(sels.contains(&format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT))), "{sels:?}");
-    assert!(sels.contains(&"sev-snp:policy:30000".to_string()), "{sels:?}");
+    assert!(
+        sels.contains(&format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT))),
+        "{sels:?}"
+    );
+    assert!(
+        sels.contains(&"sev-snp:policy:30000".to_string()),
+        "{sels:?}"
+    );
 
     // A workload on this node gets its SVID.
     let uid = format!("unix:uid:{}", nix_uid());
     server.cli_ok(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/confidential-app", "--parent-id",
-        &agent_id, "--selector", &uid,
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/confidential-app",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &uid,
     ]);
     let r = wait_for("the workload's SVID", READY_TIMEOUT, || {
-        let r = agent_cli(&["api", "fetch", "x509", "--output", "json", "--socket", &agent.socket()]);
+        let r = agent_cli(&[
+            "api",
+            "fetch",
+            "x509",
+            "--output",
+            "json",
+            "--socket",
+            &agent.socket(),
+        ]);
         r.ok.then_some(r)
     });
     let svid: Value = serde_json::from_str(&r.stdout).unwrap();
     assert!(
-        svid.to_string().contains("spiffe://example.org/confidential-app"),
+        svid.to_string()
+            .contains("spiffe://example.org/confidential-app"),
         "{svid}"
     );
 
@@ -689,13 +842,23 @@ fn end_to_end_agent_attests_with_sev_snp_and_a_workload_gets_its_svid() {
     // answer to a new challenge: refused, since its report_data is bound to the first
     // nonce and the first agent's key. (An honest agent would not even send it: its
     // attestor checks the report it got carries the report_data it asked for.)
-    let refused = replay_attestation(&server, &[served[0].0.clone(), served[0].1.clone()].concat());
+    let refused = replay_attestation(
+        &server,
+        &[served[0].0.clone(), served[0].1.clone()].concat(),
+    );
     assert!(
         refused.starts_with("attestation refused: report_data does not match the expected binding"),
         "{refused}"
     );
     let slog = server.log_text();
-    assert!(slog.contains("report_data does not match the expected binding"), "{slog}");
-    assert_eq!(fake.served.lock().unwrap().len(), 1, "the replay made no new report");
+    assert!(
+        slog.contains("report_data does not match the expected binding"),
+        "{slog}"
+    );
+    assert_eq!(
+        fake.served.lock().unwrap().len(),
+        1,
+        "the replay made no new report"
+    );
     drop(fake);
 }

@@ -124,7 +124,10 @@ fn lib_verify(dir: &str, when: &str, rd: Option<&[u8]>, config: &str) -> Result<
 fn check_claims(dir: &str, want: &[(&str, &str)], claims: &Value) {
     for (k, w) in want {
         let got = &claims[*k];
-        let got = got.as_str().map(str::to_string).unwrap_or_else(|| got.to_string());
+        let got = got
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| got.to_string());
         assert_eq!(&got, w, "{dir}: claim {k}");
     }
 }
@@ -139,10 +142,25 @@ fn every_vector_gives_its_outcome_inside_its_window_and_expires_outside() {
                 check_claims(v.dir, want, &claims);
                 assert_eq!(claims["tcb"]["advisory_ids"], serde_json::json!([]));
             }
-            Err(reason) => assert_eq!(refusal(lib_verify(v.dir, v.inside, None, "")), reason, "{}", v.dir),
+            Err(reason) => assert_eq!(
+                refusal(lib_verify(v.dir, v.inside, None, "")),
+                reason,
+                "{}",
+                v.dir
+            ),
         }
-        assert_eq!(refusal(lib_verify(v.dir, v.before, None, "")), v.before_reason, "{}", v.dir);
-        assert_eq!(refusal(lib_verify(v.dir, v.after, None, "")), v.after_reason, "{}", v.dir);
+        assert_eq!(
+            refusal(lib_verify(v.dir, v.before, None, "")),
+            v.before_reason,
+            "{}",
+            v.dir
+        );
+        assert_eq!(
+            refusal(lib_verify(v.dir, v.after, None, "")),
+            v.after_reason,
+            "{}",
+            v.dir
+        );
     }
 }
 
@@ -159,7 +177,13 @@ fn flipped_bytes_in_the_signed_quote_are_refused() {
         let mut q = quote(dir);
         q[off] ^= 0x01;
         let d = vectors().join(dir);
-        let m = refusal(tdx::verify_offline(&q, Some(&d), None, at(when), &table("")));
+        let m = refusal(tdx::verify_offline(
+            &q,
+            Some(&d),
+            None,
+            at(when),
+            &table(""),
+        ));
         assert_eq!(
             m, "TDX quote verification failed: ISV enclave report signature is invalid",
             "{dir} @ {off}"
@@ -172,14 +196,21 @@ fn tampered_collateral(dir: &str, edit: impl FnOnce(&mut Value)) -> tempfile::Te
     let mut c: Value = serde_json::from_slice(&std::fs::read(src).unwrap()).unwrap();
     edit(&mut c);
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("collateral.json"), serde_json::to_vec(&c).unwrap()).unwrap();
+    std::fs::write(
+        tmp.path().join("collateral.json"),
+        serde_json::to_vec(&c).unwrap(),
+    )
+    .unwrap();
     tmp
 }
 
 #[test]
 fn tampered_tcb_info_is_refused() {
     let tmp = tampered_collateral("v4-uptodate", |c| {
-        let t = c["tcb_info"].as_str().unwrap().replacen("\"UpToDate\"", "\"OutOfDate\"", 1);
+        let t = c["tcb_info"]
+            .as_str()
+            .unwrap()
+            .replacen("\"UpToDate\"", "\"OutOfDate\"", 1);
         c["tcb_info"] = t.into();
     });
     let m = refusal(tdx::verify_offline(
@@ -189,15 +220,27 @@ fn tampered_tcb_info_is_refused() {
         at("2025-07-01T00:00:00Z"),
         &table(""),
     ));
-    assert_eq!(m, "TDX quote verification failed: Signature is invalid for tcb_info in quote_collateral");
+    assert_eq!(
+        m,
+        "TDX quote verification failed: Signature is invalid for tcb_info in quote_collateral"
+    );
     // A TCB info "signed" by the quote's own PCK chain instead of Intel's TCB signing key.
     let chain_of_pck = {
         let q = quote("v4-uptodate");
-        let start = q.windows(27).position(|w| w == b"-----BEGIN CERTIFICATE-----").unwrap();
-        let end = q.windows(25).rposition(|w| w == b"-----END CERTIFICATE-----").unwrap() + 25;
+        let start = q
+            .windows(27)
+            .position(|w| w == b"-----BEGIN CERTIFICATE-----")
+            .unwrap();
+        let end = q
+            .windows(25)
+            .rposition(|w| w == b"-----END CERTIFICATE-----")
+            .unwrap()
+            + 25;
         String::from_utf8(q[start..end].to_vec()).unwrap()
     };
-    let tmp = tampered_collateral("v4-uptodate", |c| c["tcb_info_issuer_chain"] = chain_of_pck.into());
+    let tmp = tampered_collateral("v4-uptodate", |c| {
+        c["tcb_info_issuer_chain"] = chain_of_pck.into()
+    });
     let m = refusal(tdx::verify_offline(
         &quote("v4-uptodate"),
         Some(tmp.path()),
@@ -205,7 +248,10 @@ fn tampered_tcb_info_is_refused() {
         at("2025-07-01T00:00:00Z"),
         &table(""),
     ));
-    assert_eq!(m, "TDX quote verification failed: TCB Info signer must be issued directly by the root CA");
+    assert_eq!(
+        m,
+        "TDX quote verification failed: TCB Info signer must be issued directly by the root CA"
+    );
 }
 
 #[test]
@@ -220,7 +266,10 @@ fn collateral_of_another_platform_is_refused() {
         at("2025-07-01T00:00:00Z"),
         &table(""),
     ));
-    assert!(m.starts_with("TDX quote verification failed: Unsupported QE Identity id/version"), "{m}");
+    assert!(
+        m.starts_with("TDX quote verification failed: Unsupported QE Identity id/version"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -245,7 +294,10 @@ fn mrtd_outside_the_allow_list_is_refused() {
         None,
         &format!("rtmr3 = [\"{}\"]", "00".repeat(48)),
     ));
-    assert!(m.starts_with("RTMR3 556d4986") && m.ends_with("is not in the RTMR3 allow-list"), "{m}");
+    assert!(
+        m.starts_with("RTMR3 556d4986") && m.ends_with("is not in the RTMR3 allow-list"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -269,11 +321,24 @@ fn report_data_must_match_all_64_bytes() {
     lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&good), "").unwrap();
     let mut bad = good.clone();
     bad[0] ^= 0x80;
-    let m = refusal(lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&bad), ""));
-    assert!(m.starts_with("report_data does not match the expected binding"), "{m}");
+    let m = refusal(lib_verify(
+        "v4-uptodate",
+        "2025-07-01T00:00:00Z",
+        Some(&bad),
+        "",
+    ));
+    assert!(
+        m.starts_with("report_data does not match the expected binding"),
+        "{m}"
+    );
     // The TD 1.5 quote binds 32 bytes + zeros (refused for its TCB, not its report_data,
     // so check through the padded comparison on the TD 1.0 quote instead).
-    let m = refusal(lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&good[..32]), ""));
+    let m = refusal(lib_verify(
+        "v4-uptodate",
+        "2025-07-01T00:00:00Z",
+        Some(&good[..32]),
+        "",
+    ));
     assert!(m.starts_with("report_data does not match"), "{m}");
 }
 
@@ -301,12 +366,18 @@ fn protocol_refuses_a_quote_not_bound_to_the_nonce() {
     };
     assert_eq!(challenge.len(), 32 + spki.len());
     let m = refusal(session.resume(&quote("v4-uptodate"), &ctx));
-    assert!(m.starts_with("report_data does not match the expected binding"), "{m}");
+    assert!(
+        m.starts_with("report_data does not match the expected binding"),
+        "{m}"
+    );
     // The SGX quote is refused as not TDX before anything else.
     let VerifierStep::Challenge(_, session) = v.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    assert_eq!(refusal(session.resume(&quote("sgx-v3-negative"), &ctx)), NOT_TDX);
+    assert_eq!(
+        refusal(session.resume(&quote("sgx-v3-negative"), &ctx)),
+        NOT_TDX
+    );
     // A late answer: the challenge expired.
     let VerifierStep::Challenge(_, session) = v.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
@@ -383,5 +454,8 @@ fn cli_gives_every_vectors_outcome() {
         &["--report-data", &"00".repeat(64)],
     );
     assert!(!ok);
-    assert!(err.contains("report_data does not match the expected binding"), "{err}");
+    assert!(
+        err.contains("report_data does not match the expected binding"),
+        "{err}"
+    );
 }

@@ -28,6 +28,19 @@ pub struct AgentSvid {
 }
 
 impl AgentSvid {
+    /// A workload's or agent's identity from its DER chain and PKCS#8 key.
+    pub fn from_parts(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Result<Self, Error> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Error::InvalidSvid("empty chain".into()))?;
+        Ok(Self {
+            spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
+            not_after: crate::svid::not_after(leaf)?,
+            chain,
+            key: zeroize::Zeroizing::new(key),
+        })
+    }
+
     /// The rustls identity.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, Error> {
         let der = PrivateKeyDer::Pkcs8(self.key.to_vec().into());
@@ -59,12 +72,26 @@ impl ResolvesClientCert for FixedClientCert {
     }
 }
 
-/// A lazily connecting channel to the server.
+/// A lazily connecting node API client.
 pub fn connect(
     server: SocketAddr,
     verifier: Arc<dyn ServerCertVerifier>,
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Result<NodeClient<Channel>, Error> {
+    Ok(NodeClient::new(mtls_channel(
+        server,
+        verifier,
+        client_cert,
+    )?))
+}
+
+/// A lazily connecting gRPC channel over TLS 1.3, verifying the server with
+/// `verifier` and presenting `client_cert` when given.
+pub fn mtls_channel(
+    server: SocketAddr,
+    verifier: Arc<dyn ServerCertVerifier>,
+    client_cert: Option<Arc<CertifiedKey>>,
+) -> Result<Channel, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -92,5 +119,5 @@ pub fn connect(
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     }));
-    Ok(NodeClient::new(channel))
+    Ok(channel)
 }

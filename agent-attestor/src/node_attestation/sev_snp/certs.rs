@@ -480,14 +480,18 @@ impl TrustStore {
                 vek.role.label()
             )));
         }
-        let mut last = None;
+        // Pinned signing keys come first; report the first failure (a pinned key's is
+        // the most telling).
+        let mut first = None;
         for (inter, anchor) in candidates {
             match self.check_vek_under(vek, inter, anchor, at) {
                 Ok(ok) => return Ok(ok),
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Err(last.expect("at least one candidate"))
+        Err(first.expect("at least one candidate"))
     }
 
     /// Checks `vek` under one given signing key, which must itself be signed by a pinned

@@ -61,7 +61,9 @@ use dcap_qvl::QuoteCollateralV3;
 use ring::digest;
 
 use super::tsm::{self, Pending, TsmClient};
-use super::{AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep};
+use super::{
+    AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
+};
 use crate::{Error, Selector};
 
 /// The method name on the wire.
@@ -149,7 +151,10 @@ fn hex_list(t: &toml::Table, key: &str) -> Result<Vec<Vec<u8>>, Error> {
             let b = hex::decode(s.trim())
                 .map_err(|e| cfg_err(format!("{key}: {s:?} is not hex: {e}")))?;
             if b.len() != 48 {
-                return Err(cfg_err(format!("{key}: {s:?} is {} bytes, must be 48", b.len())));
+                return Err(cfg_err(format!(
+                    "{key}: {s:?} is {} bytes, must be 48",
+                    b.len()
+                )));
             }
             Ok(b)
         })
@@ -158,7 +163,10 @@ fn hex_list(t: &toml::Table, key: &str) -> Result<Vec<Vec<u8>>, Error> {
 
 fn parse_config(t: &toml::Table) -> Result<Config, Error> {
     if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(cfg_err(format!("unknown key {k:?} (known: {})", KEYS.join(", "))));
+        return Err(cfg_err(format!(
+            "unknown key {k:?} (known: {})",
+            KEYS.join(", ")
+        )));
     }
     let mut policy = Policy::default();
     if let Some(s) = str_list(t, "accepted_tcb_status")? {
@@ -265,13 +273,21 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
     for (what, json) in [("TCB info", &c.tcb_info), ("QE identity", &c.qe_identity)] {
         let d: Dated = serde_json::from_str(json)
             .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
-        items.push((what, parse_time(what, &d.issue_date)?, Some(parse_time(what, &d.next_update)?)));
+        items.push((
+            what,
+            parse_time(what, &d.issue_date)?,
+            Some(parse_time(what, &d.next_update)?),
+        ));
     }
     for (what, der) in [("root CA CRL", &c.root_ca_crl), ("PCK CRL", &c.pck_crl)] {
         use x509_parser::prelude::FromDer;
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
             .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
-        items.push((what, crl.last_update().timestamp(), crl.next_update().map(|t| t.timestamp())));
+        items.push((
+            what,
+            crl.last_update().timestamp(),
+            crl.next_update().map(|t| t.timestamp()),
+        ));
     }
     for (what, issued, next) in items {
         if at < issued {
@@ -320,10 +336,17 @@ fn check_tcb(status: &str, advisories: &[String], policy: &Policy) -> Result<(),
         return Err(refuse(format!(
             "TCB status {status} is not accepted (accepted_tcb_status = {:?}; advisories: {})",
             policy.accepted_tcb_status,
-            if advisories.is_empty() { "none".to_string() } else { advisories.join(", ") }
+            if advisories.is_empty() {
+                "none".to_string()
+            } else {
+                advisories.join(", ")
+            }
         )));
     }
-    if let Some(a) = advisories.iter().find(|a| policy.denied_advisories.contains(a)) {
+    if let Some(a) = advisories
+        .iter()
+        .find(|a| policy.denied_advisories.contains(a))
+    {
         return Err(refuse(format!(
             "the platform is affected by advisory {a}, which denied_advisories refuses"
         )));
@@ -463,7 +486,10 @@ impl TdxVerifier {
             cfg_err("collateral_dir is required (--tdx-collateral DIR with collateral.json)")
         })?;
         if !dir.is_dir() {
-            return Err(cfg_err(format!("collateral_dir {} is not a directory", dir.display())));
+            return Err(cfg_err(format!(
+                "collateral_dir {} is not a directory",
+                dir.display()
+            )));
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -490,9 +516,18 @@ impl TdxVerifier {
             Some(expected_report_data),
             &self.inner.policy,
         )?;
-        let mut selectors = vec![Selector::new(METHOD, &format!("mrtd:{}", hex::encode(v.td.mr_td)))?];
-        for (i, r) in [&v.td.rt_mr0, &v.td.rt_mr1, &v.td.rt_mr2, &v.td.rt_mr3].iter().enumerate() {
-            selectors.push(Selector::new(METHOD, &format!("rtmr{i}:{}", hex::encode(r)))?);
+        let mut selectors = vec![Selector::new(
+            METHOD,
+            &format!("mrtd:{}", hex::encode(v.td.mr_td)),
+        )?];
+        for (i, r) in [&v.td.rt_mr0, &v.td.rt_mr1, &v.td.rt_mr2, &v.td.rt_mr3]
+            .iter()
+            .enumerate()
+        {
+            selectors.push(Selector::new(
+                METHOD,
+                &format!("rtmr{i}:{}", hex::encode(r)),
+            )?);
         }
         selectors.push(Selector::new(
             METHOD,
@@ -518,7 +553,8 @@ impl NodeVerifier for TdxVerifier {
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
         if !evidence.is_empty() {
             return Err(Error::Protocol(
-                "tdx attestation starts with empty evidence; the quote answers the CA's challenge".into(),
+                "tdx attestation starts with empty evidence; the quote answers the CA's challenge"
+                    .into(),
             ));
         }
         let (pending, challenge) = Pending::issue(ctx)?;
@@ -540,7 +576,11 @@ struct TdxSession {
 }
 
 impl VerificationSession for TdxSession {
-    fn resume(self: Box<Self>, answer: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+    fn resume(
+        self: Box<Self>,
+        answer: &[u8],
+        ctx: &AttestationContext<'_>,
+    ) -> Result<VerifierStep, Error> {
         let expected = self.pending.expected_report_data(ctx)?;
         self.verifier
             .verify_evidence(answer, &expected, ctx.now)
@@ -602,11 +642,20 @@ pub fn verify_offline(
     let dir = collateral
         .map(Path::to_path_buf)
         .or(cfg.collateral_dir)
-        .ok_or_else(|| Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into()))?;
+        .ok_or_else(|| {
+            Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into())
+        })?;
     check_header(&quote)?;
     let c = load_collateral(&dir, &quote)?;
     let expected = report_data.map(tsm::pad_report_data).transpose()?;
-    verify(&quote, &c, crate::unix_seconds(at), expected.as_ref(), &cfg.policy).map(|v| v.claims)
+    verify(
+        &quote,
+        &c,
+        crate::unix_seconds(at),
+        expected.as_ref(),
+        &cfg.policy,
+    )
+    .map(|v| v.claims)
 }
 
 #[cfg(test)]

@@ -38,7 +38,10 @@ fn debug_td_is_refused() {
     check_not_debug(&td).unwrap();
     td.td_attributes[0] |= 1;
     let m = refusal(check_not_debug(&td));
-    assert!(m.starts_with("the TD is a debug TD (TD_ATTRIBUTES 0100001000000000 has DEBUG set)"), "{m}");
+    assert!(
+        m.starts_with("the TD is a debug TD (TD_ATTRIBUTES 0100001000000000 has DEBUG set)"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -57,7 +60,10 @@ fn tcb_status_policy() {
     };
     check_tcb("OutOfDate", &["INTEL-SA-00334".into()], &p).unwrap();
     let m = refusal(check_tcb("OutOfDate", &["INTEL-SA-00615".into()], &p));
-    assert_eq!(m, "the platform is affected by advisory INTEL-SA-00615, which denied_advisories refuses");
+    assert_eq!(
+        m,
+        "the platform is affected by advisory INTEL-SA-00615, which denied_advisories refuses"
+    );
 }
 
 #[test]
@@ -84,7 +90,10 @@ fn measurement_allow_lists() {
 #[test]
 fn header_checks() {
     let m = refusal(check_header(&quote("sgx-v3-negative")));
-    assert_eq!(m, "the quote is an SGX enclave quote (version 3, TEE type 0), not a TDX quote");
+    assert_eq!(
+        m,
+        "the quote is an SGX enclave quote (version 3, TEE type 0), not a TDX quote"
+    );
     let mut q = quote("v4-uptodate");
     q[0] = 3;
     let m = refusal(check_header(&q));
@@ -114,7 +123,10 @@ fn config_keys() {
         let t: toml::Table = toml::from_str(bad).unwrap();
         assert!(matches!(parse_config(&t), Err(Error::Config(_))), "{bad}");
     }
-    assert!(matches!(TdxVerifier::from_config(&toml::Table::new()), Err(Error::Config(_))));
+    assert!(matches!(
+        TdxVerifier::from_config(&toml::Table::new()),
+        Err(Error::Config(_))
+    ));
 }
 
 #[test]

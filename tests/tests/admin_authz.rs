@@ -1,0 +1,247 @@
+//! Admin authorization, deny by default: every admin RPC refused without the role and
+//! allowed with it over the remote (mTLS) admin API; unknown SPIFFE IDs and socket
+//! callers with another uid refused; every decision audited.
+
+use std::sync::Arc;
+
+use ztid_agent_attestor::agent::node_client::{mtls_channel, AgentSvid};
+use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_proto::admin::{self as pb, admin_client::AdminClient};
+use ztid_proto::node as npb;
+use ztid_tests::*;
+
+const TD: &str = "example.org";
+const IDS: [&str; 4] = ["viewer", "operator", "authz", "stranger"];
+
+/// Calls every admin RPC once; returns (name, permission denied?).
+async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'static str, bool)> {
+    macro_rules! probe {
+        ($name:expr, $call:expr) => {{
+            let r = $call.await;
+            ($name, matches!(&r, Err(s) if s.code() == tonic::Code::PermissionDenied))
+        }};
+    }
+    let entry = npb::Entry {
+        spiffe_id: "spiffe://example.org/x".into(),
+        parent_id: "spiffe://example.org/ztid/agent/join-token/none".into(),
+        selectors: vec![npb::Selector {
+            r#type: "unix".into(),
+            value: "uid:1".into(),
+        }],
+        ..Default::default()
+    };
+    let id = || pb::EntryId { id: "nope".into() };
+    let agent = || pb::AgentId {
+        id: "spiffe://example.org/ztid/agent/join-token/none".into(),
+    };
+    let kind = || pb::AuthorityKind { kind: "jwt".into() };
+    let aref = || pb::AuthorityRef {
+        kind: "jwt".into(),
+        id: "nope".into(),
+    };
+    vec![
+        probe!("Health", c.health(pb::HealthRequest {})),
+        probe!(
+            "ListEntries",
+            c.list_entries(pb::ListEntriesRequest::default())
+        ),
+        probe!("GetEntry", c.get_entry(id())),
+        probe!("ListAgents", c.list_agents(pb::ListAgentsRequest {})),
+        probe!("GetAgent", c.get_agent(agent())),
+        probe!("GetBundle", c.get_bundle(pb::GetBundleRequest {})),
+        probe!("ListAuthorities", c.list_authorities(kind())),
+        probe!(
+            "CreateJoinToken",
+            c.create_join_token(pb::CreateJoinTokenRequest::default())
+        ),
+        probe!("CreateEntry", c.create_entry(entry.clone())),
+        probe!("DeleteEntry", c.delete_entry(id())),
+        probe!("EvictAgent", c.evict_agent(agent())),
+        probe!("BanAgent", c.ban_agent(agent())),
+        probe!("PrepareAuthority", c.prepare_authority(kind())),
+        probe!("ActivateAuthority", c.activate_authority(kind())),
+        probe!("TaintAuthority", c.taint_authority(aref())),
+        probe!("RevokeAuthority", c.revoke_authority(aref())),
+    ]
+}
+
+fn expected_allowed(role: &str, rpc: &str) -> bool {
+    let read = [
+        "Health",
+        "ListEntries",
+        "GetEntry",
+        "ListAgents",
+        "GetAgent",
+        "GetBundle",
+        "ListAuthorities",
+    ];
+    let operate = [
+        "CreateJoinToken",
+        "CreateEntry",
+        "DeleteEntry",
+        "EvictAgent",
+        "BanAgent",
+    ];
+    let authority = [
+        "PrepareAuthority",
+        "ActivateAuthority",
+        "TaintAuthority",
+        "RevokeAuthority",
+    ];
+    match role {
+        "viewer" => read.contains(&rpc),
+        "operator" => read.contains(&rpc) || operate.contains(&rpc),
+        "authz" => read.contains(&rpc) || authority.contains(&rpc),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_admin_roles_gate_every_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[remote_admin]\nbind = \"127.0.0.1:{port}\"\n[remote_admin.roles]\n\"spiffe://example.org/ops/viewer\" = [\"viewer\"]\n\"spiffe://example.org/ops/operator\" = [\"operator\"]\n\"spiffe://example.org/ops/authz\" = [\"authority-admin\"]\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let agent = Agent::start(&server);
+    let uid = format!("unix:uid:{}", nix_uid());
+    for who in IDS {
+        let id = format!("spiffe://example.org/ops/{who}");
+        server.cli_ok(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            &agent.spiffe_id,
+            "--selector",
+            &uid,
+            "--shared",
+        ]);
+    }
+    let wl = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let svids = wait_for("four SVIDs", READY_TIMEOUT, || {
+        let rt = tokio::runtime::Handle::current();
+        let all = tokio::task::block_in_place(|| rt.block_on(wl.fetch_all_x509_svids())).ok()?;
+        (all.len() == 4).then_some(all)
+    });
+    let roots: Vec<Vec<u8>> = pem::parse_many(server.cli_ok(&["bundle", "show"]))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    for svid in &svids {
+        let who = svid
+            .spiffe_id()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let identity = AgentSvid::from_parts(
+            svid.cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect(),
+            svid.private_key().as_ref().to_vec(),
+        )
+        .unwrap();
+        let verifier = Arc::new(ServerSvidVerifier::new(
+            shared_roots(roots.clone()),
+            format!("spiffe://{TD}/ztid/server"),
+        ));
+        let channel = mtls_channel(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            verifier,
+            Some(identity.certified_key().unwrap()),
+        )
+        .unwrap();
+        let mut client = AdminClient::new(channel);
+        for (rpc, denied) in call_all(&mut client).await {
+            assert_eq!(
+                !denied,
+                expected_allowed(&who, rpc),
+                "{who} calling {rpc}: denied={denied}"
+            );
+        }
+    }
+    // Without any client certificate the TLS handshake itself fails.
+    let verifier = Arc::new(ServerSvidVerifier::new(
+        shared_roots(roots),
+        format!("spiffe://{TD}/ztid/server"),
+    ));
+    let mut anon = AdminClient::new(
+        mtls_channel(format!("127.0.0.1:{port}").parse().unwrap(), verifier, None).unwrap(),
+    );
+    assert!(anon.health(pb::HealthRequest {}).await.is_err());
+
+    let log = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    assert!(
+        log.contains("\"admin_refused\"")
+            && log.contains("spiffe://example.org/ops/stranger has no admin role"),
+        "refusals audited"
+    );
+    assert!(
+        log.contains("\"admin_allowed\"") && log.contains("spiffe://example.org/ops/operator"),
+        "allowed calls audited with the caller"
+    );
+}
+
+#[test]
+fn socket_callers_with_another_uid_are_refused_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    // Admit only a uid that is not ours.
+    let other = if nix_uid() == 4242 { 4243 } else { 4242 };
+    std::fs::write(&cfg, format!("admin_uids = [{other}]\n")).unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut proc = std::process::Command::new(bin("ztid-server"))
+        .args([
+            "run",
+            "--trust-domain",
+            TD,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = data.join("admin.sock");
+    let r = wait_for("the admin socket to answer", READY_TIMEOUT, || {
+        if !sock.exists() {
+            return None;
+        }
+        let out = std::process::Command::new(bin("ztid-server"))
+            .args(["--admin-socket", sock.to_str().unwrap(), "agent", "list"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (!stderr.contains("cannot reach")).then_some((out.status.success(), stderr))
+    });
+    assert!(!r.0, "refused");
+    assert!(
+        r.1.contains(&format!("uid {} may not use the admin API", nix_uid())),
+        "{}",
+        r.1
+    );
+    let log = wait_for("the refusal in the audit log", READY_TIMEOUT, || {
+        let l = std::fs::read_to_string(data.join("audit/audit.log")).ok()?;
+        l.contains("\"admin_refused\"").then_some(l)
+    });
+    assert!(log.contains("may not use the admin API"));
+    let _ = proc.kill();
+    let _ = proc.wait();
+}
