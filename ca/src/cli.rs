@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// Serve /metrics, /live and /ready on ADDR:PORT (off by default).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Cedar issuance policy file (reloaded when it changes).
+    #[arg(long)]
+    pub issuance_policy: Option<PathBuf>,
     /// PKCS#11 module path (with --key-manager pkcs11).
     #[arg(long)]
     pub pkcs11_module: Option<PathBuf>,
@@ -388,6 +391,9 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     }
     if let Some(v) = args.metrics {
         c.metrics = Some(v);
+    }
+    if let Some(p) = &args.issuance_policy {
+        c.issuance_policy = Some(p.clone());
     }
     if args.pkcs11_module.is_some() || args.pkcs11_token.is_some() || args.pkcs11_pin_file.is_some()
     {

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub log_format: String,
     /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
     pub metrics: Option<SocketAddr>,
+    /// Cedar issuance policy every attestation and mint must satisfy; absent: none.
+    pub issuance_policy: Option<PathBuf>,
     /// The remote admin API over mutual TLS; absent (the default): off.
     pub remote_admin: Option<RemoteAdminConfig>,
     /// Upstream authority; absent: ztid's X.509 authorities are self-signed roots.
@@ -130,6 +132,7 @@ impl Default for ServerConfig {
             audit_enabled: true,
             upstream: None,
             remote_admin: None,
+            issuance_policy: None,
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct CaCore {
     pub key_manager: Arc<dyn KeyManager>,
     /// The X.509 and JWT authorities and the bundle.
     pub authorities: AuthoritySet,
+    /// The issuance policy, if configured.
+    pub policy: Option<crate::policy::IssuancePolicy>,
     /// The tamper-evident audit log (absent only when disabled in config).
     pub audit: Option<Arc<AuditLog>>,
     verifiers: Vec<Box<dyn NodeVerifier>>,
@@ -133,6 +135,10 @@ impl CaCore {
             tracing::warn!("the audit log is disabled by configuration");
             None
         };
+        let policy = match &config.issuance_policy {
+            Some(p) => Some(crate::policy::IssuancePolicy::load(p)?),
+            None => None,
+        };
         let mut verifiers: Vec<Box<dyn NodeVerifier>> =
             vec![Box::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
         verifiers.extend(crate::attestors::configured_verifiers(&config)?);
@@ -144,6 +150,7 @@ impl CaCore {
             store,
             key_manager,
             authorities,
+            policy,
             audit,
             verifiers,
             server_svid: ArcSwap::from_pointee(svid),
@@ -297,6 +304,20 @@ impl CaCore {
         }
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
         let t = now();
+        if let Some(p) = &self.policy {
+            p.authorize(
+                crate::policy::Action::Attest,
+                &crate::policy::Facts {
+                    agent: &agent_id,
+                    method: node.method,
+                    node_selectors: node.selectors.iter().map(|s| s.to_string()).collect(),
+                    spiffe_id: &agent_id,
+                    ttl: self.config.agent_svid_ttl_seconds,
+                    entry: None,
+                    now: t,
+                },
+            )?;
+        }
         let leaf = self.authorities.x509().sign_leaf(
             &checked.public_key,
             &LeafTemplate {
@@ -415,6 +436,13 @@ impl CaCore {
         } else {
             self.config.x509_svid_ttl_seconds
         };
+        self.check_policy(
+            crate::policy::Action::MintX509,
+            agent,
+            &entry,
+            &checked.spiffe_id,
+            ttl,
+        )?;
         let authority = self.authorities.x509();
         let leaf = authority.sign_leaf(
             &checked.public_key,
@@ -465,6 +493,13 @@ impl CaCore {
         } else {
             self.config.jwt_svid_ttl_seconds
         };
+        self.check_policy(
+            crate::policy::Action::MintJwt,
+            agent,
+            &entry,
+            spiffe_id,
+            ttl,
+        )?;
         let jwt = self.authorities.jwt();
         let (token, exp) = jwt.mint(spiffe_id, audience, ttl, now())?;
         self.record(
@@ -778,6 +813,54 @@ impl CaCore {
         match &self.audit {
             Some(a) => a.durable(a.last_seq()).await,
             None => Ok(()),
+        }
+    }
+
+    /// Asks the issuance policy, if there is one.
+    fn check_policy(
+        &self,
+        action: crate::policy::Action,
+        agent: &AuthenticatedAgent,
+        entry: &EntryRecord,
+        spiffe_id: &str,
+        ttl: i64,
+    ) -> Result<()> {
+        let Some(p) = &self.policy else { return Ok(()) };
+        p.authorize(
+            action,
+            &crate::policy::Facts {
+                agent: &agent.record.spiffe_id,
+                method: &agent.record.method,
+                node_selectors: agent
+                    .record
+                    .selectors
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                spiffe_id,
+                ttl,
+                entry: Some(json!({"id": entry.id, "spiffe_id": entry.spiffe_id,
+                    "parent_id": entry.parent_id, "shared": entry.shared})),
+                now: now(),
+            },
+        )
+    }
+
+    /// Re-reads the issuance policy if its file changed; a broken file is refused
+    /// (logged and audited with the parse error) and the old policy stays.
+    pub fn reload_policy(&self) {
+        let Some(p) = &self.policy else { return };
+        match p.reload_if_changed() {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!(event = "policy_reloaded", "issuance policy reloaded");
+                let _ = self.record(json!({"type": "policy_reloaded"}));
+            }
+            Err(e) => {
+                tracing::error!(event = "policy_reload_refused", error = %e, "issuance policy refused; the previous policy stays in force");
+                let _ =
+                    self.record(json!({"type": "policy_reload_refused", "error": e.to_string()}));
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod evidence;
 pub mod keys;
 pub mod metrics;
 pub mod node_api;
+pub mod policy;
 pub mod server;
 pub mod upstream;
 

@@ -136,6 +136,14 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     crate::metrics::spawn(&core).await?;
 
     let node_incoming = tls_incoming(tcp, tls_config(&core, false), "node API");
+    let policy_core = core.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            policy_core.reload_policy();
+        }
+    });
     let housekeeping_core = core.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

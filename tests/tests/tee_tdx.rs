@@ -459,3 +459,71 @@ fn cli_gives_every_vectors_outcome() {
         "{err}"
     );
 }
+
+#[test]
+fn agent_side_reads_the_quote_from_a_tsm_tree() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use ztid_agent_attestor::node_attestation::tsm::TsmClient;
+    use ztid_agent_attestor::node_attestation::NodeAttestor;
+
+    // A fake tdx_guest provider that answers every request with the v4 quote (real
+    // hardware would put the requested report_data into it; this one cannot).
+    let root = tempfile::tempdir().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, s, q) = (
+        root.path().to_path_buf(),
+        stop.clone(),
+        quote("v4-uptodate"),
+    );
+    let fake = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            for e in std::fs::read_dir(&r).into_iter().flatten().flatten() {
+                let p = e.path();
+                if std::fs::read(p.join("inblob")).map(|b| b.len()) == Ok(64)
+                    && !p.join("outblob").exists()
+                {
+                    std::fs::write(p.join("outblob.tmp"), &q).unwrap();
+                    std::fs::rename(p.join("outblob.tmp"), p.join("outblob")).unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut attestor =
+        tdx::TdxAttestor::with_client(TsmClient::new(root.path(), "tdx_guest")).unwrap();
+    assert!(attestor.initial_evidence().unwrap().is_empty());
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        vectors().join("v4-uptodate/collateral.json"),
+        tmp.path().join("collateral.json"),
+    )
+    .unwrap();
+    let v = tdx::TdxVerifier::from_config(&table(&format!(
+        "collateral_dir = {:?}",
+        tmp.path().display().to_string()
+    )))
+    .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let ctx = AttestationContext {
+        agent_public_key: &spki,
+        now: at("2025-07-01T00:00:00Z"),
+    };
+    let VerifierStep::Challenge(challenge, session) = v.start(b"", &ctx).unwrap() else {
+        panic!("expected a challenge");
+    };
+    let answer = attestor.answer(&challenge).unwrap();
+    assert_eq!(answer, quote("v4-uptodate"));
+    // Everything about the quote verifies except the binding to this challenge.
+    let m = refusal(session.resume(&answer, &ctx));
+    assert!(
+        m.starts_with("report_data does not match the expected binding"),
+        "{m}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    fake.join().unwrap();
+    // The entry directories were removed.
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+}

@@ -5,7 +5,8 @@
 //! AMD VEK carries; chain signatures (RSASSA-PSS, SHA-384) are checked with the `sev`
 //! crate; the CRL signature (same algorithm, salt 48) with ring.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
 
 use ring::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA384};
 use sev::certs::snp::Verifiable;
@@ -46,6 +47,17 @@ const OID_UCODE_SPL: &str = "1.3.6.1.4.1.3704.1.3.8";
 const OID_FMC_SPL: &str = "1.3.6.1.4.1.3704.1.3.9";
 const OID_HWID: &str = "1.3.6.1.4.1.3704.1.4";
 const OID_RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
+
+/// Verified (issuer, certificate) pairs; see [`AmdCert::signed_by`].
+static SIGNATURE_CACHE: OnceLock<Mutex<HashSet<[u8; 32]>>> = OnceLock::new();
+/// Entries kept before the cache starts over (one per chip and TCB version seen).
+const SIGNATURE_CACHE_MAX: usize = 4096;
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    let mut o = [0u8; 32];
+    o.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, b).as_ref());
+    o
+}
 
 /// What an AMD certificate is, from its subject CN.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +134,8 @@ pub(crate) struct AmdCert {
     pub hwid: Option<Vec<u8>>,
     pub product_name: Option<String>,
     sev: sev::certs::snp::Certificate,
+    /// SHA-256 of `der`.
+    digest: [u8; 32],
 }
 
 impl std::fmt::Debug for AmdCert {
@@ -178,12 +192,39 @@ impl AmdCert {
             hwid,
             product_name,
             sev,
+            digest: sha256(der),
         })
     }
 
     /// True if `issuer`'s key made this certificate's RSASSA-PSS signature.
+    ///
+    /// Successful checks are remembered per exact (issuer, certificate) DER pair: a
+    /// chip's VCEK comes back with every attestation of every VM on it, and the RSA-4096
+    /// check is most of a report's verification time. The answer for identical bytes
+    /// cannot change; dates are checked every time regardless.
     pub(crate) fn signed_by(&self, issuer: &AmdCert) -> bool {
-        (&issuer.sev, &self.sev).verify().is_ok()
+        let key = {
+            let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+            c.update(&issuer.digest);
+            c.update(&self.digest);
+            let mut k = [0u8; 32];
+            k.copy_from_slice(c.finish().as_ref());
+            k
+        };
+        let cache = SIGNATURE_CACHE.get_or_init(|| Mutex::new(HashSet::new()));
+        if cache.lock().map(|c| c.contains(&key)).unwrap_or(false) {
+            return true;
+        }
+        let ok = (&issuer.sev, &self.sev).verify().is_ok();
+        if ok {
+            if let Ok(mut c) = cache.lock() {
+                if c.len() >= SIGNATURE_CACHE_MAX {
+                    c.clear();
+                }
+                c.insert(key);
+            }
+        }
+        ok
     }
 
     /// Refuses unless `at` lies within the certificate's validity.

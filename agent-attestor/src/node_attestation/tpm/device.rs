@@ -128,35 +128,18 @@ impl Tpm {
 
     /// The EK's `TPMT_PUBLIC`.
     pub fn ek_public(&mut self) -> Result<Vec<u8>, Error> {
-        self.with_ek(|ctx, ek| {
-            let (public, _, _) = ctx
-                .read_public(ek)
-                .map_err(tpm_err("reading the EK public"))?;
-            public
-                .marshall()
-                .map_err(tpm_err("marshalling the EK public"))
-        })
+        self.with_ek(ek_public_in)
     }
 
     /// Creates a restricted ECDSA P-256/SHA-256 signing AK under the EK (fixedTPM,
     /// fixedParent, sensitiveDataOrigin, userWithAuth).
     pub fn create_ak(&mut self) -> Result<AkBlob, Error> {
-        self.with_ek(|ctx, ek| {
-            let r = ak::create_ak_2(
-                ctx,
-                ek,
-                HashingAlgorithm::Sha256,
-                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-                SignatureSchemeAlgorithm::EcDsa,
-                None,
-                None,
-            )
-            .map_err(tpm_err("creating the AK"))?;
-            Ok(AkBlob {
-                private: r.out_private,
-                public: r.out_public,
-            })
-        })
+        self.with_ek(create_ak_in)
+    }
+
+    /// [`Tpm::ek_public`] and [`Tpm::create_ak`] with one EK creation.
+    pub fn ek_public_and_new_ak(&mut self) -> Result<(Vec<u8>, AkBlob), Error> {
+        self.with_ek(|ctx, ek| Ok((ek_public_in(ctx, ek)?, create_ak_in(ctx, ek)?)))
     }
 
     /// TPM2_ActivateCredential: recovers the secret the CA sealed to the EK for the AK's name.
@@ -166,89 +149,35 @@ impl Tpm {
         credential_blob: &[u8],
         encrypted_secret: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let id_object = IdObject::try_from(credential_blob.to_vec())
-            .map_err(tpm_err("reading the credential blob"))?;
-        let secret = EncryptedSecret::try_from(encrypted_secret.to_vec())
-            .map_err(tpm_err("reading the encrypted secret"))?;
         self.with_ak(ak_blob, |ctx, ek, ak| {
-            // Session 1 authorises the AK (empty auth, HMAC session); session 2 satisfies the
-            // EK's policy (PolicySecret on the endorsement hierarchy).
-            let hmac = start_session(ctx, SessionType::Hmac)?;
-            let policy = match start_session(ctx, SessionType::Policy) {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = flush_session(ctx, hmac);
-                    return Err(e);
-                }
-            };
-            let r = (|| {
-                let ps = PolicySession::try_from(policy)
-                    .map_err(tpm_err("starting the EK policy session"))?;
-                ctx.execute_with_session(Some(hmac), |c| {
-                    c.policy_secret(
-                        ps,
-                        AuthHandle::Endorsement,
-                        Default::default(),
-                        Default::default(),
-                        Default::default(),
-                        None,
-                    )
-                })
-                .map_err(tpm_err("PolicySecret(endorsement) for the EK"))?;
-                ctx.set_sessions((Some(hmac), Some(policy), None));
-                let out = ctx.activate_credential(ak, ek, id_object, secret);
-                ctx.clear_sessions();
-                out.map(|d| d.value().to_vec())
-                    .map_err(tpm_err("ActivateCredential"))
-            })();
-            let f1 = flush_session(ctx, hmac);
-            let f2 = flush_session(ctx, policy);
-            let v = r?;
-            f1?;
-            f2?;
-            Ok(v)
+            activate_in(ctx, ek, ak, credential_blob, encrypted_secret)
         })
     }
 
     /// Quotes the sha256 PCRs `pcrs` over `nonce` with the AK; returns the raw
     /// `TPMS_ATTEST`, the raw `TPMT_SIGNATURE` and the PCR values the quote covers (read
     /// after the quote and checked against its digest; retried if a PCR moved between).
-    #[allow(clippy::type_complexity)]
     pub fn quote(
         &mut self,
         ak_blob: &AkBlob,
         nonce: &[u8],
         pcrs: &BTreeSet<u8>,
-    ) -> Result<(Vec<u8>, Vec<u8>, BTreeMap<u8, Vec<u8>>), Error> {
-        let data = Data::try_from(nonce.to_vec()).map_err(tpm_err("nonce too long for a quote"))?;
-        let selection = selection_list(pcrs)?;
-        self.with_ak(ak_blob, |ctx, _ek, ak| {
-            let mut last = None;
-            for _ in 0..3 {
-                let (attest, sig) = ctx
-                    .execute_with_nullauth_session(|c| {
-                        c.quote(ak, data.clone(), SignatureScheme::Null, selection.clone())
-                    })
-                    .map_err(tpm_err("Quote"))?;
-                let attest = attest
-                    .marshall()
-                    .map_err(tpm_err("marshalling the quote"))?;
-                let sig = sig
-                    .marshall()
-                    .map_err(tpm_err("marshalling the signature"))?;
-                let values = read_pcrs(ctx, pcrs)?;
-                let parsed = wire::Attest::parse(&attest)?;
-                if let wire::Attested::Quote { digest, .. } = &parsed.attested {
-                    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
-                    values.values().for_each(|v| h.update(v));
-                    if h.finish().as_ref() == digest.as_slice() {
-                        return Ok((attest, sig, values));
-                    }
-                }
-                last = Some((attest, sig, values));
-            }
-            // PCRs kept moving: send the last try and let the CA say what differs.
-            last.ok_or_else(|| Error::Protocol("no quote".into()))
+    ) -> Result<Quote, Error> {
+        self.with_ak(ak_blob, |ctx, _ek, ak| quote_in(ctx, ak, nonce, pcrs))
+    }
+
+    /// [`Tpm::activate_credential`] then [`Tpm::quote`], loading the EK and AK once.
+    pub fn activate_and_quote(
+        &mut self,
+        ak_blob: &AkBlob,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+        nonce: &[u8],
+        pcrs: &BTreeSet<u8>,
+    ) -> Result<(Vec<u8>, Quote), Error> {
+        self.with_ak(ak_blob, |ctx, ek, ak| {
+            let secret = activate_in(ctx, ek, ak, credential_blob, encrypted_secret)?;
+            Ok((secret, quote_in(ctx, ak, nonce, pcrs)?))
         })
     }
 
@@ -256,6 +185,120 @@ impl Tpm {
     pub fn read_pcrs(&mut self, pcrs: &BTreeSet<u8>) -> Result<BTreeMap<u8, Vec<u8>>, Error> {
         read_pcrs(&mut self.ctx, pcrs)
     }
+}
+
+/// A quote: raw `TPMS_ATTEST`, raw `TPMT_SIGNATURE`, and the PCR values it covers.
+pub type Quote = (Vec<u8>, Vec<u8>, BTreeMap<u8, Vec<u8>>);
+
+fn ek_public_in(ctx: &mut Context, ek: KeyHandle) -> Result<Vec<u8>, Error> {
+    let (public, _, _) = ctx
+        .read_public(ek)
+        .map_err(tpm_err("reading the EK public"))?;
+    public
+        .marshall()
+        .map_err(tpm_err("marshalling the EK public"))
+}
+
+fn create_ak_in(ctx: &mut Context, ek: KeyHandle) -> Result<AkBlob, Error> {
+    let r = ak::create_ak_2(
+        ctx,
+        ek,
+        HashingAlgorithm::Sha256,
+        AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+        SignatureSchemeAlgorithm::EcDsa,
+        None,
+        None,
+    )
+    .map_err(tpm_err("creating the AK"))?;
+    Ok(AkBlob {
+        private: r.out_private,
+        public: r.out_public,
+    })
+}
+
+fn activate_in(
+    ctx: &mut Context,
+    ek: KeyHandle,
+    ak: KeyHandle,
+    credential_blob: &[u8],
+    encrypted_secret: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let id_object = IdObject::try_from(credential_blob.to_vec())
+        .map_err(tpm_err("reading the credential blob"))?;
+    let secret = EncryptedSecret::try_from(encrypted_secret.to_vec())
+        .map_err(tpm_err("reading the encrypted secret"))?;
+    // Session 1 authorises the AK (empty auth, HMAC session); session 2 satisfies the
+    // EK's policy (PolicySecret on the endorsement hierarchy).
+    let hmac = start_session(ctx, SessionType::Hmac)?;
+    let policy = match start_session(ctx, SessionType::Policy) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = flush_session(ctx, hmac);
+            return Err(e);
+        }
+    };
+    let r = (|| {
+        let ps =
+            PolicySession::try_from(policy).map_err(tpm_err("starting the EK policy session"))?;
+        ctx.execute_with_session(Some(hmac), |c| {
+            c.policy_secret(
+                ps,
+                AuthHandle::Endorsement,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                None,
+            )
+        })
+        .map_err(tpm_err("PolicySecret(endorsement) for the EK"))?;
+        ctx.set_sessions((Some(hmac), Some(policy), None));
+        let out = ctx.activate_credential(ak, ek, id_object, secret);
+        ctx.clear_sessions();
+        out.map(|d| d.value().to_vec())
+            .map_err(tpm_err("ActivateCredential"))
+    })();
+    let f1 = flush_session(ctx, hmac);
+    let f2 = flush_session(ctx, policy);
+    let v = r?;
+    f1?;
+    f2?;
+    Ok(v)
+}
+
+fn quote_in(
+    ctx: &mut Context,
+    ak: KeyHandle,
+    nonce: &[u8],
+    pcrs: &BTreeSet<u8>,
+) -> Result<Quote, Error> {
+    let data = Data::try_from(nonce.to_vec()).map_err(tpm_err("nonce too long for a quote"))?;
+    let selection = selection_list(pcrs)?;
+    let mut last = None;
+    for _ in 0..3 {
+        let (attest, sig) = ctx
+            .execute_with_nullauth_session(|c| {
+                c.quote(ak, data.clone(), SignatureScheme::Null, selection.clone())
+            })
+            .map_err(tpm_err("Quote"))?;
+        let attest = attest
+            .marshall()
+            .map_err(tpm_err("marshalling the quote"))?;
+        let sig = sig
+            .marshall()
+            .map_err(tpm_err("marshalling the signature"))?;
+        let values = read_pcrs(ctx, pcrs)?;
+        let parsed = wire::Attest::parse(&attest)?;
+        if let wire::Attested::Quote { digest, .. } = &parsed.attested {
+            let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+            values.values().for_each(|v| h.update(v));
+            if h.finish().as_ref() == digest.as_slice() {
+                return Ok((attest, sig, values));
+            }
+        }
+        last = Some((attest, sig, values));
+    }
+    // PCRs kept moving: send the last try and let the CA say what differs.
+    last.ok_or_else(|| Error::Protocol("no quote".into()))
 }
 
 fn start_session(ctx: &mut Context, t: SessionType) -> Result<AuthSession, Error> {

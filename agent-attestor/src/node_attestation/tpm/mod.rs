@@ -774,8 +774,7 @@ impl NodeAttestor for TpmAttestor {
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
         let mut tpm = Tpm::open(&self.tcti)?;
         let ek_cert = tpm.ek_cert()?;
-        let ek_pub = tpm.ek_public()?;
-        let ak = tpm.create_ak()?;
+        let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
         let ak_pub = ak.public_bytes()?;
         self.ak = Some(ak);
         to_json(&InitialEvidence {
@@ -794,9 +793,9 @@ impl NodeAttestor for TpmAttestor {
             .as_ref()
             .ok_or_else(|| Error::Protocol("TPM challenge before the initial evidence".into()))?;
         let mut tpm = Tpm::open(&self.tcti)?;
-        let secret =
-            Zeroizing::new(tpm.activate_credential(ak, &c.credential_blob, &c.encrypted_secret)?);
-        let (quote, signature, values) = tpm.quote(ak, &c.nonce, &pcrs)?;
+        let (secret, (quote, signature, values)) =
+            tpm.activate_and_quote(ak, &c.credential_blob, &c.encrypted_secret, &c.nonce, &pcrs)?;
+        let secret = Zeroizing::new(secret);
         to_json(&Answer {
             secret: secret.to_vec(),
             quote,
@@ -823,8 +822,7 @@ pub fn capture_evidence_with(
 ) -> Result<Vec<u8>, Error> {
     let mut tpm = Tpm::open(tcti)?;
     let ek_cert = tpm.ek_cert()?;
-    let ek_pub = tpm.ek_public()?;
-    let ak = tpm.create_ak()?;
+    let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
     let (quote, signature, values) = tpm.quote(&ak, nonce, pcrs)?;
     let file = EvidenceFile {
         format: EVIDENCE_FORMAT.into(),
