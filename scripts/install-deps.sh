@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip
+PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # prometheus: promtool (telemetry tests)
   # TPM attestation: swtpm (+ swtpm_setup/swtpm_localca, which need gnutls-bin's certtool)
   # for the tests, tpm2-tools for the cross-checks, libtss2 + pkg-config to build tss-esapi.
   swtpm swtpm-tools gnutls-bin tpm2-tools libtss2-dev pkg-config

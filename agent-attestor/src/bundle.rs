@@ -134,3 +134,292 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
         }
     }
 }
+
+/// DER SubjectPublicKeyInfo prefixes of uncompressed EC points (P-256, P-384).
+const SPKI_P256_PREFIX: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+const SPKI_P384_PREFIX: &[u8] = &[
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05,
+    0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+];
+
+/// The trust domain named by a CA certificate's SPIFFE URI SAN, if any.
+fn spiffe_trust_domain_of_cert(cert: &X509Certificate<'_>) -> Option<String> {
+    use x509_parser::prelude::GeneralName;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u.strip_prefix("spiffe://").map(|rest| {
+            rest.split('/').next().unwrap_or_default().to_ascii_lowercase()
+        }),
+        _ => None,
+    })
+}
+
+fn refuse(reason: impl Into<String>) -> Error {
+    Error::Refused(reason.into())
+}
+
+impl TrustBundle {
+    /// Parses SPIFFE bundle JSON (a JWK Set with `spiffe_sequence` and
+    /// `spiffe_refresh_hint`) for trust domain `td`, per the SPIFFE Trust Domain and
+    /// Bundle spec: `keys` is required (it may be empty), keys with an unknown `use` or
+    /// `kty` are ignored, `x509-svid` keys take the first certificate of `x5c`,
+    /// `jwt-svid` keys need a `kid`; duplicate and malformed keys refuse the whole
+    /// document, as does an authority certificate naming another trust domain.
+    /// Errors are [`Error::Refused`] with the reason.
+    pub fn from_spiffe_json(td: &str, json: &str) -> Result<Self, Error> {
+        let doc: Value = serde_json::from_str(json)
+            .map_err(|e| refuse(format!("bundle is not valid JSON: {e}")))?;
+        let obj = doc
+            .as_object()
+            .ok_or_else(|| refuse("bundle is not a JSON object"))?;
+        let keys = obj
+            .get("keys")
+            .ok_or_else(|| refuse("bundle has no keys member"))?
+            .as_array()
+            .ok_or_else(|| refuse("bundle keys member is not an array"))?;
+        let sequence = match obj.get("spiffe_sequence") {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| refuse("spiffe_sequence is not an unsigned integer"))?,
+        };
+        let refresh_hint_seconds = match obj.get("spiffe_refresh_hint") {
+            None => 0,
+            Some(v) => v
+                .as_i64()
+                .filter(|h| *h >= 0)
+                .ok_or_else(|| refuse("spiffe_refresh_hint is not a non-negative integer"))?,
+        };
+        let mut out = TrustBundle {
+            trust_domain: td.to_string(),
+            sequence,
+            refresh_hint_seconds,
+            ..Default::default()
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let key = key
+                .as_object()
+                .ok_or_else(|| refuse(format!("malformed key {i}: not a JSON object")))?;
+            let kty = key
+                .get("kty")
+                .and_then(Value::as_str)
+                .ok_or_else(|| refuse(format!("malformed key {i}: no kty")))?;
+            let use_ = key
+                .get("use")
+                .and_then(Value::as_str)
+                .ok_or_else(|| refuse(format!("malformed key {i}: no use")))?;
+            match use_ {
+                "x509-svid" => {
+                    let x5c = key
+                        .get("x5c")
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.first())
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            refuse(format!("malformed x509-svid key {i}: no x5c certificate"))
+                        })?;
+                    let der = B64STD.decode(x5c).map_err(|_| {
+                        refuse(format!("malformed x509-svid key {i}: x5c is not base64"))
+                    })?;
+                    let (rest, cert) = X509Certificate::from_der(&der).map_err(|_| {
+                        refuse(format!(
+                            "malformed x509-svid key {i}: x5c is not a certificate"
+                        ))
+                    })?;
+                    if !rest.is_empty() {
+                        return Err(refuse(format!(
+                            "malformed x509-svid key {i}: trailing data after the certificate"
+                        )));
+                    }
+                    if let Some(other) = spiffe_trust_domain_of_cert(&cert) {
+                        if other != td {
+                            return Err(refuse(format!(
+                                "x509-svid key {i} claims trust domain {other}, not {td}"
+                            )));
+                        }
+                    }
+                    if out.x509_authorities.contains(&der) {
+                        return Err(refuse(format!("duplicate x509-svid key {i}")));
+                    }
+                    out.x509_authorities.push(der);
+                }
+                "jwt-svid" => {
+                    let kid = match key.get("kid").and_then(Value::as_str) {
+                        Some(k) if !k.is_empty() => k.to_string(),
+                        _ => return Err(refuse("jwt-svid key without kid")),
+                    };
+                    if out.jwt_authorities.iter().any(|k| k.kid == kid) {
+                        return Err(refuse(format!("duplicate key id {kid}")));
+                    }
+                    if kty != "EC" {
+                        tracing::warn!(kid, kty, "ignoring a jwt-svid key of an unsupported type");
+                        continue;
+                    }
+                    let bad = || refuse(format!("malformed jwt-svid key {kid}"));
+                    let crv = key.get("crv").and_then(Value::as_str).ok_or_else(bad)?;
+                    let coord = |name: &str| {
+                        key.get(name)
+                            .and_then(Value::as_str)
+                            .and_then(|s| B64URL.decode(s).ok())
+                            .ok_or_else(bad)
+                    };
+                    let (x, y) = (coord("x")?, coord("y")?);
+                    let (prefix, n) = match crv {
+                        "P-256" => (SPKI_P256_PREFIX, 32),
+                        "P-384" => (SPKI_P384_PREFIX, 48),
+                        _ => {
+                            tracing::warn!(kid, crv, "ignoring a jwt-svid key on an unsupported curve");
+                            continue;
+                        }
+                    };
+                    if x.len() != n || y.len() != n {
+                        return Err(bad());
+                    }
+                    let mut spki = prefix.to_vec();
+                    spki.push(4);
+                    spki.extend_from_slice(&x);
+                    spki.extend_from_slice(&y);
+                    out.jwt_authorities.push(JwtKey { kid, spki });
+                }
+                other => {
+                    tracing::debug!(key = i, r#use = other, "ignoring a key with an unknown use");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Parses PEM CA certificates (X.509 authorities only) for trust domain `td`.
+    pub fn from_pem(td: &str, pem_text: &[u8], sequence: u64) -> Result<Self, Error> {
+        let blocks =
+            pem::parse_many(pem_text).map_err(|e| refuse(format!("malformed PEM: {e}")))?;
+        let mut out = TrustBundle {
+            trust_domain: td.to_string(),
+            sequence,
+            ..Default::default()
+        };
+        for (i, b) in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").enumerate() {
+            let der = b.into_contents();
+            let (_, cert) = X509Certificate::from_der(&der)
+                .map_err(|_| refuse(format!("malformed certificate {i}")))?;
+            if let Some(other) = spiffe_trust_domain_of_cert(&cert) {
+                if other != td {
+                    return Err(refuse(format!(
+                        "certificate {i} claims trust domain {other}, not {td}"
+                    )));
+                }
+            }
+            if out.x509_authorities.contains(&der) {
+                return Err(refuse(format!("duplicate certificate {i}")));
+            }
+            out.x509_authorities.push(der);
+        }
+        if out.x509_authorities.is_empty() {
+            return Err(refuse("no certificate in the PEM bundle"));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod spiffe_json_tests {
+    use super::*;
+
+    fn ca(td: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(format!("spiffe://{td}")).unwrap(),
+        )];
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn jwt_key(kid: &str) -> JwtKey {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        JwtKey {
+            kid: kid.into(),
+            spki: rcgen::PublicKeyData::subject_public_key_info(&key),
+        }
+    }
+
+    fn refused(r: Result<TrustBundle, Error>) -> String {
+        match r {
+            Err(Error::Refused(s)) => s,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = TrustBundle {
+            trust_domain: "b.test".into(),
+            x509_authorities: vec![ca("b.test"), ca("b.test")],
+            jwt_authorities: vec![jwt_key("k1"), jwt_key("k2")],
+            sequence: u64::MAX,
+            refresh_hint_seconds: 5,
+            tainted: vec![],
+        };
+        let parsed = TrustBundle::from_spiffe_json("b.test", &b.to_spiffe_json().unwrap()).unwrap();
+        assert_eq!(parsed, b);
+    }
+
+    #[test]
+    fn spec_rules() {
+        assert!(refused(TrustBundle::from_spiffe_json("b.test", "{}")).contains("no keys"));
+        let empty = TrustBundle::from_spiffe_json("b.test", r#"{"keys":[]}"#).unwrap();
+        assert!(empty.x509_authorities.is_empty() && empty.sequence == 0);
+        // Unknown use and kty are ignored.
+        let ok = TrustBundle::from_spiffe_json(
+            "b.test",
+            r#"{"keys":[{"kty":"EC","use":"wit-svid"},{"kty":"OKP","use":"jwt-svid","kid":"z"}],"spiffe_sequence":3}"#,
+        )
+        .unwrap();
+        assert!(ok.jwt_authorities.is_empty() && ok.sequence == 3);
+        assert_eq!(
+            refused(TrustBundle::from_spiffe_json(
+                "b.test",
+                r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256","x":"AA","y":"AA"}]}"#
+            )),
+            "jwt-svid key without kid"
+        );
+        let b = TrustBundle {
+            trust_domain: "b.test".into(),
+            jwt_authorities: vec![jwt_key("k1")],
+            ..Default::default()
+        };
+        let j = b.to_spiffe_json().unwrap();
+        let mut v: Value = serde_json::from_str(&j).unwrap();
+        let k = v["keys"][0].clone();
+        v["keys"].as_array_mut().unwrap().push(k);
+        assert!(refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
+            .contains("duplicate key id k1"));
+        v["keys"][1]["kid"] = json!("k2");
+        v["keys"][1]["x"] = json!("AAAA");
+        assert!(refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
+            .contains("malformed jwt-svid key k2"));
+        let other = TrustBundle {
+            trust_domain: "c.test".into(),
+            x509_authorities: vec![ca("c.test")],
+            ..Default::default()
+        };
+        assert!(refused(TrustBundle::from_spiffe_json(
+            "b.test",
+            &other.to_spiffe_json().unwrap()
+        ))
+        .contains("claims trust domain c.test"));
+        assert!(refused(TrustBundle::from_spiffe_json(
+            "b.test",
+            r#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["bm90IGEgY2VydA=="]}]}"#
+        ))
+        .contains("malformed x509-svid key 0"));
+        assert!(refused(TrustBundle::from_spiffe_json(
+            "b.test",
+            r#"{"keys":[],"spiffe_sequence":-1}"#
+        ))
+        .contains("spiffe_sequence"));
+    }
+}

@@ -303,4 +303,146 @@ impl Admin for AdminApi {
             self.core.authorities.key_backend(),
         )))
     }
+
+    async fn set_federated_bundle(
+        &self,
+        request: Request<pb::SetFederatedBundleRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        audit!(self, request, "SetFederatedBundle");
+        let r = request.get_ref();
+        let format = if r.format.is_empty() { "pem" } else { r.format.as_str() };
+        let result =
+            self.core
+                .set_federated_bundle_from(&r.trust_domain, format, &r.data, &caller(&request));
+        // Refusals are audited too: make them durable before answering either way.
+        self.core.audit_barrier().await?;
+        let (b, _) = result?;
+        Ok(Response::new(federated_to_proto(&b)?))
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        audit!(self, request, "ListFederatedBundles");
+        let bundles = self
+            .core
+            .federated_bundles()?
+            .iter()
+            .map(federated_to_proto)
+            .collect::<Result<_, _>>()?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles }))
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        request: Request<pb::TrustDomainRef>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        audit!(self, request, "DeleteFederatedBundle");
+        let b = self
+            .core
+            .delete_federated_bundle(&request.get_ref().trust_domain, &caller(&request))?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(federated_to_proto(&b)?))
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<pb::Federation>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        audit!(self, request, "CreateFederation");
+        let r = request.get_ref();
+        let rec = crate::federation::FederationRecord {
+            trust_domain: r.trust_domain.clone(),
+            bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+            profile: r.profile.clone(),
+            endpoint_spiffe_id: r.endpoint_spiffe_id.clone(),
+            trust_bundle: String::from_utf8(r.trust_bundle.clone())
+                .map_err(|_| Status::invalid_argument("trust bundle is not UTF-8"))?,
+            ..Default::default()
+        };
+        let f = self.core.create_federation(rec, &caller(&request))?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(federation_to_proto(&self.core, &f)))
+    }
+
+    async fn list_federations(
+        &self,
+        request: Request<pb::ListFederationsRequest>,
+    ) -> Result<Response<pb::ListFederationsResponse>, Status> {
+        audit!(self, request, "ListFederations");
+        let federations = self
+            .core
+            .federations()?
+            .iter()
+            .map(|f| federation_to_proto(&self.core, f))
+            .collect();
+        self.core.audit_barrier().await?;
+        Ok(Response::new(pb::ListFederationsResponse { federations }))
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<pb::TrustDomainRef>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        audit!(self, request, "GetFederation");
+        let f = self.core.federation(&request.get_ref().trust_domain)?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(federation_to_proto(&self.core, &f)))
+    }
+
+    async fn delete_federation(
+        &self,
+        request: Request<pb::TrustDomainRef>,
+    ) -> Result<Response<pb::Federation>, Status> {
+        audit!(self, request, "DeleteFederation");
+        let f = self
+            .core
+            .delete_federation(&request.get_ref().trust_domain, &caller(&request))?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(federation_to_proto(&self.core, &f)))
+    }
+
+    async fn refresh_federation(
+        &self,
+        request: Request<pb::TrustDomainRef>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        audit!(self, request, "RefreshFederation");
+        let result = self
+            .core
+            .refresh_federation(&request.get_ref().trust_domain)
+            .await;
+        self.core.audit_barrier().await?;
+        let (b, _) = result?;
+        Ok(Response::new(federated_to_proto(&b)?))
+    }
+}
+
+fn federated_to_proto(
+    b: &ztid_agent_attestor::bundle::TrustBundle,
+) -> Result<pb::FederatedBundle, Status> {
+    Ok(pb::FederatedBundle {
+        bundle: Some(b.into()),
+        spiffe_json: b
+            .to_spiffe_json()
+            .map_err(|e| Status::internal(e.to_string()))?,
+    })
+}
+
+fn federation_to_proto(core: &CaCore, f: &crate::federation::FederationRecord) -> pb::Federation {
+    pb::Federation {
+        trust_domain: f.trust_domain.clone(),
+        bundle_endpoint_url: f.bundle_endpoint_url.clone(),
+        profile: f.profile.clone(),
+        endpoint_spiffe_id: f.endpoint_spiffe_id.clone(),
+        trust_bundle: Vec::new(),
+        last_refresh_at: f.last_refresh_at,
+        last_error: f.last_error.clone(),
+        bundle_sequence: core
+            .federated_bundle(&f.trust_domain)
+            .ok()
+            .flatten()
+            .map_or(0, |b| b.sequence),
+    }
 }

@@ -48,6 +48,9 @@ impl Role {
             "GetBundle",
             "Health",
             "ListAuthorities",
+            "ListFederatedBundles",
+            "ListFederations",
+            "GetFederation",
         ];
         const OPERATE: &[&str] = &[
             "CreateJoinToken",
@@ -55,6 +58,11 @@ impl Role {
             "DeleteEntry",
             "EvictAgent",
             "BanAgent",
+            "SetFederatedBundle",
+            "DeleteFederatedBundle",
+            "CreateFederation",
+            "DeleteFederation",
+            "RefreshFederation",
         ];
         const AUTHORITY: &[&str] = &[
             "PrepareAuthority",

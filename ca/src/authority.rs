@@ -350,6 +350,18 @@ impl JwtAuthority {
         ttl_seconds: i64,
         now: i64,
     ) -> Result<(String, i64)> {
+        self.mint_with_issuer(spiffe_id, audience, ttl_seconds, now, None)
+    }
+
+    /// Mints a JWT-SVID carrying `iss` when an issuer is given (OIDC discovery).
+    pub fn mint_with_issuer(
+        &self,
+        spiffe_id: &str,
+        audience: &[String],
+        ttl_seconds: i64,
+        now: i64,
+        issuer: Option<&str>,
+    ) -> Result<(String, i64)> {
         if now >= self.record.not_after {
             return Err(Error::FailedPrecondition(
                 "the JWT authority has expired".into(),
@@ -361,6 +373,9 @@ impl JwtAuthority {
         claims.insert("aud".into(), Value::from(audience.to_vec()));
         claims.insert("exp".into(), json!(exp));
         claims.insert("iat".into(), json!(now));
+        if let Some(iss) = issuer {
+            claims.insert("iss".into(), json!(iss));
+        }
         let token = ztid_agent_attestor::jwt::encode_es256(&self.record.id, &claims, |msg| {
             self.km
                 .sign(&self.record.key_id, msg, SignatureFormat::Fixed)

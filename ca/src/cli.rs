@@ -51,6 +51,9 @@ pub enum Command {
     /// Trust bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Federation relationships with other trust domains.
+    #[command(subcommand)]
+    Federation(FederationCmd),
     /// Exit 0 if the server answers on its admin socket.
     Healthcheck,
     /// X.509 and JWT authorities: show, prepare, activate, taint, revoke.
@@ -109,6 +112,24 @@ pub struct RunArgs {
     /// Offline TDX collateral: `collateral.json` in dcap-qvl's QuoteCollateralV3 form (enables tdx).
     #[arg(long)]
     pub tdx_collateral: Option<PathBuf>,
+    /// Serve the SPIFFE bundle endpoint on ADDR:PORT (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub bundle_endpoint: Option<std::net::SocketAddr>,
+    /// https_web profile of the bundle endpoint: PEM certificate chain (with --bundle-endpoint-key).
+    #[arg(long)]
+    pub bundle_endpoint_cert: Option<PathBuf>,
+    /// https_web profile of the bundle endpoint: PEM PKCS#8 key.
+    #[arg(long)]
+    pub bundle_endpoint_key: Option<PathBuf>,
+    /// PEM roots for https_web federation endpoints (default: the system's).
+    #[arg(long)]
+    pub federation_web_roots: Option<PathBuf>,
+    /// OIDC discovery listener ADDR:PORT (with --oidc-issuer).
+    #[arg(long, value_name = "ADDR:PORT", requires = "oidc_issuer")]
+    pub oidc_bind: Option<std::net::SocketAddr>,
+    /// OIDC issuer URL, also the `iss` of JWT-SVIDs.
+    #[arg(long, requires = "oidc_bind")]
+    pub oidc_issuer: Option<String>,
 }
 
 /// Flags of `evidence verify`.
@@ -366,6 +387,71 @@ pub enum BundleCmd {
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
     },
+    /// Store another trust domain's bundle exchanged out of band (never merged with
+    /// this domain's); a lower spiffe_sequence than the stored one is refused.
+    Set {
+        /// The federated trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// Bundle file.
+        #[arg(long)]
+        path: PathBuf,
+        /// Format of the file.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+    /// List the federated bundles.
+    List {
+        /// Format.
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+    /// Remove a federated bundle.
+    Delete {
+        /// The federated trust domain.
+        #[arg(long)]
+        trust_domain: String,
+    },
+}
+
+/// `federation` verbs.
+#[derive(Debug, Subcommand)]
+pub enum FederationCmd {
+    /// Create (or replace) a relationship; it is polled at once and then per its refresh hint.
+    Create {
+        /// The federated trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// Its bundle endpoint (https).
+        #[arg(long)]
+        bundle_endpoint_url: String,
+        /// Endpoint profile.
+        #[arg(long, value_parser = ["https_web", "https_spiffe"])]
+        profile: String,
+        /// https_spiffe: the SPIFFE ID the endpoint must present.
+        #[arg(long)]
+        endpoint_spiffe_id: Option<String>,
+        /// https_spiffe: the domain's bundle (SPIFFE JSON or PEM) for the first fetch.
+        #[arg(long)]
+        trust_bundle: Option<PathBuf>,
+    },
+    /// List relationships.
+    List,
+    /// Show one relationship.
+    Show {
+        /// The federated trust domain.
+        trust_domain: String,
+    },
+    /// Delete a relationship.
+    Delete {
+        /// The federated trust domain.
+        trust_domain: String,
+    },
+    /// Fetch the endpoint now.
+    Refresh {
+        /// The federated trust domain.
+        trust_domain: String,
+    },
 }
 
 /// Builds the effective config for `run`.
@@ -424,6 +510,22 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
         &args.sev_snp_collateral,
     );
     set(&mut c.attestors.tdx, "collateral_dir", &args.tdx_collateral);
+    if args.bundle_endpoint.is_some() {
+        c.bundle_endpoint = args.bundle_endpoint;
+    }
+    if args.bundle_endpoint_cert.is_some() {
+        c.bundle_endpoint_cert = args.bundle_endpoint_cert.clone();
+        c.bundle_endpoint_key = args.bundle_endpoint_key.clone();
+    }
+    if args.federation_web_roots.is_some() {
+        c.federation_web_roots = args.federation_web_roots.clone();
+    }
+    if let (Some(bind), Some(issuer)) = (args.oidc_bind, &args.oidc_issuer) {
+        c.oidc = Some(crate::config::OidcConfig {
+            bind,
+            issuer: issuer.clone(),
+        });
+    }
     Ok(c)
 }
 
@@ -518,6 +620,19 @@ fn print_agent(a: &pb::Agent, out: Output) {
             println!("SVID expires  : {}", a.expires_at);
             println!("Banned        : {}", a.banned);
             println!();
+        }
+    }
+}
+
+/// Prints a list: a JSON array, or a count and each item.
+fn print_list<T>(items: &[T], noun: &str, to_json: fn(&T) -> Value, print: fn(&T, Output), out: Output) {
+    match out {
+        Output::Json => println!("{}", Value::from(items.iter().map(to_json).collect::<Vec<_>>())),
+        Output::Text => {
+            println!("Found {} {noun}", items.len());
+            for i in items {
+                print(i, out);
+            }
         }
     }
 }
@@ -633,18 +748,7 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                match out {
-                    Output::Json => println!(
-                        "{}",
-                        Value::from(r.entries.iter().map(entry_json).collect::<Vec<_>>())
-                    ),
-                    Output::Text => {
-                        println!("Found {} entries", r.entries.len());
-                        for e in &r.entries {
-                            print_entry(e, out);
-                        }
-                    }
-                }
+                print_list(&r.entries, "entries", entry_json, print_entry, out);
             }
             EntryCmd::Show { entry_id } => {
                 let e = client
@@ -677,18 +781,7 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                match out {
-                    Output::Json => println!(
-                        "{}",
-                        Value::from(r.agents.iter().map(agent_json).collect::<Vec<_>>())
-                    ),
-                    Output::Text => {
-                        println!("Found {} agents", r.agents.len());
-                        for a in &r.agents {
-                            print_agent(a, out);
-                        }
-                    }
-                }
+                print_list(&r.agents, "agents", agent_json, print_agent, out);
             }
             AgentCmd::Show { agent_id } => {
                 let a = client
@@ -789,6 +882,176 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                 ),
                 (_, BundleFormat::Spiffe) => println!("{}", r.spiffe_json),
                 (Output::Text, BundleFormat::Pem) => print!("{pem}"),
+            }
+        }
+        Command::Bundle(BundleCmd::Set {
+            trust_domain,
+            path,
+            format,
+        }) => {
+            let data = std::fs::read(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let r = client
+                .set_federated_bundle(pb::SetFederatedBundleRequest {
+                    trust_domain: trust_domain.clone(),
+                    format: match format {
+                        BundleFormat::Pem => "pem",
+                        BundleFormat::Spiffe => "spiffe",
+                    }
+                    .into(),
+                    data,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let b = r.bundle.unwrap_or_default();
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"trust_domain": b.trust_domain, "sequence": b.sequence,
+                        "x509_authorities": b.x509_authorities.len(),
+                        "jwt_authorities": b.jwt_authorities.iter().map(|k| &k.kid).collect::<Vec<_>>()})
+                ),
+                Output::Text => println!(
+                    "Bundle of {} stored (sequence {})",
+                    b.trust_domain, b.sequence
+                ),
+            }
+        }
+        Command::Bundle(BundleCmd::List { format }) => {
+            let r = client
+                .list_federated_bundles(pb::ListFederatedBundlesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let items: Vec<Value> = r
+                .bundles
+                .iter()
+                .map(|f| {
+                    let b = f.bundle.clone().unwrap_or_default();
+                    json!({"trust_domain": b.trust_domain, "sequence": b.sequence,
+                        "refresh_hint": b.refresh_hint_seconds,
+                        "pem": certs_to_pem(b.x509_authorities.iter().map(Vec::as_slice)),
+                        "spiffe": serde_json::from_str::<Value>(&f.spiffe_json).unwrap_or(Value::Null)})
+                })
+                .collect();
+            match (out, format) {
+                (Output::Json, _) => println!("{}", json!({ "bundles": items })),
+                (Output::Text, fmt) => {
+                    for i in items {
+                        println!(
+                            "# spiffe://{} (sequence {})",
+                            i["trust_domain"].as_str().unwrap_or_default(),
+                            i["sequence"]
+                        );
+                        match fmt {
+                            BundleFormat::Pem => print!("{}", i["pem"].as_str().unwrap_or_default()),
+                            BundleFormat::Spiffe => println!("{}", i["spiffe"]),
+                        }
+                    }
+                }
+            }
+        }
+        Command::Bundle(BundleCmd::Delete { trust_domain }) => {
+            client
+                .delete_federated_bundle(pb::TrustDomainRef {
+                    trust_domain: trust_domain.clone(),
+                })
+                .await
+                .map_err(status)?;
+            println!("Deleted the bundle of {trust_domain}");
+        }
+        Command::Federation(cmd) => {
+            let fed_json = |f: &pb::Federation| {
+                json!({"trust_domain": f.trust_domain, "bundle_endpoint_url": f.bundle_endpoint_url,
+                    "profile": f.profile, "endpoint_spiffe_id": f.endpoint_spiffe_id,
+                    "last_refresh_at": f.last_refresh_at, "last_error": f.last_error,
+                    "bundle_sequence": f.bundle_sequence})
+            };
+            let print_fed = |f: &pb::Federation| match out {
+                Output::Json => println!("{}", fed_json(f)),
+                Output::Text => println!(
+                    "{}\t{}\t{}\t{}\tsequence {}\t{}",
+                    f.trust_domain,
+                    f.profile,
+                    f.bundle_endpoint_url,
+                    f.endpoint_spiffe_id,
+                    f.bundle_sequence,
+                    if f.last_error.is_empty() { "ok" } else { f.last_error.as_str() }
+                ),
+            };
+            let td_ref = |td: &String| pb::TrustDomainRef {
+                trust_domain: td.clone(),
+            };
+            match cmd {
+                FederationCmd::Create {
+                    trust_domain,
+                    bundle_endpoint_url,
+                    profile,
+                    endpoint_spiffe_id,
+                    trust_bundle,
+                } => {
+                    let trust_bundle = match trust_bundle {
+                        Some(p) => std::fs::read(p)
+                            .map_err(|e| format!("reading {}: {e}", p.display()))?,
+                        None => Vec::new(),
+                    };
+                    let f = client
+                        .create_federation(pb::Federation {
+                            trust_domain: trust_domain.clone(),
+                            bundle_endpoint_url: bundle_endpoint_url.clone(),
+                            profile: profile.clone(),
+                            endpoint_spiffe_id: endpoint_spiffe_id.clone().unwrap_or_default(),
+                            trust_bundle,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_fed(&f);
+                }
+                FederationCmd::List => {
+                    let r = client
+                        .list_federations(pb::ListFederationsRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    match out {
+                        Output::Json => println!(
+                            "{}",
+                            json!({"federations": r.federations.iter().map(fed_json).collect::<Vec<_>>()})
+                        ),
+                        Output::Text => r.federations.iter().for_each(print_fed),
+                    }
+                }
+                FederationCmd::Show { trust_domain } => {
+                    let f = client
+                        .get_federation(td_ref(trust_domain))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_fed(&f);
+                }
+                FederationCmd::Delete { trust_domain } => {
+                    let f = client
+                        .delete_federation(td_ref(trust_domain))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    print_fed(&f);
+                }
+                FederationCmd::Refresh { trust_domain } => {
+                    let r = client
+                        .refresh_federation(td_ref(trust_domain))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    let b = r.bundle.unwrap_or_default();
+                    match out {
+                        Output::Json => println!("{}", json!({"trust_domain": b.trust_domain, "sequence": b.sequence})),
+                        Output::Text => println!("Bundle of {} at sequence {}", b.trust_domain, b.sequence),
+                    }
+                }
             }
         }
     }

@@ -56,6 +56,35 @@ pub struct ServerConfig {
     pub audit_enabled: bool,
     /// Node attestation methods beyond join tokens; a method is enabled by its table.
     pub attestors: AttestorsConfig,
+    /// SPIFFE bundle endpoint listener, `ADDR:PORT`; off when unset. Profile
+    /// `https_spiffe` (the server's own SVID) unless `bundle_endpoint_cert` is set.
+    pub bundle_endpoint: Option<SocketAddr>,
+    /// PEM certificate chain for the `https_web` profile of the bundle endpoint.
+    pub bundle_endpoint_cert: Option<PathBuf>,
+    /// PEM PKCS#8 key for `bundle_endpoint_cert` (owner-only file).
+    pub bundle_endpoint_key: Option<PathBuf>,
+    /// PEM roots for `https_web` federation endpoints; default: the system's
+    /// `/etc/ssl/certs/ca-certificates.crt`.
+    pub federation_web_roots: Option<PathBuf>,
+    /// Lower and upper bounds on the federation poll interval, seconds.
+    pub federation_min_refresh_seconds: i64,
+    /// See `federation_min_refresh_seconds`.
+    pub federation_max_refresh_seconds: i64,
+    /// `[[federation]]` relationships from config (re-applied at every start).
+    pub federation: Vec<crate::federation::FederationConfig>,
+    /// `[oidc]` discovery listener; off when unset.
+    pub oidc: Option<OidcConfig>,
+}
+
+/// `[oidc]`: the OIDC discovery document and JWKS on their own listener (plain HTTP:
+/// put TLS in front of it), and the `iss` claim of JWT-SVIDs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// Listen address.
+    pub bind: SocketAddr,
+    /// Issuer URL (`https://oidc.example.org`), also the JWT-SVIDs' `iss`.
+    pub issuer: String,
 }
 
 /// `[pkcs11]`: where the CA's keys live when `key_manager = "pkcs11"`. The PIN is
@@ -133,6 +162,14 @@ impl Default for ServerConfig {
             upstream: None,
             remote_admin: None,
             issuance_policy: None,
+            bundle_endpoint: None,
+            bundle_endpoint_cert: None,
+            bundle_endpoint_key: None,
+            federation_web_roots: None,
+            federation_min_refresh_seconds: 1,
+            federation_max_refresh_seconds: 3600,
+            federation: Vec::new(),
+            oidc: None,
         }
     }
 }

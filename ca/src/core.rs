@@ -501,7 +501,8 @@ impl CaCore {
             ttl,
         )?;
         let jwt = self.authorities.jwt();
-        let (token, exp) = jwt.mint(spiffe_id, audience, ttl, now())?;
+        let issuer = self.config.oidc.as_ref().map(|o| o.issuer.as_str());
+        let (token, exp) = jwt.mint_with_issuer(spiffe_id, audience, ttl, now(), issuer)?;
         self.record(
             json!({"type": "jwt_svid_issued", "spiffe_id": spiffe_id, "entry": entry.id,
             "agent": agent.record.spiffe_id, "audience": audience, "ttl": ttl, "exp": exp,

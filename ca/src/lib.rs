@@ -23,6 +23,7 @@ pub mod datastore;
 pub mod entries;
 mod error;
 pub mod evidence;
+pub mod federation;
 pub mod keys;
 pub mod metrics;
 pub mod node_api;

@@ -30,7 +30,7 @@ use ztid_agent_attestor::agent::metrics::{
 
 use crate::authorities::Kind;
 use crate::core::CaCore;
-use crate::datastore::{AuthorityState, EntryFilter};
+use crate::datastore::AuthorityState;
 use crate::{Error, Result};
 
 /// Known node attestation methods; anything else a client names is `unknown`.
@@ -568,6 +568,8 @@ static ENTRIES_DELTA: AtomicI64 = AtomicI64::new(0);
 struct ServerProbe {
     core: Arc<CaCore>,
     agents_sampled: Mutex<Option<Instant>>,
+    /// One scrape at a time, so concurrent scrapes never see a half-refreshed gauge.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 fn now() -> i64 {
@@ -660,6 +662,7 @@ impl ServerProbe {
 
 impl Probe for ServerProbe {
     async fn metrics(&self) -> String {
+        let _one = self.scrape.lock().await;
         self.refresh_authorities();
         self.refresh_agents().await;
         self.refresh_audit().await;
@@ -692,12 +695,11 @@ fn count_entries(core: &Arc<CaCore>) {
     let store = core.store.clone();
     tokio::task::spawn_blocking(move || {
         let before = ENTRIES_DELTA.load(Ordering::Relaxed);
-        match store.list_entries(&EntryFilter::default()) {
-            Ok(list) => {
+        match store.count_entries() {
+            Ok(n) => {
                 // From now on the gauge is this count plus the changes since it began (a
                 // change racing the count may be counted twice: close enough, and rare).
-                BASE_ENTRIES.store(list.len() as i64 - before, Ordering::Relaxed);
-                drop(list);
+                BASE_ENTRIES.store(n as i64 - before, Ordering::Relaxed);
                 ENTRIES_COUNTED.store(true, Ordering::Relaxed);
                 refresh_entries();
                 let _ = METRICS.registry.register(Box::new(METRICS.entries.clone()));
@@ -801,6 +803,7 @@ pub async fn spawn(core: &Arc<CaCore>) -> Result<Option<SocketAddr>> {
     let probe = Arc::new(ServerProbe {
         core: core.clone(),
         agents_sampled: Mutex::new(None),
+        scrape: tokio::sync::Mutex::new(()),
     });
     let local = listen(addr, Arc::new(EntriesRefresh(probe)))
         .await

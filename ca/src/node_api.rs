@@ -228,7 +228,14 @@ impl Node for NodeApi {
             self.core
                 .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;
         let bundle = self.core.bundle();
+        let federated = self.core.federated_for_sync(req.federated_bundles_version)?;
+        let (federated_bundles, federated_bundles_version) = match federated {
+            Some((all, v)) => (all.iter().map(Into::into).collect(), v),
+            None => (Vec::new(), 0),
+        };
         Ok(Response::new(pb::SyncEntriesResponse {
+            federated_bundles,
+            federated_bundles_version,
             full: sync.full,
             upserted: sync.upserted.iter().map(to_proto).collect(),
             deleted: sync.deleted,

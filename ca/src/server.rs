@@ -134,6 +134,10 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         core.audit.clone(),
     ));
     crate::metrics::spawn(&core).await?;
+    core.apply_configured_federations()?;
+    crate::federation::spawn_bundle_endpoint(core.clone()).await?;
+    crate::federation::spawn_oidc(core.clone()).await?;
+    crate::federation::spawn_poller(core.clone());
 
     let node_incoming = tls_incoming(tcp, tls_config(&core, false), "node API");
     let policy_core = core.clone();

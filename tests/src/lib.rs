@@ -350,6 +350,17 @@ impl Agent {
         })
     }
 
+    /// The agent's own SVID and key, from its data directory (to call the node API as it).
+    pub fn own_svid(&self) -> ztid_agent_attestor::agent::node_client::AgentSvid {
+        let chain = pem::parse_many(std::fs::read(self.data_dir().join("agent_svid.pem")).expect("agent SVID"))
+            .expect("PEM")
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+        let key = std::fs::read(self.data_dir().join("agent_key.pk8")).expect("agent key");
+        ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key).expect("agent SVID parses")
+    }
+
     /// Runs `ztid-agent ARGS --socket <this agent>`.
     pub fn cli(&self, args: &[&str]) -> CliResult {
         let mut all: Vec<&str> = args.to_vec();
@@ -436,4 +447,21 @@ pub fn openssl(args: &[&str]) -> CliResult {
         .output()
         .expect("openssl must be installed (scripts/install-deps.sh)")
         .into()
+}
+
+/// A PKCS#10 CSR for `spiffe_id` with a fresh P-256 key.
+pub fn csr_for(spiffe_id: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.to_string().try_into().expect("URI"))];
+    p.serialize_request(&key).expect("CSR").der().to_vec()
+}
+
+/// The server's bundle as DER certificates.
+pub fn bundle_roots(server: &Server) -> Vec<Vec<u8>> {
+    pem::parse_many(server.cli_ok(&["bundle", "show"]))
+        .expect("PEM bundle")
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect()
 }

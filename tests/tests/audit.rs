@@ -7,35 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use ztid_agent_attestor::agent::node_client::{connect, AgentSvid};
+use ztid_agent_attestor::agent::node_client::connect;
 use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
 use ztid_tests::*;
 
 const TD: &str = "example.org";
 
-fn agent_svid(agent: &Agent) -> AgentSvid {
-    let chain = pem::parse_many(std::fs::read(agent.data_dir().join("agent_svid.pem")).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect();
-    AgentSvid {
-        chain,
-        key: zeroize::Zeroizing::new(
-            std::fs::read(agent.data_dir().join("agent_key.pk8")).unwrap(),
-        ),
-        spiffe_id: agent.spiffe_id.clone(),
-        not_after: 0,
-    }
-}
 
-fn csr(id: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
-}
 
 fn audit_verify(server: &Server) -> CliResult {
     std::process::Command::new(bin("ztid-server"))
@@ -69,11 +48,7 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
     let mut server = Server::start(TD);
     let agent = Agent::start(&server);
     let entry = entry_for_my_uid(&server, &agent, "spiffe://example.org/storm", &["--shared"]);
-    let roots: Vec<Vec<u8>> = pem::parse_many(server.cli_ok(&["bundle", "show"]))
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect();
+    let roots = bundle_roots(&server);
     let addr = server.addr().parse().unwrap();
     let received = Arc::new(Mutex::new(Vec::<String>::new()));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,14 +56,14 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
         .enable_all()
         .build()
         .unwrap();
-    let svid = agent_svid(&agent);
+    let svid = agent.own_svid();
     let verifier = Arc::new(ServerSvidVerifier::new(
         shared_roots(roots),
         format!("spiffe://{TD}/ztid/server"),
     ));
     let _guard = rt.enter();
     let client = connect(addr, verifier, Some(svid.certified_key().unwrap())).unwrap();
-    let csrs: Vec<Vec<u8>> = (0..64).map(|_| csr("spiffe://example.org/storm")).collect();
+    let csrs: Vec<Vec<u8>> = (0..64).map(|_| csr_for("spiffe://example.org/storm")).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..8 {
@@ -226,3 +201,4 @@ fn audit_verify_names_tampering_through_the_cli() {
         );
     }
 }
+

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ztid_agent_attestor::agent::node_client::{connect, AgentSvid};
+use ztid_agent_attestor::agent::node_client::connect;
 use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
 use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
@@ -12,45 +12,15 @@ use ztid_tests::*;
 
 const TD: &str = "example.org";
 
-fn roots_of(server: &Server) -> Vec<Vec<u8>> {
-    pem::parse_many(server.cli_ok(&["bundle", "show"]))
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect()
-}
 
 fn verifier(server: &Server) -> Arc<ServerSvidVerifier> {
     Arc::new(ServerSvidVerifier::new(
-        shared_roots(roots_of(server)),
+        shared_roots(bundle_roots(server)),
         format!("spiffe://{TD}/ztid/server"),
     ))
 }
 
-/// The agent's own SVID from its data directory.
-fn agent_svid(agent: &Agent) -> AgentSvid {
-    let chain: Vec<Vec<u8>> =
-        pem::parse_many(std::fs::read(agent.data_dir().join("agent_svid.pem")).unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|p| p.into_contents())
-            .collect();
-    AgentSvid {
-        chain,
-        key: zeroize::Zeroizing::new(
-            std::fs::read(agent.data_dir().join("agent_key.pk8")).unwrap(),
-        ),
-        spiffe_id: agent.spiffe_id.clone(),
-        not_after: 0,
-    }
-}
 
-fn csr_for(id: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_security_header_is_invalid_argument() {
@@ -214,7 +184,7 @@ async fn node_api_refuses_foreign_csrs_and_callers_without_svid() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert_eq!(err.message(), "node API call without an agent SVID");
 
-    let svid = agent_svid(&agent);
+    let svid = agent.own_svid();
     let mut client = connect(addr, verifier(&server), Some(svid.certified_key().unwrap())).unwrap();
     let sign = |csr: Vec<u8>| pb::SignX509SvidsRequest {
         requests: vec![pb::SvidRequest {
@@ -281,8 +251,8 @@ async fn evicted_and_banned_agents_are_refused_on_their_next_call() {
     let evicted = Agent::start(&server);
     let banned = Agent::start(&server);
     let addr = server.addr().parse().unwrap();
-    let svid_e = agent_svid(&evicted);
-    let svid_b = agent_svid(&banned);
+    let svid_e = evicted.own_svid();
+    let svid_b = banned.own_svid();
 
     server.cli_ok(&["agent", "evict", &evicted.spiffe_id]);
     let mut c = connect(
@@ -490,3 +460,4 @@ fn malformed_entries_are_refused_and_change_nothing() {
     let r = server.cli(&["entry", "show", "0000"]);
     assert!(!r.ok && r.stderr.contains("entry 0000 does not exist"));
 }
+

@@ -258,6 +258,7 @@ impl Runtime {
                 .map_err(|_| tonic::Status::internal("lock"))?;
             (e.revision, self.bundle.borrow().sequence)
         };
+        let federated_version = self.workloads.federated.read().map(|f| f.0).unwrap_or(0);
         let mut authorities_in_use = self.workloads.authorities_in_use(now()).await;
         {
             let svid = self.svid.load();
@@ -272,6 +273,7 @@ impl Runtime {
                 since_revision: since,
                 bundle_sequence: seq,
                 authorities_in_use,
+                federated_bundles_version: federated_version,
             })
             .await?
             .into_inner();
@@ -281,6 +283,22 @@ impl Runtime {
             .write()
             .map_err(|_| tonic::Status::internal("lock"))?
             .apply(&resp);
+        if resp.federated_bundles_version != 0 && resp.federated_bundles_version != federated_version {
+            let map: std::collections::BTreeMap<String, Arc<TrustBundle>> = resp
+                .federated_bundles
+                .iter()
+                .map(|b| (b.trust_domain.clone(), Arc::new(TrustBundle::from(b))))
+                .collect();
+            tracing::info!(
+                trust_domains = ?map.iter().map(|(td, b)| format!("{td}@{}", b.sequence)).collect::<Vec<_>>(),
+                "federated bundles updated"
+            );
+            if let Ok(mut f) = self.workloads.federated.write() {
+                *f = (resp.federated_bundles_version, map);
+            }
+            // Open Workload API streams re-send on a bundle watch change.
+            self.bundle.send_modify(|_| {});
+        }
         if let Some(b) = &resp.bundle {
             let b = TrustBundle::from(b);
             if b.sequence > seq {

@@ -92,7 +92,22 @@ impl WorkloadApi {
     }
 }
 
-fn x509_response(set: &IdentitySet, bundle: &TrustBundle) -> pb::X509svidResponse {
+/// Federated bundles as a Workload API bundle map (`spiffe://TD` → value).
+fn federated_map(
+    federated: &std::collections::BTreeMap<String, Arc<TrustBundle>>,
+    value: impl Fn(&TrustBundle) -> Result<Vec<u8>, Status>,
+) -> Result<HashMap<String, Vec<u8>>, Status> {
+    federated
+        .values()
+        .map(|b| Ok((b.trust_domain_id(), value(b)?)))
+        .collect()
+}
+
+fn x509_response(
+    set: &IdentitySet,
+    bundle: &TrustBundle,
+    federated: &std::collections::BTreeMap<String, Arc<TrustBundle>>,
+) -> pb::X509svidResponse {
     let bundle_der = bundle.x509_der();
     pb::X509svidResponse {
         svids: set
@@ -107,7 +122,7 @@ fn x509_response(set: &IdentitySet, bundle: &TrustBundle) -> pb::X509svidRespons
             })
             .collect(),
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_map(federated, |b| Ok(b.x509_der())).unwrap_or_default(),
     }
 }
 
@@ -181,12 +196,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let inst = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
         let stream = watch_stream(
             Some(inst.state.subscribe()),
             self.bundle.clone(),
-            |set, bundle| {
+            move |set, bundle| {
                 match set {
-                    Some(set) if !set.svids.is_empty() => Ok(x509_response(set, bundle)),
+                    Some(set) if !set.svids.is_empty() => Ok(x509_response(
+                        set,
+                        bundle,
+                        &workloads.federated_bundles_for(&inst),
+                    )),
                     // The process lost its last entry (or exited): tell the client.
                     _ => Err(Status::permission_denied("no identity issued")),
                 }
@@ -199,11 +219,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.entitled_instance(&request).await?;
-        let stream = watch_stream(None, self.bundle.clone(), |_, bundle| {
+        let inst = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(None, self.bundle.clone(), move |_, bundle| {
+            let mut bundles =
+                federated_map(&workloads.federated_bundles_for(&inst), |b| Ok(b.x509_der()))?;
+            bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
             Ok(pb::X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: HashMap::from([(bundle.trust_domain_id(), bundle.x509_der())]),
+                bundles,
             })
         });
         Ok(Response::new(stream))
@@ -326,14 +350,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.entitled_instance(&request).await?;
-        let stream = watch_stream(None, self.bundle.clone(), |_, bundle| {
-            let jwks = bundle
-                .jwks_json()
-                .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(pb::JwtBundlesResponse {
-                bundles: HashMap::from([(bundle.trust_domain_id(), jwks.into_bytes())]),
-            })
+        let inst = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(None, self.bundle.clone(), move |_, bundle| {
+            let jwks = |b: &TrustBundle| {
+                b.jwks_json()
+                    .map(String::into_bytes)
+                    .map_err(|e| Status::internal(e.to_string()))
+            };
+            let mut bundles = federated_map(&workloads.federated_bundles_for(&inst), jwks)?;
+            bundles.insert(bundle.trust_domain_id(), jwks(bundle)?);
+            Ok(pb::JwtBundlesResponse { bundles })
         });
         Ok(Response::new(stream))
     }
@@ -350,11 +377,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Validation is open to every local process, but only to a real one.
-        self.attest(&request)?;
+        let inst = self.attest(&request)?;
+        // Tokens of a federated trust domain validate only for callers federating with it.
+        let federated = self.workloads.federated_bundles_for(&inst);
         let bundle = self.bundle.borrow().clone();
         let now = unix_seconds(std::time::SystemTime::now());
         let validated = crate::jwt::validate(&req.svid, &req.audience, now, |td| {
-            (td.as_str() == bundle.trust_domain).then(|| bundle.jwt_authorities.clone())
+            if td.as_str() == bundle.trust_domain {
+                Some(bundle.jwt_authorities.clone())
+            } else {
+                federated.get(td.as_str()).map(|b| b.jwt_authorities.clone())
+            }
         })
         .map_err(|e: Error| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(pb::ValidateJwtsvidResponse {

@@ -171,6 +171,9 @@ pub struct Workloads {
     pub entries: RwLock<EntryCache>,
     instances: Mutex<HashMap<ProcessInstance, Arc<Instance>>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+    /// Other trust domains' bundles from the server (by trust domain name) and their
+    /// version; each workload sees only those its entries federate with.
+    pub federated: RwLock<(u64, std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>>)>,
 }
 
 impl Workloads {
@@ -186,6 +189,33 @@ impl Workloads {
             entries: RwLock::new(EntryCache::default()),
             instances: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
+            federated: RwLock::new((0, Default::default())),
+        }
+    }
+
+    /// The federated bundles `inst` is entitled to: those of the trust domains its
+    /// matching entries list in `federates_with`, keyed by trust domain name.
+    pub fn federated_bundles_for(
+        &self,
+        inst: &Instance,
+    ) -> std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>> {
+        let wanted: std::collections::BTreeSet<String> = match self.entries.read() {
+            Ok(e) => e
+                .matching(&inst.selectors)
+                .iter()
+                .flat_map(|e| e.federates_with.iter())
+                .map(|td| td.strip_prefix("spiffe://").unwrap_or(td).to_string())
+                .collect(),
+            Err(_) => return Default::default(),
+        };
+        match self.federated.read() {
+            Ok(f) => f
+                .1
+                .iter()
+                .filter(|(td, _)| wanted.contains(*td))
+                .map(|(td, b)| (td.clone(), b.clone()))
+                .collect(),
+            Err(_) => Default::default(),
         }
     }
 

@@ -210,6 +210,8 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<EntryRecord>>;
     /// Node alias entries.
     fn node_entries(&self) -> Result<Vec<EntryRecord>>;
+    /// How many entries there are (without reading them).
+    fn count_entries(&self) -> Result<usize>;
     /// Entry changes after `revision`, oldest first.
     fn entry_changes_since(&self, revision: u64) -> Result<Vec<EntryChange>>;
     /// The newest entry revision (0 when none).
@@ -233,6 +235,22 @@ pub trait DataStore: Send + Sync + 'static {
     fn load_ca_state(&self) -> Result<Option<CaState>>;
     /// Replaces the CA state.
     fn store_ca_state(&self, state: &CaState) -> Result<()>;
+
+    /// Stores a federated trust domain's bundle (an opaque record, see
+    /// `crate::federation`), replacing any. Never merged with another domain's.
+    fn put_federated_bundle(&self, trust_domain: &str, record: &[u8]) -> Result<()>;
+    /// A federated trust domain's bundle record.
+    fn get_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>>;
+    /// Every federated bundle record, ordered by trust domain.
+    fn list_federated_bundles(&self) -> Result<Vec<Vec<u8>>>;
+    /// Removes a federated bundle record, returning it.
+    fn delete_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores a federation relationship record, replacing any.
+    fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()>;
+    /// Every federation relationship record, ordered by trust domain.
+    fn list_federations(&self) -> Result<Vec<Vec<u8>>>;
+    /// Removes a federation relationship record, returning it.
+    fn delete_federation(&self, trust_domain: &str) -> Result<Option<Vec<u8>>>;
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;

@@ -222,6 +222,10 @@ impl DataStore for SledStore {
         Ok(out)
     }
 
+    fn count_entries(&self) -> Result<usize> {
+        Ok(self.entries.len())
+    }
+
     fn entry_changes_since(&self, revision: u64) -> Result<Vec<EntryChange>> {
         let start = revision.saturating_add(1).to_be_bytes();
         self.entry_log
@@ -300,6 +304,62 @@ impl DataStore for SledStore {
     fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn put_federated_bundle(&self, trust_domain: &str, record: &[u8]) -> Result<()> {
+        self.db
+            .open_tree("federated_bundles")?
+            .insert(trust_domain.as_bytes(), record)?;
+        Ok(())
+    }
+
+    fn get_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .open_tree("federated_bundles")?
+            .get(trust_domain.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    fn list_federated_bundles(&self) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .open_tree("federated_bundles")?
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    fn delete_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .open_tree("federated_bundles")?
+            .remove(trust_domain.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()> {
+        self.db
+            .open_tree("federations")?
+            .insert(trust_domain.as_bytes(), record)?;
+        Ok(())
+    }
+
+    fn list_federations(&self) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .open_tree("federations")?
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    fn delete_federation(&self, trust_domain: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .open_tree("federations")?
+            .remove(trust_domain.as_bytes())?
+            .map(|v| v.to_vec()))
     }
 }
 
