@@ -24,7 +24,7 @@ pub enum Role {
     Viewer,
     /// Viewer, plus tokens, entries and agents.
     Operator,
-    /// Viewer, plus the authority lifecycle.
+    /// Viewer, plus the authority lifecycle and federation (what the domain trusts).
     AuthorityAdmin,
 }
 
@@ -58,10 +58,6 @@ impl Role {
             "DeleteEntry",
             "EvictAgent",
             "BanAgent",
-            "SetFederatedBundle",
-            "DeleteFederatedBundle",
-            "CreateFederation",
-            "DeleteFederation",
             "RefreshFederation",
         ];
         const AUTHORITY: &[&str] = &[
@@ -69,6 +65,11 @@ impl Role {
             "ActivateAuthority",
             "TaintAuthority",
             "RevokeAuthority",
+            // These change what the trust domain trusts, so they sit with the authorities.
+            "SetFederatedBundle",
+            "DeleteFederatedBundle",
+            "CreateFederation",
+            "DeleteFederation",
         ];
         READ.contains(&method)
             || match self {

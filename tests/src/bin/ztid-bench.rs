@@ -83,7 +83,9 @@ impl Opts {
                 "--entries" => o.entries = val("--entries").parse().expect("--entries N"),
                 "--instances" => o.instances = val("--instances").parse().expect("--instances N"),
                 "--secs" => o.secs = val("--secs").parse().expect("--secs S"),
-                "--wait-quiet" => o.wait_quiet = val("--wait-quiet").parse().expect("--wait-quiet S"),
+                "--wait-quiet" => {
+                    o.wait_quiet = val("--wait-quiet").parse().expect("--wait-quiet S")
+                }
                 "--no-doc" => o.doc = None,
                 "--out" => o.doc = Some(PathBuf::from(val("--out"))),
                 "-h" | "--help" => {
@@ -207,7 +209,10 @@ fn machine_busy_secs() -> f64 {
         .filter_map(|x| x.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal
-    let busy: u64 = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    let busy: u64 = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| f.get(i))
+        .sum();
     busy as f64 / clk_tck()
 }
 
@@ -216,7 +221,9 @@ fn self_and_children_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = (11..=14).filter_map(|i| f.get(i).and_then(|x| x.parse::<u64>().ok())).sum();
+    let ticks: u64 = (11..=14)
+        .filter_map(|i| f.get(i).and_then(|x| x.parse::<u64>().ok()))
+        .sum();
     ticks as f64 / clk_tck()
 }
 
@@ -248,7 +255,8 @@ impl CpuWindow {
         for i in 0..3 {
             out[i] = cpu_secs(&self.pids[i]) - self.start[i];
         }
-        let ours = cpu_secs(&self.pids[0]) + cpu_secs(&self.pids[1]) + self_and_children_secs() - self.ours0;
+        let ours = cpu_secs(&self.pids[0]) + cpu_secs(&self.pids[1]) + self_and_children_secs()
+            - self.ours0;
         let foreign = (machine_busy_secs() - self.machine0 - ours).max(0.0);
         let share = foreign / (self.t0.elapsed().as_secs_f64() * cores() as f64);
         note_foreign(share);
@@ -257,7 +265,9 @@ impl CpuWindow {
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 static FOREIGN: std::sync::Mutex<(f64, u32)> = std::sync::Mutex::new((0.0, 0));
@@ -282,11 +292,15 @@ fn wait_machine_quiet(max: Duration) -> (f64, Duration) {
         let m0 = machine_busy_secs();
         let o0 = self_and_children_secs();
         std::thread::sleep(Duration::from_secs(2));
-        let share = (machine_busy_secs() - m0 - (self_and_children_secs() - o0)).max(0.0) / (2.0 * cores() as f64);
+        let share = (machine_busy_secs() - m0 - (self_and_children_secs() - o0)).max(0.0)
+            / (2.0 * cores() as f64);
         if share < 0.05 || start.elapsed() >= max {
             return (share, start.elapsed());
         }
-        log(format!("machine busy ({:.0}% used by other processes); waiting for it to quiet down", share * 100.0));
+        log(format!(
+            "machine busy ({:.0}% used by other processes); waiting for it to quiet down",
+            share * 100.0
+        ));
     }
 }
 
@@ -325,7 +339,8 @@ fn log(msg: impl AsRef<str>) {
 // ---------------------------------------------------------------------------------------
 // Worker modes (run as separate, short-lived processes).
 
-fn fetch_once(endpoint: &str) -> Result<(Duration, String), String> {
+/// Connects and fetches once: (connect → first response, of which the connect, SPIFFE ID).
+fn fetch_once(endpoint: &str) -> Result<(Duration, Duration, String), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -335,19 +350,20 @@ fn fetch_once(endpoint: &str) -> Result<(Duration, String), String> {
         let c = spiffe::WorkloadApiClient::connect_to(endpoint)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        let connected = t0.elapsed();
         let svid = c
             .fetch_x509_svid()
             .await
             .map_err(|e| format!("fetch: {e}"))?;
-        Ok((t0.elapsed(), svid.spiffe_id().to_string()))
+        Ok((t0.elapsed(), connected, svid.spiffe_id().to_string()))
     })
 }
 
-/// `worker ENDPOINT`: one fetch, prints `ok <nanoseconds> <spiffe id>`.
+/// `worker ENDPOINT`: one fetch, prints `ok <total ns> <connect ns> <spiffe id>`.
 fn worker(endpoint: &str) -> ! {
     match fetch_once(endpoint) {
-        Ok((d, id)) => {
-            println!("ok {} {id}", d.as_nanos());
+        Ok((d, c, id)) => {
+            println!("ok {} {} {id}", d.as_nanos(), c.as_nanos());
             std::process::exit(0)
         }
         Err(e) => {
@@ -361,7 +377,7 @@ fn worker(endpoint: &str) -> ! {
 fn hold(endpoint: &str) -> ! {
     let r = fetch_once(endpoint);
     match &r {
-        Ok((d, id)) => println!("ok {} {id}", d.as_nanos()),
+        Ok((d, c, id)) => println!("ok {} {} {id}", d.as_nanos(), c.as_nanos()),
         Err(e) => println!("err {e}"),
     }
     let _ = std::io::stdout().flush();
@@ -370,15 +386,62 @@ fn hold(endpoint: &str) -> ! {
     std::process::exit(if r.is_ok() { 0 } else { 1 })
 }
 
-fn parse_worker_line(line: &str) -> Result<Duration, String> {
+/// (connect → first response, connect) from a worker's output line.
+fn parse_worker_line(line: &str) -> Result<(Duration, Duration), String> {
     let mut it = line.split_whitespace();
-    match it.next() {
-        Some("ok") => it
-            .next()
+    if it.next() != Some("ok") {
+        return Err(line.trim().to_string());
+    }
+    let mut ns = || {
+        it.next()
             .and_then(|n| n.parse::<u64>().ok())
             .map(Duration::from_nanos)
-            .ok_or_else(|| format!("bad worker line {line:?}")),
-        _ => Err(line.trim().to_string()),
+    };
+    match (ns(), ns()) {
+        (Some(total), Some(connect)) => Ok((total, connect)),
+        _ => Err(format!("bad worker line {line:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The disk: fdatasync latency (the server's audit log syncs before every answer).
+
+/// Latency of `write(256 B)` + `fdatasync` on a file in `dir`.
+fn fsync_probe(dir: &Path, n: usize) -> Lat {
+    let path = dir.join("ztid-bench-fsync-probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let line = [b'x'; 256];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        f.write_all(&line).expect("probe write");
+        f.sync_data().expect("fdatasync");
+        v.push(t0.elapsed());
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Lat::of(v)
+}
+
+/// `sync`, then waits (at most `max`) until the kernel's dirty + writeback pages are
+/// under 32 MiB, so one phase's writes are not flushed during the next one's timing.
+fn settle_disk(max: Duration) -> Duration {
+    let start = Instant::now();
+    let _ = Command::new("sync").status();
+    loop {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib = |k: &str| -> u64 {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if kib("Dirty") + kib("Writeback") < 32 * 1024 || start.elapsed() > max {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -852,6 +915,7 @@ fn spawn_worker(mode: &str, endpoint: &str) -> Child {
 
 struct Fresh {
     lat: Lat,
+    connect: Lat,
     wall: Lat,
     failures: usize,
     cpu: [f64; 3],
@@ -863,7 +927,7 @@ fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)
         let _ = spawn_worker("worker", endpoint).wait_with_output();
     }
     let cpu = CpuWindow::start(pids.0, pids.1);
-    let (mut lats, mut walls, mut failures) = (Vec::new(), Vec::new(), 0);
+    let (mut lats, mut connects, mut walls, mut failures) = (Vec::new(), Vec::new(), Vec::new(), 0);
     let start = Instant::now();
     while lats.len() + failures < max_n && start.elapsed() < dur {
         let t0 = Instant::now();
@@ -872,7 +936,10 @@ fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)
             .expect("worker");
         walls.push(t0.elapsed());
         match parse_worker_line(&String::from_utf8_lossy(&out.stdout)) {
-            Ok(d) => lats.push(d),
+            Ok((d, c)) => {
+                lats.push(d);
+                connects.push(c);
+            }
             Err(e) => {
                 failures += 1;
                 log(format!("worker failed: {e}"));
@@ -881,6 +948,7 @@ fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)
     }
     Fresh {
         lat: Lat::of(lats),
+        connect: Lat::of(connects),
         wall: Lat::of(walls),
         failures,
         cpu: cpu.stop(),
@@ -907,7 +975,8 @@ fn memory_at_instances(agent_pid: u32, endpoint: &str, n: usize) -> Memory {
     std::thread::sleep(Duration::from_millis(2500));
     let rss_before = status_kib(agent_pid, "VmRSS");
     let hwm_before = status_kib(agent_pid, "VmHWM");
-    let mut held: Vec<(Child, Option<ChildStdin>)> = Vec::with_capacity(n);
+    let mut guard = HeldProcs(Vec::with_capacity(n));
+    let held = &mut guard.0;
     let (mut lats, mut failures) = (Vec::new(), 0);
     let start = Instant::now();
     let wave = 4;
@@ -919,7 +988,7 @@ fn memory_at_instances(agent_pid: u32, endpoint: &str, n: usize) -> Memory {
             let mut out = BufReader::new(c.stdout.take().expect("stdout"));
             let _ = out.read_line(&mut line);
             match parse_worker_line(&line) {
-                Ok(d) => lats.push(d),
+                Ok((d, _)) => lats.push(d),
                 Err(e) => {
                     failures += 1;
                     log(format!("hold worker failed: {e}"));
@@ -987,6 +1056,21 @@ fn memory_at_instances(agent_pid: u32, endpoint: &str, n: usize) -> Memory {
         first_fetch: Lat::of(lats),
         worker_rss,
         leftover,
+    }
+}
+
+/// Live `hold` workers; any still running when this is dropped (a panic) are killed.
+struct HeldProcs(Vec<(Child, Option<ChildStdin>)>);
+
+impl Drop for HeldProcs {
+    fn drop(&mut self) {
+        for (c, stdin) in self.0.iter_mut() {
+            drop(stdin.take());
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
     }
 }
 
@@ -1089,6 +1173,13 @@ fn main() {
     let agent_pid = agent.proc.child.id();
     let entry_id = entry_for_my_uid(&server, &agent, BENCH_ID, &[]);
     let endpoint = agent.endpoint();
+    // The server's audit log fdatasyncs before every answer: how fast is this disk?
+    let fsync_early = fsync_probe(&server.data_dir(), 300);
+    log(format!(
+        "  fdatasync in the server's data dir: p50 {} p99 {}",
+        us(fsync_early.p50),
+        us(fsync_early.p99)
+    ));
     // The entry reaches the agent on its next sync.
     let held_client = rt.block_on(async {
         let c = spiffe::WorkloadApiClient::connect_to(&endpoint)
@@ -1243,6 +1334,7 @@ fn main() {
     let rev_before = s0.revision;
     stop_server(&mut server);
     let (ins_1k, _) = bulk_insert(&server, 0, 999);
+    settle_disk(Duration::from_secs(60));
     server.restart();
     wait_node_api(&rt, &clients[0], &entry_id, &csrs[0]);
     wait_quiet(server_pid_of(&server), Duration::from_secs(30));
@@ -1280,6 +1372,7 @@ fn main() {
         flush_big.as_secs_f64(),
         ds_bytes as f64 / 1e6
     ));
+    let settle_big = settle_disk(Duration::from_secs(120));
     let t_restart = Instant::now();
     server.restart();
     let restart_ready = t_restart.elapsed();
@@ -1289,6 +1382,7 @@ fn main() {
     let quiet = wait_quiet(server_pid_of(&server), Duration::from_secs(60));
     let (sync_big_none, _) = timed_sync(&rt, &clients[0], rbig.revision);
     let (sync_big_full, full) = timed_sync(&rt, &clients[0], 0);
+    let fsync_late = fsync_probe(&server.data_dir(), 300);
     let lat_big = mint_run(
         &rt,
         &clients[..1],
@@ -1345,6 +1439,11 @@ fn main() {
         total,
         quiet_start,
         foreign_max: FOREIGN.lock().unwrap().0,
+        fsync_early,
+        fsync_late,
+        settle_big,
+        git_rev: git_rev(),
+        kept_notes: kept_notes(opts.doc.as_deref()),
     };
     let summary = r.summary_table();
     println!("{summary}");
@@ -1389,6 +1488,43 @@ struct Report {
     total: Duration,
     quiet_start: (f64, Duration),
     foreign_max: f64,
+    fsync_early: Lat,
+    fsync_late: Lat,
+    settle_big: Duration,
+    git_rev: String,
+    /// The hand-written block of the previous `docs/performance.md`, kept as is.
+    kept_notes: Option<String>,
+}
+
+const NOTES_BEGIN: &str = "<!-- analysis:begin -->";
+const NOTES_END: &str = "<!-- analysis:end -->";
+
+/// The `analysis:begin` … `analysis:end` block of an existing document.
+fn kept_notes(path: Option<&Path>) -> Option<String> {
+    let text = std::fs::read_to_string(path?).ok()?;
+    let from = text.find(NOTES_BEGIN)?;
+    let to = text[from..].find(NOTES_END)? + from + NOTES_END.len();
+    Some(text[from..to].to_string())
+}
+
+/// The commit measured, `+ local changes` when the tree was dirty.
+fn git_rev() -> String {
+    let root = workspace_root();
+    let root = root.to_string_lossy();
+    let rev = sh("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    if rev.is_empty() {
+        return "unknown (not a git checkout)".into();
+    }
+    let dirty = !sh(
+        "git",
+        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    if dirty {
+        format!("{rev} + local changes")
+    } else {
+        rev
+    }
 }
 
 fn met(ok: bool) -> &'static str {
@@ -1534,7 +1670,9 @@ impl Report {
             d,
             "Measured by the benchmark `tests/src/bin/ztid-bench.rs` against the real `ztid-server` and \
              `ztid-agent` processes (started by the `ztid-tests` harness), on one machine. This file is \
-             rewritten by every full run; the figures below are from the run of {date}.\n"
+             rewritten by every full run (a section between `analysis:begin`/`analysis:end` markers \
+             is kept); the figures below are from the run of {date}, product commit `{}`.\n",
+            self.git_rev
         );
         let _ = writeln!(d, "## How to run\n");
         let _ = writeln!(
@@ -1559,11 +1697,15 @@ impl Report {
              server, the agent and the worker processes all share the machine's {nproc} cores. \
              The run waited {:.0} s for the machine to be quiet; the most CPU that other processes used \
              in any measurement window was {:.1}% of the machine (from `/proc/stat` minus the CPU of the \
-             benchmark, the server, the agent and the workers).\n",
+             benchmark, the server, the agent and the workers). The server's data directory is on the \
+             machine's disk, where `write` + `fdatasync` of 256 B took p50 {} / p99 {} at the start of \
+             the run (the server's audit log syncs before every node API answer that issued something).\n",
             self.log_level,
             o.secs,
             self.quiet_start.1.as_secs_f64(),
-            self.foreign_max * 100.0
+            self.foreign_max * 100.0,
+            us(self.fsync_early.p50),
+            us(self.fsync_early.p99)
         );
         let _ = writeln!(d, "## Machine\n");
         let _ = writeln!(d, "| | |\n|---|---|");
@@ -1696,6 +1838,15 @@ impl Report {
         );
         let _ = writeln!(
             d,
+            "| of which: connect (UDS + HTTP/2 handshake) | {} | {} | {} | {} | {} | |",
+            f.connect.n,
+            us(f.connect.p50),
+            us(f.connect.p90),
+            us(f.connect.p99),
+            us(f.connect.max)
+        );
+        let _ = writeln!(
+            d,
             "| (context) new process: spawn → exit, seen by the parent | {} | {} | {} | {} | {} | |\n",
             f.wall.n,
             us(f.wall.p50),
@@ -1709,9 +1860,11 @@ impl Report {
             d,
             "Workers are this benchmark's own binary in `worker` mode (`{:.1} MB` executable), spawned \
              one after the other, {} failures. CPU per call — held: agent {:.0} µs, bench client {:.0} µs; \
-             new process: agent {:.0} µs, server {:.0} µs. SHA-256 of the worker executable, as the agent's \
-             workload attestor computes it for every new process instance \
-             (`agent-attestor/src/workload_attestation.rs`, `attest_unix` → `sha256_file`): **{}** here.\n",
+             new process: agent {:.0} µs, server {:.0} µs. The agent's workload attestor hashes the \
+             caller's executable (SHA-256, `agent-attestor/src/workload_attestation.rs` `sha256_file`) \
+             and caches the hash by device, inode, size and ctime, so only the first process of a binary \
+             pays it (the warm-up workers did): for this executable that costs **{}**, measured by \
+             hashing it the same way in the bench process.\n",
             self.exe_bytes as f64 / 1e6,
             f.failures,
             self.held_cpu[1] * 1e6 / held_calls,
@@ -1736,22 +1889,35 @@ impl Report {
              Other entries: `spiffe://{TD}/bulk/svc-<n>`, 100 per fictitious agent parent \
              `spiffe://{TD}/ztid/agent/join-token/<hex>`, selector `unix:uid:<n>`.\n"
         );
-        let _ = writeln!(d, "| entries | n | p50 | p90 | p99 | mean | server RSS after |\n|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(d, "| entries | n | p50 | p90 | p99 | mean | server CPU per mint | server RSS after |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (label, x, rss) in [
             ("1,000", &self.lat_1k, self.rss_server_1k),
             (n.as_str(), &self.lat_big, self.rss_server_big),
         ] {
             let _ = writeln!(
                 d,
-                "| {label} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {} | {} | {} | {} | {} | {:.0} µs | {} |",
                 x.calls.n,
                 us(x.calls.p50),
                 us(x.calls.p90),
                 us(x.calls.p99),
                 us(x.calls.mean),
+                x.cpu_us_per_svid(0),
                 mib(rss)
             );
         }
+        let _ = writeln!(
+            d,
+            "\nEach call includes the server's audit `fdatasync`; the probe on the same disk gave p50 {} / \
+             p99 {} at the start of the run and p50 {} / p99 {} just before the {n}-entry measurement. \
+             Before each restart the benchmark ran `sync` and waited for the kernel's dirty pages to drain \
+             ({:.1} s after the big insert), so the insert's writes are not flushed during the timing.",
+            us(self.fsync_early.p50),
+            us(self.fsync_early.p99),
+            us(self.fsync_late.p50),
+            us(self.fsync_late.p99),
+            self.settle_big.as_secs_f64()
+        );
         let _ = writeln!(
             d,
             "\nRatio {n} / 1,000 entries: p50 **{:.2}**, p99 {:.2}, mean {:.2} (target ≤ 1.2: {}).\n",
@@ -1867,90 +2033,102 @@ impl Report {
         );
 
         d.push_str(&self.analysis());
+        if let Some(kept) = self.kept_notes.as_deref() {
+            d.push_str(kept);
+            d.push('\n');
+        }
         d
     }
 
     fn analysis(&self) -> String {
         let b = self.best();
         let r = &self.raw;
+        let f = &self.fresh;
         let mut a = String::new();
-        let _ = writeln!(a, "## Where the time goes\n");
+        let _ = writeln!(a, "## Where the time goes (computed from this run)\n");
         let server_us = b.cpu_us_per_svid(0);
         let client_us = b.cpu_us_per_svid(2);
+        let one = &self.runs[0];
         let _ = writeln!(
             a,
-            "- **(a) Throughput.** The raw verify+sign costs {:.1} µs on one core ({:.1} verify + {:.1} \
-             sign; the notes in `shared/notes/performance.md` measured 60.6 µs, 42.7 + 17.1, on a machine \
-             of the same kind). In the best end-to-end run the server process spent {:.1} µs of CPU per \
-             SVID, i.e. {:.0}% above the raw cost, for TLS record encryption, HTTP/2 and protobuf, \
-             agent authentication (SPIFFE ID + serial of the peer certificate, a sled read and a JSON \
-             decode of the agent record per call), one sled read + JSON decode of the entry per CSR, and \
-             the key manager's lock and lookup per signature. The bench client spent another {:.1} µs per \
-             SVID on the same two cores (TLS, protobuf decode of {} B leaves). Server plus client CPU is \
-             {:.1} µs per SVID against {:.1} µs for the raw work, so on two shared cores the ceiling is \
-             about {}/s, and the run reached {}/s. Batching matters: one CSR per call is bound by a \
-             round trip per SVID (call p50 {}).",
+            "- **(a) Throughput.** The raw verify+sign costs {:.1} µs on one core here ({:.1} verify + \
+             {:.1} sign; `shared/notes/performance.md` measured 60.6 µs = 42.7 + 17.1 on a machine of the \
+             same kind, ~16.5k/s/core). In the best end-to-end run the server spent {:.1} µs of CPU per SVID \
+             ({:+.0}% over the raw work: TLS, HTTP/2, protobuf, the agent's authentication per call, a sled \
+             read + JSON decode of the entry per CSR, the audit record per SVID and the audit writer's \
+             `fdatasync` + signed head per batch), and the bench client {:.1} µs more on the same cores. \
+             Server plus client CPU, {:.1} µs per SVID, puts the two-core ceiling near {}/s; the run \
+             reached {}/s. With one CSR per call and one call in flight the rate is latency-bound \
+             ({}/s, call p50 {}): every answer waits for its own audit `fdatasync` (disk p50 {}).",
             r.us_total,
             r.us_verify,
             r.us_sign,
             server_us,
             (server_us / r.us_total - 1.0) * 100.0,
             client_us,
-            r.leaf_bytes,
             server_us + client_us,
-            r.us_total,
             thousands(2e6 / (server_us + client_us)),
             thousands(b.rate()),
-            us(self.runs[0].calls.p50)
+            thousands(one.rate()),
+            us(one.calls.p50),
+            us(self.fsync_early.p50)
         );
-        let f = &self.fresh;
         let _ = writeln!(
             a,
-            "- **(b) Held identity.** A repeat `FetchX509SVID` is served from memory: peer credentials, \
-             `/proc/<pid>/stat` and `/proc/<pid>/exe` to recognise the instance, the entry match, and a \
-             response with the cached SVID, key and bundle; p99 {} (the notes' raw tonic-over-UDS mint \
-             loop, which also generated a key per call, reached p50 106 µs / p99 170 µs with the same \
-             `spiffe` client).",
-            us(self.held.p99)
+            "- **(b) Held identity.** A repeat `FetchX509SVID` is served from the agent's memory (peer \
+             credentials, `/proc/<pid>/stat` and `/proc/<pid>/exe` to recognise the instance, the entry \
+             match, the cached SVID, key and bundle): p50 {} / p99 {}, with {:.0} µs of agent CPU per call. \
+             The notes' tonic-over-UDS loop, which generated a key per call, had p50 106 µs / p99 170 µs \
+             with the same `spiffe` client.",
+            us(self.held.p50),
+            us(self.held.p99),
+            self.held_cpu[1] * 1e6 / self.held.n.max(1) as f64
         );
-        let hash_share = self.exe_hash.as_secs_f64() / f.lat.p50.as_secs_f64().max(1e-9) * 100.0;
         let _ = writeln!(
             a,
-            "- **(b) New process.** The first call of a new process pays for attestation (including a \
-             SHA-256 of the whole executable, {} for this {:.1} MB binary, about {:.0}% of the p50 of {}), \
-             a P-256 key and CSR generated by the agent, one `SignX509Svids` round trip over mutual TLS \
-             (a server sign, ~{:.0} µs of CPU) and the client's own connect. The agent spent {:.0} µs of \
-             CPU per new process. The executable hash is not cached: every new process of a large \
-             binary pays it again, and the agent does it on an async worker thread.",
-            us(self.exe_hash),
-            self.exe_bytes as f64 / 1e6,
-            hash_share,
+            "- **(b) New process.** Connect → first response p50 {} / p99 {}, of which the client's \
+             connect is p50 {}. The rest is the agent attesting the process (/proc reads, passwd/group \
+             lookups, the cached executable hash), generating a P-256 key and CSR, and one \
+             `SignX509Svids` round trip over mutual TLS in which the server signs and waits for its audit \
+             `fdatasync` (disk p50 {} / p99 {}), then the response and the client's parse. Agent CPU per \
+             new process {:.0} µs, server {:.0} µs. The first process of a never-seen executable also \
+             pays its hash ({} for this {:.0} MB binary).",
             us(f.lat.p50),
+            us(f.lat.p99),
+            us(f.connect.p50),
+            us(self.fsync_early.p50),
+            us(self.fsync_early.p99),
+            f.cpu[1] * 1e6 / f.lat.n.max(1) as f64,
             f.cpu[0] * 1e6 / f.lat.n.max(1) as f64,
-            f.cpu[1] * 1e6 / f.lat.n.max(1) as f64
+            us(self.exe_hash),
+            self.exe_bytes as f64 / 1e6
         );
         let _ = writeln!(
             a,
-            "- **(c) Entries.** Every lookup on the mint path is a keyed sled read (agent by SPIFFE ID, \
-             entry by id), so mint latency at {} entries is {:.2}× that at 1,000 (p50). What does grow \
-             with the datastore is elsewhere: an agent's incremental `SyncEntries` reads and decodes the \
-             entry change log from its revision on, including changes for other agents' entries \
-             (`ca/src/core.rs` `sync_entries` → `entry_changes_since`), so after {} unrelated creates \
-             one catch-up sync took {}; and the server's RSS grows with the sled page cache ({} → {}).",
+            "- **(c) Entries.** The mint path does keyed sled reads only (agent by SPIFFE ID, entry by \
+             id): server CPU per mint {:.0} µs at 1,000 entries and {:.0} µs at {}; latency ratio {:.2} \
+             (p50). What grows with the datastore is elsewhere: an agent's incremental `SyncEntries` \
+             reads and decodes every change-log record after its revision, including changes to other \
+             agents' entries (`ca/src/core.rs` `sync_entries` → `entry_changes_since`), so after {} \
+             unrelated creates one catch-up sync took {} of server time (and every agent of a fleet \
+             would pay it); the sled datastore took {:.0} MB on disk; the server's RSS went {} → {}.",
+            self.lat_1k.cpu_us_per_svid(0),
+            self.lat_big.cpu_us_per_svid(0),
             thousands(self.opts.entries as f64),
             self.entries_ratio(),
             thousands((self.opts.entries - 1000) as f64),
             us(self.sync_big_inc),
+            self.ds_bytes as f64 / 1e6,
             mib(self.rss_server_1k),
             mib(self.rss_server_big)
         );
         let _ = writeln!(
             a,
-            "- **(d) Memory.** Each live instance costs the agent about {:.1} KiB: its `Instance` (selectors, \
-             segment, watch channel, JWT cache), the PKCS#8 key and the DER SVID, plus allocator slack \
-             from the connection that fetched it. VmHWM rises to {} while they are brought up.\n",
+            "- **(d) Memory.** Each live instance costs the agent about {:.1} KiB (its `Instance`: \
+             selectors, segment, watch channel, JWT cache; the PKCS#8 key and DER SVID; allocator slack). \
+             RSS stays at {} after the processes exit (the allocator keeps freed pages).\n",
             self.per_instance_kib(),
-            mib(self.mem.hwm_at)
+            mib(self.mem.rss_after)
         );
         a
     }
