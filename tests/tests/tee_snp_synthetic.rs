@@ -375,7 +375,8 @@ fn synthetic_report_verifies_only_under_the_test_roots() {
 #[test]
 fn checks_behind_the_signature_name_their_rule() {
     let c = TestChain::new();
-    let cases: Vec<(Box<dyn Fn(&mut [u8])>, String)> = vec![
+    type Edit = Box<dyn Fn(&mut [u8])>;
+    let cases: Vec<(Edit, String)> = vec![
         (
             Box::new(|r: &mut [u8]| r[0x1A0] ^= 1),
             format!(
@@ -472,13 +473,16 @@ fn amd_crls_are_checked() {
     assert_eq!(m, "CRL amd.crl signature does not verify under ARK-Milan");
 }
 
+/// One (outblob, auxblob) pair a fake provider served.
+type Served = (Vec<u8>, Vec<u8>);
+
 /// Answers configfs-tsm requests under `root` until dropped: signs a report for every
 /// new entry's inblob, or replays a fixed answer.
 struct FakeTsm {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Every (outblob, auxblob) served.
-    served: Arc<Mutex<Vec<(Vec<u8>, Vec<u8>)>>>,
+    served: Arc<Mutex<Vec<Served>>>,
 }
 
 impl FakeTsm {

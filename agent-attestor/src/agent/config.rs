@@ -92,15 +92,8 @@ impl AgentConfig {
                 "either --trust-bundle FILE or --insecure-bootstrap is required".into(),
             ));
         }
-        match self.attestor.as_str() {
-            "join-token" => {}
-            "tpm" | "sev-snp" | "tdx" => {
-                return Err(Error::Config(format!(
-                    "attestor {:?} is not available in this build yet",
-                    self.attestor
-                )))
-            }
-            other => return Err(Error::Config(format!("unknown attestor {other:?}"))),
+        if !matches!(self.attestor.as_str(), "join-token" | "tpm" | "sev-snp" | "tdx") {
+            return Err(Error::Config(format!("unknown attestor {:?}", self.attestor)));
         }
         if self.sync_interval_seconds == 0 {
             return Err(Error::Config(

@@ -70,7 +70,7 @@ pub fn report_data_for_challenge(challenge: &[u8]) -> Result<[u8; 64], Error> {
     let (nonce, spki) = challenge.split_at(NONCE_LEN);
     use x509_parser::prelude::FromDer;
     match x509_parser::x509::SubjectPublicKeyInfo::from_der(spki) {
-        Ok((rest, _)) if rest.is_empty() => Ok(binding(nonce, spki)),
+        Ok(([], _)) => Ok(binding(nonce, spki)),
         Ok(_) => Err(Error::Protocol(
             "challenge has trailing bytes after the SubjectPublicKeyInfo".into(),
         )),
@@ -187,7 +187,7 @@ pub(crate) fn maybe_hex(b: &[u8]) -> Vec<u8> {
         .copied()
         .filter(|c| !c.is_ascii_whitespace())
         .collect();
-    if !t.is_empty() && t.len() % 2 == 0 && t.iter().all(|c| c.is_ascii_hexdigit()) {
+    if !t.is_empty() && t.len().is_multiple_of(2) && t.iter().all(|c| c.is_ascii_hexdigit()) {
         if let Ok(d) = hex::decode(&t) {
             return d;
         }

@@ -16,9 +16,12 @@ use crate::Error;
 
 use super::report::Tcb;
 
+/// (product, ARK PEM, ASK PEM, ASVK PEM).
+type BuiltinRoots = (&'static str, &'static [u8], &'static [u8], &'static [u8]);
+
 /// AMD's public root and signing keys (KDS `vcek/v1/<product>/cert_chain` and
-/// `vlek/v1/<product>/cert_chain`): (product, ARK, ASK, ASVK).
-const BUILTIN: &[(&str, &[u8], &[u8], &[u8])] = &[
+/// `vlek/v1/<product>/cert_chain`).
+const BUILTIN: &[BuiltinRoots] = &[
     (
         "Milan",
         include_bytes!("amd/milan_ark.pem"),
@@ -633,7 +636,7 @@ impl TrustStore {
                 continue;
             }
             checked = true;
-            if crl.revoked.iter().any(|s| *s == chain.intermediate.serial) {
+            if crl.revoked.contains(&chain.intermediate.serial) {
                 return Err(Error::Refused(format!(
                     "{} {} (serial {}) is revoked by CRL {}",
                     chain.intermediate.role.label(),
