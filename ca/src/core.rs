@@ -239,6 +239,12 @@ impl CaCore {
             return Err(Error::PermissionDenied(format!("agent {id} is banned")));
         }
         let t = now();
+        // TLS checked validity at the handshake only; a connection can outlive the
+        // certificate, so check it on every call.
+        let not_after = ztid_agent_attestor::svid::not_after(leaf).map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        if t >= not_after {
+            return Err(Error::Unauthenticated(format!("agent {id} presented an expired SVID")));
+        }
         let current = serial == record.serial;
         let previous = record.previous_serial.as_deref() == Some(serial.as_str())
             && t < record.previous_expires_at;
@@ -295,12 +301,9 @@ impl CaCore {
             "spiffe://{}/ztid/agent/{}/{}",
             self.trust_domain, node.method, node.node_id
         );
-        if let Some(existing) = self.store.get_agent(&agent_id)? {
-            if existing.banned {
-                return Err(Error::PermissionDenied(format!(
-                    "agent {agent_id} is banned"
-                )));
-            }
+        let existing = self.store.get_agent(&agent_id)?;
+        if existing.as_ref().is_some_and(|e| e.banned) {
+            return Err(Error::PermissionDenied(format!("agent {agent_id} is banned")));
         }
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
         let t = now();
@@ -343,6 +346,14 @@ impl CaCore {
             authorities_in_use: Vec::new(),
             last_sync_at: t,
         };
+        // A re-attestation (continuous attestation) replaces the SVID; the one it
+        // replaces stays valid until it expires, so calls in flight do not fail.
+        if let Some(e) = &existing {
+            if e.expires_at > t {
+                record.previous_serial = Some(e.serial.clone());
+                record.previous_expires_at = e.expires_at;
+            }
+        }
         record.aliases = self.aliases_of(&record)?;
         self.store.put_agent(&record)?;
         self.store.flush()?;
@@ -378,6 +389,14 @@ impl CaCore {
     /// Renews an agent's SVID for a new CSR.
     pub fn renew_agent(&self, agent: &AuthenticatedAgent, csr: &[u8]) -> Result<SignedLeaf> {
         let id = &agent.record.spiffe_id;
+        // Hardware-attested nodes renew only by proving their state again (a fresh quote
+        // or report): a stolen SVID must not be able to extend itself.
+        if agent.record.method != "join-token" {
+            return Err(Error::FailedPrecondition(format!(
+                "agents attested by {} renew by attesting again",
+                agent.record.method
+            )));
+        }
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(id), &[])?;
         let leaf = self.authorities.x509().sign_leaf(
             &checked.public_key,

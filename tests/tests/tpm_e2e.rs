@@ -280,3 +280,58 @@ fn tpm_evidence_verify_cli() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("not proven offline"), "{out}");
 }
+
+/// Continuous attestation: every agent SVID renewal is a fresh quote; once the node's
+/// PCRs leave its policy, renewal is refused (logged with the failing PCR) and, when the
+/// agent's SVID runs out, its workloads get no new SVIDs.
+#[test]
+fn tpm_renewal_is_a_fresh_quote_and_a_changed_pcr_ends_issuance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, swtpm) = provision(dir.path());
+    let hash = ek_hash_of(&swtpm);
+    let zero = "0".repeat(64);
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_svid_ttl_seconds = 12\n[attestors.tpm]\nek_ca_dir = {:?}\n\
+             [attestors.tpm.pcr_policy.{hash}]\npcrs = {{ 7 = \"{zero}\" }}\n",
+            ca.trust_dir().display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
+    let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let workload = format!("spiffe://{TD}/continuous");
+    entry_for_my_uid(&server, &agent, &workload, &[]);
+    wait_for("a workload SVID", READY_TIMEOUT, || {
+        agent.cli(&["api", "fetch", "x509"]).ok.then_some(())
+    });
+
+    // The renewal at half-life is a second attestation with a fresh quote.
+    wait_for(
+        "a renewal by re-attestation",
+        Duration::from_secs(20),
+        || {
+            (server.log_text().matches("node_attested").count() >= 2
+                && agent.proc.log_text().contains("agent SVID renewed"))
+            .then_some(())
+        },
+    );
+
+    swtpm.pcr_extend(7, &"42".repeat(32));
+    wait_for("the renewal to be refused", Duration::from_secs(20), || {
+        (agent.proc.log_text().contains("agent_renewal_failed")
+            && agent.proc.log_text().contains("PCR policy not met: PCR 7"))
+        .then_some(())
+    });
+    assert!(
+        server.log_text().contains("PCR policy not met: PCR 7 is"),
+        "the server logs the failing PCR"
+    );
+    // Once the last SVID the node earned runs out, nothing more is minted for it.
+    wait_for("no new workload SVIDs", Duration::from_secs(30), || {
+        let r = agent.cli(&["api", "fetch", "x509"]);
+        (!r.ok).then_some(())
+    });
+}

@@ -311,23 +311,36 @@ impl Runtime {
         Ok(changed)
     }
 
+    /// Renews the agent's SVID: join-token agents by asking for it; hardware-attested
+    /// agents by attesting again (continuous attestation: every renewal is fresh evidence).
     async fn renew_agent_svid(&self) -> Result<(), Error> {
-        let (key, csr) = agent_key_and_csr()?;
-        let mut client = NodeClient::clone(&self.node.load());
-        let resp = client
-            .renew_agent(pb::RenewAgentRequest { csr })
-            .await
-            .map_err(status_err)?
-            .into_inner();
-        let leaf = resp
-            .svid_chain
-            .first()
-            .ok_or_else(|| Error::Protocol("renewal without an SVID".into()))?;
-        let svid = AgentSvid {
-            not_after: crate::svid::not_after(leaf)?,
-            spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
-            chain: resp.svid_chain,
-            key,
+        let svid = if self.config.attestor == "join-token" {
+            let (key, csr) = agent_key_and_csr()?;
+            let mut client = NodeClient::clone(&self.node.load());
+            let resp = client
+                .renew_agent(pb::RenewAgentRequest { csr })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let leaf = resp
+                .svid_chain
+                .first()
+                .ok_or_else(|| Error::Protocol("renewal without an SVID".into()))?;
+            AgentSvid {
+                not_after: crate::svid::not_after(leaf)?,
+                spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
+                chain: resp.svid_chain,
+                key,
+            }
+        } else {
+            let mut attestor = attestors::build(&self.config)?;
+            let verifier = Arc::new(ServerSvidVerifier::new(self.roots.clone(), self.server_id.clone()));
+            let mut client = node_client::connect(self.server, verifier, None)?;
+            let (svid, _) = attest(&mut client, attestor.as_mut()).await?;
+            if svid.spiffe_id != self.svid.load().spiffe_id {
+                return Err(Error::Protocol(format!("re-attestation returned another identity, {}", svid.spiffe_id)));
+            }
+            svid
         };
         persist(&self.config.data_dir, &svid, &self.bundle.borrow())?;
         let client = self.connect(&svid)?;
@@ -514,6 +527,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let rot_rt = rt.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retry_at = 0;
         loop {
             tick.tick().await;
             let svid = rot_rt.svid.load();
@@ -522,9 +536,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
                     .is_some_and(|a| b.tainted.contains(&a))
             };
-            if tainted || now() >= svid.not_after - agent_ttl_half(&svid) {
+            if (tainted || now() >= svid.not_after - agent_ttl_half(&svid)) && now() >= retry_at {
                 if let Err(e) = rot_rt.renew_agent_svid().await {
-                    tracing::warn!(error = %e, "agent SVID renewal failed; will retry");
+                    tracing::warn!(event = "agent_renewal_failed", error = %e, "agent SVID renewal failed; will retry");
+                    retry_at = now() + 5;
                 }
             }
             rot_rt.rotate_workloads().await;
