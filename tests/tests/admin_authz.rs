@@ -39,6 +39,9 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
         kind: "jwt".into(),
         id: "nope".into(),
     };
+    let td = || pb::TrustDomainRef {
+        trust_domain: "other.org".into(),
+    };
     vec![
         probe!("Health", c.health(pb::HealthRequest {})),
         probe!(
@@ -62,6 +65,33 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
         probe!("ActivateAuthority", c.activate_authority(kind())),
         probe!("TaintAuthority", c.taint_authority(aref())),
         probe!("RevokeAuthority", c.revoke_authority(aref())),
+        probe!(
+            "SetFederatedBundle",
+            c.set_federated_bundle(pb::SetFederatedBundleRequest {
+                trust_domain: "other.org".into(),
+                format: "pem".into(),
+                data: b"x".to_vec()
+            })
+        ),
+        probe!(
+            "ListFederatedBundles",
+            c.list_federated_bundles(pb::ListFederatedBundlesRequest::default())
+        ),
+        probe!("DeleteFederatedBundle", c.delete_federated_bundle(td())),
+        probe!(
+            "CreateFederation",
+            c.create_federation(pb::Federation {
+                trust_domain: "other.org".into(),
+                ..Default::default()
+            })
+        ),
+        probe!(
+            "ListFederations",
+            c.list_federations(pb::ListFederationsRequest::default())
+        ),
+        probe!("GetFederation", c.get_federation(td())),
+        probe!("DeleteFederation", c.delete_federation(td())),
+        probe!("RefreshFederation", c.refresh_federation(td())),
     ]
 }
 
@@ -74,6 +104,9 @@ fn expected_allowed(role: &str, rpc: &str) -> bool {
         "GetAgent",
         "GetBundle",
         "ListAuthorities",
+        "ListFederatedBundles",
+        "ListFederations",
+        "GetFederation",
     ];
     let operate = [
         "CreateJoinToken",
@@ -81,12 +114,17 @@ fn expected_allowed(role: &str, rpc: &str) -> bool {
         "DeleteEntry",
         "EvictAgent",
         "BanAgent",
+        "RefreshFederation",
     ];
     let authority = [
         "PrepareAuthority",
         "ActivateAuthority",
         "TaintAuthority",
         "RevokeAuthority",
+        "SetFederatedBundle",
+        "DeleteFederatedBundle",
+        "CreateFederation",
+        "DeleteFederation",
     ];
     match role {
         "viewer" => read.contains(&rpc),
