@@ -103,6 +103,9 @@ pub struct RunArgs {
     /// File with the PKCS#11 user PIN (else ZTID_PKCS11_PIN).
     #[arg(long)]
     pub pkcs11_pin_file: Option<PathBuf>,
+    /// TPM TCTI (with --key-manager tpm; default device:/dev/tpmrm0).
+    #[arg(long, value_name = "TCTI")]
+    pub tpm_tcti: Option<String>,
     /// Directory of manufacturer CA certificates EK certificates must chain to (enables tpm).
     #[arg(long)]
     pub tpm_ek_ca: Option<PathBuf>,
@@ -471,6 +474,9 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     }
     if let Some(v) = &args.key_manager {
         c.key_manager = v.clone();
+    }
+    if let Some(v) = &args.tpm_tcti {
+        c.tpm_tcti = Some(v.clone());
     }
     if let Some(v) = &args.log_format {
         c.log_format = v.clone();

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub key_manager: String,
     /// PKCS#11 settings (`key_manager = "pkcs11"`).
     pub pkcs11: Option<Pkcs11Config>,
+    /// TPM TCTI for `key_manager = "tpm"` (e.g. `swtpm:host=127.0.0.1,port=2321`);
+    /// unset: `device:/dev/tpmrm0`. Key blobs live in `DATA_DIR/tpm-keys`.
+    pub tpm_tcti: Option<String>,
     /// Log format: `text` or `json`.
     pub log_format: String,
     /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
@@ -155,6 +158,7 @@ impl Default for ServerConfig {
             bundle_refresh_hint_seconds: 300,
             key_manager: "software".into(),
             pkcs11: None,
+            tpm_tcti: None,
             log_format: "text".into(),
             metrics: None,
             attestors: AttestorsConfig::default(),

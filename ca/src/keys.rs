@@ -13,13 +13,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use zeroize::Zeroizing;
-use ztid_hsm::{KeyManager, Pkcs11KeyManager, SoftwareKeyManager};
+use ztid_hsm::{KeyManager, Pkcs11KeyManager, SoftwareKeyManager, TpmKeyManager};
 
 use crate::config::{Pkcs11Config, ServerConfig};
 use crate::{Error, Result};
 
 /// The environment variable that carries the PKCS#11 user PIN when no PIN file is set.
 pub const PIN_ENV: &str = "ZTID_PKCS11_PIN";
+
+/// The TCTI of `key_manager = "tpm"` when `tpm_tcti` is unset: the kernel's resource manager.
+pub const DEFAULT_TPM_TCTI: &str = "device:/dev/tpmrm0";
 
 /// The configured key manager.
 pub fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>> {
@@ -49,6 +52,13 @@ pub fn key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>> {
                 &p.module,
                 &p.token_label,
                 pin,
+            )?))
+        }
+        "tpm" => {
+            let tcti = config.tpm_tcti.as_deref().unwrap_or(DEFAULT_TPM_TCTI);
+            Ok(Arc::new(TpmKeyManager::open(
+                tcti,
+                config.data_dir.join("tpm-keys"),
             )?))
         }
         other => Err(Error::Config(format!(

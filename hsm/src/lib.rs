@@ -11,9 +11,11 @@
 
 mod pkcs11;
 mod software;
+mod tpm;
 
 pub use pkcs11::Pkcs11KeyManager;
 pub use software::SoftwareKeyManager;
+pub use tpm::TpmKeyManager;
 
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,14 @@ pub enum Error {
         /// What was being done.
         operation: &'static str,
         /// The module's answer.
+        reason: String,
+    },
+    /// A TPM command (or opening the TPM) failed.
+    #[error("TPM {operation} failed: {reason}")]
+    Tpm {
+        /// What was being done.
+        operation: &'static str,
+        /// The TPM's (or the TSS's) answer.
         reason: String,
     },
 }

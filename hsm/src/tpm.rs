@@ -1,0 +1,455 @@
+//! TPM-resident keys: ECDSA P-256 signing keys created inside a TPM 2.0 through
+//! `tss-esapi`, under the owner hierarchy's storage primary key (SRK).
+//!
+//! The SRK is recreated from the standard ECC P-256 storage template for every
+//! operation (the TPM derives it deterministically from the owner seed) and flushed
+//! afterwards, so nothing has to be made persistent in the TPM. Each key is created
+//! `sign`, not `decrypt`, not `restricted`, `fixedTPM`, `fixedParent`,
+//! `sensitiveDataOrigin`, `userWithAuth` with an empty auth value; the TPM returns its
+//! public area and its private area *encrypted under the SRK*, and both are stored in
+//! `dir/<key_id>.tpmkey` (mode 0600). The blob is useless off this TPM (or after the
+//! owner hierarchy is cleared).
+//!
+//! Signing loads the blob under the SRK, asks for `TPM2_Sign` (ECDSA/SHA-256) over a
+//! SHA-256 digest computed here (with a null hash-check ticket: the key is not
+//! restricted), and flushes the key and the SRK. Without a resource manager (swtpm)
+//! the TPM has only three transient object slots, so every object and session is
+//! flushed before the call that created it returns, on success and on error alike.
+//!
+//! Threads: one ESAPI context per manager, behind a mutex (contexts are not `Sync`,
+//! and a TPM runs one command at a time anyway).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::handles::{KeyHandle, ObjectHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::structures::{
+    Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, Private, Public, PublicBuilder,
+    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinitionObject,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::Context;
+
+use crate::{
+    fixed_to_der, p256_spki_from_point, validate_key_id, Error, KeyAlgorithm, KeyManager,
+    PublicKey, Result, SignatureFormat,
+};
+
+const SUFFIX: &str = ".tpmkey";
+/// File magic and format version of a `.tpmkey` file.
+const MAGIC: &[u8; 8] = b"ZTIDTPM1";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn tpm_err(operation: &'static str) -> impl FnOnce(tss_esapi::Error) -> Error {
+    move |e| Error::Tpm {
+        operation,
+        reason: e.to_string(),
+    }
+}
+
+/// A key as stored: the TPM's public area and its SRK-wrapped private area.
+struct Blob {
+    public: Public,
+    private: Private,
+}
+
+impl Blob {
+    fn encode(&self) -> Result<Vec<u8>> {
+        let public = self
+            .public
+            .marshall()
+            .map_err(tpm_err("marshalling a key's public area"))?;
+        let private = self.private.value();
+        let mut out = Vec::with_capacity(MAGIC.len() + 4 + public.len() + private.len());
+        out.extend_from_slice(MAGIC);
+        for part in [&public[..], private] {
+            let len = u16::try_from(part.len()).map_err(|_| Error::Crypto("TPM blob too long"))?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        Ok(out)
+    }
+
+    fn decode(key_id: &str, bytes: &[u8]) -> Result<Self> {
+        let corrupt = |reason: &str| Error::Corrupt {
+            id: key_id.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = bytes
+            .strip_prefix(&MAGIC[..])
+            .ok_or_else(|| corrupt("not a ztid TPM key file"))?;
+        let mut parts = Vec::with_capacity(2);
+        let mut rest = rest;
+        for _ in 0..2 {
+            if rest.len() < 2 {
+                return Err(corrupt("truncated"));
+            }
+            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+            if rest.len() < 2 + len {
+                return Err(corrupt("truncated"));
+            }
+            parts.push(&rest[2..2 + len]);
+            rest = &rest[2 + len..];
+        }
+        if !rest.is_empty() {
+            return Err(corrupt("trailing bytes"));
+        }
+        let public =
+            Public::unmarshall(parts[0]).map_err(|e| corrupt(&format!("bad public area: {e}")))?;
+        let private = Private::try_from(parts[1].to_vec())
+            .map_err(|e| corrupt(&format!("bad private area: {e}")))?;
+        Ok(Self { public, private })
+    }
+
+    fn public_key(&self, key_id: &str) -> Result<PublicKey> {
+        let Public::Ecc { unique, .. } = &self.public else {
+            return Err(Error::Corrupt {
+                id: key_id.to_string(),
+                reason: "not an ECC key".into(),
+            });
+        };
+        let mut raw = Vec::with_capacity(65);
+        raw.push(0x04);
+        for coord in [unique.x().value(), unique.y().value()] {
+            raw.extend_from_slice(&left_pad_32(coord).ok_or_else(|| Error::Corrupt {
+                id: key_id.to_string(),
+                reason: "not a P-256 point".into(),
+            })?);
+        }
+        Ok(PublicKey {
+            algorithm: KeyAlgorithm::EcdsaP256,
+            spki_der: p256_spki_from_point(&raw)?,
+            raw,
+        })
+    }
+}
+
+/// A big-endian P-256 field element padded to 32 bytes (TPMs may drop leading zeros).
+fn left_pad_32(v: &[u8]) -> Option<[u8; 32]> {
+    let first = v.iter().position(|b| *b != 0).unwrap_or(v.len());
+    let v = &v[first..];
+    if v.len() > 32 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    out[32 - v.len()..].copy_from_slice(v);
+    Some(out)
+}
+
+/// The standard ECC P-256 storage primary key template (TCG TPM v2.0 Provisioning
+/// Guidance, SRK): restricted decryption, AES-128-CFB, SHA-256 name, noDA, empty auth.
+fn srk_template() -> Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .with_sign_encrypt(false)
+        .build()
+        .map_err(tpm_err("building the SRK attributes"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(tpm_err("building the SRK parameters"))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tpm_err("building the SRK template"))
+}
+
+/// The template of a signing key: ECDSA P-256 with SHA-256, unrestricted, sign only.
+fn signing_key_template() -> Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_restricted(false)
+        .with_decrypt(false)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(tpm_err("building the key attributes"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(tpm_err("building the key parameters"))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tpm_err("building the key template"))
+}
+
+/// Runs `f` with the SRK created; flushes it afterwards (also when `f` fails).
+fn with_srk<T>(
+    ctx: &mut Context,
+    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T>,
+) -> Result<T> {
+    let template = srk_template()?;
+    let srk = ctx
+        .execute_with_nullauth_session(|c| {
+            c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+        })
+        .map_err(tpm_err("creating the storage primary key"))?
+        .key_handle;
+    let r = f(ctx, srk);
+    let flushed = ctx
+        .flush_context(ObjectHandle::from(srk))
+        .map_err(tpm_err("flushing the storage primary key"));
+    let v = r?;
+    flushed?;
+    Ok(v)
+}
+
+/// Keys created in one TPM, their wrapped blobs in one directory.
+pub struct TpmKeyManager {
+    dir: PathBuf,
+    ctx: Mutex<Context>,
+}
+
+impl TpmKeyManager {
+    /// Connects to the TPM through a TCTI string (`device:/dev/tpmrm0`,
+    /// `swtpm:host=127.0.0.1,port=2321`, `mssim:…`) and opens (creating it
+    /// owner-only if needed) the blob directory.
+    pub fn open(tcti: &str, dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        let conf = TctiNameConf::from_str(tcti).map_err(|e| Error::Tpm {
+            operation: "parsing the TCTI",
+            reason: format!("{tcti:?}: {e}"),
+        })?;
+        let ctx = Context::new(conf).map_err(|e| Error::Tpm {
+            operation: "opening the TPM",
+            reason: format!("{tcti}: {e}"),
+        })?;
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+        Ok(Self {
+            dir,
+            ctx: Mutex::new(ctx),
+        })
+    }
+
+    fn path_of(&self, key_id: &str) -> PathBuf {
+        self.dir.join(format!("{key_id}{SUFFIX}"))
+    }
+
+    fn read_blob(&self, key_id: &str) -> Result<Blob> {
+        validate_key_id(key_id)?;
+        let path = self.path_of(key_id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(key_id.to_string()))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        Blob::decode(key_id, &bytes)
+    }
+
+    fn ctx(&self) -> Result<std::sync::MutexGuard<'_, Context>> {
+        self.ctx.lock().map_err(|_| Error::Crypto("lock poisoned"))
+    }
+}
+
+impl KeyManager for TpmKeyManager {
+    fn generate(&self, key_id: &str, algorithm: KeyAlgorithm) -> Result<PublicKey> {
+        validate_key_id(key_id)?;
+        let KeyAlgorithm::EcdsaP256 = algorithm;
+        let path = self.path_of(key_id);
+        // create_new: never overwrite a key; mode 0600 from the first byte written.
+        // The file is claimed before the TPM works, and removed if that fails.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::AlreadyExists(key_id.to_string())
+                } else {
+                    io_err(&path)(e)
+                }
+            })?;
+        let created = (|| {
+            let template = signing_key_template()?;
+            let mut ctx = self.ctx()?;
+            let r = with_srk(&mut ctx, |c, srk| {
+                c.execute_with_nullauth_session(|c| c.create(srk, template, None, None, None, None))
+                    .map_err(tpm_err("creating the signing key"))
+            })?;
+            drop(ctx);
+            let blob = Blob {
+                public: r.out_public,
+                private: r.out_private,
+            };
+            let public = blob.public_key(key_id)?;
+            file.write_all(&blob.encode()?).map_err(io_err(&path))?;
+            file.sync_all().map_err(io_err(&path))?;
+            Ok(public)
+        })();
+        if created.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        let public = created?;
+        tracing::info!(key_id, backend = "tpm", "generated signing key");
+        Ok(public)
+    }
+
+    fn public_key(&self, key_id: &str) -> Result<PublicKey> {
+        self.read_blob(key_id)?.public_key(key_id)
+    }
+
+    fn sign(&self, key_id: &str, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
+        let blob = self.read_blob(key_id)?;
+        let hash = ring::digest::digest(&ring::digest::SHA256, message);
+        let digest =
+            Digest::try_from(hash.as_ref().to_vec()).map_err(tpm_err("preparing the digest"))?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(tpm_err("preparing the null hash-check ticket"))?;
+        let signature = {
+            let mut ctx = self.ctx()?;
+            with_srk(&mut ctx, |c, srk| {
+                let key = c
+                    .execute_with_nullauth_session(|c| {
+                        c.load(srk, blob.private.clone(), blob.public.clone())
+                    })
+                    .map_err(|e| Error::Corrupt {
+                        id: key_id.to_string(),
+                        reason: format!(
+                            "this TPM cannot load the key (made by another TPM, or the owner hierarchy was cleared?): {e}"
+                        ),
+                    })?;
+                let r = c
+                    .execute_with_nullauth_session(|c| {
+                        c.sign(key, digest, SignatureScheme::Null, ticket)
+                    })
+                    .map_err(tpm_err("signing"));
+                let flushed = c
+                    .flush_context(ObjectHandle::from(key))
+                    .map_err(tpm_err("flushing the signing key"));
+                let v = r?;
+                flushed?;
+                Ok(v)
+            })?
+        };
+        let Signature::EcDsa(sig) = signature else {
+            return Err(Error::Crypto("the TPM returned a non-ECDSA signature"));
+        };
+        let bad = || Error::Crypto("the TPM returned a malformed ECDSA signature");
+        let mut fixed = Vec::with_capacity(64);
+        fixed.extend_from_slice(&left_pad_32(sig.signature_r().value()).ok_or_else(bad)?);
+        fixed.extend_from_slice(&left_pad_32(sig.signature_s().value()).ok_or_else(bad)?);
+        match format {
+            SignatureFormat::Fixed => Ok(fixed),
+            SignatureFormat::Der => fixed_to_der(&fixed),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(SUFFIX))
+            {
+                if validate_key_id(id).is_ok() {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn destroy(&self, key_id: &str) -> Result<()> {
+        validate_key_id(key_id)?;
+        let path = self.path_of(key_id);
+        // The private area is only usable by this TPM, but overwrite it anyway before
+        // unlinking (best effort: journaling file systems may keep copies).
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len() as usize,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(key_id.to_string()))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        fs::write(&path, vec![0u8; len]).map_err(io_err(&path))?;
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        tracing::info!(key_id, backend = "tpm", "destroyed signing key");
+        Ok(())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "tpm"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manager_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TpmKeyManager>();
+    }
+
+    #[test]
+    fn pads_and_rejects_field_elements() {
+        assert_eq!(left_pad_32(&[1, 2]).unwrap()[30..], [1, 2]);
+        let mut long = vec![0u8];
+        long.extend([9u8; 32]);
+        assert_eq!(left_pad_32(&long).unwrap(), [9u8; 32]);
+        assert!(left_pad_32(&[1u8; 33]).is_none());
+    }
+
+    #[test]
+    fn corrupt_files_are_rejected() {
+        assert!(matches!(
+            Blob::decode("k", b"garbage"),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut b = MAGIC.to_vec();
+        b.extend([0, 5, 1]);
+        assert!(matches!(Blob::decode("k", &b), Err(Error::Corrupt { .. })));
+    }
+}
