@@ -8,9 +8,9 @@ cargo build --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --doc "$@" 2>&1 | tee "$log"
+cargo test --workspace --doc --no-fail-fast "$@" 2>&1 | tee "$log"
 doc_status=${PIPESTATUS[0]}
-cargo test --workspace --all-targets "$@" 2>&1 | tee -a "$log"
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
