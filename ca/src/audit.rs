@@ -12,7 +12,8 @@
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
 //! the writer thread has `fdatasync`ed past it; writes are batched, so many
 //! concurrent mints share one sync. No SVID leaves the server before its record is
-//! durable. A torn last line (a crash mid-write) is cut at the next start, before
+//! durable. The signed head trails the log by at most 50 ms (records after it are
+//! reported by `verify` as not yet anchored). A torn last line (a crash mid-write) is cut at the next start, before
 //! anything is appended; it was never acknowledged, so nothing was issued for it.
 
 use std::fs::{File, OpenOptions};
@@ -37,6 +38,8 @@ const KEY_ID_FILE: &str = "key_id";
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...or by count.
 const CHECKPOINT_RECORDS: u64 = 10_000;
+/// How far the signed head may trail the log.
+const HEAD_EVERY: Duration = Duration::from_millis(50);
 
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, b).as_ref())
@@ -232,16 +235,22 @@ impl AuditLog {
     }
 
     fn run_writer(self: Arc<Self>, mut file: File) {
+        // The signed head trails the log by at most HEAD_EVERY: signing and renaming it
+        // after every batch would cost more than the batch's own fdatasync.
+        let mut head_at: Option<(u64, String)> = None;
+        let mut last_head = Instant::now().checked_sub(HEAD_EVERY).unwrap_or_else(Instant::now);
         loop {
-            let (batch, last, head_hash) = {
+            let next = {
                 let Ok(mut c) = self.shared.chain.lock() else {
                     return;
                 };
                 while c.pending.is_empty() {
-                    c = match self.shared.wake.wait_timeout(c, CHECKPOINT_EVERY) {
-                        Ok((g, _)) => g,
+                    let wait = if head_at.is_some() { HEAD_EVERY } else { CHECKPOINT_EVERY };
+                    let (g, timeout) = match self.shared.wake.wait_timeout(c, wait) {
+                        Ok((g, t)) => (g, t.timed_out()),
                         Err(_) => return,
                     };
+                    c = g;
                     if c.pending.is_empty()
                         && c.since_checkpoint > 0
                         && c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
@@ -250,26 +259,34 @@ impl AuditLog {
                             tracing::error!(error = %e, "audit checkpoint failed");
                         }
                     }
+                    if timeout && c.pending.is_empty() && head_at.is_some() {
+                        break;
+                    }
                 }
-                (
-                    std::mem::take(&mut c.pending),
-                    c.pending_last,
-                    c.prev.clone(),
-                )
+                (!c.pending.is_empty()).then(|| (std::mem::take(&mut c.pending), c.pending_last, c.prev.clone()))
             };
-            let result = file.write_all(&batch).and_then(|_| file.sync_data());
-            if let Err(e) = result {
-                // Fail closed: no further record is accepted, so nothing more is issued.
-                tracing::error!(event = "audit_write_failed", error = %e, "audit log write failed; refusing all issuance");
-                if let Ok(mut f) = self.shared.failed.lock() {
-                    *f = Some(e.to_string());
+            if let Some((batch, last, hash)) = next {
+                let result = file.write_all(&batch).and_then(|_| file.sync_data());
+                if let Err(e) = result {
+                    // Fail closed: no further record is accepted, so nothing more is issued.
+                    tracing::error!(event = "audit_write_failed", error = %e, "audit log write failed; refusing all issuance");
+                    if let Ok(mut f) = self.shared.failed.lock() {
+                        *f = Some(e.to_string());
+                    }
+                    return;
                 }
-                return;
+                // Durable: answer the waiting calls before anything else.
+                self.shared.durable.send_replace(last);
+                head_at = Some((last, hash));
             }
-            if let Err(e) = self.write_head(last, &head_hash) {
-                tracing::warn!(error = %e, "audit head update failed");
+            if last_head.elapsed() >= HEAD_EVERY {
+                if let Some((seq, hash)) = head_at.take() {
+                    if let Err(e) = self.write_head(seq, &hash) {
+                        tracing::warn!(error = %e, "audit head update failed");
+                    }
+                    last_head = Instant::now();
+                }
             }
-            self.shared.durable.send_replace(last);
         }
     }
 
@@ -448,6 +465,8 @@ mod tests {
             }
         }
         rt.block_on(log.durable(last)).unwrap();
+        // The signed head trails the log by up to HEAD_EVERY.
+        std::thread::sleep(HEAD_EVERY * 3);
         km
     }
 
