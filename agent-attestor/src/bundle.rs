@@ -137,12 +137,12 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
 
 /// DER SubjectPublicKeyInfo prefixes of uncompressed EC points (P-256, P-384).
 const SPKI_P256_PREFIX: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 const SPKI_P384_PREFIX: &[u8] = &[
-    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05,
-    0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
 ];
 
 /// The trust domain named by a CA certificate's SPIFFE URI SAN, if any.
@@ -151,7 +151,10 @@ fn spiffe_trust_domain_of_cert(cert: &X509Certificate<'_>) -> Option<String> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         GeneralName::URI(u) => u.strip_prefix("spiffe://").map(|rest| {
-            rest.split('/').next().unwrap_or_default().to_ascii_lowercase()
+            rest.split('/')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
         }),
         _ => None,
     })
@@ -271,7 +274,11 @@ impl TrustBundle {
                         "P-256" => (SPKI_P256_PREFIX, 32),
                         "P-384" => (SPKI_P384_PREFIX, 48),
                         _ => {
-                            tracing::warn!(kid, crv, "ignoring a jwt-svid key on an unsupported curve");
+                            tracing::warn!(
+                                kid,
+                                crv,
+                                "ignoring a jwt-svid key on an unsupported curve"
+                            );
                             continue;
                         }
                     };
@@ -301,7 +308,11 @@ impl TrustBundle {
             sequence,
             ..Default::default()
         };
-        for (i, b) in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").enumerate() {
+        for (i, b) in blocks
+            .into_iter()
+            .filter(|b| b.tag() == "CERTIFICATE")
+            .enumerate()
+        {
             let der = b.into_contents();
             let (_, cert) = X509Certificate::from_der(&der)
                 .map_err(|_| refuse(format!("malformed certificate {i}")))?;
@@ -395,12 +406,16 @@ mod spiffe_json_tests {
         let mut v: Value = serde_json::from_str(&j).unwrap();
         let k = v["keys"][0].clone();
         v["keys"].as_array_mut().unwrap().push(k);
-        assert!(refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
-            .contains("duplicate key id k1"));
+        assert!(
+            refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
+                .contains("duplicate key id k1")
+        );
         v["keys"][1]["kid"] = json!("k2");
         v["keys"][1]["x"] = json!("AAAA");
-        assert!(refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
-            .contains("malformed jwt-svid key k2"));
+        assert!(
+            refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
+                .contains("malformed jwt-svid key k2")
+        );
         let other = TrustBundle {
             trust_domain: "c.test".into(),
             x509_authorities: vec![ca("c.test")],

@@ -310,10 +310,17 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::FederatedBundle>, Status> {
         audit!(self, request, "SetFederatedBundle");
         let r = request.get_ref();
-        let format = if r.format.is_empty() { "pem" } else { r.format.as_str() };
-        let result =
-            self.core
-                .set_federated_bundle_from(&r.trust_domain, format, &r.data, &caller(&request));
+        let format = if r.format.is_empty() {
+            "pem"
+        } else {
+            r.format.as_str()
+        };
+        let result = self.core.set_federated_bundle_from(
+            &r.trust_domain,
+            format,
+            &r.data,
+            &caller(&request),
+        );
         // Refusals are audited too: make them durable before answering either way.
         self.core.audit_barrier().await?;
         let (b, _) = result?;

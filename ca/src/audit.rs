@@ -238,14 +238,20 @@ impl AuditLog {
         // The signed head trails the log by at most HEAD_EVERY: signing and renaming it
         // after every batch would cost more than the batch's own fdatasync.
         let mut head_at: Option<(u64, String)> = None;
-        let mut last_head = Instant::now().checked_sub(HEAD_EVERY).unwrap_or_else(Instant::now);
+        let mut last_head = Instant::now()
+            .checked_sub(HEAD_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             let next = {
                 let Ok(mut c) = self.shared.chain.lock() else {
                     return;
                 };
                 while c.pending.is_empty() {
-                    let wait = if head_at.is_some() { HEAD_EVERY } else { CHECKPOINT_EVERY };
+                    let wait = if head_at.is_some() {
+                        HEAD_EVERY
+                    } else {
+                        CHECKPOINT_EVERY
+                    };
                     let (g, timeout) = match self.shared.wake.wait_timeout(c, wait) {
                         Ok((g, t)) => (g, t.timed_out()),
                         Err(_) => return,
@@ -263,7 +269,13 @@ impl AuditLog {
                         break;
                     }
                 }
-                (!c.pending.is_empty()).then(|| (std::mem::take(&mut c.pending), c.pending_last, c.prev.clone()))
+                (!c.pending.is_empty()).then(|| {
+                    (
+                        std::mem::take(&mut c.pending),
+                        c.pending_last,
+                        c.prev.clone(),
+                    )
+                })
             };
             if let Some((batch, last, hash)) = next {
                 let result = file.write_all(&batch).and_then(|_| file.sync_data());

@@ -631,9 +631,18 @@ fn print_agent(a: &pb::Agent, out: Output) {
 }
 
 /// Prints a list: a JSON array, or a count and each item.
-fn print_list<T>(items: &[T], noun: &str, to_json: fn(&T) -> Value, print: fn(&T, Output), out: Output) {
+fn print_list<T>(
+    items: &[T],
+    noun: &str,
+    to_json: fn(&T) -> Value,
+    print: fn(&T, Output),
+    out: Output,
+) {
     match out {
-        Output::Json => println!("{}", Value::from(items.iter().map(to_json).collect::<Vec<_>>())),
+        Output::Json => println!(
+            "{}",
+            Value::from(items.iter().map(to_json).collect::<Vec<_>>())
+        ),
         Output::Text => {
             println!("Found {} {noun}", items.len());
             for i in items {
@@ -895,8 +904,8 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
             path,
             format,
         }) => {
-            let data = std::fs::read(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let data =
+                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
             let r = client
                 .set_federated_bundle(pb::SetFederatedBundleRequest {
                     trust_domain: trust_domain.clone(),
@@ -951,7 +960,9 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                             i["sequence"]
                         );
                         match fmt {
-                            BundleFormat::Pem => print!("{}", i["pem"].as_str().unwrap_or_default()),
+                            BundleFormat::Pem => {
+                                print!("{}", i["pem"].as_str().unwrap_or_default())
+                            }
                             BundleFormat::Spiffe => println!("{}", i["spiffe"]),
                         }
                     }
@@ -983,7 +994,11 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                     f.bundle_endpoint_url,
                     f.endpoint_spiffe_id,
                     f.bundle_sequence,
-                    if f.last_error.is_empty() { "ok" } else { f.last_error.as_str() }
+                    if f.last_error.is_empty() {
+                        "ok"
+                    } else {
+                        f.last_error.as_str()
+                    }
                 ),
             };
             let td_ref = |td: &String| pb::TrustDomainRef {
@@ -998,8 +1013,9 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                     trust_bundle,
                 } => {
                     let trust_bundle = match trust_bundle {
-                        Some(p) => std::fs::read(p)
-                            .map_err(|e| format!("reading {}: {e}", p.display()))?,
+                        Some(p) => {
+                            std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?
+                        }
                         None => Vec::new(),
                     };
                     let f = client
@@ -1054,8 +1070,13 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
                         .into_inner();
                     let b = r.bundle.unwrap_or_default();
                     match out {
-                        Output::Json => println!("{}", json!({"trust_domain": b.trust_domain, "sequence": b.sequence})),
-                        Output::Text => println!("Bundle of {} at sequence {}", b.trust_domain, b.sequence),
+                        Output::Json => println!(
+                            "{}",
+                            json!({"trust_domain": b.trust_domain, "sequence": b.sequence})
+                        ),
+                        Output::Text => {
+                            println!("Bundle of {} at sequence {}", b.trust_domain, b.sequence)
+                        }
                     }
                 }
             }

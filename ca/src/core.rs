@@ -241,9 +241,12 @@ impl CaCore {
         let t = now();
         // TLS checked validity at the handshake only; a connection can outlive the
         // certificate, so check it on every call.
-        let not_after = ztid_agent_attestor::svid::not_after(leaf).map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        let not_after = ztid_agent_attestor::svid::not_after(leaf)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
         if t >= not_after {
-            return Err(Error::Unauthenticated(format!("agent {id} presented an expired SVID")));
+            return Err(Error::Unauthenticated(format!(
+                "agent {id} presented an expired SVID"
+            )));
         }
         let current = serial == record.serial;
         let previous = record.previous_serial.as_deref() == Some(serial.as_str())
@@ -303,7 +306,9 @@ impl CaCore {
         );
         let existing = self.store.get_agent(&agent_id)?;
         if existing.as_ref().is_some_and(|e| e.banned) {
-            return Err(Error::PermissionDenied(format!("agent {agent_id} is banned")));
+            return Err(Error::PermissionDenied(format!(
+                "agent {agent_id} is banned"
+            )));
         }
         let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
         let t = now();

@@ -228,7 +228,9 @@ impl Node for NodeApi {
             self.core
                 .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;
         let bundle = self.core.bundle();
-        let federated = self.core.federated_for_sync(req.federated_bundles_version)?;
+        let federated = self
+            .core
+            .federated_for_sync(req.federated_bundles_version)?;
         let (federated_bundles, federated_bundles_version) = match federated {
             Some((all, v)) => (all.iter().map(Into::into).collect(), v),
             None => (Vec::new(), 0),

@@ -352,13 +352,16 @@ impl Agent {
 
     /// The agent's own SVID and key, from its data directory (to call the node API as it).
     pub fn own_svid(&self) -> ztid_agent_attestor::agent::node_client::AgentSvid {
-        let chain = pem::parse_many(std::fs::read(self.data_dir().join("agent_svid.pem")).expect("agent SVID"))
-            .expect("PEM")
-            .into_iter()
-            .map(|p| p.into_contents())
-            .collect();
+        let chain = pem::parse_many(
+            std::fs::read(self.data_dir().join("agent_svid.pem")).expect("agent SVID"),
+        )
+        .expect("PEM")
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
         let key = std::fs::read(self.data_dir().join("agent_key.pk8")).expect("agent key");
-        ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key).expect("agent SVID parses")
+        ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key)
+            .expect("agent SVID parses")
     }
 
     /// Runs `ztid-agent ARGS --socket <this agent>`.
@@ -453,7 +456,9 @@ pub fn openssl(args: &[&str]) -> CliResult {
 pub fn csr_for(spiffe_id: &str) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().expect("key");
     let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.to_string().try_into().expect("URI"))];
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id.to_string().try_into().expect("URI"),
+    )];
     p.serialize_request(&key).expect("CSR").der().to_vec()
 }
 

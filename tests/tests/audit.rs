@@ -14,8 +14,6 @@ use ztid_tests::*;
 
 const TD: &str = "example.org";
 
-
-
 fn audit_verify(server: &Server) -> CliResult {
     std::process::Command::new(bin("ztid-server"))
         .args([
@@ -63,7 +61,9 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
     ));
     let _guard = rt.enter();
     let client = connect(addr, verifier, Some(svid.certified_key().unwrap())).unwrap();
-    let csrs: Vec<Vec<u8>> = (0..64).map(|_| csr_for("spiffe://example.org/storm")).collect();
+    let csrs: Vec<Vec<u8>> = (0..64)
+        .map(|_| csr_for("spiffe://example.org/storm"))
+        .collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..8 {
@@ -201,4 +201,3 @@ fn audit_verify_names_tampering_through_the_cli() {
         );
     }
 }
-

@@ -12,15 +12,12 @@ use ztid_tests::*;
 
 const TD: &str = "example.org";
 
-
 fn verifier(server: &Server) -> Arc<ServerSvidVerifier> {
     Arc::new(ServerSvidVerifier::new(
         shared_roots(bundle_roots(server)),
         format!("spiffe://{TD}/ztid/server"),
     ))
 }
-
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_security_header_is_invalid_argument() {
@@ -460,4 +457,3 @@ fn malformed_entries_are_refused_and_change_nothing() {
     let r = server.cli(&["entry", "show", "0000"]);
     assert!(!r.ok && r.stderr.contains("entry 0000 does not exist"));
 }
-

@@ -92,8 +92,14 @@ impl AgentConfig {
                 "either --trust-bundle FILE or --insecure-bootstrap is required".into(),
             ));
         }
-        if !matches!(self.attestor.as_str(), "join-token" | "tpm" | "sev-snp" | "tdx") {
-            return Err(Error::Config(format!("unknown attestor {:?}", self.attestor)));
+        if !matches!(
+            self.attestor.as_str(),
+            "join-token" | "tpm" | "sev-snp" | "tdx"
+        ) {
+            return Err(Error::Config(format!(
+                "unknown attestor {:?}",
+                self.attestor
+            )));
         }
         if self.sync_interval_seconds == 0 {
             return Err(Error::Config(

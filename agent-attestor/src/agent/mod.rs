@@ -263,7 +263,9 @@ impl Runtime {
         {
             let svid = self.svid.load();
             let b = self.bundle.borrow();
-            if let Some(a) = crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities) {
+            if let Some(a) =
+                crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
+            {
                 authorities_in_use.push(a);
             }
         }
@@ -283,7 +285,9 @@ impl Runtime {
             .write()
             .map_err(|_| tonic::Status::internal("lock"))?
             .apply(&resp);
-        if resp.federated_bundles_version != 0 && resp.federated_bundles_version != federated_version {
+        if resp.federated_bundles_version != 0
+            && resp.federated_bundles_version != federated_version
+        {
             let map: std::collections::BTreeMap<String, Arc<TrustBundle>> = resp
                 .federated_bundles
                 .iter()
@@ -334,11 +338,17 @@ impl Runtime {
             }
         } else {
             let mut attestor = attestors::build(&self.config)?;
-            let verifier = Arc::new(ServerSvidVerifier::new(self.roots.clone(), self.server_id.clone()));
+            let verifier = Arc::new(ServerSvidVerifier::new(
+                self.roots.clone(),
+                self.server_id.clone(),
+            ));
             let mut client = node_client::connect(self.server, verifier, None)?;
             let (svid, _) = attest(&mut client, attestor.as_mut()).await?;
             if svid.spiffe_id != self.svid.load().spiffe_id {
-                return Err(Error::Protocol(format!("re-attestation returned another identity, {}", svid.spiffe_id)));
+                return Err(Error::Protocol(format!(
+                    "re-attestation returned another identity, {}",
+                    svid.spiffe_id
+                )));
             }
             svid
         };

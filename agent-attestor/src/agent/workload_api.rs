@@ -223,7 +223,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let workloads = self.workloads.clone();
         let stream = watch_stream(None, self.bundle.clone(), move |_, bundle| {
             let mut bundles =
-                federated_map(&workloads.federated_bundles_for(&inst), |b| Ok(b.x509_der()))?;
+                federated_map(
+                    &workloads.federated_bundles_for(&inst),
+                    |b| Ok(b.x509_der()),
+                )?;
             bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
             Ok(pb::X509BundlesResponse {
                 crl: Vec::new(),
@@ -308,7 +311,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))
                 })?
                 .into_inner();
-            super::metrics::svids_minted("jwt", resp.results.iter().filter(|r| matches!(r.result, Some(npb::jwt_result::Result::Svid(_)))).count());
+            super::metrics::svids_minted(
+                "jwt",
+                resp.results
+                    .iter()
+                    .filter(|r| matches!(r.result, Some(npb::jwt_result::Result::Svid(_))))
+                    .count(),
+            );
             let mut cache = inst
                 .jwt_cache
                 .lock()
@@ -386,7 +395,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if td.as_str() == bundle.trust_domain {
                 Some(bundle.jwt_authorities.clone())
             } else {
-                federated.get(td.as_str()).map(|b| b.jwt_authorities.clone())
+                federated
+                    .get(td.as_str())
+                    .map(|b| b.jwt_authorities.clone())
             }
         })
         .map_err(|e: Error| Status::invalid_argument(e.to_string()))?;

@@ -173,7 +173,10 @@ pub struct Workloads {
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
     /// Other trust domains' bundles from the server (by trust domain name) and their
     /// version; each workload sees only those its entries federate with.
-    pub federated: RwLock<(u64, std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>>)>,
+    pub federated: RwLock<(
+        u64,
+        std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>>,
+    )>,
 }
 
 impl Workloads {
@@ -209,12 +212,12 @@ impl Workloads {
             Err(_) => return Default::default(),
         };
         match self.federated.read() {
-            Ok(f) => f
-                .1
-                .iter()
-                .filter(|(td, _)| wanted.contains(*td))
-                .map(|(td, b)| (td.clone(), b.clone()))
-                .collect(),
+            Ok(f) => {
+                f.1.iter()
+                    .filter(|(td, _)| wanted.contains(*td))
+                    .map(|(td, b)| (td.clone(), b.clone()))
+                    .collect()
+            }
             Err(_) => Default::default(),
         }
     }
@@ -299,7 +302,13 @@ impl Workloads {
             .await
             .map_err(|s| Error::Server(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
-        super::metrics::svids_minted("x509", resp.results.iter().filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_)))).count());
+        super::metrics::svids_minted(
+            "x509",
+            resp.results
+                .iter()
+                .filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_))))
+                .count(),
+        );
         if resp.results.len() != jobs.len() {
             return Err(Error::Protocol(
                 "server answered a different number of CSRs".into(),

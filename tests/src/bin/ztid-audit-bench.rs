@@ -31,30 +31,66 @@ fn target(rt: &tokio::runtime::Runtime, audit: bool) -> Target {
     std::mem::forget(dir); // the config must outlive the server
     let agent = Agent::start(&server);
     let entry = entry_for_my_uid(&server, &agent, "spiffe://bench.test/w", &["--shared"]);
-    let verifier = Arc::new(ServerSvidVerifier::new(shared_roots(bundle_roots(&server)), format!("spiffe://{TD}/ztid/server")));
+    let verifier = Arc::new(ServerSvidVerifier::new(
+        shared_roots(bundle_roots(&server)),
+        format!("spiffe://{TD}/ztid/server"),
+    ));
     let _g = rt.enter();
-    let client = connect(server.addr().parse().unwrap(), verifier, Some(agent.own_svid().certified_key().unwrap())).unwrap();
-    Target { server, _agent: agent, client, entry }
+    let client = connect(
+        server.addr().parse().unwrap(),
+        verifier,
+        Some(agent.own_svid().certified_key().unwrap()),
+    )
+    .unwrap();
+    Target {
+        server,
+        _agent: agent,
+        client,
+        entry,
+    }
 }
 
 /// SVIDs per second over `secs`, with `in_flight` concurrent calls of `batch` CSRs.
-fn measure(rt: &tokio::runtime::Runtime, t: &Target, csrs: &Arc<Vec<Vec<u8>>>, batch: usize, in_flight: usize, secs: f64) -> f64 {
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    t: &Target,
+    csrs: &Arc<Vec<Vec<u8>>>,
+    batch: usize,
+    in_flight: usize,
+    secs: f64,
+) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for k in 0..in_flight {
-            let (mut c, done, csrs, entry) = (t.client.clone(), done.clone(), csrs.clone(), t.entry.clone());
+            let (mut c, done, csrs, entry) = (
+                t.client.clone(),
+                done.clone(),
+                csrs.clone(),
+                t.entry.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut i = k * batch;
                 while Instant::now() < deadline {
                     let requests = (0..batch)
-                        .map(|j| pb::SvidRequest { entry_id: entry.clone(), csr: csrs[(i + j) % csrs.len()].clone() })
+                        .map(|j| pb::SvidRequest {
+                            entry_id: entry.clone(),
+                            csr: csrs[(i + j) % csrs.len()].clone(),
+                        })
                         .collect();
                     i += batch;
-                    let r = c.sign_x509_svids(pb::SignX509SvidsRequest { requests }).await.expect("SignX509Svids");
-                    let ok = r.into_inner().results.iter().filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_)))).count();
+                    let r = c
+                        .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+                        .await
+                        .expect("SignX509Svids");
+                    let ok = r
+                        .into_inner()
+                        .results
+                        .iter()
+                        .filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_))))
+                        .count();
                     assert_eq!(ok, batch, "every CSR signed");
                     done.fetch_add(ok as u64, Ordering::Relaxed);
                 }
@@ -68,12 +104,27 @@ fn measure(rt: &tokio::runtime::Runtime, t: &Target, csrs: &Arc<Vec<Vec<u8>>>, b
 }
 
 fn main() {
-    let secs: f64 = std::env::args().skip_while(|a| a != "--secs").nth(1).and_then(|s| s.parse().ok()).unwrap_or(4.0);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let secs: f64 = std::env::args()
+        .skip_while(|a| a != "--secs")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let on = target(&rt, true);
     let off = target(&rt, false);
-    assert!(on.server.data_dir().join("audit/audit.log").exists() && !off.server.data_dir().join("audit").exists());
-    let csrs = Arc::new((0..500).map(|_| csr_for("spiffe://bench.test/w")).collect::<Vec<_>>());
+    assert!(
+        on.server.data_dir().join("audit/audit.log").exists()
+            && !off.server.data_dir().join("audit").exists()
+    );
+    let csrs = Arc::new(
+        (0..500)
+            .map(|_| csr_for("spiffe://bench.test/w"))
+            .collect::<Vec<_>>(),
+    );
     println!("| load | audit off SVIDs/s | audit on SVIDs/s | on/off |");
     println!("|---|---:|---:|---:|");
     for (batch, in_flight) in [(1, 1), (1, 16), (10, 8), (100, 4)] {
@@ -89,6 +140,9 @@ fn main() {
             v[v.len() / 2]
         };
         let (a, b) = (med(&mut r_off), med(&mut r_on));
-        println!("| {batch} CSR/call, {in_flight} in flight | {a:.0} | {b:.0} | {:.2} |", b / a);
+        println!(
+            "| {batch} CSR/call, {in_flight} in flight | {a:.0} | {b:.0} | {:.2} |",
+            b / a
+        );
     }
 }
