@@ -11,8 +11,9 @@
 //! prints a markdown table and rewrites `docs/performance.md`.
 //!
 //! Run: `cargo run --release -p ztid-tests --bin ztid-bench` (it builds the server and
-//! agent binaries first). Options: `--quick` (short smoke run), `--entries N`,
-//! `--instances N`, `--secs S`, `--no-doc`, `--out PATH`.
+//! agent binaries first). Options: `--quick` (short smoke run, no doc), `--entries N`,
+//! `--instances N`, `--secs S`, `--wait-quiet S` (how long to wait for other processes
+//! to leave the machine idle first; default 300), `--no-doc`, `--out PATH`.
 //! Internal modes: `ztid-bench worker ENDPOINT` (connect, fetch once, print the
 //! latency) and `ztid-bench hold ENDPOINT` (fetch once, then wait for stdin to close).
 #![forbid(unsafe_code)]
@@ -755,6 +756,52 @@ fn mint_run(
     }
 }
 
+/// Sequential one-CSR mints against two servers in alternating rounds; returns a run
+/// per server, each with its latencies and its own server's CPU.
+fn interleaved_mints(
+    rt: &tokio::runtime::Runtime,
+    clients: [&NodeClient<Channel>; 2],
+    server_pids: [u32; 2],
+    agent_pid: u32,
+    entry_id: &str,
+    csrs: &Arc<Vec<Vec<u8>>>,
+    total_each: Duration,
+) -> (MintRun, MintRun) {
+    let rounds = 10u32;
+    let per_round = total_each / rounds;
+    let mut out: [MintRun; 2] = Default::default();
+    let mut lats: [Vec<Duration>; 2] = Default::default();
+    for (i, c) in clients.iter().enumerate() {
+        let one = std::slice::from_ref(*c);
+        rt.block_on(mint(one, entry_id, csrs, 1, 1, Duration::from_millis(500)));
+        out[i].batch = 1;
+        out[i].conc = 1;
+        out[i].conns = 1;
+    }
+    for round in 0..rounds {
+        // Alternate which server goes first, too.
+        for k in 0..2 {
+            let i = (k + round as usize) % 2;
+            let one = std::slice::from_ref(clients[i]);
+            let cpu = CpuWindow::start(server_pids[i], agent_pid);
+            let (ok, errors, secs, l) = rt.block_on(mint(one, entry_id, csrs, 1, 1, per_round));
+            let c = cpu.stop();
+            out[i].ok += ok;
+            out[i].errors += errors;
+            out[i].secs += secs;
+            for j in 0..3 {
+                out[i].cpu[j] += c[j];
+            }
+            lats[i].extend(l);
+        }
+    }
+    let [a, b] = lats;
+    out[0].calls = Lat::of(a);
+    out[1].calls = Lat::of(b);
+    let [x, y] = out;
+    (x, y)
+}
+
 /// Calls until the server answers again (after a restart the channel reconnects).
 fn wait_node_api(
     rt: &tokio::runtime::Runtime,
@@ -1138,6 +1185,8 @@ fn main() {
         std::env::set_var("ZTID_LOG", "warn");
     }
     build_binaries();
+    // The commit the binaries were just built from (the tree may move during the run).
+    let rev = git_rev();
     let log_level = std::env::var("ZTID_LOG").unwrap_or_default();
     let bench_start = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1334,38 +1383,25 @@ fn main() {
     let rev_before = s0.revision;
     stop_server(&mut server);
     let (ins_1k, _) = bulk_insert(&server, 0, 999);
-    settle_disk(Duration::from_secs(60));
-    server.restart();
-    wait_node_api(&rt, &clients[0], &entry_id, &csrs[0]);
-    wait_quiet(server_pid_of(&server), Duration::from_secs(30));
-    let seq_dur = opts.dur();
-    let lat_1k = mint_run(
-        &rt,
-        &clients[..1],
-        &entry_id,
-        &csrs,
-        1,
-        1,
-        seq_dur,
-        (server_pid_of(&server), agent_pid),
-    );
-    let (sync_1k_inc, r1k) = timed_sync(&rt, &clients[0], rev_before);
-    let rev_1k = r1k.revision;
-    let rss_server_1k = status_kib(server_pid_of(&server), "VmRSS");
+    // A second server on a copy of this 1,000-entry state (same CA, same agent record),
+    // filled up to the big count: both then run side by side and are measured in
+    // alternating rounds, so load from anything else on the machine hits both alike.
+    let mut big = Server::start(TD);
+    stop_server(&mut big);
+    std::fs::remove_dir_all(big.data_dir()).expect("clear the second server's data dir");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(server.data_dir())
+        .arg(big.data_dir())
+        .status()
+        .expect("cp");
+    assert!(st.success(), "copying the data directory failed");
     log(format!(
-        "  1,000 entries: p50 {} p99 {} mean {}",
-        us(lat_1k.calls.p50),
-        us(lat_1k.calls.p99),
-        us(lat_1k.calls.mean)
-    ));
-
-    stop_server(&mut server);
-    log(format!(
-        "  inserting {} more entries into the datastore",
+        "  inserting {} more entries into a copy of the datastore",
         thousands((opts.entries - 1000) as f64)
     ));
-    let (ins_big, flush_big) = bulk_insert(&server, 999, opts.entries - 1);
-    let ds_bytes = dir_size(&server.data_dir().join("datastore"));
+    let (ins_big, flush_big) = bulk_insert(&big, 999, opts.entries - 1);
+    let ds_bytes = dir_size(&big.data_dir().join("datastore"));
     log(format!(
         "  inserted in {:.1} s (+ flush {:.1} s), datastore {:.0} MB",
         ins_big.as_secs_f64(),
@@ -1373,36 +1409,53 @@ fn main() {
         ds_bytes as f64 / 1e6
     ));
     let settle_big = settle_disk(Duration::from_secs(120));
-    let t_restart = Instant::now();
     server.restart();
+    let t_restart = Instant::now();
+    big.restart();
     let restart_ready = t_restart.elapsed();
+    let big_client = {
+        let _g = rt.enter();
+        agent_client(&big, &agent)
+    };
     wait_node_api(&rt, &clients[0], &entry_id, &csrs[0]);
-    // The agent's own catch-up sync walks the whole entry log: time ours, then wait for quiet.
-    let (sync_big_inc, rbig) = timed_sync(&rt, &clients[0], rev_1k);
-    let quiet = wait_quiet(server_pid_of(&server), Duration::from_secs(60));
-    let (sync_big_none, _) = timed_sync(&rt, &clients[0], rbig.revision);
-    let (sync_big_full, full) = timed_sync(&rt, &clients[0], 0);
-    let fsync_late = fsync_probe(&server.data_dir(), 300);
-    let lat_big = mint_run(
+    wait_node_api(&rt, &big_client, &entry_id, &csrs[0]);
+    let (sync_1k_inc, r1k) = timed_sync(&rt, &clients[0], rev_before);
+    // Catching up over the big insert walks the whole entry log: time it, then let
+    // both servers go quiet before the latency rounds.
+    let (sync_big_inc, rbig) = timed_sync(&rt, &big_client, r1k.revision);
+    let quiet = wait_quiet(server_pid_of(&big), Duration::from_secs(60));
+    wait_quiet(server_pid_of(&server), Duration::from_secs(30));
+    let (sync_big_none, _) = timed_sync(&rt, &big_client, rbig.revision);
+    let (sync_big_full, full) = timed_sync(&rt, &big_client, 0);
+    let fsync_late = fsync_probe(&big.data_dir(), 300);
+    let (lat_1k, lat_big) = interleaved_mints(
         &rt,
-        &clients[..1],
+        [&clients[0], &big_client],
+        [server_pid_of(&server), server_pid_of(&big)],
+        agent_pid,
         &entry_id,
         &csrs,
-        1,
-        1,
-        seq_dur,
-        (server_pid_of(&server), agent_pid),
+        opts.dur(),
     );
-    let rss_server_big = status_kib(server_pid_of(&server), "VmRSS");
+    let rss_server_1k = status_kib(server_pid_of(&server), "VmRSS");
+    let rss_server_big = status_kib(server_pid_of(&big), "VmRSS");
     log(format!(
-        "  {} entries: p50 {} p99 {} mean {}; incremental sync over {} new unrelated entries {}",
+        "  1,000 entries: p50 {} p99 {} mean {}; {} entries: p50 {} p99 {} mean {}",
+        us(lat_1k.calls.p50),
+        us(lat_1k.calls.p99),
+        us(lat_1k.calls.mean),
         thousands(opts.entries as f64),
         us(lat_big.calls.p50),
         us(lat_big.calls.p99),
         us(lat_big.calls.mean),
+    ));
+    log(format!(
+        "  incremental sync over {} new unrelated entries: {}",
         thousands((opts.entries - 1000) as f64),
         us(sync_big_inc)
     ));
+    stop_server(&mut big);
+    drop(big);
 
     let total = bench_start.elapsed();
     stop_server(&mut server);
@@ -1442,7 +1495,7 @@ fn main() {
         fsync_early,
         fsync_late,
         settle_big,
-        git_rev: git_rev(),
+        git_rev: rev,
         kept_notes: kept_notes(opts.doc.as_deref()),
     };
     let summary = r.summary_table();
@@ -1492,22 +1545,44 @@ struct Report {
     fsync_late: Lat,
     settle_big: Duration,
     git_rev: String,
-    /// The hand-written block of the previous `docs/performance.md`, kept as is.
+    /// The sections of the previous `docs/performance.md` this run does not generate.
     kept_notes: Option<String>,
 }
 
-const NOTES_BEGIN: &str = "<!-- analysis:begin -->";
-const NOTES_END: &str = "<!-- analysis:end -->";
+/// Headings of the sections this benchmark writes; any other `## ` section of an
+/// existing document (notes, figures from other benches) is carried over as is.
+const GENERATED: &[&str] = &[
+    "## How to run",
+    "## Machine",
+    "## Summary",
+    "## (a) ",
+    "## (b) ",
+    "## (c) ",
+    "## (d) ",
+    "## Where the time goes (computed",
+];
 
-/// The `analysis:begin` … `analysis:end` block of an existing document.
+/// The sections of an existing document that this benchmark does not generate, in order.
 fn kept_notes(path: Option<&Path>) -> Option<String> {
     let text = std::fs::read_to_string(path?).ok()?;
-    let from = text.find(NOTES_BEGIN)?;
-    let to = text[from..].find(NOTES_END)? + from + NOTES_END.len();
-    Some(text[from..to].to_string())
+    let mut kept = String::new();
+    let mut keep = false;
+    for line in text.lines() {
+        if line.starts_with("## ") {
+            keep = !GENERATED.iter().any(|g| line.starts_with(g));
+        } else if line.starts_with("# ") {
+            keep = false;
+        }
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    (!kept.trim().is_empty()).then_some(kept)
 }
 
-/// The commit measured, `+ local changes` when the tree was dirty.
+/// The commit measured, `+ local changes` when source files other than this
+/// benchmark's own (`tests/src/bin/ztid-bench.rs`, `docs/`) differ from it.
 fn git_rev() -> String {
     let root = workspace_root();
     let root = root.to_string_lossy();
@@ -1515,11 +1590,14 @@ fn git_rev() -> String {
     if rev.is_empty() {
         return "unknown (not a git checkout)".into();
     }
-    let dirty = !sh(
+    let status = sh(
         "git",
         &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty();
+    );
+    let dirty = status.lines().any(|l| {
+        let path = l.get(3..).unwrap_or("");
+        path != "tests/src/bin/ztid-bench.rs" && !path.starts_with("docs/")
+    });
     if dirty {
         format!("{rev} + local changes")
     } else {
@@ -1670,8 +1748,8 @@ impl Report {
             d,
             "Measured by the benchmark `tests/src/bin/ztid-bench.rs` against the real `ztid-server` and \
              `ztid-agent` processes (started by the `ztid-tests` harness), on one machine. This file is \
-             rewritten by every full run (a section between `analysis:begin`/`analysis:end` markers \
-             is kept); the figures below are from the run of {date}, product commit `{}`.\n",
+             rewritten by every full run, which keeps any section it does not generate itself (notes, \
+             figures from other benches) after its own; the figures below are from the run of {date}, product commit `{}`.\n",
             self.git_rev
         );
         let _ = writeln!(d, "## How to run\n");
@@ -1684,7 +1762,9 @@ impl Report {
             "It builds `ztid-server` and `ztid-agent` in release mode first (a no-op when up to date), \
              takes about {:.0} s here (most of it the bulk insert of (c)), prints the summary table and \
              rewrites this file. `--quick` is a short smoke run that does not touch this file; \
-             `--entries N`, `--instances N`, `--secs S`, `--no-doc`, `--out PATH` adjust it. No timing is \
+             `--entries N`, `--instances N`, `--secs S`, `--wait-quiet S`, `--no-doc`, `--out PATH` \
+             adjust it. Other processes on the machine distort every figure: the run first waits (up \
+             to 300 s) for the machine to be idle and reports how much CPU others used meanwhile. No timing is \
              asserted: it is a benchmark, not a test.\n",
             self.total.as_secs_f64()
         );
@@ -1743,13 +1823,13 @@ impl Report {
         );
         let _ = writeln!(
             d,
-            "| CSRs per call | calls in flight | TLS conns | SVIDs/s | errors | call p50 | call p99 | server CPU µs/SVID | bench client CPU µs/SVID | agent CPU µs/SVID |"
+            "| CSRs per call | calls in flight | TLS conns | SVIDs/s | errors | call p50 | call p99 | server CPU µs/SVID | bench client CPU µs/SVID |"
         );
-        let _ = writeln!(d, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(d, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for x in &self.runs {
             let _ = writeln!(
                 d,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
                 x.batch,
                 x.conc,
                 x.conns,
@@ -1758,8 +1838,7 @@ impl Report {
                 us(x.calls.p50),
                 us(x.calls.p99),
                 x.cpu_us_per_svid(0),
-                x.cpu_us_per_svid(2),
-                x.cpu_us_per_svid(1)
+                x.cpu_us_per_svid(2)
             );
         }
         let _ = writeln!(d);
@@ -1882,12 +1961,17 @@ impl Report {
         );
         let _ = writeln!(
             d,
-            "`SignX509Svids` with one CSR per call, one call at a time, for the bench agent's own entry, \
-             after the server was stopped, filled directly through \
+            "`SignX509Svids` with one CSR per call, one call at a time, for the bench agent's own entry. \
+             The server was stopped and given 999 more entries directly through \
              `ztid_ca::datastore::SledStore::open(data_dir/datastore)` + `DataStore::create_entry` + \
-             `flush()`, and restarted (the admin CLI flushes on every create and would take hours). \
+             `flush()` (the admin CLI flushes on every create and would take hours); its data directory \
+             was then copied to a second server (same CA keys, same agent record, own port), which got \
+             the other {} entries the same way. Both servers then ran side by side and were measured in \
+             10 alternating rounds of {:.1} s each, so whatever else ran on the machine hit both alike. \
              Other entries: `spiffe://{TD}/bulk/svc-<n>`, 100 per fictitious agent parent \
-             `spiffe://{TD}/ztid/agent/join-token/<hex>`, selector `unix:uid:<n>`.\n"
+             `spiffe://{TD}/ztid/agent/join-token/<hex>`, selector `unix:uid:<n>`.\n",
+            thousands((o.entries - 1000) as f64),
+            o.secs / 10.0
         );
         let _ = writeln!(d, "| entries | n | p50 | p90 | p99 | mean | server CPU per mint | server RSS after |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (label, x, rss) in [
@@ -1909,9 +1993,9 @@ impl Report {
         let _ = writeln!(
             d,
             "\nEach call includes the server's audit `fdatasync`; the probe on the same disk gave p50 {} / \
-             p99 {} at the start of the run and p50 {} / p99 {} just before the {n}-entry measurement. \
-             Before each restart the benchmark ran `sync` and waited for the kernel's dirty pages to drain \
-             ({:.1} s after the big insert), so the insert's writes are not flushed during the timing.",
+             p99 {} at the start of the run and p50 {} / p99 {} just before these rounds. After the big \
+             insert the benchmark ran `sync` and waited for the kernel's dirty pages to drain ({:.1} s), \
+             so the insert's writes were not being flushed during the timing.",
             us(self.fsync_early.p50),
             us(self.fsync_early.p99),
             us(self.fsync_late.p50),
@@ -1975,7 +2059,7 @@ impl Report {
         );
         let _ = writeln!(
             d,
-            "| server busy after restart before it went quiet (agents catching up) | {:.1} s |\n",
+            "| server busy after restart at {n} entries before it went quiet | {:.1} s |\n",
             self.quiet.as_secs_f64()
         );
 
@@ -2056,7 +2140,7 @@ impl Report {
              same kind, ~16.5k/s/core). In the best end-to-end run the server spent {:.1} µs of CPU per SVID \
              ({:+.0}% over the raw work: TLS, HTTP/2, protobuf, the agent's authentication per call, a sled \
              read + JSON decode of the entry per CSR, the audit record per SVID and the audit writer's \
-             `fdatasync` + signed head per batch), and the bench client {:.1} µs more on the same cores. \
+             `fdatasync` per batch, plus the signed head file it rewrites), and the bench client {:.1} µs more on the same cores. \
              Server plus client CPU, {:.1} µs per SVID, puts the two-core ceiling near {}/s; the run \
              reached {}/s. With one CSR per call and one call in flight the rate is latency-bound \
              ({}/s, call p50 {}): every answer waits for its own audit `fdatasync` (disk p50 {}).",
@@ -2126,7 +2210,8 @@ impl Report {
             a,
             "- **(d) Memory.** Each live instance costs the agent about {:.1} KiB (its `Instance`: \
              selectors, segment, watch channel, JWT cache; the PKCS#8 key and DER SVID; allocator slack). \
-             RSS stays at {} after the processes exit (the allocator keeps freed pages).\n",
+             RSS was {} 2.5 s after they all exited: it did not shrink, which glibc's allocator rarely \
+             does after frees (the benchmark does not check whether the agent had forgotten them).\n",
             self.per_instance_kib(),
             mib(self.mem.rss_after)
         );
