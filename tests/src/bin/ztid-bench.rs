@@ -156,7 +156,7 @@ fn thousands(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -252,10 +252,7 @@ impl CpuWindow {
     }
     /// (server, agent, bench) CPU seconds since `start`; records foreign load.
     fn stop(&self) -> [f64; 3] {
-        let mut out = [0.0; 3];
-        for i in 0..3 {
-            out[i] = cpu_secs(&self.pids[i]) - self.start[i];
-        }
+        let out: [f64; 3] = std::array::from_fn(|i| cpu_secs(&self.pids[i]) - self.start[i]);
         let ours = cpu_secs(&self.pids[0]) + cpu_secs(&self.pids[1]) + self_and_children_secs()
             - self.ours0;
         let foreign = (machine_busy_secs() - self.machine0 - ours).max(0.0);
@@ -789,8 +786,8 @@ fn interleaved_mints(
             out[i].ok += ok;
             out[i].errors += errors;
             out[i].secs += secs;
-            for j in 0..3 {
-                out[i].cpu[j] += c[j];
+            for (total, part) in out[i].cpu.iter_mut().zip(c) {
+                *total += part;
             }
             lats[i].extend(l);
         }
@@ -1044,7 +1041,7 @@ fn memory_at_instances(agent_pid: u32, endpoint: &str, n: usize) -> Memory {
             let stdin = c.stdin.take();
             held.push((c, stdin));
         }
-        if held.len() % 250 == 0 {
+        if held.len().is_multiple_of(250) {
             log(format!("  … {} live instances", held.len()));
         }
     }
@@ -2118,7 +2115,7 @@ impl Report {
 
         d.push_str(&self.analysis());
         if let Some(kept) = self.kept_notes.as_deref() {
-            d.push_str(kept);
+            d.push_str(kept.trim_end());
             d.push('\n');
         }
         d
