@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agent_key;
 pub mod bundle;
 pub mod jwt;
 pub mod node_attestation;

@@ -11,11 +11,11 @@
 
 mod pkcs11;
 mod software;
-mod tpm;
+pub mod tpm;
 
 pub use pkcs11::Pkcs11KeyManager;
 pub use software::SoftwareKeyManager;
-pub use tpm::TpmKeyManager;
+pub use tpm::{TpmKeyBlob, TpmKeyManager};
 
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]

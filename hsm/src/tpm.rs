@@ -64,14 +64,20 @@ fn tpm_err(operation: &'static str) -> impl FnOnce(tss_esapi::Error) -> Error {
     }
 }
 
-/// A key as stored: the TPM's public area and its SRK-wrapped private area.
-struct Blob {
+/// A TPM-resident key as stored: the TPM's public area and its private area wrapped
+/// by the SRK (usable only by the TPM that made it).
+#[derive(Debug, Clone)]
+pub struct TpmKeyBlob {
     public: Public,
     private: Private,
 }
 
-impl Blob {
-    fn encode(&self) -> Result<Vec<u8>> {
+/// The historical name inside this module.
+type Blob = TpmKeyBlob;
+
+impl TpmKeyBlob {
+    /// The `.tpmkey` encoding (magic, public area, wrapped private area).
+    pub fn encode(&self) -> Result<Vec<u8>> {
         let public = self
             .public
             .marshall()
@@ -87,7 +93,8 @@ impl Blob {
         Ok(out)
     }
 
-    fn decode(key_id: &str, bytes: &[u8]) -> Result<Self> {
+    /// Parses [`TpmKeyBlob::encode`]'s output; `key_id` names the key in errors.
+    pub fn decode(key_id: &str, bytes: &[u8]) -> Result<Self> {
         let corrupt = |reason: &str| Error::Corrupt {
             id: key_id.to_string(),
             reason: reason.to_string(),
@@ -118,7 +125,15 @@ impl Blob {
         Ok(Self { public, private })
     }
 
-    fn public_key(&self, key_id: &str) -> Result<PublicKey> {
+    /// The key's marshalled `TPMT_PUBLIC` (what a TPM name is computed over).
+    pub fn public_area(&self) -> Result<Vec<u8>> {
+        self.public
+            .marshall()
+            .map_err(tpm_err("marshalling a key's public area"))
+    }
+
+    /// The key's public half; `key_id` names the key in errors.
+    pub fn public_key(&self, key_id: &str) -> Result<PublicKey> {
         let Public::Ecc { unique, .. } = &self.public else {
             return Err(Error::Corrupt {
                 id: key_id.to_string(),
@@ -214,7 +229,7 @@ fn signing_key_template() -> Result<Public> {
 }
 
 /// Runs `f` with the SRK created; flushes it afterwards (also when `f` fails).
-fn with_srk<T>(
+pub fn with_srk<T>(
     ctx: &mut Context,
     f: impl FnOnce(&mut Context, KeyHandle) -> Result<T>,
 ) -> Result<T> {
@@ -229,6 +244,75 @@ fn with_srk<T>(
     let flushed = ctx
         .flush_context(ObjectHandle::from(srk))
         .map_err(tpm_err("flushing the storage primary key"));
+    let v = r?;
+    flushed?;
+    Ok(v)
+}
+
+/// Creates an unrestricted ECDSA P-256 signing key (fixedTPM, fixedParent,
+/// sensitiveDataOrigin) under the SRK of the TPM behind `ctx`.
+pub fn create_key(ctx: &mut Context) -> Result<TpmKeyBlob> {
+    let template = signing_key_template()?;
+    let r = with_srk(ctx, |c, srk| {
+        c.execute_with_nullauth_session(|c| c.create(srk, template, None, None, None, None))
+            .map_err(tpm_err("creating the signing key"))
+    })?;
+    Ok(TpmKeyBlob {
+        public: r.out_public,
+        private: r.out_private,
+    })
+}
+
+/// Loads `blob` under the SRK and flushes the SRK, so the key takes one transient slot.
+/// The caller flushes the returned handle. `key_id` names the key in errors.
+pub fn load_key(ctx: &mut Context, blob: &TpmKeyBlob, key_id: &str) -> Result<KeyHandle> {
+    with_srk(ctx, |c, srk| {
+        c.execute_with_nullauth_session(|c| c.load(srk, blob.private.clone(), blob.public.clone()))
+            .map_err(|e| Error::Corrupt {
+                id: key_id.to_string(),
+                reason: format!(
+                    "this TPM cannot load the key (made by another TPM, or the owner hierarchy was cleared?): {e}"
+                ),
+            })
+    })
+}
+
+/// Signs SHA-256(`message`) with a loaded key; returns the fixed-size `r || s`.
+pub fn sign_loaded(ctx: &mut Context, key: KeyHandle, message: &[u8]) -> Result<Vec<u8>> {
+    let hash = ring::digest::digest(&ring::digest::SHA256, message);
+    let digest =
+        Digest::try_from(hash.as_ref().to_vec()).map_err(tpm_err("preparing the digest"))?;
+    let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    })
+    .map_err(tpm_err("preparing the null hash-check ticket"))?;
+    let signature = ctx
+        .execute_with_nullauth_session(|c| c.sign(key, digest, SignatureScheme::Null, ticket))
+        .map_err(tpm_err("signing"))?;
+    let Signature::EcDsa(sig) = signature else {
+        return Err(Error::Crypto("the TPM returned a non-ECDSA signature"));
+    };
+    let bad = || Error::Crypto("the TPM returned a malformed ECDSA signature");
+    let mut fixed = Vec::with_capacity(64);
+    fixed.extend_from_slice(&left_pad_32(sig.signature_r().value()).ok_or_else(bad)?);
+    fixed.extend_from_slice(&left_pad_32(sig.signature_s().value()).ok_or_else(bad)?);
+    Ok(fixed)
+}
+
+/// Loads `blob`, signs SHA-256(`message`) with it and flushes it (also on error).
+pub fn sign_with_blob(
+    ctx: &mut Context,
+    blob: &TpmKeyBlob,
+    key_id: &str,
+    message: &[u8],
+) -> Result<Vec<u8>> {
+    let key = load_key(ctx, blob, key_id)?;
+    let r = sign_loaded(ctx, key, message);
+    let flushed = ctx
+        .flush_context(ObjectHandle::from(key))
+        .map_err(tpm_err("flushing the signing key"));
     let v = r?;
     flushed?;
     Ok(v)
@@ -304,17 +388,7 @@ impl KeyManager for TpmKeyManager {
                 }
             })?;
         let created = (|| {
-            let template = signing_key_template()?;
-            let mut ctx = self.ctx()?;
-            let r = with_srk(&mut ctx, |c, srk| {
-                c.execute_with_nullauth_session(|c| c.create(srk, template, None, None, None, None))
-                    .map_err(tpm_err("creating the signing key"))
-            })?;
-            drop(ctx);
-            let blob = Blob {
-                public: r.out_public,
-                private: r.out_private,
-            };
+            let blob = create_key(&mut *self.ctx()?)?;
             let public = blob.public_key(key_id)?;
             file.write_all(&blob.encode()?).map_err(io_err(&path))?;
             file.sync_all().map_err(io_err(&path))?;
@@ -334,48 +408,7 @@ impl KeyManager for TpmKeyManager {
 
     fn sign(&self, key_id: &str, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
         let blob = self.read_blob(key_id)?;
-        let hash = ring::digest::digest(&ring::digest::SHA256, message);
-        let digest =
-            Digest::try_from(hash.as_ref().to_vec()).map_err(tpm_err("preparing the digest"))?;
-        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-            tag: TPM2_ST_HASHCHECK,
-            hierarchy: TPM2_RH_NULL,
-            digest: Default::default(),
-        })
-        .map_err(tpm_err("preparing the null hash-check ticket"))?;
-        let signature = {
-            let mut ctx = self.ctx()?;
-            with_srk(&mut ctx, |c, srk| {
-                let key = c
-                    .execute_with_nullauth_session(|c| {
-                        c.load(srk, blob.private.clone(), blob.public.clone())
-                    })
-                    .map_err(|e| Error::Corrupt {
-                        id: key_id.to_string(),
-                        reason: format!(
-                            "this TPM cannot load the key (made by another TPM, or the owner hierarchy was cleared?): {e}"
-                        ),
-                    })?;
-                let r = c
-                    .execute_with_nullauth_session(|c| {
-                        c.sign(key, digest, SignatureScheme::Null, ticket)
-                    })
-                    .map_err(tpm_err("signing"));
-                let flushed = c
-                    .flush_context(ObjectHandle::from(key))
-                    .map_err(tpm_err("flushing the signing key"));
-                let v = r?;
-                flushed?;
-                Ok(v)
-            })?
-        };
-        let Signature::EcDsa(sig) = signature else {
-            return Err(Error::Crypto("the TPM returned a non-ECDSA signature"));
-        };
-        let bad = || Error::Crypto("the TPM returned a malformed ECDSA signature");
-        let mut fixed = Vec::with_capacity(64);
-        fixed.extend_from_slice(&left_pad_32(sig.signature_r().value()).ok_or_else(bad)?);
-        fixed.extend_from_slice(&left_pad_32(sig.signature_s().value()).ok_or_else(bad)?);
+        let fixed = sign_with_blob(&mut *self.ctx()?, &blob, key_id, message)?;
         match format {
             SignatureFormat::Fixed => Ok(fixed),
             SignatureFormat::Der => fixed_to_der(&fixed),

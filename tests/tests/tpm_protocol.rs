@@ -19,15 +19,24 @@ use ztid_agent_attestor::node_attestation::{
 };
 use ztid_agent_attestor::Error;
 
-fn ctx_at(now: SystemTime) -> AttestationContext<'static> {
+/// The CA's context for an attempt whose CSR carries `key` (DER SubjectPublicKeyInfo).
+fn ctx_at(key: &[u8], now: SystemTime) -> AttestationContext<'_> {
     AttestationContext {
-        agent_public_key: &[],
+        agent_public_key: key,
         now,
     }
 }
 
-fn ctx() -> AttestationContext<'static> {
-    ctx_at(SystemTime::now())
+fn ctx(key: &[u8]) -> AttestationContext<'_> {
+    ctx_at(key, SystemTime::now())
+}
+
+/// What the agent sends first: it makes its key in the TPM, then the evidence. Returns
+/// the evidence and the key's SubjectPublicKeyInfo (what its CSR would carry).
+fn evidence(a: &mut TpmAttestor) -> (Vec<u8>, Vec<u8>) {
+    let key = a.agent_key().expect("agent key").expect("a TPM key");
+    let ev = a.initial_evidence().expect("initial evidence");
+    (ev, key.spki().expect("spki"))
 }
 
 fn policy(ca: &LocalCa, extra: &str) -> TpmPolicy {
@@ -62,12 +71,15 @@ fn refusal<T>(r: Result<T, Error>) -> String {
 }
 
 /// Runs the whole exchange; returns the node and the messages.
-fn attest(v: &TpmVerifier, a: &mut TpmAttestor) -> (AttestedNode, Vec<u8>, Vec<u8>, Vec<u8>) {
-    let ev = a.initial_evidence().expect("initial evidence");
-    let (c, session) = challenge(v.start(&ev, &ctx()).expect("start"));
+fn attest(
+    v: &TpmVerifier,
+    a: &mut TpmAttestor,
+) -> (AttestedNode, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let (ev, k) = evidence(a);
+    let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("start"));
     let ans = a.answer(&c).expect("answer");
-    let node = attested(session.resume(&ans, &ctx()));
-    (node, ev, c, ans)
+    let node = attested(session.resume(&ans, &ctx(&k)));
+    (node, ev, c, ans, k)
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -106,7 +118,7 @@ fn tpm_enrolment_round_trip_and_identity() {
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
     let t = std::time::Instant::now();
-    let (node, ev, _, _) = attest(&v, &mut a);
+    let (node, ev, _, _, _) = attest(&v, &mut a);
     eprintln!("enrolment (agent+CA, swtpm): {:?}", t.elapsed());
 
     // node id = SHA-256 of the EK certificate's SubjectPublicKeyInfo, as openssl sees it.
@@ -148,8 +160,8 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
     // name (CN=swtpm-localca) but another key.
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&other.tcti());
-    let ev = a.initial_evidence().unwrap();
-    let reason = refusal(v.start(&ev, &ctx()));
+    let (ev, k) = evidence(&mut a);
+    let reason = refusal(v.start(&ev, &ctx(&k)));
     assert_eq!(
         reason,
         "EK certificate signature does not verify with the key of CA CN=swtpm-localca"
@@ -178,7 +190,7 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
     .unwrap();
     let v3 = TpmVerifier::from_config(&table).unwrap();
     assert_eq!(
-        refusal(v3.start(&ev, &ctx())),
+        refusal(v3.start(&ev, &ctx(&k))),
         "EK certificate is not issued by any CA in ek_ca_dir (its issuer is CN=swtpm-localca)"
     );
 }
@@ -193,6 +205,8 @@ fn tpm_ak_from_a_second_tpm_is_refused() {
     let mut a = Tpm::open(&f.tpm.tcti()).unwrap();
     let ek_cert = a.ek_cert().unwrap();
     let ek_pub = a.ek_public().unwrap();
+    let agent_key = a.create_agent_key().unwrap();
+    let k = agent_key.public_key("agent key").unwrap().spki_der;
     drop(a);
     let mut b = Tpm::open(&tpm_b.tcti()).unwrap();
     let ak_b = b.create_ak().unwrap();
@@ -200,9 +214,10 @@ fn tpm_ak_from_a_second_tpm_is_refused() {
         ek_cert,
         ek_pub,
         ak_pub: ak_b.public_bytes().unwrap(),
+        agent_key_pub: agent_key.public_area().unwrap(),
     })
     .unwrap();
-    let (c, session) = challenge(v.start(&ev, &ctx()).expect("static checks pass"));
+    let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("static checks pass"));
     let c: Challenge = serde_json::from_slice(&c).unwrap();
     // TPM B cannot open a credential sealed to TPM A's EK ...
     assert!(b
@@ -225,9 +240,11 @@ fn tpm_ak_from_a_second_tpm_is_refused() {
         quote,
         signature,
         pcrs: values,
+        certify: Vec::new(),
+        certify_signature: Vec::new(),
     })
     .unwrap();
-    assert!(refusal(session.resume(&ans, &ctx())).starts_with(
+    assert!(refusal(session.resume(&ans, &ctx(&k))).starts_with(
         "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
     ));
     assert_eq!(f.tpm.leftovers(), "");
@@ -239,16 +256,16 @@ fn tpm_replayed_activation_and_quote_are_refused() {
     let f = fixture();
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-    let (_, ev, _, old_answer) = attest(&v, &mut a);
+    let (_, ev, _, old_answer, k) = attest(&v, &mut a);
 
     // A whole earlier answer replayed into a new attempt: the secret is new.
-    let (_, s2) = challenge(v.start(&ev, &ctx()).unwrap());
-    assert!(refusal(s2.resume(&old_answer, &ctx())).starts_with(
+    let (_, s2) = challenge(v.start(&ev, &ctx(&k)).unwrap());
+    assert!(refusal(s2.resume(&old_answer, &ctx(&k))).starts_with(
         "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
     ));
 
     // A fresh activation with an earlier quote: the nonce is new.
-    let (c3, s3) = challenge(v.start(&ev, &ctx()).unwrap());
+    let (c3, s3) = challenge(v.start(&ev, &ctx(&k)).unwrap());
     let fresh: Answer = serde_json::from_slice(&a.answer(&c3).unwrap()).unwrap();
     let old: Answer = serde_json::from_slice(&old_answer).unwrap();
     let spliced = Answer {
@@ -256,16 +273,16 @@ fn tpm_replayed_activation_and_quote_are_refused() {
         ..old
     };
     assert_eq!(
-        refusal(s3.resume(&serde_json::to_vec(&spliced).unwrap(), &ctx())),
+        refusal(s3.resume(&serde_json::to_vec(&spliced).unwrap(), &ctx(&k))),
         "quote extraData does not match this attempt's nonce (stale or replayed quote)"
     );
 
     // A challenge answered after 60 s has expired.
     let t0 = SystemTime::now();
-    let (c4, s4) = challenge(v.start(&ev, &ctx_at(t0)).unwrap());
+    let (c4, s4) = challenge(v.start(&ev, &ctx_at(&k, t0)).unwrap());
     let ans4 = a.answer(&c4).unwrap();
     assert_eq!(
-        refusal(s4.resume(&ans4, &ctx_at(t0 + Duration::from_secs(61)))),
+        refusal(s4.resume(&ans4, &ctx_at(&k, t0 + Duration::from_secs(61)))),
         "TPM challenge expired (answered after 61 s, limit 60 s)"
     );
     // (A session cannot be resumed twice: `resume` consumes it.)
@@ -277,7 +294,7 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     let f = fixture();
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-    let ev = a.initial_evidence().unwrap();
+    let (ev, k) = evidence(&mut a);
     // Each tamper gets an attempt of its own (a session answers once).
     type Tamper = Box<dyn Fn(&mut Answer)>;
     let cases: Vec<(&str, Tamper)> = vec![
@@ -314,11 +331,11 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
         ),
     ];
     for (want, tamper) in cases {
-        let (c, session) = challenge(v.start(&ev, &ctx()).unwrap());
+        let (c, session) = challenge(v.start(&ev, &ctx(&k)).unwrap());
         let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
         tamper(&mut ans);
         assert_eq!(
-            refusal(session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx())),
+            refusal(session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&k))),
             want
         );
     }
@@ -329,7 +346,8 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
     let f = fixture();
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-    let ev: InitialEvidence = serde_json::from_slice(&a.initial_evidence().unwrap()).unwrap();
+    let (ev_raw, k) = evidence(&mut a);
+    let ev: InitialEvidence = serde_json::from_slice(&ev_raw).unwrap();
     // objectAttributes is bytes 4..8 of TPMT_PUBLIC.
     let with_attrs = |f: &dyn Fn(u32) -> u32| {
         let mut e = ev.clone();
@@ -345,24 +363,24 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
         (wire::attr::SIGN_ENCRYPT, "sign"),
     ] {
         assert_eq!(
-            refusal(v.start(&with_attrs(&|a| a & !bit), &ctx())),
+            refusal(v.start(&with_attrs(&|a| a & !bit), &ctx(&k))),
             format!("AK is not {name}")
         );
     }
     assert_eq!(
-        refusal(v.start(&with_attrs(&|a| a | wire::attr::DECRYPT), &ctx())),
+        refusal(v.start(&with_attrs(&|a| a | wire::attr::DECRYPT), &ctx(&k))),
         "AK is a decryption key (decrypt is set)"
     );
     // The EK itself offered as AK: a decryption key, not a signing one.
     let mut e = ev.clone();
     e.ak_pub = e.ek_pub.clone();
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx())),
+        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))),
         "AK is not sign"
     );
     // An AK public that claims one more attribute (noDA) passes the static checks, but the
     // credential is then bound to a name no object in the TPM has: activation fails.
-    let (c, _) = challenge(v.start(&with_attrs(&|a| a | (1 << 10)), &ctx()).unwrap());
+    let (c, _) = challenge(v.start(&with_attrs(&|a| a | (1 << 10)), &ctx(&k)).unwrap());
     let err = a.answer(&c).unwrap_err().to_string();
     assert!(err.contains("ActivateCredential"), "{err}");
     assert_eq!(f.tpm.leftovers(), "");
@@ -372,13 +390,14 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
 fn tpm_allow_list_and_pcr_policy() {
     let f = fixture();
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-    let ev: InitialEvidence = serde_json::from_slice(&a.initial_evidence().unwrap()).unwrap();
+    let (ev_raw, k) = evidence(&mut a);
+    let ev: InitialEvidence = serde_json::from_slice(&ev_raw).unwrap();
     let hash = tpm::ek_hash(&ev.ek_pub).unwrap();
     let other = "ab".repeat(32);
 
     let v = TpmVerifier::new(policy(&f.ca, &format!("allowed_ek_hashes = [\"{other}\"]")));
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&ev).unwrap(), &ctx())),
+        refusal(v.start(&serde_json::to_vec(&ev).unwrap(), &ctx(&k))),
         format!("EK {hash} is not in allowed_ek_hashes")
     );
     let v = TpmVerifier::new(policy(
@@ -413,11 +432,11 @@ fn tpm_allow_list_and_pcr_policy() {
     let mut both = vec![0u8; 32];
     both.extend(hex::decode(&ext).unwrap());
     let new7 = sha256_hex(&both);
-    let ev_bytes = a.initial_evidence().unwrap();
-    let (c, session) = challenge(v.start(&ev_bytes, &ctx()).unwrap());
+    let (ev_bytes, k) = evidence(&mut a);
+    let (c, session) = challenge(v.start(&ev_bytes, &ctx(&k)).unwrap());
     let ans = a.answer(&c).unwrap();
     assert_eq!(
-        refusal(session.resume(&ans, &ctx())),
+        refusal(session.resume(&ans, &ctx(&k))),
         format!("PCR policy not met: PCR 7 is {new7} but policy {hash} allows {zero}")
     );
 
@@ -796,7 +815,7 @@ fn tpm_bench() {
         "enrolment on swtpm (EK cert read, EK+AK create, CA start, activation, quote, CA resume): min {:?} median {:?} max {:?}",
         times[0], times[5], times[9]
     );
-    let (_, ev, _, _) = last.unwrap();
+    let (_, ev, _, _, k) = last.unwrap();
     let ev_parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
 
     // CA side only, one core.
@@ -815,7 +834,7 @@ fn tpm_bench() {
     let keys_s = t.elapsed().as_secs_f64() / n as f64;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        let _ = challenge(v.start(&ev, &ctx()).unwrap());
+        let _ = challenge(v.start(&ev, &ctx(&k)).unwrap());
     }
     let start_s = t.elapsed().as_secs_f64() / n as f64;
     // A quote to verify repeatedly.

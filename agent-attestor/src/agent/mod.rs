@@ -16,15 +16,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prost::Message;
-use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use zeroize::Zeroizing;
 use ztid_proto::node::{self as pb, node_client::NodeClient};
 use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 use crate::bundle::TrustBundle;
+use crate::agent_key::{AgentKey, SOFTWARE_KEY_FILE, TPM_KEY_FILE};
 use crate::node_attestation::NodeAttestor;
 use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
 use crate::{unix_seconds, Error};
@@ -33,7 +32,6 @@ use node_client::AgentSvid;
 use workloads::Workloads;
 
 const SVID_FILE: &str = "agent_svid.pem";
-const KEY_FILE: &str = "agent_key.pk8";
 const BUNDLE_FILE: &str = "bundle.pb";
 
 fn now() -> i64 {
@@ -58,7 +56,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Saves the agent's SVID, key and bundle so a restart does not need a new attestation.
 fn persist(dir: &Path, svid: &AgentSvid, bundle: &TrustBundle) -> Result<(), Error> {
-    write_private(&dir.join(KEY_FILE), &svid.key)?;
+    let (key_file, key) = svid.key.persisted()?;
+    // One key file at a time: a software key must not shadow a newer TPM key or back.
+    for f in [SOFTWARE_KEY_FILE, TPM_KEY_FILE] {
+        if f != key_file {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    write_private(&dir.join(key_file), &key)?;
     write_private(
         &dir.join(SVID_FILE),
         crate::svid::certs_to_pem(svid.chain.iter().map(Vec::as_slice)).as_bytes(),
@@ -71,7 +76,7 @@ fn persist(dir: &Path, svid: &AgentSvid, bundle: &TrustBundle) -> Result<(), Err
 
 /// Loads a persisted SVID if one is there and still valid.
 fn load_persisted(dir: &Path) -> Option<(AgentSvid, TrustBundle)> {
-    let key = Zeroizing::new(std::fs::read(dir.join(KEY_FILE)).ok()?);
+    let key = AgentKey::load(dir)?;
     let chain =
         crate::svid::certs_from_pem(&std::fs::read_to_string(dir.join(SVID_FILE)).ok()?).ok()?;
     let bundle = pb::Bundle::decode(std::fs::read(dir.join(BUNDLE_FILE)).ok()?.as_slice()).ok()?;
@@ -93,21 +98,16 @@ fn load_persisted(dir: &Path) -> Option<(AgentSvid, TrustBundle)> {
 }
 
 fn forget_persisted(dir: &Path) {
-    for f in [KEY_FILE, SVID_FILE] {
+    for f in [SOFTWARE_KEY_FILE, TPM_KEY_FILE, SVID_FILE] {
         let _ = std::fs::remove_file(dir.join(f));
     }
 }
 
-/// A new agent key and a CSR without SANs (the server fills in the agent's ID).
-fn agent_key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    let csr = params
-        .serialize_request(&key)
-        .map_err(|e| Error::Config(e.to_string()))?;
-    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+/// A new software agent key and its CSR.
+fn agent_key_and_csr() -> Result<(AgentKey, Vec<u8>), Error> {
+    let key = AgentKey::generate_software()?;
+    let csr = key.csr()?;
+    Ok((key, csr))
 }
 
 fn status_err(s: tonic::Status) -> Error {
@@ -119,7 +119,13 @@ async fn attest(
     client: &mut NodeClient<Channel>,
     attestor: &mut dyn NodeAttestor,
 ) -> Result<(AgentSvid, TrustBundle), Error> {
-    let (key, csr) = agent_key_and_csr()?;
+    let (key, csr) = match attestor.agent_key()? {
+        Some(key) => {
+            let csr = key.csr()?;
+            (key, csr)
+        }
+        None => agent_key_and_csr()?,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::AttestRequest {
         step: Some(pb::attest_request::Step::Init(pb::AttestInit {

@@ -7,20 +7,21 @@ use std::sync::Arc;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::ResolvesClientCert;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use ztid_proto::node::node_client::NodeClient;
 
+use crate::agent_key::AgentKey;
 use crate::Error;
 
 /// The agent's own SVID: chain and key, kept so it can be presented and persisted.
 pub struct AgentSvid {
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// PKCS#8 DER key.
-    pub key: zeroize::Zeroizing<Vec<u8>>,
+    /// The key the leaf certifies.
+    pub key: AgentKey,
     /// The agent's SPIFFE ID.
     pub spiffe_id: String,
     /// Unix seconds.
@@ -37,15 +38,13 @@ impl AgentSvid {
             spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
             not_after: crate::svid::not_after(leaf)?,
             chain,
-            key: zeroize::Zeroizing::new(key),
+            key: AgentKey::from_pkcs8(key),
         })
     }
 
     /// The rustls identity.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, Error> {
-        let der = PrivateKeyDer::Pkcs8(self.key.to_vec().into());
-        let signer = rustls::crypto::ring::sign::any_ecdsa_type(&der)
-            .map_err(|e| Error::Config(format!("agent key: {e}")))?;
+        let signer = self.key.rustls_key()?;
         let chain = self
             .chain
             .iter()

@@ -18,12 +18,20 @@ pub mod tsm;
 
 use std::time::SystemTime;
 
+use crate::agent_key::AgentKey;
 use crate::{Error, Selector};
 
 /// The agent side of one attestation method.
 pub trait NodeAttestor: Send {
     /// The method name on the wire (`join-token`, `tpm`, ...).
     fn method(&self) -> &'static str;
+    /// The key the agent SVID will certify, when the method keeps it in hardware and
+    /// proves so in its evidence (TPM: made in the TPM, certified by the AK). Called
+    /// once per attempt, before [`NodeAttestor::initial_evidence`]. `None` (the
+    /// default): the agent makes a software key.
+    fn agent_key(&mut self) -> Result<Option<AgentKey>, Error> {
+        Ok(None)
+    }
     /// Evidence sent with the first message, before any challenge.
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error>;
     /// The answer to one challenge from the CA.

@@ -612,17 +612,8 @@ fn agent_client(server: &Server, agent: &Agent) -> NodeClient<Channel> {
     let data = agent.data_dir();
     let pem = std::fs::read_to_string(data.join("agent_svid.pem")).expect("agent_svid.pem");
     let chain = ztid_agent_attestor::svid::certs_from_pem(&pem).expect("agent chain");
-    let key =
-        zeroize::Zeroizing::new(std::fs::read(data.join("agent_key.pk8")).expect("agent_key.pk8"));
-    let leaf = chain.first().expect("leaf").clone();
-    let svid = AgentSvid {
-        spiffe_id: ztid_agent_attestor::svid::spiffe_id_of_leaf(&leaf)
-            .unwrap()
-            .to_string(),
-        not_after: ztid_agent_attestor::svid::not_after(&leaf).unwrap(),
-        chain,
-        key,
-    };
+    let key = std::fs::read(data.join("agent_key.pk8")).expect("agent_key.pk8");
+    let svid = AgentSvid::from_parts(chain, key).expect("agent SVID");
     assert_eq!(svid.spiffe_id, agent.spiffe_id);
     let roots_pem = std::fs::read_to_string(server.bundle_file()).expect("bundle");
     let roots = ztid_agent_attestor::svid::certs_from_pem(&roots_pem).expect("bundle certs");

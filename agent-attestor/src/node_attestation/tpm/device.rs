@@ -23,6 +23,7 @@ use tss_esapi::Context;
 
 use super::wire;
 use crate::Error;
+pub use ztid_hsm::TpmKeyBlob;
 
 /// NV index of the RSA-2048 EK certificate (TCG EK Credential Profile, low range).
 pub const NV_EK_CERT_RSA2048: u32 = 0x01c0_0002;
@@ -50,9 +51,25 @@ impl AkBlob {
     }
 }
 
-/// A connection to a TPM.
+/// A connection to a TPM. Only one per TCTI exists in a process at a time (the
+/// connection holds a per-TCTI lock): swtpm serves one client at a time, and a TPM
+/// without a resource manager has three transient slots to share.
 pub struct Tpm {
     ctx: Context,
+    _exclusive: std::sync::MutexGuard<'static, ()>,
+}
+
+/// The lock for one TCTI string (leaked once per distinct TCTI; a process uses few).
+fn tcti_lock(tcti: &str) -> &'static std::sync::Mutex<()> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<String, &'static Mutex<()>>>> = OnceLock::new();
+    let mut map = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    map.entry(tcti.to_string())
+        .or_insert_with(|| Box::leak(Box::new(Mutex::new(()))))
 }
 
 impl Tpm {
@@ -60,11 +77,34 @@ impl Tpm {
     pub fn open(tcti: &str) -> Result<Self, Error> {
         let conf = TctiNameConf::from_str(tcti)
             .map_err(|e| Error::Config(format!("bad TPM TCTI {tcti:?}: {e}")))?;
+        // A panic while holding the lock leaves no TPM state behind (the context closed).
+        let exclusive = tcti_lock(tcti)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let ctx = Context::new(conf).map_err(|e| Error::Io {
             context: format!("opening the TPM at {tcti}"),
             source: std::io::Error::other(e.to_string()),
         })?;
-        Ok(Self { ctx })
+        Ok(Self {
+            ctx,
+            _exclusive: exclusive,
+        })
+    }
+
+    /// Creates the agent's key in this TPM: ECDSA P-256, unrestricted signing,
+    /// fixedTPM/fixedParent/sensitiveDataOrigin, under the owner SRK. The returned blob
+    /// is useless to any other TPM.
+    pub fn create_agent_key(&mut self) -> Result<TpmKeyBlob, Error> {
+        ztid_hsm::tpm::create_key(&mut self.ctx).map_err(hsm_err)
+    }
+
+    /// Signs SHA-256(`message`) with the agent key; fixed-size `r || s`.
+    pub fn sign_with_agent_key(
+        &mut self,
+        key: &TpmKeyBlob,
+        message: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        ztid_hsm::tpm::sign_with_blob(&mut self.ctx, key, "agent key", message).map_err(hsm_err)
     }
 
     /// The RSA-2048 EK certificate from NV, as DER (NV padding after the DER trimmed).
@@ -179,6 +219,53 @@ impl Tpm {
             let secret = activate_in(ctx, ek, ak, credential_blob, encrypted_secret)?;
             Ok((secret, quote_in(ctx, ak, nonce, pcrs)?))
         })
+    }
+
+    /// [`Tpm::activate_and_quote`], and TPM2_Certify of `key` by the AK over `nonce`
+    /// (raw `TPMS_ATTEST` and `TPMT_SIGNATURE`). The key is loaded first (its SRK
+    /// flushed at once), so key, EK and AK fit the three transient slots.
+    pub fn activate_quote_and_certify(
+        &mut self,
+        ak_blob: &AkBlob,
+        key: &TpmKeyBlob,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+        nonce: &[u8],
+        pcrs: &BTreeSet<u8>,
+    ) -> Result<(Vec<u8>, Quote, (Vec<u8>, Vec<u8>)), Error> {
+        let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
+        let r = self.with_ak(ak_blob, |ctx, ek, ak| {
+            let secret = activate_in(ctx, ek, ak, credential_blob, encrypted_secret)?;
+            let quote = quote_in(ctx, ak, nonce, pcrs)?;
+            let certified = certify_in(ctx, handle, ak, nonce)?;
+            Ok((secret, quote, certified))
+        });
+        let flushed = self
+            .ctx
+            .flush_context(ObjectHandle::from(handle))
+            .map_err(tpm_err("flushing the agent key"));
+        let v = r?;
+        flushed?;
+        Ok(v)
+    }
+
+    /// TPM2_Certify of `key` by a new AK over `nonce`, with the AK: for tests that need a
+    /// certification by an AK the CA never activated.
+    pub fn certify_with(
+        &mut self,
+        ak_blob: &AkBlob,
+        key: &TpmKeyBlob,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), Error> {
+        let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
+        let r = self.with_ak(ak_blob, |ctx, _ek, ak| certify_in(ctx, handle, ak, nonce));
+        let flushed = self
+            .ctx
+            .flush_context(ObjectHandle::from(handle))
+            .map_err(tpm_err("flushing the agent key"));
+        let v = r?;
+        flushed?;
+        Ok(v)
     }
 
     /// Reads sha256 PCRs.
@@ -299,6 +386,36 @@ fn quote_in(
     }
     // PCRs kept moving: send the last try and let the CA say what differs.
     last.ok_or_else(|| Error::Protocol("no quote".into()))
+}
+
+fn certify_in(
+    ctx: &mut Context,
+    key: KeyHandle,
+    ak: KeyHandle,
+    nonce: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    let data = Data::try_from(nonce.to_vec()).map_err(tpm_err("nonce too long to certify"))?;
+    // Both objects have empty auth: two password sessions (they take no session slot).
+    let (attest, sig) = ctx
+        .execute_with_sessions(
+            (Some(AuthSession::Password), Some(AuthSession::Password), None),
+            |c| c.certify(ObjectHandle::from(key), ak, data, SignatureScheme::Null),
+        )
+        .map_err(tpm_err("Certify"))?;
+    Ok((
+        attest
+            .marshall()
+            .map_err(tpm_err("marshalling the certification"))?,
+        sig.marshall()
+            .map_err(tpm_err("marshalling the certification signature"))?,
+    ))
+}
+
+fn hsm_err(e: ztid_hsm::Error) -> Error {
+    Error::Io {
+        context: "TPM agent key".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 fn start_session(ctx: &mut Context, t: SessionType) -> Result<AuthSession, Error> {

@@ -89,6 +89,7 @@ use zeroize::Zeroizing;
 use super::{
     AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
 };
+use crate::agent_key::{AgentKey, TpmAgentKey};
 use crate::{unix_seconds, Error, Selector};
 use device::{AkBlob, Tpm};
 use ekcert::{EkCaStore, EkInfo};
@@ -160,6 +161,9 @@ pub struct InitialEvidence {
     /// AK `TPMT_PUBLIC`.
     #[serde(with = "b64")]
     pub ak_pub: Vec<u8>,
+    /// `TPMT_PUBLIC` of the agent key: made in this TPM, the key of the agent's CSR.
+    #[serde(with = "b64")]
+    pub agent_key_pub: Vec<u8>,
 }
 
 /// CA → node.
@@ -195,6 +199,12 @@ pub struct Answer {
     /// sha256 PCR values, by index.
     #[serde(with = "hexmap")]
     pub pcrs: BTreeMap<u8, Vec<u8>>,
+    /// `TPMS_ATTEST` of TPM2_Certify: the AK certifying the agent key, over the nonce.
+    #[serde(with = "b64")]
+    pub certify: Vec<u8>,
+    /// Its `TPMT_SIGNATURE`.
+    #[serde(with = "b64")]
+    pub certify_signature: Vec<u8>,
 }
 
 /// Captured evidence for offline verification.
@@ -580,6 +590,88 @@ pub fn check_keys(
     })
 }
 
+/// Checks the agent key's public area: a signing key that cannot leave its TPM
+/// (fixedTPM, fixedParent, sensitiveDataOrigin, sign, not decrypt) whose public key is
+/// the one in the agent's CSR (`csr_spki`). Returns its TPM name, which the AK's
+/// certification must carry.
+pub fn check_agent_key(agent_key_pub: &[u8], csr_spki: &[u8]) -> Result<Vec<u8>, Error> {
+    let key = Public::parse(agent_key_pub)
+        .map_err(|e| refused(format!("agent key public: {}", reason(&e))))?;
+    for (bit, name) in [
+        (attr::FIXED_TPM, "fixedTPM"),
+        (attr::FIXED_PARENT, "fixedParent"),
+        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+        (attr::SIGN_ENCRYPT, "sign"),
+    ] {
+        if !key.has(bit) {
+            return Err(refused(format!(
+                "agent key is not {name}: it could exist outside the TPM"
+            )));
+        }
+    }
+    if key.has(attr::DECRYPT) {
+        return Err(refused("agent key is a decryption key (decrypt is set)"));
+    }
+    if !matches!(
+        key.name_alg,
+        wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
+    ) {
+        return Err(refused(format!(
+            "agent key nameAlg 0x{:04x} is not SHA-256/384/512",
+            key.name_alg
+        )));
+    }
+    let spki = key.spki_der()?;
+    if csr_spki.is_empty() || !bool::from(spki.as_slice().ct_eq(csr_spki)) {
+        return Err(refused(
+            "the agent CSR's key is not the TPM agent key in the evidence \
+             (an agent SVID is only issued for a key made in the attested TPM)",
+        ));
+    }
+    key.name()
+}
+
+/// Verifies TPM2_Certify by `ak` over `nonce` of the object named `key_name`: the
+/// signature over the raw `TPMS_ATTEST` first, then its type, nonce and certified name.
+pub fn verify_certification(
+    ak: &Public,
+    attest_raw: &[u8],
+    sig_raw: &[u8],
+    nonce: &[u8],
+    key_name: &[u8],
+) -> Result<(), Error> {
+    if attest_raw.len() > MAX_MESSAGE {
+        return Err(refused("agent key certification is too large"));
+    }
+    quote::verify_signature(ak, attest_raw, sig_raw).map_err(|e| {
+        refused(format!(
+            "agent key certification signature check failed (not certified by the attested AK): {}",
+            reason(&e)
+        ))
+    })?;
+    let attest = wire::Attest::parse(attest_raw)?;
+    let wire::Attested::Certify { name, .. } = &attest.attested else {
+        return Err(refused(
+            "agent key certification is not a TPM2_Certify (type is not TPM_ST_ATTEST_CERTIFY)",
+        ));
+    };
+    if attest.extra_data.len() != nonce.len()
+        || !bool::from(attest.extra_data.as_slice().ct_eq(nonce))
+    {
+        return Err(refused(
+            "agent key certification extraData does not match this attempt's nonce (stale or replayed)",
+        ));
+    }
+    if name.as_slice() != key_name {
+        return Err(refused(format!(
+            "the AK certified another key (name {}), not the agent key in the CSR (name {})",
+            hex::encode(name),
+            hex::encode(key_name)
+        )));
+    }
+    Ok(())
+}
+
 fn reason(e: &Error) -> String {
     match e {
         Error::Refused(r) => r.clone(),
@@ -644,6 +736,7 @@ impl NodeVerifier for TpmVerifier {
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
         let ev: InitialEvidence = parse_json(evidence, "TPM initial evidence")?;
         let keys = check_keys(&self.policy, &ev.ek_cert, &ev.ek_pub, &ev.ak_pub, ctx.now)?;
+        let agent_key_name = check_agent_key(&ev.agent_key_pub, ctx.agent_public_key)?;
         let secret = Zeroizing::new(random(32)?);
         let nonce = random(32)?;
         let cred = credential::make_credential(&keys.ek, &keys.ak_name, &secret)?;
@@ -663,6 +756,7 @@ impl NodeVerifier for TpmVerifier {
             Box::new(TpmSession {
                 policy: self.policy.clone(),
                 keys,
+                agent_key_name,
                 secret,
                 nonce,
                 issued_at: ctx.now,
@@ -676,6 +770,7 @@ impl NodeVerifier for TpmVerifier {
 struct TpmSession {
     policy: std::sync::Arc<TpmPolicy>,
     keys: CheckedKeys,
+    agent_key_name: Vec<u8>,
     secret: Zeroizing<Vec<u8>>,
     nonce: Vec<u8>,
     issued_at: SystemTime,
@@ -714,6 +809,13 @@ impl VerificationSession for TpmSession {
             &s.policy.pcrs,
             &a.pcrs,
         )?;
+        verify_certification(
+            &s.keys.ak,
+            &a.certify,
+            &a.certify_signature,
+            &s.nonce,
+            &s.agent_key_name,
+        )?;
         s.policy.check_pcrs(&s.keys.node_id, &q.pcrs)?;
         let mut transcript = s.transcript;
         transcript.update(&(answer.len() as u64).to_be_bytes());
@@ -738,6 +840,7 @@ impl VerificationSession for TpmSession {
 pub struct TpmAttestor {
     tcti: String,
     ak: Option<AkBlob>,
+    agent_key: Option<std::sync::Arc<TpmAgentKey>>,
 }
 
 impl TpmAttestor {
@@ -751,6 +854,7 @@ impl TpmAttestor {
         Self {
             tcti: tcti.to_string(),
             ak: None,
+            agent_key: None,
         }
     }
 }
@@ -771,7 +875,26 @@ impl NodeAttestor for TpmAttestor {
         METHOD
     }
 
+    /// A new key in the TPM for each attestation (so each renewal rotates it).
+    fn agent_key(&mut self) -> Result<Option<AgentKey>, Error> {
+        let blob = Tpm::open(&self.tcti)?.create_agent_key()?;
+        let key = std::sync::Arc::new(TpmAgentKey::new(&self.tcti, blob)?);
+        self.agent_key = Some(key.clone());
+        Ok(Some(AgentKey::Tpm(key)))
+    }
+
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
+        let agent_key_pub = match &self.agent_key {
+            Some(k) => k
+                .blob()
+                .public_area()
+                .map_err(|e| Error::Config(format!("TPM agent key: {e}")))?,
+            None => {
+                return Err(Error::Protocol(
+                    "TPM attestation needs the agent key made first".into(),
+                ))
+            }
+        };
         let mut tpm = Tpm::open(&self.tcti)?;
         let ek_cert = tpm.ek_cert()?;
         let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
@@ -781,6 +904,7 @@ impl NodeAttestor for TpmAttestor {
             ek_cert,
             ek_pub,
             ak_pub,
+            agent_key_pub,
         })
     }
 
@@ -792,15 +916,28 @@ impl NodeAttestor for TpmAttestor {
             .ak
             .as_ref()
             .ok_or_else(|| Error::Protocol("TPM challenge before the initial evidence".into()))?;
+        let key = self
+            .agent_key
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("TPM challenge before the agent key".into()))?;
         let mut tpm = Tpm::open(&self.tcti)?;
-        let (secret, (quote, signature, values)) =
-            tpm.activate_and_quote(ak, &c.credential_blob, &c.encrypted_secret, &c.nonce, &pcrs)?;
+        let (secret, (quote, signature, values), (certify, certify_signature)) = tpm
+            .activate_quote_and_certify(
+                ak,
+                key.blob(),
+                &c.credential_blob,
+                &c.encrypted_secret,
+                &c.nonce,
+                &pcrs,
+            )?;
         let secret = Zeroizing::new(secret);
         to_json(&Answer {
             secret: secret.to_vec(),
             quote,
             signature,
             pcrs: values,
+            certify,
+            certify_signature,
         })
     }
 }
