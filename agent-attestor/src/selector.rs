@@ -32,6 +32,7 @@ const KNOWN: &[(&str, &str, ValueKind)] = &[
     ("tdx", "rtmr2", ValueKind::Hex),
     ("tdx", "rtmr3", ValueKind::Hex),
     ("tdx", "mrconfigid", ValueKind::Hex),
+    ("multi", "method", ValueKind::Name),
 ];
 
 #[derive(Clone, Copy)]

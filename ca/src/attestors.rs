@@ -1,29 +1,46 @@
 //! The node attestation methods the server accepts beyond join tokens: each is enabled
 //! by its `[attestors.*]` table in the config (or the matching `run` flag).
 
-use ztid_agent_attestor::node_attestation::{sev_snp, tdx, tpm, NodeVerifier};
+use std::sync::Arc;
+
+use ztid_agent_attestor::node_attestation::{multi, sev_snp, tdx, tpm, NodeVerifier};
 
 use crate::config::ServerConfig;
 use crate::{Error, Result};
 
-/// Verifiers for every configured method.
-pub fn configured_verifiers(config: &ServerConfig) -> Result<Vec<Box<dyn NodeVerifier>>> {
-    let mut out: Vec<Box<dyn NodeVerifier>> = Vec::new();
+/// Verifiers for every configured method, and the `multi` verifier combining them when
+/// two or more are configured.
+pub fn configured_verifiers(
+    config: &ServerConfig,
+) -> Result<(Vec<Arc<dyn NodeVerifier>>, Option<Arc<multi::MultiVerifier>>)> {
+    let mut out: Vec<Arc<dyn NodeVerifier>> = Vec::new();
     let a = &config.attestors;
     if let Some(t) = &a.tpm {
-        out.push(Box::new(
+        out.push(Arc::new(
             tpm::TpmVerifier::from_config(t).map_err(Error::from)?,
         ));
     }
     if let Some(t) = &a.sev_snp {
-        out.push(Box::new(
+        out.push(Arc::new(
             sev_snp::SnpVerifier::from_config(t).map_err(Error::from)?,
         ));
     }
     if let Some(t) = &a.tdx {
-        out.push(Box::new(
+        out.push(Arc::new(
             tdx::TdxVerifier::from_config(t).map_err(Error::from)?,
         ));
     }
-    Ok(out)
+    let combined = if out.len() >= 2 {
+        Some(Arc::new(
+            multi::MultiVerifier::from_config(a.multi.as_ref(), out.clone()).map_err(Error::from)?,
+        ))
+    } else if a.multi.is_some() {
+        return Err(Error::Config(
+            "[attestors.multi] needs two or more of [attestors.tpm], [attestors.sev_snp], [attestors.tdx]"
+                .into(),
+        ));
+    } else {
+        None
+    };
+    Ok((out, combined))
 }

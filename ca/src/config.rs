@@ -139,6 +139,8 @@ pub struct AttestorsConfig {
     pub sev_snp: Option<toml::Table>,
     /// `[attestors.tdx]`.
     pub tdx: Option<toml::Table>,
+    /// `[attestors.multi]`: methods every node must present together.
+    pub multi: Option<toml::Table>,
 }
 
 impl Default for ServerConfig {

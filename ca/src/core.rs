@@ -14,6 +14,7 @@ use ztid_agent_attestor::bundle::TrustBundle;
 use ztid_agent_attestor::node_attestation::join_token::{
     self, JoinTokenGrant, JoinTokenStore, JoinTokenVerifier,
 };
+use ztid_agent_attestor::node_attestation::multi::MultiVerifier;
 use ztid_agent_attestor::node_attestation::{AttestationContext, AttestedNode, NodeVerifier};
 use ztid_agent_attestor::selector::satisfies;
 use ztid_agent_attestor::tls::SharedRoots;
@@ -93,7 +94,8 @@ pub struct CaCore {
     pub policy: Option<crate::policy::IssuancePolicy>,
     /// The tamper-evident audit log (absent only when disabled in config).
     pub audit: Option<Arc<AuditLog>>,
-    verifiers: Vec<Box<dyn NodeVerifier>>,
+    verifiers: Vec<Arc<dyn NodeVerifier>>,
+    multi: Option<Arc<MultiVerifier>>,
     server_svid: ArcSwap<CertifiedKey>,
     server_svid_expiry: std::sync::atomic::AtomicI64,
 }
@@ -139,9 +141,13 @@ impl CaCore {
             Some(p) => Some(crate::policy::IssuancePolicy::load(p)?),
             None => None,
         };
-        let mut verifiers: Vec<Box<dyn NodeVerifier>> =
-            vec![Box::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
-        verifiers.extend(crate::attestors::configured_verifiers(&config)?);
+        let mut verifiers: Vec<Arc<dyn NodeVerifier>> =
+            vec![Arc::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
+        let (hardware, multi) = crate::attestors::configured_verifiers(&config)?;
+        verifiers.extend(hardware);
+        if let Some(m) = &multi {
+            verifiers.push(m.clone());
+        }
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         Ok(Arc::new(Self {
@@ -153,6 +159,7 @@ impl CaCore {
             policy,
             audit,
             verifiers,
+            multi,
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
         }))
@@ -259,8 +266,12 @@ impl CaCore {
         Ok(AuthenticatedAgent { record })
     }
 
-    /// The verifier for a method.
+    /// The verifier for a method; refuses a single method the server requires to be
+    /// combined with others (`[attestors.multi] required`).
     pub fn verifier(&self, method: &str) -> Result<&dyn NodeVerifier> {
+        if let Some(m) = &self.multi {
+            m.check_single(method).map_err(Error::from)?;
+        }
         self.verifiers
             .iter()
             .find(|v| v.method() == method)

@@ -92,7 +92,9 @@ impl AgentConfig {
                 "either --trust-bundle FILE or --insecure-bootstrap is required".into(),
             ));
         }
-        if !matches!(
+        if self.attestor.contains(',') {
+            crate::node_attestation::multi::check_methods(self.attestor.split(',').map(str::trim))?;
+        } else if !matches!(
             self.attestor.as_str(),
             "join-token" | "tpm" | "sev-snp" | "tdx"
         ) {

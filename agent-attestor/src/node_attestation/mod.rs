@@ -10,7 +10,9 @@
 //! The exchange rides on the node API's bidirectional `Attest` stream, so a method may
 //! take as many round trips as it needs (TPM credential activation takes two).
 
+pub mod fetch;
 pub mod join_token;
+pub mod multi;
 pub mod sev_snp;
 pub mod tdx;
 pub mod tpm;
@@ -88,4 +90,20 @@ pub trait NodeVerifier: Send + Sync {
     fn method(&self) -> &'static str;
     /// Checks the initial evidence; may ask for more.
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error>;
+}
+
+/// Serde for binary fields of JSON messages: standard base64.
+pub(crate) mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
 }

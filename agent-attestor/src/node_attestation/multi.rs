@@ -1,0 +1,715 @@
+//! `multi` node attestation: several hardware methods in one attempt, every one required.
+//!
+//! A confidential VM with a vTPM can prove two things at once: what was launched (the
+//! SEV-SNP report or TDX quote, signed by the CPU vendor's keys) and its TPM's boot
+//! state and keys. The agent presents both; the CA runs each method's verifier in step
+//! and issues an identity only if all of them pass. One failing factor refuses the whole
+//! attempt, with the factor named in the reason.
+//!
+//! # Binding the factors together
+//! Every factor is bound to the same agent key, the one in the CSR: the TPM factor
+//! proves the key was made in that TPM (TPM2_Certify by the activated AK), a TEE factor
+//! carries a hash of the CA's nonce and that key in its report_data. So the factors
+//! cannot come from two different machines glued together: the TEE vouches for a key
+//! that the TPM proves it holds.
+//!
+//! # Protocol
+//! Each message is a JSON [`Envelope`] of per-method parts. The first message has one
+//! part per factor (its initial evidence); each challenge has one part per factor still
+//! pending, and the answer one part per challenge. Factors that finish early wait.
+//!
+//! # Identity and selectors
+//! node id = hex SHA-256 of the sorted `method=node id` lines of all factors, so the
+//! agent is `spiffe://TD/ztid/agent/multi/<hex>`, distinct from what any single factor
+//! would get: entries parented to it are only served after all factors passed.
+//! Selectors: every factor's selectors, plus `multi:method:<method>` per factor. A node
+//! alias that lists selectors of two methods (say `tpm:ek-hash:…` and
+//! `sev-snp:measurement:…`) is therefore only granted to a node that proved both.
+//!
+//! # Server policy
+//! `[attestors.multi] required = ["tpm", "sev-snp"]` makes the CA refuse any attempt
+//! that does not present every listed method together, single-method attempts included.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    b64, AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession,
+    VerifierStep,
+};
+use crate::agent_key::AgentKey;
+use crate::{Error, Selector};
+
+/// The method name on the wire.
+pub const METHOD: &str = "multi";
+/// Most factors in one attempt.
+pub const MAX_FACTORS: usize = 4;
+/// Largest envelope accepted (TDX quotes with their certificate chain are ~10 KiB).
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// One message of the exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// One part per factor concerned.
+    pub parts: Vec<Part>,
+}
+
+/// A factor's message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    /// The factor's method (`tpm`, `sev-snp`, `tdx`).
+    pub method: String,
+    /// What that method's own protocol says at this step.
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+fn refused(s: impl Into<String>) -> Error {
+    Error::Refused(s.into())
+}
+
+/// Names the factor in a refusal.
+fn in_factor(method: &str, e: Error) -> Error {
+    match e {
+        Error::Refused(r) => Error::Refused(format!("{method} factor: {r}")),
+        other => other,
+    }
+}
+
+fn parse(bytes: &[u8], what: &str) -> Result<Envelope, Error> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(refused(format!(
+            "multi-factor {what} is larger than {MAX_MESSAGE} bytes"
+        )));
+    }
+    let env: Envelope = serde_json::from_slice(bytes)
+        .map_err(|e| refused(format!("malformed multi-factor {what}: {e}")))?;
+    let mut seen = BTreeSet::new();
+    for p in &env.parts {
+        if !seen.insert(p.method.as_str()) {
+            return Err(refused(format!(
+                "multi-factor {what} names {} twice",
+                p.method
+            )));
+        }
+    }
+    Ok(env)
+}
+
+fn encode(env: &Envelope) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(env).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// Methods that may be combined: hardware evidence only (a join token is a one-time
+/// secret, not a property of the machine).
+pub fn combinable(method: &str) -> bool {
+    matches!(method, "tpm" | "sev-snp" | "tdx")
+}
+
+// ---------------------------------------------------------------------------------------
+// Node side
+
+/// Runs several attestors as one.
+pub struct MultiAttestor {
+    factors: Vec<Box<dyn NodeAttestor>>,
+}
+
+impl MultiAttestor {
+    /// Combines `factors` (at least two, distinct, hardware methods).
+    pub fn new(factors: Vec<Box<dyn NodeAttestor>>) -> Result<Self, Error> {
+        check_methods(factors.iter().map(|f| f.method()))?;
+        Ok(Self { factors })
+    }
+}
+
+/// Checks a list of factor methods: 2..=MAX_FACTORS, distinct, combinable.
+pub fn check_methods<'a>(methods: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
+    let mut seen = BTreeSet::new();
+    for m in methods {
+        if !combinable(m) {
+            return Err(Error::Config(format!(
+                "attestor {m:?} cannot be combined (multi-factor takes tpm, sev-snp, tdx)"
+            )));
+        }
+        if !seen.insert(m) {
+            return Err(Error::Config(format!("attestor {m:?} is listed twice")));
+        }
+    }
+    if !(2..=MAX_FACTORS).contains(&seen.len()) {
+        return Err(Error::Config(format!(
+            "multi-factor attestation takes 2 to {MAX_FACTORS} methods"
+        )));
+    }
+    Ok(())
+}
+
+impl NodeAttestor for MultiAttestor {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    fn agent_key(&mut self) -> Result<Option<AgentKey>, Error> {
+        let mut key = None;
+        for f in &mut self.factors {
+            if let Some(k) = f.agent_key()? {
+                if key.is_some() {
+                    return Err(Error::Config(
+                        "two attestors each want to hold the agent key".into(),
+                    ));
+                }
+                key = Some(k);
+            }
+        }
+        Ok(key)
+    }
+
+    fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
+        let parts = self
+            .factors
+            .iter_mut()
+            .map(|f| {
+                Ok(Part {
+                    method: f.method().to_string(),
+                    data: f.initial_evidence()?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        encode(&Envelope { parts })
+    }
+
+    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+        let env = parse(challenge, "challenge").map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut parts = Vec::with_capacity(env.parts.len());
+        for p in env.parts {
+            let f = self
+                .factors
+                .iter_mut()
+                .find(|f| f.method() == p.method)
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "the server challenged {}, which this agent did not present",
+                        p.method
+                    ))
+                })?;
+            parts.push(Part {
+                method: p.method,
+                data: f.answer(&p.data)?,
+            });
+        }
+        encode(&Envelope { parts })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CA side
+
+/// Verifies several methods at once with the server's single-method verifiers.
+pub struct MultiVerifier {
+    factors: Vec<Arc<dyn NodeVerifier>>,
+    required: BTreeSet<String>,
+}
+
+impl MultiVerifier {
+    /// Combines the configured hardware verifiers; `required` lists methods every
+    /// attempt must include (`[attestors.multi] required`).
+    pub fn new(
+        factors: Vec<Arc<dyn NodeVerifier>>,
+        required: BTreeSet<String>,
+    ) -> Result<Self, Error> {
+        let known: BTreeSet<&str> = factors.iter().map(|f| f.method()).collect();
+        for r in &required {
+            if !known.contains(r.as_str()) {
+                return Err(Error::Config(format!(
+                    "[attestors.multi] requires {r}, which is not configured"
+                )));
+            }
+        }
+        Ok(Self { factors, required })
+    }
+
+    /// Reads `[attestors.multi]` (`required = [...]`).
+    pub fn from_config(
+        config: Option<&toml::Table>,
+        factors: Vec<Arc<dyn NodeVerifier>>,
+    ) -> Result<Self, Error> {
+        let mut required = BTreeSet::new();
+        if let Some(t) = config {
+            for k in t.keys() {
+                if k != "required" {
+                    return Err(Error::Config(format!(
+                        "unknown key {k:?} in [attestors.multi] (known: required)"
+                    )));
+                }
+            }
+            if let Some(v) = t.get("required") {
+                let arr = v.as_array().ok_or_else(|| {
+                    Error::Config("[attestors.multi] required must be an array".into())
+                })?;
+                for m in arr {
+                    let m = m.as_str().ok_or_else(|| {
+                        Error::Config("[attestors.multi] required lists method names".into())
+                    })?;
+                    required.insert(m.to_string());
+                }
+                check_methods(required.iter().map(String::as_str))?;
+            }
+        }
+        Self::new(factors, required)
+    }
+
+    /// The methods every attempt must present together (empty: no requirement).
+    pub fn required(&self) -> &BTreeSet<String> {
+        &self.required
+    }
+
+    /// Refuses a single-method attempt with `method` when the server requires factors
+    /// together that include it (or any factor at all).
+    pub fn check_single(&self, method: &str) -> Result<(), Error> {
+        if self.required.is_empty() || !combinable(method) {
+            return Ok(());
+        }
+        Err(refused(format!(
+            "this server requires {} together in one attestation; {method} alone is not enough",
+            self.required
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )))
+    }
+}
+
+impl NodeVerifier for MultiVerifier {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+        let env = parse(evidence, "evidence")?;
+        check_methods(env.parts.iter().map(|p| p.method.as_str())).map_err(|e| match e {
+            Error::Config(m) => refused(m),
+            other => other,
+        })?;
+        let presented: BTreeSet<&str> = env.parts.iter().map(|p| p.method.as_str()).collect();
+        let missing: Vec<&str> = self
+            .required
+            .iter()
+            .map(String::as_str)
+            .filter(|r| !presented.contains(r))
+            .collect();
+        if !missing.is_empty() {
+            return Err(refused(format!(
+                "this server requires {} in every attestation; missing: {}",
+                self.required
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                missing.join(", ")
+            )));
+        }
+        let mut progress = Progress::default();
+        for p in env.parts {
+            let v = self
+                .factors
+                .iter()
+                .find(|f| f.method() == p.method)
+                .ok_or_else(|| {
+                    refused(format!("factor {} is not enabled on this server", p.method))
+                })?;
+            let step = v.start(&p.data, ctx).map_err(|e| in_factor(&p.method, e))?;
+            progress.record(p.method, step);
+        }
+        progress.next()
+    }
+}
+
+/// Factors done and factors waiting for an answer.
+#[derive(Default)]
+struct Progress {
+    done: Vec<AttestedNode>,
+    pending: Vec<(String, Box<dyn VerificationSession>)>,
+    challenges: Vec<Part>,
+}
+
+impl Progress {
+    fn record(&mut self, method: String, step: VerifierStep) {
+        match step {
+            VerifierStep::Attested(n) => self.done.push(n),
+            VerifierStep::Challenge(c, s) => {
+                self.challenges.push(Part {
+                    method: method.clone(),
+                    data: c,
+                });
+                self.pending.push((method, s));
+            }
+        }
+    }
+
+    fn next(self) -> Result<VerifierStep, Error> {
+        if self.pending.is_empty() {
+            return combine(self.done).map(VerifierStep::Attested);
+        }
+        let challenge = encode(&Envelope {
+            parts: self.challenges,
+        })?;
+        Ok(VerifierStep::Challenge(
+            challenge,
+            Box::new(MultiSession {
+                done: self.done,
+                pending: self.pending,
+            }),
+        ))
+    }
+}
+
+struct MultiSession {
+    done: Vec<AttestedNode>,
+    pending: Vec<(String, Box<dyn VerificationSession>)>,
+}
+
+impl VerificationSession for MultiSession {
+    fn resume(
+        self: Box<Self>,
+        answer: &[u8],
+        ctx: &AttestationContext<'_>,
+    ) -> Result<VerifierStep, Error> {
+        let env = parse(answer, "answer")?;
+        let asked: BTreeSet<&str> = self.pending.iter().map(|(m, _)| m.as_str()).collect();
+        let got: BTreeSet<&str> = env.parts.iter().map(|p| p.method.as_str()).collect();
+        if asked != got {
+            return Err(refused(format!(
+                "multi-factor answer is for {}, the challenge was for {}",
+                got.into_iter().collect::<Vec<_>>().join(","),
+                asked.into_iter().collect::<Vec<_>>().join(",")
+            )));
+        }
+        let mut progress = Progress {
+            done: self.done,
+            ..Default::default()
+        };
+        for (method, session) in self.pending {
+            let data = env
+                .parts
+                .iter()
+                .find(|p| p.method == method)
+                .map(|p| p.data.as_slice())
+                .unwrap_or_default();
+            let step = session
+                .resume(data, ctx)
+                .map_err(|e| in_factor(&method, e))?;
+            progress.record(method, step);
+        }
+        progress.next()
+    }
+}
+
+/// The node every factor attested, as one.
+fn combine(mut done: Vec<AttestedNode>) -> Result<AttestedNode, Error> {
+    done.sort_by(|a, b| a.method.cmp(b.method));
+    let mut id = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut selectors = BTreeSet::new();
+    let mut aliases = BTreeSet::new();
+    for n in &done {
+        id.update(format!("{}={}\n", n.method, n.node_id).as_bytes());
+        digest.update(&n.evidence_digest);
+        selectors.insert(Selector::new(METHOD, &format!("method:{}", n.method))?);
+        selectors.extend(n.selectors.iter().cloned());
+        aliases.extend(n.aliases.iter().cloned());
+    }
+    let mut evidence_digest = [0u8; 32];
+    evidence_digest.copy_from_slice(digest.finish().as_ref());
+    Ok(AttestedNode {
+        method: METHOD,
+        node_id: hex::encode(id.finish()),
+        selectors: selectors.into_iter().collect(),
+        aliases: aliases.into_iter().collect(),
+        evidence_digest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A method that attests after `rounds` challenges, or refuses at a given round.
+    struct Scripted {
+        method: &'static str,
+        rounds: usize,
+        refuse_at: Option<usize>,
+    }
+
+    struct ScriptedSession {
+        method: &'static str,
+        left: usize,
+        round: usize,
+        refuse_at: Option<usize>,
+    }
+
+    fn step(
+        method: &'static str,
+        left: usize,
+        round: usize,
+        refuse_at: Option<usize>,
+    ) -> Result<VerifierStep, Error> {
+        if refuse_at == Some(round) {
+            return Err(refused(format!("round {round} refused")));
+        }
+        if left == 0 {
+            return Ok(VerifierStep::Attested(AttestedNode {
+                method,
+                node_id: format!("{method}-node"),
+                selectors: vec![],
+                aliases: vec![format!("spiffe://td/{method}-alias")],
+                evidence_digest: [round as u8; 32],
+            }));
+        }
+        Ok(VerifierStep::Challenge(
+            format!("{method}-challenge-{round}").into_bytes(),
+            Box::new(ScriptedSession {
+                method,
+                left: left - 1,
+                round: round + 1,
+                refuse_at,
+            }),
+        ))
+    }
+
+    impl NodeVerifier for Scripted {
+        fn method(&self) -> &'static str {
+            self.method
+        }
+        fn start(
+            &self,
+            evidence: &[u8],
+            _: &AttestationContext<'_>,
+        ) -> Result<VerifierStep, Error> {
+            assert_eq!(evidence, format!("{}-evidence", self.method).as_bytes());
+            step(self.method, self.rounds, 0, self.refuse_at)
+        }
+    }
+
+    impl VerificationSession for ScriptedSession {
+        fn resume(
+            self: Box<Self>,
+            answer: &[u8],
+            _: &AttestationContext<'_>,
+        ) -> Result<VerifierStep, Error> {
+            assert_eq!(
+                answer,
+                format!("{}-answer-{}", self.method, self.round - 1).as_bytes()
+            );
+            step(self.method, self.left, self.round, self.refuse_at)
+        }
+    }
+
+    fn ctx() -> AttestationContext<'static> {
+        AttestationContext {
+            agent_public_key: b"key",
+            now: std::time::SystemTime::now(),
+        }
+    }
+
+    fn verifier(tpm: Scripted, snp: Scripted, required: &[&str]) -> MultiVerifier {
+        MultiVerifier::new(
+            vec![Arc::new(tpm), Arc::new(snp)],
+            required.iter().map(|s| s.to_string()).collect(),
+        )
+        .unwrap()
+    }
+
+    fn scripted(method: &'static str, rounds: usize, refuse_at: Option<usize>) -> Scripted {
+        Scripted {
+            method,
+            rounds,
+            refuse_at,
+        }
+    }
+
+    fn evidence(methods: &[&str]) -> Vec<u8> {
+        encode(&Envelope {
+            parts: methods
+                .iter()
+                .map(|m| Part {
+                    method: m.to_string(),
+                    data: format!("{m}-evidence").into_bytes(),
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    /// Answers every part of a challenge the way the scripted methods expect.
+    fn answer(challenge: &[u8]) -> Vec<u8> {
+        let env = parse(challenge, "challenge").unwrap();
+        encode(&Envelope {
+            parts: env
+                .parts
+                .into_iter()
+                .map(|p| {
+                    let c = String::from_utf8(p.data).unwrap();
+                    Part {
+                        method: p.method,
+                        data: c.replace("challenge", "answer").into_bytes(),
+                    }
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    fn run(v: &MultiVerifier, methods: &[&str]) -> Result<AttestedNode, Error> {
+        let mut step = v.start(&evidence(methods), &ctx())?;
+        loop {
+            match step {
+                VerifierStep::Attested(n) => return Ok(n),
+                VerifierStep::Challenge(c, s) => step = s.resume(&answer(&c), &ctx())?,
+            }
+        }
+    }
+
+    fn refusal(r: Result<AttestedNode, Error>) -> String {
+        match r {
+            Err(Error::Refused(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn factors_with_different_round_counts_all_pass() {
+        let v = verifier(scripted("tpm", 1, None), scripted("sev-snp", 3, None), &[]);
+        let n = run(&v, &["sev-snp", "tpm"]).unwrap();
+        assert_eq!(n.method, "multi");
+        assert_eq!(n.node_id.len(), 64);
+        let sels: Vec<String> = n.selectors.iter().map(|s| s.to_string()).collect();
+        assert!(sels.contains(&"multi:method:tpm".to_string()), "{sels:?}");
+        assert!(
+            sels.contains(&"multi:method:sev-snp".to_string()),
+            "{sels:?}"
+        );
+        assert_eq!(
+            n.aliases,
+            vec![
+                "spiffe://td/sev-snp-alias".to_string(),
+                "spiffe://td/tpm-alias".to_string()
+            ]
+        );
+        // The order the agent lists its factors in does not change the identity.
+        let again = run(&v, &["tpm", "sev-snp"]).unwrap();
+        assert_eq!(again.node_id, n.node_id);
+    }
+
+    #[test]
+    fn one_failing_factor_refuses_the_attempt_and_is_named() {
+        let v = verifier(
+            scripted("tpm", 1, Some(1)),
+            scripted("sev-snp", 1, None),
+            &[],
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm", "sev-snp"])),
+            "tpm factor: round 1 refused"
+        );
+        let v = verifier(
+            scripted("tpm", 1, None),
+            scripted("sev-snp", 2, Some(0)),
+            &[],
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm", "sev-snp"])),
+            "sev-snp factor: round 0 refused"
+        );
+    }
+
+    #[test]
+    fn malformed_or_incomplete_attempts_are_refused() {
+        let v = verifier(
+            scripted("tpm", 1, None),
+            scripted("sev-snp", 1, None),
+            &["sev-snp", "tpm"],
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm"])),
+            "multi-factor attestation takes 2 to 4 methods"
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm", "tpm"])),
+            "multi-factor evidence names tpm twice"
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm", "join-token"])),
+            "attestor \"join-token\" cannot be combined (multi-factor takes tpm, sev-snp, tdx)"
+        );
+        assert_eq!(
+            refusal(run(&v, &["tpm", "tdx"])),
+            "this server requires sev-snp and tpm in every attestation; missing: sev-snp"
+        );
+        assert!(refusal(v.start(b"{", &ctx()).map(|_| unreachable!()))
+            .starts_with("malformed multi-factor evidence"));
+        // An answer that skips a challenged factor.
+        let VerifierStep::Challenge(_, s) =
+            v.start(&evidence(&["tpm", "sev-snp"]), &ctx()).unwrap()
+        else {
+            panic!("expected a challenge")
+        };
+        let partial = encode(&Envelope {
+            parts: vec![Part {
+                method: "tpm".into(),
+                data: b"tpm-answer-0".to_vec(),
+            }],
+        })
+        .unwrap();
+        assert_eq!(
+            refusal(s.resume(&partial, &ctx()).map(|_| unreachable!())),
+            "multi-factor answer is for tpm, the challenge was for sev-snp,tpm"
+        );
+        // Single-method attempts are refused while factors are required.
+        assert_eq!(
+            v.check_single("tpm").unwrap_err().to_string(),
+            "attestation refused: this server requires sev-snp and tpm together in one attestation; tpm alone is not enough"
+        );
+        assert!(v.check_single("join-token").is_ok());
+        let open = verifier(scripted("tpm", 1, None), scripted("sev-snp", 1, None), &[]);
+        assert!(open.check_single("tpm").is_ok());
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let f = || -> Vec<Arc<dyn NodeVerifier>> {
+            vec![
+                Arc::new(scripted("tpm", 1, None)),
+                Arc::new(scripted("sev-snp", 1, None)),
+            ]
+        };
+        let t = |s: &str| -> toml::Table { toml::from_str(s).unwrap() };
+        let err = |s: &str| match MultiVerifier::from_config(Some(&t(s)), f()) {
+            Err(Error::Config(m)) => m,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted {s}"),
+        };
+        assert_eq!(
+            err("required = [\"tpm\", \"tdx\"]"),
+            "[attestors.multi] requires tdx, which is not configured"
+        );
+        assert_eq!(
+            err("require = []"),
+            "unknown key \"require\" in [attestors.multi] (known: required)"
+        );
+        assert_eq!(
+            err("required = [\"tpm\"]"),
+            "multi-factor attestation takes 2 to 4 methods"
+        );
+        let ok =
+            MultiVerifier::from_config(Some(&t("required = [\"tpm\", \"sev-snp\"]")), f()).unwrap();
+        assert_eq!(ok.required().len(), 2);
+        assert!(MultiVerifier::from_config(None, f())
+            .unwrap()
+            .required()
+            .is_empty());
+    }
+}
