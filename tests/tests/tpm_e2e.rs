@@ -144,6 +144,19 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
         },
     );
     assert!(out.contains(&workload), "{out}");
+
+    // The agent's key lives in the TPM: its data directory holds the SRK-wrapped blob
+    // and no PKCS#8 key, and its SVID certifies exactly that key. Entry sync and the
+    // workload's SVID above went over mTLS handshakes the TPM signed.
+    let data = agent.dir.path().join("data");
+    assert!(!data.join("agent_key.pk8").exists());
+    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data).expect("agent_key.tpmkey");
+    assert!(key.pkcs8().is_none(), "a TPM key has no exportable form");
+    let leaf = pem::parse(std::fs::read(data.join("agent_svid.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(cert.public_key().raw, key.spki().unwrap().as_slice());
     // The agent holds no TPM connection and left nothing loaded.
     assert_eq!(swtpm.leftovers(), "");
 }

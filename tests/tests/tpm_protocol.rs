@@ -868,3 +868,180 @@ fn tpm_bench() {
         1.0 / (start_s + quote_s)
     );
 }
+
+/// Sets the last 64 bytes of an ECC `TPMT_PUBLIC` (x and y, 32 bytes each after their
+/// sizes) to `point` (uncompressed SEC1, 65 bytes).
+fn with_point(tpmt: &[u8], point: &[u8]) -> Vec<u8> {
+    let mut t = tpmt.to_vec();
+    let n = t.len();
+    assert_eq!(&t[n - 68..n - 66], &[0, 32], "x is 32 bytes");
+    t[n - 66..n - 34].copy_from_slice(&point[1..33]);
+    t[n - 32..].copy_from_slice(&point[33..65]);
+    t
+}
+
+#[test]
+fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
+    let f = fixture();
+    let v = TpmVerifier::new(policy(&f.ca, ""));
+    let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
+    let (ev, tpm_key) = evidence(&mut a);
+
+    // 1. A CSR for a software key, with evidence about the TPM key: refused at once.
+    let soft = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let soft_spki = rcgen::PublicKeyData::subject_public_key_info(&soft);
+    assert_eq!(
+        refusal(v.start(&ev, &ctx(&soft_spki))),
+        "the agent CSR's key is not the TPM agent key in the evidence \
+         (an agent SVID is only issued for a key made in the attested TPM)"
+    );
+
+    // 2. The software key dressed up as a TPM key (its point in the TPM key's public
+    //    area, attributes and all): the static checks pass, but the AK can only certify
+    //    what is loaded in its TPM, so the certified name is another key's.
+    let parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
+    let mut forged = parsed.clone();
+    forged.agent_key_pub = with_point(
+        &parsed.agent_key_pub,
+        rcgen::PublicKeyData::der_bytes(&soft),
+    );
+    let (c, session) = challenge(
+        v.start(&serde_json::to_vec(&forged).unwrap(), &ctx(&soft_spki))
+            .expect("static checks pass"),
+    );
+    let ans = a.answer(&c).unwrap();
+    assert!(refusal(session.resume(&ans, &ctx(&soft_spki)))
+        .starts_with("the AK certified another key (name "));
+
+    // 3. A key that could leave the TPM (fixedTPM or fixedParent clear), a decryption key.
+    let attrs = |f: &dyn Fn(u32) -> u32| {
+        let mut e = parsed.clone();
+        let cur = u32::from_be_bytes(e.agent_key_pub[4..8].try_into().unwrap());
+        e.agent_key_pub[4..8].copy_from_slice(&f(cur).to_be_bytes());
+        serde_json::to_vec(&e).unwrap()
+    };
+    for (bit, name) in [
+        (wire::attr::FIXED_TPM, "fixedTPM"),
+        (wire::attr::FIXED_PARENT, "fixedParent"),
+        (wire::attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+    ] {
+        assert_eq!(
+            refusal(v.start(&attrs(&|a| a & !bit), &ctx(&tpm_key))),
+            format!("agent key is not {name}: it could exist outside the TPM")
+        );
+    }
+    assert_eq!(
+        refusal(v.start(&attrs(&|a| a | wire::attr::DECRYPT), &ctx(&tpm_key))),
+        "agent key is a decryption key (decrypt is set)"
+    );
+
+    // 4. Answers whose certification is tampered with, missing, from another attempt,
+    //    made by another AK of the same TPM, or a quote in its place.
+    let (c0, s0) = challenge(v.start(&ev, &ctx(&tpm_key)).unwrap());
+    let good: Answer = serde_json::from_slice(&a.answer(&c0).unwrap()).unwrap();
+    attested(s0.resume(&serde_json::to_vec(&good).unwrap(), &ctx(&tpm_key)));
+    let other_ak = Tpm::open(&f.tpm.tcti()).unwrap().create_ak().unwrap();
+    let old_certify = (good.certify.clone(), good.certify_signature.clone());
+    type Tamper = Box<dyn Fn(&mut Answer, &Challenge)>;
+    let key_blob = a_key_blob(&mut a);
+    let tcti = f.tpm.tcti();
+    let cases: Vec<(&str, Tamper)> = vec![
+        (
+            "agent key certification signature check failed (not certified by the attested AK): signature does not verify",
+            Box::new(|ans, _| {
+                let i = ans.certify.len() - 40;
+                ans.certify[i] ^= 0x01;
+            }),
+        ),
+        (
+            "agent key certification signature check failed (not certified by the attested AK): ",
+            Box::new(|ans, _| {
+                ans.certify.clear();
+                ans.certify_signature.clear();
+            }),
+        ),
+        (
+            "agent key certification extraData does not match this attempt's nonce (stale or replayed)",
+            Box::new(move |ans, _| {
+                ans.certify = old_certify.0.clone();
+                ans.certify_signature = old_certify.1.clone();
+            }),
+        ),
+        (
+            "agent key certification signature check failed (not certified by the attested AK): signature does not verify",
+            Box::new(move |ans, c| {
+                let (att, sig) = Tpm::open(&tcti)
+                    .unwrap()
+                    .certify_with(&other_ak, &key_blob, &c.nonce)
+                    .unwrap();
+                ans.certify = att;
+                ans.certify_signature = sig;
+            }),
+        ),
+        (
+            "agent key certification is not a TPM2_Certify (type is not TPM_ST_ATTEST_CERTIFY)",
+            Box::new(|ans, _| {
+                ans.certify = ans.quote.clone();
+                ans.certify_signature = ans.signature.clone();
+            }),
+        ),
+    ];
+    for (want, tamper) in cases {
+        let (c, session) = challenge(v.start(&ev, &ctx(&tpm_key)).unwrap());
+        let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
+        tamper(&mut ans, &serde_json::from_slice(&c).unwrap());
+        let got = refusal(session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&tpm_key)));
+        assert!(got.starts_with(want), "{got}\nwanted: {want}");
+    }
+    assert_eq!(f.tpm.leftovers(), "");
+}
+
+/// The blob of the agent key `a` made last.
+fn a_key_blob(a: &mut TpmAttestor) -> ztid_hsm::TpmKeyBlob {
+    match a.agent_key().unwrap().unwrap() {
+        ztid_agent_attestor::agent_key::AgentKey::Tpm(k) => k.blob().clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn tpm_agent_key_signs_only_in_its_own_tpm() {
+    let f = fixture();
+    let (tpm_b, _) = f.second_tpm(true);
+    let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
+    let key = a.agent_key().unwrap().unwrap();
+    // It signs CSRs and TLS handshakes: the CSR verifies with the key's public half.
+    let csr = key.csr().unwrap();
+    let parsed = rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into())
+        .expect("the TPM-signed CSR verifies");
+    assert_eq!(
+        rcgen::PublicKeyData::subject_public_key_info(&parsed.public_key),
+        key.spki().unwrap()
+    );
+    let ztid_agent_attestor::agent_key::AgentKey::Tpm(k) = &key else {
+        panic!("a TPM key")
+    };
+    let sig = k.sign(b"handshake transcript").unwrap();
+    let point = &key.spki().unwrap()[26..];
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, point)
+        .verify(b"handshake transcript", &sig)
+        .expect("TPM signature verifies");
+    // Its data-directory form is useless on another machine's TPM.
+    let (file, bytes) = key.persisted().unwrap();
+    assert_eq!(file, "agent_key.tpmkey");
+    let copied =
+        ztid_agent_attestor::agent_key::TpmAgentKey::new(&tpm_b.tcti(), k.blob().clone()).unwrap();
+    let err = copied
+        .sign(b"handshake transcript")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("this TPM cannot load the key"), "{err}");
+    // The persisted form names no private key material a software stack could use.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file), &bytes).unwrap();
+    let reloaded = ztid_agent_attestor::agent_key::AgentKey::load(dir.path()).unwrap();
+    assert!(reloaded.pkcs8().is_none());
+    assert_eq!(reloaded.spki().unwrap(), key.spki().unwrap());
+    assert_eq!(f.tpm.leftovers(), "");
+    assert_eq!(tpm_b.leftovers(), "");
+}

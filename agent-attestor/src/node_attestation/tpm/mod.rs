@@ -13,15 +13,24 @@
 //!    decrypt).
 //! 3. **Its boot state, now**: a quote by that same AK over the configured sha256 PCRs and
 //!    a fresh CA nonce ([`quote`]), checked against the operator's PCR policy.
+//! 4. **The agent's key cannot leave the TPM**: the key in the agent's CSR is made in the
+//!    TPM (ECDSA P-256, fixedTPM, fixedParent, sensitiveDataOrigin, sign only, under the
+//!    owner SRK) and certified by that same AK over the same nonce (`TPM2_Certify`). The CA
+//!    issues the agent SVID only for that key ([`check_agent_key`],
+//!    [`verify_certification`]); the agent signs its CSR and every mTLS handshake to the
+//!    node API with it ([`crate::agent_key`]). Its data directory holds only the
+//!    SRK-wrapped blob, which no other TPM can load. Each attestation (so each renewal)
+//!    makes a new key.
 //!
 //! # Protocol (one challenge round, JSON messages, binary fields in base64)
-//! - initial evidence, node → CA ([`InitialEvidence`]): EK certificate (DER), EK and AK
-//!   `TPMT_PUBLIC`. The CA computes the AK name itself.
+//! - initial evidence, node → CA ([`InitialEvidence`]): EK certificate (DER), EK, AK and
+//!   agent key `TPMT_PUBLIC`. The CA computes the names itself.
 //! - challenge, CA → node ([`Challenge`]): the credential (`TPM2B_ID_OBJECT` and
 //!   `TPM2B_ENCRYPTED_SECRET` bodies) protecting a random 32-byte secret, a random
 //!   32-byte nonce, and the PCR indices to quote.
 //! - answer, node → CA ([`Answer`]): the activated secret, the quote (`TPMS_ATTEST` and
-//!   `TPMT_SIGNATURE` exactly as the TPM produced them) over the nonce, and the PCR values.
+//!   `TPMT_SIGNATURE` exactly as the TPM produced them) over the nonce, the PCR values,
+//!   and the AK's certification of the agent key over the nonce.
 //!
 //! The CA's session keeps the AK public key that the credential was bound to, the secret
 //! and the nonce; the answer's secret must match (constant-time) and its quote must verify
@@ -68,8 +77,9 @@
 //! RSA EKs only (RSA-2048, the common case, and RSA 3072/4096 with the high-range
 //! template's SHA-384/AES-256); the agent reads the RSA-2048 EK certificate at
 //! NV 0x01c00002. The quote's `qualifiedSigner` is not checked (it depends on the
-//! hierarchy above the EK); the AK is identified by its public key instead. The quote is
-//! not bound to the agent's CSR key: the node-side trait does not see that key.
+//! hierarchy above the EK); the AK is identified by its public key instead. Offline
+//! evidence files carry no agent key certification (they are for debugging PCR and EK
+//! refusals).
 
 pub mod credential;
 pub mod device;
