@@ -5,8 +5,9 @@ use clap::Parser;
 use ztid_agent_attestor::agent::cli::{client_verb, run_config, Cli, Command};
 
 fn init_logging(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("ZTID_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZTID_LOG")
+        // tss-esapi logs every context open and close at info.
+        .unwrap_or_else(|_| "info,tss_esapi=warn".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

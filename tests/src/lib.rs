@@ -297,6 +297,15 @@ impl Agent {
         token: &str,
         extra: &[&str],
     ) -> Result<Self, String> {
+        let mut args = vec!["--join-token", token];
+        args.extend_from_slice(extra);
+        Self::start_attested(server, &args)
+    }
+
+    /// Spawns an agent with `args` choosing its attestation (`--attestor tpm --tpm-tcti
+    /// …`, `--join-token …`) and waits until its socket serves; `Err(log)` if it exits
+    /// first.
+    pub fn start_attested(server: &Server, args: &[&str]) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = server.bundle_file();
         let mut cmd = Command::new(bin("ztid-agent"));
@@ -307,15 +316,15 @@ impl Agent {
             .arg(&bundle)
             .arg("--trust-domain")
             .arg(&server.trust_domain)
-            .arg("--join-token")
-            .arg(token)
             .arg("--socket")
             .arg(dir.path().join("api.sock"))
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--sync-interval")
             .arg("1")
-            .args(extra);
+            .args(args)
+            // libtss2 logs every TPM error response to stderr; the agent reports its own.
+            .env("TSS2_LOG", "all+none");
         let mut proc = Proc::spawn(&mut cmd, dir.path().join("agent.log"));
         let socket = dir.path().join("api.sock");
         let ready = {

@@ -8,74 +8,20 @@
 mod swtpm;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use swtpm::{LocalCa, Swtpm};
 use ztid_agent_attestor::node_attestation::tpm;
-use ztid_tests::{
-    agent_cli, bin, entry_for_my_uid, spiffe_id_of, wait_for, Agent, Proc, Server, READY_TIMEOUT,
-};
+use ztid_tests::{bin, entry_for_my_uid, wait_for, Agent, Server, READY_TIMEOUT};
 
 const TD: &str = "tpm.example.org";
 
 /// Starts `ztid-agent --attestor tpm`; `Err(log)` if it exits before serving.
 fn start_tpm_agent(server: &Server, tcti: &str, extra: &[&str]) -> Result<Agent, String> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = server.bundle_file();
-    let socket = dir.path().join("api.sock");
-    let log = dir.path().join("agent.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let child = Command::new(bin("ztid-agent"))
-        .arg("run")
-        .arg("--server")
-        .arg(server.addr())
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .arg("--attestor")
-        .arg("tpm")
-        .arg("--tpm-tcti")
-        .arg(tcti)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--sync-interval")
-        .arg("1")
-        .args(extra)
-        .env("TSS2_LOG", "all+none")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("dup"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn ztid-agent");
-    let mut proc = Proc { child, log };
-    let start = Instant::now();
-    loop {
-        if let Some(st) = proc.exited() {
-            return Err(format!("ztid-agent exited ({st}):\n{}", proc.log_text()));
-        }
-        if socket.exists()
-            && agent_cli(&["healthcheck", "--socket", &socket.display().to_string()]).ok
-        {
-            break;
-        }
-        if start.elapsed() > READY_TIMEOUT {
-            return Err(format!(
-                "ztid-agent not ready after {READY_TIMEOUT:?}:\n{}",
-                proc.log_text()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let pem = std::fs::read_to_string(dir.path().join("data/agent_svid.pem"))
-        .map_err(|e| e.to_string())?;
-    let der = pem::parse(pem).map_err(|e| e.to_string())?.into_contents();
-    Ok(Agent {
-        spiffe_id: spiffe_id_of(&der),
-        proc,
-        dir,
-    })
+    let mut args = vec!["--attestor", "tpm", "--tpm-tcti", tcti];
+    args.extend_from_slice(extra);
+    Agent::start_attested(server, &args)
 }
 
 /// The node id the CA will give this TPM: SHA-256 of the EK certificate's public key.

@@ -1,0 +1,214 @@
+//! Multi-factor node attestation end to end: a "confidential VM with a vTPM" made of a
+//! swtpm and the test-only SEV-SNP signer behind a configfs-tsm tree, a real
+//! `ztid-server` requiring both (`[attestors.multi] required`), and `ztid-agent
+//! --attestor tpm,sev-snp`. The node alias that needs selectors of both methods is
+//! granted, a workload under it gets its SVID; one factor alone, or one failing factor,
+//! is refused with the factor named.
+#![forbid(unsafe_code)]
+
+#[path = "../tee/snp_signer.rs"]
+mod snp_signer;
+#[path = "../tpm/swtpm.rs"]
+mod swtpm;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use snp_signer::{FakeTsm, TestChain, MEASUREMENT};
+use swtpm::{LocalCa, Swtpm};
+use ztid_agent_attestor::node_attestation::tpm;
+use ztid_tests::*;
+
+const TD: &str = "cvm.example.org";
+
+fn refused(r: Result<Agent, String>, what: &str) -> String {
+    match r {
+        Err(log) => log,
+        Ok(a) => panic!("{what} attested as {}", a.spiffe_id),
+    }
+}
+
+#[test]
+fn tpm_and_sev_snp_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::new(dir.path(), "ca");
+    let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
+    let ek_hash = {
+        let mut t = tpm::device::Tpm::open(&vtpm.tcti()).unwrap();
+        tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
+    };
+    let chain = Arc::new(TestChain::new());
+    let tsm = tempfile::tempdir().unwrap();
+    let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
+
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[attestors.tpm]\nek_ca_dir = {:?}\n\
+             [attestors.sev_snp]\ntest_roots_dir = {:?}\n\
+             [attestors.multi]\nrequired = [\"tpm\", \"sev-snp\"]\n",
+            ca.trust_dir().display().to_string(),
+            chain.roots_dir().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
+    let tcti = vtpm.tcti();
+    let tsm_root = tsm.path().display().to_string();
+
+    // The fleet alias needs a TPM EK and a launch measurement: only a node that proved
+    // both belongs to it.
+    let alias = format!("spiffe://{TD}/fleet/confidential");
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        &alias,
+        "--selector",
+        &format!("tpm:ek-hash:{ek_hash}"),
+        "--selector",
+        &format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT)),
+    ]);
+    let workload = format!("spiffe://{TD}/confidential-agent");
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &workload,
+        "--parent-id",
+        &alias,
+        "--selector",
+        &format!("unix:uid:{}", nix_uid()),
+    ]);
+
+    let agent = Agent::start_attested(
+        &server,
+        &[
+            "--attestor",
+            "tpm,sev-snp",
+            "--tpm-tcti",
+            &tcti,
+            "--tsm-root",
+            &tsm_root,
+        ],
+    )
+    .unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
+    let node_id = agent
+        .spiffe_id
+        .strip_prefix(&format!("spiffe://{TD}/ztid/agent/multi/"))
+        .unwrap_or_else(|| panic!("{}", agent.spiffe_id));
+    assert_eq!(node_id.len(), 64);
+    assert_eq!(fake.served.lock().unwrap().len(), 1, "one SNP report");
+
+    // The CA recorded both factors' selectors and put the node in the alias.
+    let shown: Value = serde_json::from_str(&server.cli_ok(&[
+        "agent",
+        "show",
+        &agent.spiffe_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown["attestation_method"], "multi", "{shown}");
+    let sels: Vec<String> = shown["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "multi:method:tpm".to_string(),
+        "multi:method:sev-snp".to_string(),
+        format!("tpm:ek-hash:{ek_hash}"),
+        format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT)),
+        format!("sev-snp:chip-id:{}", hex::encode(chain.chip_id)),
+    ] {
+        assert!(sels.contains(&want), "{want} missing from {sels:?}");
+    }
+    assert!(
+        shown["aliases"].to_string().contains(&alias),
+        "alias not granted: {shown}"
+    );
+
+    // The agent key is the TPM's, and the SNP report vouched for the same key.
+    let data = agent.dir.path().join("data");
+    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data).expect("agent key");
+    assert!(
+        key.pkcs8().is_none(),
+        "the multi-factor agent key is in the TPM"
+    );
+
+    // A workload under the alias gets its SVID through the agent.
+    let out = wait_for("the workload SVID under the alias", READY_TIMEOUT, || {
+        let r = agent.cli(&["api", "fetch", "x509", "--output", "json"]);
+        (r.ok && r.stdout.contains(&workload)).then_some(r.stdout)
+    });
+    assert!(out.contains(&workload), "{out}");
+    drop(agent);
+
+    // One factor alone is refused by the server's requirement, whichever it is.
+    let log = refused(
+        Agent::start_attested(&server, &["--attestor", "tpm", "--tpm-tcti", &tcti]),
+        "the TPM alone",
+    );
+    assert!(
+        log.contains(
+            "this server requires sev-snp and tpm together in one attestation; tpm alone is not enough"
+        ),
+        "{log}"
+    );
+    let log = refused(
+        Agent::start_attested(&server, &["--attestor", "sev-snp", "--tsm-root", &tsm_root]),
+        "SEV-SNP alone",
+    );
+    assert!(log.contains("sev-snp alone is not enough"), "{log}");
+
+    // Both factors, but one fails its policy: on a server that allows another launch
+    // measurement, the whole attempt is refused, the factor is named, and the good TPM
+    // factor does not help.
+    let strict = dir.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        format!(
+            "[attestors.tpm]\nek_ca_dir = {:?}\n\
+             [attestors.sev_snp]\ntest_roots_dir = {:?}\nmeasurements = [\"{}\"]\n",
+            ca.trust_dir().display().to_string(),
+            chain.roots_dir().display().to_string(),
+            "00".repeat(48),
+        ),
+    )
+    .unwrap();
+    let strict_server = Server::start_with(TD, &["--config", &strict.display().to_string()]);
+    let log = refused(
+        Agent::start_attested(
+            &strict_server,
+            &[
+                "--attestor",
+                "tpm,sev-snp",
+                "--tpm-tcti",
+                &tcti,
+                "--tsm-root",
+                &tsm_root,
+            ],
+        ),
+        "a launch measurement off the allow-list with a good TPM",
+    );
+    let reason = format!(
+        "sev-snp factor: measurement {} is not in the measurements allow-list",
+        hex::encode(MEASUREMENT)
+    );
+    assert!(log.contains(&reason), "{log}");
+    assert!(
+        strict_server.log_text().contains(&reason),
+        "the server logs which factor failed"
+    );
+    // Without a requirement, single methods still work on that server.
+    let single = Agent::start_attested(&strict_server, &["--attestor", "tpm", "--tpm-tcti", &tcti])
+        .unwrap_or_else(|log| panic!("{log}"));
+    assert!(single.spiffe_id.contains("/ztid/agent/tpm/"));
+    drop(single);
+    drop(fake);
+    assert_eq!(vtpm.leftovers(), "");
+}
