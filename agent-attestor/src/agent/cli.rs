@@ -64,7 +64,8 @@ pub struct RunArgs {
     /// Trust domain to expect.
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// Attestation method: join-token, tpm, sev-snp, tdx.
+    /// Attestation method: join-token, tpm, sev-snp, tdx; or several hardware methods
+    /// attesting together, comma-separated (tpm,sev-snp).
     #[arg(long)]
     pub attestor: Option<String>,
     /// Join token.
