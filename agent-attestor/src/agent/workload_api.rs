@@ -48,7 +48,7 @@ impl WorkloadApi {
 
     /// Attests the caller and makes sure it holds current SVIDs.
     async fn entitled_instance<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
-        let inst = self.attest(req)?;
+        let inst = self.attest(req).await?;
         let entitled = !self
             .workloads
             .entries
@@ -72,7 +72,7 @@ impl WorkloadApi {
         Ok(inst)
     }
 
-    fn attest<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
@@ -83,8 +83,13 @@ impl WorkloadApi {
         let pid = cred
             .pid()
             .ok_or_else(|| Status::unavailable("workload attestation failed: no peer pid"))?;
-        self.workloads
-            .instance_for(pid, cred.uid(), cred.gid())
+        let (uid, gid) = (cred.uid(), cred.gid());
+        let workloads = self.workloads.clone();
+        // A process seen for the first time has its executable hashed, which reads the
+        // whole file: keep that off the async workers.
+        tokio::task::spawn_blocking(move || workloads.instance_for(pid, uid, gid))
+            .await
+            .map_err(|e| Status::internal(format!("workload attestation failed: {e}")))?
             .map_err(|e| {
                 tracing::warn!(pid, error = %e, "workload attestation failed");
                 Status::unavailable(format!("workload attestation failed: {e}"))
@@ -386,7 +391,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Validation is open to every local process, but only to a real one.
-        let inst = self.attest(&request)?;
+        let inst = self.attest(&request).await?;
         // Tokens of a federated trust domain validate only for callers federating with it.
         let federated = self.workloads.federated_bundles_for(&inst);
         let bundle = self.bundle.borrow().clone();

@@ -587,6 +587,46 @@ impl TrustStore {
         })
     }
 
+    /// The pinned ARK that issued and signed `crl`, refusing unless the CRL is current at
+    /// `at`.
+    pub(crate) fn check_crl(&self, crl: &AmdCrl, at: i64) -> Result<&Anchor, Error> {
+        let Some(anchor) = self
+            .anchors
+            .iter()
+            .find(|a| a.ark.subject_raw == crl.issuer_raw)
+        else {
+            return Err(Error::Refused(format!(
+                "CRL {} is issued by {:?}, not by a pinned AMD ARK",
+                crl.name, crl.issuer_cn
+            )));
+        };
+        if !crl.signed_by(&anchor.ark) {
+            return Err(Error::Refused(format!(
+                "CRL {} signature does not verify under {}",
+                crl.name, anchor.ark.subject_cn
+            )));
+        }
+        if at < crl.this_update {
+            return Err(Error::Refused(format!(
+                "CRL {} is not yet valid at {} (issued {})",
+                crl.name,
+                rfc3339(at),
+                rfc3339(crl.this_update)
+            )));
+        }
+        if let Some(next) = crl.next_update {
+            if at > next {
+                return Err(Error::Refused(format!(
+                    "CRL {} expired at {} (checked at {})",
+                    crl.name,
+                    rfc3339(next),
+                    rfc3339(at)
+                )));
+            }
+        }
+        Ok(anchor)
+    }
+
     /// Applies every CRL: each must be issued and signed by a pinned ARK and current at
     /// `at`; the CRLs of the chain's ARK must not list its signing key. Returns whether a
     /// CRL for the chain's ARK was checked.
@@ -598,40 +638,7 @@ impl TrustStore {
     ) -> Result<bool, Error> {
         let mut checked = false;
         for crl in crls {
-            let Some(anchor) = self
-                .anchors
-                .iter()
-                .find(|a| a.ark.subject_raw == crl.issuer_raw)
-            else {
-                return Err(Error::Refused(format!(
-                    "CRL {} is issued by {:?}, not by a pinned AMD ARK",
-                    crl.name, crl.issuer_cn
-                )));
-            };
-            if !crl.signed_by(&anchor.ark) {
-                return Err(Error::Refused(format!(
-                    "CRL {} signature does not verify under {}",
-                    crl.name, anchor.ark.subject_cn
-                )));
-            }
-            if at < crl.this_update {
-                return Err(Error::Refused(format!(
-                    "CRL {} is not yet valid at {} (issued {})",
-                    crl.name,
-                    rfc3339(at),
-                    rfc3339(crl.this_update)
-                )));
-            }
-            if let Some(next) = crl.next_update {
-                if at > next {
-                    return Err(Error::Refused(format!(
-                        "CRL {} expired at {} (checked at {})",
-                        crl.name,
-                        rfc3339(next),
-                        rfc3339(at)
-                    )));
-                }
-            }
+            let anchor = self.check_crl(crl, at)?;
             if !std::ptr::eq(anchor, chain.anchor) {
                 continue;
             }

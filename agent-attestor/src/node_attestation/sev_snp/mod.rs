@@ -38,9 +38,26 @@
 //! | `min_guest_svn` | minimum guest SVN | 0 |
 //! | `products` | allowed products (`milan`, `genoa`, `turin`) | any |
 //! | `test_roots_dir` | **test only**: extra ARK (and ASK/ASVK) certificates trusted besides AMD's, for synthetic evidence; never set it in production | none |
+//! | `kds_fetch` | fetch what the certificate table and `collateral_dir` lack (VCEK, cert_chain, CRL) from AMD KDS, and cache it | `false` |
+//! | `kds_url` | KDS base URL (`https://`; `http://` only because it is explicit) | `https://kdsintf.amd.com` |
+//! | `kds_cache_dir` | where fetched collateral is kept (created 0700); required with `kds_fetch` | none |
+//! | `kds_crl` | with `kds_fetch`: also fetch the AMD CRL when the collateral has none from the chain's ARK | `true` |
 //!
 //! A guest whose policy allows debugging (bit 19) is always refused: its host can read
 //! and change its memory.
+//!
+//! # Fetching from AMD KDS
+//!
+//! Off by default: with `kds_fetch` unset or `false` nothing is ever fetched, and a
+//! missing VCEK is refused as before. With `kds_fetch = true`, a verification whose
+//! VCEK (for the report's chip_id and reported TCB), signing key or CRL is in neither
+//! the certificate table nor `collateral_dir` takes it from `kds_cache_dir`, or else
+//! from KDS (10 s timeout, 1 MiB cap), checks it exactly like offline collateral and
+//! only then caches it; cached files are used without a request while they are valid at
+//! the verification time. A VLEK cannot be fetched (KDS issues it only to the cloud
+//! provider, with AMD credentials). URL shapes and the cache layout: see `kds.rs`. For a
+//! version 2 report (no CPUID), the product tried is the configured `products`, else
+//! Milan, then Genoa.
 //!
 //! # Node ID and selectors
 //!
@@ -56,6 +73,7 @@
 
 mod certs;
 mod collateral;
+mod kds;
 mod report;
 mod verify;
 
@@ -76,6 +94,7 @@ pub use collateral::encode_cert_table;
 
 use certs::{AmdCert, TrustStore};
 use collateral::Collateral;
+use kds::{Kds, KdsConfig};
 use verify::{MinTcb, Policy};
 
 /// The method name on the wire.
@@ -94,6 +113,10 @@ const KEYS: &[&str] = &[
     "min_guest_svn",
     "products",
     "test_roots_dir",
+    "kds_fetch",
+    "kds_url",
+    "kds_cache_dir",
+    "kds_crl",
 ];
 
 /// Parsed `[attestors.sev_snp]`.
@@ -101,6 +124,7 @@ struct Config {
     policy: Policy,
     collateral_dir: Option<PathBuf>,
     test_roots_dir: Option<PathBuf>,
+    kds: Option<KdsConfig>,
 }
 
 fn cfg_err(m: impl std::fmt::Display) -> Error {
@@ -215,7 +239,50 @@ fn parse_config(t: &toml::Table) -> Result<Config, Error> {
         policy,
         collateral_dir: path("collateral_dir")?,
         test_roots_dir: path("test_roots_dir")?,
+        kds: kds_config(t, path("kds_cache_dir")?)?,
     })
+}
+
+/// The `kds_*` keys: `None` unless `kds_fetch = true`.
+fn kds_config(t: &toml::Table, cache_dir: Option<PathBuf>) -> Result<Option<KdsConfig>, Error> {
+    let flag = |key: &str| -> Result<Option<bool>, Error> {
+        t.get(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| cfg_err(format!("{key} must be true or false")))
+            })
+            .transpose()
+    };
+    let crl = flag("kds_crl")?;
+    let url = t
+        .get("kds_url")
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| cfg_err("kds_url must be a string"))
+                .and_then(|u| super::fetch::base_url("kds_url", u).map_err(cfg_err))
+        })
+        .transpose()?;
+    match flag("kds_fetch")? {
+        None => {
+            if let Some(k) = ["kds_url", "kds_cache_dir", "kds_crl"]
+                .into_iter()
+                .find(|k| t.contains_key(*k))
+            {
+                return Err(cfg_err(format!(
+                    "{k} is set but kds_fetch is not: set kds_fetch = true to fetch from AMD KDS (off by default)"
+                )));
+            }
+            Ok(None)
+        }
+        Some(false) => Ok(None),
+        Some(true) => Ok(Some(KdsConfig {
+            base_url: url.unwrap_or_else(|| kds::DEFAULT_KDS_URL.to_string()),
+            cache_dir: cache_dir.ok_or_else(|| {
+                cfg_err("kds_fetch = true needs kds_cache_dir (where fetched collateral is kept)")
+            })?,
+            crl: crl.unwrap_or(true),
+        })),
+    }
 }
 
 enum Store {
@@ -249,6 +316,7 @@ struct Inner {
     store: Store,
     policy: Policy,
     collateral_dir: Option<PathBuf>,
+    kds: Option<Kds>,
 }
 
 impl Inner {
@@ -259,6 +327,22 @@ impl Inner {
         }
         if let Some(d) = dir.or(self.collateral_dir.as_deref()) {
             c.extend(collateral::load_dir(d)?);
+        }
+        Ok(c)
+    }
+
+    /// The collateral for `report` at `at`: the table's and the directory's, completed
+    /// from the KDS cache or KDS when fetching is on.
+    fn collateral_for(
+        &self,
+        dir: Option<&Path>,
+        report: &[u8],
+        table: Option<&[u8]>,
+        at: i64,
+    ) -> Result<Collateral, Error> {
+        let mut c = self.collateral(dir, table)?;
+        if let Some(k) = &self.kds {
+            k.complete(self.store.get(), &mut c, report, at, &self.policy.products)?;
         }
         Ok(c)
     }
@@ -299,11 +383,16 @@ impl SnpVerifier {
                 )));
             }
         }
+        let kds = cfg.kds.as_ref().map(Kds::new);
+        if let Some(k) = &kds {
+            k.create_cache()?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 store: Store::load(cfg.test_roots_dir.as_deref())?,
                 policy: cfg.policy,
                 collateral_dir: cfg.collateral_dir,
+                kds,
             }),
         })
     }
@@ -317,12 +406,13 @@ impl SnpVerifier {
         now: SystemTime,
     ) -> Result<AttestedNode, Error> {
         let (report, table) = split_evidence(evidence)?;
-        let collateral = self.inner.collateral(None, table)?;
+        let at = crate::unix_seconds(now);
+        let collateral = self.inner.collateral_for(None, report, table, at)?;
         let v = verify::verify(
             self.inner.store.get(),
             report,
             &collateral,
-            crate::unix_seconds(now),
+            at,
             Some(expected_report_data),
             &self.inner.policy,
         )?;
@@ -470,7 +560,8 @@ fn as_certificate(e: &[u8]) -> Option<Result<AmdCert, Error>> {
 ///
 /// `evidence` is a report (binary or hex), optionally followed by the host's certificate
 /// table; or a VCEK/VLEK certificate alone, whose chain is then checked. Certificates and
-/// CRLs come from the table and from `collateral` (or the config's `collateral_dir`).
+/// CRLs come from the table and from `collateral` (or the config's `collateral_dir`), and
+/// from the KDS cache or AMD KDS when the config sets `kds_fetch = true`.
 /// `report_data`, when given, must equal report_data (shorter values are zero-padded).
 pub fn verify_offline(
     evidence: &[u8],
@@ -485,6 +576,7 @@ pub fn verify_offline(
         store,
         policy: cfg.policy,
         collateral_dir: cfg.collateral_dir,
+        kds: cfg.kds.as_ref().map(Kds::new),
     };
     let evidence = tsm::maybe_hex(evidence);
     let at = crate::unix_seconds(at);
@@ -498,7 +590,7 @@ pub fn verify_offline(
         return verify::verify_vek_only(inner.store.get(), &cert?, &c, at);
     }
     let (report, table) = split_evidence(&evidence)?;
-    let c = inner.collateral(collateral, table)?;
+    let c = inner.collateral_for(collateral, report, table, at)?;
     let expected = report_data.map(tsm::pad_report_data).transpose()?;
     verify::verify(
         inner.store.get(),

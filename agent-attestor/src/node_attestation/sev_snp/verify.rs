@@ -62,12 +62,50 @@ fn refuse(m: impl Into<String>) -> Error {
     Error::Refused(m.into())
 }
 
-fn hwid_matches(hwid: &[u8], chip_id: &[u8; 64]) -> bool {
+pub(crate) fn hwid_matches(hwid: &[u8], chip_id: &[u8; 64]) -> bool {
     match hwid.len() {
         64 => hwid == chip_id,
         8 => hwid == &chip_id[..8],
         _ => false,
     }
+}
+
+/// The VEK that should have signed a report: the VCEK whose hwID matches `chip_id` (else
+/// the first VCEK), or the first VLEK; with its label.
+pub(crate) fn select_vek<'c>(
+    collateral: &'c Collateral,
+    chip_id: &[u8; 64],
+    key: SigningKey,
+) -> Result<(&'c AmdCert, &'static str), Error> {
+    let (want, label) = match key {
+        SigningKey::Vcek => (Role::Vcek, "VCEK"),
+        SigningKey::Vlek => (Role::Vlek, "VLEK"),
+    };
+    let veks: Vec<&AmdCert> = collateral.certs.iter().filter(|c| c.role == want).collect();
+    let vek = match key {
+        SigningKey::Vcek => veks
+            .iter()
+            .find(|c| c.hwid.as_deref().is_some_and(|h| hwid_matches(h, chip_id)))
+            .or(veks.first()),
+        SigningKey::Vlek => veks.first(),
+    }
+    .copied()
+    .ok_or_else(|| {
+        refuse(format!(
+            "the report is signed by a {label}, but neither the evidence nor the collateral holds a {label} certificate"
+        ))
+    })?;
+    Ok((vek, label))
+}
+
+/// The ASKs and ASVKs in `collateral`.
+pub(crate) fn signing_keys(collateral: &Collateral) -> Vec<AmdCert> {
+    collateral
+        .certs
+        .iter()
+        .filter(|c| matches!(c.role, Role::Ask(_) | Role::Asvk(_)))
+        .cloned()
+        .collect()
 }
 
 /// Verifies one report with the certificates and CRLs in `collateral` at `at` (Unix
@@ -83,30 +121,8 @@ pub(crate) fn verify(
     let report = Report::parse(raw)?;
     let r = &report.parsed;
     let key = report.signing_key()?;
-    let (want, label) = match key {
-        SigningKey::Vcek => (Role::Vcek, "VCEK"),
-        SigningKey::Vlek => (Role::Vlek, "VLEK"),
-    };
-    let veks: Vec<&AmdCert> = collateral.certs.iter().filter(|c| c.role == want).collect();
-    let vek = match key {
-        SigningKey::Vcek => veks
-            .iter()
-            .find(|c| c.hwid.as_deref().is_some_and(|h| hwid_matches(h, &r.chip_id)))
-            .or(veks.first()),
-        SigningKey::Vlek => veks.first(),
-    }
-    .copied()
-    .ok_or_else(|| {
-        refuse(format!(
-            "the report is signed by a {label}, but neither the evidence nor the collateral holds a {label} certificate"
-        ))
-    })?;
-    let intermediates: Vec<AmdCert> = collateral
-        .certs
-        .iter()
-        .filter(|c| matches!(c.role, Role::Ask(_) | Role::Asvk(_)))
-        .cloned()
-        .collect();
+    let (vek, label) = select_vek(collateral, &r.chip_id, key)?;
+    let intermediates = signing_keys(collateral);
     let chain = store.check_vek(vek, &intermediates, at)?;
     report.check_signature(&vek.public_key, label)?;
 
