@@ -694,12 +694,18 @@ impl CaCore {
             }
             return Ok(result);
         }
+        // Only this agent's parents' changes are read, merged in revision order.
+        let mut changes = Vec::new();
+        for p in &parents {
+            changes.extend(self.store.entry_changes_for_parent_since(p, since)?);
+        }
+        changes.sort_by_key(|c| c.revision);
         let mut latest = std::collections::BTreeMap::new();
-        for change in self.store.entry_changes_since(since)? {
+        for change in changes {
             if change.revision > revision {
                 break;
             }
-            if !change.node && parents.contains(change.parent_id.as_str()) {
+            if !change.node {
                 latest.insert(change.entry_id.clone(), change.deleted);
             }
         }

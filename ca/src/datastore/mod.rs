@@ -214,6 +214,13 @@ pub trait DataStore: Send + Sync + 'static {
     fn count_entries(&self) -> Result<usize>;
     /// Entry changes after `revision`, oldest first.
     fn entry_changes_since(&self, revision: u64) -> Result<Vec<EntryChange>>;
+    /// Changes to entries under `parent_id` after `revision`, oldest first (what one
+    /// agent's incremental sync needs, without reading other agents' changes).
+    fn entry_changes_for_parent_since(
+        &self,
+        parent_id: &str,
+        revision: u64,
+    ) -> Result<Vec<EntryChange>>;
     /// The newest entry revision (0 when none).
     fn current_revision(&self) -> Result<u64>;
 

@@ -21,6 +21,7 @@ pub struct SledStore {
     by_identity: Tree,
     node_entries: Tree,
     entry_log: Tree,
+    entry_log_by_parent: Tree,
     agents: Tree,
     tokens: Tree,
     meta: Tree,
@@ -62,12 +63,22 @@ fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
 
+/// Key of a change in the by-parent log: the parent, NUL, the revision (big-endian), so
+/// one parent's changes after a revision are one range scan.
+fn parent_log_key(parent: &str, revision: u64) -> Vec<u8> {
+    let mut k = prefix(parent);
+    k.extend_from_slice(&revision.to_be_bytes());
+    k
+}
+
 fn log_change(
     log: &TransactionalTree,
+    by_parent: &TransactionalTree,
     change: &EntryChange,
 ) -> std::result::Result<(), ConflictableTransactionError<Error>> {
     let bytes = serde_json::to_vec(change).map_err(|e| abort(e.into()))?;
-    log.insert(&change.revision.to_be_bytes(), bytes)?;
+    log.insert(&change.revision.to_be_bytes(), bytes.clone())?;
+    by_parent.insert(parent_log_key(&change.parent_id, change.revision), bytes)?;
     Ok(())
 }
 
@@ -79,18 +90,38 @@ impl SledStore {
             .flush_every_ms(Some(200))
             .open()
             .map_err(|e| Error::Store(format!("cannot open {}: {e}", dir.display())))?;
-        Ok(Self {
+        let store = Self {
             entries: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,
             by_spiffe_id: db.open_tree("entries_by_spiffe_id")?,
             by_identity: db.open_tree("entries_by_identity")?,
             node_entries: db.open_tree("node_entries")?,
             entry_log: db.open_tree("entry_log")?,
+            entry_log_by_parent: db.open_tree("entry_log_by_parent")?,
             agents: db.open_tree("agents")?,
             tokens: db.open_tree("join_tokens")?,
             meta: db.open_tree("meta")?,
             db,
-        })
+        };
+        store.index_old_change_log()?;
+        Ok(store)
+    }
+
+    /// Data written before the by-parent log existed: index the whole change log once.
+    fn index_old_change_log(&self) -> Result<()> {
+        if !self.entry_log_by_parent.is_empty() || self.entry_log.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for v in self.entry_log.iter().values() {
+            let v = v?;
+            let change: EntryChange = serde_json::from_slice(&v)?;
+            batch.insert(parent_log_key(&change.parent_id, change.revision), v);
+        }
+        self.entry_log_by_parent.apply_batch(batch)?;
+        self.entry_log_by_parent.flush()?;
+        tracing::info!("indexed the entry change log by parent");
+        Ok(())
     }
 
     fn next_revision(&self) -> Result<u64> {
@@ -123,33 +154,37 @@ impl DataStore for SledStore {
             &self.by_identity,
             &self.node_entries,
             &self.entry_log,
+            &self.entry_log_by_parent,
         )
-            .transaction(|(entries, by_parent, by_spiffe, by_ident, nodes, log)| {
-                if let Some(existing) = by_ident.get(&ident)? {
-                    return Err(abort(Error::AlreadyExists(format!(
-                        "an entry with the same SPIFFE ID, parent and selectors exists: {}",
-                        String::from_utf8_lossy(&existing)
-                    ))));
-                }
-                entries.insert(entry.id.as_bytes(), value.clone())?;
-                by_parent.insert(index_key(&entry.parent_id, &entry.id), &[])?;
-                by_spiffe.insert(index_key(&entry.spiffe_id, &entry.id), &[])?;
-                by_ident.insert(ident.clone(), entry.id.as_bytes())?;
-                if entry.node {
-                    nodes.insert(entry.id.as_bytes(), &[])?;
-                }
-                log_change(
-                    log,
-                    &EntryChange {
-                        revision: entry.revision,
-                        entry_id: entry.id.clone(),
-                        parent_id: entry.parent_id.clone(),
-                        node: entry.node,
-                        deleted: false,
-                    },
-                )?;
-                Ok(())
-            })?;
+            .transaction(
+                |(entries, by_parent, by_spiffe, by_ident, nodes, log, log_by_parent)| {
+                    if let Some(existing) = by_ident.get(&ident)? {
+                        return Err(abort(Error::AlreadyExists(format!(
+                            "an entry with the same SPIFFE ID, parent and selectors exists: {}",
+                            String::from_utf8_lossy(&existing)
+                        ))));
+                    }
+                    entries.insert(entry.id.as_bytes(), value.clone())?;
+                    by_parent.insert(index_key(&entry.parent_id, &entry.id), &[])?;
+                    by_spiffe.insert(index_key(&entry.spiffe_id, &entry.id), &[])?;
+                    by_ident.insert(ident.clone(), entry.id.as_bytes())?;
+                    if entry.node {
+                        nodes.insert(entry.id.as_bytes(), &[])?;
+                    }
+                    log_change(
+                        log,
+                        log_by_parent,
+                        &EntryChange {
+                            revision: entry.revision,
+                            entry_id: entry.id.clone(),
+                            parent_id: entry.parent_id.clone(),
+                            node: entry.node,
+                            deleted: false,
+                        },
+                    )?;
+                    Ok(())
+                },
+            )?;
         Ok(entry)
     }
 
@@ -169,28 +204,33 @@ impl DataStore for SledStore {
             &self.by_identity,
             &self.node_entries,
             &self.entry_log,
+            &self.entry_log_by_parent,
         )
-            .transaction(|(entries, by_parent, by_spiffe, by_ident, nodes, log)| {
-                let Some(v) = entries.remove(id.as_bytes())? else {
-                    return Ok(None);
-                };
-                let entry: EntryRecord = serde_json::from_slice(&v).map_err(|e| abort(e.into()))?;
-                by_parent.remove(index_key(&entry.parent_id, &entry.id))?;
-                by_spiffe.remove(index_key(&entry.spiffe_id, &entry.id))?;
-                by_ident.remove(identity_key(&entry))?;
-                nodes.remove(entry.id.as_bytes())?;
-                log_change(
-                    log,
-                    &EntryChange {
-                        revision,
-                        entry_id: entry.id.clone(),
-                        parent_id: entry.parent_id.clone(),
-                        node: entry.node,
-                        deleted: true,
-                    },
-                )?;
-                Ok(Some(entry))
-            })?;
+            .transaction(
+                |(entries, by_parent, by_spiffe, by_ident, nodes, log, log_by_parent)| {
+                    let Some(v) = entries.remove(id.as_bytes())? else {
+                        return Ok(None);
+                    };
+                    let entry: EntryRecord =
+                        serde_json::from_slice(&v).map_err(|e| abort(e.into()))?;
+                    by_parent.remove(index_key(&entry.parent_id, &entry.id))?;
+                    by_spiffe.remove(index_key(&entry.spiffe_id, &entry.id))?;
+                    by_ident.remove(identity_key(&entry))?;
+                    nodes.remove(entry.id.as_bytes())?;
+                    log_change(
+                        log,
+                        log_by_parent,
+                        &EntryChange {
+                            revision,
+                            entry_id: entry.id.clone(),
+                            parent_id: entry.parent_id.clone(),
+                            node: entry.node,
+                            deleted: true,
+                        },
+                    )?;
+                    Ok(Some(entry))
+                },
+            )?;
         Ok(removed)
     }
 
@@ -230,6 +270,21 @@ impl DataStore for SledStore {
         let start = revision.saturating_add(1).to_be_bytes();
         self.entry_log
             .range(start..)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn entry_changes_for_parent_since(
+        &self,
+        parent_id: &str,
+        revision: u64,
+    ) -> Result<Vec<EntryChange>> {
+        let start = parent_log_key(parent_id, revision.saturating_add(1));
+        let mut end = parent_id.as_bytes().to_vec();
+        end.push(1);
+        self.entry_log_by_parent
+            .range(start..end)
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
             .collect()
@@ -441,6 +496,64 @@ mod tests {
         assert!(s.get_entry("d").unwrap().is_some());
         assert_eq!(s.list_entries(&EntryFilter::default()).unwrap().len(), 2);
         assert!(s.current_revision().unwrap() >= 4);
+    }
+
+    #[test]
+    fn changes_by_parent_skip_other_parents_and_survive_an_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = ("spiffe://td/agent/a", "spiffe://td/agent/b");
+        let (a1, b1, a2);
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            a1 = s
+                .create_entry(entry("a1", "spiffe://td/w1", pa, "unix:uid:1"))
+                .unwrap();
+            b1 = s
+                .create_entry(entry("b1", "spiffe://td/w2", pb, "unix:uid:2"))
+                .unwrap();
+            a2 = s
+                .create_entry(entry("a2", "spiffe://td/w3", pa, "unix:uid:3"))
+                .unwrap();
+            s.delete_entry("a1").unwrap();
+            let ids = |v: Vec<EntryChange>| -> Vec<(String, bool)> {
+                v.into_iter().map(|c| (c.entry_id, c.deleted)).collect()
+            };
+            assert_eq!(
+                ids(s.entry_changes_for_parent_since(pa, 0).unwrap()),
+                vec![
+                    ("a1".into(), false),
+                    ("a2".into(), false),
+                    ("a1".into(), true)
+                ]
+            );
+            assert_eq!(
+                ids(s.entry_changes_for_parent_since(pa, a1.revision).unwrap()),
+                vec![("a2".into(), false), ("a1".into(), true)]
+            );
+            assert_eq!(
+                ids(s.entry_changes_for_parent_since(pb, 0).unwrap()),
+                vec![("b1".into(), false)]
+            );
+            assert!(s
+                .entry_changes_for_parent_since(pb, b1.revision)
+                .unwrap()
+                .is_empty());
+            // A parent that is a prefix of another is not mixed up with it.
+            assert!(s
+                .entry_changes_for_parent_since("spiffe://td/agent/", 0)
+                .unwrap()
+                .is_empty());
+            // A store written before the by-parent log existed.
+            s.entry_log_by_parent.clear().unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        let got = s
+            .entry_changes_for_parent_since(pa, a2.revision - 1)
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].entry_id, "a2");
+        assert!(got[1].deleted);
     }
 
     #[test]
