@@ -25,13 +25,26 @@
 //! JSON: `DIR/collateral-<fmspc>.json` when present (one file per platform model in a
 //! mixed fleet), else `DIR/collateral.json`. It is read at every verification, so a
 //! refreshed file (TCB info and QE identity are valid for about 30 days) takes effect
-//! without a restart. Nothing is fetched from Intel PCS.
+//! without a restart.
+//!
+//! Fetching from Intel PCS is optional and off by default: with `pcs_fetch` unset or
+//! `false` nothing is ever fetched. With `pcs_fetch = true`, a quote whose FMSPC has no
+//! collateral in the directory (no `collateral-<fmspc>.json`, and no `collateral.json`
+//! for that FMSPC) uses `{pcs_cache_dir}/collateral-<fmspc>.json` while every dated
+//! item in it is current at the verification time, and otherwise fetches the PCK CRL,
+//! TCB info, QE identity and root CA CRL (10 s timeout, 1 MiB cap per request), verifies
+//! the quote with them exactly as with offline collateral, and caches them only once that
+//! verification passed. Request shapes: see `pcs.rs`.
 //!
 //! # Configuration (`[attestors.tdx]`)
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `collateral_dir` | the collateral directory (`--tdx-collateral`) | required |
+//! | `collateral_dir` | the collateral directory (`--tdx-collateral`) | required unless `pcs_fetch` |
+//! | `pcs_fetch` | fetch missing collateral from Intel PCS, and cache it | `false` |
+//! | `pcs_url` | PCS (or PCCS) base URL (`https://`; `http://` only because it is explicit) | `https://api.trustedservices.intel.com` |
+//! | `pcs_root_ca_crl_url` | where the Intel SGX Root CA CRL is fetched | `https://certificates.trustedservices.intel.com/IntelSGXRootCA.der` |
+//! | `pcs_cache_dir` | where fetched collateral is kept (created 0700); required with `pcs_fetch` | none |
 //! | `accepted_tcb_status` | TCB statuses accepted (`UpToDate`, `SWHardeningNeeded`, `ConfigurationNeeded`, `ConfigurationAndSWHardeningNeeded`, `OutOfDate`, `OutOfDateConfigurationNeeded`, `TDRelaunchAdvised`, `TDRelaunchAdvisedConfigurationNeeded`; `Revoked` never is) | `["UpToDate"]` |
 //! | `denied_advisories` | Intel advisory IDs (`INTEL-SA-00615`) refused whatever the status | none |
 //! | `mrtd` | allow-list of MRTD values (96 hex digits) | any |
@@ -57,8 +70,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use dcap_qvl::quote::{Quote, Report, TDReport10};
+use dcap_qvl::verify::VerifiedReport;
 use dcap_qvl::QuoteCollateralV3;
 use ring::digest;
+
+mod pcs;
+
+use pcs::{Pcs, PcsConfig};
 
 use super::tsm::{self, Pending, TsmClient};
 use super::{
@@ -97,6 +115,10 @@ const KEYS: &[&str] = &[
     "rtmr2",
     "rtmr3",
     "mrconfigid",
+    "pcs_fetch",
+    "pcs_url",
+    "pcs_root_ca_crl_url",
+    "pcs_cache_dir",
 ];
 
 /// The operator's policy.
@@ -124,6 +146,7 @@ impl Default for Policy {
 struct Config {
     policy: Policy,
     collateral_dir: Option<PathBuf>,
+    pcs: Option<PcsConfig>,
 }
 
 fn cfg_err(m: impl std::fmt::Display) -> Error {
@@ -184,18 +207,63 @@ fn parse_config(t: &toml::Table) -> Result<Config, Error> {
         *r = hex_list(t, &format!("rtmr{i}"))?;
     }
     policy.mrconfigid = hex_list(t, "mrconfigid")?;
-    let collateral_dir = t
-        .get("collateral_dir")
-        .map(|v| {
-            v.as_str()
-                .map(PathBuf::from)
-                .ok_or_else(|| cfg_err("collateral_dir must be a path"))
-        })
-        .transpose()?;
+    let path = |key: &str| -> Result<Option<PathBuf>, Error> {
+        t.get(key)
+            .map(|v| {
+                v.as_str()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| cfg_err(format!("{key} must be a path")))
+            })
+            .transpose()
+    };
     Ok(Config {
         policy,
-        collateral_dir,
+        collateral_dir: path("collateral_dir")?,
+        pcs: pcs_config(t, path("pcs_cache_dir")?)?,
     })
+}
+
+/// The `pcs_*` keys: `None` unless `pcs_fetch = true`.
+fn pcs_config(t: &toml::Table, cache_dir: Option<PathBuf>) -> Result<Option<PcsConfig>, Error> {
+    let url = |key: &str, default: &str| -> Result<String, Error> {
+        match t.get(key) {
+            None => Ok(default.to_string()),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| cfg_err(format!("{key} must be a string")))
+                .and_then(|u| super::fetch::base_url(key, u).map_err(cfg_err)),
+        }
+    };
+    let base_url = url("pcs_url", pcs::DEFAULT_PCS_URL)?;
+    let root_ca_crl_url = url("pcs_root_ca_crl_url", pcs::DEFAULT_ROOT_CA_CRL_URL)?;
+    let fetch = t
+        .get("pcs_fetch")
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| cfg_err("pcs_fetch must be true or false"))
+        })
+        .transpose()?;
+    match fetch {
+        None => {
+            if let Some(k) = ["pcs_url", "pcs_root_ca_crl_url", "pcs_cache_dir"]
+                .into_iter()
+                .find(|k| t.contains_key(*k))
+            {
+                return Err(cfg_err(format!(
+                    "{k} is set but pcs_fetch is not: set pcs_fetch = true to fetch from Intel PCS (off by default)"
+                )));
+            }
+            Ok(None)
+        }
+        Some(false) => Ok(None),
+        Some(true) => Ok(Some(PcsConfig {
+            base_url,
+            root_ca_crl_url,
+            cache_dir: cache_dir.ok_or_else(|| {
+                cfg_err("pcs_fetch = true needs pcs_cache_dir (where fetched collateral is kept)")
+            })?,
+        })),
+    }
 }
 
 /// Checks the header: a TDX quote, version 4 or 5.
@@ -243,7 +311,11 @@ fn load_collateral(dir: &Path, quote: &[u8]) -> Result<QuoteCollateralV3, Error>
         .map(|f| dir.join(format!("collateral-{}.json", hex::encode(f))))
         .filter(|p| p.is_file());
     let path = by_fmspc.unwrap_or_else(|| dir.join("collateral.json"));
-    let text = std::fs::read(&path).map_err(Error::io(format!(
+    read_collateral(&path)
+}
+
+fn read_collateral(path: &Path) -> Result<QuoteCollateralV3, Error> {
+    let text = std::fs::read(path).map_err(Error::io(format!(
         "reading TDX collateral {}",
         path.display()
     )))?;
@@ -253,6 +325,56 @@ fn load_collateral(dir: &Path, quote: &[u8]) -> Result<QuoteCollateralV3, Error>
             path.display()
         ))
     })
+}
+
+/// The FMSPC (lowercase hex) a collateral's TCB info is for.
+fn tcb_info_fmspc(c: &QuoteCollateralV3) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&c.tcb_info).ok()?;
+    v.get("fmspc")?.as_str().map(str::to_ascii_lowercase)
+}
+
+/// The collateral for `quote`: from `dir` (see [`load_collateral`]) when fetching is off.
+/// With `pcs`, the directory's file for the quote's FMSPC, else the cache's while
+/// current at `at`, else Intel PCS; the FMSPC is returned with freshly fetched
+/// collateral, which the caller caches once the quote verified with it.
+fn collateral_for(
+    dir: Option<&Path>,
+    pcs: Option<&Pcs>,
+    quote: &[u8],
+    at: i64,
+) -> Result<(QuoteCollateralV3, Option<[u8; 6]>), Error> {
+    let Some(pcs) = pcs else {
+        let dir = dir.ok_or_else(|| {
+            Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into())
+        })?;
+        return Ok((load_collateral(dir, quote)?, None));
+    };
+    let parsed = Quote::parse(quote).map_err(|e| refuse(format!("malformed TDX quote: {e:#}")))?;
+    let fmspc = dcap_qvl::intel::quote_fmspc(&parsed).map_err(|e| {
+        refuse(format!(
+            "cannot read the FMSPC from the quote's PCK certificate: {e:#}"
+        ))
+    })?;
+    if let Some(d) = dir {
+        let p = d.join(pcs::file_name(&fmspc));
+        if p.is_file() {
+            return Ok((read_collateral(&p)?, None));
+        }
+        let p = d.join("collateral.json");
+        if p.is_file() {
+            let c = read_collateral(&p)?;
+            if tcb_info_fmspc(&c).as_deref() == Some(hex::encode(fmspc).as_str()) {
+                return Ok((c, None));
+            }
+        }
+    }
+    if let Some(c) = pcs.cached(&fmspc, at) {
+        return Ok((c, None));
+    }
+    let ca = dcap_qvl::intel::quote_ca(&parsed)
+        .map_err(|e| refuse(format!("cannot read the quote's PCK CA: {e:#}")))?
+        .as_id_str();
+    Ok((pcs.fetch(&fmspc, ca)?, Some(fmspc)))
 }
 
 /// Checks that every dated collateral item is current at `at`, so an operator learns
@@ -401,20 +523,62 @@ fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
     hex::encode(&c.finish().as_ref()[..16])
 }
 
-fn verify(
+/// Verifies a quote with its collateral at `at` (Unix seconds); `expected_report_data`,
+/// when given, must equal all 64 bytes of report_data. Collateral that was just fetched
+/// (`fetched` = its FMSPC) is cached once dcap-qvl accepted the quote with it, and a
+/// failure says where the collateral came from.
+fn verify_fetched(
     quote: &[u8],
     collateral: &QuoteCollateralV3,
+    fetched: Option<[u8; 6]>,
+    pcs: Option<&Pcs>,
     at: i64,
     expected_report_data: Option<&[u8; 64]>,
     policy: &Policy,
 ) -> Result<Verified, Error> {
+    let verified = match (fetched, pcs) {
+        (Some(fmspc), Some(pcs)) => {
+            let v = dcap_verify(quote, collateral, at).map_err(|e| {
+                let m = match e {
+                    Error::Refused(m) => m,
+                    e => e.to_string(),
+                };
+                refuse(format!(
+                    "{m} (with collateral for FMSPC {} fetched from Intel PCS at {})",
+                    hex::encode(fmspc),
+                    pcs.base
+                ))
+            })?;
+            pcs.store(&fmspc, collateral);
+            v
+        }
+        _ => dcap_verify(quote, collateral, at)?,
+    };
+    finish(quote, verified, expected_report_data, policy)
+}
+
+/// The header, the collateral dates, and dcap-qvl's verification of the quote with it.
+fn dcap_verify(
+    quote: &[u8],
+    collateral: &QuoteCollateralV3,
+    at: i64,
+) -> Result<VerifiedReport, Error> {
     check_header(quote)?;
     check_collateral_dates(collateral, at)?;
     let now = u64::try_from(at).unwrap_or(0);
-    let verified = dcap_qvl::verify::QuoteVerifier::new_prod()
+    dcap_qvl::verify::QuoteVerifier::new_prod()
         .with_config::<dcap_qvl::configs::RingConfig>()
         .verify(quote, collateral, now)
-        .map_err(|e| refuse(format!("TDX quote verification failed: {e:#}")))?;
+        .map_err(|e| refuse(format!("TDX quote verification failed: {e:#}")))
+}
+
+/// The checks after dcap-qvl: TCB status policy, debug, report_data, measurements.
+fn finish(
+    quote: &[u8],
+    verified: VerifiedReport,
+    expected_report_data: Option<&[u8; 64]>,
+    policy: &Policy,
+) -> Result<Verified, Error> {
     let report = &verified.report;
     let td = *report
         .as_td10()
@@ -470,7 +634,8 @@ fn verify(
 
 struct Inner {
     policy: Policy,
-    collateral_dir: PathBuf,
+    collateral_dir: Option<PathBuf>,
+    pcs: Option<Pcs>,
 }
 
 /// CA side.
@@ -482,19 +647,28 @@ impl TdxVerifier {
     /// Builds the verifier from its TOML table (`[attestors.tdx]` in the server config).
     pub fn from_config(config: &toml::Table) -> Result<Self, Error> {
         let cfg = parse_config(config)?;
-        let dir = cfg.collateral_dir.ok_or_else(|| {
-            cfg_err("collateral_dir is required (--tdx-collateral DIR with collateral.json)")
-        })?;
-        if !dir.is_dir() {
-            return Err(cfg_err(format!(
-                "collateral_dir {} is not a directory",
-                dir.display()
-            )));
+        if cfg.collateral_dir.is_none() && cfg.pcs.is_none() {
+            return Err(cfg_err(
+                "collateral_dir is required (--tdx-collateral DIR with collateral.json) unless pcs_fetch = true",
+            ));
+        }
+        if let Some(dir) = &cfg.collateral_dir {
+            if !dir.is_dir() {
+                return Err(cfg_err(format!(
+                    "collateral_dir {} is not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        let pcs = cfg.pcs.as_ref().map(Pcs::new);
+        if let Some(p) = &pcs {
+            p.create_cache()?;
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 policy: cfg.policy,
-                collateral_dir: dir,
+                collateral_dir: cfg.collateral_dir,
+                pcs,
             }),
         })
     }
@@ -508,11 +682,19 @@ impl TdxVerifier {
         now: SystemTime,
     ) -> Result<AttestedNode, Error> {
         check_header(quote)?;
-        let collateral = load_collateral(&self.inner.collateral_dir, quote)?;
-        let v = verify(
+        let at = crate::unix_seconds(now);
+        let (collateral, fetched) = collateral_for(
+            self.inner.collateral_dir.as_deref(),
+            self.inner.pcs.as_ref(),
+            quote,
+            at,
+        )?;
+        let v = verify_fetched(
             quote,
             &collateral,
-            crate::unix_seconds(now),
+            fetched,
+            self.inner.pcs.as_ref(),
+            at,
             Some(expected_report_data),
             &self.inner.policy,
         )?;
@@ -628,8 +810,9 @@ impl NodeAttestor for TdxAttestor {
 
 /// Verifies captured evidence offline (`ztid-server evidence verify`): the claims as JSON,
 /// or the first failed check. `evidence` is a quote (binary or hex); the collateral comes
-/// from `collateral` (or the config's `collateral_dir`); `report_data`, when given, must
-/// equal report_data (shorter values are zero-padded).
+/// from `collateral` (or the config's `collateral_dir`), and from the PCS cache or Intel
+/// PCS when the config sets `pcs_fetch = true`; `report_data`, when given, must equal
+/// report_data (shorter values are zero-padded).
 pub fn verify_offline(
     evidence: &[u8],
     collateral: Option<&Path>,
@@ -639,19 +822,18 @@ pub fn verify_offline(
 ) -> Result<serde_json::Value, Error> {
     let cfg = parse_config(config)?;
     let quote = tsm::maybe_hex(evidence);
-    let dir = collateral
-        .map(Path::to_path_buf)
-        .or(cfg.collateral_dir)
-        .ok_or_else(|| {
-            Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into())
-        })?;
+    let dir = collateral.map(Path::to_path_buf).or(cfg.collateral_dir);
+    let pcs = cfg.pcs.as_ref().map(Pcs::new);
     check_header(&quote)?;
-    let c = load_collateral(&dir, &quote)?;
+    let at = crate::unix_seconds(at);
+    let (c, fetched) = collateral_for(dir.as_deref(), pcs.as_ref(), &quote, at)?;
     let expected = report_data.map(tsm::pad_report_data).transpose()?;
-    verify(
+    verify_fetched(
         &quote,
         &c,
-        crate::unix_seconds(at),
+        fetched,
+        pcs.as_ref(),
+        at,
         expected.as_ref(),
         &cfg.policy,
     )
