@@ -229,6 +229,20 @@ impl Server {
         r.stdout.trim().to_string()
     }
 
+    /// What `agent show --output json` says of `agent`, and its selectors as strings.
+    pub fn agent_record(&self, agent: &str) -> (serde_json::Value, Vec<String>) {
+        let shown: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["agent", "show", agent, "--output", "json"]))
+                .expect("agent show JSON");
+        let selectors = shown["selectors"]
+            .as_array()
+            .expect("selectors")
+            .iter()
+            .map(|s| s.as_str().expect("selector string").to_string())
+            .collect();
+        (shown, selectors)
+    }
+
     /// A new join token.
     pub fn token(&self) -> String {
         self.cli_ok(&["token", "generate"])

@@ -13,7 +13,6 @@ mod swtpm;
 
 use std::sync::Arc;
 
-use serde_json::Value;
 use snp_signer::{FakeTsm, TestChain, MEASUREMENT};
 use swtpm::{LocalCa, Swtpm};
 use ztid_agent_attestor::node_attestation::tpm;
@@ -83,18 +82,20 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
         &format!("unix:uid:{}", nix_uid()),
     ]);
 
-    let agent = Agent::start_attested(
-        &server,
-        &[
-            "--attestor",
-            "tpm,sev-snp",
-            "--tpm-tcti",
-            &tcti,
-            "--tsm-root",
-            &tsm_root,
-        ],
-    )
-    .unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
+    let both = |server: &Server| {
+        Agent::start_attested(
+            server,
+            &[
+                "--attestor",
+                "tpm,sev-snp",
+                "--tpm-tcti",
+                &tcti,
+                "--tsm-root",
+                &tsm_root,
+            ],
+        )
+    };
+    let agent = both(&server).unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
     let node_id = agent
         .spiffe_id
         .strip_prefix(&format!("spiffe://{TD}/ztid/agent/multi/"))
@@ -103,21 +104,8 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
     assert_eq!(fake.served.lock().unwrap().len(), 1, "one SNP report");
 
     // The CA recorded both factors' selectors and put the node in the alias.
-    let shown: Value = serde_json::from_str(&server.cli_ok(&[
-        "agent",
-        "show",
-        &agent.spiffe_id,
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let (shown, sels) = server.agent_record(&agent.spiffe_id);
     assert_eq!(shown["attestation_method"], "multi", "{shown}");
-    let sels: Vec<String> = shown["selectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
     for want in [
         "multi:method:tpm".to_string(),
         "multi:method:sev-snp".to_string(),
@@ -182,17 +170,7 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
     .unwrap();
     let strict_server = Server::start_with(TD, &["--config", &strict.display().to_string()]);
     let log = refused(
-        Agent::start_attested(
-            &strict_server,
-            &[
-                "--attestor",
-                "tpm,sev-snp",
-                "--tpm-tcti",
-                &tcti,
-                "--tsm-root",
-                &tsm_root,
-            ],
-        ),
+        both(&strict_server),
         "a launch measurement off the allow-list with a good TPM",
     );
     let reason = format!(

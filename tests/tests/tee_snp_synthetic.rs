@@ -438,15 +438,7 @@ fn end_to_end_agent_attests_with_sev_snp_and_a_workload_gets_its_svid() {
     assert_eq!(served.len(), 1);
 
     // The CA recorded the selectors the report proved.
-    let shown: Value =
-        serde_json::from_str(&server.cli_ok(&["--output", "json", "agent", "show", &agent_id]))
-            .unwrap();
-    let sels: Vec<String> = shown["selectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
+    let (_, sels) = server.agent_record(&agent_id);
     assert!(
         sels.contains(&format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT))),
         "{sels:?}"

@@ -54,21 +54,8 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     );
 
     // The server recorded the method and the selectors the evidence proved.
-    let shown: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
-        "agent",
-        "show",
-        &agent.spiffe_id,
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let (shown, sels) = server.agent_record(&agent.spiffe_id);
     assert_eq!(shown["attestation_method"], "tpm", "{shown}");
-    let sels: Vec<String> = shown["selectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
     for want in [
         format!("tpm:ek-hash:{hash}"),
         "tpm:manufacturer:id:00001014".to_string(),
