@@ -493,3 +493,19 @@ pub fn bundle_roots(server: &Server) -> Vec<Vec<u8>> {
         .map(|p| p.into_contents())
         .collect()
 }
+
+/// The shared SEV-SNP/TDX vectors for `kind` (`snp` or `tdx`): `../shared/vectors/<kind>`
+/// beside the checkout, or `$ZTID_VECTORS/<kind>`. Panics, naming the path, when they
+/// are missing: a test that needs them must fail loudly, not pass without them.
+pub fn vectors(kind: &str) -> PathBuf {
+    let root = std::env::var_os("ZTID_VECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
+    let dir = root.join(kind);
+    assert!(
+        dir.join("README.md").is_file(),
+        "{kind} test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",
+        dir.display()
+    );
+    dir
+}

@@ -7,7 +7,7 @@
 //! (`ZTID_BENCH_SECONDS` per case, default 3). The vectors come from
 //! `../shared/vectors` (or `ZTID_VECTORS`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ztid_agent_attestor::node_attestation::{sev_snp, tdx};
@@ -45,14 +45,8 @@ fn tee_verification_rates() {
         .ok()
         .map(|s| s.parse().expect("ZTID_BENCH_SECONDS"))
         .unwrap_or(3.0);
-    let v: PathBuf = std::env::var_os("ZTID_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
-    assert!(
-        v.join("snp").is_dir() && v.join("tdx").is_dir(),
-        "vectors not found at {} (set ZTID_VECTORS)",
-        v.display()
-    );
+    ztid_tests::vectors("tdx");
+    let v: PathBuf = ztid_tests::vectors("snp").join("..");
     // Load and check the pinned AMD roots once, outside the timings.
     let chain_only =
         std::fs::read(v.join("snp/turin-virtee-sev-chain-only/vcek_turin.der")).unwrap();

@@ -20,15 +20,8 @@ use ztid_agent_attestor::Error;
 // Helpers shared with tee_snp.rs / tee_tdx.rs.
 
 fn vectors_root() -> PathBuf {
-    let p = std::env::var_os("ZTID_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
-    assert!(
-        p.join("snp/README.md").is_file() && p.join("tdx/README.md").is_file(),
-        "SEV-SNP/TDX test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",
-        p.display()
-    );
-    p
+    ztid_tests::vectors("snp");
+    ztid_tests::vectors("tdx").join("..")
 }
 
 fn read(rel: &str) -> Vec<u8> {

@@ -11,15 +11,7 @@ use ztid_agent_attestor::node_attestation::sev_snp;
 use ztid_agent_attestor::Error;
 
 fn vectors() -> PathBuf {
-    let p = std::env::var_os("ZTID_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
-    assert!(
-        p.join("snp/README.md").is_file(),
-        "SEV-SNP test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",
-        p.display()
-    );
-    p.join("snp")
+    ztid_tests::vectors("snp")
 }
 
 fn at(rfc: &str) -> SystemTime {

@@ -2,7 +2,7 @@
 //! (override with `ZTID_VECTORS`), through the library and through
 //! `ztid-server evidence verify`. Every time is pinned.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,15 +11,7 @@ use ztid_agent_attestor::node_attestation::{tdx, AttestationContext, NodeVerifie
 use ztid_agent_attestor::Error;
 
 fn vectors() -> PathBuf {
-    let p = std::env::var_os("ZTID_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
-    assert!(
-        p.join("tdx/README.md").is_file(),
-        "TDX test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",
-        p.display()
-    );
-    p.join("tdx")
+    ztid_tests::vectors("tdx")
 }
 
 fn at(rfc: &str) -> SystemTime {
