@@ -2179,11 +2179,10 @@ impl Report {
             a,
             "- **(c) Entries.** The mint path does keyed sled reads only (agent by SPIFFE ID, entry by \
              id): server CPU per mint {:.0} µs at 1,000 entries and {:.0} µs at {}; latency ratio {:.2} \
-             (p50). What grows with the datastore is elsewhere: an agent's incremental `SyncEntries` \
-             reads and decodes every change-log record after its revision, including changes to other \
-             agents' entries (`ca/src/core.rs` `sync_entries` → `entry_changes_since`), so after {} \
-             unrelated creates one catch-up sync took {} of server time (and every agent of a fleet \
-             would pay it); the sled datastore took {:.0} MB on disk; the server's RSS went {} → {}.",
+             (p50). An agent's incremental `SyncEntries` reads only its own parents' changes, through \
+             the change log's by-parent index (`entry_changes_for_parent_since`): after {} creates \
+             under other agents, one catch-up sync took {} of server time; the sled datastore took \
+             {:.0} MB on disk; the server's RSS went {} → {}.",
             self.lat_1k.cpu_us_per_svid(0),
             self.lat_big.cpu_us_per_svid(0),
             thousands(self.opts.entries as f64),
