@@ -1,7 +1,7 @@
 //! Node attestation: how a node proves what it is before the CA gives its agent an identity.
 //!
-//! Each method (join token today; TPM, SEV-SNP and TDX plug in the same way) is one
-//! module with two halves behind two traits:
+//! Each method (join token, TPM, SEV-SNP, TDX, and `multi`, which runs several of the
+//! hardware methods as one) is one module with two halves behind two traits:
 //! - [`NodeAttestor`] runs on the node and produces evidence, first unprompted and then
 //!   in answer to each challenge the CA sends;
 //! - [`NodeVerifier`] runs in the CA, checks the evidence and, when every check passes,
@@ -9,6 +9,11 @@
 //!
 //! The exchange rides on the node API's bidirectional `Attest` stream, so a method may
 //! take as many round trips as it needs (TPM credential activation takes two).
+//!
+//! Every method binds its evidence to the key in the agent's CSR ([`AttestationContext`]):
+//! TEE methods hash it into report_data, and the TPM method makes the key itself, in the
+//! TPM, and has the AK certify it ([`NodeAttestor::agent_key`]). Optional collateral
+//! fetching for the TEE verifiers lives in [`fetch`].
 
 pub mod fetch;
 pub mod join_token;
