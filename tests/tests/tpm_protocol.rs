@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use swtpm::{LocalCa, Swtpm};
 use ztid_agent_attestor::node_attestation::tpm::{
-    self, credential, device::Tpm, quote, wire, Answer, Challenge, InitialEvidence, TpmAttestor,
-    TpmPolicy, TpmVerifier,
+    self, credential, device::Tpm, quote, wire, Answer, Challenge, EkKind, EkTemplate,
+    InitialEvidence, TpmAttestor, TpmPolicy, TpmVerifier,
 };
 use ztid_agent_attestor::node_attestation::{
     AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
@@ -1077,4 +1077,345 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
     assert_eq!(reloaded.spki().unwrap(), key.spki().unwrap());
     assert_eq!(f.tpm.leftovers(), "");
     assert_eq!(tpm_b.leftovers(), "");
+}
+
+// ----- ECC EKs -----------------------------------------------------------------------------
+//
+// swtpm_setup (0.7) provisions an RSA-2048 EK (certificate at NV 0x01c00002) and an ECC
+// NIST P-384 EK from the high-range template (certificate at NV 0x01c00016); there is no
+// P-256 EK certificate (0x01c0000a), but the P-256 EK itself can be created from its template.
+
+/// The curve, nameAlg and symmetric key size of an ECC EK `TPMT_PUBLIC`.
+fn ecc_ek_params(ek_pub: &[u8]) -> (u16, u16, Option<(u16, u16, u16)>) {
+    let ek = wire::Public::parse(ek_pub).unwrap();
+    match ek.key {
+        wire::PublicKey::Ecc { curve, .. } => (curve, ek.name_alg, ek.symmetric),
+        other => panic!("not an ECC EK: {other:?}"),
+    }
+}
+
+#[test]
+fn tpm_ecc_ek_enrolment_round_trip_and_identity() {
+    let f = fixture();
+    let v = TpmVerifier::new(policy(&f.ca, ""));
+    let mut a = TpmAttestor::with_tcti_and_ek(&f.tpm.tcti(), EkKind::Ecc);
+    let t = std::time::Instant::now();
+    let (node, ev, _, _, _) = attest(&v, &mut a);
+    eprintln!(
+        "enrolment with the ECC EK (agent+CA, swtpm): {:?}",
+        t.elapsed()
+    );
+
+    let ev: InitialEvidence = serde_json::from_slice(&ev).unwrap();
+    // The P-384 high-range EK: SHA-384 names, AES-256-CFB.
+    assert_eq!(
+        ecc_ek_params(&ev.ek_pub),
+        (
+            wire::curve::NIST_P384,
+            wire::alg::SHA384,
+            Some((wire::alg::AES, 256, wire::alg::CFB))
+        )
+    );
+    // node id = SHA-256 of the ECC EK certificate's SubjectPublicKeyInfo.
+    let (_, cert) = x509_parser::parse_x509_certificate(&ev.ek_cert).unwrap();
+    assert_eq!(
+        cert.public_key().algorithm.algorithm.to_id_string(),
+        "1.2.840.10045.2.1",
+        "the EK certificate sent is the ECC one"
+    );
+    assert_eq!(node.node_id, sha256_hex(cert.public_key().raw));
+    assert_eq!(node.node_id, tpm::ek_hash(&ev.ek_pub).unwrap());
+    let sels: Vec<String> = node.selectors.iter().map(|s| s.to_string()).collect();
+    for want in [
+        format!("tpm:ek-hash:{}", node.node_id),
+        "tpm:manufacturer:id:00001014".to_string(),
+        "tpm:ek-issuer:CN=swtpm-localca".to_string(),
+        format!("tpm:pcr:7:{}", "0".repeat(64)),
+    ] {
+        assert!(sels.contains(&want), "{want} not in {sels:?}");
+    }
+
+    // The default choice on this TPM is the RSA EK: the same TPM, another node id.
+    let mut r = TpmAttestor::with_tcti(&f.tpm.tcti());
+    assert_eq!(r.ek_kind(), EkKind::Auto);
+    let (rsa_node, rsa_ev, _, _, _) = attest(&v, &mut r);
+    let rsa_ev: InitialEvidence = serde_json::from_slice(&rsa_ev).unwrap();
+    assert!(matches!(
+        wire::Public::parse(&rsa_ev.ek_pub).unwrap().key,
+        wire::PublicKey::Rsa { key_bits: 2048, .. }
+    ));
+    assert_ne!(rsa_node.node_id, node.node_id);
+    // Naming the curve gives the same EK as "ecc"; a P-256 EK has no certificate here, and
+    // the agent says which NV index it read.
+    let mut p384 = TpmAttestor::with_tcti_and_ek(&f.tpm.tcti(), "ecc-p384".parse().unwrap());
+    assert_eq!(attest(&v, &mut p384).0.node_id, node.node_id);
+    let mut p256 = TpmAttestor::with_tcti_and_ek(&f.tpm.tcti(), EkKind::EccP256);
+    p256.agent_key().unwrap();
+    let err = p256.initial_evidence().unwrap_err().to_string();
+    assert!(
+        err.contains("reading the ECC P-256 EK certificate (NV 0x01c0000a)"),
+        "{err}"
+    );
+    assert!("ecc-p521".parse::<EkKind>().is_err());
+    // Nothing left loaded in the TPM.
+    assert_eq!(
+        f.tpm.leftovers(),
+        "",
+        "transient objects or sessions leaked"
+    );
+}
+
+#[test]
+fn tpm_ecc_ek_cert_from_another_local_ca_is_refused() {
+    let f = fixture();
+    let (other, other_ca) = f.second_tpm(false);
+    let v = TpmVerifier::new(policy(&f.ca, ""));
+    let mut a = TpmAttestor::with_tcti_and_ek(&other.tcti(), EkKind::Ecc);
+    let (ev, k) = evidence(&mut a);
+    let parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
+    assert_eq!(ecc_ek_params(&parsed.ek_pub).0, wire::curve::NIST_P384);
+    assert_eq!(
+        refusal(v.start(&ev, &ctx(&k))),
+        "EK certificate signature does not verify with the key of CA CN=swtpm-localca"
+    );
+    // Trusting the other CA, the same TPM passes with its ECC EK.
+    let v2 = TpmVerifier::new(policy(&other_ca, ""));
+    let (node, ..) = attest(
+        &v2,
+        &mut TpmAttestor::with_tcti_and_ek(&other.tcti(), EkKind::Ecc),
+    );
+    assert_eq!(node.node_id, tpm::ek_hash(&parsed.ek_pub).unwrap());
+    // The ECC EK certificate with the RSA EK (and the other way round): the certified key
+    // must be the EK sent.
+    let rsa_ev: InitialEvidence =
+        serde_json::from_slice(&evidence(&mut TpmAttestor::with_tcti(&other.tcti())).0).unwrap();
+    for (cert, ek_pub) in [
+        (&parsed.ek_cert, &rsa_ev.ek_pub),
+        (&rsa_ev.ek_cert, &parsed.ek_pub),
+    ] {
+        let swapped = InitialEvidence {
+            ek_cert: cert.clone(),
+            ek_pub: ek_pub.clone(),
+            ..parsed.clone()
+        };
+        assert_eq!(
+            refusal(v2.start(&serde_json::to_vec(&swapped).unwrap(), &ctx(&k))),
+            "EK certificate public key is not the EK public key sent"
+        );
+    }
+    assert_eq!(other.leftovers(), "");
+}
+
+#[test]
+fn tpm_ecc_ak_from_a_second_tpm_is_refused() {
+    let f = fixture();
+    let (tpm_b, _) = f.second_tpm(true);
+    let v = TpmVerifier::new(policy(&f.ca, ""));
+
+    // TPM A's genuine ECC EK with an AK that lives in TPM B (under B's ECC EK).
+    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), EkKind::Ecc).unwrap();
+    let ek_cert = a.ek_cert().unwrap();
+    let ek_pub = a.ek_public().unwrap();
+    let agent_key = a.create_agent_key().unwrap();
+    let k = agent_key.public_key("agent key").unwrap().spki_der;
+    drop(a);
+    let mut b = Tpm::open_with_ek(&tpm_b.tcti(), EkKind::Ecc).unwrap();
+    let ak_b = b.create_ak().unwrap();
+    assert_eq!(ak_b.ek(), EkTemplate::EccP384);
+    let ev = serde_json::to_vec(&InitialEvidence {
+        ek_cert,
+        ek_pub,
+        ak_pub: ak_b.public_bytes().unwrap(),
+        agent_key_pub: agent_key.public_area().unwrap(),
+    })
+    .unwrap();
+    let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("static checks pass"));
+    let c: Challenge = serde_json::from_slice(&c).unwrap();
+    // The encrypted secret is an ephemeral P-384 point (TPMS_ECC_POINT), not RSA-OAEP.
+    assert_eq!(c.encrypted_secret.len(), 2 + 48 + 2 + 48);
+    // TPM B cannot open a credential sealed to TPM A's EK ...
+    let err = b
+        .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ActivateCredential"), "{err}");
+    drop(b);
+    // ... and TPM A cannot even load TPM B's AK.
+    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), EkKind::Ecc).unwrap();
+    let err = a
+        .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loading the AK"), "{err}");
+    drop(a);
+    // So the best the attacker can send is a guess with a good quote from TPM B.
+    let mut b = Tpm::open(&tpm_b.tcti()).unwrap();
+    let pcrs: BTreeSet<u8> = c.pcrs.iter().copied().collect();
+    let (quote, signature, values) = b.quote(&ak_b, &c.nonce, &pcrs).unwrap();
+    drop(b);
+    let ans = serde_json::to_vec(&Answer {
+        secret: vec![0u8; 32],
+        quote,
+        signature,
+        pcrs: values,
+        certify: Vec::new(),
+        certify_signature: Vec::new(),
+    })
+    .unwrap();
+    assert!(refusal(session.resume(&ans, &ctx(&k))).starts_with(
+        "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
+    ));
+    assert_eq!(f.tpm.leftovers(), "");
+    assert_eq!(tpm_b.leftovers(), "");
+}
+
+#[test]
+fn tpm_ecc_make_credential_interoperates_with_tpm2_tools() {
+    let f = fixture();
+    let work = f.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let t = |tool: &str, args: &[&str]| f.tpm.tpm2_ok(&work, tool, args);
+    let read = |n: &str| std::fs::read(work.join(n)).unwrap();
+
+    // tpm2-tools' names for the two ECC EK templates; the low-range P-256 EK has no
+    // userWithAuth, so tpm2_activatecredential needs PolicySecret(endorsement) for it.
+    for (tools_alg, kind, template, policy_session) in [
+        ("ecc", EkKind::EccP256, EkTemplate::EccP256, true),
+        ("ecc384", EkKind::EccP384, EkTemplate::EccP384, false),
+    ] {
+        let ekpub = format!("ek-{tools_alg}.pub");
+        t(
+            "tpm2_createek",
+            &["-c", "ek.ctx", "-G", tools_alg, "-u", &ekpub],
+        );
+        t(
+            "tpm2_createak",
+            &[
+                "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s", "ecdsa", "-u",
+                "ak.pub", "-n", "ak.name",
+            ],
+        );
+        t("tpm2_flushcontext", &["-t"]);
+        // ztid recreates exactly the EK tpm2-tools made from the same TCG template.
+        let ek_tpmt = tpmt(&read(&ekpub));
+        let mut ours = Tpm::open_with_ek(&f.tpm.tcti(), kind).unwrap();
+        assert_eq!(ours.ek_template().unwrap(), template);
+        assert_eq!(ours.ek_public().unwrap(), ek_tpmt, "{tools_alg} EK differs");
+        drop(ours);
+        let ek = wire::Public::parse(&ek_tpmt).unwrap();
+        let ak = wire::Public::parse(&tpmt(&read("ak.pub"))).unwrap();
+        assert_eq!(ak.name().unwrap(), read("ak.name"));
+
+        // 1. ztid's software MakeCredential (ECDH + KDFe) → tpm2_activatecredential.
+        let secret: Vec<u8> = (1..=32).collect();
+        let cred = credential::make_credential(&ek, &ak.name().unwrap(), &secret).unwrap();
+        std::fs::write(work.join("ztid.cred"), tools_cred_file(&cred)).unwrap();
+        let mut args = vec![
+            "-c",
+            "ak.ctx",
+            "-C",
+            "ek.ctx",
+            "-i",
+            "ztid.cred",
+            "-o",
+            "out.bin",
+        ];
+        if policy_session {
+            t(
+                "tpm2_startauthsession",
+                &["--policy-session", "-S", "session.ctx"],
+            );
+            t("tpm2_policysecret", &["-S", "session.ctx", "-c", "e"]);
+            args.extend(["-P", "session:session.ctx"]);
+        }
+        t("tpm2_activatecredential", &args);
+        if policy_session {
+            t("tpm2_flushcontext", &["session.ctx"]);
+        }
+        t("tpm2_flushcontext", &["-t"]);
+        assert_eq!(
+            read("out.bin"),
+            secret,
+            "tpm2_activatecredential recovered another secret ({tools_alg} EK)"
+        );
+
+        // 2. tpm2_makecredential (software, -T none) → ztid's ActivateCredential, with an
+        //    AK ztid made under its own recreation of the EK.
+        let mut tpm = Tpm::open_with_ek(&f.tpm.tcti(), kind).unwrap();
+        let our_ak = tpm.create_ak().unwrap();
+        drop(tpm);
+        assert_eq!(our_ak.ek(), template);
+        let our_name = wire::Public::parse(&our_ak.public_bytes().unwrap())
+            .unwrap()
+            .name()
+            .unwrap();
+        std::fs::write(work.join("secret2.bin"), b"from tpm2_makecredential").unwrap();
+        let o = std::process::Command::new("tpm2_makecredential")
+            .current_dir(&work)
+            .args([
+                "-T",
+                "none",
+                "-e",
+                &ekpub,
+                "-s",
+                "secret2.bin",
+                "-n",
+                &hex::encode(&our_name),
+                "-o",
+                "tools.cred",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let c = parse_tools_cred_file(&read("tools.cred"));
+        let len = if template == EkTemplate::EccP256 {
+            32
+        } else {
+            48
+        };
+        assert_eq!(c.encrypted_secret.len(), 4 + 2 * len, "a TPMS_ECC_POINT");
+        // Any Tpm connection activates with the AK's own EK, whatever its EK choice.
+        let mut tpm = Tpm::open(&f.tpm.tcti()).unwrap();
+        let got = tpm
+            .activate_credential(&our_ak, &c.blob, &c.encrypted_secret)
+            .unwrap();
+        assert_eq!(got, b"from tpm2_makecredential");
+
+        // 3. ztid's credential through ztid's activation: the right name passes, another
+        //    name (tpm2-tools' AK) fails the TPM's integrity check.
+        let good = credential::make_credential(&ek, &our_name, &secret).unwrap();
+        assert_eq!(
+            tpm.activate_credential(&our_ak, &good.blob, &good.encrypted_secret)
+                .unwrap(),
+            secret
+        );
+        let wrong = credential::make_credential(&ek, &ak.name().unwrap(), &secret).unwrap();
+        assert!(tpm
+            .activate_credential(&our_ak, &wrong.blob, &wrong.encrypted_secret)
+            .is_err());
+        drop(tpm);
+        assert_eq!(f.tpm.leftovers(), "", "after the {tools_alg} EK");
+    }
+}
+
+#[test]
+fn tpm_ecc_offline_evidence_round_trip() {
+    let f = fixture();
+    let nonce = b"offline-nonce-ecc-0123456789abcd";
+    let pcrs: BTreeSet<u8> = (0..8).collect();
+    let file = tpm::capture_evidence_with_ek(&f.tpm.tcti(), EkKind::Ecc, nonce, &pcrs).unwrap();
+    let ev: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
+    assert_eq!(ecc_ek_params(&ev.ek_pub).0, wire::curve::NIST_P384);
+    let trust = f.ca.trust_dir();
+    let claims = tpm::verify_offline(
+        &file,
+        Some(&trust),
+        Some(nonce),
+        SystemTime::now(),
+        &toml::Table::new(),
+    )
+    .expect("offline verification");
+    assert_eq!(claims["node_id"], tpm::ek_hash(&ev.ek_pub).unwrap());
+    assert_eq!(claims["manufacturer"], "id:00001014");
+    assert_eq!(f.tpm.leftovers(), "");
 }

@@ -2,20 +2,28 @@
 //! session this module creates is flushed before the call that created it returns, on
 //! success and on error alike: without a resource manager (swtpm's TCTI) the TPM has only
 //! three transient object slots and three session slots.
+//!
+//! # Which EK
+//! The EK is recreated from the TCG EK Credential Profile's default template each time
+//! (it is the same key for the same TPM): RSA-2048 (certificate at NV 0x01c00002),
+//! ECC NIST P-256 (low range, 0x01c0000a) or ECC NIST P-384 (high range, 0x01c00016).
+//! [`EkKind`] says which: by default the RSA-2048 EK when its certificate is in NV, else
+//! the P-256 one, else the P-384 one. An AK remembers the EK it was created under, so its
+//! activation always uses that EK.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
-use tss_esapi::constants::SessionType;
+use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    SignatureScheme, SymmetricDefinition,
+    CapabilityData, Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private,
+    Public, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
@@ -27,6 +35,105 @@ pub use ztid_hsm::TpmKeyBlob;
 
 /// NV index of the RSA-2048 EK certificate (TCG EK Credential Profile, low range).
 pub const NV_EK_CERT_RSA2048: u32 = 0x01c0_0002;
+/// NV index of the ECC NIST P-256 EK certificate (low range).
+pub const NV_EK_CERT_ECC_P256: u32 = 0x01c0_000a;
+/// NV index of the ECC NIST P-384 EK certificate (high range).
+pub const NV_EK_CERT_ECC_P384: u32 = 0x01c0_0016;
+
+/// Which EK the agent attests with (the choice; [`EkTemplate`] is the resolved EK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EkKind {
+    /// The RSA-2048 EK if its certificate is in NV, else the ECC one (P-256, else P-384).
+    #[default]
+    Auto,
+    /// The RSA-2048 EK.
+    Rsa,
+    /// An ECC EK: P-256 if its certificate is in NV, else P-384.
+    Ecc,
+    /// The ECC NIST P-256 EK.
+    EccP256,
+    /// The ECC NIST P-384 EK.
+    EccP384,
+}
+
+impl EkKind {
+    /// Every accepted spelling, for flag help texts.
+    pub const NAMES: &'static str = "auto, rsa, ecc, ecc-p256, ecc-p384";
+}
+
+impl std::str::FromStr for EkKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "rsa" | "rsa2048" | "rsa-2048" => Ok(Self::Rsa),
+            "ecc" => Ok(Self::Ecc),
+            "ecc-p256" | "p256" | "p-256" => Ok(Self::EccP256),
+            "ecc-p384" | "p384" | "p-384" => Ok(Self::EccP384),
+            other => Err(Error::Config(format!(
+                "unknown TPM EK kind {other:?} (known: {})",
+                Self::NAMES
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for EkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Rsa => "rsa",
+            Self::Ecc => "ecc",
+            Self::EccP256 => "ecc-p256",
+            Self::EccP384 => "ecc-p384",
+        })
+    }
+}
+
+/// A concrete EK: a TCG default template and the NV index of its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EkTemplate {
+    /// RSA-2048, SHA-256, AES-128-CFB (low range, template L-1).
+    Rsa2048,
+    /// ECC NIST P-256, SHA-256, AES-128-CFB (low range, template L-2).
+    EccP256,
+    /// ECC NIST P-384, SHA-384, AES-256-CFB (high range, template H-3).
+    EccP384,
+}
+
+impl EkTemplate {
+    /// NV index of its certificate.
+    pub fn nv_index(self) -> u32 {
+        match self {
+            Self::Rsa2048 => NV_EK_CERT_RSA2048,
+            Self::EccP256 => NV_EK_CERT_ECC_P256,
+            Self::EccP384 => NV_EK_CERT_ECC_P384,
+        }
+    }
+
+    /// Human name ("RSA-2048", "ECC P-256", "ECC P-384").
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rsa2048 => "RSA-2048",
+            Self::EccP256 => "ECC P-256",
+            Self::EccP384 => "ECC P-384",
+        }
+    }
+
+    fn selection(self) -> AsymmetricAlgorithmSelection {
+        match self {
+            Self::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            Self::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            Self::EccP384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
+        }
+    }
+
+    /// High-range templates set userWithAuth (their empty authValue authorises USER
+    /// use); low-range ones need PolicySecret(endorsement) in a SHA-256 policy session.
+    fn user_with_auth(self) -> bool {
+        matches!(self, Self::EccP384)
+    }
+}
 
 fn tpm_err(what: &str) -> impl FnOnce(tss_esapi::Error) -> Error + '_ {
     move |e| Error::Io {
@@ -40,9 +147,15 @@ fn tpm_err(what: &str) -> impl FnOnce(tss_esapi::Error) -> Error + '_ {
 pub struct AkBlob {
     private: Private,
     public: Public,
+    ek: EkTemplate,
 }
 
 impl AkBlob {
+    /// The EK the AK was created under (and must be activated with).
+    pub fn ek(&self) -> EkTemplate {
+        self.ek
+    }
+
     /// The AK's `TPMT_PUBLIC`.
     pub fn public_bytes(&self) -> Result<Vec<u8>, Error> {
         self.public
@@ -56,6 +169,8 @@ impl AkBlob {
 /// without a resource manager has three transient slots to share.
 pub struct Tpm {
     ctx: Context,
+    ek_kind: EkKind,
+    ek: Option<EkTemplate>,
     _exclusive: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -73,22 +188,73 @@ fn tcti_lock(tcti: &str) -> &'static std::sync::Mutex<()> {
 }
 
 impl Tpm {
-    /// Connects through a TCTI string (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`).
+    /// Connects through a TCTI string (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`), with
+    /// the EK chosen by [`EkKind::Auto`].
     pub fn open(tcti: &str) -> Result<Self, Error> {
+        Self::open_with_ek(tcti, EkKind::Auto)
+    }
+
+    /// [`Tpm::open`] with the EK chosen by `ek`.
+    pub fn open_with_ek(tcti: &str, ek: EkKind) -> Result<Self, Error> {
         let conf = TctiNameConf::from_str(tcti)
             .map_err(|e| Error::Config(format!("bad TPM TCTI {tcti:?}: {e}")))?;
         // A panic while holding the lock leaves no TPM state behind (the context closed).
-        let exclusive = tcti_lock(tcti)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let exclusive = tcti_lock(tcti).lock().unwrap_or_else(|p| p.into_inner());
         let ctx = Context::new(conf).map_err(|e| Error::Io {
             context: format!("opening the TPM at {tcti}"),
             source: std::io::Error::other(e.to_string()),
         })?;
         Ok(Self {
             ctx,
+            ek_kind: ek,
+            ek: None,
             _exclusive: exclusive,
         })
+    }
+
+    /// The EK this connection uses: [`EkKind`] resolved against the EK certificates in NV
+    /// (once per connection).
+    pub fn ek_template(&mut self) -> Result<EkTemplate, Error> {
+        if let Some(t) = self.ek {
+            return Ok(t);
+        }
+        let candidates: &[EkTemplate] = match self.ek_kind {
+            EkKind::Rsa => &[EkTemplate::Rsa2048],
+            EkKind::EccP256 => &[EkTemplate::EccP256],
+            EkKind::EccP384 => &[EkTemplate::EccP384],
+            EkKind::Ecc => &[EkTemplate::EccP256, EkTemplate::EccP384],
+            EkKind::Auto => &[
+                EkTemplate::Rsa2048,
+                EkTemplate::EccP256,
+                EkTemplate::EccP384,
+            ],
+        };
+        let t = if let [only] = candidates {
+            // An explicit choice: a missing certificate is reported when it is read.
+            *only
+        } else {
+            let mut found = None;
+            for &t in candidates {
+                if nv_index_defined(&mut self.ctx, t.nv_index())? {
+                    found = Some(t);
+                    break;
+                }
+            }
+            found.ok_or_else(|| Error::Io {
+                context: format!(
+                    "TPM: no EK certificate in NV for EK choice {:?} (looked for {})",
+                    self.ek_kind.to_string(),
+                    candidates
+                        .iter()
+                        .map(|t| format!("{} at 0x{:08x}", t.name(), t.nv_index()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })?
+        };
+        self.ek = Some(t);
+        Ok(t)
     }
 
     /// Creates the agent's key in this TPM: ECDSA P-256, unrestricted signing,
@@ -107,31 +273,39 @@ impl Tpm {
         ztid_hsm::tpm::sign_with_blob(&mut self.ctx, key, "agent key", message).map_err(hsm_err)
     }
 
-    /// The RSA-2048 EK certificate from NV, as DER (NV padding after the DER trimmed).
+    /// The EK certificate from NV (of the EK [`Tpm::ek_template`] picks), as DER (NV
+    /// padding after the DER trimmed).
     pub fn ek_cert(&mut self) -> Result<Vec<u8>, Error> {
-        let raw = ek::retrieve_ek_pubcert(
-            &mut self.ctx,
-            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-        )
-        .map_err(tpm_err(&format!(
-            "reading the RSA-2048 EK certificate (NV 0x{NV_EK_CERT_RSA2048:08x})"
-        )))?;
+        let t = self.ek_template()?;
+        let raw =
+            ek::retrieve_ek_pubcert(&mut self.ctx, t.selection()).map_err(tpm_err(&format!(
+                "reading the {} EK certificate (NV 0x{:08x})",
+                t.name(),
+                t.nv_index()
+            )))?;
         Ok(trim_der(raw))
     }
 
-    /// Runs `f` with the RSA-2048 EK (recreated from the TCG default template) loaded,
-    /// and flushes it afterwards.
+    /// Runs `f` with this connection's EK loaded; flushes it afterwards.
     fn with_ek<T>(
         &mut self,
-        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Error>,
+        f: impl FnOnce(&mut Context, KeyHandle, EkTemplate) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let ek = ek::create_ek_object_2(
-            &mut self.ctx,
-            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-            None,
-        )
-        .map_err(tpm_err("creating the EK from its template"))?;
-        let r = f(&mut self.ctx, ek);
+        let t = self.ek_template()?;
+        self.with_ek_template(t, f)
+    }
+
+    /// Runs `f` with the EK `t` (recreated from its TCG default template) loaded, and
+    /// flushes it afterwards.
+    fn with_ek_template<T>(
+        &mut self,
+        t: EkTemplate,
+        f: impl FnOnce(&mut Context, KeyHandle, EkTemplate) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let ek = ek::create_ek_object_2(&mut self.ctx, t.selection(), None).map_err(tpm_err(
+            &format!("creating the {} EK from its template", t.name()),
+        ))?;
+        let r = f(&mut self.ctx, ek, t);
         let flushed = self
             .ctx
             .flush_context(ObjectHandle::from(ek))
@@ -141,13 +315,14 @@ impl Tpm {
         Ok(v)
     }
 
-    /// Runs `f` with the AK loaded under the EK; flushes both afterwards.
+    /// Runs `f` with the AK loaded under the EK it was created under; flushes both
+    /// afterwards.
     fn with_ak<T>(
         &mut self,
         ak_blob: &AkBlob,
-        f: impl FnOnce(&mut Context, KeyHandle, KeyHandle) -> Result<T, Error>,
+        f: impl FnOnce(&mut Context, KeyHandle, KeyHandle, EkTemplate) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.with_ek(|ctx, ek| {
+        self.with_ek_template(ak_blob.ek, |ctx, ek, t| {
             let ak = ak::load_ak(
                 ctx,
                 ek,
@@ -156,7 +331,7 @@ impl Tpm {
                 ak_blob.public.clone(),
             )
             .map_err(tpm_err("loading the AK"))?;
-            let r = f(ctx, ek, ak);
+            let r = f(ctx, ek, ak, t);
             let flushed = ctx
                 .flush_context(ObjectHandle::from(ak))
                 .map_err(tpm_err("flushing the AK"));
@@ -168,7 +343,7 @@ impl Tpm {
 
     /// The EK's `TPMT_PUBLIC`.
     pub fn ek_public(&mut self) -> Result<Vec<u8>, Error> {
-        self.with_ek(ek_public_in)
+        self.with_ek(|ctx, ek, _| ek_public_in(ctx, ek))
     }
 
     /// Creates a restricted ECDSA P-256/SHA-256 signing AK under the EK (fixedTPM,
@@ -179,7 +354,7 @@ impl Tpm {
 
     /// [`Tpm::ek_public`] and [`Tpm::create_ak`] with one EK creation.
     pub fn ek_public_and_new_ak(&mut self) -> Result<(Vec<u8>, AkBlob), Error> {
-        self.with_ek(|ctx, ek| Ok((ek_public_in(ctx, ek)?, create_ak_in(ctx, ek)?)))
+        self.with_ek(|ctx, ek, t| Ok((ek_public_in(ctx, ek)?, create_ak_in(ctx, ek, t)?)))
     }
 
     /// TPM2_ActivateCredential: recovers the secret the CA sealed to the EK for the AK's name.
@@ -189,8 +364,8 @@ impl Tpm {
         credential_blob: &[u8],
         encrypted_secret: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        self.with_ak(ak_blob, |ctx, ek, ak| {
-            activate_in(ctx, ek, ak, credential_blob, encrypted_secret)
+        self.with_ak(ak_blob, |ctx, ek, ak, t| {
+            activate_in(ctx, ek, t, ak, credential_blob, encrypted_secret)
         })
     }
 
@@ -203,7 +378,7 @@ impl Tpm {
         nonce: &[u8],
         pcrs: &BTreeSet<u8>,
     ) -> Result<Quote, Error> {
-        self.with_ak(ak_blob, |ctx, _ek, ak| quote_in(ctx, ak, nonce, pcrs))
+        self.with_ak(ak_blob, |ctx, _ek, ak, _| quote_in(ctx, ak, nonce, pcrs))
     }
 
     /// [`Tpm::activate_credential`] then [`Tpm::quote`], loading the EK and AK once.
@@ -215,8 +390,8 @@ impl Tpm {
         nonce: &[u8],
         pcrs: &BTreeSet<u8>,
     ) -> Result<(Vec<u8>, Quote), Error> {
-        self.with_ak(ak_blob, |ctx, ek, ak| {
-            let secret = activate_in(ctx, ek, ak, credential_blob, encrypted_secret)?;
+        self.with_ak(ak_blob, |ctx, ek, ak, t| {
+            let secret = activate_in(ctx, ek, t, ak, credential_blob, encrypted_secret)?;
             Ok((secret, quote_in(ctx, ak, nonce, pcrs)?))
         })
     }
@@ -234,8 +409,8 @@ impl Tpm {
         pcrs: &BTreeSet<u8>,
     ) -> Result<(Vec<u8>, Quote, (Vec<u8>, Vec<u8>)), Error> {
         let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
-        let r = self.with_ak(ak_blob, |ctx, ek, ak| {
-            let secret = activate_in(ctx, ek, ak, credential_blob, encrypted_secret)?;
+        let r = self.with_ak(ak_blob, |ctx, ek, ak, t| {
+            let secret = activate_in(ctx, ek, t, ak, credential_blob, encrypted_secret)?;
             let quote = quote_in(ctx, ak, nonce, pcrs)?;
             let certified = certify_in(ctx, handle, ak, nonce)?;
             Ok((secret, quote, certified))
@@ -258,7 +433,9 @@ impl Tpm {
         nonce: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>), Error> {
         let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
-        let r = self.with_ak(ak_blob, |ctx, _ek, ak| certify_in(ctx, handle, ak, nonce));
+        let r = self.with_ak(ak_blob, |ctx, _ek, ak, _| {
+            certify_in(ctx, handle, ak, nonce)
+        });
         let flushed = self
             .ctx
             .flush_context(ObjectHandle::from(handle))
@@ -286,7 +463,7 @@ fn ek_public_in(ctx: &mut Context, ek: KeyHandle) -> Result<Vec<u8>, Error> {
         .map_err(tpm_err("marshalling the EK public"))
 }
 
-fn create_ak_in(ctx: &mut Context, ek: KeyHandle) -> Result<AkBlob, Error> {
+fn create_ak_in(ctx: &mut Context, ek: KeyHandle, t: EkTemplate) -> Result<AkBlob, Error> {
     let r = ak::create_ak_2(
         ctx,
         ek,
@@ -300,12 +477,14 @@ fn create_ak_in(ctx: &mut Context, ek: KeyHandle) -> Result<AkBlob, Error> {
     Ok(AkBlob {
         private: r.out_private,
         public: r.out_public,
+        ek: t,
     })
 }
 
 fn activate_in(
     ctx: &mut Context,
     ek: KeyHandle,
+    t: EkTemplate,
     ak: KeyHandle,
     credential_blob: &[u8],
     encrypted_secret: &[u8],
@@ -314,9 +493,21 @@ fn activate_in(
         .map_err(tpm_err("reading the credential blob"))?;
     let secret = EncryptedSecret::try_from(encrypted_secret.to_vec())
         .map_err(tpm_err("reading the encrypted secret"))?;
-    // Session 1 authorises the AK (empty auth, HMAC session); session 2 satisfies the
-    // EK's policy (PolicySecret on the endorsement hierarchy).
+    // Session 1 authorises the AK (empty auth, HMAC session). The EK's USER role: a
+    // high-range EK (userWithAuth) takes its empty authValue (password session); a
+    // low-range one needs its policy, PolicySecret on the endorsement hierarchy.
     let hmac = start_session(ctx, SessionType::Hmac)?;
+    if t.user_with_auth() {
+        ctx.set_sessions((Some(hmac), Some(AuthSession::Password), None));
+        let out = ctx.activate_credential(ak, ek, id_object, secret);
+        ctx.clear_sessions();
+        let f = flush_session(ctx, hmac);
+        let v = out
+            .map(|d| d.value().to_vec())
+            .map_err(tpm_err("ActivateCredential"))?;
+        f?;
+        return Ok(v);
+    }
     let policy = match start_session(ctx, SessionType::Policy) {
         Ok(p) => p,
         Err(e) => {
@@ -398,7 +589,11 @@ fn certify_in(
     // Both objects have empty auth: two password sessions (they take no session slot).
     let (attest, sig) = ctx
         .execute_with_sessions(
-            (Some(AuthSession::Password), Some(AuthSession::Password), None),
+            (
+                Some(AuthSession::Password),
+                Some(AuthSession::Password),
+                None,
+            ),
             |c| c.certify(ObjectHandle::from(key), ak, data, SignatureScheme::Null),
         )
         .map_err(tpm_err("Certify"))?;
@@ -477,6 +672,17 @@ fn read_pcrs(ctx: &mut Context, pcrs: &BTreeSet<u8>) -> Result<BTreeMap<u8, Vec<
         }
     }
     Ok(out)
+}
+
+/// True if the NV index `index` is defined (TPM2_GetCapability, handles from `index`).
+fn nv_index_defined(ctx: &mut Context, index: u32) -> Result<bool, Error> {
+    let (data, _) = ctx
+        .execute_without_session(|c| c.get_capability(CapabilityType::Handles, index, 1))
+        .map_err(tpm_err("listing NV indices"))?;
+    Ok(match data {
+        CapabilityData::Handles(list) => list.iter().next().is_some_and(|h| u32::from(*h) == index),
+        _ => false,
+    })
 }
 
 /// Trims NV padding after a DER SEQUENCE (EK certificate NV indices may be larger than

@@ -73,13 +73,26 @@
 //! round trip; a transcript of an activation does not help, since whoever captured the file
 //! could have made that credential for any AK. The claims say so (`ak_residency`).
 //!
+//! # EKs
+//! The CA accepts RSA EKs (2048 bits or more: RSA-2048, and RSA-3072/4096 with the
+//! high-range templates' SHA-384/AES-256) and ECC EKs on NIST P-256 or P-384, each a
+//! restricted decryption key (fixedTPM, fixedParent, sensitiveDataOrigin, restricted,
+//! decrypt, not sign). `MakeCredential` uses the EK's own nameAlg and symmetric algorithm:
+//! RSA-OAEP of the seed for an RSA EK, an ephemeral ECDH and KDFe for an ECC one
+//! ([`credential`]). RSA and ECC EKs of one TPM are different keys, so they give
+//! different node ids (and need their own `allowed_ek_hashes` entries and PCR policies).
+//!
+//! The agent recreates the EK from a TCG default template and reads its certificate from
+//! NV ([`device`]): RSA-2048 (0x01c00002), ECC P-256 (0x01c0000a) or ECC P-384 (high
+//! range, 0x01c00016; what swtpm_setup provisions). [`EkKind::Auto`] (the default)
+//! takes the RSA-2048 EK if its certificate is present, else P-256, else P-384;
+//! [`TpmAttestor::with_tcti_and_ek`] picks one explicitly. The agent does not use
+//! RSA-3072/4096 or P-521 EKs.
+//!
 //! # Limits
-//! RSA EKs only (RSA-2048, the common case, and RSA 3072/4096 with the high-range
-//! template's SHA-384/AES-256); the agent reads the RSA-2048 EK certificate at
-//! NV 0x01c00002. The quote's `qualifiedSigner` is not checked (it depends on the
-//! hierarchy above the EK); the AK is identified by its public key instead. Offline
-//! evidence files carry no agent key certification (they are for debugging PCR and EK
-//! refusals).
+//! The quote's `qualifiedSigner` is not checked (it depends on the hierarchy above the
+//! EK); the AK is identified by its public key instead. Offline evidence files carry no
+//! agent key certification (they are for debugging PCR and EK refusals).
 
 pub mod credential;
 pub mod device;
@@ -102,6 +115,7 @@ use super::{
 use crate::agent_key::{AgentKey, TpmAgentKey};
 use crate::{unix_seconds, Error, Selector};
 use device::{AkBlob, Tpm};
+pub use device::{EkKind, EkTemplate};
 use ekcert::{EkCaStore, EkInfo};
 use wire::{attr, Public, PublicKey};
 
@@ -526,15 +540,27 @@ pub fn check_keys(
     now: SystemTime,
 ) -> Result<CheckedKeys, Error> {
     let ek = Public::parse(ek_pub).map_err(|e| refused(format!("EK public: {}", reason(&e))))?;
+    match &ek.key {
+        PublicKey::Rsa { key_bits, .. } if *key_bits >= 2048 => {}
+        PublicKey::Rsa { key_bits, .. } => {
+            return Err(refused(format!(
+                "EK is RSA-{key_bits}: RSA EKs must be 2048 bits or more"
+            )))
+        }
+        PublicKey::Ecc { curve, .. }
+            if matches!(*curve, wire::curve::NIST_P256 | wire::curve::NIST_P384) => {}
+        PublicKey::Ecc { curve, .. } => {
+            return Err(refused(format!(
+                "EK curve 0x{curve:04x} is not supported (ECC EKs must be NIST P-256 or P-384)"
+            )))
+        }
+    }
     let spki = ek.spki_der()?;
     let node_id = hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki));
     if let Some(allowed) = &policy.allowed_ek_hashes {
         if !allowed.contains(&node_id) {
             return Err(refused(format!("EK {node_id} is not in allowed_ek_hashes")));
         }
-    }
-    if !matches!(ek.key, PublicKey::Rsa { .. }) {
-        return Err(refused("only RSA EKs are supported (the EK sent is ECC)"));
     }
     let ek_attrs = attr::FIXED_TPM
         | attr::FIXED_PARENT
@@ -836,6 +862,7 @@ impl VerificationSession for TpmSession {
 /// no TPM connection (nor any loaded object) between steps.
 pub struct TpmAttestor {
     tcti: String,
+    ek: EkKind,
     ak: Option<AkBlob>,
     agent_key: Option<std::sync::Arc<TpmAgentKey>>,
 }
@@ -846,13 +873,25 @@ impl TpmAttestor {
         Ok(Self::with_tcti(&config.tpm_tcti))
     }
 
-    /// An attestor for the TPM at `tcti`.
+    /// An attestor for the TPM at `tcti`, with the EK [`EkKind::Auto`] picks (RSA-2048 if
+    /// its certificate is in NV, else ECC).
     pub fn with_tcti(tcti: &str) -> Self {
+        Self::with_tcti_and_ek(tcti, EkKind::Auto)
+    }
+
+    /// An attestor for the TPM at `tcti` that attests with the EK `ek`.
+    pub fn with_tcti_and_ek(tcti: &str, ek: EkKind) -> Self {
         Self {
             tcti: tcti.to_string(),
+            ek,
             ak: None,
             agent_key: None,
         }
+    }
+
+    /// The EK choice.
+    pub fn ek_kind(&self) -> EkKind {
+        self.ek
     }
 }
 
@@ -892,7 +931,7 @@ impl NodeAttestor for TpmAttestor {
                 ))
             }
         };
-        let mut tpm = Tpm::open(&self.tcti)?;
+        let mut tpm = Tpm::open_with_ek(&self.tcti, self.ek)?;
         let ek_cert = tpm.ek_cert()?;
         let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
         let ak_pub = ak.public_bytes()?;
@@ -954,7 +993,17 @@ pub fn capture_evidence_with(
     nonce: &[u8],
     pcrs: &BTreeSet<u8>,
 ) -> Result<Vec<u8>, Error> {
-    let mut tpm = Tpm::open(tcti)?;
+    capture_evidence_with_ek(tcti, EkKind::Auto, nonce, pcrs)
+}
+
+/// [`capture_evidence_with`] with the EK `ek`.
+pub fn capture_evidence_with_ek(
+    tcti: &str,
+    ek: EkKind,
+    nonce: &[u8],
+    pcrs: &BTreeSet<u8>,
+) -> Result<Vec<u8>, Error> {
+    let mut tpm = Tpm::open_with_ek(tcti, ek)?;
     let ek_cert = tpm.ek_cert()?;
     let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
     let (quote, signature, values) = tpm.quote(&ak, nonce, pcrs)?;
