@@ -78,6 +78,22 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     );
     assert!(out.contains(&workload), "{out}");
 
+    // The same TPM attesting with its ECC EK (`--tpm-ek ecc`) is another node: the ID is
+    // the hash of the ECC EK.
+    let ecc_hash = {
+        let mut t = tpm::device::Tpm::open_with_ek(&swtpm.tcti(), tpm::device::EkKind::Ecc)
+            .expect("open TPM");
+        tpm::ek_hash(&t.ek_public().expect("ECC EK")).expect("hash")
+    };
+    assert_ne!(ecc_hash, hash);
+    let ecc_agent = start_tpm_agent(&server, &swtpm.tcti(), &["--tpm-ek", "ecc"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ecc_agent.spiffe_id,
+        format!("spiffe://{TD}/ztid/agent/tpm/{ecc_hash}")
+    );
+    drop(ecc_agent);
+
     // The agent's key lives in the TPM: its data directory holds the SRK-wrapped blob
     // and no PKCS#8 key, and its SVID certifies exactly that key. Entry sync and the
     // workload's SVID above went over mTLS handshakes the TPM signed.

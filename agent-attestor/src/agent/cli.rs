@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// TPM TCTI.
     #[arg(long)]
     pub tpm_tcti: Option<String>,
+    /// Which EK to attest with: auto (RSA-2048 if certified, else ECC), rsa, ecc,
+    /// ecc-p256, ecc-p384.
+    #[arg(long)]
+    pub tpm_ek: Option<String>,
     /// Root of the configfs-tsm report tree (sev-snp, tdx).
     #[arg(long)]
     pub tsm_root: Option<PathBuf>,
@@ -172,6 +176,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = &a.tpm_tcti {
         c.tpm_tcti = v.clone();
+    }
+    if let Some(v) = &a.tpm_ek {
+        c.tpm_ek = v.clone();
     }
     if let Some(v) = &a.tsm_root {
         c.tsm_root = v.clone();

@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// TPM TCTI (tpm method).
     pub tpm_tcti: String,
+    /// Which EK the tpm method attests with: auto, rsa, ecc, ecc-p256, ecc-p384.
+    pub tpm_ek: String,
     /// Root of the configfs-tsm report tree (sev-snp and tdx methods).
     pub tsm_root: PathBuf,
     /// Workload API socket.
@@ -52,6 +54,7 @@ impl Default for AgentConfig {
             attestor: "join-token".into(),
             join_token: None,
             tpm_tcti: "device:/dev/tpmrm0".into(),
+            tpm_ek: "auto".into(),
             tsm_root: PathBuf::from("/sys/kernel/config/tsm/report"),
             socket: PathBuf::from(DEFAULT_SOCKET),
             data_dir: PathBuf::from("/var/lib/ztid/agent"),
@@ -103,6 +106,8 @@ impl AgentConfig {
                 self.attestor
             )));
         }
+        self.tpm_ek
+            .parse::<crate::node_attestation::tpm::device::EkKind>()?;
         if self.sync_interval_seconds == 0 {
             return Err(Error::Config(
                 "sync_interval_seconds must be positive".into(),

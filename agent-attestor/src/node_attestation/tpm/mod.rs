@@ -870,7 +870,10 @@ pub struct TpmAttestor {
 impl TpmAttestor {
     /// Builds the attestor from the agent's config (`tpm_tcti`).
     pub fn new(config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
-        Ok(Self::with_tcti(&config.tpm_tcti))
+        Ok(Self::with_tcti_and_ek(
+            &config.tpm_tcti,
+            config.tpm_ek.parse()?,
+        ))
     }
 
     /// An attestor for the TPM at `tcti`, with the EK [`EkKind::Auto`] picks (RSA-2048 if
