@@ -408,13 +408,24 @@ impl Tpm {
         nonce: &[u8],
         pcrs: &BTreeSet<u8>,
     ) -> Result<(Vec<u8>, Quote, (Vec<u8>, Vec<u8>)), Error> {
-        let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
-        let r = self.with_ak(ak_blob, |ctx, ek, ak, t| {
+        self.with_agent_key_and_ak(ak_blob, key, |ctx, ek, ak, t, agent_key| {
             let secret = activate_in(ctx, ek, t, ak, credential_blob, encrypted_secret)?;
             let quote = quote_in(ctx, ak, nonce, pcrs)?;
-            let certified = certify_in(ctx, handle, ak, nonce)?;
+            let certified = certify_in(ctx, agent_key, ak, nonce)?;
             Ok((secret, quote, certified))
-        });
+        })
+    }
+
+    /// Runs `f` with the agent key loaded (its SRK flushed at once), then the AK under
+    /// its EK, so key, EK and AK fit the three transient slots; flushes all three.
+    fn with_agent_key_and_ak<T>(
+        &mut self,
+        ak_blob: &AkBlob,
+        key: &TpmKeyBlob,
+        f: impl FnOnce(&mut Context, KeyHandle, KeyHandle, EkTemplate, KeyHandle) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
+        let r = self.with_ak(ak_blob, |ctx, ek, ak, t| f(ctx, ek, ak, t, handle));
         let flushed = self
             .ctx
             .flush_context(ObjectHandle::from(handle))
@@ -432,17 +443,9 @@ impl Tpm {
         key: &TpmKeyBlob,
         nonce: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>), Error> {
-        let handle = ztid_hsm::tpm::load_key(&mut self.ctx, key, "agent key").map_err(hsm_err)?;
-        let r = self.with_ak(ak_blob, |ctx, _ek, ak, _| {
-            certify_in(ctx, handle, ak, nonce)
-        });
-        let flushed = self
-            .ctx
-            .flush_context(ObjectHandle::from(handle))
-            .map_err(tpm_err("flushing the agent key"));
-        let v = r?;
-        flushed?;
-        Ok(v)
+        self.with_agent_key_and_ak(ak_blob, key, |ctx, _ek, ak, _, agent_key| {
+            certify_in(ctx, agent_key, ak, nonce)
+        })
     }
 
     /// Reads sha256 PCRs.
