@@ -197,19 +197,24 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
 
 #[test]
 fn tpm_ak_from_a_second_tpm_is_refused() {
+    ak_from_a_second_tpm_is_refused(EkKind::Rsa, EkTemplate::Rsa2048, 256);
+}
+
+/// TPM A's genuine EK of `kind` presented with an AK that lives in TPM B.
+fn ak_from_a_second_tpm_is_refused(kind: EkKind, template: EkTemplate, secret_len: usize) {
     let f = fixture();
     let (tpm_b, _) = f.second_tpm(true);
     let v = TpmVerifier::new(policy(&f.ca, ""));
 
-    // The attacker presents TPM A's genuine EK with an AK that lives in TPM B.
-    let mut a = Tpm::open(&f.tpm.tcti()).unwrap();
+    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), kind).unwrap();
     let ek_cert = a.ek_cert().unwrap();
     let ek_pub = a.ek_public().unwrap();
     let agent_key = a.create_agent_key().unwrap();
     let k = agent_key.public_key("agent key").unwrap().spki_der;
     drop(a);
-    let mut b = Tpm::open(&tpm_b.tcti()).unwrap();
+    let mut b = Tpm::open_with_ek(&tpm_b.tcti(), kind).unwrap();
     let ak_b = b.create_ak().unwrap();
+    assert_eq!(ak_b.ek(), template);
     let ev = serde_json::to_vec(&InitialEvidence {
         ek_cert,
         ek_pub,
@@ -219,16 +224,22 @@ fn tpm_ak_from_a_second_tpm_is_refused() {
     .unwrap();
     let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("static checks pass"));
     let c: Challenge = serde_json::from_slice(&c).unwrap();
+    // RSA: an OAEP block; ECC: an ephemeral point (TPMS_ECC_POINT).
+    assert_eq!(c.encrypted_secret.len(), secret_len);
     // TPM B cannot open a credential sealed to TPM A's EK ...
-    assert!(b
+    let err = b
         .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
-        .is_err());
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ActivateCredential"), "{err}");
     drop(b);
     // ... and TPM A cannot even load TPM B's AK.
-    let mut a = Tpm::open(&f.tpm.tcti()).unwrap();
-    assert!(a
+    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), kind).unwrap();
+    let err = a
         .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
-        .is_err());
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loading the AK"), "{err}");
     drop(a);
     // So the best the attacker can send is a guess with a good quote from TPM B.
     let mut b = Tpm::open(&tpm_b.tcti()).unwrap();
@@ -1208,65 +1219,8 @@ fn tpm_ecc_ek_cert_from_another_local_ca_is_refused() {
 
 #[test]
 fn tpm_ecc_ak_from_a_second_tpm_is_refused() {
-    let f = fixture();
-    let (tpm_b, _) = f.second_tpm(true);
-    let v = TpmVerifier::new(policy(&f.ca, ""));
-
-    // TPM A's genuine ECC EK with an AK that lives in TPM B (under B's ECC EK).
-    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), EkKind::Ecc).unwrap();
-    let ek_cert = a.ek_cert().unwrap();
-    let ek_pub = a.ek_public().unwrap();
-    let agent_key = a.create_agent_key().unwrap();
-    let k = agent_key.public_key("agent key").unwrap().spki_der;
-    drop(a);
-    let mut b = Tpm::open_with_ek(&tpm_b.tcti(), EkKind::Ecc).unwrap();
-    let ak_b = b.create_ak().unwrap();
-    assert_eq!(ak_b.ek(), EkTemplate::EccP384);
-    let ev = serde_json::to_vec(&InitialEvidence {
-        ek_cert,
-        ek_pub,
-        ak_pub: ak_b.public_bytes().unwrap(),
-        agent_key_pub: agent_key.public_area().unwrap(),
-    })
-    .unwrap();
-    let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("static checks pass"));
-    let c: Challenge = serde_json::from_slice(&c).unwrap();
-    // The encrypted secret is an ephemeral P-384 point (TPMS_ECC_POINT), not RSA-OAEP.
-    assert_eq!(c.encrypted_secret.len(), 2 + 48 + 2 + 48);
-    // TPM B cannot open a credential sealed to TPM A's EK ...
-    let err = b
-        .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("ActivateCredential"), "{err}");
-    drop(b);
-    // ... and TPM A cannot even load TPM B's AK.
-    let mut a = Tpm::open_with_ek(&f.tpm.tcti(), EkKind::Ecc).unwrap();
-    let err = a
-        .activate_credential(&ak_b, &c.credential_blob, &c.encrypted_secret)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("loading the AK"), "{err}");
-    drop(a);
-    // So the best the attacker can send is a guess with a good quote from TPM B.
-    let mut b = Tpm::open(&tpm_b.tcti()).unwrap();
-    let pcrs: BTreeSet<u8> = c.pcrs.iter().copied().collect();
-    let (quote, signature, values) = b.quote(&ak_b, &c.nonce, &pcrs).unwrap();
-    drop(b);
-    let ans = serde_json::to_vec(&Answer {
-        secret: vec![0u8; 32],
-        quote,
-        signature,
-        pcrs: values,
-        certify: Vec::new(),
-        certify_signature: Vec::new(),
-    })
-    .unwrap();
-    assert!(refusal(session.resume(&ans, &ctx(&k))).starts_with(
-        "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
-    ));
-    assert_eq!(f.tpm.leftovers(), "");
-    assert_eq!(tpm_b.leftovers(), "");
+    // swtpm certifies a P-384 EK: the secret is an ephemeral P-384 point, not RSA-OAEP.
+    ak_from_a_second_tpm_is_refused(EkKind::Ecc, EkTemplate::EccP384, 2 + 48 + 2 + 48);
 }
 
 #[test]
