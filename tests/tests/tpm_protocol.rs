@@ -352,6 +352,14 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     }
 }
 
+/// A `TPMT_PUBLIC` with its objectAttributes (bytes 4..8) changed by `f`.
+fn edit_attributes(tpmt: &[u8], f: &dyn Fn(u32) -> u32) -> Vec<u8> {
+    let mut t = tpmt.to_vec();
+    let cur = u32::from_be_bytes(t[4..8].try_into().unwrap());
+    t[4..8].copy_from_slice(&f(cur).to_be_bytes());
+    t
+}
+
 #[test]
 fn tpm_ak_attributes_are_checked_and_bound_by_name() {
     let f = fixture();
@@ -359,11 +367,9 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
     let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
     let (ev_raw, k) = evidence(&mut a);
     let ev: InitialEvidence = serde_json::from_slice(&ev_raw).unwrap();
-    // objectAttributes is bytes 4..8 of TPMT_PUBLIC.
     let with_attrs = |f: &dyn Fn(u32) -> u32| {
         let mut e = ev.clone();
-        let cur = u32::from_be_bytes(e.ak_pub[4..8].try_into().unwrap());
-        e.ak_pub[4..8].copy_from_slice(&f(cur).to_be_bytes());
+        e.ak_pub = edit_attributes(&e.ak_pub, f);
         serde_json::to_vec(&e).unwrap()
     };
     for (bit, name) in [
@@ -960,8 +966,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     // 3. A key that could leave the TPM (fixedTPM or fixedParent clear), a decryption key.
     let attrs = |f: &dyn Fn(u32) -> u32| {
         let mut e = parsed.clone();
-        let cur = u32::from_be_bytes(e.agent_key_pub[4..8].try_into().unwrap());
-        e.agent_key_pub[4..8].copy_from_slice(&f(cur).to_be_bytes());
+        e.agent_key_pub = edit_attributes(&e.agent_key_pub, f);
         serde_json::to_vec(&e).unwrap()
     };
     for (bit, name) in [
