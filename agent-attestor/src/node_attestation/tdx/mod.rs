@@ -300,7 +300,34 @@ fn check_header(quote: &[u8]) -> Result<(), Error> {
             "TDX quote version {version} is not supported (4 and 5 are)"
         )));
     }
+    // Quote buffers often come zero-padded; anything else after the signature data is
+    // unsigned and has no meaning, so it is refused rather than ignored.
+    if let Some(end) = declared_len(quote, version) {
+        if let Some(extra) = quote.get(end..) {
+            if extra.iter().any(|b| *b != 0) {
+                return Err(Error::Refused(format!(
+                    "TDX quote has non-zero bytes after its signature data ({} bytes past offset {end})",
+                    extra.len()
+                )));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Where a quote's signature data ends, by its own length fields (`None` when the quote
+/// is too short to say; the parser then refuses it).
+fn declared_len(quote: &[u8], version: u16) -> Option<usize> {
+    let u32_at = |at: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(quote.get(at..at + 4)?.try_into().ok()?) as usize)
+    };
+    // v4: header, TD 1.0 report body (584 bytes); v5: header, body type (2), body size
+    // (4), body.
+    let sig_len_at = match version {
+        4 => 48 + 584,
+        _ => 48 + 2 + 4 + u32_at(48 + 2)?,
+    };
+    sig_len_at.checked_add(4)?.checked_add(u32_at(sig_len_at)?)
 }
 
 /// The collateral for `quote` from `dir`: `collateral-<fmspc>.json`, else `collateral.json`.
