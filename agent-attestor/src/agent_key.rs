@@ -223,12 +223,8 @@ impl Signer for TpmSigner {
                 .sign(message)
                 .map_err(|e| rustls::Error::General(format!("TPM signing failed: {e}")))
         };
-        // The TPM answers in milliseconds but blocks; on a multi-threaded runtime let
-        // tokio move other tasks off this worker meanwhile.
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(sign),
-            _ => sign(),
-        }
+        // The TPM answers in milliseconds, but blocks.
+        crate::blocking(sign)
     }
 
     fn scheme(&self) -> SignatureScheme {

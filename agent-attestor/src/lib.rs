@@ -71,6 +71,17 @@ impl Error {
     }
 }
 
+/// Runs blocking work (a TPM command, an HTTP fetch) from async code: on a multi-thread
+/// tokio runtime the worker hands its other tasks off meanwhile; elsewhere it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Seconds since the Unix epoch for a `SystemTime` (0 before the epoch).
 pub fn unix_seconds(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -152,6 +152,12 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
         "SEV-SNP alone",
     );
     assert!(log.contains("sev-snp alone is not enough"), "{log}");
+    // A join token proves nothing about the machine: refused too.
+    let log = refused(
+        Agent::start_with_token(&server, &server.token()),
+        "a join token",
+    );
+    assert!(log.contains("join-token alone is not enough"), "{log}");
 
     // Both factors, but one fails its policy: on a server that allows another launch
     // measurement, the whole attempt is refused, the factor is named, and the good TPM

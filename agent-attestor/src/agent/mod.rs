@@ -119,18 +119,20 @@ async fn attest(
     client: &mut NodeClient<Channel>,
     attestor: &mut dyn NodeAttestor,
 ) -> Result<(AgentSvid, TrustBundle), Error> {
-    let (key, csr) = match attestor.agent_key()? {
+    // Attestors talk to hardware (TPM commands, configfs-tsm), which blocks.
+    let (key, csr) = match crate::blocking(|| attestor.agent_key())? {
         Some(key) => {
-            let csr = key.csr()?;
+            let csr = crate::blocking(|| key.csr())?;
             (key, csr)
         }
         None => agent_key_and_csr()?,
     };
+    let payload = crate::blocking(|| attestor.initial_evidence())?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::AttestRequest {
         step: Some(pb::attest_request::Step::Init(pb::AttestInit {
             method: attestor.method().to_string(),
-            payload: attestor.initial_evidence()?,
+            payload,
             csr,
         })),
     })
@@ -144,7 +146,7 @@ async fn attest(
     while let Some(msg) = inbound.next().await {
         match msg.map_err(status_err)?.step {
             Some(pb::attest_response::Step::Challenge(c)) => {
-                let answer = attestor.answer(&c)?;
+                let answer = crate::blocking(|| attestor.answer(&c))?;
                 tx.send(pb::AttestRequest {
                     step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
                 })

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::Error;
+use crate::{blocking, Error};
 
 /// Time limit of one request (connect, TLS, headers and body).
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,17 +105,6 @@ impl Client {
                 })?;
             Ok(Response { body, headers })
         })
-    }
-}
-
-/// Runs blocking network I/O: on a multi-threaded tokio worker, through
-/// `block_in_place` so the other tasks of that worker move on meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
 
@@ -207,10 +196,13 @@ impl Cache {
         let p = self.path(rel);
         let parent = p.parent().unwrap_or(&self.dir).to_path_buf();
         create_dir_0700(&parent)?;
+        // Unique per write: two threads filling the same entry must not share a file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = parent.join(format!(
-            ".{}.{}.tmp",
+            ".{}.{}.{}.tmp",
             p.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-            std::process::id()
+            std::process::id(),
+            WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let ctx = format!("writing collateral cache {}", p.display());
         {

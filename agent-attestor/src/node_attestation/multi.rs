@@ -9,9 +9,15 @@
 //! # Binding the factors together
 //! Every factor is bound to the same agent key, the one in the CSR: the TPM factor
 //! proves the key was made in that TPM (TPM2_Certify by the activated AK), a TEE factor
-//! carries a hash of the CA's nonce and that key in its report_data. So the factors
-//! cannot come from two different machines glued together: the TEE vouches for a key
-//! that the TPM proves it holds.
+//! carries a hash of the CA's nonce and that key in its report_data. So an attacker
+//! cannot replay or splice evidence from other attempts, and the TEE's report speaks for
+//! the very key the TPM holds.
+//!
+//! What this does **not** prove in hardware is that the TPM is the TEE guest's own vTPM:
+//! report_data is whatever the guest kernel asks for, so a guest running the approved
+//! image *with a compromised root* could vouch for the TPM key of another machine. Tying
+//! the two in hardware needs the TEE to measure the vTPM's endorsement (an SVSM vTPM
+//! whose EK is covered by the SNP report), which this method does not check yet.
 //!
 //! # Protocol
 //! Each message is a JSON [`Envelope`] of per-method parts. The first message has one
@@ -28,7 +34,9 @@
 //!
 //! # Server policy
 //! `[attestors.multi] required = ["tpm", "sev-snp"]` makes the CA refuse any attempt
-//! that does not present every listed method together, single-method attempts included.
+//! that does not present every listed method together: single-method attempts, join
+//! tokens included, are refused. (Agents already attested by a join token keep renewing
+//! until they are evicted.)
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -266,10 +274,11 @@ impl MultiVerifier {
         &self.required
     }
 
-    /// Refuses a single-method attempt with `method` when the server requires factors
-    /// together that include it (or any factor at all).
+    /// Refuses a single-method attempt (`method` is not `multi`) while the server
+    /// requires factors together: join tokens included, since a token proves nothing about
+    /// the machine that redeems it.
     pub fn check_single(&self, method: &str) -> Result<(), Error> {
-        if self.required.is_empty() || !combinable(method) {
+        if self.required.is_empty() || method == METHOD {
             return Ok(());
         }
         Err(refused(format!(
@@ -673,7 +682,11 @@ mod tests {
             v.check_single("tpm").unwrap_err().to_string(),
             "attestation refused: this server requires sev-snp and tpm together in one attestation; tpm alone is not enough"
         );
-        assert!(v.check_single("join-token").is_ok());
+        assert_eq!(
+            v.check_single("join-token").unwrap_err().to_string(),
+            "attestation refused: this server requires sev-snp and tpm together in one attestation; join-token alone is not enough"
+        );
+        assert!(v.check_single(METHOD).is_ok());
         let open = verifier(scripted("tpm", 1, None), scripted("sev-snp", 1, None), &[]);
         assert!(open.check_single("tpm").is_ok());
     }

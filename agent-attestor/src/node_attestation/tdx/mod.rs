@@ -325,7 +325,7 @@ fn declared_len(quote: &[u8], version: u16) -> Option<usize> {
     // (4), body.
     let sig_len_at = match version {
         4 => 48 + 584,
-        _ => 48 + 2 + 4 + u32_at(48 + 2)?,
+        _ => u32_at(48 + 2)?.checked_add(48 + 2 + 4)?,
     };
     sig_len_at.checked_add(4)?.checked_add(u32_at(sig_len_at)?)
 }
