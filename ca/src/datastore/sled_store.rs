@@ -25,7 +25,13 @@ pub struct SledStore {
     agents: Tree,
     tokens: Tree,
     meta: Tree,
+    /// Entry writes one at a time, so revisions commit in the order they are drawn: a
+    /// sync that has seen revision N must never later meet an N-1 committed after it.
+    entry_writes: std::sync::Mutex<()>,
 }
+
+/// Meta key: the entry-log revision through which the by-parent log is complete.
+const BY_PARENT_THROUGH_KEY: &[u8] = b"entry_log_by_parent_through";
 
 const CA_STATE_KEY: &[u8] = b"ca_state";
 
@@ -101,29 +107,59 @@ impl SledStore {
             agents: db.open_tree("agents")?,
             tokens: db.open_tree("join_tokens")?,
             meta: db.open_tree("meta")?,
+            entry_writes: std::sync::Mutex::new(()),
             db,
         };
         store.index_old_change_log()?;
         Ok(store)
     }
 
-    /// Data written before the by-parent log existed: index the whole change log once.
+    /// Indexes by parent every change-log record the by-parent log may lack: all of them
+    /// for data written before it existed, and those an older binary wrote after a
+    /// downgrade. Both logs are written in one transaction from then on, so on each open
+    /// the meta record is brought up to the log's last revision.
     fn index_old_change_log(&self) -> Result<()> {
-        if !self.entry_log_by_parent.is_empty() || self.entry_log.is_empty() {
-            return Ok(());
-        }
+        let through = match self.meta.get(BY_PARENT_THROUGH_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Store("corrupt by-parent log marker".into()))?,
+            ),
+            None => 0,
+        };
         let mut batch = sled::Batch::default();
-        for v in self.entry_log.iter().values() {
-            let v = v?;
+        let mut last = through;
+        let mut indexed = 0usize;
+        for kv in self
+            .entry_log
+            .range(through.saturating_add(1).to_be_bytes()..)
+        {
+            let (_, v) = kv?;
             let change: EntryChange = serde_json::from_slice(&v)?;
             batch.insert(parent_log_key(&change.parent_id, change.revision), v);
+            last = last.max(change.revision);
+            indexed += 1;
         }
-        self.entry_log_by_parent.apply_batch(batch)?;
-        self.entry_log_by_parent.flush()?;
-        tracing::info!("indexed the entry change log by parent");
+        if indexed > 0 {
+            self.entry_log_by_parent.apply_batch(batch)?;
+            tracing::info!(
+                records = indexed,
+                "indexed entry change-log records by parent"
+            );
+        }
+        if last != through || self.meta.get(BY_PARENT_THROUGH_KEY)?.is_none() {
+            self.meta
+                .insert(BY_PARENT_THROUGH_KEY, &last.to_be_bytes())?;
+        }
+        self.db.flush()?;
         Ok(())
     }
 
+    fn write_lock(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        self.entry_writes
+            .lock()
+            .map_err(|_| Error::Store("entry write lock poisoned".into()))
+    }
     fn next_revision(&self) -> Result<u64> {
         // generate_id is monotonic across restarts; +1 keeps 0 meaning "nothing yet".
         Ok(self.db.generate_id()? + 1)
@@ -144,6 +180,7 @@ impl SledStore {
 
 impl DataStore for SledStore {
     fn create_entry(&self, mut entry: EntryRecord) -> Result<EntryRecord> {
+        let _ordered = self.write_lock()?;
         entry.revision = self.next_revision()?;
         let value = serde_json::to_vec(&entry)?;
         let ident = identity_key(&entry);
@@ -196,6 +233,7 @@ impl DataStore for SledStore {
     }
 
     fn delete_entry(&self, id: &str) -> Result<Option<EntryRecord>> {
+        let _ordered = self.write_lock()?;
         let revision = self.next_revision()?;
         let removed = (
             &self.entries,
