@@ -825,7 +825,15 @@ fn tdx_collateral_is_fetched_cached_and_refetched_after_next_update() {
             ROOT_CRL_PATH.to_string()
         ]
     );
-    let file = cache.join(format!("collateral-{FMSPC}.json"));
+    // Cached per FMSPC and PCK CA (the CRL inside is that CA's).
+    let ca = pckcrl
+        .split("ca=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let file = cache.join(format!("collateral-{FMSPC}-{ca}.json"));
     assert_eq!(mode(&cache), 0o700);
     assert_eq!(mode(&file), 0o600);
     let cached: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();

@@ -30,7 +30,7 @@
 //! Fetching from Intel PCS is optional and off by default: with `pcs_fetch` unset or
 //! `false` nothing is ever fetched. With `pcs_fetch = true`, a quote whose FMSPC has no
 //! collateral in the directory (no `collateral-<fmspc>.json`, and no `collateral.json`
-//! for that FMSPC) uses `{pcs_cache_dir}/collateral-<fmspc>.json` while every dated
+//! for that FMSPC) uses `{pcs_cache_dir}/collateral-<fmspc>-<pck ca>.json` while every dated
 //! item in it is current at the verification time, and otherwise fetches the PCK CRL,
 //! TCB info, QE identity and root CA CRL (10 s timeout, 1 MiB cap per request), verifies
 //! the quote with them exactly as with offline collateral, and caches them only once that
@@ -369,7 +369,7 @@ fn collateral_for(
     pcs: Option<&Pcs>,
     quote: &[u8],
     at: i64,
-) -> Result<(QuoteCollateralV3, Option<[u8; 6]>), Error> {
+) -> Result<(QuoteCollateralV3, Option<([u8; 6], &'static str)>), Error> {
     let Some(pcs) = pcs else {
         let dir = dir.ok_or_else(|| {
             Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into())
@@ -395,13 +395,13 @@ fn collateral_for(
             }
         }
     }
-    if let Some(c) = pcs.cached(&fmspc, at) {
-        return Ok((c, None));
-    }
     let ca = dcap_qvl::intel::quote_ca(&parsed)
         .map_err(|e| refuse(format!("cannot read the quote's PCK CA: {e:#}")))?
         .as_id_str();
-    Ok((pcs.fetch(&fmspc, ca)?, Some(fmspc)))
+    if let Some(c) = pcs.cached(&fmspc, ca, at) {
+        return Ok((c, None));
+    }
+    Ok((pcs.fetch(&fmspc, ca)?, Some((fmspc, ca))))
 }
 
 /// Checks that every dated collateral item is current at `at`, so an operator learns
@@ -557,14 +557,14 @@ fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
 fn verify_fetched(
     quote: &[u8],
     collateral: &QuoteCollateralV3,
-    fetched: Option<[u8; 6]>,
+    fetched: Option<([u8; 6], &'static str)>,
     pcs: Option<&Pcs>,
     at: i64,
     expected_report_data: Option<&[u8; 64]>,
     policy: &Policy,
 ) -> Result<Verified, Error> {
     let verified = match (fetched, pcs) {
-        (Some(fmspc), Some(pcs)) => {
+        (Some((fmspc, ca)), Some(pcs)) => {
             let v = dcap_verify(quote, collateral, at).map_err(|e| {
                 let m = match e {
                     Error::Refused(m) => m,
@@ -576,7 +576,7 @@ fn verify_fetched(
                     pcs.base
                 ))
             })?;
-            pcs.store(&fmspc, collateral);
+            pcs.store(&fmspc, ca, collateral);
             v
         }
         _ => dcap_verify(quote, collateral, at)?,

@@ -1,6 +1,7 @@
 //! Optional Intel PCS fetching (`pcs_fetch = true`): the collateral for a quote's FMSPC,
 //! assembled into dcap-qvl's `QuoteCollateralV3` and cached as
-//! `{pcs_cache_dir}/collateral-<fmspc>.json` (the collateral directory's own layout).
+//! `{pcs_cache_dir}/collateral-<fmspc>-<processor|platform>.json` (per PCK CA, since the
+//! PCK CRL inside is that CA's).
 //!
 //! Requests (PCS API v4; a PCCS serves the same paths):
 //!
@@ -73,9 +74,15 @@ pub(crate) fn pck_crl_url(base: &str, ca: &str) -> String {
     format!("{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der")
 }
 
-/// The cache (and collateral directory) file name for an FMSPC.
+/// The collateral directory's file name for an FMSPC.
 pub(crate) fn file_name(fmspc: &[u8]) -> String {
     format!("collateral-{}.json", hex::encode(fmspc))
+}
+
+/// The cache's file name for an FMSPC and the PCK CA (`processor` or `platform`) whose
+/// CRL the collateral carries: one platform model may have PCKs from either CA.
+pub(crate) fn cache_file_name(fmspc: &[u8], ca: &str) -> String {
+    format!("collateral-{}-{ca}.json", hex::encode(fmspc))
 }
 
 /// A CRL body: DER, PEM or hex text.
@@ -137,8 +144,8 @@ impl Pcs {
     }
 
     /// The cached collateral for `fmspc`, if every dated item in it is current at `at`.
-    pub(crate) fn cached(&self, fmspc: &[u8], at: i64) -> Option<QuoteCollateralV3> {
-        let name = file_name(fmspc);
+    pub(crate) fn cached(&self, fmspc: &[u8], ca: &str, at: i64) -> Option<QuoteCollateralV3> {
+        let name = cache_file_name(fmspc, ca);
         let bytes = self.cache.read(&name)?;
         let c: QuoteCollateralV3 = serde_json::from_slice(&bytes).ok()?;
         match super::check_collateral_dates(&c, at) {
@@ -155,10 +162,10 @@ impl Pcs {
     }
 
     /// Keeps collateral that verified a quote.
-    pub(crate) fn store(&self, fmspc: &[u8], c: &QuoteCollateralV3) {
+    pub(crate) fn store(&self, fmspc: &[u8], ca: &str, c: &QuoteCollateralV3) {
         let r = serde_json::to_vec_pretty(c)
             .map_err(|e| Error::Config(e.to_string()))
-            .and_then(|b| self.cache.write(&file_name(fmspc), &b));
+            .and_then(|b| self.cache.write(&cache_file_name(fmspc, ca), &b));
         if let Err(e) = r {
             tracing::warn!(error = %e, "tdx: could not cache collateral fetched from Intel PCS");
         }
@@ -243,6 +250,10 @@ mod tests {
             "https://api.trustedservices.intel.com/sgx/certification/v4/pckcrl?ca=platform&encoding=der"
         );
         assert_eq!(file_name(&fmspc), "collateral-b0c06f000000.json");
+        assert_eq!(
+            cache_file_name(&fmspc, "platform"),
+            "collateral-b0c06f000000-platform.json"
+        );
     }
 
     #[test]
