@@ -9,6 +9,11 @@
 //! request to an `https` URL never follows a redirect to `http`. Every failure names the
 //! URL and the reason.
 //!
+//! Attestation attempts are unauthenticated, so fetching is bounded per verifier: at most
+//! [`MAX_REQUESTS_PER_MINUTE`] requests a minute and [`MAX_IN_FLIGHT`] at once, and a URL
+//! that failed is not asked again for [`FAILURE_MEMORY`]. Past those bounds an attempt
+//! needing remote collateral is refused, naming why.
+//!
 //! Nothing fetched is trusted for what it is: each verifier checks fetched certificates,
 //! CRLs and signed collateral exactly as it checks offline collateral, and stores in the
 //! cache only what passed those checks. Cached files are used again, without a request,
@@ -45,11 +50,40 @@ impl Response {
     }
 }
 
+/// Most requests one client starts per minute. Attestation attempts are unauthenticated,
+/// so without a bound a stream of garbage evidence naming ever-new chips could make the
+/// CA hammer AMD or Intel (and tie up its threads); beyond it, requests are refused.
+pub const MAX_REQUESTS_PER_MINUTE: usize = 30;
+/// Most requests one client has in flight at once.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// How long a failed URL is not asked again.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(60);
+
 /// The blocking HTTP client (one per verifier; agents are made on first use).
 #[derive(Default)]
 pub(crate) struct Client {
     https: OnceLock<ureq::Agent>,
     plain: OnceLock<ureq::Agent>,
+    limits: std::sync::Mutex<Limits>,
+}
+
+/// Request accounting: recent starts, requests in flight, recent failures by URL.
+#[derive(Default)]
+struct Limits {
+    started: std::collections::VecDeque<std::time::Instant>,
+    in_flight: usize,
+    failed: std::collections::HashMap<String, (std::time::Instant, String)>,
+}
+
+/// Releases an in-flight slot when a request ends, however it ends.
+struct Slot<'a>(&'a std::sync::Mutex<Limits>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.0.lock() {
+            l.in_flight = l.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 fn agent(https_only: bool) -> ureq::Agent {
@@ -74,7 +108,8 @@ impl Client {
         } else {
             return Err(fail("only https:// and http:// URLs are fetched".into()));
         };
-        blocking(|| {
+        let slot = self.admit(url).map_err(fail)?;
+        let result = blocking(|| {
             let mut resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
             let status = resp.status();
             if status != 200 {
@@ -104,7 +139,51 @@ impl Client {
                     e => fail(format!("reading the response: {e}")),
                 })?;
             Ok(Response { body, headers })
-        })
+        });
+        drop(slot);
+        if let (Err(e), Ok(mut l)) = (&result, self.limits.lock()) {
+            l.failed
+                .insert(url.to_string(), (std::time::Instant::now(), e.clone()));
+        }
+        result
+    }
+
+    /// Takes an in-flight slot for `url`, or says why the request is not made.
+    fn admit(&self, url: &str) -> Result<Slot<'_>, String> {
+        let now = std::time::Instant::now();
+        let mut l = self
+            .limits
+            .lock()
+            .map_err(|_| "fetch accounting lock poisoned".to_string())?;
+        l.failed
+            .retain(|_, (at, _)| now.duration_since(*at) < FAILURE_MEMORY);
+        if let Some((at, why)) = l.failed.get(url) {
+            return Err(format!(
+                "failed {} s ago ({why}); not asked again for {} s",
+                now.duration_since(*at).as_secs(),
+                FAILURE_MEMORY.as_secs()
+            ));
+        }
+        while l
+            .started
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            l.started.pop_front();
+        }
+        if l.started.len() >= MAX_REQUESTS_PER_MINUTE {
+            return Err(format!(
+                "not fetched: this verifier already made {MAX_REQUESTS_PER_MINUTE} requests in the last minute"
+            ));
+        }
+        if l.in_flight >= MAX_IN_FLIGHT {
+            return Err(format!(
+                "not fetched: {MAX_IN_FLIGHT} requests already in flight"
+            ));
+        }
+        l.started.push_back(now);
+        l.in_flight += 1;
+        Ok(Slot(&self.limits))
     }
 }
 
@@ -240,6 +319,33 @@ fn create_dir_0700(dir: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_remembered_and_requests_are_bounded() {
+        // Nothing listens on port 1: the connection is refused at once.
+        let c = Client::default();
+        let url = "http://127.0.0.1:1/vcek/v1/Milan/cert_chain";
+        let first = c.get(url).unwrap_err();
+        assert!(first.starts_with(&format!("GET {url}: ")), "{first}");
+        let again = c.get(url).unwrap_err();
+        assert!(
+            again.contains("not asked again for 60 s"),
+            "a failed URL is not retried at once: {again}"
+        );
+        // Every other URL counts against the per-minute budget, failures included.
+        for i in 1..MAX_REQUESTS_PER_MINUTE {
+            let e = c.get(&format!("http://127.0.0.1:1/{i}")).unwrap_err();
+            assert!(!e.contains("not fetched"), "{i}: {e}");
+        }
+        let over = c.get("http://127.0.0.1:1/one-too-many").unwrap_err();
+        assert!(
+            over.ends_with(&format!(
+                "not fetched: this verifier already made {MAX_REQUESTS_PER_MINUTE} requests in the last minute"
+            )),
+            "{over}"
+        );
+        assert_eq!(c.limits.lock().unwrap().in_flight, 0, "slots are released");
+    }
 
     #[test]
     fn base_urls() {
