@@ -17,7 +17,7 @@ use crate::Error;
 
 /// File name of a persisted software key (PKCS#8 DER).
 pub const SOFTWARE_KEY_FILE: &str = "agent_key.pk8";
-/// File name of a persisted TPM key (the TCTI, then the SRK-wrapped blob).
+/// File name of a persisted TPM key (the SRK-wrapped blob; the TPM is the configured one).
 pub const TPM_KEY_FILE: &str = "agent_key.tpmkey";
 
 /// The agent's key.
@@ -78,7 +78,9 @@ impl AgentKey {
     pub fn generate_software() -> Result<Self, Error> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self::Software(Arc::new(Zeroizing::new(key.serialize_der()))))
+        Ok(Self::Software(Arc::new(Zeroizing::new(
+            key.serialize_der(),
+        ))))
     }
 
     /// A software key from PKCS#8 DER.
@@ -105,7 +107,10 @@ impl AgentKey {
             Self::Software(der) => params.serialize_request(&software_keypair(der)?),
             Self::Tpm(k) => params.serialize_request(&CsrSigner(k)),
         };
-        Ok(csr.map_err(|e| Error::Config(e.to_string()))?.der().to_vec())
+        Ok(csr
+            .map_err(|e| Error::Config(e.to_string()))?
+            .der()
+            .to_vec())
     }
 
     /// The key as rustls signs with it.
@@ -138,25 +143,20 @@ impl AgentKey {
                     .blob
                     .encode()
                     .map_err(|e| Error::Config(format!("TPM agent key: {e}")))?;
-                let tcti = k.tcti.as_bytes();
-                let mut out = Vec::with_capacity(2 + tcti.len() + blob.len());
-                out.extend_from_slice(&(tcti.len() as u16).to_be_bytes());
-                out.extend_from_slice(tcti);
-                out.extend_from_slice(&blob);
-                Ok((TPM_KEY_FILE, Zeroizing::new(out)))
+                Ok((TPM_KEY_FILE, Zeroizing::new(blob)))
             }
         }
     }
 
-    /// Reads a key [`AgentKey::persisted`] wrote into `dir`, if there is one.
-    pub fn load(dir: &std::path::Path) -> Option<Self> {
+    /// Reads a key [`AgentKey::persisted`] wrote into `dir`, if there is one; a TPM key
+    /// is used through the TPM at `tcti` (the configured one: a blob only ever works in
+    /// the TPM that made it).
+    pub fn load(dir: &std::path::Path, tcti: &str) -> Option<Self> {
         if let Ok(der) = std::fs::read(dir.join(SOFTWARE_KEY_FILE)) {
             return Some(Self::from_pkcs8(der));
         }
         let bytes = std::fs::read(dir.join(TPM_KEY_FILE)).ok()?;
-        let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
-        let tcti = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
-        let blob = TpmKeyBlob::decode("agent key", bytes.get(2 + len..)?).ok()?;
+        let blob = TpmKeyBlob::decode("agent key", &bytes).ok()?;
         Some(Self::Tpm(Arc::new(TpmAgentKey::new(tcti, blob).ok()?)))
     }
 }

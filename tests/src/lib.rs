@@ -320,7 +320,19 @@ impl Agent {
     /// …`, `--join-token …`) and waits until its socket serves; `Err(log)` if it exits
     /// first.
     pub fn start_attested(server: &Server, args: &[&str]) -> Result<Self, String> {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(server, tempfile::tempdir().expect("tempdir"), args)
+    }
+
+    /// Stops this agent and starts it again with the same data directory and `args`
+    /// (a restart: it resumes with its persisted SVID and key).
+    pub fn restart_with(self, server: &Server, args: &[&str]) -> Result<Self, String> {
+        let Agent { proc, dir, .. } = self;
+        drop(proc);
+        let _ = std::fs::remove_file(dir.path().join("api.sock"));
+        Self::start_in(server, dir, args)
+    }
+
+    fn start_in(server: &Server, dir: tempfile::TempDir, args: &[&str]) -> Result<Self, String> {
         let bundle = server.bundle_file();
         let mut cmd = Command::new(bin("ztid-agent"));
         cmd.arg("run")

@@ -122,7 +122,7 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
 
     // The agent key is the TPM's, and the SNP report vouched for the same key.
     let data = agent.dir.path().join("data");
-    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data).expect("agent key");
+    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data, &tcti).expect("agent key");
     assert!(
         key.pkcs8().is_none(),
         "the multi-factor agent key is in the TPM"

@@ -99,13 +99,38 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // workload's SVID above went over mTLS handshakes the TPM signed.
     let data = agent.dir.path().join("data");
     assert!(!data.join("agent_key.pk8").exists());
-    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data).expect("agent_key.tpmkey");
+    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data, &swtpm.tcti())
+        .expect("agent_key.tpmkey");
     assert!(key.pkcs8().is_none(), "a TPM key has no exportable form");
     let leaf = pem::parse(std::fs::read(data.join("agent_svid.pem")).unwrap())
         .unwrap()
         .into_contents();
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     assert_eq!(cert.public_key().raw, key.spki().unwrap().as_slice());
+
+    // A restart resumes with the persisted SVID: the key is loaded from its blob into the
+    // same TPM and signs the new mTLS connection; the workload is served again.
+    let agent = agent
+        .restart_with(&server, &["--attestor", "tpm", "--tpm-tcti", &swtpm.tcti()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        agent
+            .proc
+            .log_text()
+            .contains("resuming with the persisted agent SVID"),
+        "{}",
+        agent.proc.log_text()
+    );
+    let fresh_workload = format!("spiffe://{TD}/tpm-workload-after-restart");
+    entry_for_my_uid(&server, &agent, &fresh_workload, &[]);
+    wait_for(
+        "a new entry synced over the restarted agent's TPM-signed mTLS",
+        READY_TIMEOUT,
+        || {
+            let r = agent.cli(&["api", "fetch", "x509", "--output", "json"]);
+            (r.ok && r.stdout.contains(&fresh_workload)).then_some(())
+        },
+    );
     // The agent holds no TPM connection and left nothing loaded.
     assert_eq!(swtpm.leftovers(), "");
 }

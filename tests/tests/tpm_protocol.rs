@@ -1106,7 +1106,8 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
     // The persisted form names no private key material a software stack could use.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(file), &bytes).unwrap();
-    let reloaded = ztid_agent_attestor::agent_key::AgentKey::load(dir.path()).unwrap();
+    let reloaded =
+        ztid_agent_attestor::agent_key::AgentKey::load(dir.path(), &f.tpm.tcti()).unwrap();
     assert!(reloaded.pkcs8().is_none());
     assert_eq!(reloaded.spki().unwrap(), key.spki().unwrap());
     assert_eq!(f.tpm.leftovers(), "");

@@ -75,8 +75,8 @@ fn persist(dir: &Path, svid: &AgentSvid, bundle: &TrustBundle) -> Result<(), Err
 }
 
 /// Loads a persisted SVID if one is there and still valid.
-fn load_persisted(dir: &Path) -> Option<(AgentSvid, TrustBundle)> {
-    let key = AgentKey::load(dir)?;
+fn load_persisted(dir: &Path, tpm_tcti: &str) -> Option<(AgentSvid, TrustBundle)> {
+    let key = AgentKey::load(dir, tpm_tcti)?;
     let chain =
         crate::svid::certs_from_pem(&std::fs::read_to_string(dir.join(SVID_FILE)).ok()?).ok()?;
     let bundle = pb::Bundle::decode(std::fs::read(dir.join(BUNDLE_FILE)).ok()?.as_slice()).ok()?;
@@ -431,7 +431,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         None => None,
     };
 
-    let (svid, bundle) = match load_persisted(&config.data_dir) {
+    let (svid, bundle) = match load_persisted(&config.data_dir, &config.tpm_tcti) {
         Some(x) => {
             tracing::info!(agent = %x.0.spiffe_id, "resuming with the persisted agent SVID");
             x
