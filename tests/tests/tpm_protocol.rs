@@ -352,6 +352,16 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     }
 }
 
+/// A `TPMT_PUBLIC` given a 32-byte authPolicy (a TPM2B at byte 8, empty in ours).
+fn with_auth_policy(tpmt: &[u8]) -> Vec<u8> {
+    assert_eq!(&tpmt[8..10], &[0, 0], "no authPolicy yet");
+    let mut t = tpmt[..8].to_vec();
+    t.extend_from_slice(&[0, 32]);
+    t.extend_from_slice(&[0x5a; 32]);
+    t.extend_from_slice(&tpmt[10..]);
+    t
+}
+
 /// A `TPMT_PUBLIC` with its objectAttributes (bytes 4..8) changed by `f`.
 fn edit_attributes(tpmt: &[u8], f: &dyn Fn(u32) -> u32) -> Vec<u8> {
     let mut t = tpmt.to_vec();
@@ -387,6 +397,12 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
     assert_eq!(
         refusal(v.start(&with_attrs(&|a| a | wire::attr::DECRYPT), &ctx(&k))),
         "AK is a decryption key (decrypt is set)"
+    );
+    let mut e = ev.clone();
+    e.ak_pub = with_auth_policy(&e.ak_pub);
+    assert_eq!(
+        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))),
+        "AK has an authPolicy (a public-only copy of an outside key could then be activated)"
     );
     // The EK itself offered as AK: a decryption key, not a signing one.
     let mut e = ev.clone();
@@ -1000,6 +1016,12 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     assert_eq!(
         refusal(v.start(&attrs(&|a| a | wire::attr::DECRYPT), &ctx(&tpm_key))),
         "agent key is a decryption key (decrypt is set)"
+    );
+    let mut e = parsed.clone();
+    e.agent_key_pub = with_auth_policy(&e.agent_key_pub);
+    assert_eq!(
+        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&tpm_key))),
+        "agent key has an authPolicy (a public-only copy of an outside key could then be certified)"
     );
 
     // 4. Answers whose certification is tampered with, missing, from another attempt,

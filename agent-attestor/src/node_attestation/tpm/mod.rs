@@ -10,12 +10,13 @@
 //!    private key recovers the secret, and only for a loaded object with that name
 //!    (`TPM2_ActivateCredential`). The AK must also be a restricted signing key that never
 //!    left the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, sign, not
-//!    decrypt).
+//!    decrypt) and has no authPolicy: a public-only copy of an outside key, loaded with
+//!    TPM2_LoadExternal, then has no authorisation the TPM would accept for activation.
 //! 3. **Its boot state, now**: a quote by that same AK over the configured sha256 PCRs and
 //!    a fresh CA nonce ([`quote`]), checked against the operator's PCR policy.
 //! 4. **The agent's key cannot leave the TPM**: the key in the agent's CSR is made in the
-//!    TPM (ECDSA P-256, fixedTPM, fixedParent, sensitiveDataOrigin, sign only, under the
-//!    owner SRK) and certified by that same AK over the same nonce (`TPM2_Certify`). The CA
+//!    TPM (ECDSA P-256, fixedTPM, fixedParent, sensitiveDataOrigin, sign only, no
+//!    authPolicy, under the owner SRK) and certified by that same AK over the same nonce (`TPM2_Certify`). The CA
 //!    issues the agent SVID only for that key ([`check_agent_key`],
 //!    [`verify_certification`]); the agent signs its CSR and every mTLS handshake to the
 //!    node API with it ([`crate::agent_key`]). Its data directory holds only the
@@ -588,6 +589,14 @@ pub fn check_keys(
     if ak.has(attr::DECRYPT) {
         return Err(refused("AK is a decryption key (decrypt is set)"));
     }
+    // With an authPolicy, a copy of a *software* key's public area loaded into the TPM
+    // (TPM2_LoadExternal, public only) could be authorised by a policy session and pass
+    // activation; without one it has no usable authorisation at all.
+    if !ak.auth_policy.is_empty() {
+        return Err(refused(
+            "AK has an authPolicy (a public-only copy of an outside key could then be activated)",
+        ));
+    }
     if !matches!(
         ak.name_alg,
         wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
@@ -634,6 +643,13 @@ pub fn check_agent_key(agent_key_pub: &[u8], csr_spki: &[u8]) -> Result<Vec<u8>,
     }
     if key.has(attr::DECRYPT) {
         return Err(refused("agent key is a decryption key (decrypt is set)"));
+    }
+    // As for the AK: a policy could authorise certifying a public-only copy of an
+    // outside key (TPM2_Certify takes the ADMIN role, which a policy session can fill).
+    if !key.auth_policy.is_empty() {
+        return Err(refused(
+            "agent key has an authPolicy (a public-only copy of an outside key could then be certified)",
+        ));
     }
     if !matches!(
         key.name_alg,
