@@ -317,8 +317,9 @@ impl TestChain {
 /// One (outblob, auxblob) pair a fake provider served.
 pub type Served = (Vec<u8>, Vec<u8>);
 
-/// Answers configfs-tsm requests under `root` until dropped: signs a report for every
-/// new entry's inblob, or replays a fixed answer.
+/// Answers configfs-tsm requests under `root` until dropped, as one guest (one launch:
+/// every report carries the same REPORT_ID): signs a report for every new entry's
+/// inblob, or replays a fixed answer.
 pub struct FakeTsm {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -331,6 +332,8 @@ impl FakeTsm {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(Mutex::new(Vec::new()));
         let (s, sv) = (stop.clone(), served.clone());
+        let mut launch = [0u8; 32];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut launch).unwrap();
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
@@ -342,7 +345,9 @@ impl FakeTsm {
                     let (out, aux) = match &replay {
                         Some(r) => r.clone(),
                         None => (
-                            chain.report(&inblob.clone().try_into().unwrap(), |_| {}),
+                            chain.report(&inblob.clone().try_into().unwrap(), |r| {
+                                r[0x140..0x160].copy_from_slice(&launch)
+                            }),
                             chain.cert_table(),
                         ),
                     };

@@ -12,9 +12,11 @@ mod snp_signer;
 mod swtpm;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use snp_signer::{FakeTsm, TestChain, MEASUREMENT};
 use swtpm::{LocalCa, Swtpm};
+use ztid_agent_attestor::agent_key::AgentKey;
 use ztid_agent_attestor::node_attestation::tpm;
 use ztid_tests::*;
 
@@ -122,7 +124,7 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
 
     // The agent key is the TPM's, and the SNP report vouched for the same key.
     let data = agent.dir.path().join("data");
-    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data, &tcti).expect("agent key");
+    let key = AgentKey::load(&data, &tcti).expect("agent key");
     assert!(
         key.pkcs8().is_none(),
         "the multi-factor agent key is in the TPM"
@@ -195,4 +197,73 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
     drop(single);
     drop(fake);
     assert_eq!(vtpm.leftovers(), "");
+}
+
+#[test]
+fn multi_factor_renewal_attests_every_factor_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::new(dir.path(), "ca");
+    let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
+    let chain = Arc::new(TestChain::new());
+    let tsm = tempfile::tempdir().unwrap();
+    let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_svid_ttl_seconds = 12\n\
+             [attestors.tpm]\nek_ca_dir = {:?}\n\
+             [attestors.sev_snp]\ntest_roots_dir = {:?}\n\
+             [attestors.multi]\nrequired = [\"tpm\", \"sev-snp\"]\n",
+            ca.trust_dir().display().to_string(),
+            chain.roots_dir().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
+    let tcti = vtpm.tcti();
+    let tsm_root = tsm.path().display().to_string();
+    let agent = Agent::start_attested(
+        &server,
+        &[
+            "--attestor",
+            "tpm,sev-snp",
+            "--tpm-tcti",
+            &tcti,
+            "--tsm-root",
+            &tsm_root,
+        ],
+    )
+    .unwrap_or_else(|log| panic!("{log}"));
+    let data = agent.dir.path().join("data");
+    let first_key = AgentKey::load(&data, &tcti).unwrap().spki().unwrap();
+
+    // At half-life the agent attests again: a new TPM key, a fresh quote and
+    // certification, a fresh SNP report bound to the new key; same node, same ID.
+    wait_for(
+        "a renewal by multi-factor re-attestation",
+        Duration::from_secs(20),
+        || {
+            (server.log_text().matches("node_attested").count() >= 2
+                && agent.proc.log_text().contains("agent SVID renewed"))
+            .then_some(())
+        },
+    );
+    assert!(fake.served.lock().unwrap().len() >= 2, "a new SNP report");
+    let (shown, _) = server.agent_record(&agent.spiffe_id);
+    assert_eq!(shown["attestation_method"], "multi", "{shown}");
+    let renewed_key = wait_for("the renewed key on disk", READY_TIMEOUT, || {
+        let k = AgentKey::load(&data, &tcti)?.spki().ok()?;
+        (k != first_key).then_some(k)
+    });
+    let leaf = pem::parse(std::fs::read(data.join("agent_svid.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(cert.public_key().raw, renewed_key.as_slice());
+    assert_eq!(
+        spiffe_id_of(&leaf),
+        agent.spiffe_id,
+        "the same node identity"
+    );
 }
