@@ -125,7 +125,7 @@ pub fn validate(
     let spiffe_id = SpiffeId::new(sub)
         .map_err(|e| Error::InvalidJwt(format!("sub is not a SPIFFE ID: {e}")))?;
     let td = spiffe_id.trust_domain();
-    let keys = keys_for(&td)
+    let keys = keys_for(td)
         .ok_or_else(|| Error::InvalidJwt(format!("no bundle for trust domain {td}")))?;
     let key = keys
         .iter()

@@ -68,7 +68,7 @@ impl ValueKind {
             }
             ValueKind::Hex => {
                 !v.is_empty()
-                    && v.len() % 2 == 0
+                    && v.len().is_multiple_of(2)
                     && v.len() <= 512
                     && v.bytes()
                         .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())

@@ -8,11 +8,17 @@ use ztid_agent_attestor::node_attestation::{multi, sev_snp, tdx, tpm, NodeVerifi
 use crate::config::ServerConfig;
 use crate::{Error, Result};
 
+/// The configured hardware verifiers.
+pub struct Verifiers {
+    /// One per configured method.
+    pub single: Vec<Arc<dyn NodeVerifier>>,
+    /// Combining them, when two or more are configured.
+    pub multi: Option<Arc<multi::MultiVerifier>>,
+}
+
 /// Verifiers for every configured method, and the `multi` verifier combining them when
 /// two or more are configured.
-pub fn configured_verifiers(
-    config: &ServerConfig,
-) -> Result<(Vec<Arc<dyn NodeVerifier>>, Option<Arc<multi::MultiVerifier>>)> {
+pub fn configured_verifiers(config: &ServerConfig) -> Result<Verifiers> {
     let mut out: Vec<Arc<dyn NodeVerifier>> = Vec::new();
     let a = &config.attestors;
     if let Some(t) = &a.tpm {
@@ -32,7 +38,8 @@ pub fn configured_verifiers(
     }
     let combined = if out.len() >= 2 {
         Some(Arc::new(
-            multi::MultiVerifier::from_config(a.multi.as_ref(), out.clone()).map_err(Error::from)?,
+            multi::MultiVerifier::from_config(a.multi.as_ref(), out.clone())
+                .map_err(Error::from)?,
         ))
     } else if a.multi.is_some() {
         return Err(Error::Config(
@@ -42,5 +49,8 @@ pub fn configured_verifiers(
     } else {
         None
     };
-    Ok((out, combined))
+    Ok(Verifiers {
+        single: out,
+        multi: combined,
+    })
 }

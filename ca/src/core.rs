@@ -143,7 +143,10 @@ impl CaCore {
         };
         let mut verifiers: Vec<Arc<dyn NodeVerifier>> =
             vec![Arc::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
-        let (hardware, multi) = crate::attestors::configured_verifiers(&config)?;
+        let crate::attestors::Verifiers {
+            single: hardware,
+            multi,
+        } = crate::attestors::configured_verifiers(&config)?;
         verifiers.extend(hardware);
         if let Some(m) = &multi {
             verifiers.push(m.clone());
@@ -568,7 +571,7 @@ impl CaCore {
         } else {
             ttl_seconds
         };
-        if ttl < 0 || ttl > 30 * 24 * 3600 {
+        if !(0..=30 * 24 * 3600).contains(&ttl) {
             return Err(Error::InvalidArgument(
                 "token TTL must be between 1 second and 30 days".into(),
             ));

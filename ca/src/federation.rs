@@ -976,7 +976,7 @@ mod tests {
         };
         let mut b = a.clone();
         b.sequence = 2;
-        assert_ne!(version_of(&[a.clone()]), version_of(&[b]));
+        assert_ne!(version_of(std::slice::from_ref(&a)), version_of(&[b]));
         assert_ne!(version_of(&[]), 0);
     }
 }

@@ -973,7 +973,7 @@ mod tests {
             let big = char::from(b'a' + (i % 26) as u8).to_string().repeat(40_000);
             add(hpack, &mut b, "x-big", big, 0x01);
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             // cache-control (static name 24): "no-cache" Huffman-coded (RFC 7541, C.4.2).
             b.extend_from_slice(&[0x0f, 0x09, 0x86, 0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf]);
             headers.push(("cache-control".into(), "no-cache".into()));

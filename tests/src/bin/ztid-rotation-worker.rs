@@ -83,7 +83,7 @@ async fn main() {
                 let td = svid.spiffe_id().trust_domain();
                 let roots: Vec<Vec<u8>> = ctx
                     .bundle_set()
-                    .get(&td)
+                    .get(td)
                     .map(|b| b.authorities().iter().map(|a| a.as_bytes().to_vec()).collect())
                     .unwrap_or_default();
                 let chain: Vec<Vec<u8>> = svid.cert_chain().iter().map(|c| c.as_bytes().to_vec()).collect();

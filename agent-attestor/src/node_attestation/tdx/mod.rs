@@ -369,7 +369,7 @@ fn collateral_for(
     pcs: Option<&Pcs>,
     quote: &[u8],
     at: i64,
-) -> Result<(QuoteCollateralV3, Option<([u8; 6], &'static str)>), Error> {
+) -> Result<(QuoteCollateralV3, Fetched), Error> {
     let Some(pcs) = pcs else {
         let dir = dir.ok_or_else(|| {
             Error::Config("TDX verification needs --collateral DIR (with collateral.json)".into())
@@ -403,6 +403,10 @@ fn collateral_for(
     }
     Ok((pcs.fetch(&fmspc, ca)?, Some((fmspc, ca))))
 }
+
+/// For collateral just fetched from PCS: its FMSPC and PCK CA, under which it is cached
+/// once a quote verified with it.
+type Fetched = Option<([u8; 6], &'static str)>;
 
 /// Checks that every dated collateral item is current at `at`, so an operator learns
 /// which one to refresh (dcap-qvl checks the same windows again, and the certificates).
@@ -557,7 +561,7 @@ fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
 fn verify_fetched(
     quote: &[u8],
     collateral: &QuoteCollateralV3,
-    fetched: Option<([u8; 6], &'static str)>,
+    fetched: Fetched,
     pcs: Option<&Pcs>,
     at: i64,
     expected_report_data: Option<&[u8; 64]>,

@@ -407,7 +407,7 @@ impl Tpm {
         encrypted_secret: &[u8],
         nonce: &[u8],
         pcrs: &BTreeSet<u8>,
-    ) -> Result<(Vec<u8>, Quote, (Vec<u8>, Vec<u8>)), Error> {
+    ) -> Result<(Vec<u8>, Quote, Certification), Error> {
         self.with_agent_key_and_ak(ak_blob, key, |ctx, ek, ak, t, agent_key| {
             let secret = activate_in(ctx, ek, t, ak, credential_blob, encrypted_secret)?;
             let quote = quote_in(ctx, ak, nonce, pcrs)?;
@@ -442,7 +442,7 @@ impl Tpm {
         ak_blob: &AkBlob,
         key: &TpmKeyBlob,
         nonce: &[u8],
-    ) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    ) -> Result<Certification, Error> {
         self.with_agent_key_and_ak(ak_blob, key, |ctx, _ek, ak, _, agent_key| {
             certify_in(ctx, agent_key, ak, nonce)
         })
@@ -453,6 +453,9 @@ impl Tpm {
         read_pcrs(&mut self.ctx, pcrs)
     }
 }
+
+/// A certification: raw `TPMS_ATTEST` and raw `TPMT_SIGNATURE`.
+pub type Certification = (Vec<u8>, Vec<u8>);
 
 /// A quote: raw `TPMS_ATTEST`, raw `TPMT_SIGNATURE`, and the PCR values it covers.
 pub type Quote = (Vec<u8>, Vec<u8>, BTreeMap<u8, Vec<u8>>);
