@@ -29,34 +29,90 @@ fn refused(r: Result<Agent, String>, what: &str) -> String {
     }
 }
 
+/// A confidential VM with a vTPM, simulated: a swtpm under a local EK CA, and a fake
+/// configfs-tsm serving one SEV-SNP launch signed by the test-only chain.
+struct Cvm {
+    fake: FakeTsm,
+    tsm: tempfile::TempDir,
+    chain: Arc<TestChain>,
+    vtpm: Swtpm,
+    ca: LocalCa,
+    dir: tempfile::TempDir,
+}
+
+impl Cvm {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::new(dir.path(), "ca");
+        let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
+        let chain = Arc::new(TestChain::new());
+        let tsm = tempfile::tempdir().unwrap();
+        let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
+        Self {
+            fake,
+            tsm,
+            chain,
+            vtpm,
+            ca,
+            dir,
+        }
+    }
+
+    /// A server trusting this vTPM's EK CA and the SNP test chain: `top` holds
+    /// top-level keys, `snp` extra `[attestors.sev_snp]` lines, `multi` the
+    /// `[attestors.multi]` table's lines.
+    fn server(&self, name: &str, top: &str, snp: &str, multi: &str) -> Server {
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "{top}\n[attestors.tpm]\nek_ca_dir = {:?}\n\
+                 [attestors.sev_snp]\ntest_roots_dir = {:?}\n{snp}\n\
+                 [attestors.multi]\n{multi}\n",
+                self.ca.trust_dir().display().to_string(),
+                self.chain.roots_dir().display().to_string(),
+            ),
+        )
+        .unwrap();
+        Server::start_with(TD, &["--config", &config.display().to_string()])
+    }
+
+    fn tcti(&self) -> String {
+        self.vtpm.tcti()
+    }
+
+    fn tsm_root(&self) -> String {
+        self.tsm.path().display().to_string()
+    }
+
+    /// `ztid-agent --attestor tpm,sev-snp` on this VM.
+    fn agent(&self, server: &Server) -> Result<Agent, String> {
+        let (tcti, tsm_root) = (self.tcti(), self.tsm_root());
+        Agent::start_attested(
+            server,
+            &[
+                "--attestor",
+                "tpm,sev-snp",
+                "--tpm-tcti",
+                &tcti,
+                "--tsm-root",
+                &tsm_root,
+            ],
+        )
+    }
+}
+
+const REQUIRED: &str = "required = [\"tpm\", \"sev-snp\"]";
+
 #[test]
 fn tpm_and_sev_snp_together_or_not_at_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::new(dir.path(), "ca");
-    let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
+    let cvm = Cvm::new();
     let ek_hash = {
-        let mut t = tpm::device::Tpm::open(&vtpm.tcti()).unwrap();
+        let mut t = tpm::device::Tpm::open(&cvm.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     };
-    let chain = Arc::new(TestChain::new());
-    let tsm = tempfile::tempdir().unwrap();
-    let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
-
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[attestors.tpm]\nek_ca_dir = {:?}\n\
-             [attestors.sev_snp]\ntest_roots_dir = {:?}\n\
-             [attestors.multi]\nrequired = [\"tpm\", \"sev-snp\"]\n",
-            ca.trust_dir().display().to_string(),
-            chain.roots_dir().display().to_string(),
-        ),
-    )
-    .unwrap();
-    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
-    let tcti = vtpm.tcti();
-    let tsm_root = tsm.path().display().to_string();
+    let server = cvm.server("server", "", "", REQUIRED);
+    let (tcti, tsm_root) = (cvm.tcti(), cvm.tsm_root());
 
     // The fleet alias needs a TPM EK and a launch measurement: only a node that proved
     // both belongs to it.
@@ -84,26 +140,15 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
         &format!("unix:uid:{}", nix_uid()),
     ]);
 
-    let both = |server: &Server| {
-        Agent::start_attested(
-            server,
-            &[
-                "--attestor",
-                "tpm,sev-snp",
-                "--tpm-tcti",
-                &tcti,
-                "--tsm-root",
-                &tsm_root,
-            ],
-        )
-    };
-    let agent = both(&server).unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
+    let agent = cvm
+        .agent(&server)
+        .unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
     let node_id = agent
         .spiffe_id
         .strip_prefix(&format!("spiffe://{TD}/ztid/agent/multi/"))
         .unwrap_or_else(|| panic!("{}", agent.spiffe_id));
     assert_eq!(node_id.len(), 64);
-    assert_eq!(fake.served.lock().unwrap().len(), 1, "one SNP report");
+    assert_eq!(cvm.fake.served.lock().unwrap().len(), 1, "one SNP report");
 
     // The CA recorded both factors' selectors and put the node in the alias.
     let (shown, sels) = server.agent_record(&agent.spiffe_id);
@@ -113,7 +158,7 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
         "multi:method:sev-snp".to_string(),
         format!("tpm:ek-hash:{ek_hash}"),
         format!("sev-snp:measurement:{}", hex::encode(MEASUREMENT)),
-        format!("sev-snp:chip-id:{}", hex::encode(chain.chip_id)),
+        format!("sev-snp:chip-id:{}", hex::encode(cvm.chain.chip_id)),
     ] {
         assert!(sels.contains(&want), "{want} missing from {sels:?}");
     }
@@ -164,21 +209,14 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
     // Both factors, but one fails its policy: on a server that allows another launch
     // measurement, the whole attempt is refused, the factor is named, and the good TPM
     // factor does not help.
-    let strict = dir.path().join("strict.toml");
-    std::fs::write(
-        &strict,
-        format!(
-            "[attestors.tpm]\nek_ca_dir = {:?}\n\
-             [attestors.sev_snp]\ntest_roots_dir = {:?}\nmeasurements = [\"{}\"]\n",
-            ca.trust_dir().display().to_string(),
-            chain.roots_dir().display().to_string(),
-            "00".repeat(48),
-        ),
-    )
-    .unwrap();
-    let strict_server = Server::start_with(TD, &["--config", &strict.display().to_string()]);
+    let strict_server = cvm.server(
+        "strict",
+        "",
+        &format!("measurements = [\"{}\"]", "00".repeat(48)),
+        "",
+    );
     let log = refused(
-        both(&strict_server),
+        cvm.agent(&strict_server),
         "a launch measurement off the allow-list with a good TPM",
     );
     let reason = format!(
@@ -195,46 +233,15 @@ fn tpm_and_sev_snp_together_or_not_at_all() {
         .unwrap_or_else(|log| panic!("{log}"));
     assert!(single.spiffe_id.contains("/ztid/agent/tpm/"));
     drop(single);
-    drop(fake);
-    assert_eq!(vtpm.leftovers(), "");
+    assert_eq!(cvm.vtpm.leftovers(), "");
 }
 
 #[test]
 fn multi_factor_renewal_attests_every_factor_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::new(dir.path(), "ca");
-    let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
-    let chain = Arc::new(TestChain::new());
-    let tsm = tempfile::tempdir().unwrap();
-    let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "agent_svid_ttl_seconds = 12\n\
-             [attestors.tpm]\nek_ca_dir = {:?}\n\
-             [attestors.sev_snp]\ntest_roots_dir = {:?}\n\
-             [attestors.multi]\nrequired = [\"tpm\", \"sev-snp\"]\n",
-            ca.trust_dir().display().to_string(),
-            chain.roots_dir().display().to_string(),
-        ),
-    )
-    .unwrap();
-    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
-    let tcti = vtpm.tcti();
-    let tsm_root = tsm.path().display().to_string();
-    let agent = Agent::start_attested(
-        &server,
-        &[
-            "--attestor",
-            "tpm,sev-snp",
-            "--tpm-tcti",
-            &tcti,
-            "--tsm-root",
-            &tsm_root,
-        ],
-    )
-    .unwrap_or_else(|log| panic!("{log}"));
+    let cvm = Cvm::new();
+    let server = cvm.server("server", "agent_svid_ttl_seconds = 12", "", REQUIRED);
+    let tcti = cvm.tcti();
+    let agent = cvm.agent(&server).unwrap_or_else(|log| panic!("{log}"));
     let data = agent.dir.path().join("data");
     let first_key = AgentKey::load(&data, &tcti).unwrap().spki().unwrap();
 
@@ -249,7 +256,10 @@ fn multi_factor_renewal_attests_every_factor_again() {
             .then_some(())
         },
     );
-    assert!(fake.served.lock().unwrap().len() >= 2, "a new SNP report");
+    assert!(
+        cvm.fake.served.lock().unwrap().len() >= 2,
+        "a new SNP report"
+    );
     let (shown, _) = server.agent_record(&agent.spiffe_id);
     assert_eq!(shown["attestation_method"], "multi", "{shown}");
     let renewed_key = wait_for("the renewed key on disk", READY_TIMEOUT, || {

@@ -438,15 +438,19 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     let cfg = kds_config(&kds, &cache, "kds_crl = false");
     let (genoa, genoa_target) = &vectors[1];
     let url = format!("{}{}", kds.addr, genoa_target);
+    // The Genoa report verified (and refused) at a time, with fetching on.
+    let genoa_at = |when: &str| {
+        refusal(sev_snp::verify_offline(
+            &snp_report(genoa.report),
+            None,
+            None,
+            at(when),
+            &cfg,
+        ))
+    };
 
     // 404.
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(genoa.report),
-        None,
-        None,
-        at(genoa.inside),
-        &cfg,
-    ));
+    let m = genoa_at(genoa.inside);
     assert_eq!(
         m,
         format!("the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: GET {url}: HTTP 404 Not Found")
@@ -469,13 +473,7 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     );
     // Garbage with status 200.
     kds.serve(genoa_target, Route::ok(b"<html>hello</html>".to_vec()));
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(genoa.report),
-        None,
-        None,
-        at(genoa.inside),
-        &cfg,
-    ));
+    let m = genoa_at(genoa.inside);
     assert_eq!(
         m,
         format!("the VCEK fetched from {url} fails verification: collateral {url}: not a certificate or CRL")
@@ -485,26 +483,14 @@ fn snp_kds_failures_are_refused_naming_the_url() {
         genoa_target,
         Route::ok(read("snp/milan-trustee-vcek/vcek.der")),
     );
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(genoa.report),
-        None,
-        None,
-        at(genoa.inside),
-        &cfg,
-    ));
+    let m = genoa_at(genoa.inside);
     assert!(
         m.starts_with(&format!("the VCEK fetched from {url} fails verification: {url} is not the VCEK of the report's chip at its reported TCB")),
         "{m}"
     );
     // The right VCEK, but at a time outside its validity: refused, nothing cached.
     kds.serve(genoa_target, Route::ok(der_of(&read(genoa.vcek))));
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(genoa.report),
-        None,
-        None,
-        at("2032-02-01T00:00:00Z"),
-        &cfg,
-    ));
+    let m = genoa_at("2032-02-01T00:00:00Z");
     assert!(
         m.starts_with(&format!("the VCEK fetched from {url} fails verification: VCEK certificate SEV-VCEK expired at 2032-01-24T02:21:48Z")),
         "{m}"
@@ -515,13 +501,7 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     );
     // A body over the size cap.
     kds.serve(genoa_target, Route::ok(vec![b'x'; (1 << 20) + 1]));
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(genoa.report),
-        None,
-        None,
-        at(genoa.inside),
-        &cfg,
-    ));
+    let m = genoa_at(genoa.inside);
     assert!(
         m.ends_with(&format!("GET {url}: response is larger than 1048576 bytes")),
         "{m}"
