@@ -91,16 +91,11 @@ pub fn kdfe(
     party_v: &[u8],
     bits: u32,
 ) -> Result<Vec<u8>, Error> {
-    let a = match hash {
-        alg::SHA256 => &ring::digest::SHA256,
-        alg::SHA384 => &ring::digest::SHA384,
-        alg::SHA512 => &ring::digest::SHA512,
-        other => {
-            return Err(Error::Refused(format!(
-                "EK nameAlg 0x{other:04x} is not supported for credential activation"
-            )))
-        }
-    };
+    let a = super::wire::ring_digest(hash).ok_or_else(|| {
+        Error::Refused(format!(
+            "EK nameAlg 0x{hash:04x} is not supported for credential activation"
+        ))
+    })?;
     let bytes = bits.div_ceil(8) as usize;
     let mut out = Vec::with_capacity(bytes + 64);
     let mut counter: u32 = 1;

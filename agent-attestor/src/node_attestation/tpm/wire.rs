@@ -157,18 +157,20 @@ pub fn digest_len(hash: u16) -> Option<usize> {
     }
 }
 
+/// ring's algorithm for a TPM hash algorithm (SHA-256/384/512), `None` for others.
+pub fn ring_digest(hash: u16) -> Option<&'static ring::digest::Algorithm> {
+    match hash {
+        alg::SHA256 => Some(&ring::digest::SHA256),
+        alg::SHA384 => Some(&ring::digest::SHA384),
+        alg::SHA512 => Some(&ring::digest::SHA512),
+        _ => None,
+    }
+}
+
 /// Digest of `data` with a TPM hash algorithm (SHA-256/384/512).
 pub fn hash(hash: u16, data: &[u8]) -> Result<Vec<u8>, Error> {
-    let a = match hash {
-        alg::SHA256 => &ring::digest::SHA256,
-        alg::SHA384 => &ring::digest::SHA384,
-        alg::SHA512 => &ring::digest::SHA512,
-        other => {
-            return Err(Error::Refused(format!(
-                "unsupported hash algorithm 0x{other:04x}"
-            )))
-        }
-    };
+    let a = ring_digest(hash)
+        .ok_or_else(|| Error::Refused(format!("unsupported hash algorithm 0x{hash:04x}")))?;
     Ok(ring::digest::digest(a, data).as_ref().to_vec())
 }
 
