@@ -329,6 +329,22 @@ pub struct FakeTsm {
 
 impl FakeTsm {
     pub fn start(root: PathBuf, chain: Arc<TestChain>, replay: Option<(Vec<u8>, Vec<u8>)>) -> Self {
+        Self::start_with(root, chain, replay, None)
+    }
+
+    /// A guest under an SVSM whose vTPM service has `manifest` (its EK `TPMT_PUBLIC`):
+    /// requests naming the svsm service get a report over SHA-512(inblob ‖ manifest) and
+    /// the manifest in `manifestblob`.
+    pub fn start_svsm(root: PathBuf, chain: Arc<TestChain>, manifest: Vec<u8>) -> Self {
+        Self::start_with(root, chain, None, Some(manifest))
+    }
+
+    fn start_with(
+        root: PathBuf,
+        chain: Arc<TestChain>,
+        replay: Option<(Vec<u8>, Vec<u8>)>,
+        manifest: Option<Vec<u8>>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(Mutex::new(Vec::new()));
         let (s, sv) = (stop.clone(), served.clone());
@@ -342,12 +358,24 @@ impl FakeTsm {
                     if inblob.len() != 64 || p.join("outblob").exists() {
                         continue;
                     }
+                    let mut report_data: [u8; 64] = inblob.clone().try_into().unwrap();
+                    let svsm = std::fs::read_to_string(p.join("service_provider"))
+                        .is_ok_and(|v| v.trim() == "svsm");
+                    if let (true, Some(m)) = (svsm, &manifest) {
+                        assert_eq!(
+                            std::fs::read_to_string(p.join("service_guid"))
+                                .unwrap()
+                                .trim(),
+                            sev_snp::SVSM_VTPM_GUID
+                        );
+                        report_data = sev_snp::svsm_report_data(&report_data, m);
+                        let _ = std::fs::write(p.join("manifestblob"), m);
+                    }
                     let (out, aux) = match &replay {
                         Some(r) => r.clone(),
                         None => (
-                            chain.report(&inblob.clone().try_into().unwrap(), |r| {
-                                r[0x140..0x160].copy_from_slice(&launch)
-                            }),
+                            chain
+                                .report(&report_data, |r| r[0x140..0x160].copy_from_slice(&launch)),
                             chain.cert_table(),
                         ),
                     };

@@ -42,12 +42,31 @@ struct Cvm {
 
 impl Cvm {
     fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// The guest runs under an SVSM whose vTPM is the swtpm: SEV-SNP reports asked for
+    /// through the SVSM vTPM service carry its EK.
+    fn with_svsm_vtpm() -> Self {
+        Self::build(true)
+    }
+
+    fn build(svsm: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = LocalCa::new(dir.path(), "ca");
         let vtpm = Swtpm::provision(&ca, &dir.path().join("vtpm"));
         let chain = Arc::new(TestChain::new());
         let tsm = tempfile::tempdir().unwrap();
-        let fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
+        let root = tsm.path().to_path_buf();
+        let fake = if svsm {
+            let ek = tpm::device::Tpm::open(&vtpm.tcti())
+                .unwrap()
+                .ek_public()
+                .unwrap();
+            FakeTsm::start_svsm(root, chain.clone(), ek)
+        } else {
+            FakeTsm::start(root, chain.clone(), None)
+        };
         Self {
             fake,
             tsm,
@@ -87,18 +106,27 @@ impl Cvm {
 
     /// `ztid-agent --attestor tpm,sev-snp` on this VM.
     fn agent(&self, server: &Server) -> Result<Agent, String> {
-        let (tcti, tsm_root) = (self.tcti(), self.tsm_root());
-        Agent::start_attested(
-            server,
-            &[
-                "--attestor",
-                "tpm,sev-snp",
-                "--tpm-tcti",
-                &tcti,
-                "--tsm-root",
-                &tsm_root,
-            ],
-        )
+        self.agent_with(server, &self.tcti(), &[])
+    }
+
+    /// The same with another TPM and extra arguments.
+    fn agent_with(&self, server: &Server, tcti: &str, extra: &[&str]) -> Result<Agent, String> {
+        let tsm_root = self.tsm_root();
+        let mut args = vec![
+            "--attestor",
+            "tpm,sev-snp",
+            "--tpm-tcti",
+            tcti,
+            "--tsm-root",
+            &tsm_root,
+        ];
+        args.extend_from_slice(extra);
+        Agent::start_attested(server, &args)
+    }
+
+    fn ek_hash(&self) -> String {
+        let mut t = tpm::device::Tpm::open(&self.tcti()).unwrap();
+        tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     }
 }
 
@@ -276,4 +304,179 @@ fn multi_factor_renewal_attests_every_factor_again() {
         agent.spiffe_id,
         "the same node identity"
     );
+}
+
+#[test]
+fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
+    let cvm = Cvm::with_svsm_vtpm();
+    let ek_hash = cvm.ek_hash();
+    let server = cvm.server("server", "", "", &format!("{REQUIRED}\nbind_vtpm = true"));
+
+    // Reports through the SVSM vTPM service name the swtpm's EK: bound, attested.
+    let agent = cvm
+        .agent_with(&server, &cvm.tcti(), &["--sev-snp-svsm-vtpm"])
+        .unwrap_or_else(|log| panic!("{log}\nserver:\n{}", server.log_text()));
+    let (_, sels) = server.agent_record(&agent.spiffe_id);
+    assert!(
+        sels.contains(&format!("sev-snp:vtpm-ek-hash:{ek_hash}")),
+        "{sels:?}"
+    );
+    assert!(sels.contains(&format!("tpm:ek-hash:{ek_hash}")), "{sels:?}");
+    drop(agent);
+
+    // A report not made through the SVSM says nothing about the TPM: refused.
+    let log = refused(cvm.agent(&server), "a report without a vTPM manifest");
+    assert!(
+        log.contains(
+            "[attestors.multi] bind_vtpm is set, but the SEV-SNP report carries no SVSM vTPM manifest"
+        ),
+        "{log}"
+    );
+
+    // Another machine's TPM (same manufacturer CA, genuine, healthy) paired with this
+    // guest's report: refused, naming both EKs.
+    let other = Swtpm::provision(&cvm.ca, &cvm.dir.path().join("other-tpm"));
+    let other_hash = {
+        let mut t = tpm::device::Tpm::open(&other.tcti()).unwrap();
+        tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
+    };
+    let log = refused(
+        cvm.agent_with(&server, &other.tcti(), &["--sev-snp-svsm-vtpm"]),
+        "another machine's TPM",
+    );
+    assert!(
+        log.contains(&format!(
+            "the SEV-SNP report's SVSM vTPM has EK {ek_hash}, but the TPM factor's EK is {other_hash}: not this guest's vTPM"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
+    use ztid_agent_attestor::node_attestation::multi::{Envelope, MultiVerifier, Part};
+    use ztid_agent_attestor::node_attestation::tpm::{InitialEvidence, TpmAttestor, TpmVerifier};
+    use ztid_agent_attestor::node_attestation::tsm::TsmClient;
+    use ztid_agent_attestor::node_attestation::{
+        sev_snp, AttestationContext, NodeAttestor, NodeVerifier, VerifierStep,
+    };
+
+    let svsm = Cvm::with_svsm_vtpm();
+    let plain = Cvm::new();
+    let tpm_policy: toml::Table = toml::from_str(&format!(
+        "ek_ca_dir = {:?}\nuncertified_ek = \"svsm-bound\"",
+        svsm.ca.trust_dir().display().to_string()
+    ))
+    .unwrap();
+    let multi = |cvm: &Cvm| {
+        let snp: toml::Table = toml::from_str(&format!(
+            "test_roots_dir = {:?}",
+            cvm.chain.roots_dir().display().to_string()
+        ))
+        .unwrap();
+        MultiVerifier::new(
+            vec![
+                Arc::new(TpmVerifier::from_config(&tpm_policy).unwrap()),
+                Arc::new(sev_snp::SnpVerifier::from_config(&snp).unwrap()),
+            ],
+            Default::default(),
+        )
+        .unwrap()
+    };
+    // One attempt: the TPM's evidence without its EK certificate (as an SVSM vTPM
+    // sends it), the SNP report through the SVSM service or not.
+    let attempt = |cvm: &Cvm, through_svsm: bool| {
+        let mut tpm = TpmAttestor::with_tcti(&svsm.tcti());
+        let key = tpm.agent_key().unwrap().unwrap().spki().unwrap();
+        let mut ev: InitialEvidence =
+            serde_json::from_slice(&tpm.initial_evidence().unwrap()).unwrap();
+        ev.ek_cert.clear();
+        let client = TsmClient::new(cvm.tsm.path(), "sev_guest");
+        let mut snp = if through_svsm {
+            sev_snp::SnpAttestor::through_svsm_vtpm(client).unwrap()
+        } else {
+            sev_snp::SnpAttestor::with_client(client).unwrap()
+        };
+        let ctx = AttestationContext {
+            agent_public_key: &key,
+            now: std::time::SystemTime::now(),
+        };
+        let env = Envelope {
+            parts: vec![
+                Part {
+                    method: "tpm".into(),
+                    data: serde_json::to_vec(&ev).unwrap(),
+                },
+                Part {
+                    method: "sev-snp".into(),
+                    data: snp.initial_evidence().unwrap(),
+                },
+            ],
+        };
+        let v = multi(cvm);
+        let VerifierStep::Challenge(c, session) =
+            v.start(&serde_json::to_vec(&env).unwrap(), &ctx).unwrap()
+        else {
+            panic!("expected a challenge")
+        };
+        let c: Envelope = serde_json::from_slice(&c).unwrap();
+        let parts = c
+            .parts
+            .into_iter()
+            .map(|p| {
+                let data = match p.method.as_str() {
+                    "tpm" => tpm.answer(&p.data).unwrap(),
+                    _ => snp.answer(&p.data).unwrap(),
+                };
+                Part {
+                    method: p.method,
+                    data,
+                }
+            })
+            .collect();
+        let answer = serde_json::to_vec(&Envelope { parts }).unwrap();
+        (
+            session.resume(&answer, &ctx),
+            serde_json::to_vec(&ev).unwrap(),
+            key,
+        )
+    };
+
+    // Bound by the SVSM report of this very vTPM: attested, and marked uncertified.
+    let (r, ev, key) = attempt(&svsm, true);
+    let VerifierStep::Attested(node) = r.unwrap_or_else(|e| panic!("{e}")) else {
+        panic!("expected the node attested")
+    };
+    let sels: Vec<String> = node.selectors.iter().map(|s| s.to_string()).collect();
+    assert!(sels.contains(&"tpm:ek-cert:none".to_string()), "{sels:?}");
+    assert!(
+        sels.contains(&format!("sev-snp:vtpm-ek-hash:{}", svsm.ek_hash())),
+        "{sels:?}"
+    );
+
+    // Alone, the same TPM evidence is refused at once.
+    let ctx = AttestationContext {
+        agent_public_key: &key,
+        now: std::time::SystemTime::now(),
+    };
+    let alone = TpmVerifier::from_config(&tpm_policy)
+        .unwrap()
+        .start(&ev, &ctx);
+    assert!(
+        matches!(&alone, Err(ztid_agent_attestor::Error::Refused(m))
+            if m == "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"),
+        "{:?}",
+        alone.err()
+    );
+
+    // With an SNP report that carries no vTPM manifest: nothing vouches for the EK.
+    let (r, _, _) = attempt(&plain, false);
+    match r {
+        Err(ztid_agent_attestor::Error::Refused(m)) => assert_eq!(
+            m,
+            "the TPM's EK has no certificate, so only an SEV-SNP report can vouch for it, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an uncertified EK passed without binding"),
+    }
 }

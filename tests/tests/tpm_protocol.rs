@@ -1202,16 +1202,18 @@ fn tpm_ecc_ek_enrolment_round_trip_and_identity() {
         wire::PublicKey::Rsa { key_bits: 2048, .. }
     ));
     assert_ne!(rsa_node.node_id, node.node_id);
-    // Naming the curve gives the same EK as "ecc"; a P-256 EK has no certificate here, and
-    // the agent says which NV index it read.
+    // Naming the curve gives the same EK as "ecc"; a P-256 EK has no certificate here:
+    // the agent sends none (as an SVSM vTPM would), and alone that is refused.
     let mut p384 = TpmAttestor::with_tcti_and_ek(&f.tpm.tcti(), "ecc-p384".parse().unwrap());
     assert_eq!(attest(&v, &mut p384).0.node_id, node.node_id);
     let mut p256 = TpmAttestor::with_tcti_and_ek(&f.tpm.tcti(), EkKind::EccP256);
-    p256.agent_key().unwrap();
-    let err = p256.initial_evidence().unwrap_err().to_string();
-    assert!(
-        err.contains("reading the ECC P-256 EK certificate (NV 0x01c0000a)"),
-        "{err}"
+    let k256 = p256.agent_key().unwrap().unwrap().spki().unwrap();
+    let ev256 = p256.initial_evidence().unwrap();
+    let parsed256: InitialEvidence = serde_json::from_slice(&ev256).unwrap();
+    assert!(parsed256.ek_cert.is_empty());
+    assert_eq!(
+        refusal(v.start(&ev256, &ctx(&k256))),
+        "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"
     );
     assert!("ecc-p521".parse::<EkKind>().is_err());
     // Nothing left loaded in the TPM.

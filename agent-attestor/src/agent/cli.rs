@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Root of the configfs-tsm report tree (sev-snp, tdx).
     #[arg(long)]
     pub tsm_root: Option<PathBuf>,
+    /// SEV-SNP reports through the SVSM's vTPM service, binding the vTPM's EK into the
+    /// report (for `--attestor tpm,sev-snp` on a guest with an SVSM vTPM).
+    #[arg(long)]
+    pub sev_snp_svsm_vtpm: bool,
     /// Workload API socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -182,6 +186,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = &a.tsm_root {
         c.tsm_root = v.clone();
+    }
+    if a.sev_snp_svsm_vtpm {
+        c.sev_snp_svsm_vtpm = true;
     }
     if let Some(v) = &a.socket {
         c.socket = v.clone();

@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub tpm_ek: String,
     /// Root of the configfs-tsm report tree (sev-snp and tdx methods).
     pub tsm_root: PathBuf,
+    /// Ask for SEV-SNP reports through the SVSM's vTPM service (guests with an SVSM vTPM).
+    pub sev_snp_svsm_vtpm: bool,
     /// Workload API socket.
     pub socket: PathBuf,
     /// Where the agent keeps its own SVID and the bundle (owner-only).
@@ -56,6 +58,7 @@ impl Default for AgentConfig {
             tpm_tcti: "device:/dev/tpmrm0".into(),
             tpm_ek: "auto".into(),
             tsm_root: PathBuf::from("/sys/kernel/config/tsm/report"),
+            sev_snp_svsm_vtpm: false,
             socket: PathBuf::from(DEFAULT_SOCKET),
             data_dir: PathBuf::from("/var/lib/ztid/agent"),
             sync_interval_seconds: 5,

@@ -95,6 +95,16 @@ pub trait NodeVerifier: Send + Sync {
     fn method(&self) -> &'static str;
     /// Checks the initial evidence; may ask for more.
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error>;
+    /// [`NodeVerifier::start`] for a factor of a multi-factor attempt, where the
+    /// combination checks more (the TPM method then accepts an EK without certificate if
+    /// configured, since an SEV-SNP report must bind it). Default: the same as `start`.
+    fn start_as_factor(
+        &self,
+        evidence: &[u8],
+        ctx: &AttestationContext<'_>,
+    ) -> Result<VerifierStep, Error> {
+        self.start(evidence, ctx)
+    }
 }
 
 /// Serde for binary fields of JSON messages: standard base64.

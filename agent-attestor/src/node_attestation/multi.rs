@@ -219,6 +219,7 @@ impl NodeAttestor for MultiAttestor {
 pub struct MultiVerifier {
     factors: Vec<Arc<dyn NodeVerifier>>,
     required: BTreeSet<String>,
+    bind_vtpm: bool,
 }
 
 impl MultiVerifier {
@@ -236,7 +237,18 @@ impl MultiVerifier {
                 )));
             }
         }
-        Ok(Self { factors, required })
+        Ok(Self {
+            factors,
+            required,
+            bind_vtpm: false,
+        })
+    }
+
+    /// Requires the SEV-SNP factor to name the TPM factor's EK as its SVSM vTPM's
+    /// (`[attestors.multi] bind_vtpm = true`); always required for an uncertified EK.
+    pub fn binding_vtpm(mut self, bind: bool) -> Self {
+        self.bind_vtpm = bind;
+        self
     }
 
     /// Reads `[attestors.multi]` (`required = [...]`).
@@ -247,9 +259,9 @@ impl MultiVerifier {
         let mut required = BTreeSet::new();
         if let Some(t) = config {
             for k in t.keys() {
-                if k != "required" {
+                if k != "required" && k != "bind_vtpm" {
                     return Err(Error::Config(format!(
-                        "unknown key {k:?} in [attestors.multi] (known: required)"
+                        "unknown key {k:?} in [attestors.multi] (known: required, bind_vtpm)"
                     )));
                 }
             }
@@ -266,7 +278,16 @@ impl MultiVerifier {
                 check_methods(required.iter().map(String::as_str))?;
             }
         }
-        Self::new(factors, required)
+        let bind = match config.and_then(|t| t.get("bind_vtpm")) {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => {
+                return Err(Error::Config(
+                    "[attestors.multi] bind_vtpm must be true or false".into(),
+                ))
+            }
+        };
+        Ok(Self::new(factors, required)?.binding_vtpm(bind))
     }
 
     /// The methods every attempt must present together (empty: no requirement).
@@ -321,7 +342,10 @@ impl NodeVerifier for MultiVerifier {
                 missing.join(", ")
             )));
         }
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            bind_vtpm: self.bind_vtpm,
+            ..Default::default()
+        };
         for p in env.parts {
             let v = self
                 .factors
@@ -330,7 +354,9 @@ impl NodeVerifier for MultiVerifier {
                 .ok_or_else(|| {
                     refused(format!("factor {} is not enabled on this server", p.method))
                 })?;
-            let step = v.start(&p.data, ctx).map_err(|e| in_factor(&p.method, e))?;
+            let step = v
+                .start_as_factor(&p.data, ctx)
+                .map_err(|e| in_factor(&p.method, e))?;
             progress.record(p.method, step);
         }
         progress.next()
@@ -343,6 +369,7 @@ struct Progress {
     done: Vec<AttestedNode>,
     pending: Vec<(String, Box<dyn VerificationSession>)>,
     challenges: Vec<Part>,
+    bind_vtpm: bool,
 }
 
 impl Progress {
@@ -361,6 +388,7 @@ impl Progress {
 
     fn next(self) -> Result<VerifierStep, Error> {
         if self.pending.is_empty() {
+            check_vtpm_binding(&self.done, self.bind_vtpm)?;
             return combine(self.done).map(VerifierStep::Attested);
         }
         let challenge = encode(&Envelope {
@@ -371,6 +399,7 @@ impl Progress {
             Box::new(MultiSession {
                 done: self.done,
                 pending: self.pending,
+                bind_vtpm: self.bind_vtpm,
             }),
         ))
     }
@@ -379,6 +408,7 @@ impl Progress {
 struct MultiSession {
     done: Vec<AttestedNode>,
     pending: Vec<(String, Box<dyn VerificationSession>)>,
+    bind_vtpm: bool,
 }
 
 impl VerificationSession for MultiSession {
@@ -399,6 +429,7 @@ impl VerificationSession for MultiSession {
         }
         let mut progress = Progress {
             done: self.done,
+            bind_vtpm: self.bind_vtpm,
             ..Default::default()
         };
         for (method, session) in self.pending {
@@ -414,6 +445,46 @@ impl VerificationSession for MultiSession {
             progress.record(method, step);
         }
         progress.next()
+    }
+}
+
+/// The value of the first selector `kind:key:…` of a node.
+fn selector_value<'a>(n: &'a AttestedNode, kind: &str, key: &str) -> Option<&'a str> {
+    n.selectors
+        .iter()
+        .filter(|s| s.kind() == kind)
+        .find_map(|s| s.value().strip_prefix(key)?.strip_prefix(':'))
+}
+
+/// The SVSM vTPM binding: when required (`bind_vtpm`) or when the TPM's EK came without
+/// a certificate, the SEV-SNP report must name the TPM factor's EK as its vTPM's.
+fn check_vtpm_binding(done: &[AttestedNode], required: bool) -> Result<(), Error> {
+    let Some(tpm) = done.iter().find(|n| n.method == "tpm") else {
+        return Ok(());
+    };
+    let uncertified = selector_value(tpm, "tpm", "ek-cert") == Some("none");
+    if !required && !uncertified {
+        return Ok(());
+    }
+    let why = if uncertified {
+        "the TPM's EK has no certificate, so only an SEV-SNP report can vouch for it"
+    } else {
+        "[attestors.multi] bind_vtpm is set"
+    };
+    let ek = selector_value(tpm, "tpm", "ek-hash").unwrap_or_default();
+    let Some(snp) = done.iter().find(|n| n.method == "sev-snp") else {
+        return Err(refused(format!(
+            "{why}, but no sev-snp factor was presented"
+        )));
+    };
+    match selector_value(snp, "sev-snp", "vtpm-ek-hash") {
+        None => Err(refused(format!(
+            "{why}, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
+        ))),
+        Some(v) if v == ek => Ok(()),
+        Some(v) => Err(refused(format!(
+            "the SEV-SNP report's SVSM vTPM has EK {v}, but the TPM factor's EK is {ek}: not this guest's vTPM"
+        ))),
     }
 }
 
@@ -711,7 +782,7 @@ mod tests {
         );
         assert_eq!(
             err("require = []"),
-            "unknown key \"require\" in [attestors.multi] (known: required)"
+            "unknown key \"require\" in [attestors.multi] (known: required, bind_vtpm)"
         );
         assert_eq!(
             err("required = [\"tpm\"]"),

@@ -204,6 +204,21 @@ pub struct TsmReport {
     pub auxblob: Option<Vec<u8>>,
     /// The provider that answered (`sev_guest`, `tdx_guest`), when the tree says.
     pub provider: Option<String>,
+    /// The service manifest, when a service (an SVSM service) produced the report.
+    pub manifest: Option<Vec<u8>>,
+}
+
+/// An SVSM service to ask configfs-tsm for a report through (SEV-SNP guests running
+/// under an SVSM): the report is made at VMPL 0 by the SVSM, over SHA-512(inblob ‖
+/// manifest).
+#[derive(Debug, Clone)]
+pub struct TsmService {
+    /// `service_provider` (`svsm`).
+    pub provider: String,
+    /// `service_guid`.
+    pub guid: String,
+    /// `service_manifest_version`.
+    pub manifest_version: u32,
 }
 
 /// A configfs-tsm report client rooted at `root` (normally `/sys/kernel/config/tsm/report`).
@@ -212,6 +227,7 @@ pub struct TsmClient {
     root: PathBuf,
     provider: &'static str,
     privlevel: Option<u32>,
+    service: Option<TsmService>,
     timeout: Duration,
 }
 
@@ -222,6 +238,7 @@ impl TsmClient {
             root: root.into(),
             provider,
             privlevel: None,
+            service: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -229,6 +246,12 @@ impl TsmClient {
     /// Asks for a report at this privilege level (SNP VMPL); unset leaves the kernel default (0).
     pub fn with_privlevel(mut self, level: u32) -> Self {
         self.privlevel = Some(level);
+        self
+    }
+
+    /// Asks for reports through an SVSM service (and reads its manifest).
+    pub fn with_service(mut self, service: TsmService) -> Self {
+        self.service = Some(service);
         self
     }
 
@@ -266,10 +289,30 @@ impl TsmClient {
             if let Some(level) = self.privlevel {
                 write(&entry.path.join("privlevel"), level.to_string().as_bytes())?;
             }
+            if let Some(s) = &self.service {
+                write(&entry.path.join("service_provider"), s.provider.as_bytes())?;
+                write(&entry.path.join("service_guid"), s.guid.as_bytes())?;
+                write(
+                    &entry.path.join("service_manifest_version"),
+                    s.manifest_version.to_string().as_bytes(),
+                )?;
+            }
             write(&entry.path.join("inblob"), report_data)?;
             let gen_before = read_generation(&entry.path)?;
             let outblob = self.read_outblob(&entry.path)?;
             let auxblob = read_opt(&entry.path.join("auxblob"))?.filter(|a| !a.is_empty());
+            let manifest = match &self.service {
+                Some(_) => Some(
+                    read_opt(&entry.path.join("manifestblob"))?
+                        .filter(|m| !m.is_empty())
+                        .ok_or_else(|| {
+                            Error::Protocol(
+                                "configfs-tsm gave no service manifest (manifestblob)".into(),
+                            )
+                        })?,
+                ),
+                None => None,
+            };
             let provider = read_opt(&entry.path.join("provider"))?
                 .map(|p| String::from_utf8_lossy(&p).trim().to_string());
             if read_generation(&entry.path)? != gen_before {
@@ -279,6 +322,7 @@ impl TsmClient {
                 outblob,
                 auxblob,
                 provider,
+                manifest,
             });
         }
         Err(Error::Protocol(

@@ -348,16 +348,73 @@ impl Inner {
     }
 }
 
-/// Splits wire evidence into the report and the certificate table after it.
-fn split_evidence(e: &[u8]) -> Result<(&[u8], Option<&[u8]>), Error> {
+/// The SVSM vTPM service (SVSM specification, 58019, attest single service).
+pub const SVSM_VTPM_GUID: &str = "c476f1eb-0123-45a5-9641-b4e7dde5bfe3";
+/// Marks evidence that starts with an SVSM service manifest.
+const MANIFEST_MAGIC: &[u8; 8] = b"ZTIDSVSM";
+/// Largest service manifest accepted (a vTPM's is its EK `TPMT_PUBLIC`, < 1 KiB).
+const MAX_MANIFEST: usize = 4096;
+
+/// Wire evidence, split: an SVSM service manifest (when the SVSM made the report),
+/// the report, and the certificate table after it.
+struct Evidence<'a> {
+    manifest: Option<&'a [u8]>,
+    report: &'a [u8],
+    table: Option<&'a [u8]>,
+}
+
+/// Splits wire evidence: `[ZTIDSVSM ‖ u32 LE length ‖ manifest] ‖ report ‖ [table]`.
+fn split_evidence(e: &[u8]) -> Result<Evidence<'_>, Error> {
+    let (manifest, e) = match e.strip_prefix(&MANIFEST_MAGIC[..]) {
+        Some(rest) => {
+            let len = rest
+                .get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .filter(|l| *l > 0 && *l <= MAX_MANIFEST)
+                .ok_or_else(|| {
+                    Error::Refused(format!(
+                        "SEV-SNP evidence has a malformed service manifest (1 to {MAX_MANIFEST} bytes)"
+                    ))
+                })?;
+            let m = rest.get(4..4 + len).ok_or_else(|| {
+                Error::Refused("SEV-SNP evidence ends inside its service manifest".into())
+            })?;
+            (Some(m), &rest[4 + len..])
+        }
+        None => (None, e),
+    };
     if e.len() < REPORT_LEN {
         return Err(Error::Refused(format!(
             "SEV-SNP evidence is {} bytes; a report alone is {REPORT_LEN}",
             e.len()
         )));
     }
-    let (r, t) = e.split_at(REPORT_LEN);
-    Ok((r, (!t.is_empty()).then_some(t)))
+    let (report, t) = e.split_at(REPORT_LEN);
+    Ok(Evidence {
+        manifest,
+        report,
+        table: (!t.is_empty()).then_some(t),
+    })
+}
+
+/// What the SVSM puts in report_data for a service: SHA-512(nonce ‖ manifest).
+pub fn svsm_report_data(nonce: &[u8; 64], manifest: &[u8]) -> [u8; 64] {
+    let mut h = digest::Context::new(&digest::SHA512);
+    h.update(nonce);
+    h.update(manifest);
+    let mut out = [0u8; 64];
+    out.copy_from_slice(h.finish().as_ref());
+    out
+}
+
+/// The node id a vTPM manifest (the vTPM EK's `TPMT_PUBLIC`) names: hex SHA-256 of the
+/// EK's SubjectPublicKeyInfo, as the `tpm` method computes it.
+fn vtpm_ek_hash(manifest: &[u8]) -> Result<String, Error> {
+    crate::node_attestation::tpm::ek_hash(manifest).map_err(|e| {
+        Error::Refused(format!(
+            "the SVSM vTPM manifest is not an EK TPMT_PUBLIC: {e}"
+        ))
+    })
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -405,15 +462,24 @@ impl SnpVerifier {
         expected_report_data: &[u8; 64],
         now: SystemTime,
     ) -> Result<AttestedNode, Error> {
-        let (report, table) = split_evidence(evidence)?;
+        let Evidence {
+            manifest,
+            report,
+            table,
+        } = split_evidence(evidence)?;
         let at = crate::unix_seconds(now);
         let collateral = self.inner.collateral_for(None, report, table, at)?;
+        // Through an SVSM service the report binds the manifest too.
+        let expected = match manifest {
+            Some(m) => svsm_report_data(expected_report_data, m),
+            None => *expected_report_data,
+        };
         let v = verify::verify(
             self.inner.store.get(),
             report,
             &collateral,
             at,
-            Some(expected_report_data),
+            Some(&expected),
             &self.inner.policy,
         )?;
         let mut selectors = vec![
@@ -428,6 +494,12 @@ impl SnpVerifier {
             selectors.push(Selector::new(
                 METHOD,
                 &format!("chip-id:{}", hex::encode(c)),
+            )?);
+        }
+        if let Some(m) = manifest {
+            selectors.push(Selector::new(
+                METHOD,
+                &format!("vtpm-ek-hash:{}", vtpm_ek_hash(m)?),
             )?);
         }
         Ok(AttestedNode {
@@ -486,12 +558,31 @@ impl VerificationSession for SnpSession {
 /// Agent side: reports from configfs-tsm.
 pub struct SnpAttestor {
     client: TsmClient,
+    through_svsm_vtpm: bool,
 }
 
 impl SnpAttestor {
     /// Builds the attestor from the agent's config (`tsm_root`).
     pub fn new(config: &crate::agent::config::AgentConfig) -> Result<Self, Error> {
-        Self::with_client(TsmClient::new(config.tsm_root.clone(), TSM_PROVIDER))
+        let client = TsmClient::new(config.tsm_root.clone(), TSM_PROVIDER);
+        if config.sev_snp_svsm_vtpm {
+            Self::through_svsm_vtpm(client)
+        } else {
+            Self::with_client(client)
+        }
+    }
+
+    /// An attestor whose reports come from the SVSM's vTPM service: made at VMPL 0 by
+    /// the SVSM over SHA-512(report_data ‖ the vTPM EK's `TPMT_PUBLIC`), so the CA learns
+    /// in hardware which TPM is this guest's vTPM.
+    pub fn through_svsm_vtpm(client: TsmClient) -> Result<Self, Error> {
+        let mut a = Self::with_client(client.with_service(tsm::TsmService {
+            provider: "svsm".into(),
+            guid: SVSM_VTPM_GUID.into(),
+            manifest_version: 0,
+        }))?;
+        a.through_svsm_vtpm = true;
+        Ok(a)
     }
 
     /// An attestor reading reports through `client`.
@@ -502,7 +593,10 @@ impl SnpAttestor {
                 client.root().display()
             )));
         }
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            through_svsm_vtpm: false,
+        })
     }
 }
 
@@ -522,12 +616,27 @@ impl NodeAttestor for SnpAttestor {
                 rep.outblob.len()
             )));
         }
-        if rep.outblob[0x50..0x90] != rd[..] {
+        let expected = match (&rep.manifest, self.through_svsm_vtpm) {
+            (Some(m), true) if m.len() <= MAX_MANIFEST => svsm_report_data(&rd, m),
+            (Some(_), true) => {
+                return Err(Error::Protocol(format!(
+                    "the SVSM manifest is larger than {MAX_MANIFEST} bytes"
+                )))
+            }
+            _ => rd,
+        };
+        if rep.outblob[0x50..0x90] != expected[..] {
             return Err(Error::Protocol(
                 "configfs-tsm returned a report for other report_data".into(),
             ));
         }
-        let mut out = rep.outblob;
+        let mut out = Vec::new();
+        if let (Some(m), true) = (&rep.manifest, self.through_svsm_vtpm) {
+            out.extend_from_slice(MANIFEST_MAGIC);
+            out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            out.extend_from_slice(m);
+        }
+        out.extend_from_slice(&rep.outblob);
         if let Some(aux) = rep.auxblob {
             out.extend_from_slice(&aux);
         }
@@ -589,9 +698,19 @@ pub fn verify_offline(
         let c = inner.collateral(collateral, None)?;
         return verify::verify_vek_only(inner.store.get(), &cert?, &c, at);
     }
-    let (report, table) = split_evidence(&evidence)?;
+    let Evidence {
+        manifest,
+        report,
+        table,
+    } = split_evidence(&evidence)?;
     let c = inner.collateral_for(collateral, report, table, at)?;
-    let expected = report_data.map(tsm::pad_report_data).transpose()?;
+    let expected = report_data
+        .map(tsm::pad_report_data)
+        .transpose()?
+        .map(|rd| match manifest {
+            Some(m) => svsm_report_data(&rd, m),
+            None => rd,
+        });
     verify::verify(
         inner.store.get(),
         report,

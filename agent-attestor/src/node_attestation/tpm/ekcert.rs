@@ -60,6 +60,19 @@ pub struct EkInfo {
     pub chain: Vec<String>,
 }
 
+impl EkInfo {
+    /// For an EK that came without a certificate (nothing vouched for it yet).
+    pub fn uncertified() -> Self {
+        Self {
+            issuer: String::new(),
+            manufacturer: None,
+            model: None,
+            version: None,
+            chain: Vec::new(),
+        }
+    }
+}
+
 impl EkCaStore {
     /// Loads every certificate in `dir` (`.pem`/`.crt`/`.cer` may hold several PEM
     /// certificates; `.der` one DER certificate).

@@ -285,6 +285,10 @@ pub struct TpmPolicy {
     pub pcrs: BTreeSet<u8>,
     /// PCR policies.
     pub pcr_policies: Vec<PcrPolicy>,
+    /// Accept an EK without a certificate (`uncertified_ek = "svsm-bound"`): such a node
+    /// is marked `tpm:ek-cert:none` and only ever attested inside a multi-factor attempt
+    /// whose SEV-SNP report names this EK as its SVSM vTPM's.
+    pub uncertified_ek: bool,
 }
 
 fn is_ek_hash(s: &str) -> bool {
@@ -311,13 +315,22 @@ impl TpmPolicy {
         for k in config.keys() {
             if !matches!(
                 k.as_str(),
-                "ek_ca_dir" | "allowed_ek_hashes" | "pcrs" | "pcr_policy"
+                "ek_ca_dir" | "allowed_ek_hashes" | "pcrs" | "pcr_policy" | "uncertified_ek"
             ) {
                 return Err(Error::Config(format!(
-                    "unknown key {k:?} in {T} (known: ek_ca_dir, allowed_ek_hashes, pcrs, pcr_policy)"
+                    "unknown key {k:?} in {T} (known: ek_ca_dir, allowed_ek_hashes, pcrs, pcr_policy, uncertified_ek)"
                 )));
             }
         }
+        let uncertified_ek = match config.get("uncertified_ek") {
+            None => false,
+            Some(toml::Value::String(v)) if v == "svsm-bound" => true,
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{T} uncertified_ek takes only \"svsm-bound\" (an EK without certificate is accepted only when an SEV-SNP report binds it)"
+                )))
+            }
+        };
         let dir: PathBuf = match ek_ca_override {
             Some(d) => d.to_path_buf(),
             None => config
@@ -458,6 +471,7 @@ impl TpmPolicy {
             allowed_ek_hashes,
             pcrs,
             pcr_policies,
+            uncertified_ek,
         })
     }
 
@@ -573,7 +587,16 @@ pub fn check_keys(
             "EK is not a restricted decryption key (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, decrypt, not sign)",
         ));
     }
-    let ek_info = policy.ek_cas.verify(ek_cert, &ek, unix_seconds(now))?;
+    let ek_info = if ek_cert.is_empty() {
+        if !policy.uncertified_ek {
+            return Err(refused(
+                "the node sent no EK certificate (set uncertified_ek = \"svsm-bound\" to accept an SVSM vTPM's EK that an SEV-SNP report binds)",
+            ));
+        }
+        EkInfo::uncertified()
+    } else {
+        policy.ek_cas.verify(ek_cert, &ek, unix_seconds(now))?
+    };
     let ak = Public::parse(ak_pub).map_err(|e| refused(format!("AK public: {}", reason(&e))))?;
     for (bit, name) in [
         (attr::FIXED_TPM, "fixedTPM"),
@@ -735,7 +758,9 @@ pub fn selectors_for(
             out.push(s);
         }
     }
-    if let Ok(s) = Selector::new(METHOD, &format!("ek-issuer:{}", keys.ek_info.issuer)) {
+    if keys.ek_info.chain.is_empty() {
+        out.push(Selector::new(METHOD, "ek-cert:none")?);
+    } else if let Ok(s) = Selector::new(METHOD, &format!("ek-issuer:{}", keys.ek_info.issuer)) {
         out.push(s);
     }
     Ok(out)
@@ -773,7 +798,33 @@ impl NodeVerifier for TpmVerifier {
     }
 
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
+        self.begin(evidence, ctx, false)
+    }
+
+    fn start_as_factor(
+        &self,
+        evidence: &[u8],
+        ctx: &AttestationContext<'_>,
+    ) -> Result<VerifierStep, Error> {
+        self.begin(evidence, ctx, true)
+    }
+}
+
+impl TpmVerifier {
+    /// `as_factor`: part of a multi-factor attempt, where an EK without certificate may
+    /// pass (if `uncertified_ek` allows) because the combination must bind it.
+    fn begin(
+        &self,
+        evidence: &[u8],
+        ctx: &AttestationContext<'_>,
+        as_factor: bool,
+    ) -> Result<VerifierStep, Error> {
         let ev: InitialEvidence = parse_json(evidence, "TPM initial evidence")?;
+        if ev.ek_cert.is_empty() && !as_factor {
+            return Err(refused(
+                "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)",
+            ));
+        }
         let keys = check_keys(&self.policy, &ev.ek_cert, &ev.ek_pub, &ev.ak_pub, ctx.now)?;
         let agent_key_name = check_agent_key(&ev.agent_key_pub, ctx.agent_public_key)?;
         let secret = Zeroizing::new(random(32)?);
@@ -951,7 +1002,11 @@ impl NodeAttestor for TpmAttestor {
             }
         };
         let mut tpm = Tpm::open_with_ek(&self.tcti, self.ek)?;
-        let ek_cert = tpm.ek_cert()?;
+        // An SVSM vTPM has no EK certificate: send none and let the CA decide.
+        let ek_cert = tpm.ek_cert().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no EK certificate in the TPM; attesting without one");
+            Vec::new()
+        });
         let (ek_pub, ak) = tpm.ek_public_and_new_ak()?;
         let ak_pub = ak.public_bytes()?;
         self.ak = Some(ak);
