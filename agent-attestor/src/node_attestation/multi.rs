@@ -13,11 +13,18 @@
 //! cannot replay or splice evidence from other attempts, and the TEE's report speaks for
 //! the very key the TPM holds.
 //!
-//! What this does **not** prove in hardware is that the TPM is the TEE guest's own vTPM:
+//! That alone does not prove in hardware that the TPM is the TEE guest's own vTPM:
 //! report_data is whatever the guest kernel asks for, so a guest running the approved
-//! image *with a compromised root* could vouch for the TPM key of another machine. Tying
-//! the two in hardware needs the TEE to measure the vTPM's endorsement (an SVSM vTPM
-//! whose EK is covered by the SNP report), which this method does not check yet.
+//! image *with a compromised root* could vouch for the TPM key of another machine.
+//!
+//! # SVSM vTPM binding (SEV-SNP)
+//! Under an SVSM, the agent asks for the report through the SVSM's vTPM service
+//! (`--sev-snp-svsm-vtpm`): the SVSM, at VMPL 0 and part of the launch measurement, puts
+//! SHA-512(binding ‖ its vTPM EK's `TPMT_PUBLIC`) in report_data, and the SNP verifier
+//! reports that EK as `sev-snp:vtpm-ek-hash:…`. With `bind_vtpm = true` (and always when
+//! the TPM's EK came without a certificate, `[attestors.tpm] uncertified_ek =
+//! "svsm-bound"`), the combination requires it to equal the TPM factor's `tpm:ek-hash`,
+//! so the TPM is proven in hardware to be this guest's vTPM.
 //!
 //! # Protocol
 //! Each message is a JSON [`Envelope`] of per-method parts. The first message has one
@@ -33,6 +40,7 @@
 //! `sev-snp:measurement:…`) is therefore only granted to a node that proved both.
 //!
 //! # Server policy
+//! `[attestors.multi] bind_vtpm = true` requires the SVSM vTPM binding above.
 //! `[attestors.multi] required = ["tpm", "sev-snp"]` makes the CA refuse any attempt
 //! that does not present every listed method together: single-method attempts, join
 //! tokens included, are refused. (Agents already attested by a join token keep renewing

@@ -52,6 +52,8 @@
 //! ek_ca_dir = "/etc/ztid/tpm-ca"      # required: manufacturer CA certificates (PEM/DER)
 //! allowed_ek_hashes = ["<hex>", ...]  # optional: only these EKs (node ids) may attest
 //! pcrs = [0, 1, 2, 3, 4, 5, 6, 7]     # sha256 PCRs to quote (default 0-7)
+//! # uncertified_ek = "svsm-bound"     # accept an EK without certificate, only inside a
+//! #                                   # tpm,sev-snp attempt whose SVSM report binds it
 //!
 //! # PCR policies. A policy named by an EK hash applies to that node; any other name
 //! # (a node alias, e.g. "web") needs `ek_hashes`, where "*" means every node. A node must
