@@ -333,8 +333,8 @@ impl TpmPolicy {
                 )))
             }
         };
-        let dir: PathBuf = match ek_ca_override {
-            Some(d) => d.to_path_buf(),
+        let dir: Option<PathBuf> = match ek_ca_override {
+            Some(d) => Some(d.to_path_buf()),
             None => config
                 .get("ek_ca_dir")
                 .map(|v| {
@@ -342,14 +342,19 @@ impl TpmPolicy {
                         .map(PathBuf::from)
                         .ok_or_else(|| Error::Config(format!("{T} ek_ca_dir must be a string")))
                 })
-                .transpose()?
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "{T} needs ek_ca_dir (the directory of TPM manufacturer CA certificates; flag --tpm-ek-ca)"
-                    ))
-                })?,
+                .transpose()?,
         };
-        let ek_cas = EkCaStore::load_dir(&dir)?;
+        // An all-SVSM fleet has no manufacturer CA to trust: its EKs are vouched for by
+        // SEV-SNP reports only.
+        let ek_cas = match dir {
+            Some(d) => EkCaStore::load_dir(&d)?,
+            None if uncertified_ek => EkCaStore::default(),
+            None => {
+                return Err(Error::Config(format!(
+                    "{T} needs ek_ca_dir (the directory of TPM manufacturer CA certificates; flag --tpm-ek-ca)"
+                )))
+            }
+        };
         let allowed_ek_hashes = match config.get("allowed_ek_hashes") {
             None => None,
             Some(v) => {
@@ -1232,6 +1237,11 @@ mod tests {
             TpmPolicy::from_table(&toml::Table::new(), None),
             Err(Error::Config(s)) if s.contains("needs ek_ca_dir")
         ));
+        // An all-SVSM fleet: no manufacturer CA, EKs only bound by SEV-SNP reports.
+        let svsm: toml::Table = toml::from_str("uncertified_ek = \"svsm-bound\"").unwrap();
+        let p = TpmPolicy::from_table(&svsm, None).unwrap();
+        assert!(p.uncertified_ek && p.ek_cas.len() == 0);
+        assert!(config_err(d.path(), "uncertified_ek = true").contains("takes only \"svsm-bound\""));
         // The override (evidence verify --collateral) replaces the configured directory.
         assert!(TpmPolicy::from_table(&table(empty.path(), ""), Some(d.path())).is_ok());
     }
