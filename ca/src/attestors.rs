@@ -36,6 +36,7 @@ pub fn configured_verifiers(config: &ServerConfig) -> Result<Verifiers> {
             tdx::TdxVerifier::from_config(t).map_err(Error::from)?,
         ));
     }
+    check_svsm_binding_config(a)?;
     let combined = if out.len() >= 2 {
         Some(Arc::new(
             multi::MultiVerifier::from_config(a.multi.as_ref(), out.clone())
@@ -53,4 +54,42 @@ pub fn configured_verifiers(config: &ServerConfig) -> Result<Verifiers> {
         single: out,
         multi: combined,
     })
+}
+
+/// The SVSM vTPM binding is only as good as the guarantee that the report came from an
+/// SVSM: in a guest without one, the guest kernel runs at VMPL 0 and could name any vTPM.
+/// So `bind_vtpm` and `uncertified_ek` require the SEV-SNP measurement allow-list (the
+/// operator's SVSM launch measurements).
+fn check_svsm_binding_config(a: &crate::config::AttestorsConfig) -> Result<()> {
+    let bind = a
+        .multi
+        .as_ref()
+        .and_then(|t| t.get("bind_vtpm"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let uncertified = a
+        .tpm
+        .as_ref()
+        .is_some_and(|t| t.contains_key("uncertified_ek"));
+    if !bind && !uncertified {
+        return Ok(());
+    }
+    let measured = a
+        .sev_snp
+        .as_ref()
+        .and_then(|t| t.get("measurements"))
+        .and_then(|v| v.as_array())
+        .is_some_and(|m| !m.is_empty());
+    if measured {
+        return Ok(());
+    }
+    let what = if bind {
+        "[attestors.multi] bind_vtpm"
+    } else {
+        "[attestors.tpm] uncertified_ek"
+    };
+    Err(Error::Config(format!(
+        "{what} trusts SVSM reports, so [attestors.sev_snp] measurements must list the SVSM launch measurements \
+         (a guest without an SVSM runs at VMPL 0 and could name any vTPM)"
+    )))
 }

@@ -24,7 +24,9 @@
 //! reports that EK as `sev-snp:vtpm-ek-hash:…`. With `bind_vtpm = true` (and always when
 //! the TPM's EK came without a certificate, `[attestors.tpm] uncertified_ek =
 //! "svsm-bound"`), the combination requires it to equal the TPM factor's `tpm:ek-hash`,
-//! so the TPM is proven in hardware to be this guest's vTPM.
+//! so the TPM is proven in hardware to be this guest's vTPM. That holds only for reports
+//! an SVSM made (a guest without one runs at VMPL 0 and could name any vTPM), so the
+//! server requires the SEV-SNP measurement allow-list with either setting.
 //!
 //! # Protocol
 //! Each message is a JSON [`Envelope`] of per-method parts. The first message has one
