@@ -80,16 +80,30 @@ fn check_svsm_binding_config(a: &crate::config::AttestorsConfig) -> Result<()> {
         .and_then(|t| t.get("measurements"))
         .and_then(|v| v.as_array())
         .is_some_and(|m| !m.is_empty());
-    if measured {
-        return Ok(());
-    }
     let what = if bind {
         "[attestors.multi] bind_vtpm"
     } else {
         "[attestors.tpm] uncertified_ek"
     };
-    Err(Error::Config(format!(
-        "{what} trusts SVSM reports, so [attestors.sev_snp] measurements must list the SVSM launch measurements \
-         (a guest without an SVSM runs at VMPL 0 and could name any vTPM)"
-    )))
+    if !measured {
+        return Err(Error::Config(format!(
+            "{what} trusts SVSM reports, so [attestors.sev_snp] measurements must list the SVSM launch measurements \
+             (a guest without an SVSM runs at VMPL 0 and could name any vTPM)"
+        )));
+    }
+    // Under an SVSM the guest kernel runs at VMPL 1 or higher and may ask for reports at
+    // its own level with any report_data: only VMPL 0 reports are the SVSM's.
+    let vmpl_zero_only = match a.sev_snp.as_ref().and_then(|t| t.get("allowed_vmpl")) {
+        None => true,
+        Some(v) => v
+            .as_array()
+            .is_some_and(|l| l.len() == 1 && l[0].as_integer() == Some(0)),
+    };
+    if !vmpl_zero_only {
+        return Err(Error::Config(format!(
+            "{what} trusts SVSM reports, which are made at VMPL 0: [attestors.sev_snp] allowed_vmpl must be [0] \
+             (a guest kernel at VMPL 1+ could otherwise name any vTPM)"
+        )));
+    }
+    Ok(())
 }

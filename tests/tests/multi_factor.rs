@@ -311,32 +311,42 @@ fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
     let cvm = Cvm::with_svsm_vtpm();
     let ek_hash = cvm.ek_hash();
     // The binding trusts SVSM reports, so the server insists on the SVSM launch
-    // measurements: without them it does not start.
-    let config = cvm.dir.path().join("unmeasured.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[attestors.tpm]\nek_ca_dir = {:?}\n[attestors.sev_snp]\ntest_roots_dir = {:?}\n\
-             [attestors.multi]\nbind_vtpm = true\n",
-            cvm.ca.trust_dir().display().to_string(),
-            cvm.chain.roots_dir().display().to_string(),
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin("ztid-server"))
-        .args(["run", "--trust-domain", TD, "--data-dir"])
-        .arg(cvm.dir.path().join("unmeasured-data"))
-        .args(["--bind", &format!("127.0.0.1:{}", free_port()), "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && stderr.contains("bind_vtpm trusts SVSM reports, so [attestors.sev_snp] measurements must list the SVSM launch measurements"),
-        "{stderr}"
-    );
+    // measurements and on VMPL 0 reports only: otherwise it does not start.
     let measured = format!("measurements = [\"{}\"]", hex::encode(MEASUREMENT));
+    for (snp_extra, reason) in [
+        (
+            String::new(),
+            "bind_vtpm trusts SVSM reports, so [attestors.sev_snp] measurements must list the SVSM launch measurements",
+        ),
+        (
+            format!("{measured}\nallowed_vmpl = [0, 1]"),
+            "bind_vtpm trusts SVSM reports, which are made at VMPL 0: [attestors.sev_snp] allowed_vmpl must be [0]",
+        ),
+    ] {
+        let config = cvm.dir.path().join("refused.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[attestors.tpm]\nek_ca_dir = {:?}\n[attestors.sev_snp]\ntest_roots_dir = {:?}\n{snp_extra}\n\
+                 [attestors.multi]\nbind_vtpm = true\n",
+                cvm.ca.trust_dir().display().to_string(),
+                cvm.chain.roots_dir().display().to_string(),
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin("ztid-server"))
+            .args(["run", "--trust-domain", TD, "--data-dir"])
+            .arg(cvm.dir.path().join("refused-data"))
+            .args(["--bind", &format!("127.0.0.1:{}", free_port()), "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(reason),
+            "{stderr}"
+        );
+    }
     let server = cvm.server(
         "server",
         "",
