@@ -59,7 +59,7 @@ pub fn configured_verifiers(config: &ServerConfig) -> Result<Verifiers> {
 /// The SVSM vTPM binding is only as good as the guarantee that the report came from an
 /// SVSM: in a guest without one, the guest kernel runs at VMPL 0 and could name any vTPM.
 /// So `bind_vtpm` and `uncertified_ek` require the SEV-SNP measurement allow-list (the
-/// operator's SVSM launch measurements).
+/// operator's SVSM launch measurements) and VMPL 0 reports only.
 fn check_svsm_binding_config(a: &crate::config::AttestorsConfig) -> Result<()> {
     let bind = a
         .multi

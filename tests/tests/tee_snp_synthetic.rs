@@ -503,3 +503,40 @@ fn end_to_end_agent_attests_with_sev_snp_and_a_workload_gets_its_svid() {
     );
     drop(fake);
 }
+
+#[test]
+fn svsm_vtpm_manifests_are_bound_and_only_at_vmpl_0() {
+    let chain = TestChain::new();
+    // Even where VMPL 1 reports are allowed, a manifest only counts from the SVSM.
+    let v = sev_snp::SnpVerifier::from_config(&chain.config("allowed_vmpl = [0, 1]")).unwrap();
+    let binding = [7u8; 64];
+    let manifest = b"not a TPMT_PUBLIC".to_vec();
+    let evidence = |vmpl: u8, report_data: [u8; 64]| {
+        let mut e = b"ZTIDSVSM".to_vec();
+        e.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+        e.extend_from_slice(&manifest);
+        e.extend(chain.evidence(&report_data, |r| r[0x30] = vmpl));
+        e
+    };
+    let bound = sev_snp::svsm_report_data(&binding, &manifest);
+    // report_data must be SHA-512(binding ‖ manifest), not the binding alone.
+    assert!(
+        refusal(v.verify_evidence(&evidence(0, binding), &binding, now()))
+            .starts_with("report_data does not match the expected binding"),
+    );
+    assert_eq!(
+        refusal(v.verify_evidence(&evidence(1, bound), &binding, now())),
+        "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL 1"
+    );
+    assert!(
+        refusal(v.verify_evidence(&evidence(0, bound), &binding, now()))
+            .starts_with("the SVSM vTPM manifest is not an EK TPMT_PUBLIC")
+    );
+    // Malformed framing.
+    let mut cut = evidence(0, bound);
+    cut.truncate(20);
+    assert_eq!(
+        refusal(v.verify_evidence(&cut, &binding, now())),
+        "SEV-SNP evidence ends inside its service manifest"
+    );
+}

@@ -791,6 +791,18 @@ fn tpm_offline_evidence_round_trip() {
     // Without --report-data the nonce is reported but not checked.
     let claims = tpm::verify_offline(&file, Some(&trust), None, SystemTime::now(), &empty).unwrap();
     assert_eq!(claims["nonce_checked"], false);
+    // Evidence without an EK certificate: nothing offline can vouch for that EK.
+    let mut bare: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
+    bare.ek_cert.clear();
+    let svsm: toml::Table = toml::from_str("uncertified_ek = \"svsm-bound\"").unwrap();
+    assert!(refusal(tpm::verify_offline(
+        &serde_json::to_vec(&bare).unwrap(),
+        Some(&trust),
+        None,
+        SystemTime::now(),
+        &svsm
+    ))
+    .starts_with("the evidence has no EK certificate"));
     // Wrong expected nonce, tampered quote, expired EK certificate time, other CA.
     assert_eq!(
         refusal(tpm::verify_offline(

@@ -25,8 +25,10 @@
 //! the TPM's EK came without a certificate, `[attestors.tpm] uncertified_ek =
 //! "svsm-bound"`), the combination requires it to equal the TPM factor's `tpm:ek-hash`,
 //! so the TPM is proven in hardware to be this guest's vTPM. That holds only for reports
-//! an SVSM made (a guest without one runs at VMPL 0 and could name any vTPM), so the
-//! server requires the SEV-SNP measurement allow-list with either setting.
+//! an SVSM made (a guest without one runs at VMPL 0 and could name any vTPM; a guest
+//! kernel under one runs at VMPL 1+), so the server requires the SEV-SNP measurement
+//! allow-list and `allowed_vmpl = [0]` with either setting, and the SNP verifier refuses
+//! a manifest in a report not made at VMPL 0.
 //!
 //! # Protocol
 //! Each message is a JSON [`Envelope`] of per-method parts. The first message has one

@@ -497,6 +497,14 @@ impl SnpVerifier {
             )?);
         }
         if let Some(m) = manifest {
+            // Only the SVSM (VMPL 0) speaks for the vTPM; a guest kernel above it could
+            // put any manifest in its own report.
+            if v.vmpl != 0 {
+                return Err(Error::Refused(format!(
+                    "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL {}",
+                    v.vmpl
+                )));
+            }
             selectors.push(Selector::new(
                 METHOD,
                 &format!("vtpm-ek-hash:{}", vtpm_ek_hash(m)?),

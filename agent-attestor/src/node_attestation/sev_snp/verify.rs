@@ -56,6 +56,8 @@ pub(crate) struct Verified {
     pub host_data: [u8; 32],
     /// The chip ID the VCEK certifies (64 bytes, 8 on Turin); none for a VLEK.
     pub chip_id: Option<Vec<u8>>,
+    /// The VMPL the report was made at.
+    pub vmpl: u32,
 }
 
 fn refuse(m: impl Into<String>) -> Error {
@@ -223,6 +225,7 @@ pub(crate) fn verify(
         policy: report.policy(),
         host_data: r.host_data,
         chip_id,
+        vmpl: r.vmpl,
     })
 }
 

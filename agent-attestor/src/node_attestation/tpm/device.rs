@@ -240,6 +240,11 @@ impl Tpm {
                     break;
                 }
             }
+            // No certificate at all (an SVSM vTPM): `auto` uses the RSA-2048 EK, the one
+            // the SVSM's vTPM manifest names; the CA accepts it only as bound.
+            if found.is_none() && self.ek_kind == EkKind::Auto {
+                found = Some(EkTemplate::Rsa2048);
+            }
             found.ok_or_else(|| Error::Io {
                 context: format!(
                     "TPM: no EK certificate in NV for EK choice {:?} (looked for {})",

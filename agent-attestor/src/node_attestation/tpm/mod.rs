@@ -1128,6 +1128,11 @@ pub fn verify_offline(
             ));
         }
     }
+    if ev.ek_cert.is_empty() {
+        return Err(refused(
+            "the evidence has no EK certificate: only an SVSM SEV-SNP report can vouch for such an EK, which offline TPM evidence does not carry",
+        ));
+    }
     let keys = check_keys(&policy, &ev.ek_cert, &ev.ek_pub, &ev.ak_pub, at)?;
     let selection: BTreeSet<u8> = ev.pcrs.keys().copied().collect();
     let q = quote::verify_quote(
