@@ -521,3 +521,19 @@ pub fn vectors(kind: &str) -> PathBuf {
     );
     dir
 }
+
+/// An RFC 3339 time (`2025-06-01T00:00:00Z`) as a `SystemTime`, for pinning the clock.
+pub fn at(rfc: &str) -> std::time::SystemTime {
+    let t = time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    std::time::UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
+}
+
+/// The reason of an attestation refusal; panics on success or on any other error.
+pub fn refusal<T>(r: Result<T, ztid_agent_attestor::Error>) -> String {
+    match r {
+        Err(ztid_agent_attestor::Error::Refused(m)) => m,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, got success"),
+    }
+}

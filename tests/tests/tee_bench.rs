@@ -8,15 +8,10 @@
 //! `../shared/vectors` (or `ZTID_VECTORS`).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+use ztid_tests::at;
 
 use ztid_agent_attestor::node_attestation::{sev_snp, tdx};
-
-fn at(rfc: &str) -> SystemTime {
-    let t = time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339");
-    UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
-}
 
 /// Times the first call (cold: for SEV-SNP the VEK's RSA signature is checked; later
 /// calls find the pair in the verified-signature cache) and then a loop of `secs`.

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+use ztid_tests::{at, refusal};
 
 use ztid_agent_attestor::node_attestation::{sev_snp, tdx};
-use ztid_agent_attestor::Error;
 
 // ---------------------------------------------------------------------------------
 // Helpers shared with tee_snp.rs / tee_tdx.rs.
@@ -27,19 +27,6 @@ fn vectors_root() -> PathBuf {
 fn read(rel: &str) -> Vec<u8> {
     let p = vectors_root().join(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
-
-fn at(rfc: &str) -> SystemTime {
-    let t = time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339");
-    UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
-}
-
-fn refusal<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
-    match r {
-        Err(Error::Refused(m)) => m,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 fn table(toml_text: &str) -> toml::Table {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use ztid_tests::{at, refusal};
 
 use serde_json::Value;
 use ztid_agent_attestor::node_attestation::sev_snp;
@@ -14,22 +14,9 @@ fn vectors() -> PathBuf {
     ztid_tests::vectors("snp")
 }
 
-fn at(rfc: &str) -> SystemTime {
-    let t = time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339");
-    UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
-}
-
 fn read(rel: &str) -> Vec<u8> {
     let p = vectors().join(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
-
-fn refusal<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
-    match r {
-        Err(Error::Refused(m)) => m,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 fn table(toml_text: &str) -> toml::Table {

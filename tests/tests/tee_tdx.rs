@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use ztid_tests::{at, refusal};
 
 use serde_json::Value;
 use ztid_agent_attestor::node_attestation::{tdx, AttestationContext, NodeVerifier, VerifierStep};
@@ -14,23 +15,9 @@ fn vectors() -> PathBuf {
     ztid_tests::vectors("tdx")
 }
 
-fn at(rfc: &str) -> SystemTime {
-    let t = time::OffsetDateTime::parse(rfc, &time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339");
-    UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
-}
-
 fn quote(dir: &str) -> Vec<u8> {
     let p = vectors().join(dir).join("quote.bin");
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
-
-fn refusal<T>(r: Result<T, Error>) -> String {
-    match r {
-        Err(Error::Refused(m)) => m,
-        Err(e) => panic!("expected a refusal, got {e}"),
-        Ok(_) => panic!("expected a refusal, got success"),
-    }
 }
 
 fn table(toml_text: &str) -> toml::Table {
