@@ -22,8 +22,8 @@ use tonic::transport::Channel;
 use ztid_proto::node::{self as pb, node_client::NodeClient};
 use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
-use crate::bundle::TrustBundle;
 use crate::agent_key::{AgentKey, SOFTWARE_KEY_FILE, TPM_KEY_FILE};
+use crate::bundle::TrustBundle;
 use crate::node_attestation::NodeAttestor;
 use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
 use crate::{unix_seconds, Error};
