@@ -535,7 +535,12 @@ impl TrustStore {
                 }
             }
         }
-        Err(first.expect("at least one candidate"))
+        Err(first.unwrap_or_else(|| {
+            Error::Refused(format!(
+                "no signing key to check the {} against",
+                vek.role.label()
+            ))
+        }))
     }
 
     /// Checks `vek` under one given signing key, which must itself be signed by a pinned

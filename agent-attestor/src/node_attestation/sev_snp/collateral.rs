@@ -180,8 +180,8 @@ pub(crate) fn parse_cert_table(table: &[u8]) -> Result<Collateral, Error> {
         if guid.iter().all(|b| *b == 0) {
             break;
         }
-        let off = u32::from_le_bytes(e[16..20].try_into().expect("4 bytes")) as usize;
-        let len = u32::from_le_bytes(e[20..24].try_into().expect("4 bytes")) as usize;
+        let off = u32::from_le_bytes([e[16], e[17], e[18], e[19]]) as usize;
+        let len = u32::from_le_bytes([e[20], e[21], e[22], e[23]]) as usize;
         let data = off
             .checked_add(len)
             .and_then(|end| table.get(off..end))

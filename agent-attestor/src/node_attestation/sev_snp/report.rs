@@ -129,7 +129,7 @@ impl<'a> Report<'a> {
                 raw.len()
             )));
         }
-        let version = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         if !(2..=5).contains(&version) {
             return Err(Error::Refused(format!(
                 "SEV-SNP report version {version} is not supported (2 to 5 are)"
@@ -160,7 +160,8 @@ impl<'a> Report<'a> {
     }
 
     fn tcb_at(&self, off: usize, turin: bool) -> Tcb {
-        Tcb::decode(self.raw[off..off + 8].try_into().expect("8 bytes"), turin)
+        // Offsets are constants inside the report, whose length was checked on parsing.
+        Tcb::decode(&std::array::from_fn(|i| self.raw[off + i]), turin)
     }
 
     pub(crate) fn reported_tcb(&self, turin: bool) -> Tcb {

@@ -281,7 +281,7 @@ fn check_header(quote: &[u8]) -> Result<(), Error> {
         )));
     }
     let version = u16::from_le_bytes([quote[0], quote[1]]);
-    let tee = u32::from_le_bytes(quote[4..8].try_into().expect("4 bytes"));
+    let tee = u32::from_le_bytes([quote[4], quote[5], quote[6], quote[7]]);
     match tee {
         TEE_TYPE_TDX => {}
         TEE_TYPE_SGX => {
