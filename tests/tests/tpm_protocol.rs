@@ -3,114 +3,20 @@
 //! negative cases each asserting its refusal reason, and cross-checks with tpm2-tools.
 #![forbid(unsafe_code)]
 
+#[path = "../tpm/attest.rs"]
+mod attest;
 #[path = "../tpm/swtpm.rs"]
 mod swtpm;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use swtpm::{LocalCa, Swtpm};
+use attest::*;
 use ztid_agent_attestor::node_attestation::tpm::{
     self, credential, device::Tpm, quote, wire, Answer, Challenge, EkKind, EkTemplate,
-    InitialEvidence, TpmAttestor, TpmPolicy, TpmVerifier,
+    InitialEvidence, TpmAttestor, TpmVerifier,
 };
-use ztid_agent_attestor::node_attestation::{
-    AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
-};
-use ztid_agent_attestor::Error;
-
-/// The CA's context for an attempt whose CSR carries `key` (DER SubjectPublicKeyInfo).
-fn ctx_at(key: &[u8], now: SystemTime) -> AttestationContext<'_> {
-    AttestationContext {
-        agent_public_key: key,
-        now,
-    }
-}
-
-fn ctx(key: &[u8]) -> AttestationContext<'_> {
-    ctx_at(key, SystemTime::now())
-}
-
-/// What the agent sends first: it makes its key in the TPM, then the evidence. Returns
-/// the evidence and the key's SubjectPublicKeyInfo (what its CSR would carry).
-fn evidence(a: &mut TpmAttestor) -> (Vec<u8>, Vec<u8>) {
-    let key = a.agent_key().expect("agent key").expect("a TPM key");
-    let ev = a.initial_evidence().expect("initial evidence");
-    (ev, key.spki().expect("spki"))
-}
-
-fn policy(ca: &LocalCa, extra: &str) -> TpmPolicy {
-    let text = format!(
-        "ek_ca_dir = {:?}\n{extra}",
-        ca.trust_dir().display().to_string()
-    );
-    let table: toml::Table = toml::from_str(&text).expect("policy toml");
-    TpmPolicy::from_table(&table, None).expect("policy")
-}
-
-fn challenge(step: VerifierStep) -> (Vec<u8>, Box<dyn VerificationSession>) {
-    match step {
-        VerifierStep::Challenge(c, s) => (c, s),
-        VerifierStep::Attested(_) => panic!("expected a challenge"),
-    }
-}
-
-fn attested(step: Result<VerifierStep, Error>) -> AttestedNode {
-    match step.expect("attestation passes") {
-        VerifierStep::Attested(n) => n,
-        VerifierStep::Challenge(..) => panic!("expected a result"),
-    }
-}
-
-fn refusal<T>(r: Result<T, Error>) -> String {
-    match r {
-        Err(Error::Refused(reason)) => reason,
-        Err(e) => panic!("expected a refusal, got {e}"),
-        Ok(_) => panic!("expected a refusal, got success"),
-    }
-}
-
-/// Runs the whole exchange; returns the node and the messages.
-fn attest(
-    v: &TpmVerifier,
-    a: &mut TpmAttestor,
-) -> (AttestedNode, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
-    let (ev, k) = evidence(a);
-    let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("start"));
-    let ans = a.answer(&c).expect("answer");
-    let node = attested(session.resume(&ans, &ctx(&k)));
-    (node, ev, c, ans, k)
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    ca: LocalCa,
-    tpm: Swtpm,
-}
-
-impl Fixture {
-    /// A second TPM, under the same CA (`same_ca`) or a CA of its own.
-    fn second_tpm(&self, same_ca: bool) -> (Swtpm, LocalCa) {
-        let ca = if same_ca {
-            LocalCa::new(self.dir.path(), "ca")
-        } else {
-            LocalCa::new(self.dir.path(), "other-ca")
-        };
-        let tpm = Swtpm::provision(&ca, &self.dir.path().join("tpm2"));
-        (tpm, ca)
-    }
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = LocalCa::new(dir.path(), "ca");
-    let tpm = Swtpm::provision(&ca, &dir.path().join("tpm1"));
-    Fixture { dir, ca, tpm }
-}
+use ztid_agent_attestor::node_attestation::{NodeAttestor, NodeVerifier};
 
 #[test]
 fn tpm_enrolment_round_trip_and_identity() {
@@ -838,133 +744,6 @@ fn tpm_offline_evidence_round_trip() {
     .starts_with("EK certificate is not valid yet"));
 }
 
-/// CA-side throughput and node-side enrolment time on swtpm. Not a pass/fail test:
-/// `cargo test --release -p ztid-tests --test tpm_protocol -- --ignored --nocapture tpm_bench`.
-#[test]
-#[ignore]
-fn tpm_bench() {
-    let f = fixture();
-    let v = TpmVerifier::new(policy(&f.ca, ""));
-    let pol = policy(&f.ca, "");
-    // Enrolment wall time: agent (TPM work) + CA, in-process, over swtpm's TCP socket.
-    let mut times = Vec::new();
-    let mut last = None;
-    for _ in 0..10 {
-        let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-        let t = std::time::Instant::now();
-        last = Some(attest(&v, &mut a));
-        times.push(t.elapsed());
-    }
-    times.sort();
-    eprintln!(
-        "enrolment on swtpm (EK cert read, EK+AK create, CA start, activation, quote, CA resume): min {:?} median {:?} max {:?}",
-        times[0], times[5], times[9]
-    );
-    let (_, ev, _, _, k) = last.unwrap();
-    let ev_parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
-
-    // CA side only, one core.
-    let n = 2000;
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        tpm::check_keys(
-            &pol,
-            &ev_parsed.ek_cert,
-            &ev_parsed.ek_pub,
-            &ev_parsed.ak_pub,
-            SystemTime::now(),
-        )
-        .unwrap();
-    }
-    let keys_s = t.elapsed().as_secs_f64() / n as f64;
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        let _ = challenge(v.start(&ev, &ctx(&k)).unwrap());
-    }
-    let start_s = t.elapsed().as_secs_f64() / n as f64;
-    // A quote to verify repeatedly.
-    let nonce = [9u8; 32];
-    let pcrs: BTreeSet<u8> = (0..8).collect();
-    let file: tpm::EvidenceFile =
-        serde_json::from_slice(&tpm::capture_evidence(&f.tpm.tcti(), &nonce).unwrap()).unwrap();
-    let ak = wire::Public::parse(&file.ak_pub).unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        quote::verify_quote(&ak, &file.quote, &file.signature, &nonce, &pcrs, &file.pcrs).unwrap();
-        pol.check_pcrs("x", &file.pcrs).unwrap();
-    }
-    let quote_s = t.elapsed().as_secs_f64() / n as f64;
-    let ek = wire::Public::parse(&ev_parsed.ek_pub).unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        credential::make_credential(&ek, &ak.name().unwrap(), &[1u8; 32]).unwrap();
-    }
-    let cred_s = t.elapsed().as_secs_f64() / n as f64;
-    // The same for the TPM's ECC P-384 EK (ephemeral ECDH + KDFe instead of RSA-OAEP).
-    let ecc_ek = wire::Public::parse(
-        &Tpm::open_with_ek(&f.tpm.tcti(), EkKind::Ecc)
-            .unwrap()
-            .ek_public()
-            .unwrap(),
-    )
-    .unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        credential::make_credential(&ecc_ek, &ak.name().unwrap(), &[1u8; 32]).unwrap();
-    }
-    let ecc_cred_s = t.elapsed().as_secs_f64() / n as f64;
-    // The agent key's certification, checked as the CA does.
-    let mut a = TpmAttestor::with_tcti(&f.tpm.tcti());
-    let blob = a_key_blob(&mut a);
-    let ak_blob = Tpm::open(&f.tpm.tcti()).unwrap().create_ak().unwrap();
-    let (cert, cert_sig) = Tpm::open(&f.tpm.tcti())
-        .unwrap()
-        .certify_with(&ak_blob, &blob, &nonce)
-        .unwrap();
-    let cert_ak = wire::Public::parse(&ak_blob.public_bytes().unwrap()).unwrap();
-    let key_name = wire::Public::parse(&blob.public_area().unwrap())
-        .unwrap()
-        .name()
-        .unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        tpm::verify_certification(&cert_ak, &cert, &cert_sig, &nonce, &key_name).unwrap();
-    }
-    let certify_s = t.elapsed().as_secs_f64() / n as f64;
-    eprintln!(
-        "CA side per attestation: EK cert + key checks {:.3} ms, start (checks + agent key + MakeCredential + challenge) {:.3} ms, \
-         MakeCredential alone {:.3} ms, quote verify + PCR policy {:.3} ms, agent key certification {:.3} ms",
-        keys_s * 1e3,
-        start_s * 1e3,
-        cred_s * 1e3,
-        quote_s * 1e3,
-        certify_s * 1e3
-    );
-    eprintln!(
-        "=> full CA-side verifications per second (one core): {:.0}",
-        1.0 / (start_s + quote_s + certify_s)
-    );
-    eprintln!(
-        "MakeCredential for the ECC P-384 EK: {:.3} ms (RSA-2048: {:.3} ms)",
-        ecc_cred_s * 1e3,
-        cred_s * 1e3
-    );
-    // Agent side: one signature by the TPM-resident agent key (what each mTLS handshake
-    // to the server costs), on swtpm over TCP.
-    let key = ztid_agent_attestor::agent_key::TpmAgentKey::new(&f.tpm.tcti(), blob).unwrap();
-    let mut times = Vec::new();
-    for _ in 0..50 {
-        let t = std::time::Instant::now();
-        key.sign(b"a TLS 1.3 CertificateVerify message").unwrap();
-        times.push(t.elapsed());
-    }
-    times.sort();
-    eprintln!(
-        "TPM agent key signature on swtpm (open, SRK, load, sign, flush): min {:?} median {:?} p95 {:?}",
-        times[0], times[25], times[47]
-    );
-}
-
 /// Sets the last 64 bytes of an ECC `TPMT_PUBLIC` (x and y, 32 bytes each after their
 /// sizes) to `point` (uncompressed SEC1, 65 bytes).
 fn with_point(tpmt: &[u8], point: &[u8]) -> Vec<u8> {
@@ -1095,14 +874,6 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
         assert!(got.starts_with(want), "{got}\nwanted: {want}");
     }
     assert_eq!(f.tpm.leftovers(), "");
-}
-
-/// The blob of the agent key `a` made last.
-fn a_key_blob(a: &mut TpmAttestor) -> ztid_hsm::TpmKeyBlob {
-    match a.agent_key().unwrap().unwrap() {
-        ztid_agent_attestor::agent_key::AgentKey::Tpm(k) => k.blob().clone(),
-        other => panic!("{other:?}"),
-    }
 }
 
 #[test]

@@ -2,8 +2,7 @@
 //! one attestation answer (`verify_evidence`: the SNP report with its certificate table;
 //! the TDX quote with the collateral read from its directory), on one thread.
 //!
-//! Not run by default:
-//! `cargo test --release -p ztid-tests --test tee_bench -- --ignored --nocapture`
+//! `cargo run --release -p ztid-tests --bin ztid-tee-bench`
 //! (`ZTID_BENCH_SECONDS` per case, default 3). The vectors come from
 //! `../shared/vectors` (or `ZTID_VECTORS`).
 
@@ -33,9 +32,7 @@ fn rate(name: &str, secs: f64, mut f: impl FnMut()) {
     );
 }
 
-#[test]
-#[ignore = "benchmark: run in release mode with --ignored --nocapture"]
-fn tee_verification_rates() {
+fn main() {
     let secs: f64 = std::env::var("ZTID_BENCH_SECONDS")
         .ok()
         .map(|s| s.parse().expect("ZTID_BENCH_SECONDS"))
