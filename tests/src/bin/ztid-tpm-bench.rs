@@ -14,10 +14,10 @@ use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use attest::*;
-use ztid_agent_attestor::node_attestation::NodeVerifier;
 use ztid_agent_attestor::node_attestation::tpm::{
     self, credential, device::Tpm, quote, wire, EkKind, InitialEvidence, TpmAttestor, TpmVerifier,
 };
+use ztid_agent_attestor::node_attestation::NodeVerifier;
 
 fn main() {
     let f = fixture();
