@@ -605,37 +605,10 @@ pub fn check_keys(
         policy.ek_cas.verify(ek_cert, &ek, unix_seconds(now))?
     };
     let ak = Public::parse(ak_pub).map_err(|e| refused(format!("AK public: {}", reason(&e))))?;
-    for (bit, name) in [
-        (attr::FIXED_TPM, "fixedTPM"),
-        (attr::FIXED_PARENT, "fixedParent"),
-        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
-        (attr::RESTRICTED, "restricted"),
-        (attr::SIGN_ENCRYPT, "sign"),
-    ] {
-        if !ak.has(bit) {
-            return Err(refused(format!("AK is not {name}")));
-        }
-    }
-    if ak.has(attr::DECRYPT) {
-        return Err(refused("AK is a decryption key (decrypt is set)"));
-    }
     // With an authPolicy, a copy of a *software* key's public area loaded into the TPM
     // (TPM2_LoadExternal, public only) could be authorised by a policy session and pass
     // activation; without one it has no usable authorisation at all.
-    if !ak.auth_policy.is_empty() {
-        return Err(refused(
-            "AK has an authPolicy (a public-only copy of an outside key could then be activated)",
-        ));
-    }
-    if !matches!(
-        ak.name_alg,
-        wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
-    ) {
-        return Err(refused(format!(
-            "AK nameAlg 0x{:04x} is not SHA-256/384/512",
-            ak.name_alg
-        )));
-    }
+    check_resident_signing_key(&ak, "AK", true, "", "activated")?;
     match &ak.key {
         PublicKey::Rsa { key_bits, .. } if *key_bits >= 2048 => {}
         PublicKey::Ecc { curve, .. }
@@ -652,6 +625,51 @@ pub fn check_keys(
     })
 }
 
+/// Checks that `key` (named `who` in refusals) is a signing key that never left its TPM:
+/// fixedTPM, fixedParent, sensitiveDataOrigin, sign (and restricted if `restricted`), not
+/// decrypt, a SHA-2 nameAlg, and no authPolicy, so that a public-only copy of an outside
+/// key loaded into the TPM has no authorisation to be `used_for` (activated, certified).
+fn check_resident_signing_key(
+    key: &Public,
+    who: &str,
+    restricted: bool,
+    missing_note: &str,
+    used_for: &str,
+) -> Result<(), Error> {
+    let mut required = vec![
+        (attr::FIXED_TPM, "fixedTPM"),
+        (attr::FIXED_PARENT, "fixedParent"),
+        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+    ];
+    if restricted {
+        required.push((attr::RESTRICTED, "restricted"));
+    }
+    required.push((attr::SIGN_ENCRYPT, "sign"));
+    if let Some((_, name)) = required.iter().find(|(bit, _)| !key.has(*bit)) {
+        return Err(refused(format!("{who} is not {name}{missing_note}")));
+    }
+    if key.has(attr::DECRYPT) {
+        return Err(refused(format!(
+            "{who} is a decryption key (decrypt is set)"
+        )));
+    }
+    if !key.auth_policy.is_empty() {
+        return Err(refused(format!(
+            "{who} has an authPolicy (a public-only copy of an outside key could then be {used_for})"
+        )));
+    }
+    if !matches!(
+        key.name_alg,
+        wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
+    ) {
+        return Err(refused(format!(
+            "{who} nameAlg 0x{:04x} is not SHA-256/384/512",
+            key.name_alg
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the agent key's public area: a signing key that cannot leave its TPM
 /// (fixedTPM, fixedParent, sensitiveDataOrigin, sign, not decrypt) whose public key is
 /// the one in the agent's CSR (`csr_spki`). Returns its TPM name, which the AK's
@@ -659,37 +677,14 @@ pub fn check_keys(
 pub fn check_agent_key(agent_key_pub: &[u8], csr_spki: &[u8]) -> Result<Vec<u8>, Error> {
     let key = Public::parse(agent_key_pub)
         .map_err(|e| refused(format!("agent key public: {}", reason(&e))))?;
-    for (bit, name) in [
-        (attr::FIXED_TPM, "fixedTPM"),
-        (attr::FIXED_PARENT, "fixedParent"),
-        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
-        (attr::SIGN_ENCRYPT, "sign"),
-    ] {
-        if !key.has(bit) {
-            return Err(refused(format!(
-                "agent key is not {name}: it could exist outside the TPM"
-            )));
-        }
-    }
-    if key.has(attr::DECRYPT) {
-        return Err(refused("agent key is a decryption key (decrypt is set)"));
-    }
-    // As for the AK: a policy could authorise certifying a public-only copy of an
-    // outside key (TPM2_Certify takes the ADMIN role, which a policy session can fill).
-    if !key.auth_policy.is_empty() {
-        return Err(refused(
-            "agent key has an authPolicy (a public-only copy of an outside key could then be certified)",
-        ));
-    }
-    if !matches!(
-        key.name_alg,
-        wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
-    ) {
-        return Err(refused(format!(
-            "agent key nameAlg 0x{:04x} is not SHA-256/384/512",
-            key.name_alg
-        )));
-    }
+    // As for the AK; TPM2_Certify takes the ADMIN role, which a policy session can fill.
+    check_resident_signing_key(
+        &key,
+        "agent key",
+        false,
+        ": it could exist outside the TPM",
+        "certified",
+    )?;
     let spki = key.spki_der()?;
     if csr_spki.is_empty() || !bool::from(spki.as_slice().ct_eq(csr_spki)) {
         return Err(refused(
