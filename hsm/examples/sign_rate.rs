@@ -5,28 +5,15 @@
 //!
 //! Needs SoftHSM2 (`scripts/install-deps.sh`); the token lives in a temp dir.
 
-use std::path::PathBuf;
-use std::process::Command;
+#[path = "../tests/support/softhsm.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::{init_tokens, module};
 use zeroize::Zeroizing;
 use ztid_hsm::{KeyAlgorithm, KeyManager, Pkcs11KeyManager, SignatureFormat, SoftwareKeyManager};
-
-fn module() -> PathBuf {
-    if let Ok(m) = std::env::var("ZTID_PKCS11_MODULE") {
-        return m.into();
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 is missing: run scripts/install-deps.sh (Debian package softhsm2)")
-}
 
 /// Signs a certificate-sized message for `secs` on `threads` threads; signatures per second.
 fn rate(km: Arc<dyn KeyManager>, format: SignatureFormat, threads: usize, secs: f64) -> f64 {
@@ -56,34 +43,7 @@ fn main() {
         .map(|s| s.parse().expect("seconds"))
         .unwrap_or(3.0);
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let ok = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "bench",
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ])
-        .output()
-        .expect("softhsm2-util: run scripts/install-deps.sh")
-        .status
-        .success();
-    assert!(ok, "softhsm2-util --init-token failed");
+    init_tokens(dir.path(), &["bench"], "1234", "5678");
 
     let hsm: Arc<dyn KeyManager> = Arc::new(
         Pkcs11KeyManager::open(&module(), "bench", Zeroizing::new("1234".into())).unwrap(),

@@ -6,7 +6,10 @@
 //! process before any test touches the module, with one token per test so that the
 //! tests, which run in parallel, cannot see each other's keys.
 
-use std::path::{Path, PathBuf};
+#[path = "support/softhsm.rs"]
+mod support;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -17,6 +20,7 @@ use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass, Obj
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
+use support::{init_tokens, module};
 use zeroize::Zeroizing;
 use ztid_hsm::{Error, KeyAlgorithm, KeyManager, Pkcs11KeyManager, SignatureFormat};
 
@@ -32,62 +36,12 @@ const TOKENS: &[&str] = &[
     "ztid-threads",
 ];
 
-/// Where SoftHSM2's module is: `ZTID_PKCS11_MODULE`, else the Debian/Ubuntu paths.
-fn module() -> PathBuf {
-    if let Ok(m) = std::env::var("ZTID_PKCS11_MODULE") {
-        return PathBuf::from(m);
-    }
-    let candidates = [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ];
-    candidates
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "SoftHSM2's PKCS#11 module is missing (looked in {candidates:?}): \
-                 run scripts/install-deps.sh (Debian package softhsm2) or set ZTID_PKCS11_MODULE"
-            )
-        })
-}
-
 /// The process's SoftHSM2 setup: config file, token directory, initialised tokens.
 fn softhsm() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        // Before any C_Initialize in this process (the module reads it then).
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        let _ = module();
-        for label in TOKENS {
-            let out = Command::new("softhsm2-util")
-                .args(["--init-token", "--free", "--label", label])
-                .args(["--pin", PIN, "--so-pin", SO_PIN])
-                .output()
-                .expect(
-                    "softhsm2-util must be installed: run scripts/install-deps.sh (Debian package softhsm2)",
-                );
-            assert!(
-                out.status.success(),
-                "softhsm2-util --init-token {label}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        init_tokens(dir.path(), TOKENS, PIN, SO_PIN);
         dir
     })
     .path()

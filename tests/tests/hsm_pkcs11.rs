@@ -6,13 +6,17 @@
 //! SoftHSM2 finds its tokens through `SOFTHSM2_CONF`; this process sets it once,
 //! before spawning anything, and the server, the agent and `pkcs11-tool` inherit it.
 
-use std::path::{Path, PathBuf};
+#[path = "../../hsm/tests/support/softhsm.rs"]
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use spiffe::{JwtSvid, WorkloadApiClient};
+use support::{init_tokens, module};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use ztid_ca::datastore::{DataStore, SledStore};
 use ztid_tests::*;
@@ -23,59 +27,13 @@ const PIN: &str = "1234";
 const CA_TOKEN: &str = "e2e-ca";
 const NEG_TOKEN: &str = "e2e-neg";
 
-fn module() -> PathBuf {
-    if let Ok(m) = std::env::var("ZTID_PKCS11_MODULE") {
-        return PathBuf::from(m);
-    }
-    let candidates = [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ];
-    candidates
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "SoftHSM2's PKCS#11 module is missing (looked in {candidates:?}): \
-                 run scripts/install-deps.sh (Debian package softhsm2) or set ZTID_PKCS11_MODULE"
-            )
-        })
-}
-
 /// SoftHSM2 for this process: a config in a temp dir, its tokens initialised, and a
 /// PIN file (0600). Returns the scratch directory.
 fn softhsm() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        let _ = module();
-        for label in [CA_TOKEN, NEG_TOKEN] {
-            let out = Command::new("softhsm2-util")
-                .args(["--init-token", "--free", "--label", label])
-                .args(["--pin", PIN, "--so-pin", "5678"])
-                .output()
-                .expect("softhsm2-util must be installed: run scripts/install-deps.sh (Debian package softhsm2)");
-            assert!(
-                out.status.success(),
-                "softhsm2-util --init-token {label}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        init_tokens(dir.path(), &[CA_TOKEN, NEG_TOKEN], PIN, "5678");
         write_private(&dir.path().join("pin"), &format!("{PIN}\n"));
         write_private(&dir.path().join("wrong-pin"), "wrongpin-98761\n");
         dir
