@@ -2,134 +2,18 @@
 //! tpm2-tools are installed by `scripts/install-deps.sh`), each with its own state
 //! directory and ports. The tests fail, never skip, when swtpm is missing.
 
+#[path = "../../tests/tpm/swtpm.rs"]
+mod swtpm;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use ring::signature::{
     EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING,
     ECDSA_P256_SHA256_FIXED,
 };
+use swtpm::Swtpm;
 use ztid_hsm::{Error, KeyAlgorithm, KeyManager, SignatureFormat, TpmKeyManager};
-
-/// Fails the test if a tool it needs is missing.
-fn require(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is missing: the TPM key tests need swtpm and tpm2-tools; run scripts/install-deps.sh"
-    );
-}
-
-/// A running swtpm, killed on drop (its state directory stays).
-struct Swtpm {
-    child: Option<Child>,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-impl Swtpm {
-    fn start(state: &Path) -> Self {
-        require("swtpm");
-        std::fs::create_dir_all(state).expect("swtpm state dir");
-        for _ in 0..20 {
-            // libtss2's swtpm TCTI expects the control port right after the data port.
-            let port = free_port();
-            if port == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
-                continue;
-            }
-            let child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpm2")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", state.display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--flags")
-                .arg("not-need-init,startup-clear")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn swtpm (run scripts/install-deps.sh)");
-            let mut s = Self {
-                child: Some(child),
-                port,
-            };
-            if s.wait_ready() {
-                return s;
-            }
-            s.stop();
-        }
-        panic!("swtpm did not start on {}", state.display());
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                return false; // exited (port taken?)
-            }
-            // The control port answers without taking the one data connection swtpm serves.
-            if std::net::TcpStream::connect(("127.0.0.1", self.port + 1)).is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// Transient objects and loaded sessions left in the TPM (tpm2_getcap). Call it
-    /// only while no manager holds the TPM's one connection.
-    fn leftovers(&self) -> String {
-        require("tpm2_getcap");
-        let mut out = String::new();
-        for cap in ["handles-transient", "handles-loaded-session"] {
-            let o = Command::new("tpm2_getcap")
-                .arg(cap)
-                .env("TPM2TOOLS_TCTI", self.tcti())
-                .output()
-                .expect("tpm2_getcap (run scripts/install-deps.sh)");
-            assert!(
-                o.status.success(),
-                "tpm2_getcap {cap}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            out.push_str(String::from_utf8_lossy(&o.stdout).trim());
-        }
-        out
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn verify_both(km: &dyn KeyManager, key_id: &str, raw: &[u8], msg: &[u8]) {
     let der = km.sign(key_id, msg, SignatureFormat::Der).unwrap();

@@ -1,4 +1,5 @@
-//! Test helper shared by `tests/tests/tpm_*.rs` (included with `#[path]`): one
+//! Test helper shared by `tests/tests/tpm_*.rs` and `hsm/tests/tpm_keys.rs` (included
+//! with `#[path]`): one
 //! `swtpm socket` per test, on its own ports and state directory, provisioned by
 //! `tests/tpm/provision.sh` under a per-test (or shared, for "same manufacturer")
 //! project-local swtpm-localca. Killed on drop. Fails loudly when swtpm is missing.
@@ -68,7 +69,8 @@ fn free_port() -> u16 {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tpm/provision.sh")
+    // Also included from the hsm crate: find the script from the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tpm/provision.sh")
 }
 
 impl Swtpm {
@@ -90,9 +92,10 @@ impl Swtpm {
         Self::start(state)
     }
 
-    /// Starts swtpm on an existing state directory.
+    /// Starts swtpm on a state directory (a fresh, unprovisioned TPM if it is empty).
     pub fn start(state: &Path) -> Self {
         require_tools();
+        std::fs::create_dir_all(state).expect("swtpm state dir");
         for _ in 0..20 {
             // libtss2's swtpm TCTI expects the control port right after the data port.
             let port = free_port();
