@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod key_files;
 mod pkcs11;
 mod software;
 pub mod tpm;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use ring::rand::SystemRandom;
@@ -37,12 +37,7 @@ pub struct SoftwareKeyManager {
     cache: RwLock<HashMap<String, Arc<LoadedKey>>>,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
+use crate::key_files::io_err;
 
 impl SoftwareKeyManager {
     /// Opens (creating it owner-only if needed) the key directory.
@@ -161,35 +156,13 @@ impl KeyManager for SoftwareKeyManager {
     }
 
     fn list(&self) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
-            let entry = entry.map_err(io_err(&self.dir))?;
-            if let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(SUFFIX))
-            {
-                ids.push(id.to_string());
-            }
-        }
-        ids.sort();
-        Ok(ids)
+        crate::key_files::list(&self.dir, SUFFIX)
     }
 
     fn destroy(&self, key_id: &str) -> Result<()> {
         validate_key_id(key_id)?;
         let path = self.path_of(key_id);
-        // Overwrite before unlinking so the key does not linger in the file's old blocks
-        // (best effort: journaling file systems may keep copies).
-        let len = match fs::metadata(&path) {
-            Ok(m) => m.len() as usize,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(key_id.to_string()))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        fs::write(&path, vec![0u8; len]).map_err(io_err(&path))?;
-        fs::remove_file(&path).map_err(io_err(&path))?;
+        crate::key_files::shred(&path, key_id)?;
         self.cache
             .write()
             .map_err(|_| Error::Crypto("lock poisoned"))?

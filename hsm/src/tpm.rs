@@ -22,7 +22,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Mutex;
 
@@ -50,12 +50,7 @@ const SUFFIX: &str = ".tpmkey";
 /// File magic and format version of a `.tpmkey` file.
 const MAGIC: &[u8; 8] = b"ZTIDTPM1";
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
+use crate::key_files::io_err;
 
 fn tpm_err(operation: &'static str) -> impl FnOnce(tss_esapi::Error) -> Error {
     move |e| Error::Tpm {
@@ -416,37 +411,13 @@ impl KeyManager for TpmKeyManager {
     }
 
     fn list(&self) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
-            let entry = entry.map_err(io_err(&self.dir))?;
-            if let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(SUFFIX))
-            {
-                if validate_key_id(id).is_ok() {
-                    ids.push(id.to_string());
-                }
-            }
-        }
-        ids.sort();
-        Ok(ids)
+        crate::key_files::list(&self.dir, SUFFIX)
     }
 
     fn destroy(&self, key_id: &str) -> Result<()> {
         validate_key_id(key_id)?;
         let path = self.path_of(key_id);
-        // The private area is only usable by this TPM, but overwrite it anyway before
-        // unlinking (best effort: journaling file systems may keep copies).
-        let len = match fs::metadata(&path) {
-            Ok(m) => m.len() as usize,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(key_id.to_string()))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        fs::write(&path, vec![0u8; len]).map_err(io_err(&path))?;
-        fs::remove_file(&path).map_err(io_err(&path))?;
+        crate::key_files::shred(&path, key_id)?;
         tracing::info!(key_id, backend = "tpm", "destroyed signing key");
         Ok(())
     }
