@@ -314,18 +314,6 @@ impl CaCore {
                 node.node_id
             )));
         }
-        // An EK without certificate is only ever vouched for by an SEV-SNP report, inside
-        // a multi-factor attempt (which checks that binding).
-        if node.method == "tpm"
-            && node
-                .selectors
-                .iter()
-                .any(|s| s.kind() == "tpm" && s.value() == "ek-cert:none")
-        {
-            return Err(Error::from(ztid_agent_attestor::Error::Refused(
-                "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)".into(),
-            )));
-        }
         let agent_id = format!(
             "spiffe://{}/ztid/agent/{}/{}",
             self.trust_domain, node.method, node.node_id
