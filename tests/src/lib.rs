@@ -3,6 +3,8 @@
 //! health answered, never a fixed sleep), and kills what it started on drop.
 #![forbid(unsafe_code)]
 
+pub mod other_uid;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -320,7 +322,7 @@ impl Agent {
     /// …`, `--join-token …`) and waits until its socket serves; `Err(log)` if it exits
     /// first.
     pub fn start_attested(server: &Server, args: &[&str]) -> Result<Self, String> {
-        Self::start_in(server, tempfile::tempdir().expect("tempdir"), args)
+        Self::start_in(server, other_uid::scratch_dir(), args)
     }
 
     /// Stops this agent and starts it again with the same data directory and `args`

@@ -94,9 +94,15 @@ fn caller_without_entry_is_permission_denied() {
         r.stderr
     );
     // A process of another uid (when we may switch to one) is refused too.
-    if nix_uid() == 0 {
-        use std::os::unix::process::CommandExt;
-        let out = std::process::Command::new(bin("ztid-agent"))
+    // The binary is staged where that uid can execute it, wherever the checkout lives.
+    if other_uid::can_switch_uid() {
+        let staging = other_uid::Staging::new(other_uid::NOBODY);
+        let out = staging
+            .command_as(
+                &staging.bin("ztid-agent"),
+                other_uid::NOBODY,
+                other_uid::NOBODY,
+            )
             .args([
                 "api",
                 "fetch",
@@ -104,8 +110,6 @@ fn caller_without_entry_is_permission_denied() {
                 "--socket",
                 agent.socket().to_str().unwrap(),
             ])
-            .uid(65534)
-            .gid(65534)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
