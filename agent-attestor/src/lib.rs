@@ -12,6 +12,7 @@ pub mod agent;
 pub mod agent_key;
 pub mod bundle;
 pub mod jwt;
+pub mod limits;
 pub mod node_attestation;
 pub mod selector;
 pub mod svid;

@@ -245,15 +245,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        if request.get_ref().audience.iter().all(|a| a.is_empty()) {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
+        // Bounded before anything else: each mint is a signature and an audit record.
+        let audience = crate::limits::normalize_audiences(&request.get_ref().audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let inst = self.entitled_instance(&request).await?;
         let req = request.into_inner();
-        let mut audience: Vec<String> =
-            req.audience.into_iter().filter(|a| !a.is_empty()).collect();
-        audience.sort();
-        audience.dedup();
         let entries: Vec<npb::Entry> = self
             .workloads
             .entries
@@ -299,6 +295,28 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         }
         if !to_mint.is_empty() {
+            // A workload may not mint distinct tokens without bound: count what this
+            // instance had minted in the last minute (the cache holds every mint).
+            let recent = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?
+                .values()
+                .filter(|j| j.issued_at > now - 60)
+                .count();
+            let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
+            if recent + to_mint.len() > limit {
+                tracing::warn!(
+                    event = "jwt_rate_limited",
+                    pid = inst.process.pid,
+                    recent,
+                    limit,
+                    "JWT-SVID mint rate exceeded"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
+                )));
+            }
             let mut client = self.workloads.node_client();
             let resp = client
                 .mint_jwt_svids(npb::MintJwtSvidsRequest {
@@ -313,7 +331,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 })
                 .await
                 .map_err(|s| {
-                    Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))
+                    let why = format!("could not obtain a JWT-SVID: {}", s.message());
+                    // The server's bounds keep their kind; anything else is the server
+                    // being unavailable.
+                    match s.code() {
+                        tonic::Code::ResourceExhausted => Status::resource_exhausted(why),
+                        tonic::Code::InvalidArgument => Status::invalid_argument(why),
+                        _ => Status::unavailable(why),
+                    }
                 })?
                 .into_inner();
             super::metrics::svids_minted(
@@ -332,6 +357,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
                         let kid = crate::jwt::kid_of(&s.token);
                         self.workloads.note_jwt(kid.as_deref(), s.expires_at);
+                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                            cache.retain(|_, j| j.expires_at > now);
+                        }
+                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                            let oldest = cache
+                                .iter()
+                                .min_by_key(|(_, j)| j.issued_at)
+                                .map(|(k, _)| k.clone());
+                            if let Some(k) = oldest {
+                                cache.remove(&k);
+                            }
+                        }
                         cache.insert(
                             (id.clone(), audience.clone()),
                             super::workloads::CachedJwt {
@@ -384,9 +421,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         let req = request.get_ref();
-        if req.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
+        crate::limits::check_validation_audience(&req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
