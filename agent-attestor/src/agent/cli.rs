@@ -100,6 +100,14 @@ pub struct RunArgs {
     /// Serve /metrics, /live and /ready on ADDR:PORT (off by default).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Cap on open Workload API connections (default 1024; the descriptor limit may
+    /// lower it).
+    #[arg(long, value_name = "N")]
+    pub workload_max_connections: Option<usize>,
+    /// Seconds a Workload API connection may stay without a request in progress
+    /// (default 30).
+    #[arg(long, value_name = "SECONDS")]
+    pub workload_idle_timeout: Option<u64>,
 }
 
 /// `api` verbs.
@@ -204,6 +212,12 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = a.metrics {
         c.metrics = Some(v);
+    }
+    if let Some(v) = a.workload_max_connections {
+        c.workload_max_connections = v;
+    }
+    if let Some(v) = a.workload_idle_timeout {
+        c.workload_idle_timeout_seconds = v;
     }
     Ok(c)
 }

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     pub log_format: String,
     /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
     pub metrics: Option<SocketAddr>,
+    /// Cap on open Workload API connections (the descriptor limit may lower it further).
+    pub workload_max_connections: usize,
+    /// Seconds a Workload API connection may stay without a request in progress.
+    pub workload_idle_timeout_seconds: u64,
 }
 
 impl Default for AgentConfig {
@@ -64,6 +68,8 @@ impl Default for AgentConfig {
             sync_interval_seconds: 5,
             log_format: "text".into(),
             metrics: None,
+            workload_max_connections: super::workload_listener::DEFAULT_MAX_CONNECTIONS,
+            workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
         }
     }
 }
@@ -74,6 +80,14 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path)
             .map_err(Error::io(format!("reading {}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The bounds of the Workload API socket.
+    pub fn workload_limits(&self) -> super::workload_listener::Limits {
+        super::workload_listener::Limits {
+            max_connections: self.workload_max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.workload_idle_timeout_seconds),
+        }
     }
 
     /// The server address, resolved.
@@ -114,6 +128,16 @@ impl AgentConfig {
         if self.sync_interval_seconds == 0 {
             return Err(Error::Config(
                 "sync_interval_seconds must be positive".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.workload_max_connections) {
+            return Err(Error::Config(
+                "workload_max_connections must be between 1 and 1000000".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.workload_idle_timeout_seconds) {
+            return Err(Error::Config(
+                "workload_idle_timeout_seconds must be between 1 and 86400".into(),
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

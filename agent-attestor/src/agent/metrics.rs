@@ -310,6 +310,9 @@ struct AgentMetrics {
     sync_failures: IntCounter,
     last_sync: IntGauge,
     sync_seconds: Histogram,
+    connections: IntGauge,
+    connection_refusals: IntCounterVec,
+    idle_closed: IntCounter,
 }
 
 static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
@@ -392,6 +395,34 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
             )
             .expect("valid"),
         ),
+        connections: register(
+            &r,
+            IntGauge::new(
+                "ztid_workload_connections",
+                "Open Workload API connections.",
+            )
+            .expect("valid"),
+        ),
+        connection_refusals: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "ztid_workload_connection_refusals_total",
+                    "Workload API connections refused, or stopped serving, because of their peer: \
+                     peer_exited, peer_execd, attestation_failed, uid_connection_limit, accept_failed.",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+        ),
+        idle_closed: register(
+            &r,
+            IntCounter::new(
+                "ztid_workload_connections_idle_closed_total",
+                "Workload API connections closed for staying without a request too long.",
+            )
+            .expect("valid"),
+        ),
         registry: r,
     }
 });
@@ -415,6 +446,24 @@ pub fn svids_minted(kind: &'static str, n: usize) {
     if n > 0 {
         METRICS.minted.with_label_values(&[kind]).inc_by(n as u64);
     }
+}
+
+/// Hook: a Workload API connection opened (+1) or closed (-1).
+pub fn workload_connections_open(delta: i64) {
+    METRICS.connections.add(delta);
+}
+
+/// Hook: a Workload API connection or request refused because of its peer (`reason`).
+pub fn workload_connection_refused(reason: &'static str) {
+    METRICS
+        .connection_refusals
+        .with_label_values(&[reason])
+        .inc();
+}
+
+/// Hook: an idle Workload API connection closed.
+pub fn workload_connection_idle_closed() {
+    METRICS.idle_closed.inc();
 }
 
 /// Hook: runs one sync with the server, timing it and counting a failure.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod metrics;
 pub mod node_client;
 pub mod workload_api;
+pub mod workload_listener;
 pub mod workloads;
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -395,10 +396,89 @@ fn is_auth_failure(s: &tonic::Status) -> bool {
     )
 }
 
-fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+/// Mode of the directories the agent creates for its socket: everyone may reach the
+/// socket, only the agent's user may add, remove or replace names there.
+const SOCKET_DIR_MODE: u32 = 0o755;
+/// Mode of the Workload API socket: any local process may connect; who it is decides
+/// what it gets.
+const SOCKET_MODE: u32 = 0o777;
+/// Mode of the data directory (the agent's key and SVID).
+const DATA_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents, each with an explicit mode (`mode` for `dir`,
+/// [`SOCKET_DIR_MODE`] for parents) whatever the umask: under `umask 000` a plain
+/// `create_dir_all` makes them world-writable, under `umask 077` unreachable.
+/// Directories that already exist are left as they are.
+fn create_dirs(dir: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut missing = Vec::new();
+    let mut d = dir;
+    loop {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(d);
+                match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => d = p,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", d.display()))(e)),
+        }
     }
+    for d in missing.into_iter().rev() {
+        let m = if d == dir { mode } else { SOCKET_DIR_MODE };
+        match std::fs::DirBuilder::new().mode(m).create(d) {
+            // Ours: set the mode the umask may have cut (chmod ignores the umask).
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(m))
+                .map_err(Error::io(format!("setting the mode of {}", d.display())))?,
+            // Created meanwhile by someone else: not ours to chmod; checked below.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(format!("creating {}", d.display()))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a socket directory where another user could replace the socket: it and every
+/// directory above it must belong to root or to the agent's user and, unless sticky
+/// (as /tmp), not be writable by group or others.
+fn check_socket_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let real = dir
+        .canonicalize()
+        .map_err(Error::io(format!("resolving {}", dir.display())))?;
+    for d in real.ancestors() {
+        let m = std::fs::metadata(d).map_err(Error::io(format!("inspecting {}", d.display())))?;
+        let mode = m.mode();
+        let sticky = mode & 0o1000 != 0;
+        if m.uid() != 0 && m.uid() != me {
+            return Err(Error::Config(format!(
+                "socket directory {} belongs to uid {}: that user could replace the Workload API socket",
+                d.display(),
+                m.uid()
+            )));
+        }
+        if mode & 0o022 != 0 && !sticky {
+            return Err(Error::Config(format!(
+                "socket directory {} is writable by group or others (mode {:o}) without the sticky bit: \
+                 another user could replace the Workload API socket; make it 0755",
+                d.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dirs(dir, SOCKET_DIR_MODE)?;
+    check_socket_dir(dir)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -406,8 +486,7 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
     }
     let l = tokio::net::UnixListener::bind(path)
         .map_err(Error::io(format!("binding {}", path.display())))?;
-    // Any local process may connect; who it is decides what it gets.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(Error::io(format!("opening {}", path.display())))?;
     Ok(l)
 }
@@ -417,11 +496,15 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
     metrics::listen_if(config.metrics).await?;
     let server = config.server_addr()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
-    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
-        Error::io(format!("restricting {}", config.data_dir.display())),
-    )?;
+    create_dirs(&config.data_dir, DATA_DIR_MODE)?;
+    std::fs::set_permissions(
+        &config.data_dir,
+        std::fs::Permissions::from_mode(DATA_DIR_MODE),
+    )
+    .map_err(Error::io(format!(
+        "restricting {}",
+        config.data_dir.display()
+    )))?;
 
     let configured_roots = match &config.trust_bundle {
         Some(p) => Some(crate::svid::certs_from_pem(
@@ -505,10 +588,9 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     }
 
     let listener = bind_workload_socket(&config.socket)?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
-        .map(|r| r.map(ztid_proto::uds_authority::wrap_unix));
-    let api = SpiffeWorkloadApiServer::with_interceptor(
-        workload_api::WorkloadApi::new(workloads.clone(), bundle_rx),
+    let api = tonic::service::interceptor::InterceptedService::new(
+        SpiffeWorkloadApiServer::new(workload_api::WorkloadApi::new(workloads.clone(), bundle_rx))
+            .max_decoding_message_size(workload_listener::MAX_REQUEST_MESSAGE_BYTES),
         workload_api::require_security_header,
     );
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -570,19 +652,19 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()
         .await;
     metrics::attach(rt.clone());
-    let serve = tonic::transport::Server::builder()
-        .layer(metrics::workload_api_layer())
-        .add_service(health_service)
-        .add_service(api)
-        .serve_with_incoming_shutdown(incoming, async move {
+    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    workload_listener::serve(
+        listener,
+        tower::Layer::layer(&metrics::workload_api_layer(), routes),
+        config.workload_limits(),
+        async move {
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = stop_rx.wait_for(|s| *s) => {}
             }
-        });
-    serve
-        .await
-        .map_err(|e| Error::Config(format!("workload API: {e}")))?;
+        },
+    )
+    .await;
     let _ = std::fs::remove_file(&config.socket);
     if *stop_tx.borrow() {
         return Err(Error::Server("agent is no longer attested".into()));

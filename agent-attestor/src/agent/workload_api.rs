@@ -1,8 +1,11 @@
 //! The SPIFFE Workload API, served on the agent's Unix socket.
 //!
-//! Callers are identified out of band (SO_PEERCRED and /proc), never by anything
-//! they send. Every request must carry `workload.spiffe.io: true`. Streams send the
-//! full state at once and again on every rotation or bundle change.
+//! Callers are identified out of band, never by anything they send: each connection is
+//! bound at accept to the process that made it ([`super::workload_listener`]), and every
+//! request first checks that this process still runs unchanged; if it has exited or
+//! exec'd, the request gets nothing but the reason. Every request must carry
+//! `workload.spiffe.io: true`. Streams send the full state at once and again on every
+//! rotation or bundle change, and end when the connection's process exits or execs.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,13 +16,14 @@ use prost_types::{value::Kind, ListValue, Struct, Value as PValue};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use ztid_proto::node as npb;
 use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
 
+use super::workload_listener::ConnectionPeer;
 use super::workloads::{IdentitySet, Instance, Workloads};
 use crate::bundle::TrustBundle;
+use crate::workload_attestation::PeerRefusal;
 use crate::{unix_seconds, Error};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -46,20 +50,54 @@ impl WorkloadApi {
         Self { workloads, bundle }
     }
 
-    /// Attests the caller and makes sure it holds current SVIDs.
-    async fn entitled_instance<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
-        let inst = self.attest(req).await?;
+    /// The caller's connection, checked now to still be served by the process that
+    /// opened it.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<ConnectionPeer>, Status> {
+        let peer = req
+            .extensions()
+            .get::<Arc<ConnectionPeer>>()
+            .cloned()
+            .ok_or_else(|| {
+                Status::unavailable("workload attestation failed: no peer credentials")
+            })?;
+        if let Err(r) = peer.verify().await {
+            tracing::warn!(
+                event = "workload_refused",
+                pid = ?peer.pid,
+                uid = peer.uid,
+                reason = %r,
+                "request on a connection whose process is gone or changed"
+            );
+            return Err(refusal_status(&r));
+        }
+        Ok(peer)
+    }
+
+    /// Attests the caller, checks it is entitled, and makes sure it holds current SVIDs.
+    async fn entitled_instance<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
+        let peer = self.caller(req).await?;
+        let attested = peer
+            .attested()
+            .ok_or_else(|| Status::internal("verified connection without attestation"))?;
+        // Entitlement first: callers with no entry never get an instance.
         let entitled = !self
             .workloads
             .entries
             .read()
             .map_err(|_| Status::internal("lock"))?
-            .matching(&inst.selectors)
+            .matching(&attested.selectors)
             .is_empty();
         if !entitled {
-            tracing::info!(event = "workload_refused", pid = inst.process.pid, selectors = ?inst.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
+            tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, selectors = ?attested.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
             return Err(Status::permission_denied("no identity issued"));
         }
+        let inst = self
+            .workloads
+            .instance_for(attested)
+            .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
         if let Err(e) = self.workloads.reconcile(&inst).await {
             tracing::warn!(pid = inst.process.pid, error = %e, "could not obtain SVIDs for workload");
             return Err(Status::unavailable(format!(
@@ -69,31 +107,15 @@ impl WorkloadApi {
         if inst.state.borrow().svids.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
-        Ok(inst)
+        Ok((peer, inst))
     }
+}
 
-    async fn attest<T>(&self, req: &Request<T>) -> Result<Arc<Instance>, Status> {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| {
-                Status::unavailable("workload attestation failed: no peer credentials")
-            })?;
-        let pid = cred
-            .pid()
-            .ok_or_else(|| Status::unavailable("workload attestation failed: no peer pid"))?;
-        let (uid, gid) = (cred.uid(), cred.gid());
-        let workloads = self.workloads.clone();
-        // A process seen for the first time has its executable hashed, which reads the
-        // whole file: keep that off the async workers.
-        tokio::task::spawn_blocking(move || workloads.instance_for(pid, uid, gid))
-            .await
-            .map_err(|e| Status::internal(format!("workload attestation failed: {e}")))?
-            .map_err(|e| {
-                tracing::warn!(pid, error = %e, "workload attestation failed");
-                Status::unavailable(format!("workload attestation failed: {e}"))
-            })
+/// The answer to a request on a connection whose process is not the one that opened it.
+fn refusal_status(r: &PeerRefusal) -> Status {
+    match r {
+        PeerRefusal::Exited | PeerRefusal::Execd => Status::permission_denied(r.to_string()),
+        PeerRefusal::Unattestable(_) => Status::unavailable(r.to_string()),
     }
 }
 
@@ -150,20 +172,27 @@ fn json_to_proto(v: &Value) -> PValue {
     PValue { kind: Some(kind) }
 }
 
-/// Streams `make(state)` now and on every change of either watch, until the client leaves
-/// or `make` returns an error.
+/// Streams `make(state)` now and on every change of either watch, until the client leaves,
+/// `make` returns an error, or the connection's process exits or execs (then the stream
+/// ends with the reason; nothing is sent once the process is not the one that connected).
 fn watch_stream<T: Send + 'static>(
+    peer: Arc<ConnectionPeer>,
     mut state: Option<watch::Receiver<Arc<IdentitySet>>>,
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
     make: impl Fn(Option<&IdentitySet>, &TrustBundle) -> Result<T, Status> + Send + 'static,
 ) -> ResponseStream<T> {
     let (tx, rx) = mpsc::channel(2);
+    let mut revoked = peer.revocation();
     tokio::spawn(async move {
         loop {
-            let msg = {
-                let s = state.as_mut().map(|s| s.borrow_and_update().clone());
-                let b = bundle.borrow_and_update().clone();
-                make(s.as_deref(), &b)
+            // Checked before every message, not only when the connection notices.
+            let msg = match peer.verify().await {
+                Err(r) => Err(refusal_status(&r)),
+                Ok(()) => {
+                    let s = state.as_mut().map(|s| s.borrow_and_update().clone());
+                    let b = bundle.borrow_and_update().clone();
+                    make(s.as_deref(), &b)
+                }
             };
             let stop = msg.is_err();
             if tx.send(msg).await.is_err() || stop {
@@ -173,10 +202,12 @@ fn watch_stream<T: Send + 'static>(
                 Some(s) => tokio::select! {
                     r = s.changed() => r.is_ok(),
                     r = bundle.changed() => r.is_ok(),
+                    _ = revoked.wait_for(Option::is_some) => true,
                     _ = tx.closed() => false,
                 },
                 None => tokio::select! {
                     r = bundle.changed() => r.is_ok(),
+                    _ = revoked.wait_for(Option::is_some) => true,
                     _ = tx.closed() => false,
                 },
             };
@@ -200,9 +231,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let inst = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance(&request).await?;
         let workloads = self.workloads.clone();
         let stream = watch_stream(
+            peer,
             Some(inst.state.subscribe()),
             self.bundle.clone(),
             move |set, bundle| {
@@ -210,7 +242,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     Some(set) if !set.svids.is_empty() => Ok(x509_response(
                         set,
                         bundle,
-                        &workloads.federated_bundles_for(&inst),
+                        &workloads.federated_bundles_for(&inst.selectors),
                     )),
                     // The process lost its last entry (or exited): tell the client.
                     _ => Err(Status::permission_denied("no identity issued")),
@@ -224,14 +256,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let inst = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance(&request).await?;
         let workloads = self.workloads.clone();
-        let stream = watch_stream(None, self.bundle.clone(), move |_, bundle| {
+        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
             let mut bundles =
-                federated_map(
-                    &workloads.federated_bundles_for(&inst),
-                    |b| Ok(b.x509_der()),
-                )?;
+                federated_map(&workloads.federated_bundles_for(&inst.selectors), |b| {
+                    Ok(b.x509_der())
+                })?;
             bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
             Ok(pb::X509BundlesResponse {
                 crl: Vec::new(),
@@ -248,7 +279,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         // Bounded before anything else: each mint is a signature and an audit record.
         let audience = crate::limits::normalize_audiences(&request.get_ref().audience)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let inst = self.entitled_instance(&request).await?;
+        let (_, inst) = self.entitled_instance(&request).await?;
         let req = request.into_inner();
         let entries: Vec<npb::Entry> = self
             .workloads
@@ -401,15 +432,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let inst = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance(&request).await?;
         let workloads = self.workloads.clone();
-        let stream = watch_stream(None, self.bundle.clone(), move |_, bundle| {
+        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
             let jwks = |b: &TrustBundle| {
                 b.jwks_json()
                     .map(String::into_bytes)
                     .map_err(|e| Status::internal(e.to_string()))
             };
-            let mut bundles = federated_map(&workloads.federated_bundles_for(&inst), jwks)?;
+            let mut bundles =
+                federated_map(&workloads.federated_bundles_for(&inst.selectors), jwks)?;
             bundles.insert(bundle.trust_domain_id(), jwks(bundle)?);
             Ok(pb::JwtBundlesResponse { bundles })
         });
@@ -427,9 +459,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Validation is open to every local process, but only to a real one.
-        let inst = self.attest(&request).await?;
+        let peer = self.caller(&request).await?;
+        let selectors = peer
+            .attested()
+            .map(|a| a.selectors.as_slice())
+            .unwrap_or_default();
         // Tokens of a federated trust domain validate only for callers federating with it.
-        let federated = self.workloads.federated_bundles_for(&inst);
+        let federated = self.workloads.federated_bundles_for(selectors);
         let bundle = self.bundle.borrow().clone();
         let now = unix_seconds(std::time::SystemTime::now());
         let validated = crate::jwt::validate(&req.svid, &req.audience, now, |td| {

@@ -1,11 +1,15 @@
 //! What the agent holds for workloads: the entries it may serve, the process
 //! instances it has seen, and their SVIDs.
 //!
-//! Every process instance (pid + start time) that matches a per-instance entry gets
-//! its own key pair, generated here, and its own SPIFFE ID: the entry's ID plus a
-//! random segment that is never reused. Keys live only in memory (zeroized on drop).
-//! When the process exits, its instance and keys are forgotten. `--shared` entries
-//! get one SVID per node, held here and handed to every matching process.
+//! Every process instance that matches a per-instance entry gets its own key pair,
+//! generated here, and its own SPIFFE ID: the entry's ID plus a random segment that is
+//! never reused. An instance is keyed by everything its identity was derived from (pid,
+//! start time, pidfs id, executable, selectors), and is only ever looked up for a
+//! connection whose process was just checked to be that very process: a stale connection
+//! can neither read another process's instance nor create one in its name. Keys live only
+//! in memory (zeroized on drop). When the process exits or execs, its instance and keys
+//! are forgotten. `--shared` entries get one SVID per node, held here and handed to every
+//! matching process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,7 +21,9 @@ use zeroize::Zeroizing;
 use ztid_proto::node::{self as pb, node_client::NodeClient};
 
 use crate::selector::satisfies;
-use crate::workload_attestation::{attest_unix, is_alive, process_start_time, ProcessInstance};
+use crate::workload_attestation::{
+    exe_identity, process_start_time, AttestedPeer, ExeIdentity, ProcessInstance,
+};
 use crate::{unix_seconds, Error, Selector};
 
 /// One X509-SVID held for a workload.
@@ -60,12 +66,45 @@ pub struct IdentitySet {
     pub svids: Vec<Arc<HeldSvid>>,
 }
 
+/// What an instance is keyed by: the process and everything its selectors came from.
+/// Two connections share an instance only if all of it is equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InstanceKey {
+    /// pid + start time.
+    pub process: ProcessInstance,
+    /// The pidfd's inode on kernels with pidfs: unique per process for the boot.
+    pub pidfs_id: Option<u64>,
+    /// The executable it ran when attested.
+    pub exe: Option<ExeIdentity>,
+    /// Its selectors (connect-time uid and gid, executable path and hash).
+    pub selectors: Vec<Selector>,
+}
+
+impl InstanceKey {
+    /// The key of an attested connection peer.
+    pub fn of(peer: &AttestedPeer) -> Self {
+        Self {
+            process: peer.process.instance,
+            pidfs_id: peer.process.pidfs_id,
+            exe: peer.process.exe,
+            selectors: peer.selectors.clone(),
+        }
+    }
+
+    /// True while the process still runs the executable it was attested with. Used to
+    /// forget instances; requests are checked against their own connection's pidfd.
+    fn still_running(&self) -> bool {
+        process_start_time(self.process.pid).is_ok_and(|t| t == self.process.start_time)
+            && exe_identity(self.process.pid).ok() == self.exe
+    }
+}
+
 /// A process instance the agent has attested.
 pub struct Instance {
     /// pid + start time.
     pub process: ProcessInstance,
-    /// Executable path at attestation, re-checked on every call (an exec changes it).
-    pub exe: Option<std::path::PathBuf>,
+    /// Everything the instance was derived from.
+    pub key: InstanceKey,
     /// The random segment that ends its per-instance SPIFFE IDs.
     pub segment: String,
     /// Its selectors.
@@ -169,7 +208,7 @@ pub struct Workloads {
     jwt_issued: Mutex<HashMap<String, i64>>,
     /// Entries from the server.
     pub entries: RwLock<EntryCache>,
-    instances: Mutex<HashMap<ProcessInstance, Arc<Instance>>>,
+    instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
     /// Other trust domains' bundles from the server (by trust domain name) and their
     /// version; each workload sees only those its entries federate with.
@@ -196,15 +235,15 @@ impl Workloads {
         }
     }
 
-    /// The federated bundles `inst` is entitled to: those of the trust domains its
-    /// matching entries list in `federates_with`, keyed by trust domain name.
+    /// The federated bundles a caller with `selectors` is entitled to: those of the trust
+    /// domains its matching entries list in `federates_with`, keyed by trust domain name.
     pub fn federated_bundles_for(
         &self,
-        inst: &Instance,
+        selectors: &[Selector],
     ) -> std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>> {
         let wanted: std::collections::BTreeSet<String> = match self.entries.read() {
             Ok(e) => e
-                .matching(&inst.selectors)
+                .matching(selectors)
                 .iter()
                 .flat_map(|e| e.federates_with.iter())
                 .map(|td| td.strip_prefix("spiffe://").unwrap_or(td).to_string())
@@ -232,42 +271,29 @@ impl Workloads {
         self.instances.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// The instance behind a caller, attesting it on first sight. A pid whose start
-    /// time or executable changed is a different instance.
-    pub fn instance_for(&self, pid: i32, uid: u32, gid: u32) -> Result<Arc<Instance>, Error> {
-        let start_time = process_start_time(pid)?;
-        let key = ProcessInstance { pid, start_time };
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        if let Some(inst) = self
+    /// The instance of a connection's peer, created on first sight. The caller must have
+    /// just checked that the peer is still the process that connected
+    /// ([`crate::workload_attestation::PeerProcess::check`]).
+    pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
+        let key = InstanceKey::of(peer);
+        let mut instances = self
             .instances
             .lock()
-            .map_err(|_| Error::Config("lock".into()))?
-            .get(&key)
-        {
-            if inst.exe == exe {
-                return Ok(inst.clone());
-            }
-        }
-        let attested = attest_unix(pid, uid, gid)?;
-        if attested.instance != key {
-            return Err(Error::WorkloadAttestation(format!(
-                "process {pid} was replaced during attestation"
-            )));
+            .map_err(|_| Error::Config("lock".into()))?;
+        if let Some(inst) = instances.get(&key) {
+            return Ok(inst.clone());
         }
         let inst = Arc::new(Instance {
-            process: key,
-            exe,
+            process: key.process,
+            key: key.clone(),
             segment: random_segment()?,
-            selectors: attested.selectors,
+            selectors: peer.selectors.clone(),
             svids: tokio::sync::Mutex::new(HashMap::new()),
             state: watch::Sender::new(Arc::new(IdentitySet::default())),
             jwt_cache: Mutex::new(HashMap::new()),
         });
-        self.instances
-            .lock()
-            .map_err(|_| Error::Config("lock".into()))?
-            .insert(key, inst.clone());
-        tracing::info!(pid, instance = %inst.segment, "attested new workload instance");
+        instances.insert(key, inst.clone());
+        tracing::info!(pid = inst.process.pid, instance = %inst.segment, "attested new workload instance");
         Ok(inst)
     }
 
@@ -484,9 +510,9 @@ impl Workloads {
             return Vec::new();
         };
         map.retain(|k, inst| {
-            let alive = is_alive(k);
+            let alive = k.still_running();
             if !alive {
-                tracing::info!(pid = k.pid, instance = %inst.segment, "workload instance exited; forgetting its identity");
+                tracing::info!(pid = k.process.pid, instance = %inst.segment, "workload instance exited or exec'd; forgetting its identity");
                 inst.state.send_replace(Arc::new(IdentitySet::default()));
             }
             alive

@@ -1,0 +1,666 @@
+//! The Workload API socket: every accepted connection is bound to the process that made
+//! it ([`crate::workload_attestation`]) and served over HTTP/2 within fixed bounds, so
+//! neither a stale connection nor a flood of idle ones gets anything or exhausts the agent.
+//!
+//! Bounds (the README's "Workload API" section lists them too):
+//!
+//! - **Connections**: at most `workload_max_connections` (default 1,024), and never more
+//!   than the descriptor limit allows, `(RLIMIT_NOFILE - 128) / 2`, read at every accept:
+//!   a connection holds its socket and its peer's pidfd, and 128 descriptors stay free for
+//!   the agent's own work (server connection, files, attestation). At the cap the agent
+//!   stops accepting; new connections wait in the listen backlog.
+//! - **Per uid**: one local user holds at most half of that cap; more of its connections
+//!   are closed as soon as they are accepted.
+//! - **Attestation at accept**: at most 16 at a time, 5 s each.
+//! - **Idle**: a connection with no request in progress for `workload_idle_timeout_seconds`
+//!   (default 30 s) is closed: HTTP/2 GOAWAY, then forcibly 10 s later. The clock starts
+//!   at accept, and only requests stop it, not bytes: a client that never finishes its
+//!   preface or its headers, or only pings, is closed on the same schedule. Health checks
+//!   (`grpc.health.v1`) do not count as requests.
+//! - **Per connection**: 16 concurrent streams, 16 KiB of request headers, 64 KiB per
+//!   request message, 30 s for an answer to start, and an HTTP/2 ping every 60 s that must
+//!   be answered within 20 s.
+//!
+//! On top of the check at every request and before every stream message, a connection
+//! with open streams checks its peer every 2 s, so a stream whose process has exited or
+//! exec'd ends (with the reason) instead of staying open for whoever holds the socket.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use ztid_proto::uds_authority::AuthorityFixingStream;
+
+use crate::workload_attestation::{
+    attest_peer, peer_pidfd_supported, AttestedPeer, ConnectTimePeer, PeerRefusal,
+};
+
+/// Default cap on open Workload API connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default time a connection may stay without a request in progress.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Descriptors kept for the agent's own work whatever the connection count.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+/// Descriptors one connection holds: its socket and its peer's pidfd.
+pub const DESCRIPTORS_PER_CONNECTION: u64 = 2;
+/// Accept-time attestations running at once (each reads /proc, maybe hashes a binary).
+pub const MAX_CONCURRENT_ATTESTATIONS: usize = 16;
+/// Longest accept-time attestation.
+pub const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// After GOAWAY, how long open streams may take before the connection is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How often a connection with requests in progress (open streams) checks that its peer
+/// has not exited or exec'd.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Concurrent streams per connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Request header block limit.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Largest request message (Workload API requests are a few hundred bytes; a JWT to
+/// validate a few KiB).
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest wait for an answer to start.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 keepalive: ping interval and how long the answer may take.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The configurable bounds of the Workload API socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Cap on open connections (lowered further by the descriptor limit).
+    pub max_connections: usize,
+    /// Time without a request in progress after which a connection is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// What requests on one connection know about the process at its other end; a request
+/// extension (`Arc<ConnectionPeer>`).
+pub struct ConnectionPeer {
+    /// SO_PEERCRED pid at connect (for logs).
+    pub pid: Option<i32>,
+    /// SO_PEERCRED uid at connect.
+    pub uid: u32,
+    attested: Result<AttestedPeer, PeerRefusal>,
+    /// Set, for good, once the peer is seen to have exited or exec'd.
+    revoked: watch::Sender<Option<PeerRefusal>>,
+}
+
+impl ConnectionPeer {
+    fn new(pid: Option<i32>, uid: u32, attested: Result<AttestedPeer, PeerRefusal>) -> Self {
+        Self {
+            pid,
+            uid,
+            attested,
+            revoked: watch::Sender::new(None),
+        }
+    }
+
+    /// The accept-time attestation, without checking the peer again.
+    pub fn attested(&self) -> Option<&AttestedPeer> {
+        self.attested.as_ref().ok()
+    }
+
+    /// Checks now that the connection's process still is the one that connected, and
+    /// returns its attestation if so. Reads /proc: call it from a blocking context.
+    pub fn current(&self) -> Result<&AttestedPeer, PeerRefusal> {
+        if let Some(r) = self.revoked.borrow().clone() {
+            return Err(r);
+        }
+        let attested = self.attested.as_ref().map_err(Clone::clone)?;
+        if let Err(r) = attested.process.check() {
+            if self.revoke(r.clone()) {
+                super::metrics::workload_connection_refused(r.label());
+            }
+            return Err(r);
+        }
+        Ok(attested)
+    }
+
+    /// [`ConnectionPeer::current`] off the async workers.
+    pub async fn verify(self: &Arc<Self>) -> Result<(), PeerRefusal> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.current().map(|_| ()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(PeerRefusal::Unattestable(format!(
+                    "the check of the peer failed: {e}"
+                )))
+            })
+    }
+
+    /// Watches for the peer's revocation (exit or exec); `Some(reason)` once revoked.
+    pub fn revocation(&self) -> watch::Receiver<Option<PeerRefusal>> {
+        self.revoked.subscribe()
+    }
+
+    /// Marks the peer as gone or changed, for good; true if it was not already.
+    fn revoke(&self, reason: PeerRefusal) -> bool {
+        self.revoked.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+/// Open connections, in total and per uid, against the caps.
+struct Gate {
+    max_connections: usize,
+    open: Mutex<OpenConnections>,
+    freed: Notify,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// One admitted connection; frees its place when dropped.
+struct Slot {
+    gate: Arc<Gate>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.gate.open.lock() {
+            open.total = open.total.saturating_sub(1);
+            if let Some(n) = open.per_uid.get_mut(&self.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.per_uid.remove(&self.uid);
+                }
+            }
+        }
+        super::metrics::workload_connections_open(-1);
+        self.gate.freed.notify_waiters();
+    }
+}
+
+/// Connections the descriptor limit leaves room for, read now (it can be changed on a
+/// running process with `prlimit`).
+fn descriptor_budget() -> usize {
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            usize::try_from(soft.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION)
+                .unwrap_or(usize::MAX)
+        }
+        Err(_) => usize::MAX,
+    }
+}
+
+impl Gate {
+    fn new(max_connections: usize) -> Self {
+        Self {
+            max_connections,
+            open: Mutex::new(OpenConnections::default()),
+            freed: Notify::new(),
+        }
+    }
+
+    /// The connection cap right now.
+    fn cap(&self) -> usize {
+        self.max_connections.min(descriptor_budget()).max(1)
+    }
+
+    fn total(&self) -> usize {
+        self.open.lock().map(|o| o.total).unwrap_or(usize::MAX)
+    }
+
+    /// Waits until a connection may be accepted.
+    async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.total() < self.cap() {
+                return;
+            }
+            // Also wake up now and then: the descriptor limit may have been raised.
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+        }
+    }
+
+    /// Waits until every connection has closed.
+    async fn drained(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.total() == 0 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Admits a connection from `uid`, or says the per-uid cap it hit.
+    fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, usize> {
+        let per_uid_cap = (self.cap() / 2).max(1);
+        let mut open = self.open.lock().map_err(|_| 0usize)?;
+        let mine = open.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= per_uid_cap {
+            return Err(per_uid_cap);
+        }
+        open.total += 1;
+        open.per_uid.insert(uid, mine + 1);
+        drop(open);
+        super::metrics::workload_connections_open(1);
+        Ok(Slot {
+            gate: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// Logs a warning at most once a second, counting what it held back.
+struct Throttled {
+    last: Mutex<Option<(tokio::time::Instant, u64)>>,
+}
+
+impl Throttled {
+    const fn new() -> Self {
+        Self {
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Runs `log(held_back)` unless it ran less than a second ago.
+    fn log(&self, log: impl FnOnce(u64)) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        match &mut *last {
+            Some((at, held)) if now.duration_since(*at) < Duration::from_secs(1) => *held += 1,
+            _ => {
+                let held = last.map(|(_, h)| h).unwrap_or(0);
+                *last = Some((now, 0));
+                drop(last);
+                log(held);
+            }
+        }
+    }
+}
+
+static ACCEPT_ERRORS: Throttled = Throttled::new();
+static UID_LIMIT: Throttled = Throttled::new();
+
+/// A request in progress; the connection is not idle while one exists.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn begin(requests: &Arc<watch::Sender<usize>>) -> Self {
+        requests.send_modify(|n| *n += 1);
+        Self(requests.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it ends (a
+/// server stream is in progress for as long as it is open).
+struct InFlightBody<B> {
+    body: B,
+    _in_flight: Option<InFlight>,
+}
+
+impl<B: Body + Unpin> Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Waits until no request has been in progress for `limit`.
+async fn idle_for(mut requests: watch::Receiver<usize>, limit: Duration) {
+    loop {
+        if requests.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(limit, requests.changed()).await {
+            Err(_) => return,
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return std::future::pending().await,
+        }
+    }
+}
+
+/// Resolves when the connection's peer is seen to have exited or exec'd. Only needed
+/// while requests are in progress (every new request checks the peer itself), so it checks
+/// every [`RECHECK_INTERVAL`] while one is; never for a connection refused at accept.
+async fn peer_change(
+    peer: Arc<ConnectionPeer>,
+    mut requests: watch::Receiver<usize>,
+) -> PeerRefusal {
+    if peer.attested().is_none() {
+        return std::future::pending().await;
+    }
+    loop {
+        if requests.wait_for(|n| *n > 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(RECHECK_INTERVAL).await;
+        if let Err(r) = peer.verify().await {
+            return r;
+        }
+    }
+}
+
+/// Everything connection tasks share.
+struct Shared<S> {
+    service: S,
+    limits: Limits,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    attestations: Arc<Semaphore>,
+    require_pidfd: bool,
+}
+
+/// Serves the Workload API on `listener` until `shutdown` resolves, then closes the
+/// connections gracefully (bounded by [`CLOSE_GRACE`]).
+pub async fn serve<S>(
+    listener: UnixListener,
+    service: S,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let require_pidfd = peer_pidfd_supported();
+    if require_pidfd {
+        tracing::info!("Workload API connections are bound to their process by SO_PEERPIDFD");
+    } else {
+        tracing::warn!(
+            "this kernel has no SO_PEERPIDFD (Linux 6.5+): Workload API connections are bound \
+             by pid and start time read at accept, which cannot see a pid reused before that"
+        );
+    }
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let shared = Arc::new(Shared {
+        service,
+        limits,
+        http2,
+        attestations: Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+        require_pidfd,
+    });
+    let gate = Arc::new(Gate::new(limits.max_connections));
+    tracing::info!(
+        max_connections = gate.cap(),
+        idle_timeout_seconds = limits.idle_timeout.as_secs(),
+        "Workload API connection limits"
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            r = async {
+                gate.room().await;
+                listener.accept().await
+            } => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: the connection stays in the backlog; do not spin.
+                super::metrics::workload_connection_refused("accept_failed");
+                ACCEPT_ERRORS.log(|held| {
+                    tracing::warn!(error = %e, held_back = held, "cannot accept a Workload API connection")
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let at_connect = match ConnectTimePeer::of(stream.as_fd()) {
+            Ok(p) => p,
+            Err(r) => {
+                tracing::warn!(reason = %r, "closing a Workload API connection without peer credentials");
+                continue;
+            }
+        };
+        let slot = match gate.admit(at_connect.uid) {
+            Ok(slot) => slot,
+            Err(per_uid_cap) => {
+                super::metrics::workload_connection_refused("uid_connection_limit");
+                let (uid, pid) = (at_connect.uid, at_connect.pid);
+                UID_LIMIT.log(|held| {
+                    tracing::warn!(
+                        event = "workload_connection_refused",
+                        uid,
+                        pid,
+                        per_uid_cap,
+                        held_back = held,
+                        "too many Workload API connections from this uid; closing the new one"
+                    )
+                });
+                continue;
+            }
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            at_connect,
+            slot,
+            shared.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let open = gate.total();
+    if open > 0 {
+        tracing::info!(
+            open,
+            "closing Workload API connections (at most {} s)",
+            CLOSE_GRACE.as_secs()
+        );
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), gate.drained()).await;
+}
+
+/// Binds a connection to its peer at accept: attests it, bounded in time and concurrency.
+async fn bind_peer<S>(at_connect: ConnectTimePeer, shared: &Shared<S>) -> ConnectionPeer {
+    let (pid, uid) = (at_connect.pid, at_connect.uid);
+    let require_pidfd = shared.require_pidfd;
+    let attestations = shared.attestations.clone();
+    let attested = tokio::time::timeout(ATTESTATION_TIMEOUT, async move {
+        let permit = attestations
+            .acquire_owned()
+            .await
+            .map_err(|_| PeerRefusal::Unattestable("the agent is stopping".into()))?;
+        // Reads /proc and may hash an executable: off the async workers, and the permit
+        // is held until that work really ends.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            attest_peer(at_connect, require_pidfd)
+        })
+        .await
+        .map_err(|e| PeerRefusal::Unattestable(format!("attestation failed to run: {e}")))?
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(PeerRefusal::Unattestable(format!(
+            "attestation took longer than {} s",
+            ATTESTATION_TIMEOUT.as_secs()
+        )))
+    });
+    match &attested {
+        Ok(a) => tracing::debug!(
+            pid = a.process.instance.pid,
+            uid,
+            start_time = a.process.instance.start_time,
+            by_pidfd = a.process.pidfd().is_some(),
+            "Workload API connection bound to its process"
+        ),
+        Err(r) => {
+            super::metrics::workload_connection_refused(r.label());
+            tracing::info!(
+                event = "workload_connection_refused",
+                pid,
+                uid,
+                reason = %r,
+                "Workload API connection not bound; its requests will be refused"
+            )
+        }
+    }
+    ConnectionPeer::new(pid, uid, attested)
+}
+
+/// Serves one connection: HTTP/2 with its peer in every request, until the client leaves,
+/// it stays idle too long, or the agent stops.
+async fn serve_connection<S>(
+    stream: UnixStream,
+    at_connect: ConnectTimePeer,
+    slot: Slot,
+    shared: Arc<Shared<S>>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let _slot = slot;
+    let peer = Arc::new(bind_peer(at_connect, &shared).await);
+    let requests = Arc::new(watch::Sender::new(0usize));
+    let idle = idle_for(requests.subscribe(), shared.limits.idle_timeout);
+    let service = {
+        let peer = peer.clone();
+        let requests = requests.clone();
+        let inner = shared.service.clone();
+        hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            // Health checks keep no connection open.
+            let in_flight = (!req.uri().path().starts_with("/grpc.health.v1.Health/"))
+                .then(|| InFlight::begin(&requests));
+            req.extensions_mut().insert(peer.clone());
+            let mut inner = inner.clone();
+            async move {
+                let answer = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+                    std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                    inner.call(req).await
+                })
+                .await;
+                let response = match answer {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(never)) => match never {},
+                    Err(_) => tonic::Status::deadline_exceeded(format!(
+                        "the agent did not answer within {} s",
+                        RESPONSE_TIMEOUT.as_secs()
+                    ))
+                    .into_http(),
+                };
+                Ok::<_, Infallible>(response.map(|body| InFlightBody {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let conn = shared
+        .http2
+        .serve_connection(TokioIo::new(AuthorityFixingStream::new(stream)), service);
+    let change = peer_change(peer.clone(), requests.subscribe());
+    let force_close = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(conn, idle, change, force_close);
+    let (mut closing, mut followed) = (false, false);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "Workload API connection ended with an error");
+                }
+                break;
+            }
+            _ = &mut idle, if !closing => {
+                tracing::debug!(pid = ?peer.pid, uid = peer.uid, "closing an idle Workload API connection");
+                super::metrics::workload_connection_idle_closed();
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            _ = stop.wait_for(|s| *s), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            reason = &mut change, if !followed => {
+                followed = true;
+                if peer.revoke(reason.clone()) {
+                    super::metrics::workload_connection_refused(reason.label());
+                }
+                // Open streams end by themselves (they watch the revocation); later
+                // requests are refused with the reason until the connection idles out.
+                tracing::info!(
+                    event = "workload_connection_revoked",
+                    pid = ?peer.pid,
+                    uid = peer.uid,
+                    reason = %reason,
+                    "Workload API connection no longer serves anything"
+                );
+            }
+            _ = &mut force_close, if closing => {
+                tracing::debug!(pid = ?peer.pid, "Workload API connection did not close in time; dropping it");
+                break;
+            }
+        }
+    }
+}
