@@ -122,7 +122,7 @@ pub fn validate(
         .get("sub")
         .and_then(Value::as_str)
         .ok_or_else(|| Error::InvalidJwt("token has no sub claim".into()))?;
-    let spiffe_id = SpiffeId::new(sub)
+    let spiffe_id = crate::spiffe_id::parse(sub)
         .map_err(|e| Error::InvalidJwt(format!("sub is not a SPIFFE ID: {e}")))?;
     let td = spiffe_id.trust_domain();
     let keys = keys_for(td)

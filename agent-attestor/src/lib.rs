@@ -3,6 +3,7 @@
 //! - [`node_attestation`]: one trait for the node side and one for the CA side, with one
 //!   module per method (join token now; TPM, SEV-SNP and TDX behind the same traits).
 //! - [`selector`]: the facts attestation proves, as selectors.
+//! - [`spiffe_id`]: the one rule for SPIFFE IDs (canonical spelling only) and ztid's reserved names.
 //! - [`svid`] and [`jwt`]: X509-SVID and JWT-SVID checks shared by the CA and the agent.
 //! - [`workload_attestation`]: who is calling on the Workload API socket, from the kernel.
 //! - [`agent`]: the node agent itself.
@@ -15,6 +16,7 @@ pub mod jwt;
 pub mod limits;
 pub mod node_attestation;
 pub mod selector;
+pub mod spiffe_id;
 pub mod svid;
 pub mod tls;
 pub mod workload_attestation;

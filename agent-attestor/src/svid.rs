@@ -8,8 +8,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::Error;
 
-/// The SPIFFE ID of an X509-SVID leaf: exactly one URI SAN, a valid `spiffe://` ID
-/// with a non-root path, and CA=false.
+/// The SPIFFE ID of an X509-SVID leaf: exactly one URI SAN, a `spiffe://` ID in
+/// canonical spelling ([`crate::spiffe_id::parse`]) with a non-root path, and CA=false.
 pub fn spiffe_id_of_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
     let (rest, cert) = X509Certificate::from_der(der)
         .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
@@ -42,7 +42,8 @@ pub fn spiffe_id_of_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
             uris.len()
         )));
     };
-    let id = SpiffeId::new(uri).map_err(|e| Error::InvalidSpiffeId(format!("{uri}: {e}")))?;
+    // Canonical spelling only: `SPIFFE://EXAMPLE.org/x` must not pass for `spiffe://example.org/x`.
+    let id = crate::spiffe_id::parse(uri)?;
     if id.path().is_empty() {
         return Err(Error::InvalidSvid("leaf SPIFFE ID has no path".into()));
     }
@@ -183,4 +184,35 @@ pub fn pem_lf(p: &pem::Pem) -> String {
         p,
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(uri: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_leaf_id_is_read_only_in_canonical_spelling() {
+        assert_eq!(
+            spiffe_id_of_leaf(&leaf("spiffe://example.org/ztid/admin/root"))
+                .unwrap()
+                .to_string(),
+            "spiffe://example.org/ztid/admin/root"
+        );
+        for uri in [
+            "SPIFFE://EXAMPLE.ORG/ztid/admin/root",
+            "spiffe://EXAMPLE.org/ztid/admin/root",
+            "spiffe://example.org/ztid/admin/root/",
+            "spiffe://example.org/ztid/%61dmin/root",
+        ] {
+            let e = spiffe_id_of_leaf(&leaf(uri)).unwrap_err().to_string();
+            assert!(e.contains("not a canonical SPIFFE ID"), "{uri}: {e}");
+        }
+    }
 }

@@ -113,7 +113,9 @@ pub struct ServerSvidVerifier {
 }
 
 impl ServerSvidVerifier {
-    /// Requires a chain to `roots` whose leaf carries `expected_id`.
+    /// Requires a chain to `roots` whose leaf carries exactly `expected_id`. The leaf's
+    /// ID is accepted only in canonical spelling, so `expected_id` must be canonical
+    /// too (build it with [`crate::spiffe_id`]); any other spelling matches nothing.
     pub fn new(roots: SharedRoots, expected_id: String) -> Self {
         Self {
             roots: Some(roots),
@@ -146,6 +148,7 @@ impl ServerCertVerifier for ServerSvidVerifier {
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
         let id = verify_chain(&chain, &roots.load(), now, Usage::Server).map_err(tls_error)?;
+        // Both sides are canonical strings: equal strings are the same identity.
         if id.to_string() != self.expected_id {
             return Err(rustls::Error::General(format!(
                 "server presented SPIFFE ID {id}, expected {}",

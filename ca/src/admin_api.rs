@@ -107,6 +107,15 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         audit!(self, request, "ListEntries");
         let r = request.get_ref();
+        // A filter spelled non-canonically would silently match nothing: refuse it.
+        for (what, id) in [
+            ("spiffe_id filter", &r.spiffe_id),
+            ("parent_id filter", &r.parent_id),
+        ] {
+            if !id.is_empty() {
+                crate::entries::parse_id(&self.core.trust_domain, what, id)?;
+            }
+        }
         let filter = EntryFilter {
             spiffe_id: (!r.spiffe_id.is_empty()).then(|| r.spiffe_id.clone()),
             parent_id: (!r.parent_id.is_empty()).then(|| r.parent_id.clone()),
@@ -166,6 +175,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Agent>, Status> {
         audit!(self, request, "GetAgent");
         let id = &request.get_ref().id;
+        crate::entries::parse_id(&self.core.trust_domain, "agent", id)?;
         let a = self
             .core
             .store
@@ -423,6 +433,23 @@ impl Admin for AdminApi {
         self.core.audit_barrier().await?;
         let (b, _) = result?;
         Ok(Response::new(federated_to_proto(&b)?))
+    }
+
+    async fn issue_admin_svid(
+        &self,
+        request: Request<pb::IssueAdminSvidRequest>,
+    ) -> Result<Response<pb::IssueAdminSvidResponse>, Status> {
+        audit!(self, request, "IssueAdminSvid");
+        let r = request.get_ref();
+        let (spiffe_id, leaf) =
+            self.core
+                .issue_admin_svid(&r.name, &r.csr, r.ttl_seconds, &caller(&request))?;
+        self.core.audit_barrier().await?;
+        Ok(Response::new(pb::IssueAdminSvidResponse {
+            spiffe_id,
+            cert_chain: leaf.chain,
+            expires_at: leaf.not_after,
+        }))
     }
 }
 

@@ -6,6 +6,13 @@
 //!   SPIFFE ID of its X509-SVID; it gets the roles the config binds to that ID and
 //!   nothing else: an unknown ID has no role and every call is refused.
 //!
+//! No role can reach a higher one: remote roles bind only to admin identities,
+//! `spiffe://TD/ztid/admin/NAME` (the config refuses any other ID at start), which
+//! sit under the reserved prefix that no entry may claim and no workload CSR may name;
+//! they are issued only by `IssueAdminSvid`, which is served on the admin socket alone
+//! ([`LOCAL_ONLY`]). The caller's ID is read in canonical spelling only, so the string
+//! lookup is an identity comparison.
+//!
 //! Every decision, allowed or refused, is audited. The check runs as a tower layer
 //! in front of the admin service, where the RPC's path is visible.
 
@@ -80,6 +87,10 @@ impl Role {
     }
 }
 
+/// RPCs no remote role grants, whatever the config: only the admin socket's uids,
+/// on the server's host, may call them.
+pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid"];
+
 /// The authenticated admin caller, put into request extensions for the handlers.
 #[derive(Debug, Clone)]
 pub struct AdminCaller(pub String);
@@ -138,6 +149,12 @@ impl AdminPolicy {
             let id = ztid_agent_attestor::svid::spiffe_id_of_leaf(&leaf)
                 .map(|i| i.to_string())
                 .map_err(|e| ("unknown".into(), format!("remote admin certificate: {e}")))?;
+            if LOCAL_ONLY.contains(&method) {
+                return Err((
+                    id,
+                    format!("{method} is served only on the admin socket, on the server's host"),
+                ));
+            }
             let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
             return if roles.iter().any(|r| r.allows(method)) {
                 Ok(id)
@@ -243,6 +260,11 @@ mod tests {
                 && !Role::AuthorityAdmin.allows("CreateJoinToken")
         );
         assert!(!Role::Operator.allows("SomethingNew"), "deny by default");
+        for role in [Role::Viewer, Role::Operator, Role::AuthorityAdmin] {
+            for m in LOCAL_ONLY {
+                assert!(!role.allows(m), "{role:?} must not grant {m}");
+            }
+        }
         assert_eq!(Role::parse("authority-admin"), Some(Role::AuthorityAdmin));
         assert_eq!(Role::parse("root"), None);
     }

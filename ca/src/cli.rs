@@ -65,6 +65,36 @@ pub enum Command {
     /// Offline evidence checks (no server needed).
     #[command(subcommand)]
     Evidence(EvidenceCmd),
+    /// Admin identities for the remote admin API (issued only on the admin socket).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+/// `admin` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Admin credentials.
+    #[command(subcommand)]
+    Credential(AdminCredentialCmd),
+}
+
+/// `admin credential` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AdminCredentialCmd {
+    /// Issue an admin X509-SVID, spiffe://TD/ztid/admin/NAME, for the remote admin API:
+    /// writes svid.pem, svid.key (owner-only) and bundle.pem into --write DIR. Bind it
+    /// to roles in [remote_admin.roles]. Prints the SPIFFE ID.
+    Issue {
+        /// The admin's name (1 to 64 of a-z 0-9 . - _).
+        #[arg(long)]
+        name: String,
+        /// Directory to write the files into (created owner-only).
+        #[arg(long)]
+        write: PathBuf,
+        /// Lifetime in seconds (default: x509_svid_ttl_seconds).
+        #[arg(long, default_value_t = 0)]
+        ttl: i64,
+    },
 }
 
 /// Flags of `run`; each overrides the config file key of the same name.
@@ -672,6 +702,9 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
     match &cli.command {
         Command::Run(_) | Command::Evidence(_) | Command::Audit(_) => {
             unreachable!("not an admin verb")
+        }
+        Command::Admin(AdminCmd::Credential(AdminCredentialCmd::Issue { name, write, ttl })) => {
+            crate::admin_credential::issue(&mut client, name, *ttl, write, out).await?;
         }
         Command::Healthcheck => {
             let h = client

@@ -105,6 +105,7 @@ pub struct Pkcs11Config {
 
 /// `[remote_admin]`: where the remote admin API listens and which SPIFFE IDs hold
 /// which roles (`viewer`, `operator`, `authority-admin`). IDs not listed get nothing.
+/// Every ID must be `spiffe://TD/ztid/admin/NAME` (see [`ServerConfig::remote_admin_roles`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteAdminConfig {
@@ -188,15 +189,32 @@ impl ServerConfig {
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
-    /// The remote admin roles, checked.
+    /// The remote admin roles, checked. Every ID must be an admin identity,
+    /// `spiffe://TD/ztid/admin/NAME`: under the reserved prefix no entry can claim, and
+    /// issued only by the server itself (`ztid-server admin credential issue`, on the
+    /// owner-only admin socket), so no admin role can be obtained through the roles it
+    /// outranks. Spelled canonically: the ID is compared as a string.
     pub fn remote_admin_roles(
         &self,
     ) -> Result<std::collections::HashMap<String, Vec<crate::admin_authz::Role>>> {
+        use ztid_agent_attestor::spiffe_id;
         let mut out = std::collections::HashMap::new();
         if let Some(r) = &self.remote_admin {
+            let td = self.checked_trust_domain()?;
             for (id, roles) in &r.roles {
-                spiffe::SpiffeId::new(id)
-                    .map_err(|e| Error::Config(format!("remote_admin role for {id:?}: {e}")))?;
+                let parsed = spiffe_id::parse(id).map_err(|e| {
+                    Error::Config(format!(
+                        "remote_admin role: {}",
+                        crate::csr_policy::reason(e)
+                    ))
+                })?;
+                if !spiffe_id::is_admin_id(&td, &parsed) {
+                    return Err(Error::Config(format!(
+                        "remote_admin role for {id}: admin identities must be spiffe://{td}/ztid/admin/NAME \
+                         (issued only by `ztid-server admin credential issue` on the server's host), \
+                         so that no entry can mint them"
+                    )));
+                }
                 let parsed = roles
                     .iter()
                     .map(|name| {
@@ -213,15 +231,8 @@ impl ServerConfig {
         Ok(out)
     }
 
-    /// The admin socket path in effect.
-    pub fn admin_socket_path(&self) -> PathBuf {
-        self.admin_socket
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
-    }
-
-    /// Checks the settings and returns the parsed trust domain.
-    pub fn validate(&self) -> Result<TrustDomain> {
+    /// The trust domain, canonical spelling only (`example.org`, not `Example.ORG`).
+    fn checked_trust_domain(&self) -> Result<TrustDomain> {
         if self.trust_domain.is_empty() {
             return Err(Error::Config(
                 "trust_domain is required (--trust-domain)".into(),
@@ -233,8 +244,20 @@ impl ServerConfig {
                 self.trust_domain
             )));
         }
-        let td = TrustDomain::new(&self.trust_domain)
-            .map_err(|e| Error::Config(format!("trust_domain {:?}: {e}", self.trust_domain)))?;
+        ztid_agent_attestor::spiffe_id::parse_trust_domain(&self.trust_domain)
+            .map_err(|e| Error::Config(format!("trust_domain: {}", crate::csr_policy::reason(e))))
+    }
+
+    /// The admin socket path in effect.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// Checks the settings and returns the parsed trust domain.
+    pub fn validate(&self) -> Result<TrustDomain> {
+        let td = self.checked_trust_domain()?;
         for (name, v) in [
             ("ca_ttl_seconds", self.ca_ttl_seconds),
             ("jwt_key_ttl_seconds", self.jwt_key_ttl_seconds),
@@ -271,6 +294,8 @@ impl ServerConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::Config("log_format must be text or json".into()));
         }
+        // Refuse a remote admin role that entries could reach, before anything starts.
+        self.remote_admin_roles()?;
         Ok(td)
     }
 }

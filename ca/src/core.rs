@@ -78,6 +78,16 @@ impl AuthenticatedAgent {
     }
 }
 
+/// What a workload CSR or JWT request under `entry` may name: the entry's ID
+/// (shared) or the entry's ID plus one per-instance segment; never a reserved ID.
+fn workload_rule(entry: &EntryRecord) -> IdentityRule<'_> {
+    if entry.shared {
+        IdentityRule::Shared(&entry.spiffe_id)
+    } else {
+        IdentityRule::Instance(&entry.spiffe_id)
+    }
+}
+
 /// The server core.
 pub struct CaCore {
     /// The configuration in effect.
@@ -308,23 +318,22 @@ impl CaCore {
         node: &AttestedNode,
         csr: &[u8],
     ) -> Result<(AgentRecord, SignedLeaf)> {
-        if !crate::csr_policy::is_instance_segment(&node.node_id) {
-            return Err(Error::InvalidArgument(format!(
-                "attestor returned an unusable node id {:?}",
-                node.node_id
-            )));
-        }
-        let agent_id = format!(
-            "spiffe://{}/ztid/agent/{}/{}",
-            self.trust_domain, node.method, node.node_id
-        );
+        let agent_id =
+            ztid_agent_attestor::spiffe_id::agent_id(&self.trust_domain, node.method, &node.node_id)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "attestor returned an unusable node id: {}",
+                        crate::csr_policy::reason(e)
+                    ))
+                })?
+                .to_string();
         let existing = self.store.get_agent(&agent_id)?;
         if existing.as_ref().is_some_and(|e| e.banned) {
             return Err(Error::PermissionDenied(format!(
                 "agent {agent_id} is banned"
             )));
         }
-        let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(&agent_id), &[])?;
+        let checked = check_csr(csr, &IdentityRule::Assigned(&agent_id), &[])?;
         let t = now();
         if let Some(p) = &self.policy {
             p.authorize(
@@ -416,7 +425,7 @@ impl CaCore {
                 agent.record.method
             )));
         }
-        let checked = check_csr(csr, &IdentityRule::ExactOrAbsent(id), &[])?;
+        let checked = check_csr(csr, &IdentityRule::Assigned(id), &[])?;
         let leaf = self.authorities.x509().sign_leaf(
             &checked.public_key,
             &LeafTemplate {
@@ -438,6 +447,48 @@ impl CaCore {
         crate::metrics::agent_svid_issued();
         tracing::info!(event = "agent_renewed", agent = %id, serial = %leaf.serial, "agent SVID renewed");
         Ok(leaf)
+    }
+
+    /// Issues an admin X509-SVID, `spiffe://TD/ztid/admin/NAME`, for a CSR made by the
+    /// caller. Only the admin socket serves this (see `admin_authz`): admin identities
+    /// live under the reserved prefix no entry can claim, so no remote role, and no
+    /// agent, can obtain one.
+    pub fn issue_admin_svid(
+        &self,
+        name: &str,
+        csr: &[u8],
+        ttl_seconds: i64,
+        caller: &str,
+    ) -> Result<(String, SignedLeaf)> {
+        let id = ztid_agent_attestor::spiffe_id::admin_id(&self.trust_domain, name)
+            .map_err(|e| Error::InvalidArgument(crate::csr_policy::reason(e)))?
+            .to_string();
+        let ttl = if ttl_seconds == 0 {
+            self.config.x509_svid_ttl_seconds
+        } else {
+            ttl_seconds
+        };
+        if !(1..=self.config.ca_ttl_seconds).contains(&ttl) {
+            return Err(Error::InvalidArgument(format!(
+                "admin SVID TTL must be between 1 and {} seconds",
+                self.config.ca_ttl_seconds
+            )));
+        }
+        let checked = check_csr(csr, &IdentityRule::Assigned(&id), &[])?;
+        let authority = self.authorities.x509();
+        let leaf = authority.sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: id.clone(),
+                dns_names: vec![],
+                ttl_seconds: ttl,
+            },
+            now(),
+        )?;
+        self.record(json!({"type": "admin_svid_issued", "spiffe_id": id, "caller": caller,
+            "serial": leaf.serial, "not_after": leaf.not_after, "authority": authority.record().id}))?;
+        tracing::warn!(event = "admin_svid_issued", spiffe_id = %id, caller, serial = %leaf.serial, not_after = leaf.not_after, "admin SVID issued");
+        Ok((id, leaf))
     }
 
     /// Loads an entry the agent is entitled to mint for.
@@ -463,12 +514,7 @@ impl CaCore {
         csr: &[u8],
     ) -> Result<(String, SignedLeaf)> {
         let entry = self.entitled_entry(agent, entry_id)?;
-        let rule = if entry.shared {
-            IdentityRule::Exact(&entry.spiffe_id)
-        } else {
-            IdentityRule::Instance(&entry.spiffe_id)
-        };
-        let checked = check_csr(csr, &rule, &entry.dns_names)?;
+        let checked = check_csr(csr, &workload_rule(&entry), &entry.dns_names)?;
         let ttl = if entry.x509_ttl > 0 {
             entry.x509_ttl
         } else {
@@ -520,12 +566,7 @@ impl CaCore {
         if audience.is_empty() || audience.iter().any(|a| a.is_empty() || a.len() > 512) {
             return Err(Error::InvalidArgument("audience must be specified".into()));
         }
-        let rule = if entry.shared {
-            IdentityRule::Exact(&entry.spiffe_id)
-        } else {
-            IdentityRule::Instance(&entry.spiffe_id)
-        };
-        check_identity(&rule, spiffe_id)?;
+        check_identity(&workload_rule(&entry), spiffe_id)?;
         let ttl = if entry.jwt_ttl > 0 {
             entry.jwt_ttl
         } else {
@@ -577,17 +618,8 @@ impl CaCore {
             ));
         }
         if let Some(a) = &alias {
-            let id = spiffe::SpiffeId::new(a)
-                .map_err(|e| Error::InvalidArgument(format!("alias {a:?}: {e}")))?;
-            if *id.trust_domain() != self.trust_domain
-                || id.path().is_empty()
-                || id.path().starts_with(crate::entries::RESERVED_PREFIX)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "alias {a} must be a non-reserved ID in {}",
-                    self.trust_domain
-                )));
-            }
+            // The same rule as entries' IDs: canonical, in this trust domain, not reserved.
+            crate::entries::parse_claimable_id(&self.trust_domain, "alias", a)?;
         }
         let token = random_hex(32)?;
         let id = random_hex(8)?;
@@ -634,6 +666,7 @@ impl CaCore {
 
     /// Evicts an agent: its next call fails; it must attest again.
     pub fn evict_agent(&self, id: &str) -> Result<AgentRecord> {
+        crate::entries::parse_id(&self.trust_domain, "agent", id)?;
         let a = self
             .store
             .delete_agent(id)?
@@ -646,6 +679,7 @@ impl CaCore {
 
     /// Bans an agent: its next call fails and it cannot attest again.
     pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
+        crate::entries::parse_id(&self.trust_domain, "agent", id)?;
         let mut a = self
             .store
             .get_agent(id)?

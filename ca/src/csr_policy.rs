@@ -5,56 +5,81 @@
 
 use rcgen::{CertificateSigningRequestParams, IsCa, KeyUsagePurpose, SanType};
 use rustls_pki_types::CertificateSigningRequestDer;
-use spiffe::SpiffeId;
+use ztid_agent_attestor::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
 
 use crate::{Error, Result};
 
 /// Which SPIFFE ID a CSR may carry.
 #[derive(Debug, Clone)]
 pub enum IdentityRule<'a> {
-    /// Exactly this ID.
-    Exact(&'a str),
-    /// This ID followed by one path segment naming a process instance.
+    /// Exactly this entry ID (a shared entry).
+    Shared(&'a str),
+    /// This entry ID followed by one per-instance segment, in exactly the form agents
+    /// generate ([`spiffe_id::is_instance_segment`]): 32 lowercase hex characters.
     Instance(&'a str),
-    /// This ID, or no URI SAN at all (the server fills it in; used for agent SVIDs,
-    /// whose ID the agent does not know before attestation).
-    ExactOrAbsent(&'a str),
+    /// An ID the server itself assigned (an agent's, after attestation, or an admin's
+    /// on the admin socket): exactly this ID, or no URI SAN at all (the server fills
+    /// it in). The only rule under which a reserved (`/ztid/...`) ID is issued.
+    Assigned(&'a str),
 }
 
-/// Longest instance segment accepted.
-pub const MAX_INSTANCE_SEGMENT: usize = 64;
-
-/// True for a valid per-instance segment.
-pub fn is_instance_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_INSTANCE_SEGMENT
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
-/// Checks an ID against a rule.
-pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<()> {
-    let ok = match rule {
-        IdentityRule::Exact(id) | IdentityRule::ExactOrAbsent(id) => requested == *id,
-        IdentityRule::Instance(prefix) => requested
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix('/'))
-            .is_some_and(is_instance_segment),
+/// Checks a requested ID against a rule; returns it (canonical, so equal strings
+/// are equal identities).
+///
+/// Whatever the entry says, a workload rule ([`IdentityRule::Shared`] or
+/// [`IdentityRule::Instance`]) never yields an ID under ztid's reserved prefix: the
+/// server's, agents' and admins' identities are issued only by the server itself.
+pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String> {
+    let id = spiffe_id::parse(requested)
+        .map_err(|e| Error::InvalidArgument(format!("CSR SPIFFE ID: {}", reason(e))))?;
+    let not_entitled = |entitled: &str| {
+        Error::PermissionDenied(format!(
+            "CSR asks for {requested}, but the caller is entitled only to {entitled}"
+        ))
     };
-    if !ok {
-        let wanted = match rule {
-            IdentityRule::Instance(p) => format!("{p}/<instance>"),
-            IdentityRule::Exact(id) | IdentityRule::ExactOrAbsent(id) => id.to_string(),
-        };
+    let (entry, per_instance) = match rule {
+        IdentityRule::Assigned(own) => {
+            return if requested == *own {
+                Ok(id.to_string())
+            } else {
+                Err(not_entitled(own))
+            };
+        }
+        IdentityRule::Shared(entry) => (*entry, false),
+        IdentityRule::Instance(entry) => (*entry, true),
+    };
+    if spiffe_id::is_reserved(&id) {
         return Err(Error::PermissionDenied(format!(
-            "CSR asks for {requested}, but the caller is entitled only to {wanted}"
+            "CSR asks for {requested}, which is under spiffe://{}/{}/: reserved for ztid's own identities, issued only by the server",
+            id.trust_domain(),
+            spiffe_id::RESERVED_SEGMENT
         )));
     }
-    SpiffeId::new(requested)
-        .map_err(|e| Error::InvalidArgument(format!("CSR SPIFFE ID {requested}: {e}")))?;
-    Ok(())
+    if !per_instance {
+        return if requested == entry {
+            Ok(id.to_string())
+        } else {
+            Err(not_entitled(entry))
+        };
+    }
+    match requested
+        .strip_prefix(entry)
+        .and_then(|rest| rest.strip_prefix('/'))
+    {
+        Some(segment) if spiffe_id::is_instance_segment(segment) => Ok(id.to_string()),
+        Some(segment) if !segment.contains('/') => Err(Error::PermissionDenied(format!(
+            "CSR asks for {requested}, but an instance segment must be {INSTANCE_SEGMENT_LEN} lowercase hex characters, as agents generate it"
+        ))),
+        _ => Err(not_entitled(&format!("{entry}/<instance>"))),
+    }
+}
+
+/// The reason text of a refused SPIFFE ID.
+pub fn reason(e: ztid_agent_attestor::Error) -> String {
+    match e {
+        ztid_agent_attestor::Error::InvalidSpiffeId(m) => m,
+        other => other.to_string(),
+    }
 }
 
 /// A CSR that passed policy.
@@ -125,11 +150,8 @@ pub fn check_csr(
         }
     }
     let spiffe_id = match (uris.as_slice(), rule) {
-        ([], IdentityRule::ExactOrAbsent(id)) => id.to_string(),
-        ([one], _) => {
-            check_identity(rule, one)?;
-            one.clone()
-        }
+        ([], IdentityRule::Assigned(id)) => id.to_string(),
+        ([one], _) => check_identity(rule, one)?,
         ([], _) => return Err(Error::InvalidArgument("CSR has no URI SAN".into())),
         (many, _) => {
             return Err(Error::InvalidArgument(format!(
@@ -149,6 +171,8 @@ mod tests {
     use super::*;
     use rcgen::{CertificateParams, KeyPair};
 
+    const SEG: &str = "0123456789abcdef0123456789abcdef";
+
     fn csr(sans: Vec<SanType>, ca: bool) -> Vec<u8> {
         let kp = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
@@ -166,21 +190,21 @@ mod tests {
     fn accepts_entitled_identities() {
         let c = check_csr(
             &csr(vec![uri("spiffe://td/w")], false),
-            &IdentityRule::Exact("spiffe://td/w"),
+            &IdentityRule::Shared("spiffe://td/w"),
             &[],
         )
         .unwrap();
         assert_eq!(c.spiffe_id, "spiffe://td/w");
         let c = check_csr(
-            &csr(vec![uri("spiffe://td/w/i-abc")], false),
+            &csr(vec![uri(&format!("spiffe://td/w/{SEG}"))], false),
             &IdentityRule::Instance("spiffe://td/w"),
             &[],
         )
         .unwrap();
-        assert_eq!(c.spiffe_id, "spiffe://td/w/i-abc");
+        assert_eq!(c.spiffe_id, format!("spiffe://td/w/{SEG}"));
         let c = check_csr(
             &csr(vec![], false),
-            &IdentityRule::ExactOrAbsent("spiffe://td/ztid/agent/x"),
+            &IdentityRule::Assigned("spiffe://td/ztid/agent/x"),
             &[],
         )
         .unwrap();
@@ -188,10 +212,97 @@ mod tests {
         let dns = SanType::DnsName("db.local".to_string().try_into().unwrap());
         assert!(check_csr(
             &csr(vec![uri("spiffe://td/w"), dns], false),
-            &IdentityRule::Exact("spiffe://td/w"),
+            &IdentityRule::Shared("spiffe://td/w"),
             &["db.local".into()]
         )
         .is_ok());
+    }
+
+    fn refusal(rule: IdentityRule<'_>, requested: &str) -> Error {
+        check_csr(&csr(vec![uri(requested)], false), &rule, &[])
+            .err()
+            .unwrap_or_else(|| panic!("{requested} under {rule:?} must be refused"))
+    }
+
+    #[test]
+    fn reserved_ids_are_never_issued_to_workloads() {
+        // An entry may (from an old datastore) name the reserved prefix itself; its
+        // "instances" are still refused.
+        for (entry, requested) in [
+            ("spiffe://td/ztid", "spiffe://td/ztid/server"),
+            ("spiffe://td/ztid", &format!("spiffe://td/ztid/{SEG}")),
+            ("spiffe://td/ZTID", &format!("spiffe://td/ZTID/{SEG}")),
+            (
+                "spiffe://td/ztid/admin",
+                &format!("spiffe://td/ztid/admin/{SEG}"),
+            ),
+        ] {
+            let e = refusal(IdentityRule::Instance(entry), requested);
+            assert!(
+                matches!(&e, Error::PermissionDenied(m) if m.contains("reserved for ztid's own identities")),
+                "{requested}: {e}"
+            );
+        }
+        let e = refusal(
+            IdentityRule::Shared("spiffe://td/ztid/server"),
+            "spiffe://td/ztid/server",
+        );
+        assert!(
+            matches!(&e, Error::PermissionDenied(m) if m.contains("reserved")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn instance_segments_have_one_form() {
+        for seg in [
+            "admin",
+            "server",
+            &SEG[..31],
+            &format!("{SEG}0"),
+            &SEG.to_uppercase(),
+            "i-abc",
+        ] {
+            let e = refusal(
+                IdentityRule::Instance("spiffe://td/w"),
+                &format!("spiffe://td/w/{seg}"),
+            );
+            assert!(
+                matches!(&e, Error::PermissionDenied(m) if m.contains("32 lowercase hex characters")),
+                "{seg}: {e}"
+            );
+        }
+        let e = refusal(
+            IdentityRule::Instance("spiffe://td/w"),
+            &format!("spiffe://td/w/{SEG}/x"),
+        );
+        assert!(
+            e.to_string()
+                .contains("entitled only to spiffe://td/w/<instance>"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_canonical_ids_are_invalid() {
+        for requested in [
+            "SPIFFE://td/w",
+            "spiffe://TD/w",
+            "spiffe://td/w/",
+            "spiffe://td/%77",
+            "spiffe://td//w",
+        ] {
+            let e = refusal(IdentityRule::Shared("spiffe://td/w"), requested);
+            assert!(
+                matches!(&e, Error::InvalidArgument(m) if m.contains("not a canonical SPIFFE ID")),
+                "{requested}: {e}"
+            );
+        }
+        let e = refusal(
+            IdentityRule::Assigned("spiffe://td/ztid/agent/x"),
+            "SPIFFE://td/ztid/agent/x",
+        );
+        assert!(matches!(&e, Error::InvalidArgument(_)), "{e}");
     }
 
     #[test]
@@ -201,50 +312,50 @@ mod tests {
         };
         assert!(err(
             csr(vec![uri("spiffe://td/admin")], false),
-            IdentityRule::Exact("spiffe://td/w")
+            IdentityRule::Shared("spiffe://td/w")
         )
         .contains("asks for spiffe://td/admin, but the caller is entitled only to spiffe://td/w"));
         assert!(err(
-            csr(vec![uri("spiffe://td/w/a/b")], false),
+            csr(vec![uri(&format!("spiffe://td/wx/{SEG}"))], false),
             IdentityRule::Instance("spiffe://td/w")
         )
         .contains("entitled only"));
         assert!(err(
-            csr(vec![uri("spiffe://td/wx")], false),
-            IdentityRule::Instance("spiffe://td/w")
+            csr(vec![uri("spiffe://td/ztid/agent/y")], false),
+            IdentityRule::Assigned("spiffe://td/ztid/agent/x")
         )
-        .contains("entitled only"));
+        .contains("entitled only to spiffe://td/ztid/agent/x"));
         assert!(err(
             csr(vec![uri("spiffe://td/w"), uri("spiffe://td/v")], false),
-            IdentityRule::Exact("spiffe://td/w")
+            IdentityRule::Shared("spiffe://td/w")
         )
         .contains("exactly one URI SAN, has 2"));
         assert!(
-            err(csr(vec![], false), IdentityRule::Exact("spiffe://td/w")).contains("no URI SAN")
+            err(csr(vec![], false), IdentityRule::Shared("spiffe://td/w")).contains("no URI SAN")
         );
         assert!(err(
             csr(vec![uri("spiffe://td/w")], true),
-            IdentityRule::Exact("spiffe://td/w")
+            IdentityRule::Shared("spiffe://td/w")
         )
         .contains("asks to be a CA"));
         let dns = SanType::DnsName("evil.com".to_string().try_into().unwrap());
         assert!(err(
             csr(vec![uri("spiffe://td/w"), dns], false),
-            IdentityRule::Exact("spiffe://td/w")
+            IdentityRule::Shared("spiffe://td/w")
         )
         .contains("DNS name evil.com"));
         let mut bad_sig = csr(vec![uri("spiffe://td/w")], false);
         let n = bad_sig.len();
         bad_sig[n - 5] ^= 0xff;
-        let e = err(bad_sig, IdentityRule::Exact("spiffe://td/w"));
+        let e = err(bad_sig, IdentityRule::Shared("spiffe://td/w"));
         assert!(
             e.contains("signature does not verify") || e.contains("malformed CSR"),
             "{e}"
         );
         assert!(
-            err(b"garbage".to_vec(), IdentityRule::Exact("spiffe://td/w"))
+            err(b"garbage".to_vec(), IdentityRule::Shared("spiffe://td/w"))
                 .contains("malformed CSR")
         );
-        assert!(err(vec![], IdentityRule::Exact("spiffe://td/w")).contains("empty"));
+        assert!(err(vec![], IdentityRule::Shared("spiffe://td/w")).contains("empty"));
     }
 }

@@ -2,37 +2,53 @@
 //! A malformed entry is refused with the reason and stores nothing.
 
 use spiffe::{SpiffeId, TrustDomain};
+use ztid_agent_attestor::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
 use ztid_agent_attestor::Selector;
 use ztid_proto::node as pb;
 
 use crate::authority::random_hex;
-use crate::csr_policy::MAX_INSTANCE_SEGMENT;
+use crate::csr_policy::reason;
 use crate::datastore::EntryRecord;
 use crate::{Error, Result};
 
-/// Path prefix reserved for ztid's own identities (agents, the server); no entry may claim it.
-pub const RESERVED_PREFIX: &str = "/ztid/";
-
-/// The server's own SPIFFE ID.
+/// The server's own SPIFFE ID, `spiffe://TD/ztid/server`.
 pub fn server_id(td: &TrustDomain) -> String {
-    format!("spiffe://{td}/ztid/server")
+    spiffe_id::server_id(td).to_string()
 }
 
-/// True for an agent SPIFFE ID of this trust domain.
-pub fn is_agent_id(td: &TrustDomain, id: &str) -> bool {
-    id.strip_prefix(&format!("spiffe://{td}/ztid/agent/"))
-        .is_some_and(|rest| !rest.is_empty())
-}
-
-fn parse_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
-    let parsed = SpiffeId::new(id).map_err(|e| {
-        Error::InvalidArgument(format!("{what} {id:?} is not a valid SPIFFE ID: {e}"))
-    })?;
+/// Parses an ID given to the admin API: canonical spelling only (one rule, see
+/// [`ztid_agent_attestor::spiffe_id`]), in trust domain `td`.
+pub fn parse_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
+    let parsed = spiffe_id::parse(id)
+        .map_err(|e| Error::InvalidArgument(format!("{what} {}", reason(e))))?;
     if parsed.trust_domain() != td {
         return Err(Error::InvalidArgument(format!(
             "{what} {id} is not in trust domain {td}"
         )));
     }
+    Ok(parsed)
+}
+
+/// Refuses an ID under ztid's reserved prefix (`/ztid`, in any letter case).
+fn refuse_reserved(what: &str, id: &SpiffeId) -> Result<()> {
+    if spiffe_id::is_reserved(id) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {id} is under spiffe://{}/{}, which is reserved for ztid's own identities (the server, agents, admins)",
+            id.trust_domain(),
+            spiffe_id::RESERVED_SEGMENT
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an ID an operator may name for workloads or node aliases: canonical, in
+/// `td`, with a path, and not reserved.
+pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
+    let parsed = parse_id(td, what, id)?;
+    if parsed.path().is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} must have a path")));
+    }
+    refuse_reserved(what, &parsed)?;
     Ok(parsed)
 }
 
@@ -55,17 +71,11 @@ pub fn validate_new_entry(
     max_ttl: i64,
     now: i64,
 ) -> Result<EntryRecord> {
-    let spiffe_id = parse_id(td, "spiffe_id", &req.spiffe_id)?;
-    if spiffe_id.path().is_empty() {
-        return Err(Error::InvalidArgument("spiffe_id must have a path".into()));
-    }
-    if spiffe_id.path().starts_with(RESERVED_PREFIX) {
-        return Err(Error::InvalidArgument(format!(
-            "spiffe_id {} is under {RESERVED_PREFIX}, which is reserved for ztid's own identities",
-            req.spiffe_id
-        )));
-    }
-    if !req.shared && !req.node && req.spiffe_id.len() + 1 + MAX_INSTANCE_SEGMENT > 2048 {
+    crate::limits::check_entry(req)?;
+    let spiffe_id = parse_claimable_id(td, "spiffe_id", &req.spiffe_id)?;
+    // A per-instance ID is the entry's plus one segment; it must stay within the
+    // 2048 bytes SPIFFE implementations must support.
+    if !req.shared && !req.node && req.spiffe_id.len() + 1 + INSTANCE_SEGMENT_LEN > 2048 {
         return Err(Error::InvalidArgument(
             "spiffe_id too long for per-instance IDs".into(),
         ));
@@ -83,16 +93,16 @@ pub fn validate_new_entry(
         // A parent is an agent or a node alias. Aliases may be named before any agent
         // joins them (a join token's --spiffe-id), so any non-reserved ID is accepted;
         // under the reserved prefix only agent IDs are.
-        if parent.path().starts_with(RESERVED_PREFIX) && !is_agent_id(td, &req.parent_id) {
+        if spiffe_id::is_reserved(&parent) && !spiffe_id::is_agent_id(td, &parent) {
             return Err(Error::InvalidArgument(format!(
-                "parent_id {} is reserved and not an agent ID (spiffe://{td}/ztid/agent/...)",
+                "parent_id {} is reserved and not an agent ID (spiffe://{td}/ztid/agent/METHOD/NODE)",
                 req.parent_id
             )));
         }
         if parent.path().is_empty() {
             return Err(Error::InvalidArgument("parent_id must have a path".into()));
         }
-        req.parent_id.clone()
+        parent.to_string()
     };
     if req.selectors.is_empty() {
         return Err(Error::InvalidArgument(
@@ -131,9 +141,8 @@ pub fn validate_new_entry(
     }
     let mut federates_with = Vec::new();
     for f in &req.federates_with {
-        let name = f.strip_prefix("spiffe://").unwrap_or(f);
-        let ftd = TrustDomain::new(name)
-            .map_err(|e| Error::InvalidArgument(format!("federates_with {f:?}: {e}")))?;
+        let ftd = spiffe_id::parse_trust_domain(f)
+            .map_err(|e| Error::InvalidArgument(format!("federates_with {}", reason(e))))?;
         if ftd == *td {
             return Err(Error::InvalidArgument(
                 "an entry cannot federate with its own trust domain".into(),
@@ -143,7 +152,7 @@ pub fn validate_new_entry(
     }
     Ok(EntryRecord {
         id: random_hex(16)?,
-        spiffe_id: req.spiffe_id.clone(),
+        spiffe_id: spiffe_id.to_string(),
         parent_id,
         selectors,
         x509_ttl: req.x509_ttl_seconds,
@@ -174,5 +183,106 @@ pub fn to_proto(e: &EntryRecord) -> pb::Entry {
         revision: e.revision,
         created_at: e.created_at,
         hint: e.hint.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGENT: &str = "spiffe://example.org/ztid/agent/join-token/abcd";
+
+    fn entry(spiffe_id: &str, parent_id: &str) -> pb::Entry {
+        pb::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent_id.into(),
+            selectors: vec![pb::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn refused(req: &pb::Entry) -> String {
+        let td = TrustDomain::new("example.org").unwrap();
+        match validate_new_entry(&td, req, 3600, 0) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("{req:?}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reserved_names_are_refused_in_every_spelling() {
+        for id in [
+            "spiffe://example.org/ztid",
+            "spiffe://example.org/ztid/server",
+            "spiffe://example.org/ztid/admin/root",
+            "spiffe://example.org/ztid/agent/join-token/x",
+            "spiffe://example.org/ZTID",
+            "spiffe://example.org/Ztid/server",
+        ] {
+            assert!(
+                refused(&entry(id, AGENT)).contains("reserved for ztid's own identities"),
+                "{id}"
+            );
+        }
+        for id in [
+            "spiffe://example.org/ztid/",
+            "spiffe://example.org//ztid",
+            "spiffe://example.org/./ztid",
+            "spiffe://example.org/%7atid",
+            "spiffe://EXAMPLE.ORG/ztid",
+            "SPIFFE://example.org/ztid",
+        ] {
+            assert!(
+                refused(&entry(id, AGENT)).contains("not a canonical SPIFFE ID"),
+                "{id}"
+            );
+        }
+        let mut alias = entry("spiffe://example.org/ztid/x", "");
+        alias.node = true;
+        alias.selectors = vec![pb::Selector {
+            r#type: "join-token".into(),
+            value: "used".into(),
+        }];
+        assert!(refused(&alias).contains("reserved"));
+    }
+
+    #[test]
+    fn parents_under_the_reserved_prefix_must_be_agents() {
+        for parent in [
+            "spiffe://example.org/ztid/server",
+            "spiffe://example.org/ztid/admin/root",
+            "spiffe://example.org/ztid",
+            "spiffe://example.org/ZTID/agent/join-token/abcd",
+            "spiffe://example.org/ztid/agent/join-token",
+        ] {
+            assert!(
+                refused(&entry("spiffe://example.org/w", parent))
+                    .contains("reserved and not an agent ID"),
+                "{parent}"
+            );
+        }
+        assert!(refused(&entry(
+            "spiffe://example.org/w",
+            "SPIFFE://example.org/ztid/agent/join-token/abcd"
+        ))
+        .contains("not a canonical SPIFFE ID"));
+    }
+
+    #[test]
+    fn canonical_entries_are_stored_as_given() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut req = entry("spiffe://example.org/w", AGENT);
+        req.federates_with = vec!["spiffe://other.org".into(), "third.org".into()];
+        let r = validate_new_entry(&td, &req, 3600, 0).unwrap();
+        assert_eq!(r.spiffe_id, "spiffe://example.org/w");
+        assert_eq!(r.parent_id, AGENT);
+        assert_eq!(r.federates_with, ["other.org", "third.org"]);
+        for f in ["OTHER.org", "SPIFFE://other.org", "spiffe://other.org/x"] {
+            req.federates_with = vec![f.into()];
+            assert!(refused(&req).starts_with("federates_with"), "{f}");
+        }
     }
 }

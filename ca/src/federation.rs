@@ -24,7 +24,6 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use spiffe::TrustDomain;
 use ztid_agent_attestor::bundle::TrustBundle;
 use ztid_agent_attestor::jwt::JwtKey;
 
@@ -188,9 +187,10 @@ fn sniff_format(data: &[u8]) -> &'static str {
 }
 
 fn check_trust_domain(core: &CaCore, td: &str) -> Result<String> {
-    let name = td.strip_prefix("spiffe://").unwrap_or(td);
-    let parsed = TrustDomain::new(name)
-        .map_err(|e| Error::InvalidArgument(format!("trust domain {td:?}: {e}")))?;
+    // One rule for names and IDs: canonical spelling only (ztid_agent_attestor::spiffe_id).
+    let parsed = ztid_agent_attestor::spiffe_id::parse_trust_domain(td).map_err(|e| {
+        Error::InvalidArgument(format!("trust domain {}", crate::csr_policy::reason(e)))
+    })?;
     if parsed == core.trust_domain {
         return Err(Error::InvalidArgument(
             "cannot federate with this server's own trust domain".into(),
@@ -376,12 +376,13 @@ impl CaCore {
         parse_endpoint_url(&f.bundle_endpoint_url)?;
         match f.profile.as_str() {
             "https_spiffe" => {
-                let id = spiffe::SpiffeId::new(&f.endpoint_spiffe_id).map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "https_spiffe needs --endpoint-spiffe-id: {:?}: {e}",
-                        f.endpoint_spiffe_id
-                    ))
-                })?;
+                let id =
+                    ztid_agent_attestor::spiffe_id::parse(&f.endpoint_spiffe_id).map_err(|e| {
+                        Error::InvalidArgument(format!(
+                            "https_spiffe needs --endpoint-spiffe-id: {}",
+                            crate::csr_policy::reason(e)
+                        ))
+                    })?;
                 if id.trust_domain().to_string() != f.trust_domain {
                     return Err(Error::InvalidArgument(format!(
                         "endpoint SPIFFE ID {} is not in {}",

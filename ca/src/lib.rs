@@ -11,6 +11,7 @@
 
 pub mod admin_api;
 pub mod admin_authz;
+pub mod admin_credential;
 pub mod attestors;
 pub mod audit;
 pub mod authorities;

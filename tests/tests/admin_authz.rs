@@ -92,6 +92,15 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
         probe!("GetFederation", c.get_federation(td())),
         probe!("DeleteFederation", c.delete_federation(td())),
         probe!("RefreshFederation", c.refresh_federation(td())),
+        // Served only on the admin socket: no remote role grants it.
+        probe!(
+            "IssueAdminSvid",
+            c.issue_admin_svid(pb::IssueAdminSvidRequest {
+                name: "x".into(),
+                csr: vec![],
+                ttl_seconds: 0
+            })
+        ),
     ]
 }
 
@@ -139,59 +148,42 @@ async fn remote_admin_roles_gate_every_rpc() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let cfg = dir.path().join("server.toml");
+    // Remote roles bind only admin identities (spiffe://TD/ztid/admin/NAME), which
+    // only `admin credential issue` on the admin socket makes.
     std::fs::write(
         &cfg,
         format!(
-            "[remote_admin]\nbind = \"127.0.0.1:{port}\"\n[remote_admin.roles]\n\"spiffe://example.org/ops/viewer\" = [\"viewer\"]\n\"spiffe://example.org/ops/operator\" = [\"operator\"]\n\"spiffe://example.org/ops/authz\" = [\"authority-admin\"]\n"
+            "[remote_admin]\nbind = \"127.0.0.1:{port}\"\n[remote_admin.roles]\n\"spiffe://example.org/ztid/admin/viewer\" = [\"viewer\"]\n\"spiffe://example.org/ztid/admin/operator\" = [\"operator\"]\n\"spiffe://example.org/ztid/admin/authz\" = [\"authority-admin\"]\n"
         ),
     )
     .unwrap();
     let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
-    let agent = Agent::start(&server);
-    let uid = format!("unix:uid:{}", nix_uid());
     for who in IDS {
-        let id = format!("spiffe://example.org/ops/{who}");
-        server.cli_ok(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &id,
-            "--parent-id",
-            &agent.spiffe_id,
-            "--selector",
-            &uid,
-            "--shared",
+        let creds = dir.path().join(who);
+        let id = server.cli_ok(&[
+            "admin",
+            "credential",
+            "issue",
+            "--name",
+            who,
+            "--write",
+            creds.to_str().unwrap(),
         ]);
-    }
-    let wl = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .unwrap();
-    let svids = wait_for("four SVIDs", READY_TIMEOUT, || {
-        let rt = tokio::runtime::Handle::current();
-        let all = tokio::task::block_in_place(|| rt.block_on(wl.fetch_all_x509_svids())).ok()?;
-        (all.len() == 4).then_some(all)
-    });
-    let roots: Vec<Vec<u8>> = pem::parse_many(server.cli_ok(&["bundle", "show"]))
-        .unwrap()
-        .into_iter()
-        .map(|p| p.into_contents())
-        .collect();
-    for svid in &svids {
-        let who = svid
-            .spiffe_id()
-            .path()
-            .rsplit('/')
-            .next()
+        assert_eq!(id, format!("spiffe://example.org/ztid/admin/{who}"));
+        let chain = pem::parse_many(std::fs::read(creds.join("svid.pem")).unwrap())
             .unwrap()
-            .to_string();
-        let identity = AgentSvid::from_parts(
-            svid.cert_chain()
-                .iter()
-                .map(|c| c.as_bytes().to_vec())
-                .collect(),
-            svid.private_key().as_ref().to_vec(),
-        )
-        .unwrap();
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+        let key = pem::parse(std::fs::read(creds.join("svid.key")).unwrap())
+            .unwrap()
+            .into_contents();
+        let roots: Vec<Vec<u8>> = pem::parse_many(std::fs::read(creds.join("bundle.pem")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+        let identity = AgentSvid::from_parts(chain, key).unwrap();
         let verifier = Arc::new(ServerSvidVerifier::new(
             shared_roots(roots.clone()),
             format!("spiffe://{TD}/ztid/server"),
@@ -206,14 +198,14 @@ async fn remote_admin_roles_gate_every_rpc() {
         for (rpc, denied) in call_all(&mut client).await {
             assert_eq!(
                 !denied,
-                expected_allowed(&who, rpc),
+                expected_allowed(who, rpc),
                 "{who} calling {rpc}: denied={denied}"
             );
         }
     }
     // Without any client certificate the TLS handshake itself fails.
     let verifier = Arc::new(ServerSvidVerifier::new(
-        shared_roots(roots),
+        shared_roots(bundle_roots(&server)),
         format!("spiffe://{TD}/ztid/server"),
     ));
     let mut anon = AdminClient::new(
@@ -224,11 +216,12 @@ async fn remote_admin_roles_gate_every_rpc() {
     let log = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
     assert!(
         log.contains("\"admin_refused\"")
-            && log.contains("spiffe://example.org/ops/stranger has no admin role"),
+            && log.contains("spiffe://example.org/ztid/admin/stranger has no admin role"),
         "refusals audited"
     );
     assert!(
-        log.contains("\"admin_allowed\"") && log.contains("spiffe://example.org/ops/operator"),
+        log.contains("\"admin_allowed\"")
+            && log.contains("spiffe://example.org/ztid/admin/operator"),
         "allowed calls audited with the caller"
     );
 }

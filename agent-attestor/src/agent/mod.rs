@@ -530,7 +530,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                         .ok_or_else(|| Error::Config("cannot tell the trust domain from the trust bundle; set --trust-domain".into()))?;
                     Arc::new(ServerSvidVerifier::new(
                         shared_roots(roots.clone()),
-                        format!("spiffe://{td}/ztid/server"),
+                        crate::spiffe_id::server_id_of(&td)?,
                     ))
                 }
                 None => {
@@ -556,7 +556,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
     };
 
-    let server_id = format!("spiffe://{}/ztid/server", bundle.trust_domain);
+    let server_id = crate::spiffe_id::server_id_of(&bundle.trust_domain)?;
     let roots = shared_roots(bundle.x509_authorities.clone());
     let verifier = Arc::new(ServerSvidVerifier::new(roots.clone(), server_id.clone()));
     let node = Arc::new(ArcSwap::from_pointee(node_client::connect(

@@ -189,14 +189,10 @@ fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> 
     Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
 }
 
-/// Random hex of 16 bytes: the instance segment.
+/// A per-instance segment in the one form the server accepts (32 lowercase hex, 128
+/// random bits): the agent cannot choose a meaningful path, and the server checks it.
 fn random_segment() -> Result<String, Error> {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| Error::Config("no randomness".into()))?;
-    Ok(hex::encode(b))
+    crate::spiffe_id::new_instance_segment()
 }
 
 /// The workload side of the agent.

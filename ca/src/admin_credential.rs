@@ -1,0 +1,94 @@
+//! `ztid-server admin credential issue`: an admin X509-SVID for the remote admin API,
+//! made on the server's host. The key is generated here and never leaves this host's
+//! files; the server signs a CSR for it over its owner-only admin socket, as
+//! `spiffe://TD/ztid/admin/NAME`, an ID no entry can claim (so no remote role can be
+//! obtained through the roles it outranks).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use serde_json::json;
+use tonic::transport::Channel;
+use ztid_agent_attestor::svid::certs_to_pem;
+use ztid_proto::admin::{self as pb, admin_client::AdminClient};
+
+use crate::cli::Output;
+
+/// The files written into the output directory.
+pub const FILES: [&str; 3] = ["svid.pem", "svid.key", "bundle.pem"];
+
+/// Writes `data` to `dir/name` with `mode`, replacing any old file only once the new
+/// one is complete (a fresh file, so an old file's wider mode does not carry over).
+fn write_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), String> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name))
+        .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
+}
+
+/// Generates a key, has the server sign it as admin `name`, and writes
+/// `svid.pem` (chain), `svid.key` (PKCS#8, owner-only) and `bundle.pem` into `dir`.
+pub async fn issue(
+    client: &mut AdminClient<Channel>,
+    name: &str,
+    ttl_seconds: i64,
+    dir: &Path,
+    out: Output,
+) -> Result<(), String> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("generating a key: {e}"))?;
+    // No URI SAN: the server decides the ID (spiffe://TD/ztid/admin/NAME).
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| format!("making the CSR: {e}"))?
+        .der()
+        .to_vec();
+    let r = client
+        .issue_admin_svid(pb::IssueAdminSvidRequest {
+            name: name.to_string(),
+            csr,
+            ttl_seconds,
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let bundle = client
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner()
+        .bundle
+        .unwrap_or_default();
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let chain = certs_to_pem(r.cert_chain.iter().map(Vec::as_slice));
+    let roots = certs_to_pem(bundle.x509_authorities.iter().map(Vec::as_slice));
+    write_file(dir, FILES[1], key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(dir, FILES[0], chain.as_bytes(), 0o644)?;
+    write_file(dir, FILES[2], roots.as_bytes(), 0o644)?;
+    match out {
+        Output::Json => println!(
+            "{}",
+            json!({"spiffe_id": r.spiffe_id, "expires_at": r.expires_at,
+                "files": FILES.iter().map(|f| dir.join(f).display().to_string()).collect::<Vec<_>>()})
+        ),
+        Output::Text => println!("{}", r.spiffe_id),
+    }
+    Ok(())
+}

@@ -1,0 +1,1090 @@
+//! SPIFFE ID names, against the real binaries: ztid's reserved names (the server's,
+//! agents' and admins' identities) cannot be claimed by entries nor minted through
+//! the CSR path in any spelling; an agent cannot choose its instance segment; IDs are
+//! accepted in canonical spelling only at every entry point; the agent pins the
+//! server's identity; and no admin role can reach a higher one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+use ztid_agent_attestor::agent::node_client::{connect, mtls_channel};
+use ztid_agent_attestor::spiffe_id::new_instance_segment;
+use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_proto::admin::{self as apb, admin_client::AdminClient};
+use ztid_proto::node::{self as pb, node_client::NodeClient};
+use ztid_tests::*;
+
+const TD: &str = "example.org";
+const SERVER_ID: &str = "spiffe://example.org/ztid/server";
+
+// ---------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------
+
+async fn admin_socket(server: &Server) -> AdminClient<Channel> {
+    AdminClient::new(
+        ztid_proto::transport::unix_channel(server.admin_socket())
+            .await
+            .expect("admin socket"),
+    )
+}
+
+fn server_verifier(roots: Vec<Vec<u8>>) -> Arc<ServerSvidVerifier> {
+    Arc::new(ServerSvidVerifier::new(
+        shared_roots(roots),
+        SERVER_ID.to_string(),
+    ))
+}
+
+/// A node API client authenticated as `agent` (a compromised agent: its own SVID and key).
+fn as_agent(server: &Server, agent: &Agent) -> NodeClient<Channel> {
+    connect(
+        server.addr().parse().unwrap(),
+        server_verifier(bundle_roots(server)),
+        Some(agent.own_svid().certified_key().unwrap()),
+    )
+    .unwrap()
+}
+
+fn workload_entry(spiffe_id: &str, parent_id: &str) -> pb::Entry {
+    pb::Entry {
+        spiffe_id: spiffe_id.into(),
+        parent_id: parent_id.into(),
+        selectors: vec![pb::Selector {
+            r#type: "unix".into(),
+            value: "uid:4321".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Signs one raw CSR for `spiffe_id` under `entry`: the issued ID, or the refusal.
+async fn sign(
+    client: &mut NodeClient<Channel>,
+    entry: &str,
+    spiffe_id: &str,
+) -> Result<String, String> {
+    let r = client
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::SvidRequest {
+                entry_id: entry.into(),
+                csr: csr_for(spiffe_id),
+            }],
+        })
+        .await
+        .expect("the batch is answered")
+        .into_inner();
+    match r.results.into_iter().next().and_then(|r| r.result) {
+        Some(pb::svid_result::Result::Svid(s)) => Ok(s.spiffe_id),
+        Some(pb::svid_result::Result::Error(e)) => Err(e),
+        None => panic!("empty result"),
+    }
+}
+
+/// Mints one JWT-SVID for `spiffe_id` under `entry`.
+async fn mint_jwt(
+    client: &mut NodeClient<Channel>,
+    entry: &str,
+    spiffe_id: &str,
+) -> Result<String, String> {
+    let r = client
+        .mint_jwt_svids(pb::MintJwtSvidsRequest {
+            requests: vec![pb::JwtRequest {
+                entry_id: entry.into(),
+                spiffe_id: spiffe_id.into(),
+                audience: vec!["db".into()],
+            }],
+        })
+        .await
+        .expect("the batch is answered")
+        .into_inner();
+    match r.results.into_iter().next().and_then(|r| r.result) {
+        Some(pb::jwt_result::Result::Svid(s)) => Ok(s.spiffe_id),
+        Some(pb::jwt_result::Result::Error(e)) => Err(e),
+        None => panic!("empty result"),
+    }
+}
+
+fn assert_status<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: Code,
+    reason: &str,
+    what: &str,
+) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(
+                s.message().contains(reason),
+                "{what}: expected {reason:?}, got {:?}",
+                s.message()
+            );
+        }
+        Ok(v) => panic!("{what}: expected {code:?} ({reason}), got {v:?}"),
+    }
+}
+
+/// Every spelling of a reserved ID an operator might try, with the reason each gets.
+fn reserved_spellings(tail: &str) -> Vec<(String, &'static str)> {
+    let reserved = "reserved for ztid's own identities";
+    let canonical = "not a canonical SPIFFE ID";
+    let mut v = vec![
+        (format!("spiffe://example.org/ztid{tail}"), reserved),
+        (format!("spiffe://example.org/ZTID{tail}"), reserved),
+        (format!("spiffe://example.org/zTiD{tail}"), reserved),
+        (format!("spiffe://EXAMPLE.ORG/ztid{tail}"), canonical),
+        (format!("SPIFFE://example.org/ztid{tail}"), canonical),
+        (format!("spiffe://example.org/ztid{tail}/"), canonical),
+        (format!("spiffe://example.org//ztid{tail}"), canonical),
+        (format!("spiffe://example.org/./ztid{tail}"), canonical),
+        (format!("spiffe://example.org/x/../ztid{tail}"), canonical),
+        (format!("spiffe://example.org/%7atid{tail}"), canonical),
+        (
+            format!(
+                "spiffe://example.org/ztid%2F{}",
+                tail.trim_start_matches('/')
+            ),
+            canonical,
+        ),
+    ];
+    if tail.is_empty() {
+        v.push(("spiffe://example.org/ztid/".into(), canonical));
+    }
+    v
+}
+
+/// A child process killed when dropped (the harness's `Proc` waits for readiness we
+/// do not want here: these agents are meant to fail).
+struct Child(std::process::Child, PathBuf);
+
+impl Child {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_agent(server_addr: &str, bundle: &Path, token: &str, dir: &Path) -> Child {
+    let log = dir.join("agent.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin("ztid-agent"))
+        .args(["run", "--server", server_addr, "--trust-bundle"])
+        .arg(bundle)
+        .args(["--trust-domain", TD, "--join-token", token, "--socket"])
+        .arg(dir.join("api.sock"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Child(child, log)
+}
+
+/// What a fake node API server saw on one connection.
+#[derive(Debug)]
+enum Seen {
+    /// The client refused the handshake.
+    HandshakeRefused(String),
+    /// The handshake completed; these are the application bytes the client sent.
+    Data(Vec<u8>),
+}
+
+/// A fake node API endpoint presenting `chain`/`key`: it completes TLS 1.3 if the
+/// client accepts it, answers the HTTP/2 preface, and reports what the client sent.
+async fn fake_server(
+    chain: Vec<Vec<u8>>,
+    key_der: Vec<u8>,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            chain
+                .into_iter()
+                .map(rustls_pki_types::CertificateDer::from)
+                .collect(),
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key_der.into()),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Seen::HandshakeRefused(e.to_string()));
+                        return;
+                    }
+                };
+                // Server SETTINGS and an ACK of the client's, so the client sends its request.
+                let _ = tls
+                    .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+                    .await;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while got.len() < 64 * 1024 {
+                    match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = tx.send(Seen::Data(got));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An organisation root whose key the test holds (ztid runs under it as an
+/// intermediate), so the test can make certificates ztid itself would never issue.
+struct OrgRoot {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    cert_path: PathBuf,
+}
+
+impl OrgRoot {
+    fn new(dir: &Path) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Org root");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = p.self_signed(&key).unwrap();
+        let cert_path = dir.join("org.pem");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(dir.join("org.key"), key.serialize_pem()).unwrap();
+        Self {
+            cert,
+            key,
+            cert_path,
+        }
+    }
+
+    fn config(&self, dir: &Path, extra: &str) -> PathBuf {
+        let p = dir.join("server.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "{extra}\n[upstream]\ncert = {:?}\nkey_file = {:?}\n",
+                self.cert_path.display().to_string(),
+                dir.join("org.key").display().to_string()
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    /// A leaf with `uri` as its one URI SAN, signed by the root: (chain, PKCS#8 key).
+    fn leaf(&self, uri: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = rcgen::Issuer::from_ca_cert_der(self.cert.der(), &self.key).unwrap();
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (vec![cert.der().to_vec()], key.serialize_der())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Part 2: reserved names
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_cannot_claim_reserved_names_in_any_spelling() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let mut admin = admin_socket(&server).await;
+    // The reserved prefix without its trailing slash was the hole; every other spelling too.
+    for tail in [
+        "",
+        "/server",
+        "/agent/join-token/x",
+        "/admin",
+        "/admin/root",
+    ] {
+        for (id, reason) in reserved_spellings(tail) {
+            let r = admin
+                .create_entry(workload_entry(&id, &agent.spiffe_id))
+                .await;
+            assert_status(r, Code::InvalidArgument, reason, &format!("entry {id}"));
+            let mut shared = workload_entry(&id, &agent.spiffe_id);
+            shared.shared = true;
+            let r = admin.create_entry(shared).await;
+            assert_status(
+                r,
+                Code::InvalidArgument,
+                reason,
+                &format!("shared entry {id}"),
+            );
+            let alias = pb::Entry {
+                spiffe_id: id.clone(),
+                node: true,
+                selectors: vec![pb::Selector {
+                    r#type: "join-token".into(),
+                    value: "used".into(),
+                }],
+                ..Default::default()
+            };
+            let r = admin.create_entry(alias).await;
+            assert_status(
+                r,
+                Code::InvalidArgument,
+                reason,
+                &format!("node alias {id}"),
+            );
+            let r = admin
+                .create_join_token(apb::CreateJoinTokenRequest {
+                    ttl_seconds: 60,
+                    alias_spiffe_id: id.clone(),
+                })
+                .await;
+            assert_status(
+                r,
+                Code::InvalidArgument,
+                reason,
+                &format!("token alias {id}"),
+            );
+        }
+    }
+    // Parents under the reserved prefix must be exactly an agent ID.
+    for parent in [
+        SERVER_ID,
+        "spiffe://example.org/ztid",
+        "spiffe://example.org/ztid/admin/root",
+        "spiffe://example.org/ZTID/agent/join-token/x",
+    ] {
+        let r = admin
+            .create_entry(workload_entry("spiffe://example.org/w", parent))
+            .await;
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            "reserved and not an agent ID",
+            parent,
+        );
+    }
+    // The CLI says the same, in one line.
+    let r = server.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ztid",
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        "unix:uid:1",
+    ]);
+    assert!(
+        !r.ok && r.stderr.contains("reserved for ztid's own identities"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1);
+    // Nothing was stored.
+    assert_eq!(server.cli_ok(&["entry", "list", "--output", "json"]), "[]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_agent_cannot_mint_reserved_ids_or_choose_its_instance_segment() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let planner = entry_for_my_uid(&server, &agent, "spiffe://example.org/planner", &[]);
+    let db = entry_for_my_uid(&server, &agent, "spiffe://example.org/db", &["--shared"]);
+    let mut node = as_agent(&server, &agent);
+    let seg = new_instance_segment().unwrap();
+    // Controls: what the agent is entitled to is signed.
+    let good = format!("spiffe://example.org/planner/{seg}");
+    assert_eq!(sign(&mut node, &planner, &good).await.unwrap(), good);
+    assert_eq!(
+        sign(&mut node, &db, "spiffe://example.org/db")
+            .await
+            .unwrap(),
+        "spiffe://example.org/db"
+    );
+    assert_eq!(mint_jwt(&mut node, &planner, &good).await.unwrap(), good);
+
+    let reserved = "reserved for ztid's own identities, issued only by the server";
+    for id in [
+        SERVER_ID.to_string(),
+        format!("{}/agent/x", "spiffe://example.org/ztid"),
+        "spiffe://example.org/ztid/admin".to_string(),
+        "spiffe://example.org/ztid/admin/root".to_string(),
+        format!("spiffe://example.org/ztid/{seg}"),
+        format!("spiffe://example.org/ZTID/{seg}"),
+    ] {
+        for entry in [&planner, &db] {
+            let e = sign(&mut node, entry, &id).await.unwrap_err();
+            assert!(e.contains(reserved), "X.509 {id}: {e}");
+            let e = mint_jwt(&mut node, entry, &id).await.unwrap_err();
+            assert!(e.contains(reserved), "JWT {id}: {e}");
+        }
+    }
+    // An agent cannot pick a meaningful instance path: exactly 32 lowercase hex.
+    let form = "an instance segment must be 32 lowercase hex characters, as agents generate it";
+    for segment in [
+        "admin".to_string(),
+        "server".to_string(),
+        "z".repeat(32),
+        seg[..31].to_string(),
+        format!("{seg}0"),
+        seg.to_uppercase(),
+    ] {
+        let id = format!("spiffe://example.org/planner/{segment}");
+        let e = sign(&mut node, &planner, &id).await.unwrap_err();
+        assert!(e.contains(form), "X.509 {id}: {e}");
+        let e = mint_jwt(&mut node, &planner, &id).await.unwrap_err();
+        assert!(e.contains(form), "JWT {id}: {e}");
+    }
+    let e = sign(
+        &mut node,
+        &planner,
+        &format!("spiffe://example.org/planner/{seg}/admin"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("entitled only to spiffe://example.org/planner/<instance>"),
+        "{e}"
+    );
+    // Every refusal is logged with its reason; the audit log records them (aggregated
+    // per agent and kind of refusal).
+    let log = server.log_text();
+    assert!(log.contains("x509_svid_refused") && log.contains(reserved) && log.contains(form));
+    let audit = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    assert!(audit.contains("x509_svid_refused") && audit.contains(reserved));
+}
+
+/// The chain the attack used: whoever holds the server's identity receives an agent's
+/// join token and can redeem it at the real server. Reproduced with an identity made
+/// under the organisation root (the CSR path can no longer mint it, see above); and
+/// the agent refuses any other identity, including the server's in another spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
+    let org_dir = tempfile::tempdir().unwrap();
+    let org = OrgRoot::new(org_dir.path());
+    let cfg = org.config(org_dir.path(), "");
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let bundle = server.bundle_file();
+    let token = server.token();
+
+    // 1. A fake server holding spiffe://TD/ztid/server gets the token.
+    let (chain, key) = org.leaf(SERVER_ID);
+    let (addr, mut seen) = fake_server(chain, key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = spawn_agent(&addr, &bundle, &token, dir.path());
+    let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Seen::Data(bytes) = got else {
+        panic!("the handshake with the server's identity completes: {got:?}")
+    };
+    assert!(
+        bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the fake server received the join token"
+    );
+    drop(agent);
+    // ... and redeems it at the real server.
+    let stolen = Agent::start_with_token(&server, &token).expect("the stolen token attests");
+    assert!(stolen
+        .spiffe_id
+        .starts_with("spiffe://example.org/ztid/agent/join-token/"));
+
+    // 2. Any other identity is refused by the agent before it sends anything: the
+    //    server's ID spelled otherwise, a reserved sibling, an ordinary workload.
+    for presented in [
+        "SPIFFE://EXAMPLE.ORG/ztid/server",
+        "spiffe://EXAMPLE.ORG/ztid/server",
+        "spiffe://example.org/ZTID/server",
+        "spiffe://example.org/ztid/server/x",
+        "spiffe://example.org/ztid/admin/root",
+        "spiffe://example.org/planner",
+    ] {
+        let token = server.token();
+        let (chain, key) = org.leaf(presented);
+        let (addr, mut seen) = fake_server(chain, key).await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = spawn_agent(&addr, &bundle, &token, dir.path());
+        let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(got, Seen::HandshakeRefused(_)),
+            "{presented}: {got:?}"
+        );
+        let expected = if presented.starts_with("spiffe://example.org/") {
+            format!("server presented SPIFFE ID {presented}, expected {SERVER_ID}")
+        } else {
+            "not a canonical SPIFFE ID".to_string()
+        };
+        let log = wait_for("the agent's reason", READY_TIMEOUT, || {
+            let l = agent.log();
+            l.contains(&expected).then_some(l)
+        });
+        assert!(!log.contains("node attested"), "{presented}: {log}");
+        // The token was never sent, so it still works at the real server.
+        drop(agent);
+        Agent::start_with_token(&server, &token).expect("the token was not given away");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Part 4: one rule for SPIFFE IDs
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_ids_are_refused_at_every_entry_point() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let mut admin = admin_socket(&server).await;
+    let canonical = "not a canonical SPIFFE ID";
+    let spellings = [
+        ("SPIFFE://example.org/planner", "scheme must be lowercase"),
+        (
+            "spiffe://EXAMPLE.org/planner",
+            "trust domain must be lowercase",
+        ),
+        (
+            "spiffe://Example.Org/planner",
+            "trust domain must be lowercase",
+        ),
+        ("spiffe://example.org/%70lanner", "percent-encoding"),
+        ("spiffe://example.org/planner/", "trailing slash"),
+        ("spiffe://example.org//planner", "empty segment"),
+        ("spiffe://example.org/./planner", "'.' or '..'"),
+        (
+            "spiffe://example.org:8443/planner",
+            "trust domain may contain only",
+        ),
+    ];
+    for (id, why) in spellings {
+        // Admin API: entry IDs, parents, aliases, filters, agent IDs.
+        let r = admin
+            .create_entry(workload_entry(id, &agent.spiffe_id))
+            .await;
+        assert_status(r, Code::InvalidArgument, why, &format!("entry {id}"));
+        let r = admin
+            .create_entry(workload_entry("spiffe://example.org/w", id))
+            .await;
+        assert_status(r, Code::InvalidArgument, canonical, &format!("parent {id}"));
+        let r = admin
+            .create_join_token(apb::CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                alias_spiffe_id: id.into(),
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, why, &format!("alias {id}"));
+        let r = admin
+            .list_entries(apb::ListEntriesRequest {
+                spiffe_id: id.into(),
+                parent_id: String::new(),
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, why, &format!("filter {id}"));
+    }
+    let upper_agent = agent
+        .spiffe_id
+        .replacen("spiffe://example.org", "spiffe://EXAMPLE.ORG", 1);
+    for r in [
+        admin
+            .get_agent(apb::AgentId {
+                id: upper_agent.clone(),
+            })
+            .await,
+        admin
+            .evict_agent(apb::AgentId {
+                id: upper_agent.clone(),
+            })
+            .await,
+        admin
+            .ban_agent(apb::AgentId {
+                id: upper_agent.clone(),
+            })
+            .await,
+    ] {
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            "trust domain must be lowercase",
+            "agent id",
+        );
+    }
+    // The uppercase agent ID named a real agent under lenient parsing; it is untouched.
+    let (shown, _) = server.agent_record(&agent.spiffe_id);
+    assert_eq!(shown["banned"], false);
+    // Trust domains: federates_with, federation and bundle commands.
+    for f in [
+        "OTHER.org",
+        "SPIFFE://other.org",
+        "spiffe://other.org/x",
+        "other%2eorg",
+    ] {
+        let mut e = workload_entry("spiffe://example.org/w", &agent.spiffe_id);
+        e.federates_with = vec![f.into()];
+        let r = admin.create_entry(e).await;
+        assert_status(r, Code::InvalidArgument, "federates_with", f);
+        let r = admin
+            .create_federation(apb::Federation {
+                trust_domain: f.into(),
+                bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+                profile: "https_web".into(),
+                ..Default::default()
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, "trust domain", f);
+        let r = admin
+            .set_federated_bundle(apb::SetFederatedBundleRequest {
+                trust_domain: f.into(),
+                format: "pem".into(),
+                data: server.cli_ok(&["bundle", "show"]).into_bytes(),
+                ..Default::default()
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, "trust domain", f);
+    }
+    let r = admin
+        .create_federation(apb::Federation {
+            trust_domain: "other.org".into(),
+            bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+            profile: "https_spiffe".into(),
+            endpoint_spiffe_id: "spiffe://OTHER.org/ztid/server".into(),
+            trust_bundle: server.cli_ok(&["bundle", "show"]).into_bytes(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        "trust domain must be lowercase",
+        "endpoint ID",
+    );
+    assert_eq!(
+        server.cli_ok(&["entry", "list", "--output", "json"]),
+        "[]",
+        "nothing stored"
+    );
+
+    // Node API: CSR URI SANs and JWT-SVID requests, even for the entitled identity
+    // spelled otherwise.
+    let planner = entry_for_my_uid(&server, &agent, "spiffe://example.org/planner", &[]);
+    let mut node = as_agent(&server, &agent);
+    let seg = new_instance_segment().unwrap();
+    for (id, why) in [
+        (
+            format!("SPIFFE://example.org/planner/{seg}"),
+            "scheme must be lowercase",
+        ),
+        (
+            format!("spiffe://EXAMPLE.ORG/planner/{seg}"),
+            "trust domain must be lowercase",
+        ),
+        (
+            format!("spiffe://example.org/%70lanner/{seg}"),
+            "percent-encoding",
+        ),
+        (
+            format!("spiffe://example.org/planner/{seg}/"),
+            "trailing slash",
+        ),
+        (
+            format!("spiffe://example.org/planner//{seg}"),
+            "empty segment",
+        ),
+    ] {
+        let e = sign(&mut node, &planner, &id).await.unwrap_err();
+        assert!(e.contains(canonical) && e.contains(why), "X.509 {id}: {e}");
+        let e = mint_jwt(&mut node, &planner, &id).await.unwrap_err();
+        assert!(e.contains(canonical) && e.contains(why), "JWT {id}: {e}");
+    }
+
+    // Config: the server's trust domain and remote admin IDs, refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("ztid-server"))
+        .args(["run", "--trust-domain", "EXAMPLE.org", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--bind", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("trust domain must be lowercase"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Part 3: no admin role reaches a higher one
+// ---------------------------------------------------------------------------------
+
+/// A remote admin client holding the credential in `dir` (from `admin credential issue`).
+fn remote_admin(port: u16, dir: &Path) -> AdminClient<Channel> {
+    let chain = pem::parse_many(std::fs::read(dir.join("svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    let key = pem::parse(std::fs::read(dir.join("svid.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    let roots = pem::parse_many(std::fs::read(dir.join("bundle.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    remote_admin_as(port, roots, chain, key)
+}
+
+fn remote_admin_as(
+    port: u16,
+    roots: Vec<Vec<u8>>,
+    chain: Vec<Vec<u8>>,
+    key: Vec<u8>,
+) -> AdminClient<Channel> {
+    // Built by hand, not through AgentSvid (which, like the server, reads only
+    // canonical IDs): these tests present certificates ztid would never accept.
+    let signer = rustls::crypto::ring::sign::any_ecdsa_type(
+        &rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()),
+    )
+    .unwrap();
+    let identity = rustls::sign::CertifiedKey::new(
+        chain
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect(),
+        signer,
+    );
+    AdminClient::new(
+        mtls_channel(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            server_verifier(roots),
+            Some(Arc::new(identity)),
+        )
+        .unwrap(),
+    )
+}
+
+fn roles_config(port: u16, roles: &[(&str, &str)]) -> String {
+    let mut s = format!("[remote_admin]\nbind = \"127.0.0.1:{port}\"\n[remote_admin.roles]\n");
+    for (id, role) in roles {
+        s.push_str(&format!("{id:?} = [{role:?}]\n"));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_role_reaches_a_higher_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("server.toml");
+    let root_id = "spiffe://example.org/ztid/admin/root";
+    std::fs::write(
+        &cfg,
+        roles_config(
+            port,
+            &[
+                ("spiffe://example.org/ztid/admin/viewer", "viewer"),
+                ("spiffe://example.org/ztid/admin/ops", "operator"),
+                (root_id, "authority-admin"),
+            ],
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let agent = Agent::start(&server);
+    // Admin credentials come only from the server's host, over its admin socket.
+    let creds = |name: &str| {
+        let d = dir.path().join(name);
+        let id = server.cli_ok(&[
+            "admin",
+            "credential",
+            "issue",
+            "--name",
+            name,
+            "--write",
+            d.to_str().unwrap(),
+        ]);
+        assert_eq!(id, format!("spiffe://example.org/ztid/admin/{name}"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.join("svid.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is owner-only");
+        d
+    };
+    let mut viewer = remote_admin(port, &creds("viewer"));
+    let mut ops = remote_admin(port, &creds("ops"));
+    let mut root = remote_admin(port, &creds("root"));
+    for c in [&mut viewer, &mut ops, &mut root] {
+        c.health(apb::HealthRequest {})
+            .await
+            .expect("each credential works remotely");
+    }
+
+    // The old escalation: the operator makes an entry for the authority-admin's ID under
+    // an agent it controls. Refused in every spelling, as an entry, alias or token alias.
+    for (id, reason) in reserved_spellings("/admin/root") {
+        let r = ops
+            .create_entry(workload_entry(&id, &agent.spiffe_id))
+            .await;
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            reason,
+            &format!("operator entry {id}"),
+        );
+        let r = ops
+            .create_join_token(apb::CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                alias_spiffe_id: id.clone(),
+            })
+            .await;
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            reason,
+            &format!("operator alias {id}"),
+        );
+    }
+    // Nor through an entry it may create plus a compromised agent's CSR.
+    let ops_entry = ops
+        .create_entry(workload_entry(
+            "spiffe://example.org/ops/root",
+            &agent.spiffe_id,
+        ))
+        .await
+        .expect("an ordinary entry")
+        .into_inner()
+        .id;
+    let mut node = as_agent(&server, &agent);
+    let e = sign(&mut node, &ops_entry, root_id).await.unwrap_err();
+    assert!(e.contains("reserved for ztid's own identities"), "{e}");
+    let e = mint_jwt(&mut node, &ops_entry, root_id).await.unwrap_err();
+    assert!(e.contains("reserved for ztid's own identities"), "{e}");
+
+    // Nobody gets an admin credential remotely, whatever their role.
+    let csr = csr_for(root_id);
+    for (who, c) in [
+        ("viewer", &mut viewer),
+        ("operator", &mut ops),
+        ("authority-admin", &mut root),
+    ] {
+        let r = c
+            .issue_admin_svid(apb::IssueAdminSvidRequest {
+                name: "root".into(),
+                csr: csr.clone(),
+                ttl_seconds: 0,
+            })
+            .await;
+        assert_status(
+            r,
+            Code::PermissionDenied,
+            "served only on the admin socket",
+            who,
+        );
+    }
+    // Each role stays within its own calls.
+    let r = ops
+        .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
+        .await;
+    assert_status(
+        r,
+        Code::PermissionDenied,
+        "may not call PrepareAuthority",
+        "operator",
+    );
+    let r = ops
+        .set_federated_bundle(apb::SetFederatedBundleRequest {
+            trust_domain: "other.org".into(),
+            format: "pem".into(),
+            data: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(
+        r,
+        Code::PermissionDenied,
+        "may not call SetFederatedBundle",
+        "operator",
+    );
+    let r = viewer
+        .create_entry(workload_entry("spiffe://example.org/v", &agent.spiffe_id))
+        .await;
+    assert_status(
+        r,
+        Code::PermissionDenied,
+        "may not call CreateEntry",
+        "viewer",
+    );
+    let r = root
+        .create_entry(workload_entry("spiffe://example.org/r", &agent.spiffe_id))
+        .await;
+    assert_status(
+        r,
+        Code::PermissionDenied,
+        "may not call CreateEntry",
+        "authority-admin",
+    );
+    root.prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
+        .await
+        .expect("the authority-admin keeps its own role");
+
+    // Issuing is audited with the local caller.
+    let audit = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    assert!(audit.contains("admin_svid_issued") && audit.contains(root_id));
+    // A bad admin name is refused on the socket too.
+    let r = server.cli(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        "Root",
+        "--write",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!r.ok && r.stderr.contains("admin name"), "{}", r.stderr);
+}
+
+#[test]
+fn remote_admin_roles_only_bind_admin_identities() {
+    for (id, reason) in [
+        (
+            "spiffe://example.org/ops/root",
+            "admin identities must be spiffe://example.org/ztid/admin/NAME",
+        ),
+        (
+            "spiffe://example.org/ztid/server",
+            "admin identities must be",
+        ),
+        (
+            "spiffe://example.org/ztid/admin",
+            "admin identities must be",
+        ),
+        (
+            "spiffe://example.org/ztid/admin/a/b",
+            "admin identities must be",
+        ),
+        (
+            "spiffe://other.org/ztid/admin/root",
+            "admin identities must be",
+        ),
+        (
+            "SPIFFE://example.org/ztid/admin/root",
+            "scheme must be lowercase",
+        ),
+        (
+            "spiffe://EXAMPLE.ORG/ztid/admin/root",
+            "trust domain must be lowercase",
+        ),
+        ("spiffe://example.org/ztid/admin/root/", "trailing slash"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("server.toml");
+        std::fs::write(&cfg, roles_config(free_port(), &[(id, "authority-admin")])).unwrap();
+        let out = Command::new(bin("ztid-server"))
+            .args(["run", "--trust-domain", TD, "--data-dir"])
+            .arg(dir.path().join("d"))
+            .args(["--bind", &format!("127.0.0.1:{}", free_port()), "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{id}: the server must refuse to start"
+        );
+        assert!(err.contains(reason), "{id}: expected {reason:?}, got {err}");
+    }
+}
+
+/// The admin check compares canonical IDs only: a certificate spelling the
+/// authority-admin's ID in uppercase (made here under the organisation root, which
+/// ztid itself would never issue) gets nothing, while the canonical one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_check_accepts_only_the_canonical_spelling() {
+    let org_dir = tempfile::tempdir().unwrap();
+    let org = OrgRoot::new(org_dir.path());
+    let port = free_port();
+    let root_id = "spiffe://example.org/ztid/admin/root";
+    let cfg = org.config(
+        org_dir.path(),
+        &roles_config(port, &[(root_id, "authority-admin")]),
+    );
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let roots = bundle_roots(&server);
+    let (chain, key) = org.leaf(root_id);
+    remote_admin_as(port, roots.clone(), chain, key)
+        .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
+        .await
+        .expect("the canonical admin ID is admitted");
+    for spelled in [
+        "SPIFFE://EXAMPLE.ORG/ztid/admin/root",
+        "spiffe://EXAMPLE.org/ztid/admin/root",
+        "spiffe://example.org/ztid/admin/root/",
+        "spiffe://example.org/ztid/admin/%72oot",
+        "spiffe://example.org/ZTID/admin/root",
+    ] {
+        let (chain, key) = org.leaf(spelled);
+        let r = remote_admin_as(port, roots.clone(), chain, key)
+            .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
+            .await;
+        let e = r.expect_err(spelled);
+        // Non-canonical spellings fail the TLS handshake (the server reads no identity
+        // from them, so no role is even looked up); the uppercase path segment is a
+        // different, canonical ID, and it has no role.
+        if spelled.contains("ZTID") {
+            assert_eq!(e.code(), Code::PermissionDenied, "{spelled}: {e}");
+            assert!(e.message().contains("has no admin role"), "{spelled}: {e}");
+        } else {
+            assert!(
+                matches!(
+                    e.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                ),
+                "{spelled}: a transport failure, not a role decision: {e}"
+            );
+        }
+    }
+    let audit = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    let allowed = audit
+        .lines()
+        .filter(|l| l.contains("\"admin_allowed\"") && l.contains("PrepareAuthority"))
+        .count();
+    assert_eq!(allowed, 1, "only the canonical admin was admitted");
+    assert!(
+        !audit.contains("SPIFFE://EXAMPLE.ORG"),
+        "no other spelling was ever admitted"
+    );
+}
