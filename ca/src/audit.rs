@@ -2,60 +2,68 @@
 //!
 //! Every security event is one JSON line in `DATA_DIR/audit/audit.log`:
 //! `{"seq":N,"time_ms":T,"prev":"<hex SHA-256 of the previous line>","event":{...}}`.
-//! Changing, deleting or reordering any line breaks the hash chain. At intervals a
-//! *checkpoint* line carries an ECDSA signature, by the audit key in the key manager,
-//! over its own sequence number and `prev`, and after every write the signed *head*
-//! (`audit/head.json`: last sequence number and line hash) is replaced, so cutting
-//! the tail is caught too. `ztid-server audit verify` walks all of it and names the
-//! first bad record.
+//! Changing, deleting or reordering any line breaks the hash chain. What makes the
+//! chain the *server's* (see [`format`] for the bytes each signature covers):
+//!
+//! - At every start the server makes an in-memory Ed25519 *session key*, and a
+//!   *checkpoint* line signed by the audit key (in the key manager) certifies it;
+//!   further checkpoints follow every 10 s or 10,000 records.
+//! - Every batch the writer makes durable ends with a *seal* line signed by the
+//!   session key, in the same write and the same `fdatasync`. A record is the
+//!   server's only if a seal follows it; nothing acknowledged is ever unsealed, and
+//!   no one can seal without the session key, which dies with the process.
+//! - The last sealed record is *anchored* outside the log ([`anchor`]): in the
+//!   datastore (after every batch; only forward), in the signed `head.json` (every
+//!   50 ms), and in checkpoints exported for an off-host witness (`audit checkpoint`).
+//!
+//! At start ([`recovery`]) records after the last seal are never chained onto: they
+//! go to `quarantine.log` (an error is logged, `ztid_audit_tamper_detected` is set
+//! and the log records what was set aside), and a log that no longer reaches an
+//! anchor (cut back, rewritten, removed) stops the server. `ztid-server audit verify`
+//! walks all of it, names the first bad record, and fails on unsealed records unless
+//! told `--allow-unsigned-tail`.
 //!
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
 //! the writer thread has `fdatasync`ed past it; writes are batched, so many
-//! concurrent mints share one sync. No SVID leaves the server before its record is
-//! durable. The signed head trails the log by at most 50 ms (records after it are
-//! reported by `verify` as not yet anchored). A torn last line (a crash mid-write) is cut at the next start, before
-//! anything is appended; it was never acknowledged, so nothing was issued for it.
+//! concurrent mints share one sync and one seal. No SVID leaves the server before its
+//! record is durable and sealed.
+
+mod anchor;
+mod checkpoint;
+pub mod format;
+mod recovery;
+mod session;
+mod verify;
+
+pub use anchor::{Anchor, NamedAnchor};
+pub use checkpoint::{export_checkpoint, read_checkpoint_file, ExportedCheckpoint};
+pub use recovery::Quarantined;
+pub use verify::{verify, verify_with, VerifyOptions, VerifyReport};
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use ring::digest;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use ztid_hsm::{KeyAlgorithm, KeyManager, SignatureFormat};
 
+use crate::datastore::DataStore;
 use crate::{Error, Result};
+use format::{checkpoint_message, head_message, now_ms, sha256_hex, AuditKeyVerifier};
+use format::{HEAD_FILE, KEY_ID_FILE, LOG_FILE};
+use session::SessionKey;
 
-const LOG_FILE: &str = "audit.log";
-const HEAD_FILE: &str = "head.json";
-const KEY_ID_FILE: &str = "key_id";
 /// A checkpoint at least this often (by time)...
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...or by count.
 const CHECKPOINT_RECORDS: u64 = 10_000;
-/// How far the signed head may trail the log.
+/// How far `head.json` may trail the log (the datastore anchor follows every batch).
 const HEAD_EVERY: Duration = Duration::from_millis(50);
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(digest::digest(&digest::SHA256, b).as_ref())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// What a checkpoint or head signature covers.
-fn signed_message(kind: &str, seq: u64, hash: &str) -> Vec<u8> {
-    format!("ztid-audit-{kind}\n{seq}\n{hash}").into_bytes()
-}
 
 struct Chain {
     next_seq: u64,
@@ -73,84 +81,130 @@ struct Shared {
     failed: Mutex<Option<String>>,
 }
 
+/// The last sealed, durable record, and whether the anchors have caught up with it.
+#[derive(Default)]
+struct Sealed {
+    latest: Option<Anchor>,
+    head_written: u64,
+}
+
+/// How [`AuditLog::open_with`] anchors the log.
+#[derive(Default, Clone)]
+pub struct AuditOptions {
+    /// The datastore to keep the anchor in (the server always gives it).
+    pub store: Option<Arc<dyn DataStore>>,
+    /// Continue although the log no longer reaches its anchors, recording this reason
+    /// (`audit accept-rollback`); `None` refuses to open such a log.
+    pub accept_rollback: Option<String>,
+}
+
 /// The audit log writer.
 pub struct AuditLog {
     dir: PathBuf,
     shared: Arc<Shared>,
     key_manager: Arc<dyn KeyManager>,
     key_id: String,
+    session: SessionKey,
+    store: Option<Arc<dyn DataStore>>,
+    sealed: Mutex<Sealed>,
+    quarantined: Option<Quarantined>,
+    accepted_rollback: Vec<String>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("audit log {}", path.display()))(e)
 }
 
-/// Reads the log's last complete line, cutting a torn tail; returns (next seq, last hash).
-fn recover(path: &Path) -> Result<(u64, String)> {
-    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((1, String::new())),
-        Err(e) => return Err(io(path)(e)),
-    };
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).map_err(io(path))?;
-    let complete = bytes
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map(|i| i + 1)
-        .unwrap_or(0);
-    if complete < bytes.len() {
-        tracing::warn!(
-            event = "audit_torn_tail",
-            bytes = bytes.len() - complete,
-            "cutting a torn, never-acknowledged last audit record"
-        );
-        f.set_len(complete as u64).map_err(io(path))?;
-        f.sync_data().map_err(io(path))?;
+/// The audit key's id in `dir`, created (with the key) on first use when `create`.
+fn audit_key_id(dir: &Path, key_manager: &dyn KeyManager, create: bool) -> Result<String> {
+    let key_file = dir.join(KEY_ID_FILE);
+    match std::fs::read_to_string(&key_file) {
+        Ok(id) => Ok(id.trim().to_string()),
+        Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("audit-{}", crate::authority::random_hex(8)?);
+            key_manager.generate(&id, KeyAlgorithm::EcdsaP256)?;
+            std::fs::write(&key_file, &id).map_err(io(&key_file))?;
+            Ok(id)
+        }
+        Err(e) => Err(io(&key_file)(e)),
     }
-    let body = &bytes[..complete];
-    let Some(last) = body[..body.len().saturating_sub(1)]
-        .split(|b| *b == b'\n')
-        .next_back()
-        .filter(|l| !l.is_empty())
-    else {
-        return Ok((1, String::new()));
-    };
-    let v: Value = serde_json::from_slice(last)
-        .map_err(|e| Error::Store(format!("audit log last record unreadable: {e}")))?;
-    let seq = v["seq"]
-        .as_u64()
-        .ok_or_else(|| Error::Store("audit log last record has no seq".into()))?;
-    Ok((seq + 1, sha256_hex(last)))
 }
 
 impl AuditLog {
-    /// Opens (creating) the log in `dir`, with its signing key in `key_manager`.
+    /// Opens (creating) the log in `dir`, with its signing key in `key_manager` and no
+    /// anchor outside the directory (tests; the server uses [`AuditLog::open_with`]).
     pub fn open(dir: &Path, key_manager: Arc<dyn KeyManager>) -> Result<Arc<Self>> {
+        Self::open_with(dir, key_manager, AuditOptions::default())
+    }
+
+    /// Opens (creating) the log in `dir`: checks it against its anchors, sets aside
+    /// records nobody signed, starts a session and the writer thread.
+    pub fn open_with(
+        dir: &Path,
+        key_manager: Arc<dyn KeyManager>,
+        options: AuditOptions,
+    ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let key_file = dir.join(KEY_ID_FILE);
-        let key_id = match std::fs::read_to_string(&key_file) {
-            Ok(id) => id.trim().to_string(),
-            Err(_) => {
-                let id = format!("audit-{}", crate::authority::random_hex(8)?);
-                key_manager.generate(&id, KeyAlgorithm::EcdsaP256)?;
-                std::fs::write(&key_file, &id).map_err(io(&key_file))?;
-                id
+        let key_id = audit_key_id(dir, key_manager.as_ref(), true)?;
+        let verifier = AuditKeyVerifier::new(key_manager.public_key(&key_id)?.raw);
+        let mut anchors = Vec::new();
+        let head = match anchor::read_head(dir, &verifier) {
+            anchor::Head::Valid(a) => {
+                anchors.push(NamedAnchor {
+                    source: "the signed head (head.json)".into(),
+                    anchor: a.clone(),
+                });
+                Some(a)
+            }
+            anchor::Head::Absent => None,
+            anchor::Head::Unreadable(e) => {
+                tracing::warn!(event = "audit_head_unreadable", error = %e, "audit head.json unreadable; ignored (the datastore anchor still applies)");
+                None
+            }
+            anchor::Head::BadSignature => {
+                tracing::error!(
+                    event = "audit_tamper_detected",
+                    "audit head.json is not signed by the audit key; ignored"
+                );
+                crate::metrics::audit_tamper_detected(0);
+                None
             }
         };
-        key_manager.public_key(&key_id)?;
+        if let Some(store) = &options.store {
+            if let Some(a) = anchor::from_datastore(store.as_ref())? {
+                anchors.push(a);
+            }
+        }
         let path = dir.join(LOG_FILE);
-        let (next_seq, prev) = recover(&path)?;
+        let recovered = recovery::recover(
+            &path,
+            &verifier,
+            head.as_ref(),
+            &anchors,
+            options.accept_rollback.is_some(),
+        )?;
+        if !recovered.accepted_rollback.is_empty() {
+            // The operator's decision: the anchors restart from the log as it is.
+            let at = recovered.trusted.clone().unwrap_or(Anchor {
+                seq: 0,
+                hash: "0".repeat(64),
+            });
+            if let Some(store) = &options.store {
+                store.replace_audit_anchor(at.seq, &anchor::datastore_record(&at))?;
+            }
+            let _ = std::fs::remove_file(dir.join(HEAD_FILE));
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        let next_seq = recovered.next_seq;
         let (durable, _) = watch::channel(next_seq - 1);
         let shared = Arc::new(Shared {
             chain: Mutex::new(Chain {
                 next_seq,
-                prev,
+                prev: recovered.prev.clone(),
                 pending: Vec::new(),
                 pending_last: next_seq - 1,
                 since_checkpoint: 0,
@@ -165,13 +219,67 @@ impl AuditLog {
             shared,
             key_manager,
             key_id,
+            session: SessionKey::generate()?,
+            store: options.store.clone(),
+            sealed: Mutex::new(Sealed {
+                latest: recovered.trusted.clone(),
+                head_written: 0,
+            }),
+            quarantined: recovered.quarantined.clone(),
+            accepted_rollback: recovered.accepted_rollback.clone(),
         });
+        {
+            let mut c = log.lock_chain()?;
+            // The session starts with a checkpoint that certifies its key.
+            log.push_checkpoint(&mut c)?;
+            if let Some(q) = &recovered.quarantined {
+                tracing::error!(
+                    event = "audit_tamper_detected",
+                    records = q.records,
+                    bytes = q.bytes,
+                    after_seq = recovered.trusted.as_ref().map_or(0, |t| t.seq),
+                    file = %dir.join(format::QUARANTINE_FILE).display(),
+                    "audit log: records after the last one the server signed were set aside, not chained onto (appended while the server was stopped, or left by a crash before they were acknowledged)"
+                );
+                crate::metrics::audit_tamper_detected(q.records);
+                log.push(
+                    &mut c,
+                    json!({"event": {"type": "audit_unsigned_records_quarantined",
+                        "records": q.records, "bytes": q.bytes, "sha256": q.sha256,
+                        "claimed_first_seq": q.first_seq, "claimed_last_seq": q.last_seq,
+                        "file": format::QUARANTINE_FILE}}),
+                )?;
+            }
+            if !recovered.accepted_rollback.is_empty() {
+                tracing::error!(
+                    event = "audit_rollback_accepted",
+                    reason = options.accept_rollback.as_deref().unwrap_or_default(),
+                    anchors = ?recovered.accepted_rollback,
+                    "audit log: continuing from a log that no longer reaches its anchors, on the operator's word"
+                );
+                crate::metrics::audit_tamper_detected(0);
+                log.push(
+                    &mut c,
+                    json!({"event": {"type": "audit_rollback_accepted",
+                        "reason": options.accept_rollback.clone().unwrap_or_default(),
+                        "anchors_not_reached": recovered.accepted_rollback}}),
+                )?;
+            }
+        }
         let writer = log.clone();
         std::thread::Builder::new()
             .name("ztid-audit".into())
             .spawn(move || writer.run_writer(file))
             .map_err(io(dir))?;
+        log.shared.wake.notify_one();
         Ok(log)
+    }
+
+    fn lock_chain(&self) -> Result<std::sync::MutexGuard<'_, Chain>> {
+        self.shared
+            .chain
+            .lock()
+            .map_err(|_| Error::Store("audit lock poisoned".into()))
     }
 
     /// Appends `event`; returns its sequence number (await [`AuditLog::durable`] before acting on it).
@@ -179,11 +287,7 @@ impl AuditLog {
         if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
             return Err(Error::Store(format!("audit log unavailable: {e}")));
         }
-        let mut c = self
-            .shared
-            .chain
-            .lock()
-            .map_err(|_| Error::Store("audit lock poisoned".into()))?;
+        let mut c = self.lock_chain()?;
         let seq = self.push(&mut c, json!({"event": event}))?;
         if c.since_checkpoint >= CHECKPOINT_RECORDS
             || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
@@ -224,30 +328,40 @@ impl AuditLog {
     }
 
     fn push_checkpoint(&self, c: &mut Chain) -> Result<()> {
-        let sig = self.sign(&signed_message("checkpoint", c.next_seq, &c.prev))?;
+        let session_key = self.session.public_b64();
+        let sig = self.sign(&checkpoint_message(c.next_seq, &c.prev, session_key))?;
         self.push(
             c,
-            json!({"checkpoint": {"key_id": self.key_id, "sig": sig}}),
+            json!({"checkpoint": {"key_id": self.key_id, "session_key": session_key, "sig": sig}}),
         )?;
         c.since_checkpoint = 0;
         c.last_checkpoint = Instant::now();
         Ok(())
     }
 
+    /// Ends the pending batch with a seal; returns (its sequence number, its hash).
+    fn push_seal(&self, c: &mut Chain) -> Result<Anchor> {
+        let sig = self.session.seal(c.next_seq, &c.prev);
+        let seq = self.push(c, json!({"seal": {"sig": sig}}))?;
+        c.since_checkpoint -= 1; // seals do not count towards the next checkpoint
+        Ok(Anchor {
+            seq,
+            hash: c.prev.clone(),
+        })
+    }
+
     fn run_writer(self: Arc<Self>, mut file: File) {
-        // The signed head trails the log by at most HEAD_EVERY: signing and renaming it
-        // after every batch would cost more than the batch's own fdatasync.
-        let mut head_at: Option<(u64, String)> = None;
         let mut last_head = Instant::now()
             .checked_sub(HEAD_EVERY)
             .unwrap_or_else(Instant::now);
+        let mut head_due = false;
         loop {
             let next = {
                 let Ok(mut c) = self.shared.chain.lock() else {
                     return;
                 };
                 while c.pending.is_empty() {
-                    let wait = if head_at.is_some() {
+                    let wait = if head_due {
                         HEAD_EVERY
                     } else {
                         CHECKPOINT_EVERY
@@ -265,49 +379,104 @@ impl AuditLog {
                             tracing::error!(error = %e, "audit checkpoint failed");
                         }
                     }
-                    if timeout && c.pending.is_empty() && head_at.is_some() {
+                    if timeout && c.pending.is_empty() && head_due {
                         break;
                     }
                 }
-                (!c.pending.is_empty()).then(|| {
-                    (
-                        std::mem::take(&mut c.pending),
-                        c.pending_last,
-                        c.prev.clone(),
-                    )
-                })
+                if c.pending.is_empty() {
+                    None
+                } else {
+                    // The seal goes out in the same write and sync as what it covers.
+                    match self.push_seal(&mut c) {
+                        Ok(sealed) => Some((std::mem::take(&mut c.pending), sealed)),
+                        Err(e) => {
+                            self.fail(&e.to_string());
+                            return;
+                        }
+                    }
+                }
             };
-            if let Some((batch, last, hash)) = next {
+            if let Some((batch, sealed)) = next {
                 let result = file.write_all(&batch).and_then(|_| file.sync_data());
                 if let Err(e) = result {
-                    // Fail closed: no further record is accepted, so nothing more is issued.
-                    tracing::error!(event = "audit_write_failed", error = %e, "audit log write failed; refusing all issuance");
-                    if let Ok(mut f) = self.shared.failed.lock() {
-                        *f = Some(e.to_string());
-                    }
+                    self.fail(&e.to_string());
                     return;
                 }
-                // Durable: answer the waiting calls before anything else.
-                self.shared.durable.send_replace(last);
-                head_at = Some((last, hash));
-            }
-            if last_head.elapsed() >= HEAD_EVERY {
-                if let Some((seq, hash)) = head_at.take() {
-                    if let Err(e) = self.write_head(seq, &hash) {
-                        tracing::warn!(error = %e, "audit head update failed");
-                    }
-                    last_head = Instant::now();
+                // Durable and sealed. The anchor first (an in-memory insert, microseconds),
+                // so that whoever learns a record is durable finds it anchored too.
+                self.advance_datastore_anchor(&sealed);
+                let seq = sealed.seq;
+                if let Ok(mut s) = self.sealed.lock() {
+                    s.latest = Some(sealed);
                 }
+                self.shared.durable.send_replace(seq);
+                head_due = true;
+            }
+            if head_due && last_head.elapsed() >= HEAD_EVERY {
+                self.write_head();
+                head_due = false;
+                last_head = Instant::now();
             }
         }
     }
 
-    fn write_head(&self, seq: u64, hash: &str) -> Result<()> {
-        let sig = self.sign(&signed_message("head", seq, hash))?;
-        let head = json!({"seq": seq, "hash": hash, "key_id": self.key_id, "sig": sig});
-        let tmp = self.dir.join("head.json.tmp");
-        std::fs::write(&tmp, head.to_string()).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, self.dir.join(HEAD_FILE)).map_err(io(&tmp))
+    /// Fail closed: no further record is accepted, so nothing more is issued.
+    fn fail(&self, e: &str) {
+        tracing::error!(event = "audit_write_failed", error = %e, "audit log write failed; refusing all issuance");
+        if let Ok(mut f) = self.shared.failed.lock() {
+            *f = Some(e.to_string());
+        }
+    }
+
+    fn advance_datastore_anchor(&self, a: &Anchor) {
+        if let Some(store) = &self.store {
+            // An in-memory insert; the datastore makes it durable within its flush interval.
+            if let Err(e) = store.advance_audit_anchor(a.seq, &anchor::datastore_record(a)) {
+                tracing::warn!(error = %e, "audit anchor update in the datastore failed");
+            }
+        }
+    }
+
+    /// Signs and replaces `head.json` for the last sealed record, if it moved.
+    fn write_head(&self) {
+        let Ok(mut s) = self.sealed.lock() else {
+            return;
+        };
+        let Some(a) = s.latest.clone() else { return };
+        if a.seq == s.head_written {
+            return;
+        }
+        let result = self.sign(&head_message(a.seq, &a.hash)).and_then(|sig| {
+            let head = json!({"seq": a.seq, "hash": a.hash, "key_id": self.key_id, "sig": sig});
+            let tmp = self.dir.join("head.json.tmp");
+            std::fs::write(&tmp, head.to_string()).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, self.dir.join(HEAD_FILE)).map_err(io(&tmp))
+        });
+        match result {
+            Ok(()) => s.head_written = a.seq,
+            Err(e) => tracing::warn!(error = %e, "audit head update failed"),
+        }
+    }
+
+    /// Drains the writer and brings every anchor up to the last record (at shutdown:
+    /// a cleanly stopped log ends with a seal, and its anchors name that seal).
+    pub async fn close(&self) -> Result<()> {
+        self.durable(self.last_seq()).await?;
+        self.write_head();
+        if let Some(store) = &self.store {
+            store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// What this start set aside (records after the last signed one), if anything.
+    pub fn quarantined(&self) -> Option<&Quarantined> {
+        self.quarantined.as_ref()
+    }
+
+    /// The anchors this start found out of reach and accepted (`accept_rollback`).
+    pub fn accepted_rollback(&self) -> &[String] {
+        &self.accepted_rollback
     }
 
     /// The sequence number of the last record appended.
@@ -319,7 +488,7 @@ impl AuditLog {
             .unwrap_or(0)
     }
 
-    /// Resolves once every record up to `seq` is on disk.
+    /// Resolves once every record up to `seq` is on disk and sealed.
     pub async fn durable(&self, seq: u64) -> Result<()> {
         let mut rx = self.shared.durable.subscribe();
         loop {
@@ -339,234 +508,459 @@ impl AuditLog {
     }
 }
 
-/// Result of a successful verification.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Records read.
-    pub records: u64,
-    /// Checkpoints whose signature verified.
-    pub checkpoints: u64,
-    /// The signed head's sequence number.
-    pub head_seq: u64,
-    /// Records after the signed head (written after its last update; not anchored).
-    pub unanchored_tail: u64,
-}
-
-/// Walks the whole log in `dir`: every hash link, every checkpoint signature, the
-/// signed head. `Err` names the first bad record.
-pub fn verify(
-    dir: &Path,
-    key_manager: &dyn KeyManager,
-) -> std::result::Result<VerifyReport, String> {
-    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
-    let key_id = std::fs::read_to_string(dir.join(KEY_ID_FILE))
-        .map_err(|e| format!("no audit key id in {}: {e}", dir.display()))?;
-    let key_id = key_id.trim();
-    let public = key_manager
-        .public_key(key_id)
-        .map_err(|e| format!("audit key {key_id}: {e}"))?;
-    let check_sig = |msg: &[u8], sig_b64: &str| -> bool {
-        B64.decode(sig_b64).ok().is_some_and(|sig| {
-            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &public.raw)
-                .verify(msg, &sig)
-                .is_ok()
-        })
-    };
-    let head: Value = serde_json::from_slice(
-        &std::fs::read(dir.join(HEAD_FILE)).map_err(|e| format!("no signed head: {e}"))?,
-    )
-    .map_err(|e| format!("signed head unreadable: {e}"))?;
-    let head_seq = head["seq"].as_u64().ok_or("signed head has no seq")?;
-    let head_hash = head["hash"].as_str().ok_or("signed head has no hash")?;
-    if !check_sig(
-        &signed_message("head", head_seq, head_hash),
-        head["sig"].as_str().unwrap_or_default(),
-    ) {
-        return Err("signed head: signature does not verify".into());
-    }
-    let f = File::open(dir.join(LOG_FILE)).map_err(|e| format!("audit log: {e}"))?;
-    let mut reader = BufReader::new(f);
-    let mut prev = String::new();
-    let mut expected = 1u64;
-    let mut checkpoints = 0;
-    let mut head_found = false;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("audit log: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        let at = format!("record {expected}");
-        if line.last() != Some(&b'\n') {
-            return Err(format!("{at}: truncated (no line end)"));
-        }
-        let body = &line[..line.len() - 1];
-        let v: Value =
-            serde_json::from_slice(body).map_err(|e| format!("{at}: not valid JSON ({e})"))?;
-        let seq = v["seq"].as_u64().ok_or_else(|| format!("{at}: no seq"))?;
-        if seq != expected {
-            return Err(format!(
-                "{at}: sequence number is {seq} (a record was deleted, inserted or moved)"
-            ));
-        }
-        if v["prev"].as_str() != Some(prev.as_str()) {
-            return Err(format!(
-                "{at}: does not chain to the record before it (changed, deleted or reordered)"
-            ));
-        }
-        if let Some(cp) = v.get("checkpoint") {
-            if !check_sig(
-                &signed_message("checkpoint", seq, &prev),
-                cp["sig"].as_str().unwrap_or_default(),
-            ) {
-                return Err(format!("{at}: checkpoint signature does not verify"));
-            }
-            checkpoints += 1;
-        }
-        prev = sha256_hex(body);
-        if seq == head_seq {
-            if prev != head_hash {
-                return Err(format!("{at}: differs from the signed head"));
-            }
-            head_found = true;
-        }
-        expected += 1;
-    }
-    if !head_found {
-        return Err(format!(
-            "the log ends at record {} but the signed head is at record {head_seq}: records were cut from the end",
-            expected - 1
-        ));
-    }
-    Ok(VerifyReport {
-        records: expected - 1,
-        checkpoints,
-        head_seq,
-        unanchored_tail: expected - 1 - head_seq,
-    })
-}
-
 /// The log file inside an audit directory.
 pub fn log_path(dir: &Path) -> PathBuf {
     dir.join(LOG_FILE)
 }
 
+/// The audit key's id and verifier for an existing audit directory (offline verbs).
+fn existing_key(
+    dir: &Path,
+    key_manager: &dyn KeyManager,
+) -> std::result::Result<(String, AuditKeyVerifier, Vec<u8>), String> {
+    let key_id = audit_key_id(dir, key_manager, false)
+        .map_err(|e| format!("no audit key id in {}: {e}", dir.display()))?;
+    let public = key_manager
+        .public_key(&key_id)
+        .map_err(|e| format!("audit key {key_id}: {e}"))?;
+    Ok((key_id, AuditKeyVerifier::new(public.raw), public.spki_der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::SledStore;
     use ztid_hsm::SoftwareKeyManager;
 
-    fn write(dir: &Path, n: usize) -> Arc<dyn KeyManager> {
-        let km: Arc<dyn KeyManager> = Arc::new(SoftwareKeyManager::open(dir.join("keys")).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let log = AuditLog::open(&dir.join("audit"), km.clone()).unwrap();
-        let mut last = 0;
-        for i in 0..n {
-            last = log
-                .append(json!({"type": "x509_svid_issued", "serial": format!("{i:04}")}))
+    struct Fixture {
+        dir: tempfile::TempDir,
+        km: Arc<dyn KeyManager>,
+        store: Arc<dyn DataStore>,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let km: Arc<dyn KeyManager> =
+                Arc::new(SoftwareKeyManager::open(dir.path().join("keys")).unwrap());
+            let store: Arc<dyn DataStore> =
+                Arc::new(SledStore::open(&dir.path().join("datastore")).unwrap());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
                 .unwrap();
-            if i == n / 2 {
-                let mut c = log.shared.chain.lock().unwrap();
-                log.push_checkpoint(&mut c).unwrap();
-            }
+            Self { dir, km, store, rt }
         }
-        rt.block_on(log.durable(last)).unwrap();
-        // The signed head trails the log by up to HEAD_EVERY.
-        std::thread::sleep(HEAD_EVERY * 3);
-        km
+
+        fn audit(&self) -> PathBuf {
+            self.dir.path().join("audit")
+        }
+
+        fn open(&self) -> Result<Arc<AuditLog>> {
+            AuditLog::open_with(
+                &self.audit(),
+                self.km.clone(),
+                AuditOptions {
+                    store: Some(self.store.clone()),
+                    accept_rollback: None,
+                },
+            )
+        }
+
+        /// A server run: open, `n` events (a checkpoint in the middle), clean stop.
+        fn run(&self, n: usize) -> Arc<AuditLog> {
+            let log = self.open().unwrap();
+            let mut last = 0;
+            for i in 0..n {
+                last = log
+                    .append(json!({"type": "x509_svid_issued", "serial": format!("{i:04}")}))
+                    .unwrap();
+                if i == n / 2 {
+                    let mut c = log.shared.chain.lock().unwrap();
+                    log.push_checkpoint(&mut c).unwrap();
+                }
+            }
+            self.rt.block_on(log.durable(last)).unwrap();
+            self.rt.block_on(log.close()).unwrap();
+            log
+        }
+
+        fn verify(&self) -> std::result::Result<VerifyReport, String> {
+            verify(&self.audit(), self.km.as_ref())
+        }
+
+        fn lines(&self) -> Vec<String> {
+            std::fs::read_to_string(log_path(&self.audit()))
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+
+        fn put(&self, lines: &[String]) {
+            std::fs::write(
+                log_path(&self.audit()),
+                lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+            )
+            .unwrap();
+        }
+
+        /// Appends a correctly hash-linked event, as anyone who can write the file can.
+        fn append_linked(&self, event: Value) -> String {
+            let lines = self.lines();
+            let last = lines.last().unwrap();
+            let seq = serde_json::from_str::<Value>(last).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            let forged = format!(
+                "{{\"seq\":{},\"time_ms\":1,\"prev\":\"{}\",\"event\":{event}}}",
+                seq + 1,
+                sha256_hex(last.as_bytes())
+            );
+            let mut all = lines.clone();
+            all.push(forged.clone());
+            self.put(&all);
+            forged
+        }
+
+        fn quarantine(&self) -> String {
+            std::fs::read_to_string(self.audit().join(format::QUARANTINE_FILE)).unwrap_or_default()
+        }
     }
 
-    fn lines(dir: &Path) -> Vec<String> {
-        std::fs::read_to_string(log_path(&dir.join("audit")))
+    fn seq_of(line: &str) -> u64 {
+        serde_json::from_str::<Value>(line).unwrap()["seq"]
+            .as_u64()
             .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn put(dir: &Path, lines: &[String]) {
-        std::fs::write(
-            log_path(&dir.join("audit")),
-            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-        )
-        .unwrap();
     }
 
     #[test]
-    fn intact_log_verifies_and_reopens_where_it_left_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let km = write(dir.path(), 10);
-        let r = verify(&dir.path().join("audit"), km.as_ref()).unwrap();
+    fn a_clean_stop_leaves_a_fully_signed_log_that_reopens_where_it_left_off() {
+        let f = Fixture::new();
+        f.run(10);
+        let r = f.verify().unwrap();
+        let n = f.lines().len() as u64;
+        assert_eq!((r.records, r.signed_through, r.unsigned_tail), (n, n, 0));
         assert_eq!(
-            (r.records, r.checkpoints, r.head_seq, r.unanchored_tail),
-            (11, 1, 11, 0)
+            r.checkpoints, 2,
+            "the session's own and the one in the middle"
         );
-        // Reopen and append: the chain continues.
-        let km2 = write(dir.path(), 3);
-        let r = verify(&dir.path().join("audit"), km2.as_ref()).unwrap();
-        assert_eq!(r.records, 15);
+        assert!(r.seals >= 1);
+        assert_eq!(
+            r.head_seq,
+            Some(n),
+            "close() anchors the head on the last seal"
+        );
+        f.run(3);
+        let r = f.verify().unwrap();
+        assert_eq!(r.records, f.lines().len() as u64);
+        assert_eq!(r.unsigned_tail, 0);
+        assert!(
+            f.quarantine().is_empty(),
+            "nothing set aside after a clean stop"
+        );
     }
 
     #[test]
     fn every_kind_of_tampering_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let km = write(dir.path(), 10);
-        let orig = lines(dir.path());
-        let audit = dir.path().join("audit");
+        let f = Fixture::new();
+        f.run(10);
+        let orig = f.lines();
         let check = |l: &[String]| {
-            put(dir.path(), l);
-            verify(&audit, km.as_ref()).unwrap_err()
+            f.put(l);
+            f.verify().unwrap_err()
         };
-        // One byte changed in record 4.
+        let at = |serial: &str| orig.iter().position(|l| l.contains(serial)).unwrap();
+        // One byte changed in a record: the next one no longer chains to it.
         let mut l = orig.clone();
-        l[3] = l[3].replace("0003", "0903");
+        let i = at("\"0003\"");
+        l[i] = l[i].replace("0003", "0903");
         assert_eq!(
             check(&l),
-            "record 5: does not chain to the record before it (changed, deleted or reordered)"
+            format!(
+                "record {}: does not chain to the record before it (changed, deleted or reordered)",
+                i + 2
+            )
         );
-        // Record 4 deleted.
+        // A record deleted.
         let mut l = orig.clone();
-        l.remove(3);
-        assert!(check(&l).starts_with("record 4: sequence number is 5"));
-        // Records 3 and 4 swapped.
+        l.remove(i);
+        assert!(check(&l).starts_with(&format!("record {}: sequence number is {}", i + 1, i + 2)));
+        // Two records swapped.
         let mut l = orig.clone();
-        l.swap(2, 3);
-        assert!(check(&l).starts_with("record 3: sequence number is 4"));
-        // Tail cut after the last checkpoint.
-        let l = orig[..7].to_vec();
+        l.swap(i, i + 1);
+        assert!(check(&l).starts_with(&format!("record {}: sequence number is {}", i + 1, i + 2)));
+        // The tail cut.
+        let l = orig[..i].to_vec();
         assert!(check(&l).contains("records were cut from the end"));
         // A forged checkpoint signature.
         let mut l = orig.clone();
-        let i = l.iter().position(|x| x.contains("checkpoint")).unwrap();
-        let mut v: Value = serde_json::from_str(&l[i]).unwrap();
+        let c = l.iter().rposition(|x| x.contains("checkpoint")).unwrap();
+        let mut v: Value = serde_json::from_str(&l[c]).unwrap();
         v["checkpoint"]["sig"] = json!(B64.encode([1u8; 70]));
-        l[i] = v.to_string();
+        l[c] = v.to_string();
         let e = check(&l);
         assert!(
             e.contains("checkpoint signature does not verify") || e.contains("does not chain"),
             "{e}"
         );
-        put(dir.path(), &orig);
-        assert!(verify(&audit, km.as_ref()).is_ok());
+        // A forged seal signature.
+        let mut l = orig.clone();
+        let s = l.iter().position(|x| x.contains("\"seal\"")).unwrap();
+        let mut v: Value = serde_json::from_str(&l[s]).unwrap();
+        v["seal"]["sig"] = json!(B64.encode([1u8; 64]));
+        l[s] = v.to_string();
+        let e = check(&l);
+        assert!(
+            e.contains("seal signature does not verify") || e.contains("does not chain"),
+            "{e}"
+        );
+        f.put(&orig);
+        assert!(f.verify().is_ok());
     }
 
     #[test]
-    fn torn_tail_is_cut_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let km = write(dir.path(), 5);
-        let path = log_path(&dir.path().join("audit"));
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"seq\":7,\"time_ms\":1,\"pr").unwrap();
-        drop(f);
-        let _ = km;
-        let km = write(dir.path(), 2);
-        let r = verify(&dir.path().join("audit"), km.as_ref()).unwrap();
-        assert_eq!(r.records, 9, "6 + 3 records, the torn one gone");
+    fn a_hash_linked_record_nobody_signed_fails_verify_unless_allowed() {
+        let f = Fixture::new();
+        f.run(4);
+        let n = f.lines().len() as u64;
+        f.append_linked(json!({"type": "forged"}));
+        let e = f.verify().unwrap_err();
+        assert_eq!(
+            e,
+            format!("records {} to {} come after the last signature (record {n}): nothing signed them, so they were appended by something other than the server, or left by a crash before they were acknowledged (the server sets them aside at its next start); --allow-unsigned-tail accepts them, e.g. for the batch a live server is writing", n + 1, n + 1)
+        );
+        let r = verify_with(
+            &f.audit(),
+            f.km.as_ref(),
+            &VerifyOptions {
+                allow_unsigned_tail: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((r.signed_through, r.unsigned_tail), (n, 1));
+    }
+
+    #[test]
+    fn records_nobody_signed_are_set_aside_at_start_not_chained_onto() {
+        let f = Fixture::new();
+        f.run(4);
+        let signed = f.lines();
+        let forged = f.append_linked(json!({"type": "forged", "who": "attacker"}));
+        // A forged seal and checkpoint after it: no key of the server's, so no trust.
+        let mut l = f.lines();
+        let last = l.last().unwrap().clone();
+        l.push(format!(
+            "{{\"seq\":{},\"time_ms\":1,\"prev\":\"{}\",\"seal\":{{\"sig\":\"{}\"}}}}",
+            seq_of(&last) + 1,
+            sha256_hex(last.as_bytes()),
+            B64.encode([2u8; 64])
+        ));
+        f.put(&l);
+        let log = f.run(2);
+        let q = log.quarantined().unwrap().clone();
+        assert_eq!(q.records, 2);
+        assert_eq!(q.first_seq, Some(signed.len() as u64 + 1));
+        let now = f.lines();
+        assert_eq!(
+            &now[..signed.len()],
+            &signed[..],
+            "the signed part is untouched"
+        );
+        assert!(
+            !now.iter().any(|x| x.contains("attacker")),
+            "never chained onto"
+        );
+        assert!(now
+            .iter()
+            .any(|x| x.contains("audit_unsigned_records_quarantined")));
+        assert!(f.quarantine().contains(&forged), "kept aside, not deleted");
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_line_is_set_aside_and_the_chain_continues() {
+        let f = Fixture::new();
+        f.run(5);
+        let before = f.lines().len();
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(log_path(&f.audit()))
+            .unwrap();
+        file.write_all(b"{\"seq\":99,\"time_ms\":1,\"pr").unwrap();
+        drop(file);
+        let log = f.run(2);
+        let q = log.quarantined().unwrap();
+        assert_eq!((q.records, q.bytes), (0, 25));
+        assert!(f.quarantine().contains("{\"seq\":99,\"time_ms\":1,\"pr\n"));
+        assert!(f.lines().len() > before + 2);
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn a_log_cut_back_with_its_old_head_restored_is_refused_at_start() {
+        let f = Fixture::new();
+        f.run(3);
+        let old_lines = f.lines();
+        let old_head = std::fs::read(f.audit().join(HEAD_FILE)).unwrap();
+        f.run(3);
+        let full = f.lines();
+        // Cut back to the earlier point and restore the head.json of that point.
+        f.put(&old_lines);
+        std::fs::write(f.audit().join(HEAD_FILE), &old_head).unwrap();
+        assert!(f.verify().is_ok(), "the directory alone cannot tell");
+        let e = f.open().err().unwrap().to_string();
+        assert!(
+            e.contains(&format!(
+                "the datastore anchor is at record {} but the last record the server signed is {}: signed records were cut from the log (rolled back)",
+                full.len(),
+                old_lines.len()
+            )) && e.contains("refusing to continue the chain"),
+            "{e}"
+        );
+        assert_eq!(f.lines(), old_lines, "a refused start changes nothing");
+        // Rewritten from the anchor on (same length, different content): refused too.
+        let mut forked = full.clone();
+        let last = forked.len() - 1;
+        forked[last] = forked[last].replace("\"sig\":\"", "\"sig\":\"A");
+        f.put(&forked);
+        let e = f.open().err().unwrap().to_string();
+        assert!(
+            e.contains("cut from the log") || e.contains("differs from the datastore anchor"),
+            "{e}"
+        );
+        // A log removed outright.
+        std::fs::remove_file(log_path(&f.audit())).unwrap();
+        let e = f.open().err().unwrap().to_string();
+        assert!(e.contains("there is no audit log"), "{e}");
+        // The operator's explicit decision is recorded, and the chain goes on.
+        f.put(&old_lines);
+        let log = AuditLog::open_with(
+            &f.audit(),
+            f.km.clone(),
+            AuditOptions {
+                store: Some(f.store.clone()),
+                accept_rollback: Some("restored from backup".into()),
+            },
+        )
+        .unwrap();
+        f.rt.block_on(log.close()).unwrap();
+        assert_eq!(
+            log.accepted_rollback().len(),
+            1,
+            "{:?}",
+            log.accepted_rollback()
+        );
+        assert!(f
+            .lines()
+            .iter()
+            .any(|l| l.contains("audit_rollback_accepted") && l.contains("restored from backup")));
+        f.run(1);
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn a_signed_record_changed_in_place_is_refused_at_start() {
+        let f = Fixture::new();
+        f.run(6);
+        let mut l = f.lines();
+        let i = l.iter().position(|x| x.contains("\"0004\"")).unwrap();
+        l[i] = l[i].replace("0004", "0404");
+        f.put(&l);
+        let e = f.open().err().unwrap().to_string();
+        assert!(e.contains("inside the signed part of the log"), "{e}");
+    }
+
+    #[test]
+    fn a_log_from_before_seals_trusts_its_signed_head_and_sets_aside_the_rest() {
+        // The old format: legacy checkpoints, no seals, a head.json over record 2.
+        let f = Fixture::new();
+        std::fs::create_dir_all(f.audit()).unwrap();
+        let key_id = audit_key_id(&f.audit(), f.km.as_ref(), true).unwrap();
+        let mut lines: Vec<String> = Vec::new();
+        let mut prev = String::new();
+        for i in 1..=3u64 {
+            let l = format!(
+                "{{\"seq\":{i},\"time_ms\":1,\"prev\":\"{prev}\",\"event\":{{\"n\":{i}}}}}"
+            );
+            prev = sha256_hex(l.as_bytes());
+            lines.push(l);
+        }
+        f.put(&lines);
+        let hash2 = sha256_hex(lines[1].as_bytes());
+        let sig = B64.encode(
+            f.km.sign(&key_id, &head_message(2, &hash2), SignatureFormat::Der)
+                .unwrap(),
+        );
+        std::fs::write(
+            f.audit().join(HEAD_FILE),
+            json!({"seq": 2, "hash": hash2, "key_id": key_id, "sig": sig}).to_string(),
+        )
+        .unwrap();
+        let r = verify_with(
+            &f.audit(),
+            f.km.as_ref(),
+            &VerifyOptions {
+                allow_unsigned_tail: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((r.signed_through, r.unsigned_tail), (2, 1));
+        let log = f.run(1);
+        assert_eq!(log.quarantined().unwrap().first_seq, Some(3));
+        assert_eq!(&f.lines()[..2], &lines[..2]);
+        f.verify().unwrap();
+    }
+
+    #[test]
+    fn an_exported_checkpoint_proves_the_log_extends_it_or_not() {
+        let f = Fixture::new();
+        f.run(3);
+        let opts = VerifyOptions::default();
+        let cp = export_checkpoint(&f.audit(), f.km.as_ref(), &opts).unwrap();
+        assert_eq!(cp.seq, f.lines().len() as u64);
+        let file = f.dir.path().join("cp.json");
+        std::fs::write(&file, cp.to_json().to_string()).unwrap();
+        let with_cp = || {
+            let a = read_checkpoint_file(&file, &f.audit(), f.km.as_ref())?;
+            verify_with(
+                &f.audit(),
+                f.km.as_ref(),
+                &VerifyOptions {
+                    allow_unsigned_tail: false,
+                    anchors: vec![a],
+                },
+            )
+        };
+        f.run(3);
+        assert_eq!(
+            with_cp().unwrap().anchors_reached.len(),
+            1,
+            "a later log extends it"
+        );
+        let full = f.lines();
+        // Cut back before the checkpoint.
+        f.put(&full[..cp.seq as usize - 2]);
+        std::fs::remove_file(f.audit().join(HEAD_FILE)).unwrap();
+        let e = with_cp().unwrap_err();
+        assert!(
+            e.contains("records were cut from the end (the log was rolled back)"),
+            "{e}"
+        );
+        // A fork: the record at the checkpoint rewritten.
+        let mut forked = full.clone();
+        let i = cp.seq as usize - 1;
+        forked[i] = forked[i].replace("\"sig\":\"", "\"sig\":\"A");
+        f.put(&forked[..=i]);
+        let e = with_cp().unwrap_err();
+        assert!(e.contains("differs from checkpoint"), "{e}");
+        // A checkpoint changed by hand no longer verifies.
+        let mut v = cp.to_json();
+        v["seq"] = json!(1);
+        std::fs::write(&file, v.to_string()).unwrap();
+        assert!(with_cp().unwrap_err().contains("signature does not verify"));
     }
 }

@@ -142,7 +142,15 @@ impl CaCore {
             t,
         )?;
         let audit = if config.audit_enabled {
-            Some(AuditLog::open(&dir.join("audit"), key_manager.clone())?)
+            // The datastore anchors the log outside its directory (rollback detection).
+            Some(AuditLog::open_with(
+                &dir.join("audit"),
+                key_manager.clone(),
+                crate::audit::AuditOptions {
+                    store: Some(store.clone()),
+                    accept_rollback: None,
+                },
+            )?)
         } else {
             tracing::warn!("the audit log is disabled by configuration");
             None

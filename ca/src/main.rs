@@ -42,9 +42,7 @@ fn main() -> std::process::ExitCode {
             Command::Evidence(ztid_ca::cli::EvidenceCmd::Verify(args)) => {
                 ztid_ca::evidence::verify(args, cli.output)
             }
-            Command::Audit(ztid_ca::cli::AuditCmd::Verify { data_dir, config }) => {
-                ztid_ca::cli::audit_verify(data_dir, config, cli.output)
-            }
+            Command::Audit(cmd) => ztid_ca::cli::audit_verb(cmd, cli.output).await,
             _ => admin_verb(&cli).await,
         }
     });

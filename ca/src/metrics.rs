@@ -73,6 +73,8 @@ struct ServerMetrics {
     audit_verify_last_success: IntGauge,
     audit_verify_seconds: Gauge,
     audit_verify_records: IntGauge,
+    audit_tamper_detected: IntGauge,
+    audit_quarantined: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -235,6 +237,22 @@ static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
             )
             .expect("valid"),
         ),
+        audit_tamper_detected: register(
+            &r,
+            IntGauge::new(
+                "ztid_audit_tamper_detected",
+                "1 when this start found the audit log tampered with: records after the last one the server signed (set aside in audit/quarantine.log, see ztid_audit_quarantined_records_total), a head.json the audit key did not sign, or a rollback an operator accepted; the log event audit_tamper_detected says which. 0 otherwise.",
+            )
+            .expect("valid"),
+        ),
+        audit_quarantined: register(
+            &r,
+            IntCounter::new(
+                "ztid_audit_quarantined_records_total",
+                "Audit records set aside at start (moved to audit/quarantine.log, not chained onto) because nothing the server signed covers them.",
+            )
+            .expect("valid"),
+        ),
         registry: r,
     }
 });
@@ -291,6 +309,12 @@ pub fn node_api_refused(e: &Error) {
         .refusals
         .with_label_values(&[refusal_reason(e)])
         .inc();
+}
+
+/// Hook: the audit log found tampering at start (`records` set aside, possibly 0).
+pub fn audit_tamper_detected(records: u64) {
+    METRICS.audit_tamper_detected.set(1);
+    METRICS.audit_quarantined.inc_by(records);
 }
 
 /// Hook: a record was appended to the audit log.
@@ -751,10 +775,11 @@ fn spawn_audit_self_check(core: &Arc<CaCore>) {
                     last = crate::audit::verify(&dir, km.as_ref());
                     match &last {
                         Ok(_) => break,
-                        // A line still being appended, or a head not yet written: read again.
+                        // A batch still being appended (no line end yet, or not yet
+                        // followed by its seal): read again.
                         Err(e)
                             if e.contains("truncated (no line end)")
-                                || e.contains("no signed head") =>
+                                || e.contains("come after the last signature") =>
                         {
                             continue
                         }

@@ -197,6 +197,9 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     crate::metrics::set_serving(true);
     let (a, b) = tokio::join!(node, admin);
     crate::metrics::set_serving(false);
+    if let Some(audit) = &core.audit {
+        audit.close().await?; // the last batch sealed and anchored before exit
+    }
     core.store.flush()?;
     let _ = std::fs::remove_file(&admin_path);
     a.map_err(|e| Error::Config(format!("node API: {e}")))?;

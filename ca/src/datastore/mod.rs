@@ -261,4 +261,14 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
+
+    /// The audit log's anchor outside the audit directory (an opaque record, see
+    /// `crate::audit::anchor`): the last sealed record the audit writer reached.
+    fn audit_anchor(&self) -> Result<Option<Vec<u8>>>;
+    /// Stores the audit anchor for record `seq` unless the one stored is for a later
+    /// record: the anchor only moves forward. Returns whether it was stored.
+    fn advance_audit_anchor(&self, seq: u64, record: &[u8]) -> Result<bool>;
+    /// Replaces the audit anchor even with an earlier one: only for an operator's
+    /// explicit `audit accept-rollback`, which records that it did so.
+    fn replace_audit_anchor(&self, seq: u64, record: &[u8]) -> Result<()>;
 }

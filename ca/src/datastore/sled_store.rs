@@ -35,6 +35,25 @@ const BY_PARENT_THROUGH_KEY: &[u8] = b"entry_log_by_parent_through";
 
 const CA_STATE_KEY: &[u8] = b"ca_state";
 
+/// Meta key: the audit anchor, stored as the record's sequence number (big-endian)
+/// followed by the record, so that "only forward" is one compare-and-swap.
+const AUDIT_ANCHOR_KEY: &[u8] = b"audit_anchor";
+
+fn anchor_value(seq: u64, record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + record.len());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(record);
+    v
+}
+
+fn anchor_seq(value: &[u8]) -> Result<u64> {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Store("corrupt audit anchor".into()))
+}
+
 fn index_key(a: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + 1 + id.len());
     k.extend_from_slice(a.as_bytes());
@@ -394,6 +413,42 @@ impl DataStore for SledStore {
         Ok(())
     }
 
+    fn audit_anchor(&self) -> Result<Option<Vec<u8>>> {
+        match self.meta.get(AUDIT_ANCHOR_KEY)? {
+            Some(v) => {
+                anchor_seq(&v)?;
+                Ok(Some(v[8..].to_vec()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn advance_audit_anchor(&self, seq: u64, record: &[u8]) -> Result<bool> {
+        loop {
+            let current = self.meta.get(AUDIT_ANCHOR_KEY)?;
+            if let Some(c) = &current {
+                if anchor_seq(c)? > seq {
+                    return Ok(false);
+                }
+            }
+            let swapped = self.meta.compare_and_swap(
+                AUDIT_ANCHOR_KEY,
+                current,
+                Some(anchor_value(seq, record)),
+            )?;
+            if swapped.is_ok() {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn replace_audit_anchor(&self, seq: u64, record: &[u8]) -> Result<()> {
+        self.meta
+            .insert(AUDIT_ANCHOR_KEY, anchor_value(seq, record))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
@@ -610,5 +665,24 @@ mod tests {
         .unwrap();
         assert_eq!(s.take_join_token(&h).unwrap().unwrap().id, "x");
         assert!(s.take_join_token(&h).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_audit_anchor_only_moves_forward_unless_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            assert_eq!(s.audit_anchor().unwrap(), None);
+            assert!(s.advance_audit_anchor(5, b"five").unwrap());
+            assert!(s.advance_audit_anchor(9, b"nine").unwrap());
+            assert!(!s.advance_audit_anchor(7, b"seven").unwrap());
+            assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"nine"[..]));
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"nine"[..]));
+        s.replace_audit_anchor(3, b"three").unwrap();
+        assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"three"[..]));
+        assert!(s.advance_audit_anchor(4, b"four").unwrap());
     }
 }

@@ -1,0 +1,189 @@
+//! `audit verify`: walks the whole log and names the first thing wrong.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use ztid_hsm::KeyManager;
+
+use super::anchor::{read_head, Head, NamedAnchor};
+use super::format::{Kind, Line, LOG_FILE, MAX_LINE};
+
+/// What to check besides the log itself.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Accept records after the last seal (a batch a live server is still writing).
+    pub allow_unsigned_tail: bool,
+    /// Records the log must still contain: the datastore anchor, exported checkpoints.
+    pub anchors: Vec<NamedAnchor>,
+}
+
+/// Result of a successful verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Records read.
+    pub records: u64,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: u64,
+    /// Seals whose signature verified.
+    pub seals: u64,
+    /// The last record a signature covers (a seal, or for logs written before seals
+    /// existed, the signed head).
+    pub signed_through: u64,
+    /// The hash of record `signed_through` ("" when 0).
+    pub signed_hash: String,
+    /// The signed head's sequence number, if there is a head.
+    pub head_seq: Option<u64>,
+    /// Records after `signed_through` (accepted only with `allow_unsigned_tail`).
+    pub unsigned_tail: u64,
+    /// The anchors the log was found to extend.
+    pub anchors_reached: Vec<String>,
+}
+
+/// Walks the whole log in `dir`, strictly: every hash link, every checkpoint and seal
+/// signature, the signed head, and no unsigned records at the end.
+pub fn verify(
+    dir: &Path,
+    key_manager: &dyn KeyManager,
+) -> std::result::Result<VerifyReport, String> {
+    verify_with(dir, key_manager, &VerifyOptions::default())
+}
+
+/// [`verify`] with options. `Err` names the first bad record or the anchor not reached.
+pub fn verify_with(
+    dir: &Path,
+    key_manager: &dyn KeyManager,
+    options: &VerifyOptions,
+) -> std::result::Result<VerifyReport, String> {
+    let (_, audit_key, _) = super::existing_key(dir, key_manager)?;
+    let head = match read_head(dir, &audit_key) {
+        Head::Absent => None,
+        Head::Unreadable(e) => return Err(format!("signed head unreadable: {e}")),
+        Head::BadSignature => return Err("signed head: signature does not verify".into()),
+        Head::Valid(a) => Some(a),
+    };
+    let f = File::open(dir.join(LOG_FILE)).map_err(|e| format!("audit log: {e}"))?;
+    let mut reader = BufReader::new(f);
+    let mut prev = String::new();
+    let mut expected = 1u64;
+    let (mut checkpoints, mut seals) = (0, 0);
+    let mut session_key: Option<String> = None;
+    let (mut signed_through, mut signed_hash) = (0u64, String::new());
+    let mut head_found = false;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("audit log: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        let at = format!("record {expected}");
+        if line.len() > MAX_LINE {
+            return Err(format!("{at}: longer than {MAX_LINE} bytes"));
+        }
+        if line.last() != Some(&b'\n') {
+            return Err(format!("{at}: truncated (no line end)"));
+        }
+        let l = Line::parse(&line[..line.len() - 1]).map_err(|e| format!("{at}: {e}"))?;
+        if l.seq != expected {
+            return Err(format!(
+                "{at}: sequence number is {} (a record was deleted, inserted or moved)",
+                l.seq
+            ));
+        }
+        if l.prev != prev {
+            return Err(format!(
+                "{at}: does not chain to the record before it (changed, deleted or reordered)"
+            ));
+        }
+        for a in &options.anchors {
+            if a.anchor.seq == l.seq && a.anchor.hash != l.hash {
+                return Err(format!(
+                    "{at}: differs from {}: the log was rewritten (forked) from there on",
+                    a.source
+                ));
+            }
+        }
+        match &l.kind {
+            Kind::Event => {}
+            Kind::Checkpoint {
+                session_key: key, ..
+            } => {
+                if !l.checkpoint_verifies(&audit_key) {
+                    return Err(format!("{at}: checkpoint signature does not verify"));
+                }
+                checkpoints += 1;
+                if key.is_some() {
+                    session_key.clone_from(key);
+                }
+            }
+            Kind::Seal { .. } => {
+                let Some(key) = &session_key else {
+                    return Err(format!(
+                        "{at}: a seal, but no checkpoint before it certifies a session key"
+                    ));
+                };
+                if !l.seal_verifies(key) {
+                    return Err(format!("{at}: seal signature does not verify"));
+                }
+                seals += 1;
+                signed_through = l.seq;
+                signed_hash.clone_from(&l.hash);
+            }
+        }
+        if let Some(h) = &head {
+            if h.seq == l.seq {
+                if h.hash != l.hash {
+                    return Err(format!("{at}: differs from the signed head"));
+                }
+                head_found = true;
+                if h.seq > signed_through {
+                    // A log written before seals existed: the head is its signature.
+                    signed_through = h.seq;
+                    signed_hash.clone_from(&l.hash);
+                }
+            }
+        }
+        prev = l.hash;
+        expected += 1;
+    }
+    let last = expected - 1;
+    if let Some(h) = &head {
+        if !head_found {
+            return Err(format!(
+                "the log ends at record {last} but the signed head is at record {}: records were cut from the end",
+                h.seq
+            ));
+        }
+    }
+    let mut anchors_reached = Vec::new();
+    for a in &options.anchors {
+        if a.anchor.seq > last {
+            return Err(format!(
+                "the log ends at record {last} but {} is at record {}: records were cut from the end (the log was rolled back)",
+                a.source, a.anchor.seq
+            ));
+        }
+        anchors_reached.push(a.source.clone());
+    }
+    let unsigned_tail = last - signed_through;
+    if unsigned_tail > 0 && !options.allow_unsigned_tail {
+        return Err(format!(
+            "records {} to {last} come after the last signature (record {signed_through}): nothing signed them, so they were appended by something other than the server, or left by a crash before they were acknowledged (the server sets them aside at its next start); --allow-unsigned-tail accepts them, e.g. for the batch a live server is writing",
+            signed_through + 1
+        ));
+    }
+    Ok(VerifyReport {
+        records: last,
+        checkpoints,
+        seals,
+        signed_through,
+        signed_hash,
+        head_seq: head.map(|h| h.seq),
+        unsigned_tail,
+        anchors_reached,
+    })
+}
