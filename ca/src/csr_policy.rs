@@ -39,6 +39,12 @@ pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String
     };
     let (entry, per_instance) = match rule {
         IdentityRule::Assigned(own) => {
+            // The server's own identity is issued by the server to itself, never for a CSR.
+            if spiffe_id::is_server_id(id.trust_domain(), &id) {
+                return Err(Error::PermissionDenied(format!(
+                    "CSR asks for {requested}, the server's own identity, which is never issued for a CSR"
+                )));
+            }
             return if requested == *own {
                 Ok(id.to_string())
             } else {
@@ -150,7 +156,7 @@ pub fn check_csr(
         }
     }
     let spiffe_id = match (uris.as_slice(), rule) {
-        ([], IdentityRule::Assigned(id)) => id.to_string(),
+        ([], IdentityRule::Assigned(id)) => check_identity(rule, id)?,
         ([one], _) => check_identity(rule, one)?,
         ([], _) => return Err(Error::InvalidArgument("CSR has no URI SAN".into())),
         (many, _) => {
@@ -251,6 +257,18 @@ mod tests {
             matches!(&e, Error::PermissionDenied(m) if m.contains("reserved")),
             "{e}"
         );
+        // Not even a rule that names it by mistake issues the server's own identity.
+        let rule = IdentityRule::Assigned("spiffe://td/ztid/server");
+        for der in [
+            csr(vec![uri("spiffe://td/ztid/server")], false),
+            csr(vec![], false),
+        ] {
+            let e = check_csr(&der, &rule, &[]).err().unwrap();
+            assert!(
+                matches!(&e, Error::PermissionDenied(m) if m.contains("the server's own identity")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
