@@ -456,7 +456,8 @@ fn key_and_csr(spiffe_id: &str) -> Vec<u8> {
 
 fn csr_pool(n: usize, prefix: &str) -> Vec<Vec<u8>> {
     (0..n)
-        .map(|i| key_and_csr(&format!("{prefix}/b{i:06}")))
+        // Instance segments in the one form the server accepts: 32 lowercase hex.
+        .map(|i| key_and_csr(&format!("{prefix}/{i:032x}")))
         .collect()
 }
 
@@ -1260,7 +1261,7 @@ fn main() {
             .into_inner();
         match &r.results[0].result {
             Some(pb::svid_result::Result::Svid(s)) => {
-                assert_eq!(s.spiffe_id, format!("{BENCH_ID}/b000003"));
+                assert_eq!(s.spiffe_id, format!("{BENCH_ID}/{:032x}", 3));
                 assert_eq!(ztid_tests::spiffe_id_of(&s.cert_chain[0]), s.spiffe_id);
             }
             other => panic!("SignX509Svids refused the bench CSR: {other:?}"),
