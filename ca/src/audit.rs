@@ -13,8 +13,8 @@
 //!   server's only if a seal follows it; nothing acknowledged is ever unsealed, and
 //!   no one can seal without the session key, which dies with the process.
 //! - The last sealed record is *anchored* outside the log ([`anchor`]): in the
-//!   datastore (after every batch; only forward), in the signed `head.json` (every
-//!   50 ms), and in checkpoints exported for an off-host witness (`audit checkpoint`).
+//!   datastore (only forward) and in the signed `head.json`, both every 50 ms and at
+//!   shutdown, and in checkpoints exported for an off-host witness (`audit checkpoint`).
 //!
 //! At start ([`recovery`]) records after the last seal are never chained onto: they
 //! go to `quarantine.log` (an error is logged, `ztid_audit_tamper_detected` is set
@@ -62,7 +62,7 @@ use session::SessionKey;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...or by count.
 const CHECKPOINT_RECORDS: u64 = 10_000;
-/// How far `head.json` may trail the log (the datastore anchor follows every batch).
+/// How far the anchors (`head.json`, the datastore's) may trail the log.
 const HEAD_EVERY: Duration = Duration::from_millis(50);
 
 struct Chain {
@@ -402,9 +402,7 @@ impl AuditLog {
                     self.fail(&e.to_string());
                     return;
                 }
-                // Durable and sealed. The anchor first (an in-memory insert, microseconds),
-                // so that whoever learns a record is durable finds it anchored too.
-                self.advance_datastore_anchor(&sealed);
+                // Durable and sealed: answer the waiting calls before anything else.
                 let seq = sealed.seq;
                 if let Ok(mut s) = self.sealed.lock() {
                     s.latest = Some(sealed);
@@ -412,8 +410,10 @@ impl AuditLog {
                 self.shared.durable.send_replace(seq);
                 head_due = true;
             }
+            // The anchors trail the log by at most HEAD_EVERY: signing the head and
+            // writing the datastore after every batch would cost more than the batch.
             if head_due && last_head.elapsed() >= HEAD_EVERY {
-                self.write_head();
+                self.write_anchors();
                 head_due = false;
                 last_head = Instant::now();
             }
@@ -428,23 +428,20 @@ impl AuditLog {
         }
     }
 
-    fn advance_datastore_anchor(&self, a: &Anchor) {
-        if let Some(store) = &self.store {
-            // An in-memory insert; the datastore makes it durable within its flush interval.
-            if let Err(e) = store.advance_audit_anchor(a.seq, &anchor::datastore_record(a)) {
-                tracing::warn!(error = %e, "audit anchor update in the datastore failed");
-            }
-        }
-    }
-
-    /// Signs and replaces `head.json` for the last sealed record, if it moved.
-    fn write_head(&self) {
+    /// Moves the anchors (datastore, signed `head.json`) to the last sealed record.
+    fn write_anchors(&self) {
         let Ok(mut s) = self.sealed.lock() else {
             return;
         };
         let Some(a) = s.latest.clone() else { return };
         if a.seq == s.head_written {
             return;
+        }
+        if let Some(store) = &self.store {
+            // An in-memory insert; the datastore makes it durable within its flush interval.
+            if let Err(e) = store.advance_audit_anchor(a.seq, &anchor::datastore_record(&a)) {
+                tracing::warn!(error = %e, "audit anchor update in the datastore failed");
+            }
         }
         let result = self.sign(&head_message(a.seq, &a.hash)).and_then(|sig| {
             let head = json!({"seq": a.seq, "hash": a.hash, "key_id": self.key_id, "sig": sig});
@@ -462,7 +459,7 @@ impl AuditLog {
     /// a cleanly stopped log ends with a seal, and its anchors name that seal).
     pub async fn close(&self) -> Result<()> {
         self.durable(self.last_seq()).await?;
-        self.write_head();
+        self.write_anchors();
         if let Some(store) = &self.store {
             store.flush()?;
         }

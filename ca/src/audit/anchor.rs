@@ -5,8 +5,8 @@
 //!   accidental or careless cut, but whoever can edit the directory can restore an
 //!   old one.
 //! - The datastore (`DATA_DIR/datastore`, outside the audit directory): every
-//!   deployment has it; the writer advances it after every durable batch and it only
-//!   moves forward. Rolling it back means rolling back the whole datastore (entries,
+//!   deployment has it; the writer advances it every 50 ms and at shutdown, and it
+//!   only moves forward. Rolling it back means rolling back the whole datastore (entries,
 //!   agents, authorities) too.
 //! - Exported checkpoints (`audit checkpoint`) kept off the host by a witness, checked
 //!   with `audit verify --checkpoint FILE`.
