@@ -169,6 +169,14 @@ impl CaCore {
         if let Some(m) = &multi {
             verifiers.push(m.clone());
         }
+        // Entries stored before IDs had one spelling and the reserved names were closed
+        // can mint nothing now: name them once, at start.
+        for e in store.list_entries(&crate::datastore::EntryFilter::default())? {
+            if let Some(why) = crate::entries::unusable_reason(&trust_domain, &e) {
+                tracing::warn!(event = "entry_unusable", entry = %e.id, spiffe_id = %e.spiffe_id, reason = %why,
+                    "stored entry is refused at every mint; delete it and create it again in canonical form");
+            }
+        }
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         Ok(Arc::new(Self {

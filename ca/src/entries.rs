@@ -52,6 +52,27 @@ pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<Spif
     Ok(parsed)
 }
 
+/// Why a stored entry can mint nothing, if it cannot: entries stored before IDs had one
+/// spelling and the reserved names were closed may name a non-canonical or reserved ID
+/// or parent. They stay stored (deleting is the operator's call), but every CSR and
+/// JWT-SVID request under them is refused.
+pub fn unusable_reason(td: &TrustDomain, e: &EntryRecord) -> Option<String> {
+    let check = || -> Result<()> {
+        parse_claimable_id(td, "spiffe_id", &e.spiffe_id)?;
+        if !e.node {
+            let parent = parse_id(td, "parent_id", &e.parent_id)?;
+            if spiffe_id::is_reserved(&parent) && !spiffe_id::is_agent_id(td, &parent) {
+                return Err(Error::InvalidArgument(format!(
+                    "parent_id {} is reserved and not an agent ID",
+                    e.parent_id
+                )));
+            }
+        }
+        Ok(())
+    };
+    check().err().map(|e| e.to_string())
+}
+
 fn valid_dns_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253
@@ -269,6 +290,28 @@ mod tests {
             "SPIFFE://example.org/ztid/agent/join-token/abcd"
         ))
         .contains("not a canonical SPIFFE ID"));
+    }
+
+    #[test]
+    fn stored_entries_from_before_the_rule_are_named_at_start() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ok = validate_new_entry(&td, &entry("spiffe://example.org/w", AGENT), 3600, 0).unwrap();
+        assert_eq!(unusable_reason(&td, &ok), None);
+        for (id, parent, why) in [
+            ("spiffe://example.org/ztid", AGENT, "reserved"),
+            ("SPIFFE://EXAMPLE.org/w", AGENT, "not a canonical SPIFFE ID"),
+            (
+                "spiffe://example.org/w",
+                "spiffe://example.org/ztid/server",
+                "reserved and not an agent ID",
+            ),
+        ] {
+            let mut old = ok.clone();
+            old.spiffe_id = id.into();
+            old.parent_id = parent.into();
+            let reason = unusable_reason(&td, &old).expect("unusable");
+            assert!(reason.contains(why), "{id} {parent}: {reason}");
+        }
     }
 
     #[test]

@@ -1088,3 +1088,60 @@ async fn the_admin_check_accepts_only_the_canonical_spelling() {
         "no other spelling was ever admitted"
     );
 }
+
+/// The attack's stored state: an entry for `spiffe://TD/ztid` (accepted before the fix)
+/// left in the datastore of an upgraded server. It is named at start and mints nothing,
+/// least of all the server's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_entry_for_the_reserved_prefix_mints_nothing() {
+    use ztid_ca::datastore::{DataStore, SledStore};
+    let mut server = Server::start(TD);
+    let agent = Agent::start(&server);
+    server.proc.take().unwrap().stop();
+    let td = spiffe::TrustDomain::new(TD).unwrap();
+    let entry_id = {
+        let store = SledStore::open(&server.data_dir().join("datastore")).unwrap();
+        let mut legacy = ztid_ca::entries::validate_new_entry(
+            &td,
+            &pb::Entry {
+                selectors: vec![pb::Selector {
+                    r#type: "unix".into(),
+                    value: format!("uid:{}", nix_uid()),
+                }],
+                ..workload_entry("spiffe://example.org/placeholder", &agent.spiffe_id)
+            },
+            3600,
+            0,
+        )
+        .unwrap();
+        legacy.spiffe_id = "spiffe://example.org/ztid".into();
+        let id = store.create_entry(legacy).unwrap().id;
+        store.flush().unwrap();
+        id
+    };
+    server.restart();
+    assert!(
+        server.log_text().contains("entry_unusable")
+            && server
+                .log_text()
+                .contains("reserved for ztid's own identities"),
+        "the legacy entry is named at start"
+    );
+    let mut node = as_agent(&server, &agent);
+    let seg = new_instance_segment().unwrap();
+    for id in [
+        SERVER_ID.to_string(),
+        format!("spiffe://example.org/ztid/{seg}"),
+    ] {
+        let e = sign(&mut node, &entry_id, &id).await.unwrap_err();
+        assert!(
+            e.contains("reserved for ztid's own identities"),
+            "{id}: {e}"
+        );
+        let e = mint_jwt(&mut node, &entry_id, &id).await.unwrap_err();
+        assert!(
+            e.contains("reserved for ztid's own identities"),
+            "{id}: {e}"
+        );
+    }
+}
