@@ -737,7 +737,27 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!((r.signed_through, r.unsigned_tail), (n, 1));
+        assert_eq!(
+            (r.signed_through, r.unsigned_tail, r.torn_tail),
+            (n, 1, false)
+        );
+        // A line still being written: only the live reading accepts it.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(log_path(&f.audit()))
+            .unwrap();
+        file.write_all(b"{\"seq\":").unwrap();
+        assert!(f.verify().unwrap_err().contains("truncated (no line end)"));
+        let r = verify_with(
+            &f.audit(),
+            f.km.as_ref(),
+            &VerifyOptions {
+                allow_unsigned_tail: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((r.unsigned_tail, r.torn_tail), (1, true));
     }
 
     #[test]
@@ -916,8 +936,7 @@ mod tests {
     fn an_exported_checkpoint_proves_the_log_extends_it_or_not() {
         let f = Fixture::new();
         f.run(3);
-        let opts = VerifyOptions::default();
-        let cp = export_checkpoint(&f.audit(), f.km.as_ref(), &opts).unwrap();
+        let cp = export_checkpoint(&f.audit(), f.km.as_ref()).unwrap();
         assert_eq!(cp.seq, f.lines().len() as u64);
         let file = f.dir.path().join("cp.json");
         std::fs::write(&file, cp.to_json().to_string()).unwrap();

@@ -210,7 +210,8 @@ pub enum AuditCmd {
         checkpoint: Vec<PathBuf>,
     },
     /// Verify the log, then write a checkpoint signed by the audit key (last signed
-    /// record: sequence number, hash, time, key id) for an off-host witness.
+    /// record: sequence number, hash, time, key id) for an off-host witness. Works on a
+    /// live server's log: the batch being written is not covered.
     Checkpoint {
         /// The server's data directory (default from --config, else /var/lib/ztid/server).
         #[arg(long)]
@@ -221,9 +222,6 @@ pub enum AuditCmd {
         /// Write it here (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Take it although records follow the last seal (a live server's batch).
-        #[arg(long)]
-        allow_unsigned_tail: bool,
     },
     /// With the server stopped: continue from a log that no longer reaches its anchors
     /// (restored from a backup, say). The log records the reason and what was not
@@ -282,16 +280,11 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             data_dir,
             config,
             out: file,
-            allow_unsigned_tail,
         } => {
             let c = audit_config(data_dir, config)?;
             let km = crate::keys::key_manager(&c).map_err(|e| e.to_string())?;
             let dir = c.data_dir.join("audit");
-            let options = crate::audit::VerifyOptions {
-                allow_unsigned_tail: *allow_unsigned_tail,
-                anchors: vec![],
-            };
-            let cp = crate::audit::export_checkpoint(&dir, km.as_ref(), &options)
+            let cp = crate::audit::export_checkpoint(&dir, km.as_ref())
                 .map_err(|e| format!("audit log {}: {e}", dir.display()))?;
             let text = cp.to_json().to_string();
             match file {
@@ -391,7 +384,8 @@ pub fn audit_verify(
             "{}",
             json!({"ok": true, "records": r.records, "checkpoints": r.checkpoints,
                 "seals": r.seals, "signed_through": r.signed_through, "head_seq": r.head_seq,
-                "unsigned_tail": r.unsigned_tail, "anchors_reached": r.anchors_reached,
+                "unsigned_tail": r.unsigned_tail, "torn_tail": r.torn_tail,
+                "anchors_reached": r.anchors_reached,
                 "datastore_anchor": datastore_note})
         ),
         Output::Text => {
@@ -401,13 +395,12 @@ pub fn audit_verify(
                 r.checkpoints,
                 r.seals,
                 r.signed_through,
-                if r.unsigned_tail > 0 {
-                    format!(
-                        " ({} later records signed by no one, accepted by --allow-unsigned-tail)",
-                        r.unsigned_tail
-                    )
-                } else {
-                    String::new()
+                match (r.unsigned_tail, r.torn_tail) {
+                    (0, false) => String::new(),
+                    (n, torn) => format!(
+                        " ({n} later records{} signed by no one, accepted by --allow-unsigned-tail)",
+                        if torn { " and a line being written" } else { "" }
+                    ),
                 }
             );
             for a in &r.anchors_reached {

@@ -12,7 +12,8 @@ use super::format::{Kind, Line, LOG_FILE, MAX_LINE};
 /// What to check besides the log itself.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// Accept records after the last seal (a batch a live server is still writing).
+    /// Accept records after the last seal, and a last line without its line end (the
+    /// batch a live server is writing).
     pub allow_unsigned_tail: bool,
     /// Records the log must still contain: the datastore anchor, exported checkpoints.
     pub anchors: Vec<NamedAnchor>,
@@ -36,6 +37,8 @@ pub struct VerifyReport {
     pub head_seq: Option<u64>,
     /// Records after `signed_through` (accepted only with `allow_unsigned_tail`).
     pub unsigned_tail: u64,
+    /// The last line had no line end yet (accepted only with `allow_unsigned_tail`).
+    pub torn_tail: bool,
     /// The anchors the log was found to extend.
     pub anchors_reached: Vec<String>,
 }
@@ -70,6 +73,7 @@ pub fn verify_with(
     let mut session_key: Option<String> = None;
     let (mut signed_through, mut signed_hash) = (0u64, String::new());
     let mut head_found = false;
+    let mut torn_tail = false;
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -85,6 +89,11 @@ pub fn verify_with(
             return Err(format!("{at}: longer than {MAX_LINE} bytes"));
         }
         if line.last() != Some(&b'\n') {
+            if options.allow_unsigned_tail {
+                // The line a live server is writing right now (signed by no one yet).
+                torn_tail = true;
+                break;
+            }
             return Err(format!("{at}: truncated (no line end)"));
         }
         let l = Line::parse(&line[..line.len() - 1]).map_err(|e| format!("{at}: {e}"))?;
@@ -184,6 +193,7 @@ pub fn verify_with(
         signed_hash,
         head_seq: head.map(|h| h.seq),
         unsigned_tail,
+        torn_tail,
         anchors_reached,
     })
 }
