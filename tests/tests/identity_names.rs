@@ -540,10 +540,13 @@ async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
             .await
             .unwrap()
             .unwrap();
-        assert!(
-            matches!(got, Seen::HandshakeRefused(_)),
-            "{presented}: {got:?}"
-        );
+        match got {
+            Seen::HandshakeRefused(why) => eprintln!("{presented}: the agent refused ({why})"),
+            Seen::Data(d) => panic!(
+                "{presented}: the agent completed TLS and sent {} bytes",
+                d.len()
+            ),
+        }
         let expected = if presented.starts_with("spiffe://example.org/") {
             format!("server presented SPIFFE ID {presented}, expected {SERVER_ID}")
         } else {
@@ -669,7 +672,6 @@ async fn non_canonical_ids_are_refused_at_every_entry_point() {
                 trust_domain: f.into(),
                 format: "pem".into(),
                 data: server.cli_ok(&["bundle", "show"]).into_bytes(),
-                ..Default::default()
             })
             .await;
         assert_status(r, Code::InvalidArgument, "trust domain", f);
@@ -930,7 +932,6 @@ async fn no_admin_role_reaches_a_higher_one() {
             trust_domain: "other.org".into(),
             format: "pem".into(),
             data: b"x".to_vec(),
-            ..Default::default()
         })
         .await;
     assert_status(
