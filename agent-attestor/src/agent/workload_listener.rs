@@ -13,10 +13,11 @@
 //!   are closed as soon as they are accepted.
 //! - **Attestation at accept**: at most 16 at a time, 5 s each.
 //! - **Idle**: a connection with no request in progress for `workload_idle_timeout_seconds`
-//!   (default 30 s) is closed: HTTP/2 GOAWAY, then forcibly 10 s later. The clock starts
-//!   at accept, and only requests stop it, not bytes: a client that never finishes its
-//!   preface or its headers, or only pings, is closed on the same schedule. Health checks
-//!   (`grpc.health.v1`) do not count as requests.
+//!   (default 30 s) is closed. The clock starts at accept, and only requests stop it, not
+//!   bytes: a client that never finishes its preface or its headers, or only pings, is
+//!   closed on the same schedule. A connection that never made a request is dropped then;
+//!   one that did gets an HTTP/2 GOAWAY and is dropped 10 s later if still open. Health
+//!   checks (`grpc.health.v1`) do not count as requests.
 //! - **Per connection**: 16 concurrent streams, 16 KiB of request headers, 64 KiB per
 //!   request message, 30 s for an answer to start, and an HTTP/2 ping every 60 s that must
 //!   be answered within 20 s.
@@ -582,15 +583,19 @@ async fn serve_connection<S>(
     let _slot = slot;
     let peer = Arc::new(bind_peer(at_connect, &shared).await);
     let requests = Arc::new(watch::Sender::new(0usize));
+    let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let idle = idle_for(requests.subscribe(), shared.limits.idle_timeout);
     let service = {
         let peer = peer.clone();
         let requests = requests.clone();
+        let used = used.clone();
         let inner = shared.service.clone();
         hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             // Health checks keep no connection open.
-            let in_flight = (!req.uri().path().starts_with("/grpc.health.v1.Health/"))
-                .then(|| InFlight::begin(&requests));
+            let in_flight = (!req.uri().path().starts_with("/grpc.health.v1.Health/")).then(|| {
+                used.store(true, std::sync::atomic::Ordering::Relaxed);
+                InFlight::begin(&requests)
+            });
             req.extensions_mut().insert(peer.clone());
             let mut inner = inner.clone();
             async move {
@@ -633,6 +638,11 @@ async fn serve_connection<S>(
             _ = &mut idle, if !closing => {
                 tracing::debug!(pid = ?peer.pid, uid = peer.uid, "closing an idle Workload API connection");
                 super::metrics::workload_connection_idle_closed();
+                if !used.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Never a request (maybe never even a preface): nothing to finish,
+                    // and such a client would not answer a GOAWAY either.
+                    break;
+                }
                 conn.as_mut().graceful_shutdown();
                 closing = true;
                 force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);

@@ -1,0 +1,796 @@
+//! Workload attestation is bound to the connection, at accept (issue 11, part 1), and the
+//! Workload API socket is bounded (part 6): each attack is reproduced against the real
+//! agent and server, and the refusal and its reason asserted.
+//!
+//! How the attacks are staged: the test creates an unconnected Unix socket and hands one
+//! descriptor of it, as standard input, to a small Python program running as another uid
+//! (`tests/python/workload_peer.py`), which connects it to the agent and then exits, stays,
+//! or execs. The kernel records that program as the connection's peer; the test keeps the
+//! other descriptor and speaks gRPC on it, as the attacker holding the socket would.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
+use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use ztid_tests::other_uid::{Staging, NOBODY};
+use ztid_tests::*;
+
+const TD: &str = "example.org";
+/// The entitled victim's uid (no passwd entry needed: selectors name the number).
+const VICTIM: u32 = 47_110;
+const EXITED: &str = "the process that opened this connection has exited";
+const EXECD: &str = "the process that opened this connection has exec'd since it connected";
+const PYTHON: &str = "/usr/bin/python3";
+/// Long enough that no connection of the pid-reuse tests idles out while pids cycle.
+const LONG_IDLE: &str = "600";
+
+fn python_helper(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
+/// A process connected to the agent's Workload API socket by `workload_peer.py`, and the
+/// test's own descriptor of that connection.
+struct Peer {
+    child: Child,
+    pid: i32,
+    conn: Option<OwnedFd>,
+}
+
+impl Peer {
+    /// Starts `program workload_peer.py SOCKET ACTION EXEC...` as `uid`. For `exit` it
+    /// waits for (and reaps) the process; otherwise until it has connected.
+    fn start(
+        staging: &Staging,
+        uid: u32,
+        program: &Path,
+        socket: &Path,
+        action: &str,
+        exec: &[&str],
+    ) -> Self {
+        // No runtime needed: this only creates the socket.
+        let socket_fd = tokio::net::UnixSocket::new_stream().expect("socket");
+        let theirs = socket_fd.as_fd().try_clone_to_owned().expect("dup");
+        let mine = socket_fd.as_fd().try_clone_to_owned().expect("dup");
+        drop(socket_fd);
+        let script = staging.file(&python_helper("workload_peer.py"));
+        let mut child = staging
+            .command_as(program, uid, uid)
+            .arg(script)
+            .arg(socket)
+            .arg(action)
+            .args(exec)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn workload_peer.py");
+        let pid = child.id() as i32;
+        if action == "exit" {
+            let st = child.wait().expect("wait");
+            assert!(st.success(), "workload_peer.py exit failed: {st}");
+        } else {
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read");
+            assert_eq!(
+                line.trim(),
+                format!("connected {pid}"),
+                "peer did not connect"
+            );
+        }
+        Self {
+            child,
+            pid,
+            conn: Some(mine),
+        }
+    }
+
+    /// A gRPC channel over the test's descriptor of this connection (once).
+    async fn channel(&mut self) -> Channel {
+        channel_over(self.conn.take().expect("channel already made")).await
+    }
+
+    /// Sends SIGUSR1: an `exec` peer then execs; waits until it runs `program`.
+    fn exec_now(&self, program: &Path) {
+        let st = Command::new("kill")
+            .args(["-USR1", &self.pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+        let want = program.canonicalize().expect("program path");
+        wait_for("the peer to exec", READY_TIMEOUT, || {
+            (std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()? == want).then_some(())
+        });
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tonic channel on an already connected socket (the connector hands it out once).
+async fn channel_over(fd: OwnedFd) -> Channel {
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).expect("nonblocking");
+    let stream = tokio::net::UnixStream::from_std(std_stream).expect("tokio stream");
+    let slot = Arc::new(Mutex::new(Some(stream)));
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let stream = slot.lock().expect("slot").take();
+            async move {
+                stream.map(TokioIo::new).ok_or_else(|| {
+                    std::io::Error::other("the held connection can be used only once")
+                })
+            }
+        }))
+        .await
+        .expect("HTTP/2 on the held connection")
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("header"));
+    r
+}
+
+/// The first FetchX509SVID answer on `ch`.
+async fn fetch_x509(ch: &Channel) -> Result<wpb::X509svidResponse, Status> {
+    let mut c = SpiffeWorkloadApiClient::new(ch.clone());
+    let mut stream = c
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    stream
+        .message()
+        .await?
+        .ok_or_else(|| Status::unknown("the stream ended without a message"))
+}
+
+async fn fetch_jwt(ch: &Channel) -> Result<wpb::JwtsvidResponse, Status> {
+    SpiffeWorkloadApiClient::new(ch.clone())
+        .fetch_jwtsvid(with_header(wpb::JwtsvidRequest {
+            audience: vec!["aud".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// FetchX509SVID until the entry has reached the agent (entries arrive by sync).
+async fn fetch_until_issued(ch: &Channel) -> wpb::X509svidResponse {
+    let start = Instant::now();
+    loop {
+        match fetch_x509(ch).await {
+            Ok(r) if !r.svids.is_empty() => return r,
+            Err(s) if s.code() == Code::PermissionDenied && s.message() == "no identity issued" => {
+            }
+            other => panic!("unexpected answer while waiting for the entry: {other:?}"),
+        }
+        assert!(
+            start.elapsed() < READY_TIMEOUT,
+            "no SVID after {READY_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts a refusal of kind `code` with exactly `reason`, and that nothing was issued.
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, reason: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), code, "refusal kind ({})", s.message());
+            assert_eq!(s.message(), reason, "refusal reason");
+        }
+        Ok(v) => panic!("expected {code:?} \"{reason}\", got an answer: {v:?}"),
+    }
+}
+
+fn svid_ids(r: &wpb::X509svidResponse) -> Vec<String> {
+    r.svids.iter().map(|s| s.spiffe_id.clone()).collect()
+}
+
+fn entry(server: &Server, agent: &Agent, spiffe_id: &str, selector: &str) {
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        selector,
+    ]);
+}
+
+/// The id the kernel gives a new thread. Threads take their ids from the same space as
+/// processes, so short-lived threads recycle pids exactly as short-lived processes do,
+/// about twenty times faster.
+fn fresh_task_id() -> i32 {
+    std::thread::spawn(|| {
+        std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+    })
+    .join()
+    .expect("thread")
+    .expect("thread id")
+}
+
+/// Cycles the pid space with short-lived tasks until `start_victim` (called right after
+/// the task just below a stale pid) gets one of the `stale` pids. Misses are killed.
+/// Bounded by `limit`. One test cycles at a time: two would keep taking each other's pid.
+fn victim_on_stale_pid(
+    stale: &BTreeSet<i32>,
+    limit: Duration,
+    mut start_victim: impl FnMut() -> Peer,
+) -> Peer {
+    static CYCLING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CYCLING.lock().unwrap_or_else(|e| e.into_inner());
+    let start = Instant::now();
+    let (mut tasks, mut attempts) = (0u64, 0u32);
+    loop {
+        assert!(
+            start.elapsed() < limit,
+            "no victim started on one of the pids {stale:?} within {limit:?} \
+             ({tasks} tasks, {attempts} attempts)"
+        );
+        let t = fresh_task_id();
+        tasks += 1;
+        if stale.contains(&(t + 1)) {
+            attempts += 1;
+            let victim = start_victim();
+            if stale.contains(&victim.pid) {
+                eprintln!(
+                    "victim started on stale pid {} after {tasks} tasks and {attempts} attempts ({:?})",
+                    victim.pid,
+                    start.elapsed()
+                );
+                return victim;
+            }
+            drop(victim);
+        }
+    }
+}
+
+/// The pid-reuse scene: a server and agent with an entry for the victim's uid, a staging
+/// directory, attacker connections whose processes (uid nobody, no entry) have exited and
+/// been reaped, and a victim started on one of their pids, connected and alive.
+struct PidReuse {
+    server: Server,
+    agent: Agent,
+    _staging: Staging,
+    stale: Vec<(i32, OwnedFd)>,
+    victim: Peer,
+}
+
+impl PidReuse {
+    async fn stage() -> Self {
+        let server = Server::start(TD);
+        let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+        let staging = Staging::new(NOBODY);
+        let python = Path::new(PYTHON);
+        entry(
+            &server,
+            &agent,
+            "spiffe://example.org/victim",
+            &format!("unix:uid:{VICTIM}"),
+        );
+        // The entry has reached the agent once a process of the victim's uid gets an SVID.
+        {
+            let mut probe = Peer::start(&staging, VICTIM, python, &agent.socket(), "stay", &[]);
+            fetch_until_issued(&probe.channel().await).await;
+        }
+        // Connections from processes that exit at once; the test keeps the sockets.
+        let stale: Vec<(i32, OwnedFd)> = (0..24)
+            .map(|_| {
+                let mut p = Peer::start(&staging, NOBODY, python, &agent.socket(), "exit", &[]);
+                (p.pid, p.conn.take().expect("conn"))
+            })
+            .collect();
+        let pids: BTreeSet<i32> = stale.iter().map(|(p, _)| *p).collect();
+        let socket = agent.socket();
+        let victim = {
+            let staging = &staging;
+            tokio::task::block_in_place(|| {
+                victim_on_stale_pid(&pids, Duration::from_secs(180), || {
+                    Peer::start(staging, VICTIM, python, &socket, "stay", &[])
+                })
+            })
+        };
+        Self {
+            server,
+            agent,
+            _staging: staging,
+            stale,
+            victim,
+        }
+    }
+
+    /// The attacker's connection whose dead process had the victim's pid.
+    fn stale_on_victim_pid(&mut self) -> OwnedFd {
+        let i = self
+            .stale
+            .iter()
+            .position(|(p, _)| *p == self.victim.pid)
+            .expect("a stale connection on the victim's pid");
+        self.stale.remove(i).1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_reuse_steal_gets_nothing() {
+    let mut scene = PidReuse::stage().await;
+    // The victim fetches first: its instance and key now exist in the agent.
+    let victim = scene.victim.channel().await;
+    let mine = fetch_x509(&victim).await.expect("the victim gets its SVID");
+    assert!(
+        svid_ids(&mine)[0].starts_with("spiffe://example.org/victim/"),
+        "{mine:?}"
+    );
+    // The attacker calls on the connection its exited child opened from the same pid.
+    let stolen = channel_over(scene.stale_on_victim_pid()).await;
+    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
+    assert_refused(fetch_jwt(&stolen).await, Code::PermissionDenied, EXITED);
+    // Every other stale connection is refused the same way.
+    for (_, fd) in scene.stale.drain(..) {
+        assert_refused(
+            fetch_x509(&channel_over(fd).await).await,
+            Code::PermissionDenied,
+            EXITED,
+        );
+    }
+    // The victim is unaffected.
+    let again = fetch_x509(&victim)
+        .await
+        .expect("the victim still gets its SVID");
+    assert_eq!(svid_ids(&again), svid_ids(&mine));
+    let log = scene.agent.proc.log_text();
+    assert!(
+        log.contains("workload_refused") && log.contains(EXITED),
+        "refusals are logged"
+    );
+    drop(scene.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_reuse_poison_gets_nothing_and_leaves_the_victim_its_identity() {
+    let mut scene = PidReuse::stage().await;
+    // The attacker calls first, right after the victim started on its old pid: nothing,
+    // and nothing cached in the victim's name.
+    let stolen = channel_over(scene.stale_on_victim_pid()).await;
+    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
+    assert_refused(fetch_jwt(&stolen).await, Code::PermissionDenied, EXITED);
+    // The victim then gets its own identity.
+    let victim = scene.victim.channel().await;
+    let mine = fetch_x509(&victim).await.expect("the victim gets its SVID");
+    assert_eq!(mine.svids.len(), 1);
+    assert!(
+        mine.svids[0]
+            .spiffe_id
+            .starts_with("spiffe://example.org/victim/"),
+        "{mine:?}"
+    );
+    let jwt = fetch_jwt(&victim).await.expect("and its JWT-SVID");
+    assert_eq!(jwt.svids[0].spiffe_id, mine.svids[0].spiffe_id);
+    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
+    drop((scene.server, scene.agent));
+}
+
+/// A copy of the Python interpreter under a name and path of its own, so that an entry
+/// can select exactly it by `unix:path` (and it can still connect by itself).
+fn exec_target(staging: &Staging) -> PathBuf {
+    let target = staging.path().join("ztid-exec-target");
+    let python = Path::new(PYTHON).canonicalize().expect("python3");
+    std::fs::copy(&python, &target).expect("copy python");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).expect("mode");
+    target
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_then_exec_gets_nothing() {
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+    let staging = Staging::new(NOBODY);
+    let target = exec_target(&staging);
+    let target_str = target.to_str().expect("utf-8 path");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/exec-target",
+        &format!("unix:path:{target_str}"),
+    );
+    // The program itself, connecting, is entitled (and shows the entry has synced).
+    let mut real = Peer::start(&staging, NOBODY, &target, &agent.socket(), "stay", &[]);
+    let issued = fetch_until_issued(&real.channel().await).await;
+    assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/exec-target/"));
+
+    // The attack: a child connects, running plain python3, then execs the target; the
+    // parent (this test) holds the connection.
+    let mut child = Peer::start(
+        &staging,
+        NOBODY,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "exec",
+        &[target_str, "-c", "import time; time.sleep(3600)"],
+    );
+    let held = child.channel().await;
+    // Attested at accept as what it was: python3, which no entry selects.
+    assert_refused(
+        fetch_x509(&held).await,
+        Code::PermissionDenied,
+        "no identity issued",
+    );
+    child.exec_now(&target);
+    // Now the peer runs the selected program, but it is not what connected.
+    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
+    assert_refused(fetch_jwt(&held).await, Code::PermissionDenied, EXECD);
+    let log = agent.proc.log_text();
+    assert!(log.contains(EXECD), "the refusal is logged");
+}
+
+/// Reads the stream until it ends with an error; panics on a message or after 20 s.
+async fn stream_ends_with(stream: &mut tonic::Streaming<wpb::X509svidResponse>) -> Status {
+    match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
+        Ok(Err(s)) => s,
+        Ok(Ok(m)) => panic!("the stream went on: {m:?}"),
+        Err(_) => panic!("the stream was still open 20 s after its process changed"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_their_process_exits_or_execs() {
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+    let staging = Staging::new(NOBODY);
+    let target = exec_target(&staging);
+    let target_str = target.to_str().expect("utf-8 path");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/streamer",
+        &format!("unix:path:{target_str}"),
+    );
+    let open_stream = |ch: Channel| async move {
+        let mut s = SpiffeWorkloadApiClient::new(ch)
+            .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let first = s.message().await.expect("first message").expect("message");
+        assert!(svid_ids(&first)[0].starts_with("spiffe://example.org/streamer/"));
+        s
+    };
+
+    // A process that execs while its stream is open.
+    let mut execs = Peer::start(
+        &staging,
+        NOBODY,
+        &target,
+        &agent.socket(),
+        "exec",
+        &["/bin/sleep", "3600"],
+    );
+    let ch = execs.channel().await;
+    fetch_until_issued(&ch).await;
+    let mut stream = open_stream(ch.clone()).await;
+    execs.exec_now(Path::new("/bin/sleep"));
+    let end = stream_ends_with(&mut stream).await;
+    assert_eq!((end.code(), end.message()), (Code::PermissionDenied, EXECD));
+
+    // A process that exits while its stream is open.
+    let mut exits = Peer::start(&staging, NOBODY, &target, &agent.socket(), "stay", &[]);
+    let mut stream = open_stream(exits.channel().await).await;
+    let _ = exits.child.kill();
+    let _ = exits.child.wait();
+    let end = stream_ends_with(&mut stream).await;
+    assert_eq!(
+        (end.code(), end.message()),
+        (Code::PermissionDenied, EXITED)
+    );
+    drop(server);
+}
+
+/// An agent started by hand (to control its umask or socket path); killed on drop.
+struct RawAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RawAgent {
+    /// `sh -c 'umask UMASK; exec ztid-agent run …'` with a fresh join token.
+    fn spawn(server: &Server, umask: &str, socket: &Path, data: &Path, log: PathBuf) -> Self {
+        let bundle = server.bundle_file();
+        let token = server.token();
+        let out = std::fs::File::create(&log).expect("log");
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+            .arg(bin("ztid-agent"))
+            .args(["run", "--server", &server.addr(), "--trust-domain", TD])
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--join-token", &token, "--sync-interval", "1"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn agent");
+        Self { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the socket serves; panics (with the log) if the agent exits first.
+    fn wait_ready(&mut self, socket: &Path) {
+        let s = socket.to_str().expect("utf-8").to_string();
+        wait_for("the agent to serve", READY_TIMEOUT, || {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("ztid-agent exited ({st}):\n{}", self.log_text());
+            }
+            (socket.exists() && agent_cli(&["healthcheck", "--socket", &s]).ok).then_some(())
+        });
+    }
+}
+
+impl Drop for RawAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+#[test]
+fn socket_directory_and_socket_get_explicit_modes_under_umask_000() {
+    let server = Server::start(TD);
+    let scratch = other_uid::scratch_dir();
+    let run = scratch.path().join("run");
+    let socket = run.join("ztid/agent/api.sock");
+    let data = scratch.path().join("lib/agent");
+    let mut agent = RawAgent::spawn(
+        &server,
+        "000",
+        &socket,
+        &data,
+        scratch.path().join("agent.log"),
+    );
+    agent.wait_ready(&socket);
+    // It really ran under umask 000.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).expect("status");
+    assert!(status.contains("Umask:\t0000"), "{status}");
+    for dir in [run.clone(), run.join("ztid"), run.join("ztid/agent")] {
+        assert_eq!(mode_of(&dir), 0o755, "{}", dir.display());
+    }
+    let meta = std::fs::metadata(&socket).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        mode_of(&socket),
+        0o777,
+        "anyone may connect; who decides what"
+    );
+    assert_eq!(mode_of(&scratch.path().join("lib")), 0o755);
+    assert_eq!(mode_of(&data), 0o700);
+    for f in std::fs::read_dir(&data).expect("data dir") {
+        let f = f.expect("entry").path();
+        assert_eq!(mode_of(&f) & 0o077, 0, "{} is private", f.display());
+    }
+}
+
+#[test]
+fn socket_directory_others_can_write_is_refused() {
+    let server = Server::start(TD);
+    let scratch = other_uid::scratch_dir();
+    let open = scratch.path().join("open");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("mode");
+    let socket = open.join("api.sock");
+    let mut agent = RawAgent::spawn(
+        &server,
+        "022",
+        &socket,
+        &scratch.path().join("data"),
+        scratch.path().join("agent.log"),
+    );
+    let st = wait_for("the agent to refuse", READY_TIMEOUT, || {
+        agent.child.try_wait().ok().flatten()
+    });
+    assert!(!st.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!(
+            "socket directory {} is writable by group or others (mode 777) without the sticky bit",
+            open.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        !socket.exists(),
+        "no socket where another user could replace it"
+    );
+}
+
+/// Kills and reaps a child when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
+    const IDLE_TIMEOUT: f64 = 30.0; // the documented default
+    const SLACK: f64 = 10.0; // a loaded machine
+    const FLOOD: usize = 1100;
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let agent_pid = agent.proc.child.id();
+    // The agent gets 1,024 descriptors: at most (1024 - 128) / 2 = 448 connections, 224
+    // per uid.
+    let st = Command::new("prlimit")
+        .args(["--pid", &agent_pid.to_string(), "--nofile=1024:1024"])
+        .status()
+        .expect("prlimit");
+    assert!(st.success());
+    let staging = Staging::new(NOBODY);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/legit",
+        &format!("unix:uid:{VICTIM}"),
+    );
+
+    let flood_script = staging.file(&python_helper("workload_flood.py"));
+    let mut flood = Killed(
+        staging
+            .command_as(Path::new(PYTHON), NOBODY, NOBODY)
+            .arg(&flood_script)
+            .arg(agent.socket())
+            .arg(FLOOD.to_string())
+            .arg("120")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flood"),
+    );
+    // Its JSON lines, read on a thread so every wait below is bounded.
+    let stdout = flood.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let ev = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| -> serde_json::Value {
+        rx.recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| panic!("flood: no {what} event"))
+    };
+
+    // Every connect() returned, and the agent soon holds at most its per-uid share.
+    let ev = next("connected");
+    assert_eq!(ev["event"], "connected", "{ev}");
+    let held = loop {
+        let ev = next("open");
+        assert_eq!(ev["event"], "open", "{ev}");
+        let (open, after) = (
+            ev["open"].as_u64().expect("open"),
+            ev["after"].as_f64().expect("t"),
+        );
+        assert!(
+            after < IDLE_TIMEOUT - 1.0,
+            "the excess was not refused in time: {ev}"
+        );
+        if open <= 224 {
+            assert!(
+                open > 0,
+                "some idle clients are held until the idle timeout: {ev}"
+            );
+            break open;
+        }
+    };
+    eprintln!(
+        "{held} idle clients held, {} refused at once",
+        FLOOD as u64 - held
+    );
+
+    // While they are connected, a workload (a new connection, attested at accept) is served.
+    let mut legit = Peer::start(
+        &staging,
+        VICTIM,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "stay",
+        &[],
+    );
+    let issued = fetch_until_issued(&legit.channel().await).await;
+    assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/legit/"));
+    let fds = std::fs::read_dir(format!("/proc/{agent_pid}/fd"))
+        .expect("fds")
+        .count();
+    assert!(fds < 1024, "the agent holds {fds} descriptors");
+    assert!(
+        agent_cli(&[
+            "healthcheck",
+            "--socket",
+            agent.socket().to_str().expect("path")
+        ])
+        .ok
+    );
+
+    // The idle ones and the slow one are cut off after the idle timeout, not before.
+    let (mut idle_closed, mut slow_closed) = (None, None);
+    while idle_closed.is_none() || slow_closed.is_none() {
+        let ev = next("closed");
+        let after = ev["after"].as_f64().expect("after");
+        match ev["event"].as_str() {
+            Some("open") => {
+                if after < IDLE_TIMEOUT - 1.0 {
+                    assert!(ev["open"].as_u64() > Some(0), "cut off early: {ev}");
+                }
+            }
+            Some("closed") => idle_closed = Some(after),
+            Some("slow_closed") => slow_closed = Some(after),
+            _ => panic!("flood: {ev}"),
+        }
+    }
+    let (idle_closed, slow_closed) = (idle_closed.unwrap_or(0.0), slow_closed.unwrap_or(0.0));
+    eprintln!("idle clients closed after {idle_closed} s, the slow one after {slow_closed} s");
+    // Neither ever made a request: both are dropped at the idle timeout. The slow one
+    // connected first (t = 0), the idle ones during the connect phase.
+    assert!(
+        (IDLE_TIMEOUT - 1.0..=IDLE_TIMEOUT + SLACK).contains(&slow_closed),
+        "slow client closed after {slow_closed} s"
+    );
+    assert!(
+        (IDLE_TIMEOUT - 1.0..=IDLE_TIMEOUT + SLACK).contains(&idle_closed),
+        "idle clients closed after {idle_closed} s"
+    );
+    // The workload's own connection, used and then idle, is closed too (GOAWAY, or
+    // dropped 10 s later): the agent is back to its own few descriptors.
+    let fd_count = || std::fs::read_dir(format!("/proc/{agent_pid}/fd")).map(|d| d.count());
+    wait_for(
+        "the agent to close every idle connection",
+        READY_TIMEOUT,
+        || fd_count().is_ok_and(|n| n < 64).then_some(()),
+    );
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("too many Workload API connections from this uid"),
+        "the per-uid refusals are logged"
+    );
+    assert!(!log.contains("Too many open files"), "{log}");
+    drop(flood);
+}
