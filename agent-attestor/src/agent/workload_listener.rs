@@ -674,3 +674,42 @@ async fn serve_connection<S>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_uid_gets_half_the_cap_and_slots_free_on_drop() {
+        let gate = Arc::new(Gate::new(8));
+        assert_eq!(gate.cap(), 8.min(descriptor_budget()));
+        let half = gate.cap() / 2;
+        let mine: Vec<Slot> = (0..half)
+            .map(|_| gate.admit(1000).expect("admitted"))
+            .collect();
+        assert_eq!(gate.admit(1000).err(), Some(half), "over the per-uid cap");
+        let other = gate.admit(1001).expect("another uid still gets in");
+        assert_eq!(gate.total(), half + 1);
+        drop(mine);
+        assert_eq!(gate.total(), 1);
+        assert!(gate.admit(1000).is_ok(), "freed slots are reusable");
+        drop(other);
+    }
+
+    #[test]
+    fn the_descriptor_limit_lowers_the_cap() {
+        let budget = descriptor_budget();
+        let gate = Gate::new(usize::MAX);
+        assert_eq!(gate.cap(), budget.max(1));
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            if soft != nix::sys::resource::RLIM_INFINITY {
+                assert_eq!(
+                    budget as u64,
+                    soft.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION
+                );
+            }
+        }
+    }
+}
