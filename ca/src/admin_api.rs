@@ -1,6 +1,7 @@
 //! The admin API on the server's Unix socket. The socket is owner-only (0600) and,
 //! behind that, every call is checked against the kernel's SO_PEERCRED: only the
-//! configured uids (default: the server's own) get in. Deny by default.
+//! configured uids (default: the server's own) get in. Deny by default. Every string
+//! and byte field of a request is bounded ([`crate::limits`]) before it is used.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::core::CaCore;
 use crate::datastore::AuthorityRecord;
 use crate::datastore::{AgentRecord, EntryFilter};
 use crate::entries::to_proto;
+use crate::limits;
 
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions()
@@ -54,6 +56,50 @@ fn authority_to_proto(kind: Kind, a: &AuthorityRecord, backend: &str) -> pb::Aut
     }
 }
 
+/// Refuses a string over its bound ([`crate::limits`]): `InvalidArgument` and the bound.
+fn bound(what: &'static str, value: &str, max: usize) -> Result<(), Status> {
+    limits::check_len(what, value, max).map_err(Status::from)
+}
+
+/// Refuses bytes over their bound.
+fn bytes_bound(what: &'static str, value: &[u8], max: usize) -> Result<(), Status> {
+    limits::at_most(what, value.len(), max).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn trust_domain_ref(td: &str) -> Result<(), Status> {
+    // `spiffe://` may precede the name.
+    bound(
+        "trust domain (bytes)",
+        td,
+        "spiffe://".len() + limits::MAX_TRUST_DOMAIN_BYTES,
+    )
+}
+
+fn authority_ref(r: &pb::AuthorityRef) -> Result<(), Status> {
+    bound("authority kind (bytes)", &r.kind, limits::MAX_KEYWORD_BYTES)?;
+    bound("authority id (bytes)", &r.id, limits::MAX_OBJECT_ID_BYTES)
+}
+
+fn federation_bounds(r: &pb::Federation) -> Result<(), Status> {
+    trust_domain_ref(&r.trust_domain)?;
+    bound(
+        "bundle endpoint URL (bytes)",
+        &r.bundle_endpoint_url,
+        limits::MAX_URL_BYTES,
+    )?;
+    bound("profile (bytes)", &r.profile, limits::MAX_KEYWORD_BYTES)?;
+    bound(
+        "endpoint SPIFFE ID (bytes)",
+        &r.endpoint_spiffe_id,
+        limits::MAX_SPIFFE_ID_BYTES,
+    )?;
+    bytes_bound(
+        "trust bundle (bytes)",
+        &r.trust_bundle,
+        limits::MAX_BUNDLE_BYTES,
+    )
+}
+
 /// The admin service.
 pub struct AdminApi {
     core: Arc<CaCore>,
@@ -81,6 +127,11 @@ impl Admin for AdminApi {
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         audit!(self, request, "CreateJoinToken");
+        bound(
+            "alias_spiffe_id (bytes)",
+            &request.get_ref().alias_spiffe_id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
         let r = request.get_ref();
         let alias = (!r.alias_spiffe_id.is_empty()).then(|| r.alias_spiffe_id.clone());
         let (token, expires_at) = self.core.create_join_token(r.ttl_seconds, alias)?;
@@ -106,6 +157,16 @@ impl Admin for AdminApi {
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         audit!(self, request, "ListEntries");
+        bound(
+            "spiffe_id filter (bytes)",
+            &request.get_ref().spiffe_id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
+        bound(
+            "parent_id filter (bytes)",
+            &request.get_ref().parent_id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
         let r = request.get_ref();
         // A filter spelled non-canonically would silently match nothing: refuse it.
         for (what, id) in [
@@ -136,6 +197,11 @@ impl Admin for AdminApi {
         request: Request<pb::EntryId>,
     ) -> Result<Response<npb::Entry>, Status> {
         audit!(self, request, "GetEntry");
+        bound(
+            "entry id (bytes)",
+            &request.get_ref().id,
+            limits::MAX_OBJECT_ID_BYTES,
+        )?;
         let id = &request.get_ref().id;
         let e = self
             .core
@@ -152,6 +218,11 @@ impl Admin for AdminApi {
         request: Request<pb::EntryId>,
     ) -> Result<Response<npb::Entry>, Status> {
         audit!(self, request, "DeleteEntry");
+        bound(
+            "entry id (bytes)",
+            &request.get_ref().id,
+            limits::MAX_OBJECT_ID_BYTES,
+        )?;
         let e = self.core.delete_entry(&request.get_ref().id)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(to_proto(&e)))
@@ -174,6 +245,11 @@ impl Admin for AdminApi {
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
         audit!(self, request, "GetAgent");
+        bound(
+            "agent id (bytes)",
+            &request.get_ref().id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
         let id = &request.get_ref().id;
         crate::entries::parse_id(&self.core.trust_domain, "agent", id)?;
         let a = self
@@ -191,6 +267,11 @@ impl Admin for AdminApi {
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
         audit!(self, request, "EvictAgent");
+        bound(
+            "agent id (bytes)",
+            &request.get_ref().id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
         let a = self.core.evict_agent(&request.get_ref().id)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
@@ -201,6 +282,11 @@ impl Admin for AdminApi {
         request: Request<pb::AgentId>,
     ) -> Result<Response<pb::Agent>, Status> {
         audit!(self, request, "BanAgent");
+        bound(
+            "agent id (bytes)",
+            &request.get_ref().id,
+            limits::MAX_SPIFFE_ID_BYTES,
+        )?;
         let a = self.core.ban_agent(&request.get_ref().id)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
@@ -238,6 +324,11 @@ impl Admin for AdminApi {
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authorities>, Status> {
         audit!(self, request, "ListAuthorities");
+        bound(
+            "authority kind (bytes)",
+            &request.get_ref().kind,
+            limits::MAX_KEYWORD_BYTES,
+        )?;
         let kind = Kind::parse(&request.get_ref().kind)?;
         let backend = self.core.authorities.key_backend();
         let list = self.core.list_authorities(kind)?;
@@ -255,6 +346,11 @@ impl Admin for AdminApi {
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authority>, Status> {
         audit!(self, request, "PrepareAuthority");
+        bound(
+            "authority kind (bytes)",
+            &request.get_ref().kind,
+            limits::MAX_KEYWORD_BYTES,
+        )?;
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self.core.prepare_authority(kind, &caller(&request))?;
         self.core.audit_barrier().await?;
@@ -270,6 +366,11 @@ impl Admin for AdminApi {
         request: Request<pb::AuthorityKind>,
     ) -> Result<Response<pb::Authority>, Status> {
         audit!(self, request, "ActivateAuthority");
+        bound(
+            "authority kind (bytes)",
+            &request.get_ref().kind,
+            limits::MAX_KEYWORD_BYTES,
+        )?;
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self.core.activate_authority(kind, &caller(&request))?;
         self.core.audit_barrier().await?;
@@ -285,6 +386,7 @@ impl Admin for AdminApi {
         request: Request<pb::AuthorityRef>,
     ) -> Result<Response<pb::Authority>, Status> {
         audit!(self, request, "TaintAuthority");
+        authority_ref(request.get_ref())?;
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self
             .core
@@ -302,6 +404,7 @@ impl Admin for AdminApi {
         request: Request<pb::AuthorityRef>,
     ) -> Result<Response<pb::Authority>, Status> {
         audit!(self, request, "RevokeAuthority");
+        authority_ref(request.get_ref())?;
         let kind = Kind::parse(&request.get_ref().kind)?;
         let a = self
             .core
@@ -319,6 +422,17 @@ impl Admin for AdminApi {
         request: Request<pb::SetFederatedBundleRequest>,
     ) -> Result<Response<pb::FederatedBundle>, Status> {
         audit!(self, request, "SetFederatedBundle");
+        trust_domain_ref(&request.get_ref().trust_domain)?;
+        bound(
+            "bundle format (bytes)",
+            &request.get_ref().format,
+            limits::MAX_KEYWORD_BYTES,
+        )?;
+        bytes_bound(
+            "bundle (bytes)",
+            &request.get_ref().data,
+            limits::MAX_BUNDLE_BYTES,
+        )?;
         let r = request.get_ref();
         let format = if r.format.is_empty() {
             "pem"
@@ -357,6 +471,7 @@ impl Admin for AdminApi {
         request: Request<pb::TrustDomainRef>,
     ) -> Result<Response<pb::FederatedBundle>, Status> {
         audit!(self, request, "DeleteFederatedBundle");
+        trust_domain_ref(&request.get_ref().trust_domain)?;
         let b = self
             .core
             .delete_federated_bundle(&request.get_ref().trust_domain, &caller(&request))?;
@@ -369,6 +484,7 @@ impl Admin for AdminApi {
         request: Request<pb::Federation>,
     ) -> Result<Response<pb::Federation>, Status> {
         audit!(self, request, "CreateFederation");
+        federation_bounds(request.get_ref())?;
         let r = request.get_ref();
         let rec = crate::federation::FederationRecord {
             trust_domain: r.trust_domain.clone(),
@@ -404,6 +520,7 @@ impl Admin for AdminApi {
         request: Request<pb::TrustDomainRef>,
     ) -> Result<Response<pb::Federation>, Status> {
         audit!(self, request, "GetFederation");
+        trust_domain_ref(&request.get_ref().trust_domain)?;
         let f = self.core.federation(&request.get_ref().trust_domain)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(federation_to_proto(&self.core, &f)))
@@ -414,6 +531,7 @@ impl Admin for AdminApi {
         request: Request<pb::TrustDomainRef>,
     ) -> Result<Response<pb::Federation>, Status> {
         audit!(self, request, "DeleteFederation");
+        trust_domain_ref(&request.get_ref().trust_domain)?;
         let f = self
             .core
             .delete_federation(&request.get_ref().trust_domain, &caller(&request))?;
@@ -426,6 +544,7 @@ impl Admin for AdminApi {
         request: Request<pb::TrustDomainRef>,
     ) -> Result<Response<pb::FederatedBundle>, Status> {
         audit!(self, request, "RefreshFederation");
+        trust_domain_ref(&request.get_ref().trust_domain)?;
         let result = self
             .core
             .refresh_federation(&request.get_ref().trust_domain)

@@ -77,6 +77,9 @@ pub struct ServerConfig {
     pub federation: Vec<crate::federation::FederationConfig>,
     /// `[oidc]` discovery listener; off when unset.
     pub oidc: Option<OidcConfig>,
+    /// `[limits]`: listener timeouts and connection caps, refusal audit and mint-rate
+    /// bounds (see `crate::limits`).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// `[oidc]`: the OIDC discovery document and JWKS on their own listener (plain HTTP:
@@ -177,6 +180,7 @@ impl Default for ServerConfig {
             federation_max_refresh_seconds: 3600,
             federation: Vec::new(),
             oidc: None,
+            limits: Default::default(),
         }
     }
 }

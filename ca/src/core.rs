@@ -49,10 +49,13 @@ impl JoinTokenStore for StoreTokens {
             .0
             .take_join_token(hash)
             .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
-        // Redeeming must survive a crash: a token that was used must stay used.
-        self.0
-            .flush()
-            .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+        // Redeeming must survive a crash: a token that was used must stay used. An
+        // unknown token changed nothing, so a flood of them costs no sync.
+        if rec.is_some() {
+            self.0
+                .flush()
+                .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+        }
         Ok(rec.map(|r| JoinTokenGrant {
             hash: *hash,
             id: r.id,

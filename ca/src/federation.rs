@@ -808,8 +808,12 @@ fn bundle_endpoint_response(
     }
 }
 
-/// Serves the SPIFFE bundle endpoint (off unless `bundle_endpoint` is set).
-pub async fn spawn_bundle_endpoint(core: Arc<CaCore>) -> Result<()> {
+/// Serves the SPIFFE bundle endpoint (off unless `bundle_endpoint` is set), within the
+/// HTTP/1 listener limits ([`crate::listeners`]).
+pub async fn spawn_bundle_endpoint(
+    core: Arc<CaCore>,
+    budget: &Arc<crate::listeners::DescriptorBudget>,
+) -> Result<()> {
     let Some(addr) = core.config.bundle_endpoint else {
         return Ok(());
     };
@@ -823,30 +827,19 @@ pub async fn spawn_bundle_endpoint(core: Arc<CaCore>) -> Result<()> {
         "https_spiffe"
     };
     tracing::info!(%addr, profile, "bundle endpoint listening");
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let core = core.clone();
-            tokio::spawn(async move {
-                let Ok(Ok(stream)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(move |req| {
-                    let r = bundle_endpoint_response(&core, &req);
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let limits = &core.config.limits;
+    let bounded = crate::listeners::Listener::new(
+        "bundle endpoint",
+        limits.bundle_endpoint_max_connections,
+        crate::listeners::Timeouts::http1(limits),
+        Some(budget.clone()),
+    );
+    crate::listeners::serve_http1(
+        listener,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        bounded,
+        move |req| bundle_endpoint_response(&core, req),
+    );
     Ok(())
 }
 
@@ -889,8 +882,12 @@ pub fn oidc_jwks(core: &CaCore) -> Result<serde_json::Value> {
     Ok(json!({ "keys": keys }))
 }
 
-/// Serves OIDC discovery on its own plain-HTTP listener (off unless `[oidc]` is set).
-pub async fn spawn_oidc(core: Arc<CaCore>) -> Result<()> {
+/// Serves OIDC discovery on its own plain-HTTP listener (off unless `[oidc]` is set),
+/// within the HTTP/1 listener limits ([`crate::listeners`]).
+pub async fn spawn_oidc(
+    core: Arc<CaCore>,
+    budget: &Arc<crate::listeners::DescriptorBudget>,
+) -> Result<()> {
     let Some(oidc) = core.config.oidc.clone() else {
         return Ok(());
     };
@@ -901,57 +898,52 @@ pub async fn spawn_oidc(core: Arc<CaCore>) -> Result<()> {
             oidc.bind
         )))?;
     tracing::info!(addr = %oidc.bind, issuer = %oidc.issuer, "OIDC discovery listening");
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let core = core.clone();
-            let issuer = oidc.issuer.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let r = if req.method() != http::Method::GET {
-                            respond(
-                                http::StatusCode::METHOD_NOT_ALLOWED,
-                                "text/plain",
-                                "GET only\n".into(),
-                            )
-                        } else {
-                            match req.uri().path() {
-                                "/.well-known/openid-configuration" => respond(
-                                    http::StatusCode::OK,
-                                    "application/json",
-                                    oidc_document(&issuer).to_string(),
-                                ),
-                                "/keys" => match oidc_jwks(&core) {
-                                    Ok(j) => respond(
-                                        http::StatusCode::OK,
-                                        "application/json",
-                                        j.to_string(),
-                                    ),
-                                    Err(e) => respond(
-                                        http::StatusCode::INTERNAL_SERVER_ERROR,
-                                        "text/plain",
-                                        format!("{e}\n"),
-                                    ),
-                                },
-                                _ => respond(
-                                    http::StatusCode::NOT_FOUND,
-                                    "text/plain",
-                                    "not found\n".into(),
-                                ),
-                            }
-                        };
-                        async move { Ok::<_, std::convert::Infallible>(r) }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
+    let limits = &core.config.limits;
+    let bounded = crate::listeners::Listener::new(
+        "OIDC discovery",
+        limits.oidc_max_connections,
+        crate::listeners::Timeouts::http1(limits),
+        Some(budget.clone()),
+    );
+    let issuer = oidc.issuer;
+    crate::listeners::serve_http1(listener, None, bounded, move |req| {
+        oidc_response(&core, &issuer, req)
     });
     Ok(())
+}
+
+fn oidc_response(
+    core: &CaCore,
+    issuer: &str,
+    req: &http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    if req.method() != http::Method::GET {
+        return respond(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/.well-known/openid-configuration" => respond(
+            http::StatusCode::OK,
+            "application/json",
+            oidc_document(issuer).to_string(),
+        ),
+        "/keys" => match oidc_jwks(core) {
+            Ok(j) => respond(http::StatusCode::OK, "application/json", j.to_string()),
+            Err(e) => respond(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+        _ => respond(
+            http::StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".into(),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,12 @@ mod error;
 pub mod evidence;
 pub mod federation;
 pub mod keys;
+pub mod limits;
+pub mod listeners;
 pub mod metrics;
 pub mod node_api;
 pub mod policy;
+pub mod refusal_audit;
 pub mod server;
 pub mod upstream;
 

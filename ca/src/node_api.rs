@@ -1,7 +1,12 @@
 //! The node API (gRPC over mutual TLS): thin glue from `ztid.node.v1.Node` to [`CaCore`].
+//!
+//! Every request is checked against [`crate::limits`] before anything else. Refusals
+//! are audited through [`RefusalAudit`]: one by one up to its bounds, with the peer's
+//! address (before authentication) or the agent's ID, and summarised beyond them, so
+//! a flood of refused calls cannot become a flood of synced audit records.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -11,37 +16,82 @@ use ztid_proto::node::{self as pb, node_server::Node};
 
 use crate::core::{AuthenticatedAgent, CaCore};
 use crate::entries::to_proto;
+use crate::limits::{self, RateLimiter, ATTEST_STEP_TIMEOUT, ATTEST_TOTAL_TIMEOUT};
+use crate::refusal_audit::RefusalAudit;
 use crate::Error;
-
-/// How long the server waits for each attestation message.
-const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most requests in one batch.
-const MAX_BATCH: usize = 1000;
 
 /// The node API service.
 pub struct NodeApi {
     core: Arc<CaCore>,
+    refusals: Arc<RefusalAudit>,
+    jwt_mints: RateLimiter,
+}
+
+/// Who sent a request, for refusal records: the full address, and the key the refusal
+/// bounds count by (the IP address: a client picks its ports freely).
+struct Peer {
+    addr: Option<String>,
+    key: String,
+}
+
+impl Peer {
+    fn of(addr: Option<SocketAddr>) -> Self {
+        Self {
+            addr: addr.map(|a| a.to_string()),
+            key: addr.map_or_else(|| "unknown".into(), |a| a.ip().to_string()),
+        }
+    }
 }
 
 impl NodeApi {
-    /// A service over `core`.
+    /// A service over `core`, with the refusal and mint-rate bounds of its config.
     pub fn new(core: Arc<CaCore>) -> Self {
-        Self { core }
+        let refusals = Arc::new(RefusalAudit::from_config(&core.config.limits));
+        refusals.spawn_flusher(&core);
+        let jwt_mints = RateLimiter::new(core.config.limits.jwt_mints_per_agent_entry_per_minute);
+        Self {
+            core,
+            refusals,
+            jwt_mints,
+        }
     }
 
     fn agent<T>(&self, req: &Request<T>) -> Result<AuthenticatedAgent, Status> {
         let certs = req.peer_certs();
         let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
         self.core.authenticate_agent(leaf).map_err(|e| {
-            tracing::warn!(event = "node_api_refused", reason = %e, "node API call refused");
+            let peer = Peer::of(req.remote_addr());
+            tracing::warn!(event = "node_api_refused", peer = ?peer.addr, reason = %e, "node API call refused");
             crate::metrics::node_api_refused(&e);
-            let _ = self.core.record(
+            self.refusals.record(
+                &self.core,
+                &peer.key,
+                peer.addr.as_deref(),
+                crate::metrics::refusal_reason(&e),
                 serde_json::json!({"type": "node_api_refused", "reason": e.to_string(),
                 "peer_serial": leaf.and_then(|l| ztid_agent_attestor::svid::serial_hex(l).ok())}),
             );
             Status::from(e)
         })
     }
+
+    /// Audits the refusal of one request of an authenticated agent's batch, within the
+    /// bounds counted per agent.
+    fn refuse_for_agent(&self, agent: &AuthenticatedAgent, e: &Error, event: serde_json::Value) {
+        crate::metrics::node_api_refused(e);
+        self.refusals.record(
+            &self.core,
+            &agent.record.spiffe_id,
+            None,
+            crate::metrics::refusal_reason(e),
+            event,
+        );
+    }
+}
+
+/// Refuses a request that breaks a bound: `InvalidArgument` and the bound.
+fn bounded(r: crate::Result<()>) -> Result<(), Status> {
+    r.map_err(Status::from)
 }
 
 async fn next_message(
@@ -61,6 +111,8 @@ async fn next_message(
 
 async fn run_attestation(
     core: Arc<CaCore>,
+    refusals: Arc<RefusalAudit>,
+    peer: Peer,
     mut inbound: Streaming<pb::AttestRequest>,
     tx: &mpsc::Sender<Result<pb::AttestResponse, Status>>,
 ) -> Result<pb::AttestResponse, Status> {
@@ -69,13 +121,26 @@ async fn run_attestation(
             "attestation must start with AttestInit",
         ));
     };
-    let method = init.method.clone();
+    // The method names a metric label and a log field: bounded before it is used.
+    let method = if init.method.len() <= limits::MAX_KEYWORD_BYTES {
+        init.method.clone()
+    } else {
+        "unknown".to_string()
+    };
+    // Unauthenticated: refusals are audited with the peer's address, within the bounds.
     let refuse = |e: Error| {
-        tracing::warn!(event = "node_attestation_refused", method = %method, reason = %e, "node attestation refused");
+        tracing::warn!(event = "node_attestation_refused", peer = ?peer.addr, method = %method, reason = %e, "node attestation refused");
         crate::metrics::attestation_refused(&method, &e);
-        let _ = core.record(serde_json::json!({"type": "node_attestation_refused", "method": method, "reason": e.to_string()}));
+        refusals.record(
+            &core,
+            &peer.key,
+            peer.addr.as_deref(),
+            crate::metrics::attestation_reason(&e),
+            serde_json::json!({"type": "node_attestation_refused", "method": method, "reason": e.to_string()}),
+        );
         Status::from(e)
     };
+    limits::check_attest_init(&init).map_err(refuse)?;
     let agent_key = CaCore::csr_public_key(&init.csr).map_err(refuse)?;
     let verifier = core.verifier(&init.method).map_err(refuse)?;
     let mut step = verifier
@@ -98,6 +163,7 @@ async fn run_attestation(
                         "expected a challenge response".into(),
                     )));
                 };
+                limits::check_challenge_response(&answer).map_err(refuse)?;
                 step = session
                     .resume(&answer, &core.attestation_context(&agent_key))
                     .map_err(|e| refuse(e.into()))?;
@@ -127,11 +193,21 @@ impl Node for NodeApi {
         &self,
         request: Request<Streaming<pb::AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
+        let peer = Peer::of(request.remote_addr());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let core = self.core.clone();
+        let refusals = self.refusals.clone();
         tokio::spawn(async move {
-            let result = run_attestation(core, inbound, &tx).await;
+            // Whatever the number of challenges, one attestation has a bounded time.
+            let attestation = run_attestation(core, refusals, peer, inbound, &tx);
+            let result = match tokio::time::timeout(ATTEST_TOTAL_TIMEOUT, attestation).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "attestation took longer than {} s",
+                    ATTEST_TOTAL_TIMEOUT.as_secs()
+                ))),
+            };
             let _ = tx.send(result).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -142,6 +218,10 @@ impl Node for NodeApi {
         request: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let agent = self.agent(&request)?;
+        bounded(limits::check_csr_size(
+            "agent CSR (bytes)",
+            &request.get_ref().csr,
+        ))?;
         let leaf = self.core.renew_agent(&agent, &request.get_ref().csr)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(pb::RenewAgentResponse {
@@ -155,10 +235,14 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
         let agent = self.agent(&request)?;
         let reqs = &request.get_ref().requests;
-        if reqs.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BATCH} CSRs per batch"
-            )));
+        bounded(limits::check_batch("CSRs in one batch", reqs.len()))?;
+        for r in reqs {
+            bounded(limits::check_len(
+                "entry_id (bytes)",
+                &r.entry_id,
+                limits::MAX_OBJECT_ID_BYTES,
+            ))?;
+            bounded(limits::check_csr_size("workload CSR (bytes)", &r.csr))?;
         }
         let results = reqs
             .iter()
@@ -171,8 +255,7 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "x509_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "CSR refused");
-                        crate::metrics::node_api_refused(&e);
-                        let _ = self.core.record(serde_json::json!({"type": "x509_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
+                        self.refuse_for_agent(&agent, &e, serde_json::json!({"type": "x509_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::svid_result::Result::Error(e.to_string())
                     }
                 };
@@ -190,15 +273,38 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::MintJwtSvidsResponse>, Status> {
         let agent = self.agent(&request)?;
         let reqs = &request.get_ref().requests;
-        if reqs.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BATCH} JWT requests per batch"
-            )));
+        bounded(limits::check_batch(
+            "JWT-SVID requests in one batch",
+            reqs.len(),
+        ))?;
+        let audiences = reqs
+            .iter()
+            .map(limits::check_jwt_request)
+            .collect::<crate::Result<Vec<_>>>()
+            .map_err(Status::from)?;
+        // Each mint is a signature and an audit record: bounded per agent and entry.
+        let mut per_entry = std::collections::BTreeMap::<&str, u32>::new();
+        for r in reqs {
+            *per_entry.entry(r.entry_id.as_str()).or_default() += 1;
+        }
+        for (entry, n) in per_entry {
+            let key = format!("{} {entry}", agent.record.spiffe_id);
+            if !self.jwt_mints.take(&key, n) {
+                let e = Error::FailedPrecondition(format!(
+                    "JWT-SVID mint rate exceeded for entry {entry}: at most {} per minute for one agent",
+                    self.jwt_mints.per_minute()
+                ));
+                tracing::warn!(event = "jwt_svid_refused", agent = %agent.record.spiffe_id, entry, reason = %e, "JWT-SVID mint rate exceeded");
+                self.refuse_for_agent(&agent, &e, serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": entry, "reason": e.to_string()}));
+                self.core.audit_barrier().await?;
+                return Err(Status::resource_exhausted(e.to_string()));
+            }
         }
         let results = reqs
             .iter()
-            .map(|r| {
-                let result = match self.core.mint_jwt_svid(&agent, &r.entry_id, &r.spiffe_id, &r.audience) {
+            .zip(&audiences)
+            .map(|(r, audience)| {
+                let result = match self.core.mint_jwt_svid(&agent, &r.entry_id, &r.spiffe_id, audience) {
                     Ok((token, expires_at)) => pb::jwt_result::Result::Svid(pb::JwtSvid {
                         spiffe_id: r.spiffe_id.clone(),
                         token,
@@ -206,8 +312,7 @@ impl Node for NodeApi {
                     }),
                     Err(e) => {
                         tracing::warn!(event = "jwt_svid_refused", agent = %agent.record.spiffe_id, entry = %r.entry_id, reason = %e, "JWT-SVID refused");
-                        crate::metrics::node_api_refused(&e);
-                        let _ = self.core.record(serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
+                        self.refuse_for_agent(&agent, &e, serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": r.entry_id, "reason": e.to_string()}));
                         pb::jwt_result::Result::Error(e.to_string())
                     }
                 };
@@ -224,6 +329,7 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let agent = self.agent(&request)?;
         let req = request.get_ref();
+        bounded(limits::check_sync(req))?;
         let sync =
             self.core
                 .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;

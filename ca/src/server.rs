@@ -1,5 +1,7 @@
 //! Runs `ztid-server`: the node API on TLS, the admin API on its Unix socket, and the
-//! housekeeping loop (server SVID renewal).
+//! housekeeping loop (server SVID renewal). Every listener is bounded by
+//! [`crate::listeners`] (timeouts, connection caps) and every gRPC service by a message
+//! size cap ([`crate::limits`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -8,7 +10,6 @@ use std::time::Duration;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use ztid_agent_attestor::tls::AgentCertVerifier;
 use ztid_proto::admin::admin_server::AdminServer;
 use ztid_proto::node::node_server::NodeServer;
@@ -16,10 +17,15 @@ use ztid_proto::node::node_server::NodeServer;
 use crate::admin_api::AdminApi;
 use crate::admin_authz::{AdminAuthzLayer, AdminPolicy};
 use crate::core::CaCore;
+use crate::limits::{
+    LimitsConfig, ADMIN_API_MAX_MESSAGE_BYTES, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
+    NODE_API_MAX_MESSAGE_BYTES,
+};
+use crate::listeners::{
+    tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer,
+};
 use crate::node_api::NodeApi;
 use crate::{Error, Result};
-
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the server's current SVID on every handshake, so renewal needs no restart.
 #[derive(Debug)]
@@ -74,48 +80,33 @@ fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts TLS connections: each handshake runs in its own task, so one slow or
-/// hostile client cannot hold up the others.
-fn tls_incoming(
-    tcp: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    what: &'static str,
-) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what} accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = conn_tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(event = "tls_refused", listener = what, %peer, error = %e, "TLS handshake failed")
-                    }
-                    Err(_) => {
-                        tracing::warn!(event = "tls_refused", listener = what, %peer, "TLS handshake timed out")
-                    }
-                }
-            });
-        }
-    });
-    ReceiverStream::new(conn_rx)
+/// A gRPC server with the HTTP/2 bounds every listener shares: a deadline for each
+/// answer, few streams and small headers per connection, a cap on streams a client may
+/// reset before they are accepted (HTTP/2 rapid reset), and keepalive pings that find
+/// dead peers.
+fn grpc_server(limits: &LimitsConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .timeout(limits.request_timeout())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(32))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// The shutdown signal, after which `listener` closes its connections within the
+/// shutdown grace (idle clients would otherwise hold the graceful shutdown).
+async fn shutdown_of(listener: Arc<Listener>) {
+    shutdown_signal().await;
+    listener.shutdown();
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(core: Arc<CaCore>) -> Result<()> {
+    let limits = core.config.limits.clone();
+    limits.validate()?;
+    crate::listeners::raise_nofile_limit();
+    let budget = Arc::new(DescriptorBudget::default());
     let tcp = TcpListener::bind(core.config.bind)
         .await
         .map_err(Error::io(format!(
@@ -135,11 +126,24 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     ));
     crate::metrics::spawn(&core).await?;
     core.apply_configured_federations()?;
-    crate::federation::spawn_bundle_endpoint(core.clone()).await?;
-    crate::federation::spawn_oidc(core.clone()).await?;
+    crate::federation::spawn_bundle_endpoint(core.clone(), &budget).await?;
+    crate::federation::spawn_oidc(core.clone(), &budget).await?;
     crate::federation::spawn_poller(core.clone());
 
-    let node_incoming = tls_incoming(tcp, tls_config(&core, false), "node API");
+    let node_listener = Listener::new(
+        "node API",
+        limits.node_api_max_connections,
+        Timeouts::grpc(&limits),
+        Some(budget.clone()),
+    );
+    let node_incoming = tls_incoming(tcp, tls_config(&core, false), node_listener.clone());
+    // Within the reserved descriptors: a flood on a TCP listener cannot reach it.
+    let admin_socket_listener = Listener::new(
+        "admin socket",
+        limits.admin_socket_max_connections,
+        Timeouts::grpc(&limits),
+        None,
+    );
     let policy_core = core.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -159,14 +163,25 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         }
     });
 
-    let node = tonic::transport::Server::builder()
+    let node = grpc_server(&limits)
+        .layer(TrackLayer(node_listener.clone()))
         .layer(crate::metrics::node_api_layer())
-        .add_service(NodeServer::new(NodeApi::new(core.clone())))
-        .serve_with_incoming_shutdown(node_incoming, shutdown_signal());
-    let admin = tonic::transport::Server::builder()
+        .add_service(
+            NodeServer::new(NodeApi::new(core.clone()))
+                .max_decoding_message_size(NODE_API_MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(node_incoming, shutdown_of(node_listener));
+    let admin = grpc_server(&limits)
+        .layer(TrackLayer(admin_socket_listener.clone()))
         .layer(AdminAuthzLayer(policy.clone()))
-        .add_service(AdminServer::new(AdminApi::new(core.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
+        .add_service(
+            AdminServer::new(AdminApi::new(core.clone()))
+                .max_decoding_message_size(ADMIN_API_MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            unix_incoming(admin_listener, admin_socket_listener.clone()),
+            shutdown_of(admin_socket_listener),
+        );
     // The remote admin API: mutual TLS, callers admitted by SPIFFE ID and role only.
     if let Some(remote) = &core.config.remote_admin {
         let tcp = TcpListener::bind(remote.bind)
@@ -175,11 +190,21 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
                 "binding remote admin API on {}",
                 remote.bind
             )))?;
-        let incoming = tls_incoming(tcp, tls_config(&core, true), "remote admin API");
-        let server = tonic::transport::Server::builder()
+        let remote_listener = Listener::new(
+            "remote admin API",
+            limits.remote_admin_max_connections,
+            Timeouts::grpc(&limits),
+            Some(budget.clone()),
+        );
+        let incoming = tls_incoming(tcp, tls_config(&core, true), remote_listener.clone());
+        let server = grpc_server(&limits)
+            .layer(TrackLayer(remote_listener.clone()))
             .layer(AdminAuthzLayer(policy.clone()))
-            .add_service(AdminServer::new(AdminApi::new(core.clone())))
-            .serve_with_incoming_shutdown(incoming, shutdown_signal());
+            .add_service(
+                AdminServer::new(AdminApi::new(core.clone()))
+                    .max_decoding_message_size(ADMIN_API_MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(incoming, shutdown_of(remote_listener));
         tracing::info!(remote_admin = %remote.bind, "remote admin API (mTLS) serving");
         tokio::spawn(async move {
             if let Err(e) = server.await {

@@ -1,0 +1,231 @@
+//! Audit records of refused calls, bounded so that a flood of refusals cannot become
+//! a flood of fdatasync'ed records.
+//!
+//! Every refusal is counted (metrics and logs see all of them). Within each interval,
+//! the first `per_peer` refusals of each peer, and no more than `per_interval` from all
+//! peers together, are audited one by one with the peer's address; the rest are counted
+//! per peer and reason and written as one summary record when the interval ends. So an
+//! interval costs at most `per_interval + 1` records, whoever floods.
+//!
+//! A peer is a network address (refusals before authentication) or an agent's SPIFFE
+//! ID (refusals of an authenticated agent's requests).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::core::CaCore;
+
+/// Peers tracked one by one per interval; more are counted together as "other".
+const MAX_TRACKED_PEERS: usize = 4096;
+/// Peers named in a summary record (the busiest); the rest are summed.
+const MAX_PEERS_IN_SUMMARY: usize = 64;
+
+#[derive(Default)]
+struct PeerCount {
+    recorded: u32,
+    suppressed: u64,
+    reasons: BTreeMap<&'static str, u64>,
+}
+
+struct Window {
+    started: Instant,
+    started_unix: i64,
+    recorded: u32,
+    peers: HashMap<String, PeerCount>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            started_unix: crate::core::now(),
+            recorded: 0,
+            peers: HashMap::new(),
+        }
+    }
+}
+
+/// What to do with one refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Audit it one by one.
+    Record,
+    /// Counted into the interval's summary.
+    Summarised,
+}
+
+/// The bounded refusal audit.
+pub struct RefusalAudit {
+    per_peer: u32,
+    per_interval: u32,
+    interval: Duration,
+    window: Mutex<Window>,
+}
+
+impl RefusalAudit {
+    /// A refusal audit with these bounds.
+    pub fn new(per_peer: u32, per_interval: u32, interval: Duration) -> Self {
+        Self {
+            per_peer,
+            per_interval,
+            interval,
+            window: Mutex::new(Window::new()),
+        }
+    }
+
+    /// From the `[limits]` config.
+    pub fn from_config(l: &crate::limits::LimitsConfig) -> Self {
+        Self::new(
+            l.refusals_audited_per_peer,
+            l.refusals_audited_per_interval,
+            Duration::from_secs(l.refusal_audit_interval_seconds),
+        )
+    }
+
+    /// The interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Notes one refusal of `peer` with a short stable `reason` label; returns whether
+    /// to audit it one by one, and the summary of an interval that just ended, if any.
+    pub fn note(&self, peer: &str, reason: &'static str) -> (Decision, Option<Value>) {
+        let Ok(mut w) = self.window.lock() else {
+            return (Decision::Summarised, None);
+        };
+        let summary = self.roll(&mut w);
+        let tracked = w.peers.len() < MAX_TRACKED_PEERS || w.peers.contains_key(peer);
+        let key = if tracked { peer } else { "other" };
+        let room = w.recorded < self.per_interval;
+        let p = w.peers.entry(key.to_string()).or_default();
+        if tracked && room && p.recorded < self.per_peer {
+            p.recorded += 1;
+            w.recorded += 1;
+            (Decision::Record, summary)
+        } else {
+            p.suppressed += 1;
+            *p.reasons.entry(reason).or_default() += 1;
+            (Decision::Summarised, summary)
+        }
+    }
+
+    /// The summary of the interval if it has ended (and starts a new one); call
+    /// periodically so a flood that stopped is still summarised.
+    pub fn flush_if_due(&self) -> Option<Value> {
+        let mut w = self.window.lock().ok()?;
+        self.roll(&mut w)
+    }
+
+    /// Audits one refusal within the bounds: `key` is what the bounds count by (a peer's
+    /// IP address, an agent's SPIFFE ID), `peer` (the full address, when known) goes
+    /// into the record, `reason` is a short stable label for the summary.
+    pub fn record(
+        &self,
+        core: &CaCore,
+        key: &str,
+        peer: Option<&str>,
+        reason: &'static str,
+        mut event: Value,
+    ) {
+        let (decision, summary) = self.note(key, reason);
+        if let Some(s) = summary {
+            write(core, s);
+        }
+        if decision == Decision::Record {
+            if let (Some(p), Some(obj)) = (peer, event.as_object_mut()) {
+                obj.insert("peer".into(), json!(p));
+            }
+            write(core, event);
+        }
+    }
+
+    /// Writes each interval's summary when it ends, for as long as `core` lives.
+    pub fn spawn_flusher(self: &Arc<Self>, core: &Arc<CaCore>) {
+        let this = self.clone();
+        let core = Arc::downgrade(core);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.interval / 4);
+            loop {
+                tick.tick().await;
+                let Some(core) = core.upgrade() else { return };
+                if let Some(s) = this.flush_if_due() {
+                    write(&core, s);
+                }
+            }
+        });
+    }
+
+    fn roll(&self, w: &mut Window) -> Option<Value> {
+        if w.started.elapsed() < self.interval {
+            return None;
+        }
+        let ended = std::mem::replace(w, Window::new());
+        summarise(ended, w.started_unix)
+    }
+}
+
+fn write(core: &CaCore, event: Value) {
+    if let Err(e) = core.record(event) {
+        tracing::error!(error = %e, "could not audit a refusal");
+    }
+}
+
+fn summarise(w: Window, until: i64) -> Option<Value> {
+    let mut peers: Vec<(String, PeerCount)> = w
+        .peers
+        .into_iter()
+        .filter(|(_, p)| p.suppressed > 0)
+        .collect();
+    if peers.is_empty() {
+        return None;
+    }
+    let total: u64 = peers.iter().map(|(_, p)| p.suppressed).sum();
+    peers.sort_by(|a, b| b.1.suppressed.cmp(&a.1.suppressed).then(a.0.cmp(&b.0)));
+    let rest = peers.split_off(peers.len().min(MAX_PEERS_IN_SUMMARY));
+    Some(json!({
+        "type": "refusals_summarised",
+        "from": w.started_unix,
+        "until": until,
+        "count": total,
+        "peers": peers.iter().map(|(peer, p)| json!({
+            "peer": peer, "count": p.suppressed, "reasons": p.reasons,
+        })).collect::<Vec<_>>(),
+        "other_peers": rest.len(),
+        "other_count": rest.iter().map(|(_, p)| p.suppressed).sum::<u64>(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_recorded_up_to_the_bounds_then_summarised() {
+        let a = RefusalAudit::new(3, 5, Duration::from_millis(50));
+        let recorded = (0..100)
+            .filter(|_| a.note("10.0.0.1", "token_unknown").0 == Decision::Record)
+            .count();
+        assert_eq!(recorded, 3, "per peer");
+        let others = (0..10)
+            .filter(|i| a.note(&format!("10.0.0.{}", 2 + i), "csr_invalid").0 == Decision::Record)
+            .count();
+        assert_eq!(others, 2, "per interval, all peers together");
+        assert!(a.flush_if_due().is_none(), "the interval has not ended");
+        std::thread::sleep(Duration::from_millis(60));
+        let s = a.flush_if_due().expect("a summary");
+        assert_eq!(s["type"], "refusals_summarised");
+        assert_eq!(s["count"], 97 + 8);
+        assert_eq!(s["peers"][0]["peer"], "10.0.0.1");
+        assert_eq!(s["peers"][0]["count"], 97);
+        assert_eq!(s["peers"][0]["reasons"]["token_unknown"], 97);
+        assert!(a.flush_if_due().is_none(), "nothing refused since");
+        assert_eq!(
+            a.note("10.0.0.1", "x").0,
+            Decision::Record,
+            "a new interval"
+        );
+    }
+}
