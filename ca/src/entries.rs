@@ -93,7 +93,6 @@ pub fn validate_new_entry(
     now: i64,
 ) -> Result<EntryRecord> {
     crate::limits::check_entry(req)?;
-    crate::limits::check_entry(req)?;
     let spiffe_id = parse_claimable_id(td, "spiffe_id", &req.spiffe_id)?;
     // A per-instance ID is the entry's plus one segment; it must stay within the
     // 2048 bytes SPIFFE implementations must support.
