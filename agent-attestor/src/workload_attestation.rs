@@ -10,8 +10,10 @@
 //!   running then held its pid throughout, so everything read was its own.
 //!
 //! Every request then re-checks, with [`PeerProcess::check`], that this process still runs
-//! unchanged: not exited (pidfd), same start time, same executable (an exec changes it).
-//! Anything else gets the request nothing, with a [`PeerRefusal`] saying why.
+//! unchanged: not exited (pidfd), same start time, same executable (an exec changes it),
+//! and still the effective uid and gid it connected with (a setuid exec or a privilege
+//! drop changes them). Anything else gets the request nothing, with a [`PeerRefusal`]
+//! saying why.
 //!
 //! Without `SO_PEERPIDFD` (kernels before 6.5) the binding is the pid and the start time
 //! read at accept: a peer that exits and whose pid is taken by a new process before the
@@ -73,6 +75,25 @@ pub fn exe_identity(pid: i32) -> std::io::Result<ExeIdentity> {
     })
 }
 
+/// The effective uid and gid `pid` runs with now (`/proc/<pid>/status`).
+pub fn effective_ids(pid: i32) -> std::io::Result<(u32, u32)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    // "Uid:\treal\teffective\tsaved\tfs"
+    let effective = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    match (effective("Uid:"), effective("Gid:")) {
+        (Some(uid), Some(gid)) => Ok((uid, gid)),
+        _ => Err(std::io::Error::other(format!(
+            "no Uid/Gid lines in /proc/{pid}/status"
+        ))),
+    }
+}
+
 /// Why a connection's requests get nothing: its process is not the one that connected,
 /// or could not be identified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +102,9 @@ pub enum PeerRefusal {
     Exited,
     /// The connecting process has exec'd another program since it connected.
     Execd,
+    /// The connecting process runs with another effective uid or gid than it connected
+    /// with (a setuid or setgid exec, or a privilege change).
+    CredentialsChanged,
     /// The connecting process could not be attested at all.
     Unattestable(String),
 }
@@ -91,6 +115,7 @@ impl PeerRefusal {
         match self {
             Self::Exited => "peer_exited",
             Self::Execd => "peer_execd",
+            Self::CredentialsChanged => "peer_credentials_changed",
             Self::Unattestable(_) => "attestation_failed",
         }
     }
@@ -103,6 +128,9 @@ impl fmt::Display for PeerRefusal {
             Self::Execd => {
                 f.write_str("the process that opened this connection has exec'd since it connected")
             }
+            Self::CredentialsChanged => f.write_str(
+                "the process that opened this connection has changed its uid or gid since it connected",
+            ),
             Self::Unattestable(why) => write!(f, "workload attestation failed: {why}"),
         }
     }
@@ -140,6 +168,7 @@ impl PeerProcess {
         let pid = self.instance.pid;
         let start_time = process_start_time(pid).map_err(|_| PeerRefusal::Exited)?;
         let exe = exe_identity(pid).ok();
+        let ids = effective_ids(pid).map_err(|_| PeerRefusal::Exited)?;
         if let Some(fd) = &self.pidfd {
             if pidfd_exited(fd.as_fd())? {
                 return Err(PeerRefusal::Exited);
@@ -150,21 +179,31 @@ impl PeerProcess {
             return Err(PeerRefusal::Exited);
         }
         match (self.exe, exe) {
-            (Some(then), Some(now)) if then != now => Err(PeerRefusal::Execd),
+            (Some(then), Some(now)) if then != now => return Err(PeerRefusal::Execd),
             // Readable at accept and not now: an exiting process (zombie).
-            (Some(_), None) => Err(PeerRefusal::Exited),
-            (None, Some(_)) => Err(PeerRefusal::Execd),
-            _ => Ok(()),
+            (Some(_), None) => return Err(PeerRefusal::Exited),
+            (None, Some(_)) => return Err(PeerRefusal::Execd),
+            _ => {}
         }
+        // SO_PEERCRED holds the effective ids at connect(); the process must still run
+        // with them, or a setuid exec right after connect() would be attested as entitled.
+        if ids != (self.uid, self.gid) {
+            return Err(PeerRefusal::CredentialsChanged);
+        }
+        Ok(())
     }
 
     /// A binding to arbitrary values, for tests of [`PeerProcess::check`].
     #[doc(hidden)]
-    pub fn for_tests(instance: ProcessInstance, exe: Option<ExeIdentity>) -> Self {
+    pub fn for_tests(
+        instance: ProcessInstance,
+        exe: Option<ExeIdentity>,
+        (uid, gid): (u32, u32),
+    ) -> Self {
         Self {
             instance,
-            uid: 0,
-            gid: 0,
+            uid,
+            gid,
             exe,
             pidfs_id: None,
             pidfd: None,
@@ -474,6 +513,7 @@ mod tests {
         let w = attest_self();
         let instance = w.process.instance;
         let exe = w.process.exe;
+        let ids = (w.process.uid, w.process.gid);
         // The same pid with another start time: a recycled pid.
         let recycled = PeerProcess::for_tests(
             ProcessInstance {
@@ -481,6 +521,7 @@ mod tests {
                 start_time: instance.start_time + 1,
             },
             exe,
+            ids,
         );
         assert_eq!(recycled.check(), Err(PeerRefusal::Exited));
         // The same process running another file: an exec.
@@ -488,8 +529,12 @@ mod tests {
             dev: e.dev,
             ino: e.ino + 1,
         });
-        let execd = PeerProcess::for_tests(instance, other);
+        let execd = PeerProcess::for_tests(instance, other, ids);
         assert_eq!(execd.check(), Err(PeerRefusal::Execd));
+        // The same process with other effective ids than it connected with.
+        let setuid = PeerProcess::for_tests(instance, exe, (ids.0 + 1, ids.1));
+        assert_eq!(setuid.check(), Err(PeerRefusal::CredentialsChanged));
+        assert_eq!(PeerProcess::for_tests(instance, exe, ids).check(), Ok(()));
         assert_eq!(
             execd.check().unwrap_err().to_string(),
             "the process that opened this connection has exec'd since it connected"
@@ -504,6 +549,7 @@ mod tests {
                 start_time: 1,
             },
             None,
+            (0, 0),
         );
         assert_eq!(gone.check(), Err(PeerRefusal::Exited));
         assert_eq!(

@@ -29,6 +29,8 @@ const TD: &str = "example.org";
 const VICTIM: u32 = 47_110;
 const EXITED: &str = "the process that opened this connection has exited";
 const EXECD: &str = "the process that opened this connection has exec'd since it connected";
+const CREDENTIALS: &str =
+    "the process that opened this connection has changed its uid or gid since it connected";
 const PYTHON: &str = "/usr/bin/python3";
 /// Long enough that no connection of the pid-reuse tests idles out while pids cycle.
 const LONG_IDLE: &str = "600";
@@ -102,17 +104,23 @@ impl Peer {
         channel_over(self.conn.take().expect("channel already made")).await
     }
 
-    /// Sends SIGUSR1: an `exec` peer then execs; waits until it runs `program`.
-    fn exec_now(&self, program: &Path) {
-        let st = Command::new("kill")
-            .args(["-USR1", &self.pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success());
+    /// Sends SIGUSR1: an `exec` peer then execs, a `drop` peer changes its ids.
+    fn go(&self) {
+        signal(self.pid as u32, "USR1");
+    }
+
+    /// Waits until the peer runs `program`.
+    fn wait_exec(&self, program: &Path) {
         let want = program.canonicalize().expect("program path");
         wait_for("the peer to exec", READY_TIMEOUT, || {
             (std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()? == want).then_some(())
         });
+    }
+
+    /// Makes an `exec` peer exec `program`, and waits until it runs it.
+    fn exec_now(&self, program: &Path) {
+        self.go();
+        self.wait_exec(program);
     }
 }
 
@@ -121,6 +129,16 @@ impl Drop for Peer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `kill -SIGNAL pid`.
+fn signal(pid: u32, signal: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success(), "kill -{signal} {pid}");
 }
 
 /// A tonic channel on an already connected socket (the connector hands it out once).
@@ -444,6 +462,105 @@ async fn connect_then_exec_gets_nothing() {
     assert_refused(fetch_jwt(&held).await, Code::PermissionDenied, EXECD);
     let log = agent.proc.log_text();
     assert!(log.contains(EXECD), "the refusal is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privilege_drop_after_connect_gets_nothing() {
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+    let staging = Staging::new(NOBODY);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/root-workload",
+        "unix:uid:0",
+    );
+    // A root process connects, is served, then drops to the victim's uid: the connection
+    // still says root, the process no longer is.
+    let vid = VICTIM.to_string();
+    let mut peer = Peer::start(
+        &staging,
+        0,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "drop",
+        &[&vid],
+    );
+    let ch = peer.channel().await;
+    let issued = fetch_until_issued(&ch).await;
+    assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/root-workload/"));
+    peer.go();
+    wait_for("the peer to drop its privileges", READY_TIMEOUT, || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", peer.pid)).ok()?;
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some(vid.as_str()))
+            .then_some(())
+    });
+    assert_refused(fetch_x509(&ch).await, Code::PermissionDenied, CREDENTIALS);
+    assert_refused(fetch_jwt(&ch).await, Code::PermissionDenied, CREDENTIALS);
+}
+
+/// Stops a process until dropped (then continues it), to hold the agent still.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setgid_exec_before_the_agent_reads_the_process_gets_nothing() {
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+    let staging = Staging::new(NOBODY);
+    // A setgid program (to an unprivileged group of its own) that an entry selects by
+    // path alone.
+    let target = staging.path().join("ztid-setgid-target");
+    let python = Path::new(PYTHON).canonicalize().expect("python3");
+    std::fs::copy(&python, &target).expect("copy python");
+    std::os::unix::fs::chown(&target, Some(0), Some(VICTIM)).expect("chown");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o2755)).expect("mode");
+    let target_str = target.to_str().expect("utf-8 path");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/setgid-target",
+        &format!("unix:path:{target_str}"),
+    );
+    // Started normally, the program is entitled (and the entry has synced).
+    let mut real = Peer::start(&staging, NOBODY, &target, &agent.socket(), "stay", &[]);
+    fetch_until_issued(&real.channel().await).await;
+
+    // The race, decided for the attacker: the agent is held still while a child connects
+    // and execs the program, so the agent's accept-time read sees the program already.
+    let mut child = {
+        let _held = Stopped::new(agent.proc.child.id());
+        let child = Peer::start(
+            &staging,
+            NOBODY,
+            Path::new(PYTHON),
+            &agent.socket(),
+            "exec-now",
+            &[target_str, "-c", "import time; time.sleep(3600)"],
+        );
+        child.wait_exec(&target);
+        child
+    };
+    // It runs the selected program, but with another gid than it connected with.
+    let held = child.channel().await;
+    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, CREDENTIALS);
+    assert_refused(fetch_jwt(&held).await, Code::PermissionDenied, CREDENTIALS);
 }
 
 /// Reads the stream until it ends with an error; panics on a message or after 20 s.

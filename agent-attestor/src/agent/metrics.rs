@@ -409,7 +409,8 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
                 Opts::new(
                     "ztid_workload_connection_refusals_total",
                     "Workload API connections refused, or stopped serving, because of their peer: \
-                     peer_exited, peer_execd, attestation_failed, uid_connection_limit, accept_failed.",
+                     peer_exited, peer_execd, peer_credentials_changed, attestation_failed, \
+                     uid_connection_limit, accept_failed.",
                 ),
                 &["reason"],
             )

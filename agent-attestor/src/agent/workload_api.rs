@@ -114,7 +114,9 @@ impl WorkloadApi {
 /// The answer to a request on a connection whose process is not the one that opened it.
 fn refusal_status(r: &PeerRefusal) -> Status {
     match r {
-        PeerRefusal::Exited | PeerRefusal::Execd => Status::permission_denied(r.to_string()),
+        PeerRefusal::Exited | PeerRefusal::Execd | PeerRefusal::CredentialsChanged => {
+            Status::permission_denied(r.to_string())
+        }
         PeerRefusal::Unattestable(_) => Status::unavailable(r.to_string()),
     }
 }
