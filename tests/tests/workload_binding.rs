@@ -299,7 +299,10 @@ struct PidReuse {
 }
 
 impl PidReuse {
-    async fn stage() -> Self {
+    /// Stages the scene; with `agent_held`, the agent is stopped from before the attacker
+    /// connects until the victim has connected, so it accepts every one of those
+    /// connections only after the victim runs under the attacker's old pid.
+    async fn stage(agent_held: bool) -> Self {
         let server = Server::start(TD);
         let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
         let staging = Staging::new(NOBODY);
@@ -315,6 +318,7 @@ impl PidReuse {
             let mut probe = Peer::start(&staging, VICTIM, python, &agent.socket(), "stay", &[]);
             fetch_until_issued(&probe.channel().await).await;
         }
+        let held = agent_held.then(|| Stopped::new(agent.proc.child.id()));
         // Connections from processes that exit at once; the test keeps the sockets.
         let stale: Vec<(i32, OwnedFd)> = (0..24)
             .map(|_| {
@@ -332,6 +336,7 @@ impl PidReuse {
                 })
             })
         };
+        drop(held);
         Self {
             server,
             agent,
@@ -354,7 +359,7 @@ impl PidReuse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pid_reuse_steal_gets_nothing() {
-    let mut scene = PidReuse::stage().await;
+    let mut scene = PidReuse::stage(false).await;
     // The victim fetches first: its instance and key now exist in the agent.
     let victim = scene.victim.channel().await;
     let mine = fetch_x509(&victim).await.expect("the victim gets its SVID");
@@ -389,7 +394,7 @@ async fn pid_reuse_steal_gets_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pid_reuse_poison_gets_nothing_and_leaves_the_victim_its_identity() {
-    let mut scene = PidReuse::stage().await;
+    let mut scene = PidReuse::stage(false).await;
     // The attacker calls first, right after the victim started on its old pid: nothing,
     // and nothing cached in the victim's name.
     let stolen = channel_over(scene.stale_on_victim_pid()).await;
@@ -407,6 +412,20 @@ async fn pid_reuse_poison_gets_nothing_and_leaves_the_victim_its_identity() {
     );
     let jwt = fetch_jwt(&victim).await.expect("and its JWT-SVID");
     assert_eq!(jwt.svids[0].spiffe_id, mine.svids[0].spiffe_id);
+    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
+    drop((scene.server, scene.agent));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_reuse_before_the_agent_accepts_gets_nothing() {
+    // The agent reads SO_PEERCRED only after the victim took the pid: the pid number then
+    // names the victim, but the pidfd still names the attacker's exited child.
+    let mut scene = PidReuse::stage(true).await;
+    let stolen = channel_over(scene.stale_on_victim_pid()).await;
+    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
+    let victim = scene.victim.channel().await;
+    let mine = fetch_x509(&victim).await.expect("the victim gets its SVID");
+    assert!(svid_ids(&mine)[0].starts_with("spiffe://example.org/victim/"));
     assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
     drop((scene.server, scene.agent));
 }
