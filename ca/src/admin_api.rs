@@ -559,6 +559,12 @@ impl Admin for AdminApi {
         request: Request<pb::IssueAdminSvidRequest>,
     ) -> Result<Response<pb::IssueAdminSvidResponse>, Status> {
         audit!(self, request, "IssueAdminSvid");
+        bound(
+            "admin name (bytes)",
+            &request.get_ref().name,
+            limits::MAX_OBJECT_ID_BYTES,
+        )?;
+        bytes_bound("CSR (bytes)", &request.get_ref().csr, limits::MAX_CSR_BYTES)?;
         let r = request.get_ref();
         let (spiffe_id, leaf) =
             self.core

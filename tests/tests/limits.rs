@@ -269,6 +269,20 @@ async fn oversize_admin_requests_are_refused_and_store_nothing() {
         msg.starts_with("bundle endpoint URL (bytes) exceeds the limit"),
         "{msg}"
     );
+    let (code, msg) = refused(
+        admin
+            .issue_admin_svid(apb::IssueAdminSvidRequest {
+                name: "n".repeat(200),
+                csr: Vec::new(),
+                ttl_seconds: 0,
+            })
+            .await,
+    );
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert_eq!(
+        msg,
+        "admin name (bytes) exceeds the limit: 200 given, at most 128 allowed"
+    );
     // Beyond the gRPC message cap the message is not even decoded.
     let (code, msg) = refused(
         admin
