@@ -648,6 +648,9 @@ async fn serve_connection<S>(
                 force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             _ = stop.wait_for(|s| *s), if !closing => {
+                if !used.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 conn.as_mut().graceful_shutdown();
                 closing = true;
                 force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
