@@ -1179,3 +1179,25 @@ fn admin_socket_survives_1100_hostile_connections_at_1024_descriptors() {
     still_serving(&server);
     drop(held);
 }
+
+#[test]
+fn telemetry_listeners_cut_off_slowloris_clients() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(TD, &["--metrics", &metrics]);
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
+    let _agent = Agent::start_with_args(&server, &["--metrics", &agent_metrics]);
+    for (addr, what) in [
+        (&metrics, "server telemetry"),
+        (&agent_metrics, "agent telemetry"),
+    ] {
+        // A header line every half second never completes the head: cut at the 2 s
+        // header timeout, not held for the whole connection timeout.
+        let t0 = Instant::now();
+        let mut slow = tcp(addr);
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        assert_cut_off(slowloris(&mut slow, t0), 2, what);
+        // ... and the listener still answers a scrape.
+        let (status, body) = http_get(addr, "/live").expect("telemetry answers");
+        assert_eq!(status, 200, "{what}: {body}");
+    }
+}

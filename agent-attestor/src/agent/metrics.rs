@@ -43,8 +43,12 @@ pub trait Probe: Send + Sync + 'static {
 
 /// Most telemetry connections served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 32;
-/// A telemetry connection is closed after this long, whatever it is doing.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A telemetry connection is closed after this long, whatever it is doing: a scrape
+/// takes milliseconds, so nothing legitimate holds a slot longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers must be complete this long after it starts (slowloris: a header
+/// line every few seconds would otherwise hold a slot for the whole connection timeout).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a readiness check may take before it counts as "not ready".
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -74,6 +78,8 @@ pub async fn listen<P: Probe>(addr: SocketAddr, probe: Arc<P>) -> std::io::Resul
                     async move { Ok::<_, Infallible>(respond(probe.as_ref(), req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .keep_alive(true)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                 let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
