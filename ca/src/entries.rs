@@ -49,6 +49,20 @@ pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<Spif
         return Err(Error::InvalidArgument(format!("{what} must have a path")));
     }
     refuse_reserved(what, &parsed)?;
+    // Every agent entitled to a per-instance entry `X` may mint `X/<instance segment>`,
+    // choosing the segment; an ID of that form claimed by any entry could be minted by
+    // the agents of `X`. So the form belongs to instances alone.
+    if parsed
+        .path()
+        .rsplit('/')
+        .next()
+        .is_some_and(spiffe_id::is_instance_segment)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {parsed} ends in a per-instance segment ({INSTANCE_SEGMENT_LEN} lowercase hex characters), \
+             the form agents mint for each instance of an entry: it could be another entry's instance"
+        )));
+    }
     Ok(parsed)
 }
 

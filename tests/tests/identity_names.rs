@@ -1146,3 +1146,60 @@ async fn a_stored_entry_for_the_reserved_prefix_mints_nothing() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------
+// The same attacks in other shapes
+// ---------------------------------------------------------------------------------
+
+/// A per-instance ID is the entry's ID plus a 32-hex segment, and the agent picks the
+/// segment. So an entry whose own ID ended in such a segment (`…/web/<hex>`) was an
+/// identity every agent entitled to `…/web` could mint: a compromised agent took the
+/// ID of an entry that belongs to another agent. No claimable ID (entry, node alias,
+/// token alias) may end in the instance form, so instance IDs and entry IDs never meet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_id_cannot_take_the_form_of_another_entrys_instance() {
+    let server = Server::start(TD);
+    let mallory = Agent::start(&server);
+    let victim = Agent::start(&server);
+    let web = entry_for_my_uid(&server, &mallory, "spiffe://example.org/web", &[]);
+    let seg = new_instance_segment().unwrap();
+    let taken = format!("spiffe://example.org/web/{seg}");
+    let mut admin = admin_socket(&server).await;
+    let form = "ends in a per-instance segment (32 lowercase hex characters)";
+    for shared in [true, false] {
+        let mut e = workload_entry(&taken, &victim.spiffe_id);
+        e.shared = shared;
+        assert_status(
+            admin.create_entry(e).await,
+            Code::InvalidArgument,
+            form,
+            &format!("entry {taken} (shared: {shared})"),
+        );
+    }
+    assert_status(
+        admin
+            .create_join_token(apb::CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                alias_spiffe_id: taken.clone(),
+            })
+            .await,
+        Code::InvalidArgument,
+        form,
+        "token alias",
+    );
+    // Only an exact instance segment is the instance form: IDs that merely contain
+    // hex (shorter, uppercase, not last) are ordinary IDs.
+    for ok in [
+        format!("spiffe://example.org/web/{}", &seg[..31]),
+        format!("spiffe://example.org/web/{}", seg.to_uppercase()),
+        format!("spiffe://example.org/web/{seg}/db"),
+    ] {
+        admin
+            .create_entry(workload_entry(&ok, &victim.spiffe_id))
+            .await
+            .unwrap_or_else(|s| panic!("{ok}: {}", s.message()));
+    }
+    // Mallory is still entitled to its own instances, which no entry can now name.
+    let mut node = as_agent(&server, &mallory);
+    assert_eq!(sign(&mut node, &web, &taken).await.unwrap(), taken);
+}
