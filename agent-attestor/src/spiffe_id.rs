@@ -10,8 +10,10 @@
 //!
 //! Canonical means:
 //! - the scheme is exactly `spiffe://` (lowercase);
-//! - the trust domain is non-empty and only `a-z 0-9 . - _` (lowercase, no port, no
-//!   userinfo, no percent-encoding);
+//! - at most 2048 bytes;
+//! - the trust domain is 1 to 255 bytes of `a-z 0-9 . - _` (lowercase, no port, no
+//!   userinfo, no percent-encoding) and, stricter than the spec, has no empty label
+//!   (`example.org.` would be a second spelling of `example.org`);
 //! - the path is empty or `/segment/...`, each segment non-empty, not `.` or `..`,
 //!   only `a-z A-Z 0-9 . - _` (no percent-encoding, no empty segment, no trailing
 //!   slash, no query or fragment).
@@ -40,6 +42,13 @@ pub const INSTANCE_SEGMENT_LEN: usize = 2 * INSTANCE_SEGMENT_BYTES;
 /// Longest admin name (the last segment of `spiffe://TD/ztid/admin/NAME`).
 pub const MAX_ADMIN_NAME: usize = 64;
 
+/// Longest trust domain name (the SPIFFE ID spec's limit).
+pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+
+/// Longest SPIFFE ID: the spec's 2048 bytes, which every implementation must support
+/// and none should exceed.
+pub const MAX_ID_LEN: usize = 2048;
+
 /// How much of a refused input a reason quotes (an input can be long).
 const QUOTE_MAX: usize = 120;
 
@@ -63,6 +72,9 @@ fn check_trust_domain_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("the trust domain is empty");
     }
+    if name.len() > MAX_TRUST_DOMAIN_LEN {
+        return Err("the trust domain is longer than 255 bytes");
+    }
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err("the trust domain must be lowercase");
     }
@@ -74,6 +86,11 @@ fn check_trust_domain_name(name: &str) -> Result<(), &'static str> {
         .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'))
     {
         return Err("the trust domain may contain only a-z, 0-9, '.', '-' and '_'");
+    }
+    // `example.org.` names the same DNS domain as `example.org`: a second spelling of a
+    // trust domain (its own, for a federation) that any name-normalising party confuses.
+    if name.split('.').any(str::is_empty) {
+        return Err("the trust domain has an empty label (a leading, trailing or doubled '.')");
     }
     Ok(())
 }
@@ -114,6 +131,9 @@ fn check_path(path: &str) -> Result<(), &'static str> {
 pub fn parse(id: &str) -> Result<SpiffeId, Error> {
     if id.is_empty() {
         return Err(refuse(id, "it is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(refuse(id, "it is longer than 2048 bytes"));
     }
     let Some(rest) = id.strip_prefix(SCHEME_PREFIX) else {
         let lenient = id
@@ -289,6 +309,8 @@ mod tests {
             "spiffe://example.org/w",
             "spiffe://example.org/A/b-c/d_e/f.g",
             "spiffe://a_b-c.0/x",
+            &format!("spiffe://{}.org/w", "a".repeat(251)),
+            &format!("spiffe://example.org/{}", "a".repeat(2027)),
         ] {
             assert_eq!(parse(ok).unwrap().to_string(), ok);
         }
@@ -319,6 +341,18 @@ mod tests {
             ("http://example.org/w", "does not start with"),
             ("spiffe:/example.org/w", "does not start with"),
             ("spiffe://exämple.org/w", "trust domain may contain only"),
+            ("spiffe://example.org./w", "empty label"),
+            ("spiffe://.example.org/w", "empty label"),
+            ("spiffe://example..org/w", "empty label"),
+            ("spiffe://./w", "empty label"),
+            (
+                &format!("spiffe://{}.org/w", "a".repeat(252)),
+                "longer than 255 bytes",
+            ),
+            (
+                &format!("spiffe://example.org/{}", "a".repeat(2028)),
+                "longer than 2048 bytes",
+            ),
         ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(
@@ -347,6 +381,8 @@ mod tests {
             "spiffe://other.org/x",
             "",
             "a b",
+            "other.org.",
+            "spiffe://other.org.",
         ] {
             assert!(parse_trust_domain(bad).is_err(), "{bad}");
         }

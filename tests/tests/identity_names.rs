@@ -1203,3 +1203,79 @@ async fn an_entry_id_cannot_take_the_form_of_another_entrys_instance() {
     let mut node = as_agent(&server, &mallory);
     assert_eq!(sign(&mut node, &web, &taken).await.unwrap(), taken);
 }
+
+/// `example.org.` is the server's own trust domain in DNS's other spelling. It was
+/// accepted as a federated trust domain (its bundle then handed to workloads as a
+/// foreign domain's, with an endpoint ID `spiffe://example.org./ztid/server`), in
+/// `federates_with`, and as any ID's trust domain. A trust domain with an empty label
+/// (leading, trailing or doubled dot) is refused at every entry point, like any other
+/// non-canonical spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_own_trust_domain_cannot_come_back_with_a_trailing_dot() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let mut admin = admin_socket(&server).await;
+    let pem = std::fs::read(server.bundle_file()).unwrap();
+    let label = "the trust domain has an empty label";
+    for td in ["example.org.", ".example.org", "example..org"] {
+        let r = admin
+            .set_federated_bundle(apb::SetFederatedBundleRequest {
+                trust_domain: td.into(),
+                format: "pem".into(),
+                data: pem.clone(),
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, label, &format!("bundle set {td}"));
+        let r = admin
+            .create_federation(apb::Federation {
+                trust_domain: td.into(),
+                bundle_endpoint_url: "https://127.0.0.1:1/".into(),
+                profile: "https_spiffe".into(),
+                endpoint_spiffe_id: format!("spiffe://{td}/ztid/server"),
+                trust_bundle: pem.clone(),
+                ..Default::default()
+            })
+            .await;
+        assert_status(r, Code::InvalidArgument, label, &format!("federation {td}"));
+        let mut e = workload_entry("spiffe://example.org/w", &agent.spiffe_id);
+        e.federates_with = vec![td.into()];
+        assert_status(
+            admin.create_entry(e).await,
+            Code::InvalidArgument,
+            label,
+            &format!("federates_with {td}"),
+        );
+        let r = admin
+            .create_entry(workload_entry(
+                &format!("spiffe://{td}/w"),
+                &agent.spiffe_id,
+            ))
+            .await;
+        assert_status(r, Code::InvalidArgument, label, &format!("entry in {td}"));
+    }
+    // Nothing was stored.
+    let feds = admin
+        .list_federations(apb::ListFederationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let bundles = admin
+        .list_federated_bundles(apb::ListFederatedBundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        feds.federations.is_empty() && bundles.bundles.is_empty(),
+        "{feds:?} {bundles:?}"
+    );
+    // The server's own trust domain is held to the same rule.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("ztid-server"))
+        .args(["run", "--trust-domain", "example.org.", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--bind", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(label), "{err}");
+}
