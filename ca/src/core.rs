@@ -522,6 +522,12 @@ impl CaCore {
                 agent.record.spiffe_id
             )));
         }
+        // A stored entry the ID rule refuses (from before it) mints nothing.
+        if let Some(why) = crate::entries::unusable_reason(&self.trust_domain, &entry) {
+            return Err(Error::PermissionDenied(format!(
+                "entry {entry_id} was stored before the SPIFFE ID rule and mints nothing: {why}"
+            )));
+        }
         Ok(entry)
     }
 

@@ -1279,3 +1279,75 @@ async fn the_own_trust_domain_cannot_come_back_with_a_trailing_dot() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(label), "{err}");
 }
+
+/// Stored state from before the rule, in another shape: a node alias for the server's
+/// ID and a workload entry whose parent is that alias. The alias still matched the
+/// agent's selectors, so the agent was entitled to the entry and minted its ID. A
+/// stored entry that the rule refuses is refused at every mint, whatever it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
+    use ztid_ca::datastore::{DataStore, SledStore};
+    let mut server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let (_, agent_selectors) = server.agent_record(&agent.spiffe_id);
+    server.proc.take().unwrap().stop();
+    let td = spiffe::TrustDomain::new(TD).unwrap();
+    let selector = |s: &str| {
+        let (kind, value) = s.split_once(':').unwrap();
+        pb::Selector {
+            r#type: kind.into(),
+            value: value.into(),
+        }
+    };
+    let entry_id = {
+        let store = SledStore::open(&server.data_dir().join("datastore")).unwrap();
+        let mut alias = ztid_ca::entries::validate_new_entry(
+            &td,
+            &pb::Entry {
+                spiffe_id: "spiffe://example.org/placeholder".into(),
+                node: true,
+                selectors: agent_selectors.iter().map(|s| selector(s)).collect(),
+                ..Default::default()
+            },
+            3600,
+            0,
+        )
+        .unwrap();
+        alias.spiffe_id = SERVER_ID.into();
+        store.create_entry(alias).unwrap();
+        let mut legacy = ztid_ca::entries::validate_new_entry(
+            &td,
+            &pb::Entry {
+                selectors: vec![selector(&format!("unix:uid:{}", nix_uid()))],
+                ..workload_entry(
+                    "spiffe://example.org/under-server",
+                    "spiffe://example.org/placeholder",
+                )
+            },
+            3600,
+            0,
+        )
+        .unwrap();
+        legacy.parent_id = SERVER_ID.into();
+        let id = store.create_entry(legacy).unwrap().id;
+        store.flush().unwrap();
+        id
+    };
+    server.restart();
+    assert!(server.log_text().contains("entry_unusable"));
+    // The agent's next sync gives it the alias.
+    wait_for("the agent's aliases", READY_TIMEOUT, || {
+        let (shown, _) = server.agent_record(&agent.spiffe_id);
+        shown["aliases"].to_string().contains(SERVER_ID).then_some(())
+    });
+    let mut node = as_agent(&server, &agent);
+    let why = "reserved and not an agent ID";
+    let id = format!(
+        "spiffe://example.org/under-server/{}",
+        new_instance_segment().unwrap()
+    );
+    let e = sign(&mut node, &entry_id, &id).await.unwrap_err();
+    assert!(e.contains(why), "X.509 {id}: {e}");
+    let e = mint_jwt(&mut node, &entry_id, &id).await.unwrap_err();
+    assert!(e.contains(why), "JWT {id}: {e}");
+}
