@@ -11,7 +11,10 @@
 //! sit under the reserved prefix that no entry may claim and no workload CSR may name;
 //! they are issued only by `IssueAdminSvid`, which is served on the admin socket alone
 //! ([`LOCAL_ONLY`]). The caller's ID is read in canonical spelling only, so the string
-//! lookup is an identity comparison.
+//! lookup is an identity comparison. And an admin identity counts only in a certificate
+//! this server's own X.509 authorities signed: under an upstream root the bundle trusts
+//! the organisation's root, so any other CA under it (another trust domain's, say) could
+//! otherwise sign `spiffe://TD/ztid/admin/root` itself.
 //!
 //! Every decision, allowed or refused, is audited. The check runs as a tower layer
 //! in front of the admin service, where the RPC's path is visible.
@@ -20,9 +23,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::audit::AuditLog;
+use crate::core::CaCore;
 
 /// An admin role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +96,22 @@ impl Role {
 /// on the server's host, may call them.
 pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid"];
 
+/// The certificates of the CAs whose leaves may carry an admin identity, read at each call
+/// (authorities rotate).
+pub type AdminIssuers = Arc<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>;
+
+/// This server's own X.509 authorities (prepared, active and old; a revoked one is gone),
+/// the only issuers of admin identities. None readable: no remote admin is admitted.
+pub fn own_issuers(core: &Arc<CaCore>) -> AdminIssuers {
+    let core = core.clone();
+    Arc::new(move || {
+        core.authorities
+            .list(crate::authorities::Kind::X509)
+            .map(|all| all.into_iter().map(|a| a.cert_der.into()).collect())
+            .unwrap_or_default()
+    })
+}
+
 /// The authenticated admin caller, put into request extensions for the handlers.
 #[derive(Debug, Clone)]
 pub struct AdminCaller(pub String);
@@ -99,21 +120,37 @@ pub struct AdminCaller(pub String);
 pub struct AdminPolicy {
     local_uids: Vec<u32>,
     remote_roles: HashMap<String, Vec<Role>>,
+    issuers: AdminIssuers,
     audit: Option<Arc<AuditLog>>,
 }
 
 impl AdminPolicy {
-    /// A policy admitting `local_uids` on the socket and `remote_roles` over mTLS.
+    /// A policy admitting `local_uids` on the socket and `remote_roles` over mTLS, in
+    /// certificates signed by one of `issuers`.
     pub fn new(
         local_uids: Vec<u32>,
         remote_roles: HashMap<String, Vec<Role>>,
+        issuers: AdminIssuers,
         audit: Option<Arc<AuditLog>>,
     ) -> Self {
         Self {
             local_uids,
             remote_roles,
+            issuers,
             audit,
         }
+    }
+
+    /// True if `leaf` was signed by one of the admin issuers (its chain to the bundle
+    /// was already checked by TLS; this pins the last link).
+    fn issued_here(&self, leaf: &[u8]) -> bool {
+        ztid_agent_attestor::svid::verify_chain(
+            &[CertificateDer::from(leaf)],
+            &(self.issuers)(),
+            UnixTime::now(),
+            ztid_agent_attestor::svid::Usage::Client,
+        )
+        .is_ok()
     }
 
     /// Decides one call; `Ok(caller)` or `Err(reason)`.
@@ -156,6 +193,15 @@ impl AdminPolicy {
                 ));
             }
             let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+            if !roles.is_empty() && !self.issued_here(&leaf) {
+                return Err((
+                    id.clone(),
+                    format!(
+                        "{id} is not in a certificate this server's authority signed; \
+                         admin identities come only from `ztid-server admin credential issue`"
+                    ),
+                ));
+            }
             return if roles.iter().any(|r| r.allows(method)) {
                 Ok(id)
             } else if roles.is_empty() {
@@ -271,7 +317,7 @@ mod tests {
 
     #[test]
     fn unknown_transport_and_paths_are_refused() {
-        let p = AdminPolicy::new(vec![0], HashMap::new(), None);
+        let p = AdminPolicy::new(vec![0], HashMap::new(), Arc::new(Vec::new), None);
         let ext = http::Extensions::new();
         assert!(p
             .decide(&ext, "/ztid.admin.v1.Admin/ListEntries")

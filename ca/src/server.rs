@@ -122,6 +122,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     let policy = Arc::new(AdminPolicy::new(
         allowed.clone(),
         core.config.remote_admin_roles()?,
+        crate::admin_authz::own_issuers(&core),
         core.audit.clone(),
     ));
     crate::metrics::spawn(&core).await?;

@@ -314,6 +314,34 @@ impl OrgRoot {
         let cert = p.signed_by(&key, &issuer).unwrap();
         (vec![cert.der().to_vec()], key.serialize_der())
     }
+
+    /// A leaf with `uri` signed by another CA under the root (another trust domain's,
+    /// `ca_uri`), as a sibling authority under a shared organisation root would make it:
+    /// (chain, PKCS#8 key).
+    fn sibling_leaf(&self, ca_uri: &str, uri: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Sibling CA");
+        p.subject_alt_names = vec![rcgen::SanType::URI(ca_uri.to_string().try_into().unwrap())];
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let root = rcgen::Issuer::from_ca_cert_der(self.cert.der(), &self.key).unwrap();
+        let ca = p.signed_by(&ca_key, &root).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).unwrap();
+        let leaf = p.signed_by(&key, &issuer).unwrap();
+        (
+            vec![leaf.der().to_vec(), ca.der().to_vec()],
+            key.serialize_der(),
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -1032,7 +1060,8 @@ fn remote_admin_roles_only_bind_admin_identities() {
 
 /// The admin check compares canonical IDs only: a certificate spelling the
 /// authority-admin's ID in uppercase (made here under the organisation root, which
-/// ztid itself would never issue) gets nothing, while the canonical one works.
+/// ztid itself would never issue) gets nothing, while the canonical one, issued by the
+/// server, works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_check_accepts_only_the_canonical_spelling() {
     let org_dir = tempfile::tempdir().unwrap();
@@ -1045,8 +1074,17 @@ async fn the_admin_check_accepts_only_the_canonical_spelling() {
     );
     let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
     let roots = bundle_roots(&server);
-    let (chain, key) = org.leaf(root_id);
-    remote_admin_as(port, roots.clone(), chain, key)
+    let creds = org_dir.path().join("root");
+    server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        "root",
+        "--write",
+        creds.to_str().unwrap(),
+    ]);
+    remote_admin(port, &creds)
         .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
         .await
         .expect("the canonical admin ID is admitted");
@@ -1338,7 +1376,10 @@ async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
     // The agent's next sync gives it the alias.
     wait_for("the agent's aliases", READY_TIMEOUT, || {
         let (shown, _) = server.agent_record(&agent.spiffe_id);
-        shown["aliases"].to_string().contains(SERVER_ID).then_some(())
+        shown["aliases"]
+            .to_string()
+            .contains(SERVER_ID)
+            .then_some(())
     });
     let mut node = as_agent(&server, &agent);
     let why = "reserved and not an agent ID";
@@ -1350,4 +1391,66 @@ async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
     assert!(e.contains(why), "X.509 {id}: {e}");
     let e = mint_jwt(&mut node, &entry_id, &id).await.unwrap_err();
     assert!(e.contains(why), "JWT {id}: {e}");
+}
+
+/// Under an upstream root the bundle trusts the organisation's root, so another CA under
+/// it (another trust domain's, or the root itself) could sign `spiffe://TD/ztid/admin/root`
+/// and was admitted as the authority-admin. An admin identity now counts only in a
+/// certificate one of this server's own authorities signed, including an authority
+/// rotated out but not revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_identity_counts_only_from_this_servers_authorities() {
+    let org_dir = tempfile::tempdir().unwrap();
+    let org = OrgRoot::new(org_dir.path());
+    let port = free_port();
+    let root_id = "spiffe://example.org/ztid/admin/root";
+    let cfg = org.config(
+        org_dir.path(),
+        &roles_config(port, &[(root_id, "authority-admin")]),
+    );
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let roots = bundle_roots(&server);
+    let not_here = "is not in a certificate this server's authority signed";
+    for (what, (chain, key)) in [
+        (
+            "a sibling trust domain's CA",
+            org.sibling_leaf("spiffe://other.org", root_id),
+        ),
+        ("the organisation root", org.leaf(root_id)),
+    ] {
+        let r = remote_admin_as(port, roots.clone(), chain, key)
+            .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
+            .await;
+        assert_status(r, Code::PermissionDenied, not_here, what);
+    }
+    // The server's own credential works, and keeps working after the X.509 authority
+    // that signed it is rotated out.
+    let creds = org_dir.path().join("root");
+    server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        "root",
+        "--write",
+        creds.to_str().unwrap(),
+    ]);
+    let mut root = remote_admin(port, &creds);
+    for step in ["prepare", "activate"] {
+        let kind = apb::AuthorityKind {
+            kind: "x509".into(),
+        };
+        if step == "prepare" {
+            root.prepare_authority(kind).await
+        } else {
+            root.activate_authority(kind).await
+        }
+        .unwrap_or_else(|s| panic!("{step}: {}", s.message()));
+    }
+    remote_admin(port, &creds)
+        .health(apb::HealthRequest {})
+        .await
+        .expect("an admin credential from the previous authority still counts");
+    let audit = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    assert!(audit.contains("admin_refused") && audit.contains(not_here));
 }
