@@ -1,7 +1,8 @@
 """Idle and slow clients against the agent's Workload API socket (resource exhaustion).
 
-First one slow client, which sends the HTTP/2 preface and then a HEADERS frame one byte
-per second (slowloris); then COUNT connections that never send a byte. Reports JSON
+First (unless SLOW is 0) one slow client, which sends the HTTP/2 preface and then a
+HEADERS frame one byte per second (slowloris); then COUNT connections that never send a
+byte. Reports JSON
 lines on stdout, times in seconds since the first connect():
 
   {"event": "connected", "after": T, "tried": N}     every connect() has returned
@@ -13,7 +14,7 @@ lines on stdout, times in seconds since the first connect():
 A connection counts as closed at end of file or a reset (the agent's SETTINGS or GOAWAY
 frames before that are read and ignored).
 
-usage: workload_flood.py SOCKET_PATH COUNT LIMIT
+usage: workload_flood.py SOCKET_PATH COUNT LIMIT [SLOW]
 """
 import json
 import resource
@@ -42,6 +43,7 @@ def closed(sock):
 
 def main():
     path, count, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    with_slow = len(sys.argv) < 5 or sys.argv[4] != "0"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     start = time.monotonic()
@@ -50,12 +52,14 @@ def main():
         kw["after"] = round(time.monotonic() - start, 2)
         print(json.dumps(kw), flush=True)
 
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    slow.settimeout(10)
-    slow.connect(path)
-    slow.sendall(PREFACE + SETTINGS)
-    # Non-blocking from now on (a socket timeout would make every check wait for it).
-    slow.setblocking(False)
+    slow = None
+    if with_slow:
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.settimeout(10)
+        slow.connect(path)
+        slow.sendall(PREFACE + SETTINGS)
+        # Non-blocking from now on (a socket timeout would make every check wait for it).
+        slow.setblocking(False)
     pending = bytearray(HEADERS)
     idle = []
     for _ in range(count):
@@ -69,7 +73,7 @@ def main():
         s.setblocking(False)
         idle.append(s)
     report(event="connected", tried=count)
-    slow_done = False
+    slow_done = not with_slow
     last_byte = last_report = 0.0
     while time.monotonic() - start < limit:
         time.sleep(0.2)

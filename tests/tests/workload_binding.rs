@@ -783,11 +783,83 @@ impl Drop for Killed {
     }
 }
 
+/// `workload_flood.py` running as `uid`, and its JSON lines (read on a thread, so every
+/// wait on them is bounded).
+struct Flood {
+    _child: Killed,
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Flood {
+    fn start(staging: &Staging, uid: u32, socket: &Path, count: usize, slow: bool) -> Self {
+        let mut child = Killed(
+            staging
+                .command_as(Path::new(PYTHON), uid, uid)
+                .arg(staging.file(&python_helper("workload_flood.py")))
+                .arg(socket)
+                .arg(count.to_string())
+                .arg("120")
+                .arg(if slow { "1" } else { "0" })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("flood"),
+        );
+        let stdout = child.0.stdout.take().expect("stdout");
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let ev: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            _child: child,
+            events,
+        }
+    }
+
+    fn next(&self, what: &str) -> serde_json::Value {
+        self.events
+            .recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| panic!("flood: no {what} event"))
+    }
+
+    /// Waits until every connect() returned and the agent holds at most `share` of its
+    /// connections (the rest closed at once), before the idle timeout; returns how many.
+    fn held(&self, share: u64, idle_timeout: f64) -> u64 {
+        let ev = self.next("connected");
+        assert_eq!(ev["event"], "connected", "{ev}");
+        loop {
+            let ev = self.next("open");
+            assert_eq!(ev["event"], "open", "{ev}");
+            let open = ev["open"].as_u64().expect("open");
+            let after = ev["after"].as_f64().expect("after");
+            assert!(
+                after < idle_timeout - 1.0,
+                "the excess was not refused in time: {ev}"
+            );
+            if open <= share {
+                assert!(
+                    open > 0,
+                    "some idle clients are held until the idle timeout: {ev}"
+                );
+                return open;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
     const IDLE_TIMEOUT: f64 = 30.0; // the documented default
     const SLACK: f64 = 10.0; // a loaded machine
     const FLOOD: usize = 1100;
+    /// A second local user flooding too.
+    const OTHER: u32 = 47_112;
     let server = Server::start(TD);
     let agent = Agent::start(&server);
     let agent_pid = agent.proc.child.id();
@@ -806,63 +878,20 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
         &format!("unix:uid:{VICTIM}"),
     );
 
-    let flood_script = staging.file(&python_helper("workload_flood.py"));
-    let mut flood = Killed(
-        staging
-            .command_as(Path::new(PYTHON), NOBODY, NOBODY)
-            .arg(&flood_script)
-            .arg(agent.socket())
-            .arg(FLOOD.to_string())
-            .arg("120")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("flood"),
-    );
-    // Its JSON lines, read on a thread so every wait below is bounded.
-    let stdout = flood.0.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let ev = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
-            if tx.send(ev).is_err() {
-                return;
-            }
-        }
-    });
-    let next = |what: &str| -> serde_json::Value {
-        rx.recv_timeout(Duration::from_secs(90))
-            .unwrap_or_else(|_| panic!("flood: no {what} event"))
-    };
-
-    // Every connect() returned, and the agent soon holds at most its per-uid share.
-    let ev = next("connected");
-    assert_eq!(ev["event"], "connected", "{ev}");
-    let held = loop {
-        let ev = next("open");
-        assert_eq!(ev["event"], "open", "{ev}");
-        let (open, after) = (
-            ev["open"].as_u64().expect("open"),
-            ev["after"].as_f64().expect("t"),
-        );
-        assert!(
-            after < IDLE_TIMEOUT - 1.0,
-            "the excess was not refused in time: {ev}"
-        );
-        if open <= 224 {
-            assert!(
-                open > 0,
-                "some idle clients are held until the idle timeout: {ev}"
-            );
-            break open;
-        }
-    };
+    // Two users flood; each gets its share, and together they fill the cap.
+    let other = Flood::start(&staging, OTHER, &agent.socket(), 300, false);
+    let other_held = other.held(224, IDLE_TIMEOUT);
+    let flood = Flood::start(&staging, NOBODY, &agent.socket(), FLOOD, true);
+    let held = flood.held(224, IDLE_TIMEOUT);
     eprintln!(
-        "{held} idle clients held, {} refused at once",
-        FLOOD as u64 - held
+        "{held} + 1 slow and {other_held} idle clients held; {} refused at once",
+        FLOOD as u64 - held + 300 - other_held
     );
+    assert_eq!(held + 1 + other_held, 448, "the cap is full");
 
-    // While they are connected, a workload (a new connection, attested at accept) is served.
+    // A workload (a new connection, attested at accept) is still served, at once: the
+    // agent closes the oldest connection that never made a request to make room.
+    let started = Instant::now();
     let mut legit = Peer::start(
         &staging,
         VICTIM,
@@ -873,6 +902,11 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
     );
     let issued = fetch_until_issued(&legit.channel().await).await;
     assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/legit/"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served only after {:?}",
+        started.elapsed()
+    );
     let fds = std::fs::read_dir(format!("/proc/{agent_pid}/fd"))
         .expect("fds")
         .count();
@@ -889,7 +923,7 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
     // The idle ones and the slow one are cut off after the idle timeout, not before.
     let (mut idle_closed, mut slow_closed) = (None, None);
     while idle_closed.is_none() || slow_closed.is_none() {
-        let ev = next("closed");
+        let ev = flood.next("closed");
         let after = ev["after"].as_f64().expect("after");
         match ev["event"].as_str() {
             Some("open") => {
@@ -928,5 +962,4 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
         "the per-uid refusals are logged"
     );
     assert!(!log.contains("Too many open files"), "{log}");
-    drop(flood);
 }

@@ -426,7 +426,7 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
             &r,
             IntCounter::new(
                 "ztid_workload_connections_idle_closed_total",
-                "Workload API connections closed for staying without a request too long.",
+                "Workload API connections closed for staying without a request too long, or to make room.",
             )
             .expect("valid"),
         ),

@@ -8,7 +8,9 @@
 //!   than the descriptor limit allows, `(RLIMIT_NOFILE - 128) / 2`, read at every accept:
 //!   a connection holds its socket and its peer's pidfd, and 128 descriptors stay free for
 //!   the agent's own work (server connection, files, attestation). At the cap the agent
-//!   stops accepting; new connections wait in the listen backlog.
+//!   makes room by closing the connection doing least (one that never made a request,
+//!   else an idle one, oldest first); if every one has a request in progress, new
+//!   connections wait in the listen backlog.
 //! - **Per uid**: one local user holds at most half of that cap; more of its connections
 //!   are closed as soon as they are accepted.
 //! - **Attestation at accept**: at most 16 at a time, 5 s each.
@@ -178,17 +180,42 @@ struct Gate {
 struct OpenConnections {
     total: usize,
     per_uid: HashMap<u32, usize>,
+    /// What each connection is doing, to choose one to close when the cap is reached.
+    tracked: HashMap<u64, Tracked>,
+    next_id: u64,
+}
+
+/// What the gate knows of an open connection.
+struct Tracked {
+    accepted: tokio::time::Instant,
+    /// Requests in progress (0: idle).
+    requests: watch::Receiver<usize>,
+    /// Whether it ever made a request.
+    used: Arc<std::sync::atomic::AtomicBool>,
+    /// Asks the connection to close.
+    evict: Arc<Notify>,
 }
 
 /// One admitted connection; frees its place when dropped.
 struct Slot {
     gate: Arc<Gate>,
     uid: u32,
+    id: u64,
+}
+
+impl Slot {
+    /// Lets the gate close this connection for room while it has no request in progress.
+    fn track(&self, tracked: Tracked) {
+        if let Ok(mut open) = self.gate.open.lock() {
+            open.tracked.insert(self.id, tracked);
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut open) = self.gate.open.lock() {
+            open.tracked.remove(&self.id);
             open.total = open.total.saturating_sub(1);
             if let Some(n) = open.per_uid.get_mut(&self.uid) {
                 *n = n.saturating_sub(1);
@@ -232,17 +259,64 @@ impl Gate {
         self.open.lock().map(|o| o.total).unwrap_or(usize::MAX)
     }
 
-    /// Waits until a connection may be accepted.
+    /// Waits until a connection may be accepted: below the cap, or at it with a
+    /// connection that can be closed to make room ([`Gate::make_room`]). When every one
+    /// has a request in progress, new connections wait in the backlog.
     async fn room(&self) {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.total() < self.cap() {
+            if self.total() < self.cap() || self.evictable() {
                 return;
             }
-            // Also wake up now and then: the descriptor limit may have been raised.
+            // Also wake up now and then: the descriptor limit may have been raised, or a
+            // connection may have gone idle.
             let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+        }
+    }
+
+    /// Whether some connection could be closed for room.
+    fn evictable(&self) -> bool {
+        self.open.lock().is_ok_and(|open| {
+            open.tracked.values().any(|t| {
+                !t.used.load(std::sync::atomic::Ordering::Relaxed) || *t.requests.borrow() == 0
+            })
+        })
+    }
+
+    /// Called once a new connection is admitted: over the cap, asks the connection doing
+    /// least to close, so the new one is served at once. Only admitted connections make
+    /// room, so a uid over its share cannot push others out.
+    fn make_room(&self) {
+        if self.total() > self.cap() {
+            self.evict_one();
+        }
+    }
+
+    /// Asks the connection doing least to close: one that never made a request, else an
+    /// idle one, oldest first; never one with a request in progress (an open stream).
+    /// False if there is none.
+    fn evict_one(&self) -> bool {
+        let Ok(mut open) = self.open.lock() else {
+            return false;
+        };
+        let oldest = |pred: &dyn Fn(&Tracked) -> bool| {
+            open.tracked
+                .iter()
+                .filter(|(_, t)| pred(t))
+                .min_by_key(|(_, t)| t.accepted)
+                .map(|(id, _)| *id)
+        };
+        let pick = oldest(&|t| !t.used.load(std::sync::atomic::Ordering::Relaxed))
+            .or_else(|| oldest(&|t| *t.requests.borrow() == 0));
+        // Asked once: no longer a candidate, even if it turns busy and stays.
+        match pick.and_then(|id| open.tracked.remove(&id)) {
+            Some(t) => {
+                t.evict.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -269,11 +343,14 @@ impl Gate {
         }
         open.total += 1;
         open.per_uid.insert(uid, mine + 1);
+        open.next_id += 1;
+        let id = open.next_id;
         drop(open);
         super::metrics::workload_connections_open(1);
         Ok(Slot {
             gate: self.clone(),
             uid,
+            id,
         })
     }
 }
@@ -475,7 +552,10 @@ pub async fn serve<S>(
             }
         };
         let slot = match gate.admit(at_connect.uid) {
-            Ok(slot) => slot,
+            Ok(slot) => {
+                gate.make_room();
+                slot
+            }
             Err(per_uid_cap) => {
                 super::metrics::workload_connection_refused("uid_connection_limit");
                 let (uid, pid) = (at_connect.uid, at_connect.pid);
@@ -580,10 +660,17 @@ async fn serve_connection<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let _slot = slot;
-    let peer = Arc::new(bind_peer(at_connect, &shared).await);
     let requests = Arc::new(watch::Sender::new(0usize));
     let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let evict = Arc::new(Notify::new());
+    slot.track(Tracked {
+        accepted: tokio::time::Instant::now(),
+        requests: requests.subscribe(),
+        used: used.clone(),
+        evict: evict.clone(),
+    });
+    let _slot = slot;
+    let peer = Arc::new(bind_peer(at_connect, &shared).await);
     let idle = idle_for(requests.subscribe(), shared.limits.idle_timeout);
     let service = {
         let peer = peer.clone();
@@ -647,6 +734,15 @@ async fn serve_connection<S>(
                 closing = true;
                 force_close.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
+            _ = evict.notified(), if !closing => {
+                if *requests.borrow() > 0 {
+                    // Busy since it was chosen: it stays, the gate asks another.
+                    continue;
+                }
+                tracing::debug!(pid = ?peer.pid, uid = peer.uid, "closing a Workload API connection doing nothing, to make room");
+                super::metrics::workload_connection_idle_closed();
+                break;
+            }
             _ = stop.wait_for(|s| *s), if !closing => {
                 if !used.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
@@ -697,6 +793,43 @@ mod tests {
         assert_eq!(gate.total(), 1);
         assert!(gate.admit(1000).is_ok(), "freed slots are reusable");
         drop(other);
+    }
+
+    fn track(slot: &Slot, used: bool, requests: usize) -> Arc<Notify> {
+        let evict = Arc::new(Notify::new());
+        slot.track(Tracked {
+            accepted: tokio::time::Instant::now(),
+            requests: watch::Sender::new(requests).subscribe(),
+            used: Arc::new(std::sync::atomic::AtomicBool::new(used)),
+            evict: evict.clone(),
+        });
+        evict
+    }
+
+    fn asked(evict: &Notify) -> bool {
+        futures::FutureExt::now_or_never(evict.notified()).is_some()
+    }
+
+    #[test]
+    fn room_is_made_by_closing_the_connection_doing_least() {
+        let gate = Arc::new(Gate::new(8));
+        let mut slots: Vec<Slot> = (0..4).map(|uid| gate.admit(uid).expect("in")).collect();
+        let busy = track(&slots[0], true, 1);
+        let idle = track(&slots[1], true, 0);
+        let unused_old = track(&slots[2], false, 0);
+        let unused_new = track(&slots[3], false, 0);
+        // Never used first, oldest first.
+        assert!(gate.evict_one());
+        assert!(asked(&unused_old) && !asked(&unused_new) && !asked(&idle));
+        drop(slots.split_off(2));
+        // Then idle; a request in progress is never closed for room.
+        assert!(gate.evict_one());
+        assert!(asked(&idle) && !asked(&busy));
+        let gate2 = Arc::new(Gate::new(8));
+        let only_busy = gate2.admit(7).expect("in");
+        let busy2 = track(&only_busy, true, 2);
+        assert!(!gate2.evict_one(), "nothing to close");
+        assert!(!asked(&busy2));
     }
 
     #[test]
