@@ -7,7 +7,7 @@
 //!
 //! - At every start the server makes an in-memory Ed25519 *session key*, and a
 //!   *checkpoint* line signed by the audit key (in the key manager) certifies it;
-//!   further checkpoints follow every 10 s or 10,000 records.
+//!   further checkpoints follow every 10 s, 10,000 records or 16 MiB.
 //! - Every batch the writer makes durable ends with a *seal* line signed by the
 //!   session key, in the same write and the same `fdatasync`. A record is the
 //!   server's only if a seal follows it; nothing acknowledged is ever unsealed, and
@@ -60,8 +60,11 @@ use session::SessionKey;
 
 /// A checkpoint at least this often (by time)...
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-/// ...or by count.
+/// ...or by count...
 const CHECKPOINT_RECORDS: u64 = 10_000;
+/// ...or by size, so a start finds the last certified session key in the last few
+/// megabytes of the log (see `recovery`).
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 /// How far the anchors (`head.json`, the datastore's) may trail the log.
 const HEAD_EVERY: Duration = Duration::from_millis(50);
 
@@ -71,6 +74,7 @@ struct Chain {
     pending: Vec<u8>,
     pending_last: u64,
     since_checkpoint: u64,
+    bytes_since_checkpoint: u64,
     last_checkpoint: Instant,
 }
 
@@ -208,6 +212,7 @@ impl AuditLog {
                 pending: Vec::new(),
                 pending_last: next_seq - 1,
                 since_checkpoint: 0,
+                bytes_since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
             }),
             wake: Condvar::new(),
@@ -290,6 +295,7 @@ impl AuditLog {
         let mut c = self.lock_chain()?;
         let seq = self.push(&mut c, json!({"event": event}))?;
         if c.since_checkpoint >= CHECKPOINT_RECORDS
+            || c.bytes_since_checkpoint >= CHECKPOINT_BYTES
             || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
         {
             self.push_checkpoint(&mut c)?;
@@ -317,6 +323,7 @@ impl AuditLog {
         c.pending_last = seq;
         c.next_seq += 1;
         c.since_checkpoint += 1;
+        c.bytes_since_checkpoint += line.len() as u64;
         Ok(seq)
     }
 
@@ -335,6 +342,7 @@ impl AuditLog {
             json!({"checkpoint": {"key_id": self.key_id, "session_key": session_key, "sig": sig}}),
         )?;
         c.since_checkpoint = 0;
+        c.bytes_since_checkpoint = 0;
         c.last_checkpoint = Instant::now();
         Ok(())
     }

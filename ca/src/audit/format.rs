@@ -8,7 +8,7 @@
 //! - `"checkpoint":{"key_id","session_key","sig"}`: the audit key (in the key
 //!   manager) signs the sequence number, `prev` and the *session key*, the ephemeral
 //!   Ed25519 key of the running server that seals its batches. Written at every start
-//!   and then every 10 s or 10,000 records. Logs written before sessions existed carry
+//!   and then every 10 s, 10,000 records or 16 MiB. Logs written before sessions existed carry
 //!   checkpoints without `session_key` (the legacy message);
 //! - `"seal":{"sig"}`: the session key signs the sequence number and `prev`: every
 //!   record before it is the server's. The writer ends every batch with a seal, in

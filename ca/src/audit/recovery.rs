@@ -27,6 +27,10 @@ use crate::{Error, Result};
 
 /// First chunk read from the end of the log; it grows fourfold while more is needed.
 const FIRST_CHUNK: u64 = 1 << 20;
+/// How much of the end of the log a start reads at most. A log written by the server
+/// has a signed checkpoint at least every 10,000 records, so its trust point and the
+/// anchors are in the last few megabytes; more means megabytes appended by someone else.
+const MAX_SCAN: u64 = 256 << 20;
 
 /// Records set aside at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,14 +151,14 @@ fn trust_point(
         // A genuine seal: every line from its checkpoint to it must chain.
         for k in cp + 1..=idx {
             let (Ok(before), Ok(l)) = (&es[k - 1].line, &es[k].line) else {
-                return Err(refuse(format!(
+                return Err(refuse_broken(format!(
                     "the record after record {} is unreadable, inside the signed part of the log (sealed at record {})",
                     es[k - 1].seq().map_or("?".into(), |s| s.to_string()),
                     line.seq
                 )));
             };
             if l.seq != before.seq + 1 || l.prev != before.hash {
-                return Err(refuse(format!(
+                return Err(refuse_broken(format!(
                     "record {} does not chain to record {} inside the signed part of the log (sealed at record {}): signed records were changed, removed or inserted",
                     l.seq, before.seq, line.seq
                 )));
@@ -169,9 +173,17 @@ fn trust_point(
     })
 }
 
+/// The log does not reach an anchor: an operator may accept that (`accept-rollback`).
 fn refuse(why: String) -> Error {
     Error::FailedPrecondition(format!(
         "audit log: {why}; refusing to continue the chain (`ztid-server audit verify` names what is wrong; `ztid-server audit accept-rollback --reason TEXT` records an operator's decision to continue from the log as it is)"
+    ))
+}
+
+/// Signed records were changed: nothing can continue this chain.
+fn refuse_broken(why: String) -> Error {
+    Error::FailedPrecondition(format!(
+        "audit log: {why}; refusing to continue the chain (`ztid-server audit verify` names the first bad record; keep the log for investigation and move it aside to start a new one, then `ztid-server audit accept-rollback --reason TEXT`)"
     ))
 }
 
@@ -268,7 +280,14 @@ pub fn recover(
             }
         };
         let Some((idx, results)) = decided else {
-            want = want.saturating_mul(4);
+            if want >= MAX_SCAN {
+                return Err(refuse_broken(format!(
+                    "no record signed by the server, or not every anchor, within the last {} MiB of the log ({} MiB): that much was written by something else",
+                    MAX_SCAN >> 20,
+                    len >> 20
+                )));
+            }
+            want = want.saturating_mul(4).min(MAX_SCAN);
             continue;
         };
         let violations: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
