@@ -21,6 +21,7 @@ use ztid_tests::*;
 
 const TD: &str = "example.org";
 const SERVER_ID: &str = "spiffe://example.org/ztid/server";
+const ROOT_ADMIN: &str = "spiffe://example.org/ztid/admin/root";
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -127,6 +128,56 @@ fn assert_status<T: std::fmt::Debug>(
         }
         Ok(v) => panic!("{what}: expected {code:?} ({reason}), got {v:?}"),
     }
+}
+
+/// Asserts that `id` cannot be claimed in any way an admin client names an ID (a
+/// workload entry under `parent`, shared or not, a node alias, a join token's alias),
+/// each refused as InvalidArgument with `reason`.
+async fn assert_unclaimable(
+    admin: &mut AdminClient<Channel>,
+    id: &str,
+    parent: &str,
+    reason: &str,
+) {
+    for shared in [false, true] {
+        let mut e = workload_entry(id, parent);
+        e.shared = shared;
+        let r = admin.create_entry(e).await;
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            reason,
+            &format!("entry {id} (shared: {shared})"),
+        );
+    }
+    let alias = pb::Entry {
+        spiffe_id: id.into(),
+        node: true,
+        selectors: vec![pb::Selector {
+            r#type: "join-token".into(),
+            value: "used".into(),
+        }],
+        ..Default::default()
+    };
+    let r = admin.create_entry(alias).await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        reason,
+        &format!("node alias {id}"),
+    );
+    let r = admin
+        .create_join_token(apb::CreateJoinTokenRequest {
+            ttl_seconds: 60,
+            alias_spiffe_id: id.into(),
+        })
+        .await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        reason,
+        &format!("token alias {id}"),
+    );
 }
 
 /// Every spelling of a reserved ID an operator might try, with the reason each gets.
@@ -362,47 +413,7 @@ async fn entries_cannot_claim_reserved_names_in_any_spelling() {
         "/admin/root",
     ] {
         for (id, reason) in reserved_spellings(tail) {
-            let r = admin
-                .create_entry(workload_entry(&id, &agent.spiffe_id))
-                .await;
-            assert_status(r, Code::InvalidArgument, reason, &format!("entry {id}"));
-            let mut shared = workload_entry(&id, &agent.spiffe_id);
-            shared.shared = true;
-            let r = admin.create_entry(shared).await;
-            assert_status(
-                r,
-                Code::InvalidArgument,
-                reason,
-                &format!("shared entry {id}"),
-            );
-            let alias = pb::Entry {
-                spiffe_id: id.clone(),
-                node: true,
-                selectors: vec![pb::Selector {
-                    r#type: "join-token".into(),
-                    value: "used".into(),
-                }],
-                ..Default::default()
-            };
-            let r = admin.create_entry(alias).await;
-            assert_status(
-                r,
-                Code::InvalidArgument,
-                reason,
-                &format!("node alias {id}"),
-            );
-            let r = admin
-                .create_join_token(apb::CreateJoinTokenRequest {
-                    ttl_seconds: 60,
-                    alias_spiffe_id: id.clone(),
-                })
-                .await;
-            assert_status(
-                r,
-                Code::InvalidArgument,
-                reason,
-                &format!("token alias {id}"),
-            );
+            assert_unclaimable(&mut admin, &id, &agent.spiffe_id, reason).await;
         }
     }
     // Parents under the reserved prefix must be exactly an agent ID.
@@ -825,6 +836,43 @@ fn remote_admin_as(
     )
 }
 
+/// Issues admin credential `name` on the server's host (its admin socket) into
+/// `dir/name`, checks the ID and the key's mode, and returns that directory.
+fn issue_admin_credential(server: &Server, dir: &Path, name: &str) -> PathBuf {
+    let d = dir.join(name);
+    let id = server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        name,
+        "--write",
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(id, format!("spiffe://example.org/ztid/admin/{name}"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the key is owner-only");
+    d
+}
+
+/// A server under an organisation root, with `ROOT_ADMIN` bound to authority-admin on a
+/// remote admin port: (scratch directory, root, port, server).
+fn server_under_org_root() -> (tempfile::TempDir, OrgRoot, u16, Server) {
+    let org_dir = tempfile::tempdir().unwrap();
+    let org = OrgRoot::new(org_dir.path());
+    let port = free_port();
+    let cfg = org.config(
+        org_dir.path(),
+        &roles_config(port, &[(ROOT_ADMIN, "authority-admin")]),
+    );
+    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    (org_dir, org, port, server)
+}
+
 fn roles_config(port: u16, roles: &[(&str, &str)]) -> String {
     let mut s = format!("[remote_admin]\nbind = \"127.0.0.1:{port}\"\n[remote_admin.roles]\n");
     for (id, role) in roles {
@@ -854,26 +902,7 @@ async fn no_admin_role_reaches_a_higher_one() {
     let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
     let agent = Agent::start(&server);
     // Admin credentials come only from the server's host, over its admin socket.
-    let creds = |name: &str| {
-        let d = dir.path().join(name);
-        let id = server.cli_ok(&[
-            "admin",
-            "credential",
-            "issue",
-            "--name",
-            name,
-            "--write",
-            d.to_str().unwrap(),
-        ]);
-        assert_eq!(id, format!("spiffe://example.org/ztid/admin/{name}"));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(d.join("svid.key"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "the key is owner-only");
-        d
-    };
+    let creds = |name: &str| issue_admin_credential(&server, dir.path(), name);
     let mut viewer = remote_admin(port, &creds("viewer"));
     let mut ops = remote_admin(port, &creds("ops"));
     let mut root = remote_admin(port, &creds("root"));
@@ -886,27 +915,7 @@ async fn no_admin_role_reaches_a_higher_one() {
     // The old escalation: the operator makes an entry for the authority-admin's ID under
     // an agent it controls. Refused in every spelling, as an entry, alias or token alias.
     for (id, reason) in reserved_spellings("/admin/root") {
-        let r = ops
-            .create_entry(workload_entry(&id, &agent.spiffe_id))
-            .await;
-        assert_status(
-            r,
-            Code::InvalidArgument,
-            reason,
-            &format!("operator entry {id}"),
-        );
-        let r = ops
-            .create_join_token(apb::CreateJoinTokenRequest {
-                ttl_seconds: 60,
-                alias_spiffe_id: id.clone(),
-            })
-            .await;
-        assert_status(
-            r,
-            Code::InvalidArgument,
-            reason,
-            &format!("operator alias {id}"),
-        );
+        assert_unclaimable(&mut ops, &id, &agent.spiffe_id, reason).await;
     }
     // Nor through an entry it may create plus a compromised agent's CSR.
     let ops_entry = ops
@@ -1064,26 +1073,9 @@ fn remote_admin_roles_only_bind_admin_identities() {
 /// server, works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_check_accepts_only_the_canonical_spelling() {
-    let org_dir = tempfile::tempdir().unwrap();
-    let org = OrgRoot::new(org_dir.path());
-    let port = free_port();
-    let root_id = "spiffe://example.org/ztid/admin/root";
-    let cfg = org.config(
-        org_dir.path(),
-        &roles_config(port, &[(root_id, "authority-admin")]),
-    );
-    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let (org_dir, org, port, server) = server_under_org_root();
     let roots = bundle_roots(&server);
-    let creds = org_dir.path().join("root");
-    server.cli_ok(&[
-        "admin",
-        "credential",
-        "issue",
-        "--name",
-        "root",
-        "--write",
-        creds.to_str().unwrap(),
-    ]);
+    let creds = issue_admin_credential(&server, org_dir.path(), "root");
     remote_admin(port, &creds)
         .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
         .await
@@ -1128,44 +1120,66 @@ async fn the_admin_check_accepts_only_the_canonical_spelling() {
     );
 }
 
+/// A selector from its `type:value` string.
+fn selector(s: &str) -> pb::Selector {
+    let (kind, value) = s.split_once(':').expect("type:value");
+    pb::Selector {
+        r#type: kind.into(),
+        value: value.into(),
+    }
+}
+
+/// Stops `server`, stores `entries` straight into its datastore as a server from before
+/// the SPIFFE ID rule accepted them (each made valid from its request, then altered by
+/// its function), and starts it again; returns the entries' ids.
+fn store_legacy_entries(
+    server: &mut Server,
+    entries: Vec<(pb::Entry, fn(&mut ztid_ca::datastore::EntryRecord))>,
+) -> Vec<String> {
+    use ztid_ca::datastore::{DataStore, SledStore};
+    server.proc.take().unwrap().stop();
+    let td = spiffe::TrustDomain::new(TD).unwrap();
+    let ids = {
+        let store = SledStore::open(&server.data_dir().join("datastore")).unwrap();
+        let ids = entries
+            .into_iter()
+            .map(|(req, alter)| {
+                let mut e = ztid_ca::entries::validate_new_entry(&td, &req, 3600, 0).unwrap();
+                alter(&mut e);
+                store.create_entry(e).unwrap().id
+            })
+            .collect();
+        store.flush().unwrap();
+        ids
+    };
+    server.restart();
+    assert!(
+        server.log_text().contains("entry_unusable"),
+        "legacy entries are named at start"
+    );
+    ids
+}
+
 /// The attack's stored state: an entry for `spiffe://TD/ztid` (accepted before the fix)
 /// left in the datastore of an upgraded server. It is named at start and mints nothing,
 /// least of all the server's identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_entry_for_the_reserved_prefix_mints_nothing() {
-    use ztid_ca::datastore::{DataStore, SledStore};
     let mut server = Server::start(TD);
     let agent = Agent::start(&server);
-    server.proc.take().unwrap().stop();
-    let td = spiffe::TrustDomain::new(TD).unwrap();
-    let entry_id = {
-        let store = SledStore::open(&server.data_dir().join("datastore")).unwrap();
-        let mut legacy = ztid_ca::entries::validate_new_entry(
-            &td,
-            &pb::Entry {
-                selectors: vec![pb::Selector {
-                    r#type: "unix".into(),
-                    value: format!("uid:{}", nix_uid()),
-                }],
-                ..workload_entry("spiffe://example.org/placeholder", &agent.spiffe_id)
-            },
-            3600,
-            0,
-        )
-        .unwrap();
-        legacy.spiffe_id = "spiffe://example.org/ztid".into();
-        let id = store.create_entry(legacy).unwrap().id;
-        store.flush().unwrap();
-        id
+    let my_uid = format!("unix:uid:{}", nix_uid());
+    let entry = pb::Entry {
+        selectors: vec![selector(&my_uid)],
+        ..workload_entry("spiffe://example.org/placeholder", &agent.spiffe_id)
     };
-    server.restart();
-    assert!(
-        server.log_text().contains("entry_unusable")
-            && server
-                .log_text()
-                .contains("reserved for ztid's own identities"),
-        "the legacy entry is named at start"
+    let ids = store_legacy_entries(
+        &mut server,
+        vec![(entry, |e| e.spiffe_id = "spiffe://example.org/ztid".into())],
     );
+    let entry_id = &ids[0];
+    assert!(server
+        .log_text()
+        .contains("reserved for ztid's own identities"));
     let mut node = as_agent(&server, &agent);
     let seg = new_instance_segment().unwrap();
     for id in [
@@ -1204,27 +1218,7 @@ async fn an_entry_id_cannot_take_the_form_of_another_entrys_instance() {
     let taken = format!("spiffe://example.org/web/{seg}");
     let mut admin = admin_socket(&server).await;
     let form = "ends in a per-instance segment (32 lowercase hex characters)";
-    for shared in [true, false] {
-        let mut e = workload_entry(&taken, &victim.spiffe_id);
-        e.shared = shared;
-        assert_status(
-            admin.create_entry(e).await,
-            Code::InvalidArgument,
-            form,
-            &format!("entry {taken} (shared: {shared})"),
-        );
-    }
-    assert_status(
-        admin
-            .create_join_token(apb::CreateJoinTokenRequest {
-                ttl_seconds: 60,
-                alias_spiffe_id: taken.clone(),
-            })
-            .await,
-        Code::InvalidArgument,
-        form,
-        "token alias",
-    );
+    assert_unclaimable(&mut admin, &taken, &victim.spiffe_id, form).await;
     // Only an exact instance segment is the instance form: IDs that merely contain
     // hex (shorter, uppercase, not last) are ordinary IDs.
     for ok in [
@@ -1324,55 +1318,31 @@ async fn the_own_trust_domain_cannot_come_back_with_a_trailing_dot() {
 /// stored entry that the rule refuses is refused at every mint, whatever it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
-    use ztid_ca::datastore::{DataStore, SledStore};
     let mut server = Server::start(TD);
     let agent = Agent::start(&server);
     let (_, agent_selectors) = server.agent_record(&agent.spiffe_id);
-    server.proc.take().unwrap().stop();
-    let td = spiffe::TrustDomain::new(TD).unwrap();
-    let selector = |s: &str| {
-        let (kind, value) = s.split_once(':').unwrap();
-        pb::Selector {
-            r#type: kind.into(),
-            value: value.into(),
-        }
+    let alias = pb::Entry {
+        spiffe_id: "spiffe://example.org/placeholder".into(),
+        node: true,
+        selectors: agent_selectors.iter().map(|s| selector(s)).collect(),
+        ..Default::default()
     };
-    let entry_id = {
-        let store = SledStore::open(&server.data_dir().join("datastore")).unwrap();
-        let mut alias = ztid_ca::entries::validate_new_entry(
-            &td,
-            &pb::Entry {
-                spiffe_id: "spiffe://example.org/placeholder".into(),
-                node: true,
-                selectors: agent_selectors.iter().map(|s| selector(s)).collect(),
-                ..Default::default()
-            },
-            3600,
-            0,
+    let my_uid = format!("unix:uid:{}", nix_uid());
+    let entry = pb::Entry {
+        selectors: vec![selector(&my_uid)],
+        ..workload_entry(
+            "spiffe://example.org/under-server",
+            "spiffe://example.org/placeholder",
         )
-        .unwrap();
-        alias.spiffe_id = SERVER_ID.into();
-        store.create_entry(alias).unwrap();
-        let mut legacy = ztid_ca::entries::validate_new_entry(
-            &td,
-            &pb::Entry {
-                selectors: vec![selector(&format!("unix:uid:{}", nix_uid()))],
-                ..workload_entry(
-                    "spiffe://example.org/under-server",
-                    "spiffe://example.org/placeholder",
-                )
-            },
-            3600,
-            0,
-        )
-        .unwrap();
-        legacy.parent_id = SERVER_ID.into();
-        let id = store.create_entry(legacy).unwrap().id;
-        store.flush().unwrap();
-        id
     };
-    server.restart();
-    assert!(server.log_text().contains("entry_unusable"));
+    let ids = store_legacy_entries(
+        &mut server,
+        vec![
+            (alias, |e| e.spiffe_id = SERVER_ID.into()),
+            (entry, |e| e.parent_id = SERVER_ID.into()),
+        ],
+    );
+    let entry_id = &ids[1];
     // The agent's next sync gives it the alias.
     wait_for("the agent's aliases", READY_TIMEOUT, || {
         let (shown, _) = server.agent_record(&agent.spiffe_id);
@@ -1400,23 +1370,15 @@ async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
 /// rotated out but not revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_identity_counts_only_from_this_servers_authorities() {
-    let org_dir = tempfile::tempdir().unwrap();
-    let org = OrgRoot::new(org_dir.path());
-    let port = free_port();
-    let root_id = "spiffe://example.org/ztid/admin/root";
-    let cfg = org.config(
-        org_dir.path(),
-        &roles_config(port, &[(root_id, "authority-admin")]),
-    );
-    let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
+    let (org_dir, org, port, server) = server_under_org_root();
     let roots = bundle_roots(&server);
     let not_here = "is not in a certificate this server's authority signed";
     for (what, (chain, key)) in [
         (
             "a sibling trust domain's CA",
-            org.sibling_leaf("spiffe://other.org", root_id),
+            org.sibling_leaf("spiffe://other.org", ROOT_ADMIN),
         ),
-        ("the organisation root", org.leaf(root_id)),
+        ("the organisation root", org.leaf(ROOT_ADMIN)),
     ] {
         let r = remote_admin_as(port, roots.clone(), chain, key)
             .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
@@ -1425,16 +1387,7 @@ async fn an_admin_identity_counts_only_from_this_servers_authorities() {
     }
     // The server's own credential works, and keeps working after the X.509 authority
     // that signed it is rotated out.
-    let creds = org_dir.path().join("root");
-    server.cli_ok(&[
-        "admin",
-        "credential",
-        "issue",
-        "--name",
-        "root",
-        "--write",
-        creds.to_str().unwrap(),
-    ]);
+    let creds = issue_admin_credential(&server, org_dir.path(), "root");
     let mut root = remote_admin(port, &creds);
     for step in ["prepare", "activate"] {
         let kind = apb::AuthorityKind {
