@@ -1129,13 +1129,13 @@ fn selector(s: &str) -> pb::Selector {
     }
 }
 
+/// A stored entry's request and how a server from before the rule let it differ.
+type LegacyEntry = (pb::Entry, fn(&mut ztid_ca::datastore::EntryRecord));
+
 /// Stops `server`, stores `entries` straight into its datastore as a server from before
 /// the SPIFFE ID rule accepted them (each made valid from its request, then altered by
 /// its function), and starts it again; returns the entries' ids.
-fn store_legacy_entries(
-    server: &mut Server,
-    entries: Vec<(pb::Entry, fn(&mut ztid_ca::datastore::EntryRecord))>,
-) -> Vec<String> {
+fn store_legacy_entries(server: &mut Server, entries: Vec<LegacyEntry>) -> Vec<String> {
     use ztid_ca::datastore::{DataStore, SledStore};
     server.proc.take().unwrap().stop();
     let td = spiffe::TrustDomain::new(TD).unwrap();
@@ -1176,7 +1176,7 @@ async fn a_stored_entry_for_the_reserved_prefix_mints_nothing() {
         &mut server,
         vec![(entry, |e| e.spiffe_id = "spiffe://example.org/ztid".into())],
     );
-    let entry_id = &ids[0];
+    let entry_id = ids[0].clone();
     assert!(server
         .log_text()
         .contains("reserved for ztid's own identities"));
@@ -1342,7 +1342,7 @@ async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
             (entry, |e| e.parent_id = SERVER_ID.into()),
         ],
     );
-    let entry_id = &ids[1];
+    let entry_id = ids[1].clone();
     // The agent's next sync gives it the alias.
     wait_for("the agent's aliases", READY_TIMEOUT, || {
         let (shown, _) = server.agent_record(&agent.spiffe_id);
