@@ -1406,4 +1406,37 @@ async fn an_admin_identity_counts_only_from_this_servers_authorities() {
         .expect("an admin credential from the previous authority still counts");
     let audit = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
     assert!(audit.contains("admin_refused") && audit.contains(not_here));
+    // An admin identity is no agent: the node API mints nothing for it.
+    let pem_der = |f: &str| {
+        pem::parse_many(std::fs::read(creds.join(f)).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect::<Vec<_>>()
+    };
+    let svid = ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(
+        pem_der("svid.pem"),
+        pem_der("svid.key").remove(0),
+    )
+    .unwrap();
+    let mut node = connect(
+        server.addr().parse().unwrap(),
+        server_verifier(bundle_roots(&server)),
+        Some(svid.certified_key().unwrap()),
+    )
+    .unwrap();
+    let r = node
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::SvidRequest {
+                entry_id: "any".into(),
+                csr: csr_for("spiffe://example.org/w"),
+            }],
+        })
+        .await;
+    assert_status(
+        r,
+        Code::Unauthenticated,
+        &format!("agent {ROOT_ADMIN} is not attested"),
+        "admin SVID at the node API",
+    );
 }
