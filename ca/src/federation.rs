@@ -601,7 +601,7 @@ fn client_config(core: &CaCore, f: &FederationRecord) -> Result<rustls::ClientCo
                     )))
                 }
             };
-            let verifier = ztid_agent_attestor::tls::ServerSvidVerifier::new(
+            let verifier = ztid_agent_attestor::tls::ServerSvidVerifier::foreign_endpoint(
                 ztid_agent_attestor::tls::shared_roots(roots),
                 f.endpoint_spiffe_id.clone(),
             );
