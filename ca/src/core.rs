@@ -261,6 +261,23 @@ impl CaCore {
         Ok(())
     }
 
+    /// True if one of this server's X.509 authorities (prepared, active or old) signed
+    /// `leaf`; a revoked authority is no longer listed.
+    fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
+        let Ok(own) = self.authorities.list(Kind::X509) else {
+            return false;
+        };
+        let own: Vec<rustls_pki_types::CertificateDer<'static>> =
+            own.into_iter().map(|a| a.cert_der.into()).collect();
+        ztid_agent_attestor::svid::verify_chain(
+            &[rustls_pki_types::CertificateDer::from(leaf)],
+            &own,
+            rustls_pki_types::UnixTime::now(),
+            ztid_agent_attestor::svid::Usage::Client,
+        )
+        .is_ok()
+    }
+
     /// Checks the peer certificate of a node API call and returns the agent.
     /// The TLS layer has already validated the chain against the bundle.
     pub fn authenticate_agent(&self, leaf_der: Option<&[u8]>) -> Result<AuthenticatedAgent> {
@@ -271,6 +288,14 @@ impl CaCore {
             .to_string();
         let serial = ztid_agent_attestor::svid::serial_hex(leaf)
             .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        // TLS accepted any chain to the bundle: under an upstream root, any CA under the
+        // organisation's root. An agent's ID and serial are no secret, so only a
+        // certificate this server's own X.509 authorities signed can be the agent's.
+        if !self.issued_by_own_authority(leaf) {
+            return Err(Error::Unauthenticated(format!(
+                "{id} is not in a certificate this server's X.509 authorities signed"
+            )));
+        }
         let record = self.store.get_agent(&id)?.ok_or_else(|| {
             Error::Unauthenticated(format!("agent {id} is not attested (evicted or unknown)"))
         })?;

@@ -370,6 +370,17 @@ impl OrgRoot {
     /// `ca_uri`), as a sibling authority under a shared organisation root would make it:
     /// (chain, PKCS#8 key).
     fn sibling_leaf(&self, ca_uri: &str, uri: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+        self.sibling_leaf_with_serial(ca_uri, uri, None)
+    }
+
+    /// Like [`OrgRoot::sibling_leaf`], with the leaf's serial number chosen (copied
+    /// from a certificate ztid issued, say).
+    fn sibling_leaf_with_serial(
+        &self,
+        ca_uri: &str,
+        uri: &str,
+        serial: Option<&[u8]>,
+    ) -> (Vec<Vec<u8>>, Vec<u8>) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
@@ -386,6 +397,7 @@ impl OrgRoot {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        p.serial_number = serial.map(rcgen::SerialNumber::from_slice);
         let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).unwrap();
         let leaf = p.signed_by(&key, &issuer).unwrap();
         (
@@ -525,9 +537,12 @@ async fn a_compromised_agent_cannot_mint_reserved_ids_or_choose_its_instance_seg
 }
 
 /// The chain the attack used: whoever holds the server's identity receives an agent's
-/// join token and can redeem it at the real server. Reproduced with an identity made
-/// under the organisation root (the CSR path can no longer mint it, see above); and
-/// the agent refuses any other identity, including the server's in another spelling.
+/// join token and can redeem it at the real server. The CSR path can no longer mint
+/// that identity (see above); under an upstream root, any other CA under the same
+/// root could still make it, so the agent also requires that the server's SVID was
+/// signed by an X.509 authority of its trust domain (a CA whose URI SAN is
+/// `spiffe://TD`). And the agent refuses any other identity, including the server's in
+/// another spelling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
     let org_dir = tempfile::tempdir().unwrap();
@@ -535,30 +550,56 @@ async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
     let cfg = org.config(org_dir.path(), "");
     let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
     let bundle = server.bundle_file();
-    let token = server.token();
 
-    // 1. A fake server holding spiffe://TD/ztid/server gets the token.
-    let (chain, key) = org.leaf(SERVER_ID);
-    let (addr, mut seen) = fake_server(chain, key).await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = spawn_agent(&addr, &bundle, &token, dir.path());
-    let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let Seen::Data(bytes) = got else {
-        panic!("the handshake with the server's identity completes: {got:?}")
-    };
-    assert!(
-        bytes.windows(token.len()).any(|w| w == token.as_bytes()),
-        "the fake server received the join token"
-    );
-    drop(agent);
-    // ... and redeems it at the real server.
-    let stolen = Agent::start_with_token(&server, &token).expect("the stolen token attests");
-    assert!(stolen
-        .spiffe_id
-        .starts_with("spiffe://example.org/ztid/agent/join-token/"));
+    // 1. spiffe://TD/ztid/server signed by the organisation root itself, or by a sibling
+    //    trust domain's CA under it: the chain leads to the bundle and the ID is exact,
+    //    but the signer is no authority of example.org, so nothing is sent.
+    for (who, (chain, key), reason) in [
+        (
+            "the organisation root",
+            org.leaf(SERVER_ID),
+            "the CA that signed it carries no URI SAN, so it is not an X.509 authority of \
+             spiffe://example.org",
+        ),
+        (
+            "a sibling trust domain's CA",
+            org.sibling_leaf("spiffe://other.org", SERVER_ID),
+            "the CA that signed it carries URI SAN spiffe://other.org, so it is not an X.509 \
+             authority of spiffe://example.org",
+        ),
+    ] {
+        let token = server.token();
+        let (addr, mut seen) = fake_server(chain, key).await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = spawn_agent(&addr, &bundle, &token, dir.path());
+        let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match got {
+            Seen::HandshakeRefused(why) => eprintln!("{who}: the agent refused ({why})"),
+            Seen::Data(d) => panic!(
+                "{who}: the agent completed TLS with a server SVID it did not issue and sent {} \
+                 bytes",
+                d.len()
+            ),
+        }
+        let log = wait_for("the agent's reason", READY_TIMEOUT, || {
+            let l = agent.log();
+            l.contains(reason).then_some(l)
+        });
+        assert!(
+            log.contains(&format!("server certificate for {SERVER_ID} refused")),
+            "{who}: {log}"
+        );
+        assert!(!log.contains("node attested"), "{who}: {log}");
+        // The token never left the agent: it still attests at the real server.
+        drop(agent);
+        let agent = Agent::start_with_token(&server, &token).expect("the token was not given away");
+        assert!(agent
+            .spiffe_id
+            .starts_with("spiffe://example.org/ztid/agent/join-token/"));
+    }
 
     // 2. Any other identity is refused by the agent before it sends anything: the
     //    server's ID spelled otherwise, a reserved sibling, an ordinary workload.
@@ -1439,4 +1480,53 @@ async fn an_admin_identity_counts_only_from_this_servers_authorities() {
         &format!("agent {ROOT_ADMIN} is not attested"),
         "admin SVID at the node API",
     );
+}
+
+/// The other direction: under an upstream root the server's TLS layer accepts any chain
+/// to the organisation's root, and an agent's ID and serial are no secret (they are in
+/// the audit log and `agent list`). A CA under the same root copying both into a
+/// certificate of its own is not the agent: the server admits only certificates its own
+/// X.509 authorities signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_admits_an_agent_only_in_a_certificate_it_signed() {
+    let (_org_dir, org, _port, server) = server_under_org_root();
+    let agent = Agent::start(&server);
+    let own = agent.own_svid();
+    let serial = x509_parser::parse_x509_certificate(&own.chain[0])
+        .unwrap()
+        .1
+        .raw_serial()
+        .to_vec();
+    // Control: the agent's own SVID is admitted.
+    as_agent(&server, &agent)
+        .sync_entries(pb::SyncEntriesRequest::default())
+        .await
+        .expect("the agent's own SVID is admitted");
+    for (who, ca_uri) in [
+        ("a sibling trust domain's CA", "spiffe://other.org"),
+        (
+            "a CA under the root claiming the trust domain",
+            "spiffe://example.org",
+        ),
+    ] {
+        let (chain, key) = org.sibling_leaf_with_serial(ca_uri, &agent.spiffe_id, Some(&serial));
+        let forged =
+            ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key).unwrap();
+        let mut node = connect(
+            server.addr().parse().unwrap(),
+            server_verifier(bundle_roots(&server)),
+            Some(forged.certified_key().unwrap()),
+        )
+        .unwrap();
+        let r = node.sync_entries(pb::SyncEntriesRequest::default()).await;
+        assert_status(
+            r,
+            Code::Unauthenticated,
+            &format!(
+                "{} is not in a certificate this server's X.509 authorities signed",
+                agent.spiffe_id
+            ),
+            who,
+        );
+    }
 }
