@@ -16,8 +16,11 @@
 //! the organisation's root, so any other CA under it (another trust domain's, say) could
 //! otherwise sign `spiffe://TD/ztid/admin/root` itself.
 //!
-//! Every decision, allowed or refused, is audited. The check runs as a tower layer
-//! in front of the admin service, where the RPC's path is visible.
+//! Every decision, allowed or refused, is audited; refusals through [`RefusalAudit`]
+//! (one by one up to its bounds per caller, with the peer's address, then summarised),
+//! so any SVID of the trust domain that reaches the remote listener cannot turn calls it
+//! has no role for into a flood of audit records. The check runs as a tower layer in
+//! front of the admin service, where the RPC's path is visible.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::audit::AuditLog;
 use crate::core::CaCore;
+use crate::refusal_audit::RefusalAudit;
 
 /// An admin role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,23 +126,35 @@ pub struct AdminPolicy {
     remote_roles: HashMap<String, Vec<Role>>,
     issuers: AdminIssuers,
     audit: Option<Arc<AuditLog>>,
+    refusals: Arc<RefusalAudit>,
 }
+
+/// A refused call: who (as far as known), why, and a short stable label of why.
+type Refused = (String, String, &'static str);
 
 impl AdminPolicy {
     /// A policy admitting `local_uids` on the socket and `remote_roles` over mTLS, in
-    /// certificates signed by one of `issuers`.
+    /// certificates signed by one of `issuers`; refusals are audited within `refusals`'
+    /// bounds (its summaries are written by a flusher the caller spawns on `audit`).
     pub fn new(
         local_uids: Vec<u32>,
         remote_roles: HashMap<String, Vec<Role>>,
         issuers: AdminIssuers,
         audit: Option<Arc<AuditLog>>,
+        refusals: Arc<RefusalAudit>,
     ) -> Self {
         Self {
             local_uids,
             remote_roles,
             issuers,
             audit,
+            refusals,
         }
+    }
+
+    /// Whether `uid` is admitted on the admin socket.
+    pub fn admits_uid(&self, uid: u32) -> bool {
+        self.local_uids.contains(&uid)
     }
 
     /// True if `leaf` was signed by one of the admin issuers (its chain to the bundle
@@ -153,24 +169,33 @@ impl AdminPolicy {
         .is_ok()
     }
 
-    /// Decides one call; `Ok(caller)` or `Err(reason)`.
-    pub fn decide(&self, ext: &http::Extensions, path: &str) -> Result<String, (String, String)> {
+    /// Decides one call; `Ok(caller)` or `Err((caller, reason, label))`.
+    pub fn decide(&self, ext: &http::Extensions, path: &str) -> Result<String, Refused> {
         let method = path.rsplit('/').next().unwrap_or_default();
         if !path.starts_with("/ztid.admin.v1.Admin/") {
-            return Err(("unknown".into(), format!("{path} is not an admin RPC")));
+            return Err((
+                "unknown".into(),
+                format!("{path} is not an admin RPC"),
+                "admin_unknown_rpc",
+            ));
         }
         if let Some(info) = ext.get::<UdsConnectInfo>() {
             let Some(cred) = info.peer_cred else {
                 return Err((
                     "unknown".into(),
                     "admin caller has no peer credentials".into(),
+                    "admin_no_peer_credentials",
                 ));
             };
             let who = format!("uid:{} pid:{}", cred.uid(), cred.pid().unwrap_or(0));
-            return if self.local_uids.contains(&cred.uid()) {
+            return if self.admits_uid(cred.uid()) {
                 Ok(who)
             } else {
-                Err((who, format!("uid {} may not use the admin API", cred.uid())))
+                Err((
+                    who,
+                    format!("uid {} may not use the admin API", cred.uid()),
+                    "admin_uid_not_admitted",
+                ))
             };
         }
         if let Some(info) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
@@ -181,15 +206,23 @@ impl AdminPolicy {
                 return Err((
                     "unknown".into(),
                     "remote admin call without an X509-SVID".into(),
+                    "admin_no_svid",
                 ));
             };
             let id = ztid_agent_attestor::svid::spiffe_id_of_leaf(&leaf)
                 .map(|i| i.to_string())
-                .map_err(|e| ("unknown".into(), format!("remote admin certificate: {e}")))?;
+                .map_err(|e| {
+                    (
+                        "unknown".into(),
+                        format!("remote admin certificate: {e}"),
+                        "admin_bad_svid",
+                    )
+                })?;
             if LOCAL_ONLY.contains(&method) {
                 return Err((
                     id,
                     format!("{method} is served only on the admin socket, on the server's host"),
+                    "admin_local_only",
                 ));
             }
             let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
@@ -200,32 +233,60 @@ impl AdminPolicy {
                         "{id} is not in a certificate this server's authority signed; \
                          admin identities come only from `ztid-server admin credential issue`"
                     ),
+                    "admin_not_issued_here",
                 ));
             }
             return if roles.iter().any(|r| r.allows(method)) {
                 Ok(id)
             } else if roles.is_empty() {
-                Err((id.clone(), format!("{id} has no admin role")))
+                Err((
+                    id.clone(),
+                    format!("{id} has no admin role"),
+                    "admin_no_role",
+                ))
             } else {
                 Err((
                     id.clone(),
                     format!("{id} ({roles:?}) may not call {method}"),
+                    "admin_role_lacks_call",
                 ))
             };
         }
         Err((
             "unknown".into(),
             "admin call over an unknown transport".into(),
+            "admin_unknown_transport",
         ))
     }
 
-    fn audit(&self, caller: &str, method: &str, allowed: bool, reason: &str) {
+    fn audit_allowed(&self, caller: &str, method: &str) {
         if let Some(a) = &self.audit {
             let _ = a.append(serde_json::json!({
-                "type": if allowed { "admin_allowed" } else { "admin_refused" },
-                "caller": caller, "call": method, "reason": reason,
+                "type": "admin_allowed", "caller": caller, "call": method, "reason": "",
             }));
         }
+    }
+
+    /// Audits a refusal within the bounds, counted per caller (per address when the
+    /// caller is unknown).
+    fn audit_refused(&self, ext: &http::Extensions, refused: &Refused, method: &str) {
+        let Some(a) = &self.audit else { return };
+        let (caller, reason, label) = refused;
+        let peer = ext
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.get_ref().remote_addr());
+        let key = match peer {
+            Some(p) if caller == "unknown" => p.ip().to_string(),
+            _ => caller.clone(),
+        };
+        self.refusals.record(
+            a,
+            &key,
+            peer.map(|p| p.to_string()).as_deref(),
+            label,
+            serde_json::json!({"type": "admin_refused", "caller": caller, "call": method,
+                "reason": reason}),
+        );
     }
 }
 
@@ -274,17 +335,19 @@ where
         let method = path.rsplit('/').next().unwrap_or_default().to_string();
         match self.policy.decide(req.extensions(), &path) {
             Ok(caller) => {
-                self.policy.audit(&caller, &method, true, "");
+                self.policy.audit_allowed(&caller, &method);
                 req.extensions_mut().insert(AdminCaller(caller));
                 // The clone that was made ready is the one to call.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move { inner.call(req).await })
             }
-            Err((caller, reason)) => {
+            Err(refused) => {
+                let (caller, reason, _) = &refused;
                 tracing::warn!(event = "admin_refused", caller = %caller, call = %method, reason = %reason, "admin call refused");
-                self.policy.audit(&caller, &method, false, &reason);
-                let resp = tonic::Status::permission_denied(reason).into_http();
+                self.policy
+                    .audit_refused(req.extensions(), &refused, &method);
+                let resp = tonic::Status::permission_denied(refused.1).into_http();
                 Box::pin(async move { Ok(resp) })
             }
         }
@@ -317,7 +380,17 @@ mod tests {
 
     #[test]
     fn unknown_transport_and_paths_are_refused() {
-        let p = AdminPolicy::new(vec![0], HashMap::new(), Arc::new(Vec::new), None);
+        let p = AdminPolicy::new(
+            vec![0],
+            HashMap::new(),
+            Arc::new(Vec::new),
+            None,
+            Arc::new(RefusalAudit::new(
+                10,
+                100,
+                std::time::Duration::from_secs(60),
+            )),
+        );
         let ext = http::Extensions::new();
         assert!(p
             .decide(&ext, "/ztid.admin.v1.Admin/ListEntries")

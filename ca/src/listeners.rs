@@ -246,6 +246,23 @@ impl Listener {
         None
     }
 
+    /// [`Listener::admit`] without waiting for closing connections: `None` at once when
+    /// there is no room (for clients that must never hold up the accept loop).
+    pub fn admit_now(
+        self: &Arc<Self>,
+        peer: String,
+        addr: Option<SocketAddr>,
+        authenticated: bool,
+    ) -> Option<ConnHandle> {
+        match self.try_admit(&peer, addr, authenticated) {
+            Admission::Admitted(c) => Some(c),
+            Admission::Full | Admission::Closing => {
+                self.count(|c| c.refused_at_cap += 1);
+                None
+            }
+        }
+    }
+
     fn try_admit(
         self: &Arc<Self>,
         peer: &str,
@@ -721,10 +738,22 @@ pub fn tls_incoming(
     ReceiverStream::new(conn_rx)
 }
 
+/// Which uids a Unix socket admits into its listener. Connections of any other uid go
+/// to `others`, a small listener of their own: they are still answered (and told why
+/// they are refused), but never take, or make room in, the admitted uids' slots, so a
+/// local uid that may reach the socket but not use it cannot lock the operator out.
+pub struct UidGate {
+    /// Whether a uid is admitted.
+    pub admits: Box<dyn Fn(u32) -> bool + Send + Sync>,
+    /// Where everyone else's connections are counted.
+    pub others: Arc<Listener>,
+}
+
 /// Accepts connections on a Unix socket (the admin API).
 pub fn unix_incoming(
     unix: UnixListener,
     listener: Arc<Listener>,
+    gate: UidGate,
 ) -> ReceiverStream<io::Result<Guarded<UnixStream>>> {
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
@@ -736,12 +765,20 @@ pub fn unix_incoming(
                     continue;
                 }
             };
-            let peer = match stream.peer_cred() {
-                Ok(c) => format!("uid {} pid {}", c.uid(), c.pid().unwrap_or(0)),
-                Err(_) => "unknown".into(),
+            let (peer, admitted) = match stream.peer_cred() {
+                Ok(c) => (
+                    format!("uid {} pid {}", c.uid(), c.pid().unwrap_or(0)),
+                    (gate.admits)(c.uid()),
+                ),
+                Err(_) => ("unknown".into(), false),
             };
-            // Only the socket's owner (or root) can connect: the kernel vouches for it.
-            let Some(conn) = listener.admit(peer, None, true).await else {
+            // The kernel vouches for the uid, so an admitted one counts as authenticated.
+            let conn = if admitted {
+                listener.admit(peer, None, true).await
+            } else {
+                gate.others.admit_now(peer, None, false)
+            };
+            let Some(conn) = conn else {
                 continue;
             };
             if conn_tx.send(Ok(Guarded::new(stream, conn))).await.is_err() {

@@ -7,8 +7,9 @@
 //! per peer and reason and written as one summary record when the interval ends. So an
 //! interval costs at most `per_interval + 1` records, whoever floods.
 //!
-//! A peer is a network address (refusals before authentication) or an agent's SPIFFE
-//! ID (refusals of an authenticated agent's requests).
+//! A peer is a network address (refusals before authentication), an agent's SPIFFE
+//! ID (refusals of an authenticated agent's requests), or an admin caller (a remote
+//! caller's SPIFFE ID, a local uid) refused by the admin authorization layer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,33 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::audit::AuditLog;
 use crate::core::CaCore;
+
+/// Where refusal records are written: the CA core's audit (node API), or the audit log
+/// itself (the admin authorization layer, which holds only the log).
+pub trait RefusalSink: Send + Sync + 'static {
+    /// Appends one record.
+    fn write_refusal(&self, event: Value) -> crate::Result<()>;
+}
+
+impl RefusalSink for CaCore {
+    fn write_refusal(&self, event: Value) -> crate::Result<()> {
+        self.record(event)
+    }
+}
+
+impl RefusalSink for AuditLog {
+    fn write_refusal(&self, event: Value) -> crate::Result<()> {
+        self.append(event).map(|_| ())
+    }
+}
+
+impl<S: RefusalSink + ?Sized> RefusalSink for Arc<S> {
+    fn write_refusal(&self, event: Value) -> crate::Result<()> {
+        (**self).write_refusal(event)
+    }
+}
 
 /// Peers tracked one by one per interval; more are counted together as "other".
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -122,9 +149,9 @@ impl RefusalAudit {
     /// Audits one refusal within the bounds: `key` is what the bounds count by (a peer's
     /// IP address, an agent's SPIFFE ID), `peer` (the full address, when known) goes
     /// into the record, `reason` is a short stable label for the summary.
-    pub fn record(
+    pub fn record<S: RefusalSink + ?Sized>(
         &self,
-        core: &CaCore,
+        sink: &S,
         key: &str,
         peer: Option<&str>,
         reason: &'static str,
@@ -132,27 +159,27 @@ impl RefusalAudit {
     ) {
         let (decision, summary) = self.note(key, reason);
         if let Some(s) = summary {
-            write(core, s);
+            write(sink, s);
         }
         if decision == Decision::Record {
             if let (Some(p), Some(obj)) = (peer, event.as_object_mut()) {
                 obj.insert("peer".into(), json!(p));
             }
-            write(core, event);
+            write(sink, event);
         }
     }
 
-    /// Writes each interval's summary when it ends, for as long as `core` lives.
-    pub fn spawn_flusher(self: &Arc<Self>, core: &Arc<CaCore>) {
+    /// Writes each interval's summary when it ends, for as long as `sink` lives.
+    pub fn spawn_flusher<S: RefusalSink>(self: &Arc<Self>, sink: &Arc<S>) {
         let this = self.clone();
-        let core = Arc::downgrade(core);
+        let sink = Arc::downgrade(sink);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(this.interval / 4);
             loop {
                 tick.tick().await;
-                let Some(core) = core.upgrade() else { return };
+                let Some(sink) = sink.upgrade() else { return };
                 if let Some(s) = this.flush_if_due() {
-                    write(&core, s);
+                    write(sink.as_ref(), s);
                 }
             }
         });
@@ -167,8 +194,8 @@ impl RefusalAudit {
     }
 }
 
-fn write(core: &CaCore, event: Value) {
-    if let Err(e) = core.record(event) {
+fn write<S: RefusalSink + ?Sized>(sink: &S, event: Value) {
+    if let Err(e) = sink.write_refusal(event) {
         tracing::error!(error = %e, "could not audit a refusal");
     }
 }

@@ -22,10 +22,15 @@ use crate::limits::{
     NODE_API_MAX_MESSAGE_BYTES,
 };
 use crate::listeners::{
-    tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer,
+    tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer, UidGate,
 };
 use crate::node_api::NodeApi;
+use crate::refusal_audit::RefusalAudit;
 use crate::{Error, Result};
+
+/// Connections of uids the admin socket does not admit, held apart from the admin uids'
+/// (enough to tell them why; within the reserved descriptors).
+const ADMIN_SOCKET_REFUSED_UID_CONNECTIONS: usize = 4;
 
 /// Serves the server's current SVID on every handshake, so renewal needs no restart.
 #[derive(Debug)]
@@ -119,11 +124,16 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     if allowed.is_empty() {
         allowed.push(nix::unistd::getuid().as_raw());
     }
+    let admin_refusals = Arc::new(RefusalAudit::from_config(&limits));
+    if let Some(audit) = &core.audit {
+        admin_refusals.spawn_flusher(audit);
+    }
     let policy = Arc::new(AdminPolicy::new(
         allowed.clone(),
         core.config.remote_admin_roles()?,
         crate::admin_authz::own_issuers(&core),
         core.audit.clone(),
+        admin_refusals,
     ));
     crate::metrics::spawn(&core).await?;
     core.apply_configured_federations()?;
@@ -145,6 +155,21 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         Timeouts::grpc(&limits),
         None,
     );
+    // Uids the socket does not admit get slots of their own (see `UidGate`).
+    let refused_uids_listener = Listener::new(
+        "admin socket (uids not admitted)",
+        ADMIN_SOCKET_REFUSED_UID_CONNECTIONS,
+        Timeouts::grpc(&limits),
+        None,
+    );
+    tokio::spawn(shutdown_of(refused_uids_listener.clone()));
+    let admin_uid_gate = UidGate {
+        admits: Box::new({
+            let policy = policy.clone();
+            move |uid| policy.admits_uid(uid)
+        }),
+        others: refused_uids_listener,
+    };
     let policy_core = core.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -180,7 +205,11 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
                 .max_decoding_message_size(ADMIN_API_MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            unix_incoming(admin_listener, admin_socket_listener.clone()),
+            unix_incoming(
+                admin_listener,
+                admin_socket_listener.clone(),
+                admin_uid_gate,
+            ),
             shutdown_of(admin_socket_listener),
         );
     // The remote admin API: mutual TLS, callers admitted by SPIFFE ID and role only.

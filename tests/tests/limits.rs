@@ -1201,3 +1201,237 @@ fn telemetry_listeners_cut_off_slowloris_clients() {
         assert_eq!(status, 200, "{what}: {body}");
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Admin refusals: bounded in the audit log, and never in the admin uids' slots.
+// ---------------------------------------------------------------------------------
+
+/// A remote admin client holding the credential `admin credential issue` wrote to `dir`.
+fn remote_admin_client(port: u16, dir: &Path) -> AdminClient<tonic::transport::Channel> {
+    let pems = |f: &str| -> Vec<Vec<u8>> {
+        pem::parse_many(std::fs::read(dir.join(f)).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect()
+    };
+    let identity = ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(
+        pems("svid.pem"),
+        pems("svid.key").remove(0),
+    )
+    .unwrap();
+    let verifier = Arc::new(ServerSvidVerifier::new(
+        shared_roots(pems("bundle.pem")),
+        format!("spiffe://{TD}/ztid/server"),
+    ));
+    AdminClient::new(
+        ztid_agent_attestor::agent::node_client::mtls_channel(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            verifier,
+            Some(identity.certified_key().unwrap()),
+        )
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_remote_admin_calls_write_bounded_audit_records() {
+    let port = free_port();
+    let (server, cfg) = server_with(
+        &format!(
+            "[limits]
+refusals_audited_per_peer = 5
+refusals_audited_per_interval = 100
+refusal_audit_interval_seconds = 2
+[remote_admin]
+bind = \"127.0.0.1:{port}\"
+[remote_admin.roles]
+\"spiffe://{TD}/ztid/admin/viewer\" = [\"viewer\"]
+"
+        ),
+        &[],
+    );
+    // A credential this server issued, but for an identity with no role.
+    let creds = cfg.path().join("stranger");
+    server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        "stranger",
+        "--write",
+        creds.to_str().unwrap(),
+    ]);
+    let stranger = format!("spiffe://{TD}/ztid/admin/stranger");
+    let mut client = remote_admin_client(port, &creds);
+    let records_before = audit_events(&server).len();
+    const FLOOD: usize = 300;
+    let started = Instant::now();
+    for _ in 0..FLOOD {
+        let (code, msg) = refused(client.health(apb::HealthRequest {}).await);
+        assert_eq!(code, tonic::Code::PermissionDenied, "{msg}");
+        assert_eq!(msg, format!("{stranger} has no admin role"));
+    }
+    let flood_took = started.elapsed();
+    let individual = || {
+        events_of(&server, "admin_refused")
+            .into_iter()
+            .filter(|e| e["caller"] == stranger.as_str())
+            .collect::<Vec<_>>()
+    };
+    let first = individual();
+    assert!(
+        !first.is_empty(),
+        "the first refusals are audited one by one"
+    );
+    for e in &first {
+        assert_eq!(e["reason"], format!("{stranger} has no admin role"));
+        assert!(
+            e["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{e}"
+        );
+    }
+    let intervals = flood_took.as_secs() / 2 + 2;
+    assert!(
+        first.len() as u64 <= 5 * intervals,
+        "{} individual records over {flood_took:?}",
+        first.len()
+    );
+    let summarised = wait_for("the refusal summaries", Duration::from_secs(15), || {
+        let n: u64 = events_of(&server, "refusals_summarised")
+            .iter()
+            .map(|s| s["count"].as_u64().unwrap())
+            .sum();
+        (n as usize + individual().len() == FLOOD).then_some(n)
+    });
+    assert!(summarised > 0);
+    for s in events_of(&server, "refusals_summarised") {
+        assert_eq!(s["peers"][0]["peer"], stranger.as_str());
+        assert!(s["peers"][0]["reasons"]["admin_no_role"].as_u64().unwrap() > 0);
+    }
+    let written = audit_events(&server).len() - records_before;
+    assert!(
+        written as u64 <= 6 * intervals + 2,
+        "{written} audit records for {FLOOD} refused admin calls"
+    );
+}
+
+/// Kills the process when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_non_admin_uid_cannot_take_the_admin_sockets_slots() {
+    // The operator is uid 4242; we (root) are a local uid that is not admitted, on a
+    // socket the operator opened to others (its admin uid is not the server's).
+    const OPERATOR: u32 = 4242;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!("admin_uids = [{OPERATOR}]\n[limits]\nadmin_socket_max_connections = 8\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let _server = Killed(
+        std::process::Command::new(bin("ztid-server"))
+            .args(["run", "--trust-domain", TD, "--data-dir"])
+            .arg(&data)
+            .args(["--bind", &format!("127.0.0.1:{}", free_port()), "--config"])
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let sock = data.join("admin.sock");
+    let operator_call = || {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                &OPERATOR.to_string(),
+                "--regid",
+                &OPERATOR.to_string(),
+                "--clear-groups",
+            ])
+            .arg(bin("ztid-server"))
+            .arg("--admin-socket")
+            .arg(&sock)
+            .args(["agent", "list"])
+            .output()
+            .unwrap()
+    };
+    wait_for("the admin socket", READY_TIMEOUT, || {
+        sock.exists().then_some(())?;
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .ok()?;
+        std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .ok()?;
+        operator_call().status.success().then_some(())
+    });
+    // The non-admin uid floods the socket: connections that never send a request, a
+    // new one every moment, as many as it can hold.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(s) = UnixStream::connect(&sock) {
+                    held.push_back(s);
+                    opened += 1;
+                }
+                if held.len() > 64 {
+                    held.pop_front();
+                }
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300)); // let the flood fill the socket
+    let mut failures = Vec::new();
+    for _ in 0..10 {
+        let out = operator_call();
+        if !out.status.success() {
+            failures.push(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flooder.join().unwrap();
+    assert!(opened > 100, "the flood opened {opened} connections");
+    assert!(
+        failures.is_empty(),
+        "the operator was locked out {} of 10 times: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    // Once its connections are closed, the non-admin uid is still told why it is refused.
+    let why = format!("uid {} may not use the admin API", nix_uid());
+    wait_for("the refusal's reason", Duration::from_secs(10), || {
+        let out = std::process::Command::new(bin("ztid-server"))
+            .arg("--admin-socket")
+            .arg(&sock)
+            .args(["agent", "list"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&why)
+            .then_some(())
+    });
+}
