@@ -111,6 +111,41 @@ pub struct CaCore {
     multi: Option<Arc<MultiVerifier>>,
     server_svid: ArcSwap<CertifiedKey>,
     server_svid_expiry: std::sync::atomic::AtomicI64,
+    /// Agent certificates already found signed by one of our authorities.
+    own_issued: OwnIssuedCache,
+}
+
+/// SHA-256s of agent certificates one of this server's X.509 authorities signed, valid
+/// for one bundle: a chain check per node API call would cost a signature verification
+/// on the mint path, and an agent presents the same certificate on every call. Any
+/// authority change (prepare, activate, taint, revoke) publishes a new bundle, which
+/// empties the cache, so a revoked authority's certificates are checked again.
+#[derive(Default)]
+struct OwnIssuedCache(
+    std::sync::Mutex<Option<(Arc<TrustBundle>, std::collections::HashSet<[u8; 32]>)>>,
+);
+
+/// Most certificates remembered before the cache starts over (a few per live agent).
+const OWN_ISSUED_CACHE_MAX: usize = 16_384;
+
+impl OwnIssuedCache {
+    fn contains(&self, bundle: &Arc<TrustBundle>, digest: &[u8; 32]) -> bool {
+        self.0.lock().is_ok_and(|g| {
+            g.as_ref()
+                .is_some_and(|(b, set)| Arc::ptr_eq(b, bundle) && set.contains(digest))
+        })
+    }
+
+    fn insert(&self, bundle: Arc<TrustBundle>, digest: [u8; 32]) {
+        if let Ok(mut g) = self.0.lock() {
+            match g.as_mut() {
+                Some((b, set)) if Arc::ptr_eq(b, &bundle) && set.len() < OWN_ISSUED_CACHE_MAX => {
+                    set.insert(digest);
+                }
+                _ => *g = Some((bundle, std::iter::once(digest).collect())),
+            }
+        }
+    }
 }
 
 impl CaCore {
@@ -194,6 +229,7 @@ impl CaCore {
             multi,
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
+            own_issued: OwnIssuedCache::default(),
         }))
     }
 
@@ -264,6 +300,27 @@ impl CaCore {
     /// True if one of this server's X.509 authorities (prepared, active or old) signed
     /// `leaf`; a revoked authority is no longer listed.
     fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
+        // The bundle is read before the authorities: if they change in between, the
+        // result is filed under the older bundle, which is no longer current.
+        let bundle = self.authorities.bundle();
+        let digest: [u8; 32] = match ring::digest::digest(&ring::digest::SHA256, leaf)
+            .as_ref()
+            .try_into()
+        {
+            Ok(d) => d,
+            Err(_) => return false,
+        };
+        if self.own_issued.contains(&bundle, &digest) {
+            return true;
+        }
+        let signed = self.chain_to_own_authority(leaf);
+        if signed {
+            self.own_issued.insert(bundle, digest);
+        }
+        signed
+    }
+
+    fn chain_to_own_authority(&self, leaf: &[u8]) -> bool {
         let Ok(own) = self.authorities.list(Kind::X509) else {
             return false;
         };
@@ -362,15 +419,18 @@ impl CaCore {
         node: &AttestedNode,
         csr: &[u8],
     ) -> Result<(AgentRecord, SignedLeaf)> {
-        let agent_id =
-            ztid_agent_attestor::spiffe_id::agent_id(&self.trust_domain, node.method, &node.node_id)
-                .map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "attestor returned an unusable node id: {}",
-                        crate::csr_policy::reason(e)
-                    ))
-                })?
-                .to_string();
+        let agent_id = ztid_agent_attestor::spiffe_id::agent_id(
+            &self.trust_domain,
+            node.method,
+            &node.node_id,
+        )
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "attestor returned an unusable node id: {}",
+                crate::csr_policy::reason(e)
+            ))
+        })?
+        .to_string();
         let existing = self.store.get_agent(&agent_id)?;
         if existing.as_ref().is_some_and(|e| e.banned) {
             return Err(Error::PermissionDenied(format!(
