@@ -404,11 +404,9 @@ fn read_selectors(
     }
     if let Some(exe) = exe {
         let exe_link = format!("/proc/{pid}/exe");
-        if let Ok(path) = fs::read_link(&exe_link) {
-            if let Some(p) = path.to_str() {
-                if let Ok(s) = Selector::new("unix", &format!("path:{p}")) {
-                    selectors.push(s);
-                }
+        if let Some(p) = exe_path_seen_by_agent(&exe_link, exe) {
+            if let Ok(s) = Selector::new("unix", &format!("path:{p}")) {
+                selectors.push(s);
             }
         }
         // Hash through /proc/<pid>/exe, the inode the process really runs, even if the
@@ -419,6 +417,24 @@ fn read_selectors(
     }
     selectors.sort();
     Ok(selectors)
+}
+
+/// The path of the executable behind `exe_link` (`/proc/<pid>/exe`), only if that path,
+/// opened from the agent's own root, is that very file (`exe`).
+///
+/// The link prints the path in the *process's* mount namespace: a process with a mount
+/// namespace of its own (any user, where unprivileged user namespaces are allowed) can
+/// mount its own file at an entry's path and run it there, while that path holds another
+/// program for everyone else. A deleted file reads "<path> (deleted)". Neither names the
+/// file the agent would find at the path, so neither gives a `unix:path` selector.
+fn exe_path_seen_by_agent(exe_link: &str, exe: ExeIdentity) -> Option<String> {
+    let path = fs::read_link(exe_link)
+        .ok()?
+        .into_os_string()
+        .into_string()
+        .ok()?;
+    let here = fs::metadata(&path).ok()?;
+    ((here.dev(), here.ino()) == (exe.dev, exe.ino)).then_some(path)
 }
 
 /// File identity for the hash cache: device, inode, size, and change time (which no

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -220,6 +220,37 @@ fn assert_refused<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, reason: 
     }
 }
 
+/// Asserts that every Workload API call (the five RPCs) is refused on `ch` with `code`
+/// and exactly `reason`.
+async fn assert_every_call_refused(ch: &Channel, code: Code, reason: &str) {
+    assert_refused(fetch_x509(ch).await, code, reason);
+    assert_refused(fetch_jwt(ch).await, code, reason);
+    let mut c = SpiffeWorkloadApiClient::new(ch.clone());
+    let x509_bundles = match c
+        .fetch_x509_bundles(with_header(wpb::X509BundlesRequest {}))
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await,
+        Err(s) => Err(s),
+    };
+    assert_refused(x509_bundles, code, reason);
+    let jwt_bundles = match c
+        .fetch_jwt_bundles(with_header(wpb::JwtBundlesRequest {}))
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await,
+        Err(s) => Err(s),
+    };
+    assert_refused(jwt_bundles, code, reason);
+    let validated = c
+        .validate_jwtsvid(with_header(wpb::ValidateJwtsvidRequest {
+            audience: "aud".into(),
+            svid: "a.b.c".into(),
+        }))
+        .await;
+    assert_refused(validated, code, reason);
+}
+
 fn svid_ids(r: &wpb::X509svidResponse) -> Vec<String> {
     r.svids.iter().map(|s| s.spiffe_id.clone()).collect()
 }
@@ -369,8 +400,7 @@ async fn pid_reuse_steal_gets_nothing() {
     );
     // The attacker calls on the connection its exited child opened from the same pid.
     let stolen = channel_over(scene.stale_on_victim_pid()).await;
-    assert_refused(fetch_x509(&stolen).await, Code::PermissionDenied, EXITED);
-    assert_refused(fetch_jwt(&stolen).await, Code::PermissionDenied, EXITED);
+    assert_every_call_refused(&stolen, Code::PermissionDenied, EXITED).await;
     // Every other stale connection is refused the same way.
     for (_, fd) in scene.stale.drain(..) {
         assert_refused(
@@ -433,35 +463,71 @@ async fn pid_reuse_before_the_agent_accepts_gets_nothing() {
 /// A copy of the Python interpreter under a name and path of its own, so that an entry
 /// can select exactly it by `unix:path` (and it can still connect by itself).
 fn exec_target(staging: &Staging) -> PathBuf {
-    let target = staging.path().join("ztid-exec-target");
+    // In a directory of its own, which an attacker may hide in its own mount namespace.
+    let target = staging.subdir("bin").join("ztid-exec-target");
     let python = Path::new(PYTHON).canonicalize().expect("python3");
     std::fs::copy(&python, &target).expect("copy python");
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).expect("mode");
     target
 }
 
+/// A server and agent with an entry selecting [`exec_target`] by `unix:path` alone, and
+/// the target itself connected and served (so the entry has reached the agent).
+struct PathEntryScene {
+    server: Server,
+    agent: Agent,
+    staging: Staging,
+    target: PathBuf,
+    /// The first SVIDs the target got.
+    issued: wpb::X509svidResponse,
+    _real: Peer,
+}
+
+impl PathEntryScene {
+    async fn start() -> Self {
+        let server = Server::start(TD);
+        let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+        let staging = Staging::new(NOBODY);
+        let target = exec_target(&staging);
+        entry(
+            &server,
+            &agent,
+            "spiffe://example.org/exec-target",
+            &format!("unix:path:{}", target.display()),
+        );
+        let mut real = Peer::start(&staging, NOBODY, &target, &agent.socket(), "stay", &[]);
+        let issued = fetch_until_issued(&real.channel().await).await;
+        Self {
+            server,
+            agent,
+            staging,
+            target,
+            issued,
+            _real: real,
+        }
+    }
+
+    fn target_str(&self) -> &str {
+        self.target.to_str().expect("utf-8 path")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_then_exec_gets_nothing() {
-    let server = Server::start(TD);
-    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
-    let staging = Staging::new(NOBODY);
-    let target = exec_target(&staging);
-    let target_str = target.to_str().expect("utf-8 path");
-    entry(
-        &server,
-        &agent,
-        "spiffe://example.org/exec-target",
-        &format!("unix:path:{target_str}"),
+    let scene = PathEntryScene::start().await;
+    let (agent, staging, target, target_str) = (
+        &scene.agent,
+        &scene.staging,
+        &scene.target,
+        scene.target_str(),
     );
     // The program itself, connecting, is entitled (and shows the entry has synced).
-    let mut real = Peer::start(&staging, NOBODY, &target, &agent.socket(), "stay", &[]);
-    let issued = fetch_until_issued(&real.channel().await).await;
-    assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/exec-target/"));
+    assert!(svid_ids(&scene.issued)[0].starts_with("spiffe://example.org/exec-target/"));
 
     // The attack: a child connects, running plain python3, then execs the target; the
     // parent (this test) holds the connection.
     let mut child = Peer::start(
-        &staging,
+        staging,
         NOBODY,
         Path::new(PYTHON),
         &agent.socket(),
@@ -475,10 +541,9 @@ async fn connect_then_exec_gets_nothing() {
         Code::PermissionDenied,
         "no identity issued",
     );
-    child.exec_now(&target);
+    child.exec_now(target);
     // Now the peer runs the selected program, but it is not what connected.
-    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
-    assert_refused(fetch_jwt(&held).await, Code::PermissionDenied, EXECD);
+    assert_every_call_refused(&held, Code::PermissionDenied, EXECD).await;
     let log = agent.proc.log_text();
     assert!(log.contains(EXECD), "the refusal is logged");
 }
@@ -516,8 +581,7 @@ async fn privilege_drop_after_connect_gets_nothing() {
             .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some(vid.as_str()))
             .then_some(())
     });
-    assert_refused(fetch_x509(&ch).await, Code::PermissionDenied, CREDENTIALS);
-    assert_refused(fetch_jwt(&ch).await, Code::PermissionDenied, CREDENTIALS);
+    assert_every_call_refused(&ch, Code::PermissionDenied, CREDENTIALS).await;
 }
 
 /// Stops a process until dropped (then continues it), to hold the agent still.
@@ -578,8 +642,7 @@ async fn setgid_exec_before_the_agent_reads_the_process_gets_nothing() {
     };
     // It runs the selected program, but with another gid than it connected with.
     let held = child.channel().await;
-    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, CREDENTIALS);
-    assert_refused(fetch_jwt(&held).await, Code::PermissionDenied, CREDENTIALS);
+    assert_every_call_refused(&held, Code::PermissionDenied, CREDENTIALS).await;
 }
 
 /// Reads the stream until it ends with an error; panics on a message or after 20 s.
@@ -642,6 +705,178 @@ async fn streams_end_when_their_process_exits_or_execs() {
         (Code::PermissionDenied, EXITED)
     );
     drop(server);
+}
+
+/// Waits until the leader thread of `pid` has exited (the process shows as a zombie)
+/// while its other thread runs on.
+fn wait_leader_gone(pid: i32) {
+    wait_for("the leader thread to exit", READY_TIMEOUT, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+        (state == "Z").then_some(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_that_connects_and_execs_after_its_leader_exits_gets_nothing() {
+    let scene = PathEntryScene::start().await;
+    let (agent, staging, target, target_str) = (
+        &scene.agent,
+        &scene.staging,
+        &scene.target,
+        scene.target_str(),
+    );
+    let exec = [target_str, "-c", "import time; time.sleep(3600)"];
+
+    // A thread other than the leader connects (SO_PEERCRED names the thread group); the
+    // leader exits, leaving the pid to that thread, which then execs the target: the
+    // kernel keeps the pid and the start time across that exec, not the executable.
+    let mut peer = Peer::start(
+        staging,
+        NOBODY,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "thread-exec",
+        &exec,
+    );
+    let held = peer.channel().await;
+    assert_refused(
+        fetch_x509(&held).await,
+        Code::PermissionDenied,
+        "no identity issued",
+    );
+    signal(peer.pid as u32, "USR2");
+    wait_leader_gone(peer.pid);
+    peer.exec_now(target);
+    assert_every_call_refused(&held, Code::PermissionDenied, EXECD).await;
+
+    // The same, with the connection made after the leader exited (its executable is then
+    // unreadable at accept: attested by uid and gid alone).
+    let mut late = Peer::start(
+        staging,
+        NOBODY,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "thread-late",
+        &exec,
+    );
+    let held = late.channel().await;
+    assert_refused(
+        fetch_x509(&held).await,
+        Code::PermissionDenied,
+        "no identity issued",
+    );
+    late.exec_now(target);
+    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
+}
+
+/// True when `uid` may make a user and mount namespace of its own (unprivileged user
+/// namespaces allowed), as `unshare --user --map-root-user --mount` does.
+fn own_mount_namespace_allowed(staging: &Staging, uid: u32) -> bool {
+    staging
+        .command_as(Path::new("/usr/bin/unshare"), uid, uid)
+        .args(["--user", "--map-root-user", "--mount", "/bin/true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_only_the_peers_own_mount_namespace_shows_gets_nothing() {
+    // The program at the entry's path, as everyone sees it, is entitled.
+    let scene = PathEntryScene::start().await;
+    let (agent, staging, target, target_str) = (
+        &scene.agent,
+        &scene.staging,
+        &scene.target,
+        scene.target_str(),
+    );
+    if !own_mount_namespace_allowed(staging, NOBODY) {
+        eprintln!("unprivileged user namespaces are off here: this attack cannot be staged");
+        return;
+    }
+    let bin = target.parent().expect("the target's directory");
+    let python = Path::new(PYTHON).canonicalize().expect("python3");
+
+    // The attack: in a mount namespace of its own, the attacker hides the directory under
+    // a tmpfs, puts its own program at the entry's path there, and runs it. Its
+    // /proc/<pid>/exe then reads the entry's path, though that path holds another file.
+    let wrapper = staging.path().join("ztid-own-mount-ns");
+    let bin_str = bin.to_str().expect("utf-8 path");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/bin/unshare --user --map-root-user --mount /bin/sh -c \
+             'mount -t tmpfs ztid-shadow {bin_str} && cp {python} {target_str} && exec {target_str} \"$@\"' sh \"$@\"\n",
+            python = python.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("mode");
+    let mut forged = Peer::start(staging, NOBODY, &wrapper, &agent.socket(), "stay", &[]);
+    let exe = format!("/proc/{}/exe", forged.pid);
+    assert_eq!(
+        &std::fs::read_link(&exe).expect("exe link"),
+        target,
+        "the attacker's process shows the entry's path"
+    );
+    assert_ne!(
+        std::fs::metadata(&exe).expect("exe").ino(),
+        std::fs::metadata(target).expect("target").ino(),
+        "but runs another file"
+    );
+    let held = forged.channel().await;
+    assert_refused(
+        fetch_x509(&held).await,
+        Code::PermissionDenied,
+        "no identity issued",
+    );
+    assert_refused(
+        fetch_jwt(&held).await,
+        Code::PermissionDenied,
+        "no identity issued",
+    );
+}
+
+/// How many workload instances the agent has attested so far (one log line each).
+fn instances_attested(agent: &Agent) -> usize {
+    agent
+        .proc
+        .log_text()
+        .matches("attested new workload instance")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_while_the_answer_waits_on_the_server_gets_nothing() {
+    let scene = PathEntryScene::start().await;
+    let (server, agent, staging, target) =
+        (&scene.server, &scene.agent, &scene.staging, &scene.target);
+    let before = instances_attested(agent);
+
+    // The entitled program connects; its first request passes the check and then waits on
+    // the server (held still) for the instance's SVIDs; meanwhile the process execs.
+    let mut peer = Peer::start(
+        staging,
+        NOBODY,
+        target,
+        &agent.socket(),
+        "exec",
+        &["/bin/sleep", "3600"],
+    );
+    let ch = peer.channel().await;
+    let server_pid = server.proc.as_ref().expect("server process").child.id();
+    let answer = {
+        let _held = Stopped::new(server_pid);
+        let answer = tokio::spawn(async move { fetch_jwt(&ch).await });
+        wait_for("the request to wait on the server", READY_TIMEOUT, || {
+            (instances_attested(agent) > before).then_some(())
+        });
+        peer.exec_now(Path::new("/bin/sleep"));
+        answer
+    };
+    let answer = answer.await.expect("request task");
+    assert_refused(answer, Code::PermissionDenied, EXECD);
 }
 
 /// An agent started by hand (to control its umask or socket path); killed on drop.

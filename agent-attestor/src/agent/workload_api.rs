@@ -60,16 +60,7 @@ impl WorkloadApi {
             .ok_or_else(|| {
                 Status::unavailable("workload attestation failed: no peer credentials")
             })?;
-        if let Err(r) = peer.verify().await {
-            tracing::warn!(
-                event = "workload_refused",
-                pid = ?peer.pid,
-                uid = peer.uid,
-                reason = %r,
-                "request on a connection whose process is gone or changed"
-            );
-            return Err(refusal_status(&r));
-        }
+        still_the_connecting_process(&peer).await?;
         Ok(peer)
     }
 
@@ -109,6 +100,21 @@ impl WorkloadApi {
         }
         Ok((peer, inst))
     }
+}
+
+/// Ok while the connection's process still is the one that connected; else the refusal
+/// (logged).
+async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), Status> {
+    peer.verify().await.map_err(|r| {
+        tracing::warn!(
+            event = "workload_refused",
+            pid = ?peer.pid,
+            uid = peer.uid,
+            reason = %r,
+            "request on a connection whose process is gone or changed"
+        );
+        refusal_status(&r)
+    })
 }
 
 /// The answer to a request on a connection whose process is not the one that opened it.
@@ -281,7 +287,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         // Bounded before anything else: each mint is a signature and an audit record.
         let audience = crate::limits::normalize_audiences(&request.get_ref().audience)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (_, inst) = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance(&request).await?;
         let req = request.into_inner();
         let entries: Vec<npb::Entry> = self
             .workloads
@@ -426,6 +432,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
             }
         }
+        // Checked again right before the answer: getting the SVIDs and the tokens may have
+        // waited on the server, and the process may have exec'd or exited meanwhile.
+        still_the_connecting_process(&peer).await?;
         out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
         Ok(Response::new(pb::JwtsvidResponse { svids: out }))
     }
