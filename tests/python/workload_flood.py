@@ -14,6 +14,10 @@ lines on stdout, times in seconds since the first connect():
 A connection counts as closed at end of file or a reset (the agent's SETTINGS or GOAWAY
 frames before that are read and ignored).
 
+With SLOW "pending" there is no slow client; instead each of the COUNT connections sends
+the preface and the headers of a FetchX509SVID request (security header included), and
+never its message: a request that never arrives, on every connection.
+
 usage: workload_flood.py SOCKET_PATH COUNT LIMIT [SLOW]
 """
 import json
@@ -27,6 +31,31 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # payload that arrives one byte per second.
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 HEADERS = b"\x00\x00\x64\x01\x04\x00\x00\x00\x01" + b"\x00" * 100
+
+
+def literal(name, value):
+    """An HPACK literal header field without indexing, new name, no Huffman coding."""
+    name, value = name.encode(), value.encode()
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+# HEADERS (END_HEADERS, not END_STREAM) for stream 1: a FetchX509SVID whose message
+# never follows.
+PENDING_BLOCK = b"".join(
+    literal(n, v)
+    for n, v in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("workload.spiffe.io", "true"),
+    ]
+)
+PENDING = (
+    len(PENDING_BLOCK).to_bytes(3, "big") + b"\x01\x04\x00\x00\x00\x01" + PENDING_BLOCK
+)
 
 
 def closed(sock):
@@ -43,7 +72,8 @@ def closed(sock):
 
 def main():
     path, count, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    with_slow = len(sys.argv) < 5 or sys.argv[4] != "0"
+    mode = sys.argv[4] if len(sys.argv) >= 5 else "1"
+    with_slow = mode not in ("0", "pending")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     start = time.monotonic()
@@ -70,6 +100,8 @@ def main():
         except OSError:
             s.close()
             continue
+        if mode == "pending":
+            s.sendall(PREFACE + SETTINGS + PENDING)
         s.setblocking(False)
         idle.append(s)
     report(event="connected", tried=count)

@@ -9,6 +9,7 @@ kernel records *this* process as the connection's peer. Then, by ACTION:
   exec      report, wait for SIGUSR1, then exec PROGRAM ARGS... (the peer changes program);
   exec-now  report and exec PROGRAM ARGS... at once (racing the agent's accept);
   drop      report, wait for SIGUSR1, then switch to uid and gid ID (a privilege drop);
+  zombie    report, wait for SIGUSR1, then exit (the test leaves it unreaped: a zombie);
   thread-exec  connect from a thread that is not the leader, report, and on SIGUSR2
                end the leader thread (the process goes on), on SIGUSR1 exec PROGRAM
                ARGS... from the other thread;
@@ -62,7 +63,7 @@ def main():
     if action.startswith("thread-"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
         threaded(path, action)
-    if action in ("exec", "drop"):
+    if action in ("exec", "drop", "zombie"):
         # Blocked before reporting, so a signal sent right after the report is not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     sock = socket.socket(fileno=0)
@@ -77,6 +78,9 @@ def main():
     if action == "exec":
         signal.sigwait({signal.SIGUSR1})
         os.execv(sys.argv[3], sys.argv[3:])
+    if action == "zombie":
+        signal.sigwait({signal.SIGUSR1})
+        os._exit(0)
     if action == "exec-now":
         os.execv(sys.argv[3], sys.argv[3:])
     if action == "drop":

@@ -256,13 +256,17 @@ fn svid_ids(r: &wpb::X509svidResponse) -> Vec<String> {
 }
 
 fn entry(server: &Server, agent: &Agent, spiffe_id: &str, selector: &str) {
+    entry_under(server, &agent.spiffe_id, spiffe_id, selector);
+}
+
+fn entry_under(server: &Server, agent_id: &str, spiffe_id: &str, selector: &str) {
     server.cli_ok(&[
         "entry",
         "create",
         "--spiffe-id",
         spiffe_id,
         "--parent-id",
-        &agent.spiffe_id,
+        agent_id,
         "--selector",
         selector,
     ]);
@@ -707,10 +711,10 @@ async fn streams_end_when_their_process_exits_or_execs() {
     drop(server);
 }
 
-/// Waits until the leader thread of `pid` has exited (the process shows as a zombie)
-/// while its other thread runs on.
-fn wait_leader_gone(pid: i32) {
-    wait_for("the leader thread to exit", READY_TIMEOUT, || {
+/// Waits until `/proc/<pid>` shows a zombie: the process (or only its leader thread) has
+/// exited and is not reaped.
+fn wait_zombie(what: &str, pid: i32) {
+    wait_for(what, READY_TIMEOUT, || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
         (state == "Z").then_some(())
@@ -746,7 +750,7 @@ async fn a_thread_that_connects_and_execs_after_its_leader_exits_gets_nothing() 
         "no identity issued",
     );
     signal(peer.pid as u32, "USR2");
-    wait_leader_gone(peer.pid);
+    wait_zombie("the leader thread to exit", peer.pid);
     peer.exec_now(target);
     assert_every_call_refused(&held, Code::PermissionDenied, EXECD).await;
 
@@ -768,6 +772,26 @@ async fn a_thread_that_connects_and_execs_after_its_leader_exits_gets_nothing() 
     );
     late.exec_now(target);
     assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_peer_gets_nothing() {
+    let scene = PathEntryScene::start().await;
+    // The entitled program itself connects, is served, and exits; its parent (this test)
+    // does not reap it, so its pid stays taken and /proc/<pid> stays.
+    let mut peer = Peer::start(
+        &scene.staging,
+        NOBODY,
+        &scene.target,
+        &scene.agent.socket(),
+        "zombie",
+        &[],
+    );
+    let held = peer.channel().await;
+    fetch_x509(&held).await.expect("served while it runs");
+    peer.go();
+    wait_zombie("the peer to become a zombie", peer.pid);
+    assert_every_call_refused(&held, Code::PermissionDenied, EXITED).await;
 }
 
 /// True when `uid` may make a user and mount namespace of its own (unprivileged user
@@ -852,31 +876,38 @@ async fn exec_while_the_answer_waits_on_the_server_gets_nothing() {
     let scene = PathEntryScene::start().await;
     let (server, agent, staging, target) =
         (&scene.server, &scene.agent, &scene.staging, &scene.target);
-    let before = instances_attested(agent);
-
-    // The entitled program connects; its first request passes the check and then waits on
-    // the server (held still) for the instance's SVIDs; meanwhile the process execs.
-    let mut peer = Peer::start(
-        staging,
-        NOBODY,
-        target,
-        &agent.socket(),
-        "exec",
-        &["/bin/sleep", "3600"],
-    );
-    let ch = peer.channel().await;
     let server_pid = server.proc.as_ref().expect("server process").child.id();
-    let answer = {
-        let _held = Stopped::new(server_pid);
-        let answer = tokio::spawn(async move { fetch_jwt(&ch).await });
-        wait_for("the request to wait on the server", READY_TIMEOUT, || {
-            (instances_attested(agent) > before).then_some(())
-        });
-        peer.exec_now(Path::new("/bin/sleep"));
-        answer
-    };
-    let answer = answer.await.expect("request task");
-    assert_refused(answer, Code::PermissionDenied, EXECD);
+    for call in ["FetchJWTSVID", "FetchX509SVID"] {
+        let before = instances_attested(agent);
+        // The entitled program connects; its first request passes the check and then
+        // waits on the server (held still) for the instance's SVIDs; meanwhile the
+        // process execs.
+        let mut peer = Peer::start(
+            staging,
+            NOBODY,
+            target,
+            &agent.socket(),
+            "exec",
+            &["/bin/sleep", "3600"],
+        );
+        let ch = peer.channel().await;
+        let answer = {
+            let _held = Stopped::new(server_pid);
+            let answer = tokio::spawn(async move {
+                match call {
+                    "FetchJWTSVID" => fetch_jwt(&ch).await.map(|r| r.svids.len()),
+                    _ => fetch_x509(&ch).await.map(|r| r.svids.len()),
+                }
+            });
+            wait_for("the request to wait on the server", READY_TIMEOUT, || {
+                (instances_attested(agent) > before).then_some(())
+            });
+            peer.exec_now(Path::new("/bin/sleep"));
+            answer
+        };
+        let answer = answer.await.expect("request task");
+        assert_refused(answer, Code::PermissionDenied, EXECD);
+    }
 }
 
 /// An agent started by hand (to control its umask or socket path); killed on drop.
@@ -886,8 +917,16 @@ struct RawAgent {
 }
 
 impl RawAgent {
-    /// `sh -c 'umask UMASK; exec ztid-agent run …'` with a fresh join token.
-    fn spawn(server: &Server, umask: &str, socket: &Path, data: &Path, log: PathBuf) -> Self {
+    /// `sh -c 'umask UMASK; exec ztid-agent run … EXTRA'` with a fresh join token, logging
+    /// each Workload API connection it binds.
+    fn spawn(
+        server: &Server,
+        umask: &str,
+        socket: &Path,
+        data: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Self {
         let bundle = server.bundle_file();
         let token = server.token();
         let out = std::fs::File::create(&log).expect("log");
@@ -903,6 +942,11 @@ impl RawAgent {
             .arg("--data-dir")
             .arg(data)
             .args(["--join-token", &token, "--sync-interval", "1"])
+            .args(extra)
+            .env(
+                "ZTID_LOG",
+                "info,ztid_agent_attestor::agent::workload_listener=debug",
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
@@ -951,6 +995,7 @@ fn socket_directory_and_socket_get_explicit_modes_under_umask_000() {
         &socket,
         &data,
         scratch.path().join("agent.log"),
+        &[],
     );
     agent.wait_ready(&socket);
     // It really ran under umask 000.
@@ -989,6 +1034,7 @@ fn socket_directory_others_can_write_is_refused() {
         &socket,
         &scratch.path().join("data"),
         scratch.path().join("agent.log"),
+        &[],
     );
     let st = wait_for("the agent to refuse", READY_TIMEOUT, || {
         agent.child.try_wait().ok().flatten()
@@ -1020,13 +1066,24 @@ impl Drop for Killed {
 
 /// `workload_flood.py` running as `uid`, and its JSON lines (read on a thread, so every
 /// wait on them is bounded).
+/// What the connections of a [`Flood`] do.
+#[derive(Clone, Copy)]
+enum FloodMode {
+    /// Never send a byte; one more client sends its headers one byte a second.
+    IdleAndSlow,
+    /// Never send a byte.
+    Idle,
+    /// Send the headers of a request and never its message.
+    PendingRequests,
+}
+
 struct Flood {
     _child: Killed,
     events: std::sync::mpsc::Receiver<serde_json::Value>,
 }
 
 impl Flood {
-    fn start(staging: &Staging, uid: u32, socket: &Path, count: usize, slow: bool) -> Self {
+    fn start(staging: &Staging, uid: u32, socket: &Path, count: usize, mode: FloodMode) -> Self {
         let mut child = Killed(
             staging
                 .command_as(Path::new(PYTHON), uid, uid)
@@ -1034,7 +1091,11 @@ impl Flood {
                 .arg(socket)
                 .arg(count.to_string())
                 .arg("120")
-                .arg(if slow { "1" } else { "0" })
+                .arg(match mode {
+                    FloodMode::IdleAndSlow => "1",
+                    FloodMode::Idle => "0",
+                    FloodMode::PendingRequests => "pending",
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -1114,9 +1175,15 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
     );
 
     // Two users flood; each gets its share, and together they fill the cap.
-    let other = Flood::start(&staging, OTHER, &agent.socket(), 300, false);
+    let other = Flood::start(&staging, OTHER, &agent.socket(), 300, FloodMode::Idle);
     let other_held = other.held(224, IDLE_TIMEOUT);
-    let flood = Flood::start(&staging, NOBODY, &agent.socket(), FLOOD, true);
+    let flood = Flood::start(
+        &staging,
+        NOBODY,
+        &agent.socket(),
+        FLOOD,
+        FloodMode::IdleAndSlow,
+    );
     let held = flood.held(224, IDLE_TIMEOUT);
     eprintln!(
         "{held} + 1 slow and {other_held} idle clients held; {} refused at once",
@@ -1197,4 +1264,54 @@ async fn idle_and_slow_clients_are_cut_off_and_workloads_still_served() {
         "the per-uid refusals are logged"
     );
     assert!(!log.contains("Too many open files"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_message_never_arrives_do_not_hold_the_cap() {
+    /// A second local user (or a subordinate uid of the first: each counts as a user).
+    const OTHER: u32 = 47_112;
+    let server = Server::start(TD);
+    // A cap of 8 connections, 4 per uid; the agent logs each connection it binds.
+    let scratch = other_uid::scratch_dir();
+    let socket = scratch.path().join("api.sock");
+    let data = scratch.path().join("data");
+    let log = scratch.path().join("agent.log");
+    let max = ["--workload-max-connections", "8"];
+    let mut agent = RawAgent::spawn(&server, "022", &socket, &data, log, &max);
+    agent.wait_ready(&socket);
+    let svid = std::fs::read(data.join("agent_svid.pem")).expect("agent SVID");
+    let agent_id = spiffe_id_of(pem::parse(svid).expect("PEM").contents());
+    let staging = Staging::new(NOBODY);
+    entry_under(
+        &server,
+        &agent_id,
+        "spiffe://example.org/legit",
+        &format!("unix:uid:{VICTIM}"),
+    );
+    // Two users fill the cap with connections that each have sent the headers of a
+    // request and never its message: the agent is only waiting on them, not serving.
+    let pending = FloodMode::PendingRequests;
+    let flood = Flood::start(&staging, NOBODY, &socket, 6, pending);
+    assert_eq!(flood.held(4, 30.0), 4, "one uid holds its share");
+    let other = Flood::start(&staging, OTHER, &socket, 4, pending);
+    assert_eq!(other.held(4, 30.0), 4, "the other uid fills the cap");
+    wait_for("the agent to take all 8 connections", READY_TIMEOUT, || {
+        let bound = agent
+            .log_text()
+            .matches("Workload API connection bound to its process")
+            .count();
+        (bound >= 8).then_some(())
+    });
+
+    // Such a connection is not busy: one of them makes room, and a workload is served at
+    // once.
+    let started = Instant::now();
+    let mut legit = Peer::start(&staging, VICTIM, Path::new(PYTHON), &socket, "stay", &[]);
+    let issued = fetch_until_issued(&legit.channel().await).await;
+    assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/legit/"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served only after {:?}",
+        started.elapsed()
+    );
 }

@@ -16,8 +16,9 @@
 //! - **Attestation at accept**: at most 16 at a time, 5 s each.
 //! - **Idle**: a connection with no request in progress for `workload_idle_timeout_seconds`
 //!   (default 30 s) is closed. The clock starts at accept, and only requests stop it, not
-//!   bytes: a client that never finishes its preface or its headers, or only pings, is
-//!   closed on the same schedule. A connection that never made a request is dropped then;
+//!   bytes: a request counts from when its message has fully arrived until its answer
+//!   ends, so a client that never finishes its preface, its headers or its message, or
+//!   only pings, is closed on the same schedule (and can be closed for room). A connection that never made a request is dropped then;
 //!   one that did gets an HTTP/2 GOAWAY and is dropped 10 s later if still open. Health
 //!   checks (`grpc.health.v1`) do not count as requests.
 //! - **Per connection**: 16 concurrent streams, 16 KiB of request headers, 64 KiB per
@@ -404,11 +405,73 @@ impl Drop for InFlight {
     }
 }
 
+/// A request's place in the count of requests in progress: taken once its message has
+/// fully arrived ([`RequestBody`]), held until its response ends ([`InFlightBody`]).
+#[derive(Clone, Default)]
+struct RequestInFlight(Arc<Mutex<Option<InFlight>>>);
+
+/// A request body that counts its request as in progress only once the body has fully
+/// arrived. Until then the agent only waits on the client, which must neither keep the
+/// connection from idling out nor from being closed for room: a client sending headers
+/// and never the message would otherwise hold its connection as busy, 30 s at a time.
+pub struct RequestBody {
+    body: Incoming,
+    /// `None` for requests that are not counted (health checks), or once counted.
+    start: Option<RequestStart>,
+}
+
+struct RequestStart {
+    requests: Arc<watch::Sender<usize>>,
+    used: Arc<std::sync::atomic::AtomicBool>,
+    in_flight: RequestInFlight,
+}
+
+impl RequestStart {
+    fn begin(self) {
+        self.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut slot) = self.in_flight.0.lock() {
+            *slot = Some(InFlight::begin(&self.requests));
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = <Incoming as Body>::Data;
+    type Error = <Incoming as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let complete = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            _ => false,
+        };
+        if complete {
+            if let Some(start) = this.start.take() {
+                start.begin();
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A response body that keeps its request counted as in progress until it ends (a
 /// server stream is in progress for as long as it is open).
 struct InFlightBody<B> {
     body: B,
-    _in_flight: Option<InFlight>,
+    _in_flight: RequestInFlight,
 }
 
 impl<B: Body + Unpin> Body for InFlightBody<B> {
@@ -484,7 +547,7 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()>,
 ) where
     S: tower::Service<
-            http::Request<Incoming>,
+            http::Request<RequestBody>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
         > + Clone
@@ -651,7 +714,7 @@ async fn serve_connection<S>(
     mut stop: watch::Receiver<bool>,
 ) where
     S: tower::Service<
-            http::Request<Incoming>,
+            http::Request<RequestBody>,
             Response = http::Response<tonic::body::Body>,
             Error = Infallible,
         > + Clone
@@ -677,12 +740,16 @@ async fn serve_connection<S>(
         let requests = requests.clone();
         let used = used.clone();
         let inner = shared.service.clone();
-        hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let in_flight = RequestInFlight::default();
             // Health checks keep no connection open.
-            let in_flight = (!req.uri().path().starts_with("/grpc.health.v1.Health/")).then(|| {
-                used.store(true, std::sync::atomic::Ordering::Relaxed);
-                InFlight::begin(&requests)
+            let counted = !req.uri().path().starts_with("/grpc.health.v1.Health/");
+            let start = counted.then(|| RequestStart {
+                requests: requests.clone(),
+                used: used.clone(),
+                in_flight: in_flight.clone(),
             });
+            let mut req = req.map(|body| RequestBody { body, start });
             req.extensions_mut().insert(peer.clone());
             let mut inner = inner.clone();
             async move {
