@@ -226,22 +226,10 @@ async fn assert_every_call_refused(ch: &Channel, code: Code, reason: &str) {
     assert_refused(fetch_x509(ch).await, code, reason);
     assert_refused(fetch_jwt(ch).await, code, reason);
     let mut c = SpiffeWorkloadApiClient::new(ch.clone());
-    let x509_bundles = match c
-        .fetch_x509_bundles(with_header(wpb::X509BundlesRequest {}))
-        .await
-    {
-        Ok(stream) => stream.into_inner().message().await,
-        Err(s) => Err(s),
-    };
-    assert_refused(x509_bundles, code, reason);
-    let jwt_bundles = match c
-        .fetch_jwt_bundles(with_header(wpb::JwtBundlesRequest {}))
-        .await
-    {
-        Ok(stream) => stream.into_inner().message().await,
-        Err(s) => Err(s),
-    };
-    assert_refused(jwt_bundles, code, reason);
+    let x509_bundles = c.fetch_x509_bundles(with_header(wpb::X509BundlesRequest {}));
+    assert_refused(first_message(x509_bundles.await).await, code, reason);
+    let jwt_bundles = c.fetch_jwt_bundles(with_header(wpb::JwtBundlesRequest {}));
+    assert_refused(first_message(jwt_bundles.await).await, code, reason);
     let validated = c
         .validate_jwtsvid(with_header(wpb::ValidateJwtsvidRequest {
             audience: "aud".into(),
@@ -249,6 +237,13 @@ async fn assert_every_call_refused(ch: &Channel, code: Code, reason: &str) {
         }))
         .await;
     assert_refused(validated, code, reason);
+}
+
+/// The first message of a stream a call opened, or the call's refusal.
+async fn first_message<T>(
+    opened: Result<tonic::Response<tonic::Streaming<T>>, Status>,
+) -> Result<Option<T>, Status> {
+    opened?.into_inner().message().await
 }
 
 fn svid_ids(r: &wpb::X509svidResponse) -> Vec<String> {
@@ -519,12 +514,13 @@ impl PathEntryScene {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_then_exec_gets_nothing() {
     let scene = PathEntryScene::start().await;
-    let (agent, staging, target, target_str) = (
-        &scene.agent,
-        &scene.staging,
-        &scene.target,
-        scene.target_str(),
-    );
+    let PathEntryScene {
+        agent,
+        staging,
+        target,
+        ..
+    } = &scene;
+    let target_str = scene.target_str();
     // The program itself, connecting, is entitled (and shows the entry has synced).
     assert!(svid_ids(&scene.issued)[0].starts_with("spiffe://example.org/exec-target/"));
 
@@ -724,54 +720,42 @@ fn wait_zombie(what: &str, pid: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thread_that_connects_and_execs_after_its_leader_exits_gets_nothing() {
     let scene = PathEntryScene::start().await;
-    let (agent, staging, target, target_str) = (
-        &scene.agent,
-        &scene.staging,
-        &scene.target,
-        scene.target_str(),
-    );
+    let PathEntryScene {
+        agent,
+        staging,
+        target,
+        ..
+    } = &scene;
+    let target_str = scene.target_str();
     let exec = [target_str, "-c", "import time; time.sleep(3600)"];
 
     // A thread other than the leader connects (SO_PEERCRED names the thread group); the
     // leader exits, leaving the pid to that thread, which then execs the target: the
     // kernel keeps the pid and the start time across that exec, not the executable.
-    let mut peer = Peer::start(
-        staging,
-        NOBODY,
-        Path::new(PYTHON),
-        &agent.socket(),
-        "thread-exec",
-        &exec,
-    );
-    let held = peer.channel().await;
-    assert_refused(
-        fetch_x509(&held).await,
-        Code::PermissionDenied,
-        "no identity issued",
-    );
-    signal(peer.pid as u32, "USR2");
-    wait_zombie("the leader thread to exit", peer.pid);
-    peer.exec_now(target);
-    assert_every_call_refused(&held, Code::PermissionDenied, EXECD).await;
-
-    // The same, with the connection made after the leader exited (its executable is then
+    // "thread-late" connects only after the leader has exited (its executable is then
     // unreadable at accept: attested by uid and gid alone).
-    let mut late = Peer::start(
-        staging,
-        NOBODY,
-        Path::new(PYTHON),
-        &agent.socket(),
-        "thread-late",
-        &exec,
-    );
-    let held = late.channel().await;
-    assert_refused(
-        fetch_x509(&held).await,
-        Code::PermissionDenied,
-        "no identity issued",
-    );
-    late.exec_now(target);
-    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
+    for action in ["thread-exec", "thread-late"] {
+        let mut peer = Peer::start(
+            staging,
+            NOBODY,
+            Path::new(PYTHON),
+            &agent.socket(),
+            action,
+            &exec,
+        );
+        let held = peer.channel().await;
+        assert_refused(
+            fetch_x509(&held).await,
+            Code::PermissionDenied,
+            "no identity issued",
+        );
+        if action == "thread-exec" {
+            signal(peer.pid as u32, "USR2");
+        }
+        wait_zombie("the leader thread to exit", peer.pid);
+        peer.exec_now(target);
+        assert_every_call_refused(&held, Code::PermissionDenied, EXECD).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,12 +793,13 @@ fn own_mount_namespace_allowed(staging: &Staging, uid: u32) -> bool {
 async fn a_path_only_the_peers_own_mount_namespace_shows_gets_nothing() {
     // The program at the entry's path, as everyone sees it, is entitled.
     let scene = PathEntryScene::start().await;
-    let (agent, staging, target, target_str) = (
-        &scene.agent,
-        &scene.staging,
-        &scene.target,
-        scene.target_str(),
-    );
+    let PathEntryScene {
+        agent,
+        staging,
+        target,
+        ..
+    } = &scene;
+    let target_str = scene.target_str();
     if !own_mount_namespace_allowed(staging, NOBODY) {
         eprintln!("unprivileged user namespaces are off here: this attack cannot be staged");
         return;
@@ -1314,4 +1299,45 @@ async fn requests_whose_message_never_arrives_do_not_hold_the_cap() {
         "served only after {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_outlives_the_idle_timeout() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", "2"]);
+    let staging = Staging::new(NOBODY);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/legit",
+        &format!("unix:uid:{VICTIM}"),
+    );
+    let mut peer = Peer::start(
+        &staging,
+        VICTIM,
+        Path::new(PYTHON),
+        &agent.socket(),
+        "stay",
+        &[],
+    );
+    let ch = peer.channel().await;
+    fetch_until_issued(&ch).await;
+    let mut stream = SpiffeWorkloadApiClient::new(ch.clone())
+        .fetch_x509svid(with_header(wpb::X509svidRequest {}))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("first message")
+        .expect("message");
+    // Twice the idle timeout with the stream open: it stays open and the connection takes
+    // new requests (an idle connection would have been sent a GOAWAY).
+    let next = tokio::time::timeout(2 * IDLE, stream.message()).await;
+    assert!(next.is_err(), "the open stream ended or changed: {next:?}");
+    fetch_x509(&ch)
+        .await
+        .expect("the connection still takes requests");
 }
