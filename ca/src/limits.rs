@@ -80,6 +80,15 @@ pub const ATTEST_TOTAL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// Largest HTTP/2 header list a client may send, bytes (gRPC metadata is small).
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Streams a client may open and reset before the server has accepted them, at once
+/// (HTTP/2 "rapid reset", CVE-2023-44487); over it the connection is sent away.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 32;
+/// Streams the server may reset because of the client's errors over one connection's
+/// life (streams over [`MAX_STREAMS_PER_CONNECTION`] refused, malformed frames,
+/// "MadeYouReset" tricks) before it sends the connection away. A conforming client never
+/// draws one; without it a client holding its 64 streams could have streams refused at
+/// line rate for the whole request timeout.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// Largest HTTP/1 request head buffered by the OIDC and bundle endpoints, bytes.
 pub const MAX_HTTP1_HEAD_BYTES: usize = 16 * 1024;
 /// Descriptors kept free of every network listener: the admin socket's connections,

@@ -18,7 +18,8 @@ use crate::admin_api::AdminApi;
 use crate::admin_authz::{AdminAuthzLayer, AdminPolicy};
 use crate::core::CaCore;
 use crate::limits::{
-    LimitsConfig, ADMIN_API_MAX_MESSAGE_BYTES, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
+    LimitsConfig, ADMIN_API_MAX_MESSAGE_BYTES, MAX_HEADER_LIST_BYTES,
+    MAX_LOCAL_ERROR_RESET_STREAMS, MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_STREAMS_PER_CONNECTION,
     NODE_API_MAX_MESSAGE_BYTES,
 };
 use crate::listeners::{
@@ -87,14 +88,17 @@ fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
 
 /// A gRPC server with the HTTP/2 bounds every listener shares: a deadline for each
 /// answer, few streams and small headers per connection, a cap on streams a client may
-/// reset before they are accepted (HTTP/2 rapid reset), and keepalive pings that find
-/// dead peers.
+/// reset before they are accepted (HTTP/2 rapid reset) and on streams the server resets
+/// for the client's errors, and keepalive pings that find dead peers.
 fn grpc_server(limits: &LimitsConfig) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .timeout(limits.request_timeout())
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(32))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        // Must be set: tonic otherwise passes `None` to hyper, which means no limit at
+        // all (RUSTSEC-2024-0003), not hyper's default of 1,024.
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }

@@ -10,7 +10,11 @@
 //!   configured time, and an admin call and a new attestation succeed while 1,100
 //!   hostile connections are attempted against a server limited to 1,024 descriptors;
 //! - an attestation flood from one peer writes a bounded number of audit records, each
-//!   with the peer's address, and one summary with the count.
+//!   with the peer's address, and one summary with the count;
+//! - HTTP/2 floods on one connection (rapid reset, CONTINUATION, streams over the limit,
+//!   HPACK bombs, PING and SETTINGS, a zero flow-control window) are sent away or closed
+//!   within a bounded time with bounded server memory, while an admin call, a node API
+//!   call and a new attestation succeed.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -781,6 +785,18 @@ fn h2_hello() -> Vec<u8> {
 /// One unary gRPC call (empty message) by hand, HPACK literals only; returns once the
 /// answer has ended (its END_STREAM), or `false` if the connection closed first.
 fn h2_grpc_call(s: &mut (impl Read + Write), path: &str) -> bool {
+    let block = grpc_header_block(path);
+    let mut out = h2_hello();
+    out.extend(h2_frame(1, 0x4, 1, &block));
+    out.extend(h2_frame(0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    if s.write_all(&out).and_then(|_| s.flush()).is_err() {
+        return false;
+    }
+    h2_await_answer(s, 1)
+}
+
+/// The HPACK block of a gRPC call to `path`: literals only, never indexed.
+fn grpc_header_block(path: &str) -> Vec<u8> {
     let mut block = Vec::new();
     for (name, value) in [
         (":method", "POST"),
@@ -796,12 +812,12 @@ fn h2_grpc_call(s: &mut (impl Read + Write), path: &str) -> bool {
         block.push(value.len() as u8);
         block.extend_from_slice(value.as_bytes());
     }
-    let mut out = h2_hello();
-    out.extend(h2_frame(1, 0x4, 1, &block));
-    out.extend(h2_frame(0, 0x1, 1, &[0, 0, 0, 0, 0]));
-    if s.write_all(&out).and_then(|_| s.flush()).is_err() {
-        return false;
-    }
+    block
+}
+
+/// Reads until the answer on `stream` has ended (`true`), or the connection closes or
+/// is sent away (`false`); acknowledges the server's SETTINGS.
+fn h2_await_answer(s: &mut (impl Read + Write), stream: u32) -> bool {
     let mut buf = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -811,14 +827,14 @@ fn h2_grpc_call(s: &mut (impl Read + Write), path: &str) -> bool {
                 break;
             }
             let (kind, flags) = (buf[3], buf[4]);
-            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
             if kind == 4 && flags & 1 == 0 {
                 let _ = s.write_all(&h2_frame(4, 1, 0, &[]));
             }
             if kind == 7 {
                 return false;
             }
-            if stream == 1 && (kind == 0 || kind == 1) && flags & 1 == 1 {
+            let on = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if on == stream && (kind == 0 || kind == 1) && flags & 1 == 1 {
                 return true;
             }
             buf.drain(..9 + len);
@@ -1434,4 +1450,595 @@ fn a_non_admin_uid_cannot_take_the_admin_sockets_slots() {
             .contains(&why)
             .then_some(())
     });
+}
+
+// ---------------------------------------------------------------------------------
+// HTTP/2 floods on one TLS connection to the node API: each is cut off (GOAWAY or
+// close) within a bounded time, holds bounded memory, and an admin call, a node API
+// call and a new attestation succeed meanwhile.
+// ---------------------------------------------------------------------------------
+
+/// Short timeouts, the request timeout included, so held requests end soon.
+const FLOOD: &str = "[limits]
+tls_handshake_timeout_seconds = 2
+request_header_timeout_seconds = 2
+idle_timeout_seconds = 3
+request_timeout_seconds = 4
+";
+/// HTTP/2 error codes.
+const REFUSED_STREAM: u32 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// How much the server's resident memory may grow under one flooding connection.
+const FLOOD_RSS_GROWTH_KIB: u64 = 64 * 1024;
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// The resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a flooding connection saw of the server.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The error code of the server's GOAWAY.
+    goaway: Option<u32>,
+    /// The server closed the connection.
+    closed: bool,
+    /// Streams the server reset, by error code.
+    resets: std::collections::BTreeMap<u32, usize>,
+    /// Response HEADERS frames, and DATA frames.
+    answers: usize,
+    data: usize,
+    /// PING and SETTINGS acknowledgements.
+    acks: usize,
+    /// Bytes the attacker got written.
+    sent: usize,
+}
+
+/// One attacking HTTP/2 connection over TLS.
+struct Flooder {
+    tls: Tls,
+    /// Bytes written by the attack but not yet taken by TLS.
+    unsent: Vec<u8>,
+    buf: Vec<u8>,
+    seen: Seen,
+    /// Whether to acknowledge the server's SETTINGS.
+    ack_settings: bool,
+}
+
+impl Flooder {
+    fn open(addr: &str, config: &Arc<rustls::ClientConfig>, settings: &[(u16, u32)]) -> Self {
+        let tls = tls(addr, config).expect("TLS to the node API");
+        tls.sock
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_millis(2)))
+            .unwrap();
+        let payload: Vec<u8> = settings
+            .iter()
+            .flat_map(|(id, v)| id.to_be_bytes().into_iter().chain(v.to_be_bytes()))
+            .collect();
+        let mut hello = PREFACE.to_vec();
+        hello.extend(h2_frame(4, 0, 0, &payload));
+        let mut f = Self {
+            tls,
+            unsent: Vec::new(),
+            buf: Vec::new(),
+            seen: Seen::default(),
+            ack_settings: true,
+        };
+        assert!(f.send(&hello), "the preface is written");
+        f
+    }
+
+    fn cut_off(&self) -> bool {
+        self.seen.closed || self.seen.goaway.is_some()
+    }
+
+    /// Writes `bytes` (after what is still queued; dropped while something is, so the
+    /// flood goes at the pace the server reads); `false` once the connection is closed.
+    /// A server that stops reading (back-pressure) is not an error.
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        if self.unsent.is_empty() {
+            self.unsent.extend_from_slice(bytes);
+        }
+        while !self.unsent.is_empty() && !self.seen.closed {
+            match self.tls.write(&self.unsent) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.seen.sent += n;
+                    self.unsent.drain(..n);
+                }
+                Err(e) if is_timeout(&e) => break,
+                Err(_) => self.seen.closed = true,
+            }
+        }
+        match self.tls.flush() {
+            Err(e) if !is_timeout(&e) => self.seen.closed = true,
+            _ => {}
+        }
+        !self.seen.closed
+    }
+
+    /// Reads what the server sent so far and notes it.
+    fn pump(&mut self) {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.tls.read(&mut chunk) {
+                Ok(0) => {
+                    self.seen.closed = true;
+                    break;
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if is_timeout(&e) => break,
+                Err(_) => {
+                    self.seen.closed = true;
+                    break;
+                }
+            }
+        }
+        while self.buf.len() >= 9 {
+            let len = ((self.buf[0] as usize) << 16)
+                | ((self.buf[1] as usize) << 8)
+                | self.buf[2] as usize;
+            if self.buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (self.buf[3], self.buf[4]);
+            let payload = self.buf[9..9 + len].to_vec();
+            self.buf.drain(..9 + len);
+            let code = |p: &[u8], at: usize| {
+                p.get(at..at + 4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            };
+            match kind {
+                0 => self.seen.data += 1,
+                1 => self.seen.answers += 1,
+                3 => {
+                    *self
+                        .seen
+                        .resets
+                        .entry(code(&payload, 0).unwrap_or(0))
+                        .or_default() += 1
+                }
+                4 | 6 if flags & 1 == 1 => self.seen.acks += 1,
+                4 if self.ack_settings => {
+                    // At a frame boundary: the queue only ever ends with whole frames.
+                    self.unsent.extend(h2_frame(4, 1, 0, &[]));
+                    self.send(&[]);
+                }
+                7 => self.seen.goaway = code(&payload, 4),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The outcome of a flood.
+#[derive(Debug)]
+struct Flood {
+    seen: Seen,
+    /// From the first attacking frame to the GOAWAY or close; `None`: never cut off.
+    cut_off_after: Option<Duration>,
+    /// Growth of the server's resident memory during the flood, KiB.
+    rss_growth_kib: u64,
+}
+
+/// Runs `attack` on one node API connection opened with `settings`: round after
+/// round (`attack(flooder, round)` writes one round) until the server cuts it off or
+/// `budget` passes, while this thread checks that the server still serves everyone
+/// else: the admin socket answers, a fresh node API connection is answered, and a new
+/// agent attests.
+fn under_flood(
+    server: &Server,
+    settings: &'static [(u16, u32)],
+    budget: Duration,
+    attack: impl FnMut(&mut Flooder, u32) + Send + 'static,
+) -> Flood {
+    under_flood_with(server, settings, budget, true, attack)
+}
+
+fn under_flood_with(
+    server: &Server,
+    settings: &'static [(u16, u32)],
+    budget: Duration,
+    ack_settings: bool,
+    mut attack: impl FnMut(&mut Flooder, u32) + Send + 'static,
+) -> Flood {
+    let pid = server_pid(server);
+    let addr = server.addr();
+    let config = tls_client(server, b"h2");
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let attacker = std::thread::spawn(move || {
+        let mut f = Flooder::open(&addr, &config, settings);
+        f.ack_settings = ack_settings;
+        let rss_before = rss_kib(pid);
+        let mut rss_peak = rss_before;
+        let t0 = Instant::now();
+        let mut rounds = 0;
+        let mut cut_off_after = None;
+        while t0.elapsed() < budget {
+            attack(&mut f, rounds);
+            rounds += 1;
+            if rounds == 1 {
+                let _ = started_tx.send(());
+            }
+            f.pump();
+            rss_peak = rss_peak.max(rss_kib(pid));
+            if f.cut_off() {
+                cut_off_after = Some(t0.elapsed());
+                break;
+            }
+        }
+        let _ = started_tx.send(());
+        Flood {
+            seen: std::mem::take(&mut f.seen),
+            cut_off_after,
+            rss_growth_kib: rss_peak.saturating_sub(rss_before),
+        }
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the flood starts");
+    let h = server.cli(&["healthcheck"]);
+    assert!(h.ok, "the admin API answers during the flood: {}", h.stderr);
+    let mut fresh = tls(&server.addr(), &tls_client(server, b"h2")).expect("a fresh connection");
+    assert!(
+        h2_grpc_call(&mut fresh, "/ztid.node.v1.Node/FetchBundle"),
+        "a fresh node API call is answered during the flood"
+    );
+    let agent = Agent::start_with_token(server, &server.token())
+        .expect("a new agent attests during the flood");
+    assert!(agent
+        .spiffe_id
+        .starts_with(&format!("spiffe://{TD}/ztid/agent/")));
+    let flood = attacker.join().expect("the attacker thread");
+    eprintln!("{flood:?}");
+    assert!(
+        flood.rss_growth_kib < FLOOD_RSS_GROWTH_KIB,
+        "the server's memory grew by {} KiB under one connection",
+        flood.rss_growth_kib
+    );
+    flood
+}
+
+fn assert_sent_away(flood: &Flood, code: u32, within: Duration, what: &str) {
+    let took = flood
+        .cut_off_after
+        .unwrap_or_else(|| panic!("{what}: never cut off: {flood:?}"));
+    assert!(took <= within, "{what}: cut off only after {took:?}");
+    assert_eq!(
+        flood.seen.goaway,
+        Some(code),
+        "{what}: the GOAWAY's code: {flood:?}"
+    );
+}
+
+/// HEADERS for `stream` opening a gRPC call to the node API, without END_STREAM.
+fn open_stream(stream: u32) -> Vec<u8> {
+    open_stream_to(stream, "/ztid.node.v1.Node/FetchBundle")
+}
+
+fn open_stream_to(stream: u32, path: &str) -> Vec<u8> {
+    h2_frame(1, 0x4, stream, &grpc_header_block(path))
+}
+
+#[test]
+fn h2_rapid_reset_is_sent_away() {
+    // CVE-2023-44487: HEADERS then RST_STREAM, in a tight loop, on one connection.
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let mut out = Vec::new();
+        for i in 0..100 {
+            let stream = 1 + 2 * (round * 100 + i);
+            out.extend(open_stream(stream));
+            out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
+        }
+        f.send(&out);
+    });
+    assert_sent_away(
+        &flood,
+        ENHANCE_YOUR_CALM,
+        Duration::from_secs(5),
+        "rapid reset",
+    );
+    // Paced under the pending-reset cap (16 pairs, then a read): the streams are
+    // accepted before their reset, so each is just a cancelled request, never more than
+    // 64 at once; memory stays bounded and everyone else is served meanwhile.
+    let flood = under_flood(&server, &[], Duration::from_secs(3), |f, round| {
+        let mut out = Vec::new();
+        for i in 0..4 {
+            let stream = 1 + 2 * (round * 4 + i);
+            out.extend(open_stream(stream));
+            out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
+        }
+        f.send(&out);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    eprintln!("paced rapid reset: {flood:?}");
+}
+
+/// An HPACK literal header (new name `x`, not indexed) announcing a value of
+/// `value_len` bytes, without the value: the rest can follow in CONTINUATION frames.
+fn hpack_literal_head(value_len: usize) -> Vec<u8> {
+    let mut out = vec![0x00, 1, b'x', 0x7f];
+    let mut rest = value_len - 127;
+    while rest >= 128 {
+        out.push(0x80 | (rest % 128) as u8);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+    out
+}
+
+#[test]
+fn h2_continuation_flood_is_sent_away() {
+    // CVE-2024-27316 class: HEADERS without END_HEADERS, then endless CONTINUATION.
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    // Empty frames: the count of frames must not grow.
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let mut out = Vec::new();
+        if round == 0 {
+            out.extend(h2_frame(1, 0, 1, &grpc_header_block("/x")[..4]));
+        }
+        for _ in 0..256 {
+            out.extend(h2_frame(9, 0, 1, &[]));
+        }
+        f.send(&out);
+    });
+    assert_sent_away(
+        &flood,
+        ENHANCE_YOUR_CALM,
+        Duration::from_secs(3),
+        "empty CONTINUATION flood",
+    );
+    // Frames of one 1 MiB header value: nor may the bytes buffered.
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let mut out = Vec::new();
+        if round == 0 {
+            out.extend(h2_frame(1, 0, 1, &hpack_literal_head(1 << 20)));
+        }
+        for _ in 0..8 {
+            out.extend(h2_frame(9, 0, 1, &[b'a'; 16_000]));
+        }
+        f.send(&out);
+    });
+    assert_sent_away(
+        &flood,
+        ENHANCE_YOUR_CALM,
+        Duration::from_secs(3),
+        "CONTINUATION byte flood",
+    );
+    assert!(
+        flood.seen.sent < 1 << 20,
+        "{} bytes written",
+        flood.seen.sent
+    );
+}
+
+#[test]
+fn h2_streams_over_the_limit_are_refused_and_a_flood_of_them_sent_away() {
+    // 64 streams held open (no END_STREAM), then new streams without end.
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let mut out = Vec::new();
+        for i in 0..100 {
+            out.extend(open_stream(1 + 2 * (round * 100 + i)));
+        }
+        f.send(&out);
+    });
+    let refused = flood.seen.resets.get(&REFUSED_STREAM).copied().unwrap_or(0);
+    assert!(refused > 0, "streams over 64 are refused: {flood:?}");
+    // The refusals are bounded: the connection is sent away, not answered forever.
+    assert_sent_away(
+        &flood,
+        ENHANCE_YOUR_CALM,
+        Duration::from_secs(5),
+        "stream flood",
+    );
+}
+
+#[test]
+fn h2_hpack_bomb_is_refused_with_bounded_memory() {
+    // A 4,000-byte header put in the HPACK dynamic table once, then referenced by its
+    // one-byte index 16,000 times per header block (64 MB decoded per block).
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let stream = 1 + 2 * round;
+        let mut block = grpc_header_block("/ztid.node.v1.Node/FetchBundle");
+        if round == 0 {
+            // Literal with incremental indexing, new name: dynamic index 62.
+            block.push(0x40);
+            block.push(6);
+            block.extend_from_slice(b"x-bomb");
+            block.extend_from_slice(&[
+                0x7f,
+                0x80 + ((4000 - 127) % 128) as u8,
+                ((4000 - 127) / 128) as u8,
+            ]);
+            block.extend(std::iter::repeat(b'a').take(4000));
+        }
+        block.extend(std::iter::repeat(0x80 | 62).take(16_000));
+        let mut out = Vec::new();
+        let mut chunks = block.chunks(16 * 1024).peekable();
+        let mut first = true;
+        while let Some(c) = chunks.next() {
+            let end = if chunks.peek().is_none() {
+                0x4 | 0x1
+            } else {
+                0
+            };
+            let kind = if first { 1 } else { 9 };
+            let flags = if first { end } else { end & 0x4 };
+            out.extend(h2_frame(kind, flags, stream, c));
+            first = false;
+        }
+        f.send(&out);
+    });
+    // The first bomb's decoded size (counted by the HPACK decoder as it goes, the table
+    // entry not copied) is far over the 16 KiB header list bound: the connection is sent
+    // away before any stream reaches a handler.
+    assert_sent_away(
+        &flood,
+        ENHANCE_YOUR_CALM,
+        Duration::from_secs(3),
+        "HPACK bomb",
+    );
+    assert_eq!(flood.seen.answers, 0, "no bomb was answered: {flood:?}");
+}
+
+#[test]
+fn h2_ping_and_settings_floods_are_cut_off() {
+    // PINGs and SETTINGS (each needs an ACK) as fast as they can be written, the ACKs
+    // read, and no request ever: the request header timeout (2 s).
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    let flood = under_flood(&server, &[], Duration::from_secs(10), |f, round| {
+        let mut out = Vec::new();
+        for i in 0..200u64 {
+            out.extend(h2_frame(6, 0, 0, &(round as u64 * 200 + i).to_be_bytes()));
+            out.extend(h2_frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        }
+        f.send(&out);
+    });
+    assert!(flood.seen.acks > 0, "the server answered: {flood:?}");
+    let took = flood.cut_off_after.expect("cut off");
+    assert!(took <= Duration::from_secs(5), "cut off after {took:?}");
+    // The same without reading the ACKs: the server stops reading, then closes.
+    let flood = under_flood_with(&server, &[], Duration::from_secs(10), false, |f, round| {
+        let mut out = Vec::new();
+        for i in 0..200u64 {
+            out.extend(h2_frame(6, 0, 0, &(round as u64 * 200 + i).to_be_bytes()));
+            out.extend(h2_frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        }
+        f.send(&out);
+    });
+    let took = flood.cut_off_after.expect("cut off");
+    assert!(took <= Duration::from_secs(5), "cut off after {took:?}");
+}
+
+#[test]
+fn h2_zero_window_reader_is_cut_off() {
+    // SETTINGS_INITIAL_WINDOW_SIZE 0 and never a WINDOW_UPDATE: 64 answers whose bodies
+    // can never be sent. hyper hands a small answer to h2's send buffer whole, so the
+    // connection then counts as idle and the idle timeout (3 s) closes it; an answer
+    // still being written would be closed by the request timeout (4 s).
+    let (server, _cfg) = server_with(FLOOD, &[]);
+    let flood = under_flood(&server, &[(4, 0)], Duration::from_secs(12), |f, round| {
+        if round == 0 {
+            let mut out = Vec::new();
+            for i in 0..64 {
+                out.extend(open_stream(1 + 2 * i));
+                out.extend(h2_frame(0, 0x1, 1 + 2 * i, &[0, 0, 0, 0, 0]));
+            }
+            f.send(&out);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    });
+    assert_eq!(flood.seen.answers, 64, "the answers started: {flood:?}");
+    assert_eq!(
+        flood.seen.data, 0,
+        "no body within a zero window: {flood:?}"
+    );
+    let took = flood.cut_off_after.expect("cut off");
+    assert!(
+        took + Duration::from_millis(300) >= Duration::from_secs(3)
+            && took <= Duration::from_secs(7),
+        "cut off after {took:?}, expected the idle (3 s) or request (4 s) timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_stream_flood_on_the_remote_admin_api_is_sent_away() {
+    // The remote admin API shares the node API's HTTP/2 bounds: an authenticated caller
+    // holding its 64 streams and opening more is refused, then sent away.
+    let port = free_port();
+    let (server, cfg) = server_with(
+        &format!(
+            "{FLOOD}[remote_admin]
+bind = \"127.0.0.1:{port}\"
+[remote_admin.roles]
+\"spiffe://{TD}/ztid/admin/viewer\" = [\"viewer\"]
+"
+        ),
+        &[],
+    );
+    let creds = cfg.path().join("viewer");
+    server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        "viewer",
+        "--write",
+        creds.to_str().unwrap(),
+    ]);
+    let pems = |f: &str| -> Vec<Vec<u8>> {
+        pem::parse_many(std::fs::read(creds.join(f)).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect()
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier(&server))
+        .with_client_auth_cert(
+            pems("svid.pem")
+                .into_iter()
+                .map(rustls_pki_types::CertificateDer::from)
+                .collect(),
+            rustls_pki_types::PrivateKeyDer::try_from(pems("svid.key").remove(0)).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Arc::new(config);
+    let addr = format!("127.0.0.1:{port}");
+    let (seen, took) = tokio::task::spawn_blocking(move || {
+        let mut f = Flooder::open(&addr, &config, &[]);
+        let t0 = Instant::now();
+        let mut round = 0;
+        while !f.cut_off() && t0.elapsed() < Duration::from_secs(10) {
+            let mut out = Vec::new();
+            for i in 0..100 {
+                out.extend(open_stream_to(
+                    1 + 2 * (round * 100 + i),
+                    "/ztid.admin.v1.Admin/Health",
+                ));
+            }
+            f.send(&out);
+            f.pump();
+            round += 1;
+        }
+        (std::mem::take(&mut f.seen), t0.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(
+        seen.resets.get(&REFUSED_STREAM).copied().unwrap_or(0) > 0,
+        "streams over 64 are refused: {seen:?}"
+    );
+    assert_eq!(seen.goaway, Some(ENHANCE_YOUR_CALM), "{seen:?}");
+    assert!(took < Duration::from_secs(5), "sent away after {took:?}");
+    // The caller, reconnecting, is served; so is the admin socket.
+    let mut client = remote_admin_client(port, &creds);
+    client
+        .health(apb::HealthRequest {})
+        .await
+        .expect("a fresh remote admin call is answered");
+    assert!(server.cli(&["healthcheck"]).ok, "the admin socket answers");
 }
