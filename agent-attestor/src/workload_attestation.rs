@@ -448,9 +448,18 @@ fn hash_cache() -> &'static std::sync::Mutex<std::collections::HashMap<FileKey, 
     CACHE.get_or_init(Default::default)
 }
 
+/// Largest executable hashed for a `unix:sha256` selector. An executable may end in any
+/// amount of sparse padding the kernel never reads (a 100 GB file costs nothing to make):
+/// unbounded, hashing it would hold an attestation slot for as long as that takes.
+pub const MAX_HASHED_EXECUTABLE_BYTES: u64 = 1 << 30;
+
+/// Longest time spent hashing one executable; past it, no `unix:sha256` selector.
+pub const MAX_HASH_TIME: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// SHA-256 of an executable, cached by file identity: hashing a large binary for
 /// every new process would dominate the cost of a first fetch. Fails if the opened file
-/// is not `expected` (the process exec'd meanwhile).
+/// is not `expected` (the process exec'd meanwhile), or is larger or slower to hash than
+/// the bounds above.
 fn sha256_file(path: &str, expected: ExeIdentity) -> Result<String, std::io::Error> {
     let mut f = fs::File::open(path)?;
     let m = f.metadata()?;
@@ -458,6 +467,11 @@ fn sha256_file(path: &str, expected: ExeIdentity) -> Result<String, std::io::Err
         return Err(std::io::Error::other(
             "the executable changed while hashing",
         ));
+    }
+    if m.size() > MAX_HASHED_EXECUTABLE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "the executable is larger than {MAX_HASHED_EXECUTABLE_BYTES} bytes"
+        )));
     }
     let key = (m.dev(), m.ino(), m.size(), m.ctime(), m.ctime_nsec());
     if let Some(h) = hash_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
@@ -475,13 +489,23 @@ fn sha256_file(path: &str, expected: ExeIdentity) -> Result<String, std::io::Err
     Ok(hash)
 }
 
+/// SHA-256 of what `f` holds, within [`MAX_HASHED_EXECUTABLE_BYTES`] and
+/// [`MAX_HASH_TIME`] (the file may grow while it is read).
 fn sha256_reader(f: &mut fs::File) -> Result<String, std::io::Error> {
+    let deadline = std::time::Instant::now() + MAX_HASH_TIME;
     let mut ctx = digest::Context::new(&digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
+        }
+        total += n as u64;
+        if total > MAX_HASHED_EXECUTABLE_BYTES || std::time::Instant::now() > deadline {
+            return Err(std::io::Error::other(
+                "the executable is too large or too slow to hash",
+            ));
         }
         ctx.update(&buf[..n]);
     }

@@ -1069,9 +1069,21 @@ struct Flood {
 
 impl Flood {
     fn start(staging: &Staging, uid: u32, socket: &Path, count: usize, mode: FloodMode) -> Self {
+        Self::start_with(staging, Path::new(PYTHON), uid, socket, count, mode)
+    }
+
+    /// [`Flood::start`] with another Python interpreter (the agent hashes its executable).
+    fn start_with(
+        staging: &Staging,
+        python: &Path,
+        uid: u32,
+        socket: &Path,
+        count: usize,
+        mode: FloodMode,
+    ) -> Self {
         let mut child = Killed(
             staging
-                .command_as(Path::new(PYTHON), uid, uid)
+                .command_as(python, uid, uid)
                 .arg(staging.file(&python_helper("workload_flood.py")))
                 .arg(socket)
                 .arg(count.to_string())
@@ -1340,4 +1352,50 @@ async fn an_open_stream_outlives_the_idle_timeout() {
     fetch_x509(&ch)
         .await
         .expect("the connection still takes requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_executables_do_not_hold_up_attestation() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let staging = Staging::new(NOBODY);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/legit",
+        &format!("unix:uid:{VICTIM}"),
+    );
+    // The attacker's program: python3 followed by padding the kernel never reads and that
+    // takes no disk (a sparse file), 100 GB (over the size hashed) or 1 GiB (within it:
+    // bounded by the hashing time and the uid's share of attestations). 40 connections
+    // from it; before hashing was bounded, each held an attestation slot for as long as
+    // hashing the file takes, and the agent has 16.
+    for (name, size) in [
+        ("ztid-huge-python", 100u64 << 30),
+        ("ztid-1gib-python", 1 << 30),
+    ] {
+        let huge = staging.path().join(name);
+        std::fs::copy(Path::new(PYTHON), &huge).expect("copy python");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&huge)
+            .and_then(|f| f.set_len(size))
+            .expect("sparse padding");
+        std::fs::set_permissions(&huge, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        let socket = agent.socket();
+        let flood = Flood::start_with(&staging, &huge, NOBODY, &socket, 40, FloodMode::Idle);
+        let ev = flood.next("connected");
+        assert_eq!(ev["event"], "connected", "{ev}");
+
+        // A workload connecting after them is attested and served at once.
+        let started = Instant::now();
+        let mut legit = Peer::start(&staging, VICTIM, Path::new(PYTHON), &socket, "stay", &[]);
+        let issued = fetch_until_issued(&legit.channel().await).await;
+        assert!(svid_ids(&issued)[0].starts_with("spiffe://example.org/legit/"));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: served only after {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -13,7 +13,8 @@
 //!   connections wait in the listen backlog.
 //! - **Per uid**: one local user holds at most half of that cap; more of its connections
 //!   are closed as soon as they are accepted.
-//! - **Attestation at accept**: at most 16 at a time, 5 s each.
+//! - **Attestation at accept**: at most 16 at a time, 4 of them for one uid, 5 s each
+//!   (an executable is hashed only up to 1 GiB and 3 s).
 //! - **Idle**: a connection with no request in progress for `workload_idle_timeout_seconds`
 //!   (default 30 s) is closed. The clock starts at accept, and only requests stop it, not
 //!   bytes: a request counts from when its message has fully arrived until its answer
@@ -58,6 +59,9 @@ pub const RESERVED_DESCRIPTORS: u64 = 128;
 pub const DESCRIPTORS_PER_CONNECTION: u64 = 2;
 /// Accept-time attestations running at once (each reads /proc, maybe hashes a binary).
 pub const MAX_CONCURRENT_ATTESTATIONS: usize = 16;
+/// Accept-time attestations one uid may run at once: one user's expensive ones (large
+/// executables to hash) never take every slot from the others.
+pub const MAX_CONCURRENT_ATTESTATIONS_PER_UID: usize = 4;
 /// Longest accept-time attestation.
 pub const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// After GOAWAY, how long open streams may take before the connection is dropped.
@@ -535,7 +539,24 @@ struct Shared<S> {
     limits: Limits,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     attestations: Arc<Semaphore>,
+    /// Each uid's share of `attestations`.
+    attestations_per_uid: Mutex<HashMap<u32, Arc<Semaphore>>>,
     require_pidfd: bool,
+}
+
+impl<S> Shared<S> {
+    /// The semaphore bounding `uid`'s attestations; the map keeps only uids with one in
+    /// progress or waiting, so it is bounded by the connections.
+    fn attestation_share(&self, uid: u32) -> Arc<Semaphore> {
+        let Ok(mut shares) = self.attestations_per_uid.lock() else {
+            return Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS_PER_UID));
+        };
+        shares.retain(|_, s| Arc::strong_count(s) > 1);
+        shares
+            .entry(uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS_PER_UID)))
+            .clone()
+    }
 }
 
 /// Serves the Workload API on `listener` until `shutdown` resolves, then closes the
@@ -577,6 +598,7 @@ pub async fn serve<S>(
         limits,
         http2,
         attestations: Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+        attestations_per_uid: Mutex::new(HashMap::new()),
         require_pidfd,
     });
     let gate = Arc::new(Gate::new(limits.max_connections));
@@ -661,15 +683,16 @@ async fn bind_peer<S>(at_connect: ConnectTimePeer, shared: &Shared<S>) -> Connec
     let (pid, uid) = (at_connect.pid, at_connect.uid);
     let require_pidfd = shared.require_pidfd;
     let attestations = shared.attestations.clone();
+    let share = shared.attestation_share(uid);
     let attested = tokio::time::timeout(ATTESTATION_TIMEOUT, async move {
-        let permit = attestations
-            .acquire_owned()
-            .await
-            .map_err(|_| PeerRefusal::Unattestable("the agent is stopping".into()))?;
-        // Reads /proc and may hash an executable: off the async workers, and the permit
-        // is held until that work really ends.
+        let stopping = |_| PeerRefusal::Unattestable("the agent is stopping".into());
+        // The uid's share first, so a uid waiting on its own share holds no common slot.
+        let share = share.acquire_owned().await.map_err(stopping)?;
+        let permit = attestations.acquire_owned().await.map_err(stopping)?;
+        // Reads /proc and may hash an executable: off the async workers, and the permits
+        // are held until that work really ends (hashing is bounded in time).
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (share, permit);
             attest_peer(at_connect, require_pidfd)
         })
         .await
