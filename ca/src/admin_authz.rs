@@ -24,13 +24,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::audit::AuditLog;
 use crate::core::CaCore;
+use crate::grpc_middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::refusal_audit::RefusalAudit;
 
 /// An admin role.
@@ -295,58 +295,32 @@ impl AdminPolicy {
 pub struct AdminAuthzLayer(pub Arc<AdminPolicy>);
 
 impl<S> tower::Layer<S> for AdminAuthzLayer {
-    type Service = AdminAuthz<S>;
+    type Service = Checked<Self, S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AdminAuthz {
-            inner,
-            policy: self.0.clone(),
-        }
+        Checked::new(self.clone(), inner)
     }
 }
 
-/// The service produced by [`AdminAuthzLayer`].
-#[derive(Clone)]
-pub struct AdminAuthz<S> {
-    inner: S,
-    policy: Arc<AdminPolicy>,
-}
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for AdminAuthz<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+impl PerRequest for AdminAuthzLayer {
+    fn handle<S, B>(&self, mut ready: S, mut req: http::Request<B>) -> ResponseFuture<S::Error>
+    where
+        S: tower::Service<http::Request<B>, Response = GrpcResponse> + Send + 'static,
+        S::Future: Send,
+        B: Send + 'static,
+    {
+        let policy = &self.0;
         let path = req.uri().path().to_string();
         let method = path.rsplit('/').next().unwrap_or_default().to_string();
-        match self.policy.decide(req.extensions(), &path) {
+        match policy.decide(req.extensions(), &path) {
             Ok(caller) => {
-                self.policy.audit_allowed(&caller, &method);
+                policy.audit_allowed(&caller, &method);
                 req.extensions_mut().insert(AdminCaller(caller));
-                // The clone that was made ready is the one to call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move { inner.call(req).await })
+                Box::pin(async move { ready.call(req).await })
             }
             Err(refused) => {
                 let (caller, reason, _) = &refused;
                 tracing::warn!(event = "admin_refused", caller = %caller, call = %method, reason = %reason, "admin call refused");
-                self.policy
-                    .audit_refused(req.extensions(), &refused, &method);
+                policy.audit_refused(req.extensions(), &refused, &method);
                 let resp = tonic::Status::permission_denied(refused.1).into_http();
                 Box::pin(async move { Ok(resp) })
             }

@@ -699,28 +699,24 @@ mod tests {
         // The tail cut.
         let l = orig[..i].to_vec();
         assert!(check(&l).contains("records were cut from the end"));
-        // A forged checkpoint signature.
-        let mut l = orig.clone();
-        let c = l.iter().rposition(|x| x.contains("checkpoint")).unwrap();
-        let mut v: Value = serde_json::from_str(&l[c]).unwrap();
-        v["checkpoint"]["sig"] = json!(B64.encode([1u8; 70]));
-        l[c] = v.to_string();
-        let e = check(&l);
-        assert!(
-            e.contains("checkpoint signature does not verify") || e.contains("does not chain"),
-            "{e}"
-        );
-        // A forged seal signature.
-        let mut l = orig.clone();
-        let s = l.iter().position(|x| x.contains("\"seal\"")).unwrap();
-        let mut v: Value = serde_json::from_str(&l[s]).unwrap();
-        v["seal"]["sig"] = json!(B64.encode([1u8; 64]));
-        l[s] = v.to_string();
-        let e = check(&l);
-        assert!(
-            e.contains("seal signature does not verify") || e.contains("does not chain"),
-            "{e}"
-        );
+        // A forged signature: the record at `at` gets `sig_len` bytes of ones as its
+        // `kind` signature.
+        let forged = |at: usize, kind: &str, sig_len: usize| {
+            let mut l = orig.clone();
+            let mut v: Value = serde_json::from_str(&l[at]).unwrap();
+            v[kind]["sig"] = json!(B64.encode(vec![1u8; sig_len]));
+            l[at] = v.to_string();
+            let e = check(&l);
+            assert!(
+                e.contains(&format!("{kind} signature does not verify"))
+                    || e.contains("does not chain"),
+                "{e}"
+            );
+        };
+        let last_checkpoint = orig.iter().rposition(|x| x.contains("checkpoint")).unwrap();
+        forged(last_checkpoint, "checkpoint", 70);
+        let first_seal = orig.iter().position(|x| x.contains("\"seal\"")).unwrap();
+        forged(first_seal, "seal", 64);
         f.put(&orig);
         assert!(f.verify().is_ok());
     }

@@ -780,32 +780,64 @@ fn respond(status: http::StatusCode, ctype: &str, body: String) -> http::Respons
         .expect("static response")
 }
 
+/// Both HTTP/1 endpoints answer GET only.
+fn refuse_unless_get(req: &http::Request<hyper::body::Incoming>) -> Option<http::Response<Body>> {
+    (req.method() != http::Method::GET).then(|| {
+        respond(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        )
+    })
+}
+
+fn not_found() -> http::Response<Body> {
+    respond(
+        http::StatusCode::NOT_FOUND,
+        "text/plain",
+        "not found\n".into(),
+    )
+}
+
+fn internal_error(e: &dyn std::fmt::Display) -> http::Response<Body> {
+    respond(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        format!("{e}\n"),
+    )
+}
+
 fn bundle_endpoint_response(
     core: &CaCore,
     req: &http::Request<hyper::body::Incoming>,
 ) -> http::Response<Body> {
-    if req.method() != http::Method::GET {
-        return respond(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
+    if let Some(refused) = refuse_unless_get(req) {
+        return refused;
     }
     if req.uri().path() != "/" {
-        return respond(
-            http::StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".into(),
-        );
+        return not_found();
     }
     match core.bundle().to_spiffe_json() {
         Ok(j) => respond(http::StatusCode::OK, "application/json; charset=utf-8", j),
-        Err(e) => respond(
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("{e}\n"),
-        ),
+        Err(e) => internal_error(&e),
     }
+}
+
+/// The connection limits of one of the HTTP/1 endpoints, sharing the TCP listeners'
+/// descriptor `budget`.
+fn http1_listener(
+    name: &'static str,
+    max_connections: usize,
+    core: &CaCore,
+    budget: &Arc<crate::listeners::DescriptorBudget>,
+) -> Arc<crate::listeners::Listener> {
+    let limits = &core.config.limits;
+    crate::listeners::Listener::new(
+        name,
+        max_connections,
+        crate::listeners::Timeouts::http1(limits),
+        Some(budget.clone()),
+    )
 }
 
 /// Serves the SPIFFE bundle endpoint (off unless `bundle_endpoint` is set), within the
@@ -827,12 +859,11 @@ pub async fn spawn_bundle_endpoint(
         "https_spiffe"
     };
     tracing::info!(%addr, profile, "bundle endpoint listening");
-    let limits = &core.config.limits;
-    let bounded = crate::listeners::Listener::new(
+    let bounded = http1_listener(
         "bundle endpoint",
-        limits.bundle_endpoint_max_connections,
-        crate::listeners::Timeouts::http1(limits),
-        Some(budget.clone()),
+        core.config.limits.bundle_endpoint_max_connections,
+        &core,
+        budget,
     );
     crate::listeners::serve_http1(
         listener,
@@ -898,12 +929,11 @@ pub async fn spawn_oidc(
             oidc.bind
         )))?;
     tracing::info!(addr = %oidc.bind, issuer = %oidc.issuer, "OIDC discovery listening");
-    let limits = &core.config.limits;
-    let bounded = crate::listeners::Listener::new(
+    let bounded = http1_listener(
         "OIDC discovery",
-        limits.oidc_max_connections,
-        crate::listeners::Timeouts::http1(limits),
-        Some(budget.clone()),
+        core.config.limits.oidc_max_connections,
+        &core,
+        budget,
     );
     let issuer = oidc.issuer;
     crate::listeners::serve_http1(listener, None, bounded, move |req| {
@@ -917,12 +947,8 @@ fn oidc_response(
     issuer: &str,
     req: &http::Request<hyper::body::Incoming>,
 ) -> http::Response<Body> {
-    if req.method() != http::Method::GET {
-        return respond(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
+    if let Some(refused) = refuse_unless_get(req) {
+        return refused;
     }
     match req.uri().path() {
         "/.well-known/openid-configuration" => respond(
@@ -932,17 +958,9 @@ fn oidc_response(
         ),
         "/keys" => match oidc_jwks(core) {
             Ok(j) => respond(http::StatusCode::OK, "application/json", j.to_string()),
-            Err(e) => respond(
-                http::StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("{e}\n"),
-            ),
+            Err(e) => internal_error(&e),
         },
-        _ => respond(
-            http::StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".into(),
-        ),
+        _ => not_found(),
     }
 }
 

@@ -25,6 +25,7 @@ pub mod entries;
 mod error;
 pub mod evidence;
 pub mod federation;
+pub mod grpc_middleware;
 pub mod keys;
 pub mod limits;
 pub mod listeners;

@@ -46,6 +46,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
+use crate::grpc_middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::limits::{LimitsConfig, RESERVED_DESCRIPTORS, SHUTDOWN_GRACE};
 
 /// Connections over a cap that may still be closing (their descriptors not yet
@@ -696,16 +697,7 @@ pub fn tls_incoming(
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    accept_failed(listener.name, &e).await;
-                    continue;
-                }
-            };
-            let Some(conn) = listener.admit(peer.to_string(), Some(peer), false).await else {
-                continue;
-            };
+            let (stream, peer, conn) = accept_admitted(&tcp, &listener).await;
             let _ = stream.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = conn_tx.clone();
@@ -789,6 +781,25 @@ pub fn unix_incoming(
     ReceiverStream::new(conn_rx)
 }
 
+/// The next TCP connection `listener` admits (the ones it refuses are closed).
+async fn accept_admitted(
+    tcp: &TcpListener,
+    listener: &Arc<Listener>,
+) -> (TcpStream, SocketAddr, ConnHandle) {
+    loop {
+        let (stream, peer) = match tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                accept_failed(listener.name, &e).await;
+                continue;
+            }
+        };
+        if let Some(conn) = listener.admit(peer.to_string(), Some(peer), false).await {
+            return (stream, peer, conn);
+        }
+    }
+}
+
 /// Accept errors (out of descriptors, most often) are retried after a pause instead of
 /// spinning.
 async fn accept_failed(what: &str, e: &io::Error) {
@@ -802,53 +813,27 @@ async fn accept_failed(what: &str, e: &io::Error) {
 pub struct TrackLayer(pub Arc<Listener>);
 
 impl<S> tower::Layer<S> for TrackLayer {
-    type Service = Track<S>;
+    type Service = Checked<Self, S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Track {
-            inner,
-            listener: self.0.clone(),
-        }
+        Checked::new(self.clone(), inner)
     }
 }
 
-/// The service of [`TrackLayer`].
-#[derive(Clone)]
-pub struct Track<S> {
-    inner: S,
-    listener: Arc<Listener>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for Track<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+impl PerRequest for TrackLayer {
+    fn handle<S, B>(&self, mut ready: S, mut req: http::Request<B>) -> ResponseFuture<S::Error>
+    where
+        S: tower::Service<http::Request<B>, Response = GrpcResponse> + Send + 'static,
+        S::Future: Send,
+        B: Send + 'static,
+    {
         // Counted here, synchronously, so the connection is busy before its stream is
         // read again.
         let guard = self
-            .listener
+            .0
             .conn_for(req.extensions_mut())
             .map(|c| c.request_started());
-        // The clone that was made ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let resp = inner.call(req).await?;
+            let resp = ready.call(req).await?;
             Ok(match guard {
                 Some(g) => resp.map(|body| {
                     tonic::body::Body::new(GuardedBody {
@@ -904,16 +889,7 @@ pub fn serve_http1<H>(
 {
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    accept_failed(listener.name, &e).await;
-                    continue;
-                }
-            };
-            let Some(conn) = listener.admit(peer.to_string(), Some(peer), false).await else {
-                continue;
-            };
+            let (stream, peer, conn) = accept_admitted(&tcp, &listener).await;
             let handler = handler.clone();
             let tls = tls.clone();
             let timeouts = listener.timeouts;

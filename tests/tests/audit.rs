@@ -62,6 +62,38 @@ fn put_lines(server: &Server, lines: &[String]) {
     .unwrap();
 }
 
+/// The log and its `head.json` as they were at one point, to put back later (a rollback
+/// an attacker with the disk could do).
+struct LogSnapshot {
+    lines: Vec<String>,
+    head: Vec<u8>,
+}
+
+impl LogSnapshot {
+    /// Of a stopped server.
+    fn take(server: &Server) -> Self {
+        LogSnapshot {
+            lines: log_lines(server),
+            head: std::fs::read(server.data_dir().join("audit/head.json")).unwrap(),
+        }
+    }
+
+    fn restore(&self, server: &Server) {
+        put_lines(server, &self.lines);
+        std::fs::write(server.data_dir().join("audit/head.json"), &self.head).unwrap();
+    }
+}
+
+/// A server that has issued one token, running again, and the log of that point.
+fn server_with_early_snapshot() -> (Server, LogSnapshot) {
+    let mut server = Server::start(TD);
+    server.token();
+    server.proc.as_mut().unwrap().stop();
+    let early = LogSnapshot::take(&server);
+    server.restart();
+    (server, early)
+}
+
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
 }
@@ -345,20 +377,14 @@ fn a_hash_linked_record_after_the_last_signature_fails_verify() {
 /// anchor (outside the audit directory) catches it, in `audit verify` and at start.
 #[test]
 fn a_log_cut_back_with_its_old_head_restored_is_refused() {
-    let mut server = Server::start(TD);
-    server.token();
-    server.proc.as_mut().unwrap().stop();
-    let audit = server.data_dir().join("audit");
-    let early_lines = log_lines(&server);
-    let early_head = std::fs::read(audit.join("head.json")).unwrap();
-    server.restart();
+    let (mut server, early) = server_with_early_snapshot();
+    let early_lines = &early.lines;
     for _ in 0..3 {
         server.token();
     }
     server.proc.as_mut().unwrap().stop();
     let full = log_lines(&server).len();
-    put_lines(&server, &early_lines);
-    std::fs::write(audit.join("head.json"), &early_head).unwrap();
+    early.restore(&server);
 
     let (code, _, err) = audit_cli(&server, &["verify"]);
     assert_eq!(code, 1, "{err}");
@@ -379,7 +405,7 @@ fn a_log_cut_back_with_its_old_head_restored_is_refused() {
         "{out}"
     );
     assert_eq!(
-        log_lines(&server),
+        &log_lines(&server),
         early_lines,
         "the refused start wrote nothing"
     );
@@ -463,13 +489,8 @@ fn a_record_forged_while_stopped_is_quarantined_not_chained_onto() {
 /// before it, or rewritten at it, is refused.
 #[test]
 fn an_exported_checkpoint_proves_the_log_extends_it() {
-    let mut server = Server::start(TD);
-    server.token();
-    server.proc.as_mut().unwrap().stop();
-    let audit = server.data_dir().join("audit");
-    let early_lines = log_lines(&server);
-    let early_head = std::fs::read(audit.join("head.json")).unwrap();
-    server.restart();
+    let (mut server, early) = server_with_early_snapshot();
+    let early_lines = &early.lines;
     server.token();
     // Taken from the live server's log.
     let cp_file = server.dir.path().join("witness-checkpoint.json");
@@ -511,8 +532,7 @@ fn an_exported_checkpoint_proves_the_log_extends_it() {
     );
 
     // Cut back to before the checkpoint, with that point's head.json.
-    put_lines(&server, &early_lines);
-    std::fs::write(audit.join("head.json"), &early_head).unwrap();
+    early.restore(&server);
     let (code, _, err) = audit_cli(&server, &cp_arg);
     assert_eq!(code, 1, "{err}");
     assert!(

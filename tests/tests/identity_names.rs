@@ -111,6 +111,16 @@ async fn mint_jwt(
     }
 }
 
+/// `role` is refused `call` for its role (each role stays within its own calls).
+fn assert_role_refused<T: std::fmt::Debug>(r: Result<T, tonic::Status>, call: &str, role: &str) {
+    assert_status(
+        r,
+        Code::PermissionDenied,
+        &format!("may not call {call}"),
+        role,
+    );
+}
+
 fn assert_status<T: std::fmt::Debug>(
     r: Result<T, tonic::Status>,
     code: Code,
@@ -999,12 +1009,7 @@ async fn no_admin_role_reaches_a_higher_one() {
     let r = ops
         .prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
         .await;
-    assert_status(
-        r,
-        Code::PermissionDenied,
-        "may not call PrepareAuthority",
-        "operator",
-    );
+    assert_role_refused(r, "PrepareAuthority", "operator");
     let r = ops
         .set_federated_bundle(apb::SetFederatedBundleRequest {
             trust_domain: "other.org".into(),
@@ -1012,30 +1017,15 @@ async fn no_admin_role_reaches_a_higher_one() {
             data: b"x".to_vec(),
         })
         .await;
-    assert_status(
-        r,
-        Code::PermissionDenied,
-        "may not call SetFederatedBundle",
-        "operator",
-    );
+    assert_role_refused(r, "SetFederatedBundle", "operator");
     let r = viewer
         .create_entry(workload_entry("spiffe://example.org/v", &agent.spiffe_id))
         .await;
-    assert_status(
-        r,
-        Code::PermissionDenied,
-        "may not call CreateEntry",
-        "viewer",
-    );
+    assert_role_refused(r, "CreateEntry", "viewer");
     let r = root
         .create_entry(workload_entry("spiffe://example.org/r", &agent.spiffe_id))
         .await;
-    assert_status(
-        r,
-        Code::PermissionDenied,
-        "may not call CreateEntry",
-        "authority-admin",
-    );
+    assert_role_refused(r, "CreateEntry", "authority-admin");
     root.prepare_authority(apb::AuthorityKind { kind: "jwt".into() })
         .await
         .expect("the authority-admin keeps its own role");

@@ -559,6 +559,33 @@ impl<S> Shared<S> {
     }
 }
 
+/// The Workload API's gRPC routes, as this listener serves them on each connection.
+pub trait WorkloadRoutes:
+    tower::Service<
+        http::Request<RequestBody>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> WorkloadRoutes for S where
+    S: tower::Service<
+            http::Request<RequestBody>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves the Workload API on `listener` until `shutdown` resolves, then closes the
 /// connections gracefully (bounded by [`CLOSE_GRACE`]).
 pub async fn serve<S>(
@@ -567,15 +594,7 @@ pub async fn serve<S>(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower::Service<
-            http::Request<RequestBody>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: WorkloadRoutes,
 {
     let require_pidfd = peer_pidfd_supported();
     if require_pidfd {
@@ -736,15 +755,7 @@ async fn serve_connection<S>(
     shared: Arc<Shared<S>>,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: tower::Service<
-            http::Request<RequestBody>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: WorkloadRoutes,
 {
     let requests = Arc::new(watch::Sender::new(0usize));
     let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
