@@ -365,7 +365,9 @@ pub fn attest_peer(
     };
     let start_time = process_start_time(pid).map_err(|_| PeerRefusal::Exited)?;
     let exe = exe_identity(pid).ok();
-    let selectors = read_selectors(pid, uid, gid, exe)?;
+    // Read before the final check, so this too is bound to the process by its pidfd.
+    let exe_trust = exe_trust(pid);
+    let selectors = read_selectors(pid, uid, gid, exe, &exe_trust)?;
     let process = PeerProcess {
         instance: ProcessInstance { pid, start_time },
         uid,
@@ -380,12 +382,48 @@ pub fn attest_peer(
     Ok(AttestedPeer { process, selectors })
 }
 
-/// The `unix:*` selectors of `pid`, sorted. `uid`/`gid` are the connect-time credentials.
+/// Whether `/proc/<pid>/exe` can name what the process runs: `Err(why)` when it cannot.
+///
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP)` with an `exe_fd` re-points a process's own
+/// `/proc/<pid>/exe` at any file it may execute, once the file's old mappings are gone.
+/// The kernel asks for `CAP_CHECKPOINT_RESTORE` (or `CAP_SYS_ADMIN`) in the caller's *own*
+/// user namespace, which any user holds in a namespace it creates
+/// (`unshare --user`). A process in a user namespace other than the agent's may therefore
+/// show any executable: its path and hash say nothing. Its uid and gid, which the kernel
+/// translates to the agent's namespace, still do.
+///
+/// Not covered: a child sharing the process's memory (`CLONE_VM`) made in a new user
+/// namespace re-points the shared exe, and the process itself never leaves the agent's
+/// namespace (see the README, "What remains").
+fn exe_trust(pid: i32) -> Result<(), String> {
+    let theirs = namespace_identity(&format!("/proc/{pid}/ns/user"))
+        .map_err(|e| format!("its user namespace is unreadable ({e})"))?;
+    let ours = namespace_identity("/proc/self/ns/user")
+        .map_err(|e| format!("the agent's user namespace is unreadable ({e})"))?;
+    if theirs != ours {
+        return Err(
+            "it runs in a user namespace other than the agent's, where it may re-point \
+             its /proc/<pid>/exe at any file (PR_SET_MM_MAP)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A namespace, as the kernel names it: the device and inode of its `/proc/*/ns/*` file.
+fn namespace_identity(ns_file: &str) -> std::io::Result<(u64, u64)> {
+    let m = fs::metadata(ns_file)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The `unix:*` selectors of `pid`, sorted. `uid`/`gid` are the connect-time credentials;
+/// the executable's selectors are read only if `exe_trust` is `Ok`.
 fn read_selectors(
     pid: i32,
     uid: u32,
     gid: u32,
     exe: Option<ExeIdentity>,
+    exe_trust: &Result<(), String>,
 ) -> Result<Vec<Selector>, PeerRefusal> {
     let bad = |e: Error| PeerRefusal::Unattestable(e.to_string());
     let mut selectors = vec![
@@ -402,7 +440,15 @@ fn read_selectors(
             selectors.push(s);
         }
     }
-    if let Some(exe) = exe {
+    if let (Some(_), Err(why)) = (exe, exe_trust) {
+        tracing::warn!(
+            pid,
+            uid,
+            reason = %why,
+            "no unix:path or unix:sha256 selector for this workload"
+        );
+    }
+    if let (Some(exe), Ok(())) = (exe, exe_trust) {
         let exe_link = format!("/proc/{pid}/exe");
         if let Some(p) = exe_path_seen_by_agent(&exe_link, exe) {
             if let Ok(s) = Selector::new("unix", &format!("path:{p}")) {
