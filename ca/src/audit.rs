@@ -595,6 +595,18 @@ mod tests {
             verify(&self.audit(), self.km.as_ref())
         }
 
+        fn verify_allowing_unsigned_tail(&self) -> VerifyReport {
+            verify_with(
+                &self.audit(),
+                self.km.as_ref(),
+                &VerifyOptions {
+                    allow_unsigned_tail: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        }
+
         fn lines(&self) -> Vec<String> {
             std::fs::read_to_string(log_path(&self.audit()))
                 .unwrap()
@@ -732,15 +744,7 @@ mod tests {
             e,
             format!("records {} to {} come after the last signature (record {n}): nothing signed them, so they were appended by something other than the server, or left by a crash before they were acknowledged (the server sets them aside at its next start); --allow-unsigned-tail accepts them, e.g. for the batch a live server is writing", n + 1, n + 1)
         );
-        let r = verify_with(
-            &f.audit(),
-            f.km.as_ref(),
-            &VerifyOptions {
-                allow_unsigned_tail: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let r = f.verify_allowing_unsigned_tail();
         assert_eq!(
             (r.signed_through, r.unsigned_tail, r.torn_tail),
             (n, 1, false)
@@ -752,15 +756,7 @@ mod tests {
             .unwrap();
         file.write_all(b"{\"seq\":").unwrap();
         assert!(f.verify().unwrap_err().contains("truncated (no line end)"));
-        let r = verify_with(
-            &f.audit(),
-            f.km.as_ref(),
-            &VerifyOptions {
-                allow_unsigned_tail: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let r = f.verify_allowing_unsigned_tail();
         assert_eq!((r.unsigned_tail, r.torn_tail), (1, true));
     }
 
@@ -920,15 +916,7 @@ mod tests {
             json!({"seq": 2, "hash": hash2, "key_id": key_id, "sig": sig}).to_string(),
         )
         .unwrap();
-        let r = verify_with(
-            &f.audit(),
-            f.km.as_ref(),
-            &VerifyOptions {
-                allow_unsigned_tail: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let r = f.verify_allowing_unsigned_tail();
         assert_eq!((r.signed_through, r.unsigned_tail), (2, 1));
         let log = f.run(1);
         assert_eq!(log.quarantined().unwrap().first_seq, Some(3));

@@ -546,6 +546,43 @@ async fn a_compromised_agent_cannot_mint_reserved_ids_or_choose_its_instance_seg
     assert!(audit.contains("x509_svid_refused") && audit.contains(reserved));
 }
 
+/// A new agent, given a fresh join token, is pointed at a fake server presenting
+/// `chain`: it refuses the TLS handshake, sends nothing, and logs `reason`. Returns that
+/// log, and an agent that then attests at the real server with the same token (it
+/// never left the first agent).
+async fn agent_refuses_fake_server(
+    server: &Server,
+    bundle: &Path,
+    (chain, key): (Vec<Vec<u8>>, Vec<u8>),
+    what: &str,
+    reason: &str,
+) -> (String, Agent) {
+    let token = server.token();
+    let (addr, mut seen) = fake_server(chain, key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = spawn_agent(&addr, bundle, &token, dir.path());
+    let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match got {
+        Seen::HandshakeRefused(why) => eprintln!("{what}: the agent refused ({why})"),
+        Seen::Data(d) => panic!(
+            "{what}: the agent completed TLS with a server certificate it must refuse and sent \
+             {} bytes",
+            d.len()
+        ),
+    }
+    let log = wait_for("the agent's reason", READY_TIMEOUT, || {
+        let l = agent.log();
+        l.contains(reason).then_some(l)
+    });
+    assert!(!log.contains("node attested"), "{what}: {log}");
+    drop(agent);
+    let agent = Agent::start_with_token(server, &token).expect("the token was not given away");
+    (log, agent)
+}
+
 /// The chain the attack used: whoever holds the server's identity receives an agent's
 /// join token and can redeem it at the real server. The CSR path can no longer mint
 /// that identity (see above); under an upstream root, any other CA under the same
@@ -578,34 +615,12 @@ async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
              authority of spiffe://example.org",
         ),
     ] {
-        let token = server.token();
-        let (addr, mut seen) = fake_server(chain, key).await;
-        let dir = tempfile::tempdir().unwrap();
-        let agent = spawn_agent(&addr, &bundle, &token, dir.path());
-        let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        match got {
-            Seen::HandshakeRefused(why) => eprintln!("{who}: the agent refused ({why})"),
-            Seen::Data(d) => panic!(
-                "{who}: the agent completed TLS with a server SVID it did not issue and sent {} \
-                 bytes",
-                d.len()
-            ),
-        }
-        let log = wait_for("the agent's reason", READY_TIMEOUT, || {
-            let l = agent.log();
-            l.contains(reason).then_some(l)
-        });
+        let (log, agent) =
+            agent_refuses_fake_server(&server, &bundle, (chain, key), who, reason).await;
         assert!(
             log.contains(&format!("server certificate for {SERVER_ID} refused")),
             "{who}: {log}"
         );
-        assert!(!log.contains("node attested"), "{who}: {log}");
-        // The token never left the agent: it still attests at the real server.
-        drop(agent);
-        let agent = Agent::start_with_token(&server, &token).expect("the token was not given away");
         assert!(agent
             .spiffe_id
             .starts_with("spiffe://example.org/ztid/agent/join-token/"));
@@ -621,35 +636,13 @@ async fn the_agent_gives_its_join_token_only_to_the_server_identity() {
         "spiffe://example.org/ztid/admin/root",
         "spiffe://example.org/planner",
     ] {
-        let token = server.token();
-        let (chain, key) = org.leaf(presented);
-        let (addr, mut seen) = fake_server(chain, key).await;
-        let dir = tempfile::tempdir().unwrap();
-        let agent = spawn_agent(&addr, &bundle, &token, dir.path());
-        let got = tokio::time::timeout(READY_TIMEOUT, seen.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        match got {
-            Seen::HandshakeRefused(why) => eprintln!("{presented}: the agent refused ({why})"),
-            Seen::Data(d) => panic!(
-                "{presented}: the agent completed TLS and sent {} bytes",
-                d.len()
-            ),
-        }
         let expected = if presented.starts_with("spiffe://example.org/") {
             format!("server presented SPIFFE ID {presented}, expected {SERVER_ID}")
         } else {
             "not a canonical SPIFFE ID".to_string()
         };
-        let log = wait_for("the agent's reason", READY_TIMEOUT, || {
-            let l = agent.log();
-            l.contains(&expected).then_some(l)
-        });
-        assert!(!log.contains("node attested"), "{presented}: {log}");
-        // The token was never sent, so it still works at the real server.
-        drop(agent);
-        Agent::start_with_token(&server, &token).expect("the token was not given away");
+        agent_refuses_fake_server(&server, &bundle, org.leaf(presented), presented, &expected)
+            .await;
     }
 }
 
