@@ -1419,6 +1419,25 @@ fn exe_repoint_helper(staging: &Staging) -> PathBuf {
 /// Starts the exe re-pointing helper as `uid`: it shows `target` as its executable and
 /// connects to `socket`. `Err(why)` when the kernel would not let it re-point (user
 /// namespaces off, say).
+/// A peer run as nobody that re-points its exe at the scene's target (`mode`: see
+/// tests/c/exe_repoint.c); `None`, said on stderr, where the kernel does not let nobody
+/// re-point its exe at all (then there is no attack to refuse).
+fn repointed_peer_as_nobody(scene: &PathEntryScene, mode: &str) -> Option<Peer> {
+    match start_repointed_peer(
+        &scene.staging,
+        NOBODY,
+        &scene.agent.socket(),
+        &scene.target,
+        mode,
+    ) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            eprintln!("this kernel does not let nobody re-point its exe ({why}): nothing to test");
+            None
+        }
+    }
+}
+
 fn start_repointed_peer(
     staging: &Staging,
     uid: u32,
@@ -1535,26 +1554,14 @@ async fn assert_forged_exe_gets_nothing(forged: &mut Peer, target: &Path) {
 async fn an_exe_re_pointed_in_the_peers_own_user_namespace_gets_nothing() {
     let scene = PathEntryScene::start().await;
     path_and_hash_entries(&scene).await;
-    let PathEntryScene {
-        agent,
-        staging,
-        target,
-        ..
-    } = &scene;
     // The attack, as nobody: in a user namespace of its own (where it holds
     // CAP_CHECKPOINT_RESTORE), the process moves its code to anonymous memory and
     // re-points its /proc/self/exe at the entitled file with PR_SET_MM_MAP; before the
     // fix it got both the path and the hash identity.
-    let mut forged =
-        match start_repointed_peer(staging, NOBODY, &agent.socket(), target, "own-userns") {
-            Ok(p) => p,
-            Err(why) => {
-                eprintln!(
-                    "this kernel does not let nobody re-point its exe ({why}): nothing to test"
-                );
-                return;
-            }
-        };
+    let Some(mut forged) = repointed_peer_as_nobody(&scene, "own-userns") else {
+        return;
+    };
+    let PathEntryScene { agent, target, .. } = &scene;
     assert_ne!(
         std::fs::read_link(format!("/proc/{}/ns/user", forged.pid)).expect("ns link"),
         std::fs::read_link("/proc/self/ns/user").expect("ns link"),
@@ -1578,22 +1585,10 @@ async fn an_exe_re_pointed_in_the_peers_own_user_namespace_gets_nothing() {
 async fn an_exe_re_pointed_by_a_clone_vm_child_in_its_own_user_namespace_gets_nothing() {
     let scene = PathEntryScene::start().await;
     path_and_hash_entries(&scene).await;
-    let PathEntryScene {
-        agent,
-        staging,
-        target,
-        ..
-    } = &scene;
-    let mut forged =
-        match start_repointed_peer(staging, NOBODY, &agent.socket(), target, "clone-vm") {
-            Ok(p) => p,
-            Err(why) => {
-                eprintln!(
-                    "this kernel does not let nobody re-point its exe ({why}): nothing to test"
-                );
-                return;
-            }
-        };
+    let Some(mut forged) = repointed_peer_as_nobody(&scene, "clone-vm") else {
+        return;
+    };
+    let PathEntryScene { target, .. } = &scene;
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/ns/user", forged.pid)).expect("ns link"),
         std::fs::read_link("/proc/self/ns/user").expect("ns link"),
