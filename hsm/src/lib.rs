@@ -1,11 +1,26 @@
-//! Key management for ztid's authorities.
+//! Key management for ztid: signing keys behind one trait, [`KeyManager`]
+//! (generate, public key, sign, list, destroy), which never hands out private key
+//! material.
 //!
-//! Every private key that signs for the trust domain (X.509 CA keys, JWT keys,
-//! later the audit key) lives behind [`KeyManager`]. The authorities in `ztid-ca`
-//! only ever hold a key *id*: they ask the key manager for signatures and public
-//! keys, so the backend (software files today; PKCS#11 tokens and TPM-resident
-//! keys behind the same trait) is a configuration choice that the rest of the
-//! server cannot see.
+//! Every private key that signs for the trust domain (the X.509 authorities' keys,
+//! the JWT keys, the audit key) lives behind it. The server only ever holds a key
+//! *id*: it asks the key manager for signatures and public keys, so the backend is
+//! a configuration choice (`key_manager`) the rest of the server cannot see. Three
+//! backends exist, all ECDSA P-256:
+//!
+//! - `SoftwareKeyManager`: keys generated with `ring`, stored as PKCS#8 files
+//!   (directory 0700, files 0600). Always built.
+//! - `Pkcs11KeyManager`: keys generated inside a PKCS#11 token (an HSM, a smart
+//!   card, SoftHSM2), sensitive and not extractable. Cargo feature `pkcs11`
+//!   (`cryptoki`).
+//! - `TpmKeyManager`: keys created inside a TPM 2.0 under its storage key, kept as
+//!   SRK-wrapped blobs that no other TPM can load. Cargo feature `tpm`
+//!   (`tss-esapi`, which links libtss2). The node's TPM attestor uses the `tpm`
+//!   module's functions and `TpmKeyBlob` for the agent's own TPM-resident key.
+//!
+//! Both features are on by default. A binary that needs neither token turns
+//! default features off and enables only what it uses, so node binaries need not
+//! link PKCS#11 (the agent needs at most `tpm`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
