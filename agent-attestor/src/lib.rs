@@ -1,29 +1,47 @@
-//! Node attestation for ztid, and the `ztid-agent` that serves the SPIFFE Workload API.
+//! Node attestation for ztid: what both sides share.
 //!
-//! - [`node_attestation`]: one trait for the node side and one for the CA side, with one
-//!   module per method (join token now; TPM, SEV-SNP and TDX behind the same traits).
-//! - [`selector`]: the facts attestation proves, as selectors.
-//! - [`spiffe_id`]: the one rule for SPIFFE IDs (canonical spelling only) and ztid's reserved names.
-//! - [`svid`] and [`jwt`]: X509-SVID and JWT-SVID checks shared by the CA and the agent.
-//! - [`workload_attestation`]: who is calling on the Workload API socket, from the kernel.
-//! - [`agent`]: the node agent itself.
+//! A node proves what it is before the CA gives its agent an identity. Each method (join
+//! token, TPM, SEV-SNP, TDX, and `multi`, several hardware methods as one) has two halves
+//! in two crates, so no CA code ships on nodes:
+//! - `ztid-attestor` (`agent-attestor/node/`) runs on the node and produces evidence,
+//!   first unprompted and then in answer to each challenge the CA sends;
+//! - `ztid-verifier` (`agent-attestor/verifier/`) runs in the CA, checks the evidence
+//!   and returns the node's stable id and the selectors the evidence proved; one cargo
+//!   feature per hardware method.
+//!
+//! This crate holds what both halves must agree on: the method names, the messages and
+//! evidence framing each method sends ([`tpm`], [`sev_snp`], [`tdx`], [`multi`],
+//! [`join_token`]), the configfs-tsm challenge ([`tsm`]), and the error type.
 #![forbid(unsafe_code)]
 
-pub mod agent;
-pub mod agent_key;
-pub mod bundle;
-pub mod jwt;
-pub mod limits;
-pub mod node_attestation;
-pub mod selector;
-pub mod spiffe_id;
-pub mod svid;
-pub mod tls;
-pub mod workload_attestation;
+pub mod join_token;
+pub mod multi;
+pub mod sev_snp;
+pub mod tdx;
+pub mod tpm;
+pub mod tsm;
 
-pub use selector::Selector;
+pub use ztid_spiffe::{unix_seconds, Selector};
 
-/// The one error type of this crate.
+/// Serde for binary fields of JSON messages: standard base64.
+pub mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes bytes as standard base64.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    /// Deserializes standard base64 into bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The one error type of node attestation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Evidence was checked and refused; the text says which check failed.
@@ -85,9 +103,19 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Seconds since the Unix epoch for a `SystemTime` (0 before the epoch).
-pub fn unix_seconds(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+
+impl From<ztid_spiffe::Error> for Error {
+    fn from(e: ztid_spiffe::Error) -> Self {
+        use ztid_spiffe::Error as S;
+        match e {
+            S::Refused(m) => Error::Refused(m),
+            S::InvalidSelector(m) => Error::InvalidSelector(m),
+            S::InvalidSpiffeId(m) => Error::InvalidSpiffeId(m),
+            S::InvalidSvid(m) => Error::InvalidSvid(m),
+            S::InvalidJwt(m) => Error::InvalidJwt(m),
+            S::Protocol(m) => Error::Protocol(m),
+            S::Config(m) => Error::Config(m),
+            other => Error::Protocol(other.to_string()),
+        }
+    }
 }

@@ -579,7 +579,7 @@ impl Admin for AdminApi {
 }
 
 fn federated_to_proto(
-    b: &ztid_agent_attestor::bundle::TrustBundle,
+    b: &ztid_spiffe::bundle::TrustBundle,
 ) -> Result<pb::FederatedBundle, Status> {
     Ok(pb::FederatedBundle {
         bundle: Some(b.into()),

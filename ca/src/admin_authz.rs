@@ -160,11 +160,11 @@ impl AdminPolicy {
     /// True if `leaf` was signed by one of the admin issuers (its chain to the bundle
     /// was already checked by TLS; this pins the last link).
     fn issued_here(&self, leaf: &[u8]) -> bool {
-        ztid_agent_attestor::svid::verify_chain(
+        ztid_spiffe::svid::verify_chain(
             &[CertificateDer::from(leaf)],
             &(self.issuers)(),
             UnixTime::now(),
-            ztid_agent_attestor::svid::Usage::Client,
+            ztid_spiffe::svid::Usage::Client,
         )
         .is_ok()
     }
@@ -209,7 +209,7 @@ impl AdminPolicy {
                     "admin_no_svid",
                 ));
             };
-            let id = ztid_agent_attestor::svid::spiffe_id_of_leaf(&leaf)
+            let id = ztid_spiffe::svid::spiffe_id_of_leaf(&leaf)
                 .map(|i| i.to_string())
                 .map_err(|e| {
                     (

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::json;
 use tonic::transport::Channel;
-use ztid_agent_attestor::svid::certs_to_pem;
+use ztid_spiffe::svid::certs_to_pem;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 
 use crate::cli::Output;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ztid_agent_attestor::node_attestation::{multi, sev_snp, tdx, tpm, NodeVerifier};
+use ztid_verifier::{multi, sev_snp, tdx, tpm, NodeVerifier};
 
 use crate::config::ServerConfig;
 use crate::{Error, Result};

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use spiffe::TrustDomain;
-use ztid_agent_attestor::bundle::TrustBundle;
-use ztid_agent_attestor::jwt::JwtKey;
-use ztid_agent_attestor::tls::{shared_roots, SharedRoots};
+use ztid_spiffe::bundle::TrustBundle;
+use ztid_spiffe::jwt::JwtKey;
+use ztid_spiffe::tls::{shared_roots, SharedRoots};
 use ztid_hsm::KeyManager;
 
 use crate::authority::{JwtAuthority, X509Authority};

@@ -376,7 +376,7 @@ impl JwtAuthority {
         if let Some(iss) = issuer {
             claims.insert("iss".into(), json!(iss));
         }
-        let token = ztid_agent_attestor::jwt::encode_es256(&self.record.id, &claims, |msg| {
+        let token = ztid_spiffe::jwt::encode_es256(&self.record.id, &claims, |msg| {
             self.km
                 .sign(&self.record.key_id, msg, SignatureFormat::Fixed)
         })?;

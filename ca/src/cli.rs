@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use ztid_agent_attestor::svid::certs_to_pem;
+use ztid_spiffe::svid::certs_to_pem;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_proto::node as npb;
 

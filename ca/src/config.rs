@@ -201,7 +201,7 @@ impl ServerConfig {
     pub fn remote_admin_roles(
         &self,
     ) -> Result<std::collections::HashMap<String, Vec<crate::admin_authz::Role>>> {
-        use ztid_agent_attestor::spiffe_id;
+        use ztid_spiffe::spiffe_id;
         let mut out = std::collections::HashMap::new();
         if let Some(r) = &self.remote_admin {
             let td = self.checked_trust_domain()?;
@@ -248,7 +248,7 @@ impl ServerConfig {
                 self.trust_domain
             )));
         }
-        ztid_agent_attestor::spiffe_id::parse_trust_domain(&self.trust_domain)
+        ztid_spiffe::spiffe_id::parse_trust_domain(&self.trust_domain)
             .map_err(|e| Error::Config(format!("trust_domain: {}", crate::csr_policy::reason(e))))
     }
 

@@ -10,15 +10,15 @@ use rcgen::{KeyPair, PublicKeyData};
 use rustls::sign::CertifiedKey;
 use serde_json::{json, Value};
 use spiffe::TrustDomain;
-use ztid_agent_attestor::bundle::TrustBundle;
-use ztid_agent_attestor::node_attestation::join_token::{
+use ztid_spiffe::bundle::TrustBundle;
+use ztid_verifier::join_token::{
     self, JoinTokenGrant, JoinTokenStore, JoinTokenVerifier,
 };
-use ztid_agent_attestor::node_attestation::multi::MultiVerifier;
-use ztid_agent_attestor::node_attestation::{AttestationContext, AttestedNode, NodeVerifier};
-use ztid_agent_attestor::selector::satisfies;
-use ztid_agent_attestor::tls::SharedRoots;
-use ztid_agent_attestor::unix_seconds;
+use ztid_verifier::multi::MultiVerifier;
+use ztid_verifier::{AttestationContext, AttestedNode, NodeVerifier};
+use ztid_spiffe::selector::satisfies;
+use ztid_spiffe::tls::SharedRoots;
+use ztid_spiffe::unix_seconds;
 use ztid_hsm::KeyManager;
 
 use crate::audit::AuditLog;
@@ -44,17 +44,17 @@ impl JoinTokenStore for StoreTokens {
     fn take_join_token(
         &self,
         hash: &[u8; 32],
-    ) -> std::result::Result<Option<JoinTokenGrant>, ztid_agent_attestor::Error> {
+    ) -> std::result::Result<Option<JoinTokenGrant>, ztid_attestation::Error> {
         let rec = self
             .0
             .take_join_token(hash)
-            .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+            .map_err(|e| ztid_attestation::Error::Store(e.to_string()))?;
         // Redeeming must survive a crash: a token that was used must stay used. An
         // unknown token changed nothing, so a flood of them costs no sync.
         if rec.is_some() {
             self.0
                 .flush()
-                .map_err(|e| ztid_agent_attestor::Error::Store(e.to_string()))?;
+                .map_err(|e| ztid_attestation::Error::Store(e.to_string()))?;
         }
         Ok(rec.map(|r| JoinTokenGrant {
             hash: *hash,
@@ -326,11 +326,11 @@ impl CaCore {
         };
         let own: Vec<rustls_pki_types::CertificateDer<'static>> =
             own.into_iter().map(|a| a.cert_der.into()).collect();
-        ztid_agent_attestor::svid::verify_chain(
+        ztid_spiffe::svid::verify_chain(
             &[rustls_pki_types::CertificateDer::from(leaf)],
             &own,
             rustls_pki_types::UnixTime::now(),
-            ztid_agent_attestor::svid::Usage::Client,
+            ztid_spiffe::svid::Usage::Client,
         )
         .is_ok()
     }
@@ -340,10 +340,10 @@ impl CaCore {
     pub fn authenticate_agent(&self, leaf_der: Option<&[u8]>) -> Result<AuthenticatedAgent> {
         let leaf = leaf_der
             .ok_or_else(|| Error::Unauthenticated("node API call without an agent SVID".into()))?;
-        let id = ztid_agent_attestor::svid::spiffe_id_of_leaf(leaf)
+        let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
             .map_err(|e| Error::Unauthenticated(format!("peer certificate: {e}")))?
             .to_string();
-        let serial = ztid_agent_attestor::svid::serial_hex(leaf)
+        let serial = ztid_spiffe::svid::serial_hex(leaf)
             .map_err(|e| Error::Unauthenticated(e.to_string()))?;
         // TLS accepted any chain to the bundle: under an upstream root, any CA under the
         // organisation's root. An agent's ID and serial are no secret, so only a
@@ -362,7 +362,7 @@ impl CaCore {
         let t = now();
         // TLS checked validity at the handshake only; a connection can outlive the
         // certificate, so check it on every call.
-        let not_after = ztid_agent_attestor::svid::not_after(leaf)
+        let not_after = ztid_spiffe::svid::not_after(leaf)
             .map_err(|e| Error::Unauthenticated(e.to_string()))?;
         if t >= not_after {
             return Err(Error::Unauthenticated(format!(
@@ -419,7 +419,7 @@ impl CaCore {
         node: &AttestedNode,
         csr: &[u8],
     ) -> Result<(AgentRecord, SignedLeaf)> {
-        let agent_id = ztid_agent_attestor::spiffe_id::agent_id(
+        let agent_id = ztid_spiffe::spiffe_id::agent_id(
             &self.trust_domain,
             node.method,
             &node.node_id,
@@ -564,7 +564,7 @@ impl CaCore {
         ttl_seconds: i64,
         caller: &str,
     ) -> Result<(String, SignedLeaf)> {
-        let id = ztid_agent_attestor::spiffe_id::admin_id(&self.trust_domain, name)
+        let id = ztid_spiffe::spiffe_id::admin_id(&self.trust_domain, name)
             .map_err(|e| Error::InvalidArgument(crate::csr_policy::reason(e)))?
             .to_string();
         let ttl = if ttl_seconds == 0 {

@@ -5,7 +5,7 @@
 
 use rcgen::{CertificateSigningRequestParams, IsCa, KeyUsagePurpose, SanType};
 use rustls_pki_types::CertificateSigningRequestDer;
-use ztid_agent_attestor::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
+use ztid_spiffe::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
 
 use crate::{Error, Result};
 
@@ -81,9 +81,9 @@ pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String
 }
 
 /// The reason text of a refused SPIFFE ID.
-pub fn reason(e: ztid_agent_attestor::Error) -> String {
+pub fn reason(e: ztid_spiffe::Error) -> String {
     match e {
-        ztid_agent_attestor::Error::InvalidSpiffeId(m) => m,
+        ztid_spiffe::Error::InvalidSpiffeId(m) => m,
         other => other.to_string(),
     }
 }

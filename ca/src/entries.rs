@@ -2,8 +2,8 @@
 //! A malformed entry is refused with the reason and stores nothing.
 
 use spiffe::{SpiffeId, TrustDomain};
-use ztid_agent_attestor::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
-use ztid_agent_attestor::Selector;
+use ztid_spiffe::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
+use ztid_spiffe::Selector;
 use ztid_proto::node as pb;
 
 use crate::authority::random_hex;
@@ -17,7 +17,7 @@ pub fn server_id(td: &TrustDomain) -> String {
 }
 
 /// Parses an ID given to the admin API: canonical spelling only (one rule, see
-/// [`ztid_agent_attestor::spiffe_id`]), in trust domain `td`.
+/// [`ztid_spiffe::spiffe_id`]), in trust domain `td`.
 pub fn parse_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
     let parsed = spiffe_id::parse(id)
         .map_err(|e| Error::InvalidArgument(format!("{what} {}", reason(e))))?;

@@ -43,7 +43,7 @@ pub enum Error {
     },
     /// Node attestation refused the evidence or failed.
     #[error(transparent)]
-    Attestation(#[from] ztid_agent_attestor::Error),
+    Attestation(#[from] ztid_attestation::Error),
 }
 
 impl Error {
@@ -83,7 +83,7 @@ impl From<rcgen::Error> for Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        use ztid_agent_attestor::Error as A;
+        use ztid_attestation::Error as A;
         let msg = e.to_string();
         match e {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use ztid_agent_attestor::node_attestation::{sev_snp, tdx, tpm};
+use ztid_verifier::{sev_snp, tdx, tpm};
 
 use crate::cli::{EvidenceVerifyArgs, Output};
 use crate::config::ServerConfig;

@@ -24,8 +24,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use ztid_agent_attestor::bundle::TrustBundle;
-use ztid_agent_attestor::jwt::JwtKey;
+use ztid_spiffe::bundle::TrustBundle;
+use ztid_spiffe::jwt::JwtKey;
 
 use crate::core::{now, CaCore};
 use crate::{Error, Result};
@@ -160,8 +160,8 @@ pub enum Stored {
 /// Parses a bundle file in `format` (`pem` or `spiffe`) for `td`; a PEM bundle gets
 /// sequence `pem_sequence` (it has none of its own).
 pub fn parse_bundle(td: &str, format: &str, data: &[u8], pem_sequence: u64) -> Result<TrustBundle> {
-    let refused = |e: ztid_agent_attestor::Error| match e {
-        ztid_agent_attestor::Error::Refused(r) => Error::InvalidArgument(r),
+    let refused = |e: ztid_spiffe::Error| match e {
+        ztid_spiffe::Error::Refused(r) => Error::InvalidArgument(r),
         other => Error::InvalidArgument(other.to_string()),
     };
     match format {
@@ -187,8 +187,8 @@ fn sniff_format(data: &[u8]) -> &'static str {
 }
 
 fn check_trust_domain(core: &CaCore, td: &str) -> Result<String> {
-    // One rule for names and IDs: canonical spelling only (ztid_agent_attestor::spiffe_id).
-    let parsed = ztid_agent_attestor::spiffe_id::parse_trust_domain(td).map_err(|e| {
+    // One rule for names and IDs: canonical spelling only (ztid_spiffe::spiffe_id).
+    let parsed = ztid_spiffe::spiffe_id::parse_trust_domain(td).map_err(|e| {
         Error::InvalidArgument(format!("trust domain {}", crate::csr_policy::reason(e)))
     })?;
     if parsed == core.trust_domain {
@@ -377,7 +377,7 @@ impl CaCore {
         match f.profile.as_str() {
             "https_spiffe" => {
                 let id =
-                    ztid_agent_attestor::spiffe_id::parse(&f.endpoint_spiffe_id).map_err(|e| {
+                    ztid_spiffe::spiffe_id::parse(&f.endpoint_spiffe_id).map_err(|e| {
                         Error::InvalidArgument(format!(
                             "https_spiffe needs --endpoint-spiffe-id: {}",
                             crate::csr_policy::reason(e)
@@ -601,8 +601,8 @@ fn client_config(core: &CaCore, f: &FederationRecord) -> Result<rustls::ClientCo
                     )))
                 }
             };
-            let verifier = ztid_agent_attestor::tls::ServerSvidVerifier::foreign_endpoint(
-                ztid_agent_attestor::tls::shared_roots(roots),
+            let verifier = ztid_spiffe::tls::ServerSvidVerifier::foreign_endpoint(
+                ztid_spiffe::tls::shared_roots(roots),
                 f.endpoint_spiffe_id.clone(),
             );
             builder

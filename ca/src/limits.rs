@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-pub use ztid_agent_attestor::limits::{
+pub use ztid_spiffe::limits::{
     at_most, normalize_audiences, AudienceError, Exceeded, MAX_JWT_AUDIENCES,
     MAX_JWT_AUDIENCE_BYTES,
 };

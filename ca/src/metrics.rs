@@ -1,6 +1,6 @@
 //! Telemetry of `ztid-server`: Prometheus metrics, `/live` and `/ready` on the
 //! `--metrics ADDR:PORT` listener (off by default; the listener itself is the
-//! agent crate's [`ztid_agent_attestor::agent::metrics::listen`]).
+//! agent crate's [`ztid_telemetry::listen`]).
 //!
 //! Counters are fed by one-line hooks in [`crate::core`] and [`crate::node_api`];
 //! gauges are computed when scraped, from state that is cheap to read: the
@@ -24,7 +24,7 @@ use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
-use ztid_agent_attestor::agent::metrics::{
+use ztid_telemetry::{
     encode, listen, register, GrpcMetricsLayer, Probe, LATENCY_BUCKETS,
 };
 
@@ -358,7 +358,7 @@ fn method_label(method: &str) -> &'static str {
 
 /// Why a node attestation was refused, as one of a fixed set of labels.
 pub fn attestation_reason(e: &Error) -> &'static str {
-    use ztid_agent_attestor::Error as A;
+    use ztid_attestation::Error as A;
     match e {
         Error::Attestation(A::Refused(m)) => {
             let m = m.to_ascii_lowercase();
@@ -852,7 +852,7 @@ impl Probe for EntriesRefresh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ztid_agent_attestor::Error as A;
+    use ztid_attestation::Error as A;
 
     #[test]
     fn reasons_are_short_and_stable() {

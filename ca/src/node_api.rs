@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use ztid_agent_attestor::node_attestation::VerifierStep;
+use ztid_verifier::VerifierStep;
 use ztid_proto::node::{self as pb, node_server::Node};
 
 use crate::core::{AuthenticatedAgent, CaCore};
@@ -69,7 +69,7 @@ impl NodeApi {
                 peer.addr.as_deref(),
                 crate::metrics::refusal_reason(&e),
                 serde_json::json!({"type": "node_api_refused", "reason": e.to_string(),
-                "peer_serial": leaf.and_then(|l| ztid_agent_attestor::svid::serial_hex(l).ok())}),
+                "peer_serial": leaf.and_then(|l| ztid_spiffe::svid::serial_hex(l).ok())}),
             );
             Status::from(e)
         })

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, UnixListener};
-use ztid_agent_attestor::tls::AgentCertVerifier;
+use ztid_spiffe::tls::AgentCertVerifier;
 use ztid_proto::admin::admin_server::AdminServer;
 use ztid_proto::node::node_server::NodeServer;
 

@@ -67,7 +67,7 @@ fn is_self_signed(der: &[u8]) -> bool {
 fn read_certs(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     let text =
         std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
-    ztid_agent_attestor::svid::certs_from_pem(&text)
+    ztid_spiffe::svid::certs_from_pem(&text)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 

@@ -25,12 +25,16 @@
 #![warn(missing_docs)]
 
 mod key_files;
+#[cfg(feature = "pkcs11")]
 mod pkcs11;
 mod software;
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
+#[cfg(feature = "pkcs11")]
 pub use pkcs11::Pkcs11KeyManager;
 pub use software::SoftwareKeyManager;
+#[cfg(feature = "tpm")]
 pub use tpm::{TpmKeyBlob, TpmKeyManager};
 
 /// The one error type of this crate.

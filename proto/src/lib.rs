@@ -3,8 +3,10 @@
 //! - [`workload`]: the standard SPIFFE Workload API (no protobuf package, as in the spec).
 //! - [`node`]: ztid's node API between `ztid-agent` and `ztid-server`.
 //! - [`admin`]: ztid's admin API on the server's admin Unix socket.
-//! - [`uds_authority`]: a connection adapter that lets grpc-core clients (py-spiffe,
-//!   java-spiffe, grpcurl), which send the socket path as `:authority`, talk to tonic.
+//! - [`transport`]: a gRPC channel to a Unix socket.
+//!
+//! The server-side `:authority` adapter for grpc-core clients is its own crate,
+//! `ztid-h2-authority`, since it parses untrusted bytes.
 #![forbid(unsafe_code)]
 #![allow(clippy::large_enum_variant)]
 
@@ -36,7 +38,6 @@ pub use ztid::admin::v1 as admin;
 pub use ztid::node::v1 as node;
 
 pub mod transport;
-pub mod uds_authority;
 
 /// The metadata key every Workload API request must carry with the value `true`.
 pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";

@@ -388,7 +388,7 @@ impl Agent {
     }
 
     /// The agent's own SVID and key, from its data directory (to call the node API as it).
-    pub fn own_svid(&self) -> ztid_agent_attestor::agent::node_client::AgentSvid {
+    pub fn own_svid(&self) -> ztid_agent::node_client::AgentSvid {
         let chain = pem::parse_many(
             std::fs::read(self.data_dir().join("agent_svid.pem")).expect("agent SVID"),
         )
@@ -397,7 +397,7 @@ impl Agent {
         .map(|p| p.into_contents())
         .collect();
         let key = std::fs::read(self.data_dir().join("agent_key.pk8")).expect("agent key");
-        ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key)
+        ztid_agent::node_client::AgentSvid::from_parts(chain, key)
             .expect("agent SVID parses")
     }
 
@@ -532,9 +532,9 @@ pub fn at(rfc: &str) -> std::time::SystemTime {
 }
 
 /// The reason of an attestation refusal; panics on success or on any other error.
-pub fn refusal<T>(r: Result<T, ztid_agent_attestor::Error>) -> String {
+pub fn refusal<T>(r: Result<T, ztid_attestation::Error>) -> String {
     match r {
-        Err(ztid_agent_attestor::Error::Refused(m)) => m,
+        Err(ztid_attestation::Error::Refused(m)) => m,
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("expected a refusal, got success"),
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
-use ztid_agent_attestor::node_attestation::sev_snp;
+use ztid_verifier::sev_snp;
 
 pub const PSS: &[&str] = &[
     "-sigopt",

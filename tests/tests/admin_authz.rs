@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use ztid_agent_attestor::agent::node_client::{mtls_channel, AgentSvid};
-use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_agent::node_client::{mtls_channel, AgentSvid};
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_proto::node as npb;
 use ztid_tests::*;

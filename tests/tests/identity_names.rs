@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::Code;
-use ztid_agent_attestor::agent::node_client::{connect, mtls_channel};
-use ztid_agent_attestor::spiffe_id::new_instance_segment;
-use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_agent::node_client::{connect, mtls_channel};
+use ztid_spiffe::spiffe_id::new_instance_segment;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as apb, admin_client::AdminClient};
 use ztid_proto::node::{self as pb, node_client::NodeClient};
 use ztid_tests::*;
@@ -1438,7 +1438,7 @@ async fn an_admin_identity_counts_only_from_this_servers_authorities() {
             .map(|p| p.into_contents())
             .collect::<Vec<_>>()
     };
-    let svid = ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(
+    let svid = ztid_agent::node_client::AgentSvid::from_parts(
         pem_der("svid.pem"),
         pem_der("svid.key").remove(0),
     )
@@ -1494,7 +1494,7 @@ async fn the_server_admits_an_agent_only_in_a_certificate_it_signed() {
     ] {
         let (chain, key) = org.sibling_leaf_with_serial(ca_uri, &agent.spiffe_id, Some(&serial));
         let forged =
-            ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(chain, key).unwrap();
+            ztid_agent::node_client::AgentSvid::from_parts(chain, key).unwrap();
         let mut node = connect(
             server.addr().parse().unwrap(),
             server_verifier(bundle_roots(&server)),

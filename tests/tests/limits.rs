@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ztid_agent_attestor::agent::node_client::connect;
-use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_agent::node_client::connect;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as apb, admin_client::AdminClient};
 use ztid_proto::node as pb;
 use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
@@ -1231,7 +1231,7 @@ fn remote_admin_client(port: u16, dir: &Path) -> AdminClient<tonic::transport::C
             .map(|p| p.into_contents())
             .collect()
     };
-    let identity = ztid_agent_attestor::agent::node_client::AgentSvid::from_parts(
+    let identity = ztid_agent::node_client::AgentSvid::from_parts(
         pems("svid.pem"),
         pems("svid.key").remove(0),
     )
@@ -1241,7 +1241,7 @@ fn remote_admin_client(port: u16, dir: &Path) -> AdminClient<tonic::transport::C
         format!("spiffe://{TD}/ztid/server"),
     ));
     AdminClient::new(
-        ztid_agent_attestor::agent::node_client::mtls_channel(
+        ztid_agent::node_client::mtls_channel(
             format!("127.0.0.1:{port}").parse().unwrap(),
             verifier,
             Some(identity.certified_key().unwrap()),

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use snp_signer::{FakeTsm, TestChain, MEASUREMENT};
 use swtpm::{LocalCa, Swtpm};
-use ztid_agent_attestor::agent_key::AgentKey;
-use ztid_agent_attestor::node_attestation::tpm;
+use ztid_attestor::agent_key::AgentKey;
+use ztid_verifier::tpm;
 use ztid_tests::*;
 
 const TD: &str = "cvm.example.org";
@@ -59,7 +59,7 @@ impl Cvm {
         let tsm = tempfile::tempdir().unwrap();
         let root = tsm.path().to_path_buf();
         let fake = if svsm {
-            let ek = tpm::device::Tpm::open(&vtpm.tcti())
+            let ek = ztid_attestor::tpm::device::Tpm::open(&vtpm.tcti())
                 .unwrap()
                 .ek_public()
                 .unwrap();
@@ -125,7 +125,7 @@ impl Cvm {
     }
 
     fn ek_hash(&self) -> String {
-        let mut t = tpm::device::Tpm::open(&self.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm::device::Tpm::open(&self.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     }
 }
@@ -136,7 +136,7 @@ const REQUIRED: &str = "required = [\"tpm\", \"sev-snp\"]";
 fn tpm_and_sev_snp_together_or_not_at_all() {
     let cvm = Cvm::new();
     let ek_hash = {
-        let mut t = tpm::device::Tpm::open(&cvm.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm::device::Tpm::open(&cvm.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     };
     let server = cvm.server("server", "", "", REQUIRED);
@@ -379,7 +379,7 @@ fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
     // guest's report: refused, naming both EKs.
     let other = Swtpm::provision(&cvm.ca, &cvm.dir.path().join("other-tpm"));
     let other_hash = {
-        let mut t = tpm::device::Tpm::open(&other.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm::device::Tpm::open(&other.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     };
     let log = refused(
@@ -396,12 +396,12 @@ fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
 
 #[test]
 fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
-    use ztid_agent_attestor::node_attestation::multi::{Envelope, MultiVerifier, Part};
-    use ztid_agent_attestor::node_attestation::tpm::{InitialEvidence, TpmAttestor, TpmVerifier};
-    use ztid_agent_attestor::node_attestation::tsm::TsmClient;
-    use ztid_agent_attestor::node_attestation::{
-        sev_snp, AttestationContext, NodeAttestor, NodeVerifier, VerifierStep,
-    };
+    use ztid_verifier::multi::{Envelope, MultiVerifier, Part};
+    use ztid_attestor::tpm::TpmAttestor;
+    use ztid_attestor::tsm::TsmClient;
+    use ztid_attestor::NodeAttestor;
+    use ztid_verifier::tpm::{InitialEvidence, TpmVerifier};
+    use ztid_verifier::{AttestationContext, NodeVerifier, VerifierStep};
 
     let svsm = Cvm::with_svsm_vtpm();
     let plain = Cvm::new();
@@ -419,7 +419,7 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
         MultiVerifier::new(
             vec![
                 Arc::new(TpmVerifier::from_config(&tpm_policy).unwrap()),
-                Arc::new(sev_snp::SnpVerifier::from_config(&snp).unwrap()),
+                Arc::new(ztid_verifier::sev_snp::SnpVerifier::from_config(&snp).unwrap()),
             ],
             Default::default(),
         )
@@ -435,9 +435,9 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
         ev.ek_cert.clear();
         let client = TsmClient::new(cvm.tsm.path(), "sev_guest");
         let mut snp = if through_svsm {
-            sev_snp::SnpAttestor::through_svsm_vtpm(client).unwrap()
+            ztid_attestor::sev_snp::SnpAttestor::through_svsm_vtpm(client).unwrap()
         } else {
-            sev_snp::SnpAttestor::with_client(client).unwrap()
+            ztid_attestor::sev_snp::SnpAttestor::with_client(client).unwrap()
         };
         let ctx = AttestationContext {
             agent_public_key: &key,
@@ -505,7 +505,7 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
         .unwrap()
         .start(&ev, &ctx);
     assert!(
-        matches!(&alone, Err(ztid_agent_attestor::Error::Refused(m))
+        matches!(&alone, Err(ztid_attestation::Error::Refused(m))
             if m == "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"),
         "{:?}",
         alone.err()
@@ -514,7 +514,7 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
     // With an SNP report that carries no vTPM manifest: nothing vouches for the EK.
     let (r, _, _) = attempt(&plain, false);
     match r {
-        Err(ztid_agent_attestor::Error::Refused(m)) => assert_eq!(
+        Err(ztid_attestation::Error::Refused(m)) => assert_eq!(
             m,
             "the TPM's EK has no certificate, so only an SEV-SNP report can vouch for it, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
         ),

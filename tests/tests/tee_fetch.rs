@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use ztid_tests::{at, refusal};
 
-use ztid_agent_attestor::node_attestation::{sev_snp, tdx};
+use ztid_verifier::{sev_snp, tdx};
 
 // ---------------------------------------------------------------------------------
 // Helpers shared with tee_snp.rs / tee_tdx.rs.

@@ -7,8 +7,8 @@ use std::process::Command;
 use ztid_tests::{at, refusal};
 
 use serde_json::Value;
-use ztid_agent_attestor::node_attestation::sev_snp;
-use ztid_agent_attestor::Error;
+use ztid_verifier::sev_snp;
+use ztid_attestation::Error;
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("snp")

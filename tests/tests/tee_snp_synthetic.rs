@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use ztid_agent_attestor::node_attestation::tsm::TsmClient;
-use ztid_agent_attestor::node_attestation::{
-    sev_snp, AttestationContext, NodeAttestor, NodeVerifier, VerifierStep,
-};
-use ztid_agent_attestor::{Error, Selector};
+use ztid_attestor::tsm::TsmClient;
+use ztid_attestor::NodeAttestor;
+use ztid_verifier::{sev_snp, AttestationContext, NodeVerifier, VerifierStep};
+use ztid_attestation::Error;
+use ztid_spiffe::Selector;
 use ztid_tests::*;
 
 #[path = "../tee/snp_signer.rs"]
@@ -182,7 +182,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let _fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
     let verifier = sev_snp::SnpVerifier::from_config(&chain.config("")).unwrap();
     let mut attestor =
-        sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest")).unwrap();
+        ztid_attestor::sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest")).unwrap();
     let key = spki();
     let ctx = AttestationContext {
         agent_public_key: &key,
@@ -260,7 +260,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         panic!("expected a challenge");
     };
     let rd =
-        ztid_agent_attestor::node_attestation::tsm::report_data_for_challenge(&challenge).unwrap();
+        ztid_verifier::tsm::report_data_for_challenge(&challenge).unwrap();
     let VerifierStep::Attested(other_launch) =
         session.resume(&chain.evidence(&rd, |_| {}), &ctx).unwrap()
     else {
@@ -347,8 +347,8 @@ impl Drop for AgentProc {
 /// Runs the node API's Attest stream by hand for `sev-snp`, answering the challenge with
 /// `evidence`; returns the server's refusal message.
 fn replay_attestation(server: &Server, evidence: &[u8]) -> String {
-    use ztid_agent_attestor::agent::node_client::connect;
-    use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+    use ztid_agent::node_client::connect;
+    use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
     use ztid_proto::node as pb;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use ztid_tests::{at, refusal};
 
 use serde_json::Value;
-use ztid_agent_attestor::node_attestation::{tdx, AttestationContext, NodeVerifier, VerifierStep};
-use ztid_agent_attestor::Error;
+use ztid_verifier::{tdx, AttestationContext, NodeVerifier, VerifierStep};
+use ztid_attestation::Error;
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("tdx")
@@ -443,8 +443,8 @@ fn cli_gives_every_vectors_outcome() {
 fn agent_side_reads_the_quote_from_a_tsm_tree() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use ztid_agent_attestor::node_attestation::tsm::TsmClient;
-    use ztid_agent_attestor::node_attestation::NodeAttestor;
+    use ztid_attestor::tsm::TsmClient;
+    use ztid_attestor::NodeAttestor;
 
     // A fake tdx_guest provider that answers every request with the v4 quote (real
     // hardware would put the requested report_data into it; this one cannot).
@@ -470,7 +470,7 @@ fn agent_side_reads_the_quote_from_a_tsm_tree() {
         }
     });
     let mut attestor =
-        tdx::TdxAttestor::with_client(TsmClient::new(root.path(), "tdx_guest")).unwrap();
+        ztid_attestor::tdx::TdxAttestor::with_client(TsmClient::new(root.path(), "tdx_guest")).unwrap();
     assert!(attestor.initial_evidence().unwrap().is_empty());
 
     let tmp = tempfile::tempdir().unwrap();

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use swtpm::{LocalCa, Swtpm};
-use ztid_agent_attestor::node_attestation::tpm;
+use ztid_verifier::tpm;
 use ztid_tests::{bin, entry_for_my_uid, wait_for, Agent, Server, READY_TIMEOUT};
 
 const TD: &str = "tpm.example.org";
@@ -26,7 +26,7 @@ fn start_tpm_agent(server: &Server, tcti: &str, extra: &[&str]) -> Result<Agent,
 
 /// The node id the CA will give this TPM: SHA-256 of the EK certificate's public key.
 fn ek_hash_of(tpm: &Swtpm) -> String {
-    let mut t = tpm::device::Tpm::open(&tpm.tcti()).expect("open TPM");
+    let mut t = ztid_attestor::tpm::device::Tpm::open(&tpm.tcti()).expect("open TPM");
     tpm::ek_hash(&t.ek_public().expect("EK")).expect("hash")
 }
 
@@ -81,7 +81,7 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // The same TPM attesting with its ECC EK (`--tpm-ek ecc`) is another node: the ID is
     // the hash of the ECC EK.
     let ecc_hash = {
-        let mut t = tpm::device::Tpm::open_with_ek(&swtpm.tcti(), tpm::device::EkKind::Ecc)
+        let mut t = ztid_attestor::tpm::device::Tpm::open_with_ek(&swtpm.tcti(), ztid_attestor::tpm::device::EkKind::Ecc)
             .expect("open TPM");
         tpm::ek_hash(&t.ek_public().expect("ECC EK")).expect("hash")
     };
@@ -99,7 +99,7 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // workload's SVID above went over mTLS handshakes the TPM signed.
     let data = agent.dir.path().join("data");
     assert!(!data.join("agent_key.pk8").exists());
-    let key = ztid_agent_attestor::agent_key::AgentKey::load(&data, &swtpm.tcti())
+    let key = ztid_attestor::agent_key::AgentKey::load(&data, &swtpm.tcti())
         .expect("agent_key.tpmkey");
     assert!(key.pkcs8().is_none(), "a TPM key has no exportable form");
     let leaf = pem::parse(std::fs::read(data.join("agent_svid.pem")).unwrap())
@@ -225,7 +225,7 @@ fn tpm_evidence_verify_cli() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, swtpm) = provision(dir.path());
     let nonce = [7u8; 32];
-    let evidence = tpm::capture_evidence(&swtpm.tcti(), &nonce).expect("capture");
+    let evidence = ztid_attestor::tpm::capture_evidence(&swtpm.tcti(), &nonce).expect("capture");
     let file = dir.path().join("evidence.json");
     std::fs::write(&file, &evidence).unwrap();
     let trust = ca.trust_dir().display().to_string();

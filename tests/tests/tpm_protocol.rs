@@ -12,11 +12,12 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use attest::*;
-use ztid_agent_attestor::node_attestation::tpm::{
-    self, credential, device::Tpm, quote, wire, Answer, Challenge, EkKind, EkTemplate,
-    InitialEvidence, TpmAttestor, TpmVerifier,
+use ztid_attestor::tpm::{device::Tpm, EkKind, EkTemplate, TpmAttestor};
+use ztid_attestor::NodeAttestor;
+use ztid_verifier::tpm::{
+    self, credential, quote, wire, Answer, Challenge, InitialEvidence, TpmVerifier,
 };
-use ztid_agent_attestor::node_attestation::{NodeAttestor, NodeVerifier};
+use ztid_verifier::NodeVerifier;
 
 #[test]
 fn tpm_enrolment_round_trip_and_identity() {
@@ -420,7 +421,7 @@ fn tpm_ztid_quote_verifies_with_tpm2_checkquote() {
     let nonce = hex::decode("0123456789abcdef0123456789abcdef").unwrap();
     let pcrs: BTreeSet<u8> = (0..7).collect(); // tpm2-tools 5.4 fails above 7 PCRs
     let ev: tpm::EvidenceFile =
-        serde_json::from_slice(&tpm::capture_evidence_with(&f.tpm.tcti(), &nonce, &pcrs).unwrap())
+        serde_json::from_slice(&ztid_attestor::tpm::capture_evidence_with(&f.tpm.tcti(), &nonce, &pcrs).unwrap())
             .unwrap();
     let ak = wire::Public::parse(&ev.ak_pub).unwrap();
     std::fs::write(work.join("ak.pem"), pem_spki(&ak.spki_der().unwrap())).unwrap();
@@ -681,7 +682,7 @@ fn tpm_make_credential_interoperates_with_tpm2_tools() {
 fn tpm_offline_evidence_round_trip() {
     let f = fixture();
     let nonce = b"offline-nonce-0123456789abcdef01";
-    let file = tpm::capture_evidence(&f.tpm.tcti(), nonce).unwrap();
+    let file = ztid_attestor::tpm::capture_evidence(&f.tpm.tcti(), nonce).unwrap();
     let empty = toml::Table::new();
     let trust = f.ca.trust_dir();
     let claims = tpm::verify_offline(&file, Some(&trust), Some(nonce), SystemTime::now(), &empty)
@@ -890,7 +891,7 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
         rcgen::PublicKeyData::subject_public_key_info(&parsed.public_key),
         key.spki().unwrap()
     );
-    let ztid_agent_attestor::agent_key::AgentKey::Tpm(k) = &key else {
+    let ztid_attestor::agent_key::AgentKey::Tpm(k) = &key else {
         panic!("a TPM key")
     };
     let sig = k.sign(b"handshake transcript").unwrap();
@@ -902,7 +903,7 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
     let (file, bytes) = key.persisted().unwrap();
     assert_eq!(file, "agent_key.tpmkey");
     let copied =
-        ztid_agent_attestor::agent_key::TpmAgentKey::new(&tpm_b.tcti(), k.blob().clone()).unwrap();
+        ztid_attestor::agent_key::TpmAgentKey::new(&tpm_b.tcti(), k.blob().clone()).unwrap();
     let err = copied
         .sign(b"handshake transcript")
         .unwrap_err()
@@ -912,7 +913,7 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(file), &bytes).unwrap();
     let reloaded =
-        ztid_agent_attestor::agent_key::AgentKey::load(dir.path(), &f.tpm.tcti()).unwrap();
+        ztid_attestor::agent_key::AgentKey::load(dir.path(), &f.tpm.tcti()).unwrap();
     assert!(reloaded.pkcs8().is_none());
     assert_eq!(reloaded.spki().unwrap(), key.spki().unwrap());
     assert_eq!(f.tpm.leftovers(), "");
@@ -1188,7 +1189,7 @@ fn tpm_ecc_offline_evidence_round_trip() {
     let f = fixture();
     let nonce = b"offline-nonce-ecc-0123456789abcd";
     let pcrs: BTreeSet<u8> = (0..8).collect();
-    let file = tpm::capture_evidence_with_ek(&f.tpm.tcti(), EkKind::Ecc, nonce, &pcrs).unwrap();
+    let file = ztid_attestor::tpm::capture_evidence_with_ek(&f.tpm.tcti(), EkKind::Ecc, nonce, &pcrs).unwrap();
     let ev: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
     assert_eq!(ecc_ek_params(&ev.ek_pub).0, wire::curve::NIST_P384);
     let trust = f.ca.trust_dir();

@@ -7,12 +7,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ztid_agent_attestor::node_attestation::multi::{MultiVerifier, METHOD as MULTI};
-use ztid_agent_attestor::node_attestation::tpm::wire;
-use ztid_agent_attestor::node_attestation::{
+use ztid_verifier::multi::{MultiVerifier, METHOD as MULTI};
+use ztid_verifier::tpm::wire;
+use ztid_verifier::{
     sev_snp, tdx, AttestationContext, NodeVerifier, VerifierStep,
 };
-use ztid_agent_attestor::Error;
+use ztid_attestation::Error;
 
 /// xorshift64*: enough randomness for mutations, reproducible by seed.
 struct Rng(u64);

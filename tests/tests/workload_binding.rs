@@ -930,7 +930,7 @@ impl RawAgent {
             .args(extra)
             .env(
                 "ZTID_LOG",
-                "info,ztid_agent_attestor::agent::workload_listener=debug",
+                "info,ztid_agent::workload_listener=debug",
             )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))

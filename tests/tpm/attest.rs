@@ -5,11 +5,13 @@
 use std::time::SystemTime;
 
 use super::swtpm::{LocalCa, Swtpm};
-use ztid_agent_attestor::node_attestation::tpm::{TpmAttestor, TpmPolicy, TpmVerifier};
-use ztid_agent_attestor::node_attestation::{
-    AttestationContext, AttestedNode, NodeAttestor, NodeVerifier, VerificationSession, VerifierStep,
+use ztid_attestor::tpm::TpmAttestor;
+use ztid_attestor::NodeAttestor;
+use ztid_verifier::tpm::{TpmPolicy, TpmVerifier};
+use ztid_verifier::{
+    AttestationContext, AttestedNode, NodeVerifier, VerificationSession, VerifierStep,
 };
-use ztid_agent_attestor::Error;
+use ztid_attestation::Error;
 
 /// The CA's context for an attempt whose CSR carries `key` (DER SubjectPublicKeyInfo).
 pub fn ctx_at(key: &[u8], now: SystemTime) -> AttestationContext<'_> {
@@ -107,7 +109,7 @@ pub fn fixture() -> Fixture {
 /// The blob of the agent key `a` made last.
 pub fn a_key_blob(a: &mut TpmAttestor) -> ztid_hsm::TpmKeyBlob {
     match a.agent_key().unwrap().unwrap() {
-        ztid_agent_attestor::agent_key::AgentKey::Tpm(k) => k.blob().clone(),
+        ztid_attestor::agent_key::AgentKey::Tpm(k) => k.blob().clone(),
         other => panic!("{other:?}"),
     }
 }

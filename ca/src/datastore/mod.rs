@@ -11,7 +11,7 @@ mod sled_store;
 pub use sled_store::SledStore;
 
 use serde::{Deserialize, Serialize};
-use ztid_agent_attestor::Selector;
+use ztid_spiffe::Selector;
 
 use crate::Result;
 

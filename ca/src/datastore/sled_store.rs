@@ -514,7 +514,7 @@ impl DataStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ztid_agent_attestor::Selector;
+    use ztid_spiffe::Selector;
 
     fn entry(id: &str, spiffe: &str, parent: &str, sel: &str) -> EntryRecord {
         EntryRecord {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ztid_agent_attestor::agent::node_client::connect;
-use ztid_agent_attestor::tls::{shared_roots, ServerSvidVerifier};
+use ztid_agent::node_client::connect;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
 use ztid_tests::*;
 

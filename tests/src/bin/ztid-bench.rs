@@ -33,8 +33,8 @@ use rcgen::{
 use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateSigningRequestDer;
 use tonic::transport::Channel;
-use ztid_agent_attestor::agent::node_client::{self, AgentSvid};
-use ztid_agent_attestor::Selector;
+use ztid_agent::node_client::{self, AgentSvid};
+use ztid_spiffe::Selector;
 use ztid_ca::datastore::{DataStore, EntryRecord, SledStore};
 use ztid_proto::node::{self as pb, node_client::NodeClient};
 use ztid_tests::{entry_for_my_uid, wait_for, Agent, Server, READY_TIMEOUT};
@@ -612,14 +612,14 @@ fn raw_crypto(opts: &Opts, csrs: &[Vec<u8>]) -> Raw {
 fn agent_client(server: &Server, agent: &Agent) -> NodeClient<Channel> {
     let data = agent.data_dir();
     let pem = std::fs::read_to_string(data.join("agent_svid.pem")).expect("agent_svid.pem");
-    let chain = ztid_agent_attestor::svid::certs_from_pem(&pem).expect("agent chain");
+    let chain = ztid_spiffe::svid::certs_from_pem(&pem).expect("agent chain");
     let key = std::fs::read(data.join("agent_key.pk8")).expect("agent_key.pk8");
     let svid = AgentSvid::from_parts(chain, key).expect("agent SVID");
     assert_eq!(svid.spiffe_id, agent.spiffe_id);
     let roots_pem = std::fs::read_to_string(server.bundle_file()).expect("bundle");
-    let roots = ztid_agent_attestor::svid::certs_from_pem(&roots_pem).expect("bundle certs");
-    let verifier = Arc::new(ztid_agent_attestor::tls::ServerSvidVerifier::new(
-        ztid_agent_attestor::tls::shared_roots(roots),
+    let roots = ztid_spiffe::svid::certs_from_pem(&roots_pem).expect("bundle certs");
+    let verifier = Arc::new(ztid_spiffe::tls::ServerSvidVerifier::new(
+        ztid_spiffe::tls::shared_roots(roots),
         format!("spiffe://{TD}/ztid/server"),
     ));
     let addr: SocketAddr = server.addr().parse().unwrap();

@@ -19,7 +19,7 @@ struct Held {
 }
 
 fn authority_of(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> String {
-    ztid_agent_attestor::svid::issuing_authority_of_chain(chain, roots).unwrap_or_default()
+    ztid_spiffe::svid::issuing_authority_of_chain(chain, roots).unwrap_or_default()
 }
 
 fn validate(h: &Held) -> Result<(), String> {
@@ -29,11 +29,11 @@ fn validate(h: &Held) -> Result<(), String> {
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
     let roots: Vec<_> = h.roots.iter().cloned().map(CertificateDer::from).collect();
-    ztid_agent_attestor::svid::verify_chain(
+    ztid_spiffe::svid::verify_chain(
         &chain,
         &roots,
         UnixTime::now(),
-        ztid_agent_attestor::svid::Usage::Client,
+        ztid_spiffe::svid::Usage::Client,
     )
     .map(|_| ())
     .map_err(|e| e.to_string())

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use ztid_tests::at;
 
-use ztid_agent_attestor::node_attestation::{sev_snp, tdx};
+use ztid_verifier::{sev_snp, tdx};
 
 /// Times the first call (cold: for SEV-SNP the VEK's RSA signature is checked; later
 /// calls find the pair in the verified-signature cache) and then a loop of `secs`.

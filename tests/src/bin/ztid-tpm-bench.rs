@@ -14,10 +14,9 @@ use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use attest::*;
-use ztid_agent_attestor::node_attestation::tpm::{
-    self, credential, device::Tpm, quote, wire, EkKind, InitialEvidence, TpmAttestor, TpmVerifier,
-};
-use ztid_agent_attestor::node_attestation::NodeVerifier;
+use ztid_attestor::tpm::{self, device::Tpm, EkKind, TpmAttestor};
+use ztid_verifier::tpm::{credential, quote, wire, InitialEvidence, TpmVerifier};
+use ztid_verifier::NodeVerifier;
 
 fn main() {
     let f = fixture();
@@ -44,7 +43,7 @@ fn main() {
     let n = 2000;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        tpm::check_keys(
+        ztid_verifier::tpm::check_keys(
             &pol,
             &ev_parsed.ek_cert,
             &ev_parsed.ek_pub,
@@ -105,7 +104,7 @@ fn main() {
         .unwrap();
     let t = std::time::Instant::now();
     for _ in 0..n {
-        tpm::verify_certification(&cert_ak, &cert, &cert_sig, &nonce, &key_name).unwrap();
+        ztid_verifier::tpm::verify_certification(&cert_ak, &cert, &cert_sig, &nonce, &key_name).unwrap();
     }
     let certify_s = t.elapsed().as_secs_f64() / n as f64;
     eprintln!(
@@ -128,7 +127,7 @@ fn main() {
     );
     // Agent side: one signature by the TPM-resident agent key (what each mTLS handshake
     // to the server costs), on swtpm over TCP.
-    let key = ztid_agent_attestor::agent_key::TpmAgentKey::new(&f.tpm.tcti(), blob).unwrap();
+    let key = ztid_attestor::agent_key::TpmAgentKey::new(&f.tpm.tcti(), blob).unwrap();
     let mut times = Vec::new();
     for _ in 0..50 {
         let t = std::time::Instant::now();

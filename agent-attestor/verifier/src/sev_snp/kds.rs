@@ -1,0 +1,517 @@
+//! Optional AMD KDS fetching (`kds_fetch = true`): the VCEK, the cert_chain (ASK/ASVK and
+//! ARK) and the CRL that a verification needs and that neither the host's certificate
+//! table nor the collateral directory holds.
+//!
+//! URL shapes (AMD's "Versioned Chip Endorsement Key (VCEK) Certificate and KDS Interface
+//! Specification", as go-sev-guest and virtee's snpguest build them):
+//!
+//! - VCEK: `{kds_url}/vcek/v1/{Milan|Genoa}/{hwid}?blSPL=NN&teeSPL=NN&snpSPL=NN&ucodeSPL=NN`,
+//!   hwid = the report's 64-byte chip_id in hex; Turin:
+//!   `{kds_url}/vcek/v1/Turin/{hwid}?fmcSPL=NN&blSPL=NN&teeSPL=NN&snpSPL=NN&ucodeSPL=NN`
+//!   with hwid = the first 8 bytes of chip_id. SPLs are the report's reported_tcb, in
+//!   decimal, at least two digits. The response is the DER certificate.
+//! - `{kds_url}/{vcek|vlek}/v1/{product}/cert_chain`: PEM, ASK (or ASVK) then ARK.
+//! - `{kds_url}/{vcek|vlek}/v1/{product}/crl`: the ARK's CRL, DER.
+//!
+//! A VLEK cannot be fetched: KDS issues it only to a cloud provider authenticated with
+//! AMD credentials. A fetched or cached item is used only after the same checks as
+//! offline collateral (VCEK → pinned ASK → pinned ARK at the verification time, hwID and
+//! TCB equal to the report's; CRL signed by a pinned ARK and current); a fetched ARK is
+//! never trusted, only the compiled-in ones (or `test_roots_dir`).
+//!
+//! Cache layout under `kds_cache_dir`: `{product}/vcek-{hwid}-{tcb}.der` (tcb like
+//! `bl03-tee00-snp08-uc115`, `fmc01-` first on Turin), `{product}/{vcek|vlek}-cert_chain.pem`,
+//! `{product}/{vcek|vlek}-crl.der`. A cached file is used without a request while it
+//! passes those checks at the verification time; otherwise it is fetched again.
+
+use std::path::PathBuf;
+
+use crate::fetch::{self, Cache};
+use crate::Error;
+
+use super::certs::{AmdCert, AmdCrl, Anchor, Role, TrustStore};
+use super::collateral::Collateral;
+use super::report::{product_of_cpuid, turin_layout, Report, SigningKey, Tcb};
+use super::verify::{hwid_matches, select_vek, signing_keys};
+
+/// AMD's KDS.
+pub(crate) const DEFAULT_KDS_URL: &str = "https://kdsintf.amd.com";
+
+/// `[attestors.sev_snp]` fetching settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KdsConfig {
+    pub base_url: String,
+    pub cache_dir: PathBuf,
+    pub crl: bool,
+}
+
+/// The KDS client with its cache.
+pub(crate) struct Kds {
+    base: String,
+    cache: Cache,
+    crl: bool,
+    client: fetch::Client,
+}
+
+fn refuse(m: impl Into<String>) -> Error {
+    Error::Refused(m.into())
+}
+
+/// The message of an error, without the "attestation refused:" prefix.
+fn reason(e: Error) -> String {
+    match e {
+        Error::Refused(m) | Error::Config(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// `blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..`, with `fmcSPL` first when present.
+fn spl_query(tcb: &Tcb) -> String {
+    let fmc = tcb
+        .fmc
+        .map(|f| format!("fmcSPL={f:02}&"))
+        .unwrap_or_default();
+    format!(
+        "{fmc}blSPL={:02}&teeSPL={:02}&snpSPL={:02}&ucodeSPL={:02}",
+        tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode
+    )
+}
+
+/// The hwID KDS indexes a chip by: all 64 bytes of chip_id, or the first 8 on Turin.
+fn hwid_of<'a>(product: &str, chip_id: &'a [u8; 64]) -> &'a [u8] {
+    if turin_layout(product) {
+        &chip_id[..8]
+    } else {
+        &chip_id[..]
+    }
+}
+
+/// The VCEK URL for a chip at a TCB (`tcb` decoded with `product`'s layout).
+pub(crate) fn vcek_url(base: &str, product: &str, chip_id: &[u8; 64], tcb: &Tcb) -> String {
+    format!(
+        "{base}/vcek/v1/{product}/{}?{}",
+        hex::encode(hwid_of(product, chip_id)),
+        spl_query(tcb)
+    )
+}
+
+fn kind_of(role: &Role) -> &'static str {
+    if *role == Role::Vlek {
+        "vlek"
+    } else {
+        "vcek"
+    }
+}
+
+/// `{base}/{vcek|vlek}/v1/{product}/cert_chain`.
+pub(crate) fn cert_chain_url(base: &str, kind: &str, product: &str) -> String {
+    format!("{base}/{kind}/v1/{product}/cert_chain")
+}
+
+/// `{base}/{vcek|vlek}/v1/{product}/crl`.
+pub(crate) fn crl_url(base: &str, kind: &str, product: &str) -> String {
+    format!("{base}/{kind}/v1/{product}/crl")
+}
+
+fn tcb_tag(tcb: &Tcb) -> String {
+    let fmc = tcb.fmc.map(|f| format!("fmc{f:02}-")).unwrap_or_default();
+    format!(
+        "{fmc}bl{:02}-tee{:02}-snp{:02}-uc{:02}",
+        tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode
+    )
+}
+
+/// True if `c` is the VCEK of the report's chip at its reported TCB.
+fn vcek_fits(c: &AmdCert, report: &Report<'_>) -> bool {
+    let Some(hw) = c.hwid.as_deref() else {
+        return false;
+    };
+    if c.role != Role::Vcek || !hwid_matches(hw, &report.parsed.chip_id) {
+        return false;
+    }
+    let turin = hw.len() == 8;
+    c.certified_tcb(turin).ok() == Some(report.reported_tcb(turin))
+}
+
+/// Products to ask KDS for: the report's CPUID names it (v3 and later); otherwise the
+/// configured `products`, else Milan then Genoa (version 2 reports predate Turin).
+fn candidates(report: &Report<'_>, hint: &[String]) -> Vec<&'static str> {
+    let r = &report.parsed;
+    if let (Some(f), Some(m)) = (r.cpuid_fam_id, r.cpuid_mod_id) {
+        if let Some(p) = product_of_cpuid(f, m) {
+            return vec![p];
+        }
+    }
+    let hinted: Vec<&'static str> = ["Milan", "Genoa", "Turin"]
+        .into_iter()
+        .filter(|p| hint.iter().any(|h| h.eq_ignore_ascii_case(p)))
+        .collect();
+    if hinted.is_empty() {
+        vec!["Milan", "Genoa"]
+    } else {
+        hinted
+    }
+}
+
+/// The product in a signing key's name (`SEV-Milan`, `SEV-VLEK-Genoa`).
+fn product_of_issuer(cn: &str) -> Option<&str> {
+    cn.strip_prefix("SEV-VLEK-")
+        .or_else(|| cn.strip_prefix("SEV-"))
+        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+impl Kds {
+    pub(crate) fn new(cfg: &KdsConfig) -> Self {
+        Self {
+            base: cfg.base_url.clone(),
+            cache: Cache::new(cfg.cache_dir.clone()),
+            crl: cfg.crl,
+            client: fetch::Client::default(),
+        }
+    }
+
+    /// Creates the cache directory (0700).
+    pub(crate) fn create_cache(&self) -> Result<(), Error> {
+        self.cache.create()
+    }
+
+    fn store_in_cache(&self, rel: &str, bytes: &[u8]) {
+        if let Err(e) = self.cache.write(rel, bytes) {
+            tracing::warn!(error = %e, "sev-snp: could not cache collateral fetched from AMD KDS");
+        }
+    }
+
+    /// Adds to `c` what the report's verification needs and `c` lacks, from the cache or
+    /// from KDS. Reports that do not parse are left to the verification to refuse.
+    pub(crate) fn complete(
+        &self,
+        store: &TrustStore,
+        c: &mut Collateral,
+        raw: &[u8],
+        at: i64,
+        hint: &[String],
+    ) -> Result<(), Error> {
+        let Ok(report) = Report::parse(raw) else {
+            return Ok(());
+        };
+        let Ok(key) = report.signing_key() else {
+            return Ok(());
+        };
+        match key {
+            SigningKey::Vlek => {
+                if !c.certs.iter().any(|x| x.role == Role::Vlek) {
+                    return Err(refuse(
+                        "the report is signed by a VLEK, but neither the evidence nor the collateral holds a VLEK certificate; \
+                         a VLEK cannot be fetched from AMD KDS (KDS gives it only to the cloud provider, with AMD credentials): \
+                         put it in collateral_dir or have the host include it in the certificate table",
+                    ));
+                }
+            }
+            SigningKey::Vcek => {
+                if !c.certs.iter().any(|x| vcek_fits(x, &report)) {
+                    let v = self.vcek(store, c, &report, at, hint)?;
+                    c.certs.insert(0, v);
+                }
+            }
+        }
+        let Ok((vek, _)) = select_vek(c, &report.parsed.chip_id, key) else {
+            return Ok(());
+        };
+        let vek = vek.clone();
+        self.ensure_signing_key(store, c, &vek, at)?;
+        if self.crl {
+            let inters = signing_keys(c);
+            let Ok(chain) = store.check_vek(&vek, &inters, at) else {
+                return Ok(()); // the verification says why
+            };
+            if !c
+                .crls
+                .iter()
+                .any(|crl| crl.issuer_raw == chain.anchor.ark.subject_raw)
+            {
+                let crl = self.crl(store, kind_of(&vek.role), &chain.product, chain.anchor, at)?;
+                c.crls.push(crl);
+            }
+        }
+        Ok(())
+    }
+
+    /// The report's VCEK from the cache or KDS, checked.
+    fn vcek(
+        &self,
+        store: &TrustStore,
+        c: &mut Collateral,
+        report: &Report<'_>,
+        at: i64,
+        hint: &[String],
+    ) -> Result<AmdCert, Error> {
+        let chip_id = &report.parsed.chip_id;
+        if chip_id.iter().all(|b| *b == 0) {
+            return Err(refuse(
+                "the report is signed by a VCEK that neither the evidence nor the collateral holds, \
+                 and its chip_id is zero (masked), so the VCEK cannot be fetched from AMD KDS",
+            ));
+        }
+        let mut failures = Vec::new();
+        for product in candidates(report, hint) {
+            let tcb = report.reported_tcb(turin_layout(product));
+            let url = vcek_url(&self.base, product, chip_id, &tcb);
+            let rel = format!(
+                "{product}/vcek-{}-{}.der",
+                hex::encode(hwid_of(product, chip_id)),
+                tcb_tag(&tcb)
+            );
+            if let Some(bytes) = self.cache.read(&rel) {
+                let name = self.cache.path(&rel).display().to_string();
+                match self.check_vcek(store, c, &name, &bytes, report, at) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => tracing::info!(
+                        file = %name,
+                        reason = %reason(e),
+                        "sev-snp: cached VCEK not usable at the verification time; fetching it again"
+                    ),
+                }
+            }
+            match self.client.get(&url) {
+                Err(e) => failures.push(e),
+                Ok(resp) => {
+                    let v = self
+                        .check_vcek(store, c, &url, &resp.body, report, at)
+                        .map_err(|e| {
+                            refuse(format!(
+                                "the VCEK fetched from {url} fails verification: {}",
+                                reason(e)
+                            ))
+                        })?;
+                    self.store_in_cache(&rel, &v.der);
+                    return Ok(v);
+                }
+            }
+        }
+        Err(refuse(format!(
+            "the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// Parses a VCEK and checks it fits the report and chains to a pinned ARK at `at`.
+    fn check_vcek(
+        &self,
+        store: &TrustStore,
+        c: &mut Collateral,
+        name: &str,
+        bytes: &[u8],
+        report: &Report<'_>,
+        at: i64,
+    ) -> Result<AmdCert, Error> {
+        let mut got = Collateral::default();
+        got.add_blob(name, bytes, true)?;
+        let v = got
+            .certs
+            .into_iter()
+            .find(|x| x.role == Role::Vcek)
+            .ok_or_else(|| refuse(format!("{name} holds no VCEK certificate")))?;
+        if !vcek_fits(&v, report) {
+            return Err(refuse(format!(
+                "{name} is not the VCEK of the report's chip at its reported TCB (hwID {})",
+                v.hwid.as_deref().map(hex::encode).unwrap_or_default()
+            )));
+        }
+        self.ensure_signing_key(store, c, &v, at)?;
+        store.check_vek(&v, &signing_keys(c), at)?;
+        Ok(v)
+    }
+
+    /// Fetches the cert_chain when `vek`'s signing key is neither pinned nor in `c`, and
+    /// adds the signing key to `c` once it verifies under a pinned ARK.
+    fn ensure_signing_key(
+        &self,
+        store: &TrustStore,
+        c: &mut Collateral,
+        vek: &AmdCert,
+        at: i64,
+    ) -> Result<(), Error> {
+        let known = store
+            .intermediates
+            .iter()
+            .map(|i| &i.cert)
+            .chain(
+                c.certs
+                    .iter()
+                    .filter(|x| matches!(x.role, Role::Ask(_) | Role::Asvk(_))),
+            )
+            .any(|x| x.subject_raw == vek.issuer_raw);
+        if known || !matches!(vek.role, Role::Vcek | Role::Vlek) {
+            return Ok(());
+        }
+        let Some(product) = product_of_issuer(&vek.issuer_cn) else {
+            return Ok(()); // the chain check names the unknown issuer
+        };
+        let kind = kind_of(&vek.role);
+        let url = cert_chain_url(&self.base, kind, product);
+        let rel = format!("{product}/{kind}-cert_chain.pem");
+        let check = |name: &str, bytes: &[u8]| -> Result<AmdCert, Error> {
+            let mut got = Collateral::default();
+            got.add_blob(name, bytes, true)?;
+            let sk = got
+                .certs
+                .into_iter()
+                .find(|x| {
+                    x.subject_raw == vek.issuer_raw
+                        && matches!(x.role, Role::Ask(_) | Role::Asvk(_))
+                })
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "{name} holds no signing key named {:?}",
+                        vek.issuer_cn
+                    ))
+                })?;
+            store.check_vek_under(vek, &sk, None, at)?;
+            Ok(sk)
+        };
+        if let Some(bytes) = self.cache.read(&rel) {
+            let name = self.cache.path(&rel).display().to_string();
+            match check(&name, &bytes) {
+                Ok(sk) => {
+                    c.certs.push(sk);
+                    return Ok(());
+                }
+                Err(e) => tracing::info!(
+                    file = %name,
+                    reason = %reason(e),
+                    "sev-snp: cached cert_chain not usable at the verification time; fetching it again"
+                ),
+            }
+        }
+        let resp = self.client.get(&url).map_err(|e| {
+            refuse(format!(
+                "the {} is signed by {:?}, which is neither pinned nor in the collateral, and fetching the cert_chain from AMD KDS failed: {e}",
+                vek.role.label(),
+                vek.issuer_cn
+            ))
+        })?;
+        let sk = check(&url, &resp.body).map_err(|e| {
+            refuse(format!(
+                "the cert_chain fetched from {url} fails verification: {}",
+                reason(e)
+            ))
+        })?;
+        self.store_in_cache(&rel, &resp.body);
+        c.certs.push(sk);
+        Ok(())
+    }
+
+    /// The CRL of `anchor` for `product`, from the cache or KDS, signed by that ARK and
+    /// current at `at`.
+    fn crl(
+        &self,
+        store: &TrustStore,
+        kind: &str,
+        product: &str,
+        anchor: &Anchor,
+        at: i64,
+    ) -> Result<AmdCrl, Error> {
+        if product.is_empty() || !product.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(refuse(format!(
+                "cannot fetch a CRL for the product name {product:?}"
+            )));
+        }
+        let url = crl_url(&self.base, kind, product);
+        let rel = format!("{product}/{kind}-crl.der");
+        let check = |name: &str, bytes: &[u8]| -> Result<AmdCrl, Error> {
+            let mut got = Collateral::default();
+            got.add_blob(name, bytes, true)?;
+            let crl = got
+                .crls
+                .into_iter()
+                .next()
+                .ok_or_else(|| refuse(format!("{name} holds no CRL")))?;
+            let issuer = store.check_crl(&crl, at)?;
+            if !std::ptr::eq(issuer, anchor) {
+                return Err(refuse(format!(
+                    "CRL {name} is issued by {}, not by {}",
+                    issuer.ark.subject_cn, anchor.ark.subject_cn
+                )));
+            }
+            Ok(crl)
+        };
+        if let Some(bytes) = self.cache.read(&rel) {
+            let name = self.cache.path(&rel).display().to_string();
+            match check(&name, &bytes) {
+                Ok(crl) => return Ok(crl),
+                Err(e) => tracing::info!(
+                    file = %name,
+                    reason = %reason(e),
+                    "sev-snp: cached CRL not usable at the verification time; fetching it again"
+                ),
+            }
+        }
+        let resp = self.client.get(&url).map_err(|e| {
+            refuse(format!(
+                "the collateral holds no CRL from {} and fetching it from AMD KDS failed: {e}",
+                anchor.ark.subject_cn
+            ))
+        })?;
+        let crl = check(&url, &resp.body).map_err(|e| {
+            refuse(format!(
+                "the CRL fetched from {url} fails verification: {}",
+                reason(e)
+            ))
+        })?;
+        self.store_in_cache(&rel, &resp.body);
+        Ok(crl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chip() -> [u8; 64] {
+        let mut c = [0u8; 64];
+        for (i, b) in c.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        c
+    }
+
+    #[test]
+    fn vcek_urls_per_product() {
+        let base = "https://kdsintf.amd.com";
+        let legacy = Tcb::decode(&[3, 0, 0, 0, 0, 0, 8, 115], false);
+        let hex64 = hex::encode(chip());
+        assert_eq!(
+            vcek_url(base, "Milan", &chip(), &legacy),
+            format!("https://kdsintf.amd.com/vcek/v1/Milan/{hex64}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115")
+        );
+        let genoa = Tcb::decode(&[10, 0, 0, 0, 0, 0, 23, 84], false);
+        assert_eq!(
+            vcek_url(base, "Genoa", &chip(), &genoa),
+            format!("https://kdsintf.amd.com/vcek/v1/Genoa/{hex64}?blSPL=10&teeSPL=00&snpSPL=23&ucodeSPL=84")
+        );
+        // Turin: 8-byte hwID, fmcSPL first, Turin byte layout.
+        let turin = Tcb::decode(&[1, 2, 3, 4, 0, 0, 0, 81], true);
+        assert_eq!(
+            vcek_url(base, "Turin", &chip(), &turin),
+            "https://kdsintf.amd.com/vcek/v1/Turin/0001020304050607?fmcSPL=01&blSPL=02&teeSPL=03&snpSPL=04&ucodeSPL=81"
+        );
+        assert_eq!(
+            cert_chain_url(base, "vcek", "Genoa"),
+            "https://kdsintf.amd.com/vcek/v1/Genoa/cert_chain"
+        );
+        assert_eq!(
+            crl_url(base, "vlek", "Milan"),
+            "https://kdsintf.amd.com/vlek/v1/Milan/crl"
+        );
+        assert_eq!(tcb_tag(&legacy), "bl03-tee00-snp08-uc115");
+        assert_eq!(tcb_tag(&turin), "fmc01-bl02-tee03-snp04-uc81");
+    }
+
+    #[test]
+    fn issuer_products() {
+        assert_eq!(product_of_issuer("SEV-Milan"), Some("Milan"));
+        assert_eq!(product_of_issuer("SEV-VLEK-Genoa"), Some("Genoa"));
+        assert_eq!(product_of_issuer("SEV-../x"), None);
+        assert_eq!(product_of_issuer("Intel"), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! Agent configuration: a TOML file overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/run/ztid/agent/api.sock";
+
+/// Settings of `ztid-agent run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The server's node API address, `HOST:PORT` (a name is resolved at start).
+    pub server: Option<String>,
+    /// PEM file with the trust domain's X.509 authorities, to verify the server.
+    pub trust_bundle: Option<PathBuf>,
+    /// Skip server verification for the first attestation only (SPIRE's insecure bootstrap).
+    pub insecure_bootstrap: bool,
+    /// The trust domain; default: taken from the trust bundle or the attestation result.
+    pub trust_domain: Option<String>,
+    /// Attestation method.
+    pub attestor: String,
+    /// Join token (join-token method).
+    pub join_token: Option<String>,
+    /// TPM TCTI (tpm method).
+    pub tpm_tcti: String,
+    /// Which EK the tpm method attests with: auto, rsa, ecc, ecc-p256, ecc-p384.
+    pub tpm_ek: String,
+    /// Root of the configfs-tsm report tree (sev-snp and tdx methods).
+    pub tsm_root: PathBuf,
+    /// Ask for SEV-SNP reports through the SVSM's vTPM service (guests with an SVSM vTPM).
+    pub sev_snp_svsm_vtpm: bool,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Where the agent keeps its own SVID and the bundle (owner-only).
+    pub data_dir: PathBuf,
+    /// How often to sync entries and the bundle with the server, seconds.
+    pub sync_interval_seconds: u64,
+    /// Log format: text or json.
+    pub log_format: String,
+    /// Telemetry listener (`/metrics`, `/live`, `/ready`), `ADDR:PORT`; off when unset.
+    pub metrics: Option<SocketAddr>,
+    /// Cap on open Workload API connections (the descriptor limit may lower it further).
+    pub workload_max_connections: usize,
+    /// Seconds a Workload API connection may stay without a request in progress.
+    pub workload_idle_timeout_seconds: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            server: None,
+            trust_bundle: None,
+            insecure_bootstrap: false,
+            trust_domain: None,
+            attestor: "join-token".into(),
+            join_token: None,
+            tpm_tcti: "device:/dev/tpmrm0".into(),
+            tpm_ek: "auto".into(),
+            tsm_root: PathBuf::from("/sys/kernel/config/tsm/report"),
+            sev_snp_svsm_vtpm: false,
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            data_dir: PathBuf::from("/var/lib/ztid/agent"),
+            sync_interval_seconds: 5,
+            log_format: "text".into(),
+            metrics: None,
+            workload_max_connections: super::workload_listener::DEFAULT_MAX_CONNECTIONS,
+            workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The bounds of the Workload API socket.
+    pub fn workload_limits(&self) -> super::workload_listener::Limits {
+        super::workload_listener::Limits {
+            max_connections: self.workload_max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.workload_idle_timeout_seconds),
+        }
+    }
+
+    /// The server address, resolved.
+    pub fn server_addr(&self) -> Result<SocketAddr, Error> {
+        let s = self
+            .server
+            .as_deref()
+            .ok_or_else(|| Error::Config("--server HOST:PORT is required".into()))?;
+        std::net::ToSocketAddrs::to_socket_addrs(s)
+            .map_err(|e| Error::Config(format!("server {s}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Config(format!("server {s}: no address")))
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.server.is_none() {
+            return Err(Error::Config("--server HOST:PORT is required".into()));
+        }
+        if self.trust_bundle.is_none() && !self.insecure_bootstrap {
+            return Err(Error::Config(
+                "either --trust-bundle FILE or --insecure-bootstrap is required".into(),
+            ));
+        }
+        if self.attestor.contains(',') {
+            ztid_attestation::multi::check_methods(self.attestor.split(',').map(str::trim))?;
+        } else if !matches!(
+            self.attestor.as_str(),
+            "join-token" | "tpm" | "sev-snp" | "tdx"
+        ) {
+            return Err(Error::Config(format!(
+                "unknown attestor {:?}",
+                self.attestor
+            )));
+        }
+        self.tpm_ek
+            .parse::<ztid_attestor::tpm::EkKind>()?;
+        if self.sync_interval_seconds == 0 {
+            return Err(Error::Config(
+                "sync_interval_seconds must be positive".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.workload_max_connections) {
+            return Err(Error::Config(
+                "workload_max_connections must be between 1 and 1000000".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.workload_idle_timeout_seconds) {
+            return Err(Error::Config(
+                "workload_idle_timeout_seconds must be between 1 and 86400".into(),
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(Error::Config("log_format must be text or json".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,706 @@
+//! The node agent: attests its node, keeps its own SVID and the entries it serves
+//! fresh, and serves the SPIFFE Workload API to local processes.
+
+#![forbid(unsafe_code)]
+
+pub mod attestors;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod node_client;
+pub mod workload_api;
+pub mod workload_listener;
+pub mod workload_attestation;
+pub mod workloads;
+
+// The shared SPIFFE primitives and attestation types, under the names the agent's
+// modules use.
+use ztid_attestation::{blocking, unix_seconds, Error};
+use ztid_attestor::agent_key;
+use ztid_spiffe::{bundle, jwt, limits, selector, spiffe_id, svid, tls, Selector};
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prost::Message;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use ztid_proto::node::{self as pb, node_client::NodeClient};
+use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+use crate::agent_key::{AgentKey, SOFTWARE_KEY_FILE, TPM_KEY_FILE};
+use crate::bundle::TrustBundle;
+use ztid_attestor::NodeAttestor;
+use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
+use config::AgentConfig;
+use node_client::AgentSvid;
+use workloads::Workloads;
+
+const SVID_FILE: &str = "agent_svid.pem";
+const BUNDLE_FILE: &str = "bundle.pb";
+
+fn now() -> i64 {
+    unix_seconds(std::time::SystemTime::now())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, bytes)
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(Error::io(format!("syncing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("renaming {}", path.display())))
+}
+
+/// Saves the agent's SVID, key and bundle so a restart does not need a new attestation.
+fn persist(dir: &Path, svid: &AgentSvid, bundle: &TrustBundle) -> Result<(), Error> {
+    let (key_file, key) = svid.key.persisted()?;
+    // One key file at a time: a software key must not shadow a newer TPM key or back.
+    for f in [SOFTWARE_KEY_FILE, TPM_KEY_FILE] {
+        if f != key_file {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    write_private(&dir.join(key_file), &key)?;
+    write_private(
+        &dir.join(SVID_FILE),
+        crate::svid::certs_to_pem(svid.chain.iter().map(Vec::as_slice)).as_bytes(),
+    )?;
+    write_private(
+        &dir.join(BUNDLE_FILE),
+        &pb::Bundle::from(bundle).encode_to_vec(),
+    )
+}
+
+/// Loads a persisted SVID if one is there and still valid.
+fn load_persisted(dir: &Path, tpm_tcti: &str) -> Option<(AgentSvid, TrustBundle)> {
+    let key = AgentKey::load(dir, tpm_tcti)?;
+    let chain =
+        crate::svid::certs_from_pem(&std::fs::read_to_string(dir.join(SVID_FILE)).ok()?).ok()?;
+    let bundle = pb::Bundle::decode(std::fs::read(dir.join(BUNDLE_FILE)).ok()?.as_slice()).ok()?;
+    let leaf = chain.first()?;
+    let spiffe_id = crate::svid::spiffe_id_of_leaf(leaf).ok()?.to_string();
+    let not_after = crate::svid::not_after(leaf).ok()?;
+    if not_after <= now() + 30 {
+        return None;
+    }
+    Some((
+        AgentSvid {
+            chain,
+            key,
+            spiffe_id,
+            not_after,
+        },
+        TrustBundle::from(&bundle),
+    ))
+}
+
+fn forget_persisted(dir: &Path) {
+    for f in [SOFTWARE_KEY_FILE, TPM_KEY_FILE, SVID_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+/// A new software agent key and its CSR.
+fn agent_key_and_csr() -> Result<(AgentKey, Vec<u8>), Error> {
+    let key = AgentKey::generate_software()?;
+    let csr = key.csr()?;
+    Ok((key, csr))
+}
+
+fn status_err(s: tonic::Status) -> Error {
+    Error::Server(format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// Runs node attestation over the `Attest` stream.
+async fn attest(
+    client: &mut NodeClient<Channel>,
+    attestor: &mut dyn NodeAttestor,
+) -> Result<(AgentSvid, TrustBundle), Error> {
+    // Attestors talk to hardware (TPM commands, configfs-tsm), which blocks.
+    let (key, csr) = match crate::blocking(|| attestor.agent_key())? {
+        Some(key) => {
+            let csr = crate::blocking(|| key.csr())?;
+            (key, csr)
+        }
+        None => agent_key_and_csr()?,
+    };
+    let payload = crate::blocking(|| attestor.initial_evidence())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AttestRequest {
+        step: Some(pb::attest_request::Step::Init(pb::AttestInit {
+            method: attestor.method().to_string(),
+            payload,
+            csr,
+        })),
+    })
+    .await
+    .map_err(|_| Error::Protocol("attestation stream closed".into()))?;
+    let mut inbound = client
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    while let Some(msg) = inbound.next().await {
+        match msg.map_err(status_err)?.step {
+            Some(pb::attest_response::Step::Challenge(c)) => {
+                let answer = crate::blocking(|| attestor.answer(&c))?;
+                tx.send(pb::AttestRequest {
+                    step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
+                })
+                .await
+                .map_err(|_| Error::Protocol("attestation stream closed".into()))?;
+            }
+            Some(pb::attest_response::Step::Result(r)) => {
+                let bundle =
+                    r.bundle.as_ref().map(TrustBundle::from).ok_or_else(|| {
+                        Error::Protocol("attestation result without a bundle".into())
+                    })?;
+                let leaf = r
+                    .svid_chain
+                    .first()
+                    .ok_or_else(|| Error::Protocol("attestation result without an SVID".into()))?;
+                // The SVID must chain to the bundle we were given and carry the ID we were told.
+                let chain: Vec<_> = r
+                    .svid_chain
+                    .iter()
+                    .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+                    .collect();
+                let roots: Vec<_> = bundle
+                    .x509_authorities
+                    .iter()
+                    .cloned()
+                    .map(rustls_pki_types::CertificateDer::from)
+                    .collect();
+                let id = crate::svid::verify_chain(
+                    &chain,
+                    &roots,
+                    rustls_pki_types::UnixTime::now(),
+                    crate::svid::Usage::Client,
+                )?;
+                if id.to_string() != r.spiffe_id {
+                    return Err(Error::Protocol(
+                        "attestation result SVID does not match its SPIFFE ID".into(),
+                    ));
+                }
+                let not_after = crate::svid::not_after(leaf)?;
+                return Ok((
+                    AgentSvid {
+                        chain: r.svid_chain,
+                        key,
+                        spiffe_id: r.spiffe_id,
+                        not_after,
+                    },
+                    bundle,
+                ));
+            }
+            None => return Err(Error::Protocol("empty attestation message".into())),
+        }
+    }
+    Err(Error::Protocol(
+        "server closed the attestation stream without a result".into(),
+    ))
+}
+
+/// Trust domain named by the URI SAN of a CA certificate (`spiffe://TD`).
+fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .map(|td| td.trim_end_matches('/').to_string()),
+        _ => None,
+    })
+}
+
+struct Runtime {
+    config: AgentConfig,
+    server: std::net::SocketAddr,
+    server_id: String,
+    roots: SharedRoots,
+    node: Arc<ArcSwap<NodeClient<Channel>>>,
+    svid: ArcSwap<AgentSvid>,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    workloads: Arc<Workloads>,
+}
+
+impl Runtime {
+    fn connect(&self, svid: &AgentSvid) -> Result<NodeClient<Channel>, Error> {
+        let verifier = Arc::new(ServerSvidVerifier::new(
+            self.roots.clone(),
+            self.server_id.clone(),
+        ));
+        node_client::connect(self.server, verifier, Some(svid.certified_key()?))
+    }
+
+    fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
+        self.roots.store(Arc::new(
+            bundle
+                .x509_authorities
+                .iter()
+                .cloned()
+                .map(rustls_pki_types::CertificateDer::from)
+                .collect(),
+        ));
+        persist(&self.config.data_dir, &self.svid.load(), &bundle)?;
+        tracing::info!(
+            sequence = bundle.sequence,
+            authorities = bundle.x509_authorities.len(),
+            "trust bundle updated"
+        );
+        self.bundle.send_replace(Arc::new(bundle));
+        Ok(())
+    }
+
+    /// One sync with the server: entries and bundle.
+    async fn sync(&self) -> Result<bool, tonic::Status> {
+        let (since, seq) = {
+            let e = self
+                .workloads
+                .entries
+                .read()
+                .map_err(|_| tonic::Status::internal("lock"))?;
+            (e.revision, self.bundle.borrow().sequence)
+        };
+        let federated_version = self.workloads.federated.read().map(|f| f.0).unwrap_or(0);
+        let mut authorities_in_use = self.workloads.authorities_in_use(now()).await;
+        {
+            let svid = self.svid.load();
+            let b = self.bundle.borrow();
+            if let Some(a) =
+                crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
+            {
+                authorities_in_use.push(a);
+            }
+        }
+        let mut client = NodeClient::clone(&self.node.load());
+        let resp = client
+            .sync_entries(pb::SyncEntriesRequest {
+                since_revision: since,
+                bundle_sequence: seq,
+                authorities_in_use,
+                federated_bundles_version: federated_version,
+            })
+            .await?
+            .into_inner();
+        let mut changed = self
+            .workloads
+            .entries
+            .write()
+            .map_err(|_| tonic::Status::internal("lock"))?
+            .apply(&resp);
+        if resp.federated_bundles_version != 0
+            && resp.federated_bundles_version != federated_version
+        {
+            let map: std::collections::BTreeMap<String, Arc<TrustBundle>> = resp
+                .federated_bundles
+                .iter()
+                .map(|b| (b.trust_domain.clone(), Arc::new(TrustBundle::from(b))))
+                .collect();
+            tracing::info!(
+                trust_domains = ?map.iter().map(|(td, b)| format!("{td}@{}", b.sequence)).collect::<Vec<_>>(),
+                "federated bundles updated"
+            );
+            if let Ok(mut f) = self.workloads.federated.write() {
+                *f = (resp.federated_bundles_version, map);
+            }
+            // Open Workload API streams re-send on a bundle watch change.
+            self.bundle.send_modify(|_| {});
+        }
+        if let Some(b) = &resp.bundle {
+            let b = TrustBundle::from(b);
+            if b.sequence > seq {
+                if let Err(e) = self.set_bundle(b) {
+                    tracing::error!(error = %e, "could not store the new bundle");
+                }
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Renews the agent's SVID: join-token agents by asking for it; hardware-attested
+    /// agents by attesting again (continuous attestation: every renewal is fresh evidence).
+    async fn renew_agent_svid(&self) -> Result<(), Error> {
+        let svid = if self.config.attestor == "join-token" {
+            let (key, csr) = agent_key_and_csr()?;
+            let mut client = NodeClient::clone(&self.node.load());
+            let resp = client
+                .renew_agent(pb::RenewAgentRequest { csr })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let leaf = resp
+                .svid_chain
+                .first()
+                .ok_or_else(|| Error::Protocol("renewal without an SVID".into()))?;
+            AgentSvid {
+                not_after: crate::svid::not_after(leaf)?,
+                spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
+                chain: resp.svid_chain,
+                key,
+            }
+        } else {
+            let mut attestor = attestors::build(&self.config)?;
+            let verifier = Arc::new(ServerSvidVerifier::new(
+                self.roots.clone(),
+                self.server_id.clone(),
+            ));
+            let mut client = node_client::connect(self.server, verifier, None)?;
+            let (svid, _) = attest(&mut client, attestor.as_mut()).await?;
+            if svid.spiffe_id != self.svid.load().spiffe_id {
+                return Err(Error::Protocol(format!(
+                    "re-attestation returned another identity, {}",
+                    svid.spiffe_id
+                )));
+            }
+            svid
+        };
+        persist(&self.config.data_dir, &svid, &self.bundle.borrow())?;
+        let client = self.connect(&svid)?;
+        tracing::info!(agent = %svid.spiffe_id, not_after = svid.not_after, "agent SVID renewed");
+        self.svid.store(Arc::new(svid));
+        self.node.store(Arc::new(client));
+        Ok(())
+    }
+
+    async fn rotate_workloads(&self) {
+        let t = now();
+        for inst in self.workloads.live_instances() {
+            if self.workloads.due(&inst, t) {
+                if let Err(e) = self.workloads.reconcile(&inst).await {
+                    tracing::warn!(pid = inst.process.pid, error = %e, "workload SVID renewal failed");
+                }
+            }
+        }
+    }
+
+    async fn reconcile_all(&self) {
+        for inst in self.workloads.live_instances() {
+            if let Err(e) = self.workloads.reconcile(&inst).await {
+                tracing::warn!(pid = inst.process.pid, error = %e, "workload SVID update failed");
+            }
+        }
+    }
+}
+
+fn is_auth_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
+/// Mode of the directories the agent creates for its socket: everyone may reach the
+/// socket, only the agent's user may add, remove or replace names there.
+const SOCKET_DIR_MODE: u32 = 0o755;
+/// Mode of the Workload API socket: any local process may connect; who it is decides
+/// what it gets.
+const SOCKET_MODE: u32 = 0o777;
+/// Mode of the data directory (the agent's key and SVID).
+const DATA_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents, each with an explicit mode (`mode` for `dir`,
+/// [`SOCKET_DIR_MODE`] for parents) whatever the umask: under `umask 000` a plain
+/// `create_dir_all` makes them world-writable, under `umask 077` unreachable.
+/// Directories that already exist are left as they are.
+fn create_dirs(dir: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut missing = Vec::new();
+    let mut d = dir;
+    loop {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(d);
+                match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => d = p,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", d.display()))(e)),
+        }
+    }
+    for d in missing.into_iter().rev() {
+        let m = if d == dir { mode } else { SOCKET_DIR_MODE };
+        match std::fs::DirBuilder::new().mode(m).create(d) {
+            // Ours: set the mode the umask may have cut (chmod ignores the umask).
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(m))
+                .map_err(Error::io(format!("setting the mode of {}", d.display())))?,
+            // Created meanwhile by someone else: not ours to chmod; checked below.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(format!("creating {}", d.display()))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a socket directory where another user could replace the socket: it and every
+/// directory above it must belong to root or to the agent's user and, unless sticky
+/// (as /tmp), not be writable by group or others.
+fn check_socket_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let real = dir
+        .canonicalize()
+        .map_err(Error::io(format!("resolving {}", dir.display())))?;
+    for d in real.ancestors() {
+        let m = std::fs::metadata(d).map_err(Error::io(format!("inspecting {}", d.display())))?;
+        let mode = m.mode();
+        let sticky = mode & 0o1000 != 0;
+        if m.uid() != 0 && m.uid() != me {
+            return Err(Error::Config(format!(
+                "socket directory {} belongs to uid {}: that user could replace the Workload API socket",
+                d.display(),
+                m.uid()
+            )));
+        }
+        if mode & 0o022 != 0 && !sticky {
+            return Err(Error::Config(format!(
+                "socket directory {} is writable by group or others (mode {:o}) without the sticky bit: \
+                 another user could replace the Workload API socket; make it 0755",
+                d.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dirs(dir, SOCKET_DIR_MODE)?;
+    check_socket_dir(dir)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(Error::io(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    Ok(l)
+}
+
+/// Runs the agent until SIGINT/SIGTERM, or until the server no longer recognises it.
+pub async fn run(config: AgentConfig) -> Result<(), Error> {
+    config.validate()?;
+    metrics::listen_if(config.metrics).await?;
+    let server = config.server_addr()?;
+    create_dirs(&config.data_dir, DATA_DIR_MODE)?;
+    std::fs::set_permissions(
+        &config.data_dir,
+        std::fs::Permissions::from_mode(DATA_DIR_MODE),
+    )
+    .map_err(Error::io(format!(
+        "restricting {}",
+        config.data_dir.display()
+    )))?;
+
+    let configured_roots = match &config.trust_bundle {
+        Some(p) => Some(crate::svid::certs_from_pem(
+            &std::fs::read_to_string(p)
+                .map_err(Error::io(format!("reading trust bundle {}", p.display())))?,
+        )?),
+        None => None,
+    };
+
+    let (svid, bundle) = match load_persisted(&config.data_dir, &config.tpm_tcti) {
+        Some(x) => {
+            tracing::info!(agent = %x.0.spiffe_id, "resuming with the persisted agent SVID");
+            x
+        }
+        None => {
+            let mut attestor = attestors::build(&config)?;
+            let verifier: Arc<ServerSvidVerifier> = match &configured_roots {
+                Some(roots) => {
+                    let td = config
+                        .trust_domain
+                        .clone()
+                        .or_else(|| roots.iter().find_map(|r| trust_domain_of_ca(r)))
+                        .ok_or_else(|| Error::Config("cannot tell the trust domain from the trust bundle; set --trust-domain".into()))?;
+                    Arc::new(ServerSvidVerifier::new(
+                        shared_roots(roots.clone()),
+                        crate::spiffe_id::server_id_of(&td)?,
+                    ))
+                }
+                None => {
+                    tracing::warn!(
+                        "insecure bootstrap: the server is not verified for this first attestation"
+                    );
+                    Arc::new(ServerSvidVerifier::insecure_bootstrap())
+                }
+            };
+            let mut client = node_client::connect(server, verifier, None)?;
+            let (svid, bundle) = attest(&mut client, attestor.as_mut()).await?;
+            if let Some(td) = &config.trust_domain {
+                if &bundle.trust_domain != td {
+                    return Err(Error::Config(format!(
+                        "server is for trust domain {}, expected {td}",
+                        bundle.trust_domain
+                    )));
+                }
+            }
+            persist(&config.data_dir, &svid, &bundle)?;
+            tracing::info!(agent = %svid.spiffe_id, "node attested");
+            (svid, bundle)
+        }
+    };
+
+    let server_id = crate::spiffe_id::server_id_of(&bundle.trust_domain)?;
+    let roots = shared_roots(bundle.x509_authorities.clone());
+    let verifier = Arc::new(ServerSvidVerifier::new(roots.clone(), server_id.clone()));
+    let node = Arc::new(ArcSwap::from_pointee(node_client::connect(
+        server,
+        verifier,
+        Some(svid.certified_key()?),
+    )?));
+    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+    let workloads = Arc::new(Workloads::new(node.clone(), bundle_rx.clone()));
+    let rt = Arc::new(Runtime {
+        config: config.clone(),
+        server,
+        server_id,
+        roots,
+        node,
+        svid: ArcSwap::from_pointee(svid),
+        bundle: bundle_tx,
+        workloads: workloads.clone(),
+    });
+
+    if let Err(s) = rt.sync().await {
+        if is_auth_failure(&s) {
+            forget_persisted(&config.data_dir);
+        }
+        return Err(Error::Server(format!(
+            "initial sync failed: {}",
+            s.message()
+        )));
+    }
+
+    let listener = bind_workload_socket(&config.socket)?;
+    let api = tonic::service::interceptor::InterceptedService::new(
+        SpiffeWorkloadApiServer::new(workload_api::WorkloadApi::new(workloads.clone(), bundle_rx))
+            .max_decoding_message_size(workload_listener::MAX_REQUEST_MESSAGE_BYTES),
+        workload_api::require_security_header,
+    );
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+
+    // Sync loop: entries and bundle; an agent the server no longer knows stops.
+    let sync_rt = rt.clone();
+    let sync_stop = stop_tx.clone();
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(sync_rt.config.sync_interval_seconds));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match metrics::observe_sync(sync_rt.sync()).await {
+                Ok(true) => {
+                    sync_rt.workloads.forget_tainted_jwts();
+                    sync_rt.reconcile_all().await
+                }
+                Ok(false) => {}
+                Err(s) if is_auth_failure(&s) => {
+                    tracing::error!(reason = %s.message(), "the server no longer recognises this agent (evicted or banned); stopping");
+                    forget_persisted(&sync_rt.config.data_dir);
+                    let _ = sync_stop.send(true);
+                    return;
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "sync with the server failed; will retry")
+                }
+            }
+        }
+    });
+
+    // Rotation loop: workload SVIDs at half-life, exited instances forgotten, own SVID renewed.
+    let rot_rt = rt.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retry_at = 0;
+        loop {
+            tick.tick().await;
+            let svid = rot_rt.svid.load();
+            let tainted = {
+                let b = rot_rt.bundle.borrow();
+                crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
+                    .is_some_and(|a| b.tainted.contains(&a))
+            };
+            if (tainted || now() >= svid.not_after - agent_ttl_half(&svid)) && now() >= retry_at {
+                if let Err(e) = rot_rt.renew_agent_svid().await {
+                    tracing::warn!(event = "agent_renewal_failed", error = %e, "agent SVID renewal failed; will retry");
+                    retry_at = now() + 5;
+                }
+            }
+            rot_rt.rotate_workloads().await;
+        }
+    });
+
+    tracing::info!(socket = %config.socket.display(), server = %server, "ztid-agent ready");
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()
+        .await;
+    metrics::attach(rt.clone());
+    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    workload_listener::serve(
+        listener,
+        tower::Layer::layer(&metrics::workload_api_layer(), routes),
+        config.workload_limits(),
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = stop_rx.wait_for(|s| *s) => {}
+            }
+        },
+    )
+    .await;
+    let _ = std::fs::remove_file(&config.socket);
+    if *stop_tx.borrow() {
+        return Err(Error::Server("agent is no longer attested".into()));
+    }
+    tracing::info!("ztid-agent stopped");
+    Ok(())
+}
+
+/// Half of the agent SVID's lifetime, from its certificate.
+fn agent_ttl_half(svid: &AgentSvid) -> i64 {
+    use x509_parser::prelude::*;
+    svid.chain
+        .first()
+        .and_then(|c| X509Certificate::from_der(c).ok())
+        .map(|(_, c)| {
+            (c.validity().not_after.timestamp() - c.validity().not_before.timestamp()) / 2
+        })
+        .unwrap_or(0)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

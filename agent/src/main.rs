@@ -1,0 +1,52 @@
+//! `ztid-agent`.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use ztid_agent::cli::{client_verb, run_config, Cli, Command};
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZTID_LOG")
+        // tss-esapi logs every context open and close at info.
+        .unwrap_or_else(|_| "info,tss_esapi=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Run(args) => {
+                let config = run_config(args).map_err(|e| e.to_string())?;
+                init_logging(&config.log_format);
+                ztid_agent::run(config)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            _ => client_verb(&cli).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The SPIFFE Workload API, served on the agent's Unix socket.
+//!
+//! Callers are identified out of band, never by anything they send: each connection is
+//! bound at accept to the process that made it ([`super::workload_listener`]), and every
+//! request first checks that this process still runs unchanged; if it has exited or
+//! exec'd, the request gets nothing but the reason. Every request must carry
+//! `workload.spiffe.io: true`. Streams send the full state at once and again on every
+//! rotation or bundle change, and end when the connection's process exits or execs.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost_types::{value::Kind, ListValue, Struct, Value as PValue};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use ztid_proto::node as npb;
+use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
+
+use super::workload_listener::ConnectionPeer;
+use super::workloads::{IdentitySet, Instance, Workloads};
+use crate::bundle::TrustBundle;
+use crate::workload_attestation::PeerRefusal;
+use crate::unix_seconds;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Refuses any request without `workload.spiffe.io: true`, as the spec requires.
+pub fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get(ztid_proto::WORKLOAD_API_HEADER) {
+        Some(v) if v.as_bytes() == b"true" => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    workloads: Arc<Workloads>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+}
+
+impl WorkloadApi {
+    /// A service over the agent's workloads and bundle.
+    pub fn new(workloads: Arc<Workloads>, bundle: watch::Receiver<Arc<TrustBundle>>) -> Self {
+        Self { workloads, bundle }
+    }
+
+    /// The caller's connection, checked now to still be served by the process that
+    /// opened it.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<ConnectionPeer>, Status> {
+        let peer = req
+            .extensions()
+            .get::<Arc<ConnectionPeer>>()
+            .cloned()
+            .ok_or_else(|| {
+                Status::unavailable("workload attestation failed: no peer credentials")
+            })?;
+        still_the_connecting_process(&peer).await?;
+        Ok(peer)
+    }
+
+    /// Attests the caller, checks it is entitled, and makes sure it holds current SVIDs.
+    async fn entitled_instance<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
+        let peer = self.caller(req).await?;
+        let attested = peer
+            .attested()
+            .ok_or_else(|| Status::internal("verified connection without attestation"))?;
+        // Entitlement first: callers with no entry never get an instance.
+        let entitled = !self
+            .workloads
+            .entries
+            .read()
+            .map_err(|_| Status::internal("lock"))?
+            .matching(&attested.selectors)
+            .is_empty();
+        if !entitled {
+            tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, selectors = ?attested.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let inst = self
+            .workloads
+            .instance_for(attested)
+            .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
+        if let Err(e) = self.workloads.reconcile(&inst).await {
+            tracing::warn!(pid = inst.process.pid, error = %e, "could not obtain SVIDs for workload");
+            return Err(Status::unavailable(format!(
+                "could not obtain an SVID: {e}"
+            )));
+        }
+        if inst.state.borrow().svids.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        Ok((peer, inst))
+    }
+}
+
+/// Ok while the connection's process still is the one that connected; else the refusal
+/// (logged).
+async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), Status> {
+    peer.verify().await.map_err(|r| {
+        tracing::warn!(
+            event = "workload_refused",
+            pid = ?peer.pid,
+            uid = peer.uid,
+            reason = %r,
+            "request on a connection whose process is gone or changed"
+        );
+        refusal_status(&r)
+    })
+}
+
+/// The answer to a request on a connection whose process is not the one that opened it.
+fn refusal_status(r: &PeerRefusal) -> Status {
+    match r {
+        PeerRefusal::Exited | PeerRefusal::Execd | PeerRefusal::CredentialsChanged => {
+            Status::permission_denied(r.to_string())
+        }
+        PeerRefusal::Unattestable(_) => Status::unavailable(r.to_string()),
+    }
+}
+
+/// Federated bundles as a Workload API bundle map (`spiffe://TD` → value).
+fn federated_map(
+    federated: &std::collections::BTreeMap<String, Arc<TrustBundle>>,
+    value: impl Fn(&TrustBundle) -> Result<Vec<u8>, Status>,
+) -> Result<HashMap<String, Vec<u8>>, Status> {
+    federated
+        .values()
+        .map(|b| Ok((b.trust_domain_id(), value(b)?)))
+        .collect()
+}
+
+fn x509_response(
+    set: &IdentitySet,
+    bundle: &TrustBundle,
+    federated: &std::collections::BTreeMap<String, Arc<TrustBundle>>,
+) -> pb::X509svidResponse {
+    let bundle_der = bundle.x509_der();
+    pb::X509svidResponse {
+        svids: set
+            .svids
+            .iter()
+            .map(|s| pb::X509svid {
+                spiffe_id: s.spiffe_id.clone(),
+                x509_svid: crate::svid::concat_der(s.chain.iter().map(Vec::as_slice)),
+                x509_svid_key: s.key.to_vec(),
+                bundle: bundle_der.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: federated_map(federated, |b| Ok(b.x509_der())).unwrap_or_default(),
+    }
+}
+
+fn json_to_proto(v: &Value) -> PValue {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(json_to_proto).collect(),
+        }),
+        Value::Object(o) => Kind::StructValue(Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_proto(v)))
+                .collect(),
+        }),
+    };
+    PValue { kind: Some(kind) }
+}
+
+/// Streams `make(state)` now and on every change of either watch, until the client leaves,
+/// `make` returns an error, or the connection's process exits or execs (then the stream
+/// ends with the reason; nothing is sent once the process is not the one that connected).
+fn watch_stream<T: Send + 'static>(
+    peer: Arc<ConnectionPeer>,
+    mut state: Option<watch::Receiver<Arc<IdentitySet>>>,
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    make: impl Fn(Option<&IdentitySet>, &TrustBundle) -> Result<T, Status> + Send + 'static,
+) -> ResponseStream<T> {
+    let (tx, rx) = mpsc::channel(2);
+    let mut revoked = peer.revocation();
+    tokio::spawn(async move {
+        loop {
+            // Checked before every message, not only when the connection notices.
+            let msg = match peer.verify().await {
+                Err(r) => Err(refusal_status(&r)),
+                Ok(()) => {
+                    let s = state.as_mut().map(|s| s.borrow_and_update().clone());
+                    let b = bundle.borrow_and_update().clone();
+                    make(s.as_deref(), &b)
+                }
+            };
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+            let changed = match state.as_mut() {
+                Some(s) => tokio::select! {
+                    r = s.changed() => r.is_ok(),
+                    r = bundle.changed() => r.is_ok(),
+                    _ = revoked.wait_for(Option::is_some) => true,
+                    _ = tx.closed() => false,
+                },
+                None => tokio::select! {
+                    r = bundle.changed() => r.is_ok(),
+                    _ = revoked.wait_for(Option::is_some) => true,
+                    _ = tx.closed() => false,
+                },
+            };
+            if !changed {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (peer, inst) = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(
+            peer,
+            Some(inst.state.subscribe()),
+            self.bundle.clone(),
+            move |set, bundle| {
+                match set {
+                    Some(set) if !set.svids.is_empty() => Ok(x509_response(
+                        set,
+                        bundle,
+                        &workloads.federated_bundles_for(&inst.selectors),
+                    )),
+                    // The process lost its last entry (or exited): tell the client.
+                    _ => Err(Status::permission_denied("no identity issued")),
+                }
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let (peer, inst) = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
+            let mut bundles =
+                federated_map(&workloads.federated_bundles_for(&inst.selectors), |b| {
+                    Ok(b.x509_der())
+                })?;
+            bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
+            Ok(pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles,
+            })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        // Bounded before anything else: each mint is a signature and an audit record.
+        let audience = crate::limits::normalize_audiences(&request.get_ref().audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (peer, inst) = self.entitled_instance(&request).await?;
+        let req = request.into_inner();
+        let entries: Vec<npb::Entry> = self
+            .workloads
+            .entries
+            .read()
+            .map_err(|_| Status::internal("lock"))?
+            .matching(&inst.selectors);
+        let mut wanted: Vec<(npb::Entry, String)> = entries
+            .into_iter()
+            .map(|e| {
+                let id = Workloads::identity_for(&inst, &e);
+                (e, id)
+            })
+            .collect();
+        if !req.spiffe_id.is_empty() {
+            wanted.retain(|(_, id)| *id == req.spiffe_id);
+            if wanted.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {}",
+                    req.spiffe_id
+                )));
+            }
+        }
+        let now = unix_seconds(std::time::SystemTime::now());
+        let mut out = Vec::new();
+        let mut to_mint = Vec::new();
+        {
+            let cache = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?;
+            for (e, id) in &wanted {
+                match cache.get(&(id.clone(), audience.clone())) {
+                    // Reuse a token until half its lifetime has passed.
+                    Some(j) if now < j.issued_at + (j.expires_at - j.issued_at) / 2 => {
+                        out.push(pb::Jwtsvid {
+                            spiffe_id: id.clone(),
+                            svid: j.token.clone(),
+                            hint: e.hint.clone(),
+                        })
+                    }
+                    _ => to_mint.push((e.clone(), id.clone())),
+                }
+            }
+        }
+        if !to_mint.is_empty() {
+            // A workload may not mint distinct tokens without bound: count what this
+            // instance had minted in the last minute (the cache holds every mint).
+            let recent = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?
+                .values()
+                .filter(|j| j.issued_at > now - 60)
+                .count();
+            let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
+            if recent + to_mint.len() > limit {
+                tracing::warn!(
+                    event = "jwt_rate_limited",
+                    pid = inst.process.pid,
+                    recent,
+                    limit,
+                    "JWT-SVID mint rate exceeded"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
+                )));
+            }
+            let mut client = self.workloads.node_client();
+            let resp = client
+                .mint_jwt_svids(npb::MintJwtSvidsRequest {
+                    requests: to_mint
+                        .iter()
+                        .map(|(e, id)| npb::JwtRequest {
+                            entry_id: e.id.clone(),
+                            spiffe_id: id.clone(),
+                            audience: audience.clone(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(|s| {
+                    let why = format!("could not obtain a JWT-SVID: {}", s.message());
+                    // The server's bounds keep their kind; anything else is the server
+                    // being unavailable.
+                    match s.code() {
+                        tonic::Code::ResourceExhausted => Status::resource_exhausted(why),
+                        tonic::Code::InvalidArgument => Status::invalid_argument(why),
+                        _ => Status::unavailable(why),
+                    }
+                })?
+                .into_inner();
+            super::metrics::svids_minted(
+                "jwt",
+                resp.results
+                    .iter()
+                    .filter(|r| matches!(r.result, Some(npb::jwt_result::Result::Svid(_))))
+                    .count(),
+            );
+            let mut cache = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?;
+            for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
+                match r.result {
+                    Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+                        let kid = crate::jwt::kid_of(&s.token);
+                        self.workloads.note_jwt(kid.as_deref(), s.expires_at);
+                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                            cache.retain(|_, j| j.expires_at > now);
+                        }
+                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                            let oldest = cache
+                                .iter()
+                                .min_by_key(|(_, j)| j.issued_at)
+                                .map(|(k, _)| k.clone());
+                            if let Some(k) = oldest {
+                                cache.remove(&k);
+                            }
+                        }
+                        cache.insert(
+                            (id.clone(), audience.clone()),
+                            super::workloads::CachedJwt {
+                                token: s.token.clone(),
+                                expires_at: s.expires_at,
+                                issued_at: now,
+                                kid,
+                            },
+                        );
+                        out.push(pb::Jwtsvid {
+                            spiffe_id: id,
+                            svid: s.token,
+                            hint: e.hint.clone(),
+                        });
+                    }
+                    Some(npb::jwt_result::Result::Error(err)) => {
+                        return Err(Status::unavailable(format!(
+                            "could not obtain a JWT-SVID: {err}"
+                        )))
+                    }
+                    _ => return Err(Status::unavailable("could not obtain a JWT-SVID")),
+                }
+            }
+        }
+        // Checked again right before the answer: getting the SVIDs and the tokens may have
+        // waited on the server, and the process may have exec'd or exited meanwhile.
+        still_the_connecting_process(&peer).await?;
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        Ok(Response::new(pb::JwtsvidResponse { svids: out }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let (peer, inst) = self.entitled_instance(&request).await?;
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
+            let jwks = |b: &TrustBundle| {
+                b.jwks_json()
+                    .map(String::into_bytes)
+                    .map_err(|e| Status::internal(e.to_string()))
+            };
+            let mut bundles =
+                federated_map(&workloads.federated_bundles_for(&inst.selectors), jwks)?;
+            bundles.insert(bundle.trust_domain_id(), jwks(bundle)?);
+            Ok(pb::JwtBundlesResponse { bundles })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let req = request.get_ref();
+        crate::limits::check_validation_audience(&req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // Validation is open to every local process, but only to a real one.
+        let peer = self.caller(&request).await?;
+        let selectors = peer
+            .attested()
+            .map(|a| a.selectors.as_slice())
+            .unwrap_or_default();
+        // Tokens of a federated trust domain validate only for callers federating with it.
+        let federated = self.workloads.federated_bundles_for(selectors);
+        let bundle = self.bundle.borrow().clone();
+        let now = unix_seconds(std::time::SystemTime::now());
+        let validated = crate::jwt::validate(&req.svid, &req.audience, now, |td| {
+            if td.as_str() == bundle.trust_domain {
+                Some(bundle.jwt_authorities.clone())
+            } else {
+                federated
+                    .get(td.as_str())
+                    .map(|b| b.jwt_authorities.clone())
+            }
+        })
+        .map_err(|e: ztid_spiffe::Error| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(Struct {
+                fields: validated
+                    .claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_to_proto(v)))
+                    .collect(),
+            }),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}

@@ -1,0 +1,527 @@
+//! What the agent holds for workloads: the entries it may serve, the process
+//! instances it has seen, and their SVIDs.
+//!
+//! Every process instance that matches a per-instance entry gets its own key pair,
+//! generated here, and its own SPIFFE ID: the entry's ID plus a random segment that is
+//! never reused. An instance is keyed by everything its identity was derived from (pid,
+//! start time, pidfs id, executable, selectors), and is only ever looked up for a
+//! connection whose process was just checked to be that very process: a stale connection
+//! can neither read another process's instance nor create one in its name. Keys live only
+//! in memory (zeroized on drop). When the process exits or execs, its instance and keys
+//! are forgotten. `--shared` entries get one SVID per node, held here and handed to every
+//! matching process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+use ztid_proto::node::{self as pb, node_client::NodeClient};
+
+use crate::selector::satisfies;
+use crate::workload_attestation::{
+    exe_identity, process_start_time, AttestedPeer, ExeIdentity, ProcessInstance,
+};
+use crate::{unix_seconds, Error, Selector};
+
+/// One X509-SVID held for a workload.
+pub struct HeldSvid {
+    /// The entry it was minted for.
+    pub entry_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key, zeroized when dropped.
+    pub key: Zeroizing<Vec<u8>>,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// When to replace it: half its lifetime.
+    pub renew_at: i64,
+    /// The entry's hint.
+    pub hint: String,
+    /// The authority that signed it (hex serial of its CA certificate), if known.
+    pub authority: Option<String>,
+}
+
+/// A JWT-SVID handed out and kept for reuse until half its lifetime.
+#[derive(Clone)]
+pub struct CachedJwt {
+    /// The token.
+    pub token: String,
+    /// Its `exp`.
+    pub expires_at: i64,
+    /// When it was minted.
+    pub issued_at: i64,
+    /// The key that signed it.
+    pub kid: Option<String>,
+}
+
+/// What one instance is entitled to right now (empty: nothing).
+#[derive(Default)]
+pub struct IdentitySet {
+    /// X509-SVIDs, ordered by SPIFFE ID.
+    pub svids: Vec<Arc<HeldSvid>>,
+}
+
+/// What an instance is keyed by: the process and everything its selectors came from.
+/// Two connections share an instance only if all of it is equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InstanceKey {
+    /// pid + start time.
+    pub process: ProcessInstance,
+    /// The pidfd's inode on kernels with pidfs: unique per process for the boot.
+    pub pidfs_id: Option<u64>,
+    /// The executable it ran when attested.
+    pub exe: Option<ExeIdentity>,
+    /// Its selectors (connect-time uid and gid, executable path and hash).
+    pub selectors: Vec<Selector>,
+}
+
+impl InstanceKey {
+    /// The key of an attested connection peer.
+    pub fn of(peer: &AttestedPeer) -> Self {
+        Self {
+            process: peer.process.instance,
+            pidfs_id: peer.process.pidfs_id,
+            exe: peer.process.exe,
+            selectors: peer.selectors.clone(),
+        }
+    }
+
+    /// True while the process still runs the executable it was attested with. Used to
+    /// forget instances; requests are checked against their own connection's pidfd.
+    fn still_running(&self) -> bool {
+        process_start_time(self.process.pid).is_ok_and(|t| t == self.process.start_time)
+            && exe_identity(self.process.pid).ok() == self.exe
+    }
+}
+
+/// A process instance the agent has attested.
+pub struct Instance {
+    /// pid + start time.
+    pub process: ProcessInstance,
+    /// Everything the instance was derived from.
+    pub key: InstanceKey,
+    /// The random segment that ends its per-instance SPIFFE IDs.
+    pub segment: String,
+    /// Its selectors.
+    pub selectors: Vec<Selector>,
+    /// Its per-instance SVIDs by entry id.
+    svids: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+    /// The current identity set, watched by its open streams.
+    pub state: watch::Sender<Arc<IdentitySet>>,
+    /// Cached JWT-SVIDs by (SPIFFE ID, audience).
+    pub jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+}
+
+/// The entries this agent may serve, from the server's sync.
+#[derive(Default)]
+pub struct EntryCache {
+    /// Entries by id.
+    pub entries: BTreeMap<String, pb::Entry>,
+    /// Parsed selectors by entry id.
+    pub selectors: HashMap<String, Vec<Selector>>,
+    /// The revision synced to.
+    pub revision: u64,
+}
+
+impl EntryCache {
+    /// Applies a sync answer; returns true if anything changed.
+    pub fn apply(&mut self, sync: &pb::SyncEntriesResponse) -> bool {
+        let before = self.revision;
+        let mut changed = false;
+        if sync.full {
+            changed = !self.entries.is_empty() || !sync.upserted.is_empty();
+            self.entries.clear();
+            self.selectors.clear();
+        }
+        for e in &sync.upserted {
+            let sels: Result<Vec<_>, _> = e.selectors.iter().map(Selector::try_from).collect();
+            match sels {
+                Ok(s) => {
+                    self.selectors.insert(e.id.clone(), s);
+                    self.entries.insert(e.id.clone(), e.clone());
+                    changed = true;
+                }
+                Err(err) => {
+                    tracing::warn!(entry = %e.id, error = %err, "ignoring entry with unusable selectors")
+                }
+            }
+        }
+        for id in &sync.deleted {
+            changed |= self.entries.remove(id).is_some();
+            self.selectors.remove(id);
+        }
+        self.revision = sync.revision.max(if sync.full { 0 } else { before });
+        changed
+    }
+
+    /// Entries whose selectors a caller has.
+    pub fn matching(&self, selectors: &[Selector]) -> Vec<pb::Entry> {
+        self.entries
+            .values()
+            .filter(|e| {
+                self.selectors
+                    .get(&e.id)
+                    .is_some_and(|need| satisfies(selectors, need))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// A fresh key pair and a CSR for `spiffe_id`.
+fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Config(format!("key generation: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(spiffe_id.to_string().try_into().map_err(
+            |e: rcgen::Error| Error::InvalidSpiffeId(e.to_string()),
+        )?)];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| Error::Config(format!("CSR: {e}")))?;
+    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+}
+
+/// A per-instance segment in the one form the server accepts (32 lowercase hex, 128
+/// random bits): the agent cannot choose a meaningful path, and the server checks it.
+fn random_segment() -> Result<String, Error> {
+    Ok(crate::spiffe_id::new_instance_segment()?)
+}
+
+/// The workload side of the agent.
+pub struct Workloads {
+    node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+    bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
+    /// Latest `exp` of the JWT-SVIDs handed out, by signing key, so the server
+    /// can tell when a tainted JWT key no longer vouches for anything live.
+    jwt_issued: Mutex<HashMap<String, i64>>,
+    /// Entries from the server.
+    pub entries: RwLock<EntryCache>,
+    instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
+    shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+    /// Other trust domains' bundles from the server (by trust domain name) and their
+    /// version; each workload sees only those its entries federate with.
+    pub federated: RwLock<(
+        u64,
+        std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>>,
+    )>,
+}
+
+impl Workloads {
+    /// Workloads minting through `node`.
+    pub fn new(
+        node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+        bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
+    ) -> Self {
+        Self {
+            node,
+            bundle,
+            jwt_issued: Mutex::new(HashMap::new()),
+            entries: RwLock::new(EntryCache::default()),
+            instances: Mutex::new(HashMap::new()),
+            shared: tokio::sync::Mutex::new(HashMap::new()),
+            federated: RwLock::new((0, Default::default())),
+        }
+    }
+
+    /// The federated bundles a caller with `selectors` is entitled to: those of the trust
+    /// domains its matching entries list in `federates_with`, keyed by trust domain name.
+    pub fn federated_bundles_for(
+        &self,
+        selectors: &[Selector],
+    ) -> std::collections::BTreeMap<String, Arc<crate::bundle::TrustBundle>> {
+        let wanted: std::collections::BTreeSet<String> = match self.entries.read() {
+            Ok(e) => e
+                .matching(selectors)
+                .iter()
+                .flat_map(|e| e.federates_with.iter())
+                .map(|td| td.strip_prefix("spiffe://").unwrap_or(td).to_string())
+                .collect(),
+            Err(_) => return Default::default(),
+        };
+        match self.federated.read() {
+            Ok(f) => {
+                f.1.iter()
+                    .filter(|(td, _)| wanted.contains(*td))
+                    .map(|(td, b)| (td.clone(), b.clone()))
+                    .collect()
+            }
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// A client for the node API over the current agent SVID.
+    pub fn node_client(&self) -> NodeClient<Channel> {
+        NodeClient::clone(&self.node.load())
+    }
+
+    /// Number of live instances held.
+    pub fn instance_count(&self) -> usize {
+        self.instances.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The instance of a connection's peer, created on first sight. The caller must have
+    /// just checked that the peer is still the process that connected
+    /// ([`crate::workload_attestation::PeerProcess::check`]).
+    pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
+        let key = InstanceKey::of(peer);
+        let mut instances = self
+            .instances
+            .lock()
+            .map_err(|_| Error::Config("lock".into()))?;
+        if let Some(inst) = instances.get(&key) {
+            return Ok(inst.clone());
+        }
+        let inst = Arc::new(Instance {
+            process: key.process,
+            key: key.clone(),
+            segment: random_segment()?,
+            selectors: peer.selectors.clone(),
+            svids: tokio::sync::Mutex::new(HashMap::new()),
+            state: watch::Sender::new(Arc::new(IdentitySet::default())),
+            jwt_cache: Mutex::new(HashMap::new()),
+        });
+        instances.insert(key, inst.clone());
+        tracing::info!(pid = inst.process.pid, instance = %inst.segment, "attested new workload instance");
+        Ok(inst)
+    }
+
+    /// The SPIFFE ID an instance gets for an entry.
+    pub fn identity_for(inst: &Instance, entry: &pb::Entry) -> String {
+        if entry.shared {
+            entry.spiffe_id.clone()
+        } else {
+            format!("{}/{}", entry.spiffe_id, inst.segment)
+        }
+    }
+
+    async fn sign(
+        &self,
+        jobs: Vec<(pb::Entry, String, Zeroizing<Vec<u8>>, Vec<u8>)>,
+    ) -> Result<Vec<Result<HeldSvid, String>>, Error> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = NodeClient::clone(&self.node.load());
+        let req = pb::SignX509SvidsRequest {
+            requests: jobs
+                .iter()
+                .map(|(e, _, _, csr)| pb::SvidRequest {
+                    entry_id: e.id.clone(),
+                    csr: csr.clone(),
+                })
+                .collect(),
+        };
+        let resp = client
+            .sign_x509_svids(req)
+            .await
+            .map_err(|s| Error::Server(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        super::metrics::svids_minted(
+            "x509",
+            resp.results
+                .iter()
+                .filter(|r| matches!(r.result, Some(pb::svid_result::Result::Svid(_))))
+                .count(),
+        );
+        if resp.results.len() != jobs.len() {
+            return Err(Error::Protocol(
+                "server answered a different number of CSRs".into(),
+            ));
+        }
+        let now = unix_seconds(std::time::SystemTime::now());
+        let roots = self.bundle.borrow().x509_authorities.clone();
+        Ok(jobs
+            .into_iter()
+            .zip(resp.results)
+            .map(|((entry, spiffe_id, key, _), r)| match r.result {
+                Some(pb::svid_result::Result::Svid(s))
+                    if s.spiffe_id == spiffe_id && !s.cert_chain.is_empty() =>
+                {
+                    Ok(HeldSvid {
+                        entry_id: entry.id.clone(),
+                        spiffe_id,
+                        authority: crate::svid::issuing_authority_of_chain(&s.cert_chain, &roots),
+                        chain: s.cert_chain,
+                        key,
+                        not_after: s.expires_at,
+                        renew_at: now + (s.expires_at - now) / 2,
+                        hint: entry.hint.clone(),
+                    })
+                }
+                Some(pb::svid_result::Result::Svid(_)) => {
+                    Err("server returned an SVID for another identity".into())
+                }
+                Some(pb::svid_result::Result::Error(e)) => Err(e),
+                None => Err("empty result".into()),
+            })
+            .collect())
+    }
+
+    async fn shared_svid(&self, entry: &pb::Entry, now: i64) -> Result<Arc<HeldSvid>, Error> {
+        let mut shared = self.shared.lock().await;
+        if let Some(h) = shared.get(&entry.id) {
+            if !self.needs_renewal(h, now) {
+                return Ok(h.clone());
+            }
+        }
+        let (key, csr) = key_and_csr(&entry.spiffe_id)?;
+        let mut out = self
+            .sign(vec![(entry.clone(), entry.spiffe_id.clone(), key, csr)])
+            .await?;
+        let held = Arc::new(
+            out.pop()
+                .ok_or_else(|| Error::Protocol("no result".into()))?
+                .map_err(Error::Server)?,
+        );
+        shared.insert(entry.id.clone(), held.clone());
+        Ok(held)
+    }
+
+    /// Brings an instance's SVIDs in line with its entries: mints what is missing or
+    /// due for renewal (one batch), drops what it is no longer entitled to, and
+    /// publishes the new set to its streams if it changed.
+    pub async fn reconcile(&self, inst: &Instance) -> Result<(), Error> {
+        let now = unix_seconds(std::time::SystemTime::now());
+        let wanted = self
+            .entries
+            .read()
+            .map_err(|_| Error::Config("lock".into()))?
+            .matching(&inst.selectors);
+        let mut held = inst.svids.lock().await;
+        held.retain(|id, _| wanted.iter().any(|e| &e.id == id && !e.shared));
+        let mut jobs = Vec::new();
+        let mut shared_svids = Vec::new();
+        for e in &wanted {
+            if e.shared {
+                match self.shared_svid(e, now).await {
+                    Ok(s) => shared_svids.push(s),
+                    Err(err) => {
+                        tracing::warn!(entry = %e.id, error = %err, "could not mint shared SVID")
+                    }
+                }
+                continue;
+            }
+            if held.get(&e.id).is_some_and(|h| !self.needs_renewal(h, now)) {
+                continue;
+            }
+            let id = Self::identity_for(inst, e);
+            let (key, csr) = key_and_csr(&id)?;
+            jobs.push((e.clone(), id, key, csr));
+        }
+        let mut first_error = None;
+        for r in self.sign(jobs).await? {
+            match r {
+                Ok(svid) => {
+                    tracing::info!(spiffe_id = %svid.spiffe_id, pid = inst.process.pid, not_after = svid.not_after, "workload SVID minted");
+                    held.insert(svid.entry_id.clone(), Arc::new(svid));
+                }
+                Err(e) => {
+                    tracing::warn!(pid = inst.process.pid, error = %e, "server refused a workload CSR");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let mut svids: Vec<Arc<HeldSvid>> = held.values().cloned().chain(shared_svids).collect();
+        svids.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        let changed = {
+            let cur = inst.state.borrow();
+            cur.svids.len() != svids.len()
+                || cur
+                    .svids
+                    .iter()
+                    .zip(&svids)
+                    .any(|(a, b)| !Arc::ptr_eq(a, b))
+        };
+        if changed {
+            inst.state.send_replace(Arc::new(IdentitySet { svids }));
+        }
+        match first_error {
+            Some(e) if inst.state.borrow().svids.is_empty() => Err(Error::Server(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Due at half-life, or at once when its authority is tainted.
+    pub fn needs_renewal(&self, h: &HeldSvid, now: i64) -> bool {
+        h.renew_at <= now
+            || h.authority
+                .as_ref()
+                .is_some_and(|a| self.bundle.borrow().tainted.contains(a))
+    }
+
+    /// Records a JWT-SVID handed out.
+    pub fn note_jwt(&self, kid: Option<&str>, expires_at: i64) {
+        if let (Some(kid), Ok(mut m)) = (kid, self.jwt_issued.lock()) {
+            let e = m.entry(kid.to_string()).or_insert(0);
+            *e = (*e).max(expires_at);
+        }
+    }
+
+    /// Drops cached JWT-SVIDs signed by a tainted key, so the next fetch mints anew.
+    pub fn forget_tainted_jwts(&self) {
+        let tainted = self.bundle.borrow().tainted.clone();
+        if tainted.is_empty() {
+            return;
+        }
+        for inst in self.live_instances() {
+            if let Ok(mut c) = inst.jwt_cache.lock() {
+                c.retain(|_, j| !j.kid.as_ref().is_some_and(|k| tainted.contains(k)));
+            }
+        }
+    }
+
+    /// Authorities that signed something still live that this agent holds or handed out.
+    pub async fn authorities_in_use(&self, now: i64) -> Vec<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for inst in self.live_instances() {
+            for s in inst.state.borrow().svids.iter() {
+                if s.not_after > now {
+                    out.extend(s.authority.clone());
+                }
+            }
+        }
+        for s in self.shared.lock().await.values() {
+            if s.not_after > now {
+                out.extend(s.authority.clone());
+            }
+        }
+        if let Ok(mut m) = self.jwt_issued.lock() {
+            m.retain(|_, exp| *exp > now);
+            out.extend(m.keys().cloned());
+        }
+        out.into_iter().collect()
+    }
+
+    /// Every live instance; forgets (and drops the keys of) exited ones.
+    pub fn live_instances(&self) -> Vec<Arc<Instance>> {
+        let Ok(mut map) = self.instances.lock() else {
+            return Vec::new();
+        };
+        map.retain(|k, inst| {
+            let alive = k.still_running();
+            if !alive {
+                tracing::info!(pid = k.process.pid, instance = %inst.segment, "workload instance exited or exec'd; forgetting its identity");
+                inst.state.send_replace(Arc::new(IdentitySet::default()));
+            }
+            alive
+        });
+        map.values().cloned().collect()
+    }
+
+    /// True when one of the instance's SVIDs is due for renewal.
+    pub fn due(&self, inst: &Instance, now: i64) -> bool {
+        inst.state
+            .borrow()
+            .svids
+            .iter()
+            .any(|s| self.needs_renewal(s, now))
+    }
+}
