@@ -1,0 +1,127 @@
+//! The `ztid-server` command line: `run`, and the operator verbs that talk to a
+//! running server over its admin socket.
+//!
+//! This file holds the top-level parser and the dispatcher; each verb group's flags
+//! and handler live in the file named after it, printing shared by all in [`output`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tonic::transport::Channel;
+use ztid_proto::admin::admin_client::AdminClient;
+
+use crate::config::ServerConfig;
+
+mod admin;
+mod agent;
+mod audit;
+mod authority;
+mod bundle;
+mod entry;
+mod evidence;
+mod federation;
+mod health;
+mod output;
+mod run;
+mod token;
+
+pub use admin::{AdminCmd, AdminCredentialCmd};
+pub use agent::AgentCmd;
+pub use audit::{audit_verb, audit_verify, AuditCmd};
+pub use authority::{AuthorityAction, AuthorityCmd};
+pub use bundle::{BundleCmd, BundleFormat};
+pub use entry::EntryCmd;
+pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
+pub use federation::FederationCmd;
+pub use output::Output;
+pub use run::{run_config, RunArgs};
+pub use token::TokenCmd;
+
+/// ztid-server: the ztid workload identity authority.
+#[derive(Debug, Parser)]
+#[command(name = "ztid-server", version, about)]
+pub struct Cli {
+    /// Admin socket of the running server (admin verbs).
+    #[arg(long, global = true, env = "ZTID_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCmd),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Trust bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Federation relationships with other trust domains.
+    #[command(subcommand)]
+    Federation(FederationCmd),
+    /// Exit 0 if the server answers on its admin socket.
+    Healthcheck,
+    /// X.509 and JWT authorities: show, prepare, activate, taint, revoke.
+    #[command(subcommand)]
+    Authority(AuthorityCmd),
+    /// The tamper-evident audit log (offline; no server needed).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Offline evidence checks (no server needed).
+    #[command(subcommand)]
+    Evidence(EvidenceCmd),
+    /// Admin identities for the remote admin API (issued only on the admin socket).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+/// The admin API client every admin verb uses.
+type Client = AdminClient<Channel>;
+
+/// A refusal from the server, as the operator sees it.
+fn status(s: tonic::Status) -> String {
+    s.message().to_string()
+}
+
+/// Runs an admin verb against the server.
+pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
+    let path = cli
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| ServerConfig::default().admin_socket_path());
+    let channel = ztid_proto::transport::unix_channel(&path)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the server's admin socket {}: {e}",
+                path.display()
+            )
+        })?;
+    let mut client = AdminClient::new(channel);
+    let out = cli.output;
+    match &cli.command {
+        Command::Run(_) | Command::Evidence(_) | Command::Audit(_) => {
+            unreachable!("not an admin verb")
+        }
+        Command::Admin(cmd) => admin::run(&mut client, cmd, out).await,
+        Command::Healthcheck => health::run(&mut client, out).await,
+        Command::Token(cmd) => token::run(&mut client, cmd, out).await,
+        Command::Entry(cmd) => entry::run(&mut client, cmd, out).await,
+        Command::Agent(cmd) => agent::run(&mut client, cmd, out).await,
+        Command::Authority(cmd) => authority::run(&mut client, cmd, out).await,
+        Command::Bundle(cmd) => bundle::run(&mut client, cmd, out).await,
+        Command::Federation(cmd) => federation::run(&mut client, cmd, out).await,
+    }
+}

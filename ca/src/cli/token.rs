@@ -1,0 +1,44 @@
+//! `token`: join tokens.
+
+use clap::Subcommand;
+use serde_json::json;
+use ztid_proto::admin as pb;
+
+use super::{status, Client, Output};
+
+/// `token` verbs.
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a single-use join token; prints the token alone.
+    Generate {
+        /// Lifetime in seconds (default from config, 600).
+        #[arg(long, default_value_t = 0)]
+        ttl: i64,
+        /// Node alias the redeeming agent becomes a child of.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+}
+
+/// Runs a `token` verb.
+pub(super) async fn run(client: &mut Client, cmd: &TokenCmd, out: Output) -> Result<(), String> {
+    match cmd {
+        TokenCmd::Generate { ttl, spiffe_id } => {
+            let r = client
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl_seconds: *ttl,
+                    alias_spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => {
+                    println!("{}", json!({"token": r.token, "expires_at": r.expires_at}))
+                }
+                Output::Text => println!("{}", r.token),
+            }
+        }
+    }
+    Ok(())
+}
