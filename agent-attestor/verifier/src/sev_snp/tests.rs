@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors"));
     assert!(
         p.join("snp").is_dir(),
         "SEV-SNP test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",

@@ -5,7 +5,7 @@ use super::*;
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors"));
     assert!(
         p.join("tdx").is_dir(),
         "TDX test vectors not found at {} (set ZTID_VECTORS to the shared vectors directory)",
