@@ -1,0 +1,147 @@
+//! Authenticating agents on node API calls: the peer certificate must be one this
+//! server's own X.509 authorities signed (remembered per bundle in
+//! [`OwnIssuedCache`]), current for an attested, unbanned agent.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ztid_spiffe::bundle::TrustBundle;
+
+use super::{now, CaCore};
+use crate::authorities::Kind;
+use crate::datastore::AgentRecord;
+use crate::{Error, Result};
+
+/// An agent that presented a current SVID.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedAgent {
+    /// Its record.
+    pub record: AgentRecord,
+}
+
+impl AuthenticatedAgent {
+    /// The parents whose entries this agent may mint: itself and its aliases.
+    pub fn parents(&self) -> BTreeSet<&str> {
+        let mut p: BTreeSet<&str> = self.record.aliases.iter().map(String::as_str).collect();
+        p.insert(&self.record.spiffe_id);
+        p
+    }
+}
+
+/// SHA-256s of agent certificates one of this server's X.509 authorities signed, valid
+/// for one bundle: a chain check per node API call would cost a signature verification
+/// on the mint path, and an agent presents the same certificate on every call. Any
+/// authority change (prepare, activate, taint, revoke) publishes a new bundle, which
+/// empties the cache, so a revoked authority's certificates are checked again.
+#[derive(Default)]
+pub(super) struct OwnIssuedCache(
+    std::sync::Mutex<Option<(Arc<TrustBundle>, std::collections::HashSet<[u8; 32]>)>>,
+);
+
+/// Most certificates remembered before the cache starts over (a few per live agent).
+const OWN_ISSUED_CACHE_MAX: usize = 16_384;
+
+impl OwnIssuedCache {
+    fn contains(&self, bundle: &Arc<TrustBundle>, digest: &[u8; 32]) -> bool {
+        self.0.lock().is_ok_and(|g| {
+            g.as_ref()
+                .is_some_and(|(b, set)| Arc::ptr_eq(b, bundle) && set.contains(digest))
+        })
+    }
+
+    fn insert(&self, bundle: Arc<TrustBundle>, digest: [u8; 32]) {
+        if let Ok(mut g) = self.0.lock() {
+            match g.as_mut() {
+                Some((b, set)) if Arc::ptr_eq(b, &bundle) && set.len() < OWN_ISSUED_CACHE_MAX => {
+                    set.insert(digest);
+                }
+                _ => *g = Some((bundle, std::iter::once(digest).collect())),
+            }
+        }
+    }
+}
+
+impl CaCore {
+    /// True if one of this server's X.509 authorities (prepared, active or old) signed
+    /// `leaf`; a revoked authority is no longer listed.
+    fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
+        // The bundle is read before the authorities: if they change in between, the
+        // result is filed under the older bundle, which is no longer current.
+        let bundle = self.authorities.bundle();
+        let digest: [u8; 32] = match ring::digest::digest(&ring::digest::SHA256, leaf)
+            .as_ref()
+            .try_into()
+        {
+            Ok(d) => d,
+            Err(_) => return false,
+        };
+        if self.own_issued.contains(&bundle, &digest) {
+            return true;
+        }
+        let signed = self.chain_to_own_authority(leaf);
+        if signed {
+            self.own_issued.insert(bundle, digest);
+        }
+        signed
+    }
+
+    fn chain_to_own_authority(&self, leaf: &[u8]) -> bool {
+        let Ok(own) = self.authorities.list(Kind::X509) else {
+            return false;
+        };
+        let own: Vec<rustls_pki_types::CertificateDer<'static>> =
+            own.into_iter().map(|a| a.cert_der.into()).collect();
+        ztid_spiffe::svid::verify_chain(
+            &[rustls_pki_types::CertificateDer::from(leaf)],
+            &own,
+            rustls_pki_types::UnixTime::now(),
+            ztid_spiffe::svid::Usage::Client,
+        )
+        .is_ok()
+    }
+
+    /// Checks the peer certificate of a node API call and returns the agent.
+    /// The TLS layer has already validated the chain against the bundle.
+    pub fn authenticate_agent(&self, leaf_der: Option<&[u8]>) -> Result<AuthenticatedAgent> {
+        let leaf = leaf_der
+            .ok_or_else(|| Error::Unauthenticated("node API call without an agent SVID".into()))?;
+        let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
+            .map_err(|e| Error::Unauthenticated(format!("peer certificate: {e}")))?
+            .to_string();
+        let serial = ztid_spiffe::svid::serial_hex(leaf)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        // TLS accepted any chain to the bundle: under an upstream root, any CA under the
+        // organisation's root. An agent's ID and serial are no secret, so only a
+        // certificate this server's own X.509 authorities signed can be the agent's.
+        if !self.issued_by_own_authority(leaf) {
+            return Err(Error::Unauthenticated(format!(
+                "{id} is not in a certificate this server's X.509 authorities signed"
+            )));
+        }
+        let record = self.store.get_agent(&id)?.ok_or_else(|| {
+            Error::Unauthenticated(format!("agent {id} is not attested (evicted or unknown)"))
+        })?;
+        if record.banned {
+            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+        }
+        let t = now();
+        // TLS checked validity at the handshake only; a connection can outlive the
+        // certificate, so check it on every call.
+        let not_after = ztid_spiffe::svid::not_after(leaf)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        if t >= not_after {
+            return Err(Error::Unauthenticated(format!(
+                "agent {id} presented an expired SVID"
+            )));
+        }
+        let current = serial == record.serial;
+        let previous = record.previous_serial.as_deref() == Some(serial.as_str())
+            && t < record.previous_expires_at;
+        if !current && !previous {
+            return Err(Error::Unauthenticated(format!(
+                "agent {id} presented an SVID that is no longer current"
+            )));
+        }
+        Ok(AuthenticatedAgent { record })
+    }
+}

@@ -1,0 +1,180 @@
+//! Issuing SVIDs: workload X509-SVIDs and JWT-SVIDs under an entry the agent is
+//! entitled to, and admin X509-SVIDs for the admin socket.
+
+use serde_json::json;
+
+use super::{now, AuthenticatedAgent, CaCore};
+use crate::authority::{LeafTemplate, SignedLeaf};
+use crate::csr_policy::{check_csr, check_identity, IdentityRule};
+use crate::datastore::EntryRecord;
+use crate::{Error, Result};
+
+/// What a workload CSR or JWT request under `entry` may name: the entry's ID
+/// (shared) or the entry's ID plus one per-instance segment; never a reserved ID.
+fn workload_rule(entry: &EntryRecord) -> IdentityRule<'_> {
+    if entry.shared {
+        IdentityRule::Shared(&entry.spiffe_id)
+    } else {
+        IdentityRule::Instance(&entry.spiffe_id)
+    }
+}
+
+impl CaCore {
+    /// Issues an admin X509-SVID, `spiffe://TD/ztid/admin/NAME`, for a CSR made by the
+    /// caller. Only the admin socket serves this (see `admin_authz`): admin identities
+    /// live under the reserved prefix no entry can claim, so no remote role, and no
+    /// agent, can obtain one.
+    pub fn issue_admin_svid(
+        &self,
+        name: &str,
+        csr: &[u8],
+        ttl_seconds: i64,
+        caller: &str,
+    ) -> Result<(String, SignedLeaf)> {
+        let id = ztid_spiffe::spiffe_id::admin_id(&self.trust_domain, name)
+            .map_err(|e| Error::InvalidArgument(crate::csr_policy::reason(e)))?
+            .to_string();
+        let ttl = if ttl_seconds == 0 {
+            self.config.x509_svid_ttl_seconds
+        } else {
+            ttl_seconds
+        };
+        if !(1..=self.config.ca_ttl_seconds).contains(&ttl) {
+            return Err(Error::InvalidArgument(format!(
+                "admin SVID TTL must be between 1 and {} seconds",
+                self.config.ca_ttl_seconds
+            )));
+        }
+        let checked = check_csr(csr, &IdentityRule::Assigned(&id), &[])?;
+        let authority = self.authorities.x509();
+        let leaf = authority.sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: id.clone(),
+                dns_names: vec![],
+                ttl_seconds: ttl,
+            },
+            now(),
+        )?;
+        self.record(json!({"type": "admin_svid_issued", "spiffe_id": id, "caller": caller,
+            "serial": leaf.serial, "not_after": leaf.not_after, "authority": authority.record().id}))?;
+        tracing::warn!(event = "admin_svid_issued", spiffe_id = %id, caller, serial = %leaf.serial, not_after = leaf.not_after, "admin SVID issued");
+        Ok((id, leaf))
+    }
+
+    /// Loads an entry the agent is entitled to mint for.
+    fn entitled_entry(&self, agent: &AuthenticatedAgent, entry_id: &str) -> Result<EntryRecord> {
+        let entry = self
+            .store
+            .get_entry(entry_id)?
+            .ok_or_else(|| Error::NotFound(format!("entry {entry_id} does not exist")))?;
+        if entry.node || !agent.parents().contains(entry.parent_id.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "agent {} is not entitled to entry {entry_id}",
+                agent.record.spiffe_id
+            )));
+        }
+        // A stored entry the ID rule refuses (from before it) mints nothing.
+        if let Some(why) = crate::entries::unusable_reason(&self.trust_domain, &entry) {
+            return Err(Error::PermissionDenied(format!(
+                "entry {entry_id} was stored before the SPIFFE ID rule and mints nothing: {why}"
+            )));
+        }
+        Ok(entry)
+    }
+
+    /// Signs one workload CSR for an entry.
+    pub fn sign_workload_svid(
+        &self,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+        csr: &[u8],
+    ) -> Result<(String, SignedLeaf)> {
+        let entry = self.entitled_entry(agent, entry_id)?;
+        let checked = check_csr(csr, &workload_rule(&entry), &entry.dns_names)?;
+        let ttl = if entry.x509_ttl > 0 {
+            entry.x509_ttl
+        } else {
+            self.config.x509_svid_ttl_seconds
+        };
+        self.check_policy(
+            crate::policy::Action::MintX509,
+            agent,
+            &entry,
+            &checked.spiffe_id,
+            ttl,
+        )?;
+        let authority = self.authorities.x509();
+        let leaf = authority.sign_leaf(
+            &checked.public_key,
+            &LeafTemplate {
+                spiffe_id: checked.spiffe_id.clone(),
+                dns_names: entry.dns_names.clone(),
+                ttl_seconds: ttl,
+            },
+            now(),
+        )?;
+        self.record(json!({"type": "x509_svid_issued", "spiffe_id": checked.spiffe_id, "entry": entry.id,
+            "agent": agent.record.spiffe_id, "serial": leaf.serial, "ttl": ttl, "not_after": leaf.not_after,
+            "authority": authority.record().id}))?;
+        crate::metrics::svid_issued("x509", &agent.record.spiffe_id);
+        tracing::info!(
+            event = "x509_svid_issued",
+            spiffe_id = %checked.spiffe_id,
+            entry = %entry.id,
+            agent = %agent.record.spiffe_id,
+            serial = %leaf.serial,
+            ttl,
+            authority = %authority.record().id,
+            "X509-SVID issued"
+        );
+        Ok((checked.spiffe_id, leaf))
+    }
+
+    /// Mints a JWT-SVID for an entry's identity.
+    pub fn mint_jwt_svid(
+        &self,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+        spiffe_id: &str,
+        audience: &[String],
+    ) -> Result<(String, i64)> {
+        let entry = self.entitled_entry(agent, entry_id)?;
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty() || a.len() > 512) {
+            return Err(Error::InvalidArgument("audience must be specified".into()));
+        }
+        check_identity(&workload_rule(&entry), spiffe_id)?;
+        let ttl = if entry.jwt_ttl > 0 {
+            entry.jwt_ttl
+        } else {
+            self.config.jwt_svid_ttl_seconds
+        };
+        self.check_policy(
+            crate::policy::Action::MintJwt,
+            agent,
+            &entry,
+            spiffe_id,
+            ttl,
+        )?;
+        let jwt = self.authorities.jwt();
+        let issuer = self.config.oidc.as_ref().map(|o| o.issuer.as_str());
+        let (token, exp) = jwt.mint_with_issuer(spiffe_id, audience, ttl, now(), issuer)?;
+        self.record(
+            json!({"type": "jwt_svid_issued", "spiffe_id": spiffe_id, "entry": entry.id,
+            "agent": agent.record.spiffe_id, "audience": audience, "ttl": ttl, "exp": exp,
+            "authority": jwt.record().id}),
+        )?;
+        crate::metrics::svid_issued("jwt", &agent.record.spiffe_id);
+        tracing::info!(
+            event = "jwt_svid_issued",
+            spiffe_id,
+            entry = %entry.id,
+            agent = %agent.record.spiffe_id,
+            audience = ?audience,
+            ttl,
+            authority = %jwt.record().id,
+            "JWT-SVID issued"
+        );
+        Ok((token, exp))
+    }
+}

@@ -1,0 +1,185 @@
+//! The server's state and every operation the node and admin APIs expose, free of
+//! gRPC types where it can be, so each rule lives in one place.
+//!
+//! [`CaCore`] and its constructor are here; each group of operations is in the file
+//! named after it: [`agent_auth`] (who is calling), [`attestation`] (node attestation
+//! and agent SVIDs), [`minting`] (workload and admin SVIDs), [`sync`] (entry sync),
+//! [`registration`] (join tokens, entries, evict, ban), [`rotation`] (authorities),
+//! [`policy`] (the issuance policy), [`server_svid`] (the server's own SVID).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use serde_json::Value;
+use spiffe::TrustDomain;
+use ztid_hsm::KeyManager;
+use ztid_spiffe::bundle::TrustBundle;
+use ztid_spiffe::tls::SharedRoots;
+use ztid_spiffe::unix_seconds;
+use ztid_verifier::join_token::JoinTokenVerifier;
+use ztid_verifier::multi::MultiVerifier;
+use ztid_verifier::NodeVerifier;
+
+use crate::audit::AuditLog;
+use crate::authorities::{AuthoritySet, Lifetimes};
+use crate::config::ServerConfig;
+use crate::datastore::{DataStore, SledStore};
+use crate::{Error, Result};
+
+pub mod agent_auth;
+pub mod attestation;
+pub mod minting;
+pub mod policy;
+pub mod registration;
+pub mod rotation;
+pub mod server_svid;
+pub mod sync;
+
+pub use agent_auth::AuthenticatedAgent;
+use agent_auth::OwnIssuedCache;
+use attestation::StoreTokens;
+pub use sync::SyncResult;
+
+/// Now, in Unix seconds.
+pub fn now() -> i64 {
+    unix_seconds(SystemTime::now())
+}
+
+/// The server core.
+pub struct CaCore {
+    /// The configuration in effect.
+    pub config: ServerConfig,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Persistent state.
+    pub store: Arc<dyn DataStore>,
+    /// Where the authorities' keys live.
+    pub key_manager: Arc<dyn KeyManager>,
+    /// The X.509 and JWT authorities and the bundle.
+    pub authorities: AuthoritySet,
+    /// The issuance policy, if configured.
+    pub policy: Option<crate::policy::IssuancePolicy>,
+    /// The tamper-evident audit log (absent only when disabled in config).
+    pub audit: Option<Arc<AuditLog>>,
+    verifiers: Vec<Arc<dyn NodeVerifier>>,
+    multi: Option<Arc<MultiVerifier>>,
+    server_svid: ArcSwap<CertifiedKey>,
+    server_svid_expiry: std::sync::atomic::AtomicI64,
+    /// Agent certificates already found signed by one of our authorities.
+    own_issued: OwnIssuedCache,
+}
+
+impl CaCore {
+    /// Opens the data directory, creating the CA on first start.
+    pub fn open(config: ServerConfig) -> Result<Arc<Self>> {
+        let trust_domain = config.validate()?;
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        }
+        // The key manager first: a wrong PIN or a missing token must leave nothing behind.
+        let key_manager = crate::keys::key_manager(&config)?;
+        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
+        let t = now();
+        let upstream = match &config.upstream {
+            Some(u) => Some(Arc::new(crate::upstream::Upstream::load(u, &key_manager)?)),
+            None => None,
+        };
+        let authorities = AuthoritySet::open(
+            trust_domain.clone(),
+            key_manager.clone(),
+            store.clone(),
+            Lifetimes {
+                x509: config.ca_ttl_seconds,
+                jwt: config.jwt_key_ttl_seconds,
+                refresh_hint: config.bundle_refresh_hint_seconds,
+            },
+            upstream,
+            t,
+        )?;
+        let audit = if config.audit_enabled {
+            // The datastore anchors the log outside its directory (rollback detection).
+            Some(AuditLog::open_with(
+                &dir.join("audit"),
+                key_manager.clone(),
+                crate::audit::AuditOptions {
+                    store: Some(store.clone()),
+                    accept_rollback: None,
+                },
+            )?)
+        } else {
+            tracing::warn!("the audit log is disabled by configuration");
+            None
+        };
+        let policy = match &config.issuance_policy {
+            Some(p) => Some(crate::policy::IssuancePolicy::load(p)?),
+            None => None,
+        };
+        let mut verifiers: Vec<Arc<dyn NodeVerifier>> =
+            vec![Arc::new(JoinTokenVerifier::new(StoreTokens(store.clone())))];
+        let crate::attestors::Verifiers {
+            single: hardware,
+            multi,
+        } = crate::attestors::configured_verifiers(&config)?;
+        verifiers.extend(hardware);
+        if let Some(m) = &multi {
+            verifiers.push(m.clone());
+        }
+        // Entries stored before IDs had one spelling and the reserved names were closed
+        // can mint nothing now: name them once, at start.
+        for e in store.list_entries(&crate::datastore::EntryFilter::default())? {
+            if let Some(why) = crate::entries::unusable_reason(&trust_domain, &e) {
+                tracing::warn!(event = "entry_unusable", entry = %e.id, spiffe_id = %e.spiffe_id, reason = %why,
+                    "stored entry is refused at every mint; delete it and create it again in canonical form");
+            }
+        }
+        let (svid, expiry) =
+            Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
+        Ok(Arc::new(Self {
+            config,
+            trust_domain,
+            store,
+            key_manager,
+            authorities,
+            policy,
+            audit,
+            verifiers,
+            multi,
+            server_svid: ArcSwap::from_pointee(svid),
+            server_svid_expiry: expiry.into(),
+            own_issued: OwnIssuedCache::default(),
+        }))
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.authorities.bundle()
+    }
+
+    /// The X.509 authorities as shared roots for TLS verification.
+    pub fn roots(&self) -> SharedRoots {
+        self.authorities.roots()
+    }
+
+    /// Appends a security event to the audit log.
+    pub fn record(&self, event: Value) -> Result<()> {
+        if let Some(a) = &self.audit {
+            a.append(event)?;
+            crate::metrics::audit_appended();
+        }
+        Ok(())
+    }
+
+    /// Waits until every event recorded so far is durable: call before answering.
+    pub async fn audit_barrier(&self) -> Result<()> {
+        match &self.audit {
+            Some(a) => a.durable(a.last_seq()).await,
+            None => Ok(()),
+        }
+    }
+}

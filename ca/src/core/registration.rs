@@ -1,0 +1,104 @@
+//! Operator changes to what may attest and mint: join tokens, registration entries,
+//! evicting and banning agents.
+
+use serde_json::json;
+use ztid_verifier::join_token;
+
+use super::{now, CaCore};
+use crate::authority::random_hex;
+use crate::datastore::{AgentRecord, EntryRecord, JoinTokenRecord};
+use crate::entries::validate_new_entry;
+use crate::{Error, Result};
+
+impl CaCore {
+    /// Creates a join token; returns the token and its expiry. Only its hash is stored.
+    pub fn create_join_token(
+        &self,
+        ttl_seconds: i64,
+        alias: Option<String>,
+    ) -> Result<(String, i64)> {
+        let ttl = if ttl_seconds == 0 {
+            self.config.join_token_ttl_seconds
+        } else {
+            ttl_seconds
+        };
+        if !(0..=30 * 24 * 3600).contains(&ttl) {
+            return Err(Error::InvalidArgument(
+                "token TTL must be between 1 second and 30 days".into(),
+            ));
+        }
+        if let Some(a) = &alias {
+            // The same rule as entries' IDs: canonical, in this trust domain, not reserved.
+            crate::entries::parse_claimable_id(&self.trust_domain, "alias", a)?;
+        }
+        let token = random_hex(32)?;
+        let id = random_hex(8)?;
+        let expires_at = now() + ttl;
+        self.store.put_join_token(
+            &join_token::token_hash(&token),
+            &JoinTokenRecord {
+                id: id.clone(),
+                expires_at,
+                alias: alias.clone(),
+            },
+        )?;
+        self.store.flush()?;
+        self.record(json!({"type": "join_token_created", "token_id": id, "expires_at": expires_at, "alias": alias}))?;
+        tracing::info!(event = "join_token_created", token_id = %id, expires_at, alias = ?alias, "join token created");
+        Ok((token, expires_at))
+    }
+
+    /// Validates and stores a new entry.
+    pub fn create_entry(&self, req: &ztid_proto::node::Entry) -> Result<EntryRecord> {
+        let record =
+            validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
+        let record = self.store.create_entry(record)?;
+        crate::metrics::entries_changed(1);
+        self.store.flush()?;
+        self.record(json!({"type": "entry_created", "entry": record.id, "spiffe_id": record.spiffe_id,
+            "parent_id": record.parent_id, "selectors": record.selectors, "revision": record.revision}))?;
+        tracing::info!(event = "entry_created", entry = %record.id, spiffe_id = %record.spiffe_id, parent = %record.parent_id, "registration entry created");
+        Ok(record)
+    }
+
+    /// Deletes an entry.
+    pub fn delete_entry(&self, id: &str) -> Result<EntryRecord> {
+        let e = self
+            .store
+            .delete_entry(id)?
+            .ok_or_else(|| Error::NotFound(format!("entry {id} does not exist")))?;
+        crate::metrics::entries_changed(-1);
+        self.store.flush()?;
+        self.record(json!({"type": "entry_deleted", "entry": id, "spiffe_id": e.spiffe_id}))?;
+        tracing::info!(event = "entry_deleted", entry = %id, spiffe_id = %e.spiffe_id, "registration entry deleted");
+        Ok(e)
+    }
+
+    /// Evicts an agent: its next call fails; it must attest again.
+    pub fn evict_agent(&self, id: &str) -> Result<AgentRecord> {
+        crate::entries::parse_id(&self.trust_domain, "agent", id)?;
+        let a = self
+            .store
+            .delete_agent(id)?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+        self.store.flush()?;
+        self.record(json!({"type": "agent_evicted", "agent": id}))?;
+        tracing::warn!(event = "agent_evicted", agent = %id, "agent evicted");
+        Ok(a)
+    }
+
+    /// Bans an agent: its next call fails and it cannot attest again.
+    pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
+        crate::entries::parse_id(&self.trust_domain, "agent", id)?;
+        let mut a = self
+            .store
+            .get_agent(id)?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+        a.banned = true;
+        self.store.put_agent(&a)?;
+        self.store.flush()?;
+        self.record(json!({"type": "agent_banned", "agent": id}))?;
+        tracing::warn!(event = "agent_banned", agent = %id, "agent banned");
+        Ok(a)
+    }
+}
