@@ -1,11 +1,8 @@
 //! Authenticating agents on node API calls: the peer certificate must be one this
-//! server's own X.509 authorities signed (remembered per bundle in
-//! [`OwnIssuedCache`]), current for an attested, unbanned agent.
+//! server's own X.509 authorities signed (remembered per bundle in `own_issued.rs`),
+//! current for an attested, unbanned agent.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-
-use ztid_spiffe::bundle::TrustBundle;
 
 use super::{now, CaCore};
 use crate::authorities::Kind;
@@ -25,39 +22,6 @@ impl AuthenticatedAgent {
         let mut p: BTreeSet<&str> = self.record.aliases.iter().map(String::as_str).collect();
         p.insert(&self.record.spiffe_id);
         p
-    }
-}
-
-/// SHA-256s of agent certificates one of this server's X.509 authorities signed, valid
-/// for one bundle: a chain check per node API call would cost a signature verification
-/// on the mint path, and an agent presents the same certificate on every call. Any
-/// authority change (prepare, activate, taint, revoke) publishes a new bundle, which
-/// empties the cache, so a revoked authority's certificates are checked again.
-#[derive(Default)]
-pub(super) struct OwnIssuedCache(
-    std::sync::Mutex<Option<(Arc<TrustBundle>, std::collections::HashSet<[u8; 32]>)>>,
-);
-
-/// Most certificates remembered before the cache starts over (a few per live agent).
-const OWN_ISSUED_CACHE_MAX: usize = 16_384;
-
-impl OwnIssuedCache {
-    fn contains(&self, bundle: &Arc<TrustBundle>, digest: &[u8; 32]) -> bool {
-        self.0.lock().is_ok_and(|g| {
-            g.as_ref()
-                .is_some_and(|(b, set)| Arc::ptr_eq(b, bundle) && set.contains(digest))
-        })
-    }
-
-    fn insert(&self, bundle: Arc<TrustBundle>, digest: [u8; 32]) {
-        if let Ok(mut g) = self.0.lock() {
-            match g.as_mut() {
-                Some((b, set)) if Arc::ptr_eq(b, &bundle) && set.len() < OWN_ISSUED_CACHE_MAX => {
-                    set.insert(digest);
-                }
-                _ => *g = Some((bundle, std::iter::once(digest).collect())),
-            }
-        }
     }
 }
 

@@ -3,48 +3,18 @@
 //! with the agent's SVID and record; aliases; join-token agents' renewal.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use rcgen::PublicKeyData;
 use serde_json::json;
 use ztid_spiffe::selector::satisfies;
-use ztid_verifier::join_token::{JoinTokenGrant, JoinTokenStore};
 use ztid_verifier::{AttestationContext, AttestedNode, NodeVerifier};
 
 use super::{now, AuthenticatedAgent, CaCore};
 use crate::authority::{LeafTemplate, SignedLeaf};
 use crate::csr_policy::{check_csr, IdentityRule};
-use crate::datastore::{AgentRecord, DataStore};
+use crate::datastore::AgentRecord;
 use crate::{Error, Result};
-
-/// Join-token redemption backed by the datastore.
-pub(super) struct StoreTokens(pub(super) Arc<dyn DataStore>);
-
-impl JoinTokenStore for StoreTokens {
-    fn take_join_token(
-        &self,
-        hash: &[u8; 32],
-    ) -> std::result::Result<Option<JoinTokenGrant>, ztid_attestation::Error> {
-        let rec = self
-            .0
-            .take_join_token(hash)
-            .map_err(|e| ztid_attestation::Error::Store(e.to_string()))?;
-        // Redeeming must survive a crash: a token that was used must stay used. An
-        // unknown token changed nothing, so a flood of them costs no sync.
-        if rec.is_some() {
-            self.0
-                .flush()
-                .map_err(|e| ztid_attestation::Error::Store(e.to_string()))?;
-        }
-        Ok(rec.map(|r| JoinTokenGrant {
-            hash: *hash,
-            id: r.id,
-            expires_at: r.expires_at,
-            alias: r.alias,
-        }))
-    }
-}
 
 impl CaCore {
     /// The verifier for a method; refuses a single method the server requires to be
