@@ -91,8 +91,14 @@ if len(owners) != 1:
 print(owners[0])' "$1"
 }
 
+# Replace a previous release output, never anything else.
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ] && [ ! -f "$OUT/.ztid-release" ]; then
+    echo "release: $OUT exists and is not a release output (no .ztid-release); refusing to replace it" >&2
+    exit 1
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
+: >"$OUT/.ztid-release"
 for bin in "${BINS[@]}"; do
     crate=$(crate_of_bin "$bin")
     echo "release: building $bin (crate $crate) at $COMMIT" >&2
