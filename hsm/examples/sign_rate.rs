@@ -5,8 +5,7 @@
 //!
 //! Needs SoftHSM2 (`scripts/install-deps.sh`); the token lives in a temp dir.
 
-#[path = "../tests/support/softhsm.rs"]
-mod support;
+use ztid_test_support::softhsm as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,8 +6,7 @@
 //! process before any test touches the module, with one token per test so that the
 //! tests, which run in parallel, cannot see each other's keys.
 
-#[path = "support/softhsm.rs"]
-mod support;
+use ztid_test_support::softhsm as support;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,8 +2,7 @@
 //! tpm2-tools are installed by `scripts/install-deps.sh`), each with its own state
 //! directory and ports. The tests fail, never skip, when swtpm is missing.
 
-#[path = "../../tests/tpm/swtpm.rs"]
-mod swtpm;
+use ztid_test_support::swtpm;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;

@@ -6,8 +6,7 @@
 //! SoftHSM2 finds its tokens through `SOFTHSM2_CONF`; this process sets it once,
 //! before spawning anything, and the server, the agent and `pkcs11-tool` inherit it.
 
-#[path = "../../hsm/tests/support/softhsm.rs"]
-mod support;
+use ztid_test_support::softhsm as support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

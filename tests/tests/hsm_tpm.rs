@@ -4,8 +4,7 @@
 //! TPM key blobs the server left in `DATA_DIR/tpm-keys`.
 #![forbid(unsafe_code)]
 
-#[path = "../tpm/swtpm.rs"]
-mod swtpm;
+use ztid_test_support::swtpm;
 
 use base64::Engine;
 use swtpm::Swtpm;

@@ -6,10 +6,7 @@
 //! is refused with the factor named.
 #![forbid(unsafe_code)]
 
-#[path = "../tee/snp_signer.rs"]
-mod snp_signer;
-#[path = "../tpm/swtpm.rs"]
-mod swtpm;
+use ztid_test_support::{snp_signer, swtpm};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -510,8 +510,7 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     assert_eq!(kds.requests().len(), n);
 }
 
-#[path = "../tee/snp_signer.rs"]
-mod snp_signer;
+use ztid_test_support::snp_signer;
 
 /// The test chain's ASK is not pinned (only its ARK is in `test_roots_dir`), so the
 /// verifier needs the VCEK, the cert_chain and the CRL from KDS: each is checked under

@@ -20,8 +20,7 @@ use ztid_attestation::Error;
 use ztid_spiffe::Selector;
 use ztid_tests::*;
 
-#[path = "../tee/snp_signer.rs"]
-mod snp_signer;
+use ztid_test_support::snp_signer;
 use snp_signer::{FakeTsm, TestChain, HOST_DATA, MEASUREMENT};
 
 fn refusal<T>(r: Result<T, Error>) -> String {

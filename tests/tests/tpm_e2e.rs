@@ -4,8 +4,7 @@
 //! `evidence verify --kind tpm` CLI.
 #![forbid(unsafe_code)]
 
-#[path = "../tpm/swtpm.rs"]
-mod swtpm;
+use ztid_test_support::swtpm;
 
 use std::path::Path;
 use std::process::Command;

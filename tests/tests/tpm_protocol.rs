@@ -3,10 +3,7 @@
 //! negative cases each asserting its refusal reason, and cross-checks with tpm2-tools.
 #![forbid(unsafe_code)]
 
-#[path = "../tpm/attest.rs"]
-mod attest;
-#[path = "../tpm/swtpm.rs"]
-mod swtpm;
+use ztid_test_support::tpm_attest as attest;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};

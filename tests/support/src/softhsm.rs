@@ -1,9 +1,8 @@
-//! SoftHSM2 for tests and benchmarks (`#[path]`-included): where its PKCS#11 module is,
+//! SoftHSM2 for tests and benchmarks: where its PKCS#11 module is,
 //! and a private token directory with initialised tokens.
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` once, at `C_Initialize`, so [`init_tokens`] must run
 //! before anything in the process loads the module; child processes inherit it.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

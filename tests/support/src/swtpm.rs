@@ -1,9 +1,8 @@
-//! Test helper shared by `tests/tests/tpm_*.rs` and `hsm/tests/tpm_keys.rs` (included
-//! with `#[path]`): one
-//! `swtpm socket` per test, on its own ports and state directory, provisioned by
-//! `tests/tpm/provision.sh` under a per-test (or shared, for "same manufacturer")
-//! project-local swtpm-localca. Killed on drop. Fails loudly when swtpm is missing.
-#![allow(dead_code)]
+//! Used by `tests/tests/{tpm_*,hsm_tpm,multi_factor}.rs`, `hsm/tests/tpm_keys.rs` and
+//! the TPM benchmark: one `swtpm socket` per test, on its own ports and state
+//! directory, provisioned by `tests/tpm/provision.sh` under a per-test (or shared, for
+//! "same manufacturer") project-local swtpm-localca. Killed on drop. Fails loudly when
+//! swtpm is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -69,8 +68,8 @@ fn free_port() -> u16 {
 }
 
 fn script() -> PathBuf {
-    // Also included from the hsm crate: find the script from the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tpm/provision.sh")
+    // This crate is tests/support; the script stays beside the TPM tests.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tpm/provision.sh")
 }
 
 impl Swtpm {

@@ -1,17 +1,16 @@
 //! Shared by the TPM protocol tests and the TPM benchmark: the CA's context, the
 //! agent's first message, one whole exchange, and a fixture with a provisioned swtpm.
-#![allow(dead_code)]
 
 use std::time::SystemTime;
 
-use super::swtpm::{LocalCa, Swtpm};
+use crate::swtpm::{LocalCa, Swtpm};
+use ztid_attestation::Error;
 use ztid_attestor::tpm::TpmAttestor;
 use ztid_attestor::NodeAttestor;
 use ztid_verifier::tpm::{TpmPolicy, TpmVerifier};
 use ztid_verifier::{
     AttestationContext, AttestedNode, NodeVerifier, VerificationSession, VerifierStep,
 };
-use ztid_attestation::Error;
 
 /// The CA's context for an attempt whose CSR carries `key` (DER SubjectPublicKeyInfo).
 pub fn ctx_at(key: &[u8], now: SystemTime) -> AttestationContext<'_> {

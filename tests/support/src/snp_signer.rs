@@ -1,9 +1,8 @@
 //! A test-only SEV-SNP signer: an ARK → ASK → VCEK chain made with openssl (RSA-PSS-SHA384,
 //! salt 48, VCEK serial 0, AMD's TCB and hwID extensions) that only a config naming it
 //! in `test_roots_dir` trusts, reports signed with the VCEK key, and a fake configfs-tsm
-//! provider that answers the agent's requests with such reports. Shared by the SNP and
-//! multi-factor tests (`#[path]`-included).
-#![allow(dead_code)]
+//! provider that answers the agent's requests with such reports. Shared by the SNP,
+//! KDS-fetch and multi-factor tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
