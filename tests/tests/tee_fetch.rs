@@ -518,6 +518,12 @@ use ztid_test_support::snp_signer;
 #[test]
 fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     let chain = snp_signer::TestChain::new();
+    // Another key under the same ARK name: the forged CRL and cert_chain below.
+    let other = snp_signer::TestChain::new();
+    // The one verification time, read once: after both chains are signed (a certificate's
+    // notBefore is when openssl signed it) and given to every CRL as its thisUpdate, so a
+    // second ticking while fixtures are made cannot make one "not yet valid".
+    let now = SystemTime::now();
     let roots = tempfile::tempdir().unwrap();
     std::fs::copy(
         chain.roots_dir().join("ark.pem"),
@@ -526,7 +532,7 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     .unwrap();
     let crl_der = |c: &snp_signer::TestChain, revoke: bool| {
         let d = tempfile::tempdir().unwrap();
-        c.crl(d.path(), revoke, 1);
+        c.crl_at(d.path(), revoke, now, 1);
         der_of(&std::fs::read(d.path().join("amd.crl")).unwrap())
     };
     let report = chain.report(&[7u8; 64], |_| {});
@@ -552,7 +558,6 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
             cache.display().to_string()
         ))
     };
-    let now = SystemTime::now();
 
     let mut kds = Kds::start();
     serve_all(&kds, crl_der(&chain, false));
@@ -619,7 +624,6 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
         )
     );
     // A CRL signed by another key under the same ARK name: refused, not cached.
-    let other = snp_signer::TestChain::new();
     serve_all(&kds, crl_der(&other, false));
     let cache3 = tmp.path().join("cache3");
     let m = refusal(sev_snp::verify_offline(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
@@ -262,8 +262,28 @@ impl TestChain {
         e
     }
 
-    /// A CRL from the test ARK, valid for `days`, revoking the ASK if `revoke_ask`.
+    /// A CRL from the test ARK, valid for `days`, revoking the ASK if `revoke_ask`, issued
+    /// when openssl runs: check it at a time read afterwards, or use [`TestChain::crl_at`].
     pub fn crl(&self, out_dir: &Path, revoke_ask: bool, days: u32) {
+        self.gen_crl(out_dir, revoke_ask, days, None)
+    }
+
+    /// Like [`TestChain::crl`], with thisUpdate `this_update` (to the second) and
+    /// nextUpdate `days` later: a test reads its clock once and both builds the CRL and
+    /// verifies at that instant, so a second ticking in between cannot make the CRL "not
+    /// yet valid".
+    pub fn crl_at(&self, out_dir: &Path, revoke_ask: bool, this_update: SystemTime, days: u32) {
+        let next_update = this_update + Duration::from_secs(u64::from(days) * 86400);
+        self.gen_crl(out_dir, revoke_ask, days, Some((this_update, next_update)))
+    }
+
+    fn gen_crl(
+        &self,
+        out_dir: &Path,
+        revoke_ask: bool,
+        days: u32,
+        dates: Option<(SystemTime, SystemTime)>,
+    ) {
         let d = self.dir.path();
         let ca = d.join(format!("ca-{revoke_ask}-{days}"));
         std::fs::create_dir_all(&ca).unwrap();
@@ -308,9 +328,27 @@ impl TestChain {
             "-out",
             &out,
         ];
+        let dates = dates.map(|(this, next)| (asn1_time(this), asn1_time(next)));
+        if let Some((this, next)) = &dates {
+            a.extend_from_slice(&["-crl_lastupdate", this, "-crl_nextupdate", next]);
+        }
         a.extend_from_slice(PSS);
         ossl(d, &a);
     }
+}
+
+/// `t` as openssl's GeneralizedTime argument, UTC, to the second: YYYYMMDDHHMMSSZ.
+fn asn1_time(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// One (outblob, auxblob) pair a fake provider served.
