@@ -26,6 +26,12 @@ const PIN: &str = "1234";
 const CA_TOKEN: &str = "e2e-ca";
 const NEG_TOKEN: &str = "e2e-neg";
 
+/// Held for the whole of each test that uses the shared SoftHSM2 directory: SoftHSM2
+/// reads every token of its token directory at C_Initialize, and a token file another
+/// process is writing at that moment fails that read (`GetTokenInfo`), so these tests
+/// take turns.
+static SOFTHSM_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// SoftHSM2 for this process: a config in a temp dir, its tokens initialised, and a
 /// PIN file (0600). Returns the scratch directory.
 fn softhsm() -> &'static Path {
@@ -219,6 +225,7 @@ fn b64url(s: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_signs_every_svid_with_keys_that_live_only_in_the_token() {
+    let _turn = SOFTHSM_TURN.lock().await;
     let dir = softhsm();
     let (pin, m) = (
         dir.join("pin").display().to_string(),
@@ -391,6 +398,7 @@ fn assert_no_private_key_under_or_empty(dir: &Path) {
 
 #[test]
 fn wrong_pin_missing_token_or_open_pin_file_refuse_to_start() {
+    let _turn = SOFTHSM_TURN.blocking_lock();
     let dir = softhsm();
     let m = module().display().to_string();
     let scratch = tempfile::tempdir().unwrap();
