@@ -2,17 +2,28 @@
 //! two real servers (identical but for `audit_enabled`), one agent each, the same
 //! client load against both, alternated three times. A benchmark, not a test.
 //!
-//! `cargo run --release -p ztid-tests --bin ztid-audit-bench [-- --secs S]`
+//! `cargo run --release -p ztid-bench --bin ztid-audit-bench [-- --secs S]`
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use ztid_agent::node_client::connect;
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
+
+/// Mint throughput through the node API with the audit log on and off: two real
+/// servers, one agent each, the same load against both, alternated three times.
+#[derive(Parser, Debug)]
+#[command(name = "ztid-audit-bench")]
+struct Cli {
+    /// Seconds of each measurement window (the median of three is reported).
+    #[arg(long, value_name = "S", default_value_t = 4.0)]
+    secs: f64,
+}
 
 const TD: &str = "bench.test";
 
@@ -104,11 +115,7 @@ fn measure(
 }
 
 fn main() {
-    let secs: f64 = std::env::args()
-        .skip_while(|a| a != "--secs")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4.0);
+    let secs = Cli::parse().secs;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

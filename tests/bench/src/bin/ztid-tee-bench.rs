@@ -2,15 +2,32 @@
 //! one attestation answer (`verify_evidence`: the SNP report with its certificate table;
 //! the TDX quote with the collateral read from its directory), on one thread.
 //!
-//! `cargo run --release -p ztid-tests --bin ztid-tee-bench`
-//! (`ZTID_BENCH_SECONDS` per case, default 3). The vectors come from
+//! `cargo run --release -p ztid-bench --bin ztid-tee-bench [-- --secs S]`
+//! (`--secs` or `ZTID_BENCH_SECONDS` per case, default 3). The vectors come from
 //! `../shared/vectors` (or `ZTID_VECTORS`).
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Instant;
-use ztid_tests::at;
 
+use clap::Parser;
+use ztid_tests::at;
 use ztid_verifier::{sev_snp, tdx};
+
+/// SEV-SNP and TDX verification throughput on the real vectors (one thread), as a
+/// markdown table.
+#[derive(Parser, Debug)]
+#[command(name = "ztid-tee-bench")]
+struct Cli {
+    /// Seconds of the timed loop per case.
+    #[arg(
+        long,
+        value_name = "S",
+        env = "ZTID_BENCH_SECONDS",
+        default_value_t = 3.0
+    )]
+    secs: f64,
+}
 
 /// Times the first call (cold: for SEV-SNP the VEK's RSA signature is checked; later
 /// calls find the pair in the verified-signature cache) and then a loop of `secs`.
@@ -33,10 +50,7 @@ fn rate(name: &str, secs: f64, mut f: impl FnMut()) {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("ZTID_BENCH_SECONDS")
-        .ok()
-        .map(|s| s.parse().expect("ZTID_BENCH_SECONDS"))
-        .unwrap_or(3.0);
+    let secs = Cli::parse().secs;
     ztid_tests::vectors("tdx");
     let v: PathBuf = ztid_tests::vectors("snp").join("..");
     // Load and check the pinned AMD roots once, outside the timings.

@@ -2,26 +2,27 @@
 //! swtpm, CA-side verification cost per attestation, ECC vs RSA MakeCredential, and the
 //! latency of one signature by the TPM-resident agent key.
 //!
-//! `cargo run --release -p ztid-tests --bin ztid-tpm-bench`
+//! `cargo run --release -p ztid-bench --bin ztid-tpm-bench`
 #![forbid(unsafe_code)]
-
-// Until this benchmark moves to tests/bench (ztid-bench), included from ztid-test-support.
-#[path = "../../support/src/tpm_attest.rs"]
-#[allow(dead_code)]
-mod attest;
-#[path = "../../support/src/swtpm.rs"]
-#[allow(dead_code)]
-mod swtpm;
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use attest::*;
+use clap::Parser;
 use ztid_attestor::tpm::{self, device::Tpm, EkKind, TpmAttestor};
+// The TPM exchange and swtpm fixture, shared with tests/tests/tpm_protocol.rs.
+use ztid_test_support::tpm_attest::*;
 use ztid_verifier::tpm::{credential, quote, wire, InitialEvidence, TpmVerifier};
 use ztid_verifier::NodeVerifier;
 
+/// TPM attestation costs on swtpm: enrolment wall time, CA-side verification per
+/// attestation, MakeCredential for RSA and ECC EKs, one TPM-resident agent key signature.
+#[derive(Parser, Debug)]
+#[command(name = "ztid-tpm-bench")]
+struct Cli {}
+
 fn main() {
+    let Cli {} = Cli::parse();
     let f = fixture();
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let pol = policy(&f.ca, "");
@@ -107,7 +108,8 @@ fn main() {
         .unwrap();
     let t = std::time::Instant::now();
     for _ in 0..n {
-        ztid_verifier::tpm::verify_certification(&cert_ak, &cert, &cert_sig, &nonce, &key_name).unwrap();
+        ztid_verifier::tpm::verify_certification(&cert_ak, &cert, &cert_sig, &nonce, &key_name)
+            .unwrap();
     }
     let certify_s = t.elapsed().as_secs_f64() / n as f64;
     eprintln!(
