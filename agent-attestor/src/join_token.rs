@@ -17,4 +17,3 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     out.copy_from_slice(d.as_ref());
     out
 }
-

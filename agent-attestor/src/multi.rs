@@ -54,7 +54,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{b64, Error};
+use crate::RefusalKind::Malformed;
+use crate::{b64, Error, RefusalKind};
 
 /// The method name on the wire.
 pub const METHOD: &str = "multi";
@@ -82,33 +83,35 @@ pub struct Part {
     pub data: Vec<u8>,
 }
 
-pub fn refused(s: impl Into<String>) -> Error {
-    Error::Refused(s.into())
+/// A refusal of `kind` with this reason.
+pub fn refused(kind: RefusalKind, s: impl Into<String>) -> Error {
+    Error::refused(kind, s)
 }
 
-/// Names the factor in a refusal.
+/// Names the factor in a refusal (its kind stays).
 pub fn in_factor(method: &str, e: Error) -> Error {
     match e {
-        Error::Refused(r) => Error::Refused(format!("{method} factor: {r}")),
+        Error::Refused(r) => Error::refused(r.kind, format!("{method} factor: {}", r.detail)),
         other => other,
     }
 }
 
 pub fn parse(bytes: &[u8], what: &str) -> Result<Envelope, Error> {
     if bytes.len() > MAX_MESSAGE {
-        return Err(refused(format!(
-            "multi-factor {what} is larger than {MAX_MESSAGE} bytes"
-        )));
+        return Err(refused(
+            Malformed,
+            format!("multi-factor {what} is larger than {MAX_MESSAGE} bytes"),
+        ));
     }
     let env: Envelope = serde_json::from_slice(bytes)
-        .map_err(|e| refused(format!("malformed multi-factor {what}: {e}")))?;
+        .map_err(|e| refused(Malformed, format!("malformed multi-factor {what}: {e}")))?;
     let mut seen = BTreeSet::new();
     for p in &env.parts {
         if !seen.insert(p.method.as_str()) {
-            return Err(refused(format!(
-                "multi-factor {what} names {} twice",
-                p.method
-            )));
+            return Err(refused(
+                Malformed,
+                format!("multi-factor {what} names {} twice", p.method),
+            ));
         }
     }
     Ok(env)
@@ -144,4 +147,3 @@ pub fn check_methods<'a>(methods: impl IntoIterator<Item = &'a str>) -> Result<(
     }
     Ok(())
 }
-

@@ -5,6 +5,7 @@
 use ring::digest;
 
 use crate::Error;
+use crate::RefusalKind::Malformed;
 
 /// The method name on the wire.
 pub const METHOD: &str = "sev-snp";
@@ -40,22 +41,28 @@ pub fn split_evidence(e: &[u8]) -> Result<Evidence<'_>, Error> {
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
                 .filter(|l| *l > 0 && *l <= MAX_MANIFEST)
                 .ok_or_else(|| {
-                    Error::Refused(format!(
+                    Error::refused(Malformed, format!(
                         "SEV-SNP evidence has a malformed service manifest (1 to {MAX_MANIFEST} bytes)"
                     ))
                 })?;
             let m = rest.get(4..4 + len).ok_or_else(|| {
-                Error::Refused("SEV-SNP evidence ends inside its service manifest".into())
+                Error::refused(
+                    Malformed,
+                    "SEV-SNP evidence ends inside its service manifest",
+                )
             })?;
             (Some(m), &rest[4 + len..])
         }
         None => (None, e),
     };
     if e.len() < REPORT_LEN {
-        return Err(Error::Refused(format!(
-            "SEV-SNP evidence is {} bytes; a report alone is {REPORT_LEN}",
-            e.len()
-        )));
+        return Err(Error::refused(
+            Malformed,
+            format!(
+                "SEV-SNP evidence is {} bytes; a report alone is {REPORT_LEN}",
+                e.len()
+            ),
+        ));
     }
     let (report, t) = e.split_at(REPORT_LEN);
     Ok(Evidence {
@@ -74,4 +81,3 @@ pub fn svsm_report_data(nonce: &[u8; 64], manifest: &[u8]) -> [u8; 64] {
     out.copy_from_slice(h.finish().as_ref());
     out
 }
-

@@ -3,6 +3,7 @@
 //! `ztid_attestor::tdx`, the CA side `ztid_verifier::tdx`.
 
 use crate::Error;
+use crate::RefusalKind::{Malformed, Unsupported};
 
 /// The method name on the wire.
 pub const METHOD: &str = "tdx";
@@ -17,43 +18,51 @@ pub const MAX_QUOTE: usize = 64 * 1024;
 /// Checks the header: a TDX quote, version 4 or 5.
 pub fn check_header(quote: &[u8]) -> Result<(), Error> {
     if quote.len() < 48 {
-        return Err(Error::Refused(format!(
-            "TDX quote is {} bytes, shorter than its 48-byte header",
-            quote.len()
-        )));
+        return Err(Error::refused(
+            Malformed,
+            format!(
+                "TDX quote is {} bytes, shorter than its 48-byte header",
+                quote.len()
+            ),
+        ));
     }
     if quote.len() > MAX_QUOTE {
-        return Err(Error::Refused(format!(
-            "TDX quote is {} bytes, more than {MAX_QUOTE}",
-            quote.len()
-        )));
+        return Err(Error::refused(
+            Malformed,
+            format!("TDX quote is {} bytes, more than {MAX_QUOTE}", quote.len()),
+        ));
     }
     let version = u16::from_le_bytes([quote[0], quote[1]]);
     let tee = u32::from_le_bytes([quote[4], quote[5], quote[6], quote[7]]);
     match tee {
         TEE_TYPE_TDX => {}
         TEE_TYPE_SGX => {
-            return Err(Error::Refused(format!(
+            return Err(Error::refused(
+                Unsupported,
+                format!(
                 "the quote is an SGX enclave quote (version {version}, TEE type 0), not a TDX quote"
-            )))
+            ),
+            ))
         }
         other => {
-            return Err(Error::Refused(format!(
-                "the quote's TEE type {other:#x} is not TDX (0x81)"
-            )))
+            return Err(Error::refused(
+                Unsupported,
+                format!("the quote's TEE type {other:#x} is not TDX (0x81)"),
+            ))
         }
     }
     if version != 4 && version != 5 {
-        return Err(Error::Refused(format!(
-            "TDX quote version {version} is not supported (4 and 5 are)"
-        )));
+        return Err(Error::refused(
+            Unsupported,
+            format!("TDX quote version {version} is not supported (4 and 5 are)"),
+        ));
     }
     // Quote buffers often come zero-padded; anything else after the signature data is
     // unsigned and has no meaning, so it is refused rather than ignored.
     if let Some(end) = declared_len(quote, version) {
         if let Some(extra) = quote.get(end..) {
             if extra.iter().any(|b| *b != 0) {
-                return Err(Error::Refused(format!(
+                return Err(Error::refused(Malformed, format!(
                     "TDX quote has non-zero bytes after its signature data ({} bytes past offset {end})",
                     extra.len()
                 )));
@@ -77,4 +86,3 @@ pub fn declared_len(quote: &[u8], version: u16) -> Option<usize> {
     };
     sig_len_at.checked_add(4)?.checked_add(u32_at(sig_len_at)?)
 }
-

@@ -30,6 +30,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 
 use crate::Error;
+use crate::RefusalKind::Replay;
 
 /// Length of the CA's nonce.
 pub const NONCE_LEN: usize = 32;
@@ -86,13 +87,12 @@ pub fn new_nonce() -> Result<[u8; NONCE_LEN], Error> {
     Ok(n)
 }
 
-
 /// Compares report_data with the expected value over all 64 bytes, in constant time.
 pub fn check_report_data(actual: &[u8; 64], expected: &[u8; 64]) -> Result<(), Error> {
     if bool::from(actual.ct_eq(expected)) {
         Ok(())
     } else {
-        Err(Error::Refused(format!(
+        Err(Error::refused(Replay, format!(
             "report_data does not match the expected binding (SHA-512 of the CA's nonce and the agent key): got {}",
             hex::encode(actual)
         )))
@@ -112,5 +112,3 @@ pub fn pad_report_data(rd: &[u8]) -> Result<[u8; 64], Error> {
     out[..rd.len()].copy_from_slice(rd);
     Ok(out)
 }
-
-

@@ -8,6 +8,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::jwt::JwtKey;
 use crate::Error;
+use crate::RefusalKind::{self, Malformed, TrustDomainMismatch};
 
 /// A trust domain's bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -160,8 +161,8 @@ fn spiffe_trust_domain_of_cert(cert: &X509Certificate<'_>) -> Option<String> {
     })
 }
 
-fn refuse(reason: impl Into<String>) -> Error {
-    Error::Refused(reason.into())
+fn refuse(kind: RefusalKind, reason: impl Into<String>) -> Error {
+    Error::refused(kind, reason)
 }
 
 impl TrustBundle {
@@ -174,27 +175,29 @@ impl TrustBundle {
     /// Errors are [`Error::Refused`] with the reason.
     pub fn from_spiffe_json(td: &str, json: &str) -> Result<Self, Error> {
         let doc: Value = serde_json::from_str(json)
-            .map_err(|e| refuse(format!("bundle is not valid JSON: {e}")))?;
+            .map_err(|e| refuse(Malformed, format!("bundle is not valid JSON: {e}")))?;
         let obj = doc
             .as_object()
-            .ok_or_else(|| refuse("bundle is not a JSON object"))?;
+            .ok_or_else(|| refuse(Malformed, "bundle is not a JSON object"))?;
         let keys = obj
             .get("keys")
-            .ok_or_else(|| refuse("bundle has no keys member"))?
+            .ok_or_else(|| refuse(Malformed, "bundle has no keys member"))?
             .as_array()
-            .ok_or_else(|| refuse("bundle keys member is not an array"))?;
+            .ok_or_else(|| refuse(Malformed, "bundle keys member is not an array"))?;
         let sequence = match obj.get("spiffe_sequence") {
             None => 0,
             Some(v) => v
                 .as_u64()
-                .ok_or_else(|| refuse("spiffe_sequence is not an unsigned integer"))?,
+                .ok_or_else(|| refuse(Malformed, "spiffe_sequence is not an unsigned integer"))?,
         };
         let refresh_hint_seconds = match obj.get("spiffe_refresh_hint") {
             None => 0,
-            Some(v) => v
-                .as_i64()
-                .filter(|h| *h >= 0)
-                .ok_or_else(|| refuse("spiffe_refresh_hint is not a non-negative integer"))?,
+            Some(v) => v.as_i64().filter(|h| *h >= 0).ok_or_else(|| {
+                refuse(
+                    Malformed,
+                    "spiffe_refresh_hint is not a non-negative integer",
+                )
+            })?,
         };
         let mut out = TrustBundle {
             trust_domain: td.to_string(),
@@ -203,17 +206,17 @@ impl TrustBundle {
             ..Default::default()
         };
         for (i, key) in keys.iter().enumerate() {
-            let key = key
-                .as_object()
-                .ok_or_else(|| refuse(format!("malformed key {i}: not a JSON object")))?;
+            let key = key.as_object().ok_or_else(|| {
+                refuse(Malformed, format!("malformed key {i}: not a JSON object"))
+            })?;
             let kty = key
                 .get("kty")
                 .and_then(Value::as_str)
-                .ok_or_else(|| refuse(format!("malformed key {i}: no kty")))?;
+                .ok_or_else(|| refuse(Malformed, format!("malformed key {i}: no kty")))?;
             let use_ = key
                 .get("use")
                 .and_then(Value::as_str)
-                .ok_or_else(|| refuse(format!("malformed key {i}: no use")))?;
+                .ok_or_else(|| refuse(Malformed, format!("malformed key {i}: no use")))?;
             match use_ {
                 "x509-svid" => {
                     let x5c = key
@@ -222,46 +225,57 @@ impl TrustBundle {
                         .and_then(|a| a.first())
                         .and_then(Value::as_str)
                         .ok_or_else(|| {
-                            refuse(format!("malformed x509-svid key {i}: no x5c certificate"))
+                            refuse(
+                                Malformed,
+                                format!("malformed x509-svid key {i}: no x5c certificate"),
+                            )
                         })?;
                     let der = B64STD.decode(x5c).map_err(|_| {
-                        refuse(format!("malformed x509-svid key {i}: x5c is not base64"))
+                        refuse(
+                            Malformed,
+                            format!("malformed x509-svid key {i}: x5c is not base64"),
+                        )
                     })?;
                     let (rest, cert) = X509Certificate::from_der(&der).map_err(|_| {
-                        refuse(format!(
-                            "malformed x509-svid key {i}: x5c is not a certificate"
-                        ))
+                        refuse(
+                            Malformed,
+                            format!("malformed x509-svid key {i}: x5c is not a certificate"),
+                        )
                     })?;
                     if !rest.is_empty() {
-                        return Err(refuse(format!(
-                            "malformed x509-svid key {i}: trailing data after the certificate"
-                        )));
+                        return Err(refuse(
+                            Malformed,
+                            format!(
+                                "malformed x509-svid key {i}: trailing data after the certificate"
+                            ),
+                        ));
                     }
                     if let Some(other) = spiffe_trust_domain_of_cert(&cert) {
                         if other != td {
-                            return Err(refuse(format!(
-                                "x509-svid key {i} claims trust domain {other}, not {td}"
-                            )));
+                            return Err(refuse(
+                                TrustDomainMismatch,
+                                format!("x509-svid key {i} claims trust domain {other}, not {td}"),
+                            ));
                         }
                     }
                     if out.x509_authorities.contains(&der) {
-                        return Err(refuse(format!("duplicate x509-svid key {i}")));
+                        return Err(refuse(Malformed, format!("duplicate x509-svid key {i}")));
                     }
                     out.x509_authorities.push(der);
                 }
                 "jwt-svid" => {
                     let kid = match key.get("kid").and_then(Value::as_str) {
                         Some(k) if !k.is_empty() => k.to_string(),
-                        _ => return Err(refuse("jwt-svid key without kid")),
+                        _ => return Err(refuse(Malformed, "jwt-svid key without kid")),
                     };
                     if out.jwt_authorities.iter().any(|k| k.kid == kid) {
-                        return Err(refuse(format!("duplicate key id {kid}")));
+                        return Err(refuse(Malformed, format!("duplicate key id {kid}")));
                     }
                     if kty != "EC" {
                         tracing::warn!(kid, kty, "ignoring a jwt-svid key of an unsupported type");
                         continue;
                     }
-                    let bad = || refuse(format!("malformed jwt-svid key {kid}"));
+                    let bad = || refuse(Malformed, format!("malformed jwt-svid key {kid}"));
                     let crv = key.get("crv").and_then(Value::as_str).ok_or_else(bad)?;
                     let coord = |name: &str| {
                         key.get(name)
@@ -301,8 +315,8 @@ impl TrustBundle {
 
     /// Parses PEM CA certificates (X.509 authorities only) for trust domain `td`.
     pub fn from_pem(td: &str, pem_text: &[u8], sequence: u64) -> Result<Self, Error> {
-        let blocks =
-            pem::parse_many(pem_text).map_err(|e| refuse(format!("malformed PEM: {e}")))?;
+        let blocks = pem::parse_many(pem_text)
+            .map_err(|e| refuse(Malformed, format!("malformed PEM: {e}")))?;
         let mut out = TrustBundle {
             trust_domain: td.to_string(),
             sequence,
@@ -315,21 +329,22 @@ impl TrustBundle {
         {
             let der = b.into_contents();
             let (_, cert) = X509Certificate::from_der(&der)
-                .map_err(|_| refuse(format!("malformed certificate {i}")))?;
+                .map_err(|_| refuse(Malformed, format!("malformed certificate {i}")))?;
             if let Some(other) = spiffe_trust_domain_of_cert(&cert) {
                 if other != td {
-                    return Err(refuse(format!(
-                        "certificate {i} claims trust domain {other}, not {td}"
-                    )));
+                    return Err(refuse(
+                        TrustDomainMismatch,
+                        format!("certificate {i} claims trust domain {other}, not {td}"),
+                    ));
                 }
             }
             if out.x509_authorities.contains(&der) {
-                return Err(refuse(format!("duplicate certificate {i}")));
+                return Err(refuse(Malformed, format!("duplicate certificate {i}")));
             }
             out.x509_authorities.push(der);
         }
         if out.x509_authorities.is_empty() {
-            return Err(refuse("no certificate in the PEM bundle"));
+            return Err(refuse(Malformed, "no certificate in the PEM bundle"));
         }
         Ok(out)
     }
@@ -357,10 +372,11 @@ mod spiffe_json_tests {
         }
     }
 
-    fn refused(r: Result<TrustBundle, Error>) -> String {
+    /// The detail of a refusal of `kind`.
+    fn refused(r: Result<TrustBundle, Error>, kind: RefusalKind) -> String {
         match r {
-            Err(Error::Refused(s)) => s,
-            other => panic!("expected a refusal, got {other:?}"),
+            Err(Error::Refused(r)) if r.kind == kind => r.detail,
+            other => panic!("expected a {kind} refusal, got {other:?}"),
         }
     }
 
@@ -380,7 +396,9 @@ mod spiffe_json_tests {
 
     #[test]
     fn spec_rules() {
-        assert!(refused(TrustBundle::from_spiffe_json("b.test", "{}")).contains("no keys"));
+        assert!(
+            refused(TrustBundle::from_spiffe_json("b.test", "{}"), Malformed).contains("no keys")
+        );
         let empty = TrustBundle::from_spiffe_json("b.test", r#"{"keys":[]}"#).unwrap();
         assert!(empty.x509_authorities.is_empty() && empty.sequence == 0);
         // Unknown use and kty are ignored.
@@ -391,10 +409,13 @@ mod spiffe_json_tests {
         .unwrap();
         assert!(ok.jwt_authorities.is_empty() && ok.sequence == 3);
         assert_eq!(
-            refused(TrustBundle::from_spiffe_json(
-                "b.test",
-                r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256","x":"AA","y":"AA"}]}"#
-            )),
+            refused(
+                TrustBundle::from_spiffe_json(
+                    "b.test",
+                    r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256","x":"AA","y":"AA"}]}"#
+                ),
+                Malformed
+            ),
             "jwt-svid key without kid"
         );
         let b = TrustBundle {
@@ -406,35 +427,40 @@ mod spiffe_json_tests {
         let mut v: Value = serde_json::from_str(&j).unwrap();
         let k = v["keys"][0].clone();
         v["keys"].as_array_mut().unwrap().push(k);
-        assert!(
-            refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
-                .contains("duplicate key id k1")
-        );
+        assert!(refused(
+            TrustBundle::from_spiffe_json("b.test", &v.to_string()),
+            Malformed
+        )
+        .contains("duplicate key id k1"));
         v["keys"][1]["kid"] = json!("k2");
         v["keys"][1]["x"] = json!("AAAA");
-        assert!(
-            refused(TrustBundle::from_spiffe_json("b.test", &v.to_string()))
-                .contains("malformed jwt-svid key k2")
-        );
+        assert!(refused(
+            TrustBundle::from_spiffe_json("b.test", &v.to_string()),
+            Malformed
+        )
+        .contains("malformed jwt-svid key k2"));
         let other = TrustBundle {
             trust_domain: "c.test".into(),
             x509_authorities: vec![ca("c.test")],
             ..Default::default()
         };
-        assert!(refused(TrustBundle::from_spiffe_json(
-            "b.test",
-            &other.to_spiffe_json().unwrap()
-        ))
+        assert!(refused(
+            TrustBundle::from_spiffe_json("b.test", &other.to_spiffe_json().unwrap()),
+            TrustDomainMismatch
+        )
         .contains("claims trust domain c.test"));
-        assert!(refused(TrustBundle::from_spiffe_json(
-            "b.test",
-            r#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["bm90IGEgY2VydA=="]}]}"#
-        ))
+        assert!(refused(
+            TrustBundle::from_spiffe_json(
+                "b.test",
+                r#"{"keys":[{"kty":"EC","use":"x509-svid","x5c":["bm90IGEgY2VydA=="]}]}"#
+            ),
+            Malformed
+        )
         .contains("malformed x509-svid key 0"));
-        assert!(refused(TrustBundle::from_spiffe_json(
-            "b.test",
-            r#"{"keys":[],"spiffe_sequence":-1}"#
-        ))
+        assert!(refused(
+            TrustBundle::from_spiffe_json("b.test", r#"{"keys":[],"spiffe_sequence":-1}"#),
+            Malformed
+        )
         .contains("spiffe_sequence"));
     }
 }

@@ -19,13 +19,67 @@ pub mod tls;
 
 pub use selector::Selector;
 
+/// Which class of check refused a trust bundle: stable, to count and to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// The bundle does not parse: not JSON or PEM, a member missing or of the wrong
+    /// type, a key or certificate that does not decode, duplicates, no certificate.
+    Malformed,
+    /// An authority in the bundle names another trust domain than the bundle's.
+    TrustDomainMismatch,
+}
+
+impl RefusalKind {
+    /// A stable snake_case name, for metric labels and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RefusalKind::Malformed => "malformed",
+            RefusalKind::TrustDomainMismatch => "trust_domain_mismatch",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A refused trust bundle: the class of the check that failed and, for operators, which
+/// check and why. Displays as the detail alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The class of the check that failed.
+    pub kind: RefusalKind,
+    /// Which check failed and why.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// The class of the check that failed.
+    pub fn kind(&self) -> RefusalKind {
+        self.kind
+    }
+    /// Which check failed and why.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// Why a SPIFFE ID, selector, bundle or SVID was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A trust bundle (or a chain checked against it) was refused; the text says why.
+    /// A trust bundle was refused; the refusal says which check failed.
     #[error("attestation refused: {0}")]
-    Refused(String),
+    Refused(Refusal),
     /// A selector is malformed or of an unknown type.
     #[error("invalid selector: {0}")]
     InvalidSelector(String),
@@ -44,6 +98,24 @@ pub enum Error {
     /// Input given as configuration (PEM files) is unusable, or the OS failed us.
     #[error("config: {0}")]
     Config(String),
+}
+
+impl Error {
+    /// A refusal of `kind`; `detail` says which check failed.
+    pub fn refused(kind: RefusalKind, detail: impl Into<String>) -> Error {
+        Error::Refused(Refusal {
+            kind,
+            detail: detail.into(),
+        })
+    }
+
+    /// The kind of the refusal, if this is one.
+    pub fn refusal_kind(&self) -> Option<RefusalKind> {
+        match self {
+            Error::Refused(r) => Some(r.kind),
+            _ => None,
+        }
+    }
 }
 
 /// Seconds since the Unix epoch for a `SystemTime` (0 before the epoch).

@@ -531,10 +531,17 @@ pub fn at(rfc: &str) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_secs(t.unix_timestamp() as u64)
 }
 
-/// The reason of an attestation refusal; panics on success or on any other error.
-pub fn refusal<T>(r: Result<T, ztid_attestation::Error>) -> String {
+/// The reason of an attestation refusal of `kind`; panics on success, on any other error
+/// or on a refusal of another kind.
+pub fn refusal<T>(
+    kind: ztid_attestation::RefusalKind,
+    r: Result<T, ztid_attestation::Error>,
+) -> String {
     match r {
-        Err(ztid_attestation::Error::Refused(m)) => m,
+        Err(ztid_attestation::Error::Refused(m)) => {
+            assert_eq!(m.kind, kind, "refusal kind of {:?}", m.detail);
+            m.detail
+        }
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("expected a refusal, got success"),
     }

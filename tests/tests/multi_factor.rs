@@ -503,7 +503,8 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
         .start(&ev, &ctx);
     assert!(
         matches!(&alone, Err(ztid_attestation::Error::Refused(m))
-            if m == "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"),
+            if m.kind == ztid_attestation::RefusalKind::PolicyMismatch
+                && m.detail == "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"),
         "{:?}",
         alone.err()
     );
@@ -512,8 +513,11 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
     let (r, _, _) = attempt(&plain, false);
     match r {
         Err(ztid_attestation::Error::Refused(m)) => assert_eq!(
-            m,
-            "the TPM's EK has no certificate, so only an SEV-SNP report can vouch for it, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
+            (m.kind, m.detail.as_str()),
+            (
+                ztid_attestation::RefusalKind::PolicyMismatch,
+                "the TPM's EK has no certificate, so only an SEV-SNP report can vouch for it, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
+            )
         ),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("an uncertified EK passed without binding"),

@@ -14,6 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use ztid_tests::{at, refusal};
 
+use ztid_verifier::RefusalKind::{
+    CollateralUnavailable, Expired, KeyMismatch, Malformed, Revoked, UntrustedChain,
+};
 use ztid_verifier::{sev_snp, tdx};
 
 // ---------------------------------------------------------------------------------
@@ -336,13 +339,16 @@ fn snp_vceks_are_fetched_once_then_served_from_the_cache() {
 
     // A cached VCEK is used only while valid: after it expires the CA asks KDS again,
     // which is down, and the refusal names the URL.
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(vectors[1].0.report),
-        None,
-        None,
-        at("2032-02-01T00:00:00Z"),
-        &cfg,
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(
+            &snp_report(vectors[1].0.report),
+            None,
+            None,
+            at("2032-02-01T00:00:00Z"),
+            &cfg,
+        ),
+    );
     assert!(
         m.starts_with(&format!(
             "the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: GET {}{}: ",
@@ -358,13 +364,10 @@ fn snp_fetching_is_off_by_default() {
     let (v, target) = &snp_vectors()[1];
     kds.serve(target, Route::ok(der_of(&read(v.vcek))));
     let missing = "the report is signed by a VCEK, but neither the evidence nor the collateral holds a VCEK certificate";
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(v.report),
-        None,
-        None,
-        at(v.inside),
-        &table(""),
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(&snp_report(v.report), None, None, at(v.inside), &table("")),
+    );
     assert_eq!(m, missing);
     let tmp = tempfile::tempdir().unwrap();
     let cfg = table(&format!(
@@ -372,13 +375,10 @@ fn snp_fetching_is_off_by_default() {
         kds.addr,
         tmp.path().join("c").display().to_string()
     ));
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(v.report),
-        None,
-        None,
-        at(v.inside),
-        &cfg,
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(&snp_report(v.report), None, None, at(v.inside), &cfg),
+    );
     assert_eq!(m, missing);
     assert!(kds.requests().is_empty(), "nothing is fetched when off");
     assert!(!tmp.path().join("c").exists());
@@ -426,31 +426,31 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     let (genoa, genoa_target) = &vectors[1];
     let url = format!("{}{}", kds.addr, genoa_target);
     // The Genoa report verified (and refused) at a time, with fetching on.
-    let genoa_at = |when: &str| {
-        refusal(sev_snp::verify_offline(
-            &snp_report(genoa.report),
-            None,
-            None,
-            at(when),
-            &cfg,
-        ))
+    let genoa_at = |kind, when: &str| {
+        refusal(
+            kind,
+            sev_snp::verify_offline(&snp_report(genoa.report), None, None, at(when), &cfg),
+        )
     };
 
     // 404.
-    let m = genoa_at(genoa.inside);
+    let m = genoa_at(CollateralUnavailable, genoa.inside);
     assert_eq!(
         m,
         format!("the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: GET {url}: HTTP 404 Not Found")
     );
     // A version 2 report names no product: Milan, then Genoa, were asked.
     let (milan, milan_target) = &vectors[0];
-    let m = refusal(sev_snp::verify_offline(
-        &snp_report(milan.report),
-        None,
-        None,
-        at(milan.inside),
-        &cfg,
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(
+            &snp_report(milan.report),
+            None,
+            None,
+            at(milan.inside),
+            &cfg,
+        ),
+    );
     assert!(
         m.contains(&format!(
             "GET {}{milan_target}: HTTP 404 Not Found; GET {}/vcek/v1/Genoa/",
@@ -460,7 +460,7 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     );
     // Garbage with status 200.
     kds.serve(genoa_target, Route::ok(b"<html>hello</html>".to_vec()));
-    let m = genoa_at(genoa.inside);
+    let m = genoa_at(Malformed, genoa.inside);
     assert_eq!(
         m,
         format!("the VCEK fetched from {url} fails verification: collateral {url}: not a certificate or CRL")
@@ -470,14 +470,14 @@ fn snp_kds_failures_are_refused_naming_the_url() {
         genoa_target,
         Route::ok(read("snp/milan-trustee-vcek/vcek.der")),
     );
-    let m = genoa_at(genoa.inside);
+    let m = genoa_at(KeyMismatch, genoa.inside);
     assert!(
         m.starts_with(&format!("the VCEK fetched from {url} fails verification: {url} is not the VCEK of the report's chip at its reported TCB")),
         "{m}"
     );
     // The right VCEK, but at a time outside its validity: refused, nothing cached.
     kds.serve(genoa_target, Route::ok(der_of(&read(genoa.vcek))));
-    let m = genoa_at("2032-02-01T00:00:00Z");
+    let m = genoa_at(Expired, "2032-02-01T00:00:00Z");
     assert!(
         m.starts_with(&format!("the VCEK fetched from {url} fails verification: VCEK certificate SEV-VCEK expired at 2032-01-24T02:21:48Z")),
         "{m}"
@@ -488,24 +488,27 @@ fn snp_kds_failures_are_refused_naming_the_url() {
     );
     // A body over the size cap.
     kds.serve(genoa_target, Route::ok(vec![b'x'; (1 << 20) + 1]));
-    let m = genoa_at(genoa.inside);
+    let m = genoa_at(CollateralUnavailable, genoa.inside);
     assert!(
         m.ends_with(&format!("GET {url}: response is larger than 1048576 bytes")),
         "{m}"
     );
     // A VLEK cannot be fetched: said so, and nothing is asked.
     let n = kds.requests().len();
-    let m = refusal(sev_snp::verify_offline(
-        &read("snp/milan-trustee-vlek/report.bin"),
-        None,
-        None,
-        at("2025-06-01T00:00:00Z"),
-        &table(&format!(
-            "allowed_vmpl = [0, 1]\nkds_fetch = true\nkds_url = {:?}\nkds_cache_dir = {:?}",
-            kds.addr,
-            cache.display().to_string()
-        )),
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(
+            &read("snp/milan-trustee-vlek/report.bin"),
+            None,
+            None,
+            at("2025-06-01T00:00:00Z"),
+            &table(&format!(
+                "allowed_vmpl = [0, 1]\nkds_fetch = true\nkds_url = {:?}\nkds_cache_dir = {:?}",
+                kds.addr,
+                cache.display().to_string()
+            )),
+        ),
+    );
     assert!(m.contains("a VLEK cannot be fetched from AMD KDS"), "{m}");
     assert_eq!(kds.requests().len(), n);
 }
@@ -590,13 +593,16 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     assert_eq!(claims["crl_checked"], true);
     assert_eq!(kds.requests().len(), 3, "served from the cache");
     // Past the cached CRL's nextUpdate (1 day) it is fetched again: KDS is down.
-    let m = refusal(sev_snp::verify_offline(
-        &report,
-        None,
-        None,
-        now + Duration::from_secs(3 * 86400),
-        &cfg,
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(
+            &report,
+            None,
+            None,
+            now + Duration::from_secs(3 * 86400),
+            &cfg,
+        ),
+    );
     assert!(
         m.starts_with(&format!(
             "the collateral holds no CRL from ARK-Milan and fetching it from AMD KDS failed: GET {}/vcek/v1/Milan/crl: ",
@@ -609,13 +615,10 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     let kds = Kds::start();
     serve_all(&kds, crl_der(&chain, true));
     let cache2 = tmp.path().join("cache2");
-    let m = refusal(sev_snp::verify_offline(
-        &report,
-        None,
-        None,
-        now,
-        &config(&kds, &cache2),
-    ));
+    let m = refusal(
+        Revoked,
+        sev_snp::verify_offline(&report, None, None, now, &config(&kds, &cache2)),
+    );
     assert_eq!(
         m,
         format!(
@@ -626,13 +629,10 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     // A CRL signed by another key under the same ARK name: refused, not cached.
     serve_all(&kds, crl_der(&other, false));
     let cache3 = tmp.path().join("cache3");
-    let m = refusal(sev_snp::verify_offline(
-        &report,
-        None,
-        None,
-        now,
-        &config(&kds, &cache3),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_offline(&report, None, None, now, &config(&kds, &cache3)),
+    );
     let url = format!("{}/vcek/v1/Milan/crl", kds.addr);
     assert_eq!(
         m,
@@ -647,13 +647,10 @@ fn snp_cert_chain_and_crl_are_fetched_checked_and_cached() {
     .concat();
     kds.serve("/vcek/v1/Milan/cert_chain", Route::ok(forged));
     let cache4 = tmp.path().join("cache4");
-    let m = refusal(sev_snp::verify_offline(
-        &report,
-        None,
-        None,
-        now,
-        &config(&kds, &cache4),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_offline(&report, None, None, now, &config(&kds, &cache4)),
+    );
     assert!(
         m.starts_with(&format!(
             "the VCEK fetched from {}{vcek} fails verification: the cert_chain fetched from {}/vcek/v1/Milan/cert_chain fails verification: ",
@@ -943,7 +940,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
     let prefix = format!("fetching TDX collateral for FMSPC {FMSPC} from Intel PCS failed: ");
 
     // 404.
-    let m = refusal(tdx::verify_offline(&quote, None, None, when, &cfg));
+    let m = refusal(
+        CollateralUnavailable,
+        tdx::verify_offline(&quote, None, None, when, &cfg),
+    );
     assert_eq!(
         m,
         format!("{prefix}GET {}{pckcrl}: HTTP 404 Not Found", pcs.addr)
@@ -954,7 +954,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
         &pckcrl,
         Route::ok(hex::decode(c["pck_crl"].as_str().unwrap()).unwrap()),
     );
-    let m = refusal(tdx::verify_offline(&quote, None, None, when, &cfg));
+    let m = refusal(
+        CollateralUnavailable,
+        tdx::verify_offline(&quote, None, None, when, &cfg),
+    );
     assert_eq!(
         m,
         format!(
@@ -968,7 +971,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
         &tcb,
         Route::ok(b"hello".to_vec()).header("TCB-Info-Issuer-Chain", "x"),
     );
-    let m = refusal(tdx::verify_offline(&quote, None, None, when, &cfg));
+    let m = refusal(
+        CollateralUnavailable,
+        tdx::verify_offline(&quote, None, None, when, &cfg),
+    );
     assert_eq!(
         m,
         format!(
@@ -982,7 +988,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
         &tcb,
         Route::ok(b"hello".to_vec()).header("TCB-Info-Issuer-Chain", &chain),
     );
-    let m = refusal(tdx::verify_offline(&quote, None, None, when, &cfg));
+    let m = refusal(
+        CollateralUnavailable,
+        tdx::verify_offline(&quote, None, None, when, &cfg),
+    );
     assert!(
         m.starts_with(&format!(
             "{prefix}the response from {}{tcb} is not JSON: ",
@@ -997,7 +1006,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
         "\"tcbEvaluationDataNumber\":18",
     );
     serve_pcs(&pcs, "v4-uptodate", Some(&edited));
-    let m = refusal(tdx::verify_offline(&quote, None, None, when, &cfg));
+    let m = refusal(
+        UntrustedChain,
+        tdx::verify_offline(&quote, None, None, when, &cfg),
+    );
     assert_eq!(
         m,
         format!(
@@ -1008,13 +1020,10 @@ fn tdx_pcs_failures_are_refused_naming_the_url() {
     assert!(files_under(&cache).is_empty(), "{:?}", files_under(&cache));
     // The genuine collateral, but outside its window: refused with the date, not cached.
     serve_pcs(&pcs, "v4-uptodate", None);
-    let m = refusal(tdx::verify_offline(
-        &quote,
-        None,
-        None,
-        at("2025-08-01T00:00:00Z"),
-        &cfg,
-    ));
+    let m = refusal(
+        Expired,
+        tdx::verify_offline(&quote, None, None, at("2025-08-01T00:00:00Z"), &cfg),
+    );
     assert!(
         m.starts_with("TDX collateral ")
             && m.contains("expired at")

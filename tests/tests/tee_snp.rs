@@ -9,6 +9,9 @@ use ztid_tests::{at, refusal};
 use serde_json::Value;
 use ztid_verifier::sev_snp;
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{
+    BadSignature, CollateralUnavailable, Expired, Malformed, PolicyMismatch, Replay, UntrustedChain,
+};
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("snp")
@@ -169,7 +172,7 @@ fn every_vector_verifies_inside_its_window_and_expires_outside() {
         let claims = lib_verify(v, v.inside, None)
             .unwrap_or_else(|e| panic!("{} must verify at {}: {e}", v.dir, v.inside));
         check_claims(v, &claims);
-        let m = refusal(lib_verify(v, v.outside, None));
+        let m = refusal(Expired, lib_verify(v, v.outside, None));
         assert_eq!(m, v.outside_reason, "{}", v.dir);
     }
 }
@@ -181,13 +184,13 @@ fn report_data_must_match_all_64_bytes() {
     lib_verify(v, v.inside, Some(&good)).unwrap();
     let mut bad = good.clone();
     bad[63] ^= 1;
-    let m = refusal(lib_verify(v, v.inside, Some(&bad)));
+    let m = refusal(Replay, lib_verify(v, v.inside, Some(&bad)));
     assert!(
         m.starts_with("report_data does not match the expected binding"),
         "{m}"
     );
     // Only the first half given: zero-padded, so the second half must be zero: it is not.
-    let m = refusal(lib_verify(v, v.inside, Some(&good[..32])));
+    let m = refusal(Replay, lib_verify(v, v.inside, Some(&good[..32])));
     assert!(m.starts_with("report_data does not match"), "{m}");
     // milan-trustee-vcek binds a 32-byte hash followed by zeros.
     let v = &VECTORS[1];
@@ -217,13 +220,10 @@ fn flipped_bytes_in_the_signed_part_are_refused() {
     ] {
         let mut r = report.clone();
         r[off] ^= bit;
-        let m = refusal(sev_snp::verify_offline(
-            &r,
-            Some(&dir),
-            None,
-            at(v.inside),
-            &table(""),
-        ));
+        let m = refusal(
+            BadSignature,
+            sev_snp::verify_offline(&r, Some(&dir), None, at(v.inside), &table("")),
+        );
         assert_eq!(
             m, "report signature does not verify under the VCEK public key",
             "flip at {off:#x}"
@@ -232,13 +232,10 @@ fn flipped_bytes_in_the_signed_part_are_refused() {
     // A reserved byte outside the TCB fields: refused before any signature check.
     let mut r = report.clone();
     r[0x1F8] ^= 1;
-    let m = refusal(sev_snp::verify_offline(
-        &r,
-        Some(&dir),
-        None,
-        at(v.inside),
-        &table(""),
-    ));
+    let m = refusal(
+        Malformed,
+        sev_snp::verify_offline(&r, Some(&dir), None, at(v.inside), &table("")),
+    );
     assert_eq!(
         m,
         "malformed SEV-SNP report: Skipped bytes were expected to be zeroed."
@@ -249,13 +246,16 @@ fn flipped_bytes_in_the_signed_part_are_refused() {
 fn vlek_vmpl1_refused_by_default() {
     let v = &VECTORS[2];
     let dir = vectors().join(v.dir);
-    let m = refusal(sev_snp::verify_offline(
-        &read("milan-trustee-vlek/report.bin"),
-        Some(&dir),
-        None,
-        at(v.inside),
-        &table(""),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        sev_snp::verify_offline(
+            &read("milan-trustee-vlek/report.bin"),
+            Some(&dir),
+            None,
+            at(v.inside),
+            &table(""),
+        ),
+    );
     assert_eq!(m, "report VMPL 1 is not allowed (allowed_vmpl = [0])");
 }
 
@@ -263,11 +263,10 @@ fn vlek_vmpl1_refused_by_default() {
 fn vcek_from_another_products_chain_is_refused() {
     let milan_vcek = read("milan-virtee-sev/vcek_milan.der");
     let genoa_ask = read("roots/genoa_ask_ark_asvk.pem");
-    let m = refusal(sev_snp::verify_vek_chain(
-        &milan_vcek,
-        Some(&genoa_ask),
-        at("2025-06-01T00:00:00Z"),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_vek_chain(&milan_vcek, Some(&genoa_ask), at("2025-06-01T00:00:00Z")),
+    );
     assert_eq!(
         m,
         "VCEK signature does not verify under SEV-Genoa (ASK pinned under ARK-Genoa)"
@@ -282,13 +281,16 @@ fn vcek_from_another_products_chain_is_refused() {
     forged[pos + 4..pos + 9].copy_from_slice(b"Genoa");
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("vcek.der"), &forged).unwrap();
-    let m = refusal(sev_snp::verify_offline(
-        &read("milan-virtee-sev/report_milan.hex"),
-        Some(tmp.path()),
-        None,
-        at("2025-06-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_offline(
+            &read("milan-virtee-sev/report_milan.hex"),
+            Some(tmp.path()),
+            None,
+            at("2025-06-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert_eq!(
         m,
         "VCEK signature does not verify under SEV-Genoa (ASK pinned under ARK-Genoa)"
@@ -305,7 +307,10 @@ fn vlek_checked_against_the_ask_is_refused() {
     let ask = pem::encode(&blocks[0]);
     let asvk = pem::encode(&blocks[2]);
     let when = at("2025-06-01T00:00:00Z");
-    let m = refusal(sev_snp::verify_vek_chain(&vlek, Some(ask.as_bytes()), when));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_vek_chain(&vlek, Some(ask.as_bytes()), when),
+    );
     assert_eq!(
         m,
         "VLEK signature does not verify under SEV-Milan (ASK pinned under ARK-Milan)"
@@ -319,13 +324,16 @@ fn measurement_outside_the_allow_list_is_refused() {
     let v = &VECTORS[0];
     let cfg = format!("measurements = [\"{}\"]", "00".repeat(48));
     let dir = vectors().join(v.dir);
-    let m = refusal(sev_snp::verify_offline(
-        &read("milan-virtee-sev/report_milan.hex"),
-        Some(&dir),
-        None,
-        at(v.inside),
-        &table(&cfg),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        sev_snp::verify_offline(
+            &read("milan-virtee-sev/report_milan.hex"),
+            Some(&dir),
+            None,
+            at(v.inside),
+            &table(&cfg),
+        ),
+    );
     assert_eq!(m, "measurement 7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f is not in the measurements allow-list");
     // Listed: accepted.
     let cfg = "measurements = [\"7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f\"]";
@@ -339,21 +347,27 @@ fn measurement_outside_the_allow_list_is_refused() {
     .unwrap();
     // Turin host_data allow-list and minimum TCB.
     let dir = vectors().join("turin-microsoft");
-    let m = refusal(sev_snp::verify_offline(
-        &read("turin-microsoft/report.bin"),
-        Some(&dir),
-        None,
-        at("2026-06-01T00:00:00Z"),
-        &table(&format!("host_data = [\"{}\"]", "11".repeat(32))),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        sev_snp::verify_offline(
+            &read("turin-microsoft/report.bin"),
+            Some(&dir),
+            None,
+            at("2026-06-01T00:00:00Z"),
+            &table(&format!("host_data = [\"{}\"]", "11".repeat(32))),
+        ),
+    );
     assert!(m.contains("is not in the host_data allow-list"), "{m}");
-    let m = refusal(sev_snp::verify_offline(
-        &read("turin-microsoft/report.bin"),
-        Some(&dir),
-        None,
-        at("2026-06-01T00:00:00Z"),
-        &table("[min_tcb.turin]\nfmc = 2"),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        sev_snp::verify_offline(
+            &read("turin-microsoft/report.bin"),
+            Some(&dir),
+            None,
+            at("2026-06-01T00:00:00Z"),
+            &table("[min_tcb.turin]\nfmc = 2"),
+        ),
+    );
     assert_eq!(
         m,
         "reported TCB fmc 1 is below the minimum 2 for Turin (min_tcb)"
@@ -363,13 +377,16 @@ fn measurement_outside_the_allow_list_is_refused() {
 #[test]
 fn missing_vek_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = refusal(sev_snp::verify_offline(
-        &read("genoa-trustee-azure/report.bin"),
-        Some(tmp.path()),
-        None,
-        at("2026-01-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        CollateralUnavailable,
+        sev_snp::verify_offline(
+            &read("genoa-trustee-azure/report.bin"),
+            Some(tmp.path()),
+            None,
+            at("2026-01-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert_eq!(m, "the report is signed by a VCEK, but neither the evidence nor the collateral holds a VCEK certificate");
     // A VCEK of another chip: the report signature fails.
     std::fs::write(
@@ -377,13 +394,16 @@ fn missing_vek_is_refused() {
         read("milan-trustee-vcek/vcek.der"),
     )
     .unwrap();
-    let m = refusal(sev_snp::verify_offline(
-        &read("milan-virtee-sev/report_milan.hex"),
-        Some(tmp.path()),
-        None,
-        at("2025-06-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        BadSignature,
+        sev_snp::verify_offline(
+            &read("milan-virtee-sev/report_milan.hex"),
+            Some(tmp.path()),
+            None,
+            at("2025-06-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert_eq!(
         m,
         "report signature does not verify under the VCEK public key"

@@ -17,15 +17,23 @@ use ztid_attestor::tsm::TsmClient;
 use ztid_attestor::NodeAttestor;
 use ztid_verifier::{sev_snp, AttestationContext, NodeVerifier, VerifierStep};
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{
+    self, BadSignature, CollateralUnavailable, Expired, KeyMismatch, Malformed, PolicyMismatch,
+    Replay, Revoked, UntrustedChain,
+};
 use ztid_spiffe::Selector;
 use ztid_tests::*;
 
 use ztid_test_support::snp_signer;
 use snp_signer::{FakeTsm, TestChain, HOST_DATA, MEASUREMENT};
 
-fn refusal<T>(r: Result<T, Error>) -> String {
+/// The reason of a refusal of `kind`.
+fn refusal<T>(kind: RefusalKind, r: Result<T, Error>) -> String {
     match r {
-        Err(Error::Refused(m)) => m,
+        Err(Error::Refused(m)) => {
+            assert_eq!(m.kind, kind, "refusal kind of {:?}", m.detail);
+            m.detail
+        }
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("expected a refusal, got success"),
     }
@@ -60,13 +68,10 @@ fn synthetic_report_verifies_only_under_the_test_roots() {
     assert_eq!(claims["chip_id"], hex::encode(c.chip_id));
     assert_eq!(claims["crl_checked"], false);
     // Without test_roots_dir nothing trusts it.
-    let m = refusal(sev_snp::verify_offline(
-        &ev,
-        None,
-        None,
-        now(),
-        &toml::Table::new(),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        sev_snp::verify_offline(&ev, None, None, now(), &toml::Table::new()),
+    );
     assert_eq!(
         m,
         "no pinned AMD signing key named \"SEV-Milan\" (the ASK issuer); the VCEK does not chain to a pinned ARK"
@@ -77,9 +82,10 @@ fn synthetic_report_verifies_only_under_the_test_roots() {
 fn checks_behind_the_signature_name_their_rule() {
     let c = TestChain::new();
     type Edit = Box<dyn Fn(&mut [u8])>;
-    let cases: Vec<(Edit, String)> = vec![
+    let cases: Vec<(Edit, RefusalKind, String)> = vec![
         (
             Box::new(|r: &mut [u8]| r[0x1A0] ^= 1),
+            KeyMismatch,
             format!(
                 "report chip_id {}{} does not match the VCEK hwID {}",
                 hex::encode([c.chip_id[0] ^ 1]),
@@ -89,41 +95,50 @@ fn checks_behind_the_signature_name_their_rule() {
         ),
         (
             Box::new(|r: &mut [u8]| r[0x187] = 210),
+            KeyMismatch,
             "reported TCB (bl=3 tee=0 snp=8 ucode=210) differs from the TCB the VCEK certifies (bl=3 tee=0 snp=8 ucode=209)".into(),
         ),
         (
             Box::new(|r: &mut [u8]| r[0x189] = 0x11),
+            KeyMismatch,
             "report CPUID family 0x19 model 0x11 is a Genoa processor, but the VCEK is for Milan".into(),
         ),
         (
             Box::new(|r: &mut [u8]| r[0x0A] |= 0x08),
+            PolicyMismatch,
             "guest policy 0xb0000 allows debugging (bit 19): the host can read and change guest memory".into(),
         ),
         (
             Box::new(|r: &mut [u8]| r[0x30] = 1),
+            PolicyMismatch,
             "report VMPL 1 is not allowed (allowed_vmpl = [0])".into(),
         ),
         (
             Box::new(|r: &mut [u8]| r[0x48] = 7 << 2),
+            BadSignature,
             "the report is not signed (KEY_INFO.SIGNING_KEY = none)".into(),
         ),
         (
             Box::new(|r: &mut [u8]| r[0x48] = 1 << 2),
+            CollateralUnavailable,
             "the report is signed by a VLEK, but neither the evidence nor the collateral holds a VLEK certificate".into(),
         ),
     ];
-    for (edit, reason) in cases {
+    for (edit, kind, reason) in cases {
         let ev = c.evidence(&[7; 64], |r| edit(r));
-        assert_eq!(refusal(offline(&c, &ev, "", None)), reason);
+        assert_eq!(refusal(kind, offline(&c, &ev, "", None)), reason);
     }
     // Policy keys on a signed report.
     let ev = c.evidence(&[7; 64], |_| {});
-    let m = refusal(offline(&c, &ev, "[min_tcb.milan]\nsnp = 9", None));
+    let m = refusal(
+        PolicyMismatch,
+        offline(&c, &ev, "[min_tcb.milan]\nsnp = 9", None),
+    );
     assert_eq!(
         m,
         "reported TCB snp 8 is below the minimum 9 for Milan (min_tcb)"
     );
-    let m = refusal(offline(&c, &ev, "min_guest_svn = 2", None));
+    let m = refusal(PolicyMismatch, offline(&c, &ev, "min_guest_svn = 2", None));
     assert_eq!(m, "guest SVN 1 is below min_guest_svn 2");
     offline(
         &c,
@@ -148,18 +163,15 @@ fn amd_crls_are_checked() {
     assert_eq!(claims["crl_checked"], true);
     // The same CRL two days later has expired.
     let later = now() + Duration::from_secs(2 * 86400);
-    let m = refusal(sev_snp::verify_offline(
-        &ev,
-        Some(crl_dir.path()),
-        None,
-        later,
-        &c.config(""),
-    ));
+    let m = refusal(
+        Expired,
+        sev_snp::verify_offline(&ev, Some(crl_dir.path()), None, later, &c.config("")),
+    );
     assert!(m.starts_with("CRL amd.crl expired at "), "{m}");
     // A CRL revoking the ASK.
     let crl_dir = tempfile::tempdir().unwrap();
     c.crl(crl_dir.path(), true, 1);
-    let m = refusal(offline(&c, &ev, "", Some(crl_dir.path())));
+    let m = refusal(Revoked, offline(&c, &ev, "", Some(crl_dir.path())));
     assert_eq!(m, "ASK SEV-Milan (serial 02) is revoked by CRL amd.crl");
     // A CRL whose signature was tampered with.
     let p = crl_dir.path().join("amd.crl");
@@ -170,7 +182,7 @@ fn amd_crls_are_checked() {
     let n = bad.len();
     bad[n - 5] ^= 1;
     std::fs::write(&p, &bad).unwrap();
-    let m = refusal(offline(&c, &ev, "", Some(crl_dir.path())));
+    let m = refusal(UntrustedChain, offline(&c, &ev, "", Some(crl_dir.path())));
     assert_eq!(m, "CRL amd.crl signature does not verify under ARK-Milan");
 }
 
@@ -215,7 +227,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(_, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let m = refusal(session.resume(&answer, &ctx));
+    let m = refusal(Replay, session.resume(&answer, &ctx));
     assert!(
         m.starts_with("report_data does not match the expected binding"),
         "{m}"
@@ -231,7 +243,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         now: ctx.now,
     };
     assert_eq!(
-        refusal(session.resume(&answer, &ctx2)),
+        refusal(KeyMismatch, session.resume(&answer, &ctx2)),
         "the agent key changed between the challenge and the answer"
     );
     // A late answer is refused.
@@ -243,7 +255,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         agent_public_key: &key,
         now: ctx.now + Duration::from_secs(61),
     };
-    assert!(refusal(session.resume(&answer, &late)).starts_with("challenge expired"));
+    assert!(refusal(Replay, session.resume(&answer, &late)).starts_with("challenge expired"));
     // A report for the right nonce but a key the agent did not bind (forged report_data).
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
@@ -253,7 +265,9 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
         &ring::digest::digest(&ring::digest::SHA512, &challenge[..32]).as_ref()[..64],
     );
     let forged = chain.evidence(&rd, |_| {});
-    assert!(refusal(session.resume(&forged, &ctx)).starts_with("report_data does not match"));
+    assert!(
+        refusal(Replay, session.resume(&forged, &ctx)).starts_with("report_data does not match")
+    );
     // Each attestation of one launch gets the same node ID; another launch another.
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
@@ -519,23 +533,28 @@ fn svsm_vtpm_manifests_are_bound_and_only_at_vmpl_0() {
     };
     let bound = sev_snp::svsm_report_data(&binding, &manifest);
     // report_data must be SHA-512(binding ‖ manifest), not the binding alone.
-    assert!(
-        refusal(v.verify_evidence(&evidence(0, binding), &binding, now()))
-            .starts_with("report_data does not match the expected binding"),
-    );
+    assert!(refusal(
+        Replay,
+        v.verify_evidence(&evidence(0, binding), &binding, now())
+    )
+    .starts_with("report_data does not match the expected binding"),);
     assert_eq!(
-        refusal(v.verify_evidence(&evidence(1, bound), &binding, now())),
+        refusal(
+            PolicyMismatch,
+            v.verify_evidence(&evidence(1, bound), &binding, now())
+        ),
         "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL 1"
     );
-    assert!(
-        refusal(v.verify_evidence(&evidence(0, bound), &binding, now()))
-            .starts_with("the SVSM vTPM manifest is not an EK TPMT_PUBLIC")
-    );
+    assert!(refusal(
+        Malformed,
+        v.verify_evidence(&evidence(0, bound), &binding, now())
+    )
+    .starts_with("the SVSM vTPM manifest is not an EK TPMT_PUBLIC"));
     // Malformed framing.
     let mut cut = evidence(0, bound);
     cut.truncate(20);
     assert_eq!(
-        refusal(v.verify_evidence(&cut, &binding, now())),
+        refusal(Malformed, v.verify_evidence(&cut, &binding, now())),
         "SEV-SNP evidence ends inside its service manifest"
     );
 }

@@ -10,6 +10,9 @@ use ztid_tests::{at, refusal};
 use serde_json::Value;
 use ztid_verifier::{tdx, AttestationContext, NodeVerifier, VerifierStep};
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{
+    self, Expired, PolicyMismatch, Replay, Unsupported, UntrustedChain,
+};
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("tdx")
@@ -27,12 +30,12 @@ fn table(toml_text: &str) -> toml::Table {
 struct Vector {
     dir: &'static str,
     inside: &'static str,
-    /// `Ok(claims)` or `Err(reason)` inside the window.
-    outcome: Result<&'static [(&'static str, &'static str)], &'static str>,
+    /// `Ok(claims)` or `Err((kind, reason))` inside the window.
+    outcome: Result<&'static [(&'static str, &'static str)], (RefusalKind, &'static str)>,
     before: &'static str,
-    before_reason: &'static str,
+    before_reason: (RefusalKind, &'static str),
     after: &'static str,
-    after_reason: &'static str,
+    after_reason: (RefusalKind, &'static str),
 }
 
 const NOT_TDX: &str = "the quote is an SGX enclave quote (version 3, TEE type 0), not a TDX quote";
@@ -54,9 +57,9 @@ const VECTORS: &[Vector] = &[
             ("report_data", "9a9d48e7f6799642d3d1b34e1e5e1742d4bb02dd6ddd551862c1211d35c304f9eca3efdbb481601c163cf52493d6e44aed55d51ec39b7e518fadb92c2b523f20"),
         ]),
         before: "2025-06-19T10:00:00Z",
-        before_reason: "TDX collateral TCB info is not yet valid at 2025-06-19T10:00:00Z (issued 2025-06-19T10:16:03Z)",
+        before_reason: (Expired, "TDX collateral TCB info is not yet valid at 2025-06-19T10:00:00Z (issued 2025-06-19T10:16:03Z)"),
         after: "2025-07-19T10:01:00Z",
-        after_reason: "TDX collateral PCK CRL expired at 2025-07-19T10:00:35Z (checked at 2025-07-19T10:01:00Z): refresh the collateral",
+        after_reason: (Expired, "TDX collateral PCK CRL expired at 2025-07-19T10:00:35Z (checked at 2025-07-19T10:01:00Z): refresh the collateral"),
     },
     Vector {
         dir: "v5-td15ex-uptodate",
@@ -70,28 +73,28 @@ const VECTORS: &[Vector] = &[
             ("report_data", "2945321c99222c3622a14cf7feaab073e799be14b5f3e73cd2e6cad64e5f062463ad204f33f0a39e47d098330db88ca5b5d0a7afce540dfe4c4fe4a377190731"),
         ]),
         before: "2026-10-08T00:00:00Z",
-        before_reason: "TDX collateral TCB info is not yet valid at 2026-10-08T00:00:00Z (issued 2026-10-08T00:09:46Z)",
+        before_reason: (Expired, "TDX collateral TCB info is not yet valid at 2026-10-08T00:00:00Z (issued 2026-10-08T00:09:46Z)"),
         after: "2026-11-07T00:00:00Z",
-        after_reason: "TDX collateral QE identity expired at 2026-11-06T23:45:11Z (checked at 2026-11-07T00:00:00Z): refresh the collateral",
+        after_reason: (Expired, "TDX collateral QE identity expired at 2026-11-06T23:45:11Z (checked at 2026-11-07T00:00:00Z): refresh the collateral"),
     },
     Vector {
         dir: "v5-td15-no-tcb-match",
         inside: "2026-03-01T00:00:00Z",
-        outcome: Err("TDX quote verification failed: No matching TCB level found"),
+        outcome: Err((UntrustedChain, "TDX quote verification failed: No matching TCB level found")),
         before: "2026-02-18T10:00:00Z",
-        before_reason: "TDX collateral TCB info is not yet valid at 2026-02-18T10:00:00Z (issued 2026-02-18T10:58:51Z)",
+        before_reason: (Expired, "TDX collateral TCB info is not yet valid at 2026-02-18T10:00:00Z (issued 2026-02-18T10:58:51Z)"),
         after: "2026-03-20T10:42:00Z",
-        after_reason: "TDX collateral PCK CRL expired at 2026-03-20T10:41:15Z (checked at 2026-03-20T10:42:00Z): refresh the collateral",
+        after_reason: (Expired, "TDX collateral PCK CRL expired at 2026-03-20T10:41:15Z (checked at 2026-03-20T10:42:00Z): refresh the collateral"),
     },
     Vector {
         dir: "sgx-v3-negative",
         inside: "2025-07-01T00:00:00Z",
-        outcome: Err(NOT_TDX),
+        outcome: Err((Unsupported, NOT_TDX)),
         // Refused as not TDX before any collateral is read, whatever the time.
         before: "2025-06-19T10:00:00Z",
-        before_reason: NOT_TDX,
+        before_reason: (Unsupported, NOT_TDX),
         after: "2025-07-19T10:02:00Z",
-        after_reason: NOT_TDX,
+        after_reason: (Unsupported, NOT_TDX),
     },
 ];
 
@@ -121,22 +124,22 @@ fn every_vector_gives_its_outcome_inside_its_window_and_expires_outside() {
                 check_claims(v.dir, want, &claims);
                 assert_eq!(claims["tcb"]["advisory_ids"], serde_json::json!([]));
             }
-            Err(reason) => assert_eq!(
-                refusal(lib_verify(v.dir, v.inside, None, "")),
+            Err((kind, reason)) => assert_eq!(
+                refusal(kind, lib_verify(v.dir, v.inside, None, "")),
                 reason,
                 "{}",
                 v.dir
             ),
         }
         assert_eq!(
-            refusal(lib_verify(v.dir, v.before, None, "")),
-            v.before_reason,
+            refusal(v.before_reason.0, lib_verify(v.dir, v.before, None, "")),
+            v.before_reason.1,
             "{}",
             v.dir
         );
         assert_eq!(
-            refusal(lib_verify(v.dir, v.after, None, "")),
-            v.after_reason,
+            refusal(v.after_reason.0, lib_verify(v.dir, v.after, None, "")),
+            v.after_reason.1,
             "{}",
             v.dir
         );
@@ -156,13 +159,10 @@ fn flipped_bytes_in_the_signed_quote_are_refused() {
         let mut q = quote(dir);
         q[off] ^= 0x01;
         let d = vectors().join(dir);
-        let m = refusal(tdx::verify_offline(
-            &q,
-            Some(&d),
-            None,
-            at(when),
-            &table(""),
-        ));
+        let m = refusal(
+            UntrustedChain,
+            tdx::verify_offline(&q, Some(&d), None, at(when), &table("")),
+        );
         assert_eq!(
             m, "TDX quote verification failed: ISV enclave report signature is invalid",
             "{dir} @ {off}"
@@ -192,13 +192,16 @@ fn tampered_tcb_info_is_refused() {
             .replacen("\"UpToDate\"", "\"OutOfDate\"", 1);
         c["tcb_info"] = t.into();
     });
-    let m = refusal(tdx::verify_offline(
-        &quote("v4-uptodate"),
-        Some(tmp.path()),
-        None,
-        at("2025-07-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        tdx::verify_offline(
+            &quote("v4-uptodate"),
+            Some(tmp.path()),
+            None,
+            at("2025-07-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert_eq!(
         m,
         "TDX quote verification failed: Signature is invalid for tcb_info in quote_collateral"
@@ -220,13 +223,16 @@ fn tampered_tcb_info_is_refused() {
     let tmp = tampered_collateral("v4-uptodate", |c| {
         c["tcb_info_issuer_chain"] = chain_of_pck.into()
     });
-    let m = refusal(tdx::verify_offline(
-        &quote("v4-uptodate"),
-        Some(tmp.path()),
-        None,
-        at("2025-07-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        tdx::verify_offline(
+            &quote("v4-uptodate"),
+            Some(tmp.path()),
+            None,
+            at("2025-07-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert_eq!(
         m,
         "TDX quote verification failed: TCB Info signer must be issued directly by the root CA"
@@ -238,13 +244,16 @@ fn collateral_of_another_platform_is_refused() {
     // The SGX vector's collateral is current at the same time, but for another FMSPC and
     // for SGX's QE.
     let d = vectors().join("sgx-v3-negative");
-    let m = refusal(tdx::verify_offline(
-        &quote("v4-uptodate"),
-        Some(&d),
-        None,
-        at("2025-07-01T00:00:00Z"),
-        &table(""),
-    ));
+    let m = refusal(
+        UntrustedChain,
+        tdx::verify_offline(
+            &quote("v4-uptodate"),
+            Some(&d),
+            None,
+            at("2025-07-01T00:00:00Z"),
+            &table(""),
+        ),
+    );
     assert!(
         m.starts_with("TDX quote verification failed: Unsupported QE Identity id/version"),
         "{m}"
@@ -253,12 +262,15 @@ fn collateral_of_another_platform_is_refused() {
 
 #[test]
 fn mrtd_outside_the_allow_list_is_refused() {
-    let m = refusal(lib_verify(
-        "v4-uptodate",
-        "2025-07-01T00:00:00Z",
-        None,
-        &format!("mrtd = [\"{}\"]", "00".repeat(48)),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        lib_verify(
+            "v4-uptodate",
+            "2025-07-01T00:00:00Z",
+            None,
+            &format!("mrtd = [\"{}\"]", "00".repeat(48)),
+        ),
+    );
     assert_eq!(m, "MRTD 91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7 is not in the MRTD allow-list");
     lib_verify(
         "v4-uptodate",
@@ -267,12 +279,15 @@ fn mrtd_outside_the_allow_list_is_refused() {
         "mrtd = [\"91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7\"]",
     )
     .unwrap();
-    let m = refusal(lib_verify(
-        "v5-td15ex-uptodate",
-        "2026-10-20T00:00:00Z",
-        None,
-        &format!("rtmr3 = [\"{}\"]", "00".repeat(48)),
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        lib_verify(
+            "v5-td15ex-uptodate",
+            "2026-10-20T00:00:00Z",
+            None,
+            &format!("rtmr3 = [\"{}\"]", "00".repeat(48)),
+        ),
+    );
     assert!(
         m.starts_with("RTMR3 556d4986") && m.ends_with("is not in the RTMR3 allow-list"),
         "{m}"
@@ -282,12 +297,15 @@ fn mrtd_outside_the_allow_list_is_refused() {
 #[test]
 fn tcb_status_outside_the_accepted_list_is_refused() {
     // UpToDate is refused when the operator accepts only another status.
-    let m = refusal(lib_verify(
-        "v4-uptodate",
-        "2025-07-01T00:00:00Z",
-        None,
-        "accepted_tcb_status = [\"SWHardeningNeeded\"]",
-    ));
+    let m = refusal(
+        PolicyMismatch,
+        lib_verify(
+            "v4-uptodate",
+            "2025-07-01T00:00:00Z",
+            None,
+            "accepted_tcb_status = [\"SWHardeningNeeded\"]",
+        ),
+    );
     assert_eq!(
         m,
         "TCB status UpToDate is not accepted (accepted_tcb_status = [\"SWHardeningNeeded\"]; advisories: none)"
@@ -300,24 +318,20 @@ fn report_data_must_match_all_64_bytes() {
     lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&good), "").unwrap();
     let mut bad = good.clone();
     bad[0] ^= 0x80;
-    let m = refusal(lib_verify(
-        "v4-uptodate",
-        "2025-07-01T00:00:00Z",
-        Some(&bad),
-        "",
-    ));
+    let m = refusal(
+        Replay,
+        lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&bad), ""),
+    );
     assert!(
         m.starts_with("report_data does not match the expected binding"),
         "{m}"
     );
     // The TD 1.5 quote binds 32 bytes + zeros (refused for its TCB, not its report_data,
     // so check through the padded comparison on the TD 1.0 quote instead).
-    let m = refusal(lib_verify(
-        "v4-uptodate",
-        "2025-07-01T00:00:00Z",
-        Some(&good[..32]),
-        "",
-    ));
+    let m = refusal(
+        Replay,
+        lib_verify("v4-uptodate", "2025-07-01T00:00:00Z", Some(&good[..32]), ""),
+    );
     assert!(m.starts_with("report_data does not match"), "{m}");
 }
 
@@ -344,7 +358,7 @@ fn protocol_refuses_a_quote_not_bound_to_the_nonce() {
         panic!("expected a challenge");
     };
     assert_eq!(challenge.len(), 32 + spki.len());
-    let m = refusal(session.resume(&quote("v4-uptodate"), &ctx));
+    let m = refusal(Replay, session.resume(&quote("v4-uptodate"), &ctx));
     assert!(
         m.starts_with("report_data does not match the expected binding"),
         "{m}"
@@ -354,7 +368,7 @@ fn protocol_refuses_a_quote_not_bound_to_the_nonce() {
         panic!("expected a challenge");
     };
     assert_eq!(
-        refusal(session.resume(&quote("sgx-v3-negative"), &ctx)),
+        refusal(Unsupported, session.resume(&quote("sgx-v3-negative"), &ctx)),
         NOT_TDX
     );
     // A late answer: the challenge expired.
@@ -365,7 +379,7 @@ fn protocol_refuses_a_quote_not_bound_to_the_nonce() {
         agent_public_key: &spki,
         now: at("2025-07-01T00:01:01Z"),
     };
-    let m = refusal(session.resume(&quote("v4-uptodate"), &late));
+    let m = refusal(Replay, session.resume(&quote("v4-uptodate"), &late));
     assert!(m.starts_with("challenge expired"), "{m}");
 }
 
@@ -416,12 +430,12 @@ fn cli_gives_every_vectors_outcome() {
                 let claims: Value = serde_json::from_str(out.trim()).expect("JSON claims");
                 check_claims(v.dir, want, &claims);
             }
-            Err(reason) => {
+            Err((_, reason)) => {
                 assert!(!ok, "{} must be refused", v.dir);
                 assert_eq!(err.trim(), format!("error: attestation refused: {reason}"));
             }
         }
-        for (when, reason) in [(v.before, v.before_reason), (v.after, v.after_reason)] {
+        for (when, (_, reason)) in [(v.before, v.before_reason), (v.after, v.after_reason)] {
             let (ok, _, err) = cli_verify(v.dir, when, &[]);
             assert!(!ok, "{} must fail at {when}", v.dir);
             assert_eq!(err.trim(), format!("error: attestation refused: {reason}"));
@@ -496,7 +510,7 @@ fn agent_side_reads_the_quote_from_a_tsm_tree() {
     let answer = attestor.answer(&challenge).unwrap();
     assert_eq!(answer, quote("v4-uptodate"));
     // Everything about the quote verifies except the binding to this challenge.
-    let m = refusal(session.resume(&answer, &ctx));
+    let m = refusal(Replay, session.resume(&answer, &ctx));
     assert!(
         m.starts_with("report_data does not match the expected binding"),
         "{m}"

@@ -23,6 +23,33 @@ fn start_tpm_agent(server: &Server, tcti: &str, extra: &[&str]) -> Result<Agent,
     Agent::start_attested(server, &args)
 }
 
+/// Waits until the server's metrics listener at `addr` counts a refused `tpm` attestation
+/// with `reason`, the label the server derives from the refusal's kind
+/// (`ztid_attestation::RefusalKind`), not from its text.
+fn wait_for_tpm_refusal(addr: &str, reason: &str) {
+    use std::io::{Read, Write};
+    let series = format!("ztid_attestation_failures_total{{method=\"tpm\",reason=\"{reason}\"}} ");
+    let count = || -> Option<f64> {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    wait_for(
+        &format!("a tpm refusal counted as {reason}"),
+        READY_TIMEOUT,
+        || count().filter(|n| *n >= 1.0),
+    );
+}
+
 /// The node id the CA will give this TPM: SHA-256 of the EK certificate's public key.
 fn ek_hash_of(tpm: &Swtpm) -> String {
     let mut t = ztid_attestor::tpm::device::Tpm::open(&tpm.tcti()).expect("open TPM");
@@ -151,7 +178,16 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         ),
     )
     .unwrap();
-    let server = Server::start_with(TD, &["--config", &config.display().to_string()]);
+    let metrics = format!("127.0.0.1:{}", ztid_tests::free_port());
+    let server = Server::start_with(
+        TD,
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--metrics",
+            &metrics,
+        ],
+    );
     let agent = start_tpm_agent(&server, &swtpm.tcti(), &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         agent.spiffe_id,
@@ -175,6 +211,7 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         server.log_text().contains("PCR policy not met: PCR 7 is"),
         "the server logs the refusal with the PCR"
     );
+    wait_for_tpm_refusal(&metrics, "policy_mismatch");
 
     // An EK that is not on the allow-list, on a server that otherwise trusts its CA.
     let config2 = dir.path().join("server2.toml");
@@ -187,7 +224,16 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         ),
     )
     .unwrap();
-    let server2 = Server::start_with(TD, &["--config", &config2.display().to_string()]);
+    let metrics2 = format!("127.0.0.1:{}", ztid_tests::free_port());
+    let server2 = Server::start_with(
+        TD,
+        &[
+            "--config",
+            &config2.display().to_string(),
+            "--metrics",
+            &metrics2,
+        ],
+    );
     let err = match start_tpm_agent(&server2, &swtpm.tcti(), &[]) {
         Err(e) => e,
         Ok(_) => panic!("an EK off the allow-list attested"),
@@ -196,6 +242,7 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         err.contains(&format!("EK {hash} is not in allowed_ek_hashes")),
         "{err}"
     );
+    wait_for_tpm_refusal(&metrics2, "policy_mismatch");
 
     // A TPM from another manufacturer CA.
     let other_ca = LocalCa::new(dir.path(), "other-ca");
@@ -210,6 +257,7 @@ fn tpm_attestation_refusals_reach_the_agent_with_their_reason() {
         ),
         "{err}"
     );
+    wait_for_tpm_refusal(&metrics, "untrusted_chain");
     let agents: serde_json::Value =
         serde_json::from_str(&server2.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
     assert_eq!(

@@ -15,6 +15,9 @@ use ztid_verifier::tpm::{
     self, credential, quote, wire, Answer, Challenge, InitialEvidence, TpmVerifier,
 };
 use ztid_verifier::NodeVerifier;
+use ztid_verifier::RefusalKind::{
+    self, BadSignature, Expired, KeyMismatch, Malformed, PolicyMismatch, Replay, UntrustedChain,
+};
 
 #[test]
 fn tpm_enrolment_round_trip_and_identity() {
@@ -65,7 +68,7 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let mut a = TpmAttestor::with_tcti(&other.tcti());
     let (ev, k) = evidence(&mut a);
-    let reason = refusal(v.start(&ev, &ctx(&k)));
+    let reason = refusal(UntrustedChain, v.start(&ev, &ctx(&k)));
     assert_eq!(
         reason,
         "EK certificate signature does not verify with the key of CA CN=swtpm-localca"
@@ -94,7 +97,7 @@ fn tpm_ek_cert_from_another_local_ca_is_refused() {
     .unwrap();
     let v3 = TpmVerifier::from_config(&table).unwrap();
     assert_eq!(
-        refusal(v3.start(&ev, &ctx(&k))),
+        refusal(UntrustedChain, v3.start(&ev, &ctx(&k))),
         "EK certificate is not issued by any CA in ek_ca_dir (its issuer is CN=swtpm-localca)"
     );
 }
@@ -159,7 +162,7 @@ fn ak_from_a_second_tpm_is_refused(kind: EkKind, template: EkTemplate, secret_le
         certify_signature: Vec::new(),
     })
     .unwrap();
-    assert!(refusal(session.resume(&ans, &ctx(&k))).starts_with(
+    assert!(refusal(Replay, session.resume(&ans, &ctx(&k))).starts_with(
         "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
     ));
     assert_eq!(f.tpm.leftovers(), "");
@@ -175,7 +178,7 @@ fn tpm_replayed_activation_and_quote_are_refused() {
 
     // A whole earlier answer replayed into a new attempt: the secret is new.
     let (_, s2) = challenge(v.start(&ev, &ctx(&k)).unwrap());
-    assert!(refusal(s2.resume(&old_answer, &ctx(&k))).starts_with(
+    assert!(refusal(Replay, s2.resume(&old_answer, &ctx(&k))).starts_with(
         "credential activation failed: the secret returned is not the one sealed to the EK for this AK"
     ));
 
@@ -188,7 +191,10 @@ fn tpm_replayed_activation_and_quote_are_refused() {
         ..old
     };
     assert_eq!(
-        refusal(s3.resume(&serde_json::to_vec(&spliced).unwrap(), &ctx(&k))),
+        refusal(
+            Replay,
+            s3.resume(&serde_json::to_vec(&spliced).unwrap(), &ctx(&k))
+        ),
         "quote extraData does not match this attempt's nonce (stale or replayed quote)"
     );
 
@@ -197,7 +203,10 @@ fn tpm_replayed_activation_and_quote_are_refused() {
     let (c4, s4) = challenge(v.start(&ev, &ctx_at(&k, t0)).unwrap());
     let ans4 = a.answer(&c4).unwrap();
     assert_eq!(
-        refusal(s4.resume(&ans4, &ctx_at(&k, t0 + Duration::from_secs(61)))),
+        refusal(
+            Replay,
+            s4.resume(&ans4, &ctx_at(&k, t0 + Duration::from_secs(61)))
+        ),
         "TPM challenge expired (answered after 61 s, limit 60 s)"
     );
     // (A session cannot be resumed twice: `resume` consumes it.)
@@ -212,8 +221,9 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     let (ev, k) = evidence(&mut a);
     // Each tamper gets an attempt of its own (a session answers once).
     type Tamper = Box<dyn Fn(&mut Answer)>;
-    let cases: Vec<(&str, Tamper)> = vec![
+    let cases: Vec<(RefusalKind, &str, Tamper)> = vec![
         (
+            BadSignature,
             "quote signature check failed: signature does not verify",
             Box::new(|ans: &mut Answer| {
                 // A byte inside clockInfo of the signed TPMS_ATTEST.
@@ -222,10 +232,12 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
             }),
         ),
         (
+            BadSignature,
             "quote signature check failed: signature does not verify",
             Box::new(|ans: &mut Answer| ans.quote.push(0)),
         ),
         (
+            BadSignature,
             "quote signature check failed: signature does not verify",
             Box::new(|ans: &mut Answer| {
                 let n = ans.signature.len();
@@ -233,24 +245,29 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
             }),
         ),
         (
+            BadSignature,
             "PCR values sent do not match the quote's PCR digest",
             Box::new(|ans: &mut Answer| {
                 ans.pcrs.insert(7, vec![0x11; 32]);
             }),
         ),
         (
+            Malformed,
             "PCR values sent are for PCRs 0,1,2,3,4,5,6, not the quoted 0,1,2,3,4,5,6,7",
             Box::new(|ans: &mut Answer| {
                 ans.pcrs.remove(&7);
             }),
         ),
     ];
-    for (want, tamper) in cases {
+    for (kind, want, tamper) in cases {
         let (c, session) = challenge(v.start(&ev, &ctx(&k)).unwrap());
         let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
         tamper(&mut ans);
         assert_eq!(
-            refusal(session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&k))),
+            refusal(
+                kind,
+                session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&k))
+            ),
             want
         );
     }
@@ -294,25 +311,37 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
         (wire::attr::SIGN_ENCRYPT, "sign"),
     ] {
         assert_eq!(
-            refusal(v.start(&with_attrs(&|a| a & !bit), &ctx(&k))),
+            refusal(
+                PolicyMismatch,
+                v.start(&with_attrs(&|a| a & !bit), &ctx(&k))
+            ),
             format!("AK is not {name}")
         );
     }
     assert_eq!(
-        refusal(v.start(&with_attrs(&|a| a | wire::attr::DECRYPT), &ctx(&k))),
+        refusal(
+            PolicyMismatch,
+            v.start(&with_attrs(&|a| a | wire::attr::DECRYPT), &ctx(&k))
+        ),
         "AK is a decryption key (decrypt is set)"
     );
     let mut e = ev.clone();
     e.ak_pub = with_auth_policy(&e.ak_pub);
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))),
+        refusal(
+            PolicyMismatch,
+            v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))
+        ),
         "AK has an authPolicy (a public-only copy of an outside key could then be activated)"
     );
     // The EK itself offered as AK: a decryption key, not a signing one.
     let mut e = ev.clone();
     e.ak_pub = e.ek_pub.clone();
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))),
+        refusal(
+            PolicyMismatch,
+            v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&k))
+        ),
         "AK is not sign"
     );
     // An AK public that claims one more attribute (noDA) passes the static checks, but the
@@ -334,7 +363,10 @@ fn tpm_allow_list_and_pcr_policy() {
 
     let v = TpmVerifier::new(policy(&f.ca, &format!("allowed_ek_hashes = [\"{other}\"]")));
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&ev).unwrap(), &ctx(&k))),
+        refusal(
+            PolicyMismatch,
+            v.start(&serde_json::to_vec(&ev).unwrap(), &ctx(&k))
+        ),
         format!("EK {hash} is not in allowed_ek_hashes")
     );
     let v = TpmVerifier::new(policy(
@@ -373,7 +405,7 @@ fn tpm_allow_list_and_pcr_policy() {
     let (c, session) = challenge(v.start(&ev_bytes, &ctx(&k)).unwrap());
     let ans = a.answer(&c).unwrap();
     assert_eq!(
-        refusal(session.resume(&ans, &ctx(&k))),
+        refusal(PolicyMismatch, session.resume(&ans, &ctx(&k))),
         format!("PCR policy not met: PCR 7 is {new7} but policy {hash} allows {zero}")
     );
 
@@ -535,14 +567,17 @@ fn tpm_tpm2_quote_verifies_with_ztid() {
         });
         // And the wrong nonce is refused.
         assert_eq!(
-            refusal(quote::verify_quote(
-                &keys.ak,
-                &read("q.msg"),
-                &read("q.sig"),
-                &[0u8; 16],
-                &pcrs,
-                &values
-            )),
+            refusal(
+                Replay,
+                quote::verify_quote(
+                    &keys.ak,
+                    &read("q.msg"),
+                    &read("q.sig"),
+                    &[0u8; 16],
+                    &pcrs,
+                    &values
+                )
+            ),
             "quote extraData does not match this attempt's nonce (stale or replayed quote)"
         );
     }
@@ -699,46 +734,52 @@ fn tpm_offline_evidence_round_trip() {
     let mut bare: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
     bare.ek_cert.clear();
     let svsm: toml::Table = toml::from_str("uncertified_ek = \"svsm-bound\"").unwrap();
-    assert!(refusal(tpm::verify_offline(
-        &serde_json::to_vec(&bare).unwrap(),
-        Some(&trust),
-        None,
-        SystemTime::now(),
-        &svsm
-    ))
+    assert!(refusal(
+        PolicyMismatch,
+        tpm::verify_offline(
+            &serde_json::to_vec(&bare).unwrap(),
+            Some(&trust),
+            None,
+            SystemTime::now(),
+            &svsm
+        )
+    )
     .starts_with("the evidence has no EK certificate"));
     // Wrong expected nonce, tampered quote, expired EK certificate time, other CA.
     assert_eq!(
-        refusal(tpm::verify_offline(
-            &file,
-            Some(&trust),
-            Some(b"other"),
-            SystemTime::now(),
-            &empty
-        )),
+        refusal(
+            Replay,
+            tpm::verify_offline(
+                &file,
+                Some(&trust),
+                Some(b"other"),
+                SystemTime::now(),
+                &empty
+            )
+        ),
         "evidence nonce differs from the expected --report-data"
     );
     let mut t: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
     let i = t.quote.len() - 1;
     t.quote[i] ^= 1;
     assert_eq!(
-        refusal(tpm::verify_offline(
-            &serde_json::to_vec(&t).unwrap(),
-            Some(&trust),
-            None,
-            SystemTime::now(),
-            &empty
-        )),
+        refusal(
+            BadSignature,
+            tpm::verify_offline(
+                &serde_json::to_vec(&t).unwrap(),
+                Some(&trust),
+                None,
+                SystemTime::now(),
+                &empty
+            )
+        ),
         "quote signature check failed: signature does not verify"
     );
     let before_ca = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-    assert!(refusal(tpm::verify_offline(
-        &file,
-        Some(&trust),
-        None,
-        before_ca,
-        &empty
-    ))
+    assert!(refusal(
+        Expired,
+        tpm::verify_offline(&file, Some(&trust), None, before_ca, &empty)
+    )
     .starts_with("EK certificate is not valid yet"));
 }
 
@@ -764,7 +805,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     let soft = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let soft_spki = rcgen::PublicKeyData::subject_public_key_info(&soft);
     assert_eq!(
-        refusal(v.start(&ev, &ctx(&soft_spki))),
+        refusal(KeyMismatch, v.start(&ev, &ctx(&soft_spki))),
         "the agent CSR's key is not the TPM agent key in the evidence \
          (an agent SVID is only issued for a key made in the attested TPM)"
     );
@@ -783,7 +824,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             .expect("static checks pass"),
     );
     let ans = a.answer(&c).unwrap();
-    assert!(refusal(session.resume(&ans, &ctx(&soft_spki)))
+    assert!(refusal(KeyMismatch, session.resume(&ans, &ctx(&soft_spki)))
         .starts_with("the AK certified another key (name "));
 
     // 3. A key that could leave the TPM (fixedTPM or fixedParent clear), a decryption key.
@@ -798,18 +839,24 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
         (wire::attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
     ] {
         assert_eq!(
-            refusal(v.start(&attrs(&|a| a & !bit), &ctx(&tpm_key))),
+            refusal(
+                PolicyMismatch,
+                v.start(&attrs(&|a| a & !bit), &ctx(&tpm_key))
+            ),
             format!("agent key is not {name}: it could exist outside the TPM")
         );
     }
     assert_eq!(
-        refusal(v.start(&attrs(&|a| a | wire::attr::DECRYPT), &ctx(&tpm_key))),
+        refusal(
+            PolicyMismatch,
+            v.start(&attrs(&|a| a | wire::attr::DECRYPT), &ctx(&tpm_key))
+        ),
         "agent key is a decryption key (decrypt is set)"
     );
     let mut e = parsed.clone();
     e.agent_key_pub = with_auth_policy(&e.agent_key_pub);
     assert_eq!(
-        refusal(v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&tpm_key))),
+        refusal(PolicyMismatch, v.start(&serde_json::to_vec(&e).unwrap(), &ctx(&tpm_key))),
         "agent key has an authPolicy (a public-only copy of an outside key could then be certified)"
     );
 
@@ -823,8 +870,9 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     type Tamper = Box<dyn Fn(&mut Answer, &Challenge)>;
     let key_blob = a_key_blob(&mut a);
     let tcti = f.tpm.tcti();
-    let cases: Vec<(&str, Tamper)> = vec![
+    let cases: Vec<(RefusalKind, &str, Tamper)> = vec![
         (
+            BadSignature,
             "agent key certification signature check failed (not certified by the attested AK): signature does not verify",
             Box::new(|ans, _| {
                 let i = ans.certify.len() - 40;
@@ -832,6 +880,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             }),
         ),
         (
+            Malformed,
             "agent key certification signature check failed (not certified by the attested AK): ",
             Box::new(|ans, _| {
                 ans.certify.clear();
@@ -839,6 +888,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             }),
         ),
         (
+            Replay,
             "agent key certification extraData does not match this attempt's nonce (stale or replayed)",
             Box::new(move |ans, _| {
                 ans.certify = old_certify.0.clone();
@@ -846,6 +896,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             }),
         ),
         (
+            BadSignature,
             "agent key certification signature check failed (not certified by the attested AK): signature does not verify",
             Box::new(move |ans, c| {
                 let (att, sig) = Tpm::open(&tcti)
@@ -857,6 +908,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             }),
         ),
         (
+            Malformed,
             "agent key certification is not a TPM2_Certify (type is not TPM_ST_ATTEST_CERTIFY)",
             Box::new(|ans, _| {
                 ans.certify = ans.quote.clone();
@@ -864,11 +916,14 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
             }),
         ),
     ];
-    for (want, tamper) in cases {
+    for (kind, want, tamper) in cases {
         let (c, session) = challenge(v.start(&ev, &ctx(&tpm_key)).unwrap());
         let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
         tamper(&mut ans, &serde_json::from_slice(&c).unwrap());
-        let got = refusal(session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&tpm_key)));
+        let got = refusal(
+            kind,
+            session.resume(&serde_json::to_vec(&ans).unwrap(), &ctx(&tpm_key)),
+        );
         assert!(got.starts_with(want), "{got}\nwanted: {want}");
     }
     assert_eq!(f.tpm.leftovers(), "");
@@ -993,7 +1048,7 @@ fn tpm_ecc_ek_enrolment_round_trip_and_identity() {
     let parsed256: InitialEvidence = serde_json::from_slice(&ev256).unwrap();
     assert!(parsed256.ek_cert.is_empty());
     assert_eq!(
-        refusal(v.start(&ev256, &ctx(&k256))),
+        refusal(PolicyMismatch, v.start(&ev256, &ctx(&k256))),
         "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)"
     );
     assert!("ecc-p521".parse::<EkKind>().is_err());
@@ -1015,7 +1070,7 @@ fn tpm_ecc_ek_cert_from_another_local_ca_is_refused() {
     let parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
     assert_eq!(ecc_ek_params(&parsed.ek_pub).0, wire::curve::NIST_P384);
     assert_eq!(
-        refusal(v.start(&ev, &ctx(&k))),
+        refusal(UntrustedChain, v.start(&ev, &ctx(&k))),
         "EK certificate signature does not verify with the key of CA CN=swtpm-localca"
     );
     // Trusting the other CA, the same TPM passes with its ECC EK.
@@ -1039,7 +1094,10 @@ fn tpm_ecc_ek_cert_from_another_local_ca_is_refused() {
             ..parsed.clone()
         };
         assert_eq!(
-            refusal(v2.start(&serde_json::to_vec(&swapped).unwrap(), &ctx(&k))),
+            refusal(
+                KeyMismatch,
+                v2.start(&serde_json::to_vec(&swapped).unwrap(), &ctx(&k))
+            ),
             "EK certificate public key is not the EK public key sent"
         );
     }

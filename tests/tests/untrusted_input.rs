@@ -119,8 +119,11 @@ fn mutated_tdx_quotes_are_refused() {
     smuggled[4936] = 7;
     match tdx::verify_offline(&smuggled, Some(&dir), None, when, &config) {
         Err(Error::Refused(m)) => assert_eq!(
-            m,
-            "TDX quote has non-zero bytes after its signature data (70 bytes past offset 4936)"
+            (m.kind, m.detail.as_str()),
+            (
+                ztid_attestation::RefusalKind::Malformed,
+                "TDX quote has non-zero bytes after its signature data (70 bytes past offset 4936)"
+            )
         ),
         other => panic!("{other:?}"),
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{b64, Error};
+use crate::RefusalKind::Malformed;
+use crate::{b64, Error, RefusalKind};
 
 /// The method name on the wire.
 pub const METHOD: &str = "tpm";
@@ -23,11 +24,10 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 /// Format tag of [`EvidenceFile`].
 pub const EVIDENCE_FORMAT: &str = "ztid-tpm-evidence/1";
 
-/// A refusal with this reason.
-pub fn refused(s: impl Into<String>) -> Error {
-    Error::Refused(s.into())
+/// A refusal of `kind` with this reason.
+pub fn refused(kind: RefusalKind, s: impl Into<String>) -> Error {
+    Error::refused(kind, s)
 }
-
 
 mod hexmap {
     use std::collections::BTreeMap;
@@ -142,11 +142,12 @@ pub struct EvidenceFile {
 /// Parses a JSON message from a node, bounded to [`MAX_MESSAGE`] bytes.
 pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, Error> {
     if bytes.len() > MAX_MESSAGE {
-        return Err(refused(format!(
-            "{what} is larger than {MAX_MESSAGE} bytes"
-        )));
+        return Err(refused(
+            Malformed,
+            format!("{what} is larger than {MAX_MESSAGE} bytes"),
+        ));
     }
-    serde_json::from_slice(bytes).map_err(|e| refused(format!("malformed {what}: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| refused(Malformed, format!("malformed {what}: {e}")))
 }
 
 /// Encodes a message as JSON.
@@ -167,4 +168,3 @@ pub fn ek_hash(ek_pub: &[u8]) -> Result<String, Error> {
 pub fn b64_encode(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
-

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use crate::Error;
+use crate::RefusalKind::{Malformed, Unsupported};
 
 /// `TPM_ALG_*` identifiers used here.
 pub mod alg {
@@ -81,7 +82,7 @@ pub const ST_ATTEST_QUOTE: u16 = 0x8018;
 pub const ST_ATTEST_CERTIFY: u16 = 0x8017;
 
 fn bad(what: &str) -> Error {
-    Error::Refused(format!("malformed {what}"))
+    Error::refused(Malformed, format!("malformed {what}"))
 }
 
 /// A bounds-checked big-endian reader over a byte slice.
@@ -137,11 +138,14 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Error::Refused(format!(
-                "malformed {} ({} trailing bytes)",
-                self.what,
-                self.buf.len()
-            )))
+            Err(Error::refused(
+                Malformed,
+                format!(
+                    "malformed {} ({} trailing bytes)",
+                    self.what,
+                    self.buf.len()
+                ),
+            ))
         }
     }
 }
@@ -169,8 +173,12 @@ pub fn ring_digest(hash: u16) -> Option<&'static ring::digest::Algorithm> {
 
 /// Digest of `data` with a TPM hash algorithm (SHA-256/384/512).
 pub fn hash(hash: u16, data: &[u8]) -> Result<Vec<u8>, Error> {
-    let a = ring_digest(hash)
-        .ok_or_else(|| Error::Refused(format!("unsupported hash algorithm 0x{hash:04x}")))?;
+    let a = ring_digest(hash).ok_or_else(|| {
+        Error::refused(
+            Unsupported,
+            format!("unsupported hash algorithm 0x{hash:04x}"),
+        )
+    })?;
     Ok(ring::digest::digest(a, data).as_ref().to_vec())
 }
 
@@ -244,9 +252,10 @@ impl Public {
                     alg::RSAES => Some((s, alg::NULL)),
                     alg::RSASSA | alg::RSAPSS | alg::OAEP => Some((s, r.u16()?)),
                     other => {
-                        return Err(Error::Refused(format!(
-                            "unsupported RSA scheme 0x{other:04x} in TPMT_PUBLIC"
-                        )))
+                        return Err(Error::refused(
+                            Unsupported,
+                            format!("unsupported RSA scheme 0x{other:04x} in TPMT_PUBLIC"),
+                        ))
                     }
                 };
                 let key_bits = r.u16()?;
@@ -280,9 +289,10 @@ impl Public {
                         Some((s, h))
                     }
                     other => {
-                        return Err(Error::Refused(format!(
-                            "unsupported ECC scheme 0x{other:04x} in TPMT_PUBLIC"
-                        )))
+                        return Err(Error::refused(
+                            Unsupported,
+                            format!("unsupported ECC scheme 0x{other:04x} in TPMT_PUBLIC"),
+                        ))
                     }
                 };
                 let curve = r.u16()?;
@@ -295,9 +305,10 @@ impl Public {
                 (symmetric, scheme, PublicKey::Ecc { curve, x, y })
             }
             other => {
-                return Err(Error::Refused(format!(
-                    "unsupported key type 0x{other:04x} in TPMT_PUBLIC"
-                )))
+                return Err(Error::refused(
+                    Unsupported,
+                    format!("unsupported key type 0x{other:04x} in TPMT_PUBLIC"),
+                ))
             }
         };
         r.finish()?;
@@ -353,9 +364,10 @@ impl Public {
                     // 1.3.132.0.34 secp384r1
                     curve::NIST_P384 => (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], 48),
                     other => {
-                        return Err(Error::Refused(format!(
-                            "unsupported ECC curve 0x{other:04x}"
-                        )))
+                        return Err(Error::refused(
+                            Unsupported,
+                            format!("unsupported ECC curve 0x{other:04x}"),
+                        ))
                     }
                 };
                 let point = ecc_point(x, y, len)?;
@@ -537,9 +549,10 @@ impl Attest {
         let mut r = Reader::new(raw, "TPMS_ATTEST");
         let magic = r.u32()?;
         if magic != TPM_GENERATED {
-            return Err(Error::Refused(format!(
-                "TPMS_ATTEST magic is 0x{magic:08x}, not TPM_GENERATED_VALUE (0xff544347)"
-            )));
+            return Err(Error::refused(
+                Malformed,
+                format!("TPMS_ATTEST magic is 0x{magic:08x}, not TPM_GENERATED_VALUE (0xff544347)"),
+            ));
         }
         let typ = r.u16()?;
         let qualified_signer = r.tpm2b(68)?.to_vec();
@@ -562,9 +575,10 @@ impl Attest {
                 qualified_name: r.tpm2b(68)?.to_vec(),
             },
             other => {
-                return Err(Error::Refused(format!(
-                    "TPMS_ATTEST type is 0x{other:04x}, not a quote or certify"
-                )))
+                return Err(Error::refused(
+                    Malformed,
+                    format!("TPMS_ATTEST type is 0x{other:04x}, not a quote or certify"),
+                ))
             }
         };
         r.finish()?;
@@ -618,9 +632,10 @@ impl Signature {
                 s: r.tpm2b(66)?.to_vec(),
             },
             other => {
-                return Err(Error::Refused(format!(
-                    "unsupported signature algorithm 0x{other:04x}"
-                )))
+                return Err(Error::refused(
+                    Unsupported,
+                    format!("unsupported signature algorithm 0x{other:04x}"),
+                ))
             }
         };
         r.finish()?;

@@ -9,6 +9,7 @@ use subtle::ConstantTimeEq;
 
 pub use ztid_attestation::join_token::{token_hash, METHOD};
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{Malformed, TokenExpired, TokenUnknown};
 use ztid_spiffe::Selector;
 
 use crate::{AttestationContext, AttestedNode, NodeVerifier, VerifierStep};
@@ -52,20 +53,20 @@ impl<S: JoinTokenStore> NodeVerifier for JoinTokenVerifier<S> {
 
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
         let token = std::str::from_utf8(evidence)
-            .map_err(|_| Error::Refused("join token is not UTF-8".into()))?;
+            .map_err(|_| Error::refused(Malformed, "join token is not UTF-8"))?;
         if token.is_empty() || token.len() > 256 {
-            return Err(Error::Refused("join token is empty or too long".into()));
+            return Err(Error::refused(Malformed, "join token is empty or too long"));
         }
         let hash = token_hash(token);
-        let grant = self
-            .store
-            .take_join_token(&hash)?
-            .ok_or_else(|| Error::Refused("join token is unknown or was already used".into()))?;
+        let grant = self.store.take_join_token(&hash)?.ok_or_else(|| {
+            Error::refused(TokenUnknown, "join token is unknown or was already used")
+        })?;
         // The lookup was by hash; comparing again in constant time costs nothing and keeps
         // the check independent of how a store implements its lookup.
         if !bool::from(grant.hash.ct_eq(&hash)) {
-            return Err(Error::Refused(
-                "join token is unknown or was already used".into(),
+            return Err(Error::refused(
+                TokenUnknown,
+                "join token is unknown or was already used",
             ));
         }
         let now = ctx
@@ -74,7 +75,7 @@ impl<S: JoinTokenStore> NodeVerifier for JoinTokenVerifier<S> {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         if now >= grant.expires_at {
-            return Err(Error::Refused("join token has expired".into()));
+            return Err(Error::refused(TokenExpired, "join token has expired"));
         }
         let mut selectors = vec![Selector::new("join-token", "used")?];
         selectors.push(Selector::new("join-token", &format!("id:{}", grant.id))?);
@@ -94,6 +95,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::time::{Duration, UNIX_EPOCH};
+    use ztid_attestation::RefusalKind;
 
     #[derive(Default)]
     struct MemStore(Mutex<HashMap<[u8; 32], JoinTokenGrant>>);
@@ -110,9 +112,13 @@ mod tests {
         }
     }
 
-    fn refusal(step: Result<VerifierStep, Error>) -> String {
+    /// The detail of a refusal of `kind`.
+    fn refusal(kind: RefusalKind, step: Result<VerifierStep, Error>) -> String {
         match step {
-            Err(Error::Refused(r)) => r,
+            Err(Error::Refused(r)) => {
+                assert_eq!(r.kind, kind, "{}", r.detail);
+                r.detail
+            }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("expected a refusal"),
         }
@@ -144,24 +150,24 @@ mod tests {
             VerifierStep::Challenge(..) => panic!("no challenge expected"),
         }
         assert_eq!(
-            refusal(v.start(b"tok-a", &ctx(10))),
+            refusal(TokenUnknown, v.start(b"tok-a", &ctx(10))),
             "join token is unknown or was already used"
         );
         assert_eq!(
-            refusal(v.start(b"tok-b", &ctx(60))),
+            refusal(TokenExpired, v.start(b"tok-b", &ctx(60))),
             "join token has expired"
         );
         // An expired token is consumed too: it cannot be retried.
         assert_eq!(
-            refusal(v.start(b"tok-b", &ctx(10))),
+            refusal(TokenUnknown, v.start(b"tok-b", &ctx(10))),
             "join token is unknown or was already used"
         );
         assert_eq!(
-            refusal(v.start(b"", &ctx(10))),
+            refusal(Malformed, v.start(b"", &ctx(10))),
             "join token is empty or too long"
         );
         assert_eq!(
-            refusal(v.start(&[0xff, 0xfe], &ctx(10))),
+            refusal(Malformed, v.start(&[0xff, 0xfe], &ctx(10))),
             "join token is not UTF-8"
         );
     }

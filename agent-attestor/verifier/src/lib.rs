@@ -25,7 +25,7 @@ pub mod tsm;
 
 use std::time::SystemTime;
 
-pub use ztid_attestation::{blocking, Error};
+pub use ztid_attestation::{blocking, Error, Refusal, RefusalKind};
 use ztid_spiffe::Selector;
 
 /// What the CA knows about the attempt besides the evidence itself.
@@ -89,4 +89,3 @@ pub trait NodeVerifier: Send + Sync {
         self.start(evidence, ctx)
     }
 }
-

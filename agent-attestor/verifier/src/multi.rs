@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 pub use ztid_attestation::multi::*;
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{KeyMismatch, Malformed, PolicyMismatch, Replay, Unsupported};
 use ztid_spiffe::Selector;
 
 use crate::{AttestationContext, AttestedNode, NodeVerifier, VerificationSession, VerifierStep};
@@ -100,14 +101,17 @@ impl MultiVerifier {
         if self.required.is_empty() || method == METHOD {
             return Ok(());
         }
-        Err(refused(format!(
-            "this server requires {} together in one attestation; {method} alone is not enough",
-            self.required
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" and ")
-        )))
+        Err(refused(
+            PolicyMismatch,
+            format!(
+                "this server requires {} together in one attestation; {method} alone is not enough",
+                self.required
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        ))
     }
 }
 
@@ -119,7 +123,7 @@ impl NodeVerifier for MultiVerifier {
     fn start(&self, evidence: &[u8], ctx: &AttestationContext<'_>) -> Result<VerifierStep, Error> {
         let env = parse(evidence, "evidence")?;
         check_methods(env.parts.iter().map(|p| p.method.as_str())).map_err(|e| match e {
-            Error::Config(m) => refused(m),
+            Error::Config(m) => refused(Malformed, m),
             other => other,
         })?;
         let presented: BTreeSet<&str> = env.parts.iter().map(|p| p.method.as_str()).collect();
@@ -130,15 +134,18 @@ impl NodeVerifier for MultiVerifier {
             .filter(|r| !presented.contains(r))
             .collect();
         if !missing.is_empty() {
-            return Err(refused(format!(
-                "this server requires {} in every attestation; missing: {}",
-                self.required
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(" and "),
-                missing.join(", ")
-            )));
+            return Err(refused(
+                PolicyMismatch,
+                format!(
+                    "this server requires {} in every attestation; missing: {}",
+                    self.required
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    missing.join(", ")
+                ),
+            ));
         }
         let mut progress = Progress {
             bind_vtpm: self.bind_vtpm,
@@ -150,7 +157,10 @@ impl NodeVerifier for MultiVerifier {
                 .iter()
                 .find(|f| f.method() == p.method)
                 .ok_or_else(|| {
-                    refused(format!("factor {} is not enabled on this server", p.method))
+                    refused(
+                        Unsupported,
+                        format!("factor {} is not enabled on this server", p.method),
+                    )
                 })?;
             let step = v
                 .start_as_factor(&p.data, ctx)
@@ -219,11 +229,14 @@ impl VerificationSession for MultiSession {
         let asked: BTreeSet<&str> = self.pending.iter().map(|(m, _)| m.as_str()).collect();
         let got: BTreeSet<&str> = env.parts.iter().map(|p| p.method.as_str()).collect();
         if asked != got {
-            return Err(refused(format!(
-                "multi-factor answer is for {}, the challenge was for {}",
-                got.into_iter().collect::<Vec<_>>().join(","),
-                asked.into_iter().collect::<Vec<_>>().join(",")
-            )));
+            return Err(refused(
+                Replay,
+                format!(
+                    "multi-factor answer is for {}, the challenge was for {}",
+                    got.into_iter().collect::<Vec<_>>().join(","),
+                    asked.into_iter().collect::<Vec<_>>().join(",")
+                ),
+            ));
         }
         let mut progress = Progress {
             done: self.done,
@@ -271,16 +284,17 @@ fn check_vtpm_binding(done: &[AttestedNode], required: bool) -> Result<(), Error
     };
     let ek = selector_value(tpm, "tpm", "ek-hash").unwrap_or_default();
     let Some(snp) = done.iter().find(|n| n.method == "sev-snp") else {
-        return Err(refused(format!(
-            "{why}, but no sev-snp factor was presented"
-        )));
+        return Err(refused(
+            PolicyMismatch,
+            format!("{why}, but no sev-snp factor was presented"),
+        ));
     };
     match selector_value(snp, "sev-snp", "vtpm-ek-hash") {
-        None => Err(refused(format!(
+        None => Err(refused(PolicyMismatch, format!(
             "{why}, but the SEV-SNP report carries no SVSM vTPM manifest (the agent asks for one with --sev-snp-svsm-vtpm)"
         ))),
         Some(v) if v == ek => Ok(()),
-        Some(v) => Err(refused(format!(
+        Some(v) => Err(refused(KeyMismatch, format!(
             "the SEV-SNP report's SVSM vTPM has EK {v}, but the TPM factor's EK is {ek}: not this guest's vTPM"
         ))),
     }
@@ -314,6 +328,7 @@ fn combine(mut done: Vec<AttestedNode>) -> Result<AttestedNode, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ztid_attestation::RefusalKind;
 
     /// A method that attests after `rounds` challenges, or refuses at a given round.
     struct Scripted {
@@ -336,7 +351,7 @@ mod tests {
         refuse_at: Option<usize>,
     ) -> Result<VerifierStep, Error> {
         if refuse_at == Some(round) {
-            return Err(refused(format!("round {round} refused")));
+            return Err(refused(PolicyMismatch, format!("round {round} refused")));
         }
         if left == 0 {
             return Ok(VerifierStep::Attested(AttestedNode {
@@ -451,10 +466,11 @@ mod tests {
         }
     }
 
-    fn refusal(r: Result<AttestedNode, Error>) -> String {
+    /// The detail of a refusal of `kind`.
+    fn refusal(kind: RefusalKind, r: Result<AttestedNode, Error>) -> String {
         match r {
-            Err(Error::Refused(m)) => m,
-            other => panic!("expected a refusal, got {other:?}"),
+            Err(Error::Refused(m)) if m.kind == kind => m.detail,
+            other => panic!("expected a {kind} refusal, got {other:?}"),
         }
     }
 
@@ -490,7 +506,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            refusal(run(&v, &["tpm", "sev-snp"])),
+            refusal(PolicyMismatch, run(&v, &["tpm", "sev-snp"])),
             "tpm factor: round 1 refused"
         );
         let v = verifier(
@@ -499,7 +515,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            refusal(run(&v, &["tpm", "sev-snp"])),
+            refusal(PolicyMismatch, run(&v, &["tpm", "sev-snp"])),
             "sev-snp factor: round 0 refused"
         );
     }
@@ -512,23 +528,25 @@ mod tests {
             &["sev-snp", "tpm"],
         );
         assert_eq!(
-            refusal(run(&v, &["tpm"])),
+            refusal(Malformed, run(&v, &["tpm"])),
             "multi-factor attestation takes 2 to 4 methods"
         );
         assert_eq!(
-            refusal(run(&v, &["tpm", "tpm"])),
+            refusal(Malformed, run(&v, &["tpm", "tpm"])),
             "multi-factor evidence names tpm twice"
         );
         assert_eq!(
-            refusal(run(&v, &["tpm", "join-token"])),
+            refusal(Malformed, run(&v, &["tpm", "join-token"])),
             "attestor \"join-token\" cannot be combined (multi-factor takes tpm, sev-snp, tdx)"
         );
         assert_eq!(
-            refusal(run(&v, &["tpm", "tdx"])),
+            refusal(PolicyMismatch, run(&v, &["tpm", "tdx"])),
             "this server requires sev-snp and tpm in every attestation; missing: sev-snp"
         );
-        assert!(refusal(v.start(b"{", &ctx()).map(|_| unreachable!()))
-            .starts_with("malformed multi-factor evidence"));
+        assert!(
+            refusal(Malformed, v.start(b"{", &ctx()).map(|_| unreachable!()))
+                .starts_with("malformed multi-factor evidence")
+        );
         // An answer that skips a challenged factor.
         let VerifierStep::Challenge(_, s) =
             v.start(&evidence(&["tpm", "sev-snp"]), &ctx()).unwrap()
@@ -543,10 +561,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            refusal(s.resume(&partial, &ctx()).map(|_| unreachable!())),
+            refusal(Replay, s.resume(&partial, &ctx()).map(|_| unreachable!())),
             "multi-factor answer is for tpm, the challenge was for sev-snp,tpm"
         );
         // Single-method attempts are refused while factors are required.
+        assert_eq!(
+            v.check_single("tpm").unwrap_err().refusal_kind(),
+            Some(PolicyMismatch)
+        );
         assert_eq!(
             v.check_single("tpm").unwrap_err().to_string(),
             "attestation refused: this server requires sev-snp and tpm together in one attestation; tpm alone is not enough"

@@ -7,6 +7,7 @@ use subtle::ConstantTimeEq;
 
 pub use ztid_attestation::tsm::*;
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{KeyMismatch, Replay};
 
 use crate::AttestationContext;
 
@@ -75,15 +76,19 @@ impl Pending {
             .duration_since(self.issued_at)
             .unwrap_or(Duration::ZERO);
         if age > CHALLENGE_TTL {
-            return Err(Error::Refused(format!(
-                "challenge expired: answered after {}s, challenges are valid for {}s",
-                age.as_secs(),
-                CHALLENGE_TTL.as_secs()
-            )));
+            return Err(Error::refused(
+                Replay,
+                format!(
+                    "challenge expired: answered after {}s, challenges are valid for {}s",
+                    age.as_secs(),
+                    CHALLENGE_TTL.as_secs()
+                ),
+            ));
         }
         if !bool::from(sha256(ctx.agent_public_key).ct_eq(&self.spki_digest)) {
-            return Err(Error::Refused(
-                "the agent key changed between the challenge and the answer".into(),
+            return Err(Error::refused(
+                KeyMismatch,
+                "the agent key changed between the challenge and the answer",
             ));
         }
         Ok(binding(&self.nonce, ctx.agent_public_key))
@@ -117,7 +122,9 @@ mod tests {
         check_report_data(&rd, &rd).unwrap();
         let mut other = rd;
         other[63] ^= 1;
-        let e = check_report_data(&other, &rd).unwrap_err().to_string();
+        let e = check_report_data(&other, &rd).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(Replay), "{e}");
+        let e = e.to_string();
         assert!(e.contains("report_data does not match"), "{e}");
     }
 
@@ -125,16 +132,16 @@ mod tests {
     fn challenge_expires_and_is_bound_to_the_key() {
         let key = spki();
         let (pending, _) = Pending::issue(&ctx(&key, 1000)).unwrap();
-        let e = pending
-            .expected_report_data(&ctx(&key, 1061))
-            .unwrap_err()
-            .to_string();
+        let e = pending.expected_report_data(&ctx(&key, 1061)).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(Replay), "{e}");
+        let e = e.to_string();
         assert!(e.contains("challenge expired"), "{e}");
         let other = spki();
         let e = pending
             .expected_report_data(&ctx(&other, 1001))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(KeyMismatch), "{e}");
+        let e = e.to_string();
         assert!(e.contains("agent key changed"), "{e}");
     }
 

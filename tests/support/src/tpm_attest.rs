@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use crate::swtpm::{LocalCa, Swtpm};
-use ztid_attestation::Error;
+use ztid_attestation::{Error, RefusalKind};
 use ztid_attestor::tpm::TpmAttestor;
 use ztid_attestor::NodeAttestor;
 use ztid_verifier::tpm::{TpmPolicy, TpmVerifier};
@@ -55,9 +55,14 @@ pub fn attested(step: Result<VerifierStep, Error>) -> AttestedNode {
     }
 }
 
-pub fn refusal<T>(r: Result<T, Error>) -> String {
+/// The reason of a refusal of `kind`; panics on success, on any other error or on a
+/// refusal of another kind.
+pub fn refusal<T>(kind: RefusalKind, r: Result<T, Error>) -> String {
     match r {
-        Err(Error::Refused(reason)) => reason,
+        Err(Error::Refused(reason)) => {
+            assert_eq!(reason.kind, kind, "refusal kind of {:?}", reason.detail);
+            reason.detail
+        }
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("expected a refusal, got success"),
     }

@@ -13,6 +13,7 @@ use sev::certs::snp::Verifiable;
 use x509_parser::prelude::*;
 
 use crate::Error;
+use ztid_attestation::RefusalKind::{Expired, Malformed, Revoked, UntrustedChain};
 
 use super::report::Tcb;
 
@@ -233,22 +234,28 @@ impl AmdCert {
     /// Refuses unless `at` lies within the certificate's validity.
     pub(crate) fn check_time(&self, at: i64) -> Result<(), Error> {
         if at < self.not_before {
-            return Err(Error::Refused(format!(
-                "{} certificate {} is not yet valid at {} (valid from {})",
-                self.role.label(),
-                self.subject_cn,
-                rfc3339(at),
-                rfc3339(self.not_before)
-            )));
+            return Err(Error::refused(
+                Expired,
+                format!(
+                    "{} certificate {} is not yet valid at {} (valid from {})",
+                    self.role.label(),
+                    self.subject_cn,
+                    rfc3339(at),
+                    rfc3339(self.not_before)
+                ),
+            ));
         }
         if at > self.not_after {
-            return Err(Error::Refused(format!(
-                "{} certificate {} expired at {} (checked at {})",
-                self.role.label(),
-                self.subject_cn,
-                rfc3339(self.not_after),
-                rfc3339(at)
-            )));
+            return Err(Error::refused(
+                Expired,
+                format!(
+                    "{} certificate {} expired at {} (checked at {})",
+                    self.role.label(),
+                    self.subject_cn,
+                    rfc3339(self.not_after),
+                    rfc3339(at)
+                ),
+            ));
         }
         Ok(())
     }
@@ -257,10 +264,13 @@ impl AmdCert {
     pub(crate) fn certified_tcb(&self, turin_layout: bool) -> Result<Tcb, Error> {
         let need = |v: Option<u8>, name: &str| {
             v.ok_or_else(|| {
-                Error::Refused(format!(
-                    "{} certificate lacks the {name} TCB extension",
-                    self.role.label()
-                ))
+                Error::refused(
+                    Malformed,
+                    format!(
+                        "{} certificate lacks the {name} TCB extension",
+                        self.role.label()
+                    ),
+                )
             })
         };
         Ok(Tcb {
@@ -497,10 +507,10 @@ impl TrustStore {
             Role::Vcek => "ASK",
             Role::Vlek => "ASVK",
             _ => {
-                return Err(Error::Refused(format!(
-                    "certificate {} is not a VCEK or VLEK",
-                    vek.subject_cn
-                )))
+                return Err(Error::refused(
+                    UntrustedChain,
+                    format!("certificate {} is not a VCEK or VLEK", vek.subject_cn),
+                ))
             }
         };
         let pinned = self
@@ -517,7 +527,7 @@ impl TrustStore {
             .map(|c| (c, None));
         let candidates: Vec<(&AmdCert, Option<usize>)> = pinned.chain(supplied).collect();
         if candidates.is_empty() {
-            return Err(Error::Refused(format!(
+            return Err(Error::refused(UntrustedChain, format!(
                 "no pinned AMD signing key named {:?} (the {} issuer); the {} does not chain to a pinned ARK",
                 vek.issuer_cn,
                 wanted,
@@ -536,10 +546,10 @@ impl TrustStore {
             }
         }
         Err(first.unwrap_or_else(|| {
-            Error::Refused(format!(
-                "no signing key to check the {} against",
-                vek.role.label()
-            ))
+            Error::refused(
+                UntrustedChain,
+                format!("no signing key to check the {} against", vek.role.label()),
+            )
         }))
     }
 
@@ -555,31 +565,40 @@ impl TrustStore {
         let anchor = match anchor.or_else(|| self.anchor_of(inter)) {
             Some(a) => &self.anchors[a],
             None => {
-                return Err(Error::Refused(format!(
-                    "signing key {} is not signed by any pinned AMD ARK",
-                    inter.subject_cn
-                )))
+                return Err(Error::refused(
+                    UntrustedChain,
+                    format!(
+                        "signing key {} is not signed by any pinned AMD ARK",
+                        inter.subject_cn
+                    ),
+                ))
             }
         };
         if !vek.signed_by(inter) {
-            return Err(Error::Refused(format!(
-                "{} signature does not verify under {} ({} pinned under {})",
-                vek.role.label(),
-                inter.subject_cn,
-                inter.role.label(),
-                anchor.ark.subject_cn
-            )));
+            return Err(Error::refused(
+                UntrustedChain,
+                format!(
+                    "{} signature does not verify under {} ({} pinned under {})",
+                    vek.role.label(),
+                    inter.subject_cn,
+                    inter.role.label(),
+                    anchor.ark.subject_cn
+                ),
+            ));
         }
         let product = match (&vek.role, &inter.role) {
             (Role::Vcek, Role::Ask(p)) | (Role::Vlek, Role::Asvk(p)) => p.clone(),
             (vr, ir) => {
-                return Err(Error::Refused(format!(
-                    "a {} must be issued by an {}, not by {} ({})",
-                    vr.label(),
-                    if *vr == Role::Vlek { "ASVK" } else { "ASK" },
-                    inter.subject_cn,
-                    ir.label()
-                )))
+                return Err(Error::refused(
+                    UntrustedChain,
+                    format!(
+                        "a {} must be issued by an {}, not by {} ({})",
+                        vr.label(),
+                        if *vr == Role::Vlek { "ASVK" } else { "ASK" },
+                        inter.subject_cn,
+                        ir.label()
+                    ),
+                ))
             }
         };
         anchor.ark.check_time(at)?;
@@ -600,33 +619,45 @@ impl TrustStore {
             .iter()
             .find(|a| a.ark.subject_raw == crl.issuer_raw)
         else {
-            return Err(Error::Refused(format!(
-                "CRL {} is issued by {:?}, not by a pinned AMD ARK",
-                crl.name, crl.issuer_cn
-            )));
+            return Err(Error::refused(
+                UntrustedChain,
+                format!(
+                    "CRL {} is issued by {:?}, not by a pinned AMD ARK",
+                    crl.name, crl.issuer_cn
+                ),
+            ));
         };
         if !crl.signed_by(&anchor.ark) {
-            return Err(Error::Refused(format!(
-                "CRL {} signature does not verify under {}",
-                crl.name, anchor.ark.subject_cn
-            )));
+            return Err(Error::refused(
+                UntrustedChain,
+                format!(
+                    "CRL {} signature does not verify under {}",
+                    crl.name, anchor.ark.subject_cn
+                ),
+            ));
         }
         if at < crl.this_update {
-            return Err(Error::Refused(format!(
-                "CRL {} is not yet valid at {} (issued {})",
-                crl.name,
-                rfc3339(at),
-                rfc3339(crl.this_update)
-            )));
+            return Err(Error::refused(
+                Expired,
+                format!(
+                    "CRL {} is not yet valid at {} (issued {})",
+                    crl.name,
+                    rfc3339(at),
+                    rfc3339(crl.this_update)
+                ),
+            ));
         }
         if let Some(next) = crl.next_update {
             if at > next {
-                return Err(Error::Refused(format!(
-                    "CRL {} expired at {} (checked at {})",
-                    crl.name,
-                    rfc3339(next),
-                    rfc3339(at)
-                )));
+                return Err(Error::refused(
+                    Expired,
+                    format!(
+                        "CRL {} expired at {} (checked at {})",
+                        crl.name,
+                        rfc3339(next),
+                        rfc3339(at)
+                    ),
+                ));
             }
         }
         Ok(anchor)
@@ -649,13 +680,16 @@ impl TrustStore {
             }
             checked = true;
             if crl.revoked.contains(&chain.intermediate.serial) {
-                return Err(Error::Refused(format!(
-                    "{} {} (serial {}) is revoked by CRL {}",
-                    chain.intermediate.role.label(),
-                    chain.intermediate.subject_cn,
-                    hex::encode(&chain.intermediate.serial),
-                    crl.name
-                )));
+                return Err(Error::refused(
+                    Revoked,
+                    format!(
+                        "{} {} (serial {}) is revoked by CRL {}",
+                        chain.intermediate.role.label(),
+                        chain.intermediate.subject_cn,
+                        hex::encode(&chain.intermediate.serial),
+                        crl.name
+                    ),
+                ));
             }
         }
         Ok(checked)

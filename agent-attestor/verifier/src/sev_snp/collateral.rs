@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::Error;
+use ztid_attestation::RefusalKind::Malformed;
 
 use super::certs::{AmdCert, AmdCrl};
 
@@ -167,7 +168,7 @@ pub fn encode_cert_table(entries: &[(&str, &[u8])]) -> Vec<u8> {
 /// The certificates and CRLs in a certificate table. Entries of unknown GUIDs are
 /// skipped; out-of-range entries are an error.
 pub(crate) fn parse_cert_table(table: &[u8]) -> Result<Collateral, Error> {
-    let bad = |m: String| Error::Refused(format!("malformed certificate table: {m}"));
+    let bad = |m: String| Error::refused(Malformed, format!("malformed certificate table: {m}"));
     let mut out = Collateral::default();
     for i in 0.. {
         if i >= MAX_TABLE_ENTRIES {

@@ -28,6 +28,9 @@ use std::path::PathBuf;
 
 use crate::fetch::{self, Cache};
 use crate::Error;
+use ztid_attestation::RefusalKind::{
+    self, CollateralUnavailable, KeyMismatch, Malformed, UntrustedChain,
+};
 
 use super::certs::{AmdCert, AmdCrl, Anchor, Role, TrustStore};
 use super::collateral::Collateral;
@@ -53,16 +56,25 @@ pub(crate) struct Kds {
     client: fetch::Client,
 }
 
-fn refuse(m: impl Into<String>) -> Error {
-    Error::Refused(m.into())
+fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
+    Error::refused(kind, m)
 }
 
 /// The message of an error, without the "attestation refused:" prefix.
 fn reason(e: Error) -> String {
     match e {
-        Error::Refused(m) | Error::Config(m) => m,
+        Error::Refused(r) => r.detail,
+        Error::Config(m) => m,
         e => e.to_string(),
     }
+}
+
+/// A refusal for fetched collateral that fails its check, worded by `f` from the
+/// check's reason: a refusal keeps its kind; bytes that are no certificate or CRL at all
+/// (a config error from the parser) are malformed.
+fn fetched_fails(e: Error, f: impl FnOnce(String) -> String) -> Error {
+    let kind = e.refusal_kind().unwrap_or(Malformed);
+    refuse(kind, f(reason(e)))
 }
 
 /// `blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..`, with `fmcSPL` first when present.
@@ -201,6 +213,7 @@ impl Kds {
             SigningKey::Vlek => {
                 if !c.certs.iter().any(|x| x.role == Role::Vlek) {
                     return Err(refuse(
+                        CollateralUnavailable,
                         "the report is signed by a VLEK, but neither the evidence nor the collateral holds a VLEK certificate; \
                          a VLEK cannot be fetched from AMD KDS (KDS gives it only to the cloud provider, with AMD credentials): \
                          put it in collateral_dir or have the host include it in the certificate table",
@@ -248,6 +261,7 @@ impl Kds {
         let chip_id = &report.parsed.chip_id;
         if chip_id.iter().all(|b| *b == 0) {
             return Err(refuse(
+                CollateralUnavailable,
                 "the report is signed by a VCEK that neither the evidence nor the collateral holds, \
                  and its chip_id is zero (masked), so the VCEK cannot be fetched from AMD KDS",
             ));
@@ -278,17 +292,16 @@ impl Kds {
                     let v = self
                         .check_vcek(store, c, &url, &resp.body, report, at)
                         .map_err(|e| {
-                            refuse(format!(
-                                "the VCEK fetched from {url} fails verification: {}",
-                                reason(e)
-                            ))
+                            fetched_fails(e, |r| {
+                                format!("the VCEK fetched from {url} fails verification: {r}")
+                            })
                         })?;
                     self.store_in_cache(&rel, &v.der);
                     return Ok(v);
                 }
             }
         }
-        Err(refuse(format!(
+        Err(refuse(CollateralUnavailable, format!(
             "the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: {}",
             failures.join("; ")
         )))
@@ -310,12 +323,15 @@ impl Kds {
             .certs
             .into_iter()
             .find(|x| x.role == Role::Vcek)
-            .ok_or_else(|| refuse(format!("{name} holds no VCEK certificate")))?;
+            .ok_or_else(|| refuse(Malformed, format!("{name} holds no VCEK certificate")))?;
         if !vcek_fits(&v, report) {
-            return Err(refuse(format!(
-                "{name} is not the VCEK of the report's chip at its reported TCB (hwID {})",
-                v.hwid.as_deref().map(hex::encode).unwrap_or_default()
-            )));
+            return Err(refuse(
+                KeyMismatch,
+                format!(
+                    "{name} is not the VCEK of the report's chip at its reported TCB (hwID {})",
+                    v.hwid.as_deref().map(hex::encode).unwrap_or_default()
+                ),
+            ));
         }
         self.ensure_signing_key(store, c, &v, at)?;
         store.check_vek(&v, &signing_keys(c), at)?;
@@ -361,10 +377,10 @@ impl Kds {
                         && matches!(x.role, Role::Ask(_) | Role::Asvk(_))
                 })
                 .ok_or_else(|| {
-                    refuse(format!(
-                        "{name} holds no signing key named {:?}",
-                        vek.issuer_cn
-                    ))
+                    refuse(
+                        UntrustedChain,
+                        format!("{name} holds no signing key named {:?}", vek.issuer_cn),
+                    )
                 })?;
             store.check_vek_under(vek, &sk, None, at)?;
             Ok(sk)
@@ -384,17 +400,16 @@ impl Kds {
             }
         }
         let resp = self.client.get(&url).map_err(|e| {
-            refuse(format!(
+            refuse(CollateralUnavailable, format!(
                 "the {} is signed by {:?}, which is neither pinned nor in the collateral, and fetching the cert_chain from AMD KDS failed: {e}",
                 vek.role.label(),
                 vek.issuer_cn
             ))
         })?;
         let sk = check(&url, &resp.body).map_err(|e| {
-            refuse(format!(
-                "the cert_chain fetched from {url} fails verification: {}",
-                reason(e)
-            ))
+            fetched_fails(e, |r| {
+                format!("the cert_chain fetched from {url} fails verification: {r}")
+            })
         })?;
         self.store_in_cache(&rel, &resp.body);
         c.certs.push(sk);
@@ -412,9 +427,10 @@ impl Kds {
         at: i64,
     ) -> Result<AmdCrl, Error> {
         if product.is_empty() || !product.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(refuse(format!(
-                "cannot fetch a CRL for the product name {product:?}"
-            )));
+            return Err(refuse(
+                CollateralUnavailable,
+                format!("cannot fetch a CRL for the product name {product:?}"),
+            ));
         }
         let url = crl_url(&self.base, kind, product);
         let rel = format!("{product}/{kind}-crl.der");
@@ -425,13 +441,16 @@ impl Kds {
                 .crls
                 .into_iter()
                 .next()
-                .ok_or_else(|| refuse(format!("{name} holds no CRL")))?;
+                .ok_or_else(|| refuse(Malformed, format!("{name} holds no CRL")))?;
             let issuer = store.check_crl(&crl, at)?;
             if !std::ptr::eq(issuer, anchor) {
-                return Err(refuse(format!(
-                    "CRL {name} is issued by {}, not by {}",
-                    issuer.ark.subject_cn, anchor.ark.subject_cn
-                )));
+                return Err(refuse(
+                    UntrustedChain,
+                    format!(
+                        "CRL {name} is issued by {}, not by {}",
+                        issuer.ark.subject_cn, anchor.ark.subject_cn
+                    ),
+                ));
             }
             Ok(crl)
         };
@@ -447,16 +466,18 @@ impl Kds {
             }
         }
         let resp = self.client.get(&url).map_err(|e| {
-            refuse(format!(
-                "the collateral holds no CRL from {} and fetching it from AMD KDS failed: {e}",
-                anchor.ark.subject_cn
-            ))
+            refuse(
+                CollateralUnavailable,
+                format!(
+                    "the collateral holds no CRL from {} and fetching it from AMD KDS failed: {e}",
+                    anchor.ark.subject_cn
+                ),
+            )
         })?;
         let crl = check(&url, &resp.body).map_err(|e| {
-            refuse(format!(
-                "the CRL fetched from {url} fails verification: {}",
-                reason(e)
-            ))
+            fetched_fails(e, |r| {
+                format!("the CRL fetched from {url} fails verification: {r}")
+            })
         })?;
         self.store_in_cache(&rel, &resp.body);
         Ok(crl)

@@ -86,6 +86,7 @@ use ring::digest;
 
 pub use ztid_attestation::sev_snp::*;
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{Malformed, PolicyMismatch};
 use ztid_spiffe::Selector;
 
 use crate::tsm::{self, Pending};
@@ -346,9 +347,10 @@ impl Inner {
 /// EK's SubjectPublicKeyInfo, as the `tpm` method computes it.
 fn vtpm_ek_hash(manifest: &[u8]) -> Result<String, Error> {
     ztid_attestation::tpm::ek_hash(manifest).map_err(|e| {
-        Error::Refused(format!(
-            "the SVSM vTPM manifest is not an EK TPMT_PUBLIC: {e}"
-        ))
+        Error::refused(
+            e.refusal_kind().unwrap_or(Malformed),
+            format!("the SVSM vTPM manifest is not an EK TPMT_PUBLIC: {e}"),
+        )
     })
 }
 
@@ -435,7 +437,7 @@ impl SnpVerifier {
             // Only the SVSM (VMPL 0) speaks for the vTPM; a guest kernel above it could
             // put any manifest in its own report.
             if v.vmpl != 0 {
-                return Err(Error::Refused(format!(
+                return Err(Error::refused(PolicyMismatch, format!(
                     "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL {}",
                     v.vmpl
                 )));
@@ -503,10 +505,10 @@ fn as_certificate(e: &[u8]) -> Option<Result<AmdCert, Error>> {
     if e.starts_with(b"-----BEGIN CERTIFICATE") {
         return Some(
             pem::parse(e)
-                .map_err(|x| Error::Refused(format!("bad PEM certificate: {x}")))
+                .map_err(|x| Error::refused(Malformed, format!("bad PEM certificate: {x}")))
                 .and_then(|p| {
                     AmdCert::from_der(p.contents())
-                        .map_err(|x| Error::Refused(format!("bad certificate: {x}")))
+                        .map_err(|x| Error::refused(Malformed, format!("bad certificate: {x}")))
                 }),
         );
     }
@@ -587,12 +589,13 @@ pub fn verify_vek_chain(
     let parse = |b: &[u8]| -> Result<AmdCert, Error> {
         let der = if b.starts_with(b"-----BEGIN") {
             pem::parse(b)
-                .map_err(|e| Error::Refused(format!("bad PEM: {e}")))?
+                .map_err(|e| Error::refused(Malformed, format!("bad PEM: {e}")))?
                 .into_contents()
         } else {
             b.to_vec()
         };
-        AmdCert::from_der(&der).map_err(|e| Error::Refused(format!("bad certificate: {e}")))
+        AmdCert::from_der(&der)
+            .map_err(|e| Error::refused(Malformed, format!("bad certificate: {e}")))
     };
     let store = TrustStore::builtin()?;
     let vek = parse(vek)?;

@@ -13,6 +13,7 @@ use sev::firmware::guest::AttestationReport;
 use sev::parser::ByteParser;
 
 use crate::Error;
+use ztid_attestation::RefusalKind::{BadSignature, Malformed, Unsupported};
 
 /// Length of every report version.
 pub(crate) const REPORT_LEN: usize = ztid_attestation::sev_snp::REPORT_LEN;
@@ -124,24 +125,31 @@ impl<'a> Report<'a> {
     /// Parses a report; refuses versions other than 2 to 5 and malformed bytes.
     pub(crate) fn parse(raw: &'a [u8]) -> Result<Self, Error> {
         if raw.len() != REPORT_LEN {
-            return Err(Error::Refused(format!(
-                "SEV-SNP report must be {REPORT_LEN} bytes, got {}",
-                raw.len()
-            )));
+            return Err(Error::refused(
+                Malformed,
+                format!(
+                    "SEV-SNP report must be {REPORT_LEN} bytes, got {}",
+                    raw.len()
+                ),
+            ));
         }
         let version = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         if !(2..=5).contains(&version) {
-            return Err(Error::Refused(format!(
-                "SEV-SNP report version {version} is not supported (2 to 5 are)"
-            )));
+            return Err(Error::refused(
+                Unsupported,
+                format!("SEV-SNP report version {version} is not supported (2 to 5 are)"),
+            ));
         }
         let parsed = AttestationReport::from_bytes(raw)
-            .map_err(|e| Error::Refused(format!("malformed SEV-SNP report: {e}")))?;
+            .map_err(|e| Error::refused(Malformed, format!("malformed SEV-SNP report: {e}")))?;
         if parsed.sig_algo != 1 {
-            return Err(Error::Refused(format!(
-                "report signature algorithm {} is not ECDSA P-384 with SHA-384 (1)",
-                parsed.sig_algo
-            )));
+            return Err(Error::refused(
+                Unsupported,
+                format!(
+                    "report signature algorithm {} is not ECDSA P-384 with SHA-384 (1)",
+                    parsed.sig_algo
+                ),
+            ));
         }
         Ok(Self { raw, parsed })
     }
@@ -150,12 +158,14 @@ impl<'a> Report<'a> {
         match self.parsed.key_info.signing_key() {
             0 => Ok(SigningKey::Vcek),
             1 => Ok(SigningKey::Vlek),
-            7 => Err(Error::Refused(
-                "the report is not signed (KEY_INFO.SIGNING_KEY = none)".into(),
+            7 => Err(Error::refused(
+                BadSignature,
+                "the report is not signed (KEY_INFO.SIGNING_KEY = none)",
             )),
-            k => Err(Error::Refused(format!(
-                "unknown report signing key {k} in KEY_INFO"
-            ))),
+            k => Err(Error::refused(
+                Unsupported,
+                format!("unknown report signing key {k} in KEY_INFO"),
+            )),
         }
     }
 
@@ -188,13 +198,14 @@ impl<'a> Report<'a> {
             &self.raw[OFF_SIG_R..OFF_SIG_R + 72],
             &self.raw[OFF_SIG_S..OFF_SIG_S + 72],
         )
-        .ok_or_else(|| Error::Refused("malformed report signature".into()))?;
+        .ok_or_else(|| Error::refused(Malformed, "malformed report signature"))?;
         UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, vek_public_key)
             .verify(&self.raw[..SIGNED_LEN], &sig)
             .map_err(|_| {
-                Error::Refused(format!(
-                    "report signature does not verify under the {vek} public key"
-                ))
+                Error::refused(
+                    BadSignature,
+                    format!("report signature does not verify under the {vek} public key"),
+                )
             })
     }
 }

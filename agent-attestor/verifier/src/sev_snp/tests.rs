@@ -2,6 +2,7 @@
 
 use super::*;
 use std::time::{Duration, UNIX_EPOCH};
+use ztid_attestation::RefusalKind;
 
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
@@ -26,9 +27,10 @@ fn read(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
-fn refusal<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+/// The detail of a refusal of `kind`.
+fn refusal<T: std::fmt::Debug>(kind: RefusalKind, r: Result<T, Error>) -> String {
     match r {
-        Err(Error::Refused(m)) => m,
+        Err(Error::Refused(m)) if m.kind == kind => m.detail,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -63,7 +65,10 @@ fn debug_policy_is_refused_on_an_authentic_report() {
     verify::check_policy(&rep, "Milan", tcb, &Policy::default()).unwrap();
     raw[0x08 + 2] |= 0x08; // bit 19
     let rep = report::Report::parse(&raw).unwrap();
-    let m = refusal(verify::check_policy(&rep, "Milan", tcb, &Policy::default()));
+    let m = refusal(
+        PolicyMismatch,
+        verify::check_policy(&rep, "Milan", tcb, &Policy::default()),
+    );
     assert!(m.contains("allows debugging (bit 19)"), "{m}");
 }
 
@@ -72,7 +77,7 @@ fn policy_checks_each_name_their_rule() {
     let raw = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
     let rep = report::Report::parse(&raw).unwrap();
     let tcb = rep.reported_tcb(false);
-    let check = |p: Policy| refusal(verify::check_policy(&rep, "Milan", tcb, &p));
+    let check = |p: Policy| refusal(PolicyMismatch, verify::check_policy(&rep, "Milan", tcb, &p));
     let m = check(Policy {
         allowed_vmpl: vec![1],
         ..Policy::default()

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use ring::digest;
 
 use crate::Error;
+use ztid_attestation::RefusalKind::{
+    self, CollateralUnavailable, KeyMismatch, Malformed, PolicyMismatch,
+};
 
 use super::certs::{rfc3339, AmdCert, Role, Source, TrustStore};
 use super::collateral::Collateral;
@@ -60,8 +63,8 @@ pub(crate) struct Verified {
     pub vmpl: u32,
 }
 
-fn refuse(m: impl Into<String>) -> Error {
-    Error::Refused(m.into())
+fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
+    Error::refused(kind, m)
 }
 
 pub(crate) fn hwid_matches(hwid: &[u8], chip_id: &[u8; 64]) -> bool {
@@ -93,7 +96,7 @@ pub(crate) fn select_vek<'c>(
     }
     .copied()
     .ok_or_else(|| {
-        refuse(format!(
+        refuse(CollateralUnavailable, format!(
             "the report is signed by a {label}, but neither the evidence nor the collateral holds a {label} certificate"
         ))
     })?;
@@ -134,7 +137,7 @@ pub(crate) fn verify(
                 || (["Milan", "Genoa", "Turin", "Venice"].contains(&chain.product.as_str())
                     && p != chain.product)
             {
-                return Err(refuse(format!(
+                return Err(refuse(KeyMismatch, format!(
                     "report CPUID family {f:#x} model {m:#x} is a {p} processor, but the {label} is for {}",
                     chain.product
                 )));
@@ -145,22 +148,28 @@ pub(crate) fn verify(
     let reported = report.reported_tcb(turin);
     let certified = vek.certified_tcb(turin)?;
     if reported != certified {
-        return Err(refuse(format!(
+        return Err(refuse(
+            KeyMismatch,
+            format!(
             "reported TCB ({reported}) differs from the TCB the {label} certifies ({certified})"
-        )));
+        ),
+        ));
     }
     let chip_id = match key {
         SigningKey::Vcek => {
             let hw = vek
                 .hwid
                 .as_deref()
-                .ok_or_else(|| refuse("VCEK certificate lacks the hwID extension"))?;
+                .ok_or_else(|| refuse(Malformed, "VCEK certificate lacks the hwID extension"))?;
             if !hwid_matches(hw, &r.chip_id) {
-                return Err(refuse(format!(
-                    "report chip_id {} does not match the VCEK hwID {}",
-                    hex::encode(&r.chip_id[..hw.len().min(64)]),
-                    hex::encode(hw)
-                )));
+                return Err(refuse(
+                    KeyMismatch,
+                    format!(
+                        "report chip_id {} does not match the VCEK hwID {}",
+                        hex::encode(&r.chip_id[..hw.len().min(64)]),
+                        hex::encode(hw)
+                    ),
+                ));
             }
             Some(hw.to_vec())
         }
@@ -238,16 +247,19 @@ pub(crate) fn check_policy(
 ) -> Result<(), Error> {
     let r = &report.parsed;
     if report.policy() & POLICY_DEBUG != 0 {
-        return Err(refuse(format!(
+        return Err(refuse(PolicyMismatch, format!(
             "guest policy {:#x} allows debugging (bit 19): the host can read and change guest memory",
             report.policy()
         )));
     }
     if !policy.allowed_vmpl.contains(&r.vmpl) {
-        return Err(refuse(format!(
-            "report VMPL {} is not allowed (allowed_vmpl = {:?})",
-            r.vmpl, policy.allowed_vmpl
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "report VMPL {} is not allowed (allowed_vmpl = {:?})",
+                r.vmpl, policy.allowed_vmpl
+            ),
+        ));
     }
     if !policy.products.is_empty()
         && !policy
@@ -255,10 +267,13 @@ pub(crate) fn check_policy(
             .iter()
             .any(|p| p.eq_ignore_ascii_case(product))
     {
-        return Err(refuse(format!(
-            "product {product} is not allowed (products = {:?})",
-            policy.products
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "product {product} is not allowed (products = {:?})",
+                policy.products
+            ),
+        ));
     }
     if !policy.measurements.is_empty()
         && !policy
@@ -266,16 +281,22 @@ pub(crate) fn check_policy(
             .iter()
             .any(|m| m[..] == r.measurement[..])
     {
-        return Err(refuse(format!(
-            "measurement {} is not in the measurements allow-list",
-            hex::encode(r.measurement)
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "measurement {} is not in the measurements allow-list",
+                hex::encode(r.measurement)
+            ),
+        ));
     }
     if !policy.host_data.is_empty() && !policy.host_data.iter().any(|h| h[..] == r.host_data[..]) {
-        return Err(refuse(format!(
-            "host_data {} is not in the host_data allow-list",
-            hex::encode(r.host_data)
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "host_data {} is not in the host_data allow-list",
+                hex::encode(r.host_data)
+            ),
+        ));
     }
     if let Some(min) = policy.min_tcb.get(&product.to_ascii_lowercase()) {
         let checks = [
@@ -287,17 +308,23 @@ pub(crate) fn check_policy(
         ];
         for (name, have, need) in checks {
             if have < need {
-                return Err(refuse(format!(
+                return Err(refuse(
+                    PolicyMismatch,
+                    format!(
                     "reported TCB {name} {have} is below the minimum {need} for {product} (min_tcb)"
-                )));
+                ),
+                ));
             }
         }
     }
     if r.guest_svn < policy.min_guest_svn {
-        return Err(refuse(format!(
-            "guest SVN {} is below min_guest_svn {}",
-            r.guest_svn, policy.min_guest_svn
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "guest SVN {} is below min_guest_svn {}",
+                r.guest_svn, policy.min_guest_svn
+            ),
+        ));
     }
     Ok(())
 }

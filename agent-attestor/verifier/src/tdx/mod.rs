@@ -80,6 +80,7 @@ use pcs::{Pcs, PcsConfig};
 
 pub use ztid_attestation::tdx::*;
 use ztid_attestation::Error;
+use ztid_attestation::RefusalKind::{self, Expired, Malformed, PolicyMismatch, UntrustedChain};
 use ztid_spiffe::Selector;
 
 use crate::tsm::{self, Pending};
@@ -303,11 +304,13 @@ fn collateral_for(
         })?;
         return Ok((load_collateral(dir, quote)?, None));
     };
-    let parsed = Quote::parse(quote).map_err(|e| refuse(format!("malformed TDX quote: {e:#}")))?;
+    let parsed = Quote::parse(quote)
+        .map_err(|e| refuse(Malformed, format!("malformed TDX quote: {e:#}")))?;
     let fmspc = dcap_qvl::intel::quote_fmspc(&parsed).map_err(|e| {
-        refuse(format!(
-            "cannot read the FMSPC from the quote's PCK certificate: {e:#}"
-        ))
+        refuse(
+            Malformed,
+            format!("cannot read the FMSPC from the quote's PCK certificate: {e:#}"),
+        )
     })?;
     if let Some(d) = dir {
         let p = d.join(pcs::file_name(&fmspc));
@@ -323,7 +326,7 @@ fn collateral_for(
         }
     }
     let ca = dcap_qvl::intel::quote_ca(&parsed)
-        .map_err(|e| refuse(format!("cannot read the quote's PCK CA: {e:#}")))?
+        .map_err(|e| refuse(Malformed, format!("cannot read the quote's PCK CA: {e:#}")))?
         .as_id_str();
     if let Some(c) = pcs.cached(&fmspc, ca, at) {
         return Ok((c, None));
@@ -347,12 +350,21 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
     let parse_time = |what: &str, s: &str| {
         time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
             .map(|t| t.unix_timestamp())
-            .map_err(|e| refuse(format!("TDX collateral {what} has a bad date {s:?}: {e}")))
+            .map_err(|e| {
+                refuse(
+                    Malformed,
+                    format!("TDX collateral {what} has a bad date {s:?}: {e}"),
+                )
+            })
     };
     let mut items: Vec<(&str, i64, Option<i64>)> = Vec::new();
     for (what, json) in [("TCB info", &c.tcb_info), ("QE identity", &c.qe_identity)] {
-        let d: Dated = serde_json::from_str(json)
-            .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
+        let d: Dated = serde_json::from_str(json).map_err(|e| {
+            refuse(
+                Malformed,
+                format!("TDX collateral {what} is malformed: {e}"),
+            )
+        })?;
         items.push((
             what,
             parse_time(what, &d.issue_date)?,
@@ -362,7 +374,12 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
     for (what, der) in [("root CA CRL", &c.root_ca_crl), ("PCK CRL", &c.pck_crl)] {
         use x509_parser::prelude::FromDer;
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
-            .map_err(|e| refuse(format!("TDX collateral {what} is malformed: {e}")))?;
+            .map_err(|e| {
+                refuse(
+                    Malformed,
+                    format!("TDX collateral {what} is malformed: {e}"),
+                )
+            })?;
         items.push((
             what,
             crl.last_update().timestamp(),
@@ -371,18 +388,24 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
     }
     for (what, issued, next) in items {
         if at < issued {
-            return Err(refuse(format!(
-                "TDX collateral {what} is not yet valid at {} (issued {})",
-                tsm::rfc3339(at),
-                tsm::rfc3339(issued)
-            )));
+            return Err(refuse(
+                Expired,
+                format!(
+                    "TDX collateral {what} is not yet valid at {} (issued {})",
+                    tsm::rfc3339(at),
+                    tsm::rfc3339(issued)
+                ),
+            ));
         }
         if let Some(next) = next.filter(|n| at > *n) {
-            return Err(refuse(format!(
-                "TDX collateral {what} expired at {} (checked at {}): refresh the collateral",
-                tsm::rfc3339(next),
-                tsm::rfc3339(at)
-            )));
+            return Err(refuse(
+                Expired,
+                format!(
+                    "TDX collateral {what} expired at {} (checked at {}): refresh the collateral",
+                    tsm::rfc3339(next),
+                    tsm::rfc3339(at)
+                ),
+            ));
         }
     }
     Ok(())
@@ -395,14 +418,14 @@ struct Verified {
     td: TDReport10,
 }
 
-fn refuse(m: impl Into<String>) -> Error {
-    Error::Refused(m.into())
+fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
+    Error::refused(kind, m)
 }
 
 /// TD_ATTRIBUTES.DEBUG (bit 0).
 fn check_not_debug(td: &TDReport10) -> Result<(), Error> {
     if td.td_attributes[0] & 0x01 != 0 {
-        return Err(refuse(format!(
+        return Err(refuse(PolicyMismatch, format!(
             "the TD is a debug TD (TD_ATTRIBUTES {} has DEBUG set): the host can read and change its memory",
             hex::encode(td.td_attributes)
         )));
@@ -413,23 +436,27 @@ fn check_not_debug(td: &TDReport10) -> Result<(), Error> {
 /// The TCB status and advisories against the policy.
 fn check_tcb(status: &str, advisories: &[String], policy: &Policy) -> Result<(), Error> {
     if !policy.accepted_tcb_status.iter().any(|s| s == status) {
-        return Err(refuse(format!(
-            "TCB status {status} is not accepted (accepted_tcb_status = {:?}; advisories: {})",
-            policy.accepted_tcb_status,
-            if advisories.is_empty() {
-                "none".to_string()
-            } else {
-                advisories.join(", ")
-            }
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!(
+                "TCB status {status} is not accepted (accepted_tcb_status = {:?}; advisories: {})",
+                policy.accepted_tcb_status,
+                if advisories.is_empty() {
+                    "none".to_string()
+                } else {
+                    advisories.join(", ")
+                }
+            ),
+        ));
     }
     if let Some(a) = advisories
         .iter()
         .find(|a| policy.denied_advisories.contains(a))
     {
-        return Err(refuse(format!(
-            "the platform is affected by advisory {a}, which denied_advisories refuses"
-        )));
+        return Err(refuse(
+            PolicyMismatch,
+            format!("the platform is affected by advisory {a}, which denied_advisories refuses"),
+        ));
     }
     Ok(())
 }
@@ -438,10 +465,10 @@ fn check_tcb(status: &str, advisories: &[String], policy: &Policy) -> Result<(),
 fn check_measurements(td: &TDReport10, policy: &Policy) -> Result<(), Error> {
     let check = |name: &str, list: &[Vec<u8>], v: &[u8; 48]| {
         if !list.is_empty() && !list.iter().any(|x| x[..] == v[..]) {
-            return Err(refuse(format!(
-                "{name} {} is not in the {name} allow-list",
-                hex::encode(v)
-            )));
+            return Err(refuse(
+                PolicyMismatch,
+                format!("{name} {} is not in the {name} allow-list", hex::encode(v)),
+            ));
         }
         Ok(())
     };
@@ -497,15 +524,13 @@ fn verify_fetched(
     let verified = match (fetched, pcs) {
         (Some((fmspc, ca)), Some(pcs)) => {
             let v = dcap_verify(quote, collateral, at).map_err(|e| {
-                let m = match e {
-                    Error::Refused(m) => m,
-                    e => e.to_string(),
-                };
-                refuse(format!(
-                    "{m} (with collateral for FMSPC {} fetched from Intel PCS at {})",
-                    hex::encode(fmspc),
-                    pcs.base
-                ))
+                e.reworded(UntrustedChain, |m| {
+                    format!(
+                        "{m} (with collateral for FMSPC {} fetched from Intel PCS at {})",
+                        hex::encode(fmspc),
+                        pcs.base
+                    )
+                })
             })?;
             pcs.store(&fmspc, ca, collateral);
             v
@@ -527,7 +552,12 @@ fn dcap_verify(
     dcap_qvl::verify::QuoteVerifier::new_prod()
         .with_config::<dcap_qvl::configs::RingConfig>()
         .verify(quote, collateral, now)
-        .map_err(|e| refuse(format!("TDX quote verification failed: {e:#}")))
+        .map_err(|e| {
+            refuse(
+                UntrustedChain,
+                format!("TDX quote verification failed: {e:#}"),
+            )
+        })
 }
 
 /// The checks after dcap-qvl: TCB status policy, debug, report_data, measurements.
@@ -540,7 +570,7 @@ fn finish(
     let report = &verified.report;
     let td = *report
         .as_td10()
-        .ok_or_else(|| refuse("the verified quote carries no TD report"))?;
+        .ok_or_else(|| refuse(Malformed, "the verified quote carries no TD report"))?;
     check_tcb(&verified.status, &verified.advisory_ids, policy)?;
     check_not_debug(&td)?;
     if let Some(expected) = expected_report_data {

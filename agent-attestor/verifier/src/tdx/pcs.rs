@@ -32,6 +32,7 @@ use dcap_qvl::QuoteCollateralV3;
 
 use crate::fetch::{self, Cache};
 use crate::Error;
+use ztid_attestation::RefusalKind::{self, CollateralUnavailable};
 
 /// Intel's Provisioning Certification Service.
 pub(crate) const DEFAULT_PCS_URL: &str = "https://api.trustedservices.intel.com";
@@ -55,8 +56,8 @@ pub(crate) struct Pcs {
     client: fetch::Client,
 }
 
-fn refuse(m: impl Into<String>) -> Error {
-    Error::Refused(m.into())
+fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
+    Error::refused(kind, m)
 }
 
 pub(crate) fn tcb_url(base: &str, fmspc: &[u8]) -> String {
@@ -175,10 +176,13 @@ impl Pcs {
     /// `platform`) issued.
     pub(crate) fn fetch(&self, fmspc: &[u8], ca: &str) -> Result<QuoteCollateralV3, Error> {
         self.fetch_inner(fmspc, ca).map_err(|e| {
-            refuse(format!(
-                "fetching TDX collateral for FMSPC {} from Intel PCS failed: {e}",
-                hex::encode(fmspc)
-            ))
+            refuse(
+                CollateralUnavailable,
+                format!(
+                    "fetching TDX collateral for FMSPC {} from Intel PCS failed: {e}",
+                    hex::encode(fmspc)
+                ),
+            )
         })
     }
 

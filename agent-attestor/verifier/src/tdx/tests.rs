@@ -1,6 +1,7 @@
 //! Unit tests over the real vectors in `../shared/vectors/tdx` (override with `ZTID_VECTORS`).
 
 use super::*;
+use ztid_attestation::RefusalKind::Unsupported;
 
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
@@ -23,9 +24,13 @@ fn td_of(q: &[u8]) -> TDReport10 {
     *Quote::parse(q).unwrap().report.as_td10().unwrap()
 }
 
-fn refusal<T>(r: Result<T, Error>) -> String {
+/// The detail of a refusal of `kind`.
+fn refusal<T>(kind: RefusalKind, r: Result<T, Error>) -> String {
     match r {
-        Err(Error::Refused(m)) => m,
+        Err(Error::Refused(m)) => {
+            assert_eq!(m.kind, kind, "{}", m.detail);
+            m.detail
+        }
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("expected a refusal"),
     }
@@ -37,7 +42,7 @@ fn debug_td_is_refused() {
     let mut td = td_of(&quote("v4-uptodate"));
     check_not_debug(&td).unwrap();
     td.td_attributes[0] |= 1;
-    let m = refusal(check_not_debug(&td));
+    let m = refusal(PolicyMismatch, check_not_debug(&td));
     assert!(
         m.starts_with("the TD is a debug TD (TD_ATTRIBUTES 0100001000000000 has DEBUG set)"),
         "{m}"
@@ -48,7 +53,10 @@ fn debug_td_is_refused() {
 fn tcb_status_policy() {
     let p = Policy::default();
     check_tcb("UpToDate", &[], &p).unwrap();
-    let m = refusal(check_tcb("OutOfDate", &["INTEL-SA-00615".into()], &p));
+    let m = refusal(
+        PolicyMismatch,
+        check_tcb("OutOfDate", &["INTEL-SA-00615".into()], &p),
+    );
     assert_eq!(
         m,
         "TCB status OutOfDate is not accepted (accepted_tcb_status = [\"UpToDate\"]; advisories: INTEL-SA-00615)"
@@ -59,7 +67,10 @@ fn tcb_status_policy() {
         ..Policy::default()
     };
     check_tcb("OutOfDate", &["INTEL-SA-00334".into()], &p).unwrap();
-    let m = refusal(check_tcb("OutOfDate", &["INTEL-SA-00615".into()], &p));
+    let m = refusal(
+        PolicyMismatch,
+        check_tcb("OutOfDate", &["INTEL-SA-00615".into()], &p),
+    );
     assert_eq!(
         m,
         "the platform is affected by advisory INTEL-SA-00615, which denied_advisories refuses"
@@ -77,28 +88,28 @@ fn measurement_allow_lists() {
     p.rtmr[3] = vec![vec![0; 48]];
     check_measurements(&td, &p).unwrap();
     p.rtmr[2] = vec![vec![1; 48]];
-    let m = refusal(check_measurements(&td, &p));
+    let m = refusal(PolicyMismatch, check_measurements(&td, &p));
     assert!(m.starts_with("RTMR2 d833feef"), "{m}");
     let p = Policy {
         mrconfigid: vec![vec![1; 48]],
         ..Policy::default()
     };
-    let m = refusal(check_measurements(&td, &p));
+    let m = refusal(PolicyMismatch, check_measurements(&td, &p));
     assert!(m.contains("is not in the MRCONFIGID allow-list"), "{m}");
 }
 
 #[test]
 fn header_checks() {
-    let m = refusal(check_header(&quote("sgx-v3-negative")));
+    let m = refusal(Unsupported, check_header(&quote("sgx-v3-negative")));
     assert_eq!(
         m,
         "the quote is an SGX enclave quote (version 3, TEE type 0), not a TDX quote"
     );
     let mut q = quote("v4-uptodate");
     q[0] = 3;
-    let m = refusal(check_header(&q));
+    let m = refusal(Unsupported, check_header(&q));
     assert_eq!(m, "TDX quote version 3 is not supported (4 and 5 are)");
-    assert!(refusal(check_header(&q[..10])).contains("shorter than its 48-byte header"));
+    assert!(refusal(Malformed, check_header(&q[..10])).contains("shorter than its 48-byte header"));
 }
 
 #[test]

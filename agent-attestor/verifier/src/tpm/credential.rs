@@ -28,6 +28,7 @@ use zeroize::Zeroizing;
 
 use super::wire::{alg, curve, digest_len, ecc_point, Public, PublicKey};
 use crate::Error;
+use ztid_attestation::RefusalKind::{Malformed, Unsupported};
 
 /// A credential for the TPM: the two inputs of `TPM2_ActivateCredential`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +44,10 @@ fn hmac_alg(hash: u16) -> Result<ring::hmac::Algorithm, Error> {
         alg::SHA256 => Ok(ring::hmac::HMAC_SHA256),
         alg::SHA384 => Ok(ring::hmac::HMAC_SHA384),
         alg::SHA512 => Ok(ring::hmac::HMAC_SHA512),
-        other => Err(Error::Refused(format!(
-            "EK nameAlg 0x{other:04x} is not supported for credential activation"
-        ))),
+        other => Err(Error::refused(
+            Unsupported,
+            format!("EK nameAlg 0x{other:04x} is not supported for credential activation"),
+        )),
     }
 }
 
@@ -92,9 +94,10 @@ pub fn kdfe(
     bits: u32,
 ) -> Result<Vec<u8>, Error> {
     let a = super::wire::ring_digest(hash).ok_or_else(|| {
-        Error::Refused(format!(
-            "EK nameAlg 0x{hash:04x} is not supported for credential activation"
-        ))
+        Error::refused(
+            Unsupported,
+            format!("EK nameAlg 0x{hash:04x} is not supported for credential activation"),
+        )
     })?;
     let bytes = bits.div_ceil(8) as usize;
     let mut out = Vec::with_capacity(bytes + 64);
@@ -121,15 +124,16 @@ pub fn kdfe(
 /// from KDFe over the ECDH x-coordinate, and the ephemeral point as `TPMS_ECC_POINT`.
 fn ecdh_seed(ek: &Public, hash: u16) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let PublicKey::Ecc { curve: c, x, y } = &ek.key else {
-        return Err(Error::Refused(
-            "ECDH credential protection needs an ECC EK".into(),
+        return Err(Error::refused(
+            Unsupported,
+            "ECDH credential protection needs an ECC EK",
         ));
     };
     let (agreement_alg, len): (&'static ring::agreement::Algorithm, usize) = match *c {
         curve::NIST_P256 => (&ring::agreement::ECDH_P256, 32),
         curve::NIST_P384 => (&ring::agreement::ECDH_P384, 48),
         other => {
-            return Err(Error::Refused(format!(
+            return Err(Error::refused(Unsupported, format!(
                 "EK curve 0x{other:04x} is not supported for credential activation (NIST P-256 or P-384)"
             )))
         }
@@ -154,7 +158,7 @@ fn ecdh_seed(ek: &Public, hash: u16) -> Result<(Vec<u8>, Vec<u8>), Error> {
         &ring::agreement::UnparsedPublicKey::new(agreement_alg, &ek_point),
         |z| kdfe(hash, z, "IDENTITY", eph_x, x, dlen * 8),
     )
-    .map_err(|_| Error::Refused("EK public point is not a point on its curve".into()))??;
+    .map_err(|_| Error::refused(Malformed, "EK public point is not a point on its curve"))??;
     let mut encrypted_secret = Vec::with_capacity(4 + 2 * len);
     for c in [eph_x, eph_y] {
         encrypted_secret.extend_from_slice(&(c.len() as u16).to_be_bytes());
@@ -168,12 +172,13 @@ fn oaep_encrypt(ek: &Public, hash: u16, seed: &[u8]) -> Result<Vec<u8>, Error> {
         modulus, exponent, ..
     } = &ek.key
     else {
-        return Err(Error::Refused(
-            "RSA-OAEP seed encryption needs an RSA EK (an ECC EK's seed comes from ECDH)".into(),
+        return Err(Error::refused(
+            Unsupported,
+            "RSA-OAEP seed encryption needs an RSA EK (an ECC EK's seed comes from ECDH)",
         ));
     };
     let key = RsaPublicKey::new(BigUint::from_bytes_be(modulus), BigUint::from(*exponent))
-        .map_err(|e| Error::Refused(format!("EK public key is unusable: {e}")))?;
+        .map_err(|e| Error::refused(Malformed, format!("EK public key is unusable: {e}")))?;
     let mut rng = rand_core::OsRng;
     let ct = match hash {
         alg::SHA256 => key.encrypt(
@@ -192,24 +197,25 @@ fn oaep_encrypt(ek: &Public, hash: u16, seed: &[u8]) -> Result<Vec<u8>, Error> {
             seed,
         ),
         other => {
-            return Err(Error::Refused(format!(
-                "EK nameAlg 0x{other:04x} is not supported for credential activation"
-            )))
+            return Err(Error::refused(
+                Unsupported,
+                format!("EK nameAlg 0x{other:04x} is not supported for credential activation"),
+            ))
         }
     };
-    ct.map_err(|e| Error::Refused(format!("RSA-OAEP to the EK failed: {e}")))
+    ct.map_err(|e| Error::refused(Malformed, format!("RSA-OAEP to the EK failed: {e}")))
 }
 
 fn aes_cfb_encrypt(key: &[u8], data: &mut [u8]) -> Result<(), Error> {
     let iv = [0u8; 16];
     match key.len() {
         16 => cfb_mode::Encryptor::<aes::Aes128>::new_from_slices(key, &iv)
-            .map_err(|_| Error::Refused("bad AES key".into()))?
+            .map_err(|_| Error::refused(Unsupported, "bad AES key"))?
             .encrypt(data),
         32 => cfb_mode::Encryptor::<aes::Aes256>::new_from_slices(key, &iv)
-            .map_err(|_| Error::Refused("bad AES key".into()))?
+            .map_err(|_| Error::refused(Unsupported, "bad AES key"))?
             .encrypt(data),
-        _ => return Err(Error::Refused("unsupported AES key size".into())),
+        _ => return Err(Error::refused(Unsupported, "unsupported AES key size")),
     }
     Ok(())
 }
@@ -218,8 +224,9 @@ fn aes_cfb_encrypt(key: &[u8], data: &mut [u8]) -> Result<(), Error> {
 fn sym_bits(ek: &Public) -> Result<u32, Error> {
     match ek.symmetric {
         Some((alg::AES, bits @ (128 | 256), alg::CFB)) => Ok(bits as u32),
-        _ => Err(Error::Refused(
-            "EK is not a storage key with AES-CFB (not a TCG template EK)".into(),
+        _ => Err(Error::refused(
+            Unsupported,
+            "EK is not a storage key with AES-CFB (not a TCG template EK)",
         )),
     }
 }
@@ -228,9 +235,10 @@ fn sym_bits(ek: &Public) -> Result<u32, Error> {
 fn ek_digest_len(ek: &Public) -> Result<usize, Error> {
     match ek.name_alg {
         alg::SHA256 | alg::SHA384 | alg::SHA512 => Ok(digest_len(ek.name_alg).unwrap_or(0)),
-        other => Err(Error::Refused(format!(
-            "EK nameAlg 0x{other:04x} is not supported for credential activation"
-        ))),
+        other => Err(Error::refused(
+            Unsupported,
+            format!("EK nameAlg 0x{other:04x} is not supported for credential activation"),
+        )),
     }
 }
 
@@ -267,8 +275,9 @@ fn protect(
 fn check_inputs(ek: &Public, secret: &[u8]) -> Result<usize, Error> {
     let dlen = ek_digest_len(ek)?;
     if secret.is_empty() || secret.len() > dlen {
-        return Err(Error::Refused(
-            "credential secret must be 1..=digest size bytes".into(),
+        return Err(Error::refused(
+            Unsupported,
+            "credential secret must be 1..=digest size bytes",
         ));
     }
     sym_bits(ek)?;
@@ -285,8 +294,9 @@ pub fn make_credential_with_seed(
 ) -> Result<Credential, Error> {
     let dlen = check_inputs(ek, secret)?;
     if seed.len() != dlen {
-        return Err(Error::Refused(
-            "credential seed size differs from the EK nameAlg".into(),
+        return Err(Error::refused(
+            Unsupported,
+            "credential seed size differs from the EK nameAlg",
         ));
     }
     let encrypted_secret = oaep_encrypt(ek, ek.name_alg, seed)?;
@@ -473,7 +483,7 @@ mod tests {
         let ek = ecc_ek(curve::NIST_P256, alg::SHA256, 128, &off);
         assert!(matches!(
             make_credential(&ek, b"name", &[1]),
-            Err(Error::Refused(r)) if r == "EK public point is not a point on its curve"
+            Err(Error::Refused(r)) if r.kind == Malformed && r.detail == "EK public point is not a point on its curve"
         ));
         // An unsupported curve (P-521, 0x0005) and a chosen seed.
         let mut t = ecc_ek(curve::NIST_P256, alg::SHA256, 128, &p).raw;
@@ -481,12 +491,12 @@ mod tests {
         let ek = Public::parse(&t).unwrap();
         assert!(matches!(
             make_credential(&ek, b"name", &[1]),
-            Err(Error::Refused(r)) if r.starts_with("EK curve 0x0005 is not supported")
+            Err(Error::Refused(r)) if r.kind == Unsupported && r.detail.starts_with("EK curve 0x0005 is not supported")
         ));
         let ek = ecc_ek(curve::NIST_P256, alg::SHA256, 128, &p);
         assert!(matches!(
             make_credential_with_seed(&ek, b"name", &[1], &[0u8; 32]),
-            Err(Error::Refused(r)) if r.starts_with("RSA-OAEP seed encryption needs an RSA EK")
+            Err(Error::Refused(r)) if r.kind == Unsupported && r.detail.starts_with("RSA-OAEP seed encryption needs an RSA EK")
         ));
     }
 }

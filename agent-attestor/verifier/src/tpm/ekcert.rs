@@ -22,6 +22,7 @@ use x509_parser::prelude::*;
 
 use super::wire::{self, PublicKey};
 use crate::Error;
+use ztid_attestation::RefusalKind::{self, Expired, KeyMismatch, Malformed, UntrustedChain};
 
 /// `tcg-kp-EKCertificate`.
 pub const OID_TCG_KP_EK_CERTIFICATE: &str = "2.23.133.8.1";
@@ -34,8 +35,8 @@ pub const OID_TPM_VERSION: &str = "2.23.133.2.3";
 
 const MAX_CHAIN: usize = 5;
 
-fn refused(s: impl Into<String>) -> Error {
-    Error::Refused(s.into())
+fn refused(kind: RefusalKind, s: impl Into<String>) -> Error {
+    Error::refused(kind, s)
 }
 
 /// The trusted manufacturer CA certificates.
@@ -160,16 +161,20 @@ impl EkCaStore {
         chain: &mut Vec<String>,
     ) -> Result<(), Error> {
         if depth >= MAX_CHAIN {
-            return Err(refused(format!(
-                "EK certificate chain is longer than {MAX_CHAIN} CA certificates"
-            )));
+            return Err(refused(
+                UntrustedChain,
+                format!("EK certificate chain is longer than {MAX_CHAIN} CA certificates"),
+            ));
         }
         let candidates = self.issuers_of(cert);
         if candidates.is_empty() {
-            return Err(refused(format!(
-                "{what} is not issued by any CA in ek_ca_dir (its issuer is {})",
-                cert.issuer()
-            )));
+            return Err(refused(
+                UntrustedChain,
+                format!(
+                    "{what} is not issued by any CA in ek_ca_dir (its issuer is {})",
+                    cert.issuer()
+                ),
+            ));
         }
         let mut last_err = None;
         for der in candidates {
@@ -177,10 +182,13 @@ impl EkCaStore {
                 continue;
             };
             if cert.verify_signature(Some(ca.public_key())).is_err() {
-                last_err = Some(refused(format!(
-                    "{what} signature does not verify with the key of CA {}",
-                    ca.subject()
-                )));
+                last_err = Some(refused(
+                    UntrustedChain,
+                    format!(
+                        "{what} signature does not verify with the key of CA {}",
+                        ca.subject()
+                    ),
+                ));
                 continue;
             }
             check_ca(&ca, now)?;
@@ -193,15 +201,23 @@ impl EkCaStore {
             let name = format!("CA certificate {}", ca.subject());
             return self.chain_up(&ca, &name, now, depth + 1, chain);
         }
-        Err(last_err.unwrap_or_else(|| refused(format!("{what}: no usable issuer in ek_ca_dir"))))
+        Err(last_err.unwrap_or_else(|| {
+            refused(
+                UntrustedChain,
+                format!("{what}: no usable issuer in ek_ca_dir"),
+            )
+        }))
     }
 
     /// Verifies an EK certificate for the EK public key `ek` at `now` (Unix seconds).
     pub fn verify(&self, cert_der: &[u8], ek: &wire::Public, now: i64) -> Result<EkInfo, Error> {
         let (rest, cert) = X509Certificate::from_der(cert_der)
-            .map_err(|e| refused(format!("EK certificate does not parse: {e}")))?;
+            .map_err(|e| refused(Malformed, format!("EK certificate does not parse: {e}")))?;
         if !rest.is_empty() {
-            return Err(refused("EK certificate has trailing bytes after its DER"));
+            return Err(refused(
+                Malformed,
+                "EK certificate has trailing bytes after its DER",
+            ));
         }
         check_not_sha1(&cert, "EK certificate")?;
         check_validity(&cert, "EK certificate", now)?;
@@ -215,14 +231,16 @@ impl EkCaStore {
                     .any(|o| o.to_id_string() == OID_TCG_KP_EK_CERTIFICATE)
                 {
                     return Err(refused(
+                        UntrustedChain,
                         "EK certificate has an extended key usage without tcg-kp-EKCertificate (2.23.133.8.1)",
                     ));
                 }
             }
             Err(e) => {
-                return Err(refused(format!(
-                    "EK certificate extended key usage is malformed: {e}"
-                )))
+                return Err(refused(
+                    Malformed,
+                    format!("EK certificate extended key usage is malformed: {e}"),
+                ))
             }
         }
         key_matches(&cert, ek)?;
@@ -247,7 +265,10 @@ fn check_not_sha1(cert: &X509Certificate<'_>, what: &str) -> Result<(), Error> {
         oid.as_str(),
         "1.2.840.113549.1.1.5" | "1.3.14.3.2.29" | "1.2.840.10045.4.1"
     ) {
-        return Err(refused(format!("{what} is signed with SHA-1")));
+        return Err(refused(
+            UntrustedChain,
+            format!("{what} is signed with SHA-1"),
+        ));
     }
     Ok(())
 }
@@ -255,16 +276,16 @@ fn check_not_sha1(cert: &X509Certificate<'_>, what: &str) -> Result<(), Error> {
 fn check_validity(cert: &X509Certificate<'_>, what: &str, now: i64) -> Result<(), Error> {
     let v = cert.validity();
     if now < v.not_before.timestamp() {
-        return Err(refused(format!(
-            "{what} is not valid yet (notBefore {})",
-            v.not_before
-        )));
+        return Err(refused(
+            Expired,
+            format!("{what} is not valid yet (notBefore {})", v.not_before),
+        ));
     }
     if now > v.not_after.timestamp() {
-        return Err(refused(format!(
-            "{what} has expired (notAfter {})",
-            v.not_after
-        )));
+        return Err(refused(
+            Expired,
+            format!("{what} has expired (notAfter {})", v.not_after),
+        ));
     }
     Ok(())
 }
@@ -277,22 +298,28 @@ fn check_ca(ca: &X509Certificate<'_>, now: i64) -> Result<(), Error> {
         Ok(Some(bc)) if bc.value.ca => {}
         Ok(None) if ca.version() == X509Version::V1 => {}
         Ok(_) => {
-            return Err(refused(format!(
-                "{what} is not a CA (basicConstraints cA is not set)"
-            )))
+            return Err(refused(
+                UntrustedChain,
+                format!("{what} is not a CA (basicConstraints cA is not set)"),
+            ))
         }
         Err(e) => {
-            return Err(refused(format!(
-                "{what} basicConstraints is malformed: {e}"
-            )))
+            return Err(refused(
+                Malformed,
+                format!("{what} basicConstraints is malformed: {e}"),
+            ))
         }
     }
     match ca.key_usage() {
-        Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(refused(format!(
-            "{what} keyUsage does not allow keyCertSign"
-        ))),
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(refused(
+            UntrustedChain,
+            format!("{what} keyUsage does not allow keyCertSign"),
+        )),
         Ok(_) => Ok(()),
-        Err(e) => Err(refused(format!("{what} keyUsage is malformed: {e}"))),
+        Err(e) => Err(refused(
+            Malformed,
+            format!("{what} keyUsage is malformed: {e}"),
+        )),
     }
 }
 
@@ -302,11 +329,18 @@ fn strip(b: &[u8]) -> &[u8] {
 }
 
 fn key_matches(cert: &X509Certificate<'_>, ek: &wire::Public) -> Result<(), Error> {
-    let mismatch = || refused("EK certificate public key is not the EK public key sent");
-    let parsed = cert
-        .public_key()
-        .parsed()
-        .map_err(|e| refused(format!("EK certificate public key does not parse: {e}")))?;
+    let mismatch = || {
+        refused(
+            KeyMismatch,
+            "EK certificate public key is not the EK public key sent",
+        )
+    };
+    let parsed = cert.public_key().parsed().map_err(|e| {
+        refused(
+            Malformed,
+            format!("EK certificate public key does not parse: {e}"),
+        )
+    })?;
     match (&ek.key, parsed) {
         (
             PublicKey::Rsa {
@@ -324,7 +358,7 @@ fn key_matches(cert: &X509Certificate<'_>, ek: &wire::Public) -> Result<(), Erro
             // Compare the whole SPKI semantics: curve OID and point.
             let ours = ek.spki_der()?;
             let (_, our_spki) = SubjectPublicKeyInfo::from_der(&ours)
-                .map_err(|_| refused("EK public key cannot be encoded"))?;
+                .map_err(|_| refused(Malformed, "EK public key cannot be encoded"))?;
             let our_curve = our_spki
                 .algorithm
                 .parameters

@@ -108,19 +108,20 @@ use std::time::SystemTime;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use ztid_attestation::tpm::wire::{attr, Public, PublicKey};
 pub use ztid_attestation::tpm::{
     b64_encode, ek_hash, wire, Answer, Challenge, EvidenceFile, InitialEvidence, CHALLENGE_TTL,
     DEFAULT_PCRS, EVIDENCE_FORMAT, MAX_MESSAGE, METHOD,
 };
-use ztid_attestation::tpm::wire::{attr, Public, PublicKey};
 use ztid_attestation::tpm::{parse_json, refused, to_json};
 
-use crate::{
-    AttestationContext, AttestedNode, NodeVerifier, VerificationSession, VerifierStep,
+use crate::{AttestationContext, AttestedNode, NodeVerifier, VerificationSession, VerifierStep};
+use ekcert::{EkCaStore, EkInfo};
+use ztid_attestation::RefusalKind::{
+    BadSignature, KeyMismatch, Malformed, PolicyMismatch, Replay, Unsupported,
 };
 use ztid_attestation::{unix_seconds, Error};
 use ztid_spiffe::Selector;
-use ekcert::{EkCaStore, EkInfo};
 
 // ---------------------------------------------------------------------------------------
 // Policy
@@ -378,10 +379,10 @@ impl TpmPolicy {
         if failures.is_empty() {
             Ok(applied)
         } else {
-            Err(refused(format!(
-                "PCR policy not met: {}",
-                failures.join("; ")
-            )))
+            Err(refused(
+                PolicyMismatch,
+                format!("PCR policy not met: {}", failures.join("; ")),
+            ))
         }
     }
 }
@@ -412,27 +413,35 @@ pub fn check_keys(
     ak_pub: &[u8],
     now: SystemTime,
 ) -> Result<CheckedKeys, Error> {
-    let ek = Public::parse(ek_pub).map_err(|e| refused(format!("EK public: {}", reason(&e))))?;
+    let ek =
+        Public::parse(ek_pub).map_err(|e| e.reworded(Malformed, |r| format!("EK public: {r}")))?;
     match &ek.key {
         PublicKey::Rsa { key_bits, .. } if *key_bits >= 2048 => {}
         PublicKey::Rsa { key_bits, .. } => {
-            return Err(refused(format!(
-                "EK is RSA-{key_bits}: RSA EKs must be 2048 bits or more"
-            )))
+            return Err(refused(
+                Unsupported,
+                format!("EK is RSA-{key_bits}: RSA EKs must be 2048 bits or more"),
+            ))
         }
         PublicKey::Ecc { curve, .. }
             if matches!(*curve, wire::curve::NIST_P256 | wire::curve::NIST_P384) => {}
         PublicKey::Ecc { curve, .. } => {
-            return Err(refused(format!(
-                "EK curve 0x{curve:04x} is not supported (ECC EKs must be NIST P-256 or P-384)"
-            )))
+            return Err(refused(
+                Unsupported,
+                format!(
+                    "EK curve 0x{curve:04x} is not supported (ECC EKs must be NIST P-256 or P-384)"
+                ),
+            ))
         }
     }
     let spki = ek.spki_der()?;
     let node_id = hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki));
     if let Some(allowed) = &policy.allowed_ek_hashes {
         if !allowed.contains(&node_id) {
-            return Err(refused(format!("EK {node_id} is not in allowed_ek_hashes")));
+            return Err(refused(
+                PolicyMismatch,
+                format!("EK {node_id} is not in allowed_ek_hashes"),
+            ));
         }
     }
     let ek_attrs = attr::FIXED_TPM
@@ -442,12 +451,14 @@ pub fn check_keys(
         | attr::DECRYPT;
     if !ek.has(ek_attrs) || ek.has(attr::SIGN_ENCRYPT) {
         return Err(refused(
+            PolicyMismatch,
             "EK is not a restricted decryption key (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, decrypt, not sign)",
         ));
     }
     let ek_info = if ek_cert.is_empty() {
         if !policy.uncertified_ek {
             return Err(refused(
+                PolicyMismatch,
                 "the node sent no EK certificate (set uncertified_ek = \"svsm-bound\" to accept an SVSM vTPM's EK that an SEV-SNP report binds)",
             ));
         }
@@ -455,7 +466,8 @@ pub fn check_keys(
     } else {
         policy.ek_cas.verify(ek_cert, &ek, unix_seconds(now))?
     };
-    let ak = Public::parse(ak_pub).map_err(|e| refused(format!("AK public: {}", reason(&e))))?;
+    let ak =
+        Public::parse(ak_pub).map_err(|e| e.reworded(Malformed, |r| format!("AK public: {r}")))?;
     // With an authPolicy, a copy of a *software* key's public area loaded into the TPM
     // (TPM2_LoadExternal, public only) could be authorised by a policy session and pass
     // activation; without one it has no usable authorisation at all.
@@ -464,7 +476,12 @@ pub fn check_keys(
         PublicKey::Rsa { key_bits, .. } if *key_bits >= 2048 => {}
         PublicKey::Ecc { curve, .. }
             if matches!(*curve, wire::curve::NIST_P256 | wire::curve::NIST_P384) => {}
-        _ => return Err(refused("AK is not RSA-2048+ or ECC P-256/P-384")),
+        _ => {
+            return Err(refused(
+                Unsupported,
+                "AK is not RSA-2048+ or ECC P-256/P-384",
+            ))
+        }
     }
     let ak_name = ak.name()?;
     Ok(CheckedKeys {
@@ -497,15 +514,19 @@ fn check_resident_signing_key(
     }
     required.push((attr::SIGN_ENCRYPT, "sign"));
     if let Some((_, name)) = required.iter().find(|(bit, _)| !key.has(*bit)) {
-        return Err(refused(format!("{who} is not {name}{missing_note}")));
+        return Err(refused(
+            PolicyMismatch,
+            format!("{who} is not {name}{missing_note}"),
+        ));
     }
     if key.has(attr::DECRYPT) {
-        return Err(refused(format!(
-            "{who} is a decryption key (decrypt is set)"
-        )));
+        return Err(refused(
+            PolicyMismatch,
+            format!("{who} is a decryption key (decrypt is set)"),
+        ));
     }
     if !key.auth_policy.is_empty() {
-        return Err(refused(format!(
+        return Err(refused(PolicyMismatch, format!(
             "{who} has an authPolicy (a public-only copy of an outside key could then be {used_for})"
         )));
     }
@@ -513,10 +534,13 @@ fn check_resident_signing_key(
         key.name_alg,
         wire::alg::SHA256 | wire::alg::SHA384 | wire::alg::SHA512
     ) {
-        return Err(refused(format!(
-            "{who} nameAlg 0x{:04x} is not SHA-256/384/512",
-            key.name_alg
-        )));
+        return Err(refused(
+            Unsupported,
+            format!(
+                "{who} nameAlg 0x{:04x} is not SHA-256/384/512",
+                key.name_alg
+            ),
+        ));
     }
     Ok(())
 }
@@ -527,7 +551,7 @@ fn check_resident_signing_key(
 /// certification must carry.
 pub fn check_agent_key(agent_key_pub: &[u8], csr_spki: &[u8]) -> Result<Vec<u8>, Error> {
     let key = Public::parse(agent_key_pub)
-        .map_err(|e| refused(format!("agent key public: {}", reason(&e))))?;
+        .map_err(|e| e.reworded(Malformed, |r| format!("agent key public: {r}")))?;
     // As for the AK; TPM2_Certify takes the ADMIN role, which a policy session can fill.
     check_resident_signing_key(
         &key,
@@ -539,6 +563,7 @@ pub fn check_agent_key(agent_key_pub: &[u8], csr_spki: &[u8]) -> Result<Vec<u8>,
     let spki = key.spki_der()?;
     if csr_spki.is_empty() || !bool::from(spki.as_slice().ct_eq(csr_spki)) {
         return Err(refused(
+            KeyMismatch,
             "the agent CSR's key is not the TPM agent key in the evidence \
              (an agent SVID is only issued for a key made in the attested TPM)",
         ));
@@ -556,17 +581,19 @@ pub fn verify_certification(
     key_name: &[u8],
 ) -> Result<(), Error> {
     if attest_raw.len() > MAX_MESSAGE {
-        return Err(refused("agent key certification is too large"));
+        return Err(refused(Malformed, "agent key certification is too large"));
     }
     quote::verify_signature(ak, attest_raw, sig_raw).map_err(|e| {
-        refused(format!(
-            "agent key certification signature check failed (not certified by the attested AK): {}",
-            reason(&e)
-        ))
+        e.reworded(BadSignature, |r| {
+            format!(
+                "agent key certification signature check failed (not certified by the attested AK): {r}"
+            )
+        })
     })?;
     let attest = wire::Attest::parse(attest_raw)?;
     let wire::Attested::Certify { name, .. } = &attest.attested else {
         return Err(refused(
+            Malformed,
             "agent key certification is not a TPM2_Certify (type is not TPM_ST_ATTEST_CERTIFY)",
         ));
     };
@@ -574,24 +601,21 @@ pub fn verify_certification(
         || !bool::from(attest.extra_data.as_slice().ct_eq(nonce))
     {
         return Err(refused(
+            Replay,
             "agent key certification extraData does not match this attempt's nonce (stale or replayed)",
         ));
     }
     if name.as_slice() != key_name {
-        return Err(refused(format!(
-            "the AK certified another key (name {}), not the agent key in the CSR (name {})",
-            hex::encode(name),
-            hex::encode(key_name)
-        )));
+        return Err(refused(
+            KeyMismatch,
+            format!(
+                "the AK certified another key (name {}), not the agent key in the CSR (name {})",
+                hex::encode(name),
+                hex::encode(key_name)
+            ),
+        ));
     }
     Ok(())
-}
-
-fn reason(e: &Error) -> String {
-    match e {
-        Error::Refused(r) => r.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// The selectors a passed attestation proves.
@@ -675,6 +699,7 @@ impl TpmVerifier {
         let ev: InitialEvidence = parse_json(evidence, "TPM initial evidence")?;
         if ev.ek_cert.is_empty() && !as_factor {
             return Err(refused(
+                PolicyMismatch,
                 "a TPM whose EK has no certificate attests only together with an SEV-SNP report that binds it (--attestor tpm,sev-snp)",
             ));
         }
@@ -729,17 +754,21 @@ impl VerificationSession for TpmSession {
         let s = *self;
         match ctx.now.duration_since(s.issued_at) {
             Ok(d) if d > CHALLENGE_TTL => {
-                return Err(refused(format!(
-                    "TPM challenge expired (answered after {} s, limit {} s)",
-                    d.as_secs(),
-                    CHALLENGE_TTL.as_secs()
-                )))
+                return Err(refused(
+                    Replay,
+                    format!(
+                        "TPM challenge expired (answered after {} s, limit {} s)",
+                        d.as_secs(),
+                        CHALLENGE_TTL.as_secs()
+                    ),
+                ))
             }
             _ => {}
         }
         let a: Answer = parse_json(answer, "TPM challenge answer")?;
         if a.secret.len() != s.secret.len() || !bool::from(a.secret.as_slice().ct_eq(&s.secret)) {
             return Err(refused(
+                Replay,
                 "credential activation failed: the secret returned is not the one sealed to the EK for this AK \
                  (the AK is not in the TPM that holds the EK, or the answer is from another attempt)",
             ));
@@ -787,23 +816,29 @@ pub fn verify_offline(
 ) -> Result<serde_json::Value, Error> {
     let policy = TpmPolicy::from_table(config, collateral)?;
     let ev: EvidenceFile = serde_json::from_slice(evidence)
-        .map_err(|e| refused(format!("malformed TPM evidence file: {e}")))?;
+        .map_err(|e| refused(Malformed, format!("malformed TPM evidence file: {e}")))?;
     if ev.format != EVIDENCE_FORMAT {
-        return Err(refused(format!(
-            "TPM evidence format is {:?}, expected {EVIDENCE_FORMAT:?}",
-            ev.format
-        )));
+        return Err(refused(
+            Unsupported,
+            format!(
+                "TPM evidence format is {:?}, expected {EVIDENCE_FORMAT:?}",
+                ev.format
+            ),
+        ));
     }
-    let nonce = hex::decode(&ev.nonce).map_err(|e| refused(format!("evidence nonce: {e}")))?;
+    let nonce =
+        hex::decode(&ev.nonce).map_err(|e| refused(Malformed, format!("evidence nonce: {e}")))?;
     if let Some(rd) = report_data {
         if rd != nonce.as_slice() {
             return Err(refused(
+                Replay,
                 "evidence nonce differs from the expected --report-data",
             ));
         }
     }
     if ev.ek_cert.is_empty() {
         return Err(refused(
+            PolicyMismatch,
             "the evidence has no EK certificate: only an SVSM SEV-SNP report can vouch for such an EK, which offline TPM evidence does not carry",
         ));
     }
@@ -953,10 +988,13 @@ mod tests {
         );
         match p.check_pcrs(&a, &vals(&z, &o, &o)) {
             Err(Error::Refused(r)) => assert_eq!(
-                r,
-                format!(
-                    "PCR policy not met: PCR 7 is {o} but policy {a} allows {z}; \
-                     PCR 1 is {o} but policy fleet allows {z}"
+                (r.kind, r.detail),
+                (
+                    PolicyMismatch,
+                    format!(
+                        "PCR policy not met: PCR 7 is {o} but policy {a} allows {z}; \
+                         PCR 1 is {o} but policy fleet allows {z}"
+                    )
                 )
             ),
             other => panic!("{other:?}"),

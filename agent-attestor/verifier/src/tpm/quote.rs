@@ -10,19 +10,22 @@ use subtle::ConstantTimeEq;
 
 use super::wire::{self, alg, curve, Attest, Attested, PcrBank, PublicKey, Signature};
 use crate::Error;
+use ztid_attestation::RefusalKind::{
+    self, BadSignature, Malformed, PolicyMismatch, Replay, Unsupported,
+};
 
 /// Largest `TPMS_ATTEST` accepted.
 pub const MAX_ATTEST: usize = 1024;
 
-fn refused(s: impl Into<String>) -> Error {
-    Error::Refused(s.into())
+fn refused(kind: RefusalKind, s: impl Into<String>) -> Error {
+    Error::refused(kind, s)
 }
 
 fn fixed(b: &[u8], len: usize) -> Result<Vec<u8>, Error> {
     let n = b.iter().take_while(|&&x| x == 0).count();
     let b = &b[n..];
     if b.len() > len {
-        return Err(refused("ECDSA signature component is too long"));
+        return Err(refused(Malformed, "ECDSA signature component is too long"));
     }
     let mut out = vec![0u8; len - b.len()];
     out.extend_from_slice(b);
@@ -44,13 +47,13 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
     };
     if let Some(ks) = key.scheme {
         if ks != (scheme, hash) {
-            return Err(refused(format!(
+            return Err(refused(BadSignature, format!(
                 "signature scheme 0x{scheme:04x}/0x{hash:04x} is not the key's scheme 0x{:04x}/0x{:04x}",
                 ks.0, ks.1
             )));
         }
     }
-    let bad_sig = || refused("signature does not verify");
+    let bad_sig = || refused(BadSignature, "signature does not verify");
     match (&key.key, &sig) {
         (PublicKey::Ecc { curve: c, x, y }, Signature::Ecdsa { hash, r, s }) => {
             let (len, a): (usize, &'static signature::EcdsaVerificationAlgorithm) =
@@ -58,9 +61,10 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
                     (curve::NIST_P256, alg::SHA256) => (32, &signature::ECDSA_P256_SHA256_FIXED),
                     (curve::NIST_P384, alg::SHA384) => (48, &signature::ECDSA_P384_SHA384_FIXED),
                     _ => {
-                        return Err(refused(format!(
-                            "unsupported ECDSA curve/hash 0x{c:04x}/0x{hash:04x}"
-                        )))
+                        return Err(refused(
+                            Unsupported,
+                            format!("unsupported ECDSA curve/hash 0x{c:04x}/0x{hash:04x}"),
+                        ))
                     }
                 };
             let point = wire::ecc_point(x, y, len)?;
@@ -84,9 +88,12 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
                 (alg::RSAPSS, alg::SHA384) => &signature::RSA_PSS_2048_8192_SHA384,
                 (alg::RSAPSS, alg::SHA512) => &signature::RSA_PSS_2048_8192_SHA512,
                 _ => {
-                    return Err(refused(format!(
-                        "unsupported RSA signature scheme/hash 0x{scheme:04x}/0x{hash:04x}"
-                    )))
+                    return Err(refused(
+                        Unsupported,
+                        format!(
+                            "unsupported RSA signature scheme/hash 0x{scheme:04x}/0x{hash:04x}"
+                        ),
+                    ))
                 }
             };
             let e = exponent.to_be_bytes();
@@ -97,7 +104,10 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
             .verify(params, msg, sig)
             .map_err(|_| bad_sig())
         }
-        _ => Err(refused("signature algorithm does not match the key type")),
+        _ => Err(refused(
+            BadSignature,
+            "signature algorithm does not match the key type",
+        )),
     }
 }
 
@@ -121,10 +131,13 @@ pub fn verify_quote(
     pcr_values: &BTreeMap<u8, Vec<u8>>,
 ) -> Result<VerifiedQuote, Error> {
     if attest_raw.len() > MAX_ATTEST {
-        return Err(refused("quote TPMS_ATTEST is too large"));
+        return Err(refused(Malformed, "quote TPMS_ATTEST is too large"));
     }
-    verify_signature(ak, attest_raw, sig_raw)
-        .map_err(|e| refused(format!("quote signature check failed: {}", reason(&e))))?;
+    verify_signature(ak, attest_raw, sig_raw).map_err(|e| {
+        e.reworded(BadSignature, |r| {
+            format!("quote signature check failed: {r}")
+        })
+    })?;
     let attest = Attest::parse(attest_raw)?;
     let Attested::Quote {
         selection: banks,
@@ -132,6 +145,7 @@ pub fn verify_quote(
     } = &attest.attested
     else {
         return Err(refused(
+            Malformed,
             "TPMS_ATTEST is not a quote (type is not TPM_ST_ATTEST_QUOTE)",
         ));
     };
@@ -139,6 +153,7 @@ pub fn verify_quote(
         || !bool::from(attest.extra_data.as_slice().ct_eq(nonce))
     {
         return Err(refused(
+            Replay,
             "quote extraData does not match this attempt's nonce (stale or replayed quote)",
         ));
     }
@@ -153,29 +168,36 @@ pub fn verify_quote(
         .cloned()
         .collect();
     if got != want {
-        return Err(refused(format!(
-            "quote PCR selection {} is not the requested sha256:{}",
-            describe_banks(&got),
-            list(selection)
-        )));
+        return Err(refused(
+            PolicyMismatch,
+            format!(
+                "quote PCR selection {} is not the requested sha256:{}",
+                describe_banks(&got),
+                list(selection)
+            ),
+        ));
     }
     let sent: BTreeSet<u8> = pcr_values.keys().copied().collect();
     if &sent != selection {
-        return Err(refused(format!(
-            "PCR values sent are for PCRs {}, not the quoted {}",
-            list(&sent),
-            list(selection)
-        )));
+        return Err(refused(
+            Malformed,
+            format!(
+                "PCR values sent are for PCRs {}, not the quoted {}",
+                list(&sent),
+                list(selection)
+            ),
+        ));
     }
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for (i, v) in pcr_values {
         if v.len() != 32 {
-            return Err(refused(format!("PCR {i} value is not 32 bytes")));
+            return Err(refused(Malformed, format!("PCR {i} value is not 32 bytes")));
         }
         ctx.update(v);
     }
     if ctx.finish().as_ref() != digest.as_slice() {
         return Err(refused(
+            BadSignature,
             "PCR values sent do not match the quote's PCR digest",
         ));
     }
@@ -183,13 +205,6 @@ pub fn verify_quote(
         attest,
         pcrs: pcr_values.clone(),
     })
-}
-
-fn reason(e: &Error) -> String {
-    match e {
-        Error::Refused(r) => r.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// `0,1,7`.
@@ -313,9 +328,10 @@ mod tests {
         )
     }
 
-    fn refusal(r: Result<VerifiedQuote, Error>) -> String {
+    /// The detail of a refusal of `kind`.
+    fn refusal(kind: RefusalKind, r: Result<VerifiedQuote, Error>) -> String {
         match r {
-            Err(Error::Refused(s)) => s,
+            Err(Error::Refused(s)) if s.kind == kind => s.detail,
             other => panic!("expected a refusal, got {other:?}"),
         }
     }
@@ -342,11 +358,12 @@ mod tests {
     #[test]
     fn validly_signed_but_malformed_quotes_are_refused() {
         let ak = soft_ak();
-        let q = |m, t, n: &[u8], b, tr: &[u8]| {
-            refusal(check(&ak, &attest(m, t, n, b, tr), alg::SHA256))
+        let q = |k, m, t, n: &[u8], b, tr: &[u8]| {
+            refusal(k, check(&ak, &attest(m, t, n, b, tr), alg::SHA256))
         };
         assert_eq!(
             q(
+                Malformed,
                 0xff54_4348,
                 wire::ST_ATTEST_QUOTE,
                 b"nonce",
@@ -356,11 +373,19 @@ mod tests {
             "TPMS_ATTEST magic is 0xff544348, not TPM_GENERATED_VALUE (0xff544347)"
         );
         assert_eq!(
-            q(wire::TPM_GENERATED, 0x8014, b"nonce", alg::SHA256, &[]),
+            q(
+                Malformed,
+                wire::TPM_GENERATED,
+                0x8014,
+                b"nonce",
+                alg::SHA256,
+                &[]
+            ),
             "TPMS_ATTEST type is 0x8014, not a quote or certify"
         );
         assert_eq!(
             q(
+                Malformed,
                 wire::TPM_GENERATED,
                 wire::ST_ATTEST_QUOTE,
                 b"nonce",
@@ -371,6 +396,7 @@ mod tests {
         );
         assert_eq!(
             q(
+                Replay,
                 wire::TPM_GENERATED,
                 wire::ST_ATTEST_QUOTE,
                 b"other",
@@ -381,6 +407,7 @@ mod tests {
         );
         assert_eq!(
             q(
+                PolicyMismatch,
                 wire::TPM_GENERATED,
                 wire::ST_ATTEST_QUOTE,
                 b"nonce",
@@ -397,7 +424,7 @@ mod tests {
         c.extend([0u8; 25]);
         c.extend([0, 2, 0xaa, 0xbb, 0, 0]);
         assert_eq!(
-            refusal(check(&ak, &c, alg::SHA256)),
+            refusal(Malformed, check(&ak, &c, alg::SHA256)),
             "TPMS_ATTEST is not a quote (type is not TPM_ST_ATTEST_QUOTE)"
         );
         // A signature claiming another hash than the AK's scheme.
@@ -408,7 +435,7 @@ mod tests {
             alg::SHA256,
             &[],
         );
-        assert!(refusal(check(&ak, &a, alg::SHA384)).starts_with(
+        assert!(refusal(BadSignature, check(&ak, &a, alg::SHA384)).starts_with(
             "quote signature check failed: signature scheme 0x0018/0x000c is not the key's scheme"
         ));
         // Garbage never panics the parsers.
