@@ -15,6 +15,7 @@ use crate::datastore::AuthorityRecord;
 use crate::datastore::{AgentRecord, EntryFilter};
 use crate::entries::to_proto;
 use crate::limits;
+use crate::Error;
 
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions()
@@ -56,17 +57,17 @@ fn authority_to_proto(kind: Kind, a: &AuthorityRecord, backend: &str) -> pb::Aut
     }
 }
 
-/// Refuses a string over its bound ([`crate::limits`]): `InvalidArgument` and the bound.
-fn bound(what: &'static str, value: &str, max: usize) -> Result<(), Status> {
-    limits::check_len(what, value, max).map_err(Status::from)
+/// Refuses a string over its bound ([`crate::limits`]): `InvalidInput` and the bound.
+fn bound(what: &'static str, value: &str, max: usize) -> crate::Result<()> {
+    limits::check_len(what, value, max)
 }
 
 /// Refuses bytes over their bound.
-fn bytes_bound(what: &'static str, value: &[u8], max: usize) -> Result<(), Status> {
-    limits::at_most(what, value.len(), max).map_err(|e| Status::invalid_argument(e.to_string()))
+fn bytes_bound(what: &'static str, value: &[u8], max: usize) -> crate::Result<()> {
+    limits::at_most(what, value.len(), max).map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
-fn trust_domain_ref(td: &str) -> Result<(), Status> {
+fn trust_domain_ref(td: &str) -> crate::Result<()> {
     // `spiffe://` may precede the name.
     bound(
         "trust domain (bytes)",
@@ -75,12 +76,12 @@ fn trust_domain_ref(td: &str) -> Result<(), Status> {
     )
 }
 
-fn authority_ref(r: &pb::AuthorityRef) -> Result<(), Status> {
+fn authority_ref(r: &pb::AuthorityRef) -> crate::Result<()> {
     bound("authority kind (bytes)", &r.kind, limits::MAX_KEYWORD_BYTES)?;
     bound("authority id (bytes)", &r.id, limits::MAX_OBJECT_ID_BYTES)
 }
 
-fn federation_bounds(r: &pb::Federation) -> Result<(), Status> {
+fn federation_bounds(r: &pb::Federation) -> crate::Result<()> {
     trust_domain_ref(&r.trust_domain)?;
     bound(
         "bundle endpoint URL (bytes)",
@@ -181,11 +182,7 @@ impl Admin for AdminApi {
             spiffe_id: (!r.spiffe_id.is_empty()).then(|| r.spiffe_id.clone()),
             parent_id: (!r.parent_id.is_empty()).then(|| r.parent_id.clone()),
         };
-        let entries = self
-            .core
-            .store
-            .list_entries(&filter)
-            .map_err(Status::from)?;
+        let entries = self.core.store.list_entries(&filter)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries.iter().map(to_proto).collect(),
@@ -206,9 +203,8 @@ impl Admin for AdminApi {
         let e = self
             .core
             .store
-            .get_entry(id)
-            .map_err(Status::from)?
-            .ok_or_else(|| Status::not_found(format!("entry {id} does not exist")))?;
+            .get_entry(id)?
+            .ok_or_else(|| Error::NotFound(format!("entry {id} does not exist")))?;
         self.core.audit_barrier().await?;
         Ok(Response::new(to_proto(&e)))
     }
@@ -233,7 +229,7 @@ impl Admin for AdminApi {
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         audit!(self, request, "ListAgents");
-        let agents = self.core.store.list_agents().map_err(Status::from)?;
+        let agents = self.core.store.list_agents()?;
         self.core.audit_barrier().await?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.iter().map(agent_to_proto).collect(),
@@ -255,9 +251,8 @@ impl Admin for AdminApi {
         let a = self
             .core
             .store
-            .get_agent(id)
-            .map_err(Status::from)?
-            .ok_or_else(|| Status::not_found(format!("agent {id} does not exist")))?;
+            .get_agent(id)?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
         self.core.audit_barrier().await?;
         Ok(Response::new(agent_to_proto(&a)))
     }
@@ -300,7 +295,7 @@ impl Admin for AdminApi {
         let b = self.core.bundle();
         let spiffe_json = b
             .to_spiffe_json()
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
         self.core.audit_barrier().await?;
         Ok(Response::new(pb::GetBundleResponse {
             bundle: Some(b.as_ref().into()),
@@ -492,7 +487,7 @@ impl Admin for AdminApi {
             profile: r.profile.clone(),
             endpoint_spiffe_id: r.endpoint_spiffe_id.clone(),
             trust_bundle: String::from_utf8(r.trust_bundle.clone())
-                .map_err(|_| Status::invalid_argument("trust bundle is not UTF-8"))?,
+                .map_err(|_| Error::InvalidInput("trust bundle is not UTF-8".into()))?,
             ..Default::default()
         };
         let f = self.core.create_federation(rec, &caller(&request))?;
@@ -578,14 +573,12 @@ impl Admin for AdminApi {
     }
 }
 
-fn federated_to_proto(
-    b: &ztid_spiffe::bundle::TrustBundle,
-) -> Result<pb::FederatedBundle, Status> {
+fn federated_to_proto(b: &ztid_spiffe::bundle::TrustBundle) -> crate::Result<pb::FederatedBundle> {
     Ok(pb::FederatedBundle {
         bundle: Some(b.into()),
         spiffe_json: b
             .to_spiffe_json()
-            .map_err(|e| Status::internal(e.to_string()))?,
+            .map_err(|e| Error::Internal(e.to_string()))?,
     })
 }
 

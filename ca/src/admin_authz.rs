@@ -32,6 +32,7 @@ use crate::audit::AuditLog;
 use crate::core::CaCore;
 use crate::grpc_middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::refusal_audit::RefusalAudit;
+use crate::{Error, RefusalKind};
 
 /// An admin role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,7 +322,8 @@ impl PerRequest for AdminAuthzLayer {
                 let (caller, reason, _) = &refused;
                 tracing::warn!(event = "admin_refused", caller = %caller, call = %method, reason = %reason, "admin call refused");
                 policy.audit_refused(req.extensions(), &refused, &method);
-                let resp = tonic::Status::permission_denied(refused.1).into_http();
+                let refusal = Error::refused(RefusalKind::CallNotAllowed, refused.1);
+                let resp = tonic::Status::from(refusal).into_http();
                 Box::pin(async move { Ok(resp) })
             }
         }
@@ -366,15 +368,13 @@ mod tests {
             )),
         );
         let ext = http::Extensions::new();
-        assert!(p
+        let (_, reason, label) = p
             .decide(&ext, "/ztid.admin.v1.Admin/ListEntries")
-            .unwrap_err()
-            .1
-            .contains("unknown transport"));
-        assert!(p
-            .decide(&ext, "/ztid.node.v1.Node/Attest")
-            .unwrap_err()
-            .1
-            .contains("not an admin RPC"));
+            .unwrap_err();
+        assert_eq!(label, "admin_unknown_transport");
+        assert!(reason.contains("unknown transport"));
+        let (_, reason, label) = p.decide(&ext, "/ztid.node.v1.Node/Attest").unwrap_err();
+        assert_eq!(label, "admin_unknown_rpc");
+        assert!(reason.contains("not an admin RPC"));
     }
 }

@@ -30,6 +30,7 @@
 
 mod anchor;
 mod checkpoint;
+mod error;
 pub mod format;
 mod recovery;
 mod session;
@@ -37,6 +38,7 @@ mod verify;
 
 pub use anchor::{Anchor, NamedAnchor};
 pub use checkpoint::{export_checkpoint, read_checkpoint_file, ExportedCheckpoint};
+pub use error::{AuditError, VerifyError};
 pub use recovery::Quarantined;
 pub use verify::{verify, verify_with, VerifyOptions, VerifyReport};
 
@@ -284,13 +286,13 @@ impl AuditLog {
         self.shared
             .chain
             .lock()
-            .map_err(|_| Error::Store("audit lock poisoned".into()))
+            .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()).into())
     }
 
     /// Appends `event`; returns its sequence number (await [`AuditLog::durable`] before acting on it).
     pub fn append(&self, event: Value) -> Result<u64> {
         if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
-            return Err(Error::Store(format!("audit log unavailable: {e}")));
+            return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
         }
         let mut c = self.lock_chain()?;
         let seq = self.push(&mut c, json!({"event": event}))?;
@@ -310,8 +312,9 @@ impl AuditLog {
         // seq, time and prev first, then the body's fields; the hash covers the exact bytes.
         let obj = body
             .as_object_mut()
-            .ok_or_else(|| Error::Store("audit body".into()))?;
-        let rest = serde_json::to_string(obj).map_err(|e| Error::Store(e.to_string()))?;
+            .ok_or_else(|| AuditError::Unavailable("audit body".into()))?;
+        let rest =
+            serde_json::to_string(obj).map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let line = format!(
             "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}\n",
             now_ms(),
@@ -501,13 +504,13 @@ impl AuditLog {
                 return Ok(());
             }
             if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
-                return Err(Error::Store(format!("audit log unavailable: {e}")));
+                return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
             }
             if tokio::time::timeout(Duration::from_secs(5), rx.changed())
                 .await
                 .is_ok_and(|r| r.is_err())
             {
-                return Err(Error::Store("audit writer stopped".into()));
+                return Err(AuditError::Unavailable("audit writer stopped".into()).into());
             }
         }
     }
@@ -522,12 +525,12 @@ pub fn log_path(dir: &Path) -> PathBuf {
 fn existing_key(
     dir: &Path,
     key_manager: &dyn KeyManager,
-) -> std::result::Result<(String, AuditKeyVerifier, Vec<u8>), String> {
+) -> std::result::Result<(String, AuditKeyVerifier, Vec<u8>), VerifyError> {
     let key_id = audit_key_id(dir, key_manager, false)
-        .map_err(|e| format!("no audit key id in {}: {e}", dir.display()))?;
+        .map_err(|e| VerifyError::AuditKey(format!("no audit key id in {}: {e}", dir.display())))?;
     let public = key_manager
         .public_key(&key_id)
-        .map_err(|e| format!("audit key {key_id}: {e}"))?;
+        .map_err(|e| VerifyError::AuditKey(format!("audit key {key_id}: {e}")))?;
     Ok((key_id, AuditKeyVerifier::new(public.raw), public.spki_der))
 }
 
@@ -591,7 +594,7 @@ mod tests {
             log
         }
 
-        fn verify(&self) -> std::result::Result<VerifyReport, String> {
+        fn verify(&self) -> std::result::Result<VerifyReport, VerifyError> {
             verify(&self.audit(), self.km.as_ref())
         }
 
@@ -693,24 +696,38 @@ mod tests {
         let mut l = orig.clone();
         let i = at("\"0003\"");
         l[i] = l[i].replace("0003", "0903");
+        let e = check(&l);
+        assert!(matches!(e, VerifyError::ChainBreak { record } if record == i as u64 + 2));
         assert_eq!(
-            check(&l),
+            e.to_string(),
             format!(
                 "record {}: does not chain to the record before it (changed, deleted or reordered)",
                 i + 2
             )
         );
+        let out_of_place = |e: VerifyError| {
+            let (record, found) = (i as u64 + 1, i as u64 + 2);
+            assert!(
+                matches!(e, VerifyError::Sequence { record: r, found: s } if (r, s) == (record, found)),
+                "{e}"
+            );
+            assert!(e
+                .to_string()
+                .starts_with(&format!("record {record}: sequence number is {found}")));
+        };
         // A record deleted.
         let mut l = orig.clone();
         l.remove(i);
-        assert!(check(&l).starts_with(&format!("record {}: sequence number is {}", i + 1, i + 2)));
+        out_of_place(check(&l));
         // Two records swapped.
         let mut l = orig.clone();
         l.swap(i, i + 1);
-        assert!(check(&l).starts_with(&format!("record {}: sequence number is {}", i + 1, i + 2)));
+        out_of_place(check(&l));
         // The tail cut.
         let l = orig[..i].to_vec();
-        assert!(check(&l).contains("records were cut from the end"));
+        let e = check(&l);
+        assert!(matches!(e, VerifyError::CutBeforeHead { .. }), "{e}");
+        assert!(e.to_string().contains("records were cut from the end"));
         // A forged signature: the record at `at` gets `sig_len` bytes of ones as its
         // `kind` signature.
         let forged = |at: usize, kind: &str, sig_len: usize| {
@@ -719,6 +736,16 @@ mod tests {
             v[kind]["sig"] = json!(B64.encode(vec![1u8; sig_len]));
             l[at] = v.to_string();
             let e = check(&l);
+            assert!(
+                matches!(
+                    (kind, &e),
+                    ("checkpoint", VerifyError::BadCheckpoint { .. })
+                        | ("seal", VerifyError::BadSeal { .. })
+                        | (_, VerifyError::ChainBreak { .. })
+                ),
+                "{e}"
+            );
+            let e = e.to_string();
             assert!(
                 e.contains(&format!("{kind} signature does not verify"))
                     || e.contains("does not chain"),
@@ -740,8 +767,13 @@ mod tests {
         let n = f.lines().len() as u64;
         f.append_linked(json!({"type": "forged"}));
         let e = f.verify().unwrap_err();
+        assert!(
+            matches!(e, VerifyError::UnsignedTail { signed_through, last } if (signed_through, last) == (n, n + 1))
+                && e.is_live_tail(),
+            "{e}"
+        );
         assert_eq!(
-            e,
+            e.to_string(),
             format!("records {} to {} come after the last signature (record {n}): nothing signed them, so they were appended by something other than the server, or left by a crash before they were acknowledged (the server sets them aside at its next start); --allow-unsigned-tail accepts them, e.g. for the batch a live server is writing", n + 1, n + 1)
         );
         let r = f.verify_allowing_unsigned_tail();
@@ -755,7 +787,12 @@ mod tests {
             .open(log_path(&f.audit()))
             .unwrap();
         file.write_all(b"{\"seq\":").unwrap();
-        assert!(f.verify().unwrap_err().contains("truncated (no line end)"));
+        let e = f.verify().unwrap_err();
+        assert!(
+            matches!(e, VerifyError::TruncatedTail { .. }) && e.is_live_tail(),
+            "{e}"
+        );
+        assert!(e.to_string().contains("truncated (no line end)"));
         let r = f.verify_allowing_unsigned_tail();
         assert_eq!((r.unsigned_tail, r.torn_tail), (1, true));
     }
@@ -828,7 +865,9 @@ mod tests {
         f.put(&old_lines);
         std::fs::write(f.audit().join(HEAD_FILE), &old_head).unwrap();
         assert!(f.verify().is_ok(), "the directory alone cannot tell");
-        let e = f.open().err().unwrap().to_string();
+        let e = f.open().err().unwrap();
+        assert!(matches!(e, Error::Audit(AuditError::RolledBack(_))), "{e}");
+        let e = e.to_string();
         assert!(
             e.contains(&format!(
                 "the datastore anchor is at record {} but the last record the server signed is {}: signed records were cut from the log (rolled back)",
@@ -843,14 +882,18 @@ mod tests {
         let last = forked.len() - 1;
         forked[last] = forked[last].replace("\"sig\":\"", "\"sig\":\"A");
         f.put(&forked);
-        let e = f.open().err().unwrap().to_string();
+        let e = f.open().err().unwrap();
+        assert!(matches!(e, Error::Audit(AuditError::RolledBack(_))), "{e}");
+        let e = e.to_string();
         assert!(
             e.contains("cut from the log") || e.contains("differs from the datastore anchor"),
             "{e}"
         );
         // A log removed outright.
         std::fs::remove_file(log_path(&f.audit())).unwrap();
-        let e = f.open().err().unwrap().to_string();
+        let e = f.open().err().unwrap();
+        assert!(matches!(e, Error::Audit(AuditError::RolledBack(_))), "{e}");
+        let e = e.to_string();
         assert!(e.contains("there is no audit log"), "{e}");
         // The operator's explicit decision is recorded, and the chain goes on.
         f.put(&old_lines);
@@ -886,7 +929,9 @@ mod tests {
         let i = l.iter().position(|x| x.contains("\"0004\"")).unwrap();
         l[i] = l[i].replace("0004", "0404");
         f.put(&l);
-        let e = f.open().err().unwrap().to_string();
+        let e = f.open().err().unwrap();
+        assert!(matches!(e, Error::Audit(AuditError::Broken(_))), "{e}");
+        let e = e.to_string();
         assert!(e.contains("inside the signed part of the log"), "{e}");
     }
 
@@ -954,8 +999,10 @@ mod tests {
         f.put(&full[..cp.seq as usize - 2]);
         std::fs::remove_file(f.audit().join(HEAD_FILE)).unwrap();
         let e = with_cp().unwrap_err();
+        assert!(matches!(e, VerifyError::RolledBack { .. }), "{e}");
         assert!(
-            e.contains("records were cut from the end (the log was rolled back)"),
+            e.to_string()
+                .contains("records were cut from the end (the log was rolled back)"),
             "{e}"
         );
         // A fork: the record at the checkpoint rewritten.
@@ -964,11 +1011,14 @@ mod tests {
         forked[i] = forked[i].replace("\"sig\":\"", "\"sig\":\"A");
         f.put(&forked[..=i]);
         let e = with_cp().unwrap_err();
-        assert!(e.contains("differs from checkpoint"), "{e}");
+        assert!(matches!(e, VerifyError::Forked { .. }), "{e}");
+        assert!(e.to_string().contains("differs from checkpoint"), "{e}");
         // A checkpoint changed by hand no longer verifies.
         let mut v = cp.to_json();
         v["seq"] = json!(1);
         std::fs::write(&file, v.to_string()).unwrap();
-        assert!(with_cp().unwrap_err().contains("signature does not verify"));
+        let e = with_cp().unwrap_err();
+        assert!(matches!(e, VerifyError::CheckpointSignature { .. }), "{e}");
+        assert!(e.to_string().contains("signature does not verify"));
     }
 }

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use spiffe::TrustDomain;
+use ztid_hsm::KeyManager;
 use ztid_spiffe::bundle::TrustBundle;
 use ztid_spiffe::jwt::JwtKey;
 use ztid_spiffe::tls::{shared_roots, SharedRoots};
-use ztid_hsm::KeyManager;
 
 use crate::authority::{JwtAuthority, X509Authority};
 use crate::datastore::{AuthorityRecord, AuthorityState, CaState, DataStore};
@@ -43,7 +43,7 @@ impl Kind {
         match s {
             "x509" => Ok(Kind::X509),
             "jwt" => Ok(Kind::Jwt),
-            other => Err(Error::InvalidArgument(format!(
+            other => Err(Error::InvalidInput(format!(
                 "authority kind must be x509 or jwt, not {other:?}"
             ))),
         }
@@ -253,7 +253,7 @@ impl AuthoritySet {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, CaState>> {
         self.state
             .lock()
-            .map_err(|_| Error::Store("authority state lock poisoned".into()))
+            .map_err(|_| Error::Internal("authority state lock poisoned".into()))
     }
 
     /// Every authority of a kind, oldest first.
@@ -355,7 +355,7 @@ impl AuthoritySet {
             .iter()
             .find(|a| a.state == AuthorityState::Prepared)
         {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Precondition(format!(
                 "{} authority {} is prepared already; activate it first",
                 kind.as_str(),
                 p.id
@@ -377,7 +377,7 @@ impl AuthoritySet {
             .iter()
             .position(|a| a.state == AuthorityState::Prepared)
         else {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Precondition(format!(
                 "no prepared {} authority: run prepare first",
                 kind.as_str()
             )));
@@ -403,19 +403,19 @@ impl AuthoritySet {
             .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
         match (a.state, a.tainted) {
             (_, true) => {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::Precondition(format!(
                     "{} authority {id} is tainted already",
                     kind.as_str()
                 )))
             }
             (AuthorityState::Active, _) => {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::Precondition(format!(
                 "{} authority {id} is active: prepare and activate a successor before tainting it",
                 kind.as_str()
             )))
             }
             (AuthorityState::Prepared, _) => {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::Precondition(format!(
                     "{} authority {id} is only prepared; nothing to taint",
                     kind.as_str()
                 )))
@@ -448,13 +448,13 @@ impl AuthoritySet {
             .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
         let record = list[i].clone();
         if !record.tainted {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Precondition(format!(
                 "{} authority {id} is not tainted: taint it first",
                 kind.as_str()
             )));
         }
         if let Some(holder) = still_used(&record) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Precondition(format!(
                 "{} authority {id} is still in use: {holder}",
                 kind.as_str()
             )));
@@ -545,6 +545,12 @@ mod tests {
         .unwrap()
     }
 
+    /// The text of a refusal by the authorities' lifecycle, once its kind is checked.
+    fn precondition(e: Error) -> String {
+        assert!(matches!(e, Error::Precondition(_)), "{e}");
+        e.to_string()
+    }
+
     #[test]
     fn lifecycle_with_refusals_and_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -557,26 +563,26 @@ mod tests {
             // Nothing to activate yet; the active one cannot be tainted or revoked.
             assert!(s
                 .activate(Kind::X509, 1000)
+                .map_err(precondition)
                 .unwrap_err()
-                .to_string()
                 .contains("run prepare first"));
             assert!(s
                 .taint(Kind::X509, &first, 1000)
+                .map_err(precondition)
                 .unwrap_err()
-                .to_string()
                 .contains("is active"));
             assert!(s
                 .revoke(Kind::X509, &first, 1000, |_| None)
+                .map_err(precondition)
                 .unwrap_err()
-                .to_string()
                 .contains("not tainted"));
             assert_eq!(s.bundle().sequence, seq0, "refusals change nothing");
 
             prepared = s.prepare(Kind::X509, 1001).unwrap().id;
             assert!(s
                 .prepare(Kind::X509, 1001)
+                .map_err(precondition)
                 .unwrap_err()
-                .to_string()
                 .contains("prepared already"));
             let b = s.bundle();
             assert_eq!(
@@ -605,7 +611,7 @@ mod tests {
                 Some("agent A holds SVIDs signed by it".into())
             })
             .unwrap_err();
-        assert!(err.to_string().contains("still in use: agent A"));
+        assert!(precondition(err).contains("still in use: agent A"));
         assert_eq!(s.bundle().x509_authorities.len(), 2);
         s.revoke(Kind::X509, &first, 1007, |_| None).unwrap();
         let b = s.bundle();

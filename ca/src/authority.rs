@@ -148,16 +148,14 @@ impl X509Authority {
         params.subject_alt_names = vec![SanType::URI(
             format!("spiffe://{trust_domain}")
                 .try_into()
-                .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+                .map_err(Error::CertificateBuild)?,
         )];
         let not_after = match upstream {
             Some(u) => (now + ttl_seconds).min(u.not_after),
             None => now + ttl_seconds,
         };
         if not_after <= now {
-            return Err(Error::FailedPrecondition(
-                "the upstream CA has expired".into(),
-            ));
+            return Err(Error::Precondition("the upstream CA has expired".into()));
         }
         params.not_before = to_time(now - 60)?;
         params.not_after = to_time(not_after)?;
@@ -243,7 +241,7 @@ impl X509Authority {
         now: i64,
     ) -> Result<SignedLeaf> {
         if now >= self.record.not_after {
-            return Err(Error::FailedPrecondition(
+            return Err(Error::Precondition(
                 "the X.509 authority has expired".into(),
             ));
         }
@@ -265,13 +263,11 @@ impl X509Authority {
                 .spiffe_id
                 .clone()
                 .try_into()
-                .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+                .map_err(Error::CertificateBuild)?,
         )];
         for dns in &template.dns_names {
             sans.push(SanType::DnsName(
-                dns.clone()
-                    .try_into()
-                    .map_err(|e: rcgen::Error| Error::Certificate(e.to_string()))?,
+                dns.clone().try_into().map_err(Error::CertificateBuild)?,
             ));
         }
         params.subject_alt_names = sans;
@@ -363,9 +359,7 @@ impl JwtAuthority {
         issuer: Option<&str>,
     ) -> Result<(String, i64)> {
         if now >= self.record.not_after {
-            return Err(Error::FailedPrecondition(
-                "the JWT authority has expired".into(),
-            ));
+            return Err(Error::Precondition("the JWT authority has expired".into()));
         }
         let exp = (now + ttl_seconds).min(self.record.not_after);
         let mut claims = Map::new();

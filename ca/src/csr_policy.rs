@@ -7,7 +7,7 @@ use rcgen::{CertificateSigningRequestParams, IsCa, KeyUsagePurpose, SanType};
 use rustls_pki_types::CertificateSigningRequestDer;
 use ztid_spiffe::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
 
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 /// Which SPIFFE ID a CSR may carry.
 #[derive(Debug, Clone)]
@@ -30,18 +30,20 @@ pub enum IdentityRule<'a> {
 /// [`IdentityRule::Instance`]) never yields an ID under ztid's reserved prefix: the
 /// server's, agents' and admins' identities are issued only by the server itself.
 pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String> {
-    let id = spiffe_id::parse(requested)
-        .map_err(|e| Error::InvalidArgument(format!("CSR SPIFFE ID: {}", reason(e))))?;
+    let id = spiffe_id::parse(requested).map_err(|e| {
+        Error::refused(RefusalKind::BadCsr, format!("CSR SPIFFE ID: {}", reason(e)))
+    })?;
     let not_entitled = |entitled: &str| {
-        Error::PermissionDenied(format!(
-            "CSR asks for {requested}, but the caller is entitled only to {entitled}"
-        ))
+        Error::refused(
+            RefusalKind::CsrNotGranted,
+            format!("CSR asks for {requested}, but the caller is entitled only to {entitled}"),
+        )
     };
     let (entry, per_instance) = match rule {
         IdentityRule::Assigned(own) => {
             // The server's own identity is issued by the server to itself, never for a CSR.
             if spiffe_id::is_server_id(id.trust_domain(), &id) {
-                return Err(Error::PermissionDenied(format!(
+                return Err(Error::refused(RefusalKind::CsrNotGranted, format!(
                     "CSR asks for {requested}, the server's own identity, which is never issued for a CSR"
                 )));
             }
@@ -55,7 +57,7 @@ pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String
         IdentityRule::Instance(entry) => (*entry, true),
     };
     if spiffe_id::is_reserved(&id) {
-        return Err(Error::PermissionDenied(format!(
+        return Err(Error::refused(RefusalKind::CsrNotGranted, format!(
             "CSR asks for {requested}, which is under spiffe://{}/{}/: reserved for ztid's own identities, issued only by the server",
             id.trust_domain(),
             spiffe_id::RESERVED_SEGMENT
@@ -73,7 +75,7 @@ pub fn check_identity(rule: &IdentityRule<'_>, requested: &str) -> Result<String
         .and_then(|rest| rest.strip_prefix('/'))
     {
         Some(segment) if spiffe_id::is_instance_segment(segment) => Ok(id.to_string()),
-        Some(segment) if !segment.contains('/') => Err(Error::PermissionDenied(format!(
+        Some(segment) if !segment.contains('/') => Err(Error::refused(RefusalKind::CsrNotGranted, format!(
             "CSR asks for {requested}, but an instance segment must be {INSTANCE_SEGMENT_LEN} lowercase hex characters, as agents generate it"
         ))),
         _ => Err(not_entitled(&format!("{entry}/<instance>"))),
@@ -103,28 +105,34 @@ pub fn check_csr(
     allowed_dns: &[String],
 ) -> Result<CheckedCsr> {
     if der.is_empty() || der.len() > 16 * 1024 {
-        return Err(Error::InvalidArgument(
-            "CSR is empty or larger than 16 KiB".into(),
+        return Err(Error::refused(
+            RefusalKind::BadCsr,
+            "CSR is empty or larger than 16 KiB",
         ));
     }
     let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
         .map_err(|e| match e {
         rcgen::Error::InvalidCertificationRequestSignature => {
-            Error::InvalidArgument("CSR signature does not verify".into())
+            Error::refused(RefusalKind::BadCsr, "CSR signature does not verify")
         }
-        rcgen::Error::UnsupportedExtension => {
-            Error::InvalidArgument("CSR requests an extension the server does not grant".into())
-        }
-        other => Error::InvalidArgument(format!("malformed CSR: {other}")),
+        rcgen::Error::UnsupportedExtension => Error::refused(
+            RefusalKind::BadCsr,
+            "CSR requests an extension the server does not grant",
+        ),
+        other => Error::refused(RefusalKind::BadCsr, format!("malformed CSR: {other}")),
     })?;
     let alg = csr.public_key.algorithm();
     if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ECDSA_P384_SHA384 {
-        return Err(Error::InvalidArgument(
-            "CSR key must be ECDSA P-256 or P-384".into(),
+        return Err(Error::refused(
+            RefusalKind::BadCsr,
+            "CSR key must be ECDSA P-256 or P-384",
         ));
     }
     if matches!(csr.params.is_ca, IsCa::Ca(_)) {
-        return Err(Error::PermissionDenied("CSR asks to be a CA".into()));
+        return Err(Error::refused(
+            RefusalKind::CsrNotGranted,
+            "CSR asks to be a CA",
+        ));
     }
     if csr
         .params
@@ -132,8 +140,9 @@ pub fn check_csr(
         .iter()
         .any(|k| matches!(k, KeyUsagePurpose::KeyCertSign | KeyUsagePurpose::CrlSign))
     {
-        return Err(Error::PermissionDenied(
-            "CSR asks for certificate or CRL signing".into(),
+        return Err(Error::refused(
+            RefusalKind::CsrNotGranted,
+            "CSR asks for certificate or CRL signing",
         ));
     }
     let mut uris = Vec::new();
@@ -142,15 +151,19 @@ pub fn check_csr(
             SanType::URI(u) => uris.push(u.as_str().to_string()),
             SanType::DnsName(d) => {
                 if !allowed_dns.iter().any(|a| a == d.as_str()) {
-                    return Err(Error::PermissionDenied(format!(
-                        "CSR asks for DNS name {}, which the entry does not grant",
-                        d.as_str()
-                    )));
+                    return Err(Error::refused(
+                        RefusalKind::CsrNotGranted,
+                        format!(
+                            "CSR asks for DNS name {}, which the entry does not grant",
+                            d.as_str()
+                        ),
+                    ));
                 }
             }
             _ => {
-                return Err(Error::PermissionDenied(
-                    "CSR asks for a SAN type other than URI or DNS".into(),
+                return Err(Error::refused(
+                    RefusalKind::CsrNotGranted,
+                    "CSR asks for a SAN type other than URI or DNS",
                 ))
             }
         }
@@ -158,12 +171,12 @@ pub fn check_csr(
     let spiffe_id = match (uris.as_slice(), rule) {
         ([], IdentityRule::Assigned(id)) => check_identity(rule, id)?,
         ([one], _) => check_identity(rule, one)?,
-        ([], _) => return Err(Error::InvalidArgument("CSR has no URI SAN".into())),
+        ([], _) => return Err(Error::refused(RefusalKind::BadCsr, "CSR has no URI SAN")),
         (many, _) => {
-            return Err(Error::InvalidArgument(format!(
-                "CSR must have exactly one URI SAN, has {}",
-                many.len()
-            )))
+            return Err(Error::refused(
+                RefusalKind::BadCsr,
+                format!("CSR must have exactly one URI SAN, has {}", many.len()),
+            ))
         }
     };
     Ok(CheckedCsr {
@@ -245,7 +258,8 @@ mod tests {
         ] {
             let e = refusal(IdentityRule::Instance(entry), requested);
             assert!(
-                matches!(&e, Error::PermissionDenied(m) if m.contains("reserved for ztid's own identities")),
+                e.refusal_kind() == Some(RefusalKind::CsrNotGranted)
+                    && e.to_string().contains("reserved for ztid's own identities"),
                 "{requested}: {e}"
             );
         }
@@ -254,7 +268,8 @@ mod tests {
             "spiffe://td/ztid/server",
         );
         assert!(
-            matches!(&e, Error::PermissionDenied(m) if m.contains("reserved")),
+            e.refusal_kind() == Some(RefusalKind::CsrNotGranted)
+                && e.to_string().contains("reserved"),
             "{e}"
         );
         // Not even a rule that names it by mistake issues the server's own identity.
@@ -265,7 +280,8 @@ mod tests {
         ] {
             let e = check_csr(&der, &rule, &[]).err().unwrap();
             assert!(
-                matches!(&e, Error::PermissionDenied(m) if m.contains("the server's own identity")),
+                e.refusal_kind() == Some(RefusalKind::CsrNotGranted)
+                    && e.to_string().contains("the server's own identity"),
                 "{e}"
             );
         }
@@ -286,7 +302,8 @@ mod tests {
                 &format!("spiffe://td/w/{seg}"),
             );
             assert!(
-                matches!(&e, Error::PermissionDenied(m) if m.contains("32 lowercase hex characters")),
+                e.refusal_kind() == Some(RefusalKind::CsrNotGranted)
+                    && e.to_string().contains("32 lowercase hex characters"),
                 "{seg}: {e}"
             );
         }
@@ -312,7 +329,8 @@ mod tests {
         ] {
             let e = refusal(IdentityRule::Shared("spiffe://td/w"), requested);
             assert!(
-                matches!(&e, Error::InvalidArgument(m) if m.contains("not a canonical SPIFFE ID")),
+                e.refusal_kind() == Some(RefusalKind::BadCsr)
+                    && e.to_string().contains("not a canonical SPIFFE ID"),
                 "{requested}: {e}"
             );
         }
@@ -320,14 +338,35 @@ mod tests {
             IdentityRule::Assigned("spiffe://td/ztid/agent/x"),
             "SPIFFE://td/ztid/agent/x",
         );
-        assert!(matches!(&e, Error::InvalidArgument(_)), "{e}");
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::BadCsr), "{e}");
     }
 
     #[test]
     fn refuses_everything_else_with_reason() {
-        let err = |der: Vec<u8>, rule: IdentityRule<'_>| {
-            check_csr(&der, &rule, &[]).err().unwrap().to_string()
+        // Each refusal's text, once its kind is checked: what is malformed (`BadCsr`)
+        // or asks for more than the rule grants (`CsrNotGranted`).
+        let kind_of = |der: &[u8], rule: &IdentityRule<'_>| {
+            check_csr(der, rule, &[])
+                .err()
+                .and_then(|e| e.refusal_kind())
         };
+        let err = |der: Vec<u8>, rule: IdentityRule<'_>| {
+            let e = check_csr(&der, &rule, &[]).err().unwrap();
+            assert!(
+                matches!(
+                    e.refusal_kind(),
+                    Some(RefusalKind::BadCsr | RefusalKind::CsrNotGranted)
+                ),
+                "{e}"
+            );
+            e.to_string()
+        };
+        let w = IdentityRule::Shared("spiffe://td/w");
+        let two_uris = csr(vec![uri("spiffe://td/w"), uri("spiffe://td/v")], false);
+        assert_eq!(kind_of(&two_uris, &w), Some(RefusalKind::BadCsr));
+        let ca = csr(vec![uri("spiffe://td/w")], true);
+        assert_eq!(kind_of(&ca, &w), Some(RefusalKind::CsrNotGranted));
+        assert_eq!(kind_of(b"garbage", &w), Some(RefusalKind::BadCsr));
         assert!(err(
             csr(vec![uri("spiffe://td/admin")], false),
             IdentityRule::Shared("spiffe://td/w")

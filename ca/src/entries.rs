@@ -2,9 +2,9 @@
 //! A malformed entry is refused with the reason and stores nothing.
 
 use spiffe::{SpiffeId, TrustDomain};
+use ztid_proto::node as pb;
 use ztid_spiffe::spiffe_id::{self, INSTANCE_SEGMENT_LEN};
 use ztid_spiffe::Selector;
-use ztid_proto::node as pb;
 
 use crate::authority::random_hex;
 use crate::csr_policy::reason;
@@ -19,10 +19,10 @@ pub fn server_id(td: &TrustDomain) -> String {
 /// Parses an ID given to the admin API: canonical spelling only (one rule, see
 /// [`ztid_spiffe::spiffe_id`]), in trust domain `td`.
 pub fn parse_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
-    let parsed = spiffe_id::parse(id)
-        .map_err(|e| Error::InvalidArgument(format!("{what} {}", reason(e))))?;
+    let parsed =
+        spiffe_id::parse(id).map_err(|e| Error::InvalidInput(format!("{what} {}", reason(e))))?;
     if parsed.trust_domain() != td {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidInput(format!(
             "{what} {id} is not in trust domain {td}"
         )));
     }
@@ -32,7 +32,7 @@ pub fn parse_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
 /// Refuses an ID under ztid's reserved prefix (`/ztid`, in any letter case).
 fn refuse_reserved(what: &str, id: &SpiffeId) -> Result<()> {
     if spiffe_id::is_reserved(id) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidInput(format!(
             "{what} {id} is under spiffe://{}/{}, which is reserved for ztid's own identities (the server, agents, admins)",
             id.trust_domain(),
             spiffe_id::RESERVED_SEGMENT
@@ -46,7 +46,7 @@ fn refuse_reserved(what: &str, id: &SpiffeId) -> Result<()> {
 pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<SpiffeId> {
     let parsed = parse_id(td, what, id)?;
     if parsed.path().is_empty() {
-        return Err(Error::InvalidArgument(format!("{what} must have a path")));
+        return Err(Error::InvalidInput(format!("{what} must have a path")));
     }
     refuse_reserved(what, &parsed)?;
     // Every agent entitled to a per-instance entry `X` may mint `X/<instance segment>`,
@@ -58,7 +58,7 @@ pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<Spif
         .next()
         .is_some_and(spiffe_id::is_instance_segment)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidInput(format!(
             "{what} {parsed} ends in a per-instance segment ({INSTANCE_SEGMENT_LEN} lowercase hex characters), \
              the form agents mint for each instance of an entry: it could be another entry's instance"
         )));
@@ -76,7 +76,7 @@ pub fn unusable_reason(td: &TrustDomain, e: &EntryRecord) -> Option<String> {
         if !e.node {
             let parent = parse_id(td, "parent_id", &e.parent_id)?;
             if spiffe_id::is_reserved(&parent) && !spiffe_id::is_agent_id(td, &parent) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidInput(format!(
                     "parent_id {} is reserved and not an agent ID",
                     e.parent_id
                 )));
@@ -111,14 +111,14 @@ pub fn validate_new_entry(
     // A per-instance ID is the entry's plus one segment; it must stay within the
     // 2048 bytes SPIFFE implementations must support.
     if !req.shared && !req.node && req.spiffe_id.len() + 1 + INSTANCE_SEGMENT_LEN > 2048 {
-        return Err(Error::InvalidArgument(
+        return Err(Error::InvalidInput(
             "spiffe_id too long for per-instance IDs".into(),
         ));
     }
     let parent_id = if req.node {
         let server = server_id(td);
         if !req.parent_id.is_empty() && req.parent_id != server {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "a node alias's parent must be the server, {server}"
             )));
         }
@@ -129,26 +129,26 @@ pub fn validate_new_entry(
         // joins them (a join token's --spiffe-id), so any non-reserved ID is accepted;
         // under the reserved prefix only agent IDs are.
         if spiffe_id::is_reserved(&parent) && !spiffe_id::is_agent_id(td, &parent) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "parent_id {} is reserved and not an agent ID (spiffe://{td}/ztid/agent/METHOD/NODE)",
                 req.parent_id
             )));
         }
         if parent.path().is_empty() {
-            return Err(Error::InvalidArgument("parent_id must have a path".into()));
+            return Err(Error::InvalidInput("parent_id must have a path".into()));
         }
         parent.to_string()
     };
     if req.selectors.is_empty() {
-        return Err(Error::InvalidArgument(
+        return Err(Error::InvalidInput(
             "an entry needs at least one selector".into(),
         ));
     }
     let mut selectors = Vec::with_capacity(req.selectors.len());
     for s in &req.selectors {
-        let sel = Selector::try_from(s).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let sel = Selector::try_from(s).map_err(|e| Error::InvalidInput(e.to_string()))?;
         if req.node != sel.is_node_selector() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "selector {sel} cannot be used in a {} entry",
                 if req.node { "node alias" } else { "workload" }
             )));
@@ -162,14 +162,14 @@ pub fn validate_new_entry(
         ("JWT TTL", req.jwt_ttl_seconds),
     ] {
         if ttl < 0 || ttl > max_ttl {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "{name} must be between 0 (default) and {max_ttl} seconds"
             )));
         }
     }
     for d in &req.dns_names {
         if !valid_dns_name(d) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "{d:?} is not a valid DNS name"
             )));
         }
@@ -177,9 +177,9 @@ pub fn validate_new_entry(
     let mut federates_with = Vec::new();
     for f in &req.federates_with {
         let ftd = spiffe_id::parse_trust_domain(f)
-            .map_err(|e| Error::InvalidArgument(format!("federates_with {}", reason(e))))?;
+            .map_err(|e| Error::InvalidInput(format!("federates_with {}", reason(e))))?;
         if ftd == *td {
-            return Err(Error::InvalidArgument(
+            return Err(Error::InvalidInput(
                 "an entry cannot federate with its own trust domain".into(),
             ));
         }
@@ -242,8 +242,8 @@ mod tests {
     fn refused(req: &pb::Entry) -> String {
         let td = TrustDomain::new("example.org").unwrap();
         match validate_new_entry(&td, req, 3600, 0) {
-            Err(Error::InvalidArgument(m)) => m,
-            other => panic!("{req:?}: expected InvalidArgument, got {other:?}"),
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("{req:?}: expected InvalidInput, got {other:?}"),
         }
     }
 

@@ -1,35 +1,55 @@
-//! The one error type of `ztid-ca`, and how each kind maps to a gRPC status.
+//! The one error type of `ztid-ca`, by domain: what went wrong, not which gRPC code a
+//! caller sees. The API layer turns it into a status in one place
+//! ([`crate::grpc_status`]); metrics label it with one `match` ([`crate::metrics`]).
+//!
+//! The text of every error is what operators and callers read (status messages, CLI
+//! output, logs, audit records): each variant displays its detail as it always has.
+
+use crate::audit::AuditError;
 
 /// Everything that can go wrong in the server.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The request is malformed; the text says what is wrong.
+    /// A policy refused a well-formed request: who the caller is, what it may have,
+    /// what the request asks for. The kind says which check; the detail says why.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The request is malformed or out of its bounds; the text says what is wrong.
     #[error("{0}")]
-    InvalidArgument(String),
-    /// The caller presented no identity, or one the server no longer knows.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// The caller is known but not allowed to do this.
-    #[error("{0}")]
-    PermissionDenied(String),
+    InvalidInput(String),
     /// The named object does not exist.
     #[error("{0}")]
     NotFound(String),
     /// The object exists already.
     #[error("{0}")]
     AlreadyExists(String),
-    /// The request cannot be honoured in the current state.
+    /// The request is well-formed but the server's state does not allow it now (an
+    /// authority's lifecycle, an expired authority, a federated bundle that would roll
+    /// back); the text says what to do first.
     #[error("{0}")]
-    FailedPrecondition(String),
+    Precondition(String),
+    /// A federated trust domain's bundle endpoint could not be reached or read.
+    #[error("{0}")]
+    Federation(String),
+    /// Node attestation refused the evidence or failed.
+    #[error(transparent)]
+    Attestation(#[from] ztid_attestation::Error),
+    /// The audit log cannot take records, or was found cut back or changed at start.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// The datastore failed.
     #[error("datastore: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
     /// A key manager operation failed.
     #[error("key manager: {0}")]
     Key(#[from] ztid_hsm::Error),
     /// Building or signing a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The certificate library refused to build or sign a certificate.
+    #[error("certificate: {0}")]
+    CertificateBuild(#[from] rcgen::Error),
     /// Configuration is unusable.
     #[error("config: {0}")]
     Config(String),
@@ -41,9 +61,9 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// Node attestation refused the evidence or failed.
-    #[error(transparent)]
-    Attestation(#[from] ztid_attestation::Error),
+    /// A bug or a broken invariant (a poisoned lock, an encoding that cannot fail).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -52,11 +72,111 @@ impl Error {
         let context = context.into();
         move |source| Error::Io { context, source }
     }
+
+    /// A policy refusal of `kind`, with its detail.
+    pub fn refused(kind: RefusalKind, detail: impl Into<String>) -> Error {
+        Error::Refused(Refusal::new(kind, detail))
+    }
+
+    /// The refusal kind, if a policy refused the request.
+    pub fn refusal_kind(&self) -> Option<RefusalKind> {
+        match self {
+            Error::Refused(r) => Some(r.kind()),
+            _ => None,
+        }
+    }
+}
+
+/// A policy refusal: which check said no, and why in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct Refusal {
+    kind: RefusalKind,
+    detail: String,
+}
+
+impl Refusal {
+    /// A refusal of `kind`; `detail` is the text callers and operators see.
+    pub fn new(kind: RefusalKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// Which check refused.
+    pub fn kind(&self) -> RefusalKind {
+        self.kind
+    }
+
+    /// Why, in words.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+/// Which check refused a request. New kinds may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// A node API call came without an agent SVID.
+    NoCredential,
+    /// The SVID names an agent that is not attested (evicted or never known).
+    UnknownAgent,
+    /// The agent's SVID was replaced by a later one (renewal or re-attestation).
+    StaleCredential,
+    /// The SVID is unusable: unparsable, expired, or not signed by this server.
+    BadCredential,
+    /// The agent, or the node it attests as, is banned.
+    Banned,
+    /// The agent is not a parent of the entry it asks for.
+    NotEntitled,
+    /// The entry cannot issue anything (stored before a rule it breaks).
+    UnusableEntry,
+    /// A CSR is malformed, too large, badly signed, or of an unusable key.
+    BadCsr,
+    /// A well-formed CSR asks for more than the caller is entitled to.
+    CsrNotGranted,
+    /// The issuance policy (Cedar) refused.
+    IssuancePolicy,
+    /// The attestation method is not one the server accepts.
+    UnknownMethod,
+    /// The agent's method renews by attesting again, not by `RenewAgent`.
+    RenewByAttesting,
+    /// A per-agent rate bound was reached.
+    RateExceeded,
+    /// The caller may not make this admin call (transport, uid, role, local-only).
+    CallNotAllowed,
+    /// A federated bundle endpoint did not authenticate as the relationship says.
+    UntrustedEndpoint,
+}
+
+/// A datastore failure, with its source where there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database engine failed.
+    #[error(transparent)]
+    Engine(#[from] sled::Error),
+    /// The database could not be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The database directory.
+        path: String,
+        /// What the engine said.
+        source: sled::Error,
+    },
+    /// A record could not be encoded or decoded.
+    #[error("record encoding: {0}")]
+    Encoding(#[from] serde_json::Error),
+    /// A stored record or key is not what this server writes.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
-        Error::Store(e.to_string())
+        Error::Store(e.into())
     }
 }
 
@@ -71,39 +191,34 @@ impl From<sled::transaction::TransactionError<Error>> for Error {
 
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
-        Error::Store(format!("record encoding: {e}"))
-    }
-}
-
-impl From<rcgen::Error> for Error {
-    fn from(e: rcgen::Error) -> Self {
-        Error::Certificate(e.to_string())
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        use ztid_attestation::Error as A;
-        let msg = e.to_string();
-        match e {
-            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
-            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
-            Error::NotFound(_) => tonic::Status::not_found(msg),
-            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::Attestation(A::Refused(_)) => tonic::Status::permission_denied(msg),
-            Error::Attestation(
-                A::InvalidSelector(_)
-                | A::InvalidSpiffeId(_)
-                | A::InvalidSvid(_)
-                | A::InvalidJwt(_)
-                | A::Protocol(_),
-            ) => tonic::Status::invalid_argument(msg),
-            _ => tonic::Status::internal(msg),
-        }
+        Error::Store(e.into())
     }
 }
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_are_the_details_operators_read() {
+        let e = Error::refused(RefusalKind::Banned, "agent a is banned");
+        assert_eq!(e.to_string(), "agent a is banned");
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::Banned));
+        assert_eq!(
+            Error::from(serde_json::from_str::<u8>("x").unwrap_err())
+                .to_string()
+                .split(':')
+                .take(2)
+                .collect::<Vec<_>>(),
+            ["datastore", " record encoding"]
+        );
+        assert_eq!(
+            Error::Store(StoreError::Corrupt("corrupt entry log key".into())).to_string(),
+            "datastore: corrupt entry log key"
+        );
+        assert_eq!(Error::NotFound("x".into()).refusal_kind(), None);
+    }
+}

@@ -5,7 +5,8 @@
 //! - [`entries`]: registration entry validation.
 //! - [`datastore`]: persistent state behind one trait (sled today).
 //! - [`core`]: every server operation, independent of gRPC.
-//! - [`node_api`] / [`admin_api`]: the gRPC services; [`server`] runs them.
+//! - [`node_api`] / [`admin_api`]: the gRPC services; [`server`] runs them;
+//!   [`grpc_status`]: how an [`Error`] becomes the status a caller sees.
 //! - [`config`] and [`cli`]: how operators drive it.
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ mod error;
 pub mod evidence;
 pub mod federation;
 pub mod grpc_middleware;
+pub mod grpc_status;
 pub mod keys;
 pub mod limits;
 pub mod listeners;
@@ -36,4 +38,4 @@ pub mod refusal_audit;
 pub mod server;
 pub mod upstream;
 
-pub use error::{Error, Result};
+pub use error::{Error, Refusal, RefusalKind, Result, StoreError};

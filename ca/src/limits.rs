@@ -17,13 +17,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use ztid_proto::node as pb;
 pub use ztid_spiffe::limits::{
     at_most, normalize_audiences, AudienceError, Exceeded, MAX_JWT_AUDIENCES,
     MAX_JWT_AUDIENCE_BYTES,
 };
-use ztid_proto::node as pb;
 
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 // ---------------------------------------------------------------------------------
 // Input bounds.
@@ -109,7 +109,7 @@ pub fn check_count(what: &'static str, count: usize, limit: usize) -> Result<()>
 }
 
 fn invalid(e: Exceeded) -> Error {
-    Error::InvalidArgument(e.to_string())
+    Error::InvalidInput(e.to_string())
 }
 
 /// The bounds of a registration entry (admin `CreateEntry`), checked before anything
@@ -169,9 +169,10 @@ pub fn check_challenge_response(answer: &[u8]) -> Result<()> {
     .map_err(invalid)
 }
 
-/// A CSR's size.
+/// A CSR's size (a refusal of a bad CSR, as an unparsable one is).
 pub fn check_csr_size(what: &'static str, csr: &[u8]) -> Result<()> {
-    at_most(what, csr.len(), MAX_CSR_BYTES).map_err(invalid)
+    at_most(what, csr.len(), MAX_CSR_BYTES)
+        .map_err(|e| Error::refused(RefusalKind::BadCsr, e.to_string()))
 }
 
 /// A node API batch's size.
@@ -196,7 +197,7 @@ pub fn check_sync(req: &pb::SyncEntriesRequest) -> Result<()> {
 pub fn check_jwt_request(r: &pb::JwtRequest) -> Result<Vec<String>> {
     check_len("entry_id (bytes)", &r.entry_id, MAX_OBJECT_ID_BYTES)?;
     check_len("spiffe_id (bytes)", &r.spiffe_id, MAX_SPIFFE_ID_BYTES)?;
-    normalize_audiences(&r.audience).map_err(|e| Error::InvalidArgument(e.to_string()))
+    normalize_audiences(&r.audience).map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------
@@ -408,8 +409,8 @@ mod tests {
 
     fn refusal(r: Result<()>) -> String {
         match r {
-            Err(Error::InvalidArgument(m)) => m,
-            other => panic!("expected InvalidArgument, got {other:?}"),
+            Err(Error::InvalidInput(m)) => m,
+            other => panic!("expected InvalidInput, got {other:?}"),
         }
     }
 
@@ -436,6 +437,16 @@ mod tests {
         let mut e = entry();
         e.selectors[0].value = "v".repeat(MAX_SELECTOR_VALUE_BYTES + 1);
         assert!(refusal(check_entry(&e)).starts_with("selector value (bytes) exceeds"));
+    }
+
+    #[test]
+    fn an_oversized_csr_is_a_bad_csr() {
+        let e = check_csr_size("agent CSR (bytes)", &[0; MAX_CSR_BYTES + 1]).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::BadCsr), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with("agent CSR (bytes) exceeds the limit"));
+        check_csr_size("agent CSR (bytes)", &[0; MAX_CSR_BYTES]).unwrap();
     }
 
     #[test]

@@ -24,14 +24,14 @@ use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
-use ztid_telemetry::{
-    encode, listen, register, GrpcMetricsLayer, Probe, LATENCY_BUCKETS,
-};
+use ztid_telemetry::{encode, listen, register, GrpcMetricsLayer, Probe, LATENCY_BUCKETS};
 
+use crate::audit::AuditError;
 use crate::authorities::Kind;
 use crate::core::CaCore;
 use crate::datastore::AuthorityState;
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
+use ztid_attestation::RefusalKind as AttestationRefusal;
 
 /// Known node attestation methods; anything else a client names is `unknown`.
 const METHODS: &[&str] = &["join-token", "tpm", "sev-snp", "tdx"];
@@ -299,7 +299,7 @@ pub fn attestation_refused(method: &str, e: &Error) {
         .inc();
     METRICS
         .attestation_failures
-        .with_label_values(&[method, attestation_reason(e)])
+        .with_label_values(&[method, attestation_reason(method, e)])
         .inc();
 }
 
@@ -356,63 +356,13 @@ fn method_label(method: &str) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Why a node attestation was refused, as one of a fixed set of labels.
-pub fn attestation_reason(e: &Error) -> &'static str {
+/// Why a node attestation by `method` was refused, as one of a fixed set of labels:
+/// one `match` on the error's kind.
+pub fn attestation_reason(method: &str, e: &Error) -> &'static str {
     use ztid_attestation::Error as A;
+    use RefusalKind as K;
     match e {
-        Error::Attestation(A::Refused(m)) => {
-            let m = m.to_ascii_lowercase();
-            if m.contains("join token") {
-                if m.contains("expired") {
-                    "token_expired"
-                } else if m.contains("unknown") || m.contains("already used") {
-                    "token_unknown"
-                } else {
-                    "token_malformed"
-                }
-            } else if m.contains("expired") || m.contains("not yet valid") {
-                "evidence_expired"
-            } else if m.contains("signature") {
-                "bad_signature"
-            } else if [
-                "nonce",
-                "challenge",
-                "credential",
-                "replay",
-                "binding",
-                "bound to",
-            ]
-            .iter()
-            .any(|k| m.contains(k))
-            {
-                "challenge_failed"
-            } else if [
-                "pcr",
-                "measurement",
-                "policy",
-                "tcb",
-                "mrtd",
-                "debug",
-                "svn",
-            ]
-            .iter()
-            .any(|k| m.contains(k))
-            {
-                "policy_mismatch"
-            } else if ["certificate", "chain", "crl", "revoked", "root", "issuer"]
-                .iter()
-                .any(|k| m.contains(k))
-            {
-                "untrusted_chain"
-            } else if ["malformed", "bad ", "unsupported", "too long", "too short"]
-                .iter()
-                .any(|k| m.contains(k))
-            {
-                "malformed_evidence"
-            } else {
-                "evidence_refused"
-            }
-        }
+        Error::Attestation(A::Refused(r)) => attestation_refusal_label(method, r.kind()),
         Error::Attestation(
             A::Protocol(_)
             | A::InvalidSelector(_)
@@ -420,33 +370,69 @@ pub fn attestation_reason(e: &Error) -> &'static str {
             | A::InvalidSvid(_)
             | A::InvalidJwt(_),
         ) => "protocol",
-        Error::PermissionDenied(m) if m.contains("banned") => "banned",
-        Error::InvalidArgument(m) if m.contains("unknown attestation method") => "unknown_method",
-        Error::InvalidArgument(m) | Error::PermissionDenied(m) if m.contains("CSR") => {
-            "csr_invalid"
-        }
-        Error::InvalidArgument(_) => "invalid_request",
-        Error::PermissionDenied(_) => "permission_denied",
+        Error::Refused(r) => match r.kind() {
+            K::Banned => "banned",
+            K::UnknownMethod => "unknown_method",
+            K::BadCsr | K::CsrNotGranted => "csr_invalid",
+            K::NotEntitled
+            | K::UnusableEntry
+            | K::IssuancePolicy
+            | K::CallNotAllowed
+            | K::UntrustedEndpoint => "permission_denied",
+            K::NoCredential
+            | K::UnknownAgent
+            | K::StaleCredential
+            | K::BadCredential
+            | K::RenewByAttesting
+            | K::RateExceeded => "other",
+        },
+        Error::InvalidInput(_) => "invalid_request",
         _ => "other",
     }
 }
 
-/// Why the node API refused a call or one request in it, as one of a fixed set of labels.
+/// The label of a verifier's refusal. The values are those this server has always
+/// used (dashboards and alerts name them), so several kinds share one;
+/// `collateral_unavailable` is new: a KDS/PCS outage is not evidence of an attack.
+fn attestation_refusal_label(method: &str, kind: AttestationRefusal) -> &'static str {
+    use AttestationRefusal as R;
+    match kind {
+        R::TokenUnknown => "token_unknown",
+        R::TokenExpired => "token_expired",
+        R::Malformed if method == "join-token" => "token_malformed",
+        R::Malformed | R::Unsupported => "malformed_evidence",
+        R::Expired => "evidence_expired",
+        R::BadSignature => "bad_signature",
+        R::UntrustedChain | R::Revoked => "untrusted_chain",
+        R::CollateralUnavailable => "collateral_unavailable",
+        R::KeyMismatch | R::Replay => "challenge_failed",
+        R::PolicyMismatch => "policy_mismatch",
+        _ => "evidence_refused",
+    }
+}
+
+/// Why the node API refused a call or one request in it, as one of a fixed set of
+/// labels: one `match` on the error's kind.
 pub fn refusal_reason(e: &Error) -> &'static str {
+    use RefusalKind as K;
     match e {
-        Error::Unauthenticated(m) if m.contains("without an agent SVID") => "no_svid",
-        Error::Unauthenticated(m) if m.contains("not attested") => "unknown_agent",
-        Error::Unauthenticated(m) if m.contains("no longer current") => "stale_svid",
-        Error::Unauthenticated(_) => "bad_svid",
-        Error::PermissionDenied(m) if m.contains("banned") => "banned",
-        Error::PermissionDenied(m) if m.contains("not entitled") => "not_entitled",
-        Error::PermissionDenied(m) | Error::InvalidArgument(m) if m.contains("CSR") => {
-            "csr_refused"
-        }
-        Error::PermissionDenied(_) => "permission_denied",
+        Error::Refused(r) => match r.kind() {
+            K::NoCredential => "no_svid",
+            K::UnknownAgent => "unknown_agent",
+            K::StaleCredential => "stale_svid",
+            K::BadCredential => "bad_svid",
+            K::Banned => "banned",
+            K::NotEntitled => "not_entitled",
+            K::BadCsr | K::CsrNotGranted => "csr_refused",
+            K::UnknownMethod => "invalid_request",
+            K::UnusableEntry | K::IssuancePolicy | K::CallNotAllowed | K::UntrustedEndpoint => {
+                "permission_denied"
+            }
+            K::RenewByAttesting | K::RateExceeded => "other",
+        },
         Error::NotFound(_) => "no_entry",
-        Error::InvalidArgument(_) => "invalid_request",
-        Error::Store(m) if m.contains("audit") => "audit_unavailable",
+        Error::InvalidInput(_) => "invalid_request",
+        Error::Audit(AuditError::Unavailable(_)) => "audit_unavailable",
         _ => "other",
     }
 }
@@ -767,26 +753,19 @@ fn spawn_audit_self_check(core: &Arc<CaCore>) {
             let (dir, km) = (dir.clone(), km.clone());
             let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || {
-                let mut last = Err(String::new());
-                for attempt in 0..3 {
-                    if attempt > 0 {
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                    last = crate::audit::verify(&dir, km.as_ref());
+                let mut last = crate::audit::verify(&dir, km.as_ref());
+                for _ in 1..3 {
                     match &last {
-                        Ok(_) => break,
                         // A batch still being appended (no line end yet, or not yet
                         // followed by its seal): read again.
-                        Err(e)
-                            if e.contains("truncated (no line end)")
-                                || e.contains("come after the last signature") =>
-                        {
-                            continue
+                        Err(e) if e.is_live_tail() => {
+                            std::thread::sleep(Duration::from_secs(1));
+                            last = crate::audit::verify(&dir, km.as_ref());
                         }
-                        Err(_) => break,
+                        _ => break,
                     }
                 }
-                last
+                last.map_err(|e| e.to_string())
             })
             .await
             .unwrap_or_else(|e| Err(format!("self-check task: {e}")));
@@ -856,42 +835,80 @@ mod tests {
 
     #[test]
     fn reasons_are_short_and_stable() {
-        let r = |m: &str| attestation_reason(&Error::Attestation(A::Refused(m.into())));
-        assert_eq!(r("join token has expired"), "token_expired");
+        use ztid_attestation::RefusalKind as R;
+        let r = |method: &str, kind: R| {
+            attestation_reason(method, &Error::Attestation(A::refused(kind, "any text")))
+        };
+        for (kind, label) in [
+            (R::TokenExpired, "token_expired"),
+            (R::TokenUnknown, "token_unknown"),
+            (R::BadSignature, "bad_signature"),
+            (R::PolicyMismatch, "policy_mismatch"),
+            (R::Expired, "evidence_expired"),
+            (R::Replay, "challenge_failed"),
+            (R::KeyMismatch, "challenge_failed"),
+            (R::UntrustedChain, "untrusted_chain"),
+            (R::Revoked, "untrusted_chain"),
+            (R::Unsupported, "malformed_evidence"),
+            (R::CollateralUnavailable, "collateral_unavailable"),
+        ] {
+            assert_eq!(r("tpm", kind), label, "{kind:?}");
+        }
+        assert_eq!(r("join-token", R::Malformed), "token_malformed");
+        assert_eq!(r("tpm", R::Malformed), "malformed_evidence");
         assert_eq!(
-            r("join token is unknown or was already used"),
-            "token_unknown"
+            attestation_reason("tpm", &Error::Attestation(A::Protocol("x".into()))),
+            "protocol"
         );
-        assert_eq!(r("join token is empty or too long"), "token_malformed");
-        assert_eq!(r("quote signature does not verify"), "bad_signature");
-        assert_eq!(r("PCR digest does not match the policy"), "policy_mismatch");
-        assert_eq!(r("something else entirely"), "evidence_refused");
+        let refused = |k: RefusalKind| Error::refused(k, "any text: the kind decides");
         assert_eq!(
-            attestation_reason(&Error::PermissionDenied("agent x is banned".into())),
+            attestation_reason("tpm", &refused(RefusalKind::Banned)),
             "banned"
         );
         assert_eq!(
-            attestation_reason(&Error::InvalidArgument("malformed agent CSR: x".into())),
+            attestation_reason("tpm", &refused(RefusalKind::BadCsr)),
             "csr_invalid"
         );
         assert_eq!(
-            attestation_reason(&Error::InvalidArgument(
-                "unknown attestation method \"zz\"".into()
-            )),
+            attestation_reason("tpm", &refused(RefusalKind::CsrNotGranted)),
+            "csr_invalid"
+        );
+        assert_eq!(
+            attestation_reason("tpm", &refused(RefusalKind::UnknownMethod)),
             "unknown_method"
         );
-        assert_eq!(attestation_reason(&Error::Store("disk".into())), "other");
         assert_eq!(
-            refusal_reason(&Error::Unauthenticated(
-                "agent a is not attested (evicted or unknown)".into()
-            )),
-            "unknown_agent"
+            attestation_reason("tpm", &refused(RefusalKind::IssuancePolicy)),
+            "permission_denied"
         );
         assert_eq!(
-            refusal_reason(&Error::PermissionDenied(
-                "agent a is not entitled to entry e".into()
-            )),
-            "not_entitled"
+            attestation_reason("tpm", &Error::InvalidInput("x".into())),
+            "invalid_request"
+        );
+        assert_eq!(
+            attestation_reason("tpm", &Error::Internal("disk".into())),
+            "other"
+        );
+        for (kind, label) in [
+            (RefusalKind::NoCredential, "no_svid"),
+            (RefusalKind::UnknownAgent, "unknown_agent"),
+            (RefusalKind::StaleCredential, "stale_svid"),
+            (RefusalKind::BadCredential, "bad_svid"),
+            (RefusalKind::Banned, "banned"),
+            (RefusalKind::NotEntitled, "not_entitled"),
+            (RefusalKind::BadCsr, "csr_refused"),
+            (RefusalKind::CsrNotGranted, "csr_refused"),
+            (RefusalKind::IssuancePolicy, "permission_denied"),
+            (RefusalKind::RateExceeded, "other"),
+        ] {
+            assert_eq!(refusal_reason(&refused(kind)), label, "{kind:?}");
+        }
+        assert_eq!(refusal_reason(&Error::NotFound("e".into())), "no_entry");
+        assert_eq!(
+            refusal_reason(&Error::Audit(AuditError::Unavailable(
+                "audit writer stopped".into()
+            ))),
+            "audit_unavailable"
         );
         assert_eq!(method_label("join-token"), "join-token");
         assert_eq!(method_label("../../etc"), "unknown");

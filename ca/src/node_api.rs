@@ -11,14 +11,14 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use ztid_verifier::VerifierStep;
 use ztid_proto::node::{self as pb, node_server::Node};
+use ztid_verifier::VerifierStep;
 
 use crate::core::{AuthenticatedAgent, CaCore};
 use crate::entries::to_proto;
 use crate::limits::{self, RateLimiter, ATTEST_STEP_TIMEOUT, ATTEST_TOTAL_TIMEOUT};
 use crate::refusal_audit::RefusalAudit;
-use crate::Error;
+use crate::{Error, RefusalKind};
 
 /// The node API service.
 pub struct NodeApi {
@@ -89,11 +89,6 @@ impl NodeApi {
     }
 }
 
-/// Refuses a request that breaks a bound: `InvalidArgument` and the bound.
-fn bounded(r: crate::Result<()>) -> Result<(), Status> {
-    r.map_err(Status::from)
-}
-
 async fn next_message(
     inbound: &mut Streaming<pb::AttestRequest>,
 ) -> Result<pb::attest_request::Step, Status> {
@@ -105,7 +100,7 @@ async fn next_message(
         Ok(Ok(None)) => Err(Status::cancelled("agent closed the attestation stream")),
         Ok(Ok(Some(m))) => m
             .step
-            .ok_or_else(|| Status::invalid_argument("attestation message without a step")),
+            .ok_or_else(|| Error::InvalidInput("attestation message without a step".into()).into()),
     }
 }
 
@@ -117,9 +112,7 @@ async fn run_attestation(
     tx: &mpsc::Sender<Result<pb::AttestResponse, Status>>,
 ) -> Result<pb::AttestResponse, Status> {
     let pb::attest_request::Step::Init(init) = next_message(&mut inbound).await? else {
-        return Err(Status::invalid_argument(
-            "attestation must start with AttestInit",
-        ));
+        return Err(Error::InvalidInput("attestation must start with AttestInit".into()).into());
     };
     // The method names a metric label and a log field: bounded before it is used.
     let method = if init.method.len() <= limits::MAX_KEYWORD_BYTES {
@@ -135,7 +128,7 @@ async fn run_attestation(
             &core,
             &peer.key,
             peer.addr.as_deref(),
-            crate::metrics::attestation_reason(&e),
+            crate::metrics::attestation_reason(&method, &e),
             serde_json::json!({"type": "node_attestation_refused", "method": method, "reason": e.to_string()}),
         );
         Status::from(e)
@@ -159,7 +152,7 @@ async fn run_attestation(
                 let pb::attest_request::Step::ChallengeResponse(answer) =
                     next_message(&mut inbound).await?
                 else {
-                    return Err(refuse(Error::InvalidArgument(
+                    return Err(refuse(Error::InvalidInput(
                         "expected a challenge response".into(),
                     )));
                 };
@@ -218,10 +211,7 @@ impl Node for NodeApi {
         request: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let agent = self.agent(&request)?;
-        bounded(limits::check_csr_size(
-            "agent CSR (bytes)",
-            &request.get_ref().csr,
-        ))?;
+        limits::check_csr_size("agent CSR (bytes)", &request.get_ref().csr)?;
         let leaf = self.core.renew_agent(&agent, &request.get_ref().csr)?;
         self.core.audit_barrier().await?;
         Ok(Response::new(pb::RenewAgentResponse {
@@ -235,14 +225,10 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
         let agent = self.agent(&request)?;
         let reqs = &request.get_ref().requests;
-        bounded(limits::check_batch("CSRs in one batch", reqs.len()))?;
+        limits::check_batch("CSRs in one batch", reqs.len())?;
         for r in reqs {
-            bounded(limits::check_len(
-                "entry_id (bytes)",
-                &r.entry_id,
-                limits::MAX_OBJECT_ID_BYTES,
-            ))?;
-            bounded(limits::check_csr_size("workload CSR (bytes)", &r.csr))?;
+            limits::check_len("entry_id (bytes)", &r.entry_id, limits::MAX_OBJECT_ID_BYTES)?;
+            limits::check_csr_size("workload CSR (bytes)", &r.csr)?;
         }
         let results = reqs
             .iter()
@@ -273,15 +259,11 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::MintJwtSvidsResponse>, Status> {
         let agent = self.agent(&request)?;
         let reqs = &request.get_ref().requests;
-        bounded(limits::check_batch(
-            "JWT-SVID requests in one batch",
-            reqs.len(),
-        ))?;
+        limits::check_batch("JWT-SVID requests in one batch", reqs.len())?;
         let audiences = reqs
             .iter()
             .map(limits::check_jwt_request)
-            .collect::<crate::Result<Vec<_>>>()
-            .map_err(Status::from)?;
+            .collect::<crate::Result<Vec<_>>>()?;
         // Each mint is a signature and an audit record: bounded per agent and entry.
         let mut per_entry = std::collections::BTreeMap::<&str, u32>::new();
         for r in reqs {
@@ -290,14 +272,17 @@ impl Node for NodeApi {
         for (entry, n) in per_entry {
             let key = format!("{} {entry}", agent.record.spiffe_id);
             if !self.jwt_mints.take(&key, n) {
-                let e = Error::FailedPrecondition(format!(
-                    "JWT-SVID mint rate exceeded for entry {entry}: at most {} per minute for one agent",
-                    self.jwt_mints.per_minute()
-                ));
+                let e = Error::refused(
+                    RefusalKind::RateExceeded,
+                    format!(
+                        "JWT-SVID mint rate exceeded for entry {entry}: at most {} per minute for one agent",
+                        self.jwt_mints.per_minute()
+                    ),
+                );
                 tracing::warn!(event = "jwt_svid_refused", agent = %agent.record.spiffe_id, entry, reason = %e, "JWT-SVID mint rate exceeded");
                 self.refuse_for_agent(&agent, &e, serde_json::json!({"type": "jwt_svid_refused", "agent": agent.record.spiffe_id, "entry": entry, "reason": e.to_string()}));
                 self.core.audit_barrier().await?;
-                return Err(Status::resource_exhausted(e.to_string()));
+                return Err(e.into());
             }
         }
         let results = reqs
@@ -329,7 +314,7 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let agent = self.agent(&request)?;
         let req = request.get_ref();
-        bounded(limits::check_sync(req))?;
+        limits::check_sync(req)?;
         let sync =
             self.core
                 .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;

@@ -34,7 +34,7 @@ use cedar_policy::{
 };
 use serde_json::{json, Value};
 
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 /// What is being decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,7 @@ impl IssuancePolicy {
         let mut loaded = self
             .loaded_mtime
             .lock()
-            .map_err(|_| Error::Store("policy lock".into()))?;
+            .map_err(|_| Error::Internal("policy lock poisoned".into()))?;
         if mtime == *loaded {
             return Ok(false);
         }
@@ -200,12 +200,15 @@ impl IssuancePolicy {
         } else {
             "no permit policy matches".to_string()
         };
-        Err(Error::PermissionDenied(format!(
-            "issuance policy refuses {} of {} for {}: {why}",
-            action.name(),
-            f.spiffe_id,
-            f.agent
-        )))
+        Err(Error::refused(
+            RefusalKind::IssuancePolicy,
+            format!(
+                "issuance policy refuses {} of {} for {}: {why}",
+                action.name(),
+                f.spiffe_id,
+                f.agent
+            ),
+        ))
     }
 }
 
@@ -243,8 +246,9 @@ mod tests {
             .is_ok());
         let e = p
             .authorize(Action::MintX509, &facts(&["tpm:pcr:7:bb"], 3600))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::IssuancePolicy), "{e}");
+        let e = e.to_string();
         assert!(e.contains("no permit policy matches"), "{e}");
         assert!(
             p.authorize(Action::MintX509, &facts(&["tpm:pcr:7:aa"], 7200))
@@ -276,8 +280,9 @@ mod tests {
         assert!(p.reload_if_changed().unwrap());
         let e = p
             .authorize(Action::MintX509, &facts(&["tpm:pcr:7:aa"], 60))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::IssuancePolicy), "{e}");
+        let e = e.to_string();
         assert!(e.contains("forbidden by lockdown"), "{e}");
     }
 }

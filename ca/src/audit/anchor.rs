@@ -103,7 +103,8 @@ pub fn from_datastore(
     match store.audit_anchor()? {
         None => Ok(None),
         Some(bytes) => {
-            let anchor = parse_datastore_record(&bytes).map_err(crate::Error::Store)?;
+            let anchor = parse_datastore_record(&bytes)
+                .map_err(|e| crate::Error::Store(crate::StoreError::Corrupt(e)))?;
             // Seq 0: an operator accepted a rollback to an empty log; nothing to reach.
             Ok((anchor.seq > 0).then(|| NamedAnchor {
                 source: "the datastore anchor".into(),

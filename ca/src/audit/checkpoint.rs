@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use ztid_hsm::{KeyManager, SignatureFormat};
 
 use super::anchor::{Anchor, NamedAnchor};
+use super::error::VerifyError;
 use super::format::{export_message, now_ms};
 use super::verify::{verify_with, VerifyOptions};
 
@@ -87,14 +88,14 @@ impl ExportedCheckpoint {
 pub fn export_checkpoint(
     dir: &Path,
     key_manager: &dyn KeyManager,
-) -> Result<ExportedCheckpoint, String> {
+) -> Result<ExportedCheckpoint, VerifyError> {
     let options = VerifyOptions {
         allow_unsigned_tail: true,
         anchors: vec![],
     };
     let report = verify_with(dir, key_manager, &options)?;
     if report.signed_through == 0 {
-        return Err("the log has no signed record yet".into());
+        return Err(VerifyError::NothingSigned);
     }
     let (key_id, _, spki) = super::existing_key(dir, key_manager)?;
     let mut cp = ExportedCheckpoint {
@@ -107,7 +108,7 @@ pub fn export_checkpoint(
     };
     let sig = key_manager
         .sign(&cp.key_id, &cp.message(), SignatureFormat::Der)
-        .map_err(|e| format!("signing the checkpoint: {e}"))?;
+        .map_err(VerifyError::Sign)?;
     cp.sig = B64.encode(sig);
     Ok(cp)
 }
@@ -118,27 +119,34 @@ pub fn read_checkpoint_file(
     path: &Path,
     dir: &Path,
     key_manager: &dyn KeyManager,
-) -> Result<NamedAnchor, String> {
+) -> Result<NamedAnchor, VerifyError> {
     let shown = path.display();
+    let file_error = |detail: String| VerifyError::CheckpointFile {
+        path: shown.to_string(),
+        detail,
+    };
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_CHECKPOINT_FILE + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("checkpoint {shown}: {e}"))?;
+        .map_err(|e| file_error(e.to_string()))?;
     if bytes.len() as u64 > MAX_CHECKPOINT_FILE {
-        return Err(format!(
-            "checkpoint {shown}: larger than {MAX_CHECKPOINT_FILE} bytes"
-        ));
+        return Err(file_error(format!(
+            "larger than {MAX_CHECKPOINT_FILE} bytes"
+        )));
     }
-    let cp = ExportedCheckpoint::parse(&bytes).map_err(|e| format!("checkpoint {shown}: {e}"))?;
+    let cp = ExportedCheckpoint::parse(&bytes).map_err(file_error)?;
     let (key_id, audit_key, spki) = super::existing_key(dir, key_manager)?;
     if cp.key_id != key_id || B64.decode(&cp.public_key).ok().as_deref() != Some(&spki[..]) {
-        return Err(format!(
-            "checkpoint {shown}: taken with audit key {}, but this log's audit key is {key_id}",
-            cp.key_id
-        ));
+        return Err(VerifyError::CheckpointKey {
+            path: shown.to_string(),
+            taken_with: cp.key_id,
+            log_key: key_id,
+        });
     }
     if !audit_key.verifies(&cp.message(), &cp.sig) {
-        return Err(format!("checkpoint {shown}: signature does not verify"));
+        return Err(VerifyError::CheckpointSignature {
+            path: shown.to_string(),
+        });
     }
     Ok(NamedAnchor {
         source: format!(

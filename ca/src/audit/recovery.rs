@@ -22,6 +22,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::anchor::{Anchor, NamedAnchor};
+use super::error::AuditError;
 use super::format::{now_ms, sha256_hex, AuditKeyVerifier, Kind, Line, QUARANTINE_FILE};
 use crate::{Error, Result};
 
@@ -175,16 +176,12 @@ fn trust_point(
 
 /// The log does not reach an anchor: an operator may accept that (`accept-rollback`).
 fn refuse(why: String) -> Error {
-    Error::FailedPrecondition(format!(
-        "audit log: {why}; refusing to continue the chain (`ztid-server audit verify` names what is wrong; `ztid-server audit accept-rollback --reason TEXT` records an operator's decision to continue from the log as it is)"
-    ))
+    AuditError::RolledBack(why).into()
 }
 
 /// Signed records were changed: nothing can continue this chain.
 fn refuse_broken(why: String) -> Error {
-    Error::FailedPrecondition(format!(
-        "audit log: {why}; refusing to continue the chain (`ztid-server audit verify` names the first bad record; keep the log for investigation and move it aside to start a new one, then `ztid-server audit accept-rollback --reason TEXT`)"
-    ))
+    AuditError::Broken(why).into()
 }
 
 /// Checks one anchor against the trust point; `Ok(None)` when more of the log is needed.
@@ -296,7 +293,11 @@ pub fn recover(
         }
         let (trusted, keep_to) = match idx {
             Some(i) => {
-                let l = es[i].line.as_ref().map_err(|e| Error::Store(e.clone()))?;
+                // The trust point is a line that parsed.
+                let l = es[i]
+                    .line
+                    .as_ref()
+                    .map_err(|e| Error::Internal(e.clone()))?;
                 (
                     Some(Anchor {
                         seq: l.seq,

@@ -10,8 +10,9 @@ use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+use super::error::AuditError;
 use super::format::seal_message;
-use crate::{Error, Result};
+use crate::Result;
 
 /// This run's sealing key.
 pub struct SessionKey {
@@ -23,9 +24,9 @@ impl SessionKey {
     /// A fresh key.
     pub fn generate() -> Result<Self> {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .map_err(|_| Error::Store("audit session key: no randomness".into()))?;
+            .map_err(|_| AuditError::Unavailable("audit session key: no randomness".into()))?;
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-            .map_err(|_| Error::Store("audit session key: unusable".into()))?;
+            .map_err(|_| AuditError::Unavailable("audit session key: unusable".into()))?;
         let public_b64 = B64.encode(pair.public_key().as_ref());
         Ok(Self { pair, public_b64 })
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 use ztid_hsm::KeyManager;
 
 use super::anchor::{read_head, Head, NamedAnchor};
+use super::error::VerifyError;
 use super::format::{Kind, Line, LOG_FILE, MAX_LINE};
 
 /// What to check besides the log itself.
@@ -45,10 +46,7 @@ pub struct VerifyReport {
 
 /// Walks the whole log in `dir`, strictly: every hash link, every checkpoint and seal
 /// signature, the signed head, and no unsigned records at the end.
-pub fn verify(
-    dir: &Path,
-    key_manager: &dyn KeyManager,
-) -> std::result::Result<VerifyReport, String> {
+pub fn verify(dir: &Path, key_manager: &dyn KeyManager) -> Result<VerifyReport, VerifyError> {
     verify_with(dir, key_manager, &VerifyOptions::default())
 }
 
@@ -57,15 +55,15 @@ pub fn verify_with(
     dir: &Path,
     key_manager: &dyn KeyManager,
     options: &VerifyOptions,
-) -> std::result::Result<VerifyReport, String> {
+) -> Result<VerifyReport, VerifyError> {
     let (_, audit_key, _) = super::existing_key(dir, key_manager)?;
     let head = match read_head(dir, &audit_key) {
         Head::Absent => None,
-        Head::Unreadable(e) => return Err(format!("signed head unreadable: {e}")),
-        Head::BadSignature => return Err("signed head: signature does not verify".into()),
+        Head::Unreadable(e) => return Err(VerifyError::HeadUnreadable(e)),
+        Head::BadSignature => return Err(VerifyError::HeadSignature),
         Head::Valid(a) => Some(a),
     };
-    let f = File::open(dir.join(LOG_FILE)).map_err(|e| format!("audit log: {e}"))?;
+    let f = File::open(dir.join(LOG_FILE)).map_err(VerifyError::Io)?;
     let mut reader = BufReader::new(f);
     let mut prev = String::new();
     let mut expected = 1u64;
@@ -80,13 +78,13 @@ pub fn verify_with(
         let n = (&mut reader)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|e| format!("audit log: {e}"))?;
+            .map_err(VerifyError::Io)?;
         if n == 0 {
             break;
         }
-        let at = format!("record {expected}");
+        let record = expected;
         if line.len() > MAX_LINE {
-            return Err(format!("{at}: longer than {MAX_LINE} bytes"));
+            return Err(VerifyError::LineTooLong { record });
         }
         if line.last() != Some(&b'\n') {
             if options.allow_unsigned_tail {
@@ -94,26 +92,25 @@ pub fn verify_with(
                 torn_tail = true;
                 break;
             }
-            return Err(format!("{at}: truncated (no line end)"));
+            return Err(VerifyError::TruncatedTail { record });
         }
-        let l = Line::parse(&line[..line.len() - 1]).map_err(|e| format!("{at}: {e}"))?;
+        let l = Line::parse(&line[..line.len() - 1])
+            .map_err(|detail| VerifyError::Malformed { record, detail })?;
         if l.seq != expected {
-            return Err(format!(
-                "{at}: sequence number is {} (a record was deleted, inserted or moved)",
-                l.seq
-            ));
+            return Err(VerifyError::Sequence {
+                record,
+                found: l.seq,
+            });
         }
         if l.prev != prev {
-            return Err(format!(
-                "{at}: does not chain to the record before it (changed, deleted or reordered)"
-            ));
+            return Err(VerifyError::ChainBreak { record });
         }
         for a in &options.anchors {
             if a.anchor.seq == l.seq && a.anchor.hash != l.hash {
-                return Err(format!(
-                    "{at}: differs from {}: the log was rewritten (forked) from there on",
-                    a.source
-                ));
+                return Err(VerifyError::Forked {
+                    record,
+                    anchor: a.source.clone(),
+                });
             }
         }
         match &l.kind {
@@ -122,7 +119,7 @@ pub fn verify_with(
                 session_key: key, ..
             } => {
                 if !l.checkpoint_verifies(&audit_key) {
-                    return Err(format!("{at}: checkpoint signature does not verify"));
+                    return Err(VerifyError::BadCheckpoint { record });
                 }
                 checkpoints += 1;
                 if key.is_some() {
@@ -131,12 +128,10 @@ pub fn verify_with(
             }
             Kind::Seal { .. } => {
                 let Some(key) = &session_key else {
-                    return Err(format!(
-                        "{at}: a seal, but no checkpoint before it certifies a session key"
-                    ));
+                    return Err(VerifyError::UncertifiedSeal { record });
                 };
                 if !l.seal_verifies(key) {
-                    return Err(format!("{at}: seal signature does not verify"));
+                    return Err(VerifyError::BadSeal { record });
                 }
                 seals += 1;
                 signed_through = l.seq;
@@ -146,7 +141,7 @@ pub fn verify_with(
         if let Some(h) = &head {
             if h.seq == l.seq {
                 if h.hash != l.hash {
-                    return Err(format!("{at}: differs from the signed head"));
+                    return Err(VerifyError::HeadMismatch { record });
                 }
                 head_found = true;
                 if h.seq > signed_through {
@@ -162,28 +157,26 @@ pub fn verify_with(
     let last = expected - 1;
     if let Some(h) = &head {
         if !head_found {
-            return Err(format!(
-                "the log ends at record {last} but the signed head is at record {}: records were cut from the end",
-                h.seq
-            ));
+            return Err(VerifyError::CutBeforeHead { last, head: h.seq });
         }
     }
     let mut anchors_reached = Vec::new();
     for a in &options.anchors {
         if a.anchor.seq > last {
-            return Err(format!(
-                "the log ends at record {last} but {} is at record {}: records were cut from the end (the log was rolled back)",
-                a.source, a.anchor.seq
-            ));
+            return Err(VerifyError::RolledBack {
+                last,
+                anchor: a.source.clone(),
+                at: a.anchor.seq,
+            });
         }
         anchors_reached.push(a.source.clone());
     }
     let unsigned_tail = last - signed_through;
     if unsigned_tail > 0 && !options.allow_unsigned_tail {
-        return Err(format!(
-            "records {} to {last} come after the last signature (record {signed_through}): nothing signed them, so they were appended by something other than the server, or left by a crash before they were acknowledged (the server sets them aside at its next start); --allow-unsigned-tail accepts them, e.g. for the batch a live server is writing",
-            signed_through + 1
-        ));
+        return Err(VerifyError::UnsignedTail {
+            signed_through,
+            last,
+        });
     }
     Ok(VerifyReport {
         records: last,

@@ -184,7 +184,9 @@ pub fn audit_verify(
     let dir = c.data_dir.join("audit");
     let mut anchors = Vec::new();
     for f in checkpoints {
-        anchors.push(crate::audit::read_checkpoint_file(f, &dir, km.as_ref())?);
+        anchors.push(
+            crate::audit::read_checkpoint_file(f, &dir, km.as_ref()).map_err(|e| e.to_string())?,
+        );
     }
     let datastore_note = match datastore_anchor(&c) {
         Ok(Some(a)) => {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use super::{now, CaCore};
 use crate::authorities::Kind;
 use crate::datastore::AgentRecord;
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 /// An agent that presented a current SVID.
 #[derive(Debug, Clone)]
@@ -67,44 +67,59 @@ impl CaCore {
     /// Checks the peer certificate of a node API call and returns the agent.
     /// The TLS layer has already validated the chain against the bundle.
     pub fn authenticate_agent(&self, leaf_der: Option<&[u8]>) -> Result<AuthenticatedAgent> {
-        let leaf = leaf_der
-            .ok_or_else(|| Error::Unauthenticated("node API call without an agent SVID".into()))?;
+        let leaf = leaf_der.ok_or_else(|| {
+            Error::refused(
+                RefusalKind::NoCredential,
+                "node API call without an agent SVID",
+            )
+        })?;
         let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
-            .map_err(|e| Error::Unauthenticated(format!("peer certificate: {e}")))?
+            .map_err(|e| {
+                Error::refused(RefusalKind::BadCredential, format!("peer certificate: {e}"))
+            })?
             .to_string();
         let serial = ztid_spiffe::svid::serial_hex(leaf)
-            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+            .map_err(|e| Error::refused(RefusalKind::BadCredential, e.to_string()))?;
         // TLS accepted any chain to the bundle: under an upstream root, any CA under the
         // organisation's root. An agent's ID and serial are no secret, so only a
         // certificate this server's own X.509 authorities signed can be the agent's.
         if !self.issued_by_own_authority(leaf) {
-            return Err(Error::Unauthenticated(format!(
-                "{id} is not in a certificate this server's X.509 authorities signed"
-            )));
+            return Err(Error::refused(
+                RefusalKind::BadCredential,
+                format!("{id} is not in a certificate this server's X.509 authorities signed"),
+            ));
         }
         let record = self.store.get_agent(&id)?.ok_or_else(|| {
-            Error::Unauthenticated(format!("agent {id} is not attested (evicted or unknown)"))
+            Error::refused(
+                RefusalKind::UnknownAgent,
+                format!("agent {id} is not attested (evicted or unknown)"),
+            )
         })?;
         if record.banned {
-            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+            return Err(Error::refused(
+                RefusalKind::Banned,
+                format!("agent {id} is banned"),
+            ));
         }
         let t = now();
         // TLS checked validity at the handshake only; a connection can outlive the
         // certificate, so check it on every call.
         let not_after = ztid_spiffe::svid::not_after(leaf)
-            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+            .map_err(|e| Error::refused(RefusalKind::BadCredential, e.to_string()))?;
         if t >= not_after {
-            return Err(Error::Unauthenticated(format!(
-                "agent {id} presented an expired SVID"
-            )));
+            return Err(Error::refused(
+                RefusalKind::BadCredential,
+                format!("agent {id} presented an expired SVID"),
+            ));
         }
         let current = serial == record.serial;
         let previous = record.previous_serial.as_deref() == Some(serial.as_str())
             && t < record.previous_expires_at;
         if !current && !previous {
-            return Err(Error::Unauthenticated(format!(
-                "agent {id} presented an SVID that is no longer current"
-            )));
+            return Err(Error::refused(
+                RefusalKind::StaleCredential,
+                format!("agent {id} presented an SVID that is no longer current"),
+            ));
         }
         Ok(AuthenticatedAgent { record })
     }

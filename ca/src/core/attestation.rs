@@ -14,7 +14,7 @@ use super::{now, AuthenticatedAgent, CaCore};
 use crate::authority::{LeafTemplate, SignedLeaf};
 use crate::csr_policy::{check_csr, IdentityRule};
 use crate::datastore::AgentRecord;
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 impl CaCore {
     /// The verifier for a method; refuses a single method the server requires to be
@@ -27,7 +27,12 @@ impl CaCore {
             .iter()
             .find(|v| v.method() == method)
             .map(|v| v.as_ref())
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown attestation method {method:?}")))
+            .ok_or_else(|| {
+                Error::refused(
+                    RefusalKind::UnknownMethod,
+                    format!("unknown attestation method {method:?}"),
+                )
+            })
     }
 
     /// Context for a verifier, binding the attempt to the agent's CSR key.
@@ -45,7 +50,7 @@ impl CaCore {
         let parsed = rcgen::CertificateSigningRequestParams::from_der(
             &rustls_pki_types::CertificateSigningRequestDer::from(csr),
         )
-        .map_err(|e| Error::InvalidArgument(format!("malformed agent CSR: {e}")))?;
+        .map_err(|e| Error::refused(RefusalKind::BadCsr, format!("malformed agent CSR: {e}")))?;
         Ok(parsed.public_key.subject_public_key_info())
     }
 
@@ -59,7 +64,7 @@ impl CaCore {
         let agent_id =
             ztid_spiffe::spiffe_id::agent_id(&self.trust_domain, node.method, &node.node_id)
                 .map_err(|e| {
-                    Error::InvalidArgument(format!(
+                    Error::InvalidInput(format!(
                         "attestor returned an unusable node id: {}",
                         crate::csr_policy::reason(e)
                     ))
@@ -67,9 +72,10 @@ impl CaCore {
                 .to_string();
         let existing = self.store.get_agent(&agent_id)?;
         if existing.as_ref().is_some_and(|e| e.banned) {
-            return Err(Error::PermissionDenied(format!(
-                "agent {agent_id} is banned"
-            )));
+            return Err(Error::refused(
+                RefusalKind::Banned,
+                format!("agent {agent_id} is banned"),
+            ));
         }
         let checked = check_csr(csr, &IdentityRule::Assigned(&agent_id), &[])?;
         let t = now();
@@ -158,10 +164,13 @@ impl CaCore {
         // Hardware-attested nodes renew only by proving their state again (a fresh quote
         // or report): a stolen SVID must not be able to extend itself.
         if agent.record.method != "join-token" {
-            return Err(Error::FailedPrecondition(format!(
-                "agents attested by {} renew by attesting again",
-                agent.record.method
-            )));
+            return Err(Error::refused(
+                RefusalKind::RenewByAttesting,
+                format!(
+                    "agents attested by {} renew by attesting again",
+                    agent.record.method
+                ),
+            ));
         }
         let checked = check_csr(csr, &IdentityRule::Assigned(id), &[])?;
         let leaf = self.authorities.x509().sign_leaf(

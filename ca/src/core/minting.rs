@@ -7,7 +7,7 @@ use super::{now, AuthenticatedAgent, CaCore};
 use crate::authority::{LeafTemplate, SignedLeaf};
 use crate::csr_policy::{check_csr, check_identity, IdentityRule};
 use crate::datastore::EntryRecord;
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 /// What a workload CSR or JWT request under `entry` may name: the entry's ID
 /// (shared) or the entry's ID plus one per-instance segment; never a reserved ID.
@@ -32,7 +32,7 @@ impl CaCore {
         caller: &str,
     ) -> Result<(String, SignedLeaf)> {
         let id = ztid_spiffe::spiffe_id::admin_id(&self.trust_domain, name)
-            .map_err(|e| Error::InvalidArgument(crate::csr_policy::reason(e)))?
+            .map_err(|e| Error::InvalidInput(crate::csr_policy::reason(e)))?
             .to_string();
         let ttl = if ttl_seconds == 0 {
             self.config.x509_svid_ttl_seconds
@@ -40,7 +40,7 @@ impl CaCore {
             ttl_seconds
         };
         if !(1..=self.config.ca_ttl_seconds).contains(&ttl) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidInput(format!(
                 "admin SVID TTL must be between 1 and {} seconds",
                 self.config.ca_ttl_seconds
             )));
@@ -69,16 +69,22 @@ impl CaCore {
             .get_entry(entry_id)?
             .ok_or_else(|| Error::NotFound(format!("entry {entry_id} does not exist")))?;
         if entry.node || !agent.parents().contains(entry.parent_id.as_str()) {
-            return Err(Error::PermissionDenied(format!(
-                "agent {} is not entitled to entry {entry_id}",
-                agent.record.spiffe_id
-            )));
+            return Err(Error::refused(
+                RefusalKind::NotEntitled,
+                format!(
+                    "agent {} is not entitled to entry {entry_id}",
+                    agent.record.spiffe_id
+                ),
+            ));
         }
         // A stored entry the ID rule refuses (from before it) mints nothing.
         if let Some(why) = crate::entries::unusable_reason(&self.trust_domain, &entry) {
-            return Err(Error::PermissionDenied(format!(
-                "entry {entry_id} was stored before the SPIFFE ID rule and mints nothing: {why}"
-            )));
+            return Err(Error::refused(
+                RefusalKind::UnusableEntry,
+                format!(
+                    "entry {entry_id} was stored before the SPIFFE ID rule and mints nothing: {why}"
+                ),
+            ));
         }
         Ok(entry)
     }
@@ -141,7 +147,7 @@ impl CaCore {
     ) -> Result<(String, i64)> {
         let entry = self.entitled_entry(agent, entry_id)?;
         if audience.is_empty() || audience.iter().any(|a| a.is_empty() || a.len() > 512) {
-            return Err(Error::InvalidArgument("audience must be specified".into()));
+            return Err(Error::InvalidInput("audience must be specified".into()));
         }
         check_identity(&workload_rule(&entry), spiffe_id)?;
         let ttl = if entry.jwt_ttl > 0 {

@@ -23,7 +23,7 @@ impl CaCore {
             ttl_seconds
         };
         if !(0..=30 * 24 * 3600).contains(&ttl) {
-            return Err(Error::InvalidArgument(
+            return Err(Error::InvalidInput(
                 "token TTL must be between 1 second and 30 days".into(),
             ));
         }

@@ -10,7 +10,7 @@ use sled::{Transactional, Tree};
 use super::{
     AgentRecord, CaState, DataStore, EntryChange, EntryFilter, EntryRecord, JoinTokenRecord,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, StoreError};
 
 /// Sled-backed [`DataStore`].
 pub struct SledStore {
@@ -51,7 +51,7 @@ fn anchor_seq(value: &[u8]) -> Result<u64> {
         .get(..8)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| Error::Store("corrupt audit anchor".into()))
+        .ok_or_else(|| Error::Store(StoreError::Corrupt("corrupt audit anchor".into())))
 }
 
 fn index_key(a: &str, id: &str) -> Vec<u8> {
@@ -114,7 +114,12 @@ impl SledStore {
             .path(dir)
             .flush_every_ms(Some(200))
             .open()
-            .map_err(|e| Error::Store(format!("cannot open {}: {e}", dir.display())))?;
+            .map_err(|source| {
+                Error::Store(StoreError::Open {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            })?;
         let store = Self {
             entries: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,
@@ -139,11 +144,9 @@ impl SledStore {
     /// the meta record is brought up to the log's last revision.
     fn index_old_change_log(&self) -> Result<()> {
         let through = match self.meta.get(BY_PARENT_THROUGH_KEY)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Store("corrupt by-parent log marker".into()))?,
-            ),
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                Error::Store(StoreError::Corrupt("corrupt by-parent log marker".into()))
+            })?),
             None => 0,
         };
         let mut batch = sled::Batch::default();
@@ -177,7 +180,7 @@ impl SledStore {
     fn write_lock(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         self.entry_writes
             .lock()
-            .map_err(|_| Error::Store("entry write lock poisoned".into()))
+            .map_err(|_| Error::Internal("entry write lock poisoned".into()))
     }
     fn next_revision(&self) -> Result<u64> {
         // generate_id is monotonic across restarts; +1 keeps 0 meaning "nothing yet".
@@ -350,10 +353,9 @@ impl DataStore for SledStore {
     fn current_revision(&self) -> Result<u64> {
         match self.entry_log.last()? {
             Some((k, _)) => {
-                let bytes: [u8; 8] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Store("corrupt entry log key".into()))?;
+                let bytes: [u8; 8] = k.as_ref().try_into().map_err(|_| {
+                    Error::Store(StoreError::Corrupt("corrupt entry log key".into()))
+                })?;
                 Ok(u64::from_be_bytes(bytes))
             }
             None => Ok(0),

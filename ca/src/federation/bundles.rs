@@ -8,7 +8,7 @@ use ztid_spiffe::jwt::JwtKey;
 
 use super::records::{Source, Stored};
 use crate::core::{now, CaCore};
-use crate::{Error, Result};
+use crate::{Error, Result, StoreError};
 
 /// A stored federated bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,7 +40,11 @@ impl From<&TrustBundle> for BundleRecord {
 
 impl BundleRecord {
     fn to_bundle(&self) -> Result<TrustBundle> {
-        let bad = |_| Error::Store("corrupt federated bundle record".into());
+        let bad = |_| {
+            Error::Store(StoreError::Corrupt(
+                "corrupt federated bundle record".into(),
+            ))
+        };
         Ok(TrustBundle {
             trust_domain: self.trust_domain.clone(),
             x509_authorities: self
@@ -69,17 +73,17 @@ impl BundleRecord {
 /// sequence `pem_sequence` (it has none of its own).
 pub fn parse_bundle(td: &str, format: &str, data: &[u8], pem_sequence: u64) -> Result<TrustBundle> {
     let refused = |e: ztid_spiffe::Error| match e {
-        ztid_spiffe::Error::Refused(r) => Error::InvalidArgument(r),
-        other => Error::InvalidArgument(other.to_string()),
+        ztid_spiffe::Error::Refused(r) => Error::InvalidInput(r.to_string()),
+        other => Error::InvalidInput(other.to_string()),
     };
     match format {
         "spiffe" => {
             let text = std::str::from_utf8(data)
-                .map_err(|_| Error::InvalidArgument("bundle is not UTF-8".into()))?;
+                .map_err(|_| Error::InvalidInput("bundle is not UTF-8".into()))?;
             TrustBundle::from_spiffe_json(td, text).map_err(refused)
         }
         "pem" => TrustBundle::from_pem(td, data, pem_sequence).map_err(refused),
-        other => Err(Error::InvalidArgument(format!(
+        other => Err(Error::InvalidInput(format!(
             "unknown bundle format {other:?} (pem, spiffe)"
         ))),
     }
@@ -97,10 +101,10 @@ pub(super) fn sniff_format(data: &[u8]) -> &'static str {
 pub(super) fn check_trust_domain(core: &CaCore, td: &str) -> Result<String> {
     // One rule for names and IDs: canonical spelling only (ztid_spiffe::spiffe_id).
     let parsed = ztid_spiffe::spiffe_id::parse_trust_domain(td).map_err(|e| {
-        Error::InvalidArgument(format!("trust domain {}", crate::csr_policy::reason(e)))
+        Error::InvalidInput(format!("trust domain {}", crate::csr_policy::reason(e)))
     })?;
     if parsed == core.trust_domain {
-        return Err(Error::InvalidArgument(
+        return Err(Error::InvalidInput(
             "cannot federate with this server's own trust domain".into(),
         ));
     }
@@ -180,7 +184,7 @@ impl CaCore {
                     bundle.sequence, s.sequence
                 );
                 self.refuse_bundle(&td, source, &reason);
-                return Err(Error::FailedPrecondition(reason));
+                return Err(Error::Precondition(reason));
             }
             let same = s.x509_authorities == bundle.x509_authorities
                 && s.jwt_authorities == bundle.jwt_authorities;
@@ -199,7 +203,7 @@ impl CaCore {
                     bundle.sequence
                 );
                 self.refuse_bundle(&td, source, &reason);
-                return Err(Error::FailedPrecondition(reason));
+                return Err(Error::Precondition(reason));
             }
         }
         let mut bundle = bundle;

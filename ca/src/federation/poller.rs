@@ -16,7 +16,7 @@ use super::bundles::sniff_format;
 use super::records::{FederationRecord, Source, Stored};
 use super::{load_pem_certs, parse_bundle, parse_endpoint_url, provider};
 use crate::core::{now, CaCore};
-use crate::{Error, Result};
+use crate::{Error, RefusalKind, Result};
 
 /// Largest bundle document accepted from an endpoint.
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
@@ -103,7 +103,7 @@ fn client_config(core: &CaCore, f: &FederationRecord) -> Result<rustls::ClientCo
                     .x509_authorities
                 }
                 None => {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::Precondition(format!(
                         "no trust bundle of {} to authenticate its endpoint",
                         f.trust_domain
                     )))
@@ -141,20 +141,23 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
     let (host, port, path) = parse_endpoint_url(&f.bundle_endpoint_url)?;
     let config = client_config(core, f)?;
     let server_name = ServerName::try_from(host.clone())
-        .map_err(|e| Error::InvalidArgument(format!("endpoint host {host:?}: {e}")))?;
+        .map_err(|e| Error::InvalidInput(format!("endpoint host {host:?}: {e}")))?;
     let fetch = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| Error::FailedPrecondition(format!("connecting to {host}:{port}: {e}")))?;
+            .map_err(|e| Error::Federation(format!("connecting to {host}:{port}: {e}")))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(server_name, tcp)
             .await
             .map_err(|e| {
-                Error::PermissionDenied(format!("endpoint TLS authentication failed: {e}"))
+                Error::refused(
+                    RefusalKind::UntrustedEndpoint,
+                    format!("endpoint TLS authentication failed: {e}"),
+                )
             })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| Error::FailedPrecondition(format!("HTTP: {e}")))?;
+            .map_err(|e| Error::Federation(format!("HTTP: {e}")))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -162,13 +165,13 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
             .header(http::header::HOST, format!("{host}:{port}"))
             .header(http::header::ACCEPT, "application/json")
             .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| Error::FailedPrecondition(format!("HTTP: {e}")))?;
+            .map_err(|e| Error::Federation(format!("HTTP: {e}")))?;
         if resp.status() != http::StatusCode::OK {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Federation(format!(
                 "bundle endpoint answered {}",
                 resp.status()
             )));
@@ -176,13 +179,13 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
         let body = Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
             .collect()
             .await
-            .map_err(|e| Error::FailedPrecondition(format!("reading the bundle: {e}")))?
+            .map_err(|e| Error::Federation(format!("reading the bundle: {e}")))?
             .to_bytes();
         Ok(body.to_vec())
     };
     tokio::time::timeout(FETCH_TIMEOUT, fetch)
         .await
-        .map_err(|_| Error::FailedPrecondition("bundle endpoint timed out".into()))?
+        .map_err(|_| Error::Federation("bundle endpoint timed out".into()))?
 }
 
 /// Polls every relationship per its refresh hint, forever.

@@ -39,19 +39,19 @@ impl CaCore {
         match f.profile.as_str() {
             "https_spiffe" => {
                 let id = ztid_spiffe::spiffe_id::parse(&f.endpoint_spiffe_id).map_err(|e| {
-                    Error::InvalidArgument(format!(
+                    Error::InvalidInput(format!(
                         "https_spiffe needs --endpoint-spiffe-id: {}",
                         crate::csr_policy::reason(e)
                     ))
                 })?;
                 if id.trust_domain().to_string() != f.trust_domain {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::InvalidInput(format!(
                         "endpoint SPIFFE ID {} is not in {}",
                         f.endpoint_spiffe_id, f.trust_domain
                     )));
                 }
                 if f.trust_bundle.is_empty() && self.federated_bundle(&f.trust_domain)?.is_none() {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::InvalidInput(format!(
                         "https_spiffe needs --trust-bundle: no bundle of {} is stored",
                         f.trust_domain
                     )));
@@ -67,13 +67,13 @@ impl CaCore {
             }
             "https_web" => {
                 if !f.endpoint_spiffe_id.is_empty() {
-                    return Err(Error::InvalidArgument(
+                    return Err(Error::InvalidInput(
                         "--endpoint-spiffe-id is for the https_spiffe profile".into(),
                     ));
                 }
             }
             other => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidInput(format!(
                     "unknown profile {other:?} (https_web, https_spiffe)"
                 )))
             }
@@ -140,17 +140,17 @@ impl CaCore {
 pub fn parse_endpoint_url(url: &str) -> Result<(String, u16, String)> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| Error::InvalidArgument(format!("bundle endpoint URL {url:?}: {e}")))?;
+        .map_err(|e| Error::InvalidInput(format!("bundle endpoint URL {url:?}: {e}")))?;
     if uri.scheme_str() != Some("https") {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidInput(format!(
             "bundle endpoint URL {url:?} must use https"
         )));
     }
-    let auth = uri.authority().ok_or_else(|| {
-        Error::InvalidArgument(format!("bundle endpoint URL {url:?} has no host"))
-    })?;
+    let auth = uri
+        .authority()
+        .ok_or_else(|| Error::InvalidInput(format!("bundle endpoint URL {url:?} has no host")))?;
     if auth.as_str().contains('@') {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidInput(format!(
             "bundle endpoint URL {url:?} must not carry userinfo"
         )));
     }
