@@ -8,9 +8,9 @@
 //! The server-side `:authority` adapter for grpc-core clients is its own crate,
 //! `ztid-h2-authority`, since it parses untrusted bytes.
 #![forbid(unsafe_code)]
-#![allow(clippy::large_enum_variant)]
 
 /// The SPIFFE Workload API.
+#[allow(missing_docs, reason = "generated from the .proto files")]
 pub mod workload {
     tonic::include_proto!("_");
 }
@@ -21,6 +21,7 @@ pub mod ztid {
     /// Package `ztid.node`.
     pub mod node {
         /// Package `ztid.node.v1`.
+        #[allow(missing_docs, reason = "generated from the .proto files")]
         pub mod v1 {
             tonic::include_proto!("ztid.node.v1");
         }
@@ -28,6 +29,7 @@ pub mod ztid {
     /// Package `ztid.admin`.
     pub mod admin {
         /// Package `ztid.admin.v1`.
+        #[allow(missing_docs, reason = "generated from the .proto files")]
         pub mod v1 {
             tonic::include_proto!("ztid.admin.v1");
         }

@@ -271,6 +271,10 @@ struct InputBuf {
 }
 
 impl InputBuf {
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "start <= end <= buf.len(): consume clamps start to end, poll_fill only moves end past bytes read into buf[end..]"
+    )]
     fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -283,6 +287,10 @@ impl InputBuf {
         self.start = (self.start + n).min(self.end);
     }
 
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "end <= buf.len() always, and buf is grown right above when end == buf.len()"
+    )]
     fn poll_fill<S: AsyncRead + Unpin>(
         &mut self,
         inner: &mut S,
@@ -407,6 +415,10 @@ impl Parser {
         self.out_pos < self.out.len()
     }
 
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "out_pos <= out.len() (it only advances by n), and n <= pending.len() is computed right above"
+    )]
     fn take_output(&mut self, buf: &mut ReadBuf<'_>) {
         let pending = &self.out[self.out_pos..];
         let n = pending.len().min(buf.remaining());
@@ -454,7 +466,10 @@ impl Parser {
     fn feed(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut pos = 0;
         loop {
-            let rest = &data[pos..];
+            // pos only advances over bytes of `rest`, so this never fails.
+            let rest = data
+                .get(pos..)
+                .ok_or_else(|| invalid_data("HTTP/2 parser position past its input"))?;
             if self.mode == Mode::Passthrough {
                 self.out.extend_from_slice(rest);
                 return Ok(data.len());
@@ -462,7 +477,8 @@ impl Parser {
             match self.phase {
                 Phase::Preface => {
                     let n = rest.len().min(PREFACE.len());
-                    if rest[..n] != PREFACE[..n] {
+                    // Compares the first n bytes (zip stops at the shorter side).
+                    if rest.iter().zip(PREFACE).any(|(got, want)| got != want) {
                         // Not HTTP/2 with prior knowledge: not ours to touch.
                         self.enter_passthrough();
                         continue;
@@ -486,11 +502,13 @@ impl Parser {
                         self.phase = Phase::FrameHeader;
                         continue;
                     }
-                    let n = remaining.min(rest.len());
+                    // At most `remaining` bytes: all of `rest` if it is shorter.
+                    let chunk = rest.get(..remaining).unwrap_or(rest);
+                    let n = chunk.len();
                     if n == 0 {
                         return Ok(pos);
                     }
-                    self.out.extend_from_slice(&rest[..n]);
+                    self.out.extend_from_slice(chunk);
                     pos += n;
                     self.phase = Phase::Forward {
                         remaining: remaining - n,
@@ -574,12 +592,13 @@ impl Parser {
             } else {
                 None
             };
-            let fragment_len = body
+            let fragment = body
                 .len()
                 .checked_sub(pad_len)
+                .and_then(|len| body.get(..len))
                 .ok_or_else(|| invalid_data("HEADERS padding longer than the frame"))?;
             self.fragment.clear();
-            self.fragment.extend_from_slice(&body[..fragment_len]);
+            self.fragment.extend_from_slice(fragment);
             self.raw.clear();
             self.block = Some(OpenBlock {
                 stream_id: head.stream_id,
