@@ -21,7 +21,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use prometheus::{Encoder, HistogramVec, IntCounterVec, Registry, TextEncoder};
 
-
 // ---------------------------------------------------------------------------------
 // Generic: the HTTP listener.
 // ---------------------------------------------------------------------------------
@@ -84,6 +83,10 @@ pub async fn listen<P: Probe>(addr: SocketAddr, probe: Arc<P>) -> std::io::Resul
     Ok(local)
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "every caller passes a constant status and content type, which the builder accepts"
+)]
 fn reply(status: u16, content_type: &str, body: String) -> http::Response<Full<Bytes>> {
     http::Response::builder()
         .status(status)
@@ -286,6 +289,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Registers `c` in `r` (names are static and unique, so this cannot fail).
+#[allow(
+    clippy::expect_used,
+    reason = "callers register metrics with constant, distinct names at start-up; a clash is a programming error every test that builds the registry would hit"
+)]
 pub fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
     r.register(Box::new(c.clone()))
         .expect("metric names are unique");
