@@ -4,6 +4,12 @@
 //! `cargo run --release -p ztid-hsm --example sign_rate [-- SECONDS]`
 //!
 //! Needs SoftHSM2 (`scripts/install-deps.sh`); the token lives in a temp dir.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "example run by hand: a panic ends the run with its message"
+)]
 
 use ztid_test_support::softhsm as support;
 

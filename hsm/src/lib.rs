@@ -182,7 +182,7 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 
 /// Wraps an uncompressed P-256 point into a DER `SubjectPublicKeyInfo`.
 pub fn p256_spki_from_point(point: &[u8]) -> Result<Vec<u8>> {
-    if point.len() != 65 || point[0] != 0x04 {
+    if point.len() != 65 || point.first() != Some(&0x04) {
         return Err(Error::Crypto("not an uncompressed P-256 point"));
     }
     let mut spki = Vec::with_capacity(91);
@@ -193,10 +193,9 @@ pub fn p256_spki_from_point(point: &[u8]) -> Result<Vec<u8>> {
 
 /// Extracts the uncompressed point from a P-256 `SubjectPublicKeyInfo`.
 pub fn p256_point_from_spki(spki: &[u8]) -> Result<&[u8]> {
-    if spki.len() == 91 && spki[..26] == P256_SPKI_PREFIX {
-        Ok(&spki[26..])
-    } else {
-        Err(Error::Crypto("not a P-256 SubjectPublicKeyInfo"))
+    match spki.strip_prefix(P256_SPKI_PREFIX.as_slice()) {
+        Some(point) if point.len() == 65 => Ok(point),
+        _ => Err(Error::Crypto("not a P-256 SubjectPublicKeyInfo")),
     }
 }
 
@@ -214,12 +213,14 @@ pub fn fixed_to_der(sig: &[u8]) -> Result<Vec<u8>> {
     let (r, s) = sig.split_at(sig.len() / 2);
     let mut body = Vec::with_capacity(sig.len() + 6);
     for int in [r, s] {
-        let first = int.iter().position(|b| *b != 0);
-        let Some(first) = first else {
+        let mut int = int;
+        while let [0, rest @ ..] = int {
+            int = rest;
+        }
+        let Some(&lead) = int.first() else {
             return Err(Error::Crypto("ECDSA signature component is zero"));
         };
-        let int = &int[first..];
-        let pad = int[0] & 0x80 != 0;
+        let pad = lead & 0x80 != 0;
         body.push(0x02);
         push_der_len(&mut body, int.len() + usize::from(pad));
         if pad {

@@ -39,7 +39,7 @@ use crate::{
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// Idle sessions kept for reuse; more are opened while more threads sign at once.
-pub const MAX_IDLE_SESSIONS: usize = 16;
+pub(crate) const MAX_IDLE_SESSIONS: usize = 16;
 
 /// One `Pkcs11` context per module path for the process: `C_Initialize` may run
 /// only once, and managers opened later (a restart in tests) share it.
@@ -288,7 +288,7 @@ impl Pkcs11KeyManager {
 /// standard says), or the bare point (as some modules return it).
 fn ec_point_from_attribute(value: &[u8]) -> Option<&[u8]> {
     match value {
-        [0x04, 0x41, rest @ ..] if rest.len() == 65 && rest[0] == 0x04 => Some(rest),
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 && rest.first() == Some(&0x04) => Some(rest),
         [0x04, ..] if value.len() == 65 => Some(value),
         _ => None,
     }

@@ -97,25 +97,19 @@ impl TpmKeyBlob {
         let rest = bytes
             .strip_prefix(&MAGIC[..])
             .ok_or_else(|| corrupt("not a ztid TPM key file"))?;
-        let mut parts = Vec::with_capacity(2);
-        let mut rest = rest;
-        for _ in 0..2 {
-            if rest.len() < 2 {
-                return Err(corrupt("truncated"));
-            }
-            let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-            if rest.len() < 2 + len {
-                return Err(corrupt("truncated"));
-            }
-            parts.push(&rest[2..2 + len]);
-            rest = &rest[2 + len..];
+        /// One part: a big-endian u16 length and that many bytes; None if truncated.
+        fn take_part(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+            let (len, rest) = rest.split_first_chunk::<2>()?;
+            rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))
         }
+        let (public, rest) = take_part(rest).ok_or_else(|| corrupt("truncated"))?;
+        let (private, rest) = take_part(rest).ok_or_else(|| corrupt("truncated"))?;
         if !rest.is_empty() {
             return Err(corrupt("trailing bytes"));
         }
         let public =
-            Public::unmarshall(parts[0]).map_err(|e| corrupt(&format!("bad public area: {e}")))?;
-        let private = Private::try_from(parts[1].to_vec())
+            Public::unmarshall(public).map_err(|e| corrupt(&format!("bad public area: {e}")))?;
+        let private = Private::try_from(private.to_vec())
             .map_err(|e| corrupt(&format!("bad private area: {e}")))?;
         Ok(Self { public, private })
     }
@@ -152,14 +146,14 @@ impl TpmKeyBlob {
 }
 
 /// A big-endian P-256 field element padded to 32 bytes (TPMs may drop leading zeros).
-fn left_pad_32(v: &[u8]) -> Option<[u8; 32]> {
-    let first = v.iter().position(|b| *b != 0).unwrap_or(v.len());
-    let v = &v[first..];
-    if v.len() > 32 {
-        return None;
+fn left_pad_32(mut v: &[u8]) -> Option<[u8; 32]> {
+    while let [0, rest @ ..] = v {
+        v = rest;
     }
     let mut out = [0u8; 32];
-    out[32 - v.len()..].copy_from_slice(v);
+    // None when v is longer than 32 bytes.
+    out.get_mut(32usize.checked_sub(v.len())?..)?
+        .copy_from_slice(v);
     Some(out)
 }
 

@@ -5,6 +5,12 @@
 //! once per process; so this test binary sets up one token directory for the whole
 //! process before any test touches the module, with one token per test so that the
 //! tests, which run in parallel, cannot see each other's keys.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "integration test: a panic is a failed test"
+)]
 
 use ztid_test_support::softhsm as support;
 

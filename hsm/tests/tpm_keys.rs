@@ -1,6 +1,12 @@
 //! `TpmKeyManager` against a real TPM 2.0: one `swtpm socket` per test (swtpm and
 //! tpm2-tools are installed by `scripts/install-deps.sh`), each with its own state
 //! directory and ports. The tests fail, never skip, when swtpm is missing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "integration test: a panic is a failed test"
+)]
 
 use ztid_test_support::swtpm;
 
