@@ -1,4 +1,4 @@
-"""A Workload API peer for tests/tests/workload_binding.rs.
+"""A Workload API peer for tests/tests/e2e/workload_binding.rs.
 
 Connects the Unix socket it got as its standard input (the test keeps another descriptor
 of the same socket and speaks gRPC on it) to the agent's Workload API socket, so the

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use clap::Parser;
 use ztid_attestor::tpm::{self, device::Tpm, EkKind, TpmAttestor};
-// The TPM exchange and swtpm fixture, shared with tests/tests/tpm_protocol.rs.
+// The TPM exchange and swtpm fixture, shared with tests/tests/e2e/tpm_protocol.rs.
 use ztid_test_support::tpm_attest::*;
 use ztid_verifier::tpm::{credential, quote, wire, InitialEvidence, TpmVerifier};
 use ztid_verifier::NodeVerifier;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztid_spiffe::tls::{shared_roots, AgentCertVerifier, ServerSvidVerifier};
 use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use ztid_spiffe::tls::{shared_roots, AgentCertVerifier, ServerSvidVerifier};
 use ztid_tests::*;
 
 type Raw = SpiffeWorkloadApiClient<tonic::transport::Channel>;

@@ -13,10 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::Code;
 use ztid_agent::node_client::{connect, mtls_channel};
-use ztid_spiffe::spiffe_id::new_instance_segment;
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as apb, admin_client::AdminClient};
 use ztid_proto::node::{self as pb, node_client::NodeClient};
+use ztid_spiffe::spiffe_id::new_instance_segment;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
 
 const TD: &str = "example.org";
@@ -1493,8 +1493,7 @@ async fn the_server_admits_an_agent_only_in_a_certificate_it_signed() {
         ),
     ] {
         let (chain, key) = org.sibling_leaf_with_serial(ca_uri, &agent.spiffe_id, Some(&serial));
-        let forged =
-            ztid_agent::node_client::AgentSvid::from_parts(chain, key).unwrap();
+        let forged = ztid_agent::node_client::AgentSvid::from_parts(chain, key).unwrap();
         let mut node = connect(
             server.addr().parse().unwrap(),
             server_verifier(bundle_roots(&server)),

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use swtpm::{LocalCa, Swtpm};
-use ztid_verifier::tpm;
 use ztid_tests::{bin, entry_for_my_uid, wait_for, Agent, Server, READY_TIMEOUT};
+use ztid_verifier::tpm;
 
 const TD: &str = "tpm.example.org";
 
@@ -107,8 +107,11 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // The same TPM attesting with its ECC EK (`--tpm-ek ecc`) is another node: the ID is
     // the hash of the ECC EK.
     let ecc_hash = {
-        let mut t = ztid_attestor::tpm::device::Tpm::open_with_ek(&swtpm.tcti(), ztid_attestor::tpm::device::EkKind::Ecc)
-            .expect("open TPM");
+        let mut t = ztid_attestor::tpm::device::Tpm::open_with_ek(
+            &swtpm.tcti(),
+            ztid_attestor::tpm::device::EkKind::Ecc,
+        )
+        .expect("open TPM");
         tpm::ek_hash(&t.ek_public().expect("ECC EK")).expect("hash")
     };
     assert_ne!(ecc_hash, hash);
@@ -125,8 +128,8 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // workload's SVID above went over mTLS handshakes the TPM signed.
     let data = agent.dir.path().join("data");
     assert!(!data.join("agent_key.pk8").exists());
-    let key = ztid_attestor::agent_key::AgentKey::load(&data, &swtpm.tcti())
-        .expect("agent_key.tpmkey");
+    let key =
+        ztid_attestor::agent_key::AgentKey::load(&data, &swtpm.tcti()).expect("agent_key.tpmkey");
     assert!(key.pkcs8().is_none(), "a TPM key has no exportable form");
     let leaf = pem::parse(std::fs::read(data.join("agent_svid.pem")).unwrap())
         .unwrap()

@@ -449,9 +449,10 @@ fn tpm_ztid_quote_verifies_with_tpm2_checkquote() {
     f.tpm.pcr_extend(6, &"bb".repeat(32));
     let nonce = hex::decode("0123456789abcdef0123456789abcdef").unwrap();
     let pcrs: BTreeSet<u8> = (0..7).collect(); // tpm2-tools 5.4 fails above 7 PCRs
-    let ev: tpm::EvidenceFile =
-        serde_json::from_slice(&ztid_attestor::tpm::capture_evidence_with(&f.tpm.tcti(), &nonce, &pcrs).unwrap())
-            .unwrap();
+    let ev: tpm::EvidenceFile = serde_json::from_slice(
+        &ztid_attestor::tpm::capture_evidence_with(&f.tpm.tcti(), &nonce, &pcrs).unwrap(),
+    )
+    .unwrap();
     let ak = wire::Public::parse(&ev.ak_pub).unwrap();
     std::fs::write(work.join("ak.pem"), pem_spki(&ak.spki_der().unwrap())).unwrap();
     std::fs::write(work.join("quote.msg"), &ev.quote).unwrap();
@@ -964,8 +965,7 @@ fn tpm_agent_key_signs_only_in_its_own_tpm() {
     // The persisted form names no private key material a software stack could use.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(file), &bytes).unwrap();
-    let reloaded =
-        ztid_attestor::agent_key::AgentKey::load(dir.path(), &f.tpm.tcti()).unwrap();
+    let reloaded = ztid_attestor::agent_key::AgentKey::load(dir.path(), &f.tpm.tcti()).unwrap();
     assert!(reloaded.pkcs8().is_none());
     assert_eq!(reloaded.spki().unwrap(), key.spki().unwrap());
     assert_eq!(f.tpm.leftovers(), "");
@@ -1244,7 +1244,9 @@ fn tpm_ecc_offline_evidence_round_trip() {
     let f = fixture();
     let nonce = b"offline-nonce-ecc-0123456789abcd";
     let pcrs: BTreeSet<u8> = (0..8).collect();
-    let file = ztid_attestor::tpm::capture_evidence_with_ek(&f.tpm.tcti(), EkKind::Ecc, nonce, &pcrs).unwrap();
+    let file =
+        ztid_attestor::tpm::capture_evidence_with_ek(&f.tpm.tcti(), EkKind::Ecc, nonce, &pcrs)
+            .unwrap();
     let ev: tpm::EvidenceFile = serde_json::from_slice(&file).unwrap();
     assert_eq!(ecc_ek_params(&ev.ek_pub).0, wire::curve::NIST_P384);
     let trust = f.ca.trust_dir();

@@ -14,8 +14,8 @@ use std::time::Duration;
 use snp_signer::{FakeTsm, TestChain, MEASUREMENT};
 use swtpm::{LocalCa, Swtpm};
 use ztid_attestor::agent_key::AgentKey;
-use ztid_verifier::tpm;
 use ztid_tests::*;
+use ztid_verifier::tpm;
 
 const TD: &str = "cvm.example.org";
 
@@ -393,10 +393,10 @@ fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
 
 #[test]
 fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
-    use ztid_verifier::multi::{Envelope, MultiVerifier, Part};
     use ztid_attestor::tpm::TpmAttestor;
     use ztid_attestor::tsm::TsmClient;
     use ztid_attestor::NodeAttestor;
+    use ztid_verifier::multi::{Envelope, MultiVerifier, Part};
     use ztid_verifier::tpm::{InitialEvidence, TpmVerifier};
     use ztid_verifier::{AttestationContext, NodeVerifier, VerifierStep};
 

@@ -13,19 +13,19 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use ztid_attestor::tsm::TsmClient;
-use ztid_attestor::NodeAttestor;
-use ztid_verifier::{sev_snp, AttestationContext, NodeVerifier, VerifierStep};
 use ztid_attestation::Error;
 use ztid_attestation::RefusalKind::{
     self, BadSignature, CollateralUnavailable, Expired, KeyMismatch, Malformed, PolicyMismatch,
     Replay, Revoked, UntrustedChain,
 };
+use ztid_attestor::tsm::TsmClient;
+use ztid_attestor::NodeAttestor;
 use ztid_spiffe::Selector;
 use ztid_tests::*;
+use ztid_verifier::{sev_snp, AttestationContext, NodeVerifier, VerifierStep};
 
-use ztid_test_support::snp_signer;
 use snp_signer::{FakeTsm, TestChain, HOST_DATA, MEASUREMENT};
+use ztid_test_support::snp_signer;
 
 /// The reason of a refusal of `kind`.
 fn refusal<T>(kind: RefusalKind, r: Result<T, Error>) -> String {
@@ -193,7 +193,8 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let _fake = FakeTsm::start(tsm.path().to_path_buf(), chain.clone(), None);
     let verifier = sev_snp::SnpVerifier::from_config(&chain.config("")).unwrap();
     let mut attestor =
-        ztid_attestor::sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest")).unwrap();
+        ztid_attestor::sev_snp::SnpAttestor::with_client(TsmClient::new(tsm.path(), "sev_guest"))
+            .unwrap();
     let key = spki();
     let ctx = AttestationContext {
         agent_public_key: &key,
@@ -272,8 +273,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let rd =
-        ztid_verifier::tsm::report_data_for_challenge(&challenge).unwrap();
+    let rd = ztid_verifier::tsm::report_data_for_challenge(&challenge).unwrap();
     let VerifierStep::Attested(other_launch) =
         session.resume(&chain.evidence(&rd, |_| {}), &ctx).unwrap()
     else {
@@ -361,8 +361,8 @@ impl Drop for AgentProc {
 /// `evidence`; returns the server's refusal message.
 fn replay_attestation(server: &Server, evidence: &[u8]) -> String {
     use ztid_agent::node_client::connect;
-    use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
     use ztid_proto::node as pb;
+    use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let roots = pem::parse_many(server.cli_ok(&["bundle", "show"]))

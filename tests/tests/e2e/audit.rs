@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use ztid_agent::node_client::connect;
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
 
 const TD: &str = "example.org";
@@ -225,8 +225,7 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
                         for res in r.into_inner().results {
                             if let Some(pb::svid_result::Result::Svid(s)) = res.result {
                                 let serial =
-                                    ztid_spiffe::svid::serial_hex(&s.cert_chain[0])
-                                        .unwrap();
+                                    ztid_spiffe::svid::serial_hex(&s.cert_chain[0]).unwrap();
                                 received.lock().unwrap().push(serial);
                             }
                         }

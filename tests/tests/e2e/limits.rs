@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztid_agent::node_client::connect;
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as apb, admin_client::AdminClient};
 use ztid_proto::node as pb;
 use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
 
 const TD: &str = "example.org";

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use ztid_agent::node_client::{mtls_channel, AgentSvid};
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_proto::node as npb;
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
 
 const TD: &str = "example.org";

@@ -928,10 +928,7 @@ impl RawAgent {
             .arg(data)
             .args(["--join-token", &token, "--sync-interval", "1"])
             .args(extra)
-            .env(
-                "ZTID_LOG",
-                "info,ztid_agent::workload_listener=debug",
-            )
+            .env("ZTID_LOG", "info,ztid_agent::workload_listener=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)

@@ -8,11 +8,11 @@ use std::time::Duration;
 use ztid_tests::{at, refusal};
 
 use serde_json::Value;
-use ztid_verifier::{tdx, AttestationContext, NodeVerifier, VerifierStep};
 use ztid_attestation::Error;
 use ztid_attestation::RefusalKind::{
     self, Expired, PolicyMismatch, Replay, Unsupported, UntrustedChain,
 };
+use ztid_verifier::{tdx, AttestationContext, NodeVerifier, VerifierStep};
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("tdx")
@@ -484,7 +484,8 @@ fn agent_side_reads_the_quote_from_a_tsm_tree() {
         }
     });
     let mut attestor =
-        ztid_attestor::tdx::TdxAttestor::with_client(TsmClient::new(root.path(), "tdx_guest")).unwrap();
+        ztid_attestor::tdx::TdxAttestor::with_client(TsmClient::new(root.path(), "tdx_guest"))
+            .unwrap();
     assert!(attestor.initial_evidence().unwrap().is_empty());
 
     let tmp = tempfile::tempdir().unwrap();

@@ -7,12 +7,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ztid_attestation::Error;
 use ztid_verifier::multi::{MultiVerifier, METHOD as MULTI};
 use ztid_verifier::tpm::wire;
-use ztid_verifier::{
-    sev_snp, tdx, AttestationContext, NodeVerifier, VerifierStep,
-};
-use ztid_attestation::Error;
+use ztid_verifier::{sev_snp, tdx, AttestationContext, NodeVerifier, VerifierStep};
 
 /// xorshift64*: enough randomness for mutations, reproducible by seed.
 struct Rng(u64);

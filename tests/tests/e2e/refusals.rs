@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ztid_agent::node_client::connect;
-use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_proto::node as pb;
 use ztid_proto::workload::{self as wpb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_tests::*;
 
 const TD: &str = "example.org";

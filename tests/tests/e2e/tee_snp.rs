@@ -7,11 +7,11 @@ use std::process::Command;
 use ztid_tests::{at, refusal};
 
 use serde_json::Value;
-use ztid_verifier::sev_snp;
 use ztid_attestation::Error;
 use ztid_attestation::RefusalKind::{
     BadSignature, CollateralUnavailable, Expired, Malformed, PolicyMismatch, Replay, UntrustedChain,
 };
+use ztid_verifier::sev_snp;
 
 fn vectors() -> PathBuf {
     ztid_tests::vectors("snp")
