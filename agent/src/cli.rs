@@ -26,6 +26,7 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// The verb.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,7 +35,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    // Boxed: its flags make it far larger than the other verbs.
+    Run(Box<RunArgs>),
     /// Talk to a running agent's Workload API.
     #[command(subcommand)]
     Api(ApiCmd),
@@ -258,7 +260,11 @@ fn split_der_chain(mut der: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     while !der.is_empty() {
         let (rest, _) = X509Certificate::from_der(der)
             .map_err(|e| format!("bad certificate in response: {e}"))?;
-        out.push(der[..der.len() - rest.len()].to_vec());
+        // The parser hands back the bytes after the certificate, a suffix of `der`.
+        let cert = der
+            .strip_suffix(rest)
+            .ok_or("certificate parser returned bytes that are not the rest of its input")?;
+        out.push(cert.to_vec());
         der = rest;
     }
     Ok(out)

@@ -5,9 +5,9 @@
 //! Every label has a bounded set of values: RPC names from a fixed list, gRPC code
 //! names, and a fixed kind.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, OnceLock};
-use std::future::Future;
 use std::time::Instant;
 
 use prometheus::{
@@ -44,6 +44,10 @@ struct AgentMetrics {
     idle_closed: IntCounter,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant metric names, help texts and labels, which prometheus accepts; the first use builds them, in every test too"
+)]
 static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
     let r = Registry::new();
     AgentMetrics {

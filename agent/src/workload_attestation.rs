@@ -553,7 +553,11 @@ fn sha256_reader(f: &mut fs::File) -> Result<String, std::io::Error> {
                 "the executable is too large or too slow to hash",
             ));
         }
-        ctx.update(&buf[..n]);
+        // Read guarantees n <= buf.len().
+        let chunk = buf
+            .get(..n)
+            .ok_or_else(|| std::io::Error::other("read returned more bytes than it was given"))?;
+        ctx.update(chunk);
     }
     Ok(hex::encode(ctx.finish().as_ref()))
 }

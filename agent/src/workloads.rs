@@ -173,6 +173,10 @@ impl EntryCache {
     }
 }
 
+/// One SVID to have signed: the entry, the SPIFFE ID, the private key (PKCS#8 DER) and
+/// the CSR (DER).
+type SignJob = (pb::Entry, String, Zeroizing<Vec<u8>>, Vec<u8>);
+
 /// A fresh key pair and a CSR for `spiffe_id`.
 fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -302,10 +306,7 @@ impl Workloads {
         }
     }
 
-    async fn sign(
-        &self,
-        jobs: Vec<(pb::Entry, String, Zeroizing<Vec<u8>>, Vec<u8>)>,
-    ) -> Result<Vec<Result<HeldSvid, String>>, Error> {
+    async fn sign(&self, jobs: Vec<SignJob>) -> Result<Vec<Result<HeldSvid, String>>, Error> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
