@@ -49,6 +49,10 @@ pub struct TestChain {
 }
 
 impl TestChain {
+    #[allow(
+        clippy::new_without_default,
+        reason = "new() signs a fresh chain with openssl in a temp dir, not a default value"
+    )]
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();

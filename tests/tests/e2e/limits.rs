@@ -1868,9 +1868,9 @@ fn h2_hpack_bomb_is_refused_with_bounded_memory() {
                 0x80 + ((4000 - 127) % 128) as u8,
                 ((4000 - 127) / 128) as u8,
             ]);
-            block.extend(std::iter::repeat(b'a').take(4000));
+            block.extend(std::iter::repeat_n(b'a', 4000));
         }
-        block.extend(std::iter::repeat(0x80 | 62).take(16_000));
+        block.extend(std::iter::repeat_n(0x80 | 62, 16_000));
         let mut out = Vec::new();
         let mut chunks = block.chunks(16 * 1024).peekable();
         let mut first = true;
