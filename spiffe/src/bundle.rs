@@ -38,11 +38,16 @@ fn ec_jwk_members(spki: &[u8]) -> Result<serde_json::Map<String, Value>, Error> 
         97 => ("P-384", 48),
         _ => return Err(Error::InvalidSvid("not a P-256 or P-384 key".into())),
     };
+    // The point is 0x04 || x || y, each coordinate n bytes (the length was checked above).
+    let (x, y) = point
+        .get(1..)
+        .and_then(|coords| coords.split_at_checked(n))
+        .ok_or_else(|| Error::InvalidSvid("not a P-256 or P-384 key".into()))?;
     let mut m = serde_json::Map::new();
     m.insert("kty".into(), json!("EC"));
     m.insert("crv".into(), json!(crv));
-    m.insert("x".into(), json!(B64URL.encode(&point[1..1 + n])));
-    m.insert("y".into(), json!(B64URL.encode(&point[1 + n..])));
+    m.insert("x".into(), json!(B64URL.encode(x)));
+    m.insert("y".into(), json!(B64URL.encode(y)));
     Ok(m)
 }
 

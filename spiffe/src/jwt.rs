@@ -81,7 +81,12 @@ fn ec_point(spki: &[u8]) -> Result<(&'static str, &[u8]), Error> {
         _ => return Err(Error::InvalidJwt("bundle key is not P-256 or P-384".into())),
     };
     // Return a slice into `spki`: the BIT STRING contents are its tail.
-    Ok((alg, &spki[spki.len() - point.len()..]))
+    let tail = spki
+        .len()
+        .checked_sub(point.len())
+        .and_then(|start| spki.get(start..))
+        .ok_or_else(|| Error::InvalidJwt("bundle key does not parse".into()))?;
+    Ok((alg, tail))
 }
 
 /// Validates a JWT-SVID for `audience` at `now` (Unix seconds). `keys_for` returns

@@ -206,7 +206,7 @@ fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
 /// string equality is identity equality because `td_id` is canonical.
 fn issuer_refusal(issuer_der: &[u8], td_id: &str) -> Option<String> {
     match uri_sans(issuer_der) {
-        Ok(uris) if uris.len() == 1 && uris[0] == td_id => None,
+        Ok(uris) if matches!(uris.as_slice(), [only] if only == td_id) => None,
         Ok(uris) if uris.is_empty() => Some(format!(
             "the CA that signed it carries no URI SAN, so it is not an X.509 authority of {td_id}"
         )),
