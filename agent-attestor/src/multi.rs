@@ -96,6 +96,8 @@ pub fn in_factor(method: &str, e: Error) -> Error {
     }
 }
 
+/// Parses a multi-factor envelope (`what` names it in refusals): at most
+/// `MAX_MESSAGE` bytes, JSON, each method at most once.
 pub fn parse(bytes: &[u8], what: &str) -> Result<Envelope, Error> {
     if bytes.len() > MAX_MESSAGE {
         return Err(refused(
@@ -117,6 +119,7 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<Envelope, Error> {
     Ok(env)
 }
 
+/// Encodes a multi-factor envelope as JSON.
 pub fn encode(env: &Envelope) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(env).map_err(|e| Error::Protocol(e.to_string()))
 }

@@ -37,21 +37,24 @@ pub fn split_evidence(e: &[u8]) -> Result<Evidence<'_>, Error> {
     let (manifest, e) = match e.strip_prefix(&MANIFEST_MAGIC[..]) {
         Some(rest) => {
             let len = rest
-                .get(..4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .first_chunk::<4>()
+                .map(|b| u32::from_le_bytes(*b) as usize)
                 .filter(|l| *l > 0 && *l <= MAX_MANIFEST)
                 .ok_or_else(|| {
                     Error::refused(Malformed, format!(
                         "SEV-SNP evidence has a malformed service manifest (1 to {MAX_MANIFEST} bytes)"
                     ))
                 })?;
-            let m = rest.get(4..4 + len).ok_or_else(|| {
-                Error::refused(
-                    Malformed,
-                    "SEV-SNP evidence ends inside its service manifest",
-                )
-            })?;
-            (Some(m), &rest[4 + len..])
+            let (m, after) = rest
+                .get(4..)
+                .and_then(|r| r.split_at_checked(len))
+                .ok_or_else(|| {
+                    Error::refused(
+                        Malformed,
+                        "SEV-SNP evidence ends inside its service manifest",
+                    )
+                })?;
+            (Some(m), after)
         }
         None => (None, e),
     };

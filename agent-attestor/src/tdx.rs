@@ -10,14 +10,16 @@ pub const METHOD: &str = "tdx";
 /// The configfs-tsm provider of TDX guests.
 pub const TSM_PROVIDER: &str = "tdx_guest";
 
+/// The quote header's TEE type of an SGX enclave quote.
 pub const TEE_TYPE_SGX: u32 = 0x00;
+/// The quote header's TEE type of a TDX quote.
 pub const TEE_TYPE_TDX: u32 = 0x81;
 /// Largest quote accepted (real ones are about 5 KiB).
 pub const MAX_QUOTE: usize = 64 * 1024;
 
 /// Checks the header: a TDX quote, version 4 or 5.
 pub fn check_header(quote: &[u8]) -> Result<(), Error> {
-    if quote.len() < 48 {
+    let Some(header) = quote.first_chunk::<48>() else {
         return Err(Error::refused(
             Malformed,
             format!(
@@ -25,15 +27,15 @@ pub fn check_header(quote: &[u8]) -> Result<(), Error> {
                 quote.len()
             ),
         ));
-    }
+    };
     if quote.len() > MAX_QUOTE {
         return Err(Error::refused(
             Malformed,
             format!("TDX quote is {} bytes, more than {MAX_QUOTE}", quote.len()),
         ));
     }
-    let version = u16::from_le_bytes([quote[0], quote[1]]);
-    let tee = u32::from_le_bytes([quote[4], quote[5], quote[6], quote[7]]);
+    let version = u16::from_le_bytes([header[0], header[1]]);
+    let tee = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     match tee {
         TEE_TYPE_TDX => {}
         TEE_TYPE_SGX => {

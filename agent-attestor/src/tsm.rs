@@ -102,13 +102,13 @@ pub fn check_report_data(actual: &[u8; 64], expected: &[u8; 64]) -> Result<(), E
 /// Pads an operator-supplied expected report_data (shorter values are zero-padded, as
 /// tools that bind a 32-byte hash do) to 64 bytes.
 pub fn pad_report_data(rd: &[u8]) -> Result<[u8; 64], Error> {
-    if rd.len() > 64 {
+    let mut out = [0u8; 64];
+    let Some(prefix) = out.get_mut(..rd.len()) else {
         return Err(Error::Config(format!(
             "expected report_data is {} bytes; report_data has 64",
             rd.len()
         )));
-    }
-    let mut out = [0u8; 64];
-    out[..rd.len()].copy_from_slice(rd);
+    };
+    prefix.copy_from_slice(rd);
     Ok(out)
 }

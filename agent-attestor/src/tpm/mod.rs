@@ -34,13 +34,18 @@ mod hexmap {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &BTreeMap<u8, Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        v: &BTreeMap<u8, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         v.iter()
             .map(|(k, v)| (k.to_string(), hex::encode(v)))
             .collect::<BTreeMap<_, _>>()
             .serialize(s)
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u8, Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u8, Vec<u8>>, D::Error> {
         let m = BTreeMap::<String, String>::deserialize(d)?;
         m.into_iter()
             .map(|(k, v)| {

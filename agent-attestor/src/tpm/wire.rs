@@ -97,33 +97,37 @@ impl<'a> Reader<'a> {
         Self { buf, what }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        if self.buf.len() < n {
-            return Err(bad(&format!("{} (truncated)", self.what)));
-        }
-        let (a, b) = self.buf.split_at(n);
+        let (a, b) = self
+            .buf
+            .split_at_checked(n)
+            .ok_or_else(|| bad(&format!("{} (truncated)", self.what)))?;
         self.buf = b;
         Ok(a)
     }
+    fn take_array<const N: usize>(&mut self) -> Result<[u8; N], Error> {
+        let (a, b) = self
+            .buf
+            .split_first_chunk::<N>()
+            .ok_or_else(|| bad(&format!("{} (truncated)", self.what)))?;
+        self.buf = b;
+        Ok(*a)
+    }
     /// One byte.
     pub fn u8(&mut self) -> Result<u8, Error> {
-        Ok(self.take(1)?[0])
+        let [b] = self.take_array()?;
+        Ok(b)
     }
     /// A big-endian u16.
     pub fn u16(&mut self) -> Result<u16, Error> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(u16::from_be_bytes(self.take_array()?))
     }
     /// A big-endian u32.
     pub fn u32(&mut self) -> Result<u32, Error> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_be_bytes(self.take_array()?))
     }
     /// A big-endian u64.
     pub fn u64(&mut self) -> Result<u64, Error> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_be_bytes(a))
+        Ok(u64::from_be_bytes(self.take_array()?))
     }
     /// A `TPM2B_*`: a u16 size and that many bytes, at most `max`.
     pub fn tpm2b(&mut self, max: usize) -> Result<&'a [u8], Error> {
@@ -398,9 +402,11 @@ pub fn ecc_point(x: &[u8], y: &[u8], len: usize) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-fn strip_zeros(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|&&x| x == 0).count();
-    &b[n..]
+fn strip_zeros(mut b: &[u8]) -> &[u8] {
+    while let [0, rest @ ..] = b {
+        b = rest;
+    }
+    b
 }
 
 fn der_len(n: usize) -> Vec<u8> {
@@ -433,7 +439,7 @@ fn der_seq(items: &[Vec<u8>]) -> Vec<u8> {
 fn der_uint(b: &[u8]) -> Vec<u8> {
     let b = strip_zeros(b);
     let mut c = Vec::with_capacity(b.len() + 1);
-    if b.is_empty() || b[0] & 0x80 != 0 {
+    if b.first().is_none_or(|&first| first & 0x80 != 0) {
         c.push(0);
     }
     c.extend_from_slice(b);
@@ -459,8 +465,9 @@ pub struct PcrBank {
 pub fn marshal_pcr_selection(hash: u16, pcrs: &BTreeSet<u8>) -> Vec<u8> {
     let mut sel = [0u8; 3];
     for &p in pcrs {
-        if p < 24 {
-            sel[(p / 8) as usize] |= 1 << (p % 8);
+        // PCRs 24 and up have no byte in a 3-byte selection and are left out.
+        if let Some(byte) = sel.get_mut(usize::from(p / 8)) {
+            *byte |= 1 << (p % 8);
         }
     }
     let mut out = 1u32.to_be_bytes().to_vec();
