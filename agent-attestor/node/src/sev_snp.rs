@@ -86,7 +86,8 @@ impl NodeAttestor for SnpAttestor {
             }
             _ => rd,
         };
-        if rep.outblob[0x50..0x90] != expected[..] {
+        // report_data sits at 0x50..0x90 (the length was checked above).
+        if rep.outblob.get(0x50..0x90) != Some(&expected[..]) {
             return Err(Error::Protocol(
                 "configfs-tsm returned a report for other report_data".into(),
             ));
@@ -104,4 +105,3 @@ impl NodeAttestor for SnpAttestor {
         Ok(out)
     }
 }
-

@@ -699,13 +699,10 @@ fn nv_index_defined(ctx: &mut Context, index: u32) -> Result<bool, Error> {
 /// Trims NV padding after a DER SEQUENCE (EK certificate NV indices may be larger than
 /// the certificate).
 fn trim_der(mut b: Vec<u8>) -> Vec<u8> {
-    if b.len() < 2 || b[0] != 0x30 {
-        return b;
-    }
-    let (len, hdr) = match b[1] {
-        n if n < 0x80 => (n as usize, 2),
-        0x81 if b.len() >= 3 => (b[2] as usize, 3),
-        0x82 if b.len() >= 4 => (((b[2] as usize) << 8) | b[3] as usize, 4),
+    let (len, hdr) = match b.as_slice() {
+        [0x30, n, ..] if *n < 0x80 => (usize::from(*n), 2),
+        [0x30, 0x81, n, ..] => (usize::from(*n), 3),
+        [0x30, 0x82, hi, lo, ..] => ((usize::from(*hi) << 8) | usize::from(*lo), 4),
         _ => return b,
     };
     if hdr + len < b.len() {
