@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# rust-toolchain.toml pins the compiler; name the installed one so (no download).
+scripts/ensure-toolchain.sh
+
 PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # prometheus: promtool (telemetry tests)
   # TPM attestation: swtpm (+ swtpm_setup/swtpm_localca, which need gnutls-bin's certtool)
   # for the tests, tpm2-tools for the cross-checks, libtss2 + pkg-config to build tss-esapi.
