@@ -216,20 +216,23 @@ pub(crate) fn base_url(key: &str, url: &str) -> Result<String, String> {
 
 /// Decodes `%XX` escapes (the PCS sends PEM issuer chains URL-encoded in headers).
 pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
+    let mut rest = s.as_bytes();
+    let mut out = Vec::with_capacity(rest.len());
+    // Byte offset of `rest` in `s`, for errors.
     let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let h = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
+    while let Some((&c, tail)) = rest.split_first() {
+        if c == b'%' {
+            let (h, after) = tail
+                .split_at_checked(2)
+                .and_then(|(h, after)| Some((std::str::from_utf8(h).ok()?, after)))
+                .and_then(|(h, after)| Some((u8::from_str_radix(h, 16).ok()?, after)))
                 .ok_or_else(|| format!("bad percent escape at byte {i}"))?;
             out.push(h);
+            rest = after;
             i += 3;
         } else {
-            out.push(b[i]);
+            out.push(c);
+            rest = tail;
             i += 1;
         }
     }

@@ -562,8 +562,11 @@ impl TrustStore {
         anchor: Option<usize>,
         at: i64,
     ) -> Result<ChainOk<'a>, Error> {
-        let anchor = match anchor.or_else(|| self.anchor_of(inter)) {
-            Some(a) => &self.anchors[a],
+        let anchor = match anchor
+            .or_else(|| self.anchor_of(inter))
+            .and_then(|a| self.anchors.get(a))
+        {
+            Some(a) => a,
             None => {
                 return Err(Error::refused(
                     UntrustedChain,

@@ -143,6 +143,10 @@ fn guid_string(g: &[u8]) -> String {
 /// Encodes a certificate table (GHCB layout: 24-byte entries of GUID, offset and
 /// length, ending with an all-zero entry, then the blobs); `kind` is one of `ark`,
 /// `ask`, `vcek`, `vlek`, `crl`.
+#[allow(
+    clippy::expect_used,
+    reason = "decodes only the constant GUID_* strings, which are valid hex"
+)]
 pub fn encode_cert_table(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let header = (entries.len() + 1) * 24;
     let mut table = Vec::new();
@@ -174,8 +178,9 @@ pub(crate) fn parse_cert_table(table: &[u8]) -> Result<Collateral, Error> {
         if i >= MAX_TABLE_ENTRIES {
             return Err(bad(format!("more than {MAX_TABLE_ENTRIES} entries")));
         }
-        let e = table
-            .get(i * 24..i * 24 + 24)
+        let e: &[u8; 24] = table
+            .get(i * 24..)
+            .and_then(|rest| rest.first_chunk())
             .ok_or_else(|| bad("no terminating entry".into()))?;
         let guid = &e[..16];
         if guid.iter().all(|b| *b == 0) {

@@ -70,8 +70,8 @@ impl Tcb {
             "snp": self.snp,
             "microcode": self.microcode,
         });
-        if let Some(f) = self.fmc {
-            v["fmc"] = f.into();
+        if let (Some(f), Some(obj)) = (self.fmc, v.as_object_mut()) {
+            obj.insert("fmc".into(), f.into());
         }
         v
     }
@@ -117,22 +117,23 @@ pub(crate) enum SigningKey {
 
 /// A parsed report over its raw bytes.
 pub(crate) struct Report<'a> {
-    pub raw: &'a [u8],
+    /// Exactly one report: the constant offsets below index it without a length check.
+    pub raw: &'a [u8; REPORT_LEN],
     pub parsed: AttestationReport,
 }
 
 impl<'a> Report<'a> {
     /// Parses a report; refuses versions other than 2 to 5 and malformed bytes.
     pub(crate) fn parse(raw: &'a [u8]) -> Result<Self, Error> {
-        if raw.len() != REPORT_LEN {
-            return Err(Error::refused(
+        let raw: &'a [u8; REPORT_LEN] = raw.try_into().map_err(|_| {
+            Error::refused(
                 Malformed,
                 format!(
                     "SEV-SNP report must be {REPORT_LEN} bytes, got {}",
                     raw.len()
                 ),
-            ));
-        }
+            )
+        })?;
         let version = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         if !(2..=5).contains(&version) {
             return Err(Error::refused(
@@ -169,6 +170,10 @@ impl<'a> Report<'a> {
         }
     }
 
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "off is one of the OFF_*_TCB constants, 8 bytes well inside the REPORT_LEN-byte raw array"
+    )]
     fn tcb_at(&self, off: usize, turin: bool) -> Tcb {
         // Offsets are constants inside the report, whose length was checked on parsing.
         Tcb::decode(&std::array::from_fn(|i| self.raw[off + i]), turin)
@@ -212,12 +217,14 @@ impl<'a> Report<'a> {
 
 /// r and s (72 bytes each, little-endian, top 24 bytes zero) as big-endian r‖s.
 fn p384_fixed_sig(r: &[u8], s: &[u8]) -> Option<Vec<u8>> {
-    if r[48..].iter().chain(&s[48..]).any(|b| *b != 0) {
+    let (r, r_top) = r.split_at_checked(48)?;
+    let (s, s_top) = s.split_at_checked(48)?;
+    if r_top.iter().chain(s_top).any(|b| *b != 0) {
         return None;
     }
     let mut out = Vec::with_capacity(96);
-    out.extend(r[..48].iter().rev());
-    out.extend(s[..48].iter().rev());
+    out.extend(r.iter().rev());
+    out.extend(s.iter().rev());
     Some(out)
 }
 

@@ -166,7 +166,7 @@ pub(crate) fn verify(
                     KeyMismatch,
                     format!(
                         "report chip_id {} does not match the VCEK hwID {}",
-                        hex::encode(&r.chip_id[..hw.len().min(64)]),
+                        hex::encode(r.chip_id.get(..hw.len()).unwrap_or(&r.chip_id[..])),
                         hex::encode(hw)
                     ),
                 ));
@@ -181,6 +181,7 @@ pub(crate) fn verify(
     }
     check_policy(&report, &chain.product, reported, policy)?;
 
+    #[allow(clippy::indexing_slicing, reason = "a SHA-256 digest is 32 bytes")]
     let node_id = {
         let mut c = digest::Context::new(&digest::SHA256);
         c.update(b"ztid/sev-snp/node-id/v1");
@@ -221,11 +222,19 @@ pub(crate) fn verify(
         "crl_checked": crl_checked,
         "node_id": node_id,
     });
-    if let (Some(f), Some(m), Some(s)) = (r.cpuid_fam_id, r.cpuid_mod_id, r.cpuid_step) {
-        claims["cpuid"] = serde_json::json!({"family": f, "model": m, "stepping": s});
+    if let (Some(f), Some(m), Some(s), Some(obj)) = (
+        r.cpuid_fam_id,
+        r.cpuid_mod_id,
+        r.cpuid_step,
+        claims.as_object_mut(),
+    ) {
+        obj.insert(
+            "cpuid".into(),
+            serde_json::json!({"family": f, "model": m, "stepping": s}),
+        );
     }
-    if let Some(p) = &vek.product_name {
-        claims["vek_product_name"] = p.clone().into();
+    if let (Some(p), Some(obj)) = (&vek.product_name, claims.as_object_mut()) {
+        obj.insert("vek_product_name".into(), p.clone().into());
     }
     Ok(Verified {
         claims,
@@ -357,11 +366,11 @@ pub(crate) fn verify_vek_only(
         "trust_anchor": chain.anchor.ark.subject_cn,
         "crl_checked": crl_checked,
     });
-    if let Some(h) = &vek.hwid {
-        claims["hwid"] = hex::encode(h).into();
+    if let (Some(h), Some(obj)) = (&vek.hwid, claims.as_object_mut()) {
+        obj.insert("hwid".into(), hex::encode(h).into());
     }
-    if let Some(p) = &vek.product_name {
-        claims["vek_product_name"] = p.clone().into();
+    if let (Some(p), Some(obj)) = (&vek.product_name, claims.as_object_mut()) {
+        obj.insert("vek_product_name".into(), p.clone().into());
     }
     Ok(claims)
 }

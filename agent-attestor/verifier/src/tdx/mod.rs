@@ -474,8 +474,8 @@ fn check_measurements(td: &TDReport10, policy: &Policy) -> Result<(), Error> {
     };
     check("MRTD", &policy.mrtd, &td.mr_td)?;
     let rtmrs = [&td.rt_mr0, &td.rt_mr1, &td.rt_mr2, &td.rt_mr3];
-    for (i, r) in rtmrs.iter().enumerate() {
-        check(&format!("RTMR{i}"), &policy.rtmr[i], r)?;
+    for (i, (r, allowed)) in rtmrs.iter().zip(&policy.rtmr).enumerate() {
+        check(&format!("RTMR{i}"), allowed, r)?;
     }
     check("MRCONFIGID", &policy.mrconfigid, &td.mr_config_id)?;
     Ok(())
@@ -505,7 +505,10 @@ fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
             }
         }
     }
-    hex::encode(&c.finish().as_ref()[..16])
+    let digest = c.finish();
+    #[allow(clippy::indexing_slicing, reason = "a SHA-256 digest is 32 bytes")]
+    let half = &digest.as_ref()[..16];
+    hex::encode(half)
 }
 
 /// Verifies a quote with its collateral at `at` (Unix seconds); `expected_report_data`,
@@ -585,7 +588,8 @@ fn finish(
         Report::SgxEnclave(_) => "SGX",
     };
     let mut claims = serde_json::json!({
-        "quote_version": u16::from_le_bytes([quote[0], quote[1]]),
+        // The 48-byte header was checked before dcap-qvl verified the quote.
+        "quote_version": quote.first_chunk().map(|v| u16::from_le_bytes(*v)),
         "td_report": body,
         "mrtd": hex::encode(td.mr_td),
         "rtmr0": hex::encode(td.rt_mr0),
@@ -610,8 +614,8 @@ fn finish(
         "ppid": hex::encode(&verified.ppid),
         "node_id": node_id,
     });
-    if let Some(ex) = report.as_td15_ex() {
-        claims["td_id"] = hex::encode(ex.td_id).into();
+    if let (Some(ex), Some(obj)) = (report.as_td15_ex(), claims.as_object_mut()) {
+        obj.insert("td_id".into(), hex::encode(ex.td_id).into());
     }
     Ok(Verified {
         claims,

@@ -102,13 +102,15 @@ fn crl_der(body: &[u8]) -> Result<Vec<u8>, String> {
 
 /// The URL-decoded PEM issuer chain in the first of `names` the response carries.
 fn issuer_chain(resp: &fetch::Response, url: &str, names: &[&str]) -> Result<String, String> {
+    // The name errors use; every caller passes at least one.
+    let name = names.first().copied().unwrap_or_default();
     let raw = names
         .iter()
         .find_map(|n| resp.header(n))
-        .ok_or_else(|| format!("the response from {url} lacks the {} header", names[0]))?;
-    let chain = fetch::percent_decode(raw).map_err(|e| format!("{} from {url}: {e}", names[0]))?;
+        .ok_or_else(|| format!("the response from {url} lacks the {name} header"))?;
+    let chain = fetch::percent_decode(raw).map_err(|e| format!("{name} from {url}: {e}"))?;
     if !chain.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!("{} from {url} holds no PEM certificate", names[0]));
+        return Err(format!("{name} from {url} holds no PEM certificate"));
     }
     Ok(chain)
 }

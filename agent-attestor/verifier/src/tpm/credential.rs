@@ -77,7 +77,10 @@ pub fn kdfa(
     }
     out.truncate(bytes);
     if !bits.is_multiple_of(8) {
-        out[0] &= (1u8 << (bits % 8)) - 1;
+        // Not a multiple of 8 bits, so at least one byte.
+        if let Some(first) = out.first_mut() {
+            *first &= (1u8 << (bits % 8)) - 1;
+        }
     }
     Ok(out)
 }
@@ -115,7 +118,10 @@ pub fn kdfe(
     }
     out.truncate(bytes);
     if !bits.is_multiple_of(8) {
-        out[0] &= (1u8 << (bits % 8)) - 1;
+        // Not a multiple of 8 bits, so at least one byte.
+        if let Some(first) = out.first_mut() {
+            *first &= (1u8 << (bits % 8)) - 1;
+        }
     }
     Ok(out)
 }
@@ -150,7 +156,10 @@ fn ecdh_seed(ek: &Public, hash: u16) -> Result<(Vec<u8>, Vec<u8>), Error> {
     if public.len() != 1 + 2 * len {
         return Err(Error::Config("unexpected ECDH public key size".into()));
     }
-    let (eph_x, eph_y) = public[1..].split_at(len);
+    let (eph_x, eph_y) = public
+        .get(1..)
+        .and_then(|xy| xy.split_at_checked(len))
+        .ok_or_else(|| Error::Config("unexpected ECDH public key size".into()))?;
     let dlen = digest_len(hash).unwrap_or(0) as u32;
     // ring checks that the EK point is on the curve (and not the point at infinity).
     let seed = ring::agreement::agree_ephemeral(

@@ -147,7 +147,11 @@ impl EkCaStore {
     fn issuers_of<'s>(&'s self, cert: &X509Certificate<'_>) -> Vec<&'s [u8]> {
         self.by_subject
             .get(cert.issuer().as_raw())
-            .map(|v| v.iter().map(|&i| self.certs[i].as_slice()).collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|&i| self.certs.get(i).map(Vec::as_slice))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -323,9 +327,11 @@ fn check_ca(ca: &X509Certificate<'_>, now: i64) -> Result<(), Error> {
     }
 }
 
-fn strip(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|&&x| x == 0).count();
-    &b[n..]
+fn strip(mut b: &[u8]) -> &[u8] {
+    while let [0, rest @ ..] = b {
+        b = rest;
+    }
+    b
 }
 
 fn key_matches(cert: &X509Certificate<'_>, ek: &wire::Public) -> Result<(), Error> {

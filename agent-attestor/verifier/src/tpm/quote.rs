@@ -22,8 +22,7 @@ fn refused(kind: RefusalKind, s: impl Into<String>) -> Error {
 }
 
 fn fixed(b: &[u8], len: usize) -> Result<Vec<u8>, Error> {
-    let n = b.iter().take_while(|&&x| x == 0).count();
-    let b = &b[n..];
+    let b = strip(b);
     if b.len() > len {
         return Err(refused(Malformed, "ECDSA signature component is too long"));
     }
@@ -32,9 +31,11 @@ fn fixed(b: &[u8], len: usize) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-fn strip(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|&&x| x == 0).count();
-    &b[n..]
+fn strip(mut b: &[u8]) -> &[u8] {
+    while let [0, rest @ ..] = b {
+        b = rest;
+    }
+    b
 }
 
 /// Verifies `sig_raw` (a `TPMT_SIGNATURE`) over `msg` with the key `key`. A key whose
