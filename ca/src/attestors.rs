@@ -97,7 +97,7 @@ fn check_svsm_binding_config(a: &crate::config::AttestorsConfig) -> Result<()> {
         None => true,
         Some(v) => v
             .as_array()
-            .is_some_and(|l| l.len() == 1 && l[0].as_integer() == Some(0)),
+            .is_some_and(|l| matches!(l.as_slice(), [only] if only.as_integer() == Some(0))),
     };
     if !vmpl_zero_only {
         return Err(Error::Config(format!(

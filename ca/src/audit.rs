@@ -315,13 +315,15 @@ impl AuditLog {
             .ok_or_else(|| AuditError::Unavailable("audit body".into()))?;
         let rest =
             serde_json::to_string(obj).map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        let line = format!(
-            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}\n",
+        // The record's hash covers the line without its line end.
+        let mut line = format!(
+            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}",
             now_ms(),
             c.prev,
             &rest[1..]
         );
-        c.prev = sha256_hex(&line.as_bytes()[..line.len() - 1]);
+        c.prev = sha256_hex(line.as_bytes());
+        line.push('\n');
         c.pending.extend_from_slice(line.as_bytes());
         c.pending_last = seq;
         c.next_seq += 1;

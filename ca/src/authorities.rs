@@ -373,22 +373,23 @@ impl AuthoritySet {
         let mut guard = self.lock()?;
         let mut next = guard.clone();
         let list = records(&mut next, kind);
-        let Some(i) = list
-            .iter()
-            .position(|a| a.state == AuthorityState::Prepared)
+        // On the copy `next`: nothing is kept unless it is committed.
+        for a in list.iter_mut() {
+            if a.state == AuthorityState::Active {
+                a.state = AuthorityState::Old;
+            }
+        }
+        let Some(prepared) = list
+            .iter_mut()
+            .find(|a| a.state == AuthorityState::Prepared)
         else {
             return Err(Error::Precondition(format!(
                 "no prepared {} authority: run prepare first",
                 kind.as_str()
             )));
         };
-        for a in list.iter_mut() {
-            if a.state == AuthorityState::Active {
-                a.state = AuthorityState::Old;
-            }
-        }
-        list[i].state = AuthorityState::Active;
-        let record = list[i].clone();
+        prepared.state = AuthorityState::Active;
+        let record = prepared.clone();
         self.commit(&mut guard, next, now)?;
         Ok(record)
     }
@@ -442,11 +443,12 @@ impl AuthoritySet {
         let mut guard = self.lock()?;
         let mut next = guard.clone();
         let list = records(&mut next, kind);
-        let i = list
+        let (i, record) = list
             .iter()
-            .position(|a| a.id == id)
+            .enumerate()
+            .find(|(_, a)| a.id == id)
+            .map(|(i, a)| (i, a.clone()))
             .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
-        let record = list[i].clone();
         if !record.tainted {
             return Err(Error::Precondition(format!(
                 "{} authority {id} is not tainted: taint it first",

@@ -77,6 +77,10 @@ struct ServerMetrics {
     audit_quarantined: IntCounter,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "called only while building METRICS, with constant names, help texts and labels, which prometheus accepts"
+)]
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(
         r,
@@ -84,6 +88,10 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     )
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "called only while building METRICS, with constant names, help texts and labels, which prometheus accepts"
+)]
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(
         r,
@@ -91,6 +99,10 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     )
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant metric names, help texts and labels, which prometheus accepts; the first use builds them, in every test too"
+)]
 static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
     let r = Registry::new();
     ServerMetrics {

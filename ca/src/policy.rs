@@ -156,8 +156,8 @@ impl IssuancePolicy {
             "hour_utc": hour_utc,
             "node": {"agent": f.agent, "method": f.method, "selectors": f.node_selectors},
         });
-        if let Some(e) = &f.entry {
-            context["entry"] = e.clone();
+        if let (Some(e), Some(obj)) = (&f.entry, context.as_object_mut()) {
+            obj.insert("entry".into(), e.clone());
         }
         let context = Context::from_json_value(context, None)
             .map_err(|e| Error::Config(format!("policy context: {e}")))?;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, UnixListener};
-use ztid_spiffe::tls::AgentCertVerifier;
 use ztid_proto::admin::admin_server::AdminServer;
 use ztid_proto::node::node_server::NodeServer;
+use ztid_spiffe::tls::AgentCertVerifier;
 
 use crate::admin_api::AdminApi;
 use crate::admin_authz::{AdminAuthzLayer, AdminPolicy};
@@ -53,6 +53,10 @@ impl ResolvesServerCert for CurrentSvid {
 
 /// TLS for the node API (client certificate optional: `Attest` comes first) or the
 /// remote admin API (client certificate required).
+#[allow(
+    clippy::expect_used,
+    reason = "the ring provider always supports TLS 1.3"
+)]
 fn tls_config(core: &Arc<CaCore>, client_cert_required: bool) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = if client_cert_required {

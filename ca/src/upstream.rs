@@ -16,8 +16,8 @@ use crate::{Error, Result};
 
 /// The upstream CA's signing key.
 pub enum UpstreamKey {
-    /// A PKCS#8 key read from disk.
-    File(rcgen::KeyPair),
+    /// A PKCS#8 key read from disk (boxed: a key pair is far larger than the other variant).
+    File(Box<rcgen::KeyPair>),
     /// A key in the server's key manager.
     Managed(ManagedKey),
 }
@@ -40,7 +40,7 @@ impl PublicKeyData for UpstreamKey {
 impl rcgen::SigningKey for UpstreamKey {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
         match self {
-            UpstreamKey::File(k) => rcgen::SigningKey::sign(k, msg),
+            UpstreamKey::File(k) => rcgen::SigningKey::sign(k.as_ref(), msg),
             UpstreamKey::Managed(k) => rcgen::SigningKey::sign(k, msg),
         }
     }
@@ -92,11 +92,9 @@ impl Upstream {
                     std::fs::read_to_string(path)
                         .map_err(Error::io(format!("reading {}", path.display())))?,
                 );
-                UpstreamKey::File(
-                    rcgen::KeyPair::from_pem(&pem).map_err(|e| {
-                        Error::Config(format!("upstream key {}: {e}", path.display()))
-                    })?,
-                )
+                UpstreamKey::File(Box::new(rcgen::KeyPair::from_pem(&pem).map_err(|e| {
+                    Error::Config(format!("upstream key {}: {e}", path.display()))
+                })?))
             }
             (None, Some(id)) => UpstreamKey::Managed(ManagedKey::load(key_manager.clone(), id)?),
             _ => {

@@ -40,7 +40,7 @@ pub struct NamedAnchor {
 
 /// What `head.json` holds.
 #[derive(Debug)]
-pub enum Head {
+pub(crate) enum Head {
     /// No file (a new log).
     Absent,
     /// Empty or not JSON (e.g. a crash between write and rename without a sync).
@@ -52,7 +52,7 @@ pub enum Head {
 }
 
 /// Reads and checks `dir/head.json`.
-pub fn read_head(dir: &Path, audit_key: &AuditKeyVerifier) -> Head {
+pub(crate) fn read_head(dir: &Path, audit_key: &AuditKeyVerifier) -> Head {
     let bytes = match std::fs::read(dir.join(HEAD_FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Head::Absent,
@@ -61,12 +61,15 @@ pub fn read_head(dir: &Path, audit_key: &AuditKeyVerifier) -> Head {
     let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
         return Head::Unreadable("not JSON".into());
     };
-    let (Some(seq), Some(hash)) = (v["seq"].as_u64(), v["hash"].as_str()) else {
+    let (Some(seq), Some(hash)) = (
+        v.get("seq").and_then(Value::as_u64),
+        v.get("hash").and_then(Value::as_str),
+    ) else {
         return Head::Unreadable("no seq or hash".into());
     };
     if !audit_key.verifies(
         &head_message(seq, hash),
-        v["sig"].as_str().unwrap_or_default(),
+        v.get("sig").and_then(Value::as_str).unwrap_or_default(),
     ) {
         return Head::BadSignature;
     }
@@ -77,17 +80,20 @@ pub fn read_head(dir: &Path, audit_key: &AuditKeyVerifier) -> Head {
 }
 
 /// The datastore's record of an anchor.
-pub fn datastore_record(a: &Anchor) -> Vec<u8> {
+pub(crate) fn datastore_record(a: &Anchor) -> Vec<u8> {
     json!({"seq": a.seq, "hash": a.hash, "time_ms": now_ms()})
         .to_string()
         .into_bytes()
 }
 
 /// Parses [`datastore_record`]'s output.
-pub fn parse_datastore_record(bytes: &[u8]) -> Result<Anchor, String> {
+pub(crate) fn parse_datastore_record(bytes: &[u8]) -> Result<Anchor, String> {
     let v: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("audit anchor unreadable: {e}"))?;
-    match (v["seq"].as_u64(), v["hash"].as_str()) {
+    match (
+        v.get("seq").and_then(Value::as_u64),
+        v.get("hash").and_then(Value::as_str),
+    ) {
         (Some(seq), Some(hash)) if hash.len() == 64 => Ok(Anchor {
             seq,
             hash: hash.to_string(),
@@ -97,7 +103,7 @@ pub fn parse_datastore_record(bytes: &[u8]) -> Result<Anchor, String> {
 }
 
 /// The datastore's anchor, named for errors.
-pub fn from_datastore(
+pub(crate) fn from_datastore(
     store: &dyn crate::datastore::DataStore,
 ) -> crate::Result<Option<NamedAnchor>> {
     match store.audit_anchor()? {

@@ -54,11 +54,12 @@ impl ExportedCheckpoint {
     /// Parses a checkpoint file's bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
-        if v["ztid_audit_checkpoint"].as_u64() != Some(1) {
+        if v.get("ztid_audit_checkpoint").and_then(Value::as_u64) != Some(1) {
             return Err("not a ztid audit checkpoint (version 1)".into());
         }
         let text = |k: &str| {
-            v[k].as_str()
+            v.get(k)
+                .and_then(Value::as_str)
                 .map(str::to_string)
                 .ok_or_else(|| format!("no {k}"))
         };
@@ -67,9 +68,16 @@ impl ExportedCheckpoint {
             return Err("hash is not a hex SHA-256".into());
         }
         Ok(Self {
-            seq: v["seq"].as_u64().filter(|s| *s > 0).ok_or("no seq")?,
+            seq: v
+                .get("seq")
+                .and_then(Value::as_u64)
+                .filter(|s| *s > 0)
+                .ok_or("no seq")?,
             hash,
-            time_ms: v["time_ms"].as_i64().ok_or("no time_ms")?,
+            time_ms: v
+                .get("time_ms")
+                .and_then(Value::as_i64)
+                .ok_or("no time_ms")?,
             key_id: text("key_id")?,
             public_key: text("public_key")?,
             sig: text("sig")?,

@@ -126,9 +126,13 @@ impl Line {
     /// Parses one line (without its line end).
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let v: Value = serde_json::from_slice(body).map_err(|e| format!("not valid JSON ({e})"))?;
-        let seq = v["seq"].as_u64().ok_or("no seq")?;
-        let prev = v["prev"].as_str().ok_or("no prev")?.to_string();
-        let text = |o: &Value, k: &str| o[k].as_str().map(str::to_string);
+        let seq = v.get("seq").and_then(Value::as_u64).ok_or("no seq")?;
+        let prev = v
+            .get("prev")
+            .and_then(Value::as_str)
+            .ok_or("no prev")?
+            .to_string();
+        let text = |o: &Value, k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
         let kind = if let Some(cp) = v.get("checkpoint") {
             Kind::Checkpoint {
                 session_key: text(cp, "session_key"),

@@ -50,7 +50,7 @@ pub struct Quarantined {
 
 /// Where the chain continues.
 #[derive(Debug, Clone)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// The next record's sequence number.
     pub next_seq: u64,
     /// The hash of the last trusted record ("" for an empty log).
@@ -87,19 +87,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("audit log {}", path.display()))(e)
 }
 
-/// The complete lines of `bytes`, which start at `base` in the file and at a line start.
+/// The complete lines of `bytes`, which start at `base` in the file and at a line start
+/// (bytes after the last line end are left out).
 fn entries(bytes: &[u8], base: u64) -> Vec<Entry> {
     let mut out = Vec::new();
-    let mut start = 0usize;
-    for (i, b) in bytes.iter().enumerate() {
-        if *b == b'\n' {
-            out.push(Entry {
-                offset: base + start as u64,
-                end: base + i as u64 + 1,
-                line: Line::parse(&bytes[start..i]),
-            });
-            start = i + 1;
-        }
+    let mut offset = base;
+    for chunk in bytes.split_inclusive(|b| *b == b'\n') {
+        let Some(body) = chunk.strip_suffix(b"\n") else {
+            break; // the incomplete last line
+        };
+        let end = offset + chunk.len() as u64;
+        out.push(Entry {
+            offset,
+            end,
+            line: Line::parse(body),
+        });
+        offset = end;
     }
     out
 }
@@ -130,8 +133,8 @@ fn trust_point(
         }
         certified.push(current);
     }
-    for idx in (0..es.len()).rev() {
-        let Ok(line) = &es[idx].line else { continue };
+    for (idx, (entry, &certified)) in es.iter().zip(&certified).enumerate().rev() {
+        let Ok(line) = &entry.line else { continue };
         if !matches!(line.kind, Kind::Seal { .. }) {
             // A log from before seals: its signed head is its signature. (A head on a
             // seal, as the writer makes now, is checked as a seal below, links and all.)
@@ -140,7 +143,7 @@ fn trust_point(
             }
             continue;
         }
-        let Some((cp, key)) = certified[idx] else {
+        let Some((cp, key)) = certified else {
             if at_start {
                 continue; // no certified session key anywhere before it: not the server's
             }
@@ -149,12 +152,19 @@ fn trust_point(
         if !line.seal_verifies(key) {
             continue;
         }
-        // A genuine seal: every line from its checkpoint to it must chain.
-        for k in cp + 1..=idx {
-            let (Ok(before), Ok(l)) = (&es[k - 1].line, &es[k].line) else {
+        // A genuine seal: every line from its checkpoint to it must chain. (The
+        // checkpoint is at or before the seal, so the range is never empty.)
+        let Some(signed) = es.get(cp..=idx) else {
+            return Err(refuse_broken(format!(
+                "the checkpoint certifying the seal at record {} is not before it",
+                line.seq
+            )));
+        };
+        for (prev_entry, entry) in signed.iter().zip(signed.iter().skip(1)) {
+            let (Ok(before), Ok(l)) = (&prev_entry.line, &entry.line) else {
                 return Err(refuse_broken(format!(
                     "the record after record {} is unreadable, inside the signed part of the log (sealed at record {})",
-                    es[k - 1].seq().map_or("?".into(), |s| s.to_string()),
+                    prev_entry.seq().map_or("?".into(), |s| s.to_string()),
                     line.seq
                 )));
             };
@@ -224,7 +234,7 @@ fn check_anchor(
 /// Recovers the log at `path` (see the module docs). `head` is a `head.json` whose
 /// signature verified; `anchors` are checked (and, with `accept_rollback`, a log that
 /// no longer reaches them is accepted and reported instead of refused).
-pub fn recover(
+pub(crate) fn recover(
     path: &Path,
     audit_key: &AuditKeyVerifier,
     head: Option<&Anchor>,
@@ -248,23 +258,22 @@ pub fn recover(
             .take(len - start)
             .read_to_end(&mut bytes)
             .map_err(io(path))?;
-        // Begin at a line start.
-        let skip = if start == 0 {
-            0
+        // Begin at a line start: after the first line end, or nothing if there is none.
+        let body: &[u8] = if start == 0 {
+            &bytes
         } else {
-            match bytes.iter().position(|b| *b == b'\n') {
-                Some(i) => i + 1,
-                None => bytes.len(),
-            }
+            bytes.splitn(2, |b| *b == b'\n').nth(1).unwrap_or_default()
         };
+        let skip = bytes.len() - body.len();
         let at_start = start == 0;
-        let body = &bytes[skip..];
-        let complete = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        let es = entries(&body[..complete], start + skip as u64);
+        // entries() leaves out the incomplete last line.
+        let es = entries(body, start + skip as u64);
         let decided = match trust_point(&es, at_start, audit_key, head)? {
             Decision::NeedMore => None,
             Decision::Trusted(idx) => {
-                let trusted = idx.and_then(|i| es[i].line.as_ref().ok());
+                let trusted = idx
+                    .and_then(|i| es.get(i))
+                    .and_then(|e| e.line.as_ref().ok());
                 let mut results = Vec::new();
                 let mut need_more = false;
                 for a in anchors {
@@ -294,16 +303,16 @@ pub fn recover(
         let (trusted, keep_to) = match idx {
             Some(i) => {
                 // The trust point is a line that parsed.
-                let l = es[i]
-                    .line
-                    .as_ref()
-                    .map_err(|e| Error::Internal(e.clone()))?;
+                let e = es
+                    .get(i)
+                    .ok_or_else(|| Error::Internal("audit trust point out of range".into()))?;
+                let l = e.line.as_ref().map_err(|e| Error::Internal(e.clone()))?;
                 (
                     Some(Anchor {
                         seq: l.seq,
                         hash: l.hash.clone(),
                     }),
-                    es[i].end,
+                    e.end,
                 )
             }
             None => (None, 0),

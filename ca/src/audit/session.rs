@@ -15,14 +15,14 @@ use super::format::seal_message;
 use crate::Result;
 
 /// This run's sealing key.
-pub struct SessionKey {
+pub(crate) struct SessionKey {
     pair: Ed25519KeyPair,
     public_b64: String,
 }
 
 impl SessionKey {
     /// A fresh key.
-    pub fn generate() -> Result<Self> {
+    pub(crate) fn generate() -> Result<Self> {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| AuditError::Unavailable("audit session key: no randomness".into()))?;
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
@@ -32,18 +32,18 @@ impl SessionKey {
     }
 
     /// Base64 public key, as checkpoints carry it.
-    pub fn public_b64(&self) -> &str {
+    pub(crate) fn public_b64(&self) -> &str {
         &self.public_b64
     }
 
     /// Base64 signature for a seal at `seq` after the line hashing to `prev`.
-    pub fn seal(&self, seq: u64, prev: &str) -> String {
+    pub(crate) fn seal(&self, seq: u64, prev: &str) -> String {
         B64.encode(self.pair.sign(&seal_message(seq, prev)).as_ref())
     }
 }
 
 /// Whether `sig_b64` seals (`seq`, `prev`) under the base64 Ed25519 key `public_b64`.
-pub fn seal_verifies(public_b64: &str, seq: u64, prev: &str, sig_b64: &str) -> bool {
+pub(crate) fn seal_verifies(public_b64: &str, seq: u64, prev: &str, sig_b64: &str) -> bool {
     let (Ok(public), Ok(sig)) = (B64.decode(public_b64), B64.decode(sig_b64)) else {
         return false;
     };

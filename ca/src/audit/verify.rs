@@ -86,16 +86,15 @@ pub fn verify_with(
         if line.len() > MAX_LINE {
             return Err(VerifyError::LineTooLong { record });
         }
-        if line.last() != Some(&b'\n') {
+        let Some(body) = line.strip_suffix(b"\n") else {
             if options.allow_unsigned_tail {
                 // The line a live server is writing right now (signed by no one yet).
                 torn_tail = true;
                 break;
             }
             return Err(VerifyError::TruncatedTail { record });
-        }
-        let l = Line::parse(&line[..line.len() - 1])
-            .map_err(|detail| VerifyError::Malformed { record, detail })?;
+        };
+        let l = Line::parse(body).map_err(|detail| VerifyError::Malformed { record, detail })?;
         if l.seq != expected {
             return Err(VerifyError::Sequence {
                 record,

@@ -129,16 +129,18 @@ pub(super) async fn run(client: &mut Client, cmd: &BundleCmd, out: Output) -> Re
                 (Output::Json, _) => println!("{}", json!({ "bundles": items })),
                 (Output::Text, fmt) => {
                     for i in items {
+                        // Fields of the objects built above; a missing one prints as null.
+                        let field = |k: &str| i.get(k).unwrap_or(&Value::Null);
                         println!(
                             "# spiffe://{} (sequence {})",
-                            i["trust_domain"].as_str().unwrap_or_default(),
-                            i["sequence"]
+                            field("trust_domain").as_str().unwrap_or_default(),
+                            field("sequence")
                         );
                         match fmt {
                             BundleFormat::Pem => {
-                                print!("{}", i["pem"].as_str().unwrap_or_default())
+                                print!("{}", field("pem").as_str().unwrap_or_default())
                             }
-                            BundleFormat::Spiffe => println!("{}", i["spiffe"]),
+                            BundleFormat::Spiffe => println!("{}", field("spiffe")),
                         }
                     }
                 }

@@ -47,6 +47,7 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// The verb.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,7 +56,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Run(RunArgs),
+    // Boxed: its flags make it far larger than the other verbs.
+    Run(Box<RunArgs>),
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),

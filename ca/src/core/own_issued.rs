@@ -11,9 +11,10 @@ use ztid_spiffe::bundle::TrustBundle;
 /// authority change (prepare, activate, taint, revoke) publishes a new bundle, which
 /// empties the cache, so a revoked authority's certificates are checked again.
 #[derive(Default)]
-pub(super) struct OwnIssuedCache(
-    std::sync::Mutex<Option<(Arc<TrustBundle>, std::collections::HashSet<[u8; 32]>)>>,
-);
+pub(super) struct OwnIssuedCache(std::sync::Mutex<Option<OwnIssued>>);
+
+/// The bundle the cache is valid for, and the certificate digests it holds.
+type OwnIssued = (Arc<TrustBundle>, std::collections::HashSet<[u8; 32]>);
 
 /// Most certificates remembered before the cache starts over (a few per live agent).
 const OWN_ISSUED_CACHE_MAX: usize = 16_384;

@@ -47,10 +47,14 @@ fn anchor_value(seq: u64, record: &[u8]) -> Vec<u8> {
 }
 
 fn anchor_seq(value: &[u8]) -> Result<u64> {
+    split_anchor(value).map(|(seq, _)| seq)
+}
+
+/// A stored anchor: its sequence number (8 bytes, big-endian) and the record after it.
+fn split_anchor(value: &[u8]) -> Result<(u64, &[u8])> {
     value
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
+        .split_first_chunk::<8>()
+        .map(|(seq, record)| (u64::from_be_bytes(*seq), record))
         .ok_or_else(|| Error::Store(StoreError::Corrupt("corrupt audit anchor".into())))
 }
 
@@ -189,9 +193,13 @@ impl SledStore {
 
     fn entries_by_index(&self, tree: &Tree, key: &str) -> Result<Vec<EntryRecord>> {
         let mut out = Vec::new();
-        for kv in tree.scan_prefix(prefix(key)) {
+        let p = prefix(key);
+        for kv in tree.scan_prefix(&p) {
             let (k, _) = kv?;
-            let id = &k[key.len() + 1..];
+            // scan_prefix yields only keys that start with p.
+            let Some(id) = k.strip_prefix(p.as_slice()) else {
+                continue;
+            };
             if let Some(v) = self.entries.get(id)? {
                 out.push(serde_json::from_slice(&v)?);
             }
@@ -418,8 +426,8 @@ impl DataStore for SledStore {
     fn audit_anchor(&self) -> Result<Option<Vec<u8>>> {
         match self.meta.get(AUDIT_ANCHOR_KEY)? {
             Some(v) => {
-                anchor_seq(&v)?;
-                Ok(Some(v[8..].to_vec()))
+                let (_, record) = split_anchor(&v)?;
+                Ok(Some(record.to_vec()))
             }
             None => Ok(None),
         }

@@ -130,7 +130,11 @@ fn version_of(bundles: &[TrustBundle]) -> u64 {
         ctx.update(&[0xff]);
     }
     let d = ctx.finish();
-    let v = u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"));
+    // The first 8 of the digest's 32 bytes.
+    let v = d
+        .as_ref()
+        .first_chunk::<8>()
+        .map_or(0, |b| u64::from_be_bytes(*b));
     v.max(1)
 }
 

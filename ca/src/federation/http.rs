@@ -10,6 +10,10 @@ use crate::core::CaCore;
 
 pub(super) type Body = Full<Bytes>;
 
+#[allow(
+    clippy::expect_used,
+    reason = "every caller passes a constant status and content type, which the builder accepts"
+)]
 pub(super) fn respond(status: http::StatusCode, ctype: &str, body: String) -> http::Response<Body> {
     http::Response::builder()
         .status(status)

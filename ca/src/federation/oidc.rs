@@ -30,18 +30,23 @@ pub fn oidc_jwks(core: &CaCore) -> Result<serde_json::Value> {
             .jwks_json()
             .map_err(|e| Error::Certificate(e.to_string()))?,
     )?;
-    let keys = jwks["keys"]
-        .as_array()
+    let keys = jwks
+        .get("keys")
+        .and_then(serde_json::Value::as_array)
         .cloned()
         .unwrap_or_default()
         .into_iter()
         .map(|mut k| {
-            k["use"] = json!("sig");
-            k["alg"] = json!(if k["crv"] == "P-384" {
-                "ES384"
-            } else {
-                "ES256"
-            });
+            // Each key is a JWK object (jwks_json writes them).
+            if let Some(obj) = k.as_object_mut() {
+                let alg = if obj.get("crv").and_then(|c| c.as_str()) == Some("P-384") {
+                    "ES384"
+                } else {
+                    "ES256"
+                };
+                obj.insert("use".into(), json!("sig"));
+                obj.insert("alg".into(), json!(alg));
+            }
             k
         })
         .collect::<Vec<_>>();
