@@ -57,6 +57,38 @@ def cert_der(p):
         return []
     return pem_ders(b) if b"-----BEGIN" in b else [b]
 
+# ---------------------------------------------------------------- TPM
+def tpm2b(b):
+    return struct.pack(">H", len(b)) + b
+
+RSA, SHA256, NULL, RSASSA, ECDSA, ECC, AES, CFB = 0x0001, 0x000B, 0x0010, 0x0014, 0x0018, 0x0023, 0x0006, 0x0043
+EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+def rsa_public(attrs, sym, scheme, modulus):
+    s = struct.pack(">HHI", RSA, SHA256, attrs) + tpm2b(EK_POLICY if sym else b"")
+    s += struct.pack(">HHH", AES, 128, CFB) if sym else struct.pack(">H", NULL)
+    s += scheme + struct.pack(">HI", len(modulus) * 8, 0) + tpm2b(modulus)
+    return s
+def ecc_public(attrs, sym, scheme, x, y):
+    s = struct.pack(">HHI", ECC, SHA256, attrs) + tpm2b(EK_POLICY if sym else b"")
+    s += struct.pack(">HHH", AES, 128, CFB) if sym else struct.pack(">H", NULL)
+    s += scheme + struct.pack(">HH", 0x0003, NULL) + tpm2b(x) + tpm2b(y)
+    return s
+ek_rsa = rsa_public(0x000300B2, True, struct.pack(">H", NULL), bytes([0xC5]) + b"\x11" * 255)
+ek_ecc = ecc_public(0x000300B2, True, struct.pack(">H", NULL), b"\x22" * 32, b"\x33" * 32)
+ak_rsa = rsa_public(0x00050072, False, struct.pack(">HH", RSASSA, SHA256), bytes([0xC5]) + b"\x44" * 255)
+ak_ecc = ecc_public(0x00050072, False, struct.pack(">HH", ECDSA, SHA256), b"\x55" * 32, b"\x66" * 32)
+name = struct.pack(">H", SHA256) + b"\x77" * 32
+def attest(typ, body):
+    return (struct.pack(">IH", 0xFF544347, typ) + tpm2b(name) + tpm2b(b"\x88" * 32)
+            + struct.pack(">QIIB", 123456, 3, 0, 1) + struct.pack(">Q", 0x2000_0000_0001_0000) + body)
+quote = attest(0x8018, struct.pack(">IHB", 1, SHA256, 3) + bytes([0x83, 0x00, 0x00]) + tpm2b(b"\x99" * 32))
+certify = attest(0x8017, tpm2b(name) + tpm2b(name))
+sig_rsa = struct.pack(">HH", RSASSA, SHA256) + tpm2b(b"\xAA" * 256)
+sig_ecc = struct.pack(">HH", ECDSA, SHA256) + tpm2b(b"\xBB" * 32) + tpm2b(b"\xCC" * 32)
+for n, b in [("ek-rsa", ek_rsa), ("ek-ecc", ek_ecc), ("ak-rsa", ak_rsa), ("ak-ecc", ak_ecc),
+             ("quote", quote), ("certify", certify), ("sig-rsa", sig_rsa), ("sig-ecdsa", sig_ecc)]:
+    seed("tpm_wire", n, b)
+
 # ---------------------------------------------------------------- SEV-SNP
 GUID = {
     "ark": "c0b406a4-a803-4952-9743-3fb6014cd0ae",
@@ -97,12 +129,11 @@ for d in sorted(glob.glob(str(snp / "*"))):
         ders = cert_der(d / f)
         chain += list(zip(["ask", "ark"], ders))
     if r is not None:
-        seed("snp_report", d.name, r)
         seed("snp_evidence", d.name, r)
         if vek:
             seed("snp_evidence", d.name + "-table", r + cert_table(vek + chain))
-        # Through an SVSM: the manifest (here a made-up vTPM EK TPMT_PUBLIC) first.
-        seed("snp_evidence", d.name + "-svsm", b"ZTIDSVSM" + struct.pack("<I", 8) + b"\0\x23\0\x0b\0\0\0\0" + r)
+        # Through an SVSM: the manifest (a vTPM EK's TPMT_PUBLIC, made up) first.
+        seed("snp_evidence", d.name + "-svsm", b"ZTIDSVSM" + struct.pack("<I", len(ek_ecc)) + ek_ecc + r)
     if vek or chain:
         seed("snp_cert_table", d.name, cert_table(vek + chain))
 for gen in ("milan", "genoa", "turin"):
@@ -116,38 +147,6 @@ seed("snp_cert_table", "unknown-guid", b"\x11" * 16 + struct.pack("<II", 48, 4) 
 for q in sorted(glob.glob(str(vectors / "tdx" / "*" / "quote.bin"))):
     q = pathlib.Path(q)
     seed("tdx_quote", q.parent.name, read(q))
-
-# ---------------------------------------------------------------- TPM
-def tpm2b(b):
-    return struct.pack(">H", len(b)) + b
-
-RSA, SHA256, NULL, RSASSA, ECDSA, ECC, AES, CFB = 0x0001, 0x000B, 0x0010, 0x0014, 0x0018, 0x0023, 0x0006, 0x0043
-EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
-def rsa_public(attrs, sym, scheme, modulus):
-    s = struct.pack(">HHI", RSA, SHA256, attrs) + tpm2b(EK_POLICY if sym else b"")
-    s += struct.pack(">HHH", AES, 128, CFB) if sym else struct.pack(">H", NULL)
-    s += scheme + struct.pack(">HI", len(modulus) * 8, 0) + tpm2b(modulus)
-    return s
-def ecc_public(attrs, sym, scheme, x, y):
-    s = struct.pack(">HHI", ECC, SHA256, attrs) + tpm2b(EK_POLICY if sym else b"")
-    s += struct.pack(">HHH", AES, 128, CFB) if sym else struct.pack(">H", NULL)
-    s += scheme + struct.pack(">HH", 0x0003, NULL) + tpm2b(x) + tpm2b(y)
-    return s
-ek_rsa = rsa_public(0x000300B2, True, struct.pack(">H", NULL), bytes([0xC5]) + b"\x11" * 255)
-ek_ecc = ecc_public(0x000300B2, True, struct.pack(">H", NULL), b"\x22" * 32, b"\x33" * 32)
-ak_rsa = rsa_public(0x00050072, False, struct.pack(">HH", RSASSA, SHA256), bytes([0xC5]) + b"\x44" * 255)
-ak_ecc = ecc_public(0x00050072, False, struct.pack(">HH", ECDSA, SHA256), b"\x55" * 32, b"\x66" * 32)
-name = struct.pack(">H", SHA256) + b"\x77" * 32
-def attest(typ, body):
-    return (struct.pack(">IH", 0xFF544347, typ) + tpm2b(name) + tpm2b(b"\x88" * 32)
-            + struct.pack(">QIIB", 123456, 3, 0, 1) + struct.pack(">Q", 0x2000_0000_0001_0000) + body)
-quote = attest(0x8018, struct.pack(">IHB", 1, SHA256, 3) + bytes([0x83, 0x00, 0x00]) + tpm2b(b"\x99" * 32))
-certify = attest(0x8017, tpm2b(name) + tpm2b(name))
-sig_rsa = struct.pack(">HH", RSASSA, SHA256) + tpm2b(b"\xAA" * 256)
-sig_ecc = struct.pack(">HH", ECDSA, SHA256) + tpm2b(b"\xBB" * 32) + tpm2b(b"\xCC" * 32)
-for n, b in [("ek-rsa", ek_rsa), ("ek-ecc", ek_ecc), ("ak-rsa", ak_rsa), ("ak-ecc", ak_ecc),
-             ("quote", quote), ("certify", certify), ("sig-rsa", sig_rsa), ("sig-ecdsa", sig_ecc)]:
-    seed("tpm_wire", n, b)
 
 # ---------------------------------------------------------------- attestation JSON
 b64 = lambda b: base64.b64encode(b).decode()
