@@ -1,10 +1,8 @@
 //! Picks the node attestor the config names.
 
 use super::config::AgentConfig;
-use ztid_attestor::{
-    join_token::JoinTokenAttestor, multi, sev_snp, tdx, tpm, NodeAttestor,
-};
 use crate::Error;
+use ztid_attestor::{join_token::JoinTokenAttestor, multi, sev_snp, tdx, tpm, NodeAttestor};
 
 /// The attestor for `config.attestor`: one method, or several separated by commas
 /// (`tpm,sev-snp`), which attest together ([`multi`]).

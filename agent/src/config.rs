@@ -123,8 +123,7 @@ impl AgentConfig {
                 self.attestor
             )));
         }
-        self.tpm_ek
-            .parse::<ztid_attestor::tpm::EkKind>()?;
+        self.tpm_ek.parse::<ztid_attestor::tpm::EkKind>()?;
         if self.sync_interval_seconds == 0 {
             return Err(Error::Config(
                 "sync_interval_seconds must be positive".into(),

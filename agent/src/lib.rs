@@ -9,8 +9,8 @@ pub mod config;
 pub mod metrics;
 pub mod node_client;
 pub mod workload_api;
-pub mod workload_listener;
 pub mod workload_attestation;
+pub mod workload_listener;
 pub mod workloads;
 
 // The shared SPIFFE primitives and attestation types, under the names the agent's
@@ -34,11 +34,11 @@ use ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 use crate::agent_key::{AgentKey, SOFTWARE_KEY_FILE, TPM_KEY_FILE};
 use crate::bundle::TrustBundle;
-use ztid_attestor::NodeAttestor;
 use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
 use config::AgentConfig;
 use node_client::AgentSvid;
 use workloads::Workloads;
+use ztid_attestor::NodeAttestor;
 
 const SVID_FILE: &str = "agent_svid.pem";
 const BUNDLE_FILE: &str = "bundle.pb";

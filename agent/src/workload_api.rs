@@ -23,8 +23,8 @@ use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloa
 use super::workload_listener::ConnectionPeer;
 use super::workloads::{IdentitySet, Instance, Workloads};
 use crate::bundle::TrustBundle;
-use crate::workload_attestation::PeerRefusal;
 use crate::unix_seconds;
+use crate::workload_attestation::PeerRefusal;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

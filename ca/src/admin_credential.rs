@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde_json::json;
 use tonic::transport::Channel;
-use ztid_spiffe::svid::certs_to_pem;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
+use ztid_spiffe::svid::certs_to_pem;
 
 use crate::cli::Output;
 

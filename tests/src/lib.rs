@@ -397,8 +397,7 @@ impl Agent {
         .map(|p| p.into_contents())
         .collect();
         let key = std::fs::read(self.data_dir().join("agent_key.pk8")).expect("agent key");
-        ztid_agent::node_client::AgentSvid::from_parts(chain, key)
-            .expect("agent SVID parses")
+        ztid_agent::node_client::AgentSvid::from_parts(chain, key).expect("agent SVID parses")
     }
 
     /// Runs `ztid-agent ARGS --socket <this agent>`.

@@ -39,4 +39,3 @@ impl NodeAttestor for JoinTokenAttestor {
         ))
     }
 }
-

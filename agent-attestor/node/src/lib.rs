@@ -32,4 +32,3 @@ pub trait NodeAttestor: Send {
     /// The answer to one challenge from the CA.
     fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error>;
 }
-

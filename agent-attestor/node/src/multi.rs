@@ -79,4 +79,3 @@ impl NodeAttestor for MultiAttestor {
         encode(&Envelope { parts })
     }
 }
-

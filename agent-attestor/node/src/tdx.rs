@@ -43,4 +43,3 @@ impl NodeAttestor for TdxAttestor {
         Ok(rep.outblob)
     }
 }
-

@@ -6,8 +6,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use ztid_attestation::tsm::*;
 use ring::rand::{SecureRandom, SystemRandom};
+pub use ztid_attestation::tsm::*;
 use ztid_attestation::Error;
 
 /// One report from configfs-tsm.

@@ -196,4 +196,3 @@ pub fn capture_evidence_with_ek(
     };
     serde_json::to_vec_pretty(&file).map_err(|e| Error::Protocol(e.to_string()))
 }
-
