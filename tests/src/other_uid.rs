@@ -161,3 +161,22 @@ impl Staging {
         );
     }
 }
+
+/// `cmd.spawn()`, tried again while the program is "text file busy" (ETXTBSY). A
+/// program staged a moment ago was open for writing, and a child that another test
+/// thread forked in that moment holds that descriptor until its own exec closes it
+/// (close-on-exec); exec of the staged file fails until then. Bounded: 200 tries,
+/// 5 ms apart (1 s), after which the error is returned.
+pub fn spawn_staged(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    const ETXTBSY: i32 = 26;
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}

@@ -66,17 +66,18 @@ impl Peer {
         let mine = socket_fd.as_fd().try_clone_to_owned().expect("dup");
         drop(socket_fd);
         let script = staging.file(&python_helper("workload_peer.py"));
-        let mut child = staging
-            .command_as(program, uid, uid)
-            .arg(script)
-            .arg(socket)
-            .arg(action)
-            .args(exec)
-            .stdin(Stdio::from(theirs))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn workload_peer.py");
+        let mut child = ztid_tests::other_uid::spawn_staged(
+            staging
+                .command_as(program, uid, uid)
+                .arg(script)
+                .arg(socket)
+                .arg(action)
+                .args(exec)
+                .stdin(Stdio::from(theirs))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("spawn workload_peer.py");
         let pid = child.id() as i32;
         if action == "exit" {
             let st = child.wait().expect("wait");
@@ -1079,21 +1080,22 @@ impl Flood {
         mode: FloodMode,
     ) -> Self {
         let mut child = Killed(
-            staging
-                .command_as(python, uid, uid)
-                .arg(staging.file(&python_helper("workload_flood.py")))
-                .arg(socket)
-                .arg(count.to_string())
-                .arg("120")
-                .arg(match mode {
-                    FloodMode::IdleAndSlow => "1",
-                    FloodMode::Idle => "0",
-                    FloodMode::PendingRequests => "pending",
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("flood"),
+            ztid_tests::other_uid::spawn_staged(
+                staging
+                    .command_as(python, uid, uid)
+                    .arg(staging.file(&python_helper("workload_flood.py")))
+                    .arg(socket)
+                    .arg(count.to_string())
+                    .arg("120")
+                    .arg(match mode {
+                        FloodMode::IdleAndSlow => "1",
+                        FloodMode::Idle => "0",
+                        FloodMode::PendingRequests => "pending",
+                    })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit()),
+            )
+            .expect("flood"),
         );
         let stdout = child.0.stdout.take().expect("stdout");
         let (tx, events) = std::sync::mpsc::channel();
