@@ -32,70 +32,8 @@ use crate::audit::AuditLog;
 use crate::core::CaCore;
 use crate::grpc_middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::refusal_audit::RefusalAudit;
+pub use crate::roles::Role;
 use crate::{Error, RefusalKind};
-
-/// An admin role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Read-only: list and show.
-    Viewer,
-    /// Viewer, plus tokens, entries and agents.
-    Operator,
-    /// Viewer, plus the authority lifecycle and federation (what the domain trusts).
-    AuthorityAdmin,
-}
-
-impl Role {
-    /// Parses `viewer`, `operator` or `authority-admin`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            "authority-admin" => Some(Role::AuthorityAdmin),
-            _ => None,
-        }
-    }
-
-    fn allows(self, method: &str) -> bool {
-        const READ: &[&str] = &[
-            "ListEntries",
-            "GetEntry",
-            "ListAgents",
-            "GetAgent",
-            "GetBundle",
-            "Health",
-            "ListAuthorities",
-            "ListFederatedBundles",
-            "ListFederations",
-            "GetFederation",
-        ];
-        const OPERATE: &[&str] = &[
-            "CreateJoinToken",
-            "CreateEntry",
-            "DeleteEntry",
-            "EvictAgent",
-            "BanAgent",
-            "RefreshFederation",
-        ];
-        const AUTHORITY: &[&str] = &[
-            "PrepareAuthority",
-            "ActivateAuthority",
-            "TaintAuthority",
-            "RevokeAuthority",
-            // These change what the trust domain trusts, so they sit with the authorities.
-            "SetFederatedBundle",
-            "DeleteFederatedBundle",
-            "CreateFederation",
-            "DeleteFederation",
-        ];
-        READ.contains(&method)
-            || match self {
-                Role::Viewer => false,
-                Role::Operator => OPERATE.contains(&method),
-                Role::AuthorityAdmin => AUTHORITY.contains(&method),
-            }
-    }
-}
 
 /// RPCs no remote role grants, whatever the config: only the admin socket's uids,
 /// on the server's host, may call them.

@@ -200,7 +200,7 @@ impl ServerConfig {
     /// outranks. Spelled canonically: the ID is compared as a string.
     pub fn remote_admin_roles(
         &self,
-    ) -> Result<std::collections::HashMap<String, Vec<crate::admin_authz::Role>>> {
+    ) -> Result<std::collections::HashMap<String, Vec<crate::roles::Role>>> {
         use ztid_spiffe::spiffe_id;
         let mut out = std::collections::HashMap::new();
         if let Some(r) = &self.remote_admin {
@@ -222,7 +222,7 @@ impl ServerConfig {
                 let parsed = roles
                     .iter()
                     .map(|name| {
-                        crate::admin_authz::Role::parse(name).ok_or_else(|| {
+                        crate::roles::Role::parse(name).ok_or_else(|| {
                             Error::Config(format!(
                                 "unknown admin role {name:?} (viewer, operator, authority-admin)"
                             ))

@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod node_api;
 pub mod policy;
 pub mod refusal_audit;
+pub mod roles;
 pub mod server;
 pub mod upstream;
 
