@@ -14,7 +14,10 @@ PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # 
   swtpm swtpm-tools gnutls-bin tpm2-tools libtss2-dev pkg-config
   # PKCS#11 key manager: SoftHSM2 (a real PKCS#11 module) for the tests, OpenSC's
   # pkcs11-tool as an independent reader of the token.
-  softhsm2 opensc)
+  softhsm2 opensc
+  # PostgreSQL datastore: the tests start their own server (initdb into a temporary
+  # directory, their own port), never the system service; psql for their checks.
+  postgresql postgresql-client)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -6,7 +6,9 @@
 //! - `tpm_attest` (feature `tpm-attest`): the TPM exchange between the node attestor
 //!   and the CA verifier, and a fixture with a provisioned swtpm;
 //! - `snp_signer` (feature `snp`): a test SEV-SNP chain, signed reports, CRLs and a
-//!   fake configfs-tsm provider.
+//!   fake configfs-tsm provider;
+//! - `postgres` (feature `postgres`): a PostgreSQL server of the test's own (initdb into
+//!   a temporary directory, its own port), optionally with TLS under a test CA.
 //!
 //! Test code: helpers panic with a message saying what is missing or what failed.
 #![forbid(unsafe_code)]
@@ -14,6 +16,8 @@
 pub mod softhsm;
 pub mod swtpm;
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "snp")]
 pub mod snp_signer;
 #[cfg(feature = "tpm-attest")]
