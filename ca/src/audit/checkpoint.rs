@@ -105,7 +105,7 @@ pub fn export_checkpoint(
     if report.signed_through == 0 {
         return Err(VerifyError::NothingSigned);
     }
-    let (key_id, _, spki) = super::existing_key(dir, key_manager)?;
+    let (key_id, _, spki) = super::audit_key::existing_key(dir, key_manager)?;
     let mut cp = ExportedCheckpoint {
         seq: report.signed_through,
         hash: report.signed_hash,
@@ -143,7 +143,7 @@ pub fn read_checkpoint_file(
         )));
     }
     let cp = ExportedCheckpoint::parse(&bytes).map_err(file_error)?;
-    let (key_id, audit_key, spki) = super::existing_key(dir, key_manager)?;
+    let (key_id, audit_key, spki) = super::audit_key::existing_key(dir, key_manager)?;
     if cp.key_id != key_id || B64.decode(&cp.public_key).ok().as_deref() != Some(&spki[..]) {
         return Err(VerifyError::CheckpointKey {
             path: shown.to_string(),

@@ -1,6 +1,7 @@
-//! The audit log's on-disk format: file names, line kinds, and exactly which bytes
-//! each signature covers. Every signed message starts with its own kind string, so
-//! no signature can stand in for another kind.
+//! The audit log's on-disk format: file names, line kinds, exactly which bytes
+//! each signature covers, and the checks of both kinds of signature (audit key,
+//! session key). Every signed message starts with its own kind string, so no
+//! signature can stand in for another kind.
 //!
 //! A line is `{"seq":N,"time_ms":T,"prev":"<hex SHA-256 of the line before>",<body>}`
 //! where the body is one of:
@@ -17,7 +18,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ring::digest;
-use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ED25519};
 use serde_json::Value;
 
 /// The log, one JSON line per record.
@@ -67,6 +68,16 @@ pub fn head_message(seq: u64, hash: &str) -> Vec<u8> {
 /// An exported checkpoint (for an off-host witness).
 pub fn export_message(seq: u64, hash: &str, time_ms: i64, key_id: &str) -> Vec<u8> {
     format!("ztid-audit-export\n{seq}\n{hash}\n{time_ms}\n{key_id}").into_bytes()
+}
+
+/// Whether `sig_b64` seals (`seq`, `prev`) under the base64 Ed25519 key `public_b64`.
+pub(crate) fn seal_verifies(public_b64: &str, seq: u64, prev: &str, sig_b64: &str) -> bool {
+    let (Ok(public), Ok(sig)) = (B64.decode(public_b64), B64.decode(sig_b64)) else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, public)
+        .verify(&seal_message(seq, prev), &sig)
+        .is_ok()
 }
 
 /// Checks audit-key signatures (ECDSA P-256, DER, base64).
@@ -173,9 +184,7 @@ impl Line {
     /// Whether this is a seal by `session_key` (base64 Ed25519 public key).
     pub fn seal_verifies(&self, session_key: &str) -> bool {
         match &self.kind {
-            Kind::Seal { sig } => {
-                super::session::seal_verifies(session_key, self.seq, &self.prev, sig)
-            }
+            Kind::Seal { sig } => seal_verifies(session_key, self.seq, &self.prev, sig),
             _ => false,
         }
     }

@@ -8,7 +8,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use super::error::AuditError;
 use super::format::seal_message;
@@ -42,19 +42,10 @@ impl SessionKey {
     }
 }
 
-/// Whether `sig_b64` seals (`seq`, `prev`) under the base64 Ed25519 key `public_b64`.
-pub(crate) fn seal_verifies(public_b64: &str, seq: u64, prev: &str, sig_b64: &str) -> bool {
-    let (Ok(public), Ok(sig)) = (B64.decode(public_b64), B64.decode(sig_b64)) else {
-        return false;
-    };
-    UnparsedPublicKey::new(&ED25519, public)
-        .verify(&seal_message(seq, prev), &sig)
-        .is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::format::seal_verifies;
 
     #[test]
     fn a_seal_verifies_only_for_its_key_and_position() {

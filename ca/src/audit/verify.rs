@@ -56,7 +56,7 @@ pub fn verify_with(
     key_manager: &dyn KeyManager,
     options: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    let (_, audit_key, _) = super::existing_key(dir, key_manager)?;
+    let (_, audit_key, _) = super::audit_key::existing_key(dir, key_manager)?;
     let head = match read_head(dir, &audit_key) {
         Head::Absent => None,
         Head::Unreadable(e) => return Err(VerifyError::HeadUnreadable(e)),

@@ -1,0 +1,177 @@
+//! The audit log writer as callers hold it: [`AuditLog`] and the state it shares with
+//! its writer thread, appending a record (and a checkpoint when one is due), the
+//! checkpoint and seal lines the keys sign, waiting until a record is durable, and
+//! closing. Opening is in `open`, the writer thread in `writer`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use ztid_hsm::{KeyManager, SignatureFormat};
+
+use super::anchor::Anchor;
+use super::chain::{Chain, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS};
+use super::error::AuditError;
+use super::format::{checkpoint_message, LOG_FILE};
+use super::recovery::Quarantined;
+use super::session::SessionKey;
+use crate::datastore::DataStore;
+use crate::{Error, Result};
+
+/// What the callers and the writer thread share.
+pub(super) struct Shared {
+    /// The chain, appended to by callers and drained by the writer.
+    pub(super) chain: Mutex<Chain>,
+    /// Wakes the writer when there is something to write.
+    pub(super) wake: Condvar,
+    /// The last sequence number on disk and sealed.
+    pub(super) durable: watch::Sender<u64>,
+    /// Why the writer failed, once it has: no record is accepted after that.
+    pub(super) failed: Mutex<Option<String>>,
+}
+
+/// The last sealed, durable record, and whether the anchors have caught up with it.
+#[derive(Default)]
+pub(super) struct Sealed {
+    /// The last sealed, durable record.
+    pub(super) latest: Option<Anchor>,
+    /// The sequence number the anchors last named.
+    pub(super) head_written: u64,
+}
+
+/// The audit log writer.
+pub struct AuditLog {
+    pub(super) dir: PathBuf,
+    pub(super) shared: Arc<Shared>,
+    pub(super) key_manager: Arc<dyn KeyManager>,
+    pub(super) key_id: String,
+    pub(super) session: SessionKey,
+    pub(super) store: Option<Arc<dyn DataStore>>,
+    pub(super) sealed: Mutex<Sealed>,
+    pub(super) quarantined: Option<Quarantined>,
+    pub(super) accepted_rollback: Vec<String>,
+}
+
+/// Maps an I/O error on `path` (in an audit directory) to the crate's error.
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(format!("audit log {}", path.display()))(e)
+}
+
+impl AuditLog {
+    /// The chain, locked (an error once a holder of the lock panicked).
+    pub(super) fn lock_chain(&self) -> Result<std::sync::MutexGuard<'_, Chain>> {
+        self.shared
+            .chain
+            .lock()
+            .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()).into())
+    }
+
+    /// Appends `event`; returns its sequence number (await [`AuditLog::durable`] before acting on it).
+    pub fn append(&self, event: Value) -> Result<u64> {
+        if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
+        }
+        let mut c = self.lock_chain()?;
+        let seq = c.push(json!({"event": event}))?;
+        if c.since_checkpoint >= CHECKPOINT_RECORDS
+            || c.bytes_since_checkpoint >= CHECKPOINT_BYTES
+            || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+        {
+            self.push_checkpoint(&mut c)?;
+        }
+        drop(c);
+        self.shared.wake.notify_one();
+        Ok(seq)
+    }
+
+    /// The audit key's signature (base64 DER) over `msg`.
+    pub(super) fn sign(&self, msg: &[u8]) -> Result<String> {
+        Ok(B64.encode(
+            self.key_manager
+                .sign(&self.key_id, msg, SignatureFormat::Der)?,
+        ))
+    }
+
+    /// Pushes a checkpoint: the audit key certifies the chain so far and this
+    /// session's key.
+    pub(super) fn push_checkpoint(&self, c: &mut Chain) -> Result<()> {
+        let session_key = self.session.public_b64();
+        let sig = self.sign(&checkpoint_message(c.next_seq, &c.prev, session_key))?;
+        c.push(
+            json!({"checkpoint": {"key_id": self.key_id, "session_key": session_key, "sig": sig}}),
+        )?;
+        c.since_checkpoint = 0;
+        c.bytes_since_checkpoint = 0;
+        c.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Ends the pending batch with a seal; returns (its sequence number, its hash).
+    pub(super) fn push_seal(&self, c: &mut Chain) -> Result<Anchor> {
+        let sig = self.session.seal(c.next_seq, &c.prev);
+        let seq = c.push(json!({"seal": {"sig": sig}}))?;
+        c.since_checkpoint -= 1; // seals do not count towards the next checkpoint
+        Ok(Anchor {
+            seq,
+            hash: c.prev.clone(),
+        })
+    }
+
+    /// Drains the writer and brings every anchor up to the last record (at shutdown:
+    /// a cleanly stopped log ends with a seal, and its anchors name that seal).
+    pub async fn close(&self) -> Result<()> {
+        self.durable(self.last_seq()).await?;
+        self.write_anchors();
+        if let Some(store) = &self.store {
+            store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// What this start set aside (records after the last signed one), if anything.
+    pub fn quarantined(&self) -> Option<&Quarantined> {
+        self.quarantined.as_ref()
+    }
+
+    /// The anchors this start found out of reach and accepted (`accept_rollback`).
+    pub fn accepted_rollback(&self) -> &[String] {
+        &self.accepted_rollback
+    }
+
+    /// The sequence number of the last record appended.
+    pub fn last_seq(&self) -> u64 {
+        self.shared
+            .chain
+            .lock()
+            .map(|c| c.next_seq - 1)
+            .unwrap_or(0)
+    }
+
+    /// Resolves once every record up to `seq` is on disk and sealed.
+    pub async fn durable(&self, seq: u64) -> Result<()> {
+        let mut rx = self.shared.durable.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
+                return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
+            }
+            if tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return Err(AuditError::Unavailable("audit writer stopped".into()).into());
+            }
+        }
+    }
+}
+
+/// The log file inside an audit directory.
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join(LOG_FILE)
+}

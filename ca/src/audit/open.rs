@@ -1,0 +1,176 @@
+//! Opening the audit log at start: [`AuditOptions`] (where the log is anchored), the
+//! check against its anchors (the signed head, the datastore's), setting aside
+//! records nobody signed, a new session certified by a first checkpoint, and the
+//! writer thread started.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::sync::watch;
+use ztid_hsm::KeyManager;
+
+use super::anchor::{self, Anchor, NamedAnchor};
+use super::audit_key::audit_key_id;
+use super::chain::Chain;
+use super::format::{self, AuditKeyVerifier, HEAD_FILE, LOG_FILE};
+use super::log::{io, AuditLog, Sealed, Shared};
+use super::recovery;
+use super::session::SessionKey;
+use crate::datastore::DataStore;
+use crate::Result;
+
+/// How [`AuditLog::open_with`] anchors the log.
+#[derive(Default, Clone)]
+pub struct AuditOptions {
+    /// The datastore to keep the anchor in (the server always gives it).
+    pub store: Option<Arc<dyn DataStore>>,
+    /// Continue although the log no longer reaches its anchors, recording this reason
+    /// (`audit accept-rollback`); `None` refuses to open such a log.
+    pub accept_rollback: Option<String>,
+}
+
+impl AuditLog {
+    /// Opens (creating) the log in `dir`, with its signing key in `key_manager` and no
+    /// anchor outside the directory (tests; the server uses [`AuditLog::open_with`]).
+    pub fn open(dir: &Path, key_manager: Arc<dyn KeyManager>) -> Result<Arc<Self>> {
+        Self::open_with(dir, key_manager, AuditOptions::default())
+    }
+
+    /// Opens (creating) the log in `dir`: checks it against its anchors, sets aside
+    /// records nobody signed, starts a session and the writer thread.
+    pub fn open_with(
+        dir: &Path,
+        key_manager: Arc<dyn KeyManager>,
+        options: AuditOptions,
+    ) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let key_id = audit_key_id(dir, key_manager.as_ref(), true)?;
+        let verifier = AuditKeyVerifier::new(key_manager.public_key(&key_id)?.raw);
+        let mut anchors = Vec::new();
+        let head = match anchor::read_head(dir, &verifier) {
+            anchor::Head::Valid(a) => {
+                anchors.push(NamedAnchor {
+                    source: "the signed head (head.json)".into(),
+                    anchor: a.clone(),
+                });
+                Some(a)
+            }
+            anchor::Head::Absent => None,
+            anchor::Head::Unreadable(e) => {
+                tracing::warn!(event = "audit_head_unreadable", error = %e, "audit head.json unreadable; ignored (the datastore anchor still applies)");
+                None
+            }
+            anchor::Head::BadSignature => {
+                tracing::error!(
+                    event = "audit_tamper_detected",
+                    "audit head.json is not signed by the audit key; ignored"
+                );
+                crate::metrics::audit_tamper_detected(0);
+                None
+            }
+        };
+        if let Some(store) = &options.store {
+            if let Some(a) = anchor::from_datastore(store.as_ref())? {
+                anchors.push(a);
+            }
+        }
+        let path = dir.join(LOG_FILE);
+        let recovered = recovery::recover(
+            &path,
+            &verifier,
+            head.as_ref(),
+            &anchors,
+            options.accept_rollback.is_some(),
+        )?;
+        if !recovered.accepted_rollback.is_empty() {
+            // The operator's decision: the anchors restart from the log as it is.
+            let at = recovered.trusted.clone().unwrap_or(Anchor {
+                seq: 0,
+                hash: "0".repeat(64),
+            });
+            if let Some(store) = &options.store {
+                store.replace_audit_anchor(at.seq, &anchor::datastore_record(&at))?;
+            }
+            let _ = std::fs::remove_file(dir.join(HEAD_FILE));
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let next_seq = recovered.next_seq;
+        let (durable, _) = watch::channel(next_seq - 1);
+        let shared = Arc::new(Shared {
+            chain: Mutex::new(Chain {
+                next_seq,
+                prev: recovered.prev.clone(),
+                pending: Vec::new(),
+                pending_last: next_seq - 1,
+                since_checkpoint: 0,
+                bytes_since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+            }),
+            wake: Condvar::new(),
+            durable,
+            failed: Mutex::new(None),
+        });
+        let log = Arc::new(Self {
+            dir: dir.to_path_buf(),
+            shared,
+            key_manager,
+            key_id,
+            session: SessionKey::generate()?,
+            store: options.store.clone(),
+            sealed: Mutex::new(Sealed {
+                latest: recovered.trusted.clone(),
+                head_written: 0,
+            }),
+            quarantined: recovered.quarantined.clone(),
+            accepted_rollback: recovered.accepted_rollback.clone(),
+        });
+        {
+            let mut c = log.lock_chain()?;
+            // The session starts with a checkpoint that certifies its key.
+            log.push_checkpoint(&mut c)?;
+            if let Some(q) = &recovered.quarantined {
+                tracing::error!(
+                    event = "audit_tamper_detected",
+                    records = q.records,
+                    bytes = q.bytes,
+                    after_seq = recovered.trusted.as_ref().map_or(0, |t| t.seq),
+                    file = %dir.join(format::QUARANTINE_FILE).display(),
+                    "audit log: records after the last one the server signed were set aside, not chained onto (appended while the server was stopped, or left by a crash before they were acknowledged)"
+                );
+                crate::metrics::audit_tamper_detected(q.records);
+                c.push(
+                    json!({"event": {"type": "audit_unsigned_records_quarantined",
+                        "records": q.records, "bytes": q.bytes, "sha256": q.sha256,
+                        "claimed_first_seq": q.first_seq, "claimed_last_seq": q.last_seq,
+                        "file": format::QUARANTINE_FILE}}),
+                )?;
+            }
+            if !recovered.accepted_rollback.is_empty() {
+                tracing::error!(
+                    event = "audit_rollback_accepted",
+                    reason = options.accept_rollback.as_deref().unwrap_or_default(),
+                    anchors = ?recovered.accepted_rollback,
+                    "audit log: continuing from a log that no longer reaches its anchors, on the operator's word"
+                );
+                crate::metrics::audit_tamper_detected(0);
+                c.push(json!({"event": {"type": "audit_rollback_accepted",
+                        "reason": options.accept_rollback.clone().unwrap_or_default(),
+                        "anchors_not_reached": recovered.accepted_rollback}}))?;
+            }
+        }
+        let writer = log.clone();
+        std::thread::Builder::new()
+            .name("ztid-audit".into())
+            .spawn(move || writer.run_writer(file))
+            .map_err(io(dir))?;
+        log.shared.wake.notify_one();
+        Ok(log)
+    }
+}
