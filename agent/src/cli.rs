@@ -54,8 +54,10 @@ pub struct RunArgs {
     /// TOML config file.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Server node API address, HOST:PORT.
-    #[arg(long)]
+    /// Server node API address(es), HOST:PORT[,HOST:PORT...] (at most 16; IPv6 as
+    /// [ADDR]:PORT; a name may resolve to several servers). Calls go to one server and
+    /// move to the next when it does not answer; refusals are never retried elsewhere.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     pub server: Option<String>,
     /// PEM file with the trust domain's X.509 authorities.
     #[arg(long)]

@@ -14,7 +14,9 @@ pub const DEFAULT_SOCKET: &str = "/run/ztid/agent/api.sock";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// The server's node API address, `HOST:PORT` (a name is resolved at start).
+    /// The servers' node API addresses, `HOST:PORT[,HOST:PORT...]` (at most 16; a name
+    /// may resolve to several addresses, resolved again at each failover). The agent
+    /// talks to one at a time and moves to the next when it does not answer.
     pub server: Option<String>,
     /// PEM file with the trust domain's X.509 authorities, to verify the server.
     pub trust_bundle: Option<PathBuf>,
@@ -90,23 +92,18 @@ impl AgentConfig {
         }
     }
 
-    /// The server address, resolved.
-    pub fn server_addr(&self) -> Result<SocketAddr, Error> {
+    /// The `--server` list, parsed (not resolved).
+    pub fn servers(&self) -> Result<Vec<crate::servers::ServerSpec>, Error> {
         let s = self
             .server
             .as_deref()
-            .ok_or_else(|| Error::Config("--server HOST:PORT is required".into()))?;
-        std::net::ToSocketAddrs::to_socket_addrs(s)
-            .map_err(|e| Error::Config(format!("server {s}: {e}")))?
-            .next()
-            .ok_or_else(|| Error::Config(format!("server {s}: no address")))
+            .ok_or_else(|| Error::Config("--server HOST:PORT[,HOST:PORT...] is required".into()))?;
+        crate::servers::parse_server_list(s)
     }
 
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.server.is_none() {
-            return Err(Error::Config("--server HOST:PORT is required".into()));
-        }
+        self.servers()?;
         if self.trust_bundle.is_none() && !self.insecure_bootstrap {
             return Err(Error::Config(
                 "either --trust-bundle FILE or --insecure-bootstrap is required".into(),

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod node_client;
+pub mod servers;
 pub mod workload_api;
 pub mod workload_attestation;
 pub mod workload_listener;
@@ -37,6 +38,7 @@ use crate::bundle::TrustBundle;
 use crate::tls::{shared_roots, ServerSvidVerifier, SharedRoots};
 use config::AgentConfig;
 use node_client::AgentSvid;
+use servers::{NodeConnections, Servers};
 use workloads::Workloads;
 use ztid_attestor::NodeAttestor;
 
@@ -123,11 +125,62 @@ fn status_err(s: tonic::Status) -> Error {
     Error::Server(format!("{:?}: {}", s.code(), s.message()))
 }
 
-/// Runs node attestation over the `Attest` stream.
+/// Why one attestation attempt failed: the server's status (or the transport's), which
+/// may send the attestation to the next server, or a local error, which does not.
+enum AttestFailure {
+    Call(tonic::Status),
+    Local(Error),
+}
+
+impl From<Error> for AttestFailure {
+    fn from(e: Error) -> Self {
+        Self::Local(e)
+    }
+}
+
+impl From<ztid_spiffe::Error> for AttestFailure {
+    fn from(e: ztid_spiffe::Error) -> Self {
+        Self::Local(e.into())
+    }
+}
+
+/// Runs node attestation on the current server, and on the next ones while servers do
+/// not answer ([`servers`]); a refusal ends it.
 async fn attest(
-    client: &mut NodeClient<Channel>,
+    conns: &NodeConnections,
     attestor: &mut dyn NodeAttestor,
 ) -> Result<(AgentSvid, TrustBundle), Error> {
+    let mut tries = conns.tries();
+    loop {
+        let (addr, mut client) = tries.next().await.map_err(status_err)?;
+        let attempt =
+            tokio::time::timeout(servers::ATTEST_TIMEOUT, attest_on(&mut client, attestor)).await;
+        let status = match attempt {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(AttestFailure::Local(e))) => return Err(e),
+            Ok(Err(AttestFailure::Call(s))) => s,
+            Err(_) => tonic::Status::deadline_exceeded(format!(
+                "no attestation result from {addr} within {:?}",
+                servers::ATTEST_TIMEOUT
+            )),
+        };
+        tries.failed(addr, status).await.map_err(status_err)?;
+    }
+}
+
+/// The status that ended the attestation stream, once sending on it failed.
+async fn stream_end(inbound: &mut tonic::Streaming<pb::AttestResponse>) -> AttestFailure {
+    match inbound.next().await {
+        Some(Err(s)) => AttestFailure::Call(s),
+        _ => AttestFailure::Local(Error::Protocol("attestation stream closed".into())),
+    }
+}
+
+/// Runs node attestation over one `Attest` stream.
+async fn attest_on(
+    client: &mut NodeClient<Channel>,
+    attestor: &mut dyn NodeAttestor,
+) -> Result<(AgentSvid, TrustBundle), AttestFailure> {
     // Attestors talk to hardware (TPM commands, configfs-tsm), which blocks.
     let (key, csr) = match crate::blocking(|| attestor.agent_key())? {
         Some(key) => {
@@ -150,17 +203,21 @@ async fn attest(
     let mut inbound = client
         .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(status_err)?
+        .map_err(AttestFailure::Call)?
         .into_inner();
     while let Some(msg) = inbound.next().await {
-        match msg.map_err(status_err)?.step {
+        match msg.map_err(AttestFailure::Call)?.step {
             Some(pb::attest_response::Step::Challenge(c)) => {
                 let answer = crate::blocking(|| attestor.answer(&c))?;
-                tx.send(pb::AttestRequest {
-                    step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
-                })
-                .await
-                .map_err(|_| Error::Protocol("attestation stream closed".into()))?;
+                if tx
+                    .send(pb::AttestRequest {
+                        step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Err(stream_end(&mut inbound).await);
+                }
             }
             Some(pb::attest_response::Step::Result(r)) => {
                 let bundle =
@@ -192,7 +249,8 @@ async fn attest(
                 if id.to_string() != r.spiffe_id {
                     return Err(Error::Protocol(
                         "attestation result SVID does not match its SPIFFE ID".into(),
-                    ));
+                    )
+                    .into());
                 }
                 let not_after = crate::svid::not_after(leaf)?;
                 return Ok((
@@ -205,12 +263,10 @@ async fn attest(
                     bundle,
                 ));
             }
-            None => return Err(Error::Protocol("empty attestation message".into())),
+            None => return Err(Error::Protocol("empty attestation message".into()).into()),
         }
     }
-    Err(Error::Protocol(
-        "server closed the attestation stream without a result".into(),
-    ))
+    Err(Error::Protocol("server closed the attestation stream without a result".into()).into())
 }
 
 /// Trust domain named by the URI SAN of a CA certificate (`spiffe://TD`).
@@ -228,22 +284,26 @@ fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
 
 struct Runtime {
     config: AgentConfig,
-    server: std::net::SocketAddr,
+    servers: Arc<Servers>,
     server_id: String,
     roots: SharedRoots,
-    node: Arc<ArcSwap<NodeClient<Channel>>>,
+    node: Arc<ArcSwap<NodeConnections>>,
     svid: ArcSwap<AgentSvid>,
     bundle: watch::Sender<Arc<TrustBundle>>,
     workloads: Arc<Workloads>,
 }
 
 impl Runtime {
-    fn connect(&self, svid: &AgentSvid) -> Result<NodeClient<Channel>, Error> {
+    fn connect(&self, svid: &AgentSvid) -> Result<NodeConnections, Error> {
         let verifier = Arc::new(ServerSvidVerifier::new(
             self.roots.clone(),
             self.server_id.clone(),
         ));
-        node_client::connect(self.server, verifier, Some(svid.certified_key()?))
+        Ok(NodeConnections::new(
+            self.servers.clone(),
+            verifier,
+            Some(svid.certified_key()?),
+        ))
     }
 
     fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
@@ -286,16 +346,20 @@ impl Runtime {
                 authorities_in_use.push(a);
             }
         }
-        let mut client = NodeClient::clone(&self.node.load());
-        let resp = client
-            .sync_entries(pb::SyncEntriesRequest {
-                since_revision: since,
-                bundle_sequence: seq,
-                authorities_in_use,
-                federated_bundles_version: federated_version,
+        let req = pb::SyncEntriesRequest {
+            since_revision: since,
+            bundle_sequence: seq,
+            authorities_in_use,
+            federated_bundles_version: federated_version,
+        };
+        let resp = self
+            .node
+            .load_full()
+            .call("SyncEntries", servers::SYNC_TIMEOUT, |mut c| {
+                let req = req.clone();
+                async move { c.sync_entries(req).await.map(tonic::Response::into_inner) }
             })
-            .await?
-            .into_inner();
+            .await?;
         let mut changed = self
             .workloads
             .entries
@@ -337,12 +401,15 @@ impl Runtime {
     async fn renew_agent_svid(&self) -> Result<(), Error> {
         let svid = if self.config.attestor == "join-token" {
             let (key, csr) = agent_key_and_csr()?;
-            let mut client = NodeClient::clone(&self.node.load());
-            let resp = client
-                .renew_agent(pb::RenewAgentRequest { csr })
+            let resp = self
+                .node
+                .load_full()
+                .call("RenewAgent", servers::CALL_TIMEOUT, |mut c| {
+                    let req = pb::RenewAgentRequest { csr: csr.clone() };
+                    async move { c.renew_agent(req).await.map(tonic::Response::into_inner) }
+                })
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(status_err)?;
             let leaf = resp
                 .svid_chain
                 .first()
@@ -359,8 +426,8 @@ impl Runtime {
                 self.roots.clone(),
                 self.server_id.clone(),
             ));
-            let mut client = node_client::connect(self.server, verifier, None)?;
-            let (svid, _) = attest(&mut client, attestor.as_mut()).await?;
+            let conns = NodeConnections::new(self.servers.clone(), verifier, None);
+            let (svid, _) = attest(&conns, attestor.as_mut()).await?;
             if svid.spiffe_id != self.svid.load().spiffe_id {
                 return Err(Error::Protocol(format!(
                     "re-attestation returned another identity, {}",
@@ -503,7 +570,7 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
     metrics::listen_if(config.metrics).await?;
-    let server = config.server_addr()?;
+    let servers = Servers::new(config.servers()?).await;
     create_dirs(&config.data_dir, DATA_DIR_MODE)?;
     std::fs::set_permissions(
         &config.data_dir,
@@ -548,8 +615,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                     Arc::new(ServerSvidVerifier::insecure_bootstrap())
                 }
             };
-            let mut client = node_client::connect(server, verifier, None)?;
-            let (svid, bundle) = attest(&mut client, attestor.as_mut()).await?;
+            let conns = NodeConnections::new(servers.clone(), verifier, None);
+            let (svid, bundle) = attest(&conns, attestor.as_mut()).await?;
             if let Some(td) = &config.trust_domain {
                 if &bundle.trust_domain != td {
                     return Err(Error::Config(format!(
@@ -567,16 +634,16 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let server_id = crate::spiffe_id::server_id_of(&bundle.trust_domain)?;
     let roots = shared_roots(bundle.x509_authorities.clone());
     let verifier = Arc::new(ServerSvidVerifier::new(roots.clone(), server_id.clone()));
-    let node = Arc::new(ArcSwap::from_pointee(node_client::connect(
-        server,
+    let node = Arc::new(ArcSwap::from_pointee(NodeConnections::new(
+        servers.clone(),
         verifier,
         Some(svid.certified_key()?),
-    )?));
+    )));
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
     let workloads = Arc::new(Workloads::new(node.clone(), bundle_rx.clone()));
     let rt = Arc::new(Runtime {
         config: config.clone(),
-        server,
+        servers: servers.clone(),
         server_id,
         roots,
         node,
@@ -654,7 +721,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
     });
 
-    tracing::info!(socket = %config.socket.display(), server = %server, "ztid-agent ready");
+    tracing::info!(socket = %config.socket.display(), servers = %servers.describe(), "ztid-agent ready");
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()

@@ -39,6 +39,7 @@ struct AgentMetrics {
     sync_failures: IntCounter,
     last_sync: IntGauge,
     sync_seconds: Histogram,
+    server_failovers: IntCounter,
     connections: IntGauge,
     connection_refusals: IntCounterVec,
     idle_closed: IntCounter,
@@ -128,6 +129,14 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
             )
             .expect("valid"),
         ),
+        server_failovers: register(
+            &r,
+            IntCounter::new(
+                "ztid_agent_server_failovers_total",
+                "Times the agent moved to another server of its --server list because the current one did not answer.",
+            )
+            .expect("valid"),
+        ),
         connections: register(
             &r,
             IntGauge::new(
@@ -210,6 +219,11 @@ pub async fn observe_sync<T, E>(sync: impl Future<Output = Result<T, E>>) -> Res
         Err(_) => METRICS.sync_failures.inc(),
     }
     result
+}
+
+/// Hook: the agent moved to another server because the current one did not answer.
+pub fn server_failover() {
+    METRICS.server_failovers.inc();
 }
 
 fn now_ms() -> i64 {
@@ -295,5 +309,13 @@ mod tests {
         assert!(METRICS.last_sync.get() > 0);
         let text = encode(&METRICS.registry);
         assert!(text.contains("ztid_agent_sync_failures_total"));
+    }
+
+    #[test]
+    fn failovers_count() {
+        let before = METRICS.server_failovers.get();
+        server_failover();
+        assert_eq!(METRICS.server_failovers.get(), before + 1);
+        assert!(encode(&METRICS.registry).contains("ztid_agent_server_failovers_total"));
     }
 }

@@ -91,6 +91,23 @@ pub fn mtls_channel(
     verifier: Arc<dyn ServerCertVerifier>,
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Result<Channel, Error> {
+    mtls_channel_with_timeout(
+        server,
+        verifier,
+        client_cert,
+        std::time::Duration::from_secs(10),
+    )
+}
+
+/// Like [`mtls_channel`], with a bound on opening the TCP connection and finishing the
+/// TLS handshake together: past it the call fails as `Unavailable` (a server that
+/// accepts connections and never answers is as good as down).
+pub fn mtls_channel_with_timeout(
+    server: SocketAddr,
+    verifier: Arc<dyn ServerCertVerifier>,
+    client_cert: Option<Arc<CertifiedKey>>,
+    connect_timeout: std::time::Duration,
+) -> Result<Channel, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -105,17 +122,26 @@ pub fn mtls_channel(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let endpoint = Endpoint::from_shared(format!("http://{server}"))
         .map_err(|e| Error::Config(format!("server address: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30));
     let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
         let connector = connector.clone();
-        async move {
+        let handshake = async move {
             let tcp = TcpStream::connect(server).await?;
             tcp.set_nodelay(true)?;
             // The name is not checked (the verifier checks the SPIFFE ID instead).
             let name = ServerName::try_from("ztid-server").map_err(std::io::Error::other)?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
+        };
+        async move {
+            tokio::time::timeout(connect_timeout, handshake)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no TLS connection to {server} within {connect_timeout:?}"),
+                    ))
+                })
         }
     }));
     Ok(channel)

@@ -356,17 +356,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
                 )));
             }
-            let mut client = self.workloads.node_client();
-            let resp = client
-                .mint_jwt_svids(npb::MintJwtSvidsRequest {
-                    requests: to_mint
-                        .iter()
-                        .map(|(e, id)| npb::JwtRequest {
-                            entry_id: e.id.clone(),
-                            spiffe_id: id.clone(),
-                            audience: audience.clone(),
-                        })
-                        .collect(),
+            let mint = npb::MintJwtSvidsRequest {
+                requests: to_mint
+                    .iter()
+                    .map(|(e, id)| npb::JwtRequest {
+                        entry_id: e.id.clone(),
+                        spiffe_id: id.clone(),
+                        audience: audience.clone(),
+                    })
+                    .collect(),
+            };
+            let resp = self
+                .workloads
+                .node()
+                .call("MintJWTSVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
+                    let mint = mint.clone();
+                    async move {
+                        c.mint_jwt_svids(mint)
+                            .await
+                            .map(tonic::Response::into_inner)
+                    }
                 })
                 .await
                 .map_err(|s| {
@@ -378,8 +387,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         tonic::Code::InvalidArgument => Status::invalid_argument(why),
                         _ => Status::unavailable(why),
                     }
-                })?
-                .into_inner();
+                })?;
             super::metrics::svids_minted(
                 "jwt",
                 resp.results

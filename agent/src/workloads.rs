@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
-use ztid_proto::node::{self as pb, node_client::NodeClient};
+use ztid_proto::node as pb;
 
 use crate::selector::satisfies;
+use crate::servers::NodeConnections;
 use crate::workload_attestation::{
     exe_identity, process_start_time, AttestedPeer, ExeIdentity, ProcessInstance,
 };
@@ -199,9 +199,25 @@ fn random_segment() -> Result<String, Error> {
     Ok(crate::spiffe_id::new_instance_segment()?)
 }
 
+/// Why a batch of CSRs got no answer.
+enum SignFailure {
+    /// No server answered (each candidate tried): what is held stays served while valid.
+    Unreachable(Error),
+    /// A refusal or a bad answer.
+    Failed(Error),
+}
+
+impl From<SignFailure> for Error {
+    fn from(f: SignFailure) -> Self {
+        match f {
+            SignFailure::Unreachable(e) | SignFailure::Failed(e) => e,
+        }
+    }
+}
+
 /// The workload side of the agent.
 pub struct Workloads {
-    node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+    node: Arc<arc_swap::ArcSwap<NodeConnections>>,
     bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
     /// Latest `exp` of the JWT-SVIDs handed out, by signing key, so the server
     /// can tell when a tainted JWT key no longer vouches for anything live.
@@ -221,7 +237,7 @@ pub struct Workloads {
 impl Workloads {
     /// Workloads minting through `node`.
     pub fn new(
-        node: Arc<arc_swap::ArcSwap<NodeClient<Channel>>>,
+        node: Arc<arc_swap::ArcSwap<NodeConnections>>,
         bundle: watch::Receiver<Arc<crate::bundle::TrustBundle>>,
     ) -> Self {
         Self {
@@ -261,9 +277,9 @@ impl Workloads {
         }
     }
 
-    /// A client for the node API over the current agent SVID.
-    pub fn node_client(&self) -> NodeClient<Channel> {
-        NodeClient::clone(&self.node.load())
+    /// The connections to the servers, over the current agent SVID.
+    pub fn node(&self) -> Arc<NodeConnections> {
+        self.node.load_full()
     }
 
     /// Number of live instances held.
@@ -306,11 +322,10 @@ impl Workloads {
         }
     }
 
-    async fn sign(&self, jobs: Vec<SignJob>) -> Result<Vec<Result<HeldSvid, String>>, Error> {
+    async fn sign(&self, jobs: Vec<SignJob>) -> Result<Vec<Result<HeldSvid, String>>, SignFailure> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut client = NodeClient::clone(&self.node.load());
         let req = pb::SignX509SvidsRequest {
             requests: jobs
                 .iter()
@@ -320,11 +335,25 @@ impl Workloads {
                 })
                 .collect(),
         };
-        let resp = client
-            .sign_x509_svids(req)
+        let resp = self
+            .node()
+            .call("SignX509SVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
+                let req = req.clone();
+                async move {
+                    c.sign_x509_svids(req)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
             .await
-            .map_err(|s| Error::Server(format!("{}: {}", s.code(), s.message())))?
-            .into_inner();
+            .map_err(|s| {
+                let e = Error::Server(format!("{}: {}", s.code(), s.message()));
+                if crate::servers::fails_over(&s) {
+                    SignFailure::Unreachable(e)
+                } else {
+                    SignFailure::Failed(e)
+                }
+            })?;
         super::metrics::svids_minted(
             "x509",
             resp.results
@@ -333,9 +362,9 @@ impl Workloads {
                 .count(),
         );
         if resp.results.len() != jobs.len() {
-            return Err(Error::Protocol(
+            return Err(SignFailure::Failed(Error::Protocol(
                 "server answered a different number of CSRs".into(),
-            ));
+            )));
         }
         let now = unix_seconds(std::time::SystemTime::now());
         let roots = self.bundle.borrow().x509_authorities.clone();
@@ -374,9 +403,21 @@ impl Workloads {
             }
         }
         let (key, csr) = key_and_csr(&entry.spiffe_id)?;
-        let mut out = self
+        let mut out = match self
             .sign(vec![(entry.clone(), entry.spiffe_id.clone(), key, csr)])
-            .await?;
+            .await
+        {
+            Ok(out) => out,
+            Err(SignFailure::Unreachable(e)) => match shared.get(&entry.id) {
+                // No server answers: the SVID held stays served while it is valid.
+                Some(h) if h.not_after > now => {
+                    tracing::warn!(entry = %entry.id, error = %e, not_after = h.not_after, "no server answers; serving the shared SVID held until it is renewed");
+                    return Ok(h.clone());
+                }
+                _ => return Err(e),
+            },
+            Err(f) => return Err(f.into()),
+        };
         let held = Arc::new(
             out.pop()
                 .ok_or_else(|| Error::Protocol("no result".into()))?
@@ -418,7 +459,17 @@ impl Workloads {
             jobs.push((e.clone(), id, key, csr));
         }
         let mut first_error = None;
-        for r in self.sign(jobs).await? {
+        let signed = match self.sign(jobs).await {
+            Ok(signed) => signed,
+            // No server answers: what the instance holds stays served while it is valid,
+            // and is renewed at the next try.
+            Err(SignFailure::Unreachable(e)) if held.values().any(|h| h.not_after > now) => {
+                tracing::warn!(pid = inst.process.pid, error = %e, "no server answers; serving the workload SVIDs held until they are renewed");
+                Vec::new()
+            }
+            Err(f) => return Err(f.into()),
+        };
+        for r in signed {
             match r {
                 Ok(svid) => {
                     tracing::info!(spiffe_id = %svid.spiffe_id, pid = inst.process.pid, not_after = svid.not_after, "workload SVID minted");
