@@ -1,0 +1,80 @@
+//! Unit tests of admission at the cap and of connection deadlines ([`super::Listener`],
+//! [`super::ConnState`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::listener::{Admission, CLOSING_SLACK};
+use super::{ConnHandle, Listener, Timeouts};
+
+fn admit(l: &Arc<Listener>, peer: &str, authenticated: bool) -> Option<ConnHandle> {
+    match l.try_admit(peer, None, authenticated) {
+        Admission::Admitted(c) => Some(c),
+        _ => None,
+    }
+}
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        handshake: Duration::from_secs(10),
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        request: Duration::from_secs(300),
+    }
+}
+
+#[test]
+fn at_cap_the_least_busy_connection_makes_room() {
+    let l = Listener::new("test", 3, timeouts(), None);
+    let authed_busy = admit(&l, "a", true).unwrap();
+    let _req = authed_busy.state().request_started();
+    let idle = admit(&l, "b", false).unwrap();
+    drop(idle.state().request_started());
+    let fresh = admit(&l, "c", false).unwrap();
+    // At the cap: the one that sent nothing goes first.
+    let d = admit(&l, "d", false).unwrap();
+    assert!(fresh.state().is_closing());
+    assert!(!idle.state().is_closing() && !authed_busy.state().is_closing());
+    drop(fresh);
+    // Then an idle one, once nothing is left that sent nothing.
+    let _d_req = d.state().request_started();
+    d.state().set_authenticated();
+    let _e = admit(&l, "e", false).unwrap();
+    assert!(idle.state().is_closing());
+    drop(idle);
+    let _e_req = _e.state().request_started();
+    _e.state().set_authenticated();
+    // Authenticated clients' requests in flight are never closed for room.
+    assert!(admit(&l, "f", false).is_none());
+    assert!(!authed_busy.state().is_closing() && !d.state().is_closing());
+}
+
+#[test]
+fn deadlines_follow_activity() {
+    let l = Listener::new("test", 3, timeouts(), None);
+    let c = admit(&l, "a", false).unwrap();
+    let (_, why) = c.state().deadline(&timeouts());
+    assert_eq!(why, "no request within the request header timeout");
+    let g = c.state().request_started();
+    let (_, why) = c.state().deadline(&timeouts());
+    assert_eq!(why, "a request exceeded the request timeout");
+    drop(g);
+    let (_, why) = c.state().deadline(&timeouts());
+    assert_eq!(why, "idle past the idle timeout");
+    drop(c);
+    assert_eq!(l.open_connections(), 0);
+}
+
+#[test]
+fn over_the_slack_new_connections_are_refused() {
+    let l = Listener::new("test", 1, timeouts(), None);
+    let mut held = vec![admit(&l, "0", true).unwrap()];
+    let _busy = held[0].state().request_started();
+    // The only connection is busy and authenticated: nothing can make room.
+    assert!(admit(&l, "x", false).is_none());
+    drop(_busy);
+    for i in 0..CLOSING_SLACK {
+        held.push(admit(&l, &i.to_string(), false).unwrap());
+    }
+    assert!(admit(&l, "y", false).is_none());
+}
