@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use ztid_proto::admin::{self as pb, admin_server::Admin};
 use ztid_proto::node as npb;
 
-use crate::authorities::Kind;
+use crate::authority::Kind;
 use crate::core::CaCore;
 use crate::datastore::AuthorityRecord;
 use crate::datastore::{AgentRecord, EntryFilter};

@@ -49,7 +49,7 @@ pub fn own_issuers(core: &Arc<CaCore>) -> AdminIssuers {
     let core = core.clone();
     Arc::new(move || {
         core.authorities
-            .list(crate::authorities::Kind::X509)
+            .list(crate::authority::Kind::X509)
             .map(|all| all.into_iter().map(|a| a.cert_der.into()).collect())
             .unwrap_or_default()
     })

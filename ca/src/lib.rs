@@ -1,6 +1,7 @@
 //! `ztid-ca`: the server side of ztid.
 //!
-//! - [`authority`]: the X.509 CA and the JWT key, their private keys in `ztid-hsm`.
+//! - [`authority`]: the X.509 CA and the JWT key, their private keys in `ztid-hsm`, their
+//!   lifecycle and the upstream CA.
 //! - [`csr_policy`]: what a CSR may ask for.
 //! - [`entries`]: registration entry validation.
 //! - [`datastore`]: persistent state behind one trait (sled today).
@@ -15,7 +16,6 @@ pub mod admin_authz;
 pub mod admin_credential;
 pub mod attestors;
 pub mod audit;
-pub mod authorities;
 pub mod authority;
 pub mod cli;
 pub mod config;
@@ -37,6 +37,5 @@ pub mod policy;
 pub mod refusal_audit;
 pub mod roles;
 pub mod server;
-pub mod upstream;
 
 pub use error::{Error, Refusal, RefusalKind, Result, StoreError};

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::{now, CaCore};
-use crate::authorities::Kind;
+use crate::authority::Kind;
 use crate::datastore::AgentRecord;
 use crate::{Error, RefusalKind, Result};
 

@@ -25,7 +25,7 @@ use ztid_verifier::multi::MultiVerifier;
 use ztid_verifier::NodeVerifier;
 
 use crate::audit::AuditLog;
-use crate::authorities::{AuthoritySet, Lifetimes};
+use crate::authority::{AuthoritySet, Lifetimes};
 use crate::config::ServerConfig;
 use crate::datastore::{DataStore, SledStore};
 use crate::{Error, Result};
@@ -91,7 +91,7 @@ impl CaCore {
         let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
         let t = now();
         let upstream = match &config.upstream {
-            Some(u) => Some(Arc::new(crate::upstream::Upstream::load(u, &key_manager)?)),
+            Some(u) => Some(Arc::new(crate::authority::Upstream::load(u, &key_manager)?)),
             None => None,
         };
         let authorities = AuthoritySet::open(

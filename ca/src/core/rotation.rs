@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::{now, CaCore};
-use crate::authorities::Kind;
+use crate::authority::Kind;
 use crate::datastore::AuthorityRecord;
 use crate::Result;
 

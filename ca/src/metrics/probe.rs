@@ -11,7 +11,7 @@ use ztid_telemetry::{encode, listen, Probe};
 
 use super::instruments::{AGENTS_DIRTY, ENTRIES_DELTA, METRICS, SERVING};
 use super::rates::{RATES, START};
-use crate::authorities::Kind;
+use crate::authority::Kind;
 use crate::core::CaCore;
 use crate::datastore::AuthorityState;
 use crate::{Error, Result};

@@ -1,80 +1,21 @@
-//! The trust domain's signing authorities: an X.509 CA and a JWT key, each whose
-//! private key stays in the key manager. Authorities only build and sign; who may
-//! get what is decided by the node API before it calls them.
+//! The X.509 authority: a CA certificate whose key stays in the key manager (a
+//! self-signed root, or an intermediate under an [`Upstream`] CA), and the leaf
+//! X509-SVIDs it signs ([`LeafTemplate`] in, [`SignedLeaf`] out). It only builds and
+//! signs; who may get what is decided before it is called.
 
 use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
-    PKCS_ECDSA_P256_SHA256,
+    Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
-use ring::rand::{SecureRandom, SystemRandom};
-use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
-use ztid_hsm::{KeyAlgorithm, KeyManager, SignatureFormat};
+use ztid_hsm::{KeyAlgorithm, KeyManager};
 
+use super::key::{random_serial, ManagedKey};
+use super::upstream::Upstream;
 use crate::datastore::{AuthorityRecord, AuthorityState};
 use crate::{Error, Result};
-
-/// A key in the key manager, usable by rcgen as an issuer key.
-pub struct ManagedKey {
-    km: Arc<dyn KeyManager>,
-    key_id: String,
-    public_raw: Vec<u8>,
-}
-
-impl ManagedKey {
-    /// Looks up `key_id` in `km`.
-    pub fn load(km: Arc<dyn KeyManager>, key_id: &str) -> Result<Self> {
-        let public = km.public_key(key_id)?;
-        Ok(Self {
-            km,
-            key_id: key_id.to_string(),
-            public_raw: public.raw,
-        })
-    }
-}
-
-impl PublicKeyData for ManagedKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.public_raw
-    }
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        &PKCS_ECDSA_P256_SHA256
-    }
-}
-
-impl rcgen::SigningKey for ManagedKey {
-    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.km
-            .sign(&self.key_id, msg, SignatureFormat::Der)
-            .map_err(|_| rcgen::Error::RingUnspecified)
-    }
-}
-
-/// 16 random bytes, high bit cleared so the DER INTEGER stays positive: 127 bits of
-/// entropy, well over the 64 the CA/B baseline asks for.
-pub fn random_serial() -> Result<Vec<u8>> {
-    let mut b = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| Error::Certificate("no randomness".into()))?;
-    b[0] &= 0x7f;
-    if b[0] == 0 {
-        b[0] = 1; // keep the full length so serials never collide by truncation
-    }
-    Ok(b.to_vec())
-}
-
-/// Random hex id of `n` bytes.
-pub fn random_hex(n: usize) -> Result<String> {
-    let mut b = vec![0u8; n];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| Error::Certificate("no randomness".into()))?;
-    Ok(hex::encode(b))
-}
 
 fn to_time(unix: i64) -> Result<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp(unix).map_err(|e| Error::Certificate(e.to_string()))
@@ -120,7 +61,7 @@ impl X509Authority {
         ttl_seconds: i64,
         now: i64,
         state: AuthorityState,
-        upstream: Option<&crate::upstream::Upstream>,
+        upstream: Option<&Upstream>,
     ) -> Result<Self> {
         let serial = random_serial()?;
         let serial_hex = hex::encode(&serial);
@@ -284,96 +225,5 @@ impl X509Authority {
             serial: hex::encode(&serial),
             not_after,
         })
-    }
-}
-
-/// A JWT signing authority.
-pub struct JwtAuthority {
-    record: AuthorityRecord,
-    km: Arc<dyn KeyManager>,
-}
-
-impl JwtAuthority {
-    /// Creates a new JWT key with a random `kid`.
-    pub fn create(
-        km: Arc<dyn KeyManager>,
-        ttl_seconds: i64,
-        now: i64,
-        state: AuthorityState,
-    ) -> Result<Self> {
-        let kid = random_hex(16)?;
-        let key_id = format!("jwt-{kid}");
-        let public = km.generate(&key_id, KeyAlgorithm::EcdsaP256)?;
-        Ok(Self {
-            record: AuthorityRecord {
-                id: kid,
-                key_id,
-                cert_der: Vec::new(),
-                public_key: public.spki_der,
-                not_after: now + ttl_seconds,
-                state,
-                not_before: now,
-                tainted: false,
-                tainted_at: 0,
-                upstream_chain: Vec::new(),
-            },
-            km,
-        })
-    }
-
-    /// Loads a JWT authority from its record.
-    pub fn load(km: Arc<dyn KeyManager>, record: AuthorityRecord) -> Result<Self> {
-        let public = km.public_key(&record.key_id)?;
-        if public.spki_der != record.public_key {
-            return Err(Error::Config(format!(
-                "key {} does not match JWT authority {}",
-                record.key_id, record.id
-            )));
-        }
-        Ok(Self { record, km })
-    }
-
-    /// The stored record.
-    pub fn record(&self) -> &AuthorityRecord {
-        &self.record
-    }
-
-    /// Mints a JWT-SVID; returns the token and its `exp`.
-    pub fn mint(
-        &self,
-        spiffe_id: &str,
-        audience: &[String],
-        ttl_seconds: i64,
-        now: i64,
-    ) -> Result<(String, i64)> {
-        self.mint_with_issuer(spiffe_id, audience, ttl_seconds, now, None)
-    }
-
-    /// Mints a JWT-SVID carrying `iss` when an issuer is given (OIDC discovery).
-    pub fn mint_with_issuer(
-        &self,
-        spiffe_id: &str,
-        audience: &[String],
-        ttl_seconds: i64,
-        now: i64,
-        issuer: Option<&str>,
-    ) -> Result<(String, i64)> {
-        if now >= self.record.not_after {
-            return Err(Error::Precondition("the JWT authority has expired".into()));
-        }
-        let exp = (now + ttl_seconds).min(self.record.not_after);
-        let mut claims = Map::new();
-        claims.insert("sub".into(), json!(spiffe_id));
-        claims.insert("aud".into(), Value::from(audience.to_vec()));
-        claims.insert("exp".into(), json!(exp));
-        claims.insert("iat".into(), json!(now));
-        if let Some(iss) = issuer {
-            claims.insert("iss".into(), json!(iss));
-        }
-        let token = ztid_spiffe::jwt::encode_es256(&self.record.id, &claims, |msg| {
-            self.km
-                .sign(&self.record.key_id, msg, SignatureFormat::Fixed)
-        })?;
-        Ok((token, exp))
     }
 }

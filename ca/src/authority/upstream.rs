@@ -10,7 +10,7 @@ use rcgen::{Issuer, PublicKeyData, SignatureAlgorithm};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use ztid_hsm::KeyManager;
 
-use crate::authority::ManagedKey;
+use super::key::ManagedKey;
 use crate::config::UpstreamConfig;
 use crate::{Error, Result};
 
