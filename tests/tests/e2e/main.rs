@@ -4,6 +4,7 @@
 //! module is one area. Run one area with `cargo test -p ztid-tests --test e2e <module>::`.
 
 mod admin_authz;
+mod agent_failover;
 mod audit;
 mod federation;
 mod hsm_pkcs11;
