@@ -1,16 +1,26 @@
 //! Persistent state behind one narrow trait: registration entries, attested agents,
-//! join tokens and the CA's authorities. Sled (embedded) implements it today; the
-//! trait is small enough for a PostgreSQL backend to follow for several servers.
+//! join tokens, federation records and each server's authorities. [`SledStore`]
+//! (embedded, one server) implements it; the trait carries what several servers on one
+//! database need (per-server CA state, leader roles, change notifications, pages).
 //!
 //! Every lookup the hot path makes (entry by id, agent by SPIFFE ID, token by hash,
-//! entries by parent) is a keyed read, so minting costs the same with 100 entries
-//! or 1,000,000.
+//! entries by parent, one parent's changes since a revision) is a keyed read, so
+//! minting and an agent's incremental sync cost the same with 100 entries or 1,000,000.
+//!
+//! Cluster-wide rules both stores keep:
+//! - entry revisions are drawn so that a reader that has seen revision N has seen every
+//!   change below N (no sync ever misses a change committed later with a lower revision);
+//! - a join token is taken at most once, whichever server takes it;
+//! - each server has its own CA state and audit anchor ([`DataStore::server_id`]);
+//!   [`DataStore::cluster_ca_states`] reads every server's authorities for the bundle.
 
 mod sled_store;
 
 pub use sled_store::SledStore;
 
+use ring::digest;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
 use ztid_spiffe::Selector;
 
 use crate::Result;
@@ -197,8 +207,128 @@ pub struct EntryFilter {
     pub parent_id: Option<String>,
 }
 
+/// What kind of record changed, for [`DataStore::subscribe_changes`]: a server that keeps
+/// something in memory (its bundle, the federation poller's relationships) reloads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeTopic {
+    /// Registration entries (create, update, delete, import).
+    Entries,
+    /// Agents: a new agent, an eviction, a ban or unban, a new SVID serial (not the
+    /// bookkeeping of every sync, which changes nothing another server acts on).
+    Agents,
+    /// Some server's CA state (its authorities and their lifecycle).
+    Authorities,
+    /// Federation relationships and federated bundles.
+    Federation,
+}
+
+impl ChangeTopic {
+    /// Every topic: what a subscriber reloads after it may have missed changes.
+    pub const ALL: [ChangeTopic; 4] = [
+        ChangeTopic::Entries,
+        ChangeTopic::Agents,
+        ChangeTopic::Authorities,
+        ChangeTopic::Federation,
+    ];
+
+    /// The topic's name (the PostgreSQL notification payload).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeTopic::Entries => "entries",
+            ChangeTopic::Agents => "agents",
+            ChangeTopic::Authorities => "authorities",
+            ChangeTopic::Federation => "federation",
+        }
+    }
+
+    /// The topic named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// Proof that this server holds a cluster-wide role (see [`DataStore::try_leader`]).
+/// Dropping it gives the role up. With PostgreSQL the role can also be lost without a
+/// drop, when the connection holding it dies: check [`LeaderGuard::is_held`] before each
+/// round of the work, or wait on [`LeaderGuard::lost`].
+pub struct LeaderGuard {
+    held: watch::Receiver<bool>,
+    /// What keeps the role (PostgreSQL: the session holding the advisory lock).
+    _holder: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl LeaderGuard {
+    /// A role held by `holder` for as long as `held` says true and its sender lives.
+    pub(crate) fn new(
+        held: watch::Receiver<bool>,
+        holder: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            held,
+            _holder: holder,
+        }
+    }
+
+    /// A role that is never lost (one server: there is nobody to share it with).
+    pub(crate) fn always() -> Self {
+        let (tx, rx) = watch::channel(true);
+        Self::new(rx, Box::new(tx))
+    }
+
+    /// Whether the role is still held.
+    pub fn is_held(&self) -> bool {
+        self.held.has_changed().is_ok() && *self.held.borrow()
+    }
+
+    /// Completes when the role is lost (never, while it is held).
+    pub async fn lost(&mut self) {
+        let _ = self.held.wait_for(|held| !*held).await;
+    }
+}
+
+impl std::fmt::Debug for LeaderGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderGuard")
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+/// Identity of an entry for duplicate detection: SHA-256 over its SPIFFE ID, parent,
+/// kind and sorted selectors. Both stores refuse a second entry with the same one.
+pub(crate) fn identity_key(e: &EntryRecord) -> Vec<u8> {
+    let mut sels: Vec<String> = e.selectors.iter().map(|s| s.to_string()).collect();
+    sels.sort();
+    let text = format!(
+        "{}\n{}\n{}\n{}",
+        e.spiffe_id,
+        e.parent_id,
+        e.node,
+        sels.join("\n")
+    );
+    digest::digest(&digest::SHA256, text.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// The refusal of an entry whose identity another entry (`existing`) has.
+pub(crate) fn duplicate_entry(existing: &str) -> crate::Error {
+    crate::Error::AlreadyExists(format!(
+        "an entry with the same SPIFFE ID, parent and selectors exists: {existing}"
+    ))
+}
+
+/// A sender of change topics with no receiver yet.
+pub(crate) fn change_channel() -> broadcast::Sender<ChangeTopic> {
+    broadcast::channel(256).0
+}
+
 /// The server's persistent state.
 pub trait DataStore: Send + Sync + 'static {
+    /// The id of the server this store was opened for: the owner of the CA state and
+    /// audit anchor this handle reads and writes.
+    fn server_id(&self) -> &str;
+
     /// Stores a new entry, assigning its revision; fails if one with the same
     /// SPIFFE ID, parent and selectors exists.
     fn create_entry(&self, entry: EntryRecord) -> Result<EntryRecord>;
@@ -223,6 +353,25 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> Result<Vec<EntryChange>>;
     /// The newest entry revision (0 when none).
     fn current_revision(&self) -> Result<u64>;
+    /// Replaces the entry with `entry.id` by `entry`, with a new revision and a change in
+    /// the log (its `created_at` stays the stored one). The same uniqueness rule as
+    /// [`create_entry`](Self::create_entry) holds against every other entry. When the
+    /// parent changes, the old parent's log gets a deletion (one revision) before the new
+    /// parent's log gets the entry (the next one), so both agents see it. `NotFound` if
+    /// there is no such entry.
+    fn update_entry(&self, entry: EntryRecord) -> Result<EntryRecord>;
+    /// Stores an entry as it is, keeping its id and revision (for `datastore migrate`,
+    /// into a store whose revisions are all below it): the change log gets it at that
+    /// revision, and later revisions are drawn above it. Same uniqueness rule.
+    fn import_entry(&self, entry: EntryRecord) -> Result<()>;
+    /// At most `limit` entries matching `filter` with an id after `after_id`, ordered by
+    /// id (byte order): a page, and the id of its last entry is the next page's cursor.
+    fn list_entries_page(
+        &self,
+        filter: &EntryFilter,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EntryRecord>>;
 
     /// Creates or replaces an agent.
     fn put_agent(&self, agent: &AgentRecord) -> Result<()>;
@@ -232,16 +381,42 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Removes an agent, returning it.
     fn delete_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>>;
+    /// At most `limit` agents with a SPIFFE ID after `after`, ordered by SPIFFE ID (byte
+    /// order).
+    fn list_agents_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AgentRecord>>;
+    /// How many agents there are.
+    fn count_agents(&self) -> Result<usize>;
 
     /// Stores a join token under its hash.
     fn put_join_token(&self, hash: &[u8; 32], token: &JoinTokenRecord) -> Result<()>;
-    /// Removes and returns the token with this hash, atomically.
+    /// Removes and returns the token with this hash, atomically: of several servers
+    /// taking the same token at once, exactly one gets it.
     fn take_join_token(&self, hash: &[u8; 32]) -> Result<Option<JoinTokenRecord>>;
+    /// Every join token with its hash, ordered by hash (for `datastore migrate`).
+    fn list_join_tokens(&self) -> Result<Vec<([u8; 32], JoinTokenRecord)>>;
 
-    /// The CA state, if the CA was initialised.
+    /// This server's CA state, if its CA was initialised.
     fn load_ca_state(&self) -> Result<Option<CaState>>;
-    /// Replaces the CA state.
+    /// Replaces this server's CA state.
     fn store_ca_state(&self, state: &CaState) -> Result<()>;
+    /// Every server's CA state with its server id, ordered by server id (one store: just
+    /// its own, if initialised). The trust bundle is the union of their authorities.
+    fn cluster_ca_states(&self) -> Result<Vec<(String, CaState)>>;
+    /// The next bundle sequence number, cluster-wide: above every number it returned
+    /// before and above every stored CA state's `bundle_sequence`.
+    fn next_bundle_sequence(&self) -> Result<u64>;
+
+    /// Tries to take the cluster-wide role `name` (once-per-cluster work, such as
+    /// polling federated bundle endpoints): `None` if another server holds it. With one
+    /// server the role is always granted. With PostgreSQL it is a session advisory lock
+    /// on a connection of its own, released when the guard is dropped or the connection
+    /// dies.
+    fn try_leader(&self, name: &str) -> Result<Option<LeaderGuard>>;
+    /// Change notifications from every server (PostgreSQL: `LISTEN`/`NOTIFY`, sent in
+    /// the writing transaction; one store: sent after each write). A receiver that lags
+    /// (`RecvError::Lagged`) or a store that reconnected (it sends every topic) means
+    /// changes may have been missed: reload what the topic covers.
+    fn subscribe_changes(&self) -> broadcast::Receiver<ChangeTopic>;
 
     /// Stores a federated trust domain's bundle (an opaque record, see
     /// `crate::federation`), replacing any. Never merged with another domain's.
@@ -262,8 +437,9 @@ pub trait DataStore: Send + Sync + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
 
-    /// The audit log's anchor outside the audit directory (an opaque record, see
-    /// `crate::audit::anchor`): the last sealed record the audit writer reached.
+    /// This server's audit log anchor outside the audit directory (an opaque record, see
+    /// `crate::audit::anchor`): the last sealed record its audit writer reached. Each
+    /// server has its own (its own hash-chained log).
     fn audit_anchor(&self) -> Result<Option<Vec<u8>>>;
     /// Stores the audit anchor for record `seq` unless the one stored is for a later
     /// record: the anchor only moves forward. Returns whether it was stored.

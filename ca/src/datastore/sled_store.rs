@@ -1,14 +1,16 @@
 //! The embedded datastore: sled 0.34 trees with secondary indexes, updated together
 //! in one transaction so an index never points at a missing entry.
 
+use std::ops::Bound;
 use std::path::Path;
 
-use ring::digest;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
+use tokio::sync::broadcast;
 
 use super::{
-    AgentRecord, CaState, DataStore, EntryChange, EntryFilter, EntryRecord, JoinTokenRecord,
+    change_channel, duplicate_entry, identity_key, AgentRecord, CaState, ChangeTopic, DataStore,
+    EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
 use crate::{Error, Result, StoreError};
 
@@ -28,12 +30,20 @@ pub struct SledStore {
     /// Entry writes one at a time, so revisions commit in the order they are drawn: a
     /// sync that has seen revision N must never later meet an N-1 committed after it.
     entry_writes: std::sync::Mutex<()>,
+    /// The server this store belongs to (one store, one server).
+    server_id: String,
+    /// Change notifications, sent after each write.
+    changes: broadcast::Sender<ChangeTopic>,
 }
+
 
 /// Meta key: the entry-log revision through which the by-parent log is complete.
 const BY_PARENT_THROUGH_KEY: &[u8] = b"entry_log_by_parent_through";
 
 const CA_STATE_KEY: &[u8] = b"ca_state";
+
+/// Meta key: the last bundle sequence number handed out (big-endian).
+const BUNDLE_SEQUENCE_KEY: &[u8] = b"bundle_sequence";
 
 /// Meta key: the audit anchor, stored as the record's sequence number (big-endian)
 /// followed by the record, so that "only forward" is one compare-and-swap.
@@ -72,22 +82,6 @@ fn prefix(a: &str) -> Vec<u8> {
     k
 }
 
-/// Identity of an entry for duplicate detection: same SPIFFE ID, parent, selectors and kind.
-fn identity_key(e: &EntryRecord) -> Vec<u8> {
-    let mut sels: Vec<String> = e.selectors.iter().map(|s| s.to_string()).collect();
-    sels.sort();
-    let text = format!(
-        "{}\n{}\n{}\n{}",
-        e.spiffe_id,
-        e.parent_id,
-        e.node,
-        sels.join("\n")
-    );
-    digest::digest(&digest::SHA256, text.as_bytes())
-        .as_ref()
-        .to_vec()
-}
-
 fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
@@ -111,9 +105,25 @@ fn log_change(
     Ok(())
 }
 
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| Error::Store(StoreError::Corrupt(format!("corrupt {what}"))))?;
+    Ok(u64::from_be_bytes(b))
+}
+
 impl SledStore {
-    /// Opens (creating) the store in `dir`.
+    /// The server id of a store opened with [`SledStore::open`].
+    pub const DEFAULT_SERVER_ID: &'static str = "local";
+
+    /// Opens (creating) the store in `dir`, for the server [`Self::DEFAULT_SERVER_ID`].
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_as(dir, Self::DEFAULT_SERVER_ID)
+    }
+
+    /// Opens (creating) the store in `dir` for the server `server_id` (what
+    /// [`DataStore::server_id`] and [`DataStore::cluster_ca_states`] name it).
+    pub fn open_as(dir: &Path, server_id: &str) -> Result<Self> {
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(200))
@@ -136,6 +146,8 @@ impl SledStore {
             tokens: db.open_tree("join_tokens")?,
             meta: db.open_tree("meta")?,
             entry_writes: std::sync::Mutex::new(()),
+            server_id: server_id.to_string(),
+            changes: change_channel(),
             db,
         };
         store.index_old_change_log()?;
@@ -186,9 +198,110 @@ impl SledStore {
             .lock()
             .map_err(|_| Error::Internal("entry write lock poisoned".into()))
     }
+    /// The next entry revision; the caller holds the entry write lock.
     fn next_revision(&self) -> Result<u64> {
         // generate_id is monotonic across restarts; +1 keeps 0 meaning "nothing yet".
-        Ok(self.db.generate_id()? + 1)
+        // Above the log's last revision too: an imported entry keeps its own revision,
+        // which generate_id knows nothing about.
+        Ok((self.db.generate_id()? + 1).max(self.current_revision()? + 1))
+    }
+
+    fn notify(&self, topic: ChangeTopic) {
+        // No receiver is not an error: nobody is listening.
+        let _ = self.changes.send(topic);
+    }
+
+    /// Entries of one index (`tree`, keyed `value NUL id`) for `key`, with an id after
+    /// `after`, in id order, at most `limit` of those `keep` accepts.
+    fn entries_page_by_index(
+        &self,
+        tree: &Tree,
+        key: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&EntryRecord) -> bool,
+    ) -> Result<Vec<EntryRecord>> {
+        let p = prefix(key);
+        let start = match after {
+            Some(a) => Bound::Excluded(index_key(key, a)),
+            None => Bound::Included(p.clone()),
+        };
+        let mut end = key.as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for kv in tree.range((start, Bound::Excluded(end))) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv?;
+            let Some(id) = k.strip_prefix(p.as_slice()) else {
+                continue;
+            };
+            if let Some(v) = self.entries.get(id)? {
+                let e: EntryRecord = serde_json::from_slice(&v)?;
+                if keep(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `entry` with its indexes and `changes` in one transaction, replacing
+    /// `old` (its indexes removed) if given. Refuses a duplicate identity.
+    fn write_entry(
+        &self,
+        entry: &EntryRecord,
+        old: Option<&EntryRecord>,
+        changes: &[EntryChange],
+    ) -> Result<()> {
+        let value = serde_json::to_vec(entry)?;
+        let ident = identity_key(entry);
+        let old_ident = old.map(identity_key);
+        (
+            &self.entries,
+            &self.by_parent,
+            &self.by_spiffe_id,
+            &self.by_identity,
+            &self.node_entries,
+            &self.entry_log,
+            &self.entry_log_by_parent,
+        )
+            .transaction(
+                |(entries, by_parent, by_spiffe, by_ident, nodes, log, log_by_parent)| {
+                    if let Some(existing) = by_ident.get(&ident)? {
+                        if existing.as_ref() != entry.id.as_bytes() {
+                            return Err(abort(duplicate_entry(&String::from_utf8_lossy(
+                                &existing,
+                            ))));
+                        }
+                    }
+                    if old.is_none() && entries.get(entry.id.as_bytes())?.is_some() {
+                        return Err(abort(Error::AlreadyExists(format!(
+                            "an entry with id {} exists",
+                            entry.id
+                        ))));
+                    }
+                    if let (Some(old), Some(old_ident)) = (old, &old_ident) {
+                        by_parent.remove(index_key(&old.parent_id, &old.id))?;
+                        by_spiffe.remove(index_key(&old.spiffe_id, &old.id))?;
+                        by_ident.remove(old_ident.as_slice())?;
+                        nodes.remove(old.id.as_bytes())?;
+                    }
+                    entries.insert(entry.id.as_bytes(), value.clone())?;
+                    by_parent.insert(index_key(&entry.parent_id, &entry.id), &[])?;
+                    by_spiffe.insert(index_key(&entry.spiffe_id, &entry.id), &[])?;
+                    by_ident.insert(ident.clone(), entry.id.as_bytes())?;
+                    if entry.node {
+                        nodes.insert(entry.id.as_bytes(), &[])?;
+                    }
+                    for change in changes {
+                        log_change(log, log_by_parent, change)?;
+                    }
+                    Ok(())
+                },
+            )?;
+        Ok(())
     }
 
     fn entries_by_index(&self, tree: &Tree, key: &str) -> Result<Vec<EntryRecord>> {
@@ -209,50 +322,75 @@ impl SledStore {
 }
 
 impl DataStore for SledStore {
+    fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
     fn create_entry(&self, mut entry: EntryRecord) -> Result<EntryRecord> {
         let _ordered = self.write_lock()?;
         entry.revision = self.next_revision()?;
-        let value = serde_json::to_vec(&entry)?;
-        let ident = identity_key(&entry);
-        (
-            &self.entries,
-            &self.by_parent,
-            &self.by_spiffe_id,
-            &self.by_identity,
-            &self.node_entries,
-            &self.entry_log,
-            &self.entry_log_by_parent,
-        )
-            .transaction(
-                |(entries, by_parent, by_spiffe, by_ident, nodes, log, log_by_parent)| {
-                    if let Some(existing) = by_ident.get(&ident)? {
-                        return Err(abort(Error::AlreadyExists(format!(
-                            "an entry with the same SPIFFE ID, parent and selectors exists: {}",
-                            String::from_utf8_lossy(&existing)
-                        ))));
-                    }
-                    entries.insert(entry.id.as_bytes(), value.clone())?;
-                    by_parent.insert(index_key(&entry.parent_id, &entry.id), &[])?;
-                    by_spiffe.insert(index_key(&entry.spiffe_id, &entry.id), &[])?;
-                    by_ident.insert(ident.clone(), entry.id.as_bytes())?;
-                    if entry.node {
-                        nodes.insert(entry.id.as_bytes(), &[])?;
-                    }
-                    log_change(
-                        log,
-                        log_by_parent,
-                        &EntryChange {
-                            revision: entry.revision,
-                            entry_id: entry.id.clone(),
-                            parent_id: entry.parent_id.clone(),
-                            node: entry.node,
-                            deleted: false,
-                        },
-                    )?;
-                    Ok(())
-                },
-            )?;
+        let change = EntryChange {
+            revision: entry.revision,
+            entry_id: entry.id.clone(),
+            parent_id: entry.parent_id.clone(),
+            node: entry.node,
+            deleted: false,
+        };
+        self.write_entry(&entry, None, &[change])?;
+        self.notify(ChangeTopic::Entries);
         Ok(entry)
+    }
+
+    fn update_entry(&self, mut entry: EntryRecord) -> Result<EntryRecord> {
+        let _ordered = self.write_lock()?;
+        // Entry writes hold the lock: the entry read here is the one replaced.
+        let old = self
+            .get_entry(&entry.id)?
+            .ok_or_else(|| Error::NotFound(format!("no entry {}", entry.id)))?;
+        let mut changes = Vec::with_capacity(2);
+        if old.parent_id != entry.parent_id {
+            changes.push(EntryChange {
+                revision: self.next_revision()?,
+                entry_id: old.id.clone(),
+                parent_id: old.parent_id.clone(),
+                node: old.node,
+                deleted: true,
+            });
+        }
+        // generate_id only grows: above the deletion's revision.
+        entry.revision = self.next_revision()?;
+        entry.created_at = old.created_at;
+        changes.push(EntryChange {
+            revision: entry.revision,
+            entry_id: entry.id.clone(),
+            parent_id: entry.parent_id.clone(),
+            node: entry.node,
+            deleted: false,
+        });
+        self.write_entry(&entry, Some(&old), &changes)?;
+        self.notify(ChangeTopic::Entries);
+        Ok(entry)
+    }
+
+    fn import_entry(&self, entry: EntryRecord) -> Result<()> {
+        let _ordered = self.write_lock()?;
+        let current = self.current_revision()?;
+        if entry.revision <= current {
+            return Err(Error::Precondition(format!(
+                "cannot import entry {} at revision {}: the store is at revision {current}",
+                entry.id, entry.revision
+            )));
+        }
+        let change = EntryChange {
+            revision: entry.revision,
+            entry_id: entry.id.clone(),
+            parent_id: entry.parent_id.clone(),
+            node: entry.node,
+            deleted: false,
+        };
+        self.write_entry(&entry, None, &[change])?;
+        self.notify(ChangeTopic::Entries);
+        Ok(())
     }
 
     fn get_entry(&self, id: &str) -> Result<Option<EntryRecord>> {
@@ -299,6 +437,9 @@ impl DataStore for SledStore {
                     Ok(Some(entry))
                 },
             )?;
+        if removed.is_some() {
+            self.notify(ChangeTopic::Entries);
+        }
         Ok(removed)
     }
 
@@ -318,6 +459,36 @@ impl DataStore for SledStore {
         }
         out.sort_by(|a, b| (&a.spiffe_id, a.revision).cmp(&(&b.spiffe_id, b.revision)));
         Ok(out)
+    }
+
+    fn list_entries_page(
+        &self,
+        filter: &EntryFilter,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EntryRecord>> {
+        match (&filter.parent_id, &filter.spiffe_id) {
+            (Some(p), spiffe) => {
+                self.entries_page_by_index(&self.by_parent, p, after_id, limit, |e| {
+                    spiffe.as_ref().is_none_or(|s| &e.spiffe_id == s)
+                })
+            }
+            (None, Some(s)) => {
+                self.entries_page_by_index(&self.by_spiffe_id, s, after_id, limit, |_| true)
+            }
+            (None, None) => {
+                let start = match after_id {
+                    Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                };
+                self.entries
+                    .range((start, Bound::Unbounded))
+                    .values()
+                    .take(limit)
+                    .map(|v| Ok(serde_json::from_slice(&v?)?))
+                    .collect()
+            }
+        }
     }
 
     fn node_entries(&self) -> Result<Vec<EntryRecord>> {
@@ -371,8 +542,20 @@ impl DataStore for SledStore {
     }
 
     fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
-        self.agents
+        let old = self
+            .agents
             .insert(agent.spiffe_id.as_bytes(), serde_json::to_vec(agent)?)?;
+        // What another server acts on: a new agent, a ban or unban, a new SVID.
+        let notable = match old {
+            None => true,
+            Some(v) => {
+                let old: AgentRecord = serde_json::from_slice(&v)?;
+                old.banned != agent.banned || old.serial != agent.serial
+            }
+        };
+        if notable {
+            self.notify(ChangeTopic::Agents);
+        }
         Ok(())
     }
 
@@ -393,9 +576,29 @@ impl DataStore for SledStore {
 
     fn delete_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
         match self.agents.remove(spiffe_id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            Some(v) => {
+                self.notify(ChangeTopic::Agents);
+                Ok(Some(serde_json::from_slice(&v)?))
+            }
             None => Ok(None),
         }
+    }
+
+    fn list_agents_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AgentRecord>> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.agents
+            .range((start, Bound::Unbounded))
+            .values()
+            .take(limit)
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn count_agents(&self) -> Result<usize> {
+        Ok(self.agents.len())
     }
 
     fn put_join_token(&self, hash: &[u8; 32], token: &JoinTokenRecord) -> Result<()> {
@@ -410,6 +613,19 @@ impl DataStore for SledStore {
         }
     }
 
+    fn list_join_tokens(&self) -> Result<Vec<([u8; 32], JoinTokenRecord)>> {
+        self.tokens
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| {
+                    Error::Store(StoreError::Corrupt("corrupt join token key".into()))
+                })?;
+                Ok((hash, serde_json::from_slice(&v)?))
+            })
+            .collect()
+    }
+
     fn load_ca_state(&self) -> Result<Option<CaState>> {
         match self.meta.get(CA_STATE_KEY)? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
@@ -420,7 +636,47 @@ impl DataStore for SledStore {
     fn store_ca_state(&self, state: &CaState) -> Result<()> {
         self.meta.insert(CA_STATE_KEY, serde_json::to_vec(state)?)?;
         self.db.flush()?;
+        self.notify(ChangeTopic::Authorities);
         Ok(())
+    }
+
+    fn cluster_ca_states(&self) -> Result<Vec<(String, CaState)>> {
+        Ok(self
+            .load_ca_state()?
+            .map(|s| (self.server_id.clone(), s))
+            .into_iter()
+            .collect())
+    }
+
+    fn next_bundle_sequence(&self) -> Result<u64> {
+        let floor = self.load_ca_state()?.map_or(0, |s| s.bundle_sequence);
+        loop {
+            let current = self.meta.get(BUNDLE_SEQUENCE_KEY)?;
+            let last = match &current {
+                Some(v) => be_u64(v, "bundle sequence")?,
+                None => 0,
+            };
+            let next = last.max(floor) + 1;
+            let swapped = self.meta.compare_and_swap(
+                BUNDLE_SEQUENCE_KEY,
+                current,
+                Some(&next.to_be_bytes()[..]),
+            )?;
+            if swapped.is_ok() {
+                // Durable before anyone publishes it: never handed out twice.
+                self.db.flush()?;
+                return Ok(next);
+            }
+        }
+    }
+
+    fn try_leader(&self, _name: &str) -> Result<Option<LeaderGuard>> {
+        // One server: nobody to share the role with.
+        Ok(Some(LeaderGuard::always()))
+    }
+
+    fn subscribe_changes(&self) -> broadcast::Receiver<ChangeTopic> {
+        self.changes.subscribe()
     }
 
     fn audit_anchor(&self) -> Result<Option<Vec<u8>>> {
@@ -468,6 +724,7 @@ impl DataStore for SledStore {
         self.db
             .open_tree("federated_bundles")?
             .insert(trust_domain.as_bytes(), record)?;
+        self.notify(ChangeTopic::Federation);
         Ok(())
     }
 
@@ -489,17 +746,22 @@ impl DataStore for SledStore {
     }
 
     fn delete_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
+        let removed = self
             .db
             .open_tree("federated_bundles")?
             .remove(trust_domain.as_bytes())?
-            .map(|v| v.to_vec()))
+            .map(|v| v.to_vec());
+        if removed.is_some() {
+            self.notify(ChangeTopic::Federation);
+        }
+        Ok(removed)
     }
 
     fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()> {
         self.db
             .open_tree("federations")?
             .insert(trust_domain.as_bytes(), record)?;
+        self.notify(ChangeTopic::Federation);
         Ok(())
     }
 
@@ -513,11 +775,15 @@ impl DataStore for SledStore {
     }
 
     fn delete_federation(&self, trust_domain: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
+        let removed = self
             .db
             .open_tree("federations")?
             .remove(trust_domain.as_bytes())?
-            .map(|v| v.to_vec()))
+            .map(|v| v.to_vec());
+        if removed.is_some() {
+            self.notify(ChangeTopic::Federation);
+        }
+        Ok(removed)
     }
 }
 
