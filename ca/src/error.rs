@@ -172,6 +172,10 @@ pub enum StoreError {
     /// A stored record or key is not what this server writes.
     #[error("{0}")]
     Corrupt(String),
+    /// The database server (PostgreSQL) failed, refused the request, or could not be
+    /// reached in time; the text says what was being done and what it answered.
+    #[error("{0}")]
+    Database(String),
 }
 
 impl From<sled::Error> for Error {

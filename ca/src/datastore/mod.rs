@@ -1,11 +1,15 @@
 //! Persistent state behind one narrow trait: registration entries, attested agents,
-//! join tokens, federation records and each server's authorities. [`SledStore`]
-//! (embedded, one server) implements it; the trait carries what several servers on one
-//! database need (per-server CA state, leader roles, change notifications, pages).
+//! join tokens, federation records and each server's authorities. Two stores implement
+//! it: [`SledStore`] (embedded, one server, the default) and [`PgStore`] (PostgreSQL,
+//! several servers on one database).
 //!
 //! Every lookup the hot path makes (entry by id, agent by SPIFFE ID, token by hash,
 //! entries by parent, one parent's changes since a revision) is a keyed read, so
 //! minting and an agent's incremental sync cost the same with 100 entries or 1,000,000.
+//!
+//! The trait is synchronous: its callers are synchronous code (often on a tokio worker
+//! thread). [`PgStore`] runs each call on a small runtime of its own; see
+//! `postgres::bridge` for why that is safe from every kind of caller.
 //!
 //! Cluster-wide rules both stores keep:
 //! - entry revisions are drawn so that a reader that has seen revision N has seen every
@@ -14,8 +18,10 @@
 //! - each server has its own CA state and audit anchor ([`DataStore::server_id`]);
 //!   [`DataStore::cluster_ca_states`] reads every server's authorities for the bundle.
 
+mod postgres;
 mod sled_store;
 
+pub use postgres::{PgOptions, PgStore};
 pub use sled_store::SledStore;
 
 use ring::digest;
