@@ -6,14 +6,12 @@
 //! - [`entries`]: registration entry validation.
 //! - [`datastore`]: persistent state behind one trait (sled today).
 //! - [`core`]: every server operation, independent of gRPC.
-//! - [`node_api`] / [`admin_api`]: the gRPC services; [`server`] runs them;
-//!   [`grpc_status`]: how an [`Error`] becomes the status a caller sees.
+//! - [`api`]: the gRPC services (node and admin API, admin authorization) and how an
+//!   [`Error`] becomes the status a caller sees; [`server`] runs them.
 //! - [`config`] and [`cli`]: how operators drive it.
 #![forbid(unsafe_code)]
 
-pub mod admin_api;
-pub mod admin_authz;
-pub mod admin_credential;
+pub mod api;
 pub mod attestors;
 pub mod audit;
 pub mod authority;
@@ -26,13 +24,10 @@ pub mod entries;
 mod error;
 pub mod evidence;
 pub mod federation;
-pub mod grpc_middleware;
-pub mod grpc_status;
 pub mod keys;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
-pub mod node_api;
 pub mod policy;
 pub mod refusal_audit;
 pub mod roles;

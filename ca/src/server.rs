@@ -14,8 +14,9 @@ use ztid_proto::admin::admin_server::AdminServer;
 use ztid_proto::node::node_server::NodeServer;
 use ztid_spiffe::tls::AgentCertVerifier;
 
-use crate::admin_api::AdminApi;
-use crate::admin_authz::{AdminAuthzLayer, AdminPolicy};
+use crate::api::admin::authz::{AdminAuthzLayer, AdminPolicy};
+use crate::api::admin::AdminApi;
+use crate::api::node::NodeApi;
 use crate::core::CaCore;
 use crate::limits::{
     LimitsConfig, ADMIN_API_MAX_MESSAGE_BYTES, MAX_HEADER_LIST_BYTES,
@@ -25,7 +26,6 @@ use crate::limits::{
 use crate::listeners::{
     tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer, UidGate,
 };
-use crate::node_api::NodeApi;
 use crate::refusal_audit::RefusalAudit;
 use crate::{Error, Result};
 
@@ -139,7 +139,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     let policy = Arc::new(AdminPolicy::new(
         allowed.clone(),
         core.config.remote_admin_roles()?,
-        crate::admin_authz::own_issuers(&core),
+        crate::api::admin::authz::own_issuers(&core),
         core.audit.clone(),
         admin_refusals,
     ));

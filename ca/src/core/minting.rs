@@ -21,7 +21,7 @@ fn workload_rule(entry: &EntryRecord) -> IdentityRule<'_> {
 
 impl CaCore {
     /// Issues an admin X509-SVID, `spiffe://TD/ztid/admin/NAME`, for a CSR made by the
-    /// caller. Only the admin socket serves this (see `admin_authz`): admin identities
+    /// caller. Only the admin socket serves this (see `api::admin::authz`): admin identities
     /// live under the reserved prefix no entry can claim, so no remote role, and no
     /// agent, can obtain one.
     pub fn issue_admin_svid(

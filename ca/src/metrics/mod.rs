@@ -2,7 +2,7 @@
 //! `--metrics ADDR:PORT` listener (off by default; the listener itself is the
 //! agent crate's [`ztid_telemetry::listen`]).
 //!
-//! Counters are fed by one-line hooks in [`crate::core`] and [`crate::node_api`];
+//! Counters are fed by one-line hooks in [`crate::core`] and [`crate::api::node`];
 //! gauges are computed when scraped, from state that is cheap to read: the
 //! authorities (a handful of records), per-agent mint rates (kept here, in memory),
 //! the agent list (sampled at most every 30 s), and the entry count (counted once at

@@ -1,5 +1,5 @@
 //! One tower layer shape for the gRPC servers' per-request checks ([`crate::listeners::TrackLayer`],
-//! [`crate::admin_authz::AdminAuthzLayer`]): the tower plumbing is written once here, and
+//! [`crate::api::admin::authz::AdminAuthzLayer`]): the tower plumbing is written once here, and
 //! each check says only what it does with a request.
 
 use std::future::Future;
