@@ -347,7 +347,12 @@ impl TestPostgres {
     /// `postgres://ztid@127.0.0.1:PORT/ztid?sslmode=…`: no password in it. Without TLS
     /// `sslmode=disable` (loopback); with TLS `verify-full` against the test CA.
     pub fn url(&self) -> String {
-        let base = format!("postgres://{USER}@127.0.0.1:{}/{DATABASE}", self.port);
+        self.url_for(DATABASE)
+    }
+
+    /// [`url`](Self::url) for another database of the same server.
+    pub fn url_for(&self, database: &str) -> String {
+        let base = format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port);
         match &self.tls {
             Some(t) => format!(
                 "{base}?sslmode=verify-full&sslrootcert={}",
@@ -355,6 +360,23 @@ impl TestPostgres {
             ),
             None => format!("{base}?sslmode=disable"),
         }
+    }
+
+    /// Creates a database owned by the test role (a fresh one per test on a shared
+    /// server) and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "database name {name:?}: lowercase letters, digits and _ only"
+        );
+        self.psql_as_superuser("postgres", &format!("CREATE DATABASE {name} OWNER {USER}"));
+        self.url_for(name)
+    }
+
+    /// Runs SQL as the superuser in database `database` (see [`psql`](Self::psql)).
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
+        self.psql_as_superuser(database, sql)
     }
 
     /// The same database over the Unix socket (no TLS there).
