@@ -1,6 +1,6 @@
 //! The one error type of `ztid-ca`, by domain: what went wrong, not which gRPC code a
 //! caller sees. The API layer turns it into a status in one place
-//! ([`crate::grpc_status`]); metrics label it with one `match` ([`crate::metrics`]).
+//! ([`crate::api::status`]); metrics label it with one `match` ([`crate::metrics`]).
 //!
 //! The text of every error is what operators and callers read (status messages, CLI
 //! output, logs, audit records): each variant displays its detail as it always has.
