@@ -36,7 +36,6 @@ pub struct SledStore {
     changes: broadcast::Sender<ChangeTopic>,
 }
 
-
 /// Meta key: the entry-log revision through which the by-parent log is complete.
 const BY_PARENT_THROUGH_KEY: &[u8] = b"entry_log_by_parent_through";
 
