@@ -2,8 +2,9 @@
 # The static checks CI runs after the tests (scripts/test.sh calls this):
 #   1. cargo fmt --check                                  (formatting)
 #   2. cargo clippy --workspace --all-targets -D warnings (lints, [workspace.lints] included)
-#   3. scripts/supply-chain-check.sh                      (SBOMs, cargo deny, the agent's bans)
-#   4. scripts/fuzz.sh FUZZ_SECONDS                       (every fuzz target, default 20 s each)
+#   3. scripts/module-layers.py                           (no import cycle between a crate's modules)
+#   4. scripts/supply-chain-check.sh                      (SBOMs, cargo deny, the agent's bans)
+#   5. scripts/fuzz.sh FUZZ_SECONDS                       (every fuzz target, default 20 s each)
 # Every step runs; the script fails at the end naming the steps that failed.
 # FUZZ_SECONDS=0 skips fuzzing (for a quick local run); run a target longer with
 # scripts/fuzz.sh 600 <target> (fuzz/README.md).
@@ -26,6 +27,7 @@ timed() {
 
 timed "cargo fmt --check" cargo fmt --all --check
 timed "cargo clippy -D warnings" cargo clippy --workspace --all-targets --quiet -- -D warnings
+timed "module layers" python3 scripts/module-layers.py
 timed "supply chain" scripts/supply-chain-check.sh
 if [ "${FUZZ_SECONDS:-20}" != 0 ]; then
     if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use spiffe::TrustDomain;
 
 use crate::{Error, Result};
@@ -74,12 +74,82 @@ pub struct ServerConfig {
     /// See `federation_min_refresh_seconds`.
     pub federation_max_refresh_seconds: i64,
     /// `[[federation]]` relationships from config (re-applied at every start).
-    pub federation: Vec<crate::federation::FederationConfig>,
+    pub federation: Vec<FederationConfig>,
     /// `[oidc]` discovery listener; off when unset.
     pub oidc: Option<OidcConfig>,
     /// `[limits]`: listener timeouts and connection caps, refusal audit and mint-rate
     /// bounds (see `crate::limits`).
     pub limits: crate::limits::LimitsConfig,
+    /// `[datastore]`: sled in `DATA_DIR/datastore` (the default) or PostgreSQL.
+    pub datastore: DatastoreConfig,
+}
+
+/// Which datastore (`--datastore`, `[datastore] kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatastoreKind {
+    /// Embedded, in `DATA_DIR/datastore`: one server.
+    #[default]
+    Sled,
+    /// PostgreSQL at `url`: several servers on one database.
+    Postgres,
+}
+
+/// `[datastore]`. The password is never in this file nor in the URL: it is read from
+/// `password_file` or the `ZTID_DATASTORE_PASSWORD` environment variable.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreConfig {
+    /// `sled` or `postgres`.
+    pub kind: DatastoreKind,
+    /// PostgreSQL only: `postgres://USER@HOST[:PORT]/DB[?sslmode=...&sslrootcert=PATH]`.
+    pub url: Option<String>,
+    /// PostgreSQL only: file holding the role's password (owner-only).
+    pub password_file: Option<PathBuf>,
+}
+
+impl DatastoreConfig {
+    /// Refuses settings that do not go together.
+    pub fn validate(&self) -> Result<()> {
+        match self.kind {
+            DatastoreKind::Sled if self.url.is_some() => Err(Error::Config(
+                "--datastore-url ([datastore] url) is for --datastore postgres; \
+                 the sled datastore lives in DATA_DIR/datastore"
+                    .into(),
+            )),
+            DatastoreKind::Sled if self.password_file.is_some() => Err(Error::Config(
+                "[datastore] password_file is for the postgres datastore".into(),
+            )),
+            DatastoreKind::Postgres if self.url.as_deref().is_none_or(str::is_empty) => {
+                Err(Error::Config(
+                    "--datastore postgres needs --datastore-url postgres://USER@HOST:PORT/DB \
+                     ([datastore] url)"
+                        .into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `[[federation]]`: a relationship as configured (the federation module stores it as
+/// a `FederationRecord`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The federated trust domain (`example.org`).
+    pub trust_domain: String,
+    /// Its bundle endpoint (`https://...`).
+    pub bundle_endpoint_url: String,
+    /// `https_web` or `https_spiffe`.
+    pub profile: String,
+    /// `https_spiffe`: the SPIFFE ID the endpoint must present.
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    /// `https_spiffe`: initial trust bundle (SPIFFE JSON or PEM), used while no bundle
+    /// of the domain is stored. In config: a file path; stored: its contents.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
 }
 
 /// `[oidc]`: the OIDC discovery document and JWKS on their own listener (plain HTTP:
@@ -181,6 +251,7 @@ impl Default for ServerConfig {
             federation: Vec::new(),
             oidc: None,
             limits: Default::default(),
+            datastore: DatastoreConfig::default(),
         }
     }
 }
@@ -300,6 +371,7 @@ impl ServerConfig {
         }
         // Refuse a remote admin role that entries could reach, before anything starts.
         self.remote_admin_roles()?;
+        self.datastore.validate()?;
         Ok(td)
     }
 }

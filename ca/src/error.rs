@@ -5,8 +5,6 @@
 //! The text of every error is what operators and callers read (status messages, CLI
 //! output, logs, audit records): each variant displays its detail as it always has.
 
-use crate::audit::AuditError;
-
 /// Everything that can go wrong in the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -201,6 +199,28 @@ impl From<serde_json::Error> for Error {
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The live audit log failed, or refused to continue its chain at start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The log cannot take a record now (its writer failed or stopped, a session key
+    /// could not be made): no answer leaves without its record.
+    #[error("datastore: {0}")]
+    Unavailable(String),
+    /// At start the log no longer reaches an anchor (cut back, rewritten, removed);
+    /// `audit accept-rollback` records an operator's decision to continue from it.
+    #[error(
+        "audit log: {0}; refusing to continue the chain (`ztid-server audit verify` names what is wrong; `ztid-server audit accept-rollback --reason TEXT` records an operator's decision to continue from the log as it is)"
+    )]
+    RolledBack(String),
+    /// At start, records inside the signed part of the log were found changed,
+    /// unreadable or missing: nothing can continue this chain.
+    #[error(
+        "audit log: {0}; refusing to continue the chain (`ztid-server audit verify` names the first bad record; keep the log for investigation and move it aside to start a new one, then `ztid-server audit accept-rollback --reason TEXT`)"
+    )]
+    Broken(String),
+}
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,8 @@
 //!   lifecycle and the upstream CA.
 //! - [`csr_policy`]: what a CSR may ask for.
 //! - [`entries`]: registration entry validation.
-//! - [`datastore`]: persistent state behind one trait (sled today).
+//! - [`datastore`]: persistent state behind one trait: sled embedded, or PostgreSQL
+//!   shared by several servers.
 //! - [`core`]: every server operation, independent of gRPC.
 //! - [`api`]: the gRPC services (node and admin API, admin authorization) and how an
 //!   [`Error`] becomes the status a caller sees; [`server`] runs them.
@@ -28,9 +29,11 @@ pub mod keys;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
+pub mod middleware;
 pub mod policy;
+pub mod probe;
 pub mod refusal_audit;
 pub mod roles;
 pub mod server;
 
-pub use error::{Error, Refusal, RefusalKind, Result, StoreError};
+pub use error::{AuditError, Error, Refusal, RefusalKind, Result, StoreError};

@@ -143,7 +143,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         core.audit.clone(),
         admin_refusals,
     ));
-    crate::metrics::spawn(&core).await?;
+    crate::probe::spawn(&core).await?;
     core.apply_configured_federations()?;
     crate::federation::spawn_bundle_endpoint(core.clone(), &budget).await?;
     crate::federation::spawn_oidc(core.clone(), &budget).await?;

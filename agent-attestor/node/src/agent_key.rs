@@ -12,7 +12,7 @@ use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use zeroize::Zeroizing;
 
-use crate::tpm::device::{Tpm, TpmKeyBlob};
+use crate::tpm_device::{Tpm, TpmKeyBlob};
 use crate::Error;
 
 /// File name of a persisted software key (PKCS#8 DER).

@@ -10,6 +10,7 @@ pub mod multi;
 pub mod sev_snp;
 pub mod tdx;
 pub mod tpm;
+pub mod tpm_device;
 pub mod tsm;
 
 pub use ztid_attestation::{blocking, Error};

@@ -2,13 +2,10 @@
 //! front of them, and how an [`crate::Error`] becomes the status a caller sees.
 //!
 //! - [`node`]: the node API agents call over mutual TLS (`ztid.node.v1.Node`).
-//! - [`admin`]: the admin API (`ztid.admin.v1.Admin`), who may call it
-//!   ([`admin::authz`]) and the client that obtains an admin identity
-//!   ([`admin::credential`]).
+//! - [`admin`]: the admin API (`ztid.admin.v1.Admin`) and who may call it
+//!   ([`admin::authz`]).
 //! - [`status`]: the one `From<Error> for Status`, the only place that knows gRPC codes.
-//! - [`middleware`]: the tower layer shape the per-request checks share.
 
 pub mod admin;
-pub mod middleware;
 pub mod node;
 pub mod status;

@@ -4,7 +4,7 @@
 
 use tonic::{Code, Status};
 
-use crate::audit::AuditError;
+use crate::AuditError;
 use crate::{Error, RefusalKind};
 
 /// The gRPC code for a refusal of `kind`.

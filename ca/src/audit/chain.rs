@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::error::AuditError;
 use super::format::{now_ms, sha256_hex};
+use crate::AuditError;
 use crate::Result;
 
 /// A checkpoint at least this often (by time)...

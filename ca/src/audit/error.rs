@@ -1,30 +1,9 @@
-//! What the audit log fails with: [`AuditError`] for the live log (the writer, the
-//! start-time recovery), [`VerifyError`] for `audit verify` and checkpoints. Each
-//! displays the text operators have always read; code decides on the variant.
+//! What `audit verify` and checkpoints fail with: [`VerifyError`]. The live log's
+//! error, [`crate::AuditError`], sits with the crate's other error types (the
+//! crate's `Error` wraps it, and metrics label it, without depending on the log).
+//! Each displays the text operators have always read; code decides on the variant.
 
 use super::format::MAX_LINE;
-
-/// The live audit log failed, or refused to continue its chain at start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AuditError {
-    /// The log cannot take a record now (its writer failed or stopped, a session key
-    /// could not be made): no answer leaves without its record.
-    #[error("datastore: {0}")]
-    Unavailable(String),
-    /// At start the log no longer reaches an anchor (cut back, rewritten, removed);
-    /// `audit accept-rollback` records an operator's decision to continue from it.
-    #[error(
-        "audit log: {0}; refusing to continue the chain (`ztid-server audit verify` names what is wrong; `ztid-server audit accept-rollback --reason TEXT` records an operator's decision to continue from the log as it is)"
-    )]
-    RolledBack(String),
-    /// At start, records inside the signed part of the log were found changed,
-    /// unreadable or missing: nothing can continue this chain.
-    #[error(
-        "audit log: {0}; refusing to continue the chain (`ztid-server audit verify` names the first bad record; keep the log for investigation and move it aside to start a new one, then `ztid-server audit accept-rollback --reason TEXT`)"
-    )]
-    Broken(String),
-}
 
 /// Why `audit verify` (or a checkpoint) failed: the first thing wrong with the log.
 /// `record` is the sequence number the record should have (its line's position).

@@ -15,11 +15,11 @@ use ztid_hsm::{KeyManager, SignatureFormat};
 
 use super::anchor::Anchor;
 use super::chain::{Chain, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS};
-use super::error::AuditError;
 use super::format::{checkpoint_message, LOG_FILE};
 use super::recovery::Quarantined;
 use super::session::SessionKey;
 use crate::datastore::DataStore;
+use crate::AuditError;
 use crate::{Error, Result};
 
 /// What the callers and the writer thread share.

@@ -45,7 +45,7 @@ mod writer;
 
 pub use anchor::{Anchor, NamedAnchor};
 pub use checkpoint::{export_checkpoint, read_checkpoint_file, ExportedCheckpoint};
-pub use error::{AuditError, VerifyError};
+pub use error::VerifyError;
 pub use log::{log_path, AuditLog};
 pub use open::AuditOptions;
 pub use recovery::Quarantined;

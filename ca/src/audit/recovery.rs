@@ -22,8 +22,8 @@ use std::path::Path;
 use serde_json::json;
 
 use super::anchor::{Anchor, NamedAnchor};
-use super::error::AuditError;
 use super::format::{now_ms, sha256_hex, AuditKeyVerifier, Kind, Line, QUARANTINE_FILE};
+use crate::AuditError;
 use crate::{Error, Result};
 
 /// First chunk read from the end of the log; it grows fourfold while more is needed.

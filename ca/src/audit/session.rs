@@ -10,8 +10,8 @@ use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
-use super::error::AuditError;
 use super::format::seal_message;
+use crate::AuditError;
 use crate::Result;
 
 /// This run's sealing key.

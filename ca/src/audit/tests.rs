@@ -16,11 +16,11 @@ use ztid_hsm::{KeyManager, SignatureFormat, SoftwareKeyManager};
 use super::audit_key::audit_key_id;
 use super::format::{self, head_message, sha256_hex, HEAD_FILE};
 use super::{
-    export_checkpoint, log_path, read_checkpoint_file, verify, verify_with, AuditError, AuditLog,
-    AuditOptions, VerifyError, VerifyOptions, VerifyReport,
+    export_checkpoint, log_path, read_checkpoint_file, verify, verify_with, AuditLog, AuditOptions,
+    VerifyError, VerifyOptions, VerifyReport,
 };
 use crate::datastore::{DataStore, SledStore};
-use crate::{Error, Result};
+use crate::{AuditError, Error, Result};
 
 struct Fixture {
     dir: tempfile::TempDir,

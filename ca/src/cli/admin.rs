@@ -1,5 +1,5 @@
 //! `admin credential`: admin identities for the remote admin API, issued only on the
-//! admin socket ([`crate::api::admin::credential`]).
+//! admin socket ([`super::credential`]).
 
 use std::path::PathBuf;
 
@@ -38,7 +38,7 @@ pub enum AdminCredentialCmd {
 pub(super) async fn run(client: &mut Client, cmd: &AdminCmd, out: Output) -> Result<(), String> {
     match cmd {
         AdminCmd::Credential(AdminCredentialCmd::Issue { name, write, ttl }) => {
-            crate::api::admin::credential::issue(client, name, *ttl, write, out).await?;
+            super::credential::issue(client, name, *ttl, write, out).await?;
         }
     }
     Ok(())

@@ -17,6 +17,7 @@ mod agent;
 mod audit;
 mod authority;
 mod bundle;
+mod credential;
 mod entry;
 mod evidence;
 mod federation;

@@ -32,7 +32,7 @@ pub use bundles::parse_bundle;
 pub use endpoint::spawn_bundle_endpoint;
 pub use oidc::{oidc_document, oidc_jwks, spawn_oidc};
 pub use poller::spawn_poller;
-pub use records::{FederationConfig, FederationRecord, Source, Stored};
+pub use records::{FederationRecord, Source, Stored};
 pub use relationships::parse_endpoint_url;
 
 pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {

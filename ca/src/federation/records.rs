@@ -1,29 +1,8 @@
-//! The federation types: a relationship as configured and as stored, where a
-//! federated bundle came from, and what storing one did. Plain data: nothing here
-//! depends on the rest of the server, so the config can name it.
-
-use std::path::PathBuf;
+//! The federation types: a relationship as stored, where a federated bundle came
+//! from, and what storing one did. Plain data. A relationship as configured
+//! (`[[federation]]`) is [`crate::config::FederationConfig`].
 
 use serde::{Deserialize, Serialize};
-
-/// `[[federation]]` in the server config, and the stored relationship.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FederationConfig {
-    /// The federated trust domain (`example.org`).
-    pub trust_domain: String,
-    /// Its bundle endpoint (`https://...`).
-    pub bundle_endpoint_url: String,
-    /// `https_web` or `https_spiffe`.
-    pub profile: String,
-    /// `https_spiffe`: the SPIFFE ID the endpoint must present.
-    #[serde(default)]
-    pub endpoint_spiffe_id: Option<String>,
-    /// `https_spiffe`: initial trust bundle (SPIFFE JSON or PEM), used while no bundle
-    /// of the domain is stored. In config: a file path; stored: its contents.
-    #[serde(default)]
-    pub trust_bundle: Option<PathBuf>,
-}
 
 /// A stored relationship.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::connection::RequestGuard;
 use super::listener::Listener;
-use crate::api::middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
+use crate::middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 
 /// The tower layer that counts each gRPC request as in flight on its connection until
 /// its answer has been sent. Put it outermost.

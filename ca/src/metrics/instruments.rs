@@ -10,30 +10,30 @@ use prometheus::{
 };
 use ztid_telemetry::{register, LATENCY_BUCKETS};
 
-pub(super) struct ServerMetrics {
-    pub(super) registry: Registry,
-    pub(super) issued: IntCounterVec,
-    pub(super) issue_seconds: HistogramVec,
-    pub(super) node_calls: IntCounterVec,
-    pub(super) attestations: IntCounterVec,
-    pub(super) attestation_failures: IntCounterVec,
-    pub(super) refusals: IntCounterVec,
-    pub(super) authority_expiry: IntGaugeVec,
-    pub(super) authority_lifetime: IntGaugeVec,
-    pub(super) authority_prepared: IntGaugeVec,
-    pub(super) agents: IntGaugeVec,
-    pub(super) entries: IntGauge,
-    pub(super) mint_rate_max: Gauge,
-    pub(super) mint_rate_high: IntCounter,
-    pub(super) audit_records: IntCounter,
-    pub(super) audit_writable: IntGauge,
-    pub(super) audit_verify_ok: IntGauge,
-    pub(super) audit_verify_failures: IntCounter,
-    pub(super) audit_verify_last_success: IntGauge,
-    pub(super) audit_verify_seconds: Gauge,
-    pub(super) audit_verify_records: IntGauge,
-    pub(super) audit_tamper_detected: IntGauge,
-    pub(super) audit_quarantined: IntCounter,
+pub(crate) struct ServerMetrics {
+    pub(crate) registry: Registry,
+    pub(crate) issued: IntCounterVec,
+    pub(crate) issue_seconds: HistogramVec,
+    pub(crate) node_calls: IntCounterVec,
+    pub(crate) attestations: IntCounterVec,
+    pub(crate) attestation_failures: IntCounterVec,
+    pub(crate) refusals: IntCounterVec,
+    pub(crate) authority_expiry: IntGaugeVec,
+    pub(crate) authority_lifetime: IntGaugeVec,
+    pub(crate) authority_prepared: IntGaugeVec,
+    pub(crate) agents: IntGaugeVec,
+    pub(crate) entries: IntGauge,
+    pub(crate) mint_rate_max: Gauge,
+    pub(crate) mint_rate_high: IntCounter,
+    pub(crate) audit_records: IntCounter,
+    pub(crate) audit_writable: IntGauge,
+    pub(crate) audit_verify_ok: IntGauge,
+    pub(crate) audit_verify_failures: IntCounter,
+    pub(crate) audit_verify_last_success: IntGauge,
+    pub(crate) audit_verify_seconds: Gauge,
+    pub(crate) audit_verify_records: IntGauge,
+    pub(crate) audit_tamper_detected: IntGauge,
+    pub(crate) audit_quarantined: IntCounter,
 }
 
 #[allow(
@@ -62,7 +62,7 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     clippy::expect_used,
     reason = "constant metric names, help texts and labels, which prometheus accepts; the first use builds them, in every test too"
 )]
-pub(super) static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
+pub(crate) static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
     let r = Registry::new();
     ServerMetrics {
         issued: counter_vec(
@@ -232,6 +232,6 @@ pub(super) static METRICS: LazyLock<ServerMetrics> = LazyLock::new(|| {
 // Scrape-time state.
 // ---------------------------------------------------------------------------------
 
-pub(super) static SERVING: AtomicBool = AtomicBool::new(false);
-pub(super) static AGENTS_DIRTY: AtomicBool = AtomicBool::new(true);
-pub(super) static ENTRIES_DELTA: AtomicI64 = AtomicI64::new(0);
+pub(crate) static SERVING: AtomicBool = AtomicBool::new(false);
+pub(crate) static AGENTS_DIRTY: AtomicBool = AtomicBool::new(true);
+pub(crate) static ENTRIES_DELTA: AtomicI64 = AtomicI64::new(0);

@@ -1,7 +1,7 @@
 //! Reasons: short, stable labels derived from errors (one `match` on the error's kind),
 //! and the attestation method label.
 
-use crate::audit::AuditError;
+use crate::AuditError;
 use crate::{Error, RefusalKind};
 use ztid_attestation::RefusalKind as AttestationRefusal;
 

@@ -3,7 +3,7 @@
 //! agent crate's [`ztid_telemetry::listen`]).
 //!
 //! Counters are fed by one-line hooks in [`crate::core`] and [`crate::api::node`];
-//! gauges are computed when scraped, from state that is cheap to read: the
+//! gauges are computed when scraped (by [`crate::probe`], which serves them), from state that is cheap to read: the
 //! authorities (a handful of records), per-agent mint rates (kept here, in memory),
 //! the agent list (sampled at most every 30 s), and the entry count (counted once at
 //! start, then kept up to date by the create/delete hooks: a scrape never lists the
@@ -15,10 +15,9 @@
 //! a warning log event `agent_mint_rate_high` naming the agent.
 
 mod hooks;
-mod instruments;
+pub(crate) mod instruments;
 mod labels;
-mod probe;
-mod rates;
+pub(crate) mod rates;
 
 pub use hooks::{
     agent_svid_issued, attestation_passed, attestation_refused, audit_appended,
@@ -26,4 +25,3 @@ pub use hooks::{
     svid_issued,
 };
 pub use labels::{attestation_reason, refusal_reason};
-pub use probe::spawn;

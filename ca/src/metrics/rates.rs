@@ -19,9 +19,9 @@ const WARN_EVERY_MINUTES: i64 = 5;
 /// Agents idle this long are forgotten, in minutes.
 const FORGET_AFTER_MINUTES: i64 = 180;
 
-pub(super) static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+pub(crate) static START: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-pub(super) fn minute_now() -> i64 {
+pub(crate) fn minute_now() -> i64 {
     (START.elapsed().as_secs() / 60) as i64
 }
 
@@ -39,9 +39,9 @@ struct AgentRate {
 }
 
 #[derive(Default)]
-pub(super) struct Rates(Mutex<HashMap<String, AgentRate>>);
+pub(crate) struct Rates(Mutex<HashMap<String, AgentRate>>);
 
-pub(super) static RATES: LazyLock<Rates> = LazyLock::new(Rates::default);
+pub(crate) static RATES: LazyLock<Rates> = LazyLock::new(Rates::default);
 
 impl AgentRate {
     fn new(minute: i64) -> Self {
@@ -97,7 +97,7 @@ impl AgentRate {
 impl Rates {
     /// Counts one mint; returns `(this minute, usual per minute)` when it is far above usual
     /// (at most once per agent per few minutes).
-    pub(super) fn note(&self, agent: &str, minute: i64) -> Option<(u32, f64)> {
+    pub(crate) fn note(&self, agent: &str, minute: i64) -> Option<(u32, f64)> {
         let mut map = self.0.lock().ok()?;
         let r = match map.get_mut(agent) {
             Some(r) => r,
@@ -119,7 +119,7 @@ impl Rates {
     }
 
     /// The highest last-minute count over all agents; forgets long-idle agents.
-    pub(super) fn max_last_minute(&self) -> f64 {
+    pub(crate) fn max_last_minute(&self) -> f64 {
         let Ok(mut map) = self.0.lock() else {
             return 0.0;
         };

@@ -56,7 +56,7 @@ impl Cvm {
         let tsm = tempfile::tempdir().unwrap();
         let root = tsm.path().to_path_buf();
         let fake = if svsm {
-            let ek = ztid_attestor::tpm::device::Tpm::open(&vtpm.tcti())
+            let ek = ztid_attestor::tpm_device::Tpm::open(&vtpm.tcti())
                 .unwrap()
                 .ek_public()
                 .unwrap();
@@ -122,7 +122,7 @@ impl Cvm {
     }
 
     fn ek_hash(&self) -> String {
-        let mut t = ztid_attestor::tpm::device::Tpm::open(&self.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm_device::Tpm::open(&self.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     }
 }
@@ -133,7 +133,7 @@ const REQUIRED: &str = "required = [\"tpm\", \"sev-snp\"]";
 fn tpm_and_sev_snp_together_or_not_at_all() {
     let cvm = Cvm::new();
     let ek_hash = {
-        let mut t = ztid_attestor::tpm::device::Tpm::open(&cvm.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm_device::Tpm::open(&cvm.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     };
     let server = cvm.server("server", "", "", REQUIRED);
@@ -376,7 +376,7 @@ fn svsm_vtpm_binding_ties_the_tpm_to_the_guest() {
     // guest's report: refused, naming both EKs.
     let other = Swtpm::provision(&cvm.ca, &cvm.dir.path().join("other-tpm"));
     let other_hash = {
-        let mut t = ztid_attestor::tpm::device::Tpm::open(&other.tcti()).unwrap();
+        let mut t = ztid_attestor::tpm_device::Tpm::open(&other.tcti()).unwrap();
         tpm::ek_hash(&t.ek_public().unwrap()).unwrap()
     };
     let log = refused(

@@ -52,7 +52,7 @@ fn wait_for_tpm_refusal(addr: &str, reason: &str) {
 
 /// The node id the CA will give this TPM: SHA-256 of the EK certificate's public key.
 fn ek_hash_of(tpm: &Swtpm) -> String {
-    let mut t = ztid_attestor::tpm::device::Tpm::open(&tpm.tcti()).expect("open TPM");
+    let mut t = ztid_attestor::tpm_device::Tpm::open(&tpm.tcti()).expect("open TPM");
     tpm::ek_hash(&t.ek_public().expect("EK")).expect("hash")
 }
 
@@ -107,9 +107,9 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     // The same TPM attesting with its ECC EK (`--tpm-ek ecc`) is another node: the ID is
     // the hash of the ECC EK.
     let ecc_hash = {
-        let mut t = ztid_attestor::tpm::device::Tpm::open_with_ek(
+        let mut t = ztid_attestor::tpm_device::Tpm::open_with_ek(
             &swtpm.tcti(),
-            ztid_attestor::tpm::device::EkKind::Ecc,
+            ztid_attestor::tpm_device::EkKind::Ecc,
         )
         .expect("open TPM");
         tpm::ek_hash(&t.ek_public().expect("ECC EK")).expect("hash")

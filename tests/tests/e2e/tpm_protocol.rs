@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use attest::*;
-use ztid_attestor::tpm::{device::Tpm, EkKind, EkTemplate, TpmAttestor};
+use ztid_attestor::tpm::{EkKind, EkTemplate, TpmAttestor};
+use ztid_attestor::tpm_device::Tpm;
 use ztid_attestor::NodeAttestor;
 use ztid_verifier::tpm::{
     self, credential, quote, wire, Answer, Challenge, InitialEvidence, TpmVerifier,

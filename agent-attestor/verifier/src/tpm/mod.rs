@@ -86,7 +86,7 @@
 //! different node ids (and need their own `allowed_ek_hashes` entries and PCR policies).
 //!
 //! The agent recreates the EK from a TCG default template and reads its certificate from
-//! NV (`ztid_attestor::tpm::device`): RSA-2048 (0x01c00002), ECC P-256 (0x01c0000a) or ECC P-384 (high
+//! NV (`ztid_attestor::tpm_device`): RSA-2048 (0x01c00002), ECC P-256 (0x01c0000a) or ECC P-384 (high
 //! range, 0x01c00016; what swtpm_setup provisions). `EkKind::Auto` (the default)
 //! takes the RSA-2048 EK if its certificate is present, else P-256, else P-384;
 //! `TpmAttestor::with_tcti_and_ek` picks one explicitly. The agent does not use

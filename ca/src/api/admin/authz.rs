@@ -28,9 +28,9 @@ use std::sync::Arc;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
-use crate::api::middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::audit::AuditLog;
 use crate::core::CaCore;
+use crate::middleware::{Checked, GrpcResponse, PerRequest, ResponseFuture};
 use crate::refusal_audit::RefusalAudit;
 pub use crate::roles::Role;
 use crate::{Error, RefusalKind};

@@ -10,8 +10,8 @@
 //! `audit!` record) and the `Admin` trait impl, which routes each RPC to the file of
 //! its resource: `entries.rs`, `agents.rs` (join tokens and agents), `authorities.rs`
 //! (the authorities and the bundle), `federation.rs`, `admin_svid.rs`
-//! (`IssueAdminSvid`). [`authz`] decides who may call what; [`credential`] is the
-//! `ztid-server admin credential issue` client that obtains an admin identity.
+//! (`IssueAdminSvid`). [`authz`] decides who may call what. The client that obtains
+//! an admin identity (`ztid-server admin credential issue`) is in `cli/credential.rs`.
 
 use std::sync::Arc;
 
@@ -67,7 +67,6 @@ mod entries;
 mod federation;
 
 pub mod authz;
-pub mod credential;
 
 #[tonic::async_trait]
 impl Admin for AdminApi {

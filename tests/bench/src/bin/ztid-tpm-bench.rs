@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use clap::Parser;
-use ztid_attestor::tpm::{self, device::Tpm, EkKind, TpmAttestor};
+use ztid_attestor::tpm::{self, EkKind, TpmAttestor};
+use ztid_attestor::tpm_device::Tpm;
 // The TPM exchange and swtpm fixture, shared with tests/tests/e2e/tpm_protocol.rs.
 use ztid_test_support::tpm_attest::*;
 use ztid_verifier::tpm::{credential, quote, wire, InitialEvidence, TpmVerifier};

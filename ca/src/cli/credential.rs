@@ -16,7 +16,7 @@ use ztid_spiffe::svid::certs_to_pem;
 use crate::cli::Output;
 
 /// The files written into the output directory.
-pub const FILES: [&str; 3] = ["svid.pem", "svid.key", "bundle.pem"];
+pub(super) const FILES: [&str; 3] = ["svid.pem", "svid.key", "bundle.pem"];
 
 /// Writes `data` to `dir/name` with `mode`, replacing any old file only once the new
 /// one is complete (a fresh file, so an old file's wider mode does not carry over).
@@ -38,7 +38,7 @@ fn write_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), Stri
 
 /// Generates a key, has the server sign it as admin `name`, and writes
 /// `svid.pem` (chain), `svid.key` (PKCS#8, owner-only) and `bundle.pem` into `dir`.
-pub async fn issue(
+pub(super) async fn issue(
     client: &mut AdminClient<Channel>,
     name: &str,
     ttl_seconds: i64,

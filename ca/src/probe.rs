@@ -1,4 +1,5 @@
-//! Scrape time: the probe behind `/metrics`, `/live` and `/ready`, which reads the CA core
+//! Scrape time: the probe behind `/metrics`, `/live` and `/ready` (the instruments
+//! are [`crate::metrics`]'s), which reads the CA core
 //! (authorities, agents, the audit log), the entry count, the audit self-check, and
 //! [`spawn`], which starts it all.
 
@@ -9,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use ztid_telemetry::{encode, listen, Probe};
 
-use super::instruments::{AGENTS_DIRTY, ENTRIES_DELTA, METRICS, SERVING};
-use super::rates::{RATES, START};
 use crate::authority::Kind;
 use crate::core::CaCore;
 use crate::datastore::AuthorityState;
+use crate::metrics::instruments::{AGENTS_DIRTY, ENTRIES_DELTA, METRICS, SERVING};
+use crate::metrics::rates::{RATES, START};
 use crate::{Error, Result};
 
 /// How often the agent list may be re-read.

@@ -29,7 +29,7 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 use tss_esapi::Context;
 
-use super::wire;
+use ztid_attestation::tpm::wire;
 use crate::Error;
 pub use ztid_hsm::TpmKeyBlob;
 

@@ -1,8 +1,6 @@
-//! `tpm` node attestation, node side: the TPM makes the agent key, a fresh AK, activates
+//! `tpm` node attestation, node side (the TPM itself is [`crate::tpm_device`]): the TPM makes the agent key, a fresh AK, activates
 //! the CA's credential and quotes its PCRs ([`TpmAttestor`]); also offline evidence
 //! capture for `ztid-server evidence verify`. The CA side is `ztid_verifier::tpm`.
-
-pub mod device;
 
 use std::collections::BTreeSet;
 
@@ -15,9 +13,9 @@ pub use ztid_attestation::tpm::{
 use ztid_attestation::Error;
 
 use crate::agent_key::{AgentKey, TpmAgentKey};
+use crate::tpm_device::{AkBlob, Tpm};
+pub use crate::tpm_device::{EkKind, EkTemplate};
 use crate::NodeAttestor;
-use device::{AkBlob, Tpm};
-pub use device::{EkKind, EkTemplate};
 
 // ---------------------------------------------------------------------------------------
 // Node side
