@@ -134,14 +134,7 @@ impl CaCore {
         if let Some(m) = &multi {
             verifiers.push(m.clone());
         }
-        // Entries stored before IDs had one spelling and the reserved names were closed
-        // can mint nothing now: name them once, at start.
-        for e in store.list_entries(&crate::datastore::EntryFilter::default())? {
-            if let Some(why) = crate::entries::unusable_reason(&trust_domain, &e) {
-                tracing::warn!(event = "entry_unusable", entry = %e.id, spiffe_id = %e.spiffe_id, reason = %why,
-                    "stored entry is refused at every mint; delete it and create it again in canonical form");
-            }
-        }
+        name_unusable_entries(&store, &trust_domain);
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         Ok(Arc::new(Self {
@@ -185,5 +178,43 @@ impl CaCore {
             Some(a) => a.durable(a.last_seq()).await,
             None => Ok(()),
         }
+    }
+}
+
+/// Entries stored before IDs had one spelling and the reserved names were closed can
+/// mint nothing now (every mint refuses them): names them once, at start, in the
+/// background and a page at a time, so a large store neither delays the start nor
+/// is held in memory whole (a full listing at 1,000,000 entries did both).
+fn name_unusable_entries(store: &Arc<dyn DataStore>, trust_domain: &TrustDomain) {
+    const PAGE: usize = 1000;
+    let store = store.clone();
+    let trust_domain = trust_domain.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ztid-entry-check".into())
+        .spawn(move || {
+            let filter = crate::datastore::EntryFilter::default();
+            let mut after: Option<String> = None;
+            loop {
+                let page = match store.list_entries_page(&filter, after.as_deref(), PAGE) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(event = "entry_check_failed", error = %e, "could not list the stored entries to name unusable ones");
+                        return;
+                    }
+                };
+                for e in &page {
+                    if let Some(why) = crate::entries::unusable_reason(&trust_domain, e) {
+                        tracing::warn!(event = "entry_unusable", entry = %e.id, spiffe_id = %e.spiffe_id, reason = %why,
+                            "stored entry is refused at every mint; delete it and create it again in canonical form");
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() == PAGE => after = Some(last.id.clone()),
+                    _ => return,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(event = "entry_check_failed", error = %e, "could not start the stored-entry check");
     }
 }
