@@ -14,6 +14,28 @@
 //! active authority's life is left, activate at min(TTL/6, 7 days). Every change is
 //! persisted before it takes effect, so a restart resumes at the same step, and
 //! every change of the bundle's contents increments `spiffe_sequence`.
+//!
+//! Several servers on one database (issue 13): each server has its own authorities
+//! (its own CA state, under its server id, whose keys only its key manager holds) and
+//! changes only those; the bundle it serves is the union of every server's
+//! authorities. The other servers' states ("peers") are read with
+//! [`DataStore::cluster_ca_states`] at open and by [`AuthoritySet::reload_cluster`]
+//! (on every `Authorities` change notification, and on a slow timer).
+//!
+//! The union's `spiffe_sequence` is the SUM of every server's own `bundle_sequence`.
+//! Why: agents take a bundle only when its sequence is higher than the one they hold,
+//! so a bundle with new contents must never carry a sequence an agent has already
+//! taken with other contents. Each server's own sequence only grows (drawn from
+//! [`DataStore::next_bundle_sequence`] at each change of its contents), and a server
+//! reads peers' rows monotonically (reloads are serialised), so every view a server
+//! publishes is, row by row, at or below the fully converged one; a view that lacks
+//! any change has a strictly smaller sum than the view that has it. A maximum would
+//! not do: with out-of-order commits (A draws 7, B draws 8 and commits first) the
+//! views {A:old, B:8} and {A:7, B:8} share the maximum 8, and an agent holding the
+//! first would never take the second. Two servers may briefly publish different
+//! partial views with one sum while notifications are in flight; both then converge
+//! on the full view, whose sum is higher than either, so every agent gets it at its
+//! next sync. With one server the sum is its own sequence, as before.
 
 use std::sync::{Arc, Mutex};
 
@@ -89,7 +111,16 @@ pub struct AuthoritySet {
     store: Arc<dyn DataStore>,
     lifetimes: Lifetimes,
     upstream: Option<Arc<Upstream>>,
+    /// This server's id: its CA state in the datastore.
+    server_id: String,
     state: Mutex<CaState>,
+    /// Every other server's CA state, by server id. Lock order: `state`, then `peers`.
+    peers: Mutex<Vec<(String, CaState)>>,
+    /// Serialises [`AuthoritySet::reload_cluster`], so an older read never replaces a
+    /// newer one.
+    reload: Mutex<()>,
+    /// Unix seconds of the last successful cluster read.
+    reloaded_at: std::sync::atomic::AtomicI64,
     x509: ArcSwap<X509Authority>,
     jwt: ArcSwap<JwtAuthority>,
     bundle: ArcSwap<TrustBundle>,
@@ -115,10 +146,25 @@ fn active_of(list: &[AuthorityRecord], kind: Kind) -> Result<&AuthorityRecord> {
         })
 }
 
-/// The bundle: the live authorities (or, under an upstream authority, its roots).
+/// Every server's state, ordered by server id, so every server builds the same bundle
+/// from the same states.
+fn cluster_of<'a>(
+    own_id: &'a str,
+    own: &'a CaState,
+    peers: &'a [(String, CaState)],
+) -> Vec<(&'a str, &'a CaState)> {
+    let mut all: Vec<(&str, &CaState)> = peers.iter().map(|(id, s)| (id.as_str(), s)).collect();
+    all.push((own_id, own));
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    all
+}
+
+/// The bundle: the live authorities of every state in `states` (or, under an upstream
+/// authority, its roots for X.509), with the sum of their sequences (see the module
+/// documentation for why a sum).
 fn bundle_of(
     td: &TrustDomain,
-    state: &CaState,
+    states: &[&CaState],
     refresh_hint: i64,
     now: i64,
     upstream_roots: Option<&[Vec<u8>]>,
@@ -128,28 +174,29 @@ fn bundle_of(
         trust_domain: td.to_string(),
         x509_authorities: match upstream_roots {
             Some(roots) => roots.to_vec(),
-            None => state
-                .x509
+            None => states
                 .iter()
+                .flat_map(|s| &s.x509)
                 .filter(live)
                 .map(|a| a.cert_der.clone())
                 .collect(),
         },
-        jwt_authorities: state
-            .jwt
+        jwt_authorities: states
             .iter()
+            .flat_map(|s| &s.jwt)
             .filter(live)
             .map(|a| JwtKey {
                 kid: a.id.clone(),
                 spki: a.public_key.clone(),
             })
             .collect(),
-        sequence: state.bundle_sequence,
-        refresh_hint_seconds: refresh_hint,
-        tainted: state
-            .x509
+        sequence: states
             .iter()
-            .chain(&state.jwt)
+            .fold(0u64, |sum, s| sum.saturating_add(s.bundle_sequence)),
+        refresh_hint_seconds: refresh_hint,
+        tainted: states
+            .iter()
+            .flat_map(|s| s.x509.iter().chain(&s.jwt))
             .filter(|a| a.tainted && live(a))
             .map(|a| a.id.clone())
             .collect(),
@@ -166,6 +213,7 @@ impl AuthoritySet {
         upstream: Option<Arc<Upstream>>,
         now: i64,
     ) -> Result<Self> {
+        let server_id = store.server_id().to_string();
         let state = match store.load_ca_state()? {
             Some(s) => s,
             None => {
@@ -186,7 +234,8 @@ impl AuthoritySet {
                 let s = CaState {
                     x509: vec![x509.record().clone()],
                     jwt: vec![jwt.record().clone()],
-                    bundle_sequence: 1,
+                    // Above every sequence the cluster has used (1 on a new store).
+                    bundle_sequence: store.next_bundle_sequence()?,
                 };
                 store.store_ca_state(&s)?;
                 tracing::info!(event = "authority_created", trust_domain = %trust_domain, x509_authority = %x509.record().id, jwt_authority = %jwt.record().id, key_backend = key_manager.backend_name(), "created the trust domain's first authorities");
@@ -201,9 +250,18 @@ impl AuthoritySet {
             key_manager.clone(),
             active_of(&state.jwt, Kind::Jwt)?.clone(),
         )?;
+        let peers: Vec<(String, CaState)> = store
+            .cluster_ca_states()?
+            .into_iter()
+            .filter(|(id, _)| *id != server_id)
+            .collect();
+        let states: Vec<&CaState> = cluster_of(&server_id, &state, &peers)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
         let bundle = bundle_of(
             &trust_domain,
-            &state,
+            &states,
             lifetimes.refresh_hint,
             now,
             upstream.as_ref().map(|u| u.roots.as_slice()),
@@ -215,6 +273,10 @@ impl AuthoritySet {
             store,
             lifetimes,
             upstream,
+            server_id,
+            peers: Mutex::new(peers),
+            reload: Mutex::new(()),
+            reloaded_at: now.into(),
             state: Mutex::new(state),
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
@@ -258,25 +320,157 @@ impl AuthoritySet {
             .map_err(|_| Error::Internal("authority state lock poisoned".into()))
     }
 
+    fn lock_peers(&self) -> Result<std::sync::MutexGuard<'_, Vec<(String, CaState)>>> {
+        self.peers
+            .lock()
+            .map_err(|_| Error::Internal("cluster authority state lock poisoned".into()))
+    }
+
+    /// This server's id: the owner of the authorities [`list`](Self::list) returns.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
     /// Every authority of a kind, oldest first.
     pub fn list(&self, kind: Kind) -> Result<Vec<AuthorityRecord>> {
         let mut guard = self.lock()?;
         Ok(records(&mut guard, kind).clone())
     }
 
+    /// Every server's authorities of a kind, with the id of the server that owns each,
+    /// ordered by server id, then oldest first (as of the last cluster reload).
+    pub fn cluster_list(&self, kind: Kind) -> Result<Vec<(String, AuthorityRecord)>> {
+        let guard = self.lock()?;
+        let peers = self.lock_peers()?;
+        Ok(cluster_of(&self.server_id, &guard, &peers)
+            .into_iter()
+            .flat_map(|(id, s)| {
+                let list = match kind {
+                    Kind::X509 => &s.x509,
+                    Kind::Jwt => &s.jwt,
+                };
+                list.iter().map(move |a| (id.to_string(), a.clone()))
+            })
+            .collect())
+    }
+
+    /// The refusal for an authority `id` this server does not own: which server owns
+    /// it, if one does (each server changes only its own authorities: their keys are
+    /// in its key manager, and its CA state is written by it alone, so no write of
+    /// another server can be lost under its own), else `NotFound`.
+    fn not_own(&self, kind: Kind, id: &str) -> Error {
+        let owner = self.lock_peers().ok().and_then(|peers| {
+            peers.iter().find_map(|(server, s)| {
+                let list = match kind {
+                    Kind::X509 => &s.x509,
+                    Kind::Jwt => &s.jwt,
+                };
+                list.iter().any(|a| a.id == id).then(|| server.clone())
+            })
+        });
+        match owner {
+            Some(server) => Error::Precondition(format!(
+                "{} authority {id} belongs to server {server}: change it through that \
+                 server's admin API (each server changes only its own authorities, whose \
+                 keys only it holds)",
+                kind.as_str()
+            )),
+            None => Error::NotFound(format!("no {} authority {id}", kind.as_str())),
+        }
+    }
+
+    /// The DER certificates of every server's X.509 authorities (not only the live
+    /// ones: a chain check applies validity itself).
+    pub fn cluster_x509_certs(&self) -> Result<Vec<Vec<u8>>> {
+        let guard = self.lock()?;
+        let peers = self.lock_peers()?;
+        Ok(cluster_of(&self.server_id, &guard, &peers)
+            .into_iter()
+            .flat_map(|(_, s)| s.x509.iter().map(|a| a.cert_der.clone()))
+            .collect())
+    }
+
+    /// Re-reads every other server's CA state and, if any changed, publishes the new
+    /// bundle (a new bundle object: what caches keyed on it start over). Returns
+    /// whether anything changed. Reloads are serialised, so the states only move
+    /// forward (see the module documentation for why that matters).
+    pub fn reload_cluster(&self, now: i64) -> Result<bool> {
+        let _serial = self
+            .reload
+            .lock()
+            .map_err(|_| Error::Internal("cluster reload lock poisoned".into()))?;
+        let all = self.store.cluster_ca_states()?;
+        self.reloaded_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let guard = self.lock()?;
+        let mut peers = self.lock_peers()?;
+        let mut fresh = Vec::with_capacity(all.len());
+        for (id, s) in all {
+            if id != self.server_id {
+                fresh.push((id, s));
+            } else if s.bundle_sequence > guard.bundle_sequence {
+                // Only this server writes its row: a newer one there means another
+                // process runs under the same id (a copied data directory).
+                tracing::error!(server_id = %id, stored = s.bundle_sequence, held = guard.bundle_sequence,
+                    "this server's CA state was changed by another process: two servers share the id in DATA_DIR/server-id");
+            }
+        }
+        if *peers == fresh {
+            return Ok(false);
+        }
+        *peers = fresh;
+        self.publish(&guard, &peers, now);
+        tracing::info!(
+            servers = peers.len() + 1,
+            bundle_sequence = self.bundle.load().sequence,
+            "cluster authorities reloaded"
+        );
+        Ok(true)
+    }
+
+    /// Seconds since the other servers' states were last read.
+    pub fn seconds_since_reload(&self, now: i64) -> i64 {
+        now - self.reloaded_at.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes the bundle of `own` and `peers` current (bundle and TLS roots).
+    fn publish(&self, own: &CaState, peers: &[(String, CaState)], now: i64) {
+        let states: Vec<&CaState> = cluster_of(&self.server_id, own, peers)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let bundle = bundle_of(
+            &self.trust_domain,
+            &states,
+            self.lifetimes.refresh_hint,
+            now,
+            self.upstream_roots(),
+        );
+        self.roots.store(Arc::new(
+            bundle
+                .x509_authorities
+                .iter()
+                .cloned()
+                .map(Into::into)
+                .collect(),
+        ));
+        self.bundle.store(Arc::new(bundle));
+    }
+
     /// Persists `next`, then makes it current: a crash between the two leaves the
     /// persisted state, which is what a restart loads.
     fn commit(&self, guard: &mut CaState, mut next: CaState, now: i64) -> Result<()> {
+        // This server's own contents decide whether its sequence moves.
         let before = bundle_of(
             &self.trust_domain,
-            guard,
+            &[&*guard],
             self.lifetimes.refresh_hint,
             now,
             self.upstream_roots(),
         );
         let after = bundle_of(
             &self.trust_domain,
-            &next,
+            &[&next],
             self.lifetimes.refresh_hint,
             now,
             self.upstream_roots(),
@@ -290,7 +484,11 @@ impl AuthoritySet {
             &after.jwt_authorities,
             &after.tainted,
         ) {
-            next.bundle_sequence = guard.bundle_sequence + 1;
+            // Cluster-wide and above every stored sequence; never below our own + 1.
+            next.bundle_sequence = self
+                .store
+                .next_bundle_sequence()?
+                .max(guard.bundle_sequence.saturating_add(1));
         }
         self.store.store_ca_state(&next)?;
         let x509 = active_of(&next.x509, Kind::X509)?;
@@ -307,22 +505,10 @@ impl AuthoritySet {
                 jwt.clone(),
             )?));
         }
-        let bundle = bundle_of(
-            &self.trust_domain,
-            &next,
-            self.lifetimes.refresh_hint,
-            now,
-            self.upstream_roots(),
-        );
-        self.roots.store(Arc::new(
-            bundle
-                .x509_authorities
-                .iter()
-                .cloned()
-                .map(Into::into)
-                .collect(),
-        ));
-        self.bundle.store(Arc::new(bundle));
+        {
+            let peers = self.lock_peers()?;
+            self.publish(&next, &peers, now);
+        }
         *guard = next;
         Ok(())
     }
@@ -403,7 +589,7 @@ impl AuthoritySet {
         let a = records(&mut next, kind)
             .iter_mut()
             .find(|a| a.id == id)
-            .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
+            .ok_or_else(|| self.not_own(kind, id))?;
         match (a.state, a.tainted) {
             (_, true) => {
                 return Err(Error::Precondition(format!(
@@ -450,7 +636,7 @@ impl AuthoritySet {
             .enumerate()
             .find(|(_, a)| a.id == id)
             .map(|(i, a)| (i, a.clone()))
-            .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
+            .ok_or_else(|| self.not_own(kind, id))?;
         if !record.tainted {
             return Err(Error::Precondition(format!(
                 "{} authority {id} is not tainted: taint it first",

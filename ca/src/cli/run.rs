@@ -72,6 +72,15 @@ pub struct RunArgs {
     /// OIDC issuer URL, also the `iss` of JWT-SVIDs.
     #[arg(long, requires = "oidc_bind")]
     pub oidc_issuer: Option<String>,
+    /// Datastore: sled (embedded, DATA_DIR/datastore; the default) or postgres (several
+    /// servers on one database, with --datastore-url).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub datastore: Option<crate::config::DatastoreKind>,
+    /// PostgreSQL URL, postgres://USER@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=FILE],
+    /// without a password: the password comes from [datastore] password_file or
+    /// ZTID_DATASTORE_PASSWORD, never from the command line.
+    #[arg(long, value_name = "URL")]
+    pub datastore_url: Option<String>,
 }
 
 /// Builds the effective config for `run`.
@@ -148,6 +157,12 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
             bind,
             issuer: issuer.clone(),
         });
+    }
+    if let Some(k) = args.datastore {
+        c.datastore.kind = k;
+    }
+    if let Some(u) = &args.datastore_url {
+        c.datastore.url = Some(u.clone());
     }
     Ok(c)
 }

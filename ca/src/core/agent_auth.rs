@@ -1,11 +1,24 @@
 //! Authenticating agents on node API calls: the peer certificate must be one this
-//! server's own X.509 authorities signed (remembered per bundle in `own_issued.rs`),
+//! cluster's own X.509 authorities signed (remembered per bundle in `own_issued.rs`),
 //! current for an attested, unbanned agent.
+//!
+//! Several servers on one database: an agent attested through server A calls server B
+//! when A stops answering, so "own" means any server's authority in the shared
+//! database. That is no wider trust: those rows are written only by servers holding
+//! the database credentials, which could as well write the agent records themselves;
+//! a CA that is merely under the same upstream root is still refused.
+//!
+//! Nothing about an agent is cached between calls: its record (eviction, ban, current
+//! serial) is read from the datastore on every call, so an `agent evict` or `ban`
+//! through any server refuses the agent's next call on every server, with no
+//! invalidation to miss. The certificate cache in `own_issued.rs` says only which
+//! authority signed a certificate, and starts over whenever the bundle changes (a
+//! revoked authority, on any server, publishes a new bundle after the reload its
+//! change notification triggers).
 
 use std::collections::BTreeSet;
 
 use super::{now, CaCore};
-use crate::authority::Kind;
 use crate::datastore::AgentRecord;
 use crate::{Error, RefusalKind, Result};
 
@@ -26,8 +39,8 @@ impl AuthenticatedAgent {
 }
 
 impl CaCore {
-    /// True if one of this server's X.509 authorities (prepared, active or old) signed
-    /// `leaf`; a revoked authority is no longer listed.
+    /// True if one of the cluster's X.509 authorities (prepared, active or old, of any
+    /// server) signed `leaf`; a revoked authority is no longer listed.
     fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
         // The bundle is read before the authorities: if they change in between, the
         // result is filed under the older bundle, which is no longer current.
@@ -50,11 +63,11 @@ impl CaCore {
     }
 
     fn chain_to_own_authority(&self, leaf: &[u8]) -> bool {
-        let Ok(own) = self.authorities.list(Kind::X509) else {
+        let Ok(own) = self.authorities.cluster_x509_certs() else {
             return false;
         };
         let own: Vec<rustls_pki_types::CertificateDer<'static>> =
-            own.into_iter().map(|a| a.cert_der.into()).collect();
+            own.into_iter().map(Into::into).collect();
         ztid_spiffe::svid::verify_chain(
             &[rustls_pki_types::CertificateDer::from(leaf)],
             &own,
@@ -82,10 +95,12 @@ impl CaCore {
             .map_err(|e| Error::refused(RefusalKind::BadCredential, e.to_string()))?;
         // TLS accepted any chain to the bundle: under an upstream root, any CA under the
         // organisation's root. An agent's ID and serial are no secret, so only a
-        // certificate this server's own X.509 authorities signed can be the agent's.
+        // certificate the cluster's own X.509 authorities signed can be the agent's.
         if !self.issued_by_own_authority(leaf) {
             return Err(Error::refused(
                 RefusalKind::BadCredential,
+                // The wording predates clusters ("this server" = this cluster); scripts
+                // and tests match it.
                 format!("{id} is not in a certificate this server's X.509 authorities signed"),
             ));
         }

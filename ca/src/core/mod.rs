@@ -5,7 +5,9 @@
 //! named after it: [`agent_auth`] (who is calling), [`attestation`] (node attestation
 //! and agent SVIDs), [`minting`] (workload and admin SVIDs), [`sync`] (entry sync),
 //! [`registration`] (join tokens, entries, evict, ban), [`rotation`] (authorities),
-//! [`policy`] (the issuance policy), [`server_svid`] (the server's own SVID). The two
+//! [`policy`] (the issuance policy), [`server_svid`] (the server's own SVID),
+//! [`store`] (opening the configured datastore, the server id), `cluster.rs`
+//! (following the other servers on one database). The two
 //! helpers the struct holds, `own_issued.rs` and `join_tokens.rs`, depend on nothing
 //! here, so `mod.rs` imports no file that imports it back.
 
@@ -27,11 +29,12 @@ use ztid_verifier::NodeVerifier;
 use crate::audit::AuditLog;
 use crate::authority::{AuthoritySet, Lifetimes};
 use crate::config::ServerConfig;
-use crate::datastore::{DataStore, SledStore};
+use crate::datastore::DataStore;
 use crate::{Error, Result};
 
 pub mod agent_auth;
 pub mod attestation;
+mod cluster;
 mod join_tokens;
 pub mod minting;
 mod own_issued;
@@ -39,9 +42,11 @@ pub mod policy;
 pub mod registration;
 pub mod rotation;
 pub mod server_svid;
+pub mod store;
 pub mod sync;
 
 pub use agent_auth::AuthenticatedAgent;
+pub use cluster::CLUSTER_RELOAD_FALLBACK_SECONDS;
 use join_tokens::StoreTokens;
 use own_issued::OwnIssuedCache;
 pub use sync::SyncResult;
@@ -88,7 +93,7 @@ impl CaCore {
         }
         // The key manager first: a wrong PIN or a missing token must leave nothing behind.
         let key_manager = crate::keys::key_manager(&config)?;
-        let store: Arc<dyn DataStore> = Arc::new(SledStore::open(&dir.join("datastore"))?);
+        let store = store::open_datastore(&config)?;
         let t = now();
         let upstream = match &config.upstream {
             Some(u) => Some(Arc::new(crate::authority::Upstream::load(u, &key_manager)?)),
@@ -137,7 +142,7 @@ impl CaCore {
         name_unusable_entries(&store, &trust_domain);
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
-        Ok(Arc::new(Self {
+        let core = Arc::new(Self {
             config,
             trust_domain,
             store,
@@ -150,7 +155,9 @@ impl CaCore {
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
             own_issued: OwnIssuedCache::default(),
-        }))
+        });
+        core.watch_cluster()?;
+        Ok(core)
     }
 
     /// The current bundle.

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use ztid_spiffe::bundle::TrustBundle;
 
-/// SHA-256s of agent certificates one of this server's X.509 authorities signed, valid
+/// SHA-256s of agent certificates one of the cluster's X.509 authorities signed, valid
 /// for one bundle: a chain check per node API call would cost a signature verification
 /// on the mint path, and an agent presents the same certificate on every call. Any
-/// authority change (prepare, activate, taint, revoke) publishes a new bundle, which
-/// empties the cache, so a revoked authority's certificates are checked again.
+/// authority change (prepare, activate, taint, revoke, on this server or, once its
+/// notification is in, on any other) publishes a new bundle, which empties the cache,
+/// so a revoked authority's certificates are checked again.
 #[derive(Default)]
 pub(super) struct OwnIssuedCache(std::sync::Mutex<Option<OwnIssued>>);
 

@@ -1,5 +1,14 @@
 //! Authority rotation: listing, prepare, activate, taint, revoke (each logged and
 //! audited), and the periodic housekeeping that rotates automatically.
+//!
+//! On a cluster every server rotates its own authorities: `prepare` and `activate`
+//! act on the authorities of the server the operator talks to, and `taint` and
+//! `revoke` of another server's authority are refused with the owning server's id
+//! (see `AuthoritySet::not_own`). Why refuse rather than write the other server's
+//! row: its keys are in its key manager (a revoke destroys the key, which only the
+//! owner can do), and each CA state has exactly one writer, so no change can be
+//! lost between a peer's write and the owner's next commit of its in-memory state.
+//! The listing shows every server's authorities with their owner.
 
 use serde_json::json;
 
@@ -9,9 +18,21 @@ use crate::datastore::AuthorityRecord;
 use crate::Result;
 
 impl CaCore {
-    /// Every authority of a kind.
+    /// Every authority of a kind this server owns.
     pub fn list_authorities(&self, kind: Kind) -> Result<Vec<AuthorityRecord>> {
         self.authorities.list(kind)
+    }
+
+    /// Every server's authorities of a kind with the id of the server that owns each,
+    /// re-read from the datastore first (an operator asking wants the current state).
+    pub fn list_cluster_authorities(&self, kind: Kind) -> Result<Vec<(String, AuthorityRecord)>> {
+        self.authorities.reload_cluster(now())?;
+        self.authorities.cluster_list(kind)
+    }
+
+    /// This server's id (the owner of the authorities it changes).
+    pub fn server_id(&self) -> &str {
+        self.store.server_id()
     }
 
     fn log_authority_change(&self, caller: &str, kind: Kind, action: &str, r: &AuthorityRecord) {
@@ -91,8 +112,10 @@ impl CaCore {
         Ok(r)
     }
 
-    /// Periodic work: automatic rotation, pruning of expired authorities, server SVID renewal.
+    /// Periodic work: automatic rotation, pruning of expired authorities, server SVID
+    /// renewal, and the fallback reload of the other servers' authorities.
     pub fn housekeeping(&self) -> Result<()> {
+        self.maybe_reload_cluster();
         for c in self.authorities.tick(now())? {
             self.record(json!({"type": "authority_changed", "caller": "automatic rotation", "kind": c.kind.as_str(),
                 "action": c.action, "authority": c.id}))?;

@@ -1,8 +1,23 @@
 //! Polling relationships' bundle endpoints: the TLS client per profile, one fetch,
 //! storing what it brought, and the loop that polls each per its refresh hint.
+//!
+//! Once per cluster: the loop polls only while this server holds the cluster-wide
+//! role [`POLLER_ROLE`] ([`DataStore::try_leader`](crate::datastore::DataStore::try_leader):
+//! a PostgreSQL session advisory lock; always granted on sled, where the server is
+//! alone). A server without it tries again every [`LEADER_RETRY`]. Why this is enough:
+//! the lock is held by exactly one session at a time and released by PostgreSQL when
+//! that session's connection dies, so a dead or partitioned leader gives the role up
+//! without anyone deciding it; the leader checks it still holds the role before every
+//! round (`LeaderGuard::is_held`), so once the lock is lost it stops before another
+//! server's first round can overlap more than the round in flight. That overlap, and
+//! everything else, is harmless: a fetch only stores a bundle, and storing the same
+//! bundle twice changes nothing. Relationships and bundles are read from the
+//! datastore on every round and every sync, so what the leader stores is served by
+//! every server.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +31,13 @@ use super::bundles::sniff_format;
 use super::records::{FederationRecord, Source, Stored};
 use super::{load_pem_certs, parse_bundle, parse_endpoint_url, provider};
 use crate::core::{now, CaCore};
+use crate::datastore::LeaderGuard;
 use crate::{Error, RefusalKind, Result};
+
+/// The cluster-wide role held by the one server that polls bundle endpoints.
+pub const POLLER_ROLE: &str = "federation-poller";
+/// How often a server without the polling role tries to take it.
+pub const LEADER_RETRY: Duration = Duration::from_secs(5);
 
 /// Largest bundle document accepted from an endpoint.
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
@@ -188,13 +209,84 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
         .map_err(|_| Error::Federation("bundle endpoint timed out".into()))?
 }
 
-/// Polls every relationship per its refresh hint, forever.
-pub fn spawn_poller(core: Arc<CaCore>) {
-    tokio::spawn(async move {
+/// A running poller.
+#[derive(Debug)]
+pub struct PollerHandle {
+    leader: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl PollerHandle {
+    /// Whether this server holds the polling role (polls for the cluster).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Stops polling; the role is released with it.
+    pub fn stop(&self) {
+        self.task.abort();
+        self.leader.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Whether `role` is held, taking it if it is free (at most every [`LEADER_RETRY`]).
+fn hold_role(
+    core: &CaCore,
+    role: &mut Option<LeaderGuard>,
+    next_try: &mut tokio::time::Instant,
+    leader: &AtomicBool,
+) -> bool {
+    if role.as_ref().is_some_and(LeaderGuard::is_held) {
+        return true;
+    }
+    if role.take().is_some() {
+        leader.store(false, Ordering::SeqCst);
+        tracing::warn!(
+            role = POLLER_ROLE,
+            "lost the federation polling role (its database session ended); trying to take it again"
+        );
+    }
+    let t = tokio::time::Instant::now();
+    if t < *next_try {
+        return false;
+    }
+    *next_try = t + LEADER_RETRY;
+    match core.store.try_leader(POLLER_ROLE) {
+        Ok(Some(g)) => {
+            *role = Some(g);
+            leader.store(true, Ordering::SeqCst);
+            tracing::info!(
+                role = POLLER_ROLE,
+                server_id = core.store.server_id(),
+                "this server polls the federated bundle endpoints for the cluster"
+            );
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(role = POLLER_ROLE, error = %e, "could not ask for the federation polling role");
+            false
+        }
+    }
+}
+
+/// Polls every relationship per its refresh hint, while this server holds the
+/// polling role, until stopped.
+pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
+    let leader = Arc::new(AtomicBool::new(false));
+    let flag = leader.clone();
+    let task = tokio::spawn(async move {
         let mut due: BTreeMap<String, i64> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut role: Option<LeaderGuard> = None;
+        let mut next_try = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            if !hold_role(&core, &mut role, &mut next_try, &flag) {
+                // The next leader polls everything once at first.
+                due.clear();
+                continue;
+            }
             let feds = match core.federations() {
                 Ok(f) => f,
                 Err(e) => {
@@ -220,4 +312,8 @@ pub fn spawn_poller(core: Arc<CaCore>) {
             }
         }
     });
+    PollerHandle {
+        leader,
+        task: task.abort_handle(),
+    }
 }

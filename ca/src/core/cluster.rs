@@ -1,0 +1,78 @@
+//! Following the other servers on one database (issue 13): what a server keeps in
+//! memory that another server can change, and how it learns of the change.
+//!
+//! - Authorities: the bundle is the union of every server's authorities (see
+//!   `crate::authority::AuthoritySet`). A thread waits on the store's change
+//!   notifications ([`DataStore::subscribe_changes`]: PostgreSQL `LISTEN`/`NOTIFY`,
+//!   sent in the writing transaction) and re-reads every server's CA state on an
+//!   `Authorities` notification, on a lagged receiver (notifications were dropped) or
+//!   after the store reconnected (it then sends every topic). Notifications can still
+//!   be missed in ways no receiver sees (a `NOTIFY` lost with a connection that died
+//!   before the listener noticed), so housekeeping also re-reads them every
+//!   [`CLUSTER_RELOAD_FALLBACK_SECONDS`]: a change is served cluster-wide within that
+//!   bound even then.
+//! - Agents, entries, join tokens and federation records are not cached: every call
+//!   reads them from the datastore (an agent's record on every node API call, see
+//!   `agent_auth.rs`), so their notifications need no action here. That is what makes
+//!   an eviction or a ban through any server refuse the agent's next call on every
+//!   server.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{now, CaCore};
+use crate::datastore::ChangeTopic;
+use crate::{Error, Result};
+
+/// The slow fallback: housekeeping re-reads the other servers' authorities at least
+/// this often, whatever notifications said.
+pub const CLUSTER_RELOAD_FALLBACK_SECONDS: i64 = 30;
+
+impl CaCore {
+    /// Starts the thread that follows change notifications. It holds the core weakly
+    /// and ends when the store closes its channel (the core and its store dropped).
+    /// A thread, not a task: the core may be opened outside any runtime, and the
+    /// store's calls are synchronous.
+    pub(super) fn watch_cluster(self: &Arc<Self>) -> Result<()> {
+        let mut rx = self.store.subscribe_changes();
+        let core = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("ztid-cluster-watch".into())
+            .spawn(move || loop {
+                let topic = rx.blocking_recv();
+                let Some(core) = core.upgrade() else { return };
+                match topic {
+                    Ok(ChangeTopic::Authorities) => core.reload_cluster_authorities("notification"),
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "change notifications lagged: reloading");
+                        core.reload_cluster_authorities("lagged notifications");
+                    }
+                    // Read through on every call: nothing held to reload.
+                    Ok(ChangeTopic::Agents | ChangeTopic::Entries | ChangeTopic::Federation) => {}
+                    Err(RecvError::Closed) => return,
+                }
+            })
+            .map_err(|e| Error::Internal(format!("starting the cluster watch thread: {e}")))?;
+        Ok(())
+    }
+
+    /// Re-reads every server's authorities; a failure (the database down) is logged
+    /// and retried by the next notification or housekeeping round.
+    pub fn reload_cluster_authorities(&self, why: &str) {
+        match self.authorities.reload_cluster(now()) {
+            Ok(true) => tracing::debug!(why, "cluster authorities changed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(why, error = %e, "could not reload the cluster's authorities")
+            }
+        }
+    }
+
+    /// The housekeeping part: the fallback reload when the last one is old.
+    pub(super) fn maybe_reload_cluster(&self) {
+        if self.authorities.seconds_since_reload(now()) >= CLUSTER_RELOAD_FALLBACK_SECONDS {
+            self.reload_cluster_authorities("timer");
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! The server core on PostgreSQL (issue 13): `CaCore` opened on a database the test
+//! harness starts (`initdb` into a temporary directory), alone and as several servers
+//! on one database.
+//!
+//! - one server: the `[datastore]` settings and their refusals, the stable server id,
+//!   minting, and a restart that keeps entries, agents and authorities;
+//! - two servers (two data directories, two server ids): each bundle is the union of
+//!   both servers' X.509 and JWT authorities; a prepare, activate, taint or revoke
+//!   through one server reaches the other's bundle after the change notification;
+//!   another server's authority cannot be tainted or revoked (the owner is named);
+//!   an eviction or ban through one server refuses the agent's next call at the other;
+//!   the federation poller runs on exactly one of them.
+//!
+//! Every wait is a poll of a condition with a deadline, never a fixed sleep.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "integration test: a panic is a failed test"
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ztid_ca::authority::Kind;
+use ztid_ca::config::{DatastoreKind, ServerConfig};
+use ztid_ca::core::{AuthenticatedAgent, CaCore};
+use ztid_ca::datastore::{AgentRecord, EntryRecord};
+use ztid_ca::{Error, RefusalKind};
+use ztid_test_support::postgres::TestPostgres;
+use ztid_verifier::AttestedNode;
+
+const TD: &str = "example.org";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------
+// Fixtures
+
+/// One PostgreSQL server shared by the tests running at the same time, stopped when
+/// the last of them is done.
+fn shared_postgres() -> Arc<TestPostgres> {
+    static SHARED: Mutex<Weak<TestPostgres>> = Mutex::new(Weak::new());
+    let mut slot = SHARED.lock().unwrap();
+    if let Some(pg) = slot.upgrade() {
+        return pg;
+    }
+    let pg = Arc::new(TestPostgres::start());
+    *slot = Arc::downgrade(&pg);
+    pg
+}
+
+/// A fresh database of its own for one test.
+fn fresh_database(pg: &TestPostgres) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    pg.create_database(&format!(
+        "server_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// One database and the password file every server of a test reads.
+struct Cluster {
+    pg: Arc<TestPostgres>,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let pg = shared_postgres();
+        let url = fresh_database(&pg);
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("db-password");
+        std::fs::write(&pw, format!("{}\n", pg.password())).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self { pg, url, dir }
+    }
+
+    /// The config of server `name` (its own data directory) on this database.
+    fn config(&self, name: &str) -> ServerConfig {
+        let mut c = ServerConfig {
+            trust_domain: TD.into(),
+            data_dir: self.dir.path().join(name),
+            ..Default::default()
+        };
+        c.datastore.kind = DatastoreKind::Postgres;
+        c.datastore.url = Some(self.url.clone());
+        c.datastore.password_file = Some(self.dir.path().join("db-password"));
+        c
+    }
+
+    fn open(&self, name: &str) -> Arc<CaCore> {
+        CaCore::open(self.config(name)).unwrap_or_else(|e| {
+            panic!(
+                "opening server {name} on PostgreSQL: {e}\n{}",
+                self.pg.log_tail()
+            )
+        })
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn csr(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = sans;
+    p.serialize_request(&kp).unwrap().der().to_vec()
+}
+
+/// Attests node `node_id` through `core` (as a join-token agent would be, without
+/// the token) and returns its record and the DER of its SVID.
+fn attest(core: &CaCore, node_id: &str) -> (AgentRecord, Vec<u8>) {
+    let node = AttestedNode {
+        method: "join_token",
+        node_id: node_id.into(),
+        selectors: vec![],
+        aliases: vec![],
+        evidence_digest: [7; 32],
+    };
+    let (record, leaf) = core.complete_attestation(&node, &csr(vec![])).unwrap();
+    (record, leaf.chain[0].clone())
+}
+
+fn refusal_kind<T: std::fmt::Debug>(r: ztid_ca::Result<T>) -> RefusalKind {
+    match r {
+        Err(Error::Refused(refusal)) => refusal.kind(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn x509_ids(core: &CaCore) -> Vec<String> {
+    core.list_cluster_authorities(Kind::X509)
+        .unwrap()
+        .into_iter()
+        .map(|(_, a)| a.id)
+        .collect()
+}
+
+/// Whether `core`'s bundle holds the certificate of X.509 authority `id` (of any server).
+fn bundle_has_x509(core: &CaCore, cert: &[u8]) -> bool {
+    core.bundle().x509_authorities.iter().any(|c| c == cert)
+}
+
+fn bundle_has_jwt(core: &CaCore, kid: &str) -> bool {
+    core.bundle().jwt_authorities.iter().any(|k| k.kid == kid)
+}
+
+/// The certificate of this server's active X.509 authority and its active JWT kid.
+fn own_active(core: &CaCore) -> (Vec<u8>, String) {
+    (
+        core.authorities.x509().record().cert_der.clone(),
+        core.authorities.jwt().record().id.clone(),
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// One server
+
+#[test]
+fn datastore_settings_and_their_refusals() {
+    let run = |args: &[&str]| {
+        let cli = ztid_ca::cli::Cli::try_parse_from(
+            ["ztid-server", "run", "--trust-domain", TD]
+                .iter()
+                .chain(args)
+                .copied(),
+        )
+        .unwrap();
+        let ztid_ca::cli::Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        ztid_ca::cli::run_config(&a, None).unwrap()
+    };
+    let c = run(&[]);
+    assert_eq!(c.datastore.kind, DatastoreKind::Sled, "sled by default");
+    c.validate().unwrap();
+    let c = run(&[
+        "--datastore",
+        "postgres",
+        "--datastore-url",
+        "postgres://ztid@db:5432/ztid",
+    ]);
+    assert_eq!(c.datastore.kind, DatastoreKind::Postgres);
+    assert_eq!(
+        c.datastore.url.as_deref(),
+        Some("postgres://ztid@db:5432/ztid")
+    );
+    c.validate().unwrap();
+    // A URL without postgres, postgres without a URL.
+    let e = run(&["--datastore-url", "postgres://ztid@db/ztid"])
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Config(m) if m.contains("--datastore postgres")),
+        "{e}"
+    );
+    let e = run(&["--datastore", "postgres"]).validate().unwrap_err();
+    assert!(
+        matches!(&e, Error::Config(m) if m.contains("--datastore-url")),
+        "{e}"
+    );
+    // No password on the command line: there is no flag for it.
+    assert!(
+        ztid_ca::cli::Cli::try_parse_from(["ztid-server", "run", "--datastore-password", "x"])
+            .is_err()
+    );
+    // The config file: [datastore] with unknown keys refused.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("server.toml");
+    std::fs::write(
+        &f,
+        "trust_domain = \"example.org\"\n[datastore]\nkind = \"postgres\"\nurl = \"postgres://ztid@db/ztid\"\npassword_file = \"/run/secrets/db\"\n",
+    )
+    .unwrap();
+    let c = ServerConfig::from_file(&f).unwrap();
+    assert_eq!(c.datastore.kind, DatastoreKind::Postgres);
+    assert_eq!(
+        c.datastore.password_file.as_deref(),
+        Some(Path::new("/run/secrets/db"))
+    );
+    std::fs::write(&f, "[datastore]\npassword = \"x\"\n").unwrap();
+    assert!(matches!(
+        ServerConfig::from_file(&f).unwrap_err(),
+        Error::Config(_)
+    ));
+}
+
+#[test]
+fn a_password_file_others_may_read_is_refused() {
+    let cluster = Cluster::new();
+    let pw = cluster.dir.path().join("db-password");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = CaCore::open(cluster.config("a")).err().unwrap();
+    assert!(
+        matches!(&e, Error::Config(m) if m.contains("accessible to others")),
+        "{e}"
+    );
+    assert!(!e.to_string().contains(cluster.pg.password()));
+}
+
+#[test]
+fn one_server_on_postgres_mints_and_keeps_its_state_across_restarts() {
+    let cluster = Cluster::new();
+    let (server_id, entry_id, agent_id, x509_id, jwt_id);
+    {
+        let core = cluster.open("a");
+        // The server id: generated once, owner-only, what the store runs as.
+        let file = cluster.dir.path().join("a").join("server-id");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        server_id = std::fs::read_to_string(&file).unwrap().trim().to_string();
+        assert_eq!(core.server_id(), server_id);
+        assert_eq!(core.store.server_id(), server_id);
+
+        let (agent, leaf) = attest(&core, "node-1");
+        agent_id = agent.spiffe_id.clone();
+        let entry = core
+            .create_entry(&ztid_proto::node::Entry {
+                spiffe_id: format!("spiffe://{TD}/web"),
+                parent_id: agent_id.clone(),
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                shared: true,
+                ..Default::default()
+            })
+            .unwrap();
+        entry_id = entry.id.clone();
+        let caller = core.authenticate_agent(Some(&leaf)).unwrap();
+        let (id, svid) = core
+            .sign_workload_svid(
+                &caller,
+                &entry_id,
+                &csr(vec![rcgen::SanType::URI(
+                    format!("spiffe://{TD}/web").try_into().unwrap(),
+                )]),
+            )
+            .unwrap();
+        assert_eq!(id, format!("spiffe://{TD}/web"));
+        let roots: Vec<rustls_pki_types::CertificateDer<'static>> = core
+            .bundle()
+            .x509_authorities
+            .iter()
+            .cloned()
+            .map(Into::into)
+            .collect();
+        let chain: Vec<rustls_pki_types::CertificateDer<'_>> =
+            svid.chain.iter().map(|c| c.as_slice().into()).collect();
+        ztid_spiffe::svid::verify_chain(
+            &chain,
+            &roots,
+            rustls_pki_types::UnixTime::now(),
+            ztid_spiffe::svid::Usage::Client,
+        )
+        .unwrap();
+        let (token, _) = core
+            .mint_jwt_svid(&caller, &entry_id, &id, &["https://api".into()])
+            .unwrap();
+        let bundle = core.bundle();
+        ztid_spiffe::jwt::validate(&token, "https://api", ztid_ca::core::now(), |_| {
+            Some(bundle.jwt_authorities.clone())
+        })
+        .unwrap();
+        x509_id = core.authorities.x509().record().id.clone();
+        jwt_id = core.authorities.jwt().record().id.clone();
+    }
+    // Restarted: same id, same authorities, the entry and the agent are still there.
+    let core = cluster.open("a");
+    assert_eq!(core.server_id(), server_id);
+    assert_eq!(core.authorities.x509().record().id, x509_id);
+    assert_eq!(core.authorities.jwt().record().id, jwt_id);
+    assert_eq!(
+        core.store.get_entry(&entry_id).unwrap().unwrap().id,
+        entry_id
+    );
+    assert!(core.store.get_agent(&agent_id).unwrap().is_some());
+    let all: Vec<EntryRecord> = core.store.list_entries(&Default::default()).unwrap();
+    assert_eq!(all.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------
+// Two servers on one database
+
+#[test]
+fn the_bundle_of_every_server_is_the_union_of_their_authorities() {
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    assert_ne!(a.server_id(), b.server_id());
+    let (a_x509, a_jwt) = own_active(&a);
+    let (b_x509, b_jwt) = own_active(&b);
+    for (name, core) in [("a", &a), ("b", &b)] {
+        wait_for(
+            &format!("server {name}'s bundle to hold both servers' authorities"),
+            || {
+                bundle_has_x509(core, &a_x509)
+                    && bundle_has_x509(core, &b_x509)
+                    && bundle_has_jwt(core, &a_jwt)
+                    && bundle_has_jwt(core, &b_jwt)
+            },
+        );
+    }
+    assert_eq!(a.bundle().sequence, b.bundle().sequence);
+    assert_eq!(a.bundle().x509_authorities, b.bundle().x509_authorities);
+    // The listing names each authority's server.
+    for kind in [Kind::X509, Kind::Jwt] {
+        let list = b.list_cluster_authorities(kind).unwrap();
+        let owners: Vec<&str> = list.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(owners.len(), 2, "{owners:?}");
+        assert!(owners.contains(&a.server_id()) && owners.contains(&b.server_id()));
+        let own: Vec<_> = list.iter().filter(|(s, _)| s == b.server_id()).collect();
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].1, b.list_authorities(kind).unwrap()[0]);
+    }
+}
+
+#[test]
+fn authority_lifecycle_through_one_server_reaches_the_other() {
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let seq = |c: &CaCore| c.bundle().sequence;
+    wait_for("both servers to see each other", || {
+        x509_ids(&a).len() == 2 && seq(&a) == seq(&b)
+    });
+
+    for kind in [Kind::X509, Kind::Jwt] {
+        let old = a.list_authorities(kind).unwrap()[0].clone();
+        let in_bundle = |c: &CaCore, r: &ztid_ca::datastore::AuthorityRecord| match kind {
+            Kind::X509 => bundle_has_x509(c, &r.cert_der),
+            Kind::Jwt => bundle_has_jwt(c, &r.id),
+        };
+        // Prepare on A: B publishes it.
+        let before = seq(&b);
+        let prepared = a.prepare_authority(kind, "test").unwrap();
+        wait_for("B to publish A's prepared authority", || {
+            in_bundle(&b, &prepared)
+        });
+        assert!(seq(&b) > before, "a new bundle has a higher sequence");
+        // Activate and taint on A: B's bundle names the taint.
+        a.activate_authority(kind, "test").unwrap();
+        let before = seq(&b);
+        a.taint_authority(kind, &old.id, "test").unwrap();
+        wait_for("B to publish A's taint", || {
+            b.bundle().tainted.contains(&old.id)
+        });
+        assert!(seq(&b) > before);
+        // B cannot change A's authority: the refusal names A.
+        for r in [
+            b.taint_authority(kind, &old.id, "test"),
+            b.revoke_authority(kind, &old.id, "test"),
+        ] {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(&e, Error::Precondition(m) if m.contains(a.server_id())),
+                "{e}"
+            );
+        }
+        let e = b
+            .taint_authority(kind, "no-such-authority", "test")
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        // Revoke on A: gone from B's bundle too.
+        let before = seq(&b);
+        a.revoke_authority(kind, &old.id, "test").unwrap();
+        wait_for("B to drop A's revoked authority", || {
+            !in_bundle(&b, &old) && !b.bundle().tainted.contains(&old.id)
+        });
+        assert!(seq(&b) > before);
+        assert!(!in_bundle(&a, &old));
+    }
+    // Both converge on one bundle.
+    wait_for("one bundle on both servers", || {
+        let (x, y) = (a.bundle(), b.bundle());
+        x.sequence == y.sequence
+            && x.x509_authorities == y.x509_authorities
+            && x.jwt_authorities == y.jwt_authorities
+    });
+}
+
+#[test]
+fn evict_and_ban_through_one_server_refuse_the_next_call_at_the_other() {
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let (a_x509, _) = own_active(&a);
+    let (b_x509, _) = own_active(&b);
+    wait_for("B to know A's authority", || bundle_has_x509(&b, &a_x509));
+    wait_for("A to know B's authority", || bundle_has_x509(&a, &b_x509));
+
+    // Attested through A, the agent is accepted by B (failover).
+    let (agent, leaf_a) = attest(&a, "node-evict");
+    let at_b: AuthenticatedAgent = b.authenticate_agent(Some(&leaf_a)).unwrap();
+    assert_eq!(at_b.record.spiffe_id, agent.spiffe_id);
+    // Evicted through A: B refuses the next call.
+    a.evict_agent(&agent.spiffe_id).unwrap();
+    assert_eq!(
+        refusal_kind(b.authenticate_agent(Some(&leaf_a))),
+        RefusalKind::UnknownAgent
+    );
+
+    // Attested again, through B this time; banned through A: B refuses, and so does
+    // attesting again through B.
+    let (agent, leaf_b) = attest(&b, "node-evict");
+    a.authenticate_agent(Some(&leaf_b)).unwrap();
+    a.ban_agent(&agent.spiffe_id).unwrap();
+    assert_eq!(
+        refusal_kind(b.authenticate_agent(Some(&leaf_b))),
+        RefusalKind::Banned
+    );
+    let node = AttestedNode {
+        method: "join_token",
+        node_id: "node-evict".into(),
+        selectors: vec![],
+        aliases: vec![],
+        evidence_digest: [7; 32],
+    };
+    assert_eq!(
+        refusal_kind(b.complete_attestation(&node, &csr(vec![]))),
+        RefusalKind::Banned
+    );
+}
+
+#[test]
+fn a_certificate_of_a_revoked_peer_authority_is_refused() {
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let (old_cert, _) = own_active(&a);
+    wait_for("B to know A's authority", || bundle_has_x509(&b, &old_cert));
+    let (agent, leaf) = attest(&a, "node-revoke");
+    b.authenticate_agent(Some(&leaf)).unwrap();
+    // A rotates away from the authority that signed the agent's SVID and revokes it
+    // once the agent is gone.
+    let old = a.authorities.x509().record().id.clone();
+    a.prepare_authority(Kind::X509, "test").unwrap();
+    a.activate_authority(Kind::X509, "test").unwrap();
+    a.taint_authority(Kind::X509, &old, "test").unwrap();
+    a.evict_agent(&agent.spiffe_id).unwrap();
+    a.revoke_authority(Kind::X509, &old, "test").unwrap();
+    wait_for("B to drop the revoked authority", || {
+        !bundle_has_x509(&b, &old_cert)
+    });
+    // Even with the agent record back, no certificate of the revoked authority passes.
+    b.store.put_agent(&agent).unwrap();
+    assert_eq!(
+        refusal_kind(b.authenticate_agent(Some(&leaf))),
+        RefusalKind::BadCredential
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_federation_poller_runs_on_exactly_one_server() {
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let pa = ztid_ca::federation::spawn_poller(a.clone());
+    let pb = ztid_ca::federation::spawn_poller(b.clone());
+    let end = Instant::now() + DEADLINE;
+    while !(pa.is_leader() || pb.is_leader()) {
+        assert!(Instant::now() < end, "no server took the polling role");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (leader, follower) = if pa.is_leader() {
+        (&pa, &pb)
+    } else {
+        (&pb, &pa)
+    };
+    assert!(!follower.is_leader(), "both servers poll");
+    // The role is taken: nobody else gets it while the leader holds it.
+    assert!(a
+        .store
+        .try_leader(ztid_ca::federation::poller::POLLER_ROLE)
+        .unwrap()
+        .is_none());
+    // The leader stops (its session ends): the other takes over.
+    leader.stop();
+    let end = Instant::now() + DEADLINE;
+    while !follower.is_leader() {
+        assert!(
+            Instant::now() < end,
+            "the other server never took the polling role"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    follower.stop();
+}
