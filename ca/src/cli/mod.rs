@@ -18,6 +18,7 @@ mod audit;
 mod authority;
 mod bundle;
 mod credential;
+mod datastore;
 mod entry;
 mod evidence;
 mod federation;
@@ -31,6 +32,7 @@ pub use agent::AgentCmd;
 pub use audit::{audit_verb, audit_verify, AuditCmd};
 pub use authority::{AuthorityAction, AuthorityCmd};
 pub use bundle::{BundleCmd, BundleFormat};
+pub use datastore::{DatastoreCmd, MigrateArgs};
 pub use entry::EntryCmd;
 pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
 pub use federation::FederationCmd;
@@ -88,6 +90,10 @@ pub enum Command {
     /// Admin identities for the remote admin API (issued only on the admin socket).
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Datastore maintenance (offline; no server needed): `migrate` from sled to
+    /// PostgreSQL.
+    #[command(subcommand)]
+    Datastore(DatastoreCmd),
 }
 
 /// The admin API client every admin verb uses.
@@ -100,6 +106,10 @@ fn status(s: tonic::Status) -> String {
 
 /// Runs an admin verb against the server.
 pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
+    // Not an admin verb: it opens the datastores itself, with no server running.
+    if let Command::Datastore(cmd) = &cli.command {
+        return datastore::run(cmd, cli.output);
+    }
     let path = cli
         .admin_socket
         .clone()
@@ -115,7 +125,7 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
     let mut client = AdminClient::new(channel);
     let out = cli.output;
     match &cli.command {
-        Command::Run(_) | Command::Evidence(_) | Command::Audit(_) => {
+        Command::Run(_) | Command::Evidence(_) | Command::Audit(_) | Command::Datastore(_) => {
             unreachable!("not an admin verb")
         }
         Command::Admin(cmd) => admin::run(&mut client, cmd, out).await,

@@ -18,6 +18,7 @@
 //! - each server has its own CA state and audit anchor ([`DataStore::server_id`]);
 //!   [`DataStore::cluster_ca_states`] reads every server's authorities for the bundle.
 
+pub mod migrate;
 mod postgres;
 mod sled_store;
 
