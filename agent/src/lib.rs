@@ -44,6 +44,9 @@ use ztid_attestor::NodeAttestor;
 
 const SVID_FILE: &str = "agent_svid.pem";
 const BUNDLE_FILE: &str = "bundle.pb";
+/// Entries per `SyncEntries` answer the agent asks for (the server's most): a large
+/// entry set comes in pages, each far below gRPC's 4 MiB message limit.
+const SYNC_PAGE_SIZE: u32 = 1000;
 
 fn now() -> i64 {
     unix_seconds(std::time::SystemTime::now())
@@ -325,8 +328,58 @@ impl Runtime {
         Ok(())
     }
 
-    /// One sync with the server: entries and bundle.
+    /// One sync with the server: entries and bundle. A full answer that comes in pages
+    /// is fetched to its last page and applied as one; entries may have changed while
+    /// it paged, so an incremental sync since its revision follows at once.
     async fn sync(&self) -> Result<bool, tonic::Status> {
+        let (changed, paged) = self.sync_once().await?;
+        if paged {
+            let (more, _) = self.sync_once().await?;
+            return Ok(changed || more);
+        }
+        Ok(changed)
+    }
+
+    /// The pages after the first of a paged full answer, appended to `first`.
+    async fn rest_of_pages(&self, first: &mut pb::SyncEntriesResponse) -> Result<(), tonic::Status> {
+        let mut token = std::mem::take(&mut first.next_page_token);
+        let mut pages = 1;
+        while !token.is_empty() {
+            let req = pb::SyncEntriesRequest {
+                since_revision: first.revision,
+                page_size: SYNC_PAGE_SIZE,
+                page_token: token,
+                ..Default::default()
+            };
+            let page = self
+                .node
+                .load_full()
+                .call("SyncEntries", servers::SYNC_TIMEOUT, |mut c| {
+                    let req = req.clone();
+                    async move { c.sync_entries(req).await.map(tonic::Response::into_inner) }
+                })
+                .await?;
+            if !page.full || page.revision != first.revision {
+                return Err(tonic::Status::internal(
+                    "a page of a full entry sync does not continue the first",
+                ));
+            }
+            first.upserted.extend(page.upserted);
+            token = page.next_page_token;
+            pages += 1;
+        }
+        tracing::info!(
+            entries = first.upserted.len(),
+            pages,
+            revision = first.revision,
+            "full entry set received in pages"
+        );
+        Ok(())
+    }
+
+    /// One `SyncEntries` exchange (every page of it) applied; returns whether anything
+    /// changed and whether the answer came in pages.
+    async fn sync_once(&self) -> Result<(bool, bool), tonic::Status> {
         let (since, seq) = {
             let e = self
                 .workloads
@@ -351,8 +404,10 @@ impl Runtime {
             bundle_sequence: seq,
             authorities_in_use,
             federated_bundles_version: federated_version,
+            page_size: SYNC_PAGE_SIZE,
+            page_token: String::new(),
         };
-        let resp = self
+        let mut resp = self
             .node
             .load_full()
             .call("SyncEntries", servers::SYNC_TIMEOUT, |mut c| {
@@ -360,6 +415,17 @@ impl Runtime {
                 async move { c.sync_entries(req).await.map(tonic::Response::into_inner) }
             })
             .await?;
+        let paged = !resp.next_page_token.is_empty();
+        if paged {
+            if let Err(e) = self.rest_of_pages(&mut resp).await {
+                // The held set stays; the next sync asks for everything again (the
+                // server may have moved the agent to a full answer for new aliases).
+                if let Ok(mut entries) = self.workloads.entries.write() {
+                    entries.revision = 0;
+                }
+                return Err(e);
+            }
+        }
         let mut changed = self
             .workloads
             .entries
@@ -393,7 +459,7 @@ impl Runtime {
                 changed = true;
             }
         }
-        Ok(changed)
+        Ok((changed, paged))
     }
 
     /// Renews the agent's SVID: join-token agents by asking for it; hardware-attested

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use ztid_proto::node::{self as pb, node_server::Node};
 use ztid_verifier::VerifierStep;
 
+use crate::core::sync::SyncRequest;
 use crate::core::{AuthenticatedAgent, CaCore};
 use crate::entries::to_proto;
 use crate::limits::{self, RateLimiter, ATTEST_STEP_TIMEOUT, ATTEST_TOTAL_TIMEOUT};
@@ -315,13 +316,39 @@ impl Node for NodeApi {
         let agent = self.agent(&request)?;
         let req = request.get_ref();
         limits::check_sync(req)?;
-        let sync =
-            self.core
-                .sync_entries(&agent, req.since_revision, req.authorities_in_use.clone())?;
+        limits::check_len(
+            "page_token (bytes)",
+            &req.page_token,
+            crate::core::sync::page_token::MAX_TOKEN_BYTES,
+        )?;
+        let next_page = !req.page_token.is_empty();
+        let sync = self.core.sync_entries(
+            &agent,
+            SyncRequest {
+                since: req.since_revision,
+                authorities_in_use: req.authorities_in_use.clone(),
+                page_size: req.page_size,
+                page_token: req.page_token.clone(),
+            },
+        )?;
+        // An agent from before paging gets its whole set in one message: if that
+        // passes what gRPC clients decode by default, say so instead of sending it.
+        if req.page_size == 0 && sync.wire_bytes() > limits::NODE_API_MAX_MESSAGE_BYTES {
+            return Err(Error::Precondition(format!(
+                "the agent's entry set ({} entries) is too large for one message: \
+                 upgrade the agent (paged sync)",
+                sync.upserted.len()
+            ))
+            .into());
+        }
+        // Bundles come with the first page only: the next pages are entries alone.
         let bundle = self.core.bundle();
-        let federated = self
-            .core
-            .federated_for_sync(req.federated_bundles_version)?;
+        let federated = if next_page {
+            None
+        } else {
+            self.core
+                .federated_for_sync(req.federated_bundles_version)?
+        };
         let (federated_bundles, federated_bundles_version) = match federated {
             Some((all, v)) => (all.iter().map(Into::into).collect(), v),
             None => (Vec::new(), 0),
@@ -333,7 +360,9 @@ impl Node for NodeApi {
             upserted: sync.upserted.iter().map(to_proto).collect(),
             deleted: sync.deleted,
             revision: sync.revision,
-            bundle: (req.bundle_sequence < bundle.sequence).then(|| bundle.as_ref().into()),
+            bundle: (!next_page && req.bundle_sequence < bundle.sequence)
+                .then(|| bundle.as_ref().into()),
+            next_page_token: sync.next_page_token.unwrap_or_default(),
         }))
     }
 

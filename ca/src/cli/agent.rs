@@ -10,8 +10,10 @@ use super::{status, Client, Output};
 /// `agent` verbs.
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
-    /// List agents.
+    /// List agents (every page).
     List,
+    /// How many agents there are.
+    Count,
     /// Show one agent.
     Show {
         /// Agent SPIFFE ID.
@@ -62,12 +64,35 @@ fn print_agent(a: &pb::Agent, out: Output) {
 pub(super) async fn run(client: &mut Client, cmd: &AgentCmd, out: Output) -> Result<(), String> {
     match cmd {
         AgentCmd::List => {
+            let mut agents = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = client
+                    .list_agents(pb::ListAgentsRequest {
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                agents.extend(r.agents);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            print_list(&agents, "agents", agent_json, print_agent, out);
+        }
+        AgentCmd::Count => {
             let r = client
-                .list_agents(pb::ListAgentsRequest {})
+                .count_agents(pb::CountAgentsRequest::default())
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_list(&r.agents, "agents", agent_json, print_agent, out);
+            match out {
+                Output::Json => println!("{}", json!({"count": r.count})),
+                Output::Text => println!("{}", r.count),
+            }
         }
         AgentCmd::Show { agent_id } => {
             let a = client

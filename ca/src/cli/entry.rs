@@ -1,6 +1,11 @@
-//! `entry`: registration entries.
+//! `entry`: registration entries: create, update, list (every page), show, delete,
+//! count, and bulk create and delete from a SPIRE `-data` JSON file (`data.rs`).
 
-use clap::Subcommand;
+mod data;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 use ztid_proto::node as npb;
@@ -8,43 +13,115 @@ use ztid_proto::node as npb;
 use super::output::print_list;
 use super::{status, Client, Output};
 
+/// The flags of an entry, for `create` and `update`.
+#[derive(Debug, Args)]
+pub struct EntryArgs {
+    /// SPIFFE ID (per-instance entries: the prefix of every instance's ID).
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Agent or node alias ID (optional with --node).
+    #[arg(long, default_value = "")]
+    parent_id: String,
+    /// TYPE:KEY:VALUE, repeatable.
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X509-SVID TTL in seconds.
+    #[arg(long, default_value_t = 0)]
+    x509_ttl: i64,
+    /// JWT-SVID TTL in seconds.
+    #[arg(long, default_value_t = 0)]
+    jwt_ttl: i64,
+    /// One SVID per node for all matching processes.
+    #[arg(long)]
+    shared: bool,
+    /// DNS SAN, repeatable.
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// Federated trust domain, repeatable.
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
+    /// A node alias.
+    #[arg(long)]
+    node: bool,
+    /// Hint passed to workloads.
+    #[arg(long, default_value = "")]
+    hint: String,
+}
+
+impl EntryArgs {
+    /// Whether no flag was given.
+    fn is_empty(&self) -> bool {
+        self.spiffe_id.is_none()
+            && self.parent_id.is_empty()
+            && self.selectors.is_empty()
+            && self.x509_ttl == 0
+            && self.jwt_ttl == 0
+            && !self.shared
+            && self.dns_names.is_empty()
+            && self.federates_with.is_empty()
+            && !self.node
+            && self.hint.is_empty()
+    }
+
+    /// The entry these flags describe (`--spiffe-id` and one `--selector` at least).
+    fn to_entry(&self, id: &str) -> Result<npb::Entry, String> {
+        let spiffe_id = self
+            .spiffe_id
+            .clone()
+            .ok_or("--spiffe-id is required (or --data FILE to create many)")?;
+        if self.selectors.is_empty() {
+            return Err("at least one --selector TYPE:VALUE is required".into());
+        }
+        let mut sels = Vec::new();
+        for s in &self.selectors {
+            let (t, v) = s
+                .split_once(':')
+                .ok_or_else(|| format!("selector {s:?} is not TYPE:VALUE"))?;
+            sels.push(npb::Selector {
+                r#type: t.into(),
+                value: v.into(),
+            });
+        }
+        Ok(npb::Entry {
+            id: id.to_string(),
+            spiffe_id,
+            parent_id: self.parent_id.clone(),
+            selectors: sels,
+            x509_ttl_seconds: self.x509_ttl,
+            jwt_ttl_seconds: self.jwt_ttl,
+            shared: self.shared,
+            dns_names: self.dns_names.clone(),
+            federates_with: self.federates_with.clone(),
+            node: self.node,
+            hint: self.hint.clone(),
+            ..Default::default()
+        })
+    }
+}
+
 /// `entry` verbs.
 #[derive(Debug, Subcommand)]
 pub enum EntryCmd {
-    /// Create an entry; prints its id.
+    /// Create an entry; prints its id. With --data FILE, create every entry of a SPIRE
+    /// `-data` JSON file ({"entries": [...]}), each answered on its own.
     Create {
-        /// SPIFFE ID (per-instance entries: the prefix of every instance's ID).
+        /// The entry.
+        #[command(flatten)]
+        entry: EntryArgs,
+        /// SPIRE-shaped JSON file of entries to create (instead of the flags).
         #[arg(long)]
-        spiffe_id: String,
-        /// Agent or node alias ID (optional with --node).
-        #[arg(long, default_value = "")]
-        parent_id: String,
-        /// TYPE:KEY:VALUE, repeatable.
-        #[arg(long = "selector", required = true)]
-        selectors: Vec<String>,
-        /// X509-SVID TTL in seconds.
-        #[arg(long, default_value_t = 0)]
-        x509_ttl: i64,
-        /// JWT-SVID TTL in seconds.
-        #[arg(long, default_value_t = 0)]
-        jwt_ttl: i64,
-        /// One SVID per node for all matching processes.
-        #[arg(long)]
-        shared: bool,
-        /// DNS SAN, repeatable.
-        #[arg(long = "dns-name")]
-        dns_names: Vec<String>,
-        /// Federated trust domain, repeatable.
-        #[arg(long = "federates-with")]
-        federates_with: Vec<String>,
-        /// A node alias.
-        #[arg(long)]
-        node: bool,
-        /// Hint passed to workloads.
-        #[arg(long, default_value = "")]
-        hint: String,
+        data: Option<PathBuf>,
     },
-    /// List entries.
+    /// Replace an entry: the same flags as create, every one of them (a flag left out
+    /// takes its default). The entry keeps its id.
+    Update {
+        /// Entry id.
+        entry_id: String,
+        /// The entry's new content.
+        #[command(flatten)]
+        entry: EntryArgs,
+    },
+    /// List entries (every page).
     List {
         /// Only this SPIFFE ID.
         #[arg(long)]
@@ -58,12 +135,21 @@ pub enum EntryCmd {
         /// Entry id.
         entry_id: String,
     },
-    /// Delete one entry.
+    /// Delete one entry, or with --data FILE every id of a JSON file ({"ids": [...]}).
     Delete {
         /// Entry id.
-        entry_id: String,
+        #[arg(required_unless_present = "data", conflicts_with = "data")]
+        entry_id: Option<String>,
+        /// JSON file of entry ids to delete.
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
+    /// How many entries there are.
+    Count,
 }
+
+/// Entries asked for per `ListEntries` page (the server's most).
+const LIST_PAGE_SIZE: u32 = 1000;
 
 fn entry_json(e: &npb::Entry) -> Value {
     json!({
@@ -135,41 +221,17 @@ fn print_entry(e: &npb::Entry, out: Output) {
 pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Result<(), String> {
     match cmd {
         EntryCmd::Create {
-            spiffe_id,
-            parent_id,
-            selectors,
-            x509_ttl,
-            jwt_ttl,
-            shared,
-            dns_names,
-            federates_with,
-            node,
-            hint,
+            entry,
+            data: Some(path),
         } => {
-            let mut sels = Vec::new();
-            for s in selectors {
-                let (t, v) = s
-                    .split_once(':')
-                    .ok_or_else(|| format!("selector {s:?} is not TYPE:VALUE"))?;
-                sels.push(npb::Selector {
-                    r#type: t.into(),
-                    value: v.into(),
-                });
+            if !entry.is_empty() {
+                return Err("--data FILE cannot be combined with entry flags".into());
             }
+            return data::create(client, path, out).await;
+        }
+        EntryCmd::Create { entry, data: None } => {
             let e = client
-                .create_entry(npb::Entry {
-                    spiffe_id: spiffe_id.clone(),
-                    parent_id: parent_id.clone(),
-                    selectors: sels,
-                    x509_ttl_seconds: *x509_ttl,
-                    jwt_ttl_seconds: *jwt_ttl,
-                    shared: *shared,
-                    dns_names: dns_names.clone(),
-                    federates_with: federates_with.clone(),
-                    node: *node,
-                    hint: hint.clone(),
-                    ..Default::default()
-                })
+                .create_entry(entry.to_entry("")?)
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -178,19 +240,41 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 Output::Text => println!("{}", e.id),
             }
         }
+        EntryCmd::Update { entry_id, entry } => {
+            let e = client
+                .update_entry(entry.to_entry(entry_id)?)
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => println!("{}", entry_json(&e)),
+                Output::Text => println!("Updated entry {}", e.id),
+            }
+        }
         EntryCmd::List {
             spiffe_id,
             parent_id,
         } => {
-            let r = client
-                .list_entries(pb::ListEntriesRequest {
-                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
-                    parent_id: parent_id.clone().unwrap_or_default(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            print_list(&r.entries, "entries", entry_json, print_entry, out);
+            let mut entries = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = client
+                    .list_entries(pb::ListEntriesRequest {
+                        spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                        parent_id: parent_id.clone().unwrap_or_default(),
+                        page_size: LIST_PAGE_SIZE,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                entries.extend(r.entries);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            print_list(&entries, "entries", entry_json, print_entry, out);
         }
         EntryCmd::Show { entry_id } => {
             let e = client
@@ -202,10 +286,16 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 .into_inner();
             print_entry(&e, out);
         }
-        EntryCmd::Delete { entry_id } => {
+        EntryCmd::Delete {
+            data: Some(path), ..
+        } => return data::delete(client, path, out).await,
+        EntryCmd::Delete {
+            entry_id,
+            data: None,
+        } => {
             let e = client
                 .delete_entry(pb::EntryId {
-                    id: entry_id.clone(),
+                    id: entry_id.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?
@@ -213,6 +303,17 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
             match out {
                 Output::Json => println!("{}", entry_json(&e)),
                 Output::Text => println!("Deleted entry {}", e.id),
+            }
+        }
+        EntryCmd::Count => {
+            let r = client
+                .count_entries(pb::CountEntriesRequest::default())
+                .await
+                .map_err(status)?
+                .into_inner();
+            match out {
+                Output::Json => println!("{}", json!({"count": r.count})),
+                Output::Text => println!("{}", r.count),
             }
         }
     }

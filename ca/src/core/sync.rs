@@ -1,38 +1,265 @@
 //! An agent's entry sync: everything on first sync or when its aliases changed,
 //! else only the changes of its parents' entries since the revision it holds.
+//!
+//! # Pages
+//!
+//! An agent that asks for pages (a page size in its request) never gets more than that
+//! many entries, nor about [`PAGE_BYTES`] of them, in one answer, whatever its entry set:
+//! SPIRE agents with some 17,000 entries hit gRPC's 4 MiB message limit on their first
+//! sync (spiffe/spire#2675). The pages of a full answer are consistent:
+//!
+//! - the first page reads the revision `R` below which every change is visible (the
+//!   datastore's [`current_revision`](crate::datastore::DataStore::current_revision)
+//!   rule), then lists the agent's parents' entries ordered by parent, then entry id;
+//!   each next page continues after the last (parent, entry id) of the one before, from
+//!   its page token. Every page answers revision `R`.
+//! - Every entry that exists through the whole paging is listed exactly once (ids are
+//!   ordered and never reused). An entry created, changed or deleted while the agent
+//!   pages has a change above `R`, so whether a page saw it or not, the agent's next
+//!   incremental sync since `R`, which it makes right after the last page, brings it to
+//!   the current state. The agent replaces its set only with all pages together: it
+//!   never serves a half-listed set.
+//! - The parents are fixed for the whole paging: the token carries a digest of them,
+//!   and if the agent's node aliases change in between, the page is refused and the
+//!   agent starts again.
+//!
+//! An incremental answer with more changed entries than one page holds becomes a paged
+//! full answer (the change log is not re-read page by page; listing by id is).
+
+use serde::{Deserialize, Serialize};
 
 use super::{now, AuthenticatedAgent, CaCore};
-use crate::datastore::EntryRecord;
-use crate::Result;
+use crate::datastore::{EntryFilter, EntryRecord};
+use crate::{Error, Result};
+
+/// Most entries in one page (sync or `ListEntries`), whatever the caller asks.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Entries per page when the caller names no size (`ListEntries`, `ListAgents`).
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// A page ends once its entries reach about this many bytes on the wire (one entry may
+/// pass it: an entry is at most about 300 KiB, see [`crate::limits`]), far below the
+/// 4 MiB gRPC clients accept by default.
+pub const PAGE_BYTES: usize = 1 << 20;
+
+/// The page size to use for a request's `page_size`: 0 gives `default`, anything above
+/// [`MAX_PAGE_SIZE`] is cut to it.
+pub fn page_limit(requested: u32, default: usize) -> usize {
+    match usize::try_from(requested) {
+        Ok(0) => default,
+        Ok(n) => n.min(MAX_PAGE_SIZE),
+        Err(_) => MAX_PAGE_SIZE,
+    }
+}
+
+/// An upper bound of an entry's size in a protobuf message (its strings, with a tag and
+/// a length for each, and its fixed fields).
+pub fn entry_wire_bytes(e: &EntryRecord) -> usize {
+    const FIELD: usize = 6;
+    let strings = [&e.id, &e.spiffe_id, &e.parent_id, &e.hint]
+        .iter()
+        .map(|s| s.len() + FIELD)
+        .sum::<usize>();
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| s.kind().len() + s.value().len() + 3 * FIELD)
+        .sum::<usize>();
+    let lists = e
+        .dns_names
+        .iter()
+        .chain(&e.federates_with)
+        .map(|s| s.len() + FIELD)
+        .sum::<usize>();
+    strings + selectors + lists + 64
+}
+
+/// Page tokens: opaque to callers, checked when they come back.
+///
+/// A token is `base64url(version | tag | JSON cursor)`, where the tag is the first 16
+/// bytes of SHA-256 over the token's kind, its context (the filters of a list, the
+/// agent of a sync) and the cursor. A token that was cut or altered, or comes back with
+/// other filters or from another agent, is refused (`InvalidArgument`). A token is a
+/// cursor, not a credential: every page is authorized and filtered on its own, so even
+/// a token forged with a matching tag only moves the caller within what it may read.
+/// It holds no server secret, so any server of a cluster continues any server's paging.
+pub mod page_token {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde::{de::DeserializeOwned, Serialize};
+
+    use crate::{Error, Result};
+
+    const VERSION: u8 = 1;
+    const TAG_BYTES: usize = 16;
+    /// Longest token accepted (a cursor holds at most a SPIFFE ID of 2048 bytes).
+    pub const MAX_TOKEN_BYTES: usize = 4096;
+
+    fn tag(kind: &str, context: &str, cursor: &[u8]) -> Vec<u8> {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            b"ztid page token v1".as_slice(),
+            kind.as_bytes(),
+            context.as_bytes(),
+        ] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.update(cursor);
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .take(TAG_BYTES)
+            .copied()
+            .collect()
+    }
+
+    /// The token for `cursor`, valid only for `kind` and `context`.
+    pub fn encode<T: Serialize>(kind: &str, context: &str, cursor: &T) -> Result<String> {
+        let json = serde_json::to_vec(cursor)?;
+        let mut bytes = Vec::with_capacity(1 + TAG_BYTES + json.len());
+        bytes.push(VERSION);
+        bytes.extend(tag(kind, context, &json));
+        bytes.extend(json);
+        Ok(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// The cursor in `token`, if it is one this server made for `kind` and `context`.
+    pub fn decode<T: DeserializeOwned>(kind: &str, context: &str, token: &str) -> Result<T> {
+        let invalid = |why: &str| {
+            Error::InvalidInput(format!(
+                "invalid page_token ({why}): pass the next_page_token of the previous \
+                 page unchanged, with the same filters"
+            ))
+        };
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("too long"));
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| invalid("not base64url"))?;
+        let (version, rest) = bytes.split_first().ok_or_else(|| invalid("empty"))?;
+        if *version != VERSION || rest.len() < TAG_BYTES {
+            return Err(invalid("unknown format"));
+        }
+        let (got, json) = rest.split_at(TAG_BYTES);
+        if got != tag(kind, context, json).as_slice() {
+            return Err(invalid("altered, or made for another listing"));
+        }
+        serde_json::from_slice(json).map_err(|_| invalid("unreadable cursor"))
+    }
+}
+
+/// The token kind of a sync page.
+const SYNC_TOKEN: &str = "sync";
+
+/// Where the next page of a paged full sync starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SyncCursor {
+    /// The revision every page answers.
+    r: u64,
+    /// Index of the parent being listed, in the ordered parents.
+    p: usize,
+    /// The last entry id listed under that parent.
+    a: Option<String>,
+    /// Digest of the ordered parents the paging started with.
+    d: String,
+}
+
+/// What an agent asks in one sync.
+#[derive(Debug, Clone, Default)]
+pub struct SyncRequest {
+    /// The revision the agent holds (0: none, everything).
+    pub since: u64,
+    /// Authorities the agent still uses (recorded on the agent, see the node API).
+    pub authorities_in_use: Vec<String>,
+    /// Most entries per answer; 0: one answer whatever its size (an agent from before
+    /// paging).
+    pub page_size: u32,
+    /// The token of the next page of a paged full answer (empty: a new sync).
+    pub page_token: String,
+}
+
+fn parents_digest(parents: &[String]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, parents.join("\n").as_bytes());
+    hex::encode(digest.as_ref().get(..12).unwrap_or_default())
+}
 
 impl CaCore {
     /// Entries an agent should hold: all of them (`full`) on first sync or when its
-    /// aliases changed, else only what changed after `since`.
-    pub fn sync_entries(
-        &self,
-        agent: &AuthenticatedAgent,
-        since: u64,
-        authorities_in_use: Vec<String>,
-    ) -> Result<SyncResult> {
+    /// aliases changed, else only what changed after `req.since`; in pages when the
+    /// request names a page size (see the module documentation).
+    pub fn sync_entries(&self, agent: &AuthenticatedAgent, req: SyncRequest) -> Result<SyncResult> {
+        let limit = page_limit(req.page_size, MAX_PAGE_SIZE);
+        if !req.page_token.is_empty() {
+            return self.next_sync_page(agent, &req.page_token, limit);
+        }
+        let since = req.since;
         let revision = self.store.current_revision()?;
         let aliases = self.aliases_of(&agent.record)?;
         let mut agent = agent.clone();
         let aliases_changed = aliases != agent.record.aliases;
         agent.record.aliases = aliases;
-        agent.record.authorities_in_use = authorities_in_use;
+        agent.record.authorities_in_use = req.authorities_in_use;
         agent.record.last_sync_at = now();
         // Not flushed: a lost sync record only delays a revoke until the next sync.
         self.store.put_agent(&agent.record)?;
-        let parents = agent.parents();
+        let parents: Vec<String> = agent.parents().into_iter().map(String::from).collect();
+        let paged = req.page_size != 0;
         let mut result = SyncResult {
             full: since == 0 || aliases_changed,
             upserted: Vec::new(),
             deleted: Vec::new(),
             revision,
+            next_page_token: None,
         };
-        if result.full {
+        if !result.full {
+            // Only this agent's parents' changes are read, merged in revision order.
+            let mut changes = Vec::new();
             for p in &parents {
-                let filter = crate::datastore::EntryFilter {
+                changes.extend(self.store.entry_changes_for_parent_since(p, since)?);
+            }
+            changes.sort_by_key(|c| c.revision);
+            let mut latest = std::collections::BTreeMap::new();
+            for change in changes {
+                if change.revision > revision {
+                    break;
+                }
+                if !change.node {
+                    latest.insert(change.entry_id.clone(), change.deleted);
+                }
+            }
+            if !paged || latest.len() <= limit {
+                let mut bytes = 0;
+                for (id, deleted) in latest {
+                    match (deleted, self.store.get_entry(&id)?) {
+                        (false, Some(e)) => {
+                            bytes += entry_wire_bytes(&e);
+                            result.upserted.push(e);
+                        }
+                        _ => {
+                            bytes += id.len() + 6;
+                            result.deleted.push(id);
+                        }
+                    }
+                }
+                if !paged || bytes <= PAGE_BYTES {
+                    return Ok(result);
+                }
+            }
+            // Too many changes for one page: a paged full answer instead.
+            tracing::info!(agent = %agent.record.spiffe_id, since, revision,
+                "entry changes exceed one page: sending the agent's whole set in pages");
+            result = SyncResult {
+                full: true,
+                upserted: Vec::new(),
+                deleted: Vec::new(),
+                revision,
+                next_page_token: None,
+            };
+        }
+        if !paged {
+            for p in &parents {
+                let filter = EntryFilter {
                     parent_id: Some(p.to_string()),
                     spiffe_id: None,
                 };
@@ -45,28 +272,90 @@ impl CaCore {
             }
             return Ok(result);
         }
-        // Only this agent's parents' changes are read, merged in revision order.
-        let mut changes = Vec::new();
-        for p in &parents {
-            changes.extend(self.store.entry_changes_for_parent_since(p, since)?);
+        let cursor = SyncCursor {
+            r: revision,
+            p: 0,
+            a: None,
+            d: parents_digest(&parents),
+        };
+        self.full_sync_page(&agent.record.spiffe_id, &parents, cursor, limit)
+    }
+
+    /// The page of a paged full sync that `token` points at.
+    fn next_sync_page(
+        &self,
+        agent: &AuthenticatedAgent,
+        token: &str,
+        limit: usize,
+    ) -> Result<SyncResult> {
+        let cursor: SyncCursor = page_token::decode(SYNC_TOKEN, &agent.record.spiffe_id, token)?;
+        let parents: Vec<String> = agent.parents().into_iter().map(String::from).collect();
+        if cursor.d != parents_digest(&parents) {
+            return Err(Error::Precondition(
+                "the agent's node aliases changed during a paged sync: start the sync again".into(),
+            ));
         }
-        changes.sort_by_key(|c| c.revision);
-        let mut latest = std::collections::BTreeMap::new();
-        for change in changes {
-            if change.revision > revision {
+        if cursor.p >= parents.len() {
+            return Err(Error::InvalidInput(
+                "invalid page_token (past the last page)".into(),
+            ));
+        }
+        self.full_sync_page(&agent.record.spiffe_id, &parents, cursor, limit)
+    }
+
+    /// One page of a full sync from `cursor`: up to `limit` entries and about
+    /// [`PAGE_BYTES`], and the token of the next page if any is left.
+    fn full_sync_page(
+        &self,
+        agent_id: &str,
+        parents: &[String],
+        mut cursor: SyncCursor,
+        limit: usize,
+    ) -> Result<SyncResult> {
+        let mut upserted = Vec::new();
+        let mut bytes = 0;
+        while let Some(parent) = parents.get(cursor.p) {
+            if upserted.len() >= limit || bytes >= PAGE_BYTES {
                 break;
             }
-            if !change.node {
-                latest.insert(change.entry_id.clone(), change.deleted);
+            let want = limit - upserted.len();
+            let filter = EntryFilter {
+                parent_id: Some(parent.clone()),
+                spiffe_id: None,
+            };
+            let batch = self
+                .store
+                .list_entries_page(&filter, cursor.a.as_deref(), want)?;
+            let exhausted = batch.len() < want;
+            let mut cut = false;
+            for e in batch {
+                cursor.a = Some(e.id.clone());
+                if !e.node {
+                    bytes += entry_wire_bytes(&e);
+                    upserted.push(e);
+                }
+                if bytes >= PAGE_BYTES {
+                    cut = true;
+                    break;
+                }
+            }
+            if exhausted && !cut {
+                cursor.p += 1;
+                cursor.a = None;
             }
         }
-        for (id, deleted) in latest {
-            match (deleted, self.store.get_entry(&id)?) {
-                (false, Some(e)) => result.upserted.push(e),
-                _ => result.deleted.push(id),
-            }
-        }
-        Ok(result)
+        let next_page_token = if cursor.p < parents.len() {
+            Some(page_token::encode(SYNC_TOKEN, agent_id, &cursor)?)
+        } else {
+            None
+        };
+        Ok(SyncResult {
+            full: true,
+            upserted,
+            deleted: Vec::new(),
+            revision: cursor.r,
+            next_page_token,
+        })
     }
 }
 
@@ -81,4 +370,55 @@ pub struct SyncResult {
     pub deleted: Vec<String>,
     /// The revision the agent holds after applying this.
     pub revision: u64,
+    /// More pages of this full answer follow: the token of the next one.
+    pub next_page_token: Option<String>,
+}
+
+impl SyncResult {
+    /// An upper bound of the answer's entries' size on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        self.upserted.iter().map(entry_wire_bytes).sum::<usize>()
+            + self.deleted.iter().map(|d| d.len() + 6).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_token;
+    use super::*;
+
+    /// `t` with its middle character changed.
+    fn tampered(t: &str) -> String {
+        let mut chars: Vec<char> = t.chars().collect();
+        let mid = chars.len() / 2;
+        chars[mid] = if chars[mid] == 'x' { 'y' } else { 'x' };
+        chars.into_iter().collect()
+    }
+
+    #[test]
+    fn page_tokens_come_back_only_unchanged_and_for_their_listing() {
+        let t = page_token::encode("entries", "filter-a", &"abc").unwrap();
+        let back: String = page_token::decode("entries", "filter-a", &t).unwrap();
+        assert_eq!(back, "abc");
+        for (kind, ctx, token) in [
+            ("entries", "filter-b", t.clone()),
+            ("agents", "filter-a", t.clone()),
+            ("entries", "filter-a", format!("{t}A")),
+            ("entries", "filter-a", tampered(&t)),
+            ("entries", "filter-a", "not a token!".into()),
+            ("entries", "filter-a", "A".repeat(5000)),
+        ] {
+            match page_token::decode::<String>(kind, ctx, &token) {
+                Err(Error::InvalidInput(m)) => assert!(m.contains("invalid page_token"), "{m}"),
+                other => panic!("{kind} {ctx} {token}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn page_sizes_are_bounded() {
+        assert_eq!(page_limit(0, DEFAULT_PAGE_SIZE), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_limit(7, DEFAULT_PAGE_SIZE), 7);
+        assert_eq!(page_limit(u32::MAX, DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE);
+    }
 }

@@ -49,7 +49,10 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
             c.list_entries(pb::ListEntriesRequest::default())
         ),
         probe!("GetEntry", c.get_entry(id())),
-        probe!("ListAgents", c.list_agents(pb::ListAgentsRequest {})),
+        probe!(
+            "ListAgents",
+            c.list_agents(pb::ListAgentsRequest::default())
+        ),
         probe!("GetAgent", c.get_agent(agent())),
         probe!("GetBundle", c.get_bundle(pb::GetBundleRequest {})),
         probe!("ListAuthorities", c.list_authorities(kind())),
@@ -59,6 +62,27 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
         ),
         probe!("CreateEntry", c.create_entry(entry.clone())),
         probe!("DeleteEntry", c.delete_entry(id())),
+        probe!("UpdateEntry", c.update_entry(entry.clone())),
+        probe!(
+            "CountEntries",
+            c.count_entries(pb::CountEntriesRequest::default())
+        ),
+        probe!(
+            "CountAgents",
+            c.count_agents(pb::CountAgentsRequest::default())
+        ),
+        probe!(
+            "BatchCreateEntries",
+            c.batch_create_entries(pb::BatchCreateEntriesRequest {
+                entries: vec![entry.clone()]
+            })
+        ),
+        probe!(
+            "BatchDeleteEntries",
+            c.batch_delete_entries(pb::BatchDeleteEntriesRequest {
+                ids: vec!["nope".into()]
+            })
+        ),
         probe!("EvictAgent", c.evict_agent(agent())),
         probe!("BanAgent", c.ban_agent(agent())),
         probe!("PrepareAuthority", c.prepare_authority(kind())),
@@ -111,6 +135,8 @@ fn expected_allowed(role: &str, rpc: &str) -> bool {
         "GetEntry",
         "ListAgents",
         "GetAgent",
+        "CountEntries",
+        "CountAgents",
         "GetBundle",
         "ListAuthorities",
         "ListFederatedBundles",
@@ -121,6 +147,9 @@ fn expected_allowed(role: &str, rpc: &str) -> bool {
         "CreateJoinToken",
         "CreateEntry",
         "DeleteEntry",
+        "UpdateEntry",
+        "BatchCreateEntries",
+        "BatchDeleteEntries",
         "EvictAgent",
         "BanAgent",
         "RefreshFederation",

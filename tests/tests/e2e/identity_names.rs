@@ -696,6 +696,7 @@ async fn non_canonical_ids_are_refused_at_every_entry_point() {
             .list_entries(apb::ListEntriesRequest {
                 spiffe_id: id.into(),
                 parent_id: String::new(),
+                ..Default::default()
             })
             .await;
         assert_status(r, Code::InvalidArgument, why, &format!("filter {id}"));

@@ -6,6 +6,7 @@
 mod admin_authz;
 mod agent_failover;
 mod audit;
+mod entry_scale;
 mod federation;
 mod hsm_pkcs11;
 mod hsm_tpm;

@@ -277,6 +277,16 @@ mod tests {
         assert!(Role::Viewer.allows("ListEntries"));
         assert!(!Role::Viewer.allows("CreateEntry"));
         assert!(Role::Operator.allows("CreateEntry") && Role::Operator.allows("BanAgent"));
+        // The entry batches, update and counts: the same roles as their single calls.
+        for m in ["UpdateEntry", "BatchCreateEntries", "BatchDeleteEntries"] {
+            assert!(Role::Operator.allows(m) && !Role::Viewer.allows(m), "{m}");
+            assert!(!Role::AuthorityAdmin.allows(m), "{m}");
+        }
+        for m in ["CountEntries", "CountAgents"] {
+            for role in [Role::Viewer, Role::Operator, Role::AuthorityAdmin] {
+                assert!(role.allows(m), "{role:?} {m}");
+            }
+        }
         assert!(!Role::Operator.allows("RevokeAuthority"));
         assert!(
             Role::AuthorityAdmin.allows("RevokeAuthority")

@@ -248,4 +248,39 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::IssueAdminSvidResponse>, Status> {
         admin_svid::issue_admin_svid(self, request).await
     }
+
+    async fn update_entry(
+        &self,
+        request: Request<npb::Entry>,
+    ) -> Result<Response<npb::Entry>, Status> {
+        entries::update_entry(self, request).await
+    }
+
+    async fn count_entries(
+        &self,
+        request: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        entries::count_entries(self, request).await
+    }
+
+    async fn count_agents(
+        &self,
+        request: Request<pb::CountAgentsRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        agents::count_agents(self, request).await
+    }
+
+    async fn batch_create_entries(
+        &self,
+        request: Request<pb::BatchCreateEntriesRequest>,
+    ) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+        entries::batch_create_entries(self, request).await
+    }
+
+    async fn batch_delete_entries(
+        &self,
+        request: Request<pb::BatchDeleteEntriesRequest>,
+    ) -> Result<Response<pb::BatchEntriesResponse>, Status> {
+        entries::batch_delete_entries(self, request).await
+    }
 }
