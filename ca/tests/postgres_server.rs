@@ -540,3 +540,64 @@ async fn the_federation_poller_runs_on_exactly_one_server() {
     }
     follower.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_names_the_server_of_each_authority() {
+    use ztid_proto::admin::admin_server::Admin;
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let api = ztid_ca::api::admin::AdminApi::new(b.clone());
+    for kind in ["x509", "jwt"] {
+        let list = api
+            .list_authorities(tonic::Request::new(ztid_proto::admin::AuthorityKind {
+                kind: kind.into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .authorities;
+        assert_eq!(list.len(), 2, "{list:?}");
+        for (server, other) in [(&a, &b), (&b, &a)] {
+            let own: Vec<_> = list
+                .iter()
+                .filter(|x| x.server_id == server.server_id())
+                .collect();
+            assert_eq!(
+                own.len(),
+                1,
+                "{kind}: one authority of {}",
+                server.server_id()
+            );
+            assert_ne!(own[0].server_id, other.server_id());
+        }
+        // Only this server's own key backend is known.
+        for x in &list {
+            assert_eq!(
+                x.key_backend.is_empty(),
+                x.server_id != b.server_id(),
+                "{x:?}"
+            );
+        }
+    }
+    // What a lifecycle call answers names this server.
+    let prepared = api
+        .prepare_authority(tonic::Request::new(ztid_proto::admin::AuthorityKind {
+            kind: "jwt".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prepared.server_id, b.server_id());
+    // Tainting A's authority through B: refused, naming A.
+    let a_jwt = a.authorities.jwt().record().id.clone();
+    let e = api
+        .taint_authority(tonic::Request::new(ztid_proto::admin::AuthorityRef {
+            kind: "jwt".into(),
+            id: a_jwt,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(a.server_id()), "{e:?}");
+}

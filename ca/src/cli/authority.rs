@@ -1,4 +1,9 @@
 //! `authority`: the X.509 and JWT authorities (show, prepare, activate, taint, revoke).
+//!
+//! With several servers on one database, `show` lists every server's authorities and
+//! which server owns each; `prepare` and `activate` act on the authorities of the
+//! server the admin socket belongs to, and `taint` and `revoke` must go through the
+//! owning server (another server refuses, naming the owner).
 
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -20,7 +25,7 @@ pub enum AuthorityCmd {
 /// What to do with an authority.
 #[derive(Debug, Subcommand)]
 pub enum AuthorityAction {
-    /// List every authority and its state.
+    /// List every authority (of every server on a shared database), its state and its server.
     Show,
     /// Create a new authority and publish it in the bundle (it signs nothing yet).
     Prepare,
@@ -43,6 +48,7 @@ fn authority_json(a: &pb::Authority) -> Value {
         "kind": a.kind, "id": a.id, "state": a.state, "tainted": a.tainted,
         "tainted_at": a.tainted_at, "not_before": a.not_before, "not_after": a.not_after,
         "key_id": a.key_id, "key_backend": a.key_backend, "public_key_sha256": a.public_key_sha256,
+        "server_id": a.server_id,
     })
 }
 
@@ -52,6 +58,7 @@ fn print_authority(a: &pb::Authority, out: Output) {
         Output::Text => {
             println!("Authority ID  : {}", a.id);
             println!("Kind          : {}", a.kind);
+            println!("Server        : {}", a.server_id);
             println!(
                 "State         : {}{}",
                 a.state,
@@ -59,7 +66,12 @@ fn print_authority(a: &pb::Authority, out: Output) {
             );
             println!("Not before    : {}", a.not_before);
             println!("Not after     : {}", a.not_after);
-            println!("Key           : {} ({})", a.key_id, a.key_backend);
+            if a.key_backend.is_empty() {
+                // Another server's authority: its key is in that server's key manager.
+                println!("Key           : {}", a.key_id);
+            } else {
+                println!("Key           : {} ({})", a.key_id, a.key_backend);
+            }
             println!("Key SHA-256   : {}", a.public_key_sha256);
             println!();
         }

@@ -11,7 +11,14 @@ use crate::datastore::AuthorityRecord;
 use crate::limits;
 use crate::Error;
 
-fn authority_to_proto(kind: Kind, a: &AuthorityRecord, backend: &str) -> pb::Authority {
+/// `server_id` owns `a`; `backend` is its key manager's name, empty when another
+/// server owns it (this server does not know that server's backend).
+fn authority_to_proto(
+    kind: Kind,
+    a: &AuthorityRecord,
+    backend: &str,
+    server_id: &str,
+) -> pb::Authority {
     pb::Authority {
         kind: kind.as_str().into(),
         id: a.id.clone(),
@@ -28,7 +35,18 @@ fn authority_to_proto(kind: Kind, a: &AuthorityRecord, backend: &str) -> pb::Aut
         key_backend: backend.into(),
         public_key_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &a.public_key)),
         tainted_at: a.tainted_at,
+        server_id: server_id.into(),
     }
+}
+
+/// One of this server's own authorities.
+fn own_to_proto(api: &AdminApi, kind: Kind, a: &AuthorityRecord) -> pb::Authority {
+    authority_to_proto(
+        kind,
+        a,
+        api.core.authorities.key_backend(),
+        api.core.server_id(),
+    )
 }
 
 fn authority_ref(r: &pb::AuthorityRef) -> crate::Result<()> {
@@ -64,12 +82,17 @@ pub(super) async fn list_authorities(
     )?;
     let kind = Kind::parse(&request.get_ref().kind)?;
     let backend = api.core.authorities.key_backend();
-    let list = api.core.list_authorities(kind)?;
+    let own = api.core.server_id();
+    // Every server's authorities, each with its owner.
+    let list = api.core.list_cluster_authorities(kind)?;
     api.core.audit_barrier().await?;
     Ok(Response::new(pb::Authorities {
         authorities: list
             .iter()
-            .map(|a| authority_to_proto(kind, a, backend))
+            .map(|(server, a)| {
+                let backend = if server == own { backend } else { "" };
+                authority_to_proto(kind, a, backend, server)
+            })
             .collect(),
     }))
 }
@@ -87,11 +110,7 @@ pub(super) async fn prepare_authority(
     let kind = Kind::parse(&request.get_ref().kind)?;
     let a = api.core.prepare_authority(kind, &caller(&request))?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(authority_to_proto(
-        kind,
-        &a,
-        api.core.authorities.key_backend(),
-    )))
+    Ok(Response::new(own_to_proto(api, kind, &a)))
 }
 
 pub(super) async fn activate_authority(
@@ -107,11 +126,7 @@ pub(super) async fn activate_authority(
     let kind = Kind::parse(&request.get_ref().kind)?;
     let a = api.core.activate_authority(kind, &caller(&request))?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(authority_to_proto(
-        kind,
-        &a,
-        api.core.authorities.key_backend(),
-    )))
+    Ok(Response::new(own_to_proto(api, kind, &a)))
 }
 
 pub(super) async fn taint_authority(
@@ -125,11 +140,7 @@ pub(super) async fn taint_authority(
         .core
         .taint_authority(kind, &request.get_ref().id, &caller(&request))?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(authority_to_proto(
-        kind,
-        &a,
-        api.core.authorities.key_backend(),
-    )))
+    Ok(Response::new(own_to_proto(api, kind, &a)))
 }
 
 pub(super) async fn revoke_authority(
@@ -143,9 +154,5 @@ pub(super) async fn revoke_authority(
         .core
         .revoke_authority(kind, &request.get_ref().id, &caller(&request))?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(authority_to_proto(
-        kind,
-        &a,
-        api.core.authorities.key_backend(),
-    )))
+    Ok(Response::new(own_to_proto(api, kind, &a)))
 }
