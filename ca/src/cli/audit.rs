@@ -1,13 +1,22 @@
 //! `audit`: the audit log, offline (no server needed; `accept-rollback` needs it
 //! stopped).
+//!
+//! Each server keeps its own hash-chained log in its data directory, and its anchor
+//! in the datastore it runs on, under its server id: `DATA_DIR/datastore` (sled, one
+//! server), or the PostgreSQL database several servers share (`DATA_DIR/server-id`
+//! names the anchor). `verify` and `accept-rollback` open the store the server is
+//! configured with (`--config`, `--datastore`, `--datastore-url`, as `run` does) and
+//! say which server they checked.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::Output;
-use crate::config::ServerConfig;
+use crate::audit::{NamedAnchor, VerifyError, VerifyReport};
+use crate::config::{DatastoreKind, ServerConfig};
+use crate::datastore::DataStore;
 
 /// `audit` verbs.
 #[derive(Debug, Subcommand)]
@@ -29,6 +38,9 @@ pub enum AuditCmd {
         /// contain its record, unchanged. Repeatable.
         #[arg(long, value_name = "FILE")]
         checkpoint: Vec<PathBuf>,
+        /// The datastore holding this server's anchor (as `run` is given it).
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Verify the log, then write a checkpoint signed by the audit key (last signed
     /// record: sequence number, hash, time, key id) for an off-host witness. Works on a
@@ -57,7 +69,24 @@ pub enum AuditCmd {
         /// Why (recorded in the log).
         #[arg(long)]
         reason: String,
+        /// The datastore holding this server's anchor (as `run` is given it).
+        #[command(flatten)]
+        store: StoreArgs,
     },
+}
+
+/// The datastore flags of `verify` and `accept-rollback`: the server's own, as `run`
+/// takes them (over `--config`'s `[datastore]`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreArgs {
+    /// sled (DATA_DIR/datastore; the default) or postgres (the database several servers
+    /// share, with --datastore-url).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub datastore: Option<DatastoreKind>,
+    /// postgres://USER@HOST:PORT/DB[?...], without a password: the password comes from
+    /// [datastore] password_file or ZTID_DATASTORE_PASSWORD.
+    #[arg(long, value_name = "URL")]
+    pub datastore_url: Option<String>,
 }
 
 /// The longest `accept-rollback --reason`.
@@ -77,15 +106,201 @@ fn audit_config(
     Ok(c)
 }
 
-/// The datastore's audit anchor, or why it could not be read (a running server holds
-/// the datastore; it checks the anchor itself at every start).
-fn datastore_anchor(c: &ServerConfig) -> Result<Option<crate::audit::NamedAnchor>, String> {
-    let path = c.data_dir.join("datastore");
-    if !path.exists() {
-        return Err(format!("no datastore at {}", path.display()));
+/// [`audit_config`] with the datastore flags applied, as `run` applies them.
+fn store_config(
+    data_dir: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+    store: &StoreArgs,
+) -> Result<ServerConfig, String> {
+    let mut c = audit_config(data_dir, config)?;
+    if let Some(k) = store.datastore {
+        c.datastore.kind = k;
     }
-    let store = crate::datastore::SledStore::open(&path).map_err(|e| e.to_string())?;
-    crate::audit::NamedAnchor::from_store(&store).map_err(|e| e.to_string())
+    if let Some(u) = &store.datastore_url {
+        c.datastore.url = Some(u.clone());
+    }
+    c.datastore.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+/// The name of a datastore kind, as the flag spells it.
+fn kind_name(kind: DatastoreKind) -> &'static str {
+    match kind {
+        DatastoreKind::Sled => "sled",
+        DatastoreKind::Postgres => "postgres",
+    }
+}
+
+/// This server's id on PostgreSQL, from `DATA_DIR/server-id`, which must exist: a
+/// new id would name an anchor no log ever wrote (and the file would then claim the
+/// directory for a server that never ran).
+fn existing_server_id(data_dir: &Path) -> Result<String, String> {
+    let file = data_dir.join(crate::core::store::SERVER_ID_FILE);
+    if !file.is_file() {
+        return Err(format!(
+            "no {}: no server has run on PostgreSQL with this data directory (its server id \
+             names its audit anchor in the database); give the server's --data-dir",
+            file.display()
+        ));
+    }
+    crate::core::store::server_id(data_dir).map_err(|e| e.to_string())
+}
+
+/// Opens the store the server is configured with (the data directory must be one a
+/// server ran on), returning it with this server's id.
+fn open_server_store(c: &ServerConfig) -> Result<std::sync::Arc<dyn DataStore>, String> {
+    if c.datastore.kind == DatastoreKind::Postgres {
+        existing_server_id(&c.data_dir)?;
+    }
+    crate::core::store::open_datastore(c).map_err(|e| e.to_string())
+}
+
+/// The datastore's anchor of this server, named after the server on PostgreSQL.
+fn server_anchor(store: &dyn DataStore, kind: DatastoreKind) -> crate::Result<Option<NamedAnchor>> {
+    let mut anchor = NamedAnchor::from_store(store)?;
+    if let (Some(a), DatastoreKind::Postgres) = (&mut anchor, kind) {
+        a.source = format!(
+            "the datastore anchor of server {} (PostgreSQL)",
+            store.server_id()
+        );
+    }
+    Ok(anchor)
+}
+
+/// What `audit verify` checked of one server's log.
+#[derive(Debug, Clone)]
+pub struct ServerAudit {
+    /// The server: `DATA_DIR/server-id` on PostgreSQL, the sled store's fixed id on sled.
+    pub server_id: String,
+    /// The datastore its anchor was read from.
+    pub datastore: DatastoreKind,
+    /// Its audit directory.
+    pub dir: PathBuf,
+    /// The datastore anchor the log was checked against (`None`: no anchor yet, or
+    /// sled's datastore could not be opened: see `datastore_note`).
+    pub anchor: Option<NamedAnchor>,
+    /// Why the datastore anchor was not checked, if it was not.
+    pub datastore_note: Option<String>,
+    /// What the walk found.
+    pub report: VerifyReport,
+}
+
+/// Why `audit verify` failed for a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditVerifyError {
+    /// The config, the flags, the key manager or a checkpoint file.
+    #[error("{0}")]
+    Config(String),
+    /// The PostgreSQL datastore holding this server's anchor could not be read: the log
+    /// was not checked against it, so nothing is claimed.
+    #[error("server {server_id}: the audit anchor in the PostgreSQL datastore could not be read: {detail}")]
+    Datastore {
+        /// The server.
+        server_id: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The log itself: its first bad record, or the anchor it does not reach.
+    #[error("audit log {} of server {server_id}: {error}", dir.display())]
+    Log {
+        /// The server.
+        server_id: String,
+        /// Its audit directory.
+        dir: PathBuf,
+        /// What is wrong (boxed: it is large, and this error is returned by value).
+        #[source]
+        error: Box<VerifyError>,
+    },
+}
+
+/// Verifies the audit log of the server `config` describes (its data directory, key
+/// manager and datastore): the hash chain, signatures, signed head, `checkpoints`,
+/// and its anchor in the datastore it runs on.
+///
+/// On sled a datastore held by the running server cannot be opened: the anchor is then
+/// not checked and the report says so (the server checks it at every start). On
+/// PostgreSQL the anchor can always be read while the database answers, and it must
+/// be: a database that cannot be read fails the verification.
+pub fn verify_server(
+    config: &ServerConfig,
+    allow_unsigned_tail: bool,
+    checkpoints: &[PathBuf],
+) -> Result<ServerAudit, AuditVerifyError> {
+    config
+        .datastore
+        .validate()
+        .map_err(|e| AuditVerifyError::Config(e.to_string()))?;
+    let km =
+        crate::keys::key_manager(config).map_err(|e| AuditVerifyError::Config(e.to_string()))?;
+    let dir = config.data_dir.join("audit");
+    let mut anchors = Vec::new();
+    for f in checkpoints {
+        anchors.push(
+            crate::audit::read_checkpoint_file(f, &dir, km.as_ref())
+                .map_err(|e| AuditVerifyError::Config(e.to_string()))?,
+        );
+    }
+    let kind = config.datastore.kind;
+    let (server_id, anchor, datastore_note) = match kind {
+        DatastoreKind::Sled => {
+            let id = crate::datastore::SledStore::DEFAULT_SERVER_ID.to_string();
+            let path = config.data_dir.join("datastore");
+            let read = if path.exists() {
+                crate::datastore::SledStore::open(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|store| server_anchor(&store, kind).map_err(|e| e.to_string()))
+            } else {
+                Err(format!("no datastore at {}", path.display()))
+            };
+            match read {
+                Ok(Some(a)) => (id, Some(a), None),
+                Ok(None) => (
+                    id,
+                    None,
+                    Some("the datastore holds no anchor yet".to_string()),
+                ),
+                Err(e) => (id, None, Some(format!("datastore anchor not checked: {e}"))),
+            }
+        }
+        DatastoreKind::Postgres => {
+            let id = existing_server_id(&config.data_dir).map_err(AuditVerifyError::Config)?;
+            let datastore = |detail: String| AuditVerifyError::Datastore {
+                server_id: id.clone(),
+                detail,
+            };
+            let store =
+                crate::core::store::open_datastore(config).map_err(|e| datastore(e.to_string()))?;
+            match server_anchor(store.as_ref(), kind).map_err(|e| datastore(e.to_string()))? {
+                Some(a) => (id, Some(a), None),
+                None => (
+                    id.clone(),
+                    None,
+                    Some(format!("the datastore holds no anchor of server {id} yet")),
+                ),
+            }
+        }
+    };
+    anchors.extend(anchor.clone());
+    let options = crate::audit::VerifyOptions {
+        allow_unsigned_tail,
+        anchors,
+    };
+    match crate::audit::verify_with(&dir, km.as_ref(), &options) {
+        Ok(report) => Ok(ServerAudit {
+            server_id,
+            datastore: kind,
+            dir,
+            anchor,
+            datastore_note,
+            report,
+        }),
+        Err(error) => Err(AuditVerifyError::Log {
+            server_id,
+            dir,
+            error: Box::new(error),
+        }),
+    }
 }
 
 /// Runs an `audit` verb (offline: no server needed; `accept-rollback` needs it stopped).
@@ -96,7 +311,15 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             config,
             allow_unsigned_tail,
             checkpoint,
-        } => audit_verify(data_dir, config, *allow_unsigned_tail, checkpoint, out),
+            store,
+        } => audit_verify(
+            data_dir,
+            config,
+            store,
+            *allow_unsigned_tail,
+            checkpoint,
+            out,
+        ),
         AuditCmd::Checkpoint {
             data_dir,
             config,
@@ -129,6 +352,7 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             data_dir,
             config,
             reason,
+            store,
         } => {
             let reason = reason.trim();
             if reason.is_empty() || reason.len() > MAX_ROLLBACK_REASON {
@@ -136,13 +360,25 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
                     "--reason must say why, in 1 to {MAX_ROLLBACK_REASON} bytes"
                 ));
             }
-            let c = audit_config(data_dir, config)?;
+            let c = store_config(data_dir, config, store)?;
             let km = crate::keys::key_manager(&c).map_err(|e| e.to_string())?;
-            let path = c.data_dir.join("datastore");
-            let store: std::sync::Arc<dyn crate::datastore::DataStore> =
-                std::sync::Arc::new(crate::datastore::SledStore::open(&path).map_err(|e| {
-                    format!("{e} (stop the server first: accept-rollback needs its datastore)")
-                })?);
+            if c.datastore.kind == DatastoreKind::Postgres {
+                // sled's lock refuses a second opener; a shared database does not, so
+                // look for the server itself: one answering on its admin socket is
+                // writing the log and advancing the anchor.
+                let socket = c.admin_socket_path();
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    return Err(format!(
+                        "the server answers on its admin socket {}: stop it first \
+                         (accept-rollback rewrites its audit anchor)",
+                        socket.display()
+                    ));
+                }
+            }
+            let store = open_server_store(&c).map_err(|e| {
+                format!("{e} (stop the server first: accept-rollback needs its datastore)")
+            })?;
+            let server_id = store.server_id().to_string();
             let log = crate::audit::AuditLog::open_with(
                 &c.data_dir.join("audit"),
                 km,
@@ -155,12 +391,18 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             log.close().await.map_err(|e| e.to_string())?;
             let accepted = log.accepted_rollback();
             match out {
-                Output::Json => println!("{}", json!({"accepted": accepted})),
-                Output::Text if accepted.is_empty() => {
-                    println!("nothing to accept: the audit log reaches its anchors")
-                }
+                Output::Json => println!(
+                    "{}",
+                    json!({"server_id": server_id, "datastore": kind_name(c.datastore.kind),
+                        "accepted": accepted})
+                ),
+                Output::Text if accepted.is_empty() => println!(
+                    "server {server_id}: nothing to accept: the audit log reaches its anchors"
+                ),
                 Output::Text => {
-                    println!("accepted, and recorded in the audit log with the reason:");
+                    println!(
+                        "server {server_id}: accepted, and recorded in the audit log with the reason:"
+                    );
                     for a in accepted {
                         println!("  {a}");
                     }
@@ -171,47 +413,41 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
     }
 }
 
-/// Runs `audit verify`.
+/// Runs `audit verify`: [`verify_server`] on the server the flags describe, printed.
 pub fn audit_verify(
     data_dir: &Option<PathBuf>,
     config: &Option<PathBuf>,
+    store: &StoreArgs,
     allow_unsigned_tail: bool,
     checkpoints: &[PathBuf],
     out: Output,
 ) -> Result<(), String> {
-    let c = audit_config(data_dir, config)?;
-    let km = crate::keys::key_manager(&c).map_err(|e| e.to_string())?;
-    let dir = c.data_dir.join("audit");
-    let mut anchors = Vec::new();
-    for f in checkpoints {
-        anchors.push(
-            crate::audit::read_checkpoint_file(f, &dir, km.as_ref()).map_err(|e| e.to_string())?,
-        );
-    }
-    let datastore_note = match datastore_anchor(&c) {
-        Ok(Some(a)) => {
-            anchors.push(a);
-            None
-        }
-        Ok(None) => Some("the datastore holds no anchor yet".to_string()),
-        Err(e) => Some(format!("datastore anchor not checked: {e}")),
-    };
-    let options = crate::audit::VerifyOptions {
-        allow_unsigned_tail,
-        anchors,
-    };
-    let r = crate::audit::verify_with(&dir, km.as_ref(), &options)
-        .map_err(|e| format!("audit log {}: {e}", dir.display()))?;
+    let c = store_config(data_dir, config, store)?;
+    let v = verify_server(&c, allow_unsigned_tail, checkpoints).map_err(|e| e.to_string())?;
+    let r = &v.report;
+    let anchor = v
+        .anchor
+        .as_ref()
+        .map(|a| json!({"source": a.source, "seq": a.anchor.seq, "hash": a.anchor.hash}));
     match out {
         Output::Json => println!(
             "{}",
-            json!({"ok": true, "records": r.records, "checkpoints": r.checkpoints,
+            json!({"ok": true, "server_id": v.server_id, "datastore": kind_name(v.datastore),
+                "audit_dir": v.dir.display().to_string(),
+                "records": r.records, "checkpoints": r.checkpoints,
                 "seals": r.seals, "signed_through": r.signed_through, "head_seq": r.head_seq,
                 "unsigned_tail": r.unsigned_tail, "torn_tail": r.torn_tail,
                 "anchors_reached": r.anchors_reached,
-                "datastore_anchor": datastore_note})
+                "anchor": anchor,
+                "datastore_anchor": v.datastore_note})
         ),
         Output::Text => {
+            println!(
+                "server {} ({} datastore): audit log {}",
+                v.server_id,
+                kind_name(v.datastore),
+                v.dir.display()
+            );
             println!(
                 "audit log OK: {} records, {} signed checkpoints, {} seals, signed through record {}{}",
                 r.records,
@@ -227,9 +463,12 @@ pub fn audit_verify(
                 }
             );
             for a in &r.anchors_reached {
-                println!("extends {a}");
+                match &v.anchor {
+                    Some(d) if &d.source == a => println!("extends {a} (record {})", d.anchor.seq),
+                    _ => println!("extends {a}"),
+                }
             }
-            if let Some(n) = datastore_note {
+            if let Some(n) = &v.datastore_note {
                 println!("note: {n}");
             }
         }

@@ -29,11 +29,13 @@ mod token;
 
 pub use admin::{AdminCmd, AdminCredentialCmd};
 pub use agent::AgentCmd;
-pub use audit::{audit_verb, audit_verify, AuditCmd};
+pub use audit::{
+    audit_verb, audit_verify, verify_server, AuditCmd, AuditVerifyError, ServerAudit, StoreArgs,
+};
 pub use authority::{AuthorityAction, AuthorityCmd};
 pub use bundle::{BundleCmd, BundleFormat};
 pub use datastore::{DatastoreCmd, MigrateArgs};
-pub use entry::EntryCmd;
+pub use entry::{EntryArgs, EntryCmd};
 pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
 pub use federation::FederationCmd;
 pub use output::Output;
