@@ -1,11 +1,13 @@
 //! ztid's end-to-end tests: the real `ztid-server` and `ztid-agent` binaries as
-//! processes on real sockets, with swtpm, SoftHSM2, openssl, py-spiffe and the `spiffe`
-//! crate as independent parts. One test binary (one link, not one per file); each
-//! module is one area. Run one area with `cargo test -p ztid-tests --test e2e <module>::`.
+//! processes on real sockets, with swtpm, SoftHSM2, PostgreSQL, openssl, py-spiffe and
+//! the `spiffe` crate as independent parts. One test binary (one link, not one per
+//! file); each module is one area. Run one area with
+//! `cargo test -p ztid-tests --test e2e <module>::`.
 
 mod admin_authz;
 mod agent_failover;
 mod audit;
+mod cluster;
 mod entry_scale;
 mod federation;
 mod hsm_pkcs11;
