@@ -12,9 +12,14 @@
 //! they are issued only by `IssueAdminSvid`, which is served on the admin socket alone
 //! ([`LOCAL_ONLY`]). The caller's ID is read in canonical spelling only, so the string
 //! lookup is an identity comparison. And an admin identity counts only in a certificate
-//! this server's own X.509 authorities signed: under an upstream root the bundle trusts
+//! the cluster's own X.509 authorities signed: under an upstream root the bundle trusts
 //! the organisation's root, so any other CA under it (another trust domain's, say) could
-//! otherwise sign `spiffe://TD/ztid/admin/root` itself.
+//! otherwise sign `spiffe://TD/ztid/admin/root` itself. Several servers on one database
+//! are one cluster: an admin SVID issued by server A is admitted by server B's remote
+//! admin API (its roles are B's config), as an agent attested through A is by B (see
+//! `core/agent_auth.rs` for why that is no wider trust). The issuers are the X.509
+//! authorities in the servers' CA states, never the upstream root nor a federated
+//! bundle.
 //!
 //! Every decision, allowed or refused, is audited; refusals through [`RefusalAudit`]
 //! (one by one up to its bounds per caller, with the peer's address, then summarised),
@@ -43,14 +48,16 @@ pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid"];
 /// (authorities rotate).
 pub type AdminIssuers = Arc<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>;
 
-/// This server's own X.509 authorities (prepared, active and old; a revoked one is gone),
-/// the only issuers of admin identities. None readable: no remote admin is admitted.
+/// The cluster's own X.509 authorities: every server's on the shared database (this
+/// server's alone on sled), prepared, active and old, as of the last cluster reload (a
+/// revoked one is gone): the only issuers of admin identities. Not the upstream root
+/// and no federated bundle. None readable: no remote admin is admitted.
 pub fn own_issuers(core: &Arc<CaCore>) -> AdminIssuers {
     let core = core.clone();
     Arc::new(move || {
         core.authorities
-            .list(crate::authority::Kind::X509)
-            .map(|all| all.into_iter().map(|a| a.cert_der.into()).collect())
+            .cluster_x509_certs()
+            .map(|all| all.into_iter().map(Into::into).collect())
             .unwrap_or_default()
     })
 }
@@ -96,9 +103,11 @@ impl AdminPolicy {
         self.local_uids.contains(&uid)
     }
 
-    /// True if `leaf` was signed by one of the admin issuers (its chain to the bundle
-    /// was already checked by TLS; this pins the last link).
-    fn issued_here(&self, leaf: &[u8]) -> bool {
+    /// True if `leaf` (DER) was signed by one of the admin issuers, the cluster's own
+    /// authorities ([`own_issuers`]), and is current. Its chain to the bundle was
+    /// already checked by TLS; this pins the last link. A remote caller's roles count
+    /// only when it holds.
+    pub fn issued_by_cluster(&self, leaf: &[u8]) -> bool {
         ztid_spiffe::svid::verify_chain(
             &[CertificateDer::from(leaf)],
             &(self.issuers)(),
@@ -165,12 +174,13 @@ impl AdminPolicy {
                 ));
             }
             let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
-            if !roles.is_empty() && !self.issued_here(&leaf) {
+            if !roles.is_empty() && !self.issued_by_cluster(&leaf) {
                 return Err((
                     id.clone(),
                     format!(
-                        "{id} is not in a certificate this server's authority signed; \
-                         admin identities come only from `ztid-server admin credential issue`"
+                        "{id} is not in a certificate this server's authority signed (nor \
+                         another server's of its cluster); admin identities come only from \
+                         `ztid-server admin credential issue`"
                     ),
                     "admin_not_issued_here",
                 ));
