@@ -23,7 +23,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde_json::Value;
 use ztid_ca::audit::VerifyError;
@@ -93,24 +92,30 @@ impl Cluster {
     }
 
     /// Starts server `name`, attests `nodes` through it (audited events), and stops it
-    /// cleanly: its log ends with a seal, its anchors name that seal.
+    /// cleanly (its log ends with a seal, its anchors name that seal), in a child
+    /// process: a core's audit writer thread lives as long as its process (it would
+    /// append an idle checkpoint 10 s later), as in a real server.
     fn run_and_stop(&self, name: &str, nodes: &[&str]) {
-        let core: Arc<CaCore> = CaCore::open(self.config(name)).unwrap_or_else(|e| {
-            panic!(
-                "opening server {name} on PostgreSQL: {e}\n{}",
-                self.pg.log_tail()
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "run_a_server_in_this_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                RUN_ENV,
+                format!("{}\n{}", self.config_file(name).display(), nodes.join(",")),
             )
-        });
-        for n in nodes {
-            attest(&core, n);
-        }
-        let log = core.audit.clone().expect("the audit log is on by default");
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(log.close())
+            .output()
             .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(RAN),
+            "running server {name} in a child process failed:\n{}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.pg.log_tail()
+        );
     }
 
     /// `ztid-server audit ARGS` with the database password in the environment.
@@ -122,6 +127,34 @@ impl Cluster {
             .output()
             .unwrap()
     }
+}
+
+/// Where the child process of [`Cluster::run_and_stop`] finds its server: the config
+/// file, then the nodes to attest (comma-separated).
+const RUN_ENV: &str = "ZTID_TEST_AUDIT_RUN_SERVER";
+/// What the child prints when its server ran and stopped cleanly.
+const RAN: &str = "server ran and stopped";
+
+/// Not a check: the child process of [`Cluster::run_and_stop`] (does nothing when run
+/// otherwise).
+#[test]
+fn run_a_server_in_this_process() {
+    let Ok(spec) = std::env::var(RUN_ENV) else {
+        return;
+    };
+    let (config, nodes) = spec.split_once('\n').unwrap();
+    let core = CaCore::open(ServerConfig::from_file(Path::new(config)).unwrap()).unwrap();
+    for n in nodes.split(',').filter(|n| !n.is_empty()) {
+        attest(&core, n);
+    }
+    let log = core.audit.clone().expect("the audit log is on by default");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(log.close())
+        .unwrap();
+    println!("{RAN}");
 }
 
 fn attest(core: &CaCore, node_id: &str) {
