@@ -38,9 +38,21 @@ pub struct ProcessInstance {
     pub start_time: u64,
 }
 
+/// Reads a small `/proc` file whole. `/proc` files report a size of 0, so
+/// [`fs::read_to_string`] asks for the size (`statx`), then starts with a 32-byte buffer
+/// and doubles it: 6 `read` calls for a `stat` file, 8 for `status`. Here a 4 KiB buffer
+/// from the start (and no size query: `take` hides the file) takes one `read` for the
+/// content and one to see the end.
+fn read_proc_file(path: &str) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut s = String::with_capacity(4096);
+    (&mut f).take(u64::MAX).read_to_string(&mut s)?;
+    Ok(s)
+}
+
 /// Reads the start time of `pid`, or an error if the process is gone.
 pub fn process_start_time(pid: i32) -> Result<u64, Error> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+    let stat = read_proc_file(&format!("/proc/{pid}/stat"))
         .map_err(|e| Error::WorkloadAttestation(format!("process {pid} is gone: {e}")))?;
     // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
     let after = stat
@@ -77,7 +89,7 @@ pub fn exe_identity(pid: i32) -> std::io::Result<ExeIdentity> {
 
 /// The effective uid and gid `pid` runs with now (`/proc/<pid>/status`).
 pub fn effective_ids(pid: i32) -> std::io::Result<(u32, u32)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let status = read_proc_file(&format!("/proc/{pid}/status"))?;
     // "Uid:\treal\teffective\tsaved\tfs"
     let effective = |key: &str| {
         status
@@ -234,7 +246,7 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> Result<bool, PeerRefusal> {
 /// The pid a pidfd refers to in the agent's pid namespace, from its fdinfo: `None` once the
 /// process has been reaped (the kernel then says -1) or when it is outside that namespace.
 fn pidfd_pid(pidfd: BorrowedFd<'_>) -> Result<Option<i32>, PeerRefusal> {
-    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+    let info = read_proc_file(&format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
         .map_err(|e| PeerRefusal::Unattestable(format!("cannot read the pidfd's fdinfo: {e}")))?;
     let pid: i64 = info
         .lines()

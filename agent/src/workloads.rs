@@ -76,8 +76,9 @@ pub struct InstanceKey {
     pub pidfs_id: Option<u64>,
     /// The executable it ran when attested.
     pub exe: Option<ExeIdentity>,
-    /// Its selectors (connect-time uid and gid, executable path and hash).
-    pub selectors: Vec<Selector>,
+    /// Its selectors (connect-time uid and gid, executable path and hash). Shared with
+    /// [`Instance::selectors`] and the instance map's key: one copy per instance.
+    pub selectors: Arc<[Selector]>,
 }
 
 impl InstanceKey {
@@ -87,7 +88,7 @@ impl InstanceKey {
             process: peer.process.instance,
             pidfs_id: peer.process.pidfs_id,
             exe: peer.process.exe,
-            selectors: peer.selectors.clone(),
+            selectors: Arc::from(peer.selectors.as_slice()),
         }
     }
 
@@ -107,8 +108,8 @@ pub struct Instance {
     pub key: InstanceKey,
     /// The random segment that ends its per-instance SPIFFE IDs.
     pub segment: String,
-    /// Its selectors.
-    pub selectors: Vec<Selector>,
+    /// Its selectors (the same allocation as `key.selectors`).
+    pub selectors: Arc<[Selector]>,
     /// Its per-instance SVIDs by entry id.
     svids: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
     /// The current identity set, watched by its open streams.
@@ -303,7 +304,7 @@ impl Workloads {
             process: key.process,
             key: key.clone(),
             segment: random_segment()?,
-            selectors: peer.selectors.clone(),
+            selectors: key.selectors.clone(),
             svids: tokio::sync::Mutex::new(HashMap::new()),
             state: watch::Sender::new(Arc::new(IdentitySet::default())),
             jwt_cache: Mutex::new(HashMap::new()),
