@@ -145,6 +145,8 @@ conformance!(
     import_entry_keeps_id_and_revision,
     pages_are_ordered_by_id_and_complete,
     agents,
+    agent_compare_and_swap,
+    agent_compare_and_swap_races,
     join_tokens_are_taken_once,
     join_token_taken_exactly_once_by_racing_servers,
     ca_state_per_server_and_bundle_sequence,
@@ -595,6 +597,102 @@ fn agents(f: &dyn Fixture) {
     // What one server writes, another reads.
     let other = f.store(1);
     assert!(other.get_agent("spiffe://td/agent/w").unwrap().is_some());
+}
+
+fn agent_compare_and_swap(f: &dyn Fixture) {
+    let s = f.store(0);
+    let other = f.store(1);
+    let id = "spiffe://td/agent/cas";
+    let a = agent(id, "01");
+    let mut rx = other.subscribe_changes();
+    drain(&mut rx);
+    // None -> Some: creates only if absent.
+    assert!(s.compare_and_swap_agent(id, None, Some(&a)).unwrap());
+    assert!(wait_for_topic(&mut rx, ChangeTopic::Agents));
+    assert_eq!(s.get_agent(id).unwrap().unwrap(), a);
+    let mut b = a.clone();
+    b.serial = "02".into();
+    assert!(!other.compare_and_swap_agent(id, None, Some(&b)).unwrap());
+    assert_eq!(s.get_agent(id).unwrap().unwrap(), a);
+    // Some -> Some: only over the record expected; a mismatch writes nothing.
+    let mut stale = a.clone();
+    stale.last_sync_at = 99;
+    assert!(!other
+        .compare_and_swap_agent(id, Some(&stale), Some(&b))
+        .unwrap());
+    assert_eq!(s.get_agent(id).unwrap().unwrap(), a);
+    assert!(other
+        .compare_and_swap_agent(id, Some(&a), Some(&b))
+        .unwrap());
+    assert_eq!(s.get_agent(id).unwrap().unwrap(), b);
+    assert!(!s.compare_and_swap_agent(id, Some(&a), Some(&a)).unwrap());
+    assert_eq!(other.get_agent(id).unwrap().unwrap(), b);
+    // None -> None: true only if absent, writes nothing.
+    assert!(!s.compare_and_swap_agent(id, None, None).unwrap());
+    assert!(s
+        .compare_and_swap_agent("spiffe://td/agent/none", None, None)
+        .unwrap());
+    assert_eq!(s.get_agent("spiffe://td/agent/none").unwrap(), None);
+    // Some -> None: deletes only if equal.
+    assert!(!s.compare_and_swap_agent(id, Some(&a), None).unwrap());
+    assert_eq!(s.get_agent(id).unwrap().unwrap(), b);
+    drain(&mut rx);
+    assert!(other.compare_and_swap_agent(id, Some(&b), None).unwrap());
+    assert!(wait_for_topic(&mut rx, ChangeTopic::Agents));
+    assert_eq!(s.get_agent(id).unwrap(), None);
+    assert!(!s.compare_and_swap_agent(id, Some(&b), Some(&b)).unwrap());
+    assert_eq!(s.get_agent(id).unwrap(), None);
+    assert_eq!(s.count_agents().unwrap(), 0);
+    // A record for another agent is refused.
+    assert!(matches!(
+        s.compare_and_swap_agent("spiffe://td/agent/other", None, Some(&a)),
+        Err(Error::InvalidInput(_))
+    ));
+    assert_eq!(s.get_agent("spiffe://td/agent/other").unwrap(), None);
+}
+
+/// Many read-modify-writes through compare-and-swap on two servers at once: none is
+/// lost (each thread bumps its own counter field, retrying on a failed swap).
+fn agent_compare_and_swap_races(f: &dyn Fixture) {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 50;
+    let id = "spiffe://td/agent/race";
+    f.store(0).put_agent(&agent(id, "00")).unwrap();
+    let start = Arc::new(Barrier::new(THREADS));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, start) = (f.store(t % 2), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..ROUNDS {
+                    loop {
+                        let cur = store.get_agent(id).unwrap().unwrap();
+                        let mut new = cur.clone();
+                        new.authorities_in_use.push(format!("t{t}"));
+                        new.last_sync_at += 1;
+                        if store
+                            .compare_and_swap_agent(id, Some(&cur), Some(&new))
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let a = f.store(1).get_agent(id).unwrap().unwrap();
+    assert_eq!(a.last_sync_at, (THREADS * ROUNDS) as i64);
+    for t in 0..THREADS {
+        let tag = format!("t{t}");
+        assert_eq!(
+            a.authorities_in_use.iter().filter(|x| **x == tag).count(),
+            ROUNDS
+        );
+    }
 }
 
 fn token(id: &str, alias: Option<&str>) -> JoinTokenRecord {

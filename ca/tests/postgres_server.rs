@@ -601,3 +601,141 @@ async fn the_admin_api_names_the_server_of_each_authority() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains(a.server_id()), "{e:?}");
 }
+
+/// A sync (or renewal) racing an eviction or a ban through another server never undoes
+/// it: every write of an agent is a compare-and-swap on the record as stored, so the
+/// sync either lands before the ban or eviction, or is refused by it.
+#[test]
+fn a_sync_racing_a_ban_or_an_eviction_never_undoes_it() {
+    use std::sync::Barrier;
+    use ztid_ca::core::sync::SyncRequest;
+    const ROUNDS: usize = 25;
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let (a_x509, _) = own_active(&a);
+    let (b_x509, _) = own_active(&b);
+    wait_for("B to know A's authority", || bundle_has_x509(&b, &a_x509));
+    wait_for("A to know B's authority", || bundle_has_x509(&a, &b_x509));
+    let sync = |core: &CaCore, agent: &AuthenticatedAgent| {
+        core.sync_entries(
+            agent,
+            SyncRequest {
+                authorities_in_use: vec!["some-authority".into()],
+                ..Default::default()
+            },
+        )
+    };
+    let race = |first: &(dyn Fn() -> Option<RefusalKind> + Sync), second: &(dyn Fn() + Sync)| {
+        let barrier = Barrier::new(2);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                barrier.wait();
+                first()
+            });
+            barrier.wait();
+            second();
+            t.join().unwrap()
+        })
+    };
+    let mut refused = 0;
+    for round in 0..ROUNDS {
+        // Ban through A while B syncs the agent it authenticated just before.
+        let (agent, leaf) = attest(&a, &format!("node-ban-{round}"));
+        let at_b = b.authenticate_agent(Some(&leaf)).unwrap();
+        let outcome = race(
+            &|| sync(&b, &at_b).err().map(|e| refusal_kind::<()>(Err(e))),
+            &|| {
+                a.ban_agent(&agent.spiffe_id).unwrap();
+            },
+        );
+        if let Some(kind) = outcome {
+            assert_eq!(kind, RefusalKind::Banned, "round {round}");
+            refused += 1;
+        }
+        for core in [&a, &b] {
+            assert_eq!(
+                refusal_kind(core.authenticate_agent(Some(&leaf))),
+                RefusalKind::Banned,
+                "round {round}: the ban was undone"
+            );
+        }
+
+        // Evict through A while B syncs.
+        let (agent, leaf) = attest(&a, &format!("node-evict-{round}"));
+        let at_b = b.authenticate_agent(Some(&leaf)).unwrap();
+        let outcome = race(
+            &|| sync(&b, &at_b).err().map(|e| refusal_kind::<()>(Err(e))),
+            &|| {
+                a.evict_agent(&agent.spiffe_id).unwrap();
+            },
+        );
+        if let Some(kind) = outcome {
+            assert_eq!(kind, RefusalKind::UnknownAgent, "round {round}");
+            refused += 1;
+        }
+        for core in [&a, &b] {
+            assert_eq!(
+                refusal_kind(core.authenticate_agent(Some(&leaf))),
+                RefusalKind::UnknownAgent,
+                "round {round}: the evicted agent came back"
+            );
+        }
+        assert_eq!(
+            a.store.get_agent(&agent.spiffe_id).unwrap(),
+            None,
+            "round {round}: the evicted agent is stored"
+        );
+    }
+    eprintln!("{refused} of {} syncs were refused by the race", 2 * ROUNDS);
+}
+
+/// A sync racing a renewal through another server never puts the old serial back: the
+/// renewed SVID stays current.
+#[test]
+fn a_sync_racing_a_renewal_keeps_the_new_serial() {
+    use std::sync::Barrier;
+    use ztid_ca::core::sync::SyncRequest;
+    const ROUNDS: usize = 25;
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let (a_x509, _) = own_active(&a);
+    let (b_x509, _) = own_active(&b);
+    wait_for("B to know A's authority", || bundle_has_x509(&b, &a_x509));
+    wait_for("A to know B's authority", || bundle_has_x509(&a, &b_x509));
+    let node = AttestedNode {
+        method: "join-token",
+        node_id: "node-renew".into(),
+        selectors: vec![],
+        aliases: vec![],
+        evidence_digest: [7; 32],
+    };
+    let (agent, leaf) = a.complete_attestation(&node, &csr(vec![])).unwrap();
+    let mut leaf = leaf.chain[0].clone();
+    for round in 0..ROUNDS {
+        let at_a = a.authenticate_agent(Some(&leaf)).unwrap();
+        let at_b = b.authenticate_agent(Some(&leaf)).unwrap();
+        let barrier = Barrier::new(2);
+        let renewed = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                barrier.wait();
+                b.sync_entries(&at_b, SyncRequest::default()).unwrap();
+            });
+            barrier.wait();
+            let renewed = a.renew_agent(&at_a, &csr(vec![])).unwrap();
+            t.join().unwrap();
+            renewed
+        });
+        leaf = renewed.chain[0].clone();
+        for core in [&a, &b] {
+            core.authenticate_agent(Some(&leaf))
+                .unwrap_or_else(|e| panic!("round {round}: the renewed SVID is refused: {e}"));
+        }
+        assert_eq!(
+            b.store.get_agent(&agent.spiffe_id).unwrap().unwrap().serial,
+            renewed.serial,
+            "round {round}"
+        );
+    }
+}

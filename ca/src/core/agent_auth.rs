@@ -20,7 +20,33 @@ use std::collections::BTreeSet;
 
 use super::{now, CaCore};
 use crate::datastore::AgentRecord;
+use crate::error::StoreError;
 use crate::{Error, RefusalKind, Result};
+
+/// Attempts of one agent update before giving up: each failed attempt means another
+/// write to the same agent landed in between, which a handful of calls cannot do many
+/// times in a row.
+pub(super) const AGENT_UPDATE_TRIES: usize = 16;
+
+/// The refusal of an agent that has no record (evicted, or never attested).
+pub(super) fn unknown_agent(id: &str) -> Error {
+    Error::refused(
+        RefusalKind::UnknownAgent,
+        format!("agent {id} is not attested (evicted or unknown)"),
+    )
+}
+
+/// The refusal of a banned agent.
+pub(super) fn banned_agent(id: &str) -> Error {
+    Error::refused(RefusalKind::Banned, format!("agent {id} is banned"))
+}
+
+/// The error when an agent's record kept changing under an update.
+pub(super) fn agent_update_contended(id: &str) -> Error {
+    Error::Store(StoreError::Database(format!(
+        "agent {id} changed under {AGENT_UPDATE_TRIES} attempts to update it; try again"
+    )))
+}
 
 /// An agent that presented a current SVID.
 #[derive(Debug, Clone)]
@@ -39,6 +65,32 @@ impl AuthenticatedAgent {
 }
 
 impl CaCore {
+    /// Updates an attested, unbanned agent's record with `f`, applied to the record as
+    /// stored now (not as read when the call was authenticated), with a compare-and-swap:
+    /// when another write (an eviction, a ban, a renewal, another sync, on any server)
+    /// lands in between, the record is read again and `f` applied again, so that write
+    /// is never undone. Refused as an unknown agent once evicted, as banned once banned.
+    pub(super) fn modify_agent(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&AgentRecord) -> Result<AgentRecord>,
+    ) -> Result<AgentRecord> {
+        for _ in 0..AGENT_UPDATE_TRIES {
+            let current = self.store.get_agent(id)?.ok_or_else(|| unknown_agent(id))?;
+            if current.banned {
+                return Err(banned_agent(id));
+            }
+            let new = f(&current)?;
+            if self
+                .store
+                .compare_and_swap_agent(id, Some(&current), Some(&new))?
+            {
+                return Ok(new);
+            }
+        }
+        Err(agent_update_contended(id))
+    }
+
     /// True if one of the cluster's X.509 authorities (prepared, active or old, of any
     /// server) signed `leaf`; a revoked authority is no longer listed.
     fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
@@ -104,17 +156,12 @@ impl CaCore {
                 format!("{id} is not in a certificate this server's X.509 authorities signed"),
             ));
         }
-        let record = self.store.get_agent(&id)?.ok_or_else(|| {
-            Error::refused(
-                RefusalKind::UnknownAgent,
-                format!("agent {id} is not attested (evicted or unknown)"),
-            )
-        })?;
+        let record = self
+            .store
+            .get_agent(&id)?
+            .ok_or_else(|| unknown_agent(&id))?;
         if record.banned {
-            return Err(Error::refused(
-                RefusalKind::Banned,
-                format!("agent {id} is banned"),
-            ));
+            return Err(banned_agent(&id));
         }
         let t = now();
         // TLS checked validity at the handshake only; a connection can outlive the

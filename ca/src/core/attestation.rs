@@ -70,12 +70,9 @@ impl CaCore {
                     ))
                 })?
                 .to_string();
-        let existing = self.store.get_agent(&agent_id)?;
+        let mut existing = self.store.get_agent(&agent_id)?;
         if existing.as_ref().is_some_and(|e| e.banned) {
-            return Err(Error::refused(
-                RefusalKind::Banned,
-                format!("agent {agent_id} is banned"),
-            ));
+            return Err(super::agent_auth::banned_agent(&agent_id));
         }
         let checked = check_csr(csr, &IdentityRule::Assigned(&agent_id), &[])?;
         let t = now();
@@ -118,16 +115,38 @@ impl CaCore {
             authorities_in_use: Vec::new(),
             last_sync_at: t,
         };
-        // A re-attestation (continuous attestation) replaces the SVID; the one it
-        // replaces stays valid until it expires, so calls in flight do not fail.
-        if let Some(e) = &existing {
-            if e.expires_at > t {
-                record.previous_serial = Some(e.serial.clone());
-                record.previous_expires_at = e.expires_at;
+        record.aliases = self.aliases_of(&record)?;
+        // Written only over the very record whose ban flag was checked (or only if there
+        // is still none): a ban landing in between refuses this attestation instead of
+        // being overwritten; any other write in between is read again.
+        let mut tries = 0;
+        loop {
+            // A re-attestation (continuous attestation) replaces the SVID; the one it
+            // replaces stays valid until it expires, so calls in flight do not fail.
+            record.previous_serial = None;
+            record.previous_expires_at = 0;
+            if let Some(e) = &existing {
+                if e.expires_at > t {
+                    record.previous_serial = Some(e.serial.clone());
+                    record.previous_expires_at = e.expires_at;
+                }
+            }
+            if self.store.compare_and_swap_agent(
+                &record.spiffe_id,
+                existing.as_ref(),
+                Some(&record),
+            )? {
+                break;
+            }
+            tries += 1;
+            if tries >= super::agent_auth::AGENT_UPDATE_TRIES {
+                return Err(super::agent_auth::agent_update_contended(&record.spiffe_id));
+            }
+            existing = self.store.get_agent(&record.spiffe_id)?;
+            if existing.as_ref().is_some_and(|e| e.banned) {
+                return Err(super::agent_auth::banned_agent(&record.spiffe_id));
             }
         }
-        record.aliases = self.aliases_of(&record)?;
-        self.store.put_agent(&record)?;
         self.store.flush()?;
         self.record(json!({"type": "node_attested", "agent": record.spiffe_id, "method": record.method,
             "node_id": node.node_id, "evidence_sha256": record.evidence_digest, "serial": leaf.serial,
@@ -182,12 +201,16 @@ impl CaCore {
             },
             now(),
         )?;
-        let mut record = agent.record.clone();
-        record.previous_serial = Some(std::mem::take(&mut record.serial));
-        record.previous_expires_at = record.expires_at;
-        record.serial = leaf.serial.clone();
-        record.expires_at = leaf.not_after;
-        self.store.put_agent(&record)?;
+        // Only the serial fields change, on the record as stored now: an eviction or ban
+        // since the call was authenticated refuses the renewal, a sync is kept.
+        self.modify_agent(id, |current| {
+            let mut record = current.clone();
+            record.previous_serial = Some(record.serial.clone());
+            record.previous_expires_at = record.expires_at;
+            record.serial = leaf.serial.clone();
+            record.expires_at = leaf.not_after;
+            Ok(record)
+        })?;
         self.store.flush()?;
         self.record(json!({"type": "agent_svid_issued", "agent": id, "serial": leaf.serial, "not_after": leaf.not_after,
             "authority": self.authorities.x509().record().id}))?;

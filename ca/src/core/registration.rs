@@ -186,12 +186,27 @@ impl CaCore {
     /// Bans an agent: its next call fails and it cannot attest again.
     pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
         crate::entries::parse_id(&self.trust_domain, "agent", id)?;
-        let mut a = self
-            .store
-            .get_agent(id)?
-            .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
-        a.banned = true;
-        self.store.put_agent(&a)?;
+        // Compare-and-swap on the record read, so a write in between (a sync, a
+        // renewal, an eviction) is neither undone nor undoes the ban: read again.
+        let mut tries = 0;
+        let a = loop {
+            let current = self
+                .store
+                .get_agent(id)?
+                .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+            let mut a = current.clone();
+            a.banned = true;
+            if self
+                .store
+                .compare_and_swap_agent(id, Some(&current), Some(&a))?
+            {
+                break a;
+            }
+            tries += 1;
+            if tries >= super::agent_auth::AGENT_UPDATE_TRIES {
+                return Err(super::agent_auth::agent_update_contended(id));
+            }
+        };
         self.store.flush()?;
         self.record(json!({"type": "agent_banned", "agent": id}))?;
         tracing::warn!(event = "agent_banned", agent = %id, "agent banned");

@@ -195,14 +195,21 @@ impl CaCore {
         }
         let since = req.since;
         let revision = self.store.current_revision()?;
-        let aliases = self.aliases_of(&agent.record)?;
         let mut agent = agent.clone();
-        let aliases_changed = aliases != agent.record.aliases;
-        agent.record.aliases = aliases;
-        agent.record.authorities_in_use = req.authorities_in_use;
-        agent.record.last_sync_at = now();
+        // Only the sync's own fields change, on the record as stored now: an eviction,
+        // ban or renewal since the call was authenticated is kept (and refuses this
+        // sync when it is an eviction or a ban).
         // Not flushed: a lost sync record only delays a revoke until the next sync.
-        self.store.put_agent(&agent.record)?;
+        let t = now();
+        let stored = self.modify_agent(&agent.record.spiffe_id, |current| {
+            let mut r = current.clone();
+            r.aliases = self.aliases_of(current)?;
+            r.authorities_in_use = req.authorities_in_use.clone();
+            r.last_sync_at = t;
+            Ok(r)
+        })?;
+        let aliases_changed = stored.aliases != agent.record.aliases;
+        agent.record = stored;
         let parents: Vec<String> = agent.parents().into_iter().map(String::from).collect();
         let paged = req.page_size != 0;
         let mut result = SyncResult {

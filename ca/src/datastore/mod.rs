@@ -388,6 +388,18 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Removes an agent, returning it.
     fn delete_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>>;
+    /// Writes `new` (`None`: deletes the agent) only if the stored agent equals
+    /// `expected` (`None`: there is none), atomically; true if it was written. Every
+    /// read-modify-write of an agent goes through this, so a change made in between (an
+    /// eviction, a ban, a renewal, on any server) is never overwritten by a record read
+    /// before it. Notifies [`ChangeTopic::Agents`] as `put_agent` and `delete_agent` do.
+    /// `InvalidInput` if `new` is for another SPIFFE ID.
+    fn compare_and_swap_agent(
+        &self,
+        spiffe_id: &str,
+        expected: Option<&AgentRecord>,
+        new: Option<&AgentRecord>,
+    ) -> Result<bool>;
     /// At most `limit` agents with a SPIFFE ID after `after`, ordered by SPIFFE ID (byte
     /// order).
     fn list_agents_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AgentRecord>>;
@@ -454,4 +466,25 @@ pub trait DataStore: Send + Sync + 'static {
     /// Replaces the audit anchor even with an earlier one: only for an operator's
     /// explicit `audit accept-rollback`, which records that it did so.
     fn replace_audit_anchor(&self, seq: u64, record: &[u8]) -> Result<()>;
+}
+
+/// Refuses a compare-and-swap whose new record is for another agent than the key.
+pub(crate) fn check_cas_agent_id(spiffe_id: &str, new: Option<&AgentRecord>) -> Result<()> {
+    match new {
+        Some(n) if n.spiffe_id != spiffe_id => Err(crate::Error::InvalidInput(format!(
+            "agent record for {} written under {spiffe_id}",
+            n.spiffe_id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether another server must hear of an agent write: a new or removed agent, a ban or
+/// unban, a new SVID serial; not the bookkeeping of every sync.
+pub(crate) fn agent_change_notable(old: Option<&AgentRecord>, new: Option<&AgentRecord>) -> bool {
+    match (old, new) {
+        (Some(o), Some(n)) => o.banned != n.banned || o.serial != n.serial,
+        (None, None) => false,
+        _ => true,
+    }
 }

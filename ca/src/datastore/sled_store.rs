@@ -583,6 +583,42 @@ impl DataStore for SledStore {
         }
     }
 
+    fn compare_and_swap_agent(
+        &self,
+        spiffe_id: &str,
+        expected: Option<&AgentRecord>,
+        new: Option<&AgentRecord>,
+    ) -> Result<bool> {
+        super::check_cas_agent_id(spiffe_id, new)?;
+        let key = spiffe_id.as_bytes();
+        let new_bytes = new.map(serde_json::to_vec).transpose()?;
+        loop {
+            // Compared as records, swapped on the exact bytes read: a record written by
+            // an older version (fields defaulted on reading) still compares equal, and
+            // any write in between makes the swap fail.
+            let raw = self.agents.get(key)?;
+            let current: Option<AgentRecord> = raw
+                .as_ref()
+                .map(|v| serde_json::from_slice(v))
+                .transpose()?;
+            if current.as_ref() != expected {
+                return Ok(false);
+            }
+            if self
+                .agents
+                .compare_and_swap(key, raw.as_ref(), new_bytes.clone())?
+                .is_ok()
+            {
+                break;
+            }
+            // Changed between the read and the swap: compare again.
+        }
+        if super::agent_change_notable(expected, new) {
+            self.notify(ChangeTopic::Agents);
+        }
+        Ok(true)
+    }
+
     fn list_agents_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AgentRecord>> {
         let start = match after {
             Some(a) => Bound::Excluded(a.as_bytes().to_vec()),

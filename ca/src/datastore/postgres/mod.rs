@@ -865,6 +865,79 @@ impl DataStore for PgStore {
         })
     }
 
+    fn compare_and_swap_agent(
+        &self,
+        spiffe_id: &str,
+        expected: Option<&AgentRecord>,
+        new: Option<&AgentRecord>,
+    ) -> Result<bool> {
+        const WHAT: &str = "compare_and_swap_agent";
+        super::check_cas_agent_id(spiffe_id, new)?;
+        let id = spiffe_id.to_string();
+        let expected = expected.cloned();
+        let new = new.cloned();
+        let notable = super::agent_change_notable(expected.as_ref(), new.as_ref());
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            // One statement each: the row is written only if it still holds `expected`
+            // (jsonb equality: every record is this struct serialized, whoever wrote
+            // it), and the notification goes out in the same transaction.
+            let rows = match (&expected, &new) {
+                (Some(old), Some(new)) => {
+                    let sql = if notable {
+                        "WITH up AS (UPDATE ztid_agents SET banned = $2, serial = $3, record = $4 \
+                         WHERE spiffe_id = $1 AND record = $5 RETURNING 1) \
+                         SELECT pg_notify('ztid_changes', 'agents') FROM up"
+                    } else {
+                        "WITH up AS (UPDATE ztid_agents SET banned = $2, serial = $3, record = $4 \
+                         WHERE spiffe_id = $1 AND record = $5 RETURNING 1) \
+                         SELECT 1 FROM up"
+                    };
+                    query(
+                        &c,
+                        WHAT,
+                        sql,
+                        &[&id, &new.banned, &new.serial, &Json(new), &Json(old)],
+                    )
+                    .await?
+                }
+                (None, Some(new)) => {
+                    query(
+                        &c,
+                        WHAT,
+                        "WITH up AS (INSERT INTO ztid_agents (spiffe_id, banned, serial, record) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (spiffe_id) DO NOTHING RETURNING 1) \
+                         SELECT pg_notify('ztid_changes', 'agents') FROM up",
+                        &[&id, &new.banned, &new.serial, &Json(new)],
+                    )
+                    .await?
+                }
+                (Some(old), None) => {
+                    query(
+                        &c,
+                        WHAT,
+                        "WITH d AS (DELETE FROM ztid_agents WHERE spiffe_id = $1 AND record = $2 \
+                         RETURNING 1) SELECT pg_notify('ztid_changes', 'agents') FROM d",
+                        &[&id, &Json(old)],
+                    )
+                    .await?
+                }
+                (None, None) => {
+                    // Nothing to write: "swapped" if there is indeed none.
+                    let present = query(
+                        &c,
+                        WHAT,
+                        "SELECT 1 FROM ztid_agents WHERE spiffe_id = $1",
+                        &[&id],
+                    )
+                    .await?;
+                    return Ok(present.is_empty());
+                }
+            };
+            Ok(!rows.is_empty())
+        })
+    }
+
     fn list_agents_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AgentRecord>> {
         let after = after.unwrap_or_default().to_string();
         let limit = limit_param(limit);
