@@ -25,6 +25,7 @@ mod federation;
 mod health;
 mod output;
 mod run;
+mod server;
 mod token;
 
 pub use admin::{AdminCmd, AdminCredentialCmd};
@@ -40,6 +41,7 @@ pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
 pub use federation::FederationCmd;
 pub use output::Output;
 pub use run::{run_config, RunArgs};
+pub use server::{summarize_servers, ServerCmd, ServerSummary};
 pub use token::TokenCmd;
 
 /// ztid-server: the ztid workload identity authority.
@@ -96,6 +98,9 @@ pub enum Command {
     /// PostgreSQL.
     #[command(subcommand)]
     Datastore(DatastoreCmd),
+    /// The servers sharing the database (several servers on PostgreSQL).
+    #[command(subcommand)]
+    Server(ServerCmd),
 }
 
 /// The admin API client every admin verb uses.
@@ -138,5 +143,6 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
         Command::Authority(cmd) => authority::run(&mut client, cmd, out).await,
         Command::Bundle(cmd) => bundle::run(&mut client, cmd, out).await,
         Command::Federation(cmd) => federation::run(&mut client, cmd, out).await,
+        Command::Server(cmd) => server::run(&mut client, cmd, out).await,
     }
 }
