@@ -341,7 +341,10 @@ impl Runtime {
     }
 
     /// The pages after the first of a paged full answer, appended to `first`.
-    async fn rest_of_pages(&self, first: &mut pb::SyncEntriesResponse) -> Result<(), tonic::Status> {
+    async fn rest_of_pages(
+        &self,
+        first: &mut pb::SyncEntriesResponse,
+    ) -> Result<(), tonic::Status> {
         let mut token = std::mem::take(&mut first.next_page_token);
         let mut pages = 1;
         while !token.is_empty() {

@@ -29,8 +29,8 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 use tss_esapi::Context;
 
-use ztid_attestation::tpm::wire;
 use crate::Error;
+use ztid_attestation::tpm::wire;
 pub use ztid_hsm::TpmKeyBlob;
 
 /// NV index of the RSA-2048 EK certificate (TCG EK Credential Profile, low range).

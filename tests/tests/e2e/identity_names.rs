@@ -1179,9 +1179,11 @@ fn store_legacy_entries(server: &mut Server, entries: Vec<LegacyEntry>) -> Vec<S
     };
     server.restart();
     // Named by a background check right after start.
-    ztid_tests::wait_for("legacy entries named at start", Duration::from_secs(30), || {
-        server.log_text().contains("entry_unusable").then_some(())
-    });
+    ztid_tests::wait_for(
+        "legacy entries named at start",
+        Duration::from_secs(30),
+        || server.log_text().contains("entry_unusable").then_some(()),
+    );
     ids
 }
 
