@@ -772,6 +772,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut retry_at = 0;
+        let mut renewal = RenewalClock::default();
         loop {
             tick.tick().await;
             let svid = rot_rt.svid.load();
@@ -780,7 +781,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
                 crate::svid::issuing_authority_of_chain(&svid.chain, &b.x509_authorities)
                     .is_some_and(|a| b.tainted.contains(&a))
             };
-            if (tainted || now() >= svid.not_after - agent_ttl_half(&svid)) && now() >= retry_at {
+            let due = renewal.due_at(&svid, now());
+            if (tainted || now() >= due) && now() >= retry_at {
                 if let Err(e) = rot_rt.renew_agent_svid().await {
                     tracing::warn!(event = "agent_renewal_failed", error = %e, "agent SVID renewal failed; will retry");
                     retry_at = now() + 5;
@@ -817,16 +819,30 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// Half of the agent SVID's lifetime, from its certificate.
-fn agent_ttl_half(svid: &AgentSvid) -> i64 {
-    use x509_parser::prelude::*;
-    svid.chain
-        .first()
-        .and_then(|c| X509Certificate::from_der(c).ok())
-        .map(|(_, c)| {
-            (c.validity().not_after.timestamp() - c.validity().not_before.timestamp()) / 2
-        })
-        .unwrap_or(0)
+/// When the agent's own SVID is due for renewal: half-way through the life it had
+/// left when this agent first saw it.
+///
+/// Measured from when the SVID arrived, not from its `notBefore`: the server backdates
+/// `notBefore` (clock skew), so half of the certificate's validity would be due at once
+/// for an SVID shorter than twice the backdating, and the agent would renew every tick.
+#[derive(Default)]
+struct RenewalClock {
+    /// The leaf certificate this clock was set for, and its renewal time.
+    current: Option<(Vec<u8>, i64)>,
+}
+
+impl RenewalClock {
+    fn due_at(&mut self, svid: &AgentSvid, now: i64) -> i64 {
+        let leaf = svid.chain.first().map(Vec::as_slice).unwrap_or_default();
+        match &self.current {
+            Some((seen, due)) if seen.as_slice() == leaf => *due,
+            _ => {
+                let due = now + (svid.not_after - now).max(0) / 2;
+                self.current = Some((leaf.to_vec(), due));
+                due
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -838,5 +854,33 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svid(leaf: &[u8], not_after: i64) -> AgentSvid {
+        AgentSvid {
+            chain: vec![leaf.to_vec()],
+            key: agent_key::AgentKey::from_pkcs8(Vec::new()),
+            spiffe_id: "spiffe://example.org/agent".into(),
+            not_after,
+        }
+    }
+
+    #[test]
+    fn a_short_agent_svid_is_renewed_half_way_through_its_remaining_life_not_at_once() {
+        let mut clock = RenewalClock::default();
+        // A 30 s SVID whose notBefore the server backdated by 60 s: due at +15 s.
+        let s = svid(b"leaf-1", 1_030);
+        assert_eq!(clock.due_at(&s, 1_000), 1_015);
+        // Later ticks keep the time set when this SVID arrived.
+        assert_eq!(clock.due_at(&s, 1_010), 1_015);
+        // A new SVID resets it.
+        assert_eq!(clock.due_at(&svid(b"leaf-2", 1_046), 1_016), 1_031);
+        // An already expired SVID is due now.
+        assert_eq!(clock.due_at(&svid(b"leaf-3", 900), 1_020), 1_020);
     }
 }

@@ -196,6 +196,7 @@ fn agent(id: &str, serial: &str) -> AgentRecord {
         evidence_digest: "00".into(),
         authorities_in_use: vec![],
         last_sync_at: 0,
+        aliases_revision: 0,
     }
 }
 

@@ -114,8 +114,16 @@ impl CaCore {
             evidence_digest: hex::encode(node.evidence_digest),
             authorities_in_use: Vec::new(),
             last_sync_at: t,
+            aliases_revision: 0,
         };
         record.aliases = self.aliases_of(&record)?;
+        // New aliases (or a new agent) answer the agent's next sync in full, whatever
+        // revision it asks since.
+        if existing.as_ref().map(|e| &e.aliases) != Some(&record.aliases) {
+            record.aliases_revision = self.store.current_revision()?;
+        } else if let Some(e) = &existing {
+            record.aliases_revision = e.aliases_revision;
+        }
         // Written only over the very record whose ban flag was checked (or only if there
         // is still none): a ban landing in between refuses this attestation instead of
         // being overwritten; any other write in between is read again.

@@ -204,11 +204,18 @@ impl CaCore {
         let stored = self.modify_agent(&agent.record.spiffe_id, |current| {
             let mut r = current.clone();
             r.aliases = self.aliases_of(current)?;
+            if r.aliases != current.aliases {
+                r.aliases_revision = revision;
+            }
             r.authorities_in_use = req.authorities_in_use.clone();
             r.last_sync_at = t;
             Ok(r)
         })?;
-        let aliases_changed = stored.aliases != agent.record.aliases;
+        // `since < aliases_revision`: the aliases changed at an earlier sync whose
+        // answer may have been lost on its way; only a full answer is sure to carry
+        // the new aliases' entries.
+        let aliases_changed =
+            stored.aliases != agent.record.aliases || since < stored.aliases_revision;
         agent.record = stored;
         let parents: Vec<String> = agent.parents().into_iter().map(String::from).collect();
         let paged = req.page_size != 0;
@@ -420,6 +427,113 @@ mod tests {
                 other => panic!("{kind} {ctx} {token}: {other:?}"),
             }
         }
+    }
+
+    /// A sync answer that carried a new alias's entries and never reached the agent
+    /// (the connection dropped, the server died) does not make the agent's next sync,
+    /// since its old revision, an incremental one that would skip those entries.
+    #[test]
+    fn a_lost_answer_after_new_aliases_is_followed_by_a_full_one() {
+        use ztid_spiffe::Selector;
+        let dir = tempfile::tempdir().unwrap();
+        let core = CaCore::open(crate::config::ServerConfig {
+            trust_domain: "example.org".into(),
+            data_dir: dir.path().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let csr = {
+            let kp = rcgen::KeyPair::generate().unwrap();
+            rcgen::CertificateParams::default()
+                .serialize_request(&kp)
+                .unwrap()
+                .der()
+                .to_vec()
+        };
+        let node = ztid_verifier::AttestedNode {
+            method: "join_token",
+            node_id: "n1".into(),
+            selectors: vec![Selector::parse("join-token:id:n1").unwrap()],
+            aliases: vec![],
+            evidence_digest: [7; 32],
+        };
+        let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
+        // Every call authenticates again, as every node API call does.
+        let agent = || {
+            core.authenticate_agent(leaf.chain.first().map(Vec::as_slice))
+                .unwrap()
+        };
+        let entry = |spiffe_id: &str, parent_id: &str, selector: &str, node: bool| {
+            core.create_entry(&ztid_proto::node::Entry {
+                spiffe_id: spiffe_id.into(),
+                parent_id: parent_id.into(),
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: selector.split_once(':').unwrap().0.into(),
+                    value: selector.split_once(':').unwrap().1.into(),
+                }],
+                node,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        // A workload under an alias the agent does not belong to yet.
+        let under_alias = entry(
+            "spiffe://example.org/w",
+            "spiffe://example.org/group",
+            "unix:uid:7",
+            false,
+        );
+        let first = core.sync_entries(&agent(), SyncRequest::default()).unwrap();
+        assert!(
+            first.full && first.upserted.is_empty(),
+            "{:?}",
+            first.upserted
+        );
+        // Now the agent joins the alias; the answer that says so is lost.
+        entry("spiffe://example.org/group", "", "join-token:id:n1", true);
+        let since = first.revision;
+        let lost = core
+            .sync_entries(
+                &agent(),
+                SyncRequest {
+                    since,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(lost.full, "the aliases changed");
+        let again = core
+            .sync_entries(
+                &agent(),
+                SyncRequest {
+                    since,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(
+            again.full,
+            "asked since a revision before the aliases changed"
+        );
+        assert_eq!(
+            again
+                .upserted
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>(),
+            vec![under_alias.id.as_str()]
+        );
+        // Once the agent holds that answer, it syncs incrementally again.
+        let caught_up = core
+            .sync_entries(
+                &agent(),
+                SyncRequest {
+                    since: again.revision,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(!caught_up.full && caught_up.upserted.is_empty());
     }
 
     #[test]

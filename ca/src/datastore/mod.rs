@@ -113,6 +113,16 @@ pub struct AgentRecord {
     /// Unix seconds of its last sync.
     #[serde(default)]
     pub last_sync_at: i64,
+    /// The entry revision when the server last saw this agent's aliases change. A sync
+    /// since a lower revision is answered in full: the answer that carried the new
+    /// aliases' entries may never have reached the agent. (Not written while 0, so
+    /// records stored before this field compare equal in a compare-and-swap.)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub aliases_revision: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A join token, by hash only.
