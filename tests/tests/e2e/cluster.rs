@@ -29,7 +29,7 @@ use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_test_support::postgres::TestPostgres;
 use ztid_tests::*;
 
-const TD: &str = "example.org";
+pub(super) const TD: &str = "example.org";
 
 // ---------------------------------------------------------------------------------
 // Fixtures
@@ -48,7 +48,7 @@ fn shared_postgres() -> Arc<TestPostgres> {
 }
 
 /// A database of its own on the shared server.
-struct Database {
+pub(super) struct Database {
     pg: Arc<TestPostgres>,
     url: String,
     /// Holds the password file.
@@ -56,7 +56,7 @@ struct Database {
 }
 
 impl Database {
-    fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         let pg = shared_postgres();
         let url = pg.create_database(&format!("{name}_{}", std::process::id()));
         let dir = tempfile::tempdir().unwrap();
@@ -85,7 +85,7 @@ impl Database {
 
     /// `n` servers on this database, each with its own data directory (keys, server id,
     /// audit log), `top` in their config.
-    fn servers(&self, n: usize, top: &str) -> Vec<Server> {
+    pub(super) fn servers(&self, n: usize, top: &str) -> Vec<Server> {
         (0..n)
             .map(|i| {
                 let cfg = self.config(&format!("server-{i}"), top);
@@ -109,7 +109,7 @@ fn bundle_serials(server: &Server) -> Vec<String> {
 
 /// Waits until every server's bundle holds `n` X.509 authorities (the union of the
 /// cluster's), and returns the bundle file of the first.
-fn cluster_bundle(servers: &[Server], n: usize) -> PathBuf {
+pub(super) fn cluster_bundle(servers: &[Server], n: usize) -> PathBuf {
     for s in servers {
         wait_for(
             "the cluster's authorities in every bundle",
@@ -120,7 +120,7 @@ fn cluster_bundle(servers: &[Server], n: usize) -> PathBuf {
     servers[0].bundle_file()
 }
 
-fn addrs(servers: &[Server]) -> String {
+pub(super) fn addrs(servers: &[Server]) -> String {
     servers
         .iter()
         .map(Server::addr)
@@ -130,7 +130,7 @@ fn addrs(servers: &[Server]) -> String {
 
 /// Starts `ztid-agent` with `--server SERVERS`, `bundle` and a join token, and waits
 /// until its Workload API serves.
-fn start_agent(bundle: &Path, servers: &str, token: &str, extra: &[&str]) -> Agent {
+pub(super) fn start_agent(bundle: &Path, servers: &str, token: &str, extra: &[&str]) -> Agent {
     let dir = other_uid::scratch_dir();
     let socket = dir.path().join("api.sock");
     let log = dir.path().join("agent.log");
@@ -332,7 +332,7 @@ fn verifier(roots: Vec<Vec<u8>>) -> Arc<ServerSvidVerifier> {
 }
 
 /// A node API client to `server`, as the agent `svid` (or anonymous).
-fn node(
+pub(super) fn node(
     server: &Server,
     roots: &[Vec<u8>],
     svid: Option<&AgentSvid>,
@@ -346,7 +346,7 @@ fn node(
 }
 
 /// One join-token attestation: the agent's SVID, or the refusal.
-async fn attest(
+pub(super) async fn attest(
     mut client: pb::node_client::NodeClient<tonic::transport::Channel>,
     token: String,
 ) -> Result<AgentSvid, tonic::Status> {
