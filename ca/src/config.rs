@@ -106,11 +106,35 @@ pub struct DatastoreConfig {
     pub url: Option<String>,
     /// PostgreSQL only: file holding the role's password (owner-only).
     pub password_file: Option<PathBuf>,
+    /// How long entry changes stay in the change log (and expired join tokens in the
+    /// store); default [`DEFAULT_CHANGE_LOG_RETENTION_SECONDS`]. An agent that has not
+    /// synced for longer gets its whole entry set at its next sync.
+    pub change_log_retention_seconds: Option<u64>,
 }
 
+/// The default of `[datastore] change_log_retention_seconds`: one day.
+pub const DEFAULT_CHANGE_LOG_RETENTION_SECONDS: u64 = 86_400;
+
 impl DatastoreConfig {
+    /// How long entry changes and expired join tokens are kept.
+    pub fn change_log_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.change_log_retention_seconds
+                .unwrap_or(DEFAULT_CHANGE_LOG_RETENTION_SECONDS),
+        )
+    }
+
     /// Refuses settings that do not go together.
     pub fn validate(&self) -> Result<()> {
+        if self
+            .change_log_retention_seconds
+            .is_some_and(|s| !(60..=31_536_000).contains(&s))
+        {
+            return Err(Error::Config(
+                "[datastore] change_log_retention_seconds must be between 60 and 31536000 (a year)"
+                    .into(),
+            ));
+        }
         match self.kind {
             DatastoreKind::Sled if self.url.is_some() => Err(Error::Config(
                 "--datastore-url ([datastore] url) is for --datastore postgres; \
@@ -373,5 +397,35 @@ impl ServerConfig {
         self.remote_admin_roles()?;
         self.datastore.validate()?;
         Ok(td)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_log_retention_defaults_to_a_day_and_is_bounded() {
+        let mut d = DatastoreConfig::default();
+        assert_eq!(d.change_log_retention().as_secs(), 86_400);
+        d.validate().unwrap();
+        for (secs, ok) in [
+            (59, false),
+            (60, true),
+            (31_536_000, true),
+            (31_536_001, false),
+        ] {
+            d.change_log_retention_seconds = Some(secs);
+            match d.validate() {
+                Ok(()) => assert!(ok, "{secs} accepted"),
+                Err(Error::Config(m)) => {
+                    assert!(
+                        !ok && m.contains("change_log_retention_seconds"),
+                        "{secs}: {m}"
+                    )
+                }
+                Err(e) => panic!("{secs}: {e}"),
+            }
+        }
     }
 }

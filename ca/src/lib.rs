@@ -28,6 +28,7 @@ pub mod federation;
 pub mod keys;
 pub mod limits;
 pub mod listeners;
+pub mod maintenance;
 pub mod metrics;
 pub mod middleware;
 pub mod policy;

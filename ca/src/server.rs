@@ -148,6 +148,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     crate::federation::spawn_bundle_endpoint(core.clone(), &budget).await?;
     crate::federation::spawn_oidc(core.clone(), &budget).await?;
     crate::federation::spawn_poller(core.clone());
+    crate::maintenance::spawn(core.clone());
 
     let node_listener = Listener::new(
         "node API",

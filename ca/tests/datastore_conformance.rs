@@ -157,6 +157,7 @@ conformance!(
     revisions_only_grow,
     a_syncing_reader_never_misses_a_change,
     callable_from_any_kind_of_thread,
+    change_log_compaction_and_token_pruning,
 );
 
 // ---------------------------------------------------------------------------------
@@ -728,6 +729,64 @@ fn join_tokens_are_taken_once(f: &dyn Fixture) {
     );
     assert_eq!(s.take_join_token(&h2).unwrap(), None);
     assert!(s.list_join_tokens().unwrap().is_empty());
+}
+
+/// Compaction removes changes below a revision (never the newest), raises the floor on
+/// every server and never lowers it; pruning removes only tokens expired before a time.
+fn change_log_compaction_and_token_pruning(f: &dyn Fixture) {
+    let (s, other) = (f.store(0), f.store(1));
+    let (pa, pb) = ("spiffe://td/agent/a", "spiffe://td/agent/b");
+    assert_eq!(s.change_log_floor().unwrap(), 0);
+    assert_eq!(s.compact_change_log(100).unwrap(), 0, "an empty log");
+    let a1 = s
+        .create_entry(entry("a1", "spiffe://td/w1", pa, "unix:uid:1"))
+        .unwrap();
+    let b1 = s
+        .create_entry(entry("b1", "spiffe://td/w2", pb, "unix:uid:2"))
+        .unwrap();
+    let a2 = s
+        .create_entry(entry("a2", "spiffe://td/w3", pa, "unix:uid:3"))
+        .unwrap();
+    s.delete_entry("b1").unwrap();
+    let current = s.current_revision().unwrap();
+    // Below b1: only a1 goes, from both logs.
+    assert_eq!(s.compact_change_log(b1.revision).unwrap(), 1);
+    assert_eq!(other.change_log_floor().unwrap(), a1.revision);
+    assert_eq!(changes(&*other, Some(pa), 0), [("a2".into(), false)]);
+    assert_eq!(changes(&*other, None, 0).len(), 3);
+    // A lower point changes nothing and never lowers the floor.
+    assert_eq!(other.compact_change_log(a1.revision).unwrap(), 0);
+    assert_eq!(s.change_log_floor().unwrap(), a1.revision);
+    // Past the end: everything but the newest change, which keeps the revision.
+    assert_eq!(other.compact_change_log(u64::MAX - 1).unwrap(), 2);
+    assert_eq!(s.current_revision().unwrap(), current);
+    assert_eq!(s.change_log_floor().unwrap(), current - 1);
+    assert_eq!(changes(&*s, None, 0), [("b1".into(), true)]);
+    assert_eq!(changes(&*s, Some(pa), 0), []);
+    assert_eq!(changes(&*s, Some(pb), a2.revision), [("b1".into(), true)]);
+    // Entries themselves are untouched; new ones continue the revisions.
+    assert_eq!(s.count_entries().unwrap(), 2);
+    let a3 = s
+        .create_entry(entry("a3", "spiffe://td/w4", pa, "unix:uid:4"))
+        .unwrap();
+    assert_eq!(a3.revision, current + 1);
+
+    let expiring = |id: &str, expires_at: i64| JoinTokenRecord {
+        id: id.into(),
+        expires_at,
+        alias: None,
+    };
+    s.put_join_token(&[1; 32], &expiring("old", 100)).unwrap();
+    s.put_join_token(&[2; 32], &expiring("edge", 200)).unwrap();
+    s.put_join_token(&[3; 32], &expiring("new", 300)).unwrap();
+    assert_eq!(other.prune_join_tokens(200).unwrap(), 1);
+    let left: Vec<String> = s
+        .list_join_tokens()
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.id)
+        .collect();
+    assert_eq!(left, ["edge", "new"]);
 }
 
 /// 8 threads on two servers take the same token at once, 200 times: exactly one gets it

@@ -233,6 +233,14 @@ impl CaCore {
                 changes.extend(self.store.entry_changes_for_parent_since(p, since)?);
             }
             changes.sort_by_key(|c| c.revision);
+            // Read after the changes (see DataStore::change_log_floor): changes the agent
+            // has not seen were compacted away, so only its whole set is sure.
+            let compacted = since < self.store.change_log_floor()?;
+            if compacted {
+                tracing::info!(agent = %agent.record.spiffe_id, since,
+                    "the agent's revision is older than the change log: sending its whole set");
+                changes.clear();
+            }
             let mut latest = std::collections::BTreeMap::new();
             for change in changes {
                 if change.revision > revision {
@@ -242,7 +250,7 @@ impl CaCore {
                     latest.insert(change.entry_id.clone(), change.deleted);
                 }
             }
-            if !paged || latest.len() <= limit {
+            if !compacted && (!paged || latest.len() <= limit) {
                 let mut bytes = 0;
                 for (id, deleted) in latest {
                     match (deleted, self.store.get_entry(&id)?) {
@@ -260,9 +268,11 @@ impl CaCore {
                     return Ok(result);
                 }
             }
-            // Too many changes for one page: a paged full answer instead.
-            tracing::info!(agent = %agent.record.spiffe_id, since, revision,
-                "entry changes exceed one page: sending the agent's whole set in pages");
+            // Too many changes for one page (or some compacted): a full answer instead.
+            if !compacted {
+                tracing::info!(agent = %agent.record.spiffe_id, since, revision,
+                    "entry changes exceed one page: sending the agent's whole set in pages");
+            }
             result = SyncResult {
                 full: true,
                 upserted: Vec::new(),
@@ -429,11 +439,9 @@ mod tests {
         }
     }
 
-    /// A sync answer that carried a new alias's entries and never reached the agent
-    /// (the connection dropped, the server died) does not make the agent's next sync,
-    /// since its old revision, an incremental one that would skip those entries.
-    #[test]
-    fn a_lost_answer_after_new_aliases_is_followed_by_a_full_one() {
+    /// A server on sled in a temporary directory with one attested agent, and that
+    /// agent's leaf certificate.
+    fn core_with_agent() -> (tempfile::TempDir, std::sync::Arc<CaCore>, Vec<u8>) {
         use ztid_spiffe::Selector;
         let dir = tempfile::tempdir().unwrap();
         let core = CaCore::open(crate::config::ServerConfig {
@@ -458,23 +466,41 @@ mod tests {
             evidence_digest: [7; 32],
         };
         let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
+        let leaf = leaf.chain.first().unwrap().clone();
+        (dir, core, leaf)
+    }
+
+    fn create(
+        core: &CaCore,
+        spiffe_id: &str,
+        parent_id: &str,
+        selector: &str,
+        node: bool,
+    ) -> EntryRecord {
+        let (kind, value) = selector.split_once(':').unwrap();
+        core.create_entry(&ztid_proto::node::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent_id.into(),
+            selectors: vec![ztid_proto::node::Selector {
+                r#type: kind.into(),
+                value: value.into(),
+            }],
+            node,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A sync answer that carried a new alias's entries and never reached the agent
+    /// (the connection dropped, the server died) does not make the agent's next sync,
+    /// since its old revision, an incremental one that would skip those entries.
+    #[test]
+    fn a_lost_answer_after_new_aliases_is_followed_by_a_full_one() {
+        let (_dir, core, leaf) = core_with_agent();
         // Every call authenticates again, as every node API call does.
-        let agent = || {
-            core.authenticate_agent(leaf.chain.first().map(Vec::as_slice))
-                .unwrap()
-        };
+        let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
         let entry = |spiffe_id: &str, parent_id: &str, selector: &str, node: bool| {
-            core.create_entry(&ztid_proto::node::Entry {
-                spiffe_id: spiffe_id.into(),
-                parent_id: parent_id.into(),
-                selectors: vec![ztid_proto::node::Selector {
-                    r#type: selector.split_once(':').unwrap().0.into(),
-                    value: selector.split_once(':').unwrap().1.into(),
-                }],
-                node,
-                ..Default::default()
-            })
-            .unwrap()
+            create(&core, spiffe_id, parent_id, selector, node)
         };
         // A workload under an alias the agent does not belong to yet.
         let under_alias = entry(
@@ -534,6 +560,64 @@ mod tests {
             )
             .unwrap();
         assert!(!caught_up.full && caught_up.upserted.is_empty());
+    }
+
+    /// An agent whose revision is older than the compacted change log gets its whole
+    /// set, deletions included by omission; one at or past the floor syncs
+    /// incrementally.
+    #[test]
+    fn a_sync_since_a_compacted_revision_is_answered_in_full() {
+        let (_dir, core, leaf) = core_with_agent();
+        let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
+        let parent = agent().record.spiffe_id;
+        let kept = create(
+            &core,
+            "spiffe://example.org/kept",
+            &parent,
+            "unix:uid:1",
+            false,
+        );
+        let gone = create(
+            &core,
+            "spiffe://example.org/gone",
+            &parent,
+            "unix:uid:2",
+            false,
+        );
+        let old = core.sync_entries(&agent(), SyncRequest::default()).unwrap();
+        core.delete_entry(&gone.id).unwrap();
+        let new = create(
+            &core,
+            "spiffe://example.org/new",
+            &parent,
+            "unix:uid:3",
+            false,
+        );
+        let since = |since| {
+            core.sync_entries(
+                &agent(),
+                SyncRequest {
+                    since,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let before = since(old.revision);
+        assert!(!before.full && before.deleted == [gone.id.clone()]);
+        core.store.compact_change_log(new.revision).unwrap();
+        let after = since(old.revision);
+        assert!(after.full && after.deleted.is_empty());
+        let mut ids: Vec<&str> = after.upserted.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        let mut want = vec![kept.id.as_str(), new.id.as_str()];
+        want.sort_unstable();
+        assert_eq!(ids, want);
+        let floor = core.store.change_log_floor().unwrap();
+        assert!(
+            !since(floor).full,
+            "at the floor every later change is still there"
+        );
     }
 
     #[test]

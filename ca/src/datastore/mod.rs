@@ -370,6 +370,18 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> Result<Vec<EntryChange>>;
     /// The newest entry revision (0 when none).
     fn current_revision(&self) -> Result<u64>;
+    /// The highest revision compacted out of the change log (0: none). Every change
+    /// after it is still in the log, so a sync since a revision below it cannot be
+    /// answered incrementally (it is answered in full). Read it after the changes:
+    /// compaction raises it before, or atomically with, removing them.
+    fn change_log_floor(&self) -> Result<u64>;
+    /// Removes the changes at revisions below `below` from the change log (never the
+    /// newest change, which carries the current revision) and raises the floor to
+    /// match; returns how many changes were removed.
+    fn compact_change_log(&self, below: u64) -> Result<u64>;
+    /// Deletes the join tokens that expired before `before` (Unix seconds); returns how
+    /// many.
+    fn prune_join_tokens(&self, before: i64) -> Result<u64>;
     /// Replaces the entry with `entry.id` by `entry`, with a new revision and a change in
     /// the log (its `created_at` stays the stored one). The same uniqueness rule as
     /// [`create_entry`](Self::create_entry) holds against every other entry. When the

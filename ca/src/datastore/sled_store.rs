@@ -81,6 +81,9 @@ fn prefix(a: &str) -> Vec<u8> {
     k
 }
 
+/// Meta key of [`DataStore::change_log_floor`].
+const CHANGE_LOG_FLOOR: &[u8] = b"change_log_floor";
+
 fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
@@ -526,6 +529,63 @@ impl DataStore for SledStore {
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
             .collect()
+    }
+
+    fn change_log_floor(&self) -> Result<u64> {
+        match self.meta.get(CHANGE_LOG_FLOOR)? {
+            Some(v) => be_u64(&v, "change log floor"),
+            None => Ok(0),
+        }
+    }
+
+    fn compact_change_log(&self, below: u64) -> Result<u64> {
+        // The newest change stays: its key is the current revision.
+        let below = below.min(self.current_revision()?);
+        if below <= self.change_log_floor()?.saturating_add(1) {
+            return Ok(0);
+        }
+        // The floor first: a reader that misses a change removed below has read the
+        // changes before reading the floor, so it sees the raised floor (sled orders
+        // the two writes for readers in this process) and answers in full.
+        let floor = below - 1;
+        self.meta.update_and_fetch(CHANGE_LOG_FLOOR, |old| {
+            let old = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            Some(old.unwrap_or(0).max(floor).to_be_bytes().to_vec())
+        })?;
+        let mut removed = 0;
+        loop {
+            let batch: Vec<(sled::IVec, sled::IVec)> = self
+                .entry_log
+                .range(..below.to_be_bytes())
+                .take(1000)
+                .collect::<std::result::Result<_, _>>()?;
+            if batch.is_empty() {
+                return Ok(removed);
+            }
+            let mut log = sled::Batch::default();
+            let mut by_parent = sled::Batch::default();
+            for (key, value) in &batch {
+                let change: EntryChange = serde_json::from_slice(value)?;
+                log.remove(key);
+                by_parent.remove(parent_log_key(&change.parent_id, change.revision));
+            }
+            // By-parent first: a change is never in that index without its log record.
+            self.entry_log_by_parent.apply_batch(by_parent)?;
+            self.entry_log.apply_batch(log)?;
+            removed += batch.len() as u64;
+        }
+    }
+
+    fn prune_join_tokens(&self, before: i64) -> Result<u64> {
+        let mut removed = 0;
+        for (hash, token) in self.list_join_tokens()? {
+            if token.expires_at < before && self.tokens.remove(hash)?.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn current_revision(&self) -> Result<u64> {

@@ -788,6 +788,79 @@ impl DataStore for PgStore {
         })
     }
 
+    fn change_log_floor(&self) -> Result<u64> {
+        const WHAT: &str = "change_log_floor";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            let row = query_one(
+                &c,
+                WHAT,
+                "SELECT COALESCE((SELECT value FROM ztid_counters WHERE name = 'change_log_floor'), 0)",
+                &[],
+            )
+            .await?;
+            to_u64(row.try_get(0).map_err(db(WHAT))?, "change log floor")
+        })
+    }
+
+    fn compact_change_log(&self, below: u64) -> Result<u64> {
+        const WHAT: &str = "compact_change_log";
+        // Clamped to the current revision below anyway.
+        let below = i64::try_from(below).unwrap_or(i64::MAX);
+        self.call(WHAT, move |inner| async move {
+            let mut c = inner.client(WHAT).await?;
+            let tx = c.transaction().await.map_err(db(WHAT))?;
+            // The newest change stays: it carries the current revision. The floor and
+            // the removal commit together, so a reader that read the changes before
+            // this commit saw them all, and one that read them after sees the floor.
+            let current = to_i64(
+                to_u64(
+                    query_one(&tx, WHAT, "SELECT value FROM ztid_revision", &[])
+                        .await?
+                        .try_get(0)
+                        .map_err(db(WHAT))?,
+                    "revision",
+                )?,
+                "revision",
+            )?;
+            let below = below.min(current);
+            if below <= 1 {
+                return Ok(0);
+            }
+            execute(
+                &tx,
+                WHAT,
+                "INSERT INTO ztid_counters (name, value) VALUES ('change_log_floor', $1) \
+                 ON CONFLICT (name) DO UPDATE SET value = GREATEST(ztid_counters.value, EXCLUDED.value)",
+                &[&(below - 1)],
+            )
+            .await?;
+            let removed = execute(
+                &tx,
+                WHAT,
+                "DELETE FROM ztid_entry_changes WHERE revision < $1",
+                &[&below],
+            )
+            .await?;
+            tx.commit().await.map_err(db(WHAT))?;
+            Ok(removed)
+        })
+    }
+
+    fn prune_join_tokens(&self, before: i64) -> Result<u64> {
+        const WHAT: &str = "prune_join_tokens";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            execute(
+                &c,
+                WHAT,
+                "DELETE FROM ztid_join_tokens WHERE expires_at < $1",
+                &[&before],
+            )
+            .await
+        })
+    }
+
     fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
         let agent = agent.clone();
         self.call("put_agent", move |inner| async move {
