@@ -24,9 +24,11 @@
 //!   revisions between the two would be skipped by that agent's next sync. (With no
 //!   entry left, a placeholder without selectors is imported at that revision and
 //!   deleted.)
-//! - Deletions are not copied (the target's log holds live entries only): an agent
-//!   that had not yet synced a deletion made on the source keeps the deleted entry
-//!   until its next full sync. Stop the source server after its agents' last sync.
+//! - Deletions are not copied (the target's log would hold live entries only), so the
+//!   target's change log is compacted to its newest change: an agent that syncs since
+//!   any older revision gets its whole set, deletions included by omission
+//!   ([`DataStore::change_log_floor`]). Agents that had synced the source's last change
+//!   keep syncing incrementally.
 //!
 //! A write that fails half way leaves a partly written target, which a second run
 //! refuses as non-empty: empty it (drop and create the database) and run again.
@@ -194,6 +196,7 @@ pub fn migrate(source: &dyn DataStore, target: &dyn DataStore) -> Result<Migrati
         target.import_entry(placeholder)?;
         target.delete_entry(&id)?;
     }
+    target.compact_change_log(u64::MAX)?;
     for agent in &agents {
         target.put_agent(agent)?;
     }
