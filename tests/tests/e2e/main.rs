@@ -8,6 +8,7 @@ mod admin_authz;
 mod agent_failover;
 mod audit;
 mod cluster;
+mod cluster_sync;
 mod entry_scale;
 mod federation;
 mod hsm_pkcs11;
