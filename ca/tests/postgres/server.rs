@@ -10,130 +10,23 @@
 //!   another server's authority cannot be tainted or revoked (the owner is named);
 //!   an eviction or ban through one server refuses the agent's next call at the other;
 //!   the federation poller runs on exactly one of them.
-//!
-//! Every wait is a poll of a condition with a deadline, never a fixed sleep.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    missing_docs,
-    reason = "integration test: a panic is a failed test"
-)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ztid_ca::authority::Kind;
 use ztid_ca::config::{DatastoreKind, ServerConfig};
 use ztid_ca::core::{AuthenticatedAgent, CaCore};
-use ztid_ca::datastore::{AgentRecord, EntryRecord};
+use ztid_ca::datastore::EntryRecord;
 use ztid_ca::{Error, RefusalKind};
-use ztid_test_support::postgres::TestPostgres;
 use ztid_verifier::AttestedNode;
 
-const TD: &str = "example.org";
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::{attest, csr, wait_for, Cluster, DEADLINE, TD};
 
 // ---------------------------------------------------------------------------------
-// Fixtures
-
-/// One PostgreSQL server shared by the tests running at the same time, stopped when
-/// the last of them is done.
-fn shared_postgres() -> Arc<TestPostgres> {
-    static SHARED: Mutex<Weak<TestPostgres>> = Mutex::new(Weak::new());
-    let mut slot = SHARED.lock().unwrap();
-    if let Some(pg) = slot.upgrade() {
-        return pg;
-    }
-    let pg = Arc::new(TestPostgres::start());
-    *slot = Arc::downgrade(&pg);
-    pg
-}
-
-/// A fresh database of its own for one test.
-fn fresh_database(pg: &TestPostgres) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    pg.create_database(&format!(
-        "server_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// One database and the password file every server of a test reads.
-struct Cluster {
-    pg: Arc<TestPostgres>,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn new() -> Self {
-        let pg = shared_postgres();
-        let url = fresh_database(&pg);
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("db-password");
-        std::fs::write(&pw, format!("{}\n", pg.password())).unwrap();
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Self { pg, url, dir }
-    }
-
-    /// The config of server `name` (its own data directory) on this database.
-    fn config(&self, name: &str) -> ServerConfig {
-        let mut c = ServerConfig {
-            trust_domain: TD.into(),
-            data_dir: self.dir.path().join(name),
-            ..Default::default()
-        };
-        c.datastore.kind = DatastoreKind::Postgres;
-        c.datastore.url = Some(self.url.clone());
-        c.datastore.password_file = Some(self.dir.path().join("db-password"));
-        c
-    }
-
-    fn open(&self, name: &str) -> Arc<CaCore> {
-        CaCore::open(self.config(name)).unwrap_or_else(|e| {
-            panic!(
-                "opening server {name} on PostgreSQL: {e}\n{}",
-                self.pg.log_tail()
-            )
-        })
-    }
-}
-
-/// Polls `cond` until it holds or the deadline passes.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn csr(sans: Vec<rcgen::SanType>) -> Vec<u8> {
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = sans;
-    p.serialize_request(&kp).unwrap().der().to_vec()
-}
-
-/// Attests node `node_id` through `core` (as a join-token agent would be, without
-/// the token) and returns its record and the DER of its SVID.
-fn attest(core: &CaCore, node_id: &str) -> (AgentRecord, Vec<u8>) {
-    let node = AttestedNode {
-        method: "join_token",
-        node_id: node_id.into(),
-        selectors: vec![],
-        aliases: vec![],
-        evidence_digest: [7; 32],
-    };
-    let (record, leaf) = core.complete_attestation(&node, &csr(vec![])).unwrap();
-    (record, leaf.chain[0].clone())
-}
+// Helpers
 
 fn refusal_kind<T: std::fmt::Debug>(r: ztid_ca::Result<T>) -> RefusalKind {
     match r {

@@ -1,44 +1,16 @@
 //! `ztid-server server list` (issue 13): the servers sharing the database, each with
 //! its authorities and their newest expiry, from the answer of one server's admin API
 //! (served here in-process on a Unix socket, the CLI run as the binary against it).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    missing_docs,
-    reason = "integration test: a panic is a failed test"
-)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztid_ca::authority::Kind;
-use ztid_ca::config::{DatastoreKind, ServerConfig};
 use ztid_ca::core::CaCore;
-use ztid_test_support::postgres::TestPostgres;
 
-const TD: &str = "example.org";
-const DEADLINE: Duration = Duration::from_secs(20);
-
-fn config(pg: &TestPostgres, url: &str, dir: &Path, name: &str) -> ServerConfig {
-    let mut c = ServerConfig {
-        trust_domain: TD.into(),
-        data_dir: dir.join(name),
-        ..Default::default()
-    };
-    c.datastore.kind = DatastoreKind::Postgres;
-    c.datastore.url = Some(url.into());
-    let pw = dir.join("db-password");
-    if !pw.exists() {
-        std::fs::write(&pw, format!("{}\n", pg.password())).unwrap();
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    c.datastore.password_file = Some(pw);
-    c
-}
+use crate::{Cluster, DEADLINE};
 
 /// Serves `core`'s admin API on `socket` (no authorization layer: the test is the
 /// socket's only user).
@@ -93,12 +65,10 @@ fn newest_expiry(core: &CaCore) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_list_names_every_server_of_the_database() {
-    let pg = TestPostgres::start();
-    let url = pg.create_database("servers");
-    let dir = tempfile::tempdir().unwrap();
-    let a = CaCore::open(config(&pg, &url, dir.path(), "a")).unwrap();
-    let b = CaCore::open(config(&pg, &url, dir.path(), "b")).unwrap();
-    let socket = dir.path().join("b-admin.sock");
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let socket = cluster.dir.path().join("b-admin.sock");
     serve_admin(&b, &socket);
 
     let text = server_list(&socket, false).await;

@@ -6,13 +6,6 @@
 //! revision the source was at misses nothing written after. A second migration into
 //! the now non-empty database is refused and changes nothing, and so is one into a
 //! database where another server already keeps its CA state.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    missing_docs,
-    reason = "integration test: a panic is a failed test"
-)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +20,7 @@ use ztid_ca::datastore::{
 use ztid_ca::Error;
 use ztid_test_support::postgres::TestPostgres;
 
-const TD: &str = "example.org";
+use crate::{run_test_in_child, Cluster, TD};
 
 fn config(dir: &Path, td: &str) -> ServerConfig {
     ServerConfig {
@@ -81,19 +74,11 @@ fn entry(spiffe_id: &str, parent: &str, selector: &str) -> ztid_proto::node::Ent
 /// child process: the core's audit writer thread keeps the store (and sled's lock on
 /// the directory) for as long as the process lives, as in a real server.
 fn populate(data_dir: &Path, other_td_dir: &Path) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "populate_in_this_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(
-            POPULATE_ENV,
-            format!("{}\n{}", data_dir.display(), other_td_dir.display()),
-        )
-        .output()
-        .unwrap();
+    let out = run_test_in_child(
+        POPULATE_TEST,
+        POPULATE_ENV,
+        &format!("{}\n{}", data_dir.display(), other_td_dir.display()),
+    );
     assert!(
         out.status.success() && data_dir.join("datastore").is_dir(),
         "populating in a child process failed:\n{}{}",
@@ -102,6 +87,9 @@ fn populate(data_dir: &Path, other_td_dir: &Path) {
     );
 }
 
+/// The test [`populate`] runs in its child process, by its full path (`--exact`: module
+/// prefix included).
+const POPULATE_TEST: &str = "migrate::populate_in_this_process";
 /// Where the child process populates (data directory, other trust domain's directory).
 const POPULATE_ENV: &str = "ZTID_TEST_MIGRATE_POPULATE";
 
@@ -218,8 +206,8 @@ fn connect(pg: &TestPostgres, url: &str, server_id: &str) -> PgStore {
 
 #[test]
 fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
-    let pg = TestPostgres::start();
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new();
+    let (pg, url, dir) = (&cluster.pg, &cluster.url, &cluster.dir);
     let data = dir.path().join("server");
     populate(&data, &dir.path().join("other"));
 
@@ -236,7 +224,7 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
     let newest = before.entries.iter().map(|e| e.revision).max().unwrap();
     assert!(before.revision > newest, "the newest change is a deletion");
 
-    let target = connect(&pg, &pg.url(), "migrated-1");
+    let target = connect(pg, url, "migrated-1");
     let report = migrate::migrate(&source, &target).unwrap();
     assert_eq!(
         report,
@@ -278,7 +266,7 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
         vec![("migrated-1".to_string(), state.clone())]
     );
     // Another server of the cluster sees the migrated authorities too.
-    let other_server = connect(&pg, &pg.url(), "server-2");
+    let other_server = connect(pg, url, "server-2");
     assert_eq!(other_server.cluster_ca_states().unwrap().len(), 1);
     assert!(other_server.load_ca_state().unwrap().is_none());
     drop(other_server);
@@ -318,18 +306,18 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
 
 #[test]
 fn a_database_where_another_server_keeps_its_ca_state_is_not_a_migration_target() {
-    let pg = TestPostgres::start();
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new();
+    let (pg, url, dir) = (&cluster.pg, &cluster.url, &cluster.dir);
     let data = dir.path().join("server");
     populate(&data, &dir.path().join("other"));
     let source = SledStore::open_as(&data.join("datastore"), "migrated-1").unwrap();
 
     // A server of the new cluster already started: its CA state is in the database.
-    let early: Arc<dyn DataStore> = Arc::new(connect(&pg, &pg.url(), "early"));
+    let early: Arc<dyn DataStore> = Arc::new(connect(pg, url, "early"));
     early
         .store_ca_state(&source.load_ca_state().unwrap().unwrap())
         .unwrap();
-    let target = connect(&pg, &pg.url(), "migrated-1");
+    let target = connect(pg, url, "migrated-1");
     let err = migrate::migrate(&source, &target).unwrap_err();
     assert!(
         matches!(&err, Error::Precondition(m) if m.contains("1 servers' CA states")),
@@ -343,7 +331,8 @@ fn a_database_where_another_server_keeps_its_ca_state_is_not_a_migration_target(
 
 #[test]
 fn with_every_entry_deleted_the_target_still_starts_above_the_source_revision() {
-    let pg = TestPostgres::start();
+    let cluster = Cluster::new();
+    let (pg, url) = (&cluster.pg, &cluster.url);
     let dir = tempfile::tempdir().unwrap();
     let source = SledStore::open(dir.path()).unwrap();
     for i in 0..3 {
@@ -368,7 +357,7 @@ fn with_every_entry_deleted_the_target_still_starts_above_the_source_revision() 
     }
     let revision = source.current_revision().unwrap();
     assert!(revision > 0);
-    let target = connect(&pg, &pg.url(), "s1");
+    let target = connect(pg, url, "s1");
     let report = migrate::migrate(&source, &target).unwrap();
     assert_eq!(report.entries, 0);
     assert!(report.revision >= revision, "{report:?}");
@@ -385,8 +374,8 @@ fn with_every_entry_deleted_the_target_still_starts_above_the_source_revision() 
 /// the one-line refusal of a second run.
 #[test]
 fn the_cli_migrates_under_the_data_directory_server_id_and_refuses_a_second_run() {
-    let pg = TestPostgres::start();
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new();
+    let (pg, url, dir) = (&cluster.pg, &cluster.url, &cluster.dir);
     let data = dir.path().join("server");
     populate(&data, &dir.path().join("other"));
     let migrate_cli = |extra: &[&str]| {
@@ -398,14 +387,7 @@ fn the_cli_migrates_under_the_data_directory_server_id_and_refuses_a_second_run(
             .unwrap()
     };
     let from = format!("sled:{}", data.display());
-    let out = migrate_cli(&[
-        "--from",
-        &from,
-        "--datastore-url",
-        &pg.url(),
-        "--output",
-        "json",
-    ]);
+    let out = migrate_cli(&["--from", &from, "--datastore-url", url, "--output", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -418,13 +400,13 @@ fn the_cli_migrates_under_the_data_directory_server_id_and_refuses_a_second_run(
         (report.entries, report.agents, report.join_tokens),
         (13, 2, 1)
     );
-    let target = connect(&pg, &pg.url(), server_id.trim());
+    let target = connect(pg, url, server_id.trim());
     assert_eq!(
         target.load_ca_state().unwrap().unwrap().x509.len(),
         report.x509_authorities
     );
 
-    let again = migrate_cli(&["--from", &from, "--datastore-url", &pg.url()]);
+    let again = migrate_cli(&["--from", &from, "--datastore-url", url]);
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -433,7 +415,7 @@ fn the_cli_migrates_under_the_data_directory_server_id_and_refuses_a_second_run(
         "{stderr}"
     );
     // Refused before opening anything: a source that is not a sled data directory.
-    let bad = migrate_cli(&["--from", "sled:/nonexistent", "--datastore-url", &pg.url()]);
+    let bad = migrate_cli(&["--from", "sled:/nonexistent", "--datastore-url", url]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("holds no sled datastore"));
 }

@@ -13,63 +13,21 @@
 //!   `accept-rollback` writes the anchor back in PostgreSQL and verify passes again;
 //! - a data directory that never ran on PostgreSQL (no `server-id`) is refused without
 //!   creating an id.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    missing_docs,
-    reason = "integration test: a panic is a failed test"
-)]
-
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use ztid_ca::audit::VerifyError;
 use ztid_ca::cli::{verify_server, AuditVerifyError};
 use ztid_ca::config::{DatastoreKind, ServerConfig};
 use ztid_ca::core::CaCore;
-use ztid_test_support::postgres::TestPostgres;
-use ztid_verifier::AttestedNode;
 
-const TD: &str = "example.org";
+use crate::{attest, run_test_in_child, Cluster, TD};
 
-/// One database, a password file, and each server's data directory under `dir`.
-struct Cluster {
-    pg: TestPostgres,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
+/// What this module needs of a test's cluster besides the shared fixtures: a server's
+/// config as a file, its id, a session of it in a child process, the CLI.
 impl Cluster {
-    fn new() -> Self {
-        let pg = TestPostgres::start();
-        let url = pg.create_database("audit");
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("db-password");
-        std::fs::write(&pw, format!("{}\n", pg.password())).unwrap();
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Self { pg, url, dir }
-    }
-
-    fn data_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn config(&self, name: &str) -> ServerConfig {
-        let mut c = ServerConfig {
-            trust_domain: TD.into(),
-            data_dir: self.data_dir(name),
-            ..Default::default()
-        };
-        c.datastore.kind = DatastoreKind::Postgres;
-        c.datastore.url = Some(self.url.clone());
-        c.datastore.password_file = Some(self.dir.path().join("db-password"));
-        c
-    }
-
-    /// The same config as a TOML file (for `--config`).
-    fn config_file(&self, name: &str) -> PathBuf {
+    /// The same config as [`Cluster::config`], as a TOML file (for `--config`).
+    fn config_file(&self, name: &str) -> std::path::PathBuf {
         let f = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &f,
@@ -77,7 +35,7 @@ impl Cluster {
                 "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[datastore]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
                 self.data_dir(name).display(),
                 self.url,
-                self.dir.path().join("db-password").display()
+                self.password_file().display()
             ),
         )
         .unwrap();
@@ -96,19 +54,11 @@ impl Cluster {
     /// process: a core's audit writer thread lives as long as its process (it would
     /// append an idle checkpoint 10 s later), as in a real server.
     fn run_and_stop(&self, name: &str, nodes: &[&str]) {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "run_a_server_in_this_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(
-                RUN_ENV,
-                format!("{}\n{}", self.config_file(name).display(), nodes.join(",")),
-            )
-            .output()
-            .unwrap();
+        let out = run_test_in_child(
+            RUN_TEST,
+            RUN_ENV,
+            &format!("{}\n{}", self.config_file(name).display(), nodes.join(",")),
+        );
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains(RAN),
             "running server {name} in a child process failed:\n{}{}\n{}",
@@ -129,6 +79,9 @@ impl Cluster {
     }
 }
 
+/// The test [`Cluster::run_and_stop`] runs in its child process, by its full path
+/// (`--exact`: module prefix included).
+const RUN_TEST: &str = "audit::run_a_server_in_this_process";
 /// Where the child process of [`Cluster::run_and_stop`] finds its server: the config
 /// file, then the nodes to attest (comma-separated).
 const RUN_ENV: &str = "ZTID_TEST_AUDIT_RUN_SERVER";
@@ -155,23 +108,6 @@ fn run_a_server_in_this_process() {
         .block_on(log.close())
         .unwrap();
     println!("{RAN}");
-}
-
-fn attest(core: &CaCore, node_id: &str) {
-    let node = AttestedNode {
-        method: "join_token",
-        node_id: node_id.into(),
-        selectors: vec![],
-        aliases: vec![],
-        evidence_digest: [7; 32],
-    };
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&kp)
-        .unwrap()
-        .der()
-        .to_vec();
-    core.complete_attestation(&node, &csr).unwrap();
 }
 
 fn log_len(data_dir: &Path) -> u64 {

@@ -8,70 +8,19 @@
 //! The decision is [`AdminPolicy::issued_by_cluster`], the check `decide` applies to a
 //! remote caller with a role before its roles count (the mTLS connection info that
 //! carries the peer certificate into `decide` cannot be built outside tonic).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    missing_docs,
-    reason = "integration test: a panic is a failed test"
-)]
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ztid_ca::api::admin::authz::{own_issuers, AdminPolicy};
 use ztid_ca::authority::Kind;
-use ztid_ca::config::{DatastoreKind, ServerConfig, UpstreamConfig};
+use ztid_ca::config::UpstreamConfig;
 use ztid_ca::core::CaCore;
 use ztid_ca::refusal_audit::RefusalAudit;
-use ztid_test_support::postgres::TestPostgres;
 
-const TD: &str = "example.org";
-const DEADLINE: Duration = Duration::from_secs(20);
-
-struct Db {
-    pg: TestPostgres,
-    dir: tempfile::TempDir,
-}
-
-impl Db {
-    fn new() -> Self {
-        let pg = TestPostgres::start();
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("db-password");
-        std::fs::write(&pw, format!("{}\n", pg.password())).unwrap();
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Self { pg, dir }
-    }
-
-    /// Server `name` on database `db` (a database is a cluster).
-    fn config(&self, db: &str, name: &str) -> ServerConfig {
-        let mut c = ServerConfig {
-            trust_domain: TD.into(),
-            data_dir: self.dir.path().join(format!("{db}-{name}")),
-            ..Default::default()
-        };
-        c.datastore.kind = DatastoreKind::Postgres;
-        c.datastore.url = Some(self.pg.url_for(db));
-        c.datastore.password_file = Some(self.dir.path().join("db-password"));
-        c
-    }
-
-    fn open(&self, config: ServerConfig) -> Arc<CaCore> {
-        CaCore::open(config)
-            .unwrap_or_else(|e| panic!("opening a server: {e}\n{}", self.pg.log_tail()))
-    }
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::{wait_for, Cluster, TD};
 
 /// Server `core`'s remote admin policy (as `server::run` builds it), one role bound.
 fn policy(core: &Arc<CaCore>) -> AdminPolicy {
@@ -108,12 +57,12 @@ fn x509_count(core: &CaCore) -> usize {
 
 #[test]
 fn an_admin_svid_of_one_server_is_admitted_by_every_server_of_its_cluster_only() {
-    let db = Db::new();
-    db.pg.create_database("one");
-    db.pg.create_database("two");
-    let a = db.open(db.config("one", "a"));
-    let b = db.open(db.config("one", "b"));
-    let other = db.open(db.config("two", "c"));
+    // Database "one" (this test's) and database "two": two clusters.
+    let db = Cluster::new();
+    let two = db.another_database();
+    let a = db.open("one-a");
+    let b = db.open("one-b");
+    let other = db.open_config(db.config_on(&two, "two-c"));
     wait_for("A and B to see each other's authority", || {
         x509_count(&a) == 2 && x509_count(&b) == 2
     });
@@ -149,8 +98,7 @@ fn an_admin_svid_of_one_server_is_admitted_by_every_server_of_its_cluster_only()
 /// other CA under it) signed carries no admin identity at any server.
 #[test]
 fn under_an_upstream_root_only_the_cluster_authorities_issue_admin_identities() {
-    let db = Db::new();
-    db.pg.create_database("up");
+    let db = Cluster::new();
     // The organisation's root.
     let root_key = rcgen::KeyPair::generate().unwrap();
     let mut root_params = rcgen::CertificateParams::default();
@@ -174,12 +122,12 @@ fn under_an_upstream_root_only_the_cluster_authorities_issue_admin_identities() 
         key_id: None,
         bundle: None,
     };
-    let mut ca = db.config("up", "a");
+    let mut ca = db.config("up-a");
     ca.upstream = Some(upstream.clone());
-    let mut cb = db.config("up", "b");
+    let mut cb = db.config("up-b");
     cb.upstream = Some(upstream);
-    let a = db.open(ca);
-    let b = db.open(cb);
+    let a = db.open_config(ca);
+    let b = db.open_config(cb);
     wait_for("A and B to see each other's authority", || {
         x509_count(&a) == 2 && x509_count(&b) == 2
     });
