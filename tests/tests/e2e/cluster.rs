@@ -13,17 +13,32 @@
 //!   another is refused with the reason;
 //! - `datastore migrate` from the sled data directory of a real server run: the same
 //!   server on PostgreSQL serves the same entries, agents and federation, another server
-//!   of the cluster too, and the agent attested before the migration keeps working.
+//!   of the cluster too, and the agent attested before the migration keeps working;
+//! - the database stopped and started again (a server of the test's own) while entries
+//!   are created, agents attested and SVIDs minted through every server and workload
+//!   instances hold their streams: calls fail cleanly while it is down, the servers
+//!   reconnect by themselves, every write a client was told succeeded is there through
+//!   every server, every instance kept a valid SVID and renews it afterwards;
+//! - X.509 rotation of every server's authority (prepare, activate, taint, revoke, each
+//!   through its owner) while workload instances validate continuously: no validation
+//!   fails, every instance moves to the new authority before the revoke, and the revoked
+//!   authorities leave every server's bundle and the one the instances hold.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::Value;
+use tonic::transport::Channel;
+use tonic::Code;
 use ztid_agent::node_client::{connect, AgentSvid};
+use ztid_proto::admin::{self as apb, admin_client::AdminClient};
 use ztid_proto::node as pb;
 use ztid_spiffe::tls::{shared_roots, ServerSvidVerifier};
 use ztid_test_support::postgres::TestPostgres;
@@ -47,7 +62,7 @@ fn shared_postgres() -> Arc<TestPostgres> {
     pg
 }
 
-/// A database of its own on the shared server.
+/// A database of its own on the shared server (or on a server of its own).
 pub(super) struct Database {
     pg: Arc<TestPostgres>,
     url: String,
@@ -57,7 +72,21 @@ pub(super) struct Database {
 
 impl Database {
     pub(super) fn new(name: &str) -> Self {
-        let pg = shared_postgres();
+        Self::on(shared_postgres(), name)
+    }
+
+    /// A database on a PostgreSQL server of its own, for a test that stops and starts
+    /// the server (the shared one serves other tests meanwhile).
+    fn on_own_server(name: &str) -> Self {
+        Self::on(Arc::new(TestPostgres::start()), name)
+    }
+
+    /// The server of a database made by [`Database::on_own_server`], to stop and start.
+    fn own_server(&mut self) -> &mut TestPostgres {
+        Arc::get_mut(&mut self.pg).expect("a PostgreSQL server of this test's own")
+    }
+
+    fn on(pg: Arc<TestPostgres>, name: &str) -> Self {
         let url = pg.create_database(&format!("{name}_{}", std::process::id()));
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("password");
@@ -206,6 +235,8 @@ struct View {
     /// The authority that signed the SVID held (hex serial).
     authority: String,
     updates: usize,
+    /// The X.509 authorities of the bundle held (hex serials).
+    bundle: Vec<String>,
     summary: Option<Value>,
     stream_error: Option<String>,
 }
@@ -241,6 +272,14 @@ impl Workers {
                             g[i].authority =
                                 v["authority"].as_str().unwrap_or_default().to_string();
                             g[i].updates += 1;
+                            g[i].bundle = v["bundle"]
+                                .as_array()
+                                .map(|b| {
+                                    b.iter()
+                                        .filter_map(|x| x.as_str().map(str::to_string))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
                         }
                         Some("summary") => g[i].summary = Some(v),
                         Some("stream_error") => g[i].stream_error = Some(line.clone()),
@@ -373,7 +412,9 @@ pub(super) async fn attest(
             step: Some(pb::attest_response::Step::Result(r)),
         })) => Ok(AgentSvid::from_parts(r.svid_chain, key.serialize_der()).unwrap()),
         Some(Err(s)) => Err(s),
-        other => panic!("unexpected attestation answer: {other:?}"),
+        other => Err(tonic::Status::unknown(format!(
+            "unexpected attestation answer: {other:?}"
+        ))),
     }
 }
 
@@ -403,9 +444,9 @@ fn a_server_killed_under_load_goes_unnoticed_by_workloads_and_the_agent_renews_e
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let db = Database::new("cluster_kill");
-    // A short agent SVID: the agent renews it at half its validity (notBefore is
-    // backdated 60 s), 20 s after it was issued, within the test.
-    let mut servers = db.servers(3, "agent_svid_ttl_seconds = 100");
+    // A short agent SVID: the agent renews it half-way through its life, 20 s after
+    // it was issued, within the test.
+    let mut servers = db.servers(3, "agent_svid_ttl_seconds = 40");
     let bundle = cluster_bundle(&servers, 3);
     let roots = bundle_roots(&servers[0]);
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -580,9 +621,9 @@ async fn a_sled_deployment_migrated_to_postgres_serves_the_same_state_to_the_sam
     // A server on sled, as deployed today, with a config file the test rewrites later.
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("server.toml");
-    // The agent renews its own SVID 20 s after issuance (half of 100 s plus the 60 s
-    // notBefore backdating), after the migration.
-    let top = "agent_svid_ttl_seconds = 100";
+    // The agent renews its own SVID 20 s after issuance (half of its 40 s), after the
+    // migration.
+    let top = "agent_svid_ttl_seconds = 40";
     std::fs::write(&cfg, top).unwrap();
     let mut server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
     let mut agent = Agent::start(&server);
@@ -732,6 +773,8 @@ async fn a_sled_deployment_migrated_to_postgres_serves_the_same_state_to_the_sam
 
     std::fs::write(&cfg, format!("{top}\n{}", db.datastore_toml())).unwrap();
     let restarted_at = unix_now();
+    // The SVID it holds now ends before the renewal the test waits for below.
+    assert!(agent_svid_not_after(&agent) < restarted_at + 39);
     server.restart();
     assert_eq!(
         without_revisions(list(&server, &["entry", "list"])),
@@ -776,12 +819,13 @@ async fn a_sled_deployment_migrated_to_postgres_serves_the_same_state_to_the_sam
         held.1,
         renewed.1
     );
-    // Its own SVID (100 s) renewed by the server on PostgreSQL: notAfter at least 99 s
-    // after the restart.
+    // Its own SVID (40 s) renewed by the server on PostgreSQL: notAfter at least 39 s
+    // after the restart (one issued before the sled server stopped ends sooner: the
+    // migration ran in between).
     wait_for(
         "the agent's own SVID renewed after the migration",
         Duration::from_secs(40),
-        || (agent_svid_not_after(&agent) >= restarted_at + 99).then_some(()),
+        || (agent_svid_not_after(&agent) >= restarted_at + 39).then_some(()),
     );
     assert!(agent.proc.exited().is_none(), "{}", agent.proc.log_text());
 }
@@ -865,4 +909,682 @@ async fn wait_for_renewal(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Calls under load while the database restarts
+
+/// The database's state when a call started: up (before the stop), down, back.
+const UP: usize = 0;
+const DOWN: usize = 1;
+const BACK: usize = 2;
+
+/// The longest the test lets one call take: far above any answer of a server, whether
+/// the database works or not, so a call that runs into it hung.
+const CALL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// One failed call.
+#[derive(Debug)]
+#[allow(dead_code)] // Read through Debug in failure messages.
+struct Failure {
+    /// The database's state when it started.
+    phase: usize,
+    /// The gRPC code; `None` for a per-request error in an answered batch.
+    code: Option<Code>,
+    message: String,
+    took: Duration,
+}
+
+/// What one stream of calls saw.
+#[derive(Default)]
+struct Calls {
+    /// Answered calls, by the database's state when they started.
+    ok: [usize; 3],
+    /// Failed calls, the same way.
+    failed: [usize; 3],
+    failures: Vec<Failure>,
+    /// What the client was told was written (entry ids, agent SPIFFE IDs).
+    acked: Vec<String>,
+}
+
+/// The state every stream of calls reads.
+#[derive(Clone, Default)]
+struct Load {
+    phase: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+type CallError = (Option<Code>, String);
+
+fn status(s: tonic::Status) -> CallError {
+    (Some(s.code()), s.message().to_string())
+}
+
+/// Calls `call(k)` for k = 0, 1, … 50 ms apart until `load.stop`, each bounded by
+/// [`CALL_DEADLINE`], and tallies the answers in `calls`.
+async fn keep_calling<F, Fut>(load: Load, calls: Arc<Mutex<Calls>>, mut call: F)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<Option<String>, CallError>>,
+{
+    let mut k = 0;
+    while !load.stop.load(Ordering::SeqCst) {
+        let phase = load.phase.load(Ordering::SeqCst);
+        let started = Instant::now();
+        let r = tokio::time::timeout(CALL_DEADLINE, call(k)).await;
+        let took = started.elapsed();
+        k += 1;
+        {
+            let mut c = calls.lock().unwrap();
+            match r {
+                Ok(Ok(acked)) => {
+                    c.ok[phase] += 1;
+                    c.acked.extend(acked);
+                }
+                Ok(Err((code, message))) => {
+                    c.failed[phase] += 1;
+                    c.failures.push(Failure {
+                        phase,
+                        code,
+                        message,
+                        took,
+                    });
+                }
+                Err(_) => {
+                    c.failed[phase] += 1;
+                    c.failures.push(Failure {
+                        phase,
+                        code: Some(Code::DeadlineExceeded),
+                        message: format!(
+                            "no answer within {CALL_DEADLINE:?} (the test's deadline)"
+                        ),
+                        took,
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin_client(server: &Server) -> AdminClient<Channel> {
+    AdminClient::new(
+        ztid_proto::transport::unix_channel(server.admin_socket())
+            .await
+            .expect("admin socket"),
+    )
+}
+
+/// The ids of the entries under `parent` that `server` lists, every page.
+async fn listed_entries(server: &Server, parent: &str) -> BTreeSet<String> {
+    let mut c = admin_client(server).await;
+    let mut ids = BTreeSet::new();
+    let mut page_token = String::new();
+    loop {
+        let r = c
+            .list_entries(apb::ListEntriesRequest {
+                parent_id: parent.into(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(r.entries.into_iter().map(|e| e.id));
+        if r.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// The SPIFFE IDs of the agents `server` lists, every page.
+async fn listed_agents(server: &Server) -> BTreeSet<String> {
+    let mut c = admin_client(server).await;
+    let mut ids = BTreeSet::new();
+    let mut page_token = String::new();
+    loop {
+        let r = c
+            .list_agents(apb::ListAgentsRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(r.agents.into_iter().map(|a| a.spiffe_id));
+        if r.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+#[test]
+fn a_database_restart_under_load_loses_no_acknowledged_write_and_the_servers_reconnect() {
+    // Enough to show instances keep and renew their SVIDs; the scale is the kill test's.
+    const INSTANCES: usize = 20;
+    const LOAD_PARENT: &str = "spiffe://example.org/restart-load";
+    const MINTED: &str = "spiffe://example.org/minted";
+    let test_started = Instant::now();
+    // Its own PostgreSQL server: the shared one serves other tests meanwhile.
+    let mut db = Database::on_own_server("cluster_restart");
+    let mut servers = db.servers(3, "");
+    let bundle = cluster_bundle(&servers, 3);
+    let roots = bundle_roots(&servers[0]);
+    let agent = start_agent(&bundle, &addrs(&servers), &servers[0].token(), &[]);
+    // 20 s SVIDs, renewed at half-life: every instance renews after the restart.
+    entry_for_my_uid(
+        &servers[1],
+        &agent,
+        "spiffe://example.org/restart",
+        &["--x509-ttl", "20"],
+    );
+    wait_for("the entry at the agent", READY_TIMEOUT, || {
+        agent.cli(&["api", "fetch", "x509"]).ok.then_some(())
+    });
+    let workers = Workers::spawn(&agent, INSTANCES);
+    wait_or_dump(
+        &agent,
+        &workers,
+        "every instance's first SVID",
+        Duration::from_secs(60),
+        || workers.all(|v| !v.authority.is_empty()),
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _rt = rt.enter();
+    // A node of the test's own mints through every server.
+    let minter = rt
+        .block_on(attest(node(&servers[0], &roots, None), servers[0].token()))
+        .unwrap();
+    let mint_entry = servers[2].cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        MINTED,
+        "--parent-id",
+        &minter.spiffe_id,
+        "--selector",
+        "unix:uid:4242",
+        "--shared",
+    ]);
+
+    // Through each server: entries created (admin API), join tokens created there and
+    // redeemed at the next server (node API), X509-SVIDs minted (node API).
+    let load = Load::default();
+    let mut streams: Vec<(String, Arc<Mutex<Calls>>)> = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        let mut stream = |what: String| {
+            let calls = Arc::new(Mutex::new(Calls::default()));
+            streams.push((format!("{what} through server {i}"), calls.clone()));
+            calls
+        };
+        let admin = rt.block_on(admin_client(s));
+        let calls = stream("entry create".into());
+        tasks.push(rt.spawn(keep_calling(load.clone(), calls, move |k| {
+            let mut admin = admin.clone();
+            async move {
+                let e = admin
+                    .create_entry(pb::Entry {
+                        spiffe_id: format!("spiffe://example.org/load/{i}/{k}"),
+                        parent_id: LOAD_PARENT.into(),
+                        selectors: vec![pb::Selector {
+                            r#type: "unix".into(),
+                            value: format!("uid:{}", 70_000 + k),
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?;
+                Ok(Some(e.into_inner().id))
+            }
+        })));
+
+        let admin = rt.block_on(admin_client(s));
+        let next = node(&servers[(i + 1) % servers.len()], &roots, None);
+        let calls = stream(format!(
+            "join token (redeemed at server {})",
+            (i + 1) % servers.len()
+        ));
+        tasks.push(rt.spawn(keep_calling(load.clone(), calls, move |_| {
+            let (mut admin, next) = (admin.clone(), next.clone());
+            async move {
+                let token = admin
+                    .create_join_token(apb::CreateJoinTokenRequest::default())
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .token;
+                let svid = attest(next, token).await.map_err(status)?;
+                Ok(Some(svid.spiffe_id))
+            }
+        })));
+
+        let client = node(s, &roots, Some(&minter));
+        let calls = stream("X509-SVID mint".into());
+        let entry = mint_entry.clone();
+        tasks.push(rt.spawn(keep_calling(load.clone(), calls, move |_| {
+            let (mut client, entry) = (client.clone(), entry.clone());
+            async move {
+                let r = client
+                    .sign_x509_svids(pb::SignX509SvidsRequest {
+                        requests: vec![pb::SvidRequest {
+                            entry_id: entry,
+                            csr: csr_for(MINTED),
+                        }],
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match r.results.into_iter().next().and_then(|r| r.result) {
+                    Some(pb::svid_result::Result::Svid(_)) => Ok(None),
+                    Some(pb::svid_result::Result::Error(e)) => Err((None, e)),
+                    None => Err((None, "an empty answer".into())),
+                }
+            }
+        })));
+    }
+    // Waits until every stream satisfies `f`; on timeout shows what each saw.
+    let all_streams = |what: &str, timeout: Duration, f: &dyn Fn(&Calls) -> bool| {
+        let start = Instant::now();
+        while !streams.iter().all(|(_, c)| f(&c.lock().unwrap())) {
+            if start.elapsed() > timeout {
+                let seen: Vec<String> = streams
+                    .iter()
+                    .map(|(name, c)| {
+                        let c = c.lock().unwrap();
+                        format!(
+                            "{name}: answered {:?}, failed {:?}, last failures {:?}",
+                            c.ok,
+                            c.failed,
+                            c.failures.iter().rev().take(2).collect::<Vec<_>>()
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}:\n{}",
+                    seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    };
+    all_streams("calls answered through every server", READY_TIMEOUT, &|c| {
+        c.ok[UP] >= 2
+    });
+
+    // The database stops (fast shutdown: sessions ended) under the load.
+    load.phase.store(DOWN, Ordering::SeqCst);
+    let stopped = Instant::now();
+    db.own_server().stop();
+    all_streams(
+        "every stream of calls to meet the stopped database",
+        READY_TIMEOUT,
+        &|c| c.failed[DOWN] >= 1,
+    );
+    // A new instance needs an SVID minted for it (the entry is per instance): its
+    // fetch is refused at once, saying why, while the running instances keep theirs.
+    let fetch_started = Instant::now();
+    let fetched = agent.cli(&["api", "fetch", "x509"]);
+    assert!(
+        !fetched.ok
+            && fetched
+                .stderr
+                .contains("Unavailable: could not obtain an SVID")
+            && fetched.stderr.contains("PostgreSQL"),
+        "a new instance's fetch while the database is down: {fetched:?}"
+    );
+    assert!(fetch_started.elapsed() < CALL_DEADLINE);
+    db.own_server().start_again();
+    load.phase.store(BACK, Ordering::SeqCst);
+    let outage = stopped.elapsed();
+    let back = Instant::now();
+    let updates_before: Vec<usize> = workers
+        .views
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v.updates)
+        .collect();
+    // No server is restarted or told anything: each reconnects by itself.
+    all_streams(
+        "every stream of calls answered again, through every server",
+        Duration::from_secs(60),
+        &|c| c.ok[BACK] >= 2,
+    );
+    let recovered = back.elapsed();
+    load.stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        rt.block_on(t).unwrap();
+    }
+
+    // Refused calls were refused cleanly: the database's error, never a hang.
+    let mut slowest_failure = Duration::ZERO;
+    let mut codes = std::collections::BTreeMap::new();
+    for (name, calls) in &streams {
+        let c = calls.lock().unwrap();
+        println!(
+            "{name}: answered {:?}, failed {:?} (database up, down, back)",
+            c.ok, c.failed
+        );
+        for f in &c.failures {
+            assert!(
+                matches!(f.code, None | Some(Code::Unavailable | Code::Internal))
+                    && f.message.contains("PostgreSQL"),
+                "{name}: a call failed otherwise than with the database's error: {f:?}"
+            );
+            slowest_failure = slowest_failure.max(f.took);
+            codes
+                .entry(format!("{:?}", f.code))
+                .or_insert_with(|| f.message.clone());
+        }
+    }
+    println!("failed calls by code, with an example: {codes:#?}");
+    // Everything a client was told was written is there, through every server.
+    let acked = |what: &str| -> BTreeSet<String> {
+        streams
+            .iter()
+            .filter(|(name, _)| name.starts_with(what))
+            .flat_map(|(_, c)| c.lock().unwrap().acked.clone())
+            .collect()
+    };
+    let (entries, agents) = (acked("entry create"), acked("join token"));
+    for (i, s) in servers.iter().enumerate() {
+        let listed = rt.block_on(listed_entries(s, LOAD_PARENT));
+        let missing: Vec<_> = entries.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "server {i} lacks acknowledged entries {missing:?}"
+        );
+        let listed = rt.block_on(listed_agents(s));
+        let missing: Vec<_> = agents.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "server {i} lacks admitted agents {missing:?}"
+        );
+    }
+    println!(
+        "database down {outage:?}, every server answering again {recovered:?} after its start; \
+         slowest failed call {slowest_failure:?}; {} acknowledged entries and {} admitted agents \
+         listed by all 3 servers",
+        entries.len(),
+        agents.len()
+    );
+
+    // Every instance kept a valid SVID (checked below) and renews it now.
+    wait_or_dump(
+        &agent,
+        &workers,
+        "every instance's SVID renewed after the restart",
+        Duration::from_secs(40),
+        || {
+            let views = workers.views.lock().unwrap();
+            views
+                .iter()
+                .zip(&updates_before)
+                .all(|(v, b)| v.updates > *b)
+        },
+    );
+    // Change notifications flow again: an authority prepared at one server is in every
+    // server's bundle well before the 30 s fallback reload.
+    let prepared_at = Instant::now();
+    servers[1].cli_ok(&["authority", "x509", "prepare"]);
+    for s in &servers {
+        wait_for(
+            "the prepared authority in every server's bundle",
+            Duration::from_secs(20),
+            || (bundle_serials(s).len() == 4).then_some(()),
+        );
+    }
+    println!(
+        "an authority prepared after the restart reached every bundle in {:?}",
+        prepared_at.elapsed()
+    );
+    for (i, s) in servers.iter_mut().enumerate() {
+        let proc = s.proc.as_mut().unwrap();
+        assert!(proc.exited().is_none(), "server {i}:\n{}", proc.log_text());
+    }
+
+    let views = workers.finish();
+    for (i, v) in views.iter().enumerate() {
+        assert!(
+            v.stream_error.is_none(),
+            "instance {i}: {:?}",
+            v.stream_error
+        );
+        let s = v.summary.as_ref().unwrap();
+        assert_eq!(
+            s["failures"], 0,
+            "instance {i} saw a failed validation: {s}"
+        );
+    }
+    println!("test wall time {:?}", test_started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------
+// Rotation across the cluster
+
+/// A server's id on PostgreSQL (`DATA_DIR/server-id`).
+fn server_id(server: &Server) -> String {
+    std::fs::read_to_string(server.data_dir().join("server-id"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The X.509 authorities `server` lists: every server's.
+fn x509_authorities(server: &Server) -> Vec<Value> {
+    let v: Value =
+        serde_json::from_str(&server.cli_ok(&["authority", "x509", "show", "--output", "json"]))
+            .unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The id of server `owner`'s X.509 authority in `state`, as `server` lists it.
+fn x509_authority_of(server: &Server, owner: &str, state: &str) -> String {
+    let all = x509_authorities(server);
+    all.iter()
+        .find(|a| a["server_id"] == owner && a["state"] == state)
+        .and_then(|a| a["id"].as_str())
+        .unwrap_or_else(|| panic!("no {state} authority of server {owner}: {all:?}"))
+        .to_string()
+}
+
+#[test]
+fn x509_rotation_across_the_cluster_fails_no_validation_and_revoked_authorities_leave_every_bundle()
+{
+    // 100 instances by default: about 20 s with the 3 servers, PostgreSQL and the agent
+    // on 2 cores shared with other work, where 200 took over 60 s to get their first
+    // SVIDs. ZTID_CLUSTER_INSTANCES=200 is the issue's figure (as for the kill test).
+    let n: usize = std::env::var("ZTID_CLUSTER_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    // Waits that involve every instance: longer with more of them.
+    let fleet_wait = Duration::from_secs(60).max(Duration::from_millis(500) * n as u32);
+    let test_started = Instant::now();
+    let db = Database::new("cluster_rotation");
+    let servers = db.servers(3, "");
+    let bundle = cluster_bundle(&servers, 3);
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    let agent = start_agent(&bundle, &addrs(&servers), &servers[0].token(), &[]);
+    entry_for_my_uid(&servers[1], &agent, "spiffe://example.org/fleet", &[]);
+    wait_for("the entry at the agent", READY_TIMEOUT, || {
+        agent.cli(&["api", "fetch", "x509"]).ok.then_some(())
+    });
+    // Each server's active authority, as another server lists it.
+    let old: Vec<String> = ids
+        .iter()
+        .map(|id| x509_authority_of(&servers[2], id, "active"))
+        .collect();
+    let workers = Workers::spawn(&agent, n);
+    // The agent uses the first server of its list, or another when that one does not
+    // answer in time (a loaded machine).
+    wait_or_dump(
+        &agent,
+        &workers,
+        "every instance's first SVID",
+        fleet_wait,
+        || workers.all(|v| old.contains(&v.authority)),
+    );
+    println!(
+        "{n} instances held an SVID {:?} into the test",
+        test_started.elapsed()
+    );
+
+    // Prepare, each server its own: every server's bundle and every instance's holds
+    // the six.
+    let new: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            let out = s.cli_ok(&["authority", "x509", "prepare", "--output", "json"]);
+            serde_json::from_str::<Value>(&out).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for s in &servers {
+        wait_for(
+            "the prepared authorities in every server's bundle",
+            READY_TIMEOUT,
+            || (bundle_serials(s).len() == 6).then_some(()),
+        );
+    }
+    wait_or_dump(
+        &agent,
+        &workers,
+        "the prepared authorities in every instance's bundle",
+        fleet_wait,
+        || workers.all(|v| new.iter().all(|id| v.bundle.contains(id))),
+    );
+    for s in &servers {
+        s.cli_ok(&["authority", "x509", "activate"]);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let other = &servers[(i + 1) % servers.len()];
+        assert_eq!(x509_authority_of(other, id, "active"), new[i]);
+    }
+
+    // Taint and revoke go through the owner: another server refuses, naming it.
+    let not_here = |verb: &str| {
+        let r = servers[1].cli(&["authority", "x509", verb, &old[0]]);
+        assert!(
+            !r.ok
+                && r.stderr.contains(&format!(
+                    "x509 authority {} belongs to server {}: change it through that server's admin API",
+                    old[0], ids[0]
+                )),
+            "{verb} through server 1: {}",
+            r.stderr
+        );
+    };
+    not_here("taint");
+    let tainted_at = Instant::now();
+    for (s, id) in servers.iter().zip(&old) {
+        s.cli_ok(&["authority", "x509", "taint", id]);
+    }
+    not_here("revoke");
+    wait_or_dump(
+        &agent,
+        &workers,
+        "every instance renewed under a new authority",
+        fleet_wait,
+        || workers.all(|v| new.contains(&v.authority)),
+    );
+    println!(
+        "after the taint, all {n} instances held an SVID under the new authority within {:?}",
+        tainted_at.elapsed()
+    );
+
+    // Revoke through each owner: refused while an agent still depends on the authority
+    // (it has not synced since the taint, or still holds an SVID under it).
+    for (s, id) in servers.iter().zip(&old) {
+        let mut refusals = Vec::new();
+        wait_for("the revoke to be accepted", READY_TIMEOUT, || {
+            let r = s.cli(&["authority", "x509", "revoke", id]);
+            if !r.ok {
+                refusals.push(r.stderr);
+            }
+            r.ok.then_some(())
+        });
+        for r in &refusals {
+            assert!(
+                r.contains(&format!("x509 authority {id} is still in use")),
+                "a refused revoke says why: {r}"
+            );
+        }
+    }
+    // The revoked authorities are gone from every server's bundle and listing, from the
+    // bundle every instance holds, and the agent's own SVID is under the new authority.
+    let mut expected = new.clone();
+    expected.sort();
+    for s in &servers {
+        wait_for(
+            "only the new authorities in every server's bundle",
+            READY_TIMEOUT,
+            || {
+                let mut b = bundle_serials(s);
+                b.sort();
+                (b == expected).then_some(())
+            },
+        );
+        let listed = x509_authorities(s);
+        assert!(
+            listed
+                .iter()
+                .all(|a| !old.iter().any(|o| a["id"] == o.as_str())),
+            "{listed:?}"
+        );
+    }
+    wait_or_dump(
+        &agent,
+        &workers,
+        "only the new authorities in every instance's bundle",
+        fleet_wait,
+        || {
+            workers.all(|v| {
+                let mut b = v.bundle.clone();
+                b.sort();
+                b == expected
+            })
+        },
+    );
+    println!(
+        "the revoked authorities left every bundle {:?} after the taint",
+        tainted_at.elapsed()
+    );
+    let own = agent_svid_authority(&agent, &bundle_roots(&servers[0]));
+    assert!(new.contains(&own), "the agent's own SVID is under {own:?}");
+
+    let views = workers.finish();
+    let mut checks = 0;
+    for (i, v) in views.iter().enumerate() {
+        assert!(
+            v.stream_error.is_none(),
+            "instance {i}: {:?}",
+            v.stream_error
+        );
+        let s = v.summary.as_ref().unwrap();
+        assert_eq!(
+            s["failures"], 0,
+            "instance {i} saw a failed validation: {s}"
+        );
+        checks += s["checks"].as_u64().unwrap();
+    }
+    assert!(
+        checks > n as u64 * 4,
+        "validated continuously ({checks} checks)"
+    );
+    println!(
+        "{n} instances, {checks} validations, 0 failed; test wall time {:?}",
+        test_started.elapsed()
+    );
 }
