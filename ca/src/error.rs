@@ -174,6 +174,11 @@ pub enum StoreError {
     /// reached in time; the text says what was being done and what it answered.
     #[error("{0}")]
     Database(String),
+    /// The database server (PostgreSQL) could not be reached, dropped the connection,
+    /// is shutting down or did not answer in time: another server of the cluster may
+    /// well succeed, so callers are told `Unavailable` (agents fail over on it).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl From<sled::Error> for Error {

@@ -55,6 +55,7 @@ impl Role {
             "ActivateAuthority",
             "TaintAuthority",
             "RevokeAuthority",
+            "RetireServer",
             // These change what the trust domain trusts, so they sit with the authorities.
             "SetFederatedBundle",
             "DeleteFederatedBundle",

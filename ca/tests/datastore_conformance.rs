@@ -849,6 +849,7 @@ fn ca_state_per_server_and_bundle_sequence(f: &dyn Fixture) {
         x509: vec![authority("a1")],
         jwt: vec![authority("aj")],
         bundle_sequence: 9,
+        retired_at: None,
     };
     a.store_ca_state(&state_a).unwrap();
     assert_eq!(a.load_ca_state().unwrap().as_ref(), Some(&state_a));
@@ -867,24 +868,49 @@ fn ca_state_per_server_and_bundle_sequence(f: &dyn Fixture) {
             x509: vec![authority("b1")],
             jwt: vec![],
             bundle_sequence: 40,
+            retired_at: None,
         };
         b.store_ca_state(&state_b).unwrap();
         assert_eq!(
             a.cluster_ca_states().unwrap(),
             [
                 (a.server_id().to_string(), state_a.clone()),
-                (b.server_id().to_string(), state_b)
+                (b.server_id().to_string(), state_b.clone())
             ]
         );
         assert_eq!(a.load_ca_state().unwrap().as_ref(), Some(&state_a));
         let seq3 = b.next_bundle_sequence().unwrap();
         assert!(seq3 > 40 && seq3 > seq2, "cluster-wide: {seq3}");
         assert!(a.next_bundle_sequence().unwrap() > seq3);
+        // A retires B: only over the state it read; then B may not write its own again.
+        let mut retired = state_b.clone();
+        retired.retired_at = Some(77);
+        let stale = CaState {
+            bundle_sequence: 39,
+            ..state_b.clone()
+        };
+        assert!(!a
+            .compare_and_swap_peer_ca_state(b.server_id(), &stale, &retired)
+            .unwrap());
+        assert!(a
+            .compare_and_swap_peer_ca_state(b.server_id(), &state_b, &retired)
+            .unwrap());
+        assert_eq!(b.load_ca_state().unwrap(), Some(retired.clone()));
+        let e = b.store_ca_state(&state_b).unwrap_err();
+        assert!(
+            matches!(&e, Error::Precondition(m) if m.contains("retired")),
+            "{e}"
+        );
+        assert_eq!(b.load_ca_state().unwrap(), Some(retired));
     } else {
         assert_eq!(
             a.cluster_ca_states().unwrap(),
-            [(a.server_id().to_string(), state_a)]
+            [(a.server_id().to_string(), state_a.clone())]
         );
+        let e = a
+            .compare_and_swap_peer_ca_state("another", &state_a, &state_a)
+            .unwrap_err();
+        assert!(matches!(&e, Error::Precondition(_)), "{e}");
     }
 }
 
@@ -1233,7 +1259,12 @@ fn callable_from_any_kind_of_thread(f: &dyn Fixture) {
 // PostgreSQL only
 
 fn is_database_error<T>(r: &ztid_ca::Result<T>) -> bool {
-    matches!(r, Err(Error::Store(StoreError::Database(_))))
+    matches!(
+        r,
+        Err(Error::Store(
+            StoreError::Database(_) | StoreError::Unreachable(_)
+        ))
+    )
 }
 
 /// The database restarts (a clean stop, then a crash) under two stores: calls made

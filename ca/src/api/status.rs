@@ -45,6 +45,7 @@ pub fn code(e: &Error) -> Code {
             | A::Protocol(_),
         ) => Code::InvalidArgument,
         Error::Audit(AuditError::RolledBack(_) | AuditError::Broken(_)) => Code::FailedPrecondition,
+        Error::Store(crate::StoreError::Unreachable(_)) => Code::Unavailable,
         Error::Attestation(_)
         | Error::Audit(_)
         | Error::Store(_)
@@ -98,6 +99,22 @@ mod tests {
         assert_eq!(
             Status::from(Error::Precondition("run prepare first".into())).code(),
             Code::FailedPrecondition
+        );
+        // A database out of reach is worth trying elsewhere (agents fail over on
+        // Unavailable); one that refused the request is not.
+        let s = Status::from(Error::Store(crate::StoreError::Unreachable(
+            "PostgreSQL: get_agent: no connection".into(),
+        )));
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Unavailable,
+                "datastore: PostgreSQL: get_agent: no connection"
+            )
+        );
+        assert_eq!(
+            Status::from(Error::Store(crate::StoreError::Database("syntax".into()))).code(),
+            Code::Internal
         );
     }
 }

@@ -215,6 +215,10 @@ impl AuthoritySet {
     ) -> Result<Self> {
         let server_id = store.server_id().to_string();
         let state = match store.load_ca_state()? {
+            Some(CaState {
+                retired_at: Some(at),
+                ..
+            }) => return Err(crate::datastore::retired_refusal(&server_id, at)),
             Some(s) => s,
             None => {
                 let x509 = X509Authority::create(
@@ -236,6 +240,7 @@ impl AuthoritySet {
                     jwt: vec![jwt.record().clone()],
                     // Above every sequence the cluster has used (1 on a new store).
                     bundle_sequence: store.next_bundle_sequence()?,
+                    retired_at: None,
                 };
                 store.store_ca_state(&s)?;
                 tracing::info!(event = "authority_created", trust_domain = %trust_domain, x509_authority = %x509.record().id, jwt_authority = %jwt.record().id, key_backend = key_manager.backend_name(), "created the trust domain's first authorities");
@@ -368,7 +373,18 @@ impl AuthoritySet {
                 list.iter().any(|a| a.id == id).then(|| server.clone())
             })
         });
+        let retired = owner.as_ref().is_some_and(|server| {
+            self.lock_peers().is_ok_and(|p| {
+                p.iter()
+                    .any(|(id, s)| id == server && s.retired_at.is_some())
+            })
+        });
         match owner {
+            Some(server) if retired => Error::Precondition(format!(
+                "{} authority {id} belongs to server {server}, which is retired: its \
+                 authorities were tainted then; revoke it through any server",
+                kind.as_str()
+            )),
             Some(server) => Error::Precondition(format!(
                 "{} authority {id} belongs to server {server}: change it through that \
                  server's admin API (each server changes only its own authorities, whose \
@@ -631,12 +647,15 @@ impl AuthoritySet {
         let mut guard = self.lock()?;
         let mut next = guard.clone();
         let list = records(&mut next, kind);
-        let (i, record) = list
+        let Some((i, record)) = list
             .iter()
             .enumerate()
             .find(|(_, a)| a.id == id)
             .map(|(i, a)| (i, a.clone()))
-            .ok_or_else(|| self.not_own(kind, id))?;
+        else {
+            drop(guard);
+            return self.revoke_retired(kind, id, now, still_used);
+        };
         if !record.tainted {
             return Err(Error::Precondition(format!(
                 "{} authority {id} is not tainted: taint it first",
@@ -655,6 +674,118 @@ impl AuthoritySet {
             tracing::warn!(key_id = %record.key_id, error = %e, "could not destroy the revoked authority's key");
         }
         Ok(record)
+    }
+
+    /// The servers retired (as last read), with when.
+    pub fn retired_servers(&self) -> Result<Vec<(String, i64)>> {
+        Ok(self
+            .lock_peers()?
+            .iter()
+            .filter_map(|(id, s)| s.retired_at.map(|at| (id.clone(), at)))
+            .collect())
+    }
+
+    /// Retires server `server_id`, which an operator says is gone for good (the caller
+    /// checked that it does not run): every authority of it is tainted, so agents and
+    /// workloads move off what it signed, and its state is marked so that it never
+    /// signs again. Returns its authorities as they are now.
+    pub fn retire_peer(&self, server_id: &str, now: i64) -> Result<Vec<(Kind, AuthorityRecord)>> {
+        if server_id == self.server_id {
+            return Err(Error::Precondition(format!(
+                "server {server_id} is the server you are talking to: stop it and retire it \
+                 through another server of the cluster"
+            )));
+        }
+        let current = self
+            .store
+            .cluster_ca_states()?
+            .into_iter()
+            .find_map(|(id, s)| (id == server_id).then_some(s))
+            .ok_or_else(|| Error::NotFound(format!("no server {server_id} in this cluster")))?;
+        if let Some(at) = current.retired_at {
+            return Err(Error::Precondition(format!(
+                "server {server_id} was retired already, at {at} (Unix seconds)"
+            )));
+        }
+        let mut next = current.clone();
+        next.retired_at = Some(now);
+        for a in next.x509.iter_mut().chain(next.jwt.iter_mut()) {
+            if !a.tainted {
+                a.tainted = true;
+                a.tainted_at = now;
+            }
+        }
+        self.replace_peer(server_id, &current, next, now)
+    }
+
+    /// Revokes authority `id` of a retired server (see [`Self::revoke`]); its key is in
+    /// that server's key manager, out of reach here.
+    fn revoke_retired(
+        &self,
+        kind: Kind,
+        id: &str,
+        now: i64,
+        still_used: impl Fn(&AuthorityRecord) -> Option<String>,
+    ) -> Result<AuthorityRecord> {
+        let (server, current, record) = self
+            .store
+            .cluster_ca_states()?
+            .into_iter()
+            .filter(|(server, _)| *server != self.server_id)
+            .find_map(|(server, s)| {
+                let list = match kind {
+                    Kind::X509 => &s.x509,
+                    Kind::Jwt => &s.jwt,
+                };
+                let record = list.iter().find(|a| a.id == id)?.clone();
+                Some((server, s, record))
+            })
+            .ok_or_else(|| Error::NotFound(format!("no {} authority {id}", kind.as_str())))?;
+        if current.retired_at.is_none() {
+            return Err(self.not_own(kind, id));
+        }
+        if let Some(holder) = still_used(&record) {
+            return Err(Error::Precondition(format!(
+                "{} authority {id} is still in use: {holder}",
+                kind.as_str()
+            )));
+        }
+        let mut next = current.clone();
+        records(&mut next, kind).retain(|a| a.id != id);
+        self.replace_peer(&server, &current, next, now)?;
+        tracing::warn!(server_id = %server, key_id = %record.key_id,
+            "revoked an authority of a retired server: its private key is wherever that server kept it; destroy it there");
+        Ok(record)
+    }
+
+    /// Writes `next` over another server's `current` state with a new bundle sequence
+    /// (so agents fetch the changed bundle), then reloads the cluster.
+    fn replace_peer(
+        &self,
+        server_id: &str,
+        current: &CaState,
+        mut next: CaState,
+        now: i64,
+    ) -> Result<Vec<(Kind, AuthorityRecord)>> {
+        next.bundle_sequence = self
+            .store
+            .next_bundle_sequence()?
+            .max(current.bundle_sequence.saturating_add(1));
+        if !self
+            .store
+            .compare_and_swap_peer_ca_state(server_id, current, &next)?
+        {
+            return Err(Error::Precondition(format!(
+                "the state of server {server_id} changed meanwhile: try again"
+            )));
+        }
+        self.reload_cluster(now)?;
+        Ok(next
+            .x509
+            .iter()
+            .map(|a| (Kind::X509, a.clone()))
+            .chain(next.jwt.iter().map(|a| (Kind::Jwt, a.clone())))
+            .collect())
     }
 
     /// Automatic rotation and pruning; returns what changed.

@@ -20,6 +20,13 @@ use super::{status, Client, Output};
 pub enum ServerCmd {
     /// The servers sharing the database: id, authorities, newest authority expiry.
     List,
+    /// Retire a server that is gone for good (refused while it runs): its authorities
+    /// are tainted, so agents and workloads move off what it signed, and it may never
+    /// sign again; revoke them (`authority revoke`) through any server once unused.
+    Retire {
+        /// Its id, as `server list` shows it.
+        server_id: String,
+    },
 }
 
 /// One server, as its authorities show it.
@@ -40,6 +47,8 @@ pub struct ServerSummary {
     pub active_jwt: Option<String>,
     /// The latest `not_after` of its authorities (Unix seconds).
     pub newest_expiry: i64,
+    /// When it was retired (Unix seconds), if it was.
+    pub retired_at: Option<i64>,
 }
 
 /// Groups `authorities` (both kinds, as `ListAuthorities` answers them) by server,
@@ -57,7 +66,11 @@ pub fn summarize_servers(authorities: &[pb::Authority]) -> Vec<ServerSummary> {
                 active_x509: None,
                 active_jwt: None,
                 newest_expiry: i64::MIN,
+                retired_at: None,
             });
+        if a.server_retired_at != 0 {
+            s.retired_at = Some(a.server_retired_at);
+        }
         // Only this server's own key backend is known to it.
         s.this_server |= !a.key_backend.is_empty();
         s.newest_expiry = s.newest_expiry.max(a.not_after);
@@ -96,6 +109,9 @@ fn print_server(s: &ServerSummary) {
         s.server_id,
         if s.this_server { " (this server)" } else { "" }
     );
+    if let Some(at) = s.retired_at {
+        println!("Retired at         : {at}");
+    }
     println!(
         "X.509 authorities  : {} (active {})",
         s.x509_authorities.len(),
@@ -120,6 +136,31 @@ pub(super) async fn run(client: &mut Client, cmd: &ServerCmd, out: Output) -> Re
                 Output::Text => {
                     println!("Found {} servers", servers.len());
                     servers.iter().for_each(print_server);
+                }
+            }
+            Ok(())
+        }
+        ServerCmd::Retire { server_id } => {
+            let list = client
+                .retire_server(pb::ServerRef {
+                    server_id: server_id.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .authorities;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"server_id": server_id, "tainted":
+                    list.iter().map(|a| json!({"kind": a.kind, "id": a.id})).collect::<Vec<_>>()})
+                ),
+                Output::Text => {
+                    println!("Retired server {server_id}; its authorities are tainted:");
+                    for a in &list {
+                        println!("  {} {} (until {})", a.kind, a.id, a.not_after);
+                    }
+                    println!("Revoke each with `authority revoke` once no agent uses it.");
                 }
             }
             Ok(())
@@ -168,6 +209,7 @@ mod tests {
                     active_x509: Some("a2".into()),
                     active_jwt: Some("ka".into()),
                     newest_expiry: 400,
+                    retired_at: None,
                 },
                 ServerSummary {
                     server_id: "b".into(),
@@ -177,6 +219,7 @@ mod tests {
                     active_x509: Some("b1".into()),
                     active_jwt: None,
                     newest_expiry: 500,
+                    retired_at: None,
                 },
             ]
         );

@@ -25,6 +25,14 @@ use super::{now, CaCore};
 use crate::datastore::ChangeTopic;
 use crate::{Error, Result};
 
+/// The name of the role ([`DataStore::try_leader`](crate::datastore::DataStore::try_leader))
+/// a running server holds for its own id: what tells a peer that it runs (so it cannot
+/// be retired) and what stops a second process under the same id (a copied data
+/// directory) from starting.
+pub(super) fn liveness_role(server_id: &str) -> String {
+    format!("server {server_id}")
+}
+
 /// The slow fallback: housekeeping re-reads the other servers' authorities at least
 /// this often, whatever notifications said.
 pub const CLUSTER_RELOAD_FALLBACK_SECONDS: i64 = 30;
@@ -70,6 +78,84 @@ impl CaCore {
     }
 
     /// The housekeeping part: the fallback reload when the last one is old.
+    /// Takes this server's liveness role, refusing to start if another process holds it.
+    pub(super) fn take_liveness(
+        store: &dyn crate::datastore::DataStore,
+    ) -> Result<crate::datastore::LeaderGuard> {
+        let id = store.server_id();
+        store.try_leader(&liveness_role(id))?.ok_or_else(|| {
+            Error::Precondition(format!(
+                "another ztid-server runs with server id {id} on this datastore (it holds \
+                 the id's lock): two servers may not share DATA_DIR/server-id"
+            ))
+        })
+    }
+
+    /// Takes the liveness role again if its database session ended (a database
+    /// restart): until then a peer could take this server for stopped.
+    pub(super) fn keep_liveness(&self) {
+        let Ok(mut slot) = self.liveness.lock() else {
+            return;
+        };
+        if slot
+            .as_ref()
+            .is_some_and(crate::datastore::LeaderGuard::is_held)
+        {
+            return;
+        }
+        match Self::take_liveness(self.store.as_ref()) {
+            Ok(g) => {
+                if slot.is_some() {
+                    tracing::info!("took this server's liveness role again");
+                }
+                *slot = Some(g);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "this server's liveness role is not held");
+                *slot = None;
+            }
+        }
+    }
+
+    /// Retires server `server_id`, which must not be running: every authority of it
+    /// is tainted (agents and workloads move to SVIDs of the other servers), and it
+    /// may never write its state again. Its authorities then leave the bundle by
+    /// `authority revoke` through any server, once no agent depends on them, or when
+    /// they expire.
+    pub fn retire_server(
+        &self,
+        server_id: &str,
+        caller: &str,
+    ) -> Result<Vec<(crate::authority::Kind, crate::datastore::AuthorityRecord)>> {
+        if server_id == self.server_id() {
+            return Err(Error::Precondition(format!(
+                "server {server_id} is the server you are talking to: stop it and retire it \
+                 through another server of the cluster"
+            )));
+        }
+        // Held until the state is written: a server starting under that id meanwhile
+        // waits for nothing and fails to start.
+        let _stopped = self
+            .store
+            .try_leader(&liveness_role(server_id))?
+            .ok_or_else(|| {
+                Error::Precondition(format!(
+                    "server {server_id} is running (it holds its lock on the database): \
+                     stop it before retiring it"
+                ))
+            })?;
+        let t = now();
+        let authorities = self.authorities.retire_peer(server_id, t)?;
+        let ids: Vec<&str> = authorities.iter().map(|(_, a)| a.id.as_str()).collect();
+        self.record(
+            serde_json::json!({"type": "server_retired", "caller": caller,
+            "server_id": server_id, "tainted": ids, "bundle_sequence": self.bundle().sequence}),
+        )?;
+        tracing::warn!(event = "server_retired", caller, server_id, tainted = ?ids,
+            "server retired: its authorities are tainted");
+        Ok(authorities)
+    }
+
     pub(super) fn maybe_reload_cluster(&self) {
         if self.authorities.seconds_since_reload(now()) >= CLUSTER_RELOAD_FALLBACK_SECONDS {
             self.reload_cluster_authorities("timer");

@@ -78,6 +78,9 @@ pub struct CaCore {
     server_svid_expiry: std::sync::atomic::AtomicI64,
     /// Agent certificates already found signed by one of our authorities.
     own_issued: OwnIssuedCache,
+    /// This server's liveness role on the datastore (see `cluster.rs`): held while it
+    /// runs, so no other process under its id starts and it cannot be retired.
+    liveness: std::sync::Mutex<Option<crate::datastore::LeaderGuard>>,
 }
 
 impl CaCore {
@@ -94,6 +97,7 @@ impl CaCore {
         // The key manager first: a wrong PIN or a missing token must leave nothing behind.
         let key_manager = crate::keys::key_manager(&config)?;
         let store = store::open_datastore(&config)?;
+        let liveness = Self::take_liveness(store.as_ref())?;
         let t = now();
         let upstream = match &config.upstream {
             Some(u) => Some(Arc::new(crate::authority::Upstream::load(u, &key_manager)?)),
@@ -155,6 +159,7 @@ impl CaCore {
             server_svid: ArcSwap::from_pointee(svid),
             server_svid_expiry: expiry.into(),
             own_issued: OwnIssuedCache::default(),
+            liveness: std::sync::Mutex::new(Some(liveness)),
         });
         core.watch_cluster()?;
         Ok(core)

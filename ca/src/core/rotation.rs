@@ -93,7 +93,8 @@ impl CaCore {
                 .iter()
                 .filter(|g| !g.banned && g.expires_at > t)
                 .find_map(|g| {
-                    if g.last_sync_at < a.tainted_at {
+                    // `<=`: a sync in the second of the taint may have come just before it.
+                    if g.last_sync_at <= a.tainted_at {
                         Some(format!(
                             "agent {} has not synced since the taint",
                             g.spiffe_id
@@ -115,6 +116,7 @@ impl CaCore {
     /// Periodic work: automatic rotation, pruning of expired authorities, server SVID
     /// renewal, and the fallback reload of the other servers' authorities.
     pub fn housekeeping(&self) -> Result<()> {
+        self.keep_liveness();
         self.maybe_reload_cluster();
         for c in self.authorities.tick(now())? {
             self.record(json!({"type": "authority_changed", "caller": "automatic rotation", "kind": c.kind.as_str(),

@@ -202,6 +202,11 @@ pub struct CaState {
     pub jwt: Vec<AuthorityRecord>,
     /// `spiffe_sequence` of the bundle.
     pub bundle_sequence: u64,
+    /// Unix seconds when an operator retired this server (`server retire`): its
+    /// authorities were tainted then, the state is written by no one but a revoke of
+    /// one of them, and the server refuses to start again. Not written while unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<i64>,
 }
 
 mod hex_bytes {
@@ -438,8 +443,18 @@ pub trait DataStore: Send + Sync + 'static {
 
     /// This server's CA state, if its CA was initialised.
     fn load_ca_state(&self) -> Result<Option<CaState>>;
-    /// Replaces this server's CA state.
+    /// Replaces this server's CA state; refused (`Precondition`) once an operator
+    /// retired this server.
     fn store_ca_state(&self, state: &CaState) -> Result<()>;
+    /// Replaces the CA state of another server, `server_id`, if it still is `expected`
+    /// (false otherwise): only to retire a server that is gone, or to revoke a retired
+    /// server's authority. A sled store holds one server and refuses.
+    fn compare_and_swap_peer_ca_state(
+        &self,
+        server_id: &str,
+        expected: &CaState,
+        new: &CaState,
+    ) -> Result<bool>;
     /// Every server's CA state with its server id, ordered by server id (one store: just
     /// its own, if initialised). The trust bundle is the union of their authorities.
     fn cluster_ca_states(&self) -> Result<Vec<(String, CaState)>>;
@@ -491,6 +506,14 @@ pub trait DataStore: Send + Sync + 'static {
 }
 
 /// Refuses a compare-and-swap whose new record is for another agent than the key.
+/// The refusal to write the CA state of a server retired at `at`.
+pub(crate) fn retired_refusal(server_id: &str, at: i64) -> crate::Error {
+    crate::Error::Precondition(format!(
+        "server {server_id} was retired (server retire) at {at} (Unix seconds): it may not \
+         sign again; start a new server with a new data directory instead"
+    ))
+}
+
 pub(crate) fn check_cas_agent_id(spiffe_id: &str, new: Option<&AgentRecord>) -> Result<()> {
     match new {
         Some(n) if n.spiffe_id != spiffe_id => Err(crate::Error::InvalidInput(format!(

@@ -729,10 +729,25 @@ impl DataStore for SledStore {
     }
 
     fn store_ca_state(&self, state: &CaState) -> Result<()> {
+        if let Some(at) = self.load_ca_state()?.and_then(|s| s.retired_at) {
+            return Err(super::retired_refusal(&self.server_id, at));
+        }
         self.meta.insert(CA_STATE_KEY, serde_json::to_vec(state)?)?;
         self.db.flush()?;
         self.notify(ChangeTopic::Authorities);
         Ok(())
+    }
+
+    fn compare_and_swap_peer_ca_state(
+        &self,
+        server_id: &str,
+        _expected: &CaState,
+        _new: &CaState,
+    ) -> Result<bool> {
+        Err(Error::Precondition(format!(
+            "a sled datastore holds one server ({}): there is no server {server_id} to change",
+            self.server_id
+        )))
     }
 
     fn cluster_ca_states(&self) -> Result<Vec<(String, CaState)>> {

@@ -9,7 +9,11 @@
 //!   through one server reaches the other's bundle after the change notification;
 //!   another server's authority cannot be tainted or revoked (the owner is named);
 //!   an eviction or ban through one server refuses the agent's next call at the other;
-//!   the federation poller runs on exactly one of them.
+//!   the federation poller runs on exactly one of them;
+//! - a second process under a running server's id does not start, a running server
+//!   cannot be retired, and a stopped one retired through another server has every
+//!   authority tainted, never starts again, and its authorities leave the bundle by a
+//!   revoke through the other server once no agent depends on them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -324,6 +328,112 @@ fn authority_lifecycle_through_one_server_reaches_the_other() {
             && x.x509_authorities == y.x509_authorities
             && x.jwt_authorities == y.jwt_authorities
     });
+}
+
+#[test]
+fn a_stopped_server_is_retired_through_another_and_its_authorities_leave_the_bundle() {
+    use ztid_ca::core::sync::SyncRequest;
+    let cluster = Cluster::new();
+    let a = cluster.open("a");
+    let b = cluster.open("b");
+    let b_id = b.server_id().to_string();
+    let (b_x509, b_jwt) = own_active(&b);
+    wait_for("A to know B's authority", || bundle_has_x509(&a, &b_x509));
+    // A second process under B's id does not start.
+    let e = match CaCore::open(cluster.config("b")) {
+        Ok(_) => panic!("a second B started"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("another ztid-server runs")),
+        "{e}"
+    );
+    // B runs: it cannot be retired; nor can the server asked.
+    for (server, what) in [(b_id.as_str(), "is running"), (a.server_id(), "talking to")] {
+        let e = a.retire_server(server, "test").unwrap_err();
+        assert!(
+            matches!(&e, Error::Precondition(m) if m.contains(what)),
+            "{e}"
+        );
+    }
+    let e = a.retire_server("no-such-server", "test").unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    // An agent attested through B holds an SVID of B's authority.
+    let (agent, leaf) = attest(&b, "node-of-b");
+    drop(b);
+    let before = a.bundle().sequence;
+    let retired = wait_for_ok("B's liveness lock to be released", || {
+        a.retire_server(&b_id, "test")
+    });
+    assert_eq!(retired.len(), 2, "{retired:?}");
+    assert!(retired.iter().all(|(_, r)| r.tainted), "{retired:?}");
+    let bundle = a.bundle();
+    assert!(bundle.sequence > before, "agents fetch the new bundle");
+    for id in [&b_jwt, &retired[0].1.id] {
+        assert!(
+            bundle.tainted.contains(id),
+            "{id} tainted: {:?}",
+            bundle.tainted
+        );
+    }
+    let e = a.retire_server(&b_id, "test").unwrap_err();
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("retired already")),
+        "{e}"
+    );
+    // B never starts again.
+    let e = match CaCore::open(cluster.config("b")) {
+        Ok(_) => panic!("a retired B started"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("retired")),
+        "{e}"
+    );
+    // Its authorities are revoked through A once the agent has synced since the taint
+    // and reports neither in use.
+    let at_a = a.authenticate_agent(Some(&leaf)).unwrap();
+    assert_eq!(at_a.record.spiffe_id, agent.spiffe_id);
+    let x509_id = retired
+        .iter()
+        .find(|(k, _)| *k == Kind::X509)
+        .map(|(_, r)| r.id.clone())
+        .unwrap();
+    let e = a
+        .revoke_authority(Kind::X509, &x509_id, "test")
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("has not synced")),
+        "{e}"
+    );
+    wait_for("a second after the taint", || {
+        ztid_ca::core::now() > retired[0].1.tainted_at
+    });
+    a.sync_entries(&at_a, SyncRequest::default()).unwrap();
+    a.revoke_authority(Kind::X509, &x509_id, "test").unwrap();
+    a.revoke_authority(Kind::Jwt, &b_jwt, "test").unwrap();
+    let bundle = a.bundle();
+    assert!(!bundle_has_x509(&a, &b_x509) && !bundle_has_jwt(&a, &b_jwt));
+    assert!(bundle.tainted.is_empty(), "{:?}", bundle.tainted);
+    assert!(a
+        .list_cluster_authorities(Kind::X509)
+        .unwrap()
+        .iter()
+        .all(|(server, _)| *server != b_id));
+    // The agent's SVID of the revoked authority is refused now.
+    assert!(a.authenticate_agent(Some(&leaf)).is_err());
+}
+
+/// Retries `f` until it succeeds or the deadline passes.
+fn wait_for_ok<T, E: std::fmt::Display>(what: &str, mut f: impl FnMut() -> Result<T, E>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < end, "timed out waiting for {what}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

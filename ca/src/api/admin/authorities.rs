@@ -36,6 +36,7 @@ fn authority_to_proto(
         public_key_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &a.public_key)),
         tainted_at: a.tainted_at,
         server_id: server_id.into(),
+        server_retired_at: 0,
     }
 }
 
@@ -85,13 +86,19 @@ pub(super) async fn list_authorities(
     let own = api.core.server_id();
     // Every server's authorities, each with its owner.
     let list = api.core.list_cluster_authorities(kind)?;
+    let retired = api.core.authorities.retired_servers()?;
     api.core.audit_barrier().await?;
     Ok(Response::new(pb::Authorities {
         authorities: list
             .iter()
             .map(|(server, a)| {
                 let backend = if server == own { backend } else { "" };
-                authority_to_proto(kind, a, backend, server)
+                let mut p = authority_to_proto(kind, a, backend, server);
+                p.server_retired_at = retired
+                    .iter()
+                    .find_map(|(id, at)| (id == server).then_some(*at))
+                    .unwrap_or_default();
+                p
             })
             .collect(),
     }))
@@ -150,9 +157,49 @@ pub(super) async fn revoke_authority(
     audit!(api, request, "RevokeAuthority");
     authority_ref(request.get_ref())?;
     let kind = Kind::parse(&request.get_ref().kind)?;
-    let a = api
+    let id = &request.get_ref().id;
+    // A retired server's authority is revoked through any server: name its owner.
+    let owner = api
         .core
-        .revoke_authority(kind, &request.get_ref().id, &caller(&request))?;
+        .authorities
+        .cluster_list(kind)?
+        .into_iter()
+        .find_map(|(server, a)| (a.id == *id).then_some(server));
+    let a = api.core.revoke_authority(kind, id, &caller(&request))?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(own_to_proto(api, kind, &a)))
+    Ok(Response::new(match owner {
+        Some(server) if server != api.core.server_id() => authority_to_proto(kind, &a, "", &server),
+        _ => own_to_proto(api, kind, &a),
+    }))
+}
+
+pub(super) async fn retire_server(
+    api: &AdminApi,
+    request: Request<pb::ServerRef>,
+) -> Result<Response<pb::Authorities>, Status> {
+    audit!(api, request, "RetireServer");
+    let server = &request.get_ref().server_id;
+    bound("server id (bytes)", server, limits::MAX_OBJECT_ID_BYTES)?;
+    if server.is_empty() {
+        return Err(Error::InvalidInput("a server id is required".into()).into());
+    }
+    let list = api.core.retire_server(server, &caller(&request))?;
+    api.core.audit_barrier().await?;
+    let retired_at = api
+        .core
+        .authorities
+        .retired_servers()?
+        .into_iter()
+        .find_map(|(id, at)| (id == *server).then_some(at))
+        .unwrap_or_default();
+    Ok(Response::new(pb::Authorities {
+        authorities: list
+            .iter()
+            .map(|(kind, a)| {
+                let mut p = authority_to_proto(*kind, a, "", server);
+                p.server_retired_at = retired_at;
+                p
+            })
+            .collect(),
+    }))
 }

@@ -186,6 +186,13 @@ impl Admin for AdminApi {
         authorities::revoke_authority(self, request).await
     }
 
+    async fn retire_server(
+        &self,
+        request: Request<pb::ServerRef>,
+    ) -> Result<Response<pb::Authorities>, Status> {
+        authorities::retire_server(self, request).await
+    }
+
     async fn set_federated_bundle(
         &self,
         request: Request<pb::SetFederatedBundleRequest>,

@@ -71,7 +71,7 @@ impl Bridge {
         let task = self.handle.spawn(async move {
             match tokio::time::timeout(limit, fut).await {
                 Ok(r) => r,
-                Err(_) => Err(Error::Store(StoreError::Database(format!(
+                Err(_) => Err(Error::Store(StoreError::Unreachable(format!(
                     "PostgreSQL: {what}: no answer within {limit:?}"
                 )))),
             }

@@ -133,10 +133,30 @@ fn database(what: &str, detail: impl std::fmt::Display) -> Error {
     )))
 }
 
+fn unreachable(what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::Store(StoreError::Unreachable(format!(
+        "PostgreSQL: {what}: {detail}"
+    )))
+}
+
+/// Whether `e` says the database is out of reach (not that it refused this request):
+/// a connection that closed or failed on I/O, SQLSTATE class 08 (connection
+/// exception) or 57 (operator intervention: shutting down, cannot connect now, a
+/// statement cancelled by its timeout).
+fn is_unreachable(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57"))
+}
+
 fn db(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
     move |e| {
         if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
             Error::AlreadyExists(format!("{what}: it exists already"))
+        } else if is_unreachable(&e) {
+            unreachable(what, e)
         } else {
             database(what, e)
         }
@@ -354,7 +374,7 @@ impl Inner {
         self.pool
             .get()
             .await
-            .map_err(|e| database(what, format_args!("no connection: {e}")))
+            .map_err(|e| unreachable(what, format_args!("no connection: {e}")))
     }
 }
 
@@ -1117,18 +1137,64 @@ impl DataStore for PgStore {
     fn store_ca_state(&self, state: &CaState) -> Result<()> {
         let state = state.clone();
         self.call("store_ca_state", move |inner| async move {
-            let c = inner.client("store_ca_state").await?;
-            execute(
+            const WHAT: &str = "store_ca_state";
+            let c = inner.client(WHAT).await?;
+            // Never over a retired row: a retired server may not sign again, even if it
+            // was wrongly retired while running.
+            let written = query(
                 &c,
-                "store_ca_state",
+                WHAT,
                 "WITH up AS (INSERT INTO ztid_ca_states (server_id, state, updated_at) \
                              VALUES ($1, $2, now()) ON CONFLICT (server_id) \
-                             DO UPDATE SET state = EXCLUDED.state, updated_at = now() RETURNING 1) \
+                             DO UPDATE SET state = EXCLUDED.state, updated_at = now() \
+                             WHERE NOT (ztid_ca_states.state ? 'retired_at') RETURNING 1) \
                  SELECT pg_notify('ztid_changes', 'authorities') FROM up",
                 &[&inner.server_id, &Json(&state)],
             )
             .await?;
+            if written.is_empty() {
+                let row = query_one(
+                    &c,
+                    WHAT,
+                    "SELECT state FROM ztid_ca_states WHERE server_id = $1",
+                    &[&inner.server_id],
+                )
+                .await?;
+                let stored: CaState = json(&row, 0, WHAT)?;
+                return Err(super::retired_refusal(
+                    &inner.server_id,
+                    stored.retired_at.unwrap_or_default(),
+                ));
+            }
             Ok(())
+        })
+    }
+
+    fn compare_and_swap_peer_ca_state(
+        &self,
+        server_id: &str,
+        expected: &CaState,
+        new: &CaState,
+    ) -> Result<bool> {
+        const WHAT: &str = "compare_and_swap_peer_ca_state";
+        let (server, expected, new) = (server_id.to_string(), expected.clone(), new.clone());
+        self.call(WHAT, move |inner| async move {
+            if server == inner.server_id {
+                return Err(Error::Internal(
+                    "compare_and_swap_peer_ca_state is for other servers' states".into(),
+                ));
+            }
+            let c = inner.client(WHAT).await?;
+            let rows = query(
+                &c,
+                WHAT,
+                "WITH up AS (UPDATE ztid_ca_states SET state = $3, updated_at = now() \
+                             WHERE server_id = $1 AND state = $2 RETURNING 1) \
+                 SELECT pg_notify('ztid_changes', 'authorities') FROM up",
+                &[&server, &Json(&expected), &Json(&new)],
+            )
+            .await?;
+            Ok(!rows.is_empty())
         })
     }
 
