@@ -91,6 +91,22 @@ impl CaCore {
         })
     }
 
+    /// [`Self::take_liveness`], retried for a few seconds: the database session of this
+    /// server's previous process (killed just before) may not have ended yet.
+    pub(super) fn take_liveness_at_start(
+        store: &dyn crate::datastore::DataStore,
+    ) -> Result<crate::datastore::LeaderGuard> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Self::take_liveness(store) {
+                Err(Error::Precondition(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Takes the liveness role again if its database session ended (a database
     /// restart): until then a peer could take this server for stopped.
     pub(super) fn keep_liveness(&self) {

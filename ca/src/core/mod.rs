@@ -97,7 +97,7 @@ impl CaCore {
         // The key manager first: a wrong PIN or a missing token must leave nothing behind.
         let key_manager = crate::keys::key_manager(&config)?;
         let store = store::open_datastore(&config)?;
-        let liveness = Self::take_liveness(store.as_ref())?;
+        let liveness = Self::take_liveness_at_start(store.as_ref())?;
         let t = now();
         let upstream = match &config.upstream {
             Some(u) => Some(Arc::new(crate::authority::Upstream::load(u, &key_manager)?)),
