@@ -321,6 +321,26 @@ impl Workers {
     }
 }
 
+/// Asserts that no instance lost its stream or saw a failed validation; returns the
+/// number of validations they made.
+fn no_failed_validation(views: &[View]) -> u64 {
+    let mut checks = 0;
+    for (i, v) in views.iter().enumerate() {
+        assert!(
+            v.stream_error.is_none(),
+            "instance {i}: {:?}",
+            v.stream_error
+        );
+        let s = v.summary.as_ref().unwrap();
+        assert_eq!(
+            s["failures"], 0,
+            "instance {i} saw a failed validation: {s}"
+        );
+        checks += s["checks"].as_u64().unwrap();
+    }
+    checks
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         for c in &mut self.children {
@@ -507,21 +527,7 @@ fn a_server_killed_under_load_goes_unnoticed_by_workloads_and_the_agent_renews_e
     assert!(metric(&metrics, "ztid_agent_server_failovers_total") > failovers_before);
     assert!(agent.proc.log_text().contains("agent SVID renewed"));
 
-    let views = workers.finish();
-    let mut checks = 0;
-    for (i, v) in views.iter().enumerate() {
-        assert!(
-            v.stream_error.is_none(),
-            "instance {i}: {:?}",
-            v.stream_error
-        );
-        let s = v.summary.as_ref().unwrap();
-        assert_eq!(
-            s["failures"], 0,
-            "instance {i} saw a failed validation: {s}"
-        );
-        checks += s["checks"].as_u64().unwrap();
-    }
+    let checks = no_failed_validation(&workers.finish());
     assert!(
         checks > n as u64 * 20,
         "validated continuously ({checks} checks)"
@@ -1352,19 +1358,7 @@ fn a_database_restart_under_load_loses_no_acknowledged_write_and_the_servers_rec
         assert!(proc.exited().is_none(), "server {i}:\n{}", proc.log_text());
     }
 
-    let views = workers.finish();
-    for (i, v) in views.iter().enumerate() {
-        assert!(
-            v.stream_error.is_none(),
-            "instance {i}: {:?}",
-            v.stream_error
-        );
-        let s = v.summary.as_ref().unwrap();
-        assert_eq!(
-            s["failures"], 0,
-            "instance {i} saw a failed validation: {s}"
-        );
-    }
+    no_failed_validation(&workers.finish());
     println!("test wall time {:?}", test_started.elapsed());
 }
 
@@ -1564,21 +1558,7 @@ fn x509_rotation_across_the_cluster_fails_no_validation_and_revoked_authorities_
     let own = agent_svid_authority(&agent, &bundle_roots(&servers[0]));
     assert!(new.contains(&own), "the agent's own SVID is under {own:?}");
 
-    let views = workers.finish();
-    let mut checks = 0;
-    for (i, v) in views.iter().enumerate() {
-        assert!(
-            v.stream_error.is_none(),
-            "instance {i}: {:?}",
-            v.stream_error
-        );
-        let s = v.summary.as_ref().unwrap();
-        assert_eq!(
-            s["failures"], 0,
-            "instance {i} saw a failed validation: {s}"
-        );
-        checks += s["checks"].as_u64().unwrap();
-    }
+    let checks = no_failed_validation(&workers.finish());
     assert!(
         checks > n as u64 * 4,
         "validated continuously ({checks} checks)"
