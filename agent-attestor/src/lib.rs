@@ -191,6 +191,10 @@ pub enum Error {
     /// The datastore behind a verifier failed.
     #[error("store: {0}")]
     Store(String),
+    /// The datastore behind a verifier is out of reach (a database that stopped
+    /// answering): another server may succeed.
+    #[error("store: {0}")]
+    StoreUnavailable(String),
     /// Configuration is unusable.
     #[error("config: {0}")]
     Config(String),

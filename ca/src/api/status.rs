@@ -45,7 +45,8 @@ pub fn code(e: &Error) -> Code {
             | A::Protocol(_),
         ) => Code::InvalidArgument,
         Error::Audit(AuditError::RolledBack(_) | AuditError::Broken(_)) => Code::FailedPrecondition,
-        Error::Store(crate::StoreError::Unreachable(_)) => Code::Unavailable,
+        Error::Store(crate::StoreError::Unreachable(_))
+        | Error::Attestation(A::StoreUnavailable(_)) => Code::Unavailable,
         Error::Attestation(_)
         | Error::Audit(_)
         | Error::Store(_)
