@@ -36,5 +36,6 @@ pub mod probe;
 pub mod refusal_audit;
 pub mod roles;
 pub mod server;
+pub mod sts;
 
 pub use error::{AuditError, Error, Refusal, RefusalKind, Result, StoreError};

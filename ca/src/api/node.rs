@@ -363,6 +363,9 @@ impl Node for NodeApi {
             bundle: (!next_page && req.bundle_sequence < bundle.sequence)
                 .then(|| bundle.as_ref().into()),
             next_page_token: sync.next_page_token.unwrap_or_default(),
+            // Filled by the kill switch (issue 14): revocations under this agent's entries.
+            revoked_instances: Vec::new(),
+            revoked_entries: Vec::new(),
         }))
     }
 

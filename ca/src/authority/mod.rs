@@ -28,4 +28,4 @@ pub use jwt::JwtAuthority;
 pub use key::{random_hex, random_serial, ManagedKey};
 pub use set::{AuthoritySet, Change, Kind, Lifetimes};
 pub use upstream::{Upstream, UpstreamKey};
-pub use x509::{LeafTemplate, SignedLeaf, X509Authority};
+pub use x509::{LeafTemplate, SignedLeaf, X509Authority, NODE_OU_PREFIX};

@@ -28,9 +28,21 @@ pub struct LeafTemplate {
     pub spiffe_id: String,
     /// Extra DNS SANs.
     pub dns_names: Vec<String>,
+    /// IP address SANs (the token endpoint's certificate names its listen address).
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// The SPIFFE ID of the agent (node) a workload SVID is issued through, written in
+    /// the subject as `OU=node=<ID>` ([`NODE_OU_PREFIX`]) so the token endpoint can tell an
+    /// mTLS caller's node (docs/token-exchange.md). Signed by the CA like the rest.
+    pub node: Option<String>,
     /// Requested lifetime in seconds (capped at the CA's own expiry).
     pub ttl_seconds: i64,
 }
+
+/// A workload SVID's subject names its node as `OU=node=<agent SPIFFE ID>`. A subject
+/// attribute, not a private extension: an extension needs an OID of its own, and the
+/// one arc that needs no registry (UUID OIDs, `2.25.<128-bit>`) does not fit rcgen's
+/// 64-bit arcs. Verifiers ignore the subject of an X509-SVID (the URI SAN is the ID).
+pub const NODE_OU_PREFIX: &str = "node=";
 
 /// A signed leaf.
 #[derive(Debug, Clone)]
@@ -190,6 +202,12 @@ impl X509Authority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "ztid");
+        if let Some(node) = &template.node {
+            dn.push(
+                DnType::OrganizationalUnitName,
+                format!("{NODE_OU_PREFIX}{node}"),
+            );
+        }
         params.distinguished_name = dn;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.is_ca = IsCa::ExplicitNoCa;
@@ -210,6 +228,9 @@ impl X509Authority {
             sans.push(SanType::DnsName(
                 dns.clone().try_into().map_err(Error::CertificateBuild)?,
             ));
+        }
+        for ip in &template.ip_addresses {
+            sans.push(SanType::IpAddress(*ip));
         }
         params.subject_alt_names = sans;
         // Backdate a little for clock skew between nodes.

@@ -95,6 +95,8 @@ impl CaCore {
             &LeafTemplate {
                 spiffe_id: agent_id.clone(),
                 dns_names: vec![],
+                ip_addresses: vec![],
+                node: None,
                 ttl_seconds: self.config.agent_svid_ttl_seconds,
             },
             t,
@@ -205,6 +207,8 @@ impl CaCore {
             &LeafTemplate {
                 spiffe_id: id.clone(),
                 dns_names: vec![],
+                ip_addresses: vec![],
+                node: None,
                 ttl_seconds: self.config.agent_svid_ttl_seconds,
             },
             now(),

@@ -52,6 +52,8 @@ impl CaCore {
             &LeafTemplate {
                 spiffe_id: id.clone(),
                 dns_names: vec![],
+                ip_addresses: vec![],
+                node: None,
                 ttl_seconds: ttl,
             },
             now(),
@@ -116,6 +118,8 @@ impl CaCore {
             &LeafTemplate {
                 spiffe_id: checked.spiffe_id.clone(),
                 dns_names: entry.dns_names.clone(),
+                ip_addresses: vec![],
+                node: Some(agent.record.spiffe_id.clone()),
                 ttl_seconds: ttl,
             },
             now(),

@@ -26,6 +26,8 @@ impl CaCore {
             &LeafTemplate {
                 spiffe_id: server_id(td),
                 dns_names: vec![],
+                ip_addresses: vec![],
+                node: None,
                 ttl_seconds: config.agent_svid_ttl_seconds,
             },
             now,

@@ -65,11 +65,54 @@ mod agents;
 mod authorities;
 mod entries;
 mod federation;
+mod grants;
 
 pub mod authz;
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    async fn create_grant(
+        &self,
+        request: Request<pb::Grant>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        grants::create_grant(self, request).await
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        grants::list_grants(self, request).await
+    }
+
+    async fn get_grant(
+        &self,
+        request: Request<pb::GrantRef>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        grants::get_grant(self, request).await
+    }
+
+    async fn delete_grant(
+        &self,
+        request: Request<pb::GrantRef>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        grants::delete_grant(self, request).await
+    }
+
+    async fn revoke_instance(
+        &self,
+        request: Request<pb::Revocation>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        grants::revoke_instance(self, request).await
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        grants::list_revocations(self, request).await
+    }
+
     async fn create_join_token(
         &self,
         request: Request<pb::CreateJoinTokenRequest>,

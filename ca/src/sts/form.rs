@@ -1,0 +1,1 @@
+//! See [`super`]; being built (issue 14).
