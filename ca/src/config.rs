@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub federation: Vec<FederationConfig>,
     /// `[oidc]` discovery listener; off when unset.
     pub oidc: Option<OidcConfig>,
+    /// `[sts]` OAuth 2.0 token endpoint (token exchange, issue 14); off when unset.
+    pub sts: Option<StsConfig>,
     /// `[limits]`: listener timeouts and connection caps, refusal audit and mint-rate
     /// bounds (see `crate::limits`).
     pub limits: crate::limits::LimitsConfig,
@@ -187,6 +189,172 @@ pub struct OidcConfig {
     pub issuer: String,
 }
 
+/// `[sts]`: the OAuth 2.0 token endpoint (RFC 8693 token exchange, RFC 8414 metadata,
+/// RFC 7662 introspection) on its own HTTPS listener; see docs/token-exchange.md.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsConfig {
+    /// Listen address (`--sts ADDR:PORT`).
+    pub listen: SocketAddr,
+    /// The `iss` of every token and the base of the endpoint URLs in the metadata;
+    /// default `https://<listen>` (see [`StsConfig::issuer`]).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Extra DNS names in the endpoint's certificate (besides `localhost`).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// A token's lifetime when its grant names none, seconds.
+    #[serde(default = "StsConfig::default_ttl")]
+    pub default_ttl_seconds: i64,
+    /// The longest lifetime any grant may name, seconds.
+    #[serde(default = "StsConfig::max_ttl")]
+    pub max_ttl_seconds: i64,
+    /// Actors in one `act` delegation chain, at most.
+    #[serde(default = "StsConfig::max_depth")]
+    pub max_delegation_depth: usize,
+    /// Put the caller's verified node facts in the token.
+    #[serde(default = "StsConfig::yes")]
+    pub node_claims: bool,
+    /// A larger request body is refused (413) without being read.
+    #[serde(default = "StsConfig::max_request")]
+    pub max_request_bytes: usize,
+    /// Concurrent connections on the listener, at most.
+    #[serde(default = "StsConfig::max_conns")]
+    pub max_connections: usize,
+}
+
+impl StsConfig {
+    /// Default of `default_ttl_seconds`.
+    pub const DEFAULT_TTL_SECONDS: i64 = 300;
+    /// Default of `max_ttl_seconds`.
+    pub const DEFAULT_MAX_TTL_SECONDS: i64 = 3600;
+    /// No token lives longer than a day, whatever the configuration says.
+    pub const TTL_CEILING_SECONDS: i64 = 86_400;
+    /// Default of `max_delegation_depth`.
+    pub const DEFAULT_MAX_DELEGATION_DEPTH: usize = 3;
+    /// Default of `max_request_bytes`.
+    pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024;
+    /// Default of `max_connections`.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+    fn default_ttl() -> i64 {
+        Self::DEFAULT_TTL_SECONDS
+    }
+    fn max_ttl() -> i64 {
+        Self::DEFAULT_MAX_TTL_SECONDS
+    }
+    fn max_depth() -> usize {
+        Self::DEFAULT_MAX_DELEGATION_DEPTH
+    }
+    fn yes() -> bool {
+        true
+    }
+    fn max_request() -> usize {
+        Self::DEFAULT_MAX_REQUEST_BYTES
+    }
+    fn max_conns() -> usize {
+        Self::DEFAULT_MAX_CONNECTIONS
+    }
+
+    /// The endpoint on `listen` with every other setting at its default (`--sts`).
+    pub fn on(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            issuer: None,
+            dns_names: Vec::new(),
+            default_ttl_seconds: Self::DEFAULT_TTL_SECONDS,
+            max_ttl_seconds: Self::DEFAULT_MAX_TTL_SECONDS,
+            max_delegation_depth: Self::DEFAULT_MAX_DELEGATION_DEPTH,
+            node_claims: true,
+            max_request_bytes: Self::DEFAULT_MAX_REQUEST_BYTES,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// The issuer in effect: the configured one, else `https://<listen>`
+    /// (`https://[::1]:8443` for an IPv6 address; `SocketAddr`'s display brackets it).
+    pub fn issuer(&self) -> String {
+        match &self.issuer {
+            Some(issuer) => issuer.clone(),
+            None => format!("https://{}", self.listen),
+        }
+    }
+
+    /// Refuses settings that do not go together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("[sts] {m}")));
+        if self.default_ttl_seconds <= 0 {
+            return bad("default_ttl_seconds must be positive".into());
+        }
+        if self.default_ttl_seconds > self.max_ttl_seconds {
+            return bad(format!(
+                "default_ttl_seconds ({}) must not exceed max_ttl_seconds ({})",
+                self.default_ttl_seconds, self.max_ttl_seconds
+            ));
+        }
+        if self.max_ttl_seconds > Self::TTL_CEILING_SECONDS {
+            return bad(format!(
+                "max_ttl_seconds ({}) must not exceed {} (a day)",
+                self.max_ttl_seconds,
+                Self::TTL_CEILING_SECONDS
+            ));
+        }
+        if !(1..=16).contains(&self.max_delegation_depth) {
+            return bad(format!(
+                "max_delegation_depth ({}) must be between 1 and 16",
+                self.max_delegation_depth
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_request_bytes) {
+            return bad(format!(
+                "max_request_bytes ({}) must be between 1024 and 1048576 (1 MiB)",
+                self.max_request_bytes
+            ));
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections must be positive".into());
+        }
+        if let Some(issuer) = &self.issuer {
+            check_issuer(issuer).or_else(|why| {
+                bad(format!(
+                    "issuer {issuer:?} {why} (an https URL without query or fragment, \
+                     e.g. https://sts.example.org)"
+                ))
+            })?;
+        }
+        for name in &self.dns_names {
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && rustls_pki_types::DnsName::try_from(name.as_str()).is_ok()
+                && name.parse::<std::net::IpAddr>().is_err();
+            if !valid {
+                return bad(format!("dns_names: {name:?} is not a DNS name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `issuer` is not an RFC 8414 issuer: https, a host, no query, no fragment, and no
+/// trailing `/` (the endpoint URLs are the issuer followed by `/token` and so on).
+fn check_issuer(issuer: &str) -> std::result::Result<(), &'static str> {
+    let Some(rest) = issuer.strip_prefix("https://") else {
+        return Err("is not an https URL");
+    };
+    if issuer.contains('?') || issuer.contains('#') {
+        return Err("has a query or fragment");
+    }
+    if issuer.ends_with('/') {
+        return Err("ends with '/'");
+    }
+    let uri: http::Uri = issuer.parse().map_err(|_| "is not a URL")?;
+    let host = uri.host().unwrap_or_default();
+    if host.is_empty() || rest.starts_with('/') || rest.contains('@') {
+        return Err("has no host (or has user info)");
+    }
+    Ok(())
+}
+
 /// `[pkcs11]`: where the CA's keys live when `key_manager = "pkcs11"`. The PIN is
 /// never in this file: it is read from `pin_file` or the `ZTID_PKCS11_PIN` environment variable.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -274,6 +442,7 @@ impl Default for ServerConfig {
             federation_max_refresh_seconds: 3600,
             federation: Vec::new(),
             oidc: None,
+            sts: None,
             limits: Default::default(),
             datastore: DatastoreConfig::default(),
         }
@@ -396,6 +565,9 @@ impl ServerConfig {
         // Refuse a remote admin role that entries could reach, before anything starts.
         self.remote_admin_roles()?;
         self.datastore.validate()?;
+        if let Some(sts) = &self.sts {
+            sts.validate()?;
+        }
         Ok(td)
     }
 }
@@ -403,6 +575,148 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sts_table_takes_defaults_and_issuer_follows_listen() {
+        let c: ServerConfig = toml::from_str("[sts]\nlisten = \"127.0.0.1:8443\"\n").unwrap();
+        let sts = c.sts.unwrap();
+        assert_eq!(sts, StsConfig::on("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(sts.issuer(), "https://127.0.0.1:8443");
+        sts.validate().unwrap();
+        let v6 = StsConfig::on("[::1]:8443".parse().unwrap());
+        assert_eq!(v6.issuer(), "https://[::1]:8443");
+        let named = StsConfig {
+            issuer: Some("https://sts.example.org/oauth".into()),
+            ..v6
+        };
+        assert_eq!(named.issuer(), "https://sts.example.org/oauth");
+        named.validate().unwrap();
+    }
+
+    #[test]
+    fn sts_settings_out_of_bounds_are_refused_by_name() {
+        let base = StsConfig::on("127.0.0.1:8443".parse().unwrap());
+        let cases: Vec<(StsConfig, &str)> = vec![
+            (
+                StsConfig {
+                    default_ttl_seconds: 0,
+                    ..base.clone()
+                },
+                "default_ttl_seconds",
+            ),
+            (
+                StsConfig {
+                    default_ttl_seconds: 4000,
+                    ..base.clone()
+                },
+                "default_ttl_seconds",
+            ),
+            (
+                StsConfig {
+                    max_ttl_seconds: 86_401,
+                    ..base.clone()
+                },
+                "max_ttl_seconds",
+            ),
+            (
+                StsConfig {
+                    max_delegation_depth: 0,
+                    ..base.clone()
+                },
+                "max_delegation_depth",
+            ),
+            (
+                StsConfig {
+                    max_delegation_depth: 17,
+                    ..base.clone()
+                },
+                "max_delegation_depth",
+            ),
+            (
+                StsConfig {
+                    max_request_bytes: 1023,
+                    ..base.clone()
+                },
+                "max_request_bytes",
+            ),
+            (
+                StsConfig {
+                    max_request_bytes: 1024 * 1024 + 1,
+                    ..base.clone()
+                },
+                "max_request_bytes",
+            ),
+            (
+                StsConfig {
+                    max_connections: 0,
+                    ..base.clone()
+                },
+                "max_connections",
+            ),
+            (
+                StsConfig {
+                    issuer: Some("http://sts.example.org".into()),
+                    ..base.clone()
+                },
+                "issuer",
+            ),
+            (
+                StsConfig {
+                    issuer: Some("https://sts.example.org?a=b".into()),
+                    ..base.clone()
+                },
+                "issuer",
+            ),
+            (
+                StsConfig {
+                    issuer: Some("https://sts.example.org#x".into()),
+                    ..base.clone()
+                },
+                "issuer",
+            ),
+            (
+                StsConfig {
+                    issuer: Some("https://".into()),
+                    ..base.clone()
+                },
+                "issuer",
+            ),
+            (
+                StsConfig {
+                    issuer: Some("https://sts.example.org/".into()),
+                    ..base.clone()
+                },
+                "issuer",
+            ),
+            (
+                StsConfig {
+                    dns_names: vec!["not a name".into()],
+                    ..base.clone()
+                },
+                "dns_names",
+            ),
+        ];
+        for (c, key) in cases {
+            match c.validate() {
+                Err(Error::Config(m)) => assert!(m.contains(key), "{key}: {m}"),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        StsConfig {
+            default_ttl_seconds: 86_400,
+            max_ttl_seconds: 86_400,
+            ..base.clone()
+        }
+        .validate()
+        .unwrap();
+        StsConfig {
+            max_delegation_depth: 16,
+            max_request_bytes: 1024 * 1024,
+            ..base
+        }
+        .validate()
+        .unwrap();
+    }
 
     #[test]
     fn change_log_retention_defaults_to_a_day_and_is_bounded() {

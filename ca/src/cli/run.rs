@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// ZTID_DATASTORE_PASSWORD, never from the command line.
     #[arg(long, value_name = "URL")]
     pub datastore_url: Option<String>,
+    /// Serve the OAuth 2.0 token endpoint (token exchange) over HTTPS on ADDR:PORT (off
+    /// by default; `[sts] listen`, other `[sts]` keys keep their values or defaults).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub sts: Option<std::net::SocketAddr>,
 }
 
 /// Builds the effective config for `run`.
@@ -163,6 +167,12 @@ pub fn run_config(args: &RunArgs, admin_socket: Option<PathBuf>) -> crate::Resul
     }
     if let Some(u) = &args.datastore_url {
         c.datastore.url = Some(u.clone());
+    }
+    if let Some(listen) = args.sts {
+        match &mut c.sts {
+            Some(sts) => sts.listen = listen,
+            None => c.sts = Some(crate::config::StsConfig::on(listen)),
+        }
     }
     Ok(c)
 }
