@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ztid's demo and tests need on a Debian machine that has only the
 # Rust toolchain: system packages (idempotent, one retry) and a Python venv with
-# unmodified py-spiffe, the independent client the tests use.
+# unmodified py-spiffe, FastMCP and PyJWT, the independent parts the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,11 +33,25 @@ if ((${#missing[@]})); then
   apt_install || { echo "apt-get failed; retrying once"; sleep 5; apt_install; }
 fi
 
-# py-spiffe in a project-local venv (never the system Python).
-PY_SPIFFE=spiffe==0.3.2
-if ! .venv/bin/python -c 'import spiffe' 2>/dev/null; then
-  python3 -m venv .venv
-  pip_install() { .venv/bin/pip install -q --disable-pip-version-check "$PY_SPIFFE"; }
+# A project-local venv (never the system Python) with the independent clients and
+# servers the tests run: unmodified py-spiffe; FastMCP, the MCP server/client library
+# whose own JWT/JWKS verifier checks the token endpoint's tokens (issue 14); PyJWT, a
+# second, independent token check. Exact versions; one install is ~40 s and ~160 MiB.
+PY_REQS=(spiffe==0.3.2 fastmcp==4.2.3 "PyJWT[crypto]==2.15.1")
+py_ready() {
+  .venv/bin/python - "${PY_REQS[@]}" 2>/dev/null <<'PY'
+import importlib.metadata as md, re, sys
+for req in sys.argv[1:]:
+    name, version = re.match(r"([A-Za-z0-9_.-]+)(?:\[.*\])?==(.+)", req).groups()
+    if md.version(name) != version:
+        sys.exit(1)
+import spiffe, fastmcp, jwt  # importable together (protobuf/grpcio of py-spiffe)
+PY
+}
+if ! py_ready; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  pip_install() { .venv/bin/pip install -q --disable-pip-version-check "${PY_REQS[@]}"; }
   pip_install || { echo "pip failed; retrying once"; sleep 5; pip_install; }
+  py_ready || { echo "the venv's packages do not match ${PY_REQS[*]}" >&2; exit 1; }
 fi
 echo "dependencies ready"
