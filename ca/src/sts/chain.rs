@@ -122,6 +122,14 @@ impl ActChain {
     }
 }
 
+/// The SPIFFE ID a `may_act` claim (`{"sub": ID}`) names; malformed is `invalid_grant`.
+pub fn may_act_id(may_act: &Value) -> Result<&str, OAuthError> {
+    let Value::Object(object) = may_act else {
+        return Err(invalid_grant("may_act claim is not a JSON object"));
+    };
+    actor_id(object, "may_act")
+}
+
 /// Whether the subject token's `may_act` claim lets `actor` act for it (RFC 8693 §4.4).
 /// No claim: anyone may. `{"sub": ID}`: only identities `ID` covers. Anything else, or
 /// an actor it does not name, is `invalid_grant`.
@@ -129,10 +137,7 @@ pub fn may_act_allows(may_act: Option<&Value>, actor: &str) -> Result<(), OAuthE
     let Some(value) = may_act else {
         return Ok(());
     };
-    let Value::Object(object) = value else {
-        return Err(invalid_grant("may_act claim is not a JSON object"));
-    };
-    let allowed = actor_id(object, "may_act")?;
+    let allowed = may_act_id(value)?;
     if covers(allowed, actor) {
         Ok(())
     } else {

@@ -77,7 +77,7 @@ fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<i64, OAuthError
     }
 }
 
-/// `{"<member>": "<string>"}`-shaped claims (`cnf`, `may_act`): the member, if present.
+/// A `{"<member>": "<string>"}`-shaped claim (`cnf`): the member, if present.
 fn member_claim(
     claims: &Map<String, Value>,
     name: &str,
@@ -141,16 +141,10 @@ impl AccessToken {
             Some(node @ Value::Object(_)) => Some(node.clone()),
             Some(_) => return Err(invalid_grant("token claim ztid_node is not an object")),
         };
-        let may_act = member_claim(claims, "may_act", "sub")?;
-        // Same shape check as the exchange applies (chain::may_act_allows).
-        if may_act.is_some() {
-            super::chain::may_act_allows(claims.get("may_act"), "").or_else(|e| {
-                match e.description.contains("does not name") {
-                    true => Ok(()),
-                    false => Err(e),
-                }
-            })?;
-        }
+        let may_act = claims
+            .get("may_act")
+            .map(|m| super::chain::may_act_id(m).map(str::to_string))
+            .transpose()?;
         Ok(AccessToken {
             iss: string_claim(claims, "iss")?,
             sub: string_claim(claims, "sub")?,
