@@ -435,6 +435,10 @@ impl Runtime {
             .write()
             .map_err(|_| tonic::Status::internal("lock"))?
             .apply(&resp);
+        // Every answer carries the revocations in force (the first page of a paged one).
+        self.workloads
+            .apply_revocations(&resp.revoked_instances, &resp.revoked_entries)
+            .await;
         if resp.federated_bundles_version != 0
             && resp.federated_bundles_version != federated_version
         {

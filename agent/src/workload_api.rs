@@ -21,7 +21,9 @@ use ztid_proto::node as npb;
 use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
 
 use super::workload_listener::ConnectionPeer;
-use super::workloads::{IdentitySet, Instance, Workloads};
+use super::workloads::{
+    revoked_message, IdentitySet, Instance, ProcessBinding, RevocationNotice, Workloads,
+};
 use crate::bundle::TrustBundle;
 use crate::unix_seconds;
 use crate::workload_attestation::PeerRefusal;
@@ -74,14 +76,15 @@ impl WorkloadApi {
             .attested()
             .ok_or_else(|| Status::internal("verified connection without attestation"))?;
         // Entitlement first: callers with no entry never get an instance.
-        let entitled = !self
+        let entitlement = self
             .workloads
-            .entries
-            .read()
-            .map_err(|_| Status::internal("lock"))?
-            .matching(&attested.selectors)
-            .is_empty();
-        if !entitled {
+            .entitled(ProcessBinding::of(attested), &attested.selectors)
+            .map_err(|_| Status::internal("lock"))?;
+        if entitlement.entries.is_empty() {
+            if let Some(id) = &entitlement.revoked {
+                tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, spiffe_id = %id, "identity revoked by an operator");
+                return Err(Status::permission_denied(revoked_message(id)));
+            }
             tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, selectors = ?attested.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
             return Err(Status::permission_denied("no identity issued"));
         }
@@ -181,22 +184,34 @@ fn json_to_proto(v: &Value) -> PValue {
 }
 
 /// Streams `make(state)` now and on every change of either watch, until the client leaves,
-/// `make` returns an error, or the connection's process exits or execs (then the stream
-/// ends with the reason; nothing is sent once the process is not the one that connected).
+/// `make` returns an error, the connection's process exits or execs (then the stream
+/// ends with the reason; nothing is sent once the process is not the one that connected),
+/// or an operator revokes an identity of the instance (then it ends with
+/// `PermissionDenied` naming it).
 fn watch_stream<T: Send + 'static>(
     peer: Arc<ConnectionPeer>,
+    mut notices: watch::Receiver<RevocationNotice>,
     mut state: Option<watch::Receiver<Arc<IdentitySet>>>,
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
     make: impl Fn(Option<&IdentitySet>, &TrustBundle) -> Result<T, Status> + Send + 'static,
 ) -> ResponseStream<T> {
     let (tx, rx) = mpsc::channel(2);
     let mut revoked = peer.revocation();
+    // Only revocations made after the stream opened end it.
+    let seen = notices.borrow_and_update().count;
     tokio::spawn(async move {
         loop {
+            let notice = {
+                let n = notices.borrow();
+                (n.count > seen).then(|| n.clone())
+            };
             // Checked before every message, not only when the connection notices.
-            let msg = match peer.verify().await {
-                Err(r) => Err(refusal_status(&r)),
-                Ok(()) => {
+            let msg = match (notice, peer.verify().await) {
+                (Some(RevocationNotice { identity, .. }), _) => Err(Status::permission_denied(
+                    revoked_message(identity.as_deref().unwrap_or("of this workload")),
+                )),
+                (None, Err(r)) => Err(refusal_status(&r)),
+                (None, Ok(())) => {
                     let s = state.as_mut().map(|s| s.borrow_and_update().clone());
                     let b = bundle.borrow_and_update().clone();
                     make(s.as_deref(), &b)
@@ -211,11 +226,13 @@ fn watch_stream<T: Send + 'static>(
                     r = s.changed() => r.is_ok(),
                     r = bundle.changed() => r.is_ok(),
                     _ = revoked.wait_for(Option::is_some) => true,
+                    _ = notices.wait_for(|n| n.count > seen) => true,
                     _ = tx.closed() => false,
                 },
                 None => tokio::select! {
                     r = bundle.changed() => r.is_ok(),
                     _ = revoked.wait_for(Option::is_some) => true,
+                    _ = notices.wait_for(|n| n.count > seen) => true,
                     _ = tx.closed() => false,
                 },
             };
@@ -243,6 +260,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             peer,
+            inst.revocations.subscribe(),
             Some(inst.state.subscribe()),
             self.bundle.clone(),
             move |set, bundle| {
@@ -266,17 +284,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (peer, inst) = self.entitled_instance(&request).await?;
         let workloads = self.workloads.clone();
-        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
-            let mut bundles =
-                federated_map(&workloads.federated_bundles_for(&inst.selectors), |b| {
-                    Ok(b.x509_der())
-                })?;
-            bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
-            Ok(pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles,
-            })
-        });
+        let stream = watch_stream(
+            peer,
+            inst.revocations.subscribe(),
+            None,
+            self.bundle.clone(),
+            move |_, bundle| {
+                let mut bundles =
+                    federated_map(&workloads.federated_bundles_for(&inst.selectors), |b| {
+                        Ok(b.x509_der())
+                    })?;
+                bundles.insert(bundle.trust_domain_id(), bundle.x509_der());
+                Ok(pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles,
+                })
+            },
+        );
         Ok(Response::new(stream))
     }
 
@@ -291,10 +315,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let req = request.into_inner();
         let entries: Vec<npb::Entry> = self
             .workloads
-            .entries
-            .read()
+            .entitled(inst.key.binding(), &inst.selectors)
             .map_err(|_| Status::internal("lock"))?
-            .matching(&inst.selectors);
+            .entries;
         let mut wanted: Vec<(npb::Entry, String)> = entries
             .into_iter()
             .map(|e| {
@@ -453,17 +476,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let (peer, inst) = self.entitled_instance(&request).await?;
         let workloads = self.workloads.clone();
-        let stream = watch_stream(peer, None, self.bundle.clone(), move |_, bundle| {
-            let jwks = |b: &TrustBundle| {
-                b.jwks_json()
-                    .map(String::into_bytes)
-                    .map_err(|e| Status::internal(e.to_string()))
-            };
-            let mut bundles =
-                federated_map(&workloads.federated_bundles_for(&inst.selectors), jwks)?;
-            bundles.insert(bundle.trust_domain_id(), jwks(bundle)?);
-            Ok(pb::JwtBundlesResponse { bundles })
-        });
+        let stream = watch_stream(
+            peer,
+            inst.revocations.subscribe(),
+            None,
+            self.bundle.clone(),
+            move |_, bundle| {
+                let jwks = |b: &TrustBundle| {
+                    b.jwks_json()
+                        .map(String::into_bytes)
+                        .map_err(|e| Status::internal(e.to_string()))
+                };
+                let mut bundles =
+                    federated_map(&workloads.federated_bundles_for(&inst.selectors), jwks)?;
+                bundles.insert(bundle.trust_domain_id(), jwks(bundle)?);
+                Ok(pb::JwtBundlesResponse { bundles })
+            },
+        );
         Ok(Response::new(stream))
     }
 

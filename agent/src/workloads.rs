@@ -10,6 +10,15 @@
 //! in memory (zeroized on drop). When the process exits or execs, its instance and keys
 //! are forgotten. `--shared` entries get one SVID per node, held here and handed to every
 //! matching process.
+//!
+//! # Revocation (the kill switch)
+//!
+//! Every sync answer lists the per-instance identities and the entries an operator
+//! revoked under this agent's entries. A held instance named there loses that identity
+//! at once: its SVID and cached JWT-SVIDs are dropped (so nothing renews them), its open
+//! streams end with `PermissionDenied` naming the revocation, and its process (pid, start
+//! time, pidfs id: an exec does not escape it) is never served an identity of that entry
+//! again, until it exits. Other processes of the same entry are not affected.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +33,13 @@ use crate::servers::NodeConnections;
 use crate::workload_attestation::{
     exe_identity, process_start_time, AttestedPeer, ExeIdentity, ProcessInstance,
 };
+/// Most revoked instances, and most revoked entries, taken from one sync answer (the
+/// server sends at most this many).
+pub const MAX_REVOCATIONS: usize = 10_000;
+/// An entry revocation covers the instances created before its `revoked_at` (the
+/// server's clock) or up to this many seconds after it on the agent's clock: the skew the
+/// server allows for when it backdates certificates. A kill switch errs on revoking.
+pub const REVOCATION_CLOCK_TOLERANCE_SECONDS: i64 = 10;
 use crate::{unix_seconds, Error, Selector};
 
 /// One X509-SVID held for a workload.
@@ -92,12 +108,89 @@ impl InstanceKey {
         }
     }
 
+    /// The process this instance belongs to, for revocations.
+    pub fn binding(&self) -> ProcessBinding {
+        ProcessBinding {
+            process: self.process,
+            pidfs_id: self.pidfs_id,
+        }
+    }
+
     /// True while the process still runs the executable it was attested with. Used to
     /// forget instances; requests are checked against their own connection's pidfd.
     fn still_running(&self) -> bool {
         process_start_time(self.process.pid).is_ok_and(|t| t == self.process.start_time)
             && exe_identity(self.process.pid).ok() == self.exe
     }
+}
+
+/// A process, whatever it runs: what a revocation sticks to. An exec makes a new
+/// [`Instance`] of the same process; only the process's exit ends the binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessBinding {
+    /// pid + start time.
+    pub process: ProcessInstance,
+    /// The pidfd's inode on kernels with pidfs.
+    pub pidfs_id: Option<u64>,
+}
+
+impl ProcessBinding {
+    /// The process of an attested connection peer.
+    pub fn of(peer: &AttestedPeer) -> Self {
+        Self {
+            process: peer.process.instance,
+            pidfs_id: peer.process.pidfs_id,
+        }
+    }
+
+    fn still_running(&self) -> bool {
+        process_start_time(self.process.pid).is_ok_and(|t| t == self.process.start_time)
+    }
+}
+
+/// What an operator revoked for one process: entries it is never served again, each with
+/// the identity whose revocation caused it (for the refusal's message).
+#[derive(Debug, Default)]
+struct RevokedForProcess {
+    /// By entry id (`instance revoke --entry`).
+    entries: HashMap<String, String>,
+    /// By entry SPIFFE ID, the per-instance ID without its segment (`instance revoke
+    /// ID`): every entry of that SPIFFE ID would give the process the revoked ID again.
+    bases: HashMap<String, String>,
+}
+
+impl RevokedForProcess {
+    /// The revoked identity that bars `entry`, if any.
+    fn bars(&self, entry: &pb::Entry) -> Option<&String> {
+        self.entries
+            .get(&entry.id)
+            .or_else(|| self.bases.get(&entry.spiffe_id))
+    }
+}
+
+/// The entries a process may be served now.
+#[derive(Debug, Default)]
+pub struct Entitlement {
+    /// Entries its selectors match and no revocation bars.
+    pub entries: Vec<pb::Entry>,
+    /// A revoked identity among the entries its selectors match, if any.
+    pub revoked: Option<String>,
+}
+
+/// Tells an instance's open streams that an identity of it was revoked: `count` grows by
+/// one with each revocation, `identity` names the last. A stream remembers the count it
+/// started with, so it ends only on a revocation made after it opened.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationNotice {
+    /// Revocations of this instance so far.
+    pub count: u64,
+    /// The identity last revoked.
+    pub identity: Option<Arc<str>>,
+}
+
+/// The message of every refusal caused by a revocation.
+pub fn revoked_message(identity: &str) -> String {
+    format!("identity {identity} was revoked by an operator")
 }
 
 /// A process instance the agent has attested.
@@ -116,6 +209,11 @@ pub struct Instance {
     pub state: watch::Sender<Arc<IdentitySet>>,
     /// Cached JWT-SVIDs by (SPIFFE ID, audience).
     pub jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    /// When the agent created it (Unix seconds, the agent's clock): an entry revocation
+    /// covers the instances created before it.
+    pub created_at: i64,
+    /// Revocations of its identities, watched by its open streams.
+    pub revocations: watch::Sender<RevocationNotice>,
 }
 
 /// The entries this agent may serve, from the server's sync.
@@ -226,6 +324,8 @@ pub struct Workloads {
     /// Entries from the server.
     pub entries: RwLock<EntryCache>,
     instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
+    /// What was revoked for each process, kept until it exits.
+    revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
     /// Other trust domains' bundles from the server (by trust domain name) and their
     /// version; each workload sees only those its entries federate with.
@@ -247,6 +347,7 @@ impl Workloads {
             jwt_issued: Mutex::new(HashMap::new()),
             entries: RwLock::new(EntryCache::default()),
             instances: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
             federated: RwLock::new((0, Default::default())),
         }
@@ -308,6 +409,8 @@ impl Workloads {
             svids: tokio::sync::Mutex::new(HashMap::new()),
             state: watch::Sender::new(Arc::new(IdentitySet::default())),
             jwt_cache: Mutex::new(HashMap::new()),
+            created_at: unix_seconds(std::time::SystemTime::now()),
+            revocations: watch::Sender::new(RevocationNotice::default()),
         });
         instances.insert(key, inst.clone());
         tracing::info!(pid = inst.process.pid, instance = %inst.segment, "attested new workload instance");
@@ -321,6 +424,176 @@ impl Workloads {
         } else {
             format!("{}/{}", entry.spiffe_id, inst.segment)
         }
+    }
+
+    /// The entries a process with `selectors` may be served now: those its selectors
+    /// match, minus those a revocation bars for this process.
+    pub fn entitled(
+        &self,
+        process: ProcessBinding,
+        selectors: &[Selector],
+    ) -> Result<Entitlement, Error> {
+        let matching = self
+            .entries
+            .read()
+            .map_err(|_| Error::Config("lock".into()))?
+            .matching(selectors);
+        let revoked = self
+            .revoked
+            .lock()
+            .map_err(|_| Error::Config("lock".into()))?;
+        let Some(barred) = revoked.get(&process) else {
+            return Ok(Entitlement {
+                entries: matching,
+                revoked: None,
+            });
+        };
+        let mut out = Entitlement::default();
+        for e in matching {
+            match barred.bars(&e) {
+                Some(id) => {
+                    out.revoked.get_or_insert_with(|| id.clone());
+                }
+                None => out.entries.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies the revocations of a sync answer to the instances held (see the module
+    /// documentation); returns how many identities were dropped now. Revocations already
+    /// applied are skipped, so each drop is logged once.
+    pub async fn apply_revocations(
+        &self,
+        revoked_instances: &[String],
+        revoked_entries: &[pb::RevokedEntry],
+    ) -> usize {
+        if revoked_instances.is_empty() && revoked_entries.is_empty() {
+            return 0;
+        }
+        if revoked_instances.len() > MAX_REVOCATIONS || revoked_entries.len() > MAX_REVOCATIONS {
+            tracing::warn!(
+                instances = revoked_instances.len(),
+                entries = revoked_entries.len(),
+                kept = MAX_REVOCATIONS,
+                "the server sent more revocations than an answer may hold; applying the first ones"
+            );
+        }
+        // Per-instance IDs by their last segment: one look-up per instance held.
+        let mut by_segment: HashMap<&str, Vec<&str>> = HashMap::new();
+        for id in revoked_instances.iter().take(MAX_REVOCATIONS) {
+            if let Some((base, segment)) = id.rsplit_once('/') {
+                by_segment.entry(segment).or_default().push(base);
+            }
+        }
+        let entry_revocations: Vec<&pb::RevokedEntry> =
+            revoked_entries.iter().take(MAX_REVOCATIONS).collect();
+        let mut dropped = 0;
+        for inst in self.live_instances() {
+            let bases = by_segment.get(inst.segment.as_str());
+            let entries: Vec<&pb::RevokedEntry> = entry_revocations
+                .iter()
+                .copied()
+                .filter(|r| inst.created_at < r.revoked_at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+                .collect();
+            if bases.is_none() && entries.is_empty() {
+                continue;
+            }
+            dropped += self
+                .revoke_in_instance(
+                    &inst,
+                    bases.map(Vec::as_slice).unwrap_or_default(),
+                    &entries,
+                )
+                .await;
+        }
+        dropped
+    }
+
+    /// Bars `bases` (entry SPIFFE IDs whose per-instance ID under this instance was
+    /// revoked) and `entries` for the instance's process, then drops what it holds of
+    /// them and ends its streams; returns how many identities were newly barred.
+    async fn revoke_in_instance(
+        &self,
+        inst: &Instance,
+        bases: &[&str],
+        entries: &[&pb::RevokedEntry],
+    ) -> usize {
+        let binding = inst.key.binding();
+        // Entries of a revoked entry id that concern this instance: those it matches.
+        let matching: Vec<pb::Entry> = match self.entries.read() {
+            Ok(cache) => entries
+                .iter()
+                .filter_map(|r| cache.entries.get(&r.entry_id))
+                .filter(|e| {
+                    cache
+                        .selectors
+                        .get(&e.id)
+                        .is_some_and(|need| satisfies(&inst.selectors, need))
+                })
+                .cloned()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        // Recorded before the instance's lock is taken (see `reconcile`).
+        let mut newly: Vec<(String, String)> = Vec::new();
+        {
+            let Ok(mut revoked) = self.revoked.lock() else {
+                return 0;
+            };
+            let barred = revoked.entry(binding).or_default();
+            for base in bases {
+                if !barred.bases.contains_key(*base) {
+                    let id = format!("{base}/{}", inst.segment);
+                    barred.bases.insert((*base).to_string(), id.clone());
+                    newly.push((format!("spiffe_id {base}"), id));
+                }
+            }
+            for e in matching.iter().filter(|e| !e.shared) {
+                if !barred.entries.contains_key(&e.id) {
+                    let id = Self::identity_for(inst, e);
+                    barred.entries.insert(e.id.clone(), id.clone());
+                    newly.push((format!("entry {}", e.id), id));
+                }
+            }
+        }
+        if newly.is_empty() {
+            return 0;
+        }
+        let revoked_ids: std::collections::HashSet<&str> =
+            newly.iter().map(|(_, id)| id.as_str()).collect();
+        for (what, id) in &newly {
+            tracing::warn!(
+                event = "instance_revoked",
+                spiffe_id = %id,
+                pid = inst.process.pid,
+                revoked = %what,
+                "an operator revoked this workload identity: its SVIDs are dropped and its process is not served it again"
+            );
+        }
+        let mut held = inst.svids.lock().await;
+        held.retain(|_, h| !revoked_ids.contains(h.spiffe_id.as_str()));
+        if let Ok(mut cache) = inst.jwt_cache.lock() {
+            cache.retain(|(id, _), _| !revoked_ids.contains(id.as_str()));
+        }
+        // The streams first, so they end with the reason rather than with what is left.
+        if let Some((_, id)) = newly.first() {
+            let id: Arc<str> = Arc::from(id.as_str());
+            inst.revocations.send_modify(|n| {
+                n.count += 1;
+                n.identity = Some(id);
+            });
+        }
+        let svids: Vec<Arc<HeldSvid>> = inst
+            .state
+            .borrow()
+            .svids
+            .iter()
+            .filter(|s| !revoked_ids.contains(s.spiffe_id.as_str()))
+            .cloned()
+            .collect();
+        inst.state.send_replace(Arc::new(IdentitySet { svids }));
+        newly.len()
     }
 
     async fn sign(&self, jobs: Vec<SignJob>) -> Result<Vec<Result<HeldSvid, String>>, SignFailure> {
@@ -433,12 +706,10 @@ impl Workloads {
     /// publishes the new set to its streams if it changed.
     pub async fn reconcile(&self, inst: &Instance) -> Result<(), Error> {
         let now = unix_seconds(std::time::SystemTime::now());
-        let wanted = self
-            .entries
-            .read()
-            .map_err(|_| Error::Config("lock".into()))?
-            .matching(&inst.selectors);
+        // Read under the instance's lock: a revocation records its bar before it takes
+        // this lock, so no reconcile can mint again what a revocation just dropped.
         let mut held = inst.svids.lock().await;
+        let wanted = self.entitled(inst.key.binding(), &inst.selectors)?.entries;
         held.retain(|id, _| wanted.iter().any(|e| &e.id == id && !e.shared));
         let mut jobs = Vec::new();
         let mut shared_svids = Vec::new();
@@ -566,7 +837,13 @@ impl Workloads {
             }
             alive
         });
-        map.values().cloned().collect()
+        let live = map.values().cloned().collect();
+        drop(map);
+        // What was revoked for a process is kept until it exits (not when it execs).
+        if let Ok(mut revoked) = self.revoked.lock() {
+            revoked.retain(|p, _| p.still_running());
+        }
+        live
     }
 
     /// True when one of the instance's SVIDs is due for renewal.
