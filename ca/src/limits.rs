@@ -56,6 +56,11 @@ pub const MAX_KEYWORD_BYTES: usize = 64;
 /// Largest bundle an operator may upload (`bundle set`, a federation's initial bundle);
 /// the same bound as a bundle fetched from a federation's endpoint.
 pub const MAX_BUNDLE_BYTES: usize = 1 << 20;
+/// Most token-exchange grants that may exist (each is read into every server's memory).
+pub const MAX_GRANTS: usize = 10_000;
+/// Most revocations that may be stored (each is read into every server's memory and
+/// sent to the agents).
+pub const MAX_REVOCATIONS: usize = 10_000;
 /// Longest join token lifetime.
 pub const MAX_JOIN_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
 /// Most CSRs, or JWT-SVID requests, in one node API batch.

@@ -6,6 +6,7 @@
 //! and agent SVIDs), [`minting`] (workload and admin SVIDs), [`sync`] (entry sync),
 //! [`registration`] (join tokens, entries, evict, ban), [`rotation`] (authorities),
 //! [`policy`] (the issuance policy), [`server_svid`] (the server's own SVID),
+//! [`grants`] and [`revocations`] (token exchange, issue 14),
 //! [`store`] (opening the configured datastore, the server id), `cluster.rs`
 //! (following the other servers on one database). The two
 //! helpers the struct holds, `own_issued.rs` and `join_tokens.rs`, depend on nothing
@@ -35,11 +36,13 @@ use crate::{Error, Result};
 pub mod agent_auth;
 pub mod attestation;
 mod cluster;
+pub mod grants;
 mod join_tokens;
 pub mod minting;
 mod own_issued;
 pub mod policy;
 pub mod registration;
+pub mod revocations;
 pub mod rotation;
 pub mod server_svid;
 pub mod store;
@@ -81,6 +84,9 @@ pub struct CaCore {
     /// This server's liveness role on the datastore (see `cluster.rs`): held while it
     /// runs, so no other process under its id starts and it cannot be retired.
     liveness: std::sync::Mutex<Option<crate::datastore::LeaderGuard>>,
+    /// Token-exchange grants and revocations in memory, re-read every few seconds
+    /// (see `grants.rs`): the token endpoint reads them on every request.
+    access: grants::AccessCache,
 }
 
 impl CaCore {
@@ -160,6 +166,7 @@ impl CaCore {
             server_svid_expiry: expiry.into(),
             own_issued: OwnIssuedCache::default(),
             liveness: std::sync::Mutex::new(Some(liveness)),
+            access: grants::AccessCache::default(),
         });
         core.watch_cluster()?;
         Ok(core)

@@ -3,7 +3,8 @@
 //! store; in practice sled to PostgreSQL).
 //!
 //! What is copied: registration entries (with their ids and revisions), agents, join
-//! tokens (by hash), federation relationships and federated bundles, the server's CA
+//! tokens (by hash), federation relationships and federated bundles, token-exchange
+//! grants and revocations (issue 14), the server's CA
 //! state (its authorities and bundle sequence, stored under the target's
 //! [`DataStore::server_id`]: open the target as the server that will use the keys of
 //! the source's data directory) and its audit anchor.
@@ -53,6 +54,12 @@ pub struct MigrationReport {
     pub federations: usize,
     /// Federated bundles.
     pub federated_bundles: usize,
+    /// Token-exchange grants.
+    #[serde(default)]
+    pub grants: usize,
+    /// Revocations (the kill switch), expired ones included until pruned.
+    #[serde(default)]
+    pub revocations: usize,
     /// X.509 authorities in the CA state.
     pub x509_authorities: usize,
     /// JWT authorities in the CA state.
@@ -76,6 +83,8 @@ pub fn contents(store: &dyn DataStore) -> Result<Vec<String>> {
     note(store.list_join_tokens()?.len(), "join tokens");
     note(store.list_federations()?.len(), "federation relationships");
     note(store.list_federated_bundles()?.len(), "federated bundles");
+    note(store.list_grants()?.len(), "grants");
+    note(store.list_revocations()?.len(), "revocations");
     note(store.cluster_ca_states()?.len(), "servers' CA states");
     if store.audit_anchor()?.is_some() {
         found.push("an audit anchor".into());
@@ -151,6 +160,8 @@ pub fn migrate(source: &dyn DataStore, target: &dyn DataStore) -> Result<Migrati
         .into_iter()
         .map(|r| Ok((trust_domain_of(&r, "federated bundle")?, r)))
         .collect::<Result<Vec<_>>>()?;
+    let grants = source.list_grants()?;
+    let revocations = source.list_revocations()?;
     let ca_state = source.load_ca_state()?;
     let anchor = match source.audit_anchor()? {
         Some(r) => Some((anchor_seq(&r)?, r)),
@@ -213,6 +224,14 @@ pub fn migrate(source: &dyn DataStore, target: &dyn DataStore) -> Result<Migrati
         target.put_federated_bundle(td, record)?;
     }
     report.federated_bundles = bundles.len();
+    for grant in &grants {
+        target.put_grant(grant)?;
+    }
+    report.grants = grants.len();
+    for revocation in &revocations {
+        target.put_revocation(revocation)?;
+    }
+    report.revocations = revocations.len();
     if let Some(state) = &ca_state {
         target.store_ca_state(state)?;
         report.x509_authorities = state.x509.len();

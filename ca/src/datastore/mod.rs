@@ -136,6 +136,123 @@ pub struct JoinTokenRecord {
     pub alias: Option<String>,
 }
 
+/// A token-exchange grant (issue 14, docs/token-exchange.md): what one identity may
+/// obtain at the token endpoint. Deny by default: no grant, no token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// Random id (32 hex characters).
+    pub id: String,
+    /// An entry's SPIFFE ID: covers it and every instance of it (one more path segment).
+    pub spiffe_id: String,
+    /// The one audience (a resource URI or a logical name) tokens may name.
+    pub audience: String,
+    /// The scopes tokens may carry (at least one).
+    pub scopes: Vec<String>,
+    /// Token lifetime in seconds; 0 means the `[sts]` default.
+    pub ttl_seconds: i64,
+    /// Tokens per caller instance per minute, per server; 0 means no cap.
+    pub max_per_minute: u32,
+    /// Selectors (`type:value`) the caller's node must have proved.
+    pub node_selectors: Vec<String>,
+    /// Whether this identity may act for another (delegation, as the actor).
+    pub may_delegate: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// What a revocation kills (the kill switch, docs/token-exchange.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevocationKind {
+    /// One instance: its SPIFFE ID, whenever its credentials were issued.
+    Instance,
+    /// Every instance of an entry whose credentials were issued before `revoked_at`.
+    Entry,
+    /// Every credential issued through an agent before `revoked_at` (the agent is also
+    /// banned).
+    Node,
+}
+
+impl RevocationKind {
+    /// Every kind.
+    pub const ALL: [RevocationKind; 3] = [
+        RevocationKind::Instance,
+        RevocationKind::Entry,
+        RevocationKind::Node,
+    ];
+
+    /// The kind's name on the wire (`instance`, `entry`, `node`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Instance => "instance",
+            RevocationKind::Entry => "entry",
+            RevocationKind::Node => "node",
+        }
+    }
+
+    /// The kind named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for RevocationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A revocation, kept until every credential issued before it has expired. Stored
+/// under (`kind`, `target`): revoking the same target again replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    /// What it kills.
+    pub kind: RevocationKind,
+    /// Instance: the instance's SPIFFE ID; entry: the entry ID; node: the agent's SPIFFE
+    /// ID.
+    pub target: String,
+    /// Instance: the target; entry: the entry's SPIFFE ID (its instances are revoked);
+    /// node: empty.
+    pub spiffe_id: String,
+    /// Unix seconds. Entry and node revocations kill credentials issued before it.
+    pub revoked_at: i64,
+    /// Unix seconds: when the record is dropped (nothing issued before `revoked_at` is
+    /// alive any more).
+    pub expires_at: i64,
+    /// The operator's reason (may be empty).
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl RevocationRecord {
+    /// The key the record is stored under: its kind and target.
+    pub fn key(&self) -> String {
+        revocation_key(self.kind, &self.target)
+    }
+}
+
+/// The store key of the revocation of `kind` for `target`.
+pub(crate) fn revocation_key(kind: RevocationKind, target: &str) -> String {
+    format!("{}\n{}", kind.as_str(), target)
+}
+
+/// The refusal of a grant beyond [`crate::limits::MAX_GRANTS`].
+pub(crate) fn too_many_grants() -> crate::Error {
+    crate::Error::Precondition(format!(
+        "at most {} grants may exist: delete one (grant delete) before creating another",
+        crate::limits::MAX_GRANTS
+    ))
+}
+
+/// The refusal of a revocation beyond [`crate::limits::MAX_REVOCATIONS`].
+pub(crate) fn too_many_revocations() -> crate::Error {
+    crate::Error::Precondition(format!(
+        "at most {} revocations may be in force: revoke the entry or node instead of \
+         its instances one by one, or wait for older revocations to expire",
+        crate::limits::MAX_REVOCATIONS
+    ))
+}
+
 /// The lifecycle state of an authority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -489,6 +606,25 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_federations(&self) -> Result<Vec<Vec<u8>>>;
     /// Removes a federation relationship record, returning it.
     fn delete_federation(&self, trust_domain: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Stores a grant under its id, replacing any; a new one beyond
+    /// [`crate::limits::MAX_GRANTS`] is refused (`Precondition`).
+    fn put_grant(&self, grant: &GrantRecord) -> Result<()>;
+    /// A grant by id.
+    fn get_grant(&self, id: &str) -> Result<Option<GrantRecord>>;
+    /// Every grant, ordered by id (byte order).
+    fn list_grants(&self) -> Result<Vec<GrantRecord>>;
+    /// Removes a grant, returning it.
+    fn delete_grant(&self, id: &str) -> Result<Option<GrantRecord>>;
+    /// Stores a revocation under its kind and target, replacing any; a new one beyond
+    /// [`crate::limits::MAX_REVOCATIONS`] is refused (`Precondition`).
+    fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()>;
+    /// Every stored revocation (expired ones too, until pruned), ordered by kind and
+    /// target.
+    fn list_revocations(&self) -> Result<Vec<RevocationRecord>>;
+    /// Deletes the revocations that expired before `before` (Unix seconds); returns how
+    /// many.
+    fn prune_revocations(&self, before: i64) -> Result<u64>;
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;

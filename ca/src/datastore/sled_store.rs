@@ -12,6 +12,8 @@ use super::{
     change_channel, duplicate_entry, identity_key, AgentRecord, CaState, ChangeTopic, DataStore,
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
+use super::{too_many_grants, too_many_revocations, GrantRecord, RevocationRecord};
+use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
 /// Sled-backed [`DataStore`].
@@ -892,6 +894,75 @@ impl DataStore for SledStore {
             .map(|v| v.to_vec());
         if removed.is_some() {
             self.notify(ChangeTopic::Federation);
+        }
+        Ok(removed)
+    }
+
+    fn put_grant(&self, grant: &GrantRecord) -> Result<()> {
+        let tree = self.db.open_tree("grants")?;
+        // Under the write lock: two creates cannot both see room for one.
+        let _lock = self.write_lock()?;
+        if !tree.contains_key(grant.id.as_bytes())? && tree.len() >= MAX_GRANTS {
+            return Err(too_many_grants());
+        }
+        tree.insert(grant.id.as_bytes(), serde_json::to_vec(grant)?)?;
+        Ok(())
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
+        self.db
+            .open_tree("grants")?
+            .get(id.as_bytes())?
+            .map(|v| Ok(serde_json::from_slice(&v)?))
+            .transpose()
+    }
+
+    fn list_grants(&self) -> Result<Vec<GrantRecord>> {
+        self.db
+            .open_tree("grants")?
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn delete_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
+        self.db
+            .open_tree("grants")?
+            .remove(id.as_bytes())?
+            .map(|v| Ok(serde_json::from_slice(&v)?))
+            .transpose()
+    }
+
+    fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()> {
+        let tree = self.db.open_tree("revocations")?;
+        let key = revocation.key();
+        let _lock = self.write_lock()?;
+        if !tree.contains_key(key.as_bytes())? && tree.len() >= MAX_REVOCATIONS {
+            return Err(too_many_revocations());
+        }
+        tree.insert(key.as_bytes(), serde_json::to_vec(revocation)?)?;
+        Ok(())
+    }
+
+    fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
+        self.db
+            .open_tree("revocations")?
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn prune_revocations(&self, before: i64) -> Result<u64> {
+        let tree = self.db.open_tree("revocations")?;
+        // Under the write lock: a revocation replaced meanwhile is not removed.
+        let _lock = self.write_lock()?;
+        let mut removed = 0;
+        for r in self.list_revocations()? {
+            if r.expires_at < before && tree.remove(r.key().as_bytes())?.is_some() {
+                removed += 1;
+            }
         }
         Ok(removed)
     }

@@ -40,10 +40,18 @@ use super::{
     change_channel, duplicate_entry, identity_key, AgentRecord, CaState, ChangeTopic, DataStore,
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
+use super::{too_many_grants, too_many_revocations, GrantRecord, RevocationRecord};
+use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
 /// The notification channel every writer notifies on and every store listens to.
 pub(super) const CHANNEL: &str = "ztid_changes";
+
+/// The advisory lock grant writers take (`ztid` `grt`): the count bound holds
+/// cluster-wide.
+const GRANTS_LOCK: i64 = 0x7a74_6964_0067_7274;
+/// The advisory lock revocation writers take (`ztid` `rev`).
+const REVOCATIONS_LOCK: i64 = 0x7a74_6964_0072_6576;
 
 /// How to reach the database, and as which server.
 pub struct PgOptions {
@@ -1358,6 +1366,171 @@ impl DataStore for PgStore {
             .await?
             .map(|r| r.try_get(0).map_err(db("delete_federation")))
             .transpose()
+        })
+    }
+
+    fn put_grant(&self, grant: &GrantRecord) -> Result<()> {
+        const WHAT: &str = "put_grant";
+        let grant = grant.clone();
+        self.call(WHAT, move |inner| async move {
+            let mut c = inner.client(WHAT).await?;
+            let tx = c.transaction().await.map_err(db(WHAT))?;
+            // One writer at a time, cluster-wide: two servers cannot both see room
+            // for the last grant.
+            execute(
+                &tx,
+                WHAT,
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&GRANTS_LOCK],
+            )
+            .await?;
+            let exists = query_opt(
+                &tx,
+                WHAT,
+                "SELECT 1 FROM ztid_grants WHERE id = $1",
+                &[&grant.id],
+            )
+            .await?
+            .is_some();
+            if !exists {
+                let n: i64 = query_one(&tx, WHAT, "SELECT count(*) FROM ztid_grants", &[])
+                    .await?
+                    .try_get(0)
+                    .map_err(db(WHAT))?;
+                if to_u64(n, "grant count")? >= MAX_GRANTS as u64 {
+                    return Err(too_many_grants());
+                }
+            }
+            execute(
+                &tx,
+                WHAT,
+                "INSERT INTO ztid_grants (id, record) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&grant.id, &Json(&grant)],
+            )
+            .await?;
+            tx.commit().await.map_err(db(WHAT))
+        })
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
+        const WHAT: &str = "get_grant";
+        let id = id.to_string();
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query_opt(
+                &c,
+                WHAT,
+                "SELECT record FROM ztid_grants WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .map(|r| json(&r, 0, WHAT))
+            .transpose()
+        })
+    }
+
+    fn list_grants(&self) -> Result<Vec<GrantRecord>> {
+        const WHAT: &str = "list_grants";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query(&c, WHAT, "SELECT record FROM ztid_grants ORDER BY id", &[])
+                .await?
+                .iter()
+                .map(|r| json(r, 0, WHAT))
+                .collect()
+        })
+    }
+
+    fn delete_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
+        const WHAT: &str = "delete_grant";
+        let id = id.to_string();
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query_opt(
+                &c,
+                WHAT,
+                "DELETE FROM ztid_grants WHERE id = $1 RETURNING record",
+                &[&id],
+            )
+            .await?
+            .map(|r| json(&r, 0, WHAT))
+            .transpose()
+        })
+    }
+
+    fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()> {
+        const WHAT: &str = "put_revocation";
+        let revocation = revocation.clone();
+        self.call(WHAT, move |inner| async move {
+            let key = revocation.key();
+            let mut c = inner.client(WHAT).await?;
+            let tx = c.transaction().await.map_err(db(WHAT))?;
+            execute(
+                &tx,
+                WHAT,
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&REVOCATIONS_LOCK],
+            )
+            .await?;
+            let exists = query_opt(
+                &tx,
+                WHAT,
+                "SELECT 1 FROM ztid_revocations WHERE key = $1",
+                &[&key],
+            )
+            .await?
+            .is_some();
+            if !exists {
+                let n: i64 = query_one(&tx, WHAT, "SELECT count(*) FROM ztid_revocations", &[])
+                    .await?
+                    .try_get(0)
+                    .map_err(db(WHAT))?;
+                if to_u64(n, "revocation count")? >= MAX_REVOCATIONS as u64 {
+                    return Err(too_many_revocations());
+                }
+            }
+            execute(
+                &tx,
+                WHAT,
+                "INSERT INTO ztid_revocations (key, expires_at, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
+                 record = EXCLUDED.record",
+                &[&key, &revocation.expires_at, &Json(&revocation)],
+            )
+            .await?;
+            tx.commit().await.map_err(db(WHAT))
+        })
+    }
+
+    fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
+        const WHAT: &str = "list_revocations";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query(
+                &c,
+                WHAT,
+                "SELECT record FROM ztid_revocations ORDER BY key",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| json(r, 0, WHAT))
+            .collect()
+        })
+    }
+
+    fn prune_revocations(&self, before: i64) -> Result<u64> {
+        const WHAT: &str = "prune_revocations";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            execute(
+                &c,
+                WHAT,
+                "DELETE FROM ztid_revocations WHERE expires_at < $1",
+                &[&before],
+            )
+            .await
         })
     }
 

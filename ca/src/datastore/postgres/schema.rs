@@ -20,11 +20,18 @@ struct Migration {
 }
 
 /// Every migration this binary knows, oldest first.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "grants and revocations",
+        sql: include_str!("migrations/0002_grants_revocations.sql"),
+    },
+];
 
 /// The advisory lock key the migrations run under (`ztid` `mig`).
 const MIGRATION_LOCK: i64 = 0x7a74_6964_006d_6967;

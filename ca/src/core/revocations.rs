@@ -1,0 +1,325 @@
+//! The kill switch (issue 14, docs/token-exchange.md "Revocation: the kill switch"):
+//! revocations of one instance, of every instance of an entry, or of everything issued
+//! through a node (which is also banned).
+//!
+//! A revocation is stored in the datastore, so every server sees it, and kept until
+//! every credential issued before it has expired. The token endpoint and the mint ask
+//! [`CaCore::revocation_of`] on every request: it is served from the same in-memory
+//! copy as the grants (see `grants.rs`), re-read from the store at least every
+//! [`ACCESS_REFRESH_SECONDS`](super::grants::ACCESS_REFRESH_SECONDS): a revocation
+//! written through one server counts on every other server within that bound, below an
+//! agent's default sync interval (5 s); a server that cannot read the store for longer
+//! than [`ACCESS_STALE_LIMIT_SECONDS`](super::grants::ACCESS_STALE_LIMIT_SECONDS)
+//! fails these calls instead of answering from an old copy.
+
+use serde_json::json;
+
+use super::grants::{covering_ids, covers, AccessSnapshot};
+use super::{now, CaCore};
+use crate::datastore::{RevocationKind, RevocationRecord};
+use crate::{Error, Result};
+
+/// Longest revocation reason, bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// A revocation outlives every credential issued before it by this much (clock skew).
+pub const REVOCATION_MARGIN_SECONDS: i64 = 60;
+/// A revocation is kept at least this long, whatever the SVID lifetimes.
+pub const MIN_REVOCATION_LIFETIME_SECONDS: i64 = 3600;
+
+impl AccessSnapshot {
+    /// The revocation in force at `at` that kills a credential of `spiffe_id` issued
+    /// through agent `node` (when known) at `issued_at` (see [`CaCore::revocation_of`]).
+    pub(super) fn revocation_of(
+        &self,
+        spiffe_id: &str,
+        node: Option<&str>,
+        issued_at: i64,
+        at: i64,
+    ) -> Option<&RevocationRecord> {
+        let by_id = covering_ids(spiffe_id)
+            .filter_map(|id| self.revocations_by_id.get(id))
+            .flatten();
+        let by_node = node
+            .and_then(|n| self.revocations_by_node.get(n))
+            .into_iter()
+            .flatten();
+        by_id
+            .chain(by_node)
+            .filter_map(|&i| self.revocations.get(i))
+            .filter(|r| r.expires_at > at)
+            .find(|r| match r.kind {
+                RevocationKind::Instance => r.spiffe_id == spiffe_id,
+                RevocationKind::Entry => {
+                    covers(&r.spiffe_id, spiffe_id) && issued_at < r.revoked_at
+                }
+                RevocationKind::Node => node == Some(r.target.as_str()) && issued_at < r.revoked_at,
+            })
+    }
+}
+
+impl CaCore {
+    /// The revocation in force (`expires_at` after now) that kills a credential of
+    /// `spiffe_id`, issued through agent `node` (if known) at `issued_at` (Unix
+    /// seconds), if any:
+    /// - an instance revocation of `spiffe_id` itself, whenever it was issued;
+    /// - an entry revocation whose SPIFFE ID covers `spiffe_id` (equal, or it plus one
+    ///   segment), for a credential issued before `revoked_at`;
+    /// - a node revocation of `node`, for a credential issued before `revoked_at`.
+    ///
+    /// Served from memory: a revocation written through any server of the cluster
+    /// counts here within [`ACCESS_REFRESH_SECONDS`](super::grants::ACCESS_REFRESH_SECONDS)
+    /// (2 s, below an agent's default sync interval); when the store cannot be read
+    /// for longer than [`ACCESS_STALE_LIMIT_SECONDS`](super::grants::ACCESS_STALE_LIMIT_SECONDS)
+    /// this fails rather than answer from an old copy.
+    pub fn revocation_of(
+        &self,
+        spiffe_id: &str,
+        node: Option<&str>,
+        issued_at: i64,
+    ) -> Result<Option<RevocationRecord>> {
+        Ok(self
+            .access
+            .snapshot(self.store.as_ref())?
+            .revocation_of(spiffe_id, node, issued_at, now())
+            .cloned())
+    }
+
+    /// Every revocation in force (`expires_at` after now), ordered by kind and target:
+    /// what the agents' sync carries. Served from memory, as [`Self::revocation_of`].
+    pub fn revocations_in_force(&self) -> Result<Vec<RevocationRecord>> {
+        let t = now();
+        Ok(self
+            .access
+            .snapshot(self.store.as_ref())?
+            .revocations
+            .iter()
+            .filter(|r| r.expires_at > t)
+            .cloned()
+            .collect())
+    }
+
+    /// Every stored revocation (read from the store), expired ones too until pruned.
+    pub fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
+        self.store.list_revocations()
+    }
+
+    /// How long a revocation made now must be kept: past every credential issued
+    /// before it. `extra_ttls` are the lifetimes of the entries concerned (0: the
+    /// server default, already counted).
+    fn revocation_lifetime(&self, extra_ttls: impl IntoIterator<Item = i64>) -> i64 {
+        let sts_max = self.config.sts.as_ref().map_or(0, |s| s.max_ttl_seconds);
+        [
+            self.config.x509_svid_ttl_seconds,
+            self.config.jwt_svid_ttl_seconds,
+            sts_max,
+            MIN_REVOCATION_LIFETIME_SECONDS,
+        ]
+        .into_iter()
+        .chain(extra_ttls)
+        .max()
+        .unwrap_or(MIN_REVOCATION_LIFETIME_SECONDS)
+        .saturating_add(REVOCATION_MARGIN_SECONDS)
+    }
+
+    /// Revokes `target` (`kind`: an instance's SPIFFE ID, an entry ID, an agent's
+    /// SPIFFE ID), stores it, and records `instance_revoked`. A node revocation also
+    /// bans the agent, as `BanAgent` does (an agent no longer known is only revoked).
+    /// Revoking the same target again replaces the record (a later `revoked_at`).
+    pub fn revoke(
+        &self,
+        kind: RevocationKind,
+        target: &str,
+        reason: &str,
+        caller: &str,
+    ) -> Result<RevocationRecord> {
+        crate::limits::check_len("reason (bytes)", reason, MAX_REASON_BYTES)?;
+        if reason.chars().any(char::is_control) {
+            return Err(Error::InvalidInput(
+                "reason must not hold control characters".into(),
+            ));
+        }
+        let (spiffe_id, ttls): (String, Vec<i64>) = match kind {
+            RevocationKind::Instance => {
+                crate::limits::check_len(
+                    "target (bytes)",
+                    target,
+                    crate::limits::MAX_SPIFFE_ID_BYTES,
+                )?;
+                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
+                if id.path().is_empty() {
+                    return Err(Error::InvalidInput("target must have a path".into()));
+                }
+                // The entries the instance may be of: its own ID's and its parent's.
+                let mut ttls = Vec::new();
+                for candidate in covering_ids(target) {
+                    let filter = crate::datastore::EntryFilter {
+                        spiffe_id: Some(candidate.to_string()),
+                        parent_id: None,
+                    };
+                    for e in self.store.list_entries(&filter)? {
+                        ttls.extend([e.x509_ttl, e.jwt_ttl]);
+                    }
+                }
+                (id.to_string(), ttls)
+            }
+            RevocationKind::Entry => {
+                crate::limits::check_len(
+                    "target (bytes)",
+                    target,
+                    crate::limits::MAX_OBJECT_ID_BYTES,
+                )?;
+                let entry = self
+                    .store
+                    .get_entry(target)?
+                    .ok_or_else(|| Error::NotFound(format!("entry {target} does not exist")))?;
+                (entry.spiffe_id, vec![entry.x509_ttl, entry.jwt_ttl])
+            }
+            RevocationKind::Node => {
+                crate::limits::check_len(
+                    "target (bytes)",
+                    target,
+                    crate::limits::MAX_SPIFFE_ID_BYTES,
+                )?;
+                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
+                if !ztid_spiffe::spiffe_id::is_agent_id(&self.trust_domain, &id) {
+                    return Err(Error::InvalidInput(format!(
+                        "target {target} is not an agent ID (spiffe://{}/ztid/agent/METHOD/NODE)",
+                        self.trust_domain
+                    )));
+                }
+                let filter = crate::datastore::EntryFilter {
+                    spiffe_id: None,
+                    parent_id: Some(target.to_string()),
+                };
+                let ttls = self
+                    .store
+                    .list_entries(&filter)?
+                    .into_iter()
+                    .flat_map(|e| [e.x509_ttl, e.jwt_ttl])
+                    .collect();
+                (String::new(), ttls)
+            }
+        };
+        let revoked_at = now();
+        let revocation = RevocationRecord {
+            kind,
+            target: target.to_string(),
+            spiffe_id,
+            revoked_at,
+            expires_at: revoked_at.saturating_add(self.revocation_lifetime(ttls)),
+            reason: reason.to_string(),
+        };
+        // Stored before the ban: once the call fails half way, what is stored still
+        // kills the credentials (the ban can be made again).
+        self.store.put_revocation(&revocation)?;
+        self.access.invalidate();
+        self.store.flush()?;
+        let banned = match kind {
+            RevocationKind::Node => match self.ban_agent(target) {
+                Ok(_) => true,
+                Err(Error::NotFound(_)) => false,
+                Err(e) => return Err(e),
+            },
+            _ => false,
+        };
+        self.record(json!({"type": "instance_revoked", "caller": caller,
+            "revocation": revocation, "agent_banned": banned}))?;
+        tracing::warn!(event = "instance_revoked", caller, kind = kind.as_str(), target,
+            spiffe_id = %revocation.spiffe_id, expires_at = revocation.expires_at, "revoked");
+        Ok(revocation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(
+        kind: RevocationKind,
+        target: &str,
+        spiffe_id: &str,
+        revoked_at: i64,
+    ) -> RevocationRecord {
+        RevocationRecord {
+            kind,
+            target: target.into(),
+            spiffe_id: spiffe_id.into(),
+            revoked_at,
+            expires_at: revoked_at + 100,
+            reason: String::new(),
+        }
+    }
+
+    const APP: &str = "spiffe://example.org/app";
+    const INSTANCE: &str = "spiffe://example.org/app/0123";
+    const NODE: &str = "spiffe://example.org/ztid/agent/join-token/n1";
+
+    #[test]
+    fn an_instance_revocation_kills_that_instance_whenever_issued() {
+        let s = AccessSnapshot::build(
+            Vec::new(),
+            vec![rev(RevocationKind::Instance, INSTANCE, INSTANCE, 1000)],
+        );
+        assert!(s.revocation_of(INSTANCE, None, 500, 1001).is_some());
+        assert!(s.revocation_of(INSTANCE, None, 5000, 1001).is_some());
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 5000, 1001).is_some());
+        // Not its entry, nor a sibling, nor a child.
+        assert!(s.revocation_of(APP, None, 500, 1001).is_none());
+        assert!(s
+            .revocation_of("spiffe://example.org/app/4567", None, 500, 1001)
+            .is_none());
+        assert!(s
+            .revocation_of(&format!("{INSTANCE}/x"), None, 500, 1001)
+            .is_none());
+        // Expired (expires_at = 1100): no longer in force.
+        assert!(s.revocation_of(INSTANCE, None, 500, 1100).is_none());
+    }
+
+    #[test]
+    fn an_entry_revocation_kills_what_was_issued_before_it() {
+        let s = AccessSnapshot::build(
+            Vec::new(),
+            vec![rev(RevocationKind::Entry, "e1", APP, 1000)],
+        );
+        assert!(s.revocation_of(INSTANCE, None, 999, 1001).is_some());
+        assert!(s.revocation_of(APP, None, 999, 1001).is_some());
+        assert!(s.revocation_of(INSTANCE, None, 1000, 1001).is_none());
+        assert!(s.revocation_of(INSTANCE, None, 1001, 1001).is_none());
+        assert!(s
+            .revocation_of(&format!("{INSTANCE}/x"), None, 999, 1001)
+            .is_none());
+        assert!(s
+            .revocation_of("spiffe://example.org/apple", None, 999, 1001)
+            .is_none());
+        assert!(s.revocation_of(INSTANCE, None, 999, 1100).is_none());
+    }
+
+    #[test]
+    fn a_node_revocation_kills_what_was_issued_through_it_before() {
+        let s = AccessSnapshot::build(Vec::new(), vec![rev(RevocationKind::Node, NODE, "", 1000)]);
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 999, 1001).is_some());
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 1000, 1001).is_none());
+        assert!(s.revocation_of(INSTANCE, None, 999, 1001).is_none());
+        assert!(s
+            .revocation_of(
+                INSTANCE,
+                Some("spiffe://example.org/ztid/agent/join-token/n2"),
+                999,
+                1001
+            )
+            .is_none());
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 999, 1100).is_none());
+    }
+
+    #[test]
+    fn the_first_revocation_in_force_is_found_among_several() {
+        let mut expired = rev(RevocationKind::Instance, INSTANCE, INSTANCE, 0);
+        expired.expires_at = 10;
+        let s = AccessSnapshot::build(
+            Vec::new(),
+            vec![expired, rev(RevocationKind::Entry, "e1", APP, 1000)],
+        );
+        let found = s.revocation_of(INSTANCE, None, 500, 1001).unwrap();
+        assert_eq!(found.kind, RevocationKind::Entry);
+    }
+}
