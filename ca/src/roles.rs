@@ -38,6 +38,10 @@ impl Role {
             "ListFederatedBundles",
             "ListFederations",
             "GetFederation",
+            // Token exchange (issue 14).
+            "ListGrants",
+            "GetGrant",
+            "ListRevocations",
         ];
         const OPERATE: &[&str] = &[
             "CreateJoinToken",
@@ -49,6 +53,11 @@ impl Role {
             "EvictAgent",
             "BanAgent",
             "RefreshFederation",
+            // Token exchange (issue 14): who may obtain what, and the kill switch (a node
+            // revocation bans the agent, as BanAgent does).
+            "CreateGrant",
+            "DeleteGrant",
+            "RevokeInstance",
         ];
         const AUTHORITY: &[&str] = &[
             "PrepareAuthority",

@@ -313,6 +313,20 @@ mod tests {
     }
 
     #[test]
+    fn grant_and_revocation_writes_need_the_operator_role() {
+        for m in ["CreateGrant", "DeleteGrant", "RevokeInstance"] {
+            assert!(Role::Operator.allows(m), "{m}");
+            assert!(!Role::Viewer.allows(m), "{m}");
+            assert!(!Role::AuthorityAdmin.allows(m), "{m}");
+        }
+        for m in ["ListGrants", "GetGrant", "ListRevocations"] {
+            for role in [Role::Viewer, Role::Operator, Role::AuthorityAdmin] {
+                assert!(role.allows(m), "{role:?} {m}");
+            }
+        }
+    }
+
+    #[test]
     fn unknown_transport_and_paths_are_refused() {
         let p = AdminPolicy::new(
             vec![0],

@@ -1,54 +1,179 @@
 //! The token-exchange RPCs of the admin API (issue 14): grants (`CreateGrant`,
 //! `ListGrants`, `GetGrant`, `DeleteGrant`) and the kill switch (`RevokeInstance`,
-//! `ListRevocations`). See docs/token-exchange.md.
+//! `ListRevocations`). See docs/token-exchange.md. The rules (validation, what a
+//! revocation covers and for how long) are in `core/grants.rs` and
+//! `core/revocations.rs`; this file bounds the request and translates.
 
 use tonic::{Request, Response, Status};
 use ztid_proto::admin as pb;
 
-use super::AdminApi;
+use super::{bound, caller, AdminApi};
+use crate::core::grants::{
+    MAX_AUDIENCE_BYTES, MAX_NODE_SELECTORS_PER_GRANT, MAX_NODE_SELECTOR_BYTES,
+    MAX_SCOPES_PER_GRANT, MAX_SCOPE_BYTES,
+};
+use crate::datastore::{GrantRecord, RevocationKind, RevocationRecord};
+use crate::limits;
+use crate::Error;
 
-fn not_yet() -> Status {
-    Status::unimplemented("grants and revocations are being built (issue 14)")
+/// A grant as the API shows it.
+pub fn grant_to_proto(g: &GrantRecord) -> pb::Grant {
+    pb::Grant {
+        id: g.id.clone(),
+        spiffe_id: g.spiffe_id.clone(),
+        audience: g.audience.clone(),
+        scopes: g.scopes.clone(),
+        ttl_seconds: g.ttl_seconds,
+        max_per_minute: g.max_per_minute,
+        node_selectors: g.node_selectors.clone(),
+        may_delegate: g.may_delegate,
+        created_at: g.created_at,
+    }
+}
+
+/// A revocation as the API shows it.
+pub fn revocation_to_proto(r: &RevocationRecord) -> pb::Revocation {
+    pb::Revocation {
+        kind: r.kind.as_str().into(),
+        target: r.target.clone(),
+        spiffe_id: r.spiffe_id.clone(),
+        revoked_at: r.revoked_at,
+        expires_at: r.expires_at,
+        reason: r.reason.clone(),
+    }
+}
+
+/// Every count and length of a `CreateGrant` request, before anything else.
+fn bound_grant(g: &pb::Grant) -> crate::Result<()> {
+    bound(
+        "spiffe_id (bytes)",
+        &g.spiffe_id,
+        limits::MAX_SPIFFE_ID_BYTES,
+    )?;
+    bound("audience (bytes)", &g.audience, MAX_AUDIENCE_BYTES)?;
+    limits::check_count("scopes", g.scopes.len(), MAX_SCOPES_PER_GRANT)?;
+    for s in &g.scopes {
+        bound("scope (bytes)", s, MAX_SCOPE_BYTES)?;
+    }
+    limits::check_count(
+        "node_selectors",
+        g.node_selectors.len(),
+        MAX_NODE_SELECTORS_PER_GRANT,
+    )?;
+    for s in &g.node_selectors {
+        bound("node selector (bytes)", s, MAX_NODE_SELECTOR_BYTES)?;
+    }
+    Ok(())
 }
 
 pub(super) async fn create_grant(
-    _api: &AdminApi,
-    _request: Request<pb::Grant>,
+    api: &AdminApi,
+    request: Request<pb::Grant>,
 ) -> Result<Response<pb::Grant>, Status> {
-    Err(not_yet())
+    audit!(api, request, "CreateGrant");
+    let who = caller(&request);
+    let r = request.get_ref();
+    bound_grant(r)?;
+    let req = GrantRecord {
+        id: String::new(),
+        spiffe_id: r.spiffe_id.clone(),
+        audience: r.audience.clone(),
+        scopes: r.scopes.clone(),
+        ttl_seconds: r.ttl_seconds,
+        max_per_minute: r.max_per_minute,
+        node_selectors: r.node_selectors.clone(),
+        may_delegate: r.may_delegate,
+        created_at: 0,
+    };
+    let grant = api.core.create_grant(&req, &who)?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(grant_to_proto(&grant)))
 }
 
 pub(super) async fn list_grants(
-    _api: &AdminApi,
-    _request: Request<pb::ListGrantsRequest>,
+    api: &AdminApi,
+    request: Request<pb::ListGrantsRequest>,
 ) -> Result<Response<pb::ListGrantsResponse>, Status> {
-    Err(not_yet())
+    audit!(api, request, "ListGrants");
+    let r = request.get_ref();
+    bound(
+        "spiffe_id (bytes)",
+        &r.spiffe_id,
+        limits::MAX_SPIFFE_ID_BYTES,
+    )?;
+    let filter = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
+    let grants = api.core.list_grants(filter)?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(pb::ListGrantsResponse {
+        grants: grants.iter().map(grant_to_proto).collect(),
+    }))
+}
+
+fn grant_id(r: &pb::GrantRef) -> crate::Result<&str> {
+    bound("grant id (bytes)", &r.id, limits::MAX_OBJECT_ID_BYTES)?;
+    if r.id.is_empty() {
+        return Err(Error::InvalidInput("grant id must not be empty".into()));
+    }
+    Ok(&r.id)
 }
 
 pub(super) async fn get_grant(
-    _api: &AdminApi,
-    _request: Request<pb::GrantRef>,
+    api: &AdminApi,
+    request: Request<pb::GrantRef>,
 ) -> Result<Response<pb::Grant>, Status> {
-    Err(not_yet())
+    audit!(api, request, "GetGrant");
+    let grant = api.core.get_grant(grant_id(request.get_ref())?)?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(grant_to_proto(&grant)))
 }
 
 pub(super) async fn delete_grant(
-    _api: &AdminApi,
-    _request: Request<pb::GrantRef>,
+    api: &AdminApi,
+    request: Request<pb::GrantRef>,
 ) -> Result<Response<pb::Grant>, Status> {
-    Err(not_yet())
+    audit!(api, request, "DeleteGrant");
+    let who = caller(&request);
+    let grant = api.core.delete_grant(grant_id(request.get_ref())?, &who)?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(grant_to_proto(&grant)))
 }
 
 pub(super) async fn revoke_instance(
-    _api: &AdminApi,
-    _request: Request<pb::Revocation>,
+    api: &AdminApi,
+    request: Request<pb::Revocation>,
 ) -> Result<Response<pb::Revocation>, Status> {
-    Err(not_yet())
+    audit!(api, request, "RevokeInstance");
+    let who = caller(&request);
+    let r = request.get_ref();
+    bound("kind (bytes)", &r.kind, limits::MAX_KEYWORD_BYTES)?;
+    bound("target (bytes)", &r.target, limits::MAX_SPIFFE_ID_BYTES)?;
+    bound(
+        "reason (bytes)",
+        &r.reason,
+        crate::core::revocations::MAX_REASON_BYTES,
+    )?;
+    let kind = RevocationKind::parse(&r.kind).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "kind {:?} is not one of instance, entry, node",
+            r.kind
+        ))
+    })?;
+    if r.target.is_empty() {
+        return Err(Error::InvalidInput("target must not be empty".into()).into());
+    }
+    let revocation = api.core.revoke(kind, &r.target, &r.reason, &who)?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(revocation_to_proto(&revocation)))
 }
 
 pub(super) async fn list_revocations(
-    _api: &AdminApi,
-    _request: Request<pb::ListRevocationsRequest>,
+    api: &AdminApi,
+    request: Request<pb::ListRevocationsRequest>,
 ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
-    Err(not_yet())
+    audit!(api, request, "ListRevocations");
+    let revocations = api.core.list_revocations()?;
+    api.core.audit_barrier().await?;
+    Ok(Response::new(pb::ListRevocationsResponse {
+        revocations: revocations.iter().map(revocation_to_proto).collect(),
+    }))
 }
