@@ -22,7 +22,9 @@ mod datastore;
 mod entry;
 mod evidence;
 mod federation;
+mod grant;
 mod health;
+mod instance;
 mod output;
 mod run;
 mod server;
@@ -39,6 +41,8 @@ pub use datastore::{DatastoreCmd, MigrateArgs};
 pub use entry::{EntryArgs, EntryCmd};
 pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
 pub use federation::FederationCmd;
+pub use grant::GrantCmd;
+pub use instance::InstanceCmd;
 pub use output::Output;
 pub use run::{run_config, RunArgs};
 pub use server::{summarize_servers, ServerCmd, ServerSummary};
@@ -80,6 +84,12 @@ pub enum Command {
     /// Federation relationships with other trust domains.
     #[command(subcommand)]
     Federation(FederationCmd),
+    /// Token-exchange grants: what an identity may obtain at the token endpoint.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+    /// The kill switch: revoke an instance, an entry's instances or a node's.
+    #[command(subcommand)]
+    Instance(InstanceCmd),
     /// Exit 0 if the server answers on its admin socket.
     Healthcheck,
     /// X.509 and JWT authorities: show, prepare, activate, taint, revoke.
@@ -143,6 +153,8 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
         Command::Authority(cmd) => authority::run(&mut client, cmd, out).await,
         Command::Bundle(cmd) => bundle::run(&mut client, cmd, out).await,
         Command::Federation(cmd) => federation::run(&mut client, cmd, out).await,
+        Command::Grant(cmd) => grant::run(&mut client, cmd, out).await,
+        Command::Instance(cmd) => instance::run(&mut client, cmd, out).await,
         Command::Server(cmd) => server::run(&mut client, cmd, out).await,
     }
 }

@@ -1,0 +1,116 @@
+//! `instance`: the kill switch (issue 14, docs/token-exchange.md "Revocation: the kill
+//! switch"). A revocation is stored (every server sees it) and kept until every
+//! credential issued before it has expired.
+
+use clap::{ArgGroup, Subcommand};
+use serde_json::{json, Value};
+use ztid_proto::admin as pb;
+
+use super::output::print_list;
+use super::{status, Client, Output};
+
+/// `instance` verbs.
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// Revoke one instance (SPIFFE_ID), every instance of an entry issued before now
+    /// (--entry), or everything issued through a node before now, banning the node
+    /// (--node).
+    #[command(group(ArgGroup::new("what").required(true).args(["spiffe_id", "entry", "node"])))]
+    Revoke {
+        /// The instance's SPIFFE ID.
+        spiffe_id: Option<String>,
+        /// An entry ID: every instance of it.
+        #[arg(long)]
+        entry: Option<String>,
+        /// An agent's SPIFFE ID: everything issued through it; the agent is banned.
+        #[arg(long)]
+        node: Option<String>,
+        /// Why (kept with the revocation and in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the revocations stored (until they expire and are pruned).
+    List,
+}
+
+fn revocation_json(r: &pb::Revocation) -> Value {
+    json!({"kind": r.kind, "target": r.target, "spiffe_id": r.spiffe_id,
+        "revoked_at": r.revoked_at, "expires_at": r.expires_at, "reason": r.reason})
+}
+
+fn print_revocation(r: &pb::Revocation, out: Output) {
+    match out {
+        Output::Json => println!("{}", revocation_json(r)),
+        Output::Text => {
+            println!("Kind          : {}", r.kind);
+            println!("Target        : {}", r.target);
+            if !r.spiffe_id.is_empty() && r.spiffe_id != r.target {
+                println!("SPIFFE ID     : {}", r.spiffe_id);
+            }
+            println!("Revoked at    : {}", r.revoked_at);
+            println!("Expires at    : {}", r.expires_at);
+            if !r.reason.is_empty() {
+                println!("Reason        : {}", r.reason);
+            }
+            println!();
+        }
+    }
+}
+
+/// Runs an `instance` verb.
+pub(super) async fn run(client: &mut Client, cmd: &InstanceCmd, out: Output) -> Result<(), String> {
+    match cmd {
+        InstanceCmd::Revoke {
+            spiffe_id,
+            entry,
+            node,
+            reason,
+        } => {
+            let (kind, target) = match (spiffe_id, entry, node) {
+                (Some(id), None, None) => ("instance", id),
+                (None, Some(id), None) => ("entry", id),
+                (None, None, Some(id)) => ("node", id),
+                _ => return Err("name exactly one of SPIFFE_ID, --entry, --node".into()),
+            };
+            let r = client
+                .revoke_instance(pb::Revocation {
+                    kind: kind.into(),
+                    target: target.clone(),
+                    reason: reason.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out == Output::Text {
+                match r.kind.as_str() {
+                    "entry" => println!(
+                        "Revoked every instance of entry {} ({}) issued before {}",
+                        r.target, r.spiffe_id, r.revoked_at
+                    ),
+                    "node" => println!(
+                        "Revoked everything issued through {} before {}; the agent is banned",
+                        r.target, r.revoked_at
+                    ),
+                    _ => println!("Revoked {}", r.target),
+                }
+            }
+            print_revocation(&r, out);
+        }
+        InstanceCmd::List => {
+            let r = client
+                .list_revocations(pb::ListRevocationsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_list(
+                &r.revocations,
+                "revocations",
+                revocation_json,
+                print_revocation,
+                out,
+            );
+        }
+    }
+    Ok(())
+}
