@@ -1,5 +1,6 @@
 //! Datastore housekeeping, by one server of a cluster at a time: entry changes older
-//! than the retention leave the change log, and expired join tokens the store.
+//! than the retention leave the change log, expired join tokens the store, and so do
+//! expired revocations (token exchange's kill switch).
 //!
 //! Without it both grow with every change and every token ever made. What compaction
 //! costs is bounded and safe: an agent that has not synced for longer than the
@@ -94,6 +95,11 @@ fn round(
             pruned,
             "removed join tokens that expired more than the retention ago"
         );
+    }
+    // An expired revocation kills nothing: every credential issued before it expired.
+    let pruned = store.prune_revocations(crate::core::now())?;
+    if pruned > 0 {
+        tracing::info!(pruned, "removed expired revocations");
     }
     Ok(())
 }
