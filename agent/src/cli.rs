@@ -9,6 +9,7 @@ use tonic::transport::Channel;
 use ztid_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 
 use super::config::{AgentConfig, DEFAULT_SOCKET};
+use super::token_exchange;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -136,6 +137,31 @@ pub enum FetchCmd {
         /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+    },
+    /// Exchange this process's X509-SVID for an OAuth access token at the server's token
+    /// endpoint (RFC 8693 token exchange over mutual TLS; the token is bound to the SVID).
+    /// Prints the token, then its life, scope and type (`--output json`: the endpoint's
+    /// answer as it is).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["resource", "audience"])))]
+    Token {
+        /// The resource the token is for: an absolute URI (RFC 8707).
+        #[arg(long, value_name = "URL")]
+        resource: Option<String>,
+        /// The audience the token is for, a logical name (instead of --resource).
+        #[arg(long, value_name = "NAME")]
+        audience: Option<String>,
+        /// A scope to ask for, repeatable (none: every scope the grant allows).
+        #[arg(long = "scope", value_name = "S")]
+        scopes: Vec<String>,
+        /// Only this SPIFFE ID may act for this process with the token (`may_act`).
+        #[arg(long, value_name = "SPIFFE_ID")]
+        may_act: Option<String>,
+        /// The token endpoint, https://SERVER:PORT/token (default: $ZTID_TOKEN_ENDPOINT).
+        #[arg(long, value_name = "URL")]
+        token_endpoint: Option<String>,
+        /// Workload API socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Fetch this process's JWT-SVIDs.
     Jwt {
@@ -286,6 +312,66 @@ fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), Str
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// This process's X509-SVIDs: the first answer of a FetchX509SVID stream.
+async fn fetch_x509(socket: &Option<PathBuf>) -> Result<pb::X509svidResponse, String> {
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut c = client(socket).await?;
+    let mut stream = c
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner();
+    stream
+        .message()
+        .await
+        .map_err(status)?
+        .ok_or_else(|| "the agent closed the stream without an answer".to_string())
+}
+
+/// `api fetch token`: the exchange with this process's first (default) X509-SVID.
+async fn fetch_token(
+    out: Output,
+    socket: &Option<PathBuf>,
+    endpoint: Option<&str>,
+    request: token_exchange::ExchangeRequest,
+) -> Result<(), String> {
+    // The endpoint first: a missing one is reported without touching the agent.
+    let endpoint = token_exchange::Endpoint::parse(
+        &token_exchange::endpoint_url(endpoint).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    request.form().map_err(|e| e.to_string())?;
+    let resp = fetch_x509(socket).await?;
+    let svid = resp
+        .svids
+        .first()
+        .ok_or("the agent answered without an X509-SVID")?;
+    let identity = token_exchange::ClientIdentity {
+        chain: split_der_chain(&svid.x509_svid)?,
+        key: zeroize::Zeroizing::new(svid.x509_svid_key.clone()),
+        roots: split_der_chain(&svid.bundle)?,
+    };
+    let (token, body) = token_exchange::exchange(&endpoint, &identity, &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match out {
+        Output::Json => println!("{}", String::from_utf8_lossy(&body).trim_end()),
+        Output::Text => {
+            println!("{}", token.access_token);
+            match token.expires_in {
+                Some(s) => println!("expires in        : {s} s"),
+                None => println!("expires in        : (not said)"),
+            }
+            println!(
+                "scope             : {}",
+                token.scope.as_deref().unwrap_or("")
+            );
+            println!("issued_token_type : {}", token.issued_token_type);
+        }
+    }
+    Ok(())
+}
+
 /// Runs an `api` or `healthcheck` verb.
 pub async fn client_verb(cli: &Cli) -> Result<(), String> {
     let out = cli.output;
@@ -315,19 +401,29 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                 Output::Text => println!("Agent is healthy."),
             }
         }
+        Command::Api(ApiCmd::Fetch(FetchCmd::Token {
+            resource,
+            audience,
+            scopes,
+            may_act,
+            token_endpoint,
+            socket,
+        })) => {
+            let target = match (resource, audience) {
+                (Some(r), _) => token_exchange::Target::Resource(r.clone()),
+                (None, Some(a)) => token_exchange::Target::Audience(a.clone()),
+                (None, None) => return Err("pass --resource URL or --audience NAME".into()),
+            };
+            let request = token_exchange::ExchangeRequest {
+                target,
+                scopes: scopes.clone(),
+                may_act: may_act.clone(),
+            };
+            fetch_token(out, socket, token_endpoint.as_deref(), request).await?;
+        }
         Command::Api(ApiCmd::Fetch(FetchCmd::X509 { socket, write })) => {
             let started = std::time::Instant::now();
-            let mut c = client(socket).await?;
-            let mut stream = c
-                .fetch_x509svid(with_header(pb::X509svidRequest {}))
-                .await
-                .map_err(status)?
-                .into_inner();
-            let resp = stream
-                .message()
-                .await
-                .map_err(status)?
-                .ok_or("the agent closed the stream without an answer")?;
+            let resp = fetch_x509(socket).await?;
             let elapsed = started.elapsed();
             let mut listed = Vec::new();
             for (i, s) in resp.svids.iter().enumerate() {

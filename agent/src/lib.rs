@@ -9,6 +9,7 @@ pub mod config;
 pub mod metrics;
 pub mod node_client;
 pub mod servers;
+pub mod token_exchange;
 pub mod workload_api;
 pub mod workload_attestation;
 pub mod workload_listener;
