@@ -147,6 +147,8 @@ pub enum RefusalKind {
     CallNotAllowed,
     /// A federated bundle endpoint did not authenticate as the relationship says.
     UntrustedEndpoint,
+    /// The identity was revoked by an operator (`ztid-server instance revoke`).
+    Revoked,
 }
 
 /// A datastore failure, with its source where there is one.

@@ -4,12 +4,18 @@
 //!
 //! The request each policy sees:
 //! - `principal`: `Agent::"<agent SPIFFE ID>"` (for `attest`, the agent being created);
-//! - `action`: `Action::"attest"`, `Action::"mint_x509"` or `Action::"mint_jwt"`;
+//! - `action`: `Action::"attest"`, `Action::"mint_x509"`, `Action::"mint_jwt"` or
+//!   `Action::"exchange"` (an access token at the token endpoint, docs/token-exchange.md);
 //! - `resource`: `Identity::"<SPIFFE ID to be issued>"`;
 //! - `context`: `{ spiffe_id, ttl, now, hour_utc, node: { agent, method, selectors },
 //!   entry: { id, spiffe_id, parent_id, shared } }` (no `entry` for `attest`), where
 //!   `node.selectors` is the set of selectors the node's *verified* evidence proved
 //!   (`tpm:pcr:7:…`, `sev-snp:measurement:…`, `tdx:mrtd:…`, `join-token:used`, …).
+//!   For `exchange`, the context also has `audience`, `scopes` (a set), `client_id`,
+//!   `chain` (the actors, newest first) and `depth`; `principal` is the caller's node
+//!   (`Agent::"unknown"` when the caller authenticated with a JWT-SVID, which proves no
+//!   node), and `resource` the token's subject. With a policy file, exchanges need a
+//!   `permit` like everything else: a policy written before exchanges existed denies them.
 //!
 //! Example: only nodes attested by TPM with PCR 7 as enrolled, at most 1 h SVIDs:
 //! ```text
@@ -45,6 +51,8 @@ pub enum Action {
     MintX509,
     /// A JWT-SVID.
     MintJwt,
+    /// An access token at the token endpoint.
+    Exchange,
 }
 
 impl Action {
@@ -53,6 +61,7 @@ impl Action {
             Action::Attest => "attest",
             Action::MintX509 => "mint_x509",
             Action::MintJwt => "mint_jwt",
+            Action::Exchange => "exchange",
         }
     }
 }
@@ -74,6 +83,8 @@ pub struct Facts<'a> {
     pub entry: Option<Value>,
     /// Unix seconds.
     pub now: i64,
+    /// More context members (the exchange's audience, scopes, chain), merged in.
+    pub extra: Option<serde_json::Map<String, Value>>,
 }
 
 /// A loaded policy file, reloaded when it changes.
@@ -156,8 +167,13 @@ impl IssuancePolicy {
             "hour_utc": hour_utc,
             "node": {"agent": f.agent, "method": f.method, "selectors": f.node_selectors},
         });
-        if let (Some(e), Some(obj)) = (&f.entry, context.as_object_mut()) {
-            obj.insert("entry".into(), e.clone());
+        if let Some(obj) = context.as_object_mut() {
+            if let Some(e) = &f.entry {
+                obj.insert("entry".into(), e.clone());
+            }
+            for (k, v) in f.extra.iter().flatten() {
+                obj.insert(k.clone(), v.clone());
+            }
         }
         let context = Context::from_json_value(context, None)
             .map_err(|e| Error::Config(format!("policy context: {e}")))?;
@@ -227,6 +243,7 @@ mod tests {
                 json!({"id": "e1", "spiffe_id": "spiffe://td/app", "parent_id": "p", "shared": false}),
             ),
             now: 1_000_000,
+            extra: None,
         }
     }
 

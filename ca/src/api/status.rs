@@ -20,7 +20,8 @@ fn refusal_code(kind: RefusalKind) -> Code {
         | K::CsrNotGranted
         | K::IssuancePolicy
         | K::CallNotAllowed
-        | K::UntrustedEndpoint => Code::PermissionDenied,
+        | K::UntrustedEndpoint
+        | K::Revoked => Code::PermissionDenied,
         K::BadCsr | K::UnknownMethod => Code::InvalidArgument,
         K::RenewByAttesting => Code::FailedPrecondition,
         K::RateExceeded => Code::ResourceExhausted,

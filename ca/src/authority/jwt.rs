@@ -61,6 +61,18 @@ impl JwtAuthority {
         &self.record
     }
 
+    /// Signs a JWS signing input (`header.claims`, base64url) with ES256 in fixed
+    /// (r||s) form, for tokens other than JWT-SVIDs (the token endpoint's access tokens,
+    /// which carry this authority's `kid`). Refused once the authority has expired.
+    pub fn sign_jws(&self, signing_input: &[u8], now: i64) -> Result<Vec<u8>> {
+        if now >= self.record.not_after {
+            return Err(Error::Precondition("the JWT authority has expired".into()));
+        }
+        self.km
+            .sign(&self.record.key_id, signing_input, SignatureFormat::Fixed)
+            .map_err(Into::into)
+    }
+
     /// Mints a JWT-SVID; returns the token and its `exp`.
     pub fn mint(
         &self,

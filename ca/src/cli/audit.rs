@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::Output;
 use crate::audit::{NamedAnchor, VerifyError, VerifyReport};
@@ -55,6 +55,24 @@ pub enum AuditCmd {
         /// Write it here (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// List the records that name an identity: token-exchange receipts where it is the
+    /// subject, the client or an actor of the chain, and every other record that names
+    /// it (SVIDs issued, revocations). Reads the log only; `audit verify` says whether
+    /// the log is intact.
+    Show {
+        /// The SPIFFE ID (an instance, or an entry's ID: its instances match too).
+        #[arg(long, value_name = "SPIFFE_ID")]
+        subject: String,
+        /// Only records of this type (`token_exchanged`, `token_refused`, …).
+        #[arg(long = "type", value_name = "TYPE")]
+        record_type: Option<String>,
+        /// The server's data directory (default from --config, else /var/lib/ztid/server).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Server config.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// With the server stopped: continue from a log that no longer reaches its anchors
     /// (restored from a backup, say). The log records the reason and what was not
@@ -348,6 +366,20 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             }
             Ok(())
         }
+        AuditCmd::Show {
+            subject,
+            record_type,
+            data_dir,
+            config,
+        } => {
+            let c = audit_config(data_dir, config)?;
+            audit_show(
+                &c.data_dir.join("audit"),
+                subject,
+                record_type.as_deref(),
+                out,
+            )
+        }
         AuditCmd::AcceptRollback {
             data_dir,
             config,
@@ -472,6 +504,101 @@ pub fn audit_verify(
                 println!("note: {n}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Whether `value` (a string, or strings in an array or object one level down) names
+/// `id` or one of its instances.
+fn names(value: &Value, id: &str) -> bool {
+    let hit = |s: &str| crate::sts::chain::covers(id, s);
+    match value {
+        Value::String(s) => hit(s),
+        Value::Array(items) => items.iter().any(|v| v.as_str().is_some_and(hit)),
+        Value::Object(o) => o.values().any(|v| v.as_str().is_some_and(hit)),
+        _ => false,
+    }
+}
+
+/// The longest `--subject`.
+const MAX_SUBJECT: usize = 2048;
+
+/// Runs `audit show --subject ID`: every event record naming `id`, oldest first.
+fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> Result<(), String> {
+    if !id.starts_with("spiffe://") || id.len() > MAX_SUBJECT {
+        return Err(format!(
+            "--subject must be a SPIFFE ID of at most {MAX_SUBJECT} bytes"
+        ));
+    }
+    let path = crate::audit::log_path(dir);
+    let file =
+        std::fs::File::open(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut shown = 0u64;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(file)) {
+        let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let Ok(record) = serde_json::from_str::<Value>(&line) else {
+            continue; // a torn last line; `audit verify` reports it
+        };
+        let Some(event) = record.get("event").and_then(Value::as_object) else {
+            continue;
+        };
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+        if record_type.is_some_and(|t| t != kind) {
+            continue;
+        }
+        if !event.values().any(|v| names(v, id)) {
+            continue;
+        }
+        shown += 1;
+        let seq = record.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let time_ms = record.get("time_ms").and_then(Value::as_i64).unwrap_or(0);
+        match out {
+            Output::Json => println!(
+                "{}",
+                json!({"seq": seq, "time_ms": time_ms, "event": event})
+            ),
+            Output::Text => {
+                let when = time::OffsetDateTime::from_unix_timestamp(time_ms.div_euclid(1000))
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| time_ms.to_string());
+                let field = |k: &str| match event.get(k) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(a)) if !a.is_empty() => a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" <- "),
+                    _ => String::new(),
+                };
+                let mut parts = vec![format!("#{seq} {when} {kind}")];
+                for (label, key) in [
+                    ("subject", "subject"),
+                    ("client", "client"),
+                    ("via", "chain"),
+                    ("audience", "audience"),
+                    ("scope", "scope"),
+                    ("grant", "grant"),
+                    ("node", "node"),
+                    ("error", "error"),
+                    ("reason", "reason"),
+                    ("spiffe_id", "spiffe_id"),
+                    ("agent", "agent"),
+                ] {
+                    let v = field(key);
+                    if !v.is_empty() {
+                        parts.push(format!("{label}={v}"));
+                    }
+                }
+                println!("{}", parts.join(" "));
+            }
+        }
+    }
+    if shown == 0 && matches!(out, Output::Text) {
+        println!("no record names {id}");
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ impl CaCore {
 
     /// True if one of the cluster's X.509 authorities (prepared, active or old, of any
     /// server) signed `leaf`; a revoked authority is no longer listed.
-    fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
+    pub(crate) fn issued_by_own_authority(&self, leaf: &[u8]) -> bool {
         // The bundle is read before the authorities: if they change in between, the
         // result is filed under the older bundle, which is no longer current.
         let bundle = self.authorities.bundle();

@@ -87,6 +87,7 @@ impl CaCore {
                     ttl: self.config.agent_svid_ttl_seconds,
                     entry: None,
                     now: t,
+                    extra: None,
                 },
             )?;
         }

@@ -64,6 +64,23 @@ impl CaCore {
         Ok((id, leaf))
     }
 
+    /// Refuses a mint for an instance an operator revoked: a revoked instance stays dead
+    /// even if its agent (compromised, or from before the revocation) asks again.
+    fn refuse_revoked_instance(&self, agent: &AuthenticatedAgent, spiffe_id: &str) -> Result<()> {
+        // Issued now: only an instance revocation matches (an entry or node revocation
+        // covers what was issued before it).
+        if let Some(r) = self.revocation_of(spiffe_id, Some(&agent.record.spiffe_id), now())? {
+            return Err(Error::refused(
+                RefusalKind::Revoked,
+                format!(
+                    "identity {spiffe_id} was revoked by an operator ({} revocation of {})",
+                    r.kind, r.target
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads an entry the agent is entitled to mint for.
     fn entitled_entry(&self, agent: &AuthenticatedAgent, entry_id: &str) -> Result<EntryRecord> {
         let entry = self
@@ -100,6 +117,7 @@ impl CaCore {
     ) -> Result<(String, SignedLeaf)> {
         let entry = self.entitled_entry(agent, entry_id)?;
         let checked = check_csr(csr, &workload_rule(&entry), &entry.dns_names)?;
+        self.refuse_revoked_instance(agent, &checked.spiffe_id)?;
         let ttl = if entry.x509_ttl > 0 {
             entry.x509_ttl
         } else {
@@ -154,6 +172,7 @@ impl CaCore {
             return Err(Error::InvalidInput("audience must be specified".into()));
         }
         check_identity(&workload_rule(&entry), spiffe_id)?;
+        self.refuse_revoked_instance(agent, spiffe_id)?;
         let ttl = if entry.jwt_ttl > 0 {
             entry.jwt_ttl
         } else {

@@ -34,6 +34,7 @@ impl CaCore {
                 entry: Some(json!({"id": entry.id, "spiffe_id": entry.spiffe_id,
                     "parent_id": entry.parent_id, "shared": entry.shared})),
                 now: now(),
+                extra: None,
             },
         )
     }

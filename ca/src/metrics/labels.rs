@@ -38,7 +38,8 @@ pub fn attestation_reason(method: &str, e: &Error) -> &'static str {
             | K::UnusableEntry
             | K::IssuancePolicy
             | K::CallNotAllowed
-            | K::UntrustedEndpoint => "permission_denied",
+            | K::UntrustedEndpoint
+            | K::Revoked => "permission_denied",
             K::NoCredential
             | K::UnknownAgent
             | K::StaleCredential
@@ -88,6 +89,7 @@ pub fn refusal_reason(e: &Error) -> &'static str {
             K::UnusableEntry | K::IssuancePolicy | K::CallNotAllowed | K::UntrustedEndpoint => {
                 "permission_denied"
             }
+            K::Revoked => "revoked",
             K::RenewByAttesting | K::RateExceeded => "other",
         },
         Error::NotFound(_) => "no_entry",
