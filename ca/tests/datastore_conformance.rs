@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::TryRecvError;
 use ztid_ca::datastore::{
     AgentRecord, AuthorityRecord, AuthorityState, CaState, ChangeTopic, DataStore, EntryFilter,
-    EntryRecord, JoinTokenRecord, PgOptions, PgStore, SledStore,
+    EntryRecord, GrantRecord, JoinTokenRecord, PgOptions, PgStore, RevocationKind,
+    RevocationRecord, SledStore,
 };
+use ztid_ca::limits::{MAX_GRANTS, MAX_REVOCATIONS};
 use ztid_ca::{Error, StoreError};
 use ztid_spiffe::Selector;
 use ztid_test_support::postgres::TestPostgres;
@@ -158,6 +160,9 @@ conformance!(
     a_syncing_reader_never_misses_a_change,
     callable_from_any_kind_of_thread,
     change_log_compaction_and_token_pruning,
+    grants_are_stored_listed_and_deleted,
+    revocations_are_keyed_by_kind_and_target_and_pruned,
+    grants_and_revocations_are_bounded,
 );
 
 // ---------------------------------------------------------------------------------
@@ -973,6 +978,178 @@ fn federation_records(f: &dyn Fixture) {
     assert_eq!(s.list_federations().unwrap(), [b"rel-y".to_vec()]);
 }
 
+fn grant(id: &str, spiffe_id: &str, audience: &str) -> GrantRecord {
+    GrantRecord {
+        id: id.into(),
+        spiffe_id: spiffe_id.into(),
+        audience: audience.into(),
+        scopes: vec!["tools.read".into(), "tools.write".into()],
+        ttl_seconds: 300,
+        max_per_minute: 60,
+        node_selectors: vec!["tpm:ek-hash:ab".into()],
+        may_delegate: true,
+        created_at: 1_700_000_000,
+    }
+}
+
+fn grants_are_stored_listed_and_deleted(f: &dyn Fixture) {
+    let s = f.store(0);
+    assert_eq!(s.list_grants().unwrap(), []);
+    assert_eq!(s.get_grant("b").unwrap(), None);
+    let b = grant("b", "spiffe://example.org/app", "https://mcp.example");
+    let a = grant("a", "spiffe://example.org/other", "aud");
+    s.put_grant(&b).unwrap();
+    s.put_grant(&a).unwrap();
+    assert_eq!(s.get_grant("b").unwrap().as_ref(), Some(&b));
+    // Every server sees it, ordered by id.
+    assert_eq!(f.store(1).list_grants().unwrap(), [a.clone(), b.clone()]);
+    // Put replaces.
+    let mut b2 = b.clone();
+    b2.scopes = vec!["only".into()];
+    b2.may_delegate = false;
+    s.put_grant(&b2).unwrap();
+    assert_eq!(f.store(1).get_grant("b").unwrap().as_ref(), Some(&b2));
+    assert_eq!(s.list_grants().unwrap().len(), 2);
+    assert_eq!(f.store(1).delete_grant("b").unwrap().as_ref(), Some(&b2));
+    assert_eq!(s.delete_grant("b").unwrap(), None);
+    assert_eq!(s.get_grant("b").unwrap(), None);
+    assert_eq!(s.list_grants().unwrap(), [a]);
+}
+
+fn revocation(
+    kind: RevocationKind,
+    target: &str,
+    revoked_at: i64,
+    expires_at: i64,
+) -> RevocationRecord {
+    RevocationRecord {
+        kind,
+        target: target.into(),
+        spiffe_id: match kind {
+            RevocationKind::Entry => "spiffe://example.org/app".into(),
+            RevocationKind::Instance => target.into(),
+            RevocationKind::Node => String::new(),
+        },
+        revoked_at,
+        expires_at,
+        reason: "compromised".into(),
+    }
+}
+
+fn revocations_are_keyed_by_kind_and_target_and_pruned(f: &dyn Fixture) {
+    let s = f.store(0);
+    assert_eq!(s.list_revocations().unwrap(), []);
+    let node = revocation(
+        RevocationKind::Node,
+        "spiffe://example.org/ztid/agent/x/n1",
+        100,
+        200,
+    );
+    let entry = revocation(RevocationKind::Entry, "e1", 100, 300);
+    let instance = revocation(
+        RevocationKind::Instance,
+        "spiffe://example.org/app/1",
+        100,
+        400,
+    );
+    // The same target under two kinds: two records.
+    let instance_e1 = revocation(RevocationKind::Instance, "e1", 100, 500);
+    for r in [&node, &instance, &entry, &instance_e1] {
+        s.put_revocation(r).unwrap();
+    }
+    // Ordered by kind, then target; every server sees them.
+    assert_eq!(
+        f.store(1).list_revocations().unwrap(),
+        [
+            entry.clone(),
+            instance.clone(),
+            instance_e1.clone(),
+            node.clone()
+        ]
+    );
+    // Revoking the same target again replaces the record.
+    let entry_again = revocation(RevocationKind::Entry, "e1", 150, 350);
+    f.store(1).put_revocation(&entry_again).unwrap();
+    let listed = s.list_revocations().unwrap();
+    assert_eq!(listed.len(), 4);
+    assert_eq!(listed[0], entry_again);
+    // Pruning removes what expired before the time given, nothing else.
+    assert_eq!(s.prune_revocations(200).unwrap(), 0);
+    assert_eq!(s.prune_revocations(351).unwrap(), 2);
+    assert_eq!(
+        f.store(1).list_revocations().unwrap(),
+        [instance, instance_e1]
+    );
+    assert_eq!(s.prune_revocations(351).unwrap(), 0);
+}
+
+fn grants_and_revocations_are_bounded(f: &dyn Fixture) {
+    let s = f.store(0);
+    let g = |i: usize| grant(&format!("g{i:05}"), "spiffe://example.org/app", "aud");
+    let r = |i: usize| {
+        revocation(
+            RevocationKind::Instance,
+            &format!("spiffe://example.org/app/{i:05}"),
+            1,
+            2,
+        )
+    };
+    // Filled to one short of each bound, by several threads (it is quicker).
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let s = f.store(t % 2);
+            let (g, r) = (&g, &r);
+            scope.spawn(move || {
+                for i in (t..MAX_GRANTS - 1).step_by(4) {
+                    s.put_grant(&g(i)).unwrap();
+                }
+                for i in (t..MAX_REVOCATIONS - 1).step_by(4) {
+                    s.put_revocation(&r(i)).unwrap();
+                }
+            });
+        }
+    });
+    // The last slot, raced for by two servers: exactly one gets it.
+    let winners = std::thread::scope(|scope| {
+        let racers: Vec<_> = [MAX_GRANTS, MAX_GRANTS + 1]
+            .into_iter()
+            .enumerate()
+            .map(|(t, i)| {
+                let s = f.store(t);
+                let g = &g;
+                scope.spawn(move || s.put_grant(&g(i)))
+            })
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+        }
+        results.iter().filter(|r| r.is_ok()).count()
+    });
+    assert_eq!(winners, 1);
+    assert_eq!(s.list_grants().unwrap().len(), MAX_GRANTS);
+    // Full: a new one is refused, a replacement is not, and a deletion makes room.
+    let e = s.put_grant(&g(MAX_GRANTS + 2)).unwrap_err();
+    assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+    let mut replaced = g(0);
+    replaced.audience = "other".into();
+    s.put_grant(&replaced).unwrap();
+    assert_eq!(s.get_grant("g00000").unwrap(), Some(replaced));
+    s.delete_grant("g00001").unwrap().unwrap();
+    s.put_grant(&g(MAX_GRANTS + 2)).unwrap();
+
+    s.put_revocation(&r(MAX_REVOCATIONS - 1)).unwrap();
+    let e = f.store(1).put_revocation(&r(MAX_REVOCATIONS)).unwrap_err();
+    assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+    let mut again = r(0);
+    again.expires_at = 10;
+    s.put_revocation(&again).unwrap();
+    assert_eq!(s.list_revocations().unwrap().len(), MAX_REVOCATIONS);
+    // Pruning makes room.
+    assert_eq!(s.prune_revocations(5).unwrap(), MAX_REVOCATIONS as u64 - 1);
+    s.put_revocation(&r(MAX_REVOCATIONS)).unwrap();
+}
+
 fn changes_are_announced_to_every_server(f: &dyn Fixture) {
     let writer = f.store(0);
     // Another server's subscription (the same store when there is one server).
@@ -1433,9 +1610,12 @@ fn postgres_schema_migrates_once_and_refuses_a_newer_one() {
     assert_eq!(
         pg.psql_in(
             db,
-            "SELECT string_agg(version::text, ',') FROM ztid_schema_migrations"
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM ztid_schema_migrations"
         ),
-        PgStore::schema_version().to_string()
+        (1..=PgStore::schema_version())
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     drop(stores);
     // A newer server migrated it: this one refuses to run.

@@ -1,7 +1,8 @@
 //! `datastore migrate` (issue 13, point 6): a sled datastore populated by the real
 //! server code (`CaCore`: entries, attested agents, join tokens, a federation
-//! relationship, a federated bundle, a prepared authority, the audit anchor) copied
-//! into a PostgreSQL database started by the test harness; everything is there
+//! relationship, a federated bundle, a grant and a revocation, a prepared authority, the
+//! audit anchor) copied into a PostgreSQL database started by the test harness;
+//! everything is there
 //! afterwards, under the migrated server's id, and an incremental sync from the
 //! revision the source was at misses nothing written after. A second migration into
 //! the now non-empty database is refused and changes nothing, and so is one into a
@@ -155,6 +156,29 @@ fn populate_here(data_dir: &Path, other_td_dir: &Path) {
         .unwrap();
     core.prepare_authority(ztid_ca::authority::Kind::X509, "test")
         .unwrap();
+    // Token exchange (issue 14): a grant and a revocation.
+    core.create_grant(
+        &ztid_ca::datastore::GrantRecord {
+            id: String::new(),
+            spiffe_id: format!("spiffe://{}/migrated/app", core.trust_domain),
+            audience: "https://mcp.example".into(),
+            scopes: vec!["tools.read".into()],
+            ttl_seconds: 0,
+            max_per_minute: 0,
+            node_selectors: Vec::new(),
+            may_delegate: false,
+            created_at: 0,
+        },
+        "test",
+    )
+    .unwrap();
+    core.revoke(
+        ztid_ca::datastore::RevocationKind::Instance,
+        &format!("spiffe://{}/migrated/app/0123", core.trust_domain),
+        "test",
+        "test",
+    )
+    .unwrap();
     core.store.flush().unwrap();
     // The audit writer anchors the log in the datastore shortly after each write.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -173,6 +197,8 @@ struct Snapshot {
     tokens: Vec<([u8; 32], JoinTokenRecord)>,
     federations: Vec<Vec<u8>>,
     bundles: Vec<Vec<u8>>,
+    grants: Vec<ztid_ca::datastore::GrantRecord>,
+    revocations: Vec<ztid_ca::datastore::RevocationRecord>,
     ca_state: Option<CaState>,
     anchor: Option<Vec<u8>>,
     revision: u64,
@@ -189,6 +215,8 @@ fn snapshot(s: &dyn DataStore) -> Snapshot {
         tokens: s.list_join_tokens().unwrap(),
         federations: s.list_federations().unwrap(),
         bundles: s.list_federated_bundles().unwrap(),
+        grants: s.list_grants().unwrap(),
+        revocations: s.list_revocations().unwrap(),
         ca_state: s.load_ca_state().unwrap(),
         anchor: s.audit_anchor().unwrap(),
         revision: s.current_revision().unwrap(),
@@ -218,6 +246,8 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
     assert_eq!(before.tokens.len(), 1);
     assert_eq!(before.federations.len(), 1);
     assert_eq!(before.bundles.len(), 1);
+    assert_eq!(before.grants.len(), 1);
+    assert_eq!(before.revocations.len(), 1);
     let state = before.ca_state.clone().expect("CA state");
     assert_eq!(state.x509.len(), 2, "the active and the prepared authority");
     assert!(before.anchor.is_some());
@@ -235,6 +265,8 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
             join_tokens: 1,
             federations: 1,
             federated_bundles: 1,
+            grants: 1,
+            revocations: 1,
             x509_authorities: 2,
             jwt_authorities: state.jwt.len(),
             audit_anchor: true,
