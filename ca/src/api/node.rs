@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use ztid_proto::node::{self as pb, node_server::Node};
 use ztid_verifier::VerifierStep;
 
-use crate::core::sync::SyncRequest;
+use crate::core::sync::{AgentRevocations, RevocationMemo, SyncRequest};
 use crate::core::{AuthenticatedAgent, CaCore};
 use crate::entries::to_proto;
 use crate::limits::{self, RateLimiter, ATTEST_STEP_TIMEOUT, ATTEST_TOTAL_TIMEOUT};
@@ -26,6 +26,8 @@ pub struct NodeApi {
     core: Arc<CaCore>,
     refusals: Arc<RefusalAudit>,
     jwt_mints: RateLimiter,
+    /// The revocations that concern agents, shared by the syncs between two changes.
+    revocations: RevocationMemo,
 }
 
 /// Who sent a request, for refusal records: the full address, and the key the refusal
@@ -54,6 +56,7 @@ impl NodeApi {
             core,
             refusals,
             jwt_mints,
+            revocations: RevocationMemo::default(),
         }
     }
 
@@ -349,6 +352,14 @@ impl Node for NodeApi {
             self.core
                 .federated_for_sync(req.federated_bundles_version)?
         };
+        // Every answer carries the revocations in force that concern the agent (with the
+        // first page only, as the bundles).
+        let revoked = if next_page {
+            AgentRevocations::default()
+        } else {
+            self.core
+                .revocations_for_agent(&sync.parents, sync.revision, &self.revocations)?
+        };
         let (federated_bundles, federated_bundles_version) = match federated {
             Some((all, v)) => (all.iter().map(Into::into).collect(), v),
             None => (Vec::new(), 0),
@@ -363,9 +374,15 @@ impl Node for NodeApi {
             bundle: (!next_page && req.bundle_sequence < bundle.sequence)
                 .then(|| bundle.as_ref().into()),
             next_page_token: sync.next_page_token.unwrap_or_default(),
-            // Filled by the kill switch (issue 14): revocations under this agent's entries.
-            revoked_instances: Vec::new(),
-            revoked_entries: Vec::new(),
+            revoked_instances: revoked.instances,
+            revoked_entries: revoked
+                .entries
+                .into_iter()
+                .map(|(entry_id, revoked_at)| pb::RevokedEntry {
+                    entry_id,
+                    revoked_at,
+                })
+                .collect(),
         }))
     }
 

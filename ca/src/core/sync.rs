@@ -28,8 +28,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::grants::covering_ids;
 use super::{now, AuthenticatedAgent, CaCore};
-use crate::datastore::{EntryFilter, EntryRecord};
+use crate::datastore::{EntryFilter, EntryRecord, RevocationKind, RevocationRecord};
 use crate::{Error, Result};
 
 /// Most entries in one page (sync or `ListEntries`), whatever the caller asks.
@@ -225,6 +229,7 @@ impl CaCore {
             deleted: Vec::new(),
             revision,
             next_page_token: None,
+            parents: parents.clone(),
         };
         if !result.full {
             // Only this agent's parents' changes are read, merged in revision order.
@@ -279,6 +284,7 @@ impl CaCore {
                 deleted: Vec::new(),
                 revision,
                 next_page_token: None,
+                parents: parents.clone(),
             };
         }
         if !paged {
@@ -379,7 +385,152 @@ impl CaCore {
             deleted: Vec::new(),
             revision: cursor.r,
             next_page_token,
+            parents: parents.to_vec(),
         })
+    }
+}
+
+/// Most revoked instances, and most revoked entries, in one sync answer.
+pub const MAX_SYNC_REVOCATIONS: usize = 10_000;
+
+/// One revocation in force and the parents of the entries it concerns: an agent is
+/// told of it when one of its parents is among them.
+#[derive(Debug)]
+struct ConcernedRevocation {
+    record: RevocationRecord,
+    parents: BTreeSet<String>,
+}
+
+/// The revocations in force with the parents they concern, for one state of the
+/// revocations and of the entries.
+#[derive(Debug)]
+struct RevocationIndex {
+    /// The entry revision it was built at.
+    revision: u64,
+    /// A digest of the revocations it was built from.
+    digest: u64,
+    revocations: Vec<ConcernedRevocation>,
+}
+
+/// The revocations that concern agents, built once per change of the revocations or
+/// of the entries and shared by every sync in between: a sync then costs one pass over
+/// the revocations in force, never a listing of entries.
+#[derive(Debug, Default)]
+pub struct RevocationMemo {
+    index: std::sync::Mutex<Option<Arc<RevocationIndex>>>,
+}
+
+/// The revocations an agent is told of in a sync answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRevocations {
+    /// Revoked per-instance SPIFFE IDs under the agent's entries.
+    pub instances: Vec<String>,
+    /// Revoked entries of the agent: (entry id, `revoked_at`).
+    pub entries: Vec<(String, i64)>,
+}
+
+fn revocations_digest(revocations: &[RevocationRecord]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in revocations {
+        (r.kind, &r.target, &r.spiffe_id, r.revoked_at).hash(&mut h);
+    }
+    h.finish()
+}
+
+impl CaCore {
+    /// The parents of the entries a revocation concerns: for an instance, those of the
+    /// entries whose SPIFFE ID covers it (the ID itself, or the ID less its last
+    /// segment), looked up by SPIFFE ID; for an entry, its own parent. Node
+    /// revocations concern no agent's sync (the node is banned).
+    fn revocation_parents(&self, r: &RevocationRecord) -> Result<BTreeSet<String>> {
+        let mut parents = BTreeSet::new();
+        match r.kind {
+            RevocationKind::Instance => {
+                for candidate in covering_ids(&r.spiffe_id) {
+                    let filter = EntryFilter {
+                        spiffe_id: Some(candidate.to_string()),
+                        parent_id: None,
+                    };
+                    parents.extend(
+                        self.store
+                            .list_entries(&filter)?
+                            .into_iter()
+                            .filter(|e| !e.node)
+                            .map(|e| e.parent_id),
+                    );
+                }
+            }
+            RevocationKind::Entry => {
+                if let Some(e) = self.store.get_entry(&r.target)? {
+                    if !e.node {
+                        parents.insert(e.parent_id);
+                    }
+                }
+            }
+            RevocationKind::Node => {}
+        }
+        Ok(parents)
+    }
+
+    /// The revocations in force that concern an agent whose parents are `parents`, with
+    /// the entries as of `revision`: instance revocations under the SPIFFE ID of one of
+    /// its entries, and revocations of its entries; at most [`MAX_SYNC_REVOCATIONS`] of
+    /// each.
+    pub fn revocations_for_agent(
+        &self,
+        parents: &[String],
+        revision: u64,
+        memo: &RevocationMemo,
+    ) -> Result<AgentRevocations> {
+        let in_force = self.revocations_in_force()?;
+        if in_force.is_empty() {
+            return Ok(AgentRevocations::default());
+        }
+        let digest = revocations_digest(&in_force);
+        let cached = memo
+            .index
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .filter(|i| i.revision == revision && i.digest == digest);
+        let index = match cached {
+            Some(i) => i,
+            None => {
+                let mut revocations = Vec::with_capacity(in_force.len());
+                for record in in_force {
+                    let parents = self.revocation_parents(&record)?;
+                    if !parents.is_empty() {
+                        revocations.push(ConcernedRevocation { record, parents });
+                    }
+                }
+                let index = Arc::new(RevocationIndex {
+                    revision,
+                    digest,
+                    revocations,
+                });
+                if let Ok(mut m) = memo.index.lock() {
+                    *m = Some(index.clone());
+                }
+                index
+            }
+        };
+        let mut out = AgentRevocations::default();
+        for c in &index.revocations {
+            if !parents.iter().any(|p| c.parents.contains(p)) {
+                continue;
+            }
+            match c.record.kind {
+                RevocationKind::Instance if out.instances.len() < MAX_SYNC_REVOCATIONS => {
+                    out.instances.push(c.record.spiffe_id.clone())
+                }
+                RevocationKind::Entry if out.entries.len() < MAX_SYNC_REVOCATIONS => out
+                    .entries
+                    .push((c.record.target.clone(), c.record.revoked_at)),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -396,6 +547,8 @@ pub struct SyncResult {
     pub revision: u64,
     /// More pages of this full answer follow: the token of the next one.
     pub next_page_token: Option<String>,
+    /// The agent's parents the answer was made for (its SPIFFE ID and aliases).
+    pub parents: Vec<String>,
 }
 
 impl SyncResult {
