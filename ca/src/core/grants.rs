@@ -13,6 +13,7 @@
 //! never ignored for longer than that.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,13 +124,18 @@ impl AccessSnapshot {
 
 struct Loaded {
     snapshot: Arc<AccessSnapshot>,
-    /// `None`: never loaded, or dropped by a local write.
+    /// When it was read; `None`: never.
     at: Option<Instant>,
+    /// The cache's generation when the read began: a local write since (a higher
+    /// generation) makes it stale at once, even when the read ended after the write.
+    generation: u64,
 }
 
 /// The in-memory copy of the grants and revocations (see the module docs).
 pub struct AccessCache {
     loaded: ArcSwap<Loaded>,
+    /// Raised by every write through this server.
+    generation: AtomicU64,
     /// Held by the one caller re-reading the store; the others use the copy meanwhile.
     refreshing: Mutex<()>,
 }
@@ -140,7 +146,9 @@ impl Default for AccessCache {
             loaded: ArcSwap::from_pointee(Loaded {
                 snapshot: Arc::new(AccessSnapshot::default()),
                 at: None,
+                generation: 0,
             }),
+            generation: AtomicU64::new(0),
             refreshing: Mutex::new(()),
         }
     }
@@ -150,14 +158,14 @@ impl AccessCache {
     /// Drops the copy: the next use re-reads the store (after a write through this
     /// server, so its own writes count at once).
     pub fn invalidate(&self) {
-        let current = self.loaded.load_full();
-        self.loaded.store(Arc::new(Loaded {
-            snapshot: current.snapshot.clone(),
-            at: None,
-        }));
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn age(loaded: &Loaded) -> Option<Duration> {
+    /// How old `loaded` is; `None` if never read, or a local write came after its read.
+    fn age(&self, loaded: &Loaded) -> Option<Duration> {
+        if loaded.generation != self.generation.load(Ordering::SeqCst) {
+            return None;
+        }
         loaded.at.map(|at| at.elapsed())
     }
 
@@ -167,10 +175,12 @@ impl AccessCache {
         let refresh = Duration::from_secs(ACCESS_REFRESH_SECONDS);
         let stale_limit = Duration::from_secs(ACCESS_STALE_LIMIT_SECONDS);
         let current = self.loaded.load_full();
-        let age = Self::age(&current);
+        let age = self.age(&current);
         if age.is_some_and(|a| a < refresh) {
             return Ok(current.snapshot.clone());
         }
+        // After a local write the old copy is not used: the writer's next call sees
+        // its write.
         let usable_meanwhile = age.is_some_and(|a| a < stale_limit);
         let _guard = if usable_meanwhile {
             match self.refreshing.try_lock() {
@@ -185,9 +195,10 @@ impl AccessCache {
         };
         // Someone may have refreshed while this caller waited.
         let current = self.loaded.load_full();
-        if Self::age(&current).is_some_and(|a| a < refresh) {
+        if self.age(&current).is_some_and(|a| a < refresh) {
             return Ok(current.snapshot.clone());
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         let read = store
             .list_grants()
             .and_then(|g| Ok((g, store.list_revocations()?)));
@@ -197,6 +208,7 @@ impl AccessCache {
                 self.loaded.store(Arc::new(Loaded {
                     snapshot: snapshot.clone(),
                     at: Some(Instant::now()),
+                    generation,
                 }));
                 Ok(snapshot)
             }
@@ -438,6 +450,39 @@ mod tests {
         assert!(s
             .grants_for("spiffe://example.org/apple", "https://mcp.example")
             .is_empty());
+    }
+
+    #[test]
+    fn the_cache_sees_local_writes_at_once_and_peer_writes_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::datastore::SledStore::open(dir.path()).unwrap();
+        let cache = AccessCache::default();
+        let aud = "https://mcp.example";
+        let app = "spiffe://example.org/app";
+        assert!(cache
+            .snapshot(&store)
+            .unwrap()
+            .grants_for(app, aud)
+            .is_empty());
+        // A write through this server: seen by the next call.
+        store.put_grant(&grant("a", app, aud)).unwrap();
+        cache.invalidate();
+        assert_eq!(
+            cache.snapshot(&store).unwrap().grants_for(app, aud).len(),
+            1
+        );
+        // A write through another server (no invalidation here): seen once the copy is
+        // older than the refresh bound, and not later.
+        let written = Instant::now();
+        store.put_grant(&grant("b", app, aud)).unwrap();
+        while cache.snapshot(&store).unwrap().grants_for(app, aud).len() < 2 {
+            assert!(
+                written.elapsed()
+                    <= Duration::from_secs(ACCESS_REFRESH_SECONDS) + Duration::from_millis(500),
+                "a peer's grant not seen within the refresh bound"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn td() -> TrustDomain {
