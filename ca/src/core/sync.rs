@@ -773,6 +773,98 @@ mod tests {
         );
     }
 
+    /// A sync tells an agent of the revocations under its own entries only, and follows
+    /// entry changes (the memo is rebuilt at a new revision).
+    #[test]
+    fn revocations_are_sent_to_the_agents_they_concern() {
+        let (_dir, core, leaf) = core_with_agent();
+        let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
+        let parent = agent().record.spiffe_id;
+        let other = "spiffe://example.org/ztid/agent/join_token/elsewhere";
+        let mine = create(
+            &core,
+            "spiffe://example.org/w",
+            &parent,
+            "unix:uid:1",
+            false,
+        );
+        let theirs = create(&core, "spiffe://example.org/x", other, "unix:uid:1", false);
+        let seg = "0123456789abcdef0123456789abcdef";
+        let revoke = |kind, target: &str| core.revoke(kind, target, "test", "tester").unwrap();
+        revoke(
+            RevocationKind::Instance,
+            &format!("spiffe://example.org/w/{seg}"),
+        );
+        revoke(
+            RevocationKind::Instance,
+            &format!("spiffe://example.org/x/{seg}"),
+        );
+        // Two segments under an entry's ID: no instance of it.
+        revoke(
+            RevocationKind::Instance,
+            &format!("spiffe://example.org/w/a/{seg}"),
+        );
+        let mine_revoked = revoke(RevocationKind::Entry, &mine.id);
+        revoke(RevocationKind::Entry, &theirs.id);
+        let memo = RevocationMemo::default();
+        let sync = core.sync_entries(&agent(), SyncRequest::default()).unwrap();
+        let got = core
+            .revocations_for_agent(&sync.parents, sync.revision, &memo)
+            .unwrap();
+        assert_eq!(
+            got,
+            AgentRevocations {
+                instances: vec![format!("spiffe://example.org/w/{seg}")],
+                entries: vec![(mine.id.clone(), mine_revoked.revoked_at)],
+            }
+        );
+        // Another agent's parents see only theirs.
+        let got = core
+            .revocations_for_agent(&[other.to_string()], sync.revision, &memo)
+            .unwrap();
+        assert_eq!(got.instances, vec![format!("spiffe://example.org/x/{seg}")]);
+        assert_eq!(got.entries.len(), 1);
+        assert_eq!(got.entries[0].0, theirs.id);
+        // An entry of the agent's with the other SPIFFE ID: the other instance concerns
+        // it too, from the next revision on.
+        create(
+            &core,
+            "spiffe://example.org/x",
+            &parent,
+            "unix:uid:2",
+            false,
+        );
+        let sync = core
+            .sync_entries(
+                &agent(),
+                SyncRequest {
+                    since: sync.revision,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let got = core
+            .revocations_for_agent(&sync.parents, sync.revision, &memo)
+            .unwrap();
+        assert_eq!(
+            got.instances,
+            vec![
+                format!("spiffe://example.org/w/{seg}"),
+                format!("spiffe://example.org/x/{seg}")
+            ]
+        );
+        // Nothing revoked: nothing sent.
+        let (_dir2, core2, leaf2) = core_with_agent();
+        let a2 = core2.authenticate_agent(Some(&leaf2)).unwrap();
+        let s2 = core2.sync_entries(&a2, SyncRequest::default()).unwrap();
+        assert_eq!(
+            core2
+                .revocations_for_agent(&s2.parents, s2.revision, &RevocationMemo::default())
+                .unwrap(),
+            AgentRevocations::default()
+        );
+    }
+
     #[test]
     fn page_sizes_are_bounded() {
         assert_eq!(page_limit(0, DEFAULT_PAGE_SIZE), DEFAULT_PAGE_SIZE);
