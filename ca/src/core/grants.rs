@@ -422,7 +422,7 @@ mod tests {
                 grant("a", "spiffe://example.org/app", "https://mcp.example"),
                 grant("c", "spiffe://example.org/app", "other"),
                 grant("d", "spiffe://example.org/app/x", "https://mcp.example"),
-                grant("e", "spiffe://example.org", "https://mcp.example"),
+                grant("e", "spiffe://example.org/ap", "https://mcp.example"),
             ],
             Vec::new(),
         );
