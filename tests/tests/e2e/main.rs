@@ -24,6 +24,7 @@ mod tee_snp;
 mod tee_snp_synthetic;
 mod tee_tdx;
 mod telemetry;
+mod token_exchange;
 mod tpm_e2e;
 mod tpm_protocol;
 mod untrusted_input;
