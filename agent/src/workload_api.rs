@@ -556,3 +556,312 @@ impl SpiffeWorkloadApi for WorkloadApi {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The kill switch end to end inside the agent: a fake node API signs every CSR, the
+    //! Workload API is served on a temporary socket, and this test process is the
+    //! workload.
+
+    use std::time::Duration;
+
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    use ztid_proto::node::node_server::{Node, NodeServer};
+    use ztid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    use super::*;
+    use crate::servers::{parse_server_list, NodeConnections, Servers};
+    use crate::workload_attestation::{AttestedPeer, PeerProcess, ProcessInstance};
+
+    const ENTRY_ID: &str = "e1";
+    const ENTRY_SPIFFE_ID: &str = "spiffe://example.org/w";
+
+    /// Signs every CSR with a made-up chain: the agent only checks the SPIFFE ID.
+    struct FakeNode;
+
+    fn spiffe_id_of_csr(der: &[u8]) -> String {
+        use x509_parser::prelude::*;
+        let (_, csr) = X509CertificationRequest::from_der(der).unwrap();
+        let id = csr
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .find_map(|e| match e {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    san.general_names.iter().find_map(|n| match n {
+                        GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .unwrap();
+        id
+    }
+
+    #[tonic::async_trait]
+    impl Node for FakeNode {
+        type AttestStream = ResponseStream<npb::AttestResponse>;
+        async fn attest(
+            &self,
+            _: Request<tonic::Streaming<npb::AttestRequest>>,
+        ) -> Result<Response<Self::AttestStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn renew_agent(
+            &self,
+            _: Request<npb::RenewAgentRequest>,
+        ) -> Result<Response<npb::RenewAgentResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn sign_x509_svids(
+            &self,
+            request: Request<npb::SignX509SvidsRequest>,
+        ) -> Result<Response<npb::SignX509SvidsResponse>, Status> {
+            let expires_at = unix_seconds(std::time::SystemTime::now()) + 3600;
+            let results = request
+                .into_inner()
+                .requests
+                .iter()
+                .map(|r| npb::SvidResult {
+                    result: Some(npb::svid_result::Result::Svid(npb::X509Svid {
+                        spiffe_id: spiffe_id_of_csr(&r.csr),
+                        cert_chain: vec![b"not a certificate".to_vec()],
+                        expires_at,
+                    })),
+                })
+                .collect();
+            Ok(Response::new(npb::SignX509SvidsResponse { results }))
+        }
+        async fn mint_jwt_svids(
+            &self,
+            _: Request<npb::MintJwtSvidsRequest>,
+        ) -> Result<Response<npb::MintJwtSvidsResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn sync_entries(
+            &self,
+            _: Request<npb::SyncEntriesRequest>,
+        ) -> Result<Response<npb::SyncEntriesResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn fetch_bundle(
+            &self,
+            _: Request<npb::FetchBundleRequest>,
+        ) -> Result<Response<npb::Bundle>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    /// The fake node API over TLS on a local port.
+    async fn fake_node() -> std::net::SocketAddr {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let identity = Identity::from_pem(cert.pem(), key.serialize_pem());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(NodeServer::new(FakeNode))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    /// Workloads minting through the fake node API, holding one per-instance entry for
+    /// this process's uid.
+    async fn workloads() -> (Arc<Workloads>, watch::Sender<Arc<TrustBundle>>) {
+        let addr = fake_node().await;
+        let servers = Servers::new(parse_server_list(&addr.to_string()).unwrap()).await;
+        let node = NodeConnections::new(
+            servers,
+            Arc::new(crate::tls::ServerSvidVerifier::insecure_bootstrap()),
+            None,
+        );
+        let bundle = watch::Sender::new(Arc::new(TrustBundle {
+            trust_domain: "example.org".into(),
+            ..Default::default()
+        }));
+        let w = Arc::new(Workloads::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(node)),
+            bundle.subscribe(),
+        ));
+        let uid = nix::unistd::geteuid().as_raw();
+        w.entries.write().unwrap().apply(&npb::SyncEntriesResponse {
+            full: true,
+            revision: 1,
+            upserted: vec![npb::Entry {
+                id: ENTRY_ID.into(),
+                spiffe_id: ENTRY_SPIFFE_ID.into(),
+                parent_id: "spiffe://example.org/ztid/agent/join_token/n1".into(),
+                selectors: vec![npb::Selector {
+                    r#type: "unix".into(),
+                    value: format!("uid:{uid}"),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        (w, bundle)
+    }
+
+    /// Serves the Workload API over `workloads` on a socket in `dir`; returns a client.
+    async fn serve(
+        workloads: Arc<Workloads>,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        dir: &std::path::Path,
+    ) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+        let path = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let api = tonic::service::interceptor::InterceptedService::new(
+            ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                WorkloadApi::new(workloads, bundle),
+            ),
+            require_security_header,
+        );
+        let routes = tonic::service::Routes::new(api);
+        tokio::spawn(crate::workload_listener::serve(
+            listener,
+            routes,
+            Default::default(),
+            std::future::pending(),
+        ));
+        let channel = ztid_proto::transport::unix_channel(&path).await.unwrap();
+        SpiffeWorkloadApiClient::new(channel)
+    }
+
+    fn with_header<T>(msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            ztid_proto::WORKLOAD_API_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        r
+    }
+
+    /// Another running process (a child), attested with this process's selectors.
+    fn other_process() -> (std::process::Child, AttestedPeer) {
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start_time = crate::workload_attestation::process_start_time(pid).unwrap();
+        let me = AttestedPeer {
+            process: PeerProcess::for_tests(
+                ProcessInstance { pid, start_time },
+                crate::workload_attestation::exe_identity(pid).ok(),
+                (0, 0),
+            ),
+            selectors: vec![crate::Selector::parse(&format!(
+                "unix:uid:{}",
+                nix::unistd::geteuid().as_raw()
+            ))
+            .unwrap()],
+        };
+        (child, me)
+    }
+
+    #[tokio::test]
+    async fn a_revoked_instance_is_dropped_its_stream_ends_and_its_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (workloads, bundle) = workloads().await;
+        let mut client = serve(workloads.clone(), bundle.subscribe(), dir.path()).await;
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        let held = first.svids[0].spiffe_id.clone();
+        assert!(
+            held.starts_with(&format!("{ENTRY_SPIFFE_ID}/")),
+            "per-instance: {held}"
+        );
+        // The server says this process's instance is revoked (and something unknown).
+        let dropped = workloads
+            .apply_revocations(
+                &[
+                    held.clone(),
+                    format!("{ENTRY_SPIFFE_ID}/{}", "f".repeat(32)),
+                ],
+                &[],
+            )
+            .await;
+        assert_eq!(dropped, 1);
+        let want = format!("identity {held} was revoked by an operator");
+        // The open stream ends with the reason.
+        let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the stream ends")
+            .unwrap_err();
+        assert_eq!(end.code(), tonic::Code::PermissionDenied);
+        assert_eq!(end.message(), want);
+        // A new fetch by the same process is refused, for X.509 and JWT alike.
+        let again = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::PermissionDenied);
+        assert_eq!(again.message(), want);
+        let jwt = client
+            .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+                audience: vec!["a".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(jwt.code(), tonic::Code::PermissionDenied);
+        assert_eq!(jwt.message(), want);
+        // Another process of the same entry still gets a new identity of it.
+        let (mut child, other) = other_process();
+        let other_inst = workloads.instance_for(&other).unwrap();
+        workloads.reconcile(&other_inst).await.unwrap();
+        let other_id = other_inst.state.borrow().svids[0].spiffe_id.clone();
+        assert!(other_id.starts_with(&format!("{ENTRY_SPIFFE_ID}/")) && other_id != held);
+        // Renewal does not bring it back.
+        let mine = workloads
+            .live_instances()
+            .into_iter()
+            .find(|i| i.process.pid == std::process::id() as i32)
+            .unwrap();
+        workloads.reconcile(&mine).await.unwrap();
+        assert!(mine.state.borrow().svids.is_empty());
+        // The other process keeps its identity, and the same answer again drops nothing
+        // more (each drop is logged once).
+        assert_eq!(workloads.apply_revocations(&[held.clone()], &[]).await, 0);
+        assert_eq!(other_inst.state.borrow().svids[0].spiffe_id, other_id);
+        workloads.reconcile(&other_inst).await.unwrap();
+        assert_eq!(other_inst.state.borrow().svids[0].spiffe_id, other_id);
+
+        // An entry revocation made before the other instance was created spares it;
+        // one made after covers it.
+        let created = other_inst.created_at;
+        let before = npb::RevokedEntry {
+            entry_id: ENTRY_ID.into(),
+            revoked_at: created - crate::workloads::REVOCATION_CLOCK_TOLERANCE_SECONDS - 1,
+        };
+        assert_eq!(workloads.apply_revocations(&[], &[before]).await, 0);
+        assert_eq!(other_inst.state.borrow().svids.len(), 1);
+        let after = npb::RevokedEntry {
+            entry_id: ENTRY_ID.into(),
+            revoked_at: created + 1,
+        };
+        assert_eq!(workloads.apply_revocations(&[], &[after]).await, 1);
+        assert!(other_inst.state.borrow().svids.is_empty());
+        assert_eq!(
+            workloads
+                .entitled(other_inst.key.binding(), &other_inst.selectors)
+                .unwrap()
+                .revoked,
+            Some(other_id)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -550,7 +550,8 @@ impl Workloads {
                 }
             }
             for e in matching.iter().filter(|e| !e.shared) {
-                if !barred.entries.contains_key(&e.id) {
+                // Barred already (by its SPIFFE ID or its id): dropped and logged then.
+                if barred.bars(e).is_none() {
                     let id = Self::identity_for(inst, e);
                     barred.entries.insert(e.id.clone(), id.clone());
                     newly.push((format!("entry {}", e.id), id));
