@@ -561,4 +561,210 @@ mod tests {
             "https://h/token"
         );
     }
+
+    /// A CA, and a certificate it signs for `sans` with `eku`: (cert DER, key PKCS#8).
+    struct TestCa {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        der: Vec<u8>,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://example.org".try_into().unwrap(),
+            )];
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            Self {
+                issuer: rcgen::Issuer::new(params, key),
+                der,
+            }
+        }
+
+        fn leaf(
+            &self,
+            sans: Vec<rcgen::SanType>,
+            eku: rcgen::ExtendedKeyUsagePurpose,
+        ) -> (Vec<u8>, Vec<u8>) {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = sans;
+            params.extended_key_usages = vec![eku];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.der().to_vec(), key.serialize_der())
+        }
+    }
+
+    /// What the test endpoint saw of one request.
+    #[derive(Debug)]
+    struct Seen {
+        path: String,
+        content_type: String,
+        body: String,
+        client_cert: bool,
+    }
+
+    /// An HTTPS endpoint on 127.0.0.1 whose certificate names only `localhost`, that
+    /// requires a client certificate of `ca` and answers every request with `answer`.
+    async fn endpoint(
+        ca: &TestCa,
+        answer: (StatusCode, String),
+    ) -> (u16, tokio::sync::mpsc::Receiver<Seen>) {
+        use hyper::service::service_fn;
+        let (cert, key) = ca.leaf(
+            vec![rcgen::SanType::DnsName("localhost".try_into().unwrap())],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.der.clone())).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(cert)],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                let tx = tx.clone();
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        let answer = answer.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let content_type = req
+                                .headers()
+                                .get(header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx
+                                .send(Seen {
+                                    path,
+                                    content_type,
+                                    body: String::from_utf8(body.to_vec()).unwrap(),
+                                    client_cert,
+                                })
+                                .await;
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(answer.0)
+                                    .header(header::CONTENT_TYPE, "application/json")
+                                    .body(Full::new(Bytes::from(answer.1)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    fn identity(ca: &TestCa) -> ClientIdentity {
+        let (cert, key) = ca.leaf(
+            vec![rcgen::SanType::URI(
+                "spiffe://example.org/w/0123456789abcdef0123456789abcdef"
+                    .try_into()
+                    .unwrap(),
+            )],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        ClientIdentity {
+            chain: vec![cert],
+            key: Zeroizing::new(key),
+            roots: vec![ca.der.clone()],
+        }
+    }
+
+    fn request() -> ExchangeRequest {
+        ExchangeRequest {
+            target: Target::Resource("https://tools.example.org/mcp".into()),
+            scopes: vec!["tools.read".into()],
+            may_act: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_exchange_posts_the_form_over_mutual_tls_and_reads_the_token() {
+        let ca = TestCa::new();
+        let answer = r#"{"access_token":"tok","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer","expires_in":300,"scope":"tools.read"}"#;
+        let (port, mut seen) = endpoint(&ca, (StatusCode::OK, answer.into())).await;
+        let url = format!("https://localhost:{port}/token");
+        let (token, body) = exchange(&Endpoint::parse(&url).unwrap(), &identity(&ca), &request())
+            .await
+            .unwrap();
+        assert_eq!(token.access_token, "tok");
+        assert_eq!(body.as_ref(), answer.as_bytes(), "the answer as it came");
+        let seen = seen.recv().await.unwrap();
+        assert_eq!(seen.path, "/token");
+        assert_eq!(seen.content_type, "application/x-www-form-urlencoded");
+        assert_eq!(seen.body, request().form().unwrap());
+        assert!(seen.client_cert, "the SVID was the client certificate");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_an_unnamed_server_and_a_foreign_one_are_errors() {
+        let ca = TestCa::new();
+        let refusal = r#"{"error":"invalid_target","error_description":"no grant names https://tools.example.org/mcp"}"#;
+        let (port, _seen) = endpoint(&ca, (StatusCode::BAD_REQUEST, refusal.into())).await;
+        let at = |host: &str| Endpoint::parse(&format!("https://{host}:{port}/token")).unwrap();
+        let e = exchange(&at("localhost"), &identity(&ca), &request())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token endpoint refused: invalid_target: no grant names https://tools.example.org/mcp"
+        );
+        // The certificate names localhost, not 127.0.0.1: the name is checked.
+        let e = exchange(&at("127.0.0.1"), &identity(&ca), &request())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ExchangeError::Transport { why, .. } if why.starts_with("TLS")),
+            "{e}"
+        );
+        // A bundle that does not hold the endpoint's authority.
+        let mut foreign = identity(&ca);
+        foreign.roots = vec![TestCa::new().der];
+        let e = exchange(&at("localhost"), &foreign, &request())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ExchangeError::Transport { why, .. } if why.starts_with("TLS")),
+            "{e}"
+        );
+    }
 }
