@@ -214,6 +214,29 @@ seed("jwt", "signed", b"\x01" + json.dumps(hdr).encode() + b"\0" + json.dumps(cl
 seed("jwt", "signed-list-aud", b"\x01" + json.dumps(hdr).encode() + b"\0" + json.dumps(dict(claims, aud=["a", "spiffe://example.org/audience"])).encode())
 seed("jwt", "signed-expired", b"\x01" + json.dumps(dict(hdr, typ="JOSE")).encode() + b"\0" + json.dumps(dict(claims, exp=5)).encode())
 
+# ---------------------------------------------------------------- token endpoint
+# First byte: 0 token request, 1 introspection request, 2 access token, 3 claims JSON, else scopes.
+TE = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+AT, JT = "urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"
+for n, body in [("mtls", f"{TE}&audience=tools&scope=tools.read+tools.write"),
+                ("delegation", f"{TE}&resource=https%3A%2F%2Fmcp.example%2Ftools&subject_token=a.b.c"
+                               f"&subject_token_type={AT}&actor_token=d.e.f&actor_token_type={JT}&requested_token_type={AT}"),
+                ("assertion", f"{TE}&audience=x&client_assertion=a.b.c&client_id=spiffe%3A%2F%2Fexample.org%2Fa"
+                              "&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+                              "&may_act=spiffe%3A%2F%2Fexample.org%2Fb")]:
+    seed("sts_request", n, b"\x00" + body.encode())
+seed("sts_request", "introspect", b"\x01token=a.b.c&token_type_hint=access_token")
+at_claims = {"iss": "https://127.0.0.1:8443", "sub": "spiffe://example.org/u/i", "aud": "tools",
+             "client_id": "spiffe://example.org/a/i", "scope": "a b", "jti": "AAAAAAAAAAAAAAAAAAAAAA",
+             "iat": 1700000000, "exp": 1700000300, "cnf": {"x5t#S256": "x"}, "ztid_grant": "g",
+             "act": {"sub": "spiffe://example.org/a/i", "act": {"sub": "spiffe://example.org/b"}},
+             "may_act": {"sub": "spiffe://example.org/a"}, "ztid_node": {"agent": "spiffe://example.org/n", "selectors": []}}
+at_hdr = {"alg": "ES256", "kid": "k", "typ": "at+jwt"}
+seed("sts_request", "access-token", b"\x02" + (b64u(json.dumps(at_hdr).encode()) + "." + b64u(json.dumps(at_claims).encode()) + ".AAAA").encode())
+seed("sts_request", "claims", b"\x03" + json.dumps(at_claims).encode())
+seed("sts_request", "act", b"\x03" + json.dumps(at_claims["act"]).encode())
+seed("sts_request", "scopes", b"\x04tools.read tools.write !#[]~")
+
 # ---------------------------------------------------------------- HTTP/2
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 def frame(kind, flags, stream, payload):

@@ -1,5 +1,8 @@
 //! Delegation (RFC 8693 §4.1, §4.4): `act` chains, `may_act`, which identities a grant
 //! covers, and how scopes narrow along a chain. Pure: no I/O, no clock.
+//!
+//! Uses only `super::{error, scope, chain, token}` and external crates, never `crate::`:
+//! fuzz/fuzz_targets/sts_request.rs includes these files by path.
 
 use serde_json::{Map, Value};
 

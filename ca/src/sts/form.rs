@@ -2,6 +2,9 @@
 //! decoded and bounded), then the token-exchange (RFC 8693 §2.1) and introspection
 //! (RFC 7662 §2.1) parameters, checked for presence, pairing and size. Pure: whether
 //! the tokens are valid is for the exchange to decide.
+//!
+//! Uses only `super::{error, scope, chain, token}` and external crates, never `crate::`:
+//! fuzz/fuzz_targets/sts_request.rs includes these files by path.
 
 use super::error::{OAuthError, OAuthErrorCode};
 use super::scope::Scopes;
@@ -67,7 +70,7 @@ fn decode(raw: &[u8], max: usize, what: &str) -> Result<String, OAuthError> {
                 let hi = bytes.next().and_then(hex_digit);
                 let lo = bytes.next().and_then(hex_digit);
                 match (hi, lo) {
-                    (Some(hi), Some(lo)) => hi << 4 | lo,
+                    (Some(hi), Some(lo)) => (hi << 4) | lo,
                     _ => return Err(invalid_request(format!("{what} has a bad percent-escape"))),
                 }
             }

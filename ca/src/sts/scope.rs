@@ -1,5 +1,8 @@
 //! Scope sets (RFC 6749 §3.3): space-delimited tokens of printable ASCII without `"`
 //! and `\`, bounded in count and size, kept sorted so their text form is canonical.
+//!
+//! Uses only `super::{error, scope, chain, token}` and external crates, never `crate::`:
+//! fuzz/fuzz_targets/sts_request.rs includes these files by path.
 
 use std::collections::BTreeSet;
 use std::fmt;

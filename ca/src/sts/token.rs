@@ -4,6 +4,9 @@
 //!
 //! The header's `typ` is what tells an access token from a JWT-SVID (`JWT`): each
 //! verifier refuses the other's, so neither can stand in for the other.
+//!
+//! Uses only `super::{error, scope, chain, token}` and external crates, never `crate::`:
+//! fuzz/fuzz_targets/sts_request.rs includes these files by path.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
