@@ -597,6 +597,7 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     let orchestrator = env.role("orchestrator");
     let sub = env.role("sub-agent");
     let subsub = env.role("sub-sub-agent");
+    let fourth = env.role("fourth-agent");
     env.grant(&tool_agent, &mcp_url, &["tools.read"], &[]);
     env.grant(
         &tool_agent,
@@ -624,7 +625,9 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         &["tools.read", "tools.admin"],
         &["--may-delegate"],
     );
-    let resource = ["--resource", mcp_url.as_str()];
+    // The MCP server as the target of an exchange (and, for `call`, the server called).
+    env.grant(&fourth, &mcp_url, &["tools.read"], &["--may-delegate"]);
+    let resource = ["--resource", mcp_url.as_str(), "--mcp", mcp_url.as_str()];
 
     // --- The first tool: py-spiffe SVID -> exchange over mTLS -> FastMCP call. ---
     let a1 = env.dir("mcp-agent-1");
@@ -987,7 +990,9 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     let v = delegate(&subsub, &cdir, &b_token, "tools.read tools.admin");
     refused(&v, "invalid_scope", "tools.admin");
     // Depth: a third actor exceeds max_delegation_depth = 2.
-    let v = delegate(&sub, &b, &c_token, "tools.read");
+    let d = env.dir("fourth-agent");
+    env.instance(&fourth, &d);
+    let v = delegate(&fourth, &d, &c_token, "tools.read");
     refused(&v, "unauthorized_client", "depth");
     // Acting without delegation in one's grant.
     let v = delegate(&tool_agent, &a1, &o_token, "tools.read");
