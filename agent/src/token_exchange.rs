@@ -99,7 +99,6 @@ pub struct ExchangeRequest {
 /// serializer): ASCII letters, digits and `*-._` as they are, space as `+`, every other
 /// byte of its UTF-8 as `%XX`.
 fn form_encode_into(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
@@ -107,9 +106,9 @@ fn form_encode_into(out: &mut String, s: &str) {
             }
             b' ' => out.push('+'),
             _ => {
-                out.push('%');
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0x0f)]));
+                use std::fmt::Write;
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{b:02X}");
             }
         }
     }

@@ -834,7 +834,12 @@ mod tests {
         assert!(mine.state.borrow().svids.is_empty());
         // The other process keeps its identity, and the same answer again drops nothing
         // more (each drop is logged once).
-        assert_eq!(workloads.apply_revocations(&[held.clone()], &[]).await, 0);
+        assert_eq!(
+            workloads
+                .apply_revocations(std::slice::from_ref(&held), &[])
+                .await,
+            0
+        );
         assert_eq!(other_inst.state.borrow().svids[0].spiffe_id, other_id);
         workloads.reconcile(&other_inst).await.unwrap();
         assert_eq!(other_inst.state.borrow().svids[0].spiffe_id, other_id);
