@@ -10,6 +10,7 @@ reason), not crashes. Exit status 0 unless the script itself broke.
                          [--may-act ID]
   sts_agent.py call      ... as exchange, plus --mcp URL --tool NAME [--arg k=v]...
                          (or --token T to call with a given token, no exchange)
+  sts_agent.py calls     --mcp URL --calls JSON   (several calls, one process)
   sts_agent.py delegate  --sts URL (--socket EP | --load DIR) --subject-token T
                          (--resource URL | --audience NAME) [--scope S] [--actor jwt|mtls]
   sts_agent.py bound     --url URL --server-ca PEM --token T (--socket EP | --load DIR | --no-cert)
@@ -27,6 +28,7 @@ import os
 import ssl
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +37,8 @@ TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# How long to wait for the agent to hold an identity for this process.
+FETCH_PATIENCE_SECONDS = 30
 
 
 class Identity:
@@ -66,7 +70,17 @@ def fetch_identity(endpoint: str, jwt_audience: str, directory: str) -> Identity
 
     client = WorkloadApiClient(socket_path=endpoint, default_timeout=20)
     try:
-        svid = client.fetch_x509_svid()
+        # An entry made just before this process started reaches the agent at its next
+        # sync: until then the agent answers "no identity"; a real agent waits too.
+        deadline = time.monotonic() + FETCH_PATIENCE_SECONDS
+        while True:
+            try:
+                svid = client.fetch_x509_svid()
+                break
+            except Exception:  # noqa: BLE001 - py-spiffe raises its own error types
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         td = svid.spiffe_id.trust_domain
         roots = client.fetch_x509_bundles().get_bundle_for_trust_domain(td).x509_authorities
         jwt = client.fetch_jwt_svid(audience={jwt_audience})
@@ -241,6 +255,16 @@ def call(args) -> dict:
     return out
 
 
+def calls(args) -> dict:
+    """Several tool calls in one process (FastMCP's import is the slow part):
+    --calls '[{"token": T, "tool": NAME, "args": {...}}, ...]'."""
+
+    async def run_all(items):
+        return [await call_tool(args.mcp, i["token"], i["tool"], i.get("args", {})) for i in items]
+
+    return {"ok": True, "results": asyncio.run(run_all(json.loads(args.calls)))}
+
+
 def bound(args) -> dict:
     """Calls a resource that checks the token's cnf against this connection's cert."""
     if args.no_cert:
@@ -259,7 +283,7 @@ def bound(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["exchange", "call", "delegate", "bound", "svid"])
+    ap.add_argument("mode", choices=["exchange", "call", "calls", "delegate", "bound", "svid"])
     ap.add_argument("--sts", help="token endpoint base URL (also the JWT-SVID audience)")
     ap.add_argument("--socket", help="Workload API endpoint, unix:///…")
     ap.add_argument("--load")
@@ -273,6 +297,7 @@ def main() -> None:
     ap.add_argument("--tool")
     ap.add_argument("--arg", action="append", default=[])
     ap.add_argument("--token")
+    ap.add_argument("--calls", help="`calls`: a JSON list of {token, tool, args}")
     ap.add_argument("--subject-token")
     ap.add_argument("--actor", choices=["jwt", "mtls"], default="jwt")
     ap.add_argument("--url")
@@ -289,6 +314,8 @@ def main() -> None:
         out = delegate(args, identity(args))
     elif args.mode == "call":
         out = call(args)
+    elif args.mode == "calls":
+        out = calls(args)
     else:
         out = bound(args)
     print(json.dumps(out, default=str), flush=True)

@@ -315,26 +315,6 @@ impl Env {
         c.set(c.get() + 1);
     }
 
-    /// Fetches and saves a new instance's credentials for `role` (retrying until the
-    /// role's entry has reached the agent); its per-instance SPIFFE ID.
-    fn instance(&self, role: &Role, save: &Path) -> String {
-        wait_for(&format!("an SVID for {}", role.name), READY_TIMEOUT, || {
-            let out = Command::new(&role.exe)
-                .arg(script("sts_agent.py"))
-                .args(["svid", "--sts", &self.issuer])
-                .args(["--socket", &self.agent.endpoint()])
-                .args(["--save", save.to_str().unwrap()])
-                .output()
-                .unwrap();
-            if !out.status.success() {
-                std::thread::sleep(Duration::from_millis(200));
-                return None;
-            }
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            Some(v["spiffe_id"].as_str().unwrap().to_string())
-        })
-    }
-
     /// One HTTPS request to the token endpoint, presenting the X509-SVID saved in
     /// `cred` (a directory `sts_agent.py --save` wrote) when given.
     fn try_https(
@@ -574,10 +554,6 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         env.scratch.path(),
         "mcp-server",
     );
-    let mcp_url = mcp.ready_line("the MCP server")["listening"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let mut bound_server = Background::spawn(
         Command::new(python())
             .arg(script("sts_bound_resource.py"))
@@ -586,6 +562,10 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         env.scratch.path(),
         "bound-resource",
     );
+    let mcp_url = mcp.ready_line("the MCP server")["listening"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let ready = bound_server.ready_line("the bound-token resource");
     let bound_url = ready["listening"].as_str().unwrap().to_string();
     let bound_ca = ready["ca"].as_str().unwrap().to_string();
@@ -625,270 +605,150 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         &["tools.read", "tools.admin"],
         &["--may-delegate"],
     );
-    // The MCP server as the target of an exchange (and, for `call`, the server called).
     env.grant(&fourth, &mcp_url, &["tools.read"], &["--may-delegate"]);
-    let resource = ["--resource", mcp_url.as_str(), "--mcp", mcp_url.as_str()];
+    let dirs: Vec<PathBuf> = ["a1", "a2", "s1", "o", "b", "c", "d"]
+        .iter()
+        .map(|d| env.dir(d))
+        .collect();
+    let [a1, a2, s1, o, b, c, d] = &dirs[..] else {
+        unreachable!()
+    };
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let (a1s, a2s, s1s, os_, bs, cs, ds) =
+        (arg(a1), arg(a2), arg(s1), arg(o), arg(b), arg(c), arg(d));
+    // The MCP server as the target of an exchange (and, for `call`, the server called).
+    let target = ["--resource", mcp_url.as_str(), "--mcp", mcp_url.as_str()];
+    let with = |extra: &[&str]| -> Vec<String> {
+        target.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |role: &Role, mode: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.agent_py(role, mode, &args)
+    };
 
-    // --- The first tool: py-spiffe SVID -> exchange over mTLS -> FastMCP call. ---
-    let a1 = env.dir("mcp-agent-1");
-    env.instance(&tool_agent, &a1);
-    let a1_arg = a1.to_str().unwrap();
-    let v = env.agent_py(
+    // --- The first tool: one process gets its SVID through py-spiffe, exchanges it over
+    // mTLS and calls read_notes with FastMCP's client. ---
+    let v = run(
         &tool_agent,
         "call",
-        &[
-            &resource[..],
-            &[
-                "--scope",
-                "tools.read",
-                "--tool",
-                "read_notes",
-                "--load",
-                a1_arg,
-            ],
-        ]
-        .concat(),
+        with(&[
+            "--scope",
+            "tools.read",
+            "--tool",
+            "read_notes",
+            "--save",
+            &a1s,
+        ]),
     );
     assert_eq!(v["ok"], true, "read_notes with a tools.read token: {v}");
     assert_eq!(v["result"], json!(["first note"]));
-    let read_token = v["exchange"]["response"]["access_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let r = &v["exchange"]["response"];
+    let read_token = r["access_token"].as_str().unwrap().to_string();
     assert_eq!(r["token_type"], "Bearer");
     assert_eq!(r["issued_token_type"], ACCESS_TOKEN_TYPE);
     assert_eq!(r["scope"], "tools.read");
-    let c = claims_of(&read_token);
+    assert_eq!(r["expires_in"], 300, "default TTL of 5 minutes");
+    let a1_id = id_in(a1);
+    assert!(a1_id.starts_with(&format!("{}/", tool_agent.spiffe_id)));
+    let claims = claims_of(&read_token);
     assert_eq!(
-        c["sub"],
-        id_in(&a1).as_str(),
+        claims["sub"],
+        a1_id.as_str(),
         "sub is the caller's instance"
     );
-    assert_eq!(c["client_id"], c["sub"]);
-    assert_eq!(c["aud"], mcp_url.as_str());
-    assert_eq!(c["iss"], env.issuer.as_str());
-    let life = c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap();
-    assert_eq!(life, 300, "default TTL of 5 minutes");
-
-    // And once more straight from py-spiffe (no saved credentials): the process fetches
-    // its own SVID through the Workload API and calls the tool in one go.
-    let v = env.agent_py(
-        &tool_agent,
-        "call",
-        &[
-            &resource[..],
-            &["--scope", "tools.read", "--tool", "read_notes"],
-        ]
-        .concat(),
+    assert_eq!(claims["client_id"], claims["sub"]);
+    assert_eq!(claims["aud"], mcp_url.as_str());
+    assert_eq!(claims["iss"], env.issuer.as_str());
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        300
     );
-    assert_eq!(v["ok"], true, "read_notes, fresh process: {v}");
+    assert_eq!(
+        claims["ztid_node"]["agent"],
+        env.agent.spiffe_id.as_str(),
+        "the caller's node, verified: {claims}"
+    );
 
-    // --- The second tool: scope not granted. ---
-    let v = env.agent_py(
+    // --- The second tool: scope not granted, at the exchange and at the MCP server. ---
+    let v = run(
         &tool_agent,
         "exchange",
-        &[
-            &resource[..],
-            &["--scope", "tools.read tools.write", "--load", a1_arg],
-        ]
-        .concat(),
+        with(&["--scope", "tools.read tools.write", "--load", &a1s]),
     );
     refused(&v, "invalid_scope", "tools.write");
-    let v = env.agent_py(
-        &tool_agent,
-        "call",
-        &[
-            "--mcp",
-            &mcp_url,
-            "--tool",
-            "write_note",
-            "--arg",
-            "text=x",
-            "--token",
-            &read_token,
-        ],
-    );
-    assert_eq!(v["ok"], false, "write_note without tools.write: {v}");
-    assert!(
-        v["reason"]
-            .as_str()
-            .unwrap()
-            .contains("insufficient scope (required: tools.write)"),
-        "the MCP server names the missing scope: {v}"
-    );
 
-    // --- A token for another resource. ---
-    let v = env.agent_py(
+    // --- A token for another resource (granted there; the MCP server must refuse it). ---
+    let v = run(
         &tool_agent,
         "exchange",
-        &[
-            "--resource",
-            OTHER_RESOURCE,
-            "--scope",
-            "tools.read",
-            "--load",
-            a1_arg,
+        vec![
+            "--resource".into(),
+            OTHER_RESOURCE.into(),
+            "--scope".into(),
+            "tools.read".into(),
+            "--load".into(),
+            a1s.clone(),
         ],
     );
     let other_token = granted(&v);
     assert_eq!(claims_of(&other_token)["aud"], OTHER_RESOURCE);
-    let v = env.agent_py(
-        &tool_agent,
-        "call",
-        &[
-            "--mcp",
-            &mcp_url,
-            "--tool",
-            "read_notes",
-            "--token",
-            &other_token,
-        ],
-    );
-    assert_eq!(v["ok"], false, "a token for another resource: {v}");
-    assert_eq!(v["http_status"], 401, "{v}");
-    assert!(v["www_authenticate"]
-        .as_str()
-        .unwrap()
-        .contains("invalid_token"));
-    assert!(
-        mcp.log().contains("audience mismatch"),
-        "FastMCP's verifier names the cause:\n{}",
-        mcp.log()
-    );
 
     // --- An identity with no grant. ---
-    let s1 = env.dir("stranger-1");
-    env.instance(&stranger, &s1);
-    let v = env.agent_py(
+    let v = run(
         &stranger,
         "exchange",
-        &[
-            &resource[..],
-            &["--scope", "tools.read", "--load", s1.to_str().unwrap()],
-        ]
-        .concat(),
+        with(&["--scope", "tools.read", "--save", &s1s]),
     );
     refused(&v, "invalid_target", "grant");
 
-    // --- An expired token (the grant's TTL is 1 s). ---
-    let v = env.agent_py(
-        &brief,
-        "exchange",
-        &[&resource[..], &["--scope", "tools.read"]].concat(),
-    );
+    // --- A token that expires (the grant's TTL is 1 s); used after its exp below. ---
+    let v = run(&brief, "exchange", with(&["--scope", "tools.read"]));
     let brief_token = granted(&v);
     assert_eq!(v["response"]["expires_in"], 1, "{v}");
-    let exp = claims_of(&brief_token)["exp"].as_u64().unwrap();
-    wait_for("the 1 s token to expire", READY_TIMEOUT, || {
-        (now() > exp).then_some(())
-    });
-    let v = env.agent_py(
-        &brief,
-        "call",
-        &[
-            "--mcp",
-            &mcp_url,
-            "--tool",
-            "read_notes",
-            "--token",
-            &brief_token,
-        ],
-    );
-    assert_eq!(v["ok"], false, "an expired token: {v}");
-    assert_eq!(v["http_status"], 401, "{v}");
-    assert!(
-        mcp.log().contains("token expired"),
-        "FastMCP's verifier names the cause:\n{}",
-        mcp.log()
-    );
-
-    // --- Independent checks from the metadata and JWKS alone: PyJWT and jsonwebtoken. ---
-    let out = Command::new(python())
-        .arg(script("sts_verify.py"))
-        .args(["--issuer", &env.issuer, "--bundle"])
-        .arg(&env.bundle)
-        .args([
-            "--audience",
-            &mcp_url,
-            &read_token,
-            &other_token,
-            &brief_token,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pyjwt: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let results = pyjwt["results"].as_array().unwrap();
-    assert_eq!(results[0]["ok"], true, "PyJWT accepts the token: {pyjwt}");
-    assert_eq!(results[0]["header"]["typ"], "at+jwt");
-    assert_eq!(results[0]["header"]["alg"], "ES256");
-    assert!(
-        results[1]["error"].as_str().unwrap().contains("Audience"),
-        "PyJWT refuses another resource's token: {pyjwt}"
-    );
-    assert!(
-        results[2]["error"].as_str().unwrap().contains("xpired"),
-        "PyJWT refuses the expired token: {pyjwt}"
-    );
-    let claims = env
-        .rust_verify(&read_token, &mcp_url)
-        .expect("jsonwebtoken accepts");
-    assert_eq!(claims["scope"], "tools.read");
-    assert!(env
-        .rust_verify(&other_token, &mcp_url)
-        .unwrap_err()
-        .contains("Audience"));
-    assert!(env
-        .rust_verify(&brief_token, &mcp_url)
-        .unwrap_err()
-        .contains("Expired"));
 
     // --- A bound token: cnf is the SVID's thumbprint, and only that key can use it. ---
-    let v = env.agent_py(
+    let v = run(
         &tool_agent,
         "exchange",
-        &[
-            "--resource",
-            &bound_url,
-            "--scope",
-            "notes.read",
-            "--load",
-            a1_arg,
+        vec![
+            "--resource".into(),
+            bound_url.clone(),
+            "--scope".into(),
+            "notes.read".into(),
+            "--load".into(),
+            a1s.clone(),
         ],
     );
     let bound_token = granted(&v);
-    let info = env.introspect(&bound_token, &a1);
+    let info = env.introspect(&bound_token, a1);
     assert_eq!(info["active"], true, "{info}");
     assert_eq!(
         info["cnf"]["x5t#S256"],
-        thumbprint(&a1).as_str(),
+        thumbprint(a1).as_str(),
         "cnf names the SVID the agent used: {info}"
     );
     assert_eq!(claims_of(&bound_token)["cnf"], info["cnf"]);
-    let bound_call = |load: Option<&Path>| {
-        let mut args = vec![
+    let bound_call = |load: Option<&str>| {
+        let mut args: Vec<String> = [
             "--url",
-            bound_url.as_str(),
+            &bound_url,
             "--server-ca",
-            bound_ca.as_str(),
+            &bound_ca,
             "--token",
-            bound_token.as_str(),
-        ];
+            &bound_token,
+        ]
+        .map(String::from)
+        .to_vec();
         match load {
-            Some(d) => args.extend(["--load", d.to_str().unwrap()]),
-            None => args.push("--no-cert"),
+            Some(d) => args.extend(["--load".to_string(), d.to_string()]),
+            None => args.push("--no-cert".into()),
         }
-        env.agent_py(&tool_agent, "bound", &args)
+        run(&tool_agent, "bound", args)
     };
-    let v = bound_call(Some(&a1));
+    let v = bound_call(Some(&a1s));
     assert_eq!(v["ok"], true, "the holder of the key: {v}");
-    assert_eq!(v["sub"], id_in(&a1).as_str());
-    let v = bound_call(Some(&s1));
+    assert_eq!(v["sub"], a1_id.as_str());
+    let v = bound_call(Some(&s1s));
     assert_eq!(
         v["status"], 401,
         "replayed with another client certificate: {v}"
@@ -910,40 +770,30 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "{v}"
     );
 
-    // --- Delegation: orchestrator -> sub-agent -> sub-sub-agent, each its own process. ---
-    let (o, b, cdir) = (
-        env.dir("orchestrator"),
-        env.dir("sub-agent"),
-        env.dir("sub-sub-agent"),
-    );
-    let o_id = env.instance(&orchestrator, &o);
-    let b_id = env.instance(&sub, &b);
-    let c_id = env.instance(&subsub, &cdir);
-    let v = env.agent_py(
+    // --- Delegation: orchestrator -> sub-agent -> sub-sub-agent, each its own process
+    // with its own SVID (fetched through py-spiffe in that process). ---
+    let v = run(
         &orchestrator,
         "exchange",
-        &[
-            &resource[..],
-            &["--scope", "tools.read tools.write tools.admin"],
-            &["--load", o.to_str().unwrap()],
-        ]
-        .concat(),
+        with(&[
+            "--scope",
+            "tools.read tools.write tools.admin",
+            "--save",
+            &os_,
+        ]),
     );
     let o_token = granted(&v);
-    let delegate = |role: &Role, dir: &Path, subject: &str, scope: &str| {
-        env.agent_py(
+    let o_id = id_in(o);
+    let delegate = |role: &Role, how: &str, dir: &str, subject: &str, scope: &str| {
+        run(
             role,
             "delegate",
-            &[
-                &resource[..],
-                &["--scope", scope, "--subject-token", subject],
-                &["--load", dir.to_str().unwrap()],
-            ]
-            .concat(),
+            with(&["--scope", scope, "--subject-token", subject, how, dir]),
         )
     };
-    let v = delegate(&sub, &b, &o_token, "tools.read tools.write");
+    let v = delegate(&sub, "--save", &bs, &o_token, "tools.read tools.write");
     let b_token = granted(&v);
+    let b_id = id_in(b);
     let bc = claims_of(&b_token);
     assert_eq!(
         bc["sub"],
@@ -951,13 +801,14 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "sub stays the orchestrator's: {bc}"
     );
     assert_eq!(bc["client_id"], b_id.as_str());
-    assert_eq!(bc["act"], json!({"sub": b_id}));
+    assert_eq!(bc["act"], json!({ "sub": b_id }));
     assert_eq!(
         bc["scope"], "tools.read tools.write",
         "narrowed at the first hop"
     );
-    let v = delegate(&subsub, &cdir, &b_token, "tools.read");
+    let v = delegate(&subsub, "--save", &cs, &b_token, "tools.read");
     let c_token = granted(&v);
+    let c_id = id_in(c);
     let cc = claims_of(&c_token);
     assert_eq!(cc["sub"], o_id.as_str());
     assert_eq!(cc["client_id"], c_id.as_str());
@@ -971,74 +822,153 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "narrowed again at the second hop"
     );
     assert!(cc["exp"].as_u64() <= claims_of(&o_token)["exp"].as_u64());
-    env.rust_verify(&c_token, &mcp_url)
-        .expect("the delegated token verifies independently");
-    let v = env.agent_py(
-        &subsub,
-        "call",
-        &[
-            "--mcp",
-            &mcp_url,
-            "--tool",
-            "read_notes",
-            "--token",
-            &c_token,
-        ],
-    );
-    assert_eq!(v["ok"], true, "the sub-sub-agent calls the tool: {v}");
     // Widening: tools.admin is in the sub-sub-agent's grant, not in the token it acts on.
-    let v = delegate(&subsub, &cdir, &b_token, "tools.read tools.admin");
+    let v = delegate(&subsub, "--load", &cs, &b_token, "tools.read tools.admin");
     refused(&v, "invalid_scope", "tools.admin");
     // Depth: a third actor exceeds max_delegation_depth = 2.
-    let d = env.dir("fourth-agent");
-    env.instance(&fourth, &d);
-    let v = delegate(&fourth, &d, &c_token, "tools.read");
+    let v = delegate(&fourth, "--save", &ds, &c_token, "tools.read");
     refused(&v, "unauthorized_client", "depth");
     // Acting without delegation in one's grant.
-    let v = delegate(&tool_agent, &a1, &o_token, "tools.read");
+    let v = delegate(&tool_agent, "--load", &a1s, &o_token, "tools.read");
     refused(&v, "unauthorized_client", "delegat");
     // may_act: the orchestrator names who may act for it; anyone else is refused.
-    let v = env.agent_py(
+    let v = run(
         &orchestrator,
         "exchange",
-        &[
-            &resource[..],
-            &["--scope", "tools.read", "--may-act", &sub.spiffe_id],
-            &["--load", o.to_str().unwrap()],
-        ]
-        .concat(),
+        with(&[
+            "--scope",
+            "tools.read",
+            "--may-act",
+            &sub.spiffe_id,
+            "--load",
+            &os_,
+        ]),
     );
     let o_restricted = granted(&v);
     assert_eq!(
         claims_of(&o_restricted)["may_act"],
-        json!({"sub": sub.spiffe_id})
+        json!({ "sub": sub.spiffe_id })
     );
-    let v = delegate(&subsub, &cdir, &o_restricted, "tools.read");
+    let v = delegate(&subsub, "--load", &cs, &o_restricted, "tools.read");
     refused(&v, "invalid_grant", "may_act");
-    granted(&delegate(&sub, &b, &o_restricted, "tools.read"));
+    granted(&delegate(&sub, "--load", &bs, &o_restricted, "tools.read"));
+
+    // --- The MCP server (FastMCP's own verifier) on each token, in one client process:
+    // the delegated token is accepted, the others refused with their cause. ---
+    let exp = claims_of(&brief_token)["exp"].as_u64().unwrap();
+    wait_for("the 1 s token to expire", READY_TIMEOUT, || {
+        (now() > exp).then_some(())
+    });
+    let calls = json!([
+        {"token": c_token, "tool": "read_notes"},
+        {"token": read_token, "tool": "write_note", "args": {"text": "x"}},
+        {"token": other_token, "tool": "read_notes"},
+        {"token": brief_token, "tool": "read_notes"},
+    ]);
+    let v = run(
+        &subsub,
+        "calls",
+        vec![
+            "--mcp".into(),
+            mcp_url.clone(),
+            "--calls".into(),
+            calls.to_string(),
+        ],
+    );
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(
+        results[0]["ok"], true,
+        "the delegated token calls read_notes: {v}"
+    );
+    assert_eq!(
+        results[1]["ok"], false,
+        "write_note without tools.write: {v}"
+    );
+    assert!(
+        results[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient scope (required: tools.write)"),
+        "the MCP server names the missing scope: {v}"
+    );
+    for (i, cause) in [(2, "audience mismatch"), (3, "token expired")] {
+        assert_eq!(results[i]["ok"], false, "{cause}: {v}");
+        assert_eq!(results[i]["http_status"], 401, "{cause}: {v}");
+        assert!(
+            results[i]["www_authenticate"]
+                .as_str()
+                .unwrap()
+                .contains("invalid_token"),
+            "{v}"
+        );
+        assert!(
+            mcp.log().contains(cause),
+            "FastMCP's verifier names the cause ({cause}):\n{}",
+            mcp.log()
+        );
+    }
+
+    // --- Independent checks from the metadata and JWKS alone: PyJWT and jsonwebtoken. ---
+    let out = Command::new(python())
+        .arg(script("sts_verify.py"))
+        .args(["--issuer", &env.issuer, "--bundle"])
+        .arg(&env.bundle)
+        .args(["--audience", &mcp_url])
+        .args([&read_token, &c_token, &other_token, &brief_token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pyjwt: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = pyjwt["results"].as_array().unwrap();
+    for r in &results[..2] {
+        assert_eq!(r["ok"], true, "PyJWT accepts the token: {pyjwt}");
+        assert_eq!(r["header"]["typ"], "at+jwt");
+        assert_eq!(r["header"]["alg"], "ES256");
+    }
+    assert!(
+        results[2]["error"].as_str().unwrap().contains("Audience"),
+        "PyJWT refuses another resource's token: {pyjwt}"
+    );
+    assert!(
+        results[3]["error"].as_str().unwrap().contains("xpired"),
+        "PyJWT refuses the expired token: {pyjwt}"
+    );
+    for t in [&read_token, &c_token] {
+        let claims = env.rust_verify(t, &mcp_url).expect("jsonwebtoken accepts");
+        assert_eq!(claims["scope"], "tools.read");
+    }
+    assert!(env
+        .rust_verify(&other_token, &mcp_url)
+        .unwrap_err()
+        .contains("Audience"));
+    assert!(env
+        .rust_verify(&brief_token, &mcp_url)
+        .unwrap_err()
+        .contains("Expired"));
 
     // --- Bad input: a clear OAuth error each, nothing issued. ---
-    let a1_id = id_in(&a1);
-    let (st, v) = env.token_post(b"grant_type=%ZZ&resource=x", Some(&a1));
+    let exchange_form = |subject: &str, subject_type: &str| {
+        form(&[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("resource", &mcp_url),
+            ("subject_token", subject),
+            ("subject_token_type", subject_type),
+        ])
+    };
+    let (st, v) = env.token_post(b"grant_type=%ZZ&resource=x", Some(a1));
     assert_eq!(st, 400);
     refused(&v, "invalid_request", "");
     let (st, v) = env.token_post(
         form(&[("grant_type", "client_credentials"), ("resource", &mcp_url)]).as_bytes(),
-        Some(&a1),
+        Some(a1),
     );
     assert_eq!(st, 400);
-    refused(&v, "unsupported_grant_type", "client_credentials");
-    let huge = "a".repeat(9000);
-    let (st, v) = env.token_post(
-        form(&[
-            ("grant_type", TOKEN_EXCHANGE),
-            ("resource", &mcp_url),
-            ("subject_token", &huge),
-            ("subject_token_type", JWT_TYPE),
-        ])
-        .as_bytes(),
-        None,
-    );
+    refused(&v, "unsupported_grant_type", "");
+    let (st, v) = env.token_post(exchange_form(&"a".repeat(9000), JWT_TYPE).as_bytes(), None);
     assert_eq!(st, 400);
     refused(&v, "invalid_request", "");
     let none_jwt = format!(
@@ -1049,16 +979,7 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
                 .to_string()
         )
     );
-    let (st, v) = env.token_post(
-        form(&[
-            ("grant_type", TOKEN_EXCHANGE),
-            ("resource", &mcp_url),
-            ("subject_token", &none_jwt),
-            ("subject_token_type", JWT_TYPE),
-        ])
-        .as_bytes(),
-        None,
-    );
+    let (st, v) = env.token_post(exchange_form(&none_jwt, JWT_TYPE).as_bytes(), None);
     assert!(
         matches!(
             v["error"].as_str(),
@@ -1070,14 +991,8 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     // A JWT-SVID where an access token this server issued is expected.
     let jwt_svid = std::fs::read_to_string(o.join("jwt.txt")).unwrap();
     let (st, v) = env.token_post(
-        form(&[
-            ("grant_type", TOKEN_EXCHANGE),
-            ("resource", &mcp_url),
-            ("subject_token", jwt_svid.trim()),
-            ("subject_token_type", ACCESS_TOKEN_TYPE),
-        ])
-        .as_bytes(),
-        Some(&b),
+        exchange_form(jwt_svid.trim(), ACCESS_TOKEN_TYPE).as_bytes(),
+        Some(b),
     );
     assert_eq!(st, 400, "{v}");
     refused(&v, "invalid_grant", "");
@@ -1086,39 +1001,29 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         let forged = foreign_jwt(&json!({
             "sub": sub_claim, "aud": [env.issuer], "exp": now() + 300, "iat": now()
         }));
-        let (st, v) = env.token_post(
-            form(&[
-                ("grant_type", TOKEN_EXCHANGE),
-                ("resource", &mcp_url),
-                ("subject_token", &forged),
-                ("subject_token_type", JWT_TYPE),
-            ])
-            .as_bytes(),
-            None,
-        );
+        let (st, v) = env.token_post(exchange_form(&forged, JWT_TYPE).as_bytes(), None);
         assert_eq!(st, 401, "{sub_claim}: {v}");
         refused(&v, "invalid_client", "");
     }
 
     // --- The kill switch: a revoked instance is refused and its tokens go inactive. ---
-    let a2 = env.dir("mcp-agent-2");
-    let a2_id = env.instance(&tool_agent, &a2);
-    let a2_arg = a2.to_str().unwrap();
-    let v = env.agent_py(
+    let v = run(
         &tool_agent,
         "exchange",
-        &[&resource[..], &["--scope", "tools.read", "--load", a2_arg]].concat(),
+        with(&["--scope", "tools.read", "--save", &a2s]),
     );
     let a2_token = granted(&v);
-    assert_eq!(env.introspect(&a2_token, &a1)["active"], true);
+    let a2_id = id_in(a2);
+    assert_ne!(a2_id, a1_id, "a second process is a second instance");
+    assert_eq!(env.introspect(&a2_token, a1)["active"], true);
     env.server
         .cli_ok(&["instance", "revoke", &a2_id, "--reason", "e2e kill switch"]);
     let start = Instant::now();
     let v = loop {
-        let v = env.agent_py(
+        let v = run(
             &tool_agent,
             "exchange",
-            &[&resource[..], &["--scope", "tools.read", "--load", a2_arg]].concat(),
+            with(&["--scope", "tools.read", "--load", &a2s]),
         );
         if v["ok"] == false || start.elapsed() > READY_TIMEOUT {
             break v;
@@ -1126,10 +1031,10 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         std::thread::sleep(Duration::from_millis(200));
     };
     refused(&v, "unauthorized_client", "revoked");
-    let info = env.introspect(&a2_token, &a1);
+    let info = env.introspect(&a2_token, a1);
     assert_eq!(info, json!({"active": false}), "a revoked instance's token");
     assert_eq!(
-        env.introspect(&read_token, &a1)["active"],
+        env.introspect(&read_token, a1)["active"],
         true,
         "another instance of the same entry is untouched"
     );
@@ -1168,14 +1073,13 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     // Editing one receipt (the scope it records) is detected.
     let path = data_dir.join("audit/audit.log");
     let orig = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<&str> = orig.lines().collect();
+    let mut lines: Vec<String> = orig.lines().map(str::to_string).collect();
     let i = lines
         .iter()
         .position(|l| l.contains("token_exchanged") && l.contains("tools.read"))
         .expect("a token_exchanged receipt naming tools.read");
-    let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-    edited[i] = edited[i].replacen("tools.read", "tools.write", 1);
-    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    lines[i] = lines[i].replacen("tools.read", "tools.write", 1);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     let r = verify();
     assert!(!r.ok && r.stderr.contains("does not chain"), "{r:?}");
     std::fs::write(&path, orig).unwrap();
