@@ -483,6 +483,7 @@ fn parse_http(raw: &[u8]) -> (u16, Value) {
 /// Asserts an OAuth refusal: the error code, and a phrase of its description.
 #[track_caller]
 fn refused(v: &Value, code: &str, phrase: &str) {
+    eprintln!("refusal: {} ({})", v["error"], v["error_description"]);
     // sts_agent.py lifts error and error_description to the top, as the body has them.
     assert_eq!(v["error"], code, "refusal code: {v}");
     let d = v["error_description"]
@@ -675,7 +676,7 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "exchange",
         with(&["--scope", "tools.read tools.write", "--load", &a1s]),
     );
-    refused(&v, "invalid_scope", "tools.write");
+    refused(&v, "invalid_scope", "scope tools.write is not granted");
 
     // --- A token for another resource (granted there; the MCP server must refuse it). ---
     let v = run(
@@ -699,7 +700,23 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "exchange",
         with(&["--scope", "tools.read", "--save", &s1s]),
     );
-    refused(&v, "invalid_target", "grant");
+    refused(&v, "invalid_target", "no grant lets");
+
+    // --- The JWT-SVID as subject_token (no client certificate): a bearer token, no cnf;
+    // and as an RFC 7523 client assertion. ---
+    for auth in ["jwt", "assertion"] {
+        let v = run(
+            &tool_agent,
+            "exchange",
+            with(&["--scope", "tools.read", "--auth", auth, "--load", &a1s]),
+        );
+        let t = claims_of(&granted(&v));
+        assert_eq!(t["sub"], a1_id.as_str(), "{auth}: {t}");
+        assert!(
+            t.get("cnf").is_none(),
+            "{auth}: not sender-constrained: {t}"
+        );
+    }
 
     // --- A token that expires (the grant's TTL is 1 s); used after its exp below. ---
     let v = run(&brief, "exchange", with(&["--scope", "tools.read"]));
@@ -824,13 +841,17 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     assert!(cc["exp"].as_u64() <= claims_of(&o_token)["exp"].as_u64());
     // Widening: tools.admin is in the sub-sub-agent's grant, not in the token it acts on.
     let v = delegate(&subsub, "--load", &cs, &b_token, "tools.read tools.admin");
-    refused(&v, "invalid_scope", "tools.admin");
+    refused(
+        &v,
+        "invalid_scope",
+        "tools.admin is wider than the subject token",
+    );
     // Depth: a third actor exceeds max_delegation_depth = 2.
     let v = delegate(&fourth, "--save", &ds, &c_token, "tools.read");
-    refused(&v, "unauthorized_client", "depth");
+    refused(&v, "unauthorized_client", "max_delegation_depth");
     // Acting without delegation in one's grant.
     let v = delegate(&tool_agent, "--load", &a1s, &o_token, "tools.read");
-    refused(&v, "unauthorized_client", "delegat");
+    refused(&v, "unauthorized_client", "--may-delegate");
     // may_act: the orchestrator names who may act for it; anyone else is refused.
     let v = run(
         &orchestrator,
@@ -850,7 +871,11 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         json!({ "sub": sub.spiffe_id })
     );
     let v = delegate(&subsub, "--load", &cs, &o_restricted, "tools.read");
-    refused(&v, "invalid_grant", "may_act");
+    refused(
+        &v,
+        "invalid_grant",
+        &format!("may_act does not name {}", id_in(c)),
+    );
     granted(&delegate(&sub, "--load", &bs, &o_restricted, "tools.read"));
 
     // --- The MCP server (FastMCP's own verifier) on each token, in one client process:
@@ -961,16 +986,20 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     };
     let (st, v) = env.token_post(b"grant_type=%ZZ&resource=x", Some(a1));
     assert_eq!(st, 400);
-    refused(&v, "invalid_request", "");
+    refused(&v, "invalid_request", "percent-escape");
     let (st, v) = env.token_post(
         form(&[("grant_type", "client_credentials"), ("resource", &mcp_url)]).as_bytes(),
         Some(a1),
     );
     assert_eq!(st, 400);
-    refused(&v, "unsupported_grant_type", "");
+    refused(
+        &v,
+        "unsupported_grant_type",
+        "client_credentials is not supported",
+    );
     let (st, v) = env.token_post(exchange_form(&"a".repeat(9000), JWT_TYPE).as_bytes(), None);
     assert_eq!(st, 400);
-    refused(&v, "invalid_request", "");
+    refused(&v, "invalid_request", "token too large");
     let none_jwt = format!(
         "{}.{}.",
         B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
@@ -980,14 +1009,14 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         )
     );
     let (st, v) = env.token_post(exchange_form(&none_jwt, JWT_TYPE).as_bytes(), None);
+    // The design allows either code (the caller failed to authenticate, or its token is
+    // invalid); the cause must be the algorithm.
+    let code = v["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        matches!(
-            v["error"].as_str(),
-            Some("invalid_client" | "invalid_grant")
-        ),
+        ["invalid_client", "invalid_grant"].contains(&code.as_str()),
         "alg none: {st} {v}"
     );
-    assert!(v.get("access_token").is_none());
+    refused(&v, &code, "unsupported algorithm");
     // A JWT-SVID where an access token this server issued is expected.
     let jwt_svid = std::fs::read_to_string(o.join("jwt.txt")).unwrap();
     let (st, v) = env.token_post(
@@ -995,7 +1024,7 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         Some(b),
     );
     assert_eq!(st, 400, "{v}");
-    refused(&v, "invalid_grant", "");
+    refused(&v, "invalid_grant", "not an access token");
     // Tokens signed by a key of another trust domain, naming one of ours or one of its.
     for sub_claim in [a1_id.clone(), "spiffe://other.org/agent".to_string()] {
         let forged = foreign_jwt(&json!({
@@ -1003,7 +1032,12 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         }));
         let (st, v) = env.token_post(exchange_form(&forged, JWT_TYPE).as_bytes(), None);
         assert_eq!(st, 401, "{sub_claim}: {v}");
-        refused(&v, "invalid_client", "");
+        let cause = if sub_claim.starts_with("spiffe://other.org/") {
+            "no bundle for trust domain other.org"
+        } else {
+            "is not in the bundle of example.org"
+        };
+        refused(&v, "invalid_client", cause);
     }
 
     // --- The kill switch: a revoked instance is refused and its tokens go inactive. ---
@@ -1030,7 +1064,7 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    refused(&v, "unauthorized_client", "revoked");
+    refused(&v, "unauthorized_client", "revoked by an operator");
     let info = env.introspect(&a2_token, a1);
     assert_eq!(info, json!({"active": false}), "a revoked instance's token");
     assert_eq!(
