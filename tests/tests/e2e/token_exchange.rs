@@ -878,6 +878,71 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     );
     granted(&delegate(&sub, "--load", &bs, &o_restricted, "tools.read"));
 
+    // --- `ztid-agent api fetch token`: the agent's own CLI as a workload (its entry
+    // selects the ztid-agent executable) makes the same mTLS exchange. ---
+    let cli_id = format!("spiffe://{TD}/agent-cli");
+    let agent_exe = std::fs::canonicalize(bin("ztid-agent")).unwrap();
+    env.server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &cli_id,
+        "--parent-id",
+        &env.agent.spiffe_id,
+        "--selector",
+        &format!("unix:path:{}", agent_exe.display()),
+    ]);
+    env.server.cli_ok(&[
+        "grant",
+        "create",
+        "--spiffe-id",
+        &cli_id,
+        "--audience",
+        &mcp_url,
+        "--scope",
+        "tools.read",
+    ]);
+    let fetch_token = |scope: &str| {
+        env.agent.cli(&[
+            "api",
+            "fetch",
+            "token",
+            "--resource",
+            &mcp_url,
+            "--scope",
+            scope,
+            "--token-endpoint",
+            &env.issuer,
+            "--output",
+            "json",
+        ])
+    };
+    // Until the entry reaches the agent the CLI holds no SVID and asks nothing.
+    let r = wait_for("ztid-agent api fetch token", READY_TIMEOUT, || {
+        let r = fetch_token("tools.read");
+        r.ok.then_some(r)
+    });
+    env.tally(true);
+    let answer: Value = serde_json::from_str(&r.stdout).expect("the endpoint's JSON");
+    let t = claims_of(answer["access_token"].as_str().unwrap());
+    assert!(
+        t["sub"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{cli_id}/")),
+        "{t}"
+    );
+    assert!(
+        t["cnf"]["x5t#S256"].is_string(),
+        "bound to the CLI's SVID: {t}"
+    );
+    let r = fetch_token("tools.write");
+    env.tally(false);
+    assert!(
+        !r.ok && r.stderr.contains("token endpoint refused: invalid_scope"),
+        "{r:?}"
+    );
+
     // --- The MCP server (FastMCP's own verifier) on each token, in one client process:
     // the delegated token is accepted, the others refused with their cause. ---
     let exp = claims_of(&brief_token)["exp"].as_u64().unwrap();
