@@ -787,6 +787,31 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         "{v}"
     );
 
+    // --- The copyable example (examples/python) against the same resource: its own
+    // process, SVID from SPIFFE_ENDPOINT_SOCKET, mTLS exchange, bound call. ---
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/fetch_token_and_call.py");
+    let out = Command::new(&tool_agent.exe)
+        .arg(example)
+        .args([&env.issuer, &bound_url, "notes.read"])
+        .env("SPIFFE_ENDPOINT_SOCKET", env.agent.endpoint())
+        // The resource's own self-signed certificate, as the "system" CA of that process.
+        .env("SSL_CERT_FILE", &bound_ca)
+        .output()
+        .unwrap();
+    env.tally(true);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.starts_with("200 "),
+        "the example: {printed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_str(&printed[4..]).unwrap();
+    assert!(answer["sub"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{}/", tool_agent.spiffe_id)));
+
     // --- Delegation: orchestrator -> sub-agent -> sub-sub-agent, each its own process
     // with its own SVID (fetched through py-spiffe in that process). ---
     let v = run(
