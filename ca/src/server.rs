@@ -1,5 +1,6 @@
-//! Runs `ztid-server`: the node API on TLS, the admin API on its Unix socket, and the
-//! housekeeping loop (server SVID renewal). Every listener is bounded by
+//! Runs `ztid-server`: the node API on TLS, the admin API on its Unix socket, the
+//! optional HTTPS endpoints (bundle endpoint, OIDC discovery, the token endpoint), and
+//! the housekeeping loop (server SVID renewal). Every listener is bounded by
 //! [`crate::listeners`] (timeouts, connection caps) and every gRPC service by a message
 //! size cap ([`crate::limits`]).
 
@@ -147,6 +148,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     core.apply_configured_federations()?;
     crate::federation::spawn_bundle_endpoint(core.clone(), &budget).await?;
     crate::federation::spawn_oidc(core.clone(), &budget).await?;
+    crate::sts::listener::spawn_sts(core.clone(), &budget).await?;
     crate::federation::spawn_poller(core.clone());
     crate::maintenance::spawn(core.clone());
 

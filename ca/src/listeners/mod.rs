@@ -30,13 +30,15 @@
 //! (the cap and the registry of connections), `connection.rs` (one connection's
 //! state), `guarded_io.rs` (the stream that enforces the deadlines), `accept.rs`,
 //! `tls.rs` and `unix.rs` (the accept loops), `track_layer.rs` (gRPC requests in
-//! flight) and `http1.rs` (the HTTP/1.1 listeners).
+//! flight), `http1.rs` (the HTTP/1.1 listeners) and `linger.rs` (closing a connection
+//! without losing its last answer).
 
 mod accept;
 mod connection;
 mod descriptors;
 mod guarded_io;
 mod http1;
+mod linger;
 mod listener;
 mod timeouts;
 mod tls;
@@ -49,7 +51,8 @@ mod tests;
 pub use connection::{ConnHandle, ConnState, RequestGuard};
 pub use descriptors::{nofile_soft_limit, raise_nofile_limit, DescriptorBudget};
 pub use guarded_io::{Guarded, Tracked};
-pub use http1::serve_http1;
+pub use http1::{serve_http1, serve_http1_async};
+pub use linger::{close_gracefully, LINGER, LINGER_BYTES};
 pub use listener::Listener;
 pub use timeouts::Timeouts;
 pub use tls::tls_incoming;
