@@ -45,10 +45,12 @@ pub fn git_rev() -> String {
     if rev.is_empty() {
         return "unknown (not a git checkout)".into();
     }
-    let status = sh(
-        "git",
-        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
-    );
+    // Not `sh`: it trims, and the first status line starts with a space.
+    let status = std::process::Command::new("git")
+        .args(["-C", &root, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let dirty: Vec<&str> = status
         .lines()
         .filter_map(|l| l.get(3..))
@@ -63,6 +65,15 @@ pub fn git_rev() -> String {
             dirty.join(", ")
         )
     }
+}
+
+/// When `ztid-server` (the binary the harness runs) was last written: the tree it was
+/// built from may be older than the commit the run reports.
+pub fn server_built() -> String {
+    std::fs::metadata(ztid_tests::bin("ztid-server"))
+        .and_then(|m| m.modified())
+        .map(|t| date(time::OffsetDateTime::from(t)))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn date(t: time::OffsetDateTime) -> String {
@@ -107,7 +118,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "Measured by `ztid-sts-bench` on {} (run of {:.0} s), commit {}, {} build, {}. \
+            "Measured by `ztid-sts-bench` on {} (run of {:.0} s), commit {}, {} build \
+             (`ztid-server` built {}), {}. \
              Regenerate: `{COMMAND}` (it builds release `ztid-server` and `ztid-agent` first \
              unless `ZTID_BENCH_NO_BUILD` is set; `--secs S` and `--in-flight 1,16` set the \
              windows, `--quick` is a smoke run that writes nothing, `--out PATH` writes this \
@@ -120,6 +132,7 @@ impl Report {
             } else {
                 "DEBUG (figures meaningless)"
             },
+            server_built(),
             machine(),
         );
         let _ = writeln!(
@@ -168,20 +181,21 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| exchange | in flight | exchanges/s | p50 | p99 | server CPU per exchange | others' load | errors | ratio to raw ES256 sign rate |"
+            "| exchange | in flight | exchanges/s | p50 | p99 | server CPU per exchange (in raw signatures) | others' load | errors | ratio to raw ES256 sign rate |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
         for (case, run) in &self.runs {
             let (raw, threads) = self.raw_for(run.in_flight);
             let _ = writeln!(
                 s,
-                "| {} | {} | **{}** | {} | {} | {:.0} µs | {:.0}% | {} | {:.3} (vs {threads}) |",
+                "| {} | {} | **{}** | {} | {} | {:.0} µs ({:.1}) | {:.0}% | {} | {:.3} (vs {threads}) |",
                 case.label(),
                 run.in_flight,
                 thousands(run.rate()),
                 us(run.lat.p50),
                 us(run.lat.p99),
                 run.server_us(),
+                run.server_us() / self.raw.cpu_us1,
                 run.foreign * 100.0,
                 run.errors,
                 run.rate() / raw,
@@ -192,14 +206,19 @@ impl Report {
             "\n**Raw ES256 in the same run** (ring 0.17 `EcdsaKeyPair::sign`, P-256, \
              fixed-length JWS signature, {MESSAGE_BYTES}-byte message, in the benchmark \
              process before the server started): **{}/s** on 1 thread ({:.1} µs per \
-             signature), **{}/s** on 2 threads. The ratio column is exchanges/s over that \
-             rate: 1 thread for 1 request in flight, 2 threads (the whole machine) for more. \
+             signature; {:.1} µs of the thread's CPU time each), **{}/s** on 2 threads. The \
+             ratio column is exchanges/s over that rate: 1 thread for 1 request in flight, 2 \
+             threads (the whole machine) for more. Other processes' load lowers both rates \
+             (the 2-thread rate most), so the CPU column is the steadier comparison: the \
+             server's CPU time per exchange, and that time in units of one signature's CPU \
+             time. \
              An exchange signs one token (one ES256 signature) and verifies the caller: a TLS \
              client certificate chain per connection (once, at the handshake), or an ES256 \
              JWT-SVID signature per request; with delegation, the subject token's signature \
              as well.",
             thousands(self.raw.rate1),
             self.raw.us_per_sign(),
+            self.raw.cpu_us1,
             thousands(self.raw.rate2),
         );
         if let Some((case, run)) = self.runs.iter().find(|(_, r)| r.first_error.is_some()) {
