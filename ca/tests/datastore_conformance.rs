@@ -1062,8 +1062,8 @@ fn revocations_are_keyed_by_kind_and_target_and_pruned(f: &dyn Fixture) {
         f.store(1).list_revocations().unwrap(),
         [
             entry.clone(),
-            instance.clone(),
             instance_e1.clone(),
+            instance.clone(),
             node.clone()
         ]
     );
@@ -1078,7 +1078,7 @@ fn revocations_are_keyed_by_kind_and_target_and_pruned(f: &dyn Fixture) {
     assert_eq!(s.prune_revocations(351).unwrap(), 2);
     assert_eq!(
         f.store(1).list_revocations().unwrap(),
-        [instance, instance_e1]
+        [instance_e1, instance]
     );
     assert_eq!(s.prune_revocations(351).unwrap(), 0);
 }

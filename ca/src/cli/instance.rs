@@ -114,3 +114,80 @@ pub(super) async fn run(client: &mut Client, cmd: &InstanceCmd, out: Output) -> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    use super::InstanceCmd;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ztid-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn revoke_names_exactly_one_target() {
+        let cli = parse(&["instance", "revoke", "spiffe://td/app/1", "--reason", "why"]).unwrap();
+        let Command::Instance(InstanceCmd::Revoke {
+            spiffe_id, reason, ..
+        }) = cli.command
+        else {
+            panic!("not instance revoke");
+        };
+        assert_eq!(spiffe_id.as_deref(), Some("spiffe://td/app/1"));
+        assert_eq!(reason, "why");
+        parse(&["instance", "revoke", "--entry", "e1"]).unwrap();
+        parse(&["instance", "revoke", "--node", "spiffe://td/ztid/agent/x/n"]).unwrap();
+        assert!(parse(&["instance", "revoke"]).is_err());
+        assert!(parse(&["instance", "revoke", "spiffe://td/a", "--entry", "e1"]).is_err());
+        assert!(parse(&["instance", "revoke", "--entry", "e1", "--node", "n"]).is_err());
+        parse(&["instance", "list"]).unwrap();
+    }
+
+    #[test]
+    fn grant_create_takes_repeated_scopes_and_selectors() {
+        let cli = parse(&[
+            "grant",
+            "create",
+            "--spiffe-id",
+            "spiffe://td/app",
+            "--audience",
+            "https://mcp",
+            "--scope",
+            "a",
+            "--scope",
+            "b",
+            "--ttl",
+            "60",
+            "--max-per-minute",
+            "5",
+            "--node-selector",
+            "tpm:x",
+            "--node-selector",
+            "k:v",
+            "--may-delegate",
+        ])
+        .unwrap();
+        let Command::Grant(crate::cli::GrantCmd::Create {
+            scopes,
+            node_selectors,
+            ttl,
+            max_per_minute,
+            may_delegate,
+            ..
+        }) = cli.command
+        else {
+            panic!("not grant create");
+        };
+        assert_eq!(scopes, ["a", "b"]);
+        assert_eq!(node_selectors, ["tpm:x", "k:v"]);
+        assert_eq!((ttl, max_per_minute, may_delegate), (60, 5, true));
+        // At least one scope.
+        assert!(parse(&["grant", "create", "--spiffe-id", "x", "--audience", "y"]).is_err());
+        parse(&["grant", "list", "--spiffe-id", "spiffe://td/app"]).unwrap();
+        parse(&["grant", "show", "g1"]).unwrap();
+        parse(&["grant", "delete", "g1"]).unwrap();
+    }
+}

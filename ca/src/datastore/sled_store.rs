@@ -29,6 +29,10 @@ pub struct SledStore {
     agents: Tree,
     tokens: Tree,
     meta: Tree,
+    /// Token-exchange grants (by id) and revocations (by kind and target), with their
+    /// counts: each bounded, and counting a sled tree reads all of it.
+    grants: CountedTree,
+    revocations: CountedTree,
     /// Entry writes one at a time, so revisions commit in the order they are drawn: a
     /// sync that has seen revision N must never later meet an N-1 committed after it.
     entry_writes: std::sync::Mutex<()>,
@@ -36,6 +40,73 @@ pub struct SledStore {
     server_id: String,
     /// Change notifications, sent after each write.
     changes: broadcast::Sender<ChangeTopic>,
+}
+
+/// A tree whose writers go one at a time and keep its length (counted once, on the
+/// first write after opening).
+struct CountedTree {
+    tree: Tree,
+    len: std::sync::Mutex<Option<usize>>,
+}
+
+impl CountedTree {
+    fn new(tree: Tree) -> Self {
+        Self {
+            tree,
+            len: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `write` with the tree and its length, one writer at a time; `write`
+    /// returns the length after it.
+    fn write<T>(&self, write: impl FnOnce(&Tree, usize) -> Result<(T, usize)>) -> Result<T> {
+        let mut len = self
+            .len
+            .lock()
+            .map_err(|_| Error::Internal("datastore count lock poisoned".into()))?;
+        let current = match *len {
+            Some(n) => n,
+            None => self.tree.len(),
+        };
+        // Unknown again if the write fails half way: recounted by the next one.
+        *len = None;
+        let (out, after) = write(&self.tree, current)?;
+        *len = Some(after);
+        Ok(out)
+    }
+
+    /// Inserts `value` under `key`, refused by `full()` when the key is new and
+    /// `max` records exist.
+    fn put(&self, key: &[u8], value: Vec<u8>, max: usize, full: fn() -> Error) -> Result<()> {
+        self.write(|tree, n| {
+            let new = !tree.contains_key(key)?;
+            if new && n >= max {
+                return Err(full());
+            }
+            tree.insert(key, value)?;
+            Ok(((), if new { n + 1 } else { n }))
+        })
+    }
+
+    fn remove(&self, key: &[u8]) -> Result<Option<sled::IVec>> {
+        self.write(|tree, n| {
+            let removed = tree.remove(key)?;
+            let after = if removed.is_some() {
+                n.saturating_sub(1)
+            } else {
+                n
+            };
+            Ok((removed, after))
+        })
+    }
+
+    fn values<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>> {
+        self.tree
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
 }
 
 /// Meta key: the entry-log revision through which the by-parent log is complete.
@@ -149,6 +220,8 @@ impl SledStore {
             agents: db.open_tree("agents")?,
             tokens: db.open_tree("join_tokens")?,
             meta: db.open_tree("meta")?,
+            grants: CountedTree::new(db.open_tree("grants")?),
+            revocations: CountedTree::new(db.open_tree("revocations")?),
             entry_writes: std::sync::Mutex::new(()),
             server_id: server_id.to_string(),
             changes: change_channel(),
@@ -899,72 +972,58 @@ impl DataStore for SledStore {
     }
 
     fn put_grant(&self, grant: &GrantRecord) -> Result<()> {
-        let tree = self.db.open_tree("grants")?;
-        // Under the write lock: two creates cannot both see room for one.
-        let _lock = self.write_lock()?;
-        if !tree.contains_key(grant.id.as_bytes())? && tree.len() >= MAX_GRANTS {
-            return Err(too_many_grants());
-        }
-        tree.insert(grant.id.as_bytes(), serde_json::to_vec(grant)?)?;
-        Ok(())
+        self.grants.put(
+            grant.id.as_bytes(),
+            serde_json::to_vec(grant)?,
+            MAX_GRANTS,
+            too_many_grants,
+        )
     }
 
     fn get_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
-        self.db
-            .open_tree("grants")?
+        self.grants
+            .tree
             .get(id.as_bytes())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
     }
 
     fn list_grants(&self) -> Result<Vec<GrantRecord>> {
-        self.db
-            .open_tree("grants")?
-            .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
+        self.grants.values()
     }
 
     fn delete_grant(&self, id: &str) -> Result<Option<GrantRecord>> {
-        self.db
-            .open_tree("grants")?
+        self.grants
             .remove(id.as_bytes())?
             .map(|v| Ok(serde_json::from_slice(&v)?))
             .transpose()
     }
 
     fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()> {
-        let tree = self.db.open_tree("revocations")?;
-        let key = revocation.key();
-        let _lock = self.write_lock()?;
-        if !tree.contains_key(key.as_bytes())? && tree.len() >= MAX_REVOCATIONS {
-            return Err(too_many_revocations());
-        }
-        tree.insert(key.as_bytes(), serde_json::to_vec(revocation)?)?;
-        Ok(())
+        self.revocations.put(
+            revocation.key().as_bytes(),
+            serde_json::to_vec(revocation)?,
+            MAX_REVOCATIONS,
+            too_many_revocations,
+        )
     }
 
     fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
-        self.db
-            .open_tree("revocations")?
-            .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
+        self.revocations.values()
     }
 
     fn prune_revocations(&self, before: i64) -> Result<u64> {
-        let tree = self.db.open_tree("revocations")?;
-        // Under the write lock: a revocation replaced meanwhile is not removed.
-        let _lock = self.write_lock()?;
-        let mut removed = 0;
-        for r in self.list_revocations()? {
-            if r.expires_at < before && tree.remove(r.key().as_bytes())?.is_some() {
-                removed += 1;
+        // One writer: a revocation replaced meanwhile is not removed.
+        self.revocations.write(|tree, n| {
+            let mut removed = 0;
+            for v in tree.iter().values() {
+                let r: RevocationRecord = serde_json::from_slice(&v?)?;
+                if r.expires_at < before && tree.remove(r.key().as_bytes())?.is_some() {
+                    removed += 1;
+                }
             }
-        }
-        Ok(removed)
+            Ok((removed as u64, n.saturating_sub(removed)))
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use crate::limits;
 use crate::Error;
 
 /// A grant as the API shows it.
-pub fn grant_to_proto(g: &GrantRecord) -> pb::Grant {
+pub(super) fn grant_to_proto(g: &GrantRecord) -> pb::Grant {
     pb::Grant {
         id: g.id.clone(),
         spiffe_id: g.spiffe_id.clone(),
@@ -32,7 +32,7 @@ pub fn grant_to_proto(g: &GrantRecord) -> pb::Grant {
 }
 
 /// A revocation as the API shows it.
-pub fn revocation_to_proto(r: &RevocationRecord) -> pb::Revocation {
+pub(super) fn revocation_to_proto(r: &RevocationRecord) -> pb::Revocation {
     pb::Revocation {
         kind: r.kind.as_str().into(),
         target: r.target.clone(),
