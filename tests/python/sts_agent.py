@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import ssl
-import sys
 import tempfile
 import time
 import urllib.error

@@ -1,6 +1,6 @@
 """A resource server that honours sender-constrained tokens (RFC 8705 §3).
 
-Usage: sts_bound_resource.py --issuer URL --bundle PEM
+Usage: sts_bound_resource.py --issuer URL --bundle PEM [--dir DIR]
 
 Serves HTTPS on 127.0.0.1 (a port the kernel picks) with a self-signed certificate it
 makes for itself, asks every client for a certificate chaining to the ztid bundle, and
@@ -71,8 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--issuer", required=True)
     ap.add_argument("--bundle", required=True, help="ztid trust bundle: CA of the token endpoint and of clients")
+    ap.add_argument("--dir", help="where to write its certificate and key (default: a new temporary directory)")
     args = ap.parse_args()
-    directory = tempfile.mkdtemp(prefix="bound-resource-")
+    directory = args.dir or tempfile.mkdtemp(prefix="bound-resource-")
     cert_path, key_path = self_signed(directory)
     verifier = Verifier(args.issuer, args.bundle)
     state = {}

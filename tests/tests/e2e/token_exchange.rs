@@ -166,7 +166,7 @@ fn role_python(root: &Path, role: &str) -> PathBuf {
     std::fs::canonicalize(exe).unwrap()
 }
 
-/// One workload role: its interpreter, and where its instances' credentials are saved.
+/// One workload role: its own interpreter (so its own entry) and that entry's ID.
 struct Role {
     name: &'static str,
     exe: PathBuf,
@@ -470,7 +470,7 @@ fn parse_http(raw: &[u8]) -> (u16, Value) {
                 break;
             }
             out.push_str(&after[..n]);
-            rest = &after[n..].trim_start_matches("\r\n");
+            rest = after[n..].trim_start_matches("\r\n");
         }
         out
     } else {
@@ -559,7 +559,9 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         Command::new(python())
             .arg(script("sts_bound_resource.py"))
             .args(["--issuer", &env.issuer, "--bundle"])
-            .arg(&env.bundle),
+            .arg(&env.bundle)
+            .arg("--dir")
+            .arg(env.scratch.path()),
         env.scratch.path(),
         "bound-resource",
     );
@@ -1161,6 +1163,25 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
         env.introspect(&read_token, a1)["active"],
         true,
         "another instance of the same entry is untouched"
+    );
+    // Revoking an actor deactivates every token with it in the act chain.
+    assert_eq!(env.introspect(&c_token, a1)["active"], true);
+    env.server.cli_ok(&[
+        "instance",
+        "revoke",
+        &b_id,
+        "--reason",
+        "e2e: the sub-agent",
+    ]);
+    let info = wait_for("the chain's token to go inactive", READY_TIMEOUT, || {
+        let info = env.introspect(&c_token, a1);
+        (info["active"] == false).then_some(info)
+    });
+    assert_eq!(info, json!({"active": false}));
+    assert_eq!(
+        env.introspect(&o_token, a1)["active"],
+        true,
+        "the orchestrator's own token is untouched"
     );
 
     // --- Audit: one receipt per exchange attempt, and the log verifies. ---
