@@ -1,7 +1,7 @@
 //! `admin credential`: admin identities for the remote admin API, issued only on the
 //! admin socket ([`super::credential`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
@@ -42,4 +42,81 @@ pub(super) async fn run(client: &mut Client, cmd: &AdminCmd, out: Output) -> Res
         }
     }
     Ok(())
+}
+
+/// Why the admin socket at `path` cannot be reached, and what to do, in one line:
+/// `cannot reach the server's admin socket PATH: <cause>; <next step>`.
+pub(super) fn unreachable_socket(path: &Path, err: &(dyn std::error::Error + 'static)) -> String {
+    let shown = path.display();
+    let head = format!("cannot reach the server's admin socket {shown}");
+    let point_elsewhere =
+        "or point ZTID_ADMIN_SOCKET (--admin-socket) at the socket of the server you run";
+    let kind = io_kind(err);
+    match kind {
+        Some(std::io::ErrorKind::PermissionDenied) => {
+            format!("{head}: permission denied: {}", not_yours(path))
+        }
+        Some(std::io::ErrorKind::NotFound) => format!(
+            "{head}: no such socket: start the server (`ztid-server run --data-dir DIR` serves DIR/admin.sock) {point_elsewhere}"
+        ),
+        Some(std::io::ErrorKind::ConnectionRefused) => format!(
+            "{head}: nothing listens on it (the server is not running): start it, {point_elsewhere}"
+        ),
+        _ => format!("{head}: {}", describe_chain(err)),
+    }
+}
+
+/// The first I/O error kind in `err`'s chain.
+fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// `err` and its causes, `: `-joined (tonic's transport error alone says only
+/// "transport error").
+fn describe_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cur = e.source();
+    }
+    text
+}
+
+/// Who owns `path` (or the first directory above it this user may look into) and what
+/// to do about it.
+fn not_yours(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::getuid().as_raw();
+    // The socket itself, else the nearest directory above it that can be examined: a
+    // directory this user may not enter hides everything under it.
+    let owned = std::iter::once(path)
+        .chain(path.ancestors().skip(1))
+        .find_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)));
+    let Some((what, meta)) = owned else {
+        return format!("run as the user the server runs as, or point ZTID_ADMIN_SOCKET (--admin-socket) at a socket you may use (this is uid {me})");
+    };
+    let owner = meta.uid();
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid {owner}"));
+    let which = if what == path {
+        "it".to_string()
+    } else {
+        format!("its directory {}", what.display())
+    };
+    format!(
+        "{which} belongs to {name} (uid {owner}, mode {:04o}) and this is uid {me}: run as that user (`sudo -u {name} ztid-server ...`), or set ZTID_ADMIN_SOCKET (--admin-socket) to the socket of a server you run",
+        meta.mode() & 0o7777
+    )
 }

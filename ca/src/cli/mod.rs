@@ -19,6 +19,7 @@ mod authority;
 mod bundle;
 mod credential;
 mod datastore;
+mod docs;
 mod entry;
 mod evidence;
 mod federation;
@@ -111,6 +112,18 @@ pub enum Command {
     /// The servers sharing the database (several servers on PostgreSQL).
     #[command(subcommand)]
     Server(ServerCmd),
+    /// Print the shell completion script for SHELL (no server needed), e.g.
+    /// `ztid-server completions bash > /usr/share/bash-completion/completions/ztid-server`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ztid-server.1 and one per verb) into DIR (no server needed).
+    Man {
+        /// Directory to write into (created if missing), e.g. /usr/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 /// The admin API client every admin verb uses.
@@ -124,8 +137,12 @@ fn status(s: tonic::Status) -> String {
 /// Runs an admin verb against the server.
 pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
     // Not an admin verb: it opens the datastores itself, with no server running.
-    if let Command::Datastore(cmd) = &cli.command {
-        return datastore::run(cmd, cli.output);
+    match &cli.command {
+        Command::Datastore(cmd) => return datastore::run(cmd, cli.output),
+        // Generated from the definitions above; no server either.
+        Command::Completions { shell } => return docs::completions(*shell),
+        Command::Man { dir } => return docs::man(dir),
+        _ => {}
     }
     let path = cli
         .admin_socket
@@ -133,16 +150,16 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
         .unwrap_or_else(|| ServerConfig::default().admin_socket_path());
     let channel = ztid_proto::transport::unix_channel(&path)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot reach the server's admin socket {}: {e}",
-                path.display()
-            )
-        })?;
+        .map_err(|e| admin::unreachable_socket(&path, &e))?;
     let mut client = AdminClient::new(channel);
     let out = cli.output;
     match &cli.command {
-        Command::Run(_) | Command::Evidence(_) | Command::Audit(_) | Command::Datastore(_) => {
+        Command::Run(_)
+        | Command::Evidence(_)
+        | Command::Audit(_)
+        | Command::Datastore(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("not an admin verb")
         }
         Command::Admin(cmd) => admin::run(&mut client, cmd, out).await,
