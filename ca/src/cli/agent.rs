@@ -4,7 +4,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
-use super::output::print_list;
+use super::output::{expiry, print_list, when};
 use super::{status, Client, Output};
 
 /// `agent` verbs.
@@ -53,7 +53,10 @@ fn print_agent(a: &pb::Agent, out: Output) {
                 println!("Alias         : {al}");
             }
             println!("SVID serial   : {}", a.serial);
-            println!("SVID expires  : {}", a.expires_at);
+            if a.attested_at != 0 {
+                println!("Attested at   : {}", when(a.attested_at));
+            }
+            println!("SVID expires  : {}", expiry(a.expires_at));
             println!("Banned        : {}", a.banned);
             println!();
         }

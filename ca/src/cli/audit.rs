@@ -558,13 +558,8 @@ fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> R
                 json!({"seq": seq, "time_ms": time_ms, "event": event})
             ),
             Output::Text => {
-                let when = time::OffsetDateTime::from_unix_timestamp(time_ms.div_euclid(1000))
-                    .ok()
-                    .and_then(|t| {
-                        t.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
-                    .unwrap_or_else(|| time_ms.to_string());
+                // A log line: the time alone, no "ago" (records are read long after).
+                let when = super::output::rfc3339(time_ms.div_euclid(1000));
                 let field = |k: &str| match event.get(k) {
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Array(a)) if !a.is_empty() => a

@@ -9,6 +9,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
+use super::output::{expiry, when};
 use super::{status, Client, Output};
 
 /// `authority` kinds.
@@ -64,8 +65,11 @@ fn print_authority(a: &pb::Authority, out: Output) {
                 a.state,
                 if a.tainted { " (tainted)" } else { "" }
             );
-            println!("Not before    : {}", a.not_before);
-            println!("Not after     : {}", a.not_after);
+            if a.tainted && a.tainted_at != 0 {
+                println!("Tainted at    : {}", when(a.tainted_at));
+            }
+            println!("Not before    : {}", when(a.not_before));
+            println!("Not after     : {}", expiry(a.not_after));
             if a.key_backend.is_empty() {
                 // Another server's authority: its key is in that server's key manager.
                 println!("Key           : {}", a.key_id);

@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_spiffe::svid::certs_to_pem;
 
+use super::output::expiry;
 use crate::cli::Output;
 
 /// The files written into the output directory.
@@ -88,7 +89,13 @@ pub(super) async fn issue(
             json!({"spiffe_id": r.spiffe_id, "expires_at": r.expires_at,
                 "files": FILES.iter().map(|f| dir.join(f).display().to_string()).collect::<Vec<_>>()})
         ),
-        Output::Text => println!("{}", r.spiffe_id),
+        Output::Text => {
+            // stdout stays the SPIFFE ID alone (scripts bind it to roles); the rest is
+            // for people, on stderr.
+            println!("{}", r.spiffe_id);
+            eprintln!("Valid until   : {}", expiry(r.expires_at));
+            eprintln!("Written to    : {} ({})", dir.display(), FILES.join(", "));
+        }
     }
     Ok(())
 }

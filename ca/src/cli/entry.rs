@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 use ztid_proto::node as npb;
 
-use super::output::print_list;
+use super::output::{duration, print_list, when};
 use super::{status, Client, Output};
 
 /// The flags of an entry, for `create` and `update`.
@@ -161,59 +161,63 @@ fn entry_json(e: &npb::Entry) -> Value {
     })
 }
 
+/// An entry for people, one `Field : value` line each, SPIRE's layout.
+fn entry_text(e: &npb::Entry) -> String {
+    use std::fmt::Write;
+    let ttl = |seconds: i64| {
+        if seconds == 0 {
+            "default".to_string()
+        } else {
+            duration(seconds)
+        }
+    };
+    let mut t = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(t, "Entry ID      : {}", e.id);
+    let _ = writeln!(
+        t,
+        "SPIFFE ID     : {}{}",
+        e.spiffe_id,
+        if e.shared || e.node {
+            ""
+        } else {
+            "/<instance>"
+        }
+    );
+    let _ = writeln!(t, "Parent ID     : {}", e.parent_id);
+    let _ = writeln!(t, "Revision      : {}", e.revision);
+    let _ = writeln!(t, "X509-SVID TTL : {}", ttl(e.x509_ttl_seconds));
+    let _ = writeln!(t, "JWT-SVID TTL  : {}", ttl(e.jwt_ttl_seconds));
+    for s in &e.selectors {
+        let _ = writeln!(t, "Selector      : {}:{}", s.r#type, s.value);
+    }
+    let kind = if e.node {
+        "node alias"
+    } else if e.shared {
+        "shared"
+    } else {
+        "per-instance"
+    };
+    let _ = writeln!(t, "Kind          : {kind}");
+    for d in &e.dns_names {
+        let _ = writeln!(t, "DNS name      : {d}");
+    }
+    for f in &e.federates_with {
+        let _ = writeln!(t, "Federates with: {f}");
+    }
+    if !e.hint.is_empty() {
+        let _ = writeln!(t, "Hint          : {}", e.hint);
+    }
+    if e.created_at != 0 {
+        let _ = writeln!(t, "Created at    : {}", when(e.created_at));
+    }
+    t
+}
+
 fn print_entry(e: &npb::Entry, out: Output) {
     match out {
         Output::Json => println!("{}", entry_json(e)),
-        Output::Text => {
-            println!("Entry ID      : {}", e.id);
-            println!(
-                "SPIFFE ID     : {}{}",
-                e.spiffe_id,
-                if e.shared || e.node {
-                    ""
-                } else {
-                    "/<instance>"
-                }
-            );
-            println!("Parent ID     : {}", e.parent_id);
-            for s in &e.selectors {
-                println!("Selector      : {}:{}", s.r#type, s.value);
-            }
-            println!(
-                "X509-SVID TTL : {}",
-                if e.x509_ttl_seconds == 0 {
-                    "default".to_string()
-                } else {
-                    e.x509_ttl_seconds.to_string()
-                }
-            );
-            println!(
-                "JWT-SVID TTL  : {}",
-                if e.jwt_ttl_seconds == 0 {
-                    "default".to_string()
-                } else {
-                    e.jwt_ttl_seconds.to_string()
-                }
-            );
-            println!(
-                "Kind          : {}",
-                if e.node {
-                    "node alias"
-                } else if e.shared {
-                    "shared"
-                } else {
-                    "per-instance"
-                }
-            );
-            for d in &e.dns_names {
-                println!("DNS name      : {d}");
-            }
-            for f in &e.federates_with {
-                println!("Federates with: {f}");
-            }
-            println!("Revision      : {}", e.revision);
-            println!();
-        }
+        Output::Text => println!("{}", entry_text(e)),
     }
 }
 
@@ -237,7 +241,12 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 .into_inner();
             match out {
                 Output::Json => println!("{}", entry_json(&e)),
-                Output::Text => println!("{}", e.id),
+                Output::Text => {
+                    // stdout stays the id alone, for scripts (`ID=$(ztid-server entry
+                    // create ...)`); people read what was created on stderr.
+                    println!("{}", e.id);
+                    eprint!("Created entry:\n{}", entry_text(&e));
+                }
             }
         }
         EntryCmd::Update { entry_id, entry } => {

@@ -6,6 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 use ztid_proto::admin as pb;
 
+use super::output::when;
 use super::{status, Client, Output};
 
 /// `federation` verbs.
@@ -63,12 +64,17 @@ pub(super) async fn run(
     let print_fed = |f: &pb::Federation| match out {
         Output::Json => println!("{}", fed_json(f)),
         Output::Text => println!(
-            "{}\t{}\t{}\t{}\tsequence {}\t{}",
+            "{}\t{}\t{}\t{}\tsequence {}\t{}\t{}",
             f.trust_domain,
             f.profile,
             f.bundle_endpoint_url,
             f.endpoint_spiffe_id,
             f.bundle_sequence,
+            if f.last_refresh_at == 0 {
+                "never refreshed".to_string()
+            } else {
+                format!("refreshed {}", when(f.last_refresh_at))
+            },
             if f.last_error.is_empty() {
                 "ok"
             } else {

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 use ztid_proto::admin as pb;
 
+use super::output::{expiry, when};
 use super::{status, Client, Output};
 
 /// `server` verbs.
@@ -110,7 +111,7 @@ fn print_server(s: &ServerSummary) {
         if s.this_server { " (this server)" } else { "" }
     );
     if let Some(at) = s.retired_at {
-        println!("Retired at         : {at}");
+        println!("Retired at         : {}", when(at));
     }
     println!(
         "X.509 authorities  : {} (active {})",
@@ -122,7 +123,11 @@ fn print_server(s: &ServerSummary) {
         s.jwt_authorities.len(),
         s.active_jwt.clone().unwrap_or_else(none)
     );
-    println!("Newest expiry      : {}", s.newest_expiry);
+    if s.newest_expiry == i64::MIN {
+        println!("Newest expiry      : none");
+    } else {
+        println!("Newest expiry      : {}", expiry(s.newest_expiry));
+    }
     println!();
 }
 
@@ -158,7 +163,7 @@ pub(super) async fn run(client: &mut Client, cmd: &ServerCmd, out: Output) -> Re
                 Output::Text => {
                     println!("Retired server {server_id}; its authorities are tainted:");
                     for a in &list {
-                        println!("  {} {} (until {})", a.kind, a.id, a.not_after);
+                        println!("  {} {} (until {})", a.kind, a.id, expiry(a.not_after));
                     }
                     println!("Revoke each with `authority revoke` once no agent uses it.");
                 }

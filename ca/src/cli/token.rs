@@ -4,6 +4,7 @@ use clap::Subcommand;
 use serde_json::json;
 use ztid_proto::admin as pb;
 
+use super::output::expiry;
 use super::{status, Client, Output};
 
 /// `token` verbs.
@@ -36,7 +37,20 @@ pub(super) async fn run(client: &mut Client, cmd: &TokenCmd, out: Output) -> Res
                 Output::Json => {
                     println!("{}", json!({"token": r.token, "expires_at": r.expires_at}))
                 }
-                Output::Text => println!("{}", r.token),
+                Output::Text => {
+                    // stdout stays the token alone, for scripts
+                    // (`TOKEN=$(ztid-server token generate)`); people read the rest on
+                    // stderr, which never repeats the secret.
+                    println!("{}", r.token);
+                    eprintln!("Created a single-use join token:");
+                    eprintln!("Expires at    : {}", expiry(r.expires_at));
+                    if let Some(alias) = spiffe_id {
+                        eprintln!(
+                            "Node alias    : {alias} (the redeeming agent becomes its child)"
+                        );
+                    }
+                    eprintln!("Redeem it with `ztid-agent run --attestor join-token --join-token TOKEN` (or ZTID_JOIN_TOKEN).");
+                }
             }
         }
     }
