@@ -191,11 +191,16 @@ impl Env {
     fn start() -> Self {
         let scratch = tempfile::tempdir().unwrap();
         let sts_addr = format!("127.0.0.1:{}", free_port());
-        // A depth cap below the default, so a chain of three actors reaches it.
+        // A depth cap below the default, so a chain of three actors reaches it; refusals
+        // audited one by one whatever their number, so every attempt has its receipt
+        // (the defaults summarise a caller's refusals past 10 per minute).
         let config = scratch.path().join("server.toml");
         std::fs::write(
             &config,
-            format!("[sts]\nlisten = \"{sts_addr}\"\nmax_delegation_depth = 2\n"),
+            format!(
+                "[sts]\nlisten = \"{sts_addr}\"\nmax_delegation_depth = 2\n\n\
+                 [limits]\nrefusals_audited_per_peer = 1000\nrefusals_audited_per_interval = 1000\n"
+            ),
         )
         .unwrap();
         let server = Server::start_with(
