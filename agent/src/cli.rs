@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tonic::transport::Channel;
 use ztid_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
@@ -46,6 +46,18 @@ pub enum Command {
         /// Workload API socket.
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+    /// Print the shell completion script for SHELL, e.g.
+    /// `ztid-agent completions bash > /usr/share/bash-completion/completions/ztid-agent`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ztid-agent.1 and one per verb) into DIR.
+    Man {
+        /// Directory to write into (created if missing), e.g. /usr/share/man/man1.
+        dir: PathBuf,
     },
 }
 
@@ -269,8 +281,38 @@ async fn client(socket: &Option<PathBuf>) -> Result<SpiffeWorkloadApiClient<Chan
     let path = socket_path(socket)?;
     let channel = ztid_proto::transport::unix_channel(&path)
         .await
-        .map_err(|e| format!("cannot reach the Workload API at {}: {e}", path.display()))?;
+        .map_err(|e| unreachable_socket(&path, &e))?;
     Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// Why the Workload API socket at `path` cannot be reached, and what to do, in one line.
+fn unreachable_socket(path: &std::path::Path, err: &(dyn std::error::Error + 'static)) -> String {
+    let head = format!("cannot reach the Workload API at {}", path.display());
+    let elsewhere =
+        "or name the agent's socket with --socket PATH or SPIFFE_ENDPOINT_SOCKET=unix:///PATH";
+    let mut kind = None;
+    let mut causes = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            kind = kind.or(Some(io.kind()));
+        }
+        causes.push_str(&format!(": {e}"));
+        cur = e.source();
+    }
+    match kind {
+        Some(std::io::ErrorKind::NotFound) => {
+            format!("{head}: no such socket: start the agent (`ztid-agent run`), {elsewhere}")
+        }
+        Some(std::io::ErrorKind::ConnectionRefused) => format!(
+            "{head}: nothing listens on it (the agent is not running): start it, {elsewhere}"
+        ),
+        Some(std::io::ErrorKind::PermissionDenied) => format!(
+            "{head}: permission denied: the socket or its directory is closed to uid {}; the agent's socket directory must let workloads in (see --socket), {elsewhere}",
+            nix::unistd::getuid()
+        ),
+        _ => format!("{head}: {causes}"),
+    }
 }
 
 fn with_header<T>(msg: T) -> tonic::Request<T> {
@@ -359,7 +401,14 @@ async fn fetch_token(
         Output::Text => {
             println!("{}", token.access_token);
             match token.expires_in {
-                Some(s) => println!("expires in        : {s} s"),
+                Some(s) => {
+                    let at = human::now_unix().saturating_add(i64::try_from(s).unwrap_or(i64::MAX));
+                    println!(
+                        "expires in        : {} (at {})",
+                        human::duration(i64::try_from(s).unwrap_or(i64::MAX)),
+                        human::rfc3339(at)
+                    );
+                }
                 None => println!("expires in        : (not said)"),
             }
             println!(
@@ -378,11 +427,21 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     match &cli.command {
         Command::Run(_) => unreachable!("run is not a client verb"),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "ztid-agent", &mut std::io::stdout());
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .map_err(|e| format!("writing man pages into {}: {e}", dir.display()))?;
+            println!("Wrote the man pages to {}", dir.display());
+        }
         Command::Healthcheck { socket } => {
             let path = socket_path(socket)?;
             let channel = ztid_proto::transport::unix_channel(&path)
                 .await
-                .map_err(|e| format!("cannot reach the Workload API at {}: {e}", path.display()))?;
+                .map_err(|e| unreachable_socket(&path, &e))?;
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let r = health
                 .check(tonic_health::pb::HealthCheckRequest {
@@ -465,14 +524,21 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                     json!({"svids": listed, "federated_bundles": resp.federated_bundles.keys().collect::<Vec<_>>()})
                 ),
                 Output::Text => {
-                    println!("Received {} svid after {:?}", resp.svids.len(), elapsed);
+                    println!(
+                        "Received {} svid after {}",
+                        resp.svids.len(),
+                        human::elapsed(elapsed)
+                    );
                     for l in &listed {
                         println!();
                         println!(
                             "SPIFFE ID         : {}",
                             l["spiffe_id"].as_str().unwrap_or_default()
                         );
-                        println!("SVID valid until  : {}", l["expires_at"]);
+                        match l["expires_at"].as_i64() {
+                            Some(at) => println!("SVID valid until  : {}", human::expiry(at)),
+                            None => println!("SVID valid until  : {}", l["expires_at"]),
+                        }
                         println!("Chain length      : {}", l["chain_length"]);
                         println!("Bundle authorities: {}", l["bundle_authorities"]);
                     }
@@ -530,4 +596,102 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Times and durations for people, as `ztid-server` prints them: RFC 3339 in UTC with
+/// what remains (`2026-12-02T10:14:36Z (in 59m50s)`), lifetimes as `1h30m`.
+mod human {
+    /// Now, in Unix seconds.
+    pub(super) fn now_unix() -> i64 {
+        crate::unix_seconds(std::time::SystemTime::now())
+    }
+
+    /// `unix` as RFC 3339 in UTC; beyond year 9999, Unix seconds (`@N`).
+    pub(super) fn rfc3339(unix: i64) -> String {
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("@{unix}"))
+    }
+
+    /// A lifetime, exactly: `1h30m`, `5m`, `30s`, `1h5s`; `0s` for none.
+    pub(super) fn duration(seconds: i64) -> String {
+        units(seconds, usize::MAX)
+    }
+
+    /// How long a call took: `3ms` below a second, else as [`duration`] rounded down.
+    pub(super) fn elapsed(d: std::time::Duration) -> String {
+        if d.as_secs() == 0 {
+            format!("{}ms", d.as_millis())
+        } else {
+            units(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), 2)
+        }
+    }
+
+    /// `seconds` in at most `most` units (d, h, m, s), the largest first; when
+    /// approximating, smaller units are dropped, never rounded up.
+    fn units(seconds: i64, most: usize) -> String {
+        let sign = if seconds < 0 { "-" } else { "" };
+        let mut rest = seconds.unsigned_abs();
+        let mut text = String::new();
+        let mut written = 0;
+        for (unit, size) in [("d", 86_400u64), ("h", 3_600), ("m", 60), ("s", 1)] {
+            let n = rest / size;
+            rest %= size;
+            if written == most {
+                break;
+            }
+            if n > 0 {
+                text.push_str(&format!("{n}{unit}"));
+                written += 1;
+            } else if written > 0 && most != usize::MAX {
+                break;
+            }
+        }
+        if text.is_empty() {
+            return "0s".into();
+        }
+        format!("{sign}{text}")
+    }
+
+    /// An expiry: `2026-12-02T10:14:36Z (in 59m50s)` or `(expired 2m ago)`.
+    pub(super) fn expiry(unix: i64) -> String {
+        expiry_at(unix, now_unix())
+    }
+
+    fn expiry_at(unix: i64, now: i64) -> String {
+        let delta = unix.saturating_sub(now);
+        let relative = match delta {
+            0 => "now".to_string(),
+            d if d > 0 => format!("in {}", units(d, 2)),
+            d => format!("expired {} ago", units(d.saturating_neg(), 2)),
+        };
+        format!("{} ({relative})", rfc3339(unix))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn times_and_lifetimes_read_as_people_write_them() {
+            let at = 1_796_206_476;
+            assert_eq!(expiry_at(at, at - 3590), "2026-12-02T10:14:36Z (in 59m50s)");
+            assert_eq!(
+                expiry_at(at, at + 120),
+                "2026-12-02T10:14:36Z (expired 2m ago)"
+            );
+            assert_eq!(expiry_at(at, at - 3605), "2026-12-02T10:14:36Z (in 1h)");
+            assert_eq!(duration(300), "5m");
+            assert_eq!(duration(5400), "1h30m");
+            assert_eq!(duration(3605), "1h5s");
+            assert_eq!(duration(0), "0s");
+            assert_eq!(elapsed(std::time::Duration::from_micros(3_400)), "3ms");
+            assert_eq!(elapsed(std::time::Duration::from_millis(61_500)), "1m1s");
+            assert_eq!(rfc3339(i64::MAX), format!("@{}", i64::MAX));
+        }
+    }
 }
