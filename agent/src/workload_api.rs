@@ -86,7 +86,13 @@ impl WorkloadApi {
                 return Err(Status::permission_denied(revoked_message(id)));
             }
             tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, selectors = ?attested.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(Status::permission_denied(no_entry_message(
+                &attested
+                    .selectors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )));
         }
         let inst = self
             .workloads
@@ -103,6 +109,48 @@ impl WorkloadApi {
         }
         Ok((peer, inst))
     }
+}
+
+/// Selectors named in a "no entry" refusal, at most; the rest are counted.
+const REFUSAL_SELECTORS: usize = 8;
+/// Characters of one selector shown in a refusal, at most (a container label can be long).
+const REFUSAL_SELECTOR_CHARS: usize = 96;
+
+/// The refusal of a process that no entry selects, in one line: the cause (with the
+/// process's own selectors, which it may know anyway) and the next step. Starts with
+/// "no identity issued", the reason clients and tests match.
+fn no_entry_message(selectors: &[String]) -> String {
+    let shown: Vec<String> = selectors
+        .iter()
+        .take(REFUSAL_SELECTORS)
+        .map(|s| {
+            if s.chars().count() > REFUSAL_SELECTOR_CHARS {
+                format!(
+                    "{}…",
+                    s.chars().take(REFUSAL_SELECTOR_CHARS).collect::<String>()
+                )
+            } else {
+                s.clone()
+            }
+        })
+        .collect();
+    let more = match selectors.len().saturating_sub(REFUSAL_SELECTORS) {
+        0 => String::new(),
+        n => format!(", and {n} more"),
+    };
+    // The uid is what a first entry most often selects; else whatever comes first.
+    let example = selectors
+        .iter()
+        .find(|s| s.starts_with("unix:uid:"))
+        .or(selectors.first())
+        .filter(|s| s.chars().count() <= REFUSAL_SELECTOR_CHARS)
+        .map_or("TYPE:VALUE", String::as_str);
+    format!(
+        "no identity issued: no registration entry matches this process's selectors ({}{more}); \
+         create one with `ztid-server entry create --parent-id AGENT_ID --spiffe-id ID --selector {example}` \
+         (AGENT_ID: this agent's ID, `ztid-server agent list`); a new entry reaches this agent at its next sync",
+        shown.join(", ")
+    )
 }
 
 /// Ok while the connection's process still is the one that connected; else the refusal
@@ -651,6 +699,23 @@ mod tests {
         ) -> Result<Response<npb::Bundle>, Status> {
             Err(Status::unimplemented("fake"))
         }
+    }
+
+    #[test]
+    fn a_process_with_no_entry_is_told_its_selectors_and_the_next_step() {
+        let m = no_entry_message(&["unix:gid:1000".into(), "unix:uid:1000".into()]);
+        assert!(m.starts_with("no identity issued: "), "{m}");
+        assert!(m.contains("(unix:gid:1000, unix:uid:1000)"), "{m}");
+        assert!(m.contains("ztid-server entry create") && m.contains("--selector unix:uid:1000"));
+        assert!(m.contains("next sync") && !m.contains('\n'));
+        // Bounded: many or long selectors are cut.
+        let many: Vec<String> = (0..50)
+            .map(|i| format!("k8s:pod-label:{i}:{}", "x".repeat(500)))
+            .collect();
+        let m = no_entry_message(&many);
+        assert!(m.contains("and 42 more") && m.len() < 2048, "{}", m.len());
+        assert!(m.contains("--selector TYPE:VALUE"));
+        assert!(no_entry_message(&[]).contains("selectors ()"));
     }
 
     /// The fake node API over TLS on a local port.
