@@ -538,6 +538,156 @@ impl Runtime {
     }
 }
 
+/// A change stream that lasted this long before it ended was healthy: the backoff
+/// starts over.
+const WATCH_HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// How often an open change stream checks that it still goes to the server the agent
+/// syncs with, with the agent's current SVID (after a failover or a renewal it moves).
+const WATCH_FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+/// A server without `WatchChanges` (older) is asked again after this long.
+const WATCH_UNIMPLEMENTED_RETRY: Duration = Duration::from_secs(300);
+
+/// How one change stream ended.
+enum WatchEnd {
+    /// The server ended it cleanly (its lifetime bound), or the agent moved it to
+    /// another server or SVID: open the next one.
+    Reopen,
+    /// The server does not implement `WatchChanges`: poll only.
+    Unimplemented,
+    /// An error: poll meanwhile, open again after a backoff.
+    Failed(tonic::Status),
+}
+
+impl Runtime {
+    /// Whether `notice` says the server holds something newer than this agent: a later
+    /// entry revision or bundle, or revocations or federated bundles changed since
+    /// `previous` (the last notice of the same stream).
+    fn notice_is_news(
+        &self,
+        notice: &pb::ChangeNotice,
+        previous: Option<&pb::ChangeNotice>,
+    ) -> bool {
+        let held = self
+            .workloads
+            .entries
+            .read()
+            .map(|e| e.revision)
+            .unwrap_or(0);
+        notice.entry_revision > held
+            || notice.bundle_sequence > self.bundle.borrow().sequence
+            || previous.is_some_and(|p| {
+                p.revocations_version != notice.revocations_version
+                    || p.federation_version != notice.federation_version
+            })
+    }
+
+    /// Keeps one change stream open to the current server until it ends; each notice
+    /// with news wakes the sync loop.
+    async fn watch_once(&self, sync_now: &tokio::sync::Notify) -> WatchEnd {
+        let conns = self.node.load_full();
+        let (addr, mut client) = match conns.current_client().await {
+            Ok(c) => c,
+            Err(s) => return WatchEnd::Failed(s),
+        };
+        let opened = tokio::time::timeout(
+            servers::CALL_TIMEOUT,
+            client.watch_changes(pb::WatchChangesRequest {}),
+        )
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => return WatchEnd::Unimplemented,
+            Ok(Err(s)) => return WatchEnd::Failed(s),
+            Err(_) => {
+                return WatchEnd::Failed(tonic::Status::deadline_exceeded(format!(
+                    "WatchChanges: no answer from {addr} within {:?}",
+                    servers::CALL_TIMEOUT
+                )))
+            }
+        };
+        tracing::debug!(server = %addr, "change stream open");
+        let mut previous: Option<pb::ChangeNotice> = None;
+        let mut follow = tokio::time::interval(WATCH_FOLLOW_INTERVAL);
+        follow.tick().await;
+        loop {
+            tokio::select! {
+                m = stream.message() => match m {
+                    Ok(Some(notice)) => {
+                        // The first notice of a stream: what changed while none was open
+                        // is unknown, so one sync.
+                        if previous.is_none() || self.notice_is_news(&notice, previous.as_ref()) {
+                            sync_now.notify_one();
+                        }
+                        previous = Some(notice);
+                    }
+                    Ok(None) => return WatchEnd::Reopen,
+                    Err(s) => return WatchEnd::Failed(s),
+                },
+                _ = follow.tick() => {
+                    let moved = !Arc::ptr_eq(&self.node.load_full(), &conns)
+                        || conns.current_addr() != Some(addr);
+                    if moved {
+                        return WatchEnd::Reopen;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The change stream's loop (issue 17): keeps one `WatchChanges` stream open to the
+/// server the agent syncs with; on an error the poll carries on alone until the stream
+/// is open again (after a backoff with jitter); against a server without it, polls.
+async fn watch_changes(
+    rt: Arc<Runtime>,
+    sync_now: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let pause = match rt.watch_once(&sync_now).await {
+            WatchEnd::Reopen if started.elapsed() >= WATCH_HEALTHY_AFTER => {
+                failures = 0;
+                None
+            }
+            // Ended early again and again: not a healthy stream, back off.
+            WatchEnd::Reopen => {
+                failures += 1;
+                (failures > 1).then(|| servers::watch_backoff(failures))
+            }
+            WatchEnd::Unimplemented => {
+                tracing::info!(
+                    "the server does not push entry changes (an older ztid-server): polling every {} s",
+                    rt.config.sync_interval_seconds
+                );
+                Some(WATCH_UNIMPLEMENTED_RETRY)
+            }
+            WatchEnd::Failed(s) => {
+                if started.elapsed() >= WATCH_HEALTHY_AFTER {
+                    failures = 0;
+                }
+                failures += 1;
+                // Evicted or banned: the sync finds out and stops the agent.
+                if is_auth_failure(&s) {
+                    sync_now.notify_one();
+                }
+                tracing::debug!(code = ?s.code(), error = %s.message(), "change stream ended; polling meanwhile");
+                Some(servers::watch_backoff(failures))
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
 fn is_auth_failure(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
@@ -744,7 +894,13 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     );
     let (stop_tx, mut stop_rx) = watch::channel(false);
 
-    // Sync loop: entries and bundle; an agent the server no longer knows stops.
+    // Change notices (issue 17): the server pokes, the sync loop syncs at once.
+    let sync_now = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_changes(rt.clone(), sync_now.clone(), stop_rx.clone()));
+
+    // Sync loop: entries and bundle, at every poll tick and at once on a notice; an
+    // agent the server no longer knows stops. One sync at a time: notices during a sync
+    // leave one permit, so exactly one more sync follows it.
     let sync_rt = rt.clone();
     let sync_stop = stop_tx.clone();
     tokio::spawn(async move {
@@ -752,7 +908,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             tokio::time::interval(Duration::from_secs(sync_rt.config.sync_interval_seconds));
         tick.tick().await;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sync_now.notified() => {}
+            }
             match metrics::observe_sync(sync_rt.sync()).await {
                 Ok(true) => {
                     sync_rt.workloads.forget_tainted_jwts();

@@ -189,6 +189,26 @@ fn backoff(failures: usize) -> Duration {
     Duration::from_millis(100u64 << shift).min(MAX_BACKOFF)
 }
 
+/// Shortest pause before the change stream is opened again after a failure.
+pub const WATCH_MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest such pause.
+pub const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The pause before the change stream is opened again after `failures` failures in a
+/// row: doubling from [`WATCH_MIN_BACKOFF`] up to [`WATCH_MAX_BACKOFF`], then a random
+/// half to all of it, so agents cut off together (a server restart) do not come back
+/// together.
+pub fn watch_backoff(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(8);
+    let full = WATCH_MIN_BACKOFF
+        .saturating_mul(1u32 << shift)
+        .min(WATCH_MAX_BACKOFF);
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    // half + half * byte/255: between half and all of `full`.
+    full / 2 + (full / 2).mul_f64(f64::from(byte[0]) / 255.0)
+}
+
 /// Resolves one entry (bounded in time), in the resolver's order.
 async fn resolve(spec: &ServerSpec) -> Result<Vec<SocketAddr>, String> {
     if let Ok(ip) = spec.host.parse::<IpAddr>() {
@@ -412,6 +432,17 @@ impl NodeConnections {
         Ok(NodeClient::new(channel))
     }
 
+    /// The server every call goes to now (the one the agent syncs with) and a client for
+    /// it: where the change stream is kept open.
+    pub async fn current_client(&self) -> Result<(SocketAddr, NodeClient<Channel>), Status> {
+        self.tries().next().await
+    }
+
+    /// The current server's address, if one is known (no resolving).
+    pub fn current_addr(&self) -> Option<SocketAddr> {
+        self.servers.lock().current()
+    }
+
     /// Tries of one call: see [`Tries`].
     pub fn tries(&self) -> Tries<'_> {
         Tries {
@@ -607,6 +638,22 @@ mod tests {
         assert_eq!(backoff(4), Duration::from_millis(800));
         assert_eq!(backoff(5), MAX_BACKOFF);
         assert_eq!(backoff(1000), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn watch_backoff_grows_is_bounded_and_jittered() {
+        for failures in [1, 2, 3, 6, 100] {
+            let full = WATCH_MIN_BACKOFF
+                .saturating_mul(1 << (failures - 1).min(8))
+                .min(WATCH_MAX_BACKOFF);
+            let b = watch_backoff(failures);
+            assert!(b >= full / 2 && b <= full, "{failures}: {b:?} of {full:?}");
+        }
+        assert!(watch_backoff(100) <= WATCH_MAX_BACKOFF);
+        // Jittered: 64 draws are not all the same.
+        let draws: std::collections::BTreeSet<Duration> =
+            (0..64).map(|_| watch_backoff(5)).collect();
+        assert!(draws.len() > 1);
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -699,6 +699,13 @@ mod tests {
         ) -> Result<Response<npb::Bundle>, Status> {
             Err(Status::unimplemented("fake"))
         }
+        type WatchChangesStream = ResponseStream<npb::ChangeNotice>;
+        async fn watch_changes(
+            &self,
+            _: Request<npb::WatchChangesRequest>,
+        ) -> Result<Response<Self::WatchChangesStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub const ADMIN_API_MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const ATTEST_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one whole attestation may take, whatever the number of challenges.
 pub const ATTEST_TOTAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A `WatchChanges` stream whose notice stays unread this long is ended with an error
+/// (the agent resyncs); nothing more than that one notice is kept for it meanwhile.
+pub const WATCH_UNREAD_CUTOFF: Duration = Duration::from_secs(30);
+/// How often a `WatchChanges` stream checks its agent's credential again (besides at
+/// every agent change): an evicted or banned agent's stream ends.
+pub const WATCH_RECHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Most concurrent HTTP/2 streams per gRPC connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// Largest HTTP/2 header list a client may send, bytes (gRPC metadata is small).
@@ -282,6 +288,9 @@ pub struct LimitsConfig {
     pub request_timeout_seconds: u64,
     /// Connections the node API holds at once.
     pub node_api_max_connections: usize,
+    /// `WatchChanges` streams (change notices to agents) the node API holds at once;
+    /// past it an agent is refused and polls. One per agent: a new one ends the old.
+    pub node_api_max_watch_streams: usize,
     /// Connections the remote admin API holds at once.
     pub remote_admin_max_connections: usize,
     /// Connections the admin Unix socket holds at once (within the reserved descriptors).
@@ -309,6 +318,7 @@ impl Default for LimitsConfig {
             idle_timeout_seconds: 120,
             request_timeout_seconds: 300,
             node_api_max_connections: 4096,
+            node_api_max_watch_streams: 4096,
             remote_admin_max_connections: 64,
             admin_socket_max_connections: 32,
             bundle_endpoint_max_connections: 256,
@@ -348,6 +358,10 @@ impl LimitsConfig {
         }
         for (name, v) in [
             ("node_api_max_connections", self.node_api_max_connections),
+            (
+                "node_api_max_watch_streams",
+                self.node_api_max_watch_streams,
+            ),
             (
                 "remote_admin_max_connections",
                 self.remote_admin_max_connections,

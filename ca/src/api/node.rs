@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 use ztid_proto::node::{self as pb, node_server::Node};
 use ztid_verifier::VerifierStep;
 
-use crate::core::sync::{AgentRevocations, RevocationMemo, SyncRequest};
+use crate::core::sync::{
+    AgentRevocations, ChangeFeed, FeedRegistration, FeedState, RevocationMemo, SyncRequest,
+};
 use crate::core::{AuthenticatedAgent, CaCore};
 use crate::entries::to_proto;
 use crate::limits::{self, RateLimiter, ATTEST_STEP_TIMEOUT, ATTEST_TOTAL_TIMEOUT};
@@ -28,6 +30,8 @@ pub struct NodeApi {
     jwt_mints: RateLimiter,
     /// The revocations that concern agents, shared by the syncs between two changes.
     revocations: RevocationMemo,
+    /// What the `WatchChanges` streams follow.
+    feed: Arc<ChangeFeed>,
 }
 
 /// Who sent a request, for refusal records: the full address, and the key the refusal
@@ -48,15 +52,18 @@ impl Peer {
 
 impl NodeApi {
     /// A service over `core`, with the refusal and mint-rate bounds of its config.
+    /// Starts the change feed: call it within a Tokio runtime.
     pub fn new(core: Arc<CaCore>) -> Self {
         let refusals = Arc::new(RefusalAudit::from_config(&core.config.limits));
         refusals.spawn_flusher(&core);
         let jwt_mints = RateLimiter::new(core.config.limits.jwt_mints_per_agent_entry_per_minute);
+        let feed = ChangeFeed::start(&core, core.config.limits.node_api_max_watch_streams);
         Self {
             core,
             refusals,
             jwt_mints,
             revocations: RevocationMemo::default(),
+            feed,
         }
     }
 
@@ -392,5 +399,321 @@ impl Node for NodeApi {
     ) -> Result<Response<pb::Bundle>, Status> {
         self.agent(&request)?;
         Ok(Response::new(self.core.bundle().as_ref().into()))
+    }
+    type WatchChangesStream = NoticeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        let agent = self.agent(&request)?;
+        // Kept to check the credential again while the stream lasts.
+        let leaf = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|l| l.as_ref().to_vec()))
+            .unwrap_or_default();
+        let registration = self.feed.register(&agent.record.spiffe_id)?;
+        let (outbox, stream) = notice_channel();
+        let limits = &self.core.config.limits;
+        let watch = WatchTask {
+            core: self.core.clone(),
+            state: self.feed.subscribe(),
+            leaf,
+            parents: parents_of(&agent),
+            agent: agent.record.spiffe_id.clone(),
+            // Ended cleanly before the listener's request timeout closes the connection.
+            lifetime: limits.request_timeout() * 3 / 4,
+            unread_cutoff: limits::WATCH_UNREAD_CUTOFF,
+        };
+        tokio::spawn(watch.run(registration, outbox));
+        Ok(Response::new(stream))
+    }
+}
+
+fn parents_of(agent: &AuthenticatedAgent) -> std::collections::BTreeSet<String> {
+    agent.parents().into_iter().map(String::from).collect()
+}
+
+fn notice_of(s: &FeedState) -> pb::ChangeNotice {
+    pb::ChangeNotice {
+        entry_revision: s.entry_revision,
+        bundle_sequence: s.bundle_sequence,
+        revocations_version: s.revocations_version,
+        federation_version: s.federation_version,
+    }
+}
+
+/// What a `WatchChanges` stream holds between the feed and its reader: at most one
+/// notice (a newer one replaces it: notices are coalesced), and how the stream ends.
+#[derive(Debug, Default)]
+struct NoticeSlot {
+    notice: Option<pb::ChangeNotice>,
+    /// Since when the notice waits (none when the reader has taken it).
+    unread_since: Option<tokio::time::Instant>,
+    /// `Some(None)`: end cleanly; `Some(Some(status))`: end with that error.
+    end: Option<Option<Status>>,
+    finished: bool,
+}
+
+#[derive(Debug, Default)]
+struct NoticeShared {
+    slot: std::sync::Mutex<NoticeSlot>,
+    wake: tokio::sync::Notify,
+}
+
+impl NoticeShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NoticeSlot> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The feed's side of a stream.
+struct Outbox {
+    shared: Arc<NoticeShared>,
+    /// Completes (with an error) once the stream was dropped: the client went away.
+    reader_gone: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Outbox {
+    /// Replaces whatever notice waits with `notice`.
+    fn publish(&self, notice: pb::ChangeNotice) {
+        let mut slot = self.shared.lock();
+        slot.notice = Some(notice);
+        slot.unread_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        drop(slot);
+        self.shared.wake.notify_one();
+    }
+
+    /// Ends the stream: cleanly after the waiting notice, or with `error` at once.
+    fn end(&self, error: Option<Status>) {
+        let mut slot = self.shared.lock();
+        if error.is_some() {
+            slot.notice = None;
+            slot.unread_since = None;
+        }
+        slot.end = Some(error);
+        drop(slot);
+        self.shared.wake.notify_one();
+    }
+
+    fn unread_since(&self) -> Option<tokio::time::Instant> {
+        self.shared.lock().unread_since
+    }
+}
+
+/// The response stream of `WatchChanges`: yields the waiting notice whenever the
+/// client reads (HTTP/2 flow control holds a client that does not read).
+pub struct NoticeStream {
+    inner: std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ChangeNotice, Status>> + Send>>,
+}
+
+impl futures::Stream for NoticeStream {
+    type Item = Result<pb::ChangeNotice, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// The reader's state: the shared slot, and what tells the feed it went away.
+struct NoticeReader {
+    shared: Arc<NoticeShared>,
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+impl NoticeReader {
+    async fn next(&mut self) -> Option<Result<pb::ChangeNotice, Status>> {
+        loop {
+            {
+                let mut slot = self.shared.lock();
+                if slot.finished {
+                    return None;
+                }
+                if let Some(n) = slot.notice.take() {
+                    slot.unread_since = None;
+                    return Some(Ok(n));
+                }
+                if let Some(end) = slot.end.take() {
+                    slot.finished = true;
+                    return end.map(Err);
+                }
+            }
+            // notify_one keeps a permit: a publish between the check and here is seen.
+            self.shared.wake.notified().await;
+        }
+    }
+}
+
+fn notice_channel() -> (Outbox, NoticeStream) {
+    let shared = Arc::new(NoticeShared::default());
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    let reader = NoticeReader {
+        shared: shared.clone(),
+        _gone: gone_tx,
+    };
+    let stream = futures::stream::unfold(reader, |mut r| async move {
+        r.next().await.map(|item| (item, r))
+    });
+    (
+        Outbox {
+            shared,
+            reader_gone: gone_rx,
+        },
+        NoticeStream {
+            inner: Box::pin(stream),
+        },
+    )
+}
+
+/// One `WatchChanges` stream's task: follows the feed and publishes the notices that
+/// concern its agent.
+struct WatchTask {
+    core: Arc<CaCore>,
+    state: tokio::sync::watch::Receiver<Arc<FeedState>>,
+    leaf: Vec<u8>,
+    parents: std::collections::BTreeSet<String>,
+    agent: String,
+    lifetime: std::time::Duration,
+    unread_cutoff: std::time::Duration,
+}
+
+impl WatchTask {
+    /// Checks the agent's credential again; its parents may have changed (aliases).
+    /// Returns whether they did.
+    fn recheck(&mut self) -> Result<bool, Status> {
+        let agent = self.core.authenticate_agent(Some(&self.leaf)).map_err(|e| {
+            tracing::info!(agent = %self.agent, reason = %e, "change stream ended: the agent's credential no longer holds");
+            Status::from(e)
+        })?;
+        let parents = parents_of(&agent);
+        let changed = parents != self.parents;
+        self.parents = parents;
+        Ok(changed)
+    }
+
+    async fn run(mut self, mut registration: FeedRegistration, mut outbox: Outbox) {
+        let ends_at = tokio::time::Instant::now() + self.lifetime;
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + limits::WATCH_RECHECK_INTERVAL,
+            limits::WATCH_RECHECK_INTERVAL,
+        );
+        let first = self.state.borrow_and_update().clone();
+        let mut generation = first.generation;
+        // A notice at once: the agent learns where the server stands.
+        outbox.publish(notice_of(&first));
+        loop {
+            let cutoff = outbox.unread_since().map(|t| t + self.unread_cutoff);
+            tokio::select! {
+                _ = &mut outbox.reader_gone => return,
+                _ = &mut registration.replaced => {
+                    outbox.end(Some(Status::aborted(
+                        "a newer WatchChanges stream of this agent replaced this one",
+                    )));
+                    return;
+                }
+                _ = tokio::time::sleep_until(ends_at) => {
+                    outbox.end(None);
+                    return;
+                }
+                _ = tokio::time::sleep_until(cutoff.unwrap_or(ends_at)), if cutoff.is_some() => {
+                    let still = outbox
+                        .unread_since()
+                        .is_some_and(|t| t.elapsed() >= self.unread_cutoff);
+                    if still {
+                        tracing::info!(agent = %self.agent, "change stream ended: a notice stayed unread");
+                        outbox.end(Some(Status::resource_exhausted(format!(
+                            "a change notice stayed unread for {} s: sync, and watch again",
+                            self.unread_cutoff.as_secs()
+                        ))));
+                        return;
+                    }
+                }
+                _ = recheck.tick() => match self.recheck() {
+                    Ok(true) => outbox.publish(notice_of(&self.state.borrow())),
+                    Ok(false) => {}
+                    Err(s) => {
+                        outbox.end(Some(s));
+                        return;
+                    }
+                },
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        outbox.end(Some(Status::unavailable("the server is stopping")));
+                        return;
+                    }
+                    let state = self.state.borrow_and_update().clone();
+                    let action = state.action_since(generation, &self.parents);
+                    generation = state.generation;
+                    let mut notify = action.notify;
+                    if action.recheck {
+                        match self.recheck() {
+                            Ok(changed) => notify |= changed,
+                            Err(s) => {
+                                outbox.end(Some(s));
+                                return;
+                            }
+                        }
+                    }
+                    if notify {
+                        outbox.publish(notice_of(&state));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn notice(revision: u64) -> pb::ChangeNotice {
+        pb::ChangeNotice {
+            entry_revision: revision,
+            ..Default::default()
+        }
+    }
+
+    /// A reader that does not keep up gets only the latest notice: nothing is queued.
+    #[tokio::test]
+    async fn notices_for_a_slow_reader_are_coalesced_to_the_latest() {
+        let (outbox, mut stream) = notice_channel();
+        for r in 1..=1000 {
+            outbox.publish(notice(r));
+        }
+        let got = stream.next().await.unwrap().unwrap();
+        assert_eq!(got.entry_revision, 1000);
+        assert!(outbox.unread_since().is_none());
+        outbox.publish(notice(1001));
+        outbox.end(None);
+        // A clean end comes after the notice that waits.
+        assert_eq!(stream.next().await.unwrap().unwrap().entry_revision, 1001);
+        assert!(stream.next().await.is_none());
+    }
+
+    /// An error end drops the waiting notice and ends the stream with that error.
+    #[tokio::test]
+    async fn an_error_end_is_delivered_and_ends_the_stream() {
+        let (outbox, mut stream) = notice_channel();
+        outbox.publish(notice(1));
+        outbox.end(Some(Status::resource_exhausted("unread")));
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(stream.next().await.is_none());
+    }
+
+    /// The feed's side learns that the client went away (its task then ends).
+    #[tokio::test]
+    async fn a_dropped_stream_is_seen_by_the_feed() {
+        let (mut outbox, stream) = notice_channel();
+        drop(stream);
+        assert!((&mut outbox.reader_gone).await.is_err());
     }
 }

@@ -559,6 +559,345 @@ impl SyncResult {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// The change feed (issue 17): what the node API's WatchChanges streams follow.
+// ---------------------------------------------------------------------------------
+
+/// Generations of changes the feed keeps: a stream that falls further behind (it was
+/// busy) is told at once, whatever changed.
+const FEED_HISTORY: usize = 64;
+/// More parents than this in one read of the change log: every agent is told (a bulk
+/// import concerns about everyone anyway).
+const FEED_MAX_PARENTS: usize = 1000;
+/// How often the feed compares the bundle and the revocations in force (both served
+/// from memory) with what it last published: they have no change topic of their own
+/// on every path (a revocation written through another server shows up at the access
+/// refresh; another server's authority change after the reload of this one).
+pub const FEED_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whom one generation of changes concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedConcern {
+    /// Every agent: the bundle, revocations, federation, node aliases, or more
+    /// changes than the feed tells apart.
+    All,
+    /// The agents that are one of these parents (or have one as an alias).
+    Parents(BTreeSet<String>),
+    /// Some agent record changed (eviction, ban, renewal): each stream checks its
+    /// agent's credential again.
+    Agents,
+}
+
+/// The feed's state: the latest values and the recent generations of changes.
+#[derive(Debug, Clone, Default)]
+pub struct FeedState {
+    /// Counts published changes.
+    pub generation: u64,
+    /// The entry revision (`current_revision`) as of the last entry change read.
+    pub entry_revision: u64,
+    /// The bundle's sequence.
+    pub bundle_sequence: u64,
+    /// Counts changes of the revocations in force.
+    pub revocations_version: u64,
+    /// Counts federation changes.
+    pub federation_version: u64,
+    /// (generation, whom it concerns), oldest first, at most [`FEED_HISTORY`].
+    recent: std::collections::VecDeque<(u64, Arc<FeedConcern>)>,
+}
+
+/// What a stream does after the feed moved on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedAction {
+    /// Send a notice.
+    pub notify: bool,
+    /// Check the agent's credential (and aliases) again.
+    pub recheck: bool,
+}
+
+impl FeedState {
+    /// What an agent whose parents are `parents` must do about the changes after
+    /// generation `since`.
+    pub fn action_since(&self, since: u64, parents: &BTreeSet<String>) -> FeedAction {
+        let mut action = FeedAction::default();
+        if since >= self.generation {
+            return action;
+        }
+        // Generations older than the history were dropped: assume they concern it.
+        let kept_from = self.recent.front().map_or(u64::MAX, |(g, _)| *g);
+        if kept_from > since.saturating_add(1) {
+            return FeedAction {
+                notify: true,
+                recheck: true,
+            };
+        }
+        for (g, concern) in &self.recent {
+            if *g <= since {
+                continue;
+            }
+            match concern.as_ref() {
+                FeedConcern::All => action.notify = true,
+                FeedConcern::Parents(p) => {
+                    if p.iter().any(|x| parents.contains(x)) {
+                        action.notify = true
+                    }
+                }
+                FeedConcern::Agents => action.recheck = true,
+            }
+        }
+        action
+    }
+
+    /// This state with one more generation, concerning `concern`.
+    fn with(&self, concern: FeedConcern, change: impl FnOnce(&mut FeedState)) -> FeedState {
+        let mut next = self.clone();
+        change(&mut next);
+        next.generation += 1;
+        next.recent.push_back((next.generation, Arc::new(concern)));
+        while next.recent.len() > FEED_HISTORY {
+            next.recent.pop_front();
+        }
+        next
+    }
+}
+
+/// Streams registered with the feed: at most one per agent, and a total bound.
+#[derive(Debug, Default)]
+struct FeedStreams {
+    next_id: u64,
+    /// Agent SPIFFE ID -> (stream id, what ends that stream when a newer one comes).
+    by_agent: std::collections::HashMap<String, (u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// The change feed: follows the datastore's change notifications (every server's
+/// writes, on PostgreSQL), the bundle and the revocations, and publishes one
+/// [`FeedState`] that every watch stream reads. Nothing is queued per stream: a
+/// stream reads the latest state whenever it gets to it.
+#[derive(Debug)]
+pub struct ChangeFeed {
+    state: tokio::sync::watch::Receiver<Arc<FeedState>>,
+    streams: std::sync::Mutex<FeedStreams>,
+    max_streams: usize,
+}
+
+/// One registered watch stream: holds its place in the bounds until dropped.
+#[derive(Debug)]
+pub struct FeedRegistration {
+    feed: Arc<ChangeFeed>,
+    agent: String,
+    id: u64,
+    /// Completes when a newer stream of the same agent replaced this one.
+    pub replaced: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Drop for FeedRegistration {
+    fn drop(&mut self) {
+        let mut streams = self.feed.lock_streams();
+        if streams
+            .by_agent
+            .get(&self.agent)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            streams.by_agent.remove(&self.agent);
+        }
+    }
+}
+
+impl ChangeFeed {
+    /// Starts the feed's task on the current Tokio runtime; it ends when the core is
+    /// gone, the store's channel closes, or nobody holds the feed any more.
+    pub fn start(core: &Arc<CaCore>, max_streams: usize) -> Arc<Self> {
+        let initial = FeedState {
+            entry_revision: core.store.current_revision().unwrap_or(0),
+            bundle_sequence: core.bundle().sequence,
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(initial));
+        let changes = core.store.subscribe_changes();
+        tokio::spawn(run_feed(Arc::downgrade(core), changes, tx));
+        Arc::new(Self {
+            state: rx,
+            streams: std::sync::Mutex::new(FeedStreams::default()),
+            max_streams,
+        })
+    }
+
+    /// A receiver of the feed's state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<FeedState>> {
+        self.state.clone()
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, FeedStreams> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Streams registered now.
+    pub fn streams(&self) -> usize {
+        self.lock_streams().by_agent.len()
+    }
+
+    /// Registers a stream of `agent`: a stream it already has is told to end (one per
+    /// agent); refused (`ResourceExhausted`) when the server holds its bound of streams.
+    pub fn register(self: &Arc<Self>, agent: &str) -> Result<FeedRegistration> {
+        let mut streams = self.lock_streams();
+        let replacing = streams.by_agent.contains_key(agent);
+        if !replacing && streams.by_agent.len() >= self.max_streams {
+            return Err(Error::refused(
+                crate::RefusalKind::RateExceeded,
+                format!(
+                    "this server holds its bound of {} change streams \
+                     ([limits] node_api_max_watch_streams): poll with SyncEntries",
+                    self.max_streams
+                ),
+            ));
+        }
+        streams.next_id += 1;
+        let id = streams.next_id;
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        if let Some((_, old)) = streams.by_agent.insert(agent.to_string(), (id, end_tx)) {
+            let _ = old.send(());
+        }
+        Ok(FeedRegistration {
+            feed: self.clone(),
+            agent: agent.to_string(),
+            id,
+            replaced: end_rx,
+        })
+    }
+}
+
+/// What the feed last saw of the values it compares by polling.
+struct FeedPolled {
+    bundle_sequence: u64,
+    revocations_digest: Option<u64>,
+}
+
+/// The feed's loop: one generation per change notification or polled change.
+async fn run_feed(
+    core: std::sync::Weak<CaCore>,
+    mut changes: tokio::sync::broadcast::Receiver<crate::datastore::ChangeTopic>,
+    tx: tokio::sync::watch::Sender<Arc<FeedState>>,
+) {
+    use crate::datastore::ChangeTopic;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut polled = match core.upgrade() {
+        Some(c) => FeedPolled {
+            bundle_sequence: c.bundle().sequence,
+            revocations_digest: c
+                .revocations_in_force()
+                .ok()
+                .map(|r| revocations_digest(&r)),
+        },
+        None => return,
+    };
+    // The revision up to which the change log was read.
+    let mut read_to = tx.borrow().entry_revision;
+    // Changes above the revision read were seen: read again at the next poll (a
+    // transaction below them may not have been visible yet).
+    let mut reread = false;
+    let mut tick = tokio::time::interval(FEED_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let topic = tokio::select! {
+            _ = tx.closed() => return,
+            t = changes.recv() => Some(t),
+            _ = tick.tick() => None,
+        };
+        let Some(core) = core.upgrade() else { return };
+        let mut entries = reread;
+        let mut all = false;
+        match topic {
+            Some(Ok(ChangeTopic::Entries)) => entries = true,
+            Some(Ok(ChangeTopic::Agents)) => {
+                tx.send_modify(|s| *s = Arc::new(s.with(FeedConcern::Agents, |_| {})));
+            }
+            Some(Ok(ChangeTopic::Federation)) => {
+                tx.send_modify(|s| {
+                    *s = Arc::new(s.with(FeedConcern::All, |n| n.federation_version += 1))
+                });
+            }
+            // The bundle is compared below (after this server's reload).
+            Some(Ok(ChangeTopic::Authorities)) | None => {}
+            Some(Err(RecvError::Lagged(missed))) => {
+                tracing::debug!(missed, "change feed lagged: telling every agent");
+                entries = true;
+                all = true;
+            }
+            Some(Err(RecvError::Closed)) => return,
+        }
+        if entries {
+            match entry_concern(&core, read_to) {
+                Ok((revision, concern, again)) => {
+                    reread = again;
+                    read_to = read_to.max(revision);
+                    let concern = if all { FeedConcern::All } else { concern };
+                    let moved = revision > tx.borrow().entry_revision;
+                    if moved || all {
+                        tx.send_modify(|s| {
+                            *s = Arc::new(s.with(concern, |n| {
+                                n.entry_revision = n.entry_revision.max(revision)
+                            }))
+                        });
+                    }
+                }
+                Err(e) => {
+                    reread = true;
+                    tracing::warn!(error = %e, "change feed: could not read the entry changes");
+                }
+            }
+        }
+        let sequence = core.bundle().sequence;
+        if sequence != polled.bundle_sequence {
+            polled.bundle_sequence = sequence;
+            tx.send_modify(|s| {
+                *s = Arc::new(s.with(FeedConcern::All, |n| n.bundle_sequence = sequence))
+            });
+        }
+        if let Ok(r) = core.revocations_in_force() {
+            let digest = Some(revocations_digest(&r));
+            if digest != polled.revocations_digest {
+                polled.revocations_digest = digest;
+                tx.send_modify(|s| {
+                    *s = Arc::new(s.with(FeedConcern::All, |n| n.revocations_version += 1))
+                });
+            }
+        }
+    }
+}
+
+/// The current revision, whom the entry changes after `since` concern, and whether
+/// some changes were above that revision (to read again).
+fn entry_concern(core: &CaCore, since: u64) -> Result<(u64, FeedConcern, bool)> {
+    let revision = core.store.current_revision()?;
+    if revision <= since {
+        return Ok((revision, FeedConcern::Parents(BTreeSet::new()), false));
+    }
+    let changes = core.store.entry_changes_since(since)?;
+    let mut parents = BTreeSet::new();
+    let mut above = false;
+    // Read after the changes: some were compacted away, so whom they concern is unknown.
+    let mut all = since < core.store.change_log_floor()?;
+    for c in changes {
+        if c.revision > revision {
+            above = true;
+            continue;
+        }
+        // A node entry changes agents' aliases: any agent may be concerned.
+        if c.node || parents.len() >= FEED_MAX_PARENTS {
+            all = true;
+        } else {
+            parents.insert(c.parent_id);
+        }
+    }
+    let concern = if all {
+        FeedConcern::All
+    } else {
+        FeedConcern::Parents(parents)
+    };
+    Ok((revision, concern, above))
+}
+
 #[cfg(test)]
 mod tests {
     use super::page_token;
