@@ -1233,4 +1233,35 @@ fn agents_exchange_svids_for_scoped_bound_tokens_and_mcp_checks_them() {
     let r = verify();
     assert!(!r.ok && r.stderr.contains("does not chain"), "{r:?}");
     std::fs::write(&path, orig).unwrap();
+    // Who obtained what on whose behalf, offline: every token issued with the
+    // orchestrator as subject (its two own, the sub-agent's two, the sub-sub-agent's).
+    let shown = Command::new(bin("ztid-server"))
+        .args(["audit", "show", "--subject", &orchestrator.spiffe_id])
+        .args([
+            "--type",
+            "token_exchanged",
+            "--output",
+            "json",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{shown:?}");
+    let receipts: Vec<Value> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON record a line"))
+        .collect();
+    assert_eq!(
+        receipts.len(),
+        5,
+        "receipts naming the orchestrator: {receipts:#?}"
+    );
+    let texts: Vec<String> = receipts.iter().map(Value::to_string).collect();
+    for id in [&o_id, &b_id, &c_id] {
+        assert!(
+            texts.iter().any(|t| t.contains(id.as_str())),
+            "{id} is named in the orchestrator's receipts"
+        );
+    }
 }
