@@ -311,6 +311,169 @@ mod tests {
         assert!(s.revocation_of(INSTANCE, Some(NODE), 999, 1100).is_none());
     }
 
+    /// A server on sled in a temporary directory with one attested agent.
+    fn core_with_agent() -> (tempfile::TempDir, std::sync::Arc<CaCore>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let core = CaCore::open(crate::config::ServerConfig {
+            trust_domain: "example.org".into(),
+            data_dir: dir.path().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&kp)
+            .unwrap()
+            .der()
+            .to_vec();
+        let node = ztid_verifier::AttestedNode {
+            method: "join_token",
+            node_id: "n1".into(),
+            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
+            aliases: vec![],
+            evidence_digest: [7; 32],
+        };
+        let (agent, _) = core.complete_attestation(&node, &csr).unwrap();
+        (dir, core, agent.spiffe_id)
+    }
+
+    #[test]
+    fn revoke_stores_what_each_kind_kills_and_a_node_revocation_bans_the_agent() {
+        let (_dir, core, agent) = core_with_agent();
+        let entry = core
+            .create_entry(&ztid_proto::node::Entry {
+                spiffe_id: APP.into(),
+                parent_id: agent.clone(),
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        let issued_before = now() - 1;
+
+        let r = core
+            .revoke(RevocationKind::Instance, INSTANCE, "leaked", "test")
+            .unwrap();
+        assert_eq!(
+            (r.spiffe_id.as_str(), r.reason.as_str()),
+            (INSTANCE, "leaked")
+        );
+        // Past every credential issued before it (defaults: 3600 s X509-SVIDs) + 60 s.
+        assert_eq!(r.expires_at - r.revoked_at, 3660);
+        // Counted at once by the server that wrote it.
+        assert_eq!(
+            core.revocation_of(INSTANCE, None, now() + 100).unwrap(),
+            Some(r.clone())
+        );
+
+        let r = core
+            .revoke(RevocationKind::Entry, &entry.id, "", "test")
+            .unwrap();
+        assert_eq!(r.spiffe_id, APP);
+        let other = "spiffe://example.org/app/4567";
+        assert!(core
+            .revocation_of(other, None, issued_before)
+            .unwrap()
+            .is_some());
+
+        let r = core
+            .revoke(RevocationKind::Node, &agent, "", "test")
+            .unwrap();
+        assert_eq!(
+            (r.target.as_str(), r.spiffe_id.as_str()),
+            (agent.as_str(), "")
+        );
+        assert!(core.store.get_agent(&agent).unwrap().unwrap().banned);
+        let elsewhere = "spiffe://example.org/db/1";
+        assert!(core
+            .revocation_of(elsewhere, Some(&agent), issued_before)
+            .unwrap()
+            .is_some());
+        assert!(core
+            .revocation_of(elsewhere, None, issued_before)
+            .unwrap()
+            .is_none());
+        assert_eq!(core.revocations_in_force().unwrap().len(), 3);
+        assert_eq!(core.list_revocations().unwrap().len(), 3);
+
+        // Refusals, each of its kind, storing nothing.
+        let refused = |kind, target: &str, reason: &str| {
+            core.revoke(kind, target, reason, "test").unwrap_err()
+        };
+        assert!(matches!(
+            refused(RevocationKind::Entry, "nope", ""),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            refused(RevocationKind::Instance, "spiffe://other.org/app/1", ""),
+            Error::InvalidInput(_)
+        ));
+        assert!(matches!(
+            refused(RevocationKind::Instance, "spiffe://example.org", ""),
+            Error::InvalidInput(_)
+        ));
+        assert!(matches!(
+            refused(RevocationKind::Node, APP, ""),
+            Error::InvalidInput(_)
+        ));
+        assert!(matches!(
+            refused(RevocationKind::Instance, INSTANCE, "a\nb"),
+            Error::InvalidInput(_)
+        ));
+        assert!(matches!(
+            refused(
+                RevocationKind::Instance,
+                INSTANCE,
+                &"r".repeat(MAX_REASON_BYTES + 1)
+            ),
+            Error::InvalidInput(_)
+        ));
+        assert_eq!(core.list_revocations().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn grants_are_created_listed_and_deleted_through_the_core() {
+        let (_dir, core, _) = core_with_agent();
+        let req = crate::datastore::GrantRecord {
+            id: String::new(),
+            spiffe_id: APP.into(),
+            audience: "https://mcp.example".into(),
+            scopes: vec!["tools.read".into()],
+            ttl_seconds: 0,
+            max_per_minute: 0,
+            node_selectors: Vec::new(),
+            may_delegate: false,
+            created_at: 0,
+        };
+        let g = core.create_grant(&req, "test").unwrap();
+        assert_eq!(
+            core.grants_for(INSTANCE, "https://mcp.example").unwrap(),
+            [g.clone()]
+        );
+        assert_eq!(core.get_grant(&g.id).unwrap(), g);
+        assert_eq!(core.list_grants(Some(APP)).unwrap(), [g.clone()]);
+        assert!(core.list_grants(Some(INSTANCE)).unwrap().is_empty());
+        // The [sts] maximum (its default without an [sts] table) bounds the TTL.
+        let mut long = req.clone();
+        long.ttl_seconds = crate::config::StsConfig::DEFAULT_MAX_TTL_SECONDS + 1;
+        assert!(matches!(
+            core.create_grant(&long, "test"),
+            Err(Error::InvalidInput(_))
+        ));
+        assert_eq!(core.delete_grant(&g.id, "test").unwrap(), g);
+        assert!(core
+            .grants_for(INSTANCE, "https://mcp.example")
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            core.delete_grant(&g.id, "test"),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(core.get_grant(&g.id), Err(Error::NotFound(_))));
+    }
+
     #[test]
     fn the_first_revocation_in_force_is_found_among_several() {
         let mut expired = rev(RevocationKind::Instance, INSTANCE, INSTANCE, 0);
