@@ -1,6 +1,7 @@
 //! [`Guarded`]: the stream wrapper that enforces a connection's deadlines, failing every
-//! read and write once the connection is past them or closed for room; and its
-//! [`Connected`] impls, through which tonic's handlers find the connection.
+//! read and write once the connection is past them or closed for room, and whose
+//! shutdown lingers ([`super::linger`]) so the server's last answer reaches the peer;
+//! and its [`Connected`] impls, through which tonic's handlers find the connection.
 
 use std::future::Future;
 use std::io;
@@ -15,6 +16,7 @@ use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo, UdsConnectInfo};
 
 use super::connection::{ConnHandle, ConnState};
+use super::linger::Linger;
 
 /// A connection's stream that fails every read and write once the connection is past
 /// its deadline or closed for room, which makes the server drop it.
@@ -23,6 +25,8 @@ pub struct Guarded<IO> {
     conn: ConnHandle,
     timer: Pin<Box<Sleep>>,
     armed_for: Option<Instant>,
+    /// Set once the write side is shut down: the input drain that follows.
+    linger: Option<Linger>,
 }
 
 impl<IO> Guarded<IO> {
@@ -33,6 +37,7 @@ impl<IO> Guarded<IO> {
             conn,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             armed_for: None,
+            linger: None,
         }
     }
 
@@ -86,7 +91,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -120,8 +125,25 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
+    /// Shuts the write side down, then discards the peer's input for a bounded time
+    /// (see [`super::linger`]), so that dropping the socket sends FIN, not RST. A
+    /// connection past its deadline or closed for room is shut down without that.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.check(cx).is_err() {
+            if this.linger.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        }
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.linger = Some(Linger::start());
+        }
+        match &mut this.linger {
+            Some(linger) => linger.poll_drain(&mut this.io, cx).map(Ok),
+            None => Poll::Ready(Ok(())),
+        }
     }
 }
 

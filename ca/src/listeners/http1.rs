@@ -9,13 +9,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::accept::accept_admitted;
 use super::connection::ConnState;
 use super::guarded_io::Guarded;
-use super::linger::close_gracefully;
 use super::listener::Listener;
 use super::timeouts::Timeouts;
 
@@ -143,8 +142,10 @@ pub fn serve_http1_async<H, F>(
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(&mut stream), svc)
                     .await;
-                // An answer sent before the body was read (413) must reach the client.
-                close_gracefully(&mut stream).await;
+                // hyper shuts a connection it ends cleanly down itself; this covers the
+                // others. Either way `Guarded` lingers, so an answer sent before the
+                // body was read (413) reaches the client.
+                let _ = stream.shutdown().await;
             });
         }
     });

@@ -52,7 +52,7 @@ pub use connection::{ConnHandle, ConnState, RequestGuard};
 pub use descriptors::{nofile_soft_limit, raise_nofile_limit, DescriptorBudget};
 pub use guarded_io::{Guarded, Tracked};
 pub use http1::{serve_http1, serve_http1_async};
-pub use linger::{close_gracefully, LINGER, LINGER_BYTES};
+pub use linger::{LINGER, LINGER_BYTES};
 pub use listener::Listener;
 pub use timeouts::Timeouts;
 pub use tls::tls_incoming;

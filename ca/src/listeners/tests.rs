@@ -78,3 +78,47 @@ fn over_the_slack_new_connections_are_refused() {
     }
     assert!(admit(&l, "y", false).is_none());
 }
+
+#[tokio::test]
+async fn a_closing_connection_lingers_so_its_last_words_arrive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(tcp.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, peer) = tcp.accept().await.unwrap();
+    let l = Listener::new("test", 3, timeouts(), None);
+    let conn = l.admit_now(peer.to_string(), Some(peer), false).unwrap();
+    let mut guarded = super::Guarded::new(server, conn);
+    let (mut from_server, mut to_server) = client.into_split();
+    // The client has written what the server will never read (a flood, a body the
+    // server refused unread) and keeps writing while it reads, as a client writing
+    // before it reads does: a TLS stream with output pending, the e2e flooder.
+    to_server.write_all(&vec![7u8; 64 * 1024]).await.unwrap();
+    let server = tokio::spawn(async move {
+        guarded.write_all(b"GOAWAY").await.unwrap();
+        let started = std::time::Instant::now();
+        guarded.shutdown().await.unwrap();
+        started.elapsed()
+    });
+    let mut last_words = [0u8; 6];
+    from_server.read_exact(&mut last_words).await.unwrap();
+    assert_eq!(&last_words, b"GOAWAY");
+    // Without the linger the server's close with unread input is a RST, and this write
+    // fails (the client then never gets to read).
+    to_server
+        .write_all(&vec![7u8; 16 * 1024])
+        .await
+        .expect("the server still reads while it closes");
+    let mut rest = Vec::new();
+    let read = from_server.read_to_end(&mut rest).await;
+    assert!(
+        read.is_ok() && rest.is_empty(),
+        "a FIN after the last words: {read:?}"
+    );
+    drop((from_server, to_server));
+    // The client closed its side: the linger ends there, not at its bound.
+    let lingered = server.await.unwrap();
+    assert!(lingered < super::LINGER, "lingered {lingered:?}");
+    assert_eq!(l.open_connections(), 0);
+}
