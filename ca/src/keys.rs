@@ -94,7 +94,7 @@ fn read_pin_file(file: &Path) -> Result<Zeroizing<String>> {
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {
         return Err(Error::Config(format!(
-            "PKCS#11 PIN file {shown} is accessible to others (mode {mode:03o}): chmod 600 it"
+            "PKCS#11 PIN file {shown} is accessible to others (mode {mode:03o}): run `chmod 600 {shown}` (owner-only, the server's user), then start the server again"
         )));
     }
     if mode & 0o070 != 0 {

@@ -39,6 +39,13 @@ pub struct JoinTokenVerifier<S> {
     store: S,
 }
 
+/// The refusal of a token this server does not hold (never issued, already redeemed, or
+/// expired and then removed), with the way on.
+const SPENT: &str = "join token is unknown or was already used (a token attests one agent, once): make a new one with `ztid-server token generate` and start the agent with it";
+
+/// The refusal of an expired token, with the way on.
+const EXPIRED: &str = "join token has expired: make a new one with `ztid-server token generate` (--ttl SECONDS for a longer life) and start the agent with it";
+
 impl<S: JoinTokenStore> JoinTokenVerifier<S> {
     /// A verifier redeeming tokens from `store`.
     pub fn new(store: S) -> Self {
@@ -58,16 +65,14 @@ impl<S: JoinTokenStore> NodeVerifier for JoinTokenVerifier<S> {
             return Err(Error::refused(Malformed, "join token is empty or too long"));
         }
         let hash = token_hash(token);
-        let grant = self.store.take_join_token(&hash)?.ok_or_else(|| {
-            Error::refused(TokenUnknown, "join token is unknown or was already used")
-        })?;
+        let grant = self
+            .store
+            .take_join_token(&hash)?
+            .ok_or_else(|| Error::refused(TokenUnknown, SPENT))?;
         // The lookup was by hash; comparing again in constant time costs nothing and keeps
         // the check independent of how a store implements its lookup.
         if !bool::from(grant.hash.ct_eq(&hash)) {
-            return Err(Error::refused(
-                TokenUnknown,
-                "join token is unknown or was already used",
-            ));
+            return Err(Error::refused(TokenUnknown, SPENT));
         }
         let now = ctx
             .now
@@ -75,7 +80,7 @@ impl<S: JoinTokenStore> NodeVerifier for JoinTokenVerifier<S> {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         if now >= grant.expires_at {
-            return Err(Error::refused(TokenExpired, "join token has expired"));
+            return Err(Error::refused(TokenExpired, EXPIRED));
         }
         let mut selectors = vec![Selector::new("join-token", "used")?];
         selectors.push(Selector::new("join-token", &format!("id:{}", grant.id))?);
@@ -149,19 +154,13 @@ mod tests {
             }
             VerifierStep::Challenge(..) => panic!("no challenge expected"),
         }
-        assert_eq!(
-            refusal(TokenUnknown, v.start(b"tok-a", &ctx(10))),
-            "join token is unknown or was already used"
-        );
-        assert_eq!(
-            refusal(TokenExpired, v.start(b"tok-b", &ctx(60))),
-            "join token has expired"
-        );
+        assert_eq!(refusal(TokenUnknown, v.start(b"tok-a", &ctx(10))), SPENT);
+        assert_eq!(refusal(TokenExpired, v.start(b"tok-b", &ctx(60))), EXPIRED);
         // An expired token is consumed too: it cannot be retried.
-        assert_eq!(
-            refusal(TokenUnknown, v.start(b"tok-b", &ctx(10))),
-            "join token is unknown or was already used"
-        );
+        assert_eq!(refusal(TokenUnknown, v.start(b"tok-b", &ctx(10))), SPENT);
+        assert!(SPENT.starts_with("join token is unknown or was already used"));
+        assert!(EXPIRED.starts_with("join token has expired"));
+        assert!(SPENT.contains("ztid-server token generate"));
         assert_eq!(
             refusal(Malformed, v.start(b"", &ctx(10))),
             "join token is empty or too long"

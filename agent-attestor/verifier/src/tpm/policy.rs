@@ -98,7 +98,7 @@ impl TpmPolicy {
             None if uncertified_ek => EkCaStore::default(),
             None => {
                 return Err(Error::Config(format!(
-                    "{T} needs ek_ca_dir (the directory of TPM manufacturer CA certificates; flag --tpm-ek-ca)"
+                    "{T} needs ek_ca_dir, the directory of the TPM manufacturers' CA certificates that EK certificates must chain to: pass --tpm-ek-ca DIR to `ztid-server run` (or set ek_ca_dir in {T}; uncertified_ek = \"svsm-bound\" where SEV-SNP reports vouch for every EK)"
                 )))
             }
         };

@@ -69,6 +69,8 @@ pub struct AdminCaller(pub String);
 /// The policy: local uids and remote SPIFFE IDs with their roles.
 pub struct AdminPolicy {
     local_uids: Vec<u32>,
+    /// What a refused local caller can do ([`Self::local_next_step`]).
+    local_next_step: String,
     remote_roles: HashMap<String, Vec<Role>>,
     issuers: AdminIssuers,
     audit: Option<Arc<AuditLog>>,
@@ -90,12 +92,33 @@ impl AdminPolicy {
         refusals: Arc<RefusalAudit>,
     ) -> Self {
         Self {
+            local_next_step: Self::local_next_step(&local_uids),
             local_uids,
             remote_roles,
             issuers,
             audit,
             refusals,
         }
+    }
+
+    /// What a refused local caller can do, for the refusal it receives (not for the
+    /// audit record, which keeps the short reason): the admitted uids, by name where
+    /// this host knows them. Made once, so a flood of refused calls reads no user
+    /// database.
+    fn local_next_step(local_uids: &[u32]) -> String {
+        let users: Vec<String> = local_uids
+            .iter()
+            .map(
+                |&uid| match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                    Ok(Some(u)) => format!("{} (uid {uid})", u.name),
+                    _ => format!("uid {uid}"),
+                },
+            )
+            .collect();
+        format!(
+            "this server admits {} on its admin socket: run the command as that user (`sudo -u USER ztid-server ...`), or add the uid to admin_uids in the server's config",
+            users.join(", ")
+        )
     }
 
     /// Whether `uid` is admitted on the admin socket.
@@ -270,7 +293,12 @@ impl PerRequest for AdminAuthzLayer {
                 let (caller, reason, _) = &refused;
                 tracing::warn!(event = "admin_refused", caller = %caller, call = %method, reason = %reason, "admin call refused");
                 policy.audit_refused(req.extensions(), &refused, &method);
-                let refusal = Error::refused(RefusalKind::CallNotAllowed, refused.1);
+                let message = if refused.2 == "admin_uid_not_admitted" {
+                    format!("{}: {}", refused.1, policy.local_next_step)
+                } else {
+                    refused.1
+                };
+                let refusal = Error::refused(RefusalKind::CallNotAllowed, message);
                 let resp = tonic::Status::from(refusal).into_http();
                 Box::pin(async move { Ok(resp) })
             }
