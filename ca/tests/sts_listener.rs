@@ -2,6 +2,13 @@
 //! that trusts only the trust bundle and checks the name `127.0.0.1` (what an OAuth
 //! client in Python does with the bundle as its CA file), metadata, JWKS, the request
 //! bounds and the refusals.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "integration test: a panic is a failed test"
+)]
 
 use std::sync::Arc;
 
