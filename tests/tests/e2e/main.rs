@@ -9,6 +9,7 @@ mod agent_failover;
 mod audit;
 mod cluster;
 mod cluster_sync;
+mod entry_push;
 mod entry_scale;
 mod federation;
 mod hsm_pkcs11;
