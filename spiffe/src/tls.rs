@@ -298,7 +298,27 @@ impl ServerCertVerifier for ServerSvidVerifier {
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
         let roots = roots.load();
-        let id = verify_chain(&chain, &roots, now, Usage::Server).map_err(tls_error)?;
+        let id = verify_chain(&chain, &roots, now, Usage::Server).map_err(|e| {
+            let text = e.to_string();
+            // A ztid server (an agent's own) whose chain meets no root of the bundle (or
+            // a root of the same name with another key): the bundle is another server's
+            // or outdated. Say how to get the right one; the
+            // federation poller (unpinned) keeps the bare reason.
+            if matches!(self.issuer_id, IssuerPin::TrustDomain(_))
+                && ["UnknownIssuer", "InvalidSignatureForPublicKey"]
+                    .iter()
+                    .any(|why| text.contains(why))
+            {
+                rustls::Error::General(format!(
+                    "{text}: the server's certificate is not signed by any authority in this \
+                     agent's trust bundle (another server's bundle, or an outdated one): export \
+                     it again on the server with `ztid-server bundle show > FILE` and pass \
+                     --trust-bundle FILE"
+                ))
+            } else {
+                tls_error(e)
+            }
+        })?;
         // Both sides are canonical strings: equal strings are the same identity.
         if id.to_string() != self.expected_id {
             return Err(rustls::Error::General(format!(
@@ -436,6 +456,17 @@ mod tests {
         let (ztid2, _) = ca("spiffe://example.org", Some(&org_issuer));
         let e = verify(vec![leaf(SERVER, &sibling_issuer), ztid2, sibling], &org).unwrap_err();
         assert!(e.contains("not an X.509 authority"), "{e}");
+    }
+
+    #[test]
+    fn another_servers_bundle_is_refused_with_the_way_to_the_right_one() {
+        let (_, issuer) = ca("spiffe://example.org", None);
+        let (other_root, _) = ca("spiffe://example.org", None);
+        let e = verify(vec![leaf(SERVER, &issuer)], &other_root).unwrap_err();
+        assert!(
+            e.contains("ztid-server bundle show") && e.contains("--trust-bundle"),
+            "{e}"
+        );
     }
 
     #[test]
