@@ -433,7 +433,8 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
         }
         Command::Man { dir } => {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            clap_mangen::generate_to(Cli::command(), dir)
+            // Every page's header names the version, not only the top one's.
+            clap_mangen::generate_to(Cli::command().propagate_version(true), dir)
                 .map_err(|e| format!("writing man pages into {}: {e}", dir.display()))?;
             println!("Wrote the man pages to {}", dir.display());
         }
@@ -693,5 +694,27 @@ mod human {
             assert_eq!(elapsed(std::time::Duration::from_millis(61_500)), "1m1s");
             assert_eq!(rfc3339(i64::MAX), format!("@{}", i64::MAX));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn man_pages_and_completions_come_from_the_clap_definitions() {
+        let dir = tempfile::tempdir().unwrap();
+        clap_mangen::generate_to(Cli::command().propagate_version(true), dir.path()).unwrap();
+        let page = std::fs::read_to_string(dir.path().join("ztid-agent-api-fetch-x509.1")).unwrap();
+        assert!(page.contains(".TH") && page.contains(env!("CARGO_PKG_VERSION")));
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "ztid-agent",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        assert!(script.contains("fetch") && script.contains("--trust-bundle"));
     }
 }

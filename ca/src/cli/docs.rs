@@ -24,7 +24,8 @@ pub(super) fn completions(shell: Shell) -> Result<(), String> {
 /// `dir`, creating it; prints how many.
 pub(super) fn man(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let cmd = Cli::command();
+    // Every page's header names the version, not only the top one's.
+    let cmd = Cli::command().propagate_version(true);
     let pages = pages(&cmd);
     clap_mangen::generate_to(cmd, dir)
         .map_err(|e| format!("writing man pages into {}: {e}", dir.display()))?;
