@@ -450,10 +450,13 @@ mod tests {
         let g = core.create_grant(&req, "test").unwrap();
         assert_eq!(
             core.grants_for(INSTANCE, "https://mcp.example").unwrap(),
-            [g.clone()]
+            std::slice::from_ref(&g)
         );
         assert_eq!(core.get_grant(&g.id).unwrap(), g);
-        assert_eq!(core.list_grants(Some(APP)).unwrap(), [g.clone()]);
+        assert_eq!(
+            core.list_grants(Some(APP)).unwrap(),
+            std::slice::from_ref(&g)
+        );
         assert!(core.list_grants(Some(INSTANCE)).unwrap().is_empty());
         // The [sts] maximum (its default without an [sts] table) bounds the TTL.
         let mut long = req.clone();
