@@ -106,17 +106,30 @@ impl AdminPolicy {
     /// this host knows them. Made once, so a flood of refused calls reads no user
     /// database.
     fn local_next_step(local_uids: &[u32]) -> String {
-        let users: Vec<String> = local_uids
+        let named: Vec<(u32, Option<String>)> = local_uids
             .iter()
-            .map(
-                |&uid| match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                    Ok(Some(u)) => format!("{} (uid {uid})", u.name),
-                    _ => format!("uid {uid}"),
-                },
-            )
+            .map(|&uid| {
+                let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name);
+                (uid, name)
+            })
             .collect();
+        let users: Vec<String> = named
+            .iter()
+            .map(|(uid, name)| match name {
+                Some(n) => format!("{n} (uid {uid})"),
+                None => format!("uid {uid}"),
+            })
+            .collect();
+        // One admitted user with a name (the usual case): the exact command.
+        let run_as = match named.as_slice() {
+            [(_, Some(name))] => format!("`sudo -u {name} ztid-server ...`"),
+            _ => "`sudo -u USER ztid-server ...`".to_string(),
+        };
         format!(
-            "this server admits {} on its admin socket: run the command as that user (`sudo -u USER ztid-server ...`), or add the uid to admin_uids in the server's config",
+            "this server admits {} on its admin socket: run the command as that user ({run_as}), or add the uid to admin_uids in the server's config",
             users.join(", ")
         )
     }
@@ -309,6 +322,20 @@ impl PerRequest for AdminAuthzLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_uid_is_told_who_is_admitted_and_what_to_run() {
+        let step = AdminPolicy::local_next_step(&[0]);
+        assert!(step.contains("root (uid 0)"), "{step}");
+        assert!(step.contains("`sudo -u root ztid-server ...`"), "{step}");
+        assert!(step.contains("admin_uids"), "{step}");
+        // A uid no user has: named by number, the command left generic.
+        let step = AdminPolicy::local_next_step(&[4_000_000_001]);
+        assert!(
+            step.contains("uid 4000000001") && step.contains("sudo -u USER"),
+            "{step}"
+        );
+    }
 
     #[test]
     fn roles_grant_only_their_calls() {
