@@ -175,7 +175,9 @@ async fn registrations_and_deletions_reach_workloads_within_200ms_p99() {
     let mut created = Vec::with_capacity(ROUNDS);
     let mut deleted = Vec::with_capacity(ROUNDS);
     let run = Instant::now();
-    for i in 0..ROUNDS {
+    // Round 0 is not measured: it opens the connections and the workload's instance
+    // on the agent, once per agent and process, not per registration.
+    for i in 0..=ROUNDS {
         let id = format!("spiffe://{TD}/push/{i}");
         let prefix = format!("{id}/");
         let t = Instant::now();
@@ -185,7 +187,7 @@ async fn registrations_and_deletions_reach_workloads_within_200ms_p99() {
             .expect("create entry")
             .into_inner();
         let mut stream = first_svid(&mut w, &prefix).await;
-        created.push(t.elapsed());
+        let to_svid = t.elapsed();
 
         let t = Instant::now();
         admin
@@ -193,7 +195,10 @@ async fn registrations_and_deletions_reach_workloads_within_200ms_p99() {
             .await
             .expect("delete entry");
         identity_removed(&mut stream, &prefix).await;
-        deleted.push(t.elapsed());
+        if i > 0 {
+            created.push(to_svid);
+            deleted.push(t.elapsed());
+        }
     }
     let total = run.elapsed();
     let (c50, c99) = percentiles(&mut created);
@@ -212,7 +217,12 @@ async fn registrations_and_deletions_reach_workloads_within_200ms_p99() {
         d99.as_secs_f64() * 1e3,
         deleted.last().unwrap().as_secs_f64() * 1e3
     );
-    println!("{ROUNDS} rounds in {:.1} s", total.as_secs_f64());
+    println!(
+        "{ROUNDS} rounds (+1 unmeasured) in {:.1} s; over {BOUND:?}: {} creations, {} deletions",
+        total.as_secs_f64(),
+        created.iter().filter(|d| **d >= BOUND).count(),
+        deleted.iter().filter(|d| **d >= BOUND).count()
+    );
     assert!(c99 < BOUND, "creation p99 {c99:?} over {BOUND:?}");
     assert!(d99 < BOUND, "deletion p99 {d99:?} over {BOUND:?}");
     drop(agent.proc);
