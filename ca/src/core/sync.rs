@@ -903,6 +903,48 @@ mod tests {
     use super::page_token;
     use super::*;
 
+    /// A stream is told of changes under its parents and of changes for everyone, not
+    /// of other agents' entries; one that fell behind the history is told at once.
+    #[test]
+    fn the_feed_tells_a_stream_what_concerns_its_agent() {
+        let mine: BTreeSet<String> = ["spiffe://td/agent/a".to_string()].into();
+        let only = |p: &str| FeedConcern::Parents([p.to_string()].into());
+        let s0 = FeedState::default();
+        let s1 = s0.with(only("spiffe://td/agent/b"), |_| {});
+        assert_eq!(s1.action_since(0, &mine), FeedAction::default());
+        let s2 = s1.with(only("spiffe://td/agent/a"), |_| {});
+        assert!(s2.action_since(1, &mine).notify);
+        assert!(s2.action_since(0, &mine).notify);
+        assert_eq!(s2.action_since(2, &mine), FeedAction::default());
+        let s3 = s2.with(FeedConcern::Agents, |_| {});
+        assert_eq!(
+            s3.action_since(2, &mine),
+            FeedAction {
+                notify: false,
+                recheck: true
+            }
+        );
+        let s4 = s3.with(FeedConcern::All, |n| n.revocations_version += 1);
+        assert!(s4.action_since(3, &mine).notify);
+        // Past the history: everything is assumed to concern it.
+        let mut s = s4;
+        for _ in 0..FEED_HISTORY {
+            s = s.with(only("spiffe://td/agent/b"), |_| {});
+        }
+        assert_eq!(s.recent.len(), FEED_HISTORY);
+        assert_eq!(
+            s.action_since(1, &mine),
+            FeedAction {
+                notify: true,
+                recheck: true
+            }
+        );
+        assert_eq!(
+            s.action_since(s.generation - 1, &mine),
+            FeedAction::default()
+        );
+    }
+
     /// `t` with its middle character changed.
     fn tampered(t: &str) -> String {
         let mut chars: Vec<char> = t.chars().collect();
