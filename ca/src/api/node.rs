@@ -709,6 +709,91 @@ mod watch_tests {
         assert!(stream.next().await.is_none());
     }
 
+    /// A server with one attested agent, and that agent's leaf certificate.
+    fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
+        let dir = tempfile::tempdir().unwrap();
+        let core = CaCore::open(crate::config::ServerConfig {
+            trust_domain: "example.org".into(),
+            data_dir: dir.path().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&kp)
+            .unwrap()
+            .der()
+            .to_vec();
+        let node = ztid_verifier::AttestedNode {
+            method: "join_token",
+            node_id: "n1".into(),
+            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
+            aliases: vec![],
+            evidence_digest: [7; 32],
+        };
+        let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
+        let leaf = leaf.chain.first().unwrap().clone();
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        (dir, core, leaf, agent)
+    }
+
+    fn task(
+        core: &Arc<CaCore>,
+        feed: &ChangeFeed,
+        leaf: Vec<u8>,
+        agent: &AuthenticatedAgent,
+    ) -> WatchTask {
+        WatchTask {
+            core: core.clone(),
+            state: feed.subscribe(),
+            leaf,
+            parents: parents_of(agent),
+            agent: agent.record.spiffe_id.clone(),
+            lifetime: std::time::Duration::from_secs(3600),
+            unread_cutoff: std::time::Duration::from_millis(100),
+        }
+    }
+
+    /// A client that leaves its notice unread past the cutoff is cut off: the stream
+    /// ends with ResourceExhausted, and the server lets go of its place in the bounds.
+    #[tokio::test]
+    async fn a_reader_that_leaves_a_notice_unread_is_cut_off() {
+        let (_dir, core, leaf, agent) = core_with_agent();
+        let feed = ChangeFeed::start(&core, 1);
+        let registration = feed.register(&agent.record.spiffe_id).unwrap();
+        assert_eq!(feed.streams(), 1);
+        let (outbox, mut stream) = notice_channel();
+        // The first notice goes out at once and is never read.
+        task(&core, &feed, leaf, &agent)
+            .run(registration, outbox)
+            .await;
+        assert_eq!(feed.streams(), 0, "the cut-off stream left the bounds");
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(stream.next().await.is_none());
+    }
+
+    /// A server at its bound of streams refuses another agent's, and a second stream of
+    /// the same agent ends the first (Aborted).
+    #[tokio::test]
+    async fn streams_are_bounded_in_total_and_one_per_agent() {
+        let (_dir, core, leaf, agent) = core_with_agent();
+        let feed = ChangeFeed::start(&core, 1);
+        let first = feed.register(&agent.record.spiffe_id).unwrap();
+        match feed.register("spiffe://example.org/ztid/agent/other") {
+            Err(crate::Error::Refused(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        let (outbox, mut stream) = notice_channel();
+        let running = tokio::spawn(task(&core, &feed, leaf, &agent).run(first, outbox));
+        assert!(stream.next().await.unwrap().is_ok(), "the first notice");
+        let _second = feed.register(&agent.record.spiffe_id).unwrap();
+        running.await.unwrap();
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+        assert_eq!(feed.streams(), 1);
+    }
+
     /// The feed's side learns that the client went away (its task then ends).
     #[tokio::test]
     async fn a_dropped_stream_is_seen_by_the_feed() {
