@@ -75,7 +75,7 @@ fn print_grant(g: &pb::Grant, out: Output) {
             if g.ttl_seconds == 0 {
                 println!("Token TTL     : the [sts] default");
             } else {
-                println!("Token TTL     : {}", g.ttl_seconds);
+                println!("Token TTL     : {}", super::output::duration(g.ttl_seconds));
             }
             if g.max_per_minute == 0 {
                 println!("Max per minute: no cap");
@@ -86,7 +86,7 @@ fn print_grant(g: &pb::Grant, out: Output) {
                 println!("Node selector : {s}");
             }
             println!("May delegate  : {}", g.may_delegate);
-            println!("Created at    : {}", g.created_at);
+            println!("Created at    : {}", super::output::when(g.created_at));
             println!();
         }
     }

@@ -47,8 +47,8 @@ fn print_revocation(r: &pb::Revocation, out: Output) {
             if !r.spiffe_id.is_empty() && r.spiffe_id != r.target {
                 println!("SPIFFE ID     : {}", r.spiffe_id);
             }
-            println!("Revoked at    : {}", r.revoked_at);
-            println!("Expires at    : {}", r.expires_at);
+            println!("Revoked at    : {}", super::output::when(r.revoked_at));
+            println!("Kept until    : {}", super::output::expiry(r.expires_at));
             if !r.reason.is_empty() {
                 println!("Reason        : {}", r.reason);
             }
@@ -86,11 +86,14 @@ pub(super) async fn run(client: &mut Client, cmd: &InstanceCmd, out: Output) -> 
                 match r.kind.as_str() {
                     "entry" => println!(
                         "Revoked every instance of entry {} ({}) issued before {}",
-                        r.target, r.spiffe_id, r.revoked_at
+                        r.target,
+                        r.spiffe_id,
+                        super::output::rfc3339(r.revoked_at)
                     ),
                     "node" => println!(
                         "Revoked everything issued through {} before {}; the agent is banned",
-                        r.target, r.revoked_at
+                        r.target,
+                        super::output::rfc3339(r.revoked_at)
                     ),
                     _ => println!("Revoked {}", r.target),
                 }
