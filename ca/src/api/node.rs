@@ -709,34 +709,6 @@ mod watch_tests {
         assert!(stream.next().await.is_none());
     }
 
-    /// A server with one attested agent, and that agent's leaf certificate.
-    fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
-        let dir = tempfile::tempdir().unwrap();
-        let core = CaCore::open(crate::config::ServerConfig {
-            trust_domain: "example.org".into(),
-            data_dir: dir.path().into(),
-            ..Default::default()
-        })
-        .unwrap();
-        let kp = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&kp)
-            .unwrap()
-            .der()
-            .to_vec();
-        let node = ztid_verifier::AttestedNode {
-            method: "join_token",
-            node_id: "n1".into(),
-            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
-            aliases: vec![],
-            evidence_digest: [7; 32],
-        };
-        let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
-        let leaf = leaf.chain.first().unwrap().clone();
-        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
-        (dir, core, leaf, agent)
-    }
-
     fn task(
         core: &Arc<CaCore>,
         feed: &ChangeFeed,
@@ -758,7 +730,7 @@ mod watch_tests {
     /// ends with ResourceExhausted, and the server lets go of its place in the bounds.
     #[tokio::test]
     async fn a_reader_that_leaves_a_notice_unread_is_cut_off() {
-        let (_dir, core, leaf, agent) = core_with_agent();
+        let (_dir, core, leaf, agent) = crate::core::testing::core_with_agent();
         let feed = ChangeFeed::start(&core, 1);
         let registration = feed.register(&agent.record.spiffe_id).unwrap();
         assert_eq!(feed.streams(), 1);
@@ -777,7 +749,7 @@ mod watch_tests {
     /// the same agent ends the first (Aborted).
     #[tokio::test]
     async fn streams_are_bounded_in_total_and_one_per_agent() {
-        let (_dir, core, leaf, agent) = core_with_agent();
+        let (_dir, core, leaf, agent) = crate::core::testing::core_with_agent();
         let feed = ChangeFeed::start(&core, 1);
         let first = feed.register(&agent.record.spiffe_id).unwrap();
         match feed.register("spiffe://example.org/ztid/agent/other") {

@@ -47,6 +47,8 @@ pub mod rotation;
 pub mod server_svid;
 pub mod store;
 pub mod sync;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use agent_auth::AuthenticatedAgent;
 pub use cluster::CLUSTER_RELOAD_FALLBACK_SECONDS;

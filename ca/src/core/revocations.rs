@@ -311,35 +311,10 @@ mod tests {
         assert!(s.revocation_of(INSTANCE, Some(NODE), 999, 1100).is_none());
     }
 
-    /// A server on sled in a temporary directory with one attested agent.
-    fn core_with_agent() -> (tempfile::TempDir, std::sync::Arc<CaCore>, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let core = CaCore::open(crate::config::ServerConfig {
-            trust_domain: "example.org".into(),
-            data_dir: dir.path().into(),
-            ..Default::default()
-        })
-        .unwrap();
-        let kp = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&kp)
-            .unwrap()
-            .der()
-            .to_vec();
-        let node = ztid_verifier::AttestedNode {
-            method: "join_token",
-            node_id: "n1".into(),
-            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
-            aliases: vec![],
-            evidence_digest: [7; 32],
-        };
-        let (agent, _) = core.complete_attestation(&node, &csr).unwrap();
-        (dir, core, agent.spiffe_id)
-    }
-
     #[test]
     fn revoke_stores_what_each_kind_kills_and_a_node_revocation_bans_the_agent() {
-        let (_dir, core, agent) = core_with_agent();
+        let (_dir, core, _, agent) = crate::core::testing::core_with_agent();
+        let agent = agent.record.spiffe_id;
         let entry = core
             .create_entry(&ztid_proto::node::Entry {
                 spiffe_id: APP.into(),
@@ -435,7 +410,7 @@ mod tests {
 
     #[test]
     fn grants_are_created_listed_and_deleted_through_the_core() {
-        let (_dir, core, _) = core_with_agent();
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
         let req = crate::datastore::GrantRecord {
             id: String::new(),
             spiffe_id: APP.into(),

@@ -973,37 +973,6 @@ mod tests {
         }
     }
 
-    /// A server on sled in a temporary directory with one attested agent, and that
-    /// agent's leaf certificate.
-    fn core_with_agent() -> (tempfile::TempDir, std::sync::Arc<CaCore>, Vec<u8>) {
-        use ztid_spiffe::Selector;
-        let dir = tempfile::tempdir().unwrap();
-        let core = CaCore::open(crate::config::ServerConfig {
-            trust_domain: "example.org".into(),
-            data_dir: dir.path().into(),
-            ..Default::default()
-        })
-        .unwrap();
-        let csr = {
-            let kp = rcgen::KeyPair::generate().unwrap();
-            rcgen::CertificateParams::default()
-                .serialize_request(&kp)
-                .unwrap()
-                .der()
-                .to_vec()
-        };
-        let node = ztid_verifier::AttestedNode {
-            method: "join_token",
-            node_id: "n1".into(),
-            selectors: vec![Selector::parse("join-token:id:n1").unwrap()],
-            aliases: vec![],
-            evidence_digest: [7; 32],
-        };
-        let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
-        let leaf = leaf.chain.first().unwrap().clone();
-        (dir, core, leaf)
-    }
-
     fn create(
         core: &CaCore,
         spiffe_id: &str,
@@ -1030,7 +999,7 @@ mod tests {
     /// since its old revision, an incremental one that would skip those entries.
     #[test]
     fn a_lost_answer_after_new_aliases_is_followed_by_a_full_one() {
-        let (_dir, core, leaf) = core_with_agent();
+        let (_dir, core, leaf, _) = crate::core::testing::core_with_agent();
         // Every call authenticates again, as every node API call does.
         let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
         let entry = |spiffe_id: &str, parent_id: &str, selector: &str, node: bool| {
@@ -1101,7 +1070,7 @@ mod tests {
     /// incrementally.
     #[test]
     fn a_sync_since_a_compacted_revision_is_answered_in_full() {
-        let (_dir, core, leaf) = core_with_agent();
+        let (_dir, core, leaf, _) = crate::core::testing::core_with_agent();
         let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
         let parent = agent().record.spiffe_id;
         let kept = create(
@@ -1158,7 +1127,7 @@ mod tests {
     /// entry changes (the memo is rebuilt at a new revision).
     #[test]
     fn revocations_are_sent_to_the_agents_they_concern() {
-        let (_dir, core, leaf) = core_with_agent();
+        let (_dir, core, leaf, _) = crate::core::testing::core_with_agent();
         let agent = || core.authenticate_agent(Some(&leaf)).unwrap();
         let parent = agent().record.spiffe_id;
         let other = "spiffe://example.org/ztid/agent/join_token/elsewhere";
@@ -1235,7 +1204,7 @@ mod tests {
             ]
         );
         // Nothing revoked: nothing sent.
-        let (_dir2, core2, leaf2) = core_with_agent();
+        let (_dir2, core2, leaf2, _) = crate::core::testing::core_with_agent();
         let a2 = core2.authenticate_agent(Some(&leaf2)).unwrap();
         let s2 = core2.sync_entries(&a2, SyncRequest::default()).unwrap();
         assert_eq!(

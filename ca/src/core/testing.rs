@@ -1,0 +1,36 @@
+//! What the core's unit tests (and the node API's) share: a server on sled in a
+//! temporary directory with one attested agent.
+
+use std::sync::Arc;
+
+use super::{AuthenticatedAgent, CaCore};
+
+/// A server with one agent attested by join token (`spiffe://example.org/ztid/agent/
+/// join_token/n1`): the directory (keep it alive), the core, the agent's leaf
+/// certificate and the agent as the node API authenticates it.
+pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
+    let dir = tempfile::tempdir().unwrap();
+    let core = CaCore::open(crate::config::ServerConfig {
+        trust_domain: "example.org".into(),
+        data_dir: dir.path().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&kp)
+        .unwrap()
+        .der()
+        .to_vec();
+    let node = ztid_verifier::AttestedNode {
+        method: "join_token",
+        node_id: "n1".into(),
+        selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
+        aliases: vec![],
+        evidence_digest: [7; 32],
+    };
+    let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
+    let leaf = leaf.chain.first().unwrap().clone();
+    let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+    (dir, core, leaf, agent)
+}
