@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/workload.proto",
         "proto/node.proto",
         "proto/admin.proto",
+        "proto/spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -36,6 +36,28 @@ pub mod ztid {
     }
 }
 
+/// SPIRE's protobuf packages that ztid serves wire-identically (`spire.api.*`).
+#[allow(missing_docs, reason = "generated from the .proto files")]
+pub mod spire {
+    /// Package `spire.api`.
+    pub mod api {
+        /// Package `spire.api.types`.
+        pub mod types {
+            tonic::include_proto!("spire.api.types");
+        }
+        /// Package `spire.api.agent`.
+        pub mod agent {
+            /// Package `spire.api.agent.delegatedidentity`.
+            pub mod delegatedidentity {
+                /// Package `spire.api.agent.delegatedidentity.v1`: the Delegated Identity API.
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.agent.delegatedidentity.v1");
+                }
+            }
+        }
+    }
+}
+
 pub use ztid::admin::v1 as admin;
 pub use ztid::node::v1 as node;
 
