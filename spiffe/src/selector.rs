@@ -35,7 +35,22 @@ const KNOWN: &[(&str, &str, ValueKind)] = &[
     ("tdx", "rtmr3", ValueKind::Hex),
     ("tdx", "mrconfigid", ValueKind::Hex),
     ("multi", "method", ValueKind::Name),
+    // Workload selectors from container and systemd attestation (agent/src/container).
+    ("container", "id", ValueKind::Name),
+    ("container", "name", ValueKind::Name),
+    ("container", "image-id", ValueKind::Any),
+    ("container", "image", ValueKind::Any),
+    ("container", "label", ValueKind::Any),
+    ("container", "runtime", ValueKind::Name),
+    ("k8s", "ns", ValueKind::Name),
+    ("k8s", "pod-name", ValueKind::Name),
+    ("k8s", "pod-uid", ValueKind::Name),
+    ("k8s", "container-name", ValueKind::Name),
+    ("systemd", "unit", ValueKind::Any),
 ];
+
+/// Selector types a workload's attestation gives (the rest come from node attestation).
+const WORKLOAD_KINDS: &[&str] = &["unix", "container", "k8s", "systemd"];
 
 #[derive(Clone, Copy)]
 enum ValueKind {
@@ -139,7 +154,7 @@ impl Selector {
 
     /// True for selectors that describe nodes rather than workloads.
     pub fn is_node_selector(&self) -> bool {
-        self.kind != "unix"
+        !WORKLOAD_KINDS.contains(&self.kind.as_str())
     }
 }
 
@@ -204,7 +219,13 @@ mod tests {
     #[test]
     fn rejects_unknown_and_malformed() {
         let err = |s: &str| Selector::parse(s).unwrap_err().to_string();
-        assert!(err("k8s:ns:default").contains("unknown selector type \"k8s\""));
+        assert!(err("kube:ns:default").contains("unknown selector type \"kube\""));
+        assert!(!Selector::parse("k8s:ns:default")
+            .unwrap()
+            .is_node_selector());
+        assert!(!Selector::parse("container:label:app:one")
+            .unwrap()
+            .is_node_selector());
         assert!(err("unix:pid:5").contains("unknown key \"pid\""));
         assert!(err("unix:uid:abc").contains("bad value"));
         assert!(err("unix:uid:99999999999").contains("bad value"));

@@ -355,9 +355,9 @@ fn malformed_entries_are_refused_and_change_nothing() {
                 "--parent-id",
                 &agent.spiffe_id,
                 "--selector",
-                "k8s:ns:default",
+                "kube:ns:default",
             ],
-            "unknown selector type \"k8s\"",
+            "unknown selector type \"kube\"",
         ),
         (
             &[
