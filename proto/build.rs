@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/node.proto",
         "proto/admin.proto",
         "proto/spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
+        "proto/envoy/service/secret/v3/sds.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -58,6 +58,53 @@ pub mod spire {
     }
 }
 
+/// Envoy's Secret Discovery Service (SDS) v3 and the messages it carries, wire-identical
+/// to Envoy's data-plane API (see `proto/envoy/README.md`), under their package names
+/// (`envoy.*`, and `google.rpc` for `error_detail`) so cross-package references resolve.
+#[allow(missing_docs, reason = "generated from the .proto files")]
+pub mod envoy_sds {
+    pub mod envoy {
+        pub mod config {
+            pub mod core {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.config.core.v3");
+                }
+            }
+        }
+        pub mod r#type {
+            pub mod v3 {
+                tonic::include_proto!("envoy.r#type.v3");
+            }
+        }
+        pub mod service {
+            pub mod discovery {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.discovery.v3");
+                }
+            }
+            pub mod secret {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.secret.v3");
+                }
+            }
+        }
+        pub mod extensions {
+            pub mod transport_sockets {
+                pub mod tls {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                    }
+                }
+            }
+        }
+    }
+    pub mod google {
+        pub mod rpc {
+            tonic::include_proto!("google.rpc");
+        }
+    }
+}
+
 pub use ztid::admin::v1 as admin;
 pub use ztid::node::v1 as node;
 
