@@ -125,6 +125,15 @@ pub struct RunArgs {
     /// (default 30).
     #[arg(long, value_name = "SECONDS")]
     pub workload_idle_timeout: Option<u64>,
+    /// Container runtime to attest workloads through, unix:///PATH (repeatable): its
+    /// docker-compatible API (podman, docker). Gives container:* and k8s:* selectors,
+    /// and systemd:unit. Off unless given.
+    #[arg(long = "container-socket", value_name = "unix:///PATH")]
+    pub container_socket: Vec<String>,
+    /// Give systemd:unit selectors (the unit a workload runs in), also without
+    /// --container-socket.
+    #[arg(long)]
+    pub systemd_unit_selectors: bool,
 }
 
 /// `api` verbs.
@@ -261,6 +270,10 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     if let Some(v) = a.workload_idle_timeout {
         c.workload_idle_timeout_seconds = v;
     }
+    if !a.container_socket.is_empty() {
+        c.container_sockets = a.container_socket.clone();
+    }
+    c.systemd_unit_selectors |= a.systemd_unit_selectors;
     Ok(c)
 }
 

@@ -50,6 +50,11 @@ pub struct AgentConfig {
     pub workload_max_connections: usize,
     /// Seconds a Workload API connection may stay without a request in progress.
     pub workload_idle_timeout_seconds: u64,
+    /// Container runtime sockets (`unix:///PATH`) asked about callers' containers, in
+    /// order (see [`crate::container`]); empty: no container attestation.
+    pub container_sockets: Vec<String>,
+    /// `systemd:unit` selectors (on too whenever `container_sockets` is set).
+    pub systemd_unit_selectors: bool,
 }
 
 impl Default for AgentConfig {
@@ -72,6 +77,8 @@ impl Default for AgentConfig {
             metrics: None,
             workload_max_connections: super::workload_listener::DEFAULT_MAX_CONNECTIONS,
             workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
+            container_sockets: Vec::new(),
+            systemd_unit_selectors: false,
         }
     }
 }
@@ -90,6 +97,23 @@ impl AgentConfig {
             max_connections: self.workload_max_connections,
             idle_timeout: std::time::Duration::from_secs(self.workload_idle_timeout_seconds),
         }
+    }
+
+    /// The container and systemd attestors, if any is configured.
+    pub fn container_attestor(
+        &self,
+    ) -> Result<Option<std::sync::Arc<crate::container::ContainerAttestor>>, Error> {
+        if self.container_sockets.is_empty() && !self.systemd_unit_selectors {
+            return Ok(None);
+        }
+        let sockets = self
+            .container_sockets
+            .iter()
+            .map(|s| crate::container::parse_socket(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(std::sync::Arc::new(
+            crate::container::ContainerAttestor::new(sockets)?,
+        )))
     }
 
     /// The `--server` list, parsed (not resolved).
@@ -136,6 +160,7 @@ impl AgentConfig {
                 "workload_idle_timeout_seconds must be between 1 and 86400".into(),
             ));
         }
+        self.container_attestor()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::Config("log_format must be text or json".into()));
         }

@@ -6,6 +6,7 @@
 pub mod attestors;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod metrics;
 pub mod node_client;
 pub mod servers;
@@ -794,6 +795,8 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
     metrics::listen_if(config.metrics).await?;
+    // Container and systemd workload attestation, when configured (off by default).
+    container::install(config.container_attestor()?);
     let servers = Servers::new(config.servers()?).await;
     create_dirs(&config.data_dir, DATA_DIR_MODE)?;
     std::fs::set_permissions(

@@ -43,6 +43,7 @@ struct AgentMetrics {
     connections: IntGauge,
     connection_refusals: IntCounterVec,
     idle_closed: IntCounter,
+    container_failures: IntCounter,
 }
 
 #[allow(
@@ -166,6 +167,14 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
             )
             .expect("valid"),
         ),
+        container_failures: register(
+            &r,
+            IntCounter::new(
+                "ztid_workload_container_attestation_failures_total",
+                "Callers whose cgroup named a container but got no container selectors (runtime down, container unknown or gone).",
+            )
+            .expect("valid"),
+        ),
         registry: r,
     }
 });
@@ -207,6 +216,11 @@ pub fn workload_connection_refused(reason: &'static str) {
 /// Hook: an idle Workload API connection closed.
 pub fn workload_connection_idle_closed() {
     METRICS.idle_closed.inc();
+}
+
+/// Hook: a caller's container could not be attested (see `container`).
+pub fn container_attestation_failed() {
+    METRICS.container_failures.inc();
 }
 
 /// Hook: runs one sync with the server, timing it and counting a failure.

@@ -286,7 +286,8 @@ pub fn peer_pidfd_supported() -> bool {
 pub struct AttestedPeer {
     /// The process, as bound at accept.
     pub process: PeerProcess,
-    /// `unix:*` selectors, sorted.
+    /// `unix:*` selectors, and `container:*`, `k8s:*`, `systemd:unit` ones when those
+    /// attestors are on; sorted.
     pub selectors: Vec<Selector>,
 }
 
@@ -379,7 +380,15 @@ pub fn attest_peer(
     let exe = exe_identity(pid).ok();
     // Read before the final check, so this too is bound to the process by its pidfd.
     let exe_trust = exe_trust(pid);
-    let selectors = read_selectors(pid, uid, gid, exe, &exe_trust)?;
+    let mut selectors = read_selectors(pid, uid, gid, exe, &exe_trust)?;
+    // Container and systemd selectors, when configured: from the cgroup the process is in
+    // and its runtime's answer. Before the final check, which refuses a process that
+    // exited meanwhile (its container stopped mid-attestation), so those are its own too.
+    if let Some(containers) = crate::container::installed() {
+        selectors.extend(containers.selectors(pid));
+        selectors.sort();
+        selectors.dedup();
+    }
     let process = PeerProcess {
         instance: ProcessInstance { pid, start_time },
         uid,

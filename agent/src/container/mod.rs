@@ -1,0 +1,441 @@
+//! Container and systemd workload attestation: from a caller's pid, its cgroup names the
+//! container (and the systemd unit) it runs in; the container's runtime, asked over its
+//! own socket, gives the facts that become `container:*` and `k8s:*` selectors.
+//!
+//! - [`cgroup`]: `/proc/<pid>/cgroup` → container ID and systemd unit (pure parsing).
+//! - [`docker_api`]: the docker-compatible API (docker, `podman system service`).
+//! - [`cache`]: answers per container ID, bounded.
+//!
+//! Off unless `--container-socket` is given: a host without containers pays nothing.
+//!
+//! A caller's container is believed only if
+//! 1. its cgroup path names it (not under a user's own systemd manager),
+//! 2. a configured runtime knows that ID and says it runs,
+//! 3. the caller is in that container's pid namespace (the namespace of the container's
+//!    first process, which only the runtime and root can enter), unless the container
+//!    shares the host's, and
+//! 4. its cgroup still names the same container after the runtime answered.
+//!
+//! Any failure gives no container selectors (logged and counted), never a guess; the
+//! caller keeps its `unix:` selectors. The final check of the peer binding
+//! ([`crate::workload_attestation`]) then refuses a caller that exited meanwhile.
+
+pub mod cache;
+pub mod cgroup;
+pub mod docker_api;
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ztid_spiffe::Selector;
+
+use crate::Error;
+use docker_api::ContainerFacts;
+
+/// Longest time one runtime is given for one answer.
+pub const RUNTIME_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest time all runtimes together are given for one caller (within the 5 s of an
+/// accept-time attestation).
+pub const LOOKUP_DEADLINE: Duration = Duration::from_secs(3);
+/// Runtime sockets configured at most.
+pub const MAX_SOCKETS: usize = 8;
+/// Container labels turned into selectors at most (the rest are logged as dropped).
+pub const MAX_LABEL_SELECTORS: usize = 128;
+
+/// Kubernetes pod labels the kubelet puts on every container, and their selectors.
+const K8S_LABELS: &[(&str, &str)] = &[
+    ("io.kubernetes.pod.namespace", "ns"),
+    ("io.kubernetes.pod.name", "pod-name"),
+    ("io.kubernetes.pod.uid", "pod-uid"),
+    ("io.kubernetes.container.name", "container-name"),
+];
+
+/// Lookups that gave no container selectors though the caller's cgroup named a
+/// container (runtime down, unknown container, namespace mismatch).
+static FAILED_LOOKUPS: AtomicU64 = AtomicU64::new(0);
+
+/// Lookups answered from the runtime (not the cache).
+static RUNTIME_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Container lookups that gave no selectors so far.
+pub fn failed_lookups() -> u64 {
+    FAILED_LOOKUPS.load(Ordering::Relaxed)
+}
+
+/// Runtime calls made so far (cache misses).
+pub fn runtime_calls() -> u64 {
+    RUNTIME_CALLS.load(Ordering::Relaxed)
+}
+
+/// Parses a `--container-socket` value: `unix:///abs/path` (or an absolute path).
+pub fn parse_socket(value: &str) -> Result<PathBuf, Error> {
+    let path = value.strip_prefix("unix://").unwrap_or(value);
+    if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
+        return Err(Error::Config(format!(
+            "--container-socket {value:?}: expected unix:///ABSOLUTE/PATH"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The cgroup-based attestors as configured.
+pub struct ContainerAttestor {
+    sockets: Vec<PathBuf>,
+    cache: cache::Cache,
+}
+
+impl ContainerAttestor {
+    /// An attestor asking these runtime sockets, in order (at most [`MAX_SOCKETS`]).
+    pub fn new(sockets: Vec<PathBuf>) -> Result<Self, Error> {
+        if sockets.len() > MAX_SOCKETS {
+            return Err(Error::Config(format!(
+                "at most {MAX_SOCKETS} container runtime sockets"
+            )));
+        }
+        Ok(Self {
+            sockets,
+            cache: cache::Cache::default(),
+        })
+    }
+
+    /// The `container:*`, `k8s:*` and `systemd:unit` selectors of `pid`. Blocking (reads
+    /// `/proc`, may wait on a runtime up to [`LOOKUP_DEADLINE`]): call it off the async
+    /// workers. Nothing on any failure.
+    pub fn selectors(&self, pid: i32) -> Vec<Selector> {
+        let Ok(content) = read_cgroup_file(pid) else {
+            // Gone: the caller's final check refuses it.
+            return Vec::new();
+        };
+        let facts = match cgroup::parse(&content) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "no container or systemd selectors");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        if let Some(unit) = &facts.systemd_unit {
+            if let Ok(s) = Selector::new("systemd", &format!("unit:{unit}")) {
+                out.push(s);
+            }
+        }
+        let container = match facts.container {
+            Ok(Some(c)) => c,
+            Ok(None) => return out,
+            Err(e) => {
+                fail(pid, None, &e.to_string());
+                return out;
+            }
+        };
+        if self.sockets.is_empty() {
+            return out;
+        }
+        match self.verified_facts(pid, &container) {
+            Ok(f) => out.extend(container_selectors(&f)),
+            Err(why) => fail(pid, Some(&container), &why),
+        }
+        out
+    }
+
+    /// The runtime's facts about the caller's container, checked against the caller.
+    fn verified_facts(
+        &self,
+        pid: i32,
+        container: &cgroup::ContainerRef,
+    ) -> Result<Arc<ContainerFacts>, String> {
+        let mut facts = self.lookup(&container.id, false)?;
+        if let Err(first) = in_container(pid, &facts) {
+            // A restarted container keeps its ID and gets a new first process: ask again.
+            self.cache.remove(&container.id);
+            facts = self.lookup(&container.id, true)?;
+            in_container(pid, &facts).map_err(|again| {
+                self.cache.remove(&container.id);
+                format!("{again} (before asking again: {first})")
+            })?;
+        }
+        // Still the same container now that the runtime has answered.
+        let now = read_cgroup_file(pid)
+            .map_err(|e| format!("the caller's cgroup became unreadable: {e}"))?;
+        match cgroup::parse(&now).map(|f| f.container) {
+            Ok(Ok(Some(c))) if c.id == container.id => Ok(facts),
+            _ => Err("the caller's cgroup changed during attestation".into()),
+        }
+    }
+
+    /// The facts about `id`: from the cache unless `fresh`, else from the first runtime
+    /// that knows it.
+    fn lookup(&self, id: &str, fresh: bool) -> Result<Arc<ContainerFacts>, String> {
+        if !fresh {
+            if let Some(f) = self.cache.get(id) {
+                return Ok(f);
+            }
+        }
+        RUNTIME_CALLS.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + LOOKUP_DEADLINE;
+        let mut errors: Vec<String> = Vec::new();
+        for socket in &self.sockets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                errors.push(format!("{}: no time left", socket.display()));
+                break;
+            }
+            match block_on(docker_api::inspect(socket, id, left.min(RUNTIME_TIMEOUT))) {
+                Ok(Ok(Some(f))) => {
+                    let f = Arc::new(f);
+                    self.cache.insert(f.clone());
+                    return Ok(f);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => errors.push(e.to_string()),
+                Err(e) => errors.push(e),
+            }
+        }
+        self.cache.remove(id);
+        if errors.is_empty() {
+            Err("no configured runtime knows this container".into())
+        } else {
+            Err(format!(
+                "the container runtime did not answer: {}",
+                errors.join("; ")
+            ))
+        }
+    }
+}
+
+/// Logs and counts a caller whose cgroup names a container it gets no selectors for.
+fn fail(pid: i32, container: Option<&cgroup::ContainerRef>, why: &str) {
+    let n = FAILED_LOOKUPS.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::metrics::container_attestation_failed();
+    tracing::warn!(
+        event = "container_attestation_failed",
+        pid,
+        container = container.map(|c| c.to_string()),
+        reason = why,
+        failures_so_far = n,
+        "no container selectors for this workload"
+    );
+}
+
+/// Reads `/proc/<pid>/cgroup`, at most [`cgroup::MAX_CGROUP_FILE_BYTES`] + 1 bytes.
+fn read_cgroup_file(pid: i32) -> std::io::Result<String> {
+    let f = std::fs::File::open(format!("/proc/{pid}/cgroup"))?;
+    let mut s = String::with_capacity(1024);
+    f.take(cgroup::MAX_CGROUP_FILE_BYTES as u64 + 1)
+        .read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// The pid namespace of a process, as the kernel names it.
+fn pid_namespace(pid: &str) -> std::io::Result<(u64, u64)> {
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/pid"))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Whether `pid` runs in the container the runtime describes: the container runs and the
+/// caller shares its first process's pid namespace (unless that is the host's).
+fn in_container(pid: i32, facts: &ContainerFacts) -> Result<(), String> {
+    if !facts.running || facts.init_pid <= 0 {
+        return Err("the runtime says the container is not running".into());
+    }
+    let init = pid_namespace(&facts.init_pid.to_string())
+        .map_err(|e| format!("the container's first process is gone: {e}"))?;
+    let ours = pid_namespace("self").map_err(|e| format!("own pid namespace: {e}"))?;
+    if init == ours {
+        // `--pid=host`: the cgroup path alone binds the caller (only root makes those).
+        return Ok(());
+    }
+    let theirs = pid_namespace(&pid.to_string())
+        .map_err(|e| format!("the caller's pid namespace is unreadable: {e}"))?;
+    if theirs != init {
+        return Err("the caller is not in the container's pid namespace".into());
+    }
+    Ok(())
+}
+
+/// Runs a runtime call from a blocking thread: on the agent's runtime when there is one,
+/// else (unit tests, tools) on a small one of its own.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => Ok(h.block_on(f)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(f))
+            .map_err(|e| format!("no runtime for the lookup: {e}")),
+    }
+}
+
+/// The selectors of a container's facts.
+pub fn container_selectors(f: &ContainerFacts) -> Vec<Selector> {
+    let mut out = Vec::new();
+    let mut push = |kind: &str, value: String| match Selector::new(kind, &value) {
+        Ok(s) => out.push(s),
+        Err(e) => tracing::debug!(error = %e, "container fact not usable as a selector"),
+    };
+    push("container", format!("id:{}", f.id));
+    push("container", format!("name:{}", f.name));
+    push("container", format!("image-id:{}", f.image_id));
+    if let Some(image) = &f.image {
+        push("container", format!("image:{image}"));
+    }
+    push("container", format!("runtime:{}", f.runtime));
+    let mut labels = 0usize;
+    for (k, v) in &f.labels {
+        // A ':' in the key would make `label:a:b:c` mean two things.
+        if k.is_empty() || k.contains(':') {
+            continue;
+        }
+        if labels == MAX_LABEL_SELECTORS {
+            tracing::debug!(
+                container = %f.id,
+                "labels past the first {MAX_LABEL_SELECTORS} give no selectors"
+            );
+            break;
+        }
+        labels += 1;
+        push("container", format!("label:{k}:{v}"));
+    }
+    for (label, key) in K8S_LABELS {
+        if let Some(v) = f.labels.get(*label) {
+            push("k8s", format!("{key}:{v}"));
+        }
+    }
+    out
+}
+
+static INSTALLED: RwLock<Option<Arc<ContainerAttestor>>> = RwLock::new(None);
+
+/// Turns the attestors on (`Some`) or off for this process's Workload API.
+pub fn install(attestor: Option<Arc<ContainerAttestor>>) {
+    if let Ok(mut g) = INSTALLED.write() {
+        *g = attestor;
+    }
+}
+
+/// The attestors, if on.
+pub fn installed() -> Option<Arc<ContainerAttestor>> {
+    INSTALLED.read().ok().and_then(|g| g.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> ContainerFacts {
+        ContainerFacts {
+            id: "ab".repeat(32),
+            name: "web".into(),
+            image_id: format!("sha256:{}", "cd".repeat(32)),
+            image: Some("localhost/app:1".into()),
+            labels: [
+                ("app", "one"),
+                ("io.kubernetes.pod.namespace", "prod"),
+                ("io.kubernetes.pod.name", "web-7d9f"),
+                (
+                    "io.kubernetes.pod.uid",
+                    "2c48913c-b29f-11e7-9350-020968147796",
+                ),
+                ("io.kubernetes.container.name", "server"),
+                ("odd:key", "x"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            running: true,
+            init_pid: 1,
+            runtime: "podman",
+        }
+    }
+
+    #[test]
+    fn selectors_of_a_kubernetes_container() {
+        let s: Vec<String> = container_selectors(&facts())
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for want in [
+            format!("container:id:{}", "ab".repeat(32)),
+            "container:name:web".into(),
+            format!("container:image-id:sha256:{}", "cd".repeat(32)),
+            "container:image:localhost/app:1".into(),
+            "container:runtime:podman".into(),
+            "container:label:app:one".into(),
+            "container:label:io.kubernetes.pod.namespace:prod".into(),
+            "k8s:ns:prod".into(),
+            "k8s:pod-name:web-7d9f".into(),
+            "k8s:pod-uid:2c48913c-b29f-11e7-9350-020968147796".into(),
+            "k8s:container-name:server".into(),
+        ] {
+            assert!(s.contains(&want), "{want} missing from {s:?}");
+        }
+        assert!(!s.iter().any(|s| s.contains("odd")), "{s:?}");
+        for sel in &s {
+            Selector::parse(sel).unwrap();
+        }
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let mut f = facts();
+        f.labels = (0..1000)
+            .map(|i| (format!("k{i:04}"), "v".into()))
+            .collect();
+        let n = container_selectors(&f)
+            .iter()
+            .filter(|s| s.value().starts_with("label:"))
+            .count();
+        assert_eq!(n, MAX_LABEL_SELECTORS);
+    }
+
+    #[test]
+    fn socket_values() {
+        assert_eq!(
+            parse_socket("unix:///run/podman/podman.sock").unwrap(),
+            PathBuf::from("/run/podman/podman.sock")
+        );
+        assert!(parse_socket("unix://relative").is_err());
+        assert!(parse_socket("tcp://127.0.0.1:2375").is_err());
+    }
+
+    #[test]
+    fn a_process_outside_containers_gets_no_container_selectors() {
+        // This test process is in no container; the runtime socket does not exist, and
+        // is never asked.
+        let a = ContainerAttestor::new(vec![PathBuf::from("/nonexistent.sock")]).unwrap();
+        let before = failed_lookups();
+        let s = a.selectors(std::process::id() as i32);
+        assert!(
+            !s.iter()
+                .any(|s| s.kind() == "container" || s.kind() == "k8s"),
+            "{s:?}"
+        );
+        assert_eq!(failed_lookups(), before);
+    }
+
+    #[test]
+    fn a_stopped_runtime_gives_nothing() {
+        let a = ContainerAttestor::new(vec![PathBuf::from("/nonexistent.sock")]).unwrap();
+        let err = a.lookup(&"ab".repeat(32), false).unwrap_err();
+        assert!(err.contains("did not answer"), "{err}");
+        assert!(err.contains("cannot connect"), "{err}");
+        let none = ContainerAttestor::new(vec![]).unwrap();
+        assert_eq!(
+            none.lookup(&"ab".repeat(32), false).unwrap_err(),
+            "no configured runtime knows this container"
+        );
+    }
+
+    #[test]
+    fn a_container_that_does_not_run_is_refused() {
+        let mut f = facts();
+        f.running = false;
+        assert!(in_container(std::process::id() as i32, &f).is_err());
+        f.running = true;
+        f.init_pid = 0;
+        assert!(in_container(std::process::id() as i32, &f).is_err());
+    }
+}
