@@ -17,7 +17,8 @@ PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # 
   softhsm2 opensc
   # PostgreSQL datastore: the tests start their own server (initdb into a temporary
   # directory, their own port), never the system service; psql for their checks.
-  postgresql postgresql-client)
+  postgresql postgresql-client
+  jq iproute2) # jq: the README's quick start; ip: its test runs each block in its own network namespace
 
 missing=()
 for p in "${PACKAGES[@]}"; do

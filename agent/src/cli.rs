@@ -41,11 +41,16 @@ pub enum Command {
     /// Talk to a running agent's Workload API.
     #[command(subcommand)]
     Api(ApiCmd),
-    /// Exit 0 if the agent serves its Workload API socket.
+    /// Exit 0 if the agent serves its Workload API socket (it does once attested and
+    /// synced).
     Healthcheck {
         /// Workload API socket.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Keep trying for up to SECONDS (at most 600) while the agent is not serving
+        /// yet, e.g. right after `ztid-agent run ... &`; 0, the default, tries once.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0, value_parser = wait_seconds())]
+        wait: u64,
     },
     /// Print the shell completion script for SHELL, e.g.
     /// `ztid-agent completions bash > /usr/share/bash-completion/completions/ztid-agent`.
@@ -158,6 +163,11 @@ pub enum FetchCmd {
         /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// Keep trying for up to SECONDS (at most 600) while the agent is unreachable or
+        /// has no identity for this process yet (an entry just created takes a moment to
+        /// reach the agent); 0, the default, tries once.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0, value_parser = wait_seconds())]
+        wait: u64,
     },
     /// Exchange this process's X509-SVID for an OAuth access token at the server's token
     /// endpoint (RFC 8693 token exchange over mutual TLS; the token is bound to the SVID).
@@ -291,11 +301,84 @@ pub fn socket_path(flag: &Option<PathBuf>) -> Result<PathBuf, String> {
 }
 
 async fn client(socket: &Option<PathBuf>) -> Result<SpiffeWorkloadApiClient<Channel>, String> {
-    let path = socket_path(socket)?;
-    let channel = ztid_proto::transport::unix_channel(&path)
+    Ok(SpiffeWorkloadApiClient::new(
+        channel(socket).await.map_err(|f| f.message)?,
+    ))
+}
+
+/// A channel to the agent's socket; a missing socket or one nobody listens on yet is
+/// transient (the agent may be starting).
+async fn channel(socket: &Option<PathBuf>) -> Result<Channel, Failure> {
+    let path = socket_path(socket).map_err(Failure::fatal)?;
+    ztid_proto::transport::unix_channel(&path)
         .await
-        .map_err(|e| unreachable_socket(&path, &e))?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+        .map_err(|e| Failure {
+            transient: matches!(
+                io_kind(&e),
+                Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+            ),
+            message: unreachable_socket(&path, &e),
+        })
+}
+
+/// The upper bound of `--wait`: a readiness wait is seconds, not hours.
+const MAX_WAIT_SECONDS: u64 = 600;
+
+fn wait_seconds() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(0..=MAX_WAIT_SECONDS)
+}
+
+/// Why one try of a `--wait` verb failed, and whether trying again may succeed.
+struct Failure {
+    transient: bool,
+    message: String,
+}
+
+impl Failure {
+    fn fatal(message: String) -> Self {
+        Self {
+            transient: false,
+            message,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `wait_s` seconds pass (retrying
+/// every 100 ms); with `wait_s` 0 it runs once, unbounded as before.
+async fn retrying<T, F, Fut>(wait_s: u64, what: &str, mut attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    if wait_s == 0 {
+        return attempt().await.map_err(|f| f.message);
+    }
+    let wait = std::time::Duration::from_secs(wait_s);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let last = match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(f)) if !f.transient => return Err(f.message),
+            Ok(Err(f)) => f.message,
+            Err(_) => "no answer".to_string(),
+        };
+        if tokio::time::Instant::now() + std::time::Duration::from_millis(100) >= deadline {
+            return Err(format!("{what} within {wait_s} s (--wait): {last}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The first I/O error kind in `err`'s chain.
+fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// Why the Workload API socket at `path` cannot be reached, and what to do, in one line.
@@ -369,8 +452,20 @@ fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), Str
 
 /// This process's X509-SVIDs: the first answer of a FetchX509SVID stream.
 async fn fetch_x509(socket: &Option<PathBuf>) -> Result<pb::X509svidResponse, String> {
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    let mut c = client(socket).await?;
+    fetch_x509_once(socket).await.map_err(|f| f.message)
+}
+
+/// [`fetch_x509`], saying whether a retry may succeed: "no identity issued"
+/// (PermissionDenied) is transient while an entry is on its way to the agent.
+async fn fetch_x509_once(socket: &Option<PathBuf>) -> Result<pb::X509svidResponse, Failure> {
+    let status = |s: tonic::Status| Failure {
+        transient: matches!(
+            s.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unavailable
+        ),
+        message: format!("{:?}: {}", s.code(), s.message()),
+    };
+    let mut c = SpiffeWorkloadApiClient::new(channel(socket).await?);
     let mut stream = c
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
         .await
@@ -380,7 +475,7 @@ async fn fetch_x509(socket: &Option<PathBuf>) -> Result<pb::X509svidResponse, St
         .message()
         .await
         .map_err(status)?
-        .ok_or_else(|| "the agent closed the stream without an answer".to_string())
+        .ok_or_else(|| Failure::fatal("the agent closed the stream without an answer".to_string()))
 }
 
 /// `api fetch token`: the exchange with this process's first (default) X509-SVID.
@@ -451,24 +546,31 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                 .map_err(|e| format!("writing man pages into {}: {e}", dir.display()))?;
             println!("Wrote the man pages to {}", dir.display());
         }
-        Command::Healthcheck { socket } => {
-            let path = socket_path(socket)?;
-            let channel = ztid_proto::transport::unix_channel(&path)
-                .await
-                .map_err(|e| unreachable_socket(&path, &e))?;
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let r = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let serving =
-                r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-            if !serving {
-                return Err("agent is not serving".into());
-            }
+        Command::Healthcheck { socket, wait } => {
+            retrying(*wait, "the agent did not serve", || async {
+                let mut health =
+                    tonic_health::pb::health_client::HealthClient::new(channel(socket).await?);
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map_err(|s| Failure {
+                        transient: s.code() == tonic::Code::Unavailable,
+                        message: status(s),
+                    })?
+                    .into_inner();
+                let serving = r.status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+                if !serving {
+                    return Err(Failure {
+                        transient: true,
+                        message: "agent is not serving".into(),
+                    });
+                }
+                Ok(())
+            })
+            .await?;
             match out {
                 Output::Json => println!("{}", json!({"status": "SERVING"})),
                 Output::Text => println!("Agent is healthy."),
@@ -494,9 +596,13 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
             };
             fetch_token(out, socket, token_endpoint.as_deref(), request).await?;
         }
-        Command::Api(ApiCmd::Fetch(FetchCmd::X509 { socket, write })) => {
+        Command::Api(ApiCmd::Fetch(FetchCmd::X509 {
+            socket,
+            write,
+            wait,
+        })) => {
             let started = std::time::Instant::now();
-            let resp = fetch_x509(socket).await?;
+            let resp = retrying(*wait, "no X509-SVID came", || fetch_x509_once(socket)).await?;
             let elapsed = started.elapsed();
             let mut listed = Vec::new();
             for (i, s) in resp.svids.iter().enumerate() {

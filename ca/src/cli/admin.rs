@@ -67,7 +67,7 @@ pub(super) fn unreachable_socket(path: &Path, err: &(dyn std::error::Error + 'st
 }
 
 /// The first I/O error kind in `err`'s chain.
-fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+pub(super) fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {

@@ -43,6 +43,7 @@ pub use entry::{EntryArgs, EntryCmd};
 pub use evidence::{EvidenceCmd, EvidenceVerifyArgs};
 pub use federation::FederationCmd;
 pub use grant::GrantCmd;
+pub use health::HealthArgs;
 pub use instance::InstanceCmd;
 pub use output::Output;
 pub use run::{run_config, RunArgs};
@@ -91,8 +92,8 @@ pub enum Command {
     /// The kill switch: revoke an instance, an entry's instances or a node's.
     #[command(subcommand)]
     Instance(InstanceCmd),
-    /// Exit 0 if the server answers on its admin socket.
-    Healthcheck,
+    /// Exit 0 if the server answers on its admin socket (`--wait S`: once it does).
+    Healthcheck(HealthArgs),
     /// X.509 and JWT authorities: show, prepare, activate, taint, revoke.
     #[command(subcommand)]
     Authority(AuthorityCmd),
@@ -148,6 +149,10 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
         .admin_socket
         .clone()
         .unwrap_or_else(|| ServerConfig::default().admin_socket_path());
+    // It connects itself: with --wait, again and again.
+    if let Command::Healthcheck(args) = &cli.command {
+        return health::run(&path, args, cli.output).await;
+    }
     let channel = ztid_proto::transport::unix_channel(&path)
         .await
         .map_err(|e| admin::unreachable_socket(&path, &e))?;
@@ -159,11 +164,11 @@ pub async fn admin_verb(cli: &Cli) -> Result<(), String> {
         | Command::Audit(_)
         | Command::Datastore(_)
         | Command::Completions { .. }
-        | Command::Man { .. } => {
-            unreachable!("not an admin verb")
+        | Command::Man { .. }
+        | Command::Healthcheck(_) => {
+            unreachable!("not an admin verb, or handled above")
         }
         Command::Admin(cmd) => admin::run(&mut client, cmd, out).await,
-        Command::Healthcheck => health::run(&mut client, out).await,
         Command::Token(cmd) => token::run(&mut client, cmd, out).await,
         Command::Entry(cmd) => entry::run(&mut client, cmd, out).await,
         Command::Agent(cmd) => agent::run(&mut client, cmd, out).await,
