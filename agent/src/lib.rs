@@ -9,6 +9,7 @@ pub mod config;
 pub mod container;
 pub mod metrics;
 pub mod node_client;
+pub mod sds;
 pub mod servers;
 pub mod token_exchange;
 pub mod workload_api;
@@ -965,7 +966,11 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         .set_serving::<SpiffeWorkloadApiServer<workload_api::WorkloadApi>>()
         .await;
     metrics::attach(rt.clone());
-    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    // Envoy's SDS on the same socket, attested alike (no security header: Envoy sends none).
+    let sds = sds::SecretDiscovery::new(workloads.clone(), rt.bundle.subscribe()).into_server();
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(api)
+        .add_service(sds);
     workload_listener::serve(
         listener,
         tower::Layer::layer(&metrics::workload_api_layer(), routes),

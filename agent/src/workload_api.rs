@@ -42,8 +42,8 @@ pub fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> 
 
 /// The Workload API service.
 pub struct WorkloadApi {
-    workloads: Arc<Workloads>,
-    bundle: watch::Receiver<Arc<TrustBundle>>,
+    pub(crate) workloads: Arc<Workloads>,
+    pub(crate) bundle: watch::Receiver<Arc<TrustBundle>>,
 }
 
 impl WorkloadApi {
@@ -67,7 +67,7 @@ impl WorkloadApi {
     }
 
     /// Attests the caller, checks it is entitled, and makes sure it holds current SVIDs.
-    async fn entitled_instance<T>(
+    pub(crate) async fn entitled_instance<T>(
         &self,
         req: &Request<T>,
     ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
@@ -155,7 +155,7 @@ fn no_entry_message(selectors: &[String]) -> String {
 
 /// Ok while the connection's process still is the one that connected; else the refusal
 /// (logged).
-async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), Status> {
+pub(crate) async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), Status> {
     peer.verify().await.map_err(|r| {
         tracing::warn!(
             event = "workload_refused",
@@ -169,7 +169,7 @@ async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), 
 }
 
 /// The answer to a request on a connection whose process is not the one that opened it.
-fn refusal_status(r: &PeerRefusal) -> Status {
+pub(crate) fn refusal_status(r: &PeerRefusal) -> Status {
     match r {
         PeerRefusal::Exited | PeerRefusal::Execd | PeerRefusal::CredentialsChanged => {
             Status::permission_denied(r.to_string())
