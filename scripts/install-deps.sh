@@ -18,6 +18,9 @@ PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # 
   # PostgreSQL datastore: the tests start their own server (initdb into a temporary
   # directory, their own port), never the system service; psql for their checks.
   postgresql postgresql-client
+  # Container workload attestation: real containers on podman (runc, conmon), whose
+  # `podman system service` serves the docker-compatible API (tests/tests/e2e/containers.rs).
+  podman runc conmon
   jq iproute2) # jq: the README's quick start; ip: its test runs each block in its own network namespace
 
 missing=()

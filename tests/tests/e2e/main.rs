@@ -9,6 +9,7 @@ mod agent_failover;
 mod audit;
 mod cluster;
 mod cluster_sync;
+mod containers;
 mod delegated_identity;
 mod entry_push;
 mod entry_scale;

@@ -1,0 +1,437 @@
+//! Container workload attestation with real containers on a real runtime: podman (runc,
+//! cgroupfs manager) and its docker-compatible API served by `podman system service` on
+//! a Unix socket of the test's own, with its own storage. Images are made here from a
+//! tiny root filesystem (the `ztid-agent` client and the libraries it links) with
+//! `podman import`: no registry is reachable. Each container fetches its SVID over the
+//! agent's Workload API socket, bind-mounted in.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ztid_tests::*;
+
+const TD: &str = "example.org";
+
+/// A podman with its own storage, run directory and API service, all in a temporary
+/// directory (so tests and other podman users never share state).
+struct Podman {
+    dir: tempfile::TempDir,
+    service: Option<std::process::Child>,
+}
+
+impl Podman {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ztid-podman")
+            .tempdir()
+            .unwrap();
+        let mut p = Self { dir, service: None };
+        p.start_service();
+        p
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("podman.sock")
+    }
+
+    fn base(&self) -> Vec<String> {
+        let d = self.dir.path();
+        vec![
+            format!("--root={}", d.join("root").display()),
+            format!("--runroot={}", d.join("runroot").display()),
+            format!("--tmpdir={}", d.join("tmp").display()),
+            // vfs: no overlay mounts to depend on or leave behind; the images are tiny.
+            "--storage-driver=vfs".into(),
+            "--runtime=runc".into(),
+            "--cgroup-manager=cgroupfs".into(),
+            "--events-backend=file".into(),
+        ]
+    }
+
+    fn cmd(&self, args: &[&str]) -> CliResult {
+        let out = Command::new("podman")
+            .args(self.base())
+            .args(args)
+            .output()
+            .expect("podman runs (scripts/install-deps.sh installs it)");
+        out.into()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.cmd(args);
+        assert!(r.ok, "podman {args:?} failed: {}\n{}", r.stderr, r.stdout);
+        r.stdout
+    }
+
+    fn start_service(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let mut cmd = Command::new("podman");
+        cmd.args(self.base()).args([
+            "system",
+            "service",
+            "--time=0",
+            &format!("unix://{}", self.socket().display()),
+        ]);
+        let log = std::fs::File::create(self.dir.path().join("service.log")).unwrap();
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("podman system service starts");
+        self.service = Some(child);
+        let socket = self.socket();
+        wait_for("podman's API socket", READY_TIMEOUT, || {
+            ping(&socket).then_some(())
+        });
+    }
+
+    fn stop_service(&mut self) {
+        if let Some(mut s) = self.service.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &s.id().to_string()])
+                .status();
+            let waited = std::time::Instant::now();
+            while s.try_wait().ok().flatten().is_none()
+                && waited.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+
+    /// Imports `rootfs` as image `name`; returns its ID (`sha256:<hex>`).
+    fn import(&self, rootfs: &Path, name: &str) -> String {
+        let tar = self
+            .dir
+            .path()
+            .join(format!("{}.tar", name.replace([':', '/'], "_")));
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar");
+        self.ok(&["import", "--quiet", &tar.display().to_string(), name]);
+        let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", name]);
+        format!("sha256:{}", id.trim())
+    }
+
+    /// Runs the Workload API client in a new container (removed after) and returns its
+    /// result.
+    fn fetch_in(&self, agent: &Agent, name: &str, image: &str, labels: &[&str]) -> CliResult {
+        let mount = format!("{}:/ztid/api.sock", agent.socket().display());
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network=none",
+            "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=1024:1024",
+            "-v",
+            &mount,
+        ];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.extend_from_slice(&[
+            image,
+            "/ztid-agent",
+            "--output",
+            "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            "/ztid/api.sock",
+        ]);
+        self.cmd(&args)
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["rm", "--all", "--force"]);
+        self.stop_service();
+    }
+}
+
+/// Whether the docker-compatible API answers `GET /_ping`.
+fn ping(socket: &Path) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.") && out.contains(" 200 ")
+}
+
+/// A root filesystem holding `ztid-agent` at `/ztid-agent` and every library it links,
+/// at their own paths; `extra` adds a file (another image with the same binary).
+fn client_rootfs(dir: &Path, extra: Option<(&str, &str)>) -> PathBuf {
+    let root = dir.to_path_buf();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::copy(bin("ztid-agent"), root.join("ztid-agent")).unwrap();
+    let ldd = Command::new("ldd").arg(bin("ztid-agent")).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux… (0x…)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            let to = root.join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(p, &to).unwrap();
+        }
+    }
+    if let Some((name, content)) = extra {
+        std::fs::write(root.join(name), content).unwrap();
+    }
+    root
+}
+
+/// The SPIFFE IDs in `api fetch x509 --output json` output.
+fn ids(r: &CliResult) -> Vec<String> {
+    assert!(r.ok, "fetch failed: {}\n{}", r.stderr, r.stdout);
+    let line = r.stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("{e}: {:?} / {:?}", r.stdout, r.stderr));
+    v["svids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["spiffe_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// One SVID, of an instance of `entry_id`.
+fn assert_one_of(r: &CliResult, entry_id: &str) {
+    let got = ids(r);
+    assert_eq!(got.len(), 1, "one SVID, got {got:?}");
+    assert!(
+        got[0].starts_with(&format!("{entry_id}/")),
+        "{} is an instance of {entry_id}",
+        got[0]
+    );
+}
+
+fn entry(server: &Server, agent: &Agent, id: &str, selectors: &[&str]) {
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        id,
+        "--parent-id",
+        &agent.spiffe_id,
+    ];
+    for s in selectors {
+        args.push("--selector");
+        args.push(s);
+    }
+    server.cli_ok(&args);
+}
+
+#[test]
+fn containers_are_told_apart_by_their_runtime_facts() {
+    let mut podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let image_a = podman.import(
+        &client_rootfs(&scratch.path().join("a"), None),
+        "localhost/ztid-client:a",
+    );
+    let image_b = podman.import(
+        &client_rootfs(&scratch.path().join("b"), Some(("variant", "b"))),
+        "localhost/ztid-client:b",
+    );
+    assert_ne!(image_a, image_b, "two images of the same binary");
+
+    let server = Server::start(TD);
+    let socket = format!("unix://{}", podman.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+
+    let uid0 = format!("unix:uid:{}", nix_uid());
+    let img_b = format!("container:image-id:{image_b}");
+    let img_a = format!("container:image-id:{image_a}");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/by-name",
+        &["container:name:ct-one"],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/by-label",
+        &["container:label:app:two"],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/by-image",
+        &[&img_b, "container:label:app:three"],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/upd-a",
+        &["container:label:role:upd", &img_a],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/upd-b",
+        &["container:label:role:upd", &img_b],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/k8s-web",
+        &[
+            "k8s:ns:prod",
+            "k8s:pod-name:web-0",
+            "k8s:container-name:server",
+        ],
+    );
+    // The host's own client, by path: the containers run the same file elsewhere.
+    let host_path = format!("unix:path:{}", bin("ztid-agent").display());
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/host",
+        &[&uid0, &host_path],
+    );
+    // Entries reach the agent in one sync: once the last answers, all do.
+    wait_for("the host entry", READY_TIMEOUT, || {
+        agent
+            .cli(&["--output", "json", "api", "fetch", "x509"])
+            .ok
+            .then_some(())
+    });
+    assert_one_of(
+        &agent.cli(&["--output", "json", "api", "fetch", "x509"]),
+        "spiffe://example.org/host",
+    );
+
+    // Same binary, same uid (0), same image: told apart by name and by label.
+    let image_a_ref = "localhost/ztid-client:a";
+    assert_one_of(
+        &podman.fetch_in(&agent, "ct-one", image_a_ref, &["app=one"]),
+        "spiffe://example.org/by-name",
+    );
+    assert_one_of(
+        &podman.fetch_in(&agent, "ct-two", image_a_ref, &["app=two"]),
+        "spiffe://example.org/by-label",
+    );
+    // By image.
+    assert_one_of(
+        &podman.fetch_in(
+            &agent,
+            "ct-three",
+            "localhost/ztid-client:b",
+            &["app=three"],
+        ),
+        "spiffe://example.org/by-image",
+    );
+    // Kubernetes' labels become k8s: selectors.
+    assert_one_of(
+        &podman.fetch_in(
+            &agent,
+            "ct-k8s",
+            image_a_ref,
+            &[
+                "io.kubernetes.pod.namespace=prod",
+                "io.kubernetes.pod.name=web-0",
+                "io.kubernetes.pod.uid=2c48913c-b29f-11e7-9350-020968147796",
+                "io.kubernetes.container.name=server",
+            ],
+        ),
+        "spiffe://example.org/k8s-web",
+    );
+    // The same container (name, labels) whose image changes gets the other identity.
+    assert_one_of(
+        &podman.fetch_in(&agent, "ct-upd", image_a_ref, &["role=upd"]),
+        "spiffe://example.org/upd-a",
+    );
+    assert_one_of(
+        &podman.fetch_in(&agent, "ct-upd", "localhost/ztid-client:b", &["role=upd"]),
+        "spiffe://example.org/upd-b",
+    );
+
+    // A container no entry selects: the refusal names its container selectors.
+    let none = podman.fetch_in(&agent, "ct-none", image_a_ref, &[]);
+    assert!(!none.ok, "{}", none.stdout);
+    for want in [
+        "no identity issued",
+        "container:name:ct-none",
+        "container:runtime:podman",
+        &img_a,
+    ] {
+        assert!(none.stderr.contains(want), "{want:?} in {}", none.stderr);
+    }
+
+    // A process outside any container: no container selectors at all.
+    let elsewhere = scratch.path().join("ztid-agent-copy");
+    std::fs::copy(bin("ztid-agent"), &elsewhere).unwrap();
+    let host = Command::new(&elsewhere)
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(agent.socket())
+        .output()
+        .unwrap();
+    let host = CliResult::from(host);
+    assert!(!host.ok);
+    assert!(
+        host.stderr.contains("no identity issued"),
+        "{}",
+        host.stderr
+    );
+    assert!(host.stderr.contains("unix:uid:"), "{}", host.stderr);
+    assert!(
+        !host.stderr.contains("container:") && !host.stderr.contains("k8s:"),
+        "{}",
+        host.stderr
+    );
+
+    // The runtime stops: container-only entries are refused (nothing guessed), logged;
+    // unix: entries keep working.
+    podman.stop_service();
+    let down = podman.fetch_in(&agent, "ct-one", image_a_ref, &["app=one"]);
+    assert!(!down.ok, "{}", down.stdout);
+    assert!(
+        down.stderr.contains("no identity issued"),
+        "{}",
+        down.stderr
+    );
+    assert!(!down.stderr.contains("container:"), "{}", down.stderr);
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("container_attestation_failed") && log.contains("did not answer"),
+        "{log}"
+    );
+    assert_one_of(
+        &agent.cli(&["--output", "json", "api", "fetch", "x509"]),
+        "spiffe://example.org/host",
+    );
+    // And back: the runtime answers again, the container is attested again.
+    podman.start_service();
+    assert_one_of(
+        &podman.fetch_in(&agent, "ct-one", image_a_ref, &["app=one"]),
+        "spiffe://example.org/by-name",
+    );
+}
