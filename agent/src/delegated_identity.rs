@@ -1,0 +1,1225 @@
+//! The Delegated Identity API: SPIRE's `spire.api.agent.delegatedidentity.v1`, served
+//! wire-identically on a separate admin socket of the agent, so delegates written for
+//! SPIRE (a node proxy terminating TLS for the workloads of its node, say) work unchanged.
+//!
+//! # Who may call
+//!
+//! Only the delegates listed in `[delegated_identity] authorized_delegates`:
+//!
+//! - `uid:N`: a process whose effective uid at `connect(2)` (SO_PEERCRED) is N, and still
+//!   is at each request;
+//! - `spiffe://TD/PATH`: a process this agent would serve that identity: its own selectors
+//!   (attested like a Workload API caller's when it connected) match an entry with that
+//!   SPIFFE ID, not revoked for it. ztid's identities are per instance, so the entry's ID
+//!   is listed, not one instance's.
+//!
+//! Every request first checks that the connection's process still is the one that
+//! connected (as on the Workload API socket); anyone else gets `PermissionDenied` with the
+//! reason. The socket itself is mode 0600 by default (`socket_mode`), owned by the
+//! agent's user.
+//!
+//! # What a delegate gets
+//!
+//! A subscription names its workload by `selectors` or by `pid` (not both):
+//!
+//! - by `pid`: the agent attests that process like a Workload API caller and the delegate
+//!   gets that process's own instance identity, the very SVIDs the process would get on the
+//!   Workload API; the stream ends when that process exits or execs. The pid is read from
+//!   /proc (no pidfd): as in SPIRE, the delegate must make sure it is not recycled.
+//! - by `selectors`: the delegate gets the SVIDs of the entries those selectors match, as a
+//!   workload instance of its own: each (delegate process, selector set) is one instance,
+//!   with its own random instance segment and its own keys, renewed and revocable like any
+//!   other, shared by that delegate's open subscriptions for the same selectors and
+//!   forgotten (keys dropped) when the last of them ends or the delegate exits. An
+//!   operator revoking such an identity bars the delegate process from that entry (the
+//!   kill switch errs on revoking).
+//!
+//! A stream sends the full set at once and again on every rotation or entry change, also
+//! when empty (no entry matches yet), as SPIRE does. `FetchJWTSVIDs` mints for the same
+//! instance as an open X.509 subscription of that delegate for the same selectors, or
+//! else for a new instance forgotten after the call. Bundle streams carry the local and
+//! every federated bundle, keyed `spiffe://TD`.
+//!
+//! # Audit
+//!
+//! In the agent's own log, not on the server: every subscription and fetch is an
+//! `event = "delegated_subscription"` record (delegate, caller pid and uid, method,
+//! selectors or pid, the identities handed out), its end a `delegated_subscription_ended`
+//! record, every refusal a `delegated_refused` record.
+//!
+//! # Bounds
+//!
+//! At most [`MAX_SELECTORS_PER_REQUEST`] selectors per request, [`MAX_SUBSCRIPTIONS_PER_DELEGATE`]
+//! open streams per authorised delegate, [`crate::limits::MAX_JWT_AUDIENCES`] audiences,
+//! [`MAX_AUTHORIZED_DELEGATES`] delegates in the config, and the listener's bounds
+//! ([`crate::workload_listener`]) with `max_connections` connections.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use ztid_proto::node as npb;
+use ztid_proto::spire::api::agent::delegatedidentity::v1 as dpb;
+use ztid_proto::spire::api::types as tpb;
+
+use crate::bundle::TrustBundle;
+use crate::workload_attestation::{attest_peer, effective_ids, AttestedPeer, ConnectTimePeer};
+use crate::workload_listener::ConnectionPeer;
+use crate::workloads::{
+    revoked_message, IdentitySet, Instance, InstanceKey, ProcessBinding, Workloads,
+};
+use crate::{unix_seconds, Error, Selector};
+
+use dpb::delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer};
+
+/// Most delegates in `authorized_delegates`.
+pub const MAX_AUTHORIZED_DELEGATES: usize = 64;
+/// Most selectors one request may name.
+pub const MAX_SELECTORS_PER_REQUEST: usize = 32;
+/// Most streams one authorised delegate may hold open at once.
+pub const MAX_SUBSCRIPTIONS_PER_DELEGATE: usize = 256;
+/// Default cap on connections to the delegated identity socket.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default mode of the delegated identity socket: the agent's user only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// How often a stream for a pid checks that the process is still the one attested.
+pub const PID_RECHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest attestation of a pid named by a delegate.
+pub const PID_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Characters of one selector echoed in a refusal, at most.
+const ECHO_CHARS: usize = 96;
+
+/// `[delegated_identity]` in the agent config; the API is off unless `socket` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelegatedConfig {
+    /// The admin socket serving the API; off when unset.
+    pub socket: Option<PathBuf>,
+    /// Mode of the socket (TOML `0o600`); who may call is decided per request anyway.
+    pub socket_mode: u32,
+    /// Who may call: `uid:N` or `spiffe://TD/PATH` (see the module documentation).
+    pub authorized_delegates: Vec<String>,
+    /// Cap on open connections to the socket.
+    pub max_connections: usize,
+}
+
+impl Default for DelegatedConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            authorized_delegates: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl DelegatedConfig {
+    /// Checks the settings; returns the parsed delegates.
+    pub fn validate(&self) -> Result<Vec<Delegate>, Error> {
+        if self.socket.is_none() {
+            if !self.authorized_delegates.is_empty() {
+                return Err(Error::Config(
+                    "[delegated_identity] authorized_delegates is set but socket is not".into(),
+                ));
+            }
+            return Ok(Vec::new());
+        }
+        if self.authorized_delegates.is_empty() {
+            return Err(Error::Config(
+                "[delegated_identity] socket is set but authorized_delegates is empty: nobody could call it".into(),
+            ));
+        }
+        if self.authorized_delegates.len() > MAX_AUTHORIZED_DELEGATES {
+            return Err(Error::Config(format!(
+                "[delegated_identity] authorized_delegates lists {} delegates, at most {MAX_AUTHORIZED_DELEGATES}",
+                self.authorized_delegates.len()
+            )));
+        }
+        if self.socket_mode & !0o777 != 0 {
+            return Err(Error::Config(format!(
+                "[delegated_identity] socket_mode {:o} has bits beyond 0o777",
+                self.socket_mode
+            )));
+        }
+        if !(1..=4096).contains(&self.max_connections) {
+            return Err(Error::Config(
+                "[delegated_identity] max_connections must be between 1 and 4096".into(),
+            ));
+        }
+        self.authorized_delegates
+            .iter()
+            .map(|d| Delegate::parse(d))
+            .collect()
+    }
+}
+
+/// One authorised delegate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Delegate {
+    /// Any process running with this effective uid.
+    Uid(u32),
+    /// A process this agent serves an entry of this SPIFFE ID.
+    SpiffeId(String),
+}
+
+impl Delegate {
+    /// Parses `uid:N` or `spiffe://TD/PATH`.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        if let Some(n) = s.strip_prefix("uid:") {
+            return n.parse().map(Self::Uid).map_err(|_| {
+                Error::Config(format!(
+                    "[delegated_identity] delegate {s:?}: uid:N needs a decimal uid"
+                ))
+            });
+        }
+        if s.starts_with("spiffe://") {
+            let id = crate::spiffe_id::parse(s)
+                .map_err(|e| Error::Config(format!("[delegated_identity] delegate {s:?}: {e}")))?;
+            return Ok(Self::SpiffeId(id.to_string()));
+        }
+        Err(Error::Config(format!(
+            "[delegated_identity] delegate {s:?} is neither uid:N nor spiffe://TD/PATH"
+        )))
+    }
+}
+
+impl std::fmt::Display for Delegate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uid(u) => write!(f, "uid:{u}"),
+            Self::SpiffeId(id) => f.write_str(id),
+        }
+    }
+}
+
+/// Why a delegated identity request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The caller is not an authorised delegate.
+    #[error("not an authorized delegate: {0}")]
+    NotAuthorized(String),
+    /// The caller's connection no longer belongs to the process that opened it.
+    #[error("{0}")]
+    CallerChanged(String),
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The delegate holds too many open streams.
+    #[error("{delegate} already holds {limit} delegated identity streams, the most one delegate may hold")]
+    TooManySubscriptions {
+        /// The delegate.
+        delegate: String,
+        /// [`MAX_SUBSCRIPTIONS_PER_DELEGATE`].
+        limit: usize,
+    },
+    /// The workload named by pid cannot be attested (gone, or unreadable).
+    #[error("workload pid {pid}: {why}")]
+    Workload {
+        /// The pid.
+        pid: i32,
+        /// Why.
+        why: String,
+    },
+    /// An operator revoked the identity.
+    #[error("{0}")]
+    Revoked(String),
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Self {
+        let msg = r.to_string();
+        match r {
+            Refusal::NotAuthorized(_) | Refusal::CallerChanged(_) | Refusal::Revoked(_) => {
+                Status::permission_denied(msg)
+            }
+            Refusal::InvalidRequest(_) => Status::invalid_argument(msg),
+            Refusal::TooManySubscriptions { .. } => Status::resource_exhausted(msg),
+            Refusal::Workload { .. } => Status::not_found(msg),
+        }
+    }
+}
+
+/// What a subscription names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The workload these selectors describe (sorted, without duplicates).
+    Selectors(Vec<Selector>),
+    /// The process with this pid.
+    Pid(i32),
+}
+
+fn echo(s: &str) -> String {
+    if s.chars().count() > ECHO_CHARS {
+        format!("{}…", s.chars().take(ECHO_CHARS).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+impl Target {
+    /// The target of a request: selectors or a pid, exactly one of them.
+    pub fn of(selectors: &[tpb::Selector], pid: i32) -> Result<Self, Refusal> {
+        match (selectors.is_empty(), pid) {
+            (true, 0) => Err(Refusal::InvalidRequest(
+                "name the workload by selectors or by pid".into(),
+            )),
+            (false, p) if p != 0 => Err(Refusal::InvalidRequest(
+                "selectors and pid are mutually exclusive".into(),
+            )),
+            (true, p) if p < 0 => Err(Refusal::InvalidRequest(format!(
+                "pid {p} is not a process id"
+            ))),
+            (true, p) => Ok(Self::Pid(p)),
+            (false, _) => {
+                if selectors.len() > MAX_SELECTORS_PER_REQUEST {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "{} selectors, at most {MAX_SELECTORS_PER_REQUEST}",
+                        selectors.len()
+                    )));
+                }
+                let mut out = selectors
+                    .iter()
+                    .map(|s| {
+                        Selector::new(&s.r#type, &s.value).map_err(|e| {
+                            Refusal::InvalidRequest(format!(
+                                "selector {}: {}",
+                                echo(&format!("{}:{}", s.r#type, s.value)),
+                                echo(&e.to_string())
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(node) = out.iter().find(|s| s.is_node_selector()) {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "selector {} describes a node, not a workload",
+                        echo(&node.to_string())
+                    )));
+                }
+                out.sort();
+                out.dedup();
+                Ok(Self::Selectors(out))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Selectors(s) => s
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            Self::Pid(p) => format!("pid:{p}"),
+        }
+    }
+}
+
+/// Attests the process `pid` like a Workload API caller (by pid and start time: there is
+/// no connection to take a pidfd from).
+pub fn attest_pid(pid: i32) -> Result<AttestedPeer, Refusal> {
+    let (uid, gid) = effective_ids(pid).map_err(|_| Refusal::Workload {
+        pid,
+        why: "no such process".into(),
+    })?;
+    attest_peer(
+        ConnectTimePeer {
+            pid: Some(pid),
+            uid,
+            gid,
+            pidfd: Ok(None),
+        },
+        false,
+    )
+    .map_err(|r| Refusal::Workload {
+        pid,
+        why: r.to_string(),
+    })
+}
+
+/// Who the caller was authorised as.
+#[derive(Clone)]
+struct Caller {
+    peer: Arc<ConnectionPeer>,
+    delegate: String,
+}
+
+/// The SPIFFE ID of an SVID as SPIRE's message.
+fn spiffe_id_pb(id: &str) -> tpb::Spiffeid {
+    match crate::spiffe_id::parse(id) {
+        Ok(parsed) => {
+            let s = parsed.to_string();
+            let rest = s.strip_prefix("spiffe://").unwrap_or(&s);
+            let (td, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            tpb::Spiffeid {
+                trust_domain: td.to_string(),
+                path: path.to_string(),
+            }
+        }
+        Err(_) => tpb::Spiffeid {
+            trust_domain: String::new(),
+            path: id.to_string(),
+        },
+    }
+}
+
+/// Open streams per delegate, and the selector instances they hold.
+#[derive(Default)]
+struct Book {
+    streams: HashMap<String, usize>,
+    /// Subscriptions holding each selector instance.
+    holders: HashMap<InstanceKey, usize>,
+}
+
+/// A place among a delegate's open streams; freed when dropped.
+struct StreamSlot {
+    book: Arc<Mutex<Book>>,
+    delegate: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.book.lock() {
+            if let Some(n) = b.streams.get_mut(&self.delegate) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    b.streams.remove(&self.delegate);
+                }
+            }
+        }
+    }
+}
+
+/// A delegated instance held for a subscription or a fetch: a selector instance is
+/// forgotten when its last holder goes, unless it is the delegate's own instance (the
+/// selectors named were its own).
+struct Held {
+    inst: Arc<Instance>,
+    release: Option<(Arc<Mutex<Book>>, Arc<Workloads>, bool)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some((book, workloads, own)) = self.release.take() else {
+            return;
+        };
+        let Ok(mut b) = book.lock() else {
+            return;
+        };
+        let key = self.inst.key.clone();
+        let last = match b.holders.get_mut(&key) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => true,
+        };
+        if last {
+            b.holders.remove(&key);
+            if !own {
+                workloads.forget(&self.inst);
+                tracing::debug!(instance = %self.inst.segment, "delegated instance forgotten");
+            }
+        }
+    }
+}
+
+/// The Delegated Identity service.
+pub struct DelegatedIdentityApi {
+    workloads: Arc<Workloads>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    delegates: Arc<[Delegate]>,
+    book: Arc<Mutex<Book>>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl DelegatedIdentityApi {
+    /// The service over the agent's workloads and bundle, for `delegates`.
+    pub fn new(
+        workloads: Arc<Workloads>,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        delegates: Vec<Delegate>,
+    ) -> Self {
+        Self {
+            workloads,
+            bundle,
+            delegates: delegates.into(),
+            book: Arc::default(),
+        }
+    }
+
+    /// Checks the caller is an authorised delegate, now.
+    async fn authorize<T>(&self, req: &Request<T>, method: &str) -> Result<Caller, Status> {
+        let r = self.authorize_inner(req).await;
+        if let Err(refusal) = &r {
+            let peer = req.extensions().get::<Arc<ConnectionPeer>>();
+            tracing::warn!(
+                event = "delegated_refused",
+                method,
+                pid = ?peer.and_then(|p| p.pid),
+                uid = ?peer.map(|p| p.uid),
+                reason = %refusal,
+                "delegated identity request refused"
+            );
+        }
+        r.map_err(Status::from)
+    }
+
+    async fn authorize_inner<T>(&self, req: &Request<T>) -> Result<Caller, Refusal> {
+        let peer = req
+            .extensions()
+            .get::<Arc<ConnectionPeer>>()
+            .cloned()
+            .ok_or_else(|| Refusal::NotAuthorized("no peer credentials".into()))?;
+        peer.verify()
+            .await
+            .map_err(|r| Refusal::CallerChanged(r.to_string()))?;
+        if self.delegates.contains(&Delegate::Uid(peer.uid)) {
+            return Ok(Caller {
+                delegate: Delegate::Uid(peer.uid).to_string(),
+                peer,
+            });
+        }
+        let listed_ids = self
+            .delegates
+            .iter()
+            .any(|d| matches!(d, Delegate::SpiffeId(_)));
+        if listed_ids {
+            if let Some(attested) = peer.attested() {
+                let entitled = self
+                    .workloads
+                    .entitled(ProcessBinding::of(attested), &attested.selectors)
+                    .map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+                if let Some(e) = entitled.entries.iter().find(|e| {
+                    self.delegates
+                        .contains(&Delegate::SpiffeId(e.spiffe_id.clone()))
+                }) {
+                    return Ok(Caller {
+                        delegate: e.spiffe_id.clone(),
+                        peer,
+                    });
+                }
+            }
+        }
+        Err(Refusal::NotAuthorized(format!(
+            "uid {} is not listed in [delegated_identity] authorized_delegates{}",
+            peer.uid,
+            if listed_ids {
+                ", and this process holds none of the SPIFFE IDs listed there"
+            } else {
+                ""
+            }
+        )))
+    }
+
+    /// Takes a place among the caller's open streams.
+    fn slot(&self, caller: &Caller) -> Result<StreamSlot, Status> {
+        let mut b = self.book.lock().map_err(|_| Status::internal("lock"))?;
+        let n = b.streams.entry(caller.delegate.clone()).or_insert(0);
+        if *n >= MAX_SUBSCRIPTIONS_PER_DELEGATE {
+            return Err(Refusal::TooManySubscriptions {
+                delegate: caller.delegate.clone(),
+                limit: MAX_SUBSCRIPTIONS_PER_DELEGATE,
+            }
+            .into());
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            book: self.book.clone(),
+            delegate: caller.delegate.clone(),
+        })
+    }
+
+    /// The instance a request's target gets, with its SVIDs current; for a pid, also the
+    /// attested process (to follow).
+    async fn instance(
+        &self,
+        caller: &Caller,
+        target: &Target,
+    ) -> Result<(Held, Option<Arc<AttestedPeer>>), Status> {
+        let (held, process) = match target {
+            Target::Pid(pid) => {
+                let pid = *pid;
+                let attested = tokio::time::timeout(
+                    PID_ATTESTATION_TIMEOUT,
+                    tokio::task::spawn_blocking(move || attest_pid(pid)),
+                )
+                .await
+                .map_err(|_| {
+                    Status::from(Refusal::Workload {
+                        pid,
+                        why: "attestation took too long".into(),
+                    })
+                })?
+                .map_err(|e| Status::internal(format!("attestation failed to run: {e}")))??;
+                let entitled = self
+                    .workloads
+                    .entitled(ProcessBinding::of(&attested), &attested.selectors)
+                    .map_err(|_| Status::internal("lock"))?;
+                if let (true, Some(id)) = (entitled.entries.is_empty(), &entitled.revoked) {
+                    return Err(Refusal::Revoked(revoked_message(id)).into());
+                }
+                let inst = self
+                    .workloads
+                    .instance_for(&attested)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                (
+                    Held {
+                        inst,
+                        release: None,
+                    },
+                    Some(Arc::new(attested)),
+                )
+            }
+            Target::Selectors(selectors) => {
+                let holder = caller
+                    .peer
+                    .attested()
+                    .ok_or_else(|| Status::internal("verified connection without attestation"))?;
+                let key = InstanceKey {
+                    process: holder.process.instance,
+                    pidfs_id: holder.process.pidfs_id,
+                    exe: holder.process.exe,
+                    selectors: Arc::from(selectors.as_slice()),
+                };
+                let own = holder.selectors == *selectors;
+                let mut b = self.book.lock().map_err(|_| Status::internal("lock"))?;
+                let inst = self
+                    .workloads
+                    .instance_for_key(key.clone())
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                *b.holders.entry(key).or_insert(0) += 1;
+                drop(b);
+                (
+                    Held {
+                        inst,
+                        release: Some((self.book.clone(), self.workloads.clone(), own)),
+                    },
+                    None,
+                )
+            }
+        };
+        if let Err(e) = self.workloads.reconcile(&held.inst).await {
+            // Nothing matched is not an error here; a server refusal or outage is.
+            if !held.inst.state.borrow().svids.is_empty()
+                || !self
+                    .workloads
+                    .entitled(held.inst.key.binding(), &held.inst.selectors)
+                    .map(|e| e.entries.is_empty())
+                    .unwrap_or(false)
+            {
+                return Err(Status::unavailable(format!(
+                    "could not obtain an SVID: {e}"
+                )));
+            }
+        }
+        Ok((held, process))
+    }
+
+    fn x509_response(
+        &self,
+        inst: &Instance,
+        set: &IdentitySet,
+    ) -> dpb::SubscribeToX509sviDsResponse {
+        dpb::SubscribeToX509sviDsResponse {
+            x509_svids: set
+                .svids
+                .iter()
+                .map(|s| dpb::X509svidWithKey {
+                    x509_svid: Some(tpb::X509svid {
+                        cert_chain: s.chain.clone(),
+                        id: Some(spiffe_id_pb(&s.spiffe_id)),
+                        expires_at: s.not_after,
+                        hint: s.hint.clone(),
+                    }),
+                    x509_svid_key: s.key.to_vec(),
+                })
+                .collect(),
+            federates_with: self
+                .workloads
+                .federated_bundles_for(&inst.selectors)
+                .into_keys()
+                .collect(),
+        }
+    }
+
+    /// Every bundle the agent holds, keyed `spiffe://TD`.
+    fn all_bundles(
+        workloads: &Workloads,
+        local: &TrustBundle,
+        value: impl Fn(&TrustBundle) -> Result<Vec<u8>, Status>,
+    ) -> Result<HashMap<String, Vec<u8>>, Status> {
+        let mut out = HashMap::new();
+        if let Ok(f) = workloads.federated.read() {
+            for b in f.1.values() {
+                out.insert(b.trust_domain_id(), value(b)?);
+            }
+        }
+        out.insert(local.trust_domain_id(), value(local)?);
+        Ok(out)
+    }
+}
+
+/// Streams `make()` now and whenever `state` or the bundle changes, until the client
+/// leaves, the caller's process exits or execs, the followed workload process does, or an
+/// identity of the instance is revoked.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private helper for the four streams"
+)]
+fn watch_stream<T: Send + 'static>(
+    caller: Caller,
+    held: Option<Held>,
+    process: Option<Arc<AttestedPeer>>,
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    slot: StreamSlot,
+    audit: String,
+    make: impl Fn(Option<&Instance>, &TrustBundle) -> Result<T, Status> + Send + 'static,
+) -> ResponseStream<T> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut revoked = caller.peer.revocation();
+        let mut notices = held.as_ref().map(|h| h.inst.revocations.subscribe());
+        let seen = notices
+            .as_mut()
+            .map(|n| n.borrow_and_update().count)
+            .unwrap_or(0);
+        let mut state = held.as_ref().map(|h| h.inst.state.subscribe());
+        let mut recheck = tokio::time::interval(PID_RECHECK_INTERVAL);
+        recheck.tick().await;
+        let why_ended: String = loop {
+            let notice = notices.as_ref().and_then(|n| {
+                let n = n.borrow();
+                (n.count > seen).then(|| n.identity.clone())
+            });
+            let process_gone = match &process {
+                Some(p) => {
+                    let p = p.clone();
+                    tokio::task::spawn_blocking(move || p.process.check())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|r| r.to_string()))
+                        .err()
+                }
+                None => None,
+            };
+            let msg = if let Some(identity) = notice {
+                Err(Status::from(Refusal::Revoked(revoked_message(
+                    identity.as_deref().unwrap_or("of this workload"),
+                ))))
+            } else if let Err(r) = caller.peer.verify().await {
+                Err(Status::from(Refusal::CallerChanged(r.to_string())))
+            } else if let (Some(why), Some(p)) = (process_gone, &process) {
+                Err(Status::from(Refusal::Workload {
+                    pid: p.process.instance.pid,
+                    why: why.replace("the process that opened this connection", "the process"),
+                }))
+            } else {
+                if let Some(s) = state.as_mut() {
+                    s.borrow_and_update();
+                }
+                let b = bundle.borrow_and_update().clone();
+                make(held.as_ref().map(|h| &*h.inst), &b)
+            };
+            let end = match &msg {
+                Err(s) => Some(s.message().to_string()),
+                Ok(_) => None,
+            };
+            if tx.send(msg).await.is_err() {
+                break "the delegate closed the stream".into();
+            }
+            if let Some(e) = end {
+                break e;
+            }
+            let changed = tokio::select! {
+                r = async { match state.as_mut() { Some(s) => s.changed().await, None => std::future::pending().await } } => r.is_ok(),
+                r = bundle.changed() => r.is_ok(),
+                _ = revoked.wait_for(Option::is_some) => true,
+                _ = async { match notices.as_mut() { Some(n) => n.wait_for(|n| n.count > seen).await.map(|_| ()), None => std::future::pending().await } } => true,
+                _ = recheck.tick(), if process.is_some() => true,
+                _ = tx.closed() => false,
+            };
+            if !changed {
+                break "the delegate closed the stream".into();
+            }
+        };
+        tracing::info!(
+            event = "delegated_subscription_ended",
+            subscription = %audit,
+            delegate = %caller.delegate,
+            reason = %why_ended,
+            "delegated identity stream ended"
+        );
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl DelegatedIdentity for DelegatedIdentityApi {
+    type SubscribeToX509SVIDsStream = ResponseStream<dpb::SubscribeToX509sviDsResponse>;
+    type SubscribeToX509BundlesStream = ResponseStream<dpb::SubscribeToX509BundlesResponse>;
+    type SubscribeToJWTBundlesStream = ResponseStream<dpb::SubscribeToJwtBundlesResponse>;
+
+    async fn subscribe_to_x509svi_ds(
+        &self,
+        request: Request<dpb::SubscribeToX509sviDsRequest>,
+    ) -> Result<Response<Self::SubscribeToX509SVIDsStream>, Status> {
+        let caller = self.authorize(&request, "SubscribeToX509SVIDs").await?;
+        let req = request.get_ref();
+        let target = Target::of(&req.selectors, req.pid).map_err(Status::from)?;
+        let slot = self.slot(&caller)?;
+        let (held, process) = self.instance(&caller, &target).await?;
+        let audit = format!(
+            "x509-svids {} instance {}",
+            target.describe(),
+            held.inst.segment
+        );
+        let identities: Vec<String> = held
+            .inst
+            .state
+            .borrow()
+            .svids
+            .iter()
+            .map(|s| s.spiffe_id.clone())
+            .collect();
+        tracing::info!(
+            event = "delegated_subscription",
+            method = "SubscribeToX509SVIDs",
+            delegate = %caller.delegate,
+            caller_pid = ?caller.peer.pid,
+            caller_uid = caller.peer.uid,
+            target = %target.describe(),
+            instance = %held.inst.segment,
+            identities = ?identities,
+            "delegated identity subscription"
+        );
+        let workloads = self.workloads.clone();
+        let me = Self {
+            workloads,
+            bundle: self.bundle.clone(),
+            delegates: self.delegates.clone(),
+            book: self.book.clone(),
+        };
+        let stream = watch_stream(
+            caller,
+            Some(held),
+            process,
+            self.bundle.clone(),
+            slot,
+            audit,
+            move |inst, _| {
+                let inst = inst.ok_or_else(|| Status::internal("no instance"))?;
+                let set = inst.state.borrow().clone();
+                Ok(me.x509_response(inst, &set))
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn subscribe_to_x509_bundles(
+        &self,
+        request: Request<dpb::SubscribeToX509BundlesRequest>,
+    ) -> Result<Response<Self::SubscribeToX509BundlesStream>, Status> {
+        let caller = self.authorize(&request, "SubscribeToX509Bundles").await?;
+        let slot = self.slot(&caller)?;
+        tracing::info!(
+            event = "delegated_subscription",
+            method = "SubscribeToX509Bundles",
+            delegate = %caller.delegate,
+            caller_pid = ?caller.peer.pid,
+            caller_uid = caller.peer.uid,
+            "delegated identity subscription"
+        );
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(
+            caller,
+            None,
+            None,
+            self.bundle.clone(),
+            slot,
+            "x509-bundles".into(),
+            move |_, local| {
+                Ok(dpb::SubscribeToX509BundlesResponse {
+                    ca_certificates: Self::all_bundles(&workloads, local, |b| Ok(b.x509_der()))?,
+                })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn subscribe_to_jwt_bundles(
+        &self,
+        request: Request<dpb::SubscribeToJwtBundlesRequest>,
+    ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
+        let caller = self.authorize(&request, "SubscribeToJWTBundles").await?;
+        let slot = self.slot(&caller)?;
+        tracing::info!(
+            event = "delegated_subscription",
+            method = "SubscribeToJWTBundles",
+            delegate = %caller.delegate,
+            caller_pid = ?caller.peer.pid,
+            caller_uid = caller.peer.uid,
+            "delegated identity subscription"
+        );
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(
+            caller,
+            None,
+            None,
+            self.bundle.clone(),
+            slot,
+            "jwt-bundles".into(),
+            move |_, local| {
+                Ok(dpb::SubscribeToJwtBundlesResponse {
+                    bundles: Self::all_bundles(&workloads, local, |b| {
+                        b.jwks_json()
+                            .map(String::into_bytes)
+                            .map_err(|e| Status::internal(e.to_string()))
+                    })?,
+                })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvi_ds(
+        &self,
+        request: Request<dpb::FetchJwtsviDsRequest>,
+    ) -> Result<Response<dpb::FetchJwtsviDsResponse>, Status> {
+        let caller = self.authorize(&request, "FetchJWTSVIDs").await?;
+        let req = request.get_ref();
+        if req.audience.is_empty() {
+            return Err(Refusal::InvalidRequest("audience must be specified".into()).into());
+        }
+        let audience = crate::limits::normalize_audiences(&req.audience)
+            .map_err(|e| Status::from(Refusal::InvalidRequest(e.to_string())))?;
+        let target = Target::of(&req.selectors, req.pid).map_err(Status::from)?;
+        let (held, _process) = self.instance(&caller, &target).await?;
+        let svids = self.mint_jwts(&held.inst, &audience).await?;
+        tracing::info!(
+            event = "delegated_subscription",
+            method = "FetchJWTSVIDs",
+            delegate = %caller.delegate,
+            caller_pid = ?caller.peer.pid,
+            caller_uid = caller.peer.uid,
+            target = %target.describe(),
+            instance = %held.inst.segment,
+            audience = ?audience,
+            identities = ?svids.iter().map(|s| s.id.as_ref().map(|i| format!("spiffe://{}{}", i.trust_domain, i.path))).collect::<Vec<_>>(),
+            "delegated identity fetch"
+        );
+        drop(held);
+        Ok(Response::new(dpb::FetchJwtsviDsResponse { svids }))
+    }
+}
+
+impl DelegatedIdentityApi {
+    /// JWT-SVIDs of every entry of `inst` for `audience`: cached ones until half their
+    /// life, else minted by the server (bounded per instance as on the Workload API).
+    async fn mint_jwts(
+        &self,
+        inst: &Instance,
+        audience: &[String],
+    ) -> Result<Vec<tpb::Jwtsvid>, Status> {
+        let entries: Vec<npb::Entry> = self
+            .workloads
+            .entitled(inst.key.binding(), &inst.selectors)
+            .map_err(|_| Status::internal("lock"))?
+            .entries;
+        let now = unix_seconds(std::time::SystemTime::now());
+        let mut out = Vec::new();
+        let mut to_mint = Vec::new();
+        {
+            let cache = inst
+                .jwt_cache
+                .lock()
+                .map_err(|_| Status::internal("lock"))?;
+            for e in entries {
+                let id = Workloads::identity_for(inst, &e);
+                match cache.get(&(id.clone(), audience.to_vec())) {
+                    Some(j) if now < j.issued_at + (j.expires_at - j.issued_at) / 2 => {
+                        out.push(tpb::Jwtsvid {
+                            token: j.token.clone(),
+                            id: Some(spiffe_id_pb(&id)),
+                            expires_at: j.expires_at,
+                            issued_at: j.issued_at,
+                            hint: e.hint.clone(),
+                        })
+                    }
+                    _ => to_mint.push((e, id)),
+                }
+            }
+            let recent = cache.values().filter(|j| j.issued_at > now - 60).count();
+            let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
+            if !to_mint.is_empty() && recent + to_mint.len() > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}"
+                )));
+            }
+        }
+        if to_mint.is_empty() {
+            return Ok(out);
+        }
+        let mint = npb::MintJwtSvidsRequest {
+            requests: to_mint
+                .iter()
+                .map(|(e, id)| npb::JwtRequest {
+                    entry_id: e.id.clone(),
+                    spiffe_id: id.clone(),
+                    audience: audience.to_vec(),
+                })
+                .collect(),
+        };
+        let resp = self
+            .workloads
+            .node()
+            .call("MintJWTSVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
+                let mint = mint.clone();
+                async move {
+                    c.mint_jwt_svids(mint)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))
+            })?;
+        if resp.results.len() != to_mint.len() {
+            return Err(Status::unavailable(
+                "the server answered a different number of JWT requests",
+            ));
+        }
+        let mut cache = inst
+            .jwt_cache
+            .lock()
+            .map_err(|_| Status::internal("lock"))?;
+        for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
+            match r.result {
+                Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+                    let kid = crate::jwt::kid_of(&s.token);
+                    self.workloads.note_jwt(kid.as_deref(), s.expires_at);
+                    if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                        cache.retain(|_, j| j.expires_at > now);
+                    }
+                    if cache.len() < crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                        cache.insert(
+                            (id.clone(), audience.to_vec()),
+                            crate::workloads::CachedJwt {
+                                token: s.token.clone(),
+                                expires_at: s.expires_at,
+                                issued_at: now,
+                                kid,
+                            },
+                        );
+                    }
+                    out.push(tpb::Jwtsvid {
+                        token: s.token,
+                        id: Some(spiffe_id_pb(&id)),
+                        expires_at: s.expires_at,
+                        issued_at: now,
+                        hint: e.hint.clone(),
+                    });
+                }
+                Some(npb::jwt_result::Result::Error(err)) => {
+                    return Err(Status::unavailable(format!(
+                        "could not obtain a JWT-SVID: {err}"
+                    )))
+                }
+                _ => return Err(Status::unavailable("could not obtain a JWT-SVID")),
+            }
+        }
+        out.sort_by(|a, b| {
+            let k = |j: &tpb::Jwtsvid| j.id.as_ref().map(|i| i.path.clone());
+            k(a).cmp(&k(b))
+        });
+        Ok(out)
+    }
+}
+
+/// Binds the delegated identity socket: its directory checked like the Workload API's,
+/// a stale socket replaced, the mode set.
+fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    crate::create_dirs(dir, crate::SOCKET_DIR_MODE)?;
+    crate::check_socket_dir(dir)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(Error::io(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("restricting {}", path.display())))?;
+    Ok(l)
+}
+
+/// Starts serving the API when `config` names a socket: binds it now (so a bad path
+/// fails the agent's start) and returns the server to spawn; `None` when off.
+pub fn start(
+    config: &DelegatedConfig,
+    workloads: Arc<Workloads>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Option<impl std::future::Future<Output = ()> + Send + 'static>, Error> {
+    let delegates = config.validate()?;
+    let Some(path) = config.socket.clone() else {
+        return Ok(None);
+    };
+    let listener = bind(&path, config.socket_mode)?;
+    tracing::info!(
+        socket = %path.display(),
+        delegates = ?delegates.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "Delegated Identity API ready (spire.api.agent.delegatedidentity.v1)"
+    );
+    let api = DelegatedIdentityServer::new(DelegatedIdentityApi::new(workloads, bundle, delegates))
+        .max_decoding_message_size(crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(api);
+    let limits = crate::workload_listener::Limits {
+        max_connections: config.max_connections,
+        idle_timeout: crate::workload_listener::DEFAULT_IDLE_TIMEOUT,
+    };
+    Ok(Some(async move {
+        crate::workload_listener::serve(listener, routes, limits, shutdown).await;
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(t: &str, v: &str) -> tpb::Selector {
+        tpb::Selector {
+            r#type: t.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn delegates_parse_and_bad_ones_are_refused() {
+        assert_eq!(Delegate::parse("uid:0").unwrap(), Delegate::Uid(0));
+        assert_eq!(
+            Delegate::parse("spiffe://example.org/proxy").unwrap(),
+            Delegate::SpiffeId("spiffe://example.org/proxy".into())
+        );
+        for bad in ["uid:x", "uid:", "root", "spiffe://", "spiffe://EX AMPLE/x"] {
+            let e = Delegate::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("[delegated_identity]"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let off = DelegatedConfig::default();
+        assert!(off.validate().unwrap().is_empty());
+        let mut c = DelegatedConfig {
+            socket: Some("/run/ztid/agent/admin.sock".into()),
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nobody could call"));
+        c.authorized_delegates = vec!["uid:0".into(), "spiffe://example.org/p".into()];
+        assert_eq!(c.validate().unwrap().len(), 2);
+        c.socket_mode = 0o4777;
+        assert!(c.validate().is_err());
+        c.socket_mode = 0o600;
+        c.authorized_delegates = (0..=MAX_AUTHORIZED_DELEGATES)
+            .map(|i| format!("uid:{i}"))
+            .collect();
+        assert!(c.validate().unwrap_err().to_string().contains("at most"));
+        let toml_text =
+            "socket = \"/tmp/x.sock\"\nsocket_mode = 0o660\nauthorized_delegates = [\"uid:0\"]\n";
+        let parsed: DelegatedConfig = toml::from_str(toml_text).unwrap();
+        assert_eq!(parsed.socket_mode, 0o660);
+        assert!(toml::from_str::<DelegatedConfig>("sockett = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_target_is_selectors_or_a_pid_never_both_and_bounded() {
+        let one = [sel("unix", "uid:1000")];
+        assert_eq!(
+            Target::of(&one, 0).unwrap(),
+            Target::Selectors(vec![Selector::parse("unix:uid:1000").unwrap()])
+        );
+        assert_eq!(Target::of(&[], 42).unwrap(), Target::Pid(42));
+        let both = Target::of(&one, 42).unwrap_err();
+        assert!(matches!(both, Refusal::InvalidRequest(ref m) if m.contains("mutually exclusive")));
+        assert!(matches!(
+            Target::of(&[], 0),
+            Err(Refusal::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            Target::of(&[], -1),
+            Err(Refusal::InvalidRequest(_))
+        ));
+        let many: Vec<_> = (0..=MAX_SELECTORS_PER_REQUEST)
+            .map(|i| sel("unix", &format!("uid:{i}")))
+            .collect();
+        assert!(
+            matches!(Target::of(&many, 0), Err(Refusal::InvalidRequest(ref m)) if m.contains("at most"))
+        );
+        let bad = Target::of(&[sel("nope", &"x".repeat(1000))], 0).unwrap_err();
+        assert!(bad.to_string().len() < 400, "echo bounded: {bad}");
+        // Duplicates and order do not make another instance.
+        let a = Target::of(
+            &[
+                sel("unix", "uid:1"),
+                sel("unix", "gid:2"),
+                sel("unix", "uid:1"),
+            ],
+            0,
+        )
+        .unwrap();
+        let b = Target::of(&[sel("unix", "gid:2"), sel("unix", "uid:1")], 0).unwrap();
+        assert_eq!(a, b);
+        let status = Status::from(both);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let denied = Status::from(Refusal::NotAuthorized("uid 5 is not listed".into()));
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            denied.message(),
+            "not an authorized delegate: uid 5 is not listed"
+        );
+    }
+
+    #[test]
+    fn spiffe_ids_split_as_spire_does() {
+        let id = spiffe_id_pb("spiffe://example.org/w/0123");
+        assert_eq!(id.trust_domain, "example.org");
+        assert_eq!(id.path, "/w/0123");
+    }
+
+    #[test]
+    fn a_pid_is_attested_like_a_workload_api_caller() {
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        assert!(me
+            .selectors
+            .iter()
+            .any(|s| s.to_string().starts_with("unix:uid:")));
+        let gone = attest_pid(i32::MAX).unwrap_err();
+        assert!(matches!(gone, Refusal::Workload { pid, .. } if pid == i32::MAX));
+    }
+}
