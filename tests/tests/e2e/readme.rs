@@ -7,6 +7,9 @@
 //! not: `<!-- readme-test: skip: REASON -->`. A block with neither fails the test, so a
 //! new block is run or visibly excused. `<!-- readme-test: expect: TEXT -->` (one or
 //! more) names what the block's standard output must contain: that it did what it says.
+//! `<!-- readme-test: after: SECTION -->` marks a block that goes on in the shell of an
+//! earlier one (the quick start's server, agent and variables): the run blocks of that
+//! section run first, in the same script.
 //!
 //! Each block runs alone in fresh namespaces (`unshare`): its own network namespace with
 //! only loopback up, so the fixed ports the README names (8081, 18081) are free whatever
@@ -47,6 +50,8 @@ struct Block {
     skip: Option<String>,
     /// `expect: TEXT`, each.
     expect: Vec<String>,
+    /// `after: SECTION`.
+    after: Option<String>,
 }
 
 fn repo_root() -> PathBuf {
@@ -91,6 +96,7 @@ fn shell_blocks(readme: &str) -> Result<Vec<Block>, String> {
         // The markers: the comment lines right above the fence (blank lines between).
         let mut skip = None;
         let mut expect = Vec::new();
+        let mut after = None;
         for above in lines[..start].iter().rev().map(|l| l.trim()) {
             if above.is_empty() {
                 continue;
@@ -109,9 +115,12 @@ fn shell_blocks(readme: &str) -> Result<Vec<Block>, String> {
                 Some(("expect", text)) if !text.trim().is_empty() => {
                     expect.push(text.trim().to_string())
                 }
+                Some(("after", section)) if !section.trim().is_empty() => {
+                    after = Some(section.trim().to_string())
+                }
                 _ => {
                     return Err(format!(
-                        "README.md:{}: marker {m:?} is neither `skip: REASON` nor `expect: TEXT`",
+                        "README.md:{}: marker {m:?} is not `skip: REASON`, `expect: TEXT` or `after: SECTION`",
                         start + 1
                     ))
                 }
@@ -123,6 +132,7 @@ fn shell_blocks(readme: &str) -> Result<Vec<Block>, String> {
             text: body.join("\n") + "\n",
             skip,
             expect,
+            after,
         });
     }
     Ok(blocks)
@@ -289,12 +299,27 @@ fn every_shell_block_runs_as_written_or_says_why_not() {
             report.push(format!("{at}: skipped: {reason}"));
             continue;
         }
+        let script = match &b.after {
+            None => b.text.clone(),
+            Some(section) => {
+                let before: Vec<&Block> = blocks
+                    .iter()
+                    .take_while(|o| o.line < b.line)
+                    .filter(|o| &o.section == section && o.skip.is_none() && o.after.is_none())
+                    .collect();
+                assert!(
+                    !before.is_empty(),
+                    "{at}: `after: {section}` names no earlier block that runs"
+                );
+                before.iter().map(|o| o.text.as_str()).collect::<String>() + &b.text
+            }
+        };
         let scratch = tempfile::tempdir().expect("scratch directory");
-        let out = run_block(&b.text, scratch.path());
+        let out = run_block(&script, scratch.path());
         let shown = || {
             format!(
-                "--- block ---\n{}--- stdout (last 40 lines) ---\n{}\n--- stderr, traced (last 60 lines) ---\n{}",
-                b.text,
+                "--- script ---\n{}--- stdout (last 40 lines) ---\n{}\n--- stderr, traced (last 60 lines) ---\n{}",
+                script,
                 tail(&out.stdout, 40),
                 tail(&out.stderr, 60)
             )
@@ -321,13 +346,14 @@ fn every_shell_block_runs_as_written_or_says_why_not() {
 #[test]
 fn markers_are_parsed_and_a_bad_one_is_refused() {
     let md = "# A\n<!-- readme-test: skip: it recurses -->\n```sh\nscripts/test.sh\n```\n\
-              ## B\n<!-- readme-test: expect: hello -->\n\n```sh\necho hello\n```\n\
+              ## B\n<!-- readme-test: after: A -->\n<!-- readme-test: expect: hello -->\n\n```sh\necho hello\n```\n\
               ```toml\nx = 1\n```\n  ```bash\n  echo indented\n  ```\n";
     let blocks = shell_blocks(md).unwrap();
     assert_eq!(blocks.len(), 3);
     assert_eq!(blocks[0].skip.as_deref(), Some("it recurses"));
     assert_eq!(blocks[0].section, "A");
     assert_eq!(blocks[1].expect, ["hello"]);
+    assert_eq!(blocks[1].after.as_deref(), Some("A"));
     assert_eq!(blocks[1].section, "B");
     assert!(blocks[1].skip.is_none());
     assert_eq!(blocks[2].text, "echo indented\n");
