@@ -55,6 +55,9 @@ pub struct AgentConfig {
     pub container_sockets: Vec<String>,
     /// `systemd:unit` selectors (on too whenever `container_sockets` is set).
     pub systemd_unit_selectors: bool,
+    /// `[delegated_identity]`: SPIRE's Delegated Identity API on an admin socket (off
+    /// unless `socket` is set; see [`crate::delegated_identity`]).
+    pub delegated_identity: crate::delegated_identity::DelegatedConfig,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +82,7 @@ impl Default for AgentConfig {
             workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
             container_sockets: Vec::new(),
             systemd_unit_selectors: false,
+            delegated_identity: Default::default(),
         }
     }
 }
@@ -160,6 +164,7 @@ impl AgentConfig {
                 "workload_idle_timeout_seconds must be between 1 and 86400".into(),
             ));
         }
+        self.delegated_identity.validate()?;
         self.container_attestor()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::Config("log_format must be text or json".into()));

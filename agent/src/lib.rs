@@ -7,6 +7,7 @@ pub mod attestors;
 pub mod cli;
 pub mod config;
 pub mod container;
+pub mod delegated_identity;
 pub mod metrics;
 pub mod node_client;
 pub mod sds;
@@ -960,6 +961,20 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
     });
 
+    // SPIRE's Delegated Identity API on its own admin socket, when configured.
+    if let Some(delegated) = delegated_identity::start(
+        &config.delegated_identity,
+        workloads.clone(),
+        rt.bundle.subscribe(),
+        {
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        },
+    )? {
+        tokio::spawn(delegated);
+    }
     tracing::info!(socket = %config.socket.display(), servers = %servers.describe(), "ztid-agent ready");
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

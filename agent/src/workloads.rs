@@ -393,7 +393,12 @@ impl Workloads {
     /// just checked that the peer is still the process that connected
     /// ([`crate::workload_attestation::PeerProcess::check`]).
     pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
-        let key = InstanceKey::of(peer);
+        self.instance_for_key(InstanceKey::of(peer))
+    }
+
+    /// [`Workloads::instance_for`] by key: also for instances that are not a connection's
+    /// own, as a delegated identity subscription's ([`crate::delegated_identity`]).
+    pub fn instance_for_key(&self, key: InstanceKey) -> Result<Arc<Instance>, Error> {
         let mut instances = self
             .instances
             .lock()
@@ -415,6 +420,18 @@ impl Workloads {
         instances.insert(key, inst.clone());
         tracing::info!(pid = inst.process.pid, instance = %inst.segment, "attested new workload instance");
         Ok(inst)
+    }
+
+    /// Forgets `inst` now (keys dropped once no stream holds it) if it still is the
+    /// instance held for its key: for instances that outlive no subscription, as a
+    /// delegated identity subscription's ([`crate::delegated_identity`]).
+    pub fn forget(&self, inst: &Arc<Instance>) {
+        if let Ok(mut map) = self.instances.lock() {
+            if map.get(&inst.key).is_some_and(|held| Arc::ptr_eq(held, inst)) {
+                map.remove(&inst.key);
+                inst.state.send_replace(Arc::new(IdentitySet::default()));
+            }
+        }
     }
 
     /// The SPIFFE ID an instance gets for an entry.
