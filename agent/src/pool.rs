@@ -1,0 +1,697 @@
+//! Per-instance SVIDs minted ahead, so a new process's first `FetchX509SVID` is answered
+//! from memory instead of waiting on a `SignX509Svids` round trip.
+//!
+//! A pooled instance is what a new process would have got: a fresh random instance
+//! segment and, for every per-instance entry of one *entry set* (the per-instance entries
+//! a process matched), an SVID for `<entry ID>/<segment>` with its own key. Pools are kept
+//! only for entry sets that a new process had within the last `idle_seconds`, at most
+//! `max_sets` of them (the least recently used goes first) and `size` pooled instances
+//! each; so memory and the extra mints are bounded, and an idle node mints nothing.
+//!
+//! The rules that make it safe:
+//! - A pooled instance is taken out of the pool under its lock when a process is given it
+//!   and is never put back: its segment belongs to that process alone, as a freshly
+//!   drawn one would.
+//! - It is served only while it is fresh: younger than `max_age_seconds` and before its
+//!   SVIDs' half-life (the renewal time), minted for the entries exactly as they are now,
+//!   under the bundle sequence in force now, by an authority that is not tainted, and not
+//!   covered by an entry revocation. Anything else is dropped, unused, when seen (at a
+//!   take, at each sync and at each refill tick).
+//! - Unassigned pooled SVIDs carry nothing the agent could not mint anyway: the agent may
+//!   ask the server for any per-instance ID under its entries at any time.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use ztid_proto::node as pb;
+
+use crate::workloads::{EntryCache, HeldSvid, REVOCATION_CLOCK_TOLERANCE_SECONDS};
+
+/// Most pooled instances per entry set.
+pub const MAX_POOL_SIZE: usize = 16;
+/// Most entry sets pooled.
+pub const MAX_POOL_SETS: usize = 4096;
+/// Most CSRs one refill sends in one `SignX509Svids` call (the server's batch cap is
+/// larger; a smaller batch keeps one refill short).
+pub const MAX_REFILL_CSRS: usize = 100;
+
+/// How the pool is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Pooled instances per entry set; 0 turns the pool off.
+    pub size: usize,
+    /// Most entry sets pooled at once.
+    pub max_sets: usize,
+    /// A pooled instance older than this is dropped unused (seconds).
+    pub max_age_seconds: i64,
+    /// An entry set no new process had for this long is no longer pooled (seconds).
+    pub idle_seconds: i64,
+}
+
+impl PoolConfig {
+    /// No pool: every new process waits for its mint.
+    pub const OFF: Self = Self {
+        size: 0,
+        max_sets: 0,
+        max_age_seconds: 0,
+        idle_seconds: 0,
+    };
+
+    /// True when pooling is on.
+    pub fn enabled(&self) -> bool {
+        self.size > 0 && self.max_sets > 0 && self.max_age_seconds > 0 && self.idle_seconds > 0
+    }
+}
+
+/// One pooled instance: a segment and an SVID for each entry of its set.
+pub struct PooledInstance {
+    /// The instance segment (32 lowercase hex).
+    pub segment: String,
+    /// When it was minted (Unix seconds, agent clock; taken before the CSRs were sent).
+    pub minted_at: i64,
+    /// The bundle sequence in force when it was minted.
+    pub bundle_sequence: u64,
+    /// The entries it was minted for, ordered by id.
+    pub entries: Vec<pb::Entry>,
+    /// One SVID per entry, in the same order.
+    pub svids: Vec<HeldSvid>,
+}
+
+/// Why a pooled instance was dropped unused (the `reason` of `pooled_svid_dropped`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Older than the pool's maximum age, or past its SVIDs' half-life.
+    Expired,
+    /// An entry of its set was changed or deleted since it was minted.
+    EntryChanged,
+    /// Its signing authority is tainted.
+    Tainted,
+    /// The trust bundle changed (an authority rotation) since it was minted.
+    Rotated,
+    /// An operator revoked its entry or its very identity.
+    Revoked,
+    /// No new process had its entry set for a while.
+    Idle,
+}
+
+impl DropReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::EntryChanged => "entry changed or deleted",
+            Self::Tainted => "authority tainted",
+            Self::Rotated => "trust bundle changed",
+            Self::Revoked => "revoked",
+            Self::Idle => "entry set idle",
+        }
+    }
+}
+
+/// What a pooled instance is checked against.
+pub struct PoolView<'a> {
+    /// Unix seconds, agent clock.
+    pub now: i64,
+    /// The bundle sequence in force.
+    pub bundle_sequence: u64,
+    /// Tainted authority ids.
+    pub tainted: &'a [String],
+}
+
+struct EntrySet {
+    /// The set's entries as last seen, ordered by id.
+    entries: Vec<pb::Entry>,
+    /// When a new process last had this set.
+    last_seen: i64,
+    /// Oldest first.
+    slots: VecDeque<PooledInstance>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sets: HashMap<Vec<String>, EntrySet>,
+    /// Entry revocations in force (entry id → `revoked_at`, server clock), from the last sync.
+    entry_revocations: HashMap<String, i64>,
+}
+
+/// What to mint next: an entry set and how many instances it lacks.
+pub struct Deficit {
+    /// The entries, ordered by id.
+    pub entries: Vec<pb::Entry>,
+    /// Instances to mint.
+    pub count: usize,
+}
+
+/// The pool (see the module documentation).
+pub struct SvidPool {
+    config: PoolConfig,
+    inner: Mutex<Inner>,
+    /// Woken when a pooled instance was taken or a new entry set seen.
+    pub wake: tokio::sync::Notify,
+}
+
+/// The key of an entry set: its entry ids, sorted.
+fn set_key(entries: &[pb::Entry]) -> Vec<String> {
+    let mut ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn sorted(entries: &[pb::Entry]) -> Vec<pb::Entry> {
+    let mut v = entries.to_vec();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v.dedup_by(|a, b| a.id == b.id);
+    v
+}
+
+fn log_drop(slot: &PooledInstance, reason: DropReason) {
+    tracing::info!(
+        event = "pooled_svid_dropped",
+        instance = %slot.segment,
+        spiffe_ids = ?slot.svids.iter().map(|s| s.spiffe_id.as_str()).collect::<Vec<_>>(),
+        reason = reason.as_str(),
+        "pre-minted workload SVIDs dropped unused; they expire unused"
+    );
+}
+
+impl Inner {
+    /// Why `slot` may not be served to a process of `entries` now, if it may not.
+    fn unusable(
+        &self,
+        slot: &PooledInstance,
+        entries: &[pb::Entry],
+        view: &PoolView<'_>,
+        config: &PoolConfig,
+    ) -> Option<DropReason> {
+        if slot.entries.as_slice() != entries {
+            return Some(DropReason::EntryChanged);
+        }
+        if slot
+            .entries
+            .iter()
+            .filter_map(|e| self.entry_revocations.get(&e.id))
+            .any(|at| slot.minted_at < at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+        {
+            return Some(DropReason::Revoked);
+        }
+        if slot.svids.iter().any(|s| {
+            s.authority
+                .as_ref()
+                .is_some_and(|a| view.tainted.contains(a))
+        }) {
+            return Some(DropReason::Tainted);
+        }
+        if slot.bundle_sequence != view.bundle_sequence {
+            return Some(DropReason::Rotated);
+        }
+        if view.now >= slot.minted_at + config.max_age_seconds
+            || slot.svids.iter().any(|s| view.now >= s.renew_at)
+        {
+            return Some(DropReason::Expired);
+        }
+        None
+    }
+
+    /// Drops the slots of `key` that are not usable now.
+    fn sweep(&mut self, key: &[String], view: &PoolView<'_>, config: &PoolConfig) {
+        let Some(mut set) = self.sets.remove(key) else {
+            return;
+        };
+        let slots = std::mem::take(&mut set.slots);
+        for slot in slots {
+            match self.unusable(&slot, &set.entries, view, config) {
+                Some(reason) => log_drop(&slot, reason),
+                None => set.slots.push_back(slot),
+            }
+        }
+        self.sets.insert(key.to_vec(), set);
+    }
+}
+
+impl SvidPool {
+    /// A pool sized by `config` (no pooling when it is off).
+    pub fn new(config: PoolConfig) -> Self {
+        Self {
+            config: PoolConfig {
+                size: config.size.min(MAX_POOL_SIZE),
+                max_sets: config.max_sets.min(MAX_POOL_SETS),
+                ..config
+            },
+            inner: Mutex::new(Inner::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> PoolConfig {
+        self.config
+    }
+
+    /// For a new process whose per-instance entries are `entries`: a pooled instance
+    /// minted for exactly those entries and still fresh, taken out of the pool for good.
+    /// Notes the entry set as wanted either way, and wakes the refill.
+    pub fn take(&self, entries: &[pb::Entry], view: &PoolView<'_>) -> Option<PooledInstance> {
+        if !self.config.enabled() || entries.is_empty() {
+            return None;
+        }
+        let key = set_key(entries);
+        let entries = sorted(entries);
+        let taken = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return None;
+            };
+            if !inner.sets.contains_key(&key) && inner.sets.len() >= self.config.max_sets {
+                // Bounded: the entry set no process had for longest makes room.
+                let oldest = inner
+                    .sets
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_seen)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    if let Some(set) = inner.sets.remove(&k) {
+                        set.slots.iter().for_each(|s| log_drop(s, DropReason::Idle));
+                    }
+                }
+            }
+            let set = inner.sets.entry(key.clone()).or_insert_with(|| EntrySet {
+                entries: entries.clone(),
+                last_seen: view.now,
+                slots: VecDeque::new(),
+            });
+            set.last_seen = view.now;
+            set.entries = entries;
+            inner.sweep(&key, view, &self.config);
+            inner.sets.get_mut(&key).and_then(|s| s.slots.pop_front())
+        };
+        self.wake.notify_one();
+        taken
+    }
+
+    /// The entry sets that lack pooled instances, after dropping stale instances and idle
+    /// sets; at most [`MAX_REFILL_CSRS`] CSRs' worth. Sets with an entry revoked so
+    /// recently that a mint now would still fall under the revocation are skipped.
+    pub fn deficits(&self, view: &PoolView<'_>) -> Vec<Deficit> {
+        if !self.config.enabled() {
+            return Vec::new();
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let idle: Vec<Vec<String>> = inner
+            .sets
+            .iter()
+            .filter(|(_, s)| view.now - s.last_seen > self.config.idle_seconds)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in idle {
+            if let Some(set) = inner.sets.remove(&k) {
+                set.slots.iter().for_each(|s| log_drop(s, DropReason::Idle));
+            }
+        }
+        let keys: Vec<Vec<String>> = inner.sets.keys().cloned().collect();
+        let mut out = Vec::new();
+        let mut csrs = 0;
+        for k in keys {
+            inner.sweep(&k, view, &self.config);
+            let Some(set) = inner.sets.get(&k) else {
+                continue;
+            };
+            let recently_revoked = set.entries.iter().any(|e| {
+                inner
+                    .entry_revocations
+                    .get(&e.id)
+                    .is_some_and(|at| view.now < at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+            });
+            let per = set.entries.len().max(1);
+            let room = MAX_REFILL_CSRS.saturating_sub(csrs) / per;
+            let count = self.config.size.saturating_sub(set.slots.len()).min(room);
+            if count > 0 && !recently_revoked {
+                csrs += count * per;
+                out.push(Deficit {
+                    entries: set.entries.clone(),
+                    count,
+                });
+            }
+        }
+        out
+    }
+
+    /// Adds a freshly minted instance, if its entry set is still wanted, unchanged and
+    /// short of instances, and the instance is usable; otherwise drops it.
+    pub fn insert(&self, slot: PooledInstance, view: &PoolView<'_>) -> bool {
+        let key = set_key(&slot.entries);
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        let reason = match inner.sets.get(&key) {
+            None => Some(DropReason::Idle),
+            Some(set) => inner.unusable(&slot, &set.entries, view, &self.config),
+        };
+        match (reason, inner.sets.get_mut(&key)) {
+            (None, Some(set)) if set.slots.len() < self.config.size => {
+                tracing::info!(
+                    event = "svid_pooled",
+                    instance = %slot.segment,
+                    spiffe_ids = ?slot.svids.iter().map(|s| s.spiffe_id.as_str()).collect::<Vec<_>>(),
+                    "workload SVIDs pre-minted for the next new process"
+                );
+                set.slots.push_back(slot);
+                true
+            }
+            (reason, _) => {
+                log_drop(&slot, reason.unwrap_or(DropReason::Idle));
+                false
+            }
+        }
+    }
+
+    /// After a sync: drops the sets of which an entry was deleted, takes the others'
+    /// entries as they are now, and drops every instance no longer usable (changed
+    /// entries, tainted authority, new bundle, age).
+    pub fn prune(&self, cache: &EntryCache, view: &PoolView<'_>) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let keys: Vec<Vec<String>> = inner.sets.keys().cloned().collect();
+        for k in keys {
+            let current: Option<Vec<pb::Entry>> =
+                k.iter().map(|id| cache.entries.get(id).cloned()).collect();
+            match current {
+                Some(entries) => {
+                    if let Some(set) = inner.sets.get_mut(&k) {
+                        set.entries = entries;
+                    }
+                    inner.sweep(&k, view, &self.config);
+                }
+                None => {
+                    if let Some(set) = inner.sets.remove(&k) {
+                        set.slots
+                            .iter()
+                            .for_each(|s| log_drop(s, DropReason::EntryChanged));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the revocations in force (every sync answer lists them all): drops the
+    /// pooled instances whose identity is listed (by segment) or whose entry was revoked
+    /// after they were minted.
+    pub fn revoke(&self, revoked_segments: &HashSet<&str>, revoked_entries: &[pb::RevokedEntry]) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        inner.entry_revocations = revoked_entries
+            .iter()
+            .take(crate::workloads::MAX_REVOCATIONS)
+            .map(|r| (r.entry_id.clone(), r.revoked_at))
+            .collect();
+        let Inner {
+            sets,
+            entry_revocations,
+        } = &mut *inner;
+        for set in sets.values_mut() {
+            let slots = std::mem::take(&mut set.slots);
+            for slot in slots {
+                let revoked = revoked_segments.contains(slot.segment.as_str())
+                    || slot
+                        .entries
+                        .iter()
+                        .filter_map(|e| entry_revocations.get(&e.id))
+                        .any(|at| slot.minted_at < at + REVOCATION_CLOCK_TOLERANCE_SECONDS);
+                if revoked {
+                    log_drop(&slot, DropReason::Revoked);
+                } else {
+                    set.slots.push_back(slot);
+                }
+            }
+        }
+    }
+
+    /// Pooled instances held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|i| i.sets.values().map(|s| s.slots.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// True when nothing is pooled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    const CONFIG: PoolConfig = PoolConfig {
+        size: 2,
+        max_sets: 3,
+        max_age_seconds: 60,
+        idle_seconds: 300,
+    };
+
+    fn entry(id: &str) -> pb::Entry {
+        pb::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://td/{id}"),
+            ..Default::default()
+        }
+    }
+
+    fn view(now: i64) -> PoolView<'static> {
+        PoolView {
+            now,
+            bundle_sequence: 1,
+            tainted: &[],
+        }
+    }
+
+    fn slot(entries: &[pb::Entry], segment: &str, minted_at: i64) -> PooledInstance {
+        PooledInstance {
+            segment: segment.into(),
+            minted_at,
+            bundle_sequence: 1,
+            entries: sorted(entries),
+            svids: sorted(entries)
+                .iter()
+                .map(|e| HeldSvid {
+                    entry_id: e.id.clone(),
+                    spiffe_id: format!("{}/{segment}", e.spiffe_id),
+                    chain: vec![vec![1]],
+                    key: Zeroizing::new(vec![2]),
+                    not_after: minted_at + 3600,
+                    renew_at: minted_at + 1800,
+                    hint: String::new(),
+                    authority: Some("ca1".into()),
+                })
+                .collect(),
+        }
+    }
+
+    fn filled(entries: &[pb::Entry]) -> SvidPool {
+        let pool = SvidPool::new(CONFIG);
+        assert!(pool.take(entries, &view(100)).is_none(), "empty at first");
+        let d = pool.deficits(&view(100));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].count, 2);
+        assert!(pool.insert(slot(entries, "s1", 100), &view(100)));
+        assert!(pool.insert(slot(entries, "s2", 100), &view(100)));
+        assert!(
+            !pool.insert(slot(entries, "s3", 100), &view(100)),
+            "no more than the pool size"
+        );
+        pool
+    }
+
+    #[test]
+    fn each_pooled_instance_is_taken_once_and_never_returned() {
+        let e = [entry("a")];
+        let pool = filled(&e);
+        let first = pool.take(&e, &view(101)).map(|s| s.segment);
+        let second = pool.take(&e, &view(101)).map(|s| s.segment);
+        assert_eq!(first.as_deref(), Some("s1"));
+        assert_eq!(second.as_deref(), Some("s2"));
+        assert!(pool.take(&e, &view(101)).is_none(), "empty until refilled");
+        assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn concurrent_takes_never_share_an_instance() {
+        let e = [entry("a")];
+        let pool = std::sync::Arc::new(SvidPool::new(PoolConfig {
+            size: MAX_POOL_SIZE,
+            ..CONFIG
+        }));
+        assert!(pool.take(&e, &view(100)).is_none());
+        for i in 0..MAX_POOL_SIZE {
+            assert!(pool.insert(slot(&e, &format!("s{i}"), 100), &view(100)));
+        }
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let pool = pool.clone();
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Some(s) = pool.take(&e, &view(101)) {
+                        got.push(s.segment);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(all.len(), MAX_POOL_SIZE);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), MAX_POOL_SIZE, "no segment handed out twice");
+    }
+
+    #[test]
+    fn only_an_exact_entry_set_matches() {
+        let (a, b) = (entry("a"), entry("b"));
+        let pool = filled(&[a.clone()]);
+        assert!(pool.take(&[a.clone(), b.clone()], &view(101)).is_none());
+        assert!(pool.take(&[b], &view(101)).is_none());
+        assert!(pool.take(&[a], &view(101)).is_some());
+    }
+
+    #[test]
+    fn stale_instances_are_never_served() {
+        let e = [entry("a")];
+        // Too old for the pool.
+        let pool = filled(&e);
+        assert!(pool.take(&e, &view(160)).is_none());
+        assert!(pool.is_empty(), "dropped when seen");
+        // Past its half-life.
+        let pool = SvidPool::new(PoolConfig {
+            max_age_seconds: 10_000,
+            ..CONFIG
+        });
+        pool.take(&e, &view(100));
+        assert!(pool.insert(slot(&e, "s1", 100), &view(100)));
+        assert!(pool.take(&e, &view(1900)).is_none());
+        // Changed entry.
+        let pool = filled(&e);
+        let mut changed = entry("a");
+        changed.x509_ttl_seconds = 5;
+        assert!(pool.take(&[changed], &view(101)).is_none());
+        assert!(pool.is_empty());
+        // New bundle (rotation), tainted authority.
+        let pool = filled(&e);
+        let rotated = PoolView {
+            bundle_sequence: 2,
+            ..view(101)
+        };
+        assert!(pool.take(&e, &rotated).is_none());
+        let pool = filled(&e);
+        let tainted = ["ca1".to_string()];
+        let v = PoolView {
+            tainted: &tainted,
+            ..view(101)
+        };
+        assert!(pool.take(&e, &v).is_none());
+    }
+
+    #[test]
+    fn sync_drops_deleted_changed_and_tainted() {
+        let (a, b) = (entry("a"), entry("b"));
+        let pool = SvidPool::new(CONFIG);
+        pool.take(std::slice::from_ref(&a), &view(100));
+        pool.take(std::slice::from_ref(&b), &view(100));
+        for (e, s) in [(&a, "a1"), (&a, "a2"), (&b, "b1")] {
+            assert!(pool.insert(slot(std::slice::from_ref(e), s, 100), &view(100)));
+        }
+        let mut cache = EntryCache::default();
+        cache.entries.insert("a".into(), a.clone());
+        pool.prune(&cache, &view(101));
+        assert_eq!(pool.len(), 2, "b was deleted: its instance is dropped");
+        let mut a2 = a.clone();
+        a2.dns_names = vec!["x.example".into()];
+        cache.entries.insert("a".into(), a2);
+        pool.prune(&cache, &view(101));
+        assert!(pool.is_empty(), "a changed: minted for the old entry");
+
+        let pool = filled(std::slice::from_ref(&a));
+        cache.entries.insert("a".into(), a.clone());
+        let tainted = ["ca1".to_string()];
+        pool.prune(
+            &cache,
+            &PoolView {
+                tainted: &tainted,
+                ..view(101)
+            },
+        );
+        assert!(pool.is_empty(), "tainted authority");
+    }
+
+    #[test]
+    fn revocations_drop_and_hold_back_minting() {
+        let e = [entry("a")];
+        let pool = filled(&e);
+        pool.revoke(&HashSet::from(["s1"]), &[]);
+        assert_eq!(pool.len(), 1, "the listed identity is dropped");
+        let rev = pb::RevokedEntry {
+            entry_id: "a".into(),
+            revoked_at: 100,
+        };
+        pool.revoke(&HashSet::new(), std::slice::from_ref(&rev));
+        assert!(pool.is_empty(), "minted before the entry revocation");
+        assert!(
+            pool.deficits(&view(105)).is_empty(),
+            "no mint while a new one would still be covered"
+        );
+        assert_eq!(pool.deficits(&view(111)).len(), 1);
+        assert!(!pool.insert(slot(&e, "old", 105), &view(111)));
+        assert!(pool.insert(slot(&e, "new", 111), &view(111)));
+    }
+
+    #[test]
+    fn sets_are_bounded_and_idle_ones_forgotten() {
+        let pool = SvidPool::new(PoolConfig {
+            max_sets: 2,
+            ..CONFIG
+        });
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            pool.take(&[entry(id)], &view(100 + i as i64));
+        }
+        let d = pool.deficits(&view(103));
+        let mut ids: Vec<_> = d.iter().map(|d| d.entries[0].id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["b", "c"], "the least recently used set made room");
+        assert!(
+            pool.deficits(&view(500)).is_empty(),
+            "idle sets are dropped"
+        );
+        let off = SvidPool::new(PoolConfig { size: 0, ..CONFIG });
+        assert!(off.take(&[entry("a")], &view(100)).is_none());
+        assert!(off.deficits(&view(100)).is_empty());
+    }
+
+    #[test]
+    fn a_refill_is_bounded() {
+        let pool = SvidPool::new(PoolConfig {
+            size: MAX_POOL_SIZE,
+            max_sets: 100,
+            ..CONFIG
+        });
+        let many: Vec<pb::Entry> = (0..30).map(|i| entry(&format!("e{i}"))).collect();
+        for e in &many {
+            pool.take(std::slice::from_ref(e), &view(100));
+        }
+        let csrs: usize = pool
+            .deficits(&view(100))
+            .iter()
+            .map(|d| d.count * d.entries.len())
+            .sum();
+        assert!(csrs <= MAX_REFILL_CSRS, "{csrs}");
+        assert!(csrs > 0);
+    }
+}
