@@ -55,6 +55,16 @@ pub struct AgentConfig {
     pub container_sockets: Vec<String>,
     /// `systemd:unit` selectors (on too whenever `container_sockets` is set).
     pub systemd_unit_selectors: bool,
+    /// Per-instance SVIDs minted ahead per entry set, so a new process is answered from
+    /// memory (0: off; at most 16).
+    pub svid_pool_size: usize,
+    /// Most entry sets pooled at once (the least recently used goes first).
+    pub svid_pool_max_sets: usize,
+    /// A pooled SVID not handed out within this many seconds is dropped unused (it is
+    /// also dropped at half its lifetime, whichever comes first).
+    pub svid_pool_max_age_seconds: i64,
+    /// An entry set no new process had for this many seconds is no longer pooled.
+    pub svid_pool_idle_seconds: i64,
     /// `[delegated_identity]`: SPIRE's Delegated Identity API on an admin socket (off
     /// unless `socket` is set; see [`crate::delegated_identity`]).
     pub delegated_identity: crate::delegated_identity::DelegatedConfig,
@@ -82,6 +92,10 @@ impl Default for AgentConfig {
             workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
             container_sockets: Vec::new(),
             systemd_unit_selectors: false,
+            svid_pool_size: 2,
+            svid_pool_max_sets: 64,
+            svid_pool_max_age_seconds: 60,
+            svid_pool_idle_seconds: 300,
             delegated_identity: Default::default(),
         }
     }
@@ -100,6 +114,16 @@ impl AgentConfig {
         super::workload_listener::Limits {
             max_connections: self.workload_max_connections,
             idle_timeout: std::time::Duration::from_secs(self.workload_idle_timeout_seconds),
+        }
+    }
+
+    /// The pool of SVIDs minted ahead.
+    pub fn svid_pool(&self) -> crate::pool::PoolConfig {
+        crate::pool::PoolConfig {
+            size: self.svid_pool_size,
+            max_sets: self.svid_pool_max_sets,
+            max_age_seconds: self.svid_pool_max_age_seconds,
+            idle_seconds: self.svid_pool_idle_seconds,
         }
     }
 
@@ -163,6 +187,17 @@ impl AgentConfig {
             return Err(Error::Config(
                 "workload_idle_timeout_seconds must be between 1 and 86400".into(),
             ));
+        }
+        if self.svid_pool_size > crate::pool::MAX_POOL_SIZE
+            || !(1..=crate::pool::MAX_POOL_SETS).contains(&self.svid_pool_max_sets)
+            || !(1..=3600).contains(&self.svid_pool_max_age_seconds)
+            || !(1..=86_400).contains(&self.svid_pool_idle_seconds)
+        {
+            return Err(Error::Config(format!(
+                "svid_pool_size must be at most {}, svid_pool_max_sets between 1 and {}, svid_pool_max_age_seconds between 1 and 3600, svid_pool_idle_seconds between 1 and 86400",
+                crate::pool::MAX_POOL_SIZE,
+                crate::pool::MAX_POOL_SETS
+            )));
         }
         self.delegated_identity.validate()?;
         self.container_attestor()?;

@@ -10,6 +10,7 @@ pub mod container;
 pub mod delegated_identity;
 pub mod metrics;
 pub mod node_client;
+pub mod pool;
 pub mod sds;
 pub mod servers;
 pub mod token_exchange;
@@ -869,7 +870,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         Some(svid.certified_key()?),
     )));
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let workloads = Arc::new(Workloads::new(node.clone(), bundle_rx.clone()));
+    let workloads =
+        Arc::new(Workloads::new(node.clone(), bundle_rx.clone()).with_pool(config.svid_pool()));
     let rt = Arc::new(Runtime {
         config: config.clone(),
         servers: servers.clone(),
@@ -902,6 +904,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     // Change notices (issue 17): the server pokes, the sync loop syncs at once.
     let sync_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(watch_changes(rt.clone(), sync_now.clone(), stop_rx.clone()));
+    // SVIDs minted ahead for new processes (issue 16).
+    tokio::spawn(workloads.clone().run_pool());
 
     // Sync loop: entries and bundle, at every poll tick and at once on a notice; an
     // agent the server no longer knows stops. One sync at a time: notices during a sync
@@ -919,6 +923,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             }
             match metrics::observe_sync(sync_rt.sync()).await {
                 Ok(true) => {
+                    sync_rt.workloads.prune_pool();
                     sync_rt.workloads.forget_tainted_jwts();
                     sync_rt.reconcile_all().await
                 }

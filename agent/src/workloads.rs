@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 use ztid_proto::node as pb;
 
+use crate::pool::{PoolConfig, PoolView, PooledInstance, SvidPool};
 use crate::selector::satisfies;
 use crate::servers::NodeConnections;
 use crate::workload_attestation::{
@@ -327,6 +328,8 @@ pub struct Workloads {
     /// What was revoked for each process, kept until it exits.
     revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
+    /// Per-instance SVIDs minted ahead for new processes (see [`crate::pool`]).
+    pool: SvidPool,
     /// Other trust domains' bundles from the server (by trust domain name) and their
     /// version; each workload sees only those its entries federate with.
     pub federated: RwLock<(
@@ -349,8 +352,131 @@ impl Workloads {
             instances: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
+            pool: SvidPool::new(PoolConfig::OFF),
             federated: RwLock::new((0, Default::default())),
         }
+    }
+
+    /// The same, keeping a pool of per-instance SVIDs minted ahead (see [`crate::pool`]);
+    /// [`Workloads::run_pool`] must then run in the background to fill it.
+    pub fn with_pool(mut self, config: PoolConfig) -> Self {
+        self.pool = SvidPool::new(config);
+        self
+    }
+
+    /// The pool of SVIDs minted ahead.
+    pub fn pool(&self) -> &SvidPool {
+        &self.pool
+    }
+
+    /// The bundle sequence and tainted authorities in force, for checking pooled SVIDs.
+    fn pool_state(&self) -> (u64, Vec<String>) {
+        let b = self.bundle.borrow();
+        (b.sequence, b.tainted.clone())
+    }
+
+    /// Fills the pool: mints, in one `SignX509Svids` call, fresh instances for the entry
+    /// sets that lack them; returns how many were added.
+    pub async fn refill_pool(&self) -> Result<usize, Error> {
+        let minted_at = unix_seconds(std::time::SystemTime::now());
+        let (sequence, tainted) = self.pool_state();
+        let deficits = self.pool.deficits(&PoolView {
+            now: minted_at,
+            bundle_sequence: sequence,
+            tainted: &tainted,
+        });
+        if deficits.is_empty() {
+            return Ok(0);
+        }
+        let mut plans: Vec<(Vec<pb::Entry>, String)> = Vec::new();
+        for d in deficits {
+            for _ in 0..d.count {
+                plans.push((d.entries.clone(), random_segment()?));
+            }
+        }
+        // Key generation off the async threads: up to a hundred keys.
+        let (jobs, plans) = tokio::task::spawn_blocking(move || {
+            let mut jobs: Vec<SignJob> = Vec::new();
+            for (entries, segment) in &plans {
+                for e in entries {
+                    let id = format!("{}/{segment}", e.spiffe_id);
+                    let (key, csr) = key_and_csr(&id)?;
+                    jobs.push((e.clone(), id, key, csr));
+                }
+            }
+            Ok::<_, Error>((jobs, plans))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("key generation task: {e}")))??;
+        let mut results = self.sign(jobs).await.map_err(Error::from)?.into_iter();
+        let (sequence_now, tainted) = self.pool_state();
+        let view = PoolView {
+            now: unix_seconds(std::time::SystemTime::now()),
+            bundle_sequence: sequence_now,
+            tainted: &tainted,
+        };
+        let mut added = 0;
+        for (entries, segment) in plans {
+            let mut svids = Vec::with_capacity(entries.len());
+            for _ in &entries {
+                match results.next() {
+                    Some(Ok(s)) => svids.push(s),
+                    Some(Err(e)) => {
+                        tracing::warn!(instance = %segment, error = %e, "server refused a pre-minted workload CSR")
+                    }
+                    None => {}
+                }
+            }
+            // Only a whole instance is pooled; the SVIDs of a partial one expire unused.
+            if svids.len() == entries.len() {
+                let slot = PooledInstance {
+                    segment,
+                    minted_at,
+                    bundle_sequence: sequence,
+                    entries,
+                    svids,
+                };
+                added += usize::from(self.pool.insert(slot, &view));
+            }
+        }
+        Ok(added)
+    }
+
+    /// Keeps the pool filled: at once after a pooled instance was taken (or a new entry
+    /// set seen), and every second (which also drops stale pooled instances). Returns at
+    /// once when pooling is off.
+    pub async fn run_pool(self: Arc<Self>) {
+        if !self.pool.config().enabled() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = self.pool.wake.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            if let Err(e) = self.refill_pool().await {
+                tracing::warn!(error = %e, "could not pre-mint workload SVIDs; new processes wait for their mint until this works");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
+
+    /// After a sync that changed entries or the bundle: drops pooled instances of deleted
+    /// or changed entries, of a tainted authority, or from before a bundle change.
+    pub fn prune_pool(&self) {
+        if !self.pool.config().enabled() {
+            return;
+        }
+        let (sequence, tainted) = self.pool_state();
+        let view = PoolView {
+            now: unix_seconds(std::time::SystemTime::now()),
+            bundle_sequence: sequence,
+            tainted: &tainted,
+        };
+        if let Ok(cache) = self.entries.read() {
+            self.pool.prune(&cache, &view);
+        }
+        self.pool.wake.notify_one();
     }
 
     /// The federated bundles a caller with `selectors` is entitled to: those of the trust
@@ -392,6 +518,10 @@ impl Workloads {
     /// The instance of a connection's peer, created on first sight. The caller must have
     /// just checked that the peer is still the process that connected
     /// ([`crate::workload_attestation::PeerProcess::check`]).
+    ///
+    /// A new instance takes a pooled instance minted ahead for exactly its per-instance
+    /// entries, if one is fresh: its segment and SVIDs become this process's, under the
+    /// instance map's lock, and are never handed to another (see [`crate::pool`]).
     pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
         self.instance_for_key(InstanceKey::of(peer))
     }
@@ -399,6 +529,27 @@ impl Workloads {
     /// [`Workloads::instance_for`] by key: also for instances that are not a connection's
     /// own, as a delegated identity subscription's ([`crate::delegated_identity`]).
     pub fn instance_for_key(&self, key: InstanceKey) -> Result<Arc<Instance>, Error> {
+        {
+            let instances = self
+                .instances
+                .lock()
+                .map_err(|_| Error::Config("lock".into()))?;
+            if let Some(inst) = instances.get(&key) {
+                return Ok(inst.clone());
+            }
+        }
+        // What a pooled instance must have been minted for: the per-instance entries
+        // this process is entitled to now.
+        let per_instance: Vec<pb::Entry> = if self.pool.config().enabled() {
+            self.entitled(key.binding(), &key.selectors)?
+                .entries
+                .into_iter()
+                .filter(|e| !e.shared)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let now = unix_seconds(std::time::SystemTime::now());
         let mut instances = self
             .instances
             .lock()
@@ -406,15 +557,44 @@ impl Workloads {
         if let Some(inst) = instances.get(&key) {
             return Ok(inst.clone());
         }
+        let (sequence, tainted) = self.pool_state();
+        let pooled = self.pool.take(
+            &per_instance,
+            &PoolView {
+                now,
+                bundle_sequence: sequence,
+                tainted: &tainted,
+            },
+        );
+        let (segment, svids, created_at) = match pooled {
+            Some(p) => {
+                tracing::info!(
+                    event = "pooled_svid_assigned",
+                    pid = key.process.pid,
+                    instance = %p.segment,
+                    spiffe_ids = ?p.svids.iter().map(|s| s.spiffe_id.as_str()).collect::<Vec<_>>(),
+                    "pre-minted workload SVIDs assigned to a new process"
+                );
+                let svids = p
+                    .svids
+                    .into_iter()
+                    .map(|s| (s.entry_id.clone(), Arc::new(s)))
+                    .collect();
+                // The segment existed since its mint: an entry revocation covers it
+                // from then, erring on revoking.
+                (p.segment, svids, p.minted_at.min(now))
+            }
+            None => (random_segment()?, HashMap::new(), now),
+        };
         let inst = Arc::new(Instance {
             process: key.process,
             key: key.clone(),
-            segment: random_segment()?,
+            segment,
             selectors: key.selectors.clone(),
-            svids: tokio::sync::Mutex::new(HashMap::new()),
+            svids: tokio::sync::Mutex::new(svids),
             state: watch::Sender::new(Arc::new(IdentitySet::default())),
             jwt_cache: Mutex::new(HashMap::new()),
-            created_at: unix_seconds(std::time::SystemTime::now()),
+            created_at,
             revocations: watch::Sender::new(RevocationNotice::default()),
         });
         instances.insert(key, inst.clone());
@@ -427,7 +607,10 @@ impl Workloads {
     /// delegated identity subscription's ([`crate::delegated_identity`]).
     pub fn forget(&self, inst: &Arc<Instance>) {
         if let Ok(mut map) = self.instances.lock() {
-            if map.get(&inst.key).is_some_and(|held| Arc::ptr_eq(held, inst)) {
+            if map
+                .get(&inst.key)
+                .is_some_and(|held| Arc::ptr_eq(held, inst))
+            {
                 map.remove(&inst.key);
                 inst.state.send_replace(Arc::new(IdentitySet::default()));
             }
@@ -485,6 +668,16 @@ impl Workloads {
         revoked_instances: &[String],
         revoked_entries: &[pb::RevokedEntry],
     ) -> usize {
+        if self.pool.config().enabled() {
+            // Before the instances: one that takes a pooled instance meanwhile is among
+            // them (it is inserted under the same lock it is taken under).
+            let segments: std::collections::HashSet<&str> = revoked_instances
+                .iter()
+                .take(MAX_REVOCATIONS)
+                .filter_map(|id| id.rsplit_once('/').map(|(_, s)| s))
+                .collect();
+            self.pool.revoke(&segments, revoked_entries);
+        }
         if revoked_instances.is_empty() && revoked_entries.is_empty() {
             return 0;
         }
