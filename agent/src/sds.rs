@@ -47,6 +47,11 @@ use super::workload_api::{refusal_status, still_the_connecting_process, Workload
 use super::workloads::{revoked_message, HeldSvid, RevocationNotice, Workloads};
 use crate::bundle::TrustBundle;
 
+/// The path of `StreamSecrets`, a bidirectional stream: the socket's listener counts
+/// it as in progress from its first message (its body never ends), so the connection
+/// does not idle out under an open stream.
+pub const STREAM_SECRETS_PATH: &str =
+    "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 /// The type URL of the resources SDS serves.
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";

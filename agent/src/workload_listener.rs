@@ -422,6 +422,8 @@ pub struct RequestBody {
     body: Incoming,
     /// `None` for requests that are not counted (health checks), or once counted.
     start: Option<RequestStart>,
+    /// Counted at its first data frame, not at its end (a bidirectional stream).
+    bidi: bool,
 }
 
 struct RequestStart {
@@ -451,7 +453,7 @@ impl Body for RequestBody {
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         let complete = match &frame {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            Poll::Ready(Some(Ok(f))) => this.body.is_end_stream() || (this.bidi && f.is_data()),
             _ => false,
         };
         if complete {
@@ -783,7 +785,10 @@ async fn serve_connection<S>(
                 used: used.clone(),
                 in_flight: in_flight.clone(),
             });
-            let mut req = req.map(|body| RequestBody { body, start });
+            // A bidirectional stream (Envoy's SDS) never ends its body: it is in
+            // progress once its first message has arrived.
+            let bidi = req.uri().path() == crate::sds::STREAM_SECRETS_PATH;
+            let mut req = req.map(|body| RequestBody { body, start, bidi });
             req.extensions_mut().insert(peer.clone());
             let mut inner = inner.clone();
             async move {
