@@ -9,7 +9,9 @@
 //! more) names what the block's standard output must contain: that it did what it says.
 //! `<!-- readme-test: after: SECTION -->` marks a block that goes on in the shell of an
 //! earlier one (the quick start's server, agent and variables): the run blocks of that
-//! section run first, in the same script.
+//! section run first, in the same script (and not again on their own). The script
+//! traces each command with its start time (`set -x`), shown when a block fails;
+//! `ZTID_README_TRACE=1` shows it always.
 //!
 //! Each block runs alone in fresh namespaces (`unshare`): its own network namespace with
 //! only loopback up, so the fixed ports the README names (8081, 18081) are free whatever
@@ -180,7 +182,7 @@ fn fresh_env(cmd: &mut Command) {
     }
 }
 
-/// Runs `script` verbatim under `bash -euo pipefail` (traced to stderr) from the
+/// Runs `script` verbatim under `bash -euo pipefail` from the
 /// checkout's root, in fresh network, mount and PID namespaces.
 fn run_block(script: &str, scratch: &Path) -> Outcome {
     let script_path = scratch.join("block.sh");
@@ -195,7 +197,7 @@ ip link set lo up
 mkdir -p /tmp/ztid
 mount --bind "$2" /tmp/ztid
 cd "$3"
-exec bash -euo pipefail -x "$1""#;
+exec bash -euo pipefail "$1""#;
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--net",
@@ -293,27 +295,43 @@ fn every_shell_block_runs_as_written_or_says_why_not() {
     );
     let _lock = checkout_lock();
     let mut report = Vec::new();
-    for b in &blocks {
+    for (i, b) in blocks.iter().enumerate() {
         let at = format!("README.md:{} ({})", b.line, b.section);
         if let Some(reason) = &b.skip {
             report.push(format!("{at}: skipped: {reason}"));
             continue;
         }
-        let script = match &b.after {
-            None => b.text.clone(),
+        // A block a later one goes on from runs once, at the head of that one's script.
+        if let Some(later) = blocks[i + 1..]
+            .iter()
+            .find(|l| l.skip.is_none() && l.after.as_deref() == Some(b.section.as_str()))
+        {
+            report.push(format!(
+                "{at}: runs first in the script of README.md:{}",
+                later.line
+            ));
+            continue;
+        }
+        let mut group: Vec<&Block> = match &b.after {
+            None => Vec::new(),
             Some(section) => {
-                let before: Vec<&Block> = blocks
+                let before: Vec<&Block> = blocks[..i]
                     .iter()
-                    .take_while(|o| o.line < b.line)
                     .filter(|o| &o.section == section && o.skip.is_none() && o.after.is_none())
                     .collect();
                 assert!(
                     !before.is_empty(),
                     "{at}: `after: {section}` names no earlier block that runs"
                 );
-                before.iter().map(|o| o.text.as_str()).collect::<String>() + &b.text
+                before
             }
         };
+        group.push(b);
+        // Each command traced to stderr with the time it started (for a failure's story).
+        let script = group.iter().fold(
+            "PS4='+ ${EPOCHREALTIME} '\nset -x\n".to_string(),
+            |acc, g| acc + &g.text,
+        );
         let scratch = tempfile::tempdir().expect("scratch directory");
         let out = run_block(&script, scratch.path());
         let shown = || {
@@ -331,14 +349,17 @@ fn every_shell_block_runs_as_written_or_says_why_not() {
             out.took.as_secs_f64(),
             shown()
         );
-        for e in &b.expect {
+        for e in group.iter().flat_map(|g| &g.expect) {
             assert!(
                 out.stdout.contains(e.as_str()),
-                "{at}: its output lacks {e:?}:\n{}",
+                "{at}: the output lacks {e:?}:\n{}",
                 shown()
             );
         }
         report.push(format!("{at}: ran in {:.1} s", out.took.as_secs_f64()));
+        if std::env::var_os("ZTID_README_TRACE").is_some() {
+            eprintln!("{at} trace:\n{}", out.stderr);
+        }
     }
     eprintln!("README blocks:\n  {}", report.join("\n  "));
 }
