@@ -4,6 +4,7 @@
 //!
 //! - [`cgroup`]: `/proc/<pid>/cgroup` → container ID and systemd unit (pure parsing).
 //! - [`docker_api`]: the docker-compatible API (docker, `podman system service`).
+//! - [`containerd`]: containerd's own gRPC API (CRI containers in `k8s.io`, `ctr`'s).
 //! - [`cache`]: answers per container ID, bounded.
 //!
 //! Off unless `--container-socket` is given: a host without containers pays nothing.
@@ -22,19 +23,20 @@
 
 pub mod cache;
 pub mod cgroup;
+pub mod containerd;
 pub mod docker_api;
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ztid_spiffe::Selector;
 
 use crate::Error;
-use docker_api::ContainerFacts;
+use docker_api::{ContainerFacts, RuntimeError};
 
 /// Longest time one runtime is given for one answer.
 pub const RUNTIME_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,26 +73,56 @@ pub fn runtime_calls() -> u64 {
     RUNTIME_CALLS.load(Ordering::Relaxed)
 }
 
-/// Parses a `--container-socket` value: `unix:///abs/path` (or an absolute path).
-pub fn parse_socket(value: &str) -> Result<PathBuf, Error> {
-    let path = value.strip_prefix("unix://").unwrap_or(value);
+/// Which API a runtime socket serves.
+const API_UNKNOWN: u8 = 0;
+const API_DOCKER: u8 = 1;
+const API_CONTAINERD: u8 = 2;
+
+/// One configured runtime socket.
+pub struct RuntimeSocket {
+    path: PathBuf,
+    /// `API_*`: given by the scheme, or learnt from the first answer.
+    api: AtomicU8,
+}
+
+impl RuntimeSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// Parses a `--container-socket` value: `unix:///abs/path` (the API is recognised from
+/// the first answer: docker-compatible HTTP or containerd's gRPC), `containerd:///abs/path`
+/// or `docker:///abs/path` to say which.
+pub fn parse_socket(value: &str) -> Result<RuntimeSocket, Error> {
+    let (api, path) = if let Some(p) = value.strip_prefix("containerd://") {
+        (API_CONTAINERD, p)
+    } else if let Some(p) = value.strip_prefix("docker://") {
+        (API_DOCKER, p)
+    } else {
+        (API_UNKNOWN, value.strip_prefix("unix://").unwrap_or(value))
+    };
     if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
         return Err(Error::Config(format!(
-            "--container-socket {value:?}: expected unix:///ABSOLUTE/PATH"
+            "--container-socket {value:?}: expected unix:///ABSOLUTE/PATH (or containerd:///PATH, docker:///PATH)"
         )));
     }
-    Ok(PathBuf::from(path))
+    Ok(RuntimeSocket {
+        path: PathBuf::from(path),
+        api: AtomicU8::new(api),
+    })
 }
 
 /// The cgroup-based attestors as configured.
 pub struct ContainerAttestor {
-    sockets: Vec<PathBuf>,
+    sockets: Vec<RuntimeSocket>,
     cache: cache::Cache,
 }
 
 impl ContainerAttestor {
     /// An attestor asking these runtime sockets, in order (at most [`MAX_SOCKETS`]).
-    pub fn new(sockets: Vec<PathBuf>) -> Result<Self, Error> {
+    pub fn new(sockets: Vec<RuntimeSocket>) -> Result<Self, Error> {
         if sockets.len() > MAX_SOCKETS {
             return Err(Error::Config(format!(
                 "at most {MAX_SOCKETS} container runtime sockets"
@@ -147,11 +179,11 @@ impl ContainerAttestor {
         pid: i32,
         container: &cgroup::ContainerRef,
     ) -> Result<Arc<ContainerFacts>, String> {
-        let mut facts = self.lookup(&container.id, false)?;
+        let mut facts = self.lookup(container, false)?;
         if let Err(first) = in_container(pid, &facts) {
             // A restarted container keeps its ID and gets a new first process: ask again.
             self.cache.remove(&container.id);
-            facts = self.lookup(&container.id, true)?;
+            facts = self.lookup(container, true)?;
             in_container(pid, &facts).map_err(|again| {
                 self.cache.remove(&container.id);
                 format!("{again} (before asking again: {first})")
@@ -166,9 +198,14 @@ impl ContainerAttestor {
         }
     }
 
-    /// The facts about `id`: from the cache unless `fresh`, else from the first runtime
-    /// that knows it.
-    fn lookup(&self, id: &str, fresh: bool) -> Result<Arc<ContainerFacts>, String> {
+    /// The facts about a container: from the cache unless `fresh`, else from the first
+    /// runtime that knows it.
+    fn lookup(
+        &self,
+        container: &cgroup::ContainerRef,
+        fresh: bool,
+    ) -> Result<Arc<ContainerFacts>, String> {
+        let id = container.id.as_str();
         if !fresh {
             if let Some(f) = self.cache.get(id) {
                 return Ok(f);
@@ -180,10 +217,10 @@ impl ContainerAttestor {
         for socket in &self.sockets {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                errors.push(format!("{}: no time left", socket.display()));
+                errors.push(format!("{}: no time left", socket.path.display()));
                 break;
             }
-            match block_on(docker_api::inspect(socket, id, left.min(RUNTIME_TIMEOUT))) {
+            match block_on(ask(socket, container, left.min(RUNTIME_TIMEOUT))) {
                 Ok(Ok(Some(f))) => {
                     let f = Arc::new(f);
                     self.cache.insert(f.clone());
@@ -204,6 +241,47 @@ impl ContainerAttestor {
             ))
         }
     }
+}
+
+/// Asks one runtime socket, in the API it serves (learnt from the first answer when the
+/// configuration did not say).
+async fn ask(
+    socket: &RuntimeSocket,
+    container: &cgroup::ContainerRef,
+    timeout: Duration,
+) -> Result<Option<ContainerFacts>, RuntimeError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let api = socket.api.load(Ordering::Relaxed);
+    if api != API_CONTAINERD {
+        match docker_api::inspect(&socket.path, &container.id, left()).await {
+            // Connected but no HTTP answer: maybe containerd's gRPC, tried below.
+            Err(RuntimeError::Http { .. }) if api == API_UNKNOWN => {}
+            r => {
+                if matches!(r, Ok(_) | Err(RuntimeError::Status { .. })) {
+                    socket.api.store(API_DOCKER, Ordering::Relaxed);
+                }
+                return r;
+            }
+        }
+    }
+    // CRI containers are in `k8s.io`; `ctr`'s in the namespace their path names.
+    let namespaces: &[&str] = match container.namespace.as_deref() {
+        Some(ns) => &[ns][..],
+        None => &["k8s.io", "default"][..],
+    };
+    for ns in namespaces {
+        match containerd::inspect(&socket.path, ns, &container.id, left()).await {
+            Ok(found) => {
+                socket.api.store(API_CONTAINERD, Ordering::Relaxed);
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// Logs and counts a caller whose cgroup names a container it gets no selectors for.
@@ -324,6 +402,7 @@ pub fn installed() -> Option<Arc<ContainerAttestor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn facts() -> ContainerFacts {
         ContainerFacts {
@@ -348,6 +427,14 @@ mod tests {
             running: true,
             init_pid: 1,
             runtime: "podman",
+        }
+    }
+
+    fn any_container() -> cgroup::ContainerRef {
+        cgroup::ContainerRef {
+            id: "ab".repeat(32),
+            kind: cgroup::PathKind::Docker,
+            namespace: None,
         }
     }
 
@@ -393,10 +480,11 @@ mod tests {
 
     #[test]
     fn socket_values() {
-        assert_eq!(
-            parse_socket("unix:///run/podman/podman.sock").unwrap(),
-            PathBuf::from("/run/podman/podman.sock")
-        );
+        let s = parse_socket("unix:///run/podman/podman.sock").unwrap();
+        assert_eq!(s.path(), Path::new("/run/podman/podman.sock"));
+        assert_eq!(s.api.load(Ordering::Relaxed), API_UNKNOWN);
+        let s = parse_socket("containerd:///run/containerd/containerd.sock").unwrap();
+        assert_eq!(s.api.load(Ordering::Relaxed), API_CONTAINERD);
         assert!(parse_socket("unix://relative").is_err());
         assert!(parse_socket("tcp://127.0.0.1:2375").is_err());
     }
@@ -405,7 +493,7 @@ mod tests {
     fn a_process_outside_containers_gets_no_container_selectors() {
         // This test process is in no container; the runtime socket does not exist, and
         // is never asked.
-        let a = ContainerAttestor::new(vec![PathBuf::from("/nonexistent.sock")]).unwrap();
+        let a = ContainerAttestor::new(vec![parse_socket("/nonexistent.sock").unwrap()]).unwrap();
         let before = failed_lookups();
         let s = a.selectors(std::process::id() as i32);
         assert!(
@@ -418,13 +506,13 @@ mod tests {
 
     #[test]
     fn a_stopped_runtime_gives_nothing() {
-        let a = ContainerAttestor::new(vec![PathBuf::from("/nonexistent.sock")]).unwrap();
-        let err = a.lookup(&"ab".repeat(32), false).unwrap_err();
+        let a = ContainerAttestor::new(vec![parse_socket("/nonexistent.sock").unwrap()]).unwrap();
+        let err = a.lookup(&any_container(), false).unwrap_err();
         assert!(err.contains("did not answer"), "{err}");
         assert!(err.contains("cannot connect"), "{err}");
         let none = ContainerAttestor::new(vec![]).unwrap();
         assert_eq!(
-            none.lookup(&"ab".repeat(32), false).unwrap_err(),
+            none.lookup(&any_container(), false).unwrap_err(),
             "no configured runtime knows this container"
         );
     }

@@ -435,3 +435,211 @@ fn containers_are_told_apart_by_their_runtime_facts() {
         "spiffe://example.org/by-name",
     );
 }
+
+/// A containerd of the test's own (root, state and socket in a temporary directory; no
+/// CRI plugin), driven with its `ctr` client.
+struct Containerd {
+    dir: tempfile::TempDir,
+    daemon: std::process::Child,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ztid-containerd")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let config = d.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}\"\n",
+                d.join("root").display(),
+                d.join("state").display(),
+                d.join("containerd.sock").display(),
+                d.join("containerd.ttrpc.sock").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts (scripts/install-deps.sh installs it)");
+        let c = Self { dir, daemon };
+        wait_for("containerd's socket", READY_TIMEOUT, || {
+            c.ctr("default", &["version"]).ok.then_some(())
+        });
+        c
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    fn ctr(&self, namespace: &str, args: &[&str]) -> CliResult {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", namespace])
+            .args(args)
+            .output()
+            .expect("ctr runs")
+            .into()
+    }
+
+    /// Runs the client in a new container with a 64-hex ID (the form the agent reads
+    /// from cgroup paths), removed after.
+    fn fetch_in(&self, agent: &Agent, ns: &str, id: &str, labels: &[&str]) -> CliResult {
+        let mount = format!(
+            "type=bind,src={},dst=/ztid/api.sock,options=rbind:rw",
+            agent.socket().display()
+        );
+        let mut args = vec!["run", "--rm", "--snapshotter", "native", "--mount", &mount];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.extend_from_slice(&[
+            "localhost/ztid-client:a",
+            id,
+            "/ztid-agent",
+            "--output",
+            "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            "/ztid/api.sock",
+        ]);
+        self.ctr(ns, &args)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        // The shims outlive containerd; each container was removed (--rm), so they exit.
+    }
+}
+
+#[test]
+fn containerd_containers_are_attested_through_its_own_api() {
+    let podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    podman.import(
+        &client_rootfs(&scratch.path().join("a"), None),
+        "localhost/ztid-client:a",
+    );
+    let archive = scratch.path().join("client.tar");
+    podman.ok(&[
+        "save",
+        "--format",
+        "oci-archive",
+        "-o",
+        &archive.display().to_string(),
+        "localhost/ztid-client:a",
+    ]);
+    let ctd = Containerd::start();
+    for ns in ["default", "k8s.io"] {
+        let r = ctd.ctr(
+            ns,
+            &[
+                "images",
+                "import",
+                "--snapshotter",
+                "native",
+                "--base-name",
+                "localhost/ztid-client",
+                &archive.display().to_string(),
+            ],
+        );
+        assert!(r.ok, "ctr import: {}", r.stderr);
+    }
+    let digest = ctd.ctr("default", &["images", "ls"]).stdout;
+    let digest = digest
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .expect("the image's manifest digest")
+        .to_string();
+
+    let server = Server::start(TD);
+    // A plain unix:// socket: the agent recognises containerd's gRPC from its answer.
+    let socket = format!("unix://{}", ctd.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    let by_image = format!("container:image-id:{digest}");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/ctd",
+        &[
+            "container:runtime:containerd",
+            "container:label:app:ctd",
+            &by_image,
+        ],
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/ctd-k8s",
+        &[
+            "k8s:ns:prod",
+            "k8s:pod-name:web-1",
+            "k8s:container-name:server",
+        ],
+    );
+    let host_path = format!("unix:path:{}", bin("ztid-agent").display());
+    let uid0 = format!("unix:uid:{}", nix_uid());
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/host",
+        &[&uid0, &host_path],
+    );
+    wait_for("the host entry", READY_TIMEOUT, || {
+        agent
+            .cli(&["--output", "json", "api", "fetch", "x509"])
+            .ok
+            .then_some(())
+    });
+
+    // ctr's own namespace (`/default/<id>`).
+    let id1 = "c1".repeat(32);
+    assert_one_of(
+        &ctd.fetch_in(&agent, "default", &id1, &["app=ctd"]),
+        "spiffe://example.org/ctd",
+    );
+    // Kubernetes' namespace and pod labels, as the kubelet sets them through CRI.
+    let id2 = "c2".repeat(32);
+    assert_one_of(
+        &ctd.fetch_in(
+            &agent,
+            "k8s.io",
+            &id2,
+            &[
+                "io.kubernetes.pod.namespace=prod",
+                "io.kubernetes.pod.name=web-1",
+                "io.kubernetes.pod.uid=5d2a8c4e-0c1f-4e7b-9a59-2f4f1e0b6c11",
+                "io.kubernetes.container.name=server",
+            ],
+        ),
+        "spiffe://example.org/ctd-k8s",
+    );
+    // No entry: the refusal names its containerd selectors.
+    let id3 = "c3".repeat(32);
+    let none = ctd.fetch_in(&agent, "default", &id3, &["app=other"]);
+    assert!(!none.ok, "{}", none.stdout);
+    for want in [
+        "no identity issued",
+        "container:runtime:containerd",
+        &format!("container:id:{id3}"),
+    ] {
+        assert!(none.stderr.contains(want), "{want:?} in {}", none.stderr);
+    }
+}
