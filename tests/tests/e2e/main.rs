@@ -13,6 +13,7 @@ mod containers;
 mod delegated_identity;
 mod entry_push;
 mod entry_scale;
+mod envoy_sds;
 mod federation;
 mod hsm_pkcs11;
 mod hsm_tpm;
