@@ -346,6 +346,50 @@ pub fn attest_pid(pid: i32) -> Result<AttestedPeer, Refusal> {
     })
 }
 
+/// Decides whether a verified connection's process is an authorised delegate, at a
+/// request and again while its streams are open.
+#[derive(Clone)]
+struct Authorizer {
+    workloads: Arc<Workloads>,
+    delegates: Arc<[Delegate]>,
+}
+
+impl Authorizer {
+    /// The delegate `peer` is authorised as now (its process was just verified).
+    fn check(&self, peer: &ConnectionPeer) -> Result<String, Refusal> {
+        if self.delegates.contains(&Delegate::Uid(peer.uid)) {
+            return Ok(Delegate::Uid(peer.uid).to_string());
+        }
+        let listed_ids = self
+            .delegates
+            .iter()
+            .any(|d| matches!(d, Delegate::SpiffeId(_)));
+        if listed_ids {
+            if let Some(attested) = peer.attested() {
+                let entitled = self
+                    .workloads
+                    .entitled(ProcessBinding::of(attested), &attested.selectors)
+                    .map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
+                if let Some(e) = entitled.entries.iter().find(|e| {
+                    self.delegates
+                        .contains(&Delegate::SpiffeId(e.spiffe_id.clone()))
+                }) {
+                    return Ok(e.spiffe_id.clone());
+                }
+            }
+        }
+        Err(Refusal::NotAuthorized(format!(
+            "uid {} is not listed in [delegated_identity] authorized_delegates{}",
+            peer.uid,
+            if listed_ids {
+                ", and this process holds none of the SPIFFE IDs listed there"
+            } else {
+                ""
+            }
+        )))
+    }
+}
+
 /// Who the caller was authorised as.
 #[derive(Clone)]
 struct Caller {
@@ -487,42 +531,15 @@ impl DelegatedIdentityApi {
         peer.verify()
             .await
             .map_err(|r| Refusal::CallerChanged(r.to_string()))?;
-        if self.delegates.contains(&Delegate::Uid(peer.uid)) {
-            return Ok(Caller {
-                delegate: Delegate::Uid(peer.uid).to_string(),
-                peer,
-            });
+        let delegate = self.authorizer().check(&peer)?;
+        Ok(Caller { peer, delegate })
+    }
+
+    fn authorizer(&self) -> Authorizer {
+        Authorizer {
+            workloads: self.workloads.clone(),
+            delegates: self.delegates.clone(),
         }
-        let listed_ids = self
-            .delegates
-            .iter()
-            .any(|d| matches!(d, Delegate::SpiffeId(_)));
-        if listed_ids {
-            if let Some(attested) = peer.attested() {
-                let entitled = self
-                    .workloads
-                    .entitled(ProcessBinding::of(attested), &attested.selectors)
-                    .map_err(|e| Refusal::NotAuthorized(e.to_string()))?;
-                if let Some(e) = entitled.entries.iter().find(|e| {
-                    self.delegates
-                        .contains(&Delegate::SpiffeId(e.spiffe_id.clone()))
-                }) {
-                    return Ok(Caller {
-                        delegate: e.spiffe_id.clone(),
-                        peer,
-                    });
-                }
-            }
-        }
-        Err(Refusal::NotAuthorized(format!(
-            "uid {} is not listed in [delegated_identity] authorized_delegates{}",
-            peer.uid,
-            if listed_ids {
-                ", and this process holds none of the SPIFFE IDs listed there"
-            } else {
-                ""
-            }
-        )))
     }
 
     /// Takes a place among the caller's open streams.
@@ -673,15 +690,64 @@ impl DelegatedIdentityApi {
     }
 }
 
-/// Streams `make()` now and whenever `state` or the bundle changes, until the client
-/// leaves, the caller's process exits or execs, the followed workload process does, or an
-/// identity of the instance is revoked.
+/// Why an open stream must end now, if it must: an identity of its instance revoked,
+/// the delegate's process gone or changed or no longer authorised, or the followed
+/// workload process gone or changed.
+async fn stream_failure(
+    caller: &Caller,
+    authorizer: &Authorizer,
+    held: Option<&Held>,
+    seen: u64,
+    process: Option<&Arc<AttestedPeer>>,
+) -> Option<Status> {
+    if let Some(h) = held {
+        let n = h.inst.revocations.borrow().clone();
+        if n.count > seen {
+            return Some(
+                Refusal::Revoked(revoked_message(
+                    n.identity.as_deref().unwrap_or("of this workload"),
+                ))
+                .into(),
+            );
+        }
+    }
+    if let Err(r) = caller.peer.verify().await {
+        return Some(Refusal::CallerChanged(r.to_string()).into());
+    }
+    if let Err(r) = authorizer.check(&caller.peer) {
+        return Some(r.into());
+    }
+    if let Some(p) = process {
+        let p2 = p.clone();
+        let gone = tokio::task::spawn_blocking(move || p2.process.check())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|r| r.to_string()))
+            .err();
+        if let Some(why) = gone {
+            return Some(
+                Refusal::Workload {
+                    pid: p.process.instance.pid,
+                    why: why.replace("the process that opened this connection", "the process"),
+                }
+                .into(),
+            );
+        }
+    }
+    None
+}
+
+/// Streams `make()` now and whenever the instance's SVIDs or the bundle change, until the
+/// delegate leaves or [`stream_failure`] says it must end (checked before every message,
+/// on every revocation notice and every [`PID_RECHECK_INTERVAL`]); then it ends with that
+/// status.
 #[allow(
     clippy::too_many_arguments,
-    reason = "one private helper for the four streams"
+    reason = "one private helper for the four methods"
 )]
 fn watch_stream<T: Send + 'static>(
     caller: Caller,
+    authorizer: Authorizer,
     held: Option<Held>,
     process: Option<Arc<AttestedPeer>>,
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
@@ -701,59 +767,49 @@ fn watch_stream<T: Send + 'static>(
         let mut state = held.as_ref().map(|h| h.inst.state.subscribe());
         let mut recheck = tokio::time::interval(PID_RECHECK_INTERVAL);
         recheck.tick().await;
+        let mut dirty = true;
         let why_ended: String = loop {
-            let notice = notices.as_ref().and_then(|n| {
-                let n = n.borrow();
-                (n.count > seen).then(|| n.identity.clone())
-            });
-            let process_gone = match &process {
-                Some(p) => {
-                    let p = p.clone();
-                    tokio::task::spawn_blocking(move || p.process.check())
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|r| r.to_string()))
-                        .err()
-                }
-                None => None,
-            };
-            let msg = if let Some(identity) = notice {
-                Err(Status::from(Refusal::Revoked(revoked_message(
-                    identity.as_deref().unwrap_or("of this workload"),
-                ))))
-            } else if let Err(r) = caller.peer.verify().await {
-                Err(Status::from(Refusal::CallerChanged(r.to_string())))
-            } else if let (Some(why), Some(p)) = (process_gone, &process) {
-                Err(Status::from(Refusal::Workload {
-                    pid: p.process.instance.pid,
-                    why: why.replace("the process that opened this connection", "the process"),
-                }))
-            } else {
+            if let Some(status) =
+                stream_failure(&caller, &authorizer, held.as_ref(), seen, process.as_ref()).await
+            {
+                let why = status.message().to_string();
+                let _ = tx.send(Err(status)).await;
+                break why;
+            }
+            if dirty {
+                dirty = false;
                 if let Some(s) = state.as_mut() {
                     s.borrow_and_update();
                 }
                 let b = bundle.borrow_and_update().clone();
-                make(held.as_ref().map(|h| &*h.inst), &b)
-            };
-            let end = match &msg {
-                Err(s) => Some(s.message().to_string()),
-                Ok(_) => None,
-            };
-            if tx.send(msg).await.is_err() {
-                break "the delegate closed the stream".into();
+                let msg = make(held.as_ref().map(|h| &*h.inst), &b);
+                let failed = msg.as_ref().err().map(|s| s.message().to_string());
+                if tx.send(msg).await.is_err() {
+                    break "the delegate closed the stream".into();
+                }
+                if let Some(why) = failed {
+                    break why;
+                }
             }
-            if let Some(e) = end {
-                break e;
-            }
-            let changed = tokio::select! {
-                r = async { match state.as_mut() { Some(s) => s.changed().await, None => std::future::pending().await } } => r.is_ok(),
-                r = bundle.changed() => r.is_ok(),
+            let open = tokio::select! {
+                r = async {
+                    match state.as_mut() {
+                        Some(s) => s.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => { dirty = true; r.is_ok() }
+                r = bundle.changed() => { dirty = true; r.is_ok() }
                 _ = revoked.wait_for(Option::is_some) => true,
-                _ = async { match notices.as_mut() { Some(n) => n.wait_for(|n| n.count > seen).await.map(|_| ()), None => std::future::pending().await } } => true,
-                _ = recheck.tick(), if process.is_some() => true,
+                _ = async {
+                    match notices.as_mut() {
+                        Some(n) => n.wait_for(|n| n.count > seen).await.map(|_| ()),
+                        None => std::future::pending().await,
+                    }
+                } => true,
+                _ = recheck.tick() => true,
                 _ = tx.closed() => false,
             };
-            if !changed {
+            if !open {
                 break "the delegate closed the stream".into();
             }
         };
@@ -816,6 +872,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         };
         let stream = watch_stream(
             caller,
+            self.authorizer(),
             Some(held),
             process,
             self.bundle.clone(),
@@ -847,6 +904,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             caller,
+            self.authorizer(),
             None,
             None,
             self.bundle.clone(),
@@ -878,6 +936,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             caller,
+            self.authorizer(),
             None,
             None,
             self.bundle.clone(),

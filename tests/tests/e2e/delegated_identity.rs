@@ -201,7 +201,7 @@ fn a_delegate_authorised_by_spiffe_id_gets_a_named_workloads_svids_rotations_bun
         "--x509-ttl",
         "20",
     ]);
-    entry_for_my_uid(&server, &agent, DELEGATE_ID, &[]);
+    let delegate_entry = entry_for_my_uid(&server, &agent, DELEGATE_ID, &[]);
 
     // Now authorised by its SPIFFE ID; it gets the named workload's identity.
     let stream = Streaming::spawn(&socket, &["x509", "--selector", &sel]);
@@ -310,6 +310,23 @@ fn a_delegate_authorised_by_spiffe_id_gets_a_named_workloads_svids_rotations_bun
     assert!(log.lines().any(|l| l.contains("delegated_subscription")
         && l.contains("FetchJWTSVIDs")
         && l.contains(jwt_id)));
+
+    // Authorisation is checked again while a stream is open: once the delegate's own
+    // entry is gone, its stream ends with the reason.
+    let stream = Streaming::spawn(&socket, &["x509", "--selector", &sel]);
+    stream.wait("a new subscription", READY_TIMEOUT, |v| !ids(v).is_empty());
+    server.cli_ok(&["entry", "delete", delegate_entry.trim()]);
+    let end = stream.wait("the stream to end", READY_TIMEOUT, |v| {
+        v.get("error").is_some()
+    });
+    assert_eq!(end["error"], "PERMISSION_DENIED", "{end:?}");
+    assert!(
+        end["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("not an authorized delegate: "),
+        "{end:?}"
+    );
 }
 
 /// `sleep` running as [`WORKLOAD_UID`], once it has exec'd with that uid.
