@@ -489,3 +489,173 @@ fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     assert_eq!(http_get(plain, "/").as_deref(), Some(BODY));
     envoy.stop();
 }
+
+mod protocol {
+    //! The xDS exchange itself against the real agent, with the generated SDS client:
+    //! what Envoy does not show from outside (a NACK is not answered by a resend, stale
+    //! nonces are ignored, refusals name their cause).
+
+    use super::*;
+    use tokio_stream::StreamExt;
+    use ztid_proto::envoy_sds::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use ztid_proto::envoy_sds::envoy::service::discovery::v3::{
+        DiscoveryRequest, DiscoveryResponse,
+    };
+    use ztid_proto::envoy_sds::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use ztid_proto::envoy_sds::google::rpc;
+
+    const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+    fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            type_url: SECRET.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn decode(r: &DiscoveryResponse) -> Vec<tls::Secret> {
+        r.resources
+            .iter()
+            .map(|a| {
+                assert_eq!(a.type_url, SECRET);
+                prost::Message::decode(a.value.as_slice()).expect("Secret decodes")
+            })
+            .collect()
+    }
+
+    fn cert_of(s: &tls::Secret) -> Vec<u8> {
+        match &s.r#type {
+            Some(tls::secret::Type::TlsCertificate(c)) => match c
+                .certificate_chain
+                .as_ref()
+                .and_then(|d| d.specifier.as_ref())
+            {
+                Some(
+                    ztid_proto::envoy_sds::envoy::config::core::v3::data_source::Specifier::InlineBytes(b),
+                ) => leaf_der(std::str::from_utf8(b).unwrap()),
+                other => panic!("no inline chain: {other:?}"),
+            },
+            other => panic!("not a certificate: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_and_nacks_get_no_resend_and_the_next_message_is_the_rotation() {
+        let server = Server::start(TD);
+        let agent = Agent::start(&server);
+        entry_for_my_uid(&server, &agent, ENTRY_ID, &["--x509-ttl", "20"]);
+        let channel = ztid_proto::transport::unix_channel(agent.socket())
+            .await
+            .expect("connect");
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+
+        // No workload.spiffe.io header is sent (Envoy sends none). Fetch, once the entry
+        // has reached the agent.
+        let fetched = {
+            let start = std::time::Instant::now();
+            loop {
+                match client
+                    .fetch_secrets(req(&["default", "ROOTCA"], "", ""))
+                    .await
+                {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) => {
+                        assert!(start.elapsed() < READY_TIMEOUT, "no secrets: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        };
+        let secrets = decode(&fetched);
+        let names: Vec<_> = secrets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ROOTCA", "default"]);
+        assert!(fetched.nonce.is_empty() && fetched.version_info.is_empty());
+        let id = spiffe_id_of(&cert_of(&secrets[1]));
+        assert!(id.starts_with(&format!("{ENTRY_ID}/")), "{id}");
+
+        // Refusals, each naming its cause.
+        let e = client
+            .fetch_secrets(req(&["default", "spiffe://example.org/db"], "", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("not authorized") && e.message().contains("example.org/db"),
+            "{}",
+            e.message()
+        );
+        let mut wrong = req(&["default"], "", "");
+        wrong.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        let e = client.fetch_secrets(wrong).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("SDS serves only"), "{}", e.message());
+        let many: Vec<String> = (0..65).map(|i| format!("n{i}")).collect();
+        let mut r = req(&[], "", "");
+        r.resource_names = many;
+        let e = client.fetch_secrets(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("at most 64"), "{}", e.message());
+
+        // The stream: the first request is answered.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(req(&["default"], "", "")).await.unwrap();
+        let mut stream = client
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        async fn next(s: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+            tokio::time::timeout(Duration::from_secs(60), s.next())
+                .await
+                .expect("a response within 60 s")
+                .expect("stream open")
+                .expect("response")
+        }
+        let first = next(&mut stream).await;
+        let first_cert = cert_of(&decode(&first)[0]);
+        assert_eq!(
+            spiffe_id_of(&first_cert),
+            id,
+            "the same instance as the fetch"
+        );
+        // ACK, then a NACK of it (what Envoy sends when it cannot apply a response), then
+        // a stale request with other names: none is answered with a resend, so the next
+        // message on the stream is the rotation, a new certificate for the same ID.
+        tx.send(req(&["default"], &first.version_info, &first.nonce))
+            .await
+            .unwrap();
+        let mut nack = req(&["default"], "", &first.nonce);
+        nack.error_detail = Some(rpc::Status {
+            code: 3,
+            message: "test: rejected".into(),
+            details: vec![],
+        });
+        tx.send(nack).await.unwrap();
+        tx.send(req(&["ROOTCA"], "", "stale")).await.unwrap();
+        let rotated = next(&mut stream).await;
+        let secrets = decode(&rotated);
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0].name, "default");
+        let rotated_cert = cert_of(&secrets[0]);
+        assert_ne!(rotated_cert, first_cert, "a resend instead of the rotation");
+        assert_eq!(spiffe_id_of(&rotated_cert), id);
+        assert_ne!(rotated.version_info, first.version_info);
+        assert_ne!(rotated.nonce, first.nonce);
+        // New names on the current nonce are answered at once.
+        tx.send(req(
+            &["ROOTCA", "default"],
+            &rotated.version_info,
+            &rotated.nonce,
+        ))
+        .await
+        .unwrap();
+        let renamed = next(&mut stream).await;
+        let names: Vec<_> = decode(&renamed).into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["ROOTCA", "default"]);
+        let nacks = agent.proc.log_text().matches("sds_nack").count();
+        assert_eq!(nacks, 1, "the NACK is logged once");
+    }
+}
