@@ -643,3 +643,60 @@ fn containerd_containers_are_attested_through_its_own_api() {
         assert!(none.stderr.contains(want), "{want:?} in {}", none.stderr);
     }
 }
+
+/// The directory of systemd's cgroup hierarchy: its own v1 one (v1, hybrid), else the
+/// unified one.
+fn systemd_hierarchy() -> PathBuf {
+    let v1 = PathBuf::from("/sys/fs/cgroup/systemd");
+    if v1.join("cgroup.procs").exists() {
+        v1
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+#[test]
+fn a_process_in_a_systemd_unit_is_selected_by_it() {
+    let server = Server::start(TD);
+    let agent = Agent::start_with_args(&server, &["--systemd-unit-selectors"]);
+    let unit = format!("ztid-e2e-{}.service", std::process::id());
+    // A unit's cgroup as systemd makes it (this test is root; systemd need not run).
+    let cgroup = systemd_hierarchy().join("system.slice").join(&unit);
+    std::fs::create_dir_all(&cgroup).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(cgroup.clone());
+    let selector = format!("systemd:unit:{unit}");
+    entry(&server, &agent, "spiffe://example.org/unit", &[&selector]);
+    let in_unit = || -> CliResult {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {} --output json api fetch x509 --socket {}",
+                cgroup.display(),
+                bin("ztid-agent").display(),
+                agent.socket().display()
+            ))
+            .output()
+            .unwrap()
+            .into()
+    };
+    let got = wait_for("the unit's entry", READY_TIMEOUT, || {
+        let r = in_unit();
+        r.ok.then_some(r)
+    });
+    assert_one_of(&got, "spiffe://example.org/unit");
+    // The same program outside the unit: refused, and no such selector.
+    let outside = agent.cli(&["api", "fetch", "x509"]);
+    assert!(!outside.ok);
+    assert!(
+        outside.stderr.contains("no identity issued"),
+        "{}",
+        outside.stderr
+    );
+    assert!(!outside.stderr.contains(&selector), "{}", outside.stderr);
+}
