@@ -339,7 +339,8 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process:
 #[test]
 fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     let server = Server::start(TD);
-    let agent = Agent::start(&server);
+    // A 2 s idle close: Envoy's SDS connection must stay up on its open streams alone.
+    let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", "2"]);
     // Per-instance, for this uid (Envoy and openssl run as it); a 20 s SVID is replaced
     // at half its life, so a rotation comes within the test.
     entry_for_my_uid(&server, &agent, ENTRY_ID, &["--x509-ttl", "20"]);
@@ -545,7 +546,8 @@ mod protocol {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acks_and_nacks_get_no_resend_and_the_next_message_is_the_rotation() {
         let server = Server::start(TD);
-        let agent = Agent::start(&server);
+        // A 2 s idle close: the open stream alone keeps its connection.
+        let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", "2"]);
         entry_for_my_uid(&server, &agent, ENTRY_ID, &["--x509-ttl", "20"]);
         let channel = ztid_proto::transport::unix_channel(agent.socket())
             .await
