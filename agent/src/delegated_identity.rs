@@ -42,10 +42,13 @@
 //!
 //! # Audit
 //!
-//! In the agent's own log, not on the server: every subscription and fetch is an
-//! `event = "delegated_subscription"` record (delegate, caller pid and uid, method,
-//! selectors or pid, the identities handed out), its end a `delegated_subscription_ended`
-//! record, every refusal a `delegated_refused` record.
+//! On the server: every subscription and fetch is queued here and reported with the
+//! agent's next sync (`SyncEntriesRequest.delegated_subscriptions`: method, delegate,
+//! caller pid and uid, selectors or pid, the identities handed out), which the server
+//! writes to its audit log as `delegated_subscription` records under this agent's ID; at
+//! most [`MAX_QUEUED_REPORTS`] wait, more are counted and reported as dropped. In the
+//! agent's own log too: `event = "delegated_subscription"` records, the end of each stream
+//! as `delegated_subscription_ended`, every refusal as `delegated_refused`.
 //!
 //! # Bounds
 //!
@@ -344,6 +347,95 @@ pub fn attest_pid(pid: i32) -> Result<AttestedPeer, Refusal> {
         pid,
         why: r.to_string(),
     })
+}
+
+/// Delegated calls reported to the server at one sync, at most.
+pub const MAX_REPORTED_PER_SYNC: usize = 256;
+/// Delegated calls kept for the next syncs, at most; beyond, they are counted as dropped.
+pub const MAX_QUEUED_REPORTS: usize = 4096;
+
+/// Bytes of a reported target, at most (the server takes 8 KiB).
+const MAX_REPORTED_TARGET_BYTES: usize = 4096;
+/// Identities of one reported call, at most (the server takes 64).
+const MAX_REPORTED_IDS: usize = 64;
+
+/// Calls waiting for the next sync, and how many could not be kept.
+#[derive(Default)]
+struct ReportQueue {
+    queued: std::collections::VecDeque<npb::DelegatedSubscription>,
+    dropped: u32,
+}
+
+/// One queue per agent process: the sync loop drains it ([`take_report`]).
+static REPORTS: Mutex<ReportQueue> = Mutex::new(ReportQueue {
+    queued: std::collections::VecDeque::new(),
+    dropped: 0,
+});
+
+/// Queues a delegated call for the server's audit log, reported at the next sync.
+fn report(method: &str, caller: &Caller, target: Option<&Target>, spiffe_ids: Vec<String>) {
+    if let Ok(mut q) = REPORTS.lock() {
+        if q.queued.len() >= MAX_QUEUED_REPORTS {
+            q.dropped = q.dropped.saturating_add(1);
+            return;
+        }
+        q.queued.push_back(npb::DelegatedSubscription {
+            method: method.into(),
+            delegate: caller.delegate.clone(),
+            caller_pid: caller.peer.pid.unwrap_or(0),
+            caller_uid: caller.peer.uid,
+            target: target
+                .map(|t| {
+                    let mut d = t.describe();
+                    if d.len() > MAX_REPORTED_TARGET_BYTES {
+                        let mut cut = MAX_REPORTED_TARGET_BYTES - 3;
+                        while !d.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        d.truncate(cut);
+                        d.push('…');
+                    }
+                    d
+                })
+                .unwrap_or_default(),
+            spiffe_ids: spiffe_ids.into_iter().take(MAX_REPORTED_IDS).collect(),
+            at: unix_seconds(std::time::SystemTime::now()),
+        });
+    }
+}
+
+/// The delegated calls to report at this sync ([`MAX_REPORTED_PER_SYNC`] at most, the
+/// oldest first) and the count of those that could not be kept.
+pub fn take_report() -> (Vec<npb::DelegatedSubscription>, u32) {
+    match REPORTS.lock() {
+        Ok(mut q) => {
+            let n = q.queued.len().min(MAX_REPORTED_PER_SYNC);
+            let taken = q.queued.drain(..n).collect();
+            (taken, std::mem::take(&mut q.dropped))
+        }
+        Err(_) => (Vec::new(), 0),
+    }
+}
+
+/// Puts back a report whose sync failed, ahead of what came since (what no longer fits
+/// is counted as dropped); a report the server refused as malformed is only counted, so
+/// it cannot block every later sync.
+pub fn restore_report(calls: Vec<npb::DelegatedSubscription>, dropped: u32, refused: bool) {
+    if let Ok(mut q) = REPORTS.lock() {
+        q.dropped = q.dropped.saturating_add(dropped);
+        if refused {
+            let n = u32::try_from(calls.len()).unwrap_or(u32::MAX);
+            q.dropped = q.dropped.saturating_add(n);
+            return;
+        }
+        for c in calls.into_iter().rev() {
+            if q.queued.len() >= MAX_QUEUED_REPORTS {
+                q.dropped = q.dropped.saturating_add(1);
+            } else {
+                q.queued.push_front(c);
+            }
+        }
+    }
 }
 
 /// Decides whether a verified connection's process is an authorised delegate, at a
@@ -863,6 +955,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
             identities = ?identities,
             "delegated identity subscription"
         );
+        report("SubscribeToX509SVIDs", &caller, Some(&target), identities);
         let workloads = self.workloads.clone();
         let me = Self {
             workloads,
@@ -901,6 +994,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
             caller_uid = caller.peer.uid,
             "delegated identity subscription"
         );
+        report("SubscribeToX509Bundles", &caller, None, Vec::new());
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             caller,
@@ -933,6 +1027,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
             caller_uid = caller.peer.uid,
             "delegated identity subscription"
         );
+        report("SubscribeToJWTBundles", &caller, None, Vec::new());
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             caller,
@@ -969,6 +1064,11 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         let target = Target::of(&req.selectors, req.pid).map_err(Status::from)?;
         let (held, _process) = self.instance(&caller, &target).await?;
         let svids = self.mint_jwts(&held.inst, &audience).await?;
+        let identities: Vec<String> = svids
+            .iter()
+            .filter_map(|s| s.id.as_ref())
+            .map(|i| format!("spiffe://{}{}", i.trust_domain, i.path))
+            .collect();
         tracing::info!(
             event = "delegated_subscription",
             method = "FetchJWTSVIDs",
@@ -978,9 +1078,10 @@ impl DelegatedIdentity for DelegatedIdentityApi {
             target = %target.describe(),
             instance = %held.inst.segment,
             audience = ?audience,
-            identities = ?svids.iter().map(|s| s.id.as_ref().map(|i| format!("spiffe://{}{}", i.trust_domain, i.path))).collect::<Vec<_>>(),
+            identities = ?identities,
             "delegated identity fetch"
         );
+        report("FetchJWTSVIDs", &caller, Some(&target), identities);
         drop(held);
         Ok(Response::new(dpb::FetchJwtsviDsResponse { svids }))
     }
@@ -1262,6 +1363,36 @@ mod tests {
             denied.message(),
             "not an authorized delegate: uid 5 is not listed"
         );
+    }
+
+    #[test]
+    fn reports_wait_for_the_sync_bounded_and_are_put_back_unless_refused() {
+        // The only test of the process-wide queue.
+        while !take_report().0.is_empty() {}
+        let call = |i: usize| npb::DelegatedSubscription {
+            method: "FetchJWTSVIDs".into(),
+            delegate: "uid:0".into(),
+            target: format!("pid:{i}"),
+            ..Default::default()
+        };
+        restore_report((0..300).map(call).collect(), 2, false);
+        let (first, dropped) = take_report();
+        assert_eq!((first.len(), dropped), (MAX_REPORTED_PER_SYNC, 2));
+        assert_eq!(first[0].target, "pid:0", "oldest first");
+        // A failed sync puts them back ahead of the rest.
+        restore_report(first, 0, false);
+        let (again, _) = take_report();
+        assert_eq!(again[0].target, "pid:0");
+        let (rest, _) = take_report();
+        assert_eq!(rest.len(), 300 - MAX_REPORTED_PER_SYNC);
+        // One the server refused is only counted.
+        restore_report(again, 0, true);
+        assert_eq!(take_report(), (Vec::new(), MAX_REPORTED_PER_SYNC as u32));
+        // The queue is bounded.
+        restore_report((0..MAX_QUEUED_REPORTS + 5).map(call).collect(), 0, false);
+        assert_eq!(REPORTS.lock().unwrap().queued.len(), MAX_QUEUED_REPORTS);
+        while !take_report().0.is_empty() {}
+        assert_eq!(take_report().1, 0);
     }
 
     #[test]

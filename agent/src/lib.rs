@@ -407,6 +407,9 @@ impl Runtime {
                 authorities_in_use.push(a);
             }
         }
+        // Delegated identity calls since the last sync, for the server's audit log.
+        let (delegated_subscriptions, delegated_subscriptions_dropped) =
+            delegated_identity::take_report();
         let req = pb::SyncEntriesRequest {
             since_revision: since,
             bundle_sequence: seq,
@@ -414,15 +417,29 @@ impl Runtime {
             federated_bundles_version: federated_version,
             page_size: SYNC_PAGE_SIZE,
             page_token: String::new(),
+            delegated_subscriptions,
+            delegated_subscriptions_dropped,
         };
-        let mut resp = self
+        let mut resp = match self
             .node
             .load_full()
             .call("SyncEntries", servers::SYNC_TIMEOUT, |mut c| {
                 let req = req.clone();
                 async move { c.sync_entries(req).await.map(tonic::Response::into_inner) }
             })
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Reported at the next sync instead.
+                delegated_identity::restore_report(
+                    req.delegated_subscriptions,
+                    req.delegated_subscriptions_dropped,
+                    e.code() == tonic::Code::InvalidArgument,
+                );
+                return Err(e);
+            }
+        };
         let paged = !resp.next_page_token.is_empty();
         if paged {
             if let Err(e) = self.rest_of_pages(&mut resp).await {

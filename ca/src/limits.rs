@@ -73,6 +73,12 @@ pub const MAX_CSR_BYTES: usize = 16 * 1024;
 pub const MAX_ATTESTATION_MESSAGE_BYTES: usize = 1 << 20;
 /// Most authority ids an agent may report in use in one sync (each is stored).
 pub const MAX_AUTHORITIES_IN_USE: usize = 64;
+/// Delegated identity calls one sync may report (the agent sends at most 256).
+pub const MAX_DELEGATED_REPORTS: usize = 256;
+/// Identities one reported delegated call may name.
+pub const MAX_DELEGATED_REPORT_IDS: usize = 64;
+/// Bytes of a reported delegated call's target (its selectors or pid).
+pub const MAX_DELEGATED_TARGET_BYTES: usize = 8192;
 /// Largest gRPC message the node API decodes (batches of CSRs, attestation evidence).
 pub const NODE_API_MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Largest gRPC message the admin API decodes (a bundle upload and its framing).
@@ -200,6 +206,28 @@ pub fn check_sync(req: &pb::SyncEntriesRequest) -> Result<()> {
     )?;
     for a in &req.authorities_in_use {
         check_len("authority id (bytes)", a, MAX_OBJECT_ID_BYTES)?;
+    }
+    check_count(
+        "delegated_subscriptions",
+        req.delegated_subscriptions.len(),
+        MAX_DELEGATED_REPORTS,
+    )?;
+    for d in &req.delegated_subscriptions {
+        check_len("delegated method (bytes)", &d.method, MAX_OBJECT_ID_BYTES)?;
+        check_len("delegate (bytes)", &d.delegate, MAX_SPIFFE_ID_BYTES)?;
+        check_len(
+            "delegated target (bytes)",
+            &d.target,
+            MAX_DELEGATED_TARGET_BYTES,
+        )?;
+        check_count(
+            "delegated spiffe_ids",
+            d.spiffe_ids.len(),
+            MAX_DELEGATED_REPORT_IDS,
+        )?;
+        for id in &d.spiffe_ids {
+            check_len("delegated spiffe_id (bytes)", id, MAX_SPIFFE_ID_BYTES)?;
+        }
     }
     Ok(())
 }

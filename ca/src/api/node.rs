@@ -332,6 +332,22 @@ impl Node for NodeApi {
             crate::core::sync::page_token::MAX_TOKEN_BYTES,
         )?;
         let next_page = !req.page_token.is_empty();
+        // Delegated identity calls the agent served (its Delegated Identity API), as it
+        // reports them: audited under its ID, checked for size only.
+        for d in &req.delegated_subscriptions {
+            self.core.record(serde_json::json!({
+                "type": "delegated_subscription", "agent": agent.record.spiffe_id,
+                "method": d.method, "delegate": d.delegate, "caller_pid": d.caller_pid,
+                "caller_uid": d.caller_uid, "target": d.target, "spiffe_ids": d.spiffe_ids,
+                "at": d.at,
+            }))?;
+        }
+        if req.delegated_subscriptions_dropped > 0 {
+            self.core.record(serde_json::json!({
+                "type": "delegated_subscriptions_dropped", "agent": agent.record.spiffe_id,
+                "count": req.delegated_subscriptions_dropped,
+            }))?;
+        }
         let sync = self.core.sync_entries(
             &agent,
             SyncRequest {

@@ -311,6 +311,25 @@ fn a_delegate_authorised_by_spiffe_id_gets_a_named_workloads_svids_rotations_bun
         && l.contains("FetchJWTSVIDs")
         && l.contains(jwt_id)));
 
+    // And on the server: the agent reports each call at its next sync.
+    let audit = server.data_dir().join("audit/audit.log");
+    wait_for(
+        "the server's audit record of the subscription",
+        READY_TIMEOUT,
+        || {
+            let text = std::fs::read_to_string(&audit).ok()?;
+            text.lines()
+                .any(|l| {
+                    l.contains("delegated_subscription")
+                        && l.contains("SubscribeToX509SVIDs")
+                        && l.contains(DELEGATE_ID)
+                        && l.contains(&id)
+                        && l.contains(&agent.spiffe_id)
+                })
+                .then_some(())
+        },
+    );
+
     // Authorisation is checked again while a stream is open: once the delegate's own
     // entry is gone, its stream ends with the reason.
     let stream = Streaming::spawn(&socket, &["x509", "--selector", &sel]);
