@@ -376,6 +376,19 @@ mod tests {
     }
 
     #[test]
+    fn paths_relative_to_the_readers_cgroup_namespace() {
+        // An agent in a pod of its own (cgroup v2, private cgroup namespace) sees other
+        // pods' paths relative to its own cgroup.
+        let f = format!(
+            "0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod9a8b.slice/cri-containerd-{ID}.scope\n"
+        );
+        assert_eq!(container(&f), Some((PathKind::CriContainerd, ID.into())));
+        assert_eq!(parse(&f).unwrap().systemd_unit, None);
+        let f = format!("0::/../../pod9a8b/{ID}\n");
+        assert_eq!(container(&f), Some((PathKind::Kubernetes, ID.into())));
+    }
+
+    #[test]
     fn crio() {
         let f = format!(
             "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod9a8b.slice/crio-{ID}.scope\n"
