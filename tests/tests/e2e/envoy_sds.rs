@@ -33,7 +33,7 @@ fn envoy_bin() -> PathBuf {
 /// validator `ALL`; a plain listener routing to a cluster that reaches the first over
 /// mTLS with the SVID named by its entry's SPIFFE ID and `ROOTCA`; SDS from the agent's
 /// Workload API socket over gRPC.
-fn bootstrap(socket: &Path, admin: u16, mtls: u16, plain: u16) -> String {
+fn bootstrap(socket: &Path, admin: u16, mtls: u16, plain: u16, entry_id: &str) -> String {
     let hcm = |prefix: &str, route: &str| {
         format!(
             r#"      - name: envoy.filters.network.http_connection_manager
@@ -122,7 +122,7 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           tls_certificate_sds_secret_configs:
-          - name: {ENTRY_ID}
+          - name: {entry_id}
             sds_config: *sds
           validation_context_sds_secret_config:
             name: ROOTCA
@@ -218,10 +218,10 @@ struct Held {
     version: String,
 }
 
-fn held(admin: u16) -> Option<Held> {
+fn held(admin: u16, entry_id: &str) -> Option<Held> {
     let s = secrets(admin)?;
     let default = s.get("default")?;
-    let by_entry = s.get(ENTRY_ID)?;
+    let by_entry = s.get(entry_id)?;
     let rootca = s.get("ROOTCA")?;
     let all = s.get("ALL")?;
     let cfg = &all["secret"]["validation_context"]["custom_validator_config"];
@@ -336,6 +336,75 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process:
     child.wait_with_output().expect("output")
 }
 
+/// Envoy's log and the agent's, after `what`.
+fn dump(what: &str, envoy: &Proc, agent: &Agent) -> String {
+    format!(
+        "{what}\n--- envoy ---\n{}\n--- agent ---\n{}",
+        envoy.log_text(),
+        agent.proc.log_text()
+    )
+}
+
+/// A running Envoy with SDS from `agent`, ready with its secrets.
+struct Envoy {
+    proc: Proc,
+    admin: u16,
+    mtls: u16,
+    plain: u16,
+    /// What it held once ready.
+    first: Held,
+}
+
+impl Envoy {
+    /// Starts Envoy on `agent`'s socket (its upstream SVID named `entry_id`) and waits
+    /// until its listeners have their secrets.
+    fn start(agent: &Agent, entry_id: &str) -> Self {
+        let dir = agent.dir.path();
+        let (admin, mtls, plain) = (free_port(), free_port(), free_port());
+        let config = dir.join("envoy.yaml");
+        std::fs::write(
+            &config,
+            bootstrap(&agent.socket(), admin, mtls, plain, entry_id),
+        )
+        .unwrap();
+        let log = dir.join("envoy.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(envoy_bin())
+            .args(["-c", &config.display().to_string()])
+            .args(["--log-level", "info", "--disable-hot-restart"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("envoy starts");
+        let mut proc = Proc { child, log };
+        let start = std::time::Instant::now();
+        let first = loop {
+            if let Some(st) = proc.exited() {
+                panic!("{}", dump(&format!("envoy exited ({st})"), &proc, agent));
+            }
+            if http_get(admin, "/ready").is_some() {
+                if let Some(h) = held(admin, entry_id) {
+                    break h;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{}",
+                dump("envoy not ready with its secrets after 60 s", &proc, agent)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Self {
+            proc,
+            admin,
+            mtls,
+            plain,
+            first,
+        }
+    }
+}
+
 #[test]
 fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     let server = Server::start(TD);
@@ -369,48 +438,14 @@ fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     let (cert, _, _) = client();
     let client_id = spiffe_id_of(&leaf_der(&std::fs::read_to_string(&cert).unwrap()));
 
-    let (admin, mtls, plain) = (free_port(), free_port(), free_port());
-    let config = dir.join("envoy.yaml");
-    std::fs::write(&config, bootstrap(&agent.socket(), admin, mtls, plain)).unwrap();
-    let log = dir.join("envoy.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(envoy_bin())
-        .args(["-c", &config.display().to_string()])
-        .args(["--log-level", "info", "--disable-hot-restart"])
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .expect("envoy starts");
-    let mut envoy = Proc { child, log };
-    let dump = |what: &str, envoy: &mut Proc| {
-        format!(
-            "{what}\n--- envoy ---\n{}\n--- agent ---\n{}",
-            envoy.log_text(),
-            agent.proc.log_text()
-        )
-    };
-
-    // Envoy is ready once its listeners have their secrets.
-    let first = {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(st) = envoy.exited() {
-                panic!("{}", dump(&format!("envoy exited ({st})"), &mut envoy));
-            }
-            if http_get(admin, "/ready").is_some() {
-                if let Some(h) = held(admin) {
-                    break h;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{}",
-                dump("envoy not ready with its secrets after 60 s", &mut envoy)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let Envoy {
+        proc: mut envoy,
+        admin,
+        mtls,
+        plain,
+        first,
+    } = Envoy::start(&agent, ENTRY_ID);
+    let dump = |what: &str, envoy: &mut Proc| dump(what, envoy, &agent);
 
     // Envoy's own per-instance identity: the entry's ID and a 128-bit instance segment,
     // not the client's; `default` and the entry's ID name the same SVID.
@@ -463,7 +498,7 @@ fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     // version, nothing rejected, and still the one connection to the agent.
     let first_serial = serial(&first.chain);
     let rotated = wait_for("a rotated SVID at Envoy", Duration::from_secs(60), || {
-        held(admin).filter(|h| serial(&h.chain) != first_serial)
+        held(admin, ENTRY_ID).filter(|h| serial(&h.chain) != first_serial)
     });
     assert_eq!(spiffe_id_of(&leaf_der(&rotated.chain)), envoy_id);
     assert_ne!(rotated.version, first.version);
@@ -489,6 +524,86 @@ fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     assert_eq!(spiffe_id_of(&pem_der(&seen)[0]), envoy_id);
     assert_eq!(http_get(plain, "/").as_deref(), Some(BODY));
     envoy.stop();
+}
+
+#[test]
+fn envoy_accepts_a_federated_peer_with_the_all_validator() {
+    // b.test publishes its bundle; a.test federates with it (as in federation.rs).
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let b_cfg = cfg_dir.path().join("b.toml");
+    std::fs::write(&b_cfg, "bundle_refresh_hint_seconds = 2\n").unwrap();
+    let b_port = free_port();
+    let b = Server::start_with(
+        "b.test",
+        &[
+            "--config",
+            &b_cfg.display().to_string(),
+            "--bundle-endpoint",
+            &format!("127.0.0.1:{b_port}"),
+        ],
+    );
+    let a = Server::start("a.test");
+    a.cli_ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "b.test",
+        "--bundle-endpoint-url",
+        &format!("https://127.0.0.1:{b_port}/"),
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        "spiffe://b.test/ztid/server",
+        "--trust-bundle",
+        &b.bundle_file().display().to_string(),
+    ]);
+    let agent_a = Agent::start_with_args(&a, &["--workload-idle-timeout", "2"]);
+    let agent_b = Agent::start(&b);
+    let envoy_entry = "spiffe://a.test/envoy";
+    entry_for_my_uid(&a, &agent_a, envoy_entry, &["--federates-with", "b.test"]);
+    entry_for_my_uid(&b, &agent_b, "spiffe://b.test/client", &[]);
+
+    let envoy = Envoy::start(&agent_a, envoy_entry);
+    // ALL covers both trust domains once b.test's bundle has reached agent A.
+    let held_all = wait_for("b.test in Envoy's ALL", Duration::from_secs(60), || {
+        held(envoy.admin, envoy_entry).filter(|h| h.all.len() == 2)
+    });
+    let tds: Vec<&str> = held_all.all.iter().map(|(td, _)| td.as_str()).collect();
+    assert_eq!(tds, ["a.test", "b.test"]);
+    let der = |p: &str| -> Vec<Vec<u8>> {
+        pem::parse_many(p)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.into_contents())
+            .collect()
+    };
+    assert_eq!(der(&held_all.all[1].1), bundle_roots(&b));
+    assert_eq!(
+        der(&held_all.rootca),
+        bundle_roots(&a),
+        "ROOTCA stays a.test's"
+    );
+
+    // A b.test workload, with its own SVID, through Envoy's mTLS listener.
+    let client_dir = agent_b.dir.path().join("client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let fetched = agent_b.cli(&[
+        "api",
+        "fetch",
+        "x509",
+        "--write",
+        &client_dir.display().to_string(),
+        "--wait",
+        "30",
+    ]);
+    assert!(fetched.ok, "client SVID: {}", fetched.stderr);
+    let (cert, key) = (client_dir.join("svid.0.pem"), client_dir.join("svid.0.key"));
+    let chain = std::fs::read_to_string(&cert).unwrap();
+    assert!(spiffe_id_of(&leaf_der(&chain)).starts_with("spiffe://b.test/client/"));
+    openssl_verify(cfg_dir.path(), &held_all.all[1].1, &chain)
+        .expect("openssl verify: the b.test client against ALL's b.test bundle");
+    let out = s_client(envoy.mtls, Some((&cert, &key)), &a.bundle_file());
+    assert!(out.contains(BODY), "{}", dump(&out, &envoy.proc, &agent_a));
 }
 
 mod protocol {
