@@ -700,3 +700,66 @@ fn a_process_in_a_systemd_unit_is_selected_by_it() {
     );
     assert!(!outside.stderr.contains(&selector), "{}", outside.stderr);
 }
+
+#[test]
+fn processes_exec_d_into_a_container_and_a_restarted_container_are_attested() {
+    let podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    podman.import(
+        &client_rootfs(&scratch.path().join("a"), None),
+        "localhost/ztid-client:a",
+    );
+    let server = Server::start(TD);
+    let socket = format!("unix://{}", podman.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/long",
+        &["container:name:ct-long"],
+    );
+    let mount = format!("{}:/ztid/api.sock", agent.socket().display());
+    // A long-lived container: its first process waits on a socket that never comes.
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ct-long",
+        "--network=none",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "-v",
+        &mount,
+        "localhost/ztid-client:a",
+        "/ztid-agent",
+        "healthcheck",
+        "--socket",
+        "/nowhere.sock",
+        "--wait",
+        "600",
+    ]);
+    let fetch = || -> CliResult {
+        podman.cmd(&[
+            "exec",
+            "ct-long",
+            "/ztid-agent",
+            "--output",
+            "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            "/ztid/api.sock",
+        ])
+    };
+    let first = wait_for("the container's entry", READY_TIMEOUT, || {
+        let r = fetch();
+        r.ok.then_some(r)
+    });
+    assert_one_of(&first, "spiffe://example.org/long");
+    // Restarted: same ID, a new first process in a new pid namespace. The cached
+    // answer no longer fits, so the runtime is asked again.
+    podman.ok(&["restart", "--time", "0", "ct-long"]);
+    assert_one_of(&fetch(), "spiffe://example.org/long");
+    podman.ok(&["rm", "--force", "--time", "0", "ct-long"]);
+}
