@@ -652,12 +652,13 @@ impl DelegatedIdentityApi {
         })
     }
 
-    /// The instance a request's target gets, with its SVIDs current; for a pid, also the
-    /// attested process (to follow).
+    /// The instance a request's target gets, with its X.509-SVIDs current if `with_x509`;
+    /// for a pid, also the attested process (to follow).
     async fn instance(
         &self,
         caller: &Caller,
         target: &Target,
+        with_x509: bool,
     ) -> Result<(Held, Option<Arc<AttestedPeer>>), Status> {
         let (held, process) = match target {
             Target::Pid(pid) => {
@@ -721,6 +722,10 @@ impl DelegatedIdentityApi {
                 )
             }
         };
+        // A JWT fetch needs only the instance's segment: no X.509-SVID is minted for it.
+        if !with_x509 {
+            return Ok((held, process));
+        }
         if let Err(e) = self.workloads.reconcile(&held.inst).await {
             // Nothing matched is not an error here; a server refusal or outage is.
             if !held.inst.state.borrow().svids.is_empty()
@@ -930,7 +935,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         let req = request.get_ref();
         let target = Target::of(&req.selectors, req.pid).map_err(Status::from)?;
         let slot = self.slot(&caller)?;
-        let (held, process) = self.instance(&caller, &target).await?;
+        let (held, process) = self.instance(&caller, &target, true).await?;
         let audit = format!(
             "x509-svids {} instance {}",
             target.describe(),
@@ -1062,7 +1067,7 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         let audience = crate::limits::normalize_audiences(&req.audience)
             .map_err(|e| Status::from(Refusal::InvalidRequest(e.to_string())))?;
         let target = Target::of(&req.selectors, req.pid).map_err(Status::from)?;
-        let (held, _process) = self.instance(&caller, &target).await?;
+        let (held, _process) = self.instance(&caller, &target, false).await?;
         let svids = self.mint_jwts(&held.inst, &audience).await?;
         let identities: Vec<String> = svids
             .iter()
