@@ -20,7 +20,7 @@ PACKAGES=(openssl ca-certificates python3 python3-venv python3-pip prometheus # 
   postgresql postgresql-client
   # Container workload attestation: real containers on podman (runc, conmon), whose
   # `podman system service` serves the docker-compatible API (tests/tests/e2e/containers.rs).
-  podman runc conmon
+  podman runc conmon containernetworking-plugins
   # and containerd's own API: a containerd of the test's own, driven with ctr.
   containerd
   jq iproute2) # jq: the README's quick start; ip: its test runs each block in its own network namespace
