@@ -1400,6 +1400,83 @@ mod tests {
         assert_eq!(take_report().1, 0);
     }
 
+    /// Workloads that never reach a server (nothing here mints).
+    async fn offline_workloads() -> Arc<Workloads> {
+        use crate::servers::{parse_server_list, NodeConnections, Servers};
+        let servers = Servers::new(parse_server_list("127.0.0.1:9").unwrap()).await;
+        let node = NodeConnections::new(
+            servers,
+            Arc::new(crate::tls::ServerSvidVerifier::insecure_bootstrap()),
+            None,
+        );
+        let bundle = watch::Sender::new(Arc::new(TrustBundle::default()));
+        Arc::new(Workloads::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(node)),
+            bundle.subscribe(),
+        ))
+    }
+
+    /// What [`DelegatedIdentityApi::instance`] holds for a selector subscription.
+    fn hold(
+        workloads: &Arc<Workloads>,
+        book: &Arc<Mutex<Book>>,
+        key: &InstanceKey,
+        own: bool,
+    ) -> Held {
+        let mut b = book.lock().unwrap();
+        let inst = workloads.instance_for_key(key.clone()).unwrap();
+        *b.holders.entry(key.clone()).or_insert(0) += 1;
+        Held {
+            inst,
+            release: Some((book.clone(), workloads.clone(), own)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_selector_instance_is_shared_by_its_subscriptions_and_forgotten_with_the_last() {
+        let workloads = offline_workloads().await;
+        let book: Arc<Mutex<Book>> = Arc::default();
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let key = |sel: &str| InstanceKey {
+            process: me.process.instance,
+            pidfs_id: me.process.pidfs_id,
+            exe: me.process.exe,
+            selectors: Arc::from(vec![Selector::parse(sel).unwrap()]),
+        };
+        let a = hold(&workloads, &book, &key("unix:uid:4242"), false);
+        let b = hold(&workloads, &book, &key("unix:uid:4242"), false);
+        let other = hold(&workloads, &book, &key("unix:uid:4243"), false);
+        assert!(
+            Arc::ptr_eq(&a.inst, &b.inst),
+            "one instance per selector set"
+        );
+        assert_ne!(a.inst.segment, other.inst.segment, "its own segment");
+        assert_eq!(workloads.instance_count(), 2);
+        drop(a);
+        assert_eq!(
+            workloads.instance_count(),
+            2,
+            "still held by the other stream"
+        );
+        drop(b);
+        assert_eq!(
+            workloads.instance_count(),
+            1,
+            "forgotten with its last stream"
+        );
+        // Asked again, it is a new instance: a new segment, new keys.
+        let again = hold(&workloads, &book, &key("unix:uid:4242"), false);
+        assert_eq!(workloads.instance_count(), 2);
+        drop((again, other));
+        assert_eq!(workloads.instance_count(), 0);
+        // The delegate's own instance (it named its own selectors) is never forgotten.
+        let own_key = InstanceKey::of(&me);
+        let own = hold(&workloads, &book, &own_key, true);
+        drop(own);
+        assert_eq!(workloads.instance_count(), 1);
+        assert!(book.lock().unwrap().holders.is_empty());
+    }
+
     #[test]
     fn spiffe_ids_split_as_spire_does() {
         let id = spiffe_id_pb("spiffe://example.org/w/0123");
