@@ -199,7 +199,7 @@ impl AgentConfig {
                 crate::pool::MAX_POOL_SETS
             )));
         }
-        self.delegated_identity.validate()?;
+        self.delegated_identity.validate_beside(&self.socket)?;
         self.container_attestor()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(Error::Config("log_format must be text or json".into()));

@@ -125,6 +125,18 @@ impl Default for DelegatedConfig {
 }
 
 impl DelegatedConfig {
+    /// [`DelegatedConfig::validate`], and that the socket is not the Workload API's
+    /// (binding it would take that path from the Workload API).
+    pub fn validate_beside(&self, workload_socket: &Path) -> Result<Vec<Delegate>, Error> {
+        if self.socket.as_deref() == Some(workload_socket) {
+            return Err(Error::Config(format!(
+                "[delegated_identity] socket {} is the Workload API socket: give it its own path",
+                workload_socket.display()
+            )));
+        }
+        self.validate()
+    }
+
     /// Checks the settings; returns the parsed delegates.
     pub fn validate(&self) -> Result<Vec<Delegate>, Error> {
         if self.socket.is_none() {
@@ -1308,6 +1320,14 @@ mod tests {
             .contains("nobody could call"));
         c.authorized_delegates = vec!["uid:0".into(), "spiffe://example.org/p".into()];
         assert_eq!(c.validate().unwrap().len(), 2);
+        assert!(c
+            .validate_beside(Path::new("/run/ztid/agent/admin.sock"))
+            .unwrap_err()
+            .to_string()
+            .contains("is the Workload API socket"));
+        assert!(c
+            .validate_beside(Path::new("/run/ztid/agent/api.sock"))
+            .is_ok());
         c.socket_mode = 0o4777;
         assert!(c.validate().is_err());
         c.socket_mode = 0o600;
