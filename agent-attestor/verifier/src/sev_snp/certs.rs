@@ -1,15 +1,16 @@
 //! AMD certificates: the pinned ARKs with their ASKs and ASVKs, VCEK/VLEK parsing, the
 //! RSA-PSS chain signatures and the AMD CRL.
 //!
-//! Certificates are parsed with x509-parser, which accepts the serial number 0 that every
-//! AMD VEK carries; chain signatures (RSASSA-PSS, SHA-384) are checked with the `sev`
-//! crate; the CRL signature (same algorithm, salt 48) with ring.
+//! Certificates are parsed once, with x509-parser, which accepts the serial number 0 that
+//! every AMD VEK carries; chain and CRL signatures (RSASSA-PSS, SHA-384, MGF1-SHA-384,
+//! salt 48) are checked with ring over the signed bytes as received. (The `sev` crate's
+//! own check parses each certificate a second time, re-encodes the signed part, and runs
+//! pure-Rust RSA: several times slower for the same answer.)
 
-use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ring::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA384};
-use sev::certs::snp::Verifiable;
 use x509_parser::prelude::*;
 
 use crate::Error;
@@ -52,10 +53,47 @@ const OID_FMC_SPL: &str = "1.3.6.1.4.1.3704.1.3.9";
 const OID_HWID: &str = "1.3.6.1.4.1.3704.1.4";
 const OID_RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
 
-/// Verified (issuer, certificate) pairs; see [`AmdCert::signed_by`].
+/// Verified (issuer, certificate or CRL) pairs, by the SHA-256 of both DER encodings;
+/// see [`AmdCert::signed_by`].
 static SIGNATURE_CACHE: OnceLock<Mutex<HashSet<[u8; 32]>>> = OnceLock::new();
 /// Entries kept before the cache starts over (one per chip and TCB version seen).
 const SIGNATURE_CACHE_MAX: usize = 4096;
+/// Parsed certificates by the SHA-256 of their DER; see [`AmdCert::from_der`].
+static PARSED_CACHE: OnceLock<Mutex<HashMap<[u8; 32], AmdCert>>> = OnceLock::new();
+/// Entries kept before the cache starts over.
+const PARSED_CACHE_MAX: usize = 1024;
+
+/// A cache's map, used as it is after a panic elsewhere (no update is left half-done).
+fn lock<T: Default>(cell: &'static OnceLock<Mutex<T>>) -> MutexGuard<'static, T> {
+    cell.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `issuer` (by its digest) made the signature over `signed` (by its digest):
+/// from the cache of verified pairs, else `check()`, remembered when it holds.
+fn signature_cached(issuer: &[u8; 32], signed: &[u8; 32], check: impl FnOnce() -> bool) -> bool {
+    let key = {
+        let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+        c.update(issuer);
+        c.update(signed);
+        let mut k = [0u8; 32];
+        k.copy_from_slice(c.finish().as_ref());
+        k
+    };
+    if lock(&SIGNATURE_CACHE).contains(&key) {
+        return true;
+    }
+    let ok = check();
+    if ok {
+        let mut c = lock(&SIGNATURE_CACHE);
+        if c.len() >= SIGNATURE_CACHE_MAX {
+            c.clear();
+        }
+        c.insert(key);
+    }
+    ok
+}
 
 fn sha256(b: &[u8]) -> [u8; 32] {
     let mut o = [0u8; 32];
@@ -137,7 +175,10 @@ pub(crate) struct AmdCert {
     pub tcb: VekTcb,
     pub hwid: Option<Vec<u8>>,
     pub product_name: Option<String>,
-    sev: sev::certs::snp::Certificate,
+    /// The signed part (TBSCertificate) as received, its signature and algorithm.
+    tbs: Vec<u8>,
+    signature: Vec<u8>,
+    sig_oid: String,
     /// SHA-256 of `der`.
     digest: [u8; 32],
 }
@@ -149,8 +190,23 @@ impl std::fmt::Debug for AmdCert {
 }
 
 impl AmdCert {
-    /// Parses one DER certificate.
+    /// Parses one DER certificate, or returns the certificate parsed earlier from the
+    /// same bytes (a chip's VCEK and its ASK come back with every report).
     pub(crate) fn from_der(der: &[u8]) -> Result<Self, String> {
+        let digest = sha256(der);
+        if let Some(c) = lock(&PARSED_CACHE).get(&digest) {
+            return Ok(c.clone());
+        }
+        let c = Self::parse(der, digest)?;
+        let mut cache = lock(&PARSED_CACHE);
+        if cache.len() >= PARSED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(digest, c.clone());
+        Ok(c)
+    }
+
+    fn parse(der: &[u8], digest: [u8; 32]) -> Result<Self, String> {
         let (rest, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
         if !rest.is_empty() {
             return Err("trailing bytes after the certificate".into());
@@ -180,7 +236,6 @@ impl AmdCert {
                 _ => {}
             }
         }
-        let sev = sev::certs::snp::Certificate::from_der(der).map_err(|e| e.to_string())?;
         Ok(Self {
             der: der.to_vec(),
             role: Role::of(&subject_cn),
@@ -195,40 +250,28 @@ impl AmdCert {
             tcb,
             hwid,
             product_name,
-            sev,
-            digest: sha256(der),
+            tbs: cert.tbs_certificate.as_ref().to_vec(),
+            signature: cert.signature_value.data.to_vec(),
+            sig_oid: cert.signature_algorithm.algorithm.to_id_string(),
+            digest,
         })
     }
 
     /// True if `issuer`'s key made this certificate's RSASSA-PSS signature.
     ///
     /// Successful checks are remembered per exact (issuer, certificate) DER pair: a
-    /// chip's VCEK comes back with every attestation of every VM on it, and the RSA-4096
-    /// check is most of a report's verification time. The answer for identical bytes
-    /// cannot change; dates are checked every time regardless.
+    /// chip's VCEK comes back with every attestation of every VM on it (one VCEK per
+    /// chip ID and reported TCB). The answer for identical bytes cannot change; dates,
+    /// and everything the report says, are checked every time regardless.
     pub(crate) fn signed_by(&self, issuer: &AmdCert) -> bool {
-        let key = {
-            let mut c = ring::digest::Context::new(&ring::digest::SHA256);
-            c.update(&issuer.digest);
-            c.update(&self.digest);
-            let mut k = [0u8; 32];
-            k.copy_from_slice(c.finish().as_ref());
-            k
-        };
-        let cache = SIGNATURE_CACHE.get_or_init(|| Mutex::new(HashSet::new()));
-        if cache.lock().map(|c| c.contains(&key)).unwrap_or(false) {
-            return true;
-        }
-        let ok = (&issuer.sev, &self.sev).verify().is_ok();
-        if ok {
-            if let Ok(mut c) = cache.lock() {
-                if c.len() >= SIGNATURE_CACHE_MAX {
-                    c.clear();
-                }
-                c.insert(key);
-            }
-        }
-        ok
+        signature_cached(&issuer.digest, &self.digest, || {
+            rsa_pss_sha384(
+                &issuer.public_key,
+                &self.sig_oid,
+                &self.tbs,
+                &self.signature,
+            )
+        })
     }
 
     /// Refuses unless `at` lies within the certificate's validity.
@@ -287,6 +330,15 @@ impl AmdCert {
     }
 }
 
+/// An AMD signature: RSASSA-PSS with SHA-384, MGF1-SHA-384 and a 48-byte salt (ring's
+/// `RSA_PSS_2048_8192_SHA384` fixes all three) by `rsa_public_key` (an RSAPublicKey).
+fn rsa_pss_sha384(rsa_public_key: &[u8], sig_oid: &str, signed: &[u8], signature: &[u8]) -> bool {
+    sig_oid == OID_RSASSA_PSS
+        && UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA384, rsa_public_key)
+            .verify(signed, signature)
+            .is_ok()
+}
+
 /// A DER INTEGER in 0..=255 (an SPL extension value).
 fn der_small_uint(v: &[u8]) -> Result<u8, String> {
     match v {
@@ -330,6 +382,8 @@ pub(crate) struct AmdCrl {
     tbs: Vec<u8>,
     signature: Vec<u8>,
     sig_oid: String,
+    /// SHA-256 of the DER.
+    digest: [u8; 32],
 }
 
 impl AmdCrl {
@@ -355,14 +409,16 @@ impl AmdCrl {
             tbs: crl.tbs_cert_list.as_ref().to_vec(),
             signature: crl.signature_value.data.to_vec(),
             sig_oid: crl.signature_algorithm.algorithm.to_id_string(),
+            digest: sha256(der),
         })
     }
 
+    /// Remembered per exact (ARK, CRL) pair as for certificates; the CRL's dates are
+    /// checked at every use.
     fn signed_by(&self, ark: &AmdCert) -> bool {
-        self.sig_oid == OID_RSASSA_PSS
-            && UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA384, &ark.public_key)
-                .verify(&self.tbs, &self.signature)
-                .is_ok()
+        signature_cached(&ark.digest, &self.digest, || {
+            rsa_pss_sha384(&ark.public_key, &self.sig_oid, &self.tbs, &self.signature)
+        })
     }
 }
 
@@ -407,8 +463,10 @@ pub(crate) struct ChainOk<'a> {
 static BUILTIN_STORE: OnceLock<Result<TrustStore, String>> = OnceLock::new();
 
 impl TrustStore {
-    /// AMD's roots for Milan, Genoa and Turin, each ARK's self-signature and each
-    /// ASK/ASVK signature checked once per process.
+    /// AMD's roots for Milan, Genoa and Turin, parsed once per process. Their signatures
+    /// (each ARK's own, each ASK's and ASVK's by its ARK) are checked where a chain goes
+    /// through them ([`Self::check_vek_under`]), through the signature cache: a process
+    /// pays once for the products it sees, and nothing for the others.
     pub(crate) fn builtin() -> Result<&'static TrustStore, Error> {
         BUILTIN_STORE
             .get_or_init(|| {
@@ -425,9 +483,25 @@ impl TrustStore {
                     if ark.role != Role::Ark(product.to_string()) {
                         return Err(format!("built-in ARK for {product} is {}", ark.subject_cn));
                     }
-                    s.add_anchor(ark, Source::Amd)?;
-                    s.add_intermediate(pem1(ask)?)?;
-                    s.add_intermediate(pem1(asvk)?)?;
+                    let anchor = s.anchors.len();
+                    for (cert, role) in [
+                        (pem1(ask)?, Role::Ask(product.to_string())),
+                        (pem1(asvk)?, Role::Asvk(product.to_string())),
+                    ] {
+                        if cert.role != role || cert.issuer_raw != ark.subject_raw {
+                            return Err(format!(
+                                "built-in {} {} is not issued by {}",
+                                role.label(),
+                                cert.subject_cn,
+                                ark.subject_cn
+                            ));
+                        }
+                        s.intermediates.push(Intermediate { cert, anchor });
+                    }
+                    s.anchors.push(Anchor {
+                        ark,
+                        source: Source::Amd,
+                    });
                 }
                 Ok(s)
             })
@@ -577,6 +651,24 @@ impl TrustStore {
                 ))
             }
         };
+        // The pinned part of the path, on every use (answered by the signature cache after
+        // the first): the ARK's own signature, and a pinned signing key's by the ARK (a
+        // supplied one was just checked by `anchor_of`).
+        if !anchor.ark.signed_by(&anchor.ark) {
+            return Err(Error::refused(
+                UntrustedChain,
+                format!("pinned ARK {} is not self-signed", anchor.ark.subject_cn),
+            ));
+        }
+        if !inter.signed_by(&anchor.ark) {
+            return Err(Error::refused(
+                UntrustedChain,
+                format!(
+                    "signing key {} is not signed by the pinned {}",
+                    inter.subject_cn, anchor.ark.subject_cn
+                ),
+            ));
+        }
         if !vek.signed_by(inter) {
             return Err(Error::refused(
                 UntrustedChain,
@@ -714,6 +806,16 @@ mod tests {
             (genoa::ark().unwrap(), genoa::ask().unwrap()),
             (turin::ark().unwrap(), turin::ask().unwrap()),
         ];
+        for a in &s.anchors {
+            assert!(a.ark.signed_by(&a.ark), "{}", a.ark.subject_cn);
+        }
+        for i in &s.intermediates {
+            assert!(
+                i.cert.signed_by(&s.anchors[i.anchor].ark),
+                "{}",
+                i.cert.subject_cn
+            );
+        }
         for (i, (ark, ask)) in sev_roots.iter().enumerate() {
             assert_eq!(s.anchors[i].ark.der, ark.to_der().unwrap());
             assert_eq!(s.intermediates[2 * i].cert.der, ask.to_der().unwrap());

@@ -418,6 +418,7 @@ impl SnpVerifier {
             at,
             Some(&expected),
             &self.inner.policy,
+            false,
         )?;
         let mut selectors = vec![
             Selector::new(
@@ -574,6 +575,7 @@ pub fn verify_offline(
         at,
         expected.as_ref(),
         &inner.policy,
+        true,
     )
     .map(|v| v.claims)
 }

@@ -170,3 +170,134 @@ fn start_needs_empty_evidence_and_issues_a_bound_challenge() {
     assert_eq!(&c1[32..], &key[..]);
     assert_ne!(c1[..32], c2[..32], "each challenge has a fresh nonce");
 }
+
+#[test]
+fn cached_vek_chain_still_refuses_tampering() {
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let evidence = |report: &[u8], vek: &[u8]| {
+        let mut e = report.to_vec();
+        e.extend(encode_cert_table(&[("vcek", vek)]));
+        e
+    };
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let v = SnpVerifier::from_config(&toml::Table::new()).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    // The VCEK is parsed and its chain checked once; the second call finds both cached.
+    v.verify_evidence(&evidence(&report, &vek), &rd, now)
+        .unwrap();
+    v.verify_evidence(&evidence(&report, &vek), &rd, now)
+        .unwrap();
+
+    // A flipped bit in the signed report (virtee's own negative test: byte 21, bit 7).
+    let mut bad = report.clone();
+    bad[21] ^= 0x80;
+    refusal(
+        RefusalKind::BadSignature,
+        v.verify_evidence(&evidence(&bad, &vek), &rd, now),
+    );
+    // A VCEK whose signature bytes differ: other bytes, so no cache entry applies.
+    let mut bad_vek = vek.clone();
+    let last = bad_vek.len() - 1;
+    bad_vek[last] ^= 1;
+    let m = refusal(
+        RefusalKind::UntrustedChain,
+        v.verify_evidence(&evidence(&report, &bad_vek), &rd, now),
+    );
+    assert!(m.contains("signature does not verify"), "{m}");
+    // The cached VCEK outside its validity (2030-04-03), and report_data not the nonce's.
+    let m = refusal(
+        RefusalKind::Expired,
+        v.verify_evidence(&evidence(&report, &vek), &rd, at("2031-01-01T00:00:00Z")),
+    );
+    assert!(m.contains("expired at"), "{m}");
+    let mut other = rd;
+    other[0] ^= 1;
+    refusal(
+        RefusalKind::Replay,
+        v.verify_evidence(&evidence(&report, &vek), &other, now),
+    );
+    // The report of another chip with this chip's (cached) VCEK.
+    let genoa = read("genoa-trustee-azure/report.bin");
+    let grd: [u8; 64] = genoa[0x50..0x90].try_into().unwrap();
+    assert!(v
+        .verify_evidence(&evidence(&genoa, &vek), &grd, now)
+        .is_err());
+    v.verify_evidence(&evidence(&report, &vek), &rd, now)
+        .unwrap();
+}
+
+#[test]
+#[ignore = "profiling aid, run in release"]
+fn profile_verify_parts() {
+    use std::time::Instant;
+    fn t(name: &str, n: u32, mut f: impl FnMut()) {
+        let s = Instant::now();
+        f();
+        let first = s.elapsed().as_secs_f64() * 1e6;
+        let s = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        println!(
+            "{name}: first {first:.1} us, then {:.1} us",
+            s.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    }
+    let s = Instant::now();
+    let store = TrustStore::builtin().unwrap();
+    println!("builtin store: {:.1} us", s.elapsed().as_secs_f64() * 1e6);
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let n = 200;
+    let mut ev = report.clone();
+    ev.extend(encode_cert_table(&[("vcek", &vek)]));
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let v = SnpVerifier::from_config(&toml::Table::new()).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    t("ztid verify_evidence", n, || {
+        v.verify_evidence(&ev, &rd, now).unwrap();
+    });
+    t("AmdCert::from_der vek", n, || {
+        AmdCert::from_der(&vek).unwrap();
+    });
+    t("x509-parser vek", n, || {
+        x509_parser::parse_x509_certificate(&vek).unwrap();
+    });
+    t("sev Certificate::from_der vek", n, || {
+        sev::certs::snp::Certificate::from_der(&vek).unwrap();
+    });
+    t("Report::parse", n, || {
+        report::Report::parse(&report).unwrap();
+    });
+    let c = AmdCert::from_der(&vek).unwrap();
+    let r = report::Report::parse(&report).unwrap();
+    t("ring P-384 report sig", n, || {
+        r.check_signature(&c.public_key, "VCEK").unwrap();
+    });
+    let ask = &store.intermediates[0].cert;
+    let ark = &store.anchors[0].ark;
+    let sark = sev::certs::snp::Certificate::from_der(&ark.der).unwrap();
+    let sask = sev::certs::snp::Certificate::from_der(&ask.der).unwrap();
+    let svek = sev::certs::snp::Certificate::from_der(&vek).unwrap();
+    use sev::certs::snp::Verifiable;
+    t("sev RSA vek by ask", 20, || {
+        (&sask, &svek).verify().unwrap();
+    });
+    use sev::parser::ByteParser;
+    let pr = sev::firmware::guest::AttestationReport::from_bytes(&report).unwrap();
+    t("sev p384 report", 20, || {
+        (&svek, &pr).verify().unwrap();
+    });
+    let chain = sev::certs::snp::Chain {
+        ca: sev::certs::snp::ca::Chain {
+            ark: sark,
+            ask: sask,
+        },
+        vek: svek,
+    };
+    t("sev full chain+report", 20, || {
+        (&chain, &pr).verify().unwrap();
+    });
+    let _ = ark;
+}

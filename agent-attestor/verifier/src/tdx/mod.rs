@@ -27,6 +27,19 @@
 //! refreshed file (TCB info and QE identity are valid for about 30 days) takes effect
 //! without a restart.
 //!
+//! What is parsed from a collateral file (the JSON, the dates of its four dated items) is
+//! kept per verifier and file, with the file's exact bytes (at most
+//! [`COLLATERAL_CACHE_MAX`] files): it is used only while the bytes read at a
+//! verification equal those bytes, so any changed byte is parsed afresh. (A byte
+//! comparison binds at least as much as a digest, and costs a microsecond where
+//! SHA-256 of the ~20 KB file costs fifteen.) The dates are compared with the
+//! verification time on every call, and dcap-qvl verifies every signature, chain and
+//! CRL of the collateral with each quote (its API has no step that takes collateral
+//! verified earlier). Whether the directory holds `collateral-<fmspc>.json`
+//! files is remembered per directory modification time (listed again while that time is
+//! less than 2 s old, so a change within the file system's timestamp granularity is not
+//! missed); only then is the quote's PCK certificate parsed for its FMSPC.
+//!
 //! Fetching from Intel PCS is optional and off by default: with `pcs_fetch` unset or
 //! `false` nothing is ever fetched. With `pcs_fetch = true`, a quote whose FMSPC has no
 //! collateral in the directory (no `collateral-<fmspc>.json`, and no `collateral.json`
@@ -65,9 +78,10 @@
 //! Selectors: `tdx:mrtd:<hex>`, `tdx:rtmr0:<hex>` .. `tdx:rtmr3:<hex>`,
 //! `tdx:mrconfigid:<hex>`, from the verified quote only.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use dcap_qvl::quote::{Quote, Report, TDReport10};
 use dcap_qvl::verify::VerifiedReport;
@@ -260,26 +274,156 @@ fn pcs_config(t: &toml::Table, cache_dir: Option<PathBuf>) -> Result<Option<PcsC
 
 /// The collateral for `quote` from `dir`: `collateral-<fmspc>.json`, else `collateral.json`.
 fn load_collateral(dir: &Path, quote: &[u8]) -> Result<QuoteCollateralV3, Error> {
-    let by_fmspc = Quote::parse(quote)
-        .ok()
-        .and_then(|q| dcap_qvl::intel::quote_fmspc(&q).ok())
-        .map(|f| dir.join(format!("collateral-{}.json", hex::encode(f))))
-        .filter(|p| p.is_file());
-    let path = by_fmspc.unwrap_or_else(|| dir.join("collateral.json"));
-    read_collateral(&path)
+    read_collateral(&collateral_path(dir, quote, true))
+}
+
+/// The file [`load_collateral`] reads; the quote's FMSPC is read only when `per_fmspc`
+/// (the directory may hold `collateral-<fmspc>.json` files).
+fn collateral_path(dir: &Path, quote: &[u8], per_fmspc: bool) -> PathBuf {
+    per_fmspc
+        .then(|| {
+            Quote::parse(quote)
+                .ok()
+                .and_then(|q| dcap_qvl::intel::quote_fmspc(&q).ok())
+                .map(|f| dir.join(format!("collateral-{}.json", hex::encode(f))))
+                .filter(|p| p.is_file())
+        })
+        .flatten()
+        .unwrap_or_else(|| dir.join("collateral.json"))
 }
 
 fn read_collateral(path: &Path) -> Result<QuoteCollateralV3, Error> {
-    let text = std::fs::read(path).map_err(Error::io(format!(
+    parse_collateral(path, &read_bytes(path)?)
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(Error::io(format!(
         "reading TDX collateral {}",
         path.display()
-    )))?;
-    serde_json::from_slice(&text).map_err(|e| {
+    )))
+}
+
+fn parse_collateral(path: &Path, bytes: &[u8]) -> Result<QuoteCollateralV3, Error> {
+    serde_json::from_slice(bytes).map_err(|e| {
         Error::Config(format!(
             "TDX collateral {} is not QuoteCollateralV3 JSON: {e}",
             path.display()
         ))
     })
+}
+
+/// Most collateral files a verifier keeps parsed (a fleet has one per platform model).
+pub(crate) const COLLATERAL_CACHE_MAX: usize = 64;
+
+/// A collateral file parsed once per exact content.
+struct Parsed {
+    /// The file's bytes this was parsed from.
+    bytes: Vec<u8>,
+    collateral: QuoteCollateralV3,
+    dates: Dates,
+    /// The earliest nextUpdate: later, the entry is of no use.
+    expires: i64,
+}
+
+type ParsedMap = HashMap<PathBuf, Arc<Parsed>>;
+
+/// Parsed collateral per file, each with the exact bytes it was parsed from.
+#[derive(Default)]
+struct CollateralCache(Mutex<ParsedMap>);
+
+impl CollateralCache {
+    fn lock(&self) -> MutexGuard<'_, ParsedMap> {
+        // A panic elsewhere cannot leave the map half-updated: use it as it is.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The parsed form of `bytes`, just read from `path`: the cached one when it was
+    /// parsed from these very bytes, else parsed now and kept (in place of the file's
+    /// previous content; when full, entries expired at `at` go, then all).
+    fn get(&self, path: &Path, bytes: &[u8], at: i64) -> Result<Arc<Parsed>, Error> {
+        if let Some(p) = self.lock().get(path).filter(|p| p.bytes == bytes) {
+            return Ok(p.clone());
+        }
+        let collateral = parse_collateral(path, bytes)?;
+        let dates = collateral_dates(&collateral)?;
+        let expires = dates.iter().filter_map(|d| d.2).min().unwrap_or(i64::MAX);
+        let parsed = Arc::new(Parsed {
+            bytes: bytes.to_vec(),
+            collateral,
+            dates,
+            expires,
+        });
+        let mut map = self.lock();
+        if map.len() >= COLLATERAL_CACHE_MAX && !map.contains_key(path) {
+            map.retain(|_, p| p.expires >= at);
+            if map.len() >= COLLATERAL_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(path.to_path_buf(), parsed.clone());
+        Ok(parsed)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    let mut o = [0u8; 32];
+    o.copy_from_slice(digest::digest(&digest::SHA256, b).as_ref());
+    o
+}
+
+/// A listing is trusted only once the directory's modification time is this much older
+/// than the listing: a change within the file system's timestamp granularity (a few ms)
+/// could otherwise leave the time unchanged.
+const LISTING_SETTLED: Duration = Duration::from_secs(2);
+
+/// Whether the collateral directory holds `collateral-<fmspc>.json` files, per the
+/// directory's modification time.
+#[derive(Default)]
+struct Listing(Mutex<Option<(SystemTime, bool)>>);
+
+impl Listing {
+    /// True when `dir` holds a file named `collateral-*.json`.
+    fn per_fmspc_files(&self, dir: &Path) -> Result<bool, Error> {
+        let mtime = std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .map_err(Error::io(format!(
+                "reading TDX collateral directory {}",
+                dir.display()
+            )))?;
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((t, any)) = *cached {
+            if t == mtime {
+                return Ok(any);
+            }
+        }
+        let mut any = false;
+        for e in std::fs::read_dir(dir).map_err(Error::io(format!(
+            "reading TDX collateral directory {}",
+            dir.display()
+        )))? {
+            let name = e
+                .map_err(Error::io(format!(
+                    "reading TDX collateral directory {}",
+                    dir.display()
+                )))?
+                .file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("collateral-") && name.ends_with(".json") {
+                any = true;
+                break;
+            }
+        }
+        let settled = SystemTime::now()
+            .duration_since(mtime)
+            .is_ok_and(|age| age >= LISTING_SETTLED);
+        *cached = settled.then_some((mtime, any));
+        Ok(any)
+    }
 }
 
 /// The FMSPC (lowercase hex) a collateral's TCB info is for.
@@ -338,9 +482,17 @@ fn collateral_for(
 /// once a quote verified with it.
 type Fetched = Option<([u8; 6], &'static str)>;
 
+/// The dated collateral items: what, issued, next update (Unix seconds).
+type Dates = Vec<(&'static str, i64, Option<i64>)>;
+
 /// Checks that every dated collateral item is current at `at`, so an operator learns
 /// which one to refresh (dcap-qvl checks the same windows again, and the certificates).
 fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
+    check_dates(&collateral_dates(c)?, at)
+}
+
+/// The issue and next-update dates of the TCB info, the QE identity and both CRLs.
+fn collateral_dates(c: &QuoteCollateralV3) -> Result<Dates, Error> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Dated {
@@ -357,7 +509,7 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
                 )
             })
     };
-    let mut items: Vec<(&str, i64, Option<i64>)> = Vec::new();
+    let mut items: Dates = Vec::with_capacity(4);
     for (what, json) in [("TCB info", &c.tcb_info), ("QE identity", &c.qe_identity)] {
         let d: Dated = serde_json::from_str(json).map_err(|e| {
             refuse(
@@ -386,7 +538,12 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
             crl.next_update().map(|t| t.timestamp()),
         ));
     }
-    for (what, issued, next) in items {
+    Ok(items)
+}
+
+/// Refuses unless every item of `dates` is current at `at`.
+fn check_dates(dates: &Dates, at: i64) -> Result<(), Error> {
+    for &(what, issued, next) in dates {
         if at < issued {
             return Err(refuse(
                 Expired,
@@ -411,10 +568,9 @@ fn check_collateral_dates(c: &QuoteCollateralV3, at: i64) -> Result<(), Error> {
     Ok(())
 }
 
-/// A quote that passed every check.
+/// A quote that passed every check: dcap-qvl's result and the TD report in it.
 struct Verified {
-    claims: serde_json::Value,
-    node_id: String,
+    report: VerifiedReport,
     td: TDReport10,
 }
 
@@ -540,7 +696,7 @@ fn verify_fetched(
         }
         _ => dcap_verify(quote, collateral, at)?,
     };
-    finish(quote, verified, expected_report_data, policy)
+    finish(verified, expected_report_data, policy)
 }
 
 /// The header, the collateral dates, and dcap-qvl's verification of the quote with it.
@@ -551,6 +707,15 @@ fn dcap_verify(
 ) -> Result<VerifiedReport, Error> {
     check_header(quote)?;
     check_collateral_dates(collateral, at)?;
+    dcap_only(quote, collateral, at)
+}
+
+/// dcap-qvl's verification of the quote with its collateral (ring backend).
+fn dcap_only(
+    quote: &[u8],
+    collateral: &QuoteCollateralV3,
+    at: i64,
+) -> Result<VerifiedReport, Error> {
     let now = u64::try_from(at).unwrap_or(0);
     dcap_qvl::verify::QuoteVerifier::new_prod()
         .with_config::<dcap_qvl::configs::RingConfig>()
@@ -563,15 +728,15 @@ fn dcap_verify(
         })
 }
 
-/// The checks after dcap-qvl: TCB status policy, debug, report_data, measurements.
+/// The checks after dcap-qvl, on its parsed result: TCB status policy, debug,
+/// report_data, measurements.
 fn finish(
-    quote: &[u8],
     verified: VerifiedReport,
     expected_report_data: Option<&[u8; 64]>,
     policy: &Policy,
 ) -> Result<Verified, Error> {
-    let report = &verified.report;
-    let td = *report
+    let td = *verified
+        .report
         .as_td10()
         .ok_or_else(|| refuse(Malformed, "the verified quote carries no TD report"))?;
     check_tcb(&verified.status, &verified.advisory_ids, policy)?;
@@ -580,7 +745,17 @@ fn finish(
         tsm::check_report_data(&td.report_data, expected)?;
     }
     check_measurements(&td, policy)?;
-    let node_id = node_id(report, &td, &verified.ppid);
+    Ok(Verified {
+        report: verified,
+        td,
+    })
+}
+
+/// The claims of a verified quote (`ztid-server evidence verify`).
+fn claims(quote: &[u8], v: &Verified) -> serde_json::Value {
+    let (verified, td) = (&v.report, &v.td);
+    let report = &verified.report;
+    let node_id = node_id(report, td, &verified.ppid);
     let body = match report {
         Report::TD10(_) => "TD1.0",
         Report::TD15(_) => "TD1.5",
@@ -617,17 +792,33 @@ fn finish(
     if let (Some(ex), Some(obj)) = (report.as_td15_ex(), claims.as_object_mut()) {
         obj.insert("td_id".into(), hex::encode(ex.td_id).into());
     }
-    Ok(Verified {
-        claims,
-        node_id,
-        td,
-    })
+    claims
 }
 
 struct Inner {
     policy: Policy,
     collateral_dir: Option<PathBuf>,
     pcs: Option<Pcs>,
+    cache: CollateralCache,
+    listing: Listing,
+}
+
+impl Inner {
+    /// The offline path (no PCS): the directory's collateral for `quote`, parsed once per
+    /// content; its dates checked at `at`; then dcap-qvl and the policy.
+    fn verify_from_dir(
+        &self,
+        dir: &Path,
+        quote: &[u8],
+        at: i64,
+        expected_report_data: &[u8; 64],
+    ) -> Result<Verified, Error> {
+        let path = collateral_path(dir, quote, self.listing.per_fmspc_files(dir)?);
+        let parsed = self.cache.get(&path, &read_bytes(&path)?, at)?;
+        check_dates(&parsed.dates, at)?;
+        let verified = dcap_only(quote, &parsed.collateral, at)?;
+        finish(verified, Some(expected_report_data), &self.policy)
+    }
 }
 
 /// CA side.
@@ -661,6 +852,8 @@ impl TdxVerifier {
                 policy: cfg.policy,
                 collateral_dir: cfg.collateral_dir,
                 pcs,
+                cache: CollateralCache::default(),
+                listing: Listing::default(),
             }),
         })
     }
@@ -675,21 +868,30 @@ impl TdxVerifier {
     ) -> Result<AttestedNode, Error> {
         check_header(quote)?;
         let at = ztid_attestation::unix_seconds(now);
-        let (collateral, fetched) = collateral_for(
-            self.inner.collateral_dir.as_deref(),
-            self.inner.pcs.as_ref(),
-            quote,
-            at,
-        )?;
-        let v = verify_fetched(
-            quote,
-            &collateral,
-            fetched,
-            self.inner.pcs.as_ref(),
-            at,
-            Some(expected_report_data),
-            &self.inner.policy,
-        )?;
+        let v = match (&self.inner.collateral_dir, &self.inner.pcs) {
+            (Some(dir), None) => {
+                self.inner
+                    .verify_from_dir(dir, quote, at, expected_report_data)?
+            }
+            _ => {
+                let (collateral, fetched) = collateral_for(
+                    self.inner.collateral_dir.as_deref(),
+                    self.inner.pcs.as_ref(),
+                    quote,
+                    at,
+                )?;
+                verify_fetched(
+                    quote,
+                    &collateral,
+                    fetched,
+                    self.inner.pcs.as_ref(),
+                    at,
+                    Some(expected_report_data),
+                    &self.inner.policy,
+                )?
+            }
+        };
+        let node_id = node_id(&v.report.report, &v.td, &v.report.ppid);
         let mut selectors = vec![Selector::new(
             METHOD,
             &format!("mrtd:{}", hex::encode(v.td.mr_td)),
@@ -707,11 +909,10 @@ impl TdxVerifier {
             METHOD,
             &format!("mrconfigid:{}", hex::encode(v.td.mr_config_id)),
         )?);
-        let mut digest_out = [0u8; 32];
-        digest_out.copy_from_slice(digest::digest(&digest::SHA256, quote).as_ref());
+        let digest_out = sha256(quote);
         Ok(AttestedNode {
             method: METHOD,
-            node_id: v.node_id,
+            node_id,
             selectors,
             aliases: Vec::new(),
             evidence_digest: digest_out,
@@ -791,7 +992,7 @@ pub fn verify_offline(
         expected.as_ref(),
         &cfg.policy,
     )
-    .map(|v| v.claims)
+    .map(|v| claims(&quote, &v))
 }
 
 #[cfg(test)]

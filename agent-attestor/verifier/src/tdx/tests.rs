@@ -1,7 +1,7 @@
 //! Unit tests over the real vectors in `../shared/vectors/tdx` (override with `ZTID_VECTORS`).
 
 use super::*;
-use ztid_attestation::RefusalKind::Unsupported;
+use ztid_attestation::RefusalKind::{Replay, Unsupported};
 
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
@@ -155,4 +155,175 @@ fn node_ids_per_report_kind() {
         node_id(&rx, rx.as_td10().unwrap(), b"a"),
         node_id(&rx, rx.as_td10().unwrap(), b"b")
     );
+}
+
+/// A verifier over a copy of `dir`'s collateral in a temporary directory.
+fn verifier_over_copy(dir: &str) -> (TdxVerifier, tempfile::TempDir, Vec<u8>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(vectors().join(dir).join("collateral.json")).unwrap();
+    std::fs::write(tmp.path().join("collateral.json"), &bytes).unwrap();
+    let mut cfg = toml::Table::new();
+    cfg.insert(
+        "collateral_dir".into(),
+        tmp.path().display().to_string().into(),
+    );
+    (TdxVerifier::from_config(&cfg).unwrap(), tmp, bytes)
+}
+
+fn unix(secs: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
+#[test]
+fn cached_collateral_still_refuses_tampering_and_expiry() {
+    let (v, tmp, good) = verifier_over_copy("v4-uptodate");
+    let q = quote("v4-uptodate");
+    let rd = td_of(&q).report_data;
+    // 2025-07-01, inside the vector's window.
+    let now = unix(1_751_328_000);
+    v.verify_evidence(&q, &rd, now).unwrap();
+    v.verify_evidence(&q, &rd, now).unwrap();
+    let first = v.inner.cache.lock().values().next().unwrap().clone();
+    v.verify_evidence(&q, &rd, now).unwrap();
+    let again = v.inner.cache.lock().values().next().unwrap().clone();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "the third call used the parsed collateral"
+    );
+
+    // One character of the signed TCB info changed: parsed afresh, and dcap-qvl refuses it.
+    let text = String::from_utf8(good.clone()).unwrap();
+    let tampered = text.replacen(
+        "\\\"tcbEvaluationDataNumber\\\":17",
+        "\\\"tcbEvaluationDataNumber\\\":18",
+        1,
+    );
+    assert_ne!(tampered, text);
+    std::fs::write(tmp.path().join("collateral.json"), &tampered).unwrap();
+    for _ in 0..2 {
+        let m = refusal(UntrustedChain, v.verify_evidence(&q, &rd, now));
+        assert!(m.contains("Signature is invalid for"), "{m}");
+    }
+    assert_eq!(v.inner.cache.len(), 1);
+    assert!(!Arc::ptr_eq(
+        &first,
+        v.inner.cache.lock().values().next().unwrap()
+    ));
+
+    // Back to the authentic bytes: the cached entry serves again.
+    std::fs::write(tmp.path().join("collateral.json"), &good).unwrap();
+    v.verify_evidence(&q, &rd, now).unwrap();
+    v.verify_evidence(&q, &rd, now).unwrap();
+    assert_eq!(v.inner.cache.len(), 1);
+
+    // With the entry cached, a flipped quote byte, another report_data and a time past
+    // the collateral's nextUpdate are each still refused.
+    let mut bad = q.clone();
+    bad[48 + 100] ^= 1;
+    refusal(UntrustedChain, v.verify_evidence(&bad, &rd, now));
+    let mut other = rd;
+    other[63] ^= 1;
+    refusal(Replay, v.verify_evidence(&q, &other, now));
+    // 2025-08-01: the TCB info expired on 2025-07-19.
+    let m = refusal(Expired, v.verify_evidence(&q, &rd, unix(1_754_006_400)));
+    assert!(m.contains("expired at"), "{m}");
+    v.verify_evidence(&q, &rd, now).unwrap();
+}
+
+#[test]
+fn a_per_fmspc_file_added_later_is_used() {
+    let (v, tmp, _) = verifier_over_copy("v4-uptodate");
+    let q = quote("v4-uptodate");
+    let rd = td_of(&q).report_data;
+    let now = unix(1_751_328_000);
+    v.verify_evidence(&q, &rd, now).unwrap();
+    // The directory was just changed, so the listing is not trusted yet and the new
+    // file is seen at once.
+    std::fs::write(tmp.path().join("collateral-b0c06f000000.json"), b"{}").unwrap();
+    let e = v.verify_evidence(&q, &rd, now).err().unwrap();
+    assert!(
+        matches!(&e, Error::Config(m) if m.contains("collateral-b0c06f000000.json")),
+        "{e}"
+    );
+}
+
+#[test]
+#[ignore = "profiling aid, run in release"]
+fn profile_verify_parts() {
+    use std::time::Instant;
+    fn t(name: &str, n: u32, mut f: impl FnMut()) {
+        f();
+        let s = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        println!(
+            "{name}: {:.1} us",
+            s.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    }
+    for (dir, when) in [
+        ("v4-uptodate", 1_751_328_000i64),
+        ("v5-td15ex-uptodate", 1_792_454_400),
+    ] {
+        println!("== {dir}");
+        let q = quote(dir);
+        let d = vectors().join(dir);
+        let c = read_collateral(&d.join("collateral.json")).unwrap();
+        let n = 400;
+        t("dcap plain", n, || {
+            dcap_qvl::verify::QuoteVerifier::new_prod()
+                .with_config::<dcap_qvl::configs::RingConfig>()
+                .verify(&q, &c, when as u64)
+                .unwrap();
+        });
+        let mut cfg = toml::Table::new();
+        cfg.insert("collateral_dir".into(), d.display().to_string().into());
+        let v = TdxVerifier::from_config(&cfg).unwrap();
+        let rd: [u8; 64] = td_of(&q).report_data;
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(when as u64);
+        t("ztid verify_evidence", n, || {
+            v.verify_evidence(&q, &rd, now).unwrap();
+        });
+        t("read file", n, || {
+            std::fs::read(d.join("collateral.json")).unwrap();
+        });
+        let bytes = std::fs::read(d.join("collateral.json")).unwrap();
+        t("sha256 collateral", n, || {
+            digest::digest(&digest::SHA256, &bytes);
+        });
+        t("serde collateral", n, || {
+            let _: QuoteCollateralV3 = serde_json::from_slice(&bytes).unwrap();
+        });
+        t("Quote::parse", n, || {
+            Quote::parse(&q).unwrap();
+        });
+        let pq = Quote::parse(&q).unwrap();
+        t("quote_fmspc", n, || {
+            dcap_qvl::intel::quote_fmspc(&pq).unwrap();
+        });
+        t("load_collateral", n, || {
+            load_collateral(&d, &q).unwrap();
+        });
+        t("check_collateral_dates", n, || {
+            check_collateral_dates(&c, when).unwrap();
+        });
+        t("collateral clone", n, || {
+            let _ = std::hint::black_box(c.clone());
+        });
+        let vr = dcap_verify(&q, &c, when).unwrap();
+        t("finish", n, || {
+            finish(vr.clone(), Some(&rd), &Policy::default()).unwrap();
+        });
+        let fv = finish(vr.clone(), Some(&rd), &Policy::default()).unwrap();
+        t("claims", n, || {
+            claims(&q, &fv);
+        });
+        t("listing", n, || {
+            v.inner.listing.per_fmspc_files(&d).unwrap();
+        });
+        t("sha256 quote", n, || {
+            digest::digest(&digest::SHA256, &q);
+        });
+    }
 }
