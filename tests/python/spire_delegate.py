@@ -19,17 +19,22 @@ usage: spire_delegate.py PROTO_ROOT SOCKET ACTION [ARGS...]
 A gRPC error is printed as one JSON line {"error": CODE, "message": ...}, exit status 3.
 """
 import argparse
+import atexit
 import base64
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 
 def stubs(proto_root):
     from grpc_tools import protoc
-    out = tempfile.mkdtemp(prefix="spire-stubs-")
+    # Under SPIRE_STUBS_DIR when given (the test's own directory, removed with it even
+    # when the test kills this process), else a temporary directory removed at exit.
+    out = tempfile.mkdtemp(prefix="spire-stubs-", dir=os.environ.get("SPIRE_STUBS_DIR"))
+    atexit.register(shutil.rmtree, out, True)
     files = [
         "spire/api/types/spiffeid.proto",
         "spire/api/types/selector.proto",

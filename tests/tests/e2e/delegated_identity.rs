@@ -37,6 +37,10 @@ fn delegate_cmd(socket: &Path, args: &[&str]) -> Command {
         .arg(socket)
         .args(args)
         .stdin(Stdio::null());
+    // Generated stubs go in the test's directory, removed with it.
+    if let Some(dir) = socket.parent() {
+        c.env("SPIRE_STUBS_DIR", dir);
+    }
     c
 }
 
