@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::docker_api::ContainerFacts;
+use super::Known;
 
 /// How long an answer is used. Labels and the image never change for a container ID; the
 /// name can (`docker rename`), and is seen at most this late.
@@ -22,19 +22,19 @@ pub const MAX_ENTRIES: usize = 4096;
 /// The cache.
 #[derive(Default)]
 pub struct Cache {
-    entries: Mutex<HashMap<String, (Arc<ContainerFacts>, Instant)>>,
+    entries: Mutex<HashMap<String, (Arc<Known>, Instant)>>,
 }
 
 impl Cache {
     /// A fresh answer about `id`, if there is one.
-    pub fn get(&self, id: &str) -> Option<Arc<ContainerFacts>> {
+    pub fn get(&self, id: &str) -> Option<Arc<Known>> {
         let entries = self.entries.lock().ok()?;
         let (facts, at) = entries.get(id)?;
         (at.elapsed() < TTL).then(|| facts.clone())
     }
 
     /// Remembers an answer.
-    pub fn insert(&self, facts: Arc<ContainerFacts>) {
+    pub fn insert(&self, facts: Arc<Known>) {
         let Ok(mut entries) = self.entries.lock() else {
             return;
         };
@@ -46,7 +46,7 @@ impl Cache {
             // is one runtime call per container.
             entries.clear();
         }
-        entries.insert(facts.id.clone(), (facts, Instant::now()));
+        entries.insert(facts.facts.id.clone(), (facts, Instant::now()));
     }
 
     /// Forgets `id` (its container is gone, or restarted).
@@ -66,16 +66,28 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn facts(id: &str) -> Arc<ContainerFacts> {
-        Arc::new(ContainerFacts {
-            id: id.into(),
-            name: "n".into(),
-            image_id: "sha256:ab".into(),
-            image: None,
-            labels: Default::default(),
-            running: true,
-            init_pid: 1,
-            runtime: "podman",
+    use crate::container::cgroup::{ContainerRef, PathKind};
+    use crate::container::docker_api::ContainerFacts;
+
+    fn facts(id: &str) -> Arc<Known> {
+        Arc::new(Known {
+            facts: ContainerFacts {
+                id: id.into(),
+                name: "n".into(),
+                image_id: "sha256:ab".into(),
+                image: None,
+                labels: Default::default(),
+                running: true,
+                init_pid: 1,
+                runtime: "podman",
+                namespace: None,
+            },
+            init: ContainerRef {
+                id: id.into(),
+                kind: PathKind::Podman,
+                namespace: None,
+                places: vec![format!("0::/libpod_parent/libpod-{id}")],
+            },
         })
     }
 
@@ -83,7 +95,7 @@ mod tests {
     fn bounded_and_removable() {
         let c = Cache::default();
         c.insert(facts("a"));
-        assert_eq!(c.get("a").unwrap().id, "a");
+        assert_eq!(c.get("a").unwrap().facts.id, "a");
         c.remove("a");
         assert!(c.get("a").is_none());
         for i in 0..MAX_ENTRIES + 10 {

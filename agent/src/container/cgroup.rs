@@ -58,6 +58,12 @@ impl PathKind {
             Self::Containerd => "containerd",
         }
     }
+
+    /// Whether the path is one the kubelet makes for a pod's container (under
+    /// `kubepods`): only there may `k8s:` selectors come from the runtime's labels.
+    pub fn is_kubelet_pod(self) -> bool {
+        matches!(self, Self::Kubernetes | Self::CriContainerd | Self::CriO)
+    }
 }
 
 /// A container a process is in, as its cgroup path names it.
@@ -70,6 +76,19 @@ pub struct ContainerRef {
     /// The containerd namespace the path implies: `k8s.io` under a Kubernetes pod, the
     /// first component of `/<namespace>/<id>`; `None` when the path does not say.
     pub namespace: Option<String>,
+    /// Where the container is, per hierarchy that names it, in file order:
+    /// `HIERARCHY:CONTROLLERS:PATH` with the path cut after the container's component
+    /// (what a process made below it is its own). Two processes are in the same
+    /// container only if these are equal: the ID alone can be copied into a cgroup name
+    /// by whoever may make cgroups (a unit with `Delegate=yes`).
+    pub places: Vec<String>,
+}
+
+impl ContainerRef {
+    /// Whether `other` names the same container at the same place.
+    pub fn same_place(&self, other: &ContainerRef) -> bool {
+        self.id == other.id && self.places == other.places
+    }
 }
 
 /// Why a process's cgroups name no container that can be attested.
@@ -130,12 +149,20 @@ pub fn parse(content: &str) -> Result<CgroupFacts, CgroupError> {
         } else if controllers.split(',').any(|c| c == "name=systemd") {
             systemd_v1_path = Some(path);
         }
-        let found = container_in_path(path);
+        let found = container_in_path(path).map(|found| {
+            found.map(|(mut c, prefix)| {
+                c.places = vec![format!("{hierarchy}:{controllers}:{prefix}")];
+                c
+            })
+        });
         container = match (container, found) {
             (Err(e), _) | (_, Err(e)) => Err(e),
             (Ok(None), Ok(f)) => Ok(f),
             (Ok(Some(a)), Ok(None)) => Ok(Some(a)),
-            (Ok(Some(a)), Ok(Some(b))) if a.id == b.id => Ok(Some(a)),
+            (Ok(Some(mut a)), Ok(Some(b))) if a.id == b.id => {
+                a.places.extend(b.places);
+                Ok(Some(a))
+            }
             (Ok(Some(a)), Ok(Some(b))) => Err(CgroupError::Ambiguous(a.id, b.id)),
         };
     }
@@ -151,11 +178,15 @@ pub fn parse(content: &str) -> Result<CgroupFacts, CgroupError> {
     })
 }
 
-/// The outermost container named by one cgroup path.
-fn container_in_path(path: &str) -> Result<Option<ContainerRef>, CgroupError> {
+/// The outermost container named by one cgroup path, and the path up to and including
+/// its component.
+fn container_in_path(path: &str) -> Result<Option<(ContainerRef, String)>, CgroupError> {
     let mut parent: Option<&str> = None;
     let mut user_manager = false;
+    let mut prefix = String::with_capacity(path.len());
     for component in path.split('/').filter(|c| !c.is_empty()) {
+        prefix.push('/');
+        prefix.push_str(component);
         if let Some(kind_id) = container_component(component, parent) {
             if user_manager {
                 return Err(CgroupError::UserDelegated(path.to_string()));
@@ -166,11 +197,15 @@ fn container_in_path(path: &str) -> Result<Option<ContainerRef>, CgroupError> {
                 PathKind::Containerd => parent.map(str::to_string),
                 _ => None,
             };
-            return Ok(Some(ContainerRef {
-                id: id.to_string(),
-                kind,
-                namespace,
-            }));
+            return Ok(Some((
+                ContainerRef {
+                    id: id.to_string(),
+                    kind,
+                    namespace,
+                    places: Vec::new(),
+                },
+                prefix,
+            )));
         }
         if component.starts_with("user@") && component.ends_with(".service") {
             user_manager = true;

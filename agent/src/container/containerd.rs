@@ -147,7 +147,8 @@ async fn inspect_unbounded(
         socket: name.to_string(),
         why,
     };
-    let channel = ztid_proto::transport::unix_channel(socket.to_path_buf())
+    let stream = super::docker_api::connect_trusted(socket, name).await?;
+    let channel = channel_on(stream)
         .await
         .map_err(|e| RuntimeError::Connect {
             socket: name.to_string(),
@@ -223,7 +224,26 @@ async fn inspect_unbounded(
         running,
         init_pid,
         runtime: "containerd",
+        namespace: Some(namespace.to_string()),
     }))
+}
+
+/// A gRPC channel on one connection already made (and its peer checked): it never
+/// connects again, so every call goes to the process that was checked.
+async fn channel_on(
+    stream: tokio::net::UnixStream,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let stream = std::sync::Mutex::new(Some(stream));
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let taken = stream.lock().ok().and_then(|mut s| s.take());
+            async move {
+                taken
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the checked connection was closed"))
+            }
+        }))
+        .await
 }
 
 /// One unary call in `namespace`: `Ok(None)` for NotFound.

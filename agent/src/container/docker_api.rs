@@ -50,6 +50,16 @@ pub enum RuntimeError {
         /// Why.
         why: String,
     },
+    /// The process serving the socket is not one whose word is taken: not root, and not
+    /// the agent's own uid serving a socket file that uid owns. Whoever can listen at
+    /// the configured path (a stale path, a directory others may write) is not believed.
+    #[error("{socket} is served by an untrusted process: {why}")]
+    Untrusted {
+        /// The socket.
+        socket: String,
+        /// Why.
+        why: String,
+    },
     /// No answer in time.
     #[error("{socket} did not answer within {0} ms", .timeout.as_millis())]
     Timeout {
@@ -77,8 +87,52 @@ pub struct ContainerFacts {
     pub running: bool,
     /// Its first process, in the runtime's (the host's) pid namespace; 0 if stopped.
     pub init_pid: i32,
-    /// Which runtime answered: `podman` or `docker`.
+    /// Which runtime answered: `podman`, `docker` or `containerd`.
     pub runtime: &'static str,
+    /// The containerd namespace the answer came from (`k8s.io` for the CRI's); `None`
+    /// from the docker-compatible API.
+    pub namespace: Option<String>,
+}
+
+/// Whether a runtime socket served by `peer_uid`, whose file `file_owner` owns, is
+/// believed by an agent running as `own_uid`: root's always; the agent's own uid's only
+/// if that uid also owns the file (a runtime the agent's user runs for itself).
+pub fn peer_trusted(peer_uid: u32, file_owner: u32, own_uid: u32) -> Result<(), String> {
+    if peer_uid == 0 || (peer_uid == own_uid && file_owner == own_uid) {
+        return Ok(());
+    }
+    Err(format!(
+        "the listening process runs as uid {peer_uid} (the socket file is owned by uid \
+         {file_owner}); only uid 0, or this agent's own uid {own_uid} on a socket file it \
+         owns, is believed"
+    ))
+}
+
+/// Connects to a runtime socket and checks who serves it (`SO_PEERCRED` of this very
+/// connection, so the check and the answers are about the same process).
+pub async fn connect_trusted(
+    socket: &Path,
+    name: &str,
+) -> Result<tokio::net::UnixStream, RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| RuntimeError::Connect {
+            socket: name.to_string(),
+            source,
+        })?;
+    let untrusted = |why: String| RuntimeError::Untrusted {
+        socket: name.to_string(),
+        why,
+    };
+    let peer = stream
+        .peer_cred()
+        .map_err(|e| untrusted(format!("SO_PEERCRED: {e}")))?;
+    let owner = std::fs::metadata(socket)
+        .map_err(|e| untrusted(format!("the socket file: {e}")))?
+        .uid();
+    peer_trusted(peer.uid(), owner, nix::unistd::geteuid().as_raw()).map_err(untrusted)?;
+    Ok(stream)
 }
 
 #[derive(Deserialize)]
@@ -147,12 +201,7 @@ async fn inspect_unbounded(
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(answer(format!("not a container ID: {id:?}")));
     }
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| RuntimeError::Connect {
-            socket: name.to_string(),
-            source,
-        })?;
+    let stream = connect_trusted(socket, name).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| http(e.to_string()))?;
@@ -220,6 +269,7 @@ pub fn parse_inspect(body: &[u8], runtime: &'static str) -> Result<ContainerFact
         running,
         init_pid: i32::try_from(pid).unwrap_or(0),
         runtime,
+        namespace: None,
     })
 }
 
