@@ -57,11 +57,11 @@
 //! [`MAX_AUTHORIZED_DELEGATES`] delegates in the config, and the listener's bounds
 //! ([`crate::workload_listener`]) with `max_connections` connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use serde::Deserialize;
@@ -96,6 +96,13 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 pub const PID_RECHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest attestation of a pid named by a delegate.
 pub const PID_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a delegated instance (its segment, keys, JWT cache and mint count) is kept
+/// after its last subscription or fetch ends, so asking again reuses it.
+pub const INSTANCE_LINGER: Duration = Duration::from_secs(60);
+/// New delegated instances one delegate may make per minute (each is minted X.509-SVIDs
+/// and up to [`crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE`] JWT-SVIDs a
+/// minute): enough to open all its [`MAX_SUBSCRIPTIONS_PER_DELEGATE`] streams at once.
+pub const MAX_NEW_INSTANCES_PER_DELEGATE_PER_MINUTE: usize = MAX_SUBSCRIPTIONS_PER_DELEGATE;
 /// Characters of one selector echoed in a refusal, at most.
 const ECHO_CHARS: usize = 96;
 
@@ -125,14 +132,30 @@ impl Default for DelegatedConfig {
 }
 
 impl DelegatedConfig {
-    /// [`DelegatedConfig::validate`], and that the socket is not the Workload API's
-    /// (binding it would take that path from the Workload API).
+    /// [`DelegatedConfig::validate`], and that the socket is neither the Workload API's
+    /// (binding it would take that path from the Workload API) nor in its directory or
+    /// below: workloads are given that directory (a Kubernetes pod mounts the node's
+    /// `/run/ztid/agent`), and a read-only mount still lets them `connect()`, so a root
+    /// container would reach the delegate socket as `uid:0`.
     pub fn validate_beside(&self, workload_socket: &Path) -> Result<Vec<Delegate>, Error> {
-        if self.socket.as_deref() == Some(workload_socket) {
-            return Err(Error::Config(format!(
-                "[delegated_identity] socket {} is the Workload API socket: give it its own path",
-                workload_socket.display()
-            )));
+        if let Some(socket) = &self.socket {
+            if socket == workload_socket {
+                return Err(Error::Config(format!(
+                    "[delegated_identity] socket {} is the Workload API socket: give it its own path",
+                    workload_socket.display()
+                )));
+            }
+            let workload_dir = canonical_parent(workload_socket)?;
+            let delegated_dir = canonical_parent(socket)?;
+            if delegated_dir.starts_with(&workload_dir) {
+                return Err(Error::Config(format!(
+                    "[delegated_identity] socket {} is in the Workload API socket's directory {} \
+                     (or below it), which workloads are given: put it in a directory of its own \
+                     that only delegates can reach, e.g. /run/ztid/delegated/api.sock",
+                    socket.display(),
+                    workload_dir.display()
+                )));
+            }
         }
         self.validate()
     }
@@ -174,6 +197,37 @@ impl DelegatedConfig {
             .map(|d| Delegate::parse(d))
             .collect()
     }
+}
+
+/// The directory of a socket path as the kernel resolves it: absolute, symlinks of its
+/// existing part resolved, `.` and `..` of the rest applied (the agent creates it later).
+fn canonical_parent(socket: &Path) -> Result<PathBuf, Error> {
+    let abs = if socket.is_absolute() {
+        socket.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(Error::io("reading the current directory".to_string()))?
+            .join(socket)
+    };
+    let dir = abs.parent().unwrap_or(Path::new("/"));
+    // Component by component as the kernel walks it: an existing prefix canonical
+    // (symlinks resolved), `.` and `..` applied in order.
+    let mut out = PathBuf::from("/");
+    for c in dir.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => {
+                out.push(n);
+                if let Ok(real) = std::fs::canonicalize(&out) {
+                    out = real;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// One authorised delegate.
@@ -237,6 +291,16 @@ pub enum Refusal {
         /// [`MAX_SUBSCRIPTIONS_PER_DELEGATE`].
         limit: usize,
     },
+    /// The delegate made too many new instances (keys and SVIDs) in the last minute.
+    #[error("{delegate} made {limit} new delegated instances in the last minute, the most one delegate may: reuse a selector set or pid (an instance is kept {linger_seconds} s after its last subscription ends)")]
+    TooManyInstances {
+        /// The delegate.
+        delegate: String,
+        /// [`MAX_NEW_INSTANCES_PER_DELEGATE_PER_MINUTE`].
+        limit: usize,
+        /// [`INSTANCE_LINGER`] in seconds.
+        linger_seconds: u64,
+    },
     /// The workload named by pid cannot be attested (gone, or unreadable).
     #[error("workload pid {pid}: {why}")]
     Workload {
@@ -258,7 +322,9 @@ impl From<Refusal> for Status {
                 Status::permission_denied(msg)
             }
             Refusal::InvalidRequest(_) => Status::invalid_argument(msg),
-            Refusal::TooManySubscriptions { .. } => Status::resource_exhausted(msg),
+            Refusal::TooManySubscriptions { .. } | Refusal::TooManyInstances { .. } => {
+                Status::resource_exhausted(msg)
+            }
             Refusal::Workload { .. } => Status::not_found(msg),
         }
     }
@@ -461,8 +527,16 @@ struct Authorizer {
 impl Authorizer {
     /// The delegate `peer` is authorised as now (its process was just verified).
     fn check(&self, peer: &ConnectionPeer) -> Result<String, Refusal> {
+        let mut uid_refused = None;
         if self.delegates.contains(&Delegate::Uid(peer.uid)) {
-            return Ok(Delegate::Uid(peer.uid).to_string());
+            match peer
+                .attested()
+                .map(|a| uid_delegate_namespaces(a.process.instance.pid))
+            {
+                Some(Ok(())) => return Ok(Delegate::Uid(peer.uid).to_string()),
+                Some(Err(why)) => uid_refused = Some(why),
+                None => uid_refused = Some("it could not be attested".to_string()),
+            }
         }
         let listed_ids = self
             .delegates
@@ -482,6 +556,14 @@ impl Authorizer {
                 }
             }
         }
+        if let Some(why) = uid_refused {
+            return Err(Refusal::NotAuthorized(format!(
+                "uid {} is listed in [delegated_identity] authorized_delegates, but {why}: \
+                 a uid delegate must share the agent's user and pid namespaces (list a \
+                 delegate in a container by its SPIFFE ID)",
+                peer.uid
+            )));
+        }
         Err(Refusal::NotAuthorized(format!(
             "uid {} is not listed in [delegated_identity] authorized_delegates{}",
             peer.uid,
@@ -492,6 +574,33 @@ impl Authorizer {
             }
         )))
     }
+}
+
+/// Whether a caller may be authorised by its uid: only if it runs in the agent's user
+/// and pid namespaces. A container's root without a user namespace of its own is uid 0 to
+/// SO_PEERCRED, and one with its own user namespace maps to a host uid it does not hold
+/// on the host: a uid says who a process is only on the agent's side of both. (A pid not
+/// visible in the agent's pid namespace is refused earlier, at attestation.)
+fn uid_delegate_namespaces(pid: i32) -> Result<(), String> {
+    for (ns, what) in [("user", "user namespace"), ("pid", "pid namespace")] {
+        let theirs = namespace_identity(&format!("/proc/{pid}/ns/{ns}"))
+            .map_err(|e| format!("its {what} is unreadable ({e})"))?;
+        let ours = namespace_identity(&format!("/proc/self/ns/{ns}"))
+            .map_err(|e| format!("the agent's {what} is unreadable ({e})"))?;
+        if theirs != ours {
+            return Err(format!(
+                "it runs in a {what} other than the agent's (a container?)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A namespace, as the kernel names it: the device and inode of its `/proc/*/ns/*` file.
+fn namespace_identity(ns_file: &str) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(ns_file)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Who the caller was authorised as.
@@ -523,12 +632,106 @@ fn spiffe_id_pb(id: &str) -> tpb::Spiffeid {
     }
 }
 
-/// Open streams per delegate, and the selector instances they hold.
-#[derive(Default)]
+/// Open streams per delegate, the delegated instances held or kept, and the new
+/// instances each delegate made in the last minute.
 struct Book {
     streams: HashMap<String, usize>,
-    /// Subscriptions holding each selector instance.
+    /// Subscriptions and fetches holding each delegated instance.
     holders: HashMap<InstanceKey, usize>,
+    /// Delegated instances nobody holds, kept until then ([`INSTANCE_LINGER`]).
+    idle: HashMap<InstanceKey, (Arc<Instance>, Instant)>,
+    /// When each delegate made its new instances of the last minute (at most `limit`).
+    made: HashMap<String, VecDeque<Instant>>,
+    linger: Duration,
+    limit: usize,
+}
+
+impl Default for Book {
+    fn default() -> Self {
+        Self::new(INSTANCE_LINGER, MAX_NEW_INSTANCES_PER_DELEGATE_PER_MINUTE)
+    }
+}
+
+impl Book {
+    fn new(linger: Duration, limit: usize) -> Self {
+        Self {
+            streams: HashMap::new(),
+            holders: HashMap::new(),
+            idle: HashMap::new(),
+            made: HashMap::new(),
+            linger,
+            limit,
+        }
+    }
+
+    /// Forgets the kept instances whose time is up.
+    fn sweep(&mut self, workloads: &Workloads, now: Instant) {
+        self.idle.retain(|_, (inst, until)| {
+            let keep = *until > now;
+            if !keep {
+                workloads.forget(inst);
+                tracing::debug!(instance = %inst.segment, "delegated instance forgotten");
+            }
+            keep
+        });
+    }
+}
+
+/// Holds the delegated instance of `key` for `delegate`: the one held or kept for that
+/// key, else a new one (never a pooled one: those are minted for new processes), unless
+/// the delegate made [`Book::limit`] new instances in the last minute.
+fn hold(
+    book: &Arc<Mutex<Book>>,
+    workloads: &Arc<Workloads>,
+    delegate: &str,
+    key: InstanceKey,
+    own: bool,
+) -> Result<Held, Status> {
+    let now = Instant::now();
+    let mut b = book.lock().map_err(|_| Status::internal("lock"))?;
+    b.sweep(workloads, now);
+    let known = b.holders.contains_key(&key) || b.idle.remove(&key).is_some();
+    if !known && !own {
+        let (limit, linger) = (b.limit, b.linger);
+        let made = b.made.entry(delegate.to_string()).or_default();
+        while made
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            made.pop_front();
+        }
+        if made.len() >= limit {
+            return Err(Refusal::TooManyInstances {
+                delegate: delegate.to_string(),
+                limit,
+                linger_seconds: linger.as_secs(),
+            }
+            .into());
+        }
+        made.push_back(now);
+    }
+    b.made.retain(|_, m| !m.is_empty());
+    let inst = workloads
+        .instance_for_key(key.clone(), false)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    *b.holders.entry(key).or_insert(0) += 1;
+    Ok(Held {
+        inst,
+        release: Some((book.clone(), workloads.clone(), own)),
+    })
+}
+
+/// The key of a delegate's own instance of the process `target`: the delegate process
+/// holds it, with the target's selectors, on the target's behalf (its revocations, its
+/// life).
+fn pid_key(delegate: &AttestedPeer, target: &AttestedPeer) -> InstanceKey {
+    InstanceKey {
+        process: delegate.process.instance,
+        pidfs_id: delegate.process.pidfs_id,
+        exe: delegate.process.exe,
+        selectors: Arc::from(target.selectors.as_slice()),
+        on_behalf_of: Some(ProcessBinding::of(target)),
+    }
 }
 
 /// A place among a delegate's open streams; freed when dropped.
@@ -550,9 +753,10 @@ impl Drop for StreamSlot {
     }
 }
 
-/// A delegated instance held for a subscription or a fetch: a selector instance is
-/// forgotten when its last holder goes, unless it is the delegate's own instance (the
-/// selectors named were its own).
+/// A delegated instance held for a subscription or a fetch: when its last holder goes,
+/// it is kept [`INSTANCE_LINGER`] (asked again meanwhile, it is the same instance, with
+/// its JWT cache and mint count), then forgotten; unless it is the delegate's own
+/// instance (the selectors named were its own), which its process keeps.
 struct Held {
     inst: Arc<Instance>,
     release: Option<(Arc<Mutex<Book>>, Arc<Workloads>, bool)>,
@@ -574,12 +778,25 @@ impl Drop for Held {
             }
             None => true,
         };
-        if last {
-            b.holders.remove(&key);
-            if !own {
-                workloads.forget(&self.inst);
-                tracing::debug!(instance = %self.inst.segment, "delegated instance forgotten");
-            }
+        if !last {
+            return;
+        }
+        b.holders.remove(&key);
+        if own {
+            return;
+        }
+        let linger = b.linger;
+        b.idle
+            .insert(key, (self.inst.clone(), Instant::now() + linger));
+        drop(b);
+        // Forgotten when its time is up, even if no request comes to sweep it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(linger).await;
+                if let Ok(mut b) = book.lock() {
+                    b.sweep(&workloads, Instant::now());
+                }
+            });
         }
     }
 }
@@ -672,6 +889,10 @@ impl DelegatedIdentityApi {
         target: &Target,
         with_x509: bool,
     ) -> Result<(Held, Option<Arc<AttestedPeer>>), Status> {
+        let holder = caller
+            .peer
+            .attested()
+            .ok_or_else(|| Status::internal("verified connection without attestation"))?;
         let (held, process) = match target {
             Target::Pid(pid) => {
                 let pid = *pid;
@@ -694,44 +915,26 @@ impl DelegatedIdentityApi {
                 if let (true, Some(id)) = (entitled.entries.is_empty(), &entitled.revoked) {
                     return Err(Refusal::Revoked(revoked_message(id)).into());
                 }
-                let inst = self
-                    .workloads
-                    .instance_for(&attested)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                (
-                    Held {
-                        inst,
-                        release: None,
-                    },
-                    Some(Arc::new(attested)),
-                )
+                // The delegate's own instance for that process, never the process's:
+                // its own segment and keys, so each identity names one holder and
+                // revoking one leaves the other. Keyed by the delegate process and the
+                // target's pid and start time; the target's revocations apply to it,
+                // and it ends when either process exits.
+                let key = pid_key(holder, &attested);
+                let held = hold(&self.book, &self.workloads, &caller.delegate, key, false)?;
+                (held, Some(Arc::new(attested)))
             }
             Target::Selectors(selectors) => {
-                let holder = caller
-                    .peer
-                    .attested()
-                    .ok_or_else(|| Status::internal("verified connection without attestation"))?;
                 let key = InstanceKey {
                     process: holder.process.instance,
                     pidfs_id: holder.process.pidfs_id,
                     exe: holder.process.exe,
                     selectors: Arc::from(selectors.as_slice()),
+                    on_behalf_of: None,
                 };
                 let own = holder.selectors == *selectors;
-                let mut b = self.book.lock().map_err(|_| Status::internal("lock"))?;
-                let inst = self
-                    .workloads
-                    .instance_for_key(key.clone())
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                *b.holders.entry(key).or_insert(0) += 1;
-                drop(b);
-                (
-                    Held {
-                        inst,
-                        release: Some((self.book.clone(), self.workloads.clone(), own)),
-                    },
-                    None,
-                )
+                let held = hold(&self.book, &self.workloads, &caller.delegate, key, own)?;
+                (held, None)
             }
         };
         // A JWT fetch needs only the instance's segment: no X.509-SVID is minted for it.
@@ -1325,9 +1528,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("is the Workload API socket"));
+        // Not in the Workload API socket's directory (which workloads are given), nor
+        // below it, however the path is spelt.
+        for beside in [
+            "/run/ztid/agent/admin.sock",
+            "/run/ztid/agent/sub/admin.sock",
+            "/run/ztid/agent/./x/../admin.sock",
+            "/run/ztid/other/../agent/admin.sock",
+        ] {
+            c.socket = Some(beside.into());
+            let e = c
+                .validate_beside(Path::new("/run/ztid/agent/api.sock"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("is in the Workload API socket's directory /run/ztid/agent"),
+                "{beside}: {e}"
+            );
+        }
+        c.socket = Some("/run/ztid/delegated/api.sock".into());
         assert!(c
             .validate_beside(Path::new("/run/ztid/agent/api.sock"))
             .is_ok());
+        // Through a symlink too.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("agent")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("agent"), dir.path().join("link")).unwrap();
+        c.socket = Some(dir.path().join("link/admin.sock"));
+        assert!(c
+            .validate_beside(&dir.path().join("agent/api.sock"))
+            .unwrap_err()
+            .to_string()
+            .contains("Workload API socket's directory"));
         c.socket_mode = 0o4777;
         assert!(c.validate().is_err());
         c.socket_mode = 0o600;
@@ -1436,65 +1668,209 @@ mod tests {
         ))
     }
 
-    /// What [`DelegatedIdentityApi::instance`] holds for a selector subscription.
-    fn hold(
-        workloads: &Arc<Workloads>,
-        book: &Arc<Mutex<Book>>,
-        key: &InstanceKey,
-        own: bool,
-    ) -> Held {
-        let mut b = book.lock().unwrap();
-        let inst = workloads.instance_for_key(key.clone()).unwrap();
-        *b.holders.entry(key.clone()).or_insert(0) += 1;
-        Held {
-            inst,
-            release: Some((book.clone(), workloads.clone(), own)),
-        }
+    fn book(linger: Duration, limit: usize) -> Arc<Mutex<Book>> {
+        Arc::new(Mutex::new(Book::new(linger, limit)))
     }
 
-    #[tokio::test]
-    async fn a_selector_instance_is_shared_by_its_subscriptions_and_forgotten_with_the_last() {
-        let workloads = offline_workloads().await;
-        let book: Arc<Mutex<Book>> = Arc::default();
-        let me = attest_pid(std::process::id() as i32).unwrap();
-        let key = |sel: &str| InstanceKey {
+    fn sel_key(me: &AttestedPeer, sel: &str) -> InstanceKey {
+        InstanceKey {
             process: me.process.instance,
             pidfs_id: me.process.pidfs_id,
             exe: me.process.exe,
             selectors: Arc::from(vec![Selector::parse(sel).unwrap()]),
-        };
-        let a = hold(&workloads, &book, &key("unix:uid:4242"), false);
-        let b = hold(&workloads, &book, &key("unix:uid:4242"), false);
-        let other = hold(&workloads, &book, &key("unix:uid:4243"), false);
+            on_behalf_of: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_selector_instance_is_shared_kept_a_minute_after_the_last_and_then_forgotten() {
+        let workloads = offline_workloads().await;
+        let linger = Duration::from_millis(300);
+        let book = book(linger, 100);
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let d = "uid:0";
+        let a = hold(&book, &workloads, d, sel_key(&me, "unix:uid:4242"), false).unwrap();
+        let b = hold(&book, &workloads, d, sel_key(&me, "unix:uid:4242"), false).unwrap();
+        let other = hold(&book, &workloads, d, sel_key(&me, "unix:uid:4243"), false).unwrap();
         assert!(
             Arc::ptr_eq(&a.inst, &b.inst),
             "one instance per selector set"
         );
         assert_ne!(a.inst.segment, other.inst.segment, "its own segment");
         assert_eq!(workloads.instance_count(), 2);
-        drop(a);
-        assert_eq!(
-            workloads.instance_count(),
-            2,
-            "still held by the other stream"
+        let first = a.inst.clone();
+        drop((a, b));
+        // Kept after its last holder: asked again (a new subscription, a new fetch), it is
+        // the same instance with its segment, keys and JWT count.
+        assert_eq!(workloads.instance_count(), 2, "kept for {linger:?}");
+        let again = hold(&book, &workloads, d, sel_key(&me, "unix:uid:4242"), false).unwrap();
+        assert!(
+            Arc::ptr_eq(&again.inst, &first),
+            "reused, not a new instance"
         );
-        drop(b);
-        assert_eq!(
-            workloads.instance_count(),
-            1,
-            "forgotten with its last stream"
-        );
-        // Asked again, it is a new instance: a new segment, new keys.
-        let again = hold(&workloads, &book, &key("unix:uid:4242"), false);
-        assert_eq!(workloads.instance_count(), 2);
-        drop((again, other));
-        assert_eq!(workloads.instance_count(), 0);
+        drop(again);
+        // Forgotten once its time is up, with no request to sweep it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workloads.instance_count() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(workloads.instance_count(), 1, "forgotten after {linger:?}");
+        let new = hold(&book, &workloads, d, sel_key(&me, "unix:uid:4242"), false).unwrap();
+        assert_ne!(new.inst.segment, first.segment, "then a new one");
+        drop((new, other));
         // The delegate's own instance (it named its own selectors) is never forgotten.
-        let own_key = InstanceKey::of(&me);
-        let own = hold(&workloads, &book, &own_key, true);
+        let own = hold(&book, &workloads, d, InstanceKey::of(&me), true).unwrap();
         drop(own);
-        assert_eq!(workloads.instance_count(), 1);
+        tokio::time::sleep(linger * 2).await;
+        let map_has_own = workloads
+            .live_instances()
+            .iter()
+            .any(|i| i.key == InstanceKey::of(&me));
+        assert!(map_has_own);
         assert!(book.lock().unwrap().holders.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_delegate_making_too_many_new_instances_a_minute_is_refused() {
+        let workloads = offline_workloads().await;
+        let book = book(Duration::from_secs(60), 3);
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let mut held = Vec::new();
+        for uid in 0..3 {
+            let key = sel_key(&me, &format!("unix:uid:{}", 5000 + uid));
+            held.push(hold(&book, &workloads, "uid:0", key, false).unwrap());
+        }
+        // Closing and reopening, or fetching again, reuses: not counted.
+        held.clear();
+        for uid in 0..3 {
+            let key = sel_key(&me, &format!("unix:uid:{}", 5000 + uid));
+            held.push(hold(&book, &workloads, "uid:0", key, false).unwrap());
+        }
+        // A fourth selector set (extra selectors make a new set) is refused.
+        let err = hold(
+            &book,
+            &workloads,
+            "uid:0",
+            sel_key(&me, "unix:uid:5009"),
+            false,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.message().starts_with(
+                "uid:0 made 3 new delegated instances in the last minute, the most one delegate may"
+            ),
+            "{}",
+            err.message()
+        );
+        assert_eq!(workloads.instance_count(), 3, "nothing made");
+        // Another delegate has its own count.
+        let key = sel_key(&me, "unix:uid:5009");
+        assert!(hold(&book, &workloads, "spiffe://example.org/p", key, false).is_ok());
+    }
+
+    /// `sleep` as a child, attested.
+    fn sleeper(cmd: &[&str]) -> Option<std::process::Child> {
+        std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_delegate_gets_its_own_instance_of_a_pid_forgotten_when_the_process_exits() {
+        let workloads = offline_workloads().await;
+        let book = book(Duration::from_secs(60), 100);
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let mut child = sleeper(&["sleep", "30"]).unwrap();
+        let pid = child.id() as i32;
+        // Attested once it runs sleep (not this test binary, forked).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let target = loop {
+            let t = attest_pid(pid).unwrap();
+            if t.process.exe != me.process.exe || Instant::now() > deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let own = workloads.instance_for(&target).unwrap();
+        let key = pid_key(&me, &target);
+        assert_eq!(
+            key.binding(),
+            ProcessBinding::of(&target),
+            "its revocations"
+        );
+        let delegated = hold(&book, &workloads, "uid:0", key.clone(), false).unwrap();
+        assert!(
+            !Arc::ptr_eq(&own, &delegated.inst),
+            "not the process's own instance"
+        );
+        assert_ne!(own.segment, delegated.inst.segment, "nor its identity");
+        let twice = hold(&book, &workloads, "uid:0", key, false).unwrap();
+        assert!(
+            Arc::ptr_eq(&twice.inst, &delegated.inst),
+            "shared by the delegate's streams"
+        );
+        assert_eq!(workloads.instance_count(), 2);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            workloads.live_instances().is_empty(),
+            "both forgotten when the process exits"
+        );
+        drop((delegated, twice));
+    }
+
+    #[test]
+    fn a_uid_delegate_must_share_the_agents_user_and_pid_namespaces() {
+        assert_eq!(uid_delegate_namespaces(std::process::id() as i32), Ok(()));
+        // A process in a user namespace of its own (as a container's root may be).
+        if let Some(mut c) = sleeper(&["unshare", "--user", "sleep", "30"]) {
+            let pid = c.id() as i32;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut r = uid_delegate_namespaces(pid);
+            while r.is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                r = uid_delegate_namespaces(pid);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            match r {
+                Err(why) => assert!(
+                    why.contains("user namespace other than the agent's"),
+                    "{why}"
+                ),
+                Ok(()) => eprintln!("skipped: unshare --user did not make a user namespace"),
+            }
+        }
+        // A process in a pid namespace of its own, seen from the agent's.
+        if let Some(mut c) = sleeper(&["unshare", "--pid", "--fork", "sleep", "30"]) {
+            let pid = c.id();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut r = Ok(());
+            while Instant::now() < deadline {
+                let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default();
+                if let Some(k) = kids.split_whitespace().next() {
+                    r = uid_delegate_namespaces(k.parse().unwrap());
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            match r {
+                Err(why) => assert!(
+                    why.contains("pid namespace other than the agent's"),
+                    "{why}"
+                ),
+                Ok(()) => eprintln!("skipped: unshare --pid needs privileges"),
+            }
+        }
     }
 
     #[test]

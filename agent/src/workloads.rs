@@ -96,6 +96,9 @@ pub struct InstanceKey {
     /// Its selectors (connect-time uid and gid, executable path and hash). Shared with
     /// [`Instance::selectors`] and the instance map's key: one copy per instance.
     pub selectors: Arc<[Selector]>,
+    /// For a delegate's instance of another process (named by pid): that process, whose
+    /// revocations apply and whose exit also ends the instance. `None` otherwise.
+    pub on_behalf_of: Option<ProcessBinding>,
 }
 
 impl InstanceKey {
@@ -106,15 +109,16 @@ impl InstanceKey {
             pidfs_id: peer.process.pidfs_id,
             exe: peer.process.exe,
             selectors: Arc::from(peer.selectors.as_slice()),
+            on_behalf_of: None,
         }
     }
 
     /// The process this instance belongs to, for revocations.
     pub fn binding(&self) -> ProcessBinding {
-        ProcessBinding {
+        self.on_behalf_of.unwrap_or(ProcessBinding {
             process: self.process,
             pidfs_id: self.pidfs_id,
-        }
+        })
     }
 
     /// True while the process still runs the executable it was attested with. Used to
@@ -122,6 +126,7 @@ impl InstanceKey {
     fn still_running(&self) -> bool {
         process_start_time(self.process.pid).is_ok_and(|t| t == self.process.start_time)
             && exe_identity(self.process.pid).ok() == self.exe
+            && self.on_behalf_of.is_none_or(|b| b.still_running())
     }
 }
 
@@ -523,12 +528,13 @@ impl Workloads {
     /// entries, if one is fresh: its segment and SVIDs become this process's, under the
     /// instance map's lock, and are never handed to another (see [`crate::pool`]).
     pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
-        self.instance_for_key(InstanceKey::of(peer))
+        self.instance_for_key(InstanceKey::of(peer), true)
     }
 
     /// [`Workloads::instance_for`] by key: also for instances that are not a connection's
-    /// own, as a delegated identity subscription's ([`crate::delegated_identity`]).
-    pub fn instance_for_key(&self, key: InstanceKey) -> Result<Arc<Instance>, Error> {
+    /// own, as a delegated identity subscription's ([`crate::delegated_identity`]), which
+    /// pass `pooled = false`: a new process's pre-minted SVIDs are not theirs to take.
+    pub fn instance_for_key(&self, key: InstanceKey, pooled: bool) -> Result<Arc<Instance>, Error> {
         {
             let instances = self
                 .instances
@@ -540,7 +546,7 @@ impl Workloads {
         }
         // What a pooled instance must have been minted for: the per-instance entries
         // this process is entitled to now.
-        let per_instance: Vec<pb::Entry> = if self.pool.config().enabled() {
+        let per_instance: Vec<pb::Entry> = if pooled && self.pool.config().enabled() {
             self.entitled(key.binding(), &key.selectors)?
                 .entries
                 .into_iter()
@@ -558,14 +564,18 @@ impl Workloads {
             return Ok(inst.clone());
         }
         let (sequence, tainted) = self.pool_state();
-        let pooled = self.pool.take(
-            &per_instance,
-            &PoolView {
-                now,
-                bundle_sequence: sequence,
-                tainted: &tainted,
-            },
-        );
+        let pooled = if pooled {
+            self.pool.take(
+                &per_instance,
+                &PoolView {
+                    now,
+                    bundle_sequence: sequence,
+                    tainted: &tainted,
+                },
+            )
+        } else {
+            None
+        };
         let (segment, svids, created_at) = match pooled {
             Some(p) => {
                 tracing::info!(
