@@ -30,8 +30,20 @@ fn workload_selector() -> String {
 }
 
 fn delegate_cmd(socket: &Path, args: &[&str]) -> Command {
+    delegate_cmd_in(&[], socket, args)
+}
+
+/// The delegate run under `wrapper` (`unshare ...`), if not empty.
+fn delegate_cmd_in(wrapper: &[&str], socket: &Path, args: &[&str]) -> Command {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut c = Command::new(python());
+    let mut c = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(python());
+            c
+        }
+        None => Command::new(python()),
+    };
     c.arg(here.join("python/spire_delegate.py"))
         .arg(here.join("../proto/proto"))
         .arg(socket)
@@ -46,7 +58,12 @@ fn delegate_cmd(socket: &Path, args: &[&str]) -> Command {
 
 /// One delegate call to its end: its JSON lines.
 fn run(socket: &Path, args: &[&str]) -> Vec<Value> {
-    let out = delegate_cmd(socket, args)
+    run_in(&[], socket, args)
+}
+
+/// [`run`] under `wrapper`.
+fn run_in(wrapper: &[&str], socket: &Path, args: &[&str]) -> Vec<Value> {
+    let out = delegate_cmd_in(wrapper, socket, args)
         .output()
         .expect("run the delegate");
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -314,6 +331,15 @@ fn a_delegate_authorised_by_spiffe_id_gets_a_named_workloads_svids_rotations_bun
     assert!(log.lines().any(|l| l.contains("delegated_subscription")
         && l.contains("FetchJWTSVIDs")
         && l.contains(jwt_id)));
+    // Delegated instances are minted for the delegate: they never take (nor ask the pool
+    // to mint) the SVIDs pre-minted for new processes.
+    assert!(
+        !log.lines().any(
+            |l| (l.contains("svid_pooled") || l.contains("pooled_svid_assigned"))
+                && l.contains(WEB)
+        ),
+        "{log}"
+    );
 
     // And on the server: the agent reports each call at its next sync.
     let audit = server.data_dir().join("audit/audit.log");
@@ -415,9 +441,14 @@ fn a_delegate_authorised_by_uid_gets_a_process_identity_by_pid_until_it_exits() 
     assert!(first.get("error").is_none(), "{first:?}");
     let id = ids(&first).remove(0);
     assert!(id.starts_with(&format!("{WEB}/")), "{id}");
-    // The same process named again gets the same instance: its own identity.
+    // Each delegate process gets its own instance of that process (its own segment and
+    // key): never the process's own, nor another delegate's.
     let again = run(&socket, &["x509", "--pid", &pid, "--count", "1"]);
-    assert_eq!(ids(&again[0]), vec![id.clone()]);
+    let other = ids(&again[0]);
+    assert_eq!(other.len(), 1, "{again:?}");
+    assert!(other[0].starts_with(&format!("{WEB}/")), "{other:?}");
+    assert_ne!(other[0], id, "a delegate's own instance");
+    assert_ne!(again[0]["keys"][0], first["keys"][0], "its own key");
 
     // The process exits: the stream ends, saying so.
     let _ = workload.kill();
@@ -441,4 +472,44 @@ fn a_delegate_authorised_by_uid_gets_a_process_identity_by_pid_until_it_exits() 
             && l.contains(&id)),
         "{log}"
     );
+}
+
+/// A root process in a user namespace of its own (as a container's root may be) is uid 0
+/// to SO_PEERCRED; listed as `uid:0` it is still refused, saying why.
+#[test]
+fn a_uid_delegate_in_another_user_namespace_is_refused() {
+    let userns = ["unshare", "--user", "--map-root-user"];
+    let works = Command::new(userns[0])
+        .args(&userns[1..])
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!("skipped: unshare --user is not allowed here");
+        return;
+    }
+    let server = Server::start(TD);
+    let dir = tempfile::tempdir().unwrap();
+    let me = format!("uid:{}", nix_uid());
+    let (agent, socket) = agent_with_delegates(&server, dir.path(), &[&me]);
+    // Outside any namespace of its own it is served (the bundles, needing no entry).
+    let served = run(&socket, &["x509-bundles"]);
+    assert!(served[0].get("error").is_none(), "{served:?}");
+    let refused = run_in(&userns, &socket, &["x509-bundles"]);
+    assert_eq!(refused[0]["error"], "PERMISSION_DENIED", "{refused:?}");
+    assert_eq!(
+        refused[0]["message"],
+        format!(
+            "not an authorized delegate: uid {} is listed in [delegated_identity] \
+             authorized_delegates, but it runs in a user namespace other than the agent's \
+             (a container?): a uid delegate must share the agent's user and pid namespaces \
+             (list a delegate in a container by its SPIFFE ID)",
+            nix_uid()
+        )
+    );
+    assert!(agent
+        .proc
+        .log_text()
+        .lines()
+        .any(|l| l.contains("delegated_refused") && l.contains("user namespace other than")));
 }
