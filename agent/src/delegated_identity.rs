@@ -7,7 +7,8 @@
 //! Only the delegates listed in `[delegated_identity] authorized_delegates`:
 //!
 //! - `uid:N`: a process whose effective uid at `connect(2)` (SO_PEERCRED) is N, and still
-//!   is at each request;
+//!   is at each request, running in the agent's user and pid namespaces (a container's
+//!   root is uid 0 to SO_PEERCRED: it is refused as a uid delegate, saying why);
 //! - `spiffe://TD/PATH`: a process this agent would serve that identity: its own selectors
 //!   (attested like a Workload API caller's when it connected) match an entry with that
 //!   SPIFFE ID, not revoked for it. ztid's identities are per instance, so the entry's ID
@@ -16,28 +17,37 @@
 //! Every request first checks that the connection's process still is the one that
 //! connected (as on the Workload API socket); anyone else gets `PermissionDenied` with the
 //! reason. The socket itself is mode 0600 by default (`socket_mode`), owned by the
-//! agent's user.
+//! agent's user, and may not be in the Workload API socket's directory or below it
+//! (workloads are given that directory; a read-only mount still allows `connect()`).
 //!
 //! # What a delegate gets
 //!
 //! A subscription names its workload by `selectors` or by `pid` (not both):
 //!
-//! - by `pid`: the agent attests that process like a Workload API caller and the delegate
-//!   gets that process's own instance identity, the very SVIDs the process would get on the
-//!   Workload API; the stream ends when that process exits or execs. The pid is read from
-//!   /proc (no pidfd): as in SPIRE, the delegate must make sure it is not recycled.
+//! - by `pid` (read in the agent's pid namespace): the agent attests that process like a
+//!   Workload API caller and the delegate gets the SVIDs of that process's entries as an
+//!   instance of its own for that process (keyed by delegate process and the target's pid
+//!   and start time): its own segment and keys, never the process's own instance, so each
+//!   per-instance identity has one holder. The target's revocations apply to it (revoking
+//!   it bars the target process from that entry, erring on revoking); it is forgotten
+//!   when either process exits, and the stream ends when the target exits or execs. The
+//!   pid is followed by start time (no pidfd): as in SPIRE, the delegate must make sure
+//!   it is not recycled.
 //! - by `selectors`: the delegate gets the SVIDs of the entries those selectors match, as a
 //!   workload instance of its own: each (delegate process, selector set) is one instance,
 //!   with its own random instance segment and its own keys, renewed and revocable like any
-//!   other, shared by that delegate's open subscriptions for the same selectors and
-//!   forgotten (keys dropped) when the last of them ends or the delegate exits. An
+//!   other, shared by that delegate's open subscriptions for the same selectors, kept
+//!   [`INSTANCE_LINGER`] after the last of them ends (asked again meanwhile, it is reused
+//!   with its JWT cache and mint count) and then forgotten (keys dropped), or when the
+//!   delegate exits. Delegated instances never take the pool's pre-minted SVIDs. An
 //!   operator revoking such an identity bars the delegate process from that entry (the
 //!   kill switch errs on revoking).
 //!
 //! A stream sends the full set at once and again on every rotation or entry change, also
 //! when empty (no entry matches yet), as SPIRE does. `FetchJWTSVIDs` mints for the same
-//! instance as an open X.509 subscription of that delegate for the same selectors, or
-//! else for a new instance forgotten after the call. Bundle streams carry the local and
+//! instance as an X.509 subscription of that delegate for the same target (open, or
+//! ended less than [`INSTANCE_LINGER`] ago), or else for a new instance kept as long after
+//! the call. Bundle streams carry the local and
 //! every federated bundle, keyed `spiffe://TD`.
 //!
 //! # Audit
@@ -53,7 +63,10 @@
 //! # Bounds
 //!
 //! At most [`MAX_SELECTORS_PER_REQUEST`] selectors per request, [`MAX_SUBSCRIPTIONS_PER_DELEGATE`]
-//! open streams per authorised delegate, [`crate::limits::MAX_JWT_AUDIENCES`] audiences,
+//! open streams per authorised delegate, [`MAX_NEW_INSTANCES_PER_DELEGATE_PER_MINUTE`] new
+//! instances per delegate per minute (`ResourceExhausted` beyond, with the reason),
+//! [`crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE`] JWT mints per instance per
+//! minute, [`crate::limits::MAX_JWT_AUDIENCES`] audiences,
 //! [`MAX_AUTHORIZED_DELEGATES`] delegates in the config, and the listener's bounds
 //! ([`crate::workload_listener`]) with `max_connections` connections.
 
