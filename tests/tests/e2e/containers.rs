@@ -106,6 +106,11 @@ impl Podman {
 
     /// Imports `rootfs` as image `name`; returns its ID (`sha256:<hex>`).
     fn import(&self, rootfs: &Path, name: &str) -> String {
+        self.import_with(rootfs, name, &[])
+    }
+
+    /// Imports `rootfs` as image `name` with Dockerfile instructions (`LABEL k=v`).
+    fn import_with(&self, rootfs: &Path, name: &str, changes: &[&str]) -> String {
         let tar = self
             .dir
             .path()
@@ -119,7 +124,13 @@ impl Podman {
             .status()
             .unwrap();
         assert!(st.success(), "tar");
-        self.ok(&["import", "--quiet", &tar.display().to_string(), name]);
+        let tar = tar.display().to_string();
+        let mut args = vec!["import", "--quiet"];
+        for c in changes {
+            args.extend_from_slice(&["--change", c]);
+        }
+        args.extend_from_slice(&[&tar, name]);
+        self.ok(&args);
         let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", name]);
         format!("sha256:{}", id.trim())
     }
@@ -256,6 +267,16 @@ fn containers_are_told_apart_by_their_runtime_facts() {
         &client_rootfs(&scratch.path().join("a"), None),
         "localhost/ztid-client:a",
     );
+    podman.import_with(
+        &scratch.path().join("a"),
+        "localhost/ztid-client:claims-prod",
+        &[
+            "LABEL io.kubernetes.pod.namespace=prod",
+            "LABEL io.kubernetes.pod.name=web-0",
+            "LABEL io.kubernetes.pod.uid=2c48913c-b29f-11e7-9350-020968147796",
+            "LABEL io.kubernetes.container.name=server",
+        ],
+    );
     let image_b = podman.import(
         &client_rootfs(&scratch.path().join("b"), Some(("variant", "b"))),
         "localhost/ztid-client:b",
@@ -349,21 +370,34 @@ fn containers_are_told_apart_by_their_runtime_facts() {
         ),
         "spiffe://example.org/by-image",
     );
-    // Kubernetes' labels become k8s: selectors.
-    assert_one_of(
-        &podman.fetch_in(
-            &agent,
-            "ct-k8s",
+    // An image that claims a Kubernetes pod in its own LABELs (podman, like docker,
+    // copies them into the container's labels), and a runner that sets them: no k8s:
+    // selectors, only the container:label ones (the entry for prod is not matched).
+    for (name, image, labels) in [
+        ("ct-k8s-image", "localhost/ztid-client:claims-prod", &[][..]),
+        (
+            "ct-k8s-run",
             image_a_ref,
             &[
                 "io.kubernetes.pod.namespace=prod",
                 "io.kubernetes.pod.name=web-0",
                 "io.kubernetes.pod.uid=2c48913c-b29f-11e7-9350-020968147796",
                 "io.kubernetes.container.name=server",
-            ],
+            ][..],
         ),
-        "spiffe://example.org/k8s-web",
-    );
+    ] {
+        let claim = podman.fetch_in(&agent, name, image, labels);
+        assert!(!claim.ok, "{name}: {}", claim.stdout);
+        assert!(
+            claim.stderr.contains("no identity issued")
+                && claim
+                    .stderr
+                    .contains("container:label:io.kubernetes.pod.namespace:prod"),
+            "{name}: {}",
+            claim.stderr
+        );
+        assert!(!claim.stderr.contains("k8s:"), "{name}: {}", claim.stderr);
+    }
     // The same container (name, labels) whose image changes gets the other identity.
     assert_one_of(
         &podman.fetch_in(&agent, "ct-upd", image_a_ref, &["role=upd"]),
@@ -496,11 +530,26 @@ impl Containerd {
     /// Runs the client in a new container with a 64-hex ID (the form the agent reads
     /// from cgroup paths), removed after.
     fn fetch_in(&self, agent: &Agent, ns: &str, id: &str, labels: &[&str]) -> CliResult {
+        self.fetch_in_cgroup(agent, ns, id, labels, None)
+    }
+
+    /// The same, in cgroup `cgroup` (`ctr run --cgroup`) rather than `/<ns>/<id>`.
+    fn fetch_in_cgroup(
+        &self,
+        agent: &Agent,
+        ns: &str,
+        id: &str,
+        labels: &[&str],
+        cgroup: Option<&str>,
+    ) -> CliResult {
         let mount = format!(
             "type=bind,src={},dst=/ztid/api.sock,options=rbind:rw",
             agent.socket().display()
         );
         let mut args = vec!["run", "--rm", "--snapshotter", "native", "--mount", &mount];
+        if let Some(c) = cgroup {
+            args.extend_from_slice(&["--cgroup", c]);
+        }
         for l in labels {
             args.push("--label");
             args.push(l);
@@ -615,22 +664,36 @@ fn containerd_containers_are_attested_through_its_own_api() {
         &ctd.fetch_in(&agent, "default", &id1, &["app=ctd"]),
         "spiffe://example.org/ctd",
     );
-    // Kubernetes' namespace and pod labels, as the kubelet sets them through CRI.
+    // Kubernetes' namespace and pod labels, as the kubelet sets them through CRI, in a
+    // pod's cgroup as the kubelet's cgroupfs driver makes it (`--cgroup`; this
+    // containerd has no CRI plugin, so ctr stands in for the kubelet).
+    let pod_labels = [
+        "io.kubernetes.pod.namespace=prod",
+        "io.kubernetes.pod.name=web-1",
+        "io.kubernetes.pod.uid=5d2a8c4e-0c1f-4e7b-9a59-2f4f1e0b6c11",
+        "io.kubernetes.container.name=server",
+    ];
     let id2 = "c2".repeat(32);
+    let pod = KubepodsCgroup::new();
+    let in_pod = format!("{}/{id2}", pod.path);
     assert_one_of(
-        &ctd.fetch_in(
-            &agent,
-            "k8s.io",
-            &id2,
-            &[
-                "io.kubernetes.pod.namespace=prod",
-                "io.kubernetes.pod.name=web-1",
-                "io.kubernetes.pod.uid=5d2a8c4e-0c1f-4e7b-9a59-2f4f1e0b6c11",
-                "io.kubernetes.container.name=server",
-            ],
-        ),
+        &ctd.fetch_in_cgroup(&agent, "k8s.io", &id2, &pod_labels, Some(&in_pod)),
         "spiffe://example.org/ctd-k8s",
     );
+    // The same labels in the same namespace outside a pod's cgroup (ctr's own
+    // `/k8s.io/<id>`): not the kubelet's, no k8s: selectors.
+    let id4 = "c4".repeat(32);
+    let outside = ctd.fetch_in(&agent, "k8s.io", &id4, &pod_labels);
+    assert!(!outside.ok, "{}", outside.stdout);
+    assert!(
+        outside.stderr.contains("no identity issued")
+            && outside
+                .stderr
+                .contains("container:label:io.kubernetes.pod.namespace:prod"),
+        "{}",
+        outside.stderr
+    );
+    assert!(!outside.stderr.contains("k8s:"), "{}", outside.stderr);
     // No entry: the refusal names its containerd selectors.
     let id3 = "c3".repeat(32);
     let none = ctd.fetch_in(&agent, "default", &id3, &["app=other"]);
@@ -641,6 +704,45 @@ fn containerd_containers_are_attested_through_its_own_api() {
         &format!("container:id:{id3}"),
     ] {
         assert!(none.stderr.contains(want), "{want:?} in {}", none.stderr);
+    }
+}
+
+/// A pod cgroup parent shaped like the kubelet's cgroupfs driver's
+/// (`/kubepods/besteffort/pod<uid>`), unique to this test process; its directories are
+/// removed from every v1 hierarchy (or the unified one) afterwards.
+struct KubepodsCgroup {
+    path: String,
+}
+
+impl KubepodsCgroup {
+    fn new() -> Self {
+        Self {
+            path: format!(
+                "/kubepods/besteffort/pod5d2a8c4e-0c1f-4e7b-9a59-{:012x}",
+                std::process::id()
+            ),
+        }
+    }
+}
+
+impl Drop for KubepodsCgroup {
+    fn drop(&mut self) {
+        let roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for root in roots.iter().chain([PathBuf::from("/sys/fs/cgroup")].iter()) {
+            let pod = root.join(self.path.trim_start_matches('/'));
+            // Leaves first (runc removes the container's own on delete); the shared
+            // parents only if empty.
+            if let Ok(d) = std::fs::read_dir(&pod) {
+                for e in d.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&pod);
+            let _ = std::fs::remove_dir(root.join("kubepods/besteffort"));
+            let _ = std::fs::remove_dir(root.join("kubepods"));
+        }
     }
 }
 
@@ -762,4 +864,109 @@ fn processes_exec_d_into_a_container_and_a_restarted_container_are_attested() {
     podman.ok(&["restart", "--time", "0", "ct-long"]);
     assert_one_of(&fetch(), "spiffe://example.org/long");
     podman.ok(&["rm", "--force", "--time", "0", "ct-long"]);
+}
+
+/// A container sharing the host's pid namespace is bound to its callers by its cgroup
+/// path alone: a process that puts itself in a cgroup named after it elsewhere (as a
+/// unit with `Delegate=yes` may, under its own cgroup) is not in it.
+#[test]
+fn a_cgroup_named_after_a_host_pid_container_elsewhere_is_not_that_container() {
+    let podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    podman.import(
+        &client_rootfs(&scratch.path().join("a"), None),
+        "localhost/ztid-client:a",
+    );
+    let server = Server::start(TD);
+    let socket = format!("unix://{}", podman.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/hostpid",
+        &["container:name:ct-hostpid"],
+    );
+    let mount = format!("{}:/ztid/api.sock", agent.socket().display());
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ct-hostpid",
+        "--pid=host",
+        "--network=none",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "-v",
+        &mount,
+        "localhost/ztid-client:a",
+        "/ztid-agent",
+        "healthcheck",
+        "--socket",
+        "/nowhere.sock",
+        "--wait",
+        "600",
+    ]);
+    let id = podman
+        .ok(&["inspect", "--format", "{{.Id}}", "ct-hostpid"])
+        .trim()
+        .to_string();
+    // The container's own processes are attested (the answer is cached now).
+    let first = wait_for("the container's entry", READY_TIMEOUT, || {
+        let r = podman.cmd(&[
+            "exec",
+            "ct-hostpid",
+            "/ztid-agent",
+            "--output",
+            "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            "/ztid/api.sock",
+        ]);
+        r.ok.then_some(r)
+    });
+    assert_one_of(&first, "spiffe://example.org/hostpid");
+
+    // A host process in `<unit>.service/libpod-<ID>`: same ID, same host pid
+    // namespace, another place.
+    let unit = systemd_hierarchy()
+        .join("system.slice")
+        .join(format!("ztid-e2e-deleg-{}.service", std::process::id()));
+    let forged = unit.join(format!("libpod-{id}"));
+    std::fs::create_dir_all(&forged).unwrap();
+    struct Remove(Vec<PathBuf>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+    let _remove = Remove(vec![forged.clone(), unit.clone()]);
+    let claim: CliResult = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} --output json api fetch x509 --socket {}",
+            forged.display(),
+            bin("ztid-agent").display(),
+            agent.socket().display()
+        ))
+        .output()
+        .unwrap()
+        .into();
+    assert!(!claim.ok, "{}", claim.stdout);
+    assert!(
+        claim.stderr.contains("no identity issued"),
+        "{}",
+        claim.stderr
+    );
+    assert!(!claim.stderr.contains("container:"), "{}", claim.stderr);
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("container_attestation_failed")
+            && log.contains("the caller's cgroup path is not the container's"),
+        "{log}"
+    );
+    podman.ok(&["rm", "--force", "--time", "0", "ct-hostpid"]);
 }
