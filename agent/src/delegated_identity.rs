@@ -1444,7 +1444,16 @@ impl DelegatedIdentityApi {
     }
 }
 
-/// Binds the delegated identity socket: its directory checked like the Workload API's,
+/// The mode of the socket's directory when the agent creates it: the agent's user only,
+/// plus search (not listing) for the group or others when `socket_mode` lets them connect.
+fn dir_mode(socket_mode: u32) -> u32 {
+    let group = if socket_mode & 0o070 != 0 { 0o010 } else { 0 };
+    let others = if socket_mode & 0o007 != 0 { 0o001 } else { 0 };
+    0o700 | group | others
+}
+
+/// Binds the delegated identity socket: its directory checked like the Workload API's
+/// (created 0700, see [`dir_mode`]),
 /// a stale socket replaced, the mode set.
 fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
@@ -1452,7 +1461,7 @@ fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    crate::create_dirs(dir, crate::SOCKET_DIR_MODE)?;
+    crate::create_dirs(dir, dir_mode(mode))?;
     crate::check_socket_dir(dir)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -1884,6 +1893,26 @@ mod tests {
                 Ok(()) => eprintln!("skipped: unshare --pid needs privileges"),
             }
         }
+    }
+
+    #[test]
+    fn the_socket_directory_is_the_agents_own_unless_the_socket_mode_shares_it() {
+        assert_eq!(dir_mode(0o600), 0o700);
+        assert_eq!(dir_mode(0o660), 0o710);
+        assert_eq!(dir_mode(0o666), 0o711);
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delegated/api.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _l = rt.block_on(async { bind(&path, 0o600) }).unwrap();
+        let mode = std::fs::metadata(dir.path().join("delegated"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o700);
     }
 
     #[test]
