@@ -3,14 +3,15 @@
 //! checkpoint and seal lines the keys sign, waiting until a record is durable, and
 //! closing. Opening is in `open`, the writer thread in `writer`.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use ztid_hsm::{KeyManager, SignatureFormat};
 
 use super::anchor::Anchor;
@@ -22,16 +23,62 @@ use crate::datastore::DataStore;
 use crate::AuditError;
 use crate::{Error, Result};
 
+thread_local! {
+    /// How many records this thread appended, and the sequence number of the last.
+    static APPENDED_HERE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// The records one call appends, from [`AuditLog::begin_records`] to
+/// [`OwnRecords::finish`] with no `.await` in between (so on one thread): `finish`
+/// names the last of them, which is all the call's answer has to wait for (records
+/// other calls append meanwhile go into their own batches).
+pub struct OwnRecords<'a> {
+    _log: std::marker::PhantomData<&'a AuditLog>,
+    count_before: u64,
+}
+
+impl OwnRecords<'_> {
+    /// The sequence number of the last record this thread appended since
+    /// [`AuditLog::begin_records`], if it appended any.
+    pub fn finish(self) -> Option<u64> {
+        let (count, seq) = APPENDED_HERE.with(Cell::get);
+        (count != self.count_before).then_some(seq)
+    }
+}
+
 /// What the callers and the writer thread share.
 pub(super) struct Shared {
     /// The chain, appended to by callers and drained by the writer.
     pub(super) chain: Mutex<Chain>,
     /// Wakes the writer when there is something to write.
     pub(super) wake: Condvar,
-    /// The last sequence number on disk and sealed.
-    pub(super) durable: watch::Sender<u64>,
+    /// The last sequence number on disk and sealed, and the calls waiting for more.
+    pub(super) waiters: Mutex<Waiters>,
     /// Why the writer failed, once it has: no record is accepted after that.
     pub(super) failed: Mutex<Option<String>>,
+}
+
+/// The calls waiting for their records to be durable, each woken once, when the sync
+/// covering its last record returns (not at every sync: a call whose records went
+/// into a later batch sleeps on).
+pub(super) struct Waiters {
+    /// The last sequence number on disk and sealed.
+    pub(super) durable: u64,
+    /// Set when the writer stops: nothing more will become durable.
+    pub(super) closed: bool,
+    /// (sequence number awaited, its wake-up), in no particular order.
+    pub(super) queue: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+impl Waiters {
+    /// Fresh, with everything up to `durable` on disk.
+    pub(super) fn new(durable: u64) -> Self {
+        Self {
+            durable,
+            closed: false,
+            queue: Vec::new(),
+        }
+    }
 }
 
 /// The last sealed, durable record, and whether the anchors have caught up with it.
@@ -70,6 +117,14 @@ impl AuditLog {
             .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()).into())
     }
 
+    /// Starts a call that records events and then waits for them: see [`OwnRecords`].
+    pub fn begin_records(&self) -> OwnRecords<'_> {
+        OwnRecords {
+            _log: std::marker::PhantomData,
+            count_before: APPENDED_HERE.with(|c| c.get().0),
+        }
+    }
+
     /// Appends `event`; returns its sequence number (await [`AuditLog::durable`] before acting on it).
     pub fn append(&self, event: Value) -> Result<u64> {
         if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
@@ -84,6 +139,7 @@ impl AuditLog {
             self.push_checkpoint(&mut c)?;
         }
         drop(c);
+        APPENDED_HERE.with(|c| c.set((c.get().0.wrapping_add(1), seq)));
         self.shared.wake.notify_one();
         Ok(seq)
     }
@@ -153,20 +209,32 @@ impl AuditLog {
 
     /// Resolves once every record up to `seq` is on disk and sealed.
     pub async fn durable(&self, seq: u64) -> Result<()> {
-        let mut rx = self.shared.durable.subscribe();
-        loop {
-            if *rx.borrow_and_update() >= seq {
+        let rx = {
+            let mut w = self
+                .shared
+                .waiters
+                .lock()
+                .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()))?;
+            if w.durable >= seq {
                 return Ok(());
             }
-            if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
-                return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
+            if w.closed {
+                return Err(self.stopped());
             }
-            if tokio::time::timeout(Duration::from_secs(5), rx.changed())
-                .await
-                .is_ok_and(|r| r.is_err())
-            {
-                return Err(AuditError::Unavailable("audit writer stopped".into()).into());
-            }
+            let (tx, rx) = oneshot::channel();
+            w.queue.push((seq, tx));
+            rx
+        };
+        // The writer wakes this call once its sync covers `seq`, or drops the
+        // wake-up when it stops (failed, or gone): then nothing more becomes durable.
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Why waiting is over without the record being durable.
+    fn stopped(&self) -> Error {
+        match self.shared.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(e) => AuditError::Unavailable(format!("audit log unavailable: {e}")).into(),
+            None => AuditError::Unavailable("audit writer stopped".into()).into(),
         }
     }
 }

@@ -25,8 +25,9 @@
 //!
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
 //! the writer thread has `fdatasync`ed past it; writes are batched, so many
-//! concurrent mints share one sync and one seal. No SVID leaves the server before its
-//! record is durable and sealed.
+//! concurrent mints share one sync and one seal (group commit). A call waits only
+//! for its own records ([`OwnRecords`]) and is woken once, when the sync covering
+//! them returns. No SVID leaves the server before its record is durable and sealed.
 
 mod anchor;
 mod audit_key;
@@ -46,7 +47,7 @@ mod writer;
 pub use anchor::{Anchor, NamedAnchor};
 pub use checkpoint::{export_checkpoint, read_checkpoint_file, ExportedCheckpoint};
 pub use error::VerifyError;
-pub use log::{log_path, AuditLog};
+pub use log::{log_path, AuditLog, OwnRecords};
 pub use open::AuditOptions;
 pub use recovery::Quarantined;
 pub use verify::{verify, verify_with, VerifyOptions, VerifyReport};

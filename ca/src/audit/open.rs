@@ -9,14 +9,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
-use tokio::sync::watch;
 use ztid_hsm::KeyManager;
 
 use super::anchor::{self, Anchor, NamedAnchor};
 use super::audit_key::audit_key_id;
 use super::chain::Chain;
 use super::format::{self, AuditKeyVerifier, HEAD_FILE, LOG_FILE};
-use super::log::{io, AuditLog, Sealed, Shared};
+use super::log::{io, AuditLog, Sealed, Shared, Waiters};
 use super::recovery;
 use super::session::SessionKey;
 use crate::datastore::DataStore;
@@ -102,7 +101,6 @@ impl AuditLog {
             .open(&path)
             .map_err(io(&path))?;
         let next_seq = recovered.next_seq;
-        let (durable, _) = watch::channel(next_seq - 1);
         let shared = Arc::new(Shared {
             chain: Mutex::new(Chain {
                 next_seq,
@@ -114,7 +112,7 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
             }),
             wake: Condvar::new(),
-            durable,
+            waiters: Mutex::new(Waiters::new(next_seq - 1)),
             failed: Mutex::new(None),
         });
         let log = Arc::new(Self {

@@ -502,3 +502,138 @@ fn an_exported_checkpoint_proves_the_log_extends_it_or_not() {
     assert!(matches!(e, VerifyError::CheckpointSignature { .. }), "{e}");
     assert!(e.to_string().contains("signature does not verify"));
 }
+
+#[test]
+fn a_call_waits_for_its_own_records_not_for_those_appended_after_them() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    let own = log.begin_records();
+    let a = log
+        .append(json!({"type": "x509_svid_issued", "serial": "a"}))
+        .unwrap();
+    let b = log
+        .append(json!({"type": "x509_svid_issued", "serial": "b"}))
+        .unwrap();
+    assert_eq!(own.finish(), Some(b), "the last record this call appended");
+    assert!(a < b);
+    assert_eq!(
+        log.begin_records().finish(),
+        None,
+        "a call that appended nothing has no record of its own to wait for"
+    );
+    f.rt.block_on(log.durable(b)).unwrap();
+    // A wait for a record not yet appended is not woken by the syncs before it.
+    f.rt.block_on(async {
+        // Seals take sequence numbers too: far enough that one more batch is short of it.
+        let later = b + 50;
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.durable(later).await }
+        });
+        tokio::task::yield_now().await; // the later wait is queued
+        let c = log
+            .append(json!({"type": "x509_svid_issued", "serial": "c"}))
+            .unwrap();
+        log.durable(c).await.unwrap();
+        assert!(c < later);
+        assert!(
+            !waiting.is_finished(),
+            "woken by a sync that does not cover it"
+        );
+        assert_eq!(
+            log.shared.waiters.lock().unwrap().queue.len(),
+            1,
+            "only the later wait is left in the queue"
+        );
+        for i in 0..50 {
+            log.append(json!({"type": "x509_svid_issued", "serial": format!("d{i}")}))
+                .unwrap();
+        }
+        waiting.await.unwrap().unwrap();
+    });
+    f.rt.block_on(log.close()).unwrap();
+    let r = f.verify().unwrap();
+    assert_eq!(r.unsigned_tail, 0);
+}
+
+#[test]
+fn a_failed_writer_wakes_every_waiting_call_with_the_reason() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    let last = log.last_seq();
+    f.rt.block_on(log.durable(last)).unwrap();
+    let err = f.rt.block_on(async {
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.durable(last + 10).await }
+        });
+        tokio::task::yield_now().await;
+        log.fail("the disk went away");
+        waiting.await.unwrap().unwrap_err()
+    });
+    assert!(
+        matches!(&err, Error::Audit(AuditError::Unavailable(m)) if m.contains("the disk went away")),
+        "{err:?}"
+    );
+    // Nothing is accepted after that, and a new wait fails at once.
+    assert!(log.append(json!({"type": "x"})).is_err());
+    assert!(f.rt.block_on(log.durable(last + 10)).is_err());
+    assert!(
+        f.rt.block_on(log.durable(last)).is_ok(),
+        "what was durable stays so"
+    );
+}
+
+#[test]
+fn concurrent_calls_share_batches_and_every_answered_record_is_sealed() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let mut answered = Vec::new();
+                for i in 0..40 {
+                    let own = log.begin_records();
+                    for k in 0..1 + (t + i) % 3 {
+                        log.append(
+                            json!({"type": "x509_svid_issued", "serial": format!("{t}-{i}-{k}")}),
+                        )
+                        .unwrap();
+                    }
+                    let seq = own.finish().unwrap();
+                    rt.block_on(log.durable(seq)).unwrap();
+                    answered.push(seq);
+                }
+                answered
+            })
+        })
+        .collect();
+    let answered: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    // Every answered record was on disk and sealed when its call was answered: the
+    // log as it is now (before close) has a seal at or after each.
+    let lines = f.lines();
+    let last_seal = lines
+        .iter()
+        .filter(|l| l.contains("\"seal\":"))
+        .map(|l| seq_of(l))
+        .max()
+        .unwrap();
+    assert!(answered.iter().all(|s| *s < last_seal));
+    let r = f.verify().unwrap();
+    assert_eq!(r.unsigned_tail, 0);
+    let events = lines.iter().filter(|l| l.contains("\"event\":")).count();
+    assert!(
+        (r.seals as usize) < events,
+        "concurrent calls shared batches: {} seals for {events} events",
+        r.seals
+    );
+    f.rt.block_on(log.close()).unwrap();
+}

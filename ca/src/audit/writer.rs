@@ -1,8 +1,15 @@
 //! The writer thread: it waits for records, ends each batch with a seal, writes and
-//! `fdatasync`s the batch, answers the callers waiting on it, pushes a checkpoint when
-//! the log has been idle past one, and moves the anchors (datastore, signed
-//! `head.json`) after the log, at most [`HEAD_EVERY`] behind. A failed write fails
-//! the log closed.
+//! `fdatasync`s the batch (records accepted meanwhile form the next one: group
+//! commit), wakes the calls whose records it covers (only those), pushes a checkpoint
+//! when the log has been idle past one, and moves the anchors (datastore, signed
+//! `head.json`) after the log, at most [`HEAD_EVERY`] behind. A failed write fails the
+//! log closed and every waiting call with it.
+//!
+//! Tried or measured and left out (docs/performance.md, "Audit log on and off"): a
+//! window holding a batch open while calls are still minting (no effect beyond the
+//! noise), `O_DSYNC`, and preallocated zero-filled segments (faster syncs on a quiet
+//! disk, but zeros after the last record in a file operators and tools read as JSON
+//! lines).
 
 use std::fs::File;
 use std::io::Write;
@@ -20,8 +27,21 @@ use super::log::{io, AuditLog};
 const HEAD_EVERY: Duration = Duration::from_millis(50);
 
 impl AuditLog {
-    /// The writer thread's loop; returns when the log fails or its lock is poisoned.
-    pub(super) fn run_writer(self: Arc<Self>, mut file: File) {
+    /// The writer thread: its loop, and then (however it ends, a panic included) no
+    /// call is left waiting for a sync that will not come.
+    pub(super) fn run_writer(self: Arc<Self>, file: File) {
+        struct CloseWaiters(Arc<AuditLog>);
+        impl Drop for CloseWaiters {
+            fn drop(&mut self) {
+                self.0.close_waiters();
+            }
+        }
+        let _close = CloseWaiters(self.clone());
+        self.write_loop(file);
+    }
+
+    /// The writer's loop; returns when the log fails or its lock is poisoned.
+    fn write_loop(self: &Arc<Self>, mut file: File) {
         let mut last_head = Instant::now()
             .checked_sub(HEAD_EVERY)
             .unwrap_or_else(Instant::now);
@@ -78,7 +98,7 @@ impl AuditLog {
                 if let Ok(mut s) = self.sealed.lock() {
                     s.latest = Some(sealed);
                 }
-                self.shared.durable.send_replace(seq);
+                self.publish(seq);
                 head_due = true;
             }
             // The anchors trail the log by at most HEAD_EVERY: signing the head and
@@ -92,11 +112,41 @@ impl AuditLog {
     }
 
     /// Fail closed: no further record is accepted, so nothing more is issued.
-    fn fail(&self, e: &str) {
+    pub(super) fn fail(&self, e: &str) {
         tracing::error!(event = "audit_write_failed", error = %e, "audit log write failed; refusing all issuance");
         if let Ok(mut f) = self.shared.failed.lock() {
             *f = Some(e.to_string());
         }
+        self.close_waiters();
+    }
+
+    /// Everything up to `seq` is durable and sealed: wakes the calls waiting for it.
+    pub(super) fn publish(&self, seq: u64) {
+        let ready: Vec<_> = match self.shared.waiters.lock() {
+            Ok(mut w) => {
+                w.durable = seq;
+                w.queue
+                    .extract_if(.., |(awaited, _)| *awaited <= seq)
+                    .map(|(_, wake)| wake)
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        for wake in ready {
+            let _ = wake.send(());
+        }
+    }
+
+    /// Nothing more will become durable: the waiting calls fail (their wake-ups dropped).
+    fn close_waiters(&self) {
+        let dropped = match self.shared.waiters.lock() {
+            Ok(mut w) => {
+                w.closed = true;
+                std::mem::take(&mut w.queue)
+            }
+            Err(_) => return,
+        };
+        drop(dropped);
     }
 
     /// Moves the anchors (datastore, signed `head.json`) to the last sealed record.

@@ -175,8 +175,19 @@ fn issued_serials(server: &Server) -> HashMap<String, usize> {
     counts
 }
 
-#[test]
-fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
+/// How many calls mint at once, with how many CSRs each, over how many connections.
+struct Storm {
+    clients: usize,
+    csrs_per_call: usize,
+    connections: usize,
+    /// Serials to receive before the kill.
+    before_kill: usize,
+}
+
+/// Mints with `storm.clients` concurrent calls, kills the server with SIGKILL while
+/// calls are in flight, restarts it: `audit verify` passes and every serial a client
+/// received is in the log exactly once.
+fn kill_9_during(storm: Storm) {
     let mut server = Server::start(TD);
     let agent = Agent::start(&server);
     let entry = entry_for_my_uid(&server, &agent, "spiffe://example.org/storm", &["--shared"]);
@@ -194,33 +205,43 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
         format!("spiffe://{TD}/ztid/server"),
     ));
     let _guard = rt.enter();
-    let client = connect(addr, verifier, Some(svid.certified_key().unwrap())).unwrap();
+    let clients: Vec<_> = (0..storm.connections)
+        .map(|_| connect(addr, verifier.clone(), Some(svid.certified_key().unwrap())).unwrap())
+        .collect();
     let csrs: Vec<Vec<u8>> = (0..64)
         .map(|_| csr_for("spiffe://example.org/storm"))
         .collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for t in 0..8 {
+    for t in 0..storm.clients {
         let (mut c, received, stop, csrs, entry) = (
-            client.clone(),
+            clients[t % clients.len()].clone(),
             received.clone(),
             stop.clone(),
             csrs.clone(),
             entry.clone(),
         );
+        let (in_flight, most_in_flight) = (in_flight.clone(), most_in_flight.clone());
+        let per_call = storm.csrs_per_call;
         tasks.push(rt.spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
             let mut i = t;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 let req = pb::SignX509SvidsRequest {
-                    requests: (0..4)
+                    requests: (0..per_call)
                         .map(|k| pb::SvidRequest {
                             entry_id: entry.clone(),
                             csr: csrs[(i + k) % csrs.len()].clone(),
                         })
                         .collect(),
                 };
-                i += 4;
-                match c.sign_x509_svids(req).await {
+                i += per_call;
+                most_in_flight.fetch_max(in_flight.fetch_add(1, Relaxed) + 1, Relaxed);
+                let answer = c.sign_x509_svids(req).await;
+                in_flight.fetch_sub(1, Relaxed);
+                match answer {
                     Ok(r) => {
                         for res in r.into_inner().results {
                             if let Some(pb::svid_result::Result::Svid(s)) = res.result {
@@ -235,10 +256,11 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
             }
         }));
     }
-    wait_for("the storm to mint", Duration::from_secs(30), || {
-        (received.lock().unwrap().len() > 300).then_some(())
+    wait_for("the storm to mint", Duration::from_secs(60), || {
+        (received.lock().unwrap().len() > storm.before_kill).then_some(())
     });
     // kill -9 while requests are in flight.
+    let in_flight_at_kill = in_flight.load(std::sync::atomic::Ordering::Relaxed);
     server.proc.as_mut().unwrap().child.kill().unwrap();
     let _ = server.proc.as_mut().unwrap().child.wait();
     std::thread::sleep(Duration::from_millis(200)); // let in-flight calls fail against the dead server
@@ -252,23 +274,56 @@ fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
     assert!(v.stdout.contains("audit log OK"), "{}", v.stdout);
     let logged = issued_serials(&server);
     let received = received.lock().unwrap().clone();
-    assert!(received.len() > 300);
+    assert!(received.len() > storm.before_kill);
     for s in &received {
         assert_eq!(
             logged.get(s),
             Some(&1),
-            "serial {s} received by the agent must be in the log exactly once"
+            "serial {s} received by a client must be in the log exactly once"
         );
     }
     assert!(
         logged.values().all(|n| *n == 1),
         "no serial is logged twice"
     );
-    println!(
-        "{} serials received, {} logged, all received ones present exactly once",
-        received.len(),
-        logged.len()
+    let most = most_in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        most >= storm.clients / 2,
+        "the storm had {most} calls in flight at most, not the {} it is about",
+        storm.clients
     );
+    let log = std::fs::read_to_string(server.data_dir().join("audit/audit.log")).unwrap();
+    println!(
+        "{} clients: {} serials received, {} logged, all received ones present exactly once; {} calls in flight at the kill (at most {}), {} seals (batches) in the log",
+        storm.clients,
+        received.len(),
+        logged.len(),
+        in_flight_at_kill,
+        most,
+        log.matches("\"seal\":").count()
+    );
+}
+
+#[test]
+fn kill_9_during_a_mint_storm_loses_no_issued_serial() {
+    kill_9_during(Storm {
+        clients: 8,
+        csrs_per_call: 4,
+        connections: 1,
+        before_kill: 300,
+    });
+}
+
+/// Many small batches in flight at once: 32 calls of one CSR over two connections,
+/// so the writer seals and syncs batch after batch while calls keep arriving.
+#[test]
+fn kill_9_with_many_batches_in_flight_loses_no_issued_serial() {
+    kill_9_during(Storm {
+        clients: 32,
+        csrs_per_call: 1,
+        connections: 2,
+        before_kill: 600,
+    });
 }
 
 #[test]

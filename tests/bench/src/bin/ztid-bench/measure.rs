@@ -197,6 +197,12 @@ pub fn foreign_max() -> f64 {
     FOREIGN.lock().unwrap().0
 }
 
+/// The largest share of the machine other processes used in any window since the
+/// last call (for a benchmark reporting it per row).
+pub fn take_foreign_max() -> f64 {
+    std::mem::take(&mut FOREIGN.lock().unwrap().0)
+}
+
 /// Waits (at most `max`) until other processes use under 5% of the machine for 2 s.
 pub fn wait_machine_quiet(max: Duration) -> (f64, Duration) {
     let start = Instant::now();
