@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use ztid_proto::node::{self as pb, node_server::Node};
 use ztid_verifier::VerifierStep;
 
+use crate::audit::{AuditLog, OwnRecords};
 use crate::core::sync::{
     AgentRevocations, ChangeFeed, FeedRegistration, FeedState, RevocationMemo, SyncRequest,
 };
@@ -88,6 +89,17 @@ impl NodeApi {
 
     /// Audits the refusal of one request of an authenticated agent's batch, within the
     /// bounds counted per agent.
+    /// Waits until this call's records (the last is `own`, from [`OwnRecords::finish`])
+    /// are durable and sealed; only those, so a call is answered right after the sync
+    /// of its own batch, not that of records other calls appended after it. A call
+    /// that appended nothing waits for every record so far, as before.
+    async fn own_records_durable(&self, own: Option<u64>) -> crate::Result<()> {
+        match (&self.core.audit, own) {
+            (Some(audit), Some(seq)) => audit.durable(seq).await,
+            _ => self.core.audit_barrier().await,
+        }
+    }
+
     fn refuse_for_agent(&self, agent: &AuthenticatedAgent, e: &Error, event: serde_json::Value) {
         crate::metrics::node_api_refused(e);
         self.refusals.record(
@@ -241,6 +253,7 @@ impl Node for NodeApi {
             limits::check_len("entry_id (bytes)", &r.entry_id, limits::MAX_OBJECT_ID_BYTES)?;
             limits::check_csr_size("workload CSR (bytes)", &r.csr)?;
         }
+        let own = self.core.audit.as_deref().map(AuditLog::begin_records);
         let results = reqs
             .iter()
             .map(|r| {
@@ -260,7 +273,8 @@ impl Node for NodeApi {
             })
             .collect();
         // No SVID leaves before its audit record is durable (one sync for the batch).
-        self.core.audit_barrier().await?;
+        self.own_records_durable(own.and_then(OwnRecords::finish))
+            .await?;
         Ok(Response::new(pb::SignX509SvidsResponse { results }))
     }
 
@@ -296,6 +310,7 @@ impl Node for NodeApi {
                 return Err(e.into());
             }
         }
+        let own = self.core.audit.as_deref().map(AuditLog::begin_records);
         let results = reqs
             .iter()
             .zip(&audiences)
@@ -315,7 +330,8 @@ impl Node for NodeApi {
                 pb::JwtResult { result: Some(result) }
             })
             .collect();
-        self.core.audit_barrier().await?;
+        self.own_records_durable(own.and_then(OwnRecords::finish))
+            .await?;
         Ok(Response::new(pb::MintJwtSvidsResponse { results }))
     }
 
