@@ -29,6 +29,45 @@ pub struct FleetOpts {
     pub agents: usize,
     pub interval: Duration,
     pub window: Duration,
+    /// Each agent also holds a `WatchChanges` stream open (issue 17): server memory
+    /// with and without the streams, and `changes` rounds of notice fan-out.
+    pub watch: Option<WatchOpts>,
+}
+
+pub struct WatchOpts {
+    /// Changes whose notices are timed to every stream (each a node alias entry created,
+    /// then deleted: two changes per round).
+    pub rounds: usize,
+}
+
+/// What the watch streams measured.
+#[derive(Default)]
+pub struct Streams {
+    /// Streams that delivered their first notice / that failed to open.
+    pub opened: usize,
+    pub open_failed: usize,
+    /// Time to open every stream, 64 at a time, and get its first notice.
+    pub open_secs: f64,
+    /// Streams per server.
+    pub per_server: Vec<usize>,
+    /// Server VmRSS with every agent's connection open and synced, before the streams
+    /// (quiet), and with the streams open (quiet).
+    pub rss_without: Vec<u64>,
+    pub rss_with: Vec<u64>,
+    /// Changes timed.
+    pub changes: usize,
+    /// Per change: the write's start → the notice on every stream (the last stream).
+    pub fanout_all: Lat,
+    /// Per change and stream: the write's start → the notice on that stream.
+    pub fanout_each: Lat,
+    /// Per change: the write itself (`DataStore::create_entry` / `delete_entry` from
+    /// this process, its commit and `pg_notify` included).
+    pub write: Lat,
+    /// (change, stream) pairs whose notice did not come within the timeout.
+    pub missed: u64,
+    /// Streams that ended before the end of the window.
+    pub ended_early: u64,
+    pub first_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -58,6 +97,7 @@ pub struct Fleet {
     pub bench_rss: u64,
     /// An error seen, for the report.
     pub first_error: Option<String>,
+    pub streams: Option<Streams>,
 }
 
 impl Fleet {
@@ -341,6 +381,15 @@ pub fn run(
     for &p in pids {
         crate::measure::wait_quiet(p, Duration::from_secs(30));
     }
+    let watching = o.watch.as_ref().map(|w| {
+        let ok: Vec<Arc<Member>> = members
+            .iter()
+            .zip(&state)
+            .filter(|(_, s)| s.is_some())
+            .map(|(m, _)| m.clone())
+            .collect();
+        watch(rt, store, &ok, pids, w)
+    });
 
     // ---- the window: every agent syncs every interval, spread evenly over it
     let active: Vec<(Arc<Member>, u64, u64)> = members
@@ -442,6 +491,13 @@ pub fn run(
     }
     f.lat = Lat::of(lat);
     f.late = Lat::of(late);
+    if let Some((mut st, w)) = watching {
+        st.ended_early = w.ended.load(Ordering::Relaxed);
+        for h in &w.tasks {
+            h.abort();
+        }
+        f.streams = Some(st);
+    }
     f.rss_after = pids.iter().map(|&p| status_kib(p, "VmRSS")).collect();
     f.hwm_after = pids.iter().map(|&p| status_kib(p, "VmHWM")).collect();
     f.bench_rss = status_kib(std::process::id(), "VmRSS");
@@ -469,4 +525,201 @@ fn ztid_attestation_hash(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// The watch streams of the fleet, open until the end of the window.
+struct Watching {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Streams that ended (cleanly or not) while they were meant to stay open.
+    ended: Arc<AtomicU64>,
+}
+
+/// Notices one stream received: (entry revision, when).
+type Arrivals = Arc<std::sync::Mutex<Vec<(u64, Instant)>>>;
+
+/// How long a notice may take before it counts as missed.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node alias entry that matches no agent: whom it concerns is unknown to the feed
+/// (it may change any agent's aliases), so its notice goes to every stream.
+fn fanout_entry(i: usize) -> ztid_ca::datastore::EntryRecord {
+    let mut e = crate::pg::bulk_entry(u64::MAX / 2 + i as u64, crate::measure::now_unix());
+    e.spiffe_id = format!("spiffe://{TD}/bench-fanout/{i}");
+    e.parent_id = format!("spiffe://{TD}/ztid/server");
+    e.selectors = vec![
+        ztid_spiffe::Selector::parse(&format!("join-token:id:bench-fanout-{i}")).expect("selector"),
+    ];
+    e.node = true;
+    e
+}
+
+/// Opens a `WatchChanges` stream per member (on its own connection, as `ztid-agent`
+/// does), measures the servers' RSS before and after, and times `rounds` node-alias
+/// creations and deletions from the write's return to each stream's notice.
+fn watch(
+    rt: &tokio::runtime::Runtime,
+    store: &dyn DataStore,
+    members: &[Arc<Member>],
+    pids: &[u32],
+    o: &WatchOpts,
+) -> (Streams, Watching) {
+    let n = members.len();
+    let mut st = Streams {
+        rss_without: pids.iter().map(|&p| status_kib(p, "VmRSS")).collect(),
+        per_server: vec![0; pids.len()],
+        ..Default::default()
+    };
+    log(format!(
+        "  opening {n} WatchChanges streams; server VmRSS without them: {:?} KiB",
+        st.rss_without
+    ));
+    let arrivals: Vec<Arrivals> = (0..n).map(|_| Arrivals::default()).collect();
+    let ended = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let sem = Arc::new(Semaphore::new(64));
+    let (tasks, opened): (Vec<_>, Vec<_>) = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(n);
+        let mut opened = Vec::with_capacity(n);
+        for (m, arr) in members.iter().zip(&arrivals) {
+            let (m, arr, ended, sem) = (m.clone(), arr.clone(), ended.clone(), sem.clone());
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+            tasks.push(tokio::spawn(async move {
+                let mut c = m.client.clone();
+                // Released at the first notice: 64 streams being opened at a time.
+                let mut permit = Some(sem.acquire_owned().await.unwrap());
+                let mut s = match tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    c.watch_changes(pb::WatchChangesRequest {}),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s.into_inner(),
+                    Ok(Err(e)) => {
+                        let _ = first_tx.send(Err(format!("{:?}: {}", e.code(), e.message())));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = first_tx.send(Err("timeout".into()));
+                        return;
+                    }
+                };
+                let mut first = Some(first_tx);
+                loop {
+                    match s.message().await {
+                        Ok(Some(notice)) => {
+                            if let Some(tx) = first.take() {
+                                permit.take();
+                                let _ = tx.send(Ok(()));
+                            } else {
+                                arr.lock()
+                                    .unwrap()
+                                    .push((notice.entry_revision, Instant::now()));
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            ended.fetch_add(1, Ordering::Relaxed);
+                            if let Some(tx) = first.take() {
+                                let _ = tx.send(Err("ended before its first notice".into()));
+                            }
+                            return;
+                        }
+                    }
+                }
+            }));
+            opened.push(first_rx);
+        }
+        let mut out = Vec::with_capacity(n);
+        for rx in opened {
+            out.push(rx.await.unwrap_or_else(|_| Err("task ended".into())));
+        }
+        (tasks, out)
+    });
+    st.open_secs = t0.elapsed().as_secs_f64();
+    let mut live = Vec::with_capacity(n);
+    for (k, r) in opened.iter().enumerate() {
+        match r {
+            Ok(()) => {
+                st.opened += 1;
+                st.per_server[members[k].server] += 1;
+                live.push(k);
+            }
+            Err(e) => {
+                st.open_failed += 1;
+                st.first_error.get_or_insert(format!("watch: {e}"));
+            }
+        }
+    }
+    for &p in pids {
+        crate::measure::wait_quiet(p, Duration::from_secs(30));
+    }
+    st.rss_with = pids.iter().map(|&p| status_kib(p, "VmRSS")).collect();
+    log(format!(
+        "  {} streams open in {:.1} s ({} failed, per server {:?}); server VmRSS with them: {:?} KiB",
+        st.opened, st.open_secs, st.open_failed, st.per_server, st.rss_with
+    ));
+
+    // ---- fan-out: one change at a time, every stream's notice awaited
+    let (mut all, mut each, mut writes) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..o.rounds {
+        let mut id: Option<String> = None;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let revision = if let Some(id) = id.take() {
+                store.delete_entry(&id).expect("delete the fan-out entry");
+                store.current_revision().expect("revision")
+            } else {
+                let e = store
+                    .create_entry(fanout_entry(i))
+                    .expect("create the fan-out entry");
+                id = Some(e.id);
+                e.revision
+            };
+            writes.push(t.elapsed());
+            // From the write's start: a notice may come before the write's answer (the
+            // commit sends it).
+            let deadline = t + NOTICE_TIMEOUT;
+            let arrival = |k: usize| {
+                arrivals[k]
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(r, at)| *r >= revision && *at >= t)
+                    .map(|(_, at)| at.saturating_duration_since(t))
+            };
+            loop {
+                let got: Vec<Option<Duration>> = live.iter().map(|&k| arrival(k)).collect();
+                if got.iter().all(Option::is_some) || Instant::now() >= deadline {
+                    let mut last = Duration::ZERO;
+                    for g in got {
+                        match g {
+                            Some(d) => {
+                                last = last.max(d);
+                                each.push(d);
+                            }
+                            None => st.missed += 1,
+                        }
+                    }
+                    all.push(last);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            st.changes += 1;
+        }
+    }
+    st.fanout_all = Lat::of(all);
+    st.fanout_each = Lat::of(each);
+    st.write = Lat::of(writes);
+    log(format!(
+        "  fan-out of {} changes to {} streams: all reached p50 {:?} max {:?}; per stream p50 {:?} p99 {:?}; {} missed; write p50 {:?}",
+        st.changes,
+        live.len(),
+        st.fanout_all.p50,
+        st.fanout_all.max,
+        st.fanout_each.p50,
+        st.fanout_each.p99,
+        st.missed,
+        st.write.p50
+    ));
+    (st, Watching { tasks, ended })
 }

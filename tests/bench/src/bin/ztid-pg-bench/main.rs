@@ -15,7 +15,10 @@
 //!    syncing every few seconds (`SyncEntries` since its last revision) against 3 servers
 //!    round-robin: sync latency and server/PostgreSQL CPU per sync;
 //!
-//! and prints a markdown section (also written to `--out`).
+//! and prints a markdown section (also written to `--out`). With `--watch` each fleet
+//! agent also holds a `WatchChanges` stream (issue 17): server memory per stream and the
+//! fan-out of one change to every stream. `--streams-only` measures just that, at
+//! `--stream-agents` agents (1,000) on 1 and then 2 servers (`--stream-servers`).
 //!
 //! Run: `cargo build --release -p ztid-bench --bin ztid-pg-bench` then
 //! `target/release/ztid-pg-bench` (it builds release `ztid-server` and `ztid-agent`
@@ -35,6 +38,7 @@ mod fleet;
 mod mint;
 mod pg;
 mod report;
+mod streams;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -105,6 +109,24 @@ pub struct Opts {
     /// A short smoke run: 20,000 entries, 300 agents for 10 s, 1 s loads.
     #[arg(long)]
     pub quick: bool,
+    /// Each fleet agent also holds a `WatchChanges` stream open (issue 17): server
+    /// VmRSS with and without the streams, and the notice fan-out.
+    #[arg(long)]
+    pub watch: bool,
+    /// Fan-out rounds with streams (a node alias created, then deleted: 2 changes each).
+    #[arg(long, default_value_t = 10)]
+    pub watch_rounds: usize,
+    /// Only the streams measurement (implies `--watch`): per server count in
+    /// `--stream-servers`, a fresh small database, that many servers and
+    /// `--stream-agents` agents; nothing else is run.
+    #[arg(long)]
+    pub streams_only: bool,
+    /// Simulated agents of `--streams-only`.
+    #[arg(long, default_value_t = 1000)]
+    pub stream_agents: usize,
+    /// Server counts of `--streams-only`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub stream_servers: Vec<usize>,
 }
 
 impl Opts {
@@ -337,6 +359,28 @@ fn main() {
     let pg = TestPostgres::start();
     let pg_settings = pg::settings(&pg);
     let postmaster = pg::postmaster_pid(&pg);
+    if opts.streams_only {
+        let fleets = streams::run(&rt, &pg, postmaster, &opts);
+        let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let md = streams::markdown(
+            &fleets,
+            &opts,
+            release,
+            &git,
+            &date,
+            (load_start.trim(), load_end.trim()),
+            t_run.elapsed(),
+        );
+        println!("{md}");
+        let out = opts
+            .out
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("target/ztid-pg-bench-streams.md"));
+        std::fs::write(&out, &md).expect("write the section");
+        log(format!("wrote {}", out.display()));
+        drop(pg);
+        return;
+    }
     let db_small = pg::Db::new(&pg, ztid_test_support::postgres::DATABASE);
     let db_big = pg::Db::new(&pg, "ztid_big");
     let cfg_small = db_small.config("server.toml");
@@ -533,6 +577,9 @@ fn main() {
             agents: opts.agents,
             interval: Duration::from_secs_f64(opts.sync_interval),
             window: Duration::from_secs_f64(opts.fleet_secs),
+            watch: opts.watch.then_some(fleet::WatchOpts {
+                rounds: opts.watch_rounds,
+            }),
         },
     );
     drop(loader_big);

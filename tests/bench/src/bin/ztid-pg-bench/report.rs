@@ -559,6 +559,7 @@ impl Report {
         if let Some(e) = &f.first_error {
             let _ = writeln!(s, "| first error seen | `{}` |", e.replace('|', "/"));
         }
+        s.push_str(&crate::streams::rows(f));
         s.push('\n');
         s
     }
