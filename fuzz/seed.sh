@@ -174,6 +174,19 @@ seed("selector", "all", "\n".join([
     "tdx:rtmr0:" + "44" * 48, "tdx:rtmr3:" + "00" * 48, "tdx:mrconfigid:" + "00" * 48, "multi:method:tpm"]))
 seed("selector", "json", json.dumps("unix:uid:1000"))
 
+# ---------------------------------------------------------------- cgroup files
+cid = "3f" * 32
+for n, body in {
+    "v2-docker": f"0::/system.slice/docker-{cid}.scope\n",
+    "v1-podman": f"12:pids:/libpod_parent/libpod-{cid}\n11:memory:/libpod_parent/libpod-{cid}\n1:name=systemd:/libpod_parent/libpod-{cid}\n0::/\n",
+    "v1-cri": f"5:cpu,cpuacct:/kubepods/besteffort/pod0b4f2c1e-1111-2222-3333-444455556666/{cid}\n",
+    "v2-crio": f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/crio-{cid}.scope\n",
+    "v2-ctr": f"0::/default/{cid}\n",
+    "v2-unit": "0::/system.slice/ztid-agent.service\n",
+    "v2-user": f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/libpod-{cid}.scope\n",
+}.items():
+    seed("cgroup_file", n, body)
+
 # ---------------------------------------------------------------- bundles
 def b64u(b):
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
