@@ -199,6 +199,7 @@ pub fn foreign_max() -> f64 {
 
 /// The largest share of the machine other processes used in any window since the
 /// last call (for a benchmark reporting it per row).
+#[allow(dead_code, reason = "used by ztid-audit-bench, which shares this file")]
 pub fn take_foreign_max() -> f64 {
     std::mem::take(&mut FOREIGN.lock().unwrap().0)
 }
