@@ -29,6 +29,9 @@ pub struct Fresh {
     pub wall: Lat,
     pub failures: usize,
     pub cpu: [f64; 3],
+    /// The samples of `lat` and `connect`, unsorted (to pool rounds).
+    pub raw: Vec<Duration>,
+    pub raw_connect: Vec<Duration>,
 }
 
 /// Both cases; `pids` are (server, agent).
@@ -97,7 +100,7 @@ pub fn fetch_latency(
 }
 
 /// Up to `max_n` worker processes, one after the other, for at most `dur`.
-fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)) -> Fresh {
+pub fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)) -> Fresh {
     // Warm-up: a few processes whose figures are not kept.
     for _ in 0..5 {
         let _ = spawn_worker("worker", endpoint).wait_with_output();
@@ -123,6 +126,8 @@ fn fresh_processes(endpoint: &str, max_n: usize, dur: Duration, pids: (u32, u32)
         }
     }
     Fresh {
+        raw: lats.clone(),
+        raw_connect: connects.clone(),
         lat: Lat::of(lats),
         connect: Lat::of(connects),
         wall: Lat::of(walls),

@@ -27,6 +27,7 @@ mod entries;
 mod fetch_latency;
 mod measure;
 mod memory;
+mod new_process;
 mod node_api;
 mod raw_crypto;
 mod report;
@@ -80,6 +81,12 @@ struct Cli {
     /// Write the document here instead of docs/performance.md.
     #[arg(long, value_name = "PATH", overrides_with = "no_doc")]
     out: Option<PathBuf>,
+    /// Measure only (b) for new processes and held identities, alternating between an
+    /// agent without and one with a pool of N SVIDs minted ahead; prints a table and
+    /// writes no document.
+    #[arg(long = "new-process-only", value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
+    new_process_only: Option<usize>,
 }
 
 /// Internal modes: the worker processes this benchmark starts from its own binary.
@@ -205,6 +212,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if let Some(pool) = cli.new_process_only {
+        new_process::run(&rt, &opts, pool);
+        return;
+    }
 
     // ---- a quiet machine first: other processes' CPU would be measured as ours
     let quiet_start = measure::wait_machine_quiet(Duration::from_secs_f64(opts.wait_quiet));
