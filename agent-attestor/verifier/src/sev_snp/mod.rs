@@ -26,6 +26,12 @@
 //! Time is always a parameter (`AttestationContext::now`, or `--at` for
 //! `ztid-server evidence verify`).
 //!
+//! Certificates are parsed once per exact DER (bounded cache), and a signature that
+//! verified is remembered per exact (issuer, certificate or CRL) pair: a chip's VCEK, one
+//! per chip ID and reported TCB, costs its RSA-4096 check once per process, and the
+//! built-in ARK/ASK/ASVK signatures are checked the first time a chain goes through
+//! them. Dates, CRL contents and every check on the report run at every call.
+//!
 //! # Configuration (`[attestors.sev_snp]`)
 //!
 //! | key | meaning | default |
