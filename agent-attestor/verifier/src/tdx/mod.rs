@@ -29,7 +29,7 @@
 //!
 //! What is parsed from a collateral file (the JSON, the dates of its four dated items) is
 //! kept per verifier and file, with the file's exact bytes (at most
-//! [`COLLATERAL_CACHE_MAX`] files): it is used only while the bytes read at a
+//! 64 files): it is used only while the bytes read at a
 //! verification equal those bytes, so any changed byte is parsed afresh. (A byte
 //! comparison binds at least as much as a digest, and costs a microsecond where
 //! SHA-256 of the ~20 KB file costs fifteen.) The dates are compared with the
@@ -38,7 +38,7 @@
 //! verified earlier). Whether the directory holds `collateral-<fmspc>.json`
 //! files is remembered per directory modification time (listed again while that time is
 //! less than 2 s old, so a change within the file system's timestamp granularity is not
-//! missed); only then is the quote's PCK certificate parsed for its FMSPC.
+//! missed); only when it holds some is the quote's PCK certificate parsed for its FMSPC.
 //!
 //! Fetching from Intel PCS is optional and off by default: with `pcs_fetch` unset or
 //! `false` nothing is ever fetched. With `pcs_fetch = true`, a quote whose FMSPC has no
@@ -313,7 +313,7 @@ fn parse_collateral(path: &Path, bytes: &[u8]) -> Result<QuoteCollateralV3, Erro
 }
 
 /// Most collateral files a verifier keeps parsed (a fleet has one per platform model).
-pub(crate) const COLLATERAL_CACHE_MAX: usize = 64;
+const COLLATERAL_CACHE_MAX: usize = 64;
 
 /// A collateral file parsed once per exact content.
 struct Parsed {
