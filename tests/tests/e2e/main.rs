@@ -25,7 +25,6 @@ mod readme;
 mod refusals;
 mod rotation;
 mod svid_pool;
-mod svid_pool;
 mod tee_fetch;
 mod tee_snp;
 mod tee_snp_synthetic;
