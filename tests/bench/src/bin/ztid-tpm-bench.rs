@@ -408,9 +408,11 @@ mod tests {
         let b = tpm2_tools_pcrblob(&pcrs);
         assert_eq!(b.len(), 4 + 16 * 8 + 4 + 4 + 8 * 66);
         assert_eq!(&b[4..10], &[0x0b, 0x00, 3, 0xff, 0, 0]);
-        assert_eq!(&b[136..140], &1u32.to_le_bytes());
-        assert_eq!(&b[144..146], &32u16.to_le_bytes());
-        assert_eq!(b[146], 0);
-        assert_eq!(b[146 + 66], 1);
+        // One TPML_DIGEST of 8 digests, PCR 0's value first, PCR 1's 66 bytes later.
+        assert_eq!(&b[132..136], &1u32.to_le_bytes());
+        assert_eq!(&b[136..140], &8u32.to_le_bytes());
+        assert_eq!(&b[140..142], &32u16.to_le_bytes());
+        assert_eq!(b[142], 0);
+        assert_eq!(b[142 + 66], 1);
     }
 }
