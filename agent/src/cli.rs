@@ -130,6 +130,10 @@ pub struct RunArgs {
     /// (default 30).
     #[arg(long, value_name = "SECONDS")]
     pub workload_idle_timeout: Option<u64>,
+    /// Per-instance identities minted ahead per entry set for new processes (default 2,
+    /// at most 16; 0 turns it off).
+    #[arg(long, value_name = "N")]
+    pub svid_pool_size: Option<usize>,
     /// Container runtime to attest workloads through, unix:///PATH (repeatable): its
     /// docker-compatible API (podman, docker). Gives container:* and k8s:* selectors,
     /// and systemd:unit. Off unless given.
@@ -279,6 +283,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = a.workload_idle_timeout {
         c.workload_idle_timeout_seconds = v;
+    }
+    if let Some(v) = a.svid_pool_size {
+        c.svid_pool_size = v;
     }
     if !a.container_socket.is_empty() {
         c.container_sockets = a.container_socket.clone();

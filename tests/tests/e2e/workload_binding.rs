@@ -493,7 +493,16 @@ struct PathEntryScene {
 impl PathEntryScene {
     async fn start() -> Self {
         let server = Server::start(TD);
-        let agent = Agent::start_with_args(&server, &["--workload-idle-timeout", LONG_IDLE]);
+        // No SVIDs minted ahead: a new process's first request must wait on the server.
+        let agent = Agent::start_with_args(
+            &server,
+            &[
+                "--workload-idle-timeout",
+                LONG_IDLE,
+                "--svid-pool-size",
+                "0",
+            ],
+        );
         let staging = Staging::new(NOBODY);
         let target = exec_target(&staging);
         entry(
