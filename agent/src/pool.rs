@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn only_an_exact_entry_set_matches() {
         let (a, b) = (entry("a"), entry("b"));
-        let pool = filled(&[a.clone()]);
+        let pool = filled(std::slice::from_ref(&a));
         assert!(pool.take(&[a.clone(), b.clone()], &view(101)).is_none());
         assert!(pool.take(&[b], &view(101)).is_none());
         assert!(pool.take(&[a], &view(101)).is_some());
