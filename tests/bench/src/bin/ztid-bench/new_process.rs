@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ztid_tests::{entry_for_my_uid, Agent, Server, READY_TIMEOUT};
 
 use crate::fetch_latency::{fresh_processes, Fresh};
-use crate::measure::{log, us, CpuWindow, Lat};
+use crate::measure::{log, us, Lat};
 use crate::node_api::server_pid_of;
 use crate::{Opts, BENCH_ID, TD};
 
