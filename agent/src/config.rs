@@ -118,8 +118,8 @@ impl AgentConfig {
     }
 
     /// The pool of SVIDs minted ahead.
-    pub fn svid_pool(&self) -> crate::pool::PoolConfig {
-        crate::pool::PoolConfig {
+    pub fn svid_pool(&self) -> crate::workloads::pool::PoolConfig {
+        crate::workloads::pool::PoolConfig {
             size: self.svid_pool_size,
             max_sets: self.svid_pool_max_sets,
             max_age_seconds: self.svid_pool_max_age_seconds,
@@ -188,15 +188,15 @@ impl AgentConfig {
                 "workload_idle_timeout_seconds must be between 1 and 86400".into(),
             ));
         }
-        if self.svid_pool_size > crate::pool::MAX_POOL_SIZE
-            || !(1..=crate::pool::MAX_POOL_SETS).contains(&self.svid_pool_max_sets)
+        if self.svid_pool_size > crate::workloads::pool::MAX_POOL_SIZE
+            || !(1..=crate::workloads::pool::MAX_POOL_SETS).contains(&self.svid_pool_max_sets)
             || !(1..=3600).contains(&self.svid_pool_max_age_seconds)
             || !(1..=86_400).contains(&self.svid_pool_idle_seconds)
         {
             return Err(Error::Config(format!(
                 "svid_pool_size must be at most {}, svid_pool_max_sets between 1 and {}, svid_pool_max_age_seconds between 1 and 3600, svid_pool_idle_seconds between 1 and 86400",
-                crate::pool::MAX_POOL_SIZE,
-                crate::pool::MAX_POOL_SETS
+                crate::workloads::pool::MAX_POOL_SIZE,
+                crate::workloads::pool::MAX_POOL_SETS
             )));
         }
         self.delegated_identity.validate_beside(&self.socket)?;

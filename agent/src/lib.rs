@@ -10,7 +10,6 @@ pub mod container;
 pub mod delegated_identity;
 pub mod metrics;
 pub mod node_client;
-pub mod pool;
 pub mod sds;
 pub mod servers;
 pub mod token_exchange;

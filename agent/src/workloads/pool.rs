@@ -25,7 +25,7 @@ use std::sync::Mutex;
 
 use ztid_proto::node as pb;
 
-use crate::workloads::{EntryCache, HeldSvid, REVOCATION_CLOCK_TOLERANCE_SECONDS};
+use super::{EntryCache, HeldSvid, REVOCATION_CLOCK_TOLERANCE_SECONDS};
 
 /// Most pooled instances per entry set.
 pub const MAX_POOL_SIZE: usize = 16;
@@ -404,7 +404,7 @@ impl SvidPool {
         };
         inner.entry_revocations = revoked_entries
             .iter()
-            .take(crate::workloads::MAX_REVOCATIONS)
+            .take(super::MAX_REVOCATIONS)
             .map(|r| (r.entry_id.clone(), r.revoked_at))
             .collect();
         let Inner {

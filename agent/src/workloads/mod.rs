@@ -28,7 +28,9 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 use ztid_proto::node as pb;
 
-use crate::pool::{PoolConfig, PoolView, PooledInstance, SvidPool};
+pub mod pool;
+
+use self::pool::{PoolConfig, PoolView, PooledInstance, SvidPool};
 use crate::selector::satisfies;
 use crate::servers::NodeConnections;
 use crate::workload_attestation::{
@@ -333,7 +335,7 @@ pub struct Workloads {
     /// What was revoked for each process, kept until it exits.
     revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
-    /// Per-instance SVIDs minted ahead for new processes (see [`crate::pool`]).
+    /// Per-instance SVIDs minted ahead for new processes (see [`pool`]).
     pool: SvidPool,
     /// Other trust domains' bundles from the server (by trust domain name) and their
     /// version; each workload sees only those its entries federate with.
@@ -362,7 +364,7 @@ impl Workloads {
         }
     }
 
-    /// The same, keeping a pool of per-instance SVIDs minted ahead (see [`crate::pool`]);
+    /// The same, keeping a pool of per-instance SVIDs minted ahead (see [`pool`]);
     /// [`Workloads::run_pool`] must then run in the background to fill it.
     pub fn with_pool(mut self, config: PoolConfig) -> Self {
         self.pool = SvidPool::new(config);
@@ -526,7 +528,7 @@ impl Workloads {
     ///
     /// A new instance takes a pooled instance minted ahead for exactly its per-instance
     /// entries, if one is fresh: its segment and SVIDs become this process's, under the
-    /// instance map's lock, and are never handed to another (see [`crate::pool`]).
+    /// instance map's lock, and are never handed to another (see [`pool`]).
     pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
         self.instance_for_key(InstanceKey::of(peer), true)
     }
