@@ -998,6 +998,41 @@ impl DelegatedIdentityApi {
         }
     }
 
+    /// A bundle subscription (X.509 or JWT): authorises the caller, takes a stream slot,
+    /// logs and reports the subscription as `method`, then streams `make` of the agent's
+    /// bundles (audited as `audit`) whenever they change.
+    async fn bundle_stream<Req, T: Send + 'static>(
+        &self,
+        request: &Request<Req>,
+        method: &str,
+        audit: &str,
+        make: impl Fn(&Workloads, &TrustBundle) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<ResponseStream<T>>, Status> {
+        let caller = self.authorize(request, method).await?;
+        let slot = self.slot(&caller)?;
+        tracing::info!(
+            event = "delegated_subscription",
+            method,
+            delegate = %caller.delegate,
+            caller_pid = ?caller.peer.pid,
+            caller_uid = caller.peer.uid,
+            "delegated identity subscription"
+        );
+        report(method, &caller, None, Vec::new());
+        let workloads = self.workloads.clone();
+        let stream = watch_stream(
+            caller,
+            self.authorizer(),
+            None,
+            None,
+            self.bundle.clone(),
+            slot,
+            audit.into(),
+            move |_, local| make(&workloads, local),
+        );
+        Ok(Response::new(stream))
+    }
+
     /// Every bundle the agent holds, keyed `spiffe://TD`.
     fn all_bundles(
         workloads: &Workloads,
@@ -1217,70 +1252,38 @@ impl DelegatedIdentity for DelegatedIdentityApi {
         &self,
         request: Request<dpb::SubscribeToX509BundlesRequest>,
     ) -> Result<Response<Self::SubscribeToX509BundlesStream>, Status> {
-        let caller = self.authorize(&request, "SubscribeToX509Bundles").await?;
-        let slot = self.slot(&caller)?;
-        tracing::info!(
-            event = "delegated_subscription",
-            method = "SubscribeToX509Bundles",
-            delegate = %caller.delegate,
-            caller_pid = ?caller.peer.pid,
-            caller_uid = caller.peer.uid,
-            "delegated identity subscription"
-        );
-        report("SubscribeToX509Bundles", &caller, None, Vec::new());
-        let workloads = self.workloads.clone();
-        let stream = watch_stream(
-            caller,
-            self.authorizer(),
-            None,
-            None,
-            self.bundle.clone(),
-            slot,
-            "x509-bundles".into(),
-            move |_, local| {
+        self.bundle_stream(
+            &request,
+            "SubscribeToX509Bundles",
+            "x509-bundles",
+            |workloads, local| {
                 Ok(dpb::SubscribeToX509BundlesResponse {
-                    ca_certificates: Self::all_bundles(&workloads, local, |b| Ok(b.x509_der()))?,
+                    ca_certificates: Self::all_bundles(workloads, local, |b| Ok(b.x509_der()))?,
                 })
             },
-        );
-        Ok(Response::new(stream))
+        )
+        .await
     }
 
     async fn subscribe_to_jwt_bundles(
         &self,
         request: Request<dpb::SubscribeToJwtBundlesRequest>,
     ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
-        let caller = self.authorize(&request, "SubscribeToJWTBundles").await?;
-        let slot = self.slot(&caller)?;
-        tracing::info!(
-            event = "delegated_subscription",
-            method = "SubscribeToJWTBundles",
-            delegate = %caller.delegate,
-            caller_pid = ?caller.peer.pid,
-            caller_uid = caller.peer.uid,
-            "delegated identity subscription"
-        );
-        report("SubscribeToJWTBundles", &caller, None, Vec::new());
-        let workloads = self.workloads.clone();
-        let stream = watch_stream(
-            caller,
-            self.authorizer(),
-            None,
-            None,
-            self.bundle.clone(),
-            slot,
-            "jwt-bundles".into(),
-            move |_, local| {
+        self.bundle_stream(
+            &request,
+            "SubscribeToJWTBundles",
+            "jwt-bundles",
+            |workloads, local| {
                 Ok(dpb::SubscribeToJwtBundlesResponse {
-                    bundles: Self::all_bundles(&workloads, local, |b| {
+                    bundles: Self::all_bundles(workloads, local, |b| {
                         b.jwks_json()
                             .map(String::into_bytes)
                             .map_err(|e| Status::internal(e.to_string()))
                     })?,
                 })
             },
-        );
-        Ok(Response::new(stream))
+        )
+        .await
     }
 
     async fn fetch_jwtsvi_ds(
