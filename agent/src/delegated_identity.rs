@@ -1370,27 +1370,7 @@ impl DelegatedIdentityApi {
         if to_mint.is_empty() {
             return Ok(out);
         }
-        let mint = npb::MintJwtSvidsRequest {
-            requests: to_mint
-                .iter()
-                .map(|(e, id)| npb::JwtRequest {
-                    entry_id: e.id.clone(),
-                    spiffe_id: id.clone(),
-                    audience: audience.to_vec(),
-                })
-                .collect(),
-        };
-        let resp = self
-            .workloads
-            .node()
-            .call("MintJWTSVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
-                let mint = mint.clone();
-                async move {
-                    c.mint_jwt_svids(mint)
-                        .await
-                        .map(tonic::Response::into_inner)
-                }
-            })
+        let resp = crate::workload_api::mint_jwt_svids(&self.workloads, &to_mint, audience)
             .await
             .map_err(|s| {
                 Status::unavailable(format!("could not obtain a JWT-SVID: {}", s.message()))

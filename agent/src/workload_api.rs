@@ -292,6 +292,36 @@ fn watch_stream<T: Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// Asks the server for a JWT-SVID of each `(entry, SPIFFE ID)` of `to_mint` for `audience`
+/// (one call; the Workload and Delegated Identity APIs each map its error their own way).
+pub(crate) async fn mint_jwt_svids(
+    workloads: &Workloads,
+    to_mint: &[(npb::Entry, String)],
+    audience: &[String],
+) -> Result<npb::MintJwtSvidsResponse, Status> {
+    let mint = npb::MintJwtSvidsRequest {
+        requests: to_mint
+            .iter()
+            .map(|(e, id)| npb::JwtRequest {
+                entry_id: e.id.clone(),
+                spiffe_id: id.clone(),
+                audience: audience.to_vec(),
+            })
+            .collect(),
+    };
+    workloads
+        .node()
+        .call("MintJWTSVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
+            let mint = mint.clone();
+            async move {
+                c.mint_jwt_svids(mint)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
@@ -427,27 +457,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
                 )));
             }
-            let mint = npb::MintJwtSvidsRequest {
-                requests: to_mint
-                    .iter()
-                    .map(|(e, id)| npb::JwtRequest {
-                        entry_id: e.id.clone(),
-                        spiffe_id: id.clone(),
-                        audience: audience.clone(),
-                    })
-                    .collect(),
-            };
-            let resp = self
-                .workloads
-                .node()
-                .call("MintJWTSVIDs", crate::servers::CALL_TIMEOUT, |mut c| {
-                    let mint = mint.clone();
-                    async move {
-                        c.mint_jwt_svids(mint)
-                            .await
-                            .map(tonic::Response::into_inner)
-                    }
-                })
+            let resp = mint_jwt_svids(&self.workloads, &to_mint, &audience)
                 .await
                 .map_err(|s| {
                     let why = format!("could not obtain a JWT-SVID: {}", s.message());
