@@ -167,6 +167,60 @@ impl Podman {
         ]);
         self.cmd(&args)
     }
+
+    /// Starts container `name` (with `extra` `podman run` options) from the client image,
+    /// the agent's socket mounted; its first process waits on a socket that never comes.
+    fn run_idle(&self, agent: &Agent, name: &str, extra: &[&str]) {
+        let mount = format!("{}:/ztid/api.sock", agent.socket().display());
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "--network=none",
+            "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=1024:1024",
+            "-v",
+            &mount,
+            "localhost/ztid-client:a",
+            "/ztid-agent",
+            "healthcheck",
+            "--socket",
+            "/nowhere.sock",
+            "--wait",
+            "600",
+        ]);
+        self.ok(&args);
+    }
+
+    /// Runs the Workload API client in running container `name` (`podman exec`).
+    fn exec_fetch(&self, name: &str) -> CliResult {
+        self.cmd(&[
+            "exec",
+            name,
+            "/ztid-agent",
+            "--output",
+            "json",
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            "/ztid/api.sock",
+        ])
+    }
+}
+
+/// A podman holding the client image `localhost/ztid-client:a`, a server and an agent
+/// that asks that podman about its callers' containers.
+fn podman_and_agent() -> (Podman, Server, Agent) {
+    let podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    podman.import(
+        &client_rootfs(&scratch.path().join("a"), None),
+        "localhost/ztid-client:a",
+    );
+    let server = Server::start(TD);
+    let socket = format!("unix://{}", podman.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    (podman, server, agent)
 }
 
 impl Drop for Podman {
@@ -746,6 +800,40 @@ impl Drop for KubepodsCgroup {
     }
 }
 
+/// Removes the directories (cgroups a test made) when dropped, in order.
+struct RemoveDirs(Vec<PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Runs the host's Workload API client from a shell that first moves itself into
+/// `cgroup`.
+fn fetch_from_cgroup(cgroup: &Path, agent: &Agent) -> CliResult {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} --output json api fetch x509 --socket {}",
+            cgroup.display(),
+            bin("ztid-agent").display(),
+            agent.socket().display()
+        ))
+        .output()
+        .unwrap()
+        .into()
+}
+
+/// Refused with no identity, and the refusal does not name `not_named`.
+fn assert_no_identity(r: &CliResult, not_named: &str) {
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("no identity issued"), "{}", r.stderr);
+    assert!(!r.stderr.contains(not_named), "{}", r.stderr);
+}
+
 /// The directory of systemd's cgroup hierarchy: its own v1 one (v1, hybrid), else the
 /// unified one.
 fn systemd_hierarchy() -> PathBuf {
@@ -765,104 +853,39 @@ fn a_process_in_a_systemd_unit_is_selected_by_it() {
     // A unit's cgroup as systemd makes it (this test is root; systemd need not run).
     let cgroup = systemd_hierarchy().join("system.slice").join(&unit);
     std::fs::create_dir_all(&cgroup).unwrap();
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _remove = Remove(cgroup.clone());
+    let _remove = RemoveDirs(vec![cgroup.clone()]);
     let selector = format!("systemd:unit:{unit}");
     entry(&server, &agent, "spiffe://example.org/unit", &[&selector]);
-    let in_unit = || -> CliResult {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec {} --output json api fetch x509 --socket {}",
-                cgroup.display(),
-                bin("ztid-agent").display(),
-                agent.socket().display()
-            ))
-            .output()
-            .unwrap()
-            .into()
-    };
     let got = wait_for("the unit's entry", READY_TIMEOUT, || {
-        let r = in_unit();
+        let r = fetch_from_cgroup(&cgroup, &agent);
         r.ok.then_some(r)
     });
     assert_one_of(&got, "spiffe://example.org/unit");
     // The same program outside the unit: refused, and no such selector.
     let outside = agent.cli(&["api", "fetch", "x509"]);
-    assert!(!outside.ok);
-    assert!(
-        outside.stderr.contains("no identity issued"),
-        "{}",
-        outside.stderr
-    );
-    assert!(!outside.stderr.contains(&selector), "{}", outside.stderr);
+    assert_no_identity(&outside, &selector);
 }
 
 #[test]
 fn processes_exec_d_into_a_container_and_a_restarted_container_are_attested() {
-    let podman = Podman::new();
-    let scratch = tempfile::tempdir().unwrap();
-    podman.import(
-        &client_rootfs(&scratch.path().join("a"), None),
-        "localhost/ztid-client:a",
-    );
-    let server = Server::start(TD);
-    let socket = format!("unix://{}", podman.socket().display());
-    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    let (podman, server, agent) = podman_and_agent();
     entry(
         &server,
         &agent,
         "spiffe://example.org/long",
         &["container:name:ct-long"],
     );
-    let mount = format!("{}:/ztid/api.sock", agent.socket().display());
     // A long-lived container: its first process waits on a socket that never comes.
-    podman.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "ct-long",
-        "--network=none",
-        "--ulimit=nofile=1024:1024",
-        "--ulimit=nproc=1024:1024",
-        "-v",
-        &mount,
-        "localhost/ztid-client:a",
-        "/ztid-agent",
-        "healthcheck",
-        "--socket",
-        "/nowhere.sock",
-        "--wait",
-        "600",
-    ]);
-    let fetch = || -> CliResult {
-        podman.cmd(&[
-            "exec",
-            "ct-long",
-            "/ztid-agent",
-            "--output",
-            "json",
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            "/ztid/api.sock",
-        ])
-    };
+    podman.run_idle(&agent, "ct-long", &[]);
     let first = wait_for("the container's entry", READY_TIMEOUT, || {
-        let r = fetch();
+        let r = podman.exec_fetch("ct-long");
         r.ok.then_some(r)
     });
     assert_one_of(&first, "spiffe://example.org/long");
     // Restarted: same ID, a new first process in a new pid namespace. The cached
     // answer no longer fits, so the runtime is asked again.
     podman.ok(&["restart", "--time", "0", "ct-long"]);
-    assert_one_of(&fetch(), "spiffe://example.org/long");
+    assert_one_of(&podman.exec_fetch("ct-long"), "spiffe://example.org/long");
     podman.ok(&["rm", "--force", "--time", "0", "ct-long"]);
 }
 
@@ -871,59 +894,21 @@ fn processes_exec_d_into_a_container_and_a_restarted_container_are_attested() {
 /// unit with `Delegate=yes` may, under its own cgroup) is not in it.
 #[test]
 fn a_cgroup_named_after_a_host_pid_container_elsewhere_is_not_that_container() {
-    let podman = Podman::new();
-    let scratch = tempfile::tempdir().unwrap();
-    podman.import(
-        &client_rootfs(&scratch.path().join("a"), None),
-        "localhost/ztid-client:a",
-    );
-    let server = Server::start(TD);
-    let socket = format!("unix://{}", podman.socket().display());
-    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    let (podman, server, agent) = podman_and_agent();
     entry(
         &server,
         &agent,
         "spiffe://example.org/hostpid",
         &["container:name:ct-hostpid"],
     );
-    let mount = format!("{}:/ztid/api.sock", agent.socket().display());
-    podman.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "ct-hostpid",
-        "--pid=host",
-        "--network=none",
-        "--ulimit=nofile=1024:1024",
-        "--ulimit=nproc=1024:1024",
-        "-v",
-        &mount,
-        "localhost/ztid-client:a",
-        "/ztid-agent",
-        "healthcheck",
-        "--socket",
-        "/nowhere.sock",
-        "--wait",
-        "600",
-    ]);
+    podman.run_idle(&agent, "ct-hostpid", &["--pid=host"]);
     let id = podman
         .ok(&["inspect", "--format", "{{.Id}}", "ct-hostpid"])
         .trim()
         .to_string();
     // The container's own processes are attested (the answer is cached now).
     let first = wait_for("the container's entry", READY_TIMEOUT, || {
-        let r = podman.cmd(&[
-            "exec",
-            "ct-hostpid",
-            "/ztid-agent",
-            "--output",
-            "json",
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            "/ztid/api.sock",
-        ]);
+        let r = podman.exec_fetch("ct-hostpid");
         r.ok.then_some(r)
     });
     assert_one_of(&first, "spiffe://example.org/hostpid");
@@ -935,33 +920,9 @@ fn a_cgroup_named_after_a_host_pid_container_elsewhere_is_not_that_container() {
         .join(format!("ztid-e2e-deleg-{}.service", std::process::id()));
     let forged = unit.join(format!("libpod-{id}"));
     std::fs::create_dir_all(&forged).unwrap();
-    struct Remove(Vec<PathBuf>);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            for d in &self.0 {
-                let _ = std::fs::remove_dir(d);
-            }
-        }
-    }
-    let _remove = Remove(vec![forged.clone(), unit.clone()]);
-    let claim: CliResult = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec {} --output json api fetch x509 --socket {}",
-            forged.display(),
-            bin("ztid-agent").display(),
-            agent.socket().display()
-        ))
-        .output()
-        .unwrap()
-        .into();
-    assert!(!claim.ok, "{}", claim.stdout);
-    assert!(
-        claim.stderr.contains("no identity issued"),
-        "{}",
-        claim.stderr
-    );
-    assert!(!claim.stderr.contains("container:"), "{}", claim.stderr);
+    let _remove = RemoveDirs(vec![forged.clone(), unit.clone()]);
+    let claim = fetch_from_cgroup(&forged, &agent);
+    assert_no_identity(&claim, "container:");
     let log = agent.proc.log_text();
     assert!(
         log.contains("container_attestation_failed")
