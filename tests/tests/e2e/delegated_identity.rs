@@ -147,6 +147,31 @@ fn ids(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The stream's first answer, which must carry SVIDs (not an error).
+fn first_svids(stream: &Streaming, what: &str) -> Value {
+    let first = stream.wait(what, READY_TIMEOUT, |v| {
+        !ids(v).is_empty() || v.get("error").is_some()
+    });
+    assert!(first.get("error").is_none(), "{first:?}");
+    first
+}
+
+/// Creates the workload's entry, `WEB` for `sel`, with `extra` `entry create` options.
+fn web_entry(server: &Server, agent: &Agent, sel: &str, extra: &[&str]) {
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        WEB,
+        "--parent-id",
+        &agent.spiffe_id,
+        "--selector",
+        sel,
+    ];
+    args.extend_from_slice(extra);
+    server.cli_ok(&args);
+}
+
 fn b64(s: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(s.as_str().unwrap())
@@ -210,26 +235,12 @@ fn a_delegate_authorised_by_spiffe_id_gets_a_named_workloads_svids_rotations_bun
     }
 
     // The workload's entry (short-lived, to see a rotation), and the delegate's own.
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        WEB,
-        "--parent-id",
-        &agent.spiffe_id,
-        "--selector",
-        &sel,
-        "--x509-ttl",
-        "20",
-    ]);
+    web_entry(&server, &agent, &sel, &["--x509-ttl", "20"]);
     let delegate_entry = entry_for_my_uid(&server, &agent, DELEGATE_ID, &[]);
 
     // Now authorised by its SPIFFE ID; it gets the named workload's identity.
     let stream = Streaming::spawn(&socket, &["x509", "--selector", &sel]);
-    let first = stream.wait("the workload's X.509-SVID", READY_TIMEOUT, |v| {
-        !ids(v).is_empty() || v.get("error").is_some()
-    });
-    assert!(first.get("error").is_none(), "{first:?}");
+    let first = first_svids(&stream, "the workload's X.509-SVID");
     let id = ids(&first).remove(0);
     let prefix = format!("{WEB}/");
     assert!(
@@ -421,24 +432,12 @@ fn a_delegate_authorised_by_uid_gets_a_process_identity_by_pid_until_it_exits() 
     let me = format!("uid:{}", nix_uid());
     let (agent, socket) = agent_with_delegates(&server, dir.path(), &[&me]);
     let sel = workload_selector();
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        WEB,
-        "--parent-id",
-        &agent.spiffe_id,
-        "--selector",
-        &sel,
-    ]);
+    web_entry(&server, &agent, &sel, &[]);
     let mut workload = workload_process();
     let pid = workload.id().to_string();
 
     let stream = Streaming::spawn(&socket, &["x509", "--pid", &pid]);
-    let first = stream.wait("the process's X.509-SVID", READY_TIMEOUT, |v| {
-        !ids(v).is_empty() || v.get("error").is_some()
-    });
-    assert!(first.get("error").is_none(), "{first:?}");
+    let first = first_svids(&stream, "the process's X.509-SVID");
     let id = ids(&first).remove(0);
     assert!(id.starts_with(&format!("{WEB}/")), "{id}");
     // Each delegate process gets its own instance of that process (its own segment and
