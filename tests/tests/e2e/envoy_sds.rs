@@ -405,6 +405,26 @@ impl Envoy {
     }
 }
 
+/// A client's SVID from `agent`'s Workload API, as any other process gets it, written to
+/// `client_dir`: (certificate, key, bundle) files.
+fn client_svid(agent: &Agent, client_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let fetched = agent.cli(&[
+        "api",
+        "fetch",
+        "x509",
+        "--write",
+        &client_dir.display().to_string(),
+        "--wait",
+        "30",
+    ]);
+    assert!(fetched.ok, "client SVID: {}", fetched.stderr);
+    (
+        client_dir.join("svid.0.pem"),
+        client_dir.join("svid.0.key"),
+        client_dir.join("bundle.0.pem"),
+    )
+}
+
 #[test]
 fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     let server = Server::start(TD);
@@ -417,23 +437,7 @@ fn envoy_serves_mtls_with_sds_secrets_and_takes_a_rotation_on_its_stream() {
     // The client's own SVID, from the Workload API as any other process (fetched anew
     // before each use: it lives 20 s too).
     let client_dir = dir.join("client");
-    let client = || {
-        let fetched = agent.cli(&[
-            "api",
-            "fetch",
-            "x509",
-            "--write",
-            &client_dir.display().to_string(),
-            "--wait",
-            "30",
-        ]);
-        assert!(fetched.ok, "client SVID: {}", fetched.stderr);
-        (
-            client_dir.join("svid.0.pem"),
-            client_dir.join("svid.0.key"),
-            client_dir.join("bundle.0.pem"),
-        )
-    };
+    let client = || client_svid(&agent, &client_dir);
     std::fs::create_dir_all(&client_dir).unwrap();
     let (cert, _, _) = client();
     let client_id = spiffe_id_of(&leaf_der(&std::fs::read_to_string(&cert).unwrap()));
@@ -587,17 +591,7 @@ fn envoy_accepts_a_federated_peer_with_the_all_validator() {
     // A b.test workload, with its own SVID, through Envoy's mTLS listener.
     let client_dir = agent_b.dir.path().join("client");
     std::fs::create_dir_all(&client_dir).unwrap();
-    let fetched = agent_b.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        &client_dir.display().to_string(),
-        "--wait",
-        "30",
-    ]);
-    assert!(fetched.ok, "client SVID: {}", fetched.stderr);
-    let (cert, key) = (client_dir.join("svid.0.pem"), client_dir.join("svid.0.key"));
+    let (cert, key, _) = client_svid(&agent_b, &client_dir);
     let chain = std::fs::read_to_string(&cert).unwrap();
     assert!(spiffe_id_of(&leaf_der(&chain)).starts_with("spiffe://b.test/client/"));
     openssl_verify(cfg_dir.path(), &held_all.all[1].1, &chain)
