@@ -313,6 +313,26 @@ fn entry(server: &Server, agent: &Agent, id: &str, selectors: &[&str]) {
     server.cli_ok(&args);
 }
 
+/// The entry of the host's own client, by uid and path (the containers run the same file
+/// elsewhere), waited for: entries reach the agent in one sync, so once this last one
+/// answers, all made before it do.
+fn host_entry(server: &Server, agent: &Agent) {
+    let uid0 = format!("unix:uid:{}", nix_uid());
+    let host_path = format!("unix:path:{}", bin("ztid-agent").display());
+    entry(
+        server,
+        agent,
+        "spiffe://example.org/host",
+        &[&uid0, &host_path],
+    );
+    wait_for("the host entry", READY_TIMEOUT, || {
+        agent
+            .cli(&["--output", "json", "api", "fetch", "x509"])
+            .ok
+            .then_some(())
+    });
+}
+
 #[test]
 fn containers_are_told_apart_by_their_runtime_facts() {
     let mut podman = Podman::new();
@@ -341,7 +361,6 @@ fn containers_are_told_apart_by_their_runtime_facts() {
     let socket = format!("unix://{}", podman.socket().display());
     let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
 
-    let uid0 = format!("unix:uid:{}", nix_uid());
     let img_b = format!("container:image-id:{image_b}");
     let img_a = format!("container:image-id:{image_a}");
     entry(
@@ -384,21 +403,7 @@ fn containers_are_told_apart_by_their_runtime_facts() {
             "k8s:container-name:server",
         ],
     );
-    // The host's own client, by path: the containers run the same file elsewhere.
-    let host_path = format!("unix:path:{}", bin("ztid-agent").display());
-    entry(
-        &server,
-        &agent,
-        "spiffe://example.org/host",
-        &[&uid0, &host_path],
-    );
-    // Entries reach the agent in one sync: once the last answers, all do.
-    wait_for("the host entry", READY_TIMEOUT, || {
-        agent
-            .cli(&["--output", "json", "api", "fetch", "x509"])
-            .ok
-            .then_some(())
-    });
+    host_entry(&server, &agent);
     assert_one_of(
         &agent.cli(&["--output", "json", "api", "fetch", "x509"]),
         "spiffe://example.org/host",
@@ -697,20 +702,7 @@ fn containerd_containers_are_attested_through_its_own_api() {
             "k8s:container-name:server",
         ],
     );
-    let host_path = format!("unix:path:{}", bin("ztid-agent").display());
-    let uid0 = format!("unix:uid:{}", nix_uid());
-    entry(
-        &server,
-        &agent,
-        "spiffe://example.org/host",
-        &[&uid0, &host_path],
-    );
-    wait_for("the host entry", READY_TIMEOUT, || {
-        agent
-            .cli(&["--output", "json", "api", "fetch", "x509"])
-            .ok
-            .then_some(())
-    });
+    host_entry(&server, &agent);
 
     // ctr's own namespace (`/default/<id>`).
     let id1 = "c1".repeat(32);
