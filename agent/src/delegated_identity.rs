@@ -1440,19 +1440,7 @@ fn dir_mode(socket_mode: u32) -> u32 {
 /// a stale socket replaced, the mode set.
 fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    crate::create_dirs(dir, dir_mode(mode))?;
-    crate::check_socket_dir(dir)?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .map_err(Error::io(format!("binding {}", path.display())))?;
+    let l = crate::bind_socket(path, dir_mode(mode))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(Error::io(format!("restricting {}", path.display())))?;
     Ok(l)

@@ -791,20 +791,25 @@ fn check_socket_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+/// Binds a Unix socket at `path`: its directory created (mode `dir_mode`) if missing and
+/// checked, a stale socket replaced. The caller sets the socket's own mode.
+pub(crate) fn bind_socket(path: &Path, dir_mode: u32) -> Result<tokio::net::UnixListener, Error> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    create_dirs(dir, SOCKET_DIR_MODE)?;
+    create_dirs(dir, dir_mode)?;
     check_socket_dir(dir)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
     }
-    let l = tokio::net::UnixListener::bind(path)
-        .map_err(Error::io(format!("binding {}", path.display())))?;
+    tokio::net::UnixListener::bind(path).map_err(Error::io(format!("binding {}", path.display())))
+}
+
+fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let l = bind_socket(path, SOCKET_DIR_MODE)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(Error::io(format!("opening {}", path.display())))?;
     Ok(l)
