@@ -43,8 +43,10 @@ use ztid_proto::envoy_sds::envoy::service::secret::v3::secret_discovery_service_
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 
-use super::workload_api::{refusal_status, still_the_connecting_process, WorkloadApi};
-use super::workloads::{revoked_message, HeldSvid, RevocationNotice, Workloads};
+use super::workload_api::{
+    refusal_status, still_the_connecting_process, stream_refusal, WorkloadApi,
+};
+use super::workloads::{HeldSvid, Workloads};
 use crate::bundle::TrustBundle;
 
 /// The path of `StreamSecrets`, a bidirectional stream: the socket's listener counts
@@ -464,17 +466,10 @@ impl SecretDiscoveryService for SecretDiscovery {
                 if step == Step::Wait {
                     continue;
                 }
-                let notice = {
-                    let n = notices.borrow();
-                    (n.count > seen).then(|| n.clone())
-                };
                 // Checked before every message, as the Workload API's streams are.
-                let msg = match (notice, peer.verify().await) {
-                    (Some(RevocationNotice { identity, .. }), _) => Err(Status::permission_denied(
-                        revoked_message(identity.as_deref().unwrap_or("of this workload")),
-                    )),
-                    (None, Err(r)) => Err(refusal_status(&r)),
-                    (None, Ok(())) => match gone.borrow().clone() {
+                let msg = match stream_refusal(&notices, seen, &peer).await {
+                    Some(refused) => Err(refused),
+                    None => match gone.borrow().clone() {
                         Some(r) => Err(refusal_status(&r)),
                         None => {
                             let set = state.borrow_and_update().clone();

@@ -231,6 +231,27 @@ fn json_to_proto(v: &Value) -> PValue {
     PValue { kind: Some(kind) }
 }
 
+/// Why a stream must end before its next message, if it must: an identity of its instance
+/// revoked since the stream opened (a notice count above `seen`; `PermissionDenied`
+/// naming it), or the connection's process no longer the one that connected.
+pub(crate) async fn stream_refusal(
+    notices: &watch::Receiver<RevocationNotice>,
+    seen: u64,
+    peer: &Arc<ConnectionPeer>,
+) -> Option<Status> {
+    let notice = {
+        let n = notices.borrow();
+        (n.count > seen).then(|| n.clone())
+    };
+    match (notice, peer.verify().await) {
+        (Some(RevocationNotice { identity, .. }), _) => Some(Status::permission_denied(
+            revoked_message(identity.as_deref().unwrap_or("of this workload")),
+        )),
+        (None, Err(r)) => Some(refusal_status(&r)),
+        (None, Ok(())) => None,
+    }
+}
+
 /// Streams `make(state)` now and on every change of either watch, until the client leaves,
 /// `make` returns an error, the connection's process exits or execs (then the stream
 /// ends with the reason; nothing is sent once the process is not the one that connected),
@@ -249,17 +270,10 @@ fn watch_stream<T: Send + 'static>(
     let seen = notices.borrow_and_update().count;
     tokio::spawn(async move {
         loop {
-            let notice = {
-                let n = notices.borrow();
-                (n.count > seen).then(|| n.clone())
-            };
             // Checked before every message, not only when the connection notices.
-            let msg = match (notice, peer.verify().await) {
-                (Some(RevocationNotice { identity, .. }), _) => Err(Status::permission_denied(
-                    revoked_message(identity.as_deref().unwrap_or("of this workload")),
-                )),
-                (None, Err(r)) => Err(refusal_status(&r)),
-                (None, Ok(())) => {
+            let msg = match stream_refusal(&notices, seen, &peer).await {
+                Some(refused) => Err(refused),
+                None => {
                     let s = state.as_mut().map(|s| s.borrow_and_update().clone());
                     let b = bundle.borrow_and_update().clone();
                     make(s.as_deref(), &b)
