@@ -1079,7 +1079,14 @@ fn a_database_restart_under_load_loses_no_acknowledged_write_and_the_servers_rec
     let mut servers = db.servers(3, "");
     let bundle = cluster_bundle(&servers, 3);
     let roots = bundle_roots(&servers[0]);
-    let agent = start_agent(&bundle, &addrs(&servers), &servers[0].token(), &[]);
+    // No SVIDs minted ahead: a new instance's first fetch must need the database (a
+    // pooled SVID would answer it from the agent's memory while the database is down).
+    let agent = start_agent(
+        &bundle,
+        &addrs(&servers),
+        &servers[0].token(),
+        &["--svid-pool-size", "0"],
+    );
     // 20 s SVIDs, renewed at half-life: every instance renews after the restart.
     entry_for_my_uid(
         &servers[1],
