@@ -14,6 +14,26 @@ use ztid_tests::*;
 
 const TD: &str = "example.org";
 
+/// The Workload API client in the client image, fetching X.509-SVIDs from the agent's
+/// socket mounted at `/ztid/api.sock`.
+const CLIENT_FETCH: [&str; 8] = [
+    "/ztid-agent",
+    "--output",
+    "json",
+    "api",
+    "fetch",
+    "x509",
+    "--socket",
+    "/ztid/api.sock",
+];
+
+/// Every podman container's: no network, small limits.
+const CONTAINER_LIMITS: [&str; 3] = [
+    "--network=none",
+    "--ulimit=nofile=1024:1024",
+    "--ulimit=nproc=1024:1024",
+];
+
 /// A podman with its own storage, run directory and API service, all in a temporary
 /// directory (so tests and other podman users never share state).
 struct Podman {
@@ -139,32 +159,15 @@ impl Podman {
     /// result.
     fn fetch_in(&self, agent: &Agent, name: &str, image: &str, labels: &[&str]) -> CliResult {
         let mount = format!("{}:/ztid/api.sock", agent.socket().display());
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--name",
-            name,
-            "--network=none",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=1024:1024",
-            "-v",
-            &mount,
-        ];
+        let mut args = vec!["run", "--rm", "--name", name];
+        args.extend_from_slice(&CONTAINER_LIMITS);
+        args.extend_from_slice(&["-v", &mount]);
         for l in labels {
             args.push("--label");
             args.push(l);
         }
-        args.extend_from_slice(&[
-            image,
-            "/ztid-agent",
-            "--output",
-            "json",
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            "/ztid/api.sock",
-        ]);
+        args.push(image);
+        args.extend_from_slice(&CLIENT_FETCH);
         self.cmd(&args)
     }
 
@@ -174,10 +177,8 @@ impl Podman {
         let mount = format!("{}:/ztid/api.sock", agent.socket().display());
         let mut args = vec!["run", "-d", "--name", name];
         args.extend_from_slice(extra);
+        args.extend_from_slice(&CONTAINER_LIMITS);
         args.extend_from_slice(&[
-            "--network=none",
-            "--ulimit=nofile=1024:1024",
-            "--ulimit=nproc=1024:1024",
             "-v",
             &mount,
             "localhost/ztid-client:a",
@@ -193,18 +194,9 @@ impl Podman {
 
     /// Runs the Workload API client in running container `name` (`podman exec`).
     fn exec_fetch(&self, name: &str) -> CliResult {
-        self.cmd(&[
-            "exec",
-            name,
-            "/ztid-agent",
-            "--output",
-            "json",
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            "/ztid/api.sock",
-        ])
+        let mut args = vec!["exec", name];
+        args.extend_from_slice(&CLIENT_FETCH);
+        self.cmd(&args)
     }
 }
 
@@ -613,18 +605,8 @@ impl Containerd {
             args.push("--label");
             args.push(l);
         }
-        args.extend_from_slice(&[
-            "localhost/ztid-client:a",
-            id,
-            "/ztid-agent",
-            "--output",
-            "json",
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            "/ztid/api.sock",
-        ]);
+        args.extend_from_slice(&["localhost/ztid-client:a", id]);
+        args.extend_from_slice(&CLIENT_FETCH);
         self.ctr(ns, &args)
     }
 }
