@@ -1385,39 +1385,28 @@ impl DelegatedIdentityApi {
             .lock()
             .map_err(|_| Status::internal("lock"))?;
         for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
-            match r.result {
-                Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
-                    let kid = crate::jwt::kid_of(&s.token);
-                    self.workloads.note_jwt(kid.as_deref(), s.expires_at);
-                    if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                        cache.retain(|_, j| j.expires_at > now);
-                    }
-                    if cache.len() < crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                        cache.insert(
-                            (id.clone(), audience.to_vec()),
-                            crate::workloads::CachedJwt {
-                                token: s.token.clone(),
-                                expires_at: s.expires_at,
-                                issued_at: now,
-                                kid,
-                            },
-                        );
-                    }
-                    out.push(tpb::Jwtsvid {
-                        token: s.token,
-                        id: Some(spiffe_id_pb(&id)),
+            let (s, kid) = crate::workload_api::minted_jwt(&self.workloads, r, &id)?;
+            if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                cache.retain(|_, j| j.expires_at > now);
+            }
+            if cache.len() < crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                cache.insert(
+                    (id.clone(), audience.to_vec()),
+                    crate::workloads::CachedJwt {
+                        token: s.token.clone(),
                         expires_at: s.expires_at,
                         issued_at: now,
-                        hint: e.hint.clone(),
-                    });
-                }
-                Some(npb::jwt_result::Result::Error(err)) => {
-                    return Err(Status::unavailable(format!(
-                        "could not obtain a JWT-SVID: {err}"
-                    )))
-                }
-                _ => return Err(Status::unavailable("could not obtain a JWT-SVID")),
+                        kid,
+                    },
+                );
             }
+            out.push(tpb::Jwtsvid {
+                token: s.token,
+                id: Some(spiffe_id_pb(&id)),
+                expires_at: s.expires_at,
+                issued_at: now,
+                hint: e.hint.clone(),
+            });
         }
         out.sort_by(|a, b| {
             let k = |j: &tpb::Jwtsvid| j.id.as_ref().map(|i| i.path.clone());

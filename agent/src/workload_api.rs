@@ -306,6 +306,26 @@ fn watch_stream<T: Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// The JWT-SVID the server minted for `id` in answer `r`, with its key ID, noted as in
+/// use; a refusal, or an answer for another SPIFFE ID, is an unavailable error.
+pub(crate) fn minted_jwt(
+    workloads: &Workloads,
+    r: npb::JwtResult,
+    id: &str,
+) -> Result<(npb::JwtSvid, Option<String>), Status> {
+    match r.result {
+        Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+            let kid = crate::jwt::kid_of(&s.token);
+            workloads.note_jwt(kid.as_deref(), s.expires_at);
+            Ok((s, kid))
+        }
+        Some(npb::jwt_result::Result::Error(err)) => Err(Status::unavailable(format!(
+            "could not obtain a JWT-SVID: {err}"
+        ))),
+        _ => Err(Status::unavailable("could not obtain a JWT-SVID")),
+    }
+}
+
 /// Asks the server for a JWT-SVID of each `(entry, SPIFFE ID)` of `to_mint` for `audience`
 /// (one call; the Workload and Delegated Identity APIs each map its error their own way).
 pub(crate) async fn mint_jwt_svids(
@@ -495,44 +515,33 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .lock()
                 .map_err(|_| Status::internal("lock"))?;
             for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
-                match r.result {
-                    Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
-                        let kid = crate::jwt::kid_of(&s.token);
-                        self.workloads.note_jwt(kid.as_deref(), s.expires_at);
-                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                            cache.retain(|_, j| j.expires_at > now);
-                        }
-                        if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                            let oldest = cache
-                                .iter()
-                                .min_by_key(|(_, j)| j.issued_at)
-                                .map(|(k, _)| k.clone());
-                            if let Some(k) = oldest {
-                                cache.remove(&k);
-                            }
-                        }
-                        cache.insert(
-                            (id.clone(), audience.clone()),
-                            super::workloads::CachedJwt {
-                                token: s.token.clone(),
-                                expires_at: s.expires_at,
-                                issued_at: now,
-                                kid,
-                            },
-                        );
-                        out.push(pb::Jwtsvid {
-                            spiffe_id: id,
-                            svid: s.token,
-                            hint: e.hint.clone(),
-                        });
-                    }
-                    Some(npb::jwt_result::Result::Error(err)) => {
-                        return Err(Status::unavailable(format!(
-                            "could not obtain a JWT-SVID: {err}"
-                        )))
-                    }
-                    _ => return Err(Status::unavailable("could not obtain a JWT-SVID")),
+                let (s, kid) = minted_jwt(&self.workloads, r, &id)?;
+                if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                    cache.retain(|_, j| j.expires_at > now);
                 }
+                if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
+                    let oldest = cache
+                        .iter()
+                        .min_by_key(|(_, j)| j.issued_at)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        cache.remove(&k);
+                    }
+                }
+                cache.insert(
+                    (id.clone(), audience.clone()),
+                    super::workloads::CachedJwt {
+                        token: s.token.clone(),
+                        expires_at: s.expires_at,
+                        issued_at: now,
+                        kid,
+                    },
+                );
+                out.push(pb::Jwtsvid {
+                    spiffe_id: id,
+                    svid: s.token,
+                    hint: e.hint.clone(),
+                });
             }
         }
         // Checked again right before the answer: getting the SVIDs and the tokens may have
