@@ -128,13 +128,12 @@ pub async fn inspect(
     timeout: Duration,
 ) -> Result<Option<ContainerFacts>, RuntimeError> {
     let name = socket.display().to_string();
-    match tokio::time::timeout(timeout, inspect_unbounded(socket, &name, namespace, id)).await {
-        Ok(r) => r,
-        Err(_) => Err(RuntimeError::Timeout {
-            socket: name,
-            timeout,
-        }),
-    }
+    super::docker_api::within(
+        &name,
+        timeout,
+        inspect_unbounded(socket, &name, namespace, id),
+    )
+    .await
 }
 
 async fn inspect_unbounded(

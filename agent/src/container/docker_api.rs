@@ -175,10 +175,20 @@ pub async fn inspect(
     timeout: Duration,
 ) -> Result<Option<ContainerFacts>, RuntimeError> {
     let name = socket.display().to_string();
-    match tokio::time::timeout(timeout, inspect_unbounded(socket, &name, id)).await {
+    within(&name, timeout, inspect_unbounded(socket, &name, id)).await
+}
+
+/// `ask`'s answer, or [`RuntimeError::Timeout`] naming `socket` when it takes longer than
+/// `timeout` (the docker-compatible API and containerd's are bounded alike).
+pub(super) async fn within<T>(
+    socket: &str,
+    timeout: Duration,
+    ask: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    match tokio::time::timeout(timeout, ask).await {
         Ok(r) => r,
         Err(_) => Err(RuntimeError::Timeout {
-            socket: name,
+            socket: socket.to_string(),
             timeout,
         }),
     }
