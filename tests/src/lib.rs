@@ -419,6 +419,25 @@ pub fn agent_cli(args: &[&str]) -> CliResult {
         .into()
 }
 
+/// `s` without ANSI escape sequences (CSI: ESC, parameters, a final letter), as the
+/// agent's coloured log needs before matching.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The single URI SAN of a certificate.
 pub fn spiffe_id_of(der: &[u8]) -> String {
     use x509_parser::prelude::*;

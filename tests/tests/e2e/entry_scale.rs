@@ -72,24 +72,6 @@ fn spire_entry(spiffe_id: &str, parent_id: &str, uid: u32) -> Value {
     })
 }
 
-/// `s` without ANSI escape sequences (the agent's log is coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn count(server: &Server, what: &str) -> usize {
     server.cli_ok(&[what, "count"]).parse().expect("a count")
 }

@@ -44,22 +44,7 @@ fn segment_of(id: &str) -> String {
 
 /// The agent's log without terminal colour codes.
 fn plain_log(agent: &Agent) -> String {
-    let text = agent.proc.log_text();
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    strip_ansi(&agent.proc.log_text())
 }
 
 /// The instance segments named by the agent's `event` log lines, in order.
