@@ -419,6 +419,24 @@ pub fn agent_cli(args: &[&str]) -> CliResult {
         .into()
 }
 
+/// Runs `ztid-agent api fetch x509 --output json --write <dir>` (a new process of this
+/// uid) until it succeeds, waiting for `what`, and returns its JSON answer.
+pub fn fetch_x509_as_process(agent: &Agent, what: &str, dir: &Path) -> serde_json::Value {
+    let r = wait_for(what, READY_TIMEOUT, || {
+        let r = agent.cli(&[
+            "api",
+            "fetch",
+            "x509",
+            "--output",
+            "json",
+            "--write",
+            dir.to_str().unwrap(),
+        ]);
+        r.ok.then_some(r)
+    });
+    serde_json::from_str(&r.stdout).expect("json output")
+}
+
 /// `s` without ANSI escape sequences (CSI: ESC, parameters, a final letter), as the
 /// agent's coloured log needs before matching.
 pub fn strip_ansi(s: &str) -> String {

@@ -266,19 +266,7 @@ fn pooled_svids_of_a_deleted_or_tainted_entry_are_dropped_at_the_next_sync() {
     // The next new process gets an SVID chaining to the new authority, not a pooled one
     // from before the taint.
     let dir = tempfile::tempdir().unwrap();
-    let r = wait_for("a new process served", READY_TIMEOUT, || {
-        let r = agent.cli(&[
-            "api",
-            "fetch",
-            "x509",
-            "--output",
-            "json",
-            "--write",
-            dir.path().to_str().unwrap(),
-        ]);
-        r.ok.then_some(r)
-    });
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let v = fetch_x509_as_process(&agent, "a new process served", dir.path());
     let svids = v["svids"].as_array().unwrap();
     let i = svids
         .iter()

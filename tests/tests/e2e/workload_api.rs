@@ -232,19 +232,7 @@ async fn jwt_svid_validates_via_api_and_independently() {
 }
 
 fn fetch_as_process(agent: &Agent, dir: &std::path::Path) -> serde_json::Value {
-    let r = wait_for("entry to reach the agent", READY_TIMEOUT, || {
-        let r = agent.cli(&[
-            "api",
-            "fetch",
-            "x509",
-            "--output",
-            "json",
-            "--write",
-            dir.to_str().unwrap(),
-        ]);
-        r.ok.then_some(r)
-    });
-    serde_json::from_str(&r.stdout).expect("json output")
+    fetch_x509_as_process(agent, "entry to reach the agent", dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
