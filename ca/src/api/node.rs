@@ -87,8 +87,6 @@ impl NodeApi {
         })
     }
 
-    /// Audits the refusal of one request of an authenticated agent's batch, within the
-    /// bounds counted per agent.
     /// Waits until this call's records (the last is `own`, from [`OwnRecords::finish`])
     /// are durable and sealed; only those, so a call is answered right after the sync
     /// of its own batch, not that of records other calls appended after it. A call
@@ -100,6 +98,8 @@ impl NodeApi {
         }
     }
 
+    /// Audits the refusal of one request of an authenticated agent's batch, within the
+    /// bounds counted per agent.
     fn refuse_for_agent(&self, agent: &AuthenticatedAgent, e: &Error, event: serde_json::Value) {
         crate::metrics::node_api_refused(e);
         self.refusals.record(

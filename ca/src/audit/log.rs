@@ -35,12 +35,20 @@ thread_local! {
 pub struct OwnRecords<'a> {
     _log: std::marker::PhantomData<&'a AuditLog>,
     count_before: u64,
+    /// The thread that began: an `.await` added in between later could move the call
+    /// to another thread, whose count says nothing of this call's records.
+    thread: std::thread::ThreadId,
 }
 
 impl OwnRecords<'_> {
     /// The sequence number of the last record this thread appended since
-    /// [`AuditLog::begin_records`], if it appended any.
+    /// [`AuditLog::begin_records`]; `None` when it appended none, or when the call is
+    /// no longer on the thread that began (the caller then waits for every record so
+    /// far, which is always safe).
     pub fn finish(self) -> Option<u64> {
+        if std::thread::current().id() != self.thread {
+            return None;
+        }
         let (count, seq) = APPENDED_HERE.with(Cell::get);
         (count != self.count_before).then_some(seq)
     }
@@ -122,6 +130,7 @@ impl AuditLog {
         OwnRecords {
             _log: std::marker::PhantomData,
             count_before: APPENDED_HERE.with(|c| c.get().0),
+            thread: std::thread::current().id(),
         }
     }
 

@@ -521,6 +521,16 @@ fn a_call_waits_for_its_own_records_not_for_those_appended_after_them() {
         None,
         "a call that appended nothing has no record of its own to wait for"
     );
+    // A call that moved to another thread (an `.await` in between) cannot name its own
+    // records from there: it waits for everything instead.
+    let moved = log.begin_records();
+    log.append(json!({"type": "x509_svid_issued", "serial": "moved"}))
+        .unwrap();
+    assert_eq!(
+        std::thread::scope(|s| s.spawn(move || moved.finish()).join().unwrap()),
+        None,
+        "finished on another thread"
+    );
     f.rt.block_on(log.durable(b)).unwrap();
     // A wait for a record not yet appended is not woken by the syncs before it.
     f.rt.block_on(async {
