@@ -1477,6 +1477,15 @@ mod tests {
         }
     }
 
+    /// The message of a refusal that must be a configuration error (its kind), for the
+    /// reason checks.
+    fn config_refusal<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+        match r {
+            Err(Error::Config(m)) => m,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
     #[test]
     fn delegates_parse_and_bad_ones_are_refused() {
         assert_eq!(Delegate::parse("uid:0").unwrap(), Delegate::Uid(0));
@@ -1485,7 +1494,7 @@ mod tests {
             Delegate::SpiffeId("spiffe://example.org/proxy".into())
         );
         for bad in ["uid:x", "uid:", "root", "spiffe://", "spiffe://EX AMPLE/x"] {
-            let e = Delegate::parse(bad).unwrap_err().to_string();
+            let e = config_refusal(Delegate::parse(bad));
             assert!(e.contains("[delegated_identity]"), "{bad}: {e}");
         }
     }
@@ -1498,18 +1507,13 @@ mod tests {
             socket: Some("/run/ztid/agent/admin.sock".into()),
             ..Default::default()
         };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("nobody could call"));
+        assert!(config_refusal(c.validate()).contains("nobody could call"));
         c.authorized_delegates = vec!["uid:0".into(), "spiffe://example.org/p".into()];
         assert_eq!(c.validate().unwrap().len(), 2);
-        assert!(c
-            .validate_beside(Path::new("/run/ztid/agent/admin.sock"))
-            .unwrap_err()
-            .to_string()
-            .contains("is the Workload API socket"));
+        assert!(
+            config_refusal(c.validate_beside(Path::new("/run/ztid/agent/admin.sock")))
+                .contains("is the Workload API socket")
+        );
         // Not in the Workload API socket's directory (which workloads are given), nor
         // below it, however the path is spelt.
         for beside in [
@@ -1519,10 +1523,7 @@ mod tests {
             "/run/ztid/other/../agent/admin.sock",
         ] {
             c.socket = Some(beside.into());
-            let e = c
-                .validate_beside(Path::new("/run/ztid/agent/api.sock"))
-                .unwrap_err()
-                .to_string();
+            let e = config_refusal(c.validate_beside(Path::new("/run/ztid/agent/api.sock")));
             assert!(
                 e.contains("is in the Workload API socket's directory /run/ztid/agent"),
                 "{beside}: {e}"
@@ -1548,7 +1549,7 @@ mod tests {
         c.authorized_delegates = (0..=MAX_AUTHORIZED_DELEGATES)
             .map(|i| format!("uid:{i}"))
             .collect();
-        assert!(c.validate().unwrap_err().to_string().contains("at most"));
+        assert!(config_refusal(c.validate()).contains("at most"));
         let toml_text =
             "socket = \"/tmp/x.sock\"\nsocket_mode = 0o660\nauthorized_delegates = [\"uid:0\"]\n";
         let parsed: DelegatedConfig = toml::from_str(toml_text).unwrap();
