@@ -8,6 +8,7 @@
 //! A benchmark, not a test: nothing is asserted about speed.
 //!
 //! `cargo run --release -p ztid-bench --bin ztid-audit-bench [-- --secs S --rounds N]`
+//! (`--summary-json PATH` also writes the figures as JSON, for `scripts/perf-targets.sh`).
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,9 @@ struct Cli {
         default_value = "1x1,1x16,1x64x2,10x8,100x4x2"
     )]
     rows: String,
+    /// Also write the run's figures here as JSON (read by `scripts/perf-targets.sh`).
+    #[arg(long, value_name = "PATH")]
+    summary_json: Option<std::path::PathBuf>,
 }
 
 /// What `raw_crypto` reads of `ztid-bench`'s options.
@@ -220,10 +224,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let load_start = loadavg();
     println!(
-        "start {} UTC, load average {}",
+        "start {} UTC, load average {load_start}",
         measure::sh("date", &["-u", "+%Y-%m-%d %H:%M"]),
-        loadavg()
     );
     let on = target(&rt, true, conns);
     let off = target(&rt, false, conns);
@@ -244,6 +248,8 @@ fn main() {
     println!("|---|---:|---:|---:|---|---:|---:|---:|---:|");
     let mut best_on: f64 = 0.0;
     let mut best_off: f64 = 0.0;
+    let (mut best_on_row, mut best_off_row) = (String::new(), String::new());
+    let mut summary_rows = Vec::new();
     for row in &rows {
         let (batch, in_flight, c) = *row;
         let _ = measure(&rt, &off, &csrs, *row, 0.5); // warm-up
@@ -262,8 +268,13 @@ fn main() {
         }
         let rates = |v: &[Window]| v.iter().map(|w| w.rate).collect::<Vec<_>>();
         let (a, b) = (median(&rates(&r_off)), median(&rates(&r_on)));
-        best_on = best_on.max(b);
-        best_off = best_off.max(a);
+        let name = format!("{batch}x{in_flight}x{c}");
+        if b > best_on {
+            (best_on, best_on_row) = (b, name.clone());
+        }
+        if a > best_off {
+            (best_off, best_off_row) = (a, name.clone());
+        }
         let per_round: Vec<f64> = r_on
             .iter()
             .zip(&r_off)
@@ -272,6 +283,12 @@ fn main() {
         let lo = per_round.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = per_round.iter().cloned().fold(0.0, f64::max);
         let batches = median(&r_on.iter().map(|w| w.batches).collect::<Vec<_>>());
+        let foreign = measure::take_foreign_max();
+        summary_rows.push(serde_json::json!({
+            "row": name, "batch": batch, "in_flight": in_flight, "conns": c,
+            "off": a, "on": b, "on_off": b / a, "on_off_rounds": [lo, hi],
+            "svids_per_batch": b / batches.max(1.0), "others_cpu_max": foreign,
+        }));
         println!(
             "| {batch} CSR/call, {in_flight} in flight, {c} conn | {} ({}) | {} ({}) | **{:.2}** | {lo:.2}–{hi:.2} | {:.0} / {:.0} | {} | {:.1} | {:.0}% |",
             measure::thousands(a),
@@ -283,7 +300,7 @@ fn main() {
             median(&r_on.iter().map(|w| w.cpu_us).collect::<Vec<_>>()),
             measure::thousands(batches),
             b / batches.max(1.0),
-            measure::take_foreign_max() * 100.0,
+            foreign * 100.0,
         );
     }
     let raw_after = raw_rate(&csrs, cli.secs);
@@ -298,4 +315,15 @@ fn main() {
         measure::sh("date", &["-u", "+%Y-%m-%d %H:%M"]),
         loadavg()
     );
+    if let Some(path) = &cli.summary_json {
+        let summary = serde_json::json!({
+            "secs": cli.secs, "rounds": cli.rounds,
+            "load_start": load_start, "load_end": loadavg(),
+            "raw_before": raw_before, "raw_after": raw_after, "raw_mean": raw,
+            "best_on": best_on, "best_on_row": best_on_row,
+            "best_off": best_off, "best_off_row": best_off_row,
+            "rows": summary_rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
+    }
 }

@@ -21,7 +21,8 @@
 //! first `verify_evidence`, and the peer's first verification.
 //!
 //! `cargo build --release -p ztid-bench --bin ztid-tee-bench && target/release/ztid-tee-bench`
-//! (`--secs` or `ZTID_BENCH_SECONDS` per case, default 6). The vectors come from
+//! (`--secs` or `ZTID_BENCH_SECONDS` per case, default 6; `--summary-json PATH` also
+//! writes the figures as JSON, for `scripts/perf-targets.sh`). The vectors come from
 //! `../shared/vectors` (or `ZTID_VECTORS`).
 #![forbid(unsafe_code)]
 
@@ -55,6 +56,9 @@ struct Cli {
     /// Fresh processes per side for the SEV-SNP first calls.
     #[arg(long, default_value_t = 7)]
     first_runs: u32,
+    /// Also write the run's figures here as JSON (read by `scripts/perf-targets.sh`).
+    #[arg(long, value_name = "PATH")]
+    summary_json: Option<PathBuf>,
     /// (internal) Time one first call in this process: `ztid|peer` and a case index.
     #[arg(long, num_args = 2, value_names = ["SIDE", "CASE"], hide = true)]
     first_call: Option<Vec<String>>,
@@ -324,13 +328,14 @@ fn main() {
         return;
     }
     let started = SystemTime::now();
+    let load_start = loadavg();
+    let (mut tdx_json, mut later_json, mut first_json) = (Vec::new(), Vec::new(), Vec::new());
     println!(
-        "ztid-tee-bench at {} (Unix), load average {} at start; {} s per case in {} alternating rounds",
+        "ztid-tee-bench at {} (Unix), load average {load_start} at start; {} s per case in {} alternating rounds",
         started
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs(),
-        loadavg(),
         cli.secs,
         cli.rounds
     );
@@ -368,6 +373,10 @@ fn main() {
                 dcap.verify(&q, &collateral, secs).unwrap();
             },
         );
+        tdx_json.push(serde_json::json!({
+            "quote": dir, "ztid_ms": 1000.0 / c.ztid, "peer_ms": 1000.0 / c.peer,
+            "cpu_ratio": spread_json(c.cpu_ratio), "wall_ratio": spread_json(c.wall_ratio),
+        }));
         println!(
             "| TDX {dir} | {:.3} | {:.3} | {} | {} | ≥ 0.95 | {} |",
             1000.0 / c.ztid,
@@ -405,6 +414,10 @@ fn main() {
                 peer_verify(&ca, &i).unwrap();
             },
         );
+        later_json.push(serde_json::json!({
+            "report": c.name, "ztid_ms": 1000.0 / r.ztid, "peer_ms": 1000.0 / r.peer,
+            "cpu_ratio": spread_json(r.cpu_ratio), "wall_ratio": spread_json(r.wall_ratio),
+        }));
         println!(
             "| {} | {:.3} | {:.3} | {} | {} |",
             c.name,
@@ -458,13 +471,19 @@ fn main() {
             ratios.push(p.1 / z.1);
         }
         let (r, lo, hi) = spread(ratios);
+        let (zl, zf, pl, pf) = (spread(zl).0, spread(zf).0, spread(pl).0, spread(pf).0);
+        first_json.push(serde_json::json!({
+            "report": c.name, "runs": cli.first_runs,
+            "ztid_load_us": zl, "ztid_first_us": zf, "peer_load_us": pl, "peer_first_us": pf,
+            "ratio": [r, lo, hi],
+        }));
         println!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{r:.2}** ({lo:.2}–{hi:.2}) | ≥ 1.0 | {} |",
             c.name,
-            spread(zl).0,
-            spread(zf).0,
-            spread(pl).0,
-            spread(pf).0,
+            zl,
+            zf,
+            pl,
+            pf,
             verdict(r, 1.0)
         );
     }
@@ -473,6 +492,19 @@ fn main() {
         loadavg(),
         started.elapsed().unwrap_or_default().as_secs_f64()
     );
+    if let Some(path) = &cli.summary_json {
+        let summary = serde_json::json!({
+            "secs": cli.secs, "rounds": cli.rounds, "first_runs": cli.first_runs,
+            "load_start": load_start, "load_end": loadavg(),
+            "tdx": tdx_json, "snp_later": later_json, "snp_first": first_json,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
+    }
+}
+
+/// A ratio spread for the JSON summary: `[median, lowest, highest]`.
+fn spread_json((m, lo, hi): (f64, f64, f64)) -> serde_json::Value {
+    serde_json::json!([m, lo, hi])
 }
 
 /// report_data of a TD quote: the last 64 bytes of the TD report body.

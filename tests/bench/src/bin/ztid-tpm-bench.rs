@@ -5,7 +5,8 @@
 //! signature, PCR values and AK, timed in alternating rounds with ztid's in the same run.
 //!
 //! `cargo run --release -p ztid-bench --bin ztid-tpm-bench` (`--no-keylime` skips the peer;
-//! the first run creates `target/bench-venv` and installs the pinned packages there).
+//! the first run creates `target/bench-venv` and installs the pinned packages there;
+//! `--summary-json PATH` also writes the figures as JSON, for `scripts/perf-targets.sh`).
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,10 +37,14 @@ struct Cli {
     /// Quote checks per round, for each side.
     #[arg(long, default_value_t = 300)]
     per_round: usize,
+    /// Also write the run's figures here as JSON (read by `scripts/perf-targets.sh`).
+    #[arg(long, value_name = "PATH")]
+    summary_json: Option<PathBuf>,
 }
 
 fn main() {
     let cli = Cli::parse();
+    let load_start = loadavg();
     let f = fixture();
     let v = TpmVerifier::new(policy(&f.ca, ""));
     let pol = policy(&f.ca, "");
@@ -57,6 +62,7 @@ fn main() {
         "enrolment on swtpm (EK cert read, EK+AK create, CA start, activation, quote, CA resume): min {:?} median {:?} max {:?}",
         times[0], times[5], times[9]
     );
+    let enrol_median = times[5];
     let (_, ev, _, _, k) = last.unwrap();
     let ev_parsed: InitialEvidence = serde_json::from_slice(&ev).unwrap();
 
@@ -91,9 +97,11 @@ fn main() {
         pol.check_pcrs("x", &file.pcrs).unwrap();
     }
     let quote_s = t.elapsed().as_secs_f64() / n as f64;
-    if !cli.no_keylime {
-        keylime_peer(&file, &nonce, &pcrs, cli.rounds, cli.per_round);
-    }
+    let keylime = if cli.no_keylime {
+        serde_json::json!({ "not_run": "--no-keylime" })
+    } else {
+        keylime_peer(&file, &nonce, &pcrs, cli.rounds, cli.per_round)
+    };
     let ek = wire::Public::parse(&ev_parsed.ek_pub).unwrap();
     let t = std::time::Instant::now();
     for _ in 0..n {
@@ -164,6 +172,22 @@ fn main() {
         "TPM agent key signature on swtpm (open, SRK, load, sign, flush): min {:?} median {:?} p95 {:?}",
         times[0], times[25], times[47]
     );
+    if let Some(path) = &cli.summary_json {
+        let summary = serde_json::json!({
+            "load_start": load_start, "load_end": loadavg(),
+            "enrolment_median_ms": enrol_median.as_secs_f64() * 1e3,
+            "ca_side_per_s": 1.0 / (start_s + quote_s + certify_s),
+            "quote_verify_policy_ms": quote_s * 1e3,
+            "keylime": keylime,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Pinned peer packages: Keylime declares no dependencies on PyPI (its
@@ -308,19 +332,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// ztid's quote check against Keylime's on the same inputs, in alternating rounds.
+/// ztid's quote check against Keylime's on the same inputs, in alternating rounds; the
+/// figures as JSON, or `{"not_run": reason}`.
 fn keylime_peer(
     file: &tpm::EvidenceFile,
     nonce: &[u8],
     pcrs: &BTreeSet<u8>,
     rounds: usize,
     per_round: usize,
-) {
+) -> serde_json::Value {
     let py = match keylime_venv() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("Keylime peer not run: {e}");
-            return;
+            return serde_json::json!({ "not_run": e });
         }
     };
     let ak = wire::Public::parse(&file.ak_pub).unwrap();
@@ -352,7 +377,7 @@ fn keylime_peer(
     let Some(versions) = header.strip_prefix("ready ") else {
         eprintln!("Keylime peer not run: its check of our quote failed (see above)");
         let _ = child.wait();
-        return;
+        return serde_json::json!({ "not_run": "Keylime's check of the quote failed" });
     };
     let versions: Vec<&str> = versions.split(' ').collect();
     // ztid: the AK parsed from its TPMT_PUBLIC (Keylime loads its PEM) and the quote
@@ -394,6 +419,15 @@ fn keylime_peer(
         kc / zc,
         kw / zw
     );
+    serde_json::json!({
+        "keylime": versions[0],
+        "cryptography": versions.get(1).unwrap_or(&"?"),
+        "python": versions.get(2).unwrap_or(&"?"),
+        "rounds": rounds, "per_round": per_round,
+        "ztid_cpu_us": zc / 1e3, "ztid_wall_us": zw / 1e3,
+        "keylime_cpu_us": kc / 1e3, "keylime_wall_us": kw / 1e3,
+        "ratio_cpu": kc / zc, "ratio_wall": kw / zw,
+    })
 }
 
 #[cfg(test)]
