@@ -25,11 +25,15 @@ use ztid_verifier::{sev_snp, tdx};
 #[derive(Parser, Debug)]
 #[command(name = "ztid-icount")]
 struct Cli {
-    /// `prepare`, or a scenario: mint, tpm-quote, tpm-evidence, snp-warm, snp-cold, tdx.
+    /// `prepare`, or a scenario: mint, tpm-quote, tpm-evidence, snp-warm, snp-cold, tdx,
+    /// workload-fetch.
     scenario: String,
     /// Operations to run after the setup.
     #[arg(default_value_t = 0)]
     n: u64,
+    /// `workload-fetch` only: rounds of N fetches counted in the one agent process.
+    #[arg(default_value_t = 3)]
+    repeat: u64,
 }
 
 fn main() {
@@ -42,6 +46,7 @@ fn main() {
         "snp-warm" => snp(cli.n, true),
         "snp-cold" => snp(cli.n, false),
         "tdx" => tdx_quote(cli.n),
+        "workload-fetch" => workload_fetch(cli.n, cli.repeat),
         other => {
             eprintln!("unknown scenario {other:?}");
             std::process::exit(2);
@@ -209,4 +214,190 @@ fn mint(n: u64) {
             core.audit_barrier().await.unwrap();
         }
     });
+}
+
+/// The functions whose calls callgrind counts in the `workload-fetch` scenario
+/// (`--collect-atstart=no --toggle-collect=GLOB`: collection is on while one of them runs,
+/// in the thread that runs it; none of them calls another, which would toggle it off).
+/// Two are hyper's and tokio's, which a refactor of the agent does not rename; the third
+/// is the agent's connection task, into which hyper's connection future is inlined (the
+/// scenario fails if any of them counts nothing).
+const FETCH_TOGGLES: [&str; 3] = [
+    // One HTTP/2 request: the tower layers' futures (metrics), tonic's routing, the
+    // Workload API handler (`SpiffeWorkloadApi::fetch_x509svid`: caller, entitlement,
+    // instance, reconcile), the first response message built and encoded, handed to h2.
+    "<hyper::proto::h2::server::H2Stream<F,B,Ex> as core::future::future::Future>::poll",
+    // The connection: h2 frames read and written on the socket, HPACK, the `:authority`
+    // check, the service's `call` for each new stream, the accept-time binding awaited.
+    "ztid_agent::workload_listener::serve_connection::{{closure}}",
+    // Work the agent moves off its async workers (`spawn_blocking`): the peer's
+    // attestation at accept and its re-check on each request (/proc reads).
+    "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+];
+
+/// One Workload API `FetchX509SVID` answered by the real release `ztid-agent`, run under
+/// callgrind beside a real `ztid-server` (the agent started as the e2e harness starts it,
+/// with `valgrind` in front). Collection is on only inside [`FETCH_TOGGLES`], so the
+/// agent's background work (sync with the server every second, timers) is not counted.
+/// After a warm-up (the identity minted and held), each of `repeat` rounds counts `n`
+/// fetches on one held connection (`held`), then `n` fetches each on a new connection
+/// (`new`: accept, attestation, HTTP/2 handshake, fetch), between `callgrind_control -z`
+/// and `-d`; prints `held FILE` / `new FILE` for each dump. The client is the `spiffe`
+/// crate in this process (not counted).
+fn workload_fetch(n: u64, repeat: u64) {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    use ztid_tests::{agent_cli, bin, other_uid, wait_for, Agent, Proc, Server};
+
+    let out = work_dir().join("fetch");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(&out).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let server = Server::start("example.org");
+    let token = server.token();
+    let bundle = server.bundle_file();
+    let dir = other_uid::scratch_dir();
+    let socket = dir.path().join("api.sock");
+    let mut cmd = Command::new("valgrind");
+    cmd.arg("--tool=callgrind").arg(format!(
+        "--callgrind-out-file={}",
+        out.join("agent.callgrind").display()
+    ));
+    // ZTID_ICOUNT_FETCH_WHOLE=1: the whole agent process between zero and dump (its
+    // background work too), the cross-check that the toggles miss no per-fetch work.
+    if std::env::var_os("ZTID_ICOUNT_FETCH_WHOLE").is_none() {
+        cmd.arg("--collect-atstart=no");
+        for t in FETCH_TOGGLES {
+            cmd.arg(format!("--toggle-collect={t}"));
+        }
+    }
+    // The arguments of tests/src/lib.rs's Agent::start_in (which cannot put valgrind in
+    // front, nor wait the minutes an agent takes to start under it).
+    cmd.arg(bin("ztid-agent"))
+        .arg("run")
+        .arg("--server")
+        .arg(server.addr())
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--trust-domain")
+        .arg(&server.trust_domain)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--sync-interval")
+        .arg("1")
+        .arg("--join-token")
+        .arg(&token)
+        .env("TSS2_LOG", "all+none")
+        .stdin(std::process::Stdio::null());
+    let log = dir.path().join("agent.log");
+    let f = std::fs::File::create(&log).unwrap();
+    cmd.stdout(f.try_clone().unwrap()).stderr(f);
+    let mut proc = Proc {
+        child: cmd.spawn().unwrap(),
+        log,
+    };
+    let pid = proc.child.id().to_string();
+    let sock = socket.display().to_string();
+    wait_for(
+        "ztid-agent under valgrind to answer healthcheck",
+        Duration::from_secs(600),
+        || {
+            if let Some(st) = proc.exited() {
+                panic!("ztid-agent exited ({st}):\n{}", proc.log_text());
+            }
+            (socket.exists() && agent_cli(&["healthcheck", "--socket", &sock]).ok).then_some(())
+        },
+    );
+    let pem = std::fs::read_to_string(dir.path().join("data/agent_svid.pem")).unwrap();
+    let spiffe_id = ztid_tests::spiffe_id_of(&pem::parse(pem).unwrap().into_contents());
+    let agent = Agent {
+        proc,
+        dir,
+        spiffe_id,
+    };
+    ztid_tests::entry_for_my_uid(&server, &agent, "spiffe://example.org/icount", &[]);
+
+    let control = |what: &str| {
+        let o = Command::new("callgrind_control")
+            .arg(what)
+            .arg(&pid)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "callgrind_control {what} {pid}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // Each dump is a new file agent.callgrind.<k>: the newest after `-d` is this round's.
+    let dumped = |what: &str| {
+        let before: BTreeSet<PathBuf> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        control("-d");
+        let f = wait_for("the callgrind dump", Duration::from_secs(120), || {
+            std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| !before.contains(p))
+        });
+        // The file is complete once its totals line is written.
+        wait_for(
+            "the callgrind dump's totals",
+            Duration::from_secs(120),
+            || {
+                std::fs::read_to_string(&f)
+                    .ok()
+                    .filter(|t| t.lines().any(|l| l.starts_with("totals:")))
+            },
+        );
+        println!("{what} {}", f.display());
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let endpoint = agent.endpoint();
+    rt.block_on(async {
+        let held = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        // The entry reaches the agent at its next sync; then the identity is minted.
+        while let Err(e) = held.fetch_x509_svid().await {
+            assert!(start.elapsed() < Duration::from_secs(300), "no SVID: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let fresh = || async {
+            let c = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .unwrap();
+            c.fetch_x509_svid().await.unwrap();
+        };
+        // Warm-up: the agent's lazily built state, allocator pools, both paths.
+        for _ in 0..5 {
+            held.fetch_x509_svid().await.unwrap();
+            fresh().await;
+        }
+        for _ in 0..repeat {
+            control("-z");
+            for _ in 0..n {
+                held.fetch_x509_svid().await.unwrap();
+            }
+            dumped("held");
+            control("-z");
+            for _ in 0..n {
+                fresh().await;
+            }
+            dumped("new");
+        }
+    });
+    let mut agent = agent;
+    agent.proc.stop();
+    drop(server);
 }
