@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """The two halves of scripts/perf-targets.sh that are easier in Python (stdlib only).
 
-  perf-targets.py monitor ROOT_PID FILE   every second, append "unix_time others ours":
-      the shares of the machine's CPU (0..1) used by processes outside ROOT_PID's tree
-      and inside it, from /proc/stat and /proc/<pid>/stat; stops when ROOT_PID exits.
+  perf-targets.py monitor ROOT_PID FILE   every second, append "unix_time busy total
+      ours": the machine's busy and total CPU jiffies (/proc/stat) and those used by
+      ROOT_PID's process tree (/proc/<pid>/stat) since the start; stops when ROOT_PID
+      exits. Shares are taken over windows of several samples (see `share`): which
+      second a process's CPU is counted in moves with when its parent reaps it.
   perf-targets.py assemble DIR [--quick] [--out PATH]   build the section from the
       benches' JSON summaries and logs in DIR, print it, save DIR/section.md and, with
       --out, put it in PATH in place of the previous one.
 """
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -33,8 +36,8 @@ def machine_busy():
     return busy, busy + idle + iowait
 
 
-def tree_cpu(root):
-    """CPU jiffies of ROOT and its live descendants, each with its reaped children's."""
+def all_procs():
+    """pid -> (parent pid, CPU jiffies of the process and of its reaped children)."""
     procs = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -47,31 +50,65 @@ def tree_cpu(root):
         rest = data[data.rindex(")") + 2:].split()
         # rest[1] is the parent; rest[11:15] utime, stime, cutime, cstime.
         procs[int(pid)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
-    children = defaultdict(list)
-    for pid, (ppid, _) in procs.items():
-        children[ppid].append(pid)
-    total, stack = 0, [root]
-    while stack:
-        p = stack.pop()
-        if p in procs:
-            total += procs[p][1]
-            stack.extend(children[p])
-    return total
+    return procs
+
+
+class Tree:
+    """The CPU used by ROOT's process tree between two calls of `step`.
+
+    A process once in the tree stays ours when it is reparented. When one exits and its
+    parent (ours) reaps it, the parent's cutime grows by the child's whole total, of which
+    the last sample already counted the part up to then: that part is taken off again.
+    (A process that leaves the tree within one second of its start, e.g. a daemon's
+    double fork, is counted as another process's.)
+    """
+
+    def __init__(self, root):
+        self.root, self.ours, self.last = root, {root}, {}
+
+    def step(self):
+        procs = all_procs()
+        children = defaultdict(list)
+        for pid, (ppid, _) in procs.items():
+            children[ppid].append(pid)
+        stack = [p for p in self.ours if p in procs]
+        while stack:
+            p = stack.pop()
+            for c in children[p]:
+                if c not in self.ours:
+                    self.ours.add(c)
+                    stack.append(c)
+        delta, now = 0, {}
+        for pid in self.ours:
+            if pid in procs:
+                now[pid] = procs[pid]
+                delta += procs[pid][1] - self.last.get(pid, (0, 0))[1]
+        for pid, (ppid, cpu) in self.last.items():
+            if pid in procs:
+                continue
+            # Gone: reaped by its parent, or by a grandparent that reaped both. Its
+            # total is now in that live ancestor's cutime.
+            while ppid in self.last and ppid not in procs:
+                ppid = self.last[ppid][0]
+            if ppid in now:
+                delta -= cpu
+        self.ours &= set(now) | {self.root}
+        self.last = now
+        return delta
 
 
 def monitor(root, path):
+    tree = Tree(root)
     busy0, total0 = machine_busy()
-    ours0 = tree_cpu(root)
+    tree.step()
+    ours = 0
     with open(path, "a") as out:
         while os.path.exists(f"/proc/{root}"):
-            time.sleep(1)
             busy, total = machine_busy()
-            ours = tree_cpu(root)
-            dt = max(total - total0, 1)
-            others = max(0, (busy - busy0) - (ours - ours0)) / dt
-            out.write(f"{time.time():.3f} {others:.4f} {max(0, ours - ours0) / dt:.4f}\n")
+            out.write(f"{time.time():.3f} {busy - busy0} {total - total0} {ours}\n")
             out.flush()
-            busy0, total0, ours0 = busy, total, ours
+            time.sleep(1)
+            ours += tree.step()
 
 
 # ---- assemble
@@ -91,6 +128,11 @@ def secs_of(text):
     """'515 µs', '1.07 ms', '12.7 ms' -> seconds."""
     value, unit = text.split()
     return float(value) * {"µs": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def fmt(x, spec=".2f"):
+    """A figure, or why there is none (JSON null: a division by a CPU time of zero)."""
+    return "n/a (no CPU time measured)" if x is None else format(x, spec)
 
 
 def verdict(ok):
@@ -122,11 +164,19 @@ def samples(d):
         return []
 
 
-def others_share(samp, start, end):
-    s = [o for t, o, _ in samp if start < t <= end + 1]
-    if not s:
-        return "no sample"
-    return f"{100 * sum(s) / len(s):.0f} % mean, {100 * max(s):.0f} % most in 1 s"
+def share(a, b):
+    """Other processes' share of the machine between two samples."""
+    busy, total, ours = (b[i] - a[i] for i in (1, 2, 3))
+    return max(0.0, busy - ours) / max(total, 1)
+
+
+def others_share(samp, start, end, window=5):
+    """Over [start, end]: other processes' share, and the most in any WINDOW samples."""
+    s = [x for x in samp if start - 1 <= x[0] <= end + 1]
+    if len(s) < 2:
+        return "no sample", None
+    most = max((share(s[i], s[min(i + window, len(s) - 1)]) for i in range(len(s) - 1)))
+    return f"{100 * share(s[0], s[-1]):.0f} % (most in {window} s: {100 * most:.0f} %)", most
 
 
 def new_process_rows(log):
@@ -230,7 +280,9 @@ def assemble(d, quick, out):
                 ctx += f"; of which connect p99 {conn[5]}"
         if failures:
             ctx += f"; {failures[2]} failures"
-        rows.append((f"{target} ({on}, the agent's default)", f"**{c_on[5]}**", ctx,
+        pool = re.search(r"svid_pool_size = \d+", on)
+        who = f"agent with {pool.group(0)}, its default" if pool else on
+        rows.append((f"{target} ({who})", f"**{c_on[5]}**", ctx,
                      verdict(not failures and secs_of(c_on[5]) < limit)))
 
     # The machine.
@@ -239,7 +291,7 @@ def assemble(d, quick, out):
     read = lambda name: (d / name).read_text().strip() if (d / name).exists() else "?"
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
-    all_others = [o for _, o, _ in samp]
+    whole, _ = others_share(samp, first_start, last_end)
 
     s = [HEADING, ""]
     if quick:
@@ -250,11 +302,9 @@ def assemble(d, quick, out):
         f"release builds, the benches one after the other on this machine ({os.cpu_count()} "
         f"× {cpu}). Load average (1, 5, 15 min) **{read('load-before')}** before, "
         f"**{read('load-after')}** after. Other processes (everything outside the script's "
-        "process tree, from `/proc/stat` each second) used "
-        + (f"**{100 * sum(all_others) / len(all_others):.0f} %** of the machine on average "
-           f"and at most {100 * max(all_others):.0f} % in one second" if all_others
-           else "an unknown share of the machine (no samples)")
-        + "; per bench in the last table. Each figure is this run's: a target is met when "
+        "process tree, from `/proc/stat` and `/proc/<pid>/stat` each second) used "
+        f"**{whole}** of the machine's CPU; per bench in the last table. Each figure is "
+        "this run's: a target is met when "
         "this run's figure meets it. Logs and JSON summaries: `target/perf-targets/`.",
         "",
         "| target | figure (this run) | same-run context | |",
@@ -269,7 +319,7 @@ def assemble(d, quick, out):
         s.append(
             f"| TPM quote check: ztid `verify_quote` / Keylime {k['keylime']} "
             f"`tpm_util.checkquote` (cryptography {k['cryptography']}, Python {k['python']}) "
-            f"| **{k['ratio_cpu']:.2f}** by CPU time ({k['ratio_wall']:.2f} wall) "
+            f"| **{fmt(k['ratio_cpu'])}** by CPU time ({fmt(k['ratio_wall'])} wall) "
             f"| per check ztid {k['ztid_cpu_us']:.1f} µs, Keylime {k['keylime_cpu_us']:.1f} µs "
             f"(CPU, median of {k['rounds']} alternating rounds of {k['per_round']}); same run: "
             f"full CA-side TPM attestation {num(tpm['ca_side_per_s'])}/s on one core, "
@@ -290,7 +340,7 @@ def assemble(d, quick, out):
     for name, (a, b, rc, load) in ph.items():
         s.append(f"| {name} | {time.strftime('%H:%M:%S', time.gmtime(a))}–"
                  f"{time.strftime('%H:%M:%S', time.gmtime(b))} | {rc} | {load} "
-                 f"| {others_share(samp, a, b)} |")
+                 f"| {others_share(samp, a, b)[0]} |")
     if np_header:
         s += ["", f"`ztid-bench` reported: {np_header.strip()}"]
 

@@ -11,7 +11,8 @@
 #     --icount   also run scripts/icount.sh (valgrind, minutes) and include its table
 #     --out PATH write the section into PATH instead of docs/performance.md
 #   ZTID_BENCH_NO_BUILD=1 skips the build. Every bench's output and JSON summary stay in
-#   target/perf-targets/<UTC time>/. Run it on an otherwise idle machine: about 10 minutes.
+#   target/perf-targets/<UTC time>/. Run it on an otherwise idle machine: about 5 minutes
+#   after the build, plus 2-3 with --icount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="scripts/perf-targets.sh${*:+ $*}"
@@ -66,7 +67,7 @@ cut -d' ' -f1-3 /proc/loadavg >"$dir/load-before"
 if [ -n "$quick" ]; then
   run audit "$bin/ztid-audit-bench" --rows 1x16,10x8 --secs 0.5 --rounds 2 --summary-json "$dir/audit.json"
   run tee "$bin/ztid-tee-bench" --secs 0.6 --rounds 2 --first-runs 3 --summary-json "$dir/tee.json"
-  run tpm "$bin/ztid-tpm-bench" --rounds 2 --per-round 50 --summary-json "$dir/tpm.json"
+  run tpm "$bin/ztid-tpm-bench" --rounds 3 --summary-json "$dir/tpm.json"
   run new-process "$bin/ztid-bench" --quick --new-process-only 2 --secs 0.5 --wait-quiet 0
   [ -z "$icount" ] || run icount env REPEAT=1 scripts/icount.sh tpm-quote
 else
