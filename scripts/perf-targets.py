@@ -195,8 +195,14 @@ def assemble(d, quick, out):
     ph = phases(d)
     samp = samples(d)
     audit, tee, tpm = (load_json(d, n) for n in ("audit", "tee", "tpm"))
-    missing = lambda name: (f"no figure: the bench failed (exit {ph[name][2]}, "
-                            f"see `{name}.log`)" if name in ph else "no figure: not run")
+
+    def missing(name):
+        if name not in ph:
+            return "no figure: not run"
+        if ph[name][2]:
+            return f"no figure: the bench failed (exit {ph[name][2]}, see `{name}.log`)"
+        return f"no figure: none found in `{name}.log`"
+
     rows = []  # target, figure, context, verdict
 
     # 1. Audit log: best durable mint against the raw rate, and on/off at 16 in flight.
@@ -305,7 +311,8 @@ def assemble(d, quick, out):
         "process tree, from `/proc/stat` and `/proc/<pid>/stat` each second) used "
         f"**{whole}** of the machine's CPU; per bench in the last table. Each figure is "
         "this run's: a target is met when "
-        "this run's figure meets it. Logs and JSON summaries: `target/perf-targets/`.",
+        f"this run's figure meets it. Logs and JSON summaries: `target/perf-targets/{d.name}/` "
+        "(not committed).",
         "",
         "| target | figure (this run) | same-run context | |",
         "|---|---|---|---|",
