@@ -14,8 +14,7 @@ use std::sync::Arc;
 use futures::Stream;
 use prost_types::{value::Kind, ListValue, Struct, Value as PValue};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use ztid_proto::node as npb;
 use ztid_proto::workload::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
@@ -72,6 +71,45 @@ impl WorkloadApi {
         req: &Request<T>,
     ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
         let peer = self.caller(req).await?;
+        self.entitle(peer).await
+    }
+
+    /// [`WorkloadApi::entitled_instance`] for a stream made by [`watch_stream`], which
+    /// checks the caller's process before every message, the first included. Checking it
+    /// here too would read /proc twice per call (and hop to a blocking thread twice) for
+    /// nothing: what is looked up here comes from the accept-time attestation, and the
+    /// first message is checked after it, closer to the answer. A connection already
+    /// known refused gets the refusal at once, and every refusal below first checks the
+    /// process, so a gone or changed process is told so rather than why it has no entry.
+    async fn entitled_instance_for_stream<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
+        let peer = req
+            .extensions()
+            .get::<Arc<ConnectionPeer>>()
+            .cloned()
+            .ok_or_else(|| {
+                Status::unavailable("workload attestation failed: no peer credentials")
+            })?;
+        if let Some(r) = peer.known_refusal() {
+            return Err(refusal_status(&r));
+        }
+        match self.entitle(peer.clone()).await {
+            Ok(found) => Ok(found),
+            Err(refused) => {
+                still_the_connecting_process(&peer).await?;
+                Err(refused)
+            }
+        }
+    }
+
+    /// Checks that the caller of a connection bound to `peer` is entitled, and makes sure
+    /// it holds current SVIDs.
+    async fn entitle(
+        &self,
+        peer: Arc<ConnectionPeer>,
+    ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
         let attested = peer
             .attested()
             .ok_or_else(|| Status::internal("verified connection without attestation"))?;
@@ -257,53 +295,75 @@ pub(crate) async fn stream_refusal(
 /// ends with the reason; nothing is sent once the process is not the one that connected),
 /// or an operator revokes an identity of the instance (then it ends with
 /// `PermissionDenied` naming it).
+///
+/// The stream is polled by the connection's own task: no task of its own and no channel,
+/// so a message costs no hop between tasks, and a client that leaves drops it with
+/// everything it waits on.
 fn watch_stream<T: Send + 'static>(
     peer: Arc<ConnectionPeer>,
     mut notices: watch::Receiver<RevocationNotice>,
-    mut state: Option<watch::Receiver<Arc<IdentitySet>>>,
-    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    state: Option<watch::Receiver<Arc<IdentitySet>>>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
     make: impl Fn(Option<&IdentitySet>, &TrustBundle) -> Result<T, Status> + Send + 'static,
 ) -> ResponseStream<T> {
-    let (tx, rx) = mpsc::channel(2);
-    let mut revoked = peer.revocation();
+    struct Watched<F> {
+        peer: Arc<ConnectionPeer>,
+        notices: watch::Receiver<RevocationNotice>,
+        seen: u64,
+        state: Option<watch::Receiver<Arc<IdentitySet>>>,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        revoked: watch::Receiver<Option<PeerRefusal>>,
+        make: F,
+        /// Nothing sent yet: the first message goes out without waiting for a change.
+        first: bool,
+    }
+    let revoked = peer.revocation();
     // Only revocations made after the stream opened end it.
     let seen = notices.borrow_and_update().count;
-    tokio::spawn(async move {
-        loop {
-            // Checked before every message, not only when the connection notices.
-            let msg = match stream_refusal(&notices, seen, &peer).await {
-                Some(refused) => Err(refused),
-                None => {
-                    let s = state.as_mut().map(|s| s.borrow_and_update().clone());
-                    let b = bundle.borrow_and_update().clone();
-                    make(s.as_deref(), &b)
-                }
-            };
-            let stop = msg.is_err();
-            if tx.send(msg).await.is_err() || stop {
-                return;
-            }
-            let changed = match state.as_mut() {
+    let watched = Watched {
+        peer,
+        notices,
+        seen,
+        state,
+        bundle,
+        revoked,
+        make,
+        first: true,
+    };
+    Box::pin(futures::stream::unfold(Some(watched), |w| async move {
+        // `None` once an error has ended the stream.
+        let mut w = w?;
+        if !std::mem::take(&mut w.first) {
+            let seen = w.seen;
+            let changed = match w.state.as_mut() {
                 Some(s) => tokio::select! {
                     r = s.changed() => r.is_ok(),
-                    r = bundle.changed() => r.is_ok(),
-                    _ = revoked.wait_for(Option::is_some) => true,
-                    _ = notices.wait_for(|n| n.count > seen) => true,
-                    _ = tx.closed() => false,
+                    r = w.bundle.changed() => r.is_ok(),
+                    _ = w.revoked.wait_for(Option::is_some) => true,
+                    _ = w.notices.wait_for(|n| n.count > seen) => true,
                 },
                 None => tokio::select! {
-                    r = bundle.changed() => r.is_ok(),
-                    _ = revoked.wait_for(Option::is_some) => true,
-                    _ = notices.wait_for(|n| n.count > seen) => true,
-                    _ = tx.closed() => false,
+                    r = w.bundle.changed() => r.is_ok(),
+                    _ = w.revoked.wait_for(Option::is_some) => true,
+                    _ = w.notices.wait_for(|n| n.count > seen) => true,
                 },
             };
             if !changed {
-                return;
+                return None;
             }
         }
-    });
-    Box::pin(ReceiverStream::new(rx))
+        // Checked before every message, not only when the connection notices.
+        let msg = match stream_refusal(&w.notices, w.seen, &w.peer).await {
+            Some(refused) => Err(refused),
+            None => {
+                let s = w.state.as_mut().map(|s| s.borrow_and_update().clone());
+                let b = w.bundle.borrow_and_update().clone();
+                (w.make)(s.as_deref(), &b)
+            }
+        };
+        let next = msg.is_ok().then_some(w);
+        Some((msg, next))
+    }))
 }
 
 /// The JWT-SVID the server minted for `id` in answer `r`, with its key ID, noted as in
@@ -368,7 +428,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (peer, inst) = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance_for_stream(&request).await?;
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             peer,
@@ -394,7 +454,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (peer, inst) = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance_for_stream(&request).await?;
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             peer,
@@ -555,7 +615,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (peer, inst) = self.entitled_instance(&request).await?;
+        let (peer, inst) = self.entitled_instance_for_stream(&request).await?;
         let workloads = self.workloads.clone();
         let stream = watch_stream(
             peer,

@@ -178,7 +178,14 @@ impl PeerProcess {
     /// end held its pid all along, so the reads were of it and not of a successor.
     pub fn check(&self) -> Result<(), PeerRefusal> {
         let pid = self.instance.pid;
-        let start_time = process_start_time(pid).map_err(|_| PeerRefusal::Exited)?;
+        // With a pidfd, the poll below proves the process held its pid from before these
+        // reads to after them, so its start time is the one read at accept: reading
+        // /proc/<pid>/stat again (the costliest file here) could only confirm it. Without
+        // one, the start time is what tells a recycled pid.
+        let start_time = match &self.pidfd {
+            Some(_) => self.instance.start_time,
+            None => process_start_time(pid).map_err(|_| PeerRefusal::Exited)?,
+        };
         let exe = exe_identity(pid).ok();
         let ids = effective_ids(pid).map_err(|_| PeerRefusal::Exited)?;
         if let Some(fd) = &self.pidfd {

@@ -128,6 +128,15 @@ impl ConnectionPeer {
         self.attested.as_ref().ok()
     }
 
+    /// Why the connection serves nothing, if that is already known (its attestation
+    /// failed, or its process was seen gone or changed), without reading /proc.
+    pub fn known_refusal(&self) -> Option<PeerRefusal> {
+        if let Some(r) = self.revoked.borrow().clone() {
+            return Some(r);
+        }
+        self.attested.as_ref().err().cloned()
+    }
+
     /// Checks now that the connection's process still is the one that connected, and
     /// returns its attestation if so. Reads /proc: call it from a blocking context.
     pub fn current(&self) -> Result<&AttestedPeer, PeerRefusal> {
