@@ -11,6 +11,14 @@ use super::format::{now_ms, sha256_hex};
 use crate::AuditError;
 use crate::Result;
 
+/// A record no call waits for is written and synced within this time...
+pub(super) const UNWAITED_MAX: Duration = Duration::from_millis(5);
+/// ...or once this much is pending.
+pub(super) const FLUSH_BYTES: usize = 1 << 20;
+/// A batch a call waits for is held open at most this long for calls still minting
+/// (which append within microseconds): one sync then answers them all.
+pub(super) const GROUP_WINDOW: Duration = Duration::from_millis(1);
+
 /// A checkpoint at least this often (by time)...
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...or by count...
@@ -29,6 +37,14 @@ pub(super) struct Chain {
     pub(super) pending: Vec<u8>,
     /// The sequence number of the last line in `pending`.
     pub(super) pending_last: u64,
+    /// The last sequence number the writer took out of `pending` (on disk, or being
+    /// written now).
+    pub(super) taken: u64,
+    /// When the first line now in `pending` was pushed (`None` while it is empty).
+    pub(super) pending_since: Option<Instant>,
+    /// The highest sequence number a call waits for ([`super::AuditLog::durable`]):
+    /// the writer syncs when `pending` holds it, not at every record.
+    pub(super) wanted: u64,
     /// Records since the last checkpoint (seals not counted).
     pub(super) since_checkpoint: u64,
     /// Bytes since the last checkpoint.
@@ -38,6 +54,11 @@ pub(super) struct Chain {
 }
 
 impl Chain {
+    /// Whether a call waits for a line in `pending`.
+    pub(super) fn pending_wanted(&self) -> bool {
+        !self.pending.is_empty() && self.wanted > self.taken
+    }
+
     /// Appends the line for `body` (a JSON object) to the pending batch; returns its
     /// sequence number.
     pub(super) fn push(&mut self, mut body: Value) -> Result<u64> {
@@ -57,6 +78,9 @@ impl Chain {
         );
         self.prev = sha256_hex(line.as_bytes());
         line.push('\n');
+        if self.pending.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
         self.pending.extend_from_slice(line.as_bytes());
         self.pending_last = seq;
         self.next_seq += 1;

@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use tokio::sync::oneshot;
 use ztid_hsm::{KeyManager, SignatureFormat};
 
 use super::anchor::Anchor;
-use super::chain::{Chain, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS};
+use super::chain::{Chain, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS, FLUSH_BYTES};
 use super::format::{checkpoint_message, LOG_FILE};
 use super::recovery::Quarantined;
 use super::session::SessionKey;
@@ -31,9 +32,11 @@ thread_local! {
 /// The records one call appends, from [`AuditLog::begin_records`] to
 /// [`OwnRecords::finish`] with no `.await` in between (so on one thread): `finish`
 /// names the last of them, which is all the call's answer has to wait for (records
-/// other calls append meanwhile go into their own batches).
+/// other calls append meanwhile go into their own batches). While it lives, the call
+/// counts as minting: the writer holds a batch open (briefly) for calls that are about
+/// to append, so one sync answers them all.
 pub struct OwnRecords<'a> {
-    _log: std::marker::PhantomData<&'a AuditLog>,
+    log: &'a AuditLog,
     count_before: u64,
     /// The thread that began: an `.await` added in between later could move the call
     /// to another thread, whose count says nothing of this call's records.
@@ -54,12 +57,32 @@ impl OwnRecords<'_> {
     }
 }
 
+impl Drop for OwnRecords<'_> {
+    fn drop(&mut self) {
+        let shared = &self.log.shared;
+        // The last call minting is done: a writer holding a batch open for it goes now.
+        if shared.minting.fetch_sub(1, Ordering::SeqCst) == 1
+            && shared.window_open.load(Ordering::SeqCst)
+        {
+            // Under the chain lock, so the writer is either before its check of
+            // `minting` (and sees 0) or already waiting (and gets this wake-up).
+            drop(shared.chain.lock());
+            shared.wake.notify_one();
+        }
+    }
+}
+
 /// What the callers and the writer thread share.
 pub(super) struct Shared {
     /// The chain, appended to by callers and drained by the writer.
     pub(super) chain: Mutex<Chain>,
-    /// Wakes the writer when there is something to write.
+    /// Wakes the writer: a call waits for a record, a first record is pending, or the
+    /// last minting call is done.
     pub(super) wake: Condvar,
+    /// Calls between [`AuditLog::begin_records`] and the end of their [`OwnRecords`].
+    pub(super) minting: AtomicUsize,
+    /// Set while the writer holds a batch open for minting calls.
+    pub(super) window_open: AtomicBool,
     /// The last sequence number on disk and sealed, and the calls waiting for more.
     pub(super) waiters: Mutex<Waiters>,
     /// Why the writer failed, once it has: no record is accepted after that.
@@ -127,8 +150,9 @@ impl AuditLog {
 
     /// Starts a call that records events and then waits for them: see [`OwnRecords`].
     pub fn begin_records(&self) -> OwnRecords<'_> {
+        self.shared.minting.fetch_add(1, Ordering::SeqCst);
         OwnRecords {
-            _log: std::marker::PhantomData,
+            log: self,
             count_before: APPENDED_HERE.with(|c| c.get().0),
             thread: std::thread::current().id(),
         }
@@ -140,6 +164,7 @@ impl AuditLog {
             return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
         }
         let mut c = self.lock_chain()?;
+        let first = c.pending.is_empty();
         let seq = c.push(json!({"event": event}))?;
         if c.since_checkpoint >= CHECKPOINT_RECORDS
             || c.bytes_since_checkpoint >= CHECKPOINT_BYTES
@@ -147,9 +172,15 @@ impl AuditLog {
         {
             self.push_checkpoint(&mut c)?;
         }
+        let large = c.pending.len() >= FLUSH_BYTES;
         drop(c);
         APPENDED_HERE.with(|c| c.set((c.get().0.wrapping_add(1), seq)));
-        self.shared.wake.notify_one();
+        // The writer syncs when a call waits for a record (see `durable`); it hears of
+        // a first pending record only to bound how long a record no one waits for
+        // stays in memory, and of a large batch to write it out.
+        if first || large {
+            self.shared.wake.notify_one();
+        }
         Ok(seq)
     }
 
@@ -234,6 +265,12 @@ impl AuditLog {
             w.queue.push((seq, tx));
             rx
         };
+        // Under the chain lock, which the writer holds from its check to its wait.
+        {
+            let mut c = self.lock_chain()?;
+            c.wanted = c.wanted.max(seq);
+        }
+        self.shared.wake.notify_one();
         // The writer wakes this call once its sync covers `seq`, or drops the
         // wake-up when it stops (failed, or gone): then nothing more becomes durable.
         rx.await.map_err(|_| self.stopped())

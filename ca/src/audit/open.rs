@@ -5,6 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -107,11 +108,16 @@ impl AuditLog {
                 prev: recovered.prev.clone(),
                 pending: Vec::new(),
                 pending_last: next_seq - 1,
+                taken: next_seq - 1,
+                pending_since: None,
+                wanted: 0,
                 since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
             }),
             wake: Condvar::new(),
+            minting: AtomicUsize::new(0),
+            window_open: AtomicBool::new(false),
             waiters: Mutex::new(Waiters::new(next_seq - 1)),
             failed: Mutex::new(None),
         });

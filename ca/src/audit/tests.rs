@@ -647,3 +647,50 @@ fn concurrent_calls_share_batches_and_every_answered_record_is_sealed() {
     );
     f.rt.block_on(log.close()).unwrap();
 }
+
+#[test]
+fn a_call_appending_many_records_costs_one_sync_not_one_per_record() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    let seals_before = f.lines().iter().filter(|l| l.contains("\"seal\":")).count();
+    let own = log.begin_records();
+    for i in 0..100 {
+        log.append(json!({"type": "x509_svid_issued", "serial": format!("m{i}")}))
+            .unwrap();
+    }
+    let seq = own.finish().unwrap();
+    f.rt.block_on(log.durable(seq)).unwrap();
+    let lines = f.lines();
+    assert!(lines.iter().any(|l| l.contains("\"m99\"")));
+    let seals = lines.iter().filter(|l| l.contains("\"seal\":")).count() - seals_before;
+    // One batch, or two when the unwaited-record bound (5 ms) cut it on a slow machine.
+    assert!(
+        (1..=2).contains(&seals),
+        "100 records of one call: {seals} seals"
+    );
+    f.rt.block_on(log.close()).unwrap();
+}
+
+#[test]
+fn a_record_no_call_waits_for_still_reaches_the_disk_sealed() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    log.append(json!({"type": "x509_svid_refused", "reason": "unwaited"}))
+        .unwrap();
+    // Nobody calls `durable`: the writer still writes and seals it within its bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let lines = f.lines();
+        if let Some(at) = lines.iter().position(|l| l.contains("\"unwaited\"")) {
+            if lines[at..].iter().any(|l| l.contains("\"seal\":")) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record not sealed on disk"
+        );
+        std::thread::yield_now();
+    }
+    f.rt.block_on(log.close()).unwrap();
+}
