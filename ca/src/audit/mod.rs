@@ -24,10 +24,12 @@
 //! told `--allow-unsigned-tail`.
 //!
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
-//! the writer thread has `fdatasync`ed past it; writes are batched, so many
-//! concurrent mints share one sync and one seal (group commit). A call waits only
-//! for its own records ([`OwnRecords`]) and is woken once, when the sync covering
-//! them returns. No SVID leaves the server before its record is durable and sealed.
+//! a sync has covered it; writes are batched, so many concurrent mints share one sync
+//! and one seal (group commit). The writer syncs on demand (when a call waits, briefly
+//! holding the batch open for calls still minting), with two `fdatasync`s in flight on
+//! their own threads. A call waits only for its own records ([`OwnRecords`]) and is
+//! woken once, when the sync covering them returns. No SVID leaves the server before
+//! its record is durable and sealed.
 
 mod anchor;
 mod audit_key;
