@@ -235,6 +235,9 @@ const FETCH_TOGGLES: [&str; 3] = [
     "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
 ];
 
+/// Pause after each counted fetch (see `workload_fetch`).
+const SETTLE_MS: u64 = 30;
+
 /// One Workload API `FetchX509SVID` answered by the real release `ztid-agent`, run under
 /// callgrind beside a real `ztid-server` (the agent started as the e2e harness starts it,
 /// with `valgrind` in front). Collection is on only inside [`FETCH_TOGGLES`], so the
@@ -384,15 +387,22 @@ fn workload_fetch(n: u64, repeat: u64) {
             held.fetch_x509_svid().await.unwrap();
             fresh().await;
         }
+        // A pause after each fetch lets the agent finish with it (the client's RST_STREAM
+        // read, the stream task ended) before the next one arrives: without it, whether
+        // those frames are read together with the next request's or apart follows timing,
+        // and the held count took one of two values 6 % apart.
+        let settle = || tokio::time::sleep(Duration::from_millis(SETTLE_MS));
         for _ in 0..repeat {
             control("-z");
             for _ in 0..n {
                 held.fetch_x509_svid().await.unwrap();
+                settle().await;
             }
             dumped("held");
             control("-z");
             for _ in 0..n {
                 fresh().await;
+                settle().await;
             }
             dumped("new");
         }
