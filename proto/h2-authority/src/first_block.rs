@@ -5,7 +5,7 @@
 //! adapter only forwards it. Decoding it fully with `loona_hpack` costs a Huffman table build
 //! (a 257-entry HashMap) per Huffman-coded string, ~120 µs per connection in a profile. This
 //! scanner walks the RFC 7541 field representations and decodes nothing but `:authority`
-//! values (at most one Huffman table per block).
+//! values (with one Huffman decoder per thread, built once).
 //!
 //! It answers [`Verdict::Passthrough`] only when the full decoder would also pass the block
 //! through; anything else (a bad authority, a size update, an index past the static table,
@@ -19,8 +19,27 @@
 //! COMPRESSION_ERROR connection error) instead of the adapter (an `io::Error`). The connection
 //! fails either way.
 
+use std::cell::RefCell;
+
 use http::uri::Authority;
 use loona_hpack::huffman::HuffmanDecoder;
+
+thread_local! {
+    /// loona's Huffman decoder builds its code HashMap in `new` (the cost this module avoids);
+    /// `decode` keeps no state between calls, so one per thread is reused for every connection.
+    static HUFFMAN: RefCell<Option<HuffmanDecoder>> = const { RefCell::new(None) };
+}
+
+/// Huffman-decodes `raw` with the thread's shared decoder; `None` if it is not valid Huffman
+/// (or, which cannot happen, the decoder is already borrowed).
+fn huffman_decode(raw: &[u8]) -> Option<Vec<u8>> {
+    HUFFMAN.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        slot.get_or_insert_with(HuffmanDecoder::new)
+            .decode(raw)
+            .ok()
+    })
+}
 
 /// What to do with the first header block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +157,6 @@ pub(crate) fn scan(block: &[u8], max_list_bytes: usize, field_overhead: usize) -
 fn scan_inner(block: &[u8], max_list_bytes: usize, field_overhead: usize) -> Option<()> {
     let mut rest = block;
     let mut list_bytes = 0usize;
-    let mut huffman: Option<HuffmanDecoder> = None;
     while let Some(&first) = rest.first() {
         let (name_is_authority, name_len, value) = if first & 0x80 != 0 {
             // Indexed field (section 6.1).
@@ -189,8 +207,7 @@ fn scan_inner(block: &[u8], max_list_bytes: usize, field_overhead: usize) -> Opt
         if name_is_authority {
             // Judged exactly as the full path (and h2) does.
             let parses = if value.huffman {
-                let decoder = huffman.get_or_insert_with(HuffmanDecoder::new);
-                let decoded = decoder.decode(value.raw).ok()?;
+                let decoded = huffman_decode(value.raw)?;
                 Authority::try_from(decoded.as_slice()).is_ok()
             } else {
                 Authority::try_from(value.raw).is_ok()
@@ -260,6 +277,19 @@ mod tests {
     fn huffman_authority_name_decodes_to_authority() {
         let decoded = HuffmanDecoder::new().decode(HUFFMAN_AUTHORITY).unwrap();
         assert_eq!(decoded, AUTHORITY);
+    }
+
+    #[test]
+    fn shared_huffman_decoder_keeps_no_state_between_strings() {
+        for _ in 0..3 {
+            assert_eq!(huffman_decode(HUFFMAN_AUTHORITY).unwrap(), AUTHORITY);
+            // 8 bits of padding: invalid, and must not affect the next string.
+            assert_eq!(huffman_decode(&[0xff]), None);
+            // '0' (00000) then padding 000, which is not a prefix of EOS.
+            assert_eq!(huffman_decode(&[0x00]), None);
+            assert_eq!(huffman_decode(&[0x07]).unwrap(), b"0");
+            assert_eq!(huffman_decode(&[]).unwrap(), b"");
+        }
     }
 
     #[test]
