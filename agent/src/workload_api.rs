@@ -54,13 +54,7 @@ impl WorkloadApi {
     /// The caller's connection, checked now to still be served by the process that
     /// opened it.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<ConnectionPeer>, Status> {
-        let peer = req
-            .extensions()
-            .get::<Arc<ConnectionPeer>>()
-            .cloned()
-            .ok_or_else(|| {
-                Status::unavailable("workload attestation failed: no peer credentials")
-            })?;
+        let peer = connection_peer(req)?;
         still_the_connecting_process(&peer).await?;
         Ok(peer)
     }
@@ -85,13 +79,7 @@ impl WorkloadApi {
         &self,
         req: &Request<T>,
     ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
-        let peer = req
-            .extensions()
-            .get::<Arc<ConnectionPeer>>()
-            .cloned()
-            .ok_or_else(|| {
-                Status::unavailable("workload attestation failed: no peer credentials")
-            })?;
+        let peer = connection_peer(req)?;
         if let Some(r) = peer.known_refusal() {
             return Err(refusal_status(&r));
         }
@@ -696,6 +684,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
             "the WIT-SVID profile is not supported",
         ))
     }
+}
+
+/// The connection's peer as the listener attested it at accept.
+fn connection_peer<T>(req: &Request<T>) -> Result<Arc<ConnectionPeer>, Status> {
+    req.extensions()
+        .get::<Arc<ConnectionPeer>>()
+        .cloned()
+        .ok_or_else(|| Status::unavailable("workload attestation failed: no peer credentials"))
 }
 
 #[cfg(test)]
