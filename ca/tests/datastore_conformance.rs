@@ -1343,9 +1343,13 @@ fn a_syncing_reader_never_misses_a_change(f: &dyn Fixture) {
     const THREADS: usize = 6;
     const EACH: usize = 120;
     let parents = ["spiffe://td/agent/a", "spiffe://td/agent/b"];
+    // Writers pause every CHECKPOINT writes until the reader has finished another poll,
+    // so reads interleave with writes however fast the store is (no timing guess).
+    const CHECKPOINT: usize = 10;
     let stop = Arc::new(AtomicBool::new(false));
+    let poll_count = Arc::new(AtomicUsize::new(0));
     let reader = {
-        let (store, stop) = (f.store(0), stop.clone());
+        let (store, stop, poll_count) = (f.store(0), stop.clone(), poll_count.clone());
         std::thread::spawn(move || {
             let mut all = BTreeSet::new();
             let mut one = BTreeSet::new();
@@ -1375,6 +1379,7 @@ fn a_syncing_reader_never_misses_a_change(f: &dyn Fixture) {
                     }
                 }
                 polls += 1;
+                poll_count.store(polls, Ordering::SeqCst);
                 if finished {
                     return (all, one, polls);
                 }
@@ -1384,10 +1389,19 @@ fn a_syncing_reader_never_misses_a_change(f: &dyn Fixture) {
     };
     let writers: Vec<_> = (0..THREADS)
         .map(|t| {
-            let store = f.store(t % 3);
+            let (store, poll_count) = (f.store(t % 3), poll_count.clone());
             std::thread::spawn(move || {
                 let mut mine = Vec::new();
+                let mut polls_seen = poll_count.load(Ordering::SeqCst);
                 for i in 0..EACH {
+                    if i % CHECKPOINT == CHECKPOINT - 1 {
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while poll_count.load(Ordering::SeqCst) <= polls_seen {
+                            assert!(Instant::now() < deadline, "the reader stalled");
+                            std::thread::yield_now();
+                        }
+                        polls_seen = poll_count.load(Ordering::SeqCst);
+                    }
                     let id = format!("w{t}-{i}");
                     let e = store
                         .create_entry(entry(
