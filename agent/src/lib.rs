@@ -1012,7 +1012,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let routes = tonic::service::Routes::new(health_service)
         .add_service(api)
         .add_service(sds);
-    workload_listener::serve(
+    workload_listener::serve_on_own_thread(
         listener,
         tower::Layer::layer(&metrics::workload_api_layer(), routes),
         config.workload_limits(),
@@ -1023,7 +1023,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             }
         },
     )
-    .await;
+    .await
+    .map_err(Error::io("serving the Workload API"))?;
     let _ = std::fs::remove_file(&config.socket);
     if *stop_tx.borrow() {
         return Err(Error::Server("agent is no longer attested".into()));

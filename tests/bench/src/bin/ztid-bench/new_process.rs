@@ -85,7 +85,23 @@ pub fn run(rt: &tokio::runtime::Runtime, opts: &Opts, pool: usize) {
     for (_, a) in &agents {
         entry_for_my_uid(&server, a, BENCH_ID, &[]);
     }
-    let clients: Vec<_> = agents.iter().map(|(_, a)| held_client(rt, a)).collect();
+    // The held client runs on a current-thread runtime, as the new-process workers do:
+    // with the bench's 2-worker runtime every call would also pay two cross-thread
+    // wake-ups inside the client (its caller's thread and the worker that owns the
+    // connection), about 30 µs each on this VM, which measure the client, not the agent.
+    let held_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("held client runtime");
+    let held_rt = if std::env::var_os("ZTID_EXP_MT_CLIENT").is_some() {
+        rt
+    } else {
+        &held_rt
+    };
+    let clients: Vec<_> = agents
+        .iter()
+        .map(|(_, a)| held_client(held_rt, a))
+        .collect();
     let server_pid = server_pid_of(&server);
     let mut samples: [Samples; 2] = Default::default();
     let mut foreign_max: f64 = 0.0;
@@ -95,7 +111,7 @@ pub fn run(rt: &tokio::runtime::Runtime, opts: &Opts, pool: usize) {
         for i in order {
             let (size, agent) = &agents[i];
             let pids = (server_pid, agent.proc.child.id());
-            let held = held_window(rt, &clients[i], opts.dur() / 2);
+            let held = held_window(held_rt, &clients[i], opts.dur() / 2);
             let fresh: Fresh = fresh_processes(&agent.endpoint(), per_round, opts.dur() * 4, pids);
             let s = &mut samples[i];
             s.held.extend(held);
