@@ -93,11 +93,7 @@ pub fn run(rt: &tokio::runtime::Runtime, opts: &Opts, pool: usize) {
         .enable_all()
         .build()
         .expect("held client runtime");
-    let held_rt = if std::env::var_os("ZTID_EXP_MT_CLIENT").is_some() {
-        rt
-    } else {
-        &held_rt
-    };
+    let held_rt = &held_rt;
     let clients: Vec<_> = agents
         .iter()
         .map(|(_, a)| held_client(held_rt, a))
