@@ -18,10 +18,27 @@ fn init_logging(format: &str) {
     }
 }
 
+/// How much less CPU priority the runtime's threads get than the Workload API's own
+/// thread (a nice(2) increment): syncs, renewals and refilling the SVID pool are
+/// background work and yield the CPU to answering a workload. The kernel still gives a
+/// niced thread its share under contention, so background work is slowed, not starved.
+const BACKGROUND_NICE: i32 = 10;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Set, not added: a blocking thread started by a worker inherits the worker's value.
+    let background = rustix::process::getpriority_process(None)
+        .map(|base| (base + BACKGROUND_NICE).min(19))
+        .ok();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(move || {
+            // Lowering one's own priority needs no privilege; if it fails, the thread
+            // runs at the agent's priority, as before.
+            if let Some(nice) = background {
+                let _ = rustix::process::setpriority_process(None, nice);
+            }
+        })
         .build()
     {
         Ok(r) => r,

@@ -631,6 +631,8 @@ where
         .spawn(move || {
             let served = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // Its blocking threads (reading /proc, hashing) answer workloads too.
+                .thread_name("workload-api")
                 .build()
                 .and_then(|rt| {
                     rt.block_on(async move {

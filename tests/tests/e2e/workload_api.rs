@@ -426,3 +426,63 @@ fn py_spiffe_fetches_and_validates_unmodified() {
     assert_eq!(v["offline_spiffe_id"], id);
     assert_eq!(v["wrong_audience_refused"], true);
 }
+
+/// The nice value of each thread of `pid`, by thread name.
+fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let dir = t.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name start at field 3 (state); nice is field 19.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|v| v.parse().ok());
+        if let Some(nice) = nice {
+            out.push((comm.trim().to_string(), nice));
+        }
+    }
+    out
+}
+
+/// The Workload API is answered on a thread of its own at the agent's priority; the
+/// runtime's threads (syncs, renewals, refilling the SVID pool) run 10 nice levels
+/// lower, so background work yields the CPU to answering a workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_runs_at_a_lower_priority_than_the_workload_api() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    entry_for_my_uid(&server, &agent, "spiffe://example.org/priority", &[]);
+    let c = client(&agent).await;
+    fetch_when_ready(&c).await;
+    let threads = thread_nice_values(agent.proc.child.id());
+    let main = threads
+        .iter()
+        .find(|(name, _)| name == "ztid-agent")
+        .map(|(_, n)| *n)
+        .expect("the agent's main thread");
+    let api: Vec<i64> = threads
+        .iter()
+        .filter(|(name, _)| name == "workload-api")
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!api.is_empty(), "a Workload API thread: {threads:?}");
+    assert!(
+        api.iter().all(|n| *n == main),
+        "the Workload API's threads run at the agent's priority: {threads:?}"
+    );
+    let workers: Vec<i64> = threads
+        .iter()
+        .filter(|(name, _)| name == "tokio-runtime-w" || name == "tokio-rt-worker")
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!workers.is_empty(), "runtime threads: {threads:?}");
+    for n in workers {
+        assert_eq!(
+            n,
+            (main + 10).min(19),
+            "a runtime thread runs 10 nice levels lower: {threads:?}"
+        );
+    }
+}
