@@ -360,6 +360,10 @@ def assemble(d, quick, out):
         s += ["", "### Instruction counts (`scripts/icount.sh`, same run)", ""]
         s += [line for line in icount if line.startswith("valgrind ")][:1]
         s += [""] + table if table else ["no table: see `icount.log`"]
+        # icount.sh's notes after the table (one paragraph each).
+        if table:
+            after = icount[icount.index(table[-1]) + 1:]
+            s += [n for line in after if line.strip() for n in ("", line.strip())]
 
     s += ["", "Command (builds the release binaries first; `ZTID_BENCH_NO_BUILD=1` skips that):",
           "", "```sh", "scripts/perf-targets.sh            # add --icount for the callgrind counts (minutes)",

@@ -6,7 +6,8 @@
 //! a process matched), an SVID for `<entry ID>/<segment>` with its own key. Pools are kept
 //! only for entry sets that a new process had within the last `idle_seconds`, at most
 //! `max_sets` of them (the least recently used goes first) and `size` pooled instances
-//! each; so memory and the extra mints are bounded, and an idle node mints nothing.
+//! each, up to [`MAX_POOL_GROWTH`] times that while a burst of new processes outruns the
+//! refill; so memory and the extra mints are bounded, and an idle node mints nothing.
 //!
 //! The rules that make it safe:
 //! - A pooled instance is taken out of the pool under its lock when a process is given it
@@ -31,6 +32,9 @@ use super::{EntryCache, HeldSvid, REVOCATION_CLOCK_TOLERANCE_SECONDS};
 pub const MAX_POOL_SIZE: usize = 16;
 /// Most entry sets pooled.
 pub const MAX_POOL_SETS: usize = 4096;
+/// How far a burst may grow one set's pool: up to this many times its configured size
+/// (never above [`MAX_POOL_SIZE`]).
+pub const MAX_POOL_GROWTH: usize = 4;
 /// Most CSRs one refill sends in one `SignX509Svids` call (the server's batch cap is
 /// larger; a smaller batch keeps one refill short).
 pub const MAX_REFILL_CSRS: usize = 100;
@@ -125,6 +129,10 @@ struct EntrySet {
     last_seen: i64,
     /// Oldest first.
     slots: VecDeque<PooledInstance>,
+    /// How many instances to keep: the configured size, doubled when a take leaves the
+    /// set empty (a burst of new processes would otherwise outrun the refill and wait
+    /// for mints), halved back when a pooled instance expires unused.
+    target: usize,
 }
 
 #[derive(Default)]
@@ -221,7 +229,13 @@ impl Inner {
         let slots = std::mem::take(&mut set.slots);
         for slot in slots {
             match self.unusable(&slot, &set.entries, view, config) {
-                Some(reason) => log_drop(&slot, reason),
+                Some(reason) => {
+                    if reason == DropReason::Expired {
+                        // Minted ahead and never needed: the burst is over.
+                        set.target = (set.target / 2).max(config.size);
+                    }
+                    log_drop(&slot, reason)
+                }
                 None => set.slots.push_back(slot),
             }
         }
@@ -246,6 +260,13 @@ impl SvidPool {
     /// Its settings.
     pub fn config(&self) -> PoolConfig {
         self.config
+    }
+
+    /// The most instances one set's pool may grow to in a burst.
+    fn max_target(&self) -> usize {
+        (self.config.size * MAX_POOL_GROWTH)
+            .min(MAX_POOL_SIZE)
+            .max(self.config.size)
     }
 
     /// For a new process whose per-instance entries are `entries`: a pooled instance
@@ -274,15 +295,25 @@ impl SvidPool {
                     }
                 }
             }
+            let known = inner.sets.contains_key(&key);
             let set = inner.sets.entry(key.clone()).or_insert_with(|| EntrySet {
                 entries: entries.clone(),
                 last_seen: view.now,
                 slots: VecDeque::new(),
+                target: self.config.size,
             });
             set.last_seen = view.now;
             set.entries = entries;
             inner.sweep(&key, view, &self.config);
-            inner.sets.get_mut(&key).and_then(|s| s.slots.pop_front())
+            inner.sets.get_mut(&key).and_then(|s| {
+                let taken = s.slots.pop_front();
+                // The set's first process finds nothing by design; later ones that take
+                // the last instance, or find none, are outrunning the refill.
+                if known && s.slots.is_empty() {
+                    s.target = (s.target * 2).min(self.max_target());
+                }
+                taken
+            })
         };
         self.wake.notify_one();
         taken
@@ -325,7 +356,7 @@ impl SvidPool {
             });
             let per = set.entries.len().max(1);
             let room = MAX_REFILL_CSRS.saturating_sub(csrs) / per;
-            let count = self.config.size.saturating_sub(set.slots.len()).min(room);
+            let count = set.target.saturating_sub(set.slots.len()).min(room);
             if count > 0 && !recently_revoked {
                 csrs += count * per;
                 out.push(Deficit {
@@ -349,7 +380,7 @@ impl SvidPool {
             Some(set) => inner.unusable(&slot, &set.entries, view, &self.config),
         };
         match (reason, inner.sets.get_mut(&key)) {
-            (None, Some(set)) if set.slots.len() < self.config.size => {
+            (None, Some(set)) if set.slots.len() < set.target => {
                 tracing::info!(
                     event = "svid_pooled",
                     instance = %slot.segment,
@@ -518,6 +549,38 @@ mod tests {
         assert_eq!(second.as_deref(), Some("s2"));
         assert!(pool.take(&e, &view(101)).is_none(), "empty until refilled");
         assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn a_burst_grows_the_set_and_unused_instances_shrink_it_back() {
+        let e = [entry("a")];
+        let count = |pool: &SvidPool, now| pool.deficits(&view(now)).first().map_or(0, |d| d.count);
+        let pool = filled(&e);
+        // Taking the last pooled instance (a burst outrunning the refill) doubles the set.
+        assert!(pool.take(&e, &view(101)).is_some());
+        assert_eq!(count(&pool, 101), 1, "one taken, one left: no growth yet");
+        assert!(pool.take(&e, &view(101)).is_some());
+        assert_eq!(count(&pool, 101), 4, "the last one taken: target 4");
+        // Finding none doubles it again, up to MAX_POOL_GROWTH times the size.
+        assert!(pool.take(&e, &view(101)).is_none());
+        assert_eq!(count(&pool, 101), 8);
+        assert!(pool.take(&e, &view(101)).is_none());
+        assert_eq!(count(&pool, 101), 2 * MAX_POOL_GROWTH, "capped");
+        for i in 0..2 * MAX_POOL_GROWTH {
+            assert!(pool.insert(slot(&e, &format!("b{i}"), 102), &view(102)));
+        }
+        assert!(
+            !pool.insert(slot(&e, "extra", 102), &view(102)),
+            "no more than the target"
+        );
+        // Left unused past the maximum age: each expired instance halves the target, back
+        // to the configured size, never below.
+        let later = 102 + CONFIG.max_age_seconds;
+        assert_eq!(
+            count(&pool, later),
+            2,
+            "all expired: back to the configured size"
+        );
     }
 
     #[test]
