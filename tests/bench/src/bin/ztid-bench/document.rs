@@ -188,7 +188,9 @@ impl Report {
             d,
             "Client: the unmodified `spiffe` 0.19 crate (`WorkloadApiClient::fetch_x509_svid`, which also \
              parses the returned certificate and key) over the agent's real Unix socket, entry selector \
-             `unix:uid:<uid>` (per-instance).\n"
+             `unix:uid:<uid>` (per-instance), on a current-thread tokio runtime in both cases (the held \
+             client in the bench process, each fresh process in its own), so that the client adds no \
+             wake-up between its own threads.\n"
         );
         let _ = writeln!(
             d,

@@ -251,8 +251,15 @@ fn main() {
         us(fsync_early.p50),
         us(fsync_early.p99)
     ));
+    // The held client runs on a current-thread runtime, as a new-process worker does
+    // (see new_process.rs): on the 2-worker runtime each call would also pay cross-thread
+    // wake-ups inside the client, which measure the client, not the agent.
+    let held_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("held client runtime");
     // The entry reaches the agent on its next sync.
-    let held_client = rt.block_on(async {
+    let held_client = held_rt.block_on(async {
         let c = spiffe::WorkloadApiClient::connect_to(&endpoint)
             .await
             .expect("connect to agent");
@@ -303,7 +310,7 @@ fn main() {
 
     let pids = (server_pid_of(&server), agent_pid);
     let throughput = throughput::throughput(&rt, &clients, &entry_id, &csrs, opts.dur(), pids);
-    let fetch = fetch_latency::fetch_latency(&rt, &held_client, &endpoint, &opts, pids);
+    let fetch = fetch_latency::fetch_latency(&held_rt, &held_client, &endpoint, &opts, pids);
     let mem = memory::memory_at_instances(agent_pid, &endpoint, opts.instances);
     drop(held_client);
     let entries = entries::entries(&rt, &mut server, &agent, &clients, &entry_id, &csrs, &opts);
