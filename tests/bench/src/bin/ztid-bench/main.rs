@@ -213,7 +213,7 @@ fn main() {
         .build()
         .expect("runtime");
     if let Some(pool) = cli.new_process_only {
-        new_process::run(&rt, &opts, pool);
+        new_process::run(&opts, pool);
         return;
     }
 

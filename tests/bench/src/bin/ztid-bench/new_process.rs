@@ -68,7 +68,7 @@ fn held_window(
     })
 }
 
-pub fn run(rt: &tokio::runtime::Runtime, opts: &Opts, pool: usize) {
+pub fn run(opts: &Opts, pool: usize) {
     let rounds = if opts.quick { 2 } else { 6 };
     let per_round = if opts.quick { 30 } else { 100 };
     let quiet = crate::measure::wait_machine_quiet(Duration::from_secs_f64(opts.wait_quiet));
