@@ -1215,7 +1215,19 @@ fn tpm_ecc_make_credential_interoperates_with_tpm2_tools() {
         } else {
             48
         };
-        assert_eq!(c.encrypted_secret.len(), 4 + 2 * len, "a TPMS_ECC_POINT");
+        // A TPMS_ECC_POINT: two TPM2B coordinates, each at most the curve's size (a
+        // coordinate with leading zero bytes is shorter, about 1 run in 128).
+        let es = &c.encrypted_secret;
+        let x = usize::from(u16::from_be_bytes([es[0], es[1]]));
+        assert!(
+            x <= len && es.len() > 2 + x + 2,
+            "a TPMS_ECC_POINT: {es:02x?}"
+        );
+        let y = usize::from(u16::from_be_bytes([es[2 + x], es[3 + x]]));
+        assert!(
+            y <= len && es.len() == 4 + x + y,
+            "a TPMS_ECC_POINT: {es:02x?}"
+        );
         // Any Tpm connection activates with the AK's own EK, whatever its EK choice.
         let mut tpm = Tpm::open(&f.tpm.tcti()).unwrap();
         let got = tpm
