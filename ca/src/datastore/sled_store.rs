@@ -1032,6 +1032,26 @@ mod tests {
     use super::*;
     use ztid_spiffe::Selector;
 
+    /// Opens the store again after this process dropped it. sled's flusher thread may
+    /// still hold the directory's lock for a moment after the drop (a restarted server
+    /// has no such wait: the kernel frees the lock with the old process), so a lock
+    /// refusal is retried until a deadline; any other error is returned at once.
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::yield_now()
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.display()),
+            }
+        }
+    }
+
     fn entry(id: &str, spiffe: &str, parent: &str, sel: &str) -> EntryRecord {
         EntryRecord {
             id: id.into(),
@@ -1100,7 +1120,7 @@ mod tests {
                 .unwrap();
             s.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert!(s.get_entry("b").unwrap().is_some());
         assert!(s.get_entry("d").unwrap().is_some());
         assert_eq!(s.list_entries(&EntryFilter::default()).unwrap().len(), 2);
@@ -1156,7 +1176,7 @@ mod tests {
             s.entry_log_by_parent.clear().unwrap();
             s.db.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let got = s
             .entry_changes_for_parent_since(pa, a2.revision - 1)
             .unwrap();
@@ -1195,7 +1215,7 @@ mod tests {
             assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"nine"[..]));
             s.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"nine"[..]));
         s.replace_audit_anchor(3, b"three").unwrap();
         assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"three"[..]));
