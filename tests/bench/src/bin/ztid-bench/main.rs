@@ -207,15 +207,15 @@ fn main() {
     let rev = report::git_rev();
     let log_level = std::env::var("ZTID_LOG").unwrap_or_default();
     let bench_start = Instant::now();
+    if let Some(pool) = cli.new_process_only {
+        new_process::run(&opts, pool);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    if let Some(pool) = cli.new_process_only {
-        new_process::run(&opts, pool);
-        return;
-    }
 
     // ---- a quiet machine first: other processes' CPU would be measured as ours
     let quiet_start = measure::wait_machine_quiet(Duration::from_secs_f64(opts.wait_quiet));
@@ -251,13 +251,7 @@ fn main() {
         us(fsync_early.p50),
         us(fsync_early.p99)
     ));
-    // The held client runs on a current-thread runtime, as a new-process worker does
-    // (see new_process.rs): on the 2-worker runtime each call would also pay cross-thread
-    // wake-ups inside the client, which measure the client, not the agent.
-    let held_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("held client runtime");
+    let held_rt = measure::client_runtime();
     // The entry reaches the agent on its next sync.
     let held_client = held_rt.block_on(async {
         let c = spiffe::WorkloadApiClient::connect_to(&endpoint)

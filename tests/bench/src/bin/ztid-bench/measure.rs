@@ -255,3 +255,14 @@ pub fn now_unix() -> i64 {
 pub fn log(msg: impl AsRef<str>) {
     eprintln!("[ztid-bench] {}", msg.as_ref());
 }
+
+/// The runtime of a Workload API client that measures the agent: current-thread, as a
+/// new-process worker's is. On the bench's 2-worker runtime every call would also pay
+/// two cross-thread wake-ups inside the client (its caller's thread and the worker that
+/// owns the connection), about 30 µs each on a VM, which measure the client, not the agent.
+pub fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime")
+}

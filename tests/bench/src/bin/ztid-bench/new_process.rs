@@ -85,15 +85,7 @@ pub fn run(opts: &Opts, pool: usize) {
     for (_, a) in &agents {
         entry_for_my_uid(&server, a, BENCH_ID, &[]);
     }
-    // The held client runs on a current-thread runtime, as the new-process workers do:
-    // with the bench's 2-worker runtime every call would also pay two cross-thread
-    // wake-ups inside the client (its caller's thread and the worker that owns the
-    // connection), about 30 µs each on this VM, which measure the client, not the agent.
-    let held_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("held client runtime");
-    let held_rt = &held_rt;
+    let held_rt = &crate::measure::client_runtime();
     let clients: Vec<_> = agents
         .iter()
         .map(|(_, a)| held_client(held_rt, a))
