@@ -79,11 +79,22 @@ pub struct ExeIdentity {
 
 /// The executable `pid` runs now (through `/proc/<pid>/exe`, so a replaced path does not
 /// matter).
+///
+/// `AT_STATX_DONT_SYNC`: an inode's device and number never change, so nothing needs
+/// asking the filesystem, and a workload running its program from its own FUSE mount
+/// (or a hung NFS server) cannot stall the check of its connection. The device is
+/// encoded as `stat`'s `st_dev`, so it compares with [`fs::metadata`].
 pub fn exe_identity(pid: i32) -> std::io::Result<ExeIdentity> {
-    let m = fs::metadata(format!("/proc/{pid}/exe"))?;
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let x = statx(
+        CWD,
+        format!("/proc/{pid}/exe"),
+        AtFlags::STATX_DONT_SYNC,
+        StatxFlags::INO,
+    )?;
     Ok(ExeIdentity {
-        dev: m.dev(),
-        ino: m.ino(),
+        dev: rustix::fs::makedev(x.stx_dev_major, x.stx_dev_minor),
+        ino: x.stx_ino,
     })
 }
 
@@ -610,6 +621,16 @@ mod tests {
             .selectors
             .contains(&Selector::parse(&format!("unix:uid:{uid}")).unwrap()));
         let exe = std::env::current_exe().unwrap();
+        // statx's device, encoded as stat's, so it compares with fs::metadata (the path
+        // selector and the hash cache rely on it).
+        let m = fs::metadata(&exe).unwrap();
+        assert_eq!(
+            exe_identity(std::process::id() as i32).unwrap(),
+            ExeIdentity {
+                dev: m.dev(),
+                ino: m.ino()
+            }
+        );
         assert!(w
             .selectors
             .iter()
