@@ -70,7 +70,7 @@ impl WorkloadApi {
 
     /// [`WorkloadApi::entitled_instance`] for a stream made by [`watch_stream`], which
     /// checks the caller's process before every message, the first included. Checking it
-    /// here too would read /proc twice per call (and hop to a blocking thread twice) for
+    /// here too would read /proc twice per call for
     /// nothing: what is looked up here comes from the accept-time attestation, and the
     /// first message is checked after it, closer to the answer. A connection already
     /// known refused gets the refusal at once, and every refusal below first checks the

@@ -54,12 +54,15 @@ impl Report {
         let _ = writeln!(
             a,
             "- **(b) New process.** Connect → first response p50 {} / p99 {}, of which the client's \
-             connect is p50 {}. The rest is the agent attesting the process (/proc reads, passwd/group \
-             lookups, the cached executable hash), generating a P-256 key and CSR, and one \
-             `SignX509Svids` round trip over mutual TLS in which the server signs and waits for its audit \
-             `fdatasync` (disk p50 {} / p99 {}), then the response and the client's parse. Agent CPU per \
-             new process {:.0} µs, server {:.0} µs. The first process of a never-seen executable also \
-             pays its hash ({} for this {:.0} MB binary).",
+             connect is p50 {}. The rest is the agent attesting the process at accept (/proc reads, \
+             passwd/group lookups, the cached executable hash; on the blocking pool, while the client \
+             sends its request), the entry match, the check that the process is still the one that \
+             connected (inline), and an SVID taken from the agent's pool (`svid_pool_size`), then the \
+             response and the client's parse. The pool's refill, after the answer, is one \
+             `SignX509Svids` round trip over mutual TLS in which the server signs and waits for its \
+             audit `fdatasync` (disk p50 {} / p99 {}); it shares the 2 cores with the next process. \
+             Agent CPU per new process {:.0} µs, server {:.0} µs (the refill's mint). The first \
+             process of a never-seen executable also pays its hash ({} for this {:.0} MB binary).",
             us(f.lat.p50),
             us(f.lat.p99),
             us(f.connect.p50),
