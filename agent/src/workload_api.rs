@@ -70,11 +70,11 @@ impl WorkloadApi {
 
     /// [`WorkloadApi::entitled_instance`] for a stream made by [`watch_stream`], which
     /// checks the caller's process before every message, the first included. Checking it
-    /// here too would read /proc twice per call for
-    /// nothing: what is looked up here comes from the accept-time attestation, and the
-    /// first message is checked after it, closer to the answer. A connection already
-    /// known refused gets the refusal at once, and every refusal below first checks the
-    /// process, so a gone or changed process is told so rather than why it has no entry.
+    /// here too would read /proc twice per call for nothing: what is looked up here
+    /// comes from the accept-time attestation, and the first message is checked after
+    /// it, closer to the answer. A connection already known refused gets the refusal at
+    /// once, and every refusal below first checks the process, so a gone or changed
+    /// process is told so rather than why it has no entry.
     async fn entitled_instance_for_stream<T>(
         &self,
         req: &Request<T>,

@@ -80,10 +80,11 @@ pub struct ExeIdentity {
 /// The executable `pid` runs now (through `/proc/<pid>/exe`, so a replaced path does not
 /// matter).
 ///
-/// `AT_STATX_DONT_SYNC`: an inode's device and number never change, so nothing needs
-/// asking the filesystem, and a workload running its program from its own FUSE mount
-/// (or a hung NFS server) cannot stall the check of its connection. The device is
-/// encoded as `stat`'s `st_dev`, so it compares with [`fs::metadata`].
+/// `AT_STATX_DONT_SYNC`: an inode's device and number never change, so there is nothing
+/// to ask the filesystem, and FUSE and network filesystems (NFS, CIFS, Ceph) then answer
+/// from the inode in memory: a workload running its program from its own FUSE mount (or
+/// a hung NFS server) cannot stall the check of its connection. The device is encoded as
+/// `stat`'s `st_dev`, so it compares with [`fs::metadata`].
 pub fn exe_identity(pid: i32) -> std::io::Result<ExeIdentity> {
     use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
     let x = statx(
