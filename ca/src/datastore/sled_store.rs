@@ -1033,23 +1033,31 @@ mod tests {
     use ztid_spiffe::Selector;
 
     /// Opens the store again after this process dropped it. sled's flusher thread may
-    /// still hold the directory's lock for a moment after the drop (a restarted server
-    /// has no such wait: the kernel frees the lock with the old process), so a lock
-    /// refusal is retried until a deadline; any other error is returned at once.
+    /// still hold the lock on the directory's `db` file for a moment after the drop (a
+    /// restarted server has no such wait: the kernel frees the lock with the old
+    /// process), so this first waits, until a deadline, for that lock to be free: it
+    /// takes it itself (`flock`, as sled does), a refusal being `EWOULDBLOCK`, and lets
+    /// it go. Any other error fails at once.
     fn reopen(dir: &Path) -> SledStore {
+        use nix::errno::Errno;
+        use nix::fcntl::{Flock, FlockArg};
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = dir.join("db");
         loop {
-            match SledStore::open(dir) {
-                Ok(s) => return s,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+            let file = std::fs::File::open(&db)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", db.display()));
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(free) => {
+                    drop(free);
+                    break;
+                }
+                Err((_, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
                     std::thread::yield_now()
                 }
-                Err(e) => panic!("reopening {}: {e}", dir.display()),
+                Err((_, e)) => panic!("the lock on {} is still held: {e}", db.display()),
             }
         }
+        SledStore::open(dir).unwrap_or_else(|e| panic!("reopening {}: {e}", dir.display()))
     }
 
     fn entry(id: &str, spiffe: &str, parent: &str, sel: &str) -> EntryRecord {
