@@ -299,26 +299,20 @@ impl Workers {
         self.views.lock().unwrap().iter().all(f)
     }
 
+    /// `f` of every instance's view, in instance order.
+    fn each<T, C: FromIterator<T>>(&self, f: impl Fn(&View) -> T) -> C {
+        self.views.lock().unwrap().iter().map(f).collect()
+    }
+
     fn authorities(&self) -> std::collections::BTreeSet<String> {
-        self.views
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|v| v.authority.clone())
-            .collect()
+        self.each(|v| v.authority.clone())
     }
 
     /// Waits until every instance has validated what it holds `k` more times (each
     /// every 500 ms): so a test shows continuous validation after its last step by
     /// waiting on the workers, not by the clock.
     fn validate_more(&self, k: u64, timeout: Duration) {
-        let before: Vec<u64> = self
-            .views
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|v| v.checks)
-            .collect();
+        let before: Vec<u64> = self.each(|v| v.checks);
         wait_for(
             "more periodic validations by every instance",
             timeout,
@@ -1287,13 +1281,7 @@ fn a_database_restart_under_load_loses_no_acknowledged_write_and_the_servers_rec
     load.phase.store(BACK, Ordering::SeqCst);
     let outage = stopped.elapsed();
     let back = Instant::now();
-    let updates_before: Vec<usize> = workers
-        .views
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|v| v.updates)
-        .collect();
+    let updates_before: Vec<usize> = workers.each(|v| v.updates);
     // No server is restarted or told anything: each reconnects by itself.
     all_streams(
         "every stream of calls answered again, through every server",
