@@ -20,7 +20,8 @@ timed() {
     if "$@"; then
         echo "== checks: $name passed in $((SECONDS - t)) s"
     else
-        echo "== checks: $name FAILED after $((SECONDS - t)) s"
+        echo "== checks: $name FAILED after $((SECONDS - t)) s" \
+            "($(df -h --output=avail . | tail -1 | tr -d ' ') free on this disk)"
         failed+=("$name")
     fi
 }
