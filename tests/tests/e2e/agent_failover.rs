@@ -121,27 +121,9 @@ async fn fetch_when_ready(c: &WorkloadApiClient) -> (Vec<u8>, i64) {
     }
 }
 
-/// The log without terminal colour sequences (`ESC [ ... m`).
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Switches the agent logged, as (from, to).
-fn switches(log: &str) -> Vec<(String, String)> {
-    let log = plain(log);
+pub(super) fn switches(log: &str) -> Vec<(String, String)> {
+    let log = strip_ansi(log);
     let field = |l: &str, k: &str| {
         l.split_whitespace()
             .find_map(|w| w.strip_prefix(k))

@@ -209,6 +209,36 @@ fn agent_svid_authority(agent: &Agent, roots: &[Vec<u8>]) -> String {
     ztid_spiffe::svid::issuing_authority_of_chain(&chain, roots).unwrap_or_default()
 }
 
+/// The agent's own SVID file as it is now.
+fn agent_svid_pem(agent: &Agent) -> Vec<u8> {
+    std::fs::read(agent.data_dir().join("agent_svid.pem")).expect("agent SVID")
+}
+
+/// How many renewals of its own SVID the agent logged.
+fn renewals_logged(agent: &Agent) -> usize {
+    agent.proc.log_text().matches("agent SVID renewed").count()
+}
+
+/// The last 40 lines of the agent's log, for a failure message.
+fn agent_log_tail(agent: &Agent) -> String {
+    let log = agent.proc.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Index in `servers` of the server the agent calls now: the first of its list, or
+/// the one it last switched to.
+fn current_server(agent: &Agent, servers: &[Server]) -> usize {
+    let to = super::agent_failover::switches(&agent.proc.log_text())
+        .pop()
+        .map(|(_, to)| to)
+        .unwrap_or_else(|| servers[0].addr());
+    servers
+        .iter()
+        .position(|s| s.addr() == to)
+        .unwrap_or_else(|| panic!("the agent switched to {to}, not one of the test's servers"))
+}
+
 /// `GET /metrics` over plain HTTP/1.1: the value of an unlabelled sample.
 fn metric(addr: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
@@ -513,15 +543,30 @@ fn a_server_killed_under_load_goes_unnoticed_by_workloads_and_the_agent_renews_e
         || workers.all(|v| !v.authority.is_empty()),
     );
     println!("{n} instances held an SVID after {:?}", started.elapsed());
-    // The agent uses the first server of its list: every SVID is signed by its authority.
-    let first = workers.authorities();
-    assert_eq!(first.len(), 1, "{first:?}");
-    let killed_authority = first.into_iter().next().unwrap();
-    assert_eq!(agent_svid_authority(&agent, &roots), killed_authority);
+    // Kill the server the agent uses now: the first of its list, unless a call slower
+    // than the agent's timeouts on a loaded machine already moved it on. Every instance
+    // then holds (or soon holds, after its renewal) an SVID of that server's authority.
+    let current = current_server(&agent, &servers);
+    wait_or_dump(
+        &agent,
+        &workers,
+        "every instance's SVID from the authority of the server the agent uses",
+        Duration::from_secs(60),
+        || workers.authorities().len() == 1,
+    );
+    let killed_authority = workers.authorities().into_iter().next().unwrap();
+    assert_eq!(
+        current,
+        current_server(&agent, &servers),
+        "the agent moved on while its instances renewed:\n{}",
+        agent_log_tail(&agent)
+    );
+    let agent_svid_before = agent_svid_pem(&agent);
+    let renewals_before = renewals_logged(&agent);
 
     // kill -9 that server in the middle of the streams.
     let failovers_before = metric(&metrics, "ztid_agent_server_failovers_total");
-    let mut killed = servers.remove(0).proc.take().unwrap();
+    let mut killed = servers.remove(current).proc.take().unwrap();
     killed.child.kill().unwrap();
     killed.child.wait().unwrap();
     let killed_at = Instant::now();
@@ -542,11 +587,20 @@ fn a_server_killed_under_load_goes_unnoticed_by_workloads_and_the_agent_renews_e
         Duration::from_secs(60),
         || {
             let a = agent_svid_authority(&agent, &roots);
-            (!a.is_empty() && a != killed_authority).then_some(())
+            // The agent logs the renewal after it wrote the file: both, or a read between
+            // the two finds the new SVID but not yet the line.
+            (agent_svid_pem(&agent) != agent_svid_before
+                && !a.is_empty()
+                && a != killed_authority
+                && renewals_logged(&agent) > renewals_before)
+                .then_some(())
         },
     );
-    assert!(metric(&metrics, "ztid_agent_server_failovers_total") > failovers_before);
-    assert!(agent.proc.log_text().contains("agent SVID renewed"));
+    assert!(
+        metric(&metrics, "ztid_agent_server_failovers_total") > failovers_before,
+        "no failover counted:\n{}",
+        agent_log_tail(&agent)
+    );
 
     workers.validate_more(2, Duration::from_secs(60));
     let checks = no_failed_validation(&workers.finish());
