@@ -302,7 +302,12 @@ async fn two_domains_federate_mtls_openssl_and_rotation() {
         bundle_roots(&b)
     );
     eprintln!("rotation reached domain A's workload in {:?}", t0.elapsed());
-    assert!(a.log_text().contains("federated_bundle_updated"));
+    // The server logs the update after it stored it (what reached the workload).
+    wait_for("the update in domain A's log", READY_TIMEOUT, || {
+        a.log_text()
+            .contains("federated_bundle_updated")
+            .then_some(())
+    });
 }
 
 /// A self-signed CA and a leaf for 127.0.0.1 signed by it (https_web).
