@@ -359,7 +359,7 @@ impl SvidPool {
             let room = MAX_REFILL_CSRS.saturating_sub(csrs) / per;
             // Refilled once half the target is gone, then to the target: a refill is
             // mostly the call's fixed cost (TLS, HTTP/2, the audit sync; about 550 µs of
-            // server CPU for one CSR), so pools of 4 or more refill every other take or
+            // server CPU for one CSR), so pools of 3 or more refill every other take or
             // less often, each call minting several, and fewer refills compete with the
             // new processes they serve.
             let count = if set.slots.len() * 2 > set.target {
