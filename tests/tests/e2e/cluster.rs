@@ -412,8 +412,6 @@ fn wait_or_dump(
     let start = Instant::now();
     while !f() {
         if start.elapsed() > timeout {
-            let log = agent.proc.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let views = workers.views.lock().unwrap();
             let lag: Vec<_> = views
                 .iter()
@@ -424,7 +422,7 @@ fn wait_or_dump(
                 .collect();
             panic!(
                 "timed out after {timeout:?} waiting for {what}; laggards {lag:?}\nagent log tail:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                agent_log_tail(agent)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
