@@ -10,6 +10,8 @@ use ztid_proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloa
 
 use super::config::{AgentConfig, DEFAULT_SOCKET};
 use super::token_exchange;
+// Times and durations for people, spelled as `ztid-server` spells them.
+use ztid_human as human;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -723,104 +725,6 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Times and durations for people, as `ztid-server` prints them: RFC 3339 in UTC with
-/// what remains (`2026-12-02T10:14:36Z (in 59m50s)`), lifetimes as `1h30m`.
-mod human {
-    /// Now, in Unix seconds.
-    pub(super) fn now_unix() -> i64 {
-        crate::unix_seconds(std::time::SystemTime::now())
-    }
-
-    /// `unix` as RFC 3339 in UTC; beyond year 9999, Unix seconds (`@N`).
-    pub(super) fn rfc3339(unix: i64) -> String {
-        time::OffsetDateTime::from_unix_timestamp(unix)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| format!("@{unix}"))
-    }
-
-    /// A lifetime, exactly: `1h30m`, `5m`, `30s`, `1h5s`; `0s` for none.
-    pub(super) fn duration(seconds: i64) -> String {
-        units(seconds, usize::MAX)
-    }
-
-    /// How long a call took: `3ms` below a second, else as [`duration`] rounded down.
-    pub(super) fn elapsed(d: std::time::Duration) -> String {
-        if d.as_secs() == 0 {
-            format!("{}ms", d.as_millis())
-        } else {
-            units(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), 2)
-        }
-    }
-
-    /// `seconds` in at most `most` units (d, h, m, s), the largest first; when
-    /// approximating, smaller units are dropped, never rounded up.
-    fn units(seconds: i64, most: usize) -> String {
-        let sign = if seconds < 0 { "-" } else { "" };
-        let mut rest = seconds.unsigned_abs();
-        let mut text = String::new();
-        let mut written = 0;
-        for (unit, size) in [("d", 86_400u64), ("h", 3_600), ("m", 60), ("s", 1)] {
-            let n = rest / size;
-            rest %= size;
-            if written == most {
-                break;
-            }
-            if n > 0 {
-                text.push_str(&format!("{n}{unit}"));
-                written += 1;
-            } else if written > 0 && most != usize::MAX {
-                break;
-            }
-        }
-        if text.is_empty() {
-            return "0s".into();
-        }
-        format!("{sign}{text}")
-    }
-
-    /// An expiry: `2026-12-02T10:14:36Z (in 59m50s)` or `(expired 2m ago)`.
-    pub(super) fn expiry(unix: i64) -> String {
-        expiry_at(unix, now_unix())
-    }
-
-    fn expiry_at(unix: i64, now: i64) -> String {
-        let delta = unix.saturating_sub(now);
-        let relative = match delta {
-            0 => "now".to_string(),
-            d if d > 0 => format!("in {}", units(d, 2)),
-            d => format!("expired {} ago", units(d.saturating_neg(), 2)),
-        };
-        format!("{} ({relative})", rfc3339(unix))
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn times_and_lifetimes_read_as_people_write_them() {
-            let at = 1_796_206_476;
-            assert_eq!(expiry_at(at, at - 3590), "2026-12-02T10:14:36Z (in 59m50s)");
-            assert_eq!(
-                expiry_at(at, at + 120),
-                "2026-12-02T10:14:36Z (expired 2m ago)"
-            );
-            assert_eq!(expiry_at(at, at - 3605), "2026-12-02T10:14:36Z (in 1h)");
-            assert_eq!(duration(300), "5m");
-            assert_eq!(duration(5400), "1h30m");
-            assert_eq!(duration(3605), "1h5s");
-            assert_eq!(duration(0), "0s");
-            assert_eq!(elapsed(std::time::Duration::from_micros(3_400)), "3ms");
-            assert_eq!(elapsed(std::time::Duration::from_millis(61_500)), "1m1s");
-            assert_eq!(rfc3339(i64::MAX), format!("@{}", i64::MAX));
-        }
-    }
 }
 
 #[cfg(test)]
