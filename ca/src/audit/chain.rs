@@ -15,11 +15,9 @@ use crate::Result;
 pub(super) const UNWAITED_MAX: Duration = Duration::from_millis(5);
 /// ...or once this much is pending.
 pub(super) const FLUSH_BYTES: usize = 1 << 20;
-/// A batch a call waits for is held open at most this long for calls still minting
-/// (one mint takes 100-200 µs of CPU): one sync then answers them all. Longer windows
-/// (0.5 and 1 ms) made larger batches but no faster minting here, and add latency
-/// when the CPU is saturated (docs/performance.md).
-pub(super) const GROUP_WINDOW: Duration = Duration::from_micros(250);
+/// A record a call waits for, when no runtime worker went idle to lead its batch (the
+/// CPU is saturated), is synced by the writer within this time.
+pub(super) const LEAD_FALLBACK: Duration = Duration::from_millis(2);
 
 /// A checkpoint at least this often (by time)...
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);

@@ -4,8 +4,10 @@
 //! closing. Opening is in `open`, the writer thread in `writer`.
 
 use std::cell::Cell;
+use std::fs::File;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -32,11 +34,9 @@ thread_local! {
 /// The records one call appends, from [`AuditLog::begin_records`] to
 /// [`OwnRecords::finish`] with no `.await` in between (so on one thread): `finish`
 /// names the last of them, which is all the call's answer has to wait for (records
-/// other calls append meanwhile go into their own batches). While it lives, the call
-/// counts as minting: the writer holds a batch open (briefly) for calls that are about
-/// to append, so one sync answers them all.
+/// other calls append meanwhile go into their own batches).
 pub struct OwnRecords<'a> {
-    log: &'a AuditLog,
+    log: PhantomData<&'a AuditLog>,
     count_before: u64,
     /// The thread that began: an `.await` added in between later could move the call
     /// to another thread, whose count says nothing of this call's records.
@@ -57,32 +57,14 @@ impl OwnRecords<'_> {
     }
 }
 
-impl Drop for OwnRecords<'_> {
-    fn drop(&mut self) {
-        let shared = &self.log.shared;
-        // The last call minting is done: a writer holding a batch open for it goes now.
-        if shared.minting.fetch_sub(1, Ordering::SeqCst) == 1
-            && shared.window_open.load(Ordering::SeqCst)
-        {
-            // Under the chain lock, so the writer is either before its check of
-            // `minting` (and sees 0) or already waiting (and gets this wake-up).
-            drop(shared.chain.lock());
-            shared.wake.notify_one();
-        }
-    }
-}
-
 /// What the callers and the writer thread share.
 pub(super) struct Shared {
     /// The chain, appended to by callers and drained by the writer.
     pub(super) chain: Mutex<Chain>,
-    /// Wakes the writer: a call waits for a record, a first record is pending, or the
-    /// last minting call is done.
+    /// Wakes the writer: a first record is pending while it sleeps, or the batch is large.
     pub(super) wake: Condvar,
-    /// Calls between [`AuditLog::begin_records`] and the end of their [`OwnRecords`].
-    pub(super) minting: AtomicUsize,
-    /// Set while the writer holds a batch open for minting calls.
-    pub(super) window_open: AtomicBool,
+    /// Set while the writer sleeps with nothing pending: a first record wakes it.
+    pub(super) writer_asleep: AtomicBool,
     /// The last sequence number on disk and sealed, and the calls waiting for more.
     pub(super) waiters: Mutex<Waiters>,
     /// Why the writer failed, once it has: no record is accepted after that.
@@ -97,8 +79,18 @@ pub(super) struct Waiters {
     pub(super) durable: u64,
     /// Set when the writer stops: nothing more will become durable.
     pub(super) closed: bool,
+    /// A batch is in flight (led by a worker, a call or the writer thread: see `lead`).
+    pub(super) leading: bool,
     /// (sequence number awaited, its wake-up), in no particular order.
-    pub(super) queue: Vec<(u64, oneshot::Sender<()>)>,
+    pub(super) queue: Vec<(u64, oneshot::Sender<Turn>)>,
+}
+
+/// What a waiting call is woken for.
+pub(super) enum Turn {
+    /// A sync covered its records.
+    Durable,
+    /// It leads the next batch (its records are pending, and no batch is in flight).
+    Lead,
 }
 
 impl Waiters {
@@ -107,6 +99,7 @@ impl Waiters {
         Self {
             durable,
             closed: false,
+            leading: false,
             queue: Vec::new(),
         }
     }
@@ -124,6 +117,11 @@ pub(super) struct Sealed {
 /// The audit log writer.
 pub struct AuditLog {
     pub(super) dir: PathBuf,
+    /// The log, open for appending; written and synced only by whoever leads a batch.
+    pub(super) file: File,
+    /// Batches are led by runtime workers about to go idle (the server's runtime has
+    /// the hook), not by the waiting calls themselves.
+    pub(super) lead_when_idle: AtomicBool,
     pub(super) shared: Arc<Shared>,
     pub(super) key_manager: Arc<dyn KeyManager>,
     pub(super) key_id: String,
@@ -150,9 +148,8 @@ impl AuditLog {
 
     /// Starts a call that records events and then waits for them: see [`OwnRecords`].
     pub fn begin_records(&self) -> OwnRecords<'_> {
-        self.shared.minting.fetch_add(1, Ordering::SeqCst);
         OwnRecords {
-            log: self,
+            log: PhantomData,
             count_before: APPENDED_HERE.with(|c| c.get().0),
             thread: std::thread::current().id(),
         }
@@ -178,7 +175,7 @@ impl AuditLog {
         // The writer syncs when a call waits for a record (see `durable`); it hears of
         // a first pending record only to bound how long a record no one waits for
         // stays in memory, and of a large batch to write it out.
-        if first || large {
+        if (first && self.shared.writer_asleep.load(Ordering::SeqCst)) || large {
             self.shared.wake.notify_one();
         }
         Ok(seq)
@@ -247,39 +244,53 @@ impl AuditLog {
             .unwrap_or(0)
     }
 
-    /// Resolves once every record up to `seq` is on disk and sealed.
+    /// Resolves once every record up to `seq` is on disk and sealed. Who syncs it: a
+    /// runtime worker about to go idle (`on_runtime_idle`, where the server installs it),
+    /// or else the call itself when no batch is in flight (see `lead`); a call that
+    /// does not lead waits to be answered or handed the lead.
     pub async fn durable(&self, seq: u64) -> Result<()> {
-        let rx = {
-            let mut w = self
-                .shared
-                .waiters
-                .lock()
-                .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()))?;
-            if w.durable >= seq {
-                return Ok(());
+        loop {
+            // Only a call whose record exists leads: it has something to sync.
+            let appended = {
+                let mut c = self.lock_chain()?;
+                let appended = c.next_seq - 1 >= seq;
+                if appended {
+                    c.wanted = c.wanted.max(seq);
+                }
+                appended
+            };
+            let rx = {
+                let mut w = self
+                    .shared
+                    .waiters
+                    .lock()
+                    .map_err(|_| AuditError::Unavailable("audit lock poisoned".into()))?;
+                if w.durable >= seq {
+                    return Ok(());
+                }
+                if w.closed {
+                    return Err(self.stopped());
+                }
+                if appended && !w.leading && !self.lead_when_idle.load(Ordering::Relaxed) {
+                    w.leading = true;
+                    None
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    w.queue.push((seq, tx));
+                    Some(rx)
+                }
+            };
+            if let Some(rx) = rx {
+                let mut waiting = Waiting { log: self, rx };
+                // Dropped (failed, or gone) when nothing more becomes durable.
+                match (&mut waiting.rx).await {
+                    Ok(Turn::Durable) => return Ok(()),
+                    Ok(Turn::Lead) => {}
+                    Err(_) => return Err(self.stopped()),
+                }
             }
-            if w.closed {
-                return Err(self.stopped());
-            }
-            let (tx, rx) = oneshot::channel();
-            w.queue.push((seq, tx));
-            rx
-        };
-        // Under the chain lock, which the writer holds from its check to its wait.
-        let window_open = {
-            let mut c = self.lock_chain()?;
-            c.wanted = c.wanted.max(seq);
-            // Set and cleared under this lock: seen set here, the writer is waiting in
-            // its group window and takes everything pending (`seq` with it) when the
-            // window closes, so waking it now would only cost it a context switch.
-            self.shared.window_open.load(Ordering::SeqCst)
-        };
-        if !window_open {
-            self.shared.wake.notify_one();
+            self.lead();
         }
-        // The writer wakes this call once its sync covers `seq`, or drops the
-        // wake-up when it stops (failed, or gone): then nothing more becomes durable.
-        rx.await.map_err(|_| self.stopped())
     }
 
     /// Why waiting is over without the record being durable.
@@ -287,6 +298,21 @@ impl AuditLog {
         match self.shared.failed.lock().ok().and_then(|f| f.clone()) {
             Some(e) => AuditError::Unavailable(format!("audit log unavailable: {e}")).into(),
             None => AuditError::Unavailable("audit writer stopped".into()).into(),
+        }
+    }
+}
+
+/// A call waiting to be answered or handed the lead; if it goes away (its request
+/// cancelled) holding a lead it did not take, the lead goes on to another call.
+struct Waiting<'a> {
+    log: &'a AuditLog,
+    rx: oneshot::Receiver<Turn>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(Turn::Lead) = self.rx.try_recv() {
+            self.log.pass_lead_on();
         }
     }
 }

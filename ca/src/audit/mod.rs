@@ -25,11 +25,11 @@
 //!
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
 //! a sync has covered it; writes are batched, so many concurrent mints share one sync
-//! and one seal (group commit). The writer syncs on demand (when a call waits, briefly
-//! holding the batch open for calls still minting), with two `fdatasync`s in flight on
-//! their own threads. A call waits only for its own records ([`OwnRecords`]) and is
-//! woken once, when the sync covering them returns. No SVID leaves the server before
-//! its record is durable and sealed.
+//! and one seal (group commit). In the server a runtime worker about to go idle leads
+//! each batch ([`lead`]: seal, write, `fdatasync`, answer), one batch in flight at a
+//! time. A call waits only for its own records ([`OwnRecords`]) and is woken once,
+//! when the sync covering them returns. No SVID leaves the server before its record is
+//! durable and sealed.
 
 mod anchor;
 mod audit_key;
@@ -37,6 +37,7 @@ mod chain;
 mod checkpoint;
 mod error;
 pub mod format;
+mod lead;
 mod log;
 mod open;
 mod recovery;
@@ -49,6 +50,7 @@ mod writer;
 pub use anchor::{Anchor, NamedAnchor};
 pub use checkpoint::{export_checkpoint, read_checkpoint_file, ExportedCheckpoint};
 pub use error::VerifyError;
+pub use lead::lead_on_runtime_idle;
 pub use log::{log_path, AuditLog, OwnRecords};
 pub use open::AuditOptions;
 pub use recovery::Quarantined;

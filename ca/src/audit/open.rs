@@ -5,7 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -116,13 +116,14 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
             }),
             wake: Condvar::new(),
-            minting: AtomicUsize::new(0),
-            window_open: AtomicBool::new(false),
+            writer_asleep: AtomicBool::new(false),
             waiters: Mutex::new(Waiters::new(next_seq - 1)),
             failed: Mutex::new(None),
         });
         let log = Arc::new(Self {
             dir: dir.to_path_buf(),
+            file,
+            lead_when_idle: AtomicBool::new(super::lead::runtime_leads()),
             shared,
             key_manager,
             key_id,
@@ -169,10 +170,13 @@ impl AuditLog {
                         "anchors_not_reached": recovered.accepted_rollback}}))?;
             }
         }
+        if super::lead::runtime_leads() {
+            super::lead::register_idle_leader(&log);
+        }
         let writer = log.clone();
         std::thread::Builder::new()
             .name("ztid-audit".into())
-            .spawn(move || writer.run_writer(file))
+            .spawn(move || writer.run_writer())
             .map_err(io(dir))?;
         log.shared.wake.notify_one();
         Ok(log)

@@ -6,6 +6,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -693,4 +694,23 @@ fn a_record_no_call_waits_for_still_reaches_the_disk_sealed() {
         std::thread::yield_now();
     }
     f.rt.block_on(log.close()).unwrap();
+}
+
+#[test]
+fn a_record_no_idle_worker_leads_is_synced_by_the_writer() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    // As in the server, the calls leave the batch to idle runtime workers; this runtime
+    // has no such hook (a runtime too busy ever to go idle looks the same), so only the
+    // writer thread's fallback can sync it.
+    log.lead_when_idle.store(true, Ordering::SeqCst);
+    let own = log.begin_records();
+    log.append(json!({"type": "x509_svid_issued", "serial": "fallback"}))
+        .unwrap();
+    let seq = own.finish().unwrap();
+    f.rt.block_on(log.durable(seq)).unwrap();
+    f.rt.block_on(log.close()).unwrap();
+    let r = f.verify().unwrap();
+    assert_eq!(r.unsigned_tail, 0);
+    assert!(f.lines().iter().any(|l| l.contains("\"fallback\"")));
 }
