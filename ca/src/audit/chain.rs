@@ -45,6 +45,8 @@ pub(super) struct Chain {
     /// The highest sequence number a call waits for ([`super::AuditLog::durable`]):
     /// the writer syncs when `pending` holds it, not at every record.
     pub(super) wanted: u64,
+    /// When a call began to wait for a record in `pending` (`None` while none does).
+    pub(super) wanted_since: Option<Instant>,
     /// Records since the last checkpoint (seals not counted).
     pub(super) since_checkpoint: u64,
     /// Bytes since the last checkpoint.

@@ -97,6 +97,7 @@ impl AuditLog {
                 Ok(sealed) => {
                     c.taken = sealed.seq;
                     c.pending_since = None;
+                    c.wanted_since = None;
                     Ok(Some((std::mem::take(&mut c.pending), sealed)))
                 }
                 Err(e) => Err(e.to_string()),

@@ -255,6 +255,9 @@ impl AuditLog {
                 let mut c = self.lock_chain()?;
                 let appended = c.next_seq - 1 >= seq;
                 if appended {
+                    if !c.pending_wanted() {
+                        c.wanted_since = Some(Instant::now());
+                    }
                     c.wanted = c.wanted.max(seq);
                 }
                 appended

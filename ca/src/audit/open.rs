@@ -111,6 +111,7 @@ impl AuditLog {
                 taken: next_seq - 1,
                 pending_since: None,
                 wanted: 0,
+                wanted_since: None,
                 since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 last_checkpoint: Instant::now(),

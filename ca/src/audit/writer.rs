@@ -20,14 +20,15 @@ use super::chain::{Chain, CHECKPOINT_EVERY, FLUSH_BYTES, LEAD_FALLBACK, UNWAITED
 use super::format::{head_message, HEAD_FILE};
 use super::log::{io, AuditLog};
 
-/// How long the pending batch may wait before the writer leads it: a call waits for
-/// it ([`LEAD_FALLBACK`]: the runtime's workers never went idle), or no call does.
-fn pending_max(c: &Chain) -> Duration {
-    if c.pending_wanted() {
-        LEAD_FALLBACK
-    } else {
-        UNWAITED_MAX
-    }
+/// When the writer leads the pending batch itself: [`UNWAITED_MAX`] after its first
+/// record, or [`LEAD_FALLBACK`] after a call began to wait for it (no runtime worker
+/// went idle to lead it meanwhile); `None` while nothing is pending.
+fn lead_at(c: &Chain) -> Option<Instant> {
+    let unwaited = c.pending_since? + UNWAITED_MAX;
+    Some(match c.wanted_since.filter(|_| c.pending_wanted()) {
+        Some(since) => unwaited.min(since + LEAD_FALLBACK),
+        None => unwaited,
+    })
 }
 
 /// How far the anchors (`head.json`, the datastore's) may trail the log.
@@ -58,10 +59,12 @@ impl AuditLog {
                     return;
                 };
                 // Asleep until a first record is pending (appends wake it only then,
-                // and only while it sleeps long); awake, it looks every UNWAITED_MAX.
+                // and only while it sleeps long); awake, it looks again when the pending
+                // batch is due (a call beginning to wait does not wake it: that would
+                // cost a context switch per batch, and an idle worker leads it first).
                 let idle = c.pending.is_empty() && self.anchors_current();
-                let wait = match c.pending_since {
-                    Some(since) => pending_max(&c).saturating_sub(since.elapsed()),
+                let wait = match lead_at(&c) {
+                    Some(at) => at.saturating_duration_since(Instant::now()),
                     None if idle => CHECKPOINT_EVERY,
                     None => HEAD_EVERY,
                 };
@@ -84,9 +87,7 @@ impl AuditLog {
                         tracing::error!(error = %e, "audit checkpoint failed");
                     }
                 }
-                c.pending_since
-                    .is_some_and(|since| since.elapsed() >= pending_max(&c))
-                    || c.pending.len() >= FLUSH_BYTES
+                lead_at(&c).is_some_and(|at| at <= Instant::now()) || c.pending.len() >= FLUSH_BYTES
             };
             // A record no call waits for (or a large batch): lead a batch for it, unless
             // a call leads one now (which takes it, or passes the lead on).
