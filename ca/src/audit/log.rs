@@ -253,7 +253,7 @@ impl AuditLog {
             // Only a call whose record exists leads: it has something to sync.
             let appended = {
                 let mut c = self.lock_chain()?;
-                let appended = c.next_seq - 1 >= seq;
+                let appended = c.next_seq > seq;
                 if appended {
                     if !c.pending_wanted() {
                         c.wanted_since = Some(Instant::now());
