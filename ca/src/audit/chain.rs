@@ -11,7 +11,8 @@ use super::format::{now_ms, sha256_hex};
 use crate::AuditError;
 use crate::Result;
 
-/// A record no call waits for is written and synced within this time...
+/// A record no call waits for is written and synced within this time of the writer
+/// seeing it (see `writer`)...
 pub(super) const UNWAITED_MAX: Duration = Duration::from_millis(5);
 /// ...or once this much is pending.
 pub(super) const FLUSH_BYTES: usize = 1 << 20;

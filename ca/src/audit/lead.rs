@@ -10,7 +10,7 @@
 //! writer thread handing batches to two sync threads, which then woke the parked
 //! workers) cost about 14 context switches per batch and made batches of 3-4 SVIDs at
 //! 16 calls in flight; led by idle workers they hold about 7, and the audited server
-//! spends about 20 µs less CPU per SVID (docs/performance.md, "Issue 16, seventh
+//! spends about 25 µs less CPU per SVID (docs/performance.md, "Issue 16, seventh
 //! pass"). The cost: the leading worker blocks for one `fdatasync` (p50 about 0.2 ms
 //! here) while the others keep serving; only one leads at a time.
 //!

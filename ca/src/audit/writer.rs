@@ -1,9 +1,15 @@
-//! The writer thread: the timed work around the batches the waiting calls lead
-//! (`lead`). It syncs a record no call waits for within [`UNWAITED_MAX`] (or once
-//! [`FLUSH_BYTES`] are pending), pushes a checkpoint when the log has been idle past
-//! one, and moves the anchors (datastore, signed `head.json`) after the log, at most
-//! [`HEAD_EVERY`] behind. A failed write fails the log closed and every waiting call
-//! with it.
+//! The writer thread: the timed work around the batches idle workers or waiting calls
+//! lead (`lead`). It leads a batch itself for a record no call waits for, within
+//! [`UNWAITED_MAX`] of seeing it (or once [`FLUSH_BYTES`] are pending), and for a
+//! record a call has waited on for [`LEAD_FALLBACK`]; pushes a checkpoint when the log
+//! has been idle past one; and moves the anchors (datastore, signed `head.json`) after
+//! the log, at most [`HEAD_EVERY`] behind. A failed write fails the log closed and
+//! every waiting call with it.
+//!
+//! It sees a record at once when it was asleep with nothing to do; while anchors are
+//! due it looks again within [`HEAD_EVERY`], so under load a record no call waits for
+//! may wait up to that long (records a call waits for are led by the call's side).
+//! Waking it for every first record would cost two context switches per batch.
 //!
 //! Measured and left out (docs/performance.md, "Audit log on and off"): `O_DSYNC`, and
 //! preallocated zero-filled segments (faster syncs on a quiet disk, but zeros after the
