@@ -130,8 +130,10 @@ impl AuditLog {
     /// The batch synced up to `durable` (if one was written): wakes the calls it
     /// covers, then gives up the lead or hands it on.
     fn answer(&self, durable: Option<u64>) {
-        // The chain first (the lock order everywhere): which records exist.
-        let appended = self.last_seq();
+        let idle_leads = self.lead_when_idle.load(Ordering::Relaxed);
+        // Which records exist, for handing the lead on: the chain's lock is taken before
+        // the waiters' everywhere.
+        let appended = if idle_leads { 0 } else { self.last_seq() };
         let ready: Vec<_> = match self.shared.waiters.lock() {
             Ok(mut w) => {
                 if let Some(seq) = durable {
@@ -143,7 +145,7 @@ impl AuditLog {
                     .extract_if(.., |(awaited, _)| *awaited <= upto)
                     .map(|(_, wake)| wake)
                     .collect();
-                if self.lead_when_idle.load(Ordering::Relaxed) {
+                if idle_leads {
                     // The next worker to go idle leads the next batch.
                     w.leading = false;
                 } else {
