@@ -251,7 +251,16 @@ fn pooled_svids_of_a_deleted_or_tainted_entry_are_dropped_at_the_next_sync() {
     let pooled_before_taint: BTreeSet<String> =
         segments_logged(&agent, "svid_pooled").into_iter().collect();
     assert!(!pooled_before_taint.is_empty());
+    // The taint changes the bundle; the agent must have taken it in before the new
+    // process below asks. (A refill under the old authority in flight when the list
+    // above was taken is pooled after it: until the agent knows of the taint, that
+    // instance is as good as any it holds.)
+    let bundle_updates = || plain_log(&agent).matches("trust bundle updated").count();
+    let updates_before_taint = bundle_updates();
     server.cli_ok(&["authority", "x509", "taint", &old]);
+    wait_for("the agent took in the taint", READY_TIMEOUT, || {
+        (bundle_updates() > updates_before_taint).then_some(())
+    });
     wait_for(
         "pooled SVIDs of the tainted authority dropped",
         READY_TIMEOUT,
