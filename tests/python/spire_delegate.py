@@ -11,8 +11,10 @@ usage: spire_delegate.py PROTO_ROOT SOCKET ACTION [ARGS...]
         subscribe to X.509-SVIDs; print one JSON line per response (ids, leaf and key
         base64, expires_at, federates_with); stop after K responses (default: until the
         stream ends)
-  x509-bundles     print the first SubscribeToX509Bundles response as JSON
-  jwt-bundles      print the first SubscribeToJWTBundles response as JSON
+  x509-bundles [--count K]
+        print SubscribeToX509Bundles' responses as JSON lines: the first K (default 1)
+  jwt-bundles [--count K]
+        the same for SubscribeToJWTBundles
   jwt --audience A [--selector TYPE:VALUE]... [--pid N]
         print FetchJWTSVIDs' answer as JSON
 
@@ -97,14 +99,20 @@ def main():
                     break
             emit({"end": True})
         elif action == "x509-bundles":
-            for resp in stub.SubscribeToX509Bundles(pb.SubscribeToX509BundlesRequest(), timeout=30):
+            n = 0
+            for resp in stub.SubscribeToX509Bundles(pb.SubscribeToX509BundlesRequest(), timeout=120):
                 emit({"bundles": {k: base64.b64encode(v).decode()
                                   for k, v in resp.ca_certificates.items()}})
-                break
+                n += 1
+                if n >= max(args.count, 1):
+                    break
         elif action == "jwt-bundles":
-            for resp in stub.SubscribeToJWTBundles(pb.SubscribeToJWTBundlesRequest(), timeout=30):
+            n = 0
+            for resp in stub.SubscribeToJWTBundles(pb.SubscribeToJWTBundlesRequest(), timeout=120):
                 emit({"bundles": {k: json.loads(v) for k, v in resp.bundles.items()}})
-                break
+                n += 1
+                if n >= max(args.count, 1):
+                    break
         elif action == "jwt":
             resp = stub.FetchJWTSVIDs(pb.FetchJWTSVIDsRequest(
                 audience=args.audience, selectors=selectors, pid=args.pid), timeout=30)

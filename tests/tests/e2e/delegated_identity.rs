@@ -5,7 +5,8 @@
 //! authorised by SPIFFE ID gets the X.509-SVIDs of a workload it names by selectors (a
 //! per-instance identity that chains to the bundle, with its key), the rotation pushed on
 //! its stream, the bundles and JWT-SVIDs; a delegate authorised by uid gets a process's
-//! own identity by pid, until that process exits; every call is in the agent's audit log.
+//! own identity by pid, until that process exits; every call is in the agent's audit log;
+//! the bundle streams push each authority the server prepares, on the open stream.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -470,6 +471,82 @@ fn a_delegate_authorised_by_uid_gets_a_process_identity_by_pid_until_it_exits() 
             && l.contains(&format!("pid:{pid}"))
             && l.contains(&id)),
         "{log}"
+    );
+}
+
+/// The roots of an X.509 bundle line, in the order the bundle lists them.
+fn x509_roots(line: &Value) -> Vec<u8> {
+    b64(&line["bundles"][format!("spiffe://{TD}").as_str()])
+}
+
+/// The key IDs of a JWT bundle line.
+fn jwt_kids(line: &Value) -> Vec<String> {
+    line["bundles"][format!("spiffe://{TD}").as_str()]["keys"]
+        .as_array()
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k["kid"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_delegates_bundle_streams_push_each_authority_the_server_prepares() {
+    let server = Server::start(TD);
+    let dir = tempfile::tempdir().unwrap();
+    let me = format!("uid:{}", nix_uid());
+    let (_agent, socket) = agent_with_delegates(&server, dir.path(), &[&me]);
+
+    // Each stream gets a bundle at every change of it (the other kind's included).
+    let x509 = Streaming::spawn(&socket, &["x509-bundles", "--count", "3"]);
+    let jwt = Streaming::spawn(&socket, &["jwt-bundles", "--count", "3"]);
+    let first_x509 = x509.wait("the first X.509 bundle", READY_TIMEOUT, |v| {
+        v.get("bundles").is_some() || v.get("error").is_some()
+    });
+    assert!(first_x509.get("error").is_none(), "{first_x509:?}");
+    let roots_before = bundle_roots(&server);
+    assert_eq!(roots_before.len(), 1, "one authority at first");
+    assert_eq!(x509_roots(&first_x509), roots_before.concat());
+    let first_jwt = jwt.wait("the first JWT bundle", READY_TIMEOUT, |v| {
+        v.get("bundles").is_some() || v.get("error").is_some()
+    });
+    assert!(first_jwt.get("error").is_none(), "{first_jwt:?}");
+    let kids_before = jwt_kids(&first_jwt);
+    assert!(!kids_before.is_empty(), "{first_jwt:?}");
+
+    // New authorities, prepared (published before they sign anything): each open stream
+    // gets the bundle that carries them, without asking again.
+    server.cli_ok(&["authority", "x509", "prepare"]);
+    server.cli_ok(&["authority", "jwt", "prepare"]);
+    let roots_after = bundle_roots(&server);
+    assert_eq!(roots_after.len(), 2, "the prepared root is published");
+    let pushed = x509.wait(
+        "the X.509 bundle with the prepared root",
+        READY_TIMEOUT,
+        |v| {
+            v.get("error").is_some()
+                || (v.get("bundles").is_some() && x509_roots(v) != roots_before.concat())
+        },
+    );
+    assert!(pushed.get("error").is_none(), "{pushed:?}");
+    let got = x509_roots(&pushed);
+    for root in &roots_after {
+        assert!(
+            got.windows(root.len()).any(|w| w == root.as_slice()),
+            "every root of the server's bundle is on the stream"
+        );
+    }
+    let pushed = jwt.wait("the JWT bundle with the prepared key", READY_TIMEOUT, |v| {
+        v.get("error").is_some()
+            || (v.get("bundles").is_some() && jwt_kids(v).len() > kids_before.len())
+    });
+    assert!(pushed.get("error").is_none(), "{pushed:?}");
+    let kids_after = jwt_kids(&pushed);
+    assert_eq!(kids_after.len(), kids_before.len() + 1, "{pushed:?}");
+    assert!(
+        kids_before.iter().all(|k| kids_after.contains(k)),
+        "the keys in force stay: {kids_before:?} in {kids_after:?}"
     );
 }
 
