@@ -474,7 +474,7 @@ fn a_delegate_authorised_by_uid_gets_a_process_identity_by_pid_until_it_exits() 
     );
 }
 
-/// The roots of an X.509 bundle line, in the order the bundle lists them.
+/// The trust domain's roots in an X.509 bundle line: DER certificates, concatenated as sent.
 fn x509_roots(line: &Value) -> Vec<u8> {
     b64(&line["bundles"][format!("spiffe://{TD}").as_str()])
 }
@@ -498,9 +498,10 @@ fn a_delegates_bundle_streams_push_each_authority_the_server_prepares() {
     let me = format!("uid:{}", nix_uid());
     let (_agent, socket) = agent_with_delegates(&server, dir.path(), &[&me]);
 
-    // Each stream gets a bundle at every change of it (the other kind's included).
-    let x509 = Streaming::spawn(&socket, &["x509-bundles", "--count", "3"]);
-    let jwt = Streaming::spawn(&socket, &["jwt-bundles", "--count", "3"]);
+    // Each stream gets a bundle at every change of it (the other kind's included), so
+    // the count leaves room for more lines than the two changes below make.
+    let x509 = Streaming::spawn(&socket, &["x509-bundles", "--count", "10"]);
+    let jwt = Streaming::spawn(&socket, &["jwt-bundles", "--count", "10"]);
     let first_x509 = x509.wait("the first X.509 bundle", READY_TIMEOUT, |v| {
         v.get("bundles").is_some() || v.get("error").is_some()
     });
