@@ -1014,7 +1014,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         .add_service(sds);
     workload_listener::serve_on_own_thread(
         listener,
-        tower::Layer::layer(&metrics::workload_api_layer(), routes),
+        tower::Layer::layer(
+            &metrics::sds_layer(),
+            tower::Layer::layer(&metrics::workload_api_layer(), routes),
+        ),
         config.workload_limits(),
         async move {
             tokio::select! {

@@ -29,10 +29,19 @@ pub const WORKLOAD_RPCS: &[&str] = &[
     "FetchWITBundles",
 ];
 
+/// The Envoy SDS methods served on the Workload API socket (`DeltaSecrets` is refused
+/// with `Unimplemented`, and counted so).
+pub const SDS_RPCS: &[&str] = &["StreamSecrets", "FetchSecrets", "DeltaSecrets"];
+
+/// The SDS service's gRPC path prefix.
+const SDS_SERVICE: &str = "envoy.service.secret.v3.SecretDiscoveryService";
+
 struct AgentMetrics {
     registry: Registry,
     calls: IntCounterVec,
     seconds: HistogramVec,
+    sds_calls: IntCounterVec,
+    sds_seconds: HistogramVec,
     instances: IntGauge,
     minted: IntCounterVec,
     svid_expiry: IntGauge,
@@ -70,6 +79,29 @@ static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| {
                 HistogramOpts::new(
                     "ztid_workload_api_seconds",
                     "Workload API latency until the response (or the first stream message) starts, seconds.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["rpc"],
+            )
+            .expect("valid"),
+        ),
+        sds_calls: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "ztid_sds_calls_total",
+                    "Envoy SDS calls on the Workload API socket by method and gRPC status code at the start of the response.",
+                ),
+                &["rpc", "outcome"],
+            )
+            .expect("valid"),
+        ),
+        sds_seconds: register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "ztid_sds_seconds",
+                    "Envoy SDS latency until the response (or the stream's headers) starts, seconds.",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["rpc"],
@@ -193,6 +225,17 @@ pub fn workload_api_layer() -> GrpcMetricsLayer {
     )
 }
 
+/// The layer that counts and times Envoy SDS calls (on the same gRPC server).
+pub fn sds_layer() -> GrpcMetricsLayer {
+    GrpcMetricsLayer::new(
+        SDS_SERVICE,
+        SDS_RPCS,
+        Some(METRICS.sds_calls.clone()),
+        Some(METRICS.sds_seconds.clone()),
+        SDS_RPCS,
+    )
+}
+
 /// Hook: the server issued `n` workload SVIDs of `kind` (`x509` or `jwt`) to this agent.
 pub fn svids_minted(kind: &'static str, n: usize) {
     if n > 0 {
@@ -312,6 +355,20 @@ mod tests {
         assert_eq!(l.rpc_of("/SpiffeWorkloadAPI/Nope"), Some("unknown"));
         assert_eq!(l.rpc_of("/grpc.health.v1.Health/Check"), None);
         assert_eq!(l.rpc_of("/SpiffeWorkloadAPIx/FetchX509SVID"), None);
+        let sds = sds_layer();
+        assert_eq!(
+            sds.rpc_of("/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"),
+            Some("StreamSecrets")
+        );
+        assert_eq!(
+            sds.rpc_of("/envoy.service.secret.v3.SecretDiscoveryService/Other"),
+            Some("unknown")
+        );
+        assert_eq!(sds.rpc_of("/SpiffeWorkloadAPI/FetchX509SVID"), None);
+        assert_eq!(
+            l.rpc_of("/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets"),
+            None
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Telemetry: the `--metrics` listener of the real server and agent processes, after
-//! real traffic. Counters must move as the traffic says, `/live` and `/ready` must
-//! answer, and Debian's `promtool` must accept both scrapes and the alert rules.
+//! real traffic (the Workload API and Envoy SDS on its socket). Counters must move as the
+//! traffic says, `/live` and `/ready` must answer, and Debian's `promtool` must accept
+//! both scrapes and the alert rules.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -189,7 +190,46 @@ fn workload_traffic(agent: &Agent) {
             .await
             .expect_err("refused without the security header");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let channel = ztid_proto::transport::unix_channel(agent.socket())
+            .await
+            .unwrap();
+        sds_traffic(channel).await;
     });
+}
+
+/// Envoy's SDS on the same socket: a fetch served, one refused, a stream opened.
+async fn sds_traffic(channel: tonic::transport::Channel) {
+    use ztid_proto::envoy_sds::envoy::service::discovery::v3::DiscoveryRequest;
+    use ztid_proto::envoy_sds::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    let req = |names: &[&str]| DiscoveryRequest {
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        ..Default::default()
+    };
+    let mut sds = SecretDiscoveryServiceClient::new(channel);
+    let fetched = sds
+        .fetch_secrets(req(&["default", "ROOTCA"]))
+        .await
+        .expect("SDS fetch");
+    assert_eq!(fetched.get_ref().resources.len(), 2);
+    let err = sds
+        .fetch_secrets(req(&["spiffe://example.org/not-mine"]))
+        .await
+        .expect_err("a name this process may not be served");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(req(&["default"])).await.unwrap();
+    let mut stream = sds
+        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("SDS stream opens")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .unwrap()
+        .expect("the first SDS response");
+    assert_eq!(first.resources.len(), 1);
 }
 
 #[test]
@@ -353,6 +393,39 @@ fn server_and_agent_metrics_after_real_traffic() {
         "ztid_workload_api_seconds_count",
         &[("rpc", "FetchX509SVID")],
         3.0,
+    );
+    at_least(
+        &a,
+        "ztid_sds_calls_total",
+        &[("rpc", "FetchSecrets"), ("outcome", "OK")],
+        1.0,
+    );
+    at_least(
+        &a,
+        "ztid_sds_calls_total",
+        &[("rpc", "FetchSecrets"), ("outcome", "InvalidArgument")],
+        1.0,
+    );
+    at_least(
+        &a,
+        "ztid_sds_calls_total",
+        &[("rpc", "StreamSecrets"), ("outcome", "OK")],
+        1.0,
+    );
+    at_least(
+        &a,
+        "ztid_sds_seconds_count",
+        &[("rpc", "FetchSecrets")],
+        2.0,
+    );
+    assert_eq!(
+        value(
+            &a,
+            "ztid_workload_api_calls_total",
+            &[("rpc", "unknown"), ("outcome", "OK")]
+        ),
+        None,
+        "SDS calls are not counted as Workload API calls"
     );
     at_least(
         &a,
