@@ -15,6 +15,7 @@ use ztid_proto::node::{self as pb, node_server::Node};
 use ztid_verifier::VerifierStep;
 
 use crate::audit::{AuditLog, OwnRecords};
+use crate::core::minting::EntryMemo;
 use crate::core::sync::{
     AgentRevocations, ChangeFeed, FeedRegistration, FeedState, RevocationMemo, SyncRequest,
 };
@@ -254,10 +255,14 @@ impl Node for NodeApi {
             limits::check_csr_size("workload CSR (bytes)", &r.csr)?;
         }
         let own = self.core.audit.as_deref().map(AuditLog::begin_records);
+        let mut entries = EntryMemo::default();
         let results = reqs
             .iter()
             .map(|r| {
-                let result = match self.core.sign_workload_svid(&agent, &r.entry_id, &r.csr) {
+                let signed =
+                    self.core
+                        .sign_workload_svid_in(&mut entries, &agent, &r.entry_id, &r.csr);
+                let result = match signed {
                     Ok((spiffe_id, leaf)) => pb::svid_result::Result::Svid(pb::X509Svid {
                         spiffe_id,
                         cert_chain: leaf.chain,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::Serialize;
 
 use super::format::{now_ms, sha256_hex};
 use crate::AuditError;
@@ -27,6 +27,31 @@ pub(super) const CHECKPOINT_RECORDS: u64 = 10_000;
 /// ...or by size, so a start finds the last certified session key in the last few
 /// megabytes of the log (see `recovery`).
 pub(super) const CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// The most room [`Chain::take_pending`] leaves for the next batch.
+const TAKE_ROOM_MAX: usize = 256 << 10;
+
+/// What a line holds: its one key after `seq`, `time_ms` and `prev`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LineKind {
+    /// A security event.
+    Event,
+    /// The audit key certifies the chain so far and the session key.
+    Checkpoint,
+    /// The session key seals every record before it.
+    Seal,
+}
+
+impl LineKind {
+    /// The line's key.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::Checkpoint => "checkpoint",
+            Self::Seal => "seal",
+        }
+    }
+}
 
 /// The chain as the writer continues it (behind the lock callers and the writer share).
 pub(super) struct Chain {
@@ -62,33 +87,110 @@ impl Chain {
         !self.pending.is_empty() && self.wanted > self.taken
     }
 
-    /// Appends the line for `body` (a JSON object) to the pending batch; returns its
-    /// sequence number.
-    pub(super) fn push(&mut self, mut body: Value) -> Result<u64> {
+    /// Appends the line `{"seq":..,"time_ms":..,"prev":"..","<kind>":<body>}` to the
+    /// pending batch; returns its sequence number. Written in place into the batch, and
+    /// taken back out if `body` does not serialise (nothing changes then).
+    pub(super) fn push<B: Serialize + ?Sized>(&mut self, kind: LineKind, body: &B) -> Result<u64> {
+        use std::io::Write as _;
         let seq = self.next_seq;
-        // seq, time and prev first, then the body's fields; the hash covers the exact bytes.
-        let obj = body
-            .as_object_mut()
-            .ok_or_else(|| AuditError::Unavailable("audit body".into()))?;
-        let rest =
-            serde_json::to_string(obj).map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        // The record's hash covers the line without its line end.
-        let mut line = format!(
-            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",{}",
+        let start = self.pending.len();
+        // seq, time and prev first, then the body; the hash covers the exact bytes.
+        let written = write!(
+            self.pending,
+            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",\"{}\":",
             now_ms(),
             self.prev,
-            &rest[1..]
-        );
-        self.prev = sha256_hex(line.as_bytes());
-        line.push('\n');
-        if self.pending.is_empty() {
+            kind.as_str()
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::to_writer(&mut self.pending, body).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            self.pending.truncate(start);
+            return Err(AuditError::Unavailable(format!("audit body: {e}")).into());
+        }
+        self.pending.push(b'}');
+        // The record's hash covers the line without its line end.
+        let line = self.pending.get(start..).unwrap_or_default();
+        self.prev = sha256_hex(line);
+        self.pending.push(b'\n');
+        if start == 0 {
             self.pending_since = Some(Instant::now());
         }
-        self.pending.extend_from_slice(line.as_bytes());
         self.pending_last = seq;
         self.next_seq += 1;
         self.since_checkpoint += 1;
-        self.bytes_since_checkpoint += line.len() as u64;
+        self.bytes_since_checkpoint += (self.pending.len() - start) as u64;
         Ok(seq)
+    }
+
+    /// Takes the pending batch out for writing, leaving room for one as large (so the
+    /// next batch's lines go in without growing the buffer line by line).
+    pub(super) fn take_pending(&mut self) -> Vec<u8> {
+        let room = self.pending.len().min(TAKE_ROOM_MAX);
+        std::mem::replace(&mut self.pending, Vec::with_capacity(room))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chain_after(seq: u64, prev: &str) -> Chain {
+        Chain {
+            next_seq: seq + 1,
+            prev: prev.to_string(),
+            pending: Vec::new(),
+            pending_last: seq,
+            taken: seq,
+            pending_since: None,
+            wanted: 0,
+            wanted_since: None,
+            since_checkpoint: 0,
+            bytes_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        }
+    }
+
+    /// The line's bytes are the format `format` documents (and the one earlier servers
+    /// wrote): the body's key after seq, time and prev; `prev` of the next line is the
+    /// SHA-256 of this one without its line end.
+    #[test]
+    fn a_pushed_line_is_the_documented_format_and_chains_by_its_hash() {
+        let mut c = chain_after(6, "ab12");
+        let event = json!({"type": "x509_svid_issued", "spiffe_id": "spiffe://td/a\"b", "ttl": 60});
+        assert_eq!(c.push(LineKind::Event, &event).unwrap(), 7);
+        assert_eq!(c.push(LineKind::Seal, &json!({"sig": "c2ln"})).unwrap(), 8);
+        let text = String::from_utf8(c.take_pending()).unwrap();
+        let lines: Vec<&str> = text.split_terminator('\n').collect();
+        assert_eq!(lines.len(), 2);
+        let time = |l: &str| {
+            l.split("\"time_ms\":")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            lines[0],
+            format!(
+                "{{\"seq\":7,\"time_ms\":{},\"prev\":\"ab12\",\"event\":{{\"type\":\"x509_svid_issued\",\"spiffe_id\":\"spiffe://td/a\\\"b\",\"ttl\":60}}}}",
+                time(lines[0])
+            )
+        );
+        let first_hash = sha256_hex(lines[0].as_bytes());
+        assert_eq!(
+            lines[1],
+            format!(
+                "{{\"seq\":8,\"time_ms\":{},\"prev\":\"{first_hash}\",\"seal\":{{\"sig\":\"c2ln\"}}}}",
+                time(lines[1])
+            )
+        );
+        assert_eq!(c.prev, sha256_hex(lines[1].as_bytes()));
+        assert_eq!(c.bytes_since_checkpoint, text.len() as u64);
+        assert!(c.pending.is_empty() && c.pending.capacity() >= text.len());
+        assert_eq!((c.next_seq, c.pending_last), (9, 8));
     }
 }

@@ -98,7 +98,7 @@ impl AuditLog {
                     c.taken = sealed.seq;
                     c.pending_since = None;
                     c.wanted_since = None;
-                    Ok(Some((std::mem::take(&mut c.pending), sealed)))
+                    Ok(Some((c.take_pending(), sealed)))
                 }
                 Err(e) => Err(e.to_string()),
             },

@@ -18,7 +18,9 @@ use tokio::sync::oneshot;
 use ztid_hsm::{KeyManager, SignatureFormat};
 
 use super::anchor::Anchor;
-use super::chain::{Chain, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS, FLUSH_BYTES};
+use super::chain::{
+    Chain, LineKind, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS, FLUSH_BYTES,
+};
 use super::format::{checkpoint_message, LOG_FILE};
 use super::recovery::Quarantined;
 use super::session::SessionKey;
@@ -157,12 +159,18 @@ impl AuditLog {
 
     /// Appends `event`; returns its sequence number (await [`AuditLog::durable`] before acting on it).
     pub fn append(&self, event: Value) -> Result<u64> {
+        self.append_event(&event)
+    }
+
+    /// [`Self::append`] for an event serialised straight into the log's line (a hot
+    /// path's typed event skips building a `Value`); it must serialise as a JSON object.
+    pub fn append_event<E: serde::Serialize + ?Sized>(&self, event: &E) -> Result<u64> {
         if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
             return Err(AuditError::Unavailable(format!("audit log unavailable: {e}")).into());
         }
         let mut c = self.lock_chain()?;
         let first = c.pending.is_empty();
-        let seq = c.push(json!({"event": event}))?;
+        let seq = c.push(LineKind::Event, event)?;
         if c.since_checkpoint >= CHECKPOINT_RECORDS
             || c.bytes_since_checkpoint >= CHECKPOINT_BYTES
             || c.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
@@ -195,7 +203,8 @@ impl AuditLog {
         let session_key = self.session.public_b64();
         let sig = self.sign(&checkpoint_message(c.next_seq, &c.prev, session_key))?;
         c.push(
-            json!({"checkpoint": {"key_id": self.key_id, "session_key": session_key, "sig": sig}}),
+            LineKind::Checkpoint,
+            &json!({"key_id": self.key_id, "session_key": session_key, "sig": sig}),
         )?;
         c.since_checkpoint = 0;
         c.bytes_since_checkpoint = 0;
@@ -206,7 +215,7 @@ impl AuditLog {
     /// Ends the pending batch with a seal; returns (its sequence number, its hash).
     pub(super) fn push_seal(&self, c: &mut Chain) -> Result<Anchor> {
         let sig = self.session.seal(c.next_seq, &c.prev);
-        let seq = c.push(json!({"seal": {"sig": sig}}))?;
+        let seq = c.push(LineKind::Seal, &json!({"sig": sig}))?;
         c.since_checkpoint -= 1; // seals do not count towards the next checkpoint
         Ok(Anchor {
             seq,

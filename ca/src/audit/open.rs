@@ -14,7 +14,7 @@ use ztid_hsm::KeyManager;
 
 use super::anchor::{self, Anchor, NamedAnchor};
 use super::audit_key::audit_key_id;
-use super::chain::Chain;
+use super::chain::{Chain, LineKind};
 use super::format::{self, AuditKeyVerifier, HEAD_FILE, LOG_FILE};
 use super::log::{io, AuditLog, Sealed, Shared, Waiters};
 use super::recovery;
@@ -152,10 +152,11 @@ impl AuditLog {
                 );
                 crate::metrics::audit_tamper_detected(q.records);
                 c.push(
-                    json!({"event": {"type": "audit_unsigned_records_quarantined",
+                    LineKind::Event,
+                    &json!({"type": "audit_unsigned_records_quarantined",
                         "records": q.records, "bytes": q.bytes, "sha256": q.sha256,
                         "claimed_first_seq": q.first_seq, "claimed_last_seq": q.last_seq,
-                        "file": format::QUARANTINE_FILE}}),
+                        "file": format::QUARANTINE_FILE}),
                 )?;
             }
             if !recovered.accepted_rollback.is_empty() {
@@ -166,9 +167,12 @@ impl AuditLog {
                     "audit log: continuing from a log that no longer reaches its anchors, on the operator's word"
                 );
                 crate::metrics::audit_tamper_detected(0);
-                c.push(json!({"event": {"type": "audit_rollback_accepted",
+                c.push(
+                    LineKind::Event,
+                    &json!({"type": "audit_rollback_accepted",
                         "reason": options.accept_rollback.clone().unwrap_or_default(),
-                        "anchors_not_reached": recovered.accepted_rollback}}))?;
+                        "anchors_not_reached": recovered.accepted_rollback}),
+                )?;
             }
         }
         if super::lead::runtime_leads() {

@@ -19,6 +19,29 @@ fn workload_rule(entry: &EntryRecord) -> IdentityRule<'_> {
     }
 }
 
+/// The audit record of an issued workload X509-SVID, one per SVID (the hot path: written
+/// straight into the log's line; the fields in the order operators' tools read them).
+#[derive(serde::Serialize)]
+struct X509SvidIssued<'a> {
+    r#type: &'static str,
+    spiffe_id: &'a str,
+    entry: &'a str,
+    agent: &'a str,
+    serial: &'a str,
+    ttl: i64,
+    not_after: i64,
+    authority: &'a str,
+}
+
+/// The entries one call has loaded and found its agent entitled to: a batch of CSRs
+/// for one entry reads, decodes and checks it once (a batch of 100 did it 100 times),
+/// and the whole call sees one state of it. Lives for one call of one agent; holds at
+/// most one record per distinct entry the call names (bounded by the batch limit).
+#[derive(Default)]
+pub struct EntryMemo {
+    loaded: std::collections::HashMap<String, EntryRecord>,
+}
+
 impl CaCore {
     /// Issues an admin X509-SVID, `spiffe://TD/ztid/admin/NAME`, for a CSR made by the
     /// caller. Only the admin socket serves this (see `api::admin::authz`): admin identities
@@ -108,6 +131,23 @@ impl CaCore {
         Ok(entry)
     }
 
+    /// [`Self::entitled_entry`], loaded once per call: see [`EntryMemo`]. A refusal is
+    /// not kept (the next CSR naming the entry is refused afresh).
+    fn entitled_entry_in<'m>(
+        &self,
+        memo: &'m mut EntryMemo,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+    ) -> Result<&'m EntryRecord> {
+        if !memo.loaded.contains_key(entry_id) {
+            let entry = self.entitled_entry(agent, entry_id)?;
+            memo.loaded.insert(entry_id.to_string(), entry);
+        }
+        memo.loaded
+            .get(entry_id)
+            .ok_or_else(|| Error::NotFound(format!("entry {entry_id} does not exist")))
+    }
+
     /// Signs one workload CSR for an entry.
     pub fn sign_workload_svid(
         &self,
@@ -115,8 +155,20 @@ impl CaCore {
         entry_id: &str,
         csr: &[u8],
     ) -> Result<(String, SignedLeaf)> {
-        let entry = self.entitled_entry(agent, entry_id)?;
-        let checked = check_csr(csr, &workload_rule(&entry), &entry.dns_names)?;
+        self.sign_workload_svid_in(&mut EntryMemo::default(), agent, entry_id, csr)
+    }
+
+    /// Signs one workload CSR of a call for an entry, the entries the call loaded
+    /// before kept in `memo` (one per call and agent).
+    pub fn sign_workload_svid_in(
+        &self,
+        memo: &mut EntryMemo,
+        agent: &AuthenticatedAgent,
+        entry_id: &str,
+        csr: &[u8],
+    ) -> Result<(String, SignedLeaf)> {
+        let entry = self.entitled_entry_in(memo, agent, entry_id)?;
+        let checked = check_csr(csr, &workload_rule(entry), &entry.dns_names)?;
         self.refuse_revoked_instance(agent, &checked.spiffe_id)?;
         let ttl = if entry.x509_ttl > 0 {
             entry.x509_ttl
@@ -126,7 +178,7 @@ impl CaCore {
         self.check_policy(
             crate::policy::Action::MintX509,
             agent,
-            &entry,
+            entry,
             &checked.spiffe_id,
             ttl,
         )?;
@@ -142,9 +194,16 @@ impl CaCore {
             },
             now(),
         )?;
-        self.record(json!({"type": "x509_svid_issued", "spiffe_id": checked.spiffe_id, "entry": entry.id,
-            "agent": agent.record.spiffe_id, "serial": leaf.serial, "ttl": ttl, "not_after": leaf.not_after,
-            "authority": authority.record().id}))?;
+        self.record_event(&X509SvidIssued {
+            r#type: "x509_svid_issued",
+            spiffe_id: &checked.spiffe_id,
+            entry: &entry.id,
+            agent: &agent.record.spiffe_id,
+            serial: &leaf.serial,
+            ttl,
+            not_after: leaf.not_after,
+            authority: &authority.record().id,
+        })?;
         crate::metrics::svid_issued("x509", &agent.record.spiffe_id);
         tracing::info!(
             event = "x509_svid_issued",
@@ -205,5 +264,97 @@ impl CaCore {
             "JWT-SVID issued"
         );
         Ok((token, exp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed record is byte for byte the object the log held before it was typed
+    /// (tools and `audit show` read these fields by name, in this order).
+    #[test]
+    fn the_typed_issuance_record_serialises_as_the_json_object_it_replaced() {
+        let typed = X509SvidIssued {
+            r#type: "x509_svid_issued",
+            spiffe_id: "spiffe://td/w/1",
+            entry: "e1",
+            agent: "spiffe://td/ztid/agent/x",
+            serial: "0a",
+            ttl: 3600,
+            not_after: 1_900_000_000,
+            authority: "auth-1",
+        };
+        let untyped = json!({"type": "x509_svid_issued", "spiffe_id": "spiffe://td/w/1", "entry": "e1",
+            "agent": "spiffe://td/ztid/agent/x", "serial": "0a", "ttl": 3600_i64, "not_after": 1_900_000_000_i64,
+            "authority": "auth-1"});
+        assert_eq!(
+            serde_json::to_string(&typed).unwrap(),
+            serde_json::to_string(&untyped).unwrap()
+        );
+    }
+
+    fn csr_for(spiffe_id: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            spiffe_id.to_string().try_into().unwrap(),
+        )];
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn per_instance_entry(core: &CaCore, agent: &AuthenticatedAgent, path: &str) -> String {
+        core.create_entry(&ztid_proto::node::Entry {
+            spiffe_id: format!("spiffe://example.org/{path}"),
+            parent_id: agent.record.spiffe_id.clone(),
+            selectors: vec![ztid_proto::node::Selector {
+                r#type: "unix".into(),
+                value: "uid:1000".into(),
+            }],
+            ..Default::default()
+        })
+        .unwrap()
+        .id
+    }
+
+    /// One call's CSRs for one entry share its load; an entry the call could not load
+    /// is looked up afresh by its next CSR, not refused from memory.
+    #[test]
+    fn a_call_loads_each_entry_once_and_keeps_no_refusal() {
+        let (_dir, core, _, agent) = crate::core::testing::core_with_agent();
+        let app = per_instance_entry(&core, &agent, "app");
+        let mut memo = EntryMemo::default();
+        for segment in [
+            "0123456789abcdef0123456789abcdef",
+            "fedcba9876543210fedcba9876543210",
+        ] {
+            let id = format!("spiffe://example.org/app/{segment}");
+            let (minted, _) = core
+                .sign_workload_svid_in(&mut memo, &agent, &app, &csr_for(&id))
+                .unwrap();
+            assert_eq!(minted, id);
+        }
+        assert_eq!(memo.loaded.len(), 1);
+
+        let later_csr = csr_for("spiffe://example.org/later/00000000000000000000000000000001");
+        let refused = core.sign_workload_svid_in(&mut memo, &agent, "not-yet", &later_csr);
+        assert!(matches!(refused, Err(Error::NotFound(_))), "{refused:?}");
+        assert_eq!(memo.loaded.len(), 1);
+        // The entry exists by the next CSR of the same call: it is found.
+        let later = per_instance_entry(&core, &agent, "later");
+        let refused = core.sign_workload_svid_in(
+            &mut memo,
+            &agent,
+            &later,
+            &csr_for("spiffe://example.org/app/00000000000000000000000000000002"),
+        );
+        let Err(e) = refused else {
+            panic!("a CSR for another entry's ID was signed")
+        };
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::CsrNotGranted), "{e}");
+        assert!(core
+            .sign_workload_svid_in(&mut memo, &agent, &later, &later_csr)
+            .is_ok());
+        assert_eq!(memo.loaded.len(), 2);
     }
 }

@@ -186,8 +186,13 @@ impl CaCore {
 
     /// Appends a security event to the audit log.
     pub fn record(&self, event: Value) -> Result<()> {
+        self.record_event(&event)
+    }
+
+    /// [`Self::record`] for a typed event (serialised as a JSON object).
+    pub fn record_event<E: serde::Serialize + ?Sized>(&self, event: &E) -> Result<()> {
         if let Some(a) = &self.audit {
-            a.append(event)?;
+            a.append_event(event)?;
             crate::metrics::audit_appended();
         }
         Ok(())
