@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::format::{now_ms, sha256_hex};
+use super::format::{now_ms, sha256_hex_into};
 use crate::AuditError;
 use crate::Result;
 
@@ -91,19 +91,27 @@ impl Chain {
     /// pending batch; returns its sequence number. Written in place into the batch, and
     /// taken back out if `body` does not serialise (nothing changes then).
     pub(super) fn push<B: Serialize + ?Sized>(&mut self, kind: LineKind, body: &B) -> Result<u64> {
-        use std::io::Write as _;
         let seq = self.next_seq;
         let start = self.pending.len();
-        // seq, time and prev first, then the body; the hash covers the exact bytes.
-        let written = write!(
-            self.pending,
-            "{{\"seq\":{seq},\"time_ms\":{},\"prev\":\"{}\",\"{}\":",
-            now_ms(),
-            self.prev,
-            kind.as_str()
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|()| serde_json::to_writer(&mut self.pending, body).map_err(|e| e.to_string()));
+        // seq, time and prev first, then the body; the hash covers the exact bytes. Put
+        // together piece by piece: `write!` went through the formatting machinery for
+        // each (numbers by serde_json, as in the body; prev is hex, kind a fixed word).
+        let p = &mut self.pending;
+        p.extend_from_slice(b"{\"seq\":");
+        let written = serde_json::to_writer(&mut *p, &seq)
+            .and_then(|()| {
+                p.extend_from_slice(b",\"time_ms\":");
+                serde_json::to_writer(&mut *p, &now_ms())
+            })
+            .and_then(|()| {
+                p.extend_from_slice(b",\"prev\":\"");
+                p.extend_from_slice(self.prev.as_bytes());
+                p.extend_from_slice(b"\",\"");
+                p.extend_from_slice(kind.as_str().as_bytes());
+                p.extend_from_slice(b"\":");
+                serde_json::to_writer(&mut *p, body)
+            })
+            .map_err(|e| e.to_string());
         if let Err(e) = written {
             self.pending.truncate(start);
             return Err(AuditError::Unavailable(format!("audit body: {e}")).into());
@@ -111,7 +119,7 @@ impl Chain {
         self.pending.push(b'}');
         // The record's hash covers the line without its line end.
         let line = self.pending.get(start..).unwrap_or_default();
-        self.prev = sha256_hex(line);
+        sha256_hex_into(&mut self.prev, line);
         self.pending.push(b'\n');
         if start == 0 {
             self.pending_since = Some(Instant::now());
@@ -134,6 +142,7 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::format::sha256_hex;
     use serde_json::json;
 
     fn chain_after(seq: u64, prev: &str) -> Chain {
