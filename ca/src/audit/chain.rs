@@ -82,6 +82,23 @@ pub(super) struct Chain {
 }
 
 impl Chain {
+    /// The chain of a log whose last record is `last_seq` with hash `prev`, nothing pending.
+    pub(super) fn after(last_seq: u64, prev: String) -> Self {
+        Self {
+            next_seq: last_seq + 1,
+            prev,
+            pending: Vec::new(),
+            pending_last: last_seq,
+            taken: last_seq,
+            pending_since: None,
+            wanted: 0,
+            wanted_since: None,
+            since_checkpoint: 0,
+            bytes_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        }
+    }
+
     /// Whether a call waits for a line in `pending`.
     pub(super) fn pending_wanted(&self) -> bool {
         !self.pending.is_empty() && self.wanted > self.taken
@@ -146,19 +163,7 @@ mod tests {
     use serde_json::json;
 
     fn chain_after(seq: u64, prev: &str) -> Chain {
-        Chain {
-            next_seq: seq + 1,
-            prev: prev.to_string(),
-            pending: Vec::new(),
-            pending_last: seq,
-            taken: seq,
-            pending_since: None,
-            wanted: 0,
-            wanted_since: None,
-            since_checkpoint: 0,
-            bytes_since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
-        }
+        Chain::after(seq, prev.to_string())
     }
 
     /// The line's bytes are the format `format` documents (and the one earlier servers

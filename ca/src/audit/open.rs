@@ -7,7 +7,6 @@ use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
 
 use serde_json::json;
 use ztid_hsm::KeyManager;
@@ -103,19 +102,7 @@ impl AuditLog {
             .map_err(io(&path))?;
         let next_seq = recovered.next_seq;
         let shared = Arc::new(Shared {
-            chain: Mutex::new(Chain {
-                next_seq,
-                prev: recovered.prev.clone(),
-                pending: Vec::new(),
-                pending_last: next_seq - 1,
-                taken: next_seq - 1,
-                pending_since: None,
-                wanted: 0,
-                wanted_since: None,
-                since_checkpoint: 0,
-                bytes_since_checkpoint: 0,
-                last_checkpoint: Instant::now(),
-            }),
+            chain: Mutex::new(Chain::after(next_seq - 1, recovered.prev.clone())),
             wake: Condvar::new(),
             writer_asleep: AtomicBool::new(false),
             waiters: Mutex::new(Waiters::new(next_seq - 1)),
