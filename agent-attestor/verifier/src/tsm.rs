@@ -11,16 +11,9 @@ use ztid_attestation::RefusalKind::{KeyMismatch, Replay};
 
 use crate::AttestationContext;
 
-/// RFC 3339 rendering of Unix seconds, for refusal reasons.
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
-}
+/// RFC 3339 rendering of Unix seconds, for refusal reasons: the one spelling both CLIs
+/// print (`ztid-human`).
+pub use ztid_human::rfc3339;
 
 /// Evidence files may hold hex (as some tools write reports); anything else is binary.
 pub fn maybe_hex(b: &[u8]) -> Vec<u8> {
