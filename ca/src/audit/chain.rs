@@ -19,6 +19,13 @@ pub(super) const FLUSH_BYTES: usize = 1 << 20;
 /// A record a call waits for, when no runtime worker went idle to lead its batch (the
 /// CPU is saturated), is synced by the writer within this time.
 pub(super) const LEAD_FALLBACK: Duration = Duration::from_millis(2);
+/// Pending records at which a waiting call asks the writer thread to lead the batch at
+/// once, instead of leaving it to the next runtime worker that goes idle: with this
+/// many waiting, a worker may not go idle for a while (it finds more to sign), and the
+/// sync, made on the writer's thread, runs beside the signing. Fewer would make batches
+/// smaller and each sync's CPU count more per record; measured, docs/performance.md
+/// ("Issue 16, ninth pass": 3 no gain, 6 and 8 about +0.05 on/off at 16 in flight).
+pub(super) const LEAD_AT_RECORDS: u64 = 6;
 
 /// A checkpoint at least this often (by time)...
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
@@ -79,6 +86,9 @@ pub(super) struct Chain {
     pub(super) bytes_since_checkpoint: u64,
     /// When the last checkpoint was pushed.
     pub(super) last_checkpoint: Instant,
+    /// Calls wait for at least [`LEAD_AT_RECORDS`] pending records: the writer thread
+    /// leads the batch as soon as none is in flight (see [`Chain::ask_writer_to_lead`]).
+    pub(super) lead_now: bool,
 }
 
 impl Chain {
@@ -96,6 +106,7 @@ impl Chain {
             since_checkpoint: 0,
             bytes_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            lead_now: false,
         }
     }
 
@@ -150,6 +161,21 @@ impl Chain {
 
     /// Takes the pending batch out for writing, leaving room for one as large (so the
     /// next batch's lines go in without growing the buffer line by line).
+    /// Whether a call now waiting should wake the writer thread to lead: true once per
+    /// batch, when [`LEAD_AT_RECORDS`] records are pending.
+    pub(super) fn ask_writer_to_lead(&mut self) -> bool {
+        if self.lead_now || self.pending_last.saturating_sub(self.taken) < LEAD_AT_RECORDS {
+            return false;
+        }
+        self.lead_now = true;
+        true
+    }
+
+    /// Whether the writer thread was asked to lead and calls still wait.
+    pub(super) fn writer_asked_to_lead(&self) -> bool {
+        self.lead_now && self.pending_wanted()
+    }
+
     pub(super) fn take_pending(&mut self) -> Vec<u8> {
         let room = self.pending.len().min(TAKE_ROOM_MAX);
         std::mem::replace(&mut self.pending, Vec::with_capacity(room))
@@ -169,6 +195,24 @@ mod tests {
     /// The line's bytes are the format `format` documents (and the one earlier servers
     /// wrote): the body's key after seq, time and prev; `prev` of the next line is the
     /// SHA-256 of this one without its line end.
+    #[test]
+    fn the_writer_is_asked_to_lead_once_per_batch_when_it_is_large() {
+        let mut c = chain_after(0, "ab12");
+        let event = json!({"type": "x509_svid_issued"});
+        for _ in 1..LEAD_AT_RECORDS {
+            c.push(LineKind::Event, &event).unwrap();
+            assert!(!c.ask_writer_to_lead(), "below the size");
+        }
+        c.push(LineKind::Event, &event).unwrap();
+        assert!(!c.writer_asked_to_lead());
+        assert!(c.ask_writer_to_lead());
+        assert!(!c.ask_writer_to_lead(), "asked once per batch");
+        // Asked, but only while a call waits for a pending record.
+        assert!(!c.writer_asked_to_lead());
+        c.wanted = c.pending_last;
+        assert!(c.writer_asked_to_lead());
+    }
+
     #[test]
     fn a_pushed_line_is_the_documented_format_and_chains_by_its_hash() {
         let mut c = chain_after(6, "ab12");

@@ -14,6 +14,12 @@
 //! pass"). The cost: the leading worker blocks for one `fdatasync` (p50 about 0.2 ms
 //! here) while the others keep serving; only one leads at a time.
 //!
+//! A batch need not wait for an idle worker once it is large: when calls wait for
+//! [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) pending records, the writer thread
+//! leads it (after the batch in flight, if any), so its sync runs beside the signing on
+//! the workers; at 1 CSR × 16 calls in flight that raised audit on/off by about 0.05
+//! ("Issue 16, ninth pass").
+//!
 //! Where no runtime has the hook (a library user, the unit tests) a waiting call leads
 //! the batch itself when none is in flight, and hands the lead to a call still waiting
 //! when its sync returns. Either way the writer thread leads a batch a call has waited
@@ -81,6 +87,11 @@ impl AuditLog {
         }
     }
 
+    /// Whether a batch is being written and synced (its leader has not answered yet).
+    pub(super) fn batch_in_flight(&self) -> bool {
+        self.shared.waiters.lock().map_or(true, |w| w.leading)
+    }
+
     /// Leads a batch when a call waits for a pending record and none is in flight.
     pub(super) fn lead_if_waited(&self) {
         let wanted = self.lock_chain().is_ok_and(|c| c.pending_wanted());
@@ -96,6 +107,7 @@ impl AuditLog {
             Ok(mut c) if !c.pending.is_empty() => match self.push_seal(&mut c) {
                 Ok(sealed) => {
                     c.taken = sealed.seq;
+                    c.lead_now = false;
                     c.pending_since = None;
                     c.wanted_since = None;
                     Ok(Some((c.take_pending(), sealed)))
@@ -157,6 +169,11 @@ impl AuditLog {
         };
         for wake in ready {
             let _ = wake.send(Turn::Durable);
+        }
+        // The writer, asked to lead the next batch while this one was in flight, waits
+        // for this answer (see `LEAD_AT_RECORDS`).
+        if idle_leads && self.lock_chain().is_ok_and(|c| c.lead_now) {
+            self.shared.wake.notify_one();
         }
     }
 

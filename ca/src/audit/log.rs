@@ -260,17 +260,24 @@ impl AuditLog {
     pub async fn durable(&self, seq: u64) -> Result<()> {
         loop {
             // Only a call whose record exists leads: it has something to sync.
-            let appended = {
+            let (appended, notify) = {
                 let mut c = self.lock_chain()?;
                 let appended = c.next_seq > seq;
+                let mut notify = false;
                 if appended {
                     if !c.pending_wanted() {
                         c.wanted_since = Some(Instant::now());
                     }
                     c.wanted = c.wanted.max(seq);
+                    // Where idle workers lead, a batch that has grown large is led by
+                    // the writer at once (see `LEAD_AT_RECORDS`).
+                    notify = self.lead_when_idle.load(Ordering::Relaxed) && c.ask_writer_to_lead();
                 }
-                appended
+                (appended, notify)
             };
+            if notify {
+                self.shared.wake.notify_one();
+            }
             let rx = {
                 let mut w = self
                     .shared

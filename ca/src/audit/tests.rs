@@ -714,3 +714,28 @@ fn a_record_no_idle_worker_leads_is_synced_by_the_writer() {
     assert_eq!(r.unsigned_tail, 0);
     assert!(f.lines().iter().any(|l| l.contains("\"fallback\"")));
 }
+
+#[test]
+fn a_large_batch_no_idle_worker_leads_is_synced_by_the_writer() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    // As in the server (batches left to idle workers), on a runtime with no such hook:
+    // enough waiting records make the writer lead it (without waiting for its fallback).
+    log.lead_when_idle.store(true, Ordering::SeqCst);
+    let own = log.begin_records();
+    for i in 0..super::chain::LEAD_AT_RECORDS {
+        log.append(json!({"type": "x509_svid_issued", "serial": format!("large-{i}")}))
+            .unwrap();
+    }
+    let seq = own.finish().unwrap();
+    f.rt.block_on(log.durable(seq)).unwrap();
+    assert!(log
+        .lock_chain()
+        .is_ok_and(|c| !c.lead_now && c.taken >= seq));
+    f.rt.block_on(log.close()).unwrap();
+    let r = f.verify().unwrap();
+    assert_eq!(r.unsigned_tail, 0);
+    let lines = f.lines();
+    assert!((0..super::chain::LEAD_AT_RECORDS)
+        .all(|i| lines.iter().any(|l| l.contains(&format!("\"large-{i}\"")))));
+}

@@ -1,7 +1,9 @@
 //! The writer thread: the timed work around the batches idle workers or waiting calls
 //! lead (`lead`). It leads a batch itself for a record no call waits for, within
 //! [`UNWAITED_MAX`] of seeing it (or once [`FLUSH_BYTES`] are pending), and for a
-//! record a call has waited on for [`LEAD_FALLBACK`]; pushes a checkpoint when the log
+//! record a call has waited on for [`LEAD_FALLBACK`]; leads at once a batch calls wait
+//! on once it holds [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) records (or as
+//! soon as the batch in flight is answered); pushes a checkpoint when the log
 //! has been idle past one; and moves the anchors (datastore, signed `head.json`) after
 //! the log, at most [`HEAD_EVERY`] behind. A failed write fails the log closed and
 //! every waiting call with it.
@@ -70,6 +72,10 @@ impl AuditLog {
                 // cost a context switch per batch, and an idle worker leads it first).
                 let idle = c.pending.is_empty() && self.anchors_current();
                 let wait = match lead_at(&c) {
+                    // Asked to lead: at once, or when the batch in flight is answered
+                    // (which wakes it; `answer` takes the chain's lock to do so, so the
+                    // wake-up cannot come between this look and the wait).
+                    _ if c.writer_asked_to_lead() && !self.batch_in_flight() => Duration::ZERO,
                     Some(at) => at.saturating_duration_since(Instant::now()),
                     None if idle => CHECKPOINT_EVERY,
                     None => HEAD_EVERY,
@@ -93,7 +99,9 @@ impl AuditLog {
                         tracing::error!(error = %e, "audit checkpoint failed");
                     }
                 }
-                lead_at(&c).is_some_and(|at| at <= Instant::now()) || c.pending.len() >= FLUSH_BYTES
+                c.writer_asked_to_lead()
+                    || lead_at(&c).is_some_and(|at| at <= Instant::now())
+                    || c.pending.len() >= FLUSH_BYTES
             };
             // A record no call waits for (or a large batch): lead a batch for it, unless
             // a call leads one now (which takes it, or passes the lead on).
