@@ -159,8 +159,6 @@ impl Chain {
         Ok(seq)
     }
 
-    /// Takes the pending batch out for writing, leaving room for one as large (so the
-    /// next batch's lines go in without growing the buffer line by line).
     /// Whether a call now waiting should wake the writer thread to lead: true once per
     /// batch, when [`LEAD_AT_RECORDS`] records are pending.
     pub(super) fn ask_writer_to_lead(&mut self) -> bool {
@@ -176,6 +174,8 @@ impl Chain {
         self.lead_now && self.pending_wanted()
     }
 
+    /// Takes the pending batch out for writing, leaving room for one as large (so the
+    /// next batch's lines go in without growing the buffer line by line).
     pub(super) fn take_pending(&mut self) -> Vec<u8> {
         let room = self.pending.len().min(TAKE_ROOM_MAX);
         std::mem::replace(&mut self.pending, Vec::with_capacity(room))
@@ -192,9 +192,6 @@ mod tests {
         Chain::after(seq, prev.to_string())
     }
 
-    /// The line's bytes are the format `format` documents (and the one earlier servers
-    /// wrote): the body's key after seq, time and prev; `prev` of the next line is the
-    /// SHA-256 of this one without its line end.
     #[test]
     fn the_writer_is_asked_to_lead_once_per_batch_when_it_is_large() {
         let mut c = chain_after(0, "ab12");
@@ -213,6 +210,9 @@ mod tests {
         assert!(c.writer_asked_to_lead());
     }
 
+    /// The line's bytes are the format `format` documents (and the one earlier servers
+    /// wrote): the body's key after seq, time and prev; `prev` of the next line is the
+    /// SHA-256 of this one without its line end.
     #[test]
     fn a_pushed_line_is_the_documented_format_and_chains_by_its_hash() {
         let mut c = chain_after(6, "ab12");
