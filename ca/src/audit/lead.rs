@@ -106,6 +106,7 @@ impl AuditLog {
         let batch = match self.lock_chain() {
             Ok(mut c) if !c.pending.is_empty() => match self.push_seal(&mut c) {
                 Ok(sealed) => {
+                    c.last_batch = sealed.seq.saturating_sub(c.taken);
                     c.taken = sealed.seq;
                     c.lead_now = false;
                     c.pending_since = None;
