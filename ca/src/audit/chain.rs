@@ -24,7 +24,8 @@ pub(super) const LEAD_FALLBACK: Duration = Duration::from_millis(2);
 /// many waiting, a worker may not go idle for a while (it finds more to sign), and the
 /// sync, made on the writer's thread, runs beside the signing. Fewer would make batches
 /// smaller and each sync's CPU count more per record; measured, docs/performance.md
-/// ("Issue 16, ninth pass": 3 no gain, 6 and 8 about +0.05 on/off at 16 in flight).
+/// ("Issue 16, ninth pass": 3 no gain, 6 and 8 better at 16 in flight). The last
+/// batch's size raises it (see [`Chain::ask_writer_to_lead`]).
 pub(super) const LEAD_AT_RECORDS: u64 = 6;
 
 /// A checkpoint at least this often (by time)...

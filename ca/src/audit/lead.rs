@@ -17,9 +17,8 @@
 //! A batch need not wait for an idle worker once it is large: when calls wait for
 //! [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) pending records, the writer thread
 //! leads it (after the batch in flight, if any; never a batch smaller than the last),
-//! so its sync runs beside the signing on
-//! the workers; at 1 CSR × 16 calls in flight that raised audit on/off by about 0.03
-//! ("Issue 16, ninth pass").
+//! so its sync runs beside the signing on the workers; at 1 CSR × 16 calls in flight
+//! that raised audit on/off by about 0.03 ("Issue 16, ninth pass").
 //!
 //! Where no runtime has the hook (a library user, the unit tests) a waiting call leads
 //! the batch itself when none is in flight, and hands the lead to a call still waiting
