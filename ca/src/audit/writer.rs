@@ -2,8 +2,9 @@
 //! lead (`lead`). It leads a batch itself for a record no call waits for, within
 //! [`UNWAITED_MAX`] of seeing it (or once [`FLUSH_BYTES`] are pending), and for a
 //! record a call has waited on for [`LEAD_FALLBACK`]; leads at once a batch calls wait
-//! on once it holds [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) records (or as
-//! soon as the batch in flight is answered); pushes a checkpoint when the log
+//! on once it holds as many records as the last batch, and at least
+//! [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) (or as soon as the batch in
+//! flight is answered); pushes a checkpoint when the log
 //! has been idle past one; and moves the anchors (datastore, signed `head.json`) after
 //! the log, at most [`HEAD_EVERY`] behind. A failed write fails the log closed and
 //! every waiting call with it.
