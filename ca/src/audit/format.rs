@@ -27,6 +27,8 @@ pub const LOG_FILE: &str = "audit.log";
 pub const HEAD_FILE: &str = "head.json";
 /// The key manager's id of the audit key.
 pub const KEY_ID_FILE: &str = "key_id";
+/// The sync journal: each batch is durable here before it is appended to the log.
+pub const JOURNAL_FILE: &str = "audit.wal";
 /// Records found after the last signature at start, kept aside, never deleted.
 pub const QUARANTINE_FILE: &str = "quarantine.log";
 /// No record is longer than this (a longer line is refused, never read whole).

@@ -25,7 +25,6 @@
 //! when its sync returns. Either way the writer thread leads a batch a call has waited
 //! for longer than [`super::chain::LEAD_FALLBACK`] (a runtime too busy to go idle).
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -120,10 +119,11 @@ impl AuditLog {
         };
         let durable = match batch {
             Ok(Some((bytes, sealed))) => {
-                if let Err(e) = (&self.file)
-                    .write_all(&bytes)
-                    .and_then(|()| self.file.sync_data())
-                {
+                let written = match self.journal.lock() {
+                    Ok(mut j) => j.write(&self.file, &bytes),
+                    Err(_) => Err(std::io::Error::other("audit journal lock poisoned")),
+                };
+                if let Err(e) = written {
                     self.fail(&e.to_string());
                     return;
                 }

@@ -22,6 +22,7 @@ use super::chain::{
     Chain, LineKind, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_RECORDS, FLUSH_BYTES,
 };
 use super::format::{checkpoint_message, LOG_FILE};
+use super::journal::Journal;
 use super::recovery::Quarantined;
 use super::session::SessionKey;
 use crate::datastore::DataStore;
@@ -119,8 +120,10 @@ pub(super) struct Sealed {
 /// The audit log writer.
 pub struct AuditLog {
     pub(super) dir: PathBuf,
-    /// The log, open for appending; written and synced only by whoever leads a batch.
+    /// The log, open for appending; written only by whoever leads a batch.
     pub(super) file: File,
+    /// Where the leader makes each batch durable before appending it to `file`.
+    pub(super) journal: Mutex<Journal>,
     /// Batches are led by runtime workers about to go idle (the server's runtime has
     /// the hook), not by the waiting calls themselves.
     pub(super) lead_when_idle: AtomicBool,
@@ -227,6 +230,8 @@ impl AuditLog {
     /// a cleanly stopped log ends with a seal, and its anchors name that seal).
     pub async fn close(&self) -> Result<()> {
         self.durable(self.last_seq()).await?;
+        // A cleanly stopped log needs nothing from the journal.
+        self.file.sync_data().map_err(io(&self.dir))?;
         self.write_anchors();
         if let Some(store) = &self.store {
             store.flush()?;

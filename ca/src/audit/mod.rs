@@ -37,6 +37,7 @@ mod chain;
 mod checkpoint;
 mod error;
 pub mod format;
+mod journal;
 mod lead;
 mod log;
 mod open;

@@ -15,6 +15,7 @@ use super::anchor::{self, Anchor, NamedAnchor};
 use super::audit_key::audit_key_id;
 use super::chain::{Chain, LineKind};
 use super::format::{self, AuditKeyVerifier, HEAD_FILE, LOG_FILE};
+use super::journal::{self, Journal};
 use super::log::{io, AuditLog, Sealed, Shared, Waiters};
 use super::recovery;
 use super::session::SessionKey;
@@ -77,6 +78,8 @@ impl AuditLog {
             }
         }
         let path = dir.join(LOG_FILE);
+        // Records the machine lost from the log's page cache, before anything reads it.
+        journal::complete_log(dir, &path).map_err(io(&path))?;
         let recovered = recovery::recover(
             &path,
             &verifier,
@@ -100,6 +103,10 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        // Recovery may have cut or moved records: the journal starts from a synced log.
+        file.sync_data().map_err(io(&path))?;
+        let log_len = file.metadata().map_err(io(&path))?.len();
+        let journal = Journal::open(dir, log_len, journal::CAPACITY).map_err(io(&path))?;
         let next_seq = recovered.next_seq;
         let shared = Arc::new(Shared {
             chain: Mutex::new(Chain::after(next_seq - 1, recovered.prev.clone())),
@@ -111,6 +118,7 @@ impl AuditLog {
         let log = Arc::new(Self {
             dir: dir.to_path_buf(),
             file,
+            journal: Mutex::new(journal),
             lead_when_idle: AtomicBool::new(super::lead::runtime_leads()),
             shared,
             key_manager,

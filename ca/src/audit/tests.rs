@@ -206,9 +206,16 @@ fn every_kind_of_tampering_is_named() {
     let mut l = orig.clone();
     l.swap(i, i + 1);
     out_of_place(check(&l));
-    // The tail cut.
+    // The tail cut: read back from the sync journal, which holds this run's batches...
     let l = orig[..i].to_vec();
+    f.put(&l);
+    let r = f.verify().unwrap();
+    assert!(r.completed_from_journal > 0 && r.records == orig.len() as u64);
+    // ...and named once the journal is gone too.
+    let journal = std::fs::read(f.audit().join(format::JOURNAL_FILE)).unwrap();
+    std::fs::remove_file(f.audit().join(format::JOURNAL_FILE)).unwrap();
     let e = check(&l);
+    std::fs::write(f.audit().join(format::JOURNAL_FILE), journal).unwrap();
     assert!(matches!(e, VerifyError::CutBeforeHead { .. }), "{e}");
     assert!(e.to_string().contains("records were cut from the end"));
     // A forged signature: the record at `at` gets `sig_len` bytes of ones as its
@@ -342,11 +349,14 @@ fn a_log_cut_back_with_its_old_head_restored_is_refused_at_start() {
     f.run(3);
     let old_lines = f.lines();
     let old_head = std::fs::read(f.audit().join(HEAD_FILE)).unwrap();
+    let old_journal = std::fs::read(f.audit().join(format::JOURNAL_FILE)).unwrap();
     f.run(3);
     let full = f.lines();
-    // Cut back to the earlier point and restore the head.json of that point.
+    // Cut back to the earlier point and restore the head.json and journal of that point
+    // (the journal of the later run would complete the log again).
     f.put(&old_lines);
     std::fs::write(f.audit().join(HEAD_FILE), &old_head).unwrap();
+    std::fs::write(f.audit().join(format::JOURNAL_FILE), &old_journal).unwrap();
     assert!(f.verify().is_ok(), "the directory alone cannot tell");
     let e = f.open().err().unwrap();
     assert!(matches!(e, Error::Audit(AuditError::RolledBack(_))), "{e}");
@@ -402,6 +412,38 @@ fn a_log_cut_back_with_its_old_head_restored_is_refused_at_start() {
         .any(|l| l.contains("audit_rollback_accepted") && l.contains("restored from backup")));
     f.run(1);
     f.verify().unwrap();
+}
+
+#[test]
+fn records_the_machine_lost_from_the_log_are_completed_from_the_journal_at_start() {
+    let f = Fixture::new();
+    f.run(3);
+    f.run(4);
+    let full = f.lines();
+    // The machine stopped before the last pages of the log were written back: the
+    // file ends early...
+    f.put(&full[..full.len() - 3]);
+    let log = f.open().unwrap();
+    assert_eq!(f.lines()[..full.len()], full[..], "the log is whole again");
+    f.rt.block_on(log.close()).unwrap();
+    drop(log);
+    // ...or the size reached the disk and the data did not (the last seal's bytes).
+    let bytes = std::fs::read(log_path(&f.audit())).unwrap();
+    let mut zeroed = bytes.clone();
+    let n = zeroed.len();
+    zeroed[n - 100..].fill(0);
+    std::fs::write(log_path(&f.audit()), &zeroed).unwrap();
+    let r = f.verify().unwrap();
+    assert_eq!(r.completed_from_journal, 100);
+    let log = f.open().unwrap();
+    assert_eq!(std::fs::read(log_path(&f.audit())).unwrap(), bytes);
+    // The chain goes on from there, and the whole log verifies.
+    let seq = log.append(json!({"type": "after"})).unwrap();
+    f.rt.block_on(log.durable(seq)).unwrap();
+    f.rt.block_on(log.close()).unwrap();
+    let r = f.verify().unwrap();
+    // The seal that closed the log is the last record.
+    assert_eq!((r.records, r.completed_from_journal), (seq + 1, 0));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `audit verify`: walks the whole log and names the first thing wrong.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use ztid_hsm::KeyManager;
@@ -9,6 +9,7 @@ use ztid_hsm::KeyManager;
 use super::anchor::{read_head, Head, NamedAnchor};
 use super::error::VerifyError;
 use super::format::{Kind, Line, LOG_FILE, MAX_LINE};
+use super::journal;
 
 /// What to check besides the log itself.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +43,11 @@ pub struct VerifyReport {
     pub torn_tail: bool,
     /// The anchors the log was found to extend.
     pub anchors_reached: Vec<String>,
+    /// Bytes the log lacked (or held as zeros) that the sync journal (`audit.wal`) holds,
+    /// read from there: the machine stopped before the log's pages were written back
+    /// (the server's next start writes them into the log), or the log was cut back
+    /// while the journal was not.
+    pub completed_from_journal: u64,
 }
 
 /// Walks the whole log in `dir`, strictly: every hash link, every checkpoint and seal
@@ -64,7 +70,22 @@ pub fn verify_with(
         Head::Valid(a) => Some(a),
     };
     let f = File::open(dir.join(LOG_FILE)).map_err(VerifyError::Io)?;
-    let mut reader = BufReader::new(f);
+    let log_len = f.metadata().map_err(VerifyError::Io)?.len();
+    let completion = journal::completion(dir, &f, log_len).map_err(VerifyError::Io)?;
+    let completed_from_journal = completion.as_ref().map_or(0, |c| c.missing);
+    // The log as the journal completes it: up to the frames, the frames, then whatever
+    // the log holds after them.
+    let log: Box<dyn Read> = match completion {
+        Some(c) => {
+            let mut after = File::open(dir.join(LOG_FILE)).map_err(VerifyError::Io)?;
+            after
+                .seek(SeekFrom::Start(c.at + c.bytes.len() as u64))
+                .map_err(VerifyError::Io)?;
+            Box::new(f.take(c.at).chain(Cursor::new(c.bytes)).chain(after))
+        }
+        None => Box::new(f),
+    };
+    let mut reader = BufReader::new(log);
     let mut prev = String::new();
     let mut expected = 1u64;
     let (mut checkpoints, mut seals) = (0, 0);
@@ -187,5 +208,6 @@ pub fn verify_with(
         unsigned_tail,
         torn_tail,
         anchors_reached,
+        completed_from_journal,
     })
 }

@@ -470,6 +470,7 @@ pub fn audit_verify(
                 "seals": r.seals, "signed_through": r.signed_through, "head_seq": r.head_seq,
                 "unsigned_tail": r.unsigned_tail, "torn_tail": r.torn_tail,
                 "anchors_reached": r.anchors_reached,
+                "completed_from_journal": r.completed_from_journal,
                 "anchor": anchor,
                 "datastore_anchor": v.datastore_note})
         ),
@@ -502,6 +503,12 @@ pub fn audit_verify(
             }
             if let Some(n) = &v.datastore_note {
                 println!("note: {n}");
+            }
+            if r.completed_from_journal > 0 {
+                println!(
+                    "note: {} bytes of it were read from audit.wal, not audit.log: the machine stopped before they reached the log (the next start writes them in), or the log was cut back and the journal was not",
+                    r.completed_from_journal
+                );
             }
         }
     }

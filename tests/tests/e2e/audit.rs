@@ -62,11 +62,13 @@ fn put_lines(server: &Server, lines: &[String]) {
     .unwrap();
 }
 
-/// The log and its `head.json` as they were at one point, to put back later (a rollback
-/// an attacker with the disk could do).
+/// The log, its `head.json` and its sync journal as they were at one point, to put back
+/// later (a rollback an attacker with the disk could do; the later journal left in
+/// place would complete the log again).
 struct LogSnapshot {
     lines: Vec<String>,
     head: Vec<u8>,
+    journal: Vec<u8>,
 }
 
 impl LogSnapshot {
@@ -75,12 +77,14 @@ impl LogSnapshot {
         LogSnapshot {
             lines: log_lines(server),
             head: std::fs::read(server.data_dir().join("audit/head.json")).unwrap(),
+            journal: std::fs::read(server.data_dir().join("audit/audit.wal")).unwrap(),
         }
     }
 
     fn restore(&self, server: &Server) {
         put_lines(server, &self.lines);
         std::fs::write(server.data_dir().join("audit/head.json"), &self.head).unwrap();
+        std::fs::write(server.data_dir().join("audit/audit.wal"), &self.journal).unwrap();
     }
 }
 
@@ -358,7 +362,8 @@ fn audit_verify_names_tampering_through_the_cli() {
         "{}",
         r.stderr
     );
-    // Cut the tail.
+    // Cut the tail: read back from the sync journal, which holds the run's batches, and
+    // said so; named once the journal is gone too.
     std::fs::write(
         &path,
         lines[..lines.len() - 2]
@@ -369,10 +374,22 @@ fn audit_verify_names_tampering_through_the_cli() {
     .unwrap();
     let r = audit_verify(&server);
     assert!(
+        r.ok && r
+            .stdout
+            .contains("bytes of it were read from audit.wal, not audit.log"),
+        "{}",
+        r.stdout
+    );
+    let journal = server.data_dir().join("audit/audit.wal");
+    let journal_bytes = std::fs::read(&journal).unwrap();
+    std::fs::remove_file(&journal).unwrap();
+    let r = audit_verify(&server);
+    assert!(
         !r.ok && r.stderr.contains("records were cut from the end"),
         "{}",
         r.stderr
     );
+    std::fs::write(&journal, journal_bytes).unwrap();
     std::fs::write(&path, &orig).unwrap();
     assert!(audit_verify(&server).ok);
     let events: Vec<Value> = orig
