@@ -1,7 +1,8 @@
 //! Who syncs a batch: a runtime worker that has run out of work *leads* it. It seals
-//! everything pending, writes and `fdatasync`s it on its own thread, and answers every
-//! call the sync covers. One batch is in flight at a time, so batches reach the file in
-//! chain order and records that arrive during a sync form the next batch.
+//! everything pending, makes it durable in the sync journal and appends it to the log
+//! (`journal`) on its own thread, and answers every call the sync covers. One batch is
+//! in flight at a time, so batches reach the files in chain order and records that
+//! arrive during a sync form the next batch.
 //!
 //! Why an idle worker: the server's runtime calls [`lead_on_runtime_idle`]'s hook when
 //! a worker is about to sleep, which is exactly when every call it could run is waiting
@@ -11,8 +12,8 @@
 //! workers) cost about 14 context switches per batch and made batches of 3-4 SVIDs at
 //! 16 calls in flight; led by idle workers they hold about 7, and the audited server
 //! spends about 25 µs less CPU per SVID (docs/performance.md, "Issue 16, seventh
-//! pass"). The cost: the leading worker blocks for one `fdatasync` (p50 about 0.2 ms
-//! here) while the others keep serving; only one leads at a time.
+//! pass"). The cost: the leading worker blocks for one `fdatasync` (p50 about
+//! 80 µs here, of the journal) while the others keep serving; only one leads at a time.
 //!
 //! A batch need not wait for an idle worker once it is large: when calls wait for
 //! [`LEAD_AT_RECORDS`](super::chain::LEAD_AT_RECORDS) pending records, the writer thread

@@ -26,7 +26,8 @@
 //! Durability: callers get a sequence number at once and wait (asynchronously) until
 //! a sync has covered it; writes are batched, so many concurrent mints share one sync
 //! and one seal (group commit). In the server a runtime worker about to go idle leads
-//! each batch ([`lead`]: seal, write, `fdatasync`, answer), one batch in flight at a
+//! each batch ([`lead`]: seal, make it durable in the sync journal ([`journal`]) and
+//! append it to the log, answer), one batch in flight at a
 //! time. A call waits only for its own records ([`OwnRecords`]) and is woken once,
 //! when the sync covering them returns. No SVID leaves the server before its record is
 //! durable and sealed.

@@ -106,7 +106,8 @@ impl AuditLog {
         // Recovery may have cut or moved records: the journal starts from a synced log.
         file.sync_data().map_err(io(&path))?;
         let log_len = file.metadata().map_err(io(&path))?.len();
-        let journal = Journal::open(dir, log_len, journal::CAPACITY).map_err(io(&path))?;
+        let journal_path = dir.join(format::JOURNAL_FILE);
+        let journal = Journal::open(dir, log_len, journal::CAPACITY).map_err(io(&journal_path))?;
         let next_seq = recovered.next_seq;
         let shared = Arc::new(Shared {
             chain: Mutex::new(Chain::after(next_seq - 1, recovered.prev.clone())),

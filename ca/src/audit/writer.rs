@@ -14,9 +14,9 @@
 //! may wait up to that long (records a call waits for are led by the call's side).
 //! Waking it for every first record would cost two context switches per batch.
 //!
-//! Measured and left out (docs/performance.md, "Audit log on and off"): `O_DSYNC`, and
-//! preallocated zero-filled segments (faster syncs on a quiet disk, but zeros after the
-//! last record in a file operators and tools read as JSON lines).
+//! Measured and left out (docs/performance.md, "Audit log on and off"): `O_DSYNC`
+//! appends. The preallocated file that won is the sync journal (`journal`), beside the
+//! log rather than the log itself, which stays JSON lines with nothing after the last.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
