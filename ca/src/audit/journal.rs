@@ -28,7 +28,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use ring::digest;
@@ -62,6 +62,7 @@ impl Journal {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
             .open(&path)?;
         if file.metadata()?.len() != capacity {
             // Written, not `fallocate`d: ext4 converts unwritten extents on their first
