@@ -36,8 +36,8 @@ pub(super) const CHECKPOINT_RECORDS: u64 = 10_000;
 /// megabytes of the log (see `recovery`).
 pub(super) const CHECKPOINT_BYTES: u64 = 16 << 20;
 
-/// The most room [`Chain::take_pending`] leaves for the next batch.
-const TAKE_ROOM_MAX: usize = 256 << 10;
+/// The largest buffer [`Chain::give_back`] keeps for a later batch.
+const SPARE_ROOM_MAX: usize = 256 << 10;
 
 /// What a line holds: its one key after `seq`, `time_ms` and `prev`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +69,11 @@ pub(super) struct Chain {
     pub(super) prev: String,
     /// Lines pushed but not yet written.
     pub(super) pending: Vec<u8>,
+    /// The buffer of a batch already written, emptied, for the batch after the next:
+    /// the two take turns, so no batch allocates one (glibc's `malloc` of a kilobyte
+    /// or more first consolidates its fast bins, which cost the audited server more
+    /// than the records' own formatting).
+    spare: Vec<u8>,
     /// The sequence number of the last line in `pending`.
     pub(super) pending_last: u64,
     /// The last sequence number the writer took out of `pending` (on disk, or being
@@ -101,6 +106,7 @@ impl Chain {
             next_seq: last_seq + 1,
             prev,
             pending: Vec::new(),
+            spare: Vec::new(),
             pending_last: last_seq,
             taken: last_seq,
             pending_since: None,
@@ -182,11 +188,18 @@ impl Chain {
         self.lead_now && self.pending_wanted()
     }
 
-    /// Takes the pending batch out for writing, leaving room for one as large (so the
-    /// next batch's lines go in without growing the buffer line by line).
+    /// Takes the pending batch out for writing; the next batch goes into the spare
+    /// buffer (see [`Chain::give_back`]).
     pub(super) fn take_pending(&mut self) -> Vec<u8> {
-        let room = self.pending.len().min(TAKE_ROOM_MAX);
-        std::mem::replace(&mut self.pending, Vec::with_capacity(room))
+        std::mem::replace(&mut self.pending, std::mem::take(&mut self.spare))
+    }
+
+    /// A written batch's buffer, kept (emptied) for a later batch unless it is large.
+    pub(super) fn give_back(&mut self, mut written: Vec<u8>) {
+        if written.capacity() <= SPARE_ROOM_MAX {
+            written.clear();
+            self.spare = written;
+        }
     }
 }
 
@@ -267,7 +280,12 @@ mod tests {
         );
         assert_eq!(c.prev, sha256_hex(lines[1].as_bytes()));
         assert_eq!(c.bytes_since_checkpoint, text.len() as u64);
-        assert!(c.pending.is_empty() && c.pending.capacity() >= text.len());
         assert_eq!((c.next_seq, c.pending_last), (9, 8));
+        // The written batch's buffer comes back for the batch after the next, emptied.
+        let written = text.into_bytes();
+        let room = written.capacity();
+        c.give_back(written);
+        c.take_pending();
+        assert!(c.pending.is_empty() && c.pending.capacity() == room);
     }
 }

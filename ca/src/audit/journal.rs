@@ -50,6 +50,8 @@ pub(super) struct Journal {
     pos: u64,
     /// Where the next batch goes in `audit.log` (its length once the batch in hand is in).
     log_len: u64,
+    /// The frame being written, kept between batches (see `Chain::give_back` for why).
+    frame: Vec<u8>,
 }
 
 impl Journal {
@@ -87,6 +89,7 @@ impl Journal {
             epoch: u64::from_le_bytes(epoch),
             pos: 0,
             log_len,
+            frame: Vec::new(),
         })
     }
 
@@ -108,16 +111,20 @@ impl Journal {
             log.sync_data()?;
             self.pos = 0;
         }
-        let mut frame = Vec::with_capacity(frame_len as usize);
+        let frame = &mut self.frame;
+        frame.clear();
         frame.extend_from_slice(MAGIC);
         frame.extend_from_slice(&self.epoch.to_le_bytes());
         frame.extend_from_slice(&self.log_len.to_le_bytes());
         frame.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         frame.extend_from_slice(&[0; 4]);
-        let sum = frame_sum(&frame, batch);
+        let sum = frame_sum(frame, batch);
         frame.extend_from_slice(sum.as_ref());
         frame.extend_from_slice(batch);
-        self.file.write_all_at(&frame, self.pos)?;
+        self.file.write_all_at(frame, self.pos)?;
+        if frame.capacity() > 1 << 20 {
+            *frame = Vec::new();
+        }
         self.file.sync_data()?;
         self.pos += frame_len;
         let mut log_w = log;

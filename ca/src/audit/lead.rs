@@ -124,6 +124,9 @@ impl AuditLog {
                     Ok(mut j) => j.write(&self.file, &bytes),
                     Err(_) => Err(std::io::Error::other("audit journal lock poisoned")),
                 };
+                if let Ok(mut c) = self.lock_chain() {
+                    c.give_back(bytes);
+                }
                 if let Err(e) = written {
                     self.fail(&e.to_string());
                     return;
