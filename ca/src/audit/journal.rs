@@ -73,9 +73,9 @@ impl Journal {
             let zeros = vec![0u8; 1 << 20];
             let mut at = 0;
             while at < capacity {
-                let n = zeros.len().min((capacity - at) as usize);
-                file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
+                let chunk = zeros.get(..(capacity - at) as usize).unwrap_or(&zeros);
+                file.write_all_at(chunk, at)?;
+                at += chunk.len() as u64;
             }
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
@@ -168,7 +168,12 @@ fn frames(journal: &[u8]) -> Vec<(u64, &[u8])> {
             || len == 0
             || epoch.is_some_and(|e| e != ep)
             || next.is_some_and(|n| n != offset)
-            || head.get(32..) != Some(frame_sum(&head[..32], batch).as_ref())
+            || head.get(32..)
+                != head
+                    .get(..32)
+                    .map(|h| frame_sum(h, batch))
+                    .as_ref()
+                    .map(AsRef::as_ref)
         {
             break;
         }
