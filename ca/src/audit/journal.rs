@@ -56,7 +56,8 @@ pub(super) struct Journal {
 
 impl Journal {
     /// Opens the journal in `dir` (making and zero-filling it when it is missing or of
-    /// another size) for a log now `log_len` bytes long and synced.
+    /// another size, else ending the last run's frames at its start) for a log now
+    /// `log_len` bytes long and synced.
     pub(super) fn open(dir: &Path, log_len: u64, capacity: u64) -> io::Result<Self> {
         let path = dir.join(JOURNAL_FILE);
         let file = OpenOptions::new()
@@ -79,6 +80,11 @@ impl Journal {
             }
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
+        } else {
+            // The last run's frames are in the synced log now; unread from here on,
+            // they can never complete a log that recovery has since cut back.
+            file.write_all_at(&[0; HEADER], 0)?;
+            file.sync_data()?;
         }
         let mut epoch = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut epoch)
@@ -341,6 +347,16 @@ mod tests {
         assert_eq!(log.metadata().unwrap().len(), 2004);
         let j = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
         assert_eq!(frames(&j), vec![(2002u64, b"b\n".as_slice())]);
+    }
+
+    #[test]
+    fn a_new_run_reads_none_of_the_last_runs_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        journal(dir.path(), &[b"one\n", b"two\n"], 1 << 16);
+        let path = dir.path().join(JOURNAL_FILE);
+        assert_eq!(frames(&std::fs::read(&path).unwrap()).len(), 2);
+        Journal::open(dir.path(), 8, 1 << 16).unwrap();
+        assert!(frames(&std::fs::read(&path).unwrap()).is_empty());
     }
 
     #[test]
