@@ -121,6 +121,8 @@ fn log_len(data_dir: &Path) -> u64 {
 struct Snapshot {
     log: Vec<u8>,
     head: Vec<u8>,
+    /// The sync journal of that point (the later one would complete the log again).
+    journal: Vec<u8>,
 }
 
 impl Snapshot {
@@ -128,12 +130,14 @@ impl Snapshot {
         Self {
             log: std::fs::read(data_dir.join("audit/audit.log")).unwrap(),
             head: std::fs::read(data_dir.join("audit/head.json")).unwrap(),
+            journal: std::fs::read(data_dir.join("audit/audit.wal")).unwrap(),
         }
     }
 
     fn restore(&self, data_dir: &Path) {
         std::fs::write(data_dir.join("audit/audit.log"), &self.log).unwrap();
         std::fs::write(data_dir.join("audit/head.json"), &self.head).unwrap();
+        std::fs::write(data_dir.join("audit/audit.wal"), &self.journal).unwrap();
     }
 }
 
