@@ -7,8 +7,9 @@
 //! `fdatasync` writes the data and flushes, nothing else. `audit.log` stays what
 //! operators and tools read (JSON lines, nothing after the last record) and is written
 //! right after the journal's sync, in the page cache; it is synced when the journal
-//! wraps, at a clean stop and at start. Measured: 1 CSR × 16 in flight on/off 0.72-0.83
-//! against 0.67-0.71 appending, alternated (docs/performance.md, "Issue 16, tenth pass").
+//! wraps, at a clean stop and at start. Measured: 1 CSR × 16 in flight on/off 0.73-0.76
+//! against 0.67-0.68 appending, in alternated pairs, and 1 in flight 0.51-0.52 against
+//! 0.44-0.46 (docs/performance.md, "Issue 16, tenth pass").
 //!
 //! A frame is a 64-byte header and the batch's bytes: `ZTIDJNL1`, the run's random
 //! epoch, the batch's offset in `audit.log`, its length, 4 zero bytes, and the SHA-256
