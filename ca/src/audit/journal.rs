@@ -240,9 +240,9 @@ pub(super) fn completion(dir: &Path, log: &File, log_len: u64) -> io::Result<Opt
     Ok((missing > 0).then_some(Completion { at, bytes, missing }))
 }
 
-/// Completes `audit.log` from the journal at start (before recovery reads the log)
-/// and syncs it: afterwards the log alone holds every record, and the journal's frames
-/// are not needed again. A log that is gone is not made again (its directory entry was
+/// Completes `audit.log` from the journal at start (before recovery reads the log),
+/// syncing what it wrote; once the start has synced the log after recovery, the log
+/// alone holds every record and the journal's frames are not needed again. A log that is gone is not made again (its directory entry was
 /// synced with the journal's: it was removed, which is for the anchors to judge).
 pub(super) fn complete_log(dir: &Path, log_path: &Path) -> io::Result<()> {
     let log = match OpenOptions::new().read(true).write(true).open(log_path) {
@@ -253,6 +253,7 @@ pub(super) fn complete_log(dir: &Path, log_path: &Path) -> io::Result<()> {
     let log_len = log.metadata()?.len();
     if let Some(c) = completion(dir, &log, log_len)? {
         log.write_all_at(&c.bytes, c.at)?;
+        log.sync_all()?;
         tracing::warn!(
             event = "audit_log_completed_from_journal",
             from = c.at,
@@ -260,7 +261,7 @@ pub(super) fn complete_log(dir: &Path, log_path: &Path) -> io::Result<()> {
             "audit.log lacked records audit.wal holds (the machine stopped before they were written back): completed from it"
         );
     }
-    log.sync_all()
+    Ok(())
 }
 
 #[cfg(test)]
