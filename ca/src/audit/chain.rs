@@ -17,7 +17,10 @@ pub(super) const UNWAITED_MAX: Duration = Duration::from_millis(5);
 /// ...or once this much is pending.
 pub(super) const FLUSH_BYTES: usize = 1 << 20;
 /// A record a call waits for, when no runtime worker went idle to lead its batch (the
-/// CPU is saturated), is synced by the writer within this time.
+/// CPU is saturated), is synced by the writer within this time of the wait, if the
+/// writer sees the call waiting (a call starting to wait does not wake it: that would
+/// cost two switches a batch); the writer looks at least every [`UNWAITED_MAX`], so
+/// at worst the record is synced within that of its append.
 pub(super) const LEAD_FALLBACK: Duration = Duration::from_millis(2);
 /// Pending records at which a waiting call asks the writer thread to lead the batch at
 /// once, instead of leaving it to the next runtime worker that goes idle: with this

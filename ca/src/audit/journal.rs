@@ -102,13 +102,23 @@ impl Journal {
 
     /// Makes `batch` (the next bytes of `audit.log`) durable in the journal, syncing
     /// `log` first when the journal starts over; then appends it to `log`, unsynced.
-    /// A batch larger than the journal is appended and synced in `log` itself.
+    /// A batch larger than the journal is appended and synced in `log` itself, in two
+    /// steps: its records, synced, then its last line (the seal), synced. Written in one,
+    /// a machine that stopped during the sync could leave the seal on disk with a hole
+    /// before it (pages are written back in no set order), which a start must refuse as
+    /// a broken signed log; this way a hole can only lie after the last seal on disk,
+    /// where a start sets the unacknowledged records aside.
     pub(super) fn write(&mut self, log: &File, batch: &[u8]) -> io::Result<()> {
         let frame_len = (HEADER + batch.len()) as u64;
         if frame_len > self.capacity {
+            let (records, seal) = batch.split_at(last_line_start(batch));
             let mut log_w = log;
-            io::Write::write_all(&mut log_w, batch)?;
-            log.sync_data()?;
+            for part in [records, seal] {
+                if !part.is_empty() {
+                    io::Write::write_all(&mut log_w, part)?;
+                    log.sync_data()?;
+                }
+            }
             self.log_len += batch.len() as u64;
             // The log holds everything: the next frame starts the journal over.
             self.pos = 0;
@@ -141,6 +151,12 @@ impl Journal {
     }
 }
 
+/// Where the last line of `batch` (its lines each ending in `\n`) begins.
+fn last_line_start(batch: &[u8]) -> usize {
+    let body = batch.strip_suffix(b"\n").unwrap_or(batch);
+    body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+}
+
 /// The SHA-256 a frame's header ends with: over its first 32 bytes and the batch.
 fn frame_sum(head: &[u8], batch: &[u8]) -> digest::Digest {
     let mut ctx = digest::Context::new(&digest::SHA256);
@@ -169,12 +185,15 @@ fn frames(journal: &[u8]) -> Vec<(u64, &[u8])> {
         let Some(batch) = journal.get(pos + HEADER..pos + HEADER + len) else {
             break;
         };
-        let next = out.last().map(|(o, b)| o + b.len() as u64);
+        // A frame's offset comes from the file: a crafted one near the top of u64 must
+        // not overflow, and a frame whose end would is not one the writer made.
+        let next = out.last().map(|(o, b)| o.checked_add(b.len() as u64));
         if head.get(..8) != Some(MAGIC.as_slice())
             || head.get(28..32) != Some([0u8; 4].as_slice())
             || len == 0
+            || offset.checked_add(len as u64).is_none()
             || epoch.is_some_and(|e| e != ep)
-            || next.is_some_and(|n| n != offset)
+            || next.is_some_and(|n| n != Some(offset))
             || head.get(32..)
                 != head
                     .get(..32)
@@ -191,28 +210,34 @@ fn frames(journal: &[u8]) -> Vec<(u64, &[u8])> {
     out
 }
 
-/// What the journal adds to `audit.log`: its bytes from `at` on, as the frames hold
-/// them (`bytes`), and how many of them the log lacked or held as zeros.
+/// What the journal holds of `audit.log`: its bytes from `at` on, as the frames hold
+/// them (`bytes`), and how many of them the log lacked or held as zeros (`missing`, 0
+/// when the log, as read, holds them all).
 pub(super) struct Completion {
     pub(super) at: u64,
     pub(super) bytes: Vec<u8>,
     pub(super) missing: u64,
 }
 
-/// What the journal in `dir` completes of `log` (`log_len` bytes long): `None` when
-/// there is no journal, it holds nothing the log lacks, or it disagrees with the log
-/// (see the module's doc).
+/// What the journal in `dir` holds of `log` (`log_len` bytes long): `None` when there
+/// is no journal, no frame, or the frames disagree with the log (see the module's doc).
+/// Only the journal's first [`CAPACITY`] bytes are read: the writer writes no further,
+/// and a larger file (made so by someone else) must not cost a start its memory.
 pub(super) fn completion(dir: &Path, log: &File, log_len: u64) -> io::Result<Option<Completion>> {
-    let journal = match std::fs::read(dir.join(JOURNAL_FILE)) {
-        Ok(j) => j,
+    let mut journal = Vec::new();
+    match File::open(dir.join(JOURNAL_FILE)) {
+        Ok(f) => {
+            io::Read::read_to_end(&mut io::Read::take(f, CAPACITY), &mut journal)?;
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
-    };
+    }
     let frames = frames(&journal);
     let (Some(&(at, _)), Some(&(last, last_bytes))) = (frames.first(), frames.last()) else {
         return Ok(None);
     };
-    let end = last + last_bytes.len() as u64;
+    // `frames` checked that no frame's end overflows.
+    let end = last.saturating_add(last_bytes.len() as u64);
     if at > log_len {
         tracing::warn!(
             log_len,
@@ -237,13 +262,20 @@ pub(super) fn completion(dir: &Path, log: &File, log_len: u64) -> io::Result<Opt
             missing += 1;
         }
     }
-    Ok((missing > 0).then_some(Completion { at, bytes, missing }))
+    Ok(Some(Completion { at, bytes, missing }))
 }
 
 /// Completes `audit.log` from the journal at start (before recovery reads the log),
 /// syncing what it wrote; once the start has synced the log after recovery, the log
-/// alone holds every record and the journal's frames are not needed again. A log that is gone is not made again (its directory entry was
-/// synced with the journal's: it was removed, which is for the anchors to judge).
+/// alone holds every record and the journal's frames are not needed again. A log that
+/// is gone is not made again (its directory entry was synced with the journal's: it
+/// was removed, which is for the anchors to judge).
+///
+/// The frames' bytes are written and synced even when the log, as read, holds them
+/// all: it is read through the page cache, and after a failed sync (the last run
+/// failed closed on it) Linux keeps the pages that were never written as clean, so the
+/// log can look whole while the disk lacks acknowledged records. The journal is the
+/// only durable copy of them until this sync, and the start zeroes it after.
 pub(super) fn complete_log(dir: &Path, log_path: &Path) -> io::Result<()> {
     let log = match OpenOptions::new().read(true).write(true).open(log_path) {
         Ok(f) => f,
@@ -251,9 +283,12 @@ pub(super) fn complete_log(dir: &Path, log_path: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     };
     let log_len = log.metadata()?.len();
-    if let Some(c) = completion(dir, &log, log_len)? {
-        log.write_all_at(&c.bytes, c.at)?;
-        log.sync_all()?;
+    let Some(c) = completion(dir, &log, log_len)? else {
+        return Ok(());
+    };
+    log.write_all_at(&c.bytes, c.at)?;
+    log.sync_all()?;
+    if c.missing > 0 {
         tracing::warn!(
             event = "audit_log_completed_from_journal",
             from = c.at,
@@ -293,7 +328,10 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        assert!(completion(dir.path(), &log, 14).unwrap().is_none());
+        assert_eq!(
+            completion(dir.path(), &log, 14).unwrap().unwrap().missing,
+            0
+        );
         // Cut short: completed.
         log.set_len(6).unwrap();
         let c = completion(dir.path(), &log, 6).unwrap().unwrap();
@@ -349,6 +387,61 @@ mod tests {
         assert_eq!(log.metadata().unwrap().len(), 2004);
         let j = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
         assert_eq!(frames(&j), vec![(2002u64, b"b\n".as_slice())]);
+    }
+
+    #[test]
+    fn a_log_that_reads_whole_is_still_written_again_from_the_frames() {
+        // After a failed sync the page cache can show records the disk lacks: the
+        // start writes the frames' bytes again (the file's mtime shows the write).
+        let dir = tempfile::tempdir().unwrap();
+        journal(dir.path(), &[b"one\n", b"two\n"], 1 << 16);
+        let path = dir.path().join("audit.log");
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        complete_log(dir.path(), &path).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().modified().unwrap() > old);
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_journal_is_synced_records_first_then_its_seal() {
+        assert_eq!(last_line_start(b"a\nb\nseal\n"), 4);
+        assert_eq!(last_line_start(b"seal\n"), 0);
+        assert_eq!(last_line_start(b"a\nseal"), 2);
+        assert_eq!(last_line_start(b""), 0);
+    }
+
+    #[test]
+    fn crafted_offsets_and_an_oversized_journal_are_refused_without_harm() {
+        let dir = tempfile::tempdir().unwrap();
+        let batch = b"x\n";
+        let mut f = Vec::new();
+        f.extend_from_slice(MAGIC);
+        f.extend_from_slice(&1u64.to_le_bytes());
+        f.extend_from_slice(&(u64::MAX - 1).to_le_bytes());
+        f.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        f.extend_from_slice(&[0; 4]);
+        let sum = frame_sum(&f, batch);
+        f.extend_from_slice(sum.as_ref());
+        f.extend_from_slice(batch);
+        assert!(frames(&f).is_empty());
+        let path = dir.path().join(JOURNAL_FILE);
+        std::fs::write(&path, &f).unwrap();
+        // Made far larger than the writer makes it (sparse): read no further than it.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        std::fs::write(dir.path().join("audit.log"), b"").unwrap();
+        let log = File::open(dir.path().join("audit.log")).unwrap();
+        assert!(completion(dir.path(), &log, 0).unwrap().is_none());
     }
 
     #[test]

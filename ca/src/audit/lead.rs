@@ -146,7 +146,7 @@ impl AuditLog {
 
     /// The batch synced up to `durable` (if one was written): wakes the calls it
     /// covers, then gives up the lead or hands it on.
-    fn answer(&self, durable: Option<u64>) {
+    pub(super) fn answer(&self, durable: Option<u64>) {
         let idle_leads = self.lead_when_idle.load(Ordering::Relaxed);
         // Which records exist, for handing the lead on: the chain's lock is taken before
         // the waiters' everywhere.
@@ -175,9 +175,9 @@ impl AuditLog {
         for wake in ready {
             let _ = wake.send(Turn::Durable);
         }
-        // The writer, asked to lead the next batch while this one was in flight, waits
-        // for this answer (see `LEAD_AT_RECORDS`).
-        if idle_leads && self.lock_chain().is_ok_and(|c| c.lead_now) {
+        // The writer, asked or due to lead the next batch while this one was in flight,
+        // waits for this answer (see `LEAD_AT_RECORDS` and the writer's loop).
+        if self.lock_chain().is_ok_and(|c| c.lead_now) {
             self.shared.wake.notify_one();
         }
     }

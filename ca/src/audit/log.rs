@@ -72,6 +72,9 @@ pub(super) struct Shared {
     pub(super) waiters: Mutex<Waiters>,
     /// Why the writer failed, once it has: no record is accepted after that.
     pub(super) failed: Mutex<Option<String>>,
+    /// How many times the writer looked at the chain (a test counts its wake-ups).
+    #[cfg(test)]
+    pub(super) writer_looks: std::sync::atomic::AtomicU64,
 }
 
 /// The calls waiting for their records to be durable, each woken once, when the sync
@@ -133,6 +136,8 @@ pub struct AuditLog {
     pub(super) session: SessionKey,
     pub(super) store: Option<Arc<dyn DataStore>>,
     pub(super) sealed: Mutex<Sealed>,
+    /// Held while the anchors are written (see `write_anchors`).
+    pub(super) anchors_writing: Mutex<()>,
     pub(super) quarantined: Option<Quarantined>,
     pub(super) accepted_rollback: Vec<String>,
 }
@@ -230,8 +235,12 @@ impl AuditLog {
     /// a cleanly stopped log ends with a seal, and its anchors name that seal).
     pub async fn close(&self) -> Result<()> {
         self.durable(self.last_seq()).await?;
-        // A cleanly stopped log needs nothing from the journal.
-        self.file.sync_data().map_err(io(&self.dir))?;
+        // A cleanly stopped log needs nothing from the journal. A failed sync fails the
+        // log closed, as the writer's do: nothing more is issued on it.
+        if let Err(e) = self.file.sync_data() {
+            self.fail(&e.to_string());
+            return Err(io(&self.dir)(e));
+        }
         self.write_anchors();
         if let Some(store) = &self.store {
             store.flush()?;
@@ -335,6 +344,9 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        // Closed first: a lead handed over after this fails to send (and goes to the
+        // next call) instead of landing, unread, in a receiver about to be dropped.
+        self.rx.close();
         if let Ok(Turn::Lead) = self.rx.try_recv() {
             self.log.pass_lead_on();
         }

@@ -103,8 +103,13 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
-        // Recovery may have cut or moved records: the journal starts from a synced log.
+        // Recovery may have cut or moved records: the journal starts from a synced log,
+        // whose directory entry is synced too (a log made just now, beside a journal
+        // that already existed, would otherwise rely on the file system's ordering).
         file.sync_data().map_err(io(&path))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
         let log_len = file.metadata().map_err(io(&path))?.len();
         let journal_path = dir.join(format::JOURNAL_FILE);
         let journal = Journal::open(dir, log_len, journal::CAPACITY).map_err(io(&journal_path))?;
@@ -115,6 +120,8 @@ impl AuditLog {
             writer_asleep: AtomicBool::new(false),
             waiters: Mutex::new(Waiters::new(next_seq - 1)),
             failed: Mutex::new(None),
+            #[cfg(test)]
+            writer_looks: std::sync::atomic::AtomicU64::new(0),
         });
         let log = Arc::new(Self {
             dir: dir.to_path_buf(),
@@ -130,6 +137,7 @@ impl AuditLog {
                 latest: recovered.trusted.clone(),
                 head_written: 0,
             }),
+            anchors_writing: Mutex::new(()),
             quarantined: recovered.quarantined.clone(),
             accepted_rollback: recovered.accepted_rollback.clone(),
         });

@@ -781,3 +781,34 @@ fn a_large_batch_no_idle_worker_leads_is_synced_by_the_writer() {
     assert!((0..super::chain::LEAD_AT_RECORDS)
         .all(|i| lines.iter().any(|l| l.contains(&format!("\"large-{i}\"")))));
 }
+
+#[test]
+fn the_writer_sleeps_while_a_batch_it_is_due_to_lead_waits_for_the_one_in_flight() {
+    let f = Fixture::new();
+    let log = f.open().unwrap();
+    let seq = log
+        .append(json!({"type": "x509_svid_issued", "serial": "first"}))
+        .unwrap();
+    f.rt.block_on(log.durable(seq)).unwrap();
+    // A batch in flight (a slow disk's sync, a journal wrap), and a record the writer
+    // is due to lead after it (no call waits for it: due within `UNWAITED_MAX`).
+    log.shared.waiters.lock().unwrap().leading = true;
+    log.append(json!({"type": "x509_svid_refused", "reason": "after"}))
+        .unwrap();
+    let looks = || log.shared.writer_looks.load(Ordering::Relaxed);
+    let before = looks();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // Waiting for the answer it sleeps (`HEAD_EVERY` at most, so about a dozen looks);
+    // looking again at once, it would have looked hundreds of thousands of times.
+    let used = looks() - before;
+    assert!(used < 100, "the writer looked {used} times while it waited");
+    // The batch in flight is answered: the writer, woken, leads the one it was due to.
+    log.answer(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f.lines().iter().any(|l| l.contains("\"after\"")) {
+        assert!(std::time::Instant::now() < deadline, "record never written");
+        std::thread::yield_now();
+    }
+    f.rt.block_on(log.close()).unwrap();
+    assert_eq!(f.verify().unwrap().unsigned_tail, 0);
+}

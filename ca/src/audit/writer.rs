@@ -42,6 +42,11 @@ fn lead_at(c: &Chain) -> Option<Instant> {
     })
 }
 
+/// Whether the writer leads the pending batch now: it is past [`lead_at`], or large.
+fn lead_due(c: &Chain) -> bool {
+    lead_at(c).is_some_and(|at| at <= Instant::now()) || c.pending.len() >= FLUSH_BYTES
+}
+
 /// How far the anchors (`head.json`, the datastore's) may trail the log.
 const HEAD_EVERY: Duration = Duration::from_millis(50);
 
@@ -69,19 +74,32 @@ impl AuditLog {
                 let Ok(mut c) = self.shared.chain.lock() else {
                     return;
                 };
+                #[cfg(test)]
+                self.shared.writer_looks.fetch_add(1, Ordering::Relaxed);
                 // Asleep until a first record is pending (appends wake it only then,
                 // and only while it sleeps long); awake, it looks again when the pending
                 // batch is due (a call beginning to wait does not wake it: that would
                 // cost a context switch per batch, and an idle worker leads it first).
                 let idle = c.pending.is_empty() && self.anchors_current();
+                let in_flight = self.batch_in_flight();
+                let due = c.writer_asked_to_lead() || lead_due(&c);
                 let wait = match lead_at(&c) {
-                    // Asked to lead: at once, or when the batch in flight is answered
-                    // (which wakes it; `answer` takes the chain's lock to do so, so the
-                    // wake-up cannot come between this look and the wait).
-                    _ if c.writer_asked_to_lead() && !self.batch_in_flight() => Duration::ZERO,
+                    // A lead is due (asked for, or timed): at once, or when the batch in
+                    // flight is answered, which wakes it (`lead_now`; `answer` takes the
+                    // chain's lock to see it, so the wake-up cannot come between this
+                    // look and the wait). Looking again at once instead would spin until
+                    // then: a whole journal wrap, or a slow disk's sync.
+                    _ if due && in_flight => {
+                        c.lead_now = true;
+                        HEAD_EVERY
+                    }
+                    _ if due => Duration::ZERO,
                     Some(at) => at.saturating_duration_since(Instant::now()),
                     None if idle => CHECKPOINT_EVERY,
-                    None => HEAD_EVERY,
+                    // Nothing pending, the anchors behind: a record appended meanwhile
+                    // does not wake it (that would cost switches under load), so it
+                    // looks again within `UNWAITED_MAX` (see `LEAD_FALLBACK`).
+                    None => UNWAITED_MAX,
                 };
                 if !wait.is_zero() {
                     self.shared.writer_asleep.store(idle, Ordering::SeqCst);
@@ -102,9 +120,7 @@ impl AuditLog {
                         tracing::error!(error = %e, "audit checkpoint failed");
                     }
                 }
-                c.writer_asked_to_lead()
-                    || lead_at(&c).is_some_and(|at| at <= Instant::now())
-                    || c.pending.len() >= FLUSH_BYTES
+                c.writer_asked_to_lead() || lead_due(&c)
             };
             // A record no call waits for (or a large batch): lead a batch for it, unless
             // a call leads one now (which takes it, or passes the lead on).
@@ -148,14 +164,20 @@ impl AuditLog {
     }
 
     /// Moves the anchors (datastore, signed `head.json`) to the last sealed record.
+    /// One caller at a time (the writer, `close`), so the anchors only move forward;
+    /// `sealed` is not held while the key signs, as a leader answering its batch takes
+    /// it (`note_sealed`) and would wait for the signature.
     pub(super) fn write_anchors(&self) {
-        let Ok(mut s) = self.sealed.lock() else {
+        let Ok(_one_writer) = self.anchors_writing.lock() else {
             return;
         };
-        let Some(a) = s.latest.clone() else { return };
-        if a.seq == s.head_written {
-            return;
-        }
+        let a = match self.sealed.lock() {
+            Ok(s) => match &s.latest {
+                Some(a) if a.seq != s.head_written => a.clone(),
+                _ => return,
+            },
+            Err(_) => return,
+        };
         if let Some(store) = &self.store {
             // An in-memory insert; the datastore makes it durable within its flush interval.
             if let Err(e) = store.advance_audit_anchor(a.seq, &anchor::datastore_record(&a)) {
@@ -169,7 +191,11 @@ impl AuditLog {
             std::fs::rename(&tmp, self.dir.join(HEAD_FILE)).map_err(io(&tmp))
         });
         match result {
-            Ok(()) => s.head_written = a.seq,
+            Ok(()) => {
+                if let Ok(mut s) = self.sealed.lock() {
+                    s.head_written = a.seq;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "audit head update failed"),
         }
     }
