@@ -531,6 +531,7 @@ mod tests {
             renew_at: 0,
             hint: String::new(),
             authority: None,
+            entry_revision: 0,
         }
     }
 

@@ -929,6 +929,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_entry_changed_on_the_server_is_minted_afresh_at_the_next_reconcile() {
+        let (workloads, _bundle) = workloads().await;
+        let (mut child, other) = other_process();
+        let inst = workloads.instance_for(&other).unwrap();
+        workloads.reconcile(&inst).await.unwrap();
+        let before = inst.state.borrow().svids[0].spiffe_id.clone();
+        assert!(before.starts_with(&format!("{ENTRY_SPIFFE_ID}/")));
+        let uid = nix::unistd::geteuid().as_raw();
+        assert!(workloads
+            .entries
+            .write()
+            .unwrap()
+            .apply(&npb::SyncEntriesResponse {
+                full: false,
+                revision: 2,
+                upserted: vec![npb::Entry {
+                    id: ENTRY_ID.into(),
+                    spiffe_id: "spiffe://example.org/renamed".into(),
+                    parent_id: "spiffe://example.org/ztid/agent/join_token/n1".into(),
+                    selectors: vec![npb::Selector {
+                        r#type: "unix".into(),
+                        value: format!("uid:{uid}"),
+                    }],
+                    revision: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }));
+        // Long before the old SVID's half-life: the process gets the entry as it is now.
+        workloads.reconcile(&inst).await.unwrap();
+        let after = inst.state.borrow().svids[0].spiffe_id.clone();
+        assert_eq!(
+            after,
+            format!("spiffe://example.org/renamed/{}", inst.segment)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[tokio::test]
     async fn a_revoked_instance_is_dropped_its_stream_ends_and_its_process_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (workloads, bundle) = workloads().await;

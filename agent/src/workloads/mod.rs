@@ -63,6 +63,9 @@ pub struct HeldSvid {
     pub hint: String,
     /// The authority that signed it (hex serial of its CA certificate), if known.
     pub authority: Option<String>,
+    /// The revision of the entry it was minted for: an entry changed since (its SPIFFE
+    /// ID, DNS names, TTL, hint) is minted afresh at the next reconcile, not at half-life.
+    pub entry_revision: u64,
 }
 
 /// A JWT-SVID handed out and kept for reuse until half its lifetime.
@@ -233,6 +236,9 @@ pub struct EntryCache {
     pub selectors: HashMap<String, Vec<Selector>>,
     /// The revision synced to.
     pub revision: u64,
+    /// How many sync answers were applied: a pool take made from an entitlement read
+    /// before the pool's last prune is out of date (see [`SvidPool::take`]).
+    pub generation: u64,
 }
 
 impl EntryCache {
@@ -240,6 +246,7 @@ impl EntryCache {
     pub fn apply(&mut self, sync: &pb::SyncEntriesResponse) -> bool {
         let before = self.revision;
         let mut changed = false;
+        self.generation += 1;
         if sync.full {
             changed = !self.entries.is_empty() || !sync.upserted.is_empty();
             self.entries.clear();
@@ -254,7 +261,11 @@ impl EntryCache {
                     changed = true;
                 }
                 Err(err) => {
-                    tracing::warn!(entry = %e.id, error = %err, "ignoring entry with unusable selectors")
+                    // Its last version must not be served on: the new one may narrow it
+                    // (a selector kind only a newer server knows), so it is dropped.
+                    tracing::warn!(entry = %e.id, error = %err, "entry with selectors this agent cannot read: not served");
+                    changed |= self.entries.remove(&e.id).is_some();
+                    self.selectors.remove(&e.id);
                 }
             }
         }
@@ -286,7 +297,7 @@ type SignJob = (pb::Entry, String, Zeroizing<Vec<u8>>, Vec<u8>);
 
 /// A fresh key pair and a CSR for `spiffe_id`.
 fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+    let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Error::Config(format!("key generation: {e}")))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -297,7 +308,10 @@ fn key_and_csr(spiffe_id: &str) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), Error> 
     let csr = params
         .serialize_request(&key)
         .map_err(|e| Error::Config(format!("CSR: {e}")))?;
-    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+    let der = Zeroizing::new(key.serialize_der());
+    // rcgen keeps its own PKCS#8 copy (ring's parsed key it cannot reach).
+    zeroize::Zeroize::zeroize(&mut key);
+    Ok((der, csr.der().to_vec()))
 }
 
 /// A per-instance segment in the one form the server accepts (32 lowercase hex, 128
@@ -547,7 +561,12 @@ impl Workloads {
             }
         }
         // What a pooled instance must have been minted for: the per-instance entries
-        // this process is entitled to now.
+        // this process is entitled to now, and which sync they come from (at least).
+        let seen_generation = self
+            .entries
+            .read()
+            .map_err(|_| Error::Config("lock".into()))?
+            .generation;
         let per_instance: Vec<pb::Entry> = if pooled && self.pool.config().enabled() {
             self.entitled(key.binding(), &key.selectors)?
                 .entries
@@ -574,6 +593,7 @@ impl Workloads {
                     bundle_sequence: sequence,
                     tainted: &tainted,
                 },
+                seen_generation,
             )
         } else {
             None
@@ -716,7 +736,11 @@ impl Workloads {
             let entries: Vec<&pb::RevokedEntry> = entry_revocations
                 .iter()
                 .copied()
-                .filter(|r| inst.created_at < r.revoked_at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+                .filter(|r| {
+                    inst.created_at
+                        < r.revoked_at
+                            .saturating_add(REVOCATION_CLOCK_TOLERANCE_SECONDS)
+                })
                 .collect();
             if bases.is_none() && entries.is_empty() {
                 continue;
@@ -879,8 +903,11 @@ impl Workloads {
                         chain: s.cert_chain,
                         key,
                         not_after: s.expires_at,
-                        renew_at: now + (s.expires_at - now) / 2,
+                        // Server-supplied: saturating, so an absurd expiry cannot wrap
+                        // into a renewal time in the past or far future.
+                        renew_at: now.saturating_add(s.expires_at.saturating_sub(now) / 2),
                         hint: entry.hint.clone(),
+                        entry_revision: entry.revision,
                     })
                 }
                 Some(pb::svid_result::Result::Svid(_)) => {
@@ -895,7 +922,7 @@ impl Workloads {
     async fn shared_svid(&self, entry: &pb::Entry, now: i64) -> Result<Arc<HeldSvid>, Error> {
         let mut shared = self.shared.lock().await;
         if let Some(h) = shared.get(&entry.id) {
-            if !self.needs_renewal(h, now) {
+            if h.entry_revision == entry.revision && !self.needs_renewal(h, now) {
                 return Ok(h.clone());
             }
         }
@@ -946,7 +973,10 @@ impl Workloads {
                 }
                 continue;
             }
-            if held.get(&e.id).is_some_and(|h| !self.needs_renewal(h, now)) {
+            if held
+                .get(&e.id)
+                .is_some_and(|h| h.entry_revision == e.revision && !self.needs_renewal(h, now))
+            {
                 continue;
             }
             let id = Self::identity_for(inst, e);
@@ -1076,5 +1106,54 @@ impl Workloads {
             .svids
             .iter()
             .any(|s| self.needs_renewal(s, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(kind: &str, value: &str) -> pb::Selector {
+        pb::Selector {
+            r#type: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn an_update_with_selectors_the_agent_cannot_read_drops_the_entry() {
+        let mut cache = EntryCache::default();
+        let v1 = pb::Entry {
+            id: "a".into(),
+            spiffe_id: "spiffe://td/a".into(),
+            revision: 1,
+            selectors: vec![selector("unix", "uid:1000")],
+            ..Default::default()
+        };
+        cache.apply(&pb::SyncEntriesResponse {
+            full: true,
+            revision: 1,
+            upserted: vec![v1],
+            ..Default::default()
+        });
+        let me = vec![Selector::try_from(&selector("unix", "uid:1000")).unwrap()];
+        assert_eq!(cache.matching(&me).len(), 1);
+        // Narrowed with a selector kind only a newer server knows: its old, broader
+        // version must not be served on.
+        let v2 = pb::Entry {
+            id: "a".into(),
+            spiffe_id: "spiffe://td/a".into(),
+            revision: 2,
+            selectors: vec![selector("unix", "uid:1000"), selector("k8s", "sa:payments")],
+            ..Default::default()
+        };
+        assert!(cache.apply(&pb::SyncEntriesResponse {
+            full: false,
+            revision: 2,
+            upserted: vec![v2],
+            ..Default::default()
+        }));
+        assert!(cache.matching(&me).is_empty());
+        assert_eq!(cache.generation, 2);
     }
 }

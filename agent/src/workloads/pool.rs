@@ -141,6 +141,12 @@ struct Inner {
     sets: HashMap<Vec<String>, EntrySet>,
     /// Entry revocations in force (entry id → `revoked_at`, server clock), from the last sync.
     entry_revocations: HashMap<String, i64>,
+    /// Instance segments revoked, from the last sync: a mint in flight when it came is
+    /// dropped at insert, not served until the next sync.
+    revoked_segments: HashSet<String>,
+    /// The entry cache's generation at the last prune: a take computed from an older
+    /// one neither takes nor changes anything.
+    pruned_generation: u64,
 }
 
 /// What to mint next: an entry set and how many instances it lacks.
@@ -174,6 +180,12 @@ fn sorted(entries: &[pb::Entry]) -> Vec<pb::Entry> {
     v
 }
 
+/// Whether something minted at `minted_at` falls under a revocation at `revoked_at`
+/// (server clock, so with a tolerance; saturating, as `revoked_at` is the server's).
+fn revoked_since(minted_at: i64, revoked_at: i64) -> bool {
+    minted_at < revoked_at.saturating_add(REVOCATION_CLOCK_TOLERANCE_SECONDS)
+}
+
 fn log_drop(slot: &PooledInstance, reason: DropReason) {
     tracing::info!(
         event = "pooled_svid_dropped",
@@ -196,11 +208,12 @@ impl Inner {
         if slot.entries.as_slice() != entries {
             return Some(DropReason::EntryChanged);
         }
-        if slot
-            .entries
-            .iter()
-            .filter_map(|e| self.entry_revocations.get(&e.id))
-            .any(|at| slot.minted_at < at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+        if self.revoked_segments.contains(&slot.segment)
+            || slot
+                .entries
+                .iter()
+                .filter_map(|e| self.entry_revocations.get(&e.id))
+                .any(|&at| revoked_since(slot.minted_at, at))
         {
             return Some(DropReason::Revoked);
         }
@@ -273,7 +286,18 @@ impl SvidPool {
     /// For a new process whose per-instance entries are `entries`: a pooled instance
     /// minted for exactly those entries and still fresh, taken out of the pool for good.
     /// Notes the entry set as wanted either way, and wakes the refill.
-    pub fn take(&self, entries: &[pb::Entry], view: &PoolView<'_>) -> Option<PooledInstance> {
+    ///
+    /// `seen_generation` is the entry cache's generation read before `entries` were
+    /// worked out: when the pool was pruned after a later sync, `entries` may be an
+    /// entry's old version or a deleted one, which must neither be served nor become
+    /// the set's entries (a mint of the old version in flight would then be pooled):
+    /// nothing is taken or changed, and the process's SVIDs are minted on demand.
+    pub fn take(
+        &self,
+        entries: &[pb::Entry],
+        view: &PoolView<'_>,
+        seen_generation: u64,
+    ) -> Option<PooledInstance> {
         if !self.config.enabled() || entries.is_empty() {
             return None;
         }
@@ -283,6 +307,9 @@ impl SvidPool {
             let Ok(mut inner) = self.inner.lock() else {
                 return None;
             };
+            if seen_generation < inner.pruned_generation {
+                return None;
+            }
             if !inner.sets.contains_key(&key) && inner.sets.len() >= self.config.max_sets {
                 // Bounded: the entry set no process had for longest makes room.
                 let oldest = inner
@@ -353,7 +380,7 @@ impl SvidPool {
                 inner
                     .entry_revocations
                     .get(&e.id)
-                    .is_some_and(|at| view.now < at + REVOCATION_CLOCK_TOLERANCE_SECONDS)
+                    .is_some_and(|&at| revoked_since(view.now, at))
             });
             let per = set.entries.len().max(1);
             let room = MAX_REFILL_CSRS.saturating_sub(csrs) / per;
@@ -414,6 +441,7 @@ impl SvidPool {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
+        inner.pruned_generation = inner.pruned_generation.max(cache.generation);
         let keys: Vec<Vec<String>> = inner.sets.keys().cloned().collect();
         for k in keys {
             let current: Option<Vec<pb::Entry>> =
@@ -448,9 +476,15 @@ impl SvidPool {
             .take(super::MAX_REVOCATIONS)
             .map(|r| (r.entry_id.clone(), r.revoked_at))
             .collect();
+        inner.revoked_segments = revoked_segments
+            .iter()
+            .take(super::MAX_REVOCATIONS)
+            .map(|s| s.to_string())
+            .collect();
         let Inner {
             sets,
             entry_revocations,
+            ..
         } = &mut *inner;
         for set in sets.values_mut() {
             let slots = std::mem::take(&mut set.slots);
@@ -460,7 +494,7 @@ impl SvidPool {
                         .entries
                         .iter()
                         .filter_map(|e| entry_revocations.get(&e.id))
-                        .any(|at| slot.minted_at < at + REVOCATION_CLOCK_TOLERANCE_SECONDS);
+                        .any(|&at| revoked_since(slot.minted_at, at));
                 if revoked {
                     log_drop(&slot, DropReason::Revoked);
                 } else {
@@ -529,6 +563,7 @@ mod tests {
                     renew_at: minted_at + 1800,
                     hint: String::new(),
                     authority: Some("ca1".into()),
+                    entry_revision: e.revision,
                 })
                 .collect(),
         }
@@ -536,7 +571,10 @@ mod tests {
 
     fn filled(entries: &[pb::Entry]) -> SvidPool {
         let pool = SvidPool::new(CONFIG);
-        assert!(pool.take(entries, &view(100)).is_none(), "empty at first");
+        assert!(
+            pool.take(entries, &view(100), 0).is_none(),
+            "empty at first"
+        );
         let d = pool.deficits(&view(100));
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].count, 2);
@@ -553,11 +591,14 @@ mod tests {
     fn each_pooled_instance_is_taken_once_and_never_returned() {
         let e = [entry("a")];
         let pool = filled(&e);
-        let first = pool.take(&e, &view(101)).map(|s| s.segment);
-        let second = pool.take(&e, &view(101)).map(|s| s.segment);
+        let first = pool.take(&e, &view(101), 0).map(|s| s.segment);
+        let second = pool.take(&e, &view(101), 0).map(|s| s.segment);
         assert_eq!(first.as_deref(), Some("s1"));
         assert_eq!(second.as_deref(), Some("s2"));
-        assert!(pool.take(&e, &view(101)).is_none(), "empty until refilled");
+        assert!(
+            pool.take(&e, &view(101), 0).is_none(),
+            "empty until refilled"
+        );
         assert!(pool.is_empty());
     }
 
@@ -566,15 +607,15 @@ mod tests {
         let e = [entry("a")];
         let pool = SvidPool::new(PoolConfig { size: 4, ..CONFIG });
         let count = |now| pool.deficits(&view(now)).first().map_or(0, |d| d.count);
-        assert!(pool.take(&e, &view(100)).is_none(), "empty at first");
+        assert!(pool.take(&e, &view(100), 0).is_none(), "empty at first");
         assert_eq!(count(100), 4);
         for i in 0..4 {
             assert!(pool.insert(slot(&e, &format!("s{i}"), 100), &view(100)));
         }
         assert_eq!(count(100), 0, "full");
-        assert!(pool.take(&e, &view(101)).is_some());
+        assert!(pool.take(&e, &view(101), 0).is_some());
         assert_eq!(count(101), 0, "three of four left: no refill yet");
-        assert!(pool.take(&e, &view(101)).is_some());
+        assert!(pool.take(&e, &view(101), 0).is_some());
         assert_eq!(count(101), 2, "half gone: one call mints both");
     }
 
@@ -584,14 +625,14 @@ mod tests {
         let count = |pool: &SvidPool, now| pool.deficits(&view(now)).first().map_or(0, |d| d.count);
         let pool = filled(&e);
         // Taking the last pooled instance (a burst outrunning the refill) doubles the set.
-        assert!(pool.take(&e, &view(101)).is_some());
+        assert!(pool.take(&e, &view(101), 0).is_some());
         assert_eq!(count(&pool, 101), 1, "one taken, one left: no growth yet");
-        assert!(pool.take(&e, &view(101)).is_some());
+        assert!(pool.take(&e, &view(101), 0).is_some());
         assert_eq!(count(&pool, 101), 4, "the last one taken: target 4");
         // Finding none doubles it again, up to MAX_POOL_GROWTH times the size.
-        assert!(pool.take(&e, &view(101)).is_none());
+        assert!(pool.take(&e, &view(101), 0).is_none());
         assert_eq!(count(&pool, 101), 8);
-        assert!(pool.take(&e, &view(101)).is_none());
+        assert!(pool.take(&e, &view(101), 0).is_none());
         assert_eq!(count(&pool, 101), 2 * MAX_POOL_GROWTH, "capped");
         for i in 0..2 * MAX_POOL_GROWTH {
             assert!(pool.insert(slot(&e, &format!("b{i}"), 102), &view(102)));
@@ -617,7 +658,7 @@ mod tests {
             size: MAX_POOL_SIZE,
             ..CONFIG
         }));
-        assert!(pool.take(&e, &view(100)).is_none());
+        assert!(pool.take(&e, &view(100), 0).is_none());
         for i in 0..MAX_POOL_SIZE {
             assert!(pool.insert(slot(&e, &format!("s{i}"), 100), &view(100)));
         }
@@ -627,7 +668,7 @@ mod tests {
                 let e = e.clone();
                 std::thread::spawn(move || {
                     let mut got = Vec::new();
-                    while let Some(s) = pool.take(&e, &view(101)) {
+                    while let Some(s) = pool.take(&e, &view(101), 0) {
                         got.push(s.segment);
                     }
                     got
@@ -648,9 +689,9 @@ mod tests {
     fn only_an_exact_entry_set_matches() {
         let (a, b) = (entry("a"), entry("b"));
         let pool = filled(std::slice::from_ref(&a));
-        assert!(pool.take(&[a.clone(), b.clone()], &view(101)).is_none());
-        assert!(pool.take(&[b], &view(101)).is_none());
-        assert!(pool.take(&[a], &view(101)).is_some());
+        assert!(pool.take(&[a.clone(), b.clone()], &view(101), 0).is_none());
+        assert!(pool.take(&[b], &view(101), 0).is_none());
+        assert!(pool.take(&[a], &view(101), 0).is_some());
     }
 
     #[test]
@@ -658,21 +699,21 @@ mod tests {
         let e = [entry("a")];
         // Too old for the pool.
         let pool = filled(&e);
-        assert!(pool.take(&e, &view(160)).is_none());
+        assert!(pool.take(&e, &view(160), 0).is_none());
         assert!(pool.is_empty(), "dropped when seen");
         // Past its half-life.
         let pool = SvidPool::new(PoolConfig {
             max_age_seconds: 10_000,
             ..CONFIG
         });
-        pool.take(&e, &view(100));
+        pool.take(&e, &view(100), 0);
         assert!(pool.insert(slot(&e, "s1", 100), &view(100)));
-        assert!(pool.take(&e, &view(1900)).is_none());
+        assert!(pool.take(&e, &view(1900), 0).is_none());
         // Changed entry.
         let pool = filled(&e);
         let mut changed = entry("a");
         changed.x509_ttl_seconds = 5;
-        assert!(pool.take(&[changed], &view(101)).is_none());
+        assert!(pool.take(&[changed], &view(101), 0).is_none());
         assert!(pool.is_empty());
         // New bundle (rotation), tainted authority.
         let pool = filled(&e);
@@ -680,22 +721,22 @@ mod tests {
             bundle_sequence: 2,
             ..view(101)
         };
-        assert!(pool.take(&e, &rotated).is_none());
+        assert!(pool.take(&e, &rotated, 0).is_none());
         let pool = filled(&e);
         let tainted = ["ca1".to_string()];
         let v = PoolView {
             tainted: &tainted,
             ..view(101)
         };
-        assert!(pool.take(&e, &v).is_none());
+        assert!(pool.take(&e, &v, 0).is_none());
     }
 
     #[test]
     fn sync_drops_deleted_changed_and_tainted() {
         let (a, b) = (entry("a"), entry("b"));
         let pool = SvidPool::new(CONFIG);
-        pool.take(std::slice::from_ref(&a), &view(100));
-        pool.take(std::slice::from_ref(&b), &view(100));
+        pool.take(std::slice::from_ref(&a), &view(100), 0);
+        pool.take(std::slice::from_ref(&b), &view(100), 0);
         for (e, s) in [(&a, "a1"), (&a, "a2"), (&b, "b1")] {
             assert!(pool.insert(slot(std::slice::from_ref(e), s, 100), &view(100)));
         }
@@ -750,7 +791,7 @@ mod tests {
             ..CONFIG
         });
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            pool.take(&[entry(id)], &view(100 + i as i64));
+            pool.take(&[entry(id)], &view(100 + i as i64), 0);
         }
         let d = pool.deficits(&view(103));
         let mut ids: Vec<_> = d.iter().map(|d| d.entries[0].id.clone()).collect();
@@ -761,7 +802,7 @@ mod tests {
             "idle sets are dropped"
         );
         let off = SvidPool::new(PoolConfig { size: 0, ..CONFIG });
-        assert!(off.take(&[entry("a")], &view(100)).is_none());
+        assert!(off.take(&[entry("a")], &view(100), 0).is_none());
         assert!(off.deficits(&view(100)).is_empty());
     }
 
@@ -774,7 +815,7 @@ mod tests {
         });
         let many: Vec<pb::Entry> = (0..30).map(|i| entry(&format!("e{i}"))).collect();
         for e in &many {
-            pool.take(std::slice::from_ref(e), &view(100));
+            pool.take(std::slice::from_ref(e), &view(100), 0);
         }
         let csrs: usize = pool
             .deficits(&view(100))
@@ -783,5 +824,58 @@ mod tests {
             .sum();
         assert!(csrs <= MAX_REFILL_CSRS, "{csrs}");
         assert!(csrs > 0);
+    }
+
+    #[test]
+    fn a_take_from_before_the_last_prune_neither_serves_nor_changes_the_set() {
+        let v1 = entry("a");
+        let mut v2 = entry("a");
+        v2.spiffe_id = "spiffe://td/renamed".into();
+        v2.revision = 2;
+        let pool = SvidPool::new(CONFIG);
+        assert!(pool
+            .take(std::slice::from_ref(&v1), &view(100), 0)
+            .is_none());
+        // A refill for v1 is in flight when a sync (generation 1) replaces a by v2.
+        assert_eq!(pool.deficits(&view(100))[0].entries, vec![v1.clone()]);
+        let mut cache = EntryCache::default();
+        cache.entries.insert("a".into(), v2.clone());
+        cache.generation = 1;
+        pool.prune(&cache, &view(101));
+        // A process whose entitlement was read before that sync: nothing taken, and the
+        // set keeps v2, so the mint for v1 is not pooled.
+        assert!(pool
+            .take(std::slice::from_ref(&v1), &view(101), 0)
+            .is_none());
+        assert!(!pool.insert(slot(std::slice::from_ref(&v1), "old", 100), &view(101)));
+        assert!(pool
+            .take(std::slice::from_ref(&v1), &view(101), 1)
+            .is_none());
+        // A deleted entry's set is not made again by such a take either.
+        let gone = EntryCache {
+            generation: 2,
+            ..Default::default()
+        };
+        pool.prune(&gone, &view(102));
+        assert!(pool
+            .take(std::slice::from_ref(&v2), &view(102), 1)
+            .is_none());
+        assert!(pool.deficits(&view(102)).is_empty());
+    }
+
+    #[test]
+    fn a_mint_in_flight_when_its_segment_was_revoked_is_not_pooled() {
+        let a = entry("a");
+        let pool = SvidPool::new(CONFIG);
+        pool.take(std::slice::from_ref(&a), &view(100), 0);
+        pool.revoke(&HashSet::from(["inflight"]), &[]);
+        assert!(!pool.insert(slot(std::slice::from_ref(&a), "inflight", 100), &view(101)));
+        assert!(pool.insert(slot(std::slice::from_ref(&a), "other", 100), &view(101)));
+        assert_eq!(
+            pool.take(std::slice::from_ref(&a), &view(101), 0)
+                .map(|s| s.segment)
+                .as_deref(),
+            Some("other")
+        );
     }
 }
