@@ -1079,24 +1079,40 @@ impl Workloads {
 
     /// Every live instance; forgets (and drops the keys of) exited ones.
     pub fn live_instances(&self) -> Vec<Arc<Instance>> {
-        let Ok(mut map) = self.instances.lock() else {
-            return Vec::new();
+        // Looked up in /proc without the instance map's lock, which the Workload API takes
+        // on every call: with many processes the reads take a while.
+        let held: Vec<(InstanceKey, Arc<Instance>)> = match self.instances.lock() {
+            Ok(map) => map.iter().map(|(k, i)| (k.clone(), i.clone())).collect(),
+            Err(_) => return Vec::new(),
         };
-        map.retain(|k, inst| {
-            let alive = k.still_running();
-            if !alive {
-                tracing::info!(pid = k.process.pid, instance = %inst.segment, "workload instance exited or exec'd; forgetting its identity");
-                inst.state.send_replace(Arc::new(IdentitySet::default()));
+        let (live, gone): (Vec<_>, Vec<_>) = held.into_iter().partition(|(k, _)| k.still_running());
+        if !gone.is_empty() {
+            if let Ok(mut map) = self.instances.lock() {
+                for (k, inst) in gone {
+                    // Only the instance looked at: the key's process may be new since.
+                    if map.get(&k).is_some_and(|held| Arc::ptr_eq(held, &inst)) {
+                        map.remove(&k);
+                        tracing::info!(pid = k.process.pid, instance = %inst.segment, "workload instance exited or exec'd; forgetting its identity");
+                        inst.state.send_replace(Arc::new(IdentitySet::default()));
+                    }
+                }
             }
-            alive
-        });
-        let live = map.values().cloned().collect();
-        drop(map);
-        // What was revoked for a process is kept until it exits (not when it execs).
-        if let Ok(mut revoked) = self.revoked.lock() {
-            revoked.retain(|p, _| p.still_running());
         }
-        live
+        // What was revoked for a process is kept until it exits (not when it execs).
+        let barred: Vec<ProcessBinding> = match self.revoked.lock() {
+            Ok(r) => r.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let exited: Vec<ProcessBinding> =
+            barred.into_iter().filter(|p| !p.still_running()).collect();
+        if !exited.is_empty() {
+            if let Ok(mut revoked) = self.revoked.lock() {
+                for p in &exited {
+                    revoked.remove(p);
+                }
+            }
+        }
+        live.into_iter().map(|(_, inst)| inst).collect()
     }
 
     /// True when one of the instance's SVIDs is due for renewal.
