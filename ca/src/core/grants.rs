@@ -43,14 +43,30 @@ pub const MAX_NODE_SELECTORS_PER_GRANT: usize = 32;
 /// Longest node selector (`type:value`), bytes.
 pub const MAX_NODE_SELECTOR_BYTES: usize = 512;
 
-/// Whether `grant_id` (an entry's SPIFFE ID) covers `spiffe_id`: equal, or `spiffe_id`
-/// is it plus one non-empty path segment (an instance of the entry).
-pub fn covers(grant_id: &str, spiffe_id: &str) -> bool {
+/// Whether a grant for `grant_id` (an entry's SPIFFE ID) covers `spiffe_id`: equal, or
+/// `spiffe_id` is it plus one per-instance segment in the one form agents mint (32
+/// lowercase hex characters, [`ztid_spiffe::spiffe_id::is_instance_segment`]): that ID
+/// and every instance of it, never another entry below it (`<ID>/reports`). The same
+/// rule as the token endpoint's `may_act` (`sts::chain::covers`).
+pub fn grant_covers(grant_id: &str, spiffe_id: &str) -> bool {
     if grant_id == spiffe_id {
         return true;
     }
     spiffe_id
         .strip_prefix(grant_id)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(ztid_spiffe::spiffe_id::is_instance_segment)
+}
+
+/// Whether an entry revocation of `revoked_id` reaches `spiffe_id`: equal, or it plus
+/// one non-empty path segment of any form. Wider than [`grant_covers`] on purpose: a
+/// revocation that reaches too far fails safe (it refuses), a grant that does would not.
+pub fn covers(revoked_id: &str, spiffe_id: &str) -> bool {
+    if revoked_id == spiffe_id {
+        return true;
+    }
+    spiffe_id
+        .strip_prefix(revoked_id)
         .and_then(|rest| rest.strip_prefix('/'))
         .is_some_and(|segment| !segment.is_empty() && !segment.contains('/'))
 }
@@ -114,7 +130,7 @@ impl AccessSnapshot {
         let mut found: Vec<GrantRecord> = covering_ids(spiffe_id)
             .filter_map(|id| self.grants.get(id))
             .flatten()
-            .filter(|g| g.audience == audience && covers(&g.spiffe_id, spiffe_id))
+            .filter(|g| g.audience == audience && grant_covers(&g.spiffe_id, spiffe_id))
             .cloned()
             .collect();
         found.sort_by(|a, b| a.id.cmp(&b.id));
@@ -319,7 +335,7 @@ pub fn validate_new_grant(
 
 impl CaCore {
     /// The grants for `audience` whose SPIFFE ID covers `spiffe_id` (equal, or
-    /// `spiffe_id` is the grant's plus one non-empty segment), ordered by grant id.
+    /// `spiffe_id` is an instance of it, see [`grant_covers`]), ordered by grant id.
     /// Served from memory; a grant written through any server counts here within
     /// [`ACCESS_REFRESH_SECONDS`] (see the module docs).
     pub fn grants_for(&self, spiffe_id: &str, audience: &str) -> Result<Vec<GrantRecord>> {
@@ -402,16 +418,36 @@ mod tests {
         }
     }
 
+    /// An instance of `spiffe://example.org/app`: one per-instance segment.
+    const APP_INSTANCE: &str = "spiffe://example.org/app/0123456789abcdef0123456789abcdef";
+
     #[test]
-    fn a_grant_covers_its_id_and_one_more_segment_only() {
+    fn a_grant_covers_its_id_and_its_instances_only() {
         let g = "spiffe://example.org/app";
-        assert!(covers(g, "spiffe://example.org/app"));
-        assert!(covers(g, "spiffe://example.org/app/0123abcd"));
-        assert!(!covers(g, "spiffe://example.org/app/"));
+        assert!(grant_covers(g, "spiffe://example.org/app"));
+        assert!(grant_covers(g, APP_INSTANCE));
+        assert!(!grant_covers(g, "spiffe://example.org/app/"));
+        assert!(!grant_covers(g, "spiffe://example.org/app/a/b"));
+        assert!(!grant_covers(g, &format!("{APP_INSTANCE}/x")));
+        assert!(!grant_covers(g, "spiffe://example.org/apple"));
+        assert!(!grant_covers(g, "spiffe://example.org/ap"));
+        assert!(!grant_covers(g, "spiffe://example.org"));
+    }
+
+    #[test]
+    fn a_grant_does_not_cover_another_entry_below_its_id() {
+        let g = "spiffe://example.org/app";
+        for other in [
+            "spiffe://example.org/app/reports",
+            "spiffe://example.org/app/0123abcd",
+            "spiffe://example.org/app/0123456789ABCDEF0123456789ABCDEF",
+            "spiffe://example.org/app/0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(!grant_covers(g, other), "{other}");
+        }
+        // An entry revocation reaches further: refusing too much fails safe.
+        assert!(covers(g, "spiffe://example.org/app/reports"));
         assert!(!covers(g, "spiffe://example.org/app/a/b"));
-        assert!(!covers(g, "spiffe://example.org/apple"));
-        assert!(!covers(g, "spiffe://example.org/ap"));
-        assert!(!covers(g, "spiffe://example.org"));
     }
 
     #[test]
@@ -431,15 +467,20 @@ mod tests {
             ids(s.grants_for("spiffe://example.org/app", "https://mcp.example")),
             ["a", "b"]
         );
-        // An instance: the entry's grants and its own (d is for the ID itself).
+        // An instance: the entry's grants.
+        assert_eq!(
+            ids(s.grants_for(APP_INSTANCE, "https://mcp.example")),
+            ["a", "b"]
+        );
+        assert_eq!(ids(s.grants_for(APP_INSTANCE, "other")), ["c"]);
+        // Another entry below app: its own grant only (d), none of app's.
         assert_eq!(
             ids(s.grants_for("spiffe://example.org/app/x", "https://mcp.example")),
-            ["a", "b", "d"]
+            ["d"]
         );
-        assert_eq!(
-            ids(s.grants_for("spiffe://example.org/app/x", "other")),
-            ["c"]
-        );
+        assert!(s
+            .grants_for("spiffe://example.org/app/x", "other")
+            .is_empty());
         // Two segments below: not covered.
         assert!(s
             .grants_for("spiffe://example.org/app/x/y", "other")

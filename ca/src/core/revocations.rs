@@ -251,7 +251,7 @@ mod tests {
     }
 
     const APP: &str = "spiffe://example.org/app";
-    const INSTANCE: &str = "spiffe://example.org/app/0123";
+    const INSTANCE: &str = "spiffe://example.org/app/0123456789abcdef0123456789abcdef";
     const NODE: &str = "spiffe://example.org/ztid/agent/join-token/n1";
 
     #[test]

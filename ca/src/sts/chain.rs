@@ -21,18 +21,18 @@ fn invalid_scope(description: impl Into<String>) -> OAuthError {
 }
 
 /// Whether a grant (or `may_act`) naming `grant_id` covers `spiffe_id`: the ID itself,
-/// or one of its instances (the ID plus exactly one non-empty path segment).
+/// or one of its instances: the ID plus exactly one per-instance segment, in the one
+/// form agents mint (32 lowercase hex characters,
+/// [`ztid_spiffe::spiffe_id::is_instance_segment`]). Any other ID below it (another
+/// entry, such as `<ID>/reports`) is not covered.
 pub fn covers(grant_id: &str, spiffe_id: &str) -> bool {
     if spiffe_id == grant_id {
         return true;
     }
-    match spiffe_id
+    spiffe_id
         .strip_prefix(grant_id)
         .and_then(|rest| rest.strip_prefix('/'))
-    {
-        Some(segment) => !segment.is_empty() && !segment.contains('/'),
-        None => false,
-    }
+        .is_some_and(ztid_spiffe::spiffe_id::is_instance_segment)
 }
 
 /// The actors of a delegated token, newest first (the outermost `act` first).
@@ -196,17 +196,34 @@ mod tests {
     use super::*;
 
     const W: &str = "spiffe://example.org/agent";
+    /// An instance of `W`: one per-instance segment (32 lowercase hex characters).
+    const W1: &str = "spiffe://example.org/agent/0123456789abcdef0123456789abcdef";
 
     #[test]
     fn covers_the_id_and_its_instances_only() {
         assert!(covers(W, W));
-        assert!(covers(W, "spiffe://example.org/agent/i-1"));
+        assert!(covers(W, W1));
         assert!(!covers(W, "spiffe://example.org/agent/"));
-        assert!(!covers(W, "spiffe://example.org/agent/i-1/x"));
+        assert!(!covers(W, &format!("{W1}/x")));
         assert!(!covers(W, "spiffe://example.org/agentx"));
         assert!(!covers(W, "spiffe://example.org/agentx/i"));
         assert!(!covers(W, "spiffe://example.org"));
-        assert!(!covers("spiffe://example.org/agent/i-1", W));
+        assert!(!covers(W1, W));
+    }
+
+    #[test]
+    fn covers_no_other_entry_below_the_id() {
+        // A segment not in the instance form names another entry, not an instance.
+        for other in [
+            "spiffe://example.org/agent/i-1",
+            "spiffe://example.org/agent/reports",
+            // Upper-case hex, one character short or long: not what agents mint.
+            "spiffe://example.org/agent/0123456789ABCDEF0123456789ABCDEF",
+            "spiffe://example.org/agent/0123456789abcdef0123456789abcde",
+            "spiffe://example.org/agent/0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(!covers(W, other), "{other}");
+        }
     }
 
     #[test]
@@ -274,7 +291,11 @@ mod tests {
         assert!(may_act_allows(None, W).is_ok());
         let claim = json!({"sub": W});
         assert!(may_act_allows(Some(&claim), W).is_ok());
-        assert!(may_act_allows(Some(&claim), "spiffe://example.org/agent/i-9").is_ok());
+        assert!(may_act_allows(Some(&claim), W1).is_ok());
+        // Another entry below the named ID is not one of its instances.
+        let e = may_act_allows(Some(&claim), "spiffe://example.org/agent/i-9").unwrap_err();
+        assert_eq!(e.code, OAuthErrorCode::InvalidGrant);
+        assert!(e.description.contains("may_act does not name"));
         let e = may_act_allows(Some(&claim), "spiffe://example.org/other").unwrap_err();
         assert_eq!(e.code, OAuthErrorCode::InvalidGrant);
         assert!(e

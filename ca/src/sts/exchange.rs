@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde_json::{json, Map, Value};
 use ztid_spiffe::jwt::JwtKey;
 
-use super::chain::{may_act_allows, narrow, ActChain};
+use super::chain::{covers, may_act_allows, narrow, ActChain};
 use super::error::{OAuthError, OAuthErrorCode as Code};
 use super::form::{token_request, TokenRequest, TokenType};
 use super::scope::Scopes;
@@ -69,17 +69,17 @@ impl AuthMethod {
 /// The authenticated party making the request: for a direct exchange the subject, for
 /// delegation the new actor.
 #[derive(Debug, Clone)]
-struct Client {
-    spiffe_id: String,
+pub(super) struct Client {
+    pub(super) spiffe_id: String,
     method: AuthMethod,
     /// When its credential expires: no token outlives it.
     credential_exp: i64,
     /// When its credential was issued (revocations of entries and nodes count by it).
-    issued_at: i64,
+    pub(super) issued_at: i64,
     /// `x5t#S256` of its certificate (mTLS only): the token is bound to it.
     x5t: Option<String>,
     /// Its node, when the credential says (mTLS: the SVID's subject names it).
-    node: Option<AgentRecord>,
+    pub(super) node: Option<AgentRecord>,
 }
 
 /// What a refusal's receipt says about the request, as far as it was understood.
@@ -99,13 +99,19 @@ fn err(code: Code, description: impl Into<String>) -> OAuthError {
     OAuthError::new(code, description)
 }
 
-fn server_error(e: &crate::Error) -> OAuthError {
+/// An internal failure: logged here in full, answered without its details (they are
+/// the server's, not the client's).
+pub(super) fn server_error(e: &crate::Error) -> OAuthError {
+    tracing::error!(event = "sts_internal_error", error = %e, "token endpoint: internal error");
     match e {
         crate::Error::Store(crate::StoreError::Unreachable(_)) => err(
             Code::TemporarilyUnavailable,
-            format!("the datastore is unreachable: {e}"),
+            "the datastore is unreachable: retry later",
         ),
-        _ => err(Code::ServerError, e.to_string()),
+        _ => err(
+            Code::ServerError,
+            "internal error (the server's log has the details)",
+        ),
     }
 }
 
@@ -204,8 +210,16 @@ fn jwt_client(
         _ => "subject_token",
     };
     let v = jwt_svid(core, jwt, issuer, t, role, code)?;
-    let exp = v.claims.get("exp").and_then(Value::as_i64).unwrap_or(t);
-    let iat = v.claims.get("iat").and_then(Value::as_i64).unwrap_or(t);
+    // Both bound what the client obtains (its lifetime; which revocations count), so
+    // neither is assumed: a credential without them is refused.
+    let time = |name: &str| {
+        v.claims
+            .get(name)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| err(code, format!("the {role} has no integer {name} claim")))
+    };
+    let exp = time("exp")?;
+    let iat = time("iat")?;
     Ok(Client {
         spiffe_id: v.spiffe_id.to_string(),
         method,
@@ -233,7 +247,9 @@ fn not_before(leaf: &[u8]) -> Option<i64> {
     Some(cert.validity().not_before.timestamp())
 }
 
-fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, OAuthError> {
+/// The caller over mutual TLS (also the introspection endpoint's caller): an X509-SVID
+/// this trust domain's authorities signed, unexpired, on a node still attested.
+pub(super) fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, OAuthError> {
     let bad = |why: String| err(Code::InvalidClient, why);
     // TLS accepted any chain to the bundle (under an upstream root, any CA under the
     // organisation's root): only an SVID this cluster's authorities signed is a caller.
@@ -286,7 +302,7 @@ fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, OAuthError>
 
 /// An identity under the reserved `/ztid/` prefix (agents, servers, admins) never
 /// exchanges nor acts: those credentials exist to run ztid, not to call tools.
-fn refuse_reserved(core: &CaCore, id: &str) -> Result<(), OAuthError> {
+pub(super) fn refuse_reserved(core: &CaCore, id: &str) -> Result<(), OAuthError> {
     let reserved = format!("spiffe://{}/ztid/", core.trust_domain);
     if id.starts_with(&reserved) {
         return Err(err(
@@ -299,7 +315,7 @@ fn refuse_reserved(core: &CaCore, id: &str) -> Result<(), OAuthError> {
     Ok(())
 }
 
-fn refuse_revoked(
+pub(super) fn refuse_revoked(
     core: &CaCore,
     id: &str,
     node: Option<&str>,
@@ -558,6 +574,18 @@ fn decide(
     seen.client = Some(client.spiffe_id.clone());
     seen.method = Some(client.method.as_str());
     seen.node = client.node.as_ref().map(|n| n.spiffe_id.clone());
+    // RFC 6749 §3.2.1: a client_id sent must be the client that authenticated.
+    if let Some(claimed) = &req.client_id {
+        if *claimed != client.spiffe_id {
+            return Err(err(
+                Code::InvalidClient,
+                format!(
+                    "client_id names {claimed} but the client authenticated as {}",
+                    client.spiffe_id
+                ),
+            ));
+        }
+    }
 
     // 3. Reserved and revoked identities.
     refuse_reserved(core, &client.spiffe_id)?;
@@ -571,28 +599,14 @@ fn decide(
     )?;
     let mut chain = ActChain::empty();
     if let Some(s) = &subject {
-        let subject_node = s
-            .node
-            .as_ref()
-            .and_then(|n| n.get("agent"))
-            .and_then(Value::as_str);
-        refuse_revoked(
-            core,
-            &s.sub,
-            subject_node,
-            s.iat,
-            Code::InvalidGrant,
-            "the subject",
-        )?;
-        for actor in s.act.iter() {
-            refuse_revoked(
-                core,
-                actor,
-                None,
-                s.iat,
+        // The subject token must still be active, by the checks introspection makes
+        // (its subject, client and actors not revoked; its grant not deleted): a token
+        // a resource server would now refuse is not exchanged for a fresh one.
+        if let Some(why) = super::introspect::inactive_reason(core, s)? {
+            return Err(err(
                 Code::InvalidGrant,
-                "the subject token's actor",
-            )?;
+                format!("the subject token is no longer active: {why}"),
+            ));
         }
         if s.sub == client.spiffe_id || s.act.contains(&client.spiffe_id) {
             return Err(err(Code::InvalidRequest, format!(
@@ -615,6 +629,22 @@ fn decide(
             return Err(err(Code::InvalidRequest, "may_act must be a SPIFFE ID"));
         }
     }
+    // Who may act next. A delegated token keeps its subject's restriction: a chain only
+    // narrows, so a may_act asked for must lie within it (the same ID, or one of its
+    // instances); without one, the request may add one.
+    let inherited = subject.as_ref().and_then(|s| s.may_act.clone());
+    let may_act = match (inherited, &req.may_act) {
+        (Some(held), Some(asked)) if !covers(&held, asked) => {
+            return Err(err(
+                Code::InvalidRequest,
+                format!(
+                    "may_act {asked} is wider than the subject token's may_act {held}: a delegated token only narrows who may act"
+                ),
+            ))
+        }
+        (_, Some(asked)) => Some(asked.clone()),
+        (held, None) => held,
+    };
 
     // 4. What a grant allows, narrowed by the subject token.
     let audience = req.target.as_str().to_string();
@@ -697,8 +727,16 @@ fn decide(
             .map_err(|e| err(Code::UnauthorizedClient, e.to_string()))?;
     }
 
-    // 7. How often (least agency), then sign.
+    // 7. How often (least agency), then sign. Each party's node is recorded, whatever
+    // node_claims says, so a node revocation follows its workloads through delegation.
     take_rate(&grant, &client.spiffe_id, t)?;
+    let mut nodes = subject
+        .as_ref()
+        .map(|s| s.nodes.clone())
+        .unwrap_or_default();
+    if let Some(n) = &client.node {
+        nodes.insert(client.spiffe_id.clone(), n.spiffe_id.clone());
+    }
     let access = AccessToken {
         iss: issuer.clone(),
         sub: sub.clone(),
@@ -710,17 +748,19 @@ fn decide(
         exp,
         cnf_x5t_s256: client.x5t.clone(),
         act: chain.clone(),
-        may_act: req.may_act.clone(),
+        may_act,
         grant: grant.id.clone(),
         node: if cfg.node_claims {
             node_facts_value
         } else {
             None
         },
+        nodes,
     };
     let kid = jwt.record().id.clone();
-    let signed =
-        token::encode(&kid, &access, |msg| jwt.sign_jws(msg, t)).map_err(|e| server_error(&e))?;
+    let signed = token::encode(&kid, &access, |msg| {
+        jwt.sign_jws(msg, t).map_err(|e| server_error(&e))
+    })?;
     let receipt = json!({"type": "token_exchanged", "jti": access.jti, "subject": sub,
         "client": client.spiffe_id, "auth": client.method.as_str(), "chain": seen.chain,
         "audience": audience, "scope": scopes.to_string(), "grant": grant.id,
@@ -744,11 +784,41 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::super::chain::covers;
+    use super::{server_error, Code};
+
+    #[test]
+    fn internal_errors_reach_the_client_without_their_details() {
+        let secret = "/var/lib/ztid/keys/jwt-1.pem: permission denied";
+        let e = server_error(&crate::Error::Precondition(secret.into()));
+        assert_eq!(e.code, Code::ServerError);
+        assert!(!e.description.contains(secret), "{e}");
+        assert!(e.description.contains("the server's log"), "{e}");
+        let e = server_error(&crate::Error::Store(crate::StoreError::Unreachable(
+            format!("postgres://ztid:{secret}@db"),
+        )));
+        assert_eq!(e.code, Code::TemporarilyUnavailable);
+        assert!(!e.description.contains(secret), "{e}");
+        assert_eq!(e.description, "the datastore is unreachable: retry later");
+    }
 
     #[test]
     fn covers_is_the_grant_rule() {
-        // The grant rule the exchange relies on (chain.rs owns it).
-        assert!(covers("spiffe://td/app", "spiffe://td/app/abc"));
-        assert!(!covers("spiffe://td/app", "spiffe://td/app/abc/def"));
+        // The grant rule the exchange relies on (chain.rs owns it), the same as the
+        // grants' own (core/grants.rs).
+        let instance = "spiffe://td/app/0123456789abcdef0123456789abcdef";
+        for id in [
+            instance,
+            "spiffe://td/app/abc",
+            "spiffe://td/app/abc/def",
+            "spiffe://td/apple",
+        ] {
+            assert_eq!(
+                covers("spiffe://td/app", id),
+                crate::core::grants::grant_covers("spiffe://td/app", id),
+                "{id}"
+            );
+        }
+        assert!(covers("spiffe://td/app", instance));
+        assert!(!covers("spiffe://td/app", "spiffe://td/app/abc"));
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::error::{OAuthError, OAuthErrorCode as Code};
+use super::exchange::{mtls_client, refuse_reserved, refuse_revoked, server_error};
 use super::form::introspect_request;
 use super::token::{self, AccessToken};
 use crate::core::{now, CaCore};
@@ -31,7 +32,7 @@ pub async fn introspect(
     let jwt = introspect_request(body)?;
     let keys = core.bundle().jwt_authorities.clone();
     let answer = match token::verify(&jwt, &keys, &cfg.issuer(), t, cfg.max_delegation_depth) {
-        Ok(access) => match still_active(core, &access)? {
+        Ok(access) => match inactive_reason(core, &access)? {
             None => active(&access),
             Some(why) => {
                 tracing::info!(event = "token_inactive", jti = %access.jti, subject = %access.sub, reason = %why, caller = %caller, "introspection: token revoked");
@@ -46,41 +47,47 @@ pub async fn introspect(
     Ok(answer)
 }
 
-/// The introspecting party: a workload of this trust domain over mutual TLS.
+/// The introspecting party: a workload of this trust domain over mutual TLS, checked as
+/// the token endpoint checks its callers: an SVID of this trust domain's authorities,
+/// unexpired, its node still attested and not banned, not a ztid identity, not revoked.
 fn authenticate(core: &CaCore, peer: Option<&[u8]>, t: i64) -> Result<String, OAuthError> {
-    let bad = |why: &str| OAuthError::new(Code::InvalidClient, why);
     let leaf = peer.ok_or_else(|| {
-        bad("introspection needs the caller's X509-SVID over mutual TLS (tls_client_auth)")
+        OAuthError::new(
+            Code::InvalidClient,
+            "introspection needs the caller's X509-SVID over mutual TLS (tls_client_auth)",
+        )
     })?;
-    if !core.issued_by_own_authority(leaf) {
-        return Err(bad(
-            "the client certificate is not an X509-SVID this trust domain's authorities signed",
-        ));
-    }
-    let exp = ztid_spiffe::svid::not_after(leaf).map_err(|e| bad(&e.to_string()))?;
-    if t >= exp {
-        return Err(bad("the client's X509-SVID has expired"));
-    }
-    ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
-        .map(|id| id.to_string())
-        .map_err(|e| bad(&e.to_string()))
+    let caller = mtls_client(core, leaf, t)?;
+    refuse_reserved(core, &caller.spiffe_id)?;
+    refuse_revoked(
+        core,
+        &caller.spiffe_id,
+        caller.node.as_ref().map(|n| n.spiffe_id.as_str()),
+        caller.issued_at,
+        Code::UnauthorizedClient,
+        "the client",
+    )?;
+    Ok(caller.spiffe_id)
 }
 
 /// Why a token that verifies is no longer active (`None`: it is): its subject, its
-/// client or an actor of its chain revoked, or the grant that allowed it deleted.
-fn still_active(core: &CaCore, a: &AccessToken) -> Result<Option<String>, OAuthError> {
-    let server = |e: crate::Error| OAuthError::new(Code::ServerError, e.to_string());
-    let node = a
-        .node
-        .as_ref()
-        .and_then(|n| n.get("agent"))
-        .and_then(Value::as_str);
-    let mut ids = vec![(a.sub.as_str(), None), (a.client_id.as_str(), node)];
-    ids.extend(a.act.iter().map(|actor| (actor, None)));
-    for (id, node) in ids {
-        if let Some(r) = core.revocation_of(id, node, a.iat).map_err(server)? {
+/// client or an actor of its chain revoked, or the grant that allowed it deleted. The
+/// token endpoint asks the same of a subject token before acting on it.
+pub(super) fn inactive_reason(
+    core: &CaCore,
+    a: &AccessToken,
+) -> Result<Option<String>, OAuthError> {
+    let server = |e: crate::Error| server_error(&e);
+    // Each party against its own node: the subject's, and each actor's.
+    let mut ids = vec![a.sub.as_str(), a.client_id.as_str()];
+    ids.extend(a.act.iter());
+    for id in ids {
+        if let Some(r) = core
+            .revocation_of(id, a.node_of(id), a.iat)
+            .map_err(server)?
+        {
             return Ok(Some(format!(
-                "{id} revoked ({} revocation of {})",
+                "{id} was revoked by an operator ({} revocation of {})",
                 r.kind, r.target
             )));
         }

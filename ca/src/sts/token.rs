@@ -8,6 +8,8 @@
 //! Uses only `super::{error, scope, chain, token}` and external crates, never `crate::`:
 //! fuzz/fuzz_targets/sts_request.rs includes these files by path.
 
+use std::collections::BTreeMap;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use ring::rand::SecureRandom;
@@ -15,7 +17,7 @@ use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA
 use serde_json::{Map, Value};
 use ztid_spiffe::jwt::JwtKey;
 
-use super::chain::ActChain;
+use super::chain::{ActChain, MAX_ACTOR_ID_LEN};
 use super::error::{OAuthError, OAuthErrorCode};
 use super::scope::Scopes;
 
@@ -61,6 +63,11 @@ pub struct AccessToken {
     pub grant: String,
     /// `ztid_node`: the caller's verified node facts, when known and configured.
     pub node: Option<Value>,
+    /// `ztid_nodes`: the node (agent SPIFFE ID) each party, the subject and every actor,
+    /// was issued through, for those whose credential named one. Recorded whatever
+    /// `node_claims` says, and carried through delegation: a node revocation reaches
+    /// every token its workloads took part in.
+    pub nodes: BTreeMap<String, String>,
 }
 
 fn string_claim(claims: &Map<String, Value>, name: &str) -> Result<String, OAuthError> {
@@ -128,7 +135,27 @@ impl AccessToken {
         if let Some(node) = &self.node {
             put("ztid_node", node.clone());
         }
+        if !self.nodes.is_empty() {
+            let nodes: Map<String, Value> = self
+                .nodes
+                .iter()
+                .map(|(id, node)| (id.clone(), Value::String(node.clone())))
+                .collect();
+            put("ztid_nodes", Value::Object(nodes));
+        }
         claims
+    }
+
+    /// The node `id` (the subject or an actor) was issued through, if known. A token
+    /// without `ztid_nodes` names its client's node in `ztid_node` only.
+    pub fn node_of(&self, id: &str) -> Option<&str> {
+        self.nodes.get(id).map(String::as_str).or_else(|| {
+            if id == self.client_id {
+                self.node.as_ref()?.get("agent")?.as_str()
+            } else {
+                None
+            }
+        })
     }
 
     /// Reads a claims set; a missing or ill-typed claim, or an `act` chain deeper than
@@ -148,9 +175,12 @@ impl AccessToken {
             .get("may_act")
             .map(|m| super::chain::may_act_id(m).map(str::to_string))
             .transpose()?;
+        let sub = string_claim(claims, "sub")?;
+        let act = ActChain::from_claim(claims.get("act"), max_depth)?;
+        let nodes = nodes_claim(claims.get("ztid_nodes"), &sub, &act)?;
         Ok(AccessToken {
             iss: string_claim(claims, "iss")?,
-            sub: string_claim(claims, "sub")?,
+            sub,
             aud: string_claim(claims, "aud")?,
             client_id: string_claim(claims, "client_id")?,
             scope,
@@ -158,21 +188,67 @@ impl AccessToken {
             iat: time_claim(claims, "iat")?,
             exp: time_claim(claims, "exp")?,
             cnf_x5t_s256: member_claim(claims, "cnf", "x5t#S256")?,
-            act: ActChain::from_claim(claims.get("act"), max_depth)?,
+            act,
             may_act,
             grant: string_claim(claims, "ztid_grant")?,
             node,
+            nodes,
         })
     }
 }
 
+/// Reads `ztid_nodes`: an object from parties of the token (its `sub` or an actor of
+/// `act`) to SPIFFE IDs of nodes, each bounded. Anything else is `invalid_grant`.
+fn nodes_claim(
+    claim: Option<&Value>,
+    sub: &str,
+    act: &ActChain,
+) -> Result<BTreeMap<String, String>, OAuthError> {
+    let Some(claim) = claim else {
+        return Ok(BTreeMap::new());
+    };
+    let Value::Object(object) = claim else {
+        return Err(invalid_grant("token claim ztid_nodes is not an object"));
+    };
+    let mut nodes = BTreeMap::new();
+    for (id, node) in object {
+        if id != sub && !act.contains(id) {
+            return Err(invalid_grant(
+                "token claim ztid_nodes names an identity that is neither sub nor an actor",
+            ));
+        }
+        let node = node
+            .as_str()
+            .filter(|n| n.len() <= MAX_ACTOR_ID_LEN && n.starts_with("spiffe://"))
+            .ok_or_else(|| {
+                invalid_grant("token claim ztid_nodes holds a node that is not a SPIFFE ID")
+            })?;
+        nodes.insert(id.clone(), node.to_string());
+    }
+    Ok(nodes)
+}
+
+/// Base64url length (no padding) of a fixed-width ES256 signature (64 bytes).
+const ES256_SIGNATURE_B64_LEN: usize = 86;
+
+fn too_long(len: usize) -> OAuthError {
+    OAuthError::new(
+        OAuthErrorCode::InvalidRequest,
+        format!(
+            "the access token would be {len} bytes, more than the {MAX_ACCESS_TOKEN_LEN} this server accepts back: request fewer scopes, or a shorter delegation chain"
+        ),
+    )
+}
+
 /// Encodes and signs `token`: header `{"alg":"ES256","kid":…,"typ":"at+jwt"}`. `sign`
-/// must return the fixed-width (r‖s) ES256 signature of its input.
-pub fn encode<E>(
+/// must return the fixed-width (r‖s) ES256 signature of its input. A token longer than
+/// [`MAX_ACCESS_TOKEN_LEN`] (which [`verify`] would refuse, so it could never be
+/// presented back) is refused before it is signed, `invalid_request` saying so.
+pub fn encode(
     kid: &str,
     token: &AccessToken,
-    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
-) -> Result<String, E> {
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, OAuthError>,
+) -> Result<String, OAuthError> {
     // Written out rather than built from a map, so the header is exactly this.
     let header = format!(
         r#"{{"alg":"ES256","kid":{},"typ":"{ACCESS_TOKEN_TYP}"}}"#,
@@ -182,9 +258,16 @@ pub fn encode<E>(
     B64.encode_string(header, &mut out);
     out.push('.');
     B64.encode_string(Value::Object(token.to_claims()).to_string(), &mut out);
+    let expected = out.len() + 1 + ES256_SIGNATURE_B64_LEN;
+    if expected > MAX_ACCESS_TOKEN_LEN {
+        return Err(too_long(expected));
+    }
     let signature = sign(out.as_bytes())?;
     out.push('.');
     B64.encode_string(signature, &mut out);
+    if out.len() > MAX_ACCESS_TOKEN_LEN {
+        return Err(too_long(out.len()));
+    }
     Ok(out)
 }
 
@@ -383,10 +466,20 @@ mod tests {
             node: Some(
                 json!({"agent": "spiffe://example.org/ztid/agent/x", "method": "tpm", "selectors": ["tpm:pcr0:aa"]}),
             ),
+            nodes: BTreeMap::from([
+                (
+                    "spiffe://example.org/user/i-1".to_string(),
+                    "spiffe://example.org/ztid/agent/u".to_string(),
+                ),
+                (
+                    "spiffe://example.org/agent/i-2".to_string(),
+                    "spiffe://example.org/ztid/agent/x".to_string(),
+                ),
+            ]),
         }
     }
 
-    fn sign_with(kp: &EcdsaKeyPair) -> impl FnOnce(&[u8]) -> Result<Vec<u8>, ()> + '_ {
+    fn sign_with(kp: &EcdsaKeyPair) -> impl FnOnce(&[u8]) -> Result<Vec<u8>, OAuthError> + '_ {
         move |msg| {
             Ok(kp
                 .sign(&SystemRandom::new(), msg)
@@ -437,18 +530,81 @@ mod tests {
         assert_eq!(claims["ztid_grant"], "g-1");
         assert_eq!(claims["ztid_node"]["method"], "tpm");
         // Optional claims are absent, not null, when unset.
+        assert_eq!(
+            claims["ztid_nodes"],
+            json!({"spiffe://example.org/user/i-1": "spiffe://example.org/ztid/agent/u",
+                "spiffe://example.org/agent/i-2": "spiffe://example.org/ztid/agent/x"})
+        );
         let bare = AccessToken {
             cnf_x5t_s256: None,
             act: ActChain::empty(),
             may_act: None,
             node: None,
+            nodes: BTreeMap::new(),
             ..sample()
         };
         let claims = bare.to_claims();
-        for absent in ["cnf", "act", "may_act", "ztid_node"] {
+        for absent in ["cnf", "act", "may_act", "ztid_node", "ztid_nodes"] {
             assert!(!claims.contains_key(absent), "{absent}");
         }
         assert_eq!(AccessToken::from_claims(&claims, 0).unwrap(), bare);
+    }
+
+    #[test]
+    fn a_token_too_long_to_verify_is_refused_before_it_is_signed() {
+        let long = AccessToken {
+            aud: format!("https://mcp.example/{}", "x".repeat(MAX_ACCESS_TOKEN_LEN)),
+            ..sample()
+        };
+        let e = encode("k1", &long, |_| -> Result<Vec<u8>, OAuthError> {
+            panic!("signed a token too long to verify")
+        })
+        .unwrap_err();
+        assert_eq!(e.code, OAuthErrorCode::InvalidRequest);
+        assert!(
+            e.description.contains(&format!(
+                "more than the {MAX_ACCESS_TOKEN_LEN} this server accepts back"
+            )),
+            "{e}"
+        );
+        // Just under the bound: issued, and it verifies.
+        let (kp, jk) = p256();
+        let fits = |extra: usize| AccessToken {
+            aud: format!("https://mcp.example/{}", "x".repeat(extra)),
+            ..sample()
+        };
+        let base = encode("k1", &fits(0), sign_with(&kp)).unwrap().len();
+        // Base64url: 3 claim bytes become 4 characters.
+        let room = (MAX_ACCESS_TOKEN_LEN - base) / 4 * 3;
+        let jwt = encode("k1", &fits(room), sign_with(&kp)).unwrap();
+        assert!(jwt.len() <= MAX_ACCESS_TOKEN_LEN);
+        assert!(verify(&jwt, &[jk], ISS, 1100, 3).is_ok());
+    }
+
+    #[test]
+    fn node_of_names_each_partys_own_node() {
+        let token = sample();
+        let user = "spiffe://example.org/user/i-1";
+        let agent = "spiffe://example.org/agent/i-2";
+        assert_eq!(
+            token.node_of(user),
+            Some("spiffe://example.org/ztid/agent/u")
+        );
+        assert_eq!(
+            token.node_of(agent),
+            Some("spiffe://example.org/ztid/agent/x")
+        );
+        assert_eq!(token.node_of("spiffe://example.org/other"), None);
+        // Without ztid_nodes, only the client's node is known (from ztid_node).
+        let older = AccessToken {
+            nodes: BTreeMap::new(),
+            ..sample()
+        };
+        assert_eq!(
+            older.node_of(agent),
+            Some("spiffe://example.org/ztid/agent/x")
+        );
+        assert_eq!(older.node_of(user), None);
     }
 
     #[test]
@@ -589,6 +745,22 @@ mod tests {
             ("may_act", json!({"sub": "x"}), "not a SPIFFE ID"),
             ("act", json!({"sub": "x"}), "not a SPIFFE ID"),
             ("ztid_node", json!("n"), "ztid_node is not an object"),
+            ("ztid_nodes", json!("n"), "ztid_nodes is not an object"),
+            (
+                "ztid_nodes",
+                json!({"spiffe://example.org/other": "spiffe://example.org/ztid/agent/x"}),
+                "neither sub nor an actor",
+            ),
+            (
+                "ztid_nodes",
+                json!({"spiffe://example.org/user/i-1": 7}),
+                "not a SPIFFE ID",
+            ),
+            (
+                "ztid_nodes",
+                json!({"spiffe://example.org/user/i-1": "node-1"}),
+                "not a SPIFFE ID",
+            ),
         ];
         for (name, value, phrase) in cases {
             let mut claims = good.clone();
