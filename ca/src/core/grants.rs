@@ -36,6 +36,10 @@ pub const MAX_AUDIENCE_BYTES: usize = 512;
 pub const MAX_SCOPES_PER_GRANT: usize = 64;
 /// Longest scope, bytes.
 pub const MAX_SCOPE_BYTES: usize = 128;
+/// Longest a grant's scopes may be together, space-separated: the token endpoint reads
+/// no longer `scope` (`sts::scope::MAX_SCOPE_TEXT_LEN`), so a token of a grant past it
+/// would be refused wherever it is presented back.
+pub const MAX_SCOPE_TEXT_BYTES: usize = 4096;
 /// Highest `max_per_minute`.
 pub const MAX_PER_MINUTE: u32 = 1_000_000;
 /// Most node selectors in one grant.
@@ -282,6 +286,16 @@ pub fn validate_new_grant(
         if !scopes.contains(s) {
             scopes.push(s.clone());
         }
+    }
+    let text_len = scopes
+        .iter()
+        .map(|s| s.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    if text_len > MAX_SCOPE_TEXT_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "the scopes together are {text_len} bytes (space-separated); at most {MAX_SCOPE_TEXT_BYTES}"
+        )));
     }
     if req.ttl_seconds < 0 || req.ttl_seconds > max_ttl {
         return Err(Error::InvalidInput(format!(
@@ -593,6 +607,11 @@ mod tests {
             &|g| g.scopes = vec!["s".into(); MAX_SCOPES_PER_GRANT + 1]
         ))
         .contains("scopes"));
+        // Each scope short enough, together too long for a token's scope claim.
+        let long: Vec<String> = (0..MAX_SCOPES_PER_GRANT)
+            .map(|i| format!("{i:0>width$}", width = MAX_SCOPE_BYTES))
+            .collect();
+        assert!(invalid(&with(&|g| g.scopes = long.clone())).contains("scopes together"));
         for bad in ["", "a b", "a\"b", "a\\b", "é", "a\u{7f}"] {
             assert!(
                 invalid(&with(&|g| g.scopes = vec![bad.into()])).contains("scope"),

@@ -139,6 +139,14 @@ impl fmt::Display for Scopes {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_grant_can_hold_no_more_scope_text_than_a_request_may_carry() {
+        assert_eq!(
+            MAX_SCOPE_TEXT_LEN,
+            crate::core::grants::MAX_SCOPE_TEXT_BYTES
+        );
+    }
+
     fn refused(s: &str) -> OAuthError {
         Scopes::parse(s).unwrap_err()
     }
