@@ -292,6 +292,17 @@ pub fn is_instance_segment(s: &str) -> bool {
     s.len() == INSTANCE_SEGMENT_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// True when `spiffe_id` is `id` itself or one of its instances: `id` plus exactly one
+/// per-instance segment ([`is_instance_segment`]); never another ID below it (another
+/// entry, such as `<id>/reports`). What a grant or a `may_act` naming `id` reaches.
+pub fn is_id_or_instance_of(id: &str, spiffe_id: &str) -> bool {
+    spiffe_id == id
+        || spiffe_id
+            .strip_prefix(id)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(is_instance_segment)
+}
+
 /// A fresh per-instance segment (see [`is_instance_segment`]).
 pub fn new_instance_segment() -> Result<String, Error> {
     use ring::rand::SecureRandom;

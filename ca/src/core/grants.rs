@@ -53,13 +53,7 @@ pub const MAX_NODE_SELECTOR_BYTES: usize = 512;
 /// and every instance of it, never another entry below it (`<ID>/reports`). The same
 /// rule as the token endpoint's `may_act` (`sts::chain::covers`).
 pub fn grant_covers(grant_id: &str, spiffe_id: &str) -> bool {
-    if grant_id == spiffe_id {
-        return true;
-    }
-    spiffe_id
-        .strip_prefix(grant_id)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .is_some_and(ztid_spiffe::spiffe_id::is_instance_segment)
+    ztid_spiffe::spiffe_id::is_id_or_instance_of(grant_id, spiffe_id)
 }
 
 /// Whether an entry revocation of `revoked_id` reaches `spiffe_id`: equal, or it plus

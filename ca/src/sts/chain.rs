@@ -26,13 +26,7 @@ fn invalid_scope(description: impl Into<String>) -> OAuthError {
 /// [`ztid_spiffe::spiffe_id::is_instance_segment`]). Any other ID below it (another
 /// entry, such as `<ID>/reports`) is not covered.
 pub fn covers(grant_id: &str, spiffe_id: &str) -> bool {
-    if spiffe_id == grant_id {
-        return true;
-    }
-    spiffe_id
-        .strip_prefix(grant_id)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .is_some_and(ztid_spiffe::spiffe_id::is_instance_segment)
+    ztid_spiffe::spiffe_id::is_id_or_instance_of(grant_id, spiffe_id)
 }
 
 /// The actors of a delegated token, newest first (the outermost `act` first).
