@@ -12,6 +12,13 @@ use super::certs::{AmdCert, AmdCrl};
 const MAX_FILE: u64 = 1 << 20;
 /// Most entries in a certificate table.
 const MAX_TABLE_ENTRIES: usize = 64;
+/// Largest certificate table accepted from a node. A host's table holds a VCEK or VLEK,
+/// the ASK or ASVK, the ARK and maybe a CRL (a few KiB); the Linux guest driver caps
+/// the certificate buffer at 16 KiB.
+pub(crate) const MAX_TABLE_BYTES: usize = 64 * 1024;
+/// Most certificates and CRLs taken from one certificate table (each one a node sends
+/// may cost the CA a signature check, so their number is bounded before any is used).
+pub(crate) const MAX_TABLE_ITEMS: usize = 16;
 
 /// Certificates and CRLs gathered for one verification.
 #[derive(Default, Clone)]
@@ -171,9 +178,20 @@ pub fn encode_cert_table(entries: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// The certificates and CRLs in a certificate table. Entries of unknown GUIDs are
 /// skipped; out-of-range entries are an error.
+///
+/// The table comes from the node: it is refused when larger than [`MAX_TABLE_BYTES`], or
+/// when its entries hold more than [`MAX_TABLE_ITEMS`] certificates and CRLs in all.
 pub(crate) fn parse_cert_table(table: &[u8]) -> Result<Collateral, Error> {
     let bad = |m: String| Error::refused(Malformed, format!("malformed certificate table: {m}"));
+    if table.len() > MAX_TABLE_BYTES {
+        return Err(bad(format!(
+            "{} bytes, more than {MAX_TABLE_BYTES}",
+            table.len()
+        )));
+    }
     let mut out = Collateral::default();
+    // Entries may point at the same bytes: what is parsed in all stays within the bound.
+    let mut parsed = 0usize;
     for i in 0.. {
         if i >= MAX_TABLE_ENTRIES {
             return Err(bad(format!("more than {MAX_TABLE_ENTRIES} entries")));
@@ -201,8 +219,19 @@ pub(crate) fn parse_cert_table(table: &[u8]) -> Result<Collateral, Error> {
             GUID_CRL => "CRL",
             _ => continue,
         };
+        parsed = parsed.saturating_add(data.len());
+        if parsed > MAX_TABLE_BYTES {
+            return Err(bad(format!(
+                "its entries hold more than {MAX_TABLE_BYTES} bytes in all"
+            )));
+        }
         out.add_blob(&format!("cert table {name} entry"), data, true)
             .map_err(|e| bad(e.to_string()))?;
+        if out.certs.len() + out.crls.len() > MAX_TABLE_ITEMS {
+            return Err(bad(format!(
+                "more than {MAX_TABLE_ITEMS} certificates and CRLs"
+            )));
+        }
     }
     Ok(out)
 }
@@ -227,5 +256,70 @@ mod tests {
         assert!(parse_cert_table(&t[..t.len() - 1]).is_err());
         // No terminator.
         assert!(parse_cert_table(&t[..30]).is_err());
+    }
+
+    /// The detail of a `Malformed` refusal.
+    fn malformed(r: Result<Collateral, Error>) -> String {
+        match r {
+            Err(Error::Refused(m)) if m.kind == Malformed => m.detail,
+            Err(e) => panic!("expected a malformed refusal, got {e}"),
+            Ok(_) => panic!("expected a malformed refusal, the table was accepted"),
+        }
+    }
+
+    /// A table whose entries all point at the same blob (`n` entries of `guid`).
+    fn overlapping(guid: &str, n: usize, blob: &[u8]) -> Vec<u8> {
+        let header = (n + 1) * 24;
+        let mut t = Vec::new();
+        for _ in 0..n {
+            t.extend(hex::decode(guid.replace('-', "")).unwrap());
+            t.extend((header as u32).to_le_bytes());
+            t.extend((blob.len() as u32).to_le_bytes());
+        }
+        t.extend([0u8; 24]);
+        t.extend_from_slice(blob);
+        t
+    }
+
+    #[test]
+    fn tables_are_bounded_before_their_certificates_are_used() {
+        // Real AMD certificates (the built-in Milan ASK), repeated: each certificate a node
+        // sends can cost the CA an RSA-4096 signature check, so a table holds few.
+        let s = super::super::certs::TrustStore::builtin().unwrap();
+        let ask = s.intermediates[0].cert.der.clone();
+        let fine = encode_cert_table(&vec![("ask", ask.as_slice()); MAX_TABLE_ITEMS]);
+        assert_eq!(
+            parse_cert_table(&fine).unwrap().certs.len(),
+            MAX_TABLE_ITEMS
+        );
+        let many = encode_cert_table(&vec![("ask", ask.as_slice()); MAX_TABLE_ITEMS + 1]);
+        assert_eq!(
+            malformed(parse_cert_table(&many)),
+            "malformed certificate table: more than 16 certificates and CRLs"
+        );
+        // The same certificate behind every entry counts once per entry.
+        assert_eq!(
+            malformed(parse_cert_table(&overlapping(GUID_ASK, 40, &ask))),
+            "malformed certificate table: more than 16 certificates and CRLs"
+        );
+        // A large table is refused before any entry is parsed.
+        let mut big = encode_cert_table(&[("ask", ask.as_slice())]);
+        big.resize(MAX_TABLE_BYTES + 1, 0);
+        assert_eq!(
+            malformed(parse_cert_table(&big)),
+            "malformed certificate table: 65537 bytes, more than 65536"
+        );
+        // Overlapping entries that add nothing still count their bytes: a 10 KiB PEM block
+        // of another type behind 7 entries is 70 KiB of parsing.
+        let pem = ::pem::encode(&::pem::Pem::new("OTHER", vec![0x42u8; 7 * 1024]));
+        assert!(pem.len() > 9 * 1024 && pem.len() < MAX_TABLE_BYTES / 6);
+        assert!(parse_cert_table(&overlapping(GUID_CRL, 6, pem.as_bytes()))
+            .unwrap()
+            .certs
+            .is_empty());
+        assert_eq!(
+            malformed(parse_cert_table(&overlapping(GUID_CRL, 7, pem.as_bytes()))),
+            "malformed certificate table: its entries hold more than 65536 bytes in all"
+        );
     }
 }

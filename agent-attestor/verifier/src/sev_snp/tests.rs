@@ -172,6 +172,30 @@ fn start_needs_empty_evidence_and_issues_a_bound_challenge() {
 }
 
 #[test]
+fn an_oversized_certificate_table_is_refused_as_malformed() {
+    // A real report and VCEK, followed by a table that repeats the VCEK past the bound.
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let v = SnpVerifier::from_config(&toml::Table::new()).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    let evidence = |n: usize| {
+        let mut e = report.clone();
+        e.extend(encode_cert_table(&vec![("vcek", vek.as_slice()); n]));
+        e
+    };
+    v.verify_evidence(&evidence(collateral::MAX_TABLE_ITEMS), &rd, now)
+        .unwrap();
+    assert_eq!(
+        refusal(
+            Malformed,
+            v.verify_evidence(&evidence(collateral::MAX_TABLE_ITEMS + 1), &rd, now)
+        ),
+        "malformed certificate table: more than 16 certificates and CRLs"
+    );
+}
+
+#[test]
 fn cached_vek_chain_still_refuses_tampering() {
     let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
     let vek = read("milan-virtee-sev/vcek_milan.der");
