@@ -19,7 +19,8 @@
 //! admin API (its roles are B's config), as an agent attested through A is by B (see
 //! `core/agent_auth.rs` for why that is no wider trust). The issuers are the X.509
 //! authorities in the servers' CA states, never the upstream root nor a federated
-//! bundle.
+//! bundle, and never a tainted one (its key may be in the wrong hands; a retired
+//! server's authorities are all tainted): see [`own_issuers`].
 //!
 //! Every decision, allowed or refused, is audited; refusals through [`RefusalAudit`]
 //! (one by one up to its bounds per caller, with the peer's address, then summarised),
@@ -44,22 +45,60 @@ use crate::{Error, RefusalKind};
 /// on the server's host, may call them.
 pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid"];
 
-/// The certificates of the CAs whose leaves may carry an admin identity, read at each call
-/// (authorities rotate).
-pub type AdminIssuers = Arc<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>;
+/// The path prefix of every admin RPC.
+const ADMIN_SERVICE_PREFIX: &str = "/ztid.admin.v1.Admin/";
+
+/// A CA whose leaves may carry an admin identity: its certificate, and whether it is
+/// tainted (then what it signed carries no admin role: see [`own_issuers`]).
+#[derive(Debug, Clone)]
+pub struct AdminIssuer {
+    /// The CA certificate (DER).
+    pub cert: CertificateDer<'static>,
+    /// Tainted: suspected compromised, on its way out.
+    pub tainted: bool,
+}
+
+/// The CAs whose leaves may carry an admin identity, read at each call (authorities
+/// rotate, and are tainted and revoked).
+pub type AdminIssuers = Arc<dyn Fn() -> Vec<AdminIssuer> + Send + Sync>;
 
 /// The cluster's own X.509 authorities: every server's on the shared database (this
 /// server's alone on sled), prepared, active and old, as of the last cluster reload (a
 /// revoked one is gone): the only issuers of admin identities. Not the upstream root
 /// and no federated bundle. None readable: no remote admin is admitted.
+///
+/// A tainted authority is listed as such, and an admin certificate it signed carries no
+/// role: a taint says its key may be in the wrong hands, and a revocation waits until
+/// every agent has moved off it (possibly long), so otherwise whoever holds the key
+/// could sign `spiffe://TD/ztid/admin/NAME` for any configured admin and act with its
+/// roles (create join tokens, say, whose agents outlive the authority). Admins issue
+/// a new credential (`ztid-server admin credential issue`), signed by the active one.
 pub fn own_issuers(core: &Arc<CaCore>) -> AdminIssuers {
     let core = core.clone();
     Arc::new(move || {
         core.authorities
-            .cluster_x509_certs()
-            .map(|all| all.into_iter().map(Into::into).collect())
+            .cluster_list(crate::authority::Kind::X509)
+            .map(|all| {
+                all.into_iter()
+                    .map(|(_, a)| AdminIssuer {
+                        cert: a.cert_der.into(),
+                        tainted: a.tainted,
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     })
+}
+
+/// Which of the cluster's authorities signed a remote admin's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssuerVerdict {
+    /// An untainted authority of the cluster, and the certificate is current.
+    Cluster,
+    /// A tainted authority of the cluster: no role counts.
+    Tainted,
+    /// None of the cluster's authorities (or the certificate is not current).
+    Foreign,
 }
 
 /// The authenticated admin caller, put into request extensions for the handlers.
@@ -144,25 +183,49 @@ impl AdminPolicy {
     /// already checked by TLS; this pins the last link. A remote caller's roles count
     /// only when it holds.
     pub fn issued_by_cluster(&self, leaf: &[u8]) -> bool {
-        ztid_spiffe::svid::verify_chain(
-            &[CertificateDer::from(leaf)],
-            &(self.issuers)(),
-            UnixTime::now(),
-            ztid_spiffe::svid::Usage::Client,
-        )
-        .is_ok()
+        self.issuer_of(leaf) == IssuerVerdict::Cluster
+    }
+
+    /// Which of the admin issuers ([`own_issuers`]) signed `leaf` (DER), if any, with
+    /// the certificate current: an untainted one, a tainted one, or none.
+    pub fn issuer_of(&self, leaf: &[u8]) -> IssuerVerdict {
+        let (tainted, current): (Vec<AdminIssuer>, Vec<AdminIssuer>) =
+            (self.issuers)().into_iter().partition(|i| i.tainted);
+        let signed_by = |issuers: Vec<AdminIssuer>| {
+            let roots: Vec<CertificateDer<'static>> = issuers.into_iter().map(|i| i.cert).collect();
+            !roots.is_empty()
+                && ztid_spiffe::svid::verify_chain(
+                    &[CertificateDer::from(leaf)],
+                    &roots,
+                    UnixTime::now(),
+                    ztid_spiffe::svid::Usage::Client,
+                )
+                .is_ok()
+        };
+        if signed_by(current) {
+            IssuerVerdict::Cluster
+        } else if signed_by(tainted) {
+            IssuerVerdict::Tainted
+        } else {
+            IssuerVerdict::Foreign
+        }
     }
 
     /// Decides one call; `Ok(caller)` or `Err((caller, reason, label))`.
     pub fn decide(&self, ext: &http::Extensions, path: &str) -> Result<String, Refused> {
-        let method = path.rsplit('/').next().unwrap_or_default();
-        if !path.starts_with("/ztid.admin.v1.Admin/") {
+        // The method is the one segment after the service: the role table is keyed by
+        // it, so a path with more segments is no admin RPC (the router would not serve
+        // it either, but the decision does not rest on that).
+        let Some(method) = path
+            .strip_prefix(ADMIN_SERVICE_PREFIX)
+            .filter(|m| !m.is_empty() && !m.contains('/'))
+        else {
             return Err((
                 "unknown".into(),
                 format!("{path} is not an admin RPC"),
                 "admin_unknown_rpc",
             ));
-        }
+        };
         if let Some(info) = ext.get::<UdsConnectInfo>() {
             let Some(cred) = info.peer_cred else {
                 return Err((
@@ -193,55 +256,77 @@ impl AdminPolicy {
                     "admin_no_svid",
                 ));
             };
-            let id = ztid_spiffe::svid::spiffe_id_of_leaf(&leaf)
-                .map(|i| i.to_string())
-                .map_err(|e| {
-                    (
-                        "unknown".into(),
-                        format!("remote admin certificate: {e}"),
-                        "admin_bad_svid",
-                    )
-                })?;
-            if LOCAL_ONLY.contains(&method) {
-                return Err((
-                    id,
-                    format!("{method} is served only on the admin socket, on the server's host"),
-                    "admin_local_only",
-                ));
-            }
-            let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
-            if !roles.is_empty() && !self.issued_by_cluster(&leaf) {
-                return Err((
-                    id.clone(),
-                    format!(
-                        "{id} is not in a certificate this server's authority signed (nor \
-                         another server's of its cluster); admin identities come only from \
-                         `ztid-server admin credential issue`"
-                    ),
-                    "admin_not_issued_here",
-                ));
-            }
-            return if roles.iter().any(|r| r.allows(method)) {
-                Ok(id)
-            } else if roles.is_empty() {
-                Err((
-                    id.clone(),
-                    format!("{id} has no admin role"),
-                    "admin_no_role",
-                ))
-            } else {
-                Err((
-                    id.clone(),
-                    format!("{id} ({roles:?}) may not call {method}"),
-                    "admin_role_lacks_call",
-                ))
-            };
+            return self.decide_remote(&leaf, method);
         }
         Err((
             "unknown".into(),
             "admin call over an unknown transport".into(),
             "admin_unknown_transport",
         ))
+    }
+
+    /// Decides one call of `method` by a remote caller whose TLS leaf (DER, its chain
+    /// to the bundle already checked by TLS) is `leaf`.
+    pub fn decide_remote(&self, leaf: &[u8], method: &str) -> Result<String, Refused> {
+        let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
+            .map(|i| i.to_string())
+            .map_err(|e| {
+                (
+                    "unknown".into(),
+                    format!("remote admin certificate: {e}"),
+                    "admin_bad_svid",
+                )
+            })?;
+        if LOCAL_ONLY.contains(&method) {
+            return Err((
+                id,
+                format!("{method} is served only on the admin socket, on the server's host"),
+                "admin_local_only",
+            ));
+        }
+        let roles = self.remote_roles.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        if !roles.is_empty() {
+            match self.issuer_of(leaf) {
+                IssuerVerdict::Cluster => {}
+                IssuerVerdict::Tainted => {
+                    return Err((
+                        id.clone(),
+                        format!(
+                            "{id} is in a certificate signed by a tainted authority, which \
+                             grants no admin role; issue a new admin credential on the \
+                             server's host (`ztid-server admin credential issue`)"
+                        ),
+                        "admin_issuer_tainted",
+                    ))
+                }
+                IssuerVerdict::Foreign => {
+                    return Err((
+                        id.clone(),
+                        format!(
+                            "{id} is not in a current certificate this server's authority \
+                             signed (nor another server's of its cluster); admin identities \
+                             come only from `ztid-server admin credential issue`"
+                        ),
+                        "admin_not_issued_here",
+                    ))
+                }
+            }
+        }
+        if roles.iter().any(|r| r.allows(method)) {
+            Ok(id)
+        } else if roles.is_empty() {
+            Err((
+                id.clone(),
+                format!("{id} has no admin role"),
+                "admin_no_role",
+            ))
+        } else {
+            Err((
+                id.clone(),
+                format!("{id} ({roles:?}) may not call {method}"),
+                "admin_role_lacks_call",
+            ))
+        }
     }
 
     fn audit_allowed(&self, caller: &str, method: &str) {
@@ -378,6 +463,136 @@ mod tests {
             for role in [Role::Viewer, Role::Operator, Role::AuthorityAdmin] {
                 assert!(role.allows(m), "{role:?} {m}");
             }
+        }
+    }
+
+    /// A policy binding `alice` to `roles`, with the cluster's issuers of `core`.
+    fn policy_of(core: &Arc<CaCore>, roles: Vec<Role>) -> AdminPolicy {
+        AdminPolicy::new(
+            vec![0],
+            HashMap::from([("spiffe://example.org/ztid/admin/alice".to_string(), roles)]),
+            own_issuers(core),
+            None,
+            Arc::new(RefusalAudit::new(
+                10,
+                100,
+                std::time::Duration::from_secs(60),
+            )),
+        )
+    }
+
+    /// An admin SVID leaf (DER) for `name`, issued by `core`'s active authority.
+    fn admin_leaf(core: &CaCore, name: &str) -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&kp)
+            .unwrap()
+            .der()
+            .to_vec();
+        let (_, leaf) = core.issue_admin_svid(name, &csr, 3600, "test").unwrap();
+        leaf.chain.first().unwrap().clone()
+    }
+
+    #[test]
+    fn an_admin_credential_signed_by_a_tainted_authority_carries_no_role() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let policy = policy_of(&core, vec![Role::AuthorityAdmin]);
+        let before = admin_leaf(&core, "alice");
+        assert_eq!(
+            policy.decide_remote(&before, "PrepareAuthority"),
+            Ok("spiffe://example.org/ztid/admin/alice".to_string())
+        );
+        // Rotation alone keeps it: the old authority still counts.
+        let old = core.authorities.x509().record().id.clone();
+        core.prepare_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        core.activate_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        assert!(policy.decide_remote(&before, "ListEntries").is_ok());
+        // Tainted: whoever holds its key could sign any admin's ID. Refused, for every
+        // call, with the way out.
+        core.taint_authority(crate::authority::Kind::X509, &old, "test")
+            .unwrap();
+        for method in ["ListEntries", "TaintAuthority", "RevokeAuthority"] {
+            let (who, reason, label) = policy.decide_remote(&before, method).unwrap_err();
+            assert_eq!(label, "admin_issuer_tainted", "{method}");
+            assert_eq!(who, "spiffe://example.org/ztid/admin/alice");
+            assert!(
+                reason.contains("signed by a tainted authority")
+                    && reason.contains("admin credential issue"),
+                "{reason}"
+            );
+        }
+        assert_eq!(policy.issuer_of(&before), IssuerVerdict::Tainted);
+        assert!(!policy.issued_by_cluster(&before));
+        // A new credential, from the active authority, has the roles again.
+        let after = admin_leaf(&core, "alice");
+        assert_eq!(policy.issuer_of(&after), IssuerVerdict::Cluster);
+        assert!(policy.decide_remote(&after, "RevokeAuthority").is_ok());
+    }
+
+    #[test]
+    fn a_remote_admin_gets_exactly_its_roles_and_never_a_local_only_call() {
+        let (_dir, core, agent_leaf, _) = crate::core::testing::core_with_agent();
+        let policy = policy_of(&core, vec![Role::Operator]);
+        let alice = admin_leaf(&core, "alice");
+        assert!(policy.decide_remote(&alice, "CreateEntry").is_ok());
+        let (_, reason, label) = policy
+            .decide_remote(&alice, "PrepareAuthority")
+            .unwrap_err();
+        assert_eq!(label, "admin_role_lacks_call");
+        assert!(reason.contains("may not call PrepareAuthority"), "{reason}");
+        let (_, reason, label) = policy.decide_remote(&alice, "IssueAdminSvid").unwrap_err();
+        assert_eq!(label, "admin_local_only");
+        assert!(
+            reason.contains("served only on the admin socket"),
+            "{reason}"
+        );
+        // An admin ID no role names, and an agent's SVID: no role at all.
+        let bob = admin_leaf(&core, "bob");
+        for leaf in [&bob, &agent_leaf] {
+            let (_, reason, label) = policy.decide_remote(leaf, "ListEntries").unwrap_err();
+            assert_eq!(label, "admin_no_role");
+            assert!(reason.contains("has no admin role"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_admin_id_signed_outside_the_cluster_is_refused() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let (_other_dir, other, _, _) = crate::core::testing::core_with_agent();
+        let policy = policy_of(&core, vec![Role::Viewer]);
+        // Same trust domain, same admin name, another server's authority.
+        let forged = admin_leaf(&other, "alice");
+        let (_, reason, label) = policy.decide_remote(&forged, "ListEntries").unwrap_err();
+        assert_eq!(label, "admin_not_issued_here");
+        assert!(reason.contains("not in a current certificate"), "{reason}");
+        assert_eq!(policy.issuer_of(&forged), IssuerVerdict::Foreign);
+    }
+
+    #[test]
+    fn a_path_with_more_segments_than_a_method_is_no_admin_rpc() {
+        let p = AdminPolicy::new(
+            vec![0],
+            HashMap::new(),
+            Arc::new(Vec::new),
+            None,
+            Arc::new(RefusalAudit::new(
+                10,
+                100,
+                std::time::Duration::from_secs(60),
+            )),
+        );
+        let ext = http::Extensions::new();
+        for path in [
+            "/ztid.admin.v1.Admin/IssueAdminSvid/ListEntries",
+            "/ztid.admin.v1.Admin/",
+            "/ztid.admin.v1.Admin//",
+            "/x/ztid.admin.v1.Admin/ListEntries",
+        ] {
+            let (_, reason, label) = p.decide(&ext, path).unwrap_err();
+            assert_eq!(label, "admin_unknown_rpc", "{path}");
+            assert!(reason.contains("not an admin RPC"), "{path}: {reason}");
         }
     }
 

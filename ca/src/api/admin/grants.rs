@@ -138,6 +138,33 @@ pub(super) async fn delete_grant(
     Ok(Response::new(grant_to_proto(&grant)))
 }
 
+/// Refuses an instance revocation of one of ztid's own identities (under the reserved
+/// `/ztid` prefix: the server, agents, admins). Only workload instances are checked
+/// against instance revocations (at the mint, the token endpoint and the agents), so
+/// one of these would be stored, synced to every agent and listed as in force while
+/// revoking nothing: the operator would believe a server, agent or admin credential
+/// dead that still works. The refusal names what does revoke it.
+fn refuse_reserved_instance(td: &spiffe::TrustDomain, target: &str) -> crate::Result<()> {
+    let id = crate::entries::parse_id(td, "target", target)?;
+    if !ztid_spiffe::spiffe_id::is_reserved(&id) {
+        return Ok(());
+    }
+    let instead = if ztid_spiffe::spiffe_id::is_agent_id(td, &id) {
+        "revoke the node instead (kind node, `instance revoke --node`), which also bans \
+         the agent"
+    } else if ztid_spiffe::spiffe_id::is_admin_id(td, &id) {
+        "an admin's roles are withdrawn by removing its ID from [remote_admin.roles] and \
+         restarting; every credential of a tainted authority already carries no role"
+    } else {
+        "the server's credentials go with its authorities (authority taint and revoke) or \
+         with the server (RetireServer, `server retire`)"
+    };
+    Err(Error::InvalidInput(format!(
+        "target {target} is under spiffe://{td}/ztid, reserved for ztid's own identities \
+         (the server, agents, admins), which an instance revocation does not reach: {instead}"
+    )))
+}
+
 pub(super) async fn revoke_instance(
     api: &AdminApi,
     request: Request<pb::Revocation>,
@@ -161,6 +188,9 @@ pub(super) async fn revoke_instance(
     if r.target.is_empty() {
         return Err(Error::InvalidInput("target must not be empty".into()).into());
     }
+    if matches!(kind, RevocationKind::Instance) {
+        refuse_reserved_instance(&api.core.trust_domain, &r.target)?;
+    }
     let revocation = api.core.revoke(kind, &r.target, &r.reason, &who)?;
     api.core.audit_barrier().await?;
     Ok(Response::new(revocation_to_proto(&revocation)))
@@ -176,4 +206,64 @@ pub(super) async fn list_revocations(
     Ok(Response::new(pb::ListRevocationsResponse {
         revocations: revocations.iter().map(revocation_to_proto).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation(kind: &str, target: &str) -> Request<pb::Revocation> {
+        let mut req = Request::new(pb::Revocation {
+            kind: kind.into(),
+            target: target.into(),
+            reason: "test".into(),
+            ..Default::default()
+        });
+        req.extensions_mut()
+            .insert(super::super::authz::AdminCaller("uid:0 pid:1".into()));
+        req
+    }
+
+    #[tokio::test]
+    async fn an_instance_revocation_of_a_ztid_identity_is_refused_and_names_what_revokes_it() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let api = AdminApi::new(core.clone());
+        for (target, instead) in [
+            ("spiffe://example.org/ztid/server", "RetireServer"),
+            (
+                "spiffe://example.org/ztid/admin/alice",
+                "[remote_admin.roles]",
+            ),
+            ("spiffe://example.org/ztid/agent/join_token/n1", "kind node"),
+            ("spiffe://example.org/ztid", "RetireServer"),
+        ] {
+            let status = revoke_instance(&api, revocation("instance", target))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{target}");
+            assert!(
+                status
+                    .message()
+                    .contains("reserved for ztid's own identities")
+                    && status.message().contains(instead),
+                "{target}: {}",
+                status.message()
+            );
+        }
+        assert!(
+            core.list_revocations().unwrap().is_empty(),
+            "nothing stored"
+        );
+        // A workload instance is revoked as before, and the agent through its node.
+        revoke_instance(&api, revocation("instance", "spiffe://example.org/w/x"))
+            .await
+            .unwrap();
+        revoke_instance(
+            &api,
+            revocation("node", "spiffe://example.org/ztid/agent/join_token/n1"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(core.list_revocations().unwrap().len(), 2);
+    }
 }
