@@ -439,11 +439,26 @@ async fn a_jwt_svid_without_iat_is_refused() {
 #[tokio::test]
 async fn a_token_too_long_to_present_back_is_not_issued() {
     let sts = open();
-    // The most scopes a grant holds, each as long as a scope may be.
+    // The most scopes a grant holds, each as long as a scope may be: stored as a grant
+    // made before their total was bounded (`create_grant` now refuses it), straight
+    // into the datastore, which the exchange reads.
     let scopes = (0..64)
         .map(|i| format!("s{i:02}{}", "x".repeat(125)))
         .collect();
-    sts.grant_scopes(S, false, scopes);
+    sts.core
+        .store
+        .put_grant(&GrantRecord {
+            id: "grant-from-before-the-bound".into(),
+            spiffe_id: S.into(),
+            audience: "tool".into(),
+            scopes,
+            ttl_seconds: 0,
+            max_per_minute: 0,
+            node_selectors: vec![],
+            may_delegate: false,
+            created_at: now(),
+        })
+        .unwrap();
     refused(
         sts.own_token(S, &[]).await,
         Code::InvalidRequest,

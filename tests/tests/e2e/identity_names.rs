@@ -1399,7 +1399,7 @@ async fn a_stored_entry_under_a_reserved_alias_mints_nothing() {
 async fn an_admin_identity_counts_only_from_this_servers_authorities() {
     let (org_dir, org, port, server) = server_under_org_root();
     let roots = bundle_roots(&server);
-    let not_here = "is not in a certificate this server's authority signed";
+    let not_here = "is not in a current certificate this server's authority signed";
     for (what, (chain, key)) in [
         (
             "a sibling trust domain's CA",
