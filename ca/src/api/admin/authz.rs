@@ -570,9 +570,9 @@ mod tests {
         assert_eq!(policy.issuer_of(&forged), IssuerVerdict::Foreign);
     }
 
-    #[test]
-    fn a_path_with_more_segments_than_a_method_is_no_admin_rpc() {
-        let p = AdminPolicy::new(
+    /// A policy with no remote admins, no authorities and root as the only local admin.
+    fn policy_with_no_admins() -> AdminPolicy {
+        AdminPolicy::new(
             vec![0],
             HashMap::new(),
             Arc::new(Vec::new),
@@ -582,7 +582,12 @@ mod tests {
                 100,
                 std::time::Duration::from_secs(60),
             )),
-        );
+        )
+    }
+
+    #[test]
+    fn a_path_with_more_segments_than_a_method_is_no_admin_rpc() {
+        let p = policy_with_no_admins();
         let ext = http::Extensions::new();
         for path in [
             "/ztid.admin.v1.Admin/IssueAdminSvid/ListEntries",
@@ -598,17 +603,7 @@ mod tests {
 
     #[test]
     fn unknown_transport_and_paths_are_refused() {
-        let p = AdminPolicy::new(
-            vec![0],
-            HashMap::new(),
-            Arc::new(Vec::new),
-            None,
-            Arc::new(RefusalAudit::new(
-                10,
-                100,
-                std::time::Duration::from_secs(60),
-            )),
-        );
+        let p = policy_with_no_admins();
         let ext = http::Extensions::new();
         let (_, reason, label) = p
             .decide(&ext, "/ztid.admin.v1.Admin/ListEntries")
