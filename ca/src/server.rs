@@ -76,19 +76,38 @@ fn tls_config(core: &Arc<CaCore>, client_cert_required: bool) -> Arc<rustls::Ser
 
 /// Binds the admin socket owner-only, replacing a stale one.
 fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("removing stale {}", path.display()))(e)),
-    }
-    let listener =
-        UnixListener::bind(path).map_err(Error::io(format!("binding {}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io(format!("restricting {}", path.display())))?;
-    Ok(listener)
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    // Bound inside a fresh 0700 directory beside it, restricted to 0600 there, then
+    // renamed into place (replacing a stale socket): at no moment can another user reach
+    // the socket with the mode the umask gave it.
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| Error::Precondition("no randomness for the admin socket's staging".into()))?;
+    let staging = dir.join(format!(".ztid-admin-{}", hex::encode(nonce)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(Error::io(format!("creating {}", staging.display())))?;
+    let staged = staging.join("admin.sock");
+    let bound = UnixListener::bind(&staged)
+        .map_err(Error::io(format!("binding {}", staged.display())))
+        .and_then(|listener| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .map_err(Error::io(format!("restricting {}", staged.display())))?;
+            std::fs::rename(&staged, path).map_err(Error::io(format!(
+                "moving the admin socket to {}",
+                path.display()
+            )))?;
+            Ok(listener)
+        });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    bound
 }
 
 /// A gRPC server with the HTTP/2 bounds every listener shares: a deadline for each
@@ -284,5 +303,30 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_admin_socket_appears_restricted_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("admin.sock");
+        let first = bind_admin_socket(&path).unwrap();
+        drop(first);
+        // A stale socket from a run that ended is replaced in place.
+        let _listener = bind_admin_socket(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Nothing of the staging is left beside it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.sock")]);
+        tokio::net::UnixStream::connect(&path).await.unwrap();
     }
 }
