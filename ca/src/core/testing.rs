@@ -16,12 +16,7 @@ pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, Aut
         ..Default::default()
     })
     .unwrap();
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&kp)
-        .unwrap()
-        .der()
-        .to_vec();
+    let csr = fresh_csr();
     let node = ztid_verifier::AttestedNode {
         method: "join_token",
         node_id: "n1".into(),
@@ -33,4 +28,14 @@ pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, Aut
     let leaf = leaf.chain.first().unwrap().clone();
     let agent = core.authenticate_agent(Some(&leaf)).unwrap();
     (dir, core, leaf, agent)
+}
+
+/// A CSR (DER) for a fresh P-256 key, naming nothing: the server puts the identity in.
+pub(crate) fn fresh_csr() -> Vec<u8> {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&kp)
+        .unwrap()
+        .der()
+        .to_vec()
 }

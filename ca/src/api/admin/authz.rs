@@ -483,12 +483,7 @@ mod tests {
 
     /// An admin SVID leaf (DER) for `name`, issued by `core`'s active authority.
     fn admin_leaf(core: &CaCore, name: &str) -> Vec<u8> {
-        let kp = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&kp)
-            .unwrap()
-            .der()
-            .to_vec();
+        let csr = crate::core::testing::fresh_csr();
         let (_, leaf) = core.issue_admin_svid(name, &csr, 3600, "test").unwrap();
         leaf.chain.first().unwrap().clone()
     }
