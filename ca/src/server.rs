@@ -160,6 +160,7 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
         allowed.clone(),
         core.config.remote_admin_roles()?,
         crate::api::admin::authz::own_issuers(&core),
+        crate::api::admin::authz::own_revocations(&core),
         core.audit.clone(),
         admin_refusals,
     ));

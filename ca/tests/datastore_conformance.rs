@@ -1097,7 +1097,7 @@ fn revocation(
         target: target.into(),
         spiffe_id: match kind {
             RevocationKind::Entry => "spiffe://example.org/app".into(),
-            RevocationKind::Instance => target.into(),
+            RevocationKind::Instance | RevocationKind::Admin => target.into(),
             RevocationKind::Node => String::new(),
         },
         revoked_at,
@@ -1124,13 +1124,20 @@ fn revocations_are_keyed_by_kind_and_target_and_pruned(f: &dyn Fixture) {
     );
     // The same target under two kinds: two records.
     let instance_e1 = revocation(RevocationKind::Instance, "e1", 100, 500);
-    for r in [&node, &instance, &entry, &instance_e1] {
+    let admin = revocation(
+        RevocationKind::Admin,
+        "spiffe://example.org/ztid/admin/alice",
+        100,
+        600,
+    );
+    for r in [&node, &instance, &entry, &instance_e1, &admin] {
         s.put_revocation(r).unwrap();
     }
     // Ordered by kind, then target; every server sees them.
     assert_eq!(
         f.store(1).list_revocations().unwrap(),
         [
+            admin.clone(),
             entry.clone(),
             instance_e1.clone(),
             instance.clone(),
@@ -1141,14 +1148,14 @@ fn revocations_are_keyed_by_kind_and_target_and_pruned(f: &dyn Fixture) {
     let entry_again = revocation(RevocationKind::Entry, "e1", 150, 350);
     f.store(1).put_revocation(&entry_again).unwrap();
     let listed = s.list_revocations().unwrap();
-    assert_eq!(listed.len(), 4);
-    assert_eq!(listed[0], entry_again);
+    assert_eq!(listed.len(), 5);
+    assert_eq!(listed[1], entry_again);
     // Pruning removes what expired before the time given, nothing else.
     assert_eq!(s.prune_revocations(200).unwrap(), 0);
     assert_eq!(s.prune_revocations(351).unwrap(), 2);
     assert_eq!(
         f.store(1).list_revocations().unwrap(),
-        [instance_e1, instance]
+        [admin, instance_e1, instance]
     );
     assert_eq!(s.prune_revocations(351).unwrap(), 0);
 }

@@ -110,6 +110,13 @@ pub fn not_after(der: &[u8]) -> Result<i64, Error> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// `notBefore` of a certificate in Unix seconds.
+pub fn not_before(der: &[u8]) -> Result<i64, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
+    Ok(cert.validity().not_before.timestamp())
+}
+
 /// Concatenates DER certificates (the Workload API's `bytes` chain encoding).
 pub fn concat_der<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = Vec::new();

@@ -28,4 +28,6 @@ pub use jwt::JwtAuthority;
 pub use key::{random_hex, random_serial, ManagedKey};
 pub use set::{AuthoritySet, Change, Kind, Lifetimes};
 pub use upstream::{Upstream, UpstreamKey};
-pub use x509::{LeafTemplate, SignedLeaf, X509Authority, NODE_OU_PREFIX};
+pub use x509::{
+    leaf_issued_at, LeafTemplate, SignedLeaf, X509Authority, LEAF_BACKDATE_SECONDS, NODE_OU_PREFIX,
+};

@@ -44,6 +44,17 @@ pub struct LeafTemplate {
 /// 64-bit arcs. Verifiers ignore the subject of an X509-SVID (the URI SAN is the ID).
 pub const NODE_OU_PREFIX: &str = "node=";
 
+/// How far a leaf's `notBefore` is set before its signing, for clock skew between nodes.
+pub const LEAF_BACKDATE_SECONDS: i64 = 10;
+
+/// When a leaf this server signed was issued (Unix seconds): its `notBefore` plus the
+/// backdate. What revocations "of everything issued before" compare with.
+pub fn leaf_issued_at(leaf: &[u8]) -> Option<i64> {
+    ztid_spiffe::svid::not_before(leaf)
+        .ok()
+        .map(|nb| nb.saturating_add(LEAF_BACKDATE_SECONDS))
+}
+
 /// A signed leaf.
 #[derive(Debug, Clone)]
 pub struct SignedLeaf {
@@ -234,7 +245,7 @@ impl X509Authority {
         }
         params.subject_alt_names = sans;
         // Backdate a little for clock skew between nodes.
-        params.not_before = to_time(now - 10)?;
+        params.not_before = to_time(now - LEAF_BACKDATE_SECONDS)?;
         let not_after = (now + template.ttl_seconds).min(self.record.not_after);
         params.not_after = to_time(not_after)?;
         let cert = params.signed_by(public_key, &self.issuer)?;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use ztid_proto::admin as pb;
 
 use super::{Client, Output};
 
@@ -32,6 +33,17 @@ pub enum AdminCredentialCmd {
         #[arg(long, default_value_t = 0)]
         ttl: i64,
     },
+    /// Revoke every admin credential of spiffe://TD/ztid/admin/NAME issued so far (a
+    /// stolen or lost one): the remote admin API refuses them on every server of the
+    /// cluster within seconds. The admin keeps its roles; issue it a new credential.
+    Revoke {
+        /// The admin's name.
+        #[arg(long)]
+        name: String,
+        /// Why (kept with the revocation and in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 /// Runs an `admin` verb.
@@ -39,6 +51,24 @@ pub(super) async fn run(client: &mut Client, cmd: &AdminCmd, out: Output) -> Res
     match cmd {
         AdminCmd::Credential(AdminCredentialCmd::Issue { name, write, ttl }) => {
             super::credential::issue(client, name, *ttl, write, out).await?;
+        }
+        AdminCmd::Credential(AdminCredentialCmd::Revoke { name, reason }) => {
+            let r = client
+                .revoke_admin_credentials(pb::RevokeAdminCredentialsRequest {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(super::status)?
+                .into_inner();
+            if out == Output::Text {
+                println!(
+                    "Revoked every admin credential of {} issued before {}; issue a new one with `ztid-server admin credential issue --name {name}`",
+                    r.target,
+                    super::output::rfc3339(r.revoked_at)
+                );
+            }
+            super::instance::print_revocation(&r, out);
         }
     }
     Ok(())

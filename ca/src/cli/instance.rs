@@ -38,7 +38,7 @@ fn revocation_json(r: &pb::Revocation) -> Value {
         "revoked_at": r.revoked_at, "expires_at": r.expires_at, "reason": r.reason})
 }
 
-fn print_revocation(r: &pb::Revocation, out: Output) {
+pub(super) fn print_revocation(r: &pb::Revocation, out: Output) {
     match out {
         Output::Json => println!("{}", revocation_json(r)),
         Output::Text => {
@@ -147,6 +147,14 @@ mod tests {
         assert!(parse(&["instance", "revoke", "spiffe://td/a", "--entry", "e1"]).is_err());
         assert!(parse(&["instance", "revoke", "--entry", "e1", "--node", "n"]).is_err());
         parse(&["instance", "list"]).unwrap();
+        let cli = parse(&["admin", "credential", "revoke", "--name", "alice"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Admin(crate::cli::AdminCmd::Credential(
+                crate::cli::AdminCredentialCmd::Revoke { .. }
+            ))
+        ));
+        assert!(parse(&["admin", "credential", "revoke"]).is_err());
     }
 
     #[test]

@@ -86,7 +86,8 @@ pub(super) struct AccessSnapshot {
     pub(super) grants: HashMap<String, Vec<GrantRecord>>,
     /// Every revocation read (expired ones too: expiry is checked at use).
     pub(super) revocations: Vec<RevocationRecord>,
-    /// Instance and entry revocations by their SPIFFE ID (indexes into `revocations`).
+    /// Instance, entry and admin revocations by their SPIFFE ID (indexes into
+    /// `revocations`).
     pub(super) revocations_by_id: HashMap<String, Vec<usize>>,
     /// Node revocations by agent ID (indexes into `revocations`).
     pub(super) revocations_by_node: HashMap<String, Vec<usize>>,
@@ -105,10 +106,12 @@ impl AccessSnapshot {
         let mut revocations_by_node: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, r) in revocations.iter().enumerate() {
             match r.kind {
-                RevocationKind::Instance | RevocationKind::Entry => revocations_by_id
-                    .entry(r.spiffe_id.clone())
-                    .or_default()
-                    .push(i),
+                RevocationKind::Instance | RevocationKind::Entry | RevocationKind::Admin => {
+                    revocations_by_id
+                        .entry(r.spiffe_id.clone())
+                        .or_default()
+                        .push(i)
+                }
                 RevocationKind::Node => revocations_by_node
                     .entry(r.target.clone())
                     .or_default()

@@ -53,6 +53,7 @@ impl AccessSnapshot {
                     covers(&r.spiffe_id, spiffe_id) && issued_at < r.revoked_at
                 }
                 RevocationKind::Node => node == Some(r.target.as_str()) && issued_at < r.revoked_at,
+                RevocationKind::Admin => r.spiffe_id == spiffe_id && issued_at < r.revoked_at,
             })
     }
 }
@@ -64,7 +65,9 @@ impl CaCore {
     /// - an instance revocation of `spiffe_id` itself, whenever it was issued;
     /// - an entry revocation whose SPIFFE ID covers `spiffe_id` (equal, or it plus one
     ///   segment), for a credential issued before `revoked_at`;
-    /// - a node revocation of `node`, for a credential issued before `revoked_at`.
+    /// - a node revocation of `node`, for a credential issued before `revoked_at`;
+    /// - an admin revocation of `spiffe_id` itself (an admin identity), for a credential
+    ///   issued before `revoked_at`.
     ///
     /// Served from memory: a revocation written through any server of the cluster
     /// counts here within [`ACCESS_REFRESH_SECONDS`](super::grants::ACCESS_REFRESH_SECONDS)
@@ -199,6 +202,22 @@ impl CaCore {
                     .collect();
                 (String::new(), ttls)
             }
+            RevocationKind::Admin => {
+                crate::limits::check_len(
+                    "target (bytes)",
+                    target,
+                    crate::limits::MAX_SPIFFE_ID_BYTES,
+                )?;
+                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
+                if !ztid_spiffe::spiffe_id::is_admin_id(&self.trust_domain, &id) {
+                    return Err(Error::InvalidInput(format!(
+                        "target {target} is not an admin ID (spiffe://{}/ztid/admin/NAME)",
+                        self.trust_domain
+                    )));
+                }
+                // An admin credential may last up to the CA's lifetime (`issue_admin_svid`).
+                (id.to_string(), vec![self.config.ca_ttl_seconds])
+            }
         };
         let revoked_at = now();
         let revocation = RevocationRecord {
@@ -292,6 +311,54 @@ mod tests {
             .revocation_of("spiffe://example.org/apple", None, 999, 1001)
             .is_none());
         assert!(s.revocation_of(INSTANCE, None, 999, 1100).is_none());
+    }
+
+    #[test]
+    fn an_admin_revocation_kills_that_admins_credentials_issued_before_it() {
+        const ALICE: &str = "spiffe://example.org/ztid/admin/alice";
+        let s = AccessSnapshot::build(
+            Vec::new(),
+            vec![rev(RevocationKind::Admin, ALICE, ALICE, 1000)],
+        );
+        assert!(s.revocation_of(ALICE, None, 999, 1001).is_some());
+        // Issued in or after its second: a new credential counts.
+        assert!(s.revocation_of(ALICE, None, 1000, 1001).is_none());
+        // Not another admin, nor what sits below or above the ID.
+        for other in [
+            "spiffe://example.org/ztid/admin/bob",
+            "spiffe://example.org/ztid/admin",
+            "spiffe://example.org/ztid/admin/alice/x",
+        ] {
+            assert!(s.revocation_of(other, None, 999, 1001).is_none(), "{other}");
+        }
+        assert!(s.revocation_of(ALICE, None, 999, 1100).is_none());
+    }
+
+    #[test]
+    fn an_admin_revocation_names_an_admin_id_only() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        for target in [
+            "spiffe://example.org/app",
+            "spiffe://example.org/ztid/server",
+            "spiffe://other.org/ztid/admin/alice",
+        ] {
+            let e = core
+                .revoke(RevocationKind::Admin, target, "", "test")
+                .unwrap_err();
+            assert!(matches!(e, Error::InvalidInput(_)), "{target}: {e}");
+        }
+        assert!(core.list_revocations().unwrap().is_empty());
+        let r = core
+            .revoke(
+                RevocationKind::Admin,
+                "spiffe://example.org/ztid/admin/alice",
+                "",
+                "test",
+            )
+            .unwrap();
+        assert_eq!(r.spiffe_id, "spiffe://example.org/ztid/admin/alice");
+        // Kept as long as an admin credential may last.
+        assert!(r.expires_at >= r.revoked_at + core.config.ca_ttl_seconds);
     }
 
     #[test]

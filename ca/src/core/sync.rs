@@ -442,7 +442,7 @@ impl CaCore {
     /// The parents of the entries a revocation concerns: for an instance, those of the
     /// entries whose SPIFFE ID covers it (the ID itself, or the ID less its last
     /// segment), looked up by SPIFFE ID; for an entry, its own parent. Node
-    /// revocations concern no agent's sync (the node is banned).
+    /// revocations concern no agent's sync (the node is banned), nor do admin ones.
     fn revocation_parents(&self, r: &RevocationRecord) -> Result<BTreeSet<String>> {
         let mut parents = BTreeSet::new();
         match r.kind {
@@ -468,7 +468,8 @@ impl CaCore {
                     }
                 }
             }
-            RevocationKind::Node => {}
+            // Admin credentials are no agent's business.
+            RevocationKind::Node | RevocationKind::Admin => {}
         }
         Ok(parents)
     }

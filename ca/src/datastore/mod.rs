@@ -171,22 +171,27 @@ pub enum RevocationKind {
     /// Every credential issued through an agent before `revoked_at` (the agent is also
     /// banned).
     Node,
+    /// Every admin credential of one admin identity (`spiffe://TD/ztid/admin/NAME`)
+    /// issued before `revoked_at`: a stolen one stops counting, a new one can be issued.
+    Admin,
 }
 
 impl RevocationKind {
     /// Every kind.
-    pub const ALL: [RevocationKind; 3] = [
+    pub const ALL: [RevocationKind; 4] = [
         RevocationKind::Instance,
         RevocationKind::Entry,
         RevocationKind::Node,
+        RevocationKind::Admin,
     ];
 
-    /// The kind's name on the wire (`instance`, `entry`, `node`).
+    /// The kind's name on the wire (`instance`, `entry`, `node`, `admin`).
     pub fn as_str(self) -> &'static str {
         match self {
             RevocationKind::Instance => "instance",
             RevocationKind::Entry => "entry",
             RevocationKind::Node => "node",
+            RevocationKind::Admin => "admin",
         }
     }
 
@@ -209,12 +214,12 @@ pub struct RevocationRecord {
     /// What it kills.
     pub kind: RevocationKind,
     /// Instance: the instance's SPIFFE ID; entry: the entry ID; node: the agent's SPIFFE
-    /// ID.
+    /// ID; admin: the admin's SPIFFE ID.
     pub target: String,
-    /// Instance: the target; entry: the entry's SPIFFE ID (its instances are revoked);
-    /// node: empty.
+    /// Instance and admin: the target; entry: the entry's SPIFFE ID (its instances are
+    /// revoked); node: empty.
     pub spiffe_id: String,
-    /// Unix seconds. Entry and node revocations kill credentials issued before it.
+    /// Unix seconds. Entry, node and admin revocations kill credentials issued before it.
     pub revoked_at: i64,
     /// Unix seconds: when the record is dropped (nothing issued before `revoked_at` is
     /// alive any more).

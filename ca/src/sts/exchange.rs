@@ -241,12 +241,6 @@ fn node_of_leaf(leaf: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
-fn not_before(leaf: &[u8]) -> Option<i64> {
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
-    Some(cert.validity().not_before.timestamp())
-}
-
 /// The caller over mutual TLS (also the introspection endpoint's caller): an X509-SVID
 /// this trust domain's authorities signed, unexpired, on a node still attested.
 pub(super) fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, OAuthError> {
@@ -293,8 +287,7 @@ pub(super) fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, 
         spiffe_id: id,
         method: AuthMethod::Mtls,
         credential_exp: exp,
-        // The server backdates not_before by 10 s for clock skew.
-        issued_at: not_before(leaf).map_or(t, |nb| nb + 10),
+        issued_at: crate::authority::leaf_issued_at(leaf).unwrap_or(t),
         x5t: Some(token::x5t_s256(leaf)),
         node,
     })

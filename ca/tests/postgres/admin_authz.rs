@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ztid_ca::api::admin::authz::{own_issuers, AdminPolicy};
+use ztid_ca::api::admin::authz::{own_issuers, own_revocations, AdminPolicy};
 use ztid_ca::authority::Kind;
 use ztid_ca::config::UpstreamConfig;
 use ztid_ca::core::CaCore;
@@ -31,6 +31,7 @@ fn policy(core: &Arc<CaCore>) -> AdminPolicy {
             vec![ztid_ca::api::admin::authz::Role::Viewer],
         )]),
         own_issuers(core),
+        own_revocations(core),
         None,
         Arc::new(RefusalAudit::new(10, 100, Duration::from_secs(60))),
     )

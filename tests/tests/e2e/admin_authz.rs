@@ -116,13 +116,20 @@ async fn call_all(c: &mut AdminClient<tonic::transport::Channel>) -> Vec<(&'stat
         probe!("GetFederation", c.get_federation(td())),
         probe!("DeleteFederation", c.delete_federation(td())),
         probe!("RefreshFederation", c.refresh_federation(td())),
-        // Served only on the admin socket: no remote role grants it.
+        // Served only on the admin socket: no remote role grants them.
         probe!(
             "IssueAdminSvid",
             c.issue_admin_svid(pb::IssueAdminSvidRequest {
                 name: "x".into(),
                 csr: vec![],
                 ttl_seconds: 0
+            })
+        ),
+        probe!(
+            "RevokeAdminCredentials",
+            c.revoke_admin_credentials(pb::RevokeAdminCredentialsRequest {
+                name: "authz".into(),
+                reason: String::new(),
             })
         ),
     ]
@@ -172,6 +179,65 @@ fn expected_allowed(role: &str, rpc: &str) -> bool {
     }
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Waits on the clock (a few ms at a time) until the Unix second is past `t`.
+fn wait_until_second_after(t: i64) {
+    while unix_now() <= t {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Issues admin `who` a credential into `creds` on `server`'s host and connects to its
+/// remote admin API on `port` with it.
+fn remote_admin(
+    server: &Server,
+    creds: &std::path::Path,
+    who: &str,
+    port: u16,
+) -> AdminClient<tonic::transport::Channel> {
+    let id = server.cli_ok(&[
+        "admin",
+        "credential",
+        "issue",
+        "--name",
+        who,
+        "--write",
+        creds.to_str().unwrap(),
+    ]);
+    assert_eq!(id, format!("spiffe://example.org/ztid/admin/{who}"));
+    let chain = pem::parse_many(std::fs::read(creds.join("svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    let key = pem::parse(std::fs::read(creds.join("svid.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    let roots: Vec<Vec<u8>> = pem::parse_many(std::fs::read(creds.join("bundle.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    let identity = AgentSvid::from_parts(chain, key).unwrap();
+    let verifier = Arc::new(ServerSvidVerifier::new(
+        shared_roots(roots),
+        format!("spiffe://{TD}/ztid/server"),
+    ));
+    let channel = mtls_channel(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        verifier,
+        Some(identity.certified_key().unwrap()),
+    )
+    .unwrap();
+    AdminClient::new(channel)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_admin_roles_gate_every_rpc() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,42 +254,7 @@ async fn remote_admin_roles_gate_every_rpc() {
     .unwrap();
     let server = Server::start_with(TD, &["--config", cfg.to_str().unwrap()]);
     for who in IDS {
-        let creds = dir.path().join(who);
-        let id = server.cli_ok(&[
-            "admin",
-            "credential",
-            "issue",
-            "--name",
-            who,
-            "--write",
-            creds.to_str().unwrap(),
-        ]);
-        assert_eq!(id, format!("spiffe://example.org/ztid/admin/{who}"));
-        let chain = pem::parse_many(std::fs::read(creds.join("svid.pem")).unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|p| p.into_contents())
-            .collect();
-        let key = pem::parse(std::fs::read(creds.join("svid.key")).unwrap())
-            .unwrap()
-            .into_contents();
-        let roots: Vec<Vec<u8>> = pem::parse_many(std::fs::read(creds.join("bundle.pem")).unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|p| p.into_contents())
-            .collect();
-        let identity = AgentSvid::from_parts(chain, key).unwrap();
-        let verifier = Arc::new(ServerSvidVerifier::new(
-            shared_roots(roots.clone()),
-            format!("spiffe://{TD}/ztid/server"),
-        ));
-        let channel = mtls_channel(
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            verifier,
-            Some(identity.certified_key().unwrap()),
-        )
-        .unwrap();
-        let mut client = AdminClient::new(channel);
+        let mut client = remote_admin(&server, &dir.path().join(who), who, port);
         for (rpc, denied) in call_all(&mut client).await {
             assert_eq!(
                 !denied,
@@ -232,6 +263,34 @@ async fn remote_admin_roles_gate_every_rpc() {
             );
         }
     }
+
+    // A lost credential is revoked on the server's host: refused from then on, while a
+    // new one for the same admin has its role (revocations count whole seconds: the
+    // waits are for the clock to pass the issue and the revocation).
+    let lost = dir.path().join("operator-lost");
+    let mut thief = remote_admin(&server, &lost, "operator", port);
+    thief.health(pb::HealthRequest {}).await.unwrap();
+    wait_until_second_after(unix_now());
+    server.cli_ok(&[
+        "admin",
+        "credential",
+        "revoke",
+        "--name",
+        "operator",
+        "--reason",
+        "laptop lost",
+    ]);
+    let refused = thief.health(pb::HealthRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("are revoked"),
+        "{}",
+        refused.message()
+    );
+    wait_until_second_after(unix_now());
+    let mut renewed = remote_admin(&server, &dir.path().join("operator-new"), "operator", port);
+    renewed.health(pb::HealthRequest {}).await.unwrap();
+    assert!(thief.health(pb::HealthRequest {}).await.is_err());
     // Without any client certificate the TLS handshake itself fails.
     let verifier = Arc::new(ServerSvidVerifier::new(
         shared_roots(bundle_roots(&server)),

@@ -43,7 +43,7 @@ use crate::{Error, RefusalKind};
 
 /// RPCs no remote role grants, whatever the config: only the admin socket's uids,
 /// on the server's host, may call them.
-pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid"];
+pub const LOCAL_ONLY: &[&str] = &["IssueAdminSvid", "RevokeAdminCredentials"];
 
 /// The path prefix of every admin RPC.
 const ADMIN_SERVICE_PREFIX: &str = "/ztid.admin.v1.Admin/";
@@ -90,6 +90,23 @@ pub fn own_issuers(core: &Arc<CaCore>) -> AdminIssuers {
     })
 }
 
+/// When the admin credentials of an admin ID (its first argument) issued at a time (the
+/// second, Unix seconds) were revoked, if they were: read at each call, from the
+/// revocations every server of the cluster shares (`RevokeAdminCredentials`).
+pub type AdminRevocations = Arc<dyn Fn(&str, i64) -> crate::Result<Option<i64>> + Send + Sync>;
+
+/// The cluster's admin credential revocations ([`CaCore::revocation_of`]: served from
+/// memory, re-read from the store within seconds, an error when the store has been
+/// unreadable too long, which refuses the call).
+pub fn own_revocations(core: &Arc<CaCore>) -> AdminRevocations {
+    let core = core.clone();
+    Arc::new(move |id, issued_at| {
+        Ok(core
+            .revocation_of(id, None, issued_at)?
+            .map(|r| r.revoked_at))
+    })
+}
+
 /// Which of the cluster's authorities signed a remote admin's certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IssuerVerdict {
@@ -112,6 +129,7 @@ pub struct AdminPolicy {
     local_next_step: String,
     remote_roles: HashMap<String, Vec<Role>>,
     issuers: AdminIssuers,
+    revocations: AdminRevocations,
     audit: Option<Arc<AuditLog>>,
     refusals: Arc<RefusalAudit>,
 }
@@ -121,12 +139,14 @@ type Refused = (String, String, &'static str);
 
 impl AdminPolicy {
     /// A policy admitting `local_uids` on the socket and `remote_roles` over mTLS, in
-    /// certificates signed by one of `issuers`; refusals are audited within `refusals`'
-    /// bounds (its summaries are written by a flusher the caller spawns on `audit`).
+    /// certificates signed by one of `issuers` and not revoked in `revocations`;
+    /// refusals are audited within `refusals`' bounds (its summaries are written by a
+    /// flusher the caller spawns on `audit`).
     pub fn new(
         local_uids: Vec<u32>,
         remote_roles: HashMap<String, Vec<Role>>,
         issuers: AdminIssuers,
+        revocations: AdminRevocations,
         audit: Option<Arc<AuditLog>>,
         refusals: Arc<RefusalAudit>,
     ) -> Self {
@@ -135,6 +155,7 @@ impl AdminPolicy {
             local_uids,
             remote_roles,
             issuers,
+            revocations,
             audit,
             refusals,
         }
@@ -311,6 +332,7 @@ impl AdminPolicy {
                     ))
                 }
             }
+            self.refuse_revoked(&id, leaf)?;
         }
         if roles.iter().any(|r| r.allows(method)) {
             Ok(id)
@@ -326,6 +348,31 @@ impl AdminPolicy {
                 format!("{id} ({roles:?}) may not call {method}"),
                 "admin_role_lacks_call",
             ))
+        }
+    }
+
+    /// Refuses a credential of admin `id` (its leaf, DER) issued before a revocation of
+    /// that ID's credentials, or when the revocations cannot be read (fail closed).
+    fn refuse_revoked(&self, id: &str, leaf: &[u8]) -> Result<(), Refused> {
+        // A leaf whose issue time cannot be read counts as issued before any revocation.
+        let issued_at = crate::authority::leaf_issued_at(leaf).unwrap_or(i64::MIN);
+        match (self.revocations)(id, issued_at) {
+            Ok(None) => Ok(()),
+            Ok(Some(revoked_at)) => Err((
+                id.to_string(),
+                format!(
+                    "{id}'s admin credentials issued before {} are revoked, this one \
+                     included; issue a new one on the server's host (`ztid-server admin \
+                     credential issue`)",
+                    ztid_human::rfc3339(revoked_at)
+                ),
+                "admin_credential_revoked",
+            )),
+            Err(e) => Err((
+                id.to_string(),
+                format!("the admin credential revocations cannot be read, so no remote admin call is admitted: {e}"),
+                "admin_revocations_unavailable",
+            )),
         }
     }
 
@@ -472,6 +519,7 @@ mod tests {
             vec![0],
             HashMap::from([("spiffe://example.org/ztid/admin/alice".to_string(), roles)]),
             own_issuers(core),
+            own_revocations(core),
             None,
             Arc::new(RefusalAudit::new(
                 10,
@@ -526,6 +574,75 @@ mod tests {
         assert!(policy.decide_remote(&after, "RevokeAuthority").is_ok());
     }
 
+    /// Waits (on the clock, a few ms at a time) until the Unix second is past `t`.
+    fn wait_past_second(t: i64) {
+        while crate::core::now() <= t {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_revoked_admin_credential_carries_no_role_and_a_new_one_does() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let policy = policy_of(&core, vec![Role::Operator]);
+        let stolen = admin_leaf(&core, "alice");
+        let bob = admin_leaf(&core, "bob");
+        assert!(policy.decide_remote(&stolen, "CreateEntry").is_ok());
+        // Revoked in a later second than it was issued (revocations count whole seconds).
+        wait_past_second(crate::authority::leaf_issued_at(&stolen).unwrap());
+        let revocation = core
+            .revoke(
+                crate::datastore::RevocationKind::Admin,
+                "spiffe://example.org/ztid/admin/alice",
+                "laptop stolen",
+                "test",
+            )
+            .unwrap();
+        for method in ["CreateEntry", "ListEntries"] {
+            let (who, reason, label) = policy.decide_remote(&stolen, method).unwrap_err();
+            assert_eq!(label, "admin_credential_revoked", "{method}");
+            assert_eq!(who, "spiffe://example.org/ztid/admin/alice");
+            assert!(
+                reason.contains("are revoked") && reason.contains("admin credential issue"),
+                "{reason}"
+            );
+        }
+        // Another admin's credential is untouched (it has no role here either way).
+        assert_eq!(
+            policy.decide_remote(&bob, "ListEntries").unwrap_err().2,
+            "admin_no_role"
+        );
+        // A credential issued after the revocation has the roles again.
+        wait_past_second(revocation.revoked_at);
+        let fresh = admin_leaf(&core, "alice");
+        assert!(policy.decide_remote(&fresh, "CreateEntry").is_ok());
+        assert!(policy.decide_remote(&stolen, "CreateEntry").is_err());
+    }
+
+    #[test]
+    fn unreadable_revocations_refuse_every_remote_admin() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let policy = AdminPolicy::new(
+            vec![0],
+            HashMap::from([(
+                "spiffe://example.org/ztid/admin/alice".to_string(),
+                vec![Role::Viewer],
+            )]),
+            own_issuers(&core),
+            Arc::new(|_, _| Err(Error::Internal("store down".into()))),
+            None,
+            Arc::new(RefusalAudit::new(
+                10,
+                100,
+                std::time::Duration::from_secs(60),
+            )),
+        );
+        let alice = admin_leaf(&core, "alice");
+        let (_, reason, label) = policy.decide_remote(&alice, "ListEntries").unwrap_err();
+        assert_eq!(label, "admin_revocations_unavailable");
+        assert!(reason.contains("store down"), "{reason}");
+    }
+
     #[test]
     fn a_remote_admin_gets_exactly_its_roles_and_never_a_local_only_call() {
         let (_dir, core, agent_leaf, _) = crate::core::testing::core_with_agent();
@@ -537,12 +654,14 @@ mod tests {
             .unwrap_err();
         assert_eq!(label, "admin_role_lacks_call");
         assert!(reason.contains("may not call PrepareAuthority"), "{reason}");
-        let (_, reason, label) = policy.decide_remote(&alice, "IssueAdminSvid").unwrap_err();
-        assert_eq!(label, "admin_local_only");
-        assert!(
-            reason.contains("served only on the admin socket"),
-            "{reason}"
-        );
+        for local in ["IssueAdminSvid", "RevokeAdminCredentials"] {
+            let (_, reason, label) = policy.decide_remote(&alice, local).unwrap_err();
+            assert_eq!(label, "admin_local_only");
+            assert!(
+                reason.contains("served only on the admin socket"),
+                "{reason}"
+            );
+        }
         // An admin ID no role names, and an agent's SVID: no role at all.
         let bob = admin_leaf(&core, "bob");
         for leaf in [&bob, &agent_leaf] {
@@ -571,6 +690,7 @@ mod tests {
             vec![0],
             HashMap::new(),
             Arc::new(Vec::new),
+            Arc::new(|_, _| Ok(None)),
             None,
             Arc::new(RefusalAudit::new(
                 10,

@@ -153,8 +153,9 @@ fn refuse_reserved_instance(td: &spiffe::TrustDomain, target: &str) -> crate::Re
         "revoke the node instead (kind node, `instance revoke --node`), which also bans \
          the agent"
     } else if ztid_spiffe::spiffe_id::is_admin_id(td, &id) {
-        "an admin's roles are withdrawn by removing its ID from [remote_admin.roles] and \
-         restarting; every credential of a tainted authority already carries no role"
+        "an admin's credentials are revoked on the server's host (`ztid-server admin \
+         credential revoke --name NAME`), its roles withdrawn by removing its ID from \
+         [remote_admin.roles]"
     } else {
         "the server's credentials go with its authorities (authority taint and revoke) or \
          with the server (RetireServer, `server retire`)"
@@ -188,8 +189,19 @@ pub(super) async fn revoke_instance(
     if r.target.is_empty() {
         return Err(Error::InvalidInput("target must not be empty".into()).into());
     }
-    if matches!(kind, RevocationKind::Instance) {
-        refuse_reserved_instance(&api.core.trust_domain, &r.target)?;
+    match kind {
+        RevocationKind::Instance => refuse_reserved_instance(&api.core.trust_domain, &r.target)?,
+        // Only the admin socket revokes admin credentials: a remote operator could
+        // otherwise lock out the authority admins above it.
+        RevocationKind::Admin => {
+            return Err(Error::InvalidInput(
+                "admin credentials are revoked only on the server's host, over the admin \
+                 socket: `ztid-server admin credential revoke --name NAME`"
+                    .into(),
+            )
+            .into())
+        }
+        RevocationKind::Entry | RevocationKind::Node => {}
     }
     let revocation = api.core.revoke(kind, &r.target, &r.reason, &who)?;
     api.core.audit_barrier().await?;
@@ -265,5 +277,55 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(core.list_revocations().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn admin_credentials_are_revoked_only_through_their_own_local_call() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let api = AdminApi::new(core.clone());
+        // RevokeInstance is an operator's call: it must not reach admin credentials.
+        let status = revoke_instance(
+            &api,
+            revocation("admin", "spiffe://example.org/ztid/admin/alice"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("admin credential revoke"),
+            "{}",
+            status.message()
+        );
+        assert!(core.list_revocations().unwrap().is_empty());
+        let mut bad = Request::new(pb::RevokeAdminCredentialsRequest {
+            name: "Alice/x".into(),
+            reason: String::new(),
+        });
+        bad.extensions_mut()
+            .insert(super::super::authz::AdminCaller("uid:0 pid:1".into()));
+        let status = super::super::admin_svid::revoke_admin_credentials(&api, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(core.list_revocations().unwrap().is_empty());
+        let mut good = Request::new(pb::RevokeAdminCredentialsRequest {
+            name: "alice".into(),
+            reason: "laptop stolen".into(),
+        });
+        good.extensions_mut()
+            .insert(super::super::authz::AdminCaller("uid:0 pid:1".into()));
+        let r = super::super::admin_svid::revoke_admin_credentials(&api, good)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.kind.as_str(), r.target.as_str(), r.reason.as_str()),
+            (
+                "admin",
+                "spiffe://example.org/ztid/admin/alice",
+                "laptop stolen"
+            )
+        );
+        assert_eq!(core.list_revocations().unwrap().len(), 1);
     }
 }

@@ -299,6 +299,13 @@ impl Admin for AdminApi {
         admin_svid::issue_admin_svid(self, request).await
     }
 
+    async fn revoke_admin_credentials(
+        &self,
+        request: Request<pb::RevokeAdminCredentialsRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        admin_svid::revoke_admin_credentials(self, request).await
+    }
+
     async fn update_entry(
         &self,
         request: Request<npb::Entry>,
