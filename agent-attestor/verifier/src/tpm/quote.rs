@@ -40,7 +40,8 @@ fn strip(mut b: &[u8]) -> &[u8] {
 
 /// Verifies `sig_raw` (a `TPMT_SIGNATURE`) over `msg` with the key `key`. A key whose
 /// scheme is set (every restricted signing key) only accepts signatures of that scheme.
-pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Result<(), Error> {
+/// Returns the signature's hash algorithm (a quote's PCR digest is made with it).
+pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Result<u16, Error> {
     let sig = Signature::parse(sig_raw)?;
     let (scheme, hash) = match &sig {
         Signature::Rsa { scheme, hash, .. } => (*scheme, *hash),
@@ -73,7 +74,8 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
             rs.extend(fixed(s, len)?);
             UnparsedPublicKey::new(a, &point)
                 .verify(msg, &rs)
-                .map_err(|_| bad_sig())
+                .map_err(|_| bad_sig())?;
+            Ok(*hash)
         }
         (
             PublicKey::Rsa {
@@ -103,7 +105,8 @@ pub fn verify_signature(key: &wire::Public, msg: &[u8], sig_raw: &[u8]) -> Resul
                 e: strip(&e),
             }
             .verify(params, msg, sig)
-            .map_err(|_| bad_sig())
+            .map_err(|_| bad_sig())?;
+            Ok(*hash)
         }
         _ => Err(refused(
             BadSignature,
@@ -134,7 +137,7 @@ pub fn verify_quote(
     if attest_raw.len() > MAX_ATTEST {
         return Err(refused(Malformed, "quote TPMS_ATTEST is too large"));
     }
-    verify_signature(ak, attest_raw, sig_raw).map_err(|e| {
+    let signed_with = verify_signature(ak, attest_raw, sig_raw).map_err(|e| {
         e.reworded(BadSignature, |r| {
             format!("quote signature check failed: {r}")
         })
@@ -189,7 +192,9 @@ pub fn verify_quote(
             ),
         ));
     }
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    // TPM2_Quote digests the PCR values with its signing scheme's hash (a P-384 AK's
+    // is SHA-384), whichever bank they come from.
+    let mut ctx = ring::digest::Context::new(pcr_digest_algorithm(signed_with)?);
     for (i, v) in pcr_values {
         if v.len() != 32 {
             return Err(refused(Malformed, format!("PCR {i} value is not 32 bytes")));
@@ -206,6 +211,19 @@ pub fn verify_quote(
         attest,
         pcrs: pcr_values.clone(),
     })
+}
+
+/// The digest of a quote signed with hash `alg` (every hash `verify_signature` accepts).
+fn pcr_digest_algorithm(alg: u16) -> Result<&'static ring::digest::Algorithm, Error> {
+    match alg {
+        alg::SHA256 => Ok(&ring::digest::SHA256),
+        alg::SHA384 => Ok(&ring::digest::SHA384),
+        alg::SHA512 => Ok(&ring::digest::SHA512),
+        other => Err(refused(
+            Unsupported,
+            format!("quote signed with hash 0x{other:04x}, not SHA-256/384/512"),
+        )),
+    }
 }
 
 /// `0,1,7`.
@@ -239,22 +257,50 @@ mod tests {
     //! TPM never trips (magic, type, trailing bytes, selection) run on validly signed bytes.
     use super::*;
     use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use ring::signature::{
+        EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
+        ECDSA_P384_SHA384_FIXED_SIGNING,
+    };
 
     struct SoftAk {
         key: EcdsaKeyPair,
         public: wire::Public,
+        /// A coordinate's (and a signature half's) length.
+        len: usize,
     }
 
     fn soft_ak() -> SoftAk {
+        soft_ak_on(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            curve::NIST_P256,
+            alg::SHA256,
+            32,
+        )
+    }
+
+    /// A P-384 AK with the TCG high-range scheme (ECDSA with SHA-384).
+    fn soft_p384_ak() -> SoftAk {
+        soft_ak_on(
+            &ECDSA_P384_SHA384_FIXED_SIGNING,
+            curve::NIST_P384,
+            alg::SHA384,
+            48,
+        )
+    }
+
+    fn soft_ak_on(
+        signing: &'static EcdsaSigningAlgorithm,
+        curve_id: u16,
+        hash: u16,
+        len: usize,
+    ) -> SoftAk {
         let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref(), &rng).unwrap();
         let point = key.public_key().as_ref().to_vec();
         let mut t = Vec::new();
         t.extend(alg::ECC.to_be_bytes());
-        t.extend(alg::SHA256.to_be_bytes());
+        t.extend(hash.to_be_bytes());
         let attrs = wire::attr::FIXED_TPM
             | wire::attr::FIXED_PARENT
             | wire::attr::SENSITIVE_DATA_ORIGIN
@@ -265,16 +311,17 @@ mod tests {
         t.extend(0u16.to_be_bytes()); // authPolicy
         t.extend(alg::NULL.to_be_bytes()); // symmetric
         t.extend(alg::ECDSA.to_be_bytes());
-        t.extend(alg::SHA256.to_be_bytes());
-        t.extend(curve::NIST_P256.to_be_bytes());
+        t.extend(hash.to_be_bytes());
+        t.extend(curve_id.to_be_bytes());
         t.extend(alg::NULL.to_be_bytes()); // kdf
-        for c in [&point[1..33], &point[33..65]] {
-            t.extend(32u16.to_be_bytes());
+        for c in [&point[1..1 + len], &point[1 + len..1 + 2 * len]] {
+            t.extend((len as u16).to_be_bytes());
             t.extend_from_slice(c);
         }
         SoftAk {
             key,
             public: wire::Public::parse(&t).unwrap(),
+            len,
         }
     }
 
@@ -284,8 +331,8 @@ mod tests {
             let sig = sig.as_ref();
             let mut out = alg::ECDSA.to_be_bytes().to_vec();
             out.extend(hash.to_be_bytes());
-            for c in [&sig[..32], &sig[32..]] {
-                out.extend(32u16.to_be_bytes());
+            for c in [&sig[..self.len], &sig[self.len..]] {
+                out.extend((self.len as u16).to_be_bytes());
                 out.extend_from_slice(c);
             }
             out
@@ -297,6 +344,19 @@ mod tests {
     }
 
     fn attest(magic: u32, typ: u16, nonce: &[u8], bank: u16, trailing: &[u8]) -> Vec<u8> {
+        attest_digested(magic, typ, nonce, bank, trailing, &ring::digest::SHA256)
+    }
+
+    /// A quote of `bank`'s PCRs whose PCR digest is made with `digest` (a TPM uses its
+    /// signing scheme's hash).
+    fn attest_digested(
+        magic: u32,
+        typ: u16,
+        nonce: &[u8],
+        bank: u16,
+        trailing: &[u8],
+        digest: &'static ring::digest::Algorithm,
+    ) -> Vec<u8> {
         let mut a = magic.to_be_bytes().to_vec();
         a.extend(typ.to_be_bytes());
         a.extend(0u16.to_be_bytes()); // qualifiedSigner
@@ -309,10 +369,11 @@ mod tests {
         a.extend(0x2019_1023u64.to_be_bytes()); // firmwareVersion
         let sel: BTreeSet<u8> = (0..8).collect();
         a.extend(wire::marshal_pcr_selection(bank, &sel));
-        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut h = ring::digest::Context::new(digest);
         values().values().for_each(|v| h.update(v));
-        a.extend(32u16.to_be_bytes());
-        a.extend_from_slice(h.finish().as_ref());
+        let d = h.finish();
+        a.extend((d.as_ref().len() as u16).to_be_bytes());
+        a.extend_from_slice(d.as_ref());
         a.extend_from_slice(trailing);
         a
     }
@@ -354,6 +415,31 @@ mod tests {
         .unwrap();
         assert_eq!(q.attest.clock.reset_count, 1);
         assert_eq!(q.attest.firmware_version, 0x2019_1023);
+    }
+
+    #[test]
+    fn a_p384_aks_quote_passes_with_its_pcr_digest_made_with_sha384() {
+        let ak = soft_p384_ak();
+        let quote = |digest| {
+            attest_digested(
+                wire::TPM_GENERATED,
+                wire::ST_ATTEST_QUOTE,
+                b"nonce",
+                alg::SHA256,
+                &[],
+                digest,
+            )
+        };
+        let q = check(&ak, &quote(&ring::digest::SHA384), alg::SHA384).unwrap();
+        assert_eq!(q.pcrs, values());
+        // The sha256 bank's values digested with SHA-256 is not what this AK's TPM signs.
+        assert_eq!(
+            refusal(
+                BadSignature,
+                check(&ak, &quote(&ring::digest::SHA256), alg::SHA384)
+            ),
+            "PCR values sent do not match the quote's PCR digest"
+        );
     }
 
     #[test]
