@@ -9,10 +9,29 @@
 //! request to an `https` URL never follows a redirect to `http`. Every failure names the
 //! URL and the reason.
 //!
-//! Attestation attempts are unauthenticated, so fetching is bounded per verifier: at most
-//! [`MAX_REQUESTS_PER_MINUTE`] requests a minute and [`MAX_IN_FLIGHT`] at once, and a URL
-//! that failed is not asked again for [`FAILURE_MEMORY`]. Past those bounds an attempt
-//! needing remote collateral is refused, naming why.
+//! Attestation attempts are unauthenticated, so fetching is bounded per verifier, in
+//! three budgets ([`Pool`]) that cannot drain each other:
+//!
+//! - [`Pool::Open`], for URLs that unauthenticated evidence can vary at will (the VCEK of
+//!   a chip never seen to verify, a quote's FMSPC collateral): at most
+//!   [`MAX_REQUESTS_PER_MINUTE`] requests a minute and [`MAX_IN_FLIGHT`] at once;
+//! - [`Pool::KnownChip`], for the VCEK of a chip that already passed a full
+//!   verification (bounded per chip by the caller): at most
+//!   [`MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE`] a minute and [`MAX_KNOWN_CHIP_IN_FLIGHT`] at
+//!   once;
+//! - [`Pool::FixedUrl`], for the few fixed URLs every node shares (an AMD product's
+//!   cert_chain and CRL): at most [`MAX_FIXED_URL_REQUESTS_PER_MINUTE`] a minute and
+//!   [`MAX_FIXED_URL_IN_FLIGHT`] at once.
+//!
+//! A flood of evidence naming bogus chips therefore exhausts only the open budget, and
+//! nothing an attacker sends can keep the CRL from being refreshed. A URL that failed is
+//! not asked again for [`FAILURE_MEMORY`]; one AMD KDS answered "not found" (HTTP 404,
+//! or 400 as KDS answers a malformed chip ID or TCB) is not asked again for
+//! [`NOT_FOUND_MEMORY`] (Intel PCS collateral, which a PCCS answers 404 until it has
+//! synced an FMSPC, only for [`FAILURE_MEMORY`]), remembered for at most [`MAX_NOT_FOUND_REMEMBERED`] URLs (the
+//! oldest forgotten first), so a repeated bogus chip costs no request at all. Past those
+//! bounds an attempt needing remote collateral is refused, naming why. Outbound requests
+//! stay bounded by the sum of the three budgets.
 //!
 //! Nothing fetched is trusted for what it is: each verifier checks fetched certificates,
 //! CRLs and signed collateral exactly as it checks offline collateral, and stores in the
@@ -52,14 +71,173 @@ impl Response {
     }
 }
 
-/// Most requests one client starts per minute. Attestation attempts are unauthenticated,
-/// so without a bound a stream of garbage evidence naming ever-new chips could make the
-/// CA hammer AMD or Intel (and tie up its threads); beyond it, requests are refused.
+/// Most [`Pool::Open`] requests one client starts per minute. Attestation attempts are
+/// unauthenticated, so without a bound a stream of garbage evidence naming ever-new chips
+/// could make the CA hammer AMD or Intel (and tie up its threads); beyond it, requests are
+/// refused.
 pub const MAX_REQUESTS_PER_MINUTE: usize = 30;
-/// Most requests one client has in flight at once.
+/// Most [`Pool::Open`] requests one client has in flight at once.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Most [`Pool::KnownChip`] requests one client starts per minute.
+pub const MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE: usize = 30;
+/// Most [`Pool::KnownChip`] requests one client has in flight at once.
+pub const MAX_KNOWN_CHIP_IN_FLIGHT: usize = 2;
+/// Most [`Pool::FixedUrl`] requests one client starts per minute.
+pub const MAX_FIXED_URL_REQUESTS_PER_MINUTE: usize = 30;
+/// Most [`Pool::FixedUrl`] requests one client has in flight at once.
+pub const MAX_FIXED_URL_IN_FLIGHT: usize = 2;
 /// How long a failed URL is not asked again.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(60);
+/// How long a URL the server answered "not found" is not asked again: a chip ID and TCB
+/// that KDS does not know stays unknown, so asking again soon only spends the budget.
+pub const NOT_FOUND_MEMORY: Duration = Duration::from_secs(3600);
+/// Most "not found" URLs remembered at once (the oldest is forgotten first): bounds the
+/// memory a flood of bogus chip IDs can take.
+pub const MAX_NOT_FOUND_REMEMBERED: usize = 4096;
+
+/// The request budget a fetch is charged to (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Pool {
+    /// URLs that unauthenticated evidence can vary at will.
+    Open,
+    /// The VCEK of a chip that already passed a full verification.
+    KnownChip,
+    /// The few fixed URLs every node shares (cert_chain, CRL).
+    FixedUrl,
+}
+
+impl Pool {
+    /// Requests per minute and in flight at once.
+    fn limits(self) -> (usize, usize) {
+        match self {
+            Pool::Open => (MAX_REQUESTS_PER_MINUTE, MAX_IN_FLIGHT),
+            Pool::KnownChip => (MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE, MAX_KNOWN_CHIP_IN_FLIGHT),
+            Pool::FixedUrl => (MAX_FIXED_URL_REQUESTS_PER_MINUTE, MAX_FIXED_URL_IN_FLIGHT),
+        }
+    }
+}
+
+impl std::fmt::Display for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pool::Open => "open",
+            Pool::KnownChip => "known-chip",
+            Pool::FixedUrl => "fixed-URL",
+        })
+    }
+}
+
+/// Why a request was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotFetched {
+    /// Neither `https://` nor `http://`.
+    #[error("only https:// and http:// URLs are fetched")]
+    Scheme,
+    /// The URL failed less than [`FAILURE_MEMORY`] ago.
+    #[error("failed {ago_secs} s ago ({why}); not asked again for {} s", FAILURE_MEMORY.as_secs())]
+    RecentlyFailed {
+        /// Seconds since the failure.
+        ago_secs: u64,
+        /// The failure.
+        why: String,
+    },
+    /// The server answered "not found" less than [`NOT_FOUND_MEMORY`] ago.
+    #[error("answered HTTP {status} {ago_secs} s ago; not asked again for {} s", NOT_FOUND_MEMORY.as_secs())]
+    RecentlyNotFound {
+        /// Seconds since the answer.
+        ago_secs: u64,
+        /// Its HTTP status.
+        status: u16,
+    },
+    /// The pool's per-minute budget is spent.
+    #[error("not fetched: this verifier already made {limit} {}requests in the last minute", pool_prefix(*pool))]
+    Budget {
+        /// The pool whose budget is spent.
+        pool: Pool,
+        /// Its requests per minute.
+        limit: usize,
+    },
+    /// The pool's in-flight slots are taken.
+    #[error("not fetched: {limit} {}requests already in flight", pool_prefix(*pool))]
+    InFlight {
+        /// The pool whose slots are taken.
+        pool: Pool,
+        /// Its requests in flight at once.
+        limit: usize,
+    },
+    /// The accounting lock is poisoned (a thread panicked holding it).
+    #[error("fetch accounting lock poisoned")]
+    Poisoned,
+}
+
+/// `known-chip ` or `fixed-URL ` for those budgets; nothing for the open budget, which
+/// keeps its original wording ("30 requests").
+fn pool_prefix(pool: Pool) -> String {
+    match pool {
+        Pool::Open => String::new(),
+        other => format!("{other} "),
+    }
+}
+
+/// A failed GET; every message starts with `GET {url}: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// No request was made.
+    #[error("GET {url}: {why}")]
+    NotMade {
+        /// The URL.
+        url: String,
+        /// Why not.
+        why: NotFetched,
+    },
+    /// The server answered "not found" (404, or 400 for a malformed chip ID or TCB).
+    #[error("GET {url}: HTTP {status}{}", canonical_reason(*status))]
+    NotFound {
+        /// The URL.
+        url: String,
+        /// 404 or 400.
+        status: u16,
+    },
+    /// Transport failure, another status, or an unreadable body.
+    #[error("GET {url}: {detail}")]
+    Failed {
+        /// The URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl FetchError {
+    /// True if no request was made because a budget or its in-flight slots were spent.
+    pub fn is_over_budget(&self) -> bool {
+        matches!(
+            self,
+            FetchError::NotMade {
+                why: NotFetched::Budget { .. } | NotFetched::InFlight { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// ` Not Found` for 404: the reason phrase, with its leading space, or nothing.
+fn canonical_reason(status: u16) -> String {
+    ureq::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .map(|r| format!(" {r}"))
+        .unwrap_or_default()
+}
+
+/// Statuses taken as "this URL names nothing": KDS answers 404 for an unknown chip or TCB
+/// and 400 for a malformed one; neither changes by asking again soon.
+fn is_not_found(status: u16) -> bool {
+    status == 404 || status == 400
+}
 
 /// The blocking HTTP client (one per verifier; agents are made on first use).
 #[derive(Default)]
@@ -69,21 +247,59 @@ pub(crate) struct Client {
     limits: std::sync::Mutex<Limits>,
 }
 
-/// Request accounting: recent starts, requests in flight, recent failures by URL.
+/// One pool's accounting: recent starts and requests in flight.
 #[derive(Default)]
-struct Limits {
+struct PoolLimits {
     started: std::collections::VecDeque<std::time::Instant>,
     in_flight: usize,
-    failed: std::collections::HashMap<String, (std::time::Instant, String)>,
 }
 
-/// Releases an in-flight slot when a request ends, however it ends.
-struct Slot<'a>(&'a std::sync::Mutex<Limits>);
+/// Request accounting: each pool's, recent failures and "not found" answers by URL.
+#[derive(Default)]
+struct Limits {
+    open: PoolLimits,
+    known_chip: PoolLimits,
+    fixed_url: PoolLimits,
+    failed: std::collections::HashMap<String, (std::time::Instant, String)>,
+    not_found: std::collections::HashMap<String, (std::time::Instant, u16)>,
+}
+
+impl Limits {
+    fn pool(&mut self, pool: Pool) -> &mut PoolLimits {
+        match pool {
+            Pool::Open => &mut self.open,
+            Pool::KnownChip => &mut self.known_chip,
+            Pool::FixedUrl => &mut self.fixed_url,
+        }
+    }
+
+    /// Remembers a "not found" answer, forgetting the oldest past the bound.
+    fn remember_not_found(&mut self, url: &str, status: u16, now: std::time::Instant) {
+        self.not_found
+            .retain(|_, (at, _)| now.duration_since(*at) < NOT_FOUND_MEMORY);
+        while self.not_found.len() >= MAX_NOT_FOUND_REMEMBERED {
+            let Some(oldest) = self
+                .not_found
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(u, _)| u.clone())
+            else {
+                break;
+            };
+            self.not_found.remove(&oldest);
+        }
+        self.not_found.insert(url.to_string(), (now, status));
+    }
+}
+
+/// Releases an in-flight slot of its pool when a request ends, however it ends.
+struct Slot<'a>(&'a std::sync::Mutex<Limits>, Pool);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if let Ok(mut l) = self.0.lock() {
-            l.in_flight = l.in_flight.saturating_sub(1);
+            let p = l.pool(self.1);
+            p.in_flight = p.in_flight.saturating_sub(1);
         }
     }
 }
@@ -100,29 +316,54 @@ fn agent(https_only: bool) -> ureq::Agent {
 }
 
 impl Client {
-    /// GETs `url`: the body of a 200 response, or why not (the message names the URL).
+    /// GETs `url`, charged to [`Pool::Open`]: the body of a 200 response, or why not
+    /// (the message names the URL).
+    ///
+    /// A "not found" answer is remembered only for [`FAILURE_MEMORY`]: Intel's PCS (and
+    /// a PCCS, which answers 404 for an FMSPC it has not synced yet) is fetched this way,
+    /// and a real platform must not wait an hour for its collateral.
     pub(crate) fn get(&self, url: &str) -> Result<Response, String> {
-        let fail = |why: String| format!("GET {url}: {why}");
+        self.fetch(url, Pool::Open, false)
+            .map_err(|e| e.to_string())
+    }
+
+    /// GETs `url`, charged to `pool`: the body of a 200 response, or why not. A "not
+    /// found" answer is remembered for [`NOT_FOUND_MEMORY`] (AMD KDS: a chip ID and TCB
+    /// it does not know stays unknown).
+    pub(crate) fn get_in(&self, url: &str, pool: Pool) -> Result<Response, FetchError> {
+        self.fetch(url, pool, true)
+    }
+
+    /// GETs `url`, charged to `pool`; a "not found" answer is remembered for
+    /// [`NOT_FOUND_MEMORY`] when `long_not_found`, else as any failure.
+    fn fetch(&self, url: &str, pool: Pool, long_not_found: bool) -> Result<Response, FetchError> {
+        let not_made = |why: NotFetched| FetchError::NotMade {
+            url: url.to_string(),
+            why,
+        };
+        let failed = |detail: String| FetchError::Failed {
+            url: url.to_string(),
+            detail,
+        };
         let agent = if url.starts_with("https://") {
             self.https.get_or_init(|| agent(true))
         } else if url.starts_with("http://") {
             self.plain.get_or_init(|| agent(false))
         } else {
-            return Err(fail("only https:// and http:// URLs are fetched".into()));
+            return Err(not_made(NotFetched::Scheme));
         };
-        let slot = self.admit(url).map_err(fail)?;
+        let slot = self.admit(url, pool).map_err(not_made)?;
         let result = blocking(|| {
-            let mut resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
-            let status = resp.status();
+            let mut resp = agent.get(url).call().map_err(|e| failed(e.to_string()))?;
+            let status = resp.status().as_u16();
+            if is_not_found(status) {
+                return Err(FetchError::NotFound {
+                    url: url.to_string(),
+                    status,
+                });
+            }
             if status != 200 {
-                return Err(fail(format!(
-                    "HTTP {}{}",
-                    status.as_u16(),
-                    status
-                        .canonical_reason()
-                        .map(|r| format!(" {r}"))
-                        .unwrap_or_default()
-                )));
+                return Err(failed(format!("HTTP {status}{}", canonical_reason(status))));
             }
             let headers = resp
                 .headers()
@@ -136,56 +377,72 @@ impl Client {
                 .read_to_vec()
                 .map_err(|e| match e {
                     ureq::Error::BodyExceedsLimit(_) => {
-                        fail(format!("response is larger than {MAX_RESPONSE} bytes"))
+                        failed(format!("response is larger than {MAX_RESPONSE} bytes"))
                     }
-                    e => fail(format!("reading the response: {e}")),
+                    e => failed(format!("reading the response: {e}")),
                 })?;
             Ok(Response { body, headers })
         });
         drop(slot);
         if let (Err(e), Ok(mut l)) = (&result, self.limits.lock()) {
-            l.failed
-                .insert(url.to_string(), (std::time::Instant::now(), e.clone()));
+            let now = std::time::Instant::now();
+            match e {
+                FetchError::NotFound { status, .. } if long_not_found => {
+                    l.remember_not_found(url, *status, now)
+                }
+                e => {
+                    l.failed.insert(url.to_string(), (now, e.to_string()));
+                }
+            }
         }
         result
     }
 
-    /// Takes an in-flight slot for `url`, or says why the request is not made.
-    fn admit(&self, url: &str) -> Result<Slot<'_>, String> {
+    /// Takes an in-flight slot of `pool` for `url`, or says why the request is not made.
+    fn admit(&self, url: &str, pool: Pool) -> Result<Slot<'_>, NotFetched> {
         let now = std::time::Instant::now();
-        let mut l = self
-            .limits
-            .lock()
-            .map_err(|_| "fetch accounting lock poisoned".to_string())?;
+        let mut l = self.limits.lock().map_err(|_| NotFetched::Poisoned)?;
         l.failed
             .retain(|_, (at, _)| now.duration_since(*at) < FAILURE_MEMORY);
         if let Some((at, why)) = l.failed.get(url) {
-            return Err(format!(
-                "failed {} s ago ({why}); not asked again for {} s",
-                now.duration_since(*at).as_secs(),
-                FAILURE_MEMORY.as_secs()
-            ));
+            return Err(NotFetched::RecentlyFailed {
+                ago_secs: now.duration_since(*at).as_secs(),
+                why: why.clone(),
+            });
         }
-        while l
+        if let Some((at, status)) = l.not_found.get(url) {
+            let ago = now.duration_since(*at);
+            if ago < NOT_FOUND_MEMORY {
+                return Err(NotFetched::RecentlyNotFound {
+                    ago_secs: ago.as_secs(),
+                    status: *status,
+                });
+            }
+        }
+        let (per_minute, in_flight) = pool.limits();
+        let p = l.pool(pool);
+        while p
             .started
             .front()
             .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
         {
-            l.started.pop_front();
+            p.started.pop_front();
         }
-        if l.started.len() >= MAX_REQUESTS_PER_MINUTE {
-            return Err(format!(
-                "not fetched: this verifier already made {MAX_REQUESTS_PER_MINUTE} requests in the last minute"
-            ));
+        if p.started.len() >= per_minute {
+            return Err(NotFetched::Budget {
+                pool,
+                limit: per_minute,
+            });
         }
-        if l.in_flight >= MAX_IN_FLIGHT {
-            return Err(format!(
-                "not fetched: {MAX_IN_FLIGHT} requests already in flight"
-            ));
+        if p.in_flight >= in_flight {
+            return Err(NotFetched::InFlight {
+                pool,
+                limit: in_flight,
+            });
         }
-        l.started.push_back(now);
-        l.in_flight += 1;
-        Ok(Slot(&self.limits))
+        p.started.push_back(now);
+        p.in_flight += 1;
+        Ok(Slot(&self.limits, pool))
     }
 }
 
@@ -321,9 +578,202 @@ fn create_dir_0700(dir: &Path) -> Result<(), Error> {
         )))
 }
 
+/// A minimal HTTP server for unit tests: serves bodies by request target, answers 404
+/// otherwise, and logs every target it was asked for.
+#[cfg(test)]
+pub(crate) mod test_server {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    type Routes = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+
+    pub(crate) struct Server {
+        /// `http://127.0.0.1:PORT`.
+        pub addr: String,
+        routes: Routes,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Server {
+        /// Starts the server on a free port (its thread lives as long as the test process).
+        pub(crate) fn start() -> Self {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = format!("http://{}", l.local_addr().unwrap());
+            let routes: Routes = Arc::default();
+            let log: Arc<Mutex<Vec<String>>> = Arc::default();
+            let (r, g) = (routes.clone(), log.clone());
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    handle(s, &r, &g);
+                }
+            });
+            Self { addr, routes, log }
+        }
+
+        /// Serves `body` with status 200 at `target` (path and query).
+        pub(crate) fn serve(&self, target: &str, body: Vec<u8>) {
+            self.routes.lock().unwrap().insert(target.into(), body);
+        }
+
+        /// The targets asked for so far.
+        pub(crate) fn requests(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    fn handle(mut s: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&buf).to_string();
+        let target = head
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("")
+            .to_string();
+        log.lock().unwrap().push(target.clone());
+        let (status, body) = match routes.lock().unwrap().get(&target) {
+            Some(b) => ("200 OK", b.clone()),
+            None => ("404 Not Found", b"not found".to_vec()),
+        };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(&body);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_budget_cannot_drain_the_others() {
+        // Nothing listens on port 1: every request fails at once, but counts.
+        let c = Client::default();
+        for i in 0..MAX_REQUESTS_PER_MINUTE {
+            let e = c
+                .get_in(&format!("http://127.0.0.1:1/open/{i}"), Pool::Open)
+                .unwrap_err();
+            assert!(matches!(e, FetchError::Failed { .. }), "{i}: {e}");
+        }
+        let over = c
+            .get_in("http://127.0.0.1:1/open/more", Pool::Open)
+            .unwrap_err();
+        assert_eq!(
+            over,
+            FetchError::NotMade {
+                url: "http://127.0.0.1:1/open/more".into(),
+                why: NotFetched::Budget {
+                    pool: Pool::Open,
+                    limit: MAX_REQUESTS_PER_MINUTE
+                }
+            }
+        );
+        assert!(over.is_over_budget());
+        // The open budget is spent, yet the other budgets are whole, each up to its own
+        // bound.
+        for (pool, limit) in [
+            (Pool::KnownChip, MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE),
+            (Pool::FixedUrl, MAX_FIXED_URL_REQUESTS_PER_MINUTE),
+        ] {
+            for i in 0..limit {
+                let e = c
+                    .get_in(&format!("http://127.0.0.1:1/{pool}/{i}"), pool)
+                    .unwrap_err();
+                assert!(matches!(e, FetchError::Failed { .. }), "{pool} {i}: {e}");
+            }
+            let url = format!("http://127.0.0.1:1/{pool}/more");
+            let over = c.get_in(&url, pool).unwrap_err();
+            assert!(over.is_over_budget());
+            assert_eq!(
+                over.to_string(),
+                format!("GET {url}: not fetched: this verifier already made {limit} {pool} requests in the last minute")
+            );
+        }
+        let l = c.limits.lock().unwrap();
+        assert_eq!(
+            (
+                l.open.in_flight,
+                l.known_chip.in_flight,
+                l.fixed_url.in_flight
+            ),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn not_found_answers_are_remembered_and_bounded() {
+        let server = test_server::Server::start();
+        let c = Client::default();
+        let url = format!("{}/vcek/v1/Milan/00ff", server.addr);
+        let e = c.get_in(&url, Pool::Open).unwrap_err();
+        assert_eq!(
+            e,
+            FetchError::NotFound {
+                url: url.clone(),
+                status: 404
+            }
+        );
+        assert_eq!(e.to_string(), format!("GET {url}: HTTP 404 Not Found"));
+        // Asked again: no request, whatever the pool, and said why.
+        for pool in [Pool::Open, Pool::KnownChip, Pool::FixedUrl] {
+            let again = c.get_in(&url, pool).unwrap_err();
+            assert!(
+                matches!(
+                    &again,
+                    FetchError::NotMade {
+                        why: NotFetched::RecentlyNotFound { status: 404, .. },
+                        ..
+                    }
+                ),
+                "{again}"
+            );
+            assert!(
+                again
+                    .to_string()
+                    .ends_with("answered HTTP 404 0 s ago; not asked again for 3600 s"),
+                "{again}"
+            );
+        }
+        assert_eq!(server.requests().len(), 1);
+        // Not counted as a failure (those are forgotten after a minute).
+        assert!(c.limits.lock().unwrap().failed.is_empty());
+
+        // Fetched as PCS collateral is (`get`), a 404 is remembered only as a failure: a
+        // PCCS answers 404 for an FMSPC it has not synced yet.
+        let pcs = format!(
+            "{}/sgx/certification/v4/tcb?fmspc=00a06f000000",
+            server.addr
+        );
+        let first = c.get(&pcs).unwrap_err();
+        assert!(first.ends_with("HTTP 404 Not Found"), "{first}");
+        let again = c.get(&pcs).unwrap_err();
+        assert!(again.contains("not asked again for 60 s"), "{again}");
+        assert!(!c.limits.lock().unwrap().not_found.contains_key(&pcs));
+
+        // The memory is bounded: past the bound the oldest answer is forgotten.
+        let mut l = Limits::default();
+        let t0 = std::time::Instant::now();
+        for i in 0..=MAX_NOT_FOUND_REMEMBERED {
+            l.remember_not_found(&format!("u{i}"), 404, t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(l.not_found.len(), MAX_NOT_FOUND_REMEMBERED);
+        assert!(!l.not_found.contains_key("u0"));
+        assert!(l
+            .not_found
+            .contains_key(&format!("u{MAX_NOT_FOUND_REMEMBERED}")));
+    }
 
     #[test]
     fn failures_are_remembered_and_requests_are_bounded() {
@@ -349,7 +799,11 @@ mod tests {
             )),
             "{over}"
         );
-        assert_eq!(c.limits.lock().unwrap().in_flight, 0, "slots are released");
+        assert_eq!(
+            c.limits.lock().unwrap().open.in_flight,
+            0,
+            "slots are released"
+        );
     }
 
     #[test]

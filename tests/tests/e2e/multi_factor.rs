@@ -408,9 +408,11 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
     ))
     .unwrap();
     let multi = |cvm: &Cvm| {
+        // The SVSM's launch measurement listed: without it the vTPM EK is not vouched for.
         let snp: toml::Table = toml::from_str(&format!(
-            "test_roots_dir = {:?}",
-            cvm.chain.roots_dir().display().to_string()
+            "test_roots_dir = {:?}\nmeasurements = [\"{}\"]",
+            cvm.chain.roots_dir().display().to_string(),
+            hex::encode(MEASUREMENT)
         ))
         .unwrap();
         MultiVerifier::new(

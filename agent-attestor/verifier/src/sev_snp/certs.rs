@@ -560,6 +560,25 @@ impl TrustStore {
         }
     }
 
+    /// Checks that `key` (an ASK or ASVK) is signed by a pinned ARK, and that both are
+    /// valid at `at`.
+    pub(crate) fn check_signing_key(&self, key: &AmdCert, at: i64) -> Result<(), Error> {
+        let anchor = self
+            .anchor_of(key)
+            .and_then(|a| self.anchors.get(a))
+            .ok_or_else(|| {
+                Error::refused(
+                    UntrustedChain,
+                    format!(
+                        "signing key {} is not signed by any pinned AMD ARK",
+                        key.subject_cn
+                    ),
+                )
+            })?;
+        anchor.ark.check_time(at)?;
+        key.check_time(at)
+    }
+
     /// The anchor whose ARK issued `cert`, by name and signature.
     fn anchor_of(&self, cert: &AmdCert) -> Option<usize> {
         self.anchors

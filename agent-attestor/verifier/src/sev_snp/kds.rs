@@ -19,14 +19,54 @@
 //! TCB equal to the report's; CRL signed by a pinned ARK and current); a fetched ARK is
 //! never trusted, only the compiled-in ones (or `test_roots_dir`).
 //!
+//! # Request budgets and bogus chip IDs
+//!
+//! The VCEK URL is built from the report's chip_id and reported TCB before the report is
+//! authenticated (the VCEK is what authenticates it), so anyone can make the CA ask KDS
+//! for made-up chips. That must not starve genuine nodes, so requests go to three
+//! budgets ([`fetch::Pool`]) that cannot drain each other:
+//!
+//! - the VCEK of a chip never seen to verify: the open budget (30 a minute, 4 at once),
+//!   the only one a flood of bogus chip IDs can spend;
+//! - the VCEK of a *known-good* chip, one whose report passed a full verification
+//!   (signature, report_data binding, policy) through [`super::SnpVerifier`], so that it
+//!   gets a new TCB's VCEK (after a firmware update) during a flood: the known-chip budget
+//!   (30 a minute, 2 at once). At most [`MAX_KNOWN_CHIPS`] chips are remembered (the
+//!   least recently verified forgotten first), in memory only; each gets at most
+//!   [`KNOWN_CHIP_FETCHES_PER_HOUR`] requests from this budget an hour, then falls back to
+//!   the open one: reports forged with a known chip's ID and made-up TCBs spend that
+//!   chip's quota, and only someone who knows the IDs of many verified chips can spend
+//!   this budget (chip IDs are not secret: they are selectors);
+//! - the cert_chain and CRL, one fixed URL per product (Milan, Genoa or Turin only, so a
+//!   forged issuer name cannot make up URLs) and key kind: the fixed-URL budget (30 a
+//!   minute, 2 at once), so nothing an attacker sends keeps the CRL from being refreshed.
+//!   A fetched cert_chain whose signing key is current under a pinned ARK is cached even
+//!   when it does not fit the VEK at hand, and while such a cached chain is less than
+//!   [`CERT_CHAIN_REFRESH`] old a VEK it does not fit is refused from the cache: a forged
+//!   issuer costs at most one request a day per URL.
+//!
+//! A URL KDS answered "not found" (404, or 400) is not asked again for an hour (at most
+//! 4096 remembered), so repeating a bogus chip ID costs no request; other failures are
+//! not asked again for 60 s. Outbound requests stay bounded by the three budgets together
+//! (90 a minute, 8 at once) and memory by the bounds above.
+//!
+//! What a flood can still delay is the first fetch for a chip never verified before (its
+//! VCEK competes in the open budget): give such nodes their VCEK in the host's
+//! certificate table or in `collateral_dir`, or verify them once before, and they need no
+//! open-budget request. Cached VCEKs (on disk) are used without any request; a restart
+//! forgets only which chips are known-good.
+//!
 //! Cache layout under `kds_cache_dir`: `{product}/vcek-{hwid}-{tcb}.der` (tcb like
 //! `bl03-tee00-snp08-uc115`, `fmc01-` first on Turin), `{product}/{vcek|vlek}-cert_chain.pem`,
 //! `{product}/{vcek|vlek}-crl.der`. A cached file is used without a request while it
 //! passes those checks at the verification time; otherwise it is fetched again.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use crate::fetch::{self, Cache};
+use crate::fetch::{self, Cache, Pool};
 use crate::Error;
 use ztid_attestation::RefusalKind::{
     self, CollateralUnavailable, KeyMismatch, Malformed, UntrustedChain,
@@ -48,12 +88,101 @@ pub(crate) struct KdsConfig {
     pub crl: bool,
 }
 
+/// Most known-good chips remembered (about 100 bytes each).
+pub(crate) const MAX_KNOWN_CHIPS: usize = 4096;
+/// Most VCEK requests of one known-good chip charged to the known-chip budget per hour: a
+/// genuine chip needs one per TCB change (two for a version 2 report, whose product is
+/// guessed).
+pub(crate) const KNOWN_CHIP_FETCHES_PER_HOUR: usize = 4;
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// How long a cached cert_chain that is current but does not fit a VEK answers for KDS:
+/// after that it is asked again (AMD may have issued a new signing key).
+const CERT_CHAIN_REFRESH: Duration = Duration::from_secs(24 * 3600);
+
+/// The products KDS serves; a cert_chain is fetched only for one of these, so a forged
+/// issuer name cannot make up URLs.
+const KDS_PRODUCTS: [&str; 3] = ["Milan", "Genoa", "Turin"];
+
 /// The KDS client with its cache.
 pub(crate) struct Kds {
     base: String,
     cache: Cache,
     crl: bool,
     client: fetch::Client,
+    known: Mutex<KnownChips>,
+}
+
+/// Chips (by hwID: 64 bytes, 8 on Turin) whose reports passed a full verification.
+#[derive(Default)]
+struct KnownChips {
+    by_hwid: HashMap<Vec<u8>, KnownChip>,
+}
+
+struct KnownChip {
+    last_verified: Instant,
+    /// Its known-chip budget requests in the last hour, oldest first.
+    budget_fetches: VecDeque<Instant>,
+}
+
+impl KnownChips {
+    /// Records a verified chip, forgetting the least recently verified past the bound.
+    fn remember(&mut self, hwid: &[u8], now: Instant) {
+        if let Some(k) = self.by_hwid.get_mut(hwid) {
+            k.last_verified = now;
+            return;
+        }
+        while self.by_hwid.len() >= MAX_KNOWN_CHIPS {
+            let Some(oldest) = self
+                .by_hwid
+                .iter()
+                .min_by_key(|(_, k)| k.last_verified)
+                .map(|(h, _)| h.clone())
+            else {
+                break;
+            };
+            self.by_hwid.remove(&oldest);
+        }
+        self.by_hwid.insert(
+            hwid.to_vec(),
+            KnownChip {
+                last_verified: now,
+                budget_fetches: VecDeque::new(),
+            },
+        );
+    }
+
+    /// The pool a VCEK fetch for `hwid` is charged to: [`Pool::KnownChip`] for a known
+    /// chip within its hourly quota, [`Pool::Open`] otherwise.
+    fn pool_for(&mut self, hwid: &[u8], now: Instant) -> Pool {
+        let Some(k) = self.by_hwid.get_mut(hwid) else {
+            return Pool::Open;
+        };
+        while k
+            .budget_fetches
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
+            k.budget_fetches.pop_front();
+        }
+        if k.budget_fetches.len() >= KNOWN_CHIP_FETCHES_PER_HOUR {
+            Pool::Open
+        } else {
+            Pool::KnownChip
+        }
+    }
+
+    /// Counts a request made for `hwid` from [`Pool::KnownChip`] against its quota
+    /// (requests the client did not make are not counted).
+    fn count_fetch(&mut self, hwid: &[u8], now: Instant) {
+        if let Some(k) = self.by_hwid.get_mut(hwid) {
+            k.budget_fetches.push_back(now);
+            // Bounded even if concurrent fetches raced past the quota check.
+            while k.budget_fetches.len() > KNOWN_CHIP_FETCHES_PER_HOUR {
+                k.budget_fetches.pop_front();
+            }
+        }
+    }
 }
 
 fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
@@ -166,10 +295,11 @@ fn candidates(report: &Report<'_>, hint: &[String]) -> Vec<&'static str> {
 }
 
 /// The product in a signing key's name (`SEV-Milan`, `SEV-VLEK-Genoa`).
-fn product_of_issuer(cn: &str) -> Option<&str> {
-    cn.strip_prefix("SEV-VLEK-")
-        .or_else(|| cn.strip_prefix("SEV-"))
-        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()))
+fn product_of_issuer(cn: &str) -> Option<&'static str> {
+    let p = cn
+        .strip_prefix("SEV-VLEK-")
+        .or_else(|| cn.strip_prefix("SEV-"))?;
+    KDS_PRODUCTS.into_iter().find(|k| *k == p)
 }
 
 impl Kds {
@@ -179,7 +309,54 @@ impl Kds {
             cache: Cache::new(cfg.cache_dir.clone()),
             crl: cfg.crl,
             client: fetch::Client::default(),
+            known: Mutex::new(KnownChips::default()),
         }
+    }
+
+    /// Records that a report of the chip with this hwID passed a full verification, so
+    /// its VCEK fetches (after a TCB change) are charged to the known-chip budget.
+    pub(crate) fn remember_verified_chip(&self, hwid: &[u8]) {
+        if let Ok(mut k) = self.known.lock() {
+            k.remember(hwid, Instant::now());
+        }
+    }
+
+    /// GETs the VCEK `url` of the chip `hwid`, from the known-chip budget while the chip
+    /// is known-good and within its quota, else from the open budget.
+    fn get_vcek(&self, url: &str, hwid: &[u8]) -> Result<fetch::Response, fetch::FetchError> {
+        let pool = self
+            .known
+            .lock()
+            .map(|mut k| k.pool_for(hwid, Instant::now()))
+            .unwrap_or(Pool::Open);
+        let got = self.client.get_in(url, pool);
+        let made = !matches!(got, Err(fetch::FetchError::NotMade { .. }));
+        if pool == Pool::KnownChip && made {
+            if let Ok(mut k) = self.known.lock() {
+                k.count_fetch(hwid, Instant::now());
+            }
+        }
+        got
+    }
+
+    /// True if `bytes` (a cert_chain) hold a signing key signed by a pinned ARK and
+    /// valid at `at`, whatever VEK is being checked.
+    fn chain_is_current(store: &TrustStore, name: &str, bytes: &[u8], at: i64) -> bool {
+        let mut got = Collateral::default();
+        got.add_blob(name, bytes, true).is_ok()
+            && got.certs.iter().any(|x| {
+                matches!(x.role, Role::Ask(_) | Role::Asvk(_))
+                    && store.check_signing_key(x, at).is_ok()
+            })
+    }
+
+    /// True if the cache entry `rel` was written less than [`CERT_CHAIN_REFRESH`] ago.
+    fn cached_recently(&self, rel: &str) -> bool {
+        std::fs::metadata(self.cache.path(rel))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < CERT_CHAIN_REFRESH)
     }
 
     /// Creates the cache directory (0700).
@@ -286,8 +463,8 @@ impl Kds {
                     ),
                 }
             }
-            match self.client.get(&url) {
-                Err(e) => failures.push(e),
+            match self.get_vcek(&url, hwid_of(product, chip_id)) {
+                Err(e) => failures.push(e.to_string()),
                 Ok(resp) => {
                     let v = self
                         .check_vcek(store, c, &url, &resp.body, report, at)
@@ -392,6 +569,15 @@ impl Kds {
                     c.certs.push(sk);
                     return Ok(());
                 }
+                // KDS serves one cert_chain per product: while the cached one is current
+                // and recent, asking again returns the same keys, so the VEK is at fault
+                // (a forged issuer, as a flood sends) and costs no request.
+                Err(e)
+                    if Self::chain_is_current(store, &name, &bytes, at)
+                        && self.cached_recently(&rel) =>
+                {
+                    return Err(e)
+                }
                 Err(e) => tracing::info!(
                     file = %name,
                     reason = %reason(e),
@@ -399,7 +585,7 @@ impl Kds {
                 ),
             }
         }
-        let resp = self.client.get(&url).map_err(|e| {
+        let resp = self.client.get_in(&url, Pool::FixedUrl).map_err(|e| {
             refuse(CollateralUnavailable, format!(
                 "the {} is signed by {:?}, which is neither pinned nor in the collateral, and fetching the cert_chain from AMD KDS failed: {e}",
                 vek.role.label(),
@@ -407,6 +593,11 @@ impl Kds {
             ))
         })?;
         let sk = check(&url, &resp.body).map_err(|e| {
+            // A current chain that does not fit this VEK is kept all the same, so the
+            // next VEK naming this issuer is answered from the cache, not by KDS again.
+            if Self::chain_is_current(store, &url, &resp.body, at) {
+                self.store_in_cache(&rel, &resp.body);
+            }
             fetched_fails(e, |r| {
                 format!("the cert_chain fetched from {url} fails verification: {r}")
             })
@@ -465,7 +656,7 @@ impl Kds {
                 ),
             }
         }
-        let resp = self.client.get(&url).map_err(|e| {
+        let resp = self.client.get_in(&url, Pool::FixedUrl).map_err(|e| {
             refuse(
                 CollateralUnavailable,
                 format!(
@@ -529,10 +720,40 @@ mod tests {
     }
 
     #[test]
+    fn known_chips_have_a_bounded_quota_and_a_bounded_list() {
+        let mut k = KnownChips::default();
+        let t0 = Instant::now();
+        assert_eq!(k.pool_for(b"unknown", t0), Pool::Open);
+        k.remember(b"chip", t0);
+        // A known chip draws on its budget a few times an hour, then on the open one, so
+        // reports forged with its ID and made-up TCBs cannot spend the known-chip budget.
+        for _ in 0..KNOWN_CHIP_FETCHES_PER_HOUR {
+            assert_eq!(k.pool_for(b"chip", t0), Pool::KnownChip);
+            k.count_fetch(b"chip", t0);
+        }
+        assert_eq!(k.pool_for(b"chip", t0), Pool::Open);
+        assert_eq!(k.pool_for(b"chip", t0 + HOUR), Pool::KnownChip);
+        // The list is bounded: the least recently verified chip is forgotten first.
+        for i in 0..MAX_KNOWN_CHIPS {
+            k.remember(
+                &(i as u32).to_be_bytes(),
+                t0 + Duration::from_millis(1 + i as u64),
+            );
+        }
+        assert_eq!(k.by_hwid.len(), MAX_KNOWN_CHIPS);
+        assert!(!k.by_hwid.contains_key(&b"chip"[..]));
+        assert_eq!(k.pool_for(b"chip", t0 + HOUR), Pool::Open);
+        assert!(k.by_hwid.contains_key(&1u32.to_be_bytes()[..]));
+    }
+
+    #[test]
     fn issuer_products() {
         assert_eq!(product_of_issuer("SEV-Milan"), Some("Milan"));
         assert_eq!(product_of_issuer("SEV-VLEK-Genoa"), Some("Genoa"));
         assert_eq!(product_of_issuer("SEV-../x"), None);
         assert_eq!(product_of_issuer("Intel"), None);
+        // Only the products KDS serves: a forged issuer cannot make up cert_chain URLs.
+        assert_eq!(product_of_issuer("SEV-Bogus1234"), None);
+        assert_eq!(product_of_issuer("SEV-VLEK-Turin"), Some("Turin"));
     }
 }

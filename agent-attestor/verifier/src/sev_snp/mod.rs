@@ -65,6 +65,13 @@
 //! version 2 report (no CPUID), the product tried is the configured `products`, else
 //! Milan, then Genoa.
 //!
+//! The VCEK URL comes from the report's chip_id and TCB before the report is
+//! authenticated, so a flood of reports naming bogus chips must not starve genuine
+//! nodes: such VCEK fetches spend only an open budget, while the VCEKs of chips that
+//! already passed a full verification here (bounded per chip) and AMD's fixed
+//! cert_chain and CRL URLs have budgets of their own, and KDS's "not found" answers are
+//! remembered for an hour. Details and bounds: `kds.rs` and [`crate::fetch`].
+//!
 //! # Node ID and selectors
 //!
 //! The node ID is the hex of the first 16 bytes of `SHA-256("ztid/sev-snp/node-id/v1" ‖
@@ -75,7 +82,9 @@
 //! reports, where report_id alone decides). Selectors come from verified fields only:
 //! `sev-snp:measurement:<hex>`, `sev-snp:policy:<hex>` (the 64-bit policy, lowercase hex
 //! without leading zeros), `sev-snp:host-data:<hex>` and, for VCEK reports,
-//! `sev-snp:chip-id:<hex>` (the hwID: 64 bytes, 8 on Turin).
+//! `sev-snp:chip-id:<hex>` (the hwID: 64 bytes, 8 on Turin). A report made through an
+//! SVSM vTPM service (VMPL 0) adds `sev-snp:vtpm-ek-hash:<hex>` only when `measurements`
+//! is set: the launch measurement is what shows an SVSM made it (see `vtpm_selector`).
 
 mod certs;
 mod collateral;
@@ -360,6 +369,38 @@ fn vtpm_ek_hash(manifest: &[u8]) -> Result<String, Error> {
     })
 }
 
+/// The `sev-snp:vtpm-ek-hash` selector for the SVSM vTPM manifest of a verified report
+/// made at `vmpl`, or `None` when the policy cannot tell the report came from an SVSM.
+///
+/// Only the SVSM (VMPL 0) speaks for the vTPM: a guest kernel above it could put any
+/// manifest in its own report, so another VMPL is refused. And a guest *without* an SVSM
+/// runs its kernel at VMPL 0 and could name any EK: only the launch measurement tells the
+/// operator's SVSM firmware apart, so without a `measurements` allow-list the manifest
+/// proves nothing and no selector is emitted (the node still attests with the other
+/// selectors; `bind_vtpm` and `uncertified_ek` then refuse for lack of a binding, and the
+/// server refuses to start with them but no allow-list).
+fn vtpm_selector(manifest: &[u8], vmpl: u32, policy: &Policy) -> Result<Option<Selector>, Error> {
+    if vmpl != 0 {
+        return Err(Error::refused(PolicyMismatch, format!(
+            "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL {vmpl}"
+        )));
+    }
+    // Parsed either way, so a malformed manifest is refused as before.
+    let ek_hash = vtpm_ek_hash(manifest)?;
+    if policy.measurements.is_empty() {
+        tracing::warn!(
+            ek_hash = %ek_hash,
+            "sev-snp: the report carries an SVSM vTPM manifest, but [attestors.sev_snp] measurements is empty, \
+             so nothing shows the report came from an SVSM: no sev-snp:vtpm-ek-hash selector"
+        );
+        return Ok(None);
+    }
+    Ok(Some(Selector::new(
+        METHOD,
+        &format!("vtpm-ek-hash:{ek_hash}"),
+    )?))
+}
+
 fn sha256(b: &[u8]) -> [u8; 32] {
     let mut o = [0u8; 32];
     o.copy_from_slice(digest::digest(&digest::SHA256, b).as_ref());
@@ -441,18 +482,12 @@ impl SnpVerifier {
             )?);
         }
         if let Some(m) = manifest {
-            // Only the SVSM (VMPL 0) speaks for the vTPM; a guest kernel above it could
-            // put any manifest in its own report.
-            if v.vmpl != 0 {
-                return Err(Error::refused(PolicyMismatch, format!(
-                    "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL {}",
-                    v.vmpl
-                )));
-            }
-            selectors.push(Selector::new(
-                METHOD,
-                &format!("vtpm-ek-hash:{}", vtpm_ek_hash(m)?),
-            )?);
+            selectors.extend(vtpm_selector(m, v.vmpl, &self.inner.policy)?);
+        }
+        // Every check passed: this chip's later VCEK fetches (a new TCB) draw on the
+        // known-chip budget, out of reach of floods of bogus chip IDs.
+        if let (Some(k), Some(hwid)) = (&self.inner.kds, &v.chip_id) {
+            k.remember_verified_chip(hwid);
         }
         Ok(AttestedNode {
             method: METHOD,

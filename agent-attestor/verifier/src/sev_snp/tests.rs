@@ -251,6 +251,218 @@ fn cached_vek_chain_still_refuses_tampering() {
         .unwrap();
 }
 
+/// A flood of reports naming bogus chips spends only the open KDS budget: a chip that
+/// verified before still gets its VCEK fetched (from the reserve), a repeated bogus chip
+/// costs no request, and a never-seen chip is refused naming the spent budget.
+#[test]
+fn bogus_chip_ids_cannot_starve_a_known_chip() {
+    use crate::fetch::{test_server::Server, MAX_REQUESTS_PER_MINUTE, NOT_FOUND_MEMORY};
+    let kds = Server::start();
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg: toml::Table = toml::from_str(&format!(
+        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}",
+        kds.addr,
+        tmp.path().join("cache").display().to_string()
+    ))
+    .unwrap();
+    let v = SnpVerifier::from_config(&cfg).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    let mut with_vcek = report.clone();
+    with_vcek.extend(encode_cert_table(&[("vcek", &vek)]));
+
+    // The genuine chip verifies once (its VCEK in the host's table: no request).
+    v.verify_evidence(&with_vcek, &rd, now).unwrap();
+    assert!(kds.requests().is_empty());
+
+    // The flood: made-up chip IDs (a version 2 report: Milan and Genoa are both asked).
+    let bogus = |i: u32| {
+        let mut r = report.clone();
+        r[0x1A0..0x1A4].copy_from_slice(&i.to_be_bytes());
+        r
+    };
+    let mut i = 0;
+    let spent = loop {
+        let m = refusal(
+            RefusalKind::CollateralUnavailable,
+            v.verify_evidence(&bogus(i), &rd, now),
+        );
+        if m.contains("not fetched") {
+            break m;
+        }
+        assert!(m.contains("HTTP 404 Not Found"), "{m}");
+        i += 1;
+        assert!(
+            i as usize <= MAX_REQUESTS_PER_MINUTE,
+            "the open budget is bounded"
+        );
+    };
+    assert!(
+        spent.ends_with(&format!(
+            "not fetched: this verifier already made {MAX_REQUESTS_PER_MINUTE} requests in the last minute"
+        )),
+        "{spent}"
+    );
+    assert_eq!(kds.requests().len(), MAX_REQUESTS_PER_MINUTE);
+
+    // A bogus chip seen before costs no request: KDS's "not found" is remembered.
+    let m = refusal(
+        RefusalKind::CollateralUnavailable,
+        v.verify_evidence(&bogus(0), &rd, now),
+    );
+    assert!(
+        m.contains(&format!(
+            "answered HTTP 404 0 s ago; not asked again for {} s",
+            NOT_FOUND_MEMORY.as_secs()
+        )),
+        "{m}"
+    );
+    assert_eq!(kds.requests().len(), MAX_REQUESTS_PER_MINUTE);
+
+    // The known chip needs its VCEK from KDS (as after a TCB update): the reserve serves it.
+    let target = format!(
+        "/vcek/v1/Milan/{}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115",
+        hex::encode(&report[0x1A0..0x1E0])
+    );
+    kds.serve(&target, vek.clone());
+    let node = v.verify_evidence(&report, &rd, now).unwrap();
+    assert_eq!(node.method, METHOD);
+    assert_eq!(kds.requests().last(), Some(&target));
+
+    // A chip never verified before competes in the spent open budget: refused, naming it.
+    let mut unknown = report.clone();
+    unknown[0x1A0] ^= 0xff;
+    let m = refusal(
+        RefusalKind::CollateralUnavailable,
+        v.verify_evidence(&unknown, &rd, now),
+    );
+    assert!(
+        m.starts_with("the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: ")
+            && m.contains("not fetched: this verifier already made"),
+        "{m}"
+    );
+}
+
+/// A VCEK whose issuer only looks like AMD's (CN `SEV-Milan`, another DN) makes the CA
+/// fetch the cert_chain once: the current chain is cached though it does not fit, and the
+/// next such VCEK is refused from the cache, so forged issuers cannot spend the budget
+/// that CRL refreshes need.
+#[test]
+fn forged_issuers_fetch_the_cert_chain_once() {
+    use crate::fetch::test_server::Server;
+    let kds = Server::start();
+    kds.serve(
+        "/vcek/v1/Milan/cert_chain",
+        read("milan-virtee-sev/cert_chain_milan"),
+    );
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    // The genuine VCEK with one byte of its issuer's locality changed.
+    let mut forged = read("milan-virtee-sev/vcek_milan.der");
+    let at_locality = forged
+        .windows(11)
+        .position(|w| w == b"Santa Clara")
+        .unwrap();
+    forged[at_locality + 10] = b'b';
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cfg: toml::Table = toml::from_str(&format!(
+        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}",
+        kds.addr,
+        cache.display().to_string()
+    ))
+    .unwrap();
+    let v = SnpVerifier::from_config(&cfg).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    let mut evidence = report.clone();
+    evidence.extend(encode_cert_table(&[("vcek", &forged)]));
+
+    let m = refusal(
+        RefusalKind::UntrustedChain,
+        v.verify_evidence(&evidence, &rd, now),
+    );
+    assert_eq!(
+        m,
+        format!(
+            "the cert_chain fetched from {}/vcek/v1/Milan/cert_chain fails verification: {0}/vcek/v1/Milan/cert_chain holds no signing key named \"SEV-Milan\"",
+            kds.addr
+        )
+    );
+    assert_eq!(kds.requests().len(), 1);
+    assert!(cache.join("Milan/vcek-cert_chain.pem").is_file());
+    // Again: refused from the cache, without a request.
+    let m = refusal(
+        RefusalKind::UntrustedChain,
+        v.verify_evidence(&evidence, &rd, now),
+    );
+    assert!(
+        m.ends_with("vcek-cert_chain.pem holds no signing key named \"SEV-Milan\""),
+        "{m}"
+    );
+    assert_eq!(kds.requests().len(), 1);
+}
+
+/// An ECC P-256 EK `TPMT_PUBLIC` (TCG template attributes) with a fresh point.
+fn ecc_ek_public() -> Vec<u8> {
+    let rng = ring::rand::SystemRandom::new();
+    let k =
+        ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::ECDH_P256, &rng).unwrap();
+    let point = k.compute_public_key().unwrap();
+    let point = point.as_ref();
+    let mut t = Vec::new();
+    for v in [0x0023u16, 0x000b] {
+        t.extend(v.to_be_bytes()); // ECC, nameAlg SHA-256
+    }
+    t.extend(0x0003_00b2u32.to_be_bytes());
+    t.extend(0u16.to_be_bytes()); // authPolicy
+    for v in [0x0006u16, 128, 0x0043, 0x0010, 0x0003, 0x0010] {
+        t.extend(v.to_be_bytes()); // AES-128-CFB, no scheme, P-256, no KDF
+    }
+    for c in [&point[1..33], &point[33..65]] {
+        t.extend(32u16.to_be_bytes());
+        t.extend_from_slice(c);
+    }
+    t
+}
+
+/// The vTPM EK an SVSM manifest names is only as trustworthy as the launch measurement:
+/// without a `measurements` allow-list no `vtpm-ek-hash` selector is emitted.
+#[test]
+fn vtpm_ek_hash_needs_a_measurement_allow_list() {
+    let manifest = ecc_ek_public();
+    let hash = ztid_attestation::tpm::ek_hash(&manifest).unwrap();
+    let open = Policy::default();
+    assert_eq!(vtpm_selector(&manifest, 0, &open).unwrap(), None);
+    let measured = Policy {
+        measurements: vec![vec![0; 48]],
+        ..Policy::default()
+    };
+    assert_eq!(
+        vtpm_selector(&manifest, 0, &measured)
+            .unwrap()
+            .unwrap()
+            .to_string(),
+        format!("sev-snp:vtpm-ek-hash:{hash}")
+    );
+    // Still refused: a manifest above VMPL 0, and one that is no EK, allow-list or not.
+    for policy in [&open, &measured] {
+        assert_eq!(
+            refusal(
+                RefusalKind::PolicyMismatch,
+                vtpm_selector(&manifest, 1, policy)
+            ),
+            "a report carrying an SVSM vTPM manifest must be made at VMPL 0 (by the SVSM), not VMPL 1"
+        );
+        assert!(refusal(
+            RefusalKind::Malformed,
+            vtpm_selector(b"not a TPMT_PUBLIC", 0, policy)
+        )
+        .starts_with("the SVSM vTPM manifest is not an EK TPMT_PUBLIC"));
+    }
+}
+
 #[test]
 #[ignore = "profiling aid, run in release"]
 fn profile_verify_parts() {

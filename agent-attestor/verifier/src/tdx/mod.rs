@@ -67,12 +67,16 @@
 //! # Node ID and selectors
 //!
 //! A TD 1.5 "ex" report carries TD_ID, which the TDX module regenerates at every TD
-//! launch (and keeps across TD-preserving updates and migration): the node ID is then the
-//! hex of the first 16 bytes of `SHA-256("ztid/tdx/node-id/v1/td-id" ‖ TD_ID)`, one per
-//! VM launch. Older reports (TD 1.0 and 1.5) have no per-launch value at all: the node ID
-//! is then the same digest (domain `.../v1/config`) over the platform's PPID, MRTD,
-//! RTMR0-2 (firmware, kernel and command line: fixed after boot; RTMR3 is left out since
-//! the running system extends it), MRCONFIGID, MROWNER and MROWNERCONFIG. Identical TDs
+//! launch (and keeps across TD-preserving updates and migration), and VMID, which names
+//! the VM of a partitioned TD the report is for (0: an unpartitioned TD or the L1 VMM;
+//! 1-3: its L2 VMs, which share the TD's TD_ID). The node ID is then the hex of the first
+//! 16 bytes of `SHA-256("ztid/tdx/node-id/v1/td-id" ‖ TD_ID)` for VMID 0 and of
+//! `SHA-256("ztid/tdx/node-id/v1/td-id-vmid" ‖ VMID ‖ TD_ID)` (VMID as one byte)
+//! otherwise: one per VM launch, and one per VM of a partitioned TD. Older reports (TD
+//! 1.0 and 1.5) have no per-launch value at all: the node ID is then the same digest
+//! (domain `.../v1/config`) over the platform's PPID, MRTD, RTMR0-2 (firmware, kernel
+//! and command line: fixed after boot; RTMR3 is left out since the running system
+//! extends it), MRCONFIGID, MROWNER and MROWNERCONFIG. Identical TDs
 //! on one host then share an identity; to tell their launches apart, the orchestrator
 //! gives each launch its own MRCONFIGID (or MROWNER), which the host sets at TD creation.
 //! Selectors: `tdx:mrtd:<hex>`, `tdx:rtmr0:<hex>` .. `tdx:rtmr3:<hex>`,
@@ -640,8 +644,17 @@ fn check_measurements(td: &TDReport10, policy: &Policy) -> Result<(), Error> {
 fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
     let mut c = digest::Context::new(&digest::SHA256);
     match report.as_td15_ex() {
-        Some(ex) => {
+        // VMID 0 (an unpartitioned TD, or the L1 VMM) keeps the original digest so that
+        // existing node IDs do not change. The L2 VMs of a partitioned TD share its TD_ID,
+        // so their VMID must enter too, under its own domain (the longer input cannot
+        // equal a VMID 0 input).
+        Some(ex) if ex.vmid == 0 => {
             c.update(b"ztid/tdx/node-id/v1/td-id");
+            c.update(&ex.td_id);
+        }
+        Some(ex) => {
+            c.update(b"ztid/tdx/node-id/v1/td-id-vmid");
+            c.update(&[ex.vmid]);
             c.update(&ex.td_id);
         }
         None => {

@@ -157,6 +157,34 @@ fn node_ids_per_report_kind() {
     );
 }
 
+/// The L2 VMs of a partitioned TD share its TD_ID: VMID must tell their node IDs apart,
+/// while VMID 0 keeps the ID it always had.
+#[test]
+fn td15ex_node_id_includes_vmid() {
+    let qx = quote("v5-td15ex-uptodate");
+    let rx = Quote::parse(&qx).unwrap().report;
+    let ex = *rx.as_td15_ex().unwrap();
+    let with_vmid = |vmid: u8| {
+        let mut r = rx.clone();
+        if let Report::TD15Ex(e) = &mut r {
+            e.vmid = vmid;
+        }
+        node_id(&r, r.as_td10().unwrap(), b"ppid")
+    };
+    // VMID 0: the original digest over TD_ID alone.
+    let mut old = digest::Context::new(&digest::SHA256);
+    old.update(b"ztid/tdx/node-id/v1/td-id");
+    old.update(&ex.td_id);
+    assert_eq!(with_vmid(0), hex::encode(&old.finish().as_ref()[..16]));
+    let ids: Vec<String> = (0..=3).map(with_vmid).collect();
+    for (i, a) in ids.iter().enumerate() {
+        assert_eq!(a.len(), 32);
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b, "reports differing only in VMID share a node ID");
+        }
+    }
+}
+
 /// A verifier over a copy of `dir`'s collateral in a temporary directory.
 fn verifier_over_copy(dir: &str) -> (TdxVerifier, tempfile::TempDir, Vec<u8>) {
     let tmp = tempfile::tempdir().unwrap();
