@@ -132,6 +132,10 @@ pub struct RunArgs {
     /// (default 30).
     #[arg(long, value_name = "SECONDS")]
     pub workload_idle_timeout: Option<u64>,
+    /// Cap on the process instances the agent holds identities for at once (default
+    /// 4096): beyond it a new process is refused and nothing is minted for it.
+    #[arg(long, value_name = "N")]
+    pub workload_max_instances: Option<usize>,
     /// Per-instance identities minted ahead per entry set for new processes (default 2,
     /// at most 16; 0 turns it off).
     #[arg(long, value_name = "N")]
@@ -285,6 +289,9 @@ pub fn run_config(a: &RunArgs) -> Result<AgentConfig, crate::Error> {
     }
     if let Some(v) = a.workload_idle_timeout {
         c.workload_idle_timeout_seconds = v;
+    }
+    if let Some(v) = a.workload_max_instances {
+        c.workload_max_instances = v;
     }
     if let Some(v) = a.svid_pool_size {
         c.svid_pool_size = v;
@@ -500,14 +507,15 @@ async fn fetch_token(
     )
     .map_err(|e| e.to_string())?;
     request.form().map_err(|e| e.to_string())?;
-    let resp = fetch_x509(socket).await?;
+    let mut resp = fetch_x509(socket).await?;
     let svid = resp
         .svids
-        .first()
+        .first_mut()
         .ok_or("the agent answered without an X509-SVID")?;
     let identity = token_exchange::ClientIdentity {
         chain: split_der_chain(&svid.x509_svid)?,
-        key: zeroize::Zeroizing::new(svid.x509_svid_key.clone()),
+        // Moved out of the answer, not copied: the one copy left is zeroized on drop.
+        key: zeroize::Zeroizing::new(std::mem::take(&mut svid.x509_svid_key)),
         roots: split_der_chain(&svid.bundle)?,
     };
     let (token, body) = token_exchange::exchange(&endpoint, &identity, &request)

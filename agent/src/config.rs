@@ -10,6 +10,9 @@ use crate::Error;
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/run/ztid/agent/api.sock";
 
+/// Highest `workload_max_instances` accepted.
+pub const MAX_WORKLOAD_INSTANCES: usize = 1_000_000;
+
 /// Settings of `ztid-agent run`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +53,11 @@ pub struct AgentConfig {
     pub workload_max_connections: usize,
     /// Seconds a Workload API connection may stay without a request in progress.
     pub workload_idle_timeout_seconds: u64,
+    /// Cap on the process instances the agent holds at once (each a key and SVIDs in
+    /// memory, minted by the CA): beyond it a new process is refused with
+    /// `ResourceExhausted` and nothing is minted for it, until instances of exited
+    /// processes are forgotten.
+    pub workload_max_instances: usize,
     /// Container runtime sockets (`unix:///PATH`) asked about callers' containers, in
     /// order (see [`crate::container`]); empty: no container attestation.
     pub container_sockets: Vec<String>,
@@ -90,6 +98,7 @@ impl Default for AgentConfig {
             metrics: None,
             workload_max_connections: super::workload_listener::DEFAULT_MAX_CONNECTIONS,
             workload_idle_timeout_seconds: super::workload_listener::DEFAULT_IDLE_TIMEOUT.as_secs(),
+            workload_max_instances: crate::workloads::DEFAULT_MAX_INSTANCES,
             container_sockets: Vec::new(),
             systemd_unit_selectors: false,
             svid_pool_size: 2,
@@ -183,6 +192,11 @@ impl AgentConfig {
                 "workload_max_connections must be between 1 and 1000000".into(),
             ));
         }
+        if !(1..=MAX_WORKLOAD_INSTANCES).contains(&self.workload_max_instances) {
+            return Err(Error::Config(format!(
+                "workload_max_instances must be between 1 and {MAX_WORKLOAD_INSTANCES}"
+            )));
+        }
         if !(1..=86_400).contains(&self.workload_idle_timeout_seconds) {
             return Err(Error::Config(
                 "workload_idle_timeout_seconds must be between 1 and 86400".into(),
@@ -205,5 +219,44 @@ impl AgentConfig {
             return Err(Error::Config("log_format must be text or json".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> AgentConfig {
+        AgentConfig {
+            server: Some("127.0.0.1:8081".into()),
+            insecure_bootstrap: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_instance_cap_defaults_to_a_few_thousand_and_is_bounded() {
+        assert_eq!(
+            valid().workload_max_instances,
+            crate::workloads::DEFAULT_MAX_INSTANCES
+        );
+        assert!(valid().validate().is_ok());
+        let from_file: AgentConfig = toml::from_str("workload_max_instances = 10").unwrap();
+        assert_eq!(from_file.workload_max_instances, 10);
+        for refused in [0, MAX_WORKLOAD_INSTANCES + 1] {
+            let c = AgentConfig {
+                workload_max_instances: refused,
+                ..valid()
+            };
+            match c.validate() {
+                Err(Error::Config(why)) => assert_eq!(
+                    why,
+                    format!(
+                        "workload_max_instances must be between 1 and {MAX_WORKLOAD_INSTANCES}"
+                    )
+                ),
+                other => panic!("{refused}: {other:?}"),
+            }
+        }
     }
 }

@@ -726,7 +726,12 @@ fn hold(
     b.made.retain(|_, m| !m.is_empty());
     let inst = workloads
         .instance_for_key(key.clone(), false)
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            crate::workloads::InstanceError::CapReached { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            _ => Status::unavailable(e.to_string()),
+        })?;
     *b.holders.entry(key).or_insert(0) += 1;
     Ok(Held {
         inst,

@@ -17,6 +17,7 @@ pub mod workload_api;
 pub mod workload_attestation;
 pub mod workload_listener;
 pub mod workloads;
+pub mod zeroizing_x509_answers;
 
 // The shared SPIFFE primitives and attestation types, under the names the agent's
 // modules use.
@@ -891,8 +892,11 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         Some(svid.certified_key()?),
     )));
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let workloads =
-        Arc::new(Workloads::new(node.clone(), bundle_rx.clone()).with_pool(config.svid_pool()));
+    let workloads = Arc::new(
+        Workloads::new(node.clone(), bundle_rx.clone())
+            .with_pool(config.svid_pool())
+            .with_max_instances(config.workload_max_instances),
+    );
     let rt = Arc::new(Runtime {
         config: config.clone(),
         servers: servers.clone(),
@@ -915,9 +919,13 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     }
 
     let listener = bind_workload_socket(&config.socket)?;
+    // The generated server, but for `FetchX509SVID`, whose answers' key copies are
+    // zeroized once encoded.
     let api = tonic::service::interceptor::InterceptedService::new(
-        SpiffeWorkloadApiServer::new(workload_api::WorkloadApi::new(workloads.clone(), bundle_rx))
-            .max_decoding_message_size(workload_listener::MAX_REQUEST_MESSAGE_BYTES),
+        zeroizing_x509_answers::WorkloadApiService::new(
+            workload_api::WorkloadApi::new(workloads.clone(), bundle_rx),
+            workload_listener::MAX_REQUEST_MESSAGE_BYTES,
+        ),
         workload_api::require_security_header,
     );
     let (stop_tx, mut stop_rx) = watch::channel(false);

@@ -123,7 +123,7 @@ impl WorkloadApi {
         let inst = self
             .workloads
             .instance_for(attested)
-            .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
+            .map_err(|e| e.status())?;
         if let Err(e) = self.workloads.reconcile(&inst).await {
             tracing::warn!(pid = inst.process.pid, error = %e, "could not obtain SVIDs for workload");
             return Err(Status::unavailable(format!(
@@ -837,6 +837,13 @@ mod tests {
     /// Workloads minting through the fake node API, holding one per-instance entry for
     /// this process's uid.
     async fn workloads() -> (Arc<Workloads>, watch::Sender<Arc<TrustBundle>>) {
+        workloads_built(|w| w).await
+    }
+
+    /// [`workloads`], with `build` applied (a pool, an instance cap).
+    async fn workloads_built(
+        build: impl FnOnce(Workloads) -> Workloads,
+    ) -> (Arc<Workloads>, watch::Sender<Arc<TrustBundle>>) {
         let addr = fake_node().await;
         let servers = Servers::new(parse_server_list(&addr.to_string()).unwrap()).await;
         let node = NodeConnections::new(
@@ -848,10 +855,10 @@ mod tests {
             trust_domain: "example.org".into(),
             ..Default::default()
         }));
-        let w = Arc::new(Workloads::new(
+        let w = Arc::new(build(Workloads::new(
             Arc::new(arc_swap::ArcSwap::from_pointee(node)),
             bundle.subscribe(),
-        ));
+        )));
         let uid = nix::unistd::geteuid().as_raw();
         w.entries.write().unwrap().apply(&npb::SyncEntriesResponse {
             full: true,
@@ -880,8 +887,9 @@ mod tests {
         let path = dir.join("api.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let api = tonic::service::interceptor::InterceptedService::new(
-            ztid_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+            crate::zeroizing_x509_answers::WorkloadApiService::new(
                 WorkloadApi::new(workloads, bundle),
+                crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES,
             ),
             require_security_header,
         );
@@ -1069,5 +1077,73 @@ mod tests {
         );
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    #[tokio::test]
+    async fn a_new_process_beyond_the_instance_cap_is_refused_and_nothing_is_minted() {
+        use crate::workloads::pool::{PoolConfig, PoolView};
+        use crate::workloads::InstanceError;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = PoolConfig {
+            size: 2,
+            max_sets: 4,
+            max_age_seconds: 60,
+            idle_seconds: 300,
+        };
+        let (workloads, bundle) =
+            workloads_built(|w| w.with_pool(pool).with_max_instances(1)).await;
+        // Another process holds the one instance the cap allows (made without the pool,
+        // so that only the refused process could have made its entry set wanted).
+        let (mut child, other) = other_process();
+        workloads
+            .instance_for_key(crate::workloads::InstanceKey::of(&other), false)
+            .unwrap();
+        let mut client = serve(workloads.clone(), bundle.subscribe(), dir.path()).await;
+        let refused = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            refused.message(),
+            InstanceError::CapReached { cap: 1 }.to_string()
+        );
+        assert!(
+            refused.message().contains("holds 1 live process instances")
+                && refused.message().contains("raise workload_max_instances"),
+            "{}",
+            refused.message()
+        );
+        // Nothing made or minted for it: no instance, and its entry set never reached
+        // the pool (which would pre-mint for it).
+        assert_eq!(workloads.instance_count(), 1);
+        let view = PoolView {
+            now: unix_seconds(std::time::SystemTime::now()),
+            monotonic_now: std::time::Instant::now(),
+            bundle_sequence: 0,
+            tainted: &[],
+        };
+        assert!(workloads.pool().deficits(&view).is_empty());
+        // Instances made on another's behalf (the Delegated Identity API's) count too.
+        let mine = crate::delegated_identity::attest_pid(std::process::id() as i32).unwrap();
+        assert!(matches!(
+            workloads.instance_for_key(crate::workloads::InstanceKey::of(&mine), false),
+            Err(InstanceError::CapReached { cap: 1 })
+        ));
+        // Once the other process exits its instance is forgotten and the cap frees up
+        // (the full map is searched for exited processes at most once a second).
+        child.kill().unwrap();
+        child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = stream.message().await.unwrap().unwrap();
+        assert!(answer.svids[0]
+            .spiffe_id
+            .starts_with(&format!("{ENTRY_SPIFFE_ID}/")));
+        assert_eq!(workloads.instance_count(), 1);
     }
 }

@@ -43,7 +43,44 @@ pub const MAX_REVOCATIONS: usize = 10_000;
 /// server's clock) or up to this many seconds after it on the agent's clock: the skew the
 /// server allows for when it backdates certificates. A kill switch errs on revoking.
 pub const REVOCATION_CLOCK_TOLERANCE_SECONDS: i64 = 10;
+/// Default cap on the process instances the agent holds at once
+/// (`workload_max_instances`): each is a key and SVIDs in memory and mints at the CA, so
+/// a local user forking processes that call the Workload API must not grow them without
+/// bound.
+pub const DEFAULT_MAX_INSTANCES: usize = 4096;
+/// Most often the instance map is searched for exited processes because it is full: each
+/// search reads `/proc` for every instance held, so a caller refused at the cap cannot
+/// make the agent do it on every request.
+const FULL_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::{unix_seconds, Error, Selector};
+
+/// Why a process got no instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstanceError {
+    /// The agent already holds its most live process instances; nothing was minted.
+    #[error("workload instance cap reached: this agent holds {cap} live process instances, the most it may (workload_max_instances); a new process is served once others exit, or raise workload_max_instances in the agent's config (--workload-max-instances)")]
+    CapReached {
+        /// The cap in force.
+        cap: usize,
+    },
+    /// Anything else (a poisoned lock, no randomness for the segment).
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+impl InstanceError {
+    /// The Workload API's answer: the cap is `ResourceExhausted` with its message, the
+    /// rest `Unavailable`.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Self::CapReached { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::Failed(e) => {
+                tonic::Status::unavailable(format!("workload attestation failed: {e}"))
+            }
+        }
+    }
+}
 
 /// One X509-SVID held for a workload.
 pub struct HeldSvid {
@@ -346,6 +383,10 @@ pub struct Workloads {
     /// Entries from the server.
     pub entries: RwLock<EntryCache>,
     instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
+    /// Most instances held at once; a new process beyond it gets none.
+    max_instances: usize,
+    /// When the full instance map was last searched for exited processes.
+    last_full_prune: Mutex<Option<std::time::Instant>>,
     /// What was revoked for each process, kept until it exits.
     revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
@@ -371,6 +412,8 @@ impl Workloads {
             jwt_issued: Mutex::new(HashMap::new()),
             entries: RwLock::new(EntryCache::default()),
             instances: Mutex::new(HashMap::new()),
+            max_instances: DEFAULT_MAX_INSTANCES,
+            last_full_prune: Mutex::new(None),
             revoked: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
             pool: SvidPool::new(PoolConfig::OFF),
@@ -383,6 +426,17 @@ impl Workloads {
     pub fn with_pool(mut self, config: PoolConfig) -> Self {
         self.pool = SvidPool::new(config);
         self
+    }
+
+    /// The same, holding at most `max_instances` process instances at once (at least 1).
+    pub fn with_max_instances(mut self, max_instances: usize) -> Self {
+        self.max_instances = max_instances.max(1);
+        self
+    }
+
+    /// The most process instances held at once.
+    pub fn max_instances(&self) -> usize {
+        self.max_instances
     }
 
     /// The pool of SVIDs minted ahead.
@@ -400,9 +454,11 @@ impl Workloads {
     /// sets that lack them; returns how many were added.
     pub async fn refill_pool(&self) -> Result<usize, Error> {
         let minted_at = unix_seconds(std::time::SystemTime::now());
+        let minted_monotonic = std::time::Instant::now();
         let (sequence, tainted) = self.pool_state();
         let deficits = self.pool.deficits(&PoolView {
             now: minted_at,
+            monotonic_now: minted_monotonic,
             bundle_sequence: sequence,
             tainted: &tainted,
         });
@@ -433,6 +489,7 @@ impl Workloads {
         let (sequence_now, tainted) = self.pool_state();
         let view = PoolView {
             now: unix_seconds(std::time::SystemTime::now()),
+            monotonic_now: std::time::Instant::now(),
             bundle_sequence: sequence_now,
             tainted: &tainted,
         };
@@ -453,6 +510,7 @@ impl Workloads {
                 let slot = PooledInstance {
                     segment,
                     minted_at,
+                    minted_monotonic,
                     bundle_sequence: sequence,
                     entries,
                     svids,
@@ -491,6 +549,7 @@ impl Workloads {
         let (sequence, tainted) = self.pool_state();
         let view = PoolView {
             now: unix_seconds(std::time::SystemTime::now()),
+            monotonic_now: std::time::Instant::now(),
             bundle_sequence: sequence,
             tainted: &tainted,
         };
@@ -543,14 +602,60 @@ impl Workloads {
     /// A new instance takes a pooled instance minted ahead for exactly its per-instance
     /// entries, if one is fresh: its segment and SVIDs become this process's, under the
     /// instance map's lock, and are never handed to another (see [`pool`]).
-    pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, Error> {
+    ///
+    /// At most [`Workloads::max_instances`] are held: beyond that a new process gets
+    /// [`InstanceError::CapReached`], and nothing is taken from the pool or minted for it.
+    pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, InstanceError> {
         self.instance_for_key(InstanceKey::of(peer), true)
+    }
+
+    /// Ok when a new instance fits under the cap, after forgetting exited processes if
+    /// the map is full (at most once per [`FULL_PRUNE_INTERVAL`]).
+    fn room_for_new_instance(&self) -> Result<(), InstanceError> {
+        if self.instance_count() < self.max_instances {
+            return Ok(());
+        }
+        let prune_now = {
+            let mut last = self
+                .last_full_prune
+                .lock()
+                .map_err(|_| Error::Config("lock".into()))?;
+            let due = last.is_none_or(|t| t.elapsed() >= FULL_PRUNE_INTERVAL);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if prune_now {
+            // Forgets the instances of exited processes (as the rotation loop does).
+            self.live_instances();
+        }
+        if self.instance_count() < self.max_instances {
+            return Ok(());
+        }
+        Err(self.cap_reached())
+    }
+
+    /// The refusal at the cap, logged.
+    fn cap_reached(&self) -> InstanceError {
+        tracing::warn!(
+            event = "workload_refused",
+            cap = self.max_instances,
+            "new workload process refused: the agent holds as many live process instances as workload_max_instances allows"
+        );
+        InstanceError::CapReached {
+            cap: self.max_instances,
+        }
     }
 
     /// [`Workloads::instance_for`] by key: also for instances that are not a connection's
     /// own, as a delegated identity subscription's ([`crate::delegated_identity`]), which
     /// pass `pooled = false`: a new process's pre-minted SVIDs are not theirs to take.
-    pub fn instance_for_key(&self, key: InstanceKey, pooled: bool) -> Result<Arc<Instance>, Error> {
+    pub fn instance_for_key(
+        &self,
+        key: InstanceKey,
+        pooled: bool,
+    ) -> Result<Arc<Instance>, InstanceError> {
         {
             let instances = self
                 .instances
@@ -560,6 +665,8 @@ impl Workloads {
                 return Ok(inst.clone());
             }
         }
+        // Before the pool is touched: a refused process takes nothing and wakes no mint.
+        self.room_for_new_instance()?;
         // What a pooled instance must have been minted for: the per-instance entries
         // this process is entitled to now, and which sync they come from (at least).
         let seen_generation = self
@@ -584,12 +691,18 @@ impl Workloads {
         if let Some(inst) = instances.get(&key) {
             return Ok(inst.clone());
         }
+        // Checked again under the lock the instance is inserted under: concurrent new
+        // processes may have filled the map since.
+        if instances.len() >= self.max_instances {
+            return Err(self.cap_reached());
+        }
         let (sequence, tainted) = self.pool_state();
         let pooled = if pooled {
             self.pool.take(
                 &per_instance,
                 &PoolView {
                     now,
+                    monotonic_now: std::time::Instant::now(),
                     bundle_sequence: sequence,
                     tainted: &tainted,
                 },

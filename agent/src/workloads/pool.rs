@@ -21,9 +21,20 @@
 //!   take, at each sync and at each refill tick).
 //! - Unassigned pooled SVIDs carry nothing the agent could not mint anyway: the agent may
 //!   ask the server for any per-instance ID under its entries at any time.
+//!
+//! The pool's own age and idle decisions use a monotonic clock ([`Instant`]): a step of
+//! the wall clock neither keeps a pooled instance past `max_age_seconds` (a step back)
+//! nor drops the pool (a step forward). What the certificates say (the half-life) and the
+//! revocations (the server's `revoked_at`) stay judged on the wall clock, as they are
+//! wall-clock times.
+//!
+//! One refill has a budget of [`MAX_REFILL_CSRS`] CSRs. Sets are served least recently
+//! served first (ties by key), so with more depleted sets than one budget covers, each
+//! is served within a bounded number of refills whatever the others want.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ztid_proto::node as pb;
 
@@ -72,8 +83,11 @@ impl PoolConfig {
 pub struct PooledInstance {
     /// The instance segment (32 lowercase hex).
     pub segment: String,
-    /// When it was minted (Unix seconds, agent clock; taken before the CSRs were sent).
+    /// When it was minted (Unix seconds, agent clock; taken before the CSRs were sent):
+    /// compared with entry revocations, which are wall-clock times.
     pub minted_at: i64,
+    /// The same moment on the monotonic clock: the pool's age of it.
+    pub minted_monotonic: Instant,
     /// The bundle sequence in force when it was minted.
     pub bundle_sequence: u64,
     /// The entries it was minted for, ordered by id.
@@ -115,8 +129,10 @@ impl DropReason {
 
 /// What a pooled instance is checked against.
 pub struct PoolView<'a> {
-    /// Unix seconds, agent clock.
+    /// Unix seconds, agent clock: for the SVIDs' half-life and revocations.
     pub now: i64,
+    /// Now on the monotonic clock: for the pool's age and idle decisions.
+    pub monotonic_now: Instant,
     /// The bundle sequence in force.
     pub bundle_sequence: u64,
     /// Tainted authority ids.
@@ -126,8 +142,11 @@ pub struct PoolView<'a> {
 struct EntrySet {
     /// The set's entries as last seen, ordered by id.
     entries: Vec<pb::Entry>,
-    /// When a new process last had this set.
-    last_seen: i64,
+    /// When a new process last had this set (monotonic).
+    last_seen: Instant,
+    /// The refill round this set was last given a deficit in (0: never): the least
+    /// recently served set goes first when the budget runs short.
+    served_round: u64,
     /// Oldest first.
     slots: VecDeque<PooledInstance>,
     /// How many instances to keep: the configured size, doubled when a take leaves the
@@ -138,7 +157,10 @@ struct EntrySet {
 
 #[derive(Default)]
 struct Inner {
-    sets: HashMap<Vec<String>, EntrySet>,
+    /// Ordered, so that every walk over the sets is deterministic.
+    sets: BTreeMap<Vec<String>, EntrySet>,
+    /// Refill rounds so far ([`SvidPool::deficits`] calls that found the pool on).
+    refill_round: u64,
     /// Entry revocations in force (entry id → `revoked_at`, server clock), from the last sync.
     entry_revocations: HashMap<String, i64>,
     /// Instance segments revoked, from the last sync: a mint in flight when it came is
@@ -186,6 +208,11 @@ fn revoked_since(minted_at: i64, revoked_at: i64) -> bool {
     minted_at < revoked_at.saturating_add(REVOCATION_CLOCK_TOLERANCE_SECONDS)
 }
 
+/// `seconds` of configuration as a duration (a negative value as none).
+fn config_duration(seconds: i64) -> Duration {
+    Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+}
+
 fn log_drop(slot: &PooledInstance, reason: DropReason) {
     tracing::info!(
         event = "pooled_svid_dropped",
@@ -227,7 +254,10 @@ impl Inner {
         if slot.bundle_sequence != view.bundle_sequence {
             return Some(DropReason::Rotated);
         }
-        if view.now >= slot.minted_at + config.max_age_seconds
+        let age = view
+            .monotonic_now
+            .saturating_duration_since(slot.minted_monotonic);
+        if age >= config_duration(config.max_age_seconds)
             || slot.svids.iter().any(|s| view.now >= s.renew_at)
         {
             return Some(DropReason::Expired);
@@ -326,11 +356,12 @@ impl SvidPool {
             let known = inner.sets.contains_key(&key);
             let set = inner.sets.entry(key.clone()).or_insert_with(|| EntrySet {
                 entries: entries.clone(),
-                last_seen: view.now,
+                last_seen: view.monotonic_now,
+                served_round: 0,
                 slots: VecDeque::new(),
                 target: self.config.size,
             });
-            set.last_seen = view.now;
+            set.last_seen = view.monotonic_now;
             set.entries = entries;
             inner.sweep(&key, view, &self.config);
             inner.sets.get_mut(&key).and_then(|s| {
@@ -348,19 +379,26 @@ impl SvidPool {
     }
 
     /// The entry sets that lack pooled instances, after dropping stale instances and idle
-    /// sets; at most [`MAX_REFILL_CSRS`] CSRs' worth. Sets with an entry revoked so
-    /// recently that a mint now would still fall under the revocation are skipped.
+    /// sets; at most [`MAX_REFILL_CSRS`] CSRs' worth, the sets least recently served
+    /// first. Sets with an entry revoked so recently that a mint now would still fall
+    /// under the revocation are skipped.
     pub fn deficits(&self, view: &PoolView<'_>) -> Vec<Deficit> {
+        self.deficits_within(view, MAX_REFILL_CSRS)
+    }
+
+    /// [`SvidPool::deficits`] with a budget of `max_csrs` CSRs.
+    fn deficits_within(&self, view: &PoolView<'_>, max_csrs: usize) -> Vec<Deficit> {
         if !self.config.enabled() {
             return Vec::new();
         }
         let Ok(mut inner) = self.inner.lock() else {
             return Vec::new();
         };
+        let idle_for = config_duration(self.config.idle_seconds);
         let idle: Vec<Vec<String>> = inner
             .sets
             .iter()
-            .filter(|(_, s)| view.now - s.last_seen > self.config.idle_seconds)
+            .filter(|(_, s)| view.monotonic_now.saturating_duration_since(s.last_seen) > idle_for)
             .map(|(k, _)| k.clone())
             .collect();
         for k in idle {
@@ -368,11 +406,22 @@ impl SvidPool {
                 set.slots.iter().for_each(|s| log_drop(s, DropReason::Idle));
             }
         }
-        let keys: Vec<Vec<String>> = inner.sets.keys().cloned().collect();
+        for k in inner.sets.keys().cloned().collect::<Vec<_>>() {
+            inner.sweep(&k, view, &self.config);
+        }
+        inner.refill_round += 1;
+        let round = inner.refill_round;
+        // Least recently served first, then by key: a budget smaller than what all sets
+        // lack serves the others next time instead of the same sets every time.
+        let mut order: Vec<(u64, Vec<String>)> = inner
+            .sets
+            .iter()
+            .map(|(k, s)| (s.served_round, k.clone()))
+            .collect();
+        order.sort();
         let mut out = Vec::new();
         let mut csrs = 0;
-        for k in keys {
-            inner.sweep(&k, view, &self.config);
+        for (_, k) in order {
             let Some(set) = inner.sets.get(&k) else {
                 continue;
             };
@@ -383,7 +432,7 @@ impl SvidPool {
                     .is_some_and(|&at| revoked_since(view.now, at))
             });
             let per = set.entries.len().max(1);
-            let room = MAX_REFILL_CSRS.saturating_sub(csrs) / per;
+            let room = max_csrs.saturating_sub(csrs) / per;
             // Refilled once half the target is gone, then to the target: a refill is
             // mostly the call's fixed cost (TLS, HTTP/2, the audit sync; about 550 µs of
             // server CPU for one CSR), so pools of 3 or more refill every other take or
@@ -400,6 +449,9 @@ impl SvidPool {
                     entries: set.entries.clone(),
                     count,
                 });
+                if let Some(set) = inner.sets.get_mut(&k) {
+                    set.served_round = round;
+                }
             }
         }
         out
@@ -538,9 +590,26 @@ mod tests {
         }
     }
 
+    /// The monotonic clock's origin in these tests: times are seconds after it.
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    fn monotonic(seconds: i64) -> Instant {
+        origin() + config_duration(seconds)
+    }
+
+    /// Wall and monotonic clocks in step, `now` seconds after the origin.
     fn view(now: i64) -> PoolView<'static> {
+        stepped(now, now)
+    }
+
+    /// The wall clock at `wall`, the monotonic one at `monotonic_seconds`.
+    fn stepped(wall: i64, monotonic_seconds: i64) -> PoolView<'static> {
         PoolView {
-            now,
+            now: wall,
+            monotonic_now: monotonic(monotonic_seconds),
             bundle_sequence: 1,
             tainted: &[],
         }
@@ -550,6 +619,7 @@ mod tests {
         PooledInstance {
             segment: segment.into(),
             minted_at,
+            minted_monotonic: monotonic(minted_at),
             bundle_sequence: 1,
             entries: sorted(entries),
             svids: sorted(entries)
@@ -877,5 +947,115 @@ mod tests {
                 .as_deref(),
             Some("other")
         );
+    }
+
+    #[test]
+    fn a_wall_clock_step_back_does_not_keep_a_pooled_instance_past_its_max_age() {
+        let e = [entry("a")];
+        let pool = filled(&e);
+        // Minted at 100 on both clocks; the wall clock then steps back an hour while
+        // max_age (60 s) passes on the monotonic clock.
+        let later = stepped(100 - 3600, 100 + CONFIG.max_age_seconds);
+        let held = pool.inner.lock().unwrap();
+        let set = held.sets.values().next().unwrap();
+        let reason = held.unusable(&set.slots[0], &set.entries, &later, &CONFIG);
+        assert_eq!(reason, Some(DropReason::Expired));
+        drop(held);
+        assert!(pool.take(&e, &later, 0).is_none(), "not served");
+        assert!(pool.is_empty(), "dropped as expired");
+    }
+
+    #[test]
+    fn a_wall_clock_step_forward_does_not_drop_the_pool() {
+        let e = [entry("a")];
+        let pool = filled(&e);
+        // One monotonic second later the wall clock jumped 1000 s ahead: past the
+        // pool's max age and idle time on the wall clock, still before the SVIDs'
+        // half-life (minted at 100, renewal at 1900).
+        let later = stepped(100 + 1000, 101);
+        assert!(pool.deficits(&later).is_empty(), "full, and not idle");
+        assert_eq!(pool.len(), 2, "nothing dropped");
+        assert_eq!(
+            pool.take(&e, &later, 0).map(|s| s.segment).as_deref(),
+            Some("s1")
+        );
+        // The half-life stays judged on the wall clock against the certificate's times.
+        let past_half_life = stepped(1900, 102);
+        assert!(pool.take(&e, &past_half_life, 0).is_none());
+        assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn an_idle_set_is_judged_on_the_monotonic_clock() {
+        let e = [entry("a")];
+        let pool = filled(&e);
+        let wall_back = stepped(100 - 3600, 100 + CONFIG.idle_seconds + 1);
+        assert!(pool.deficits(&wall_back).is_empty());
+        assert!(
+            pool.is_empty(),
+            "idle for longer than idle_seconds: dropped"
+        );
+    }
+
+    /// The sets named in one refill round, by their first entry's id.
+    fn served(pool: &SvidPool, now: i64, budget: usize) -> Vec<String> {
+        pool.deficits_within(&view(now), budget)
+            .iter()
+            .map(|d| d.entries[0].id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_short_refill_budget_serves_every_set_within_a_bounded_number_of_rounds() {
+        const SETS: usize = 10;
+        // Each set lacks 2 instances of one entry; a round may send 4 CSRs: 2 sets.
+        const BUDGET: usize = 4;
+        let pool = SvidPool::new(PoolConfig {
+            max_sets: SETS,
+            ..CONFIG
+        });
+        for i in 0..SETS {
+            pool.take(&[entry(&format!("e{i}"))], &view(100), 0);
+        }
+        // The mints never arrive (the worst case: every set stays depleted), and still
+        // each set's turn comes within SETS / 2 rounds, then again, in the same order.
+        let rounds = SETS.div_ceil(BUDGET / 2);
+        let mut seen: Vec<String> = Vec::new();
+        for round in 0..rounds {
+            let got = served(&pool, 100 + round as i64, BUDGET);
+            assert_eq!(got.len(), BUDGET / 2, "round {round}: {got:?}");
+            seen.extend(got);
+        }
+        let mut distinct = seen.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), SETS, "every set served once: {seen:?}");
+        let next: Vec<String> = (0..rounds)
+            .flat_map(|r| served(&pool, 110 + r as i64, BUDGET))
+            .collect();
+        assert_eq!(next, seen, "deterministic round-robin");
+
+        // Refilled sets make way as well: one set's mint arrives and it is served no
+        // sooner than the others.
+        let pool = SvidPool::new(PoolConfig {
+            max_sets: SETS,
+            ..CONFIG
+        });
+        for i in 0..SETS {
+            pool.take(&[entry(&format!("e{i}"))], &view(100), 0);
+        }
+        let mut refilled = std::collections::BTreeSet::new();
+        for round in 0..rounds {
+            let now = 100 + round as i64;
+            for d in pool.deficits_within(&view(now), BUDGET) {
+                for n in 0..d.count {
+                    let segment = format!("{}-{round}-{n}", d.entries[0].id);
+                    assert!(pool.insert(slot(&d.entries, &segment, now), &view(now)));
+                }
+                refilled.insert(d.entries[0].id.clone());
+            }
+        }
+        assert_eq!(refilled.len(), SETS, "{refilled:?}");
+        assert_eq!(pool.len(), SETS * CONFIG.size);
     }
 }
