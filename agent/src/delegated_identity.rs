@@ -704,7 +704,8 @@ fn hold(
     let mut b = book.lock().map_err(|_| Status::internal("lock"))?;
     b.sweep(workloads, now);
     let known = b.holders.contains_key(&key) || b.idle.remove(&key).is_some();
-    if !known && !own {
+    let counted = !known && !own;
+    if counted {
         let (limit, linger) = (b.limit, b.linger);
         let made = b.made.entry(delegate.to_string()).or_default();
         while made
@@ -723,15 +724,26 @@ fn hold(
         }
         made.push_back(now);
     }
-    b.made.retain(|_, m| !m.is_empty());
-    let inst = workloads
-        .instance_for_key(key.clone(), false)
-        .map_err(|e| match e {
-            crate::workloads::InstanceError::CapReached { .. } => {
-                Status::resource_exhausted(e.to_string())
+    let inst = match workloads.instance_for_key(key.clone(), false) {
+        Ok(inst) => inst,
+        Err(e) => {
+            // No instance was made: the attempt does not count against the delegate's
+            // new instances a minute.
+            if counted {
+                if let Some(made) = b.made.get_mut(delegate) {
+                    made.pop_back();
+                }
             }
-            _ => Status::unavailable(e.to_string()),
-        })?;
+            b.made.retain(|_, m| !m.is_empty());
+            return Err(match e {
+                crate::workloads::InstanceError::CapReached { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
+                _ => Status::unavailable(e.to_string()),
+            });
+        }
+    };
+    b.made.retain(|_, m| !m.is_empty());
     *b.holders.entry(key).or_insert(0) += 1;
     Ok(Held {
         inst,
@@ -1642,6 +1654,11 @@ mod tests {
 
     /// Workloads that never reach a server (nothing here mints).
     async fn offline_workloads() -> Arc<Workloads> {
+        offline_workloads_capped(crate::workloads::DEFAULT_MAX_INSTANCES).await
+    }
+
+    /// Offline workloads holding at most `max_instances` process instances.
+    async fn offline_workloads_capped(max_instances: usize) -> Arc<Workloads> {
         use crate::servers::{parse_server_list, NodeConnections, Servers};
         let servers = Servers::new(parse_server_list("127.0.0.1:9").unwrap()).await;
         let node = NodeConnections::new(
@@ -1650,10 +1667,13 @@ mod tests {
             None,
         );
         let bundle = watch::Sender::new(Arc::new(TrustBundle::default()));
-        Arc::new(Workloads::new(
-            Arc::new(arc_swap::ArcSwap::from_pointee(node)),
-            bundle.subscribe(),
-        ))
+        Arc::new(
+            Workloads::new(
+                Arc::new(arc_swap::ArcSwap::from_pointee(node)),
+                bundle.subscribe(),
+            )
+            .with_max_instances(max_instances),
+        )
     }
 
     fn book(linger: Duration, limit: usize) -> Arc<Mutex<Book>> {
@@ -1756,6 +1776,45 @@ mod tests {
         // Another delegate has its own count.
         let key = sel_key(&me, "unix:uid:5009");
         assert!(hold(&book, &workloads, "spiffe://example.org/p", key, false).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_instance_refused_at_the_agents_cap_does_not_count_against_the_delegate() {
+        let workloads = offline_workloads_capped(1).await;
+        let book = book(Duration::from_secs(60), 2);
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let _first = hold(
+            &book,
+            &workloads,
+            "uid:0",
+            sel_key(&me, "unix:uid:5000"),
+            false,
+        )
+        .unwrap();
+        // The agent is full: refused for the cap, again and again, and none of these
+        // attempts spends the delegate's new instances a minute (2).
+        for _ in 0..3 {
+            let err = hold(
+                &book,
+                &workloads,
+                "uid:0",
+                sel_key(&me, "unix:uid:5001"),
+                false,
+            )
+            .err()
+            .unwrap();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                err.message().starts_with("workload instance cap reached"),
+                "{}",
+                err.message()
+            );
+        }
+        assert_eq!(
+            book.lock().unwrap().made.get("uid:0").map(|m| m.len()),
+            Some(1)
+        );
+        assert_eq!(workloads.instance_count(), 1);
     }
 
     /// `sleep` as a child, attested.

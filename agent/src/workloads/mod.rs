@@ -52,6 +52,8 @@ pub const DEFAULT_MAX_INSTANCES: usize = 4096;
 /// search reads `/proc` for every instance held, so a caller refused at the cap cannot
 /// make the agent do it on every request.
 const FULL_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most often a refusal at the instance cap is logged (with the count since the last).
+const CAP_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::{unix_seconds, Error, Selector};
 
 /// Why a process got no instance.
@@ -387,6 +389,8 @@ pub struct Workloads {
     max_instances: usize,
     /// When the full instance map was last searched for exited processes.
     last_full_prune: Mutex<Option<std::time::Instant>>,
+    /// When a refusal at the cap was last logged, and the refusals since.
+    cap_refusals: Mutex<(Option<std::time::Instant>, u64)>,
     /// What was revoked for each process, kept until it exits.
     revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
@@ -414,6 +418,7 @@ impl Workloads {
             instances: Mutex::new(HashMap::new()),
             max_instances: DEFAULT_MAX_INSTANCES,
             last_full_prune: Mutex::new(None),
+            cap_refusals: Mutex::new((None, 0)),
             revoked: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
             pool: SvidPool::new(PoolConfig::OFF),
@@ -636,13 +641,25 @@ impl Workloads {
         Err(self.cap_reached())
     }
 
-    /// The refusal at the cap, logged.
+    /// The refusal at the cap, logged at most once per [`CAP_LOG_INTERVAL`] with how
+    /// many were refused since (a local user forking in a loop must not flood the log).
     fn cap_reached(&self) -> InstanceError {
-        tracing::warn!(
-            event = "workload_refused",
-            cap = self.max_instances,
-            "new workload process refused: the agent holds as many live process instances as workload_max_instances allows"
-        );
+        let log_now = self.cap_refusals.lock().ok().and_then(|mut r| {
+            r.1 += 1;
+            let due = r.0.is_none_or(|t| t.elapsed() >= CAP_LOG_INTERVAL);
+            due.then(|| {
+                r.0 = Some(std::time::Instant::now());
+                std::mem::take(&mut r.1)
+            })
+        });
+        if let Some(refused) = log_now {
+            tracing::warn!(
+                event = "workload_refused",
+                cap = self.max_instances,
+                refused,
+                "new workload processes refused: the agent holds as many live process instances as workload_max_instances allows"
+            );
+        }
         InstanceError::CapReached {
             cap: self.max_instances,
         }
