@@ -54,7 +54,11 @@
 //! VCEK competes in the open budget): give such nodes their VCEK in the host's
 //! certificate table or in `collateral_dir`, or verify them once before, and they need no
 //! open-budget request. Cached VCEKs (on disk) are used without any request; a restart
-//! forgets only which chips are known-good.
+//! forgets only which chips are known-good. A fetched VCEK is written to the disk cache
+//! only once it signed the report at hand: KDS issues a genuine VCEK for a real chip ID
+//! at any TCB, so reports naming a known chip with made-up TCBs would otherwise add a
+//! file each; such VCEKs are kept in memory instead ([`MAX_UNSIGNED_VCEKS`], the oldest
+//! forgotten first), so sending the same forged report again costs no request.
 //!
 //! Cache layout under `kds_cache_dir`: `{product}/vcek-{hwid}-{tcb}.der` (tcb like
 //! `bl03-tee00-snp08-uc115`, `fmc01-` first on Turin), `{product}/{vcek|vlek}-cert_chain.pem`,
@@ -111,6 +115,43 @@ pub(crate) struct Kds {
     crl: bool,
     client: fetch::Client,
     known: Mutex<KnownChips>,
+    /// VCEKs fetched for reports they did not sign, by cache name (see [`Unsigned`]).
+    unsigned: Mutex<Unsigned>,
+}
+
+/// Most fetched VCEKs kept in memory for reports they did not sign.
+const MAX_UNSIGNED_VCEKS: usize = 256;
+
+/// Genuine VCEKs fetched for reports they did not sign (a known chip's ID with a made-up
+/// TCB, or a forged signature): kept in memory, bounded (the oldest forgotten first), so
+/// the same forged report costs no second request, and never written to the disk cache,
+/// which takes only a VCEK that signed a report.
+#[derive(Default)]
+struct Unsigned {
+    by_name: HashMap<String, (Instant, Vec<u8>)>,
+}
+
+impl Unsigned {
+    fn get(&self, rel: &str) -> Option<Vec<u8>> {
+        self.by_name.get(rel).map(|(_, der)| der.clone())
+    }
+
+    fn keep(&mut self, rel: &str, der: &[u8], now: Instant) {
+        if !self.by_name.contains_key(rel) {
+            while self.by_name.len() >= MAX_UNSIGNED_VCEKS {
+                let Some(oldest) = self
+                    .by_name
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(n, _)| n.clone())
+                else {
+                    break;
+                };
+                self.by_name.remove(&oldest);
+            }
+        }
+        self.by_name.insert(rel.to_string(), (now, der.to_vec()));
+    }
 }
 
 /// Chips (by hwID: 64 bytes, 8 on Turin) whose reports passed a full verification.
@@ -310,6 +351,7 @@ impl Kds {
             crl: cfg.crl,
             client: fetch::Client::default(),
             known: Mutex::new(KnownChips::default()),
+            unsigned: Mutex::new(Unsigned::default()),
         }
     }
 
@@ -463,20 +505,38 @@ impl Kds {
                     ),
                 }
             }
-            match self.get_vcek(&url, hwid_of(product, chip_id)) {
-                Err(e) => failures.push(e.to_string()),
-                Ok(resp) => {
-                    let v = self
-                        .check_vcek(store, c, &url, &resp.body, report, at)
-                        .map_err(|e| {
-                            fetched_fails(e, |r| {
-                                format!("the VCEK fetched from {url} fails verification: {r}")
-                            })
-                        })?;
-                    self.store_in_cache(&rel, &v.der);
-                    return Ok(v);
+            let kept = self.unsigned.lock().ok().and_then(|u| u.get(&rel));
+            let body = match kept {
+                Some(der) => der,
+                None => match self.get_vcek(&url, hwid_of(product, chip_id)) {
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        continue;
+                    }
+                    Ok(resp) => resp.body,
+                },
+            };
+            let v = self
+                .check_vcek(store, c, &url, &body, report, at)
+                .map_err(|e| {
+                    fetched_fails(e, |r| {
+                        format!("the VCEK fetched from {url} fails verification: {r}")
+                    })
+                })?;
+            // On disk only once it signed this report: KDS issues a genuine VCEK for a
+            // real chip ID at any TCB, so reports naming a known chip with made-up TCBs
+            // would otherwise fill the cache (they are kept in memory, bounded, instead).
+            if let Err(e) = report.check_signature(&v.public_key, "VCEK") {
+                if let Ok(mut u) = self.unsigned.lock() {
+                    u.keep(&rel, &v.der, Instant::now());
                 }
+                return Err(e);
             }
+            if let Ok(mut u) = self.unsigned.lock() {
+                u.by_name.remove(&rel);
+            }
+            self.store_in_cache(&rel, &v.der);
+            return Ok(v);
         }
         Err(refuse(CollateralUnavailable, format!(
             "the report is signed by a VCEK that neither the evidence nor the collateral holds, and fetching it from AMD KDS failed: {}",
@@ -717,6 +777,18 @@ mod tests {
         );
         assert_eq!(tcb_tag(&legacy), "bl03-tee00-snp08-uc115");
         assert_eq!(tcb_tag(&turin), "fmc01-bl02-tee03-snp04-uc81");
+    }
+
+    #[test]
+    fn unsigned_vceks_in_memory_are_bounded() {
+        let mut u = Unsigned::default();
+        let t0 = Instant::now();
+        for i in 0..=MAX_UNSIGNED_VCEKS {
+            u.keep(&format!("v{i}"), &[1], t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(u.by_name.len(), MAX_UNSIGNED_VCEKS);
+        assert!(u.get("v0").is_none(), "the oldest is forgotten");
+        assert_eq!(u.get(&format!("v{MAX_UNSIGNED_VCEKS}")), Some(vec![1]));
     }
 
     #[test]

@@ -345,6 +345,68 @@ fn bogus_chip_ids_cannot_starve_a_known_chip() {
     );
 }
 
+/// A VCEK fetched for a report it did not sign is not kept: KDS serves a genuine VCEK for
+/// a real chip at any TCB, so forged reports of a known chip could otherwise fill the
+/// cache, one file per made-up TCB.
+#[test]
+fn a_fetched_vcek_is_cached_only_for_a_report_it_signed() {
+    use crate::fetch::test_server::Server;
+    let kds = Server::start();
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cfg: toml::Table = toml::from_str(&format!(
+        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\nproducts = [\"Milan\"]",
+        kds.addr,
+        cache.display().to_string()
+    ))
+    .unwrap();
+    let v = SnpVerifier::from_config(&cfg).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    kds.serve(
+        &format!(
+            "/vcek/v1/Milan/{}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115",
+            hex::encode(&report[0x1A0..0x1E0])
+        ),
+        vek,
+    );
+    let cached = || {
+        std::fs::read_dir(cache.join("Milan"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let mut forged = report.clone();
+    forged[0x2A0] ^= 1;
+    let m = refusal(
+        RefusalKind::BadSignature,
+        v.verify_evidence(&forged, &rd, now),
+    );
+    assert_eq!(
+        m,
+        "report signature does not verify under the VCEK public key"
+    );
+    assert_eq!(
+        cached(),
+        0,
+        "nothing on disk for a report the VCEK did not sign"
+    );
+    // Sent again: refused the same, without a second request (kept in memory).
+    assert_eq!(
+        refusal(
+            RefusalKind::BadSignature,
+            v.verify_evidence(&forged, &rd, now)
+        ),
+        m
+    );
+    assert_eq!(kds.requests().len(), 1);
+    // The genuine report: verified with that VCEK, which is now on disk.
+    v.verify_evidence(&report, &rd, now).unwrap();
+    assert_eq!(cached(), 1);
+    assert_eq!(kds.requests().len(), 1);
+}
+
 /// A VCEK whose issuer only looks like AMD's (CN `SEV-Milan`, another DN) makes the CA
 /// fetch the cert_chain once: the current chain is cached though it does not fit, and the
 /// next such VCEK is refused from the cache, so forged issuers cannot spend the budget
