@@ -124,6 +124,31 @@ impl CaCore {
         .saturating_add(REVOCATION_MARGIN_SECONDS)
     }
 
+    /// `target` as a SPIFFE ID of this trust domain, within the length bound.
+    fn target_id(&self, target: &str) -> Result<spiffe::SpiffeId> {
+        crate::limits::check_len("target (bytes)", target, crate::limits::MAX_SPIFFE_ID_BYTES)?;
+        crate::entries::parse_id(&self.trust_domain, "target", target)
+    }
+
+    /// `target` as one kind of ztid's own identities (`is_kind`: "`what`", shaped
+    /// `spiffe://TD/shape`).
+    fn ztid_target(
+        &self,
+        target: &str,
+        is_kind: fn(&spiffe::TrustDomain, &spiffe::SpiffeId) -> bool,
+        what: &str,
+        shape: &str,
+    ) -> Result<spiffe::SpiffeId> {
+        let id = self.target_id(target)?;
+        if !is_kind(&self.trust_domain, &id) {
+            return Err(Error::InvalidInput(format!(
+                "target {target} is not {what} (spiffe://{}/{shape})",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+
     /// Revokes `target` (`kind`: an instance's SPIFFE ID, an entry ID, an agent's
     /// SPIFFE ID), stores it, and records `instance_revoked`. A node revocation also
     /// bans the agent, as `BanAgent` does (an agent no longer known is only revoked).
@@ -143,12 +168,7 @@ impl CaCore {
         }
         let (spiffe_id, ttls): (String, Vec<i64>) = match kind {
             RevocationKind::Instance => {
-                crate::limits::check_len(
-                    "target (bytes)",
-                    target,
-                    crate::limits::MAX_SPIFFE_ID_BYTES,
-                )?;
-                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
+                let id = self.target_id(target)?;
                 if id.path().is_empty() {
                     return Err(Error::InvalidInput("target must have a path".into()));
                 }
@@ -178,18 +198,12 @@ impl CaCore {
                 (entry.spiffe_id, vec![entry.x509_ttl, entry.jwt_ttl])
             }
             RevocationKind::Node => {
-                crate::limits::check_len(
-                    "target (bytes)",
+                self.ztid_target(
                     target,
-                    crate::limits::MAX_SPIFFE_ID_BYTES,
+                    ztid_spiffe::spiffe_id::is_agent_id,
+                    "an agent ID",
+                    "ztid/agent/METHOD/NODE",
                 )?;
-                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
-                if !ztid_spiffe::spiffe_id::is_agent_id(&self.trust_domain, &id) {
-                    return Err(Error::InvalidInput(format!(
-                        "target {target} is not an agent ID (spiffe://{}/ztid/agent/METHOD/NODE)",
-                        self.trust_domain
-                    )));
-                }
                 let filter = crate::datastore::EntryFilter {
                     spiffe_id: None,
                     parent_id: Some(target.to_string()),
@@ -203,18 +217,12 @@ impl CaCore {
                 (String::new(), ttls)
             }
             RevocationKind::Admin => {
-                crate::limits::check_len(
-                    "target (bytes)",
+                let id = self.ztid_target(
                     target,
-                    crate::limits::MAX_SPIFFE_ID_BYTES,
+                    ztid_spiffe::spiffe_id::is_admin_id,
+                    "an admin ID",
+                    "ztid/admin/NAME",
                 )?;
-                let id = crate::entries::parse_id(&self.trust_domain, "target", target)?;
-                if !ztid_spiffe::spiffe_id::is_admin_id(&self.trust_domain, &id) {
-                    return Err(Error::InvalidInput(format!(
-                        "target {target} is not an admin ID (spiffe://{}/ztid/admin/NAME)",
-                        self.trust_domain
-                    )));
-                }
                 // An admin credential may last up to the CA's lifetime (`issue_admin_svid`).
                 (id.to_string(), vec![self.config.ca_ttl_seconds])
             }
