@@ -9,29 +9,37 @@
 //! request to an `https` URL never follows a redirect to `http`. Every failure names the
 //! URL and the reason.
 //!
-//! Attestation attempts are unauthenticated, so fetching is bounded per verifier, in
-//! three budgets ([`Pool`]) that cannot drain each other:
+//! Attestation attempts are unauthenticated, so fetching is bounded per verifier (each
+//! verifier has its own client), in budgets ([`Pool`]) that cannot drain each other:
 //!
-//! - [`Pool::Open`], for URLs that unauthenticated evidence can vary at will (the VCEK of
-//!   a chip never seen to verify, a quote's FMSPC collateral): at most
-//!   [`MAX_REQUESTS_PER_MINUTE`] requests a minute and [`MAX_IN_FLIGHT`] at once;
+//! - [`Pool::Open`], for URLs that unauthenticated evidence can vary (the VCEK of a chip
+//!   never seen to verify; the TCB info of a TDX platform never seen to verify, whose
+//!   PCK certificate chain was first checked up to the pinned Intel SGX Root CA): at
+//!   most [`MAX_REQUESTS_PER_MINUTE`] requests a minute and [`MAX_IN_FLIGHT`] at once;
 //! - [`Pool::KnownChip`], for the VCEK of a chip that already passed a full
 //!   verification (bounded per chip by the caller): at most
 //!   [`MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE`] a minute and [`MAX_KNOWN_CHIP_IN_FLIGHT`] at
 //!   once;
+//! - [`Pool::KnownPlatform`], the same for the TCB info of a TDX platform (FMSPC and PCK
+//!   CA) whose quote already passed a full verification: at most
+//!   [`MAX_KNOWN_PLATFORM_REQUESTS_PER_MINUTE`] a minute and
+//!   [`MAX_KNOWN_PLATFORM_IN_FLIGHT`] at once;
 //! - [`Pool::FixedUrl`], for the few fixed URLs every node shares (an AMD product's
-//!   cert_chain and CRL): at most [`MAX_FIXED_URL_REQUESTS_PER_MINUTE`] a minute and
-//!   [`MAX_FIXED_URL_IN_FLIGHT`] at once.
+//!   cert_chain and CRL; Intel's PCK CRL per CA, QE identity and root CA CRL): at most
+//!   [`MAX_FIXED_URL_REQUESTS_PER_MINUTE`] a minute and [`MAX_FIXED_URL_IN_FLIGHT`] at
+//!   once.
 //!
-//! A flood of evidence naming bogus chips therefore exhausts only the open budget, and
-//! nothing an attacker sends can keep the CRL from being refreshed. A URL that failed is
-//! not asked again for [`FAILURE_MEMORY`]; one AMD KDS answered "not found" (HTTP 404,
-//! or 400 as KDS answers a malformed chip ID or TCB) is not asked again for
-//! [`NOT_FOUND_MEMORY`] (Intel PCS collateral, which a PCCS answers 404 until it has
-//! synced an FMSPC, only for [`FAILURE_MEMORY`]), remembered for at most [`MAX_NOT_FOUND_REMEMBERED`] URLs (the
+//! A flood of evidence naming bogus chips or platforms therefore exhausts only the open
+//! budget, and nothing an attacker sends can keep the CRLs from being refreshed. A URL
+//! that failed is not asked again for [`FAILURE_MEMORY`]; one AMD KDS answered "not
+//! found" (HTTP 404, or 400 as KDS answers a malformed chip ID or TCB) is not asked
+//! again for [`NOT_FOUND_MEMORY`] (`Client::get_in`; Intel PCS collateral, which a
+//! PCCS answers 404 until it has synced an FMSPC, only for [`FAILURE_MEMORY`]:
+//! `Client::get_pcs`), remembered for at most [`MAX_NOT_FOUND_REMEMBERED`] URLs (the
 //! oldest forgotten first), so a repeated bogus chip costs no request at all. Past those
 //! bounds an attempt needing remote collateral is refused, naming why. Outbound requests
-//! stay bounded by the sum of the three budgets.
+//! stay bounded by the sum of the budgets a client uses (three: SEV-SNP never uses the
+//! known-platform budget, TDX never the known-chip one).
 //!
 //! Nothing fetched is trusted for what it is: each verifier checks fetched certificates,
 //! CRLs and signed collateral exactly as it checks offline collateral, and stores in the
@@ -82,6 +90,10 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE: usize = 30;
 /// Most [`Pool::KnownChip`] requests one client has in flight at once.
 pub const MAX_KNOWN_CHIP_IN_FLIGHT: usize = 2;
+/// Most [`Pool::KnownPlatform`] requests one client starts per minute.
+pub const MAX_KNOWN_PLATFORM_REQUESTS_PER_MINUTE: usize = 30;
+/// Most [`Pool::KnownPlatform`] requests one client has in flight at once.
+pub const MAX_KNOWN_PLATFORM_IN_FLIGHT: usize = 2;
 /// Most [`Pool::FixedUrl`] requests one client starts per minute.
 pub const MAX_FIXED_URL_REQUESTS_PER_MINUTE: usize = 30;
 /// Most [`Pool::FixedUrl`] requests one client has in flight at once.
@@ -95,6 +107,125 @@ pub const NOT_FOUND_MEMORY: Duration = Duration::from_secs(3600);
 /// memory a flood of bogus chip IDs can take.
 pub const MAX_NOT_FOUND_REMEMBERED: usize = 4096;
 
+/// An hour, the period of [`KnownSources`]' per-source quota.
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
+
+/// Sources of evidence (an SEV-SNP chip, a TDX platform) that already passed a full
+/// verification: their fetches draw on a budget of their own (`pool`), at most
+/// `per_hour` requests each an hour, then the open one (so evidence forged with a known
+/// source's name cannot spend that budget for the others); at most `max` are
+/// remembered, the least recently verified forgotten first, in memory only.
+pub(crate) struct KnownSources<K> {
+    by_key: std::collections::HashMap<K, KnownSource>,
+    pool: Pool,
+    max: usize,
+    per_hour: usize,
+}
+
+struct KnownSource {
+    last_verified: std::time::Instant,
+    /// Its requests from the known budget in the last hour, oldest first.
+    budget_fetches: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KnownSources<K> {
+    /// None known yet; fetches for known sources go to `pool`.
+    pub(crate) fn new(pool: Pool, max: usize, per_hour: usize) -> Self {
+        Self {
+            by_key: std::collections::HashMap::new(),
+            pool,
+            max,
+            per_hour,
+        }
+    }
+
+    /// Records a verified source, forgetting the least recently verified past the bound.
+    pub(crate) fn remember<Q>(&mut self, key: &Q, now: std::time::Instant)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(k) = self.by_key.get_mut(key) {
+            k.last_verified = now;
+            return;
+        }
+        while self.by_key.len() >= self.max {
+            let Some(oldest) = self
+                .by_key
+                .iter()
+                .min_by_key(|(_, k)| k.last_verified)
+                .map(|(key, _)| key.clone())
+            else {
+                break;
+            };
+            self.by_key.remove::<K>(&oldest);
+        }
+        self.by_key.insert(
+            key.to_owned(),
+            KnownSource {
+                last_verified: now,
+                budget_fetches: std::collections::VecDeque::new(),
+            },
+        );
+    }
+
+    /// The pool a fetch for `key` is charged to: the known pool for a known source within
+    /// its hourly quota, [`Pool::Open`] otherwise.
+    pub(crate) fn pool_for<Q>(&mut self, key: &Q, now: std::time::Instant) -> Pool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let Some(k) = self.by_key.get_mut(key) else {
+            return Pool::Open;
+        };
+        while k
+            .budget_fetches
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
+            k.budget_fetches.pop_front();
+        }
+        if k.budget_fetches.len() >= self.per_hour {
+            Pool::Open
+        } else {
+            self.pool
+        }
+    }
+
+    /// Counts a request made for `key` from the known pool against its quota (requests
+    /// the client did not make are not counted).
+    pub(crate) fn count_fetch<Q>(&mut self, key: &Q, now: std::time::Instant)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if let Some(k) = self.by_key.get_mut(key) {
+            k.budget_fetches.push_back(now);
+            // Bounded even if concurrent fetches raced past the quota check.
+            while k.budget_fetches.len() > self.per_hour {
+                k.budget_fetches.pop_front();
+            }
+        }
+    }
+
+    /// Whether `key` is known.
+    #[cfg(test)]
+    pub(crate) fn contains<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.by_key.contains_key(key)
+    }
+
+    /// How many are known.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
 /// The request budget a fetch is charged to (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -103,7 +234,10 @@ pub enum Pool {
     Open,
     /// The VCEK of a chip that already passed a full verification.
     KnownChip,
-    /// The few fixed URLs every node shares (cert_chain, CRL).
+    /// The TCB info of a TDX platform (FMSPC, PCK CA) that already passed a full
+    /// verification.
+    KnownPlatform,
+    /// The few fixed URLs every node shares (cert_chain, CRLs, QE identity).
     FixedUrl,
 }
 
@@ -113,6 +247,10 @@ impl Pool {
         match self {
             Pool::Open => (MAX_REQUESTS_PER_MINUTE, MAX_IN_FLIGHT),
             Pool::KnownChip => (MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE, MAX_KNOWN_CHIP_IN_FLIGHT),
+            Pool::KnownPlatform => (
+                MAX_KNOWN_PLATFORM_REQUESTS_PER_MINUTE,
+                MAX_KNOWN_PLATFORM_IN_FLIGHT,
+            ),
             Pool::FixedUrl => (MAX_FIXED_URL_REQUESTS_PER_MINUTE, MAX_FIXED_URL_IN_FLIGHT),
         }
     }
@@ -123,6 +261,7 @@ impl std::fmt::Display for Pool {
         f.write_str(match self {
             Pool::Open => "open",
             Pool::KnownChip => "known-chip",
+            Pool::KnownPlatform => "known-platform",
             Pool::FixedUrl => "fixed-URL",
         })
     }
@@ -259,6 +398,7 @@ struct PoolLimits {
 struct Limits {
     open: PoolLimits,
     known_chip: PoolLimits,
+    known_platform: PoolLimits,
     fixed_url: PoolLimits,
     failed: std::collections::HashMap<String, (std::time::Instant, String)>,
     not_found: std::collections::HashMap<String, (std::time::Instant, u16)>,
@@ -269,6 +409,7 @@ impl Limits {
         match pool {
             Pool::Open => &mut self.open,
             Pool::KnownChip => &mut self.known_chip,
+            Pool::KnownPlatform => &mut self.known_platform,
             Pool::FixedUrl => &mut self.fixed_url,
         }
     }
@@ -316,15 +457,20 @@ fn agent(https_only: bool) -> ureq::Agent {
 }
 
 impl Client {
-    /// GETs `url`, charged to [`Pool::Open`]: the body of a 200 response, or why not
-    /// (the message names the URL).
+    /// [`Client::get_pcs`] charged to [`Pool::Open`], the error as its message.
+    #[cfg(test)]
+    pub(crate) fn get(&self, url: &str) -> Result<Response, String> {
+        self.get_pcs(url, Pool::Open).map_err(|e| e.to_string())
+    }
+
+    /// GETs `url`, charged to `pool`: the body of a 200 response, or why not (the
+    /// message names the URL).
     ///
     /// A "not found" answer is remembered only for [`FAILURE_MEMORY`]: Intel's PCS (and
     /// a PCCS, which answers 404 for an FMSPC it has not synced yet) is fetched this way,
     /// and a real platform must not wait an hour for its collateral.
-    pub(crate) fn get(&self, url: &str) -> Result<Response, String> {
-        self.fetch(url, Pool::Open, false)
-            .map_err(|e| e.to_string())
+    pub(crate) fn get_pcs(&self, url: &str, pool: Pool) -> Result<Response, FetchError> {
+        self.fetch(url, pool, false)
     }
 
     /// GETs `url`, charged to `pool`: the body of a 200 response, or why not. A "not
@@ -587,7 +733,8 @@ pub(crate) mod test_server {
     use std::net::{TcpListener, TcpStream};
     use std::sync::{Arc, Mutex};
 
-    type Routes = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+    /// Body and extra headers per target.
+    type Routes = Arc<Mutex<HashMap<String, (Vec<u8>, Vec<(String, String)>)>>>;
 
     pub(crate) struct Server {
         /// `http://127.0.0.1:PORT`.
@@ -614,7 +761,19 @@ pub(crate) mod test_server {
 
         /// Serves `body` with status 200 at `target` (path and query).
         pub(crate) fn serve(&self, target: &str, body: Vec<u8>) {
-            self.routes.lock().unwrap().insert(target.into(), body);
+            self.serve_with(target, body, &[]);
+        }
+
+        /// Serves `body` with status 200 and `headers` at `target`.
+        pub(crate) fn serve_with(&self, target: &str, body: Vec<u8>, headers: &[(&str, &str)]) {
+            let headers = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            self.routes
+                .lock()
+                .unwrap()
+                .insert(target.into(), (body, headers));
         }
 
         /// The targets asked for so far.
@@ -640,13 +799,17 @@ pub(crate) mod test_server {
             .unwrap_or("")
             .to_string();
         log.lock().unwrap().push(target.clone());
-        let (status, body) = match routes.lock().unwrap().get(&target) {
-            Some(b) => ("200 OK", b.clone()),
-            None => ("404 Not Found", b"not found".to_vec()),
+        let (status, body, headers) = match routes.lock().unwrap().get(&target) {
+            Some((b, h)) => ("200 OK", b.clone(), h.clone()),
+            None => ("404 Not Found", b"not found".to_vec(), Vec::new()),
         };
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let _ = write!(
             s,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
             body.len()
         );
         let _ = s.write_all(&body);
@@ -685,6 +848,7 @@ mod tests {
         // bound.
         for (pool, limit) in [
             (Pool::KnownChip, MAX_KNOWN_CHIP_REQUESTS_PER_MINUTE),
+            (Pool::KnownPlatform, MAX_KNOWN_PLATFORM_REQUESTS_PER_MINUTE),
             (Pool::FixedUrl, MAX_FIXED_URL_REQUESTS_PER_MINUTE),
         ] {
             for i in 0..limit {
@@ -706,9 +870,10 @@ mod tests {
             (
                 l.open.in_flight,
                 l.known_chip.in_flight,
+                l.known_platform.in_flight,
                 l.fixed_url.in_flight
             ),
-            (0, 0, 0)
+            (0, 0, 0, 0)
         );
     }
 
@@ -761,6 +926,27 @@ mod tests {
         let again = c.get(&pcs).unwrap_err();
         assert!(again.contains("not asked again for 60 s"), "{again}");
         assert!(!c.limits.lock().unwrap().not_found.contains_key(&pcs));
+        // The same from the fixed-URL budget (PCS's QE identity, CRLs), which the open
+        // budget's use does not touch.
+        let qe = format!("{}/tdx/certification/v4/qe/identity", server.addr);
+        let first = c.get_pcs(&qe, Pool::FixedUrl).unwrap_err();
+        assert!(
+            matches!(first, FetchError::NotFound { status: 404, .. }),
+            "{first}"
+        );
+        let again = c.get_pcs(&qe, Pool::FixedUrl).unwrap_err();
+        assert!(
+            matches!(
+                &again,
+                FetchError::NotMade {
+                    why: NotFetched::RecentlyFailed { .. },
+                    ..
+                }
+            ),
+            "{again}"
+        );
+        assert!(!c.limits.lock().unwrap().not_found.contains_key(&qe));
+        assert_eq!(c.limits.lock().unwrap().fixed_url.started.len(), 1);
 
         // The memory is bounded: past the bound the oldest answer is forgotten.
         let mut l = Limits::default();

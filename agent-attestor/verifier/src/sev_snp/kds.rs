@@ -65,7 +65,7 @@
 //! `{product}/{vcek|vlek}-crl.der`. A cached file is used without a request while it
 //! passes those checks at the verification time; otherwise it is fetched again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -98,7 +98,6 @@ pub(crate) const MAX_KNOWN_CHIPS: usize = 4096;
 /// genuine chip needs one per TCB change (two for a version 2 report, whose product is
 /// guessed).
 pub(crate) const KNOWN_CHIP_FETCHES_PER_HOUR: usize = 4;
-const HOUR: Duration = Duration::from_secs(3600);
 
 /// How long a cached cert_chain that is current but does not fit a VEK answers for KDS:
 /// after that it is asked again (AMD may have issued a new signing key).
@@ -155,75 +154,14 @@ impl Unsigned {
 }
 
 /// Chips (by hwID: 64 bytes, 8 on Turin) whose reports passed a full verification.
-#[derive(Default)]
-struct KnownChips {
-    by_hwid: HashMap<Vec<u8>, KnownChip>,
-}
+type KnownChips = fetch::KnownSources<Vec<u8>>;
 
-struct KnownChip {
-    last_verified: Instant,
-    /// Its known-chip budget requests in the last hour, oldest first.
-    budget_fetches: VecDeque<Instant>,
-}
-
-impl KnownChips {
-    /// Records a verified chip, forgetting the least recently verified past the bound.
-    fn remember(&mut self, hwid: &[u8], now: Instant) {
-        if let Some(k) = self.by_hwid.get_mut(hwid) {
-            k.last_verified = now;
-            return;
-        }
-        while self.by_hwid.len() >= MAX_KNOWN_CHIPS {
-            let Some(oldest) = self
-                .by_hwid
-                .iter()
-                .min_by_key(|(_, k)| k.last_verified)
-                .map(|(h, _)| h.clone())
-            else {
-                break;
-            };
-            self.by_hwid.remove(&oldest);
-        }
-        self.by_hwid.insert(
-            hwid.to_vec(),
-            KnownChip {
-                last_verified: now,
-                budget_fetches: VecDeque::new(),
-            },
-        );
-    }
-
-    /// The pool a VCEK fetch for `hwid` is charged to: [`Pool::KnownChip`] for a known
-    /// chip within its hourly quota, [`Pool::Open`] otherwise.
-    fn pool_for(&mut self, hwid: &[u8], now: Instant) -> Pool {
-        let Some(k) = self.by_hwid.get_mut(hwid) else {
-            return Pool::Open;
-        };
-        while k
-            .budget_fetches
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= HOUR)
-        {
-            k.budget_fetches.pop_front();
-        }
-        if k.budget_fetches.len() >= KNOWN_CHIP_FETCHES_PER_HOUR {
-            Pool::Open
-        } else {
-            Pool::KnownChip
-        }
-    }
-
-    /// Counts a request made for `hwid` from [`Pool::KnownChip`] against its quota
-    /// (requests the client did not make are not counted).
-    fn count_fetch(&mut self, hwid: &[u8], now: Instant) {
-        if let Some(k) = self.by_hwid.get_mut(hwid) {
-            k.budget_fetches.push_back(now);
-            // Bounded even if concurrent fetches raced past the quota check.
-            while k.budget_fetches.len() > KNOWN_CHIP_FETCHES_PER_HOUR {
-                k.budget_fetches.pop_front();
-            }
-        }
-    }
+fn known_chips() -> KnownChips {
+    fetch::KnownSources::new(
+        Pool::KnownChip,
+        MAX_KNOWN_CHIPS,
+        KNOWN_CHIP_FETCHES_PER_HOUR,
+    )
 }
 
 fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
@@ -350,7 +288,7 @@ impl Kds {
             cache: Cache::new(cfg.cache_dir.clone()),
             crl: cfg.crl,
             client: fetch::Client::default(),
-            known: Mutex::new(KnownChips::default()),
+            known: Mutex::new(known_chips()),
             unsigned: Mutex::new(Unsigned::default()),
         }
     }
@@ -738,6 +676,7 @@ impl Kds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fetch::HOUR;
 
     fn chip() -> [u8; 64] {
         let mut c = [0u8; 64];
@@ -793,29 +732,29 @@ mod tests {
 
     #[test]
     fn known_chips_have_a_bounded_quota_and_a_bounded_list() {
-        let mut k = KnownChips::default();
+        let mut k = known_chips();
         let t0 = Instant::now();
-        assert_eq!(k.pool_for(b"unknown", t0), Pool::Open);
-        k.remember(b"chip", t0);
+        assert_eq!(k.pool_for(&b"unknown"[..], t0), Pool::Open);
+        k.remember(&b"chip"[..], t0);
         // A known chip draws on its budget a few times an hour, then on the open one, so
         // reports forged with its ID and made-up TCBs cannot spend the known-chip budget.
         for _ in 0..KNOWN_CHIP_FETCHES_PER_HOUR {
-            assert_eq!(k.pool_for(b"chip", t0), Pool::KnownChip);
-            k.count_fetch(b"chip", t0);
+            assert_eq!(k.pool_for(&b"chip"[..], t0), Pool::KnownChip);
+            k.count_fetch(&b"chip"[..], t0);
         }
-        assert_eq!(k.pool_for(b"chip", t0), Pool::Open);
-        assert_eq!(k.pool_for(b"chip", t0 + HOUR), Pool::KnownChip);
+        assert_eq!(k.pool_for(&b"chip"[..], t0), Pool::Open);
+        assert_eq!(k.pool_for(&b"chip"[..], t0 + HOUR), Pool::KnownChip);
         // The list is bounded: the least recently verified chip is forgotten first.
         for i in 0..MAX_KNOWN_CHIPS {
             k.remember(
-                &(i as u32).to_be_bytes(),
+                &(i as u32).to_be_bytes()[..],
                 t0 + Duration::from_millis(1 + i as u64),
             );
         }
-        assert_eq!(k.by_hwid.len(), MAX_KNOWN_CHIPS);
-        assert!(!k.by_hwid.contains_key(&b"chip"[..]));
-        assert_eq!(k.pool_for(b"chip", t0 + HOUR), Pool::Open);
-        assert!(k.by_hwid.contains_key(&1u32.to_be_bytes()[..]));
+        assert_eq!(k.len(), MAX_KNOWN_CHIPS);
+        assert!(!k.contains(&b"chip"[..]));
+        assert_eq!(k.pool_for(&b"chip"[..], t0 + HOUR), Pool::Open);
+        assert!(k.contains(&1u32.to_be_bytes()[..]));
     }
 
     #[test]

@@ -45,9 +45,23 @@
 //! collateral in the directory (no `collateral-<fmspc>.json`, and no `collateral.json`
 //! for that FMSPC) uses `{pcs_cache_dir}/collateral-<fmspc>-<pck ca>.json` while every dated
 //! item in it is current at the verification time, and otherwise fetches the PCK CRL,
-//! TCB info, QE identity and root CA CRL (10 s timeout, 1 MiB cap per request), verifies
-//! the quote with them exactly as with offline collateral, and caches them only once that
-//! verification passed. Request shapes: see `pcs.rs`.
+//! TCB info, QE identity and root CA CRL (10 s timeout, 1 MiB cap per request) and
+//! verifies the quote with them exactly as with offline collateral. Request shapes and
+//! bounds: see `pcs.rs`.
+//!
+//! The quote is unauthenticated when that happens, and the TCB info URL is built from
+//! the FMSPC in its PCK certificate. So before any request the quote's PCK certificate
+//! chain must verify to the pinned Intel SGX Root CA (signatures, issuer names, validity
+//! at the verification time; see `chain.rs`), and the FMSPC and PCK CA are read from the
+//! verified certificate; otherwise the quote is refused ([`UntrustedChain`]) and nothing
+//! is fetched. The fixed URLs (PCK CRL, QE identity, root CA CRL) draw on their own
+//! budget and are kept in memory while current; the TCB info of a platform whose quote
+//! passed a full verification ("known platform", in memory, bounded) on a known-platform
+//! budget, others on the open one. Fetched collateral whose every item checks out
+//! (issuer chains to the pinned root, signatures, dates, FMSPC) is cached at once, even
+//! when the quote that caused the fetch fails; other fetched collateral only once a
+//! quote verified with it. Replays of a genuine PCK certificate with garbage quotes thus
+//! fetch a platform's collateral once per validity period.
 //!
 //! # Configuration (`[attestors.tdx]`)
 //!
@@ -92,6 +106,7 @@ use dcap_qvl::verify::VerifiedReport;
 use dcap_qvl::QuoteCollateralV3;
 use ring::digest;
 
+mod chain;
 mod pcs;
 
 use pcs::{Pcs, PcsConfig};
@@ -438,8 +453,10 @@ fn tcb_info_fmspc(c: &QuoteCollateralV3) -> Option<String> {
 
 /// The collateral for `quote`: from `dir` (see [`load_collateral`]) when fetching is off.
 /// With `pcs`, the directory's file for the quote's FMSPC, else the cache's while
-/// current at `at`, else Intel PCS; the FMSPC is returned with freshly fetched
-/// collateral, which the caller caches once the quote verified with it.
+/// current at `at`, else Intel PCS, only once the quote's PCK certificate chain verified
+/// to the pinned root; the platform is returned with collateral from the cache or PCS
+/// (the caller caches fetched collateral not cached yet once the quote verified with
+/// it, and remembers the platform as known).
 fn collateral_for(
     dir: Option<&Path>,
     pcs: Option<&Pcs>,
@@ -477,14 +494,42 @@ fn collateral_for(
         .map_err(|e| refuse(Malformed, format!("cannot read the quote's PCK CA: {e:#}")))?
         .as_id_str();
     if let Some(c) = pcs.cached(&fmspc, ca, at) {
-        return Ok((c, None));
+        return Ok((
+            c,
+            Some(FromPcs {
+                platform: (fmspc, ca),
+                fetched: false,
+                stored: true,
+            }),
+        ));
     }
-    Ok((pcs.fetch(&fmspc, ca)?, Some((fmspc, ca))))
+    // Nothing is fetched for a platform the quote merely names: its PCK certificate
+    // chain must verify to the pinned Intel SGX Root CA first (the FMSPC and CA are then
+    // read from the verified certificate).
+    let platform = chain::authentic_platform(&parsed, at)?;
+    let (c, stored) = pcs.fetch(platform, at)?;
+    Ok((
+        c,
+        Some(FromPcs {
+            platform,
+            fetched: true,
+            stored,
+        }),
+    ))
 }
 
-/// For collateral just fetched from PCS: its FMSPC and PCK CA, under which it is cached
-/// once a quote verified with it.
-type Fetched = Option<([u8; 6], &'static str)>;
+/// Collateral from the PCS cache or just fetched from PCS, for the platform (FMSPC and
+/// PCK CA) it is cached under.
+#[derive(Debug, Clone, Copy)]
+struct FromPcs {
+    platform: chain::Platform,
+    /// Just fetched (not from the cache).
+    fetched: bool,
+    /// Already in the cache (else cached once a quote verified with it).
+    stored: bool,
+}
+
+type Fetched = Option<FromPcs>;
 
 /// The dated collateral items: what, issued, next update (Unix seconds).
 type Dates = Vec<(&'static str, i64, Option<i64>)>;
@@ -682,8 +727,9 @@ fn node_id(report: &Report, td: &TDReport10, ppid: &[u8]) -> String {
 
 /// Verifies a quote with its collateral at `at` (Unix seconds); `expected_report_data`,
 /// when given, must equal all 64 bytes of report_data. Collateral that was just fetched
-/// (`fetched` = its FMSPC) is cached once dcap-qvl accepted the quote with it, and a
-/// failure says where the collateral came from.
+/// and not cached yet is cached once dcap-qvl accepted the quote with it, and a failure
+/// says where the collateral came from; a platform whose quote passed every check is
+/// remembered as known (its later TCB info fetches use the known-platform budget).
 fn verify_fetched(
     quote: &[u8],
     collateral: &QuoteCollateralV3,
@@ -693,23 +739,30 @@ fn verify_fetched(
     expected_report_data: Option<&[u8; 64]>,
     policy: &Policy,
 ) -> Result<Verified, Error> {
-    let verified = match (fetched, pcs) {
-        (Some((fmspc, ca)), Some(pcs)) => {
-            let v = dcap_verify(quote, collateral, at).map_err(|e| {
-                e.reworded(UntrustedChain, |m| {
-                    format!(
-                        "{m} (with collateral for FMSPC {} fetched from Intel PCS at {})",
-                        hex::encode(fmspc),
-                        pcs.base
-                    )
-                })
-            })?;
-            pcs.store(&fmspc, ca, collateral);
-            v
-        }
-        _ => dcap_verify(quote, collateral, at)?,
+    let (Some(from), Some(pcs)) = (fetched, pcs) else {
+        let verified = dcap_verify(quote, collateral, at)?;
+        return finish(verified, expected_report_data, policy);
     };
-    finish(verified, expected_report_data, policy)
+    let (fmspc, ca) = from.platform;
+    let verified = if from.fetched {
+        dcap_verify(quote, collateral, at).map_err(|e| {
+            e.reworded(UntrustedChain, |m| {
+                format!(
+                    "{m} (with collateral for FMSPC {} fetched from Intel PCS at {})",
+                    hex::encode(fmspc),
+                    pcs.base
+                )
+            })
+        })?
+    } else {
+        dcap_verify(quote, collateral, at)?
+    };
+    if !from.stored {
+        pcs.store(&fmspc, ca, collateral);
+    }
+    let done = finish(verified, expected_report_data, policy)?;
+    pcs.remember_verified(from.platform);
+    Ok(done)
 }
 
 /// The header, the collateral dates, and dcap-qvl's verification of the quote with it.

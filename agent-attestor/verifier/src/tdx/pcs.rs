@@ -19,20 +19,74 @@
 //! dcap-qvl's own collateral client was not reused: it is async and needs reqwest (its
 //! `report` feature).
 //!
+//! # Request bounds
+//!
+//! The quote is unauthenticated when its collateral is fetched, so:
+//!
+//! - nothing is fetched for a quote whose PCK certificate chain does not verify up to the
+//!   pinned Intel SGX Root CA (see `chain.rs`): a made-up FMSPC costs no request;
+//! - the PCK CRL (per CA), QE identity and root CA CRL URLs are fixed: they are charged
+//!   to the fixed-URL budget ([`fetch::Pool::FixedUrl`]) and kept in memory, checked
+//!   (issuer chain to the pinned root, signature, dates), while current at the
+//!   verification time; an item that did not check out is kept for [`RECENT_FETCH`]
+//!   anyway (dcap-qvl refuses it with the quote), so no flood can make them fetched more
+//!   than once a minute each;
+//! - the TCB info URL (per FMSPC) is charged to the known-platform budget
+//!   ([`fetch::Pool::KnownPlatform`]) for a platform (FMSPC, PCK CA) whose quote passed a
+//!   full verification, at most [`KNOWN_PLATFORM_FETCHES_PER_HOUR`] times an hour each (at
+//!   most [`MAX_KNOWN_PLATFORMS`] remembered, least recently verified forgotten first),
+//!   and to the open budget otherwise; a TCB info fetched is reused for [`RECENT_FETCH`]
+//!   (at most [`MAX_RECENT_TCB`] kept), whatever became of the quote;
+//! - collateral whose every item checks out (issuer chains, signatures, dates, the TCB
+//!   info's FMSPC) is cached at once, before the quote is verified with it, so replaying
+//!   a genuine PCK certificate with a garbage quote fetches that platform's collateral
+//!   once per validity period (about a month), not once per attempt.
+//!
+//! Outbound requests stay bounded by the open, known-platform and fixed-URL budgets
+//! together (90 a minute, 8 at once), memory by the bounds above.
+//!
+//! What is left: genuine PCK certificates are not secret (every quote carries one) and a
+//! revoked one passes the chain check (the PCK CRL is among what is fetched; dcap-qvl
+//! checks revocation with the quote), so a sender can still make the CA fetch for each
+//! genuine platform model (FMSPC and PCK CA) it holds a certificate of, a set bounded by
+//! Intel's platform models, not by the sender. Those whose collateral PCS serves cost one fetch per validity period (and one
+//! cache file each). Those it does not serve (an SGX-only model has no TDX TCB info, and
+//! a PCCS answers 404 until it has synced an FMSPC) cost one open-budget request a
+//! minute each, so someone holding certificates of 30 or more such models can keep the
+//! open budget spent and delay the first fetch for a platform model never verified
+//! before; known platforms, cached collateral and the fixed URLs are unaffected. Ship
+//! such a model's collateral in `collateral_dir` to need no fetch. A restart forgets the
+//! in-memory items and known platforms, not the cache.
+//!
 //! Nothing fetched is trusted for itself: the quote is verified with it exactly as with
 //! offline collateral (dcap-qvl checks every signature and issuer chain up to the pinned
-//! Intel SGX Root CA, and the dates), and it is cached only after that verification
-//! passed. A cached file is used without a request while every dated item in it is
-//! current at the verification time (until the earliest nextUpdate), and fetched again
-//! after.
+//! Intel SGX Root CA, the CRLs and the dates). Collateral that did not pass the checks
+//! above is cached only once a quote verified with it. A cached file is used without a
+//! request while every dated item in it is current at the verification time (until the
+//! earliest nextUpdate), and fetched again after.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use dcap_qvl::QuoteCollateralV3;
 
-use crate::fetch::{self, Cache};
+use super::chain;
+use crate::fetch::{self, Cache, Pool};
 use crate::Error;
 use ztid_attestation::RefusalKind::{self, CollateralUnavailable};
+
+/// How long a fetched item that did not check out (or any fetched TCB info) is used
+/// again without a request.
+pub(crate) const RECENT_FETCH: Duration = fetch::FAILURE_MEMORY;
+/// Most TCB infos kept for [`RECENT_FETCH`] (each a few KiB).
+pub(crate) const MAX_RECENT_TCB: usize = 256;
+/// Most known platforms (FMSPC and PCK CA of a fully verified quote) remembered.
+pub(crate) const MAX_KNOWN_PLATFORMS: usize = 1024;
+/// Most TCB info requests of one known platform charged to the known-platform budget
+/// per hour: a genuine platform needs one a month (when its TCB info expires).
+pub(crate) const KNOWN_PLATFORM_FETCHES_PER_HOUR: usize = 4;
 
 /// Intel's Provisioning Certification Service.
 pub(crate) const DEFAULT_PCS_URL: &str = "https://api.trustedservices.intel.com";
@@ -53,7 +107,101 @@ pub(crate) struct Pcs {
     pub(crate) base: String,
     root_ca_crl_url: String,
     cache: Cache,
-    client: fetch::Client,
+    pub(crate) client: fetch::Client,
+    memory: Mutex<Memory>,
+}
+
+/// A fetched item kept in memory.
+#[derive(Clone)]
+struct Kept<T> {
+    item: T,
+    fetched: Instant,
+    /// Checked (issuer chain, signature) and current at the verification time of the
+    /// fetch; the dates: issued, next update.
+    checked: Option<(i64, i64)>,
+}
+
+impl<T: Clone> Kept<T> {
+    /// The item, if it checked out and is current at `at`, or was fetched less than
+    /// [`RECENT_FETCH`] ago.
+    fn usable(&self, at: i64, now: Instant) -> Option<T> {
+        let current = self
+            .checked
+            .is_some_and(|(from, until)| from <= at && at <= until);
+        (current || now.duration_since(self.fetched) < RECENT_FETCH).then(|| self.item.clone())
+    }
+}
+
+/// A PCK CRL with its issuer chain.
+#[derive(Clone)]
+struct PckCrl {
+    chain: String,
+    crl: Vec<u8>,
+}
+
+/// A signed TCB info or QE identity with its issuer chain.
+#[derive(Clone)]
+struct Signed {
+    chain: String,
+    json: String,
+    sig: Vec<u8>,
+}
+
+/// What the client keeps in memory: the fixed-URL items (at most two PCK CRLs, one QE
+/// identity, one root CA CRL), recent TCB infos and known platforms, all bounded.
+struct Memory {
+    pck_crl: HashMap<&'static str, Kept<PckCrl>>,
+    qe_identity: Option<Kept<Signed>>,
+    root_ca_crl: Option<Kept<Vec<u8>>>,
+    tcb: HashMap<chain::Platform, Kept<Signed>>,
+    known: KnownPlatforms,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self {
+            pck_crl: HashMap::new(),
+            qe_identity: None,
+            root_ca_crl: None,
+            tcb: HashMap::new(),
+            known: known_platforms(),
+        }
+    }
+}
+
+/// Platforms (FMSPC and PCK CA) whose quotes passed a full verification.
+type KnownPlatforms = fetch::KnownSources<chain::Platform>;
+
+fn known_platforms() -> KnownPlatforms {
+    fetch::KnownSources::new(
+        Pool::KnownPlatform,
+        MAX_KNOWN_PLATFORMS,
+        KNOWN_PLATFORM_FETCHES_PER_HOUR,
+    )
+}
+
+/// The dates of a CRL (issued, next update; far future without one).
+fn crl_dates(der: &[u8]) -> Option<(i64, i64)> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+    Some((
+        crl.last_update().timestamp(),
+        crl.next_update().map_or(i64::MAX, |t| t.timestamp()),
+    ))
+}
+
+/// The issue and next-update dates of a signed TCB info or QE identity.
+fn json_dates(json: &str) -> Option<(i64, i64)> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let t = |k: &str| {
+        time::OffsetDateTime::parse(
+            v.get(k)?.as_str()?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()
+        .map(|t| t.unix_timestamp())
+    };
+    Some((t("issueDate")?, t("nextUpdate")?))
 }
 
 fn refuse(kind: RefusalKind, m: impl Into<String>) -> Error {
@@ -138,7 +286,25 @@ impl Pcs {
             root_ca_crl_url: cfg.root_ca_crl_url.clone(),
             cache: Cache::new(cfg.cache_dir.clone()),
             client: fetch::Client::default(),
+            memory: Mutex::new(Memory::default()),
         }
+    }
+
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        // A panic elsewhere cannot leave the memory inconsistent: use it as it is.
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that a quote of platform `p` passed a full verification, so its TCB info
+    /// fetches are charged to the known-platform budget.
+    pub(crate) fn remember_verified(&self, p: chain::Platform) {
+        self.memory().known.remember(&p, Instant::now());
+    }
+
+    /// True if the platform is remembered as known (tests).
+    #[cfg(test)]
+    pub(crate) fn is_known(&self, p: &chain::Platform) -> bool {
+        self.memory().known.contains(p)
     }
 
     /// Creates the cache directory (0700).
@@ -164,7 +330,8 @@ impl Pcs {
         }
     }
 
-    /// Keeps collateral that verified a quote.
+    /// Keeps collateral that checked out on its own (see [`chain::check_collateral`]) or
+    /// verified a quote.
     pub(crate) fn store(&self, fmspc: &[u8], ca: &str, c: &QuoteCollateralV3) {
         let r = serde_json::to_vec_pretty(c)
             .map_err(|e| Error::Config(e.to_string()))
@@ -174,52 +341,57 @@ impl Pcs {
         }
     }
 
-    /// Fetches the collateral for `fmspc` whose PCK certificate `ca` (`processor` or
-    /// `platform`) issued.
-    pub(crate) fn fetch(&self, fmspc: &[u8], ca: &str) -> Result<QuoteCollateralV3, Error> {
-        self.fetch_inner(fmspc, ca).map_err(|e| {
+    /// The collateral for platform `p` (whose PCK certificate chain verified) at `at`:
+    /// kept items, else fetched. Returned with whether it was cached on disk, which it is
+    /// at once when every item checks out (see the module documentation).
+    pub(crate) fn fetch(
+        &self,
+        p: chain::Platform,
+        at: i64,
+    ) -> Result<(QuoteCollateralV3, bool), Error> {
+        let c = self.fetch_inner(p, at).map_err(|e| {
             refuse(
                 CollateralUnavailable,
                 format!(
                     "fetching TDX collateral for FMSPC {} from Intel PCS failed: {e}",
-                    hex::encode(fmspc)
+                    hex::encode(p.0)
                 ),
             )
-        })
+        })?;
+        let stored = match chain::check_collateral(&c, &p.0, at) {
+            Ok(()) => {
+                self.store(&p.0, p.1, &c);
+                true
+            }
+            Err(e) => {
+                tracing::info!(
+                    fmspc = %hex::encode(p.0),
+                    reason = %e,
+                    "tdx: collateral fetched from Intel PCS does not check out; cached only if a quote verifies with it"
+                );
+                false
+            }
+        };
+        Ok((c, stored))
     }
 
-    fn fetch_inner(&self, fmspc: &[u8], ca: &str) -> Result<QuoteCollateralV3, String> {
-        let url = pck_crl_url(&self.base, ca);
-        let r = self.client.get(&url)?;
-        let pck_crl_issuer_chain = issuer_chain(&r, &url, &["SGX-PCK-CRL-Issuer-Chain"])?;
-        let pck_crl = crl_der(&r.body).map_err(|e| format!("the PCK CRL from {url}: {e}"))?;
-
-        let url = tcb_url(&self.base, fmspc);
-        let r = self.client.get(&url)?;
-        let tcb_info_issuer_chain = issuer_chain(
-            &r,
-            &url,
-            &["TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"],
-        )?;
-        let (tcb_info, tcb_info_signature) = signed_json(&r.body, "tcbInfo", &url)?;
-
-        let url = qe_identity_url(&self.base);
-        let r = self.client.get(&url)?;
-        let qe_identity_issuer_chain = issuer_chain(
-            &r,
-            &url,
-            &[
-                "SGX-Enclave-Identity-Issuer-Chain",
-                "Enclave-Identity-Issuer-Chain",
-            ],
-        )?;
-        let (qe_identity, qe_identity_signature) = signed_json(&r.body, "enclaveIdentity", &url)?;
-
-        let url = &self.root_ca_crl_url;
-        let r = self.client.get(url)?;
-        let root_ca_crl =
-            crl_der(&r.body).map_err(|e| format!("the root CA CRL from {url}: {e}"))?;
-
+    fn fetch_inner(&self, p: chain::Platform, at: i64) -> Result<QuoteCollateralV3, String> {
+        let (fmspc, ca) = p;
+        let PckCrl {
+            chain: pck_crl_issuer_chain,
+            crl: pck_crl,
+        } = self.pck_crl(ca, at)?;
+        let Signed {
+            chain: tcb_info_issuer_chain,
+            json: tcb_info,
+            sig: tcb_info_signature,
+        } = self.tcb_info(p, &fmspc, at)?;
+        let Signed {
+            chain: qe_identity_issuer_chain,
+            json: qe_identity,
+            sig: qe_identity_signature,
+        } = self.qe_identity(at)?;
+        let root_ca_crl = self.root_ca_crl(at)?;
         Ok(QuoteCollateralV3 {
             pck_crl_issuer_chain,
             root_ca_crl,
@@ -233,11 +405,154 @@ impl Pcs {
             pck_certificate_chain: None,
         })
     }
+
+    /// The PCK CRL of `ca`: kept, else fetched (fixed-URL budget).
+    fn pck_crl(&self, ca: &'static str, at: i64) -> Result<PckCrl, String> {
+        let now = Instant::now();
+        if let Some(k) = self
+            .memory()
+            .pck_crl
+            .get(ca)
+            .and_then(|k| k.usable(at, now))
+        {
+            return Ok(k);
+        }
+        let url = pck_crl_url(&self.base, ca);
+        let r = self
+            .client
+            .get_pcs(&url, Pool::FixedUrl)
+            .map_err(|e| e.to_string())?;
+        let chain = issuer_chain(&r, &url, &["SGX-PCK-CRL-Issuer-Chain"])?;
+        let crl = crl_der(&r.body).map_err(|e| format!("the PCK CRL from {url}: {e}"))?;
+        let checked = chain::check_pck_crl(&chain, &crl, at)
+            .ok()
+            .and_then(|()| crl_dates(&crl));
+        let item = PckCrl { chain, crl };
+        self.memory().pck_crl.insert(
+            ca,
+            Kept {
+                item: item.clone(),
+                fetched: now,
+                checked,
+            },
+        );
+        Ok(item)
+    }
+
+    /// The TCB info of platform `p`: fetched less than [`RECENT_FETCH`] ago, else fetched
+    /// (known-platform budget for a known platform within its quota, else open).
+    fn tcb_info(&self, p: chain::Platform, fmspc: &[u8], at: i64) -> Result<Signed, String> {
+        let now = Instant::now();
+        let pool = {
+            let mut m = self.memory();
+            m.tcb
+                .retain(|_, k| now.duration_since(k.fetched) < RECENT_FETCH);
+            if let Some(k) = m.tcb.get(&p).and_then(|k| k.usable(at, now)) {
+                return Ok(k);
+            }
+            m.known.pool_for(&p, now)
+        };
+        let url = tcb_url(&self.base, fmspc);
+        let got = self.client.get_pcs(&url, pool);
+        if pool == Pool::KnownPlatform && !matches!(got, Err(fetch::FetchError::NotMade { .. })) {
+            self.memory().known.count_fetch(&p, Instant::now());
+        }
+        let r = got.map_err(|e| e.to_string())?;
+        let chain = issuer_chain(
+            &r,
+            &url,
+            &["TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"],
+        )?;
+        let (json, sig) = signed_json(&r.body, "tcbInfo", &url)?;
+        let item = Signed { chain, json, sig };
+        let mut m = self.memory();
+        while m.tcb.len() >= MAX_RECENT_TCB {
+            let Some(oldest) = m.tcb.iter().min_by_key(|(_, k)| k.fetched).map(|(p, _)| *p) else {
+                break;
+            };
+            m.tcb.remove(&oldest);
+        }
+        m.tcb.insert(
+            p,
+            Kept {
+                item: item.clone(),
+                fetched: now,
+                checked: None,
+            },
+        );
+        Ok(item)
+    }
+
+    /// The QE identity: kept, else fetched (fixed-URL budget).
+    fn qe_identity(&self, at: i64) -> Result<Signed, String> {
+        let now = Instant::now();
+        if let Some(k) = self
+            .memory()
+            .qe_identity
+            .as_ref()
+            .and_then(|k| k.usable(at, now))
+        {
+            return Ok(k);
+        }
+        let url = qe_identity_url(&self.base);
+        let r = self
+            .client
+            .get_pcs(&url, Pool::FixedUrl)
+            .map_err(|e| e.to_string())?;
+        let chain = issuer_chain(
+            &r,
+            &url,
+            &[
+                "SGX-Enclave-Identity-Issuer-Chain",
+                "Enclave-Identity-Issuer-Chain",
+            ],
+        )?;
+        let (json, sig) = signed_json(&r.body, "enclaveIdentity", &url)?;
+        let checked = chain::check_signed(&chain, &json, &sig, "the QE identity", at)
+            .ok()
+            .and_then(|()| json_dates(&json));
+        let item = Signed { chain, json, sig };
+        self.memory().qe_identity = Some(Kept {
+            item: item.clone(),
+            fetched: now,
+            checked,
+        });
+        Ok(item)
+    }
+
+    /// The root CA CRL: kept, else fetched (fixed-URL budget).
+    fn root_ca_crl(&self, at: i64) -> Result<Vec<u8>, String> {
+        let now = Instant::now();
+        if let Some(k) = self
+            .memory()
+            .root_ca_crl
+            .as_ref()
+            .and_then(|k| k.usable(at, now))
+        {
+            return Ok(k);
+        }
+        let url = &self.root_ca_crl_url;
+        let r = self
+            .client
+            .get_pcs(url, Pool::FixedUrl)
+            .map_err(|e| e.to_string())?;
+        let crl = crl_der(&r.body).map_err(|e| format!("the root CA CRL from {url}: {e}"))?;
+        let checked = chain::check_root_crl(&crl, at)
+            .ok()
+            .and_then(|()| crl_dates(&crl));
+        self.memory().root_ca_crl = Some(Kept {
+            item: crl.clone(),
+            fetched: now,
+            checked,
+        });
+        Ok(crl)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fetch::HOUR;
 
     #[test]
     fn pcs_urls() {
@@ -271,9 +586,54 @@ mod tests {
         assert!(signed_json(b"{}", "tcbInfo", "u")
             .unwrap_err()
             .contains("no \"tcbInfo\""));
-        assert!(signed_json(b"x", "tcbInfo", "u")
+        assert!(signed_json(&b"x"[..], "tcbInfo", "u")
             .unwrap_err()
             .contains("not JSON"));
+    }
+
+    #[test]
+    fn known_platforms_have_a_bounded_quota_and_a_bounded_list() {
+        let mut k = known_platforms();
+        let t0 = Instant::now();
+        let p = ([1, 2, 3, 4, 5, 6], "platform");
+        assert_eq!(k.pool_for(&p, t0), Pool::Open);
+        k.remember(&p, t0);
+        // The other CA's PCKs of the same FMSPC are another platform.
+        assert_eq!(
+            k.pool_for(&([1, 2, 3, 4, 5, 6], "processor"), t0),
+            Pool::Open
+        );
+        for _ in 0..KNOWN_PLATFORM_FETCHES_PER_HOUR {
+            assert_eq!(k.pool_for(&p, t0), Pool::KnownPlatform);
+            k.count_fetch(&p, t0);
+        }
+        assert_eq!(k.pool_for(&p, t0), Pool::Open);
+        assert_eq!(k.pool_for(&p, t0 + HOUR), Pool::KnownPlatform);
+        for i in 0..=MAX_KNOWN_PLATFORMS as u32 {
+            let b = i.to_be_bytes();
+            k.remember(
+                &([b[0], b[1], b[2], b[3], 0, 1], "processor"),
+                t0 + Duration::from_millis(u64::from(i) + 1),
+            );
+        }
+        assert_eq!(k.len(), MAX_KNOWN_PLATFORMS);
+        assert!(!k.contains(&p), "the least recently verified goes");
+    }
+
+    #[test]
+    fn kept_items_are_used_while_checked_and_current_or_recent() {
+        let t0 = Instant::now();
+        let k = Kept {
+            item: 7,
+            fetched: t0,
+            checked: Some((100, 200)),
+        };
+        assert_eq!(k.usable(150, t0 + HOUR), Some(7));
+        assert_eq!(k.usable(250, t0 + HOUR), None);
+        assert_eq!(k.usable(250, t0), Some(7));
+        let unchecked = Kept { checked: None, ..k };
+        assert_eq!(unchecked.usable(150, t0 + RECENT_FETCH), None);
+        assert_eq!(unchecked.usable(150, t0), Some(7));
     }
 
     #[test]

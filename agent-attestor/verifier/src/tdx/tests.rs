@@ -1,7 +1,7 @@
 //! Unit tests over the real vectors in `../shared/vectors/tdx` (override with `ZTID_VECTORS`).
 
 use super::*;
-use ztid_attestation::RefusalKind::{Replay, Unsupported};
+use ztid_attestation::RefusalKind::{CollateralUnavailable, Replay, Unsupported};
 
 fn vectors() -> PathBuf {
     let p = std::env::var_os("ZTID_VECTORS")
@@ -354,4 +354,343 @@ fn profile_verify_parts() {
             digest::digest(&digest::SHA256, &q);
         });
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// PCS fetching: nothing fetched for an unauthenticated platform, bounded for replays.
+
+use crate::fetch::test_server::Server;
+use crate::fetch::{Pool, MAX_REQUESTS_PER_MINUTE};
+
+const ROOT_CRL: &str = "/IntelSGXRootCA.der";
+/// 2025-07-01, inside the v4 vector's collateral window.
+const V4_AT: u64 = 1_751_328_000;
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The PCS targets of the v4 vector's platform: (pckcrl, tcb, qe identity).
+fn v4_targets() -> [String; 3] {
+    [
+        "/sgx/certification/v4/pckcrl?ca=platform&encoding=der".into(),
+        "/tdx/certification/v4/tcb?fmspc=B0C06F000000".into(),
+        "/tdx/certification/v4/qe/identity".into(),
+    ]
+}
+
+/// Serves a vector's collateral the way PCS does; `tcb_info` replaces the signed TCB
+/// info when given.
+fn serve_pcs(server: &Server, dir: &str, tcb_info: Option<&str>) {
+    let c: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(vectors().join(dir).join("collateral.json")).unwrap(),
+    )
+    .unwrap();
+    let s = |k: &str| c[k].as_str().unwrap().to_string();
+    let [pckcrl, tcb, qe] = v4_targets();
+    server.serve_with(
+        &pckcrl,
+        hex::decode(s("pck_crl")).unwrap(),
+        &[(
+            "SGX-PCK-CRL-Issuer-Chain",
+            &percent_encode(&s("pck_crl_issuer_chain")),
+        )],
+    );
+    server.serve_with(
+        &tcb,
+        format!(
+            r#"{{"tcbInfo":{},"signature":"{}"}}"#,
+            tcb_info
+                .map(str::to_string)
+                .unwrap_or_else(|| s("tcb_info")),
+            s("tcb_info_signature")
+        )
+        .into_bytes(),
+        &[(
+            "TCB-Info-Issuer-Chain",
+            &percent_encode(&s("tcb_info_issuer_chain")),
+        )],
+    );
+    server.serve_with(
+        &qe,
+        format!(
+            r#"{{"enclaveIdentity":{},"signature":"{}"}}"#,
+            s("qe_identity"),
+            s("qe_identity_signature")
+        )
+        .into_bytes(),
+        &[(
+            "SGX-Enclave-Identity-Issuer-Chain",
+            &percent_encode(&s("qe_identity_issuer_chain")),
+        )],
+    );
+    server.serve(ROOT_CRL, hex::decode(s("root_ca_crl")).unwrap());
+}
+
+/// A verifier fetching from `server`, caching under `cache`.
+fn pcs_verifier(server: &Server, cache: &Path) -> TdxVerifier {
+    let cfg: toml::Table = toml::from_str(&format!(
+        "pcs_fetch = true\npcs_url = {:?}\npcs_root_ca_crl_url = \"{}{ROOT_CRL}\"\npcs_cache_dir = {:?}",
+        server.addr,
+        server.addr,
+        cache.display().to_string()
+    ))
+    .unwrap();
+    TdxVerifier::from_config(&cfg).unwrap()
+}
+
+/// `q` with its `n`th PEM certificate (0: the PCK certificate) changed by `f`, keeping
+/// every length (so the quote still parses).
+fn with_cert(q: &[u8], n: usize, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    use base64::Engine;
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----\n";
+    const END: &[u8] = b"\n-----END CERTIFICATE-----";
+    let find = |from: usize, pat: &[u8]| {
+        q[from..]
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map(|i| i + from)
+            .unwrap()
+    };
+    let mut start = 0;
+    for _ in 0..=n {
+        start = find(start, BEGIN) + BEGIN.len();
+    }
+    let end = find(start, END);
+    let b64: Vec<u8> = q[start..end]
+        .iter()
+        .copied()
+        .filter(|b| *b != b'\n')
+        .collect();
+    let e = base64::engine::general_purpose::STANDARD;
+    let mut der = e.decode(&b64).unwrap();
+    f(&mut der);
+    let text = e.encode(&der);
+    let lines: Vec<&str> = text
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let body = lines.join("\n");
+    assert_eq!(body.len(), end - start, "same length");
+    let mut out = q.to_vec();
+    out[start..end].copy_from_slice(body.as_bytes());
+    out
+}
+
+/// `q` whose PCK certificate names FMSPC `fmspc` (its signature then no longer holds).
+fn with_fmspc(q: &[u8], fmspc: [u8; 6]) -> Vec<u8> {
+    with_cert(q, 0, |der| {
+        // The FMSPC extension: OID 1.2.840.113741.1.13.1.4, OCTET STRING of 6 bytes.
+        let oid = hex::decode("060a2a864886f84d010d01040406").unwrap();
+        let at = der.windows(oid.len()).position(|w| w == oid).unwrap() + oid.len();
+        der[at..at + 6].copy_from_slice(&fmspc);
+    })
+}
+
+fn rd_of(q: &[u8]) -> [u8; 64] {
+    td_of(q).report_data
+}
+
+#[test]
+fn the_pinned_root_is_dcap_qvls() {
+    assert_eq!(
+        hex::encode(digest::digest(
+            &digest::SHA256,
+            chain::INTEL_SGX_ROOT_CA_DER
+        )),
+        "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+    );
+    assert_eq!(
+        chain::INTEL_SGX_ROOT_CA_DER,
+        std::fs::read(vectors().join("root/Intel_SGX_Root_CA.der")).unwrap()
+    );
+    // dcap-qvl anchored on this root accepts what its own pinned root does.
+    for (dir, at) in [
+        ("v4-uptodate", V4_AT),
+        ("v5-td15ex-uptodate", 1_792_454_400),
+    ] {
+        let q = quote(dir);
+        let c = read_collateral(&vectors().join(dir).join("collateral.json")).unwrap();
+        dcap_qvl::verify::QuoteVerifier::new(chain::INTEL_SGX_ROOT_CA_DER.to_vec())
+            .with_config::<dcap_qvl::configs::RingConfig>()
+            .verify(&q, &c, at)
+            .unwrap();
+        let parsed = Quote::parse(&q).unwrap();
+        let p = chain::authentic_platform(&parsed, at as i64).unwrap();
+        assert_eq!(p, ([0xb0, 0xc0, 0x6f, 0, 0, 0], "platform"));
+        // The vector's collateral checks out on its own, as fetched collateral must to
+        // be cached before a quote verifies with it.
+        chain::check_collateral(&c, &p.0, at as i64).unwrap();
+        let m = chain::check_collateral(&c, &[0; 6], at as i64).unwrap_err();
+        assert_eq!(m, "the TCB info is not for FMSPC 000000000000");
+    }
+}
+
+/// A flood of quotes whose PCK certificates name made-up FMSPCs (or whose chain does not
+/// end at the pinned root, or is not valid at the time) makes no request at all, so the
+/// open budget stays whole for the genuine quote after it.
+#[test]
+fn pcs_fetching_needs_a_pck_chain_to_the_pinned_root() {
+    let server = Server::start();
+    serve_pcs(&server, "v4-uptodate", None);
+    let tmp = tempfile::tempdir().unwrap();
+    let v = pcs_verifier(&server, &tmp.path().join("cache"));
+    let q = quote("v4-uptodate");
+    let rd = rd_of(&q);
+    let now = unix(V4_AT);
+    let prefix = "the quote's PCK certificate chain does not verify to the pinned Intel SGX Root CA, so nothing is fetched from Intel PCS for it: ";
+    for i in 0..MAX_REQUESTS_PER_MINUTE as u8 + 5 {
+        let forged = with_fmspc(&q, [0xb0, 0xc0, 0x6f, 0, i, 1]);
+        let m = refusal(UntrustedChain, v.verify_evidence(&forged, &rd, now));
+        assert_eq!(
+            m,
+            format!("{prefix}the signature of the PCK certificate (Intel SGX PCK Certificate) by Intel SGX PCK Platform CA does not verify")
+        );
+    }
+    // A chain ending in a root that is not the pinned one (a byte of its signature
+    // changed): it is taken for an intermediate the pinned root does not sign.
+    let other_root = with_cert(&q, 2, |der| {
+        let n = der.len();
+        der[n - 3] ^= 1;
+    });
+    let m = refusal(UntrustedChain, v.verify_evidence(&other_root, &rd, now));
+    assert_eq!(
+        m,
+        format!("{prefix}the signature of issuer certificate 2 of the PCK certificate (Intel SGX Root CA) by Intel SGX Root CA does not verify")
+    );
+    // The genuine chain, at a time its PCK certificate is not valid (and no collateral is
+    // cached for): refused before any request too.
+    let m = refusal(
+        UntrustedChain,
+        v.verify_evidence(&q, &rd, unix(2_000_000_000)),
+    );
+    assert!(
+        m.starts_with(&format!("{prefix}the PCK certificate (Intel SGX PCK Certificate) is not valid at 2033-05-18T03:33:20Z (valid from 2025-")),
+        "{m}"
+    );
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+
+    // The genuine quote: its collateral is fetched (the fixed URLs from their own
+    // budget), verified and cached; the platform is then known.
+    let [pckcrl, tcb, qe] = v4_targets();
+    v.verify_evidence(&q, &rd, now).unwrap();
+    assert_eq!(server.requests(), [pckcrl, tcb, qe, ROOT_CRL.to_string()]);
+    let pcs = v.inner.pcs.as_ref().unwrap();
+    assert!(pcs.is_known(&([0xb0, 0xc0, 0x6f, 0, 0, 0], "platform")));
+    assert!(tmp
+        .path()
+        .join("cache/collateral-b0c06f000000-platform.json")
+        .is_file());
+}
+
+/// Genuine PCK certificates replayed with garbage quotes: the collateral, which checks
+/// out on its own, is cached at the first attempt, so the replays cost no request and
+/// the genuine node is served from the cache.
+#[test]
+fn replayed_pck_chains_fetch_a_platforms_collateral_once() {
+    let server = Server::start();
+    serve_pcs(&server, "v4-uptodate", None);
+    let tmp = tempfile::tempdir().unwrap();
+    let v = pcs_verifier(&server, &tmp.path().join("cache"));
+    let q = quote("v4-uptodate");
+    let rd = rd_of(&q);
+    let now = unix(V4_AT);
+    for i in 0..MAX_REQUESTS_PER_MINUTE * 2 {
+        let mut garbage = q.clone();
+        garbage[48 + 100 + i] ^= 1;
+        let m = refusal(UntrustedChain, v.verify_evidence(&garbage, &rd, now));
+        assert!(m.starts_with("TDX quote verification failed: "), "{m}");
+        if i == 0 {
+            assert!(
+                m.ends_with(&format!(
+                    " (with collateral for FMSPC b0c06f000000 fetched from Intel PCS at {})",
+                    server.addr
+                )),
+                "{m}"
+            );
+        }
+    }
+    assert_eq!(server.requests().len(), 4, "{:?}", server.requests());
+    let file = tmp
+        .path()
+        .join("cache/collateral-b0c06f000000-platform.json");
+    assert!(file.is_file(), "cached before any quote verified with it");
+    let pcs = v.inner.pcs.as_ref().unwrap();
+    assert!(!pcs.is_known(&([0xb0, 0xc0, 0x6f, 0, 0, 0], "platform")));
+    v.verify_evidence(&q, &rd, now).unwrap();
+    assert_eq!(server.requests().len(), 4);
+}
+
+/// Collateral that does not check out (a TCB info edited in transit) is not cached, and
+/// neither it nor the fixed items are fetched again within a minute: dcap-qvl refuses
+/// the quote with it each time.
+#[test]
+fn collateral_that_does_not_check_out_is_neither_cached_nor_refetched_at_once() {
+    let server = Server::start();
+    let c: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(vectors().join("v4-uptodate/collateral.json")).unwrap(),
+    )
+    .unwrap();
+    let edited = c["tcb_info"].as_str().unwrap().replace(
+        "\"tcbEvaluationDataNumber\":17",
+        "\"tcbEvaluationDataNumber\":18",
+    );
+    serve_pcs(&server, "v4-uptodate", Some(&edited));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let v = pcs_verifier(&server, &cache);
+    let q = quote("v4-uptodate");
+    let rd = rd_of(&q);
+    for _ in 0..3 {
+        let m = refusal(UntrustedChain, v.verify_evidence(&q, &rd, unix(V4_AT)));
+        assert!(
+            m.starts_with("TDX quote verification failed: Signature is invalid for tcb_info"),
+            "{m}"
+        );
+    }
+    assert_eq!(server.requests().len(), 4, "{:?}", server.requests());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+}
+
+/// With the open budget spent (by anything), the fixed URLs still come from their own
+/// budget, and a known platform's TCB info from the known-platform budget.
+#[test]
+fn a_spent_open_budget_leaves_fixed_urls_and_known_platforms_served() {
+    let server = Server::start();
+    serve_pcs(&server, "v4-uptodate", None);
+    let tmp = tempfile::tempdir().unwrap();
+    let v = pcs_verifier(&server, &tmp.path().join("cache"));
+    let pcs = v.inner.pcs.as_ref().unwrap();
+    // Nothing listens on port 1: each request fails at once, but counts.
+    for i in 0..MAX_REQUESTS_PER_MINUTE {
+        pcs.client
+            .get_pcs(&format!("http://127.0.0.1:1/{i}"), Pool::Open)
+            .unwrap_err();
+    }
+    let q = quote("v4-uptodate");
+    let rd = rd_of(&q);
+    let now = unix(V4_AT);
+    let [pckcrl, tcb, qe] = v4_targets();
+    let m = refusal(CollateralUnavailable, v.verify_evidence(&q, &rd, now));
+    assert_eq!(
+        m,
+        format!(
+            "fetching TDX collateral for FMSPC b0c06f000000 from Intel PCS failed: GET {}{tcb}: not fetched: this verifier already made {MAX_REQUESTS_PER_MINUTE} requests in the last minute",
+            server.addr
+        )
+    );
+    assert_eq!(server.requests(), std::slice::from_ref(&pckcrl));
+    // A platform verified before (here: told so) is served from its own budget.
+    pcs.remember_verified(([0xb0, 0xc0, 0x6f, 0, 0, 0], "platform"));
+    v.verify_evidence(&q, &rd, now).unwrap();
+    assert_eq!(server.requests(), [pckcrl, tcb, qe, ROOT_CRL.to_string()]);
 }
