@@ -61,6 +61,10 @@ pub const MAX_GRANTS: usize = 10_000;
 /// Most revocations that may be stored (each is read into every server's memory and
 /// sent to the agents).
 pub const MAX_REVOCATIONS: usize = 10_000;
+/// Most admin credential revocations in force (`admin credential revoke`), counted apart
+/// from [`MAX_REVOCATIONS`]: an operator filling the kill switch's table must not be able
+/// to keep an admin's stolen credential from being revoked.
+pub const MAX_ADMIN_REVOCATIONS: usize = 1_000;
 /// Longest join token lifetime.
 pub const MAX_JOIN_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
 /// Most CSRs, or JWT-SVID requests, in one node API batch.

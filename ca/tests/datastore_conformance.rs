@@ -25,7 +25,7 @@ use ztid_ca::datastore::{
     EntryRecord, GrantRecord, JoinTokenRecord, PgOptions, PgStore, RevocationKind,
     RevocationRecord, SledStore,
 };
-use ztid_ca::limits::{MAX_GRANTS, MAX_REVOCATIONS};
+use ztid_ca::limits::{MAX_ADMIN_REVOCATIONS, MAX_GRANTS, MAX_REVOCATIONS};
 use ztid_ca::{Error, StoreError};
 use ztid_spiffe::Selector;
 use ztid_test_support::postgres::TestPostgres;
@@ -1205,13 +1205,44 @@ fn grants_and_revocations_are_bounded(f: &dyn Fixture) {
     s.put_revocation(&r(MAX_REVOCATIONS - 1)).unwrap();
     let e = f.store(1).put_revocation(&r(MAX_REVOCATIONS)).unwrap_err();
     assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+    // Admin revocations are counted apart: a full kill switch table does not keep an
+    // admin's credentials from being revoked, and they have a bound of their own.
+    let admin = |i: usize| {
+        revocation(
+            RevocationKind::Admin,
+            &format!("spiffe://example.org/ztid/admin/a{i:04}"),
+            1,
+            2,
+        )
+    };
+    for i in 0..MAX_ADMIN_REVOCATIONS {
+        f.store(i % 2).put_revocation(&admin(i)).unwrap();
+    }
+    let e = s.put_revocation(&admin(MAX_ADMIN_REVOCATIONS)).unwrap_err();
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("admin credential revocations")),
+        "{e:?}"
+    );
+    let listed = f.store(1).list_revocations().unwrap();
+    assert_eq!(listed.len(), MAX_REVOCATIONS + MAX_ADMIN_REVOCATIONS);
+    assert!(listed[..MAX_ADMIN_REVOCATIONS]
+        .iter()
+        .all(|r| r.kind == RevocationKind::Admin));
+
     let mut again = r(0);
     again.expires_at = 10;
     s.put_revocation(&again).unwrap();
-    assert_eq!(s.list_revocations().unwrap().len(), MAX_REVOCATIONS);
-    // Pruning makes room.
-    assert_eq!(s.prune_revocations(5).unwrap(), MAX_REVOCATIONS as u64 - 1);
+    assert_eq!(
+        s.list_revocations().unwrap().len(),
+        MAX_REVOCATIONS + MAX_ADMIN_REVOCATIONS
+    );
+    // Pruning makes room, in both.
+    assert_eq!(
+        s.prune_revocations(5).unwrap(),
+        (MAX_REVOCATIONS - 1 + MAX_ADMIN_REVOCATIONS) as u64
+    );
     s.put_revocation(&r(MAX_REVOCATIONS)).unwrap();
+    s.put_revocation(&admin(MAX_ADMIN_REVOCATIONS)).unwrap();
 }
 
 fn changes_are_announced_to_every_server(f: &dyn Fixture) {

@@ -210,7 +210,6 @@ impl<K: std::hash::Hash + Eq + Clone> KnownSources<K> {
     }
 
     /// Whether `key` is known.
-    #[cfg(test)]
     pub(crate) fn contains<Q>(&self, key: &Q) -> bool
     where
         K: std::borrow::Borrow<Q>,
@@ -468,7 +467,8 @@ impl Client {
     ///
     /// A "not found" answer is remembered only for [`FAILURE_MEMORY`]: Intel's PCS (and
     /// a PCCS, which answers 404 for an FMSPC it has not synced yet) is fetched this way,
-    /// and a real platform must not wait an hour for its collateral.
+    /// and a real platform must not wait an hour for its collateral; so is the VCEK of a
+    /// known-good chip (see `sev_snp/kds.rs`).
     pub(crate) fn get_pcs(&self, url: &str, pool: Pool) -> Result<Response, FetchError> {
         self.fetch(url, pool, false)
     }

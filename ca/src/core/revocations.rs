@@ -223,12 +223,26 @@ impl CaCore {
                     "an admin ID",
                     "ztid/admin/NAME",
                 )?;
-                // An admin credential may last up to the CA's lifetime (`issue_admin_svid`).
-                (id.to_string(), vec![self.config.ca_ttl_seconds])
+                // An admin credential lasts at most this server's `ca_ttl_seconds`
+                // (`issue_admin_svid`), and never past its authority: kept until the last
+                // of the cluster's X.509 authorities expires, whatever another server's
+                // (or an earlier) `ca_ttl_seconds` allowed.
+                let t = now();
+                let authorities_last = self
+                    .authorities
+                    .cluster_list(crate::authority::Kind::X509)?
+                    .iter()
+                    .map(|(_, a)| a.not_after.saturating_sub(t))
+                    .max()
+                    .unwrap_or(0);
+                (
+                    id.to_string(),
+                    vec![self.config.ca_ttl_seconds, authorities_last],
+                )
             }
         };
         let revoked_at = now();
-        let revocation = RevocationRecord {
+        let mut revocation = RevocationRecord {
             kind,
             target: target.to_string(),
             spiffe_id,
@@ -236,6 +250,19 @@ impl CaCore {
             expires_at: revoked_at.saturating_add(self.revocation_lifetime(ttls)),
             reason: reason.to_string(),
         };
+        // Revoking an admin again never narrows the revocation in force (a server whose
+        // clock is behind must not move it earlier).
+        if kind == RevocationKind::Admin {
+            if let Some(old) = self
+                .store
+                .list_revocations()?
+                .into_iter()
+                .find(|r| r.kind == RevocationKind::Admin && r.target == revocation.target)
+            {
+                revocation.revoked_at = revocation.revoked_at.max(old.revoked_at);
+                revocation.expires_at = revocation.expires_at.max(old.expires_at);
+            }
+        }
         // Stored before the ban: once the call fails half way, what is stored still
         // kills the credentials (the ban can be made again).
         self.store.put_revocation(&revocation)?;
@@ -365,8 +392,35 @@ mod tests {
             )
             .unwrap();
         assert_eq!(r.spiffe_id, "spiffe://example.org/ztid/admin/alice");
-        // Kept as long as an admin credential may last.
+        // Kept as long as an admin credential may last: this server's CA lifetime, and
+        // until the last of the cluster's X.509 authorities expires.
         assert!(r.expires_at >= r.revoked_at + core.config.ca_ttl_seconds);
+        let last_authority = core
+            .authorities
+            .cluster_list(crate::authority::Kind::X509)
+            .unwrap()
+            .iter()
+            .map(|(_, a)| a.not_after)
+            .max()
+            .unwrap();
+        assert!(r.expires_at > last_authority);
+        // Revoking again keeps the later time and expiry of the two (never narrows).
+        let mut earlier = r.clone();
+        earlier.revoked_at += 1000;
+        earlier.expires_at += 1000;
+        core.store.put_revocation(&earlier).unwrap();
+        let again = core
+            .revoke(
+                RevocationKind::Admin,
+                "spiffe://example.org/ztid/admin/alice",
+                "",
+                "test",
+            )
+            .unwrap();
+        assert_eq!(
+            (again.revoked_at, again.expires_at),
+            (earlier.revoked_at, earlier.expires_at)
+        );
     }
 
     #[test]

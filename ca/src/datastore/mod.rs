@@ -249,6 +249,15 @@ pub(crate) fn too_many_grants() -> crate::Error {
     ))
 }
 
+/// The refusal of an admin revocation beyond [`crate::limits::MAX_ADMIN_REVOCATIONS`].
+pub(crate) fn too_many_admin_revocations() -> crate::Error {
+    crate::Error::Precondition(format!(
+        "at most {} admin credential revocations may be in force: wait for older ones to \
+         expire, or withdraw the admin's roles in [remote_admin.roles]",
+        crate::limits::MAX_ADMIN_REVOCATIONS
+    ))
+}
+
 /// The refusal of a revocation beyond [`crate::limits::MAX_REVOCATIONS`].
 pub(crate) fn too_many_revocations() -> crate::Error {
     crate::Error::Precondition(format!(
@@ -622,7 +631,11 @@ pub trait DataStore: Send + Sync + 'static {
     /// Removes a grant, returning it.
     fn delete_grant(&self, id: &str) -> Result<Option<GrantRecord>>;
     /// Stores a revocation under its kind and target, replacing any; a new one beyond
-    /// [`crate::limits::MAX_REVOCATIONS`] is refused (`Precondition`).
+    /// [`crate::limits::MAX_REVOCATIONS`] is refused (`Precondition`). Admin revocations
+    /// are kept apart, in a tree (table) of their own bounded by
+    /// [`crate::limits::MAX_ADMIN_REVOCATIONS`]: the kill switch's records cannot crowd
+    /// them out, and a server of an earlier version, which reads only the kill switch's,
+    /// never meets a kind it does not know.
     fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()>;
     /// Every stored revocation (expired ones too, until pruned), ordered by kind and
     /// target.

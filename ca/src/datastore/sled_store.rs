@@ -12,7 +12,10 @@ use super::{
     change_channel, duplicate_entry, identity_key, AgentRecord, CaState, ChangeTopic, DataStore,
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
-use super::{too_many_grants, too_many_revocations, GrantRecord, RevocationRecord};
+use super::{
+    too_many_admin_revocations, too_many_grants, too_many_revocations, GrantRecord, RevocationKind,
+    RevocationRecord,
+};
 use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
@@ -33,6 +36,8 @@ pub struct SledStore {
     /// counts: each bounded, and counting a sled tree reads all of it.
     grants: CountedTree,
     revocations: CountedTree,
+    /// Admin credential revocations, apart (see `DataStore::put_revocation`).
+    admin_revocations: CountedTree,
     /// Entry writes one at a time, so revisions commit in the order they are drawn: a
     /// sync that has seen revision N must never later meet an N-1 committed after it.
     entry_writes: std::sync::Mutex<()>,
@@ -222,6 +227,7 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             grants: CountedTree::new(db.open_tree("grants")?),
             revocations: CountedTree::new(db.open_tree("revocations")?),
+            admin_revocations: CountedTree::new(db.open_tree("admin_revocations")?),
             entry_writes: std::sync::Mutex::new(()),
             server_id: server_id.to_string(),
             changes: change_channel(),
@@ -1000,30 +1006,45 @@ impl DataStore for SledStore {
     }
 
     fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()> {
-        self.revocations.put(
+        let (tree, max, too_many): (_, _, fn() -> crate::Error) = match revocation.kind {
+            RevocationKind::Admin => (
+                &self.admin_revocations,
+                crate::limits::MAX_ADMIN_REVOCATIONS,
+                too_many_admin_revocations,
+            ),
+            _ => (&self.revocations, MAX_REVOCATIONS, too_many_revocations),
+        };
+        tree.put(
             revocation.key().as_bytes(),
             serde_json::to_vec(revocation)?,
-            MAX_REVOCATIONS,
-            too_many_revocations,
+            max,
+            too_many,
         )
     }
 
     fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
-        self.revocations.values()
+        // `admin\n…` keys sort before every other kind's.
+        let mut all: Vec<RevocationRecord> = self.admin_revocations.values()?;
+        all.extend(self.revocations.values::<RevocationRecord>()?);
+        Ok(all)
     }
 
     fn prune_revocations(&self, before: i64) -> Result<u64> {
-        // One writer: a revocation replaced meanwhile is not removed.
-        self.revocations.write(|tree, n| {
-            let mut removed = 0;
-            for v in tree.iter().values() {
-                let r: RevocationRecord = serde_json::from_slice(&v?)?;
-                if r.expires_at < before && tree.remove(r.key().as_bytes())?.is_some() {
-                    removed += 1;
+        let mut removed = 0;
+        for counted in [&self.revocations, &self.admin_revocations] {
+            // One writer: a revocation replaced meanwhile is not removed.
+            removed += counted.write(|tree, n| {
+                let mut removed = 0;
+                for v in tree.iter().values() {
+                    let r: RevocationRecord = serde_json::from_slice(&v?)?;
+                    if r.expires_at < before && tree.remove(r.key().as_bytes())?.is_some() {
+                        removed += 1;
+                    }
                 }
-            }
-            Ok((removed as u64, n.saturating_sub(removed)))
-        })
+                Ok((removed as u64, n.saturating_sub(removed)))
+            })?;
+        }
+        Ok(removed)
     }
 }
 

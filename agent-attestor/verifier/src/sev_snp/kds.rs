@@ -303,13 +303,21 @@ impl Kds {
 
     /// GETs the VCEK `url` of the chip `hwid`, from the known-chip budget while the chip
     /// is known-good and within its quota, else from the open budget.
+    ///
+    /// KDS's "not found" for a known chip is remembered only as a failure (60 s), not
+    /// for an hour: whoever guesses a known chip's next TCB and asks for it before AMD
+    /// publishes it must not lock the chip out for an hour after its firmware update.
     fn get_vcek(&self, url: &str, hwid: &[u8]) -> Result<fetch::Response, fetch::FetchError> {
-        let pool = self
+        let (pool, known) = self
             .known
             .lock()
-            .map(|mut k| k.pool_for(hwid, Instant::now()))
-            .unwrap_or(Pool::Open);
-        let got = self.client.get_in(url, pool);
+            .map(|mut k| (k.pool_for(hwid, Instant::now()), k.contains(hwid)))
+            .unwrap_or((Pool::Open, false));
+        let got = if known {
+            self.client.get_pcs(url, pool)
+        } else {
+            self.client.get_in(url, pool)
+        };
         let made = !matches!(got, Err(fetch::FetchError::NotMade { .. }));
         if pool == Pool::KnownChip && made {
             if let Ok(mut k) = self.known.lock() {

@@ -345,6 +345,49 @@ fn bogus_chip_ids_cannot_starve_a_known_chip() {
     );
 }
 
+/// KDS's "not found" for a known-good chip is retried after a minute, not an hour: asking
+/// for a known chip's next TCB before AMD publishes it must not lock the chip out for an
+/// hour after its firmware update.
+#[test]
+fn a_known_chips_not_found_is_retried_after_a_minute() {
+    use crate::fetch::{test_server::Server, FAILURE_MEMORY};
+    let kds = Server::start();
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg: toml::Table = toml::from_str(&format!(
+        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\nproducts = [\"Milan\"]",
+        kds.addr,
+        tmp.path().join("cache").display().to_string()
+    ))
+    .unwrap();
+    let v = SnpVerifier::from_config(&cfg).unwrap();
+    let now = at("2025-06-01T00:00:00Z");
+    let mut with_vcek = report.clone();
+    with_vcek.extend(encode_cert_table(&[("vcek", &vek)]));
+    v.verify_evidence(&with_vcek, &rd, now).unwrap();
+    // The same chip at a TCB KDS does not know (yet): 404, remembered only as a failure.
+    let mut next_tcb = report.clone();
+    next_tcb[0x180] = next_tcb[0x180].wrapping_add(1);
+    let first = refusal(
+        RefusalKind::CollateralUnavailable,
+        v.verify_evidence(&next_tcb, &rd, now),
+    );
+    assert!(first.contains("HTTP 404 Not Found"), "{first}");
+    let again = refusal(
+        RefusalKind::CollateralUnavailable,
+        v.verify_evidence(&next_tcb, &rd, now),
+    );
+    assert!(
+        again.contains(&format!(
+            "not asked again for {} s",
+            FAILURE_MEMORY.as_secs()
+        )),
+        "{again}"
+    );
+}
+
 /// A VCEK fetched for a report it did not sign is not kept: KDS serves a genuine VCEK for
 /// a real chip at any TCB, so forged reports of a known chip could otherwise fill the
 /// cache, one file per made-up TCB.

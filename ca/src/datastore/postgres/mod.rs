@@ -40,7 +40,10 @@ use super::{
     change_channel, duplicate_entry, identity_key, AgentRecord, CaState, ChangeTopic, DataStore,
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
-use super::{too_many_grants, too_many_revocations, GrantRecord, RevocationRecord};
+use super::{
+    too_many_admin_revocations, too_many_grants, too_many_revocations, GrantRecord, RevocationKind,
+    RevocationRecord,
+};
 use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
@@ -1462,6 +1465,15 @@ impl DataStore for PgStore {
     fn put_revocation(&self, revocation: &RevocationRecord) -> Result<()> {
         const WHAT: &str = "put_revocation";
         let revocation = revocation.clone();
+        // Admin revocations in a table of their own (see `DataStore::put_revocation`).
+        let (table, max, too_many): (&str, usize, fn() -> crate::Error) = match revocation.kind {
+            RevocationKind::Admin => (
+                "ztid_admin_revocations",
+                crate::limits::MAX_ADMIN_REVOCATIONS,
+                too_many_admin_revocations,
+            ),
+            _ => ("ztid_revocations", MAX_REVOCATIONS, too_many_revocations),
+        };
         self.call(WHAT, move |inner| async move {
             let key = revocation.key();
             let mut c = inner.client(WHAT).await?;
@@ -1476,26 +1488,28 @@ impl DataStore for PgStore {
             let exists = query_opt(
                 &tx,
                 WHAT,
-                "SELECT 1 FROM ztid_revocations WHERE key = $1",
+                &format!("SELECT 1 FROM {table} WHERE key = $1"),
                 &[&key],
             )
             .await?
             .is_some();
             if !exists {
-                let n: i64 = query_one(&tx, WHAT, "SELECT count(*) FROM ztid_revocations", &[])
+                let n: i64 = query_one(&tx, WHAT, &format!("SELECT count(*) FROM {table}"), &[])
                     .await?
                     .try_get(0)
                     .map_err(db(WHAT))?;
-                if to_u64(n, "revocation count")? >= MAX_REVOCATIONS as u64 {
-                    return Err(too_many_revocations());
+                if to_u64(n, "revocation count")? >= max as u64 {
+                    return Err(too_many());
                 }
             }
             execute(
                 &tx,
                 WHAT,
-                "INSERT INTO ztid_revocations (key, expires_at, record) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
-                 record = EXCLUDED.record",
+                &format!(
+                    "INSERT INTO {table} (key, expires_at, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET expires_at = EXCLUDED.expires_at, \
+                     record = EXCLUDED.record"
+                ),
                 &[&key, &revocation.expires_at, &Json(&revocation)],
             )
             .await?;
@@ -1510,12 +1524,13 @@ impl DataStore for PgStore {
             query(
                 &c,
                 WHAT,
-                "SELECT record FROM ztid_revocations ORDER BY key",
+                "SELECT key, record FROM ztid_admin_revocations \
+                 UNION ALL SELECT key, record FROM ztid_revocations ORDER BY key",
                 &[],
             )
             .await?
             .iter()
-            .map(|r| json(r, 0, WHAT))
+            .map(|r| json(r, 1, WHAT))
             .collect()
         })
     }
@@ -1524,13 +1539,17 @@ impl DataStore for PgStore {
         const WHAT: &str = "prune_revocations";
         self.call(WHAT, move |inner| async move {
             let c = inner.client(WHAT).await?;
-            execute(
-                &c,
-                WHAT,
-                "DELETE FROM ztid_revocations WHERE expires_at < $1",
-                &[&before],
-            )
-            .await
+            let mut removed = 0;
+            for table in ["ztid_revocations", "ztid_admin_revocations"] {
+                removed += execute(
+                    &c,
+                    WHAT,
+                    &format!("DELETE FROM {table} WHERE expires_at < $1"),
+                    &[&before],
+                )
+                .await?;
+            }
+            Ok(removed)
         })
     }
 

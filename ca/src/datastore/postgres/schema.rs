@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "grants and revocations",
         sql: include_str!("migrations/0002_grants_revocations.sql"),
     },
+    Migration {
+        version: 3,
+        name: "admin revocations",
+        sql: include_str!("migrations/0003_admin_revocations.sql"),
+    },
 ];
 
 /// The advisory lock key the migrations run under (`ztid` `mig`).
