@@ -133,7 +133,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub workload_idle_timeout: Option<u64>,
     /// Cap on the process instances the agent holds identities for at once (default
-    /// 4096): beyond it a new process is refused and nothing is minted for it.
+    /// 4096; one uid holds at most half of it): beyond it a new process is refused and
+    /// nothing is minted for it.
     #[arg(long, value_name = "N")]
     pub workload_max_instances: Option<usize>,
     /// Per-instance identities minted ahead per entry set for new processes (default 2,

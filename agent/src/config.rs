@@ -56,7 +56,9 @@ pub struct AgentConfig {
     /// Cap on the process instances the agent holds at once (each a key and SVIDs in
     /// memory, minted by the CA): beyond it a new process is refused with
     /// `ResourceExhausted` and nothing is minted for it, until instances of exited
-    /// processes are forgotten.
+    /// processes are forgotten. One uid holds at most half of it (at least 1; a
+    /// delegate's instances count against the delegate's uid): a new process of a uid
+    /// at its share is refused the same way while other uids are still served.
     pub workload_max_instances: usize,
     /// Container runtime sockets (`unix:///PATH`) asked about callers' containers, in
     /// order (see [`crate::container`]); empty: no container attestation.

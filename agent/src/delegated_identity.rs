@@ -64,7 +64,10 @@
 //!
 //! At most [`MAX_SELECTORS_PER_REQUEST`] selectors per request, [`MAX_SUBSCRIPTIONS_PER_DELEGATE`]
 //! open streams per authorised delegate, [`MAX_NEW_INSTANCES_PER_DELEGATE_PER_MINUTE`] new
-//! instances per delegate per minute (`ResourceExhausted` beyond, with the reason),
+//! instances per delegate per minute (`ResourceExhausted` beyond, with the reason), the
+//! agent's instance cap (`workload_max_instances`) and the delegate's uid's share of it
+//! ([`crate::workloads::instance_share`]: a delegate's instances count against its own
+//! uid, not the target's),
 //! [`crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE`] JWT mints per instance per
 //! minute, [`crate::limits::MAX_JWT_AUDIENCES`] audiences,
 //! [`MAX_AUTHORIZED_DELEGATES`] delegates in the config, and the listener's bounds
@@ -736,7 +739,8 @@ fn hold(
             }
             b.made.retain(|_, m| !m.is_empty());
             return Err(match e {
-                crate::workloads::InstanceError::CapReached { .. } => {
+                crate::workloads::InstanceError::CapReached { .. }
+                | crate::workloads::InstanceError::UserShareReached { .. } => {
                     Status::resource_exhausted(e.to_string())
                 }
                 _ => Status::unavailable(e.to_string()),
@@ -761,6 +765,8 @@ fn pid_key(delegate: &AttestedPeer, target: &AttestedPeer) -> InstanceKey {
         exe: delegate.process.exe,
         selectors: Arc::from(target.selectors.as_slice()),
         on_behalf_of: Some(ProcessBinding::of(target)),
+        // The delegate holds it: its uid's share of the instance cap, not the target's.
+        uid: delegate.process.uid,
     }
 }
 
@@ -961,6 +967,8 @@ impl DelegatedIdentityApi {
                     exe: holder.process.exe,
                     selectors: Arc::from(selectors.as_slice()),
                     on_behalf_of: None,
+                    // The delegate's share, not that of a uid its selectors name.
+                    uid: holder.process.uid,
                 };
                 let own = holder.selectors == *selectors;
                 let held = hold(&self.book, &self.workloads, &caller.delegate, key, own)?;
@@ -1687,6 +1695,7 @@ mod tests {
             exe: me.process.exe,
             selectors: Arc::from(vec![Selector::parse(sel).unwrap()]),
             on_behalf_of: None,
+            uid: me.process.uid,
         }
     }
 
@@ -1783,14 +1792,11 @@ mod tests {
         let workloads = offline_workloads_capped(1).await;
         let book = book(Duration::from_secs(60), 2);
         let me = attest_pid(std::process::id() as i32).unwrap();
-        let _first = hold(
-            &book,
-            &workloads,
-            "uid:0",
-            sel_key(&me, "unix:uid:5000"),
-            false,
-        )
-        .unwrap();
+        // Held by a delegate of another uid: this one is under its share (1) and meets
+        // the cap.
+        let mut other_uids = sel_key(&me, "unix:uid:5000");
+        other_uids.uid = me.process.uid.wrapping_add(1);
+        let _first = hold(&book, &workloads, "uid:1", other_uids, false).unwrap();
         // The agent is full: refused for the cap, again and again, and none of these
         // attempts spends the delegate's new instances a minute (2).
         for _ in 0..3 {
@@ -1810,11 +1816,58 @@ mod tests {
                 err.message()
             );
         }
+        assert_eq!(book.lock().unwrap().made.get("uid:0"), None);
+        assert_eq!(workloads.instance_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_delegates_instances_count_against_its_own_uids_share_not_the_targets() {
+        use crate::workloads::InstanceError;
+        // A cap of 4: each uid's share is 2.
+        let workloads = offline_workloads_capped(4).await;
+        let book = book(Duration::from_secs(60), 10);
+        let me = attest_pid(std::process::id() as i32).unwrap();
+        let uid = me.process.uid;
+        // The selectors name other uids; the delegate holds the instances.
+        let _held: Vec<Held> = ["unix:uid:5000", "unix:uid:5001"]
+            .into_iter()
+            .map(|sel| hold(&book, &workloads, "uid:0", sel_key(&me, sel), false).unwrap())
+            .collect();
+        let err = hold(
+            &book,
+            &workloads,
+            "uid:0",
+            sel_key(&me, "unix:uid:5002"),
+            false,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            err.message(),
+            InstanceError::UserShareReached { uid, share: 2 }.to_string()
+        );
+        assert!(err.message().contains(&format!("for uid {uid}:")));
+        // Not made, so not counted against the delegate's new instances a minute.
         assert_eq!(
             book.lock().unwrap().made.get("uid:0").map(|m| m.len()),
-            Some(1)
+            Some(2)
         );
-        assert_eq!(workloads.instance_count(), 1);
+        assert_eq!(workloads.instance_count(), 2);
+        // Another uid (another delegate's, or a process's own) is still served.
+        let mut other = sel_key(&me, "unix:uid:5002");
+        other.uid = uid.wrapping_add(1);
+        assert!(hold(&book, &workloads, "uid:1", other, false).is_ok());
+        // A delegate's instance of a pid is the delegate's uid's, whatever the target's.
+        let target = AttestedPeer {
+            process: crate::workload_attestation::PeerProcess::for_tests(
+                me.process.instance,
+                me.process.exe,
+                (uid.wrapping_add(7), 0),
+            ),
+            selectors: me.selectors.clone(),
+        };
+        assert_eq!(pid_key(&me, &target).uid, uid);
     }
 
     /// `sleep` as a child, attested.

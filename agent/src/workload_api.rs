@@ -915,17 +915,40 @@ mod tests {
 
     /// Another running process (a child), attested with this process's selectors.
     fn other_process() -> (std::process::Child, AttestedPeer) {
+        other_process_as(0)
+    }
+
+    /// A uid other than this process's (whose instances count against another share).
+    fn another_uid() -> u32 {
+        match nix::unistd::geteuid().as_raw() {
+            65534 => 65533,
+            _ => 65534,
+        }
+    }
+
+    /// [`other_process`], as if it had connected as `uid` (its instance counts against
+    /// that uid's share of the instance cap; no root needed).
+    fn other_process_as(uid: u32) -> (std::process::Child, AttestedPeer) {
         let child = std::process::Command::new("sleep")
             .arg("60")
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Attested once it runs sleep, not this test binary forked (an instance of a
+        // process that execs since is forgotten as exited).
+        let mine = crate::workload_attestation::exe_identity(std::process::id() as i32).ok();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while crate::workload_attestation::exe_identity(pid).ok() == mine
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let start_time = crate::workload_attestation::process_start_time(pid).unwrap();
         let me = AttestedPeer {
             process: PeerProcess::for_tests(
                 ProcessInstance { pid, start_time },
                 crate::workload_attestation::exe_identity(pid).ok(),
-                (0, 0),
+                (uid, uid),
             ),
             selectors: vec![crate::Selector::parse(&format!(
                 "unix:uid:{}",
@@ -1092,9 +1115,10 @@ mod tests {
         };
         let (workloads, bundle) =
             workloads_built(|w| w.with_pool(pool).with_max_instances(1)).await;
-        // Another process holds the one instance the cap allows (made without the pool,
-        // so that only the refused process could have made its entry set wanted).
-        let (mut child, other) = other_process();
+        // Another uid's process holds the one instance the cap allows (made without the
+        // pool, so that only the refused process could have made its entry set wanted);
+        // this process's uid holds none of its share (1), so it meets the cap.
+        let (mut child, other) = other_process_as(another_uid());
         workloads
             .instance_for_key(crate::workloads::InstanceKey::of(&other), false)
             .unwrap();
@@ -1145,5 +1169,83 @@ mod tests {
             .spiffe_id
             .starts_with(&format!("{ENTRY_SPIFFE_ID}/")));
         assert_eq!(workloads.instance_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_uid_at_its_share_of_the_instance_cap_is_refused_while_other_uids_are_served() {
+        use crate::workloads::InstanceError;
+        let dir = tempfile::tempdir().unwrap();
+        // A cap of 4: each uid's share is 2.
+        let (workloads, bundle) = workloads_built(|w| w.with_max_instances(4)).await;
+        assert_eq!(workloads.instance_share(), 2);
+        let (uid, root) = (another_uid(), nix::unistd::geteuid().as_raw());
+        // The review's scenario: three processes of one uid each call the Workload API
+        // once; the third is refused for that uid's share, not for the agent's cap.
+        let mut hers: Vec<std::process::Child> = Vec::new();
+        for _ in 0..2 {
+            let (child, peer) = other_process_as(uid);
+            workloads.instance_for(&peer).unwrap();
+            hers.push(child);
+        }
+        let (third_child, third) = other_process_as(uid);
+        hers.push(third_child);
+        let refused = workloads.instance_for(&third).err().unwrap();
+        assert!(
+            matches!(refused, InstanceError::UserShareReached { uid: u, share: 2 } if u == uid),
+            "{refused:?}"
+        );
+        let status = refused.status();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            format!(
+                "workload instance share reached for uid {uid}: it holds 2 live process instances, the most one user may (half of workload_max_instances); a new process of this uid is served once some of its processes exit, or raise workload_max_instances in the agent's config (--workload-max-instances)"
+            )
+        );
+        assert_eq!(workloads.instance_count(), 2, "nothing made for it");
+        // Another uid is still served, over the socket.
+        let mut client = serve(workloads.clone(), bundle.subscribe(), dir.path()).await;
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = stream.message().await.unwrap().unwrap();
+        assert!(answer.svids[0]
+            .spiffe_id
+            .starts_with(&format!("{ENTRY_SPIFFE_ID}/")));
+        // The global cap stays: that uid takes its share too, and a third uid (under
+        // its share) meets the cap.
+        let (mut mine, peer) = other_process_as(root);
+        workloads.instance_for(&peer).unwrap();
+        assert_eq!(workloads.instance_count(), 4);
+        let (mut third_uid, peer) = other_process_as(uid.wrapping_sub(1));
+        assert!(matches!(
+            workloads.instance_for(&peer),
+            Err(InstanceError::CapReached { cap: 4 })
+        ));
+        let _ = third_uid.kill();
+        let _ = third_uid.wait();
+        // Once the first uid's processes exit, it is served again (the map is searched
+        // for exited processes on demand at most once a second).
+        for mut c in hers {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        let (mut again_child, again) = other_process_as(uid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = workloads.instance_for(&again) {
+            assert!(
+                matches!(e, InstanceError::UserShareReached { .. })
+                    && std::time::Instant::now() < deadline,
+                "{e}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(workloads.instance_count(), 3);
+        for c in [&mut again_child, &mut mine] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -48,6 +48,12 @@ pub const REVOCATION_CLOCK_TOLERANCE_SECONDS: i64 = 10;
 /// a local user forking processes that call the Workload API must not grow them without
 /// bound.
 pub const DEFAULT_MAX_INSTANCES: usize = 4096;
+/// One uid's share of the instance cap, like its share of Workload API connections: half of
+/// `workload_max_instances` (at least 1), so that no one local user can hold them all and
+/// refuse everyone else's new processes.
+pub fn instance_share(max_instances: usize) -> usize {
+    (max_instances / 2).max(1)
+}
 /// Most often the instance map is searched for exited processes because it is full: each
 /// search reads `/proc` for every instance held, so a caller refused at the cap cannot
 /// make the agent do it on every request.
@@ -66,22 +72,39 @@ pub enum InstanceError {
         /// The cap in force.
         cap: usize,
     },
+    /// The uid that would hold the new instance already holds its share of the cap (half
+    /// of it); other uids' processes are still served. Nothing was minted.
+    #[error("workload instance share reached for uid {uid}: it holds {share} live process instances, the most one user may (half of workload_max_instances); a new process of this uid is served once some of its processes exit, or raise workload_max_instances in the agent's config (--workload-max-instances)")]
+    UserShareReached {
+        /// The uid refused: the connecting process's (a delegate's, for the instances it
+        /// holds on another process's behalf).
+        uid: u32,
+        /// Its share in force.
+        share: usize,
+    },
     /// Anything else (a poisoned lock, no randomness for the segment).
     #[error(transparent)]
     Failed(#[from] Error),
 }
 
 impl InstanceError {
-    /// The Workload API's answer: the cap is `ResourceExhausted` with its message, the
-    /// rest `Unavailable`.
+    /// The Workload API's answer: the cap and a uid's share of it are `ResourceExhausted`
+    /// with their message, the rest `Unavailable`.
     pub fn status(&self) -> tonic::Status {
         match self {
-            Self::CapReached { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::CapReached { .. } | Self::UserShareReached { .. } => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
             Self::Failed(e) => {
                 tonic::Status::unavailable(format!("workload attestation failed: {e}"))
             }
         }
     }
+}
+
+/// How many of `instances` count against `uid`'s share (one pass over at most the cap).
+fn held_by(instances: &HashMap<InstanceKey, Arc<Instance>>, uid: u32) -> usize {
+    instances.keys().filter(|k| k.uid == uid).count()
 }
 
 /// One X509-SVID held for a workload.
@@ -143,6 +166,12 @@ pub struct InstanceKey {
     /// For a delegate's instance of another process (named by pid): that process, whose
     /// revocations apply and whose exit also ends the instance. `None` otherwise.
     pub on_behalf_of: Option<ProcessBinding>,
+    /// The uid whose share of the instance cap it counts against: the connect-time uid
+    /// (SO_PEERCRED) of the process holding it, [`InstanceKey::process`]. For a
+    /// delegate's instance that is the delegate's, not the target's nor one its
+    /// selectors name: the delegate asked for it and holds it, and counting it against
+    /// the target's uid would let a delegate use up other users' shares.
+    pub uid: u32,
 }
 
 impl InstanceKey {
@@ -154,6 +183,7 @@ impl InstanceKey {
             exe: peer.process.exe,
             selectors: Arc::from(peer.selectors.as_slice()),
             on_behalf_of: None,
+            uid: peer.process.uid,
         }
     }
 
@@ -391,6 +421,8 @@ pub struct Workloads {
     last_full_prune: Mutex<Option<std::time::Instant>>,
     /// When a refusal at the cap was last logged, and the refusals since.
     cap_refusals: Mutex<(Option<std::time::Instant>, u64)>,
+    /// When a refusal at a uid's share of the cap was last logged, and the refusals since.
+    share_refusals: Mutex<(Option<std::time::Instant>, u64)>,
     /// What was revoked for each process, kept until it exits.
     revoked: Mutex<HashMap<ProcessBinding, RevokedForProcess>>,
     shared: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
@@ -419,6 +451,7 @@ impl Workloads {
             max_instances: DEFAULT_MAX_INSTANCES,
             last_full_prune: Mutex::new(None),
             cap_refusals: Mutex::new((None, 0)),
+            share_refusals: Mutex::new((None, 0)),
             revoked: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(HashMap::new()),
             pool: SvidPool::new(PoolConfig::OFF),
@@ -442,6 +475,11 @@ impl Workloads {
     /// The most process instances held at once.
     pub fn max_instances(&self) -> usize {
         self.max_instances
+    }
+
+    /// The most process instances held at once for one uid: [`instance_share`].
+    pub fn instance_share(&self) -> usize {
+        instance_share(self.max_instances)
     }
 
     /// The pool of SVIDs minted ahead.
@@ -600,6 +638,29 @@ impl Workloads {
         self.instances.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Number of live instances held, and of those counted against `uid`'s share.
+    fn instance_counts(&self, uid: u32) -> Result<(usize, usize), InstanceError> {
+        let instances = self
+            .instances
+            .lock()
+            .map_err(|_| Error::Config("lock".into()))?;
+        Ok((instances.len(), held_by(&instances, uid)))
+    }
+
+    /// Ok when a new instance for `uid` fits: under `uid`'s share, else
+    /// [`InstanceError::UserShareReached`], and under the cap, else
+    /// [`InstanceError::CapReached`] (the share first: a uid at its share is refused
+    /// until its own instances go, whatever others hold).
+    fn fits(&self, uid: u32, (total, mine): (usize, usize)) -> Result<(), InstanceError> {
+        if mine >= self.instance_share() {
+            return Err(self.share_reached(uid));
+        }
+        if total >= self.max_instances {
+            return Err(self.cap_reached());
+        }
+        Ok(())
+    }
+
     /// The instance of a connection's peer, created on first sight. The caller must have
     /// just checked that the peer is still the process that connected
     /// ([`crate::workload_attestation::PeerProcess::check`]).
@@ -608,16 +669,20 @@ impl Workloads {
     /// entries, if one is fresh: its segment and SVIDs become this process's, under the
     /// instance map's lock, and are never handed to another (see [`pool`]).
     ///
-    /// At most [`Workloads::max_instances`] are held: beyond that a new process gets
-    /// [`InstanceError::CapReached`], and nothing is taken from the pool or minted for it.
+    /// At most [`Workloads::max_instances`] are held, and at most
+    /// [`Workloads::instance_share`] for one uid: beyond that a new process gets
+    /// [`InstanceError::CapReached`] or [`InstanceError::UserShareReached`], and nothing
+    /// is taken from the pool or minted for it.
     pub fn instance_for(&self, peer: &AttestedPeer) -> Result<Arc<Instance>, InstanceError> {
         self.instance_for_key(InstanceKey::of(peer), true)
     }
 
-    /// Ok when a new instance fits under the cap, after forgetting exited processes if
-    /// the map is full (at most once per [`FULL_PRUNE_INTERVAL`]).
-    fn room_for_new_instance(&self) -> Result<(), InstanceError> {
-        if self.instance_count() < self.max_instances {
+    /// Ok when a new instance for `uid` fits under the cap and under `uid`'s share,
+    /// after forgetting exited processes if the map is full or `uid` at its share (at
+    /// most once per [`FULL_PRUNE_INTERVAL`]).
+    fn room_for_new_instance(&self, uid: u32) -> Result<(), InstanceError> {
+        let counts = self.instance_counts(uid)?;
+        if counts.0 < self.max_instances && counts.1 < self.instance_share() {
             return Ok(());
         }
         let prune_now = {
@@ -635,10 +700,7 @@ impl Workloads {
             // Forgets the instances of exited processes (as the rotation loop does).
             self.live_instances();
         }
-        if self.instance_count() < self.max_instances {
-            return Ok(());
-        }
-        Err(self.cap_reached())
+        self.fits(uid, self.instance_counts(uid)?)
     }
 
     /// The refusal at the cap, logged at most once per [`CAP_LOG_INTERVAL`] with how
@@ -665,6 +727,31 @@ impl Workloads {
         }
     }
 
+    /// The refusal at `uid`'s share of the cap, logged as [`Workloads::cap_reached`] is
+    /// (at most once per [`CAP_LOG_INTERVAL`], naming the last uid refused).
+    fn share_reached(&self, uid: u32) -> InstanceError {
+        let share = self.instance_share();
+        let log_now = self.share_refusals.lock().ok().and_then(|mut r| {
+            r.1 += 1;
+            let due = r.0.is_none_or(|t| t.elapsed() >= CAP_LOG_INTERVAL);
+            due.then(|| {
+                r.0 = Some(std::time::Instant::now());
+                std::mem::take(&mut r.1)
+            })
+        });
+        if let Some(refused) = log_now {
+            tracing::warn!(
+                event = "workload_refused",
+                uid,
+                share,
+                cap = self.max_instances,
+                refused,
+                "new workload processes of a uid refused: it holds its share (half of workload_max_instances) of live process instances"
+            );
+        }
+        InstanceError::UserShareReached { uid, share }
+    }
+
     /// [`Workloads::instance_for`] by key: also for instances that are not a connection's
     /// own, as a delegated identity subscription's ([`crate::delegated_identity`]), which
     /// pass `pooled = false`: a new process's pre-minted SVIDs are not theirs to take.
@@ -683,7 +770,7 @@ impl Workloads {
             }
         }
         // Before the pool is touched: a refused process takes nothing and wakes no mint.
-        self.room_for_new_instance()?;
+        self.room_for_new_instance(key.uid)?;
         // What a pooled instance must have been minted for: the per-instance entries
         // this process is entitled to now, and which sync they come from (at least).
         let seen_generation = self
@@ -709,10 +796,8 @@ impl Workloads {
             return Ok(inst.clone());
         }
         // Checked again under the lock the instance is inserted under: concurrent new
-        // processes may have filled the map since.
-        if instances.len() >= self.max_instances {
-            return Err(self.cap_reached());
-        }
+        // processes may have filled the map, or the uid's share, since.
+        self.fits(key.uid, (instances.len(), held_by(&instances, key.uid)))?;
         let (sequence, tainted) = self.pool_state();
         let pooled = if pooled {
             self.pool.take(
