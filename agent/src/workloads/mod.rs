@@ -58,6 +58,18 @@ pub fn instance_share(max_instances: usize) -> usize {
 /// search reads `/proc` for every instance held, so a caller refused at the cap cannot
 /// make the agent do it on every request.
 const FULL_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Counts one more refusal in `refusals` (when one was last logged, and how many since);
+/// returns how many to log now, at most once per [`CAP_LOG_INTERVAL`].
+fn refusals_to_log(refusals: &Mutex<(Option<std::time::Instant>, u64)>) -> Option<u64> {
+    let mut r = refusals.lock().ok()?;
+    r.1 += 1;
+    let due = r.0.is_none_or(|t| t.elapsed() >= CAP_LOG_INTERVAL);
+    due.then(|| {
+        r.0 = Some(std::time::Instant::now());
+        std::mem::take(&mut r.1)
+    })
+}
+
 /// Most often a refusal at the instance cap is logged (with the count since the last).
 const CAP_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::{unix_seconds, Error, Selector};
@@ -706,15 +718,7 @@ impl Workloads {
     /// The refusal at the cap, logged at most once per [`CAP_LOG_INTERVAL`] with how
     /// many were refused since (a local user forking in a loop must not flood the log).
     fn cap_reached(&self) -> InstanceError {
-        let log_now = self.cap_refusals.lock().ok().and_then(|mut r| {
-            r.1 += 1;
-            let due = r.0.is_none_or(|t| t.elapsed() >= CAP_LOG_INTERVAL);
-            due.then(|| {
-                r.0 = Some(std::time::Instant::now());
-                std::mem::take(&mut r.1)
-            })
-        });
-        if let Some(refused) = log_now {
+        if let Some(refused) = refusals_to_log(&self.cap_refusals) {
             tracing::warn!(
                 event = "workload_refused",
                 cap = self.max_instances,
@@ -731,15 +735,7 @@ impl Workloads {
     /// (at most once per [`CAP_LOG_INTERVAL`], naming the last uid refused).
     fn share_reached(&self, uid: u32) -> InstanceError {
         let share = self.instance_share();
-        let log_now = self.share_refusals.lock().ok().and_then(|mut r| {
-            r.1 += 1;
-            let due = r.0.is_none_or(|t| t.elapsed() >= CAP_LOG_INTERVAL);
-            due.then(|| {
-                r.0 = Some(std::time::Instant::now());
-                std::mem::take(&mut r.1)
-            })
-        });
-        if let Some(refused) = log_now {
+        if let Some(refused) = refusals_to_log(&self.share_refusals) {
             tracing::warn!(
                 event = "workload_refused",
                 uid,

@@ -251,25 +251,60 @@ fn cached_vek_chain_still_refuses_tampering() {
         .unwrap();
 }
 
+/// A verifier that fetches from a local KDS (`kds_crl = false`, plus `extra` config
+/// lines), with the Milan vector's report, VCEK and report_data, and a time they verify at.
+struct KdsCase {
+    kds: crate::fetch::test_server::Server,
+    report: Vec<u8>,
+    vek: Vec<u8>,
+    rd: [u8; 64],
+    cache: PathBuf,
+    v: SnpVerifier,
+    now: SystemTime,
+    _tmp: tempfile::TempDir,
+}
+
+fn kds_case(extra: &str) -> KdsCase {
+    let kds = crate::fetch::test_server::Server::start();
+    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
+    let vek = read("milan-virtee-sev/vcek_milan.der");
+    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let cfg: toml::Table = toml::from_str(&format!(
+        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\n{extra}",
+        kds.addr,
+        cache.display().to_string()
+    ))
+    .unwrap();
+    KdsCase {
+        v: SnpVerifier::from_config(&cfg).unwrap(),
+        kds,
+        report,
+        vek,
+        rd,
+        cache,
+        now: at("2025-06-01T00:00:00Z"),
+        _tmp: tmp,
+    }
+}
+
 /// A flood of reports naming bogus chips spends only the open KDS budget: a chip that
 /// verified before still gets its VCEK fetched (from the reserve), a repeated bogus chip
 /// costs no request, and a never-seen chip is refused naming the spent budget.
 #[test]
 fn bogus_chip_ids_cannot_starve_a_known_chip() {
-    use crate::fetch::{test_server::Server, MAX_REQUESTS_PER_MINUTE, NOT_FOUND_MEMORY};
-    let kds = Server::start();
-    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
-    let vek = read("milan-virtee-sev/vcek_milan.der");
-    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg: toml::Table = toml::from_str(&format!(
-        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}",
-        kds.addr,
-        tmp.path().join("cache").display().to_string()
-    ))
-    .unwrap();
-    let v = SnpVerifier::from_config(&cfg).unwrap();
-    let now = at("2025-06-01T00:00:00Z");
+    use crate::fetch::{MAX_REQUESTS_PER_MINUTE, NOT_FOUND_MEMORY};
+    let KdsCase {
+        kds,
+        report,
+        vek,
+        rd,
+        cache: _,
+        v,
+        now,
+        _tmp,
+    } = kds_case("");
     let mut with_vcek = report.clone();
     with_vcek.extend(encode_cert_table(&[("vcek", &vek)]));
 
@@ -350,20 +385,17 @@ fn bogus_chip_ids_cannot_starve_a_known_chip() {
 /// hour after its firmware update.
 #[test]
 fn a_known_chips_not_found_is_retried_after_a_minute() {
-    use crate::fetch::{test_server::Server, FAILURE_MEMORY};
-    let kds = Server::start();
-    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
-    let vek = read("milan-virtee-sev/vcek_milan.der");
-    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg: toml::Table = toml::from_str(&format!(
-        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\nproducts = [\"Milan\"]",
-        kds.addr,
-        tmp.path().join("cache").display().to_string()
-    ))
-    .unwrap();
-    let v = SnpVerifier::from_config(&cfg).unwrap();
-    let now = at("2025-06-01T00:00:00Z");
+    use crate::fetch::FAILURE_MEMORY;
+    let KdsCase {
+        kds: _kds,
+        report,
+        vek,
+        rd,
+        cache: _,
+        v,
+        now,
+        _tmp,
+    } = kds_case("products = [\"Milan\"]");
     let mut with_vcek = report.clone();
     with_vcek.extend(encode_cert_table(&[("vcek", &vek)]));
     v.verify_evidence(&with_vcek, &rd, now).unwrap();
@@ -393,21 +425,16 @@ fn a_known_chips_not_found_is_retried_after_a_minute() {
 /// cache, one file per made-up TCB.
 #[test]
 fn a_fetched_vcek_is_cached_only_for_a_report_it_signed() {
-    use crate::fetch::test_server::Server;
-    let kds = Server::start();
-    let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
-    let vek = read("milan-virtee-sev/vcek_milan.der");
-    let rd: [u8; 64] = report[0x50..0x90].try_into().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cache = tmp.path().join("cache");
-    let cfg: toml::Table = toml::from_str(&format!(
-        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\nproducts = [\"Milan\"]",
-        kds.addr,
-        cache.display().to_string()
-    ))
-    .unwrap();
-    let v = SnpVerifier::from_config(&cfg).unwrap();
-    let now = at("2025-06-01T00:00:00Z");
+    let KdsCase {
+        kds,
+        report,
+        vek,
+        rd,
+        cache,
+        v,
+        now,
+        _tmp,
+    } = kds_case("products = [\"Milan\"]");
     kds.serve(
         &format!(
             "/vcek/v1/Milan/{}?blSPL=03&teeSPL=00&snpSPL=08&ucodeSPL=115",
