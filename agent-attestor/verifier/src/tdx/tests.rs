@@ -535,18 +535,46 @@ fn the_pinned_root_is_dcap_qvls() {
     }
 }
 
-/// A flood of quotes whose PCK certificates name made-up FMSPCs (or whose chain does not
-/// end at the pinned root, or is not valid at the time) makes no request at all, so the
-/// open budget stays whole for the genuine quote after it.
-#[test]
-fn pcs_fetching_needs_a_pck_chain_to_the_pinned_root() {
+/// A verifier fetching from a local PCS that serves the `v4-uptodate` collateral, with
+/// that quote, its report_data and a time it verifies at.
+struct V4Pcs {
+    server: Server,
+    v: TdxVerifier,
+    q: Vec<u8>,
+    rd: [u8; 64],
+    now: std::time::SystemTime,
+    tmp: tempfile::TempDir,
+}
+
+fn v4_pcs() -> V4Pcs {
     let server = Server::start();
     serve_pcs(&server, "v4-uptodate", None);
     let tmp = tempfile::tempdir().unwrap();
     let v = pcs_verifier(&server, &tmp.path().join("cache"));
     let q = quote("v4-uptodate");
-    let rd = rd_of(&q);
-    let now = unix(V4_AT);
+    V4Pcs {
+        rd: rd_of(&q),
+        server,
+        v,
+        q,
+        now: unix(V4_AT),
+        tmp,
+    }
+}
+
+/// A flood of quotes whose PCK certificates name made-up FMSPCs (or whose chain does not
+/// end at the pinned root, or is not valid at the time) makes no request at all, so the
+/// open budget stays whole for the genuine quote after it.
+#[test]
+fn pcs_fetching_needs_a_pck_chain_to_the_pinned_root() {
+    let V4Pcs {
+        server,
+        v,
+        q,
+        rd,
+        now,
+        tmp,
+    } = v4_pcs();
     let prefix = "the quote's PCK certificate chain does not verify to the pinned Intel SGX Root CA, so nothing is fetched from Intel PCS for it: ";
     for i in 0..MAX_REQUESTS_PER_MINUTE as u8 + 5 {
         let forged = with_fmspc(&q, [0xb0, 0xc0, 0x6f, 0, i, 1]);
@@ -597,13 +625,14 @@ fn pcs_fetching_needs_a_pck_chain_to_the_pinned_root() {
 /// the genuine node is served from the cache.
 #[test]
 fn replayed_pck_chains_fetch_a_platforms_collateral_once() {
-    let server = Server::start();
-    serve_pcs(&server, "v4-uptodate", None);
-    let tmp = tempfile::tempdir().unwrap();
-    let v = pcs_verifier(&server, &tmp.path().join("cache"));
-    let q = quote("v4-uptodate");
-    let rd = rd_of(&q);
-    let now = unix(V4_AT);
+    let V4Pcs {
+        server,
+        v,
+        q,
+        rd,
+        now,
+        tmp,
+    } = v4_pcs();
     for i in 0..MAX_REQUESTS_PER_MINUTE * 2 {
         let mut garbage = q.clone();
         garbage[48 + 100 + i] ^= 1;
@@ -665,10 +694,14 @@ fn collateral_that_does_not_check_out_is_neither_cached_nor_refetched_at_once() 
 /// budget, and a known platform's TCB info from the known-platform budget.
 #[test]
 fn a_spent_open_budget_leaves_fixed_urls_and_known_platforms_served() {
-    let server = Server::start();
-    serve_pcs(&server, "v4-uptodate", None);
-    let tmp = tempfile::tempdir().unwrap();
-    let v = pcs_verifier(&server, &tmp.path().join("cache"));
+    let V4Pcs {
+        server,
+        v,
+        q,
+        rd,
+        now,
+        tmp: _tmp,
+    } = v4_pcs();
     let pcs = v.inner.pcs.as_ref().unwrap();
     // Nothing listens on port 1: each request fails at once, but counts.
     for i in 0..MAX_REQUESTS_PER_MINUTE {
@@ -676,9 +709,6 @@ fn a_spent_open_budget_leaves_fixed_urls_and_known_platforms_served() {
             .get_pcs(&format!("http://127.0.0.1:1/{i}"), Pool::Open)
             .unwrap_err();
     }
-    let q = quote("v4-uptodate");
-    let rd = rd_of(&q);
-    let now = unix(V4_AT);
     let [pckcrl, tcb, qe] = v4_targets();
     let m = refusal(CollateralUnavailable, v.verify_evidence(&q, &rd, now));
     assert_eq!(
