@@ -96,7 +96,7 @@ use crate::workloads::{
 };
 use crate::{unix_seconds, Error, Selector};
 
-use dpb::delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer};
+use dpb::delegated_identity_server::DelegatedIdentity;
 
 /// Most delegates in `authorized_delegates`.
 pub const MAX_AUTHORIZED_DELEGATES: usize = 64;
@@ -1478,8 +1478,11 @@ pub fn start(
         delegates = ?delegates.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "Delegated Identity API ready (spire.api.agent.delegatedidentity.v1)"
     );
-    let api = DelegatedIdentityServer::new(DelegatedIdentityApi::new(workloads, bundle, delegates))
-        .max_decoding_message_size(crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES);
+    // SubscribeToX509SVIDs answers' key copies are zeroized once encoded.
+    let api = crate::zeroizing_x509_answers::DelegatedIdentityService::new(
+        DelegatedIdentityApi::new(workloads, bundle, delegates),
+        crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES,
+    );
     let routes = tonic::service::Routes::new(api);
     let limits = crate::workload_listener::Limits {
         max_connections: config.max_connections,

@@ -1,13 +1,16 @@
-//! `FetchX509SVID` answers whose private-key copies are zeroized once encoded.
+//! X509-SVID answers whose private-key copies are zeroized once encoded: the Workload
+//! API's `FetchX509SVID` and the Delegated Identity API's `SubscribeToX509SVIDs`.
 //!
 //! Each answer carries a PKCS#8 copy of every SVID's key in a prost message field (a
-//! plain `Vec<u8>`). With the generated server, tonic encodes the message and frees it
-//! without zeroizing; here `FetchX509SVID` is served through the same service code with
-//! an encoder that zeroizes those fields right after encoding. Every other method goes
-//! to the generated server unchanged. What stays beyond reach (the encoded bytes in
-//! tonic's and h2's buffers) is listed in the README.
+//! plain `Vec<u8>`). With a generated server, tonic encodes the message and frees it
+//! without zeroizing; here those two methods are served through the same service code
+//! with an encoder that zeroizes the key fields right after encoding ([`KeyCopies`]).
+//! Every other method goes to the generated server unchanged, with the same request
+//! size limit. What stays beyond reach (the encoded bytes in tonic's and h2's buffers)
+//! is listed in the README.
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use prost::Message;
@@ -16,77 +19,104 @@ use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::server::NamedService;
 use tonic::Status;
 use zeroize::Zeroize;
+use ztid_proto::spire::api::agent::delegatedidentity::v1 as dpb;
 use ztid_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use ztid_proto::workload::{X509svidRequest, X509svidResponse};
 
+use crate::delegated_identity::DelegatedIdentityApi;
 use crate::workload_api::WorkloadApi;
 
 /// The gRPC path of `FetchX509SVID`.
 const FETCH_X509_SVID_PATH: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
+/// The gRPC path of `SubscribeToX509SVIDs`.
+const SUBSCRIBE_X509_SVIDS_PATH: &str =
+    "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509SVIDs";
+
+/// An answer holding private-key copies, which [`KeyCopies::zeroize_keys`] wipes.
+pub trait KeyCopies: Message + Send + 'static {
+    /// Zeroizes every private-key field.
+    fn zeroize_keys(&mut self);
+}
+
+impl KeyCopies for X509svidResponse {
+    fn zeroize_keys(&mut self) {
+        for svid in &mut self.svids {
+            svid.x509_svid_key.zeroize();
+        }
+    }
+}
+
+impl KeyCopies for dpb::SubscribeToX509sviDsResponse {
+    fn zeroize_keys(&mut self) {
+        for svid in &mut self.x509_svids {
+            svid.x509_svid_key.zeroize();
+        }
+    }
+}
 
 /// Encodes `answer` into `buf`, then zeroizes its private-key copies (whether or not the
 /// encoding succeeded).
-pub fn encode_then_zeroize_keys(
-    answer: &mut X509svidResponse,
+pub fn encode_then_zeroize_keys<T: KeyCopies>(
+    answer: &mut T,
     buf: &mut impl bytes::BufMut,
 ) -> Result<(), prost::EncodeError> {
     let encoded = answer.encode(buf);
-    for svid in &mut answer.svids {
-        svid.x509_svid_key.zeroize();
-    }
+    answer.zeroize_keys();
     encoded
 }
 
-/// Encodes `FetchX509SVID` answers, zeroizing their keys after.
-#[derive(Debug, Default, Clone, Copy)]
-struct ZeroizingEncoder;
+/// Encodes answers of type `T`, zeroizing their keys after.
+struct ZeroizingEncoder<T>(PhantomData<T>);
 
-impl Encoder for ZeroizingEncoder {
-    type Item = X509svidResponse;
+impl<T: KeyCopies> Encoder for ZeroizingEncoder<T> {
+    type Item = T;
     type Error = Status;
 
-    fn encode(&mut self, mut item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    fn encode(&mut self, mut item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         encode_then_zeroize_keys(&mut item, buf)
             .map_err(|e| Status::internal(format!("encoding the X509-SVID answer: {e}")))
     }
 }
 
-/// `FetchX509SVID`'s codec: requests as prost decodes them, answers zeroized once encoded.
-#[derive(Debug, Default, Clone, Copy)]
-struct ZeroizingX509Codec;
+/// A method's codec: requests as prost decodes them, answers zeroized once encoded.
+struct ZeroizingCodec<Req, Resp>(PhantomData<(Req, Resp)>);
 
-impl Codec for ZeroizingX509Codec {
-    type Encode = X509svidResponse;
-    type Decode = X509svidRequest;
-    type Encoder = ZeroizingEncoder;
-    type Decoder = RequestDecoder;
+impl<Req, Resp> Codec for ZeroizingCodec<Req, Resp>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: KeyCopies,
+{
+    type Encode = Resp;
+    type Decode = Req;
+    type Encoder = ZeroizingEncoder<Resp>;
+    type Decoder = RequestDecoder<Req>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ZeroizingEncoder
+        ZeroizingEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder::default()
+        RequestDecoder(tonic_prost::ProstDecoder::default())
     }
 }
 
-/// Decodes `FetchX509SVID` requests as the generated server does.
-#[derive(Debug, Default)]
-struct RequestDecoder(tonic_prost::ProstDecoder<X509svidRequest>);
+/// Decodes requests as the generated servers do.
+struct RequestDecoder<Req>(tonic_prost::ProstDecoder<Req>);
 
-impl Decoder for RequestDecoder {
-    type Item = X509svidRequest;
+impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
+    type Item = Req;
     type Error = Status;
 
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
         self.0.decode(buf)
     }
 }
 
 /// `FetchX509SVID` of the agent's Workload API service.
-struct FetchX509Svid(Arc<WorkloadApi>);
+#[derive(Clone)]
+pub struct FetchX509Svid(Arc<WorkloadApi>);
 
 impl tonic::server::ServerStreamingService<X509svidRequest> for FetchX509Svid {
     type Response = X509svidResponse;
@@ -99,14 +129,38 @@ impl tonic::server::ServerStreamingService<X509svidRequest> for FetchX509Svid {
     }
 }
 
-/// The Workload API service: the generated server, with `FetchX509SVID` answered through
-/// [`ZeroizingX509Codec`].
+/// `SubscribeToX509SVIDs` of the agent's Delegated Identity API service.
 #[derive(Clone)]
-pub struct WorkloadApiService {
-    api: Arc<WorkloadApi>,
-    generated: SpiffeWorkloadApiServer<WorkloadApi>,
-    max_request_bytes: usize,
+pub struct SubscribeX509Svids(Arc<DelegatedIdentityApi>);
+
+impl tonic::server::ServerStreamingService<dpb::SubscribeToX509sviDsRequest>
+    for SubscribeX509Svids
+{
+    type Response = dpb::SubscribeToX509sviDsResponse;
+    type ResponseStream = <DelegatedIdentityApi as dpb::delegated_identity_server::DelegatedIdentity>::SubscribeToX509SVIDsStream;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: tonic::Request<dpb::SubscribeToX509sviDsRequest>) -> Self::Future {
+        use dpb::delegated_identity_server::DelegatedIdentity;
+        let api = self.0.clone();
+        Box::pin(async move { api.subscribe_to_x509svi_ds(request).await })
+    }
 }
+
+/// A generated server `G` with one server-streaming method (`M`, at `path`) answered
+/// through [`ZeroizingCodec`].
+#[derive(Clone)]
+pub struct ZeroizingService<G, M, Req> {
+    generated: G,
+    path: &'static str,
+    method: M,
+    max_request_bytes: usize,
+    request: PhantomData<fn() -> Req>,
+}
+
+/// The Workload API service, `FetchX509SVID` zeroizing its answers' keys.
+pub type WorkloadApiService =
+    ZeroizingService<SpiffeWorkloadApiServer<WorkloadApi>, FetchX509Svid, X509svidRequest>;
 
 impl WorkloadApiService {
     /// Serves `api`, refusing request messages larger than `max_request_bytes`.
@@ -115,18 +169,57 @@ impl WorkloadApiService {
         Self {
             generated: SpiffeWorkloadApiServer::from_arc(api.clone())
                 .max_decoding_message_size(max_request_bytes),
-            api,
+            path: FETCH_X509_SVID_PATH,
+            method: FetchX509Svid(api),
             max_request_bytes,
+            request: PhantomData,
         }
     }
 }
 
-impl NamedService for WorkloadApiService {
-    const NAME: &'static str = <SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME;
+/// The Delegated Identity API service, `SubscribeToX509SVIDs` zeroizing its answers' keys.
+pub type DelegatedIdentityService = ZeroizingService<
+    dpb::delegated_identity_server::DelegatedIdentityServer<DelegatedIdentityApi>,
+    SubscribeX509Svids,
+    dpb::SubscribeToX509sviDsRequest,
+>;
+
+impl DelegatedIdentityService {
+    /// Serves `api`, refusing request messages larger than `max_request_bytes`.
+    pub fn new(api: DelegatedIdentityApi, max_request_bytes: usize) -> Self {
+        let api = Arc::new(api);
+        Self {
+            generated: dpb::delegated_identity_server::DelegatedIdentityServer::from_arc(
+                api.clone(),
+            )
+            .max_decoding_message_size(max_request_bytes),
+            path: SUBSCRIBE_X509_SVIDS_PATH,
+            method: SubscribeX509Svids(api),
+            max_request_bytes,
+            request: PhantomData,
+        }
+    }
 }
 
-impl<B> Service<http::Request<B>> for WorkloadApiService
+impl<G: NamedService, M, Req> NamedService for ZeroizingService<G, M, Req> {
+    const NAME: &'static str = G::NAME;
+}
+
+impl<G, M, Req, B> Service<http::Request<B>> for ZeroizingService<G, M, Req>
 where
+    G: Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
+        > + Clone
+        + Send
+        + 'static,
+    M: tonic::server::ServerStreamingService<Req> + Clone + Send + 'static,
+    M::Response: KeyCopies,
+    M::ResponseStream: Send + 'static,
+    M::Future: Send + 'static,
+    Req: Message + Default + Send + 'static,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
@@ -139,14 +232,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != FETCH_X509_SVID_PATH {
+        if req.uri().path() != self.path {
             return self.generated.call(req);
         }
-        let method = FetchX509Svid(self.api.clone());
+        let method = self.method.clone();
         let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(ZeroizingX509Codec)
-                .apply_max_message_size_config(Some(max_request_bytes), None);
+            let mut grpc =
+                tonic::server::Grpc::new(ZeroizingCodec::<Req, M::Response>(PhantomData))
+                    .apply_max_message_size_config(Some(max_request_bytes), None);
             Ok(grpc.server_streaming(method, req).await)
         })
     }
@@ -158,11 +252,35 @@ mod tests {
     use ztid_proto::workload::X509svid;
 
     #[test]
-    fn the_path_is_the_generated_services_fetch_x509_svid() {
+    fn the_paths_are_the_generated_services_methods() {
         assert_eq!(
             FETCH_X509_SVID_PATH,
             format!("/{}/FetchX509SVID", WorkloadApiService::NAME)
         );
+        assert_eq!(
+            SUBSCRIBE_X509_SVIDS_PATH,
+            format!("/{}/SubscribeToX509SVIDs", DelegatedIdentityService::NAME)
+        );
+    }
+
+    #[test]
+    fn a_delegated_answer_is_encoded_whole_and_its_key_copies_zeroized_after() {
+        let svid = |key: &[u8]| dpb::X509svidWithKey {
+            x509_svid: None,
+            x509_svid_key: key.to_vec(),
+        };
+        let mut answer = dpb::SubscribeToX509sviDsResponse {
+            x509_svids: vec![svid(b"first key"), svid(b"second key")],
+            ..Default::default()
+        };
+        let expected = answer.clone();
+        let mut buf = Vec::new();
+        encode_then_zeroize_keys(&mut answer, &mut buf).unwrap();
+        assert_eq!(
+            dpb::SubscribeToX509sviDsResponse::decode(buf.as_slice()).unwrap(),
+            expected
+        );
+        assert!(answer.x509_svids.iter().all(|s| s.x509_svid_key.is_empty()));
     }
 
     #[test]
