@@ -96,7 +96,9 @@ use crate::workloads::{
 };
 use crate::{unix_seconds, Error, Selector};
 
-use dpb::delegated_identity_server::DelegatedIdentity;
+use dpb::delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer};
+
+use crate::zeroizing_x509_answers::{KeyCopies, ZeroizingService};
 
 /// Most delegates in `authorized_delegates`.
 pub const MAX_AUTHORIZED_DELEGATES: usize = 64;
@@ -1209,6 +1211,36 @@ fn watch_stream<T: Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// The gRPC path of `SubscribeToX509SVIDs`.
+const SUBSCRIBE_X509_SVIDS_PATH: &str =
+    "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509SVIDs";
+
+impl KeyCopies for dpb::SubscribeToX509sviDsResponse {
+    fn zeroize_keys(&mut self) {
+        for svid in &mut self.x509_svids {
+            zeroize::Zeroize::zeroize(&mut svid.x509_svid_key);
+        }
+    }
+}
+
+/// `SubscribeToX509SVIDs`, served through [`ZeroizingService`] so that each answer's key
+/// copies are zeroized once encoded.
+#[derive(Clone)]
+struct SubscribeX509Svids(Arc<DelegatedIdentityApi>);
+
+impl tonic::server::ServerStreamingService<dpb::SubscribeToX509sviDsRequest>
+    for SubscribeX509Svids
+{
+    type Response = dpb::SubscribeToX509sviDsResponse;
+    type ResponseStream = ResponseStream<dpb::SubscribeToX509sviDsResponse>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<dpb::SubscribeToX509sviDsRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.subscribe_to_x509svi_ds(request).await })
+    }
+}
+
 #[tonic::async_trait]
 impl DelegatedIdentity for DelegatedIdentityApi {
     type SubscribeToX509SVIDsStream = ResponseStream<dpb::SubscribeToX509sviDsResponse>;
@@ -1479,9 +1511,13 @@ pub fn start(
         "Delegated Identity API ready (spire.api.agent.delegatedidentity.v1)"
     );
     // SubscribeToX509SVIDs answers' key copies are zeroized once encoded.
-    let api = crate::zeroizing_x509_answers::DelegatedIdentityService::new(
-        DelegatedIdentityApi::new(workloads, bundle, delegates),
-        crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES,
+    let api = Arc::new(DelegatedIdentityApi::new(workloads, bundle, delegates));
+    let max = crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES;
+    let api = ZeroizingService::new(
+        DelegatedIdentityServer::from_arc(api.clone()).max_decoding_message_size(max),
+        SUBSCRIBE_X509_SVIDS_PATH,
+        SubscribeX509Svids(api),
+        max,
     );
     let routes = tonic::service::Routes::new(api);
     let limits = crate::workload_listener::Limits {
@@ -1748,6 +1784,38 @@ mod tests {
             .any(|i| i.key == InstanceKey::of(&me));
         assert!(map_has_own);
         assert!(book.lock().unwrap().holders.is_empty());
+    }
+
+    #[test]
+    fn a_delegated_answer_is_encoded_whole_and_its_key_copies_zeroized_after() {
+        let svid = |key: &[u8]| dpb::X509svidWithKey {
+            x509_svid: None,
+            x509_svid_key: key.to_vec(),
+        };
+        let mut answer = dpb::SubscribeToX509sviDsResponse {
+            x509_svids: vec![svid(b"first key"), svid(b"second key")],
+            ..Default::default()
+        };
+        let expected = answer.clone();
+        let mut buf = Vec::new();
+        crate::zeroizing_x509_answers::encode_then_zeroize_keys(&mut answer, &mut buf).unwrap();
+        assert_eq!(
+            <dpb::SubscribeToX509sviDsResponse as prost::Message>::decode(buf.as_slice()).unwrap(),
+            expected
+        );
+        assert!(answer.x509_svids.iter().all(|s| s.x509_svid_key.is_empty()));
+    }
+
+    #[test]
+    fn the_zeroizing_path_is_the_generated_services_subscribe_to_x509_svids() {
+        use tonic::server::NamedService;
+        assert_eq!(
+            SUBSCRIBE_X509_SVIDS_PATH,
+            format!(
+                "/{}/SubscribeToX509SVIDs",
+                <DelegatedIdentityServer<DelegatedIdentityApi> as NamedService>::NAME
+            )
+        );
     }
 
     #[tokio::test]

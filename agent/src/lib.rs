@@ -922,7 +922,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     // The generated server, but for `FetchX509SVID`, whose answers' key copies are
     // zeroized once encoded.
     let api = tonic::service::interceptor::InterceptedService::new(
-        zeroizing_x509_answers::WorkloadApiService::new(
+        zeroizing_x509_answers::WorkloadApiService::serving(
             workload_api::WorkloadApi::new(workloads.clone(), bundle_rx),
             workload_listener::MAX_REQUEST_MESSAGE_BYTES,
         ),

@@ -887,7 +887,7 @@ mod tests {
         let path = dir.join("api.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let api = tonic::service::interceptor::InterceptedService::new(
-            crate::zeroizing_x509_answers::WorkloadApiService::new(
+            crate::zeroizing_x509_answers::WorkloadApiService::serving(
                 WorkloadApi::new(workloads, bundle),
                 crate::workload_listener::MAX_REQUEST_MESSAGE_BYTES,
             ),

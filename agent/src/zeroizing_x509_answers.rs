@@ -1,5 +1,6 @@
 //! X509-SVID answers whose private-key copies are zeroized once encoded: the Workload
-//! API's `FetchX509SVID` and the Delegated Identity API's `SubscribeToX509SVIDs`.
+//! API's `FetchX509SVID` here, and the Delegated Identity API's `SubscribeToX509SVIDs`
+//! (`delegated_identity`), through one generic route ([`ZeroizingService`]).
 //!
 //! Each answer carries a PKCS#8 copy of every SVID's key in a prost message field (a
 //! plain `Vec<u8>`). With a generated server, tonic encodes the message and frees it
@@ -19,20 +20,15 @@ use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::server::NamedService;
 use tonic::Status;
 use zeroize::Zeroize;
-use ztid_proto::spire::api::agent::delegatedidentity::v1 as dpb;
 use ztid_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use ztid_proto::workload::{X509svidRequest, X509svidResponse};
 
-use crate::delegated_identity::DelegatedIdentityApi;
 use crate::workload_api::WorkloadApi;
 
 /// The gRPC path of `FetchX509SVID`.
 const FETCH_X509_SVID_PATH: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
-/// The gRPC path of `SubscribeToX509SVIDs`.
-const SUBSCRIBE_X509_SVIDS_PATH: &str =
-    "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509SVIDs";
 
 /// An answer holding private-key copies, which [`KeyCopies::zeroize_keys`] wipes.
 pub trait KeyCopies: Message + Send + 'static {
@@ -43,14 +39,6 @@ pub trait KeyCopies: Message + Send + 'static {
 impl KeyCopies for X509svidResponse {
     fn zeroize_keys(&mut self) {
         for svid in &mut self.svids {
-            svid.x509_svid_key.zeroize();
-        }
-    }
-}
-
-impl KeyCopies for dpb::SubscribeToX509sviDsResponse {
-    fn zeroize_keys(&mut self) {
-        for svid in &mut self.x509_svids {
             svid.x509_svid_key.zeroize();
         }
     }
@@ -129,24 +117,6 @@ impl tonic::server::ServerStreamingService<X509svidRequest> for FetchX509Svid {
     }
 }
 
-/// `SubscribeToX509SVIDs` of the agent's Delegated Identity API service.
-#[derive(Clone)]
-pub struct SubscribeX509Svids(Arc<DelegatedIdentityApi>);
-
-impl tonic::server::ServerStreamingService<dpb::SubscribeToX509sviDsRequest>
-    for SubscribeX509Svids
-{
-    type Response = dpb::SubscribeToX509sviDsResponse;
-    type ResponseStream = <DelegatedIdentityApi as dpb::delegated_identity_server::DelegatedIdentity>::SubscribeToX509SVIDsStream;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<dpb::SubscribeToX509sviDsRequest>) -> Self::Future {
-        use dpb::delegated_identity_server::DelegatedIdentity;
-        let api = self.0.clone();
-        Box::pin(async move { api.subscribe_to_x509svi_ds(request).await })
-    }
-}
-
 /// A generated server `G` with one server-streaming method (`M`, at `path`) answered
 /// through [`ZeroizingCodec`].
 #[derive(Clone)]
@@ -158,46 +128,36 @@ pub struct ZeroizingService<G, M, Req> {
     request: PhantomData<fn() -> Req>,
 }
 
-/// The Workload API service, `FetchX509SVID` zeroizing its answers' keys.
-pub type WorkloadApiService =
-    ZeroizingService<SpiffeWorkloadApiServer<WorkloadApi>, FetchX509Svid, X509svidRequest>;
-
-impl WorkloadApiService {
-    /// Serves `api`, refusing request messages larger than `max_request_bytes`.
-    pub fn new(api: WorkloadApi, max_request_bytes: usize) -> Self {
-        let api = Arc::new(api);
+impl<G, M, Req> ZeroizingService<G, M, Req> {
+    /// `generated`, with `method` at `path` answered through the zeroizing codec; its
+    /// request messages larger than `max_request_bytes` are refused, as the generated
+    /// server's are (configure `generated` with the same bound).
+    pub fn new(generated: G, path: &'static str, method: M, max_request_bytes: usize) -> Self {
         Self {
-            generated: SpiffeWorkloadApiServer::from_arc(api.clone())
-                .max_decoding_message_size(max_request_bytes),
-            path: FETCH_X509_SVID_PATH,
-            method: FetchX509Svid(api),
+            generated,
+            path,
+            method,
             max_request_bytes,
             request: PhantomData,
         }
     }
 }
 
-/// The Delegated Identity API service, `SubscribeToX509SVIDs` zeroizing its answers' keys.
-pub type DelegatedIdentityService = ZeroizingService<
-    dpb::delegated_identity_server::DelegatedIdentityServer<DelegatedIdentityApi>,
-    SubscribeX509Svids,
-    dpb::SubscribeToX509sviDsRequest,
->;
+/// The Workload API service, `FetchX509SVID` zeroizing its answers' keys.
+pub type WorkloadApiService =
+    ZeroizingService<SpiffeWorkloadApiServer<WorkloadApi>, FetchX509Svid, X509svidRequest>;
 
-impl DelegatedIdentityService {
+impl WorkloadApiService {
     /// Serves `api`, refusing request messages larger than `max_request_bytes`.
-    pub fn new(api: DelegatedIdentityApi, max_request_bytes: usize) -> Self {
+    pub fn serving(api: WorkloadApi, max_request_bytes: usize) -> Self {
         let api = Arc::new(api);
-        Self {
-            generated: dpb::delegated_identity_server::DelegatedIdentityServer::from_arc(
-                api.clone(),
-            )
-            .max_decoding_message_size(max_request_bytes),
-            path: SUBSCRIBE_X509_SVIDS_PATH,
-            method: SubscribeX509Svids(api),
+        Self::new(
+            SpiffeWorkloadApiServer::from_arc(api.clone())
+                .max_decoding_message_size(max_request_bytes),
+            FETCH_X509_SVID_PATH,
+            FetchX509Svid(api),
             max_request_bytes,
-            request: PhantomData,
-        }
+        )
     }
 }
 
@@ -252,35 +212,11 @@ mod tests {
     use ztid_proto::workload::X509svid;
 
     #[test]
-    fn the_paths_are_the_generated_services_methods() {
+    fn the_path_is_the_generated_services_fetch_x509_svid() {
         assert_eq!(
             FETCH_X509_SVID_PATH,
             format!("/{}/FetchX509SVID", WorkloadApiService::NAME)
         );
-        assert_eq!(
-            SUBSCRIBE_X509_SVIDS_PATH,
-            format!("/{}/SubscribeToX509SVIDs", DelegatedIdentityService::NAME)
-        );
-    }
-
-    #[test]
-    fn a_delegated_answer_is_encoded_whole_and_its_key_copies_zeroized_after() {
-        let svid = |key: &[u8]| dpb::X509svidWithKey {
-            x509_svid: None,
-            x509_svid_key: key.to_vec(),
-        };
-        let mut answer = dpb::SubscribeToX509sviDsResponse {
-            x509_svids: vec![svid(b"first key"), svid(b"second key")],
-            ..Default::default()
-        };
-        let expected = answer.clone();
-        let mut buf = Vec::new();
-        encode_then_zeroize_keys(&mut answer, &mut buf).unwrap();
-        assert_eq!(
-            dpb::SubscribeToX509sviDsResponse::decode(buf.as_slice()).unwrap(),
-            expected
-        );
-        assert!(answer.x509_svids.iter().all(|s| s.x509_svid_key.is_empty()));
     }
 
     #[test]
