@@ -107,6 +107,27 @@ pub const NOT_FOUND_MEMORY: Duration = Duration::from_secs(3600);
 /// memory a flood of bogus chip IDs can take.
 pub const MAX_NOT_FOUND_REMEMBERED: usize = 4096;
 
+/// Removes the entries of `map` that `at` dates oldest until fewer than `max` are left
+/// (room for one more): the bound of every in-memory list a flood could grow.
+pub(crate) fn make_room<K, V>(
+    map: &mut std::collections::HashMap<K, V>,
+    max: usize,
+    at: impl Fn(&V) -> std::time::Instant,
+) where
+    K: std::hash::Hash + Eq + Clone,
+{
+    while map.len() >= max {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| at(v))
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+}
+
 /// An hour, the period of [`KnownSources`]' per-source quota.
 pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
@@ -149,17 +170,7 @@ impl<K: std::hash::Hash + Eq + Clone> KnownSources<K> {
             k.last_verified = now;
             return;
         }
-        while self.by_key.len() >= self.max {
-            let Some(oldest) = self
-                .by_key
-                .iter()
-                .min_by_key(|(_, k)| k.last_verified)
-                .map(|(key, _)| key.clone())
-            else {
-                break;
-            };
-            self.by_key.remove::<K>(&oldest);
-        }
+        make_room(&mut self.by_key, self.max, |k| k.last_verified);
         self.by_key.insert(
             key.to_owned(),
             KnownSource {
@@ -417,17 +428,7 @@ impl Limits {
     fn remember_not_found(&mut self, url: &str, status: u16, now: std::time::Instant) {
         self.not_found
             .retain(|_, (at, _)| now.duration_since(*at) < NOT_FOUND_MEMORY);
-        while self.not_found.len() >= MAX_NOT_FOUND_REMEMBERED {
-            let Some(oldest) = self
-                .not_found
-                .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(u, _)| u.clone())
-            else {
-                break;
-            };
-            self.not_found.remove(&oldest);
-        }
+        make_room(&mut self.not_found, MAX_NOT_FOUND_REMEMBERED, |(at, _)| *at);
         self.not_found.insert(url.to_string(), (now, status));
     }
 }

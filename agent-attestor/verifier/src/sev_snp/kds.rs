@@ -137,17 +137,7 @@ impl Unsigned {
 
     fn keep(&mut self, rel: &str, der: &[u8], now: Instant) {
         if !self.by_name.contains_key(rel) {
-            while self.by_name.len() >= MAX_UNSIGNED_VCEKS {
-                let Some(oldest) = self
-                    .by_name
-                    .iter()
-                    .min_by_key(|(_, (at, _))| *at)
-                    .map(|(n, _)| n.clone())
-                else {
-                    break;
-                };
-                self.by_name.remove(&oldest);
-            }
+            fetch::make_room(&mut self.by_name, MAX_UNSIGNED_VCEKS, |(at, _)| *at);
         }
         self.by_name.insert(rel.to_string(), (now, der.to_vec()));
     }

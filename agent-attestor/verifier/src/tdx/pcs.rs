@@ -466,12 +466,7 @@ impl Pcs {
         let (json, sig) = signed_json(&r.body, "tcbInfo", &url)?;
         let item = Signed { chain, json, sig };
         let mut m = self.memory();
-        while m.tcb.len() >= MAX_RECENT_TCB {
-            let Some(oldest) = m.tcb.iter().min_by_key(|(_, k)| k.fetched).map(|(p, _)| *p) else {
-                break;
-            };
-            m.tcb.remove(&oldest);
-        }
+        fetch::make_room(&mut m.tcb, MAX_RECENT_TCB, |k| k.fetched);
         m.tcb.insert(
             p,
             Kept {
