@@ -98,7 +98,7 @@ use crate::{unix_seconds, Error, Selector};
 
 use dpb::delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer};
 
-use crate::zeroizing_x509_answers::{KeyCopies, ZeroizingService};
+use crate::zeroizing_x509_answers::{KeyCopies, ServerStreaming, ZeroizingService};
 
 /// Most delegates in `authorized_delegates`.
 pub const MAX_AUTHORIZED_DELEGATES: usize = 64;
@@ -1516,7 +1516,7 @@ pub fn start(
     let api = ZeroizingService::new(
         DelegatedIdentityServer::from_arc(api.clone()).max_decoding_message_size(max),
         SUBSCRIBE_X509_SVIDS_PATH,
-        SubscribeX509Svids(api),
+        ServerStreaming(SubscribeX509Svids(api)),
         max,
     );
     let routes = tonic::service::Routes::new(api);

@@ -26,6 +26,12 @@
 //! change is pushed with a new version. Streams end, like the Workload API's, when the
 //! process exits or execs or an identity of it is revoked. Delta xDS (`DeltaSecrets`)
 //! is not served (UNIMPLEMENTED, as from SPIRE).
+//!
+//! A `tls_certificate` carries the SVID's key in PEM. The copies this module makes of it
+//! (the PEM, the encoded `Secret`) are zeroized once the answer is encoded: the PEM is
+//! written straight into the one buffer the secret holds, [`Secrets`] zeroizes it when
+//! dropped, and the answers go through the zeroizing codec
+//! (`zeroizing_x509_answers`), which wipes the encoded secrets.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::pin::Pin;
@@ -48,6 +54,7 @@ use super::workload_api::{
 };
 use super::workloads::{HeldSvid, Workloads};
 use crate::bundle::TrustBundle;
+use crate::zeroizing_x509_answers::{BidiStreaming, KeyCopies, Unary, ZeroizingService};
 
 /// The path of `StreamSecrets`, a bidirectional stream: the socket's listener counts
 /// it as in progress from its first message (its body never ends), so the connection
@@ -136,15 +143,87 @@ fn pem_certs(certs: &[Vec<u8>]) -> Vec<u8> {
     crate::svid::certs_to_pem(certs.iter().map(Vec::as_slice)).into_bytes()
 }
 
+/// A PKCS#8 key in PEM (LF line ends, 64 characters a line), written into one buffer
+/// sized for it up front, so no copy of the key is left behind in a buffer that grew;
+/// the one line on the stack is zeroized.
+fn key_pem(pkcs8: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    use zeroize::Zeroize;
+    const BEGIN: &[u8] = b"-----BEGIN PRIVATE KEY-----\n";
+    const END: &[u8] = b"-----END PRIVATE KEY-----\n";
+    let lines = pkcs8.len().div_ceil(48);
+    let mut pem = Vec::with_capacity(BEGIN.len() + lines * 65 + END.len());
+    pem.extend_from_slice(BEGIN);
+    let mut line = [0u8; 64];
+    for chunk in pkcs8.chunks(48) {
+        // 48 bytes are 64 base64 characters: the line always fits.
+        if let Ok(n) = base64::engine::general_purpose::STANDARD.encode_slice(chunk, &mut line) {
+            pem.extend_from_slice(line.get(..n).unwrap_or_default());
+            pem.push(b'\n');
+        }
+    }
+    line.zeroize();
+    pem.extend_from_slice(END);
+    pem
+}
+
 fn tls_certificate(name: &str, svid: &HeldSvid) -> tls::Secret {
-    let key = crate::svid::pem_lf(&pem::Pem::new("PRIVATE KEY", svid.key.to_vec()));
     tls::Secret {
         name: name.to_string(),
         r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
             certificate_chain: inline(pem_certs(&svid.chain)),
-            private_key: inline(key.into_bytes()),
+            private_key: inline(key_pem(&svid.key)),
             ..Default::default()
         })),
+    }
+}
+
+/// Zeroizes the private key a secret holds inline, if any.
+fn zeroize_key(secret: &mut tls::Secret) {
+    use zeroize::Zeroize;
+    if let Some(tls::secret::Type::TlsCertificate(c)) = &mut secret.r#type {
+        match c.private_key.as_mut().and_then(|k| k.specifier.as_mut()) {
+            Some(core::data_source::Specifier::InlineBytes(b)) => b.zeroize(),
+            Some(core::data_source::Specifier::InlineString(s)) => s.zeroize(),
+            _ => {}
+        }
+    }
+}
+
+/// Secrets to send, whose private keys (PEM) are zeroized when they are dropped,
+/// whichever way the call goes on.
+#[derive(Default)]
+pub(crate) struct Secrets(Vec<tls::Secret>);
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(zeroize_key);
+    }
+}
+
+/// Names only: never a key.
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|s| &s.name))
+            .finish()
+    }
+}
+
+impl std::ops::Deref for Secrets {
+    type Target = [tls::Secret];
+
+    fn deref(&self) -> &[tls::Secret] {
+        &self.0
+    }
+}
+
+impl KeyCopies for DiscoveryResponse {
+    /// Every resource is an encoded `Secret`; those of a `tls_certificate` hold its key.
+    fn zeroize_keys(&mut self) {
+        for r in &mut self.resources {
+            zeroize::Zeroize::zeroize(&mut r.value);
+        }
     }
 }
 
@@ -186,10 +265,7 @@ fn spiffe_validator(name: &str, bundles: &[&TrustBundle]) -> tls::Secret {
 
 /// The secrets `names` ask for (all SVIDs and bundles by their IDs if none), bundles
 /// first; refused if any name is not the caller's.
-pub(crate) fn resources(
-    names: &[String],
-    m: &Material<'_>,
-) -> Result<Vec<tls::Secret>, SdsRefusal> {
+pub(crate) fn resources(names: &[String], m: &Material<'_>) -> Result<Secrets, SdsRefusal> {
     let own_td = m.bundle.trust_domain_id();
     let by_td = |id: &str| -> Option<&TrustBundle> {
         if id == own_td {
@@ -198,34 +274,34 @@ pub(crate) fn resources(
         let td = id.strip_prefix("spiffe://")?;
         m.federated.get(td).map(Arc::as_ref)
     };
-    let mut out = Vec::new();
+    let mut out = Secrets::default();
     if names.is_empty() {
-        out.push(trusted_ca(&own_td, m.bundle));
+        out.0.push(trusted_ca(&own_td, m.bundle));
         for b in m.federated.values() {
-            out.push(trusted_ca(&b.trust_domain_id(), b));
+            out.0.push(trusted_ca(&b.trust_domain_id(), b));
         }
         for (svid, _) in &m.svids {
-            out.push(tls_certificate(&svid.spiffe_id, svid));
+            out.0.push(tls_certificate(&svid.spiffe_id, svid));
         }
         return Ok(out);
     }
     // Each name once, in a stable order.
     let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
     let mut missing = Vec::new();
-    let mut certs = Vec::new();
+    let mut certs = Secrets::default();
     for name in wanted {
         if name == DEFAULT_BUNDLE_NAME {
-            out.push(trusted_ca(name, m.bundle));
+            out.0.push(trusted_ca(name, m.bundle));
         } else if name == ALL_BUNDLES_NAME {
             let all: Vec<&TrustBundle> = std::iter::once(m.bundle)
                 .chain(m.federated.values().map(Arc::as_ref))
                 .collect();
-            out.push(spiffe_validator(name, &all));
+            out.0.push(spiffe_validator(name, &all));
         } else if let Some(b) = by_td(name) {
-            out.push(trusted_ca(name, b));
+            out.0.push(trusted_ca(name, b));
         } else if name == DEFAULT_SVID_NAME {
             match m.svids.first() {
-                Some((svid, _)) => certs.push(tls_certificate(name, svid)),
+                Some((svid, _)) => certs.0.push(tls_certificate(name, svid)),
                 None => missing.push(name.to_string()),
             }
         } else if let Some((svid, _)) = m
@@ -233,7 +309,7 @@ pub(crate) fn resources(
             .iter()
             .find(|(s, base)| s.spiffe_id == name || base.as_deref() == Some(name))
         {
-            certs.push(tls_certificate(name, svid));
+            certs.0.push(tls_certificate(name, svid));
         } else {
             missing.push(name.to_string());
         }
@@ -241,7 +317,7 @@ pub(crate) fn resources(
     if !missing.is_empty() {
         return Err(SdsRefusal::NotEntitled(missing));
     }
-    out.extend(certs);
+    out.0.append(&mut certs.0);
     Ok(out)
 }
 
@@ -337,7 +413,7 @@ impl Subscription {
     }
 
     /// A response carrying `resources`, with a new nonce remembered.
-    pub(crate) fn response(&mut self, resources: Vec<tls::Secret>) -> DiscoveryResponse {
+    pub(crate) fn response(&mut self, resources: &[tls::Secret]) -> DiscoveryResponse {
         self.sent += 1;
         let nonce = self.sent.to_string();
         self.last_nonce = Some(nonce.clone());
@@ -369,10 +445,64 @@ impl SecretDiscovery {
         }
     }
 
-    /// The service, bounded as the Workload API is.
-    pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
-        SecretDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(super::workload_listener::MAX_REQUEST_MESSAGE_BYTES)
+    /// The service, bounded as the Workload API is, its answers' key copies zeroized
+    /// once encoded.
+    pub fn into_server(self) -> SdsService {
+        let max = super::workload_listener::MAX_REQUEST_MESSAGE_BYTES;
+        let sds = Arc::new(self);
+        let generated =
+            SecretDiscoveryServiceServer::from_arc(sds.clone()).max_decoding_message_size(max);
+        let streams = ZeroizingService::new(
+            generated,
+            STREAM_SECRETS_PATH,
+            BidiStreaming(StreamSecrets(sds.clone())),
+            max,
+        );
+        ZeroizingService::new(streams, FETCH_SECRETS_PATH, Unary(FetchSecrets(sds)), max)
+    }
+}
+
+/// The path of `FetchSecrets`.
+const FETCH_SECRETS_PATH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
+
+/// The SDS service: the generated server, `StreamSecrets` and `FetchSecrets` answered
+/// through the zeroizing codec.
+pub type SdsService = ZeroizingService<
+    ZeroizingService<
+        SecretDiscoveryServiceServer<SecretDiscovery>,
+        BidiStreaming<StreamSecrets>,
+        DiscoveryRequest,
+    >,
+    Unary<FetchSecrets>,
+    DiscoveryRequest,
+>;
+
+/// `StreamSecrets`, for the zeroizing route.
+#[derive(Clone)]
+pub struct StreamSecrets(Arc<SecretDiscovery>);
+
+impl tonic::server::StreamingService<DiscoveryRequest> for StreamSecrets {
+    type Response = DiscoveryResponse;
+    type ResponseStream = ResponseStream<DiscoveryResponse>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let sds = self.0.clone();
+        Box::pin(async move { sds.stream_secrets(request).await })
+    }
+}
+
+/// `FetchSecrets`, for the zeroizing route.
+#[derive(Clone)]
+pub struct FetchSecrets(Arc<SecretDiscovery>);
+
+impl tonic::server::UnaryService<DiscoveryRequest> for FetchSecrets {
+    type Response = DiscoveryResponse;
+    type Future = tonic::codegen::BoxFuture<Response<DiscoveryResponse>, Status>;
+
+    fn call(&mut self, request: Request<DiscoveryRequest>) -> Self::Future {
+        let sds = self.0.clone();
+        Box::pin(async move { sds.fetch_secrets(request).await })
     }
 }
 
@@ -383,7 +513,7 @@ fn current(
     set: &super::workloads::IdentitySet,
     bundle: &TrustBundle,
     names: &[String],
-) -> Result<Vec<tls::Secret>, Status> {
+) -> Result<Secrets, Status> {
     if set.svids.is_empty() {
         // The process lost its last entry: tell the client.
         return Err(Status::permission_denied("no identity issued"));
@@ -475,7 +605,7 @@ impl SecretDiscoveryService for SecretDiscovery {
                             let set = state.borrow_and_update().clone();
                             let b = bundle.borrow_and_update().clone();
                             current(&workloads, &inst.selectors, &set, &b, sub.names())
-                                .map(|secrets| sub.response(secrets))
+                                .map(|secrets| sub.response(&secrets))
                         }
                     },
                 };
@@ -573,6 +703,59 @@ mod tests {
             }
             other => panic!("not inline bytes: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_key_pem_is_the_pem_crates_byte_for_byte() {
+        for len in [0, 1, 47, 48, 49, 96, 121, 138, 185, 300] {
+            let key: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let expected = crate::svid::pem_lf(&pem::Pem::new("PRIVATE KEY", key.clone()));
+            assert_eq!(
+                String::from_utf8(key_pem(&key)).unwrap(),
+                expected,
+                "{len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_and_encoded_answers_lose_their_key_copies() {
+        let a = svid("spiffe://example.org/envoy/abc123", "e1");
+        let own = bundle("example.org");
+        let federated = BTreeMap::new();
+        let m = Material {
+            svids: vec![(&a, Some("spiffe://example.org/envoy".into()))],
+            bundle: &own,
+            federated: &federated,
+        };
+        let secrets = resources(&names(&["default", "ROOTCA"]), &m).unwrap();
+        let cert = secrets.iter().find(|s| s.name == "default").unwrap();
+        let Some(tls::secret::Type::TlsCertificate(c)) = &cert.r#type else {
+            panic!("not a certificate: {cert:?}");
+        };
+        assert!(inline_text(&c.private_key).contains("BEGIN PRIVATE KEY"));
+        // What `Secrets` does to each secret when dropped.
+        let mut wiped = cert.clone();
+        zeroize_key(&mut wiped);
+        let Some(tls::secret::Type::TlsCertificate(w)) = &wiped.r#type else {
+            panic!("not a certificate");
+        };
+        assert_eq!(inline_text(&w.private_key), "", "the key is gone");
+        assert_eq!(w.certificate_chain, c.certificate_chain, "only the key");
+        assert_eq!(
+            format!("{secrets:?}"),
+            r#"["ROOTCA", "default"]"#,
+            "names only"
+        );
+
+        // The answer: encoded whole, then its encoded secrets wiped.
+        let mut answer = Subscription::default().response(&secrets);
+        let expected = answer.clone();
+        let mut buf = Vec::new();
+        crate::zeroizing_x509_answers::encode_then_zeroize_keys(&mut answer, &mut buf).unwrap();
+        assert_eq!(DiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
+        assert!(answer.resources.iter().all(|r| r.value.is_empty()));
+        assert_eq!(answer.resources.len(), 2);
     }
 
     #[test]
@@ -725,7 +908,7 @@ mod tests {
             sub.on_request(&req(&["default"], "", "")).unwrap(),
             Step::Send
         );
-        let r1 = sub.response(vec![]);
+        let r1 = sub.response(&[]);
         assert_eq!((r1.version_info.as_str(), r1.nonce.as_str()), ("1", "1"));
         assert_eq!(r1.type_url, SECRET_TYPE_URL);
         // The ACK.
@@ -735,7 +918,7 @@ mod tests {
         );
         // A rotation is pushed with a new version and nonce.
         assert_eq!(sub.on_change(), Step::Send);
-        let r2 = sub.response(vec![]);
+        let r2 = sub.response(&[]);
         assert_eq!((r2.version_info.as_str(), r2.nonce.as_str()), ("2", "2"));
         // A NACK (old version, error detail) with the same names is logged, not resent:
         // no loop.
@@ -753,7 +936,7 @@ mod tests {
                 .unwrap(),
             Step::Send
         );
-        let r3 = sub.response(vec![]);
+        let r3 = sub.response(&[]);
         assert_eq!(sub.names(), names(&["ROOTCA", "default"]));
         assert_eq!(
             sub.on_request(&req(&["ROOTCA", "default", "ROOTCA"], "2", &r3.nonce))
@@ -808,7 +991,7 @@ mod tests {
                     .collect();
                 match sub.on_request(&r) {
                     Ok(_) => {
-                        nonce = sub.response(vec![]).nonce;
+                        nonce = sub.response(&[]).nonce;
                         None
                     }
                     Err(e) => Some(e),

@@ -1,14 +1,15 @@
 //! X509-SVID answers whose private-key copies are zeroized once encoded: the Workload
-//! API's `FetchX509SVID` here, and the Delegated Identity API's `SubscribeToX509SVIDs`
-//! (`delegated_identity`), through one generic route ([`ZeroizingService`]).
+//! API's `FetchX509SVID` here, the Delegated Identity API's `SubscribeToX509SVIDs`
+//! (`delegated_identity`) and Envoy SDS's `StreamSecrets` and `FetchSecrets` (`sds`),
+//! through one generic route ([`ZeroizingService`]).
 //!
-//! Each answer carries a PKCS#8 copy of every SVID's key in a prost message field (a
-//! plain `Vec<u8>`). With a generated server, tonic encodes the message and frees it
-//! without zeroizing; here those two methods are served through the same service code
-//! with an encoder that zeroizes the key fields right after encoding ([`KeyCopies`]).
-//! Every other method goes to the generated server unchanged, with the same request
-//! size limit. What stays beyond reach (the encoded bytes in tonic's and h2's buffers)
-//! is listed in the README.
+//! Each answer carries a copy of every SVID's key in a prost message field (a plain
+//! `Vec<u8>`: PKCS#8, or for SDS the encoded `Secret` holding it in PEM). With a
+//! generated server, tonic encodes the message and frees it without zeroizing; here
+//! those methods are served through the same service code with an encoder that
+//! zeroizes the key fields right after encoding ([`KeyCopies`]). Every other method
+//! goes to the generated server unchanged, with the same request size limit. What stays
+//! beyond reach (the encoded bytes in tonic's and h2's buffers) is listed in the README.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -56,7 +57,7 @@ pub fn encode_then_zeroize_keys<T: KeyCopies>(
 }
 
 /// Encodes answers of type `T`, zeroizing their keys after.
-struct ZeroizingEncoder<T>(PhantomData<T>);
+pub struct ZeroizingEncoder<T>(PhantomData<T>);
 
 impl<T: KeyCopies> Encoder for ZeroizingEncoder<T> {
     type Item = T;
@@ -69,7 +70,7 @@ impl<T: KeyCopies> Encoder for ZeroizingEncoder<T> {
 }
 
 /// A method's codec: requests as prost decodes them, answers zeroized once encoded.
-struct ZeroizingCodec<Req, Resp>(PhantomData<(Req, Resp)>);
+pub struct ZeroizingCodec<Req, Resp>(PhantomData<(Req, Resp)>);
 
 impl<Req, Resp> Codec for ZeroizingCodec<Req, Resp>
 where
@@ -91,7 +92,7 @@ where
 }
 
 /// Decodes requests as the generated servers do.
-struct RequestDecoder<Req>(tonic_prost::ProstDecoder<Req>);
+pub struct RequestDecoder<Req>(tonic_prost::ProstDecoder<Req>);
 
 impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
     type Item = Req;
@@ -117,8 +118,103 @@ impl tonic::server::ServerStreamingService<X509svidRequest> for FetchX509Svid {
     }
 }
 
-/// A generated server `G` with one server-streaming method (`M`, at `path`) answered
-/// through [`ZeroizingCodec`].
+/// How one method's calls are served through [`ZeroizingCodec`]: as tonic's generated
+/// code would for its kind ([`ServerStreaming`], [`BidiStreaming`], [`Unary`]).
+pub trait ZeroizingMethod<Req>: Clone + Send + 'static {
+    /// The answer, whose key copies are zeroized once encoded.
+    type Response: KeyCopies;
+
+    /// Serves one call.
+    fn serve<B>(
+        self,
+        grpc: tonic::server::Grpc<ZeroizingCodec<Req, Self::Response>>,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static;
+}
+
+/// A server-streaming method.
+#[derive(Clone)]
+pub struct ServerStreaming<M>(pub M);
+/// A bidirectional-streaming method.
+#[derive(Clone)]
+pub struct BidiStreaming<M>(pub M);
+/// A unary method.
+#[derive(Clone)]
+pub struct Unary<M>(pub M);
+
+impl<Req, M> ZeroizingMethod<Req> for ServerStreaming<M>
+where
+    Req: Message + Default + Send + 'static,
+    M: tonic::server::ServerStreamingService<Req> + Clone + Send + 'static,
+    M::Response: KeyCopies,
+    M::ResponseStream: Send + 'static,
+    M::Future: Send + 'static,
+{
+    type Response = M::Response;
+
+    fn serve<B>(
+        self,
+        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        Box::pin(async move { Ok(grpc.server_streaming(self.0, req).await) })
+    }
+}
+
+impl<Req, M> ZeroizingMethod<Req> for BidiStreaming<M>
+where
+    Req: Message + Default + Send + 'static,
+    M: tonic::server::StreamingService<Req> + Clone + Send + 'static,
+    M::Response: KeyCopies,
+    M::ResponseStream: Send + 'static,
+    M::Future: Send + 'static,
+{
+    type Response = M::Response;
+
+    fn serve<B>(
+        self,
+        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        Box::pin(async move { Ok(grpc.streaming(self.0, req).await) })
+    }
+}
+
+impl<Req, M> ZeroizingMethod<Req> for Unary<M>
+where
+    Req: Message + Default + Send + 'static,
+    M: tonic::server::UnaryService<Req> + Clone + Send + 'static,
+    M::Response: KeyCopies,
+    M::Future: Send + 'static,
+{
+    type Response = M::Response;
+
+    fn serve<B>(
+        self,
+        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        Box::pin(async move { Ok(grpc.unary(self.0, req).await) })
+    }
+}
+
+/// A generated server `G` with one method (`M`, at `path`) answered through
+/// [`ZeroizingCodec`]; nest them for more than one.
 #[derive(Clone)]
 pub struct ZeroizingService<G, M, Req> {
     generated: G,
@@ -144,8 +240,11 @@ impl<G, M, Req> ZeroizingService<G, M, Req> {
 }
 
 /// The Workload API service, `FetchX509SVID` zeroizing its answers' keys.
-pub type WorkloadApiService =
-    ZeroizingService<SpiffeWorkloadApiServer<WorkloadApi>, FetchX509Svid, X509svidRequest>;
+pub type WorkloadApiService = ZeroizingService<
+    SpiffeWorkloadApiServer<WorkloadApi>,
+    ServerStreaming<FetchX509Svid>,
+    X509svidRequest,
+>;
 
 impl WorkloadApiService {
     /// Serves `api`, refusing request messages larger than `max_request_bytes`.
@@ -155,7 +254,7 @@ impl WorkloadApiService {
             SpiffeWorkloadApiServer::from_arc(api.clone())
                 .max_decoding_message_size(max_request_bytes),
             FETCH_X509_SVID_PATH,
-            FetchX509Svid(api),
+            ServerStreaming(FetchX509Svid(api)),
             max_request_bytes,
         )
     }
@@ -175,10 +274,7 @@ where
         > + Clone
         + Send
         + 'static,
-    M: tonic::server::ServerStreamingService<Req> + Clone + Send + 'static,
-    M::Response: KeyCopies,
-    M::ResponseStream: Send + 'static,
-    M::Future: Send + 'static,
+    M: ZeroizingMethod<Req>,
     Req: Message + Default + Send + 'static,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
@@ -195,14 +291,9 @@ where
         if req.uri().path() != self.path {
             return self.generated.call(req);
         }
-        let method = self.method.clone();
-        let max_request_bytes = self.max_request_bytes;
-        Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(ZeroizingCodec::<Req, M::Response>(PhantomData))
-                    .apply_max_message_size_config(Some(max_request_bytes), None);
-            Ok(grpc.server_streaming(method, req).await)
-        })
+        let grpc = tonic::server::Grpc::new(ZeroizingCodec::<Req, M::Response>(PhantomData))
+            .apply_max_message_size_config(Some(self.max_request_bytes), None);
+        self.method.clone().serve(grpc, req)
     }
 }
 
