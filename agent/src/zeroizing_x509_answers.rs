@@ -135,83 +135,50 @@ pub trait ZeroizingMethod<Req>: Clone + Send + 'static {
         B::Error: Into<StdError> + Send + 'static;
 }
 
-/// A server-streaming method.
-#[derive(Clone)]
-pub struct ServerStreaming<M>(pub M);
-/// A bidirectional-streaming method.
-#[derive(Clone)]
-pub struct BidiStreaming<M>(pub M);
-/// A unary method.
-#[derive(Clone)]
-pub struct Unary<M>(pub M);
+/// Declares a method kind: the three differ only in tonic's handler and its bounds.
+macro_rules! zeroizing_method {
+    ($(#[$doc:meta])* $kind:ident, $service:ident, $handler:ident, [$($bounds:tt)*]) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $kind<M>(pub M);
 
-impl<Req, M> ZeroizingMethod<Req> for ServerStreaming<M>
-where
-    Req: Message + Default + Send + 'static,
-    M: tonic::server::ServerStreamingService<Req> + Clone + Send + 'static,
-    M::Response: KeyCopies,
-    M::ResponseStream: Send + 'static,
-    M::Future: Send + 'static,
-{
-    type Response = M::Response;
+        impl<Req, M> ZeroizingMethod<Req> for $kind<M>
+        where
+            Req: Message + Default + Send + 'static,
+            M: tonic::server::$service<Req> + Clone + Send + 'static,
+            M::Response: KeyCopies,
+            M::Future: Send + 'static,
+            $($bounds)*
+        {
+            type Response = M::Response;
 
-    fn serve<B>(
-        self,
-        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
-        req: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: Body + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        Box::pin(async move { Ok(grpc.server_streaming(self.0, req).await) })
-    }
+            fn serve<B>(
+                self,
+                mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
+                req: http::Request<B>,
+            ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+            where
+                B: Body + Send + 'static,
+                B::Error: Into<StdError> + Send + 'static,
+            {
+                Box::pin(async move { Ok(grpc.$handler(self.0, req).await) })
+            }
+        }
+    };
 }
 
-impl<Req, M> ZeroizingMethod<Req> for BidiStreaming<M>
-where
-    Req: Message + Default + Send + 'static,
-    M: tonic::server::StreamingService<Req> + Clone + Send + 'static,
-    M::Response: KeyCopies,
-    M::ResponseStream: Send + 'static,
-    M::Future: Send + 'static,
-{
-    type Response = M::Response;
-
-    fn serve<B>(
-        self,
-        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
-        req: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: Body + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        Box::pin(async move { Ok(grpc.streaming(self.0, req).await) })
-    }
-}
-
-impl<Req, M> ZeroizingMethod<Req> for Unary<M>
-where
-    Req: Message + Default + Send + 'static,
-    M: tonic::server::UnaryService<Req> + Clone + Send + 'static,
-    M::Response: KeyCopies,
-    M::Future: Send + 'static,
-{
-    type Response = M::Response;
-
-    fn serve<B>(
-        self,
-        mut grpc: tonic::server::Grpc<ZeroizingCodec<Req, M::Response>>,
-        req: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: Body + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        Box::pin(async move { Ok(grpc.unary(self.0, req).await) })
-    }
-}
+zeroizing_method!(
+    /// A server-streaming method.
+    ServerStreaming, ServerStreamingService, server_streaming, [M::ResponseStream: Send + 'static,]
+);
+zeroizing_method!(
+    /// A bidirectional-streaming method.
+    BidiStreaming, StreamingService, streaming, [M::ResponseStream: Send + 'static,]
+);
+zeroizing_method!(
+    /// A unary method.
+    Unary, UnaryService, unary, []
+);
 
 /// A generated server `G` with one method (`M`, at `path`) answered through
 /// [`ZeroizingCodec`]; nest them for more than one.
