@@ -453,18 +453,37 @@ fn split_der_chain(mut der: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+/// Writes `bytes` to `path` with `mode`: into a new file of a random name beside it
+/// (created exclusively, with `mode`, never through a symlink), then renamed over `path`.
+/// So an existing file's mode, owner or open descriptors never see the new bytes (a
+/// reader holding the old file open keeps the old content), and a symlink planted at
+/// `path` is replaced, not followed.
 fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| format!("writing {}: no randomness for a file name", path.display()))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex::encode(nonce)));
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    f.write_all(bytes)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            // The umask may have narrowed `mode`; it is never wider than asked.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 /// This process's X509-SVIDs: the first answer of a FetchX509SVID stream.
@@ -755,5 +774,49 @@ mod tests {
         );
         let script = String::from_utf8(script).unwrap();
         assert!(script.contains("fetch") && script.contains("--trust-bundle"));
+    }
+
+    /// `api fetch x509 --write DIR` writes `svid.N.key` through `write_file(.., 0o600)`:
+    /// an existing key file with a loose mode (held open by a reader) is replaced by a new
+    /// 0600 file, and a symlink planted at that name is replaced, not followed.
+    #[test]
+    fn write_file_replaces_an_existing_file_and_follows_no_symlink() {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("svid.0.key");
+        std::fs::write(&key, b"old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut reader = std::fs::File::open(&key).unwrap();
+        write_file(&key, b"-----BEGIN PRIVATE KEY-----", 0o600).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&key).unwrap(), b"-----BEGIN PRIVATE KEY-----");
+        let mut seen = Vec::new();
+        reader.read_to_end(&mut seen).unwrap();
+        assert_eq!(seen, b"old", "a reader of the old file never sees the key");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let link = dir.path().join("svid.1.key");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_file(&link, b"-----BEGIN PRIVATE KEY-----", 0o600).unwrap();
+        assert!(
+            std::fs::read(&target).unwrap().is_empty(),
+            "nothing written through the link"
+        );
+        assert!(!std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            std::fs::read(&link).unwrap(),
+            b"-----BEGIN PRIVATE KEY-----"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
     }
 }
