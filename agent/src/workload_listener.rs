@@ -875,9 +875,15 @@ async fn serve_connection<S>(
             }
         })
     };
-    let conn = shared
-        .http2
-        .serve_connection(TokioIo::new(AuthorityFixingStream::new(stream)), service);
+    let conn = shared.http2.serve_connection(
+        TokioIo::new(AuthorityFixingStream::with_limits(
+            stream,
+            // The adapter buffers a header block whole before h2 sees it: held to h2's
+            // own bound, an unfinished block holds kilobytes, not megabytes.
+            ztid_h2_authority::Limits::for_header_list(MAX_HEADER_LIST_BYTES as usize),
+        )),
+        service,
+    );
     let change = peer_change(peer.clone(), requests.subscribe());
     let force_close = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
     tokio::pin!(conn, idle, change, force_close);
@@ -998,6 +1004,42 @@ mod tests {
         let busy2 = track(&only_busy, true, 2);
         assert!(!gate2.evict_one(), "nothing to close");
         assert!(!asked(&busy2));
+    }
+
+    /// The header adapter in front of h2 buffers a header block whole: held to h2's 16 KiB,
+    /// a client that sends a bigger block and stops is cut off at once, instead of holding a
+    /// megabyte of the agent's memory per connection until the idle timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unfinished_header_block_past_the_header_bound_closes_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(serve(
+            listener,
+            tonic::service::Routes::new(health),
+            Limits::default(),
+            std::future::pending(),
+        ));
+        fn frame(out: &mut Vec<u8>, kind: u8, stream: u32, payload: &[u8]) {
+            let len = payload.len();
+            out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frame(&mut bytes, 0x4, 0, &[]);
+        // HEADERS without END_HEADERS, then a CONTINUATION past 16 KiB, never ended.
+        frame(&mut bytes, 0x1, 1, &[0; 16_000]);
+        frame(&mut bytes, 0x9, 1, &[0; 16_000]);
+        let mut conn = UnixStream::connect(&path).await.unwrap();
+        // The agent may close before it has read everything: a failed write is expected.
+        let _ = conn.write_all(&bytes).await;
+        let mut answer = Vec::new();
+        let closed =
+            tokio::time::timeout(DEFAULT_IDLE_TIMEOUT / 2, conn.read_to_end(&mut answer)).await;
+        assert!(closed.is_ok(), "the connection was still open");
     }
 
     #[test]

@@ -23,9 +23,13 @@
 //!   h2 has missed the client's table insertions, raw blocks would index the wrong entries.
 //!
 //! Because the adapter merges and re-splits header frames, it re-imposes h2's protections itself:
-//! at most 1 MiB per header block, at most 1,280 CONTINUATION frames per block and at most 16 MiB
-//! of decoded header list. Violations, HPACK errors and truncated input surface as an
-//! [`io::Error`] from `poll_read`, which closes the connection (without a GOAWAY).
+//! by default at most 1 MiB per header block, at most 1,280 CONTINUATION frames per block and at
+//! most 16 MiB of decoded header list. A server that holds h2 to a smaller header list should
+//! hold the adapter to it too ([`AuthorityFixingStream::with_limits`]): the adapter buffers a
+//! header block whole before h2 sees any of it, so a client that sends most of a block and stops
+//! holds the block's bytes (twice while the first block is judged) for as long as the connection
+//! lives. Violations, HPACK errors and truncated input surface as an [`io::Error`] from
+//! `poll_read`, which closes the connection (without a GOAWAY).
 //!
 //! ```text
 //! // Serving tonic on a Unix socket with the adapter:
@@ -66,12 +70,12 @@ const MAX_OUT_FRAME: usize = 16_384;
 /// HPACK dynamic table limit. hyper/tonic never send SETTINGS_HEADER_TABLE_SIZE, so h2 enforces
 /// the protocol default; a client may not grow the table beyond it.
 const HPACK_TABLE_SIZE: usize = 4096;
-/// Largest header block (sum of fragments) we buffer.
+/// Largest header block (sum of fragments) we buffer, by default.
 const MAX_BLOCK_BYTES: usize = 1 << 20;
 /// Most CONTINUATION frames per header block (CONTINUATION-flood protection).
 const MAX_CONTINUATIONS: usize = 1280;
-/// Most decoded header-list bytes per block (RFC 7541 size: name + value + 32 per field).
-/// Counted while decoding, since tiny indexed references can expand enormously.
+/// Most decoded header-list bytes per block (RFC 7541 size: name + value + 32 per field), by
+/// default. Counted while decoding, since tiny indexed references can expand enormously.
 const MAX_HEADER_LIST_BYTES: usize = 16 << 20;
 /// Per-field overhead in the RFC 7541 header-list size.
 const FIELD_OVERHEAD: usize = 32;
@@ -93,13 +97,51 @@ pub struct AuthorityFixingStream<S> {
     read: ReadSide,
 }
 
+/// What the adapter holds a client's header blocks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Bytes of one header block (the sum of its fragments), at most.
+    pub max_block_bytes: usize,
+    /// Decoded header-list bytes of one block (RFC 7541: name + value + 32 per field), at most.
+    pub max_header_list_bytes: usize,
+}
+
+impl Limits {
+    /// Limits for a server that holds h2 to `max_header_list_bytes` of header list. A block's
+    /// encoded bytes are held to the same figure: a client's encoder never needs more bytes for
+    /// a field than the list size counts for it (name + value + 32), as it uses Huffman coding
+    /// only where that is shorter.
+    pub const fn for_header_list(max_header_list_bytes: usize) -> Self {
+        Self {
+            max_block_bytes: max_header_list_bytes,
+            max_header_list_bytes,
+        }
+    }
+}
+
+impl Default for Limits {
+    /// h2's own defaults.
+    fn default() -> Self {
+        Self {
+            max_block_bytes: MAX_BLOCK_BYTES,
+            max_header_list_bytes: MAX_HEADER_LIST_BYTES,
+        }
+    }
+}
+
 impl<S> AuthorityFixingStream<S> {
     /// Wraps a freshly accepted connection. The adapter must see the connection from its first
     /// byte: it tracks the client's HPACK state from the start.
     pub fn new(inner: S) -> Self {
+        Self::with_limits(inner, Limits::default())
+    }
+
+    /// As [`AuthorityFixingStream::new`], with the header blocks held to `limits`.
+    pub fn with_limits(inner: S, limits: Limits) -> Self {
         Self {
             inner,
-            read: ReadSide::new(),
+            read: ReadSide::new(limits),
         }
     }
 
@@ -183,10 +225,10 @@ struct ReadSide {
 }
 
 impl ReadSide {
-    fn new() -> Self {
+    fn new(limits: Limits) -> Self {
         Self {
             input: InputBuf::default(),
-            parser: Parser::new(),
+            parser: Parser::new(limits),
             eof: false,
             failed: false,
         }
@@ -396,12 +438,13 @@ struct Parser {
     decoder: Option<Decoder<'static>>,
     /// Whether the first block may be judged by [`first_block::scan`] (tests compare both paths).
     fast_first_block: bool,
+    limits: Limits,
     out: Vec<u8>,
     out_pos: usize,
 }
 
 impl Parser {
-    fn new() -> Self {
+    fn new(limits: Limits) -> Self {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
         Self {
@@ -413,6 +456,7 @@ impl Parser {
             encoded: Vec::new(),
             decoder: Some(decoder),
             fast_first_block: true,
+            limits,
             out: Vec::new(),
             out_pos: 0,
         }
@@ -565,7 +609,7 @@ impl Parser {
             } else {
                 0
             };
-            if block_len + head.len > MAX_BLOCK_BYTES {
+            if block_len.saturating_add(head.len) > self.limits.max_block_bytes {
                 return Err(invalid_data("HTTP/2 header block too large"));
             }
             self.phase = Phase::HeaderPayload(head);
@@ -630,8 +674,11 @@ impl Parser {
     fn finish_block(&mut self) -> io::Result<()> {
         if self.mode == Mode::Inspect
             && self.fast_first_block
-            && first_block::scan(&self.fragment, MAX_HEADER_LIST_BYTES, FIELD_OVERHEAD)
-                == first_block::Verdict::Passthrough
+            && first_block::scan(
+                &self.fragment,
+                self.limits.max_header_list_bytes,
+                FIELD_OVERHEAD,
+            ) == first_block::Verdict::Passthrough
         {
             // Same as the full path's passthrough below, without decoding the block.
             self.block = None;
@@ -653,6 +700,7 @@ impl Parser {
         let mut list_bytes = 0usize;
         let mut too_large = false;
         let mut bad_authority: Option<Vec<u8>> = None;
+        let max_list_bytes = self.limits.max_header_list_bytes;
         decoder
             .decode_with_cb(&self.fragment, |name, value| {
                 // The decoder can't be stopped from here, so once over the limit just stop
@@ -664,7 +712,7 @@ impl Parser {
                     .saturating_add(name.len())
                     .saturating_add(value.len())
                     .saturating_add(FIELD_OVERHEAD);
-                if list_bytes > MAX_HEADER_LIST_BYTES {
+                if list_bytes > max_list_bytes {
                     too_large = true;
                     return;
                 }
@@ -1525,7 +1573,7 @@ mod tests {
     // ----- protections (parser fed directly; fast and deterministic) -----
 
     fn feed_all(bytes: &[u8]) -> io::Result<Vec<u8>> {
-        let mut parser = Parser::new();
+        let mut parser = Parser::new(Limits::default());
         let used = parser.feed(bytes)?;
         assert_eq!(used, bytes.len(), "input left unparsed");
         Ok(std::mem::take(&mut parser.out))
@@ -1580,6 +1628,42 @@ mod tests {
             frame(&mut bytes, 0x9, if k == 63 { 0x4 } else { 0 }, 3, &chunk);
         }
         assert_invalid(feed_all(&bytes), "header block too large");
+    }
+
+    #[test]
+    fn a_server_with_a_small_header_list_holds_the_adapter_to_it() {
+        let limits = Limits::for_header_list(16 * 1024);
+        // The first block, unfinished, reaching past 16 KiB: refused at the frame head that
+        // crosses, before its payload is read (so the adapter never holds more).
+        let mut bytes = connection_start();
+        let chunk = vec![0u8; 16_000];
+        frame(&mut bytes, 0x1, 0, 1, &chunk);
+        let crossing = bytes.len();
+        frame(&mut bytes, 0x9, 0, 1, &chunk);
+        let mut parser = Parser::new(limits);
+        let err = parser
+            .feed(&bytes[..crossing + FRAME_HEADER_LEN])
+            .expect_err("refused");
+        assert!(err.to_string().contains("header block too large"), "{err}");
+        // A whole block within the limit still passes, and a list past it is refused.
+        let mut ok = connection_start();
+        let mut block = Vec::new();
+        ClientHpack::literal(&mut block, 0x00, b":authority", BAD.as_bytes());
+        ClientHpack::literal(&mut block, 0x00, b"x-big", &[b'v'; 12_000]);
+        header_frames(&mut ok, 1, &block, true, None, false, 16_000);
+        let mut parser = Parser::new(limits);
+        assert_eq!(parser.feed(&ok).unwrap(), ok.len());
+        let mut big = connection_start();
+        let mut block = Vec::new();
+        ClientHpack::literal(&mut block, 0x00, b":authority", BAD.as_bytes());
+        let mut hpack = ClientHpack::new();
+        hpack.cached(&mut block, None, b"x-big", &[b'v'; 3000]);
+        for _ in 0..5 {
+            hpack.cached(&mut block, None, b"x-big", &[b'v'; 3000]);
+        }
+        header_frames(&mut big, 1, &block, true, None, false, 16_000);
+        let err = Parser::new(limits).feed(&big).expect_err("refused");
+        assert!(err.to_string().contains("header list too large"), "{err}");
     }
 
     #[test]
@@ -1745,7 +1829,7 @@ mod tests {
     /// and rewriting give different bytes) through a parser with the fast path on or off.
     fn run_first_block(first_block: &[u8], fast: bool) -> Result<(Vec<u8>, Mode), String> {
         let bytes = run_raw_input(first_block);
-        let mut parser = Parser::new();
+        let mut parser = Parser::new(Limits::default());
         parser.fast_first_block = fast;
         match parser.feed(&bytes) {
             Ok(used) => {
@@ -2095,7 +2179,7 @@ mod tests {
         for fast in [false, true] {
             let start = std::time::Instant::now();
             for _ in 0..10_000 {
-                let mut parser = Parser::new();
+                let mut parser = Parser::new(Limits::default());
                 parser.fast_first_block = fast;
                 let used = parser.feed(bytes).expect("valid");
                 assert_eq!(used, bytes.len());
