@@ -99,6 +99,79 @@ pub fn exe_identity(pid: i32) -> std::io::Result<ExeIdentity> {
     })
 }
 
+/// Filesystems the kernel serves itself, from local storage or memory (or, for
+/// `virtiofs`, from the host), whose files the agent opens and reads to name an executable
+/// (`unix:path`, `unix:sha256`). Any other (FUSE, NFS, CIFS, ...) is answered by a process
+/// or a server that may never answer: an open or a lookup there could hold the attestation,
+/// and its slot, for as long as that process likes. A workload's executable elsewhere gets
+/// neither selector (a warning says why).
+pub const READABLE_FILESYSTEMS: &[&str] = &[
+    "bcachefs", "btrfs", "erofs", "exfat", "ext2", "ext3", "ext4", "f2fs", "hfsplus", "iso9660",
+    "jfs", "msdos", "nilfs2", "ntfs3", "overlay", "ramfs", "squashfs", "tmpfs", "udf", "vfat",
+    "virtiofs", "xfs", "zfs",
+];
+
+/// Bytes of `/proc/<pid>/mountinfo` read, at most (about 25,000 mounts).
+const MAX_MOUNTINFO_BYTES: u64 = 4 << 20;
+
+/// The type of the filesystem `pid`'s executable lives on: the mount ID `statx` gives
+/// (from the mount, without asking the filesystem), looked up in the process's
+/// `/proc/<pid>/mountinfo` (which the kernel writes). Mount IDs are unique among the
+/// mounts that exist, in every namespace.
+pub fn exe_filesystem(pid: i32) -> std::io::Result<String> {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let x = statx(
+        CWD,
+        format!("/proc/{pid}/exe"),
+        AtFlags::STATX_DONT_SYNC,
+        StatxFlags::MNT_ID,
+    )?;
+    if x.stx_mask & StatxFlags::MNT_ID.bits() == 0 {
+        return Err(std::io::Error::other(
+            "the kernel gives no mount ID (before Linux 5.8)",
+        ));
+    }
+    let mut mountinfo = String::with_capacity(8192);
+    fs::File::open(format!("/proc/{pid}/mountinfo"))?
+        .take(MAX_MOUNTINFO_BYTES + 1)
+        .read_to_string(&mut mountinfo)?;
+    if mountinfo.len() as u64 > MAX_MOUNTINFO_BYTES {
+        return Err(std::io::Error::other(format!(
+            "/proc/{pid}/mountinfo is larger than {MAX_MOUNTINFO_BYTES} bytes"
+        )));
+    }
+    mount_type(&mountinfo, x.stx_mnt_id).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "mount {} is not in /proc/{pid}/mountinfo",
+            x.stx_mnt_id
+        ))
+    })
+}
+
+/// The filesystem type of mount `id` in a `mountinfo` text: each line is "ID PARENT
+/// MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPEROPTIONS", its paths
+/// with spaces escaped (so " - " only ever separates).
+fn mount_type(mountinfo: &str, id: u64) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (head, tail) = line.split_once(" - ")?;
+        let this: u64 = head.split(' ').next()?.parse().ok()?;
+        (this == id).then(|| tail.split(' ').next().map(str::to_string))?
+    })
+}
+
+/// Why the agent does not open `pid`'s executable, if it may not.
+fn exe_unreadable(pid: i32) -> Option<String> {
+    match exe_filesystem(pid) {
+        Ok(fs) if READABLE_FILESYSTEMS.contains(&fs.as_str()) => None,
+        Ok(fs) => Some(format!(
+            "its executable is on a {fs} filesystem, which a process or a server answers              (the agent opens executables only on filesystems the kernel serves itself)"
+        )),
+        Err(e) => Some(format!(
+            "the filesystem of its executable is unknown ({e})"
+        )),
+    }
+}
+
 /// The effective uid and gid `pid` runs with now (`/proc/<pid>/status`).
 pub fn effective_ids(pid: i32) -> std::io::Result<(u32, u32)> {
     let status = read_proc_file(&format!("/proc/{pid}/status"))?;
@@ -480,7 +553,12 @@ fn read_selectors(
             selectors.push(s);
         }
     }
-    if let (Some(_), Err(why)) = (exe, exe_trust) {
+    // Checked only once the executable is trusted (the filesystem is read through it).
+    let exe_trust = match exe_trust {
+        Ok(()) => exe.and_then(|_| exe_unreadable(pid)).map_or(Ok(()), Err),
+        Err(why) => Err(why.clone()),
+    };
+    if let (Some(_), Err(why)) = (exe, &exe_trust) {
         tracing::warn!(
             pid,
             uid,
@@ -488,7 +566,7 @@ fn read_selectors(
             "no unix:path or unix:sha256 selector for this workload"
         );
     }
-    if let (Some(exe), Ok(())) = (exe, exe_trust) {
+    if let (Some(exe), Ok(())) = (exe, &exe_trust) {
         let exe_link = format!("/proc/{pid}/exe");
         if let Some(p) = exe_path_seen_by_agent(&exe_link, exe) {
             if let Ok(s) = Selector::new("unix", &format!("path:{p}")) {
@@ -646,6 +724,94 @@ mod tests {
         if peer_pidfd_supported() {
             assert!(w.process.pidfd().is_some(), "bound by pidfd");
         }
+    }
+
+    #[test]
+    fn mount_type_is_read_by_the_mounts_id() {
+        let info = "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n\
+                    36 22 98:0 / /mnt/a\\040-\\040b rw master:1 shared:3 - ext4 /dev/vda rw\n\
+                    40 36 0:50 / /home/u/f rw - fuse.sshfs host: rw\n";
+        assert_eq!(mount_type(info, 36).as_deref(), Some("ext4"));
+        assert_eq!(mount_type(info, 40).as_deref(), Some("fuse.sshfs"));
+        assert_eq!(mount_type(info, 3), None);
+        let me = std::process::id() as i32;
+        let fs = exe_filesystem(me).unwrap();
+        assert!(READABLE_FILESYSTEMS.contains(&fs.as_str()), "{fs}");
+        assert_eq!(exe_unreadable(me), None);
+    }
+
+    /// A workload running its program from a FUSE file system whose daemon never answers
+    /// the agent: attested at once, without `unix:path` or `unix:sha256`, and nothing is
+    /// asked of the daemon (an open or a lookup there would hold the attestation, and its
+    /// slot, forever). A real FUSE mount: needs root and /dev/fuse.
+    #[test]
+    fn an_executable_on_fuse_is_never_opened() {
+        use std::io::BufRead;
+        use std::time::{Duration, Instant};
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/dev/fuse").exists() {
+            eprintln!("skipped: needs root and /dev/fuse to mount a FUSE file system");
+            return;
+        }
+        let work = tempfile::tempdir().unwrap();
+        let mnt = work.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/hung_fuse.py");
+        let mut fuse = std::process::Command::new("python3")
+            .arg(script)
+            .arg(&mnt)
+            .arg("/bin/sleep")
+            .arg(std::process::id().to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wait_for = |what: &str, ready: &mut dyn FnMut() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !ready() {
+                assert!(Instant::now() < deadline, "{what} did not happen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let prog = mnt.join("prog");
+        wait_for("the FUSE mount", &mut || {
+            fs::symlink_metadata(&prog).is_ok()
+        });
+        let mut workload = std::process::Command::new(&prog).arg("60").spawn().unwrap();
+        let pid = workload.id() as i32;
+        wait_for("the exec from FUSE", &mut || {
+            exe_filesystem(pid).is_ok_and(|f| f.starts_with("fuse"))
+        });
+        assert!(exe_unreadable(pid).is_some_and(|why| why.contains("fuse")));
+        let exe = exe_identity(pid).unwrap();
+        let (uid, gid) = effective_ids(pid).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_selectors(pid, uid, gid, Some(exe), &Ok(())));
+        });
+        let attested = rx.recv_timeout(Duration::from_secs(10));
+        // Unmounting fails whatever the daemon holds, so a hung attestation ends too.
+        let _ = workload.kill();
+        let _ = workload.wait();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .status();
+        let _ = fuse.kill();
+        let held: Vec<String> = std::io::BufReader::new(fuse.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let _ = fuse.wait();
+        let selectors = attested
+            .expect("the attestation waited on the FUSE daemon")
+            .unwrap();
+        assert!(held.is_empty(), "the agent asked the FUSE daemon: {held:?}");
+        assert!(selectors.iter().any(|s| s.value() == format!("uid:{uid}")));
+        assert!(
+            !selectors
+                .iter()
+                .any(|s| s.value().starts_with("path:") || s.value().starts_with("sha256:")),
+            "{selectors:?}"
+        );
     }
 
     #[test]

@@ -771,11 +771,14 @@ async fn bind_peer<S>(at_connect: ConnectTimePeer, shared: &Shared<S>) -> Connec
         let stopping = |_| PeerRefusal::Unattestable("the agent is stopping".into());
         // The uid's share first, so a uid waiting on its own share holds no common slot.
         let share = share.acquire_owned().await.map_err(stopping)?;
-        let permit = attestations.acquire_owned().await.map_err(stopping)?;
-        // Reads /proc and may hash an executable: off the async workers, and the permits
-        // are held until that work really ends (hashing is bounded in time).
+        let _common = attestations.acquire_owned().await.map_err(stopping)?;
+        // Reads /proc and may hash an executable: off the async workers. The uid's share
+        // is held until that work really ends, the common slot only until this wait does
+        // (at the timeout at the latest): work stuck in the kernel (a file system that
+        // does not answer, which the attestation avoids opening) holds only its own uid's
+        // share, never the slots of every other uid.
         tokio::task::spawn_blocking(move || {
-            let _permits = (share, permit);
+            let _share = share;
             attest_peer(at_connect, require_pidfd)
         })
         .await
