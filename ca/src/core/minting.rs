@@ -104,13 +104,33 @@ impl CaCore {
         Ok(())
     }
 
+    /// Whether `parent`, one of the agent's stored parents, is still its parent now: its
+    /// own ID, an alias its evidence granted, or a node alias whose selectors its
+    /// attestation proved, read now. The stored list is refreshed only when the agent
+    /// syncs or attests, so an agent that stops syncing would otherwise keep minting
+    /// under an alias the operator took it out of (deleted, or its selectors changed).
+    fn alias_still_holds(&self, agent: &AuthenticatedAgent, parent: &str) -> Result<bool> {
+        if parent == agent.record.spiffe_id
+            || agent.record.granted_aliases.iter().any(|a| a == parent)
+        {
+            return Ok(true);
+        }
+        Ok(self.store.node_entries()?.iter().any(|n| {
+            n.spiffe_id == parent
+                && ztid_spiffe::selector::satisfies(&agent.record.selectors, &n.selectors)
+        }))
+    }
+
     /// Loads an entry the agent is entitled to mint for.
     fn entitled_entry(&self, agent: &AuthenticatedAgent, entry_id: &str) -> Result<EntryRecord> {
         let entry = self
             .store
             .get_entry(entry_id)?
             .ok_or_else(|| Error::NotFound(format!("entry {entry_id} does not exist")))?;
-        if entry.node || !agent.parents().contains(entry.parent_id.as_str()) {
+        if entry.node
+            || !agent.parents().contains(entry.parent_id.as_str())
+            || !self.alias_still_holds(agent, &entry.parent_id)?
+        {
             return Err(Error::refused(
                 RefusalKind::NotEntitled,
                 format!(
@@ -315,6 +335,61 @@ mod tests {
         })
         .unwrap()
         .id
+    }
+
+    /// An agent's stored node aliases are recomputed only when it syncs (or attests
+    /// again): an operator removes the alias (deletes the node entry), and an agent that
+    /// never syncs again is refused its entries' SVIDs all the same.
+    #[test]
+    fn a_removed_alias_no_longer_entitles_an_agent_that_does_not_sync() {
+        let (_dir, core, leaf, agent) = crate::core::testing::core_with_agent();
+        let alias = core
+            .create_entry(&ztid_proto::node::Entry {
+                spiffe_id: "spiffe://example.org/nodes/payments".into(),
+                node: true,
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: "join-token".into(),
+                    value: "id:n1".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        // One sync: the agent joins the alias.
+        core.sync_entries(
+            &agent,
+            crate::core::sync::SyncRequest {
+                since: 0,
+                authorities_in_use: vec![],
+                page_size: 0,
+                page_token: String::new(),
+            },
+        )
+        .unwrap();
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        assert!(agent.record.aliases.contains(&alias.spiffe_id));
+        let db = core
+            .create_entry(&ztid_proto::node::Entry {
+                spiffe_id: "spiffe://example.org/payments-db".into(),
+                parent_id: alias.spiffe_id.clone(),
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        // The operator takes the node out of the alias (deletes the alias).
+        core.delete_entry(&alias.id).unwrap();
+        // The (compromised) agent never syncs again; it asks for an SVID of the
+        // alias's entry. The node API authenticates it afresh from the store.
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        let id = "spiffe://example.org/payments-db/0123456789abcdef0123456789abcdef";
+        let signed = core.sign_workload_svid(&agent, &db.id, &csr_for(id));
+        let jwt = core.mint_jwt_svid(&agent, &db.id, id, &["https://x".to_string()]);
+        for refused in [signed.map(|_| ()), jwt.map(|_| ())] {
+            let e = refused.expect_err("an agent no longer in the alias minted");
+            assert_eq!(e.refusal_kind(), Some(RefusalKind::NotEntitled), "{e}");
+        }
     }
 
     /// One call's CSRs for one entry share its load; an entry the call could not load
