@@ -25,7 +25,8 @@ use crate::limits::{
     NODE_API_MAX_MESSAGE_BYTES,
 };
 use crate::listeners::{
-    tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer, UidGate,
+    immunity, tls_incoming, unix_incoming, DescriptorBudget, Listener, Timeouts, TrackLayer,
+    UidGate,
 };
 use crate::refusal_audit::RefusalAudit;
 use crate::{Error, Result};
@@ -172,11 +173,12 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
     crate::federation::spawn_poller(core.clone());
     crate::maintenance::spawn(core.clone());
 
-    let node_listener = Listener::new(
+    let node_listener = Listener::with_immunity(
         "node API",
         limits.node_api_max_connections,
         Timeouts::grpc(&limits),
         Some(budget.clone()),
+        Some(immunity::agents(core.trust_domain.clone())),
     );
     let node_incoming = tls_incoming(tcp, tls_config(&core, false), node_listener.clone());
     // Within the reserved descriptors: a flood on a TCP listener cannot reach it.
@@ -251,11 +253,12 @@ pub async fn run(core: Arc<CaCore>) -> Result<()> {
                 "binding remote admin API on {}",
                 remote.bind
             )))?;
-        let remote_listener = Listener::new(
+        let remote_listener = Listener::with_immunity(
             "remote admin API",
             limits.remote_admin_max_connections,
             Timeouts::grpc(&limits),
             Some(budget.clone()),
+            Some(immunity::admins(core.trust_domain.clone())),
         );
         let incoming = tls_incoming(tcp, tls_config(&core, true), remote_listener.clone());
         let server = grpc_server(&limits)

@@ -25,6 +25,9 @@ pub struct ConnState {
     pub(super) peer: String,
     opened: Instant,
     authenticated: AtomicBool,
+    /// The identity it is authenticated as (see `Immunity`); set once, under the
+    /// listener's registry lock.
+    immune_as: std::sync::OnceLock<String>,
     activity: Mutex<Activity>,
     closing: Mutex<Option<&'static str>>,
     closing_flag: AtomicBool,
@@ -38,6 +41,7 @@ impl ConnState {
             peer: peer.to_string(),
             opened: Instant::now(),
             authenticated: AtomicBool::new(authenticated),
+            immune_as: std::sync::OnceLock::new(),
             activity: Mutex::new(Activity {
                 in_flight: BTreeMap::new(),
                 next_request: 0,
@@ -55,9 +59,21 @@ impl ConnState {
         &self.peer
     }
 
-    /// Marks the connection as authenticated (a verified client certificate).
-    pub fn set_authenticated(&self) {
+    /// Marks the connection as authenticated: a client the listener exists for
+    /// (`Listener::authenticate`), or a peer the kernel vouches for (the admin socket).
+    pub(super) fn set_authenticated(&self) {
         self.authenticated.store(true, Ordering::Relaxed);
+    }
+
+    /// Authenticated as `identity` (see `Listener::authenticate`, which counts them).
+    pub(super) fn set_immune_as(&self, identity: String) {
+        let _ = self.immune_as.set(identity);
+        self.set_authenticated();
+    }
+
+    /// The identity the connection is authenticated as, if any.
+    pub(super) fn immune_as(&self) -> Option<&str> {
+        self.immune_as.get().map(String::as_str)
     }
 
     pub(super) fn is_closing(&self) -> bool {

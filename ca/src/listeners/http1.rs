@@ -98,6 +98,7 @@ pub fn serve_http1_async<H, F>(
             let (stream, peer, conn) = accept_admitted(&tcp, &listener).await;
             let handler = handler.clone();
             let tls = tls.clone();
+            let listener = listener.clone();
             let timeouts = listener.timeouts;
             let what = listener.name;
             tokio::spawn(async move {
@@ -123,8 +124,8 @@ pub fn serve_http1_async<H, F>(
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .map(|cert| Bytes::copy_from_slice(cert.as_ref()));
-                if leaf.is_some() {
-                    state.set_authenticated();
+                if let Some(leaf) = &leaf {
+                    listener.authenticate(&state, leaf);
                 }
                 let svc = hyper::service::service_fn(move |req| {
                     let in_flight = state.request_started();

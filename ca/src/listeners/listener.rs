@@ -21,6 +21,17 @@ use crate::limits::SHUTDOWN_GRACE;
 pub(super) const CLOSING_SLACK: usize = 16;
 /// How often a listener logs how many connections it closed.
 const CLOSE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections with a request in flight that one identity may hold beyond the reach of
+/// eviction (see [`Immunity`]); its others may be closed to make room like anyone's.
+pub const MAX_IMMUNE_PER_IDENTITY: usize = 4;
+
+/// Which verified clients a listener never closes, while a request of theirs is in
+/// flight, to make room: the identity (a SPIFFE ID, or the family of several: a workload
+/// entry's instances) a client certificate (DER, its chain already verified) names, for
+/// the callers the listener exists for: agents on the node API, admins on the remote
+/// admin API. `None`: a caller like any other. At most [`MAX_IMMUNE_PER_IDENTITY`]
+/// connections per identity: a caller holding more cannot lock others out.
+pub type Immunity = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
 
 #[derive(Default)]
 pub(super) struct Counters {
@@ -41,6 +52,7 @@ pub struct Listener {
     counters: Mutex<(Counters, Instant)>,
     /// Signalled whenever a connection's descriptor is released.
     released: tokio::sync::Notify,
+    immunity: Option<Immunity>,
 }
 
 pub(super) enum Admission {
@@ -66,6 +78,19 @@ impl Listener {
         timeouts: Timeouts,
         budget: Option<Arc<DescriptorBudget>>,
     ) -> Arc<Self> {
+        Self::with_immunity(name, cap, timeouts, budget, None)
+    }
+
+    /// [`Listener::new`], whose verified clients `immunity` names are never closed for
+    /// room while a request of theirs is in flight (up to [`MAX_IMMUNE_PER_IDENTITY`]
+    /// connections each).
+    pub fn with_immunity(
+        name: &'static str,
+        cap: usize,
+        timeouts: Timeouts,
+        budget: Option<Arc<DescriptorBudget>>,
+        immunity: Option<Immunity>,
+    ) -> Arc<Self> {
         if let Some(b) = &budget {
             b.register(name, cap);
         }
@@ -79,7 +104,31 @@ impl Listener {
             shutdown_at: Mutex::new(None),
             counters: Mutex::new((Counters::default(), Instant::now())),
             released: tokio::sync::Notify::new(),
+            immunity,
         })
+    }
+
+    /// A connection's client presented `leaf` (its chain verified): the connection is
+    /// not closed for room while a request of it is in flight, if the listener's
+    /// [`Immunity`] names the leaf and that identity holds fewer than
+    /// [`MAX_IMMUNE_PER_IDENTITY`] such connections. Whether it now is.
+    pub fn authenticate(&self, state: &ConnState, leaf: &[u8]) -> bool {
+        let Some(identity) = self.immunity.as_ref().and_then(|f| f(leaf)) else {
+            return false;
+        };
+        let Ok(reg) = self.conns.lock() else {
+            return false;
+        };
+        let held = reg
+            .by_id
+            .values()
+            .filter(|c| !c.is_closing() && c.immune_as() == Some(identity.as_str()))
+            .count();
+        if held >= MAX_IMMUNE_PER_IDENTITY {
+            return false;
+        }
+        state.set_immune_as(identity);
+        true
     }
 
     /// The listener's name.

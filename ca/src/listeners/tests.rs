@@ -50,6 +50,48 @@ fn at_cap_the_least_busy_connection_makes_room() {
 }
 
 #[test]
+fn only_the_clients_a_listener_exists_for_are_kept_from_eviction_and_only_a_few_each() {
+    // Leaves stand in for certificates here: "agent-N" is an agent, anything else a
+    // workload whose certificate chains to the bundle all the same.
+    let immunity: super::Immunity = Arc::new(|leaf: &[u8]| {
+        std::str::from_utf8(leaf)
+            .ok()
+            .filter(|id| id.starts_with("agent-"))
+            .map(str::to_string)
+    });
+    let cap = super::MAX_IMMUNE_PER_IDENTITY + 3;
+    let l = Listener::with_immunity("test", cap, timeouts(), None, Some(immunity));
+    let busy = |l: &Arc<Listener>, leaf: &str| {
+        let c = admit(l, leaf, false).unwrap();
+        let immune = l.authenticate(c.state(), leaf.as_bytes());
+        let req = c.state().request_started();
+        (c, req, immune)
+    };
+    // A workload's certificate is verified, yet never makes its connection immune.
+    let (workload, _w, immune) = busy(&l, "workload");
+    assert!(!immune);
+    // One agent: a few connections immune, the next not.
+    let mut agent: Vec<_> = (0..super::MAX_IMMUNE_PER_IDENTITY)
+        .map(|_| busy(&l, "agent-1"))
+        .collect();
+    assert!(agent.iter().all(|(_, _, immune)| *immune));
+    let (extra, _x, immune) = busy(&l, "agent-1");
+    assert!(!immune, "over the identity's share");
+    let (other, _o, immune) = busy(&l, "agent-2");
+    assert!(immune, "another agent has its own share");
+    // At the cap, busy non-immune connections make room, oldest first; immune never.
+    let (_new, _n, _) = busy(&l, "new");
+    assert!(workload.state().is_closing());
+    assert!(admit(&l, "new2", false).is_some());
+    assert!(extra.state().is_closing());
+    assert!(!other.state().is_closing());
+    assert!(agent.iter().all(|(c, _, _)| !c.state().is_closing()));
+    // A closed connection gives its identity's share back.
+    agent.pop();
+    assert!(busy(&l, "agent-1").2);
+}
+
+#[test]
 fn deadlines_follow_activity() {
     let l = Listener::new("test", 3, timeouts(), None);
     let c = admit(&l, "a", false).unwrap();

@@ -30,17 +30,14 @@ pub fn tls_incoming(
             let tx = conn_tx.clone();
             let what = listener.name;
             let handshake = listener.timeouts.handshake;
+            let listener = listener.clone();
             tokio::spawn(async move {
                 let guarded = Guarded::new(stream, conn);
                 match tokio::time::timeout(handshake, acceptor.accept(guarded)).await {
                     Ok(Ok(tls)) => {
-                        if tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .is_some_and(|c| !c.is_empty())
-                        {
-                            tls.get_ref().0.state().set_authenticated();
+                        let (io, session) = tls.get_ref();
+                        if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+                            listener.authenticate(io.state(), leaf.as_ref());
                         }
                         let _ = tx.send(Ok(tls)).await;
                     }

@@ -147,11 +147,14 @@ pub fn serve_sts(
     let tls = tls_config(&core)?;
     let addr = tcp.local_addr().unwrap_or(sts.listen);
     let issuer = sts.issuer();
-    let listener = Listener::new(
+    let listener = Listener::with_immunity(
         "token endpoint",
         sts.max_connections,
         Timeouts::http1(&core.config.limits),
         Some(budget.clone()),
+        Some(crate::listeners::immunity::workload_entries(
+            core.trust_domain.clone(),
+        )),
     );
     let endpoint = Arc::new(Endpoint {
         core,

@@ -2064,3 +2064,112 @@ bind = \"127.0.0.1:{port}\"
         .expect("a fresh remote admin call is answered");
     assert!(server.cli(&["healthcheck"]).ok, "the admin socket answers");
 }
+
+/// A TLS connection whose reads wait up to 10 s (a loaded machine answers late).
+fn slow_tls(addr: &str, config: &Arc<rustls::ClientConfig>) -> Tls {
+    let t = tls(addr, config).unwrap();
+    t.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    t
+}
+
+/// Reads frames until one of `kind` with `flags` arrives; false if the connection ends.
+fn await_frame(t: &mut Tls, kind: u8, flags: u8) -> bool {
+    loop {
+        let mut head = [0u8; 9];
+        if t.read_exact(&mut head).is_err() {
+            return false;
+        }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if t.read_exact(&mut payload).is_err() {
+            return false;
+        }
+        if head[3] == kind && head[4] & flags == flags {
+            return true;
+        }
+    }
+}
+
+/// One workload's X509-SVID verifies on the node API (it chains to the bundle) but is
+/// not an agent's: the connections it fills the node API with, each holding an Attest
+/// stream that sends nothing, are closed to make room for agents coming to attest,
+/// instead of locking them out (only agents' busy connections are kept, a few each).
+#[test]
+fn a_workload_svid_cannot_lock_agents_out_of_the_node_api() {
+    const CAP: usize = 8;
+    let (server, _cfg) = server_with(
+        &format!("[limits]\nnode_api_max_connections = {CAP}\nrequest_header_timeout_seconds = 60\nidle_timeout_seconds = 120\n"),
+        &[],
+    );
+    let agent = Agent::start(&server);
+    entry_for_my_uid(&server, &agent, &format!("spiffe://{TD}/any-workload"), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let v = fetch_x509_as_process(&agent, "a workload SVID", out.path());
+    assert!(v["svids"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("spiffe://{TD}/any-workload/")));
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+        pem::parse_many(std::fs::read(out.path().join("svid.0.pem")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents().into())
+            .collect();
+    let key = pem::parse(std::fs::read(out.path().join("svid.0.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    let base = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(verifier(&server));
+    let mut workload = base
+        .clone()
+        .with_client_auth_cert(chain, rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()))
+        .unwrap();
+    workload.alpn_protocols = vec![b"h2".to_vec()];
+    let workload = Arc::new(workload);
+    let anonymous = tls_client(&server, b"h2");
+
+    // The workload fills the node API: each connection opens an Attest stream that sends
+    // nothing; the PING's answer says the server has read the stream's headers (frames
+    // are read in order), so the stream is in flight.
+    let addr = server.addr();
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        let mut t = slow_tls(&addr, &workload);
+        let mut out = h2_hello();
+        out.extend(h2_frame(
+            1,
+            0x4,
+            1,
+            &grpc_header_block("/ztid.node.v1.Node/Attest"),
+        ));
+        out.extend(h2_frame(6, 0, 0, &[7; 8]));
+        t.write_all(&out).unwrap();
+        t.flush().unwrap();
+        if await_frame(&mut t, 6, 0x1) {
+            held.push(t);
+        }
+    }
+    assert!(
+        held.len() >= CAP - 1,
+        "the workload got {} connections",
+        held.len()
+    );
+    // New agents (no certificate yet: they come to attest) are served every time.
+    for i in 0..5 {
+        let mut t = slow_tls(&addr, &anonymous);
+        t.write_all(&h2_hello()).unwrap();
+        t.flush().unwrap();
+        assert!(await_frame(&mut t, 4, 0), "new connection {i} was refused");
+    }
+    // And the agent itself still mints.
+    let again = tempfile::tempdir().unwrap();
+    fetch_x509_as_process(&agent, "an SVID after the flood", again.path());
+    drop(held);
+}
