@@ -83,6 +83,13 @@ pub const MAX_DELEGATED_REPORTS: usize = 256;
 pub const MAX_DELEGATED_REPORT_IDS: usize = 64;
 /// Bytes of a reported delegated call's target (its selectors or pid).
 pub const MAX_DELEGATED_TARGET_BYTES: usize = 8192;
+/// KiB of delegated call reports one agent may have audited one by one per refusal audit
+/// interval (`refusal_audit_interval_seconds`); the rest are counted into one
+/// `delegated_reports_summarised` record. A report the agent makes is a few hundred
+/// bytes; without a bound, an agent syncing in a loop could fill the audit disk.
+pub const DELEGATED_REPORT_KIB_PER_AGENT: u32 = 256;
+/// KiB of delegated call reports audited one by one per interval from all agents.
+pub const DELEGATED_REPORT_KIB_PER_INTERVAL: u32 = 16 << 10;
 /// Largest gRPC message the node API decodes (batches of CSRs, attestation evidence).
 pub const NODE_API_MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Largest gRPC message the admin API decodes (a bundle upload and its framing).

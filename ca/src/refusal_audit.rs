@@ -10,6 +10,11 @@
 //! A peer is a network address (refusals before authentication), an agent's SPIFFE
 //! ID (refusals of an authenticated agent's requests), or an admin caller (a remote
 //! caller's SPIFFE ID, a local uid) refused by the admin authorization layer.
+//!
+//! The same bounds serve other records a peer can make the server write at will (an
+//! agent's reports of the delegated identity calls it served): there each record weighs
+//! what it holds (in KiB), so the bounds are on bytes, and the summary has its own type
+//! ([`RefusalAudit::bounded`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -89,16 +94,29 @@ pub struct RefusalAudit {
     per_peer: u32,
     per_interval: u32,
     interval: Duration,
+    summary_type: &'static str,
     window: Mutex<Window>,
 }
 
 impl RefusalAudit {
     /// A refusal audit with these bounds.
     pub fn new(per_peer: u32, per_interval: u32, interval: Duration) -> Self {
+        Self::bounded("refusals_summarised", per_peer, per_interval, interval)
+    }
+
+    /// Bounds on records of another kind, whose summaries are of `summary_type`; the
+    /// bounds count the records' weights ([`RefusalAudit::note_weighing`]).
+    pub fn bounded(
+        summary_type: &'static str,
+        per_peer: u32,
+        per_interval: u32,
+        interval: Duration,
+    ) -> Self {
         Self {
             per_peer,
             per_interval,
             interval,
+            summary_type,
             window: Mutex::new(Window::new()),
         }
     }
@@ -120,17 +138,27 @@ impl RefusalAudit {
     /// Notes one refusal of `peer` with a short stable `reason` label; returns whether
     /// to audit it one by one, and the summary of an interval that just ended, if any.
     pub fn note(&self, peer: &str, reason: &'static str) -> (Decision, Option<Value>) {
+        self.note_weighing(peer, reason, 1)
+    }
+
+    /// [`RefusalAudit::note`] of a record that counts as `weight` against the bounds.
+    pub fn note_weighing(
+        &self,
+        peer: &str,
+        reason: &'static str,
+        weight: u32,
+    ) -> (Decision, Option<Value>) {
         let Ok(mut w) = self.window.lock() else {
             return (Decision::Summarised, None);
         };
         let summary = self.roll(&mut w);
         let tracked = w.peers.len() < MAX_TRACKED_PEERS || w.peers.contains_key(peer);
         let key = if tracked { peer } else { "other" };
-        let room = w.recorded < self.per_interval;
+        let room = w.recorded.saturating_add(weight) <= self.per_interval;
         let p = w.peers.entry(key.to_string()).or_default();
-        if tracked && room && p.recorded < self.per_peer {
-            p.recorded += 1;
-            w.recorded += 1;
+        if tracked && room && p.recorded.saturating_add(weight) <= self.per_peer {
+            p.recorded += weight;
+            w.recorded += weight;
             (Decision::Record, summary)
         } else {
             p.suppressed += 1;
@@ -155,9 +183,22 @@ impl RefusalAudit {
         key: &str,
         peer: Option<&str>,
         reason: &'static str,
+        event: Value,
+    ) {
+        self.record_weighing(sink, key, peer, reason, 1, event);
+    }
+
+    /// [`RefusalAudit::record`] of a record that counts as `weight` against the bounds.
+    pub fn record_weighing<S: RefusalSink + ?Sized>(
+        &self,
+        sink: &S,
+        key: &str,
+        peer: Option<&str>,
+        reason: &'static str,
+        weight: u32,
         mut event: Value,
     ) {
-        let (decision, summary) = self.note(key, reason);
+        let (decision, summary) = self.note_weighing(key, reason, weight);
         if let Some(s) = summary {
             write(sink, s);
         }
@@ -190,7 +231,7 @@ impl RefusalAudit {
             return None;
         }
         let ended = std::mem::replace(w, Window::new());
-        summarise(ended, w.started_unix)
+        summarise(self.summary_type, ended, w.started_unix)
     }
 }
 
@@ -200,7 +241,7 @@ fn write<S: RefusalSink + ?Sized>(sink: &S, event: Value) {
     }
 }
 
-fn summarise(w: Window, until: i64) -> Option<Value> {
+fn summarise(summary_type: &str, w: Window, until: i64) -> Option<Value> {
     let mut peers: Vec<(String, PeerCount)> = w
         .peers
         .into_iter()
@@ -213,7 +254,7 @@ fn summarise(w: Window, until: i64) -> Option<Value> {
     peers.sort_by(|a, b| b.1.suppressed.cmp(&a.1.suppressed).then(a.0.cmp(&b.0)));
     let rest = peers.split_off(peers.len().min(MAX_PEERS_IN_SUMMARY));
     Some(json!({
-        "type": "refusals_summarised",
+        "type": summary_type,
         "from": w.started_unix,
         "until": until,
         "count": total,
@@ -228,6 +269,26 @@ fn summarise(w: Window, until: i64) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighed_records_are_bounded_by_their_weight_and_summarised_as_their_kind() {
+        let a = RefusalAudit::bounded("reports_summarised", 10, 25, Duration::from_millis(50));
+        // 4 KiB records: two fit an agent's 10, the third would pass it.
+        let agent = |a: &RefusalAudit, who: &str| {
+            (0..5)
+                .filter(|_| a.note_weighing(who, "report", 4).0 == Decision::Record)
+                .count()
+        };
+        assert_eq!(agent(&a, "spiffe://td/ztid/agent/x/1"), 2);
+        assert_eq!(agent(&a, "spiffe://td/ztid/agent/x/2"), 2);
+        // 16 of the interval's 25 are taken: a third agent gets two more, then none.
+        assert_eq!(agent(&a, "spiffe://td/ztid/agent/x/3"), 2);
+        assert_eq!(agent(&a, "spiffe://td/ztid/agent/x/4"), 0);
+        std::thread::sleep(Duration::from_millis(60));
+        let s = a.flush_if_due().expect("a summary");
+        assert_eq!(s["type"], "reports_summarised");
+        assert_eq!(s["count"], 3 + 3 + 3 + 5);
+    }
 
     #[test]
     fn a_flood_is_recorded_up_to_the_bounds_then_summarised() {

@@ -29,6 +29,8 @@ use crate::{Error, RefusalKind};
 pub struct NodeApi {
     core: Arc<CaCore>,
     refusals: Arc<RefusalAudit>,
+    /// The bounds on the delegated call reports agents have audited (by their bytes).
+    delegated_reports: Arc<RefusalAudit>,
     jwt_mints: RateLimiter,
     /// The revocations that concern agents, shared by the syncs between two changes.
     revocations: RevocationMemo,
@@ -58,11 +60,19 @@ impl NodeApi {
     pub fn new(core: Arc<CaCore>) -> Self {
         let refusals = Arc::new(RefusalAudit::from_config(&core.config.limits));
         refusals.spawn_flusher(&core);
+        let delegated_reports = Arc::new(RefusalAudit::bounded(
+            "delegated_reports_summarised",
+            limits::DELEGATED_REPORT_KIB_PER_AGENT,
+            limits::DELEGATED_REPORT_KIB_PER_INTERVAL,
+            refusals.interval(),
+        ));
+        delegated_reports.spawn_flusher(&core);
         let jwt_mints = RateLimiter::new(core.config.limits.jwt_mints_per_agent_entry_per_minute);
         let feed = ChangeFeed::start(&core, core.config.limits.node_api_max_watch_streams);
         Self {
             core,
             refusals,
+            delegated_reports,
             jwt_mints,
             revocations: RevocationMemo::default(),
             feed,
@@ -354,20 +364,42 @@ impl Node for NodeApi {
         )?;
         let next_page = !req.page_token.is_empty();
         // Delegated identity calls the agent served (its Delegated Identity API), as it
-        // reports them: audited under its ID, checked for size only.
-        for d in &req.delegated_subscriptions {
-            self.core.record(serde_json::json!({
-                "type": "delegated_subscription", "agent": agent.record.spiffe_id,
-                "method": d.method, "delegate": d.delegate, "caller_pid": d.caller_pid,
-                "caller_uid": d.caller_uid, "target": d.target, "spiffe_ids": d.spiffe_ids,
-                "at": d.at,
-            }))?;
-        }
+        // reports them: audited under its ID, within a budget of bytes per agent and
+        // interval (an agent syncing in a loop cannot fill the audit disk); the rest
+        // are counted into the interval's summary.
+        let id = &agent.record.spiffe_id;
+        let mut reports: Vec<(&'static str, serde_json::Value)> = req
+            .delegated_subscriptions
+            .iter()
+            .map(|d| {
+                let event = serde_json::json!({
+                    "type": "delegated_subscription", "agent": id,
+                    "method": d.method, "delegate": d.delegate, "caller_pid": d.caller_pid,
+                    "caller_uid": d.caller_uid, "target": d.target, "spiffe_ids": d.spiffe_ids,
+                    "at": d.at,
+                });
+                ("delegated_subscription", event)
+            })
+            .collect();
         if req.delegated_subscriptions_dropped > 0 {
-            self.core.record(serde_json::json!({
-                "type": "delegated_subscriptions_dropped", "agent": agent.record.spiffe_id,
-                "count": req.delegated_subscriptions_dropped,
-            }))?;
+            reports.push((
+                "delegated_subscriptions_dropped",
+                serde_json::json!({
+                    "type": "delegated_subscriptions_dropped", "agent": id,
+                    "count": req.delegated_subscriptions_dropped,
+                }),
+            ));
+        }
+        for (kind, event) in reports {
+            let kib = u32::try_from(event.to_string().len().div_ceil(1024)).unwrap_or(u32::MAX);
+            self.delegated_reports.record_weighing(
+                self.core.as_ref(),
+                id,
+                None,
+                kind,
+                kib.max(1),
+                event,
+            );
         }
         let sync = self.core.sync_entries(
             &agent,
