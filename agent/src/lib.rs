@@ -10,6 +10,7 @@ pub mod container;
 pub mod delegated_identity;
 pub mod metrics;
 pub mod node_client;
+pub mod refusal_log;
 pub mod sds;
 pub mod servers;
 pub mod token_exchange;

@@ -363,6 +363,8 @@ pub(crate) struct Subscription {
     sent: u64,
     /// The state's version: grows on every change.
     version: u64,
+    /// The caller's uid, whose share of refusal lines a NACK's log line takes.
+    uid: u32,
 }
 
 impl Subscription {
@@ -370,8 +372,10 @@ impl Subscription {
     pub(crate) fn on_request(&mut self, req: &DiscoveryRequest) -> Result<Step, SdsRefusal> {
         check_request(req)?;
         if let Some(err) = &req.error_detail {
-            let message: String = err.message.chars().take(NACK_MESSAGE_CHARS).collect();
-            tracing::warn!(event = "sds_nack", version = %req.version_info, nonce = %req.response_nonce, code = err.code, error = %message, "Envoy rejected the secrets sent");
+            if let Some(suppressed) = crate::refusal_log::admit(self.uid, "sds_nack") {
+                let message: String = err.message.chars().take(NACK_MESSAGE_CHARS).collect();
+                tracing::warn!(event = "sds_nack", uid = self.uid, version = %req.version_info, nonce = %req.response_nonce, code = err.code, error = %message, suppressed, "Envoy rejected the secrets sent");
+            }
         }
         if let Some(last) = &self.last_nonce {
             if *last != req.response_nonce {
@@ -563,7 +567,10 @@ impl SecretDiscoveryService for SecretDiscovery {
         bundle.borrow_and_update();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
-            let mut sub = Subscription::default();
+            let mut sub = Subscription {
+                uid: peer.uid,
+                ..Default::default()
+            };
             sub.on_change();
             loop {
                 let event = tokio::select! {

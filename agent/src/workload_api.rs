@@ -69,12 +69,14 @@ impl WorkloadApi {
     }
 
     /// [`WorkloadApi::entitled_instance`] for a stream made by [`watch_stream`], which
-    /// checks the caller's process before every message, the first included. Checking it
-    /// here too would read /proc twice per call for nothing: what is looked up here
-    /// comes from the accept-time attestation, and the first message is checked after
-    /// it, closer to the answer. A connection already known refused gets the refusal at
-    /// once, and every refusal below first checks the process, so a gone or changed
-    /// process is told so rather than why it has no entry.
+    /// checks the caller's process before every message, the first included. For a
+    /// process that already has its instance, checking it here too would read /proc
+    /// twice per call for nothing: what is looked up here comes from the accept-time
+    /// attestation, and the first message is checked after it, closer to the answer. A
+    /// new instance is made (minted, or taken from the pool) only for the process that
+    /// connected, so that one is checked first. A connection already known refused gets
+    /// the refusal at once, and every refusal below first checks the process, so a gone
+    /// or changed process is told so rather than why it has no entry.
     async fn entitled_instance_for_stream<T>(
         &self,
         req: &Request<T>,
@@ -82,6 +84,12 @@ impl WorkloadApi {
         let peer = connection_peer(req)?;
         if let Some(r) = peer.known_refusal() {
             return Err(refusal_status(&r));
+        }
+        if peer
+            .attested()
+            .is_some_and(|a| !self.workloads.has_instance(a))
+        {
+            still_the_connecting_process(&peer).await?;
         }
         match self.entitle(peer.clone()).await {
             Ok(found) => Ok(found),
@@ -107,18 +115,20 @@ impl WorkloadApi {
             .entitled(ProcessBinding::of(attested), &attested.selectors)
             .map_err(|_| Status::internal("lock"))?;
         if entitlement.entries.is_empty() {
+            let pid = attested.process.instance.pid;
             if let Some(id) = &entitlement.revoked {
-                tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, spiffe_id = %id, "identity revoked by an operator");
+                if let Some(suppressed) = crate::refusal_log::admit(peer.uid, "workload_refused") {
+                    tracing::info!(event = "workload_refused", pid, uid = peer.uid, spiffe_id = %id, suppressed, "identity revoked by an operator");
+                }
                 return Err(Status::permission_denied(revoked_message(id)));
             }
-            tracing::info!(event = "workload_refused", pid = attested.process.instance.pid, selectors = ?attested.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "no identity issued");
-            return Err(Status::permission_denied(no_entry_message(
-                &attested
-                    .selectors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>(),
-            )));
+            let selectors: Vec<String> =
+                attested.selectors.iter().map(ToString::to_string).collect();
+            if let Some(suppressed) = crate::refusal_log::admit(peer.uid, "workload_refused") {
+                let (shown, more) = shown_selectors(&selectors);
+                tracing::info!(event = "workload_refused", pid, uid = peer.uid, selectors = ?shown, more_selectors = more, suppressed, "no identity issued");
+            }
+            return Err(Status::permission_denied(no_entry_message(&selectors)));
         }
         let inst = self
             .workloads
@@ -146,21 +156,8 @@ const REFUSAL_SELECTOR_CHARS: usize = 96;
 /// process's own selectors, which it may know anyway) and the next step. Starts with
 /// "no identity issued", the reason clients and tests match.
 fn no_entry_message(selectors: &[String]) -> String {
-    let shown: Vec<String> = selectors
-        .iter()
-        .take(REFUSAL_SELECTORS)
-        .map(|s| {
-            if s.chars().count() > REFUSAL_SELECTOR_CHARS {
-                format!(
-                    "{}…",
-                    s.chars().take(REFUSAL_SELECTOR_CHARS).collect::<String>()
-                )
-            } else {
-                s.clone()
-            }
-        })
-        .collect();
-    let more = match selectors.len().saturating_sub(REFUSAL_SELECTORS) {
+    let (shown, more) = shown_selectors(selectors);
+    let more = match more {
         0 => String::new(),
         n => format!(", and {n} more"),
     };
@@ -179,17 +176,40 @@ fn no_entry_message(selectors: &[String]) -> String {
     )
 }
 
+/// The selectors a refusal names (at most [`REFUSAL_SELECTORS`], each cut to
+/// [`REFUSAL_SELECTOR_CHARS`]), and how many more there are.
+fn shown_selectors(selectors: &[String]) -> (Vec<String>, usize) {
+    let shown = selectors
+        .iter()
+        .take(REFUSAL_SELECTORS)
+        .map(|s| {
+            if s.chars().count() > REFUSAL_SELECTOR_CHARS {
+                format!(
+                    "{}…",
+                    s.chars().take(REFUSAL_SELECTOR_CHARS).collect::<String>()
+                )
+            } else {
+                s.clone()
+            }
+        })
+        .collect();
+    (shown, selectors.len().saturating_sub(REFUSAL_SELECTORS))
+}
+
 /// Ok while the connection's process still is the one that connected; else the refusal
-/// (logged).
+/// (logged, within the uid's share of refusal lines).
 pub(crate) async fn still_the_connecting_process(peer: &Arc<ConnectionPeer>) -> Result<(), Status> {
     peer.verify().await.map_err(|r| {
-        tracing::warn!(
-            event = "workload_refused",
-            pid = ?peer.pid,
-            uid = peer.uid,
-            reason = %r,
-            "request on a connection whose process is gone or changed"
-        );
+        if let Some(suppressed) = crate::refusal_log::admit(peer.uid, "workload_refused") {
+            tracing::warn!(
+                event = "workload_refused",
+                pid = ?peer.pid,
+                uid = peer.uid,
+                reason = %r,
+                suppressed,
+                "request on a connection whose process is gone or changed"
+            );
+        }
         refusal_status(&r)
     })
 }

@@ -801,13 +801,17 @@ async fn bind_peer<S>(at_connect: ConnectTimePeer, shared: &Shared<S>) -> Connec
         ),
         Err(r) => {
             super::metrics::workload_connection_refused(r.label());
-            tracing::info!(
-                event = "workload_connection_refused",
-                pid,
-                uid,
-                reason = %r,
-                "Workload API connection not bound; its requests will be refused"
-            )
+            if let Some(suppressed) = crate::refusal_log::admit(uid, "workload_connection_refused")
+            {
+                tracing::info!(
+                    event = "workload_connection_refused",
+                    pid,
+                    uid,
+                    reason = %r,
+                    suppressed,
+                    "Workload API connection not bound; its requests will be refused"
+                )
+            }
         }
     }
     ConnectionPeer::new(pid, uid, attested)

@@ -689,6 +689,14 @@ impl Workloads {
         self.instance_for_key(InstanceKey::of(peer), true)
     }
 
+    /// Whether the connection's peer already has its instance (so [`Workloads::instance_for`]
+    /// would neither mint nor take from the pool for it).
+    pub fn has_instance(&self, peer: &AttestedPeer) -> bool {
+        self.instances
+            .lock()
+            .is_ok_and(|i| i.contains_key(&InstanceKey::of(peer)))
+    }
+
     /// Ok when a new instance for `uid` fits under the cap and under `uid`'s share,
     /// after forgetting exited processes if the map is full or `uid` at its share (at
     /// most once per [`FULL_PRUNE_INTERVAL`]).

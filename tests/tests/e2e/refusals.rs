@@ -460,3 +460,38 @@ fn malformed_entries_are_refused_and_change_nothing() {
     let r = server.cli(&["entry", "show", "0000"]);
     assert!(!r.ok && r.stderr.contains("entry 0000 does not exist"));
 }
+
+/// A process asking again and again for what it is refused writes a few refusal lines
+/// to the agent's log, not one per request (each uid's refusal lines of one kind are
+/// bounded per 10 s window; every refusal is still answered as one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_process_asking_in_a_loop_writes_a_few_log_lines() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let channel = ztid_proto::transport::unix_channel(agent.socket())
+        .await
+        .unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    const ASKED: usize = 200;
+    for _ in 0..ASKED {
+        let mut req = tonic::Request::new(wpb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        });
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        let err = client.fetch_jwtsvid(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().starts_with("no identity issued"), "{err}");
+    }
+    let log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("workload_refused"))
+        .count();
+    // 5 a window; the loop may span a few windows on a slow machine.
+    assert!(
+        (1..=ASKED / 10).contains(&lines),
+        "{lines} refusal lines for {ASKED} refused requests"
+    );
+}

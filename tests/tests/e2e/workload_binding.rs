@@ -565,6 +565,65 @@ async fn connect_then_exec_gets_nothing() {
     assert!(log.contains(EXECD), "the refusal is logged");
 }
 
+/// SVIDs of the exec-target entry the server has issued (and audited) so far.
+fn exec_target_svids_issued(server: &Server) -> usize {
+    std::fs::read_to_string(server.data_dir().join("audit/audit.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.contains("x509_svid_issued") && l.contains("spiffe://example.org/exec-target/")
+        })
+        .count()
+}
+
+/// The entitled program connects, is attested, then execs another: a stream opened on
+/// the connection afterwards is refused, and nothing is minted for it (a new instance is
+/// made only for the process that connected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entitled_process_that_execd_gets_no_instance_minted() {
+    let scene = PathEntryScene::start().await;
+    let PathEntryScene {
+        server,
+        agent,
+        staging,
+        target,
+        ..
+    } = &scene;
+    let mut child = Peer::start(
+        staging,
+        NOBODY,
+        target,
+        &agent.socket(),
+        "exec",
+        &[PYTHON, "-c", "import time; time.sleep(3600)"],
+    );
+    let held = child.channel().await;
+    // A call that makes no instance, answered after the accept-time attestation (of the
+    // entitled program, still running): the connection is bound to it.
+    let validated = SpiffeWorkloadApiClient::new(held.clone())
+        .validate_jwtsvid(with_header(wpb::ValidateJwtsvidRequest {
+            audience: "aud".into(),
+            svid: "a.b.c".into(),
+        }))
+        .await;
+    assert_eq!(validated.unwrap_err().code(), Code::InvalidArgument);
+    let issued = exec_target_svids_issued(server);
+    child.exec_now(Path::new(PYTHON));
+    assert_refused(fetch_x509(&held).await, Code::PermissionDenied, EXECD);
+    let mut c = SpiffeWorkloadApiClient::new(held.clone());
+    let bundles = c.fetch_x509_bundles(with_header(wpb::X509BundlesRequest {}));
+    assert_refused(
+        first_message(bundles.await).await,
+        Code::PermissionDenied,
+        EXECD,
+    );
+    assert_eq!(
+        exec_target_svids_issued(server),
+        issued,
+        "an SVID was minted for a process that is no longer the one that connected"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privilege_drop_after_connect_gets_nothing() {
     let server = Server::start(TD);
