@@ -65,6 +65,10 @@ pub const MAX_REVOCATIONS: usize = 10_000;
 /// from [`MAX_REVOCATIONS`]: an operator filling the kill switch's table must not be able
 /// to keep an admin's stolen credential from being revoked.
 pub const MAX_ADMIN_REVOCATIONS: usize = 1_000;
+/// Most hardware identifiers recorded with agent bans (`tpm:ek-hash:…`,
+/// `sev-snp:chip-id:…`; one to three per banned agent). Looked up by key at each
+/// attestation, never read whole; bounded so bans cannot grow the table without end.
+pub const MAX_HARDWARE_BANS: usize = 100_000;
 /// Longest join token lifetime.
 pub const MAX_JOIN_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
 /// Most CSRs, or JWT-SVID requests, in one node API batch.

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::TryRecvError;
 use ztid_ca::datastore::{
     AgentRecord, AuthorityRecord, AuthorityState, CaState, ChangeTopic, DataStore, EntryFilter,
-    EntryRecord, GrantRecord, JoinTokenRecord, PgOptions, PgStore, RevocationKind,
-    RevocationRecord, SledStore,
+    EntryRecord, GrantRecord, HardwareBanRecord, JoinTokenRecord, PgOptions, PgStore,
+    RevocationKind, RevocationRecord, SledStore,
 };
-use ztid_ca::limits::{MAX_ADMIN_REVOCATIONS, MAX_GRANTS, MAX_REVOCATIONS};
+use ztid_ca::limits::{MAX_ADMIN_REVOCATIONS, MAX_GRANTS, MAX_HARDWARE_BANS, MAX_REVOCATIONS};
 use ztid_ca::{Error, StoreError};
 use ztid_spiffe::Selector;
 use ztid_test_support::postgres::TestPostgres;
@@ -64,6 +64,14 @@ trait Fixture {
                 });
             }
         });
+    }
+    /// Stores `n` hardware bans `tpm:ek-hash:<i as 64 hex digits>` for agent
+    /// `spiffe://example.org/ztid/agent/tpm/filler`, as quickly as the store allows.
+    fn prefill_hardware_bans(&self, n: usize) {
+        let bans: Vec<HardwareBanRecord> = (0..n)
+            .map(|i| hardware_ban(&filler_ek(i), "spiffe://example.org/ztid/agent/tpm/filler"))
+            .collect();
+        self.store(0).put_hardware_bans(&bans).unwrap();
     }
 }
 
@@ -197,6 +205,25 @@ impl Fixture for Postgres {
             assert_eq!(self.store(i).get_grant(&r.id).unwrap().as_ref(), Some(r));
         }
     }
+    /// One INSERT from `generate_series` (one checked write per row takes minutes).
+    fn prefill_hardware_bans(&self, n: usize) {
+        let _ = self.store(0);
+        let sql = format!(
+            "INSERT INTO ztid_hardware_bans (identifier, agent, banned_at) \
+               SELECT 'tpm:ek-hash:' || lpad(to_hex(i), 64, '0'), \
+               'spiffe://example.org/ztid/agent/tpm/filler', 1 \
+               FROM generate_series(0, {}) AS i;",
+            n as i64 - 1
+        );
+        self.pg.psql_in(&self.database, &sql);
+        assert_eq!(
+            self.store(1).hardware_bans_of(&[filler_ek(0)]).unwrap(),
+            vec![hardware_ban(
+                &filler_ek(0),
+                "spiffe://example.org/ztid/agent/tpm/filler"
+            )]
+        );
+    }
 }
 
 /// Each check, once per store kind.
@@ -233,6 +260,8 @@ conformance!(
     grants_are_stored_listed_and_deleted,
     revocations_are_keyed_by_kind_and_target_and_pruned,
     grants_and_revocations_are_bounded,
+    hardware_bans_are_keyed_by_identifier_and_agent,
+    hardware_bans_are_bounded,
 );
 
 // ---------------------------------------------------------------------------------
@@ -1734,4 +1763,150 @@ fn postgres_schema_migrates_once_and_refuses_a_newer_one() {
     );
     let r = PgStore::connect(PgOptions::new(&url, Some(pg.password().into()), "old"));
     assert!(is_database_error(&r), "{:?}", r.err());
+}
+
+// ---------------------------------------------------------------------------------
+// Hardware identifiers recorded with agent bans
+
+fn hardware_ban(identifier: &str, agent: &str) -> HardwareBanRecord {
+    HardwareBanRecord {
+        identifier: identifier.into(),
+        agent: agent.into(),
+        banned_at: 1,
+    }
+}
+
+/// The `i`-th filler identifier (`tpm:ek-hash:` and `i` as 64 hex digits).
+fn filler_ek(i: usize) -> String {
+    format!("tpm:ek-hash:{i:064x}")
+}
+
+fn hardware_bans_are_keyed_by_identifier_and_agent(f: &dyn Fixture) {
+    let s = f.store(0);
+    let ek = format!("tpm:ek-hash:{}", "ab".repeat(32));
+    let chip = format!("sev-snp:chip-id:{}", "cd".repeat(64));
+    let tpm_agent = format!("spiffe://example.org/ztid/agent/tpm/{}", "ab".repeat(32));
+    let multi_agent = format!("spiffe://example.org/ztid/agent/multi/{}", "ef".repeat(32));
+    assert!(s.list_hardware_bans().unwrap().is_empty());
+    assert!(s
+        .hardware_bans_of(std::slice::from_ref(&ek))
+        .unwrap()
+        .is_empty());
+
+    s.put_hardware_bans(&[
+        hardware_ban(&ek, &multi_agent),
+        hardware_ban(&chip, &multi_agent),
+    ])
+    .unwrap();
+    s.put_hardware_bans(&[hardware_ban(&ek, &tpm_agent)])
+        .unwrap();
+    // Nothing to record is no write.
+    s.put_hardware_bans(&[]).unwrap();
+    // Every server reads what one recorded, by identifier, ordered by identifier and
+    // agent; an identifier no ban recorded finds nothing.
+    let other = f.store(1);
+    assert_eq!(
+        other.hardware_bans_of(std::slice::from_ref(&ek)).unwrap(),
+        vec![
+            hardware_ban(&ek, &multi_agent),
+            hardware_ban(&ek, &tpm_agent)
+        ]
+    );
+    let unknown = format!("tpm:ek-hash:{}", "99".repeat(32));
+    assert_eq!(
+        other
+            .hardware_bans_of(&[unknown.clone(), chip.clone()])
+            .unwrap(),
+        vec![hardware_ban(&chip, &multi_agent)]
+    );
+    assert!(other.hardware_bans_of(&[unknown]).unwrap().is_empty());
+    assert!(other.hardware_bans_of(&[]).unwrap().is_empty());
+    // An identifier is matched whole, never as a prefix of another.
+    assert!(other
+        .hardware_bans_of(&["tpm:ek-hash:ab".to_string()])
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.list_hardware_bans().unwrap(),
+        vec![
+            hardware_ban(&chip, &multi_agent),
+            hardware_ban(&ek, &multi_agent),
+            hardware_ban(&ek, &tpm_agent),
+        ]
+    );
+    // Recorded again under the same identifier and agent: replaced, not added.
+    let mut again = hardware_ban(&ek, &tpm_agent);
+    again.banned_at = 9;
+    s.put_hardware_bans(&[again.clone()]).unwrap();
+    assert_eq!(s.list_hardware_bans().unwrap().len(), 3);
+    assert_eq!(
+        s.hardware_bans_of(std::slice::from_ref(&ek)).unwrap(),
+        vec![hardware_ban(&ek, &multi_agent), again.clone()]
+    );
+
+    // Lifting one agent's ban removes what was recorded with it only.
+    assert_eq!(other.delete_hardware_bans(&multi_agent).unwrap(), 2);
+    assert_eq!(s.delete_hardware_bans(&multi_agent).unwrap(), 0);
+    assert_eq!(
+        s.hardware_bans_of(std::slice::from_ref(&ek)).unwrap(),
+        vec![again]
+    );
+    assert!(s.hardware_bans_of(&[chip]).unwrap().is_empty());
+    assert_eq!(s.delete_hardware_bans(&tpm_agent).unwrap(), 1);
+    assert!(s.list_hardware_bans().unwrap().is_empty());
+}
+
+fn hardware_bans_are_bounded(f: &dyn Fixture) {
+    let s = f.store(0);
+    let agent = "spiffe://example.org/ztid/agent/multi/last";
+    f.prefill_hardware_bans(MAX_HARDWARE_BANS - 1);
+    // Two new ones with room for one: refused, and neither is written (all or none).
+    let two = [
+        hardware_ban(&filler_ek(MAX_HARDWARE_BANS), agent),
+        hardware_ban(&filler_ek(MAX_HARDWARE_BANS + 1), agent),
+    ];
+    let e = s.put_hardware_bans(&two).unwrap_err();
+    assert!(
+        matches!(&e, Error::Precondition(m) if m.contains("hardware identifiers")),
+        "{e:?}"
+    );
+    assert!(f
+        .store(1)
+        .hardware_bans_of(&[
+            filler_ek(MAX_HARDWARE_BANS),
+            filler_ek(MAX_HARDWARE_BANS + 1)
+        ])
+        .unwrap()
+        .is_empty());
+    // The last slot, raced for by two servers: exactly one gets it.
+    let winners = std::thread::scope(|scope| {
+        let racers: Vec<_> = two
+            .iter()
+            .enumerate()
+            .map(|(t, ban)| {
+                let s = f.store(t);
+                scope.spawn(move || s.put_hardware_bans(std::slice::from_ref(ban)))
+            })
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+        }
+        results.iter().filter(|r| r.is_ok()).count()
+    });
+    assert_eq!(winners, 1);
+    assert_eq!(s.list_hardware_bans().unwrap().len(), MAX_HARDWARE_BANS);
+    // Full: a replacement is not refused; lifting a ban makes room.
+    s.put_hardware_bans(&[hardware_ban(
+        &filler_ek(0),
+        "spiffe://example.org/ztid/agent/tpm/filler",
+    )])
+    .unwrap();
+    let e = s
+        .put_hardware_bans(&[hardware_ban(&filler_ek(MAX_HARDWARE_BANS + 2), agent)])
+        .unwrap_err();
+    assert!(matches!(e, Error::Precondition(_)), "{e:?}");
+    assert_eq!(s.delete_hardware_bans(agent).unwrap(), 1);
+    s.put_hardware_bans(&[hardware_ban(&filler_ek(MAX_HARDWARE_BANS + 2), agent)])
+        .unwrap();
 }

@@ -104,6 +104,7 @@ fn migrate_verb(args: &MigrateArgs, out: Output) -> Result<(), String> {
             println!("join tokens:       {}", report.join_tokens);
             println!("federations:       {}", report.federations);
             println!("federated bundles: {}", report.federated_bundles);
+            println!("hardware bans:     {}", report.hardware_bans);
             println!("x509 authorities:  {}", report.x509_authorities);
             println!("jwt authorities:   {}", report.jwt_authorities);
             println!(

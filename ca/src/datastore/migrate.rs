@@ -4,7 +4,8 @@
 //!
 //! What is copied: registration entries (with their ids and revisions), agents, join
 //! tokens (by hash), federation relationships and federated bundles, token-exchange
-//! grants and revocations (issue 14), the server's CA
+//! grants and revocations (issue 14), the hardware identifiers recorded with agent
+//! bans, the server's CA
 //! state (its authorities and bundle sequence, stored under the target's
 //! [`DataStore::server_id`]: open the target as the server that will use the keys of
 //! the source's data directory) and its audit anchor.
@@ -60,6 +61,9 @@ pub struct MigrationReport {
     /// Revocations (the kill switch), expired ones included until pruned.
     #[serde(default)]
     pub revocations: usize,
+    /// Hardware identifiers recorded with agent bans.
+    #[serde(default)]
+    pub hardware_bans: usize,
     /// X.509 authorities in the CA state.
     pub x509_authorities: usize,
     /// JWT authorities in the CA state.
@@ -85,6 +89,10 @@ pub fn contents(store: &dyn DataStore) -> Result<Vec<String>> {
     note(store.list_federated_bundles()?.len(), "federated bundles");
     note(store.list_grants()?.len(), "grants");
     note(store.list_revocations()?.len(), "revocations");
+    note(
+        store.list_hardware_bans()?.len(),
+        "banned hardware identifiers",
+    );
     note(store.cluster_ca_states()?.len(), "servers' CA states");
     if store.audit_anchor()?.is_some() {
         found.push("an audit anchor".into());
@@ -162,6 +170,7 @@ pub fn migrate(source: &dyn DataStore, target: &dyn DataStore) -> Result<Migrati
         .collect::<Result<Vec<_>>>()?;
     let grants = source.list_grants()?;
     let revocations = source.list_revocations()?;
+    let hardware_bans = source.list_hardware_bans()?;
     let ca_state = source.load_ca_state()?;
     let anchor = match source.audit_anchor()? {
         Some(r) => Some((anchor_seq(&r)?, r)),
@@ -232,6 +241,8 @@ pub fn migrate(source: &dyn DataStore, target: &dyn DataStore) -> Result<Migrati
         target.put_revocation(revocation)?;
     }
     report.revocations = revocations.len();
+    target.put_hardware_bans(&hardware_bans)?;
+    report.hardware_bans = hardware_bans.len();
     if let Some(state) = &ca_state {
         target.store_ca_state(state)?;
         report.x509_authorities = state.x509.len();

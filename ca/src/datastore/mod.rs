@@ -267,6 +267,39 @@ pub(crate) fn too_many_revocations() -> crate::Error {
     ))
 }
 
+/// A hardware identifier recorded with an agent's ban: a selector the banned agent's
+/// attestation proved that names a physical TPM or chip rather than one launch or one
+/// agent ID (see `crate::core::attestation::hardware_identifiers`). Any node whose
+/// attestation proves it again, under whatever agent ID or method (`multi` included), is
+/// refused as banned.
+/// Stored under (`identifier`, `agent`): the same TPM seen by two banned agents is
+/// recorded twice, and lifting one ban (`agent evict`) leaves the other's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardwareBanRecord {
+    /// The selector, `type:value` (`tpm:ek-hash:<hex>`, `sev-snp:chip-id:<hex>`).
+    pub identifier: String,
+    /// The SPIFFE ID of the banned agent it was recorded with.
+    pub agent: String,
+    /// Unix seconds of the ban.
+    pub banned_at: i64,
+}
+
+impl HardwareBanRecord {
+    /// The key the record is stored under: its identifier and agent.
+    pub(crate) fn key(&self) -> String {
+        format!("{}\n{}", self.identifier, self.agent)
+    }
+}
+
+/// The refusal of hardware bans beyond [`crate::limits::MAX_HARDWARE_BANS`].
+pub(crate) fn too_many_hardware_bans() -> crate::Error {
+    crate::Error::Precondition(format!(
+        "at most {} banned hardware identifiers may be recorded: lift bans no longer needed \
+         (agent evict of a banned agent) before banning more",
+        crate::limits::MAX_HARDWARE_BANS
+    ))
+}
+
 /// The lifecycle state of an authority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -643,6 +676,19 @@ pub trait DataStore: Send + Sync + 'static {
     /// Deletes the revocations that expired before `before` (Unix seconds); returns how
     /// many.
     fn prune_revocations(&self, before: i64) -> Result<u64>;
+
+    /// Records hardware identifiers with an agent's ban, all or none, replacing those
+    /// stored under the same identifier and agent; refused (`Precondition`) when the new
+    /// ones would take the table beyond [`crate::limits::MAX_HARDWARE_BANS`].
+    fn put_hardware_bans(&self, bans: &[HardwareBanRecord]) -> Result<()>;
+    /// The hardware bans recorded for any of `identifiers` (a keyed read per
+    /// identifier), ordered by identifier and agent.
+    fn hardware_bans_of(&self, identifiers: &[String]) -> Result<Vec<HardwareBanRecord>>;
+    /// Removes every hardware ban recorded with the ban of `agent` (its ban lifted);
+    /// returns how many.
+    fn delete_hardware_bans(&self, agent: &str) -> Result<u64>;
+    /// Every hardware ban, ordered by identifier and agent.
+    fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>>;
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;

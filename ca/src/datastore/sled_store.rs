@@ -13,10 +13,10 @@ use super::{
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
 use super::{
-    too_many_admin_revocations, too_many_grants, too_many_revocations, GrantRecord, RevocationKind,
-    RevocationRecord,
+    too_many_admin_revocations, too_many_grants, too_many_hardware_bans, too_many_revocations,
+    GrantRecord, HardwareBanRecord, RevocationKind, RevocationRecord,
 };
-use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
+use crate::limits::{MAX_GRANTS, MAX_HARDWARE_BANS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
 /// Sled-backed [`DataStore`].
@@ -38,6 +38,8 @@ pub struct SledStore {
     revocations: CountedTree,
     /// Admin credential revocations, apart (see `DataStore::put_revocation`).
     admin_revocations: CountedTree,
+    /// Hardware identifiers recorded with agent bans, by identifier and agent.
+    hardware_bans: CountedTree,
     /// Entry writes one at a time, so revisions commit in the order they are drawn: a
     /// sync that has seen revision N must never later meet an N-1 committed after it.
     entry_writes: std::sync::Mutex<()>,
@@ -228,6 +230,7 @@ impl SledStore {
             grants: CountedTree::new(db.open_tree("grants")?),
             revocations: CountedTree::new(db.open_tree("revocations")?),
             admin_revocations: CountedTree::new(db.open_tree("admin_revocations")?),
+            hardware_bans: CountedTree::new(db.open_tree("hardware_bans")?),
             entry_writes: std::sync::Mutex::new(()),
             server_id: server_id.to_string(),
             changes: change_channel(),
@@ -1045,6 +1048,65 @@ impl DataStore for SledStore {
             })?;
         }
         Ok(removed)
+    }
+
+    fn put_hardware_bans(&self, bans: &[HardwareBanRecord]) -> Result<()> {
+        self.hardware_bans.write(|tree, n| {
+            let mut batch = sled::Batch::default();
+            let mut keys = std::collections::BTreeSet::new();
+            for ban in bans {
+                let key = ban.key();
+                batch.insert(key.as_bytes(), serde_json::to_vec(ban)?);
+                keys.insert(key);
+            }
+            let mut new = 0;
+            for key in &keys {
+                if !tree.contains_key(key.as_bytes())? {
+                    new += 1;
+                }
+            }
+            let after = n.saturating_add(new);
+            if new > 0 && after > MAX_HARDWARE_BANS {
+                return Err(too_many_hardware_bans());
+            }
+            // All or none.
+            tree.apply_batch(batch)?;
+            Ok(((), after))
+        })
+    }
+
+    fn hardware_bans_of(&self, identifiers: &[String]) -> Result<Vec<HardwareBanRecord>> {
+        let wanted: std::collections::BTreeSet<&String> = identifiers.iter().collect();
+        let mut out = Vec::new();
+        for identifier in wanted {
+            for v in self
+                .hardware_bans
+                .tree
+                .scan_prefix(format!("{identifier}\n").as_bytes())
+                .values()
+            {
+                out.push(serde_json::from_slice(&v?)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_hardware_bans(&self, agent: &str) -> Result<u64> {
+        // Rare (an operator lifting a ban) and the table is bounded: a scan, one writer.
+        self.hardware_bans.write(|tree, n| {
+            let mut removed = 0usize;
+            for v in tree.iter().values() {
+                let ban: HardwareBanRecord = serde_json::from_slice(&v?)?;
+                if ban.agent == agent && tree.remove(ban.key().as_bytes())?.is_some() {
+                    removed += 1;
+                }
+            }
+            Ok((removed as u64, n.saturating_sub(removed)))
+        })
+    }
+
+    fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>> {
+        self.hardware_bans.values()
     }
 }
 

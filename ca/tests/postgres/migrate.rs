@@ -179,6 +179,14 @@ fn populate_here(data_dir: &Path, other_td_dir: &Path) {
         "test",
     )
     .unwrap();
+    // A hardware identifier recorded with an agent's ban.
+    core.store
+        .put_hardware_bans(&[ztid_ca::datastore::HardwareBanRecord {
+            identifier: format!("tpm:ek-hash:{}", "ab".repeat(32)),
+            agent: format!("spiffe://{TD}/ztid/agent/tpm/{}", "ab".repeat(32)),
+            banned_at: 1,
+        }])
+        .unwrap();
     core.store.flush().unwrap();
     // The audit writer anchors the log in the datastore shortly after each write.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -199,6 +207,7 @@ struct Snapshot {
     bundles: Vec<Vec<u8>>,
     grants: Vec<ztid_ca::datastore::GrantRecord>,
     revocations: Vec<ztid_ca::datastore::RevocationRecord>,
+    hardware_bans: Vec<ztid_ca::datastore::HardwareBanRecord>,
     ca_state: Option<CaState>,
     anchor: Option<Vec<u8>>,
     revision: u64,
@@ -217,6 +226,7 @@ fn snapshot(s: &dyn DataStore) -> Snapshot {
         bundles: s.list_federated_bundles().unwrap(),
         grants: s.list_grants().unwrap(),
         revocations: s.list_revocations().unwrap(),
+        hardware_bans: s.list_hardware_bans().unwrap(),
         ca_state: s.load_ca_state().unwrap(),
         anchor: s.audit_anchor().unwrap(),
         revision: s.current_revision().unwrap(),
@@ -248,6 +258,7 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
     assert_eq!(before.bundles.len(), 1);
     assert_eq!(before.grants.len(), 1);
     assert_eq!(before.revocations.len(), 1);
+    assert_eq!(before.hardware_bans.len(), 1);
     let state = before.ca_state.clone().expect("CA state");
     assert_eq!(state.x509.len(), 2, "the active and the prepared authority");
     assert!(before.anchor.is_some());
@@ -267,6 +278,7 @@ fn a_sled_deployment_moves_to_postgres_and_a_second_migration_is_refused() {
             federated_bundles: 1,
             grants: 1,
             revocations: 1,
+            hardware_bans: 1,
             x509_authorities: 2,
             jwt_authorities: state.jwt.len(),
             audit_anchor: true,

@@ -41,10 +41,10 @@ use super::{
     EntryChange, EntryFilter, EntryRecord, JoinTokenRecord, LeaderGuard,
 };
 use super::{
-    too_many_admin_revocations, too_many_grants, too_many_revocations, GrantRecord, RevocationKind,
-    RevocationRecord,
+    too_many_admin_revocations, too_many_grants, too_many_hardware_bans, too_many_revocations,
+    GrantRecord, HardwareBanRecord, RevocationKind, RevocationRecord,
 };
-use crate::limits::{MAX_GRANTS, MAX_REVOCATIONS};
+use crate::limits::{MAX_GRANTS, MAX_HARDWARE_BANS, MAX_REVOCATIONS};
 use crate::{Error, Result, StoreError};
 
 /// The notification channel every writer notifies on and every store listens to.
@@ -55,6 +55,8 @@ pub(super) const CHANNEL: &str = "ztid_changes";
 const GRANTS_LOCK: i64 = 0x7a74_6964_0067_7274;
 /// The advisory lock revocation writers take (`ztid` `rev`).
 const REVOCATIONS_LOCK: i64 = 0x7a74_6964_0072_6576;
+/// The advisory lock hardware ban writers take (`ztid` `hwb`).
+const HARDWARE_BANS_LOCK: i64 = 0x7a74_6964_0068_7762;
 
 /// How to reach the database, and as which server.
 pub struct PgOptions {
@@ -233,6 +235,15 @@ async fn execute<C: GenericClient>(
 /// Column `i` of `row` as the JSON record `T`.
 fn json<T: serde::de::DeserializeOwned>(row: &Row, i: usize, what: &'static str) -> Result<T> {
     Ok(row.try_get::<_, Json<T>>(i).map_err(db(what))?.0)
+}
+
+/// A `ztid_hardware_bans` row (`identifier, agent, banned_at`).
+fn hardware_ban_of(row: &Row, what: &'static str) -> Result<HardwareBanRecord> {
+    Ok(HardwareBanRecord {
+        identifier: row.try_get(0).map_err(db(what))?,
+        agent: row.try_get(1).map_err(db(what))?,
+        banned_at: row.try_get(2).map_err(db(what))?,
+    })
 }
 
 fn entries_of(rows: &[Row], what: &'static str) -> Result<Vec<EntryRecord>> {
@@ -1550,6 +1561,114 @@ impl DataStore for PgStore {
                 .await?;
             }
             Ok(removed)
+        })
+    }
+
+    fn put_hardware_bans(&self, bans: &[HardwareBanRecord]) -> Result<()> {
+        const WHAT: &str = "put_hardware_bans";
+        let bans = bans.to_vec();
+        self.call(WHAT, move |inner| async move {
+            let mut c = inner.client(WHAT).await?;
+            let tx = c.transaction().await.map_err(db(WHAT))?;
+            // One writer at a time, cluster-wide: the bound holds across servers.
+            execute(
+                &tx,
+                WHAT,
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&HARDWARE_BANS_LOCK],
+            )
+            .await?;
+            let mut keys = std::collections::BTreeSet::new();
+            let mut new: u64 = 0;
+            for ban in &bans {
+                if !keys.insert((ban.identifier.as_str(), ban.agent.as_str())) {
+                    continue;
+                }
+                let exists = query_opt(
+                    &tx,
+                    WHAT,
+                    "SELECT 1 FROM ztid_hardware_bans WHERE identifier = $1 AND agent = $2",
+                    &[&ban.identifier, &ban.agent],
+                )
+                .await?
+                .is_some();
+                if !exists {
+                    new += 1;
+                }
+            }
+            if new > 0 {
+                let n: i64 = query_one(&tx, WHAT, "SELECT count(*) FROM ztid_hardware_bans", &[])
+                    .await?
+                    .try_get(0)
+                    .map_err(db(WHAT))?;
+                if to_u64(n, "hardware ban count")?.saturating_add(new) > MAX_HARDWARE_BANS as u64 {
+                    return Err(too_many_hardware_bans());
+                }
+            }
+            for ban in &bans {
+                execute(
+                    &tx,
+                    WHAT,
+                    "INSERT INTO ztid_hardware_bans (identifier, agent, banned_at) \
+                     VALUES ($1, $2, $3) \
+                     ON CONFLICT (identifier, agent) DO UPDATE SET banned_at = EXCLUDED.banned_at",
+                    &[&ban.identifier, &ban.agent, &ban.banned_at],
+                )
+                .await?;
+            }
+            tx.commit().await.map_err(db(WHAT))
+        })
+    }
+
+    fn hardware_bans_of(&self, identifiers: &[String]) -> Result<Vec<HardwareBanRecord>> {
+        const WHAT: &str = "hardware_bans_of";
+        let identifiers = identifiers.to_vec();
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query(
+                &c,
+                WHAT,
+                "SELECT identifier, agent, banned_at FROM ztid_hardware_bans \
+                 WHERE identifier = ANY($1) ORDER BY identifier, agent",
+                &[&identifiers],
+            )
+            .await?
+            .iter()
+            .map(|r| hardware_ban_of(r, WHAT))
+            .collect()
+        })
+    }
+
+    fn delete_hardware_bans(&self, agent: &str) -> Result<u64> {
+        const WHAT: &str = "delete_hardware_bans";
+        let agent = agent.to_string();
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            execute(
+                &c,
+                WHAT,
+                "DELETE FROM ztid_hardware_bans WHERE agent = $1",
+                &[&agent],
+            )
+            .await
+        })
+    }
+
+    fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>> {
+        const WHAT: &str = "list_hardware_bans";
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            query(
+                &c,
+                WHAT,
+                "SELECT identifier, agent, banned_at FROM ztid_hardware_bans \
+                 ORDER BY identifier, agent",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| hardware_ban_of(r, WHAT))
+            .collect()
         })
     }
 

@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "admin revocations",
         sql: include_str!("migrations/0003_admin_revocations.sql"),
     },
+    Migration {
+        version: 4,
+        name: "hardware bans",
+        sql: include_str!("migrations/0004_hardware_bans.sql"),
+    },
 ];
 
 /// The advisory lock key the migrations run under (`ztid` `mig`).
