@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use rcgen::PublicKeyData;
 use serde_json::json;
 use ztid_spiffe::selector::satisfies;
+use ztid_spiffe::Selector;
 use ztid_verifier::{AttestationContext, AttestedNode, NodeVerifier};
 
 use super::{now, AuthenticatedAgent, CaCore};
@@ -15,6 +16,37 @@ use crate::authority::{LeafTemplate, SignedLeaf};
 use crate::csr_policy::{check_csr, IdentityRule};
 use crate::datastore::AgentRecord;
 use crate::{Error, RefusalKind, Result};
+
+/// The selectors (type and value key) that name a physical TPM or chip, rather than one
+/// launch or one agent ID: what a ban records besides the agent's SPIFFE ID.
+///
+/// - `tpm:ek-hash:<hex>`: the TPM's endorsement key (its node ID). A TPM has an RSA
+///   and an ECC EK, each with its own hash: a ban covers the EKs the node showed.
+/// - `sev-snp:chip-id:<hex>`: the AMD chip (the VCEK's hwID, present for VCEK reports);
+///   the same for every launch of every guest on that machine. The `sev-snp` node ID
+///   is per launch.
+///
+/// TDX emits no platform selector (no PPID): a TDX ban holds for the banned node ID
+/// only, which is per launch for TD 1.5 reports.
+pub const HARDWARE_IDENTIFIERS: &[(&str, &str)] = &[("tpm", "ek-hash"), ("sev-snp", "chip-id")];
+
+/// The hardware identifiers among `selectors` (`type:value`, each once, sorted): a
+/// `multi` node carries those of its factors.
+pub fn hardware_identifiers(selectors: &[Selector]) -> Vec<String> {
+    let found: BTreeSet<String> = selectors
+        .iter()
+        .filter(|s| {
+            HARDWARE_IDENTIFIERS.iter().any(|(kind, key)| {
+                s.kind() == *kind
+                    && s.value()
+                        .strip_prefix(key)
+                        .is_some_and(|rest| rest.starts_with(':') && rest.len() > 1)
+            })
+        })
+        .map(|s| s.to_string())
+        .collect();
+    found.into_iter().collect()
+}
 
 impl CaCore {
     /// The verifier for a method; refuses a single method the server requires to be
@@ -54,8 +86,33 @@ impl CaCore {
         Ok(parsed.public_key.subject_public_key_info())
     }
 
-    /// Completes an attestation: checks bans, computes aliases, signs the agent SVID
-    /// and stores the agent.
+    /// Refuses, as banned, a node whose selectors prove a hardware identifier recorded
+    /// with some agent's ban, whatever agent ID it attests as.
+    fn check_hardware_bans(&self, agent_id: &str, selectors: &[Selector]) -> Result<()> {
+        let identifiers = hardware_identifiers(selectors);
+        if identifiers.is_empty() {
+            return Ok(());
+        }
+        match self
+            .store
+            .hardware_bans_of(&identifiers)?
+            .into_iter()
+            .next()
+        {
+            Some(ban) => Err(Error::refused(
+                RefusalKind::Banned,
+                format!(
+                    "{} is banned (recorded with the ban of agent {}): {agent_id} may not attest",
+                    ban.identifier, ban.agent
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Completes an attestation: checks bans (the agent's ID and the hardware
+    /// identifiers its selectors prove), computes aliases, signs the agent SVID and
+    /// stores the agent.
     pub fn complete_attestation(
         &self,
         node: &AttestedNode,
@@ -74,6 +131,7 @@ impl CaCore {
         if existing.as_ref().is_some_and(|e| e.banned) {
             return Err(super::agent_auth::banned_agent(&agent_id));
         }
+        self.check_hardware_bans(&agent_id, &node.selectors)?;
         let checked = check_csr(csr, &IdentityRule::Assigned(&agent_id), &[])?;
         let t = now();
         if let Some(p) = &self.policy {
@@ -157,6 +215,7 @@ impl CaCore {
             if existing.as_ref().is_some_and(|e| e.banned) {
                 return Err(super::agent_auth::banned_agent(&record.spiffe_id));
             }
+            self.check_hardware_bans(&record.spiffe_id, &record.selectors)?;
         }
         self.store.flush()?;
         self.record(json!({"type": "node_attested", "agent": record.spiffe_id, "method": record.method,
@@ -230,5 +289,262 @@ impl CaCore {
         crate::metrics::agent_svid_issued();
         tracing::info!(event = "agent_renewed", agent = %id, serial = %leaf.serial, "agent SVID renewed");
         Ok(leaf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::{core_with_agent, fresh_csr};
+
+    const SERVER: &str = "spiffe://example.org/ztid/server";
+
+    fn node(method: &'static str, node_id: &str, selectors: &[String]) -> AttestedNode {
+        AttestedNode {
+            method,
+            node_id: node_id.into(),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            aliases: vec![],
+            evidence_digest: [1; 32],
+        }
+    }
+
+    /// A node alias selecting on `selector` (`type:value`), as the workloads of the
+    /// banned node's kind hang off.
+    fn alias(core: &CaCore, id: &str, selector: &str) {
+        let (kind, value) = selector.split_once(':').unwrap();
+        core.create_entry(&ztid_proto::node::Entry {
+            spiffe_id: id.into(),
+            parent_id: SERVER.into(),
+            selectors: vec![ztid_proto::node::Selector {
+                r#type: kind.into(),
+                value: value.into(),
+            }],
+            node: true,
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    /// The refusal detail, asserting the refusal is `Banned`.
+    fn banned_reason(e: Error) -> String {
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::Banned), "{e}");
+        e.to_string()
+    }
+
+    fn sev_snp_launch(report_id: u8, chip_id: &str) -> AttestedNode {
+        node(
+            "sev-snp",
+            &format!("{report_id:02x}").repeat(16),
+            &[
+                format!("sev-snp:chip-id:{chip_id}"),
+                format!("sev-snp:measurement:{}", "aa".repeat(48)),
+                "sev-snp:policy:30000".into(),
+            ],
+        )
+    }
+
+    #[test]
+    fn hardware_identifiers_are_the_tpm_ek_hashes_and_sev_snp_chip_ids() {
+        let ek = "ab".repeat(32);
+        let other_ek = "cd".repeat(32);
+        let chip = "ef".repeat(64);
+        let n = node(
+            "multi",
+            &"01".repeat(32),
+            &[
+                format!("tpm:ek-hash:{ek}"),
+                format!("tpm:ek-hash:{other_ek}"),
+                format!("tpm:pcr:7:{}", "00".repeat(32)),
+                "tpm:ek-cert:none".into(),
+                format!("sev-snp:chip-id:{chip}"),
+                format!("sev-snp:vtpm-ek-hash:{ek}"),
+                format!("sev-snp:measurement:{}", "aa".repeat(48)),
+                format!("tdx:mrtd:{}", "bb".repeat(48)),
+                "multi:method:tpm".into(),
+                "multi:method:sev-snp".into(),
+            ],
+        );
+        assert_eq!(
+            hardware_identifiers(&n.selectors),
+            vec![
+                format!("sev-snp:chip-id:{chip}"),
+                format!("tpm:ek-hash:{ek}"),
+                format!("tpm:ek-hash:{other_ek}"),
+            ]
+        );
+        let join = node("join-token", "t1", &["join-token:id:t1".into()]);
+        assert!(hardware_identifiers(&join.selectors).is_empty());
+    }
+
+    /// The finding: a ban keyed to the agent ID only let the same TPM attest again as
+    /// one factor of a `multi` attempt (another agent ID) and rejoin every node alias
+    /// selecting on its hardware.
+    #[test]
+    fn banned_tpm_node_attesting_again_as_multi_with_the_same_ek_is_refused() {
+        let (_dir, core, _, _) = core_with_agent();
+        let ek = "ab".repeat(32);
+        let pcr = format!("tpm:pcr:7:{}", "00".repeat(32));
+        alias(&core, "spiffe://example.org/nodes/secure-boot", &pcr);
+        let tpm = node("tpm", &ek, &[format!("tpm:ek-hash:{ek}"), pcr.clone()]);
+        let (rec, _) = core.complete_attestation(&tpm, &fresh_csr()).unwrap();
+        assert_eq!(rec.aliases, vec!["spiffe://example.org/nodes/secure-boot"]);
+        core.ban_agent(&rec.spiffe_id).unwrap();
+        let recorded: Vec<(String, String)> = core
+            .store
+            .list_hardware_bans()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.identifier, b.agent))
+            .collect();
+        assert_eq!(
+            recorded,
+            vec![(format!("tpm:ek-hash:{ek}"), rec.spiffe_id.clone())]
+        );
+
+        // The same method and EK: refused by its ID, as before.
+        let e = core.complete_attestation(&tpm, &fresh_csr()).unwrap_err();
+        assert!(banned_reason(e).contains(&rec.spiffe_id));
+
+        // The same TPM inside a multi attempt: another agent ID, refused by its EK.
+        let multi = node(
+            "multi",
+            &"cd".repeat(32),
+            &[
+                format!("tpm:ek-hash:{ek}"),
+                pcr.clone(),
+                format!("sev-snp:chip-id:{}", "12".repeat(64)),
+                "multi:method:sev-snp".into(),
+                "multi:method:tpm".into(),
+            ],
+        );
+        let e = core.complete_attestation(&multi, &fresh_csr()).unwrap_err();
+        let reason = banned_reason(e);
+        assert!(reason.contains(&format!("tpm:ek-hash:{ek}")), "{reason}");
+        assert!(reason.contains(&rec.spiffe_id), "{reason}");
+        let multi_id =
+            ztid_spiffe::spiffe_id::agent_id(&core.trust_domain, "multi", &"cd".repeat(32))
+                .unwrap()
+                .to_string();
+        assert!(core.store.get_agent(&multi_id).unwrap().is_none());
+
+        // Another TPM in the same alias is not touched by the ban.
+        let other_ek = "ef".repeat(32);
+        let other = node("tpm", &other_ek, &[format!("tpm:ek-hash:{other_ek}"), pcr]);
+        let (rec2, _) = core.complete_attestation(&other, &fresh_csr()).unwrap();
+        assert_eq!(rec2.aliases, vec!["spiffe://example.org/nodes/secure-boot"]);
+    }
+
+    /// A ban made on the `multi` agent covers its factors' hardware when it attests
+    /// with one method alone.
+    #[test]
+    fn banned_multi_node_attesting_again_with_its_tpm_alone_is_refused() {
+        let (_dir, core, _, _) = core_with_agent();
+        let ek = "ab".repeat(32);
+        let multi = node(
+            "multi",
+            &"cd".repeat(32),
+            &[
+                format!("tpm:ek-hash:{ek}"),
+                "multi:method:sev-snp".into(),
+                "multi:method:tpm".into(),
+            ],
+        );
+        let (rec, _) = core.complete_attestation(&multi, &fresh_csr()).unwrap();
+        core.ban_agent(&rec.spiffe_id).unwrap();
+        let tpm = node("tpm", &ek, &[format!("tpm:ek-hash:{ek}")]);
+        let reason = banned_reason(core.complete_attestation(&tpm, &fresh_csr()).unwrap_err());
+        assert!(reason.contains(&format!("tpm:ek-hash:{ek}")), "{reason}");
+    }
+
+    /// SEV-SNP node IDs are per launch: a relaunch on the same chip is a new agent ID,
+    /// refused by the chip ID recorded with the ban.
+    #[test]
+    fn banned_sev_snp_node_relaunched_on_the_same_chip_is_refused() {
+        let (_dir, core, _, _) = core_with_agent();
+        let chip = "12".repeat(64);
+        let measurement = format!("sev-snp:measurement:{}", "aa".repeat(48));
+        alias(
+            &core,
+            "spiffe://example.org/nodes/confidential",
+            &measurement,
+        );
+        let first = sev_snp_launch(1, &chip);
+        let (rec, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
+        assert_eq!(rec.aliases, vec!["spiffe://example.org/nodes/confidential"]);
+        core.ban_agent(&rec.spiffe_id).unwrap();
+
+        let relaunch = sev_snp_launch(2, &chip);
+        let e = core
+            .complete_attestation(&relaunch, &fresh_csr())
+            .unwrap_err();
+        let reason = banned_reason(e);
+        assert!(
+            reason.contains(&format!("sev-snp:chip-id:{chip}")),
+            "{reason}"
+        );
+        assert!(reason.contains(&rec.spiffe_id), "{reason}");
+
+        // A guest on another chip is admitted.
+        let elsewhere = sev_snp_launch(3, &"34".repeat(64));
+        let (rec3, _) = core.complete_attestation(&elsewhere, &fresh_csr()).unwrap();
+        assert!(!rec3.banned);
+    }
+
+    /// Lifting the ban (`agent evict` of the banned agent) lifts the hardware
+    /// identifiers recorded with it: the relaunched node, and the old ID, attest again.
+    #[test]
+    fn unbanned_sev_snp_node_is_admitted_again() {
+        let (_dir, core, _, _) = core_with_agent();
+        let chip = "12".repeat(64);
+        let first = sev_snp_launch(1, &chip);
+        let (rec, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
+        core.ban_agent(&rec.spiffe_id).unwrap();
+        let relaunch = sev_snp_launch(2, &chip);
+        assert!(core.complete_attestation(&relaunch, &fresh_csr()).is_err());
+
+        let evicted = core.evict_agent(&rec.spiffe_id).unwrap();
+        assert!(evicted.banned);
+        assert!(core.store.list_hardware_bans().unwrap().is_empty());
+        let (rec2, _) = core.complete_attestation(&relaunch, &fresh_csr()).unwrap();
+        assert!(!rec2.banned);
+        let (rec1, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
+        assert_eq!(rec1.spiffe_id, rec.spiffe_id);
+    }
+
+    /// The same chip banned with two agents stays banned until both bans are lifted.
+    #[test]
+    fn lifting_one_ban_keeps_the_hardware_another_ban_recorded() {
+        let (_dir, core, _, _) = core_with_agent();
+        let chip = "12".repeat(64);
+        let (a, _) = core
+            .complete_attestation(&sev_snp_launch(1, &chip), &fresh_csr())
+            .unwrap();
+        let (b, _) = core
+            .complete_attestation(&sev_snp_launch(2, &chip), &fresh_csr())
+            .unwrap();
+        core.ban_agent(&a.spiffe_id).unwrap();
+        core.ban_agent(&b.spiffe_id).unwrap();
+        core.evict_agent(&a.spiffe_id).unwrap();
+        let reason = banned_reason(
+            core.complete_attestation(&sev_snp_launch(3, &chip), &fresh_csr())
+                .unwrap_err(),
+        );
+        assert!(reason.contains(&b.spiffe_id), "{reason}");
+        core.evict_agent(&b.spiffe_id).unwrap();
+        core.complete_attestation(&sev_snp_launch(3, &chip), &fresh_csr())
+            .unwrap();
+    }
+
+    /// A node proving no hardware identifier (a join token) is banned by its ID only;
+    /// banning it records nothing.
+    #[test]
+    fn banning_a_join_token_agent_records_no_hardware_identifier() {
+        let (_dir, core, _, agent) = core_with_agent();
+        core.ban_agent(&agent.record.spiffe_id).unwrap();
+        assert!(core.store.list_hardware_bans().unwrap().is_empty());
     }
 }

@@ -6,7 +6,7 @@ use ztid_verifier::join_token;
 
 use super::{now, CaCore};
 use crate::authority::random_hex;
-use crate::datastore::{AgentRecord, EntryRecord, JoinTokenRecord};
+use crate::datastore::{AgentRecord, EntryRecord, HardwareBanRecord, JoinTokenRecord};
 use crate::entries::validate_new_entry;
 use crate::{Error, Result};
 
@@ -170,30 +170,78 @@ impl CaCore {
         Ok(e)
     }
 
-    /// Evicts an agent: its next call fails; it must attest again.
+    /// Evicts an agent: its next call fails; it must attest again. Evicting a banned
+    /// agent lifts its ban: its SPIFFE ID and the hardware identifiers recorded with
+    /// the ban may attest again.
     pub fn evict_agent(&self, id: &str) -> Result<AgentRecord> {
         crate::entries::parse_id(&self.trust_domain, "agent", id)?;
+        // The hardware identifiers first: were the record removed first and this failed,
+        // the node would stay refused by its hardware with no ban left to evict.
+        let lifted = self.store.delete_hardware_bans(id)?;
         let a = self
             .store
             .delete_agent(id)?
             .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
         self.store.flush()?;
-        self.record(json!({"type": "agent_evicted", "agent": id}))?;
-        tracing::warn!(event = "agent_evicted", agent = %id, "agent evicted");
+        self.record(
+            json!({"type": "agent_evicted", "agent": id, "was_banned": a.banned,
+            "hardware_bans_lifted": lifted}),
+        )?;
+        tracing::warn!(event = "agent_evicted", agent = %id, was_banned = a.banned,
+            hardware_bans_lifted = lifted, "agent evicted");
         Ok(a)
     }
 
-    /// Bans an agent: its next call fails and it cannot attest again.
+    /// Records `identifiers` (hardware identifiers) with the ban of agent `id`.
+    fn record_hardware_bans(&self, id: &str, identifiers: &[String], at: i64) -> Result<()> {
+        if identifiers.is_empty() {
+            return Ok(());
+        }
+        let bans: Vec<HardwareBanRecord> = identifiers
+            .iter()
+            .map(|identifier| HardwareBanRecord {
+                identifier: identifier.clone(),
+                agent: id.to_string(),
+                banned_at: at,
+            })
+            .collect();
+        self.store.put_hardware_bans(&bans)
+    }
+
+    /// Bans an agent: its next call fails and it cannot attest again, under its SPIFFE
+    /// ID or under any other: the hardware identifiers its attestation proved (a TPM's
+    /// EK hash, an SEV-SNP chip ID; see [`super::attestation::HARDWARE_IDENTIFIERS`])
+    /// are recorded with the ban, and a node proving one is refused whatever its method
+    /// (`multi` included) or launch. Banning a banned agent records them again.
     pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
         crate::entries::parse_id(&self.trust_domain, "agent", id)?;
+        let t = now();
+        // The hardware identifiers are recorded before the ban by ID (a node attesting
+        // under another ID in between is refused already), and again when a write in
+        // between changed the selectors. Should they not fit (the table's bound), the
+        // agent is still banned by ID and the call says what was not recorded.
+        let mut recorded: Option<Vec<ztid_spiffe::Selector>> = None;
+        let mut identifiers = Vec::new();
+        let mut hardware_error = None;
         // Compare-and-swap on the record read, so a write in between (a sync, a
         // renewal, an eviction) is neither undone nor undoes the ban: read again.
         let mut tries = 0;
         let a = loop {
-            let current = self
-                .store
-                .get_agent(id)?
-                .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+            let Some(current) = self.store.get_agent(id)? else {
+                if recorded.is_some() {
+                    // Evicted meanwhile: nothing is banned, so nothing stays recorded.
+                    self.store.delete_hardware_bans(id)?;
+                }
+                return Err(Error::NotFound(format!("agent {id} does not exist")));
+            };
+            if recorded.as_ref() != Some(&current.selectors) {
+                identifiers = super::attestation::hardware_identifiers(&current.selectors);
+                hardware_error = self.record_hardware_bans(id, &identifiers, t).err();
+                recorded = Some(current.selectors.clone());
+            }
+            if current.banned {
+                break current;
+            }
             let mut a = current.clone();
             a.banned = true;
             if self
@@ -204,12 +252,26 @@ impl CaCore {
             }
             tries += 1;
             if tries >= super::agent_auth::AGENT_UPDATE_TRIES {
+                // Not banned: the identifiers recorded for this ban are lifted again.
+                self.store.delete_hardware_bans(id)?;
                 return Err(super::agent_auth::agent_update_contended(id));
             }
         };
         self.store.flush()?;
-        self.record(json!({"type": "agent_banned", "agent": id}))?;
-        tracing::warn!(event = "agent_banned", agent = %id, "agent banned");
+        self.record(json!({"type": "agent_banned", "agent": id,
+            "hardware_identifiers": identifiers,
+            "hardware_identifiers_recorded": hardware_error.is_none()}))?;
+        tracing::warn!(event = "agent_banned", agent = %id, hardware_identifiers = ?identifiers,
+            "agent banned");
+        if let Some(e) = hardware_error {
+            return Err(match e {
+                Error::Precondition(why) => Error::Precondition(format!(
+                    "agent {id} is banned by its SPIFFE ID, but the hardware identifiers its \
+                     attestation proved were not recorded: {why}"
+                )),
+                other => other,
+            });
+        }
         Ok(a)
     }
 }
