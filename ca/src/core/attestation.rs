@@ -17,18 +17,17 @@ use crate::csr_policy::{check_csr, IdentityRule};
 use crate::datastore::AgentRecord;
 use crate::{Error, RefusalKind, Result};
 
-/// The selectors (type and value key) that name a physical TPM or chip, rather than one
-/// launch or one agent ID: what a ban records besides the agent's SPIFFE ID.
+/// The selectors (type and value key) that name the banned node's own hardware, rather
+/// than one agent ID: what a ban records besides the agent's SPIFFE ID.
 ///
 /// - `tpm:ek-hash:<hex>`: the TPM's endorsement key (its node ID). A TPM has an RSA
 ///   and an ECC EK, each with its own hash: a ban covers the EKs the node showed.
-/// - `sev-snp:chip-id:<hex>`: the AMD chip (the VCEK's hwID, present for VCEK reports);
-///   the same for every launch of every guest on that machine. The `sev-snp` node ID
-///   is per launch.
 ///
-/// TDX emits no platform selector (no PPID): a TDX ban holds for the banned node ID
-/// only, which is per launch for TD 1.5 reports.
-pub const HARDWARE_IDENTIFIERS: &[(&str, &str)] = &[("tpm", "ek-hash"), ("sev-snp", "chip-id")];
+/// Not the SEV-SNP chip ID: a chip hosts every guest of its machine, and a ban of one
+/// guest (isolated from the others by the very hardware it attests) must not refuse
+/// them all. SEV-SNP and TDX 1.5 node IDs are per launch, and neither TEE names the
+/// guest across launches: their bans hold for the banned launch.
+pub const HARDWARE_IDENTIFIERS: &[(&str, &str)] = &[("tpm", "ek-hash")];
 
 /// The hardware identifiers among `selectors` (`type:value`, each once, sorted): a
 /// `multi` node carries those of its factors.
@@ -348,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn hardware_identifiers_are_the_tpm_ek_hashes_and_sev_snp_chip_ids() {
+    fn hardware_identifiers_are_the_tpm_ek_hashes() {
         let ek = "ab".repeat(32);
         let other_ek = "cd".repeat(32);
         let chip = "ef".repeat(64);
@@ -371,9 +370,8 @@ mod tests {
         assert_eq!(
             hardware_identifiers(&n.selectors),
             vec![
-                format!("sev-snp:chip-id:{chip}"),
                 format!("tpm:ek-hash:{ek}"),
-                format!("tpm:ek-hash:{other_ek}"),
+                format!("tpm:ek-hash:{other_ek}")
             ]
         );
         let join = node("join-token", "t1", &["join-token:id:t1".into()]);
@@ -460,83 +458,84 @@ mod tests {
         assert!(reason.contains(&format!("tpm:ek-hash:{ek}")), "{reason}");
     }
 
-    /// SEV-SNP node IDs are per launch: a relaunch on the same chip is a new agent ID,
-    /// refused by the chip ID recorded with the ban.
+    /// SEV-SNP node IDs are per launch, and the chip hosts every guest of its machine:
+    /// a ban holds for the banned launch, and refuses no other guest on the chip.
     #[test]
-    fn banned_sev_snp_node_relaunched_on_the_same_chip_is_refused() {
+    fn a_sev_snp_ban_holds_for_its_launch_and_refuses_no_other_guest_on_the_chip() {
         let (_dir, core, _, _) = core_with_agent();
         let chip = "12".repeat(64);
-        let measurement = format!("sev-snp:measurement:{}", "aa".repeat(48));
-        alias(
-            &core,
-            "spiffe://example.org/nodes/confidential",
-            &measurement,
-        );
         let first = sev_snp_launch(1, &chip);
         let (rec, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
-        assert_eq!(rec.aliases, vec!["spiffe://example.org/nodes/confidential"]);
         core.ban_agent(&rec.spiffe_id).unwrap();
-
-        let relaunch = sev_snp_launch(2, &chip);
-        let e = core
-            .complete_attestation(&relaunch, &fresh_csr())
-            .unwrap_err();
-        let reason = banned_reason(e);
-        assert!(
-            reason.contains(&format!("sev-snp:chip-id:{chip}")),
-            "{reason}"
-        );
+        let reason = banned_reason(core.complete_attestation(&first, &fresh_csr()).unwrap_err());
         assert!(reason.contains(&rec.spiffe_id), "{reason}");
+        assert!(core.store.list_hardware_bans().unwrap().is_empty());
+        let (other, _) = core
+            .complete_attestation(&sev_snp_launch(2, &chip), &fresh_csr())
+            .unwrap();
+        assert!(!other.banned);
+    }
 
-        // A guest on another chip is admitted.
-        let elsewhere = sev_snp_launch(3, &"34".repeat(64));
-        let (rec3, _) = core.complete_attestation(&elsewhere, &fresh_csr()).unwrap();
-        assert!(!rec3.banned);
+    fn tpm_node(ek: &str) -> AttestedNode {
+        node("tpm", ek, &[format!("tpm:ek-hash:{ek}")])
+    }
+
+    fn multi_with_tpm(node_id: &str, ek: &str) -> AttestedNode {
+        node(
+            "multi",
+            node_id,
+            &[
+                format!("tpm:ek-hash:{ek}"),
+                "multi:method:sev-snp".into(),
+                "multi:method:tpm".into(),
+            ],
+        )
     }
 
     /// Lifting the ban (`agent evict` of the banned agent) lifts the hardware
-    /// identifiers recorded with it: the relaunched node, and the old ID, attest again.
+    /// identifiers recorded with it: the same TPM attests again, as itself or in a
+    /// `multi` attempt.
     #[test]
-    fn unbanned_sev_snp_node_is_admitted_again() {
+    fn an_unbanned_tpm_is_admitted_again() {
         let (_dir, core, _, _) = core_with_agent();
-        let chip = "12".repeat(64);
-        let first = sev_snp_launch(1, &chip);
-        let (rec, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
+        let ek = "ab".repeat(32);
+        let (rec, _) = core
+            .complete_attestation(&tpm_node(&ek), &fresh_csr())
+            .unwrap();
         core.ban_agent(&rec.spiffe_id).unwrap();
-        let relaunch = sev_snp_launch(2, &chip);
-        assert!(core.complete_attestation(&relaunch, &fresh_csr()).is_err());
+        let multi = multi_with_tpm(&"cd".repeat(32), &ek);
+        assert!(core.complete_attestation(&multi, &fresh_csr()).is_err());
 
         let evicted = core.evict_agent(&rec.spiffe_id).unwrap();
         assert!(evicted.banned);
         assert!(core.store.list_hardware_bans().unwrap().is_empty());
-        let (rec2, _) = core.complete_attestation(&relaunch, &fresh_csr()).unwrap();
+        let (rec2, _) = core.complete_attestation(&multi, &fresh_csr()).unwrap();
         assert!(!rec2.banned);
-        let (rec1, _) = core.complete_attestation(&first, &fresh_csr()).unwrap();
+        let (rec1, _) = core
+            .complete_attestation(&tpm_node(&ek), &fresh_csr())
+            .unwrap();
         assert_eq!(rec1.spiffe_id, rec.spiffe_id);
     }
 
-    /// The same chip banned with two agents stays banned until both bans are lifted.
+    /// The same TPM banned with two agents stays banned until both bans are lifted.
     #[test]
     fn lifting_one_ban_keeps_the_hardware_another_ban_recorded() {
         let (_dir, core, _, _) = core_with_agent();
-        let chip = "12".repeat(64);
+        let ek = "ab".repeat(32);
         let (a, _) = core
-            .complete_attestation(&sev_snp_launch(1, &chip), &fresh_csr())
+            .complete_attestation(&tpm_node(&ek), &fresh_csr())
             .unwrap();
         let (b, _) = core
-            .complete_attestation(&sev_snp_launch(2, &chip), &fresh_csr())
+            .complete_attestation(&multi_with_tpm(&"01".repeat(32), &ek), &fresh_csr())
             .unwrap();
         core.ban_agent(&a.spiffe_id).unwrap();
         core.ban_agent(&b.spiffe_id).unwrap();
         core.evict_agent(&a.spiffe_id).unwrap();
-        let reason = banned_reason(
-            core.complete_attestation(&sev_snp_launch(3, &chip), &fresh_csr())
-                .unwrap_err(),
-        );
+        let third = multi_with_tpm(&"02".repeat(32), &ek);
+        let reason = banned_reason(core.complete_attestation(&third, &fresh_csr()).unwrap_err());
         assert!(reason.contains(&b.spiffe_id), "{reason}");
         core.evict_agent(&b.spiffe_id).unwrap();
-        core.complete_attestation(&sev_snp_launch(3, &chip), &fresh_csr())
-            .unwrap();
+        core.complete_attestation(&third, &fresh_csr()).unwrap();
     }
 
     /// A node proving no hardware identifier (a join token) is banned by its ID only;

@@ -276,7 +276,7 @@ pub(crate) fn too_many_revocations() -> crate::Error {
 /// recorded twice, and lifting one ban (`agent evict`) leaves the other's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HardwareBanRecord {
-    /// The selector, `type:value` (`tpm:ek-hash:<hex>`, `sev-snp:chip-id:<hex>`).
+    /// The selector, `type:value` (`tpm:ek-hash:<hex>`).
     pub identifier: String,
     /// The SPIFFE ID of the banned agent it was recorded with.
     pub agent: String,
