@@ -53,6 +53,11 @@ pub(super) fn agent_update_contended(id: &str) -> Error {
 pub struct AuthenticatedAgent {
     /// Its record.
     pub record: AgentRecord,
+    /// Its SVID was signed by a tainted X.509 authority, whose key may be in other
+    /// hands: anyone holding it can sign an agent's ID and current serial. Such a
+    /// caller may sync and renew (what the agent does once it sees the taint), and
+    /// mints nothing.
+    pub tainted_issuer: bool,
 }
 
 impl AuthenticatedAgent {
@@ -183,6 +188,32 @@ impl CaCore {
                 format!("agent {id} presented an SVID that is no longer current"),
             ));
         }
-        Ok(AuthenticatedAgent { record })
+        Ok(AuthenticatedAgent {
+            record,
+            tainted_issuer: self.issued_by_tainted_authority(leaf),
+        })
+    }
+
+    /// Whether `leaf` chains to one of the cluster's tainted X.509 authorities (none is
+    /// tainted most of the time, and then nothing is verified).
+    pub(crate) fn issued_by_tainted_authority(&self, leaf: &[u8]) -> bool {
+        let tainted: Vec<rustls_pki_types::CertificateDer<'static>> =
+            match self.authorities.cluster_list(crate::authority::Kind::X509) {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|(_, a)| a.tainted)
+                    .map(|(_, a)| a.cert_der.into())
+                    .collect(),
+                // Unreadable: as if tainted (it refuses mints, never admits more).
+                Err(_) => return true,
+            };
+        !tainted.is_empty()
+            && ztid_spiffe::svid::verify_chain(
+                &[rustls_pki_types::CertificateDer::from(leaf)],
+                &tainted,
+                rustls_pki_types::UnixTime::now(),
+                ztid_spiffe::svid::Usage::Client,
+            )
+            .is_ok()
     }
 }

@@ -123,6 +123,17 @@ impl CaCore {
 
     /// Loads an entry the agent is entitled to mint for.
     fn entitled_entry(&self, agent: &AuthenticatedAgent, entry_id: &str) -> Result<EntryRecord> {
+        if agent.tainted_issuer {
+            return Err(Error::refused(
+                RefusalKind::StaleCredential,
+                format!(
+                    "agent {}'s SVID was signed by a tainted X.509 authority, whose key may be \
+                     in other hands: it mints nothing until renewed (the agent renews on its \
+                     own once it sees the taint)",
+                    agent.record.spiffe_id
+                ),
+            ));
+        }
         let entry = self
             .store
             .get_entry(entry_id)?
@@ -335,6 +346,60 @@ mod tests {
         })
         .unwrap()
         .id
+    }
+
+    /// An agent SVID signed by a tainted authority mints nothing (whoever holds that key
+    /// could sign any agent's ID and serial); a new SVID from the active one mints again.
+    #[test]
+    fn an_agent_svid_of_a_tainted_authority_mints_nothing() {
+        let (_dir, core, leaf, agent) = crate::core::testing::core_with_agent();
+        let entry = per_instance_entry(&core, &agent, "w");
+        let id = "spiffe://example.org/w/0123456789abcdef0123456789abcdef";
+        assert!(!agent.tainted_issuer);
+        core.sign_workload_svid(&agent, &entry, &csr_for(id))
+            .unwrap();
+        let old = core.authorities.x509().record().id.clone();
+        core.prepare_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        core.activate_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        // Rotated, not tainted: the old authority's SVIDs still mint.
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        assert!(!agent.tainted_issuer);
+        core.sign_workload_svid(&agent, &entry, &csr_for(id))
+            .unwrap();
+        core.taint_authority(crate::authority::Kind::X509, &old, "test")
+            .unwrap();
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        assert!(agent.tainted_issuer, "it may still sync and renew");
+        let x509 = core
+            .sign_workload_svid(&agent, &entry, &csr_for(id))
+            .map(|_| ());
+        let jwt = core
+            .mint_jwt_svid(&agent, &entry, id, &["https://x".to_string()])
+            .map(|_| ());
+        for refused in [x509, jwt] {
+            let e = refused.expect_err("minted under a tainted agent SVID");
+            assert_eq!(e.refusal_kind(), Some(RefusalKind::StaleCredential), "{e}");
+            assert!(e.to_string().contains("tainted"), "{e}");
+        }
+        // Attested again: an SVID of the active authority.
+        let node = ztid_verifier::AttestedNode {
+            method: "join_token",
+            node_id: "n1".into(),
+            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
+            aliases: vec![],
+            evidence_digest: [7; 32],
+        };
+        let (_, renewed) = core
+            .complete_attestation(&node, &crate::core::testing::fresh_csr())
+            .unwrap();
+        let agent = core
+            .authenticate_agent(Some(renewed.chain.first().unwrap()))
+            .unwrap();
+        assert!(!agent.tainted_issuer);
+        core.sign_workload_svid(&agent, &entry, &csr_for(id))
+            .unwrap();
     }
 
     /// An agent's stored node aliases are recomputed only when it syncs (or attests

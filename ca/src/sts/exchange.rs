@@ -253,6 +253,15 @@ pub(super) fn mtls_client(core: &CaCore, leaf: &[u8], t: i64) -> Result<Client, 
                 .into(),
         ));
     }
+    // A tainted authority's key may be in other hands, which could sign any workload's
+    // ID: its SVIDs authenticate no caller (agents rotate them once they see the taint).
+    if core.issued_by_tainted_authority(leaf) {
+        return Err(bad(
+            "the client certificate was signed by a tainted X.509 authority; use an X509-SVID \
+             the active authority signed"
+                .into(),
+        ));
+    }
     let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
         .map_err(|e| bad(format!("client certificate: {e}")))?
         .to_string();
@@ -777,7 +786,48 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::super::chain::covers;
-    use super::{server_error, Code};
+    use super::{mtls_client, server_error, Code};
+
+    /// A workload SVID of a tainted authority authenticates no token endpoint caller:
+    /// whoever holds that key could sign any workload's ID.
+    #[test]
+    fn a_workload_svid_of_a_tainted_authority_is_no_client() {
+        let (_dir, core, _, agent) = crate::core::testing::core_with_agent();
+        let entry = core
+            .create_entry(&ztid_proto::node::Entry {
+                spiffe_id: "spiffe://example.org/w".into(),
+                parent_id: agent.record.spiffe_id.clone(),
+                selectors: vec![ztid_proto::node::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap()
+            .id;
+        let id = "spiffe://example.org/w/0123456789abcdef0123456789abcdef";
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().der().to_vec();
+        let (_, signed) = core.sign_workload_svid(&agent, &entry, &csr).unwrap();
+        let leaf = signed.chain.first().unwrap().clone();
+        let t = crate::core::now();
+        assert!(mtls_client(&core, &leaf, t).is_ok());
+        let old = core.authorities.x509().record().id.clone();
+        core.prepare_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        core.activate_authority(crate::authority::Kind::X509, "test")
+            .unwrap();
+        assert!(mtls_client(&core, &leaf, t).is_ok(), "rotated, not tainted");
+        core.taint_authority(crate::authority::Kind::X509, &old, "test")
+            .unwrap();
+        let Err(e) = mtls_client(&core, &leaf, t) else {
+            panic!("a tainted authority's SVID was a client");
+        };
+        assert_eq!(e.code, Code::InvalidClient);
+        assert!(e.description.contains("tainted"), "{e}");
+    }
 
     #[test]
     fn internal_errors_reach_the_client_without_their_details() {
