@@ -125,6 +125,12 @@ impl AgentConfig {
         super::workload_listener::Limits {
             max_connections: self.workload_max_connections,
             idle_timeout: std::time::Duration::from_secs(self.workload_idle_timeout_seconds),
+            // The Delegated Identity socket's, when it is served: they share the descriptors.
+            others_max_connections: if self.delegated_identity.socket.is_some() {
+                self.delegated_identity.max_connections
+            } else {
+                0
+            },
         }
     }
 

@@ -1493,9 +1493,12 @@ fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
 }
 
 /// Starts serving the API when `config` names a socket: binds it now (so a bad path
-/// fails the agent's start) and returns the server to spawn; `None` when off.
+/// fails the agent's start) and returns the server to spawn; `None` when off. Its
+/// connections share the descriptors with the Workload API socket's
+/// (`workload_max_connections`).
 pub fn start(
     config: &DelegatedConfig,
+    workload_max_connections: usize,
     workloads: Arc<Workloads>,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -1523,6 +1526,8 @@ pub fn start(
     let limits = crate::workload_listener::Limits {
         max_connections: config.max_connections,
         idle_timeout: crate::workload_listener::DEFAULT_IDLE_TIMEOUT,
+        // The Workload API socket's: they share the descriptors.
+        others_max_connections: workload_max_connections,
     };
     Ok(Some(async move {
         crate::workload_listener::serve(listener, routes, limits, shutdown).await;

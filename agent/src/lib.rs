@@ -999,6 +999,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     // SPIRE's Delegated Identity API on its own admin socket, when configured.
     if let Some(delegated) = delegated_identity::start(
         &config.delegated_identity,
+        config.workload_max_connections,
         workloads.clone(),
         rt.bundle.subscribe(),
         {

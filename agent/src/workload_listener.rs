@@ -90,6 +90,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time without a request in progress after which a connection is closed.
     pub idle_timeout: Duration,
+    /// Connections the process's other sockets served this way may hold at most: when
+    /// the caps together exceed what the descriptor limit leaves room for, each is
+    /// lowered in proportion, so all of them full never exhaust the descriptors.
+    pub others_max_connections: usize,
 }
 
 impl Default for Limits {
@@ -97,6 +101,7 @@ impl Default for Limits {
         Self {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            others_max_connections: 0,
         }
     }
 }
@@ -183,6 +188,7 @@ impl ConnectionPeer {
 /// Open connections, in total and per uid, against the caps.
 struct Gate {
     max_connections: usize,
+    others_max_connections: usize,
     open: Mutex<OpenConnections>,
     freed: Notify,
 }
@@ -240,6 +246,17 @@ impl Drop for Slot {
     }
 }
 
+/// `max` when `max + others` fits `budget`; else `max`'s share of `budget` in proportion
+/// (at least 1), so the shares together never exceed it.
+fn shared_cap(max: usize, others: usize, budget: usize) -> usize {
+    let total = max.saturating_add(others);
+    if total <= budget {
+        return max.max(1);
+    }
+    let share = (budget as u128).saturating_mul(max as u128) / (total as u128).max(1);
+    usize::try_from(share).unwrap_or(max).max(1)
+}
+
 /// Connections the descriptor limit leaves room for, read now (it can be changed on a
 /// running process with `prlimit`).
 fn descriptor_budget() -> usize {
@@ -253,17 +270,24 @@ fn descriptor_budget() -> usize {
 }
 
 impl Gate {
-    fn new(max_connections: usize) -> Self {
+    fn new(max_connections: usize, others_max_connections: usize) -> Self {
         Self {
             max_connections,
+            others_max_connections,
             open: Mutex::new(OpenConnections::default()),
             freed: Notify::new(),
         }
     }
 
-    /// The connection cap right now.
+    /// The connection cap right now: the configured one, or its share of what the
+    /// descriptor limit leaves room for when this socket's and the others' caps together
+    /// exceed it.
     fn cap(&self) -> usize {
-        self.max_connections.min(descriptor_budget()).max(1)
+        shared_cap(
+            self.max_connections,
+            self.others_max_connections,
+            descriptor_budget(),
+        )
     }
 
     fn total(&self) -> usize {
@@ -684,7 +708,10 @@ pub async fn serve<S>(
         attestations_per_uid: Mutex::new(HashMap::new()),
         require_pidfd,
     });
-    let gate = Arc::new(Gate::new(limits.max_connections));
+    let gate = Arc::new(Gate::new(
+        limits.max_connections,
+        limits.others_max_connections,
+    ));
     tracing::info!(
         max_connections = gate.cap(),
         idle_timeout_seconds = limits.idle_timeout.as_secs(),
@@ -961,7 +988,7 @@ mod tests {
 
     #[test]
     fn one_uid_gets_half_the_cap_and_slots_free_on_drop() {
-        let gate = Arc::new(Gate::new(8));
+        let gate = Arc::new(Gate::new(8, 0));
         assert_eq!(gate.cap(), 8.min(descriptor_budget()));
         let half = gate.cap() / 2;
         let mine: Vec<Slot> = (0..half)
@@ -993,7 +1020,7 @@ mod tests {
 
     #[test]
     fn room_is_made_by_closing_the_connection_doing_least() {
-        let gate = Arc::new(Gate::new(8));
+        let gate = Arc::new(Gate::new(8, 0));
         let mut slots: Vec<Slot> = (0..4).map(|uid| gate.admit(uid).expect("in")).collect();
         let busy = track(&slots[0], true, 1);
         let idle = track(&slots[1], true, 0);
@@ -1006,7 +1033,7 @@ mod tests {
         // Then idle; a request in progress is never closed for room.
         assert!(gate.evict_one());
         assert!(asked(&idle) && !asked(&busy));
-        let gate2 = Arc::new(Gate::new(8));
+        let gate2 = Arc::new(Gate::new(8, 0));
         let only_busy = gate2.admit(7).expect("in");
         let busy2 = track(&only_busy, true, 2);
         assert!(!gate2.evict_one(), "nothing to close");
@@ -1050,9 +1077,23 @@ mod tests {
     }
 
     #[test]
+    fn sockets_share_the_descriptors_in_proportion_to_their_caps() {
+        assert_eq!(shared_cap(1024, 64, 10_000), 1024, "room for both");
+        assert_eq!(shared_cap(64, 1024, 10_000), 64);
+        // 896 descriptors' worth of connections for caps of 1,024 and 64.
+        let (w, d) = (shared_cap(1024, 64, 896), shared_cap(64, 1024, 896));
+        assert!(w + d <= 896, "{w} + {d}");
+        assert_eq!((w, d), (843, 52));
+        assert_eq!(shared_cap(4, 1_000_000, 100), 1, "never below one");
+        let gate = Gate::new(usize::MAX / 2, usize::MAX / 2);
+        let budget = descriptor_budget();
+        assert!(gate.cap() <= budget / 2 + 1, "{} of {budget}", gate.cap());
+    }
+
+    #[test]
     fn the_descriptor_limit_lowers_the_cap() {
         let budget = descriptor_budget();
-        let gate = Gate::new(usize::MAX);
+        let gate = Gate::new(usize::MAX, 0);
         assert_eq!(gate.cap(), budget.max(1));
         if let Ok((soft, _)) =
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
