@@ -384,6 +384,12 @@ pub(crate) struct AmdCrl {
     sig_oid: String,
     /// SHA-256 of the DER.
     digest: [u8; 32],
+    /// From a source the CA itself keeps current (`collateral_dir`, the KDS cache or a
+    /// KDS fetch), not from the node (its certificate table). Only such a CRL makes a
+    /// fetch of AMD's current CRL unnecessary: a node could send an older genuine CRL,
+    /// still within its nextUpdate, that predates a revocation. Off until the source
+    /// says so (`trusted_by_ca`).
+    pub ca_source: bool,
 }
 
 impl AmdCrl {
@@ -410,7 +416,14 @@ impl AmdCrl {
             signature: crl.signature_value.data.to_vec(),
             sig_oid: crl.signature_algorithm.algorithm.to_id_string(),
             digest: sha256(der),
+            ca_source: false,
         })
+    }
+
+    /// This CRL, marked as from a source the CA keeps current itself.
+    pub(crate) fn trusted_by_ca(mut self) -> Self {
+        self.ca_source = true;
+        self
     }
 
     /// Remembered per exact (ARK, CRL) pair as for certificates; the CRL's dates are

@@ -126,6 +126,8 @@ pub(crate) fn load_dir(dir: &Path) -> Result<Collateral, Error> {
         let bytes = std::fs::read(&p).map_err(Error::io(format!("reading {}", p.display())))?;
         out.add_blob(&name, &bytes, strict)?;
     }
+    // The operator's directory: its CRLs are the CA's own (unlike a certificate table's).
+    out.crls = out.crls.into_iter().map(AmdCrl::trusted_by_ca).collect();
     Ok(out)
 }
 

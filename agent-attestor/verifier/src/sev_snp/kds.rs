@@ -392,10 +392,13 @@ impl Kds {
             let Ok(chain) = store.check_vek(&vek, &inters, at) else {
                 return Ok(()); // the verification says why
             };
+            // Only a CRL the CA keeps current itself (collateral_dir) makes the fetch
+            // unnecessary: one from the node's certificate table may be an older genuine
+            // CRL that predates a revocation. The node's CRLs are still applied besides.
             if !c
                 .crls
                 .iter()
-                .any(|crl| crl.issuer_raw == chain.anchor.ark.subject_raw)
+                .any(|crl| crl.ca_source && crl.issuer_raw == chain.anchor.ark.subject_raw)
             {
                 let crl = self.crl(store, kind_of(&vek.role), &chain.product, chain.anchor, at)?;
                 c.crls.push(crl);
@@ -639,7 +642,7 @@ impl Kds {
                     ),
                 ));
             }
-            Ok(crl)
+            Ok(crl.trusted_by_ca())
         };
         if let Some(bytes) = self.cache.read(&rel) {
             let name = self.cache.path(&rel).display().to_string();

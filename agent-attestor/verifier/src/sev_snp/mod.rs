@@ -47,7 +47,7 @@
 //! | `kds_fetch` | fetch what the certificate table and `collateral_dir` lack (VCEK, cert_chain, CRL) from AMD KDS, and cache it | `false` |
 //! | `kds_url` | KDS base URL (`https://`; `http://` only because it is explicit) | `https://kdsintf.amd.com` |
 //! | `kds_cache_dir` | where fetched collateral is kept (created 0700); required with `kds_fetch` | none |
-//! | `kds_crl` | with `kds_fetch`: also fetch the AMD CRL when the collateral has none from the chain's ARK | `true` |
+//! | `kds_crl` | with `kds_fetch`: also fetch the AMD CRL (or take it from the cache while current) when `collateral_dir` has none from the chain's ARK; a CRL in the node's certificate table is applied besides but never replaces it (a node could send an older genuine CRL that predates a revocation) | `true` |
 //!
 //! A guest whose policy allows debugging (bit 19) is always refused: its host can read
 //! and change its memory.

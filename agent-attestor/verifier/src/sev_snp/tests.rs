@@ -253,6 +253,9 @@ fn cached_vek_chain_still_refuses_tampering() {
 
 /// A verifier that fetches from a local KDS (`kds_crl = false`, plus `extra` config
 /// lines), with the Milan vector's report, VCEK and report_data, and a time they verify at.
+fn kds_case(extra: &str) -> KdsCase {
+    kds_case_with_crl(false, extra)
+}
 struct KdsCase {
     kds: crate::fetch::test_server::Server,
     report: Vec<u8>,
@@ -264,7 +267,8 @@ struct KdsCase {
     _tmp: tempfile::TempDir,
 }
 
-fn kds_case(extra: &str) -> KdsCase {
+/// [`kds_case`] with `kds_crl` set to `crl`.
+fn kds_case_with_crl(crl: bool, extra: &str) -> KdsCase {
     let kds = crate::fetch::test_server::Server::start();
     let report = tsm::maybe_hex(&read("milan-virtee-sev/report_milan.hex"));
     let vek = read("milan-virtee-sev/vcek_milan.der");
@@ -272,7 +276,7 @@ fn kds_case(extra: &str) -> KdsCase {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let cfg: toml::Table = toml::from_str(&format!(
-        "kds_fetch = true\nkds_crl = false\nkds_url = {:?}\nkds_cache_dir = {:?}\n{extra}",
+        "kds_fetch = true\nkds_crl = {crl}\nkds_url = {:?}\nkds_cache_dir = {:?}\n{extra}",
         kds.addr,
         cache.display().to_string()
     ))
@@ -668,4 +672,141 @@ fn profile_verify_parts() {
         (&chain, &pr).verify().unwrap();
     });
     let _ = ark;
+}
+
+/// A DER TLV (lengths below 64 KiB).
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let n = content.len();
+    let mut out = vec![tag];
+    if n < 0x80 {
+        out.push(n as u8);
+    } else if n < 0x100 {
+        out.extend([0x81, n as u8]);
+    } else {
+        out.extend([0x82, (n >> 8) as u8, n as u8]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// A CRL naming ARK-Milan as its issuer, current from 2025-01-01 to 2035-01-01, with a
+/// signature no ARK made: what a node can put in its certificate table (for the fetch
+/// decision it stands for an older genuine AMD CRL, which a node can send as well).
+fn crl_naming_ark_milan() -> Vec<u8> {
+    let store = TrustStore::builtin().unwrap();
+    let ark = &store
+        .anchors
+        .iter()
+        .find(|a| a.ark.subject_cn == "ARK-Milan")
+        .unwrap()
+        .ark;
+    // sha384WithRSAEncryption, NULL
+    let alg = der(
+        0x30,
+        &[
+            &[
+                0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c,
+            ][..],
+            &[0x05, 0x00][..],
+        ]
+        .concat(),
+    );
+    let tbs = der(
+        0x30,
+        &[
+            der(0x02, &[1]),
+            alg.clone(),
+            ark.subject_raw.clone(),
+            der(0x17, b"250101000000Z"),
+            der(0x17, b"350101000000Z"),
+        ]
+        .concat(),
+    );
+    let sig = der(0x03, &[&[0u8][..], &[0x42; 512][..]].concat());
+    der(0x30, &[tbs, alg, sig].concat())
+}
+
+/// With `kds_crl = true`, only a CRL the CA keeps itself (`collateral_dir`, the KDS cache)
+/// makes the fetch of AMD's current CRL unnecessary. A CRL from the chain's ARK in the
+/// node's certificate table does not: a node could send an older genuine CRL, still
+/// within its nextUpdate, to hide a later revocation of the ASK or ASVK.
+#[test]
+fn a_node_supplied_crl_does_not_stand_in_for_the_kds_crl() {
+    let crl = crl_naming_ark_milan();
+    let KdsCase {
+        kds,
+        report,
+        vek,
+        rd,
+        v,
+        now,
+        _tmp,
+        ..
+    } = kds_case_with_crl(true, "");
+    let mut evidence = report.clone();
+    evidence.extend(encode_cert_table(&[("vcek", &vek), ("crl", &crl)]));
+    // The CA asks KDS for the Milan CRL although the table holds one (KDS answers 404 here).
+    let m = refusal(
+        RefusalKind::CollateralUnavailable,
+        v.verify_evidence(&evidence, &rd, now),
+    );
+    assert!(
+        m.starts_with(
+            "the collateral holds no CRL from ARK-Milan and fetching it from AMD KDS failed"
+        ),
+        "{m}"
+    );
+    assert_eq!(kds.requests(), vec!["/vcek/v1/Milan/crl".to_string()]);
+
+    // A CRL from the operator's collateral_dir does stand in for it (and is checked: this
+    // one's signature is not ARK-Milan's), without a request.
+    let dir = _tmp.path().join("collateral");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("ark-milan.crl"), &crl).unwrap();
+    let KdsCase {
+        kds,
+        report,
+        vek,
+        rd,
+        v,
+        now,
+        ..
+    } = kds_case_with_crl(
+        true,
+        &format!("collateral_dir = {:?}", dir.display().to_string()),
+    );
+    let mut evidence = report.clone();
+    evidence.extend(encode_cert_table(&[("vcek", &vek)]));
+    let m = refusal(
+        RefusalKind::UntrustedChain,
+        v.verify_evidence(&evidence, &rd, now),
+    );
+    assert_eq!(
+        m,
+        "CRL ark-milan.crl signature does not verify under ARK-Milan"
+    );
+    assert!(kds.requests().is_empty(), "{:?}", kds.requests());
+
+    // The node's CRLs are still applied besides (here with `kds_crl = false`): this one
+    // is refused for its signature.
+    let KdsCase {
+        kds,
+        report,
+        vek,
+        rd,
+        v,
+        now,
+        ..
+    } = kds_case("");
+    let mut evidence = report.clone();
+    evidence.extend(encode_cert_table(&[("vcek", &vek), ("crl", &crl)]));
+    let m = refusal(
+        RefusalKind::UntrustedChain,
+        v.verify_evidence(&evidence, &rd, now),
+    );
+    assert_eq!(
+        m,
+        "CRL cert table CRL entry signature does not verify under ARK-Milan"
+    );
+    assert!(kds.requests().is_empty(), "{:?}", kds.requests());
 }
