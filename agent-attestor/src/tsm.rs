@@ -18,10 +18,15 @@
 //! (the SPKI): a report captured from another node or an earlier attestation, or one
 //! made for another agent key, does not verify.
 //!
-//! The SPKI travels in the challenge because the agent-side trait has no access to the
-//! agent's CSR; the CA builds the challenge from the CSR it received on the same
-//! server-authenticated stream, so a challenge cannot name a key other than the one the
-//! CA will certify.
+//! The CA builds the challenge from the CSR it received on the same stream, so a
+//! challenge names the key the CA will certify for that stream. That stream is not
+//! always this agent's: under `--insecure-bootstrap` the agent does not authenticate the
+//! server, and a man in the middle can open its own stream to the CA with its own CSR
+//! and forward the CA's challenge (naming the attacker's key) to the agent. So the agent
+//! answers only a challenge whose SPKI is its own CSR's: [`report_data_for_challenge`]
+//! takes that SPKI and refuses any other (a [`KeyMismatch`] refusal) before any evidence
+//! is made, and every method that makes configfs-tsm evidence derives its report_data
+//! through it.
 
 use std::time::Duration;
 
@@ -30,7 +35,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 
 use crate::Error;
-use crate::RefusalKind::Replay;
+use crate::RefusalKind::{KeyMismatch, Replay};
 
 /// Length of the CA's nonce.
 pub const NONCE_LEN: usize = 32;
@@ -57,8 +62,12 @@ pub fn challenge(nonce: &[u8; NONCE_LEN], spki: &[u8]) -> Vec<u8> {
     c
 }
 
-/// Agent side: the report_data a challenge asks for, after checking its shape.
-pub fn report_data_for_challenge(challenge: &[u8]) -> Result<[u8; 64], Error> {
+/// Agent side: the report_data a challenge asks for, after checking its shape and that
+/// the key it binds is `own_spki`, the DER SubjectPublicKeyInfo of the CSR this agent
+/// sent on the stream. A challenge naming any other key is refused ([`KeyMismatch`]):
+/// answering it would bind this node's evidence to a key someone else holds (a
+/// challenge relayed from another client's stream).
+pub fn report_data_for_challenge(challenge: &[u8], own_spki: &[u8]) -> Result<[u8; 64], Error> {
     if challenge.len() <= NONCE_LEN || challenge.len() > NONCE_LEN + MAX_SPKI_LEN {
         return Err(Error::Protocol(format!(
             "challenge must be a {NONCE_LEN}-byte nonce followed by a SubjectPublicKeyInfo, got {} bytes",
@@ -68,7 +77,12 @@ pub fn report_data_for_challenge(challenge: &[u8]) -> Result<[u8; 64], Error> {
     let (nonce, spki) = challenge.split_at(NONCE_LEN);
     use x509_parser::prelude::FromDer;
     match x509_parser::x509::SubjectPublicKeyInfo::from_der(spki) {
-        Ok(([], _)) => Ok(binding(nonce, spki)),
+        Ok(([], _)) if spki == own_spki => Ok(binding(nonce, spki)),
+        Ok(([], _)) => Err(Error::refused(
+            KeyMismatch,
+            "the challenge binds the evidence to a key other than this agent's CSR key \
+             (a challenge relayed from another client's attestation stream?): no evidence made",
+        )),
         Ok(_) => Err(Error::Protocol(
             "challenge has trailing bytes after the SubjectPublicKeyInfo".into(),
         )),
@@ -111,4 +125,54 @@ pub fn pad_report_data(rd: &[u8]) -> Result<[u8; 64], Error> {
     };
     prefix.copy_from_slice(rd);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spki() -> Vec<u8> {
+        use rcgen::PublicKeyData;
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .subject_public_key_info()
+    }
+
+    /// The agent answers a challenge for its own CSR key with SHA-512(nonce ‖ SPKI) and
+    /// refuses one for any other key (a challenge relayed from another client's stream
+    /// under `--insecure-bootstrap`): the evidence would be bound to the other key.
+    #[test]
+    fn a_challenge_is_answered_only_for_the_agents_own_key() {
+        let own = spki();
+        let nonce = new_nonce().unwrap();
+        let rd = report_data_for_challenge(&challenge(&nonce, &own), &own).unwrap();
+        assert_eq!(rd, binding(&nonce, &own));
+
+        let foreign = spki();
+        let e = report_data_for_challenge(&challenge(&nonce, &foreign), &own).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(KeyMismatch), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a key other than this agent's CSR key"),
+            "{e}"
+        );
+        // No own key (none known) answers nothing either.
+        let e = report_data_for_challenge(&challenge(&nonce, &own), &[]).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(KeyMismatch), "{e}");
+    }
+
+    #[test]
+    fn malformed_challenges_are_refused_before_the_key_is_compared() {
+        let own = spki();
+        let e = report_data_for_challenge(&[0u8; 32], &own).unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e}");
+        let mut c = vec![0u8; 32];
+        c.extend_from_slice(b"not der");
+        let e = report_data_for_challenge(&c, b"not der").unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e}");
+        let mut c = challenge(&[0u8; NONCE_LEN], &own);
+        c.push(0);
+        let e = report_data_for_challenge(&c, &own).unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e}");
+    }
 }

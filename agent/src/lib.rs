@@ -198,6 +198,9 @@ async fn attest_on(
         }
         None => agent_key_and_csr()?,
     };
+    // The key the CA will certify, as the CA reads it from the CSR: evidence is made only
+    // for challenges that bind it to this key (a relayed challenge names another).
+    let agent_spki = ztid_attestor::agent_key::csr_spki(&csr)?;
     let payload = crate::blocking(|| attestor.initial_evidence())?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::AttestRequest {
@@ -217,7 +220,7 @@ async fn attest_on(
     while let Some(msg) = inbound.next().await {
         match msg.map_err(AttestFailure::Call)?.step {
             Some(pb::attest_response::Step::Challenge(c)) => {
-                let answer = crate::blocking(|| attestor.answer(&c))?;
+                let answer = crate::blocking(|| attestor.answer(&c, &agent_spki))?;
                 if tx
                     .send(pb::AttestRequest {
                         step: Some(pb::attest_request::Step::ChallengeResponse(answer)),

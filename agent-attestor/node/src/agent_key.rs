@@ -161,6 +161,18 @@ impl AgentKey {
     }
 }
 
+/// The DER SubjectPublicKeyInfo of the key in a PKCS#10 request, encoded as the CA reads
+/// it from the agent's CSR (the key its challenges name, [`crate::NodeAttestor::answer`]).
+pub fn csr_spki(csr: &[u8]) -> Result<Vec<u8>, Error> {
+    let parsed = rcgen::CertificateSigningRequestParams::from_der(
+        &rustls::pki_types::CertificateSigningRequestDer::from(csr),
+    )
+    .map_err(|e| Error::Config(format!("agent CSR: {e}")))?;
+    Ok(rcgen::PublicKeyData::subject_public_key_info(
+        &parsed.public_key,
+    ))
+}
+
 fn software_keypair(der: &[u8]) -> Result<rcgen::KeyPair, Error> {
     let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
     rcgen::KeyPair::try_from(&der).map_err(|e| Error::Config(format!("agent key: {e}")))

@@ -33,7 +33,12 @@ impl NodeAttestor for JoinTokenAttestor {
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
         Ok(self.token.as_bytes().to_vec())
     }
-    fn answer(&mut self, _challenge: &[u8]) -> Result<Vec<u8>, Error> {
+    fn check_challenge(&self, _challenge: &[u8], _agent_spki: &[u8]) -> Result<(), Error> {
+        Err(Error::Protocol(
+            "join-token attestation has no challenges".into(),
+        ))
+    }
+    fn answer(&mut self, _challenge: &[u8], _agent_spki: &[u8]) -> Result<Vec<u8>, Error> {
         Err(Error::Protocol(
             "join-token attestation has no challenges".into(),
         ))

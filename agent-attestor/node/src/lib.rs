@@ -30,6 +30,18 @@ pub trait NodeAttestor: Send {
     }
     /// Evidence sent with the first message, before any challenge.
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error>;
-    /// The answer to one challenge from the CA.
-    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error>;
+    /// Checks, without making any evidence, that `challenge` asks for evidence this
+    /// agent may give: evidence bound to a key must be bound to `agent_spki`, the DER
+    /// SubjectPublicKeyInfo of the CSR this attempt sent. A challenge that names another
+    /// key is refused ([`ztid_attestation::RefusalKind::KeyMismatch`]): it was issued on
+    /// another client's stream (relayed by a man in the middle when the agent does not
+    /// verify the server, `--insecure-bootstrap`), and evidence for it would let that
+    /// client's key carry this node's identity.
+    fn check_challenge(&self, challenge: &[u8], agent_spki: &[u8]) -> Result<(), Error>;
+    /// The answer to one challenge from the CA, for the CSR key `agent_spki`; refuses
+    /// what [`NodeAttestor::check_challenge`] refuses, before any evidence is made.
+    fn answer(&mut self, challenge: &[u8], agent_spki: &[u8]) -> Result<Vec<u8>, Error>;
 }
+
+#[cfg(test)]
+mod tests;

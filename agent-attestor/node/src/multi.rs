@@ -21,6 +21,27 @@ impl MultiAttestor {
         check_methods(factors.iter().map(|f| f.method()))?;
         Ok(Self { factors })
     }
+
+    fn factor(&self, method: &str) -> Result<&dyn NodeAttestor, Error> {
+        self.factors
+            .iter()
+            .find(|f| f.method() == method)
+            .map(|f| f.as_ref())
+            .ok_or_else(|| not_presented(method))
+    }
+
+    fn factor_mut(&mut self, method: &str) -> Result<&mut Box<dyn NodeAttestor>, Error> {
+        self.factors
+            .iter_mut()
+            .find(|f| f.method() == method)
+            .ok_or_else(|| not_presented(method))
+    }
+}
+
+fn not_presented(method: &str) -> Error {
+    Error::Protocol(format!(
+        "the server challenged {method}, which this agent did not present"
+    ))
 }
 
 impl NodeAttestor for MultiAttestor {
@@ -57,23 +78,27 @@ impl NodeAttestor for MultiAttestor {
         encode(&Envelope { parts })
     }
 
-    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+    /// Checks every part with its factor.
+    fn check_challenge(&self, challenge: &[u8], agent_spki: &[u8]) -> Result<(), Error> {
+        let env = parse(challenge, "challenge").map_err(|e| Error::Protocol(e.to_string()))?;
+        for p in &env.parts {
+            self.factor(&p.method)?
+                .check_challenge(&p.data, agent_spki)?;
+        }
+        Ok(())
+    }
+
+    /// Every part is checked before any factor makes evidence, so a part for another key
+    /// refuses the whole challenge with nothing signed.
+    fn answer(&mut self, challenge: &[u8], agent_spki: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check_challenge(challenge, agent_spki)?;
         let env = parse(challenge, "challenge").map_err(|e| Error::Protocol(e.to_string()))?;
         let mut parts = Vec::with_capacity(env.parts.len());
         for p in env.parts {
-            let f = self
-                .factors
-                .iter_mut()
-                .find(|f| f.method() == p.method)
-                .ok_or_else(|| {
-                    Error::Protocol(format!(
-                        "the server challenged {}, which this agent did not present",
-                        p.method
-                    ))
-                })?;
+            let data = self.factor_mut(&p.method)?.answer(&p.data, agent_spki)?;
             parts.push(Part {
                 method: p.method,
-                data: f.answer(&p.data)?,
+                data,
             });
         }
         encode(&Envelope { parts })

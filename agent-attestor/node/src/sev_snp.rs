@@ -68,8 +68,12 @@ impl NodeAttestor for SnpAttestor {
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
         Ok(Vec::new())
     }
-    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
-        let rd = tsm::report_data_for_challenge(challenge)?;
+    fn check_challenge(&self, challenge: &[u8], agent_spki: &[u8]) -> Result<(), Error> {
+        tsm::report_data_for_challenge(challenge, agent_spki).map(|_| ())
+    }
+    fn answer(&mut self, challenge: &[u8], agent_spki: &[u8]) -> Result<Vec<u8>, Error> {
+        // Refuses a challenge for another key than the agent's before asking the PSP.
+        let rd = tsm::report_data_for_challenge(challenge, agent_spki)?;
         let rep = self.client.report(&rd)?;
         if rep.outblob.len() != REPORT_LEN {
             return Err(Error::Protocol(format!(

@@ -36,8 +36,12 @@ impl NodeAttestor for TdxAttestor {
     fn initial_evidence(&mut self) -> Result<Vec<u8>, Error> {
         Ok(Vec::new())
     }
-    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
-        let rd = tsm::report_data_for_challenge(challenge)?;
+    fn check_challenge(&self, challenge: &[u8], agent_spki: &[u8]) -> Result<(), Error> {
+        tsm::report_data_for_challenge(challenge, agent_spki).map(|_| ())
+    }
+    fn answer(&mut self, challenge: &[u8], agent_spki: &[u8]) -> Result<Vec<u8>, Error> {
+        // Refuses a challenge for another key than the agent's before asking the TDX module.
+        let rd = tsm::report_data_for_challenge(challenge, agent_spki)?;
         let rep = self.client.report(&rd)?;
         check_header(&rep.outblob).map_err(|e| Error::Protocol(format!("configfs-tsm: {e}")))?;
         Ok(rep.outblob)

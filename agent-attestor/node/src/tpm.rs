@@ -119,7 +119,16 @@ impl NodeAttestor for TpmAttestor {
         })
     }
 
-    fn answer(&mut self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+    /// A TPM challenge names no key: the evidence certifies the TPM-resident agent key
+    /// itself (TPM2_Certify by the AK), and the CA certifies only a CSR whose key is that
+    /// one, so evidence for a relayed challenge cannot serve another client's key.
+    fn check_challenge(&self, challenge: &[u8], _agent_spki: &[u8]) -> Result<(), Error> {
+        let c: Challenge = serde_json::from_slice(challenge)
+            .map_err(|e| Error::Protocol(format!("malformed TPM challenge: {e}")))?;
+        challenge_pcrs(&c.pcrs).map(|_| ())
+    }
+
+    fn answer(&mut self, challenge: &[u8], _agent_spki: &[u8]) -> Result<Vec<u8>, Error> {
         let c: Challenge = serde_json::from_slice(challenge)
             .map_err(|e| Error::Protocol(format!("malformed TPM challenge: {e}")))?;
         let pcrs = challenge_pcrs(&c.pcrs)?;

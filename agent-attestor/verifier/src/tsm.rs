@@ -110,7 +110,7 @@ mod tests {
     fn challenge_binding_round_trip() {
         let key = spki();
         let (pending, c) = Pending::issue(&ctx(&key, 1000)).unwrap();
-        let rd = report_data_for_challenge(&c).unwrap();
+        let rd = report_data_for_challenge(&c, &key).unwrap();
         assert_eq!(pending.expected_report_data(&ctx(&key, 1060)).unwrap(), rd);
         check_report_data(&rd, &rd).unwrap();
         let mut other = rd;
@@ -138,11 +138,32 @@ mod tests {
         assert!(e.contains("agent key changed"), "{e}");
     }
 
+    /// The relay under `--insecure-bootstrap`: a man in the middle opens its own stream
+    /// with its own CSR and forwards the CA's challenge (bound to its key) to a victim
+    /// agent. The victim refuses it, since the challenge's key is not its own CSR key, so
+    /// its TEE never makes the report_data the CA expects on the attacker's stream.
+    #[test]
+    fn a_challenge_relayed_from_another_stream_is_refused_by_the_agent() {
+        let victim_key = spki();
+        let mitm_key = spki();
+        let (pending, relayed) = Pending::issue(&ctx(&mitm_key, 1000)).unwrap();
+        let e = report_data_for_challenge(&relayed, &victim_key).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(KeyMismatch), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("a key other than this agent's CSR key"), "{e}");
+        // What the victim would answer for its own key does not fit the attacker's stream.
+        let own = binding(&relayed[..NONCE_LEN], &victim_key);
+        let expected = pending.expected_report_data(&ctx(&mitm_key, 1001)).unwrap();
+        let e = check_report_data(&own, &expected).unwrap_err();
+        assert_eq!(e.refusal_kind(), Some(Replay), "{e}");
+    }
+
     #[test]
     fn malformed_challenges_are_refused() {
-        assert!(report_data_for_challenge(&[0u8; 32]).is_err());
+        let key = spki();
+        assert!(report_data_for_challenge(&[0u8; 32], &key).is_err());
         let mut c = vec![0u8; 32];
         c.extend_from_slice(b"not der");
-        assert!(report_data_for_challenge(&c).is_err());
+        assert!(report_data_for_challenge(&c, &key).is_err());
     }
 }

@@ -75,7 +75,7 @@ pub fn attest(
 ) -> (AttestedNode, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
     let (ev, k) = evidence(a);
     let (c, session) = challenge(v.start(&ev, &ctx(&k)).expect("start"));
-    let ans = a.answer(&c).expect("answer");
+    let ans = a.answer(&c, &k).expect("answer");
     let node = attested(session.resume(&ans, &ctx(&k)));
     (node, ev, c, ans, k)
 }

@@ -466,8 +466,8 @@ fn an_uncertified_vtpm_ek_passes_only_bound_by_an_svsm_report() {
             .into_iter()
             .map(|p| {
                 let data = match p.method.as_str() {
-                    "tpm" => tpm.answer(&p.data).unwrap(),
-                    _ => snp.answer(&p.data).unwrap(),
+                    "tpm" => tpm.answer(&p.data, &key).unwrap(),
+                    _ => snp.answer(&p.data, &key).unwrap(),
                 };
                 Part {
                     method: p.method,

@@ -205,7 +205,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = verifier.start(&first, &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let answer = attestor.answer(&challenge).unwrap();
+    let answer = attestor.answer(&challenge, &key).unwrap();
     let VerifierStep::Attested(node) = session.resume(&answer, &ctx).unwrap() else {
         panic!("expected the node to be attested");
     };
@@ -237,7 +237,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let answer = attestor.answer(&challenge).unwrap();
+    let answer = attestor.answer(&challenge, &key).unwrap();
     let other = spki();
     let ctx2 = AttestationContext {
         agent_public_key: &other,
@@ -251,7 +251,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let answer = attestor.answer(&challenge).unwrap();
+    let answer = attestor.answer(&challenge, &key).unwrap();
     let late = AttestationContext {
         agent_public_key: &key,
         now: ctx.now + Duration::from_secs(61),
@@ -273,7 +273,7 @@ fn protocol_through_the_agent_attestor_and_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = verifier.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let rd = ztid_verifier::tsm::report_data_for_challenge(&challenge).unwrap();
+    let rd = ztid_verifier::tsm::report_data_for_challenge(&challenge, &key).unwrap();
     let VerifierStep::Attested(other_launch) =
         session.resume(&chain.evidence(&rd, |_| {}), &ctx).unwrap()
     else {

@@ -512,7 +512,7 @@ fn agent_side_reads_the_quote_from_a_tsm_tree() {
     let VerifierStep::Challenge(challenge, session) = v.start(b"", &ctx).unwrap() else {
         panic!("expected a challenge");
     };
-    let answer = attestor.answer(&challenge).unwrap();
+    let answer = attestor.answer(&challenge, &spki).unwrap();
     assert_eq!(answer, quote("v4-uptodate"));
     // Everything about the quote verifies except the binding to this challenge.
     let m = refusal(Replay, session.resume(&answer, &ctx));

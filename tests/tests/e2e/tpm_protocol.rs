@@ -185,7 +185,7 @@ fn tpm_replayed_activation_and_quote_are_refused() {
 
     // A fresh activation with an earlier quote: the nonce is new.
     let (c3, s3) = challenge(v.start(&ev, &ctx(&k)).unwrap());
-    let fresh: Answer = serde_json::from_slice(&a.answer(&c3).unwrap()).unwrap();
+    let fresh: Answer = serde_json::from_slice(&a.answer(&c3, &k).unwrap()).unwrap();
     let old: Answer = serde_json::from_slice(&old_answer).unwrap();
     let spliced = Answer {
         secret: fresh.secret,
@@ -202,7 +202,7 @@ fn tpm_replayed_activation_and_quote_are_refused() {
     // A challenge answered after 60 s has expired.
     let t0 = SystemTime::now();
     let (c4, s4) = challenge(v.start(&ev, &ctx_at(&k, t0)).unwrap());
-    let ans4 = a.answer(&c4).unwrap();
+    let ans4 = a.answer(&c4, &k).unwrap();
     assert_eq!(
         refusal(
             Replay,
@@ -262,7 +262,7 @@ fn tpm_tampered_quote_and_pcr_values_are_refused() {
     ];
     for (kind, want, tamper) in cases {
         let (c, session) = challenge(v.start(&ev, &ctx(&k)).unwrap());
-        let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
+        let mut ans: Answer = serde_json::from_slice(&a.answer(&c, &k).unwrap()).unwrap();
         tamper(&mut ans);
         assert_eq!(
             refusal(
@@ -348,7 +348,7 @@ fn tpm_ak_attributes_are_checked_and_bound_by_name() {
     // An AK public that claims one more attribute (noDA) passes the static checks, but the
     // credential is then bound to a name no object in the TPM has: activation fails.
     let (c, _) = challenge(v.start(&with_attrs(&|a| a | (1 << 10)), &ctx(&k)).unwrap());
-    let err = a.answer(&c).unwrap_err().to_string();
+    let err = a.answer(&c, &k).unwrap_err().to_string();
     assert!(err.contains("ActivateCredential"), "{err}");
     assert_eq!(f.tpm.leftovers(), "");
 }
@@ -404,7 +404,7 @@ fn tpm_allow_list_and_pcr_policy() {
     let new7 = sha256_hex(&both);
     let (ev_bytes, k) = evidence(&mut a);
     let (c, session) = challenge(v.start(&ev_bytes, &ctx(&k)).unwrap());
-    let ans = a.answer(&c).unwrap();
+    let ans = a.answer(&c, &k).unwrap();
     assert_eq!(
         refusal(PolicyMismatch, session.resume(&ans, &ctx(&k))),
         format!("PCR policy not met: PCR 7 is {new7} but policy {hash} allows {zero}")
@@ -825,7 +825,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
         v.start(&serde_json::to_vec(&forged).unwrap(), &ctx(&soft_spki))
             .expect("static checks pass"),
     );
-    let ans = a.answer(&c).unwrap();
+    let ans = a.answer(&c, &soft_spki).unwrap();
     assert!(refusal(KeyMismatch, session.resume(&ans, &ctx(&soft_spki)))
         .starts_with("the AK certified another key (name "));
 
@@ -865,7 +865,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     // 4. Answers whose certification is tampered with, missing, from another attempt,
     //    made by another AK of the same TPM, or a quote in its place.
     let (c0, s0) = challenge(v.start(&ev, &ctx(&tpm_key)).unwrap());
-    let good: Answer = serde_json::from_slice(&a.answer(&c0).unwrap()).unwrap();
+    let good: Answer = serde_json::from_slice(&a.answer(&c0, &tpm_key).unwrap()).unwrap();
     attested(s0.resume(&serde_json::to_vec(&good).unwrap(), &ctx(&tpm_key)));
     let other_ak = Tpm::open(&f.tpm.tcti()).unwrap().create_ak().unwrap();
     let old_certify = (good.certify.clone(), good.certify_signature.clone());
@@ -920,7 +920,7 @@ fn tpm_agent_svid_only_for_a_key_the_ak_certified() {
     ];
     for (kind, want, tamper) in cases {
         let (c, session) = challenge(v.start(&ev, &ctx(&tpm_key)).unwrap());
-        let mut ans: Answer = serde_json::from_slice(&a.answer(&c).unwrap()).unwrap();
+        let mut ans: Answer = serde_json::from_slice(&a.answer(&c, &tpm_key).unwrap()).unwrap();
         tamper(&mut ans, &serde_json::from_slice(&c).unwrap());
         let got = refusal(
             kind,
