@@ -65,7 +65,7 @@ impl WorkloadApi {
         req: &Request<T>,
     ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
         let peer = self.caller(req).await?;
-        self.entitle(peer).await
+        self.entitle(peer, false).await
     }
 
     /// [`WorkloadApi::entitled_instance`] for a stream made by [`watch_stream`], which
@@ -85,13 +85,7 @@ impl WorkloadApi {
         if let Some(r) = peer.known_refusal() {
             return Err(refusal_status(&r));
         }
-        if peer
-            .attested()
-            .is_some_and(|a| !self.workloads.has_instance(a))
-        {
-            still_the_connecting_process(&peer).await?;
-        }
-        match self.entitle(peer.clone()).await {
+        match self.entitle(peer.clone(), true).await {
             Ok(found) => Ok(found),
             Err(refused) => {
                 still_the_connecting_process(&peer).await?;
@@ -101,10 +95,12 @@ impl WorkloadApi {
     }
 
     /// Checks that the caller of a connection bound to `peer` is entitled, and makes sure
-    /// it holds current SVIDs.
+    /// it holds current SVIDs. A new instance is made only for the process that connected:
+    /// `check_before_new` when the caller has not just checked that.
     async fn entitle(
         &self,
         peer: Arc<ConnectionPeer>,
+        check_before_new: bool,
     ) -> Result<(Arc<ConnectionPeer>, Arc<Instance>), Status> {
         let attested = peer
             .attested()
@@ -130,10 +126,17 @@ impl WorkloadApi {
             }
             return Err(Status::permission_denied(no_entry_message(&selectors)));
         }
-        let inst = self
-            .workloads
-            .instance_for(attested)
-            .map_err(|e| e.status())?;
+        let inst = match self.workloads.existing_instance(attested) {
+            Some(inst) => inst,
+            None => {
+                if check_before_new {
+                    still_the_connecting_process(&peer).await?;
+                }
+                self.workloads
+                    .instance_for(attested)
+                    .map_err(|e| e.status())?
+            }
+        };
         if let Err(e) = self.workloads.reconcile(&inst).await {
             tracing::warn!(pid = inst.process.pid, error = %e, "could not obtain SVIDs for workload");
             return Err(Status::unavailable(format!(

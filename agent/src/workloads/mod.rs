@@ -689,12 +689,14 @@ impl Workloads {
         self.instance_for_key(InstanceKey::of(peer), true)
     }
 
-    /// Whether the connection's peer already has its instance (so [`Workloads::instance_for`]
-    /// would neither mint nor take from the pool for it).
-    pub fn has_instance(&self, peer: &AttestedPeer) -> bool {
+    /// The connection's peer's instance, if it has one already (then
+    /// [`Workloads::instance_for`] would neither mint nor take from the pool for it).
+    pub fn existing_instance(&self, peer: &AttestedPeer) -> Option<Arc<Instance>> {
         self.instances
             .lock()
-            .is_ok_and(|i| i.contains_key(&InstanceKey::of(peer)))
+            .ok()?
+            .get(&InstanceKey::of(peer))
+            .cloned()
     }
 
     /// Ok when a new instance for `uid` fits under the cap and under `uid`'s share,
