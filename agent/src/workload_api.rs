@@ -129,8 +129,17 @@ impl WorkloadApi {
         let inst = match self.workloads.existing_instance(attested) {
             Some(inst) => inst,
             None => {
+                // Cheaply (the first answer is checked whole): nothing is made for a
+                // process that has exited or exec'd since it connected.
                 if check_before_new {
-                    still_the_connecting_process(&peer).await?;
+                    if let Err(r) = attested.process.still_runs() {
+                        if let Some(suppressed) =
+                            crate::refusal_log::admit(peer.uid, "workload_refused")
+                        {
+                            tracing::warn!(event = "workload_refused", pid = ?peer.pid, uid = peer.uid, reason = %r, suppressed, "request on a connection whose process is gone or changed");
+                        }
+                        return Err(refusal_status(&r));
+                    }
                 }
                 self.workloads
                     .instance_for(attested)

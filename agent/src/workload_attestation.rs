@@ -19,6 +19,7 @@
 //! read at accept: a peer that exits and whose pid is taken by a new process before the
 //! agent's accept-time read cannot be told apart from that new process.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
@@ -113,11 +114,72 @@ pub const READABLE_FILESYSTEMS: &[&str] = &[
 
 /// Bytes of `/proc/<pid>/mountinfo` read, at most (about 25,000 mounts).
 const MAX_MOUNTINFO_BYTES: u64 = 4 << 20;
+/// Mount namespaces whose mount table is kept (each holds an open `mountinfo`); the one
+/// used least recently makes room.
+const MAX_CACHED_MOUNT_NAMESPACES: usize = 64;
+
+/// One mount namespace's mount types by mount ID, read from a `mountinfo` file kept
+/// open: the kernel marks it (`POLLPRI`) whenever that namespace's mounts change, so the
+/// table is read again only then. Reading `mountinfo` costs tens of microseconds (more
+/// with every mount), on every new connection otherwise.
+struct NamespaceMounts {
+    file: fs::File,
+    types: HashMap<u64, String>,
+    used: std::time::Instant,
+}
+
+impl NamespaceMounts {
+    fn open(pid: i32) -> std::io::Result<Self> {
+        let mut this = Self {
+            file: fs::File::open(format!("/proc/{pid}/mountinfo"))?,
+            types: HashMap::new(),
+            used: std::time::Instant::now(),
+        };
+        this.read()?;
+        Ok(this)
+    }
+
+    /// Reads the table again: after [`NamespaceMounts::changed`] said so (the poll that
+    /// reports a change also clears the mark), or when a mount ID is missing.
+    fn read(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.file.rewind()?;
+        let mut text = String::with_capacity(8192);
+        (&self.file)
+            .take(MAX_MOUNTINFO_BYTES + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_MOUNTINFO_BYTES {
+            return Err(std::io::Error::other(format!(
+                "mountinfo is larger than {MAX_MOUNTINFO_BYTES} bytes"
+            )));
+        }
+        self.types = mount_types(&text);
+        Ok(())
+    }
+
+    /// Whether the namespace's mounts changed since the table was read.
+    fn changed(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLPRI)];
+        // Unknown counts as changed: the table is read again.
+        poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| {
+            n > 0
+                && fds[0]
+                    .revents()
+                    .is_none_or(|r| r.intersects(PollFlags::POLLPRI | PollFlags::POLLERR))
+        })
+    }
+}
+
+static MOUNT_NAMESPACES: std::sync::Mutex<Option<HashMap<(u64, u64), NamespaceMounts>>> =
+    std::sync::Mutex::new(None);
 
 /// The type of the filesystem `pid`'s executable lives on: the mount ID `statx` gives
-/// (from the mount, without asking the filesystem), looked up in the process's
-/// `/proc/<pid>/mountinfo` (which the kernel writes). Mount IDs are unique among the
-/// mounts that exist, in every namespace.
+/// (from the mount, without asking the filesystem), looked up in the mount table of the
+/// process's mount namespace (`/proc/<pid>/mountinfo`, which the kernel writes; kept per
+/// namespace, read again when its mounts change). Mount IDs are unique among the mounts
+/// that exist.
 pub fn exe_filesystem(pid: i32) -> std::io::Result<String> {
     use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
     let x = statx(
@@ -131,16 +193,34 @@ pub fn exe_filesystem(pid: i32) -> std::io::Result<String> {
             "the kernel gives no mount ID (before Linux 5.8)",
         ));
     }
-    let mut mountinfo = String::with_capacity(8192);
-    fs::File::open(format!("/proc/{pid}/mountinfo"))?
-        .take(MAX_MOUNTINFO_BYTES + 1)
-        .read_to_string(&mut mountinfo)?;
-    if mountinfo.len() as u64 > MAX_MOUNTINFO_BYTES {
-        return Err(std::io::Error::other(format!(
-            "/proc/{pid}/mountinfo is larger than {MAX_MOUNTINFO_BYTES} bytes"
-        )));
+    let namespace = namespace_identity(&format!("/proc/{pid}/ns/mnt"))?;
+    let mut guard = MOUNT_NAMESPACES
+        .lock()
+        .map_err(|_| std::io::Error::other("mount table cache lock poisoned"))?;
+    let cache = guard.get_or_insert_with(HashMap::new);
+    let mounts = match cache.entry(namespace) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            let m = e.into_mut();
+            // Checked again after the lookup below too: a mount made meanwhile is read.
+            if m.changed() {
+                m.read()?;
+            }
+            m
+        }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(NamespaceMounts::open(pid)?),
+    };
+    mounts.used = std::time::Instant::now();
+    let mut found = mounts.types.get(&x.stx_mnt_id).cloned();
+    if found.is_none() || mounts.changed() {
+        mounts.read()?;
+        found = mounts.types.get(&x.stx_mnt_id).cloned();
     }
-    mount_type(&mountinfo, x.stx_mnt_id).ok_or_else(|| {
+    if cache.len() > MAX_CACHED_MOUNT_NAMESPACES {
+        if let Some(oldest) = cache.iter().min_by_key(|(_, m)| m.used).map(|(k, _)| *k) {
+            cache.remove(&oldest);
+        }
+    }
+    found.ok_or_else(|| {
         std::io::Error::other(format!(
             "mount {} is not in /proc/{pid}/mountinfo",
             x.stx_mnt_id
@@ -148,15 +228,18 @@ pub fn exe_filesystem(pid: i32) -> std::io::Result<String> {
     })
 }
 
-/// The filesystem type of mount `id` in a `mountinfo` text: each line is "ID PARENT
-/// MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPEROPTIONS", its paths
-/// with spaces escaped (so " - " only ever separates).
-fn mount_type(mountinfo: &str, id: u64) -> Option<String> {
-    mountinfo.lines().find_map(|line| {
-        let (head, tail) = line.split_once(" - ")?;
-        let this: u64 = head.split(' ').next()?.parse().ok()?;
-        (this == id).then(|| tail.split(' ').next().map(str::to_string))?
-    })
+/// Mount types by mount ID, from a `mountinfo` text: each line is "ID PARENT MAJ:MIN
+/// ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPEROPTIONS", its paths with
+/// spaces escaped (so " - " only ever separates).
+fn mount_types(mountinfo: &str) -> HashMap<u64, String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (head, tail) = line.split_once(" - ")?;
+            let id: u64 = head.split(' ').next()?.parse().ok()?;
+            Some((id, tail.split(' ').next()?.to_string()))
+        })
+        .collect()
 }
 
 /// Why the agent does not open `pid`'s executable, if it may not.
@@ -255,6 +338,26 @@ impl PeerProcess {
     /// The peer's pidfd (readable once the peer has exited), if the kernel gave one.
     pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.pidfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Ok while the process that connected has neither exited nor exec'd: with a pidfd,
+    /// a `statx` of the executable and a poll (no `/proc` text is read); without one,
+    /// the whole [`PeerProcess::check`]. Not the uid check: for deciding whether to make
+    /// something for the process at all, where every answer is still checked whole.
+    pub fn still_runs(&self) -> Result<(), PeerRefusal> {
+        let Some(fd) = &self.pidfd else {
+            return self.check();
+        };
+        let exe = exe_identity(self.instance.pid).ok();
+        if pidfd_exited(fd.as_fd())? {
+            return Err(PeerRefusal::Exited);
+        }
+        match (self.exe, exe) {
+            (Some(then), Some(now)) if then != now => Err(PeerRefusal::Execd),
+            (Some(_), None) => Err(PeerRefusal::Exited),
+            (None, Some(_)) => Err(PeerRefusal::Execd),
+            _ => Ok(()),
+        }
     }
 
     /// Ok while the process that connected still runs the program it connected with.
@@ -731,13 +834,44 @@ mod tests {
         let info = "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n\
                     36 22 98:0 / /mnt/a\\040-\\040b rw master:1 shared:3 - ext4 /dev/vda rw\n\
                     40 36 0:50 / /home/u/f rw - fuse.sshfs host: rw\n";
-        assert_eq!(mount_type(info, 36).as_deref(), Some("ext4"));
-        assert_eq!(mount_type(info, 40).as_deref(), Some("fuse.sshfs"));
-        assert_eq!(mount_type(info, 3), None);
+        let types = mount_types(info);
+        assert_eq!(types.get(&36).map(String::as_str), Some("ext4"));
+        assert_eq!(types.get(&40).map(String::as_str), Some("fuse.sshfs"));
+        assert_eq!(types.get(&3), None);
         let me = std::process::id() as i32;
         let fs = exe_filesystem(me).unwrap();
         assert!(READABLE_FILESYSTEMS.contains(&fs.as_str()), "{fs}");
         assert_eq!(exe_unreadable(me), None);
+    }
+
+    /// The kept mount table is marked changed by the kernel when a mount comes or goes,
+    /// and read again then (a mount ID can be reused by a mount of another type).
+    #[test]
+    fn the_kept_mount_table_is_read_again_when_mounts_change() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let me = std::process::id() as i32;
+        let mut table = NamespaceMounts::open(me).unwrap();
+        assert!(!table.changed());
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "none"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        let changed = table.changed();
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        assert!(changed, "a new mount marks the table");
+        table.read().unwrap();
+        // The unmount marked it again; read, it is clean.
+        assert!(table.changed());
+        table.read().unwrap();
+        assert!(!table.changed());
     }
 
     /// A workload running its program from a FUSE file system whose daemon never answers
