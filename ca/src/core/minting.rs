@@ -384,15 +384,11 @@ mod tests {
             assert!(e.to_string().contains("tainted"), "{e}");
         }
         // Attested again: an SVID of the active authority.
-        let node = ztid_verifier::AttestedNode {
-            method: "join_token",
-            node_id: "n1".into(),
-            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
-            aliases: vec![],
-            evidence_digest: [7; 32],
-        };
         let (_, renewed) = core
-            .complete_attestation(&node, &crate::core::testing::fresh_csr())
+            .complete_attestation(
+                &crate::core::testing::test_node(),
+                &crate::core::testing::fresh_csr(),
+            )
             .unwrap();
         let agent = core
             .authenticate_agent(Some(renewed.chain.first().unwrap()))

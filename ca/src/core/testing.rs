@@ -17,17 +17,21 @@ pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, Aut
     })
     .unwrap();
     let csr = fresh_csr();
-    let node = ztid_verifier::AttestedNode {
+    let (_, leaf) = core.complete_attestation(&test_node(), &csr).unwrap();
+    let leaf = leaf.chain.first().unwrap().clone();
+    let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+    (dir, core, leaf, agent)
+}
+
+/// The node [`core_with_agent`] attests (again, for a fresh agent SVID).
+pub(crate) fn test_node() -> ztid_verifier::AttestedNode {
+    ztid_verifier::AttestedNode {
         method: "join_token",
         node_id: "n1".into(),
         selectors: vec![ztid_spiffe::Selector::parse("join-token:id:n1").unwrap()],
         aliases: vec![],
         evidence_digest: [7; 32],
-    };
-    let (_, leaf) = core.complete_attestation(&node, &csr).unwrap();
-    let leaf = leaf.chain.first().unwrap().clone();
-    let agent = core.authenticate_agent(Some(&leaf)).unwrap();
-    (dir, core, leaf, agent)
+    }
 }
 
 /// A CSR (DER) for a fresh P-256 key, naming nothing: the server puts the identity in.

@@ -1644,6 +1644,7 @@ mod tests {
         let err = parser
             .feed(&bytes[..crossing + FRAME_HEADER_LEN])
             .expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("header block too large"), "{err}");
         // A whole block within the limit still passes, and a list past it is refused.
         let mut ok = connection_start();
@@ -1663,6 +1664,7 @@ mod tests {
         }
         header_frames(&mut big, 1, &block, true, None, false, 16_000);
         let err = Parser::new(limits).feed(&big).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("header list too large"), "{err}");
     }
 
