@@ -302,6 +302,8 @@ fn agent(id: &str, serial: &str) -> AgentRecord {
         authorities_in_use: vec![],
         last_sync_at: 0,
         aliases_revision: 0,
+        key_sha256: "ab".repeat(32),
+        previous_key_sha256: None,
     }
 }
 

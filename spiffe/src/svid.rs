@@ -11,6 +11,47 @@ use crate::Error;
 /// The SPIFFE ID of an X509-SVID leaf: exactly one URI SAN, a `spiffe://` ID in
 /// canonical spelling ([`crate::spiffe_id::parse`]) with a non-root path, and CA=false.
 pub fn spiffe_id_of_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
+    spiffe_id_of(&parse_whole(der)?)
+}
+
+/// What the node API reads of a peer's leaf, in one parse.
+#[derive(Debug, Clone)]
+pub struct LeafFacts {
+    /// Its SPIFFE ID, checked as [`spiffe_id_of_leaf`] does.
+    pub spiffe_id: SpiffeId,
+    /// Its serial, as [`serial_hex`] spells it.
+    pub serial_hex: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
+    /// Lowercase hex SHA-256 of its DER SubjectPublicKeyInfo: the key a TLS peer
+    /// presenting this leaf proved it holds.
+    pub key_sha256: String,
+}
+
+/// Reads [`LeafFacts`] from a DER X509-SVID leaf.
+pub fn leaf_facts(der: &[u8]) -> Result<LeafFacts, Error> {
+    let cert = parse_whole(der)?;
+    Ok(LeafFacts {
+        spiffe_id: spiffe_id_of(&cert)?,
+        serial_hex: hex::encode(cert.raw_serial()),
+        not_after: cert.validity().not_after.timestamp(),
+        key_sha256: key_sha256_of(&cert),
+    })
+}
+
+/// Lowercase hex SHA-256 of a certificate's DER SubjectPublicKeyInfo.
+pub fn key_sha256(der: &[u8]) -> Result<String, Error> {
+    Ok(key_sha256_of(&parse_whole(der)?))
+}
+
+fn key_sha256_of(cert: &X509Certificate<'_>) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        cert.public_key().raw,
+    ))
+}
+
+fn parse_whole(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
     let (rest, cert) = X509Certificate::from_der(der)
         .map_err(|e| Error::InvalidSvid(format!("certificate does not parse: {e}")))?;
     if !rest.is_empty() {
@@ -18,6 +59,10 @@ pub fn spiffe_id_of_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
             "trailing bytes after certificate".into(),
         ));
     }
+    Ok(cert)
+}
+
+fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, Error> {
     let mut uris = Vec::new();
     let mut is_ca = false;
     for ext in cert.extensions() {
@@ -198,10 +243,40 @@ mod tests {
     use super::*;
 
     fn leaf(uri: &str) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate().unwrap();
+        leaf_with(uri, &rcgen::KeyPair::generate().unwrap())
+    }
+
+    fn leaf_with(uri: &str, key: &rcgen::KeyPair) -> Vec<u8> {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
-        p.self_signed(&key).unwrap().der().to_vec()
+        p.self_signed(key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn leaf_facts_are_what_the_single_readers_say_and_the_key_is_the_spki_hash() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = leaf_with("spiffe://example.org/ztid/agent/x", &key);
+        let f = leaf_facts(&der).unwrap();
+        assert_eq!(f.spiffe_id, spiffe_id_of_leaf(&der).unwrap());
+        assert_eq!(f.serial_hex, serial_hex(&der).unwrap());
+        assert_eq!(f.not_after, not_after(&der).unwrap());
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        assert_eq!(
+            f.key_sha256,
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki))
+        );
+        assert_eq!(key_sha256(&der).unwrap(), f.key_sha256);
+        // Another certificate for the same key has the same key hash; another key not.
+        let again = leaf_with("spiffe://example.org/other", &key);
+        assert_eq!(key_sha256(&again).unwrap(), f.key_sha256);
+        let other = leaf("spiffe://example.org/ztid/agent/x");
+        assert_ne!(key_sha256(&other).unwrap(), f.key_sha256);
+        let mut trailing = der.clone();
+        trailing.push(0);
+        assert!(leaf_facts(&trailing)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing bytes"));
     }
 
     #[test]

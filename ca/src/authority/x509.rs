@@ -66,6 +66,18 @@ pub struct SignedLeaf {
     pub not_after: i64,
 }
 
+impl SignedLeaf {
+    /// Hex SHA-256 of the leaf's SubjectPublicKeyInfo (what an agent's record binds).
+    pub fn key_sha256(&self) -> crate::Result<String> {
+        let leaf = self
+            .chain
+            .first()
+            .ok_or_else(|| crate::Error::Internal("a signed leaf without a certificate".into()))?;
+        ztid_spiffe::svid::key_sha256(leaf)
+            .map_err(|e| crate::Error::Internal(format!("a leaf this server signed: {e}")))
+    }
+}
+
 /// An X.509 signing authority.
 pub struct X509Authority {
     record: AuthorityRecord,
@@ -204,12 +216,34 @@ impl X509Authority {
         template: &LeafTemplate,
         now: i64,
     ) -> Result<SignedLeaf> {
+        self.sign_leaf_numbered(public_key, template, now, &random_serial()?)
+    }
+
+    /// A leaf with a serial of the caller's choice: what a thief of this authority's key
+    /// could make (tests of the agent's key binding).
+    #[cfg(test)]
+    pub(crate) fn forge_leaf(
+        &self,
+        public_key: &impl PublicKeyData,
+        template: &LeafTemplate,
+        now: i64,
+        serial: &[u8],
+    ) -> Result<SignedLeaf> {
+        self.sign_leaf_numbered(public_key, template, now, serial)
+    }
+
+    fn sign_leaf_numbered(
+        &self,
+        public_key: &impl PublicKeyData,
+        template: &LeafTemplate,
+        now: i64,
+        serial: &[u8],
+    ) -> Result<SignedLeaf> {
         if now >= self.record.not_after {
             return Err(Error::Precondition(
                 "the X.509 authority has expired".into(),
             ));
         }
-        let serial = random_serial()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "ztid");
@@ -220,7 +254,7 @@ impl X509Authority {
             );
         }
         params.distinguished_name = dn;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.serial_number = Some(SerialNumber::from_slice(serial));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -254,7 +288,7 @@ impl X509Authority {
         chain.extend(self.chain_tail.iter().cloned());
         Ok(SignedLeaf {
             chain,
-            serial: hex::encode(&serial),
+            serial: hex::encode(serial),
             not_after,
         })
     }

@@ -69,6 +69,39 @@ impl AuthenticatedAgent {
     }
 }
 
+/// Refuses a certificate whose key is not the one the agent's record binds to its
+/// serial. The handshake proved the caller holds the certificate's key, so this
+/// refuses whoever made a certificate for the agent's ID and serial with an authority
+/// key (stolen, or tainted and in other hands) without holding the agent's own key.
+/// A record from before the binding (`bound` empty) is accepted, except under a
+/// tainted authority: that is the very case the binding is for, and such an agent
+/// attests or registers again.
+fn check_bound_key(id: &str, bound: &str, presented: &str, tainted_issuer: bool) -> Result<()> {
+    if bound.is_empty() {
+        if tainted_issuer {
+            return Err(Error::refused(
+                RefusalKind::StaleCredential,
+                format!(
+                    "agent {id}'s record does not name its SVID's key (stored by an earlier \
+                     version) and its SVID's authority is tainted: the agent must attest \
+                     again (a join-token agent: a new join token)"
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if bound != presented {
+        return Err(Error::refused(
+            RefusalKind::BadCredential,
+            format!(
+                "agent {id} presented its serial in a certificate for another key than the \
+                 one it was issued (sha256 {presented}): someone holds an authority key"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl CaCore {
     /// Updates an attested, unbanned agent's record with `f`, applied to the record as
     /// stored now (not as read when the call was authenticated), with a compare-and-swap:
@@ -143,13 +176,11 @@ impl CaCore {
                 "node API call without an agent SVID",
             )
         })?;
-        let id = ztid_spiffe::svid::spiffe_id_of_leaf(leaf)
-            .map_err(|e| {
-                Error::refused(RefusalKind::BadCredential, format!("peer certificate: {e}"))
-            })?
-            .to_string();
-        let serial = ztid_spiffe::svid::serial_hex(leaf)
-            .map_err(|e| Error::refused(RefusalKind::BadCredential, e.to_string()))?;
+        let facts = ztid_spiffe::svid::leaf_facts(leaf).map_err(|e| {
+            Error::refused(RefusalKind::BadCredential, format!("peer certificate: {e}"))
+        })?;
+        let id = facts.spiffe_id.to_string();
+        let serial = facts.serial_hex;
         // TLS accepted any chain to the bundle: under an upstream root, any CA under the
         // organisation's root. An agent's ID and serial are no secret, so only a
         // certificate the cluster's own X.509 authorities signed can be the agent's.
@@ -171,26 +202,29 @@ impl CaCore {
         let t = now();
         // TLS checked validity at the handshake only; a connection can outlive the
         // certificate, so check it on every call.
-        let not_after = ztid_spiffe::svid::not_after(leaf)
-            .map_err(|e| Error::refused(RefusalKind::BadCredential, e.to_string()))?;
-        if t >= not_after {
+        if t >= facts.not_after {
             return Err(Error::refused(
                 RefusalKind::BadCredential,
                 format!("agent {id} presented an expired SVID"),
             ));
         }
-        let current = serial == record.serial;
-        let previous = record.previous_serial.as_deref() == Some(serial.as_str())
-            && t < record.previous_expires_at;
-        if !current && !previous {
+        let bound_key = if serial == record.serial {
+            &record.key_sha256
+        } else if record.previous_serial.as_deref() == Some(serial.as_str())
+            && t < record.previous_expires_at
+        {
+            record.previous_key_sha256.as_deref().unwrap_or_default()
+        } else {
             return Err(Error::refused(
                 RefusalKind::StaleCredential,
                 format!("agent {id} presented an SVID that is no longer current"),
             ));
-        }
+        };
+        let tainted_issuer = self.issued_by_tainted_authority(leaf);
+        check_bound_key(&id, bound_key, &facts.key_sha256, tainted_issuer)?;
         Ok(AuthenticatedAgent {
             record,
-            tainted_issuer: self.issued_by_tainted_authority(leaf),
+            tainted_issuer,
         })
     }
 
@@ -215,5 +249,160 @@ impl CaCore {
                 ztid_spiffe::svid::Usage::Client,
             )
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::{Kind, LeafTemplate};
+    use crate::core::testing::{core_with_agent, fresh_csr};
+
+    fn join_token_node() -> ztid_verifier::AttestedNode {
+        ztid_verifier::AttestedNode {
+            method: "join-token",
+            node_id: "t1".into(),
+            selectors: vec![ztid_spiffe::Selector::parse("join-token:id:t1").unwrap()],
+            aliases: vec![],
+            evidence_digest: [7; 32],
+        }
+    }
+
+    /// What a thief of the active X.509 authority's key can make: a certificate for
+    /// the agent's ID and `serial`, for a key of the thief's.
+    fn forged(core: &CaCore, agent: &AgentRecord, serial: &str) -> Vec<u8> {
+        let thief = rcgen::KeyPair::generate().unwrap();
+        let leaf = core
+            .authorities
+            .x509()
+            .forge_leaf(
+                &thief,
+                &LeafTemplate {
+                    spiffe_id: agent.spiffe_id.clone(),
+                    dns_names: vec![],
+                    ip_addresses: vec![],
+                    node: None,
+                    ttl_seconds: 3600,
+                },
+                now(),
+                &hex::decode(serial).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(leaf.serial, serial);
+        leaf.chain[0].clone()
+    }
+
+    fn refused(core: &CaCore, leaf: &[u8]) -> Error {
+        core.authenticate_agent(Some(leaf))
+            .expect_err("a forged agent certificate was accepted")
+    }
+
+    /// The finding: anyone holding an authority key (a tainted authority's, or one
+    /// stolen unnoticed) could sign the agent's ID and current serial and act as the
+    /// agent. The record binds the serial to the agent's key, which the TLS handshake
+    /// proves the caller holds.
+    #[test]
+    fn a_certificate_for_the_agents_serial_with_another_key_is_refused() {
+        let (_dir, core, leaf, agent) = core_with_agent();
+        assert_eq!(
+            agent.record.key_sha256,
+            ztid_spiffe::svid::key_sha256(&leaf).unwrap()
+        );
+        let fake = forged(&core, &agent.record, &agent.record.serial);
+        let e = refused(&core, &fake);
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::BadCredential), "{e}");
+        assert!(e.to_string().contains("for another key"), "{e}");
+        // Tainted, the same: the thief of a tainted key cannot even sync or renew.
+        let id = core.authorities.x509().record().id.clone();
+        core.prepare_authority(Kind::X509, "test").unwrap();
+        core.activate_authority(Kind::X509, "test").unwrap();
+        core.taint_authority(Kind::X509, &id, "test").unwrap();
+        let e = refused(&core, &fake);
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::BadCredential), "{e}");
+        // The agent itself, with its own key, still syncs and renews.
+        assert!(core.authenticate_agent(Some(&leaf)).unwrap().tainted_issuer);
+    }
+
+    /// A renewal binds the new SVID's key; the previous SVID stays accepted with its
+    /// own key only, until it expires.
+    #[test]
+    fn renewal_binds_the_new_key_and_keeps_the_previous_one_for_its_serial() {
+        let (_dir, core, _, _) = core_with_agent();
+        let (record, first) = core
+            .complete_attestation(&join_token_node(), &fresh_csr())
+            .unwrap();
+        let first = first.chain[0].clone();
+        let agent = core.authenticate_agent(Some(&first)).unwrap();
+        let renewed = core.renew_agent(&agent, &fresh_csr()).unwrap();
+        let renewed_leaf = renewed.chain[0].clone();
+        let stored = core.store.get_agent(&record.spiffe_id).unwrap().unwrap();
+        assert_eq!(
+            stored.key_sha256,
+            ztid_spiffe::svid::key_sha256(&renewed_leaf).unwrap()
+        );
+        assert_eq!(stored.previous_key_sha256, Some(record.key_sha256.clone()));
+        core.authenticate_agent(Some(&renewed_leaf)).unwrap();
+        core.authenticate_agent(Some(&first)).unwrap();
+        for serial in [&stored.serial, stored.previous_serial.as_ref().unwrap()] {
+            let e = refused(&core, &forged(&core, &stored, serial));
+            assert_eq!(e.refusal_kind(), Some(RefusalKind::BadCredential), "{e}");
+            assert!(e.to_string().contains("for another key"), "{e}");
+        }
+    }
+
+    /// A record stored before the binding: accepted as before, except under a tainted
+    /// authority (the case the binding is for); a renewal binds it.
+    #[test]
+    fn a_record_from_before_the_binding_is_bound_at_renewal_and_refused_when_tainted() {
+        let (_dir, core, _, _) = core_with_agent();
+        let (record, leaf) = core
+            .complete_attestation(&join_token_node(), &fresh_csr())
+            .unwrap();
+        let leaf = leaf.chain[0].clone();
+        let mut old = record.clone();
+        old.key_sha256.clear();
+        core.store.put_agent(&old).unwrap();
+        let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+        let renewed = core.renew_agent(&agent, &fresh_csr()).unwrap();
+        let stored = core.store.get_agent(&record.spiffe_id).unwrap().unwrap();
+        assert_eq!(
+            stored.key_sha256,
+            ztid_spiffe::svid::key_sha256(&renewed.chain[0]).unwrap()
+        );
+        // The previous SVID had no bound key: accepted while nothing is tainted...
+        assert_eq!(stored.previous_key_sha256, None);
+        core.authenticate_agent(Some(&leaf)).unwrap();
+        // ...and refused once its authority is tainted.
+        let id = core.authorities.x509().record().id.clone();
+        core.prepare_authority(Kind::X509, "test").unwrap();
+        core.activate_authority(Kind::X509, "test").unwrap();
+        core.taint_authority(Kind::X509, &id, "test").unwrap();
+        let e = refused(&core, &leaf);
+        assert_eq!(e.refusal_kind(), Some(RefusalKind::StaleCredential), "{e}");
+        assert!(
+            e.to_string().contains("does not name its SVID's key"),
+            "{e}"
+        );
+        // The bound current SVID, of the same tainted authority, still renews.
+        let agent = core.authenticate_agent(Some(&renewed.chain[0])).unwrap();
+        assert!(agent.tainted_issuer);
+        core.renew_agent(&agent, &fresh_csr()).unwrap();
+    }
+
+    #[test]
+    fn the_binding_check_itself() {
+        let k = "ab".repeat(32);
+        let other = "cd".repeat(32);
+        check_bound_key("a", &k, &k, false).unwrap();
+        check_bound_key("a", &k, &k, true).unwrap();
+        check_bound_key("a", "", &k, false).unwrap();
+        for (bound, tainted, kind) in [
+            (k.as_str(), false, RefusalKind::BadCredential),
+            (k.as_str(), true, RefusalKind::BadCredential),
+            ("", true, RefusalKind::StaleCredential),
+        ] {
+            let e = check_bound_key("a", bound, &other, tainted).unwrap_err();
+            assert_eq!(e.refusal_kind(), Some(kind), "{e}");
+        }
     }
 }

@@ -175,6 +175,8 @@ impl CaCore {
             authorities_in_use: Vec::new(),
             last_sync_at: t,
             aliases_revision: 0,
+            key_sha256: leaf.key_sha256()?,
+            previous_key_sha256: None,
         };
         record.aliases = self.aliases_of(&record)?;
         // New aliases (or a new agent) answer the agent's next sync in full, whatever
@@ -193,10 +195,13 @@ impl CaCore {
             // replaces stays valid until it expires, so calls in flight do not fail.
             record.previous_serial = None;
             record.previous_expires_at = 0;
+            record.previous_key_sha256 = None;
             if let Some(e) = &existing {
                 if e.expires_at > t {
                     record.previous_serial = Some(e.serial.clone());
                     record.previous_expires_at = e.expires_at;
+                    record.previous_key_sha256 =
+                        (!e.key_sha256.is_empty()).then(|| e.key_sha256.clone());
                 }
             }
             if self.store.compare_and_swap_agent(
@@ -272,14 +277,19 @@ impl CaCore {
             },
             now(),
         )?;
-        // Only the serial fields change, on the record as stored now: an eviction or ban
-        // since the call was authenticated refuses the renewal, a sync is kept.
+        let key_sha256 = leaf.key_sha256()?;
+        // Only the serial and key fields change, on the record as stored now: an
+        // eviction or ban since the call was authenticated refuses the renewal, a sync
+        // is kept.
         self.modify_agent(id, |current| {
             let mut record = current.clone();
             record.previous_serial = Some(record.serial.clone());
             record.previous_expires_at = record.expires_at;
+            record.previous_key_sha256 =
+                (!record.key_sha256.is_empty()).then(|| std::mem::take(&mut record.key_sha256));
             record.serial = leaf.serial.clone();
             record.expires_at = leaf.not_after;
+            record.key_sha256 = key_sha256.clone();
             Ok(record)
         })?;
         self.store.flush()?;

@@ -119,6 +119,17 @@ pub struct AgentRecord {
     /// records stored before this field compare equal in a compare-and-swap.)
     #[serde(default, skip_serializing_if = "is_zero")]
     pub aliases_revision: u64,
+    /// Hex SHA-256 of the current SVID's SubjectPublicKeyInfo. A call must present a
+    /// certificate for this key (its TLS handshake proved the caller holds it), so a
+    /// certificate made with a stolen authority key for the agent's ID and serial is
+    /// refused unless the agent's own key was stolen too. Empty in records written
+    /// before this field (not written while empty, as `aliases_revision`): such an
+    /// agent is bound at its next renewal or attestation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_sha256: String,
+    /// The same for the previous SVID (`previous_serial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_sha256: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -495,3 +495,102 @@ async fn a_refused_process_asking_in_a_loop_writes_a_few_log_lines() {
         "{lines} refusal lines for {ASKED} refused requests"
     );
 }
+
+/// Whoever steals an X.509 authority's key from the server's disk can sign a
+/// certificate for an agent's ID and current serial; with a key of their own it is
+/// refused, because the agent's record binds its serial to the agent's key (and the
+/// TLS handshake proves the caller holds the certificate's key). The agent's own SVID
+/// keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_forged_with_a_stolen_authority_key_is_not_the_agent() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    let addr = server.addr().parse().unwrap();
+    let genuine = agent.own_svid();
+    let genuine_leaf = genuine.chain[0].clone();
+    let serial = ztid_spiffe::svid::serial_hex(&genuine_leaf).unwrap();
+
+    // The thief's loot: every key in the server's key directory, and the bundle's roots.
+    let roots = bundle_roots(&server);
+    let keys: Vec<rcgen::KeyPair> = std::fs::read_dir(server.data_dir().join("keys"))
+        .unwrap()
+        .filter_map(|e| {
+            let pkcs8 = std::fs::read(e.unwrap().path()).ok()?;
+            rcgen::KeyPair::try_from(pkcs8.as_slice()).ok()
+        })
+        .collect();
+    let (ca_der, ca_key) = roots
+        .iter()
+        .find_map(|root| {
+            let (_, cert) = x509_parser::parse_x509_certificate(root).unwrap();
+            let spki = cert.public_key().raw.to_vec();
+            keys.iter()
+                .find(|k| rcgen::PublicKeyData::subject_public_key_info(*k) == spki)
+                .map(|k| (root.clone(), k))
+        })
+        .expect("the X.509 authority's key is among the server's key files");
+    let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der.clone().into(), ca_key).unwrap();
+    let thief = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(
+        &hex::decode(&serial).unwrap(),
+    ));
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        agent.spiffe_id.clone().try_into().unwrap(),
+    )];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let forged = params.signed_by(&thief, &issuer).unwrap().der().to_vec();
+    let forged_svid =
+        ztid_agent::node_client::AgentSvid::from_parts(vec![forged.clone()], thief.serialize_der())
+            .unwrap();
+
+    // It passes TLS (it chains to the bundle) and names the current serial...
+    assert_eq!(ztid_spiffe::svid::serial_hex(&forged).unwrap(), serial);
+    let mut c = connect(
+        addr,
+        verifier(&server),
+        Some(forged_svid.certified_key().unwrap()),
+    )
+    .unwrap();
+    // ...and is refused, syncing as renewing.
+    let err = c
+        .sync_entries(pb::SyncEntriesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message()
+            .contains("for another key than the one it was issued"),
+        "{}",
+        err.message()
+    );
+    let err = c.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "{}",
+        err.message()
+    );
+
+    // The agent itself is unaffected.
+    let mut c = connect(
+        addr,
+        verifier(&server),
+        Some(genuine.certified_key().unwrap()),
+    )
+    .unwrap();
+    c.sync_entries(pb::SyncEntriesRequest::default())
+        .await
+        .expect("the agent's own SVID");
+}
