@@ -1183,7 +1183,7 @@ mod tests {
         assert_eq!(workloads.instance_count(), 1);
         let view = PoolView {
             now: unix_seconds(std::time::SystemTime::now()),
-            monotonic_now: std::time::Instant::now(),
+            monotonic_now: crate::workloads::boot_clock::BootInstant::now(),
             bundle_sequence: 0,
             tainted: &[],
         };

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 use ztid_proto::node as pb;
 
+pub mod boot_clock;
 pub mod pool;
 
 use self::pool::{PoolConfig, PoolView, PooledInstance, SvidPool};
@@ -509,7 +510,7 @@ impl Workloads {
     /// sets that lack them; returns how many were added.
     pub async fn refill_pool(&self) -> Result<usize, Error> {
         let minted_at = unix_seconds(std::time::SystemTime::now());
-        let minted_monotonic = std::time::Instant::now();
+        let minted_monotonic = boot_clock::BootInstant::now();
         let (sequence, tainted) = self.pool_state();
         let deficits = self.pool.deficits(&PoolView {
             now: minted_at,
@@ -544,7 +545,7 @@ impl Workloads {
         let (sequence_now, tainted) = self.pool_state();
         let view = PoolView {
             now: unix_seconds(std::time::SystemTime::now()),
-            monotonic_now: std::time::Instant::now(),
+            monotonic_now: boot_clock::BootInstant::now(),
             bundle_sequence: sequence_now,
             tainted: &tainted,
         };
@@ -604,7 +605,7 @@ impl Workloads {
         let (sequence, tainted) = self.pool_state();
         let view = PoolView {
             now: unix_seconds(std::time::SystemTime::now()),
-            monotonic_now: std::time::Instant::now(),
+            monotonic_now: boot_clock::BootInstant::now(),
             bundle_sequence: sequence,
             tainted: &tainted,
         };
@@ -810,7 +811,7 @@ impl Workloads {
                 &per_instance,
                 &PoolView {
                     now,
-                    monotonic_now: std::time::Instant::now(),
+                    monotonic_now: boot_clock::BootInstant::now(),
                     bundle_sequence: sequence,
                     tainted: &tainted,
                 },

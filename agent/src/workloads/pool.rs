@@ -22,9 +22,9 @@
 //! - Unassigned pooled SVIDs carry nothing the agent could not mint anyway: the agent may
 //!   ask the server for any per-instance ID under its entries at any time.
 //!
-//! The pool's own age and idle decisions use a monotonic clock ([`Instant`]): a step of
+//! The pool's own age and idle decisions use the boot clock ([`BootInstant`]): a step of
 //! the wall clock neither keeps a pooled instance past `max_age_seconds` (a step back)
-//! nor drops the pool (a step forward). What the certificates say (the half-life) and the
+//! nor drops the pool (a step forward), and a suspend counts towards the age. What the certificates say (the half-life) and the
 //! revocations (the server's `revoked_at`) stay judged on the wall clock, as they are
 //! wall-clock times.
 //!
@@ -34,7 +34,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::boot_clock::BootInstant;
 
 use ztid_proto::node as pb;
 
@@ -86,8 +88,8 @@ pub struct PooledInstance {
     /// When it was minted (Unix seconds, agent clock; taken before the CSRs were sent):
     /// compared with entry revocations, which are wall-clock times.
     pub minted_at: i64,
-    /// The same moment on the monotonic clock: the pool's age of it.
-    pub minted_monotonic: Instant,
+    /// The same moment on the boot clock: the pool's age of it.
+    pub minted_monotonic: BootInstant,
     /// The bundle sequence in force when it was minted.
     pub bundle_sequence: u64,
     /// The entries it was minted for, ordered by id.
@@ -131,8 +133,8 @@ impl DropReason {
 pub struct PoolView<'a> {
     /// Unix seconds, agent clock: for the SVIDs' half-life and revocations.
     pub now: i64,
-    /// Now on the monotonic clock: for the pool's age and idle decisions.
-    pub monotonic_now: Instant,
+    /// Now on the boot clock: for the pool's age and idle decisions.
+    pub monotonic_now: BootInstant,
     /// The bundle sequence in force.
     pub bundle_sequence: u64,
     /// Tainted authority ids.
@@ -143,7 +145,7 @@ struct EntrySet {
     /// The set's entries as last seen, ordered by id.
     entries: Vec<pb::Entry>,
     /// When a new process last had this set (monotonic).
-    last_seen: Instant,
+    last_seen: BootInstant,
     /// The refill round this set was last given a deficit in (0: never): the least
     /// recently served set goes first when the budget runs short.
     served_round: u64,
@@ -590,14 +592,9 @@ mod tests {
         }
     }
 
-    /// The monotonic clock's origin in these tests: times are seconds after it.
-    fn origin() -> Instant {
-        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *ORIGIN.get_or_init(Instant::now)
-    }
-
-    fn monotonic(seconds: i64) -> Instant {
-        origin() + config_duration(seconds)
+    /// The boot clock in these tests: times are seconds after an origin.
+    fn monotonic(seconds: i64) -> BootInstant {
+        BootInstant::since_boot(Duration::from_secs(1000)) + config_duration(seconds)
     }
 
     /// Wall and monotonic clocks in step, `now` seconds after the origin.
