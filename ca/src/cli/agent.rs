@@ -37,29 +37,39 @@ fn agent_json(a: &pb::Agent) -> Value {
         "selectors": a.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
         "serial": a.serial, "expires_at": a.expires_at, "banned": a.banned,
         "attested_at": a.attested_at, "aliases": a.aliases,
+        "banned_hardware": a.banned_hardware,
     })
+}
+
+/// An agent as `agent show` and `agent list` print it for people.
+fn agent_text(a: &pb::Agent) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(t, "Agent ID      : {}", a.spiffe_id);
+    let _ = writeln!(t, "Attestation   : {}", a.attestation_method);
+    for s in &a.selectors {
+        let _ = writeln!(t, "Selector      : {}:{}", s.r#type, s.value);
+    }
+    for al in &a.aliases {
+        let _ = writeln!(t, "Alias         : {al}");
+    }
+    let _ = writeln!(t, "SVID serial   : {}", a.serial);
+    if a.attested_at != 0 {
+        let _ = writeln!(t, "Attested at   : {}", when(a.attested_at));
+    }
+    let _ = writeln!(t, "SVID expires  : {}", expiry(a.expires_at));
+    let _ = writeln!(t, "Banned        : {}", a.banned);
+    for h in &a.banned_hardware {
+        let _ = writeln!(t, "Banned hardware: {h}");
+    }
+    t
 }
 
 fn print_agent(a: &pb::Agent, out: Output) {
     match out {
         Output::Json => println!("{}", agent_json(a)),
-        Output::Text => {
-            println!("Agent ID      : {}", a.spiffe_id);
-            println!("Attestation   : {}", a.attestation_method);
-            for s in &a.selectors {
-                println!("Selector      : {}:{}", s.r#type, s.value);
-            }
-            for al in &a.aliases {
-                println!("Alias         : {al}");
-            }
-            println!("SVID serial   : {}", a.serial);
-            if a.attested_at != 0 {
-                println!("Attested at   : {}", when(a.attested_at));
-            }
-            println!("SVID expires  : {}", expiry(a.expires_at));
-            println!("Banned        : {}", a.banned);
-            println!();
-        }
+        Output::Text => println!("{}", agent_text(a)),
     }
 }
 
@@ -130,9 +140,61 @@ pub(super) async fn run(client: &mut Client, cmd: &AgentCmd, out: Output) -> Res
                 .into_inner();
             match out {
                 Output::Json => println!("{}", agent_json(&a)),
-                Output::Text => println!("Banned agent {}", a.spiffe_id),
+                Output::Text => {
+                    println!("Banned agent {}", a.spiffe_id);
+                    // What else the ban refuses: a node proving it, under any agent ID.
+                    for h in &a.banned_hardware {
+                        println!("Banned hardware {h}");
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn banned_tpm_agent() -> pb::Agent {
+        pb::Agent {
+            spiffe_id: "spiffe://example.org/ztid/agent/tpm/ab".into(),
+            attestation_method: "tpm".into(),
+            selectors: vec![ztid_proto::node::Selector {
+                r#type: "tpm".into(),
+                value: "ek-hash:ab".into(),
+            }],
+            banned: true,
+            banned_hardware: vec!["tpm:ek-hash:ab".into(), "tpm:ek-hash:cd".into()],
+            ..Default::default()
+        }
+    }
+
+    /// `agent show` names each hardware identifier the ban recorded, in text and JSON.
+    #[test]
+    fn a_banned_agent_shows_its_banned_hardware() {
+        let a = banned_tpm_agent();
+        let text = agent_text(&a);
+        assert!(text.contains("Banned        : true\n"), "{text}");
+        assert!(
+            text.ends_with("Banned hardware: tpm:ek-hash:ab\nBanned hardware: tpm:ek-hash:cd\n"),
+            "{text}"
+        );
+        let json = agent_json(&a);
+        assert_eq!(
+            json["banned_hardware"],
+            json!(["tpm:ek-hash:ab", "tpm:ek-hash:cd"])
+        );
+    }
+
+    /// Nothing recorded, no line (and an empty list in JSON).
+    #[test]
+    fn an_agent_without_banned_hardware_shows_no_such_line() {
+        let mut a = banned_tpm_agent();
+        a.banned_hardware.clear();
+        let text = agent_text(&a);
+        assert!(!text.contains("Banned hardware"), "{text}");
+        assert_eq!(agent_json(&a)["banned_hardware"], json!([]));
+    }
 }

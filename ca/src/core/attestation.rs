@@ -18,31 +18,41 @@ use crate::datastore::AgentRecord;
 use crate::{Error, RefusalKind, Result};
 
 /// The selectors (type and value key) that name the banned node's own hardware, rather
-/// than one agent ID: what a ban records besides the agent's SPIFFE ID.
+/// than one agent ID, each with the identifier (`type:key`) it is recorded and matched
+/// as: what a ban records besides the agent's SPIFFE ID.
 ///
 /// - `tpm:ek-hash:<hex>`: the TPM's endorsement key (its node ID). A TPM has an RSA
 ///   and an ECC EK, each with its own hash: a ban covers the EKs the node showed.
+/// - `sev-snp:vtpm-ek-hash:<hex>`: the EK of the guest's SVSM vTPM, hashed as the `tpm`
+///   method hashes it (a `multi` node binds the two). The same key, so the same
+///   identifier, `tpm:ek-hash:<hex>`: a vTPM banned as a `tpm` node is refused as an
+///   `sev-snp` one and the other way round. The vTPM is the guest's own, so its ban
+///   refuses no other guest of the chip.
 ///
 /// Not the SEV-SNP chip ID: a chip hosts every guest of its machine, and a ban of one
 /// guest (isolated from the others by the very hardware it attests) must not refuse
 /// them all. SEV-SNP and TDX 1.5 node IDs are per launch, and neither TEE names the
-/// guest across launches: their bans hold for the banned launch.
-pub const HARDWARE_IDENTIFIERS: &[(&str, &str)] = &[("tpm", "ek-hash")];
+/// guest across launches (but for the vTPM above): their bans hold for the banned launch.
+pub const HARDWARE_IDENTIFIERS: &[(&str, &str, &str)] = &[
+    ("tpm", "ek-hash", "tpm:ek-hash"),
+    ("sev-snp", "vtpm-ek-hash", "tpm:ek-hash"),
+];
 
-/// The hardware identifiers among `selectors` (`type:value`, each once, sorted): a
-/// `multi` node carries those of its factors.
+/// The hardware identifiers among `selectors`, each as recorded and matched (see
+/// [`HARDWARE_IDENTIFIERS`]; each once, sorted): a `multi` node carries those of its
+/// factors.
 pub fn hardware_identifiers(selectors: &[Selector]) -> Vec<String> {
     let found: BTreeSet<String> = selectors
         .iter()
-        .filter(|s| {
-            HARDWARE_IDENTIFIERS.iter().any(|(kind, key)| {
-                s.kind() == *kind
-                    && s.value()
-                        .strip_prefix(key)
-                        .is_some_and(|rest| rest.starts_with(':') && rest.len() > 1)
+        .filter_map(|s| {
+            HARDWARE_IDENTIFIERS.iter().find_map(|(kind, key, canonical)| {
+                if s.kind() != *kind {
+                    return None;
+                }
+                let rest = s.value().strip_prefix(key)?;
+                (rest.starts_with(':') && rest.len() > 1).then(|| format!("{canonical}{rest}"))
             })
         })
-        .map(|s| s.to_string())
         .collect();
     found.into_iter().collect()
 }
@@ -357,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn hardware_identifiers_are_the_tpm_ek_hashes() {
+    fn hardware_identifiers_are_the_tpm_and_vtpm_ek_hashes() {
         let ek = "ab".repeat(32);
         let other_ek = "cd".repeat(32);
         let chip = "ef".repeat(64);
@@ -377,12 +387,28 @@ mod tests {
                 "multi:method:sev-snp".into(),
             ],
         );
+        // The vTPM's EK hash is the TPM factor's: one identifier for both.
         assert_eq!(
             hardware_identifiers(&n.selectors),
             vec![
                 format!("tpm:ek-hash:{ek}"),
                 format!("tpm:ek-hash:{other_ek}")
             ]
+        );
+        // An SEV-SNP node alone: its vTPM, as a TPM EK hash; not its chip.
+        let vtpm_ek = "99".repeat(32);
+        let snp = node(
+            "sev-snp",
+            &"02".repeat(16),
+            &[
+                format!("sev-snp:chip-id:{chip}"),
+                format!("sev-snp:vtpm-ek-hash:{vtpm_ek}"),
+                "sev-snp:vtpm-ek-hash:".into(),
+            ],
+        );
+        assert_eq!(
+            hardware_identifiers(&snp.selectors),
+            vec![format!("tpm:ek-hash:{vtpm_ek}")]
         );
         let join = node("join-token", "t1", &["join-token:id:t1".into()]);
         assert!(hardware_identifiers(&join.selectors).is_empty());
@@ -546,6 +572,73 @@ mod tests {
         assert!(reason.contains(&b.spiffe_id), "{reason}");
         core.evict_agent(&b.spiffe_id).unwrap();
         core.complete_attestation(&third, &fresh_csr()).unwrap();
+    }
+
+    fn sev_snp_with_vtpm(report_id: u8, ek: &str) -> AttestedNode {
+        let mut n = sev_snp_launch(report_id, &"12".repeat(64));
+        n.selectors
+            .push(Selector::parse(&format!("sev-snp:vtpm-ek-hash:{ek}")).unwrap());
+        n
+    }
+
+    /// The finding: a TPM banned as a `tpm` node came back as the vTPM of an SEV-SNP
+    /// guest attesting alone (another agent ID, the same EK) and was admitted.
+    #[test]
+    fn banned_tpm_node_attesting_again_as_sev_snp_with_the_same_vtpm_ek_is_refused() {
+        let (_dir, core, _, _) = core_with_agent();
+        let ek = "ab".repeat(32);
+        let (rec, _) = core
+            .complete_attestation(&tpm_node(&ek), &fresh_csr())
+            .unwrap();
+        core.ban_agent(&rec.spiffe_id).unwrap();
+
+        let snp = sev_snp_with_vtpm(1, &ek);
+        let reason = banned_reason(core.complete_attestation(&snp, &fresh_csr()).unwrap_err());
+        assert!(reason.contains(&format!("tpm:ek-hash:{ek}")), "{reason}");
+        assert!(reason.contains(&rec.spiffe_id), "{reason}");
+        let snp_id = ztid_spiffe::spiffe_id::agent_id(&core.trust_domain, "sev-snp", &snp.node_id)
+            .unwrap()
+            .to_string();
+        assert!(core.store.get_agent(&snp_id).unwrap().is_none());
+
+        // A guest on the same chip with another vTPM is not touched by the ban.
+        let (other, _) = core
+            .complete_attestation(&sev_snp_with_vtpm(2, &"cd".repeat(32)), &fresh_csr())
+            .unwrap();
+        assert!(!other.banned);
+    }
+
+    /// The reverse: banning an SEV-SNP guest records its vTPM's EK, so the same vTPM
+    /// attesting as a `tpm` node (another agent ID) is refused.
+    #[test]
+    fn banned_sev_snp_node_with_a_vtpm_refuses_the_vtpm_attesting_as_tpm() {
+        let (_dir, core, _, _) = core_with_agent();
+        let ek = "ab".repeat(32);
+        let (rec, _) = core
+            .complete_attestation(&sev_snp_with_vtpm(1, &ek), &fresh_csr())
+            .unwrap();
+        core.ban_agent(&rec.spiffe_id).unwrap();
+        let recorded: Vec<(String, String)> = core
+            .store
+            .list_hardware_bans()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.identifier, b.agent))
+            .collect();
+        assert_eq!(
+            recorded,
+            vec![(format!("tpm:ek-hash:{ek}"), rec.spiffe_id.clone())]
+        );
+
+        let reason = banned_reason(
+            core.complete_attestation(&tpm_node(&ek), &fresh_csr())
+                .unwrap_err(),
+        );
+        assert!(reason.contains(&format!("tpm:ek-hash:{ek}")), "{reason}");
+        assert!(reason.contains(&rec.spiffe_id), "{reason}");
+        // Another guest on the same chip, without that vTPM, still attests.
+        core.complete_attestation(&sev_snp_launch(2, &"12".repeat(64)), &fresh_csr())
+            .unwrap();
     }
 
     /// A node proving no hardware identifier (a join token) is banned by its ID only;

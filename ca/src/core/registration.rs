@@ -210,10 +210,11 @@ impl CaCore {
 
     /// Bans an agent: its next call fails and it cannot attest again, under its SPIFFE
     /// ID or under any other proving the same hardware: the hardware identifiers its
-    /// attestation proved (a TPM's EK hashes; see
-    /// [`super::attestation::HARDWARE_IDENTIFIERS`]) are recorded with the ban, and a
-    /// node proving one is refused whatever its method (`multi` included). Banning a
-    /// banned agent records them again.
+    /// attestation proved (a TPM's EK hashes, an SEV-SNP guest's vTPM EK hash as the
+    /// same `tpm:ek-hash:`; see [`super::attestation::HARDWARE_IDENTIFIERS`]) are
+    /// recorded with the ban, and a node proving one is refused whatever its method
+    /// (`multi` included). Banning a banned agent records them again. `agent show`
+    /// lists them (`Agent.banned_hardware`).
     pub fn ban_agent(&self, id: &str) -> Result<AgentRecord> {
         crate::entries::parse_id(&self.trust_domain, "agent", id)?;
         let t = now();

@@ -279,8 +279,8 @@ pub(crate) fn too_many_revocations() -> crate::Error {
 }
 
 /// A hardware identifier recorded with an agent's ban: a selector the banned agent's
-/// attestation proved that names a physical TPM or chip rather than one launch or one
-/// agent ID (see `crate::core::attestation::hardware_identifiers`). Any node whose
+/// attestation proved that names a TPM (discrete, or an SEV-SNP guest's vTPM) rather
+/// than one launch or one agent ID (see `crate::core::attestation::hardware_identifiers`). Any node whose
 /// attestation proves it again, under whatever agent ID or method (`multi` included), is
 /// refused as banned.
 /// Stored under (`identifier`, `agent`): the same TPM seen by two banned agents is
@@ -698,6 +698,9 @@ pub trait DataStore: Send + Sync + 'static {
     /// Removes every hardware ban recorded with the ban of `agent` (its ban lifted);
     /// returns how many.
     fn delete_hardware_bans(&self, agent: &str) -> Result<u64>;
+    /// The hardware bans recorded with the bans of any of `agents` (what `agent show`
+    /// lists), ordered by agent and identifier. One read for a page of agents.
+    fn hardware_bans_of_agents(&self, agents: &[String]) -> Result<Vec<HardwareBanRecord>>;
     /// Every hardware ban, ordered by identifier and agent.
     fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>>;
 

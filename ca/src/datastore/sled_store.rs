@@ -1105,6 +1105,28 @@ impl DataStore for SledStore {
         })
     }
 
+    fn hardware_bans_of_agents(&self, agents: &[String]) -> Result<Vec<HardwareBanRecord>> {
+        let wanted: std::collections::BTreeSet<&[u8]> =
+            agents.iter().map(|a| a.as_bytes()).collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Keyed by identifier, so a scan: the table is bounded (MAX_HARDWARE_BANS), only
+        // the keys of other agents' bans are looked at (an agent ID holds no newline),
+        // and it is read for a banned agent shown, one scan a page. Rare enough not to
+        // keep a second tree by agent.
+        let mut out: Vec<HardwareBanRecord> = Vec::new();
+        for kv in self.hardware_bans.tree.iter() {
+            let (k, v) = kv?;
+            let agent = k.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+            if wanted.contains(agent) {
+                out.push(serde_json::from_slice(&v)?);
+            }
+        }
+        out.sort_by(|a, b| (&a.agent, &a.identifier).cmp(&(&b.agent, &b.identifier)));
+        Ok(out)
+    }
+
     fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>> {
         self.hardware_bans.values()
     }
@@ -1311,5 +1333,55 @@ mod tests {
         s.replace_audit_anchor(3, b"three").unwrap();
         assert_eq!(s.audit_anchor().unwrap().as_deref(), Some(&b"three"[..]));
         assert!(s.advance_audit_anchor(4, b"four").unwrap());
+    }
+
+    /// One agent's hardware bans, read back by agent: none of another agent's (the
+    /// same identifier banned with two agents included), ordered by agent and
+    /// identifier; none for no agent or an unbanned one; gone once lifted.
+    #[test]
+    fn hardware_bans_are_read_by_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let a = "spiffe://example.org/ztid/agent/tpm/aa".to_string();
+        let b = "spiffe://example.org/ztid/agent/multi/bb".to_string();
+        let ban = |identifier: &str, agent: &str| HardwareBanRecord {
+            identifier: identifier.into(),
+            agent: agent.into(),
+            banned_at: 7,
+        };
+        s.put_hardware_bans(&[ban("tpm:ek-hash:02", &a), ban("tpm:ek-hash:01", &a)])
+            .unwrap();
+        s.put_hardware_bans(&[ban("tpm:ek-hash:01", &b), ban("tpm:ek-hash:03", &b)])
+            .unwrap();
+
+        assert_eq!(
+            s.hardware_bans_of_agents(std::slice::from_ref(&a)).unwrap(),
+            vec![ban("tpm:ek-hash:01", &a), ban("tpm:ek-hash:02", &a)]
+        );
+        assert_eq!(
+            s.hardware_bans_of_agents(&[b.clone(), a.clone()]).unwrap(),
+            vec![
+                ban("tpm:ek-hash:01", &a),
+                ban("tpm:ek-hash:02", &a),
+                ban("tpm:ek-hash:01", &b),
+                ban("tpm:ek-hash:03", &b),
+            ]
+        );
+        // An agent ID that only starts or ends like a banned one matches nothing.
+        let near = format!("{a}a");
+        assert!(s.hardware_bans_of_agents(&[near]).unwrap().is_empty());
+        assert!(s.hardware_bans_of_agents(&[]).unwrap().is_empty());
+
+        s.delete_hardware_bans(&a).unwrap();
+        assert!(s
+            .hardware_bans_of_agents(std::slice::from_ref(&a))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.hardware_bans_of_agents(std::slice::from_ref(&b))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

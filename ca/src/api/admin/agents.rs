@@ -2,6 +2,8 @@
 //! `ListAgents` (in pages ordered by SPIFFE ID), `CountAgents`, `GetAgent`, `EvictAgent`
 //! and `BanAgent`, and the agent record as the API shows it.
 
+use std::collections::BTreeMap;
+
 use tonic::{Request, Response, Status};
 use ztid_proto::admin as pb;
 
@@ -14,8 +16,9 @@ use crate::Error;
 /// The token kind of a `ListAgents` page.
 const AGENTS_TOKEN: &str = "agents";
 
-/// An upper bound of an agent's size in a `ListAgents` answer.
-fn agent_wire_bytes(a: &AgentRecord) -> usize {
+/// An upper bound of an agent's size in a `ListAgents` answer, with the hardware
+/// identifiers recorded with its ban.
+fn agent_wire_bytes(a: &AgentRecord, banned_hardware: &[String]) -> usize {
     const FIELD: usize = 6;
     [&a.spiffe_id, &a.method, &a.serial]
         .iter()
@@ -26,10 +29,35 @@ fn agent_wire_bytes(a: &AgentRecord) -> usize {
             .map(|s| s.kind().len() + s.value().len() + 3 * FIELD)
             .sum::<usize>()
         + a.aliases.iter().map(|s| s.len() + FIELD).sum::<usize>()
+        + banned_hardware
+            .iter()
+            .map(|s| s.len() + FIELD)
+            .sum::<usize>()
         + 64
 }
 
-fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
+/// The hardware identifiers recorded with the bans of the banned ones among `agents`,
+/// by agent: one datastore read, none when no agent is banned.
+fn banned_hardware_of(
+    api: &AdminApi,
+    agents: &[AgentRecord],
+) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    let banned: Vec<String> = agents
+        .iter()
+        .filter(|a| a.banned)
+        .map(|a| a.spiffe_id.clone())
+        .collect();
+    let mut by_agent: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if banned.is_empty() {
+        return Ok(by_agent);
+    }
+    for ban in api.core.store.hardware_bans_of_agents(&banned)? {
+        by_agent.entry(ban.agent).or_default().push(ban.identifier);
+    }
+    Ok(by_agent)
+}
+
+fn agent_to_proto(a: &AgentRecord, banned_hardware: Vec<String>) -> pb::Agent {
     pb::Agent {
         spiffe_id: a.spiffe_id.clone(),
         attestation_method: a.method.clone(),
@@ -39,7 +67,17 @@ fn agent_to_proto(a: &AgentRecord) -> pb::Agent {
         banned: a.banned,
         attested_at: a.attested_at,
         aliases: a.aliases.clone(),
+        banned_hardware,
     }
+}
+
+/// One agent as the API shows it, with what its ban recorded (if banned).
+fn shown_agent(api: &AdminApi, a: &AgentRecord) -> Result<pb::Agent, Error> {
+    let mut hardware = banned_hardware_of(api, std::slice::from_ref(a))?;
+    Ok(agent_to_proto(
+        a,
+        hardware.remove(&a.spiffe_id).unwrap_or_default(),
+    ))
 }
 
 pub(super) async fn create_join_token(
@@ -76,11 +114,13 @@ pub(super) async fn list_agents(
     let limit = page_limit(r.page_size, DEFAULT_PAGE_SIZE);
     let page = api.core.store.list_agents_page(after.as_deref(), limit)?;
     let mut more = page.len() >= limit;
+    let mut hardware = banned_hardware_of(api, &page)?;
     let mut agents = Vec::with_capacity(page.len());
     let mut bytes = 0;
     for a in &page {
-        bytes += agent_wire_bytes(a);
-        agents.push(agent_to_proto(a));
+        let banned_hardware = hardware.remove(&a.spiffe_id).unwrap_or_default();
+        bytes += agent_wire_bytes(a, &banned_hardware);
+        agents.push(agent_to_proto(a, banned_hardware));
         if bytes >= PAGE_BYTES {
             more = true;
             break;
@@ -126,8 +166,9 @@ pub(super) async fn get_agent(
         .store
         .get_agent(id)?
         .ok_or_else(|| Error::NotFound(format!("agent {id} does not exist")))?;
+    let shown = shown_agent(api, &a)?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(agent_to_proto(&a)))
+    Ok(Response::new(shown))
 }
 
 pub(super) async fn evict_agent(
@@ -142,7 +183,8 @@ pub(super) async fn evict_agent(
     )?;
     let a = api.core.evict_agent(&request.get_ref().id)?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(agent_to_proto(&a)))
+    // Evicting lifts the ban and what it recorded: nothing is left to show.
+    Ok(Response::new(agent_to_proto(&a, Vec::new())))
 }
 
 pub(super) async fn ban_agent(
@@ -156,6 +198,79 @@ pub(super) async fn ban_agent(
         limits::MAX_SPIFFE_ID_BYTES,
     )?;
     let a = api.core.ban_agent(&request.get_ref().id)?;
+    let shown = shown_agent(api, &a)?;
     api.core.audit_barrier().await?;
-    Ok(Response::new(agent_to_proto(&a)))
+    Ok(Response::new(shown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::{core_with_agent, fresh_csr};
+
+    fn call<T>(message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        req.extensions_mut()
+            .insert(super::super::authz::AdminCaller("uid:0 pid:1".into()));
+        req
+    }
+
+    fn agent_id(id: &str) -> Request<pb::AgentId> {
+        call(pb::AgentId { id: id.into() })
+    }
+
+    /// The hardware identifiers a ban recorded are in the `BanAgent`, `GetAgent` and
+    /// `ListAgents` answers for that agent only; evicting lifts them.
+    #[tokio::test]
+    async fn a_banned_agent_is_shown_with_the_hardware_its_ban_recorded() {
+        let (_dir, core, _, joined) = core_with_agent();
+        let api = AdminApi::new(core.clone());
+        let ek = "ab".repeat(32);
+        let tpm = ztid_verifier::AttestedNode {
+            method: "tpm",
+            node_id: ek.clone(),
+            selectors: vec![ztid_spiffe::Selector::parse(&format!("tpm:ek-hash:{ek}")).unwrap()],
+            aliases: vec![],
+            evidence_digest: [1; 32],
+        };
+        let (rec, _) = core.complete_attestation(&tpm, &fresh_csr()).unwrap();
+        let want = vec![format!("tpm:ek-hash:{ek}")];
+
+        // Not banned yet: nothing shown.
+        let shown = get_agent(&api, agent_id(&rec.spiffe_id)).await.unwrap();
+        assert!(shown.get_ref().banned_hardware.is_empty());
+
+        let banned = ban_agent(&api, agent_id(&rec.spiffe_id)).await.unwrap();
+        assert!(banned.get_ref().banned);
+        assert_eq!(banned.get_ref().banned_hardware, want);
+        let shown = get_agent(&api, agent_id(&rec.spiffe_id)).await.unwrap();
+        assert_eq!(shown.get_ref().banned_hardware, want);
+
+        // The join-token agent, banned too, recorded nothing; the list shows each its own.
+        ban_agent(&api, agent_id(&joined.record.spiffe_id))
+            .await
+            .unwrap();
+        let listed = list_agents(&api, call(pb::ListAgentsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        assert_eq!(listed.len(), 2);
+        for a in &listed {
+            let expected: &[String] = if a.spiffe_id == rec.spiffe_id {
+                &want
+            } else {
+                &[]
+            };
+            assert_eq!(a.banned_hardware, expected, "{}", a.spiffe_id);
+        }
+
+        let evicted = evict_agent(&api, agent_id(&rec.spiffe_id)).await.unwrap();
+        assert!(evicted.get_ref().banned_hardware.is_empty());
+        assert!(core
+            .store
+            .hardware_bans_of_agents(std::slice::from_ref(&rec.spiffe_id))
+            .unwrap()
+            .is_empty());
+    }
 }

@@ -1654,6 +1654,29 @@ impl DataStore for PgStore {
         })
     }
 
+    fn hardware_bans_of_agents(&self, agents: &[String]) -> Result<Vec<HardwareBanRecord>> {
+        const WHAT: &str = "hardware_bans_of_agents";
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let agents = agents.to_vec();
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            // An index read (`ztid_hardware_bans_by_agent`, migration 0004).
+            query(
+                &c,
+                WHAT,
+                "SELECT identifier, agent, banned_at FROM ztid_hardware_bans \
+                 WHERE agent = ANY($1) ORDER BY agent, identifier",
+                &[&agents],
+            )
+            .await?
+            .iter()
+            .map(|r| hardware_ban_of(r, WHAT))
+            .collect()
+        })
+    }
+
     fn list_hardware_bans(&self) -> Result<Vec<HardwareBanRecord>> {
         const WHAT: &str = "list_hardware_bans";
         self.call(WHAT, move |inner| async move {
