@@ -692,7 +692,63 @@ async fn evict_and_ban_through_one_server_refuse_the_next_call_through_another()
     assert!(sync(&evicted).await.is_err());
     let (shown, _) = b.agent_record(&banned.spiffe_id);
     assert_eq!(shown["banned"], true, "{shown}");
+    // Read from PostgreSQL by agent: a join token proves no hardware, so none recorded.
+    assert_eq!(shown["banned_hardware"], serde_json::json!([]), "{shown}");
     assert!(!agent_ids(b).contains(&evicted.spiffe_id));
+}
+
+/// What `agent show` reads of a banned agent on PostgreSQL: the hardware bans recorded
+/// with its ban (by the agent column's index), none of another agent's, ordered by agent
+/// and identifier; gone once the ban is lifted.
+#[test]
+fn hardware_bans_are_read_by_agent_on_postgres() {
+    use ztid_ca::datastore::{DataStore, HardwareBanRecord, PgOptions, PgStore};
+    let db = Database::new("cluster_hw_bans");
+    let store = PgStore::connect(PgOptions::new(
+        db.url.clone(),
+        Some(db.pg.password().to_string()),
+        "hw-bans-test",
+    ))
+    .unwrap();
+    let a = format!("spiffe://{TD}/ztid/agent/tpm/aa");
+    let b = format!("spiffe://{TD}/ztid/agent/multi/bb");
+    let ban = |identifier: &str, agent: &str| HardwareBanRecord {
+        identifier: identifier.into(),
+        agent: agent.into(),
+        banned_at: 7,
+    };
+    store
+        .put_hardware_bans(&[ban("tpm:ek-hash:02", &a), ban("tpm:ek-hash:01", &a)])
+        .unwrap();
+    store
+        .put_hardware_bans(&[ban("tpm:ek-hash:01", &b), ban("tpm:ek-hash:03", &b)])
+        .unwrap();
+    assert_eq!(
+        store.hardware_bans_of_agents(&[b.clone(), a.clone()]).unwrap(),
+        vec![
+            ban("tpm:ek-hash:01", &a),
+            ban("tpm:ek-hash:02", &a),
+            ban("tpm:ek-hash:01", &b),
+            ban("tpm:ek-hash:03", &b),
+        ]
+    );
+    assert!(store
+        .hardware_bans_of_agents(&[format!("{a}a")])
+        .unwrap()
+        .is_empty());
+    assert!(store.hardware_bans_of_agents(&[]).unwrap().is_empty());
+    store.delete_hardware_bans(&a).unwrap();
+    assert!(store
+        .hardware_bans_of_agents(std::slice::from_ref(&a))
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .hardware_bans_of_agents(std::slice::from_ref(&b))
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,36 @@ fn tpm_agent_attests_and_a_workload_fetches_its_svid() {
     );
     // The agent holds no TPM connection and left nothing loaded.
     assert_eq!(swtpm.leftovers(), "");
+
+    // A ban records the TPM's EK hash, and the operator sees it: in what `agent ban`
+    // prints, in `agent show` (text and JSON), and only for the banned agent in
+    // `agent list` (the ECC EK's agent was not banned).
+    let want = format!("tpm:ek-hash:{hash}");
+    let banned = server.cli_ok(&["agent", "ban", &agent.spiffe_id]);
+    assert!(
+        banned.contains(&format!("Banned hardware {want}")),
+        "{banned}"
+    );
+    let shown = server.cli_ok(&["agent", "show", &agent.spiffe_id]);
+    assert!(shown.contains("Banned        : true"), "{shown}");
+    assert!(
+        shown.contains(&format!("Banned hardware: {want}")),
+        "{shown}"
+    );
+    let (json, _) = server.agent_record(&agent.spiffe_id);
+    assert_eq!(json["banned_hardware"], serde_json::json!([want]), "{json}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for a in listed {
+        let expected = if a["spiffe_id"] == agent.spiffe_id.as_str() {
+            serde_json::json!([want])
+        } else {
+            serde_json::json!([])
+        };
+        assert_eq!(a["banned_hardware"], expected, "{a}");
+    }
 }
 
 #[test]
