@@ -1361,10 +1361,11 @@ mod tests {
         assert_eq!(
             s.hardware_bans_of_agents(&[b.clone(), a.clone()]).unwrap(),
             vec![
-                ban("tpm:ek-hash:01", &a),
-                ban("tpm:ek-hash:02", &a),
+                // By agent: `…/multi/bb` before `…/tpm/aa`.
                 ban("tpm:ek-hash:01", &b),
                 ban("tpm:ek-hash:03", &b),
+                ban("tpm:ek-hash:01", &a),
+                ban("tpm:ek-hash:02", &a),
             ]
         );
         // An agent ID that only starts or ends like a banned one matches nothing.

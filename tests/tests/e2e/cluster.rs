@@ -726,10 +726,11 @@ fn hardware_bans_are_read_by_agent_on_postgres() {
     assert_eq!(
         store.hardware_bans_of_agents(&[b.clone(), a.clone()]).unwrap(),
         vec![
-            ban("tpm:ek-hash:01", &a),
-            ban("tpm:ek-hash:02", &a),
+            // By agent: `…/multi/bb` before `…/tpm/aa`.
             ban("tpm:ek-hash:01", &b),
             ban("tpm:ek-hash:03", &b),
+            ban("tpm:ek-hash:01", &a),
+            ban("tpm:ek-hash:02", &a),
         ]
     );
     assert!(store
