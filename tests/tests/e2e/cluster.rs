@@ -724,7 +724,9 @@ fn hardware_bans_are_read_by_agent_on_postgres() {
         .put_hardware_bans(&[ban("tpm:ek-hash:01", &b), ban("tpm:ek-hash:03", &b)])
         .unwrap();
     assert_eq!(
-        store.hardware_bans_of_agents(&[b.clone(), a.clone()]).unwrap(),
+        store
+            .hardware_bans_of_agents(&[b.clone(), a.clone()])
+            .unwrap(),
         vec![
             // By agent: `…/multi/bb` before `…/tpm/aa`.
             ban("tpm:ek-hash:01", &b),
