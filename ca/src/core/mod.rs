@@ -89,6 +89,10 @@ pub struct CaCore {
     /// Token-exchange grants and revocations in memory, re-read every few seconds
     /// (see `grants.rs`): the token endpoint reads them on every request.
     access: grants::AccessCache,
+    /// Serialises this server's writes of federation relationships and federated
+    /// bundles with a poll's check that the relationship it fetched for still stands
+    /// (`federation::poller`).
+    federation_writes: std::sync::Mutex<()>,
 }
 
 impl CaCore {
@@ -169,9 +173,18 @@ impl CaCore {
             own_issued: OwnIssuedCache::default(),
             liveness: std::sync::Mutex::new(Some(liveness)),
             access: grants::AccessCache::default(),
+            federation_writes: std::sync::Mutex::new(()),
         });
         core.watch_cluster()?;
         Ok(core)
+    }
+
+    /// Held while federation relationships or federated bundles are written (see
+    /// [`Self::federation_writes`]'s field).
+    pub(crate) fn federation_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.federation_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current bundle.

@@ -245,13 +245,17 @@ impl CaCore {
                 return Err(e);
             }
         };
-        let stored = self.set_federated_bundle(bundle, Source::Operator(caller))?;
+        let stored = {
+            let _writes = self.federation_writes();
+            self.set_federated_bundle(bundle, Source::Operator(caller))?
+        };
         Ok((self.federated_bundle(&td)?.unwrap_or_default(), stored))
     }
 
     /// Deletes a federated bundle.
     pub fn delete_federated_bundle(&self, td: &str, caller: &str) -> Result<TrustBundle> {
         let td = check_trust_domain(self, td)?;
+        let _writes = self.federation_writes();
         let b = self
             .federated_bundle(&td)?
             .ok_or_else(|| Error::NotFound(format!("no bundle of {td} is stored")))?;

@@ -48,19 +48,44 @@ impl CaCore {
     /// Fetches a relationship's endpoint once and stores the bundle. A refusal is
     /// logged, audited and recorded in the relationship; nothing else changes.
     pub async fn refresh_federation(&self, td: &str) -> Result<(TrustBundle, Stored)> {
-        let mut f = self.federation(td)?;
+        let f = self.federation(td)?;
         let result = self.fetch_and_store(&f).await;
-        f.last_refresh_at = now();
-        f.last_error = match &result {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        };
-        // The relationship may have been deleted meanwhile: only update a live one.
-        if self.federation(&f.trust_domain).is_ok() {
-            self.store
-                .put_federation(&f.trust_domain, &serde_json::to_vec(&f)?)?;
+        // The poll is recorded in the relationship as it stands now, and only if it is
+        // still the one polled: one deleted or replaced meanwhile is not written back.
+        let _writes = self.federation_writes();
+        if let Ok(mut current) = self.federation(&f.trust_domain) {
+            if current.same_relationship(&f) {
+                current.last_refresh_at = now();
+                current.last_error = match &result {
+                    Ok(_) => String::new(),
+                    Err(e) => e.to_string(),
+                };
+                self.store
+                    .put_federation(&current.trust_domain, &serde_json::to_vec(&current)?)?;
+            }
         }
         result
+    }
+
+    /// Why a bundle fetched for `f` must not be stored: its relationship was deleted
+    /// or replaced while the endpoint was fetched (an endpoint may hold a fetch for up
+    /// to [`FETCH_TIMEOUT`]); `None` when it still stands.
+    fn relationship_gone(&self, f: &FederationRecord) -> Result<Option<String>> {
+        let td = &f.trust_domain;
+        Ok(match self.federation(td) {
+            Ok(current) if current.same_relationship(f) => None,
+            Ok(_) => Some(format!(
+                "the federation with {td} was changed while its endpoint was fetched; \
+                 the bundle {} sent is not stored",
+                f.bundle_endpoint_url
+            )),
+            Err(Error::NotFound(_)) => Some(format!(
+                "the federation with {td} was deleted while its endpoint was fetched; \
+                 the bundle {} sent is not stored",
+                f.bundle_endpoint_url
+            )),
+            Err(e) => return Err(e),
+        })
     }
 
     async fn fetch_and_store(&self, f: &FederationRecord) -> Result<(TrustBundle, Stored)> {
@@ -79,6 +104,14 @@ impl CaCore {
                 return Err(e);
             }
         };
+        // The check and the store are one step for this server's writers: an operator
+        // who deletes or moves a relationship (cutting off its endpoint) does not see
+        // an answer its old endpoint held back stored afterwards.
+        let _writes = self.federation_writes();
+        if let Some(why) = self.relationship_gone(f)? {
+            self.refuse_bundle(&f.trust_domain, source, &why);
+            return Err(Error::Precondition(why));
+        }
         let stored = self.set_federated_bundle(bundle, source)?;
         Ok((
             self.federated_bundle(&f.trust_domain)?.unwrap_or_default(),
@@ -315,5 +348,215 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
     PollerHandle {
         leader,
         task: task.abort_handle(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const PEER: &str = "b.test";
+    const PEER_ENDPOINT_ID: &str = "spiffe://b.test/endpoint";
+
+    fn core() -> (tempfile::TempDir, Arc<CaCore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let core = CaCore::open(crate::config::ServerConfig {
+            trust_domain: "example.org".into(),
+            data_dir: dir.path().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        (dir, core)
+    }
+
+    /// A peer trust domain's CA (its bundle) and a bundle endpoint certificate it signed.
+    struct Peer {
+        ca_der: Vec<u8>,
+        ca_pem: String,
+        tls: Arc<rustls::ServerConfig>,
+    }
+
+    fn peer() -> Peer {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://{PEER}").try_into().unwrap(),
+        )];
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "b.test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::default();
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(PEER_ENDPOINT_ID.try_into().unwrap())];
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf_cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        Peer {
+            ca_der: ca_cert.der().to_vec(),
+            ca_pem: ca_cert.pem(),
+            tls: Arc::new(tls),
+        }
+    }
+
+    fn bundle_json(ca_der: &[u8], sequence: u64) -> String {
+        serde_json::json!({
+            "keys": [{"kty": "EC", "use": "x509-svid",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(ca_der)]}],
+            "spiffe_sequence": sequence,
+            "spiffe_refresh_hint": 60,
+        })
+        .to_string()
+    }
+
+    /// A bundle endpoint that reads one request, says so on `asked`, and answers with
+    /// `body` only once `release` fires: a fetch held in flight as long as the test wants.
+    async fn held_endpoint(
+        tls: Arc<rustls::ServerConfig>,
+        body: String,
+    ) -> (
+        String,
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/", listener.local_addr().unwrap());
+        let (asked_tx, asked_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = tokio_rustls::TlsAcceptor::from(tls)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let _ = asked_tx.send(());
+            let _ = release_rx.await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+        (url, asked_rx, release_tx)
+    }
+
+    fn relationship(url: &str, p: &Peer) -> FederationRecord {
+        FederationRecord {
+            trust_domain: PEER.into(),
+            bundle_endpoint_url: url.into(),
+            profile: "https_spiffe".into(),
+            endpoint_spiffe_id: PEER_ENDPOINT_ID.into(),
+            trust_bundle: p.ca_pem.clone(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_in_flight_when_its_relationship_is_deleted_stores_nothing() {
+        let (_dir, core) = core();
+        let p = peer();
+        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
+        core.create_federation(relationship(&url, &p), "test")
+            .unwrap();
+        let poll = tokio::spawn({
+            let core = core.clone();
+            async move { core.refresh_federation(PEER).await }
+        });
+        asked.await.unwrap();
+        // The operator cuts the peer off while its endpoint holds the poll's answer.
+        core.delete_federation(PEER, "test").unwrap();
+        release.send(()).unwrap();
+        let err = poll.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Precondition(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("the federation with b.test was deleted while its endpoint was fetched"),
+            "{err}"
+        );
+        assert!(
+            core.federated_bundle(PEER).unwrap().is_none(),
+            "a deleted relationship's in-flight poll stored its bundle"
+        );
+        assert!(core.federation(PEER).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_in_flight_when_its_relationship_is_replaced_neither_stores_nor_reverts() {
+        let (_dir, core) = core();
+        let p = peer();
+        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
+        core.create_federation(relationship(&url, &p), "test")
+            .unwrap();
+        let poll = tokio::spawn({
+            let core = core.clone();
+            async move { core.refresh_federation(PEER).await }
+        });
+        asked.await.unwrap();
+        // The operator moves the relationship to another endpoint meanwhile.
+        let moved = FederationRecord {
+            bundle_endpoint_url: "https://127.0.0.1:9/".into(),
+            ..relationship(&url, &p)
+        };
+        core.create_federation(moved, "test").unwrap();
+        release.send(()).unwrap();
+        let err = poll.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Precondition(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("the federation with b.test was changed while its endpoint was fetched"),
+            "{err}"
+        );
+        assert!(
+            core.federated_bundle(PEER).unwrap().is_none(),
+            "the old endpoint's answer was stored under the new relationship"
+        );
+        let now = core.federation(PEER).unwrap();
+        assert_eq!(
+            now.bundle_endpoint_url, "https://127.0.0.1:9/",
+            "the poll wrote the replaced relationship back over the operator's change"
+        );
+        assert_eq!(now.last_refresh_at, 0, "the new relationship is polled at once");
+        assert!(now.last_error.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undisturbed_fetch_stores_the_bundle_and_records_the_poll() {
+        let (_dir, core) = core();
+        let p = peer();
+        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
+        core.create_federation(relationship(&url, &p), "test")
+            .unwrap();
+        let poll = tokio::spawn({
+            let core = core.clone();
+            async move { core.refresh_federation(PEER).await }
+        });
+        asked.await.unwrap();
+        release.send(()).unwrap();
+        let (b, stored) = poll.await.unwrap().unwrap();
+        assert_eq!(stored, Stored::Updated);
+        assert_eq!(b.sequence, 7);
+        assert_eq!(b.x509_authorities, vec![p.ca_der.clone()]);
+        let f = core.federation(PEER).unwrap();
+        assert!(f.last_refresh_at > 0);
+        assert!(f.last_error.is_empty());
     }
 }

@@ -25,6 +25,18 @@ pub struct FederationRecord {
     pub last_error: String,
 }
 
+impl FederationRecord {
+    /// Whether `other` is the same relationship: the same trust domain, endpoint,
+    /// profile, endpoint ID and initial bundle (the poll status aside).
+    pub fn same_relationship(&self, other: &FederationRecord) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.bundle_endpoint_url == other.bundle_endpoint_url
+            && self.profile == other.profile
+            && self.endpoint_spiffe_id == other.endpoint_spiffe_id
+            && self.trust_bundle == other.trust_bundle
+    }
+}
+
 /// Where a federated bundle came from (for logs and audit).
 #[derive(Debug, Clone, Copy)]
 pub enum Source<'a> {

@@ -80,6 +80,7 @@ impl CaCore {
         }
         f.last_refresh_at = 0;
         f.last_error.clear();
+        let _writes = self.federation_writes();
         self.store
             .put_federation(&f.trust_domain, &serde_json::to_vec(&f)?)?;
         self.store.flush()?;
@@ -95,6 +96,7 @@ impl CaCore {
     /// Deletes a relationship (the stored bundle stays until `bundle delete`).
     pub fn delete_federation(&self, td: &str, caller: &str) -> Result<FederationRecord> {
         let td = check_trust_domain(self, td)?;
+        let _writes = self.federation_writes();
         let v = self
             .store
             .delete_federation(&td)?
@@ -123,10 +125,10 @@ impl CaCore {
             };
             let existing = self.federation(&c.trust_domain).ok();
             let same = existing.as_ref().is_some_and(|e| {
-                e.bundle_endpoint_url == rec.bundle_endpoint_url
-                    && e.profile == rec.profile
-                    && e.endpoint_spiffe_id == rec.endpoint_spiffe_id
-                    && e.trust_bundle == rec.trust_bundle
+                e.same_relationship(&FederationRecord {
+                    trust_domain: e.trust_domain.clone(),
+                    ..rec.clone()
+                })
             });
             if !same {
                 self.create_federation(rec, "config")?;
