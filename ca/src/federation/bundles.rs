@@ -237,7 +237,25 @@ impl CaCore {
         caller: &str,
     ) -> Result<(TrustBundle, Stored)> {
         let td = check_trust_domain(self, td)?;
-        let pem_seq = self.federated_bundle(&td)?.map_or(1, |b| b.sequence + 1);
+        // A PEM bundle has no sequence: it takes the next one. A peer's endpoint may
+        // have sent the largest there is.
+        let pem_seq = match self.federated_bundle(&td)? {
+            None => Some(1),
+            Some(b) => b.sequence.checked_add(1),
+        };
+        let pem_seq = match pem_seq {
+            Some(s) => s,
+            None if format == "pem" => {
+                let reason = format!(
+                    "the stored bundle of {td} has the largest spiffe_sequence; \
+                     delete it (`bundle delete {td}`) before setting a PEM bundle"
+                );
+                self.refuse_bundle(&td, Source::Operator(caller), &reason);
+                return Err(Error::Precondition(reason));
+            }
+            // Only a PEM bundle uses it.
+            None => 0,
+        };
         let bundle = match parse_bundle(&td, format, data, pem_seq) {
             Ok(b) => b,
             Err(e) => {
@@ -272,6 +290,37 @@ impl CaCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's endpoint may send `spiffe_sequence` 2^64-1 (the spec sets no upper
+    /// bound). An operator's PEM bundle then has no next sequence: refused with what to
+    /// do, not an arithmetic overflow (a panic in debug builds, and in release a
+    /// sequence of 0 "lower than the stored one").
+    #[test]
+    fn a_pem_bundle_after_the_largest_sequence_is_refused_with_what_to_do() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = ca.self_signed(&key).unwrap();
+        let doc = json!({"keys": [], "spiffe_sequence": u64::MAX}).to_string();
+        core.set_federated_bundle_from("b.test", "spiffe", doc.as_bytes(), "test")
+            .unwrap();
+        let err = core
+            .set_federated_bundle_from("b.test", "pem", cert.pem().as_bytes(), "test")
+            .unwrap_err();
+        assert!(matches!(err, Error::Precondition(_)), "{err:?}");
+        assert!(
+            err.to_string().contains(
+                "the stored bundle of b.test has the largest spiffe_sequence; \
+                 delete it (`bundle delete b.test`) before setting a PEM bundle"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            core.federated_bundle("b.test").unwrap().unwrap().sequence,
+            u64::MAX
+        );
+    }
 
     #[test]
     fn versions_differ() {
