@@ -772,6 +772,20 @@ impl ChangeFeed {
 struct FeedPolled {
     bundle_sequence: u64,
     revocations_digest: Option<u64>,
+    /// The federated bundles' version (`None`: could not be read).
+    federated_version: Option<u64>,
+}
+
+impl FeedPolled {
+    /// Whether the federated bundles changed since last seen (or cannot be read: then
+    /// agents are told, to be safe). Relationships change at every poll (its time and
+    /// outcome) and agents hold none of them, only the bundles.
+    fn federated_bundles_moved(&mut self, core: &CaCore) -> bool {
+        let now = core.federated_version().ok();
+        let moved = now.is_none() || now != self.federated_version;
+        self.federated_version = now;
+        moved
+    }
 }
 
 /// The feed's loop: one generation per change notification or polled change.
@@ -789,6 +803,7 @@ async fn run_feed(
                 .revocations_in_force()
                 .ok()
                 .map(|r| revocations_digest(&r)),
+            federated_version: c.federated_version().ok(),
         },
         None => return,
     };
@@ -814,9 +829,11 @@ async fn run_feed(
                 tx.send_modify(|s| *s = Arc::new(s.with(FeedConcern::Agents, |_| {})));
             }
             Some(Ok(ChangeTopic::Federation)) => {
-                tx.send_modify(|s| {
-                    *s = Arc::new(s.with(FeedConcern::All, |n| n.federation_version += 1))
-                });
+                if polled.federated_bundles_moved(&core) {
+                    tx.send_modify(|s| {
+                        *s = Arc::new(s.with(FeedConcern::All, |n| n.federation_version += 1))
+                    });
+                }
             }
             // The bundle is compared below (after this server's reload).
             Some(Ok(ChangeTopic::Authorities)) | None => {}
@@ -824,6 +841,12 @@ async fn run_feed(
                 tracing::debug!(missed, "change feed lagged: telling every agent");
                 entries = true;
                 all = true;
+                // A federation change may be among those missed.
+                if polled.federated_bundles_moved(&core) {
+                    tx.send_modify(|s| {
+                        *s = Arc::new(s.with(FeedConcern::All, |n| n.federation_version += 1))
+                    });
+                }
             }
             Some(Err(RecvError::Closed)) => return,
         }
@@ -1214,6 +1237,54 @@ mod tests {
                 .unwrap(),
             AgentRevocations::default()
         );
+    }
+
+    /// Wait until the feed has read what the store announced (it runs on its own task).
+    async fn settle() {
+        tokio::time::sleep(FEED_POLL_INTERVAL * 3).await;
+    }
+
+    /// A federation poll that changes no federated bundle (a failed fetch, or the same
+    /// bundle again) tells no agent anything: agents hold federated bundles, not the
+    /// relationships' poll times. A peer whose endpoint is down (or that asks for a
+    /// 0 s refresh hint) is polled every `federation_min_refresh_seconds` (1 s by
+    /// default); each poll used to wake every agent of the trust domain into a sync.
+    #[tokio::test]
+    async fn a_federation_poll_that_changes_no_bundle_wakes_no_agent() {
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let feed = ChangeFeed::start(&core, 1);
+        let state = feed.subscribe();
+        core.create_federation(
+            crate::federation::FederationRecord {
+                trust_domain: "b.test".into(),
+                // Nothing listens there: every poll fails at once.
+                bundle_endpoint_url: "https://127.0.0.1:9/".into(),
+                profile: "https_web".into(),
+                ..Default::default()
+            },
+            "test",
+        )
+        .unwrap();
+        settle().await;
+        let before = state.borrow().federation_version;
+        for _ in 0..3 {
+            assert!(core.refresh_federation("b.test").await.is_err());
+        }
+        settle().await;
+        assert_eq!(
+            state.borrow().federation_version,
+            before,
+            "failed polls told every agent that federation changed"
+        );
+        // A federated bundle that changes does reach the agents.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = ca.self_signed(&key).unwrap().pem();
+        core.set_federated_bundle_from("b.test", "pem", pem.as_bytes(), "test")
+            .unwrap();
+        settle().await;
+        assert!(state.borrow().federation_version > before);
     }
 
     #[test]

@@ -158,6 +158,12 @@ impl CaCore {
             .collect()
     }
 
+    /// The version of every federated bundle together (what agents hold, see
+    /// [`Self::federated_for_sync`]).
+    pub fn federated_version(&self) -> Result<u64> {
+        Ok(version_of(&self.federated_bundles()?))
+    }
+
     /// For an agent's sync: every federated bundle and their version, unless the
     /// agent already holds that version.
     pub fn federated_for_sync(&self, held_version: u64) -> Result<Option<(Vec<TrustBundle>, u64)>> {
