@@ -534,7 +534,10 @@ mod tests {
             now.bundle_endpoint_url, "https://127.0.0.1:9/",
             "the poll wrote the replaced relationship back over the operator's change"
         );
-        assert_eq!(now.last_refresh_at, 0, "the new relationship is polled at once");
+        assert_eq!(
+            now.last_refresh_at, 0,
+            "the new relationship is polled at once"
+        );
         assert!(now.last_error.is_empty());
     }
 
