@@ -1239,11 +1239,6 @@ mod tests {
         );
     }
 
-    /// Wait until the feed has read what the store announced (it runs on its own task).
-    async fn settle() {
-        tokio::time::sleep(FEED_POLL_INTERVAL * 3).await;
-    }
-
     /// A federation poll that changes no federated bundle (a failed fetch, or the same
     /// bundle again) tells no agent anything: agents hold federated bundles, not the
     /// relationships' poll times. A peer whose endpoint is down (or that asks for a
@@ -1253,7 +1248,8 @@ mod tests {
     async fn a_federation_poll_that_changes_no_bundle_wakes_no_agent() {
         let (_dir, core, _, _) = crate::core::testing::core_with_agent();
         let feed = ChangeFeed::start(&core, 1);
-        let state = feed.subscribe();
+        let mut state = feed.subscribe();
+        let before = state.borrow().federation_version;
         core.create_federation(
             crate::federation::FederationRecord {
                 trust_domain: "b.test".into(),
@@ -1265,26 +1261,30 @@ mod tests {
             "test",
         )
         .unwrap();
-        settle().await;
-        let before = state.borrow().federation_version;
         for _ in 0..3 {
             assert!(core.refresh_federation("b.test").await.is_err());
         }
-        settle().await;
-        assert_eq!(
-            state.borrow().federation_version,
-            before,
-            "failed polls told every agent that federation changed"
-        );
-        // A federated bundle that changes does reach the agents.
+        // Then a federated bundle that changes: the feed handles changes in order, so
+        // once this one has reached the agents, so has anything the polls announced.
         let key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let pem = ca.self_signed(&key).unwrap().pem();
         core.set_federated_bundle_from("b.test", "pem", pem.as_bytes(), "test")
             .unwrap();
-        settle().await;
-        assert!(state.borrow().federation_version > before);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            state.wait_for(|s| s.federation_version > before),
+        )
+        .await
+        .expect("the bundle change reached the agents")
+        .unwrap();
+        assert_eq!(
+            state.borrow().federation_version,
+            before + 1,
+            "the relationship's creation and its failed polls told every agent that \
+             federation changed"
+        );
     }
 
     #[test]
