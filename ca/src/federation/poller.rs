@@ -43,6 +43,12 @@ pub const LEADER_RETRY: Duration = Duration::from_secs(5);
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
 /// Time allowed for one bundle endpoint fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The poll interval of a bundle that carries no `spiffe_refresh_hint` (or 0), before
+/// the configured bounds: SPIRE's default. Not the lower bound: a peer that sends no
+/// hint is not asking to be polled every second.
+pub const MISSING_HINT_SECONDS: i64 = 300;
+/// The longest wait after failed polls (see `poll_interval`).
+pub const FAILED_POLL_BACKOFF_MAX_SECONDS: i64 = 300;
 
 impl CaCore {
     /// Fetches a relationship's endpoint once and stores the bundle. A refusal is
@@ -119,20 +125,30 @@ impl CaCore {
         ))
     }
 
-    /// Seconds until a relationship's next poll: the stored bundle's refresh hint,
-    /// bounded by config; a failed poll retries at the lower bound (at least 1 s).
-    fn poll_interval(&self, f: &FederationRecord) -> i64 {
+    /// Seconds until a relationship's next poll, after `failures` failed polls in a
+    /// row: the stored bundle's refresh hint ([`MISSING_HINT_SECONDS`] when it has
+    /// none), bounded by config. After a failure it retries at the lower bound (at
+    /// least 1 s), doubling with each further failure up to the hint's interval and at
+    /// most [`FAILED_POLL_BACKOFF_MAX_SECONDS`]: a peer that is down, or answers
+    /// garbage, is not asked every second for as long as it stays so.
+    fn poll_interval(&self, f: &FederationRecord, failures: u32) -> i64 {
         let min = self.config.federation_min_refresh_seconds.max(1);
         let max = self.config.federation_max_refresh_seconds.max(min);
-        if !f.last_error.is_empty() {
-            return min;
-        }
         let hint = self
             .federated_bundle(&f.trust_domain)
             .ok()
             .flatten()
-            .map_or(min, |b| b.refresh_hint_seconds);
-        hint.clamp(min, max)
+            .map(|b| b.refresh_hint_seconds)
+            .filter(|h| *h > 0)
+            .unwrap_or(MISSING_HINT_SECONDS);
+        let interval = hint.clamp(min, max);
+        if failures == 0 {
+            return interval;
+        }
+        let backoff = min.saturating_mul(1_i64 << (failures - 1).min(30));
+        backoff
+            .min(interval.min(FAILED_POLL_BACKOFF_MAX_SECONDS))
+            .max(min)
     }
 }
 
@@ -310,6 +326,8 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
     let flag = leader.clone();
     let task = tokio::spawn(async move {
         let mut due: BTreeMap<String, i64> = BTreeMap::new();
+        // Failed polls in a row, per relationship (the backoff of `poll_interval`).
+        let mut failures: BTreeMap<String, u32> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut role: Option<LeaderGuard> = None;
         let mut next_try = tokio::time::Instant::now();
@@ -328,6 +346,7 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
                 }
             };
             due.retain(|td, _| feds.iter().any(|f| &f.trust_domain == td));
+            failures.retain(|td, _| feds.iter().any(|f| &f.trust_domain == td));
             let t = now();
             for f in feds {
                 let next = due.get(&f.trust_domain).copied().unwrap_or(0);
@@ -336,12 +355,26 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
                 if t < next && !fresh {
                     continue;
                 }
+                if fresh {
+                    // A new or replaced relationship starts without a backoff.
+                    failures.remove(&f.trust_domain);
+                }
                 let r = core.refresh_federation(&f.trust_domain).await;
                 if let Err(e) = &r {
                     tracing::warn!(trust_domain = %f.trust_domain, error = %e, "federation poll failed");
                 }
+                let failed = match r {
+                    Ok(_) => 0,
+                    Err(_) => failures
+                        .get(&f.trust_domain)
+                        .map_or(1, |n| n.saturating_add(1)),
+                };
+                failures.insert(f.trust_domain.clone(), failed);
                 let f = core.federation(&f.trust_domain).unwrap_or(f);
-                due.insert(f.trust_domain.clone(), now() + core.poll_interval(&f));
+                due.insert(
+                    f.trust_domain.clone(),
+                    now() + core.poll_interval(&f, failed),
+                );
             }
         }
     });
@@ -561,5 +594,50 @@ mod tests {
         let f = core.federation(PEER).unwrap();
         assert!(f.last_refresh_at > 0);
         assert!(f.last_error.is_empty());
+    }
+
+    /// A peer that sends no refresh hint is polled at SPIRE's default, not at the lower
+    /// bound; a failing one is retried at the lower bound, then less and less often, up
+    /// to its normal interval and at most five minutes (it used to be asked every
+    /// second for as long as it failed).
+    #[test]
+    fn polls_back_off_after_failures_and_a_missing_hint_is_not_one_second() {
+        let (_dir, core) = core();
+        let f = FederationRecord {
+            trust_domain: PEER.into(),
+            ..Default::default()
+        };
+        // No bundle yet, or one without a hint: the default.
+        assert_eq!(core.poll_interval(&f, 0), MISSING_HINT_SECONDS);
+        let p = peer();
+        let set = |hint: Option<i64>, sequence: u64| {
+            let mut doc: serde_json::Value =
+                serde_json::from_str(&bundle_json(&p.ca_der, sequence)).unwrap();
+            match hint {
+                Some(h) => doc["spiffe_refresh_hint"] = h.into(),
+                None => {
+                    doc.as_object_mut().unwrap().remove("spiffe_refresh_hint");
+                }
+            }
+            core.set_federated_bundle_from(PEER, "spiffe", doc.to_string().as_bytes(), "test")
+                .unwrap();
+        };
+        set(None, 1);
+        assert_eq!(core.poll_interval(&f, 0), MISSING_HINT_SECONDS);
+        set(Some(0), 2);
+        assert_eq!(core.poll_interval(&f, 0), MISSING_HINT_SECONDS);
+        set(Some(60), 3);
+        assert_eq!(core.poll_interval(&f, 0), 60);
+        // Failures: 1, 2, 4, ... seconds, never past the hint's interval.
+        let backoff: Vec<i64> = (1..=8).map(|n| core.poll_interval(&f, n)).collect();
+        assert_eq!(backoff, vec![1, 2, 4, 8, 16, 32, 60, 60]);
+        // A long hint: the backoff stops at five minutes.
+        set(Some(3600), 4);
+        assert_eq!(core.poll_interval(&f, 0), 3600);
+        assert_eq!(core.poll_interval(&f, 30), FAILED_POLL_BACKOFF_MAX_SECONDS);
+        assert_eq!(
+            core.poll_interval(&f, u32::MAX),
+            FAILED_POLL_BACKOFF_MAX_SECONDS
+        );
     }
 }
