@@ -232,7 +232,7 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
             let _ = conn.await;
         });
         let req = http::Request::get(path)
-            .header(http::header::HOST, format!("{host}:{port}"))
+            .header(http::header::HOST, host_header(&host, port))
             .header(http::header::ACCEPT, "application/json")
             .body(http_body_util::Empty::<Bytes>::new())
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
@@ -256,6 +256,15 @@ async fn fetch_bundle_document(core: &CaCore, f: &FederationRecord) -> Result<Ve
     tokio::time::timeout(FETCH_TIMEOUT, fetch)
         .await
         .map_err(|_| Error::Federation("bundle endpoint timed out".into()))?
+}
+
+/// The `Host` header for an endpoint: an IPv6 literal in brackets (RFC 9110 §7.2).
+fn host_header(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// A running poller.
@@ -639,5 +648,13 @@ mod tests {
             core.poll_interval(&f, u32::MAX),
             FAILED_POLL_BACKOFF_MAX_SECONDS
         );
+    }
+
+    #[test]
+    fn an_ipv6_endpoint_is_asked_with_its_address_in_brackets() {
+        let (host, port, _) =
+            crate::federation::relationships::parse_endpoint_url("https://[::1]:8443/b").unwrap();
+        assert_eq!(host_header(&host, port), "[::1]:8443");
+        assert_eq!(host_header("b.test", 443), "b.test:443");
     }
 }
