@@ -337,14 +337,41 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
         let mut due: BTreeMap<String, i64> = BTreeMap::new();
         // Failed polls in a row, per relationship (the backoff of `poll_interval`).
         let mut failures: BTreeMap<String, u32> = BTreeMap::new();
+        // Polls run side by side, one per relationship at most: an endpoint holding
+        // its answer (up to FETCH_TIMEOUT) delays no other relationship's poll.
+        let mut in_flight: tokio::task::JoinSet<bool> = tokio::task::JoinSet::new();
+        let mut polling: BTreeMap<tokio::task::Id, String> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut role: Option<LeaderGuard> = None;
         let mut next_try = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let (id, ok) = match done {
+                        Ok((id, ok)) => (id, ok),
+                        // Aborted (the role was lost: nothing to count) or panicked (a
+                        // failed poll).
+                        Err(e) => (e.id(), false),
+                    };
+                    let Some(td) = polling.remove(&id) else { continue };
+                    let failed = if ok {
+                        0
+                    } else {
+                        failures.get(&td).map_or(1, |n| n.saturating_add(1))
+                    };
+                    failures.insert(td.clone(), failed);
+                    if let Ok(f) = core.federation(&td) {
+                        due.insert(td, now() + core.poll_interval(&f, failed));
+                    }
+                    continue;
+                }
+            }
             if !hold_role(&core, &mut role, &mut next_try, &flag) {
                 // The next leader polls everything once at first.
                 due.clear();
+                in_flight.abort_all();
+                polling.clear();
                 continue;
             }
             let feds = match core.federations() {
@@ -358,6 +385,9 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
             failures.retain(|td, _| feds.iter().any(|f| &f.trust_domain == td));
             let t = now();
             for f in feds {
+                if polling.values().any(|td| *td == f.trust_domain) {
+                    continue;
+                }
                 let next = due.get(&f.trust_domain).copied().unwrap_or(0);
                 // A relationship created or refreshed meanwhile is polled at once.
                 let fresh = f.last_refresh_at == 0;
@@ -368,22 +398,16 @@ pub fn spawn_poller(core: Arc<CaCore>) -> PollerHandle {
                     // A new or replaced relationship starts without a backoff.
                     failures.remove(&f.trust_domain);
                 }
-                let r = core.refresh_federation(&f.trust_domain).await;
-                if let Err(e) = &r {
-                    tracing::warn!(trust_domain = %f.trust_domain, error = %e, "federation poll failed");
-                }
-                let failed = match r {
-                    Ok(_) => 0,
-                    Err(_) => failures
-                        .get(&f.trust_domain)
-                        .map_or(1, |n| n.saturating_add(1)),
-                };
-                failures.insert(f.trust_domain.clone(), failed);
-                let f = core.federation(&f.trust_domain).unwrap_or(f);
-                due.insert(
-                    f.trust_domain.clone(),
-                    now() + core.poll_interval(&f, failed),
-                );
+                let td = f.trust_domain.clone();
+                let core = core.clone();
+                let poll = in_flight.spawn(async move {
+                    let r = core.refresh_federation(&f.trust_domain).await;
+                    if let Err(e) = &r {
+                        tracing::warn!(trust_domain = %f.trust_domain, error = %e, "federation poll failed");
+                    }
+                    r.is_ok()
+                });
+                polling.insert(poll.id(), td);
             }
         }
     });
@@ -421,19 +445,23 @@ mod tests {
     }
 
     fn peer() -> Peer {
+        peer_of(PEER, PEER_ENDPOINT_ID)
+    }
+
+    fn peer_of(td: &str, endpoint_id: &str) -> Peer {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         ca.subject_alt_names = vec![rcgen::SanType::URI(
-            format!("spiffe://{PEER}").try_into().unwrap(),
+            format!("spiffe://{td}").try_into().unwrap(),
         )];
         ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "b.test CA");
+            .push(rcgen::DnType::CommonName, format!("{td} CA"));
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let mut leaf = rcgen::CertificateParams::default();
-        leaf.subject_alt_names = vec![rcgen::SanType::URI(PEER_ENDPOINT_ID.try_into().unwrap())];
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(endpoint_id.try_into().unwrap())];
         leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
         let tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -656,5 +684,49 @@ mod tests {
             crate::federation::relationships::parse_endpoint_url("https://[::1]:8443/b").unwrap();
         assert_eq!(host_header(&host, port), "[::1]:8443");
         assert_eq!(host_header("b.test", 443), "b.test:443");
+    }
+
+    /// The poller asks every due relationship side by side: an endpoint that holds its
+    /// answer (a hostile or hung peer, up to the 10 s fetch timeout) delays no other
+    /// relationship's poll. They used to be polled one after another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_endpoint_delays_no_other_relationships_poll() {
+        let (_dir, core) = core();
+        // "a.test" sorts first, and its endpoint never answers.
+        let hung = peer_of("a.test", "spiffe://a.test/endpoint");
+        let (hung_url, hung_asked, _never) =
+            held_endpoint(hung.tls.clone(), bundle_json(&hung.ca_der, 1)).await;
+        core.create_federation(
+            FederationRecord {
+                trust_domain: "a.test".into(),
+                endpoint_spiffe_id: "spiffe://a.test/endpoint".into(),
+                ..relationship(&hung_url, &hung)
+            },
+            "test",
+        )
+        .unwrap();
+        let p = peer();
+        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
+        tokio::spawn(async move {
+            if asked.await.is_ok() {
+                let _ = release.send(());
+            }
+        });
+        core.create_federation(relationship(&url, &p), "test")
+            .unwrap();
+        let poller = spawn_poller(core.clone());
+        hung_asked.await.unwrap();
+        // Well within the hung fetch's timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        while core.federated_bundle(PEER).unwrap().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "b.test's poll waited behind a.test's held one"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(core.federated_bundle(PEER).unwrap().unwrap().sequence, 7);
+        assert!(core.federated_bundle("a.test").unwrap().is_none());
+        poller.stop();
     }
 }
