@@ -1,8 +1,9 @@
 //! containerd's own API (gRPC on its socket): `containers.v1 Get` for the labels and the
-//! image reference, `images.v1 Get` for the image's content digest, `tasks.v1 Get` for
-//! whether it runs and its first process. The namespace (`k8s.io` for containers the
-//! kubelet made through CRI, `default` for `ctr`) goes in the `containerd-namespace`
-//! header.
+//! image reference, `images.v1 Get` to confirm the digest a reference pins
+//! (`name@sha256:…`; a tag gives no image digest: it may name another image by now),
+//! `tasks.v1 Get` for whether it runs and its first process. The namespace (`k8s.io` for
+//! containers the kubelet made through CRI, `default` for `ctr`) goes in the
+//! `containerd-namespace` header.
 //!
 //! The messages are the subset of containerd's protos that is read here, with their
 //! upstream field numbers (protobuf skips the fields not declared).
@@ -177,24 +178,32 @@ async fn inspect_unbounded(
             container.id
         )));
     }
-    let image: Option<GetImageResponse> = unary(
-        &mut grpc,
-        name,
-        namespace,
-        GetImageRequest {
-            name: container.image.clone(),
-        },
-        call("/containerd.services.images.v1.Images/Get"),
-    )
-    .await?;
-    // The image may have been removed since the container was made from it: then its
-    // digest is unknown, and no image-id selector is given rather than a guess.
-    let image_id = image
-        .and_then(|i| i.image)
-        .and_then(|i| i.target)
-        .map(|t| t.digest)
-        .filter(|d| d.starts_with("sha256:"))
-        .unwrap_or_default();
+    // containerd keeps only the name of the image a container was made from. Only a name
+    // that pins a digest says which image that was; the image of that name must still be
+    // that digest. A tag names whatever was last pulled or tagged under it, which is not
+    // the image the container runs: no image-id selector then, rather than another
+    // image's.
+    let image_id = match pinned_digest(&container.image) {
+        Some(pinned) => {
+            let image: Option<GetImageResponse> = unary(
+                &mut grpc,
+                name,
+                namespace,
+                GetImageRequest {
+                    name: container.image.clone(),
+                },
+                call("/containerd.services.images.v1.Images/Get"),
+            )
+            .await?;
+            let target = image
+                .and_then(|i| i.image)
+                .and_then(|i| i.target)
+                .map(|t| t.digest);
+            pinned_image_id(pinned, target.as_deref())
+        }
+        None => None,
+    }
+    .unwrap_or_default();
     let task: Option<GetTaskResponse> = unary(
         &mut grpc,
         name,
@@ -225,6 +234,25 @@ async fn inspect_unbounded(
         runtime: "containerd",
         namespace: Some(namespace.to_string()),
     }))
+}
+
+/// The digest an image reference pins (`name@sha256:<64 hex>`), if it pins one.
+fn pinned_digest(reference: &str) -> Option<&str> {
+    let (_, digest) = reference.rsplit_once('@')?;
+    let hex = digest.strip_prefix("sha256:")?;
+    let pinned = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    pinned.then_some(digest)
+}
+
+/// The `image-id` of a container made from a reference pinning `pinned`, whose image of
+/// that name now targets `target`: the pinned digest if the image is that digest. (The
+/// image may have been removed since, or a name holding a digest may have been made for
+/// another image: then no image-id, rather than a guess.)
+fn pinned_image_id(pinned: &str, target: Option<&str>) -> Option<String> {
+    (target == Some(pinned)).then(|| pinned.to_string())
 }
 
 /// A gRPC channel on one connection already made (and its peer checked): it never
@@ -274,5 +302,44 @@ where
         Ok(r) => Ok(Some(r.into_inner())),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
         Err(s) => Err(http(format!("{:?}: {}", s.code(), s.message()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "sha256:855ecc501d86d4280f55920b7f140efa1e773284ff55cf20dff9a31a23f0cf96";
+    const B: &str = "sha256:1ddb6b0879ccd5c0c4f9402cd2ee825454c0908f17ef7d2e7a5b86f16ce0f1b8";
+
+    /// A tag names whatever image was last pulled or tagged under it: never the image a
+    /// container was made from. Only a pinned digest is, and only while the image of that
+    /// name is that digest.
+    #[test]
+    fn image_id_only_from_a_pinned_reference() {
+        for tag in [
+            "localhost/app:a",
+            "docker.io/library/nginx:latest",
+            "nginx",
+            "",
+            // Not a digest: short, upper case, another algorithm.
+            "localhost/app@sha256:855ecc",
+            &format!(
+                "localhost/app@{}",
+                A.to_uppercase().replace("SHA256", "sha256")
+            ),
+            "localhost/app@sha512:855ecc501d86d4280f55920b7f140efa1e773284ff55cf20dff9a31a23f0cf96",
+        ] {
+            assert_eq!(pinned_digest(tag), None, "{tag:?}");
+        }
+        let by_digest = format!("localhost/app@{A}");
+        assert_eq!(pinned_digest(&by_digest), Some(A));
+        assert_eq!(pinned_digest(&format!("registry:5000/app:1@{A}")), Some(A));
+        // The image of that name is the pinned digest.
+        assert_eq!(pinned_image_id(A, Some(A)).as_deref(), Some(A));
+        // A name holding digest A made for image B (`ctr images tag B name@A`), or an
+        // image removed since: no image-id.
+        assert_eq!(pinned_image_id(A, Some(B)), None);
+        assert_eq!(pinned_image_id(A, None), None);
     }
 }

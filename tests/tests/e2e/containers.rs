@@ -580,8 +580,15 @@ impl Containerd {
 
     /// Runs the client in a new container with a 64-hex ID (the form the agent reads
     /// from cgroup paths), removed after.
-    fn fetch_in(&self, agent: &Agent, ns: &str, id: &str, labels: &[&str]) -> CliResult {
-        self.fetch_in_cgroup(agent, ns, id, labels, None)
+    fn fetch_in(
+        &self,
+        agent: &Agent,
+        ns: &str,
+        image: &str,
+        id: &str,
+        labels: &[&str],
+    ) -> CliResult {
+        self.fetch_in_cgroup(agent, ns, image, id, labels, None)
     }
 
     /// The same, in cgroup `cgroup` (`ctr run --cgroup`) rather than `/<ns>/<id>`.
@@ -589,6 +596,7 @@ impl Containerd {
         &self,
         agent: &Agent,
         ns: &str,
+        image: &str,
         id: &str,
         labels: &[&str],
         cgroup: Option<&str>,
@@ -605,9 +613,104 @@ impl Containerd {
             args.push("--label");
             args.push(l);
         }
-        args.extend_from_slice(&["localhost/ztid-client:a", id]);
+        args.extend_from_slice(&[image, id]);
         args.extend_from_slice(&CLIENT_FETCH);
         self.ctr(ns, &args)
+    }
+}
+
+impl Containerd {
+    /// Imports an OCI archive into namespace `ns`, its names under `localhost/ztid-client`.
+    fn import(&self, ns: &str, archive: &Path) {
+        let r = self.ctr(
+            ns,
+            &[
+                "images",
+                "import",
+                "--snapshotter",
+                "native",
+                "--base-name",
+                "localhost/ztid-client",
+                &archive.display().to_string(),
+            ],
+        );
+        assert!(r.ok, "ctr import: {}", r.stderr);
+    }
+
+    /// The manifest digest image `name` of namespace `ns` names now.
+    fn digest(&self, ns: &str, name: &str) -> String {
+        let ls = self.ctr(ns, &["images", "ls"]).stdout;
+        ls.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+            .unwrap_or_else(|| panic!("{name} in {ls}"))
+            .to_string()
+    }
+
+    /// Starts container `id` from `image` in `ns`, the agent's socket mounted; its first
+    /// process waits on a socket that never comes. Removed when the guard is dropped.
+    fn run_idle(&self, agent: &Agent, ns: &str, image: &str, id: &str) -> CtrTask<'_> {
+        let mount = format!(
+            "type=bind,src={},dst=/ztid/api.sock,options=rbind:rw",
+            agent.socket().display()
+        );
+        let r = self.ctr(
+            ns,
+            &[
+                "run",
+                "-d",
+                "--snapshotter",
+                "native",
+                "--mount",
+                &mount,
+                image,
+                id,
+                "/ztid-agent",
+                "healthcheck",
+                "--socket",
+                "/nowhere.sock",
+                "--wait",
+                "600",
+            ],
+        );
+        assert!(r.ok, "ctr run: {}", r.stderr);
+        CtrTask {
+            ctd: self,
+            ns: ns.to_string(),
+            id: id.to_string(),
+        }
+    }
+}
+
+/// A container started with `ctr run -d`: its task killed and the container removed when
+/// dropped (the shims outlive containerd).
+struct CtrTask<'a> {
+    ctd: &'a Containerd,
+    ns: String,
+    id: String,
+}
+
+impl CtrTask<'_> {
+    /// Runs the Workload API client in the container (`ctr task exec`).
+    fn exec_fetch(&self, exec_id: &str) -> CliResult {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, &self.id];
+        args.extend_from_slice(&CLIENT_FETCH);
+        self.ctd.ctr(&self.ns, &args)
+    }
+}
+
+impl Drop for CtrTask<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .ctd
+            .ctr(&self.ns, &["task", "kill", "-s", "SIGKILL", &self.id]);
+        for _ in 0..100 {
+            if self.ctd.ctr(&self.ns, &["task", "rm", &self.id]).ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.ctd.ctr(&self.ns, &["containers", "rm", &self.id]);
     }
 }
 
@@ -658,6 +761,13 @@ fn containerd_containers_are_attested_through_its_own_api() {
         .find(|w| w.starts_with("sha256:"))
         .expect("the image's manifest digest")
         .to_string();
+    // Run by digest: containerd gives an image-id only for a container made from a
+    // reference that pins it (a tag may name another image by the time it is asked).
+    let image = format!("localhost/ztid-client@{digest}");
+    for ns in ["default", "k8s.io"] {
+        let r = ctd.ctr(ns, &["images", "tag", "localhost/ztid-client:a", &image]);
+        assert!(r.ok, "ctr images tag: {}", r.stderr);
+    }
 
     let server = Server::start(TD);
     // A plain unix:// socket: the agent recognises containerd's gRPC from its answer.
@@ -689,7 +799,7 @@ fn containerd_containers_are_attested_through_its_own_api() {
     // ctr's own namespace (`/default/<id>`).
     let id1 = "c1".repeat(32);
     assert_one_of(
-        &ctd.fetch_in(&agent, "default", &id1, &["app=ctd"]),
+        &ctd.fetch_in(&agent, "default", &image, &id1, &["app=ctd"]),
         "spiffe://example.org/ctd",
     );
     // Kubernetes' namespace and pod labels, as the kubelet sets them through CRI, in a
@@ -705,13 +815,13 @@ fn containerd_containers_are_attested_through_its_own_api() {
     let pod = KubepodsCgroup::new();
     let in_pod = format!("{}/{id2}", pod.path);
     assert_one_of(
-        &ctd.fetch_in_cgroup(&agent, "k8s.io", &id2, &pod_labels, Some(&in_pod)),
+        &ctd.fetch_in_cgroup(&agent, "k8s.io", &image, &id2, &pod_labels, Some(&in_pod)),
         "spiffe://example.org/ctd-k8s",
     );
     // The same labels in the same namespace outside a pod's cgroup (ctr's own
     // `/k8s.io/<id>`): not the kubelet's, no k8s: selectors.
     let id4 = "c4".repeat(32);
-    let outside = ctd.fetch_in(&agent, "k8s.io", &id4, &pod_labels);
+    let outside = ctd.fetch_in(&agent, "k8s.io", &image, &id4, &pod_labels);
     assert!(!outside.ok, "{}", outside.stdout);
     assert!(
         outside.stderr.contains("no identity issued")
@@ -724,7 +834,7 @@ fn containerd_containers_are_attested_through_its_own_api() {
     assert!(!outside.stderr.contains("k8s:"), "{}", outside.stderr);
     // No entry: the refusal names its containerd selectors.
     let id3 = "c3".repeat(32);
-    let none = ctd.fetch_in(&agent, "default", &id3, &["app=other"]);
+    let none = ctd.fetch_in(&agent, "default", &image, &id3, &["app=other"]);
     assert!(!none.ok, "{}", none.stdout);
     for want in [
         "no identity issued",
@@ -733,6 +843,88 @@ fn containerd_containers_are_attested_through_its_own_api() {
     ] {
         assert!(none.stderr.contains(want), "{want:?} in {}", none.stderr);
     }
+}
+
+/// containerd keeps only the *name* of the image a container was made from: a tag names
+/// whatever was last pulled or tagged under it (on a node, the next pull of that tag for
+/// any pod), not what the container runs. A container made from tag `:a` that is then
+/// moved to image B is not image B; one made from `name@sha256:<B>`, whose image of that
+/// name is B, is.
+#[test]
+fn a_containerd_container_is_not_the_image_its_tag_names_later() {
+    let podman = Podman::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let ctd = Containerd::start();
+    for (tag, extra) in [("a", None), ("b", Some(("b.txt", "image b")))] {
+        let name = format!("localhost/ztid-client:{tag}");
+        podman.import(&client_rootfs(&scratch.path().join(tag), extra), &name);
+        let archive = scratch.path().join(format!("{tag}.tar"));
+        podman.ok(&[
+            "save",
+            "--format",
+            "oci-archive",
+            "-o",
+            &archive.display().to_string(),
+            &name,
+        ]);
+        ctd.import("default", &archive);
+    }
+    let image_a = ctd.digest("default", "localhost/ztid-client:a");
+    let image_b = ctd.digest("default", "localhost/ztid-client:b");
+    assert_ne!(image_a, image_b);
+
+    let server = Server::start(TD);
+    let socket = format!("containerd://{}", ctd.socket().display());
+    let agent = Agent::start_with_args(&server, &["--container-socket", &socket]);
+    let by_image_b = format!("container:image-id:{image_b}");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/image-b",
+        &["container:runtime:containerd", &by_image_b],
+    );
+    host_entry(&server, &agent);
+
+    // Made from image A by its tag; the tag then moved to image B.
+    let from_a = ctd.run_idle(
+        &agent,
+        "default",
+        "localhost/ztid-client:a",
+        &"c5".repeat(32),
+    );
+    let r = ctd.ctr(
+        "default",
+        &[
+            "images",
+            "tag",
+            "--force",
+            "localhost/ztid-client:b",
+            "localhost/ztid-client:a",
+        ],
+    );
+    assert!(r.ok, "ctr images tag: {}", r.stderr);
+    assert_eq!(ctd.digest("default", "localhost/ztid-client:a"), image_b);
+    let claim = from_a.exec_fetch("fetch-a");
+    assert_no_identity(&claim, &by_image_b);
+    assert!(
+        claim.stderr.contains("container:runtime:containerd"),
+        "{}",
+        claim.stderr
+    );
+    drop(from_a);
+
+    // Made from image B by its digest: it is image B.
+    let pinned = format!("localhost/ztid-client@{image_b}");
+    let r = ctd.ctr(
+        "default",
+        &["images", "tag", "localhost/ztid-client:b", &pinned],
+    );
+    assert!(r.ok, "ctr images tag: {}", r.stderr);
+    let from_b = ctd.run_idle(&agent, "default", &pinned, &"c6".repeat(32));
+    assert_one_of(
+        &from_b.exec_fetch("fetch-b"),
+        "spiffe://example.org/image-b",
+    );
 }
 
 /// A pod cgroup parent shaped like the kubelet's cgroupfs driver's
