@@ -294,6 +294,91 @@ fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
     })
 }
 
+/// The bundle kept in `dir` by an earlier attestation: `None` if there is none; an
+/// error if it is there but does not decode or holds no X.509 authority (never skipped
+/// for a weaker bootstrap).
+fn persisted_bundle(dir: &Path) -> Result<Option<TrustBundle>, Error> {
+    let path = dir.join(BUNDLE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    };
+    let fail = |why: String| {
+        Error::Config(format!(
+            "the kept trust bundle {} {why}; remove it (and the agent's other files there) to attest afresh",
+            path.display()
+        ))
+    };
+    let b =
+        pb::Bundle::decode(bytes.as_slice()).map_err(|e| fail(format!("does not decode ({e})")))?;
+    if b.x509_authorities.is_empty() {
+        return Err(fail("holds no X.509 authority".into()));
+    }
+    Ok(Some(TrustBundle::from(&b)))
+}
+
+/// How the server is verified for an attestation made without a usable agent SVID, and
+/// the trust domain its answer must be for. An agent that attested before (its SVID
+/// expired, or was forgotten) verifies the server with the bundle it kept, as SPIRE's
+/// agent does: `--insecure-bootstrap` is for the first attestation only, and a
+/// `--trust-bundle` file may hold authorities the trust domain has rotated away from.
+/// Otherwise the configured roots (`--trust-bundle`), or none (`--insecure-bootstrap`).
+fn bootstrap_verifier(
+    config: &AgentConfig,
+    configured_roots: Option<&[Vec<u8>]>,
+) -> Result<(Arc<ServerSvidVerifier>, Option<String>), Error> {
+    if let Some(kept) = persisted_bundle(&config.data_dir)? {
+        if let Some(td) = &config.trust_domain {
+            if &kept.trust_domain != td {
+                return Err(Error::Config(format!(
+                    "the kept trust bundle in {} is for trust domain {}, expected {td}",
+                    config.data_dir.display(),
+                    kept.trust_domain
+                )));
+            }
+        }
+        tracing::info!(
+            trust_domain = %kept.trust_domain,
+            authorities = kept.x509_authorities.len(),
+            "attesting again: the server is verified with the bundle kept from the last attestation"
+        );
+        let verifier = ServerSvidVerifier::new(
+            shared_roots(kept.x509_authorities),
+            crate::spiffe_id::server_id_of(&kept.trust_domain)?,
+        );
+        return Ok((Arc::new(verifier), Some(kept.trust_domain)));
+    }
+    Ok(match configured_roots {
+        Some(roots) => {
+            let td = config
+                .trust_domain
+                .clone()
+                .or_else(|| roots.iter().find_map(|r| trust_domain_of_ca(r)))
+                .ok_or_else(|| {
+                    Error::Config(
+                        "cannot tell the trust domain from the trust bundle; set --trust-domain"
+                            .into(),
+                    )
+                })?;
+            let verifier = ServerSvidVerifier::new(
+                shared_roots(roots.to_vec()),
+                crate::spiffe_id::server_id_of(&td)?,
+            );
+            (Arc::new(verifier), config.trust_domain.clone())
+        }
+        None => {
+            tracing::warn!(
+                "insecure bootstrap: the server is not verified for this first attestation"
+            );
+            (
+                Arc::new(ServerSvidVerifier::insecure_bootstrap()),
+                config.trust_domain.clone(),
+            )
+        }
+    })
+}
+
 struct Runtime {
     config: AgentConfig,
     servers: Arc<Servers>,
@@ -852,28 +937,10 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         }
         None => {
             let mut attestor = attestors::build(&config)?;
-            let verifier: Arc<ServerSvidVerifier> = match &configured_roots {
-                Some(roots) => {
-                    let td = config
-                        .trust_domain
-                        .clone()
-                        .or_else(|| roots.iter().find_map(|r| trust_domain_of_ca(r)))
-                        .ok_or_else(|| Error::Config("cannot tell the trust domain from the trust bundle; set --trust-domain".into()))?;
-                    Arc::new(ServerSvidVerifier::new(
-                        shared_roots(roots.clone()),
-                        crate::spiffe_id::server_id_of(&td)?,
-                    ))
-                }
-                None => {
-                    tracing::warn!(
-                        "insecure bootstrap: the server is not verified for this first attestation"
-                    );
-                    Arc::new(ServerSvidVerifier::insecure_bootstrap())
-                }
-            };
+            let (verifier, expected_td) = bootstrap_verifier(&config, configured_roots.as_deref())?;
             let conns = NodeConnections::new(servers.clone(), verifier, None);
             let (svid, bundle) = attest(&conns, attestor.as_mut()).await?;
-            if let Some(td) = &config.trust_domain {
+            if let Some(td) = &expected_td {
                 if &bundle.trust_domain != td {
                     return Err(Error::Config(format!(
                         "server is for trust domain {}, expected {td}",
@@ -1097,6 +1164,139 @@ mod tests {
             key: agent_key::AgentKey::from_pkcs8(Vec::new()),
             spiffe_id: "spiffe://example.org/agent".into(),
             not_after,
+        }
+    }
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use rustls::client::danger::ServerCertVerifier;
+
+    /// A self-signed CA for `td` (URI SAN `spiffe://TD`).
+    fn test_ca(td: &str) -> (Vec<u8>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{td}").as_str().try_into().unwrap(),
+        )];
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        (der, Issuer::new(p, key))
+    }
+
+    /// A leaf with URI SAN `id` for `key`, signed by `issuer`.
+    fn test_leaf(id: &str, key: &KeyPair, issuer: &Issuer<'_, KeyPair>) -> Vec<u8> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.signed_by(key, issuer).unwrap().der().to_vec()
+    }
+
+    fn server_cert_accepted(verifier: &ServerSvidVerifier, leaf: &[u8]) -> Result<(), String> {
+        verifier
+            .verify_server_cert(
+                &rustls_pki_types::CertificateDer::from(leaf.to_vec()),
+                &[],
+                &rustls_pki_types::ServerName::try_from("ztid-server").unwrap(),
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn write_bundle(dir: &Path, td: &str, roots: Vec<Vec<u8>>) {
+        let b = TrustBundle {
+            trust_domain: td.into(),
+            x509_authorities: roots,
+            jwt_authorities: Vec::new(),
+            sequence: 3,
+            refresh_hint_seconds: 0,
+            tainted: Vec::new(),
+        };
+        write_private(
+            &dir.join(BUNDLE_FILE),
+            &pb::Bundle::from(&b).encode_to_vec(),
+        )
+        .unwrap();
+    }
+
+    /// An agent that attested before and restarts once its SVID has expired (the node was
+    /// down longer than the SVID's life; or the SVID file is gone) attests again: it must
+    /// verify the server with the bundle it kept, not fall back to `--insecure-bootstrap`
+    /// (a man in the middle would then become its CA) nor to a `--trust-bundle` file
+    /// the trust domain has rotated away from.
+    #[test]
+    fn attesting_again_verifies_the_server_with_the_persisted_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, issuer) = test_ca("example.org");
+        let (mitm_root, mitm) = test_ca("example.org");
+        write_bundle(dir.path(), "example.org", vec![root.clone()]);
+        let server_key = KeyPair::generate().unwrap();
+        let real = test_leaf("spiffe://example.org/ztid/server", &server_key, &issuer);
+        let forged = test_leaf("spiffe://example.org/ztid/server", &server_key, &mitm);
+
+        let insecure = AgentConfig {
+            insecure_bootstrap: true,
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let (v, _) = bootstrap_verifier(&insecure, None).unwrap();
+        server_cert_accepted(&v, &real).unwrap();
+        let e = server_cert_accepted(&v, &forged).unwrap_err();
+        assert!(
+            e.contains("not signed by any authority in this agent's trust bundle"),
+            "{e}"
+        );
+
+        // A stale --trust-bundle (the old root) does not override the kept bundle.
+        let pinned = AgentConfig {
+            trust_bundle: Some(dir.path().join("old.pem")),
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let (v, _) = bootstrap_verifier(&pinned, Some(&[mitm_root])).unwrap();
+        server_cert_accepted(&v, &real).unwrap();
+        assert!(server_cert_accepted(&v, &forged).is_err());
+
+        // Without a kept bundle: the configured roots, as before.
+        let fresh = tempfile::tempdir().unwrap();
+        let first = AgentConfig {
+            data_dir: fresh.path().to_path_buf(),
+            ..pinned
+        };
+        let (v, _) = bootstrap_verifier(&first, Some(&[root])).unwrap();
+        server_cert_accepted(&v, &real).unwrap();
+    }
+
+    /// A kept bundle of another trust domain than `--trust-domain`, or one that does not
+    /// decode, stops the agent instead of being skipped for a weaker bootstrap.
+    #[test]
+    fn a_persisted_bundle_that_is_corrupt_or_of_another_trust_domain_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = test_ca("other.org");
+        write_bundle(dir.path(), "other.org", vec![root]);
+        let c = AgentConfig {
+            insecure_bootstrap: true,
+            trust_domain: Some("example.org".into()),
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        match bootstrap_verifier(&c, None) {
+            Err(Error::Config(why)) => assert!(
+                why.contains("is for trust domain other.org, expected example.org"),
+                "{why}"
+            ),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a bundle of another trust domain was used"),
+        }
+        std::fs::write(dir.path().join(BUNDLE_FILE), b"\xff\xff\xff").unwrap();
+        match bootstrap_verifier(&c, None) {
+            Err(Error::Config(why)) => assert!(why.contains("does not decode"), "{why}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a corrupt bundle was skipped"),
         }
     }
 
