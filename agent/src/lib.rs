@@ -106,6 +106,14 @@ fn load_persisted(dir: &Path, tpm_tcti: &str) -> Option<(AgentSvid, TrustBundle)
     if not_after <= now() + 30 {
         return None;
     }
+    // The key file is written before the SVID file: after a crash between the two, the
+    // key is not the one the SVID certifies, and every handshake would fail.
+    if !certifies(leaf, &key) {
+        tracing::warn!(
+            "the persisted agent SVID does not certify the persisted agent key; attesting again"
+        );
+        return None;
+    }
     Some((
         AgentSvid {
             chain,
@@ -115,6 +123,16 @@ fn load_persisted(dir: &Path, tpm_tcti: &str) -> Option<(AgentSvid, TrustBundle)
         },
         TrustBundle::from(&bundle),
     ))
+}
+
+/// Whether `leaf` certifies `key` (their SubjectPublicKeyInfo are the same).
+fn certifies(leaf: &[u8], key: &AgentKey) -> bool {
+    match (crate::svid::key_sha256(leaf), key.spki()) {
+        (Ok(certified), Ok(spki)) => {
+            certified == hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki))
+        }
+        _ => false,
+    }
 }
 
 fn forget_persisted(dir: &Path) {
@@ -1298,6 +1316,36 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("a corrupt bundle was skipped"),
         }
+    }
+
+    /// Renewal writes the new key before the new SVID: a crash between the two leaves a
+    /// key that the persisted SVID does not certify. Resuming with that pair would fail
+    /// every handshake with the server, at every restart, forever; it is not resumed.
+    #[test]
+    fn a_persisted_svid_for_another_key_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, issuer) = test_ca("example.org");
+        write_bundle(dir.path(), "example.org", vec![root]);
+        let old = KeyPair::generate().unwrap();
+        let leaf = test_leaf(
+            "spiffe://example.org/ztid/agent/join-token/x",
+            &old,
+            &issuer,
+        );
+        write_private(
+            &dir.path().join(SVID_FILE),
+            crate::svid::certs_to_pem([leaf.as_slice()]).as_bytes(),
+        )
+        .unwrap();
+        write_private(&dir.path().join(SOFTWARE_KEY_FILE), &old.serialize_der()).unwrap();
+        assert!(
+            load_persisted(dir.path(), "").is_some(),
+            "the matching pair resumes"
+        );
+        let new = AgentKey::generate_software().unwrap();
+        let (_, der) = new.persisted().unwrap();
+        write_private(&dir.path().join(SOFTWARE_KEY_FILE), &der).unwrap();
+        assert!(load_persisted(dir.path(), "").is_none());
     }
 
     #[test]
