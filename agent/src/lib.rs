@@ -916,6 +916,54 @@ pub(crate) fn bind_socket(path: &Path, dir_mode: u32) -> Result<tokio::net::Unix
     tokio::net::UnixListener::bind(path).map_err(Error::io(format!("binding {}", path.display())))
 }
 
+/// Creates the data directory if missing and makes it owner-only. It must belong to the
+/// agent's user, and every directory on its path (as given and as resolved) to root or
+/// to that user, not writable by group or others unless sticky (as /tmp): the bundle
+/// there pins the server, so whoever could swap it could become the agent's server.
+fn prepare_data_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    create_dirs(dir, DATA_DIR_MODE)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let given =
+        std::path::absolute(dir).map_err(Error::io(format!("resolving {}", dir.display())))?;
+    let real = dir
+        .canonicalize()
+        .map_err(Error::io(format!("resolving {}", dir.display())))?;
+    // The directory itself is checked for its owner below and then restricted.
+    for d in given.ancestors().skip(1).chain(real.ancestors().skip(1)) {
+        let m = std::fs::metadata(d).map_err(Error::io(format!("inspecting {}", d.display())))?;
+        let mode = m.mode();
+        if m.uid() != 0 && m.uid() != me {
+            return Err(Error::Config(format!(
+                "data directory {}: {} belongs to uid {}, who could replace the agent's key, SVID and trust bundle",
+                dir.display(),
+                d.display(),
+                m.uid()
+            )));
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(Error::Config(format!(
+                "data directory {}: {} is writable by group or others (mode {:o}) without the sticky bit, \
+                 so another user could replace the agent's key, SVID and trust bundle",
+                dir.display(),
+                d.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    let owner = std::fs::metadata(&real)
+        .map_err(Error::io(format!("inspecting {}", real.display())))?
+        .uid();
+    if owner != me {
+        return Err(Error::Config(format!(
+            "data directory {} belongs to uid {owner}, not to the agent's uid {me}",
+            dir.display()
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))
+        .map_err(Error::io(format!("restricting {}", dir.display())))
+}
+
 fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     let l = bind_socket(path, SOCKET_DIR_MODE)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
@@ -930,15 +978,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     // Container and systemd workload attestation, when configured (off by default).
     container::install(config.container_attestor()?);
     let servers = Servers::new(config.servers()?).await;
-    create_dirs(&config.data_dir, DATA_DIR_MODE)?;
-    std::fs::set_permissions(
-        &config.data_dir,
-        std::fs::Permissions::from_mode(DATA_DIR_MODE),
-    )
-    .map_err(Error::io(format!(
-        "restricting {}",
-        config.data_dir.display()
-    )))?;
+    prepare_data_dir(&config.data_dir)?;
 
     let configured_roots = match &config.trust_bundle {
         Some(p) => Some(crate::svid::certs_from_pem(
@@ -1346,6 +1386,67 @@ mod tests {
         let (_, der) = new.persisted().unwrap();
         write_private(&dir.path().join(SOFTWARE_KEY_FILE), &der).unwrap();
         assert!(load_persisted(dir.path(), "").is_none());
+    }
+
+    /// The data directory holds the key, the SVID and the bundle that pins the server:
+    /// another user who owns it, or a directory above it, could swap `bundle.pb` for
+    /// their own CA's (the agent would then take them for its server) or remove the
+    /// agent's files. Such a directory is refused, whatever its mode.
+    #[test]
+    fn a_data_dir_another_user_owns_or_could_replace_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give a directory to another uid");
+            return;
+        }
+        let stranger = 65534;
+        let tmp = tempfile::tempdir().unwrap();
+        // The data directory itself belongs to another user.
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(stranger), None).unwrap();
+        match prepare_data_dir(&theirs) {
+            Err(Error::Config(why)) => {
+                assert!(why.contains("belongs to uid 65534"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A directory above it belongs to another user (/tmp/ztid made by someone else).
+        let parent = tmp.path().join("ztid");
+        std::fs::create_dir(&parent).unwrap();
+        std::os::unix::fs::chown(&parent, Some(stranger), None).unwrap();
+        match prepare_data_dir(&parent.join("agent")) {
+            Err(Error::Config(why)) => {
+                assert!(why.contains("belongs to uid 65534"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A group-writable directory above it, not sticky.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        match prepare_data_dir(&open.join("agent")) {
+            Err(Error::Config(why)) => {
+                assert!(why.contains("writable by group or others"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A symlink to a stranger's directory.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        assert!(matches!(prepare_data_dir(&link), Err(Error::Config(_))));
+        // Ours, under directories only root and we may change: made and restricted,
+        // also when it was left open.
+        let loose = tmp.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
+        prepare_data_dir(&loose).unwrap();
+        let mode = std::fs::metadata(&loose).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, DATA_DIR_MODE);
+        let ours = tmp.path().join("ours").join("agent");
+        prepare_data_dir(&ours).unwrap();
+        let mode = std::fs::metadata(&ours).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, DATA_DIR_MODE);
     }
 
     #[test]
