@@ -53,6 +53,12 @@ const BUNDLE_FILE: &str = "bundle.pb";
 /// Entries per `SyncEntries` answer the agent asks for (the server's most): a large
 /// entry set comes in pages, each far below gRPC's 4 MiB message limit.
 const SYNC_PAGE_SIZE: u32 = 1000;
+/// The most entries one full sync may bring, and so its pages: the server is
+/// authenticated, but a bug (or a token that never ends) must not grow the agent
+/// without bound. Far above what a node serves (the bench's million entries are a
+/// whole cluster's).
+const MAX_SYNC_ENTRIES: usize = 1_000_000;
+const MAX_SYNC_PAGES: usize = MAX_SYNC_ENTRIES / SYNC_PAGE_SIZE as usize + 1;
 
 fn now() -> i64 {
     unix_seconds(std::time::SystemTime::now())
@@ -123,6 +129,38 @@ fn load_persisted(dir: &Path, tpm_tcti: &str) -> Option<(AgentSvid, TrustBundle)
         },
         TrustBundle::from(&bundle),
     ))
+}
+
+/// Checks a renewed agent SVID before it is kept: it chains to the agent's roots, names
+/// the agent's own ID and certifies the renewal's key. Anything else would be kept and
+/// then fail every handshake (another key), or make the agent another identity.
+fn check_renewed(
+    chain: &[Vec<u8>],
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    id: &str,
+    key: &AgentKey,
+) -> Result<(), Error> {
+    let certs: Vec<_> = chain
+        .iter()
+        .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+        .collect();
+    let named = crate::svid::verify_chain(
+        &certs,
+        roots,
+        rustls_pki_types::UnixTime::now(),
+        crate::svid::Usage::Client,
+    )?;
+    if named.to_string() != id {
+        return Err(Error::Protocol(format!(
+            "the renewed SVID names {named}, not this agent's {id}"
+        )));
+    }
+    match chain.first() {
+        Some(leaf) if certifies(leaf, key) => Ok(()),
+        _ => Err(Error::Protocol(
+            "the renewed SVID certifies another key than the renewal's CSR".into(),
+        )),
+    }
 }
 
 /// Whether `leaf` certifies `key` (their SubjectPublicKeyInfo are the same).
@@ -282,6 +320,12 @@ async fn attest_on(
                     )
                     .into());
                 }
+                if !certifies(leaf, &key) {
+                    return Err(Error::Protocol(
+                        "attestation result SVID certifies another key than the CSR's".into(),
+                    )
+                    .into());
+                }
                 let not_after = crate::svid::not_after(leaf)?;
                 return Ok((
                     AgentSvid {
@@ -310,6 +354,40 @@ fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
             .map(|td| td.trim_end_matches('/').to_string()),
         _ => None,
     })
+}
+
+/// Whether a bundle the server sent replaces the held one (of trust domain `own`, at
+/// `held_sequence`): a later one does, if it is of the same trust domain and holds X.509
+/// authorities. Only the authenticated server sends it, but it pins the server from
+/// then on, so anything else is refused (the reason) rather than taken.
+fn replaces_held(own: &str, held_sequence: u64, sent: &TrustBundle) -> Result<bool, String> {
+    if sent.sequence <= held_sequence {
+        return Ok(false);
+    }
+    if sent.trust_domain != own {
+        return Err(format!(
+            "a bundle of trust domain {:?}, not this agent's {own:?}",
+            sent.trust_domain
+        ));
+    }
+    if sent.x509_authorities.is_empty() {
+        return Err(format!(
+            "a bundle without X.509 authorities (sequence {})",
+            sent.sequence
+        ));
+    }
+    Ok(true)
+}
+
+/// Refuses a full entry sync whose server asks for another page past the bounds.
+fn sync_may_go_on(pages: usize, entries: usize) -> Result<(), tonic::Status> {
+    if pages >= MAX_SYNC_PAGES || entries >= MAX_SYNC_ENTRIES {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "a full entry sync went on past {pages} pages and {entries} entries; \
+             the agent takes at most {MAX_SYNC_ENTRIES} entries in {MAX_SYNC_PAGES} pages"
+        )));
+    }
+    Ok(())
 }
 
 /// The bundle kept in `dir` by an earlier attestation: `None` if there is none; an
@@ -482,6 +560,9 @@ impl Runtime {
             first.upserted.extend(page.upserted);
             token = page.next_page_token;
             pages += 1;
+            if !token.is_empty() {
+                sync_may_go_on(pages, first.upserted.len())?;
+            }
         }
         tracing::info!(
             entries = first.upserted.len(),
@@ -588,7 +669,12 @@ impl Runtime {
         }
         if let Some(b) = &resp.bundle {
             let b = TrustBundle::from(b);
-            if b.sequence > seq {
+            let own = self.bundle.borrow().trust_domain.clone();
+            let replaces = replaces_held(&own, seq, &b);
+            if let Err(why) = &replaces {
+                tracing::error!(reason = %why, "the server sent a bundle the agent does not take; kept the one held");
+            }
+            if replaces == Ok(true) {
                 if let Err(e) = self.set_bundle(b) {
                     tracing::error!(error = %e, "could not store the new bundle");
                 }
@@ -616,6 +702,12 @@ impl Runtime {
                 .svid_chain
                 .first()
                 .ok_or_else(|| Error::Protocol("renewal without an SVID".into()))?;
+            check_renewed(
+                &resp.svid_chain,
+                &self.roots.load(),
+                &self.svid.load().spiffe_id,
+                &key,
+            )?;
             AgentSvid {
                 not_after: crate::svid::not_after(leaf)?,
                 spiffe_id: crate::svid::spiffe_id_of_leaf(leaf)?.to_string(),
@@ -1461,5 +1553,81 @@ mod tests {
         assert_eq!(clock.due_at(&svid(b"leaf-2", 1_046), 1_016), 1_031);
         // An already expired SVID is due now.
         assert_eq!(clock.due_at(&svid(b"leaf-3", 900), 1_020), 1_020);
+    }
+
+    #[test]
+    fn a_bundle_update_of_another_trust_domain_or_without_roots_is_not_taken() {
+        let bundle = |td: &str, sequence: u64, roots: usize| TrustBundle {
+            trust_domain: td.into(),
+            sequence,
+            x509_authorities: vec![vec![1, 2, 3]; roots],
+            ..Default::default()
+        };
+        assert_eq!(
+            replaces_held("example.org", 3, &bundle("example.org", 4, 1)),
+            Ok(true)
+        );
+        assert_eq!(
+            replaces_held("example.org", 3, &bundle("example.org", 3, 1)),
+            Ok(false)
+        );
+        assert_eq!(
+            replaces_held("example.org", 3, &bundle("evil.test", 2, 1)),
+            Ok(false)
+        );
+        let other = replaces_held("example.org", 3, &bundle("evil.test", 9, 1)).unwrap_err();
+        assert!(other.contains("\"evil.test\", not this agent's"), "{other}");
+        let empty = replaces_held("example.org", 3, &bundle("example.org", 9, 0)).unwrap_err();
+        assert!(empty.contains("without X.509 authorities"), "{empty}");
+    }
+
+    #[test]
+    fn a_full_sync_stops_at_its_bounds() {
+        sync_may_go_on(1, 1000).unwrap();
+        sync_may_go_on(MAX_SYNC_PAGES - 1, MAX_SYNC_ENTRIES - 1).unwrap();
+        for (pages, entries) in [(MAX_SYNC_PAGES, 0), (2, MAX_SYNC_ENTRIES)] {
+            let e = sync_may_go_on(pages, entries).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                e.message().contains("the agent takes at most"),
+                "{}",
+                e.message()
+            );
+        }
+    }
+
+    /// A renewal answer is kept only if it chains to the agent's roots, names the agent
+    /// and certifies the renewal's key.
+    #[test]
+    fn a_renewed_svid_is_checked_before_it_is_kept() {
+        let (root, issuer) = test_ca("example.org");
+        let (_, other_issuer) = test_ca("example.org");
+        let roots = vec![rustls_pki_types::CertificateDer::from(root)];
+        let id = "spiffe://example.org/ztid/agent/join-token/x";
+        let key = AgentKey::generate_software().unwrap();
+        let (_, der) = key.persisted().unwrap();
+        let pair = KeyPair::try_from(der.as_slice()).unwrap();
+        let good = test_leaf(id, &pair, &issuer);
+        check_renewed(&[good], &roots, id, &key).unwrap();
+        // Another key, another ID, another CA: each refused, with why.
+        let stranger = KeyPair::generate().unwrap();
+        let cases = [
+            (test_leaf(id, &stranger, &issuer), "certifies another key"),
+            (
+                test_leaf(
+                    "spiffe://example.org/ztid/agent/join-token/y",
+                    &pair,
+                    &issuer,
+                ),
+                "not this agent's",
+            ),
+            (test_leaf(id, &pair, &other_issuer), "does not validate"),
+        ];
+        for (leaf, why) in cases {
+            let e = check_renewed(&[leaf], &roots, id, &key)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 }
