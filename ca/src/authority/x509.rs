@@ -190,6 +190,21 @@ impl X509Authority {
                 record.key_id, record.id
             )));
         }
+        // The certificate must carry that key too, or every leaf it signs fails to verify.
+        let cert_spki = {
+            use x509_parser::prelude::{FromDer, X509Certificate};
+            X509Certificate::from_der(&record.cert_der)
+                .map(|(_, c)| c.public_key().raw.to_vec())
+                .map_err(|e| {
+                    Error::Config(format!("certificate of authority {}: {e}", record.id))
+                })?
+        };
+        if cert_spki != record.public_key {
+            return Err(Error::Config(format!(
+                "the certificate of authority {} does not carry its key {}",
+                record.id, record.key_id
+            )));
+        }
         let issuer = Issuer::from_ca_cert_der(&record.cert_der.clone().into(), key)?;
         let chain_tail = Self::chain_tail_of(&record);
         Ok(Self {
@@ -291,5 +306,41 @@ impl X509Authority {
             serial: hex::encode(serial),
             not_after,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztid_hsm::SoftwareKeyManager;
+
+    #[test]
+    fn an_authority_whose_certificate_carries_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let km: Arc<dyn KeyManager> =
+            Arc::new(SoftwareKeyManager::open(dir.path().join("keys")).unwrap());
+        let create = || {
+            X509Authority::create(
+                km.clone(),
+                "example.org",
+                600,
+                1000,
+                AuthorityState::Active,
+                None,
+            )
+            .unwrap()
+        };
+        let (a, b) = (create(), create());
+        X509Authority::load(km.clone(), a.record().clone()).unwrap();
+        // A's key and key id, B's certificate.
+        let mut mixed = a.record().clone();
+        mixed.cert_der = b.cert_der().to_vec();
+        match X509Authority::load(km.clone(), mixed) {
+            Err(e @ Error::Config(_)) => {
+                assert!(e.to_string().contains("does not carry its key"), "{e}")
+            }
+            Err(e) => panic!("expected a config error, got {e}"),
+            Ok(_) => panic!("an authority whose certificate has another key loaded"),
+        }
     }
 }
