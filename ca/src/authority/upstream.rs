@@ -152,6 +152,31 @@ fn check_path(certs: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<i64> {
         .unwrap_or(i64::MIN))
 }
 
+/// Reads a private key file that others may not access (any `o` permission bit is
+/// refused, as for the PKCS#11 PIN file); mode and content come from one open file.
+fn read_private_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display().to_string();
+    let mut file =
+        std::fs::File::open(path).map_err(Error::io(format!("reading {shown}")))?;
+    let meta = file
+        .metadata()
+        .map_err(Error::io(format!("reading {shown}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(Error::Config(format!(
+            "upstream key {shown} is accessible to others (mode {mode:03o}): run `chmod 600 {shown}`, then start the server again"
+        )));
+    }
+    // Sized up front: a growing String would leave copies of the key behind.
+    let size = usize::try_from(meta.len()).unwrap_or(0);
+    let mut pem = zeroize::Zeroizing::new(String::with_capacity(size.saturating_add(1)));
+    file.read_to_string(&mut pem)
+        .map_err(Error::io(format!("reading {shown}")))?;
+    Ok(pem)
+}
+
 fn read_certs(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     let text =
         std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
@@ -176,10 +201,7 @@ impl Upstream {
         let cert_spki = parsed.public_key().raw.to_vec();
         let key = match (&cfg.key_file, &cfg.key_id) {
             (Some(path), None) => {
-                let pem = zeroize::Zeroizing::new(
-                    std::fs::read_to_string(path)
-                        .map_err(Error::io(format!("reading {}", path.display())))?,
-                );
+                let pem = read_private_file(path)?;
                 UpstreamKey::File(Box::new(rcgen::KeyPair::from_pem(&pem).map_err(|e| {
                     Error::Config(format!("upstream key {}: {e}", path.display()))
                 })?))
@@ -335,6 +357,27 @@ mod tests {
         let mid = ca("org issuing CA", BasicConstraints::Unconstrained, Some(&root));
         let e = config_error(load(dir.path(), &mid, &[&mid, &root], None));
         assert!(e.contains("pathLenConstraint 1"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_key_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = ca("root", BasicConstraints::Unconstrained, None);
+        load(dir.path(), &root, &[&root], None).unwrap();
+        let key_file = dir.path().join("upstream.key");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let km: Arc<dyn KeyManager> =
+            Arc::new(SoftwareKeyManager::open(dir.path().join("keys")).unwrap());
+        let e = config_error(Upstream::load(
+            &UpstreamConfig {
+                cert: dir.path().join("upstream.pem"),
+                key_file: Some(key_file),
+                key_id: None,
+                bundle: None,
+            },
+            &km,
+        ));
+        assert!(e.contains("accessible to others (mode 644)"), "{e}");
     }
 
     #[test]
