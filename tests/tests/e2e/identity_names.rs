@@ -341,6 +341,12 @@ impl OrgRoot {
         let cert_path = dir.join("org.pem");
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(dir.join("org.key"), key.serialize_pem()).unwrap();
+        // The server refuses an upstream key file others can read.
+        std::fs::set_permissions(
+            dir.join("org.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Self {
             cert,
             key,

@@ -25,6 +25,8 @@ fn org_root(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) 
     );
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
+    // The server refuses an upstream key file others can read.
+    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (c, k)
 }
 
