@@ -3,7 +3,11 @@
 //! `CKA_PRIVATE`, `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, so it never leaves the
 //! token; the server only ever holds object handles.
 //!
-//! Keys are found by `CKA_LABEL` = key id (`CKA_ID` carries the same bytes).
+//! Keys are found by `CKA_LABEL` = key id (`CKA_ID` carries the same bytes). Only a
+//! private key with `CKA_PRIVATE` true counts (no one can make one without the PIN),
+//! and its public half is the public key object with that label that verifies a
+//! signature the private key makes when it is first looked up (public objects need
+//! no PIN, so others with that label may exist).
 //! Signing hashes the message with SHA-256 here and asks the token for `CKM_ECDSA`
 //! over the digest, which returns fixed-width `r || s`; [`crate::fixed_to_der`]
 //! converts it for X.509.
@@ -205,6 +209,53 @@ impl Pkcs11KeyManager {
             .map_err(ck_err("finding objects"))
     }
 
+    /// The private keys labelled `key_id` that only a logged-in user can have made:
+    /// `CKA_PRIVATE` true. A public private-key object can be created in a session
+    /// that never logged in, by anyone who reaches the token without the PIN, and its
+    /// value may be readable: it is never one of ours.
+    fn find_private(session: &Session, key_id: &str) -> Result<Vec<ObjectHandle>> {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(key_id.as_bytes().to_vec()),
+            ])
+            .map_err(ck_err("finding objects"))
+    }
+
+    /// Among the public key objects labelled `key_id` (public objects need no PIN to
+    /// create, so some may be planted), the one that verifies a signature the private
+    /// key makes now.
+    fn matching_public(
+        session: &Session,
+        key_id: &str,
+        private: ObjectHandle,
+    ) -> Result<PublicKey> {
+        use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+        const CHALLENGE: &[u8] = b"ztid-hsm: does this public key belong to this private key?";
+        let digest = ring::digest::digest(&ring::digest::SHA256, CHALLENGE);
+        let sig = session
+            .sign(&Mechanism::Ecdsa, private, digest.as_ref())
+            .map_err(ck_err("signing the key pairing check"))?;
+        for handle in Self::find(session, ObjectClass::PUBLIC_KEY, key_id)? {
+            let Ok(public) = Self::public_of(session, key_id, handle) else {
+                continue;
+            };
+            if UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &public.raw)
+                .verify(CHALLENGE, &sig)
+                .is_ok()
+            {
+                return Ok(public);
+            }
+        }
+        Err(Error::Corrupt {
+            id: key_id.to_string(),
+            reason: "no public key object in the token belongs to the private key".into(),
+        })
+    }
+
     fn public_of(session: &Session, key_id: &str, handle: ObjectHandle) -> Result<PublicKey> {
         let attrs = session
             .get_attributes(handle, &[AttributeType::EcParams, AttributeType::EcPoint])
@@ -248,7 +299,7 @@ impl Pkcs11KeyManager {
             return Ok(k.clone());
         }
         let key = self.with_session(|s| {
-            let private = match Self::find(s, ObjectClass::PRIVATE_KEY, key_id)?[..] {
+            let private = match Self::find_private(s, key_id)?[..] {
                 [] => return Err(Error::NotFound(key_id.to_string())),
                 [h] => h,
                 _ => {
@@ -258,15 +309,7 @@ impl Pkcs11KeyManager {
                     })
                 }
             };
-            let public = match Self::find(s, ObjectClass::PUBLIC_KEY, key_id)?.first() {
-                Some(h) => Self::public_of(s, key_id, *h)?,
-                None => {
-                    return Err(Error::Corrupt {
-                        id: key_id.to_string(),
-                        reason: "the token holds the private key but no public key object".into(),
-                    })
-                }
-            };
+            let public = Self::matching_public(s, key_id, private)?;
             Ok(TokenKey { private, public })
         })?;
         let key = Arc::new(key);
@@ -345,9 +388,11 @@ impl KeyManager for Pkcs11KeyManager {
             .lock()
             .map_err(|_| Error::Crypto("lock poisoned"))?;
         let key = self.with_session(|s| {
-            if !Self::find(s, ObjectClass::PRIVATE_KEY, key_id)?.is_empty()
-                || !Self::find(s, ObjectClass::PUBLIC_KEY, key_id)?.is_empty()
-            {
+            // Any object under the label, ours or not, makes the id taken.
+            let taken = s
+                .find_objects(&[Attribute::Label(key_id.as_bytes().to_vec())])
+                .map_err(ck_err("finding objects"))?;
+            if !taken.is_empty() {
                 return Err(Error::AlreadyExists(key_id.to_string()));
             }
             let label = key_id.as_bytes().to_vec();
@@ -442,6 +487,8 @@ impl KeyManager for Pkcs11KeyManager {
                 .find_objects(&[
                     Attribute::Class(ObjectClass::PRIVATE_KEY),
                     Attribute::KeyType(KeyType::EC),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
                 ])
                 .map_err(ck_err("finding objects"))?;
             let mut ids = Vec::new();
@@ -476,7 +523,7 @@ impl KeyManager for Pkcs11KeyManager {
             .map_err(|_| Error::Crypto("lock poisoned"))?;
         self.forget(key_id);
         self.with_session(|s| {
-            let mut objects = Self::find(s, ObjectClass::PRIVATE_KEY, key_id)?;
+            let mut objects = Self::find_private(s, key_id)?;
             if objects.is_empty() {
                 return Err(Error::NotFound(key_id.to_string()));
             }

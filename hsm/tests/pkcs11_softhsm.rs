@@ -39,6 +39,8 @@ const TOKENS: &[&str] = &[
     "ztid-attrs",
     "ztid-wrongpin",
     "ztid-threads",
+    "ztid-planted",
+    "ztid-planted-pub",
 ];
 
 /// The process's SoftHSM2 setup: config file, token directory, initialised tokens.
@@ -78,6 +80,53 @@ fn raw_session(token: &str) -> Session {
         Err(e) => panic!("login: {e}"),
     }
     s
+}
+
+/// A session on `token` that never logs in: what anyone who can reach the token but
+/// does not know the PIN gets (run in a process of its own: login state is shared by
+/// every session of a process, whose `SOFTHSM2_CONF` must already name the tokens).
+fn public_session(token: &str) -> Session {
+    let ctx = Pkcs11::new(module()).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token)
+        .expect("token present");
+    ctx.open_rw_session(slot).unwrap()
+}
+
+/// DER prime256v1, as CKA_EC_PARAMS carries it.
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// A public (CKA_PRIVATE false) EC key pair with `label`, its private value readable.
+fn plant_pair(s: &Session, label: &str) -> (ObjectHandle, ObjectHandle) {
+    let l = label.as_bytes().to_vec();
+    s.generate_key_pair(
+        &Mechanism::EccKeyPairGen,
+        &[
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(P256.to_vec()),
+            Attribute::Label(l.clone()),
+            Attribute::Id(l.clone()),
+        ],
+        &[
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Sign(true),
+            Attribute::Label(l.clone()),
+            Attribute::Id(l),
+        ],
+    )
+    .unwrap()
 }
 
 fn objects(s: &Session, class: ObjectClass, label: &str) -> Vec<ObjectHandle> {
@@ -359,5 +408,93 @@ fn concurrent_signing_from_many_threads() {
         .collect();
     for t in threads {
         t.join().expect("signing thread");
+    }
+}
+
+/// The planter: another process on this machine that reaches the token but lacks the
+/// PIN. Run by `a_key_pair_planted_without_the_pin_is_not_a_ztid_key` as a child.
+#[test]
+#[ignore = "run as a child process by a_key_pair_planted_without_the_pin_is_not_a_ztid_key"]
+fn plant_a_key_pair_without_the_pin() {
+    let Ok(conf) = std::env::var("ZTID_TEST_PLANT_CONF") else {
+        return;
+    };
+    std::env::set_var("SOFTHSM2_CONF", conf);
+    let s = public_session("ztid-planted");
+    let (_, private) = plant_pair(&s, "audit-planted");
+    // The planter knows the private key: the object is public and extractable.
+    let value = s.get_attributes(private, &[AttributeType::Value]).unwrap();
+    assert!(matches!(&value[..], [Attribute::Value(v)] if v.len() == 32));
+}
+
+#[test]
+fn a_key_pair_planted_without_the_pin_is_not_a_ztid_key() {
+    let dir = softhsm();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "plant_a_key_pair_without_the_pin", "--ignored"])
+        .env("ZTID_TEST_PLANT_CONF", dir.join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the planter: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let km = open("ztid-planted");
+    assert!(
+        matches!(km.public_key("audit-planted"), Err(Error::NotFound(_))),
+        "a key anyone could have made must not be taken for one of ours"
+    );
+    assert!(matches!(
+        km.sign("audit-planted", b"audit head", SignatureFormat::Der),
+        Err(Error::NotFound(_))
+    ));
+    assert!(!km.list().unwrap().contains(&"audit-planted".to_string()));
+    // Its label stays taken: no genuine key is made beside it under the same id.
+    let public = km.generate("audit-planted", KeyAlgorithm::EcdsaP256);
+    assert!(
+        matches!(public, Err(Error::AlreadyExists(_))),
+        "generate keeps refusing a taken label: {public:?}"
+    );
+}
+
+#[test]
+fn public_keys_planted_beside_a_genuine_key_are_not_reported() {
+    let km = open("ztid-planted-pub");
+    let genuine = km.generate("x509-ca-planted", KeyAlgorithm::EcdsaP256).unwrap();
+    // Public objects need no PIN: plant several public keys under the same label.
+    let s = raw_session("ztid-planted-pub");
+    let rng = ring::rand::SystemRandom::new();
+    for _ in 0..8 {
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let k = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng)
+            .unwrap();
+        let mut point = vec![0x04, 0x41];
+        point.extend_from_slice(k.public_key().as_ref());
+        s.create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(cryptoki::object::KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(P256.to_vec()),
+            Attribute::EcPoint(point),
+            Attribute::Label(b"x509-ca-planted".to_vec()),
+            Attribute::Id(b"x509-ca-planted".to_vec()),
+        ])
+        .unwrap();
+    }
+    // A restarted server looks the key up again.
+    for _ in 0..4 {
+        let km = open("ztid-planted-pub");
+        assert_eq!(
+            km.public_key("x509-ca-planted").unwrap(),
+            genuine,
+            "the public key reported must be the private key's own"
+        );
+        verify_both_formats(&km, "x509-ca-planted", &genuine.raw, b"tbs");
     }
 }
