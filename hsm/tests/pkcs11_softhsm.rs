@@ -463,15 +463,17 @@ fn a_key_pair_planted_without_the_pin_is_not_a_ztid_key() {
 #[test]
 fn public_keys_planted_beside_a_genuine_key_are_not_reported() {
     let km = open("ztid-planted-pub");
-    let genuine = km.generate("x509-ca-planted", KeyAlgorithm::EcdsaP256).unwrap();
+    let genuine = km
+        .generate("x509-ca-planted", KeyAlgorithm::EcdsaP256)
+        .unwrap();
     // Public objects need no PIN: plant several public keys under the same label.
     let s = raw_session("ztid-planted-pub");
     let rng = ring::rand::SystemRandom::new();
     for _ in 0..8 {
         use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
         let pk8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let k = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng)
-            .unwrap();
+        let k =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk8.as_ref(), &rng).unwrap();
         let mut point = vec![0x04, 0x41];
         point.extend_from_slice(k.public_key().as_ref());
         s.create_object(&[

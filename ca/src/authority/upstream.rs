@@ -158,8 +158,7 @@ fn read_private_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display().to_string();
-    let mut file =
-        std::fs::File::open(path).map_err(Error::io(format!("reading {shown}")))?;
+    let mut file = std::fs::File::open(path).map_err(Error::io(format!("reading {shown}")))?;
     let meta = file
         .metadata()
         .map_err(Error::io(format!("reading {shown}")))?;
@@ -284,7 +283,12 @@ mod tests {
         }
     }
 
-    fn load(dir: &std::path::Path, upstream: &Ca, file: &[&Ca], bundle: Option<&[&Ca]>) -> Result<Upstream> {
+    fn load(
+        dir: &std::path::Path,
+        upstream: &Ca,
+        file: &[&Ca],
+        bundle: Option<&[&Ca]>,
+    ) -> Result<Upstream> {
         let pems = |cas: &[&Ca]| cas.iter().map(|c| c.pem.clone()).collect::<String>();
         let cert = dir.join("upstream.pem");
         std::fs::write(&cert, pems(file)).unwrap();
@@ -320,7 +324,11 @@ mod tests {
     fn a_chain_that_reaches_its_root_loads() {
         let dir = tempfile::tempdir().unwrap();
         let root = ca("root", BasicConstraints::Unconstrained, None);
-        let mid = ca("org issuing CA", BasicConstraints::Constrained(1), Some(&root));
+        let mid = ca(
+            "org issuing CA",
+            BasicConstraints::Constrained(1),
+            Some(&root),
+        );
         let u = load(dir.path(), &mid, &[&mid, &root], None).unwrap();
         assert_eq!(u.chain, vec![mid.der.clone()]);
         assert_eq!(u.roots, vec![root.der.clone()]);
@@ -334,7 +342,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = ca("root", BasicConstraints::Unconstrained, None);
         let other = ca("someone else's root", BasicConstraints::Unconstrained, None);
-        let mid = ca("org issuing CA", BasicConstraints::Unconstrained, Some(&root));
+        let mid = ca(
+            "org issuing CA",
+            BasicConstraints::Unconstrained,
+            Some(&root),
+        );
         // The file's root is not the one that signed the upstream CA: the bundle would
         // publish a root that anchors nothing ztid issues.
         let e = config_error(load(dir.path(), &mid, &[&mid, &other], None));
@@ -349,12 +361,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = ca("root", BasicConstraints::Unconstrained, None);
         // pathLen 0: it may sign leaves only, not ztid's intermediate CA.
-        let mid = ca("org issuing CA", BasicConstraints::Constrained(0), Some(&root));
+        let mid = ca(
+            "org issuing CA",
+            BasicConstraints::Constrained(0),
+            Some(&root),
+        );
         let e = config_error(load(dir.path(), &mid, &[&mid, &root], None));
         assert!(e.contains("pathLenConstraint 0"), "{e}");
         // A root with pathLen 1 above it leaves no room either (mid + ztid's CA = 2).
         let root = ca("root", BasicConstraints::Constrained(1), None);
-        let mid = ca("org issuing CA", BasicConstraints::Unconstrained, Some(&root));
+        let mid = ca(
+            "org issuing CA",
+            BasicConstraints::Unconstrained,
+            Some(&root),
+        );
         let e = config_error(load(dir.path(), &mid, &[&mid, &root], None));
         assert!(e.contains("pathLenConstraint 1"), "{e}");
     }
@@ -389,8 +409,15 @@ mod tests {
         let cert = root.params.self_signed(&root.key).unwrap();
         root.der = cert.der().to_vec();
         root.pem = cert.pem();
-        let mid = ca("org issuing CA", BasicConstraints::Unconstrained, Some(&root));
+        let mid = ca(
+            "org issuing CA",
+            BasicConstraints::Unconstrained,
+            Some(&root),
+        );
         let u = load(dir.path(), &mid, &[&mid, &root], None).unwrap();
-        assert_eq!(u.not_after, 1_893_456_000, "the root's notAfter, 2030-01-01");
+        assert_eq!(
+            u.not_after, 1_893_456_000,
+            "the root's notAfter, 2030-01-01"
+        );
     }
 }
