@@ -351,6 +351,16 @@ mod tests {
     }
 
     /// The refusal detail, asserting the refusal is `Banned`.
+    /// Every hardware identifier recorded with a ban, and the banned agent.
+    fn recorded_bans(core: &CaCore) -> Vec<(String, String)> {
+        core.store
+            .list_hardware_bans()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.identifier, b.agent))
+            .collect()
+    }
+
     fn banned_reason(e: Error) -> String {
         assert_eq!(e.refusal_kind(), Some(RefusalKind::Banned), "{e}");
         e.to_string()
@@ -428,15 +438,8 @@ mod tests {
         let (rec, _) = core.complete_attestation(&tpm, &fresh_csr()).unwrap();
         assert_eq!(rec.aliases, vec!["spiffe://example.org/nodes/secure-boot"]);
         core.ban_agent(&rec.spiffe_id).unwrap();
-        let recorded: Vec<(String, String)> = core
-            .store
-            .list_hardware_bans()
-            .unwrap()
-            .into_iter()
-            .map(|b| (b.identifier, b.agent))
-            .collect();
         assert_eq!(
-            recorded,
+            recorded_bans(&core),
             vec![(format!("tpm:ek-hash:{ek}"), rec.spiffe_id.clone())]
         );
 
@@ -619,15 +622,8 @@ mod tests {
             .complete_attestation(&sev_snp_with_vtpm(1, &ek), &fresh_csr())
             .unwrap();
         core.ban_agent(&rec.spiffe_id).unwrap();
-        let recorded: Vec<(String, String)> = core
-            .store
-            .list_hardware_bans()
-            .unwrap()
-            .into_iter()
-            .map(|b| (b.identifier, b.agent))
-            .collect();
         assert_eq!(
-            recorded,
+            recorded_bans(&core),
             vec![(format!("tpm:ek-hash:{ek}"), rec.spiffe_id.clone())]
         );
 

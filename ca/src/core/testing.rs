@@ -9,6 +9,17 @@ use super::{AuthenticatedAgent, CaCore};
 /// join_token/n1`): the directory (keep it alive), the core, the agent's leaf
 /// certificate and the agent as the node API authenticates it.
 pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
+    let (dir, core) = empty_core();
+    let csr = fresh_csr();
+    let (_, leaf) = core.complete_attestation(&test_node(), &csr).unwrap();
+    let leaf = leaf.chain.first().unwrap().clone();
+    let agent = core.authenticate_agent(Some(&leaf)).unwrap();
+    (dir, core, leaf, agent)
+}
+
+/// A server of `example.org` with default settings and nothing in it: the directory
+/// (keep it alive) and the core.
+pub(crate) fn empty_core() -> (tempfile::TempDir, Arc<CaCore>) {
     let dir = tempfile::tempdir().unwrap();
     let core = CaCore::open(crate::config::ServerConfig {
         trust_domain: "example.org".into(),
@@ -16,11 +27,7 @@ pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, Aut
         ..Default::default()
     })
     .unwrap();
-    let csr = fresh_csr();
-    let (_, leaf) = core.complete_attestation(&test_node(), &csr).unwrap();
-    let leaf = leaf.chain.first().unwrap().clone();
-    let agent = core.authenticate_agent(Some(&leaf)).unwrap();
-    (dir, core, leaf, agent)
+    (dir, core)
 }
 
 /// The node [`core_with_agent`] attests (again, for a fresh agent SVID).

@@ -426,16 +426,7 @@ mod tests {
     const PEER: &str = "b.test";
     const PEER_ENDPOINT_ID: &str = "spiffe://b.test/endpoint";
 
-    fn core() -> (tempfile::TempDir, Arc<CaCore>) {
-        let dir = tempfile::tempdir().unwrap();
-        let core = CaCore::open(crate::config::ServerConfig {
-            trust_domain: "example.org".into(),
-            data_dir: dir.path().into(),
-            ..Default::default()
-        })
-        .unwrap();
-        (dir, core)
-    }
+    use crate::core::testing::empty_core as core;
 
     /// A peer trust domain's CA (its bundle) and a bundle endpoint certificate it signed.
     struct Peer {
@@ -529,6 +520,28 @@ mod tests {
         (url, asked_rx, release_tx)
     }
 
+    /// A relationship with `p`, created, and a poll of it whose endpoint has been asked
+    /// and holds its answer (sequence 7) until `release` fires: the relationship's URL,
+    /// the poll and `release`.
+    async fn poll_held_at_its_endpoint(
+        core: &Arc<CaCore>,
+        p: &Peer,
+    ) -> (
+        String,
+        tokio::task::JoinHandle<Result<(TrustBundle, Stored)>>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
+        core.create_federation(relationship(&url, p), "test")
+            .unwrap();
+        let poll = tokio::spawn({
+            let core = core.clone();
+            async move { core.refresh_federation(PEER).await }
+        });
+        asked.await.unwrap();
+        (url, poll, release)
+    }
+
     fn relationship(url: &str, p: &Peer) -> FederationRecord {
         FederationRecord {
             trust_domain: PEER.into(),
@@ -544,14 +557,7 @@ mod tests {
     async fn a_fetch_in_flight_when_its_relationship_is_deleted_stores_nothing() {
         let (_dir, core) = core();
         let p = peer();
-        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
-        core.create_federation(relationship(&url, &p), "test")
-            .unwrap();
-        let poll = tokio::spawn({
-            let core = core.clone();
-            async move { core.refresh_federation(PEER).await }
-        });
-        asked.await.unwrap();
+        let (_, poll, release) = poll_held_at_its_endpoint(&core, &p).await;
         // The operator cuts the peer off while its endpoint holds the poll's answer.
         core.delete_federation(PEER, "test").unwrap();
         release.send(()).unwrap();
@@ -573,14 +579,7 @@ mod tests {
     async fn a_fetch_in_flight_when_its_relationship_is_replaced_neither_stores_nor_reverts() {
         let (_dir, core) = core();
         let p = peer();
-        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
-        core.create_federation(relationship(&url, &p), "test")
-            .unwrap();
-        let poll = tokio::spawn({
-            let core = core.clone();
-            async move { core.refresh_federation(PEER).await }
-        });
-        asked.await.unwrap();
+        let (url, poll, release) = poll_held_at_its_endpoint(&core, &p).await;
         // The operator moves the relationship to another endpoint meanwhile.
         let moved = FederationRecord {
             bundle_endpoint_url: "https://127.0.0.1:9/".into(),
@@ -615,14 +614,7 @@ mod tests {
     async fn an_undisturbed_fetch_stores_the_bundle_and_records_the_poll() {
         let (_dir, core) = core();
         let p = peer();
-        let (url, asked, release) = held_endpoint(p.tls.clone(), bundle_json(&p.ca_der, 7)).await;
-        core.create_federation(relationship(&url, &p), "test")
-            .unwrap();
-        let poll = tokio::spawn({
-            let core = core.clone();
-            async move { core.refresh_federation(PEER).await }
-        });
-        asked.await.unwrap();
+        let (_, poll, release) = poll_held_at_its_endpoint(&core, &p).await;
         release.send(()).unwrap();
         let (b, stored) = poll.await.unwrap().unwrap();
         assert_eq!(stored, Stored::Updated);
