@@ -1693,6 +1693,57 @@ fn postgres_url_rules() {
     assert_eq!(s.count_entries().unwrap(), 0);
 }
 
+/// Any role that may connect to the database may `NOTIFY ztid_changes` (PostgreSQL has
+/// no privilege on notification channels). A flood of them from such a role must not
+/// overrun a subscriber (which it takes as "anything may have changed": every agent
+/// told to sync) nor reach it more than once per topic per coalescing window; and a real
+/// change after the flood still reaches it.
+#[test]
+fn postgres_forged_notification_flood_is_coalesced() {
+    let pg = shared_postgres();
+    let (url, database) = fresh_named_database(&pg);
+    let store = connect(&url, pg.password(), "server-0");
+    let mut rx = store.subscribe_changes();
+    drain(&mut rx);
+    // A role with nothing granted, as a monitoring or another application's role would
+    // be: connecting is all it needs (PUBLIC may connect to a new database).
+    pg.psql_in(
+        &database,
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mallory') THEN \
+         CREATE ROLE mallory LOGIN PASSWORD 'mallory-pw'; END IF; END $$",
+    );
+    // Each COMMIT sends its notifications (duplicates merge only within a transaction).
+    pg.psql_as(
+        "mallory",
+        "mallory-pw",
+        &database,
+        "DO $$ BEGIN FOR i IN 1..2000 LOOP \
+         PERFORM pg_notify('ztid_changes', 'agents'); COMMIT; END LOOP; END $$",
+    );
+    // Let the listener take everything in (and pass on any held topic).
+    std::thread::sleep(Duration::from_secs(1));
+    let mut received = 0;
+    loop {
+        match rx.try_recv() {
+            Ok(t) => {
+                assert_eq!(t, ChangeTopic::Agents);
+                received += 1;
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(e) => panic!("the flood overran the subscriber: {e:?}"),
+        }
+    }
+    assert!(
+        (1..=16).contains(&received),
+        "2000 forged notifications reached the subscriber {received} times"
+    );
+    // Coalescing never drops: a real change right after still arrives.
+    store
+        .put_agent(&agent("spiffe://td/agent/after", "01"))
+        .unwrap();
+    assert!(wait_for_topic(&mut rx, ChangeTopic::Agents));
+}
+
 fn db_name(url: &str) -> &str {
     &url[url.rfind('/').unwrap() + 1..url.find('?').unwrap_or(url.len())]
 }

@@ -476,6 +476,22 @@ impl TestPostgres {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Runs SQL as `role` (its password `password`) in `database`, over TCP like the
+    /// code under test, and returns psql's unaligned, tuples-only output, trimmed.
+    pub fn psql_as(&self, role: &str, password: &str, database: &str, sql: &str) -> String {
+        let out = check(
+            "psql",
+            Command::new(psql(&self.bin))
+                .env("PGPASSWORD", password)
+                .env("PGSSLMODE", "prefer")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", role, "-d", database])
+                .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-A", "-t", "-c", sql])
+                .output(),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Runs SQL as the superuser in the test database and returns psql's unaligned,
     /// tuples-only output, trimmed (one row a line, columns split by `|`).
     pub fn psql(&self, sql: &str) -> String {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 
 use super::url::Target;
@@ -45,6 +46,71 @@ async fn session(
     Ok((client, rx))
 }
 
+/// How often one topic is passed on at most. Any role that may connect to the database
+/// may `NOTIFY ztid_changes` (PostgreSQL has no privilege on notification channels), and
+/// every notification makes every server do work (an `agents` one makes each agent
+/// stream check its agent again); a flood of them would also overrun the subscribers'
+/// queue, which subscribers take as "anything may have changed" (every agent told to
+/// sync). So a topic seen again within this window is held and passed on once at its
+/// end: never dropped, never more often than this, whoever sends them.
+pub(super) const COALESCE_WINDOW: Duration = Duration::from_millis(250);
+
+/// Per topic: when it was last passed on, and whether one is held until the window
+/// ends.
+#[derive(Default)]
+struct Coalescer {
+    sent: [Option<Instant>; ChangeTopic::ALL.len()],
+    held: [bool; ChangeTopic::ALL.len()],
+}
+
+impl Coalescer {
+    fn index(t: ChangeTopic) -> usize {
+        ChangeTopic::ALL
+            .iter()
+            .position(|a| *a == t)
+            .unwrap_or_default()
+    }
+
+    /// Whether to pass `t` on now; if not, it is held for [`Self::due`].
+    fn offer(&mut self, t: ChangeTopic, now: Instant) -> bool {
+        let i = Self::index(t);
+        match self.sent[i] {
+            Some(at) if now < at + COALESCE_WINDOW => {
+                self.held[i] = true;
+                false
+            }
+            _ => {
+                self.sent[i] = Some(now);
+                true
+            }
+        }
+    }
+
+    /// When the earliest held topic is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.sent
+            .iter()
+            .zip(&self.held)
+            .filter(|(_, held)| **held)
+            .filter_map(|(sent, _)| sent.map(|at| at + COALESCE_WINDOW))
+            .min()
+    }
+
+    /// The held topics due at `now`, marked sent.
+    fn due(&mut self, now: Instant) -> Vec<ChangeTopic> {
+        let mut out = Vec::new();
+        for (i, t) in ChangeTopic::ALL.iter().enumerate() {
+            let ready = self.sent[i].is_none_or(|at| now >= at + COALESCE_WINDOW);
+            if self.held[i] && ready {
+                self.held[i] = false;
+                self.sent[i] = Some(now);
+                out.push(*t);
+            }
+        }
+        out
+    }
+}
+
 /// Listens for change notifications for as long as the store's runtime runs,
 /// reconnecting after the database went away. After every (re)connection it sends every
 /// topic: whatever happened while it was not listening is unknown. `ready` learns how
@@ -75,9 +141,27 @@ pub(super) async fn listen(
                 for t in ChangeTopic::ALL {
                     let _ = changes.send(t);
                 }
-                while let Some(n) = rx.recv().await {
+                let mut gate = Coalescer::default();
+                loop {
+                    let received = match gate.next_due() {
+                        Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                            Ok(received) => received,
+                            Err(_) => {
+                                for t in gate.due(Instant::now()) {
+                                    let _ = changes.send(t);
+                                }
+                                continue;
+                            }
+                        },
+                        None => rx.recv().await,
+                    };
+                    // None: the session ended; every topic is sent after reconnecting,
+                    // held ones included.
+                    let Some(n) = received else { break };
                     if let Some(t) = ChangeTopic::parse(n.payload()) {
-                        let _ = changes.send(t);
+                        if gate.offer(t, Instant::now()) {
+                            let _ = changes.send(t);
+                        }
                     }
                 }
                 // The session ended (the database restarted or the network failed).
@@ -141,6 +225,27 @@ pub(super) async fn try_leader(target: &Target, name: &str) -> Result<Option<Lea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_is_passed_on_at_most_once_a_window_and_never_dropped() {
+        let t0 = Instant::now();
+        let mut g = Coalescer::default();
+        assert!(g.offer(ChangeTopic::Agents, t0), "the first goes at once");
+        assert!(g.offer(ChangeTopic::Entries, t0), "topics are apart");
+        for _ in 0..1000 {
+            assert!(!g.offer(ChangeTopic::Agents, t0 + Duration::from_millis(10)));
+        }
+        assert_eq!(g.next_due(), Some(t0 + COALESCE_WINDOW));
+        assert!(g.due(t0 + Duration::from_millis(100)).is_empty());
+        assert_eq!(
+            g.due(t0 + COALESCE_WINDOW),
+            vec![ChangeTopic::Agents],
+            "held, passed on once"
+        );
+        assert_eq!(g.next_due(), None);
+        let later = t0 + COALESCE_WINDOW * 3;
+        assert!(g.offer(ChangeTopic::Agents, later), "a quiet topic goes at once");
+    }
 
     #[test]
     fn leader_keys_differ_by_name() {
