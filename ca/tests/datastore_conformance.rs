@@ -1744,6 +1744,55 @@ fn postgres_forged_notification_flood_is_coalesced() {
     assert!(wait_for_topic(&mut rx, ChangeTopic::Agents));
 }
 
+/// On PostgreSQL 14 (which the README supports) every role may create tables in schema
+/// `public`. A role that gets to a new database before the first ztid-server does can
+/// create the ztid tables itself, owned by it, record the migrations as done, and keep
+/// reading and rewriting everything the servers store in them (entries, agents). A
+/// server must refuse tables it does not own.
+#[test]
+fn postgres_refuses_tables_another_role_owns() {
+    let pg = shared_postgres();
+    let (url, database) = fresh_named_database(&pg);
+    // PostgreSQL 14's default for schema public.
+    pg.psql_in(
+        &database,
+        "GRANT CREATE ON SCHEMA public TO PUBLIC; \
+         DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mallory') THEN \
+         CREATE ROLE mallory LOGIN PASSWORD 'mallory-pw'; END IF; END $$",
+    );
+    let mut sql = String::from(
+        "CREATE TABLE ztid_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, \
+         applied_at timestamptz NOT NULL DEFAULT now());",
+    );
+    for m in [
+        include_str!("../src/datastore/postgres/migrations/0001_initial.sql"),
+        include_str!("../src/datastore/postgres/migrations/0002_grants_revocations.sql"),
+        include_str!("../src/datastore/postgres/migrations/0003_admin_revocations.sql"),
+        include_str!("../src/datastore/postgres/migrations/0004_hardware_bans.sql"),
+    ] {
+        sql.push_str(m);
+        sql.push('\n');
+    }
+    sql.push_str(
+        "INSERT INTO ztid_schema_migrations (version, name) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd'); \
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;",
+    );
+    pg.psql_as("mallory", "mallory-pw", &database, &sql);
+    let r = PgStore::connect(PgOptions::new(
+        url.as_str(),
+        Some(pg.password().to_string()),
+        "server-0",
+    ));
+    match r {
+        Err(Error::Store(StoreError::Database(m))) => {
+            assert!(m.contains("owned by another role"), "{m}");
+            assert!(m.contains("ztid_agents"), "names the tables: {m}");
+        }
+        Err(e) => panic!("not a database refusal: {e}"),
+        Ok(_) => panic!("the server used tables another role owns"),
+    }
+}
+
 fn db_name(url: &str) -> &str {
     &url[url.rfind('/').unwrap() + 1..url.find('?').unwrap_or(url.len())]
 }

@@ -79,6 +79,33 @@ pub(super) async fn migrate(client: &mut Client) -> Result<i32> {
         .map_err(db("schema version"))?
         .try_get(0)
         .map_err(db("schema version"))?;
+    // A table of ours that another role owns (one that could create tables in this
+    // schema before the first server ran: every role can in PostgreSQL 14's `public`)
+    // stays readable and writable by that role, grants or not: refuse it.
+    let foreign: Vec<String> = tx
+        .query(
+            "SELECT c.relname::text FROM pg_catalog.pg_class c \
+             WHERE c.relname LIKE 'ztid\\_%' AND c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+             AND pg_catalog.pg_table_is_visible(c.oid) \
+             AND NOT pg_catalog.pg_has_role(current_user, c.relowner, 'MEMBER') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(db("schema ownership"))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(db("schema ownership"))?;
+    if !foreign.is_empty() {
+        return Err(Error::Store(StoreError::Database(format!(
+            "PostgreSQL: the tables {} are owned by another role than this server's: \
+             refusing them (whoever owns them can read and rewrite everything in them); \
+             drop them, or give the server a database where only its role may create \
+             tables (REVOKE CREATE ON SCHEMA public FROM PUBLIC)",
+            foreign.join(", ")
+        ))));
+    }
     let known = known_version();
     if found > known {
         return Err(Error::Store(StoreError::Database(format!(
