@@ -244,7 +244,10 @@ mod tests {
         );
         assert_eq!(g.next_due(), None);
         let later = t0 + COALESCE_WINDOW * 3;
-        assert!(g.offer(ChangeTopic::Agents, later), "a quiet topic goes at once");
+        assert!(
+            g.offer(ChangeTopic::Agents, later),
+            "a quiet topic goes at once"
+        );
     }
 
     #[test]
