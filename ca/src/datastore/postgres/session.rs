@@ -55,32 +55,43 @@ async fn session(
 /// end: never dropped, never more often than this, whoever sends them.
 pub(super) const COALESCE_WINDOW: Duration = Duration::from_millis(250);
 
-/// Per topic: when it was last passed on, and whether one is held until the window
-/// ends.
+/// One topic's state: when it was last passed on, and whether one is held until the
+/// window ends.
+#[derive(Default, Clone, Copy)]
+struct Gate {
+    sent: Option<Instant>,
+    held: bool,
+}
+
+impl Gate {
+    fn due_at(&self) -> Option<Instant> {
+        self.sent.map(|at| at + COALESCE_WINDOW)
+    }
+}
+
+/// Every topic's [`Gate`], in [`ChangeTopic::ALL`]'s order.
 #[derive(Default)]
 struct Coalescer {
-    sent: [Option<Instant>; ChangeTopic::ALL.len()],
-    held: [bool; ChangeTopic::ALL.len()],
+    gates: [Gate; ChangeTopic::ALL.len()],
 }
 
 impl Coalescer {
-    fn index(t: ChangeTopic) -> usize {
-        ChangeTopic::ALL
-            .iter()
-            .position(|a| *a == t)
-            .unwrap_or_default()
-    }
-
     /// Whether to pass `t` on now; if not, it is held for [`Self::due`].
     fn offer(&mut self, t: ChangeTopic, now: Instant) -> bool {
-        let i = Self::index(t);
-        match self.sent[i] {
-            Some(at) if now < at + COALESCE_WINDOW => {
-                self.held[i] = true;
+        let Some((_, gate)) = ChangeTopic::ALL
+            .iter()
+            .zip(self.gates.iter_mut())
+            .find(|(a, _)| **a == t)
+        else {
+            return true;
+        };
+        match gate.due_at() {
+            Some(due) if now < due => {
+                gate.held = true;
                 false
             }
             _ => {
-                self.sent[i] = Some(now);
+                gate.sent = Some(now);
                 true
             }
         }
@@ -88,22 +99,20 @@ impl Coalescer {
 
     /// When the earliest held topic is due.
     fn next_due(&self) -> Option<Instant> {
-        self.sent
+        self.gates
             .iter()
-            .zip(&self.held)
-            .filter(|(_, held)| **held)
-            .filter_map(|(sent, _)| sent.map(|at| at + COALESCE_WINDOW))
+            .filter(|g| g.held)
+            .filter_map(Gate::due_at)
             .min()
     }
 
     /// The held topics due at `now`, marked sent.
     fn due(&mut self, now: Instant) -> Vec<ChangeTopic> {
         let mut out = Vec::new();
-        for (i, t) in ChangeTopic::ALL.iter().enumerate() {
-            let ready = self.sent[i].is_none_or(|at| now >= at + COALESCE_WINDOW);
-            if self.held[i] && ready {
-                self.held[i] = false;
-                self.sent[i] = Some(now);
+        for (t, gate) in ChangeTopic::ALL.iter().zip(self.gates.iter_mut()) {
+            if gate.held && gate.due_at().is_none_or(|due| now >= due) {
+                gate.held = false;
+                gate.sent = Some(now);
                 out.push(*t);
             }
         }
