@@ -351,8 +351,9 @@ pub async fn audit_verb(cmd: &AuditCmd, out: Output) -> Result<(), String> {
             let text = cp.to_json().to_string();
             match file {
                 Some(f) => {
-                    std::fs::write(f, format!("{text}\n"))
-                        .map_err(|e| format!("writing {}: {e}", f.display()))?;
+                    // A new file renamed into place: never through a symlink nor into
+                    // a file someone else made (and may still write).
+                    super::files::replace_file(f, format!("{text}\n").as_bytes(), 0o644)?;
                     match out {
                         Output::Json => println!("{text}"),
                         Output::Text => println!(
@@ -603,4 +604,81 @@ fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> R
         println!("no record names {id}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::Arc;
+
+    /// A data directory whose audit log has a few signed records.
+    fn data_dir_with_log() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let km: Arc<dyn ztid_hsm::KeyManager> =
+            Arc::new(ztid_hsm::SoftwareKeyManager::open(dir.path().join("keys")).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let log = crate::audit::AuditLog::open_with(
+            &dir.path().join("audit"),
+            km,
+            crate::audit::AuditOptions {
+                store: None,
+                accept_rollback: None,
+            },
+        )
+        .unwrap();
+        let mut last = 0;
+        for i in 0..3 {
+            last = log
+                .append(serde_json::json!({"type": "x509_svid_issued", "serial": format!("{i}")}))
+                .unwrap();
+        }
+        rt.block_on(log.durable(last)).unwrap();
+        rt.block_on(log.close()).unwrap();
+        dir
+    }
+
+    fn checkpoint_to(data: &Path, out: &Path) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(audit_verb(
+            &AuditCmd::Checkpoint {
+                data_dir: Some(data.to_path_buf()),
+                config: None,
+                out: Some(out.to_path_buf()),
+            },
+            Output::Json,
+        ))
+    }
+
+    #[test]
+    fn checkpoint_out_replaces_a_symlink_or_foreign_file_instead_of_writing_through_it() {
+        let data = data_dir_with_log();
+        let elsewhere = tempfile::tempdir().unwrap();
+        // A file the checkpoint must not clobber, reached through a planted symlink.
+        let victim = elsewhere.path().join("victim.conf");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = elsewhere.path().join("cp.json");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        checkpoint_to(data.path(), &link).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert!(std::fs::read_to_string(&link).unwrap().contains("\"sig\""));
+
+        // A file made beforehand with a loose mode (someone else's, who would keep
+        // write access to the checkpoint) is replaced, not rewritten in place.
+        let planted = elsewhere.path().join("planted.json");
+        std::fs::write(&planted, "").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let ino = std::fs::metadata(&planted).unwrap().ino();
+        checkpoint_to(data.path(), &planted).unwrap();
+        let m = std::fs::metadata(&planted).unwrap();
+        assert_ne!(m.ino(), ino, "a new file");
+        assert_eq!(m.mode() & 0o777, 0o644);
+    }
 }

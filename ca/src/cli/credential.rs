@@ -4,8 +4,6 @@
 //! `spiffe://TD/ztid/admin/NAME`, an ID no entry can claim (so no remote role can be
 //! obtained through the roles it outranks).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde_json::json;
@@ -13,29 +11,12 @@ use tonic::transport::Channel;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_spiffe::svid::certs_to_pem;
 
+use super::files::write_new;
 use super::output::expiry;
 use crate::cli::Output;
 
 /// The files written into the output directory.
 pub(super) const FILES: [&str; 3] = ["svid.pem", "svid.key", "bundle.pem"];
-
-/// Writes `data` to `dir/name` with `mode`, replacing any old file only once the new
-/// one is complete (a fresh file, so an old file's wider mode does not carry over).
-fn write_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(name))
-        .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
-}
 
 /// Generates a key, has the server sign it as admin `name`, and writes
 /// `svid.pem` (chain), `svid.key` (PKCS#8, owner-only) and `bundle.pem` into `dir`.
@@ -80,9 +61,9 @@ pub(super) async fn issue(
     }
     let chain = certs_to_pem(r.cert_chain.iter().map(Vec::as_slice));
     let roots = certs_to_pem(bundle.x509_authorities.iter().map(Vec::as_slice));
-    write_file(dir, FILES[1], key.serialize_pem().as_bytes(), 0o600)?;
-    write_file(dir, FILES[0], chain.as_bytes(), 0o644)?;
-    write_file(dir, FILES[2], roots.as_bytes(), 0o644)?;
+    write_new(dir, FILES[1], key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(dir, FILES[0], chain.as_bytes(), 0o644)?;
+    write_new(dir, FILES[2], roots.as_bytes(), 0o644)?;
     match out {
         Output::Json => println!(
             "{}",

@@ -23,6 +23,7 @@ mod docs;
 mod entry;
 mod evidence;
 mod federation;
+mod files;
 mod grant;
 mod health;
 mod instance;
