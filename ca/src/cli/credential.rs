@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use ztid_proto::admin::{self as pb, admin_client::AdminClient};
 use ztid_spiffe::svid::certs_to_pem;
 
-use super::files::write_new;
+use super::files::{check_private_dir, write_new};
 use super::output::expiry;
 use crate::cli::Output;
 
@@ -59,6 +59,9 @@ pub(super) async fn issue(
             .create(dir)
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
+    // An existing directory others can write (or a symlink to one) would let them
+    // replace bundle.pem, the roots the admin trusts the server by, once written.
+    check_private_dir(dir)?;
     let chain = certs_to_pem(r.cert_chain.iter().map(Vec::as_slice));
     let roots = certs_to_pem(bundle.x509_authorities.iter().map(Vec::as_slice));
     write_new(dir, FILES[1], key.serialize_pem().as_bytes(), 0o600)?;

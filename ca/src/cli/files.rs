@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why a file could not be written.
@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 pub(super) enum FileError {
     /// The path names no file in a directory (`/`, `..`, empty).
     NoFileName(PathBuf),
+    /// A directory the files go into, or one above it, is writable by another user (or
+    /// belongs to one): they could replace the files once written.
+    UnsafeDirectory { dir: PathBuf, owner: u32, mode: u32 },
+    /// The directory is a symlink (it could be pointed elsewhere between check and use).
+    SymlinkDirectory(PathBuf),
     /// Creating, writing or renaming failed.
     Io { path: PathBuf, err: std::io::Error },
 }
@@ -20,6 +25,16 @@ impl fmt::Display for FileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoFileName(p) => write!(f, "{}: not a file path", p.display()),
+            Self::UnsafeDirectory { dir, owner, mode } => write!(
+                f,
+                "{}: belongs to uid {owner} with mode {mode:04o}; another user could replace the files written there: use a directory only you (or root) can write",
+                dir.display()
+            ),
+            Self::SymlinkDirectory(p) => write!(
+                f,
+                "{}: is a symlink; name the directory itself",
+                p.display()
+            ),
             Self::Io { path, err } => write!(f, "writing {}: {err}", path.display()),
         }
     }
@@ -72,10 +87,43 @@ pub(super) fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Fi
     write_new(dir, name, data, mode)
 }
 
+/// Checks that `dir` and every directory above it can be written only by this user or
+/// root (a world-writable sticky directory such as /tmp is fine above it), and that
+/// `dir` itself is no symlink: nobody else can replace what is written into it.
+pub(super) fn check_private_dir(dir: &Path) -> Result<(), FileError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| FileError::Io { path, err }
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(FileError::SymlinkDirectory(dir.to_path_buf()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let abs = std::fs::canonicalize(dir).map_err(io(dir))?;
+    for (i, d) in abs.ancestors().enumerate() {
+        let m = std::fs::metadata(d).map_err(io(d))?;
+        let mode = m.mode() & 0o7777;
+        let trusted_owner = m.uid() == me || m.uid() == 0;
+        let others_write = mode & 0o022 != 0;
+        // Above the directory itself, a sticky directory lets nobody else rename or
+        // remove what this user made in it.
+        let sticky = i > 0 && mode & 0o1000 != 0;
+        if !trusted_owner || (others_write && !sticky) {
+            return Err(FileError::UnsafeDirectory {
+                dir: d.to_path_buf(),
+                owner: m.uid(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{symlink, MetadataExt};
+    use std::os::unix::fs::symlink;
 
     #[test]
     fn replace_file_never_writes_through_a_symlink_nor_into_an_existing_file() {
@@ -105,5 +153,49 @@ mod tests {
     fn replace_file_refuses_a_path_without_a_file_name() {
         let e = replace_file(Path::new("/"), b"x", 0o644).unwrap_err();
         assert!(matches!(e, FileError::NoFileName(_)), "{e}");
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("creds");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_private_dir(&d).unwrap();
+
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_private_dir(&d).unwrap_err();
+        assert!(
+            matches!(&e, FileError::UnsafeDirectory { dir, mode: 0o777, .. } if dir.ends_with("creds")),
+            "{e}"
+        );
+        // Sticky on the directory itself does not help: others could still add files.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(matches!(
+            check_private_dir(&d),
+            Err(FileError::UnsafeDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn a_directory_another_user_owns_or_a_symlinked_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("creds");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = dir.path().join("link");
+        symlink(&d, &link).unwrap();
+        assert!(matches!(
+            check_private_dir(&link),
+            Err(FileError::SymlinkDirectory(_))
+        ));
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            let e = check_private_dir(&d).unwrap_err();
+            assert!(
+                matches!(e, FileError::UnsafeDirectory { owner: 4242, .. }),
+                "{e}"
+            );
+        }
     }
 }
