@@ -46,26 +46,65 @@ async fn session(
     Ok((client, rx))
 }
 
-/// How often one topic is passed on at most. Any role that may connect to the database
-/// may `NOTIFY ztid_changes` (PostgreSQL has no privilege on notification channels), and
-/// every notification makes every server do work (an `agents` one makes each agent
-/// stream check its agent again); a flood of them would also overrun the subscribers'
-/// queue, which subscribers take as "anything may have changed" (every agent told to
-/// sync). So a topic seen again within this window is held and passed on once at its
-/// end: never dropped, never more often than this, whoever sends them.
-pub(super) const COALESCE_WINDOW: Duration = Duration::from_millis(250);
+/// How many notifications of one topic are passed on at once within [`COALESCE_WINDOW`]
+/// (then the rest are held). Any role that may connect to the database may `NOTIFY
+/// ztid_changes` (PostgreSQL has no privilege on notification channels), and every
+/// notification makes every server do work (an `agents` one makes each agent stream
+/// check its agent again, an `authorities` one reloads them); a flood of them would
+/// also overrun the subscribers' queue, which subscribers take as "anything may have
+/// changed" (every agent told to sync). A topic over its rate is held and passed on
+/// once a slot frees: never dropped, whoever sends them.
+///
+/// Entries: operators' scripts change many a second and agents on other servers must
+/// see each at once (the pushed-entry latency), and a notification costs each server
+/// one read of the change log. The others are rare, cost more, and nothing waits on
+/// them within a second (every call reads its agent from the database anyway).
+pub(super) fn coalesce_burst(topic: ChangeTopic) -> usize {
+    match topic {
+        ChangeTopic::Entries => 128,
+        ChangeTopic::Agents | ChangeTopic::Authorities | ChangeTopic::Federation => 8,
+    }
+}
+/// See [`coalesce_burst`].
+pub(super) const COALESCE_WINDOW: Duration = Duration::from_secs(1);
 
-/// One topic's state: when it was last passed on, and whether one is held until the
-/// window ends.
-#[derive(Default, Clone, Copy)]
+/// One topic's state: when it was passed on within the last window (at most its
+/// [`coalesce_burst`], oldest first), and whether one is held until a slot frees.
+#[derive(Default)]
 struct Gate {
-    sent: Option<Instant>,
+    sent: std::collections::VecDeque<Instant>,
     held: bool,
 }
 
 impl Gate {
-    fn due_at(&self) -> Option<Instant> {
-        self.sent.map(|at| at + COALESCE_WINDOW)
+    /// Forgets what was passed on a window or more before `now`.
+    fn expire(&mut self, now: Instant) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|at| *at + COALESCE_WINDOW <= now)
+        {
+            self.sent.pop_front();
+        }
+    }
+
+    /// When the next slot frees (`None` while one is free).
+    fn free_at(&self, burst: usize) -> Option<Instant> {
+        if self.sent.len() < burst {
+            return None;
+        }
+        self.sent.front().map(|at| *at + COALESCE_WINDOW)
+    }
+
+    /// Passes one on now if a slot is free.
+    fn take(&mut self, now: Instant, burst: usize) -> bool {
+        self.expire(now);
+        if self.sent.len() < burst {
+            self.sent.push_back(now);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -85,34 +124,31 @@ impl Coalescer {
         else {
             return true;
         };
-        match gate.due_at() {
-            Some(due) if now < due => {
-                gate.held = true;
-                false
-            }
-            _ => {
-                gate.sent = Some(now);
-                true
-            }
+        if gate.held {
+            // Already held: this one is covered by the held one's passing.
+            return false;
         }
+        let passed = gate.take(now, coalesce_burst(t));
+        gate.held = !passed;
+        passed
     }
 
-    /// When the earliest held topic is due.
+    /// When the earliest held topic may be passed on.
     fn next_due(&self) -> Option<Instant> {
-        self.gates
+        ChangeTopic::ALL
             .iter()
-            .filter(|g| g.held)
-            .filter_map(Gate::due_at)
+            .zip(self.gates.iter())
+            .filter(|(_, g)| g.held)
+            .map(|(t, g)| g.free_at(coalesce_burst(*t)).unwrap_or_else(Instant::now))
             .min()
     }
 
-    /// The held topics due at `now`, marked sent.
+    /// The held topics that may be passed on at `now`, marked sent.
     fn due(&mut self, now: Instant) -> Vec<ChangeTopic> {
         let mut out = Vec::new();
         for (t, gate) in ChangeTopic::ALL.iter().zip(self.gates.iter_mut()) {
-            if gate.held && gate.due_at().is_none_or(|due| now >= due) {
+            if gate.held && gate.take(now, coalesce_burst(*t)) {
                 gate.held = false;
-                gate.sent = Some(now);
                 out.push(*t);
             }
         }
@@ -236,11 +272,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_topic_is_passed_on_at_most_once_a_window_and_never_dropped() {
+    fn a_topic_passes_in_bursts_then_at_the_rate_and_is_never_dropped() {
         let t0 = Instant::now();
         let mut g = Coalescer::default();
-        assert!(g.offer(ChangeTopic::Agents, t0), "the first goes at once");
+        // Changes, a burst of them: all at once.
+        for i in 0..coalesce_burst(ChangeTopic::Agents) {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert!(g.offer(ChangeTopic::Agents, at), "change {i} goes at once");
+        }
         assert!(g.offer(ChangeTopic::Entries, t0), "topics are apart");
+        // A flood past the burst: held, once.
         for _ in 0..1000 {
             assert!(!g.offer(ChangeTopic::Agents, t0 + Duration::from_millis(10)));
         }
@@ -249,9 +290,10 @@ mod tests {
         assert_eq!(
             g.due(t0 + COALESCE_WINDOW),
             vec![ChangeTopic::Agents],
-            "held, passed on once"
+            "held, passed on once a slot frees"
         );
         assert_eq!(g.next_due(), None);
+        // A window after the burst, the topic goes at once again.
         let later = t0 + COALESCE_WINDOW * 3;
         assert!(
             g.offer(ChangeTopic::Agents, later),
