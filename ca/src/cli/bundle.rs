@@ -79,8 +79,7 @@ pub(super) async fn run(client: &mut Client, cmd: &BundleCmd, out: Output) -> Re
             path,
             format,
         } => {
-            let data =
-                std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let data = super::files::read_bounded(path, crate::limits::MAX_BUNDLE_BYTES as u64)?;
             let r = client
                 .set_federated_bundle(pb::SetFederatedBundleRequest {
                     trust_domain: trust_domain.clone(),

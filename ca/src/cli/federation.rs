@@ -94,7 +94,7 @@ pub(super) async fn run(
             trust_bundle,
         } => {
             let trust_bundle = match trust_bundle {
-                Some(p) => std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?,
+                Some(p) => super::files::read_bounded(p, crate::limits::MAX_BUNDLE_BYTES as u64)?,
                 None => Vec::new(),
             };
             let f = client

@@ -1,6 +1,8 @@
 //! Files the CLI writes (`admin credential issue --write`, `audit checkpoint --out`):
 //! always a fresh file (`O_CREAT|O_EXCL`, so never through a symlink nor into a file
 //! someone else made) with the mode asked for, renamed over the old name once complete.
+//! Files it reads (bundles, entries) are read up to a bound, whatever the path names
+//! (a huge file, `/dev/zero`, a FIFO that never ends).
 
 use std::fmt;
 use std::io::Write;
@@ -44,6 +46,29 @@ impl From<FileError> for String {
     fn from(e: FileError) -> Self {
         e.to_string()
     }
+}
+
+/// The most an entries file (`entry create|delete --data`) may hold: a million
+/// entries of SPIRE's JSON shape fit.
+pub(super) const MAX_ENTRIES_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads `path` whole if it holds at most `max` bytes; refuses it otherwise, before
+/// reading more than `max + 1` bytes of it.
+pub(super) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut data = Vec::new();
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if data.len() as u64 > max {
+        return Err(format!(
+            "{} holds more than {max} bytes, the most this command reads",
+            path.display()
+        ));
+    }
+    Ok(data)
 }
 
 /// Writes `data` to `dir/name` with `mode`: a new file next to it, renamed over
@@ -197,5 +222,20 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_file_over_the_bound_is_refused_before_it_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, b"12345").unwrap();
+        assert_eq!(read_bounded(&small, 5).unwrap(), b"12345");
+        let e = read_bounded(&small, 4).unwrap_err();
+        assert!(e.contains("holds more than 4 bytes"), "{e}");
+        // A device that never ends is refused at the bound, not read forever.
+        let e = read_bounded(Path::new("/dev/zero"), 1 << 10).unwrap_err();
+        assert!(e.contains("holds more than 1024 bytes"), "{e}");
+        let e = read_bounded(&dir.path().join("missing"), 5).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
     }
 }

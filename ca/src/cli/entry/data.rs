@@ -150,9 +150,8 @@ impl FileEntry {
 }
 
 fn read_file<T: for<'de> Deserialize<'de>>(path: &Path, shape: &str) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text)
+    let text = crate::cli::files::read_bounded(path, crate::cli::files::MAX_ENTRIES_FILE_BYTES)?;
+    serde_json::from_slice(&text)
         .map_err(|e| format!("{} is not an entries file ({shape}): {e}", path.display()))
 }
 
