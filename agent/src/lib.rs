@@ -1344,7 +1344,10 @@ mod tests {
         p.signed_by(key, issuer).unwrap().der().to_vec()
     }
 
-    fn server_cert_accepted(verifier: &ServerSvidVerifier, leaf: &[u8]) -> Result<(), String> {
+    fn server_cert_accepted(
+        verifier: &ServerSvidVerifier,
+        leaf: &[u8],
+    ) -> Result<(), rustls::Error> {
         verifier
             .verify_server_cert(
                 &rustls_pki_types::CertificateDer::from(leaf.to_vec()),
@@ -1354,7 +1357,6 @@ mod tests {
                 rustls_pki_types::UnixTime::now(),
             )
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     fn write_bundle(dir: &Path, td: &str, roots: Vec<Vec<u8>>) {
@@ -1395,11 +1397,14 @@ mod tests {
         };
         let (v, _) = bootstrap_verifier(&insecure, None).unwrap();
         server_cert_accepted(&v, &real).unwrap();
-        let e = server_cert_accepted(&v, &forged).unwrap_err();
-        assert!(
-            e.contains("not signed by any authority in this agent's trust bundle"),
-            "{e}"
-        );
+        // rustls carries a verifier's refusal as `General`: the kind, then its reason.
+        match server_cert_accepted(&v, &forged) {
+            Err(rustls::Error::General(why)) => assert!(
+                why.contains("not signed by any authority in this agent's trust bundle"),
+                "{why}"
+            ),
+            other => panic!("the forged server certificate: {other:?}"),
+        }
 
         // A stale --trust-bundle (the old root) does not override the kept bundle.
         let pinned = AgentConfig {
