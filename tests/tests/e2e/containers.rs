@@ -474,11 +474,20 @@ fn containers_are_told_apart_by_their_runtime_facts() {
     // A process outside any container: no container selectors at all.
     let elsewhere = scratch.path().join("ztid-agent-copy");
     std::fs::copy(bin("ztid-agent"), &elsewhere).unwrap();
-    let host = Command::new(&elsewhere)
-        .args(["api", "fetch", "x509", "--socket"])
-        .arg(agent.socket())
-        .output()
-        .unwrap();
+    // A fresh copy can be ETXTBSY for a moment: another test thread forking while the
+    // copy's write descriptor was open hands that descriptor to a child until it execs.
+    let host = wait_for(
+        "the copied binary to be executable",
+        READY_TIMEOUT,
+        || match Command::new(&elsewhere)
+            .args(["api", "fetch", "x509", "--socket"])
+            .arg(agent.socket())
+            .output()
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+            r => Some(r.unwrap()),
+        },
+    );
     let host = CliResult::from(host);
     assert!(!host.ok);
     assert!(
