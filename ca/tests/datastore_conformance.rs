@@ -251,6 +251,8 @@ conformance!(
     ca_state_per_server_and_bundle_sequence,
     audit_anchor_per_server_only_moves_forward,
     federation_records,
+    federated_bundle_compare_and_put,
+    federated_bundle_never_outlives_its_relationship_deleted,
     changes_are_announced_to_every_server,
     leader_role_is_held_by_one_server,
     revisions_only_grow,
@@ -1077,6 +1079,114 @@ fn federation_records(f: &dyn Fixture) {
     );
     assert_eq!(s.delete_federation("z.example").unwrap(), None);
     assert_eq!(s.list_federations().unwrap(), [b"rel-y".to_vec()]);
+}
+
+fn federated_bundle_compare_and_put(f: &dyn Fixture) {
+    let (s, other) = (f.store(0), f.store(1));
+    let td = "peer.example";
+    // Absent: only a writer that expects none stores.
+    assert!(!s
+        .compare_and_put_federated_bundle(td, Some(b"v0"), None, b"v1")
+        .unwrap());
+    assert!(s
+        .compare_and_put_federated_bundle(td, None, None, b"v1")
+        .unwrap());
+    assert!(!other
+        .compare_and_put_federated_bundle(td, None, None, b"v1b")
+        .unwrap());
+    // Present: the expected bytes, exactly.
+    assert!(!other
+        .compare_and_put_federated_bundle(td, Some(b"v0"), None, b"v2")
+        .unwrap());
+    assert!(other
+        .compare_and_put_federated_bundle(td, Some(b"v1"), None, b"v2")
+        .unwrap());
+    assert_eq!(
+        s.get_federated_bundle(td).unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
+    // Bound to a relationship: absent, other bytes, or deleted means nothing written.
+    assert!(!s
+        .compare_and_put_federated_bundle(td, Some(b"v2"), Some(b"rel-1"), b"v3")
+        .unwrap());
+    s.put_federation(td, b"rel-1").unwrap();
+    assert!(!s
+        .compare_and_put_federated_bundle(td, Some(b"v2"), Some(b"rel-0"), b"v3")
+        .unwrap());
+    assert!(other
+        .compare_and_put_federated_bundle(td, Some(b"v2"), Some(b"rel-1"), b"v3")
+        .unwrap());
+    // The relationship's own swap: exact bytes, and never onto a deleted one.
+    assert!(!other
+        .compare_and_swap_federation(td, b"rel-0", b"rel-2")
+        .unwrap());
+    assert!(other
+        .compare_and_swap_federation(td, b"rel-1", b"rel-2")
+        .unwrap());
+    assert!(!s
+        .compare_and_put_federated_bundle(td, Some(b"v3"), Some(b"rel-1"), b"v4")
+        .unwrap());
+    s.delete_federation(td).unwrap();
+    assert!(!s
+        .compare_and_swap_federation(td, b"rel-2", b"rel-3")
+        .unwrap());
+    assert_eq!(s.list_federations().unwrap(), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        other.get_federated_bundle(td).unwrap().as_deref(),
+        Some(&b"v3"[..])
+    );
+}
+
+/// A relationship deleted through one server while another stores bundles bound to it:
+/// once the delete has returned, no such store lands (on PostgreSQL the store holds
+/// the relationship's row, so the delete either comes first or waits for it).
+fn federated_bundle_never_outlives_its_relationship_deleted(f: &dyn Fixture) {
+    let td = "peer.example";
+    let (poller, operator) = (f.store(0), f.store(1));
+    operator.put_federation(td, b"rel").unwrap();
+    let (stores, tries) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (poller, stores, tries, stop) =
+            (poller.clone(), stores.clone(), tries.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let cur = poller.get_federated_bundle(td).unwrap();
+                n += 1;
+                let next = n.to_string().into_bytes();
+                if poller
+                    .compare_and_put_federated_bundle(td, cur.as_deref(), Some(b"rel"), &next)
+                    .unwrap()
+                {
+                    stores.fetch_add(1, Ordering::SeqCst);
+                }
+                tries.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // Let the writer land some stores, then cut the relationship.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stores.load(Ordering::SeqCst) < 20 {
+        assert!(Instant::now() < deadline, "the writer stored nothing");
+        std::thread::yield_now();
+    }
+    operator.delete_federation(td).unwrap();
+    let at_delete = operator.get_federated_bundle(td).unwrap();
+    assert!(at_delete.is_some());
+    // The writer keeps trying after the delete (50 more tries); none of it may land.
+    let after = tries.load(Ordering::SeqCst) + 50;
+    while tries.load(Ordering::SeqCst) < after {
+        assert!(Instant::now() < deadline, "the writer stopped trying");
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert_eq!(
+        poller.get_federated_bundle(td).unwrap(),
+        at_delete,
+        "a bundle bound to the deleted relationship was stored after the delete"
+    );
 }
 
 fn grant(id: &str, spiffe_id: &str, audience: &str) -> GrantRecord {

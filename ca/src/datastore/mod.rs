@@ -658,8 +658,32 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_federated_bundles(&self) -> Result<Vec<Vec<u8>>>;
     /// Removes a federated bundle record, returning it.
     fn delete_federated_bundle(&self, trust_domain: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores `record` as `trust_domain`'s federated bundle only while the stored
+    /// bundle record is `expected` (`None`: there is none) and, with `while_federation`,
+    /// the domain's relationship record is those bytes; one atomic step, and a
+    /// relationship changed or deleted meanwhile waits for it or is seen changed.
+    /// False (nothing written) if either moved. Every read-check-write of a federated
+    /// bundle goes through this, so one written in between, on any server (a poll, a
+    /// `bundle set`, a relationship moved to another endpoint), is never overwritten by
+    /// a decision made before it. Notifies [`ChangeTopic::Federation`].
+    fn compare_and_put_federated_bundle(
+        &self,
+        trust_domain: &str,
+        expected: Option<&[u8]>,
+        while_federation: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<bool>;
     /// Stores a federation relationship record, replacing any.
     fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()>;
+    /// Replaces a relationship record only if it still is `expected` (false, nothing
+    /// written, if it changed or is gone): a poll's status written back never restores
+    /// a relationship an operator changed or deleted on another server meanwhile.
+    fn compare_and_swap_federation(
+        &self,
+        trust_domain: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<bool>;
     /// Every federation relationship record, ordered by trust domain.
     fn list_federations(&self) -> Result<Vec<Vec<u8>>>;
     /// Removes a federation relationship record, returning it.

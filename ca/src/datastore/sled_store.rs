@@ -951,6 +951,51 @@ impl DataStore for SledStore {
         Ok(removed)
     }
 
+    fn compare_and_put_federated_bundle(
+        &self,
+        trust_domain: &str,
+        expected: Option<&[u8]>,
+        while_federation: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<bool> {
+        let key = trust_domain.as_bytes();
+        let bundles = self.db.open_tree("federated_bundles")?;
+        let federations = self.db.open_tree("federations")?;
+        let written: bool = (&bundles, &federations).transaction(|(bundles, federations)| {
+            if let Some(want) = while_federation {
+                if federations.get(key)?.as_deref() != Some(want) {
+                    return Ok(false);
+                }
+            }
+            if bundles.get(key)?.as_deref() != expected {
+                return Ok(false);
+            }
+            bundles.insert(key, record)?;
+            Ok::<_, ConflictableTransactionError<Error>>(true)
+        })?;
+        if written {
+            self.notify(ChangeTopic::Federation);
+        }
+        Ok(written)
+    }
+
+    fn compare_and_swap_federation(
+        &self,
+        trust_domain: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<bool> {
+        let swapped = self
+            .db
+            .open_tree("federations")?
+            .compare_and_swap(trust_domain.as_bytes(), Some(expected), Some(new))?
+            .is_ok();
+        if swapped {
+            self.notify(ChangeTopic::Federation);
+        }
+        Ok(swapped)
+    }
+
     fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()> {
         self.db
             .open_tree("federations")?

@@ -10,6 +10,10 @@ use super::records::{Source, Stored};
 use crate::core::{now, CaCore};
 use crate::{Error, Result, StoreError};
 
+/// How often a federated bundle store reads again after losing a compare-and-put to
+/// another writer, before it gives up (`Unavailable`).
+const STORE_ATTEMPTS: usize = 8;
+
 /// A stored federated bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct BundleRecord {
@@ -185,53 +189,116 @@ impl CaCore {
     /// Stores a federated bundle unless its sequence is lower than the stored one.
     /// Refusals are logged and audited with their reason and change nothing.
     pub fn set_federated_bundle(&self, bundle: TrustBundle, source: Source<'_>) -> Result<Stored> {
-        let td = check_trust_domain(self, &bundle.trust_domain)?;
-        let stored = self.federated_bundle(&td)?;
-        if let Some(s) = &stored {
-            if bundle.sequence < s.sequence {
-                let reason = format!(
-                    "spiffe_sequence {} is lower than the stored {}; bundle ignored",
-                    bundle.sequence, s.sequence
-                );
-                self.refuse_bundle(&td, source, &reason);
-                return Err(Error::Precondition(reason));
-            }
-            let same = s.x509_authorities == bundle.x509_authorities
-                && s.jwt_authorities == bundle.jwt_authorities;
-            if bundle.sequence == s.sequence && same {
-                if s.refresh_hint_seconds != bundle.refresh_hint_seconds {
-                    self.store.put_federated_bundle(
-                        &td,
-                        &serde_json::to_vec(&BundleRecord::from(&bundle))?,
-                    )?;
-                }
-                return Ok(Stored::Unchanged);
-            }
-            if bundle.sequence == s.sequence && bundle.sequence != 0 {
-                let reason = format!(
-                    "content changed but spiffe_sequence stayed {}; bundle ignored",
-                    bundle.sequence
-                );
-                self.refuse_bundle(&td, source, &reason);
-                return Err(Error::Precondition(reason));
-            }
+        match self.store_federated_bundle(bundle, source, None)? {
+            Some(stored) => Ok(stored),
+            // Only a store bound to a relationship finds it moved.
+            None => Err(Error::Internal(
+                "a federated bundle store without a relationship found it moved".into(),
+            )),
         }
+    }
+
+    /// [`Self::set_federated_bundle`], and with `relationship` (its stored bytes) only
+    /// while that relationship stands unchanged: `None` when it was changed or deleted
+    /// (nothing stored). The check against the stored bundle and the write are one
+    /// step on the datastore, so a bundle another writer stored meanwhile, on any
+    /// server, is compared against instead of overwritten.
+    pub(crate) fn store_federated_bundle(
+        &self,
+        bundle: TrustBundle,
+        source: Source<'_>,
+        relationship: Option<&[u8]>,
+    ) -> Result<Option<Stored>> {
+        let td = check_trust_domain(self, &bundle.trust_domain)?;
         let mut bundle = bundle;
         bundle.trust_domain = td.clone();
-        self.store
-            .put_federated_bundle(&td, &serde_json::to_vec(&BundleRecord::from(&bundle))?)?;
-        self.store.flush()?;
-        self.record(
-            json!({"type": "federated_bundle_updated", "trust_domain": td,
-            "source": source.describe(), "sequence": bundle.sequence,
-            "previous_sequence": stored.as_ref().map(|s| s.sequence),
-            "x509_authorities": bundle.x509_authorities.len(),
-            "jwt_authorities": bundle.jwt_authorities.iter().map(|k| &k.kid).collect::<Vec<_>>()}),
-        )?;
-        tracing::warn!(event = "federated_bundle_updated", trust_domain = %td, source = %source.describe(),
-            sequence = bundle.sequence, x509_authorities = bundle.x509_authorities.len(),
-            jwt_authorities = bundle.jwt_authorities.len(), "federated bundle updated");
-        Ok(Stored::Updated)
+        let record = serde_json::to_vec(&BundleRecord::from(&bundle))?;
+        // Each retry follows a write another writer made between this read and the
+        // swap; a writer that keeps losing gives up rather than spin.
+        for _ in 0..STORE_ATTEMPTS {
+            let raw = self.store.get_federated_bundle(&td)?;
+            let stored = match &raw {
+                Some(v) => Some(serde_json::from_slice::<BundleRecord>(v)?.to_bundle()?),
+                None => None,
+            };
+            if let Some(s) = &stored {
+                if bundle.sequence < s.sequence {
+                    let reason = format!(
+                        "spiffe_sequence {} is lower than the stored {}; bundle ignored",
+                        bundle.sequence, s.sequence
+                    );
+                    self.refuse_bundle(&td, source, &reason);
+                    return Err(Error::Precondition(reason));
+                }
+                let same = s.x509_authorities == bundle.x509_authorities
+                    && s.jwt_authorities == bundle.jwt_authorities;
+                if bundle.sequence == s.sequence && same {
+                    if s.refresh_hint_seconds == bundle.refresh_hint_seconds
+                        || self.store.compare_and_put_federated_bundle(
+                            &td,
+                            raw.as_deref(),
+                            relationship,
+                            &record,
+                        )?
+                    {
+                        return Ok(Some(Stored::Unchanged));
+                    }
+                    if self.relationship_moved(&td, relationship)? {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                if bundle.sequence == s.sequence && bundle.sequence != 0 {
+                    let reason = format!(
+                        "content changed but spiffe_sequence stayed {}; bundle ignored",
+                        bundle.sequence
+                    );
+                    self.refuse_bundle(&td, source, &reason);
+                    return Err(Error::Precondition(reason));
+                }
+            }
+            if !self.store.compare_and_put_federated_bundle(
+                &td,
+                raw.as_deref(),
+                relationship,
+                &record,
+            )? {
+                if self.relationship_moved(&td, relationship)? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            self.store.flush()?;
+            self.record(
+                json!({"type": "federated_bundle_updated", "trust_domain": td,
+                "source": source.describe(), "sequence": bundle.sequence,
+                "previous_sequence": stored.as_ref().map(|s| s.sequence),
+                "x509_authorities": bundle.x509_authorities.len(),
+                "jwt_authorities": bundle.jwt_authorities.iter().map(|k| &k.kid).collect::<Vec<_>>()}),
+            )?;
+            tracing::warn!(event = "federated_bundle_updated", trust_domain = %td, source = %source.describe(),
+                sequence = bundle.sequence, x509_authorities = bundle.x509_authorities.len(),
+                jwt_authorities = bundle.jwt_authorities.len(), "federated bundle updated");
+            return Ok(Some(Stored::Updated));
+        }
+        let reason = format!(
+            "the bundle of {td} kept changing while this one was stored ({STORE_ATTEMPTS} \
+             tries); try again"
+        );
+        self.refuse_bundle(&td, source, &reason);
+        Err(Error::Precondition(reason))
+    }
+
+    /// Whether the relationship a store is bound to (its stored bytes) no longer is.
+    fn relationship_moved(&self, td: &str, relationship: Option<&[u8]>) -> Result<bool> {
+        let Some(want) = relationship else {
+            return Ok(false);
+        };
+        Ok(match self.federation_with_bytes(td) {
+            Ok((raw, _)) => raw != want,
+            Err(Error::NotFound(_)) => true,
+            Err(e) => return Err(e),
+        })
     }
 
     /// `bundle set`: parses and stores an out-of-band bundle.

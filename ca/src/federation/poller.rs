@@ -49,52 +49,74 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MISSING_HINT_SECONDS: i64 = 300;
 /// The longest wait after failed polls (see `poll_interval`).
 pub const FAILED_POLL_BACKOFF_MAX_SECONDS: i64 = 300;
+/// How often a poll's status is written again after another writer changed the
+/// relationship's record in between (it is not written to a relationship changed).
+const STATUS_ATTEMPTS: usize = 3;
 
 impl CaCore {
     /// Fetches a relationship's endpoint once and stores the bundle. A refusal is
     /// logged, audited and recorded in the relationship; nothing else changes.
     pub async fn refresh_federation(&self, td: &str) -> Result<(TrustBundle, Stored)> {
-        let f = self.federation(td)?;
-        let result = self.fetch_and_store(&f).await;
+        let (polled, f) = self.federation_with_bytes(td)?;
+        let result = self.fetch_and_store(&f, &polled).await;
         // The poll is recorded in the relationship as it stands now, and only if it is
-        // still the one polled: one deleted or replaced meanwhile is not written back.
-        let _writes = self.federation_writes();
-        if let Ok(mut current) = self.federation(&f.trust_domain) {
-            if current.same_relationship(&f) {
-                current.last_refresh_at = now();
-                current.last_error = match &result {
-                    Ok(_) => String::new(),
-                    Err(e) => e.to_string(),
-                };
-                self.store
-                    .put_federation(&current.trust_domain, &serde_json::to_vec(&current)?)?;
+        // still the one polled: one deleted or replaced meanwhile, through this server
+        // or another, is not written back (a swap of the exact bytes read).
+        for _ in 0..STATUS_ATTEMPTS {
+            let Ok((raw, mut current)) = self.federation_with_bytes(&f.trust_domain) else {
+                break;
+            };
+            if !current.same_relationship(&f) {
+                break;
+            }
+            current.last_refresh_at = now();
+            current.last_error = match &result {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            };
+            let new = serde_json::to_vec(&current)?;
+            if self
+                .store
+                .compare_and_swap_federation(&current.trust_domain, &raw, &new)?
+            {
+                break;
             }
         }
         result
     }
 
-    /// Why a bundle fetched for `f` must not be stored: its relationship was deleted
-    /// or replaced while the endpoint was fetched (an endpoint may hold a fetch for up
-    /// to [`FETCH_TIMEOUT`]); `None` when it still stands.
-    fn relationship_gone(&self, f: &FederationRecord) -> Result<Option<String>> {
+    /// Why a bundle fetched for `f` was not stored: its relationship was deleted or
+    /// replaced while the endpoint was fetched (an endpoint may hold a fetch for up to
+    /// [`FETCH_TIMEOUT`]), or while the bundle was stored.
+    fn relationship_gone(&self, f: &FederationRecord) -> Result<String> {
         let td = &f.trust_domain;
         Ok(match self.federation(td) {
-            Ok(current) if current.same_relationship(f) => None,
-            Ok(_) => Some(format!(
+            Ok(current) if current.same_relationship(f) => format!(
+                "the federation with {td} was written while its endpoint was fetched; \
+                 the bundle {} sent is not stored (the next poll fetches it again)",
+                f.bundle_endpoint_url
+            ),
+            Ok(_) => format!(
                 "the federation with {td} was changed while its endpoint was fetched; \
                  the bundle {} sent is not stored",
                 f.bundle_endpoint_url
-            )),
-            Err(Error::NotFound(_)) => Some(format!(
+            ),
+            Err(Error::NotFound(_)) => format!(
                 "the federation with {td} was deleted while its endpoint was fetched; \
                  the bundle {} sent is not stored",
                 f.bundle_endpoint_url
-            )),
+            ),
             Err(e) => return Err(e),
         })
     }
 
-    async fn fetch_and_store(&self, f: &FederationRecord) -> Result<(TrustBundle, Stored)> {
+    /// Fetches `f`'s endpoint and stores the bundle only while `f` (stored as `polled`)
+    /// still stands, checked in the same datastore step as the write.
+    async fn fetch_and_store(
+        &self,
+        f: &FederationRecord,
+        polled: &[u8],
+    ) -> Result<(TrustBundle, Stored)> {
         let source = Source::Endpoint(&f.bundle_endpoint_url);
         let body = match fetch_bundle_document(self, f).await {
             Ok(b) => b,
@@ -110,15 +132,19 @@ impl CaCore {
                 return Err(e);
             }
         };
-        // The check and the store are one step for this server's writers: an operator
-        // who deletes or moves a relationship (cutting off its endpoint) does not see
+        // The check and the store are one step on the datastore (a transaction that
+        // holds the relationship's row on PostgreSQL): an operator who deletes or moves
+        // a relationship (cutting off its endpoint), through any server, does not see
         // an answer its old endpoint held back stored afterwards.
-        let _writes = self.federation_writes();
-        if let Some(why) = self.relationship_gone(f)? {
+        let stored = {
+            let _writes = self.federation_writes();
+            self.store_federated_bundle(bundle, source, Some(polled))?
+        };
+        let Some(stored) = stored else {
+            let why = self.relationship_gone(f)?;
             self.refuse_bundle(&f.trust_domain, source, &why);
             return Err(Error::Precondition(why));
-        }
-        let stored = self.set_federated_bundle(bundle, source)?;
+        };
         Ok((
             self.federated_bundle(&f.trust_domain)?.unwrap_or_default(),
             stored,

@@ -28,6 +28,19 @@ impl CaCore {
             .ok_or_else(|| Error::NotFound(format!("no federation with {td}")))
     }
 
+    /// One relationship with its stored bytes, for a write that must not outlive a
+    /// change of it ([`crate::datastore::DataStore::compare_and_swap_federation`]).
+    pub(crate) fn federation_with_bytes(&self, td: &str) -> Result<(Vec<u8>, FederationRecord)> {
+        let td = check_trust_domain(self, td)?;
+        for raw in self.store.list_federations()? {
+            let f: FederationRecord = serde_json::from_slice(&raw)?;
+            if f.trust_domain == td {
+                return Ok((raw, f));
+            }
+        }
+        Err(Error::NotFound(format!("no federation with {td}")))
+    }
+
     /// Creates or replaces a relationship after checking it.
     pub fn create_federation(
         &self,

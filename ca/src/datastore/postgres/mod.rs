@@ -1333,6 +1333,96 @@ impl DataStore for PgStore {
         })
     }
 
+    fn compare_and_put_federated_bundle(
+        &self,
+        trust_domain: &str,
+        expected: Option<&[u8]>,
+        while_federation: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<bool> {
+        const WHAT: &str = "compare_and_put_federated_bundle";
+        let td = trust_domain.to_string();
+        let expected = expected.map(<[u8]>::to_vec);
+        let federation = while_federation.map(<[u8]>::to_vec);
+        let record = record.to_vec();
+        self.call(WHAT, move |inner| async move {
+            let mut c = inner.client(WHAT).await?;
+            let tx = c.transaction().await.map_err(db(WHAT))?;
+            // The relationship row is share-locked until the bundle is written and the
+            // transaction ends: an operator's change or delete of it, on any server,
+            // either came first (and the row no longer matches) or waits for this.
+            if let Some(federation) = &federation {
+                let holds = query_opt(
+                    &tx,
+                    WHAT,
+                    "SELECT 1 FROM ztid_federations WHERE trust_domain = $1 AND record = $2 \
+                     FOR SHARE",
+                    &[&td, federation],
+                )
+                .await?
+                .is_some();
+                if !holds {
+                    return Ok(false);
+                }
+            }
+            let written = match &expected {
+                Some(old) => {
+                    execute(
+                        &tx,
+                        WHAT,
+                        "UPDATE ztid_federated_bundles SET record = $2 \
+                         WHERE trust_domain = $1 AND record = $3",
+                        &[&td, &record, old],
+                    )
+                    .await?
+                }
+                None => execute(
+                    &tx,
+                    WHAT,
+                    "INSERT INTO ztid_federated_bundles (trust_domain, record) VALUES ($1, $2) \
+                         ON CONFLICT (trust_domain) DO NOTHING",
+                    &[&td, &record],
+                )
+                .await?,
+            };
+            if written == 0 {
+                return Ok(false);
+            }
+            execute(
+                &tx,
+                WHAT,
+                "SELECT pg_notify('ztid_changes', 'federation')",
+                &[],
+            )
+            .await?;
+            tx.commit().await.map_err(db(WHAT))?;
+            Ok(true)
+        })
+    }
+
+    fn compare_and_swap_federation(
+        &self,
+        trust_domain: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<bool> {
+        const WHAT: &str = "compare_and_swap_federation";
+        let (td, expected, new) = (trust_domain.to_string(), expected.to_vec(), new.to_vec());
+        self.call(WHAT, move |inner| async move {
+            let c = inner.client(WHAT).await?;
+            let rows = query(
+                &c,
+                WHAT,
+                "WITH up AS (UPDATE ztid_federations SET record = $2 \
+                             WHERE trust_domain = $1 AND record = $3 RETURNING 1) \
+                 SELECT pg_notify('ztid_changes', 'federation') FROM up",
+                &[&td, &new, &expected],
+            )
+            .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
     fn put_federation(&self, trust_domain: &str, record: &[u8]) -> Result<()> {
         let (td, record) = (trust_domain.to_string(), record.to_vec());
         self.call("put_federation", move |inner| async move {
