@@ -281,6 +281,24 @@ for n, b in [("good", good), ("bad-authority", bad), ("continuation", split), ("
     for mode in (0, 0x0b):
         seed("h2_authority", f"{n}-{mode}", bytes([mode]) + b)
 
+# spiffe_id_and_leaf: byte 0 picks IDs as lines (0), a DER leaf (1) or PEM (2).
+seed("spiffe_id_and_leaf", "ids", b"\x00" + "\n".join([
+    "spiffe://example.org", "spiffe://example.org/ns/prod/sa/web", "spiffe://example.org/ztid/agent/tpm/abc",
+    "spiffe://example.org/w/0123456789abcdef0123456789abcdef", "SPIFFE://Example.org/a", "spiffe://example.org/a/../b",
+    "spiffe://example.org/a//b", "spiffe://example.org/a/", "spiffe://example.org./a", "spiffe://ex%41mple.org/a",
+    "spiffe://example.org:8443/a", "spiffe://user@example.org/a", "example.org", "spiffe://example.org/a?q#f"]).encode())
+try:
+    leaf = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                           "-nodes", "-keyout", "/dev/null", "-subj", "/O=SPIRE", "-days", "1",
+                           "-addext", "subjectAltName=URI:spiffe://example.org/w/web",
+                           "-addext", "basicConstraints=critical,CA:FALSE", "-outform", "DER"],
+                          capture_output=True, check=True).stdout
+    seed("spiffe_id_and_leaf", "leaf", b"\x01" + leaf)
+    seed("spiffe_id_and_leaf", "pem", b"\x02" + ("-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(leaf).decode()
+                                                  + "-----END CERTIFICATE-----\n").encode())
+except (OSError, subprocess.CalledProcessError):
+    pass
+
 for t in sorted(counts):
     print(f"seed.sh: {counts[t]:3d} seeds in corpus/{t}")
 PY
