@@ -69,6 +69,9 @@ impl CaCore {
             )));
         }
         let checked = check_csr(csr, &IdentityRule::Assigned(&id), &[])?;
+        // Dated past any revocation of this admin in force: a credential issued right
+        // after one is not taken for a revoked one.
+        let issued = self.admin_issue_time(&id)?;
         let authority = self.authorities.x509();
         let leaf = authority.sign_leaf(
             &checked.public_key,
@@ -79,7 +82,7 @@ impl CaCore {
                 node: None,
                 ttl_seconds: ttl,
             },
-            now(),
+            issued,
         )?;
         self.record(json!({"type": "admin_svid_issued", "spiffe_id": id, "caller": caller,
             "serial": leaf.serial, "not_after": leaf.not_after, "authority": authority.record().id}))?;

@@ -25,6 +25,13 @@ pub const MAX_REASON_BYTES: usize = 1024;
 pub const REVOCATION_MARGIN_SECONDS: i64 = 60;
 /// A revocation is kept at least this long, whatever the SVID lifetimes.
 pub const MIN_REVOCATION_LIFETIME_SECONDS: i64 = 3600;
+/// How far past an admin revocation's `revoked_at` a credential of that admin still
+/// counts as issued before it: another server whose clock is ahead by up to this dated
+/// what it issued before the revocation later than the revoking server's clock says. One
+/// second short of the leaf backdate, so that a credential issued after the revocation
+/// can be dated past this window without a `notBefore` in the future
+/// ([`CaCore::admin_issue_time`]).
+pub const ADMIN_REVOCATION_SKEW_SECONDS: i64 = crate::authority::LEAF_BACKDATE_SECONDS - 1;
 
 impl AccessSnapshot {
     /// The revocation in force at `at` that kills a credential of `spiffe_id` issued
@@ -47,13 +54,22 @@ impl AccessSnapshot {
             .chain(by_node)
             .filter_map(|&i| self.revocations.get(i))
             .filter(|r| r.expires_at > at)
+            // Times are whole seconds: a credential issued in the revocation's own second
+            // may have been issued before it, so it is covered (an agent mints nothing
+            // under a revoked entry for 10 s after it; an admin's new credential is dated
+            // past the window, see `CaCore::admin_issue_time`).
             .find(|r| match r.kind {
                 RevocationKind::Instance => r.spiffe_id == spiffe_id,
                 RevocationKind::Entry => {
-                    covers(&r.spiffe_id, spiffe_id) && issued_at < r.revoked_at
+                    covers(&r.spiffe_id, spiffe_id) && issued_at <= r.revoked_at
                 }
-                RevocationKind::Node => node == Some(r.target.as_str()) && issued_at < r.revoked_at,
-                RevocationKind::Admin => r.spiffe_id == spiffe_id && issued_at < r.revoked_at,
+                RevocationKind::Node => {
+                    node == Some(r.target.as_str()) && issued_at <= r.revoked_at
+                }
+                RevocationKind::Admin => {
+                    r.spiffe_id == spiffe_id
+                        && issued_at <= r.revoked_at.saturating_add(ADMIN_REVOCATION_SKEW_SECONDS)
+                }
             })
     }
 }
@@ -64,10 +80,11 @@ impl CaCore {
     /// seconds), if any:
     /// - an instance revocation of `spiffe_id` itself, whenever it was issued;
     /// - an entry revocation whose SPIFFE ID covers `spiffe_id` (equal, or it plus one
-    ///   segment), for a credential issued before `revoked_at`;
-    /// - a node revocation of `node`, for a credential issued before `revoked_at`;
+    ///   segment), for a credential issued before or in the second of `revoked_at`;
+    /// - a node revocation of `node`, for a credential issued before or in the second
+    ///   of `revoked_at`;
     /// - an admin revocation of `spiffe_id` itself (an admin identity), for a credential
-    ///   issued before `revoked_at`.
+    ///   issued up to [`ADMIN_REVOCATION_SKEW_SECONDS`] after `revoked_at`.
     ///
     /// Served from memory: a revocation written through any server of the cluster
     /// counts here within [`ACCESS_REFRESH_SECONDS`](super::grants::ACCESS_REFRESH_SECONDS)
@@ -85,6 +102,42 @@ impl CaCore {
             .snapshot(self.store.as_ref())?
             .revocation_of(spiffe_id, node, issued_at, now())
             .cloned())
+    }
+
+    /// When a new credential of admin `spiffe_id` is issued (Unix seconds; its
+    /// `notBefore` is this less the leaf backdate): now, or, while a revocation of that
+    /// admin is in force, the first second past the window the revocation covers, so the
+    /// new credential is never taken for one it revoked. `Precondition` when that second
+    /// would put `notBefore` in the future: the revocation was dated by a server whose
+    /// clock is ahead of this one's.
+    pub fn admin_issue_time(&self, spiffe_id: &str) -> Result<i64> {
+        let t = now();
+        let revoked_at = self
+            .access
+            .snapshot(self.store.as_ref())?
+            .revocations
+            .iter()
+            .filter(|r| {
+                r.kind == RevocationKind::Admin && r.spiffe_id == spiffe_id && r.expires_at > t
+            })
+            .map(|r| r.revoked_at)
+            .max();
+        let Some(revoked_at) = revoked_at else {
+            return Ok(t);
+        };
+        let issued = revoked_at
+            .saturating_add(ADMIN_REVOCATION_SKEW_SECONDS + 1)
+            .max(t);
+        let ahead = issued - crate::authority::LEAF_BACKDATE_SECONDS - t;
+        if ahead > 0 {
+            return Err(Error::Precondition(format!(
+                "{spiffe_id} was revoked at {} by a server whose clock is {ahead} s ahead of \
+                 this one's; a new credential can be issued here in {ahead} s (check the \
+                 servers' clocks)",
+                ztid_human::rfc3339(revoked_at)
+            )));
+        }
+        Ok(issued)
     }
 
     /// Every revocation in force (`expires_at` after now), ordered by kind and target:
@@ -337,7 +390,8 @@ mod tests {
         );
         assert!(s.revocation_of(INSTANCE, None, 999, 1001).is_some());
         assert!(s.revocation_of(APP, None, 999, 1001).is_some());
-        assert!(s.revocation_of(INSTANCE, None, 1000, 1001).is_none());
+        // Issued in the revocation's own second: maybe before it, so covered.
+        assert!(s.revocation_of(INSTANCE, None, 1000, 1001).is_some());
         assert!(s.revocation_of(INSTANCE, None, 1001, 1001).is_none());
         assert!(s
             .revocation_of(&format!("{INSTANCE}/x"), None, 999, 1001)
@@ -356,8 +410,15 @@ mod tests {
             vec![rev(RevocationKind::Admin, ALICE, ALICE, 1000)],
         );
         assert!(s.revocation_of(ALICE, None, 999, 1001).is_some());
-        // Issued in or after its second: a new credential counts.
-        assert!(s.revocation_of(ALICE, None, 1000, 1001).is_none());
+        // Issued in its second, or dated up to the skew window after it by a server
+        // whose clock is ahead: covered. A new credential is dated past the window.
+        assert!(s.revocation_of(ALICE, None, 1000, 1001).is_some());
+        assert!(s
+            .revocation_of(ALICE, None, 1000 + ADMIN_REVOCATION_SKEW_SECONDS, 1001)
+            .is_some());
+        assert!(s
+            .revocation_of(ALICE, None, 1001 + ADMIN_REVOCATION_SKEW_SECONDS, 1001)
+            .is_none());
         // Not another admin, nor what sits below or above the ID.
         for other in [
             "spiffe://example.org/ztid/admin/bob",
@@ -423,11 +484,50 @@ mod tests {
         );
     }
 
+    /// An admin credential issued right after a revocation of that admin is dated past
+    /// the window the revocation covers (so it works at once), with its `notBefore` never
+    /// in the future; a revocation dated ahead of this server's clock (by another
+    /// server's) makes issuing wait, said as a `Precondition`.
+    #[test]
+    fn an_admin_credential_issued_after_a_revocation_is_dated_past_it() {
+        const ALICE: &str = "spiffe://example.org/ztid/admin/alice";
+        let (_dir, core, _, _) = crate::core::testing::core_with_agent();
+        let t = now();
+        assert!(core.admin_issue_time(ALICE).unwrap() >= t);
+        let r = core
+            .revoke(RevocationKind::Admin, ALICE, "", "test")
+            .unwrap();
+        let issued = core.admin_issue_time(ALICE).unwrap();
+        assert_eq!(issued, r.revoked_at + ADMIN_REVOCATION_SKEW_SECONDS + 1);
+        assert!(issued - crate::authority::LEAF_BACKDATE_SECONDS <= now());
+        assert!(core.revocation_of(ALICE, None, issued).unwrap().is_none());
+        assert!(core
+            .revocation_of(ALICE, None, issued - 1)
+            .unwrap()
+            .is_some());
+        // Another admin is not held back.
+        assert!(
+            core.admin_issue_time("spiffe://example.org/ztid/admin/bob")
+                .unwrap()
+                <= now()
+        );
+        // Dated 30 s ahead by another server's clock.
+        let mut ahead = r.clone();
+        ahead.revoked_at = now() + 30;
+        core.store.put_revocation(&ahead).unwrap();
+        core.access.invalidate();
+        match core.admin_issue_time(ALICE) {
+            Err(Error::Precondition(why)) => assert!(why.contains("s ahead"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_node_revocation_kills_what_was_issued_through_it_before() {
         let s = AccessSnapshot::build(Vec::new(), vec![rev(RevocationKind::Node, NODE, "", 1000)]);
         assert!(s.revocation_of(INSTANCE, Some(NODE), 999, 1001).is_some());
-        assert!(s.revocation_of(INSTANCE, Some(NODE), 1000, 1001).is_none());
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 1000, 1001).is_some());
+        assert!(s.revocation_of(INSTANCE, Some(NODE), 1001, 1001).is_none());
         assert!(s.revocation_of(INSTANCE, None, 999, 1001).is_none());
         assert!(s
             .revocation_of(
