@@ -335,6 +335,62 @@ impl StsConfig {
     }
 }
 
+/// The host of a configured `[sts] issuer`, when it is one a certificate can carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssuerHost {
+    /// A DNS name, lowercase.
+    Dns(String),
+    /// An IP address.
+    Ip(std::net::IpAddr),
+}
+
+impl StsConfig {
+    /// The host of the configured issuer (validated by [`StsConfig::validate`]), when
+    /// it is a name or address the endpoint's certificate can carry.
+    pub fn issuer_host(&self) -> Option<IssuerHost> {
+        let uri: http::Uri = self.issuer.as_deref()?.parse().ok()?;
+        let host = uri.host()?;
+        let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = unbracketed.parse::<std::net::IpAddr>() {
+            return Some(IssuerHost::Ip(ip));
+        }
+        let name = host.to_ascii_lowercase();
+        rustls_pki_types::DnsName::try_from(name.as_str()).ok()?;
+        Some(IssuerHost::Dns(name))
+    }
+}
+
+/// The DNS names every server's own certificate may carry whatever its config: names no
+/// workload may hold (see [`ServerConfig::server_dns_names`]).
+pub const ALWAYS_SERVER_DNS_NAMES: &[&str] = &["localhost"];
+
+impl ServerConfig {
+    /// The DNS names of this server's own TLS certificate: with `[sts]`, `localhost`,
+    /// `[sts] dns_names` and the issuer's host, which HTTPS clients of the token endpoint
+    /// check against the URL while trusting the bundle (SPIFFE peers ignore them and
+    /// check the URI SAN). An entry naming one of them would give a workload a
+    /// certificate those clients take for the server's, so entries may not.
+    pub fn server_dns_names(&self) -> Vec<String> {
+        let Some(sts) = &self.sts else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = ALWAYS_SERVER_DNS_NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let issuer_host = match sts.issuer_host() {
+            Some(IssuerHost::Dns(name)) => Some(name),
+            _ => None,
+        };
+        for name in sts.dns_names.iter().cloned().chain(issuer_host) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
 /// Why `issuer` is not an RFC 8414 issuer: https, a host, no query, no fragment, and no
 /// trailing `/` (the endpoint URLs are the issuer followed by `/token` and so on).
 fn check_issuer(issuer: &str) -> std::result::Result<(), &'static str> {

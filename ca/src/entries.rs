@@ -68,9 +68,15 @@ pub fn parse_claimable_id(td: &TrustDomain, what: &str, id: &str) -> Result<Spif
 
 /// Why a stored entry can mint nothing, if it cannot: entries stored before IDs had one
 /// spelling and the reserved names were closed may name a non-canonical or reserved ID
-/// or parent. They stay stored (deleting is the operator's call), but every CSR and
-/// JWT-SVID request under them is refused.
-pub fn unusable_reason(td: &TrustDomain, e: &EntryRecord) -> Option<String> {
+/// or parent, and entries stored before DNS names were checked (or before the server's
+/// config gave it one of theirs) may name one no entry may ([`dns_name_refusal`]). They
+/// stay stored (deleting is the operator's call), but every CSR and JWT-SVID request
+/// under them is refused.
+pub fn unusable_reason(
+    td: &TrustDomain,
+    e: &EntryRecord,
+    server_dns_names: &[String],
+) -> Option<String> {
     let check = || -> Result<()> {
         parse_claimable_id(td, "spiffe_id", &e.spiffe_id)?;
         if !e.node {
@@ -82,13 +88,28 @@ pub fn unusable_reason(td: &TrustDomain, e: &EntryRecord) -> Option<String> {
                 )));
             }
         }
+        if let Some(why) = e
+            .dns_names
+            .iter()
+            .find_map(|d| dns_name_refusal(d, server_dns_names))
+        {
+            return Err(Error::InvalidInput(why));
+        }
         Ok(())
     };
     check().err().map(|e| e.to_string())
 }
 
-fn valid_dns_name(n: &str) -> bool {
-    !n.is_empty()
+/// Why `n` may not be a DNS name of an entry's SVIDs, if it may not. `server_names`: the
+/// DNS names of the server's own certificate ([`crate::config::ServerConfig::server_dns_names`]).
+///
+/// A DNS SAN is what HTTPS clients trusting the bundle check, so an entry's names are
+/// what its workloads can pass for: one spelling (lowercase: names compare without
+/// case), only host names (no wildcard, no IP address spelt as a name, which some
+/// clients match against a dotted address), and never a name of the server itself nor
+/// `localhost` (which names whatever listens on the client's own host).
+pub fn dns_name_refusal(n: &str, server_names: &[String]) -> Option<String> {
+    let syntax = !n.is_empty()
         && n.len() <= 253
         && n.split('.').all(|l| {
             !l.is_empty()
@@ -96,14 +117,46 @@ fn valid_dns_name(n: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        });
+    if !syntax {
+        return Some(format!(
+            "{n:?} is not a valid DNS name (labels of a-z, 0-9 and '-'; no wildcard)"
+        ));
+    }
+    if n.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(format!(
+            "DNS name {n:?} has uppercase letters: give it in lowercase (names compare without letter case)"
+        ));
+    }
+    // RFC 1123 2.1: a host name's top-level label is never all digits; one that is
+    // is an IP address (127.0.0.1, 0x7f.1) spelt as a name.
+    if n.rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some(format!("DNS name {n:?} is an IP address, not a host name"));
+    }
+    let reserved_by_default = crate::config::ALWAYS_SERVER_DNS_NAMES
+        .iter()
+        .any(|r| n == *r || n.strip_suffix(r).is_some_and(|p| p.ends_with('.')));
+    if reserved_by_default || server_names.iter().any(|r| r.eq_ignore_ascii_case(n)) {
+        return Some(format!(
+            "DNS name {n:?} is a name of the server's own certificate (localhost, \
+             [sts] dns_names, the issuer's host): a workload holding it could pass for the \
+             server to HTTPS clients that trust the bundle"
+        ));
+    }
+    None
 }
 
 /// Validates an entry request and turns it into a record (id and time assigned).
+/// `server_dns_names`: the DNS names of the server's own certificate, which no entry may
+/// name ([`dns_name_refusal`]).
 pub fn validate_new_entry(
     td: &TrustDomain,
     req: &pb::Entry,
     max_ttl: i64,
+    server_dns_names: &[String],
     now: i64,
 ) -> Result<EntryRecord> {
     crate::limits::check_entry(req)?;
@@ -168,10 +221,8 @@ pub fn validate_new_entry(
         }
     }
     for d in &req.dns_names {
-        if !valid_dns_name(d) {
-            return Err(Error::InvalidInput(format!(
-                "{d:?} is not a valid DNS name"
-            )));
+        if let Some(why) = dns_name_refusal(d, server_dns_names) {
+            return Err(Error::InvalidInput(why));
         }
     }
     let mut federates_with = Vec::new();
@@ -241,7 +292,7 @@ mod tests {
 
     fn refused(req: &pb::Entry) -> String {
         let td = TrustDomain::new("example.org").unwrap();
-        match validate_new_entry(&td, req, 3600, 0) {
+        match validate_new_entry(&td, req, 3600, &[], 0) {
             Err(Error::InvalidInput(m)) => m,
             other => panic!("{req:?}: expected InvalidInput, got {other:?}"),
         }
@@ -309,8 +360,9 @@ mod tests {
     #[test]
     fn stored_entries_from_before_the_rule_are_named_at_start() {
         let td = TrustDomain::new("example.org").unwrap();
-        let ok = validate_new_entry(&td, &entry("spiffe://example.org/w", AGENT), 3600, 0).unwrap();
-        assert_eq!(unusable_reason(&td, &ok), None);
+        let ok =
+            validate_new_entry(&td, &entry("spiffe://example.org/w", AGENT), 3600, &[], 0).unwrap();
+        assert_eq!(unusable_reason(&td, &ok, &[]), None);
         for (id, parent, why) in [
             ("spiffe://example.org/ztid", AGENT, "reserved"),
             ("SPIFFE://EXAMPLE.org/w", AGENT, "not a canonical SPIFFE ID"),
@@ -323,8 +375,37 @@ mod tests {
             let mut old = ok.clone();
             old.spiffe_id = id.into();
             old.parent_id = parent.into();
-            let reason = unusable_reason(&td, &old).expect("unusable");
+            let reason = unusable_reason(&td, &old, &[]).expect("unusable");
             assert!(reason.contains(why), "{id} {parent}: {reason}");
+        }
+    }
+
+    #[test]
+    fn dns_names_are_lowercase_host_names_the_server_does_not_hold() {
+        let server = ["sts.example.org".to_string()];
+        for ok in [
+            "db.example.org",
+            "a-b.c",
+            "x1.example.org",
+            "localhost.example.org",
+            "mylocalhost",
+            "1.2.3.example",
+        ] {
+            assert_eq!(dns_name_refusal(ok, &server), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("localhost", "server's own certificate"),
+            ("a.b.localhost", "server's own certificate"),
+            ("sts.example.org", "server's own certificate"),
+            ("Db.example.org", "lowercase"),
+            ("10.0.0.1", "IP address"),
+            ("example.123", "IP address"),
+            ("*.example.org", "not a valid DNS name"),
+            ("db.example.org.", "not a valid DNS name"),
+            ("", "not a valid DNS name"),
+        ] {
+            let refused = dns_name_refusal(bad, &server).unwrap_or_default();
+            assert!(refused.contains(why), "{bad:?}: {refused}");
         }
     }
 
@@ -333,7 +414,7 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let mut req = entry("spiffe://example.org/w", AGENT);
         req.federates_with = vec!["spiffe://other.org".into(), "third.org".into()];
-        let r = validate_new_entry(&td, &req, 3600, 0).unwrap();
+        let r = validate_new_entry(&td, &req, 3600, &[], 0).unwrap();
         assert_eq!(r.spiffe_id, "spiffe://example.org/w");
         assert_eq!(r.parent_id, AGENT);
         assert_eq!(r.federates_with, ["other.org", "third.org"]);

@@ -153,12 +153,17 @@ impl CaCore {
                 ),
             ));
         }
-        // A stored entry the ID rule refuses (from before it) mints nothing.
-        if let Some(why) = crate::entries::unusable_reason(&self.trust_domain, &entry) {
+        // A stored entry the rules refuse (stored before them, or naming a DNS name the
+        // server's config has since given the server) mints nothing.
+        if let Some(why) = crate::entries::unusable_reason(
+            &self.trust_domain,
+            &entry,
+            &self.config.server_dns_names(),
+        ) {
             return Err(Error::refused(
                 RefusalKind::UnusableEntry,
                 format!(
-                    "entry {entry_id} was stored before the SPIFFE ID rule and mints nothing: {why}"
+                    "entry {entry_id} breaks the entry rules as stored and mints nothing: {why}"
                 ),
             ));
         }
@@ -454,6 +459,83 @@ mod tests {
             let e = refused.expect_err("an agent no longer in the alias minted");
             assert_eq!(e.refusal_kind(), Some(RefusalKind::NotEntitled), "{e}");
         }
+    }
+
+    /// An entry's DNS names are SANs of every SVID it yields, and HTTPS clients that
+    /// trust the bundle check a URL's host against them: the token endpoint's own clients
+    /// reach it as `localhost`, an `[sts] dns_names` name or the issuer's host. An entry
+    /// naming one of those (made by an operator with only the entry role, or imported)
+    /// gave its workloads a certificate those clients took for the server's. Refused at
+    /// creation and update; one stored anyway (from before the rule, or named before the
+    /// config gave the server that name) mints nothing.
+    #[test]
+    fn no_entry_names_the_servers_own_dns_names() {
+        let (_dir, core, _, agent) = crate::core::testing::core_with_agent_configured(|c| {
+            c.sts = Some(crate::config::StsConfig {
+                issuer: Some("https://sts.example.org".into()),
+                dns_names: vec!["tokens.example.org".into()],
+                ..crate::config::StsConfig::on("127.0.0.1:8443".parse().unwrap())
+            });
+        });
+        let req = |dns: &str| ztid_proto::node::Entry {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: agent.record.spiffe_id.clone(),
+            selectors: vec![ztid_proto::node::Selector {
+                r#type: "unix".into(),
+                value: "uid:1000".into(),
+            }],
+            dns_names: vec![dns.into()],
+            ..Default::default()
+        };
+        for (name, why) in [
+            ("localhost", "the server's own certificate"),
+            ("api.localhost", "the server's own certificate"),
+            ("sts.example.org", "the server's own certificate"),
+            ("tokens.example.org", "the server's own certificate"),
+            ("LOCALHOST", "lowercase"),
+            ("Tokens.Example.org", "lowercase"),
+            ("127.0.0.1", "an IP address"),
+            ("0x7f.1", "an IP address"),
+            ("*.example.org", "not a valid DNS name"),
+        ] {
+            let refused = core.create_entry(&req(name));
+            let Err(Error::InvalidInput(m)) = &refused else {
+                panic!("{name}: expected InvalidInput, got {refused:?}")
+            };
+            assert!(m.contains(why), "{name}: {m}");
+        }
+        let ok = core.create_entry(&req("db.example.org")).unwrap();
+        let update = ztid_proto::node::Entry {
+            id: ok.id.clone(),
+            ..req("localhost")
+        };
+        let refused = core.update_entry(&update);
+        let Err(Error::InvalidInput(m)) = &refused else {
+            panic!("update: expected InvalidInput, got {refused:?}")
+        };
+        assert!(m.contains("the server's own certificate"), "{m}");
+        assert_eq!(core.store.get_entry(&ok.id).unwrap().unwrap(), ok);
+
+        let mut stored = ok.clone();
+        stored.id = "legacy".into();
+        stored.spiffe_id = "spiffe://example.org/legacy-web".into();
+        stored.dns_names = vec!["tokens.example.org".into()];
+        core.store.create_entry(stored).unwrap();
+        let legacy_id = "spiffe://example.org/legacy-web/0123456789abcdef0123456789abcdef";
+        let x509 = core.sign_workload_svid(&agent, "legacy", &csr_for(legacy_id));
+        let jwt = core.mint_jwt_svid(&agent, "legacy", legacy_id, &["https://x".to_string()]);
+        for refused in [x509.map(|_| ()), jwt.map(|_| ())] {
+            let e = refused.expect_err("minted under an entry naming the server's DNS name");
+            assert_eq!(e.refusal_kind(), Some(RefusalKind::UnusableEntry), "{e}");
+            assert!(
+                e.to_string().contains("the server's own certificate"),
+                "{e}"
+            );
+        }
+        let id = "spiffe://example.org/web/0123456789abcdef0123456789abcdef";
+        assert!(core
+            .sign_workload_svid(&agent, &ok.id, &csr_for(id))
+            .is_ok());
     }
 
     /// One call's CSRs for one entry share its load; an entry the call could not load

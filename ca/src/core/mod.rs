@@ -155,7 +155,7 @@ impl CaCore {
         if let Some(m) = &multi {
             verifiers.push(m.clone());
         }
-        name_unusable_entries(&store, &trust_domain);
+        name_unusable_entries(&store, &trust_domain, config.server_dns_names());
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         let core = Arc::new(Self {
@@ -224,7 +224,11 @@ impl CaCore {
 /// mint nothing now (every mint refuses them): names them once, at start, in the
 /// background and a page at a time, so a large store neither delays the start nor
 /// is held in memory whole (a full listing at 1,000,000 entries did both).
-fn name_unusable_entries(store: &Arc<dyn DataStore>, trust_domain: &TrustDomain) {
+fn name_unusable_entries(
+    store: &Arc<dyn DataStore>,
+    trust_domain: &TrustDomain,
+    server_dns_names: Vec<String>,
+) {
     const PAGE: usize = 1000;
     let store = store.clone();
     let trust_domain = trust_domain.clone();
@@ -242,9 +246,11 @@ fn name_unusable_entries(store: &Arc<dyn DataStore>, trust_domain: &TrustDomain)
                     }
                 };
                 for e in &page {
-                    if let Some(why) = crate::entries::unusable_reason(&trust_domain, e) {
+                    if let Some(why) =
+                        crate::entries::unusable_reason(&trust_domain, e, &server_dns_names)
+                    {
                         tracing::warn!(event = "entry_unusable", entry = %e.id, spiffe_id = %e.spiffe_id, reason = %why,
-                            "stored entry is refused at every mint; delete it and create it again in canonical form");
+                            "stored entry is refused at every mint; update it (or delete it and create it again) within the entry rules");
                     }
                 }
                 match page.last() {

@@ -50,8 +50,13 @@ impl CaCore {
 
     /// Validates and stores a new entry.
     pub fn create_entry(&self, req: &ztid_proto::node::Entry) -> Result<EntryRecord> {
-        let record =
-            validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
+        let record = validate_new_entry(
+            &self.trust_domain,
+            req,
+            self.config.ca_ttl_seconds,
+            &self.config.server_dns_names(),
+            now(),
+        )?;
         let record = self.store.create_entry(record)?;
         crate::metrics::entries_changed(1);
         self.store.flush()?;
@@ -74,8 +79,13 @@ impl CaCore {
                 "an update names the entry it replaces (id)".into(),
             ));
         }
-        let mut record =
-            validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
+        let mut record = validate_new_entry(
+            &self.trust_domain,
+            req,
+            self.config.ca_ttl_seconds,
+            &self.config.server_dns_names(),
+            now(),
+        )?;
         record.id = req.id.clone();
         let record = self.store.update_entry(record).map_err(|e| match e {
             Error::NotFound(_) => Error::NotFound(format!("entry {} does not exist", req.id)),
@@ -96,11 +106,17 @@ impl CaCore {
         reqs: &[ztid_proto::node::Entry],
     ) -> Result<Vec<Result<EntryRecord>>> {
         check_entry_batch(reqs.len())?;
+        let server_dns_names = self.config.server_dns_names();
         let results: Vec<Result<EntryRecord>> = reqs
             .iter()
             .map(|req| {
-                let record =
-                    validate_new_entry(&self.trust_domain, req, self.config.ca_ttl_seconds, now())?;
+                let record = validate_new_entry(
+                    &self.trust_domain,
+                    req,
+                    self.config.ca_ttl_seconds,
+                    &server_dns_names,
+                    now(),
+                )?;
                 self.store.create_entry(record)
             })
             .collect();

@@ -11,30 +11,9 @@ use spiffe::TrustDomain;
 
 use super::{now, CaCore};
 use crate::authority::{LeafTemplate, X509Authority};
-use crate::config::ServerConfig;
+use crate::config::{IssuerHost, ServerConfig};
 use crate::entries::server_id;
 use crate::{Error, Result};
-
-/// With `[sts]`, the DNS names OAuth clients reach the token endpoint by: HTTPS
-/// clients check the certificate's DNS or IP SANs against the URL (SPIFFE peers ignore
-/// them and check the URI SAN). `localhost`, the configured `dns_names`, and the
-/// configured issuer's host (the metadata's endpoint URLs are under the issuer).
-fn token_endpoint_dns_names(config: &ServerConfig) -> Vec<String> {
-    let Some(sts) = &config.sts else {
-        return Vec::new();
-    };
-    let mut names = vec!["localhost".to_string()];
-    let issuer_host = match issuer_host(sts) {
-        Some(IssuerHost::Dns(name)) => Some(name),
-        _ => None,
-    };
-    for name in sts.dns_names.iter().cloned().chain(issuer_host) {
-        if !names.contains(&name) {
-            names.push(name);
-        }
-    }
-    names
-}
 
 /// With `[sts]`, the listen IP (for an unspecified address, `0.0.0.0` or `::`, which no
 /// client connects to by that name: the loopback addresses), and an issuer's IP host.
@@ -51,31 +30,12 @@ fn token_endpoint_ip_addresses(config: &ServerConfig) -> Vec<IpAddr> {
     } else {
         vec![ip]
     };
-    if let Some(IssuerHost::Ip(ip)) = issuer_host(sts) {
+    if let Some(IssuerHost::Ip(ip)) = sts.issuer_host() {
         if !ips.contains(&ip) {
             ips.push(ip);
         }
     }
     ips
-}
-
-enum IssuerHost {
-    Dns(String),
-    Ip(IpAddr),
-}
-
-/// The host of a configured issuer (validated by `StsConfig::validate`), when it is a
-/// name the certificate can carry.
-fn issuer_host(sts: &crate::config::StsConfig) -> Option<IssuerHost> {
-    let uri: http::Uri = sts.issuer.as_deref()?.parse().ok()?;
-    let host = uri.host()?;
-    let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-        return Some(IssuerHost::Ip(ip));
-    }
-    let name = host.to_ascii_lowercase();
-    rustls_pki_types::DnsName::try_from(name.as_str()).ok()?;
-    Some(IssuerHost::Dns(name))
 }
 
 impl CaCore {
@@ -90,7 +50,7 @@ impl CaCore {
             &key,
             &LeafTemplate {
                 spiffe_id: server_id(td),
-                dns_names: token_endpoint_dns_names(config),
+                dns_names: config.server_dns_names(),
                 ip_addresses: token_endpoint_ip_addresses(config),
                 node: None,
                 ttl_seconds: config.agent_svid_ttl_seconds,

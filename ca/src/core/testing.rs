@@ -9,7 +9,21 @@ use super::{AuthenticatedAgent, CaCore};
 /// join_token/n1`): the directory (keep it alive), the core, the agent's leaf
 /// certificate and the agent as the node API authenticates it.
 pub(crate) fn core_with_agent() -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
-    let (dir, core) = empty_core();
+    core_with_agent_configured(|_| {})
+}
+
+/// [`core_with_agent`] on the default settings changed by `configure`.
+pub(crate) fn core_with_agent_configured(
+    configure: impl FnOnce(&mut crate::config::ServerConfig),
+) -> (tempfile::TempDir, Arc<CaCore>, Vec<u8>, AuthenticatedAgent) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::config::ServerConfig {
+        trust_domain: "example.org".into(),
+        data_dir: dir.path().into(),
+        ..Default::default()
+    };
+    configure(&mut config);
+    let core = CaCore::open(config).unwrap();
     let csr = fresh_csr();
     let (_, leaf) = core.complete_attestation(&test_node(), &csr).unwrap();
     let leaf = leaf.chain.first().unwrap().clone();

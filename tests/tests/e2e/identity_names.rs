@@ -1175,7 +1175,7 @@ fn store_legacy_entries(server: &mut Server, entries: Vec<LegacyEntry>) -> Vec<S
         let ids = entries
             .into_iter()
             .map(|(req, alter)| {
-                let mut e = ztid_ca::entries::validate_new_entry(&td, &req, 3600, 0).unwrap();
+                let mut e = ztid_ca::entries::validate_new_entry(&td, &req, 3600, &[], 0).unwrap();
                 alter(&mut e);
                 store.create_entry(e).unwrap().id
             })
