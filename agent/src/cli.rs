@@ -532,7 +532,12 @@ async fn fetch_token(
         .svids
         .first_mut()
         .ok_or("the agent answered without an X509-SVID")?;
+    // The endpoint must be the server of the caller's own trust domain.
+    let server_id = ztid_spiffe::spiffe_id::parse(&svid.spiffe_id)
+        .map(|id| ztid_spiffe::spiffe_id::server_id(id.trust_domain()).to_string())
+        .map_err(|e| format!("the agent answered with an unusable SPIFFE ID: {e}"))?;
     let identity = token_exchange::ClientIdentity {
+        server_id,
         chain: split_der_chain(&svid.x509_svid)?,
         // Moved out of the answer, not copied: the one copy left is zeroized on drop.
         key: zeroize::Zeroizing::new(std::mem::take(&mut svid.x509_svid_key)),

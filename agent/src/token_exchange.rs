@@ -5,7 +5,10 @@
 //! x509`. The request is an HTTP/1.1 `POST` of a form over TLS with that SVID as client
 //! certificate (RFC 8705 `tls_client_auth`: the token is bound to it); the endpoint's
 //! certificate must chain to the trust bundle's X.509 authorities and name the host of
-//! the endpoint's URL (DNS name or IP address), as any HTTPS server's. The whole exchange
+//! the endpoint's URL (DNS name or IP address), as any HTTPS server's, and it must be the
+//! server's own SVID: `spiffe://TD/ztid/server`, signed by an authority of TD (see
+//! [`EndpointVerifier`]). The host name alone is not enough: every workload SVID chains
+//! to the same bundle and carries its entry's DNS names. The whole exchange
 //! is bounded in time ([`EXCHANGE_TIMEOUT`]) and the answer in size
 //! ([`MAX_RESPONSE_BYTES`]).
 
@@ -16,7 +19,9 @@ use bytes::Bytes;
 use http::{header, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -308,19 +313,85 @@ pub struct ClientIdentity {
     pub key: Zeroizing<Vec<u8>>,
     /// The trust bundle's X.509 authorities, DER.
     pub roots: Vec<Vec<u8>>,
+    /// The SPIFFE ID the endpoint's certificate must carry: the server's own,
+    /// `spiffe://TD/ztid/server` of the caller's trust domain.
+    pub server_id: String,
+}
+
+/// The endpoint's certificate check: the usual HTTPS one (a chain to the bundle naming
+/// the URL's host), then the server's own SPIFFE ID, issued by an authority of its trust
+/// domain ([`ztid_spiffe::tls::ServerSvidVerifier`]). The first alone would take any
+/// workload whose entry names the host (as a DNS name) for the token endpoint.
+#[derive(Debug)]
+pub struct EndpointVerifier {
+    web: Arc<rustls::client::WebPkiServerVerifier>,
+    server: ztid_spiffe::tls::ServerSvidVerifier,
+}
+
+impl EndpointVerifier {
+    /// Checks chains against `roots` (DER) and requires `server_id`.
+    pub fn new(roots: &[Vec<u8>], server_id: &str) -> Result<Self, ExchangeError> {
+        let bad = |e: &dyn std::fmt::Display| ExchangeError::Identity(e.to_string());
+        let mut store = rustls::RootCertStore::empty();
+        for r in roots {
+            store
+                .add(CertificateDer::from(r.clone()))
+                .map_err(|e| bad(&format!("a bundle authority is unusable: {e}")))?;
+        }
+        if store.is_empty() {
+            return Err(bad(&"the trust bundle has no X.509 authority"));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let web =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
+                .build()
+                .map_err(|e| bad(&e))?;
+        let server = ztid_spiffe::tls::ServerSvidVerifier::new(
+            ztid_spiffe::tls::shared_roots(roots.to_vec()),
+            server_id.to_string(),
+        );
+        Ok(Self { web, server })
+    }
+}
+
+impl ServerCertVerifier for EndpointVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.web
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.server
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.web.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.web.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.web.supported_verify_schemes()
+    }
 }
 
 fn tls_config(id: &ClientIdentity) -> Result<rustls::ClientConfig, ExchangeError> {
     let bad = |e: &dyn std::fmt::Display| ExchangeError::Identity(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for r in &id.roots {
-        roots
-            .add(CertificateDer::from(r.clone()))
-            .map_err(|e| bad(&format!("a bundle authority is unusable: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(bad(&"the trust bundle has no X.509 authority"));
-    }
+    let verifier = EndpointVerifier::new(&id.roots, &id.server_id)?;
     let chain: Vec<CertificateDer<'static>> =
         id.chain.iter().cloned().map(CertificateDer::from).collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.to_vec()));
@@ -328,7 +399,8 @@ fn tls_config(id: &ClientIdentity) -> Result<rustls::ClientConfig, ExchangeError
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(&e))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
         .map_err(|e| bad(&e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -609,15 +681,29 @@ mod tests {
         client_cert: bool,
     }
 
-    /// An HTTPS endpoint on 127.0.0.1 whose certificate names only `localhost`, that
+    const SERVER_ID: &str = "spiffe://example.org/ztid/server";
+
+    /// An HTTPS endpoint on 127.0.0.1 with the server's SVID naming only `localhost`, that
     /// requires a client certificate of `ca` and answers every request with `answer`.
     async fn endpoint(
         ca: &TestCa,
         answer: (StatusCode, String),
     ) -> (u16, tokio::sync::mpsc::Receiver<Seen>) {
+        endpoint_as(ca, SERVER_ID, answer).await
+    }
+
+    /// [`endpoint`] with the SVID of `spiffe_id` (and the DNS name `localhost`).
+    async fn endpoint_as(
+        ca: &TestCa,
+        spiffe_id: &str,
+        answer: (StatusCode, String),
+    ) -> (u16, tokio::sync::mpsc::Receiver<Seen>) {
         use hyper::service::service_fn;
         let (cert, key) = ca.leaf(
-            vec![rcgen::SanType::DnsName("localhost".try_into().unwrap())],
+            vec![
+                rcgen::SanType::DnsName("localhost".try_into().unwrap()),
+                rcgen::SanType::URI(spiffe_id.try_into().unwrap()),
+            ],
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         );
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -705,6 +791,7 @@ mod tests {
             chain: vec![cert],
             key: Zeroizing::new(key),
             roots: vec![ca.der.clone()],
+            server_id: SERVER_ID.into(),
         }
     }
 
@@ -765,5 +852,35 @@ mod tests {
             matches!(&e, ExchangeError::Transport { why, .. } if why.starts_with("TLS")),
             "{e}"
         );
+    }
+
+    /// A workload whose entry names the endpoint's host (`localhost`) as a DNS name holds
+    /// an SVID that chains to the bundle and names that host: the HTTPS check alone took
+    /// it for the token endpoint, which then saw the caller's request and answered with
+    /// a token of its own making. Only the server's own SVID is the endpoint.
+    #[tokio::test]
+    async fn a_workload_svid_naming_the_host_is_not_the_endpoint() {
+        let ca = TestCa::new();
+        let forged = r#"{"access_token":"forged","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer"}"#;
+        let (port, mut seen) = endpoint_as(
+            &ca,
+            "spiffe://example.org/web/0123456789abcdef0123456789abcdef",
+            (StatusCode::OK, forged.into()),
+        )
+        .await;
+        let url = format!("https://localhost:{port}/token");
+        let e = exchange(&Endpoint::parse(&url).unwrap(), &identity(&ca), &request())
+            .await
+            .expect_err("a workload passed for the token endpoint");
+        assert!(
+            matches!(&e, ExchangeError::Transport { why, .. } if why.starts_with("TLS")),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("expected spiffe://example.org/ztid/server"),
+            "{e}"
+        );
+        assert!(seen.try_recv().is_err(), "the request reached the impostor");
     }
 }
