@@ -209,11 +209,14 @@ impl CaCore {
         let entry = self.entitled_entry_in(memo, agent, entry_id)?;
         let checked = check_csr(csr, &workload_rule(entry), &entry.dns_names)?;
         self.refuse_revoked_instance(agent, &checked.spiffe_id)?;
+        // Bounded now, not only when the entry was stored: an entry stored under a larger
+        // ca_ttl_seconds (lowered since) gets the bound in force.
         let ttl = if entry.x509_ttl > 0 {
             entry.x509_ttl
         } else {
             self.config.x509_svid_ttl_seconds
-        };
+        }
+        .min(self.config.ca_ttl_seconds);
         self.check_policy(
             crate::policy::Action::MintX509,
             agent,
@@ -271,11 +274,14 @@ impl CaCore {
         }
         check_identity(&workload_rule(&entry), spiffe_id)?;
         self.refuse_revoked_instance(agent, spiffe_id)?;
+        // As for X509-SVIDs: the bound in force now. A JWT-SVID is a bearer token, and
+        // the JWT authority's own life (jwt_key_ttl_seconds) is no bound an entry set.
         let ttl = if entry.jwt_ttl > 0 {
             entry.jwt_ttl
         } else {
             self.config.jwt_svid_ttl_seconds
-        };
+        }
+        .min(self.config.ca_ttl_seconds);
         self.check_policy(
             crate::policy::Action::MintJwt,
             agent,
@@ -536,6 +542,36 @@ mod tests {
         assert!(core
             .sign_workload_svid(&agent, &ok.id, &csr_for(id))
             .is_ok());
+    }
+
+    /// Entry TTLs are bounded by ca_ttl_seconds when stored; an entry stored before the
+    /// operator lowered that bound kept its TTL at every mint: a JWT-SVID (a bearer
+    /// token) lived as long as the entry said, up to the JWT authority's own life.
+    #[test]
+    fn mints_keep_the_ttl_bound_in_force_now() {
+        const DAY: i64 = 86_400;
+        let (_dir, core, _, agent) =
+            crate::core::testing::core_with_agent_configured(|c| c.ca_ttl_seconds = DAY);
+        let id = per_instance_entry(&core, &agent, "w");
+        // As stored under a bound of 30 days.
+        let mut stored = core.store.get_entry(&id).unwrap().unwrap();
+        stored.x509_ttl = 20 * DAY;
+        stored.jwt_ttl = 20 * DAY;
+        core.store.update_entry(stored).unwrap();
+        let svid = "spiffe://example.org/w/0123456789abcdef0123456789abcdef";
+        let t = now();
+        let (_, exp) = core
+            .mint_jwt_svid(&agent, &id, svid, &["https://x".to_string()])
+            .unwrap();
+        assert!(exp <= t + DAY + 5, "JWT-SVID for {}s", exp - t);
+        let (_, leaf) = core
+            .sign_workload_svid(&agent, &id, &csr_for(svid))
+            .unwrap();
+        assert!(
+            leaf.not_after <= t + DAY + 5,
+            "X509-SVID for {}s",
+            leaf.not_after - t
+        );
     }
 
     /// One call's CSRs for one entry share its load; an entry the call could not load
