@@ -192,6 +192,14 @@ pub fn validate_new_entry(
         }
         parent.to_string()
     };
+    // The hint reaches every workload of the entry and is printed as it is by `entry
+    // show` and `api fetch`: a control character there (a newline, a terminal escape)
+    // could forge output lines or drive the terminal of whoever reads it.
+    if req.hint.chars().any(char::is_control) {
+        return Err(Error::InvalidInput(
+            "the hint contains a control character".into(),
+        ));
+    }
     if req.selectors.is_empty() {
         return Err(Error::InvalidInput(
             "an entry needs at least one selector".into(),
@@ -407,6 +415,30 @@ mod tests {
             let refused = dns_name_refusal(bad, &server).unwrap_or_default();
             assert!(refused.contains(why), "{bad:?}: {refused}");
         }
+    }
+
+    #[test]
+    fn hints_hold_no_control_characters() {
+        let mut req = entry("spiffe://example.org/w", AGENT);
+        for bad in [
+            "a\nSPIFFE ID : spiffe://example.org/x",
+            "\u{1b}]0;x\u{7}",
+            "tab\there",
+            "\u{85}",
+        ] {
+            req.hint = bad.into();
+            assert_eq!(
+                refused(&req),
+                "the hint contains a control character",
+                "{bad:?}"
+            );
+        }
+        let td = TrustDomain::new("example.org").unwrap();
+        req.hint = "internal — API ✓".into();
+        assert_eq!(
+            validate_new_entry(&td, &req, 3600, &[], 0).unwrap().hint,
+            "internal — API ✓"
+        );
     }
 
     #[test]
