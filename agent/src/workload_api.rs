@@ -744,6 +744,8 @@ mod tests {
 
     const ENTRY_ID: &str = "e1";
     const ENTRY_SPIFFE_ID: &str = "spiffe://example.org/w";
+    /// An entry ID whose instances the fake node API refuses to sign.
+    const REFUSED_SPIFFE_ID: &str = "spiffe://example.org/refused";
 
     /// Signs every CSR with a made-up chain: the agent only checks the SPIFFE ID.
     struct FakeNode;
@@ -792,12 +794,19 @@ mod tests {
                 .into_inner()
                 .requests
                 .iter()
-                .map(|r| npb::SvidResult {
-                    result: Some(npb::svid_result::Result::Svid(npb::X509Svid {
-                        spiffe_id: spiffe_id_of_csr(&r.csr),
-                        cert_chain: vec![b"not a certificate".to_vec()],
-                        expires_at,
-                    })),
+                .map(|r| {
+                    let spiffe_id = spiffe_id_of_csr(&r.csr);
+                    npb::SvidResult {
+                        result: Some(if spiffe_id.starts_with(REFUSED_SPIFFE_ID) {
+                            npb::svid_result::Result::Error("refused by the fake server".into())
+                        } else {
+                            npb::svid_result::Result::Svid(npb::X509Svid {
+                                spiffe_id,
+                                cert_chain: vec![b"not a certificate".to_vec()],
+                                expires_at,
+                            })
+                        }),
+                    }
                 })
                 .collect();
             Ok(Response::new(npb::SignX509SvidsResponse { results }))
@@ -1034,6 +1043,57 @@ mod tests {
         assert_eq!(
             after,
             format!("spiffe://example.org/renamed/{}", inst.segment)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// An entry moved to another SPIFFE ID whose mint the server refuses (an issuance
+    /// policy, say): the instance went on serving its SVID of the old ID, which the entry
+    /// no longer names, until it expired.
+    #[tokio::test]
+    async fn an_entry_moved_to_an_id_the_server_refuses_stops_serving_the_old_one() {
+        let (workloads, _bundle) = workloads().await;
+        let (mut child, other) = other_process();
+        let inst = workloads.instance_for(&other).unwrap();
+        workloads.reconcile(&inst).await.unwrap();
+        assert!(inst.state.borrow().svids[0]
+            .spiffe_id
+            .starts_with(&format!("{ENTRY_SPIFFE_ID}/")));
+        let uid = nix::unistd::geteuid().as_raw();
+        workloads
+            .entries
+            .write()
+            .unwrap()
+            .apply(&npb::SyncEntriesResponse {
+                full: false,
+                revision: 2,
+                upserted: vec![npb::Entry {
+                    id: ENTRY_ID.into(),
+                    spiffe_id: REFUSED_SPIFFE_ID.into(),
+                    parent_id: "spiffe://example.org/ztid/agent/join_token/n1".into(),
+                    selectors: vec![npb::Selector {
+                        r#type: "unix".into(),
+                        value: format!("uid:{uid}"),
+                    }],
+                    revision: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        let refused = workloads.reconcile(&inst).await;
+        let served: Vec<String> = inst
+            .state
+            .borrow()
+            .svids
+            .iter()
+            .map(|s| s.spiffe_id.clone())
+            .collect();
+        assert!(served.is_empty(), "still served: {served:?}");
+        assert!(
+            matches!(&refused, Err(crate::Error::Server(m)) if m.contains("refused by the fake server")),
+            "{:?}",
+            refused.err()
         );
         let _ = child.kill();
         let _ = child.wait();

@@ -1155,8 +1155,9 @@ impl Workloads {
         {
             Ok(out) => out,
             Err(SignFailure::Unreachable(e)) => match shared.get(&entry.id) {
-                // No server answers: the SVID held stays served while it is valid.
-                Some(h) if h.not_after > now => {
+                // No server answers: the SVID held stays served while it is valid, if it
+                // is of the identity the entry names now.
+                Some(h) if h.not_after > now && h.spiffe_id == entry.spiffe_id => {
                     tracing::warn!(entry = %entry.id, error = %e, not_after = h.not_after, "no server answers; serving the shared SVID held until it is renewed");
                     return Ok(h.clone());
                 }
@@ -1182,7 +1183,14 @@ impl Workloads {
         // this lock, so no reconcile can mint again what a revocation just dropped.
         let mut held = inst.svids.lock().await;
         let wanted = self.entitled(inst.key.binding(), &inst.selectors)?.entries;
-        held.retain(|id, _| wanted.iter().any(|e| &e.id == id && !e.shared));
+        // An SVID of an identity its entry no longer names (the entry's SPIFFE ID changed)
+        // goes now, whatever the new mint brings: kept until that mint succeeded, it was
+        // served on while the server refused the new one, or while none answered.
+        held.retain(|id, h| {
+            wanted
+                .iter()
+                .any(|e| &e.id == id && !e.shared && h.spiffe_id == Self::identity_for(inst, e))
+        });
         let mut jobs = Vec::new();
         let mut shared_svids = Vec::new();
         for e in &wanted {
@@ -1214,7 +1222,11 @@ impl Workloads {
                 tracing::warn!(pid = inst.process.pid, error = %e, "no server answers; serving the workload SVIDs held until they are renewed");
                 Vec::new()
             }
-            Err(f) => return Err(f.into()),
+            Err(f) => {
+                // What is held (less what was dropped above) stays served; the rest goes.
+                Self::publish(inst, held.values().cloned().chain(shared_svids).collect());
+                return Err(f.into());
+            }
         };
         for r in signed {
             match r {
@@ -1228,7 +1240,15 @@ impl Workloads {
                 }
             }
         }
-        let mut svids: Vec<Arc<HeldSvid>> = held.values().cloned().chain(shared_svids).collect();
+        Self::publish(inst, held.values().cloned().chain(shared_svids).collect());
+        match first_error {
+            Some(e) if inst.state.borrow().svids.is_empty() => Err(Error::Server(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Publishes `svids` as the instance's identity set to its streams, if it changed.
+    fn publish(inst: &Instance, mut svids: Vec<Arc<HeldSvid>>) {
         svids.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
         let changed = {
             let cur = inst.state.borrow();
@@ -1241,10 +1261,6 @@ impl Workloads {
         };
         if changed {
             inst.state.send_replace(Arc::new(IdentitySet { svids }));
-        }
-        match first_error {
-            Some(e) if inst.state.borrow().svids.is_empty() => Err(Error::Server(e)),
-            _ => Ok(()),
         }
     }
 
