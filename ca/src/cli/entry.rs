@@ -34,7 +34,8 @@ pub struct EntryArgs {
     /// One SVID per node for all matching processes.
     #[arg(long)]
     shared: bool,
-    /// DNS SAN, repeatable.
+    /// DNS SAN, repeatable: a lowercase host name; not localhost, an IP address, a
+    /// wildcard, nor a name of the server's own certificate.
     #[arg(long = "dns-name")]
     dns_names: Vec<String>,
     /// Federated trust domain, repeatable.
@@ -43,7 +44,7 @@ pub struct EntryArgs {
     /// A node alias.
     #[arg(long)]
     node: bool,
-    /// Hint passed to workloads.
+    /// Hint passed to workloads (no control characters).
     #[arg(long, default_value = "")]
     hint: String,
 }
