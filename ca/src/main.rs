@@ -10,11 +10,16 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| "info,tss_esapi=warn".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log file or journald gets no escape sequence
+        // of ours, so any in a log line is an anomaly (values from elsewhere are escaped).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
-        builder.init();
+        // Log fields quote what agents, workloads and peers sent: escaped, so they can
+        // neither forge a log line nor drive the terminal of whoever reads it.
+        builder.fmt_fields(ztid_human::logs::EscapedFields).init();
     }
 }
 
@@ -48,7 +53,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, escaped: a refusal may quote what an agent, a workload, a peer
+            // or another admin sent.
+            eprintln!("error: {}", ztid_human::shown(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -2,10 +2,104 @@
 //! points in time as RFC 3339 in UTC with how they stand from now
 //! (`2026-12-02T10:14:36Z (in 59m50s)`), lifetimes as people write them (`1h30m`).
 //! Scripts read the JSON output, which keeps Unix seconds.
+//!
+//! And values from elsewhere, shown to a person ([`shown`]): what an agent, a workload, a
+//! federation peer or a narrower admin chose can neither drive the reader's terminal nor
+//! forge a line of output.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "logs")]
+pub mod logs;
+
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A value from elsewhere, shown to a person: every character that could act on a
+/// terminal or hide what the text says is written visibly as an escape.
+/// Escaped: C0 and C1 controls and DEL (ESC, CSI, OSC sequences such as OSC 52 and OSC 8;
+/// CR and BS overwriting; LF forging lines) as `\n`, `\r`, `\t` or `\x1b`; and the
+/// invisible formatting characters (bidi overrides, embeddings and isolates, zero-width
+/// characters, line and paragraph separators, tag characters) as `\u{202e}`. Everything
+/// else, other scripts included, is shown as it is. A backslash is not doubled: refusals
+/// the server already escaped would read `\\x1b`, and a value copied from the output would
+/// no longer match; a typed `\x1b` can look like an escaped ESC, but does nothing.
+pub fn shown(value: &str) -> Shown<'_> {
+    Shown(value)
+}
+
+/// What [`shown`] returns: writes the value escaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown<'a>(&'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        // Runs of plain characters are written at once.
+        while let Some((at, c)) = rest.char_indices().find(|&(_, c)| needs_escape(c)) {
+            f.write_str(&rest[..at])?;
+            match c {
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                c if u32::from(c) < 0x80 => write!(f, "\\x{:02x}", u32::from(c))?,
+                c => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+/// `value` as [`shown`] writes it.
+pub fn shown_string(value: &str) -> String {
+    shown(value).to_string()
+}
+
+/// `value` in double quotes, its `\\` and `"` escaped, then as [`shown`] writes it: for
+/// one `name=value` field among others on a line, which a value holding spaces and `"`
+/// could otherwise end early and follow with fields of its own.
+pub fn shown_quoted(value: &str) -> String {
+    let quoted = value.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{}\"", shown(&quoted))
+}
+
+/// The first character of `value` that has no place in a name or a text field a person
+/// reads (a C0 or C1 control, DEL), if any: input checks refuse such values where the
+/// field has no use for them. Invisible formatting characters are not refused here (a
+/// label or a path may hold them in other scripts); [`shown`] makes them visible.
+pub fn first_control(value: &str) -> Option<char> {
+    value.chars().find(|c| c.is_control())
+}
+
+/// Whether [`shown`] escapes `c`.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || is_invisible_format(c)
+}
+
+/// Invisible characters that change how the text around them reads: bidi controls,
+/// zero-width and joiner characters, separators, fillers, tags.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00ad // soft hyphen
+            | 0x034f // combining grapheme joiner
+            | 0x061c // Arabic letter mark
+            | 0x115f..=0x1160 // Hangul fillers
+            | 0x17b4..=0x17b5
+            | 0x180b..=0x180f // Mongolian variation selectors and vowel separator
+            | 0x200b..=0x200f // zero-width space, joiners, LRM, RLM
+            | 0x2028..=0x202e // line and paragraph separators, bidi embeddings and overrides
+            | 0x2060..=0x206f // word joiner, invisible operators, bidi isolates, deprecated formats
+            | 0x3164 // Hangul filler
+            | 0xfe00..=0xfe0f // variation selectors
+            | 0xfeff // zero-width no-break space (BOM)
+            | 0xffa0 // halfwidth Hangul filler
+            | 0xfff9..=0xfffb // interlinear annotations
+            | 0x1d173..=0x1d17a // musical formatting
+            | 0xe0000..=0xe0fff // tags, variation selectors supplement
+    )
+}
 
 /// Now, in Unix seconds (0 if the clock is before 1970, which only makes every time
 /// read as far in the future).
@@ -102,6 +196,63 @@ fn units(seconds: i64, most: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_from_elsewhere_are_shown_with_every_control_visible() {
+        let s = |v: &str| shown(v).to_string();
+        assert_eq!(s("spiffe://example.org/a"), "spiffe://example.org/a");
+        assert_eq!(
+            s("ünïcødé 名前"),
+            "ünïcødé 名前",
+            "other scripts stay as they are"
+        );
+        // CSI (colour, cursor), OSC 52 (clipboard) and OSC 8 (links), 8-bit CSI.
+        assert_eq!(s("\x1b[31mred\x1b[0m"), "\\x1b[31mred\\x1b[0m");
+        assert_eq!(
+            s("\x1b]52;c;cm0gLXJmIC8=\x07"),
+            "\\x1b]52;c;cm0gLXJmIC8=\\x07"
+        );
+        assert_eq!(
+            s("\x1b]8;;http://evil\x1b\\x\x1b]8;;\x1b\\"),
+            "\\x1b]8;;http://evil\\x1b\\x\\x1b]8;;\\x1b\\"
+        );
+        assert_eq!(s("\u{9b}2J"), "\\u{9b}2J");
+        // Overwriting and forged lines.
+        assert_eq!(s("ok\rEVIL"), "ok\\rEVIL");
+        assert_eq!(s("abc\x08\x08\x08xyz"), "abc\\x08\\x08\\x08xyz");
+        assert_eq!(
+            s("a\nSelector      : unix:uid:0"),
+            "a\\nSelector      : unix:uid:0"
+        );
+        assert_eq!(s("\t\x00\x7f"), "\\t\\x00\\x7f");
+        // Bidi overrides and isolates, zero-width characters.
+        assert_eq!(s("exe.\u{202e}fdp"), "exe.\\u{202e}fdp");
+        assert_eq!(
+            s("\u{2066}a\u{2067}b\u{2068}c\u{2069}"),
+            "\\u{2066}a\\u{2067}b\\u{2068}c\\u{2069}"
+        );
+        assert_eq!(s("ad\u{200b}min\u{feff}"), "ad\\u{200b}min\\u{feff}");
+        assert_eq!(s("\u{2028}\u{e0041}"), "\\u{2028}\\u{e0041}");
+        // A message the server escaped already is not escaped twice.
+        assert_eq!(s("hint holds (\\x1b)"), "hint holds (\\x1b)");
+        assert_eq!(shown_string("a\nb"), "a\\nb");
+        assert_eq!(
+            shown_quoted("x\" subject=\"spiffe://td/victim"),
+            r#""x\" subject=\"spiffe://td/victim""#
+        );
+        // A backslash of the value cannot undo the escape of the quote after it.
+        assert_eq!(shown_quoted("x\\\" y\x1b"), r#""x\\\" y\x1b""#);
+    }
+
+    #[test]
+    fn controls_are_found_for_input_checks() {
+        assert_eq!(first_control("a hint"), None);
+        assert_eq!(first_control("label \u{202e} in Hebrew"), None);
+        assert_eq!(first_control("a\x1b[2J"), Some('\x1b'));
+        assert_eq!(first_control("line\nforged"), Some('\n'));
+        assert_eq!(first_control("\u{85}"), Some('\u{85}'));
+        assert_eq!(first_control("\x7f"), Some('\x7f'));
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {
