@@ -549,7 +549,9 @@ async fn fetch_token(
     match out {
         Output::Json => println!("{}", String::from_utf8_lossy(&body).trim_end()),
         Output::Text => {
-            println!("{}", token.access_token);
+            // What the token endpoint sent, escaped for the terminal (a real token and
+            // scope hold nothing to escape).
+            println!("{}", human::shown(&token.access_token));
             match token.expires_in {
                 Some(s) => {
                     let at = human::now_unix().saturating_add(i64::try_from(s).unwrap_or(i64::MAX));
@@ -563,9 +565,12 @@ async fn fetch_token(
             }
             println!(
                 "scope             : {}",
-                token.scope.as_deref().unwrap_or("")
+                human::shown(token.scope.as_deref().unwrap_or(""))
             );
-            println!("issued_token_type : {}", token.issued_token_type);
+            println!(
+                "issued_token_type : {}",
+                human::shown(&token.issued_token_type)
+            );
         }
     }
     Ok(())
@@ -695,7 +700,7 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                         println!();
                         println!(
                             "SPIFFE ID         : {}",
-                            l["spiffe_id"].as_str().unwrap_or_default()
+                            human::shown(l["spiffe_id"].as_str().unwrap_or_default())
                         );
                         match l["expires_at"].as_i64() {
                             Some(at) => println!("SVID valid until  : {}", human::expiry(at)),
@@ -732,7 +737,11 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                 ),
                 Output::Text => {
                     for s in &resp.svids {
-                        println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+                        println!(
+                            "token({}):\n\t{}",
+                            human::shown(&s.spiffe_id),
+                            human::shown(&s.svid)
+                        );
                     }
                 }
             }
@@ -753,7 +762,10 @@ pub async fn client_verb(cli: &Cli) -> Result<(), String> {
                 .into_inner();
             match out {
                 Output::Json => println!("{}", json!({"spiffe_id": resp.spiffe_id, "valid": true})),
-                Output::Text => println!("SVID is valid.\nSPIFFE ID : {}", resp.spiffe_id),
+                Output::Text => println!(
+                    "SVID is valid.\nSPIFFE ID : {}",
+                    human::shown(&resp.spiffe_id)
+                ),
             }
         }
     }

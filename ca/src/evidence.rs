@@ -55,12 +55,16 @@ pub fn verify(args: &EvidenceVerifyArgs, output: Output) -> Result<(), String> {
         Output::Text => {
             println!("Evidence verified ({}).", args.kind);
             if let Some(obj) = claims.as_object() {
+                // Claims quote the evidence (a TPM's manufacturer, an EK issuer's name).
                 for (k, v) in obj {
+                    let v = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
                     println!(
-                        "{k:<16}: {}",
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string())
+                        "{:<16}: {}",
+                        ztid_human::shown_string(k),
+                        ztid_human::shown(&v)
                     );
                 }
             }

@@ -64,7 +64,7 @@ pub(super) async fn run(client: &mut Client, cmd: &AdminCmd, out: Output) -> Res
             if out == Output::Text {
                 println!(
                     "Revoked every admin credential of {} issued before {}; issue a new one with `ztid-server admin credential issue --name {name}`",
-                    r.target,
+                    super::output::shown(&r.target),
                     super::output::rfc3339(r.revoked_at)
                 );
             }

@@ -4,7 +4,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
-use super::output::{expiry, print_list, when};
+use super::output::{expiry, print_list, shown, when};
 use super::{status, Client, Output};
 
 /// `agent` verbs.
@@ -46,22 +46,27 @@ fn agent_text(a: &pb::Agent) -> String {
     use std::fmt::Write as _;
     let mut t = String::new();
     // Writing to a String cannot fail.
-    let _ = writeln!(t, "Agent ID      : {}", a.spiffe_id);
-    let _ = writeln!(t, "Attestation   : {}", a.attestation_method);
+    let _ = writeln!(t, "Agent ID      : {}", shown(&a.spiffe_id));
+    let _ = writeln!(t, "Attestation   : {}", shown(&a.attestation_method));
     for s in &a.selectors {
-        let _ = writeln!(t, "Selector      : {}:{}", s.r#type, s.value);
+        let _ = writeln!(
+            t,
+            "Selector      : {}:{}",
+            shown(&s.r#type),
+            shown(&s.value)
+        );
     }
     for al in &a.aliases {
-        let _ = writeln!(t, "Alias         : {al}");
+        let _ = writeln!(t, "Alias         : {}", shown(al));
     }
-    let _ = writeln!(t, "SVID serial   : {}", a.serial);
+    let _ = writeln!(t, "SVID serial   : {}", shown(&a.serial));
     if a.attested_at != 0 {
         let _ = writeln!(t, "Attested at   : {}", when(a.attested_at));
     }
     let _ = writeln!(t, "SVID expires  : {}", expiry(a.expires_at));
     let _ = writeln!(t, "Banned        : {}", a.banned);
     for h in &a.banned_hardware {
-        let _ = writeln!(t, "Banned hardware: {h}");
+        let _ = writeln!(t, "Banned hardware: {}", shown(h));
     }
     t
 }
@@ -127,7 +132,7 @@ pub(super) async fn run(client: &mut Client, cmd: &AgentCmd, out: Output) -> Res
                 .into_inner();
             match out {
                 Output::Json => println!("{}", agent_json(&a)),
-                Output::Text => println!("Evicted agent {}", a.spiffe_id),
+                Output::Text => println!("Evicted agent {}", shown(&a.spiffe_id)),
             }
         }
         AgentCmd::Ban { agent_id } => {
@@ -141,10 +146,10 @@ pub(super) async fn run(client: &mut Client, cmd: &AgentCmd, out: Output) -> Res
             match out {
                 Output::Json => println!("{}", agent_json(&a)),
                 Output::Text => {
-                    println!("Banned agent {}", a.spiffe_id);
+                    println!("Banned agent {}", shown(&a.spiffe_id));
                     // What else the ban refuses: a node proving it, under any agent ID.
                     for h in &a.banned_hardware {
-                        println!("Banned hardware {h}");
+                        println!("Banned hardware {}", shown(h));
                     }
                 }
             }
@@ -186,6 +191,37 @@ mod tests {
             json["banned_hardware"],
             json!(["tpm:ek-hash:ab", "tpm:ek-hash:cd"])
         );
+    }
+
+    /// What a node's evidence put in its selectors (an EK certificate's issuer name, a
+    /// TPM's manufacturer string) is shown escaped: it cannot forge a line, overwrite one
+    /// or drive the terminal; JSON keeps it exact.
+    #[test]
+    fn evidence_values_are_shown_escaped_and_kept_exact_in_json() {
+        let mut a = banned_tpm_agent();
+        let issuer = "ek-issuer:CN=Vendor\x1b]8;;https://evil\x07\rBanned        : false\n\u{202e}";
+        a.selectors.push(ztid_proto::node::Selector {
+            r#type: "tpm".into(),
+            value: issuer.into(),
+        });
+        let text = agent_text(&a);
+        assert!(
+            !text.contains(['\x1b', '\x07', '\r', '\u{202e}']),
+            "raw control in {text:?}"
+        );
+        let banned_lines = text
+            .lines()
+            .filter(|l| l.starts_with("Banned        :"))
+            .count();
+        assert_eq!(banned_lines, 1, "{text}");
+        assert!(
+            text.contains(
+                r"Selector      : tpm:ek-issuer:CN=Vendor\x1b]8;;https://evil\x07\rBanned        : false\n\u{202e}"
+            ),
+            "{text}"
+        );
+        let json = agent_json(&a);
+        assert_eq!(json["selectors"][1], format!("tpm:{issuer}"));
     }
 
     /// Nothing recorded, no line (and an empty list in JSON).

@@ -478,7 +478,7 @@ pub fn audit_verify(
         Output::Text => {
             println!(
                 "server {} ({} datastore): audit log {}",
-                v.server_id,
+                ztid_human::shown(&v.server_id),
                 kind_name(v.datastore),
                 v.dir.display()
             );
@@ -498,12 +498,15 @@ pub fn audit_verify(
             );
             for a in &r.anchors_reached {
                 match &v.anchor {
-                    Some(d) if &d.source == a => println!("extends {a} (record {})", d.anchor.seq),
-                    _ => println!("extends {a}"),
+                    Some(d) if &d.source == a => {
+                        println!("extends {} (record {})", ztid_human::shown(a), d.anchor.seq)
+                    }
+                    _ => println!("extends {}", ztid_human::shown(a)),
                 }
             }
             if let Some(n) = &v.datastore_note {
-                println!("note: {n}");
+                // It may quote the database's error.
+                println!("note: {}", ztid_human::shown(n));
             }
             if r.completed_from_journal > 0 {
                 println!(
@@ -577,7 +580,9 @@ fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> R
                         .join(" <- "),
                     _ => String::new(),
                 };
-                let mut parts = vec![format!("#{seq} {when} {kind}")];
+                // Values quote what callers sent (audiences, reasons, peers' errors):
+                // escaped, and quoted when they could pass for more fields.
+                let mut parts = vec![format!("#{seq} {when} {}", ztid_human::shown(kind))];
                 for (label, key) in [
                     ("subject", "subject"),
                     ("client", "client"),
@@ -593,6 +598,11 @@ fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> R
                 ] {
                     let v = field(key);
                     if !v.is_empty() {
+                        let v = if v.contains([' ', '"', '=']) {
+                            ztid_human::shown_quoted(&v)
+                        } else {
+                            ztid_human::shown_string(&v)
+                        };
                         parts.push(format!("{label}={v}"));
                     }
                 }
@@ -601,7 +611,7 @@ fn audit_show(dir: &Path, id: &str, record_type: Option<&str>, out: Output) -> R
         }
     }
     if shown == 0 && matches!(out, Output::Text) {
-        println!("no record names {id}");
+        println!("no record names {}", ztid_human::shown(id));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
-use super::output::{expiry, when};
+use super::output::{expiry, shown, when};
 use super::{status, Client, Output};
 
 /// `authority` kinds.
@@ -57,12 +57,12 @@ fn print_authority(a: &pb::Authority, out: Output) {
     match out {
         Output::Json => println!("{}", authority_json(a)),
         Output::Text => {
-            println!("Authority ID  : {}", a.id);
-            println!("Kind          : {}", a.kind);
-            println!("Server        : {}", a.server_id);
+            println!("Authority ID  : {}", shown(&a.id));
+            println!("Kind          : {}", shown(&a.kind));
+            println!("Server        : {}", shown(&a.server_id));
             println!(
                 "State         : {}{}",
-                a.state,
+                shown(&a.state),
                 if a.tainted { " (tainted)" } else { "" }
             );
             if a.tainted && a.tainted_at != 0 {
@@ -72,11 +72,15 @@ fn print_authority(a: &pb::Authority, out: Output) {
             println!("Not after     : {}", expiry(a.not_after));
             if a.key_backend.is_empty() {
                 // Another server's authority: its key is in that server's key manager.
-                println!("Key           : {}", a.key_id);
+                println!("Key           : {}", shown(&a.key_id));
             } else {
-                println!("Key           : {} ({})", a.key_id, a.key_backend);
+                println!(
+                    "Key           : {} ({})",
+                    shown(&a.key_id),
+                    shown(&a.key_backend)
+                );
             }
-            println!("Key SHA-256   : {}", a.public_key_sha256);
+            println!("Key SHA-256   : {}", shown(&a.public_key_sha256));
             println!();
         }
     }

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 use ztid_spiffe::svid::certs_to_pem;
 
+use super::output::shown;
 use super::{status, Client, Output};
 
 /// Bundle formats.
@@ -103,7 +104,8 @@ pub(super) async fn run(client: &mut Client, cmd: &BundleCmd, out: Output) -> Re
                 ),
                 Output::Text => println!(
                     "Bundle of {} stored (sequence {})",
-                    b.trust_domain, b.sequence
+                    shown(&b.trust_domain),
+                    b.sequence
                 ),
             }
         }
@@ -132,7 +134,7 @@ pub(super) async fn run(client: &mut Client, cmd: &BundleCmd, out: Output) -> Re
                         let field = |k: &str| i.get(k).unwrap_or(&Value::Null);
                         println!(
                             "# spiffe://{} (sequence {})",
-                            field("trust_domain").as_str().unwrap_or_default(),
+                            shown(field("trust_domain").as_str().unwrap_or_default()),
                             field("sequence")
                         );
                         match fmt {
@@ -152,7 +154,7 @@ pub(super) async fn run(client: &mut Client, cmd: &BundleCmd, out: Output) -> Re
                 })
                 .await
                 .map_err(status)?;
-            println!("Deleted the bundle of {trust_domain}");
+            println!("Deleted the bundle of {}", shown(trust_domain));
         }
     }
     Ok(())

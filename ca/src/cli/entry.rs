@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 use ztid_proto::node as npb;
 
-use super::output::{duration, print_list, when};
+use super::output::{duration, print_list, shown, when};
 use super::{status, Client, Output};
 
 /// The flags of an entry, for `create` and `update`.
@@ -174,23 +174,28 @@ fn entry_text(e: &npb::Entry) -> String {
     };
     let mut t = String::new();
     // Writing to a String cannot fail.
-    let _ = writeln!(t, "Entry ID      : {}", e.id);
+    let _ = writeln!(t, "Entry ID      : {}", shown(&e.id));
     let _ = writeln!(
         t,
         "SPIFFE ID     : {}{}",
-        e.spiffe_id,
+        shown(&e.spiffe_id),
         if e.shared || e.node {
             ""
         } else {
             "/<instance>"
         }
     );
-    let _ = writeln!(t, "Parent ID     : {}", e.parent_id);
+    let _ = writeln!(t, "Parent ID     : {}", shown(&e.parent_id));
     let _ = writeln!(t, "Revision      : {}", e.revision);
     let _ = writeln!(t, "X509-SVID TTL : {}", ttl(e.x509_ttl_seconds));
     let _ = writeln!(t, "JWT-SVID TTL  : {}", ttl(e.jwt_ttl_seconds));
     for s in &e.selectors {
-        let _ = writeln!(t, "Selector      : {}:{}", s.r#type, s.value);
+        let _ = writeln!(
+            t,
+            "Selector      : {}:{}",
+            shown(&s.r#type),
+            shown(&s.value)
+        );
     }
     let kind = if e.node {
         "node alias"
@@ -201,13 +206,13 @@ fn entry_text(e: &npb::Entry) -> String {
     };
     let _ = writeln!(t, "Kind          : {kind}");
     for d in &e.dns_names {
-        let _ = writeln!(t, "DNS name      : {d}");
+        let _ = writeln!(t, "DNS name      : {}", shown(d));
     }
     for f in &e.federates_with {
-        let _ = writeln!(t, "Federates with: {f}");
+        let _ = writeln!(t, "Federates with: {}", shown(f));
     }
     if !e.hint.is_empty() {
-        let _ = writeln!(t, "Hint          : {}", e.hint);
+        let _ = writeln!(t, "Hint          : {}", shown(&e.hint));
     }
     if e.created_at != 0 {
         let _ = writeln!(t, "Created at    : {}", when(e.created_at));
@@ -245,7 +250,7 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 Output::Text => {
                     // stdout stays the id alone, for scripts (`ID=$(ztid-server entry
                     // create ...)`); people read what was created on stderr.
-                    println!("{}", e.id);
+                    println!("{}", shown(&e.id));
                     eprint!("Created entry:\n{}", entry_text(&e));
                 }
             }
@@ -258,7 +263,7 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 .into_inner();
             match out {
                 Output::Json => println!("{}", entry_json(&e)),
-                Output::Text => println!("Updated entry {}", e.id),
+                Output::Text => println!("Updated entry {}", shown(&e.id)),
             }
         }
         EntryCmd::List {
@@ -312,7 +317,7 @@ pub(super) async fn run(client: &mut Client, cmd: &EntryCmd, out: Output) -> Res
                 .into_inner();
             match out {
                 Output::Json => println!("{}", entry_json(&e)),
-                Output::Text => println!("Deleted entry {}", e.id),
+                Output::Text => println!("Deleted entry {}", shown(&e.id)),
             }
         }
         EntryCmd::Count => {

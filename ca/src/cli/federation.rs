@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 use ztid_proto::admin as pb;
 
-use super::output::when;
+use super::output::{shown, when};
 use super::{status, Client, Output};
 
 /// `federation` verbs.
@@ -65,20 +65,21 @@ pub(super) async fn run(
         Output::Json => println!("{}", fed_json(f)),
         Output::Text => println!(
             "{}\t{}\t{}\t{}\tsequence {}\t{}\t{}",
-            f.trust_domain,
-            f.profile,
-            f.bundle_endpoint_url,
-            f.endpoint_spiffe_id,
+            shown(&f.trust_domain),
+            shown(&f.profile),
+            shown(&f.bundle_endpoint_url),
+            shown(&f.endpoint_spiffe_id),
             f.bundle_sequence,
             if f.last_refresh_at == 0 {
                 "never refreshed".to_string()
             } else {
                 format!("refreshed {}", when(f.last_refresh_at))
             },
+            // The peer's answer may be quoted in it.
             if f.last_error.is_empty() {
-                "ok"
+                "ok".to_string()
             } else {
-                f.last_error.as_str()
+                shown(&f.last_error).to_string()
             }
         ),
     };
@@ -154,7 +155,11 @@ pub(super) async fn run(
                     json!({"trust_domain": b.trust_domain, "sequence": b.sequence})
                 ),
                 Output::Text => {
-                    println!("Bundle of {} at sequence {}", b.trust_domain, b.sequence)
+                    println!(
+                        "Bundle of {} at sequence {}",
+                        shown(&b.trust_domain),
+                        b.sequence
+                    )
                 }
             }
         }

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
-use super::output::print_list;
+use super::output::{print_list, shown};
 use super::{status, Client, Output};
 
 /// `grant` verbs.
@@ -66,11 +66,14 @@ fn print_grant(g: &pb::Grant, out: Output) {
     match out {
         Output::Json => println!("{}", grant_json(g)),
         Output::Text => {
-            println!("Grant ID      : {}", g.id);
-            println!("SPIFFE ID     : {} (and its instances)", g.spiffe_id);
-            println!("Audience      : {}", g.audience);
+            println!("Grant ID      : {}", shown(&g.id));
+            println!(
+                "SPIFFE ID     : {} (and its instances)",
+                shown(&g.spiffe_id)
+            );
+            println!("Audience      : {}", shown(&g.audience));
             for s in &g.scopes {
-                println!("Scope         : {s}");
+                println!("Scope         : {}", shown(s));
             }
             if g.ttl_seconds == 0 {
                 println!("Token TTL     : the [sts] default");
@@ -83,7 +86,7 @@ fn print_grant(g: &pb::Grant, out: Output) {
                 println!("Max per minute: {}", g.max_per_minute);
             }
             for s in &g.node_selectors {
-                println!("Node selector : {s}");
+                println!("Node selector : {}", shown(s));
             }
             println!("May delegate  : {}", g.may_delegate);
             println!("Created at    : {}", super::output::when(g.created_at));
@@ -119,7 +122,7 @@ pub(super) async fn run(client: &mut Client, cmd: &GrantCmd, out: Output) -> Res
                 .map_err(status)?
                 .into_inner();
             if out == Output::Text {
-                println!("Created grant {}", g.id);
+                println!("Created grant {}", shown(&g.id));
             }
             print_grant(&g, out);
         }
@@ -155,7 +158,9 @@ pub(super) async fn run(client: &mut Client, cmd: &GrantCmd, out: Output) -> Res
                 Output::Json => println!("{}", grant_json(&g)),
                 Output::Text => println!(
                     "Deleted grant {} ({} for {})",
-                    g.id, g.spiffe_id, g.audience
+                    shown(&g.id),
+                    shown(&g.spiffe_id),
+                    shown(&g.audience)
                 ),
             }
         }

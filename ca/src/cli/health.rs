@@ -89,7 +89,8 @@ pub(super) async fn run(path: &Path, args: &HealthArgs, out: Output) -> Result<(
         ),
         Output::Text => println!(
             "Server is healthy ({}, trust domain {})",
-            h.status, h.trust_domain
+            super::output::shown(&h.status),
+            super::output::shown(&h.trust_domain)
         ),
     }
     Ok(())

@@ -6,7 +6,7 @@ use clap::{ArgGroup, Subcommand};
 use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 
-use super::output::print_list;
+use super::output::{print_list, shown};
 use super::{status, Client, Output};
 
 /// `instance` verbs.
@@ -42,15 +42,15 @@ pub(super) fn print_revocation(r: &pb::Revocation, out: Output) {
     match out {
         Output::Json => println!("{}", revocation_json(r)),
         Output::Text => {
-            println!("Kind          : {}", r.kind);
-            println!("Target        : {}", r.target);
+            println!("Kind          : {}", shown(&r.kind));
+            println!("Target        : {}", shown(&r.target));
             if !r.spiffe_id.is_empty() && r.spiffe_id != r.target {
-                println!("SPIFFE ID     : {}", r.spiffe_id);
+                println!("SPIFFE ID     : {}", shown(&r.spiffe_id));
             }
             println!("Revoked at    : {}", super::output::when(r.revoked_at));
             println!("Kept until    : {}", super::output::expiry(r.expires_at));
             if !r.reason.is_empty() {
-                println!("Reason        : {}", r.reason);
+                println!("Reason        : {}", shown(&r.reason));
             }
             println!();
         }
@@ -86,16 +86,16 @@ pub(super) async fn run(client: &mut Client, cmd: &InstanceCmd, out: Output) -> 
                 match r.kind.as_str() {
                     "entry" => println!(
                         "Revoked every instance of entry {} ({}) issued before {}",
-                        r.target,
-                        r.spiffe_id,
+                        shown(&r.target),
+                        shown(&r.spiffe_id),
                         super::output::rfc3339(r.revoked_at)
                     ),
                     "node" => println!(
                         "Revoked everything issued through {} before {}; the agent is banned",
-                        r.target,
+                        shown(&r.target),
                         super::output::rfc3339(r.revoked_at)
                     ),
-                    _ => println!("Revoked {}", r.target),
+                    _ => println!("Revoked {}", shown(&r.target)),
                 }
             }
             print_revocation(&r, out);

@@ -34,5 +34,7 @@ pub(super) fn print_list<T>(
     }
 }
 
-// Times and durations are spelled as the agent's CLI spells them.
-pub(crate) use ztid_human::{duration, expiry, rfc3339, when};
+// Times and durations are spelled as the agent's CLI spells them; every value from
+// elsewhere (what agents, workloads, peers, other admins or the database hold) is
+// written through `shown`, in text output only: JSON keeps it exact, escaped as JSON.
+pub(crate) use ztid_human::{duration, expiry, rfc3339, shown, shown_string, when};

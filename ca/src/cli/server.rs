@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::json;
 use ztid_proto::admin as pb;
 
-use super::output::{expiry, when};
+use super::output::{expiry, shown, shown_string, when};
 use super::{status, Client, Output};
 
 /// `server` verbs.
@@ -107,7 +107,7 @@ fn print_server(s: &ServerSummary) {
     let none = || "none".to_string();
     println!(
         "Server ID          : {}{}",
-        s.server_id,
+        shown(&s.server_id),
         if s.this_server { " (this server)" } else { "" }
     );
     if let Some(at) = s.retired_at {
@@ -116,12 +116,12 @@ fn print_server(s: &ServerSummary) {
     println!(
         "X.509 authorities  : {} (active {})",
         s.x509_authorities.len(),
-        s.active_x509.clone().unwrap_or_else(none)
+        s.active_x509.as_deref().map_or_else(none, shown_string)
     );
     println!(
         "JWT authorities    : {} (active {})",
         s.jwt_authorities.len(),
-        s.active_jwt.clone().unwrap_or_else(none)
+        s.active_jwt.as_deref().map_or_else(none, shown_string)
     );
     if s.newest_expiry == i64::MIN {
         println!("Newest expiry      : none");
@@ -161,9 +161,17 @@ pub(super) async fn run(client: &mut Client, cmd: &ServerCmd, out: Output) -> Re
                     list.iter().map(|a| json!({"kind": a.kind, "id": a.id})).collect::<Vec<_>>()})
                 ),
                 Output::Text => {
-                    println!("Retired server {server_id}; its authorities are tainted:");
+                    println!(
+                        "Retired server {}; its authorities are tainted:",
+                        shown(server_id)
+                    );
                     for a in &list {
-                        println!("  {} {} (until {})", a.kind, a.id, expiry(a.not_after));
+                        println!(
+                            "  {} {} (until {})",
+                            shown(&a.kind),
+                            shown(&a.id),
+                            expiry(a.not_after)
+                        );
                     }
                     println!("Revoke each with `authority revoke` once no agent uses it.");
                 }

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use ztid_proto::admin as pb;
 use ztid_proto::node as npb;
 
+use super::super::output::shown;
 use super::super::{Client, Output};
 use super::entry_json;
 
@@ -217,8 +218,13 @@ fn report(verb: &str, outcomes: &[Outcome], out: Output) -> Result<(), String> {
         Output::Text => {
             for o in outcomes {
                 match &o.result {
-                    Ok(e) => println!("{verb} {} {}", e.id, e.spiffe_id),
-                    Err(why) => println!("Refused entry #{} ({}): {why}", o.index, o.name),
+                    Ok(e) => println!("{verb} {} {}", shown(&e.id), shown(&e.spiffe_id)),
+                    Err(why) => println!(
+                        "Refused entry #{} ({}): {}",
+                        o.index,
+                        shown(&o.name),
+                        shown(why)
+                    ),
                 }
             }
         }
