@@ -100,6 +100,18 @@ pub fn unusable_reason(
     check().err().map(|e| e.to_string())
 }
 
+/// Refuses a `what` holding a C0 or C1 control character or DEL, naming the character
+/// escaped (never echoing the value).
+fn refuse_control(what: &str, value: &str) -> Result<()> {
+    match ztid_human::first_control(value) {
+        None => Ok(()),
+        Some(c) => Err(Error::InvalidInput(format!(
+            "{what} holds a control character ({}); none may be stored",
+            ztid_human::shown(c.encode_utf8(&mut [0; 4]))
+        ))),
+    }
+}
+
 /// Why `n` may not be a DNS name of an entry's SVIDs, if it may not. `server_names`: the
 /// DNS names of the server's own certificate ([`crate::config::ServerConfig::server_dns_names`]).
 ///
@@ -160,6 +172,13 @@ pub fn validate_new_entry(
     now: i64,
 ) -> Result<EntryRecord> {
     crate::limits::check_entry(req)?;
+    // The hint and selector values are free text that people read (`entry list`, logs,
+    // a workload's SVID hint) and that is matched byte for byte: a control character has
+    // no use in either, and could drive the terminal of whoever lists the entry.
+    refuse_control("hint", &req.hint)?;
+    for s in &req.selectors {
+        refuse_control("selector", &format!("{}:{}", s.r#type, s.value))?;
+    }
     let spiffe_id = parse_claimable_id(td, "spiffe_id", &req.spiffe_id)?;
     // A per-instance ID is the entry's plus one segment; it must stay within the
     // 2048 bytes SPIFFE implementations must support.
@@ -192,14 +211,6 @@ pub fn validate_new_entry(
         }
         parent.to_string()
     };
-    // The hint reaches every workload of the entry and is printed as it is by `entry
-    // show` and `api fetch`: a control character there (a newline, a terminal escape)
-    // could forge output lines or drive the terminal of whoever reads it.
-    if req.hint.chars().any(char::is_control) {
-        return Err(Error::InvalidInput(
-            "the hint contains a control character".into(),
-        ));
-    }
     if req.selectors.is_empty() {
         return Err(Error::InvalidInput(
             "an entry needs at least one selector".into(),
@@ -304,6 +315,51 @@ mod tests {
             Err(Error::InvalidInput(m)) => m,
             other => panic!("{req:?}: expected InvalidInput, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn control_characters_in_hints_and_selectors_are_refused() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let with = |hint: &str, sel: (&str, &str)| pb::Entry {
+            hint: hint.into(),
+            selectors: vec![pb::Selector {
+                r#type: sel.0.into(),
+                value: sel.1.into(),
+            }],
+            ..entry("spiffe://example.org/w", AGENT)
+        };
+        let why = refused(&with("a\x1b]52;c;ZXZpbA==\x07", ("unix", "uid:1")));
+        assert!(
+            why.starts_with("hint holds a control character (\\x1b)"),
+            "{why}"
+        );
+        assert!(
+            !why.contains('\x1b'),
+            "the value is not echoed raw: {why:?}"
+        );
+        for value in ["path:/bin/a\nb", "path:/bin/\rx", "label:k:\u{9b}2J"] {
+            let kind = if value.starts_with("label") {
+                "container"
+            } else {
+                "unix"
+            };
+            let why = refused(&with("", (kind, value)));
+            assert!(
+                why.starts_with("selector holds a control character"),
+                "{why}"
+            );
+        }
+        // Other scripts, bidi and zero-width characters may be part of a real label or
+        // path: stored, and shown escaped.
+        let ok = validate_new_entry(
+            &td,
+            &with("לקוח \u{202e}", ("container", "label:note:a\u{200b}b")),
+            3600,
+            &[],
+            0,
+        )
+        .unwrap();
+        assert_eq!(ok.hint, "לקוח \u{202e}");
     }
 
     #[test]
@@ -427,10 +483,10 @@ mod tests {
             "\u{85}",
         ] {
             req.hint = bad.into();
-            assert_eq!(
-                refused(&req),
-                "the hint contains a control character",
-                "{bad:?}"
+            let why = refused(&req);
+            assert!(
+                why.starts_with("hint holds a control character"),
+                "{bad:?}: {why}"
             );
         }
         let td = TrustDomain::new("example.org").unwrap();

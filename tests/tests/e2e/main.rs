@@ -21,6 +21,7 @@ mod identity_names;
 mod issuance_policy;
 mod limits;
 mod multi_factor;
+mod operator_output;
 mod readme;
 mod refusals;
 mod rotation;
