@@ -547,7 +547,7 @@ async fn fetch_token(
         .await
         .map_err(|e| e.to_string())?;
     match out {
-        Output::Json => println!("{}", String::from_utf8_lossy(&body).trim_end()),
+        Output::Json => println!("{}", answer_json(&body)?),
         Output::Text => {
             // What the token endpoint sent, escaped for the terminal (a real token and
             // scope hold nothing to escape).
@@ -574,6 +574,15 @@ async fn fetch_token(
         }
     }
     Ok(())
+}
+
+/// The token endpoint's JSON answer as `api fetch token --output json` prints it:
+/// rewritten, not echoed, so it is one line whatever whitespace the endpoint put between
+/// its tokens (JSON allows a CR there, which would overwrite the line on a terminal).
+fn answer_json(body: &[u8]) -> Result<String, String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| v.to_string())
+        .map_err(|e| format!("the token endpoint's answer is not JSON: {e}"))
 }
 
 /// Runs an `api` or `healthcheck` verb.
@@ -791,6 +800,18 @@ mod tests {
         );
         let script = String::from_utf8(script).unwrap();
         assert!(script.contains("fetch") && script.contains("--trust-bundle"));
+    }
+
+    /// The endpoint's answer is printed as one line of JSON, with nothing raw of what it
+    /// sent between tokens (a CR that would overwrite the line, a forged second line).
+    #[test]
+    fn the_token_answer_is_rewritten_not_echoed() {
+        let body = b"{\"access_token\":\"a.b.c\",\r\"issued_token_type\":\"urn:x\\u001b\"}\n\r\n";
+        let printed = answer_json(body).unwrap();
+        assert!(!printed.contains(['\r', '\n', '\x1b']), "{printed:?}");
+        let v: serde_json::Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(v["issued_token_type"], "urn:x\u{1b}");
+        assert!(answer_json(b"not json").unwrap_err().contains("not JSON"));
     }
 
     /// `api fetch x509 --write DIR` writes `svid.N.key` through `write_file(.., 0o600)`:
