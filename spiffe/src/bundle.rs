@@ -142,6 +142,12 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
 }
 
 /// DER SubjectPublicKeyInfo prefixes of uncompressed EC points (P-256, P-384).
+/// Longest JWT key id a bundle may carry, bytes (SPIRE's are 32 characters, ztid's 36).
+/// A longer one is refused without being quoted: refusals name the key id, and each is
+/// logged, audited and kept as a federation's last error, so a peer could otherwise make
+/// every refusal it causes as large as its bundle (1 MiB).
+pub const MAX_KID_BYTES: usize = 256;
+
 const SPKI_P256_PREFIX: &[u8] = &[
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
@@ -273,6 +279,15 @@ impl TrustBundle {
                         Some(k) if !k.is_empty() => k.to_string(),
                         _ => return Err(refuse(Malformed, "jwt-svid key without kid")),
                     };
+                    if kid.len() > MAX_KID_BYTES {
+                        return Err(refuse(
+                            Malformed,
+                            format!(
+                                "jwt-svid key {i}: its kid is {} bytes, at most {MAX_KID_BYTES}",
+                                kid.len()
+                            ),
+                        ));
+                    }
                     if out.jwt_authorities.iter().any(|k| k.kid == kid) {
                         return Err(refuse(Malformed, format!("duplicate key id {kid}")));
                     }
@@ -358,6 +373,32 @@ impl TrustBundle {
 #[cfg(test)]
 mod spiffe_json_tests {
     use super::*;
+
+    /// A peer's key id is quoted in refusals (logged, audited, kept as the federation's
+    /// last error): one longer than any real kid is refused without being quoted.
+    #[test]
+    fn a_huge_kid_is_refused_without_being_quoted() {
+        let kid = "k".repeat(512 * 1024);
+        let doc = serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "kid": kid}]});
+        let err = TrustBundle::from_spiffe_json("example.org", &doc.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{} bytes: {}", err.len(), &err[..200]);
+        assert!(
+            err.contains(&format!(
+                "its kid is {} bytes, at most {MAX_KID_BYTES}",
+                kid.len()
+            )),
+            "{err}"
+        );
+        // At the bound, the key is judged on the rest (here: no curve).
+        let kid = "k".repeat(MAX_KID_BYTES);
+        let doc = serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "kid": kid}]});
+        let err = TrustBundle::from_spiffe_json("example.org", &doc.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("malformed jwt-svid key"), "{err}");
+    }
 
     fn ca(td: &str) -> Vec<u8> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
