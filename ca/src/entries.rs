@@ -219,6 +219,11 @@ pub fn validate_new_entry(
     let mut selectors = Vec::with_capacity(req.selectors.len());
     for s in &req.selectors {
         let sel = Selector::try_from(s).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        // Valid in form but spelled other than attestation spells it: the entry would be
+        // stored and silently match nothing.
+        if let Some(why) = sel.non_canonical() {
+            return Err(Error::InvalidInput(format!("selector {sel}: {why}")));
+        }
         if req.node != sel.is_node_selector() {
             return Err(Error::InvalidInput(format!(
                 "selector {sel} cannot be used in a {} entry",
@@ -509,6 +514,55 @@ mod tests {
         for f in ["OTHER.org", "SPIFFE://other.org", "spiffe://other.org/x"] {
             req.federates_with = vec![f.into()];
             assert!(refused(&req).starts_with("federates_with"), "{f}");
+        }
+    }
+
+    /// The agent spells a workload's selectors one way (`unix:uid:1000`, the path
+    /// `/proc/PID/exe` gives): an entry requiring `unix:uid:01000` or
+    /// `unix:path:/usr//bin/x` was stored and then matched no process, silently.
+    #[test]
+    fn selectors_spelled_other_than_attestation_spells_them_are_refused() {
+        let with = |t: &str, v: &str| {
+            let mut req = entry("spiffe://example.org/w", AGENT);
+            req.selectors = vec![pb::Selector {
+                r#type: t.into(),
+                value: v.into(),
+            }];
+            req
+        };
+        for (t, v, says) in [
+            ("unix", "uid:01002", "unix:uid:1002"),
+            ("unix", "uid:00", "unix:uid:0"),
+            ("unix", "gid:001002", "unix:gid:1002"),
+            ("unix", "path:/usr//bin/sleep", "empty, '.' or '..' segment"),
+            (
+                "unix",
+                "path:/usr/bin/./sleep",
+                "empty, '.' or '..' segment",
+            ),
+            (
+                "unix",
+                "path:/usr/lib/../bin/sleep",
+                "empty, '.' or '..' segment",
+            ),
+            ("unix", "path:/usr/bin/", "trailing slash"),
+        ] {
+            let why = refused(&with(t, v));
+            assert!(why.starts_with(&format!("selector {t}:{v}")), "{v}: {why}");
+            assert!(why.contains(says), "{v}: {why}");
+        }
+        let td = TrustDomain::new("example.org").unwrap();
+        for (t, v) in [
+            ("unix", "uid:0"),
+            ("unix", "uid:1002"),
+            ("unix", "path:/usr/bin/sleep"),
+            ("unix", "path:/usr/bin/.hidden"),
+            ("unix", "path:/"),
+        ] {
+            assert!(
+                validate_new_entry(&td, &with(t, v), 3600, 0).is_ok(),
+                "{t}:{v}"
+            );
         }
     }
 }

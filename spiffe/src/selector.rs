@@ -152,6 +152,46 @@ impl Selector {
         &self.value
     }
 
+    /// Why this selector, valid in form, is spelled other than attestation spells it, so
+    /// that an entry requiring it would match no caller: a number with a leading zero
+    /// (`unix:uid:01000`, where the agent gives `unix:uid:1000`), or a path with an empty,
+    /// `.` or `..` segment or a trailing slash (the kernel's `/proc/PID/exe` has none).
+    /// `None` when it is canonical. Checked where entries are made, not when a selector
+    /// is read (stored entries and synced ones keep loading, matching nothing as before).
+    pub fn non_canonical(&self) -> Option<String> {
+        let (key, rest) = self
+            .value
+            .split_once(':')
+            .unwrap_or((self.value.as_str(), ""));
+        let (_, _, kind) = KNOWN
+            .iter()
+            .find(|(t, k, _)| *t == self.kind && *k == key)?;
+        match kind {
+            ValueKind::Number if rest.len() > 1 && rest.starts_with('0') => {
+                let n = rest.parse::<u32>().ok()?;
+                Some(format!(
+                    "{rest:?} has a leading zero, so no caller matches it: attestation gives {}:{key}:{n}",
+                    self.kind
+                ))
+            }
+            ValueKind::AbsolutePath if rest != "/" && rest.ends_with('/') => Some(format!(
+                "{rest:?} has a trailing slash, so no caller matches it: attestation gives the path of the executable file"
+            )),
+            ValueKind::AbsolutePath
+                if rest != "/"
+                    && rest
+                        .split('/')
+                    .skip(1)
+                    .any(|seg| seg.is_empty() || seg == "." || seg == "..") =>
+            {
+                Some(format!(
+                    "{rest:?} has an empty, '.' or '..' segment, so no caller matches it: attestation gives the path as the kernel resolves it"
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// True for selectors that describe nodes rather than workloads.
     pub fn is_node_selector(&self) -> bool {
         !WORKLOAD_KINDS.contains(&self.kind.as_str())
@@ -232,6 +272,32 @@ mod tests {
         assert!(err("unix:path:relative").contains("bad value"));
         assert!(err("unix:sha256:XYZ").contains("bad value"));
         assert!(err("nocolon").contains("not TYPE:VALUE"));
+    }
+
+    #[test]
+    fn non_canonical_spellings_are_named() {
+        let why = |s: &str| Selector::parse(s).unwrap().non_canonical();
+        for ok in [
+            "unix:uid:0",
+            "unix:uid:1000",
+            "unix:path:/",
+            "unix:path:/usr/bin/python3",
+            "unix:path:/opt/.hidden/x",
+            "unix:user:root",
+            "join-token:used",
+        ] {
+            assert_eq!(why(ok), None, "{ok}");
+        }
+        assert!(why("unix:uid:01000").unwrap().contains("unix:uid:1000"));
+        assert!(why("unix:gid:000").unwrap().contains("unix:gid:0"));
+        for bad in [
+            "unix:path:/usr//bin/x",
+            "unix:path:/usr/./bin/x",
+            "unix:path:/usr/../bin/x",
+            "unix:path:/usr/bin/",
+        ] {
+            assert!(why(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]
