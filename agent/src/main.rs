@@ -52,6 +52,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if !matches!(cli.command, Command::Run(_)) {
+        ztid_human::quiet_on_closed_stdout();
+    }
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Run(args) => {

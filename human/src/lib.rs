@@ -193,9 +193,51 @@ fn units(seconds: i64, most: usize) -> String {
     format!("{sign}{text}")
 }
 
+/// Exit status of a command whose standard output was closed under it, as a C tool
+/// killed by `SIGPIPE` reports it (128 + 13).
+pub const CLOSED_STDOUT_STATUS: i32 = 141;
+
+/// For a command-line verb: a write to a standard output closed by its reader
+/// (`ztid-server entry list | head`) ends the process quietly with
+/// [`CLOSED_STDOUT_STATUS`], as a C tool's does, instead of a panic and a backtrace.
+/// Rust ignores `SIGPIPE`, so `println!` (and clap's completion writer) panic on
+/// `EPIPE`. Not for a daemon: any other panic keeps the default hook.
+pub fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload_as_str().is_some_and(is_broken_pipe) {
+            std::process::exit(CLOSED_STDOUT_STATUS);
+        }
+        default(info);
+    }));
+}
+
+/// Whether a panic message is a write's broken pipe: `println!`'s ("failed printing to
+/// stdout: … (os error 32)") or an unwrapped `io::Error`'s Debug (`kind: BrokenPipe`).
+/// The OS's text is localised; the error number and kind are not.
+fn is_broken_pipe(message: &str) -> bool {
+    message.contains("(os error 32)") || message.contains("kind: BrokenPipe")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broken_pipe_panics_are_told_from_others() {
+        assert!(is_broken_pipe(
+            "failed printing to stdout: Broken pipe (os error 32)"
+        ));
+        assert!(is_broken_pipe(
+            "failed to write completion file: Os { code: 32, kind: BrokenPipe, message: \"Broken pipe\" }"
+        ));
+        assert!(!is_broken_pipe(
+            "failed printing to stdout: No space left on device (os error 28)"
+        ));
+        assert!(!is_broken_pipe(
+            "index out of bounds: the len is 3 but the index is 32"
+        ));
+    }
 
     #[test]
     fn values_from_elsewhere_are_shown_with_every_control_visible() {

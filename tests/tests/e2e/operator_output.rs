@@ -276,3 +276,44 @@ async fn a_federation_peers_answer_reaches_the_operator_escaped() {
         "a forged log line: {log}"
     );
 }
+
+/// Runs `bin ARGS` with its standard output a pipe whose reader is already gone, as
+/// `… | head` leaves it once `head` has read enough: (exit status, stderr).
+fn with_closed_stdout(bin: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ztid-server entry list | head` and `ztid-agent completions bash | head`: the CLIs
+/// end quietly with status 141 (as a tool killed by SIGPIPE) when their reader closes the
+/// pipe, instead of panicking with a backtrace (found by the rev-blackbox review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_standard_output_ends_the_cli_quietly() {
+    let server = Server::start(TD);
+    let mut admin = admin_socket(&server).await;
+    admin
+        .create_entry(entry("", "unix", "uid:1"))
+        .await
+        .expect("entry created");
+    let socket = server.admin_socket().display().to_string();
+    for (bin, args) in [
+        (
+            bin("ztid-server"),
+            vec!["--admin-socket", socket.as_str(), "entry", "list"],
+        ),
+        (bin("ztid-agent"), vec!["completions", "bash"]),
+    ] {
+        let (status, stderr) = with_closed_stdout(&bin, &args);
+        assert_eq!(status, Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr}");
+    }
+}
