@@ -6,7 +6,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::jwt::JwtKey;
+use crate::jwt::{JwtKey, SPKI_P256_PREFIX, SPKI_P384_PREFIX};
 use crate::Error;
 use crate::RefusalKind::{self, Malformed, TrustDomainMismatch};
 
@@ -141,21 +141,11 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
     }
 }
 
-/// DER SubjectPublicKeyInfo prefixes of uncompressed EC points (P-256, P-384).
 /// Longest JWT key id a bundle may carry, bytes (SPIRE's are 32 characters, ztid's 36).
 /// A longer one is refused without being quoted: refusals name the key id, and each is
 /// logged, audited and kept as a federation's last error, so a peer could otherwise make
 /// every refusal it causes as large as its bundle (1 MiB).
 pub const MAX_KID_BYTES: usize = 256;
-
-const SPKI_P256_PREFIX: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-];
-const SPKI_P384_PREFIX: &[u8] = &[
-    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
-    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
-];
 
 /// The trust domain named by a CA certificate's SPIFFE URI SAN, if any.
 fn spiffe_trust_domain_of_cert(cert: &X509Certificate<'_>) -> Option<String> {

@@ -69,24 +69,59 @@ fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, Error> {
     }
 }
 
-/// The public point inside a P-256 or P-384 SubjectPublicKeyInfo.
-fn ec_point(spki: &[u8]) -> Result<(&'static str, &[u8]), Error> {
-    use x509_parser::prelude::FromDer;
-    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki)
-        .map_err(|_| Error::InvalidJwt("bundle key does not parse".into()))?;
-    let point = info.subject_public_key.data;
-    let alg = match point.len() {
-        65 => "ES256",
-        97 => "ES384",
-        _ => return Err(Error::InvalidJwt("bundle key is not P-256 or P-384".into())),
+/// DER SubjectPublicKeyInfo prefixes of uncompressed EC points: id-ecPublicKey with the
+/// named curve P-256 (prime256v1) or P-384 (secp384r1), then the BIT STRING header.
+pub const SPKI_P256_PREFIX: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+/// See [`SPKI_P256_PREFIX`].
+pub const SPKI_P384_PREFIX: &[u8] = &[
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+];
+
+/// The JWS algorithm a P-256 or P-384 SubjectPublicKeyInfo verifies, and its uncompressed
+/// point. The algorithm and curve OIDs are compared, not guessed from the point's length:
+/// a key of another curve or type (secp256k1, brainpool, RSA) is no ES256 key, whatever
+/// its length.
+pub fn es_point(spki: &[u8]) -> Option<(&'static str, &[u8])> {
+    let (alg, point) = if let Some(p) = spki.strip_prefix(SPKI_P256_PREFIX) {
+        ("ES256", p)
+    } else {
+        ("ES384", spki.strip_prefix(SPKI_P384_PREFIX)?)
     };
-    // Return a slice into `spki`: the BIT STRING contents are its tail.
-    let tail = spki
-        .len()
-        .checked_sub(point.len())
-        .and_then(|start| spki.get(start..))
-        .ok_or_else(|| Error::InvalidJwt("bundle key does not parse".into()))?;
-    Ok((alg, tail))
+    let len = if alg == "ES256" { 65 } else { 97 };
+    (point.len() == len && point.first() == Some(&4)).then_some((alg, point))
+}
+
+/// Header parameters a JWT-SVID may carry: "Any header not described here, registered or
+/// private, MUST NOT be included" (JWT-SVID §2). So `crit` (extensions we do not
+/// understand, RFC 7515 §4.1.11) and key-carrying headers (`jwk`, `jku`, `x5u`, `x5c`)
+/// are refused, not ignored.
+const HEADER_PARAMETERS: [&str; 3] = ["alg", "kid", "typ"];
+
+/// How far ahead of our clock a token's `iat` may be (the signer's clock skew), as
+/// go-jose's default leeway; the token endpoint's access tokens use the same.
+pub const MAX_IAT_SKEW_SECONDS: f64 = 60.0;
+
+/// At most this much of a caller's string goes into an error message.
+fn shown(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// A NumericDate claim (RFC 7519 §2: a JSON number, possibly non-integer), `None` when
+/// absent. Present in any other form, it is refused: a check it would have made is not
+/// skipped.
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, Error> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|t| t.is_finite())
+            .map(Some)
+            .ok_or_else(|| Error::InvalidJwt(format!("{name} claim is not a NumericDate"))),
+    }
 }
 
 /// Validates a JWT-SVID for `audience` at `now` (Unix seconds). `keys_for` returns
@@ -98,7 +133,14 @@ pub fn validate(
     keys_for: impl Fn(&TrustDomain) -> Option<Vec<JwtKey>>,
 ) -> Result<ValidatedJwt, Error> {
     if token.len() > MAX_TOKEN_LEN {
-        return Err(Error::InvalidJwt("token too long".into()));
+        return Err(Error::InvalidJwt(format!(
+            "token too long (more than {MAX_TOKEN_LEN} bytes)"
+        )));
+    }
+    // Every token carries at least one audience, so an empty one would never be the
+    // validator's own: refused rather than matched against an empty `aud` member.
+    if audience.is_empty() {
+        return Err(Error::InvalidJwt("audience to validate is empty".into()));
     }
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) =
@@ -111,7 +153,19 @@ pub fn validate(
     let header = decode_json(h, "header")?;
     let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
     if !matches!(alg, "ES256" | "ES384") {
-        return Err(Error::InvalidJwt(format!("unsupported algorithm {alg:?}")));
+        return Err(Error::InvalidJwt(format!(
+            "unsupported algorithm {:?}",
+            shown(alg)
+        )));
+    }
+    if let Some(other) = header
+        .keys()
+        .find(|k| !HEADER_PARAMETERS.contains(&k.as_str()))
+    {
+        return Err(Error::InvalidJwt(format!(
+            "header parameter {:?} is not allowed in a JWT-SVID",
+            shown(other)
+        )));
     }
     if let Some(typ) = header.get("typ") {
         if !matches!(typ.as_str(), Some("JWT") | Some("JOSE")) {
@@ -129,17 +183,24 @@ pub fn validate(
         .ok_or_else(|| Error::InvalidJwt("token has no sub claim".into()))?;
     let spiffe_id = crate::spiffe_id::parse(sub)
         .map_err(|e| Error::InvalidJwt(format!("sub is not a SPIFFE ID: {e}")))?;
+    // Only the keys of the subject's own trust domain: a key of another domain, even one
+    // with the same kid, never vouches for this subject.
     let td = spiffe_id.trust_domain();
     let keys = keys_for(td)
         .ok_or_else(|| Error::InvalidJwt(format!("no bundle for trust domain {td}")))?;
-    let key = keys
-        .iter()
-        .find(|k| k.kid == kid)
-        .ok_or_else(|| Error::InvalidJwt(format!("key {kid:?} is not in the bundle of {td}")))?;
-    let (key_alg, point) = ec_point(&key.spki)?;
+    let key = keys.iter().find(|k| k.kid == kid).ok_or_else(|| {
+        Error::InvalidJwt(format!("key {:?} is not in the bundle of {td}", shown(kid)))
+    })?;
+    let (key_alg, point) = es_point(&key.spki).ok_or_else(|| {
+        Error::InvalidJwt(format!(
+            "bundle key {:?} of {td} is not a P-256 or P-384 key",
+            shown(kid)
+        ))
+    })?;
     if key_alg != alg {
         return Err(Error::InvalidJwt(format!(
-            "key {kid:?} is {key_alg}, token says {alg}"
+            "key {:?} is {key_alg}, token says {alg}",
+            shown(kid)
         )));
     }
     let sig = B64
@@ -150,31 +211,50 @@ pub fn validate(
     } else {
         &ECDSA_P384_SHA384_FIXED
     };
-    let signed = &token[..h.len() + 1 + c.len()];
+    // The signing input `h.c` is a prefix of the token.
+    let signed = token
+        .get(..h.len() + 1 + c.len())
+        .ok_or_else(|| Error::InvalidJwt("not a compact JWS".into()))?;
     UnparsedPublicKey::new(verify_alg, point)
         .verify(signed.as_bytes(), &sig)
         .map_err(|_| Error::InvalidJwt("signature does not verify".into()))?;
 
-    let exp = claims
-        .get("exp")
-        .and_then(Value::as_i64)
+    let now_f = now as f64;
+    let exp = numeric_date(&claims, "exp")?
         .ok_or_else(|| Error::InvalidJwt("token has no exp claim".into()))?;
-    if now >= exp {
+    if now_f >= exp {
         return Err(Error::InvalidJwt("token has expired".into()));
     }
-    if let Some(nbf) = claims.get("nbf").and_then(Value::as_i64) {
-        if now < nbf {
-            return Err(Error::InvalidJwt("token is not yet valid".into()));
-        }
+    if numeric_date(&claims, "nbf")?.is_some_and(|nbf| now_f < nbf) {
+        return Err(Error::InvalidJwt("token is not yet valid".into()));
     }
-    let audience_ok = match claims.get("aud") {
-        Some(Value::String(a)) => a == audience,
-        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(audience)),
-        _ => return Err(Error::InvalidJwt("token has no aud claim".into())),
-    };
-    if !audience_ok {
+    if numeric_date(&claims, "iat")?.is_some_and(|iat| iat > now_f + MAX_IAT_SKEW_SECONDS) {
         return Err(Error::InvalidJwt(format!(
-            "audience {audience:?} is not in the token's aud"
+            "token is issued in the future (iat more than {MAX_IAT_SKEW_SECONDS} s ahead)"
+        )));
+    }
+    // `aud`: one string, or an array of strings with at least one (JWT-SVID §3.2).
+    let audiences: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(a)) => vec![a.as_str()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(Value::as_str)
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::InvalidJwt("aud has a member that is not a string".into()))?,
+        Some(_) => {
+            return Err(Error::InvalidJwt(
+                "aud is neither a string nor an array of strings".into(),
+            ))
+        }
+        None => return Err(Error::InvalidJwt("token has no aud claim".into())),
+    };
+    if audiences.is_empty() {
+        return Err(Error::InvalidJwt("token has an empty aud claim".into()));
+    }
+    if !audiences.contains(&audience) {
+        return Err(Error::InvalidJwt(format!(
+            "audience {:?} is not in the token's aud",
+            shown(audience)
         )));
     }
     Ok(ValidatedJwt { spiffe_id, claims })

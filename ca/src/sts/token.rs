@@ -281,21 +281,6 @@ fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, OAuthError>
     }
 }
 
-/// The JWS algorithm a P-256 or P-384 SubjectPublicKeyInfo verifies, and its point.
-fn ec_point(spki: &[u8]) -> Option<(&'static str, &[u8])> {
-    use x509_parser::prelude::FromDer;
-    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).ok()?;
-    let point_len = info.subject_public_key.data.len();
-    let alg = match point_len {
-        65 => "ES256",
-        97 => "ES384",
-        _ => return None,
-    };
-    // The BIT STRING contents are the SPKI's tail.
-    let point = spki.get(spki.len().checked_sub(point_len)?..)?;
-    Some((alg, point))
-}
-
 /// Verifies an access token this server issued: at most [`MAX_ACCESS_TOKEN_LEN`] bytes,
 /// header `typ` `at+jwt` (or `application/at+jwt`), `alg` ES256 or ES384, `kid` one of
 /// `keys`, a signature that verifies, `iss` == `issuer`, not expired at `now`, not
@@ -352,7 +337,7 @@ pub fn verify(
             "token key {shown:?} is not a JWT authority of this server"
         ))
     })?;
-    let (key_alg, point) = ec_point(&key.spki).ok_or_else(|| {
+    let (key_alg, point) = ztid_spiffe::jwt::es_point(&key.spki).ok_or_else(|| {
         invalid_grant(format!("JWT authority {kid:?} is not a P-256 or P-384 key"))
     })?;
     if key_alg != alg {
