@@ -223,6 +223,7 @@ impl CaCore {
             entry,
             &checked.spiffe_id,
             ttl,
+            None,
         )?;
         let authority = self.authorities.x509();
         let leaf = authority.sign_leaf(
@@ -288,6 +289,7 @@ impl CaCore {
             &entry,
             spiffe_id,
             ttl,
+            Some(audience),
         )?;
         let jwt = self.authorities.jwt();
         let issuer = self.config.oidc.as_ref().map(|o| o.issuer.as_str());
@@ -572,6 +574,57 @@ mod tests {
             "X509-SVID for {}s",
             leaf.not_after - t
         );
+    }
+
+    /// The issuance policy sees a JWT-SVID's audiences (`context.audience`), so an
+    /// operator can say which workloads may get tokens for which audiences (the token
+    /// endpoint's, say): without them, every entitled workload could get any audience.
+    #[test]
+    fn the_issuance_policy_decides_on_jwt_audiences() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.cedar");
+        std::fs::write(
+            &policy,
+            r#"permit (principal, action in [Action::"attest", Action::"mint_x509"], resource);
+               @id("db-audience-only") permit (principal, action == Action::"mint_jwt", resource)
+               when { context.audience == ["db"] };"#,
+        )
+        .unwrap();
+        let core = CaCore::open(crate::config::ServerConfig {
+            trust_domain: "example.org".into(),
+            data_dir: dir.path().join("data"),
+            issuance_policy: Some(policy),
+            ..Default::default()
+        })
+        .unwrap();
+        let (_, leaf) = core
+            .complete_attestation(
+                &crate::core::testing::test_node(),
+                &crate::core::testing::fresh_csr(),
+            )
+            .unwrap();
+        let agent = core
+            .authenticate_agent(Some(leaf.chain.first().unwrap()))
+            .unwrap();
+        let entry = per_instance_entry(&core, &agent, "w");
+        let id = "spiffe://example.org/w/0123456789abcdef0123456789abcdef";
+        let (token, _) = core
+            .mint_jwt_svid(&agent, &entry, id, &["db".to_string()])
+            .expect("the audience the policy permits");
+        let claims = token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["aud"], json!(["db"]));
+        for audience in [vec!["web".to_string()], vec!["db".into(), "web".into()]] {
+            let e = core
+                .mint_jwt_svid(&agent, &entry, id, &audience)
+                .expect_err("an audience the policy does not permit");
+            assert_eq!(e.refusal_kind(), Some(RefusalKind::IssuancePolicy), "{e}");
+            assert!(e.to_string().contains("no permit policy matches"), "{e}");
+        }
     }
 
     /// One call's CSRs for one entry share its load; an entry the call could not load

@@ -8,7 +8,8 @@ use crate::datastore::EntryRecord;
 use crate::Result;
 
 impl CaCore {
-    /// Asks the issuance policy, if there is one.
+    /// Asks the issuance policy, if there is one. `audience`: a JWT-SVID's audiences
+    /// (`context.audience`), so the policy can say who may get a token for whom.
     pub(super) fn check_policy(
         &self,
         action: crate::policy::Action,
@@ -16,6 +17,7 @@ impl CaCore {
         entry: &EntryRecord,
         spiffe_id: &str,
         ttl: i64,
+        audience: Option<&[String]>,
     ) -> Result<()> {
         let Some(p) = &self.policy else { return Ok(()) };
         p.authorize(
@@ -34,7 +36,11 @@ impl CaCore {
                 entry: Some(json!({"id": entry.id, "spiffe_id": entry.spiffe_id,
                     "parent_id": entry.parent_id, "shared": entry.shared})),
                 now: now(),
-                extra: None,
+                extra: audience.map(|a| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("audience".into(), json!(a));
+                    m
+                }),
             },
         )
     }
