@@ -7,8 +7,10 @@ use serde_json::{json, Value};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::jwt::{JwtKey, SPKI_P256_PREFIX, SPKI_P384_PREFIX};
+use crate::limits::at_most;
 use crate::Error;
 use crate::RefusalKind::{self, Malformed, TrustDomainMismatch};
+use ring::agreement::{self, ECDH_P256, ECDH_P384};
 
 /// A trust domain's bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -146,6 +148,22 @@ impl From<&TrustBundle> for ztid_proto::node::Bundle {
 /// logged, audited and kept as a federation's last error, so a peer could otherwise make
 /// every refusal it causes as large as its bundle (1 MiB).
 pub const MAX_KID_BYTES: usize = 256;
+
+/// Most JWT authorities one bundle may hold: a trust domain has a few (prepared, active,
+/// old) per server; a peer's thousands would reach every workload's JWT bundle.
+pub const MAX_JWT_AUTHORITIES: usize = 256;
+
+/// Whether an uncompressed point is on the curve of `alg`: ring checks a peer's point
+/// before any key agreement, and has no other call that checks one alone.
+fn on_curve(alg: &'static agreement::Algorithm, point: &[u8]) -> Result<bool, Error> {
+    let rng = ring::rand::SystemRandom::new();
+    let ours = agreement::EphemeralPrivateKey::generate(alg, &rng)
+        .map_err(|_| Error::Config("the system's random number generator failed".into()))?;
+    Ok(
+        agreement::agree_ephemeral(ours, &agreement::UnparsedPublicKey::new(alg, point), |_| ())
+            .is_ok(),
+    )
+}
 
 /// The trust domain named by a CA certificate's SPIFFE URI SAN, if any.
 fn spiffe_trust_domain_of_cert(cert: &X509Certificate<'_>) -> Option<String> {
@@ -294,9 +312,9 @@ impl TrustBundle {
                             .ok_or_else(bad)
                     };
                     let (x, y) = (coord("x")?, coord("y")?);
-                    let (prefix, n) = match crv {
-                        "P-256" => (SPKI_P256_PREFIX, 32),
-                        "P-384" => (SPKI_P384_PREFIX, 48),
+                    let (prefix, n, alg, ecdh) = match crv {
+                        "P-256" => (SPKI_P256_PREFIX, 32, "ES256", &ECDH_P256),
+                        "P-384" => (SPKI_P384_PREFIX, 48, "ES384", &ECDH_P384),
                         _ => {
                             tracing::warn!(
                                 kid,
@@ -309,10 +327,34 @@ impl TrustBundle {
                     if x.len() != n || y.len() != n {
                         return Err(bad());
                     }
+                    // A key meant for another algorithm is not one to verify ES tokens with.
+                    if let Some(a) = key.get("alg").filter(|a| a.as_str() != Some(alg)) {
+                        return Err(refuse(
+                            Malformed,
+                            format!(
+                                "malformed jwt-svid key {kid}: alg {a} is not {alg}, the algorithm of curve {crv}"
+                            ),
+                        ));
+                    }
+                    at_most(
+                        "jwt-svid keys in one bundle",
+                        out.jwt_authorities.len() + 1,
+                        MAX_JWT_AUTHORITIES,
+                    )
+                    .map_err(|e| refuse(Malformed, e.to_string()))?;
                     let mut spki = prefix.to_vec();
                     spki.push(4);
                     spki.extend_from_slice(&x);
                     spki.extend_from_slice(&y);
+                    let point = spki.get(prefix.len()..).unwrap_or_default();
+                    if !on_curve(ecdh, point)? {
+                        return Err(refuse(
+                            Malformed,
+                            format!(
+                                "malformed jwt-svid key {kid}: the point is not on curve {crv}"
+                            ),
+                        ));
+                    }
                     out.jwt_authorities.push(JwtKey { kid, spki });
                 }
                 other => {
@@ -498,5 +540,90 @@ mod spiffe_json_tests {
             Malformed
         )
         .contains("spiffe_sequence"));
+    }
+
+    /// A federation peer's JWT keys, as hostile as it likes: each either refuses the
+    /// document (as malformed) or is ignored (a key type or curve ztid does not verify
+    /// with), and nothing that can never verify a token is stored.
+    #[test]
+    fn hostile_jwt_keys() {
+        let doc = |keys: Vec<Value>| json!({ "keys": keys }).to_string();
+        let good = || {
+            let b = TrustBundle {
+                trust_domain: "b.test".into(),
+                jwt_authorities: vec![jwt_key("k1")],
+                ..Default::default()
+            };
+            let v: Value = serde_json::from_str(&b.jwks_json().unwrap()).unwrap();
+            v["keys"][0].clone()
+        };
+        // RSA of any size or exponent, other curves, other uses: ignored, not stored.
+        let huge_n = B64URL.encode(vec![0xff; 8192]);
+        let ignored = TrustBundle::from_spiffe_json(
+            "b.test",
+            &doc(vec![
+                json!({"kty": "RSA", "use": "jwt-svid", "kid": "big", "n": huge_n, "e": "AQAB"}),
+                json!({"kty": "RSA", "use": "jwt-svid", "kid": "tiny", "n": "AQ", "e": "AQ"}),
+                json!({"kty": "EC", "use": "jwt-svid", "kid": "k1p", "crv": "secp256k1", "x": "AA", "y": "AA"}),
+                json!({"kty": "EC", "use": "jwt-svid", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"}),
+                json!({"kty": "oct", "use": "jwt-svid", "kid": "hmac", "k": "c2VjcmV0"}),
+                json!({"kty": "EC", "use": "enc", "kid": "enc", "crv": "P-256", "x": "AA", "y": "AA"}),
+            ]),
+        )
+        .unwrap();
+        assert!(ignored.jwt_authorities.is_empty());
+
+        // A point that is not on its curve can never verify anything: malformed.
+        let mut off_curve = good();
+        let mut y = B64URL.decode(off_curve["y"].as_str().unwrap()).unwrap();
+        y[31] ^= 1;
+        off_curve["y"] = json!(B64URL.encode(&y));
+        assert_eq!(
+            refused(
+                TrustBundle::from_spiffe_json("b.test", &doc(vec![off_curve])),
+                Malformed
+            ),
+            "malformed jwt-svid key k1: the point is not on curve P-256"
+        );
+        // `alg`, when given, must be the curve's own.
+        let mut wrong_alg = good();
+        wrong_alg["alg"] = json!("RS256");
+        assert_eq!(
+            refused(
+                TrustBundle::from_spiffe_json("b.test", &doc(vec![wrong_alg])),
+                Malformed
+            ),
+            "malformed jwt-svid key k1: alg \"RS256\" is not ES256, the algorithm of curve P-256"
+        );
+        let mut right_alg = good();
+        right_alg["alg"] = json!("ES256");
+        TrustBundle::from_spiffe_json("b.test", &doc(vec![right_alg])).unwrap();
+        // Bounded: the kid's length and the number of JWT authorities.
+        let mut long_kid = good();
+        long_kid["kid"] = json!("k".repeat(MAX_KID_BYTES + 1));
+        assert_eq!(
+            refused(
+                TrustBundle::from_spiffe_json("b.test", &doc(vec![long_kid])),
+                Malformed
+            ),
+            format!(
+                "jwt-svid key 0: its kid is {} bytes, at most {MAX_KID_BYTES}",
+                MAX_KID_BYTES + 1
+            )
+        );
+        let many: Vec<Value> = (0..=MAX_JWT_AUTHORITIES)
+            .map(|i| {
+                let mut k = good();
+                k["kid"] = json!(format!("k{i}"));
+                k
+            })
+            .collect();
+        assert_eq!(
+            refused(
+                TrustBundle::from_spiffe_json("b.test", &doc(many)),
+                Malformed
+            ),
+            format!("jwt-svid keys in one bundle exceeds the limit: {} given, at most {MAX_JWT_AUTHORITIES} allowed", MAX_JWT_AUTHORITIES + 1)
+        );
     }
 }
