@@ -1397,31 +1397,32 @@ impl DelegatedIdentityApi {
         let mut out = Vec::new();
         let mut to_mint = Vec::new();
         {
-            let cache = inst
+            let mut cache = inst
                 .jwt_cache
                 .lock()
                 .map_err(|_| Status::internal("lock"))?;
             for e in entries {
                 let id = Workloads::identity_for(inst, &e);
-                match cache.get(&(id.clone(), audience.to_vec())) {
-                    Some(j) if now < j.issued_at + (j.expires_at - j.issued_at) / 2 => {
-                        out.push(tpb::Jwtsvid {
-                            token: j.token.clone(),
-                            id: Some(spiffe_id_pb(&id)),
-                            expires_at: j.expires_at,
-                            issued_at: j.issued_at,
-                            hint: e.hint.clone(),
-                        })
-                    }
-                    _ => to_mint.push((e, id)),
+                match cache.reusable(&(id.clone(), audience.to_vec()), now) {
+                    Some(j) => out.push(tpb::Jwtsvid {
+                        token: j.token.clone(),
+                        id: Some(spiffe_id_pb(&id)),
+                        expires_at: j.expires_at,
+                        issued_at: j.issued_at,
+                        hint: e.hint.clone(),
+                    }),
+                    None => to_mint.push((e, id)),
                 }
             }
-            let recent = cache.values().filter(|j| j.issued_at > now - 60).count();
-            let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
-            if !to_mint.is_empty() && recent + to_mint.len() > limit {
-                return Err(Status::resource_exhausted(format!(
-                    "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}"
-                )));
+            // Recorded now, under the same lock: see `JwtCache`.
+            if !to_mint.is_empty() {
+                cache.allow_mints(to_mint.len(), now).map_err(|exceeded| {
+                    Status::resource_exhausted(format!(
+                        "JWT-SVID mint rate exceeded: {} minted for this workload in the last minute, at most {}",
+                        exceeded.recent,
+                        crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE
+                    ))
+                })?;
             }
         }
         if to_mint.is_empty() {
@@ -1443,20 +1444,16 @@ impl DelegatedIdentityApi {
             .map_err(|_| Status::internal("lock"))?;
         for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
             let (s, kid) = crate::workload_api::minted_jwt(&self.workloads, r, &id)?;
-            if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                cache.retain(|_, j| j.expires_at > now);
-            }
-            if cache.len() < crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                cache.insert(
-                    (id.clone(), audience.to_vec()),
-                    crate::workloads::CachedJwt {
-                        token: s.token.clone(),
-                        expires_at: s.expires_at,
-                        issued_at: now,
-                        kid,
-                    },
-                );
-            }
+            cache.remember(
+                (id.clone(), audience.to_vec()),
+                crate::workloads::CachedJwt {
+                    token: s.token.clone(),
+                    expires_at: s.expires_at,
+                    issued_at: now,
+                    kid,
+                },
+                now,
+            );
             out.push(tpb::Jwtsvid {
                 token: s.token,
                 id: Some(spiffe_id_pb(&id)),

@@ -530,47 +530,42 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut out = Vec::new();
         let mut to_mint = Vec::new();
         {
-            let cache = inst
+            let mut cache = inst
                 .jwt_cache
                 .lock()
                 .map_err(|_| Status::internal("lock"))?;
             for (e, id) in &wanted {
-                match cache.get(&(id.clone(), audience.clone())) {
-                    // Reuse a token until half its lifetime has passed.
-                    Some(j) if now < j.issued_at + (j.expires_at - j.issued_at) / 2 => {
-                        out.push(pb::Jwtsvid {
-                            spiffe_id: id.clone(),
-                            svid: j.token.clone(),
-                            hint: e.hint.clone(),
-                        })
-                    }
-                    _ => to_mint.push((e.clone(), id.clone())),
+                match cache.reusable(&(id.clone(), audience.clone()), now) {
+                    Some(j) => out.push(pb::Jwtsvid {
+                        spiffe_id: id.clone(),
+                        svid: j.token.clone(),
+                        hint: e.hint.clone(),
+                    }),
+                    None => to_mint.push((e.clone(), id.clone())),
+                }
+            }
+            // A workload may not mint distinct tokens without bound; the mints are
+            // recorded now, under the same lock, so calls at once cannot all pass.
+            if !to_mint.is_empty() {
+                if let Err(exceeded) = cache.allow_mints(to_mint.len(), now) {
+                    let (recent, limit) = (
+                        exceeded.recent,
+                        crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE,
+                    );
+                    tracing::warn!(
+                        event = "jwt_rate_limited",
+                        pid = inst.process.pid,
+                        recent,
+                        limit,
+                        "JWT-SVID mint rate exceeded"
+                    );
+                    return Err(Status::resource_exhausted(format!(
+                        "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
+                    )));
                 }
             }
         }
         if !to_mint.is_empty() {
-            // A workload may not mint distinct tokens without bound: count what this
-            // instance had minted in the last minute (the cache holds every mint).
-            let recent = inst
-                .jwt_cache
-                .lock()
-                .map_err(|_| Status::internal("lock"))?
-                .values()
-                .filter(|j| j.issued_at > now - 60)
-                .count();
-            let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
-            if recent + to_mint.len() > limit {
-                tracing::warn!(
-                    event = "jwt_rate_limited",
-                    pid = inst.process.pid,
-                    recent,
-                    limit,
-                    "JWT-SVID mint rate exceeded"
-                );
-                return Err(Status::resource_exhausted(format!(
-                    "JWT-SVID mint rate exceeded: {recent} minted for this workload in the last minute, at most {limit}; reuse a token or retry later"
-                )));
-            }
             let resp = mint_jwt_svids(&self.workloads, &to_mint, &audience)
                 .await
                 .map_err(|s| {
@@ -596,19 +591,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .map_err(|_| Status::internal("lock"))?;
             for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
                 let (s, kid) = minted_jwt(&self.workloads, r, &id)?;
-                if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                    cache.retain(|_, j| j.expires_at > now);
-                }
-                if cache.len() >= crate::limits::MAX_JWT_CACHE_PER_INSTANCE {
-                    let oldest = cache
-                        .iter()
-                        .min_by_key(|(_, j)| j.issued_at)
-                        .map(|(k, _)| k.clone());
-                    if let Some(k) = oldest {
-                        cache.remove(&k);
-                    }
-                }
-                cache.insert(
+                cache.remember(
                     (id.clone(), audience.clone()),
                     super::workloads::CachedJwt {
                         token: s.token.clone(),
@@ -616,6 +599,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         issued_at: now,
                         kid,
                     },
+                    now,
                 );
                 out.push(pb::Jwtsvid {
                     spiffe_id: id,
@@ -750,6 +734,12 @@ mod tests {
     /// Signs every CSR with a made-up chain: the agent only checks the SPIFFE ID.
     struct FakeNode;
 
+    /// Lifetime of the fake node's JWT-SVIDs: one second, so that none is ever reused
+    /// (half its life is gone at once) and every fetch is a mint, as with an entry's
+    /// `--jwt-ttl 1`.
+    const FAKE_JWT_TTL: i64 = 1;
+    const FAKE_JWT_DELAY: Duration = Duration::from_millis(50);
+
     fn spiffe_id_of_csr(der: &[u8]) -> String {
         use x509_parser::prelude::*;
         let (_, csr) = X509CertificationRequest::from_der(der).unwrap();
@@ -811,11 +801,27 @@ mod tests {
                 .collect();
             Ok(Response::new(npb::SignX509SvidsResponse { results }))
         }
+        /// Mints a made-up token per request, valid for [`FAKE_JWT_TTL`] seconds, after
+        /// [`FAKE_JWT_DELAY`] (a server's signature and audit write take a moment).
         async fn mint_jwt_svids(
             &self,
-            _: Request<npb::MintJwtSvidsRequest>,
+            request: Request<npb::MintJwtSvidsRequest>,
         ) -> Result<Response<npb::MintJwtSvidsResponse>, Status> {
-            Err(Status::unimplemented("fake"))
+            tokio::time::sleep(FAKE_JWT_DELAY).await;
+            let expires_at = unix_seconds(std::time::SystemTime::now()) + FAKE_JWT_TTL;
+            let results = request
+                .into_inner()
+                .requests
+                .into_iter()
+                .map(|r| npb::JwtResult {
+                    result: Some(npb::jwt_result::Result::Svid(npb::JwtSvid {
+                        token: format!("e30.{}.c2ln", r.audience.join(",")),
+                        spiffe_id: r.spiffe_id,
+                        expires_at,
+                    })),
+                })
+                .collect();
+            Ok(Response::new(npb::MintJwtSvidsResponse { results }))
         }
         async fn sync_entries(
             &self,
@@ -1352,6 +1358,69 @@ mod tests {
         for c in [&mut again_child, &mut mine] {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    fn jwt_request(audience: &str) -> Request<pb::JwtsvidRequest> {
+        with_header(pb::JwtsvidRequest {
+            audience: vec![audience.into()],
+            spiffe_id: String::new(),
+        })
+    }
+
+    /// A token fetched again once past half its life is a mint like any other and counts
+    /// against the instance's 60 a minute, also when it replaces the cached one (same
+    /// audience): each fetch here mints (the fake node's tokens live one second).
+    #[tokio::test]
+    async fn re_minting_one_audience_counts_against_the_jwt_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (workloads, bundle) = workloads().await;
+        let mut client = serve(workloads, bundle.subscribe(), dir.path()).await;
+        let limit = crate::limits::MAX_JWT_MINTS_PER_INSTANCE_PER_MINUTE;
+        for i in 0..limit {
+            client
+                .fetch_jwtsvid(jwt_request("db"))
+                .await
+                .unwrap_or_else(|e| panic!("mint {i} of {limit} refused: {e}"));
+        }
+        let refused = client.fetch_jwtsvid(jwt_request("db")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        assert!(
+            refused
+                .message()
+                .starts_with("JWT-SVID mint rate exceeded: 60 minted for this workload in the last minute, at most 60"),
+            "{}",
+            refused.message()
+        );
+    }
+
+    /// Fetches that arrive together (here 70, over 5 connections of one process) cannot
+    /// all pass the rate check before any of them is recorded: the 61st and later are
+    /// refused while the first 60 are still at the server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fetches_cannot_overrun_the_jwt_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (workloads, bundle) = workloads().await;
+        let mut clients = Vec::new();
+        for i in 0..5 {
+            let sub = dir.path().join(i.to_string());
+            std::fs::create_dir(&sub).unwrap();
+            clients.push(serve(workloads.clone(), bundle.subscribe(), &sub).await);
+        }
+        let calls = (0..70).map(|i| {
+            let mut c = clients[i % 5].clone();
+            async move { c.fetch_jwtsvid(jwt_request(&format!("svc-{i}"))).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let minted = answers.iter().filter(|a| a.is_ok()).count();
+        assert_eq!(minted, 60, "minted past the bound");
+        for refused in answers.iter().filter_map(|a| a.as_ref().err()) {
+            assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+            assert!(
+                refused.message().starts_with("JWT-SVID mint rate exceeded"),
+                "{}",
+                refused.message()
+            );
         }
     }
 }

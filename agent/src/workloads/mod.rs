@@ -29,8 +29,10 @@ use zeroize::Zeroizing;
 use ztid_proto::node as pb;
 
 pub mod boot_clock;
+pub mod jwt_cache;
 pub mod pool;
 
+pub use self::jwt_cache::{CachedJwt, JwtCache};
 use self::pool::{PoolConfig, PoolView, PooledInstance, SvidPool};
 use crate::selector::satisfies;
 use crate::servers::NodeConnections;
@@ -141,19 +143,6 @@ pub struct HeldSvid {
     /// The revision of the entry it was minted for: an entry changed since (its SPIFFE
     /// ID, DNS names, TTL, hint) is minted afresh at the next reconcile, not at half-life.
     pub entry_revision: u64,
-}
-
-/// A JWT-SVID handed out and kept for reuse until half its lifetime.
-#[derive(Clone)]
-pub struct CachedJwt {
-    /// The token.
-    pub token: String,
-    /// Its `exp`.
-    pub expires_at: i64,
-    /// When it was minted.
-    pub issued_at: i64,
-    /// The key that signed it.
-    pub kid: Option<String>,
 }
 
 /// What one instance is entitled to right now (empty: nothing).
@@ -300,8 +289,8 @@ pub struct Instance {
     svids: tokio::sync::Mutex<HashMap<String, Arc<HeldSvid>>>,
     /// The current identity set, watched by its open streams.
     pub state: watch::Sender<Arc<IdentitySet>>,
-    /// Cached JWT-SVIDs by (SPIFFE ID, audience).
-    pub jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    /// Its JWT-SVIDs by (SPIFFE ID, audience), and its recent mints.
+    pub jwt_cache: Mutex<JwtCache>,
     /// When the agent created it (Unix seconds, the agent's clock): an entry revocation
     /// covers the instances created before it.
     pub created_at: i64,
@@ -847,7 +836,7 @@ impl Workloads {
             selectors: key.selectors.clone(),
             svids: tokio::sync::Mutex::new(svids),
             state: watch::Sender::new(Arc::new(IdentitySet::default())),
-            jwt_cache: Mutex::new(HashMap::new()),
+            jwt_cache: Mutex::new(JwtCache::default()),
             created_at,
             revocations: watch::Sender::new(RevocationNotice::default()),
         });
