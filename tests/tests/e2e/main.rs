@@ -19,6 +19,7 @@ mod hsm_pkcs11;
 mod hsm_tpm;
 mod identity_names;
 mod issuance_policy;
+mod jwt_svid;
 mod limits;
 mod multi_factor;
 mod operator_output;
