@@ -1443,7 +1443,7 @@ impl DelegatedIdentityApi {
             .lock()
             .map_err(|_| Status::internal("lock"))?;
         for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
-            let (s, kid) = crate::workload_api::minted_jwt(&self.workloads, r, &id)?;
+            let (s, kid) = crate::workload_api::minted_jwt(&self.workloads, r, &id, audience)?;
             cache.remember(
                 (id.clone(), audience.to_vec()),
                 crate::workloads::CachedJwt {

@@ -386,15 +386,30 @@ fn watch_stream<T: Send + 'static>(
     }))
 }
 
-/// The JWT-SVID the server minted for `id` in answer `r`, with its key ID, noted as in
-/// use; a refusal, or an answer for another SPIFFE ID, is an unavailable error.
+/// The JWT-SVID the server minted for `id` and `audience` (normalised) in answer `r`,
+/// with its key ID, noted as in use; a refusal, an answer for another SPIFFE ID, or a
+/// token whose own `sub`, `aud` or `exp` is not what was asked and answered, is an
+/// unavailable error. The server is trusted to sign; its answer is still checked, so a
+/// mix-up on its side never hands a workload another identity's token (the signature is
+/// the relying party's to check: a key just activated may not be in our bundle yet).
 pub(crate) fn minted_jwt(
     workloads: &Workloads,
     r: npb::JwtResult,
     id: &str,
+    audience: &[String],
 ) -> Result<(npb::JwtSvid, Option<String>), Status> {
     match r.result {
         Some(npb::jwt_result::Result::Svid(s)) if s.spiffe_id == id => {
+            if !token_says(&s.token, id, audience, s.expires_at) {
+                tracing::error!(
+                    event = "jwt_svid_mismatch",
+                    spiffe_id = id,
+                    "the server's JWT-SVID does not name the identity, audience or expiry asked for; not served"
+                );
+                return Err(Status::unavailable(
+                    "could not obtain a JWT-SVID: the server's token does not say what it was asked for (sub, aud or exp)",
+                ));
+            }
             let kid = crate::jwt::kid_of(&s.token);
             workloads.note_jwt(kid.as_deref(), s.expires_at);
             Ok((s, kid))
@@ -404,6 +419,29 @@ pub(crate) fn minted_jwt(
         ))),
         _ => Err(Status::unavailable("could not obtain a JWT-SVID")),
     }
+}
+
+/// Whether `token` names `id` as `sub`, exactly `audience` (sorted, deduplicated) as
+/// `aud`, and `expires_at` as `exp`.
+fn token_says(token: &str, id: &str, audience: &[String], expires_at: i64) -> bool {
+    let Some(claims) = crate::jwt::unverified_claims(token) else {
+        return false;
+    };
+    let mut aud: Vec<&str> = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => vec![a.as_str()],
+        Some(serde_json::Value::Array(list)) => {
+            match list.iter().map(serde_json::Value::as_str).collect() {
+                Some(l) => l,
+                None => return false,
+            }
+        }
+        _ => return false,
+    };
+    aud.sort_unstable();
+    aud.dedup();
+    claims.get("sub").and_then(serde_json::Value::as_str) == Some(id)
+        && aud.iter().copied().eq(audience.iter().map(String::as_str))
+        && claims.get("exp").and_then(serde_json::Value::as_i64) == Some(expires_at)
 }
 
 /// Asks the server for a JWT-SVID of each `(entry, SPIFFE ID)` of `to_mint` for `audience`
@@ -590,7 +628,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .lock()
                 .map_err(|_| Status::internal("lock"))?;
             for ((e, id), r) in to_mint.into_iter().zip(resp.results) {
-                let (s, kid) = minted_jwt(&self.workloads, r, &id)?;
+                let (s, kid) = minted_jwt(&self.workloads, r, &id, &audience)?;
                 cache.remember(
                     (id.clone(), audience.clone()),
                     super::workloads::CachedJwt {
@@ -813,12 +851,32 @@ mod tests {
                 .into_inner()
                 .requests
                 .into_iter()
-                .map(|r| npb::JwtResult {
-                    result: Some(npb::jwt_result::Result::Svid(npb::JwtSvid {
-                        token: format!("e30.{}.c2ln", r.audience.join(",")),
-                        spiffe_id: r.spiffe_id,
-                        expires_at,
-                    })),
+                .map(|r| {
+                    // A faulty server, on request: the token names another subject,
+                    // audience or expiry than asked or than the answer says.
+                    let lie = r.audience.first().map(String::as_str);
+                    let claims = serde_json::json!({
+                        "sub": if lie == Some("lie-sub") { "spiffe://example.org/other" } else { r.spiffe_id.as_str() },
+                        "aud": if lie == Some("lie-aud") { vec!["other".to_string()] } else { r.audience.clone() },
+                        "exp": if lie == Some("lie-exp") { expires_at + 3600 } else { expires_at },
+                    });
+                    let b64 = |v: &[u8]| {
+                        base64::Engine::encode(
+                            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                            v,
+                        )
+                    };
+                    npb::JwtResult {
+                        result: Some(npb::jwt_result::Result::Svid(npb::JwtSvid {
+                            token: format!(
+                                "{}.{}.c2ln",
+                                b64(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#),
+                                b64(claims.to_string().as_bytes())
+                            ),
+                            spiffe_id: r.spiffe_id,
+                            expires_at,
+                        })),
+                    }
                 })
                 .collect();
             Ok(Response::new(npb::MintJwtSvidsResponse { results }))
@@ -1392,6 +1450,28 @@ mod tests {
             "{}",
             refused.message()
         );
+    }
+
+    /// The agent hands out a minted token only if it says what was asked: the subject
+    /// and audiences asked for, and the expiry the answer gives (the cache trusts it).
+    #[tokio::test]
+    async fn a_token_that_names_another_subject_audience_or_expiry_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (workloads, bundle) = workloads().await;
+        let mut client = serve(workloads, bundle.subscribe(), dir.path()).await;
+        let honest = client.fetch_jwtsvid(jwt_request("db")).await.unwrap();
+        assert_eq!(honest.get_ref().svids.len(), 1);
+        for lie in ["lie-sub", "lie-aud", "lie-exp"] {
+            let refused = client.fetch_jwtsvid(jwt_request(lie)).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unavailable, "{lie}: {refused}");
+            assert!(
+                refused.message().starts_with(
+                    "could not obtain a JWT-SVID: the server's token does not say what it was asked for"
+                ),
+                "{lie}: {}",
+                refused.message()
+            );
+        }
     }
 
     /// Fetches that arrive together (here 70, over 5 connections of one process) cannot
