@@ -560,7 +560,7 @@ mod tests {
             ("unix", "path:/"),
         ] {
             assert!(
-                validate_new_entry(&td, &with(t, v), 3600, 0).is_ok(),
+                validate_new_entry(&td, &with(t, v), 3600, &[], 0).is_ok(),
                 "{t}:{v}"
             );
         }
