@@ -1063,6 +1063,22 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener, Error> 
     Ok(l)
 }
 
+/// Keeps the agent's memory to itself: it holds its own key and every workload's keys,
+/// SVIDs and JWT-SVIDs. No core dump is written (not dumpable, `RLIMIT_CORE` 0), and no
+/// process of the agent's uid without `CAP_SYS_PTRACE` may read it through ptrace or
+/// `/proc/PID/mem`. The agent still reads its own `/proc/self`: the kernel lets a
+/// process's own threads past that check.
+pub fn keep_memory_private() -> Result<(), Error> {
+    use nix::sys::resource::{setrlimit, Resource};
+    nix::sys::prctl::set_dumpable(false).map_err(|e| {
+        Error::Config(format!(
+            "making the process non-dumpable (PR_SET_DUMPABLE): {e}"
+        ))
+    })?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| Error::Config(format!("setting RLIMIT_CORE to 0: {e}")))
+}
+
 /// Runs the agent until SIGINT/SIGTERM, or until the server no longer recognises it.
 pub async fn run(config: AgentConfig) -> Result<(), Error> {
     config.validate()?;
@@ -1307,6 +1323,19 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent's memory is its own: not dumpable, no core file.
+    #[test]
+    fn the_agents_memory_is_kept_private() {
+        super::keep_memory_private().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
+        assert_eq!(
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_CORE).unwrap(),
+            (0, 0)
+        );
+        // Its own /proc entries stay readable to it (the descriptor count in metrics).
+        assert!(std::fs::read_dir("/proc/self/fd").unwrap().count() > 0);
+    }
 
     fn svid(leaf: &[u8], not_after: i64) -> AgentSvid {
         AgentSvid {

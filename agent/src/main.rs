@@ -60,6 +60,7 @@ fn main() -> std::process::ExitCode {
             Command::Run(args) => {
                 let config = run_config(args).map_err(|e| e.to_string())?;
                 init_logging(&config.log_format);
+                ztid_agent::keep_memory_private().map_err(|e| e.to_string())?;
                 ztid_agent::run(config).await.map_err(|e| e.to_string())
             }
             _ => client_verb(&cli).await,

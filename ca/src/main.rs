@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
                 let config =
                     run_config(args, cli.admin_socket.clone()).map_err(|e| e.to_string())?;
                 init_logging(&config.log_format);
+                ztid_ca::server::keep_memory_private().map_err(|e| e.to_string())?;
                 let core = ztid_ca::core::CaCore::open(config).map_err(|e| e.to_string())?;
                 ztid_ca::server::run(core).await.map_err(|e| e.to_string())
             }

@@ -135,6 +135,22 @@ async fn shutdown_of(listener: Arc<Listener>) {
     listener.shutdown();
 }
 
+/// Keeps the server's memory to itself: it holds the authorities' keys (software key
+/// manager), the audit log's session key and what admins send. No core dump is written
+/// (not dumpable, `RLIMIT_CORE` 0), and no process of the server's uid without
+/// `CAP_SYS_PTRACE` may read it through ptrace or `/proc/PID/mem` (an admin verb run as
+/// the service user, say). Called before any key is loaded.
+pub fn keep_memory_private() -> Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    nix::sys::prctl::set_dumpable(false).map_err(|e| {
+        Error::Config(format!(
+            "making the process non-dumpable (PR_SET_DUMPABLE): {e}"
+        ))
+    })?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| Error::Config(format!("setting RLIMIT_CORE to 0: {e}")))
+}
+
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(core: Arc<CaCore>) -> Result<()> {
     let limits = core.config.limits.clone();
@@ -313,6 +329,17 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server's memory is its own: not dumpable, no core file.
+    #[test]
+    fn the_servers_memory_is_kept_private() {
+        super::keep_memory_private().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
+        assert_eq!(
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_CORE).unwrap(),
+            (0, 0)
+        );
+    }
 
     #[tokio::test]
     async fn the_admin_socket_appears_restricted_and_replaces_a_stale_one() {

@@ -2173,3 +2173,27 @@ fn a_workload_svid_cannot_lock_agents_out_of_the_node_api() {
     fetch_x509_as_process(&agent, "an SVID after the flood", again.path());
     drop(held);
 }
+
+/// The core-file limit of a running process, soft and hard (`/proc/PID/limits`).
+fn core_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core file size line");
+    line.split_whitespace().skip(4).take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Both daemons hold keys in memory (the authorities', the agent's, every workload's):
+/// neither writes a core file, whatever the limit it was started with.
+#[test]
+fn neither_daemon_writes_a_core_file() {
+    let server = Server::start(TD);
+    let agent = Agent::start(&server);
+    for (who, pid) in [
+        ("ztid-server", server_pid(&server)),
+        ("ztid-agent", agent.proc.child.id()),
+    ] {
+        assert_eq!(core_limit(pid), "0 0", "{who}");
+    }
+}
