@@ -29,12 +29,17 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ring::digest;
 
-use super::format::JOURNAL_FILE;
+use super::format::{JOURNAL_FILE, LOG_FILE};
+
+/// How often, while batches are written, the journal checks that `audit.log` and
+/// `audit.wal` are still the files at their paths (and at every wrap).
+const IN_PLACE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The journal's size: a wrap (one sync of `audit.log`) every 4 MiB of records.
 pub(super) const CAPACITY: u64 = 4 << 20;
@@ -53,6 +58,10 @@ pub(super) struct Journal {
     log_len: u64,
     /// The frame being written, kept between batches (see `Chain::give_back` for why).
     frame: Vec<u8>,
+    /// The audit directory, where `audit.log` and `audit.wal` must stay.
+    dir: PathBuf,
+    /// When the files were last found in place (`None`: not yet).
+    checked_at: Option<Instant>,
 }
 
 impl Journal {
@@ -97,7 +106,37 @@ impl Journal {
             pos: 0,
             log_len,
             frame: Vec::new(),
+            dir: dir.to_path_buf(),
+            checked_at: None,
         })
+    }
+
+    /// Refuses to go on when `audit.log` or `audit.wal` is no longer the file at its
+    /// path (renamed over, removed): records would be acknowledged into a file that no
+    /// reader, `audit verify` or start will see, and the journal's wrap would then let
+    /// go of the only copy that a restart could still use. The writer fails closed on
+    /// it: no answer leaves, and the operator restarts the server, whose start judges
+    /// the log at the path against its anchors.
+    fn check_in_place(&mut self, log: &File) -> io::Result<()> {
+        for (name, open) in [(LOG_FILE, log), (JOURNAL_FILE, &self.file)] {
+            let path = self.dir.join(name);
+            let held = open.metadata()?;
+            let moved = match std::fs::symlink_metadata(&path) {
+                Ok(at) => (at.dev(), at.ino()) != (held.dev(), held.ino()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                Err(e) => return Err(e),
+            };
+            if moved || held.nlink() == 0 {
+                return Err(io::Error::other(format!(
+                    "{} is no longer the file this server writes (replaced or removed \
+                     while it ran); no record is acknowledged into a file no reader sees: \
+                     restart the server, whose start checks the log against its anchors",
+                    path.display()
+                )));
+            }
+        }
+        self.checked_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Makes `batch` (the next bytes of `audit.log`) durable in the journal, syncing
@@ -110,6 +149,14 @@ impl Journal {
     /// where a start sets the unacknowledged records aside.
     pub(super) fn write(&mut self, log: &File, batch: &[u8]) -> io::Result<()> {
         let frame_len = (HEADER + batch.len()) as u64;
+        let wraps = frame_len > self.capacity || self.pos + frame_len > self.capacity;
+        if wraps
+            || self
+                .checked_at
+                .is_none_or(|t| t.elapsed() >= IN_PLACE_CHECK_EVERY)
+        {
+            self.check_in_place(log)?;
+        }
         if frame_len > self.capacity {
             let (records, seal) = batch.split_at(last_line_start(batch));
             let mut log_w = log;
@@ -315,6 +362,46 @@ mod tests {
             j.write(&log, b).unwrap();
         }
         log
+    }
+
+    /// `audit.log` or `audit.wal` renamed over or removed while the server runs: the
+    /// next batch (checked at least every second and at every wrap) is refused, so the
+    /// writer fails closed instead of acknowledging records into files no one reads
+    /// (found by the rev-blackbox review: a cut copy renamed over the log went unnoticed
+    /// until the journal wrapped and the records were gone).
+    #[test]
+    fn a_log_or_journal_replaced_while_running_is_refused() {
+        for name in [LOG_FILE, JOURNAL_FILE] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(dir.path().join(LOG_FILE))
+                .unwrap();
+            let mut j = Journal::open(dir.path(), 0, 4096).unwrap();
+            j.write(&log, b"one\n").unwrap();
+            // Within the second: not looked at again.
+            j.write(&log, b"two\n").unwrap();
+            let copy = dir.path().join("copy");
+            std::fs::write(&copy, b"one\n").unwrap();
+            std::fs::rename(&copy, dir.path().join(name)).unwrap();
+            j.checked_at = None;
+            let e = j.write(&log, b"three\n").unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Other, "{name}");
+            assert!(
+                e.to_string()
+                    .contains("is no longer the file this server writes"),
+                "{name}: {e}"
+            );
+            // Removed outright: the same.
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+            assert!(j.write(&log, b"three\n").is_err(), "{name}");
+        }
+        // In place, a wrap checks too and goes on.
+        let dir = tempfile::tempdir().unwrap();
+        let log = journal(dir.path(), &[&[b'x'; 100], &[b'y'; 100]], 300);
+        assert_eq!(log.metadata().unwrap().len(), 200);
     }
 
     #[test]

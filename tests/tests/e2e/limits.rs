@@ -2181,7 +2181,11 @@ fn core_limit(pid: u32) -> String {
         .lines()
         .find(|l| l.starts_with("Max core file size"))
         .expect("a core file size line");
-    line.split_whitespace().skip(4).take(2).collect::<Vec<_>>().join(" ")
+    line.split_whitespace()
+        .skip(4)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Both daemons hold keys in memory (the authorities', the agent's, every workload's):
