@@ -180,3 +180,10 @@ pub fn spawn_staged(cmd: &mut Command) -> std::io::Result<std::process::Child> {
         }
     }
 }
+
+/// `cmd.output()` through [`spawn_staged`]: stdout and stderr captured.
+pub fn output_staged(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    spawn_staged(cmd)?.wait_with_output()
+}

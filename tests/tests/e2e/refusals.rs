@@ -96,21 +96,24 @@ fn caller_without_entry_is_permission_denied() {
     // A process of another uid is refused too.
     {
         let staging = other_uid::Staging::new(other_uid::NOBODY);
-        let out = staging
-            .command_as(
-                &staging.bin("ztid-agent"),
-                other_uid::NOBODY,
-                other_uid::NOBODY,
-            )
-            .args([
-                "api",
-                "fetch",
-                "x509",
-                "--socket",
-                agent.socket().to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        // Staged a moment ago: spawned past a brief "text file busy" (another test
+        // thread's fork may still hold the copy's write descriptor).
+        let out = other_uid::output_staged(
+            staging
+                .command_as(
+                    &staging.bin("ztid-agent"),
+                    other_uid::NOBODY,
+                    other_uid::NOBODY,
+                )
+                .args([
+                    "api",
+                    "fetch",
+                    "x509",
+                    "--socket",
+                    agent.socket().to_str().unwrap(),
+                ]),
+        )
+        .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains("no identity issued"),

@@ -1524,16 +1524,17 @@ fn start_repointed_peer(
     let theirs = socket_fd.as_fd().try_clone_to_owned().expect("dup");
     let mine = socket_fd.as_fd().try_clone_to_owned().expect("dup");
     drop(socket_fd);
-    let mut child = staging
-        .command_as(&helper, uid, uid)
-        .arg(socket)
-        .arg(target)
-        .arg(mode)
-        .stdin(Stdio::from(theirs))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the exe re-pointing helper");
+    let mut child = ztid_tests::other_uid::spawn_staged(
+        staging
+            .command_as(&helper, uid, uid)
+            .arg(socket)
+            .arg(target)
+            .arg(mode)
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .expect("spawn the exe re-pointing helper");
     let pid = child.id() as i32;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout"))
