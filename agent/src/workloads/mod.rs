@@ -869,6 +869,17 @@ impl Workloads {
         }
     }
 
+    /// Whether `id` is [`Workloads::identity_for`] `inst` and `entry`, without building
+    /// it (every fetch reconciles, and this runs for every SVID held).
+    fn is_identity_for(id: &str, inst: &Instance, entry: &pb::Entry) -> bool {
+        if entry.shared {
+            return id == entry.spiffe_id;
+        }
+        id.strip_prefix(entry.spiffe_id.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|segment| segment == inst.segment)
+    }
+
     /// The entries a process with `selectors` may be served now: those its selectors
     /// match, minus those a revocation bars for this process.
     pub fn entitled(
@@ -1178,7 +1189,7 @@ impl Workloads {
         held.retain(|id, h| {
             wanted
                 .iter()
-                .any(|e| &e.id == id && !e.shared && h.spiffe_id == Self::identity_for(inst, e))
+                .any(|e| &e.id == id && !e.shared && Self::is_identity_for(&h.spiffe_id, inst, e))
         });
         let mut jobs = Vec::new();
         let mut shared_svids = Vec::new();
