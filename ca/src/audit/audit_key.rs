@@ -26,6 +26,14 @@ pub(super) fn audit_key_id(
             std::fs::write(&key_file, &id).map_err(io(&key_file))?;
             Ok(id)
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(crate::Error::Precondition(format!(
+                "{} is missing while the audit log in {} exists: restore it (it names the \
+                 audit key in the key manager); a new key would verify none of the log",
+                key_file.display(),
+                dir.display()
+            )))
+        }
         Err(e) => Err(io(&key_file)(e)),
     }
 }

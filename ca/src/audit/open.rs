@@ -47,7 +47,12 @@ impl AuditLog {
         options: AuditOptions,
     ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let key_id = audit_key_id(dir, key_manager.as_ref(), true)?;
+        // A key is made only for a log that does not exist yet: one whose `key_id` went
+        // missing is refused with nothing made (a new key would verify none of it).
+        let fresh = [LOG_FILE, HEAD_FILE, format::JOURNAL_FILE]
+            .iter()
+            .all(|f| !dir.join(f).exists());
+        let key_id = audit_key_id(dir, key_manager.as_ref(), fresh)?;
         let verifier = AuditKeyVerifier::new(key_manager.public_key(&key_id)?.raw);
         let mut anchors = Vec::new();
         let head = match anchor::read_head(dir, &verifier) {

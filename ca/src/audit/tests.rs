@@ -138,6 +138,30 @@ fn seq_of(line: &str) -> u64 {
         .unwrap()
 }
 
+/// A log whose `key_id` file went missing is refused at start with what to restore, and
+/// nothing is made: no new audit key in the key manager, no new `key_id` (found by the
+/// rev-blackbox review: a refused start made a key).
+#[test]
+fn a_log_without_its_key_id_is_refused_and_no_key_is_made() {
+    let f = Fixture::new();
+    drop(f.run(3));
+    let keys = || {
+        std::fs::read_dir(f.dir.path().join("keys"))
+            .unwrap()
+            .count()
+    };
+    let before = keys();
+    std::fs::remove_file(f.audit().join(super::format::KEY_ID_FILE)).unwrap();
+    match f.open() {
+        Err(crate::Error::Precondition(why)) => {
+            assert!(why.contains("is missing while the audit log"), "{why}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(keys(), before, "a key was made");
+    assert!(!f.audit().join(super::format::KEY_ID_FILE).exists());
+}
+
 #[test]
 fn a_clean_stop_leaves_a_fully_signed_log_that_reopens_where_it_left_off() {
     let f = Fixture::new();
