@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Why a file could not be written.
+/// Why a file could not be written, or read within its bound.
 #[derive(Debug)]
 pub(super) enum FileError {
     /// The path names no file in a directory (`/`, `..`, empty).
@@ -21,6 +21,10 @@ pub(super) enum FileError {
     SymlinkDirectory(PathBuf),
     /// Creating, writing or renaming failed.
     Io { path: PathBuf, err: std::io::Error },
+    /// Opening or reading a file the admin named failed.
+    Unreadable { path: PathBuf, err: std::io::Error },
+    /// A file the admin named holds more than the command reads.
+    TooLarge { path: PathBuf, max: u64 },
 }
 
 impl fmt::Display for FileError {
@@ -38,6 +42,12 @@ impl fmt::Display for FileError {
                 p.display()
             ),
             Self::Io { path, err } => write!(f, "writing {}: {err}", path.display()),
+            Self::Unreadable { path, err } => write!(f, "cannot read {}: {err}", path.display()),
+            Self::TooLarge { path, max } => write!(
+                f,
+                "{} holds more than {max} bytes, the most this command reads",
+                path.display()
+            ),
         }
     }
 }
@@ -54,19 +64,22 @@ pub(super) const MAX_ENTRIES_FILE_BYTES: u64 = 256 << 20;
 
 /// Reads `path` whole if it holds at most `max` bytes; refuses it otherwise, before
 /// reading more than `max + 1` bytes of it.
-pub(super) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+pub(super) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     use std::io::Read;
-    let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let unreadable = |err| FileError::Unreadable {
+        path: path.to_path_buf(),
+        err,
+    };
+    let f = std::fs::File::open(path).map_err(unreadable)?;
     let mut data = Vec::new();
     f.take(max.saturating_add(1))
         .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(unreadable)?;
     if data.len() as u64 > max {
-        return Err(format!(
-            "{} holds more than {max} bytes, the most this command reads",
-            path.display()
-        ));
+        return Err(FileError::TooLarge {
+            path: path.to_path_buf(),
+            max,
+        });
     }
     Ok(data)
 }
@@ -231,11 +244,16 @@ mod tests {
         std::fs::write(&small, b"12345").unwrap();
         assert_eq!(read_bounded(&small, 5).unwrap(), b"12345");
         let e = read_bounded(&small, 4).unwrap_err();
-        assert!(e.contains("holds more than 4 bytes"), "{e}");
+        assert!(matches!(e, FileError::TooLarge { max: 4, .. }), "{e}");
+        assert!(e.to_string().contains("holds more than 4 bytes"), "{e}");
         // A device that never ends is refused at the bound, not read forever.
         let e = read_bounded(Path::new("/dev/zero"), 1 << 10).unwrap_err();
-        assert!(e.contains("holds more than 1024 bytes"), "{e}");
+        assert!(matches!(e, FileError::TooLarge { max: 1024, .. }), "{e}");
         let e = read_bounded(&dir.path().join("missing"), 5).unwrap_err();
-        assert!(e.contains("cannot read"), "{e}");
+        assert!(
+            matches!(&e, FileError::Unreadable { err, .. } if err.kind() == std::io::ErrorKind::NotFound),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("cannot read"), "{e}");
     }
 }
