@@ -155,11 +155,9 @@ impl CaCore {
         }
         // A stored entry the rules refuse (stored before them, or naming a DNS name the
         // server's config has since given the server) mints nothing.
-        if let Some(why) = crate::entries::unusable_reason(
-            &self.trust_domain,
-            &entry,
-            &self.config.server_dns_names(),
-        ) {
+        if let Some(why) =
+            crate::entries::unusable_reason(&self.trust_domain, &entry, &self.server_dns_names)
+        {
             return Err(Error::refused(
                 RefusalKind::UnusableEntry,
                 format!(

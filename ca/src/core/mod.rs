@@ -65,6 +65,10 @@ pub fn now() -> i64 {
 pub struct CaCore {
     /// The configuration in effect.
     pub config: ServerConfig,
+    /// The DNS names of the server's own certificate
+    /// ([`ServerConfig::server_dns_names`]), which no entry may name: worked out once,
+    /// as every mint checks them.
+    pub(crate) server_dns_names: Vec<String>,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// Persistent state.
@@ -155,11 +159,13 @@ impl CaCore {
         if let Some(m) = &multi {
             verifiers.push(m.clone());
         }
-        name_unusable_entries(&store, &trust_domain, config.server_dns_names());
+        let server_dns_names = config.server_dns_names();
+        name_unusable_entries(&store, &trust_domain, server_dns_names.clone());
         let (svid, expiry) =
             Self::issue_server_svid(&authorities.x509(), &trust_domain, &config, t)?;
         let core = Arc::new(Self {
             config,
+            server_dns_names,
             trust_domain,
             store,
             key_manager,

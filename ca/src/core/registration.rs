@@ -54,7 +54,7 @@ impl CaCore {
             &self.trust_domain,
             req,
             self.config.ca_ttl_seconds,
-            &self.config.server_dns_names(),
+            &self.server_dns_names,
             now(),
         )?;
         let record = self.store.create_entry(record)?;
@@ -83,7 +83,7 @@ impl CaCore {
             &self.trust_domain,
             req,
             self.config.ca_ttl_seconds,
-            &self.config.server_dns_names(),
+            &self.server_dns_names,
             now(),
         )?;
         record.id = req.id.clone();
@@ -106,7 +106,7 @@ impl CaCore {
         reqs: &[ztid_proto::node::Entry],
     ) -> Result<Vec<Result<EntryRecord>>> {
         check_entry_batch(reqs.len())?;
-        let server_dns_names = self.config.server_dns_names();
+        let server_dns_names = &self.server_dns_names;
         let results: Vec<Result<EntryRecord>> = reqs
             .iter()
             .map(|req| {
@@ -114,7 +114,7 @@ impl CaCore {
                     &self.trust_domain,
                     req,
                     self.config.ca_ttl_seconds,
-                    &server_dns_names,
+                    server_dns_names,
                     now(),
                 )?;
                 self.store.create_entry(record)
